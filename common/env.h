@@ -1,0 +1,52 @@
+/* env.h: every environment knob rlbridge reads, declared once, with its default.
+ *
+ * Code reads a knob only through rlb__env_str / rlb__env_int with its RLB_KNOB_* id, so
+ * this table is the complete list (README "Knobs" is printed from it by `rlb doctor`).
+ * To add a knob: add one X(...) line; nothing else.
+ */
+#ifndef RLB_COMMON_ENV_H
+#define RLB_COMMON_ENV_H
+
+#include <stddef.h>
+
+/* X(id, name, default, help) */
+#define RLB_ENV_KNOBS(X)                                                                   \
+    X(LOG, "RLB_LOG", "", "log level [error|warn|info|debug] and optional subsystems, "   \
+      "e.g. 'debug:ring,conn'; empty = library quiet, daemons at info")                   \
+    X(SOCKET_DIR, "RLB_SOCKET_DIR", "", "directory (mode 0700) holding the bridge "         \
+      "socket; empty = $XDG_RUNTIME_DIR/rlbridge, else /tmp/rlbridge-<uid>")              \
+    X(RING_BYTES, "RLB_RING_BYTES", "8388608", "capacity in bytes of each ring "          \
+      "(per direction per peer)")                                                         \
+    X(SPIN_US, "RLB_SPIN_US", "50", "microseconds a waiting consumer spins before it "    \
+      "sleeps on the ring's semaphore")                                                   \
+    X(WAIT_SLICE_MS, "RLB_WAIT_SLICE_MS", "100", "longest single sleep of a waiter "       \
+      "before it rechecks that its peer is alive")                                        \
+    X(HEARTBEAT_MS, "RLB_HEARTBEAT_MS", "200", "period of the per-side ring heartbeat")   \
+    X(PEER_TIMEOUT_MS, "RLB_PEER_TIMEOUT_MS", "2000", "a peer whose heartbeat is older "  \
+      "than this is treated as dead")                                                     \
+    X(THREADS, "RLB_THREADS", "0", "CPU threads for kernels (executor, engine); "         \
+      "0 = number of online cores")                                                       \
+    X(DEVICE, "RLB_DEVICE", "auto", "compute backend: auto, cpu or cuda")
+
+typedef enum rlb_env_knob {
+#define RLB__ENV_ENUM(id, name, def, help) RLB_KNOB_##id,
+    RLB_ENV_KNOBS(RLB__ENV_ENUM)
+#undef RLB__ENV_ENUM
+    RLB_KNOB_COUNT_
+} rlb_env_knob;
+
+typedef struct rlb_env_entry {
+    const char *name;  /* environment variable */
+    const char *def;   /* default value, as a string */
+    const char *help;  /* one line for `rlb doctor` and the README */
+} rlb_env_entry;
+
+/* The whole table, RLB_KNOB_COUNT_ entries. */
+const rlb_env_entry *rlb__env_table(void);
+/* The knob's value from the environment, or its default when unset or empty. */
+const char *rlb__env_str(rlb_env_knob knob);
+/* The knob parsed as a base-10 integer; the default (parsed) when unset, empty or not a
+ * number (a malformed value is logged as a warning). */
+long long rlb__env_int(rlb_env_knob knob);
+
+#endif /* RLB_COMMON_ENV_H */
