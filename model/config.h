@@ -2,6 +2,15 @@
  *
  * Pure logic: rlb__config_parse works on a buffer so a fuzzer can drive it; _load reads a
  * file and calls it. Errors name the offending field or architecture in `err`.
+ *
+ * What is accepted: architectures[0] LlamaForCausalLM or Qwen2ForCausalLM (or, without
+ * `architectures`, model_type llama / qwen2); RoPE default or llama3, given top-level
+ * (rope_theta + rope_scaling) or under rope_parameters (transformers 5). Refused with
+ * RLB_EUNSUPPORTED, by name: other architectures and rope types, Llama with
+ * attention_bias or mlp_bias true (we carry no o / MLP biases), hidden_act other than silu,
+ * Qwen2 with use_sliding_window true, and quantization_config (quantized checkpoints).
+ * Defaults when absent: num_key_value_heads = H, head_dim = D/H, rope_theta = 10000,
+ * tie_word_embeddings = false, dtype float32.
  */
 #ifndef RLB_MODEL_CONFIG_H
 #define RLB_MODEL_CONFIG_H
@@ -11,8 +20,12 @@
 
 #include "rlb/rlb.h"
 
+/* Largest accepted size of any dimension (D, I, V, H, hd, layers, positions): keeps every
+ * product downstream (V * D * 8 bytes, ...) far inside int64_t. */
+#define RLB_CONFIG_MAX_DIM (INT64_C(1) << 24)
+
 typedef enum rlb_arch {
-    RLB_ARCH_LLAMA = 0, /* LlamaForCausalLM (also Mistral-style configs without sliding window) */
+    RLB_ARCH_LLAMA = 0, /* LlamaForCausalLM */
     RLB_ARCH_QWEN2 = 1  /* Qwen2ForCausalLM: q/k/v bias, no o bias */
 } rlb_arch;
 
@@ -49,7 +62,14 @@ int rlb__config_parse(const char *json, size_t len, rlb_model_config *cfg, char 
                       size_t errlen);
 /* Reads and parses a config.json file (RLB_ENOTFOUND when it is missing). */
 int rlb__config_load(const char *path, rlb_model_config *cfg, char *err, size_t errlen);
-/* Checks internal consistency (positive sizes, H % KV == 0, ...). Returns 0 or RLB_EINVAL. */
+/* Checks internal consistency: sizes positive and at most RLB_CONFIG_MAX_DIM, H % KV == 0,
+ * hd even, eps / theta positive and finite, llama3 factors sane, dtype F32/BF16/F16.
+ * Returns 0 or RLB_EINVAL with `err` naming the field. */
 int rlb__config_validate(const rlb_model_config *cfg, char *err, size_t errlen);
+/* The built-in tiny demo model (Llama, D 64, I 192, H 4, KV 2, hd 16, 2 layers, V 250,
+ * untied, rope_theta 1e4, rms_eps 1e-5, max_pos 512, F32). Always valid. */
+void rlb__config_tiny(rlb_model_config *cfg);
+/* "LlamaForCausalLM" / "Qwen2ForCausalLM", or "?" outside the enum. */
+const char *rlb__config_arch_name(rlb_arch arch);
 
 #endif /* RLB_MODEL_CONFIG_H */
