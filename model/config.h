@@ -72,4 +72,9 @@ void rlb__config_tiny(rlb_model_config *cfg);
 /* "LlamaForCausalLM" / "Qwen2ForCausalLM", or "?" outside the enum. */
 const char *rlb__config_arch_name(rlb_arch arch);
 
+/* Shared by the model/ readers: formats a message into err[errlen] (when err is non-NULL
+ * and errlen > 0) and returns `code`, so a failure reads `return rlb__model_err(...)`. */
+int rlb__model_err(char *err, size_t errlen, int code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
 #endif /* RLB_MODEL_CONFIG_H */
