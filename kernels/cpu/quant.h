@@ -8,6 +8,7 @@
  *   fp8 e4m3 (OCP "fn": no inf, max 448), per tensor: scale = amax/448 over the whole
  *     tensor; per channel: scale_r = amax_r/448. q = e4m3(clamp(w / scale, -448, 448)),
  *     round to nearest even, subnormals kept; scale 0 gives q = 0.
+ * NaN weights are left out of every amax; they quantize to int8 0 and e4m3 NaN.
  * Outputs go into caller-owned buffers allocated once, so running twice gives the same
  * bytes at the same addresses. Functions return 0, RLB_EINVAL or RLB_EDTYPE.
  */
@@ -16,6 +17,7 @@
 
 #include <stdint.h>
 
+#include "kernels/cpu/quant_scalar.h"
 #include "rlb/rlb.h"
 
 /* q: [rows*cols] int8, scale: [rows] f32. */
@@ -26,8 +28,7 @@ int rlb__quant_fp8_tensor(const void *w, rlb_dtype dtype, int64_t rows, int64_t 
                           uint8_t *q, float *scale);
 int rlb__quant_fp8_rows(const void *w, rlb_dtype dtype, int64_t rows, int64_t cols,
                         uint8_t *q, float *scale);
-/* e4m3fn encode (saturating to +-448, RNE, NaN -> 0x7f) and decode of one value. */
-uint8_t rlb__f32_to_e4m3(float f);
-float rlb__e4m3_to_f32(uint8_t q);
+/* The per-element operations (rlb__f32_to_e4m3, rlb__e4m3_to_f32, ...) are in
+ * quant_scalar.h, shared with the CUDA kernels. */
 
 #endif /* RLB_KERNELS_CPU_QUANT_H */
