@@ -172,6 +172,16 @@ static uint64_t rng_next(uint64_t *x)
     return *x;
 }
 
+/* max |w[i]| over n values, NaN left out */
+static float ref_amax(const float *w, int n)
+{
+    float m = 0.0f;
+    for (int i = 0; i < n; i++)
+        if (!isnan(w[i]) && fabsf(w[i]) > m)
+            m = fabsf(w[i]);
+    return m;
+}
+
 /* Random tensors with a wide dynamic range (and a NaN): per-tensor and per-channel fp8
  * against amax by hand, f32 division and the brute-force encoder. */
 static void test_fp8_random(void **state)
@@ -188,32 +198,20 @@ static void test_fp8_random(void **state)
     float s[R];
     assert_int_equal(rlb__quant_fp8_rows(w, RLB_DTYPE_F32, R, C, q, s), 0);
     for (int r = 0; r < R; r++) {
-        float amax = 0.0f;
-        for (int c = 0; c < C; c++)
-            if (!isnan(w[r * C + c]) && fabsf(w[r * C + c]) > amax)
-                amax = fabsf(w[r * C + c]);
-        assert_true(s[r] == amax / 448.0f);
+        assert_true(s[r] == ref_amax(w + r * C, C) / 448.0f);
         for (int c = 0; c < C; c++)
             assert_int_equal(q[r * C + c], e4m3_brute(w[r * C + c] / s[r]));
     }
     float st;
     assert_int_equal(rlb__quant_fp8_tensor(w, RLB_DTYPE_F32, R, C, q, &st), 0);
-    float amax = 0.0f;
-    for (int i = 0; i < R * C; i++)
-        if (!isnan(w[i]) && fabsf(w[i]) > amax)
-            amax = fabsf(w[i]);
-    assert_true(st == amax / 448.0f);
+    assert_true(st == ref_amax(w, R * C) / 448.0f);
     for (int i = 0; i < R * C; i++)
         assert_int_equal(q[i], e4m3_brute(w[i] / st));
 
     int8_t q8[R * C];
     assert_int_equal(rlb__quant_int8_rows(w, RLB_DTYPE_F32, R, C, q8, s), 0);
     for (int r = 0; r < R; r++) {
-        float rmax = 0.0f;
-        for (int c = 0; c < C; c++)
-            if (!isnan(w[r * C + c]) && fabsf(w[r * C + c]) > rmax)
-                rmax = fabsf(w[r * C + c]);
-        assert_true(s[r] == rmax / 127.0f);
+        assert_true(s[r] == ref_amax(w + r * C, C) / 127.0f);
         for (int c = 0; c < C; c++) {
             float x = w[r * C + c] / s[r];
             long want = isnan(x) ? 0 : lrintf(fminf(fmaxf(x, -127.0f), 127.0f));
