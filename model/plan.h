@@ -38,12 +38,75 @@ typedef struct rlb_plan {
     uint32_t n_dst;      /* number of destination buffers (worker weight buffers) */
     uint64_t *src_bytes; /* [n_src] bytes each source must hold at least */
     uint64_t *dst_bytes; /* [n_dst] bytes each destination must hold at least */
+    uint64_t *dst_first_op; /* [n_dst + 1] destination d's ops are
+                             * ops[dst_first_op[d] .. dst_first_op[d + 1]) */
     uint64_t n_ops;      /* entries in ops[] */
     rlb_copy_op *ops;    /* the copies, merged into the longest runs possible */
     uint64_t bytes_read;    /* sum of source bytes the ops read */
     uint64_t bytes_written; /* sum of destination bytes the ops write */
 } rlb_plan;
 
+/* What the workers hold: D data-parallel replicas of a TP group of size T. Destination
+ * index d = replica * T + t is a worker buffer laid out by rlb__tp_layout_init(cfg, T, t,
+ * dtype). */
+typedef struct rlb_target {
+    int32_t tp_size;  /* T */
+    int32_t replicas; /* D */
+    rlb_dtype dtype;  /* element type of every worker buffer: F32, BF16 or F16 */
+} rlb_target;
+
+struct rlb_source;
+
+/* Builds the plan that moves every parameter of `src` (its parameter list names the model)
+ * into every destination of `tgt`, with vocabulary padding rows zeroed. Ops are grouped by
+ * destination, in buffer order within each; a destination's bytes outside its local tensors
+ * (alignment gaps) are not written. Returns 0, or RLB_EUNSUPPORTED (T does not fit the
+ * heads), RLB_EINVAL (bad target), RLB_EDTYPE, RLB_ENOTFOUND (a parameter has no source
+ * placement), RLB_ENOMEM; `err` (may be NULL) says what. */
+int rlb__plan_build(const struct rlb_source *src, const rlb_target *tgt, rlb_plan *plan,
+                    char *err, size_t errlen);
 void rlb__plan_free(rlb_plan *plan);
+
+/* Checks one op against buffer counts and lengths: refs in range, dtypes F32/BF16/F16,
+ * rows and row_elems non-zero, destination rows not overlapping (dst_stride >= row bytes
+ * when rows > 1), and the whole extent (computed without overflow) inside src_len[src_ref]
+ * and dst_len[dst_ref]. Returns 0 or RLB_EINVAL with `err` naming op `index` and the fault.
+ * Shared by the executors and rlb__plan_deserialize. */
+int rlb__plan_check_op(const rlb_copy_op *op, uint64_t index, uint32_t n_src,
+                       const uint64_t *src_len, uint32_t n_dst, const uint64_t *dst_len,
+                       char *err, size_t errlen);
+
+/* Serialized plan: one little-endian buffer for shipping to a GPU executor,
+ *   header (rlb_plan_wire_header, 64 bytes) | src_bytes[n_src] | dst_bytes[n_dst] |
+ *   dst_first_op[n_dst + 1] | padding to 64 | ops[n_ops]
+ * so ops[] can be uploaded straight from the buffer (it starts 64-byte aligned relative to
+ * the buffer). */
+#define RLB_PLAN_MAGIC UINT64_C(0x314e414c50424c52) /* "RLBPLAN1" read as little-endian */
+#define RLB_PLAN_VERSION 1u
+
+typedef struct rlb_plan_wire_header {
+    uint64_t magic;         /* RLB_PLAN_MAGIC */
+    uint32_t version;       /* RLB_PLAN_VERSION */
+    uint32_t header_bytes;  /* sizeof(rlb_plan_wire_header) */
+    uint32_t n_src;         /* entries of src_bytes[] */
+    uint32_t n_dst;         /* entries of dst_bytes[] (dst_first_op[] has n_dst + 1) */
+    uint64_t n_ops;         /* entries of ops[] */
+    uint64_t ops_offset;    /* byte offset of ops[] from the start of the buffer */
+    uint64_t bytes_read;    /* as rlb_plan */
+    uint64_t bytes_written; /* as rlb_plan */
+    uint64_t total_bytes;   /* size of the whole serialized plan */
+} rlb_plan_wire_header;
+_Static_assert(sizeof(rlb_plan_wire_header) == 64, "plan wire header is 64 bytes");
+
+/* Bytes rlb__plan_serialize writes for `plan`. */
+uint64_t rlb__plan_serialized_size(const rlb_plan *plan);
+/* Writes the plan into buf[len]. Returns 0 or RLB_ETOOBIG when len is too small. */
+int rlb__plan_serialize(const rlb_plan *plan, void *buf, uint64_t len);
+/* Reads a serialized plan into `plan` (owning copies), checking the header (RLB_EVERSION
+ * for another version), every count against len, the op grouping by destination and every
+ * op with rlb__plan_check_op against the plan's own length tables. Returns 0, RLB_EINVAL,
+ * RLB_EVERSION or RLB_ENOMEM; `err` says what. */
+int rlb__plan_deserialize(const void *buf, uint64_t len, rlb_plan *plan, char *err,
+                          size_t errlen);
 
 #endif /* RLB_MODEL_PLAN_H */

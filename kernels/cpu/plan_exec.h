@@ -1,0 +1,29 @@
+/* plan_exec.h: runs a reshard plan (model/plan.h) on the CPU, the reference every other
+ * executor must match byte for byte.
+ *
+ * The caller binds the plan's source and destination indices to memory: src[i] / src_len[i]
+ * for i < plan->n_src, dst[d] / dst_len[d] for d < plan->n_dst. Before touching any byte,
+ * every op is checked against those lengths (rlb__plan_check_op); a bad op fails the whole
+ * call with RLB_EINVAL naming it and nothing is written. Then a few threads share the work,
+ * split by bytes (an op larger than a share is cut by rows, or by elements when it is one
+ * row): memcpy for same-dtype rows, a round-to-nearest-even convert loop otherwise
+ * (kernels/cpu/convert.h), memset for zero ops. A plan from rlb__plan_build writes each
+ * planned destination byte exactly once and nothing else; sources are only read and may be
+ * unaligned.
+ */
+#ifndef RLB_KERNELS_CPU_PLAN_EXEC_H
+#define RLB_KERNELS_CPU_PLAN_EXEC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "model/plan.h"
+
+/* Executes `plan`. `threads` <= 0 takes the RLB_THREADS knob (0 there = online cores).
+ * Returns 0, RLB_EINVAL (an op outside its buffers, a NULL buffer; `err` names the op),
+ * RLB_ENOMEM or RLB_EIO (a thread could not start). `err` may be NULL. */
+int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint64_t *src_len,
+                       void *const *dst, const uint64_t *dst_len, int threads, char *err,
+                       size_t errlen);
+
+#endif /* RLB_KERNELS_CPU_PLAN_EXEC_H */
