@@ -26,7 +26,9 @@
       "than this is treated as dead")                                                     \
     X(THREADS, "RLB_THREADS", "0", "CPU threads for kernels (executor, engine); "         \
       "0 = number of online cores")                                                       \
-    X(DEVICE, "RLB_DEVICE", "auto", "compute backend: auto, cpu or cuda")
+    X(DEVICE, "RLB_DEVICE", "auto", "compute backend: auto, cpu or cuda")                 \
+    X(TP_TIMEOUT_MS, "RLB_TP_TIMEOUT_MS", "60000", "longest a CPU tensor-parallel rank "  \
+      "waits in a collective for a live peer before it fails the step")
 
 typedef enum rlb_env_knob {
 #define RLB__ENV_ENUM(id, name, def, help) RLB_KNOB_##id,
