@@ -1,0 +1,710 @@
+/* ring.c: the SPSC byte ring of ring.h: placement, attach, claim/commit, peek/release, the
+ * bounded sleep/wake handshake, and fragmentation of large messages.
+ *
+ * Invariants the producer keeps (and the consumer checks, trusting nothing):
+ *   cons.index <= prod.index <= cons.index + capacity, both multiples of RLB_RING_ALIGN;
+ *   every record lies inside the data area without wrapping; data records are numbered
+ *   0, 1, 2, ...; a record's size is 16 + align8(len) and its payload at most max_payload.
+ * Each side keeps its own index in the handle and only writes the shared copy, so a hostile
+ * peer cannot move our position; the peer's index is re-validated on every load.
+ */
+#include "common/ring.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/atomics.h"
+#include "common/env.h"
+#include "common/log.h"
+#include "rlb/rlb.h"
+
+#define REC_HDR ((uint64_t)sizeof(rlb__ring_rec))
+/* Largest payload of one record regardless of capacity: the len field is 32 bits. */
+#define MAX_RECORD_PAYLOAD (1ull << 31)
+/* Largest message rlb__ring_send accepts (what a u64 total length and sane memory allow). */
+#define MAX_MESSAGE (1ull << 40)
+/* Spin iterations between two reads of the clock. */
+#define SPIN_CLOCK_EVERY 16
+
+enum { RX_IDLE = 0, RX_ASSEMBLING, RX_SKIPPING };
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static uint64_t align_up(uint64_t n)
+{
+    return (n + RLB_RING_ALIGN - 1) & ~(uint64_t)(RLB_RING_ALIGN - 1);
+}
+
+static uint64_t min_u64(uint64_t a, uint64_t b)
+{
+    return a < b ? a : b;
+}
+
+/* Deadline for a wait of timeout_ms; 0 means "do not wait" (CLOCK_MONOTONIC is never 0). */
+static int64_t deadline_after(int timeout_ms)
+{
+    return timeout_ms == 0 ? 0 : now_ns() + (int64_t)timeout_ms * 1000000;
+}
+
+static rlb__ring_side_hot *own_hot(const rlb_ring *r)
+{
+    return r->role == RLB_RING_PRODUCER ? &r->shm->prod : &r->shm->cons;
+}
+
+static rlb__ring_side_hot *peer_hot(const rlb_ring *r)
+{
+    return r->role == RLB_RING_PRODUCER ? &r->shm->cons : &r->shm->prod;
+}
+
+static rlb__ring_side_wake *own_wake(const rlb_ring *r)
+{
+    return r->role == RLB_RING_PRODUCER ? &r->shm->prod_wake : &r->shm->cons_wake;
+}
+
+static rlb__ring_side_wake *peer_wake(const rlb_ring *r)
+{
+    return r->role == RLB_RING_PRODUCER ? &r->shm->cons_wake : &r->shm->prod_wake;
+}
+
+/* Records a value no honest peer writes; the handle refuses every later call. */
+static int corrupt(rlb_ring *r, const char *what, uint64_t value)
+{
+    RLB_LOG_ERROR(RLB_SUB_RING, "corrupt ring (%s side): %s (%llu)",
+                  r->role == RLB_RING_PRODUCER ? "producer" : "consumer", what,
+                  (unsigned long long)value);
+    r->error = RLB_ECORRUPT;
+    return RLB_ECORRUPT;
+}
+
+size_t rlb__ring_memsize(uint64_t capacity)
+{
+    if (capacity < RLB_RING_MIN_CAPACITY || capacity > RLB_RING_MAX_CAPACITY ||
+        (capacity & (capacity - 1)) != 0)
+        return 0;
+    return sizeof(rlb__ring_shared) + (size_t)capacity;
+}
+
+int rlb__ring_init(void *mem, uint64_t capacity)
+{
+    if (!mem || rlb__ring_memsize(capacity) == 0 || (uintptr_t)mem % RLB_RING_CACHELINE)
+        return RLB_EINVAL;
+    rlb__ring_shared *s = mem;
+    memset(s, 0, sizeof(*s));
+    s->abi_version = RLB_ABI_VERSION;
+    s->hdr_bytes = (uint32_t)sizeof(*s);
+    s->capacity = capacity;
+    s->creator_pid = (int32_t)getpid();
+    if (sem_init(&s->prod_wake.sem, 1, 0) != 0 || sem_init(&s->cons_wake.sem, 1, 0) != 0) {
+        RLB_LOG_ERROR(RLB_SUB_RING, "sem_init: %s", strerror(errno));
+        return RLB_EIO;
+    }
+    /* Pairs with the load_acquire of magic in rlb__ring_attach: publishes the header and
+     * the semaphores written above. */
+    rlb_store_release(&s->magic, RLB_RING_MAGIC);
+    return 0;
+}
+
+int rlb__ring_attach(rlb_ring *r, void *mem, size_t mem_size, rlb_ring_role role)
+{
+    if (!r || !mem || mem_size < sizeof(rlb__ring_shared) || (uintptr_t)mem % RLB_RING_CACHELINE ||
+        (role != RLB_RING_PRODUCER && role != RLB_RING_CONSUMER))
+        return RLB_EINVAL;
+    memset(r, 0, sizeof(*r));
+    r->shm = mem;
+    r->role = role;
+    /* Pairs with the store_release of magic in rlb__ring_init. */
+    if (rlb_load_acquire(&r->shm->magic) != RLB_RING_MAGIC)
+        return corrupt(r, "bad magic", 0);
+    if (rlb_load_relaxed(&r->shm->abi_version) != RLB_ABI_VERSION ||
+        rlb_load_relaxed(&r->shm->hdr_bytes) != sizeof(rlb__ring_shared)) {
+        RLB_LOG_ERROR(RLB_SUB_RING, "ring ABI %u (header %u bytes), ours %u (%zu bytes)",
+                      rlb_load_relaxed(&r->shm->abi_version),
+                      rlb_load_relaxed(&r->shm->hdr_bytes), RLB_ABI_VERSION,
+                      sizeof(rlb__ring_shared));
+        r->error = RLB_EVERSION;
+        return RLB_EVERSION;
+    }
+    uint64_t cap = rlb_load_relaxed(&r->shm->capacity);
+    size_t need = rlb__ring_memsize(cap);
+    if (need == 0 || need > mem_size)
+        return corrupt(r, "capacity does not fit the mapping", cap);
+    r->capacity = cap;
+    r->data = (uint8_t *)mem + sizeof(rlb__ring_shared);
+
+    /* Pair with the store_release of each index (commit / release): the indices a previous
+     * owner left behind, consistent with the records they cover. */
+    uint64_t tail = rlb_load_acquire(&r->shm->prod.index);
+    uint64_t head = rlb_load_acquire(&r->shm->cons.index);
+    if (tail - head > cap || tail % RLB_RING_ALIGN || head % RLB_RING_ALIGN)
+        return corrupt(r, "indices out of range", tail - head);
+    r->index = role == RLB_RING_PRODUCER ? tail : head;
+    r->peer_index = role == RLB_RING_PRODUCER ? head : tail;
+
+    /* A misuse check, not a lock: two handles on one side break the SPSC contract. */
+    if (rlb_load_relaxed(&own_hot(r)->pid) != 0) {
+        RLB_LOG_ERROR(RLB_SUB_RING, "ring %s side already attached by pid %d",
+                      role == RLB_RING_PRODUCER ? "producer" : "consumer",
+                      (int)rlb_load_relaxed(&own_hot(r)->pid));
+        r->error = RLB_EEXIST;
+        return RLB_EEXIST;
+    }
+    rlb_store_relaxed(&own_hot(r)->pid, (int32_t)getpid());
+    rlb__ring_heartbeat(r);
+
+    long long spin_us = rlb__env_int(RLB_KNOB_SPIN_US);
+    long long slice_ms = rlb__env_int(RLB_KNOB_WAIT_SLICE_MS);
+    r->spin_ns = spin_us > 0 ? spin_us * 1000 : 0;
+    r->slice_ns = (slice_ms > 0 ? slice_ms : 1) * 1000000;
+    return 0;
+}
+
+void rlb__ring_set_liveness(rlb_ring *r, rlb_ring_alive_fn fn, void *arg)
+{
+    r->alive = fn;
+    r->alive_arg = arg;
+}
+
+void rlb__ring_heartbeat(rlb_ring *r)
+{
+    rlb_store_relaxed(&own_hot(r)->heartbeat_ns, (uint64_t)now_ns());
+}
+
+int64_t rlb__ring_peer_idle_ms(const rlb_ring *r)
+{
+    if (rlb_load_relaxed(&peer_hot(r)->pid) == 0)
+        return INT64_MAX;
+    int64_t beat = (int64_t)rlb_load_relaxed(&peer_hot(r)->heartbeat_ns);
+    int64_t idle = now_ns() - beat;
+    return idle < 0 ? 0 : idle / 1000000;
+}
+
+size_t rlb__ring_max_payload(const rlb_ring *r)
+{
+    return (size_t)min_u64(r->capacity / 2 - REC_HDR, MAX_RECORD_PAYLOAD);
+}
+
+/* Wakes the peer if it announced that it sleeps on its semaphore. */
+static void wake_peer(rlb_ring *r)
+{
+    rlb__ring_side_wake *w = peer_wake(r);
+    /* Pairs with the fence in sleep_slice (Dekker): our index store before this fence and
+     * the sleeper's flag store before its fence cannot both be missed, so either we see
+     * sleeping == 1 here or the sleeper sees our new index before it sleeps. */
+    rlb_fence_seq_cst();
+    if (rlb_load_relaxed(&w->sleeping) && rlb_exchange(&w->sleeping, 0u))
+        sem_post(&w->sem);
+}
+
+void rlb__ring_close(rlb_ring *r)
+{
+    if (!r || !r->shm || r->error == RLB_EINVAL)
+        return;
+    /* Pairs with the load_acquire of closed in peer_alive: every record committed (or
+     * released) before this store is final when the peer sees the side closed. */
+    rlb_store_release(&own_hot(r)->closed, 1u);
+    rlb_fence_seq_cst();
+    rlb_store_relaxed(&peer_wake(r)->sleeping, 0u);
+    sem_post(&peer_wake(r)->sem);
+    r->error = RLB_EINVAL;
+}
+
+/* 1 while the peer may still act on the ring, 0 once it closed its side or died. */
+static int peer_alive(const rlb_ring *r)
+{
+    if (rlb_load_acquire(&peer_hot(r)->closed))
+        return 0;
+    if (r->alive)
+        return r->alive(r->alive_arg) != 0;
+    int32_t pid = rlb_load_relaxed(&peer_hot(r)->pid);
+    return pid <= 0 || kill(pid, 0) == 0 || errno != ESRCH;
+}
+
+/* Producer: loads and validates the consumer's index. Returns 0 or RLB_ECORRUPT. */
+static int refresh_head(rlb_ring *r)
+{
+    /* Pairs with the store_release in release_bytes: the consumer is done reading every
+     * byte below this index, so we may overwrite it. */
+    uint64_t head = rlb_load_acquire(&r->shm->cons.index);
+    /* peer_index <= head <= our tail, in modular arithmetic. */
+    if (head - r->peer_index > r->index - r->peer_index || head % RLB_RING_ALIGN)
+        return corrupt(r, "consumer index out of range", head);
+    r->peer_index = head;
+    return 0;
+}
+
+/* Consumer: loads and validates the producer's index. Returns 0 or RLB_ECORRUPT. */
+static int refresh_tail(rlb_ring *r)
+{
+    /* Pairs with the store_release in commit_record: every record below this index is
+     * completely written. */
+    uint64_t tail = rlb_load_acquire(&r->shm->prod.index);
+    /* head <= tail <= head + capacity, in modular arithmetic. We reload only once we have
+     * consumed up to the old tail (head == old tail), so this also refuses a tail that
+     * moved backwards. */
+    if (tail - r->index > r->capacity || tail % RLB_RING_ALIGN)
+        return corrupt(r, "producer index out of range", tail);
+    r->peer_index = tail;
+    return 0;
+}
+
+/* Producer: where a record of `need` bytes goes. Returns 1 and sets *at (index of the
+ * record, past any wrap padding) and *room (bytes usable from there) when it fits now,
+ * 0 when it does not, or RLB_ECORRUPT. */
+static int place_record(rlb_ring *r, uint64_t need, uint64_t *at, uint64_t *room)
+{
+    for (int fresh = 0; fresh < 2; fresh++) {
+        uint64_t free_bytes = r->capacity - (r->index - r->peer_index);
+        uint64_t to_end = r->capacity - (r->index & (r->capacity - 1));
+        if (to_end >= need && free_bytes >= need) {
+            *at = r->index;
+            *room = min_u64(to_end, free_bytes);
+            return 1;
+        }
+        if (to_end < need && free_bytes >= to_end + need) {
+            *at = r->index + to_end;
+            *room = free_bytes - to_end;
+            return 1;
+        }
+        /* Our cached view of the consumer is stale at most: reload it once. */
+        if (fresh == 0) {
+            int rc = refresh_head(r);
+            if (rc < 0)
+                return rc;
+        }
+    }
+    return 0;
+}
+
+/* Consumer: 1 when a record is waiting, 0 when the ring is empty, or RLB_ECORRUPT. */
+static int data_waiting(rlb_ring *r)
+{
+    if (r->peer_index != r->index)
+        return 1;
+    int rc = refresh_tail(r);
+    return rc < 0 ? rc : r->peer_index != r->index;
+}
+
+/* The condition a side waits for: data (consumer) or room for `need` bytes (producer). */
+static int ready(rlb_ring *r, uint64_t need)
+{
+    uint64_t at, room;
+    return r->role == RLB_RING_CONSUMER ? data_waiting(r) : place_record(r, need, &at, &room);
+}
+
+/* One sleep on our semaphore of at most slice_ns, unless the condition turned true after we
+ * announced the sleep. Returns 1 (ready), 0 (slept; check again) or a negative code. */
+static int sleep_slice(rlb_ring *r, uint64_t need, int64_t deadline)
+{
+    rlb__ring_side_wake *w = own_wake(r);
+    rlb_exchange(&w->sleeping, 1u);
+    /* Pairs with the fence in wake_peer: see there. */
+    rlb_fence_seq_cst();
+    int rc = ready(r, need);
+    if (rc == 0) {
+        int64_t until = now_ns() + r->slice_ns;
+        if (until > deadline)
+            until = deadline;
+        struct timespec ts = {.tv_sec = until / 1000000000, .tv_nsec = until % 1000000000};
+        if (sem_clockwait(&w->sem, CLOCK_MONOTONIC, &ts) != 0 && errno != ETIMEDOUT &&
+            errno != EINTR) {
+            rlb_exchange(&w->sleeping, 0u);
+            return corrupt(r, "semaphore unusable (errno)", (uint64_t)errno);
+        }
+    }
+    rlb_exchange(&w->sleeping, 0u);
+    return rc;
+}
+
+/* Waits until ready(r, need) or the deadline (0 = do not wait): spins for spin_ns, then
+ * sleeps in slices, rechecking the peer's liveness between them. Returns 0, RLB_EAGAIN,
+ * RLB_ETIMEDOUT, RLB_EPEERDEAD or RLB_ECORRUPT. */
+static int wait_ready(rlb_ring *r, uint64_t need, int64_t deadline)
+{
+    int rc = ready(r, need);
+    if (rc != 0)
+        return rc < 0 ? rc : 0;
+    if (deadline == 0)
+        return RLB_EAGAIN;
+
+    int64_t now = now_ns();
+    int64_t spin_end = now + r->spin_ns < deadline ? now + r->spin_ns : deadline;
+    for (unsigned i = 1; now < spin_end; i++) {
+        rlb_cpu_relax();
+        rc = ready(r, need);
+        if (rc != 0)
+            return rc < 0 ? rc : 0;
+        if (i % SPIN_CLOCK_EVERY == 0)
+            now = now_ns();
+    }
+    for (;;) {
+        rlb__ring_heartbeat(r);
+        if (!peer_alive(r)) {
+            /* The peer may have committed (or released) just before it went away. */
+            rc = ready(r, need);
+            return rc < 0 ? rc : (rc ? 0 : RLB_EPEERDEAD);
+        }
+        if (now_ns() >= deadline)
+            return RLB_ETIMEDOUT;
+        rc = sleep_slice(r, need, deadline);
+        if (rc != 0)
+            return rc < 0 ? rc : 0;
+    }
+}
+
+static int usable(const rlb_ring *r, rlb_ring_role role)
+{
+    if (!r || !r->shm || r->role != role)
+        return RLB_EINVAL;
+    return r->error;
+}
+
+static int claim_until(rlb_ring *r, size_t len, int64_t deadline, void **data, size_t *cap)
+{
+    uint64_t need = REC_HDR + align_up(len);
+    int rc = wait_ready(r, need, deadline);
+    if (rc < 0)
+        return rc;
+    uint64_t at, room;
+    rc = place_record(r, need, &at, &room);
+    if (rc <= 0) /* wait_ready saw room and only we consume it: cannot happen */
+        return rc < 0 ? rc : RLB_EAGAIN;
+    r->claim_at = at;
+    r->claim_cap = min_u64(room - REC_HDR, rlb__ring_max_payload(r));
+    r->claim_open = 1;
+    *data = r->data + (at & (r->capacity - 1)) + REC_HDR;
+    *cap = (size_t)r->claim_cap;
+    return 0;
+}
+
+int rlb__ring_claim(rlb_ring *r, size_t len, int timeout_ms, void **data, size_t *cap)
+{
+    int rc = usable(r, RLB_RING_PRODUCER);
+    if (rc < 0)
+        return rc;
+    if (!data || !cap || r->claim_open || timeout_ms < 0)
+        return RLB_EINVAL;
+    if (len > rlb__ring_max_payload(r))
+        return RLB_ETOOBIG;
+    return claim_until(r, len, deadline_after(timeout_ms), data, cap);
+}
+
+/* Publishes the open claim as a record of `used` payload bytes with type word type_flags. */
+static void commit_record(rlb_ring *r, uint32_t type_flags, size_t used)
+{
+    uint64_t mask = r->capacity - 1;
+    if (r->claim_at != r->index) {
+        rlb__ring_rec pad = {.len = (uint32_t)(r->claim_at - r->index), .type = RLB_RING_F_PAD};
+        memcpy(r->data + (r->index & mask), &pad, RLB_RING_PAD_MIN);
+    }
+    rlb__ring_rec rec = {.len = (uint32_t)used, .type = type_flags, .seq = r->seq++};
+    memcpy(r->data + (r->claim_at & mask), &rec, sizeof(rec));
+    r->index = r->claim_at + REC_HDR + align_up(used);
+    r->claim_open = 0;
+    /* Pairs with the load_acquire in refresh_tail: publishes the padding, the record
+     * header and the payload the caller filled in. */
+    rlb_store_release(&r->shm->prod.index, r->index);
+    wake_peer(r);
+}
+
+int rlb__ring_commit(rlb_ring *r, uint32_t type, size_t used)
+{
+    int rc = usable(r, RLB_RING_PRODUCER);
+    if (rc < 0)
+        return rc;
+    if (!r->claim_open || used > r->claim_cap || (type & ~RLB_RING_TYPE_MASK))
+        return RLB_EINVAL;
+    commit_record(r, type, used);
+    return 0;
+}
+
+void rlb__ring_abort(rlb_ring *r)
+{
+    if (r)
+        r->claim_open = 0;
+}
+
+/* Consumer: frees `bytes` at our index and tells a producer that sleeps for room. */
+static void release_bytes(rlb_ring *r, uint64_t bytes)
+{
+    r->index += bytes;
+    /* Pairs with the load_acquire in refresh_head: we are done reading below this index. */
+    rlb_store_release(&r->shm->cons.index, r->index);
+    wake_peer(r);
+}
+
+/* Consumer: decodes the record at our index (a record is waiting). Returns 1 after skipping
+ * padding, 0 with msg filled for a data record, or RLB_ECORRUPT. */
+static int read_record(rlb_ring *r, rlb_ring_msg *msg)
+{
+    uint64_t pos = r->index & (r->capacity - 1);
+    uint64_t limit = min_u64(r->peer_index - r->index, r->capacity - pos);
+    const uint8_t *at = r->data + pos;
+    rlb__ring_rec rec;
+    /* One copy of the header out of shared memory: the checks below and every later use
+     * see the same values even if the peer rewrites them meanwhile. */
+    memcpy(&rec, at, RLB_RING_PAD_MIN);
+    if (rec.type & RLB_RING_F_PAD) {
+        if (rec.type != RLB_RING_F_PAD || rec.len < RLB_RING_PAD_MIN ||
+            rec.len % RLB_RING_ALIGN || rec.len > limit)
+            return corrupt(r, "bad padding record", rec.len);
+        release_bytes(r, rec.len);
+        return 1;
+    }
+    if (limit < REC_HDR)
+        return corrupt(r, "record header past the end", limit);
+    memcpy(&rec.seq, at + offsetof(rlb__ring_rec, seq), sizeof(rec.seq));
+    uint64_t size = REC_HDR + align_up(rec.len);
+    if (size > limit || rec.len > rlb__ring_max_payload(r))
+        return corrupt(r, "record length out of range", rec.len);
+    uint32_t flags = rec.type & ~RLB_RING_TYPE_MASK;
+    if (flags != 0 && flags != RLB_RING_F_FIRST && flags != RLB_RING_F_MORE &&
+        flags != RLB_RING_F_LAST)
+        return corrupt(r, "bad record flags", flags);
+    if (rec.seq != r->seq)
+        return corrupt(r, "record out of sequence", rec.seq);
+    msg->data = at + REC_HDR;
+    msg->len = rec.len;
+    msg->type = rec.type & RLB_RING_TYPE_MASK;
+    msg->flags = flags;
+    msg->seq = rec.seq;
+    r->peek_bytes = size;
+    return 0;
+}
+
+static int peek_until(rlb_ring *r, int64_t deadline, rlb_ring_msg *msg)
+{
+    for (;;) {
+        int rc = wait_ready(r, 0, deadline);
+        if (rc < 0)
+            return rc;
+        rc = read_record(r, msg);
+        if (rc <= 0)
+            return rc;
+    }
+}
+
+int rlb__ring_peek(rlb_ring *r, int timeout_ms, rlb_ring_msg *msg)
+{
+    int rc = usable(r, RLB_RING_CONSUMER);
+    if (rc < 0)
+        return rc;
+    if (!msg || timeout_ms < 0)
+        return RLB_EINVAL;
+    return peek_until(r, deadline_after(timeout_ms), msg);
+}
+
+int rlb__ring_release(rlb_ring *r)
+{
+    int rc = usable(r, RLB_RING_CONSUMER);
+    if (rc < 0)
+        return rc;
+    if (r->peek_bytes == 0)
+        return RLB_EINVAL;
+    r->seq++;
+    release_bytes(r, r->peek_bytes);
+    r->peek_bytes = 0;
+    return 0;
+}
+
+/* ---- Fragmentation ------------------------------------------------------------------- */
+
+/* What send_record writes: a whole message, or which part of a fragmented one. */
+enum { PART_WHOLE, PART_FIRST, PART_REST };
+
+/* Claims one record of at least min_len payload bytes, fills it with the u64 total length
+ * (PART_FIRST only) and as much of src[0..len) as fits, and commits it flagged for `part`:
+ * a PART_REST record that holds all the rest is the LAST fragment. Returns the bytes of src
+ * written, or a negative code. */
+static long long send_record(rlb_ring *r, uint32_t type, int part, const uint8_t *src,
+                             size_t len, size_t min_len, int64_t deadline)
+{
+    void *slot;
+    size_t cap;
+    int rc = claim_until(r, min_len, deadline, &slot, &cap);
+    if (rc < 0)
+        return rc;
+    uint64_t total = len;
+    size_t hdr_len = part == PART_FIRST ? sizeof(total) : 0;
+    size_t n = cap - hdr_len < len ? cap - hdr_len : len;
+    uint32_t flags = part == PART_WHOLE   ? 0
+                     : part == PART_FIRST ? RLB_RING_F_FIRST
+                     : n == len           ? RLB_RING_F_LAST
+                                          : RLB_RING_F_MORE;
+    memcpy(slot, &total, hdr_len);
+    memcpy((uint8_t *)slot + hdr_len, src, n);
+    commit_record(r, type | flags, hdr_len + n);
+    return (long long)n;
+}
+
+int rlb__ring_send(rlb_ring *r, uint32_t type, const void *buf, size_t len, int timeout_ms)
+{
+    int rc = usable(r, RLB_RING_PRODUCER);
+    if (rc < 0)
+        return rc;
+    if ((!buf && len) || r->claim_open || timeout_ms < 0 || (type & ~RLB_RING_TYPE_MASK))
+        return RLB_EINVAL;
+    if (len > MAX_MESSAGE)
+        return RLB_ETOOBIG;
+    int64_t deadline = deadline_after(timeout_ms);
+    size_t max_payload = rlb__ring_max_payload(r);
+    const uint8_t *src = buf;
+    if (len <= max_payload) {
+        long long n = send_record(r, type, PART_WHOLE, src, len, len, deadline);
+        return n < 0 ? (int)n : 0;
+    }
+    /* Fragments take whatever room is free, but not less than an eighth of a record, so a
+     * lagging consumer does not turn a message into a stream of tiny records. The first
+     * one also carries the total length, which max_payload < len keeps from being last. */
+    size_t frag_min = max_payload / 8;
+    for (size_t off = 0; off < len;) {
+        int part = off == 0 ? PART_FIRST : PART_REST;
+        size_t want = (part == PART_FIRST ? sizeof(uint64_t) : 0) + (len - off);
+        long long n = send_record(r, type, part, src + off, len - off,
+                                  want < frag_min ? want : frag_min, deadline);
+        if (n < 0)
+            return (int)n;
+        off += (size_t)n;
+    }
+    return 0;
+}
+
+/* ---- Reassembly ---------------------------------------------------------------------- */
+
+/* Drops a partially received message; `why` says what ended it (logged). */
+static void rx_discard(rlb_ring_rx *rx, const char *why)
+{
+    if (rx->state == RX_ASSEMBLING)
+        RLB_LOG_WARN(RLB_SUB_RING, "discarding a partial message (%zu of %zu bytes): %s",
+                     rx->have, rx->total, why);
+    rx->state = RX_IDLE;
+    rx->have = 0;
+    rx->total = 0;
+}
+
+/* Starts reassembly from a FIRST fragment. Returns 0, RLB_ETOOBIG (the message will be
+ * skipped), RLB_ENOMEM or RLB_ECORRUPT. */
+static int rx_start(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m)
+{
+    uint64_t total;
+    if (m->len < sizeof(total))
+        return corrupt(r, "first fragment without a length", m->len);
+    memcpy(&total, m->data, sizeof(total));
+    size_t part = m->len - sizeof(total);
+    if (total <= part)
+        return corrupt(r, "fragmented message shorter than its first fragment", total);
+    rx->state = RX_SKIPPING;
+    if (total > rx->max_msg) {
+        RLB_LOG_WARN(RLB_SUB_RING, "skipping a %llu-byte message (limit %zu)",
+                     (unsigned long long)total, rx->max_msg);
+        return RLB_ETOOBIG;
+    }
+    if (total > rx->buf_cap) {
+        uint8_t *grown = realloc(rx->buf, (size_t)total);
+        if (!grown)
+            return RLB_ENOMEM;
+        rx->buf = grown;
+        rx->buf_cap = (size_t)total;
+    }
+    memcpy(rx->buf, (const uint8_t *)m->data + sizeof(total), part);
+    rx->state = RX_ASSEMBLING;
+    rx->have = part;
+    rx->total = (size_t)total;
+    rx->type = m->type;
+    return 0;
+}
+
+/* Adds a MORE or LAST fragment. Returns 1 when the message is complete, 0 when more is to
+ * come, or RLB_ECORRUPT. */
+static int rx_append(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m)
+{
+    int last = m->flags == RLB_RING_F_LAST;
+    if (rx->state == RX_SKIPPING) {
+        if (last)
+            rx->state = RX_IDLE;
+        return 0;
+    }
+    if (rx->state != RX_ASSEMBLING)
+        return corrupt(r, "fragment outside a message", m->seq);
+    if (m->type != rx->type)
+        return corrupt(r, "fragment of another message type", m->type);
+    size_t left = rx->total - rx->have;
+    if (last ? m->len != left : m->len >= left)
+        return corrupt(r, "fragment lengths do not add up", m->len);
+    memcpy(rx->buf + rx->have, m->data, m->len);
+    rx->have += m->len;
+    return last;
+}
+
+void rlb__ring_recv_done(rlb_ring *r, rlb_ring_rx *rx)
+{
+    if (rx && rx->holds_record) {
+        rx->holds_record = 0;
+        rlb__ring_release(r);
+    }
+}
+
+void rlb__ring_rx_free(rlb_ring_rx *rx)
+{
+    if (!rx)
+        return;
+    free(rx->buf);
+    size_t max_msg = rx->max_msg;
+    memset(rx, 0, sizeof(*rx));
+    rx->max_msg = max_msg;
+}
+
+int rlb__ring_recv(rlb_ring *r, rlb_ring_rx *rx, int timeout_ms, rlb_ring_msg *msg)
+{
+    int rc = usable(r, RLB_RING_CONSUMER);
+    if (rc < 0)
+        return rc;
+    if (!rx || !msg || timeout_ms < 0)
+        return RLB_EINVAL;
+    rlb__ring_recv_done(r, rx);
+    int64_t deadline = deadline_after(timeout_ms);
+    for (;;) {
+        rlb_ring_msg m;
+        rc = peek_until(r, deadline, &m);
+        if (rc == RLB_EPEERDEAD || rc == RLB_ECORRUPT)
+            rx_discard(rx, rlb_strerror(rc));
+        if (rc < 0)
+            return rc;
+        if (m.flags == 0 || m.flags == RLB_RING_F_FIRST)
+            rx_discard(rx, "the sender started another message");
+        if (m.flags == 0) {
+            if (m.len > rx->max_msg) {
+                RLB_LOG_WARN(RLB_SUB_RING, "skipping a %zu-byte message (limit %zu)", m.len,
+                             rx->max_msg);
+                rlb__ring_release(r);
+                return RLB_ETOOBIG;
+            }
+            *msg = m;
+            rx->holds_record = 1;
+            return 0;
+        }
+        rc = m.flags == RLB_RING_F_FIRST ? rx_start(r, rx, &m) : rx_append(r, rx, &m);
+        if (rc == RLB_ECORRUPT) {
+            rx_discard(rx, "corrupt fragment");
+            return rc;
+        }
+        rlb__ring_release(r);
+        if (rc < 0)
+            return rc;
+        if (rc == 1) {
+            rx->state = RX_IDLE;
+            *msg = (rlb_ring_msg){.data = rx->buf, .len = rx->total, .type = rx->type,
+                                  .seq = m.seq};
+            return 0;
+        }
+    }
+}

@@ -1,0 +1,666 @@
+/* test_ring: the SPSC ring (common/ring.c) in one process, on malloc'ed memory.
+ *
+ * Positions, padding and record counts are worked out by hand from the wire format in
+ * ring.h (16-byte header + payload rounded up to 8; a padding record fills the rest of the
+ * data area at wrap; one record is at most capacity/2 - 16 payload bytes). Corruption tests
+ * write hostile records and indices straight into the segment and expect RLB_ECORRUPT.
+ */
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "common/ring.h"
+#include "rlb/rlb.h"
+
+#define CAP 4096u
+#define HDR 16u
+
+typedef struct fixture {
+    void *mem;     /* the segment: header + data area */
+    rlb_ring prod; /* producer handle */
+    rlb_ring cons; /* consumer handle */
+} fixture;
+
+static int64_t ms_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static fixture *make(uint64_t cap)
+{
+    fixture *f = calloc(1, sizeof(*f));
+    assert_non_null(f);
+    size_t size = rlb__ring_memsize(cap);
+    assert_true(size > 0);
+    f->mem = aligned_alloc(64, size);
+    assert_non_null(f->mem);
+    assert_int_equal(rlb__ring_init(f->mem, cap), 0);
+    assert_int_equal(rlb__ring_attach(&f->prod, f->mem, size, RLB_RING_PRODUCER), 0);
+    assert_int_equal(rlb__ring_attach(&f->cons, f->mem, size, RLB_RING_CONSUMER), 0);
+    return f;
+}
+
+static void destroy(fixture *f)
+{
+    free(f->mem);
+    free(f);
+}
+
+static rlb__ring_shared *hdr(fixture *f)
+{
+    return f->mem;
+}
+
+static uint8_t *data(fixture *f)
+{
+    return (uint8_t *)f->mem + sizeof(rlb__ring_shared);
+}
+
+/* Claims len bytes, fills them with `fill`, commits as `type`. */
+static void put(fixture *f, uint32_t type, size_t len, uint8_t fill)
+{
+    void *p;
+    size_t cap;
+    assert_int_equal(rlb__ring_claim(&f->prod, len, 0, &p, &cap), 0);
+    assert_true(cap >= len);
+    memset(p, fill, len);
+    assert_int_equal(rlb__ring_commit(&f->prod, type, len), 0);
+}
+
+/* Peeks the next record, checks type, length, seq and fill, releases it. */
+static void get(fixture *f, uint32_t type, size_t len, uint8_t fill, uint64_t seq)
+{
+    rlb_ring_msg m;
+    assert_int_equal(rlb__ring_peek(&f->cons, 0, &m), 0);
+    assert_int_equal(m.type, type);
+    assert_int_equal(m.len, len);
+    assert_int_equal(m.flags, 0);
+    assert_int_equal(m.seq, seq);
+    for (size_t i = 0; i < len; i++)
+        assert_int_equal(((const uint8_t *)m.data)[i], fill);
+    assert_int_equal(rlb__ring_release(&f->cons), 0);
+}
+
+/* Writes a record header by hand at data offset pos (the wire format of ring.h). */
+static void raw_record(fixture *f, uint64_t pos, uint32_t len, uint32_t type, uint64_t seq)
+{
+    memcpy(data(f) + pos, &len, 4);
+    memcpy(data(f) + pos + 4, &type, 4);
+    memcpy(data(f) + pos + 8, &seq, 8);
+}
+
+static void test_memsize(void **state)
+{
+    assert_int_equal(rlb__ring_memsize(4096), 320 + 4096);
+    assert_int_equal(rlb__ring_memsize(1u << 20), 320 + (1u << 20));
+    assert_int_equal(rlb__ring_memsize(4095), 0);
+    assert_int_equal(rlb__ring_memsize(6144), 0);
+    assert_int_equal(rlb__ring_memsize(2048), 0);
+    assert_int_equal(rlb__ring_memsize(0), 0);
+    assert_int_equal(rlb__ring_memsize(1ull << 41), 0);
+    void *mem = aligned_alloc(64, 320 + 4096);
+    assert_int_equal(rlb__ring_init(mem, 1000), RLB_EINVAL);
+    assert_int_equal(rlb__ring_init((uint8_t *)mem + 8, 4096), RLB_EINVAL);
+    assert_int_equal(rlb__ring_init(NULL, 4096), RLB_EINVAL);
+    free(mem);
+}
+
+static void test_attach_validates(void **state)
+{
+    fixture *f = make(CAP);
+    size_t size = rlb__ring_memsize(CAP);
+    rlb_ring r;
+    /* Each side attaches once. */
+    assert_int_equal(rlb__ring_attach(&r, f->mem, size, RLB_RING_PRODUCER), RLB_EEXIST);
+    assert_int_equal(rlb__ring_attach(&r, f->mem, size, RLB_RING_CONSUMER), RLB_EEXIST);
+    hdr(f)->cons.pid = 0;
+    /* The mapping must hold the whole data area. */
+    assert_int_equal(rlb__ring_attach(&r, f->mem, size - 8, RLB_RING_CONSUMER), RLB_ECORRUPT);
+    assert_int_equal(rlb__ring_attach(&r, f->mem, size, 3), RLB_EINVAL);
+    hdr(f)->abi_version = RLB_ABI_VERSION + 1;
+    assert_int_equal(rlb__ring_attach(&r, f->mem, size, RLB_RING_CONSUMER), RLB_EVERSION);
+    hdr(f)->abi_version = RLB_ABI_VERSION;
+    hdr(f)->capacity = CAP + 8;
+    assert_int_equal(rlb__ring_attach(&r, f->mem, size, RLB_RING_CONSUMER), RLB_ECORRUPT);
+    hdr(f)->capacity = CAP * 2;
+    assert_int_equal(rlb__ring_attach(&r, f->mem, size, RLB_RING_CONSUMER), RLB_ECORRUPT);
+    hdr(f)->capacity = CAP;
+    hdr(f)->prod.index = CAP + 8;
+    assert_int_equal(rlb__ring_attach(&r, f->mem, size, RLB_RING_CONSUMER), RLB_ECORRUPT);
+    hdr(f)->prod.index = 0;
+    hdr(f)->magic ^= 1;
+    assert_int_equal(rlb__ring_attach(&r, f->mem, size, RLB_RING_CONSUMER), RLB_ECORRUPT);
+    hdr(f)->magic ^= 1;
+    assert_int_equal(rlb__ring_attach(&r, f->mem, size, RLB_RING_CONSUMER), 0);
+    assert_int_equal(hdr(f)->cons.pid, getpid());
+    destroy(f);
+}
+
+static void test_empty(void **state)
+{
+    fixture *f = make(CAP);
+    rlb_ring_msg m;
+    assert_int_equal(rlb__ring_peek(&f->cons, 0, &m), RLB_EAGAIN);
+    f->cons.spin_ns = 1000000;
+    int64_t t0 = ms_now();
+    assert_int_equal(rlb__ring_peek(&f->cons, 30, &m), RLB_ETIMEDOUT);
+    int64_t waited = ms_now() - t0;
+    assert_true(waited >= 30 && waited < 1000);
+    assert_int_equal(rlb__ring_release(&f->cons), RLB_EINVAL);
+    /* Wrong side and bad arguments. */
+    void *p;
+    size_t cap;
+    assert_int_equal(rlb__ring_claim(&f->cons, 8, 0, &p, &cap), RLB_EINVAL);
+    assert_int_equal(rlb__ring_peek(&f->prod, 0, &m), RLB_EINVAL);
+    assert_int_equal(rlb__ring_claim(&f->prod, 8, -1, &p, &cap), RLB_EINVAL);
+    destroy(f);
+}
+
+static void test_roundtrip(void **state)
+{
+    fixture *f = make(CAP);
+    put(f, 7, 5, 0xab);
+    put(f, RLB_RING_TYPE_MASK, 0, 0);
+    put(f, 0, 64, 0x11);
+    /* Records sit back to back: 16+8, 16+0, 16+64. */
+    assert_int_equal(hdr(f)->prod.index, 24 + 16 + 80);
+    rlb_ring_msg m1, m2;
+    assert_int_equal(rlb__ring_peek(&f->cons, 0, &m1), 0);
+    assert_int_equal(rlb__ring_peek(&f->cons, 0, &m2), 0); /* same record again */
+    assert_ptr_equal(m1.data, m2.data);
+    assert_ptr_equal(m1.data, data(f) + HDR);
+    get(f, 7, 5, 0xab, 0);
+    get(f, RLB_RING_TYPE_MASK, 0, 0, 1);
+    get(f, 0, 64, 0x11, 2);
+    assert_int_equal(hdr(f)->cons.index, 120);
+    assert_int_equal(rlb__ring_peek(&f->cons, 0, &m1), RLB_EAGAIN);
+    destroy(f);
+}
+
+static void test_commit_rules(void **state)
+{
+    fixture *f = make(CAP);
+    void *p, *q;
+    size_t cap;
+    assert_int_equal(rlb__ring_commit(&f->prod, 1, 0), RLB_EINVAL); /* no claim */
+    /* On an empty ring the room is one whole record: capacity/2 - 16. */
+    assert_int_equal(rlb__ring_max_payload(&f->prod), CAP / 2 - HDR);
+    assert_int_equal(rlb__ring_claim(&f->prod, 0, 0, &p, &cap), 0);
+    assert_int_equal(cap, CAP / 2 - HDR);
+    assert_int_equal(rlb__ring_claim(&f->prod, 0, 0, &q, &cap), RLB_EINVAL); /* one at a time */
+    assert_int_equal(rlb__ring_commit(&f->prod, 1, cap + 1), RLB_EINVAL);
+    assert_int_equal(rlb__ring_commit(&f->prod, RLB_RING_F_PAD | 1, 4), RLB_EINVAL);
+    assert_int_equal(rlb__ring_commit(&f->prod, RLB_RING_F_FIRST, 4), RLB_EINVAL);
+    /* Committing less than was claimed leaves the rest free: next record at 16 + 8. */
+    assert_int_equal(rlb__ring_commit(&f->prod, 1, 5), 0);
+    assert_int_equal(rlb__ring_claim(&f->prod, 3, 0, &q, &cap), 0);
+    assert_ptr_equal(q, data(f) + 24 + HDR);
+    rlb__ring_abort(&f->prod);
+    assert_int_equal(rlb__ring_claim(&f->prod, CAP / 2 - HDR + 1, 0, &q, &cap), RLB_ETOOBIG);
+    destroy(f);
+}
+
+static void test_abort(void **state)
+{
+    fixture *f = make(CAP);
+    void *p, *q;
+    size_t cap;
+    rlb_ring_msg m;
+    assert_int_equal(rlb__ring_claim(&f->prod, 100, 0, &p, &cap), 0);
+    memset(p, 0x5a, 100);
+    rlb__ring_abort(&f->prod);
+    /* Nothing was published, no sequence number was spent, and the slot is free again. */
+    assert_int_equal(hdr(f)->prod.index, 0);
+    assert_int_equal(rlb__ring_peek(&f->cons, 0, &m), RLB_EAGAIN);
+    assert_int_equal(rlb__ring_claim(&f->prod, 10, 0, &q, &cap), 0);
+    assert_ptr_equal(p, q);
+    memset(q, 0x33, 10);
+    assert_int_equal(rlb__ring_commit(&f->prod, 2, 10), 0);
+    get(f, 2, 10, 0x33, 0);
+    rlb__ring_abort(&f->prod); /* no claim open: no effect */
+    assert_int_equal(rlb__ring_commit(&f->prod, 2, 0), RLB_EINVAL);
+    destroy(f);
+}
+
+static void test_full(void **state)
+{
+    fixture *f = make(CAP);
+    /* 100-byte payloads take 16 + 104 = 120 bytes: 34 records fill 4080 of 4096 bytes. */
+    int n = 0;
+    void *p;
+    size_t cap;
+    while (rlb__ring_claim(&f->prod, 100, 0, &p, &cap) == 0) {
+        memset(p, n, 100);
+        assert_int_equal(rlb__ring_commit(&f->prod, 3, 100), 0);
+        n++;
+    }
+    assert_int_equal(n, 34);
+    assert_int_equal(rlb__ring_claim(&f->prod, 100, 0, &p, &cap), RLB_EAGAIN);
+    /* A bounded wait on a full ring times out. */
+    f->prod.spin_ns = 0;
+    int64_t t0 = ms_now();
+    assert_int_equal(rlb__ring_claim(&f->prod, 100, 20, &p, &cap), RLB_ETIMEDOUT);
+    assert_true(ms_now() - t0 >= 20);
+    /* The 16 bytes left hold an empty record, but not a 1-byte one. */
+    assert_int_equal(rlb__ring_claim(&f->prod, 0, 0, &p, &cap), 0);
+    assert_int_equal(cap, 0);
+    rlb__ring_abort(&f->prod);
+    assert_int_equal(rlb__ring_claim(&f->prod, 1, 0, &p, &cap), RLB_EAGAIN);
+    /* Freeing the first record leaves 136 bytes: 16 of padding at the end plus a 120-byte
+     * record at the start fit, a 128-byte one (108 bytes of payload) does not. */
+    get(f, 3, 100, 0, 0);
+    assert_int_equal(rlb__ring_claim(&f->prod, 108, 0, &p, &cap), RLB_EAGAIN);
+    assert_int_equal(rlb__ring_claim(&f->prod, 100, 0, &p, &cap), 0);
+    assert_ptr_equal(p, data(f) + HDR); /* wrapped to the start */
+    assert_int_equal(cap, 104);
+    destroy(f);
+}
+
+static void test_wrap_padding(void **state)
+{
+    fixture *f = make(CAP);
+    /* Four 1000-byte records (1016 bytes each) end at 4064: 32 bytes before the end. */
+    for (int i = 0; i < 4; i++)
+        put(f, 1, 1000, (uint8_t)i);
+    for (int i = 0; i < 4; i++)
+        get(f, 1, 1000, (uint8_t)i, (uint64_t)i);
+    put(f, 9, 40, 0x77);
+    uint32_t w[2];
+    memcpy(w, data(f) + 4064, 8);
+    assert_int_equal(w[0], 32);
+    assert_int_equal(w[1], RLB_RING_F_PAD);
+    assert_int_equal(hdr(f)->prod.index, 4096 + 56);
+    get(f, 9, 40, 0x77, 4);
+    assert_int_equal(hdr(f)->cons.index, 4096 + 56);
+
+    /* From 56, three 1016-byte records and a 984-byte one (968 of payload) end at 4088,
+     * 8 bytes before the end: the padding is then a bare 8-byte {len, type}. */
+    for (int i = 0; i < 3; i++)
+        put(f, 1, 1000, (uint8_t)i);
+    put(f, 2, 968, 0xee);
+    assert_int_equal(hdr(f)->prod.index, 4096 + 4088);
+    for (int i = 0; i < 3; i++)
+        get(f, 1, 1000, (uint8_t)i, 5 + (uint64_t)i);
+    get(f, 2, 968, 0xee, 8);
+    put(f, 4, 0, 0);
+    memcpy(w, data(f) + 4088, 8);
+    assert_int_equal(w[0], 8);
+    assert_int_equal(w[1], RLB_RING_F_PAD);
+    assert_int_equal(hdr(f)->prod.index, 2 * 4096 + 16);
+    get(f, 4, 0, 0, 9);
+    destroy(f);
+}
+
+/* Fills the whole message with a byte pattern that depends on position and seed. */
+static void pattern(uint8_t *p, size_t len, uint32_t seed)
+{
+    for (size_t i = 0; i < len; i++)
+        p[i] = (uint8_t)((i * 2654435761u + seed) >> 13);
+}
+
+static void test_fragments_fit(void **state)
+{
+    /* 64 KiB ring: one record holds 32752 bytes; 40000 bytes go as FIRST + LAST. */
+    fixture *f = make(65536);
+    size_t len = 40000;
+    uint8_t *msg = malloc(len);
+    pattern(msg, len, 1);
+    assert_int_equal(rlb__ring_send(&f->prod, 5, msg, len, 0), 0);
+    rlb_ring_msg m;
+    assert_int_equal(rlb__ring_peek(&f->cons, 0, &m), 0);
+    assert_int_equal(m.flags, RLB_RING_F_FIRST);
+    assert_int_equal(m.type, 5);
+    assert_int_equal(m.len, 32752);
+    uint64_t total;
+    memcpy(&total, m.data, 8);
+    assert_int_equal(total, len);
+    assert_memory_equal((const uint8_t *)m.data + 8, msg, 32744);
+    assert_int_equal(rlb__ring_release(&f->cons), 0);
+    assert_int_equal(rlb__ring_peek(&f->cons, 0, &m), 0);
+    assert_int_equal(m.flags, RLB_RING_F_LAST);
+    assert_int_equal(m.len, len - 32744);
+    assert_memory_equal(m.data, msg + 32744, len - 32744);
+    assert_int_equal(rlb__ring_release(&f->cons), 0);
+
+    /* The same message through recv, and a small one after it, returned in place. */
+    rlb_ring_rx rx = {.max_msg = 1 << 20};
+    assert_int_equal(rlb__ring_send(&f->prod, 5, msg, len, 0), 0);
+    assert_int_equal(rlb__ring_send(&f->prod, 6, msg, 100, 0), 0);
+    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), 0);
+    assert_int_equal(m.type, 5);
+    assert_int_equal(m.len, len);
+    assert_ptr_equal(m.data, rx.buf);
+    assert_memory_equal(m.data, msg, len);
+    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), 0);
+    assert_int_equal(m.type, 6);
+    assert_int_equal(m.len, 100);
+    assert_true((const uint8_t *)m.data > data(f) && (const uint8_t *)m.data < data(f) + 65536);
+    assert_memory_equal(m.data, msg, 100);
+    rlb__ring_recv_done(&f->cons, &rx);
+    assert_int_equal(hdr(f)->cons.index, hdr(f)->prod.index);
+    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), RLB_EAGAIN);
+    rlb__ring_rx_free(&rx);
+    free(msg);
+    destroy(f);
+}
+
+typedef struct sender {
+    rlb_ring *ring;     /* producer handle */
+    const uint8_t *msg; /* message to send */
+    size_t len;         /* its length */
+    int count;          /* how many times */
+    int rc;             /* first failure, or 0 */
+} sender;
+
+static void *send_thread(void *arg)
+{
+    sender *s = arg;
+    for (int i = 0; i < s->count && s->rc == 0; i++)
+        s->rc = rlb__ring_send(s->ring, 8, s->msg, s->len, 10000);
+    return NULL;
+}
+
+static void test_fragments_stream(void **state)
+{
+    /* A 1 MiB message through a 4 KiB ring: ~500 fragments, FIRST, MOREs, LAST. */
+    fixture *f = make(CAP);
+    size_t len = 1 << 20;
+    uint8_t *msg = malloc(len);
+    pattern(msg, len, 2);
+    sender s = {.ring = &f->prod, .msg = msg, .len = len, .count = 2};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, send_thread, &s), 0);
+    rlb_ring_rx rx = {.max_msg = len};
+    for (int i = 0; i < 2; i++) {
+        rlb_ring_msg m;
+        assert_int_equal(rlb__ring_recv(&f->cons, &rx, 10000, &m), 0);
+        assert_int_equal(m.type, 8);
+        assert_int_equal(m.len, len);
+        assert_memory_equal(m.data, msg, len);
+    }
+    pthread_join(t, NULL);
+    assert_int_equal(s.rc, 0);
+    assert_true(f->prod.seq > 2 * (len / (CAP / 2)));
+    rlb__ring_rx_free(&rx);
+    free(msg);
+    destroy(f);
+}
+
+/* Sends a message over the receiver's limit, then a small one. */
+static void *send_big_then_small(void *arg)
+{
+    sender *s = arg;
+    s->rc = rlb__ring_send(s->ring, 8, s->msg, s->len, 10000);
+    if (s->rc == 0)
+        s->rc = rlb__ring_send(s->ring, 4, s->msg, 1000, 10000);
+    return NULL;
+}
+
+static void test_fragments_limits(void **state)
+{
+    fixture *f = make(CAP);
+    size_t len = 10000;
+    uint8_t *msg = malloc(len);
+    pattern(msg, len, 3);
+    rlb_ring_rx rx = {.max_msg = 5000};
+    rlb_ring_msg m;
+    sender s = {.ring = &f->prod, .msg = msg, .len = len};
+    pthread_t t;
+
+    /* Over the receiver's limit: skipped with RLB_ETOOBIG, the next message arrives. */
+    assert_int_equal(pthread_create(&t, NULL, send_big_then_small, &s), 0);
+    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 10000, &m), RLB_ETOOBIG);
+    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 10000, &m), 0);
+    pthread_join(t, NULL);
+    assert_int_equal(s.rc, 0);
+    assert_int_equal(m.type, 4);
+    assert_int_equal(m.len, 1000);
+    assert_memory_equal(m.data, msg, 1000);
+    assert_int_equal(rlb__ring_send(&f->cons, 1, msg, 1, 0), RLB_EINVAL); /* consumer */
+    /* A whole record over the limit is skipped too. */
+    assert_int_equal(rlb__ring_send(&f->prod, 4, msg, 1000, 0), 0);
+    rx.max_msg = 999;
+    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), RLB_ETOOBIG);
+    assert_int_equal(hdr(f)->cons.index, hdr(f)->prod.index);
+
+    /* A send that runs out of room midway leaves a partial message; the receiver drops it
+     * when the next message starts. */
+    rx.max_msg = len;
+    assert_int_equal(rlb__ring_send(&f->prod, 7, msg, len, 0), RLB_EAGAIN);
+    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), RLB_EAGAIN);
+    assert_true(rx.have > 0 && rx.have < len);
+    assert_int_equal(rlb__ring_send(&f->prod, 3, msg + 1, 50, 0), 0);
+    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), 0);
+    assert_int_equal(m.type, 3);
+    assert_int_equal(m.len, 50);
+    assert_memory_equal(m.data, msg + 1, 50);
+    assert_int_equal(rx.have, 0);
+    rlb__ring_recv_done(&f->cons, &rx);
+    rlb__ring_rx_free(&rx);
+    free(msg);
+    destroy(f);
+}
+
+static void test_close_and_liveness(void **state)
+{
+    fixture *f = make(CAP);
+    rlb_ring_msg m;
+    put(f, 1, 10, 1);
+    rlb__ring_close(&f->prod);
+    /* What was committed is still delivered, then the consumer learns the producer left. */
+    get(f, 1, 10, 1, 0);
+    assert_int_equal(rlb__ring_peek(&f->cons, 1000, &m), RLB_EPEERDEAD);
+    void *p;
+    size_t cap;
+    assert_int_equal(rlb__ring_claim(&f->prod, 1, 0, &p, &cap), RLB_EINVAL); /* closed */
+    destroy(f);
+}
+
+static int dead(void *arg)
+{
+    (*(int *)arg)++;
+    return 0;
+}
+
+static void test_liveness_callback(void **state)
+{
+    fixture *f = make(CAP);
+    int calls = 0;
+    rlb_ring_msg m;
+    rlb__ring_set_liveness(&f->cons, dead, &calls);
+    f->cons.spin_ns = 0;
+    int64_t t0 = ms_now();
+    assert_int_equal(rlb__ring_peek(&f->cons, 5000, &m), RLB_EPEERDEAD);
+    assert_true(ms_now() - t0 < 1000);
+    assert_int_equal(calls, 1);
+    /* The producer side checks the consumer the same way when the ring is full. */
+    rlb__ring_set_liveness(&f->prod, dead, &calls);
+    while (rlb__ring_send(&f->prod, 1, NULL, 0, 0) == 0)
+        ;
+    assert_int_equal(rlb__ring_send(&f->prod, 1, NULL, 0, 5000), RLB_EPEERDEAD);
+    assert_int_equal(calls, 2);
+    /* Heartbeats: the peer attached just now. */
+    assert_true(rlb__ring_peer_idle_ms(&f->cons) < 1000);
+    hdr(f)->prod.pid = 0;
+    assert_int_equal(rlb__ring_peer_idle_ms(&f->cons), INT64_MAX);
+    destroy(f);
+}
+
+typedef struct late_put {
+    fixture *f;   /* ring */
+    int delay_ms; /* sleep before committing */
+} late_put;
+
+static void *late_put_thread(void *arg)
+{
+    late_put *lp = arg;
+    usleep((useconds_t)lp->delay_ms * 1000);
+    put(lp->f, 1, 8, 0x42);
+    return NULL;
+}
+
+static void test_sleep_wake(void **state)
+{
+    /* The consumer sleeps with no spin and slices of 10 s: only the producer's post can
+     * wake it in time. */
+    fixture *f = make(CAP);
+    f->cons.spin_ns = 0;
+    f->cons.slice_ns = 10000000000;
+    late_put lp = {f, 50};
+    pthread_t t;
+    int64_t t0 = ms_now();
+    assert_int_equal(pthread_create(&t, NULL, late_put_thread, &lp), 0);
+    rlb_ring_msg m;
+    assert_int_equal(rlb__ring_peek(&f->cons, 5000, &m), 0);
+    int64_t waited = ms_now() - t0;
+    pthread_join(t, NULL);
+    assert_true(waited >= 50 && waited < 2000);
+    assert_int_equal(m.len, 8);
+    assert_int_equal(rlb__ring_release(&f->cons), 0);
+    assert_int_equal(hdr(f)->cons_wake.sleeping, 0);
+    destroy(f);
+}
+
+/* ---- Corruption: values no honest producer writes ---------------------------------- */
+
+static void expect_corrupt(fixture *f)
+{
+    rlb_ring_msg m;
+    rlb_ring_rx rx = {.max_msg = 1 << 20};
+    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), RLB_ECORRUPT);
+    /* Sticky: the handle refuses further use. */
+    assert_int_equal(rlb__ring_peek(&f->cons, 0, &m), RLB_ECORRUPT);
+    rlb__ring_rx_free(&rx);
+    destroy(f);
+}
+
+static void test_corrupt_indices(void **state)
+{
+    fixture *f = make(CAP);
+    hdr(f)->prod.index = CAP + 8; /* more than the capacity ahead */
+    expect_corrupt(f);
+    f = make(CAP);
+    hdr(f)->prod.index = 12; /* unaligned */
+    expect_corrupt(f);
+    f = make(CAP);
+    hdr(f)->prod.index = (uint64_t)-8; /* behind the consumer */
+    expect_corrupt(f);
+    /* The tail moving backwards. */
+    f = make(CAP);
+    put(f, 1, 8, 1);
+    put(f, 1, 8, 2);
+    rlb_ring_msg m;
+    assert_int_equal(rlb__ring_peek(&f->cons, 0, &m), 0);
+    assert_int_equal(rlb__ring_release(&f->cons), 0);
+    hdr(f)->prod.index = 24;
+    get(f, 1, 8, 2, 1); /* cached: the record below the old tail is still good */
+    expect_corrupt(f);
+    /* The consumer index seen by the producer: ahead of the tail. */
+    f = make(CAP);
+    void *p;
+    size_t cap;
+    for (int i = 0; i < 34; i++)
+        put(f, 1, 100, 0);
+    hdr(f)->cons.index = 8192;
+    assert_int_equal(rlb__ring_claim(&f->prod, 100, 0, &p, &cap), RLB_ECORRUPT);
+    assert_int_equal(rlb__ring_claim(&f->prod, 0, 0, &p, &cap), RLB_ECORRUPT);
+    destroy(f);
+}
+
+static void test_corrupt_records(void **state)
+{
+    static const struct {
+        uint32_t len, type;
+        uint64_t seq, tail;
+    } bad[] = {
+        {4081, 1, 0, 4096},                     /* payload past the end of the data area */
+        {100, 1, 0, 64},                         /* payload past the tail */
+        {2048, 1, 0, 4096},                      /* over the one-record limit (2032) */
+        {8, 1, 5, 24},                           /* out of sequence */
+        {8, 1 | RLB_RING_F_FIRST | RLB_RING_F_LAST, 0, 24}, /* two fragment flags */
+        {8, 1 | (1u << 28), 0, 24},              /* unknown flag */
+        {12, RLB_RING_F_PAD, 0, 64},             /* padding not a multiple of 8 */
+        {4, RLB_RING_F_PAD, 0, 64},              /* padding shorter than its header */
+        {128, RLB_RING_F_PAD, 0, 64},            /* padding past the tail */
+        {8, RLB_RING_F_PAD | 3, 0, 64},          /* padding with a type */
+        {4, 1 | RLB_RING_F_FIRST, 0, 24},        /* first fragment without its length */
+        {8, 1 | RLB_RING_F_MORE, 0, 24},         /* fragment outside a message */
+        {8, 1 | RLB_RING_F_LAST, 0, 24},         /* fragment outside a message */
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        fixture *f = make(CAP);
+        raw_record(f, 0, bad[i].len, bad[i].type, bad[i].seq);
+        hdr(f)->prod.index = bad[i].tail;
+        expect_corrupt(f);
+    }
+    /* A record that starts 8 bytes before the end cannot hold a 16-byte header. */
+    fixture *f = make(CAP);
+    hdr(f)->prod.index = hdr(f)->cons.index = 4088;
+    hdr(f)->cons.pid = 0;
+    assert_int_equal(rlb__ring_attach(&f->cons, f->mem, rlb__ring_memsize(CAP),
+                                      RLB_RING_CONSUMER), 0);
+    memcpy(data(f) + 4088, &(uint32_t){0}, 4);
+    memcpy(data(f) + 4092, &(uint32_t){1}, 4);
+    hdr(f)->prod.index = 4096 + 16;
+    expect_corrupt(f);
+}
+
+static void test_corrupt_fragments(void **state)
+{
+    /* A FIRST record of 16 bytes (u64 total + 8 bytes) at 0, then (len 0 = none) a second
+     * fragment at 32 whose length or type does not fit the announced total. */
+    static const struct {
+        uint64_t total;
+        uint32_t len2, type2;
+    } bad[] = {
+        {100, 50, 1 | RLB_RING_F_LAST}, /* LAST brings 50 of the 92 bytes left */
+        {100, 92, 1 | RLB_RING_F_MORE}, /* a MORE that already reaches the total */
+        {100, 92, 2 | RLB_RING_F_LAST}, /* a fragment of another message type */
+        {8, 0, 0},                      /* total no larger than the first fragment's bytes */
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        fixture *f = make(CAP);
+        raw_record(f, 0, 16, 1 | RLB_RING_F_FIRST, 0);
+        memcpy(data(f) + 16, &bad[i].total, 8);
+        hdr(f)->prod.index = 32;
+        if (bad[i].len2) {
+            raw_record(f, 32, bad[i].len2, bad[i].type2, 1);
+            hdr(f)->prod.index = 32 + 16 + ((bad[i].len2 + 7u) & ~7u);
+        }
+        expect_corrupt(f);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_memsize),
+        cmocka_unit_test(test_attach_validates),
+        cmocka_unit_test(test_empty),
+        cmocka_unit_test(test_roundtrip),
+        cmocka_unit_test(test_commit_rules),
+        cmocka_unit_test(test_abort),
+        cmocka_unit_test(test_full),
+        cmocka_unit_test(test_wrap_padding),
+        cmocka_unit_test(test_fragments_fit),
+        cmocka_unit_test(test_fragments_stream),
+        cmocka_unit_test(test_fragments_limits),
+        cmocka_unit_test(test_close_and_liveness),
+        cmocka_unit_test(test_liveness_callback),
+        cmocka_unit_test(test_sleep_wake),
+        cmocka_unit_test(test_corrupt_indices),
+        cmocka_unit_test(test_corrupt_records),
+        cmocka_unit_test(test_corrupt_fragments),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
