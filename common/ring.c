@@ -193,15 +193,19 @@ size_t rlb__ring_max_payload(const rlb_ring *r)
     return (size_t)min_u64(r->capacity / 2 - REC_HDR, MAX_RECORD_PAYLOAD);
 }
 
-/* Wakes the peer if it announced that it sleeps on its semaphore. */
+/* Wakes the peer if it announced that it sleeps on its semaphore.
+ *
+ * The sleep/wake handshake needs no fence: every write of a `sleeping` flag is an exchange
+ * (a read-modify-write, acquire and release). Our exchange here comes after our index store;
+ * the sleeper's exchange to 1 comes before its index load (sleep_slice). The two exchanges
+ * are ordered on the flag: if ours comes second it reads 1 and we post; if the sleeper's
+ * comes second it reads from our release, so it then sees our new index and does not sleep.
+ * The exchange is unconditional: a plain load first would break that argument. */
 static void wake_peer(rlb_ring *r)
 {
     rlb__ring_side_wake *w = peer_wake(r);
-    /* Pairs with the fence in sleep_slice (Dekker): our index store before this fence and
-     * the sleeper's flag store before its fence cannot both be missed, so either we see
-     * sleeping == 1 here or the sleeper sees our new index before it sleeps. */
-    rlb_fence_seq_cst();
-    if (rlb_load_relaxed(&w->sleeping) && rlb_exchange(&w->sleeping, 0u))
+    /* Pairs with the exchange to 1 in sleep_slice: see above. */
+    if (rlb_exchange(&w->sleeping, 0u))
         sem_post(&w->sem);
 }
 
@@ -212,8 +216,8 @@ void rlb__ring_close(rlb_ring *r)
     /* Pairs with the load_acquire of closed in peer_alive: every record committed (or
      * released) before this store is final when the peer sees the side closed. */
     rlb_store_release(&own_hot(r)->closed, 1u);
-    rlb_fence_seq_cst();
-    rlb_store_relaxed(&peer_wake(r)->sleeping, 0u);
+    /* Posted whether or not the peer announced a sleep, so it rechecks at once. */
+    rlb_exchange(&peer_wake(r)->sleeping, 0u);
     sem_post(&peer_wake(r)->sem);
     r->error = RLB_EINVAL;
 }
@@ -306,9 +310,10 @@ static int ready(rlb_ring *r, uint64_t need)
 static int sleep_slice(rlb_ring *r, uint64_t need, int64_t deadline)
 {
     rlb__ring_side_wake *w = own_wake(r);
+    /* Pairs with the exchange in wake_peer: after it, either the peer's exchange reads our
+     * 1 and posts, or ours read from the peer's and the index it published is visible to
+     * the check below. */
     rlb_exchange(&w->sleeping, 1u);
-    /* Pairs with the fence in wake_peer: see there. */
-    rlb_fence_seq_cst();
     int rc = ready(r, need);
     if (rc == 0) {
         int64_t until = now_ns() + r->slice_ns;
@@ -541,7 +546,8 @@ static long long send_record(rlb_ring *r, uint32_t type, int part, const uint8_t
                      : n == len           ? RLB_RING_F_LAST
                                           : RLB_RING_F_MORE;
     memcpy(slot, &total, hdr_len);
-    memcpy((uint8_t *)slot + hdr_len, src, n);
+    if (n) /* src may be NULL for an empty message */
+        memcpy((uint8_t *)slot + hdr_len, src, n);
     commit_record(r, type | flags, hdr_len + n);
     return (long long)n;
 }

@@ -1,3 +1,9 @@
 # Unit tests of the shared-memory ring, segments and connections (common/ring, shm, conn).
 rlb_add_test(NAME test_ring SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_ring.c
              LIBS rlb_common LABELS unit TIMEOUT 60)
+rlb_add_test(NAME test_ring_threads
+             SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_ring_threads.c ${CMAKE_CURRENT_LIST_DIR}/ring_traffic.c
+             LIBS rlb_common LABELS unit TIMEOUT 120)
+rlb_add_test(NAME test_ring_procs
+             SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_ring_procs.c ${CMAKE_CURRENT_LIST_DIR}/ring_traffic.c
+             LIBS rlb_common LABELS unit TIMEOUT 120)
