@@ -4,7 +4,10 @@
  * config.json files (and the transformers 5 rewrite with rope_parameters); the expected
  * values are written by hand from those files. Every refusal is checked for its code and
  * for the field or architecture named in the message. Mutations of a good config are made
- * with jansson directly, independent of the reader under test.
+ * with jansson directly, independent of the reader under test. The directory given as the
+ * first argument (tests/fuzz/corpus/config) also holds config.json files saved by
+ * transformers 5.17 itself (LlamaConfig with llama3 RoPE, Qwen2Config tied), read here
+ * through rlb__config_load.
  */
 #include <jansson.h>
 #include <math.h>
@@ -535,8 +538,59 @@ static void test_load(void **state)
     rmdir(dir);
 }
 
-int main(void)
+static const char *corpus_dir; /* argv[1]: files saved by transformers, or NULL */
+
+static void load_saved(const char *name, rlb_model_config *c)
 {
+    if (!corpus_dir)
+        skip();
+    char path[512], err[256] = "";
+    snprintf(path, sizeof(path), "%s/%s", corpus_dir, name);
+    int rc = rlb__config_load(path, c, err, sizeof(err));
+    if (rc)
+        print_error("%s: %s\n", path, err);
+    assert_int_equal(rc, 0);
+}
+
+static void test_saved_by_transformers5(void **state)
+{
+    rlb_model_config c;
+    load_saved("transformers5_llama3.json", &c);
+    assert_int_equal(c.arch, RLB_ARCH_LLAMA);
+    assert_int_equal(c.hidden, 64);
+    assert_int_equal(c.intermediate, 192);
+    assert_int_equal(c.n_heads, 4);
+    assert_int_equal(c.n_kv_heads, 2);
+    assert_int_equal(c.head_dim, 16);
+    assert_int_equal(c.n_layers, 2);
+    assert_int_equal(c.vocab, 250);
+    assert_int_equal(c.max_pos, 512);
+    assert_true(c.rms_eps == 1e-05);
+    assert_true(c.rope_theta == 500000.0);
+    assert_int_equal(c.rope_type, RLB_ROPE_LLAMA3);
+    assert_true(c.rope_factor == 8.0);
+    assert_true(c.rope_low_freq_factor == 1.0);
+    assert_true(c.rope_high_freq_factor == 4.0);
+    assert_int_equal(c.rope_orig_max_pos, 256);
+    assert_int_equal(c.tie_embeddings, 0);
+    assert_int_equal(c.attn_bias, 0);
+    assert_int_equal(c.dtype, RLB_DTYPE_BF16);
+
+    load_saved("transformers5_qwen2.json", &c);
+    assert_int_equal(c.arch, RLB_ARCH_QWEN2);
+    assert_int_equal(c.intermediate, 128);
+    assert_int_equal(c.head_dim, 16);
+    assert_true(c.rms_eps == 1e-06);
+    assert_true(c.rope_theta == 1000000.0);
+    assert_int_equal(c.rope_type, RLB_ROPE_DEFAULT);
+    assert_int_equal(c.tie_embeddings, 1);
+    assert_int_equal(c.attn_bias, 1);
+    assert_int_equal(c.dtype, RLB_DTYPE_BF16);
+}
+
+int main(int argc, char **argv)
+{
+    corpus_dir = argc > 1 ? argv[1] : NULL;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_llama31_legacy_rope),
         cmocka_unit_test(test_llama31_rope_parameters),
@@ -551,6 +605,7 @@ int main(void)
         cmocka_unit_test(test_validate),
         cmocka_unit_test(test_tiny),
         cmocka_unit_test(test_load),
+        cmocka_unit_test(test_saved_by_transformers5),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -4,7 +4,11 @@
  * writer under test, so the reader is checked against the format itself: a valid single
  * file, unaligned tensors read back through memcpy, a sharded checkpoint of two files with
  * its index, and every validation failure with its code and the name it must mention.
- * The writer is then checked against the same hand-made expectations.
+ * The writer is then checked against the same hand-made expectations. The directory given
+ * as the first argument (tests/fuzz/corpus/safetensors) also holds a file written by the
+ * reference safetensors library (0.8.0, from torch tensors of every dtype we map); its
+ * expected names, shapes and FNV-1a hashes of each tensor's bytes were computed there, by
+ * that library, from the tensors themselves.
  */
 #include <ftw.h>
 #include <stdarg.h>
@@ -550,13 +554,69 @@ static void test_write_sharded(void **state)
     remove_dir(dir);
 }
 
-int main(void)
+static const char *corpus_dir; /* argv[1]: files written by the reference library */
+
+static uint64_t fnv1a(const void *p, uint64_t n)
 {
+    const unsigned char *b = p;
+    uint64_t h = 1469598103934665603ull;
+    for (uint64_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+
+static void test_reference_writer_file(void **state)
+{
+    if (!corpus_dir)
+        skip();
+    static const struct {
+        const char *name;
+        rlb_dtype dtype;
+        int ndim;
+        int64_t shape[2];
+        uint64_t nbytes, fnv;
+    } want[] = {
+        {"a.u8", RLB_DTYPE_U8, 1, {3}, 3, 0xa940e14f3a8f72beull},
+        {"b.f32", RLB_DTYPE_F32, 2, {3, 5}, 60, 0xd0d44e0e63cf43d3ull},
+        {"c.bf16", RLB_DTYPE_BF16, 1, {7}, 14, 0x8175e660af4a7feeull},
+        {"d.f16", RLB_DTYPE_F16, 2, {2, 3}, 12, 0xae31ecae28296dfeull},
+        {"e.fp8", RLB_DTYPE_F8E4M3, 1, {5}, 5, 0x16e5587874a48e8dull},
+        {"f.i8", RLB_DTYPE_I8, 1, {3}, 3, 0x6ca9314f1840f68dull},
+        {"g.i32", RLB_DTYPE_I32, 1, {2}, 8, 0x5b99422fbc5e8bafull},
+        {"h.i64", RLB_DTYPE_I64, 1, {1}, 8, 0x7b869f7d1a7295e8ull},
+        {"i.empty", RLB_DTYPE_F32, 2, {0, 4}, 0, 0x14650fb0739d0383ull},
+        {"j.scalar", RLB_DTYPE_F32, 0, {0}, 4, 0x30e7c6a0864638d3ull},
+    };
+    char path[512], err[256] = "";
+    snprintf(path, sizeof(path), "%s/reference_writer.safetensors", corpus_dir);
+    rlb_st_checkpoint *ck = NULL;
+    int rc = rlb__st_open(path, &ck, err, sizeof(err));
+    if (rc)
+        print_error("%s: %s\n", path, err);
+    assert_int_equal(rc, 0);
+    assert_int_equal(rlb__st_count(ck), 10);
+    for (size_t i = 0; i < 10; i++) {
+        const rlb_st_tensor *t = rlb__st_at(ck, i);
+        assert_string_equal(t->name, want[i].name);
+        assert_int_equal(t->dtype, want[i].dtype);
+        assert_int_equal(t->ndim, want[i].ndim);
+        for (int d = 0; d < t->ndim; d++)
+            assert_int_equal(t->shape[d], want[i].shape[d]);
+        assert_int_equal(t->nbytes, want[i].nbytes);
+        assert_int_equal(fnv1a(t->data, t->nbytes), want[i].fnv);
+    }
+    rlb__st_close(ck);
+}
+
+int main(int argc, char **argv)
+{
+    corpus_dir = argc > 1 ? argv[1] : NULL;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parse_valid),     cmocka_unit_test(test_unaligned),
         cmocka_unit_test(test_parse_failures),  cmocka_unit_test(test_open_single),
         cmocka_unit_test(test_open_sharded),    cmocka_unit_test(test_sharded_failures),
         cmocka_unit_test(test_write),           cmocka_unit_test(test_write_sharded),
+        cmocka_unit_test(test_reference_writer_file),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
