@@ -17,6 +17,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "common/check.h"
+
 int rlb__model_err(char *err, size_t errlen, int code, const char *fmt, ...)
 {
     if (err && errlen) {
@@ -150,19 +152,12 @@ static int get_str(const json_t *obj, field f, const char **out, char *err, size
     return rc;
 }
 
-#define TRY(expr)                                                                       \
-    do {                                                                                \
-        int try_rc_ = (expr);                                                           \
-        if (try_rc_ < 0)                                                                \
-            return try_rc_;                                                             \
-    } while (0)
-
 /* architectures[0] decides; model_type alone is enough when architectures is absent, and
  * must agree with it when both are given. */
 static int parse_arch(const json_t *root, rlb_model_config *cfg, char *err, size_t errlen)
 {
     const char *model_type = NULL, *class_name = NULL;
-    TRY(get_str(root, (field){"", "model_type"}, &model_type, err, errlen));
+    RLB_CHECK(get_str(root, (field){"", "model_type"}, &model_type, err, errlen));
     json_t *archs = lookup(root, "architectures");
     if (archs) {
         if (!json_is_array(archs) || json_array_size(archs) == 0)
@@ -203,9 +198,9 @@ static int parse_rope_object(const json_t *obj, const char *scope, rlb_model_con
                              char *err, size_t errlen)
 {
     const char *type = NULL;
-    TRY(get_str(obj, (field){scope, "rope_type"}, &type, err, errlen));
+    RLB_CHECK(get_str(obj, (field){scope, "rope_type"}, &type, err, errlen));
     if (!type)
-        TRY(get_str(obj, (field){scope, "type"}, &type, err, errlen));
+        RLB_CHECK(get_str(obj, (field){scope, "type"}, &type, err, errlen));
     if (!type)
         return missing((field){scope, "rope_type"}, err, errlen);
     if (strcmp(type, "default") == 0) {
@@ -218,12 +213,12 @@ static int parse_rope_object(const json_t *obj, const char *scope, rlb_model_con
                               "default, llama3)",
                               type, scope);
     cfg->rope_type = RLB_ROPE_LLAMA3;
-    TRY(get_num(obj, (field){scope, "factor"}, 1, &cfg->rope_factor, err, errlen));
-    TRY(get_num(obj, (field){scope, "low_freq_factor"}, 1, &cfg->rope_low_freq_factor, err,
+    RLB_CHECK(get_num(obj, (field){scope, "factor"}, 1, &cfg->rope_factor, err, errlen));
+    RLB_CHECK(get_num(obj, (field){scope, "low_freq_factor"}, 1, &cfg->rope_low_freq_factor, err,
                 errlen));
-    TRY(get_num(obj, (field){scope, "high_freq_factor"}, 1, &cfg->rope_high_freq_factor, err,
+    RLB_CHECK(get_num(obj, (field){scope, "high_freq_factor"}, 1, &cfg->rope_high_freq_factor, err,
                 errlen));
-    TRY(get_int(obj, (field){scope, "original_max_position_embeddings"}, 1,
+    RLB_CHECK(get_int(obj, (field){scope, "original_max_position_embeddings"}, 1,
                 &cfg->rope_orig_max_pos, err, errlen));
     return 0;
 }
@@ -235,13 +230,13 @@ static int parse_rope(const json_t *root, rlb_model_config *cfg, char *err, size
 {
     double top_theta = 0;
     int have_top = get_num(root, (field){"", "rope_theta"}, 0, &top_theta, err, errlen);
-    TRY(have_top);
+    RLB_CHECK(have_top);
     json_t *params = lookup(root, "rope_parameters");
     if (params) {
         if (!json_is_object(params))
             return wrong_type((field){"", "rope_parameters"}, params, "an object", err,
                               errlen);
-        TRY(get_num(params, (field){"rope_parameters", "rope_theta"}, 1, &cfg->rope_theta,
+        RLB_CHECK(get_num(params, (field){"rope_parameters", "rope_theta"}, 1, &cfg->rope_theta,
                     err, errlen));
         if (have_top && top_theta != cfg->rope_theta)
             return rlb__model_err(err, errlen, RLB_EINVAL,
@@ -273,7 +268,7 @@ static int parse_dtype(const json_t *root, rlb_model_config *cfg, char *err, siz
     };
     const char *key = lookup(root, "dtype") ? "dtype" : "torch_dtype";
     const char *name = NULL;
-    TRY(get_str(root, (field){"", key}, &name, err, errlen));
+    RLB_CHECK(get_str(root, (field){"", key}, &name, err, errlen));
     cfg->dtype = RLB_DTYPE_F32;
     if (!name)
         return 0;
@@ -298,14 +293,14 @@ static int parse_features(const json_t *root, rlb_model_config *cfg, char *err,
                               "config.json: quantized checkpoints ('quantization_config') "
                               "are not supported");
     const char *act = NULL;
-    TRY(get_str(root, (field){"", "hidden_act"}, &act, err, errlen));
+    RLB_CHECK(get_str(root, (field){"", "hidden_act"}, &act, err, errlen));
     if (act && strcmp(act, "silu") != 0)
         return rlb__model_err(err, errlen, RLB_EUNSUPPORTED,
                               "config.json: unsupported 'hidden_act' '%s' (only silu)", act);
     if (cfg->arch == RLB_ARCH_QWEN2) {
         /* Qwen2 always has q/k/v biases and never an o bias. */
         int sliding = 0;
-        TRY(get_bool(root, (field){"", "use_sliding_window"}, &sliding, err, errlen));
+        RLB_CHECK(get_bool(root, (field){"", "use_sliding_window"}, &sliding, err, errlen));
         if (sliding)
             return rlb__model_err(err, errlen, RLB_EUNSUPPORTED,
                                   "config.json: 'use_sliding_window' true is not supported");
@@ -317,7 +312,7 @@ static int parse_features(const json_t *root, rlb_model_config *cfg, char *err,
     static const char *const llama_biases[] = {"attention_bias", "mlp_bias"};
     for (size_t i = 0; i < sizeof(llama_biases) / sizeof(llama_biases[0]); i++) {
         int on = 0;
-        TRY(get_bool(root, (field){"", llama_biases[i]}, &on, err, errlen));
+        RLB_CHECK(get_bool(root, (field){"", llama_biases[i]}, &on, err, errlen));
         if (on)
             return rlb__model_err(err, errlen, RLB_EUNSUPPORTED,
                                   "config.json: Llama with '%s' true is not supported",
@@ -341,12 +336,12 @@ static int parse_sizes(const json_t *root, rlb_model_config *cfg, char *err, siz
         {"max_position_embeddings", &cfg->max_pos},
     };
     for (size_t i = 0; i < sizeof(required) / sizeof(required[0]); i++)
-        TRY(get_int(root, (field){"", required[i].key}, 1, required[i].out, err, errlen));
-    TRY(get_num(root, (field){"", "rms_norm_eps"}, 1, &cfg->rms_eps, err, errlen));
+        RLB_CHECK(get_int(root, (field){"", required[i].key}, 1, required[i].out, err, errlen));
+    RLB_CHECK(get_num(root, (field){"", "rms_norm_eps"}, 1, &cfg->rms_eps, err, errlen));
     cfg->n_kv_heads = cfg->n_heads;
-    TRY(get_int(root, (field){"", "num_key_value_heads"}, 0, &cfg->n_kv_heads, err, errlen));
+    RLB_CHECK(get_int(root, (field){"", "num_key_value_heads"}, 0, &cfg->n_kv_heads, err, errlen));
     int have_hd = get_int(root, (field){"", "head_dim"}, 0, &cfg->head_dim, err, errlen);
-    TRY(have_hd);
+    RLB_CHECK(have_hd);
     /* Without num_attention_heads >= 1 there is no default; validation names that field. */
     if (!have_hd && cfg->n_heads >= 1) {
         if (cfg->hidden % cfg->n_heads)
@@ -357,7 +352,7 @@ static int parse_sizes(const json_t *root, rlb_model_config *cfg, char *err, siz
         cfg->head_dim = cfg->hidden / cfg->n_heads;
     }
     cfg->tie_embeddings = 0;
-    TRY(get_bool(root, (field){"", "tie_word_embeddings"}, &cfg->tie_embeddings, err,
+    RLB_CHECK(get_bool(root, (field){"", "tie_word_embeddings"}, &cfg->tie_embeddings, err,
                  errlen));
     return 0;
 }
@@ -370,11 +365,11 @@ static int parse_root(const json_t *root, rlb_model_config *cfg, char *err, size
                               "config.json: the document must be a JSON object, not %s",
                               json_type_name(root));
     *cfg = (rlb_model_config){.rope_theta = 10000.0, .rope_type = RLB_ROPE_DEFAULT};
-    TRY(parse_arch(root, cfg, err, errlen));
-    TRY(parse_features(root, cfg, err, errlen));
-    TRY(parse_sizes(root, cfg, err, errlen));
-    TRY(parse_rope(root, cfg, err, errlen));
-    TRY(parse_dtype(root, cfg, err, errlen));
+    RLB_CHECK(parse_arch(root, cfg, err, errlen));
+    RLB_CHECK(parse_features(root, cfg, err, errlen));
+    RLB_CHECK(parse_sizes(root, cfg, err, errlen));
+    RLB_CHECK(parse_rope(root, cfg, err, errlen));
+    RLB_CHECK(parse_dtype(root, cfg, err, errlen));
     return rlb__config_validate(cfg, err, errlen);
 }
 
@@ -452,7 +447,7 @@ int rlb__config_validate(const rlb_model_config *cfg, char *err, size_t errlen)
         {"max_position_embeddings", cfg->max_pos},
     };
     for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++)
-        TRY(check_dim(dims[i].name, dims[i].v, err, errlen));
+        RLB_CHECK(check_dim(dims[i].name, dims[i].v, err, errlen));
     if (cfg->n_heads % cfg->n_kv_heads)
         return rlb__model_err(err, errlen, RLB_EINVAL,
                               "config: 'num_attention_heads' %lld is not a multiple of "
@@ -462,12 +457,12 @@ int rlb__config_validate(const rlb_model_config *cfg, char *err, size_t errlen)
         return rlb__model_err(err, errlen, RLB_EINVAL,
                               "config: 'head_dim' %lld must be even (RoPE rotates pairs)",
                               (long long)cfg->head_dim);
-    TRY(check_positive("rms_norm_eps", cfg->rms_eps, err, errlen));
-    TRY(check_positive("rope_theta", cfg->rope_theta, err, errlen));
+    RLB_CHECK(check_positive("rms_norm_eps", cfg->rms_eps, err, errlen));
+    RLB_CHECK(check_positive("rope_theta", cfg->rope_theta, err, errlen));
     if (cfg->rope_type == RLB_ROPE_LLAMA3) {
-        TRY(check_positive("rope factor", cfg->rope_factor, err, errlen));
-        TRY(check_positive("rope low_freq_factor", cfg->rope_low_freq_factor, err, errlen));
-        TRY(check_dim("rope original_max_position_embeddings", cfg->rope_orig_max_pos, err,
+        RLB_CHECK(check_positive("rope factor", cfg->rope_factor, err, errlen));
+        RLB_CHECK(check_positive("rope low_freq_factor", cfg->rope_low_freq_factor, err, errlen));
+        RLB_CHECK(check_dim("rope original_max_position_embeddings", cfg->rope_orig_max_pos, err,
                       errlen));
         /* The llama3 ramp divides by (high - low); equal factors make it 0/0. */
         if (!(cfg->rope_high_freq_factor > cfg->rope_low_freq_factor) ||
