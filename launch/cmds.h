@@ -1,0 +1,17 @@
+/* cmds.h: the subcommands of the `rlb` command, one X(...) line each.
+ *
+ * X(name, summary): `rlb name ...` calls `int rlb__cmd_name(int argc, char **argv)`, defined
+ * in launch/cmd_name.c, with argv[0] = "name". It returns the process exit status: 0 on
+ * success, 1 on a runtime failure, 2 on bad usage. To add a command, append one line here
+ * and add its file.
+ */
+#ifndef RLB_LAUNCH_CMDS_H
+#define RLB_LAUNCH_CMDS_H
+
+#define RLB_COMMANDS(X)
+
+#define RLB_DECLARE_CMD(name, summary) int rlb__cmd_##name(int argc, char **argv);
+RLB_COMMANDS(RLB_DECLARE_CMD)
+#undef RLB_DECLARE_CMD
+
+#endif /* RLB_LAUNCH_CMDS_H */
