@@ -1,20 +1,7 @@
 /* tp_layout.c: offsets and shapes of one TP rank's local tensors (DESIGN §4). */
 #include "model/tp_layout.h"
 
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
-
-static int fail(char *err, size_t errlen, int code, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
 
 int64_t rlb__tp_vocab_padded(int64_t vocab)
 {
@@ -23,28 +10,31 @@ int64_t rlb__tp_vocab_padded(int64_t vocab)
 
 int rlb__tp_check(const rlb_model_config *cfg, int T, char *err, size_t errlen)
 {
+    int rc = rlb__config_validate(cfg, err, errlen);
+    if (rc)
+        return rc;
     if (T < 1)
-        return fail(err, errlen, RLB_EUNSUPPORTED, "TP size %d must be >= 1", T);
+        return rlb__model_err(err, errlen, RLB_EUNSUPPORTED, "TP size %d must be >= 1", T);
     if (cfg->n_heads % T)
-        return fail(err, errlen, RLB_EUNSUPPORTED,
-                    "TP size %d does not divide num_attention_heads %lld", T,
-                    (long long)cfg->n_heads);
+        return rlb__model_err(err, errlen, RLB_EUNSUPPORTED,
+                              "TP size %d does not divide num_attention_heads %lld", T,
+                              (long long)cfg->n_heads);
     if (cfg->intermediate % T)
-        return fail(err, errlen, RLB_EUNSUPPORTED,
-                    "TP size %d does not divide intermediate_size %lld", T,
-                    (long long)cfg->intermediate);
+        return rlb__model_err(err, errlen, RLB_EUNSUPPORTED,
+                              "TP size %d does not divide intermediate_size %lld", T,
+                              (long long)cfg->intermediate);
     if (cfg->n_kv_heads % T && T % cfg->n_kv_heads)
-        return fail(err, errlen, RLB_EUNSUPPORTED,
-                    "TP size %d and num_key_value_heads %lld: neither divides the other", T,
-                    (long long)cfg->n_kv_heads);
+        return rlb__model_err(err, errlen, RLB_EUNSUPPORTED,
+                              "TP size %d and num_key_value_heads %lld: neither divides the other",
+                              T, (long long)cfg->n_kv_heads);
     if (rlb__tp_vocab_padded(cfg->vocab) % T)
-        return fail(err, errlen, RLB_EUNSUPPORTED,
-                    "TP size %d does not divide the padded vocabulary %lld", T,
-                    (long long)rlb__tp_vocab_padded(cfg->vocab));
+        return rlb__model_err(err, errlen, RLB_EUNSUPPORTED,
+                              "TP size %d does not divide the padded vocabulary %lld", T,
+                              (long long)rlb__tp_vocab_padded(cfg->vocab));
     return 0;
 }
 
-static int add_tensor(rlb_tp_layout *l, rlb_wkind kind, int layer, int64_t rows, int64_t cols)
+static void add_tensor(rlb_tp_layout *l, rlb_wkind kind, int layer, int64_t rows, int64_t cols)
 {
     size_t esz = rlb_dtype_size(l->dtype);
     rlb_local_tensor *t = &l->tensors[l->n_tensors];
@@ -57,7 +47,6 @@ static int add_tensor(rlb_tp_layout *l, rlb_wkind kind, int layer, int64_t rows,
     l->total_bytes = t->offset + t->bytes;
     l->index[(layer + 1) * RLB_W_KIND_COUNT_ + kind] = (int32_t)l->n_tensors;
     l->n_tensors++;
-    return 0;
 }
 
 int rlb__tp_layout_init(rlb_tp_layout *l, const rlb_model_config *cfg, int T, int t,

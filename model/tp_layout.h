@@ -63,8 +63,9 @@ typedef struct rlb_tp_layout {
 } rlb_tp_layout;
 
 /* Checks that T is a valid TP size for the model: H%T==0, I%T==0, KV%T==0 or T%KV==0,
- * and Vp%T==0 (as vLLM requires).
- * Returns 0 or RLB_EUNSUPPORTED with `err` saying which rule fails (`err` may be NULL). */
+ * and Vp%T==0 (as vLLM requires). Returns 0, RLB_EINVAL (the config itself fails
+ * rlb__config_validate) or RLB_EUNSUPPORTED, with `err` saying which rule fails (`err` may
+ * be NULL). */
 int rlb__tp_check(const rlb_model_config *cfg, int tp_size, char *err, size_t errlen);
 /* Builds the layout of rank t of T for a buffer of `dtype` elements. Returns 0,
  * RLB_EUNSUPPORTED (bad T), RLB_EINVAL (bad config or rank) or RLB_ENOMEM. */
