@@ -19,9 +19,10 @@
 
 #include "model/plan.h"
 
-/* Executes `plan`. `threads` <= 0 takes the RLB_THREADS knob (0 there = online cores).
- * Returns 0, RLB_EINVAL (an op outside its buffers, a NULL buffer; `err` names the op),
- * RLB_ENOMEM or RLB_EIO (a thread could not start). `err` may be NULL. */
+/* Executes `plan`. `threads` <= 0 takes the RLB_THREADS knob (0 there = online cores); a
+ * thread that cannot start leaves its share to the others. Returns 0, RLB_EINVAL (an op
+ * outside its buffers, a NULL buffer; `err` names the op) or RLB_ENOMEM. `err` may be
+ * NULL. */
 int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint64_t *src_len,
                        void *const *dst, const uint64_t *dst_len, int threads, char *err,
                        size_t errlen);

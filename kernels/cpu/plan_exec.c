@@ -1,0 +1,222 @@
+/* plan_exec.c: the CPU reshard executor (see plan_exec.h).
+ *
+ * The ops are cut into work items of about `grain` destination bytes (an op's rows, or
+ * the elements of a one-row op, in slices) before any thread starts; threads then claim
+ * items through one shared counter until none are left. Items write disjoint destination
+ * bytes because the plan's ops do, so threads need no other synchronization: thread
+ * creation publishes the item list and join publishes the written bytes.
+ *
+ * Conversions go through a small f32 block: src elements -> f32 (exact for bf16 / f16),
+ * then f32 -> dst with the round-to-nearest-even of convert.h, one rounding in all. Loads
+ * and stores use memcpy because source offsets need not be aligned.
+ */
+#include "kernels/cpu/plan_exec.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/atomics.h"
+#include "common/env.h"
+#include "common/log.h"
+#include "kernels/cpu/convert.h"
+#include "model/config.h"
+
+#define MAX_THREADS 64
+#define MIN_GRAIN (1u << 20)  /* bytes: below this, splitting costs more than it wins */
+#define ITEMS_PER_THREAD 8    /* slices per thread, so uneven ops still balance */
+#define BLOCK 256             /* elements converted per f32 staging block */
+
+typedef struct work_item {
+    uint64_t op;    /* index into plan->ops */
+    uint64_t row0;  /* first row of the op this item does */
+    uint64_t rows;  /* rows it does */
+    uint64_t elem0; /* first element within each row */
+    uint64_t elems; /* elements per row it does */
+} work_item;
+
+typedef struct exec_ctx {
+    const rlb_plan *plan;    /* the plan being run */
+    const void *const *src;  /* [n_src] source bases */
+    void *const *dst;        /* [n_dst] destination bases */
+    const work_item *items;  /* all items, built before the threads start */
+    uint64_t n_items;        /* entries in items[] */
+    uint64_t next;           /* next unclaimed item; claimed with rlb_fetch_add */
+} exec_ctx;
+
+static void to_f32(float *out, const uint8_t *s, uint64_t n, uint8_t dtype)
+{
+    uint16_t h;
+    switch (dtype) {
+    case RLB_DTYPE_F32:
+        memcpy(out, s, n * 4);
+        break;
+    case RLB_DTYPE_BF16:
+        for (uint64_t i = 0; i < n; i++) {
+            memcpy(&h, s + 2 * i, 2);
+            out[i] = rlb__bf16_to_f32(h);
+        }
+        break;
+    default: /* F16: the only other dtype rlb__plan_check_op lets through */
+        for (uint64_t i = 0; i < n; i++) {
+            memcpy(&h, s + 2 * i, 2);
+            out[i] = rlb__f16_to_f32(h);
+        }
+        break;
+    }
+}
+
+static void from_f32(uint8_t *d, const float *in, uint64_t n, uint8_t dtype)
+{
+    uint16_t h;
+    switch (dtype) {
+    case RLB_DTYPE_F32:
+        memcpy(d, in, n * 4);
+        break;
+    case RLB_DTYPE_BF16:
+        for (uint64_t i = 0; i < n; i++) {
+            h = rlb__f32_to_bf16(in[i]);
+            memcpy(d + 2 * i, &h, 2);
+        }
+        break;
+    default:
+        for (uint64_t i = 0; i < n; i++) {
+            h = rlb__f32_to_f16(in[i]);
+            memcpy(d + 2 * i, &h, 2);
+        }
+        break;
+    }
+}
+
+static void run_item(const exec_ctx *c, const work_item *w)
+{
+    const rlb_copy_op *op = &c->plan->ops[w->op];
+    uint64_t des = rlb_dtype_size((rlb_dtype)op->dst_dtype);
+    uint8_t *d = (uint8_t *)c->dst[op->dst_ref] + op->dst_offset + w->row0 * op->dst_stride +
+                 w->elem0 * des;
+    if (op->src_ref == RLB_PLAN_ZERO_SRC) {
+        for (uint64_t r = 0; r < w->rows; r++)
+            memset(d + r * op->dst_stride, 0, w->elems * des);
+        return;
+    }
+    uint64_t ses = rlb_dtype_size((rlb_dtype)op->src_dtype);
+    const uint8_t *s = (const uint8_t *)c->src[op->src_ref] + op->src_offset +
+                       w->row0 * op->src_stride + w->elem0 * ses;
+    for (uint64_t r = 0; r < w->rows; r++) {
+        const uint8_t *sr = s + r * op->src_stride;
+        uint8_t *dr = d + r * op->dst_stride;
+        if (op->src_dtype == op->dst_dtype) {
+            memcpy(dr, sr, w->elems * des);
+            continue;
+        }
+        float block[BLOCK];
+        for (uint64_t e = 0; e < w->elems; e += BLOCK) {
+            uint64_t n = w->elems - e < BLOCK ? w->elems - e : BLOCK;
+            to_f32(block, sr + e * ses, n, op->src_dtype);
+            from_f32(dr + e * des, block, n, op->dst_dtype);
+        }
+    }
+}
+
+static void *worker(void *arg)
+{
+    exec_ctx *c = arg;
+    for (;;) {
+        uint64_t i = rlb_fetch_add(&c->next, 1);
+        if (i >= c->n_items)
+            return NULL;
+        run_item(c, &c->items[i]);
+    }
+}
+
+/* Cuts the plan into items of about `grain` destination bytes. With items == NULL only
+ * counts them. Returns the number of items. */
+static uint64_t split(const rlb_plan *plan, uint64_t grain, work_item *items)
+{
+    uint64_t n = 0;
+    for (uint64_t i = 0; i < plan->n_ops; i++) {
+        const rlb_copy_op *op = &plan->ops[i];
+        uint64_t des = rlb_dtype_size((rlb_dtype)op->dst_dtype);
+        uint64_t row_bytes = op->row_elems * des;
+        if (op->rows > 1) {
+            uint64_t step = grain / row_bytes ? grain / row_bytes : 1; /* rows per item */
+            for (uint64_t r = 0; r < op->rows; r += step, n++)
+                if (items)
+                    items[n] = (work_item){i, r, op->rows - r < step ? op->rows - r : step, 0,
+                                           op->row_elems};
+        } else {
+            uint64_t step = grain / des; /* elements per item */
+            for (uint64_t e = 0; e < op->row_elems; e += step, n++)
+                if (items)
+                    items[n] = (work_item){i, 0, 1, e,
+                                           op->row_elems - e < step ? op->row_elems - e : step};
+        }
+    }
+    return n;
+}
+
+static int thread_count(int threads)
+{
+    long long n = threads > 0 ? threads : rlb__env_int(RLB_KNOB_THREADS);
+    if (n <= 0)
+        n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : (int)n;
+}
+
+static int check_bindings(const rlb_plan *plan, const void *const *src, const uint64_t *src_len,
+                          void *const *dst, const uint64_t *dst_len, char *err, size_t errlen)
+{
+    if (!plan || (plan->n_ops && !plan->ops) || (plan->n_src && (!src || !src_len)) ||
+        !dst || !dst_len)
+        return rlb__model_err(err, errlen, RLB_EINVAL, "plan exec: NULL plan or buffer table");
+    for (uint32_t i = 0; i < plan->n_src; i++)
+        if (!src[i] && src_len[i])
+            return rlb__model_err(err, errlen, RLB_EINVAL, "plan exec: source %u is NULL", i);
+    for (uint32_t d = 0; d < plan->n_dst; d++)
+        if (!dst[d] && dst_len[d])
+            return rlb__model_err(err, errlen, RLB_EINVAL, "plan exec: destination %u is NULL",
+                                  d);
+    for (uint64_t i = 0; i < plan->n_ops; i++) {
+        int rc = rlb__plan_check_op(&plan->ops[i], i, plan->n_src, src_len, plan->n_dst,
+                                    dst_len, err, errlen);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint64_t *src_len,
+                       void *const *dst, const uint64_t *dst_len, int threads, char *err,
+                       size_t errlen)
+{
+    int rc = check_bindings(plan, src, src_len, dst, dst_len, err, errlen);
+    if (rc)
+        return rc;
+    int n_threads = thread_count(threads);
+    uint64_t grain = plan->bytes_written / ((uint64_t)n_threads * ITEMS_PER_THREAD);
+    grain = grain < MIN_GRAIN ? MIN_GRAIN : grain;
+    exec_ctx c = {.plan = plan, .src = src, .dst = dst, .n_items = split(plan, grain, NULL)};
+    work_item *items = malloc((size_t)c.n_items * sizeof *items + 1);
+    if (!items)
+        return rlb__model_err(err, errlen, RLB_ENOMEM, "plan exec: out of memory");
+    split(plan, grain, items);
+    c.items = items;
+    if ((uint64_t)n_threads > c.n_items)
+        n_threads = c.n_items ? (int)c.n_items : 1;
+
+    pthread_t tid[MAX_THREADS];
+    int started = 0;
+    for (; started < n_threads - 1; started++)
+        if (pthread_create(&tid[started], NULL, worker, &c) != 0) {
+            /* Fewer helpers only means slower: this thread does the rest. */
+            RLB_LOG_WARN(RLB_SUB_PLAN, "plan exec: could only start %d of %d threads", started,
+                         n_threads - 1);
+            break;
+        }
+    worker(&c);
+    for (int i = 0; i < started; i++)
+        pthread_join(tid[i], NULL);
+    free(items);
+    return 0;
+}
