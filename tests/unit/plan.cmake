@@ -1,0 +1,5 @@
+# Reshard planner, source layouts, parameter list, plan executor and dtype conversion.
+rlb_add_test(NAME test_convert SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_convert.c
+             LIBS rlb_kernels_cpu m LABELS unit)
+rlb_add_test(NAME test_plan SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_plan.c
+             LIBS rlb_kernels_cpu m LABELS unit)
