@@ -76,6 +76,291 @@ typedef enum rlb_device {
     RLB_DEVICE_CUDA = 2
 } rlb_device;
 
+/* ======================================================================================
+ * The client API (librlb): a trainer rank, or a tool, talking to the node's rlb-bridge.
+ *
+ * A trainer rank connects, allocates its parameter storage with rlb_alloc_host (shared
+ * memory the bridge maps too, so a sync reads the trainer's bytes in place: zero copy),
+ * registers its tensors once, and then, every step, calls rlb_publish(version) after its
+ * optimizer step and rlb_generate(...) for rollouts. While a publish is in flight the
+ * registered memory must not change; rlb_publish returns once the bridge answered.
+ *
+ * Thread safety: a client is internally locked. Every function taking an rlb_client may be
+ * called from any number of threads at once (for example one thread blocked in
+ * rlb_generate_wait while another publishes); calls are serialized where they touch the
+ * connection, and waiting threads share the receiving side fairly. rlb_close must be the
+ * last call on a client and must not race with other calls on it. A result object
+ * (rlb_result, rlb_stat_list) belongs to whoever received it and is not locked.
+ *
+ * Structs passed in carry a struct_size field: set it with the matching *_init function
+ * (or the RLB_*_INIT initializer), so a program compiled against this header keeps
+ * working with a later library that appended fields. A struct_size smaller than the first
+ * version of a struct, or larger than this library knows, is refused with RLB_EVERSION.
+ *
+ * Every function returns 0 (or a count where its comment says so) or a negative RLB_E*
+ * code; rlb_last_error() then holds a sentence on what went wrong. Nothing here exits or
+ * prints.
+ * ====================================================================================== */
+
+#define RLB_MAX_DIMS 8                 /* dimensions of a tensor shape */
+#define RLB_SOCKET_DEFAULT "bridge"    /* the bridge's socket name in the socket directory */
+#define RLB_CONNECT_TIMEOUT_MS 5000    /* default bound on connecting and the hello */
+#define RLB_REQUEST_TIMEOUT_MS 600000  /* default bound on a publish or stats round trip */
+
+typedef struct rlb_client rlb_client;
+
+typedef struct rlb_client_options {
+    size_t struct_size;     /* sizeof(rlb_client_options) as the caller compiled it */
+    const char *socket;     /* bridge socket: a path (contains '/') or a name in the socket
+                               directory (RLB_SOCKET_DIR); NULL = RLB_SOCKET_DEFAULT */
+    int connect_timeout_ms; /* bound on connect + hello/welcome; 0 = RLB_CONNECT_TIMEOUT_MS */
+    int request_timeout_ms; /* bound on publish, register and stats waits; 0 =
+                               RLB_REQUEST_TIMEOUT_MS (a dead bridge is noticed at once
+                               whatever the bound: the socket reports it) */
+    uint32_t rank;          /* this trainer's rank, < world */
+    uint32_t world;         /* trainer ranks that publish together; 0 is taken as 1 */
+    int observer;           /* 1: connect as a tool (generate and stats only, never counted
+                               as a trainer rank, cannot register or publish); 0: trainer */
+} rlb_client_options;
+
+#define RLB_CLIENT_OPTIONS_INIT {sizeof(rlb_client_options), NULL, 0, 0, 0, 1, 0}
+/* Fills *opts with the defaults above (struct_size set). */
+RLB_API void rlb_client_options_init(rlb_client_options *opts);
+
+/* Connects to the bridge and says hello. Returns 0 with *out set, or RLB_EINVAL (bad
+ * options), RLB_EVERSION (struct_size, or the bridge speaks another ABI), RLB_ENOTFOUND (no
+ * bridge listens there), RLB_EPERM, RLB_ETIMEDOUT, RLB_EPEERDEAD, RLB_EPROTO, RLB_ENOMEM or
+ * RLB_EIO; rlb_last_error(NULL) then says why, in the calling thread. */
+RLB_API int rlb_connect(const rlb_client_options *opts, rlb_client **out);
+
+/* Closes the connection, unmaps every rlb_alloc_host allocation (pointers into them become
+ * invalid), drops pending tickets and frees the client. The bridge forgets this client's
+ * registrations. NULL is a no-op. */
+RLB_API void rlb_close(rlb_client *client);
+
+/* The text of the calling thread's last failure on `client` (or, for client NULL, of its
+ * last rlb_connect): copied into a buffer of the calling thread, valid until its next
+ * rlb_last_error call. "" when nothing failed. */
+RLB_API const char *rlb_last_error(rlb_client *client);
+
+/* ---- Host memory ----------------------------------------------------------------------- */
+
+/* Allocates `bytes` (> 0) of zeroed shared memory, page aligned, that the bridge can read in
+ * place: use it as the storage of the parameters you register. Returns 0 with *ptr set,
+ * RLB_EINVAL, RLB_ENOMEM (not enough shared memory: /dev/shm too small, see `rlb doctor`),
+ * RLB_EPEERDEAD or RLB_EIO. */
+RLB_API int rlb_alloc_host(rlb_client *client, size_t bytes, void **ptr);
+
+/* Frees memory from rlb_alloc_host (ptr must be what it returned; NULL is a no-op returning
+ * 0). Returns 0, RLB_EINVAL (not an allocation of this client) or RLB_EEXIST (tensors are
+ * still registered in it: unregister them first). */
+RLB_API int rlb_free_host(rlb_client *client, void *ptr);
+
+/* ---- Registering tensors --------------------------------------------------------------- */
+
+/* How this rank's bytes relate to the global tensor (DESIGN §4). */
+typedef enum rlb_tensor_layout {
+    RLB_TENSOR_FULL = 0,  /* the whole tensor */
+    RLB_TENSOR_FSDP1 = 1, /* this rank's 1/world chunk of an FSDP1 FlatParameter */
+    RLB_TENSOR_FSDP2 = 2  /* this rank's rows of a DTensor Shard(0): rows
+                             [rank*c, rank*c + n), c = ceil(d0/world), contiguous */
+} rlb_tensor_layout;
+
+/* One entry of an FSDP1 FlatParameter, in flat order (PyTorch's _fqns, _shapes,
+ * _numels_with_padding and _is_padding_mask, merged). */
+typedef struct rlb_fsdp1_entry {
+    const char *name;              /* parameter name; NULL for padding */
+    uint32_t ndim;                 /* dimensions of shape; 0 for padding */
+    uint64_t shape[RLB_MAX_DIMS];  /* the parameter's shape */
+    uint64_t numel;                /* elements it occupies in the flat buffer (> 0) */
+    int padding;                   /* 1: alignment padding, not a parameter */
+} rlb_fsdp1_entry;
+
+typedef struct rlb_tensor_desc {
+    size_t struct_size;           /* sizeof(rlb_tensor_desc) as the caller compiled it */
+    const char *name;             /* HF parameter name; for FSDP1 the FlatParameter's name */
+    rlb_dtype dtype;              /* element type in memory (F32, BF16 or F16) */
+    uint32_t ndim;                /* dimensions of shape, 1..RLB_MAX_DIMS */
+    uint64_t shape[RLB_MAX_DIMS]; /* GLOBAL shape; FSDP1: [padded total elements] */
+    rlb_tensor_layout layout;     /* how `data` relates to the global tensor */
+    uint32_t shard_rank;          /* FSDP1 / FSDP2: this rank's index in the FSDP group */
+    uint32_t shard_world;         /* FSDP1 / FSDP2: FSDP group size (>= 1) */
+    uint32_t unit;                /* FSDP1: the FlatParameter's index (unit id) */
+    uint32_t align;               /* FSDP1: parameter starts are multiples of this many
+                                     elements (use_orig_params); 0 or 1 = none */
+    uint32_t n_entries;           /* FSDP1: entries of the FlatParameter */
+    const rlb_fsdp1_entry *entries; /* FSDP1: [n_entries], in flat order */
+    const void *data;             /* this rank's bytes, inside memory from rlb_alloc_host:
+                                     FULL numel, FSDP2 n*d1*.. , FSDP1 total/world elements */
+} rlb_tensor_desc;
+
+#define RLB_TENSOR_DESC_INIT {sizeof(rlb_tensor_desc), NULL, RLB_DTYPE_F32, 0, {0}, \
+                              RLB_TENSOR_FULL, 0, 1, 0, 0, 0, NULL, NULL}
+RLB_API void rlb_tensor_desc_init(rlb_tensor_desc *desc);
+
+/* Bytes this rank holds for `desc` (what `data` must provide), into *bytes. Returns 0,
+ * RLB_EVERSION or RLB_EINVAL / RLB_EDTYPE / RLB_ESHAPE naming the field. Needs no client. */
+RLB_API int rlb_tensor_bytes(const rlb_tensor_desc *desc, uint64_t *bytes);
+
+/* Registers n (>= 1) tensors as one batch: array elements are tensors[0].struct_size bytes
+ * apart, all with that struct_size. Each tensor's bytes must lie inside one rlb_alloc_host
+ * allocation (the library finds which, and the offset). Names are unique per client.
+ * Returns 0 once the bridge accepted the batch, or RLB_EINVAL / RLB_EDTYPE / RLB_ESHAPE
+ * (checked here, nothing sent), RLB_EEXIST (name already registered), an error the bridge
+ * answered (RLB_ESHAPE, RLB_ENOTFOUND, ...: rlb_last_error has its text), RLB_ETIMEDOUT,
+ * RLB_EPEERDEAD. Observers get RLB_EPERM. */
+RLB_API int rlb_register(rlb_client *client, const rlb_tensor_desc *tensors, size_t n);
+
+/* Forgets the named tensors (n == 0: every tensor of this client). Returns 0, RLB_ENOTFOUND
+ * (a name is not registered: nothing is unregistered), or a bridge / connection error. */
+RLB_API int rlb_unregister(rlb_client *client, const char *const *names, size_t n);
+
+/* ---- Publishing weights ---------------------------------------------------------------- */
+
+typedef struct rlb_sync_stats {
+    size_t struct_size; /* sizeof(rlb_sync_stats) as the caller compiled it */
+    uint64_t version;   /* the committed version */
+    uint64_t bytes;     /* bytes written into the workers' weight buffers */
+    double ms;          /* from the last rank's publish to the commit */
+    double gbps;        /* bytes / ms, in GB/s */
+} rlb_sync_stats;
+
+/* Says this rank's registered tensors hold weight version `version` (>= 1, larger than the
+ * last committed one) and blocks until the bridge committed it (returns 0 and, when stats
+ * is non-NULL with struct_size set, fills it) or gave it up (returns RLB_EABORTED, or the
+ * code of the bridge's refusal, with the reason in rlb_last_error). Other errors:
+ * RLB_EINVAL, RLB_EPERM (observer), RLB_ETIMEDOUT (request_timeout_ms ran out; the version
+ * may still commit later), RLB_EPEERDEAD. */
+RLB_API int rlb_publish(rlb_client *client, uint64_t version, rlb_sync_stats *stats);
+
+/* The newest weight version the bridge reported committed (0 = none yet). */
+RLB_API uint64_t rlb_weight_version(rlb_client *client);
+
+/* ---- Generation ------------------------------------------------------------------------ */
+
+/* Sampling parameters, named as vLLM's SamplingParams. */
+typedef struct rlb_sampling_params {
+    size_t struct_size;            /* sizeof(rlb_sampling_params) as the caller compiled it */
+    uint32_t n;                    /* samples per prompt, >= 1 (default 1) */
+    float temperature;             /* >= 0; 0 = greedy (default 1.0) */
+    float top_p;                   /* nucleus mass in (0, 1] (default 1.0) */
+    int32_t top_k;                 /* keep the k likeliest tokens; -1 or 0 = all (default -1) */
+    int64_t seed;                  /* >= 0: noise key (reproducible); -1 = a fresh random seed
+                                      per request (default -1) */
+    uint32_t max_tokens;           /* tokens to generate per sample, >= 1 (default 16) */
+    const int32_t *stop_token_ids; /* tokens that end a sample (kept in the output) */
+    uint32_t n_stop_token_ids;     /* entries of stop_token_ids */
+    int32_t logprobs;              /* -1 = none (default); 0 = the sampled token's logprob
+                                      (log_softmax(logits / temperature)); > 0 (top
+                                      alternatives) is refused with RLB_EUNSUPPORTED */
+} rlb_sampling_params;
+
+#define RLB_SAMPLING_PARAMS_INIT {sizeof(rlb_sampling_params), 1, 1.0f, 1.0f, -1, -1, 16, \
+                                  NULL, 0, -1}
+RLB_API void rlb_sampling_params_init(rlb_sampling_params *params);
+
+typedef struct rlb_prompt {
+    const int32_t *tokens; /* prompt token ids (no tokenizer here) */
+    uint32_t n_tokens;     /* >= 1 */
+} rlb_prompt;
+
+typedef struct rlb_generate_request {
+    size_t struct_size;                  /* sizeof(rlb_generate_request) as compiled */
+    const rlb_prompt *prompts;           /* [n_prompts] */
+    uint32_t n_prompts;                  /* >= 1 */
+    const rlb_sampling_params *sampling; /* NULL = the defaults above */
+    uint64_t min_weight_version;         /* serve only with weights at least this new */
+} rlb_generate_request;
+
+#define RLB_GENERATE_REQUEST_INIT {sizeof(rlb_generate_request), NULL, 0, NULL, 0}
+RLB_API void rlb_generate_request_init(rlb_generate_request *req);
+
+typedef enum rlb_finish_reason {
+    RLB_REASON_STOP = 0,   /* sampled a stop token (it is the last token) */
+    RLB_REASON_LENGTH = 1, /* reached max_tokens */
+    RLB_REASON_ABORT = 2   /* cancelled by the bridge (shutdown, failed sync, error) */
+} rlb_finish_reason;
+
+/* "stop", "length", "abort", or "?" outside the enum (vLLM's finish_reason strings). */
+RLB_API const char *rlb_finish_reason_name(rlb_finish_reason reason);
+
+/* One completion. Arrays are owned by the rlb_result it came from. */
+typedef struct rlb_sample {
+    uint32_t prompt;          /* index of its prompt in the request */
+    uint32_t index;           /* which of the prompt's n samples */
+    const int32_t *tokens;    /* generated token ids (prompt not included) */
+    uint32_t n_tokens;        /* entries of tokens */
+    const float *logprobs;    /* [n_tokens] logprob of each sampled token, or NULL when not
+                                 requested */
+    rlb_finish_reason finish; /* why it ended */
+    uint64_t weight_version;  /* the weights every one of its tokens was sampled with */
+} rlb_sample;
+
+typedef struct rlb_result rlb_result;
+
+/* Samples in a result: n_prompts * n, ordered prompt-major (sample i is prompt i / n,
+ * index i % n). */
+RLB_API size_t rlb_result_num_samples(const rlb_result *result);
+/* Sample i, or NULL when i is out of range. Valid until rlb_result_free. */
+RLB_API const rlb_sample *rlb_result_sample(const rlb_result *result, size_t i);
+/* Frees a result and every array in it. NULL is a no-op. */
+RLB_API void rlb_result_free(rlb_result *result);
+
+/* A submitted request; 0 is never a valid ticket. */
+typedef uint64_t rlb_ticket;
+
+/* Sends a request without waiting. Returns 0 with *ticket set, or RLB_EINVAL /
+ * RLB_EUNSUPPORTED / RLB_EVERSION (checked here, nothing sent), RLB_ETIMEDOUT (no room in
+ * the ring in time), RLB_EPEERDEAD. */
+RLB_API int rlb_generate_submit(rlb_client *client, const rlb_generate_request *req,
+                                rlb_ticket *ticket);
+/* Takes whatever arrived without blocking. Returns 0 with *out set once the request is
+ * complete (the ticket is then spent), RLB_EAGAIN while it is not, RLB_ENOTFOUND for an
+ * unknown or spent ticket, or the request's failure (RLB_ESTALE, RLB_ESHUTDOWN,
+ * RLB_EPEERDEAD, ...: the ticket is spent, rlb_last_error has the bridge's text). */
+RLB_API int rlb_generate_poll(rlb_client *client, rlb_ticket ticket, rlb_result **out);
+/* Like poll but blocks up to timeout_ms (< 0: no bound beyond the bridge's liveness) for
+ * completion. RLB_ETIMEDOUT leaves the ticket pending. */
+RLB_API int rlb_generate_wait(rlb_client *client, rlb_ticket ticket, int timeout_ms,
+                              rlb_result **out);
+/* submit + wait. */
+RLB_API int rlb_generate(rlb_client *client, const rlb_generate_request *req, int timeout_ms,
+                         rlb_result **out);
+
+/* ---- Statistics ------------------------------------------------------------------------ */
+
+/* What this client did, counted locally (no round trip). */
+typedef struct rlb_client_stats {
+    size_t struct_size;        /* sizeof(rlb_client_stats) as the caller compiled it */
+    uint64_t weight_version;   /* newest committed version seen */
+    uint64_t publishes;        /* rlb_publish calls that reached the bridge */
+    uint64_t synced;           /* ... of which committed */
+    uint64_t aborted;          /* ... of which aborted */
+    uint64_t bytes_synced;     /* sum of rlb_sync_stats.bytes */
+    double sync_ms;            /* sum of rlb_sync_stats.ms */
+    uint64_t requests;         /* generate requests completed */
+    uint64_t samples;          /* samples received */
+    uint64_t tokens;           /* tokens received */
+    uint64_t host_bytes;       /* bytes allocated with rlb_alloc_host, now */
+    uint64_t tensors;          /* tensors registered, now */
+} rlb_client_stats;
+
+/* Fills *stats (struct_size set by the caller). Returns 0 or RLB_EINVAL / RLB_EVERSION. */
+RLB_API int rlb_client_stats_get(rlb_client *client, rlb_client_stats *stats);
+
+/* The bridge's counters by name ("bytes_synced", "syncs", ...), one round trip. */
+typedef struct rlb_stat_list rlb_stat_list;
+/* Returns 0 with *out set (free it with rlb_stat_list_free), or a connection error. */
+RLB_API int rlb_bridge_stats(rlb_client *client, rlb_stat_list **out);
+/* Counters in the list. */
+RLB_API size_t rlb_stat_list_size(const rlb_stat_list *list);
+/* Counter i: its name (valid until the list is freed) and value. Returns 0 or RLB_EINVAL. */
+RLB_API int rlb_stat_list_get(const rlb_stat_list *list, size_t i, const char **name,
+                              double *value);
+/* The counter called name. Returns 0 or RLB_ENOTFOUND. */
+RLB_API int rlb_stat_list_find(const rlb_stat_list *list, const char *name, double *value);
+RLB_API void rlb_stat_list_free(rlb_stat_list *list);
+
 #ifdef __cplusplus
 }
 #endif
