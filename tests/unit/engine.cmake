@@ -1,0 +1,12 @@
+# The CPU rollout engine (worker/, kernels/cpu/ops*, sample): against HF transformers'
+# fixtures (tests/fixtures), brute-force sampling references, batch / TP / cache-pressure
+# invariance, and the `rlb generate` command. Tests that fork TP ranks over shared memory
+# also run under TSan.
+add_library(rlb_test_engine_util STATIC ${CMAKE_CURRENT_LIST_DIR}/engine_util.c)
+rlb_target_defaults(rlb_test_engine_util)
+target_compile_definitions(rlb_test_engine_util PRIVATE
+                           RLB_FIXTURES_DIR="${PROJECT_SOURCE_DIR}/tests/fixtures")
+target_link_libraries(rlb_test_engine_util PUBLIC rlb_engine PkgConfig::JANSSON m)
+
+rlb_add_test(NAME test_engine_hf SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_hf.c
+             LIBS rlb_test_engine_util LABELS "unit;tsan" TIMEOUT 180)
