@@ -138,9 +138,9 @@ RLB_API int rlb_connect(const rlb_client_options *opts, rlb_client **out);
  * registrations. NULL is a no-op. */
 RLB_API void rlb_close(rlb_client *client);
 
-/* The text of the calling thread's last failure on `client` (or, for client NULL, of its
- * last rlb_connect): copied into a buffer of the calling thread, valid until its next
- * rlb_last_error call. "" when nothing failed. */
+/* The text of the last failure on `client` (from any thread using it), or, for client
+ * NULL, of the calling thread's last rlb_connect. The text is copied into a buffer of the
+ * calling thread, valid until its next rlb_last_error call. "" when nothing failed. */
 RLB_API const char *rlb_last_error(rlb_client *client);
 
 /* ---- Host memory ----------------------------------------------------------------------- */
@@ -204,7 +204,10 @@ RLB_API int rlb_tensor_bytes(const rlb_tensor_desc *desc, uint64_t *bytes);
 
 /* Registers n (>= 1) tensors as one batch: array elements are tensors[0].struct_size bytes
  * apart, all with that struct_size. Each tensor's bytes must lie inside one rlb_alloc_host
- * allocation (the library finds which, and the offset). Names are unique per client.
+ * allocation (the library finds which, and the offset); an FSDP2 rank that holds no rows
+ * may pass data NULL. Names are unique per client. The bridge answers a connection's
+ * messages in order, so the library follows the register message with a stats request
+ * and takes that request's reply as the acceptance (a refusal comes first, as an error). 
  * Returns 0 once the bridge accepted the batch, or RLB_EINVAL / RLB_EDTYPE / RLB_ESHAPE
  * (checked here, nothing sent), RLB_EEXIST (name already registered), an error the bridge
  * answered (RLB_ESHAPE, RLB_ENOTFOUND, ...: rlb_last_error has its text), RLB_ETIMEDOUT,

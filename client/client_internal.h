@@ -1,0 +1,160 @@
+/* client_internal.h: the inside of an rlb_client, shared by the files of librlb.
+ *
+ * client.c    connection, hello/welcome, the receive pump and message dispatch, errors,
+ *             publish, stats
+ * host.c      rlb_alloc_host segments and the pointer -> (segment, offset) lookup
+ * tensors.c   tensor descriptors: validation, byte counts, register / unregister
+ * generate.c  sampling parameters, requests, tickets and results
+ *
+ * Locking: `lock` guards every field below it in the struct except the rings. The receive
+ * side of the connection is driven by whichever waiting thread finds no other reader
+ * (`reading`); it drops `lock` while it waits on the ring and takes it again to dispatch,
+ * then wakes the others through `cond`. The transmit side has its own `tx_lock`, so a
+ * thread can send while another waits. `ctl_lock` serializes the control calls that expect
+ * an answer tied to no request id (register, unregister, publish).
+ */
+#ifndef RLB_CLIENT_INTERNAL_H
+#define RLB_CLIENT_INTERNAL_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+#include "common/conn.h"
+#include "common/proto.h"
+#include "common/ring.h"
+#include "rlb/rlb.h"
+
+#define RLB_CLIENT_ERR_MAX 512 /* bytes of an error text, NUL included */
+
+/* One rlb_alloc_host allocation. */
+typedef struct rlb__host_seg {
+    uint32_t id;         /* segment id on the wire (rlb__seg_msg.id, mem_ref.fd_index) */
+    uint8_t *base;       /* our mapping */
+    size_t bytes;        /* mapped (and segment) size, page multiple */
+    size_t asked;        /* bytes the caller asked for; the rest is page rounding */
+    uint32_t registered; /* tensors registered inside it */
+} rlb__host_seg;
+
+/* A registered tensor, for unregister and free checks. */
+typedef struct rlb__reg_tensor {
+    char *name;       /* owned copy */
+    uint32_t seg_id;  /* segment holding its bytes */
+} rlb__reg_tensor;
+
+/* What a control call waits for; reset before each send. */
+typedef struct rlb__ctl_state {
+    uint32_t waiting_for;  /* RLB_MSG_* the reply answers (PUBLISH, REGISTER, ...), 0 = idle */
+    uint64_t fence_id;     /* register/unregister: the stats request sent after it */
+    uint64_t version;      /* publish: the version published */
+    int done;              /* the answer arrived */
+    int code;              /* 0, or the negative code of an error or abort */
+    rlb_sync_stats stats;  /* publish: the synced message's figures */
+} rlb__ctl_state;
+
+typedef struct rlb__ticket rlb__ticket; /* generate.c */
+
+/* A pending stats request. */
+typedef struct rlb__stats_wait {
+    uint64_t id;          /* request id of the stats message */
+    int done;             /* the reply (or an error) arrived */
+    int code;             /* 0 or negative */
+    rlb_stat_list *list;  /* the reply, handed to the caller */
+} rlb__stats_wait;
+
+struct rlb_client {
+    rlb_conn *conn;             /* socket + rings */
+    int request_timeout_ms;     /* bound on control round trips */
+    int observer;               /* connected as a tool */
+    pthread_mutex_t tx_lock;    /* the tx ring, the socket's sends, pack_buf */
+    void *pack_buf;             /* encoding buffer, grown as needed (under tx_lock) */
+    size_t pack_cap;            /* bytes at pack_buf */
+    pthread_mutex_t ctl_lock;   /* one control call at a time */
+
+    pthread_mutex_t lock;       /* everything below */
+    pthread_cond_t cond;        /* broadcast after each dispatch and when the reader leaves */
+    int reading;                /* a thread is in the receive pump */
+    int dead;                   /* sticky connection failure (negative), 0 while healthy */
+    rlb_ring_rx rx;             /* reassembly of fragmented messages (owned by the reader) */
+    uint64_t next_id;           /* request ids (generate, stats), from 1 */
+    uint32_t peer_id;           /* what the bridge called us in its welcome */
+    int welcomed;               /* the welcome arrived */
+    char err[RLB_CLIENT_ERR_MAX]; /* last failure text */
+    rlb_client_stats stats;     /* local counters */
+    rlb__ctl_state ctl;         /* the control call in flight */
+    rlb__stats_wait *stats_waits; /* pending stats requests */
+    uint32_t n_stats_waits;     /* entries used */
+    uint32_t cap_stats_waits;   /* entries allocated */
+    rlb__host_seg *segs;        /* allocations */
+    uint32_t n_segs, cap_segs;  /* used / allocated entries of segs */
+    uint32_t next_seg_id;       /* next segment id, from 1 */
+    rlb__reg_tensor *tensors;   /* registered tensors */
+    uint32_t n_tensors, cap_tensors; /* used / allocated entries of tensors */
+    rlb__ticket **tickets;      /* pending and finished generate requests */
+    uint32_t n_tickets, cap_tickets; /* used / allocated entries of tickets */
+};
+
+/* ---- client.c ---------------------------------------------------------------------- */
+
+/* Stores a failure text for rlb_last_error and returns code (so `return rlb__fail(..)`).
+ * Takes c->lock; call it without holding it. */
+int rlb__fail(rlb_client *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Same, with c->lock already held. */
+int rlb__fail_locked(rlb_client *c, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Checks an incoming struct's struct_size against the smallest and the current size. */
+int rlb__check_struct_size(rlb_client *c, size_t given, size_t min, size_t cur, const char *what);
+/* Packs msg and sends it on the tx ring, waiting at most timeout_ms for room. Returns 0,
+ * RLB_EINVAL (msg invalid), RLB_ETIMEDOUT, RLB_EPEERDEAD or RLB_ENOMEM. */
+int rlb__send(rlb_client *c, const rlb_msg *msg, int timeout_ms);
+/* Waits with c->lock held until done(c, arg) returns non-zero, driving the receive pump
+ * when no other thread does. timeout_ms < 0: no bound. Returns 0, RLB_ETIMEDOUT or the
+ * connection's failure. */
+int rlb__wait(rlb_client *c, int (*done)(rlb_client *c, void *arg), void *arg, int timeout_ms);
+/* Grows *array (elements of size bytes) so that it holds at least need entries. Returns 0 or
+ * RLB_ENOMEM. */
+int rlb__grow(void *array, uint32_t *cap, uint32_t need, size_t size);
+/* A fresh request id (c->lock held). */
+uint64_t rlb__next_id(rlb_client *c);
+/* Sends msg (register, unregister, publish) and waits, under ctl_lock, for its answer: with
+ * fence set, the reply to a stats request sent right after it (an error about msg comes
+ * first); publish: synced or aborted. Returns 0 or the negative code of the answer or of
+ * the connection. c->ctl holds the answer's details until the next control call. */
+int rlb__control(rlb_client *c, const rlb_msg *msg, int fence);
+
+/* ---- stats.c ----------------------------------------------------------------------- */
+
+/* Takes a stats reply (c->lock held). */
+void rlb__stats_on_reply(rlb_client *c, const rlb_msg_stats_reply *reply);
+/* Takes an error tied to request id; returns 1 when a stats request took it. */
+int rlb__stats_on_error(rlb_client *c, uint64_t id, int code, const char *text);
+/* Fails every pending stats request with code (connection lost; c->lock held). */
+void rlb__stats_fail_all(rlb_client *c, int code);
+/* Frees the pending stats table (rlb_close). */
+void rlb__stats_free_all(rlb_client *c);
+
+/* ---- host.c ------------------------------------------------------------------------ */
+
+/* The allocation holding [ptr, ptr + bytes), or NULL (c->lock held). */
+rlb__host_seg *rlb__host_find(rlb_client *c, const void *ptr, uint64_t bytes);
+/* The allocation with segment id `id`, or NULL (c->lock held). */
+rlb__host_seg *rlb__host_by_id(rlb_client *c, uint32_t id);
+/* Unmaps every allocation (rlb_close). */
+void rlb__host_free_all(rlb_client *c);
+
+/* ---- tensors.c --------------------------------------------------------------------- */
+
+/* Frees the registered-tensor table (rlb_close). */
+void rlb__tensors_free_all(rlb_client *c);
+
+/* ---- generate.c -------------------------------------------------------------------- */
+
+/* Takes a result message (c->lock held): fills the matching ticket. */
+void rlb__ticket_on_result(rlb_client *c, const rlb_msg_result *res);
+/* Takes an error message tied to request id (c->lock held); returns 1 when a ticket took it. */
+int rlb__ticket_on_error(rlb_client *c, uint64_t id, int code, const char *text);
+/* Fails every pending ticket with code (connection lost; c->lock held). */
+void rlb__tickets_fail_all(rlb_client *c, int code);
+/* Frees every ticket (rlb_close). */
+void rlb__tickets_free_all(rlb_client *c);
+
+#endif /* RLB_CLIENT_INTERNAL_H */
