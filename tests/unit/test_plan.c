@@ -9,7 +9,14 @@
  * bytes that must never arrive. After the plan runs (through its serialized form), EVERY
  * element of every worker buffer is compared bit for bit with the reference conversion of
  * the element the reference says belongs there, padding rows must be zero, alignment gaps
- * must keep their poison, and the ops must cover each tensor byte exactly once.
+ * must keep their poison, and the ops must cover each tensor byte exactly once. A tally
+ * makes sure the draws reached every layout feature (uneven and empty FSDP2 ranks, FSDP1
+ * with and without padding and cut by rank boundaries, each T, kv replication, ...).
+ *
+ * Hand-worked cases pin the reference itself: regions, element origins and buffer offsets
+ * of one small model worked out on paper, and a full-tensor reshard read back element by
+ * element. Also: the parameter list against the reference names, and a tied model's
+ * lm_head.weight dropped with exactly one info line however it is sent.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -65,6 +72,34 @@ static uint32_t value_bits(int pid, int64_t row, int64_t col, rlb_dtype dtype)
         b &= 0xffffu;
     return (b & emask) == emask ? b ^ (emask & ~(emask >> 1)) : b;
 }
+
+/* What the random cases have exercised; the property test insists on each at the end, so
+ * a change to the generators cannot quietly stop covering one. */
+#define SEEN_ITEMS(X)                                                                      \
+    X(FSDP2_UNEVEN, "FSDP2 tensor with d0 % W != 0")                                       \
+    X(FSDP2_EMPTY_RANK, "FSDP2 tensor with d0 < W (ranks holding nothing)")                \
+    X(FSDP1_ALIGNED, "FSDP1 unit with alignment padding")                                  \
+    X(FSDP1_UNALIGNED, "FSDP1 unit without padding")                                       \
+    X(FSDP1_SPLIT, "FSDP1 parameter cut by a rank boundary")                               \
+    X(T1, "T = 1") X(T2, "T = 2") X(T4, "T = 4") X(T8, "T = 8")                            \
+    X(KV_REPLICATED, "T > KV (kv heads replicated)")                                       \
+    X(REPLICAS, "2 replicas")                                                              \
+    X(TIED_SENT, "tied model whose source still sends lm_head.weight")                     \
+    X(BIAS, "Qwen2 q/k/v biases")                                                          \
+    X(VOCAB_PAD, "zero vocabulary padding rows")                                           \
+    X(MIXED, "source mixing full, FSDP2 and FSDP1 placements")
+enum {
+#define SEEN_ENUM(id, text) SEEN_##id,
+    SEEN_ITEMS(SEEN_ENUM)
+#undef SEEN_ENUM
+    SEEN_COUNT
+};
+static const char *const seen_text[SEEN_COUNT] = {
+#define SEEN_TEXT(id, text) text,
+    SEEN_ITEMS(SEEN_TEXT)
+#undef SEEN_TEXT
+};
+static int seen[SEEN_COUNT];
 
 /* ---- building a source the way trainers would register it ------------------------------- */
 
@@ -143,6 +178,8 @@ static void gen_fsdp2(case_src *cs, const ref_model *m, int pid, uint64_t *s)
     uint64_t W = (uint64_t)cs->W, d0 = (uint64_t)p->rows, c = (d0 + W - 1) / W;
     for (uint32_t f = 0; f < W; f++) {
         uint64_t n_f = f * c >= d0 ? 0 : d0 - f * c < c ? d0 - f * c : c;
+        seen[SEEN_FSDP2_UNEVEN] += f == 0 && d0 % W != 0;
+        seen[SEEN_FSDP2_EMPTY_RANK] += f == 0 && d0 < W;
         if (!n_f) { /* an empty rank may or may not name a buffer */
             a->loc[f] = rng(s) % 2 ? (rlb_src_loc){RLB_SRC_NO_BUFFER, 0}
                                    : (rlb_src_loc){f + 1, cs->size[f + 1]};
@@ -186,6 +223,11 @@ static void gen_fsdp1(case_src *cs, const ref_model *m, const int *pids, int n, 
     }
     uint64_t chunk = (total + W - 1) / W, esz = rlb_dtype_size(dt);
     a->chunk = chunk;
+    seen[SEEN_FSDP1_ALIGNED] += aligned;
+    seen[SEEN_FSDP1_UNALIGNED] += !aligned;
+    for (uint64_t e = 0, start = 0; e < a->n_entries; start += a->entries[e++].numel)
+        seen[SEEN_FSDP1_SPLIT] += entry_pid[e] >= 0 &&
+                            start / chunk != (start + a->entries[e].numel - 1) / chunk;
     for (uint32_t f = 0; f < W; f++) {
         uint64_t lo = f * chunk, hi = lo + chunk, start = 0;
         a->loc[f] = (rlb_src_loc){f + 1, place(cs, f + 1, chunk * esz, s)};
@@ -520,6 +562,41 @@ static int random_tp(const rlb_model_config *c, uint64_t *s)
     return valid[rng(s) % (uint64_t)n];
 }
 
+/* Runs fn with stderr sent to a temporary file; returns how many lines it logged that
+ * contain `needle`. */
+static int count_logged(void (*fn)(void *), void *arg, const char *needle)
+{
+    FILE *f = tmpfile();
+    assert_non_null(f);
+    fflush(stderr);
+    int saved = dup(STDERR_FILENO);
+    assert_true(saved >= 0 && dup2(fileno(f), STDERR_FILENO) >= 0);
+    fn(arg);
+    fflush(stderr);
+    dup2(saved, STDERR_FILENO);
+    close(saved);
+    rewind(f);
+    char line[1024];
+    int n = 0;
+    while (fgets(line, sizeof line, f))
+        n += strstr(line, needle) != NULL;
+    fclose(f);
+    return n;
+}
+
+typedef struct register_job {
+    case_src *cs;
+    const ref_model *m;
+    const rlb_param_list *pl;
+    uint64_t *s;
+} register_job;
+
+static void register_job_run(void *arg)
+{
+    register_job *j = arg;
+    register_source(j->cs, j->m, j->pl, j->s);
+}
+
 static void test_property_random(void **state)
 {
     (void)state;
@@ -552,20 +629,365 @@ static void test_property_random(void **state)
         assert_int_equal(rlb__params_init(&pl, &cfg, NULL, 0), 0);
         case_src cs;
         gen_source(&cs, &m, W, kinds[k].modes, kinds[k].align, &s);
-        register_source(&cs, &m, &pl, &s);
+        seen[T == 1 ? SEEN_T1 : T == 2 ? SEEN_T2 : T == 4 ? SEEN_T4 : SEEN_T8]++;
+        seen[SEEN_KV_REPLICATED] += T > cfg.n_kv_heads;
+        seen[SEEN_REPLICAS] += R == 2;
+        seen[SEEN_TIED_SENT] += tied_head;
+        seen[SEEN_BIAS] += cfg.attn_bias;
+        seen[SEEN_VOCAB_PAD] += rlb__tp_vocab_padded(cfg.vocab) != cfg.vocab;
+        seen[SEEN_MIXED] += kinds[k].modes == 7u;
+        register_job rj = {&cs, &m, &pl, &s};
+        assert_int_equal(count_logged(register_job_run, &rj, "lm_head.weight ignored"),
+                         tied_head);
         fill_buffers(&cs, &m);
         run_case(&m, &cs, T, R, dt, (int)rnd(&s, 1, 3));
         case_src_free(&cs);
         rlb__params_free(&pl);
         ref_model_free(&m);
     }
+    for (int k = 0; k < SEEN_COUNT; k++)
+        if (!seen[k])
+            fail_msg("%d random cases never drew: %s", n_cases, seen_text[k]);
+}
+
+/* ---- hand-worked cases: they pin the reference above as much as the code ---------------- */
+
+/* Llama, D 6, I 8, H 8, KV 2, hd 2, one layer, V 100 (Vp 128), untied. At T = 4: Hq 2,
+ * KVt 1 and each kv head serves two ranks (kv0 = t / 2); vocab rows 32 per rank, rank 3
+ * holding tokens 96..99 and 28 zero rows. */
+static void config_a(rlb_model_config *c)
+{
+    rlb__config_tiny(c);
+    c->arch = RLB_ARCH_LLAMA;
+    c->attn_bias = 0;
+    c->hidden = 6;
+    c->intermediate = 8;
+    c->n_heads = 8;
+    c->n_kv_heads = 2;
+    c->head_dim = 2;
+    c->n_layers = 1;
+    c->vocab = 100;
+    c->tie_embeddings = 0;
+}
+
+static void expect_region(const rlb_param_list *pl, const char *name, int T, int t,
+                          rlb_param_region want)
+{
+    rlb_tp_layout lay;
+    assert_int_equal(rlb__tp_layout_init(&lay, &pl->cfg, T, t, RLB_DTYPE_BF16), 0);
+    int64_t i = rlb__params_find(pl, name);
+    assert_true(i >= 0);
+    rlb_param_region r;
+    rlb__param_region(&pl->params[i], &lay, &r);
+    if (memcmp(&r, &want, sizeof r) != 0)
+        fail_msg("%s on %d/%d: rows %lld+%lld cols %lld+%lld at (%lld, %lld) of %lld cols, "
+                 "zero %lld+%lld",
+                 name, t, T, (long long)r.row0, (long long)r.n_rows, (long long)r.col0,
+                 (long long)r.n_cols, (long long)r.lrow0, (long long)r.lcol0,
+                 (long long)r.local_cols, (long long)r.zero_row0, (long long)r.n_zero_rows);
+    rlb__tp_layout_free(&lay);
+}
+
+static void test_hand_worked_regions(void **state)
+{
+    (void)state;
+    rlb_model_config c;
+    config_a(&c);
+    rlb_param_list pl;
+    assert_int_equal(rlb__params_init(&pl, &c, NULL, 0), 0);
+    static const struct {
+        const char *name;
+        int T, t;
+        rlb_param_region want; /* row0 n_rows col0 n_cols lrow0 lcol0 local_cols z0 n_zero */
+    } regions[] = {
+        {"model.layers.0.self_attn.q_proj.weight", 4, 3, {12, 4, 0, 6, 0, 0, 6, 0, 0}},
+        {"model.layers.0.self_attn.k_proj.weight", 4, 3, {2, 2, 0, 6, 4, 0, 6, 0, 0}},
+        {"model.layers.0.self_attn.k_proj.weight", 4, 2, {2, 2, 0, 6, 4, 0, 6, 0, 0}},
+        {"model.layers.0.self_attn.k_proj.weight", 4, 1, {0, 2, 0, 6, 4, 0, 6, 0, 0}},
+        {"model.layers.0.self_attn.v_proj.weight", 4, 3, {2, 2, 0, 6, 6, 0, 6, 0, 0}},
+        {"model.layers.0.self_attn.k_proj.weight", 2, 1, {2, 2, 0, 6, 8, 0, 6, 0, 0}},
+        {"model.layers.0.mlp.gate_proj.weight", 4, 3, {6, 2, 0, 6, 0, 0, 6, 0, 0}},
+        {"model.layers.0.mlp.up_proj.weight", 4, 3, {6, 2, 0, 6, 2, 0, 6, 0, 0}},
+        {"model.layers.0.self_attn.o_proj.weight", 4, 3, {0, 6, 12, 4, 0, 0, 4, 0, 0}},
+        {"model.layers.0.mlp.down_proj.weight", 4, 1, {0, 6, 2, 2, 0, 0, 2, 0, 0}},
+        {"model.embed_tokens.weight", 4, 3, {96, 4, 0, 6, 0, 0, 6, 4, 28}},
+        {"lm_head.weight", 4, 2, {64, 32, 0, 6, 0, 0, 6, 32, 0}},
+        {"model.layers.0.input_layernorm.weight", 4, 2, {0, 6, 0, 1, 0, 0, 1, 0, 0}},
+    };
+    for (size_t k = 0; k < sizeof regions / sizeof regions[0]; k++)
+        expect_region(&pl, regions[k].name, regions[k].T, regions[k].t, regions[k].want);
+
+    /* The reference mapping of plan_ref.h agrees on the same elements. */
+    int which;
+    int64_t grow, gcol;
+    static const struct {
+        int t;
+        rlb_wkind kind;
+        int64_t lrow, lcol;
+        int which, holds;
+        int64_t grow, gcol;
+    } pins[] = {
+        {3, RLB_W_QKV, 4, 5, P_K, 1, 2, 5},   {2, RLB_W_QKV, 4, 5, P_K, 1, 2, 5},
+        {1, RLB_W_QKV, 5, 0, P_K, 1, 1, 0},   {3, RLB_W_QKV, 7, 0, P_V, 1, 3, 0},
+        {3, RLB_W_QKV, 1, 0, P_Q, 1, 13, 0},  {3, RLB_W_EMBED, 3, 2, P_EMBED, 1, 99, 2},
+        {3, RLB_W_EMBED, 4, 2, P_EMBED, 0, 100, 2}, {3, RLB_W_GATE_UP, 3, 0, P_UP, 1, 7, 0},
+        {3, RLB_W_O, 5, 1, P_O, 1, 5, 13},    {1, RLB_W_DOWN, 0, 1, P_DOWN, 1, 0, 3},
+    };
+    for (size_t k = 0; k < sizeof pins / sizeof pins[0]; k++) {
+        int holds = ref_origin(&c, 4, pins[k].t, pins[k].kind, pins[k].lrow, pins[k].lcol,
+                               &which, &grow, &gcol);
+        assert_int_equal(holds, pins[k].holds);
+        assert_int_equal(which, pins[k].which);
+        assert_int_equal(grow, pins[k].grow);
+        assert_int_equal(gcol, pins[k].gcol);
+    }
+
+    /* BF16 worker buffer of rank 0 of 4, offsets worked out by hand (256-byte steps). */
+    static const struct {
+        rlb_wkind kind;
+        int layer;
+        uint64_t offset, bytes;
+    } at[] = {
+        {RLB_W_EMBED, -1, 0, 384},   {RLB_W_FINAL_NORM, -1, 512, 12}, {RLB_W_LM_HEAD, -1, 768, 384},
+        {RLB_W_ATTN_NORM, 0, 1280, 12}, {RLB_W_QKV, 0, 1536, 96},     {RLB_W_O, 0, 1792, 48},
+        {RLB_W_MLP_NORM, 0, 2048, 12},  {RLB_W_GATE_UP, 0, 2304, 48}, {RLB_W_DOWN, 0, 2560, 24},
+    };
+    rlb_tp_layout lay;
+    assert_int_equal(rlb__tp_layout_init(&lay, &c, 4, 0, RLB_DTYPE_BF16), 0);
+    assert_int_equal(lay.total_bytes, 2816);
+    for (size_t k = 0; k < sizeof at / sizeof at[0]; k++) {
+        const rlb_local_tensor *lt = rlb__tp_layout_find(&lay, at[k].kind, at[k].layer);
+        assert_non_null(lt);
+        assert_int_equal(lt->offset, at[k].offset);
+        assert_int_equal(lt->bytes, at[k].bytes);
+    }
+    assert_null(rlb__tp_layout_find(&lay, RLB_W_QKV_BIAS, 0));
+    rlb__tp_layout_free(&lay);
+    rlb__params_free(&pl);
+}
+
+/* Element (r, c) of parameter i holds i * 10000 + r * 100 + c, exact in F32. */
+static float tagged(int64_t i, int64_t r, int64_t c)
+{
+    return (float)(i * 10000 + r * 100 + c);
+}
+
+/* Config A from full F32 tensors to T = 4 F32 workers, then single elements read by hand:
+ * kv heads replicated to rank pairs, vocabulary padding zero, o_proj columns split. */
+static void test_hand_worked_end_to_end(void **state)
+{
+    (void)state;
+    rlb_model_config c;
+    config_a(&c);
+    rlb_param_list pl;
+    rlb_source src;
+    assert_int_equal(rlb__params_init(&pl, &c, NULL, 0), 0);
+    assert_int_equal(rlb__source_init(&src, &pl), 0);
+    uint64_t total = 0;
+    for (int64_t i = 0; i < pl.n; i++)
+        total += rlb__param_numel(&pl.params[i]) * 4;
+    float *mem = malloc(total);
+    assert_int_equal(rlb__source_add_buffer(&src, total), 0);
+    for (int64_t i = 0, off = 0; i < pl.n; i++) {
+        const rlb_param *p = &pl.params[i];
+        int64_t shape[2] = {p->rows, p->cols};
+        for (int64_t r = 0; r < p->rows; r++)
+            for (int64_t k = 0; k < p->cols; k++)
+                mem[off + r * p->cols + k] = tagged(i, r, k);
+        assert_int_equal(rlb__source_add_full(&src, p->name, p->ndim, shape, RLB_DTYPE_F32, 0,
+                                              (uint64_t)off * 4, NULL, 0),
+                         0);
+        off += p->rows * p->cols;
+    }
+    rlb_plan plan;
+    rlb_target tgt = {.tp_size = 4, .replicas = 1, .dtype = RLB_DTYPE_F32};
+    assert_int_equal(rlb__plan_build(&src, &tgt, &plan, NULL, 0), 0);
+    float *dst[4];
+    uint64_t dst_len[4];
+    for (int t = 0; t < 4; t++) {
+        dst_len[t] = plan.dst_bytes[t];
+        dst[t] = malloc(dst_len[t]);
+        memset(dst[t], 0xff, dst_len[t]);
+    }
+    const void *srcs[1] = {mem};
+    assert_int_equal(rlb__plan_exec_cpu(&plan, srcs, &total, (void *const *)dst, dst_len, 2,
+                                        NULL, 0),
+                     0);
+    int64_t k = rlb__params_find(&pl, "model.layers.0.self_attn.k_proj.weight");
+    int64_t v = rlb__params_find(&pl, "model.layers.0.self_attn.v_proj.weight");
+    int64_t o = rlb__params_find(&pl, "model.layers.0.self_attn.o_proj.weight");
+    int64_t e = rlb__params_find(&pl, "model.embed_tokens.weight");
+    /* F32 bytes: embed 0 (768), final norm 768 (24), lm_head 1024 (768), attn norm 1792
+     * (24), qkv 2048 (rows of 6 floats), o 2304 (rows of 4). */
+    const uint64_t qkv = 2048 / 4, o_at = 2304 / 4;
+    for (int t = 0; t < 4; t++) {
+        int64_t kv = t / 2; /* the kv head rank t holds */
+        assert_true(dst[t][qkv + 4 * 6 + 5] == tagged(k, 2 * kv, 5));     /* k row 0 */
+        assert_true(dst[t][qkv + 7 * 6 + 0] == tagged(v, 2 * kv + 1, 0)); /* v row 1 */
+        assert_true(dst[t][o_at + 5 * 4 + 1] == tagged(o, 5, 4 * t + 1));
+        assert_true(dst[t][31 * 6 + 5] == (t < 3 ? tagged(e, 32 * t + 31, 5) : 0.0f));
+    }
+    assert_true(dst[3][3 * 6] == tagged(e, 99, 0));
+    for (int r = 4; r < 32; r++)
+        for (int col = 0; col < 6; col++)
+            assert_true(dst[3][r * 6 + col] == 0.0f);
+    for (int t = 0; t < 4; t++)
+        free(dst[t]);
+    free(mem);
+    rlb__plan_free(&plan);
+    rlb__source_free(&src);
+    rlb__params_free(&pl);
+}
+
+/* The list holds every parameter once, in the documented order, and finds it by name. */
+static void test_param_list(void **state)
+{
+    (void)state;
+    rlb_model_config c;
+    config_a(&c);
+    static const struct {
+        int qwen_tied;
+        int64_t layers, n;
+    } shapes[] = {{0, 1, 3 + 9}, {1, 3, 2 + 3 * 12}, {0, 40, 3 + 40 * 9}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        c.arch = shapes[s].qwen_tied ? RLB_ARCH_QWEN2 : RLB_ARCH_LLAMA;
+        c.attn_bias = c.tie_embeddings = shapes[s].qwen_tied;
+        c.n_layers = shapes[s].layers;
+        rlb_param_list pl;
+        assert_int_equal(rlb__params_init(&pl, &c, NULL, 0), 0);
+        ref_model m;
+        ref_model_init(&m, &c, 0);
+        assert_int_equal(pl.n, shapes[s].n);
+        assert_int_equal(m.n, pl.n);
+        assert_string_equal(pl.params[0].name, "model.embed_tokens.weight");
+        assert_string_equal(pl.params[pl.n - 1].name,
+                            c.tie_embeddings ? "model.norm.weight" : "lm_head.weight");
+        for (int i = 0; i < m.n; i++) {
+            int64_t at = rlb__params_find(&pl, m.p[i].name);
+            if (at < 0)
+                fail_msg("%s not found", m.p[i].name);
+            assert_string_equal(pl.params[at].name, m.p[i].name);
+            assert_int_equal(pl.params[at].ndim, m.p[i].ndim);
+            assert_int_equal(pl.params[at].rows, m.p[i].rows);
+            assert_int_equal(pl.params[at].cols, m.p[i].cols);
+            assert_int_equal(pl.params[at].layer, m.p[i].layer);
+        }
+        char name[64];
+        snprintf(name, sizeof name, "model.layers.%lld.mlp.up_proj.weight", (long long)c.n_layers);
+        assert_int_equal(rlb__params_find(&pl, name), -1);
+        assert_int_equal(rlb__params_find(&pl, "model.norm"), -1);
+        assert_int_equal(rlb__params_find(&pl, ""), -1);
+        assert_int_equal(rlb__params_find(&pl, NULL), -1);
+        assert_int_equal(rlb__params_find(&pl, "model.layers.0.self_attn.o_proj.bias"), -1);
+        assert_int_equal(rlb__params_find(&pl, "model.layers.0.self_attn.q_proj.bias") >= 0,
+                         c.attn_bias);
+        assert_int_equal(rlb__params_find(&pl, "lm_head.weight") >= 0, !c.tie_embeddings);
+        assert_int_equal(rlb__params_is_dropped(&pl, "lm_head.weight"), c.tie_embeddings);
+        assert_int_equal(rlb__params_is_dropped(&pl, "model.norm.weight"), 0);
+        ref_model_free(&m);
+        rlb__params_free(&pl);
+    }
+    c.head_dim = 3; /* odd: the config itself is refused, naming the field */
+    rlb_param_list pl;
+    char err[128] = "";
+    assert_int_equal(rlb__params_init(&pl, &c, err, sizeof err), RLB_EINVAL);
+    assert_non_null(strstr(err, "head_dim"));
+}
+
+typedef struct tie_case {
+    rlb_source *src;
+    const rlb_model_config *cfg;
+    int how; /* 0 full, 1 FSDP2, 2 FSDP1 unit with model.norm.weight */
+    uint32_t buffer;
+    int rc;
+} tie_case;
+
+static void send_lm_head(void *arg)
+{
+    tie_case *tc = arg;
+    int64_t shape[2] = {tc->cfg->vocab, tc->cfg->hidden};
+    rlb_src_loc ranks[2] = {{tc->buffer, 0}, {tc->buffer, 0}};
+    uint64_t numel = (uint64_t)(shape[0] * shape[1]), D = (uint64_t)tc->cfg->hidden;
+    rlb_flat_entry e[2] = {{"model.norm.weight", 1, {shape[1], 0}, D},
+                           {"lm_head.weight", 2, {shape[0], shape[1]}, numel}};
+    rlb_flat_unit u = {.dtype = RLB_DTYPE_F32, .world = 2, .chunk_numel = (numel + D) / 2,
+                       .n_entries = 2, .entries = e, .ranks = ranks};
+    if (tc->how == 0)
+        tc->rc = rlb__source_add_full(tc->src, "lm_head.weight", 2, shape, RLB_DTYPE_F32,
+                                      tc->buffer, 0, NULL, 0);
+    else if (tc->how == 1)
+        tc->rc = rlb__source_add_fsdp2(tc->src, "lm_head.weight", 2, shape, RLB_DTYPE_F32, 2,
+                                       ranks, NULL, 0);
+    else
+        tc->rc = rlb__source_add_fsdp1(tc->src, &u, NULL, 0);
+}
+
+/* A tied model's lm_head.weight, however it arrives, is accepted, dropped, and said so in
+ * exactly one info line per call; the plan has no LM head. */
+static void test_tied_lm_head_dropped(void **state)
+{
+    (void)state;
+    rlb_model_config c;
+    config_a(&c);
+    c.tie_embeddings = 1;
+    rlb_param_list pl;
+    assert_int_equal(rlb__params_init(&pl, &c, NULL, 0), 0);
+    for (int how = 0; how < 3; how++) {
+        rlb_source src;
+        assert_int_equal(rlb__source_init(&src, &pl), 0);
+        uint64_t big = (uint64_t)(c.vocab * c.hidden + c.hidden) * 4;
+        assert_int_equal(rlb__source_add_buffer(&src, big), 0);
+        for (int64_t i = 0; i < pl.n; i++) {
+            const rlb_param *p = &pl.params[i];
+            int64_t shape[2] = {p->rows, p->cols};
+            if (how < 2 || strcmp(p->name, "model.norm.weight") != 0)
+                assert_int_equal(rlb__source_add_full(&src, p->name, p->ndim, shape,
+                                                      RLB_DTYPE_F32, 0, 0, NULL, 0),
+                                 0);
+        }
+        uint64_t pieces = src.n_pieces;
+        tie_case tc = {.src = &src, .cfg = &c, .how = how, .buffer = 0};
+        assert_int_equal(count_logged(send_lm_head, &tc, "lm_head.weight ignored"), 1);
+        assert_int_equal(tc.rc, 0);
+        assert_int_equal(src.n_pieces, pieces + (how == 2)); /* FSDP1: the norm only */
+        assert_int_equal(rlb__source_check(&src, NULL, 0), 0);
+        rlb_plan plan;
+        rlb_target tgt = {.tp_size = 2, .replicas = 1, .dtype = RLB_DTYPE_BF16};
+        assert_int_equal(rlb__plan_build(&src, &tgt, &plan, NULL, 0), 0);
+        rlb_tp_layout lay;
+        assert_int_equal(rlb__tp_layout_init(&lay, &c, 2, 0, RLB_DTYPE_BF16), 0);
+        assert_null(rlb__tp_layout_find(&lay, RLB_W_LM_HEAD, -1));
+        assert_int_equal(plan.dst_bytes[0], lay.total_bytes);
+        rlb__tp_layout_free(&lay);
+        rlb__plan_free(&plan);
+        rlb__source_free(&src);
+    }
+    rlb__params_free(&pl);
+
+    /* Untied, a missing lm_head is an error, and nothing about it is logged as dropped. */
+    c.tie_embeddings = 0;
+    assert_int_equal(rlb__params_init(&pl, &c, NULL, 0), 0);
+    rlb_source src;
+    assert_int_equal(rlb__source_init(&src, &pl), 0);
+    char err[256] = "";
+    assert_int_equal(rlb__source_check(&src, err, sizeof err), RLB_ENOTFOUND);
+    assert_non_null(strstr(err, "model.embed_tokens.weight"));
+    tie_case tc = {.src = &src, .cfg = &c, .how = 0, .buffer = 7}; /* no buffer 7 */
+    assert_int_equal(count_logged(send_lm_head, &tc, "ignored"), 0);
+    assert_int_equal(tc.rc, RLB_EINVAL);
+    rlb__source_free(&src);
+    rlb__params_free(&pl);
 }
 
 int main(int argc, char **argv)
 {
     if (argc > 1)
         n_cases = atoi(argv[1]);
+    /* The tie test reads the info line lm_head.weight's drop leaves in the log. */
+    setenv("RLB_LOG", "info:model", 1);
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_hand_worked_regions), cmocka_unit_test(test_hand_worked_end_to_end),
+        cmocka_unit_test(test_param_list),          cmocka_unit_test(test_tied_lm_head_dropped),
         cmocka_unit_test(test_property_random),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
