@@ -3,7 +3,12 @@ rlb_add_test(NAME test_ring SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_ring.c
              LIBS rlb_common LABELS unit TIMEOUT 60)
 rlb_add_test(NAME test_ring_threads
              SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_ring_threads.c ${CMAKE_CURRENT_LIST_DIR}/ring_traffic.c
-             LIBS rlb_common LABELS unit TIMEOUT 120)
+             LIBS rlb_common LABELS unit tsan TIMEOUT 120)
 rlb_add_test(NAME test_ring_procs
              SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_ring_procs.c ${CMAKE_CURRENT_LIST_DIR}/ring_traffic.c
-             LIBS rlb_common LABELS unit TIMEOUT 120)
+             LIBS rlb_common LABELS unit tsan TIMEOUT 120)
+rlb_add_test(NAME test_conn SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_conn.c
+             LIBS rlb_common Threads::Threads LABELS unit tsan TIMEOUT 60)
+# The same program checks peers of another uid: as root only, else it exits 77 (skip).
+add_test(NAME test_conn_uid COMMAND test_conn uid)
+set_tests_properties(test_conn_uid PROPERTIES LABELS "unit;tsan" TIMEOUT 60 SKIP_RETURN_CODE 77)

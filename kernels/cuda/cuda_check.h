@@ -1,0 +1,74 @@
+/* cuda_check.h: the check macros of common/check.h for CUDA runtime and driver calls, usable
+ * from C and CUDA C++. Each logs the failing call with CUDA's own error name, stores an
+ * RLB_E* code in rc (RLB_ENOMEM for an allocation failure, RLB_ECUDA otherwise) and jumps
+ * to the unwinding label:
+ *
+ *   RLB_CUDA_CHECK(call, rc, label)   runtime API call returning cudaError_t
+ *   RLB_CU_CHECK(call, rc, label)     driver API call returning CUresult (logged by number:
+ *                                     code that links no driver symbol runs, and skips,
+ *                                     on machines without libcuda)
+ *
+ * rlb__cuda_enter / rlb__cuda_leave make a device current for one API call and give the
+ * caller's current device back, so no function of kernels/cuda changes it behind a caller.
+ */
+#ifndef RLB_KERNELS_CUDA_CUDA_CHECK_H
+#define RLB_KERNELS_CUDA_CUDA_CHECK_H
+
+#include <stddef.h>
+
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+#include "common/check.h"
+#include "common/log.h"
+#include "rlb/rlb.h"
+
+#define RLB_CUDA_CHECK(call, rc, label)                                                  \
+    do {                                                                                 \
+        cudaError_t rlb__cu_err = (call);                                                \
+        if (rlb__cu_err != cudaSuccess) {                                                \
+            RLB_LOG_ERROR(RLB_SUB_KERNEL, "%s: %s", #call, cudaGetErrorString(rlb__cu_err)); \
+            (rc) = rlb__cu_err == cudaErrorMemoryAllocation ? RLB_ENOMEM : RLB_ECUDA;     \
+            goto label;                                                                  \
+        }                                                                                \
+    } while (0)
+
+#define RLB_CU_CHECK(call, rc, label)                                                    \
+    do {                                                                                 \
+        CUresult rlb__cu_res = (call);                                                   \
+        if (rlb__cu_res != CUDA_SUCCESS) {                                               \
+            RLB_LOG_ERROR(RLB_SUB_KERNEL, "%s: CUresult %d", #call, (int)rlb__cu_res);    \
+            (rc) = rlb__cu_res == CUDA_ERROR_OUT_OF_MEMORY ? RLB_ENOMEM : RLB_ECUDA;      \
+            goto label;                                                                  \
+        }                                                                                \
+    } while (0)
+
+/* Formats a refusal into err[errlen] (err may be NULL) and logs it at error level. */
+void rlb__cuda_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Makes `device` current and stores the previous one in *prev. Returns 0 or RLB_ECUDA. */
+static inline int rlb__cuda_enter(int device, int *prev)
+{
+    int rc = 0;
+    RLB_CUDA_CHECK(cudaGetDevice(prev), rc, out);
+    if (*prev != device)
+        RLB_CUDA_CHECK(cudaSetDevice(device), rc, out);
+out:
+    return rc;
+}
+
+static inline void rlb__cuda_leave(int prev)
+{
+    int cur;
+    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev)
+        cudaSetDevice(prev);
+}
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* RLB_KERNELS_CUDA_CUDA_CHECK_H */

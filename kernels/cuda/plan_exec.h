@@ -1,0 +1,75 @@
+/* plan_exec.h: runs a reshard plan (model/plan.h) on one GPU, in one kernel launch.
+ *
+ * Upload (once per registration) copies the plan's ops that write to this GPU's
+ * destinations to the device as they are, plus one 48-byte work descriptor per op that
+ * says how the op is cut into work items of at most RLB_CUDA_ITEM_BYTES (whole rows
+ * grouped, or long rows split into segments) and a coarse item -> op index (4 bytes per 64
+ * items). Bind records the device addresses of the plan's sources and destinations (local
+ * memory, a peer GPU's through an IPC mapping, or mapped host memory) in a device-resident
+ * table. Run is one launch with one block per item: 16-byte vector loads and stores where
+ * both sides are aligned (a scalar head and tail otherwise), f32 / bf16 / f16 conversion
+ * fused, bit-identical to kernels/cpu/convert.h; same-dtype ops are byte copies, zero ops
+ * write zeros. The executor's device memory is ops + descriptors + pointer tables + the
+ * coarse index: 112 bytes per op, 8 per buffer, 1 per 16 KiB moved (the 8B model's plan:
+ * see rlb-bench-reshard-gpu), far under the 64 MiB a pause-mode sync may add.
+ *
+ * Sources on another GPU are read through peer access. Where the two GPUs have no peer
+ * path, bind fails with RLB_EUNSUPPORTED: the caller must stage such a source into local
+ * memory first (cudaMemcpyPeerAsync, which the driver routes through host memory).
+ *
+ * Every function returns 0 or a negative RLB_E* code. A refused plan or buffer is
+ * described in `err` (may be NULL); a failed CUDA call is named in the log. None leaves the
+ * caller's current device changed.
+ */
+#ifndef RLB_KERNELS_CUDA_PLAN_EXEC_H
+#define RLB_KERNELS_CUDA_PLAN_EXEC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+#ifndef _Static_assert
+#define _Static_assert static_assert /* model/plan.h is C11; nvcc reads it as C++ */
+#endif
+extern "C" { /* model/plan.h has no C++ guard of its own */
+#endif
+#include "model/plan.h"
+
+#define RLB_CUDA_ITEM_BYTES 65536u /* largest side (source or destination) of one work item */
+
+typedef struct rlb_cuda_plan rlb_cuda_plan;
+
+/* One buffer bound to a plan source or destination. */
+typedef struct rlb_cuda_buf {
+    void *ptr;      /* address usable by kernels on the plan's device; NULL for an unused ref */
+    uint64_t bytes; /* bytes addressable from ptr */
+} rlb_cuda_buf;
+
+/* Uploads to `device` the ops of `plan` whose destination d has dst_sel[d] != 0 (dst_sel
+ * NULL: every op). Checks each such op first (rlb__plan_check_op against plan->src_bytes /
+ * dst_bytes, and offsets / strides on element boundaries): RLB_EINVAL naming the op.
+ * RLB_ENOMEM / RLB_ECUDA when the device refuses. */
+int rlb__cuda_plan_upload(const rlb_plan *plan, int device, const uint8_t *dst_sel,
+                          rlb_cuda_plan **out, char *err, size_t errlen);
+/* Binds plan->n_src sources and plan->n_dst destinations. Every ref an uploaded op uses
+ * needs a non-NULL pointer covering the plan's byte count and aligned to its widest
+ * element (RLB_EINVAL otherwise); memory on another GPU needs a peer path
+ * (RLB_EUNSUPPORTED). Peer access is enabled here. May be called again to rebind. */
+int rlb__cuda_plan_bind(rlb_cuda_plan *cp, const rlb_cuda_buf *src, const rlb_cuda_buf *dst,
+                        char *err, size_t errlen);
+/* Launches the whole plan on `stream` (asynchronous; the caller orders and waits).
+ * RLB_EINVAL before a bind. */
+int rlb__cuda_plan_run(rlb_cuda_plan *cp, cudaStream_t stream);
+void rlb__cuda_plan_free(rlb_cuda_plan *cp);
+
+/* Bytes of device memory the plan holds (ops, descriptors, pointer tables). */
+uint64_t rlb__cuda_plan_device_bytes(const rlb_cuda_plan *cp);
+/* Work items of one run (what the launch's blocks share out). */
+uint64_t rlb__cuda_plan_items(const rlb_cuda_plan *cp);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* RLB_KERNELS_CUDA_PLAN_EXEC_H */
