@@ -743,6 +743,37 @@ static void child_big_sender(const char *path)
     _exit(5);
 }
 
+/* A child process connected to a listener of ours. */
+typedef struct child_peer {
+    scratch s;       /* where the listener lives */
+    rlb_listener *l; /* the listener */
+    rlb_conn *c;     /* our side of the child's connection */
+    pid_t pid;       /* the child */
+} child_peer;
+
+/* Forks a child that runs body(path) (which never returns) and accepts its connection. */
+static void child_peer_start(child_peer *cp, void (*body)(const char *path))
+{
+    scratch_make(&cp->s);
+    assert_int_equal(rlb__listener_open(cp->s.path, RING, &cp->l), 0);
+    cp->pid = fork();
+    assert_true(cp->pid >= 0);
+    if (cp->pid == 0)
+        body(cp->s.path);
+    assert_int_equal(accept_within(cp->l, &cp->c), 0);
+}
+
+/* Reaps the child, which must have died of SIGKILL, and closes everything. */
+static void child_peer_end(child_peer *cp)
+{
+    int st;
+    assert_int_equal(waitpid(cp->pid, &st, 0), cp->pid);
+    assert_true(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
+    rlb__conn_close(cp->c);
+    rlb__listener_close(cp->l);
+    scratch_remove(&cp->s);
+}
+
 typedef struct killer {
     pid_t pid;         /* the child to kill */
     uint32_t *asleep;  /* the parent's consumer `sleeping` word in the segment */
@@ -761,31 +792,23 @@ static void *killer_thread(void *arg)
 
 static void test_kill_mid_message(void **state)
 {
-    scratch s;
-    scratch_make(&s);
     int shm_before = shm_leftovers();
-    rlb_listener *l;
-    rlb_conn *c;
-    assert_int_equal(rlb__listener_open(s.path, RING, &l), 0);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0)
-        child_big_sender(s.path);
-    assert_int_equal(accept_within(l, &c), 0);
-    rlb_ring *rx = rlb__conn_rx(c);
+    child_peer cp;
+    child_peer_start(&cp, child_big_sender);
+    rlb_ring *rx = rlb__conn_rx(cp.c);
 
     /* The child fills the ring with the first fragments and sleeps for room: it is in
      * the middle of its message. Freeze it there, so that draining cannot let it finish.
      * Its shm_open segment exists by now and is already unlinked. */
     assert_true(wait_flag(&rx->shm->prod_wake.sleeping));
     int st;
-    assert_int_equal(kill(pid, SIGSTOP), 0);
-    assert_int_equal(waitpid(pid, &st, WUNTRACED), pid);
+    assert_int_equal(kill(cp.pid, SIGSTOP), 0);
+    assert_int_equal(waitpid(cp.pid, &st, WUNTRACED), cp.pid);
     assert_true(WIFSTOPPED(st));
     assert_int_equal(shm_leftovers(), shm_before);
 
     /* We drain the fragments and fall asleep on the ring; the child dies meanwhile. */
-    killer k = {.pid = pid, .asleep = &rx->shm->cons_wake.sleeping};
+    killer k = {.pid = cp.pid, .asleep = &rx->shm->cons_wake.sleeping};
     pthread_t t;
     assert_int_equal(pthread_create(&t, NULL, killer_thread, &k), 0);
     rlb_ring_rx rxs = {.max_msg = 1 << 20};
@@ -793,9 +816,6 @@ static void test_kill_mid_message(void **state)
     int rc = rlb__ring_recv(rx, &rxs, 20000, &m);
     int64_t learned_at = ms_now();
     assert_int_equal(pthread_join(t, NULL), 0);
-    assert_int_equal(waitpid(pid, &st, 0), pid);
-    assert_true(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
-
     assert_int_equal(rc, RLB_EPEERDEAD);
     assert_true(k.killed_at > 0);
     if (learned_at - k.killed_at >= 1000)
@@ -804,14 +824,11 @@ static void test_kill_mid_message(void **state)
     assert_int_equal(rxs.have, 0);
     assert_int_equal(rxs.total, 0);
     assert_int_equal(rlb__ring_recv(rx, &rxs, WAIT_MS, &m), RLB_EPEERDEAD);
-    assert_false(rlb__conn_peer_alive(c));
+    assert_false(rlb__conn_peer_alive(cp.c));
+    rlb__ring_rx_free(&rxs);
+    child_peer_end(&cp);
     /* Nothing is left in /dev/shm after the kill. */
     assert_int_equal(shm_leftovers(), shm_before);
-
-    rlb__ring_rx_free(&rxs);
-    rlb__conn_close(c);
-    rlb__listener_close(l);
-    scratch_remove(&s);
 }
 
 /* Child: connects, claims a slot and half fills it, says so over the socket, waits to be
@@ -837,33 +854,20 @@ static void child_claimer(const char *path)
 
 static void test_kill_open_claim(void **state)
 {
-    scratch s;
-    scratch_make(&s);
-    rlb_listener *l;
-    rlb_conn *c;
-    assert_int_equal(rlb__listener_open(s.path, RING, &l), 0);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0)
-        child_claimer(s.path);
-    assert_int_equal(accept_within(l, &c), 0);
+    child_peer cp;
+    child_peer_start(&cp, child_claimer);
     char b;
     size_t len;
     int nfds;
-    assert_int_equal(rlb__conn_recv_fds(c, &b, 1, &len, NULL, 0, &nfds, WAIT_MS), 0);
+    assert_int_equal(rlb__conn_recv_fds(cp.c, &b, 1, &len, NULL, 0, &nfds, WAIT_MS), 0);
     int64_t t0 = ms_now();
-    assert_int_equal(kill(pid, SIGKILL), 0);
+    assert_int_equal(kill(cp.pid, SIGKILL), 0);
     rlb_ring_msg m;
-    assert_int_equal(rlb__ring_peek(rlb__conn_rx(c), 20000, &m), RLB_EPEERDEAD);
+    assert_int_equal(rlb__ring_peek(rlb__conn_rx(cp.c), 20000, &m), RLB_EPEERDEAD);
     assert_true(ms_now() - t0 < 1000);
     /* The claim was never published. */
-    assert_int_equal(rlb_load_acquire(&rlb__conn_rx(c)->shm->prod.index), 0);
-    int st;
-    assert_int_equal(waitpid(pid, &st, 0), pid);
-    assert_true(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
-    rlb__conn_close(c);
-    rlb__listener_close(l);
-    scratch_remove(&s);
+    assert_int_equal(rlb_load_acquire(&rlb__conn_rx(cp.c)->shm->prod.index), 0);
+    child_peer_end(&cp);
 }
 
 /* ---- Another uid (`test_conn uid`, as root) ------------------------------------------- */
@@ -911,57 +915,54 @@ static int nobody_says_raw_hello(const char *path)
     return raw_expect_refusal(s, RLB_ABI_VERSION, RLB_EPERM);
 }
 
-static void test_uid_stopped_by_dir(void **state)
+/* Runs fn as NOBODY against a listener of ours and returns what the listener's accept
+ * said of that peer. opened: the test opens the socket directory and the socket to
+ * everyone first (as a careless set-up would), so that the kernel lets the child in;
+ * otherwise the directory stays 0700. */
+static int accept_nobody(as_nobody_fn fn, int opened)
 {
-    /* The socket directory is 0700 and ours: the kernel stops the other uid at the door
-     * (connect: EACCES -> RLB_EPERM) and the listener never sees it. */
     scratch s;
     scratch_make(&s);
     rlb_listener *l;
-    rlb_conn *c;
+    rlb_conn *c = NULL;
+    int rc;
     assert_int_equal(rlb__listener_open(s.path, RING, &l), 0);
-    assert_int_equal(reap(spawn_as_nobody(nobody_connects, s.path)), 0);
-    assert_int_equal(rlb__listener_accept(l, &c), RLB_EAGAIN);
+    if (opened) {
+        assert_int_equal(chmod(s.dir, 0711), 0);
+        assert_int_equal(chmod(s.path, 0666), 0);
+        pid_t pid = spawn_as_nobody(fn, s.path);
+        rc = accept_within(l, &c);
+        assert_int_equal(reap(pid), 0);
+    } else {
+        /* Nothing can reach the listener, so the child is done before we look. */
+        assert_int_equal(reap(spawn_as_nobody(fn, s.path)), 0);
+        rc = rlb__listener_accept(l, &c);
+    }
+    assert_null(c);
     rlb__listener_close(l);
     scratch_remove(&s);
+    return rc;
+}
+
+static void test_uid_stopped_by_dir(void **state)
+{
+    /* The socket directory is 0700 and ours: the kernel stops the other uid at the door
+     * (connect: EACCES -> RLB_EPERM in the child) and the listener never sees it. */
+    assert_int_equal(accept_nobody(nobody_connects, 0), RLB_EAGAIN);
 }
 
 static void test_uid_refused_by_listener(void **state)
 {
-    /* With the directory and the socket opened to everyone (by the test, as a careless
-     * set-up would), the kernel lets the other uid in; the listener's SO_PEERCRED check
-     * refuses it with RLB_EPERM, and the peer reads that reason. */
-    scratch s;
-    scratch_make(&s);
-    rlb_listener *l;
-    rlb_conn *c = NULL;
-    assert_int_equal(rlb__listener_open(s.path, RING, &l), 0);
-    assert_int_equal(chmod(s.dir, 0711), 0);
-    assert_int_equal(chmod(s.path, 0666), 0);
-    pid_t pid = spawn_as_nobody(nobody_says_raw_hello, s.path);
-    assert_int_equal(accept_within(l, &c), RLB_EPERM);
-    assert_null(c);
-    assert_int_equal(reap(pid), 0);
-    rlb__listener_close(l);
-    scratch_remove(&s);
+    /* Let in by the kernel, a raw peer says hello: the listener's SO_PEERCRED check
+     * refuses it with RLB_EPERM, and the child reads that reason. */
+    assert_int_equal(accept_nobody(nobody_says_raw_hello, 1), RLB_EPERM);
 }
 
 static void test_uid_listener_refused_by_peer(void **state)
 {
-    /* Same opened set-up, but the child uses rlb__conn_connect: it refuses the listener
-     * (uid 0 is not its own) before saying hello, so the listener sees a hang-up. */
-    scratch s;
-    scratch_make(&s);
-    rlb_listener *l;
-    rlb_conn *c = NULL;
-    assert_int_equal(rlb__listener_open(s.path, RING, &l), 0);
-    assert_int_equal(chmod(s.dir, 0711), 0);
-    assert_int_equal(chmod(s.path, 0666), 0);
-    pid_t pid = spawn_as_nobody(nobody_connects, s.path);
-    assert_int_equal(accept_within(l, &c), RLB_EPEERDEAD);
-    assert_int_equal(reap(pid), 0);
-    rlb__listener_close(l);
-    scratch_remove(&s);
+    /* Let in by the kernel, rlb__conn_connect in the child refuses the listener (uid 0
+     * is not its own) with RLB_EPERM before saying hello: the listener sees a hang-up. */
+    assert_int_equal(accept_nobody(nobody_connects, 1), RLB_EPEERDEAD);
 }
 
 int main(int argc, char **argv)
