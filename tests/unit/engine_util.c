@@ -113,9 +113,24 @@ double rel_err(const float *a, const float *ref, int64_t n)
     return worst / scale;
 }
 
+int engine_run_all(rlb_engine *e)
+{
+    while (rlb__engine_busy(e)) {
+        int rc = rlb__engine_step(e);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
 static size_t out_span(size_t out_bytes)
 {
     return (out_bytes + 63) / 64 * 64;
+}
+
+void *tp_out(void *outs, int r, size_t out_bytes)
+{
+    return (char *)outs + out_span(out_bytes) * (size_t)r;
 }
 
 void tp_outs_free(void *outs, int T, size_t out_bytes)

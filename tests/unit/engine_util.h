@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "worker/engine.h"
 #include "worker/tp_comm.h"
 
 #define FX_MAX_PROMPTS 4
@@ -46,6 +47,10 @@ const char *fx_dir(const char *name);
 /* max |a - b| / max(1, max |ref|) over n values: the relative error the tests bound. */
 double rel_err(const float *a, const float *ref, int64_t n);
 
+/* Steps the engine until no request is unfinished. Returns 0 or the failing step's
+ * error. */
+int engine_run_all(rlb_engine *e);
+
 /* One rank's work: writes its results to `out` (out_bytes, zeroed) and returns 0 on
  * success, anything else on failure. */
 typedef int (*tp_rank_fn)(int rank, rlb_tp_comm *comm, void *arg, void *out);
@@ -55,5 +60,7 @@ typedef int (*tp_rank_fn)(int rank, rlb_tp_comm *comm, void *arg, void *out);
  * 0 when every rank returned 0 and exited cleanly, -1 otherwise. */
 int tp_run(int T, tp_rank_fn fn, void *arg, size_t out_bytes, void **outs);
 void tp_outs_free(void *outs, int T, size_t out_bytes);
+/* Rank r's out area in what tp_run returned. */
+void *tp_out(void *outs, int r, size_t out_bytes);
 
 #endif /* RLB_TESTS_ENGINE_UTIL_H */
