@@ -1,0 +1,274 @@
+/* bridge_int.h: the inside of the bridge, shared by the files of bridge/.
+ *
+ *   loop.c      the event loop, accepting peers, hello / welcome, dispatch, stats, shutdown
+ *   peer.c      peers: outbound queues, shared-memory segments received over the socket
+ *   registry.c  the trainers' registered tensors, their validation, source and plan
+ *   sync.c      the sync transaction (publish -> copy -> load -> commit / abort)
+ *   sched.c     generation: the request table, replica choice, results, worker death
+ *
+ * Everything runs on the loop's thread except the plan executor, which runs on a copy
+ * thread during a sync (sync.c); while it runs, no segment is unmapped (peer.c parks them).
+ */
+#ifndef RLB_BRIDGE_INT_H
+#define RLB_BRIDGE_INT_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+#include "bridge/bridge.h"
+#include "common/conn.h"
+#include "common/proto.h"
+#include "common/ring.h"
+#include "model/params.h"
+#include "model/plan.h"
+#include "model/source.h"
+#include "model/tp_layout.h"
+
+#define BR_MAX_PEERS 1024      /* connections at once */
+#define BR_MAX_MSG (1u << 30)  /* largest message accepted from a peer */
+#define BR_TP_SLOT_FLOATS 65536 /* floats per call a CPU TP communicator exchanges at once */
+
+typedef struct bridge bridge;
+
+/* A packed message waiting for room in a peer's ring. */
+typedef struct br_out {
+    struct br_out *next; /* FIFO */
+    uint32_t type;       /* rlb_msg_type, also the ring record type */
+    size_t len;          /* bytes in data */
+    uint8_t data[];      /* the msgpack encoding */
+} br_out;
+
+/* A shared-memory segment a peer passed over its socket (common/segmsg.h). */
+typedef struct br_seg {
+    uint32_t id;    /* the sender's id for it */
+    void *addr;     /* our mapping */
+    uint64_t bytes; /* mapped length */
+    uint32_t refs;  /* registered tensors inside it (trainers) */
+} br_seg;
+
+/* One tensor a trainer rank registered (a copy of the message's tensor). */
+typedef struct br_tensor {
+    char *name;                   /* owned */
+    rlb_dtype dtype;              /* element type */
+    uint32_t ndim;                /* dimensions of shape */
+    int64_t shape[RLB_PROTO_MAX_DIMS]; /* global shape */
+    rlb_layout_kind kind;         /* FULL / FSDP1 / FSDP2 */
+    uint32_t frank, fworld;       /* FSDP rank and world */
+    uint32_t unit;                /* FSDP1 unit id */
+    uint64_t n_entries;           /* FSDP1 entries */
+    rlb_flat_entry *entries;      /* FSDP1 entries (names owned) */
+    uint32_t seg;                 /* segment id holding its bytes */
+    uint64_t offset, length;      /* bytes inside the segment */
+    int dropped;                  /* the model does not use it (tied lm_head): ignored */
+} br_tensor;
+
+typedef enum br_role { BR_NEW = -1 } br_role; /* before hello; else rlb_role */
+
+enum { BR_OPEN = 0, BR_CLOSE_AFTER_FLUSH = 1, BR_CLOSE_NOW = 2 }; /* br_peer.closing */
+
+typedef struct br_peer {
+    uint32_t id;             /* peer id (welcome) */
+    int slot;                /* index in bridge.peers */
+    rlb_conn *conn;          /* socket + rings */
+    int role;                /* BR_NEW until hello, then rlb_role */
+    rlb_msg_hello hello;     /* what it said (owns nothing) */
+    rlb_ring_rx rx;          /* reassembly of fragmented messages */
+    br_out *out_head, *out_tail; /* messages waiting for ring room */
+    int closing;             /* BR_CLOSE_*: drop once the queue is flushed, or now */
+    br_seg *segs;            /* segments received */
+    uint32_t n_segs, cap_segs;
+    /* trainer */
+    br_tensor *tensors;      /* registered tensors */
+    uint32_t n_tensors, cap_tensors;
+    uint64_t published;      /* last version this rank published, 0 = none pending */
+    /* worker */
+    void *buf[2];            /* weight buffers (segments 1 and 2) */
+    int active;              /* staged: which of buf[] the engine reads */
+    uint64_t version;        /* version its active buffer holds */
+    int load_sent;           /* a load of the sync in flight was sent to it */
+    int loaded;              /* ... and it answered */
+} br_peer;
+
+typedef enum br_replica_state {
+    BR_REP_FORMING = 0, /* not every TP rank connected yet */
+    BR_REP_UP = 1,      /* serving */
+    BR_REP_DEAD = 2     /* a rank died: the replica is out for good */
+} br_replica_state;
+
+typedef struct br_replica {
+    br_replica_state state;
+    br_peer **ranks;   /* [tp_size] worker of each TP rank, NULL until it says hello */
+    uint32_t inflight; /* generate requests on it */
+    int tp_fd;         /* CPU TP communicator segment (tp_size > 1), -1 otherwise */
+} br_replica;
+
+/* A generate request the bridge holds or has forwarded. */
+typedef struct br_gen {
+    uint64_t bid;       /* id on the worker side (unique in the bridge) */
+    uint32_t peer;      /* requester's peer id */
+    uint64_t cid;       /* requester's request id */
+    uint64_t minv;      /* min_weight_version */
+    int replica;        /* where it runs, -1 while held */
+    uint32_t retries;   /* times it was moved after a worker died */
+    size_t len;         /* bytes of the packed request (bid inside) */
+    uint8_t *packed;    /* what the workers get */
+} br_gen;
+
+typedef enum br_sync_state {
+    BR_SYNC_IDLE = 0,  /* no version in flight */
+    BR_SYNC_DRAIN,     /* pause: every rank published; waiting for generation to drain */
+    BR_SYNC_COPY,      /* the copy thread runs the plan */
+    BR_SYNC_LOAD       /* load(v) sent; waiting for every worker's loaded(v) */
+} br_sync_state;
+
+/* A sync's copy job, shared with the copy thread. */
+typedef struct br_copy {
+    rlb_plan view;        /* ops of the live replicas only */
+    const void **src;     /* [plan n_src] source buffers (a copy of the bridge's table) */
+    uint64_t *src_len;    /* [plan n_src] */
+    void **dst;           /* [plan n_dst] destination buffers */
+    uint64_t *dst_len;    /* [plan n_dst] */
+    int threads;          /* executor threads */
+    int rc;               /* result (written by the copy thread before it signals) */
+    char err[256];        /* the executor's error text */
+    double ms;            /* wall time of the copy */
+    int wake_fd;          /* eventfd the thread writes when done */
+    pthread_t tid;        /* the copy thread */
+} br_copy;
+
+struct bridge {
+    const rlb_bridge_opts *opts;
+    rlb_listener *listener;
+    int stop;                 /* shutdown requested */
+    uint32_t next_peer_id;    /* from 1 */
+    br_peer *peers[BR_MAX_PEERS]; /* by slot; NULL = free */
+    int n_peers;              /* slots in use */
+    rlb_param_list params;    /* the model's parameters */
+    /* trainers */
+    uint32_t world;           /* trainer ranks, 0 until the first trainer says hello */
+    br_peer **trainers;       /* [world] by rank, NULL while absent */
+    /* workers */
+    uint32_t tp_size;         /* T, 0 until the first worker says hello */
+    uint32_t n_replicas;      /* D */
+    br_replica *replicas;     /* [D] */
+    int ever_up;              /* some replica has served */
+    /* registry and plan */
+    int plan_ready;           /* plan (and source) match the current registrations */
+    rlb_source source;        /* built with the plan */
+    rlb_plan plan;
+    uint32_t n_src;           /* source buffers (segments) */
+    const void **src_ptr;     /* [n_src] */
+    uint64_t *src_len;        /* [n_src] */
+    char reg_missing[256];    /* why registrations are incomplete, for an abort text */
+    /* sync */
+    br_sync_state sync;       /* where the version in flight is */
+    uint64_t committed;       /* last committed version, 0 = initial weights */
+    uint64_t syncing;         /* version in flight (sync != IDLE), or published by all */
+    int stale;                /* pause mode: a sync aborted after writing; refuse generate */
+    double t_last_publish;    /* monotonic seconds of the last rank's publish */
+    int copy_running;         /* the copy thread owns src/dst memory */
+    int copied;               /* the in-flight sync wrote worker buffers */
+    br_copy copy;
+    br_seg *parked;           /* segments to unmap once the copy ends */
+    uint32_t n_parked, cap_parked;
+    double control_s;         /* loop CPU seconds spent on the sync in flight */
+    /* generation */
+    br_gen *gens;             /* requests held or in flight */
+    uint32_t n_gens, cap_gens;
+    uint64_t next_bid;        /* from 1 */
+    int asleep;               /* workers were told to sleep */
+    /* counters for stats */
+    uint64_t n_syncs, n_aborts, bytes_synced, n_requests, n_results, n_retried, n_failed;
+    double last_sync_ms, last_copy_ms, last_gbps, last_control_ms;
+};
+
+/* ---- peer.c ------------------------------------------------------------------------ */
+
+/* Packs msg and queues it for p (sending at once what the ring has room for). A peer whose
+ * ring stays blocked for a large message is marked closing. Returns 0 or a negative code
+ * (logged; the message is dropped). */
+int br_send(bridge *b, br_peer *p, const rlb_msg *msg);
+/* Queues already packed bytes. */
+int br_send_packed(bridge *b, br_peer *p, uint32_t type, const void *data, size_t len);
+/* Sends an ERROR (code, request id, in_reply_to, formatted text). */
+int br_send_error(bridge *b, br_peer *p, int code, uint64_t request_id, uint32_t in_reply_to,
+                  const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+/* Moves queued messages into p's ring. Returns 1 when something moved, 0 otherwise. */
+int br_flush(bridge *b, br_peer *p);
+/* Receives every fd message waiting on p's socket. Returns 0, or RLB_EPEERDEAD / a
+ * protocol error after which p should be dropped. */
+int br_recv_segments(bridge *b, br_peer *p, int wait_ms);
+/* The segment p sent under id, or NULL. */
+br_seg *br_seg_find(br_peer *p, uint32_t id);
+/* Unmaps a segment now, or parks it until the copy thread finishes. */
+void br_seg_release(bridge *b, br_seg *s);
+/* Unmaps parked segments (after the copy). */
+void br_unpark(bridge *b);
+/* The peer with this id, or NULL when it is gone. */
+br_peer *br_peer_by_id(bridge *b, uint32_t id);
+/* Frees a peer's queues, segments and connection (not its role state: loop.c). */
+void br_peer_free(bridge *b, br_peer *p);
+
+/* ---- registry.c -------------------------------------------------------------------- */
+
+/* Validates a REGISTER batch from trainer p and stores it (all or nothing). Replies with an
+ * ERROR naming the tensor on refusal. */
+void br_register(bridge *b, br_peer *p, const rlb_msg_register *m);
+/* Forgets names (or all of p's tensors). Replies ERROR for an unknown name. */
+void br_unregister(bridge *b, br_peer *p, const rlb_msg_unregister *m);
+/* Drops every tensor of p (disconnect). */
+void br_registry_drop(bridge *b, br_peer *p);
+/* Builds source and plan when every rank registered and the TP shape is known. Returns 1
+ * when the plan is ready, 0 while registrations are incomplete (b->reg_missing says
+ * why), or a negative code. */
+int br_plan_ensure(bridge *b);
+/* Invalidates source and plan (registrations changed). */
+void br_plan_reset(bridge *b);
+
+/* ---- sync.c ------------------------------------------------------------------------ */
+
+void br_publish(bridge *b, br_peer *p, uint64_t version);
+void br_loaded(bridge *b, br_peer *p, const rlb_msg_outcome *m);
+/* Advances the sync in flight (start, drain, copy done). Returns 1 when it did something. */
+int br_sync_progress(bridge *b);
+/* The copy thread's wake fd signalled: collect the result. */
+void br_copy_done(bridge *b);
+/* A trainer (worker == NULL) or worker disconnected: abort the version in flight if it
+ * depends on it. */
+void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker);
+/* Aborts the version in flight with code and text; nothing if idle. */
+void br_sync_abort(bridge *b, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Waits for a running copy thread (shutdown). */
+void br_sync_join(bridge *b);
+/* 1 while new generation must be held (pause drain/copy/load, staged load). */
+int br_sync_holds_generation(const bridge *b);
+
+/* ---- sched.c ----------------------------------------------------------------------- */
+
+/* Takes a GENERATE from requester p (decoded; raw is its encoding). */
+void br_generate(bridge *b, br_peer *p, rlb_msg *m);
+/* A worker's RESULT or request ERROR. */
+void br_result(bridge *b, br_peer *w, rlb_msg *m);
+void br_worker_error(bridge *b, br_peer *w, const rlb_msg_error *m);
+/* Forwards held requests that can run now. Returns 1 when one moved. */
+int br_dispatch(bridge *b);
+/* A replica died: move its requests to another replica or fail them. */
+void br_replica_lost(bridge *b, int replica);
+/* The requester went away: forget its requests. */
+void br_requester_lost(bridge *b, br_peer *p);
+/* Fails every held or running request with code (shutdown, stale weights). held_only:
+ * only those not forwarded yet. */
+void br_fail_requests(bridge *b, int code, int held_only, const char *text);
+/* Requests running on replicas (not held). */
+uint32_t br_inflight(const bridge *b);
+
+/* ---- loop.c ------------------------------------------------------------------------ */
+
+/* Monotonic seconds. */
+double br_now(void);
+/* CPU seconds used by the calling thread. */
+double br_thread_cpu(void);
+/* Marks a worker's replica dead, telling its other ranks to shut down. */
+void br_replica_kill(bridge *b, int replica, const char *why);
+
+#endif /* RLB_BRIDGE_INT_H */

@@ -1,0 +1,622 @@
+/* loop.c: the bridge's one event loop over every peer, and what it does with each
+ * message (hello, stats, sleep/wake, shutdown; the rest goes to registry.c, sync.c and
+ * sched.c).
+ *
+ * Waiting. Messages arrive on rings (shared memory), whose consumer-side wait is a
+ * semaphore per ring; the bridge cannot block on many of those at once, and peers post a
+ * ring's semaphore only when its consumer said it sleeps. Everything else that wakes the
+ * bridge is an fd: the listener, each peer's socket (segment fds arrive there and it
+ * reports a peer's death at once) and the copy thread's eventfd. So the loop
+ *   - after any activity, keeps polling the rings without sleeping for RLB_SPIN_US
+ *     (a burst of messages, a sync's loaded answers, costs no wake-up latency);
+ *   - then sleeps in poll() over all fds with a BR_IDLE_POLL_MS timeout, after which it
+ *     looks at the rings again.
+ * An idle bridge thus wakes 1000 times a second for a few microseconds of work (well
+ * under 1% of a core), and a message arriving at an idle bridge waits at most ~1 ms.
+ * Peer deaths, new connections and the end of a copy wake it at once.
+ *
+ * Sending never blocks the loop: see peer.c. A message that fails to decode is answered
+ * with an ERROR (rlb__msg_error_reply) and the sender's connection goes on; a message of a
+ * type its role may not send is refused the same way.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bridge/bridge_int.h"
+#include "common/atomics.h"
+#include "common/env.h"
+#include "common/log.h"
+#include "common/segmsg.h"
+#include "common/shm.h"
+#include "worker/tp_comm.h"
+
+#define BR_IDLE_POLL_MS 1   /* poll timeout once the spin is over */
+#define BR_RECV_BUDGET 64   /* messages taken from one peer per loop turn (fairness) */
+
+double br_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+double br_thread_cpu(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+int rlb__sync_mode_parse(const char *text, rlb_sync_mode *mode)
+{
+    if (text && !strcmp(text, "pause"))
+        *mode = RLB_SYNC_PAUSE;
+    else if (text && !strcmp(text, "staged"))
+        *mode = RLB_SYNC_STAGED;
+    else
+        return RLB_EINVAL;
+    return 0;
+}
+
+static const char *role_name(int role)
+{
+    return role == RLB_ROLE_TRAINER ? "trainer" : role == RLB_ROLE_WORKER ? "worker"
+           : role == RLB_ROLE_TOOL  ? "tool"
+                                    : "new peer";
+}
+
+/* ---- Replicas ------------------------------------------------------------------------ */
+
+void br_replica_kill(bridge *b, int replica, const char *why)
+{
+    br_replica *r = &b->replicas[replica];
+    if (r->state == BR_REP_DEAD)
+        return;
+    r->state = BR_REP_DEAD;
+    RLB_LOG_WARN(RLB_SUB_BRIDGE, "replica %d out of service: %s", replica, why);
+    rlb_msg bye = {.type = RLB_MSG_SHUTDOWN};
+    for (uint32_t t = 0; t < b->tp_size; t++)
+        if (r->ranks[t]) {
+            br_send(b, r->ranks[t], &bye);
+            r->ranks[t]->closing = BR_CLOSE_AFTER_FLUSH;
+        }
+    if (r->tp_fd >= 0)
+        close(r->tp_fd);
+    r->tp_fd = -1;
+    br_replica_lost(b, replica);
+}
+
+/* Sends replica d's CPU TP communicator segment to worker w, creating it first. */
+static int send_tp_segment(bridge *b, br_replica *r, uint32_t d, br_peer *w)
+{
+    size_t size = rlb__tp_shm_memsize((int)b->tp_size, BR_TP_SLOT_FLOATS);
+    if (r->tp_fd < 0) {
+        void *mem;
+        int fd, rc = rlb__shm_create(size, "rlb-tp", &fd);
+        if (rc < 0)
+            return rc;
+        if ((rc = rlb__shm_map(fd, size, &mem)) == 0) {
+            rc = rlb__tp_shm_init(mem, size, (int)b->tp_size, BR_TP_SLOT_FLOATS);
+            rlb__shm_unmap(mem, size);
+        }
+        if (rc < 0) {
+            close(fd);
+            return rc;
+        }
+        r->tp_fd = fd;
+    }
+    rlb__seg_msg sm = {.magic = RLB_SEG_MAGIC, .id = RLB_SEG_ID_BRIDGE + d, .bytes = size};
+    return rlb__conn_send_fds(w->conn, &sm, sizeof(sm), &r->tp_fd, 1);
+}
+
+/* ---- Hello ---------------------------------------------------------------------------- */
+
+/* Refuses a hello: ERROR, then the connection closes once the ERROR went out. */
+static void refuse(bridge *b, br_peer *p, int code, const char *text)
+{
+    br_send_error(b, p, code, 0, RLB_MSG_HELLO, "hello refused: %s", text);
+    p->closing = BR_CLOSE_AFTER_FLUSH;
+}
+
+static int hello_trainer(bridge *b, br_peer *p, const rlb_msg_hello *h, char *why, size_t len)
+{
+    if (b->world == 0) {
+        b->trainers = calloc(h->world, sizeof(*b->trainers));
+        if (!b->trainers)
+            return snprintf(why, len, "out of memory"), RLB_ENOMEM;
+        b->world = h->world;
+    }
+    if (h->world != b->world)
+        return snprintf(why, len, "world %u, but the connected trainers have %u", h->world,
+                        b->world), RLB_EINVAL;
+    if (b->trainers[h->rank])
+        return snprintf(why, len, "trainer rank %u is already connected", h->rank),
+               RLB_EEXIST;
+    b->trainers[h->rank] = p;
+    return 0;
+}
+
+/* Creates the replica table from the first worker's TP size and worker count. */
+static int replicas_init(bridge *b, const rlb_msg_hello *h, char *why, size_t len)
+{
+    char err[256] = "";
+    if (h->world % h->tp_size)
+        return snprintf(why, len, "%u workers do not make whole replicas of TP size %u",
+                        h->world, h->tp_size), RLB_EINVAL;
+    if (rlb__tp_check(&b->opts->cfg, (int)h->tp_size, err, sizeof(err)) < 0)
+        return snprintf(why, len, "TP size %u: %s", h->tp_size, err), RLB_EUNSUPPORTED;
+    uint32_t n = h->world / h->tp_size;
+    b->replicas = calloc(n, sizeof(*b->replicas));
+    if (!b->replicas)
+        return snprintf(why, len, "out of memory"), RLB_ENOMEM;
+    for (uint32_t d = 0; d < n; d++) {
+        b->replicas[d].tp_fd = -1;
+        b->replicas[d].ranks = calloc(h->tp_size, sizeof(br_peer *));
+        if (!b->replicas[d].ranks)
+            return snprintf(why, len, "out of memory"), RLB_ENOMEM;
+    }
+    b->n_replicas = n;
+    b->tp_size = h->tp_size;
+    br_plan_reset(b);
+    return 0;
+}
+
+/* Checks that worker p passed a weight buffer of the layout's size as segment id. */
+static int worker_buffer(bridge *b, br_peer *p, uint32_t id, uint64_t bytes, void **addr,
+                         char *why, size_t len)
+{
+    br_seg *s = br_seg_find(p, id);
+    if (!s) {
+        int wait = (int)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS);
+        br_recv_segments(b, p, wait > 0 ? wait : 1);
+        s = br_seg_find(p, id);
+    }
+    if (!s)
+        return snprintf(why, len, "no weight buffer passed as segment %u%s", id,
+                        id == RLB_SEG_ID_WEIGHTS_B ? " (the bridge runs in staged mode)" : ""),
+               RLB_ENOTFOUND;
+    if (s->bytes < bytes)
+        return snprintf(why, len, "weight buffer (segment %u) holds %llu bytes, the model needs "
+                        "%llu: does the worker run the bridge's model?", id,
+                        (unsigned long long)s->bytes, (unsigned long long)bytes), RLB_ESHAPE;
+    *addr = s->addr;
+    return 0;
+}
+
+static int hello_worker(bridge *b, br_peer *p, const rlb_msg_hello *h, char *why, size_t len)
+{
+    if (h->device != RLB_DEVICE_CPU)
+        return snprintf(why, len, "this bridge drives CPU workers only"), RLB_EUNSUPPORTED;
+    int rc;
+    if (b->tp_size == 0 && (rc = replicas_init(b, h, why, len)) < 0)
+        return rc;
+    if (h->tp_size != b->tp_size || h->world != b->n_replicas * b->tp_size)
+        return snprintf(why, len, "TP size %u and %u workers, but the others said %u and %u",
+                        h->tp_size, h->world, b->tp_size, b->n_replicas * b->tp_size),
+               RLB_EINVAL;
+    if (h->replica >= b->n_replicas || h->rank != h->replica * b->tp_size + h->tp_rank)
+        return snprintf(why, len, "replica %u TP rank %u does not match worker index %u",
+                        h->replica, h->tp_rank, h->rank), RLB_EINVAL;
+    br_replica *r = &b->replicas[h->replica];
+    if (r->state == BR_REP_DEAD)
+        return snprintf(why, len, "replica %u lost a worker and is out of service",
+                        h->replica), RLB_EPEERDEAD;
+    if (r->ranks[h->tp_rank])
+        return snprintf(why, len, "replica %u TP rank %u is already connected", h->replica,
+                        h->tp_rank), RLB_EEXIST;
+    rlb_tp_layout layout;
+    if ((rc = rlb__tp_layout_init(&layout, &b->opts->cfg, (int)h->tp_size, (int)h->tp_rank,
+                                  RLB_DTYPE_F32)) < 0)
+        return snprintf(why, len, "no TP layout for rank %u of %u", h->tp_rank, h->tp_size), rc;
+    uint64_t bytes = layout.total_bytes;
+    rlb__tp_layout_free(&layout);
+    if ((rc = worker_buffer(b, p, RLB_SEG_ID_WEIGHTS, bytes, &p->buf[0], why, len)) < 0)
+        return rc;
+    if (b->opts->mode == RLB_SYNC_STAGED &&
+        (rc = worker_buffer(b, p, RLB_SEG_ID_WEIGHTS_B, bytes, &p->buf[1], why, len)) < 0)
+        return rc;
+    if (b->tp_size > 1 && (rc = send_tp_segment(b, r, h->replica, p)) < 0)
+        return snprintf(why, len, "cannot pass the TP communicator: %s", rlb_strerror(rc)), rc;
+    r->ranks[h->tp_rank] = p;
+    for (uint32_t t = 0; t < b->tp_size; t++)
+        if (!r->ranks[t])
+            return 0;
+    r->state = BR_REP_UP;
+    b->ever_up = 1;
+    if (r->tp_fd >= 0)
+        close(r->tp_fd); /* every rank holds it now */
+    r->tp_fd = -1;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %u up (%u TP ranks)", h->replica, b->tp_size);
+    return 0;
+}
+
+static void on_hello(bridge *b, br_peer *p, const rlb_msg_hello *h)
+{
+    char why[384] = "";
+    int rc = 0;
+    if (p->role != BR_NEW) {
+        br_send_error(b, p, RLB_EPROTO, 0, RLB_MSG_HELLO, "hello sent twice");
+        return;
+    }
+    if (h->abi_version != RLB_ABI_VERSION) {
+        snprintf(why, sizeof(why), "ABI version %u, the bridge speaks %u", h->abi_version,
+                 RLB_ABI_VERSION);
+        rc = RLB_EVERSION;
+    } else if (h->role == RLB_ROLE_TRAINER) {
+        rc = hello_trainer(b, p, h, why, sizeof(why));
+    } else if (h->role == RLB_ROLE_WORKER) {
+        rc = hello_worker(b, p, h, why, sizeof(why));
+    }
+    if (rc < 0) {
+        refuse(b, p, rc, why);
+        return;
+    }
+    p->role = (int)h->role;
+    p->hello = *h;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "peer %u (pid %d) is %s %u of %u%s", p->id,
+                 (int)rlb__conn_peer_pid(p->conn), role_name(p->role), h->rank, h->world,
+                 p->role == RLB_ROLE_WORKER ? " (CPU)" : "");
+    rlb_msg m = {.type = RLB_MSG_WELCOME, .welcome = {.abi_version = RLB_ABI_VERSION,
+                                                      .peer_id = p->id,
+                                                      .weight_version = b->committed}};
+    br_send(b, p, &m);
+    br_dispatch(b);
+}
+
+/* ---- Control ------------------------------------------------------------------------ */
+
+static void on_stats(bridge *b, br_peer *p, uint64_t id)
+{
+    uint32_t workers = 0, up = 0, trainers = 0, held = 0;
+    for (uint32_t d = 0; d < b->n_replicas; d++) {
+        up += b->replicas[d].state == BR_REP_UP;
+        for (uint32_t t = 0; t < b->tp_size; t++)
+            workers += b->replicas[d].ranks[t] != NULL;
+    }
+    for (uint32_t r = 0; r < b->world; r++)
+        trainers += b->trainers[r] != NULL;
+    for (uint32_t i = 0; i < b->n_gens; i++)
+        held += b->gens[i].replica < 0;
+    const rlb_msg_stat s[] = {
+        {"weight_version", (double)b->committed},
+        {"syncs", (double)b->n_syncs},
+        {"aborts", (double)b->n_aborts},
+        {"bytes_synced", (double)b->bytes_synced},
+        {"last_sync_ms", b->last_sync_ms},
+        {"last_copy_ms", b->last_copy_ms},
+        {"last_sync_gbps", b->last_gbps},
+        {"control_ms_per_sync", b->last_control_ms},
+        {"plan_ops", b->plan_ready ? (double)b->plan.n_ops : 0},
+        {"requests", (double)b->n_requests},
+        {"results", (double)b->n_results},
+        {"retried", (double)b->n_retried},
+        {"failed", (double)b->n_failed},
+        {"inflight", (double)br_inflight(b)},
+        {"held", (double)held},
+        {"peers", (double)b->n_peers},
+        {"trainers", (double)trainers},
+        {"workers", (double)workers},
+        {"replicas_up", (double)up},
+        {"stale", (double)b->stale},
+        {"asleep", (double)b->asleep},
+        {"staged", (double)(b->opts->mode == RLB_SYNC_STAGED)},
+    };
+    rlb_msg m = {.type = RLB_MSG_STATS_REPLY,
+                 .stats_reply = {.request_id = id, .n_stats = sizeof(s) / sizeof(s[0]),
+                                 .stats = s}};
+    br_send(b, p, &m);
+}
+
+/* Sleep or wake every live worker. */
+static void on_sleep(bridge *b, int sleep)
+{
+    rlb_msg m = {.type = sleep ? RLB_MSG_SLEEP : RLB_MSG_WAKE};
+    for (uint32_t d = 0; d < b->n_replicas; d++)
+        for (uint32_t t = 0; b->replicas[d].state == BR_REP_UP && t < b->tp_size; t++)
+            br_send(b, b->replicas[d].ranks[t], &m);
+    b->asleep = sleep;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "workers told to %s", sleep ? "sleep" : "wake");
+}
+
+/* What each role may send (bit per message type). */
+static int allowed(int role, uint32_t type)
+{
+    const uint32_t any = 1u << RLB_MSG_STATS;
+    const uint32_t ask = any | 1u << RLB_MSG_GENERATE | 1u << RLB_MSG_SLEEP |
+                         1u << RLB_MSG_WAKE | 1u << RLB_MSG_SHUTDOWN;
+    uint32_t mask = role == BR_NEW             ? any | 1u << RLB_MSG_HELLO
+                    : role == RLB_ROLE_TOOL    ? ask
+                    : role == RLB_ROLE_TRAINER ? ask | 1u << RLB_MSG_REGISTER |
+                                                     1u << RLB_MSG_UNREGISTER |
+                                                     1u << RLB_MSG_PUBLISH
+                                               : any | 1u << RLB_MSG_RESULT |
+                                                     1u << RLB_MSG_LOADED | 1u << RLB_MSG_ERROR;
+    return type < 32 && (mask >> type & 1);
+}
+
+static void handle(bridge *b, br_peer *p, const void *data, size_t len)
+{
+    rlb_msg m;
+    char err[256];
+    int rc = rlb__msg_decode(data, len, &m, err, sizeof(err));
+    if (rc < 0) {
+        rlb_msg reply;
+        rlb__msg_error_reply(data, len, rc, err, &reply);
+        RLB_LOG_INFO(RLB_SUB_BRIDGE, "peer %u sent a malformed message: %s", p->id, err);
+        br_send(b, p, &reply);
+        return;
+    }
+    if (!allowed(p->role, m.type)) {
+        br_send_error(b, p, RLB_EPROTO, 0, m.type, "a %s may not send %s messages%s",
+                      role_name(p->role), rlb__msg_type_name(m.type),
+                      p->role == BR_NEW ? " before its hello" : "");
+        rlb__msg_free(&m);
+        return;
+    }
+    int busy_registry = b->sync != BR_SYNC_IDLE;
+    switch (m.type) {
+    case RLB_MSG_HELLO: on_hello(b, p, &m.hello); break;
+    case RLB_MSG_STATS: on_stats(b, p, m.stats.request_id); break;
+    case RLB_MSG_REGISTER:
+    case RLB_MSG_UNREGISTER:
+        if (busy_registry)
+            br_send_error(b, p, RLB_EAGAIN, 0, m.type, "version %" PRIu64 " is being synced; "
+                          "change registrations between syncs", b->syncing);
+        else if (m.type == RLB_MSG_REGISTER)
+            br_register(b, p, &m.reg);
+        else
+            br_unregister(b, p, &m.unreg);
+        break;
+    case RLB_MSG_PUBLISH: br_publish(b, p, m.publish.version); break;
+    case RLB_MSG_GENERATE: br_generate(b, p, &m); break;
+    case RLB_MSG_RESULT:
+        if (p->hello.tp_rank == 0)
+            br_result(b, p, &m);
+        break;
+    case RLB_MSG_LOADED: br_loaded(b, p, &m.loaded); break;
+    case RLB_MSG_ERROR: br_worker_error(b, p, &m.error); break;
+    case RLB_MSG_SLEEP: on_sleep(b, 1); break;
+    case RLB_MSG_WAKE: on_sleep(b, 0); break;
+    case RLB_MSG_SHUTDOWN:
+        RLB_LOG_INFO(RLB_SUB_BRIDGE, "shutdown asked by peer %u", p->id);
+        b->stop = 1;
+        break;
+    default: break;
+    }
+    rlb__msg_free(&m);
+}
+
+/* ---- Peers ----------------------------------------------------------------------------- */
+
+static void peer_drop(bridge *b, br_peer *p, const char *why)
+{
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "peer %u (%s) gone: %s", p->id, role_name(p->role), why);
+    if (p->role == RLB_ROLE_TRAINER) {
+        br_sync_peer_lost(b, p, NULL);
+        b->trainers[p->hello.rank] = NULL;
+        br_registry_drop(b, p);
+    } else if (p->role == RLB_ROLE_WORKER) {
+        br_replica *r = &b->replicas[p->hello.replica];
+        r->ranks[p->hello.tp_rank] = NULL;
+        if (r->state == BR_REP_UP)
+            br_sync_peer_lost(b, NULL, p);
+        if (r->state != BR_REP_DEAD) {
+            char text[96];
+            snprintf(text, sizeof(text), "worker %u (TP rank %u) %s", p->hello.rank,
+                     p->hello.tp_rank, why);
+            br_replica_kill(b, (int)p->hello.replica, text);
+        }
+    }
+    br_requester_lost(b, p);
+    b->peers[p->slot] = NULL;
+    b->n_peers--;
+    br_peer_free(b, p);
+}
+
+static void accept_peers(bridge *b)
+{
+    for (;;) {
+        rlb_conn *c;
+        int rc = rlb__listener_accept(b->listener, &c);
+        if (rc == RLB_EAGAIN)
+            return;
+        if (rc < 0)
+            continue; /* a refused or broken peer; conn.c logged it */
+        int slot = 0;
+        while (slot < BR_MAX_PEERS && b->peers[slot])
+            slot++;
+        br_peer *p = slot < BR_MAX_PEERS ? calloc(1, sizeof(*p)) : NULL;
+        if (!p) {
+            RLB_LOG_WARN(RLB_SUB_BRIDGE, "refusing a peer: %s", slot < BR_MAX_PEERS ?
+                         "out of memory" : "too many peers");
+            rlb__conn_close(c);
+            continue;
+        }
+        p->id = b->next_peer_id++;
+        p->slot = slot;
+        p->conn = c;
+        p->role = BR_NEW;
+        p->rx.max_msg = BR_MAX_MSG;
+        b->peers[slot] = p;
+        b->n_peers++;
+    }
+}
+
+/* Takes up to BR_RECV_BUDGET messages from p's ring. Returns 1 when it took any, or
+ * RLB_EPEERDEAD / RLB_ECORRUPT when p must go. */
+static int recv_messages(bridge *b, br_peer *p)
+{
+    rlb_ring *rx = rlb__conn_rx(p->conn);
+    int got = 0;
+    for (int i = 0; i < BR_RECV_BUDGET && p->closing == BR_OPEN; i++) {
+        rlb_ring_msg rm;
+        int rc = rlb__ring_recv(rx, &p->rx, 0, &rm);
+        if (rc == RLB_EAGAIN || rc == RLB_ETIMEDOUT)
+            break;
+        if (rc == RLB_ETOOBIG) {
+            br_send_error(b, p, RLB_ETOOBIG, 0, 0, "message larger than %u bytes skipped",
+                          BR_MAX_MSG);
+            continue;
+        }
+        if (rc < 0)
+            return rc;
+        handle(b, p, rm.data, rm.len);
+        rlb__ring_recv_done(rx, &p->rx);
+        got = 1;
+    }
+    return got;
+}
+
+/* One pass over peer p after poll said `revents`. Returns 1 when something happened. */
+static int serve_peer(bridge *b, br_peer *p, short revents)
+{
+    int busy = 0;
+    if ((revents & POLLIN) && br_recv_segments(b, p, 0) < 0 && !(revents & POLLHUP)) {
+        peer_drop(b, p, "bad segment message on its socket");
+        return 1;
+    }
+    int rc = recv_messages(b, p);
+    if (rc < 0) {
+        peer_drop(b, p, rlb_strerror(rc));
+        return 1;
+    }
+    busy |= rc;
+    if (revents & (POLLHUP | POLLRDHUP | POLLERR | POLLNVAL)) {
+        peer_drop(b, p, "disconnected");
+        return 1;
+    }
+    busy |= br_flush(b, p);
+    if (p->closing == BR_CLOSE_NOW || (p->closing && !p->out_head)) {
+        peer_drop(b, p, p->closing == BR_CLOSE_NOW ? "not reading its ring" : "closed by us");
+        return 1;
+    }
+    return busy;
+}
+
+/* ---- Run ------------------------------------------------------------------------------- */
+
+static void shutdown_all(bridge *b)
+{
+    br_sync_abort(b, RLB_ESHUTDOWN, "the bridge is shutting down");
+    br_fail_requests(b, RLB_ESHUTDOWN, 0, "the bridge is shutting down");
+    rlb_msg bye = {.type = RLB_MSG_SHUTDOWN};
+    for (int i = 0; i < BR_MAX_PEERS; i++)
+        if (b->peers[i] && b->peers[i]->role == RLB_ROLE_WORKER)
+            br_send(b, b->peers[i], &bye);
+    br_sync_join(b);
+    for (int i = 0; i < BR_MAX_PEERS; i++)
+        if (b->peers[i]) {
+            br_flush(b, b->peers[i]);
+            peer_drop(b, b->peers[i], "bridge shutdown");
+        }
+}
+
+static void bridge_free(bridge *b)
+{
+    br_plan_reset(b);
+    for (uint32_t d = 0; d < b->n_replicas; d++) {
+        if (b->replicas[d].tp_fd >= 0)
+            close(b->replicas[d].tp_fd);
+        free(b->replicas[d].ranks);
+    }
+    free(b->replicas);
+    free(b->trainers);
+    free(b->gens);
+    free(b->parked);
+    rlb__params_free(&b->params);
+    if (b->copy.wake_fd >= 0)
+        close(b->copy.wake_fd);
+    rlb__listener_close(b->listener);
+}
+
+static int loop(bridge *b)
+{
+    struct pollfd *fds = calloc(BR_MAX_PEERS + 2, sizeof(*fds));
+    br_peer **at = calloc(BR_MAX_PEERS, sizeof(*at));
+    if (!fds || !at) {
+        free(fds);
+        free(at);
+        return RLB_ENOMEM;
+    }
+    double spin_s = (double)rlb__env_int(RLB_KNOB_SPIN_US) * 1e-6;
+    double spin_until = 0;
+    const rlb_bridge_opts *o = b->opts;
+    while (!b->stop && !(o->stop && *o->stop)) {
+        fds[0] = (struct pollfd){.fd = rlb__listener_fd(b->listener), .events = POLLIN};
+        fds[1] = (struct pollfd){.fd = b->copy.wake_fd, .events = POLLIN};
+        int n = 2;
+        for (int i = 0; i < BR_MAX_PEERS; i++)
+            if (b->peers[i]) {
+                at[n - 2] = b->peers[i];
+                fds[n++] = (struct pollfd){.fd = rlb__conn_fd(b->peers[i]->conn),
+                                           .events = POLLIN | POLLRDHUP};
+            }
+        int timeout = br_now() < spin_until ? 0 : BR_IDLE_POLL_MS;
+        if (poll(fds, (nfds_t)n, timeout) < 0 && errno != EINTR) {
+            RLB_LOG_ERROR(RLB_SUB_BRIDGE, "poll: %s", strerror(errno));
+            break;
+        }
+        int busy = 0;
+        if (fds[0].revents & POLLIN)
+            accept_peers(b);
+        if (fds[1].revents & POLLIN) {
+            br_copy_done(b);
+            busy = 1;
+        }
+        for (int i = 2; i < n; i++)
+            busy |= serve_peer(b, at[i - 2], fds[i].revents);
+        busy |= br_sync_progress(b);
+        busy |= br_dispatch(b);
+        if (busy)
+            spin_until = br_now() + spin_s;
+        else if (timeout == 0)
+            rlb_cpu_relax();
+    }
+    free(fds);
+    free(at);
+    return 0;
+}
+
+int rlb__bridge_run(const rlb_bridge_opts *opts)
+{
+    char err[256] = "";
+    if (!opts || opts->struct_size < sizeof(*opts) || !opts->socket_path)
+        return RLB_EINVAL;
+    if (rlb__config_validate(&opts->cfg, err, sizeof(err)) < 0) {
+        RLB_LOG_ERROR(RLB_SUB_BRIDGE, "bad model config: %s", err);
+        return RLB_EINVAL;
+    }
+    bridge *b = calloc(1, sizeof(*b));
+    if (!b)
+        return RLB_ENOMEM;
+    b->opts = opts;
+    b->next_peer_id = 1;
+    b->next_bid = 1;
+    b->copy.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    int rc = RLB_EIO;
+    if (b->copy.wake_fd < 0)
+        goto out;
+    if ((rc = rlb__params_init(&b->params, &opts->cfg, err, sizeof(err))) < 0)
+        goto out;
+    if ((rc = rlb__listener_open(opts->socket_path, opts->ring_bytes, &b->listener)) < 0)
+        goto out;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "listening on %s (%s sync, model %s: %" PRId64 " layers, "
+                 "hidden %" PRId64 ")", opts->socket_path,
+                 opts->mode == RLB_SYNC_STAGED ? "staged" : "pause",
+                 rlb__config_arch_name(opts->cfg.arch), opts->cfg.n_layers, opts->cfg.hidden);
+    rc = loop(b);
+    shutdown_all(b);
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "stopped after %" PRIu64 " syncs (%" PRIu64 " aborted), %"
+                 PRIu64 " requests", b->n_syncs, b->n_aborts, b->n_requests);
+out:
+    bridge_free(b);
+    free(b);
+    return rc;
+}
