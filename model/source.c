@@ -167,7 +167,7 @@ int rlb__source_add_full(rlb_source *src, const char *name, int ndim, const int6
                          rlb_dtype dtype, uint32_t buffer, uint64_t offset, char *err,
                          size_t errlen)
 {
-    int64_t i;
+    int64_t i = -1;
     int rc = resolve(src, name, ndim, shape, 1, &i, err, errlen);
     if (rc)
         return rc == DROPPED ? 0 : rc;
@@ -188,7 +188,7 @@ int rlb__source_add_fsdp2(rlb_source *src, const char *name, int ndim, const int
                           rlb_dtype dtype, int world, const rlb_src_loc *ranks, char *err,
                           size_t errlen)
 {
-    int64_t i;
+    int64_t i = -1;
     int rc = resolve(src, name, ndim, shape, 1, &i, err, errlen);
     if (rc)
         return rc == DROPPED ? 0 : rc;
@@ -296,7 +296,7 @@ int rlb__source_add_fsdp1(rlb_source *src, const rlb_flat_unit *u, char *err, si
         const rlb_flat_entry *ent = &u->entries[e];
         if (!ent->name)
             continue;
-        int64_t i;
+        int64_t i = -1;
         rc = check_flat_entry(src, ent, &i, err, errlen);
         if (rc == DROPPED) {
             dropped = 1;
