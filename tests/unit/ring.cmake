@@ -1,6 +1,10 @@
 # Unit tests of the shared-memory ring, segments and connections (common/ring, shm, conn).
+# test_ring also writes the ring fuzzer's seeds and checks the committed ones are current:
+#   test_ring --write-corpus tests/fuzz/corpus/ring
 rlb_add_test(NAME test_ring SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_ring.c
              LIBS rlb_common LABELS unit TIMEOUT 60)
+target_compile_definitions(test_ring PRIVATE
+                           RLB_RING_CORPUS="${PROJECT_SOURCE_DIR}/tests/fuzz/corpus/ring")
 rlb_add_test(NAME test_ring_threads
              SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_ring_threads.c ${CMAKE_CURRENT_LIST_DIR}/ring_traffic.c
              LIBS rlb_common LABELS unit tsan TIMEOUT 120)

@@ -4,12 +4,16 @@
  * ring.h (16-byte header + payload rounded up to 8; a padding record fills the rest of the
  * data area at wrap; one record is at most capacity/2 - 16 payload bytes). Corruption tests
  * write hostile records and indices straight into the segment and expect RLB_ECORRUPT.
+ *
+ *   test_ring                      the unit tests
+ *   test_ring --write-corpus DIR   write the ring fuzzer's seeds (tests/fuzz/corpus/ring)
  */
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -19,6 +23,7 @@
 
 #include "common/ring.h"
 #include "rlb/rlb.h"
+#include "tests/fuzz/fuzz_ring.h"
 
 #define CAP 4096u
 #define HDR 16u
@@ -641,8 +646,117 @@ static void test_corrupt_fragments(void **state)
     }
 }
 
-int main(void)
+/* ---- Seed corpus of the ring fuzzer (tests/fuzz/fuzz_ring.h) ----------------------- */
+
+/* One seed: a ring written by the real producer from index `start`, as the fuzzer's
+ * consumer (or, with FUZZ_RING_PRODUCER, producer) will find it. */
+typedef struct seed {
+    const char *name;     /* file name in the corpus */
+    uint32_t mode;        /* FUZZ_RING_* */
+    uint32_t param;       /* max_msg, or the producer's size seed */
+    uint64_t start;       /* both indices before writing */
+    uint64_t cons_index;  /* consumer index to record, when not start */
+    uint32_t sizes[6];    /* records to claim and commit (0-terminated after the first) */
+    uint32_t send;        /* then one message of this many bytes through rlb__ring_send */
+    uint32_t after;       /* then one more record of this size (0: none) */
+} seed;
+
+static const seed seeds[] = {
+    {"01-records", 0, 0, 0, 0, {1, 7, 8, 100, 500, 0}, 0, 0},
+    {"02-records-recv", FUZZ_RING_RECV, 1u << 20, 0, 0, {1, 7, 8, 100, 500, 0}, 0, 0},
+    /* A 40-byte record leaves 8 bytes before the end: a bare padding record. */
+    {"03-wrap", 0, 0, FUZZ_RING_CAP - 48, 0, {24, 100, 60, 0}, 0, 0},
+    {"04-fragments", FUZZ_RING_RECV, 1u << 20, 0, 0, {0}, 3000, 10},
+    {"05-fragments-wrap", FUZZ_RING_RECV, 1u << 20, FUZZ_RING_CAP - 1000, 0, {0}, 3000, 0},
+    {"06-oversized", FUZZ_RING_RECV, 100, 0, 0, {0}, 3000, 10},
+    {"07-producer", FUZZ_RING_PRODUCER, 12345, 2048, 1024, {0}, 0, 0},
+};
+
+/* Writes the fuzz input of seed d into out (sizeof(fuzz_ring_prefix) + FUZZ_RING_CAP
+ * bytes); returns its length with trailing zero bytes cut (the fuzzer restores them). */
+static size_t build_seed(const seed *d, uint8_t *out)
 {
+    size_t size = rlb__ring_memsize(FUZZ_RING_CAP);
+    uint8_t *mem = aligned_alloc(64, size);
+    assert_non_null(mem);
+    memset(mem, 0, size); /* the seed holds the whole data area: no heap garbage in it */
+    assert_int_equal(rlb__ring_init(mem, FUZZ_RING_CAP), 0);
+    rlb__ring_shared *h = (rlb__ring_shared *)mem;
+    h->prod.index = d->start;
+    h->cons.index = d->start;
+    rlb_ring prod;
+    assert_int_equal(rlb__ring_attach(&prod, mem, size, RLB_RING_PRODUCER), 0);
+    uint8_t msg[3000];
+    for (int i = 0; i < 6 && d->sizes[i]; i++) {
+        void *p;
+        size_t cap;
+        assert_int_equal(rlb__ring_claim(&prod, d->sizes[i], 0, &p, &cap), 0);
+        pattern(p, d->sizes[i], (uint32_t)i);
+        assert_int_equal(rlb__ring_commit(&prod, (uint32_t)i + 1, d->sizes[i]), 0);
+    }
+    if (d->send) {
+        pattern(msg, d->send, 99);
+        assert_int_equal(rlb__ring_send(&prod, 7, msg, d->send, 0), 0);
+    }
+    if (d->after) {
+        pattern(msg, d->after, 100);
+        assert_int_equal(rlb__ring_send(&prod, 8, msg, d->after, 0), 0);
+    }
+    fuzz_ring_prefix px = {.prod_index = h->prod.index,
+                           .cons_index = d->cons_index ? d->cons_index : d->start,
+                           .mode = d->mode,
+                           .param = d->param};
+    memcpy(out, &px, sizeof(px));
+    memcpy(out + sizeof(px), mem + sizeof(rlb__ring_shared), FUZZ_RING_CAP);
+    free(mem);
+    size_t len = sizeof(px) + FUZZ_RING_CAP;
+    while (len > sizeof(px) && out[len - 1] == 0)
+        len--;
+    return len;
+}
+
+/* test_ring --write-corpus DIR: writes the seeds. Returns the exit code. */
+static int write_corpus(const char *dir)
+{
+    static uint8_t buf[sizeof(fuzz_ring_prefix) + FUZZ_RING_CAP];
+    for (size_t i = 0; i < sizeof(seeds) / sizeof(seeds[0]); i++) {
+        char path[4096];
+        snprintf(path, sizeof(path), "%s/%s", dir, seeds[i].name);
+        size_t len = build_seed(&seeds[i], buf);
+        FILE *fp = fopen(path, "wb");
+        if (!fp || fwrite(buf, 1, len, fp) != len || fclose(fp) != 0) {
+            fprintf(stderr, "cannot write %s\n", path);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static void test_corpus_current(void **state)
+{
+    /* The committed seeds are what the producer writes today: a change of the wire
+     * format shows here, and the corpus is rewritten with --write-corpus. */
+    static uint8_t want[sizeof(fuzz_ring_prefix) + FUZZ_RING_CAP];
+    static uint8_t have[sizeof(want) + 1];
+    for (size_t i = 0; i < sizeof(seeds) / sizeof(seeds[0]); i++) {
+        char path[4096];
+        snprintf(path, sizeof(path), "%s/%s", RLB_RING_CORPUS, seeds[i].name);
+        size_t len = build_seed(&seeds[i], want);
+        FILE *fp = fopen(path, "rb");
+        if (!fp)
+            fail_msg("missing seed %s", path);
+        size_t got = fread(have, 1, sizeof(have), fp);
+        fclose(fp);
+        if (got != len || memcmp(have, want, len) != 0)
+            fail_msg("seed %s is stale: run test_ring --write-corpus %s", path,
+                     RLB_RING_CORPUS);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 3 && strcmp(argv[1], "--write-corpus") == 0)
+        return write_corpus(argv[2]);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_memsize),
         cmocka_unit_test(test_attach_validates),
@@ -661,6 +775,7 @@ int main(void)
         cmocka_unit_test(test_corrupt_indices),
         cmocka_unit_test(test_corrupt_records),
         cmocka_unit_test(test_corrupt_fragments),
+        cmocka_unit_test(test_corpus_current),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
