@@ -1,0 +1,136 @@
+"""ctypes bindings of librlb (include/rlb/rlb.h): the structs, mirrored field by field, and
+the function signatures. Nothing here is public; rlbridge/__init__.py builds the Python API
+on top.
+
+The library is found, in this order, at $RLBRIDGE_LIB (a path to librlb.so), next to this
+package in a build tree (../../../build*/librlb.so), then by the system's library search
+(ctypes.util.find_library("rlb")).
+"""
+
+import ctypes
+import ctypes.util
+import glob
+import os
+
+c_size_t = ctypes.c_size_t
+c_u32 = ctypes.c_uint32
+c_u64 = ctypes.c_uint64
+c_i32 = ctypes.c_int32
+c_i64 = ctypes.c_int64
+c_int = ctypes.c_int
+
+MAX_DIMS = 8
+
+# Error codes (rlb.h), for the exception classes.
+EINVAL, ENOMEM, EIO, ETIMEDOUT, EPEERDEAD, EAGAIN, EPROTO, EVERSION = range(-1, -9, -1)
+EPERM, ENOTFOUND, EEXIST, ETOOBIG, ESHAPE, EDTYPE, EUNSUPPORTED = range(-9, -16, -1)
+ESTALE, EABORTED, ECUDA, ESHUTDOWN, ECORRUPT = range(-16, -21, -1)
+
+DTYPE_F32, DTYPE_BF16, DTYPE_F16 = 0, 1, 2
+LAYOUTS = {"full": 0, "fsdp1": 1, "fsdp2": 2}
+FINISH_REASONS = {0: "stop", 1: "length", 2: "abort"}
+
+
+class ClientOptions(ctypes.Structure):
+    _fields_ = [("struct_size", c_size_t), ("socket", ctypes.c_char_p),
+                ("connect_timeout_ms", c_int), ("request_timeout_ms", c_int),
+                ("rank", c_u32), ("world", c_u32), ("observer", c_int)]
+
+
+class Fsdp1Entry(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("ndim", c_u32), ("shape", c_u64 * MAX_DIMS),
+                ("numel", c_u64), ("padding", c_int)]
+
+
+class TensorDesc(ctypes.Structure):
+    _fields_ = [("struct_size", c_size_t), ("name", ctypes.c_char_p), ("dtype", c_int),
+                ("ndim", c_u32), ("shape", c_u64 * MAX_DIMS), ("layout", c_int),
+                ("shard_rank", c_u32), ("shard_world", c_u32), ("unit", c_u32),
+                ("align", c_u32), ("n_entries", c_u32),
+                ("entries", ctypes.POINTER(Fsdp1Entry)), ("data", ctypes.c_void_p)]
+
+
+class SyncStats(ctypes.Structure):
+    _fields_ = [("struct_size", c_size_t), ("version", c_u64), ("bytes", c_u64),
+                ("ms", ctypes.c_double), ("gbps", ctypes.c_double)]
+
+
+class SamplingParamsC(ctypes.Structure):
+    _fields_ = [("struct_size", c_size_t), ("n", c_u32), ("temperature", ctypes.c_float),
+                ("top_p", ctypes.c_float), ("top_k", c_i32), ("seed", c_i64),
+                ("max_tokens", c_u32), ("stop_token_ids", ctypes.POINTER(c_i32)),
+                ("n_stop_token_ids", c_u32), ("logprobs", c_i32)]
+
+
+class Prompt(ctypes.Structure):
+    _fields_ = [("tokens", ctypes.POINTER(c_i32)), ("n_tokens", c_u32)]
+
+
+class GenerateRequest(ctypes.Structure):
+    _fields_ = [("struct_size", c_size_t), ("prompts", ctypes.POINTER(Prompt)),
+                ("n_prompts", c_u32), ("sampling", ctypes.POINTER(SamplingParamsC)),
+                ("min_weight_version", c_u64)]
+
+
+class Sample(ctypes.Structure):
+    _fields_ = [("prompt", c_u32), ("index", c_u32), ("tokens", ctypes.POINTER(c_i32)),
+                ("n_tokens", c_u32), ("logprobs", ctypes.POINTER(ctypes.c_float)),
+                ("finish", c_int), ("weight_version", c_u64)]
+
+
+class ClientStats(ctypes.Structure):
+    _fields_ = [("struct_size", c_size_t), ("weight_version", c_u64), ("publishes", c_u64),
+                ("synced", c_u64), ("aborted", c_u64), ("bytes_synced", c_u64),
+                ("sync_ms", ctypes.c_double), ("requests", c_u64), ("samples", c_u64),
+                ("tokens", c_u64), ("host_bytes", c_u64), ("tensors", c_u64)]
+
+
+def _find():
+    env = os.environ.get("RLBRIDGE_LIB")
+    if env:
+        return env
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    for cand in sorted(glob.glob(os.path.join(root, "build*", "librlb.so"))):
+        return cand
+    return ctypes.util.find_library("rlb") or "librlb.so"
+
+
+def _bind(lib):
+    P = ctypes.POINTER
+    vp = ctypes.c_void_p
+    sigs = {
+        "rlb_strerror": (ctypes.c_char_p, [c_int]),
+        "rlb_client_options_init": (None, [P(ClientOptions)]),
+        "rlb_connect": (c_int, [P(ClientOptions), P(vp)]),
+        "rlb_close": (None, [vp]),
+        "rlb_last_error": (ctypes.c_char_p, [vp]),
+        "rlb_alloc_host": (c_int, [vp, c_size_t, P(vp)]),
+        "rlb_free_host": (c_int, [vp, vp]),
+        "rlb_tensor_desc_init": (None, [P(TensorDesc)]),
+        "rlb_tensor_bytes": (c_int, [P(TensorDesc), P(c_u64)]),
+        "rlb_register": (c_int, [vp, P(TensorDesc), c_size_t]),
+        "rlb_unregister": (c_int, [vp, P(ctypes.c_char_p), c_size_t]),
+        "rlb_publish": (c_int, [vp, c_u64, P(SyncStats)]),
+        "rlb_weight_version": (c_u64, [vp]),
+        "rlb_sampling_params_init": (None, [P(SamplingParamsC)]),
+        "rlb_generate_request_init": (None, [P(GenerateRequest)]),
+        "rlb_result_num_samples": (c_size_t, [vp]),
+        "rlb_result_sample": (P(Sample), [vp, c_size_t]),
+        "rlb_result_free": (None, [vp]),
+        "rlb_generate_submit": (c_int, [vp, P(GenerateRequest), P(c_u64)]),
+        "rlb_generate_poll": (c_int, [vp, c_u64, P(vp)]),
+        "rlb_generate_wait": (c_int, [vp, c_u64, c_int, P(vp)]),
+        "rlb_client_stats_get": (c_int, [vp, P(ClientStats)]),
+        "rlb_bridge_stats": (c_int, [vp, P(vp)]),
+        "rlb_stat_list_size": (c_size_t, [vp]),
+        "rlb_stat_list_get": (c_int, [vp, c_size_t, P(ctypes.c_char_p), P(ctypes.c_double)]),
+        "rlb_stat_list_free": (None, [vp]),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype = res
+        fn.argtypes = args
+    return lib
+
+
+lib = _bind(ctypes.CDLL(_find()))
