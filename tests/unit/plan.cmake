@@ -3,5 +3,6 @@ rlb_add_test(NAME test_convert SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_convert.c
              LIBS rlb_kernels_cpu m LABELS unit)
 rlb_add_test(NAME test_plan SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_plan.c
              LIBS rlb_kernels_cpu m LABELS unit)
+# The executor runs threads: its large, split ops also run under TSan.
 rlb_add_test(NAME test_plan_misuse SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_plan_misuse.c
-             LIBS rlb_kernels_cpu m LABELS unit)
+             LIBS rlb_kernels_cpu m LABELS "unit;tsan")
