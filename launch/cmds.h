@@ -8,7 +8,8 @@
 #ifndef RLB_LAUNCH_CMDS_H
 #define RLB_LAUNCH_CMDS_H
 
-#define RLB_COMMANDS(X)
+#define RLB_COMMANDS(X) \
+    X(generate, "generate from a HF checkpoint directory") \
 
 #define RLB_DECLARE_CMD(name, summary) int rlb__cmd_##name(int argc, char **argv);
 RLB_COMMANDS(RLB_DECLARE_CMD)

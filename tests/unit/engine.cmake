@@ -14,3 +14,10 @@ rlb_add_test(NAME test_sample SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_sample.c
              LIBS rlb_kernels_cpu m LABELS unit TIMEOUT 60)
 rlb_add_test(NAME test_engine_batch SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_batch.c
              LIBS rlb_test_engine_util LABELS "unit;tsan" TIMEOUT 180)
+if(TARGET rlb)
+  rlb_add_test(NAME test_engine_generate
+               SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_generate.c
+               LIBS rlb_test_engine_util LABELS unit TIMEOUT 180)
+  target_compile_definitions(test_engine_generate PRIVATE RLB_BIN="$<TARGET_FILE:rlb>")
+  add_dependencies(test_engine_generate rlb)
+endif()
