@@ -407,7 +407,7 @@ static void peer_drop(bridge *b, br_peer *p, const char *why)
         r->ranks[p->hello.tp_rank] = NULL;
         if (r->state == BR_REP_UP)
             br_sync_peer_lost(b, NULL, p);
-        if (r->state != BR_REP_DEAD) {
+        if (r->state != BR_REP_DEAD && !b->stop) {
             char text[96];
             snprintf(text, sizeof(text), "worker %u (TP rank %u) %s", p->hello.rank,
                      p->hello.tp_rank, why);
@@ -504,6 +504,7 @@ static int serve_peer(bridge *b, br_peer *p, short revents)
 
 static void shutdown_all(bridge *b)
 {
+    b->stop = 1;
     br_sync_abort(b, RLB_ESHUTDOWN, "the bridge is shutting down");
     br_fail_requests(b, RLB_ESHUTDOWN, 0, "the bridge is shutting down");
     rlb_msg bye = {.type = RLB_MSG_SHUTDOWN};

@@ -10,6 +10,8 @@
 
 #define RLB_COMMANDS(X) \
     X(generate, "generate from a HF checkpoint directory") \
+    X(bridge, "run the rlb-bridge daemon (CPU backend)") \
+    X(worker, "run one rlb-worker: a TP rank of a replica, CPU backend") \
 
 #define RLB_DECLARE_CMD(name, summary) int rlb__cmd_##name(int argc, char **argv);
 RLB_COMMANDS(RLB_DECLARE_CMD)

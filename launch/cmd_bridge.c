@@ -1,0 +1,104 @@
+/* cmd_bridge.c: `rlb bridge`, the rlb-bridge daemon (bridge/bridge.h) on the CPU backend.
+ *
+ * It listens on --socket PATH, or on --name NAME in the per-user socket directory
+ * (default name "bridge", where librlb looks by default), for the model of --model DIR
+ * (its config.json) or the built-in tiny model (--tiny, the default). It logs one line per
+ * event at info level and exits 0 on SIGTERM / SIGINT or a shutdown message, leaving no
+ * socket file and nothing in /dev/shm; 1 when it cannot start; 2 on bad usage.
+ */
+#include <getopt.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "bridge/bridge.h"
+#include "common/conn.h"
+#include "common/log.h"
+#include "launch/cmds.h"
+#include "worker/daemon.h"
+#include "worker/loader.h"
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: rlb bridge [--socket PATH | --name NAME] [--model DIR | --tiny] [options]\n"
+            "  --socket PATH        listen on this socket path\n"
+            "  --name NAME          listen on NAME in the socket directory (default \"%s\")\n"
+            "  --model DIR          the workers' model: DIR/config.json\n"
+            "  --tiny               the built-in tiny model (default)\n"
+            "  --mode pause|staged  sync mode (default pause)\n"
+            "  --threads N          copy threads per sync (default: RLB_THREADS)\n"
+            "  --ring-bytes N       ring capacity per direction per peer (default: "
+            "RLB_RING_BYTES)\n",
+            RLB_SOCKET_DEFAULT);
+}
+
+int rlb__cmd_bridge(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"socket", required_argument, NULL, 's'}, {"name", required_argument, NULL, 'n'},
+        {"model", required_argument, NULL, 'm'},  {"tiny", no_argument, NULL, 't'},
+        {"mode", required_argument, NULL, 'M'},   {"threads", required_argument, NULL, 'T'},
+        {"ring-bytes", required_argument, NULL, 'r'}, {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    const char *socket = NULL, *name = RLB_SOCKET_DEFAULT, *model = NULL;
+    uint64_t threads = 0, ring_bytes = 0;
+    static volatile sig_atomic_t stop;
+    rlb_bridge_opts o = RLB_BRIDGE_OPTS_INIT;
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+        int rc = 0;
+        switch (c) {
+        case 's': socket = optarg; break;
+        case 'n': name = optarg; break;
+        case 'm': model = optarg; break;
+        case 't': model = NULL; break;
+        case 'M':
+            if (rlb__sync_mode_parse(optarg, &o.mode) < 0) {
+                fprintf(stderr, "rlb bridge: --mode is pause or staged, not '%s'\n", optarg);
+                rc = 2;
+            }
+            break;
+        case 'T': rc = rlb__daemon_parse_u64("bridge", "threads", optarg, 0, 256, &threads); break;
+        case 'r':
+            rc = rlb__daemon_parse_u64("bridge", "ring-bytes", optarg, 4096, 1ull << 40,
+                                       &ring_bytes);
+            break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+        if (rc)
+            return rc;
+    }
+    if (optind < argc) {
+        fprintf(stderr, "rlb bridge: unexpected argument '%s'\n", argv[optind]);
+        return 2;
+    }
+    rlb__log_init_default(RLB_LOG_LVL_INFO);
+    char path[PATH_MAX], err[256] = "";
+    if (!socket) {
+        int rc = rlb__conn_socket_path(name, path, sizeof(path));
+        if (rc < 0) {
+            fprintf(stderr, "rlb bridge: no socket path for name '%s': %s\n", name,
+                    rlb_strerror(rc));
+            return 1;
+        }
+        socket = path;
+    }
+    if (model && rlb__load_config(model, &o.cfg, err, sizeof(err)) < 0) {
+        fprintf(stderr, "rlb bridge: %s: %s\n", model, err);
+        return 1;
+    }
+    if (!model)
+        rlb__config_tiny(&o.cfg);
+    o.socket_path = socket;
+    o.threads = (int)threads;
+    o.ring_bytes = ring_bytes;
+    o.stop = &stop;
+    rlb__daemon_stop_on_signals(&stop);
+    int rc = rlb__bridge_run(&o);
+    if (rc < 0)
+        fprintf(stderr, "rlb bridge: %s\n", rlb_strerror(rc));
+    return rc < 0 ? 1 : 0;
+}

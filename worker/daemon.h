@@ -1,0 +1,53 @@
+/* daemon.h: the rlb-worker daemon (DESIGN §1, §6) as a function: one TP rank of one
+ * data-parallel replica on the CPU backend, driven by the bridge.
+ *
+ * It connects to the bridge, learns the sync mode (a stats request: "staged"), allocates
+ * its float32 weight buffer laid out by model/tp_layout.h in a shared-memory segment
+ * (a second one in staged mode), fills it from a checkpoint (or leaves it zero for the
+ * built-in tiny model until the first sync), passes it to the bridge as segment 1 (and
+ * 2), says hello, maps the CPU TP communicator the bridge hands a replica of TP size > 1,
+ * and then runs the engine on the bridge's commands: generate, load, sleep, wake,
+ * shutdown. Results carry the version of the weights they were sampled with.
+ */
+#ifndef RLB_WORKER_DAEMON_H
+#define RLB_WORKER_DAEMON_H
+
+#include <signal.h>
+#include <stdint.h>
+
+#include "worker/forward.h"
+
+typedef struct rlb_worker_opts {
+    uint32_t struct_size;        /* sizeof(rlb_worker_opts) */
+    const char *socket_path;     /* the bridge's socket (required) */
+    uint32_t replica;            /* data-parallel replica index, < replicas */
+    uint32_t replicas;           /* replicas in the run (0 = 1) */
+    uint32_t tp_rank;            /* TP rank in the replica, < tp_size */
+    uint32_t tp_size;            /* TP size (0 = 1) */
+    const char *model_dir;       /* HF checkpoint directory, or NULL for the tiny model */
+    rlb_quant quant;             /* post-load processing */
+    uint64_t kv_bytes;           /* KV cache budget; 0 = RLB_WORKER_KV_DEFAULT */
+    int threads;                 /* OpenBLAS threads; 0 = the RLB_THREADS knob */
+    volatile sig_atomic_t *stop; /* the daemon ends when *stop != 0; may be NULL */
+} rlb_worker_opts;
+
+#define RLB_WORKER_OPTS_INIT {.struct_size = sizeof(rlb_worker_opts)}
+#define RLB_WORKER_KV_DEFAULT (64ull << 20)
+
+/* Runs the worker until the bridge says shutdown, the bridge goes away or *opts->stop.
+ * Returns 0 after a shutdown message or a stop request, RLB_EPEERDEAD when the bridge or a
+ * TP peer died, or the error that prevented start-up (bad options, refused hello, no
+ * memory, a checkpoint that does not load). */
+int rlb__worker_run(const rlb_worker_opts *opts);
+
+/* ---- Helpers of the daemon commands (`rlb worker`, `rlb bridge`): daemon_args.c ------- */
+
+/* Installs SIGTERM / SIGINT handlers that set *flag (without SA_RESTART, so a blocking
+ * poll returns at once) and ignores SIGPIPE. */
+void rlb__daemon_stop_on_signals(volatile sig_atomic_t *flag);
+/* Parses a whole decimal number in [lo, hi] given to option --opt of command cmd. Returns
+ * 0, or 2 (the usage exit status) after printing why. */
+int rlb__daemon_parse_u64(const char *cmd, const char *opt, const char *text, uint64_t lo,
+                          uint64_t hi, uint64_t *out);
+
+#endif /* RLB_WORKER_DAEMON_H */
