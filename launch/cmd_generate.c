@@ -72,6 +72,16 @@ static int bad_value(const char *opt, const char *val, const char *why)
     return 2;
 }
 
+/* Returns 0 when lo <= v <= hi, else 2 (message printed). */
+static int in_range(const char *opt, const char *s, double v, double lo, double hi)
+{
+    if (v >= lo && v <= hi)
+        return 0;
+    char why[96];
+    snprintf(why, sizeof why, "must be in [%.10g, %.10g]", lo, hi);
+    return bad_value(opt, s, why);
+}
+
 /* Parses a whole decimal integer in [lo, hi]. Returns 0 or 2 (message printed). */
 static int parse_long(const char *opt, const char *s, long lo, long hi, long *out)
 {
@@ -80,13 +90,10 @@ static int parse_long(const char *opt, const char *s, long lo, long hi, long *ou
     long v = strtol(s, &end, 10);
     if (end == s || *end || errno)
         return bad_value(opt, s, "not an integer");
-    if (v < lo || v > hi) {
-        char why[96];
-        snprintf(why, sizeof why, "must be in [%ld, %ld]", lo, hi);
-        return bad_value(opt, s, why);
-    }
-    *out = v;
-    return 0;
+    int rc = in_range(opt, s, (double)v, (double)lo, (double)hi);
+    if (rc == 0)
+        *out = v;
+    return rc;
 }
 
 /* Parses a whole finite number in [lo, hi]. Returns 0 or 2. */
@@ -97,13 +104,10 @@ static int parse_float(const char *opt, const char *s, double lo, double hi, flo
     double v = strtod(s, &end);
     if (end == s || *end || errno || !isfinite(v))
         return bad_value(opt, s, "not a finite number");
-    if (v < lo || v > hi) {
-        char why[96];
-        snprintf(why, sizeof why, "must be in [%g, %g]", lo, hi);
-        return bad_value(opt, s, why);
-    }
-    *out = (float)v;
-    return 0;
+    int rc = in_range(opt, s, v, lo, hi);
+    if (rc == 0)
+        *out = (float)v;
+    return rc;
 }
 
 /* Parses "1,2,3" into a fresh array of ids in [0, INT32_MAX]. Returns 0 or 2. */
