@@ -622,6 +622,14 @@ int rlb__engine_reload(rlb_engine *e)
     return rc ? rc : rlb__forward_postload(&e->fwd);
 }
 
+int rlb__engine_set_weights(rlb_engine *e, const void *weights)
+{
+    if (!weights)
+        return RLB_EINVAL;
+    int rc = preempt_all(e);
+    return rc ? rc : rlb__forward_set_weights(&e->fwd, weights);
+}
+
 void rlb__engine_stats(const rlb_engine *e, rlb_engine_stats *out)
 {
     *out = e->stats;

@@ -129,6 +129,13 @@ int rlb__engine_wake(rlb_engine *e);
  * the processing. */
 int rlb__engine_reload(rlb_engine *e);
 
+/* Switches to another weight buffer of the same layout (staged weight sync: the new
+ * weights were written into a second buffer while this one served), re-runs post-load
+ * processing on it and preempts running sequences as rlb__engine_reload does. The old
+ * buffer is not read afterwards and may be reused. Returns 0, RLB_EINVAL (NULL weights) or
+ * an error of the processing. */
+int rlb__engine_set_weights(rlb_engine *e, const void *weights);
+
 void rlb__engine_stats(const rlb_engine *e, rlb_engine_stats *out);
 /* The forward pass, for callers that need logits directly (tests, benchmarks). */
 rlb_forward *rlb__engine_forward(rlb_engine *e);

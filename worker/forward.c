@@ -176,6 +176,34 @@ int rlb__forward_postload(rlb_forward *f)
     return 0;
 }
 
+/* p, a pointer into the buffer at `from`, moved to the same offset in `to`. */
+static const float *rebase(const float *p, const void *from, const void *to)
+{
+    return p ? (const float *)((const char *)to + ((const char *)p - (const char *)from))
+             : NULL;
+}
+
+int rlb__forward_set_weights(rlb_forward *f, const void *weights)
+{
+    if (!weights)
+        return RLB_EINVAL;
+    const void *old = f->weights;
+    f->embed = rebase(f->embed, old, weights);
+    f->final_norm = rebase(f->final_norm, old, weights);
+    f->head = rebase(f->head, old, weights);
+    for (int64_t l = 0; l < f->cfg.n_layers; l++) {
+        rlb_fwd_layer *L = &f->layers[l];
+        const float **ptrs[] = {&L->attn_norm, &L->qkv, &L->qkv_bias, &L->o,
+                                &L->mlp_norm, &L->gate_up, &L->down};
+        for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++)
+            *ptrs[i] = rebase(*ptrs[i], old, weights);
+    }
+    for (int64_t i = 0; i < f->n_i8; i++)
+        f->i8_jobs[i].src = rebase(f->i8_jobs[i].src, old, weights);
+    f->weights = weights;
+    return rlb__forward_postload(f);
+}
+
 int rlb__forward_init(rlb_forward *f, const rlb_tp_layout *layout, const void *weights,
                       rlb_tp_comm *comm, rlb_quant quant)
 {
@@ -200,6 +228,7 @@ int rlb__forward_init(rlb_forward *f, const rlb_tp_layout *layout, const void *w
     f->vp_local = layout->vp / layout->tp_size;
     f->vocab0 = layout->tp_rank * f->vp_local;
     f->attn_scale = (float)pow((double)cfg->head_dim, -0.5);
+    f->weights = weights;
     f->embed = tensor_ptr(layout, weights, RLB_W_EMBED, -1);
     f->final_norm = tensor_ptr(layout, weights, RLB_W_FINAL_NORM, -1);
     f->head = cfg->tie_embeddings ? f->embed : tensor_ptr(layout, weights, RLB_W_LM_HEAD, -1);

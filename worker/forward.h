@@ -79,6 +79,7 @@ typedef struct rlb_forward {
     int64_t vocab0;         /* first token id of this rank's rows */
     float attn_scale;       /* hd^-1/2 as HF rounds it */
     float *inv_freq;        /* [hd/2] RoPE frequencies */
+    const void *weights;    /* the weight buffer every pointer below points into */
     const float *embed, *final_norm, *head; /* head = lm_head or embed (tied) */
     rlb_i8_weight head8;    /* int8 LM head (quant int8) */
     rlb_fwd_layer *layers;  /* [n_layers] */
@@ -100,6 +101,10 @@ int rlb__forward_init(rlb_forward *f, const rlb_tp_layout *layout, const void *w
 void rlb__forward_free(rlb_forward *f);
 /* Re-runs post-load processing from the weight buffer (a no-op for quant none). */
 int rlb__forward_postload(rlb_forward *f);
+/* Points the forward pass at another buffer of the same layout (every tensor at the same
+ * offset in `weights`) and re-runs post-load processing from it; the old buffer is not
+ * read again. Returns 0, RLB_EINVAL (NULL weights) or an error of the processing. */
+int rlb__forward_set_weights(rlb_forward *f, const void *weights);
 /* Runs the spans; writes the asked-for logits, [rows, V] in span order, to `logits`.
  * Collective over the TP ranks (every rank passes the same spans). Returns 0, RLB_EINVAL
  * (a token id outside [0, V), a span the blocks do not cover), RLB_ENOMEM or a

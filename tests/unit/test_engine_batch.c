@@ -14,7 +14,8 @@
  *   tp2, tp4   all requests at TP 2 / TP 4, ranks in processes over shared memory, every
  *              rank the same bytes
  * plus stop ids (a sample stops at the first stop id, which it keeps), abort (tokens so
- * far, a prefix of the reference), and the refusals of rlb__engine_add.
+ * far, a prefix of the reference), the refusals of rlb__engine_add, and switching to
+ * another weight buffer (rlb__engine_set_weights, fp32 and int8).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -109,7 +110,8 @@ static int drain(rlb_engine *e, batch_out *out)
     return 0;
 }
 
-static int make_engine(const rlb_loaded *m, rlb_tp_comm *comm, scenario how, rlb_engine **e)
+static int make_engine(const rlb_loaded *m, const void *weights, rlb_tp_comm *comm,
+                       scenario how, rlb_quant quant, rlb_engine **e)
 {
     rlb_engine_opts o = RLB_ENGINE_OPTS_INIT;
     o.block_tokens = 4;
@@ -118,7 +120,8 @@ static int make_engine(const rlb_loaded *m, rlb_tp_comm *comm, scenario how, rlb
                  (how == PRESSURE ? PRESSURE_BLOCKS : 256);
     o.max_batch_tokens = 16;
     o.threads = 1;
-    return rlb__engine_create(&m->layout, m->weights, comm, &o, e);
+    o.quant = quant;
+    return rlb__engine_create(&m->layout, weights, comm, &o, e);
 }
 
 static int run_scenario(const batch_arg *a, const rlb_loaded *m, rlb_tp_comm *comm,
@@ -129,14 +132,14 @@ static int run_scenario(const batch_arg *a, const rlb_loaded *m, rlb_tp_comm *co
     if (a->how == ALONE) {
         for (int i = 0; i < N_REQ && !rc; i++) {
             rlb_gen_request q = request(i);
-            if (!(rc = make_engine(m, comm, ALONE, &e)) && !(rc = rlb__engine_add(e, &q)))
+            if (!(rc = make_engine(m, m->weights, comm, ALONE, RLB_QUANT_NONE, &e)) && !(rc = rlb__engine_add(e, &q)))
                 rc = drain(e, out);
             rlb__engine_destroy(e);
             e = NULL;
         }
         return rc;
     }
-    if ((rc = make_engine(m, comm, a->how, &e)))
+    if ((rc = make_engine(m, m->weights, comm, a->how, RLB_QUANT_NONE, &e)))
         return rc;
     for (int i = 0; i < N_REQ && !rc; i++) {
         rlb_gen_request q = request(i);
@@ -277,12 +280,12 @@ typedef struct local_engine {
     rlb_engine *e;      /* the engine */
 } local_engine;
 
-static void local_open(local_engine *le, scenario how)
+static void local_open(local_engine *le, scenario how, rlb_quant quant)
 {
     char err[512];
     assert_int_equal(rlb__load_checkpoint(fx.dir, 1, 0, &le->m, err, sizeof err), 0);
     assert_int_equal(rlb__tp_comm_local(&le->comm), 0);
-    assert_int_equal(make_engine(&le->m, le->comm, how, &le->e), 0);
+    assert_int_equal(make_engine(&le->m, le->m.weights, le->comm, how, quant, &le->e), 0);
 }
 
 static void local_close(local_engine *le)
@@ -296,7 +299,7 @@ static void test_stop_ids(void **state)
 {
     (void)state;
     local_engine le;
-    local_open(&le, TOGETHER);
+    local_open(&le, TOGETHER, RLB_QUANT_NONE);
     /* Request 3's samples: stop at sample 1's fifth token. */
     const sample_out *ref = reference->s[3];
     int32_t stop = ref[1].tokens[4];
@@ -325,7 +328,7 @@ static void test_abort(void **state)
 {
     (void)state;
     local_engine le;
-    local_open(&le, TOGETHER);
+    local_open(&le, TOGETHER, RLB_QUANT_NONE);
     rlb_gen_request q0 = request(0), q1 = request(1);
     assert_int_equal(rlb__engine_add(le.e, &q0), 0);
     assert_int_equal(rlb__engine_add(le.e, &q1), 0);
@@ -357,7 +360,7 @@ static void test_add_refusals(void **state)
 {
     (void)state;
     local_engine le;
-    local_open(&le, PRESSURE);
+    local_open(&le, PRESSURE, RLB_QUANT_NONE);
     rlb_gen_request q = request(2);
     int32_t bad_ids[3] = {1, (int32_t)fx.vocab, 2};
     q.prompt = bad_ids;
@@ -392,6 +395,72 @@ static void test_add_refusals(void **state)
     local_close(&le);
 }
 
+static void add_all(rlb_engine *e)
+{
+    for (int i = 0; i < N_REQ; i++) {
+        rlb_gen_request q = request(i);
+        assert_int_equal(rlb__engine_add(e, &q), 0);
+    }
+}
+
+/* Staged weight sync: an engine switched to buffer B mid-generation finishes its requests
+ * from B (the old buffer A is overwritten with NaNs right after the switch, so any read of
+ * it would fail the step), and then generates exactly what a fresh engine over B does. */
+static void check_set_weights(rlb_quant quant)
+{
+    local_engine le;
+    local_open(&le, TOGETHER, quant);
+    uint64_t bytes = le.m.layout.total_bytes;
+    float *b;
+    assert_int_equal(posix_memalign((void **)&b, 64, bytes), 0);
+    memcpy(b, le.m.weights, bytes);
+    /* B differs from A: its LM head is halved, which flattens every distribution. */
+    const rlb_local_tensor *head = rlb__tp_layout_find(&le.m.layout, RLB_W_LM_HEAD, -1);
+    assert_non_null(head);
+    for (uint64_t i = 0; i < head->bytes / sizeof(float); i++)
+        b[head->offset / sizeof(float) + i] *= 0.5f;
+
+    batch_out *want = calloc(1, sizeof *want), *got = calloc(1, sizeof *got);
+    rlb_engine *fresh;
+    assert_int_equal(make_engine(&le.m, b, le.comm, TOGETHER, quant, &fresh), 0);
+    add_all(fresh);
+    assert_int_equal(drain(fresh, want), 0);
+    rlb__engine_destroy(fresh);
+    int differ = 0;
+    for (int i = 0; i < N_REQ; i++)
+        differ += memcmp(want->s[i][0].tokens, reference->s[i][0].tokens,
+                         sizeof want->s[i][0].tokens) != 0;
+    assert_true(differ > 0);
+
+    add_all(le.e);
+    for (int s = 0; s < 4; s++)
+        assert_true(rlb__engine_step(le.e) > 0);
+    assert_int_equal(rlb__engine_set_weights(le.e, NULL), RLB_EINVAL);
+    assert_int_equal(rlb__engine_set_weights(le.e, b), 0);
+    float nan = NAN;
+    for (uint64_t i = 0; i < bytes / sizeof(float); i++)
+        memcpy((float *)le.m.weights + i, &nan, sizeof nan);
+    assert_int_equal(drain(le.e, got), 0);
+    for (int i = 0; i < N_REQ; i++)
+        for (int j = 0; j < n_samples[i]; j++)
+            assert_int_equal(got->s[i][j].n_tokens, max_tokens[i]);
+    memset(got, 0, sizeof *got);
+    add_all(le.e);
+    assert_int_equal(drain(le.e, got), 0);
+    assert_same(got, want, quant == RLB_QUANT_INT8 ? "set_weights int8" : "set_weights");
+    free(want);
+    free(got);
+    local_close(&le);
+    free(b);
+}
+
+static void test_set_weights(void **state)
+{
+    (void)state;
+    check_set_weights(RLB_QUANT_NONE);
+    check_set_weights(RLB_QUANT_INT8);
+}
+
 int main(void)
 {
     static scenario_case cases[] = {
@@ -408,6 +477,7 @@ int main(void)
         cmocka_unit_test(test_stop_ids),
         cmocka_unit_test(test_abort),
         cmocka_unit_test(test_add_refusals),
+        cmocka_unit_test(test_set_weights),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
