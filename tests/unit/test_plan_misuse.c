@@ -505,11 +505,11 @@ static void test_exec_large_ops_split(void **state)
 {
     (void)state;
     static const big_op shapes[] = {
-        {RLB_DTYPE_F32, RLB_DTYPE_F32, 0, 1, 1500001, 0, 0},    /* 6 MB memcpy row */
-        {RLB_DTYPE_F32, RLB_DTYPE_BF16, 0, 1, 1000003, 0, 0},   /* one-row conversion */
-        {RLB_DTYPE_BF16, RLB_DTYPE_F16, 0, 700, 3001, 6, 10},   /* rows with gaps */
+        {RLB_DTYPE_F32, RLB_DTYPE_F32, 0, 1, 700001, 0, 0},     /* 2.8 MB memcpy row */
+        {RLB_DTYPE_F32, RLB_DTYPE_BF16, 0, 1, 800003, 0, 0},    /* one-row conversion */
+        {RLB_DTYPE_BF16, RLB_DTYPE_F16, 0, 450, 3001, 6, 10},   /* rows with gaps */
         {RLB_DTYPE_F16, RLB_DTYPE_F16, 1, 300, 5000, 0, 4},     /* zero rows */
-        {RLB_DTYPE_BF16, RLB_DTYPE_F32, 0, 2, 600000, 2, 8},    /* two long rows */
+        {RLB_DTYPE_BF16, RLB_DTYPE_F32, 0, 2, 300001, 2, 8},    /* two long rows */
         {RLB_DTYPE_F16, RLB_DTYPE_BF16, 0, 5, 7, 0, 0},         /* small, contiguous */
     };
     enum { N = sizeof shapes / sizeof shapes[0] };
