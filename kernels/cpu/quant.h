@@ -8,7 +8,8 @@
  *   fp8 e4m3 (OCP "fn": no inf, max 448), per tensor: scale = amax/448 over the whole
  *     tensor; per channel: scale_r = amax_r/448. q = e4m3(clamp(w / scale, -448, 448)),
  *     round to nearest even, subnormals kept; scale 0 gives q = 0.
- * NaN weights are left out of every amax; they quantize to int8 0 and e4m3 NaN.
+ * NaN weights are left out of every amax; they quantize to int8 0 and e4m3 NaN (with the
+ * weight's sign; an infinite weight under an infinite scale gives that NaN too).
  * Outputs go into caller-owned buffers allocated once, so running twice gives the same
  * bytes at the same addresses. Functions return 0, RLB_EINVAL or RLB_EDTYPE.
  */

@@ -7,7 +7,8 @@
  * (quant.h): int8 q = clamp(rint(w / s), -127, 127); fp8 q = e4m3(clamp(w / s, -448, 448));
  * s = amax / 127 or amax / 448; a zero scale gives q = 0. NaN inputs never raise an amax
  * (v > m is false for NaN), as in a plain C loop; a NaN weight gives int8 0 and the e4m3
- * NaN code (sign | 0x7f).
+ * NaN code (sign | 0x7f), as does an infinite weight when the scale is infinite too; an e4m3
+ * NaN code always carries the weight's sign.
  */
 #ifndef RLB_KERNELS_CPU_QUANT_SCALAR_H
 #define RLB_KERNELS_CPU_QUANT_SCALAR_H
@@ -81,6 +82,12 @@ static inline RLB__HD int8_t rlb__quant_int8_value(float v, float scale)
 static inline RLB__HD uint8_t rlb__quant_fp8_value(float v, float scale)
 {
     float x = scale > 0.0f ? v / scale : 0.0f;
+    if (x != x) { /* NaN weight, or inf / inf: a NaN made by the division has no portable
+                   * sign (x86 makes it negative, CUDA positive), so take the weight's */
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        return (uint8_t)(((u >> 24) & 0x80u) | 0x7fu);
+    }
     x = x > RLB_E4M3_MAX ? RLB_E4M3_MAX : (x < -RLB_E4M3_MAX ? -RLB_E4M3_MAX : x);
     return rlb__f32_to_e4m3(x);
 }

@@ -267,10 +267,12 @@ struct rlb_cuda_plan {
     uint32_t n_dst;       /* plan->n_dst */
     uint64_t *need;       /* [n_src + n_dst] bytes a bound buffer must cover; 0 = ref unused */
     uint8_t *align;       /* [n_src + n_dst] widest element size the uploaded ops use with it */
-    rlb_copy_op *d_ops;   /* device: [n_ops] */
-    task *d_tasks;        /* device: [n_ops + 1] */
-    uint32_t *d_coarse;   /* device: [n_items / kCoarse + 2] */
-    char **d_ptrs;        /* device: [n_src + n_dst] bound base addresses, sources first */
+    char *d_mem;          /* device: one allocation holding the four tables below */
+    uint64_t dev_bytes;   /* its size */
+    rlb_copy_op *d_ops;   /* in d_mem: [n_ops] */
+    task *d_tasks;        /* in d_mem: [n_ops + 1] */
+    uint32_t *d_coarse;   /* in d_mem: [n_items / kCoarse + 2] */
+    char **d_ptrs;        /* in d_mem: [n_src + n_dst] bound base addresses, sources first */
     int bound;            /* a bind has succeeded */
 };
 
@@ -317,6 +319,11 @@ static int64_t describe_op(const rlb_plan *plan, uint64_t i, task *t, char *err,
     return (int64_t)((op->rows + t->rows_per_item - 1) / t->rows_per_item);
 }
 
+static uint64_t align256(uint64_t x)
+{
+    return (x + 255) / 256 * 256;
+}
+
 static void note_use(rlb_cuda_plan *cp, uint32_t ref, uint64_t need, uint64_t elem)
 {
     cp->need[ref] = need;
@@ -330,10 +337,7 @@ extern "C" void rlb__cuda_plan_free(rlb_cuda_plan *cp)
         return;
     int prev;
     bool entered = rlb__cuda_enter(cp->device, &prev) == 0;
-    cudaFree(cp->d_ops);
-    cudaFree(cp->d_tasks);
-    cudaFree(cp->d_coarse);
-    cudaFree(cp->d_ptrs);
+    cudaFree(cp->d_mem);
     if (entered)
         rlb__cuda_leave(prev);
     free(cp->need);
@@ -352,6 +356,7 @@ extern "C" int rlb__cuda_plan_upload(const rlb_plan *plan, int device, const uin
     rlb_copy_op *ops = nullptr;
     task *tasks = nullptr;
     uint32_t *coarse = nullptr;
+    char *staging = nullptr;
     uint64_t n_coarse = 0;
     rlb_cuda_plan *cp = (rlb_cuda_plan *)calloc(1, sizeof(*cp));
     const uint32_t n_refs = plan->n_src + plan->n_dst;
@@ -409,17 +414,30 @@ extern "C" int rlb__cuda_plan_upload(const rlb_plan *plan, int device, const uin
     coarse[n_coarse - 1] = cp->n_ops ? cp->n_ops - 1 : 0;
 
     RLB_CHECK_GOTO(rlb__cuda_enter(device, &prev), rc, err);
-    RLB_CUDA_CHECK(cudaMalloc(&cp->d_ops, (cp->n_ops + 1) * sizeof(*ops)), rc, err_dev);
-    RLB_CUDA_CHECK(cudaMalloc(&cp->d_tasks, (cp->n_ops + 1) * sizeof(*tasks)), rc, err_dev);
-    RLB_CUDA_CHECK(cudaMalloc(&cp->d_coarse, n_coarse * sizeof(*coarse)), rc, err_dev);
-    RLB_CUDA_CHECK(cudaMalloc(&cp->d_ptrs, (n_refs + 1) * sizeof(char *)), rc, err_dev);
-    RLB_CUDA_CHECK(cudaMemcpy(cp->d_ops, ops, cp->n_ops * sizeof(*ops), cudaMemcpyHostToDevice),
-                   rc, err_dev);
-    RLB_CUDA_CHECK(cudaMemcpy(cp->d_tasks, tasks, (cp->n_ops + 1) * sizeof(*tasks),
-                              cudaMemcpyHostToDevice), rc, err_dev);
-    RLB_CUDA_CHECK(cudaMemcpy(cp->d_coarse, coarse, n_coarse * sizeof(*coarse),
-                              cudaMemcpyHostToDevice), rc, err_dev);
+    /* one allocation and one copy: upload is on the registration path, where each CUDA call
+     * costs tens of microseconds */
+    {
+        const uint64_t o_tasks = align256((cp->n_ops + 1) * sizeof(*ops));
+        const uint64_t o_coarse = align256(o_tasks + (cp->n_ops + 1) * sizeof(*tasks));
+        const uint64_t o_ptrs = align256(o_coarse + n_coarse * sizeof(*coarse));
+        cp->dev_bytes = o_ptrs + (n_refs + 1) * sizeof(char *);
+        staging = (char *)malloc(o_ptrs);
+        if (!staging) {
+            rc = RLB_ENOMEM;
+            goto err_dev;
+        }
+        memcpy(staging, ops, cp->n_ops * sizeof(*ops));
+        memcpy(staging + o_tasks, tasks, (cp->n_ops + 1) * sizeof(*tasks));
+        memcpy(staging + o_coarse, coarse, n_coarse * sizeof(*coarse));
+        RLB_CUDA_CHECK(cudaMalloc(&cp->d_mem, cp->dev_bytes), rc, err_dev);
+        RLB_CUDA_CHECK(cudaMemcpy(cp->d_mem, staging, o_ptrs, cudaMemcpyHostToDevice), rc, err_dev);
+        cp->d_ops = (rlb_copy_op *)cp->d_mem;
+        cp->d_tasks = (task *)(cp->d_mem + o_tasks);
+        cp->d_coarse = (uint32_t *)(cp->d_mem + o_coarse);
+        cp->d_ptrs = (char **)(cp->d_mem + o_ptrs);
+    }
     rlb__cuda_leave(prev);
+    free(staging);
     free(ops);
     free(tasks);
     free(coarse);
@@ -428,6 +446,7 @@ extern "C" int rlb__cuda_plan_upload(const rlb_plan *plan, int device, const uin
 err_dev:
     rlb__cuda_leave(prev);
 err:
+    free(staging);
     free(ops);
     free(tasks);
     free(coarse);
@@ -528,10 +547,7 @@ out:
 
 extern "C" uint64_t rlb__cuda_plan_device_bytes(const rlb_cuda_plan *cp)
 {
-    return cp ? (cp->n_ops + 1) * (sizeof(rlb_copy_op) + sizeof(task)) +
-                    ((cp->n_items + kCoarse - 1) / kCoarse + 1) * sizeof(uint32_t) +
-                    (cp->n_src + cp->n_dst + 1) * sizeof(char *)
-              : 0;
+    return cp ? cp->dev_bytes : 0;
 }
 
 extern "C" uint64_t rlb__cuda_plan_items(const rlb_cuda_plan *cp)

@@ -10,8 +10,9 @@
  * both sides are aligned (a scalar head and tail otherwise), f32 / bf16 / f16 conversion
  * fused, bit-identical to kernels/cpu/convert.h; same-dtype ops are byte copies, zero ops
  * write zeros. The executor's device memory is ops + descriptors + pointer tables + the
- * coarse index: 112 bytes per op, 8 per buffer, 1 per 16 KiB moved (the 8B model's plan:
- * see rlb-bench-reshard-gpu), far under the 64 MiB a pause-mode sync may add.
+ * coarse index, in one allocation: 112 bytes per op, 8 per buffer, 1 per 16 KiB moved
+ * (Llama-3-8B, FSDP2 8 -> TP 2: 3360 ops, 254k items, 383 KiB; rlb-bench-reshard-gpu
+ * prints it), far under the 64 MiB a pause-mode sync may add.
  *
  * Sources on another GPU are read through peer access. Where the two GPUs have no peer
  * path, bind fails with RLB_EUNSUPPORTED: the caller must stage such a source into local

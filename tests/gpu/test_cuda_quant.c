@@ -59,10 +59,12 @@ static void fill_tensor(qt *t, uint64_t *s)
         put(t->w, dt, i, random_value(s));
     if (!salted || !n)
         return;
-    for (int k = 0; k < 4; k++) /* NaNs, an inf and a zero row */
-        put(t->w, dt, gc_rng(s) % n, NAN);
-    if (gc_rng(s) % 4 == 0)
+    for (int k = 0; k < 4; k++) /* NaNs of both signs, infs and a zero row */
+        put(t->w, dt, gc_rng(s) % n, k % 2 ? -NAN : NAN);
+    if (gc_rng(s) % 4 == 0) {
         put(t->w, dt, gc_rng(s) % n, INFINITY);
+        put(t->w, dt, gc_rng(s) % n, -INFINITY);
+    }
     uint64_t r = gc_rng(s) % rows;
     for (uint64_t c = 0; c < cols; c++)
         put(t->w, dt, r * cols + c, 0.0f);

@@ -237,13 +237,26 @@ static void test_bad_input(void **state)
     assert_true(s[0] == 0.0f);
 }
 
+/* Infinite weights make an infinite per-tensor scale: inf / inf is NaN, whose sign the
+ * division leaves to the hardware, so the code carries the weight's sign; finite weights
+ * quantize to 0; NaN weights keep their own sign. */
+static void test_fp8_nan_signs(void **state)
+{
+    float w[6] = {INFINITY, -INFINITY, 1.0f, -2.0f, NAN, -NAN}, st = 0.0f;
+    uint8_t q[6];
+    static const uint8_t want[6] = {0x7f, 0xff, 0x00, 0x80, 0x7f, 0xff};
+    assert_int_equal(rlb__quant_fp8_tensor(w, RLB_DTYPE_F32, 1, 6, q, &st), 0);
+    assert_true(isinf(st));
+    assert_memory_equal(q, want, sizeof want);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_e4m3_boundaries), cmocka_unit_test(test_e4m3_sweep),
         cmocka_unit_test(test_e4m3_decode),     cmocka_unit_test(test_int8_hand),
         cmocka_unit_test(test_fp8_hand),        cmocka_unit_test(test_fp8_random),
-        cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_fp8_nan_signs),   cmocka_unit_test(test_bad_input),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

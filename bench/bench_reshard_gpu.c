@@ -1,0 +1,409 @@
+/* bench_reshard_gpu: rlb-bench-reshard-gpu, the CUDA weight path at Llama-3-8B size on one
+ * GPU (DESIGN §4, issue 6).
+ *
+ * Reshards FSDP2 shards of 8 ranks (each rank's shards packed in one buffer) into the two
+ * TP-2 worker buffers (vLLM layout) with the CUDA executor: bf16 -> bf16, and f32 master
+ * weights -> bf16. Its peers, in the same run: a device-to-device cudaMemcpy of the bytes
+ * the plan writes (the copy floor: bytes read + written over the memcpy's read + write
+ * bandwidth), and the PyTorch baseline (../shared/device/torch_reshard_baseline.py,
+ * run just before in the same device call; its output is passed with --torch-log). Then
+ * fp8 e4m3 post-processing of the resulting TP tensors (qkv, o, gate_up, down of every
+ * layer on both ranks): per tensor (two passes: amax, then quantize; floor = 2 reads + 1
+ * write) and per channel (one pass; floor = 1 read + 1 write).
+ *
+ * Prints a table, then one JSON line. Usage:
+ *   rlb-bench-reshard-gpu [--torch-log FILE] [--iters N]
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cuda_runtime_api.h>
+
+#include "kernels/cuda/plan_exec.h"
+#include "kernels/cuda/quant.h"
+#include "model/config.h"
+#include "model/params.h"
+#include "model/plan.h"
+#include "model/source.h"
+#include "model/tp_layout.h"
+
+#define W 8  /* FSDP ranks */
+#define T 2  /* TP ranks */
+#define PLAN_MEM_LIMIT (64ull << 20) /* extra device memory a pause-mode sync may take */
+
+#define CK(call)                                                                           \
+    do {                                                                                   \
+        cudaError_t e_ = (call);                                                           \
+        if (e_ != cudaSuccess) {                                                           \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call,                  \
+                    cudaGetErrorString(e_));                                               \
+            exit(1);                                                                       \
+        }                                                                                  \
+    } while (0)
+#define RC(call)                                                                           \
+    do {                                                                                   \
+        int rc_ = (call);                                                                  \
+        if (rc_) {                                                                         \
+            fprintf(stderr, "%s:%d: %s: %s %s\n", __FILE__, __LINE__, #call,               \
+                    rlb_strerror(rc_), err);                                               \
+            exit(1);                                                                       \
+        }                                                                                  \
+    } while (0)
+
+static char err[512];
+static int iters = 10;
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* What one timed work does: a plan run, a memcpy or a quantization set. */
+typedef struct work {
+    rlb_cuda_plan *plan;    /* run this plan, or */
+    rlb_cuda_quant *quant;  /* this quantization set, or */
+    void *cp_dst;           /* this memcpy */
+    const void *cp_src;
+    uint64_t cp_bytes;
+} work;
+
+static void launch(const work *w)
+{
+    if (w->plan)
+        RC(rlb__cuda_plan_run(w->plan, 0));
+    else if (w->quant)
+        RC(rlb__cuda_quant_run(w->quant, 0));
+    else
+        CK(cudaMemcpyAsync(w->cp_dst, w->cp_src, w->cp_bytes, cudaMemcpyDeviceToDevice, 0));
+}
+
+/* Median GPU time (ms) of `iters` runs after two warm-ups, each bracketed by events. */
+static double time_median(const work *w)
+{
+    cudaEvent_t a, b;
+    double ms[64];
+    int n = iters < 64 ? iters : 64;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    launch(w);
+    launch(w);
+    for (int i = 0; i < n; i++) {
+        float t;
+        CK(cudaEventRecord(a, 0));
+        launch(w);
+        CK(cudaEventRecord(b, 0));
+        CK(cudaEventSynchronize(b));
+        CK(cudaEventElapsedTime(&t, a, b));
+        ms[i] = t;
+    }
+    CK(cudaEventDestroy(a));
+    CK(cudaEventDestroy(b));
+    qsort(ms, (size_t)n, sizeof ms[0], cmp_double);
+    return ms[n / 2];
+}
+
+static void llama3_8b(rlb_model_config *c)
+{
+    rlb__config_tiny(c);
+    c->hidden = 4096;
+    c->intermediate = 14336;
+    c->n_heads = 32;
+    c->n_kv_heads = 8;
+    c->head_dim = 128;
+    c->n_layers = 32;
+    c->vocab = 128256;
+    c->max_pos = 8192;
+    c->rope_theta = 500000.0;
+}
+
+/* FSDP2 source of every parameter in `dt`: rank f's shards packed in buffer f, each
+ * 256-byte aligned; *bytes gets each buffer's size. */
+static void fsdp2_source(const rlb_param_list *pl, rlb_dtype dt, rlb_source *src,
+                         uint64_t bytes[W])
+{
+    const uint64_t esz = rlb_dtype_size(dt);
+    rlb_src_loc *loc = calloc((size_t)pl->n * W, sizeof *loc);
+    if (!loc)
+        exit(1);
+    memset(bytes, 0, W * sizeof bytes[0]);
+    for (int64_t p = 0; p < pl->n; p++) {
+        uint64_t d0 = (uint64_t)pl->params[p].rows, c = (d0 + W - 1) / W;
+        for (uint32_t f = 0; f < W; f++) {
+            uint64_t n_f = f * c >= d0 ? 0 : (d0 - f * c < c ? d0 - f * c : c);
+            loc[p * W + f] = (rlb_src_loc){n_f ? f : RLB_SRC_NO_BUFFER, bytes[f]};
+            bytes[f] = (bytes[f] + n_f * (uint64_t)pl->params[p].cols * esz + 255) / 256 * 256;
+        }
+    }
+    RC(rlb__source_init(src, pl));
+    for (uint32_t f = 0; f < W; f++)
+        if (rlb__source_add_buffer(src, bytes[f]) != (int)f)
+            exit(1);
+    for (int64_t p = 0; p < pl->n; p++) {
+        const rlb_param *pp = &pl->params[p];
+        int64_t shape[2] = {pp->rows, pp->cols};
+        RC(rlb__source_add_fsdp2(src, pp->name, pp->ndim, shape, dt, W, &loc[p * W], err,
+                                 sizeof err));
+    }
+    free(loc);
+}
+
+typedef struct result {
+    double ms, floor_ms, upload_ms, launch_us, plan_ms;
+    uint64_t read, written, plan_dev_bytes, items, n_ops;
+} result;
+
+/* Plans, uploads and times one source dtype; copy_gbs is the memcpy's read+write GB/s.
+ * When dst_out is non-NULL the destination buffers stay allocated for the caller. */
+static result run_case(const rlb_param_list *pl, rlb_dtype sdt, double *copy_gbs,
+                       char **dst_out, rlb_tp_layout *lay)
+{
+    result r = {0};
+    rlb_source src;
+    uint64_t sbytes[W], soff[W + 1] = {0};
+    fsdp2_source(pl, sdt, &src, sbytes);
+    for (int f = 0; f < W; f++)
+        soff[f + 1] = soff[f] + sbytes[f];
+    rlb_target tgt = {.tp_size = T, .replicas = 1, .dtype = RLB_DTYPE_BF16};
+    rlb_plan plan;
+    double t0 = now_ms();
+    RC(rlb__plan_build(&src, &tgt, &plan, err, sizeof err));
+    r.plan_ms = now_ms() - t0;
+    char *sbase, *dbase;
+    uint64_t doff[T + 1] = {0};
+    for (int d = 0; d < T; d++)
+        doff[d + 1] = doff[d] + (plan.dst_bytes[d] + 255) / 256 * 256;
+    CK(cudaMalloc((void **)&sbase, soff[W]));
+    CK(cudaMalloc((void **)&dbase, doff[T]));
+    CK(cudaMemset(sbase, 0x3c, soff[W])); /* finite values in every dtype */
+    CK(cudaMemset(dbase, 0, doff[T]));
+    rlb_cuda_buf sb[W], db[T];
+    for (int f = 0; f < W; f++)
+        sb[f] = (rlb_cuda_buf){sbase + soff[f], sbytes[f]};
+    for (int d = 0; d < T; d++)
+        db[d] = (rlb_cuda_buf){dbase + doff[d], plan.dst_bytes[d]};
+    CK(cudaDeviceSynchronize());
+
+    rlb_cuda_plan *cp = NULL;
+    t0 = now_ms();
+    RC(rlb__cuda_plan_upload(&plan, 0, NULL, &cp, err, sizeof err));
+    RC(rlb__cuda_plan_bind(cp, sb, db, err, sizeof err));
+    r.upload_ms = now_ms() - t0;
+    work w = {.plan = cp};
+    launch(&w); /* first launch loads the module */
+    CK(cudaDeviceSynchronize());
+    t0 = now_ms();
+    launch(&w);
+    r.launch_us = (now_ms() - t0) * 1e3;
+    CK(cudaDeviceSynchronize());
+    r.ms = time_median(&w);
+    r.read = plan.bytes_read;
+    r.written = plan.bytes_written;
+    r.plan_dev_bytes = rlb__cuda_plan_device_bytes(cp);
+    r.items = rlb__cuda_plan_items(cp);
+    r.n_ops = plan.n_ops;
+
+    if (*copy_gbs == 0) { /* the floor: a plain copy of the model's bytes */
+        uint64_t n = plan.bytes_written < soff[W] ? plan.bytes_written : soff[W];
+        work cw = {.cp_dst = dbase, .cp_src = sbase, .cp_bytes = n};
+        double cms = time_median(&cw);
+        *copy_gbs = 2.0 * (double)n / cms / 1e6;
+        printf("%-28s %8.2f GB %8.2f GB %9.3f %9.0f\n", "d2d cudaMemcpy (floor)", n / 1e9,
+               n / 1e9, cms, *copy_gbs);
+    }
+    r.floor_ms = (double)(r.read + r.written) / (*copy_gbs * 1e6);
+    rlb__cuda_plan_free(cp);
+    if (dst_out) {
+        *dst_out = dbase;
+        RC(rlb__tp_layout_init(&lay[0], &pl->cfg, T, 0, RLB_DTYPE_BF16));
+        RC(rlb__tp_layout_init(&lay[1], &pl->cfg, T, 1, RLB_DTYPE_BF16));
+        if (lay[0].total_bytes != plan.dst_bytes[0] || doff[1] < lay[0].total_bytes) {
+            fprintf(stderr, "layout and plan disagree on the buffer size\n");
+            exit(1);
+        }
+    } else {
+        CK(cudaFree(dbase));
+    }
+    CK(cudaFree(sbase));
+    rlb__plan_free(&plan);
+    rlb__source_free(&src);
+    return r;
+}
+
+typedef struct fp8_result {
+    double tensor_ms, rows_ms;
+    uint64_t in_bytes, out_bytes, dev_bytes;
+} fp8_result;
+
+/* fp8 of the linear tensors of both TP buffers (dbase: rank 0's buffer, rank 1's at
+ * stride1), per tensor and per channel, into outputs allocated once. */
+static fp8_result fp8_case(char *dbase, uint64_t stride1, const rlb_tp_layout *lay)
+{
+    static const rlb_wkind kinds[] = {RLB_W_QKV, RLB_W_O, RLB_W_GATE_UP, RLB_W_DOWN};
+    fp8_result r = {0};
+    const int n_layers = (int)lay[0].cfg.n_layers;
+    const uint32_t n = (uint32_t)(T * n_layers * 4);
+    rlb_cuda_quant_tensor *t = calloc(n, sizeof *t);
+    uint64_t q_total = 0, s_total = 0;
+    uint32_t k = 0;
+    for (int rank = 0; rank < T; rank++)
+        for (int l = 0; l < n_layers; l++)
+            for (int j = 0; j < 4; j++, k++) {
+                const rlb_local_tensor *lt = rlb__tp_layout_find(&lay[rank], kinds[j], l);
+                t[k] = (rlb_cuda_quant_tensor){
+                    .w = dbase + (uint64_t)rank * stride1 + lt->offset, .dtype = RLB_DTYPE_BF16,
+                    .rows = lt->rows, .cols = lt->cols, .kind = RLB_QUANT_FP8_TENSOR};
+                r.in_bytes += lt->bytes;
+                q_total += (uint64_t)(lt->rows * lt->cols + 255) / 256 * 256;
+                s_total += (uint64_t)lt->rows;
+            }
+    r.out_bytes = r.in_bytes / 2;
+    uint8_t *q;
+    float *sc;
+    CK(cudaMalloc((void **)&q, q_total));
+    CK(cudaMalloc((void **)&sc, s_total * sizeof(float)));
+    for (int pass = 0; pass < 2; pass++) {
+        uint64_t qo = 0, so = 0;
+        for (k = 0; k < n; k++) {
+            t[k].kind = pass ? RLB_QUANT_FP8_ROWS : RLB_QUANT_FP8_TENSOR;
+            t[k].q = q + qo;
+            t[k].scale = sc + so;
+            qo += (uint64_t)(t[k].rows * t[k].cols + 255) / 256 * 256;
+            so += (uint64_t)t[k].rows;
+        }
+        rlb_cuda_quant *qs = NULL;
+        RC(rlb__cuda_quant_create(0, t, n, &qs, err, sizeof err));
+        work w = {.quant = qs};
+        double ms = time_median(&w);
+        if (pass)
+            r.rows_ms = ms;
+        else
+            r.tensor_ms = ms;
+        r.dev_bytes = rlb__cuda_quant_device_bytes(qs);
+        rlb__cuda_quant_free(qs);
+    }
+    CK(cudaFree(q));
+    CK(cudaFree(sc));
+    free(t);
+    return r;
+}
+
+/* Reads "median X ms" of the torch reshard line and of the d2d line from the baseline's
+ * output. Returns 0 when both are found. */
+static int read_torch_log(const char *path, double *torch_ms, double *torch_copy_ms)
+{
+    FILE *f = fopen(path, "r");
+    char line[512];
+    *torch_ms = *torch_copy_ms = 0;
+    if (!f)
+        return -1;
+    while (fgets(line, sizeof line, f)) {
+        const char *m = strstr(line, "median ");
+        double v;
+        if (!m || sscanf(m, "median %lf", &v) != 1)
+            continue;
+        if (strstr(line, "torch reshard"))
+            *torch_ms = v;
+        else if (strstr(line, "d2d copy"))
+            *torch_copy_ms = v;
+    }
+    fclose(f);
+    return *torch_ms > 0 && *torch_copy_ms > 0 ? 0 : -1;
+}
+
+int main(int argc, char **argv)
+{
+    const char *torch_log = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--torch-log") && i + 1 < argc)
+            torch_log = argv[++i];
+        else if (!strcmp(argv[i], "--iters") && i + 1 < argc)
+            iters = atoi(argv[++i]);
+        else {
+            fprintf(stderr, "usage: %s [--torch-log FILE] [--iters N]\n", argv[0]);
+            return 2;
+        }
+    }
+    if (iters < 1)
+        iters = 1;
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+        fprintf(stderr, "rlb-bench-reshard-gpu: no GPU visible\n");
+        return 77;
+    }
+    struct cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    rlb_model_config cfg;
+    llama3_8b(&cfg);
+    rlb_param_list pl;
+    RC(rlb__params_init(&pl, &cfg, err, sizeof err));
+    printf("rlb-bench-reshard-gpu on %s: Llama-3-8B shapes, FSDP2 %d -> TP %d on one GPU, "
+           "median of %d\n", prop.name, W, T, iters);
+    printf("%-28s %11s %11s %9s %9s %9s %7s\n", "case", "read", "written", "ms", "GB/s",
+           "floor ms", "floor");
+
+    double copy_gbs = 0;
+    char *dbase = NULL;
+    rlb_tp_layout lay[T];
+    result bf = run_case(&pl, RLB_DTYPE_BF16, &copy_gbs, &dbase, lay);
+    printf("%-28s %8.2f GB %8.2f GB %9.3f %9.0f %9.3f %6.1f%%\n", "rlb bf16 -> bf16",
+           bf.read / 1e9, bf.written / 1e9, bf.ms, (bf.read + bf.written) / bf.ms / 1e6,
+           bf.floor_ms, 100 * bf.floor_ms / bf.ms);
+    uint64_t stride1 = (lay[0].total_bytes + 255) / 256 * 256;
+    fp8_result f8 = fp8_case(dbase, stride1, lay);
+    CK(cudaFree(dbase));
+    rlb__tp_layout_free(&lay[0]);
+    rlb__tp_layout_free(&lay[1]);
+    result f32 = run_case(&pl, RLB_DTYPE_F32, &copy_gbs, NULL, NULL);
+    printf("%-28s %8.2f GB %8.2f GB %9.3f %9.0f %9.3f %6.1f%%\n", "rlb f32 -> bf16",
+           f32.read / 1e9, f32.written / 1e9, f32.ms, (f32.read + f32.written) / f32.ms / 1e6,
+           f32.floor_ms, 100 * f32.floor_ms / f32.ms);
+    double f8t_floor = (2.0 * f8.in_bytes + f8.out_bytes) / (copy_gbs * 1e6);
+    double f8r_floor = ((double)f8.in_bytes + f8.out_bytes) / (copy_gbs * 1e6);
+    printf("%-28s %8.2f GB %8.2f GB %9.3f %9.0f %9.3f %6.1f%%\n", "fp8 per-tensor (2 reads)",
+           2 * f8.in_bytes / 1e9, f8.out_bytes / 1e9, f8.tensor_ms,
+           (2.0 * f8.in_bytes + f8.out_bytes) / f8.tensor_ms / 1e6, f8t_floor,
+           100 * f8t_floor / f8.tensor_ms);
+    printf("%-28s %8.2f GB %8.2f GB %9.3f %9.0f %9.3f %6.1f%%\n", "fp8 per-channel",
+           f8.in_bytes / 1e9, f8.out_bytes / 1e9, f8.rows_ms,
+           ((double)f8.in_bytes + f8.out_bytes) / f8.rows_ms / 1e6, f8r_floor,
+           100 * f8r_floor / f8.rows_ms);
+
+    double torch_ms = 0, torch_copy_ms = 0;
+    int have_torch = torch_log && read_torch_log(torch_log, &torch_ms, &torch_copy_ms) == 0;
+    if (have_torch)
+        printf("%-28s %8.2f GB %8.2f GB %9.3f %9.0f  (its d2d copy: %.3f ms)\n",
+               "torch cat+narrow+copy", bf.read / 1e9, bf.written / 1e9, torch_ms,
+               (bf.read + bf.written) / torch_ms / 1e6, torch_copy_ms);
+    else
+        printf("torch baseline: no --torch-log given or it could not be read\n");
+    printf("plan: %llu ops, %llu work items, %.1f KiB of device memory (limit %llu MiB); "
+           "host planning %.1f ms; upload + bind %.3f ms; launch %.1f us; fp8 set %.1f KiB\n",
+           (unsigned long long)bf.n_ops, (unsigned long long)bf.items, bf.plan_dev_bytes / 1024.0,
+           PLAN_MEM_LIMIT >> 20, bf.plan_ms, bf.upload_ms, bf.launch_us, f8.dev_bytes / 1024.0);
+
+    printf("{\"bench\":\"reshard_gpu\",\"device\":\"%s\",\"model\":\"llama3-8b\",\"fsdp\":%d,"
+           "\"tp\":%d,\"bytes_read\":%llu,\"bytes_written\":%llu,\"bf16_ms\":%.3f,"
+           "\"f32_ms\":%.3f,\"copy_gbs\":%.1f,\"fraction_of_copy_floor\":%.3f,"
+           "\"f32_fraction_of_copy_floor\":%.3f,\"torch_ms\":%.3f,\"speedup_vs_torch\":%.2f,"
+           "\"upload_ms\":%.3f,\"launch_us\":%.1f,\"plan_device_bytes\":%llu,"
+           "\"fp8_tensor_ms\":%.3f,\"fp8_tensor_vs_floor\":%.3f,\"fp8_rows_ms\":%.3f,"
+           "\"fp8_rows_vs_floor\":%.3f}\n",
+           prop.name, W, T, (unsigned long long)bf.read, (unsigned long long)bf.written, bf.ms,
+           f32.ms, copy_gbs, bf.floor_ms / bf.ms, f32.floor_ms / f32.ms, torch_ms,
+           have_torch ? torch_ms / bf.ms : 0.0, bf.upload_ms, bf.launch_us,
+           (unsigned long long)bf.plan_dev_bytes, f8.tensor_ms, f8.tensor_ms / f8t_floor,
+           f8.rows_ms, f8.rows_ms / f8r_floor);
+    rlb__params_free(&pl);
+    return 0;
+}
