@@ -244,10 +244,14 @@ static double time_memcpy(bound *b, uint64_t bytes)
         bytes -= n;
         so += n;
         dof += n;
-        if (so == b->src_len[s])
-            s++, so = 0;
-        if (dof == b->dst_len[d])
-            d++, dof = 0;
+        if (so == b->src_len[s]) {
+            s++;
+            so = 0;
+        }
+        if (dof == b->dst_len[d]) {
+            d++;
+            dof = 0;
+        }
     }
     return now_ms() - t0;
 }
@@ -307,7 +311,6 @@ int main(void)
     /* Plan build, 8B shapes. */
     rlb_model_config c8;
     llama_config(&c8, 4096, 14336, 32, 8, 32, 128256);
-    c8.rope_type = RLB_ROPE_DEFAULT;
     rlb_param_list pl;
     char err[256] = "";
     int rc = rlb__params_init(&pl, &c8, err, sizeof err);
