@@ -1,0 +1,470 @@
+/* bench_ring: rlb-bench-ring, the shared-memory ring between two processes against an
+ * AF_UNIX socketpair carrying the same messages in the same run.
+ *
+ *   64 B one-way latency   the child stamps CLOCK_MONOTONIC into a 64-byte message, the
+ *                          parent reads the clock when the message is in its hands; the
+ *                          next message goes only after an acknowledgement, so nothing
+ *                          queues. Ring with a spinning consumer; ring with a sleeping
+ *                          consumer (it sleeps on its semaphore at once, and the child sends
+ *                          only once it announced the sleep: every sample is a wake-up);
+ *                          socketpair (SOCK_STREAM, blocking reads). p50 and p99.
+ *   64 B messages/s        a stream of 64-byte messages, claim/commit and peek/release on
+ *                          the ring, one write() per message on the socket (the reader reads
+ *                          64 KiB at a time), timed from the parent's "go" to the last one.
+ *   4 MiB GB/s             4 MiB messages copied in by the sender (rlb__ring_send, which
+ *                          splits what does not fit one record) and copied out by the
+ *                          receiver into its own buffer (rlb__ring_recv), against write() /
+ *                          read() of the same buffers. Ring of RLB_RING_BYTES (default 8 MiB),
+ *                          socket buffers left at their defaults.
+ * Each throughput figure is the best of 3 runs, ring and socketpair taking turns.
+ *
+ * Latency runs spin without limit (the sleeping run: the receiver sleeps at once); message
+ * rate and GB/s runs keep RLB_SPIN_US on both sides (spin, then sleep), as connections do.
+ *
+ * Ratios: latency_ratio_vs_socketpair = socketpair p50 / spinning ring p50;
+ * throughput_4m_ratio_vs_socketpair = ring GB/s / socketpair GB/s. Every message carries a
+ * sequence number the receiver checks. Targets on a 2-core machine: ring p50 <= 1 us
+ * spinning, <= 30 us woken, >= 5 M msgs/s, latency ratio >= 5, 4 MiB ratio >= 3.
+ * Prints a table, then one JSON line. Build: cmake --build BUILD --target rlb-bench-ring.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/atomics.h"
+#include "common/env.h"
+#include "common/ring.h"
+#include "common/shm.h"
+#include "rlb/rlb.h"
+
+#define MSG 64                      /* small message size */
+#define BIG (4u << 20)              /* large message size */
+#define SMALL_RING (1u << 20)       /* ring of the latency and message-rate runs */
+#define LAT_WARMUP 1000             /* latency samples dropped at the start */
+#define LAT_SPIN_N 100000           /* samples, spinning ring */
+#define LAT_WOKEN_N 5000            /* samples, sleeping ring */
+#define LAT_SOCK_N 20000            /* samples, socketpair */
+#define RATE_RING_N 2000000         /* 64 B messages, ring */
+#define RATE_SOCK_N 500000          /* 64 B messages, socketpair */
+#define BIG_N 100                   /* 4 MiB messages, each side */
+#define ROUNDS 3                    /* throughput runs of each kind; the best one counts */
+#define SPIN_FOREVER_NS 10000000000 /* a spin that outlasts every wait here */
+#define WAIT_MS 10000               /* bound on every wait: a stuck run fails, never hangs */
+#define ASLEEP_SETTLE_NS 20000      /* after the consumer announced its sleep, let it block */
+
+enum { ROLE_SENDER, ROLE_RECEIVER };
+enum { T_DATA = 1, T_ACK = 2 };
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void die(const char *what, int rc)
+{
+    fprintf(stderr, "rlb-bench-ring: %s: %s\n", what, rc < 0 ? rlb_strerror(rc) : strerror(rc));
+    exit(1);
+}
+
+/* ---- Two processes, two rings, one socketpair ------------------------------------------ */
+
+/* Ring 0 carries sender -> receiver (the child sends, the parent receives and measures),
+ * ring 1 the acknowledgements back. Each run forks a fresh child over fresh segments. */
+typedef struct duo {
+    uint64_t cap;   /* ring capacity */
+    size_t size;    /* bytes of each segment */
+    void *mem[2];   /* the two segments, mapped before the fork */
+    int sock[2];    /* socketpair: [0] the parent's end, [1] the child's */
+    rlb_ring tx;    /* this process's producer handle */
+    rlb_ring rx;    /* this process's consumer handle */
+} duo;
+
+static void duo_open(duo *k, uint64_t cap)
+{
+    k->cap = cap;
+    k->size = rlb__ring_memsize(cap);
+    for (int i = 0; i < 2; i++) {
+        int fd, rc = rlb__shm_create(k->size, "bench-ring", &fd);
+        if (rc == 0)
+            rc = rlb__shm_map(fd, k->size, &k->mem[i]);
+        if (rc == 0)
+            rc = rlb__ring_init(k->mem[i], cap);
+        if (rc < 0)
+            die("ring segment", rc);
+        close(fd);
+    }
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, k->sock) != 0)
+        die("socketpair", errno);
+}
+
+/* Attaches this process's two handles. spin_ns: how long either side spins before it
+ * sleeps; < 0 keeps RLB_SPIN_US. */
+static void duo_attach(duo *k, int role, int64_t spin_ns)
+{
+    int rc = rlb__ring_attach(&k->tx, k->mem[role == ROLE_SENDER ? 0 : 1], k->size,
+                              RLB_RING_PRODUCER);
+    if (rc == 0)
+        rc = rlb__ring_attach(&k->rx, k->mem[role == ROLE_SENDER ? 1 : 0], k->size,
+                              RLB_RING_CONSUMER);
+    if (rc < 0)
+        die("ring attach", rc);
+    if (spin_ns >= 0) {
+        k->tx.spin_ns = spin_ns;
+        k->rx.spin_ns = spin_ns;
+    }
+    close(k->sock[role == ROLE_SENDER ? 0 : 1]);
+}
+
+static void duo_close(duo *k)
+{
+    for (int i = 0; i < 2; i++)
+        rlb__shm_unmap(k->mem[i], k->size);
+    close(k->sock[0]);
+    close(k->sock[1]);
+}
+
+/* Runs child(k, arg) in a forked sender and parent(k, arg) here over fresh rings of cap
+ * bytes, with the given spins (see duo_attach); waits for the child. */
+typedef void (*side_fn)(duo *k, void *arg);
+
+static void run_pair(uint64_t cap, int64_t send_spin_ns, int64_t recv_spin_ns, side_fn child,
+                     side_fn parent, void *arg)
+{
+    duo k = {0};
+    duo_open(&k, cap);
+    pid_t pid = fork();
+    if (pid < 0)
+        die("fork", errno);
+    if (pid == 0) {
+        duo_attach(&k, ROLE_SENDER, send_spin_ns);
+        child(&k, arg);
+        _exit(0);
+    }
+    duo_attach(&k, ROLE_RECEIVER, recv_spin_ns);
+    parent(&k, arg);
+    int st;
+    if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        die("sender process failed", EIO);
+    rlb__ring_close(&k.tx);
+    rlb__ring_close(&k.rx);
+    duo_close(&k);
+}
+
+/* ---- Ring and socket primitives --------------------------------------------------------- */
+
+static void ring_put(rlb_ring *r, uint32_t type, const void *buf, size_t len)
+{
+    void *slot;
+    size_t cap;
+    int rc = rlb__ring_claim(r, len, WAIT_MS, &slot, &cap);
+    if (rc < 0)
+        die("claim", rc);
+    memcpy(slot, buf, len);
+    rlb__ring_commit(r, type, len);
+}
+
+/* Peeks the next record and copies its first 8 bytes (a stamp or a count) out. */
+static uint64_t ring_take(rlb_ring *r)
+{
+    rlb_ring_msg m;
+    uint64_t v = 0;
+    int rc = rlb__ring_peek(r, WAIT_MS, &m);
+    if (rc < 0)
+        die("peek", rc);
+    memcpy(&v, m.data, m.len < sizeof(v) ? m.len : sizeof(v));
+    rlb__ring_release(r);
+    return v;
+}
+
+static void sock_write(int s, const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+    while (len) {
+        ssize_t n = write(s, p, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            die("socket write", n < 0 ? errno : EPIPE);
+        p += n;
+        len -= (size_t)n;
+    }
+}
+
+static void sock_read(int s, void *buf, size_t len)
+{
+    uint8_t *p = buf;
+    while (len) {
+        ssize_t n = read(s, p, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            die("socket read", n < 0 ? errno : EPIPE);
+        p += n;
+        len -= (size_t)n;
+    }
+}
+
+/* ---- Latency ---------------------------------------------------------------------------- */
+
+typedef struct lat_run {
+    int socket;      /* 1: over the socketpair */
+    int woken;       /* 1: the receiver sleeps before every message */
+    int n;           /* samples kept (after LAT_WARMUP) */
+    double *lat_ns;  /* the parent's samples */
+} lat_run;
+
+static void lat_child(duo *k, void *arg)
+{
+    lat_run *L = arg;
+    uint8_t msg[MSG] = {0};
+    uint64_t ack;
+    rlb__ring_shared *to = k->mem[0];
+    for (int i = 0; i < LAT_WARMUP + L->n; i++) {
+        if (L->woken) {
+            /* Pairs with the exchange in the receiver's sleep: it announced the sleep. */
+            int64_t end = now_ns() + (int64_t)WAIT_MS * 1000000;
+            while (!rlb_load_acquire(&to->cons_wake.sleeping))
+                if (now_ns() > end)
+                    die("receiver never slept", ETIMEDOUT);
+            int64_t settle = now_ns() + ASLEEP_SETTLE_NS;
+            while (now_ns() < settle)
+                rlb_cpu_relax();
+        }
+        int64_t t = now_ns();
+        memcpy(msg, &t, sizeof(t));
+        if (L->socket) {
+            sock_write(k->sock[1], msg, MSG);
+            sock_read(k->sock[1], &ack, sizeof(ack));
+        } else {
+            ring_put(&k->tx, T_DATA, msg, MSG);
+            ring_take(&k->rx);
+        }
+    }
+}
+
+static void lat_parent(duo *k, void *arg)
+{
+    lat_run *L = arg;
+    uint8_t msg[MSG];
+    uint64_t ack = 0;
+    for (int i = 0; i < LAT_WARMUP + L->n; i++) {
+        int64_t sent;
+        if (L->socket) {
+            sock_read(k->sock[0], msg, MSG);
+            memcpy(&sent, msg, sizeof(sent));
+        } else {
+            rlb_ring_msg m;
+            int rc = rlb__ring_peek(&k->rx, WAIT_MS, &m);
+            if (rc < 0)
+                die("peek", rc);
+            memcpy(&sent, m.data, sizeof(sent));
+        }
+        int64_t got = now_ns();
+        if (!L->socket)
+            rlb__ring_release(&k->rx);
+        if (i >= LAT_WARMUP)
+            L->lat_ns[i - LAT_WARMUP] = (double)(got - sent);
+        if (L->socket)
+            sock_write(k->sock[0], &ack, sizeof(ack));
+        else
+            ring_put(&k->tx, T_ACK, &ack, sizeof(ack));
+    }
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Measures one latency run; p50 and p99 in microseconds. */
+static void latency(int socket, int woken, int n, double *p50, double *p99)
+{
+    lat_run L = {.socket = socket, .woken = woken, .n = n, .lat_ns = calloc((size_t)n, 8)};
+    if (!L.lat_ns)
+        die("calloc", ENOMEM);
+    run_pair(SMALL_RING, SPIN_FOREVER_NS, woken ? 0 : SPIN_FOREVER_NS, lat_child, lat_parent,
+             &L);
+    qsort(L.lat_ns, (size_t)n, sizeof(double), cmp_double);
+    *p50 = L.lat_ns[n / 2] / 1e3;
+    *p99 = L.lat_ns[(size_t)n * 99 / 100] / 1e3;
+    free(L.lat_ns);
+}
+
+/* ---- Throughput -------------------------------------------------------------------------- */
+
+typedef struct rate_run {
+    int socket;     /* 1: over the socketpair */
+    size_t len;     /* message size */
+    long n;         /* messages */
+    uint8_t *buf;   /* sender: source; receiver: destination (len bytes, touched) */
+    double seconds; /* parent: from "go" to the last message in hand */
+} rate_run;
+
+static void rate_child(duo *k, void *arg)
+{
+    rate_run *R = arg;
+    uint64_t go;
+    if (R->socket)
+        sock_read(k->sock[1], &go, sizeof(go));
+    else
+        ring_take(&k->rx);
+    for (long i = 0; i < R->n; i++) {
+        uint64_t seq = (uint64_t)i;
+        memcpy(R->buf, &seq, sizeof(seq));
+        if (R->socket) {
+            sock_write(k->sock[1], R->buf, R->len);
+        } else if (R->len == MSG) {
+            ring_put(&k->tx, T_DATA, R->buf, MSG);
+        } else {
+            int rc = rlb__ring_send(&k->tx, T_DATA, R->buf, R->len, WAIT_MS);
+            if (rc < 0)
+                die("send", rc);
+        }
+    }
+}
+
+static void check_seq(uint64_t got, long want)
+{
+    if (got != (uint64_t)want)
+        die("message out of order or corrupt", EPROTO);
+}
+
+/* Receiver loops, one per transport and size. Each checks every sequence number. */
+static void recv_ring_small(duo *k, rate_run *R)
+{
+    for (long i = 0; i < R->n; i++)
+        check_seq(ring_take(&k->rx), i);
+}
+
+static void recv_sock_small(duo *k, rate_run *R)
+{
+    /* Read in 64 KiB gulps, as a stream reader would; a gulp that ends inside a message
+     * is completed before its messages are checked. */
+    static uint8_t gulp[1 << 16];
+    for (long i = 0; i < R->n;) {
+        ssize_t n = read(k->sock[0], gulp, sizeof(gulp));
+        if (n <= 0)
+            die("socket read", n < 0 ? errno : EPIPE);
+        size_t whole = ((size_t)n + MSG - 1) / MSG * MSG;
+        sock_read(k->sock[0], gulp + n, whole - (size_t)n);
+        for (size_t off = 0; off < whole; off += MSG, i++) {
+            uint64_t seq;
+            memcpy(&seq, gulp + off, sizeof(seq));
+            check_seq(seq, i);
+        }
+    }
+}
+
+static void recv_ring_big(duo *k, rate_run *R)
+{
+    rlb_ring_rx rx = {.max_msg = R->len};
+    for (long i = 0; i < R->n; i++) {
+        rlb_ring_msg m;
+        int rc = rlb__ring_recv(&k->rx, &rx, WAIT_MS, &m);
+        if (rc < 0)
+            die("recv", rc);
+        if (m.len != R->len)
+            die("message of the wrong size", EPROTO);
+        /* A fragmented message was already copied out, into the reassembly buffer. */
+        if (m.data != rx.buf)
+            memcpy(R->buf, m.data, m.len);
+        uint64_t seq;
+        memcpy(&seq, m.data, sizeof(seq));
+        check_seq(seq, i);
+    }
+    rlb__ring_recv_done(&k->rx, &rx);
+    rlb__ring_rx_free(&rx);
+}
+
+static void recv_sock_big(duo *k, rate_run *R)
+{
+    for (long i = 0; i < R->n; i++) {
+        sock_read(k->sock[0], R->buf, R->len);
+        uint64_t seq;
+        memcpy(&seq, R->buf, sizeof(seq));
+        check_seq(seq, i);
+    }
+}
+
+static void rate_parent(duo *k, void *arg)
+{
+    rate_run *R = arg;
+    uint64_t go = 0;
+    int64_t t0 = now_ns();
+    if (R->socket)
+        sock_write(k->sock[0], &go, sizeof(go));
+    else
+        ring_put(&k->tx, T_ACK, &go, sizeof(go));
+    if (R->len == MSG)
+        (R->socket ? recv_sock_small : recv_ring_small)(k, R);
+    else
+        (R->socket ? recv_sock_big : recv_ring_big)(k, R);
+    R->seconds = (double)(now_ns() - t0) / 1e9;
+}
+
+/* Messages per second over one transport. */
+static double rate(int socket, size_t len, long n, uint64_t cap)
+{
+    rate_run R = {.socket = socket, .len = len, .n = n, .buf = malloc(len)};
+    if (!R.buf)
+        die("malloc", ENOMEM);
+    memset(R.buf, 0x5a, len); /* touched before the fork: no page faults are timed */
+    run_pair(cap, -1, -1, rate_child, rate_parent, &R);
+    free(R.buf);
+    return (double)n / R.seconds;
+}
+
+int main(void)
+{
+    uint64_t big_ring = (uint64_t)rlb__env_int(RLB_KNOB_RING_BYTES);
+    if (rlb__ring_memsize(big_ring) == 0)
+        die("RLB_RING_BYTES is not a valid ring size", EINVAL);
+    double spin50, spin99, woken50, woken99, sock50, sock99;
+    latency(0, 0, LAT_SPIN_N, &spin50, &spin99);
+    latency(0, 1, LAT_WOKEN_N, &woken50, &woken99);
+    latency(1, 0, LAT_SOCK_N, &sock50, &sock99);
+    /* Throughput: best of ROUNDS, the two transports taking turns, so that a burst of
+     * load from elsewhere on the machine does not land on one of them only. */
+    double ring_rate = 0, sock_rate = 0, ring_gbs = 0, sock_gbs = 0;
+    for (int i = 0; i < ROUNDS; i++) {
+        ring_rate = fmax(ring_rate, rate(0, MSG, RATE_RING_N, SMALL_RING));
+        sock_rate = fmax(sock_rate, rate(1, MSG, RATE_SOCK_N, SMALL_RING));
+        ring_gbs = fmax(ring_gbs, rate(0, BIG, BIG_N, big_ring) * BIG / 1e9);
+        sock_gbs = fmax(sock_gbs, rate(1, BIG, BIG_N, big_ring) * BIG / 1e9);
+    }
+    double lat_ratio = sock50 / spin50;
+    double big_ratio = ring_gbs / sock_gbs;
+
+    printf("%-40s %12s %12s  %s\n", "measure (two processes)", "ring", "socketpair", "target");
+    printf("%-40s %9.3f us %9.3f us  ring <= 1 us\n", "64 B one-way p50, spinning consumer",
+           spin50, sock50);
+    printf("%-40s %9.3f us %9.3f us\n", "64 B one-way p99, spinning consumer", spin99, sock99);
+    printf("%-40s %9.3f us %12s  ring <= 30 us\n", "64 B one-way p50, sleeping consumer",
+           woken50, "");
+    printf("%-40s %9.3f us\n", "64 B one-way p99, sleeping consumer", woken99);
+    printf("%-40s %9.2f M/s %9.2f M/s  ring >= 5 M/s\n", "64 B messages/s", ring_rate / 1e6,
+           sock_rate / 1e6);
+    printf("%-40s %9.2f GB/s %8.2f GB/s\n", "4 MiB messages (copy in + copy out)", ring_gbs,
+           sock_gbs);
+    printf("%-40s %12.1f %12s  >= 5\n", "latency_ratio_vs_socketpair", lat_ratio, "");
+    printf("%-40s %12.1f %12s  >= 3\n", "throughput_4m_ratio_vs_socketpair", big_ratio, "");
+    printf("{\"bench\":\"ring\",\"ring_p50_spin_us\":%.3f,\"ring_p99_spin_us\":%.3f,"
+           "\"ring_p50_woken_us\":%.3f,\"ring_p99_woken_us\":%.3f,"
+           "\"socketpair_p50_us\":%.3f,\"socketpair_p99_us\":%.3f,"
+           "\"ring_msgs_per_s_64\":%.0f,\"socketpair_msgs_per_s_64\":%.0f,"
+           "\"ring_gb_per_s_4m\":%.3f,\"socketpair_gb_per_s_4m\":%.3f,\"ring_bytes\":%llu,"
+           "\"latency_ratio_vs_socketpair\":%.2f,\"throughput_4m_ratio_vs_socketpair\":%.2f}\n",
+           spin50, spin99, woken50, woken99, sock50, sock99, ring_rate, sock_rate, ring_gbs,
+           sock_gbs, (unsigned long long)big_ring, lat_ratio, big_ratio);
+    return 0;
+}
