@@ -10,7 +10,7 @@ target_link_libraries(rlb_test_engine_util PUBLIC rlb_engine PkgConfig::JANSSON 
 
 rlb_add_test(NAME test_engine_hf SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_hf.c
              LIBS rlb_test_engine_util LABELS "unit;tsan" TIMEOUT 180)
-rlb_add_test(NAME test_sample SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_sample.c
+rlb_add_test(NAME test_engine_sample SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_sample.c
              LIBS rlb_kernels_cpu m LABELS unit TIMEOUT 60)
 rlb_add_test(NAME test_engine_batch SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_batch.c
              LIBS rlb_test_engine_util LABELS "unit;tsan" TIMEOUT 180)

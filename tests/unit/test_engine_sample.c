@@ -1,4 +1,4 @@
-/* test_sample: the sampler (kernels/cpu/sample.c) against brute force on small
+/* test_engine_sample: the sampler (kernels/cpu/sample.c) against brute force on small
  * vocabularies.
  *   - top-k / top-p: the kept set equals one computed here the slow way from the
  *     definitions in sample.h (sort everything, count the mass above each token in double),
