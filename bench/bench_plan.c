@@ -5,6 +5,7 @@
  *                           layers, V 128256), FSDP2 Shard(0) over W = 8 -> TP 2, BF16;
  *                           best of 20 builds (target <= 20 ms). The same for FSDP1 flat
  *                           units (one per decoder layer, use_orig_params alignment).
+ *                           Each plan also goes through its wire form once (all ops checked).
  *   executor_vs_memcpy      a same-dtype (BF16) plan of about 1 GB (a 6-layer, D 2048 model,
  *                           FSDP2 8 -> TP 2) run by the executor with its default threads,
  *                           against one plain memcpy of the same number of bytes between
@@ -152,8 +153,27 @@ static void source_fsdp1(rlb_source *src, const rlb_param_list *pl, rlb_dtype dt
     free(unit_first);
 }
 
-/* Best of BUILD_REPS builds, in milliseconds; *ops gets the plan's op count. */
-static double time_build(const rlb_source *src, const rlb_target *tgt, uint64_t *ops)
+/* Serializes the plan and reads it back, which checks every op; returns the wire size. */
+static uint64_t wire_check(const rlb_plan *plan)
+{
+    char err[256] = "";
+    uint64_t len = rlb__plan_serialized_size(plan);
+    void *buf = malloc(len);
+    rlb_plan back;
+    int rc = buf ? rlb__plan_serialize(plan, buf, len) : RLB_ENOMEM;
+    if (!rc)
+        rc = rlb__plan_deserialize(buf, len, &back, err, sizeof err);
+    if (rc)
+        die("plan wire form", rc, err);
+    rlb__plan_free(&back);
+    free(buf);
+    return len;
+}
+
+/* Best of BUILD_REPS builds, in milliseconds; *ops and *wire get the plan's op count and
+ * serialized size. */
+static double time_build(const rlb_source *src, const rlb_target *tgt, uint64_t *ops,
+                         uint64_t *wire)
 {
     char err[256] = "";
     double best = 1e30;
@@ -166,6 +186,8 @@ static double time_build(const rlb_source *src, const rlb_target *tgt, uint64_t 
             die("plan build", rc, err);
         best = t < best ? t : best;
         *ops = plan.n_ops;
+        if (r == 0)
+            *wire = wire_check(&plan);
         rlb__plan_free(&plan);
     }
     return best;
@@ -318,12 +340,12 @@ int main(void)
         die("params", rc, err);
     rlb_target tgt = {.tp_size = 2, .replicas = 1, .dtype = RLB_DTYPE_BF16};
     rlb_source src;
-    uint64_t bytes8[W], ops2 = 0, ops1 = 0;
+    uint64_t bytes8[W], ops2 = 0, ops1 = 0, wire2 = 0, wire1 = 0;
     source_fsdp2(&src, &pl, RLB_DTYPE_BF16, bytes8);
-    double build2 = time_build(&src, &tgt, &ops2);
+    double build2 = time_build(&src, &tgt, &ops2, &wire2);
     rlb__source_free(&src);
     source_fsdp1(&src, &pl, RLB_DTYPE_BF16);
-    double build1 = time_build(&src, &tgt, &ops1);
+    double build1 = time_build(&src, &tgt, &ops1, &wire1);
     rlb__source_free(&src);
     rlb__params_free(&pl);
 
@@ -340,10 +362,12 @@ int main(void)
     threads = threads > 0 ? threads : sysconf(_SC_NPROCESSORS_ONLN);
 
     printf("%-44s %12s  %s\n", "measure", "value", "notes");
-    printf("%-44s %9.3f ms  %llu ops\n", "plan_build_ms_8b (FSDP2 8 -> TP 2, BF16)", build2,
-           (unsigned long long)ops2);
-    printf("%-44s %9.3f ms  %llu ops\n", "plan_build_ms_8b_fsdp1 (FSDP1 8 -> TP 2)", build1,
-           (unsigned long long)ops1);
+    printf("%-44s %9.3f ms  %llu ops, %llu bytes serialized\n",
+           "plan_build_ms_8b (FSDP2 8 -> TP 2, BF16)", build2, (unsigned long long)ops2,
+           (unsigned long long)wire2);
+    printf("%-44s %9.3f ms  %llu ops, %llu bytes serialized\n",
+           "plan_build_ms_8b_fsdp1 (FSDP1 8 -> TP 2)", build1, (unsigned long long)ops1,
+           (unsigned long long)wire1);
     printf("%-44s %9.1f MB  %llu ops\n", "same-dtype plan (BF16, FSDP2 8 -> TP 2)",
            (double)same.bytes_written / 1e6, (unsigned long long)same.ops);
     printf("%-44s %9.2f ms  %.2f GB/s read+write, %lld threads\n", "  executor (default)",

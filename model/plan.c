@@ -506,16 +506,29 @@ static int check_plan(const rlb_plan *plan, char *err, size_t errlen)
         if (plan->dst_first_op[d + 1] < plan->dst_first_op[d])
             return rlb__model_err(err, errlen, RLB_EINVAL,
                                   "plan: op range of destination %u is decreasing", d);
+    /* The planner writes each destination front to back, every op past the end of the one
+     * before; holding any plan to that keeps its ops disjoint, so executor threads never
+     * write the same byte. */
     for (uint32_t d = 0; d < plan->n_dst; d++) {
+        uint64_t prev_end = 0;
         for (uint64_t i = plan->dst_first_op[d]; i < plan->dst_first_op[d + 1]; i++) {
-            if (plan->ops[i].dst_ref != d)
+            const rlb_copy_op *op = &plan->ops[i];
+            if (op->dst_ref != d)
                 return rlb__model_err(err, errlen, RLB_EINVAL,
                                       "plan op %llu: in destination %u's range but writes %u",
-                                      (unsigned long long)i, d, plan->ops[i].dst_ref);
-            int rc = rlb__plan_check_op(&plan->ops[i], i, plan->n_src, plan->src_bytes,
-                                        plan->n_dst, plan->dst_bytes, err, errlen);
+                                      (unsigned long long)i, d, op->dst_ref);
+            int rc = rlb__plan_check_op(op, i, plan->n_src, plan->src_bytes, plan->n_dst,
+                                        plan->dst_bytes, err, errlen);
             if (rc)
                 return rc;
+            if (op->dst_offset < prev_end)
+                return rlb__model_err(err, errlen, RLB_EINVAL,
+                                      "plan op %llu: starts at byte %llu of destination %u, "
+                                      "before the previous op's end %llu",
+                                      (unsigned long long)i, (unsigned long long)op->dst_offset,
+                                      d, (unsigned long long)prev_end);
+            prev_end = extent_end(op->dst_offset, op->dst_stride, op->rows,
+                                  op->row_elems * dsize(op->dst_dtype));
         }
     }
     return 0;

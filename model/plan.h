@@ -103,8 +103,10 @@ uint64_t rlb__plan_serialized_size(const rlb_plan *plan);
 /* Writes the plan into buf[len]. Returns 0 or RLB_ETOOBIG when len is too small. */
 int rlb__plan_serialize(const rlb_plan *plan, void *buf, uint64_t len);
 /* Reads a serialized plan into `plan` (owning copies), checking the header (RLB_EVERSION
- * for another version), every count against len, the op grouping by destination and every
- * op with rlb__plan_check_op against the plan's own length tables. Returns 0, RLB_EINVAL,
+ * for another version), every count against len, the op grouping by destination, every op
+ * with rlb__plan_check_op against the plan's own length tables, and that each destination's
+ * ops come in order, each starting at or past the end of the one before (as the planner
+ * writes them), so no two ops write the same byte. Returns 0, RLB_EINVAL,
  * RLB_EVERSION or RLB_ENOMEM; `err` says what. */
 int rlb__plan_deserialize(const void *buf, uint64_t len, rlb_plan *plan, char *err,
                           size_t errlen);

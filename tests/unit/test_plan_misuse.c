@@ -644,7 +644,7 @@ static void test_wire_corruption(void **state)
     static const char *const want_msg[] = {
         "reads past source 0", "writes past destination 0", "do not cover",
         "decreasing", "in destination 0's range but writes 1", "writes past destination 1",
-        "empty", "reserved",
+        "empty", "reserved", "before the previous op's end",
     };
     uint64_t n0 = b.plan.dst_first_op[1];
     for (int fault = 0; fault < (int)(sizeof want_msg / sizeof want_msg[0]); fault++) {
@@ -658,6 +658,7 @@ static void test_wire_corruption(void **state)
         case 5: ops[h.n_ops - 1].dst_offset = b.plan.dst_bytes[1]; break;
         case 6: ops[0].rows = 0; break;
         case 7: ops[n0].reserved[5] = 0x80; break;
+        case 8: ops[1].dst_offset = ops[0].dst_offset; break; /* writes op 0's bytes again */
         }
         expect_err(rlb__plan_deserialize(buf, len, &out, err, el), RLB_EINVAL, err,
                    want_msg[fault]);
