@@ -12,6 +12,7 @@
     X(generate, "generate from a HF checkpoint directory") \
     X(bridge, "run the rlb-bridge daemon (CPU backend)") \
     X(worker, "run one rlb-worker: a TP rank of a replica, CPU backend") \
+    X(demo, "start a bridge and 2 workers (CPU, tiny model) and train it with the toy trainer") \
 
 #define RLB_DECLARE_CMD(name, summary) int rlb__cmd_##name(int argc, char **argv);
 RLB_COMMANDS(RLB_DECLARE_CMD)
