@@ -21,3 +21,7 @@ if(TARGET rlb)
   target_compile_definitions(test_engine_generate PRIVATE RLB_BIN="$<TARGET_FILE:rlb>")
   add_dependencies(test_engine_generate rlb)
 endif()
+rlb_add_test(NAME test_engine_kv SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_kv.c
+             LIBS rlb_engine LABELS unit TIMEOUT 60)
+rlb_add_test(NAME test_engine_ops SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_ops.c
+             LIBS rlb_kernels_cpu m LABELS unit TIMEOUT 60)
