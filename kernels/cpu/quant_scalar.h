@@ -3,7 +3,8 @@
  *
  * Under nvcc every function here is compiled for host and device, so both sides run the
  * same f32 operations in the same order (IEEE division, rintf = round half to even) and
- * produce the same bits by construction; the GPU test still compares them. The formulas
+ * produce the same bits by construction (except the e4m3 encoding, which the fp8 kernel
+ * leaves to the hardware's cvt with the same rounding); the GPU test compares them. The formulas
  * (quant.h): int8 q = clamp(rint(w / s), -127, 127); fp8 q = e4m3(clamp(w / s, -448, 448));
  * s = amax / 127 or amax / 448; a zero scale gives q = 0. NaN inputs never raise an amax
  * (v > m is false for NaN), as in a plain C loop; a NaN weight gives int8 0 and the e4m3

@@ -3,7 +3,8 @@
  *
  * Invariant: every output byte and scale equals what kernels/cpu/quant.c computes for the
  * same input, bit for bit. Both sides call the per-element functions of
- * kernels/cpu/quant_scalar.h (compiled here for the device: IEEE division, rintf), and an
+ * kernels/cpu/quant_scalar.h (compiled here for the device: IEEE division, rintf), except
+ * the e4m3 encoding, which the hardware does with the same rounding (fp8_value), and an
  * amax does not depend on the order it is taken in (max of non-negative non-NaN values; NaN
  * is skipped by rlb__amax_step on both sides), so splitting the reduction over threads and
  * blocks changes nothing.
@@ -11,13 +12,13 @@
  * Work division: the tensors' work items are numbered across the set (first_item is a
  * prefix sum, one block per item, a binary search over the set finds the tensor). A
  * per-tensor item is a run of kItemElems elements; a per-row item is a group of whole rows
- * (at least one per warp), each reduced by one warp with shuffles before the warp quantizes
- * it, so per-row tensors need one launch and no block barrier. Per-tensor tensors need the amax of every element first: the
+ * (at least one), each reduced by the whole block before it is quantized, so per-row
+ * tensors need one launch. Per-tensor tensors need the amax of every element first: the
  * amax launch reduces each item and folds it into the tensor's scratch word with atomicMax
  * on the float's bits (non-negative floats order like their bit patterns); the quantize
  * launch divides it by 448 in every block (the same IEEE division as the CPU) and the
  * tensor's first item stores the scale. Loads are 16 bytes where the tensor (or row) start
- * is 16-byte aligned, kUnroll of them in flight per thread, with a scalar tail.
+ * is 16-byte aligned, with a scalar tail.
  *
  * Check: tests/gpu/test_cuda_quant (random tensors, every dtype and kind, NaN / inf / zero
  * rows, against the CPU reference); speed: rlb-bench-reshard-gpu (fp8 of the 8B model
@@ -28,6 +29,8 @@
 #include <stdlib.h>
 
 #include <type_traits>
+
+#include <cuda_fp8.h>
 
 #include "kernels/cpu/quant_scalar.h"
 #include "kernels/cuda/convert.cuh"
@@ -79,40 +82,38 @@ struct vec {
     };
 };
 
-constexpr int kUnroll = 4; /* 16-byte loads each thread has in flight */
-
-/* Max |w| over elements [i0, i1), shared by NT threads (this one is `tid`); vector loads
- * when `aligned` (element i0 is 16-byte aligned). Each thread returns its partial max. */
-template <typename T, int NT>
-__device__ float amax_range(const char *w, uint64_t i0, uint64_t i1, bool aligned, uint32_t tid)
+/* Max |w| over elements [i0, i1) of the block's share; vector loads when `aligned` (the
+ * address of element i0 is 16-byte aligned). Every thread returns its own partial max. */
+template <typename T>
+__device__ float amax_range(const char *w, uint64_t i0, uint64_t i1, bool aligned)
 {
     constexpr int N = vec<T>::N;
-    constexpr uint64_t STEP = (uint64_t)NT * N;
     const T *p = reinterpret_cast<const T *>(w);
-    const uint64_t end = i0 + (aligned ? (i1 - i0) / N * N : 0);
     float m = 0.0f;
-    uint64_t i = i0 + (uint64_t)tid * N;
-    for (; i + (kUnroll - 1) * STEP < end; i += kUnroll * STEP) {
-        typename vec<T>::in_t in[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; u++)
-            in[u].v = *reinterpret_cast<const uint4 *>(p + i + u * STEP);
-#pragma unroll
-        for (int u = 0; u < kUnroll; u++)
-#pragma unroll
-            for (int e = 0; e < N; e++)
-                m = rlb__amax_step(m, rlb__d_to_f32(in[u].e[e]));
-    }
-    for (; i < end; i += STEP) {
+    uint64_t body = aligned ? (i1 - i0) / N * N : 0;
+    for (uint64_t i = i0 + (uint64_t)threadIdx.x * N; i < i0 + body; i += (uint64_t)kThreads * N) {
         typename vec<T>::in_t in;
         in.v = *reinterpret_cast<const uint4 *>(p + i);
 #pragma unroll
         for (int e = 0; e < N; e++)
             m = rlb__amax_step(m, rlb__d_to_f32(in.e[e]));
     }
-    for (i = end + tid; i < i1; i += NT)
+    for (uint64_t i = i0 + body + threadIdx.x; i < i1; i += kThreads)
         m = rlb__amax_step(m, rlb__d_to_f32(p[i]));
     return m;
+}
+
+/* rlb__quant_fp8_value with the e4m3 encoding done by the hardware (cvt.rn.satfinite, one
+ * instruction for what rlb__f32_to_e4m3 spends a branchy score of instructions on, which
+ * made the kernel compute-bound): the same rounding (nearest even, subnormals kept) and the
+ * same saturation to +-448 of the clamp; NaN is settled before, as there. test_cuda_quant
+ * sweeps the encoder over every e4m3 rounding boundary. */
+__device__ __forceinline__ uint8_t fp8_value(float v, float s)
+{
+    float x = s > 0.0f ? v / s : 0.0f;
+    if (x != x)
+        return (uint8_t)(((__float_as_uint(v) >> 24) & 0x80u) | 0x7fu);
+    return (uint8_t)__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
 }
 
 template <bool INT8>
@@ -121,59 +122,41 @@ __device__ __forceinline__ uint8_t quant_value(float v, float s)
     if constexpr (INT8)
         return (uint8_t)rlb__quant_int8_value(v, s);
     else
-        return rlb__quant_fp8_value(v, s);
+        return fp8_value(v, s);
 }
 
+/* q[i] = quantized w[i] for i in [i0, i1) with scale s; vector accesses when `aligned` (w's
+ * element i0 16-byte aligned, q's byte i0 aligned to N). */
 template <typename T, bool INT8>
-__device__ __forceinline__ void quant_group(const T *p, uint8_t *q, float s)
-{
-    constexpr int N = vec<T>::N;
-    typename vec<T>::in_t in;
-    in.v = *reinterpret_cast<const uint4 *>(p);
-    union {
-        uint8_t b[N];
-        typename std::conditional<N == 8, uint2, uint32_t>::type word;
-    } out;
-#pragma unroll
-    for (int e = 0; e < N; e++)
-        out.b[e] = quant_value<INT8>(rlb__d_to_f32(in.e[e]), s);
-    *reinterpret_cast<decltype(out.word) *>(q) = out.word;
-}
-
-/* q[i] = quantized w[i] for i in [i0, i1) with scale s, shared by NT threads; vector
- * accesses when `aligned` (w's element i0 16-byte aligned, q's byte i0 aligned to N). */
-template <typename T, bool INT8, int NT>
 __device__ void quant_range(const char *w, uint8_t *q, uint64_t i0, uint64_t i1, float s,
-                            bool aligned, uint32_t tid)
+                            bool aligned)
 {
     constexpr int N = vec<T>::N;
-    constexpr uint64_t STEP = (uint64_t)NT * N;
     const T *p = reinterpret_cast<const T *>(w);
-    const uint64_t end = i0 + (aligned ? (i1 - i0) / N * N : 0);
-    uint64_t i = i0 + (uint64_t)tid * N;
-    for (; i + (kUnroll - 1) * STEP < end; i += kUnroll * STEP)
+    uint64_t body = aligned ? (i1 - i0) / N * N : 0;
+    for (uint64_t i = i0 + (uint64_t)threadIdx.x * N; i < i0 + body; i += (uint64_t)kThreads * N) {
+        typename vec<T>::in_t in;
+        in.v = *reinterpret_cast<const uint4 *>(p + i);
+        union {
+            uint8_t b[N];
+            typename std::conditional<N == 8, uint2, uint32_t>::type word;
+        } out;
 #pragma unroll
-        for (int u = 0; u < kUnroll; u++) /* independent groups: the loads overlap */
-            quant_group<T, INT8>(p + i + u * STEP, q + i + u * STEP, s);
-    for (; i < end; i += STEP)
-        quant_group<T, INT8>(p + i, q + i, s);
-    for (i = end + tid; i < i1; i += NT)
+        for (int e = 0; e < N; e++)
+            out.b[e] = quant_value<INT8>(rlb__d_to_f32(in.e[e]), s);
+        *reinterpret_cast<decltype(out.word) *>(q + i) = out.word;
+    }
+    for (uint64_t i = i0 + body + threadIdx.x; i < i1; i += kThreads)
         q[i] = quant_value<INT8>(rlb__d_to_f32(p[i]), s);
 }
 
-__device__ __forceinline__ float warp_max(float m)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    return m;
-}
-
-/* Max over the block; every thread gets the result. Values are non-negative, never NaN.
- * Call it once per block: part[] is not guarded against reuse. */
+/* Max over the block; every thread gets the result. Values are non-negative, never NaN. */
 __device__ float block_max(float m)
 {
     __shared__ float part[kThreads / 32];
-    m = warp_max(m);
+    for (int o = 16; o > 0; o >>= 1)
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    __syncthreads(); /* an earlier call may still read part[] */
     if (threadIdx.x % 32 == 0)
         part[threadIdx.x / 32] = m;
     __syncthreads();
@@ -195,7 +178,7 @@ __device__ void amax_item(const quant_args &a, uint32_t k, uint64_t j)
     const qdesc &t = a.t[k];
     const uint64_t n = t.rows * t.cols, i0 = j * t.per_item;
     const uint64_t i1 = i0 + t.per_item < n ? i0 + t.per_item : n;
-    float m = block_max(amax_range<T, kThreads>(t.w, i0, i1, aligned16(t.w), threadIdx.x));
+    float m = block_max(amax_range<T>(t.w, i0, i1, aligned16(t.w)));
     if (threadIdx.x == 0 && m > 0.0f)
         atomicMax(&a.amax[k], __float_as_uint(m));
 }
@@ -211,23 +194,20 @@ __device__ void quant_item(const quant_args &a, uint32_t k, uint64_t j)
         const float s = __uint_as_float(a.amax[k]) / RLB_E4M3_MAX;
         if (j == 0 && threadIdx.x == 0)
             t.scale[0] = s;
-        quant_range<T, INT8, kThreads>(t.w, t.q, i0, i1, s,
-                                       aligned16(t.w) && (uintptr_t)t.q % N == 0, threadIdx.x);
+        quant_range<T, INT8>(t.w, t.q, i0, i1, s, aligned16(t.w) && (uintptr_t)t.q % N == 0);
         return;
     }
-    /* per row: each warp takes whole rows, reduces with shuffles, no block barrier */
     const float qmax = INT8 ? RLB_INT8_QMAX : RLB_E4M3_MAX;
-    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const uint64_t r1 = (j + 1) * t.per_item < t.rows ? (j + 1) * t.per_item : t.rows;
     /* every row start keeps the tensor's alignment when a row is whole 16-byte groups */
     const bool rows_aligned =
         aligned16(t.w) && (uintptr_t)t.q % N == 0 && (t.cols * sizeof(T)) % 16 == 0;
-    for (uint64_t r = j * t.per_item + warp; r < r1; r += kThreads / 32) {
+    for (uint64_t r = j * t.per_item; r < r1; r++) {
         const uint64_t i0 = r * t.cols, i1 = i0 + t.cols;
-        const float s = warp_max(amax_range<T, 32>(t.w, i0, i1, rows_aligned, lane)) / qmax;
-        if (lane == 0)
+        const float s = block_max(amax_range<T>(t.w, i0, i1, rows_aligned)) / qmax;
+        if (threadIdx.x == 0)
             t.scale[r] = s;
-        quant_range<T, INT8, 32>(t.w, t.q, i0, i1, s, rows_aligned, lane);
+        quant_range<T, INT8>(t.w, t.q, i0, i1, s, rows_aligned);
     }
 }
 
@@ -303,9 +283,7 @@ static int64_t describe_tensor(const rlb_cuda_quant_tensor *t, uint32_t i, qdesc
         uint64_t n = d->rows * d->cols;
         return (int64_t)(n ? (n + kItemElems - 1) / kItemElems : 1);
     }
-    /* per row: at least a row for each warp, more when rows are short */
-    const uint64_t fit = kItemElems / (d->cols ? d->cols : 1);
-    d->per_item = fit > kThreads / 32 ? fit : kThreads / 32;
+    d->per_item = d->cols < kItemElems ? kItemElems / (d->cols ? d->cols : 1) : 1;
     return (int64_t)((d->rows + d->per_item - 1) / d->per_item);
 }
 

@@ -5,6 +5,9 @@
  *     grouped rows, split per-tensor items, odd widths and unaligned starts, values over a
  *     wide exponent range, and tensors salted with NaN, inf, zero rows and ties;
  *   - a second run over the same buffers gives the same bytes (pointers never change);
+ *   - the e4m3 encoder (the GPU's is the hardware's) on every rounding boundary: each value
+ *     halfway between neighbouring e4m3 codes, one f32 step either side, and a sweep of
+ *     f32 patterns in [-448, 448], under a scale of exactly 1;
  *   - an empty per-tensor tensor gets scale 0; bad descriptions are refused.
  * Exits 77 where no GPU is visible.
  */
@@ -178,6 +181,61 @@ static void test_random_set(void **state)
     CHECK_CUDA(cudaFree(ds));
 }
 
+static void test_fp8_encoder_boundaries(void **state)
+{
+    (void)state;
+    uint64_t cap = 1u << 22, n = 0;
+    float *w = malloc(cap * sizeof(float));
+    assert_non_null(w);
+    w[n++] = 448.0f; /* amax 448: the scale is exactly 1, so each w is what gets encoded */
+    for (uint8_t c = 0; c < 0x7e; c++) { /* neighbouring finite codes c, c + 1 */
+        float lo = rlb__e4m3_to_f32(c), hi = rlb__e4m3_to_f32((uint8_t)(c + 1));
+        float mid = lo + (hi - lo) / 2; /* exact: e4m3 values have 4 significant bits */
+        float v[3] = {mid, nextafterf(mid, 0.0f), nextafterf(mid, 1e9f)};
+        for (int k = 0; k < 3; k++) {
+            w[n++] = v[k];
+            w[n++] = -v[k];
+        }
+    }
+    for (uint64_t i = 0; n < cap && i < (1ull << 32); i += 1021) { /* dense sweep */
+        uint32_t u = (uint32_t)i;
+        float f;
+        memcpy(&f, &u, 4);
+        if (fabsf(f) <= 448.0f)
+            w[n++] = f;
+    }
+    float *dw, *ds;
+    uint8_t *dq, *q = malloc(n), *gq = malloc(n);
+    assert_non_null(q);
+    assert_non_null(gq);
+    CHECK_CUDA(cudaMalloc((void **)&dw, n * sizeof(float)));
+    CHECK_CUDA(cudaMalloc((void **)&dq, n));
+    CHECK_CUDA(cudaMalloc((void **)&ds, sizeof(float)));
+    CHECK_CUDA(cudaMemcpy(dw, w, n * sizeof(float), cudaMemcpyHostToDevice));
+    rlb_cuda_quant_tensor t = {.w = dw, .dtype = RLB_DTYPE_F32, .rows = 1, .cols = (int64_t)n,
+                               .kind = RLB_QUANT_FP8_TENSOR, .q = dq, .scale = ds};
+    char err[256] = "";
+    rlb_cuda_quant *qs = NULL;
+    float sc = 0.0f, gs = 0.0f;
+    assert_int_equal(rlb__cuda_quant_create(0, &t, 1, &qs, err, sizeof err), 0);
+    assert_int_equal(rlb__cuda_quant_run(qs, 0), 0);
+    CHECK_CUDA(cudaDeviceSynchronize());
+    CHECK_CUDA(cudaMemcpy(gq, dq, n, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(&gs, ds, sizeof gs, cudaMemcpyDeviceToHost));
+    assert_int_equal(rlb__quant_fp8_tensor(w, RLB_DTYPE_F32, 1, (int64_t)n, q, &sc), 0);
+    assert_true(sc == 1.0f && gs == 1.0f);
+    for (uint64_t i = 0; i < n; i++)
+        if (q[i] != gq[i])
+            fail_msg("e4m3(%a): CPU %02x GPU %02x", (double)w[i], q[i], gq[i]);
+    rlb__cuda_quant_free(qs);
+    CHECK_CUDA(cudaFree(dw));
+    CHECK_CUDA(cudaFree(dq));
+    CHECK_CUDA(cudaFree(ds));
+    free(w);
+    free(q);
+    free(gq);
+}
+
 static void test_empty_and_refusals(void **state)
 {
     (void)state;
@@ -225,6 +283,7 @@ int main(void)
     }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_random_set),
+        cmocka_unit_test(test_fp8_encoder_boundaries),
         cmocka_unit_test(test_empty_and_refusals),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
