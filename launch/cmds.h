@@ -13,6 +13,7 @@
     X(bridge, "run the rlb-bridge daemon (CPU backend)") \
     X(worker, "run one rlb-worker: a TP rank of a replica, CPU backend") \
     X(demo, "start a bridge and 2 workers (CPU, tiny model) and train it with the toy trainer") \
+    X(doctor, "check shared memory, socket directory, stale state, GPU, CUDA IPC, NCCL") \
 
 #define RLB_DECLARE_CMD(name, summary) int rlb__cmd_##name(int argc, char **argv);
 RLB_COMMANDS(RLB_DECLARE_CMD)
