@@ -1,0 +1,31 @@
+# Integration tests of librlb, the Python client, the toy trainer, `rlb demo` and `rlb
+# doctor` against real `rlb bridge` / `rlb worker` processes the tests start themselves.
+if(TARGET rlb AND TARGET rlb_bridge_core)
+  rlb_add_test(NAME test_client_bridge
+               SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_client_bridge.c
+               LIBS rlb_client_static Threads::Threads m LABELS integration TIMEOUT 120
+               ARGS $<TARGET_FILE:rlb>)
+  add_dependencies(test_client_bridge rlb)
+
+  # The Python tests run with the plain python3 of the machine (no third-party packages).
+  find_package(Python3 COMPONENTS Interpreter)
+  if(Python3_Interpreter_FOUND)
+    set(RLB_PY_ENV "RLBRIDGE_LIB=$<TARGET_FILE:rlb_shared>")
+    if(RLB_ASAN)
+      # An instrumented librlb.so inside an uninstrumented python3 needs the ASan runtime
+      # loaded first; CPython's own allocations at exit are not ours to leak-check.
+      execute_process(COMMAND ${CMAKE_C_COMPILER} -print-file-name=libasan.so
+                      OUTPUT_VARIABLE RLB_LIBASAN OUTPUT_STRIP_TRAILING_WHITESPACE)
+      list(APPEND RLB_PY_ENV "LD_PRELOAD=${RLB_LIBASAN}" "ASAN_OPTIONS=detect_leaks=0")
+    endif()
+    add_test(NAME test_client_py
+             COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_LIST_DIR}/test_client_py.py
+                     $<TARGET_FILE:rlb>)
+    set_tests_properties(test_client_py PROPERTIES LABELS integration TIMEOUT 120
+                         ENVIRONMENT "${RLB_PY_ENV}")
+    add_test(NAME test_demo
+             COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_LIST_DIR}/test_demo.py
+                     $<TARGET_FILE:rlb>)
+    set_tests_properties(test_demo PROPERTIES LABELS integration TIMEOUT 300)
+  endif()
+endif()

@@ -1,0 +1,432 @@
+/* test_client_bridge: librlb against a real `rlb bridge --tiny` and two `rlb worker --tiny`
+ * processes started by the test (argv[1] is the rlb program).
+ *
+ * The weights are chosen so the answer is known by hand: every decoder weight is zero, so
+ * attention and MLP add nothing and the residual stream is the token's embedding; every
+ * embedding row is all ones and the norms are ones, so the final hidden state is
+ * ones(64) / sqrt(1 + eps); the LM head is zero except row T = a * ones. The logits are
+ * then z_T = 64 a / sqrt(1 + eps) and 0 elsewhere: greedy decoding emits T at every step,
+ * with logprob z_T - log(exp(z_T) + V - 1). Each version changes T and a, so a result
+ * shows which weights produced it.
+ *
+ * Covered: one full-layout rank; two FSDP2 ranks (two clients publishing the same version
+ * from two threads); asynchronous tickets spread over both replicas; sampled generation
+ * (n > 1, seeds: same seed same tokens); an observer client; refusals from the bridge
+ * (unknown tensor name, shape mismatch, version not growing); nothing left in /dev/shm.
+ */
+#include <dirent.h>
+#include <math.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "rlb/rlb.h"
+
+enum { D = 64, I = 192, H = 4, KV = 2, HD = 16, LAYERS = 2, V = 250, REPLICAS = 2 };
+#define N_TENSORS (3 + 9 * LAYERS)
+#define EPS 1e-5
+
+static const char *rlb_bin;
+static char dir[64], sock[128];
+static pid_t procs[1 + REPLICAS];
+static int shm_before;
+
+typedef struct param {
+    char name[64];
+    uint64_t rows, cols; /* cols 1 for vectors */
+    int ndim;
+    int kind;            /* 0 zero, 1 ones, 2 LM head */
+} param;
+
+static param params[N_TENSORS];
+
+static void build_params(void)
+{
+    int n = 0;
+    const struct {
+        const char *suffix;
+        uint64_t rows, cols;
+        int ndim, kind;
+    } per_layer[] = {
+        {"input_layernorm.weight", D, 1, 1, 1},   {"self_attn.q_proj.weight", H * HD, D, 2, 0},
+        {"self_attn.k_proj.weight", KV * HD, D, 2, 0}, {"self_attn.v_proj.weight", KV * HD, D, 2, 0},
+        {"self_attn.o_proj.weight", D, H * HD, 2, 0}, {"post_attention_layernorm.weight", D, 1, 1, 1},
+        {"mlp.gate_proj.weight", I, D, 2, 0},      {"mlp.up_proj.weight", I, D, 2, 0},
+        {"mlp.down_proj.weight", D, I, 2, 0},
+    };
+    params[n++] = (param){"model.embed_tokens.weight", V, D, 2, 1};
+    for (int l = 0; l < LAYERS; l++)
+        for (size_t k = 0; k < sizeof(per_layer) / sizeof(per_layer[0]); k++) {
+            param *p = &params[n++];
+            snprintf(p->name, sizeof(p->name), "model.layers.%d.%s", l, per_layer[k].suffix);
+            p->rows = per_layer[k].rows;
+            p->cols = per_layer[k].cols;
+            p->ndim = per_layer[k].ndim;
+            p->kind = per_layer[k].kind;
+        }
+    params[n++] = (param){"model.norm.weight", D, 1, 1, 1};
+    params[n++] = (param){"lm_head.weight", V, D, 2, 2};
+}
+
+/* Element (r, c) of parameter p in the hand-made model of target token t, scale a. */
+static float weight(const param *p, uint64_t r, int t, float a)
+{
+    return p->kind == 1 ? 1.0f : p->kind == 2 && r == (uint64_t)t ? a : 0.0f;
+}
+
+static double expected_logprob(float a)
+{
+    double z = 64.0 * a / sqrt(1.0 + EPS);
+    return z - log(exp(z) + (V - 1));
+}
+
+/* ---- processes ------------------------------------------------------------------------ */
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int count_shm(void)
+{
+    DIR *d = opendir("/dev/shm");
+    struct dirent *e;
+    int n = 0;
+    while (d && (e = readdir(d)))
+        n += e->d_name[0] != '.';
+    if (d)
+        closedir(d);
+    return n;
+}
+
+static pid_t spawn(char *const argv[])
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+static rlb_client *connect_as(uint32_t rank, uint32_t world, int observer)
+{
+    rlb_client_options o;
+    rlb_client_options_init(&o);
+    o.socket = sock;
+    o.rank = rank;
+    o.world = world;
+    o.observer = observer;
+    o.connect_timeout_ms = 5000;
+    o.request_timeout_ms = 30000;
+    rlb_client *c = NULL;
+    int rc = rlb_connect(&o, &c);
+    if (rc)
+        fail_msg("connect: %s", rlb_last_error(NULL));
+    return c;
+}
+
+static int start(void **state)
+{
+    build_params();
+    setenv("RLB_LOG", "warn", 1); /* the daemons' info lines would drown the test's */
+    shm_before = count_shm();
+    strcpy(dir, "/tmp/rlb-test-cb-XXXXXX");
+    assert_non_null(mkdtemp(dir));
+    snprintf(sock, sizeof(sock), "%s/bridge", dir);
+    char *bridge[] = {(char *)rlb_bin, "bridge", "--socket", sock, "--tiny", "--threads", "1",
+                      NULL};
+    procs[0] = spawn(bridge);
+    struct stat st;
+    int64_t deadline = now_ms() + 20000;
+    while (stat(sock, &st) != 0 && now_ms() < deadline)
+        usleep(10000);
+    assert_int_equal(stat(sock, &st), 0);
+    for (int r = 0; r < REPLICAS; r++) {
+        char rep[8];
+        snprintf(rep, sizeof(rep), "%d", r);
+        char *worker[] = {(char *)rlb_bin, "worker", "--bridge", sock, "--replica", rep,
+                          "--replicas", "2", "--tiny", "--threads", "1", NULL};
+        procs[1 + r] = spawn(worker);
+    }
+    rlb_client *c = connect_as(0, 1, 1);
+    double up = 0;
+    while (up < REPLICAS && now_ms() < deadline) {
+        rlb_stat_list *l = NULL;
+        assert_int_equal(rlb_bridge_stats(c, &l), 0);
+        rlb_stat_list_find(l, "replicas_up", &up);
+        rlb_stat_list_free(l);
+        usleep(20000);
+    }
+    rlb_close(c);
+    assert_true(up >= REPLICAS);
+    return 0;
+}
+
+static int stop(void **state)
+{
+    for (int i = REPLICAS; i >= 0; i--) {
+        int status;
+        kill(procs[i], SIGTERM);
+        assert_int_equal(waitpid(procs[i], &status, 0), procs[i]);
+        assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    }
+    struct stat st;
+    assert_int_not_equal(stat(sock, &st), 0); /* the bridge removed its socket */
+    assert_int_equal(rmdir(dir), 0);
+    assert_int_equal(count_shm(), shm_before);
+    return 0;
+}
+
+/* ---- a trainer rank ---------------------------------------------------------------------- */
+
+typedef struct rank {
+    rlb_client *c;
+    uint32_t r, world;    /* FSDP2 rank and world; world 1 = full tensors */
+    float *mem;           /* this rank's parameter storage */
+    size_t offs[N_TENSORS]; /* element offset of each tensor's shard */
+    uint64_t first_row[N_TENSORS], n_rows[N_TENSORS]; /* rows this rank holds */
+} rank;
+
+static void rank_init(rank *k, uint32_t r, uint32_t world)
+{
+    *k = (rank){.r = r, .world = world};
+    k->c = connect_as(r, world, 0);
+    size_t total = 0;
+    for (int i = 0; i < N_TENSORS; i++) {
+        uint64_t d0 = params[i].rows, c = (d0 + world - 1) / world, first = r * c;
+        k->first_row[i] = first;
+        k->n_rows[i] = first >= d0 ? 0 : (d0 - first < c ? d0 - first : c);
+        k->offs[i] = total;
+        total += k->n_rows[i] * params[i].cols;
+    }
+    assert_int_equal(rlb_alloc_host(k->c, total * sizeof(float), (void **)&k->mem), 0);
+    rlb_tensor_desc d[N_TENSORS];
+    for (int i = 0; i < N_TENSORS; i++) {
+        rlb_tensor_desc_init(&d[i]);
+        d[i].name = params[i].name;
+        d[i].ndim = (uint32_t)params[i].ndim;
+        d[i].shape[0] = params[i].rows;
+        d[i].shape[1] = params[i].cols;
+        d[i].data = k->mem + k->offs[i];
+        if (world > 1) {
+            d[i].layout = RLB_TENSOR_FSDP2;
+            d[i].shard_rank = r;
+            d[i].shard_world = world;
+        }
+    }
+    int rc = rlb_register(k->c, d, N_TENSORS);
+    if (rc)
+        fail_msg("register: %s", rlb_last_error(k->c));
+}
+
+static void rank_fill(rank *k, int t, float a)
+{
+    for (int i = 0; i < N_TENSORS; i++)
+        for (uint64_t row = 0; row < k->n_rows[i]; row++)
+            for (uint64_t col = 0; col < params[i].cols; col++)
+                k->mem[k->offs[i] + row * params[i].cols + col] =
+                    weight(&params[i], k->first_row[i] + row, t, a);
+}
+
+typedef struct publish_job {
+    rank *k;
+    uint64_t version;
+    int rc;
+    rlb_sync_stats st;
+} publish_job;
+
+static void *publish_thread(void *arg)
+{
+    publish_job *j = arg;
+    j->st.struct_size = sizeof(j->st);
+    j->rc = rlb_publish(j->k->c, j->version, &j->st);
+    return NULL;
+}
+
+static rlb_generate_request greedy_request(rlb_prompt *p, int32_t *toks, rlb_sampling_params *sp,
+                                           uint32_t max_tokens)
+{
+    toks[0] = 3;
+    toks[1] = 17;
+    *p = (rlb_prompt){toks, 2};
+    rlb_sampling_params_init(sp);
+    sp->temperature = 0;
+    sp->max_tokens = max_tokens;
+    sp->logprobs = 0;
+    rlb_generate_request req;
+    rlb_generate_request_init(&req);
+    req.prompts = p;
+    req.n_prompts = 1;
+    req.sampling = sp;
+    return req;
+}
+
+/* Greedy generation must emit t at every step with the hand-worked logprob, from version. */
+static void check_greedy(rlb_client *c, int t, float a, uint64_t version)
+{
+    rlb_prompt p;
+    int32_t toks[2];
+    rlb_sampling_params sp;
+    rlb_generate_request req = greedy_request(&p, toks, &sp, 5);
+    req.min_weight_version = version;
+    rlb_result *r = NULL;
+    int rc = rlb_generate(c, &req, 30000, &r);
+    if (rc)
+        fail_msg("generate: %s", rlb_last_error(c));
+    assert_int_equal(rlb_result_num_samples(r), 1);
+    const rlb_sample *s = rlb_result_sample(r, 0);
+    assert_int_equal(s->n_tokens, 5);
+    assert_int_equal(s->finish, RLB_REASON_LENGTH);
+    assert_int_equal(s->weight_version, version);
+    assert_non_null(s->logprobs);
+    for (uint32_t k = 0; k < 5; k++) {
+        assert_int_equal(s->tokens[k], t);
+        assert_true(fabs(s->logprobs[k] - expected_logprob(a)) < 2e-3);
+    }
+    rlb_result_free(r);
+}
+
+/* ---- tests --------------------------------------------------------------------------------- */
+
+static void test_full_rank(void **state)
+{
+    rank k;
+    rank_init(&k, 0, 1);
+    uint64_t v = rlb_weight_version(k.c);
+    const struct {
+        int t;
+        float a;
+    } versions[] = {{7, 0.05f}, {123, 0.1f}, {249, 0.02f}, {0, 0.08f}};
+    for (size_t i = 0; i < sizeof(versions) / sizeof(versions[0]); i++) {
+        rank_fill(&k, versions[i].t, versions[i].a);
+        rlb_sync_stats st = {.struct_size = sizeof(st)};
+        int rc = rlb_publish(k.c, ++v, &st);
+        if (rc)
+            fail_msg("publish: %s", rlb_last_error(k.c));
+        assert_int_equal(st.version, v);
+        assert_true(st.bytes >= 130624 * 4); /* every weight, on each replica's buffer */
+        assert_int_equal(rlb_weight_version(k.c), v);
+        check_greedy(k.c, versions[i].t, versions[i].a, v);
+    }
+
+    /* Tickets in flight together, spread over the replicas, all on the same version. */
+    rlb_prompt p;
+    int32_t toks[2];
+    rlb_sampling_params sp;
+    rlb_generate_request req = greedy_request(&p, toks, &sp, 3);
+    rlb_ticket t[6];
+    for (int i = 0; i < 6; i++)
+        assert_int_equal(rlb_generate_submit(k.c, &req, &t[i]), 0);
+    for (int i = 5; i >= 0; i--) {
+        rlb_result *r;
+        assert_int_equal(rlb_generate_wait(k.c, t[i], 30000, &r), 0);
+        assert_int_equal(rlb_result_sample(r, 0)->tokens[2], 0);
+        assert_int_equal(rlb_result_sample(r, 0)->weight_version, v);
+        rlb_result_free(r);
+    }
+
+    /* Sampling: the LM head makes 5 tokens likely; same seed, same tokens. */
+    rank_fill(&k, 5, 0.0f);
+    for (int row = 0; row < 5; row++)
+        for (int col = 0; col < D; col++)
+            k.mem[k.offs[N_TENSORS - 1] + (size_t)row * D + col] = 0.1f;
+    assert_int_equal(rlb_publish(k.c, ++v, NULL), 0);
+    sp.temperature = 1.0f;
+    sp.n = 4;
+    sp.seed = 99;
+    sp.max_tokens = 8;
+    rlb_result *r1, *r2;
+    assert_int_equal(rlb_generate(k.c, &req, 30000, &r1), 0);
+    assert_int_equal(rlb_generate(k.c, &req, 30000, &r2), 0);
+    assert_int_equal(rlb_result_num_samples(r1), 4);
+    int distinct = 0;
+    for (size_t i = 0; i < 4; i++) {
+        const rlb_sample *a = rlb_result_sample(r1, i), *b = rlb_result_sample(r2, i);
+        assert_int_equal(a->index, i);
+        assert_int_equal(a->n_tokens, 8);
+        assert_memory_equal(a->tokens, b->tokens, 8 * sizeof(int32_t));
+        distinct += i > 0 && memcmp(a->tokens, rlb_result_sample(r1, 0)->tokens, 32) != 0;
+        for (uint32_t j = 0; j < 8; j++)
+            assert_true(a->tokens[j] >= 0 && a->tokens[j] < V);
+    }
+    assert_true(distinct > 0); /* the n samples are not copies of one another */
+    rlb_result_free(r1);
+    rlb_result_free(r2);
+
+    /* Refusals by the bridge: a version that does not grow, unknown and misshapen tensors. */
+    assert_int_equal(rlb_publish(k.c, v, NULL), RLB_EINVAL);
+    assert_non_null(strstr(rlb_last_error(k.c), "already committed"));
+    rlb_tensor_desc d;
+    rlb_tensor_desc_init(&d);
+    d.name = "model.layers.9.mlp.up_proj.weight";
+    d.ndim = 2;
+    d.shape[0] = I;
+    d.shape[1] = D;
+    float *extra;
+    assert_int_equal(rlb_alloc_host(k.c, I * D * sizeof(float), (void **)&extra), 0);
+    d.data = extra;
+    assert_true(rlb_register(k.c, &d, 1) < 0);
+    assert_true(strlen(rlb_last_error(k.c)) > 0);
+    rlb_close(k.c);
+}
+
+static void test_fsdp2_ranks(void **state)
+{
+    rank k[2];
+    rank_init(&k[0], 0, 2);
+    rank_init(&k[1], 1, 2);
+    uint64_t v = rlb_weight_version(k[0].c);
+    const int targets[3] = {42, 201, 9};
+    for (int i = 0; i < 3; i++) {
+        float a = 0.03f * (float)(i + 1);
+        rank_fill(&k[0], targets[i], a);
+        rank_fill(&k[1], targets[i], a);
+        publish_job j[2] = {{.k = &k[0], .version = ++v}, {.k = &k[1], .version = v}};
+        pthread_t th[2];
+        for (int r = 0; r < 2; r++)
+            assert_int_equal(pthread_create(&th[r], NULL, publish_thread, &j[r]), 0);
+        for (int r = 0; r < 2; r++) {
+            pthread_join(th[r], NULL);
+            if (j[r].rc)
+                fail_msg("rank %d publish: %s", r, rlb_last_error(k[r].c));
+            assert_int_equal(j[r].st.version, v);
+        }
+        check_greedy(k[i % 2].c, targets[i], a, v);
+    }
+    /* An observer generates too, but may not publish or register. */
+    rlb_client *obs = connect_as(0, 1, 1);
+    check_greedy(obs, targets[2], 0.09f, v);
+    assert_int_equal(rlb_publish(obs, v + 1, NULL), RLB_EPERM);
+    rlb_close(obs);
+    rlb_close(k[0].c);
+    rlb_close(k[1].c);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: test_client_bridge <path to rlb>\n");
+        return 2;
+    }
+    rlb_bin = argv[1];
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_full_rank, start, stop),
+        cmocka_unit_test_setup_teardown(test_fsdp2_ranks, start, stop),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,276 @@
+"""test_client_py: the Python package rlbridge against a real `rlb bridge --tiny` and two
+`rlb worker --tiny` processes started here. Plain python3, no third-party packages (numpy
+and torch are exercised when importable, skipped otherwise).
+
+    RLBRIDGE_LIB=<build>/librlb.so python3 test_client_py.py <build>/rlb
+
+The weights make the answer known by hand (as in test_client_bridge.c): decoder weights
+zero, embedding rows and norms all ones, LM head zero but row T = a: greedy decoding emits T
+at every step with logprob z - log(exp(z) + V - 1), z = 64 a / sqrt(1 + 1e-5).
+"""
+
+import array
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                "client", "python"))
+import rlbridge  # noqa: E402
+
+D, I, H, KV, HD, LAYERS, V = 64, 192, 4, 2, 16, 2, 250
+RLB = None  # path of the rlb program (argv[1])
+
+
+def tiny_params():
+    """(name, shape, kind) of every tiny-model parameter; kind 0 zero, 1 ones, 2 LM head."""
+    ps = [("model.embed_tokens.weight", (V, D), 1)]
+    for l in range(LAYERS):
+        p = f"model.layers.{l}."
+        ps += [(p + "input_layernorm.weight", (D,), 1),
+               (p + "self_attn.q_proj.weight", (H * HD, D), 0),
+               (p + "self_attn.k_proj.weight", (KV * HD, D), 0),
+               (p + "self_attn.v_proj.weight", (KV * HD, D), 0),
+               (p + "self_attn.o_proj.weight", (D, H * HD), 0),
+               (p + "post_attention_layernorm.weight", (D,), 1),
+               (p + "mlp.gate_proj.weight", (I, D), 0),
+               (p + "mlp.up_proj.weight", (I, D), 0),
+               (p + "mlp.down_proj.weight", (D, I), 0)]
+    return ps + [("model.norm.weight", (D,), 1), ("lm_head.weight", (V, D), 2)]
+
+
+def expected_logprob(a):
+    z = 64.0 * a / math.sqrt(1.0 + 1e-5)
+    return z - math.log(math.exp(z) + V - 1)
+
+
+class Cluster:
+    """A bridge and two workers in a private socket directory."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="rlb-test-py-")
+        self.sock = os.path.join(self.dir, "bridge")
+        env = dict(os.environ, RLB_LOG="warn")
+        self.procs = [subprocess.Popen([RLB, "bridge", "--socket", self.sock, "--tiny",
+                                        "--threads", "1"], env=env)]
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.sock):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the bridge did not start")
+            time.sleep(0.01)
+        for r in range(2):
+            self.procs.append(subprocess.Popen(
+                [RLB, "worker", "--bridge", self.sock, "--replica", str(r), "--replicas", "2",
+                 "--tiny", "--threads", "1"], env=env))
+        with rlbridge.Client(socket=self.sock, observer=True) as c:
+            while c.bridge_stats().get("replicas_up", 0) < 2:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the workers did not come up")
+                time.sleep(0.02)
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=10) == 0
+        assert not os.path.exists(self.sock)
+        os.rmdir(self.dir)
+
+
+class Trainer:
+    """One rank holding the whole tiny model in alloc_host memory, as array views."""
+
+    def __init__(self, sock):
+        self.c = rlbridge.Client(socket=sock)
+        self.views = {}
+        tensors = []
+        for name, shape, kind in tiny_params():
+            view = rlbridge.host_array(self.c, "f", math.prod(shape))
+            self.views[name] = (view, shape, kind)
+            tensors.append(dict(name=name, data=view, shape=shape))
+        self.c.register_many(tensors)
+
+    def fill(self, target, a):
+        for view, shape, kind in self.views.values():
+            n = math.prod(shape)
+            if kind == 1:
+                view[:] = array.array("f", [1.0]) * n
+            else:
+                view[:] = array.array("f", [0.0]) * n
+                if kind == 2:
+                    view[target * D:(target + 1) * D] = array.array("f", [a]) * D
+
+
+class ClientTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.cluster = Cluster()
+        cls.shm_before = set(os.listdir("/dev/shm"))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.cluster.stop()
+        assert set(os.listdir("/dev/shm")) <= cls.shm_before
+
+    def greedy(self, c, min_version=0, max_tokens=5):
+        sp = rlbridge.SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0)
+        return c.generate([[3, 17], [200]], sp, min_weight_version=min_version,
+                          timeout_ms=30000)
+
+    def test_publish_and_generate(self):
+        t = Trainer(self.cluster.sock)
+        v = t.c.weight_version
+        for target, a in [(7, 0.05), (123, 0.1), (249, 0.03)]:
+            t.fill(target, a)
+            v += 1
+            st = t.c.publish(v)
+            self.assertEqual(st.version, v)
+            self.assertGreaterEqual(st.bytes, 130624 * 4)
+            self.assertGreater(st.ms, 0)
+            self.assertEqual(t.c.weight_version, v)
+            outs = self.greedy(t.c, v)
+            self.assertEqual([o.prompt_token_ids for o in outs], [[3, 17], [200]])
+            for o in outs:
+                self.assertEqual(len(o.outputs), 1)
+                s = o.outputs[0]
+                self.assertEqual(s.index, 0)
+                self.assertEqual(s.token_ids, [target] * 5)
+                self.assertEqual(s.finish_reason, "length")
+                self.assertEqual(s.weight_version, v)
+                for lp in s.logprobs:
+                    self.assertAlmostEqual(lp, expected_logprob(a), delta=2e-3)
+
+        # Stop tokens end a sample (kept as its last token), logprobs off by default.
+        sp = rlbridge.SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[249])
+        s = t.c.generate([[1]], sp)[0].outputs[0]
+        self.assertEqual((s.token_ids, s.finish_reason, s.logprobs), ([249], "stop", None))
+
+        # Tickets: submit several, poll until each is there.
+        tickets = [t.c.submit([[i + 1]], rlbridge.SamplingParams(temperature=0, max_tokens=2))
+                   for i in range(4)]
+        for tk in tickets:
+            out = None
+            deadline = time.monotonic() + 30
+            while out is None and time.monotonic() < deadline:
+                out = t.c.poll(tk)
+                time.sleep(0.001)
+            self.assertEqual(out[0].outputs[0].token_ids, [249, 249])
+        with self.assertRaises(rlbridge.RlbError) as e:
+            t.c.poll(tickets[0])  # spent
+        self.assertEqual(e.exception.code, rlbridge._lib.ENOTFOUND)
+
+        # n samples with a seed: reproducible, and the n samples are not all the same.
+        for row in range(5):
+            t.views["lm_head.weight"][0][row * D:(row + 1) * D] = array.array("f", [0.1]) * D
+        v += 1
+        t.c.publish(v)
+        sp = rlbridge.SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8, logprobs=True)
+        a = t.c.generate([[5, 6]], sp)[0].outputs
+        b = t.c.generate([[5, 6]], sp)[0].outputs
+        self.assertEqual([x.index for x in a], [0, 1, 2, 3])
+        self.assertEqual([x.token_ids for x in a], [x.token_ids for x in b])
+        self.assertGreater(len({tuple(x.token_ids) for x in a}), 1)
+        for x in a:
+            self.assertEqual(len(x.logprobs), 8)
+            self.assertTrue(all(lp <= 0 for lp in x.logprobs))
+
+        # Refusals raise RlbError with the library's code and text.
+        with self.assertRaises(rlbridge.RlbError) as e:
+            t.c.publish(v)
+        self.assertEqual(e.exception.code, rlbridge._lib.EINVAL)
+        self.assertIn("already committed", str(e.exception))
+        with self.assertRaises(rlbridge.RlbError) as e:
+            t.c.generate([[1]], rlbridge.SamplingParams(top_p=0))
+        self.assertEqual(e.exception.code, rlbridge._lib.EINVAL)
+        with self.assertRaises(rlbridge.RlbError) as e:
+            t.c.generate([[1]], rlbridge.SamplingParams(logprobs=3))
+        self.assertEqual(e.exception.code, rlbridge._lib.EUNSUPPORTED)
+        with self.assertRaises(rlbridge.RlbError) as e:
+            t.c.register("x", array.array("f", [0.0] * 4), shape=(4,))  # not alloc_host memory
+        self.assertEqual(e.exception.code, rlbridge._lib.EINVAL)
+        with self.assertRaises(rlbridge.RlbError) as e:
+            t.c.free_host(t.views["model.norm.weight"][0])  # still registered
+        self.assertEqual(e.exception.code, rlbridge._lib.EEXIST)
+
+        stats = t.c.stats()
+        self.assertEqual(stats["synced"], 4)
+        self.assertEqual(stats["tensors"], len(tiny_params()))
+        self.assertGreaterEqual(t.c.bridge_stats()["syncs"], 4)
+        t.c.unregister()
+        t.c.free_host(t.views["model.norm.weight"][0])
+        t.c.close()
+
+    def test_threads_share_a_client(self):
+        """Generation from several threads while the main thread publishes."""
+        t = Trainer(self.cluster.sock)
+        v = t.c.weight_version + 1
+        t.fill(11, 0.05)
+        t.c.publish(v)
+        errors = []
+
+        def gen():
+            try:
+                for _ in range(10):
+                    out = self.greedy(t.c, v, 2)
+                    for o in out:
+                        if o.outputs[0].weight_version < v:
+                            errors.append("old version")
+            except rlbridge.RlbError as e:
+                errors.append(str(e))
+
+        ths = [threading.Thread(target=gen) for _ in range(3)]
+        for th in ths:
+            th.start()
+        for k in range(3):
+            t.fill(11 + k, 0.05)
+            t.c.publish(v + 1 + k)
+        for th in ths:
+            th.join()
+        self.assertEqual(errors, [])
+        t.c.close()
+
+    def test_numpy_and_torch(self):
+        try:
+            import numpy as np
+        except ImportError:
+            self.skipTest("numpy not installed")
+        c = rlbridge.Client(socket=self.cluster.sock)
+        arrays = {}
+        for name, shape, kind in tiny_params():
+            a = np.frombuffer(c.alloc_host(4 * math.prod(shape)), dtype=np.float32)
+            a = a.reshape(shape)
+            a[...] = 1.0 if kind == 1 else 0.0
+            arrays[name] = a
+        arrays["lm_head.weight"][77] = 0.05
+        c.register_many([dict(name=n, data=a) for n, a in arrays.items()])
+        v = c.weight_version + 1
+        c.publish(v)
+        self.assertEqual(self.greedy(c, v)[0].outputs[0].token_ids, [77] * 5)
+        c.close()
+
+    def test_connect_errors(self):
+        with self.assertRaises(rlbridge.RlbError) as e:
+            rlbridge.Client(socket=os.path.join(self.cluster.dir, "nobody"))
+        self.assertEqual(e.exception.code, rlbridge._lib.ENOTFOUND)
+        with self.assertRaises(rlbridge.RlbError) as e:
+            rlbridge.Client(socket=self.cluster.sock, rank=3, world=2)
+        self.assertEqual(e.exception.code, rlbridge._lib.EINVAL)
+        obs = rlbridge.Client(socket=self.cluster.sock, observer=True)
+        with self.assertRaises(rlbridge.RlbError) as e:
+            obs.publish(1000)
+        self.assertEqual(e.exception.code, rlbridge._lib.EPERM)
+        obs.close()
+        with self.assertRaises(rlbridge.RlbError):
+            obs.generate([[1]])  # closed
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: test_client_py.py <path to rlb>")
+    RLB = sys.argv.pop(1)
+    unittest.main()
