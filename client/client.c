@@ -239,10 +239,9 @@ static void mark_dead(rlb_client *c, int code)
     rlb__stats_fail_all(c, code);
 }
 
-/* Receives and dispatches at most one message, waiting up to timeout_ms. Called with
- * c->lock held and c->reading set by the caller; drops the lock while it waits. Returns 1
- * when a message arrived, 0 when none did. */
-static int pump_once(rlb_client *c, int timeout_ms)
+/* Receives and dispatches at most one message, waiting up to timeout_ms. Called by the
+ * receiver thread with c->lock held; drops the lock while it waits on the ring. */
+static void pump_once(rlb_client *c, int timeout_ms)
 {
     rlb_ring *rx = rlb__conn_rx(c->conn);
     rlb_ring_msg rm;
@@ -265,7 +264,22 @@ static int pump_once(rlb_client *c, int timeout_ms)
     }
     if (rc == 0)
         rlb__ring_recv_done(rx, &c->rx);
-    return rc == 0;
+}
+
+/* The receiver thread: reads the bridge's messages as they come, whatever the caller is
+ * doing, so results pile up in their tickets (the bridge drops a peer that leaves a large
+ * message unread for RLB_PEER_TIMEOUT_MS) and waiters only wait on the condition. */
+static void *receiver(void *arg)
+{
+    rlb_client *c = arg;
+    pthread_mutex_lock(&c->lock);
+    while (!c->stopping && !c->dead) {
+        pump_once(c, PUMP_SLICE_MS);
+        pthread_cond_broadcast(&c->cond);
+    }
+    pthread_cond_broadcast(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+    return NULL;
 }
 
 int rlb__wait(rlb_client *c, int (*done)(rlb_client *c, void *arg), void *arg, int timeout_ms)
@@ -276,28 +290,18 @@ int rlb__wait(rlb_client *c, int (*done)(rlb_client *c, void *arg), void *arg, i
             return 0;
         if (c->dead)
             return c->dead;
-        int64_t left = timeout_ms < 0 ? PUMP_SLICE_MS : deadline - now_ms();
-        if (timeout_ms > 0 && left <= 0)
+        if (timeout_ms == 0)
+            return RLB_EAGAIN;
+        int64_t left = deadline - now_ms();
+        if (left <= 0)
             return RLB_ETIMEDOUT;
-        int slice = (int)(left < 0 ? 0 : left < PUMP_SLICE_MS ? left : PUMP_SLICE_MS);
-        if (!c->reading) {
-            c->reading = 1;
-            int got = pump_once(c, slice);
-            c->reading = 0;
-            pthread_cond_broadcast(&c->cond);
-            /* A poll (timeout 0) takes what is already there and never blocks. */
-            if (timeout_ms == 0 && !got && !done(c, arg))
-                return c->dead ? c->dead : RLB_EAGAIN;
-        } else if (timeout_ms == 0) {
-            return RLB_EAGAIN; /* the reader will dispatch our answer; poll again */
-        } else {
-            struct timespec ts;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            ts.tv_nsec += (long)(slice > 0 ? slice : 1) * 1000000L;
-            ts.tv_sec += ts.tv_nsec / 1000000000L;
-            ts.tv_nsec %= 1000000000L;
-            pthread_cond_timedwait(&c->cond, &c->lock, &ts);
-        }
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        int64_t slice = left < PUMP_SLICE_MS ? left : PUMP_SLICE_MS;
+        ts.tv_nsec += (long)slice * 1000000L;
+        ts.tv_sec += ts.tv_nsec / 1000000000L;
+        ts.tv_nsec %= 1000000000L;
+        pthread_cond_timedwait(&c->cond, &c->lock, &ts);
     }
 }
 
@@ -328,6 +332,8 @@ static int resolve_socket(const char *socket, char *path, size_t cap)
         return connect_fail(rc, "no usable socket directory for '%s' (see `rlb doctor`)", name);
     return 0;
 }
+
+static void free_client(rlb_client *client);
 
 static int client_new(rlb_conn *conn, const rlb_client_options *o, rlb_client **out)
 {
@@ -409,6 +415,13 @@ RLB_API int rlb_connect(const rlb_client_options *opts, rlb_client **out)
         rlb__conn_close(conn);
         return connect_fail(rc, "no memory for a client");
     }
+    rc = pthread_create(&c->rx_thread, NULL, receiver, c);
+    if (rc != 0) {
+        rlb__conn_close(conn);
+        free_client(c);
+        return connect_fail(RLB_EIO, "cannot start the receiver thread: %s", strerror(rc));
+    }
+    c->rx_running = 1;
     rc = say_hello(c, &o, timeout);
     if (rc < 0) {
         memcpy(tls_connect_err, c->err, sizeof(tls_connect_err));
@@ -425,7 +438,19 @@ RLB_API void rlb_close(rlb_client *client)
 {
     if (!client)
         return;
+    if (client->rx_running) {
+        pthread_mutex_lock(&client->lock);
+        client->stopping = 1;
+        pthread_mutex_unlock(&client->lock);
+        pthread_join(client->rx_thread, NULL);
+    }
     rlb__conn_close(client->conn);
+    free_client(client);
+}
+
+/* Frees everything of c but its connection. */
+static void free_client(rlb_client *client)
+{
     rlb__ring_rx_free(&client->rx);
     rlb__tickets_free_all(client);
     rlb__stats_free_all(client);

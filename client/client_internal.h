@@ -7,11 +7,11 @@
  * generate.c  sampling parameters, requests, tickets and results
  *
  * Locking: `lock` guards every field below it in the struct except the rings. The receive
- * side of the connection is driven by whichever waiting thread finds no other reader
- * (`reading`); it drops `lock` while it waits on the ring and takes it again to dispatch,
- * then wakes the others through `cond`. The transmit side has its own `tx_lock`, so a
- * thread can send while another waits. `ctl_lock` serializes the control calls that expect
- * an answer tied to no request id (register, unregister, publish).
+ * side of the connection belongs to one receiver thread per client: it drops `lock` while
+ * it waits on the ring, takes it again to dispatch a message to what waits for it, then
+ * wakes the waiters through `cond`. The transmit side has its own `tx_lock`, so a thread
+ * can send while another waits. `ctl_lock` serializes the control calls that expect an
+ * answer tied to no request id (register, unregister, publish).
  */
 #ifndef RLB_CLIENT_INTERNAL_H
 #define RLB_CLIENT_INTERNAL_H
@@ -72,7 +72,9 @@ struct rlb_client {
 
     pthread_mutex_t lock;       /* everything below */
     pthread_cond_t cond;        /* broadcast after each dispatch and when the reader leaves */
-    int reading;                /* a thread is in the receive pump */
+    pthread_t rx_thread;        /* the receiver */
+    int rx_running;             /* rx_thread was started (read by rlb_close only) */
+    int stopping;               /* rlb_close asks the receiver to end */
     int dead;                   /* sticky connection failure (negative), 0 while healthy */
     rlb_ring_rx rx;             /* reassembly of fragmented messages (owned by the reader) */
     uint64_t next_id;           /* request ids (generate, stats), from 1 */
@@ -106,9 +108,9 @@ int rlb__check_struct_size(rlb_client *c, size_t given, size_t min, size_t cur, 
 /* Packs msg and sends it on the tx ring, waiting at most timeout_ms for room. Returns 0,
  * RLB_EINVAL (msg invalid), RLB_ETIMEDOUT, RLB_EPEERDEAD or RLB_ENOMEM. */
 int rlb__send(rlb_client *c, const rlb_msg *msg, int timeout_ms);
-/* Waits with c->lock held until done(c, arg) returns non-zero, driving the receive pump
- * when no other thread does. timeout_ms < 0: no bound. Returns 0, RLB_ETIMEDOUT or the
- * connection's failure. */
+/* Waits with c->lock held until done(c, arg) returns non-zero (the receiver thread
+ * dispatches what arrives). timeout_ms < 0: no bound; 0: look once (RLB_EAGAIN when not
+ * done). Returns 0, RLB_ETIMEDOUT, RLB_EAGAIN or the connection's failure. */
 int rlb__wait(rlb_client *c, int (*done)(rlb_client *c, void *arg), void *arg, int timeout_ms);
 /* Grows *array (elements of size bytes) so that it holds at least need entries. Returns 0 or
  * RLB_ENOMEM. */

@@ -3,7 +3,7 @@
 if(TARGET rlb AND TARGET rlb_bridge_core)
   rlb_add_test(NAME test_client_bridge
                SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_client_bridge.c
-               LIBS rlb_client_static Threads::Threads m LABELS integration TIMEOUT 120
+               LIBS rlb_client_static Threads::Threads m LABELS integration tsan TIMEOUT 120
                ARGS $<TARGET_FILE:rlb>)
   add_dependencies(test_client_bridge rlb)
 
