@@ -194,9 +194,12 @@ static int to_wire(const rlb_tensor_desc *d, const rlb__host_seg *seg, uint64_t 
                                .length = bytes};
     if (d->layout != RLB_TENSOR_FSDP1)
         return 0;
-    rlb_msg_flat_entry *e = calloc(d->n_entries, sizeof(*e));
+    /* On the wire the entries cover the whole total, so the padding PyTorch adds to reach
+     * a multiple of the world size becomes a trailing padding entry. */
+    rlb_msg_flat_entry *e = calloc(d->n_entries + 1, sizeof(*e));
     if (!e)
         return RLB_ENOMEM;
+    uint64_t sum = 0;
     for (uint32_t i = 0; i < d->n_entries; i++) {
         const rlb_fsdp1_entry *src = &d->entries[i];
         e[i] = (rlb_msg_flat_entry){.name = src->padding ? NULL : src->name,
@@ -205,10 +208,14 @@ static int to_wire(const rlb_tensor_desc *d, const rlb__host_seg *seg, uint64_t 
                                     .padding = src->padding != 0};
         if (!src->padding)
             memcpy(e[i].shape, src->shape, sizeof(e[i].shape));
+        sum += src->numel;
     }
+    uint32_t n = d->n_entries;
+    if (sum < d->shape[0])
+        e[n++] = (rlb_msg_flat_entry){.numel = d->shape[0] - sum, .padding = true};
     t->layout.unit = d->unit;
     t->layout.align = d->align;
-    t->layout.n_entries = d->n_entries;
+    t->layout.n_entries = n;
     t->layout.entries = e;
     *entries = e;
     return 0;

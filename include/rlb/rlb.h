@@ -88,9 +88,11 @@ typedef enum rlb_device {
  * Thread safety: a client is internally locked. Every function taking an rlb_client may be
  * called from any number of threads at once (for example one thread blocked in
  * rlb_generate_wait while another publishes); calls are serialized where they touch the
- * connection, and waiting threads share the receiving side fairly. rlb_close must be the
- * last call on a client and must not race with other calls on it. A result object
- * (rlb_result, rlb_stat_list) belongs to whoever received it and is not locked.
+ * connection. Each client runs one receiver thread of its own that takes in the bridge's
+ * messages as they arrive, so asynchronous results are collected while the caller does
+ * other work. rlb_close must be the last call on a client and must not race with other
+ * calls on it. A result object (rlb_result, rlb_stat_list) belongs to whoever received it
+ * and is not locked.
  *
  * Structs passed in carry a struct_size field: set it with the matching *_init function
  * (or the RLB_*_INIT initializer), so a program compiled against this header keeps
@@ -189,7 +191,9 @@ typedef struct rlb_tensor_desc {
     uint32_t align;               /* FSDP1: parameter starts are multiples of this many
                                      elements (use_orig_params); 0 or 1 = none */
     uint32_t n_entries;           /* FSDP1: entries of the FlatParameter */
-    const rlb_fsdp1_entry *entries; /* FSDP1: [n_entries], in flat order */
+    const rlb_fsdp1_entry *entries; /* FSDP1: [n_entries], in flat order; the padding that
+                                     rounds the total up to a multiple of shard_world may
+                                     be left out (the library adds it) */
     const void *data;             /* this rank's bytes, inside memory from rlb_alloc_host:
                                      FULL numel, FSDP2 n*d1*.. , FSDP1 total/world elements */
 } rlb_tensor_desc;

@@ -10,7 +10,8 @@
  * shows which weights produced it.
  *
  * Covered: one full-layout rank; two FSDP2 ranks (two clients publishing the same version
- * from two threads); asynchronous tickets spread over both replicas; sampled generation
+ * from two threads); two FSDP1 ranks with two FlatParameter units, alignment padding and
+ * a padded total; asynchronous tickets spread over both replicas; sampled generation
  * (n > 1, seeds: same seed same tokens); an observer client; refusals from the bridge
  * (unknown tensor name, shape mismatch, version not growing); nothing left in /dev/shm.
  */
@@ -417,6 +418,102 @@ static void test_fsdp2_ranks(void **state)
     rlb_close(k[1].c);
 }
 
+/* Two FSDP1 ranks, two FlatParameter units (embedding + layer 0; layer 1 + final norm +
+ * LM head), with an alignment padding entry after the final norm and the unit total padded
+ * to a multiple of the world: each rank holds half of each unit's flat buffer. */
+#define UNIT_SPLIT 10 /* params[0..10) form unit 0 */
+#define NORM_PAD 3    /* padding elements after model.norm.weight */
+
+static void fill_flat(float *flat, int first, int last, int t, float a)
+{
+    size_t k = 0;
+    for (int i = first; i < last; i++) {
+        for (uint64_t row = 0; row < params[i].rows; row++)
+            for (uint64_t col = 0; col < params[i].cols; col++)
+                flat[k++] = weight(&params[i], row, t, a);
+        if (!strcmp(params[i].name, "model.norm.weight"))
+            for (int p = 0; p < NORM_PAD; p++)
+                flat[k++] = 0;
+    }
+}
+
+static void test_fsdp1_ranks(void **state)
+{
+    const int bounds[3] = {0, UNIT_SPLIT, N_TENSORS};
+    rlb_client *c[2];
+    float *mem[2];
+    uint64_t total[2], chunk[2];
+    rlb_fsdp1_entry ent[2][N_TENSORS + 1];
+    uint32_t n_ent[2] = {0, 0};
+    for (int u = 0; u < 2; u++) {
+        uint64_t sum = 0;
+        for (int i = bounds[u]; i < bounds[u + 1]; i++) {
+            rlb_fsdp1_entry *e = &ent[u][n_ent[u]++];
+            *e = (rlb_fsdp1_entry){.name = params[i].name, .ndim = (uint32_t)params[i].ndim,
+                                   .shape = {params[i].rows, params[i].cols},
+                                   .numel = params[i].rows * params[i].cols};
+            sum += e->numel;
+            if (!strcmp(params[i].name, "model.norm.weight")) {
+                ent[u][n_ent[u]++] = (rlb_fsdp1_entry){.numel = NORM_PAD, .padding = 1};
+                sum += NORM_PAD;
+            }
+        }
+        total[u] = (sum + 1) / 2 * 2;
+        chunk[u] = total[u] / 2;
+    }
+    /* By hand: unit 0 = 16000 + 49280 elements (even); unit 1 = 49280 + 64 + 3 + 16000 =
+     * 65347 (odd), padded to 65348. */
+    assert_int_equal(total[0], 65280);
+    assert_int_equal(total[1], 65348);
+    for (uint32_t r = 0; r < 2; r++) {
+        c[r] = connect_as(r, 2, 0);
+        assert_int_equal(rlb_alloc_host(c[r], (chunk[0] + chunk[1]) * 4, (void **)&mem[r]), 0);
+        rlb_tensor_desc d[2];
+        for (int u = 0; u < 2; u++) {
+            rlb_tensor_desc_init(&d[u]);
+            d[u].name = u ? "unit1.flat_param" : "unit0.flat_param";
+            d[u].ndim = 1;
+            d[u].shape[0] = total[u];
+            d[u].layout = RLB_TENSOR_FSDP1;
+            d[u].shard_rank = r;
+            d[u].shard_world = 2;
+            d[u].unit = (uint32_t)u;
+            d[u].n_entries = n_ent[u];
+            d[u].entries = ent[u];
+            d[u].data = mem[r] + (u ? chunk[0] : 0);
+        }
+        int rc = rlb_register(c[r], d, 2);
+        if (rc)
+            fail_msg("register: %s", rlb_last_error(c[r]));
+    }
+    float *flat[2] = {calloc(total[0], 4), calloc(total[1], 4)};
+    uint64_t v = rlb_weight_version(c[0]);
+    const int targets[2] = {66, 150};
+    for (int i = 0; i < 2; i++) {
+        float a = 0.04f * (float)(i + 1);
+        for (int u = 0; u < 2; u++)
+            fill_flat(flat[u], bounds[u], bounds[u + 1], targets[i], a);
+        for (int r = 0; r < 2; r++)
+            for (int u = 0; u < 2; u++)
+                memcpy(mem[r] + (u ? chunk[0] : 0), flat[u] + r * chunk[u], chunk[u] * 4);
+        rank k[2] = {{.c = c[0]}, {.c = c[1]}};
+        publish_job j[2] = {{.k = &k[0], .version = ++v}, {.k = &k[1], .version = v}};
+        pthread_t th[2];
+        for (int r = 0; r < 2; r++)
+            assert_int_equal(pthread_create(&th[r], NULL, publish_thread, &j[r]), 0);
+        for (int r = 0; r < 2; r++) {
+            pthread_join(th[r], NULL);
+            if (j[r].rc)
+                fail_msg("rank %d publish: %s", r, rlb_last_error(c[r]));
+        }
+        check_greedy(c[i], targets[i], a, v);
+    }
+    free(flat[0]);
+    free(flat[1]);
+    rlb_close(c[0]);
+    rlb_close(c[1]);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -427,6 +524,7 @@ int main(int argc, char **argv)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_full_rank, start, stop),
         cmocka_unit_test_setup_teardown(test_fsdp2_ranks, start, stop),
+        cmocka_unit_test_setup_teardown(test_fsdp1_ranks, start, stop),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
