@@ -533,6 +533,22 @@ RLB_API int rlb_publish(rlb_client *client, uint64_t version, rlb_sync_stats *st
     return rc;
 }
 
+RLB_API int rlb_sleep(rlb_client *client)
+{
+    if (!client)
+        return RLB_EINVAL;
+    rlb_msg msg = {.type = RLB_MSG_SLEEP};
+    return rlb__control(client, &msg, 1);
+}
+
+RLB_API int rlb_wake(rlb_client *client)
+{
+    if (!client)
+        return RLB_EINVAL;
+    rlb_msg msg = {.type = RLB_MSG_WAKE};
+    return rlb__control(client, &msg, 1);
+}
+
 RLB_API uint64_t rlb_weight_version(rlb_client *client)
 {
     if (!client)

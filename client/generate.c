@@ -197,8 +197,10 @@ int rlb__ticket_on_error(rlb_client *c, uint64_t id, int code, const char *text)
     int64_t i = ticket_index(c, id);
     if (i < 0)
         return 0;
-    ticket_fail(c->tickets[i], code, "bridge refused generate request %llu: %s",
-                (unsigned long long)id, text);
+    /* RLB_EAGAIN means "still running" to a poller, so a refusal for now is reported as
+     * an abort (the text says why). */
+    ticket_fail(c->tickets[i], code == RLB_EAGAIN ? RLB_EABORTED : code,
+                "bridge refused generate request %llu: %s", (unsigned long long)id, text);
     return 1;
 }
 

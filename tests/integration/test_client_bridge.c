@@ -409,8 +409,20 @@ static void test_fsdp2_ranks(void **state)
         }
         check_greedy(k[i % 2].c, targets[i], a, v);
     }
-    /* An observer generates too, but may not publish or register. */
+    /* An observer generates too, but may not publish or register. It may put the workers
+     * to sleep: generation is then refused (as an abort, never as "try again"), and works
+     * again after the wake. */
     rlb_client *obs = connect_as(0, 1, 1);
+    check_greedy(obs, targets[2], 0.09f, v);
+    assert_int_equal(rlb_sleep(obs), 0);
+    rlb_prompt p;
+    int32_t toks[2];
+    rlb_sampling_params sp;
+    rlb_generate_request req = greedy_request(&p, toks, &sp, 2);
+    rlb_result *r = NULL;
+    assert_int_equal(rlb_generate(k[0].c, &req, 30000, &r), RLB_EABORTED);
+    assert_non_null(strstr(rlb_last_error(k[0].c), "asleep"));
+    assert_int_equal(rlb_wake(obs), 0);
     check_greedy(obs, targets[2], 0.09f, v);
     assert_int_equal(rlb_publish(obs, v + 1, NULL), RLB_EPERM);
     rlb_close(obs);

@@ -117,12 +117,20 @@ class ClientTest(unittest.TestCase):
         cls.cluster.stop()
         assert set(os.listdir("/dev/shm")) <= cls.shm_before
 
+    def wait_no_trainers(self, cluster=None):
+        """A new set of ranks may connect once the bridge saw the old ones go."""
+        with rlbridge.Client(socket=(cluster or self.cluster).sock, observer=True) as obs:
+            deadline = time.monotonic() + 10
+            while obs.bridge_stats()["trainers"] > 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+
     def greedy(self, c, min_version=0, max_tokens=5):
         sp = rlbridge.SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=0)
         return c.generate([[3, 17], [200]], sp, min_weight_version=min_version,
                           timeout_ms=30000)
 
     def test_publish_and_generate(self):
+        self.wait_no_trainers()
         t = Trainer(self.cluster.sock)
         v = t.c.weight_version
         for target, a in [(7, 0.05), (123, 0.1), (249, 0.03)]:
@@ -207,6 +215,7 @@ class ClientTest(unittest.TestCase):
 
     def test_threads_share_a_client(self):
         """Generation from several threads while the main thread publishes."""
+        self.wait_no_trainers()
         t = Trainer(self.cluster.sock)
         v = t.c.weight_version + 1
         t.fill(11, 0.05)
@@ -233,6 +242,98 @@ class ClientTest(unittest.TestCase):
             th.join()
         self.assertEqual(errors, [])
         t.c.close()
+
+    def test_sharded_ranks(self):
+        """Two FSDP2 ranks, then two FSDP1 ranks (one FlatParameter of the whole model),
+        publishing from two threads; greedy output shows the weights landed whole. A bridge
+        keeps the trainer world of its first trainer, so this runs on a bridge of its own."""
+        cluster = Cluster()
+        try:
+            self.sharded_ranks(cluster)
+        finally:
+            cluster.stop()
+
+    def sharded_ranks(self, cluster):
+        params = tiny_params()
+
+        def value(kind, row, target, a):
+            return 1.0 if kind == 1 else a if kind == 2 and row == target else 0.0
+
+        def publish_all(clients, v):
+            errs = []
+            ths = [threading.Thread(target=lambda c=c: errs.append(c.publish(v).version))
+                   for c in clients]
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join()
+            self.assertEqual(errs, [v, v])
+
+        # FSDP2: rank r holds rows [r*c, r*c + n) of every tensor, c = ceil(d0 / 2).
+        ranks = [rlbridge.Client(socket=cluster.sock, rank=r, world=2) for r in range(2)]
+        shards = []
+        for r, c in enumerate(ranks):
+            mine, specs = [], []
+            for name, shape, kind in params:
+                d0 = shape[0]
+                rows_per = (d0 + 1) // 2
+                first, n = r * rows_per, min(rows_per, d0 - r * rows_per)
+                cols = math.prod(shape[1:])
+                view = rlbridge.host_array(c, "f", n * cols)
+                mine.append((view, first, n, cols, kind))
+                specs.append(dict(name=name, data=view, shape=shape, layout="fsdp2",
+                                  shard_rank=r, shard_world=2))
+            c.register_many(specs)
+            shards.append(mine)
+        v = ranks[0].weight_version
+        for target, a in [(19, 0.05), (230, 0.07)]:
+            for mine in shards:
+                for view, first, n, cols, kind in mine:
+                    for row in range(n):
+                        view[row * cols:(row + 1) * cols] = array.array(
+                            "f", [value(kind, first + row, target, a)]) * cols
+            v += 1
+            publish_all(ranks, v)
+            s = self.greedy(ranks[1], v)[0].outputs[0]
+            self.assertEqual(s.token_ids, [target] * 5)
+            self.assertAlmostEqual(s.logprobs[0], expected_logprob(a), delta=2e-3)
+        for c in ranks:
+            c.close()
+        self.wait_no_trainers(cluster)
+
+        # FSDP1: the whole model as one flat unit, each rank half of it.
+        flat = array.array("f")
+        entries = []
+        for name, shape, kind in params:
+            entries.append(dict(name=name, shape=shape, numel=math.prod(shape)))
+        total = sum(e["numel"] for e in entries)
+        ranks = [rlbridge.Client(socket=cluster.sock, rank=r, world=2) for r in range(2)]
+        chunks = []
+        for r, c in enumerate(ranks):
+            view = rlbridge.host_array(c, "f", total // 2)
+            c.register("flat_param.0", view, shape=(total,), layout="fsdp1", shard_rank=r,
+                       shard_world=2, entries=entries)
+            chunks.append(view)
+        target, a = 101, 0.06
+        for name, shape, kind in params:
+            cols = math.prod(shape[1:])
+            for row in range(shape[0]):
+                flat.extend(array.array("f", [value(kind, row, target, a)]) * cols)
+        chunks[0][:] = flat[:total // 2]
+        chunks[1][:] = flat[total // 2:]
+        v += 1
+        publish_all(ranks, v)
+        self.assertEqual(self.greedy(ranks[0], v)[0].outputs[0].token_ids, [target] * 5)
+
+        # Asleep: generation is refused as an abort; after wake_up it works again.
+        ranks[0].sleep()
+        with self.assertRaises(rlbridge.RlbError) as e:
+            self.greedy(ranks[0], v)
+        self.assertEqual(e.exception.code, rlbridge._lib.EABORTED)
+        ranks[0].wake_up()
+        self.assertEqual(self.greedy(ranks[1], v)[0].outputs[0].token_ids, [target] * 5)
+        for c in ranks:
+            c.close()
 
     def test_numpy_and_torch(self):
         try:

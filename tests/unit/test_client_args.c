@@ -116,6 +116,8 @@ static void test_null_client(void **state)
     assert_int_equal(rlb_bridge_stats(NULL, &l), RLB_EINVAL);
     assert_int_equal(rlb_client_stats_get(NULL, &cs), RLB_EINVAL);
     assert_int_equal(rlb_weight_version(NULL), 0);
+    assert_int_equal(rlb_sleep(NULL), RLB_EINVAL);
+    assert_int_equal(rlb_wake(NULL), RLB_EINVAL);
     rlb_close(NULL);
     rlb_result_free(NULL);
     rlb_stat_list_free(NULL);

@@ -314,6 +314,17 @@ class Client:
         """Newest committed weight version the bridge reported (0 = none)."""
         return lib.rlb_weight_version(self._handle())
 
+    # -- sleep / wake (vLLM's names)
+
+    def sleep(self):
+        """Workers free their KV cache (weights stay); generation is refused until
+        wake_up()."""
+        self._check(lib.rlb_sleep(self._handle()))
+
+    def wake_up(self):
+        """Workers restore their KV cache."""
+        self._check(lib.rlb_wake(self._handle()))
+
     # -- generation
 
     def submit(self, prompts, sampling_params=None, min_weight_version=0):

@@ -112,6 +112,8 @@ def _bind(lib):
         "rlb_unregister": (c_int, [vp, P(ctypes.c_char_p), c_size_t]),
         "rlb_publish": (c_int, [vp, c_u64, P(SyncStats)]),
         "rlb_weight_version": (c_u64, [vp]),
+        "rlb_sleep": (c_int, [vp]),
+        "rlb_wake": (c_int, [vp]),
         "rlb_sampling_params_init": (None, [P(SamplingParamsC)]),
         "rlb_generate_request_init": (None, [P(GenerateRequest)]),
         "rlb_result_num_samples": (c_size_t, [vp]),
