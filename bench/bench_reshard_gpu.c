@@ -11,8 +11,14 @@
  * layer on both ranks): per tensor (two passes: amax, then quantize; floor = 2 reads + 1
  * write) and per channel (one pass; floor = 1 read + 1 write).
  *
+ * --peer (two GPUs): the FSDP2 shards spread over both GPUs (rank f on GPU f % 2), TP rank
+ * d's buffer on GPU d; each GPU runs the part of the plan writing its own rank (half its
+ * sources on the other GPU), both at once: through peer access, and through the staged
+ * fallback (forced); against cudaMemcpyPeer, both directions at once, of the bytes each
+ * GPU writes and of the bytes it reads from the other GPU.
+ *
  * Prints a table, then one JSON line. Usage:
- *   rlb-bench-reshard-gpu [--torch-log FILE] [--iters N]
+ *   rlb-bench-reshard-gpu [--torch-log FILE] [--iters N] [--peer]
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -73,19 +79,24 @@ static int cmp_double(const void *a, const void *b)
 typedef struct work {
     rlb_cuda_plan *plan;    /* run this plan, or */
     rlb_cuda_quant *quant;  /* this quantization set, or */
-    void *cp_dst;           /* this memcpy */
+    void *cp_dst;           /* this memcpy (a peer copy when the devices differ) */
     const void *cp_src;
     uint64_t cp_bytes;
+    int cp_dst_dev, cp_src_dev; /* GPUs of cp_dst and cp_src */
+    cudaStream_t st;        /* stream (0: the current device's default) */
 } work;
 
 static void launch(const work *w)
 {
     if (w->plan)
-        RC(rlb__cuda_plan_run(w->plan, 0));
+        RC(rlb__cuda_plan_run(w->plan, w->st));
     else if (w->quant)
-        RC(rlb__cuda_quant_run(w->quant, 0));
+        RC(rlb__cuda_quant_run(w->quant, w->st));
+    else if (w->cp_dst_dev != w->cp_src_dev)
+        CK(cudaMemcpyPeerAsync(w->cp_dst, w->cp_dst_dev, w->cp_src, w->cp_src_dev, w->cp_bytes,
+                               w->st));
     else
-        CK(cudaMemcpyAsync(w->cp_dst, w->cp_src, w->cp_bytes, cudaMemcpyDeviceToDevice, 0));
+        CK(cudaMemcpyAsync(w->cp_dst, w->cp_src, w->cp_bytes, cudaMemcpyDeviceToDevice, w->st));
 }
 
 /* Median GPU time (ms) of `iters` runs after two warm-ups, each bracketed by events. */
@@ -321,16 +332,242 @@ static int read_torch_log(const char *path, double *torch_ms, double *torch_copy
     return *torch_ms > 0 && *torch_copy_ms > 0 ? 0 : -1;
 }
 
+/* ---- --peer: two GPUs ---------------------------------------------------------------- */
+
+/* Both GPUs' works started together, `iters` times after two warm-ups; ms[g] gets GPU g's
+ * median (events on its own stream). */
+static void time_two(const work w[2], double ms[2])
+{
+    cudaEvent_t a[2], b[2];
+    double t[2][64];
+    const int n = iters < 64 ? iters : 64;
+    for (int g = 0; g < 2; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaEventCreate(&a[g]));
+        CK(cudaEventCreate(&b[g]));
+    }
+    for (int i = -2; i < n; i++) {
+        for (int g = 0; g < 2; g++) {
+            CK(cudaSetDevice(g));
+            CK(cudaEventRecord(a[g], w[g].st));
+            launch(&w[g]);
+            CK(cudaEventRecord(b[g], w[g].st));
+        }
+        for (int g = 0; g < 2; g++) {
+            float x;
+            CK(cudaSetDevice(g));
+            CK(cudaEventSynchronize(b[g]));
+            CK(cudaEventElapsedTime(&x, a[g], b[g]));
+            if (i >= 0)
+                t[g][i] = x;
+        }
+    }
+    for (int g = 0; g < 2; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaEventDestroy(a[g]));
+        CK(cudaEventDestroy(b[g]));
+        qsort(t[g], (size_t)n, sizeof t[g][0], cmp_double);
+        ms[g] = t[g][n / 2];
+    }
+    CK(cudaSetDevice(0));
+}
+
+typedef struct peer_result {
+    double ms[2];          /* median run time on each GPU, both running */
+    double upload_ms;      /* upload + bind of both parts */
+    uint64_t staged[2];    /* bytes each GPU copies through its staging buffers per run */
+    uint32_t windows[2];   /* staging windows per run */
+    uint64_t dev_bytes[2]; /* device memory each GPU's plan holds (staging included) */
+} peer_result;
+
+/* Uploads each GPU's part of `plan` (destination d on GPU d), binds it in `mode` and times
+ * both parts running at once. */
+static peer_result peer_case(const rlb_plan *plan, const rlb_cuda_buf *sb, const rlb_cuda_buf *db,
+                             const cudaStream_t st[2], rlb_cuda_peer_mode mode)
+{
+    peer_result r = {0};
+    rlb_cuda_plan *cp[2];
+    work w[2];
+    double t0 = now_ms();
+    for (int g = 0; g < 2; g++) {
+        uint8_t sel[T] = {0};
+        sel[g] = 1;
+        RC(rlb__cuda_plan_upload(plan, g, sel, &cp[g], err, sizeof err));
+        RC(rlb__cuda_plan_set_peer_mode(cp[g], mode, 0));
+        RC(rlb__cuda_plan_bind(cp[g], sb, db, err, sizeof err));
+        w[g] = (work){.plan = cp[g], .st = st[g]};
+    }
+    r.upload_ms = now_ms() - t0;
+    time_two(w, r.ms);
+    for (int g = 0; g < 2; g++) {
+        r.staged[g] = rlb__cuda_plan_staged_bytes(cp[g], &r.windows[g]);
+        r.dev_bytes[g] = rlb__cuda_plan_device_bytes(cp[g]);
+        rlb__cuda_plan_free(cp[g]);
+    }
+    return r;
+}
+
+static int peer_main(const rlb_param_list *pl, const char *dev_name, int ndev)
+{
+    if (ndev < 2) {
+        fprintf(stderr, "rlb-bench-reshard-gpu --peer: 2 GPUs needed, %d visible\n", ndev);
+        return 77;
+    }
+    int can01 = 0, can10 = 0;
+    CK(cudaDeviceCanAccessPeer(&can01, 0, 1));
+    CK(cudaDeviceCanAccessPeer(&can10, 1, 0));
+    const int peer_path = can01 && can10;
+    rlb_source src;
+    rlb_plan plan;
+    uint64_t sbytes[W], soff[W], stotal[2] = {0, 0};
+    fsdp2_source(pl, RLB_DTYPE_BF16, &src, sbytes);
+    rlb_target tgt = {.tp_size = T, .replicas = 1, .dtype = RLB_DTYPE_BF16};
+    RC(rlb__plan_build(&src, &tgt, &plan, err, sizeof err));
+    for (int f = 0; f < W; f++) { /* FSDP rank f's shards on GPU f % 2 */
+        soff[f] = stotal[f % 2];
+        stotal[f % 2] += (sbytes[f] + 255) / 256 * 256;
+    }
+    char *sbase[2], *dbase[2];
+    cudaStream_t st[2];
+    for (int g = 0; g < 2; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaMalloc((void **)&sbase[g], stotal[g]));
+        CK(cudaMalloc((void **)&dbase[g], plan.dst_bytes[g]));
+        CK(cudaMemset(sbase[g], 0x3c, stotal[g]));
+        CK(cudaMemset(dbase[g], 0, plan.dst_bytes[g]));
+        CK(cudaStreamCreateWithFlags(&st[g], cudaStreamNonBlocking));
+        CK(cudaDeviceSynchronize());
+    }
+    CK(cudaSetDevice(0));
+    rlb_cuda_buf sb[W], db[T];
+    for (int f = 0; f < W; f++)
+        sb[f] = (rlb_cuda_buf){sbase[f % 2] + soff[f], sbytes[f]};
+    for (int d = 0; d < T; d++)
+        db[d] = (rlb_cuda_buf){dbase[d], plan.dst_bytes[d]};
+    /* bytes of each GPU's part: read, written, and read from the other GPU */
+    double rd[2] = {0, 0}, wr[2] = {0, 0}, remote[2] = {0, 0};
+    for (uint64_t i = 0; i < plan.n_ops; i++) {
+        const rlb_copy_op *op = &plan.ops[i];
+        const int g = (int)op->dst_ref;
+        const double n = (double)op->rows * (double)op->row_elems;
+        wr[g] += n * (double)rlb_dtype_size((rlb_dtype)op->dst_dtype);
+        if (op->src_ref == RLB_PLAN_ZERO_SRC)
+            continue;
+        rd[g] += n * (double)rlb_dtype_size((rlb_dtype)op->src_dtype);
+        if ((int)(op->src_ref % 2) != g)
+            remote[g] += n * (double)rlb_dtype_size((rlb_dtype)op->src_dtype);
+    }
+    printf("rlb-bench-reshard-gpu --peer on 2x %s: Llama-3-8B shapes, FSDP2 %d (rank f on GPU "
+           "f %% 2) -> TP %d (rank d on GPU d), bf16 -> bf16, both GPUs at once; peer access: "
+           "%s; median of %d\n", dev_name, W, T, peer_path ? "yes" : "no", iters);
+    printf("%-26s %3s %9s %9s %9s %9s %9s %10s %9s\n", "case", "GPU", "read GB", "wrote GB",
+           "remote GB", "ms", "GB/s r+w", "wrote GB/s", "vs copy");
+
+    /* cudaMemcpyPeer peers: the bytes each GPU writes, and the bytes it reads remotely,
+     * pulled from the other GPU (both directions at once) */
+    double cw_ms[2], cr_ms[2], cw_bytes[2];
+    work cw[2], cr[2];
+    for (int g = 0; g < 2; g++) {
+        uint64_t n = (uint64_t)wr[g] < stotal[1 - g] ? (uint64_t)wr[g] : stotal[1 - g];
+        cw_bytes[g] = (double)n;
+        cw[g] = (work){.cp_dst = dbase[g], .cp_src = sbase[1 - g], .cp_bytes = n,
+                       .cp_dst_dev = g, .cp_src_dev = 1 - g, .st = st[g]};
+        cr[g] = cw[g];
+        cr[g].cp_bytes = (uint64_t)remote[g];
+    }
+    time_two(cw, cw_ms);
+    time_two(cr, cr_ms);
+
+    peer_result pr = {0};
+    if (peer_path)
+        pr = peer_case(&plan, sb, db, st, RLB_CUDA_PEER_AUTO);
+    peer_result sr = peer_case(&plan, sb, db, st, RLB_CUDA_PEER_STAGED);
+    double p_gbs[2], p_ratio[2], p_link[2], s_gbs[2], s_ratio[2], s_link[2], cw_gbs[2], cr_gbs[2];
+    double s_staged[2], s_windows[2], s_dev[2];
+    for (int g = 0; g < 2; g++) {
+        cw_gbs[g] = cw_bytes[g] / cw_ms[g] / 1e6;
+        cr_gbs[g] = remote[g] / cr_ms[g] / 1e6;
+        /* the copy moves cw_bytes; scaled to the plan's written bytes for the ratio */
+        const double copy_ms = cw_ms[g] * wr[g] / cw_bytes[g];
+        p_gbs[g] = peer_path ? (rd[g] + wr[g]) / pr.ms[g] / 1e6 : 0;
+        p_ratio[g] = peer_path ? copy_ms / pr.ms[g] : 0;
+        p_link[g] = peer_path ? cr_ms[g] / pr.ms[g] : 0;
+        s_gbs[g] = (rd[g] + wr[g]) / sr.ms[g] / 1e6;
+        s_ratio[g] = copy_ms / sr.ms[g];
+        s_link[g] = cr_ms[g] / sr.ms[g];
+        s_staged[g] = (double)sr.staged[g];
+        s_windows[g] = sr.windows[g];
+        s_dev[g] = (double)sr.dev_bytes[g];
+    }
+    for (int g = 0; peer_path && g < 2; g++)
+        printf("%-26s %3d %9.2f %9.2f %9.2f %9.3f %9.0f %10.0f %8.2fx\n", "rlb peer access", g,
+               rd[g] / 1e9, wr[g] / 1e9, remote[g] / 1e9, pr.ms[g], p_gbs[g],
+               wr[g] / pr.ms[g] / 1e6, p_ratio[g]);
+    if (!peer_path)
+        printf("%-26s      no peer path between GPU 0 and GPU 1: auto mode stages\n",
+               "rlb peer access");
+    for (int g = 0; g < 2; g++)
+        printf("%-26s %3d %9.2f %9.2f %9.2f %9.3f %9.0f %10.0f %8.2fx  (%.2f GB staged in %u "
+               "windows)\n", "rlb staged fallback", g, rd[g] / 1e9, wr[g] / 1e9, remote[g] / 1e9,
+               sr.ms[g], s_gbs[g], wr[g] / sr.ms[g] / 1e6, s_ratio[g], sr.staged[g] / 1e9,
+               sr.windows[g]);
+    for (int g = 0; g < 2; g++)
+        printf("%-26s %3d %9s %9.2f %9s %9.3f %9s %10.0f\n", "cudaMemcpyPeer (written)", g, "",
+               cw_bytes[g] / 1e9, "", cw_ms[g], "", cw_gbs[g]);
+    for (int g = 0; g < 2; g++)
+        printf("%-26s %3d %9s %9s %9.2f %9.3f %9s %10.0f\n", "cudaMemcpyPeer (remote)", g, "", "",
+               remote[g] / 1e9, cr_ms[g], "", cr_gbs[g]);
+    printf("vs copy: cudaMemcpyPeer time of the GPU's written bytes over the plan's time; "
+           "plan upload + bind of both parts: peer %.3f ms, staged %.3f ms; staged plan device "
+           "memory %.1f / %.1f MiB\n", pr.upload_ms, sr.upload_ms, s_dev[0] / 1048576.0,
+           s_dev[1] / 1048576.0);
+
+    printf("{\"bench\":\"reshard_gpu_peer\",\"device\":\"2x %s\",\"model\":\"llama3-8b\","
+           "\"fsdp\":%d,\"tp\":%d,\"peer_access\":%s,", dev_name, W, T,
+           peer_path ? "true" : "false");
+    const struct {
+        const char *key;
+        const double *v;
+    } pairs[] = {
+        {"bytes_read", rd}, {"bytes_written", wr}, {"bytes_remote", remote},
+        {"peer_ms", pr.ms}, {"peer_gbs_per_gpu", p_gbs}, {"peer_vs_memcpy_peer", p_ratio},
+        {"peer_fraction_of_link_floor", p_link}, {"memcpy_peer_written_ms", cw_ms},
+        {"memcpy_peer_written_gbs", cw_gbs}, {"memcpy_peer_remote_ms", cr_ms},
+        {"memcpy_peer_remote_gbs", cr_gbs}, {"staged_ms", sr.ms}, {"staged_gbs_per_gpu", s_gbs},
+        {"staged_vs_memcpy_peer", s_ratio}, {"staged_fraction_of_link_floor", s_link},
+        {"staged_bytes", s_staged}, {"staged_windows", s_windows},
+        {"staged_device_bytes", s_dev},
+    };
+    const size_t n_pairs = sizeof pairs / sizeof pairs[0];
+    for (size_t k = 0; k < n_pairs; k++)
+        printf("\"%s\":[%.3f,%.3f]%s", pairs[k].key, pairs[k].v[0], pairs[k].v[1],
+               k + 1 < n_pairs ? "," : "");
+    printf("}\n");
+    for (int g = 0; g < 2; g++) {
+        CK(cudaSetDevice(g));
+        CK(cudaFree(sbase[g]));
+        CK(cudaFree(dbase[g]));
+        CK(cudaStreamDestroy(st[g]));
+    }
+    CK(cudaSetDevice(0));
+    rlb__plan_free(&plan);
+    rlb__source_free(&src);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *torch_log = NULL;
+    int peer = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--torch-log") && i + 1 < argc)
             torch_log = argv[++i];
         else if (!strcmp(argv[i], "--iters") && i + 1 < argc)
             iters = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--peer"))
+            peer = 1;
         else {
-            fprintf(stderr, "usage: %s [--torch-log FILE] [--iters N]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--torch-log FILE] [--iters N] [--peer]\n", argv[0]);
             return 2;
         }
     }
@@ -347,6 +584,11 @@ int main(int argc, char **argv)
     llama3_8b(&cfg);
     rlb_param_list pl;
     RC(rlb__params_init(&pl, &cfg, err, sizeof err));
+    if (peer) {
+        int rc = peer_main(&pl, prop.name, ndev);
+        rlb__params_free(&pl);
+        return rc;
+    }
     printf("rlb-bench-reshard-gpu on %s: Llama-3-8B shapes, FSDP2 %d -> TP %d on one GPU, "
            "median of %d\n", prop.name, W, T, iters);
     printf("%-28s %11s %11s %9s %9s %9s %7s\n", "case", "read", "written", "ms", "GB/s",

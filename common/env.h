@@ -28,7 +28,11 @@
       "0 = number of online cores")                                                       \
     X(DEVICE, "RLB_DEVICE", "auto", "compute backend: auto, cpu or cuda")                 \
     X(TP_TIMEOUT_MS, "RLB_TP_TIMEOUT_MS", "60000", "longest a CPU tensor-parallel rank "  \
-      "waits in a collective for a live peer before it fails the step")
+      "waits in a collective for a live peer before it fails the step")                   \
+    X(CUDA_PEER, "RLB_CUDA_PEER", "auto", "how a GPU reads weights on another GPU: auto " \
+      "(peer access where the GPUs have a peer path, staged copies otherwise) or staged") \
+    X(CUDA_STAGE_BYTES, "RLB_CUDA_STAGE_BYTES", "16777216", "bytes of each of the two "   \
+      "device staging buffers of a staged read from another GPU")
 
 typedef enum rlb_env_knob {
 #define RLB__ENV_ENUM(id, name, def, help) RLB_KNOB_##id,

@@ -1,8 +1,12 @@
-/* cuda_check.c: the one formatter of refusals for kernels/cuda (cuda_check.h). */
+/* cuda_check.c: the one formatter of refusals for kernels/cuda and the peer-mode knob
+ * (cuda_check.h). */
 #include "kernels/cuda/cuda_check.h"
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
+
+#include "common/env.h"
 
 void rlb__cuda_err(char *err, size_t errlen, const char *fmt, ...)
 {
@@ -14,4 +18,14 @@ void rlb__cuda_err(char *err, size_t errlen, const char *fmt, ...)
     RLB_LOG_ERROR(RLB_SUB_KERNEL, "%s", line);
     if (err && errlen)
         snprintf(err, errlen, "%s", line);
+}
+
+rlb_cuda_peer_mode rlb__cuda_peer_mode_env(void)
+{
+    const char *v = rlb__env_str(RLB_KNOB_CUDA_PEER);
+    if (strcmp(v, "staged") == 0)
+        return RLB_CUDA_PEER_STAGED;
+    if (strcmp(v, "auto") != 0)
+        RLB_LOG_WARN(RLB_SUB_KERNEL, "RLB_CUDA_PEER=%s: auto or staged expected; using auto", v);
+    return RLB_CUDA_PEER_AUTO;
 }

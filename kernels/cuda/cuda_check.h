@@ -1,4 +1,4 @@
-/* cuda_check.h: the check macros of common/check.h for CUDA runtime and driver calls, usable
+/* cuda_check.h: what every file of kernels/cuda shares: the check macros of common/check.h for CUDA runtime and driver calls, usable
  * from C and CUDA C++. Each logs the failing call with CUDA's own error name, stores an
  * RLB_E* code in rc (RLB_ENOMEM for an allocation failure, RLB_ECUDA otherwise) and jumps
  * to the unwinding label:
@@ -10,6 +10,10 @@
  *
  * rlb__cuda_enter / rlb__cuda_leave make a device current for one API call and give the
  * caller's current device back, so no function of kernels/cuda changes it behind a caller.
+ *
+ * rlb_cuda_peer_mode says how memory on another GPU is read (by the IPC cache, which maps
+ * it, and by the plan executor, which reads it); both take their default from the
+ * RLB_CUDA_PEER knob, and a caller gives both the same mode.
  */
 #ifndef RLB_KERNELS_CUDA_CUDA_CHECK_H
 #define RLB_KERNELS_CUDA_CUDA_CHECK_H
@@ -45,6 +49,17 @@ extern "C" {
             goto label;                                                                  \
         }                                                                                \
     } while (0)
+
+/* How a GPU reads memory that lives on another GPU. */
+typedef enum rlb_cuda_peer_mode {
+    RLB_CUDA_PEER_AUTO = 0,   /* peer access where the two GPUs have a peer path, staged
+                               * copies (cudaMemcpyPeerAsync into local memory) otherwise */
+    RLB_CUDA_PEER_STAGED = 1, /* staged copies always: where peer access is broken, and in
+                               * tests of the fallback on machines that have peer access */
+} rlb_cuda_peer_mode;
+
+/* The RLB_CUDA_PEER knob ("auto" or "staged"; another value is logged and read as auto). */
+rlb_cuda_peer_mode rlb__cuda_peer_mode_env(void);
 
 /* Formats a refusal into err[errlen] (err may be NULL) and logs it at error level. */
 void rlb__cuda_err(char *err, size_t errlen, const char *fmt, ...)

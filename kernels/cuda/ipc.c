@@ -5,6 +5,11 @@
  * the 64-byte handle. Registration, not the sync path, does the lookups, and a trainer rank
  * registers its shards from a few caching-allocator blocks, so a linear scan is enough.
  *
+ * Where the allocation lives on another GPU, the handle opens in the cache GPU's context
+ * (peer access enabled lazily) when that GPU can reach it peer to peer and the mode is
+ * auto; otherwise it opens in the owning GPU's own context, which needs no peer path: the
+ * plan executor then reads it through its staged fallback (cudaMemcpyPeerAsync).
+ *
  * The two driver functions needed (allocation range, IPC capability) are looked up through
  * the runtime (cudaGetDriverEntryPointByVersion) instead of linked, so programs using this
  * file load on machines without a driver and can skip there.
@@ -25,13 +30,15 @@ _Static_assert(sizeof(cudaUUID_t) == RLB_CUDA_UUID_BYTES, "uuid size");
 /* One allocation opened from another process. */
 typedef struct ipc_entry {
     uint8_t handle[RLB_CUDA_IPC_HANDLE_BYTES]; /* its cudaIpcMemHandle_t */
-    char *base;                                /* mapped base address on the cache's GPU */
+    int dev;                                   /* GPU whose context holds the mapping */
+    char *base;                                /* mapped base address (UVA) */
     uint64_t size;                             /* bytes of the allocation */
     uint32_t refs;                             /* references mapped through it (>= 1) */
 } ipc_entry;
 
 struct rlb_cuda_ipc_cache {
-    int device;          /* GPU whose context the mappings live in */
+    int device;          /* GPU whose kernels use the mappings */
+    rlb_cuda_peer_mode mode; /* how memory on another GPU is mapped */
     int n_devices;       /* visible GPUs */
     cudaUUID_t *uuids;   /* [n_devices] uuid of each visible GPU */
     uint32_t n;          /* open allocations in entries[] */
@@ -133,6 +140,7 @@ int rlb__cuda_ipc_cache_create(int device, rlb_cuda_ipc_cache **out)
     if (!c)
         return RLB_ENOMEM;
     c->device = device;
+    c->mode = rlb__cuda_peer_mode_env();
     RLB_CUDA_CHECK(cudaGetDeviceCount(&c->n_devices), rc, err);
     if (device < 0 || device >= c->n_devices) {
         rc = RLB_EINVAL;
@@ -156,7 +164,7 @@ err:
 static void close_entry(const rlb_cuda_ipc_cache *c, ipc_entry *e)
 {
     int prev;
-    if (rlb__cuda_enter(c->device, &prev) != 0)
+    if (rlb__cuda_enter(e->dev, &prev) != 0)
         return;
     cudaError_t ce = cudaIpcCloseMemHandle(e->base);
     if (ce != cudaSuccess)
@@ -184,10 +192,11 @@ static ipc_entry *find_entry(rlb_cuda_ipc_cache *c, const uint8_t *handle)
     return NULL;
 }
 
-/* Opens ref's allocation into the cache's GPU context and appends its entry. */
-static int open_entry(rlb_cuda_ipc_cache *c, const rlb_cuda_ipc_ref *ref, ipc_entry **out)
+/* Opens ref's allocation (on GPU `owner`) and appends its entry. */
+static int open_entry(rlb_cuda_ipc_cache *c, const rlb_cuda_ipc_ref *ref, int owner,
+                      ipc_entry **out)
 {
-    int rc = 0, prev = -1;
+    int rc = 0, prev = -1, dev = c->device, can = 0;
     void *base = NULL;
     CUdeviceptr range_base = 0;
     size_t size = 0;
@@ -201,11 +210,17 @@ static int open_entry(rlb_cuda_ipc_cache *c, const rlb_cuda_ipc_ref *ref, ipc_en
         c->cap = cap;
     }
     memcpy(&h, ref->handle, sizeof h);
-    RLB_CHECK(rlb__cuda_enter(c->device, &prev));
+    if (owner != c->device) {
+        RLB_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, c->device, owner), rc, out_nodev);
+        if (c->mode == RLB_CUDA_PEER_STAGED || !can)
+            dev = owner;
+    }
+    RLB_CHECK(rlb__cuda_enter(dev, &prev));
     RLB_CUDA_CHECK(cudaIpcOpenMemHandle(&base, h, cudaIpcMemLazyEnablePeerAccess), rc, out);
     RLB_CHECK_GOTO(address_range(base, &range_base, &size), rc, err_close);
     ipc_entry *e = &c->entries[c->n++];
     memcpy(e->handle, ref->handle, RLB_CUDA_IPC_HANDLE_BYTES);
+    e->dev = dev;
     e->base = base;
     e->size = size;
     e->refs = 0;
@@ -215,6 +230,7 @@ err_close:
     cudaIpcCloseMemHandle(base);
 out:
     rlb__cuda_leave(prev);
+out_nodev:
     return rc;
 }
 
@@ -229,17 +245,18 @@ int rlb__cuda_ipc_map(rlb_cuda_ipc_cache *c, const rlb_cuda_ipc_ref *ref, void *
 {
     if (!c || !ref || !dptr)
         return RLB_EINVAL;
-    int visible = 0;
-    for (int d = 0; d < c->n_devices; d++)
-        visible |= memcmp(&c->uuids[d], ref->device_uuid, RLB_CUDA_UUID_BYTES) == 0;
-    if (!visible) {
+    int owner = -1;
+    for (int d = 0; d < c->n_devices && owner < 0; d++)
+        if (memcmp(&c->uuids[d], ref->device_uuid, RLB_CUDA_UUID_BYTES) == 0)
+            owner = d;
+    if (owner < 0) {
         rlb__cuda_err(err, errlen, "map: the reference's GPU is not visible to this process "
                       "(check CUDA_VISIBLE_DEVICES)");
         return RLB_ENOTFOUND;
     }
     ipc_entry *e = find_entry(c, ref->handle);
     if (!e) {
-        int rc = open_entry(c, ref, &e);
+        int rc = open_entry(c, ref, owner, &e);
         if (rc) {
             rlb__cuda_err(err, errlen, "map: the allocation's IPC handle does not open (%s)",
                           rlb_strerror(rc));
@@ -274,6 +291,14 @@ int rlb__cuda_ipc_unmap(rlb_cuda_ipc_cache *c, const rlb_cuda_ipc_ref *ref)
 uint32_t rlb__cuda_ipc_open_handles(const rlb_cuda_ipc_cache *c)
 {
     return c ? c->n : 0;
+}
+
+int rlb__cuda_ipc_cache_set_peer_mode(rlb_cuda_ipc_cache *c, rlb_cuda_peer_mode mode)
+{
+    if (!c || c->n || (mode != RLB_CUDA_PEER_AUTO && mode != RLB_CUDA_PEER_STAGED))
+        return RLB_EINVAL;
+    c->mode = mode;
+    return 0;
 }
 
 int rlb__cuda_event_create_ipc(cudaEvent_t *ev, rlb_cuda_ipc_event *handle)

@@ -8,7 +8,9 @@
  * kind RLB_MEM_CUDA_IPC one for one; the bridge copies them across.
  *
  * Import (the bridge): a cache per executing GPU opens each allocation's handle once
- * (cudaIpcOpenMemHandle, peer access enabled lazily for memory on another GPU), counts the
+ * (cudaIpcOpenMemHandle; memory on another GPU is mapped for peer access where the GPUs
+ * have a peer path and the peer mode is auto, else in its own GPU's context, for the
+ * executor's staged fallback: give the cache and the plan the same mode), counts the
  * references mapped through it, and closes it exactly once: when the last reference is
  * unmapped, or when the cache is destroyed (a disconnect). Mapping is done at registration,
  * never per step. The cache is not thread-safe: the bridge's event loop owns it.
@@ -29,6 +31,8 @@
 #include <stdint.h>
 
 #include <cuda_runtime_api.h>
+
+#include "kernels/cuda/cuda_check.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -53,8 +57,8 @@ int rlb__cuda_ipc_export(const void *dptr, uint64_t length, rlb_cuda_ipc_ref *re
 
 typedef struct rlb_cuda_ipc_cache rlb_cuda_ipc_cache;
 
-/* A cache mapping into the context of GPU `device` (the GPU whose kernels will read or
- * write the memory). RLB_ENOMEM / RLB_ECUDA. */
+/* A cache for GPU `device` (the GPU whose kernels will read or write the memory), its peer
+ * mode from the RLB_CUDA_PEER knob. RLB_ENOMEM / RLB_ECUDA. */
 int rlb__cuda_ipc_cache_create(int device, rlb_cuda_ipc_cache **out);
 /* Closes every handle still open, once each, and frees the cache. NULL is fine. */
 void rlb__cuda_ipc_cache_destroy(rlb_cuda_ipc_cache *c);
@@ -69,6 +73,8 @@ int rlb__cuda_ipc_map(rlb_cuda_ipc_cache *c, const rlb_cuda_ipc_ref *ref, void *
 int rlb__cuda_ipc_unmap(rlb_cuda_ipc_cache *c, const rlb_cuda_ipc_ref *ref);
 /* Handles open now (allocations with at least one mapped reference). */
 uint32_t rlb__cuda_ipc_open_handles(const rlb_cuda_ipc_cache *c);
+/* Sets how memory on another GPU is mapped; RLB_EINVAL while handles are open. */
+int rlb__cuda_ipc_cache_set_peer_mode(rlb_cuda_ipc_cache *c, rlb_cuda_peer_mode mode);
 
 /* An interprocess event handle. */
 typedef struct rlb_cuda_ipc_event {

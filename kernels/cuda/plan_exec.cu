@@ -17,8 +17,18 @@
  * a scalar head up to the first unit where both sides are aligned, a vector body and a
  * scalar tail.
  *
- * Check: tests/gpu/test_cuda_plan_exec (random plans vs a naive loop, every conversion
- * pattern); speed: rlb-bench-reshard-gpu (bytes moved against a cudaMemcpy of the same).
+ * Sources on another GPU: bind reads each through peer access where the GPUs have a peer
+ * path (and the mode allows), in the same launch as local ones. The others are staged
+ * (plan_stage.h): the ops reading them leave the launch, and each run then copies windows
+ * of those sources into two local staging buffers with cudaMemcpyPeerAsync on a stream of
+ * the plan's own, each window's launch (a range of items of a second work list, whose
+ * ops read the staging buffers) waiting for its copy, and the copy into a buffer waiting
+ * for the launch that last read it. Everything ends up ordered on the caller's stream.
+ *
+ * Check: tests/gpu/test_cuda_plan_exec (random plans vs the CPU executor, every conversion
+ * pattern), tests/gpu/test_cuda_peer (two GPUs, peer and staged), tests/gpu/test_cuda_stage
+ * (window planning, no GPU); speed: rlb-bench-reshard-gpu (bytes moved against a
+ * cudaMemcpy of the same; --peer: two GPUs against cudaMemcpyPeer).
  */
 #include "kernels/cuda/plan_exec.h"
 
@@ -27,6 +37,10 @@
 
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/plan_stage.h"
+extern "C" { /* common/env.h has no C++ guard of its own */
+#include "common/env.h"
+}
 
 namespace {
 
@@ -58,6 +72,7 @@ struct exec_args {
     const uint32_t *coarse; /* [n_items / kCoarse + 2] op holding item g * kCoarse */
     char *const *src;       /* [n_src] bound source base addresses */
     char *const *dst;       /* [n_dst] bound destination base addresses */
+    uint64_t item_base;     /* item of block 0 (a staged window runs a range of items) */
 };
 
 /* The vector group of one (S -> D) pair: VEC units, 16 bytes on the narrower side. */
@@ -243,7 +258,7 @@ __device__ void run_item(const exec_args &a, uint32_t k, uint64_t j)
  * loop the compiler keeps all paths' registers live at once, over 200 per thread.) */
 __global__ void __launch_bounds__(kThreads) plan_kernel(exec_args a)
 {
-    const uint64_t item = blockIdx.x;
+    const uint64_t item = a.item_base + blockIdx.x;
     const uint64_t group = item / kCoarse;
     uint32_t lo = a.coarse[group], hi = a.coarse[group + 1] + 1;
     /* invariant: tasks[lo].first_item <= item < tasks[hi].first_item */
@@ -259,27 +274,49 @@ __global__ void __launch_bounds__(kThreads) plan_kernel(exec_args a)
 
 } /* namespace */
 
+/* Device tables of one set of ops, in one allocation: the ops, their descriptors, the
+ * coarse item -> op index and n_ptrs pointer slots. */
+struct work_list {
+    char *d_mem;        /* the allocation (NULL: no list) */
+    uint64_t dev_bytes; /* its size */
+    rlb_copy_op *d_ops; /* in d_mem: [n_ops] */
+    task *d_tasks;      /* in d_mem: [n_ops + 1]; the last is the sentinel */
+    uint32_t *d_coarse; /* in d_mem: [n_items / kCoarse + 2] */
+    char **d_ptrs;      /* in d_mem: [n_ptrs] */
+    uint32_t n_ops;     /* ops in the list */
+    uint64_t n_items;   /* work items of all of them */
+};
+
 struct rlb_cuda_plan {
-    int device;           /* GPU the plan runs on */
-    uint32_t n_ops;       /* ops uploaded (those writing this GPU's destinations, non-empty) */
-    uint64_t n_items;     /* work items of one run */
-    uint32_t n_src;       /* plan->n_src */
-    uint32_t n_dst;       /* plan->n_dst */
-    uint64_t *need;       /* [n_src + n_dst] bytes a bound buffer must cover; 0 = ref unused */
-    uint8_t *align;       /* [n_src + n_dst] widest element size the uploaded ops use with it */
-    char *d_mem;          /* device: one allocation holding the four tables below */
-    uint64_t dev_bytes;   /* its size */
-    rlb_copy_op *d_ops;   /* in d_mem: [n_ops] */
-    task *d_tasks;        /* in d_mem: [n_ops + 1] */
-    uint32_t *d_coarse;   /* in d_mem: [n_items / kCoarse + 2] */
-    char **d_ptrs;        /* in d_mem: [n_src + n_dst] bound base addresses, sources first */
-    int bound;            /* a bind has succeeded */
+    int device;              /* GPU the plan runs on */
+    rlb_cuda_peer_mode mode; /* how sources on another GPU are read */
+    uint64_t stage_cap;      /* bytes of each staging buffer */
+    uint32_t n_src;          /* plan->n_src */
+    uint32_t n_dst;          /* plan->n_dst */
+    uint64_t *need;          /* [n_src + n_dst] bytes a bound buffer must cover; 0 = ref unused */
+    uint8_t *align;          /* [n_src + n_dst] widest element size the uploaded ops use with it */
+    rlb_copy_op *h_ops;      /* [all.n_ops] the uploaded ops, for a bind that stages */
+    work_list all;           /* every uploaded op; pointer slots: sources, then destinations */
+    int bound;               /* a bind has succeeded */
+    /* set by a bind that stages at least one source */
+    int staging;             /* run launches direct + staged windows instead of all */
+    work_list direct;        /* the ops reading local or peer memory (pointers: all.d_ptrs) */
+    work_list staged;        /* staged pieces; pointer slots: the two staging buffers */
+    rlb_stage_plan sp;       /* host: the windows and copies of staged */
+    uint64_t *win_item;      /* [sp.n_windows + 1] first item of each window in staged */
+    char **src_ptr;          /* [n_src] bound source addresses, which the copies read */
+    int *src_dev;            /* [n_src] GPU holding each source */
+    /* staging resources, made by the first bind that stages and kept until free */
+    char *d_stage;           /* 2 * stage_cap bytes on the plan's GPU */
+    cudaStream_t copy_stream; /* non-blocking stream of the copies */
+    cudaEvent_t ev_start;    /* recorded on the caller's stream when a run starts */
+    cudaEvent_t ev_full[2];  /* staging buffer b holds its window (copy stream) */
+    cudaEvent_t ev_free[2];  /* the launch reading staging buffer b is done (caller's stream) */
 };
 
 /* Checks op i against the plan (rlb__plan_check_op, plus element alignment, which GPU loads
- * need) and fills its descriptor (first_item left to the caller). Returns the op's item
- * count (>= 1) or RLB_EINVAL with `err` naming the op. */
-static int64_t describe_op(const rlb_plan *plan, uint64_t i, task *t, char *err, size_t errlen)
+ * need). Returns 0 or RLB_EINVAL with `err` naming the op. */
+static int check_op(const rlb_plan *plan, uint64_t i, char *err, size_t errlen)
 {
     const rlb_copy_op *op = &plan->ops[i];
     int rc = rlb__plan_check_op(op, i, plan->n_src, plan->src_bytes, plan->n_dst,
@@ -295,6 +332,16 @@ static int64_t describe_op(const rlb_plan *plan, uint64_t i, task *t, char *err,
                       "its element size", (unsigned long long)i);
         return RLB_EINVAL;
     }
+    return 0;
+}
+
+/* Fills the descriptor of a checked op (first_item left to the caller); returns its item
+ * count (>= 1). */
+static uint64_t describe_op(const rlb_copy_op *op, task *t)
+{
+    const bool zero = op->src_ref == RLB_PLAN_ZERO_SRC;
+    const uint64_t ds = rlb_dtype_size((rlb_dtype)op->dst_dtype);
+    const uint64_t ss = zero ? ds : rlb_dtype_size((rlb_dtype)op->src_dtype);
     memset(t, 0, sizeof(*t));
     uint64_t unit_max;
     if (zero || op->src_dtype == op->dst_dtype) {
@@ -311,17 +358,170 @@ static int64_t describe_op(const rlb_plan *plan, uint64_t i, task *t, char *err,
         t->seg_units = per_item;
         t->segs_per_row = (t->row_units + per_item - 1) / per_item;
         t->rows_per_item = 1;
-        return (int64_t)(op->rows * t->segs_per_row);
+        return op->rows * t->segs_per_row;
     }
     t->seg_units = t->row_units;
     t->segs_per_row = 1;
     t->rows_per_item = per_item / t->row_units;
-    return (int64_t)((op->rows + t->rows_per_item - 1) / t->rows_per_item);
+    return (op->rows + t->rows_per_item - 1) / t->rows_per_item;
 }
 
 static uint64_t align256(uint64_t x)
 {
     return (x + 255) / 256 * 256;
+}
+
+/* Builds and uploads the work list of ops[0, n) (checked ops) with n_ptrs pointer slots,
+ * on the current device. first_item (may be NULL) gets each op's first item and, at
+ * [n], the item count. Returns 0, RLB_ETOOBIG (more items than one launch has blocks),
+ * RLB_ENOMEM or RLB_ECUDA. */
+static int build_list(const rlb_copy_op *ops, uint32_t n, uint32_t n_ptrs, work_list *wl,
+                      uint64_t *first_item, char *err, size_t errlen)
+{
+    int rc = 0;
+    uint64_t n_coarse = 0;
+    char *staging = nullptr;
+    uint32_t *coarse = nullptr;
+    task *tasks = (task *)malloc(((uint64_t)n + 1) * sizeof(*tasks));
+    memset(wl, 0, sizeof(*wl));
+    if (!tasks)
+        return RLB_ENOMEM;
+    for (uint32_t k = 0; k < n; k++) {
+        uint64_t items = describe_op(&ops[k], &tasks[k]);
+        tasks[k].first_item = wl->n_items;
+        wl->n_items += items;
+    }
+    memset(&tasks[n], 0, sizeof(task));
+    tasks[n].first_item = wl->n_items; /* sentinel: ends every search */
+    if (first_item)
+        for (uint32_t k = 0; k <= n; k++)
+            first_item[k] = tasks[k].first_item;
+    if (wl->n_items > INT32_MAX) { /* one block per item */
+        rlb__cuda_err(err, errlen, "plan: %llu work items exceed one launch",
+                      (unsigned long long)wl->n_items);
+        rc = RLB_ETOOBIG;
+        goto out;
+    }
+    /* coarse[g] = op holding item g * kCoarse; the entry after the last group is the last op */
+    n_coarse = (wl->n_items + kCoarse - 1) / kCoarse + 1;
+    coarse = (uint32_t *)malloc(n_coarse * sizeof(*coarse));
+    if (!coarse) {
+        rc = RLB_ENOMEM;
+        goto out;
+    }
+    for (uint64_t g = 0, k = 0; g + 1 < n_coarse; g++) {
+        while (tasks[k + 1].first_item <= g * kCoarse)
+            k++;
+        coarse[g] = (uint32_t)k;
+    }
+    coarse[n_coarse - 1] = n ? n - 1 : 0;
+    /* one allocation and one copy: upload is on the registration path, where each CUDA call
+     * costs tens of microseconds */
+    {
+        const uint64_t o_tasks = align256(((uint64_t)n + 1) * sizeof(*ops));
+        const uint64_t o_coarse = align256(o_tasks + ((uint64_t)n + 1) * sizeof(*tasks));
+        const uint64_t o_ptrs = align256(o_coarse + n_coarse * sizeof(*coarse));
+        const uint64_t bytes = o_ptrs + ((uint64_t)n_ptrs + 1) * sizeof(char *);
+        staging = (char *)malloc(o_ptrs);
+        if (!staging) {
+            rc = RLB_ENOMEM;
+            goto out;
+        }
+        memcpy(staging, ops, (uint64_t)n * sizeof(*ops));
+        memcpy(staging + o_tasks, tasks, ((uint64_t)n + 1) * sizeof(*tasks));
+        memcpy(staging + o_coarse, coarse, n_coarse * sizeof(*coarse));
+        RLB_CUDA_CHECK(cudaMalloc(&wl->d_mem, bytes), rc, out);
+        RLB_CUDA_CHECK(cudaMemcpy(wl->d_mem, staging, o_ptrs, cudaMemcpyHostToDevice), rc, out);
+        wl->dev_bytes = bytes;
+        wl->d_ops = (rlb_copy_op *)wl->d_mem;
+        wl->d_tasks = (task *)(wl->d_mem + o_tasks);
+        wl->d_coarse = (uint32_t *)(wl->d_mem + o_coarse);
+        wl->d_ptrs = (char **)(wl->d_mem + o_ptrs);
+        wl->n_ops = n;
+    }
+out:
+    if (rc) {
+        cudaFree(wl->d_mem);
+        memset(wl, 0, sizeof(*wl));
+    }
+    free(staging);
+    free(tasks);
+    free(coarse);
+    return rc;
+}
+
+static void free_list(work_list *wl)
+{
+    cudaFree(wl->d_mem);
+    memset(wl, 0, sizeof(*wl));
+}
+
+/* Items [item0, item0 + n) of wl on `stream` (current device: the list's). */
+static int launch_list(const work_list &wl, char *const *src, char *const *dst, uint64_t item0,
+                       uint64_t n, cudaStream_t stream)
+{
+    int rc = 0;
+    if (n == 0)
+        return 0;
+    exec_args a;
+    a.ops = wl.d_ops;
+    a.tasks = wl.d_tasks;
+    a.coarse = wl.d_coarse;
+    a.src = src;
+    a.dst = dst;
+    a.item_base = item0;
+    plan_kernel<<<(unsigned)n, kThreads, 0, stream>>>(a);
+    RLB_CUDA_CHECK(cudaGetLastError(), rc, out);
+out:
+    return rc;
+}
+
+/* Forgets what a bind that staged set up (current device: the plan's); the staging
+ * buffers, stream and events stay for the next one. */
+static void drop_staging(rlb_cuda_plan *cp)
+{
+    free_list(&cp->direct);
+    free_list(&cp->staged);
+    rlb__stage_free(&cp->sp);
+    free(cp->win_item);
+    cp->win_item = nullptr;
+    cp->staging = 0;
+}
+
+/* Releases the staging buffers, stream and events (current device: the plan's). */
+static void free_stage_resources(rlb_cuda_plan *cp)
+{
+    cudaFree(cp->d_stage);
+    cp->d_stage = nullptr;
+    if (cp->copy_stream)
+        cudaStreamDestroy(cp->copy_stream);
+    cp->copy_stream = nullptr;
+    cudaEvent_t *evs[5] = {&cp->ev_start, &cp->ev_full[0], &cp->ev_full[1], &cp->ev_free[0],
+                           &cp->ev_free[1]};
+    for (cudaEvent_t *e : evs) {
+        if (*e)
+            cudaEventDestroy(*e);
+        *e = nullptr;
+    }
+}
+
+extern "C" void rlb__cuda_plan_free(rlb_cuda_plan *cp)
+{
+    if (!cp)
+        return;
+    int prev;
+    bool entered = rlb__cuda_enter(cp->device, &prev) == 0;
+    drop_staging(cp);
+    free_stage_resources(cp);
+    free_list(&cp->all);
+    if (entered)
+        rlb__cuda_leave(prev);
+    free(cp->need);
+    free(cp->align);
+    free(cp->h_ops);
+    free(cp->src_ptr);
+    free(cp->src_dev);
+    free(cp);
 }
 
 static void note_use(rlb_cuda_plan *cp, uint32_t ref, uint64_t need, uint64_t elem)
@@ -331,18 +531,16 @@ static void note_use(rlb_cuda_plan *cp, uint32_t ref, uint64_t need, uint64_t el
         cp->align[ref] = (uint8_t)elem;
 }
 
-extern "C" void rlb__cuda_plan_free(rlb_cuda_plan *cp)
+/* The RLB_CUDA_STAGE_BYTES knob, or the default where it is out of range. */
+static uint64_t stage_bytes_env(void)
 {
-    if (!cp)
-        return;
-    int prev;
-    bool entered = rlb__cuda_enter(cp->device, &prev) == 0;
-    cudaFree(cp->d_mem);
-    if (entered)
-        rlb__cuda_leave(prev);
-    free(cp->need);
-    free(cp->align);
-    free(cp);
+    long long v = rlb__env_int(RLB_KNOB_CUDA_STAGE_BYTES);
+    if (v < (long long)RLB_STAGE_MIN_BYTES || v % 256 || v > (1ll << 40)) {
+        RLB_LOG_WARN(RLB_SUB_KERNEL, "RLB_CUDA_STAGE_BYTES=%lld: a multiple of 256 of at least "
+                     "%u expected; using 16 MiB", v, RLB_STAGE_MIN_BYTES);
+        return 16u << 20;
+    }
+    return (uint64_t)v;
 }
 
 extern "C" int rlb__cuda_plan_upload(const rlb_plan *plan, int device, const uint8_t *dst_sel,
@@ -353,23 +551,22 @@ extern "C" int rlb__cuda_plan_upload(const rlb_plan *plan, int device, const uin
         return RLB_EINVAL;
     *out = nullptr;
     int rc = 0, prev = -1;
-    rlb_copy_op *ops = nullptr;
-    task *tasks = nullptr;
-    uint32_t *coarse = nullptr;
-    char *staging = nullptr;
-    uint64_t n_coarse = 0;
+    uint32_t n_ops = 0;
     rlb_cuda_plan *cp = (rlb_cuda_plan *)calloc(1, sizeof(*cp));
     const uint32_t n_refs = plan->n_src + plan->n_dst;
     if (!cp)
         return RLB_ENOMEM;
     cp->device = device;
+    cp->mode = rlb__cuda_peer_mode_env();
+    cp->stage_cap = stage_bytes_env();
     cp->n_src = plan->n_src;
     cp->n_dst = plan->n_dst;
     cp->need = (uint64_t *)calloc(n_refs + 1, sizeof(uint64_t));
     cp->align = (uint8_t *)calloc(n_refs + 1, 1);
-    ops = (rlb_copy_op *)malloc((plan->n_ops + 1) * sizeof(*ops));
-    tasks = (task *)malloc((plan->n_ops + 1) * sizeof(*tasks));
-    if (!cp->need || !cp->align || !ops || !tasks) {
+    cp->h_ops = (rlb_copy_op *)malloc((plan->n_ops + 1) * sizeof(rlb_copy_op));
+    cp->src_ptr = (char **)calloc(plan->n_src + 1, sizeof(char *));
+    cp->src_dev = (int *)calloc(plan->n_src + 1, sizeof(int));
+    if (!cp->need || !cp->align || !cp->h_ops || !cp->src_ptr || !cp->src_dev) {
         rc = RLB_ENOMEM;
         goto err;
     }
@@ -377,88 +574,53 @@ extern "C" int rlb__cuda_plan_upload(const rlb_plan *plan, int device, const uin
         const rlb_copy_op *op = &plan->ops[i];
         if (dst_sel && op->dst_ref < plan->n_dst && !dst_sel[op->dst_ref])
             continue;
-        int64_t items = describe_op(plan, i, &tasks[cp->n_ops], err, errlen);
-        if (items < 0) {
-            rc = (int)items;
-            goto err;
-        }
+        RLB_CHECK_GOTO(check_op(plan, i, err, errlen), rc, err);
         const uint64_t ds = rlb_dtype_size((rlb_dtype)op->dst_dtype);
         note_use(cp, plan->n_src + op->dst_ref, plan->dst_bytes[op->dst_ref], ds);
         if (op->src_ref != RLB_PLAN_ZERO_SRC)
             note_use(cp, op->src_ref, plan->src_bytes[op->src_ref],
                      rlb_dtype_size((rlb_dtype)op->src_dtype));
-        tasks[cp->n_ops].first_item = cp->n_items;
-        cp->n_items += (uint64_t)items;
-        ops[cp->n_ops++] = *op;
+        cp->h_ops[n_ops++] = *op;
     }
-    memset(&tasks[cp->n_ops], 0, sizeof(task));
-    tasks[cp->n_ops].first_item = cp->n_items; /* sentinel: ends every search */
-    if (cp->n_items > INT32_MAX) { /* one block per item */
-        rlb__cuda_err(err, errlen, "plan: %llu work items exceed one launch",
-                      (unsigned long long)cp->n_items);
-        rc = RLB_ETOOBIG;
-        goto err;
-    }
-    /* coarse[g] = op holding item g * kCoarse; the entry after the last group is the last op */
-    n_coarse = (cp->n_items + kCoarse - 1) / kCoarse + 1;
-    coarse = (uint32_t *)malloc(n_coarse * sizeof(*coarse));
-    if (!coarse) {
-        rc = RLB_ENOMEM;
-        goto err;
-    }
-    for (uint64_t g = 0, k = 0; g + 1 < n_coarse; g++) {
-        while (tasks[k + 1].first_item <= g * kCoarse)
-            k++;
-        coarse[g] = (uint32_t)k;
-    }
-    coarse[n_coarse - 1] = cp->n_ops ? cp->n_ops - 1 : 0;
-
     RLB_CHECK_GOTO(rlb__cuda_enter(device, &prev), rc, err);
-    /* one allocation and one copy: upload is on the registration path, where each CUDA call
-     * costs tens of microseconds */
-    {
-        const uint64_t o_tasks = align256((cp->n_ops + 1) * sizeof(*ops));
-        const uint64_t o_coarse = align256(o_tasks + (cp->n_ops + 1) * sizeof(*tasks));
-        const uint64_t o_ptrs = align256(o_coarse + n_coarse * sizeof(*coarse));
-        cp->dev_bytes = o_ptrs + (n_refs + 1) * sizeof(char *);
-        staging = (char *)malloc(o_ptrs);
-        if (!staging) {
-            rc = RLB_ENOMEM;
-            goto err_dev;
-        }
-        memcpy(staging, ops, cp->n_ops * sizeof(*ops));
-        memcpy(staging + o_tasks, tasks, (cp->n_ops + 1) * sizeof(*tasks));
-        memcpy(staging + o_coarse, coarse, n_coarse * sizeof(*coarse));
-        RLB_CUDA_CHECK(cudaMalloc(&cp->d_mem, cp->dev_bytes), rc, err_dev);
-        RLB_CUDA_CHECK(cudaMemcpy(cp->d_mem, staging, o_ptrs, cudaMemcpyHostToDevice), rc, err_dev);
-        cp->d_ops = (rlb_copy_op *)cp->d_mem;
-        cp->d_tasks = (task *)(cp->d_mem + o_tasks);
-        cp->d_coarse = (uint32_t *)(cp->d_mem + o_coarse);
-        cp->d_ptrs = (char **)(cp->d_mem + o_ptrs);
-    }
+    rc = build_list(cp->h_ops, n_ops, n_refs, &cp->all, nullptr, err, errlen);
     rlb__cuda_leave(prev);
-    free(staging);
-    free(ops);
-    free(tasks);
-    free(coarse);
+    if (rc)
+        goto err;
     *out = cp;
     return 0;
-err_dev:
-    rlb__cuda_leave(prev);
 err:
-    free(staging);
-    free(ops);
-    free(tasks);
-    free(coarse);
     rlb__cuda_plan_free(cp);
     return rc;
 }
 
-/* Checks that kernels on `device` can address ptr, enabling peer access where needed. */
-static int check_access(int device, const void *ptr, uint32_t ref, char *err, size_t errlen)
+extern "C" int rlb__cuda_plan_set_peer_mode(rlb_cuda_plan *cp, rlb_cuda_peer_mode mode,
+                                            uint64_t stage_bytes)
+{
+    if (!cp || (mode != RLB_CUDA_PEER_AUTO && mode != RLB_CUDA_PEER_STAGED) ||
+        (stage_bytes && (stage_bytes < RLB_STAGE_MIN_BYTES || stage_bytes % 256)))
+        return RLB_EINVAL;
+    int prev;
+    RLB_CHECK(rlb__cuda_enter(cp->device, &prev));
+    drop_staging(cp);
+    if (stage_bytes && stage_bytes != cp->stage_cap) {
+        free_stage_resources(cp);
+        cp->stage_cap = stage_bytes;
+    }
+    rlb__cuda_leave(prev);
+    cp->mode = mode;
+    cp->bound = 0;
+    return 0;
+}
+
+/* Checks that kernels on `device` can address ptr and stores in *owner the GPU holding it
+ * (`device` for local, managed and mapped host memory). */
+static int locate(int device, const void *ptr, uint32_t ref, int *owner, char *err,
+                  size_t errlen)
 {
     cudaPointerAttributes at;
-    int rc = 0, can = 0;
+    int rc = 0;
+    *owner = device;
     RLB_CUDA_CHECK(cudaPointerGetAttributes(&at, ptr), rc, out);
     if (at.type == cudaMemoryTypeHost && at.devicePointer == ptr)
         return 0; /* mapped host memory, same address on the device (UVA) */
@@ -467,16 +629,22 @@ static int check_access(int device, const void *ptr, uint32_t ref, char *err, si
                       "(host memory must be registered and mapped)", ref, ptr, device);
         return RLB_EINVAL;
     }
-    if (at.device == device)
-        return 0;
-    RLB_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, device, at.device), rc, out);
-    if (!can) {
-        rlb__cuda_err(err, errlen, "buffer %u lives on GPU %d, which GPU %d cannot reach "
-                      "peer to peer: stage it into local memory", ref, at.device, device);
+    if (at.type == cudaMemoryTypeDevice)
+        *owner = at.device;
+out:
+    return rc;
+}
+
+/* Enables peer access from the current device (`device`) to `owner`; RLB_EUNSUPPORTED
+ * where the two have no peer path. */
+static int enable_peer(int device, int owner)
+{
+    int rc = 0, can = 0;
+    RLB_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, device, owner), rc, out);
+    if (!can)
         return RLB_EUNSUPPORTED;
-    }
     {
-        cudaError_t e = cudaDeviceEnablePeerAccess(at.device, 0);
+        cudaError_t e = cudaDeviceEnablePeerAccess(owner, 0);
         if (e == cudaErrorPeerAccessAlreadyEnabled)
             cudaGetLastError(); /* reset the error state; access is on, which is the aim */
         else
@@ -486,41 +654,170 @@ out:
     return rc;
 }
 
+/* Makes the staging buffers, copy stream and events once (current device: the plan's). */
+static int make_stage_resources(rlb_cuda_plan *cp)
+{
+    int rc = 0;
+    if (cp->d_stage)
+        return 0;
+    cudaEvent_t *evs[5] = {&cp->ev_start, &cp->ev_full[0], &cp->ev_full[1], &cp->ev_free[0],
+                           &cp->ev_free[1]};
+    RLB_CUDA_CHECK(cudaMalloc(&cp->d_stage, 2 * cp->stage_cap), rc, err);
+    RLB_CUDA_CHECK(cudaStreamCreateWithFlags(&cp->copy_stream, cudaStreamNonBlocking), rc, err);
+    for (cudaEvent_t *e : evs)
+        RLB_CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming), rc, err);
+    return 0;
+err:
+    free_stage_resources(cp);
+    return rc;
+}
+
+/* Sets up the staged fallback for the sources with staged[s] != 0 (current device: the
+ * plan's): the direct list without their ops, the staged list of their pieces, the
+ * windows, and the staging buffers' addresses in the staged list's pointer slots. */
+static int setup_staging(rlb_cuda_plan *cp, const uint8_t *staged, const uint8_t *phase,
+                         char *err, size_t errlen)
+{
+    int rc = 0;
+    uint32_t n_direct = 0;
+    uint64_t *first_item = nullptr;
+    rlb_copy_op *direct = (rlb_copy_op *)malloc(((uint64_t)cp->all.n_ops + 1) * sizeof(*direct));
+    if (!direct)
+        return RLB_ENOMEM;
+    RLB_CHECK_GOTO(make_stage_resources(cp), rc, out);
+    RLB_CHECK_GOTO(rlb__stage_build(cp->h_ops, cp->all.n_ops, cp->n_src, staged, phase,
+                                    cp->stage_cap, &cp->sp), rc, out);
+    for (uint32_t k = 0; k < cp->all.n_ops; k++) {
+        const rlb_copy_op *op = &cp->h_ops[k];
+        if (op->src_ref == RLB_PLAN_ZERO_SRC || !staged[op->src_ref])
+            direct[n_direct++] = *op;
+    }
+    first_item = (uint64_t *)malloc((cp->sp.n_ops + 1) * sizeof(*first_item));
+    cp->win_item = (uint64_t *)malloc(((uint64_t)cp->sp.n_windows + 1) * sizeof(uint64_t));
+    if (!first_item || !cp->win_item) {
+        rc = RLB_ENOMEM;
+        goto out;
+    }
+    RLB_CHECK_GOTO(build_list(direct, n_direct, 0, &cp->direct, nullptr, err, errlen), rc, out);
+    RLB_CHECK_GOTO(build_list(cp->sp.ops, (uint32_t)cp->sp.n_ops, 2, &cp->staged, first_item,
+                              err, errlen), rc, out);
+    for (uint32_t w = 0; w < cp->sp.n_windows; w++)
+        cp->win_item[w] = first_item[cp->sp.windows[w].first_op];
+    cp->win_item[cp->sp.n_windows] = cp->staged.n_items;
+    {
+        char *bufs[2] = {cp->d_stage, cp->d_stage + cp->stage_cap};
+        RLB_CUDA_CHECK(cudaMemcpy(cp->staged.d_ptrs, bufs, sizeof bufs, cudaMemcpyHostToDevice),
+                       rc, out);
+    }
+    cp->staging = 1;
+out:
+    if (rc)
+        drop_staging(cp);
+    free(direct);
+    free(first_item);
+    return rc;
+}
+
 extern "C" int rlb__cuda_plan_bind(rlb_cuda_plan *cp, const rlb_cuda_buf *src,
                                    const rlb_cuda_buf *dst, char *err, size_t errlen)
 {
     if (!cp || (cp->n_src && !src) || (cp->n_dst && !dst))
         return RLB_EINVAL;
     const uint32_t n_refs = cp->n_src + cp->n_dst;
-    int rc = 0, prev = -1;
+    int rc = 0, prev = -1, any_staged = 0;
     char **ptrs = (char **)calloc(n_refs + 1, sizeof(char *));
-    if (!ptrs)
-        return RLB_ENOMEM;
+    uint8_t *staged = (uint8_t *)calloc(cp->n_src + 1, 1);
+    uint8_t *phase = (uint8_t *)calloc(cp->n_src + 1, 1);
+    if (!ptrs || !staged || !phase) {
+        rc = RLB_ENOMEM;
+        goto out_free;
+    }
     cp->bound = 0;
     RLB_CHECK_GOTO(rlb__cuda_enter(cp->device, &prev), rc, out_free);
+    drop_staging(cp);
     for (uint32_t r = 0; r < n_refs; r++) {
-        const rlb_cuda_buf *b = r < cp->n_src ? &src[r] : &dst[r - cp->n_src];
+        const bool is_src = r < cp->n_src;
+        const rlb_cuda_buf *b = is_src ? &src[r] : &dst[r - cp->n_src];
+        int owner;
         if (cp->need[r] == 0)
             continue;
         if (!b->ptr || b->bytes < cp->need[r] || (uintptr_t)b->ptr % cp->align[r] != 0) {
             rlb__cuda_err(err, errlen, "%s %u: buffer %p of %llu bytes; the plan needs %llu "
-                          "bytes aligned to %u", r < cp->n_src ? "source" : "destination",
-                          r < cp->n_src ? r : r - cp->n_src, b->ptr,
-                          (unsigned long long)b->bytes, (unsigned long long)cp->need[r],
-                          cp->align[r]);
+                          "bytes aligned to %u", is_src ? "source" : "destination",
+                          is_src ? r : r - cp->n_src, b->ptr, (unsigned long long)b->bytes,
+                          (unsigned long long)cp->need[r], cp->align[r]);
             rc = RLB_EINVAL;
             goto out;
         }
-        RLB_CHECK_GOTO(check_access(cp->device, b->ptr, r, err, errlen), rc, out);
+        RLB_CHECK_GOTO(locate(cp->device, b->ptr, r, &owner, err, errlen), rc, out);
         ptrs[r] = (char *)b->ptr;
+        if (owner == cp->device)
+            continue;
+        /* another GPU's memory: peer access, or (sources only) the staged fallback */
+        rc = is_src && cp->mode == RLB_CUDA_PEER_STAGED ? RLB_EUNSUPPORTED
+                                                         : enable_peer(cp->device, owner);
+        if (rc == RLB_EUNSUPPORTED && is_src) {
+            rc = 0;
+            staged[r] = 1;
+            phase[r] = (uint8_t)((uintptr_t)b->ptr % 16);
+            cp->src_ptr[r] = (char *)b->ptr;
+            cp->src_dev[r] = owner;
+            any_staged = 1;
+        } else if (rc == RLB_EUNSUPPORTED) {
+            rlb__cuda_err(err, errlen, "destination %u lives on GPU %d, which GPU %d cannot "
+                          "reach peer to peer", r - cp->n_src, owner, cp->device);
+            goto out;
+        } else if (rc) {
+            goto out;
+        }
     }
-    RLB_CUDA_CHECK(cudaMemcpy(cp->d_ptrs, ptrs, n_refs * sizeof(char *), cudaMemcpyHostToDevice),
-                   rc, out);
+    RLB_CUDA_CHECK(cudaMemcpy(cp->all.d_ptrs, ptrs, n_refs * sizeof(char *),
+                              cudaMemcpyHostToDevice), rc, out);
+    if (any_staged)
+        RLB_CHECK_GOTO(setup_staging(cp, staged, phase, err, errlen), rc, out);
     cp->bound = 1;
 out:
     rlb__cuda_leave(prev);
 out_free:
     free(ptrs);
+    free(staged);
+    free(phase);
+    return rc;
+}
+
+/* A run with staged sources (current device: the plan's): the direct ops in one launch,
+ * then each window: its copies on the copy stream once the launch that last read its
+ * staging buffer is done, its launch on `stream` once the copies are in. */
+static int run_staged(rlb_cuda_plan *cp, cudaStream_t stream)
+{
+    int rc = 0;
+    char *const *dst = cp->all.d_ptrs + cp->n_src;
+    RLB_CUDA_CHECK(cudaEventRecord(cp->ev_start, stream), rc, out);
+    RLB_CHECK_GOTO(launch_list(cp->direct, cp->all.d_ptrs, dst, 0, cp->direct.n_items, stream),
+                   rc, out);
+    /* the copies overwrite nothing the caller's earlier work may still read, but they read
+     * sources the caller's earlier work may still write */
+    RLB_CUDA_CHECK(cudaStreamWaitEvent(cp->copy_stream, cp->ev_start, 0), rc, out);
+    for (uint32_t w = 0; w < cp->sp.n_windows; w++) {
+        const rlb_stage_window *win = &cp->sp.windows[w];
+        const uint32_t b = win->buf;
+        char *buf = cp->d_stage + (uint64_t)b * cp->stage_cap;
+        /* an event never recorded (the first run) is complete: no wait */
+        RLB_CUDA_CHECK(cudaStreamWaitEvent(cp->copy_stream, cp->ev_free[b], 0), rc, out);
+        for (uint64_t k = win->first_copy; k < win->first_copy + win->n_copies; k++) {
+            const rlb_stage_copy *c = &cp->sp.copies[k];
+            RLB_CUDA_CHECK(cudaMemcpyPeerAsync(buf + c->stage_offset, cp->device,
+                                               cp->src_ptr[c->src_ref] + c->src_offset,
+                                               cp->src_dev[c->src_ref], c->bytes,
+                                               cp->copy_stream), rc, out);
+        }
+        RLB_CUDA_CHECK(cudaEventRecord(cp->ev_full[b], cp->copy_stream), rc, out);
+        RLB_CUDA_CHECK(cudaStreamWaitEvent(stream, cp->ev_full[b], 0), rc, out);
+        RLB_CHECK_GOTO(launch_list(cp->staged, cp->staged.d_ptrs, dst, cp->win_item[w],
+                                   cp->win_item[w + 1] - cp->win_item[w], stream), rc, out);
+        RLB_CUDA_CHECK(cudaEventRecord(cp->ev_free[b], stream), rc, out);
+    }
+out:
     return rc;
 }
 
@@ -528,29 +825,33 @@ extern "C" int rlb__cuda_plan_run(rlb_cuda_plan *cp, cudaStream_t stream)
 {
     if (!cp || !cp->bound)
         return RLB_EINVAL;
-    if (cp->n_items == 0)
-        return 0;
     int rc = 0, prev = -1;
-    exec_args a;
-    a.ops = cp->d_ops;
-    a.tasks = cp->d_tasks;
-    a.coarse = cp->d_coarse;
-    a.src = cp->d_ptrs;
-    a.dst = cp->d_ptrs + cp->n_src;
     RLB_CHECK(rlb__cuda_enter(cp->device, &prev));
-    plan_kernel<<<(unsigned)cp->n_items, kThreads, 0, stream>>>(a);
-    RLB_CUDA_CHECK(cudaGetLastError(), rc, out);
-out:
+    if (cp->staging)
+        rc = run_staged(cp, stream);
+    else
+        rc = launch_list(cp->all, cp->all.d_ptrs, cp->all.d_ptrs + cp->n_src, 0,
+                         cp->all.n_items, stream);
     rlb__cuda_leave(prev);
     return rc;
 }
 
 extern "C" uint64_t rlb__cuda_plan_device_bytes(const rlb_cuda_plan *cp)
 {
-    return cp ? cp->dev_bytes : 0;
+    if (!cp)
+        return 0;
+    return cp->all.dev_bytes + cp->direct.dev_bytes + cp->staged.dev_bytes +
+           (cp->d_stage ? 2 * cp->stage_cap : 0);
 }
 
 extern "C" uint64_t rlb__cuda_plan_items(const rlb_cuda_plan *cp)
 {
-    return cp ? cp->n_items : 0;
+    return cp ? cp->all.n_items : 0;
+}
+
+extern "C" uint64_t rlb__cuda_plan_staged_bytes(const rlb_cuda_plan *cp, uint32_t *windows)
+{
+    if (windows)
+        *windows = cp && cp->staging ? cp->sp.n_windows : 0;
+    return cp && cp->staging ? cp->sp.bytes_copied : 0;
 }

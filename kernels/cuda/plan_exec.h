@@ -14,9 +14,15 @@
  * (Llama-3-8B, FSDP2 8 -> TP 2: 3360 ops, 254k items, 383 KiB; rlb-bench-reshard-gpu
  * prints it), far under the 64 MiB a pause-mode sync may add.
  *
- * Sources on another GPU are read through peer access. Where the two GPUs have no peer
- * path, bind fails with RLB_EUNSUPPORTED: the caller must stage such a source into local
- * memory first (cudaMemcpyPeerAsync, which the driver routes through host memory).
+ * Sources on another GPU are read through peer access, in the same launch. Where the two
+ * GPUs have no peer path, or where the plan's peer mode is RLB_CUDA_PEER_STAGED (default:
+ * the RLB_CUDA_PEER knob), such a source is staged instead: each run copies it, in windows,
+ * through two local staging buffers of RLB_CUDA_STAGE_BYTES each (default 16 MiB, so 32 MiB
+ * of device memory with the plan's tables, under the 64 MiB rule) with cudaMemcpyPeerAsync
+ * (which the driver routes through host memory where there is no peer path) and runs the
+ * ops reading it on the local copy, one launch per window, copies overlapping launches
+ * (plan_stage.h says how windows are cut). Destinations must be local or reachable peer to
+ * peer: the plan runs on the destinations' GPU.
  *
  * Every function returns 0 or a negative RLB_E* code. A refused plan or buffer is
  * described in `err` (may be NULL); a failed CUDA call is named in the log. None leaves the
@@ -29,6 +35,9 @@
 #include <stdint.h>
 
 #include <cuda_runtime_api.h>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/plan_stage.h"
 
 #ifdef __cplusplus
 #ifndef _Static_assert
@@ -54,21 +63,35 @@ typedef struct rlb_cuda_buf {
  * RLB_ENOMEM / RLB_ECUDA when the device refuses. */
 int rlb__cuda_plan_upload(const rlb_plan *plan, int device, const uint8_t *dst_sel,
                           rlb_cuda_plan **out, char *err, size_t errlen);
+/* Sets how sources on another GPU are read and (stage_bytes != 0: a multiple of 256, at
+ * least RLB_STAGE_MIN_BYTES) the size of each staging buffer; both default to the knobs
+ * RLB_CUDA_PEER and RLB_CUDA_STAGE_BYTES read at upload. Unbinds: takes effect at the next
+ * bind. RLB_EINVAL for a bad mode or size. */
+int rlb__cuda_plan_set_peer_mode(rlb_cuda_plan *cp, rlb_cuda_peer_mode mode,
+                                 uint64_t stage_bytes);
 /* Binds plan->n_src sources and plan->n_dst destinations. Every ref an uploaded op uses
  * needs a non-NULL pointer covering the plan's byte count and aligned to its widest
- * element (RLB_EINVAL otherwise); memory on another GPU needs a peer path
- * (RLB_EUNSUPPORTED). Peer access is enabled here. May be called again to rebind. */
+ * element (RLB_EINVAL otherwise). A source on another GPU is read peer to peer (access is
+ * enabled here) or staged (see above; the staging buffers are allocated by the first bind
+ * that stages); a destination on another GPU needs a peer path (RLB_EUNSUPPORTED). May be
+ * called again to rebind. */
 int rlb__cuda_plan_bind(rlb_cuda_plan *cp, const rlb_cuda_buf *src, const rlb_cuda_buf *dst,
                         char *err, size_t errlen);
-/* Launches the whole plan on `stream` (asynchronous; the caller orders and waits).
- * RLB_EINVAL before a bind. */
+/* Launches the whole plan on `stream` (asynchronous; the caller orders and waits): one
+ * launch, or with staged sources, one launch for the rest and one per staging window, the
+ * copies on a stream of the plan's own and ordered before `stream`'s completion. The
+ * sources must stay unchanged until then. RLB_EINVAL before a bind. */
 int rlb__cuda_plan_run(rlb_cuda_plan *cp, cudaStream_t stream);
 void rlb__cuda_plan_free(rlb_cuda_plan *cp);
 
-/* Bytes of device memory the plan holds (ops, descriptors, pointer tables). */
+/* Bytes of device memory the plan holds (ops, descriptors, pointer tables, staging
+ * buffers). */
 uint64_t rlb__cuda_plan_device_bytes(const rlb_cuda_plan *cp);
 /* Work items of one run (what the launch's blocks share out). */
 uint64_t rlb__cuda_plan_items(const rlb_cuda_plan *cp);
+/* Bytes one run copies into staging buffers (0 when the bind stages nothing) and, in
+ * *windows (may be NULL), the windows it copies them in. */
+uint64_t rlb__cuda_plan_staged_bytes(const rlb_cuda_plan *cp, uint32_t *windows);
 
 #ifdef __cplusplus
 }

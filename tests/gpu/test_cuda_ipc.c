@@ -11,6 +11,11 @@
  *             buffers; the bridge maps both sides, waits on the event, runs the plan with
  *             the CUDA executor and unmaps; the worker then checks every byte against the
  *             CPU executor run on the same case.
+ *             With two GPUs, twice more with the trainer's second block on GPU 1: the
+ *             bridge on GPU 0 reads it peer to peer (auto mode, where the GPUs have a
+ *             peer path), and with the cache and the plan in staged mode, where the
+ *             cache opens the handle in GPU 1's context and the executor copies it
+ *             through its staging buffers.
  *   refusals  host memory does not export; unknown GPU, out-of-range tensor and unknown
  *             handle are refused and leave nothing open.
  *
@@ -103,10 +108,16 @@ static int wait_exit(pid_t pid)
     return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 
+/* Exit code of the probe: PROBE_GPUS + the number of visible GPUs (at most 9), or GC_SKIP. */
+#define PROBE_GPUS 100
+
 static void role_probe(int fd_a, int fd_b, uint64_t arg)
 {
     (void)fd_a, (void)fd_b, (void)arg;
-    _exit(gc_have_gpu() ? 0 : GC_SKIP);
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0)
+        _exit(GC_SKIP);
+    _exit(PROBE_GPUS + (n < 9 ? n : 9));
 }
 
 /* ---- leak ------------------------------------------------------------------------------ */
@@ -229,9 +240,15 @@ static void role_refusal_importer(int fd, int unused, uint64_t arg)
 
 /* ---- three-process reshard -------------------------------------------------------------- */
 
-static void role_trainer(int fd, int unused, uint64_t seed)
+/* A reshard role's argument: the case seed in the low 32 bits, RESHARD_* flags above. */
+#define RESHARD_TWO_GPUS (1ull << 32) /* the trainer's second block lives on GPU 1 */
+#define RESHARD_STAGED (1ull << 33)   /* the bridge maps and reads in staged mode */
+#define RESHARD_SEED(arg) ((arg) & 0xffffffffull)
+
+static void role_trainer(int fd, int unused, uint64_t arg)
 {
     (void)unused;
+    const uint64_t seed = RESHARD_SEED(arg);
     char err[256] = "";
     gc_case g;
     REQUIRE(gc_build(&g, seed, (int)(seed & 1), err, sizeof err) == 0, "case: %s", err);
@@ -243,12 +260,19 @@ static void role_trainer(int fd, int unused, uint64_t seed)
     }
     char *base[2];
     cudaStream_t st;
-    REQUIRE_CUDA(cudaStreamCreate(&st));
-    for (int k = 0; k < 2; k++)
+    for (int k = 0; k < 2; k++) {
+        REQUIRE_CUDA(cudaSetDevice(arg & RESHARD_TWO_GPUS ? k : 0));
         REQUIRE_CUDA(cudaMalloc((void **)&base[k], block[k] + 256));
-    for (uint32_t b = 0; b < g.n_buf; b++)
-        REQUIRE_CUDA(cudaMemcpyAsync(base[b % 2] + off[b], g.mem[b], g.size[b],
-                                     cudaMemcpyHostToDevice, st));
+    }
+    REQUIRE_CUDA(cudaSetDevice(0));
+    REQUIRE_CUDA(cudaStreamCreate(&st));
+    for (uint32_t b = 0; b < g.n_buf; b++) { /* a block on GPU 1: synchronous copies */
+        if (b % 2 && (arg & RESHARD_TWO_GPUS))
+            REQUIRE_CUDA(cudaMemcpy(base[1] + off[b], g.mem[b], g.size[b], cudaMemcpyHostToDevice));
+        else
+            REQUIRE_CUDA(cudaMemcpyAsync(base[b % 2] + off[b], g.mem[b], g.size[b],
+                                         cudaMemcpyHostToDevice, st));
+    }
     cudaEvent_t ev;
     rlb_cuda_ipc_event evh;
     REQUIRE(rlb__cuda_event_create_ipc(&ev, &evh) == 0, "event");
@@ -265,9 +289,10 @@ static void role_trainer(int fd, int unused, uint64_t seed)
     gc_free(&g);
 }
 
-static void role_worker(int fd, int unused, uint64_t seed)
+static void role_worker(int fd, int unused, uint64_t arg)
 {
     (void)unused;
+    const uint64_t seed = RESHARD_SEED(arg);
     char err[256] = "";
     gc_case g;
     REQUIRE(gc_build(&g, seed, (int)(seed & 1), err, sizeof err) == 0, "case: %s", err);
@@ -313,8 +338,10 @@ static void role_worker(int fd, int unused, uint64_t seed)
     gc_free(&g);
 }
 
-static void role_bridge(int fd_trainer, int fd_worker, uint64_t seed)
+static void role_bridge(int fd_trainer, int fd_worker, uint64_t arg)
 {
+    const uint64_t seed = RESHARD_SEED(arg);
+    const rlb_cuda_peer_mode mode = arg & RESHARD_STAGED ? RLB_CUDA_PEER_STAGED : RLB_CUDA_PEER_AUTO;
     char err[256] = "", what[256];
     gc_case g;
     REQUIRE(gc_build(&g, seed, (int)(seed & 1), err, sizeof err) == 0, "case: %s", err);
@@ -330,6 +357,7 @@ static void role_bridge(int fd_trainer, int fd_worker, uint64_t seed)
     recv_all(fd_worker, dref, nd * sizeof *dref);
     rlb_cuda_ipc_cache *c = NULL;
     REQUIRE(rlb__cuda_ipc_cache_create(0, &c) == 0, "cache");
+    REQUIRE(rlb__cuda_ipc_cache_set_peer_mode(c, mode) == 0, "peer mode");
     for (uint32_t i = 0; i < ns; i++) {
         REQUIRE(rlb__cuda_ipc_map(c, &sref[i], &sb[i].ptr, err, sizeof err) == 0, "map: %s", err);
         sb[i].bytes = sref[i].length;
@@ -347,7 +375,19 @@ static void role_bridge(int fd_trainer, int fd_worker, uint64_t seed)
     REQUIRE(rlb__cuda_event_open_ipc(&evh, &ev) == 0, "event open");
     REQUIRE_CUDA(cudaStreamCreate(&st));
     REQUIRE(rlb__cuda_plan_upload(&g.plan, 0, NULL, &cp, err, sizeof err) == 0, "upload: %s", err);
+    REQUIRE(rlb__cuda_plan_set_peer_mode(cp, mode, 0) == 0, "peer mode");
     REQUIRE(rlb__cuda_plan_bind(cp, sb, db, err, sizeof err) == 0, "bind: %s", err);
+    uint32_t windows = 0;
+    const uint64_t staged = rlb__cuda_plan_staged_bytes(cp, &windows);
+    int peer_path = 0;
+    if (arg & RESHARD_TWO_GPUS)
+        REQUIRE_CUDA(cudaDeviceCanAccessPeer(&peer_path, 0, 1));
+    REQUIRE((staged > 0) == ((arg & RESHARD_TWO_GPUS) && (mode == RLB_CUDA_PEER_STAGED || !peer_path)),
+            "%llu bytes staged in %u windows", (unsigned long long)staged, windows);
+    if (arg & RESHARD_TWO_GPUS)
+        printf("bridge: case %llu, %s: %llu bytes staged in %u windows\n",
+               (unsigned long long)seed, mode == RLB_CUDA_PEER_STAGED ? "staged" : "auto",
+               (unsigned long long)staged, windows);
     REQUIRE_CUDA(cudaStreamWaitEvent(st, ev, 0)); /* the trainer's writes come first */
     REQUIRE(rlb__cuda_plan_run(cp, st) == 0, "run");
     REQUIRE_CUDA(cudaStreamSynchronize(st));
@@ -386,22 +426,23 @@ static int pair_roles(role_fn a, role_fn b, const char *name)
     return ra || rb;
 }
 
-static int reshard(uint64_t seed)
+static int reshard(uint64_t arg)
 {
     int tb[2], wb[2];
     if (socketpair(AF_UNIX, SOCK_STREAM, 0, tb) != 0 || socketpair(AF_UNIX, SOCK_STREAM, 0, wb) != 0) {
         perror("socketpair");
         return 1;
     }
-    pid_t pt = spawn(role_trainer, tb[0], -1, seed), pw = spawn(role_worker, wb[0], -1, seed);
-    pid_t pb = spawn(role_bridge, tb[1], wb[1], seed);
+    pid_t pt = spawn(role_trainer, tb[0], -1, arg), pw = spawn(role_worker, wb[0], -1, arg);
+    pid_t pb = spawn(role_bridge, tb[1], wb[1], arg);
     close(tb[0]);
     close(tb[1]);
     close(wb[0]);
     close(wb[1]);
     int rt = wait_exit(pt), rw = wait_exit(pw), rb = wait_exit(pb);
-    printf("reshard case %llu: trainer exit %d, worker exit %d, bridge exit %d\n",
-           (unsigned long long)seed, rt, rw, rb);
+    printf("reshard case %llu%s%s: trainer exit %d, worker exit %d, bridge exit %d\n",
+           (unsigned long long)RESHARD_SEED(arg), arg & RESHARD_TWO_GPUS ? ", two GPUs" : "",
+           arg & RESHARD_STAGED ? ", staged" : "", rt, rw, rb);
     return rt || rw || rb;
 }
 
@@ -413,10 +454,20 @@ int main(void)
         fprintf(stderr, "test_cuda_ipc: no GPU visible, skipping\n");
         return GC_SKIP;
     }
-    int failed = probe != 0;
-    failed |= pair_roles(role_refusal_exporter, role_refusal_importer, "refusals");
+    if (probe <= PROBE_GPUS) {
+        fprintf(stderr, "test_cuda_ipc: probe exited %d\n", probe);
+        return 1;
+    }
+    const int n_gpus = probe - PROBE_GPUS;
+    int failed = pair_roles(role_refusal_exporter, role_refusal_importer, "refusals");
     for (uint64_t seed = 300; seed < 304; seed++)
         failed |= reshard(seed);
+    for (uint64_t seed = 304; n_gpus >= 2 && seed < 306; seed++) {
+        failed |= reshard(seed | RESHARD_TWO_GPUS);
+        failed |= reshard(seed | RESHARD_TWO_GPUS | RESHARD_STAGED);
+    }
+    if (n_gpus < 2)
+        printf("test_cuda_ipc: one GPU; the two-GPU reshard cases are not run\n");
     failed |= pair_roles(role_leak_exporter, role_leak_importer, "leak");
     printf("test_cuda_ipc: %s\n", failed ? "FAILED" : "ok");
     return failed ? 1 : 0;
