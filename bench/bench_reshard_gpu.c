@@ -407,6 +407,59 @@ static peer_result peer_case(const rlb_plan *plan, const rlb_cuda_buf *sb, const
     return r;
 }
 
+/* Peer access between the two GPUs on or off: without it cudaMemcpyPeer is routed through
+ * host memory, as on machines where the GPUs have no peer path. */
+static void set_peer_access(int on)
+{
+    for (int g = 0; g < 2; g++) {
+        CK(cudaSetDevice(g));
+        cudaError_t e = on ? cudaDeviceEnablePeerAccess(1 - g, 0) : cudaDeviceDisablePeerAccess(1 - g);
+        if (e == cudaErrorPeerAccessAlreadyEnabled || e == cudaErrorPeerAccessNotEnabled)
+            cudaGetLastError(); /* already as wanted; reset the error state */
+        else
+            CK(e);
+    }
+    CK(cudaSetDevice(0));
+}
+
+typedef struct copy_result {
+    double w_bytes[2]; /* bytes of the written-bytes copy (capped at the other GPU's sources) */
+    double w_ms[2];    /* its median time, both directions at once */
+    double r_ms[2];    /* the same for the bytes each GPU reads from the other */
+} copy_result;
+
+/* cudaMemcpyPeer into each GPU from the other's sources: of the bytes the GPU's part
+ * writes, then of the bytes it reads remotely, both directions at once. */
+static copy_result peer_copies(char *const dbase[2], char *const sbase[2], const uint64_t stotal[2],
+                               const double wr[2], const double remote[2], const cudaStream_t st[2])
+{
+    copy_result r;
+    work cw[2], cr[2];
+    for (int g = 0; g < 2; g++) {
+        uint64_t n = (uint64_t)wr[g] < stotal[1 - g] ? (uint64_t)wr[g] : stotal[1 - g];
+        r.w_bytes[g] = (double)n;
+        cw[g] = (work){.cp_dst = dbase[g], .cp_src = sbase[1 - g], .cp_bytes = n,
+                       .cp_dst_dev = g, .cp_src_dev = 1 - g, .st = st[g]};
+        cr[g] = cw[g];
+        cr[g].cp_bytes = (uint64_t)remote[g];
+    }
+    time_two(cw, r.w_ms);
+    time_two(cr, r.r_ms);
+    return r;
+}
+
+/* One table line of a plan run on GPU g; staged (may be NULL) adds its staging figures. */
+static void peer_row(const char *name, int g, const double rd[2], const double wr[2],
+                     const double remote[2], double ms, double vs_copy, const peer_result *staged)
+{
+    printf("%-26s %3d %9.2f %9.2f %9.2f %9.3f %9.0f %10.0f %8.2fx", name, g, rd[g] / 1e9,
+           wr[g] / 1e9, remote[g] / 1e9, ms, (rd[g] + wr[g]) / ms / 1e6, wr[g] / ms / 1e6,
+           vs_copy);
+    if (staged)
+        printf("  (%.2f GB staged in %u windows)", staged->staged[g] / 1e9, staged->windows[g]);
+    printf("\n");
+}
+
 static int peer_main(const rlb_param_list *pl, const char *dev_name, int ndev)
 {
     if (ndev < 2) {
@@ -463,64 +516,60 @@ static int peer_main(const rlb_param_list *pl, const char *dev_name, int ndev)
     printf("%-26s %3s %9s %9s %9s %9s %9s %10s %9s\n", "case", "GPU", "read GB", "wrote GB",
            "remote GB", "ms", "GB/s r+w", "wrote GB/s", "vs copy");
 
-    /* cudaMemcpyPeer peers: the bytes each GPU writes, and the bytes it reads remotely,
-     * pulled from the other GPU (both directions at once) */
-    double cw_ms[2], cr_ms[2], cw_bytes[2];
-    work cw[2], cr[2];
-    for (int g = 0; g < 2; g++) {
-        uint64_t n = (uint64_t)wr[g] < stotal[1 - g] ? (uint64_t)wr[g] : stotal[1 - g];
-        cw_bytes[g] = (double)n;
-        cw[g] = (work){.cp_dst = dbase[g], .cp_src = sbase[1 - g], .cp_bytes = n,
-                       .cp_dst_dev = g, .cp_src_dev = 1 - g, .st = st[g]};
-        cr[g] = cw[g];
-        cr[g].cp_bytes = (uint64_t)remote[g];
-    }
-    time_two(cw, cw_ms);
-    time_two(cr, cr_ms);
-
-    peer_result pr = {0};
-    if (peer_path)
+    copy_result c_on = {0}, c_off;
+    peer_result pr = {0}, sr = {0}, hr;
+    if (peer_path) {
+        set_peer_access(1);
+        c_on = peer_copies(dbase, sbase, stotal, wr, remote, st);
         pr = peer_case(&plan, sb, db, st, RLB_CUDA_PEER_AUTO);
-    peer_result sr = peer_case(&plan, sb, db, st, RLB_CUDA_PEER_STAGED);
-    double p_gbs[2], p_ratio[2], p_link[2], s_gbs[2], s_ratio[2], s_link[2], cw_gbs[2], cr_gbs[2];
-    double s_staged[2], s_windows[2], s_dev[2];
+        sr = peer_case(&plan, sb, db, st, RLB_CUDA_PEER_STAGED);
+        set_peer_access(0);
+    }
+    c_off = peer_copies(dbase, sbase, stotal, wr, remote, st);
+    hr = peer_case(&plan, sb, db, st, RLB_CUDA_PEER_STAGED);
+
+    double p_gbs[2], p_ratio[2], p_link[2], s_gbs[2], s_ratio[2], h_gbs[2], h_ratio[2];
+    double c_gbs[2], c_rgbs[2], h_cgbs[2], s_staged[2], s_windows[2], s_dev[2];
     for (int g = 0; g < 2; g++) {
-        cw_gbs[g] = cw_bytes[g] / cw_ms[g] / 1e6;
-        cr_gbs[g] = remote[g] / cr_ms[g] / 1e6;
-        /* the copy moves cw_bytes; scaled to the plan's written bytes for the ratio */
-        const double copy_ms = cw_ms[g] * wr[g] / cw_bytes[g];
+        /* the copies move w_bytes; scaled to the plan's written bytes for the ratios */
+        const double on_ms = peer_path ? c_on.w_ms[g] * wr[g] / c_on.w_bytes[g] : 0;
+        const double off_ms = c_off.w_ms[g] * wr[g] / c_off.w_bytes[g];
+        c_gbs[g] = peer_path ? c_on.w_bytes[g] / c_on.w_ms[g] / 1e6 : 0;
+        c_rgbs[g] = peer_path ? remote[g] / c_on.r_ms[g] / 1e6 : 0;
+        h_cgbs[g] = c_off.w_bytes[g] / c_off.w_ms[g] / 1e6;
         p_gbs[g] = peer_path ? (rd[g] + wr[g]) / pr.ms[g] / 1e6 : 0;
-        p_ratio[g] = peer_path ? copy_ms / pr.ms[g] : 0;
-        p_link[g] = peer_path ? cr_ms[g] / pr.ms[g] : 0;
-        s_gbs[g] = (rd[g] + wr[g]) / sr.ms[g] / 1e6;
-        s_ratio[g] = copy_ms / sr.ms[g];
-        s_link[g] = cr_ms[g] / sr.ms[g];
-        s_staged[g] = (double)sr.staged[g];
-        s_windows[g] = sr.windows[g];
-        s_dev[g] = (double)sr.dev_bytes[g];
+        p_ratio[g] = peer_path ? on_ms / pr.ms[g] : 0;
+        p_link[g] = peer_path ? c_on.r_ms[g] / pr.ms[g] : 0;
+        s_gbs[g] = peer_path ? (rd[g] + wr[g]) / sr.ms[g] / 1e6 : 0;
+        s_ratio[g] = peer_path ? on_ms / sr.ms[g] : 0;
+        h_gbs[g] = (rd[g] + wr[g]) / hr.ms[g] / 1e6;
+        h_ratio[g] = off_ms / hr.ms[g];
+        s_staged[g] = (double)hr.staged[g];
+        s_windows[g] = hr.windows[g];
+        s_dev[g] = (double)hr.dev_bytes[g];
     }
     for (int g = 0; peer_path && g < 2; g++)
-        printf("%-26s %3d %9.2f %9.2f %9.2f %9.3f %9.0f %10.0f %8.2fx\n", "rlb peer access", g,
-               rd[g] / 1e9, wr[g] / 1e9, remote[g] / 1e9, pr.ms[g], p_gbs[g],
-               wr[g] / pr.ms[g] / 1e6, p_ratio[g]);
-    if (!peer_path)
-        printf("%-26s      no peer path between GPU 0 and GPU 1: auto mode stages\n",
-               "rlb peer access");
+        peer_row("rlb peer access", g, rd, wr, remote, pr.ms[g], p_ratio[g], NULL);
+    for (int g = 0; peer_path && g < 2; g++)
+        peer_row("rlb staged, peer copies", g, rd, wr, remote, sr.ms[g], s_ratio[g], &sr);
     for (int g = 0; g < 2; g++)
-        printf("%-26s %3d %9.2f %9.2f %9.2f %9.3f %9.0f %10.0f %8.2fx  (%.2f GB staged in %u "
-               "windows)\n", "rlb staged fallback", g, rd[g] / 1e9, wr[g] / 1e9, remote[g] / 1e9,
-               sr.ms[g], s_gbs[g], wr[g] / sr.ms[g] / 1e6, s_ratio[g], sr.staged[g] / 1e9,
-               sr.windows[g]);
-    for (int g = 0; g < 2; g++)
-        printf("%-26s %3d %9s %9.2f %9s %9.3f %9s %10.0f\n", "cudaMemcpyPeer (written)", g, "",
-               cw_bytes[g] / 1e9, "", cw_ms[g], "", cw_gbs[g]);
-    for (int g = 0; g < 2; g++)
-        printf("%-26s %3d %9s %9s %9.2f %9.3f %9s %10.0f\n", "cudaMemcpyPeer (remote)", g, "", "",
-               remote[g] / 1e9, cr_ms[g], "", cr_gbs[g]);
-    printf("vs copy: cudaMemcpyPeer time of the GPU's written bytes over the plan's time; "
-           "plan upload + bind of both parts: peer %.3f ms, staged %.3f ms; staged plan device "
-           "memory %.1f / %.1f MiB\n", pr.upload_ms, sr.upload_ms, s_dev[0] / 1048576.0,
-           s_dev[1] / 1048576.0);
+        peer_row("rlb staged, host copies", g, rd, wr, remote, hr.ms[g], h_ratio[g], &hr);
+    const copy_result *cs[2] = {&c_on, &c_off};
+    static const char *cname[2][2] = {{"memcpyPeer written, peer", "memcpyPeer remote, peer"},
+                                      {"memcpyPeer written, host", "memcpyPeer remote, host"}};
+    for (int k = peer_path ? 0 : 1; k < 2; k++)
+        for (int g = 0; g < 2; g++) {
+            printf("%-26s %3d %9s %9.2f %9s %9.3f %9s %10.0f\n", cname[k][0], g, "",
+                   cs[k]->w_bytes[g] / 1e9, "", cs[k]->w_ms[g], "",
+                   cs[k]->w_bytes[g] / cs[k]->w_ms[g] / 1e6);
+            printf("%-26s %3d %9s %9s %9.2f %9.3f %9s %10.0f\n", cname[k][1], g, "", "",
+                   remote[g] / 1e9, cs[k]->r_ms[g], "", remote[g] / cs[k]->r_ms[g] / 1e6);
+        }
+    printf("vs copy: cudaMemcpyPeer time of the GPU's written bytes (same peer access setting) "
+           "over the plan's time; 'host': peer access disabled, copies routed through host "
+           "memory as where the GPUs have no peer path. Upload + bind of both parts: peer "
+           "%.3f ms, staged %.3f ms; staged plan device memory %.1f / %.1f MiB\n", pr.upload_ms,
+           hr.upload_ms, s_dev[0] / 1048576.0, s_dev[1] / 1048576.0);
 
     printf("{\"bench\":\"reshard_gpu_peer\",\"device\":\"2x %s\",\"model\":\"llama3-8b\","
            "\"fsdp\":%d,\"tp\":%d,\"peer_access\":%s,", dev_name, W, T,
@@ -531,10 +580,11 @@ static int peer_main(const rlb_param_list *pl, const char *dev_name, int ndev)
     } pairs[] = {
         {"bytes_read", rd}, {"bytes_written", wr}, {"bytes_remote", remote},
         {"peer_ms", pr.ms}, {"peer_gbs_per_gpu", p_gbs}, {"peer_vs_memcpy_peer", p_ratio},
-        {"peer_fraction_of_link_floor", p_link}, {"memcpy_peer_written_ms", cw_ms},
-        {"memcpy_peer_written_gbs", cw_gbs}, {"memcpy_peer_remote_ms", cr_ms},
-        {"memcpy_peer_remote_gbs", cr_gbs}, {"staged_ms", sr.ms}, {"staged_gbs_per_gpu", s_gbs},
-        {"staged_vs_memcpy_peer", s_ratio}, {"staged_fraction_of_link_floor", s_link},
+        {"peer_fraction_of_link_floor", p_link}, {"memcpy_peer_written_ms", c_on.w_ms},
+        {"memcpy_peer_written_gbs", c_gbs}, {"memcpy_peer_remote_gbs", c_rgbs},
+        {"staged_ms", sr.ms}, {"staged_gbs_per_gpu", s_gbs}, {"staged_vs_memcpy_peer", s_ratio},
+        {"staged_host_ms", hr.ms}, {"staged_host_gbs_per_gpu", h_gbs},
+        {"staged_host_vs_memcpy_peer_host", h_ratio}, {"memcpy_peer_host_written_gbs", h_cgbs},
         {"staged_bytes", s_staged}, {"staged_windows", s_windows},
         {"staged_device_bytes", s_dev},
     };
