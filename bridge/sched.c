@@ -10,7 +10,8 @@
  *
  * A request is held in the bridge (in arrival order) while no replica may take it: during
  * a pause-mode sync, while a staged sync's load is in flight, until a version at least
- * min_weight_version has committed, or before any replica has formed.
+ * min_weight_version has committed, while the workers sleep (until the wake), or before
+ * any replica has formed.
  *
  * Worker death: the socket reports it at once. The replica is taken out of service and
  * every request running on it is retried on another live replica; it had produced nothing
@@ -94,11 +95,6 @@ void br_generate(bridge *b, br_peer *p, rlb_msg *m)
                       "version first", cid);
         return;
     }
-    if (b->asleep) {
-        br_send_error(b, p, RLB_EAGAIN, cid, RLB_MSG_GENERATE, "generate %" PRIu64 ": the "
-                      "workers are asleep; wake them first", cid);
-        return;
-    }
     if (!any_replica_possible(b)) {
         br_send_error(b, p, RLB_EPEERDEAD, cid, RLB_MSG_GENERATE, "generate %" PRIu64 ": no "
                       "live worker replica", cid);
@@ -135,7 +131,7 @@ void br_generate(bridge *b, br_peer *p, rlb_msg *m)
 
 int br_dispatch(bridge *b)
 {
-    if (br_sync_holds_generation(b))
+    if (br_sync_holds_generation(b) || b->asleep)
         return 0;
     int moved = 0;
     for (uint32_t i = 0; i < b->n_gens; i++) {

@@ -1,0 +1,543 @@
+/* bridge_harness.c: see bridge_harness.h. */
+#include "tests/integration/bridge_harness.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "model/config.h"
+#include "model/params.h"
+#include "model/safetensors.h"
+#include "worker/daemon.h"
+
+#define H_ALIGN 4 /* FSDP1 use_orig_params alignment: 16 bytes of F32 */
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int count_dev_shm(void)
+{
+    DIR *d = opendir("/dev/shm");
+    int n = 0;
+    if (!d)
+        return 0;
+    for (struct dirent *e; (e = readdir(d));)
+        n += e->d_name[0] != '.';
+    closedir(d);
+    return n;
+}
+
+static const rlb_param_list *tiny_params(void)
+{
+    static rlb_param_list list;
+    static int done;
+    if (!done) {
+        rlb_model_config cfg;
+        rlb__config_tiny(&cfg);
+        rlb__params_init(&list, &cfg, NULL, 0);
+        done = 1;
+    }
+    return &list;
+}
+
+/* The weights of version v: element i of parameter p. Norms stay near 1 so the model is
+ * well-conditioned and greedy tokens vary with v. */
+static float wval(uint64_t v, int64_t p, uint64_t i, int norm)
+{
+    uint64_t z = v * 0x9E3779B97F4A7C15ull + (uint64_t)p * 0xBF58476D1CE4E5B9ull + i;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = (float)(z >> 40) / (float)(1u << 24) - 0.5f;
+    return norm ? 1.0f + 0.2f * u : 0.4f * u;
+}
+
+static int is_norm(const rlb_param *p)
+{
+    return p->role == RLB_ROLE_REPLICATED;
+}
+
+/* ---- Processes ----------------------------------------------------------------------- */
+
+/* Every process the harness forked and the directory of the current run, so h_cleanup can
+ * end what a failed test (an assertion jumps out of it) left running. */
+static pid_t spawned[64];
+static int n_spawned;
+static char run_dir[128];
+
+static pid_t spawn(void)
+{
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid > 0 && n_spawned < 64)
+        spawned[n_spawned++] = pid;
+    return pid;
+}
+
+void h_cleanup(void)
+{
+    for (int i = 0; i < n_spawned; i++)
+        if (kill(spawned[i], SIGKILL) == 0)
+            waitpid(spawned[i], NULL, 0);
+    n_spawned = 0;
+    if (run_dir[0]) {
+        char cmd[192];
+        snprintf(cmd, sizeof(cmd), "rm -rf %s", run_dir);
+        if (system(cmd) != 0)
+            fprintf(stderr, "could not remove %s\n", run_dir);
+        run_dir[0] = 0;
+    }
+}
+
+int h_start(h_run *r, rlb_sync_mode mode)
+{
+    memset(r, 0, sizeof(*r));
+    r->shm_before = count_dev_shm();
+    snprintf(r->dir, sizeof(r->dir), "/tmp/rlb-bridge-test-XXXXXX");
+    if (!mkdtemp(r->dir))
+        return -1;
+    snprintf(run_dir, sizeof(run_dir), "%s", r->dir);
+    snprintf(r->sock, sizeof(r->sock), "%s/bridge.sock", r->dir);
+    r->bridge = spawn();
+    if (r->bridge == 0) {
+        static volatile sig_atomic_t stop;
+        rlb__daemon_stop_on_signals(&stop);
+        rlb_bridge_opts o = RLB_BRIDGE_OPTS_INIT;
+        o.stop = &stop;
+        o.socket_path = r->sock;
+        o.mode = mode;
+        o.threads = 2;
+        o.ring_bytes = 1u << 20; /* small rings: results of several records fragment */
+        rlb__config_tiny(&o.cfg);
+        _exit(rlb__bridge_run(&o) == 0 ? 0 : 1);
+    }
+    for (double t0 = now_s(); now_s() - t0 < 10;) {
+        struct stat st;
+        if (stat(r->sock, &st) == 0)
+            return 0;
+        usleep(2000);
+    }
+    return -1;
+}
+
+int h_workers(h_run *r, uint32_t replicas, uint32_t tp)
+{
+    for (uint32_t d = 0; d < replicas; d++)
+        for (uint32_t t = 0; t < tp; t++) {
+            pid_t pid = spawn();
+            if (pid == 0) {
+                rlb_worker_opts o = RLB_WORKER_OPTS_INIT;
+                o.socket_path = r->sock;
+                o.replica = d;
+                o.replicas = replicas;
+                o.tp_rank = t;
+                o.tp_size = tp;
+                o.kv_bytes = 4u << 20;
+                o.threads = 1;
+                _exit(rlb__worker_run(&o) == 0 ? 0 : 1);
+            }
+            if (pid < 0 || r->n_workers == H_MAX_WORKERS)
+                return -1;
+            r->workers[r->n_workers++] = pid;
+        }
+    return 0;
+}
+
+double h_stat(rlb_client *c, const char *name)
+{
+    rlb_stat_list *l;
+    double v = -1;
+    if (rlb_bridge_stats(c, &l) != 0)
+        return -1;
+    if (rlb_stat_list_find(l, name, &v) != 0)
+        v = -1;
+    rlb_stat_list_free(l);
+    return v;
+}
+
+int h_wait_workers(h_run *r, rlb_client *c, uint32_t workers, uint32_t up)
+{
+    (void)r;
+    for (double t0 = now_s(); now_s() - t0 < 20; usleep(5000))
+        if (h_stat(c, "workers") == workers && h_stat(c, "replicas_up") == up)
+            return 0;
+    return -1;
+}
+
+/* Waits up to `s` seconds for pid; kills it when it does not exit. Returns its status. */
+static int reap(pid_t pid, double s)
+{
+    for (int i = 0; i < n_spawned; i++)
+        if (spawned[i] == pid)
+            spawned[i] = spawned[--n_spawned]; /* reaped below: never signal it again */
+    int st = 0;
+    for (double t0 = now_s(); now_s() - t0 < s; usleep(2000))
+        if (waitpid(pid, &st, WNOHANG) == pid)
+            return st;
+    kill(pid, SIGKILL);
+    waitpid(pid, &st, 0);
+    return -1;
+}
+
+int h_stop(h_run *r, rlb_client *tool)
+{
+    int ok = 0;
+    if (tool) {
+        /* No client call sends a shutdown: SIGTERM takes the same path. */
+        rlb_close(tool);
+    }
+    kill(r->bridge, SIGTERM);
+    if (reap(r->bridge, 10) != 0)
+        ok = -1;
+    for (int i = 0; i < r->n_workers; i++)
+        reap(r->workers[i], 10);
+    struct stat st;
+    if (stat(r->sock, &st) == 0) {
+        fprintf(stderr, "socket file %s left behind\n", r->sock);
+        ok = -1;
+    }
+    int after = count_dev_shm();
+    if (after != r->shm_before) {
+        fprintf(stderr, "/dev/shm held %d entries before, %d after\n", r->shm_before, after);
+        ok = -1;
+    }
+    h_cleanup();
+    return ok;
+}
+
+int h_connect(h_run *r, uint32_t rank, uint32_t world, rlb_client **out)
+{
+    rlb_client_options o;
+    rlb_client_options_init(&o);
+    o.socket = r->sock;
+    o.rank = rank;
+    o.world = world ? world : 1;
+    o.observer = world == 0;
+    o.request_timeout_ms = 20000;
+    return rlb_connect(&o, out);
+}
+
+/* ---- Trainer shards ------------------------------------------------------------------ */
+
+/* Rows [row0, row0 + rows) of parameter p that FSDP2 rank f of w holds. */
+static void fsdp2_rows(const rlb_param *p, uint32_t f, uint32_t w, int64_t *row0, int64_t *rows)
+{
+    int64_t c = (p->rows + w - 1) / w;
+    *row0 = f * c;
+    *rows = *row0 >= p->rows ? 0 : (p->rows - *row0 < c ? p->rows - *row0 : c);
+}
+
+/* The FSDP1 unit of parameter p: 0 for the global ones, 1 + layer otherwise. */
+static int unit_of(const rlb_param *p)
+{
+    return p->layer < 0 ? 0 : 1 + p->layer;
+}
+
+/* Walks unit u's flat layout: for each parameter (and padding before it) calls fn with the
+ * parameter index (-1 for padding), its flat start and numel. Returns the padded total. */
+static uint64_t flat_walk(int u, uint32_t world,
+                          void (*fn)(void *arg, int64_t p, uint64_t start, uint64_t numel),
+                          void *arg)
+{
+    const rlb_param_list *l = tiny_params();
+    uint64_t at = 0;
+    for (int64_t p = 0; p < l->n; p++) {
+        if (unit_of(&l->params[p]) != u)
+            continue;
+        uint64_t pad = (H_ALIGN - at % H_ALIGN) % H_ALIGN;
+        if (pad && fn)
+            fn(arg, -1, at, pad);
+        at += pad;
+        uint64_t n = rlb__param_numel(&l->params[p]);
+        if (fn)
+            fn(arg, p, at, n);
+        at += n;
+    }
+    uint64_t total = (at + world - 1) / world * world;
+    if (total > at && fn)
+        fn(arg, -1, at, total - at);
+    return total;
+}
+
+typedef struct flat_fill {
+    float *chunk;    /* this rank's chunk */
+    uint64_t lo, hi; /* flat range of the chunk */
+    uint64_t v;      /* version */
+    rlb_fsdp1_entry *entries; /* when non-NULL: collect entries */
+    uint32_t n;      /* entries collected */
+} flat_fill;
+
+static void flat_cb(void *arg, int64_t p, uint64_t start, uint64_t numel)
+{
+    flat_fill *f = arg;
+    const rlb_param_list *l = tiny_params();
+    if (f->entries) {
+        rlb_fsdp1_entry *e = &f->entries[f->n++];
+        memset(e, 0, sizeof(*e));
+        e->numel = numel;
+        e->padding = p < 0;
+        if (p >= 0) {
+            const rlb_param *q = &l->params[p];
+            e->name = q->name;
+            e->ndim = (uint32_t)q->ndim;
+            e->shape[0] = (uint64_t)q->rows;
+            e->shape[1] = (uint64_t)q->cols;
+        }
+        return;
+    }
+    for (uint64_t i = 0; i < numel; i++) {
+        uint64_t g = start + i;
+        if (g >= f->lo && g < f->hi)
+            f->chunk[g - f->lo] = p < 0 ? 0.0f : wval(f->v, p, i, is_norm(&l->params[p]));
+    }
+}
+
+void h_trainer_fill(h_trainer *t, uint64_t v)
+{
+    const rlb_param_list *l = tiny_params();
+    float *out = (float *)t->mem;
+    if (t->layout == H_FSDP2) {
+        for (int64_t p = 0; p < l->n; p++) {
+            int64_t row0, rows;
+            fsdp2_rows(&l->params[p], t->rank, t->world, &row0, &rows);
+            uint64_t n = (uint64_t)(rows * l->params[p].cols);
+            for (uint64_t i = 0; i < n; i++)
+                out[i] = wval(v, p, (uint64_t)(row0 * l->params[p].cols) + i,
+                              is_norm(&l->params[p]));
+            out += (n + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
+        }
+        return;
+    }
+    for (int u = 0; u <= (int)l->cfg.n_layers; u++) {
+        uint64_t chunk = flat_walk(u, t->world, NULL, NULL) / t->world;
+        flat_fill f = {.chunk = out, .lo = t->rank * chunk, .hi = (t->rank + 1) * chunk, .v = v};
+        flat_walk(u, t->world, flat_cb, &f);
+        out += (chunk + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
+    }
+}
+
+int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layout layout)
+{
+    const rlb_param_list *l = tiny_params();
+    memset(t, 0, sizeof(*t));
+    t->rank = rank;
+    t->world = world;
+    t->layout = layout;
+    int rc = h_connect(r, rank, world, &t->c);
+    if (rc)
+        return rc;
+    uint32_t n_units = (uint32_t)l->cfg.n_layers + 1;
+    uint32_t n = layout == H_FSDP2 ? (uint32_t)l->n : n_units;
+    rlb_tensor_desc *d = calloc(n, sizeof(*d));
+    rlb_fsdp1_entry *entries = calloc(n_units * 64, sizeof(*entries));
+    uint64_t floats = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        rlb_tensor_desc_init(&d[k]);
+        d[k].dtype = RLB_DTYPE_F32;
+        d[k].shard_rank = rank;
+        d[k].shard_world = world;
+        if (layout == H_FSDP2) {
+            const rlb_param *p = &l->params[k];
+            int64_t row0, rows;
+            fsdp2_rows(p, rank, world, &row0, &rows);
+            d[k].name = p->name;
+            d[k].layout = RLB_TENSOR_FSDP2;
+            d[k].ndim = (uint32_t)p->ndim;
+            d[k].shape[0] = (uint64_t)p->rows;
+            d[k].shape[1] = (uint64_t)p->cols;
+            floats += (uint64_t)((rows * p->cols + H_ALIGN - 1) / H_ALIGN * H_ALIGN);
+        } else {
+            static char names[64][16];
+            uint64_t total = flat_walk((int)k, world, NULL, NULL);
+            flat_fill f = {.entries = entries + 64 * k};
+            flat_walk((int)k, world, flat_cb, &f);
+            snprintf(names[k], sizeof(names[k]), "unit%u", k);
+            d[k].name = names[k];
+            d[k].layout = RLB_TENSOR_FSDP1;
+            d[k].ndim = 1;
+            d[k].shape[0] = total;
+            d[k].unit = k;
+            d[k].align = H_ALIGN;
+            d[k].n_entries = f.n;
+            d[k].entries = f.entries;
+            floats += (total / world + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
+        }
+    }
+    t->bytes = floats * sizeof(float);
+    rc = rlb_alloc_host(t->c, t->bytes, (void **)&t->mem);
+    for (uint32_t k = 0, at = 0; rc == 0 && k < n; k++) {
+        uint64_t bytes;
+        d[k].data = t->mem + at;
+        rlb_tensor_bytes(&d[k], &bytes);
+        at += (uint32_t)((bytes / 4 + H_ALIGN - 1) / H_ALIGN * H_ALIGN * 4);
+        if (bytes == 0)
+            d[k].data = t->mem; /* an empty shard still names memory */
+    }
+    if (rc == 0) {
+        h_trainer_fill(t, 1);
+        rc = rlb_register(t->c, d, n);
+        if (rc)
+            fprintf(stderr, "register: %s\n", rlb_last_error(t->c));
+    }
+    free(d);
+    free(entries);
+    return rc;
+}
+
+void h_trainer_close(h_trainer *t)
+{
+    rlb_close(t->c);
+    t->c = NULL;
+}
+
+/* ---- Trainer rank in a child process ----------------------------------------------------- */
+
+int h_child_start(h_run *r, h_child *ch, uint32_t rank, uint32_t world, h_layout layout)
+{
+    int to[2], from[2];
+    if (pipe(to) || pipe(from))
+        return -1;
+    ch->pid = spawn();
+    if (ch->pid == 0) {
+        close(to[1]);
+        close(from[0]);
+        h_trainer t;
+        int rc = h_trainer_open(r, &t, rank, world, layout);
+        if (write(from[1], &rc, sizeof(rc)) != sizeof(rc) || rc)
+            _exit(1);
+        uint64_t v;
+        while (read(to[0], &v, sizeof(v)) == sizeof(v) && v) {
+            h_trainer_fill(&t, v);
+            rc = rlb_publish(t.c, v, NULL);
+            if (write(from[1], &rc, sizeof(rc)) != sizeof(rc))
+                break;
+        }
+        h_trainer_close(&t);
+        _exit(0);
+    }
+    close(to[0]);
+    close(from[1]);
+    ch->to = to[1];
+    ch->from = from[0];
+    int rc;
+    return ch->pid > 0 && h_child_result(ch, &rc) == 0 && rc == 0 ? 0 : -1;
+}
+
+int h_child_publish(h_child *ch, uint64_t v)
+{
+    return write(ch->to, &v, sizeof(v)) == sizeof(v) ? 0 : -1;
+}
+
+int h_child_result(h_child *ch, int *rc)
+{
+    struct pollfd p = {.fd = ch->from, .events = POLLIN};
+    if (poll(&p, 1, 20000) != 1)
+        return -1;
+    return read(ch->from, rc, sizeof(*rc)) == sizeof(*rc) ? 0 : -1;
+}
+
+void h_child_stop(h_child *ch)
+{
+    uint64_t zero = 0;
+    if (write(ch->to, &zero, sizeof(zero)) < 0)
+        kill(ch->pid, SIGKILL);
+    close(ch->to);
+    close(ch->from);
+    reap(ch->pid, 10);
+}
+
+/* ---- Reference ---------------------------------------------------------------------- */
+
+static const char *tiny_config_json =
+    "{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", "
+    "\"hidden_size\": 64, \"intermediate_size\": 192, \"num_attention_heads\": 4, "
+    "\"num_key_value_heads\": 2, \"head_dim\": 16, \"num_hidden_layers\": 2, "
+    "\"vocab_size\": 250, \"max_position_embeddings\": 512, \"rms_norm_eps\": 1e-05, "
+    "\"rope_theta\": 10000.0, \"tie_word_embeddings\": false, \"hidden_act\": \"silu\", "
+    "\"torch_dtype\": \"float32\"}\n";
+
+/* Writes version v's full weights as DIR/ckpt<v>/ (config.json + model.safetensors). */
+static int write_checkpoint(const char *dir, uint64_t v)
+{
+    const rlb_param_list *l = tiny_params();
+    char path[256];
+    snprintf(path, sizeof(path), "%s/ckpt%llu", dir, (unsigned long long)v);
+    if (mkdir(path, 0700) != 0 && errno != EEXIST)
+        return -1;
+    rlb_st_write_tensor *ts = calloc((size_t)l->n, sizeof(*ts));
+    int64_t(*shapes)[2] = calloc((size_t)l->n, sizeof(*shapes));
+    float **data = calloc((size_t)l->n, sizeof(*data));
+    int rc = -1;
+    for (int64_t p = 0; p < l->n; p++) {
+        const rlb_param *q = &l->params[p];
+        uint64_t n = rlb__param_numel(q);
+        data[p] = malloc(n * sizeof(float));
+        for (uint64_t i = 0; i < n; i++)
+            data[p][i] = wval(v, p, i, is_norm(q));
+        shapes[p][0] = q->rows;
+        shapes[p][1] = q->cols;
+        ts[p] = (rlb_st_write_tensor){.name = q->name, .dtype = RLB_DTYPE_F32, .ndim = q->ndim,
+                                      .shape = shapes[p], .data = data[p]};
+    }
+    char file[300];
+    snprintf(file, sizeof(file), "%s/model.safetensors", path);
+    if (rlb__st_write(file, ts, (size_t)l->n, NULL, 0) == 0) {
+        snprintf(file, sizeof(file), "%s/config.json", path);
+        FILE *f = fopen(file, "w");
+        if (f) {
+            rc = fputs(tiny_config_json, f) < 0 ? -1 : 0;
+            fclose(f);
+        }
+    }
+    for (int64_t p = 0; p < l->n; p++)
+        free(data[p]);
+    free(data);
+    free(shapes);
+    free(ts);
+    return rc;
+}
+
+int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32_t n,
+                uint32_t max_tokens, int32_t *tokens, int cap)
+{
+    char ckpt[256];
+    snprintf(ckpt, sizeof(ckpt), "%s/ckpt%llu", r->dir, (unsigned long long)v);
+    struct stat st;
+    if (stat(ckpt, &st) != 0 && write_checkpoint(r->dir, v) != 0)
+        return -1;
+    char cmd[1024];
+    int at = snprintf(cmd, sizeof(cmd), "%s generate --model %s --max-tokens %u --temperature "
+                      "0 --tp %u --threads 1 --prompt-ids ", RLB_BIN, ckpt, max_tokens, tp);
+    for (uint32_t i = 0; i < n; i++)
+        at += snprintf(cmd + at, sizeof(cmd) - (size_t)at, "%s%d", i ? "," : "", prompt[i]);
+    FILE *f = popen(cmd, "r");
+    if (!f)
+        return -1;
+    char line[8192];
+    int count = -1;
+    if (fgets(line, sizeof(line), f)) {
+        char *s = strstr(line, "\"tokens\": [");
+        if (s) {
+            s += strlen("\"tokens\": [");
+            count = 0;
+            while (*s && *s != ']' && count < cap) {
+                tokens[count++] = (int32_t)strtol(s, &s, 10);
+                while (*s == ',' || *s == ' ')
+                    s++;
+            }
+        }
+    }
+    return pclose(f) == 0 ? count : -1;
+}

@@ -1,0 +1,85 @@
+/* bridge_harness.h: processes for the bridge integration tests: an rlb-bridge and
+ * rlb-workers forked from the test (running rlb__bridge_run / rlb__worker_run), trainer
+ * ranks on the public client API (include/rlb/rlb.h) whose weights are a pure function of
+ * (version, parameter, element), and the independent reference: the same weights written
+ * as a safetensors checkpoint and run through `rlb generate`.
+ */
+#ifndef RLB_TESTS_BRIDGE_HARNESS_H
+#define RLB_TESTS_BRIDGE_HARNESS_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "bridge/bridge.h"
+#include "rlb/rlb.h"
+
+#define H_MAX_WORKERS 4
+
+typedef enum h_layout { H_FSDP2 = 0, H_FSDP1 = 1 } h_layout;
+
+/* A trainer rank: a client, its shared memory and what it registered. */
+typedef struct h_trainer {
+    rlb_client *c;     /* connection */
+    uint32_t rank;     /* FSDP rank = trainer rank */
+    uint32_t world;    /* trainer ranks */
+    h_layout layout;   /* how its shards are laid out */
+    uint8_t *mem;      /* rlb_alloc_host memory holding every shard */
+    size_t bytes;      /* bytes of mem in use */
+} h_trainer;
+
+/* A trainer rank running in its own process, driven through pipes. */
+typedef struct h_child {
+    pid_t pid;
+    int to, from; /* command pipe in, answer pipe out */
+} h_child;
+
+typedef struct h_run {
+    char dir[128];      /* temporary directory: socket and checkpoints */
+    char sock[192];     /* bridge socket path */
+    pid_t bridge;       /* bridge process */
+    pid_t workers[H_MAX_WORKERS];
+    int n_workers;
+    int shm_before;     /* entries in /dev/shm at the start */
+} h_run;
+
+/* Starts a bridge (tiny model) in mode; waits for its socket. Returns 0 or -1. */
+int h_start(h_run *r, rlb_sync_mode mode);
+/* Starts workers: `replicas` replicas of TP size tp. Returns 0 or -1. */
+int h_workers(h_run *r, uint32_t replicas, uint32_t tp);
+/* Waits (bounded) until the bridge reports `workers` workers and `up` replicas up. */
+int h_wait_workers(h_run *r, rlb_client *c, uint32_t workers, uint32_t up);
+/* Shuts everything down (shutdown message, then SIGKILL after a bound) and checks that
+ * /dev/shm holds what it held before and the socket file is gone. Returns 0 or -1. */
+int h_stop(h_run *r, rlb_client *tool);
+
+/* Kills whatever the harness started that still runs and removes the run's directory
+ * (the teardown of every test: a failed assertion leaves the test half-way). */
+void h_cleanup(void);
+
+/* Connects trainer rank/world (or a tool when world == 0). */
+int h_connect(h_run *r, uint32_t rank, uint32_t world, rlb_client **out);
+/* Allocates and registers rank t's shards. Returns 0 or the client's error. */
+int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layout layout);
+/* Writes version v's weights into t's shards. */
+void h_trainer_fill(h_trainer *t, uint64_t v);
+void h_trainer_close(h_trainer *t);
+
+/* Forks trainer rank/world in its own process (connect, register, then publish on
+ * command). Returns 0 or -1. */
+int h_child_start(h_run *r, h_child *ch, uint32_t rank, uint32_t world, h_layout layout);
+/* Tells the child to fill and publish v (returns at once). */
+int h_child_publish(h_child *ch, uint64_t v);
+/* The child's publish result (waits up to 20 s). */
+int h_child_result(h_child *ch, int *rc);
+void h_child_stop(h_child *ch);
+
+/* Greedy generation of `prompt` (n ids) for max_tokens with the weights of version v,
+ * through `rlb generate --tp tp` on a checkpoint the harness writes itself. Fills
+ * tokens[] and returns the count, or -1. */
+int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32_t n,
+                uint32_t max_tokens, int32_t *tokens, int cap);
+
+/* One bridge counter by name through the client (-1 when absent). */
+double h_stat(rlb_client *c, const char *name);
+
+#endif /* RLB_TESTS_BRIDGE_HARNESS_H */

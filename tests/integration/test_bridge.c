@@ -1,0 +1,402 @@
+/* test_bridge.c: rlb-bridge + rlb-workers + trainer ranks as processes, on the tiny model
+ * (issue 5's integration tests). Trainer ranks use the public client API; the reference
+ * for every generation is `rlb generate` on a checkpoint of the same weights that the test
+ * writes itself (bridge_harness.c), so the bridge's registry, plan, copy and load path is
+ * checked end to end against an independent path. Each test also checks that nothing is
+ * left in /dev/shm and that the socket file is gone.
+ */
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "common/conn.h"
+#include "common/proto.h"
+#include "tests/integration/bridge_harness.h"
+
+#define MAX_TOKENS 8
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Generates greedily from `prompt` through client c and checks the tokens against the
+ * reference for version v (TP size tp) and the version stamp. */
+static void check_generate(h_run *r, rlb_client *c, uint64_t v, uint32_t tp,
+                           const int32_t *prompt, uint32_t n, uint32_t max_tokens)
+{
+    rlb_sampling_params sp;
+    rlb_sampling_params_init(&sp);
+    sp.temperature = 0;
+    sp.max_tokens = max_tokens;
+    rlb_prompt p = {prompt, n};
+    rlb_generate_request req;
+    rlb_generate_request_init(&req);
+    req.prompts = &p;
+    req.n_prompts = 1;
+    req.sampling = &sp;
+    rlb_result *res = NULL;
+    int rc = rlb_generate(c, &req, 20000, &res);
+    if (rc)
+        fprintf(stderr, "generate: %s\n", rlb_last_error(c));
+    assert_int_equal(rc, 0);
+    assert_int_equal(rlb_result_num_samples(res), 1);
+    const rlb_sample *s = rlb_result_sample(res, 0);
+    assert_int_equal(s->weight_version, v);
+    int32_t want[1024];
+    int nw = h_reference(r, v, tp, prompt, n, max_tokens, want, 1024);
+    assert_int_equal(nw, (int)s->n_tokens);
+    assert_memory_equal(want, s->tokens, sizeof(int32_t) * (size_t)nw);
+    rlb_result_free(res);
+}
+
+/* Syncs 20 versions from two trainer ranks and checks generation after each. Two prompts
+ * are submitted at once so that both replicas serve when there are two. */
+static void sync_versions(rlb_sync_mode mode, h_layout layout, uint32_t replicas, uint32_t tp)
+{
+    h_run r;
+    h_child ch;
+    h_trainer t0;
+    assert_int_equal(h_start(&r, mode), 0);
+    assert_int_equal(h_workers(&r, replicas, tp), 0);
+    assert_int_equal(h_child_start(&r, &ch, 1, 2, layout), 0);
+    assert_int_equal(h_trainer_open(&r, &t0, 0, 2, layout), 0);
+    assert_int_equal(h_wait_workers(&r, t0.c, replicas * tp, replicas), 0);
+    for (uint64_t v = 1; v <= 20; v++) {
+        h_trainer_fill(&t0, v);
+        assert_int_equal(h_child_publish(&ch, v), 0);
+        rlb_sync_stats st = {.struct_size = sizeof(st)};
+        int rc = rlb_publish(t0.c, v, &st), crc = -1;
+        if (rc)
+            fprintf(stderr, "publish %llu: %s\n", (unsigned long long)v, rlb_last_error(t0.c));
+        assert_int_equal(rc, 0);
+        assert_int_equal(h_child_result(&ch, &crc), 0);
+        assert_int_equal(crc, 0);
+        assert_int_equal(st.version, v);
+        assert_true(st.bytes > 0);
+        int32_t pa[3] = {(int32_t)(v % 200) + 1, 7, 42}, pb[2] = {3, (int32_t)(v % 100) + 5};
+        rlb_sampling_params sp;
+        rlb_sampling_params_init(&sp);
+        sp.temperature = 0;
+        sp.max_tokens = MAX_TOKENS;
+        rlb_prompt prompts[2] = {{pa, 3}, {pb, 2}};
+        rlb_ticket tk[2];
+        for (int i = 0; i < 2; i++) {
+            rlb_generate_request req;
+            rlb_generate_request_init(&req);
+            req.prompts = &prompts[i];
+            req.n_prompts = 1;
+            req.sampling = &sp;
+            req.min_weight_version = v;
+            assert_int_equal(rlb_generate_submit(t0.c, &req, &tk[i]), 0);
+        }
+        for (int i = 0; i < 2; i++) {
+            rlb_result *res;
+            assert_int_equal(rlb_generate_wait(t0.c, tk[i], 20000, &res), 0);
+            const rlb_sample *s = rlb_result_sample(res, 0);
+            assert_int_equal(s->weight_version, v);
+            int32_t want[64];
+            int nw = h_reference(&r, v, tp, prompts[i].tokens, prompts[i].n_tokens, MAX_TOKENS,
+                                 want, 64);
+            assert_int_equal(nw, (int)s->n_tokens);
+            assert_memory_equal(want, s->tokens, sizeof(int32_t) * (size_t)nw);
+            rlb_result_free(res);
+        }
+    }
+    assert_true(h_stat(t0.c, "syncs") == 20);
+    assert_true(h_stat(t0.c, "aborts") == 0);
+    h_child_stop(&ch);
+    h_trainer_close(&t0);
+    assert_int_equal(h_stop(&r, NULL), 0);
+}
+
+static void test_fsdp2_pause_two_replicas(void **state)
+{
+    (void)state;
+    sync_versions(RLB_SYNC_PAUSE, H_FSDP2, 2, 1);
+}
+
+static void test_fsdp1_staged_tp2(void **state)
+{
+    (void)state;
+    sync_versions(RLB_SYNC_STAGED, H_FSDP1, 1, 2);
+}
+
+/* ---- A raw tool connection (conn.h + proto.h), for messages the client never sends --- */
+
+typedef struct raw {
+    rlb_conn *c;
+    rlb_ring_rx rx;
+} raw;
+
+static void raw_send_bytes(raw *w, const void *data, size_t len)
+{
+    assert_int_equal(rlb__ring_send(rlb__conn_tx(w->c), 0, data, len, 2000), 0);
+}
+
+static void raw_send(raw *w, const rlb_msg *m)
+{
+    uint8_t buf[4096];
+    size_t len;
+    assert_int_equal(rlb__msg_pack(m, buf, sizeof(buf), &len), 0);
+    raw_send_bytes(w, buf, len);
+}
+
+/* Receives the next message; returns its type and, for an ERROR, its code in *code. */
+static uint32_t raw_recv(raw *w, int *code)
+{
+    rlb_ring_msg rm;
+    assert_int_equal(rlb__ring_recv(rlb__conn_rx(w->c), &w->rx, 5000, &rm), 0);
+    rlb_msg m;
+    assert_int_equal(rlb__msg_decode(rm.data, rm.len, &m, NULL, 0), 0);
+    uint32_t type = m.type;
+    if (code)
+        *code = type == RLB_MSG_ERROR ? m.error.code : 0;
+    rlb__msg_free(&m);
+    rlb__ring_recv_done(rlb__conn_rx(w->c), &w->rx);
+    return type;
+}
+
+static void raw_open(h_run *r, raw *w, int hello)
+{
+    memset(w, 0, sizeof(*w));
+    w->rx.max_msg = 1 << 20;
+    assert_int_equal(rlb__conn_connect(r->sock, 5000, &w->c), 0);
+    if (!hello)
+        return;
+    rlb_msg m = {.type = RLB_MSG_HELLO,
+                 .hello = {.abi_version = RLB_ABI_VERSION, .role = RLB_ROLE_TOOL}};
+    raw_send(w, &m);
+    assert_int_equal(raw_recv(w, NULL), RLB_MSG_WELCOME);
+}
+
+static void raw_close(raw *w)
+{
+    rlb__ring_rx_free(&w->rx);
+    rlb__conn_close(w->c);
+}
+
+/* One trainer rank (world 1, FSDP2) with version 1 published, and `workers` TP-1 replicas. */
+static void start_simple(h_run *r, h_trainer *t, rlb_sync_mode mode, uint32_t replicas)
+{
+    assert_int_equal(h_start(r, mode), 0);
+    assert_int_equal(h_workers(r, replicas, 1), 0);
+    assert_int_equal(h_trainer_open(r, t, 0, 1, H_FSDP2), 0);
+    assert_int_equal(h_wait_workers(r, t->c, replicas, replicas), 0);
+    h_trainer_fill(t, 1);
+    assert_int_equal(rlb_publish(t->c, 1, NULL), 0);
+}
+
+static void test_sleep_wake(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    raw w;
+    start_simple(&r, &t, RLB_SYNC_PAUSE, 1);
+    raw_open(&r, &w, 1);
+    rlb_msg m = {.type = RLB_MSG_SLEEP};
+    raw_send(&w, &m);
+    for (double t0 = now_s(); h_stat(t.c, "asleep") != 1 && now_s() - t0 < 5;)
+        usleep(1000);
+    /* A request made while the workers sleep waits for the wake. */
+    int32_t prompt[2] = {5, 9};
+    rlb_sampling_params sp;
+    rlb_sampling_params_init(&sp);
+    sp.temperature = 0;
+    sp.max_tokens = MAX_TOKENS;
+    rlb_prompt p = {prompt, 2};
+    rlb_generate_request req;
+    rlb_generate_request_init(&req);
+    req.prompts = &p;
+    req.n_prompts = 1;
+    req.sampling = &sp;
+    rlb_ticket tk;
+    rlb_result *res = NULL;
+    assert_int_equal(rlb_generate_submit(t.c, &req, &tk), 0);
+    assert_int_equal(rlb_generate_wait(t.c, tk, 200, &res), RLB_ETIMEDOUT);
+    assert_true(h_stat(t.c, "held") == 1);
+    m.type = RLB_MSG_WAKE;
+    raw_send(&w, &m);
+    assert_int_equal(rlb_generate_wait(t.c, tk, 5000, &res), 0);
+    const rlb_sample *s = rlb_result_sample(res, 0);
+    int32_t want[64];
+    int nw = h_reference(&r, 1, 1, prompt, 2, MAX_TOKENS, want, 64);
+    assert_int_equal(nw, (int)s->n_tokens);
+    assert_memory_equal(want, s->tokens, sizeof(int32_t) * (size_t)nw);
+    rlb_result_free(res);
+    assert_true(h_stat(t.c, "asleep") == 0);
+    check_generate(&r, t.c, 1, 1, prompt, 2, MAX_TOKENS);
+    raw_close(&w);
+    h_trainer_close(&t);
+    assert_int_equal(h_stop(&r, NULL), 0);
+}
+
+/* kill -9 of a worker while it generates: its requests finish on the other replica. */
+static void test_worker_killed(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    start_simple(&r, &t, RLB_SYNC_PAUSE, 2);
+    int32_t prompt[3] = {11, 12, 13};
+    rlb_sampling_params sp;
+    rlb_sampling_params_init(&sp);
+    sp.temperature = 0;
+    sp.max_tokens = 400;
+    rlb_prompt p = {prompt, 3};
+    rlb_generate_request req;
+    rlb_generate_request_init(&req);
+    req.prompts = &p;
+    req.n_prompts = 1;
+    req.sampling = &sp;
+    rlb_ticket tk[4];
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(rlb_generate_submit(t.c, &req, &tk[i]), 0);
+    usleep(30000);
+    kill(r.workers[0], SIGKILL);
+    double t0 = now_s();
+    int32_t want[512];
+    int nw = h_reference(&r, 1, 1, prompt, 3, 400, want, 512);
+    assert_true(nw > 0);
+    for (int i = 0; i < 4; i++) {
+        rlb_result *res;
+        assert_int_equal(rlb_generate_wait(t.c, tk[i], 20000, &res), 0);
+        const rlb_sample *s = rlb_result_sample(res, 0);
+        assert_int_equal(s->weight_version, 1);
+        assert_int_equal((int)s->n_tokens, nw);
+        assert_memory_equal(want, s->tokens, sizeof(int32_t) * (size_t)nw);
+        rlb_result_free(res);
+    }
+    fprintf(stderr, "requests done %.2f s after the kill\n", now_s() - t0);
+    assert_true(h_stat(t.c, "retried") >= 1);
+    assert_true(h_stat(t.c, "replicas_up") == 1);
+    check_generate(&r, t.c, 1, 1, prompt, 2, MAX_TOKENS);
+    h_trainer_close(&t);
+    assert_int_equal(h_stop(&r, NULL), 0);
+}
+
+static void *kill_later(void *arg)
+{
+    usleep(300000);
+    kill(*(pid_t *)arg, SIGKILL);
+    return NULL;
+}
+
+/* kill -9 of a trainer rank before it publishes: the version is aborted, and the staged
+ * bridge goes on serving the committed version. */
+static void test_trainer_killed(void **state)
+{
+    (void)state;
+    h_run r;
+    h_child ch;
+    h_trainer t0;
+    assert_int_equal(h_start(&r, RLB_SYNC_STAGED), 0);
+    assert_int_equal(h_workers(&r, 1, 1), 0);
+    assert_int_equal(h_child_start(&r, &ch, 1, 2, H_FSDP2), 0);
+    assert_int_equal(h_trainer_open(&r, &t0, 0, 2, H_FSDP2), 0);
+    assert_int_equal(h_wait_workers(&r, t0.c, 1, 1), 0);
+    int crc = -1;
+    h_trainer_fill(&t0, 1);
+    assert_int_equal(h_child_publish(&ch, 1), 0);
+    assert_int_equal(rlb_publish(t0.c, 1, NULL), 0);
+    assert_int_equal(h_child_result(&ch, &crc), 0);
+    assert_int_equal(crc, 0);
+    h_trainer_fill(&t0, 2);
+    pthread_t th;
+    pthread_create(&th, NULL, kill_later, &ch.pid);
+    double t = now_s();
+    assert_int_equal(rlb_publish(t0.c, 2, NULL), RLB_EABORTED);
+    assert_true(now_s() - t < 2.5);
+    pthread_join(th, NULL);
+    int32_t prompt[2] = {21, 22};
+    check_generate(&r, t0.c, 1, 1, prompt, 2, MAX_TOKENS);
+    assert_true(h_stat(t0.c, "aborts") == 1);
+    assert_true(h_stat(t0.c, "stale") == 0);
+    close(ch.to);
+    close(ch.from);
+    h_trainer_close(&t0);
+    assert_int_equal(h_stop(&r, NULL), 0);
+}
+
+/* Malformed and misplaced messages get an ERROR; the sender and the others go on. */
+static void test_malformed(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    raw w, fresh;
+    int code;
+    start_simple(&r, &t, RLB_SYNC_PAUSE, 1);
+    raw_open(&r, &w, 1);
+    const uint8_t garbage[] = {0xc1, 0x00, 0xff, 0x12};
+    raw_send_bytes(&w, garbage, sizeof(garbage));
+    assert_int_equal(raw_recv(&w, &code), RLB_MSG_ERROR);
+    assert_int_equal(code, RLB_EPROTO);
+    const uint8_t no_type[] = {0x81, 0xa1, 'x', 0x01}; /* {"x": 1} */
+    raw_send_bytes(&w, no_type, sizeof(no_type));
+    assert_int_equal(raw_recv(&w, &code), RLB_MSG_ERROR);
+    rlb_msg pub = {.type = RLB_MSG_PUBLISH, .publish = {.version = 5}};
+    raw_send(&w, &pub); /* a tool may not publish */
+    assert_int_equal(raw_recv(&w, &code), RLB_MSG_ERROR);
+    assert_int_equal(code, RLB_EPROTO);
+    raw_open(&r, &fresh, 0);
+    rlb_msg stats = {.type = RLB_MSG_STATS, .stats = {.request_id = 7}};
+    raw_send(&fresh, &pub); /* nothing before hello */
+    assert_int_equal(raw_recv(&fresh, &code), RLB_MSG_ERROR);
+    raw_send(&fresh, &stats);
+    assert_int_equal(raw_recv(&fresh, NULL), RLB_MSG_STATS_REPLY);
+    raw_send(&w, &stats);
+    assert_int_equal(raw_recv(&w, NULL), RLB_MSG_STATS_REPLY);
+
+    /* A registration the model refuses names the tensor. */
+    const char *norm = "model.norm.weight";
+    assert_int_equal(rlb_unregister(t.c, &norm, 1), 0);
+    rlb_tensor_desc d;
+    rlb_tensor_desc_init(&d);
+    d.name = "model.norm.weight";
+    d.ndim = 1;
+    d.shape[0] = 65;
+    d.data = t.mem;
+    assert_int_equal(rlb_register(t.c, &d, 1), RLB_ESHAPE);
+    assert_non_null(strstr(rlb_last_error(t.c), "model.norm.weight"));
+    int32_t prompt[2] = {1, 2};
+    check_generate(&r, t.c, 1, 1, prompt, 2, MAX_TOKENS);
+    raw_close(&fresh);
+    raw_close(&w);
+    h_trainer_close(&t);
+    assert_int_equal(h_stop(&r, NULL), 0);
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    h_cleanup();
+    return 0;
+}
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    setenv("RLB_THREADS", "1", 0);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_fsdp2_pause_two_replicas, teardown),
+        cmocka_unit_test_teardown(test_fsdp1_staged_tp2, teardown),
+        cmocka_unit_test_teardown(test_sleep_wake, teardown),
+        cmocka_unit_test_teardown(test_worker_killed, teardown),
+        cmocka_unit_test_teardown(test_trainer_killed, teardown),
+        cmocka_unit_test_teardown(test_malformed, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
