@@ -212,8 +212,11 @@ static int start(wk *w)
     const rlb_worker_opts *o = w->o;
     char err[256] = "";
     int rc;
-    if (o->model_dir)
-        RLB_CHECK_GOTO(rlb__load_config(o->model_dir, &w->cfg, err, sizeof(err)), rc, fail);
+    const char *dir = o->cfg ? NULL : o->model_dir;
+    if (o->cfg)
+        w->cfg = *o->cfg;
+    else if (dir)
+        RLB_CHECK_GOTO(rlb__load_config(dir, &w->cfg, err, sizeof(err)), rc, fail);
     else
         rlb__config_tiny(&w->cfg);
     RLB_CHECK_GOTO(rlb__tp_layout_init(&w->layout, &w->cfg, (int)w->tp_size, (int)o->tp_rank,
@@ -223,8 +226,8 @@ static int start(wk *w)
     RLB_CHECK_GOTO(make_buffer(w, 0, RLB_SEG_ID_WEIGHTS), rc, fail);
     if (w->staged)
         RLB_CHECK_GOTO(make_buffer(w, 1, RLB_SEG_ID_WEIGHTS_B), rc, fail);
-    if (o->model_dir)
-        RLB_CHECK_GOTO(rlb__load_weights(o->model_dir, &w->layout, w->buf[0], o->threads, err,
+    if (dir)
+        RLB_CHECK_GOTO(rlb__load_weights(dir, &w->layout, w->buf[0], o->threads, err,
                                          sizeof(err)), rc, fail);
     rlb_msg hello = {.type = RLB_MSG_HELLO,
                      .hello = {.abi_version = RLB_ABI_VERSION, .role = RLB_ROLE_WORKER,
@@ -242,7 +245,7 @@ static int start(wk *w)
     RLB_CHECK_GOTO(rlb__engine_create(&w->layout, w->buf[0], w->comm, &w->eopts, &w->engine),
                    rc, fail);
     RLB_LOG_INFO(RLB_SUB_WORKER, "replica %u TP rank %u of %u ready: %s, %llu weight bytes%s",
-                 o->replica, o->tp_rank, w->tp_size, o->model_dir ? o->model_dir : "tiny model",
+                 o->replica, o->tp_rank, w->tp_size, dir ? dir : o->cfg ? "given model" : "tiny model",
                  (unsigned long long)w->layout.total_bytes,
                  w->staged ? " x2 (staged sync)" : "");
     return 0;

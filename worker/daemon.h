@@ -15,6 +15,7 @@
 #include <signal.h>
 #include <stdint.h>
 
+#include "model/config.h"
 #include "worker/forward.h"
 
 typedef struct rlb_worker_opts {
@@ -25,6 +26,8 @@ typedef struct rlb_worker_opts {
     uint32_t tp_rank;            /* TP rank in the replica, < tp_size */
     uint32_t tp_size;            /* TP size (0 = 1) */
     const char *model_dir;       /* HF checkpoint directory, or NULL for the tiny model */
+    const rlb_model_config *cfg; /* when set: this model, weights zero until the first sync
+                                    (benchmarks, tests); model_dir is then ignored */
     rlb_quant quant;             /* post-load processing */
     uint64_t kv_bytes;           /* KV cache budget; 0 = RLB_WORKER_KV_DEFAULT */
     int threads;                 /* OpenBLAS threads; 0 = the RLB_THREADS knob */
