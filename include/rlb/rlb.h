@@ -246,8 +246,8 @@ RLB_API uint64_t rlb_weight_version(rlb_client *client);
 /* ---- Sleep / wake ---------------------------------------------------------------------- */
 
 /* Tells every worker to free its KV cache (weights stay), e.g. while a colocated trainer
- * needs the memory; generation is refused (RLB_EABORTED, with the bridge's reason) until
- * rlb_wake. Returns 0 once the bridge took the command, or a connection error. */
+ * needs the memory; generation requests made meanwhile are held by the bridge and run
+ * after rlb_wake. Returns 0 once the bridge took the command, or a connection error. */
 RLB_API int rlb_sleep(rlb_client *client);
 /* Tells every worker to restore its KV cache. Returns 0 or a connection error. */
 RLB_API int rlb_wake(rlb_client *client);
@@ -334,8 +334,8 @@ RLB_API int rlb_generate_submit(rlb_client *client, const rlb_generate_request *
  * complete (the ticket is then spent), RLB_EAGAIN while it is not, RLB_ENOTFOUND for an
  * unknown or spent ticket, or the request's failure (RLB_ESTALE, RLB_ESHUTDOWN,
  * RLB_EPEERDEAD, ...: the ticket is spent, rlb_last_error has the bridge's text). A request
- * the bridge refused for now ("try again": workers asleep) fails with RLB_EABORTED, so that
- * RLB_EAGAIN always means "still running". */
+ * the bridge refused for now ("try again") fails with RLB_EABORTED, so that RLB_EAGAIN
+ * always means "still running". */
 RLB_API int rlb_generate_poll(rlb_client *client, rlb_ticket ticket, rlb_result **out);
 /* Like poll but blocks up to timeout_ms (< 0: no bound beyond the bridge's liveness) for
  * completion. RLB_ETIMEDOUT leaves the ticket pending. */

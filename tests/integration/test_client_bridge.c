@@ -410,8 +410,8 @@ static void test_fsdp2_ranks(void **state)
         check_greedy(k[i % 2].c, targets[i], a, v);
     }
     /* An observer generates too, but may not publish or register. It may put the workers
-     * to sleep: generation is then refused (as an abort, never as "try again"), and works
-     * again after the wake. */
+     * to sleep: a request made meanwhile is held by the bridge (not refused) and completes,
+     * with the right tokens, after the wake. */
     rlb_client *obs = connect_as(0, 1, 1);
     check_greedy(obs, targets[2], 0.09f, v);
     assert_int_equal(rlb_sleep(obs), 0);
@@ -419,10 +419,18 @@ static void test_fsdp2_ranks(void **state)
     int32_t toks[2];
     rlb_sampling_params sp;
     rlb_generate_request req = greedy_request(&p, toks, &sp, 2);
+    rlb_ticket ticket;
     rlb_result *r = NULL;
-    assert_int_equal(rlb_generate(k[0].c, &req, 30000, &r), RLB_EABORTED);
-    assert_non_null(strstr(rlb_last_error(k[0].c), "asleep"));
+    assert_int_equal(rlb_generate_submit(k[0].c, &req, &ticket), 0);
+    assert_int_equal(rlb_generate_wait(k[0].c, ticket, 300, &r), RLB_ETIMEDOUT);
     assert_int_equal(rlb_wake(obs), 0);
+    if (rlb_generate_wait(k[0].c, ticket, 30000, &r))
+        fail_msg("held generate: %s", rlb_last_error(k[0].c));
+    const rlb_sample *held = rlb_result_sample(r, 0);
+    assert_int_equal(held->n_tokens, 2);
+    assert_int_equal(held->tokens[0], targets[2]);
+    assert_int_equal(held->weight_version, v);
+    rlb_result_free(r);
     check_greedy(obs, targets[2], 0.09f, v);
     assert_int_equal(rlb_publish(obs, v + 1, NULL), RLB_EPERM);
     rlb_close(obs);

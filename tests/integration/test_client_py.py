@@ -325,12 +325,15 @@ class ClientTest(unittest.TestCase):
         publish_all(ranks, v)
         self.assertEqual(self.greedy(ranks[0], v)[0].outputs[0].token_ids, [target] * 5)
 
-        # Asleep: generation is refused as an abort; after wake_up it works again.
+        # Asleep: a request is held by the bridge and completes after wake_up.
         ranks[0].sleep()
-        with self.assertRaises(rlbridge.RlbError) as e:
-            self.greedy(ranks[0], v)
-        self.assertEqual(e.exception.code, rlbridge._lib.EABORTED)
+        sp = rlbridge.SamplingParams(temperature=0, max_tokens=5, logprobs=0)
+        held = ranks[0].submit([[3, 17]], sp, min_weight_version=v)
+        time.sleep(0.3)
+        self.assertIsNone(ranks[0].poll(held))
         ranks[0].wake_up()
+        self.assertEqual(ranks[0].wait(held, timeout_ms=30000)[0].outputs[0].token_ids,
+                         [target] * 5)
         self.assertEqual(self.greedy(ranks[1], v)[0].outputs[0].token_ids, [target] * 5)
         for c in ranks:
             c.close()
