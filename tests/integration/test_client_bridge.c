@@ -397,7 +397,8 @@ static void test_fsdp2_ranks(void **state)
         float a = 0.03f * (float)(i + 1);
         rank_fill(&k[0], targets[i], a);
         rank_fill(&k[1], targets[i], a);
-        publish_job j[2] = {{.k = &k[0], .version = ++v}, {.k = &k[1], .version = v}};
+        v++;
+        publish_job j[2] = {{.k = &k[0], .version = v}, {.k = &k[1], .version = v}};
         pthread_t th[2];
         for (int r = 0; r < 2; r++)
             assert_int_equal(pthread_create(&th[r], NULL, publish_thread, &j[r]), 0);
@@ -517,7 +518,8 @@ static void test_fsdp1_ranks(void **state)
             for (int u = 0; u < 2; u++)
                 memcpy(mem[r] + (u ? chunk[0] : 0), flat[u] + r * chunk[u], chunk[u] * 4);
         rank k[2] = {{.c = c[0]}, {.c = c[1]}};
-        publish_job j[2] = {{.k = &k[0], .version = ++v}, {.k = &k[1], .version = v}};
+        v++;
+        publish_job j[2] = {{.k = &k[0], .version = v}, {.k = &k[1], .version = v}};
         pthread_t th[2];
         for (int r = 0; r < 2; r++)
             assert_int_equal(pthread_create(&th[r], NULL, publish_thread, &j[r]), 0);
