@@ -597,6 +597,25 @@ static void rx_discard(rlb_ring_rx *rx, const char *why)
     rx->total = 0;
 }
 
+/* Makes rx->buf hold at least `need` bytes of the rx->total being assembled. It grows
+ * with the bytes that really arrived (doubling, capped at the total), never on the
+ * declared total alone: a corrupt or hostile length costs no memory until its bytes come.
+ * Returns 0 or RLB_ENOMEM. */
+static int rx_reserve(rlb_ring_rx *rx, size_t need)
+{
+    if (need <= rx->buf_cap)
+        return 0;
+    size_t cap = rx->buf_cap * 2 > need ? rx->buf_cap * 2 : need;
+    if (cap > rx->total)
+        cap = rx->total;
+    uint8_t *grown = realloc(rx->buf, cap);
+    if (!grown)
+        return RLB_ENOMEM;
+    rx->buf = grown;
+    rx->buf_cap = cap;
+    return 0;
+}
+
 /* Starts reassembly from a FIRST fragment. Returns 0, RLB_ETOOBIG (the message will be
  * skipped), RLB_ENOMEM or RLB_ECORRUPT. */
 static int rx_start(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m)
@@ -614,23 +633,20 @@ static int rx_start(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m)
                      (unsigned long long)total, rx->max_msg);
         return RLB_ETOOBIG;
     }
-    if (total > rx->buf_cap) {
-        uint8_t *grown = realloc(rx->buf, (size_t)total);
-        if (!grown)
-            return RLB_ENOMEM;
-        rx->buf = grown;
-        rx->buf_cap = (size_t)total;
-    }
-    memcpy(rx->buf, (const uint8_t *)m->data + sizeof(total), part);
+    rx->total = (size_t)total;
+    int rc = rx_reserve(rx, part);
+    if (rc < 0)
+        return rc;
+    if (part) /* an empty first fragment leaves buf unallocated (NULL) */
+        memcpy(rx->buf, (const uint8_t *)m->data + sizeof(total), part);
     rx->state = RX_ASSEMBLING;
     rx->have = part;
-    rx->total = (size_t)total;
     rx->type = m->type;
     return 0;
 }
 
 /* Adds a MORE or LAST fragment. Returns 1 when the message is complete, 0 when more is to
- * come, or RLB_ECORRUPT. */
+ * come, RLB_ENOMEM or RLB_ECORRUPT. */
 static int rx_append(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m)
 {
     int last = m->flags == RLB_RING_F_LAST;
@@ -646,7 +662,13 @@ static int rx_append(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m)
     size_t left = rx->total - rx->have;
     if (last ? m->len != left : m->len >= left)
         return corrupt(r, "fragment lengths do not add up", m->len);
-    memcpy(rx->buf + rx->have, m->data, m->len);
+    int rc = rx_reserve(rx, rx->have + m->len);
+    if (rc < 0) {
+        rx->state = last ? RX_IDLE : RX_SKIPPING; /* the rest of the message is skipped */
+        return rc;
+    }
+    if (m->len) /* buf may still be NULL when every fragment so far was empty */
+        memcpy(rx->buf + rx->have, m->data, m->len);
     rx->have += m->len;
     return last;
 }
