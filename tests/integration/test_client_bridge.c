@@ -259,6 +259,22 @@ static void *publish_thread(void *arg)
     return NULL;
 }
 
+/* Both ranks publish version v at once, each from its own thread (rlb_publish blocks until
+ * the bridge has heard from every rank); both must see v synced. */
+static void publish_both(rank k[2], uint64_t v)
+{
+    publish_job j[2] = {{.k = &k[0], .version = v}, {.k = &k[1], .version = v}};
+    pthread_t th[2];
+    for (int r = 0; r < 2; r++)
+        assert_int_equal(pthread_create(&th[r], NULL, publish_thread, &j[r]), 0);
+    for (int r = 0; r < 2; r++) {
+        pthread_join(th[r], NULL);
+        if (j[r].rc)
+            fail_msg("rank %d publish: %s", r, rlb_last_error(k[r].c));
+        assert_int_equal(j[r].st.version, v);
+    }
+}
+
 static rlb_generate_request greedy_request(rlb_prompt *p, int32_t *toks, rlb_sampling_params *sp,
                                            uint32_t max_tokens)
 {
@@ -397,17 +413,7 @@ static void test_fsdp2_ranks(void **state)
         float a = 0.03f * (float)(i + 1);
         rank_fill(&k[0], targets[i], a);
         rank_fill(&k[1], targets[i], a);
-        v++;
-        publish_job j[2] = {{.k = &k[0], .version = v}, {.k = &k[1], .version = v}};
-        pthread_t th[2];
-        for (int r = 0; r < 2; r++)
-            assert_int_equal(pthread_create(&th[r], NULL, publish_thread, &j[r]), 0);
-        for (int r = 0; r < 2; r++) {
-            pthread_join(th[r], NULL);
-            if (j[r].rc)
-                fail_msg("rank %d publish: %s", r, rlb_last_error(k[r].c));
-            assert_int_equal(j[r].st.version, v);
-        }
+        publish_both(k, ++v);
         check_greedy(k[i % 2].c, targets[i], a, v);
     }
     /* An observer generates too, but may not publish or register. It may put the workers
@@ -518,16 +524,7 @@ static void test_fsdp1_ranks(void **state)
             for (int u = 0; u < 2; u++)
                 memcpy(mem[r] + (u ? chunk[0] : 0), flat[u] + r * chunk[u], chunk[u] * 4);
         rank k[2] = {{.c = c[0]}, {.c = c[1]}};
-        v++;
-        publish_job j[2] = {{.k = &k[0], .version = v}, {.k = &k[1], .version = v}};
-        pthread_t th[2];
-        for (int r = 0; r < 2; r++)
-            assert_int_equal(pthread_create(&th[r], NULL, publish_thread, &j[r]), 0);
-        for (int r = 0; r < 2; r++) {
-            pthread_join(th[r], NULL);
-            if (j[r].rc)
-                fail_msg("rank %d publish: %s", r, rlb_last_error(c[r]));
-        }
+        publish_both(k, ++v);
         check_greedy(c[i], targets[i], a, v);
     }
     free(flat[0]);
