@@ -203,7 +203,10 @@ static struct sockaddr_un raw_addr(const char *path)
 static int raw_connect(const char *path)
 {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+    if (snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path) >= (int)sizeof(sa.sun_path)) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
     int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (s >= 0 && connect(s, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
         int err = errno;

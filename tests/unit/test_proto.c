@@ -913,7 +913,8 @@ static void walk(walk_ctx *c, msgpack_object *o, const char *path, const char *s
             msgpack_object_kv *kv = &o->via.map.ptr[i];
             char key[32];
             snprintf(key, sizeof key, "%.*s", (int)kv->key.via.str.size, kv->key.via.str.ptr);
-            snprintf(sub, sizeof sub, "%s.%s", path, key);
+            if (snprintf(sub, sizeof sub, "%s.%s", path, key) >= (int)sizeof sub)
+                fail_msg("path %s.%s longer than the walk's buffer", path, key);
             const char *child = child_struct(sname, key);
             fn(c, &kv->val, sub, kv->val.type == MSGPACK_OBJECT_MAP ? child : NULL, top);
             if (kv->val.type == MSGPACK_OBJECT_ARRAY) {
