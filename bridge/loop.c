@@ -35,7 +35,7 @@
 #include "common/log.h"
 #include "common/segmsg.h"
 #include "common/shm.h"
-#include "worker/tp_comm.h"
+#include "common/tp_comm.h"
 
 #define BR_IDLE_POLL_MS 1   /* poll timeout once the spin is over */
 #define BR_RECV_BUDGET 64   /* messages taken from one peer per loop turn (fairness) */

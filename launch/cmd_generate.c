@@ -4,7 +4,7 @@
  *
  * With --tp T the command runs as T processes: this one is rank 0 and prints, T - 1 forked
  * children are the other ranks; they all-reduce through one MAP_SHARED region (the
- * shared-memory communicator of worker/tp_comm.h) and make the same engine calls in
+ * shared-memory communicator of common/tp_comm.h) and make the same engine calls in
  * lockstep. Rank 0 loads its weights before forking, so a bad checkpoint is reported once.
  *
  * Exit status: 0 done, 1 the model or the run failed (missing files, shapes that do not
@@ -392,7 +392,7 @@ int rlb__cmd_generate(int argc, char **argv)
     char err[512];
     rlb_model_config cfg;
     rlb_loaded m = {0};
-    if (rlb__load_config(o.model, &cfg, err, sizeof err) ||
+    if (rlb__config_load_dir(o.model, &cfg, err, sizeof err) ||
         rlb__tp_check(&cfg, (int)o.tp, err, sizeof err)) {
         fprintf(stderr, "rlb generate: %s\n", err);
         rc = 1;

@@ -1,6 +1,6 @@
 /* backend_cpu.h: the CPU engine backend (worker/ebackend.h) — float32 weights read in place
  * from the worker's weight buffer, OpenBLAS matrix products, the ops of kernels/cpu/ops.h,
- * host float32 KV cache, TP collectives over shared memory (worker/tp_comm.h).
+ * host float32 KV cache, TP collectives over shared memory (common/tp_comm.h).
  *
  * Post-load processing (quant = int8): qkv, o, gate_up, down and the LM head are quantized
  * per output row (rlb__quant_int8_rows) into buffers allocated once at creation; the matrix
@@ -16,7 +16,7 @@
 
 #include "model/tp_layout.h"
 #include "worker/ebackend.h"
-#include "worker/tp_comm.h"
+#include "common/tp_comm.h"
 
 /* An int8 copy of one local matrix. */
 typedef struct rlb_i8_weight {

@@ -216,7 +216,7 @@ static int start(wk *w)
     if (o->cfg)
         w->cfg = *o->cfg;
     else if (dir)
-        RLB_CHECK_GOTO(rlb__load_config(dir, &w->cfg, err, sizeof(err)), rc, fail);
+        RLB_CHECK_GOTO(rlb__config_load_dir(dir, &w->cfg, err, sizeof(err)), rc, fail);
     else
         rlb__config_tiny(&w->cfg);
     RLB_CHECK_GOTO(rlb__tp_layout_init(&w->layout, &w->cfg, (int)w->tp_size, (int)o->tp_rank,

@@ -33,7 +33,7 @@
 #include "worker/ebackend.h"
 #include "model/tp_layout.h"
 #include "worker/forward.h"
-#include "worker/tp_comm.h"
+#include "common/tp_comm.h"
 
 typedef struct rlb_engine rlb_engine; /* opaque */
 

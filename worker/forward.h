@@ -23,7 +23,7 @@
 #include "model/tp_layout.h"
 #include "worker/ebackend.h"
 #include "worker/kvcache.h"
-#include "worker/tp_comm.h"
+#include "common/tp_comm.h"
 
 /* Logits a span asks for. */
 typedef enum rlb_fwd_logits {

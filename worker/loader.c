@@ -16,17 +16,6 @@
 #include "model/source.h"
 #include "rlb/rlb.h"
 
-int rlb__load_config(const char *dir, rlb_model_config *cfg, char *err, size_t errlen)
-{
-    char path[4096];
-    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
-        return rlb__model_err(err, errlen, RLB_EINVAL, "checkpoint path too long: %s", dir);
-    int rc = rlb__config_load(path, cfg, err, errlen);
-    if (rc == RLB_ENOTFOUND && err && errlen)
-        snprintf(err, errlen, "no config.json in %s", dir);
-    return rc;
-}
-
 /* Tensors HF checkpoints may carry that are buffers, not weights. */
 static int ignorable(const char *name)
 {
@@ -129,7 +118,7 @@ int rlb__load_checkpoint(const char *dir, int tp_size, int tp_rank, rlb_loaded *
 {
     rlb_model_config cfg;
     memset(out, 0, sizeof *out);
-    int rc = rlb__load_config(dir, &cfg, err, errlen);
+    int rc = rlb__config_load_dir(dir, &cfg, err, errlen);
     if (rc)
         return rc;
     if ((rc = rlb__tp_check(&cfg, tp_size, err, errlen)))

@@ -22,8 +22,6 @@ typedef struct rlb_loaded {
     void *weights;        /* [layout.total_bytes] float32 weights, 64-byte aligned */
 } rlb_loaded;
 
-/* Reads DIR/config.json. Returns 0 or the reader's error, `err` saying what. */
-int rlb__load_config(const char *dir, rlb_model_config *cfg, char *err, size_t errlen);
 /* Fills `weights` (layout->total_bytes, float32 layout) from the checkpoint in `dir`.
  * `threads` <= 0 takes the RLB_THREADS knob. Returns 0, RLB_ENOTFOUND (no checkpoint, a
  * tensor missing), RLB_ESHAPE (a shape differs from the config), RLB_EDTYPE, RLB_EINVAL
