@@ -19,6 +19,7 @@
 #include "common/conn.h"
 #include "common/proto.h"
 #include "common/ring.h"
+#include "kernels/executor.h"
 #include "model/params.h"
 #include "model/plan.h"
 #include "model/source.h"
@@ -129,11 +130,10 @@ typedef struct br_copy {
     void **dst;           /* [plan n_dst] destination buffers */
     uint64_t *dst_len;    /* [plan n_dst] */
     int threads;          /* executor threads */
-    int rc;               /* result (written by the copy thread before it signals) */
+    int rc;               /* result (the executor's finish) */
     char err[256];        /* the executor's error text */
-    double ms;            /* wall time of the copy */
-    int wake_fd;          /* eventfd the thread writes when done */
-    pthread_t tid;        /* the copy thread */
+    double ms;            /* time of the copy */
+    int wake_fd;          /* eventfd the executor writes when done */
 } br_copy;
 
 struct bridge {
@@ -169,6 +169,7 @@ struct bridge {
     int copy_running;         /* the copy thread owns src/dst memory */
     int copied;               /* the in-flight sync wrote worker buffers */
     br_copy copy;
+    rlb_executor *exec;       /* runs the plans (kernels/executor.h) */
     br_seg *parked;           /* segments to unmap once the copy ends */
     uint32_t n_parked, cap_parked;
     double control_s;         /* loop CPU seconds spent on the sync in flight */
@@ -233,6 +234,8 @@ void br_loaded(bridge *b, br_peer *p, const rlb_msg_outcome *m);
 int br_sync_progress(bridge *b);
 /* The copy thread's wake fd signalled: collect the result. */
 void br_copy_done(bridge *b);
+/* The executor that runs this bridge's plans. */
+rlb_executor *br_executor(bridge *b);
 /* A trainer (worker == NULL) or worker disconnected: abort the version in flight if it
  * depends on it. */
 void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker);

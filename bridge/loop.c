@@ -532,9 +532,16 @@ static void bridge_free(bridge *b)
     free(b->gens);
     free(b->parked);
     rlb__params_free(&b->params);
+    if (b->exec)
+        b->exec->iface->destroy(b->exec);
     if (b->copy.wake_fd >= 0)
         close(b->copy.wake_fd);
     rlb__listener_close(b->listener);
+}
+
+rlb_executor *br_executor(bridge *b)
+{
+    return b->exec;
 }
 
 static int loop(bridge *b)
@@ -603,6 +610,8 @@ int rlb__bridge_run(const rlb_bridge_opts *opts)
     b->copy.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     int rc = RLB_EIO;
     if (b->copy.wake_fd < 0)
+        goto out;
+    if ((rc = rlb__executor_cpu_create(&b->exec)) < 0)
         goto out;
     if ((rc = rlb__params_init(&b->params, &opts->cfg, err, sizeof(err))) < 0)
         goto out;

@@ -5,10 +5,11 @@
  *          incomplete at that point abort v with the missing tensor's name).
  *   DRAIN  pause mode only: new generation is held in the bridge; the sync waits until no
  *          request runs on any replica.
- *   COPY   the copy thread runs the plan from the trainers' segments straight into the
- *          workers' buffers: in place (pause), or into each worker's inactive buffer
- *          (staged) while generation goes on with v-1. The loop keeps serving meanwhile
- *          and learns of the end through an eventfd in its poll set.
+ *   COPY   the executor (kernels/executor.h: a CPU thread, or the GPU) runs the plan from
+ *          the trainers' memory straight into the workers' buffers: in place (pause), or
+ *          into each worker's inactive buffer (staged) while generation goes on with v-1.
+ *          The loop keeps serving meanwhile and learns of the end through an eventfd in its
+ *          poll set.
  *   LOAD   load(v) went to every worker of every live replica; staged workers first finish
  *          what runs on v-1, then switch buffers; all run post-load processing and answer
  *          loaded(v). New generation is held (a request must never start on a version
@@ -35,7 +36,7 @@
 
 #include "bridge/bridge_int.h"
 #include "common/log.h"
-#include "kernels/cpu/plan_exec.h"
+#include "kernels/executor.h"
 
 int br_sync_holds_generation(const bridge *b)
 {
@@ -171,21 +172,6 @@ void br_sync_abort(bridge *b, int code, const char *fmt, ...)
     b->n_aborts++;
 }
 
-static void *copy_thread(void *arg)
-{
-    br_copy *c = arg;
-    double t0 = br_now();
-    c->rc = rlb__plan_exec_cpu(&c->view, c->src, c->src_len, c->dst, c->dst_len, c->threads,
-                               c->err, sizeof(c->err));
-    c->ms = (br_now() - t0) * 1e3;
-    uint64_t one = 1;
-    /* The eventfd write is the thread's last touch of c; the loop reads c after reading
-     * the eventfd and joining the thread. */
-    ssize_t n = write(c->wake_fd, &one, sizeof(one));
-    (void)n;
-    return NULL;
-}
-
 /* Binds the plan's destinations to the live replicas' buffers and keeps only their ops
  * (ops are grouped by destination, replica by replica). Returns 0 or RLB_ENOMEM. */
 static int bind_copy(bridge *b)
@@ -242,12 +228,18 @@ static void free_copy(br_copy *c)
 
 static void start_copy(bridge *b)
 {
+    br_copy *c = &b->copy;
     int rc = bind_copy(b);
-    if (rc == 0 && pthread_create(&b->copy.tid, NULL, copy_thread, &b->copy) != 0)
-        rc = RLB_EIO;
+    c->err[0] = 0;
+    if (rc == 0) {
+        rlb_exec_run run = {.plan = &c->view, .src = (void *const *)c->src,
+                            .src_len = c->src_len, .dst = c->dst, .dst_len = c->dst_len,
+                            .threads = c->threads, .done_fd = c->wake_fd};
+        rc = br_executor(b)->iface->run(br_executor(b), &run, c->err, sizeof(c->err));
+    }
     if (rc < 0) {
-        free_copy(&b->copy);
-        br_sync_abort(b, rc, "cannot start the copy: %s", rlb_strerror(rc));
+        free_copy(c);
+        br_sync_abort(b, rc, "cannot start the copy: %s", c->err[0] ? c->err : rlb_strerror(rc));
         return;
     }
     b->copy_running = 1;
@@ -261,7 +253,9 @@ void br_sync_join(bridge *b)
 {
     if (!b->copy_running)
         return;
-    pthread_join(b->copy.tid, NULL);
+    b->copy.err[0] = 0;
+    b->copy.rc = br_executor(b)->iface->finish(br_executor(b), &b->copy.ms, b->copy.err,
+                                               sizeof(b->copy.err));
     uint64_t n;
     ssize_t got = read(b->copy.wake_fd, &n, sizeof(n));
     (void)got;
