@@ -1,5 +1,5 @@
 # GPU weight path (kernels/cuda): the CUDA reshard executor against the CPU executor (one
-# GPU; two GPUs through peer access and through the staged fallback), CUDA IPC memory
+# GPU; the executor seam over host and VMM memory, test_cuda_executor; two GPUs through peer access and through the staged fallback), CUDA IPC memory
 # references across processes (three-process reshard, handle leak), and the quantization
 # kernels against the CPU reference. Each gpu test exits 77 (skip) where no GPU (or, for
 # test_cuda_peer, no second GPU) is visible; test_cuda_stage replays the staged fallback's
@@ -14,6 +14,8 @@ if(TARGET rlb_kernels_cuda)
                LIBS rlb_kernels_cuda LABELS unit TIMEOUT 120)
   rlb_add_test(NAME test_cuda_quant SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_quant.c
                LIBS rlb_kernels_cuda m LABELS gpu TIMEOUT 120)
+  rlb_add_test(NAME test_cuda_executor SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_executor.c
+               LIBS rlb_kernels_cuda LABELS gpu TIMEOUT 300)
   rlb_add_test(NAME test_cuda_ipc SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_ipc.c
                LIBS rlb_kernels_cuda LABELS gpu TIMEOUT 300)
 endif()
