@@ -42,9 +42,12 @@ typedef struct br_out {
 /* A shared-memory segment a peer passed over its socket (common/segmsg.h). */
 typedef struct br_seg {
     uint32_t id;    /* the sender's id for it */
-    void *addr;     /* our mapping */
-    uint64_t bytes; /* mapped length */
+    void *addr;     /* our mapping (a VMM segment: its device address, NULL until mapped) */
+    uint64_t bytes; /* mapped length (a VMM segment: the allocation's size) */
     uint32_t refs;  /* registered tensors inside it (trainers) */
+    int vmm;        /* 1: a CUDA VMM allocation (segmsg.h RLB_SEG_MAGIC_VMM), imported by
+                       the executor, not mmapped */
+    int fd;         /* a VMM segment's fd (kept: it identifies the allocation); else -1 */
 } br_seg;
 
 /* One tensor a trainer rank registered (a copy of the message's tensor). */
@@ -58,8 +61,12 @@ typedef struct br_tensor {
     uint32_t unit;                /* FSDP1 unit id */
     uint64_t n_entries;           /* FSDP1 entries */
     rlb_flat_entry *entries;      /* FSDP1 entries (names owned) */
-    uint32_t seg;                 /* segment id holding its bytes */
-    uint64_t offset, length;      /* bytes inside the segment */
+    uint32_t seg;                 /* segment id holding its bytes (HOST_SHM, CUDA_VMM_FD) */
+    uint64_t offset, length;      /* bytes inside the segment (or the IPC allocation) */
+    rlb_mem_kind mem;             /* where its bytes live */
+    uint8_t uuid[RLB_PROTO_UUID_BYTES]; /* CUDA memory: the GPU holding it */
+    uint8_t ipc[RLB_PROTO_HANDLE_BYTES]; /* CUDA_IPC: the allocation's handle */
+    void *ipc_addr;               /* CUDA_IPC: the mapped tensor, NULL until mapped */
     int dropped;                  /* the model does not use it (tied lm_head): ignored */
 } br_tensor;
 
@@ -169,7 +176,9 @@ struct bridge {
     int copy_running;         /* the copy thread owns src/dst memory */
     int copied;               /* the in-flight sync wrote worker buffers */
     br_copy copy;
-    rlb_executor *exec;       /* runs the plans (kernels/executor.h) */
+    rlb_executor *exec;       /* runs the plans (kernels/executor.h): the CPU executor until
+                                 device memory appears, then the CUDA one */
+    rlb_dtype wdt;            /* element type of the workers' weight buffers */
     br_seg *parked;           /* segments to unmap once the copy ends */
     uint32_t n_parked, cap_parked;
     double control_s;         /* loop CPU seconds spent on the sync in flight */
@@ -236,6 +245,14 @@ int br_sync_progress(bridge *b);
 void br_copy_done(bridge *b);
 /* The executor that runs this bridge's plans. */
 rlb_executor *br_executor(bridge *b);
+/* Makes the CUDA executor run the plans from now on (device memory was registered or a GPU
+ * worker joined). Returns 0, or RLB_EUNSUPPORTED (no CUDA in this build, no GPU) with `why`
+ * saying so. */
+int br_use_cuda(bridge *b, char *why, size_t len);
+/* Maps VMM segment s through the executor on the GPU of `uuid` (once). Returns 0 or the
+ * executor's error, `why` saying what. */
+int br_seg_map_device(bridge *b, br_seg *s, const uint8_t uuid[RLB_PROTO_UUID_BYTES],
+                      char *why, size_t len);
 /* A trainer (worker == NULL) or worker disconnected: abort the version in flight if it
  * depends on it. */
 void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker);

@@ -169,8 +169,8 @@ static int replicas_init(bridge *b, const rlb_msg_hello *h, char *why, size_t le
 }
 
 /* Checks that worker p passed a weight buffer of the layout's size as segment id. */
-static int worker_buffer(bridge *b, br_peer *p, uint32_t id, uint64_t bytes, void **addr,
-                         char *why, size_t len)
+static int worker_buffer(bridge *b, br_peer *p, const rlb_msg_hello *h, uint32_t id,
+                         uint64_t bytes, void **addr, char *why, size_t len)
 {
     br_seg *s = br_seg_find(p, id);
     if (!s) {
@@ -186,17 +186,39 @@ static int worker_buffer(bridge *b, br_peer *p, uint32_t id, uint64_t bytes, voi
         return snprintf(why, len, "weight buffer (segment %u) holds %llu bytes, the model needs "
                         "%llu: does the worker run the bridge's model?", id,
                         (unsigned long long)s->bytes, (unsigned long long)bytes), RLB_ESHAPE;
+    if (s->vmm != (h->device == RLB_DEVICE_CUDA))
+        return snprintf(why, len, "a %s worker passed its weight buffer as %s memory",
+                        h->device == RLB_DEVICE_CUDA ? "GPU" : "CPU",
+                        s->vmm ? "GPU" : "host"), RLB_EINVAL;
+    int rc = s->vmm ? br_seg_map_device(b, s, h->device_uuid, why, len) : 0;
     *addr = s->addr;
-    return 0;
+    return rc;
 }
 
 static int hello_worker(bridge *b, br_peer *p, const rlb_msg_hello *h, char *why, size_t len)
 {
-    if (h->device != RLB_DEVICE_CPU)
-        return snprintf(why, len, "this bridge drives CPU workers only"), RLB_EUNSUPPORTED;
     int rc;
-    if (b->tp_size == 0 && (rc = replicas_init(b, h, why, len)) < 0)
+    rlb_dtype wdt = h->weight_dtype;
+    if (h->device != RLB_DEVICE_CPU && h->device != RLB_DEVICE_CUDA)
+        return snprintf(why, len, "a worker names its backend (cpu or cuda)"), RLB_EINVAL;
+    if ((h->device == RLB_DEVICE_CPU && wdt != RLB_DTYPE_F32) ||
+        (wdt != RLB_DTYPE_F32 && wdt != RLB_DTYPE_BF16 && wdt != RLB_DTYPE_F16))
+        return snprintf(why, len, "a %s worker with %s weights", h->device == RLB_DEVICE_CPU ?
+                        "CPU" : "GPU", rlb_dtype_name(wdt)), RLB_EDTYPE;
+    if (b->tp_size && wdt != b->wdt)
+        return snprintf(why, len, "weights of %s, but the other workers hold %s",
+                        rlb_dtype_name(wdt), rlb_dtype_name(b->wdt)), RLB_EDTYPE;
+    if (h->device == RLB_DEVICE_CUDA && h->tp_size > 1)
+        return snprintf(why, len, "GPU workers of TP size %u: this bridge drives GPU workers "
+                        "of TP size 1 (NCCL between TP ranks is not wired up yet)", h->tp_size),
+               RLB_EUNSUPPORTED;
+    if (h->device == RLB_DEVICE_CUDA && (rc = br_use_cuda(b, why, len)) < 0)
         return rc;
+    if (b->tp_size == 0) {
+        if ((rc = replicas_init(b, h, why, len)) < 0)
+            return rc;
+        b->wdt = wdt;
+    }
     if (h->tp_size != b->tp_size || h->world != b->n_replicas * b->tp_size)
         return snprintf(why, len, "TP size %u and %u workers, but the others said %u and %u",
                         h->tp_size, h->world, b->tp_size, b->n_replicas * b->tp_size),
@@ -213,14 +235,14 @@ static int hello_worker(bridge *b, br_peer *p, const rlb_msg_hello *h, char *why
                         h->tp_rank), RLB_EEXIST;
     rlb_tp_layout layout;
     if ((rc = rlb__tp_layout_init(&layout, &b->opts->cfg, (int)h->tp_size, (int)h->tp_rank,
-                                  RLB_DTYPE_F32)) < 0)
+                                  wdt)) < 0)
         return snprintf(why, len, "no TP layout for rank %u of %u", h->tp_rank, h->tp_size), rc;
     uint64_t bytes = layout.total_bytes;
     rlb__tp_layout_free(&layout);
-    if ((rc = worker_buffer(b, p, RLB_SEG_ID_WEIGHTS, bytes, &p->buf[0], why, len)) < 0)
+    if ((rc = worker_buffer(b, p, h, RLB_SEG_ID_WEIGHTS, bytes, &p->buf[0], why, len)) < 0)
         return rc;
     if (b->opts->mode == RLB_SYNC_STAGED &&
-        (rc = worker_buffer(b, p, RLB_SEG_ID_WEIGHTS_B, bytes, &p->buf[1], why, len)) < 0)
+        (rc = worker_buffer(b, p, h, RLB_SEG_ID_WEIGHTS_B, bytes, &p->buf[1], why, len)) < 0)
         return rc;
     if (b->tp_size > 1 && (rc = send_tp_segment(b, r, h->replica, p)) < 0)
         return snprintf(why, len, "cannot pass the TP communicator: %s", rlb_strerror(rc)), rc;
@@ -542,6 +564,30 @@ static void bridge_free(bridge *b)
 rlb_executor *br_executor(bridge *b)
 {
     return b->exec;
+}
+
+int br_use_cuda(bridge *b, char *why, size_t len)
+{
+    if (!strcmp(b->exec->iface->name, "cuda"))
+        return 0;
+#ifdef RLB_HAVE_CUDA
+    /* The CPU executor holds no state (its mappings are the bridge's own host addresses),
+     * so it can be swapped for the CUDA one whenever no copy runs. */
+    if (b->copy_running)
+        return snprintf(why, len, "device memory arrived while a CPU copy runs; retry"),
+               RLB_EAGAIN;
+    rlb_executor *x = NULL;
+    int rc = rlb__executor_cuda_create(&x, why, len);
+    if (rc < 0)
+        return rc;
+    b->exec->iface->destroy(b->exec);
+    b->exec = x;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "device memory registered: syncs run on the GPU from now on");
+    return 0;
+#else
+    return snprintf(why, len, "this bridge was built without CUDA and reads host memory "
+                    "only"), RLB_EUNSUPPORTED;
+#endif
 }
 
 static int loop(bridge *b)
