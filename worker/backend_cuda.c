@@ -89,7 +89,9 @@ typedef struct step_meta {
     int32_t *span_n;       /* [S] */
     int32_t *span_qb0;     /* [S + 1] */
     int32_t *out_rows;     /* [O] */
-    int32_t *block_tables; /* [S][B]: last, so a copy stops after the used spans */
+    int32_t *bt_stride;    /* [1] entries per span in block_tables this step */
+    int32_t *block_tables; /* [S * B] entries, [spans][stride]: last, so a copy stops
+                            * after the used ones */
 } step_meta;
 
 /* What sampling exchanges with the device. */
@@ -113,7 +115,7 @@ typedef struct cuda_backend {
     rlb_dtype dt; /* compute dtype = weights' dtype */
     size_t esz;
     int64_t D, hd, hq, kvt, grp, qkv_rows, inter, V, vl, vocab0, n_layers;
-    int64_t R, S, B, O; /* maximum rows, spans, blocks per span, logits rows */
+    int64_t R, S, B, O; /* maximum rows, spans, blocks per span (on average), logits rows */
     float eps, attn_scale;
     int T, rank;
 
@@ -140,7 +142,7 @@ typedef struct cuda_backend {
     rlb_sample_ws ws;
 
     /* the step */
-    int64_t rows, n_spans, out, real_out, qblocks, splits;
+    int64_t rows, n_spans, out, real_out, qblocks, splits, bt_stride;
     rlb_eo_cache cache;
     int have_step;
     int pending_add;          /* an rlb_ebuf added into X and not yet issued, or -1 */
@@ -569,10 +571,11 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
         return RLB_EINVAL;
     if (c->weights_asleep)
         return RLB_EINVAL;
-    if (bt->rows > c->R || bt->n_spans > c->S || bt->out > c->O || bt->max_blocks > c->B) {
+    if (bt->rows > c->R || bt->n_spans > c->S || bt->out > c->O ||
+        bt->max_blocks * bt->n_spans > c->B * c->S) {
         RLB_LOG_ERROR(RLB_SUB_ENGINE,
                       "step of %lld rows, %lld spans, %lld logits rows, %lld blocks per span "
-                      "exceeds the backend's maximum (%lld, %lld, %lld, %lld)",
+                      "exceeds the backend's maximum (%lld, %lld, %lld, %lld on average)",
                       (long long)bt->rows, (long long)bt->n_spans, (long long)bt->out,
                       (long long)bt->max_blocks, (long long)c->R, (long long)c->S,
                       (long long)c->O, (long long)c->B);
@@ -603,21 +606,24 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
         h->span_row0[r] = (int32_t)r;
         h->span_n[r] = 1;
     }
+    /* the tables keep the batch's own stride (at least 1, for the padding spans) */
+    const int64_t stride = bt->max_blocks > 0 ? bt->max_blocks : 1;
+    if (stride * spans > c->B * c->S)
+        return RLB_ETOOBIG;
     int64_t qb = 0, grp = c->grp;
+    h->bt_stride[0] = (int32_t)stride;
+    memcpy(h->block_tables, bt->block_tables, (size_t)(bt->n_spans * bt->max_blocks) * 4);
     for (int64_t s = 0; s < spans; s++) {
         h->span_qb0[s] = (int32_t)qb;
         qb += rlb__eo_attn_qblocks(h->span_n[s], grp);
-        int32_t *row = h->block_tables + s * c->B;
-        if (s < bt->n_spans)
-            memcpy(row, bt->block_tables + s * bt->max_blocks, (size_t)bt->max_blocks * 4);
-        else
-            row[0] = 0;
+        if (s >= bt->n_spans)
+            h->block_tables[s * stride] = 0;
     }
     h->span_qb0[spans] = (int32_t)qb;
     for (int64_t o = 0; o < out; o++)
         h->out_rows[o] = o < bt->out ? bt->out_rows[o] : (int32_t)o;
     const uint64_t used =
-        (uint64_t)((char *)(h->block_tables + spans * c->B) - (char *)c->hmeta_mem);
+        (uint64_t)((char *)(h->block_tables + spans * stride) - (char *)c->hmeta_mem);
     RLB_CUDA_CHECK(cudaMemcpyAsync(c->dmeta_mem, c->hmeta_mem, used, cudaMemcpyHostToDevice,
                                    c->stream),
                    rc, out);
@@ -628,6 +634,7 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
     c->out = out;
     c->real_out = bt->out;
     c->qblocks = qb;
+    c->bt_stride = stride;
     c->splits = rlb__eo_attn_splits(qb * c->kvt, bt->decode_only ? 0 : bt->max_ctx, c->sms,
                                     rows, c->hq, c->ws_vectors);
     c->cache = (rlb_eo_cache){kv->k, kv->v, c->dt, c->n_layers, c->kvt,
@@ -754,7 +761,8 @@ static int be_attention(rlb_ebackend *b, int layer)
         .span_qb0 = c->dmeta.span_qb0,
         .qblocks = c->qblocks,
         .block_tables = c->dmeta.block_tables,
-        .bt_stride = c->B,
+        .bt_stride = c->bt_stride,
+        .bt_stride_dev = c->dmeta.bt_stride,
         .scale = c->attn_scale,
         .splits = c->splits,
         .partial = c->partial,
@@ -1101,21 +1109,21 @@ static int alloc_step_buffers(cuda_backend *c, uint64_t *bytes)
     }
     const int64_t S = c->S, B = c->B;
     uint64_t msz[] = {(uint64_t)R * 4, (uint64_t)R * 4, (uint64_t)R * 8, (uint64_t)S * 4,
-                      (uint64_t)S * 4, (uint64_t)(S + 1) * 4, (uint64_t)O * 4,
+                      (uint64_t)S * 4, (uint64_t)(S + 1) * 4, (uint64_t)O * 4, 4,
                       (uint64_t)(S * B) * 4};
     void **dm[] = {(void **)&c->dmeta.tokens, (void **)&c->dmeta.pos, (void **)&c->dmeta.slot,
                    (void **)&c->dmeta.span_row0, (void **)&c->dmeta.span_n,
                    (void **)&c->dmeta.span_qb0, (void **)&c->dmeta.out_rows,
-                   (void **)&c->dmeta.block_tables};
+                   (void **)&c->dmeta.bt_stride, (void **)&c->dmeta.block_tables};
     void **hm[] = {(void **)&c->hmeta.tokens, (void **)&c->hmeta.pos, (void **)&c->hmeta.slot,
                    (void **)&c->hmeta.span_row0, (void **)&c->hmeta.span_n,
                    (void **)&c->hmeta.span_qb0, (void **)&c->hmeta.out_rows,
-                   (void **)&c->hmeta.block_tables};
-    c->meta_bytes = carve(NULL, dm, msz, 8);
+                   (void **)&c->hmeta.bt_stride, (void **)&c->hmeta.block_tables};
+    c->meta_bytes = carve(NULL, dm, msz, 9);
     RLB_CUDA_CHECK(cudaMalloc(&c->dmeta_mem, c->meta_bytes), rc, out);
     RLB_CUDA_CHECK(cudaMallocHost(&c->hmeta_mem, c->meta_bytes), rc, out);
-    carve(c->dmeta_mem, dm, msz, 8);
-    carve(c->hmeta_mem, hm, msz, 8);
+    carve(c->dmeta_mem, dm, msz, 9);
+    carve(c->hmeta_mem, hm, msz, 9);
     uint64_t isz[] = {(uint64_t)O * sizeof(rlb_eo_sample_job), (uint64_t)O * 4,
                       (uint64_t)O * 4, (uint64_t)O * 4};
     /* tokens, logprobs and status back to back: one copy brings all three home */

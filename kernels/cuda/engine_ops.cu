@@ -342,7 +342,8 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp)
         for (int dd = 0; dd < DPL; dd++)
             acc[sl][dd] = 0.0f;
     }
-    const int32_t *table = a.block_tables + s * a.bt_stride;
+    const int64_t bt_stride = a.bt_stride_dev ? *a.bt_stride_dev : a.bt_stride;
+    const int32_t *table = a.block_tables + s * bt_stride;
     const T *kc = (const T *)c.k, *vc = (const T *)c.v;
     for (int64_t t0 = k0; t0 < k1; t0 += RLB_EO_KTILE) {
         const int nk = (int)(k1 - t0 < RLB_EO_KTILE ? k1 - t0 : RLB_EO_KTILE);

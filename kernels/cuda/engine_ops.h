@@ -103,6 +103,8 @@ typedef struct rlb_eo_attn {
     int64_t qblocks;          /* span_qb0[n_spans] or more (extra blocks exit) */
     const int32_t *block_tables; /* [n_spans][bt_stride] block ids */
     int64_t bt_stride;        /* entries per span in block_tables */
+    const int32_t *bt_stride_dev; /* not NULL: the stride is read here instead (a captured
+                                   * graph replays with each step's own stride) */
     float scale;              /* hd^-1/2 */
     int64_t splits;           /* key splits, 1..RLB_EO_MAX_SPLITS */
     float *partial;           /* splits > 1: [splits][rows * hq][hd + 2] workspace */
