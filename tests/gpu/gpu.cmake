@@ -19,3 +19,8 @@ if(TARGET rlb_kernels_cuda)
   rlb_add_test(NAME test_cuda_ipc SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_ipc.c
                LIBS rlb_kernels_cuda LABELS gpu TIMEOUT 300)
 endif()
+# The CUDA engine's kernels (kernels/cuda/engine_ops.h) against the CPU ops and sampler.
+if(TARGET rlb_kernels_cuda)
+  rlb_add_test(NAME test_cuda_engine_ops SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_engine_ops.c
+               LIBS rlb_kernels_cuda m LABELS gpu TIMEOUT 300)
+endif()
