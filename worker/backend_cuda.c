@@ -169,6 +169,51 @@ static uint64_t align_up(uint64_t v, uint64_t a)
     return (v + a - 1) / a * a;
 }
 
+/* ---- Driver functions ------------------------------------------------------------------ */
+
+/* The driver API functions this file calls, looked up once through the runtime
+ * (rlb__cuda_driver_fn) instead of linked, so programs holding the CUDA backend start, and
+ * run on the CPU, on machines without a driver. */
+static struct {
+    CUresult (*device_get)(CUdevice *, int);
+    CUresult (*address_free)(CUdeviceptr, size_t);
+    CUresult (*address_reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+    CUresult (*mem_create)(CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *,
+                           unsigned long long);
+    CUresult (*export_handle)(void *, CUmemGenericAllocationHandle, CUmemAllocationHandleType,
+                              unsigned long long);
+    CUresult (*granularity)(size_t *, const CUmemAllocationProp *,
+                            CUmemAllocationGranularity_flags);
+    CUresult (*mem_map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle,
+                        unsigned long long);
+    CUresult (*mem_release)(CUmemGenericAllocationHandle);
+    CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
+    CUresult (*mem_unmap)(CUdeviceptr, size_t);
+} drv;
+
+static int drv_load(void)
+{
+    static const struct {
+        const char *name;
+        void **fn;
+    } t[] = {
+        {"cuDeviceGet", (void **)&drv.device_get},
+        {"cuMemAddressFree", (void **)&drv.address_free},
+        {"cuMemAddressReserve", (void **)&drv.address_reserve},
+        {"cuMemCreate", (void **)&drv.mem_create},
+        {"cuMemExportToShareableHandle", (void **)&drv.export_handle},
+        {"cuMemGetAllocationGranularity", (void **)&drv.granularity},
+        {"cuMemMap", (void **)&drv.mem_map},
+        {"cuMemRelease", (void **)&drv.mem_release},
+        {"cuMemSetAccess", (void **)&drv.set_access},
+        {"cuMemUnmap", (void **)&drv.mem_unmap},
+    };
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++)
+        if (!*t[i].fn && rlb__cuda_driver_fn(t[i].name, t[i].fn))
+            return RLB_ECUDA;
+    return 0;
+}
+
 /* ---- VMM -------------------------------------------------------------------------------- */
 
 static uint64_t vmm_granularity(int device)
@@ -178,7 +223,7 @@ static uint64_t vmm_granularity(int device)
     prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     prop.location.id = device;
     size_t g = 0;
-    if (cuMemGetAllocationGranularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM) !=
+    if (drv.granularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM) !=
             CUDA_SUCCESS ||
         g == 0)
         g = 2u << 20;
@@ -195,31 +240,31 @@ static int vmm_map(vmm_region *r, int device)
     prop.location.id = device;
     prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
     r->exportable = 1;
-    CUresult cr = cuMemCreate(&r->h, r->size, &prop, 0);
+    CUresult cr = drv.mem_create(&r->h, r->size, &prop, 0);
     if (cr == CUDA_ERROR_NOT_SUPPORTED || cr == CUDA_ERROR_INVALID_VALUE) {
         RLB_LOG_WARN(RLB_SUB_ENGINE, "cuMemCreate with an fd handle type refused (%d); the "
                      "memory will not be exportable", (int)cr);
         prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_NONE;
         r->exportable = 0;
-        cr = cuMemCreate(&r->h, r->size, &prop, 0);
+        cr = drv.mem_create(&r->h, r->size, &prop, 0);
     }
     if (cr != CUDA_SUCCESS) {
-        RLB_LOG_ERROR(RLB_SUB_ENGINE, "cuMemCreate(%llu bytes): CUresult %d",
+        RLB_LOG_ERROR(RLB_SUB_ENGINE, "drv.mem_create(%llu bytes): CUresult %d",
                       (unsigned long long)r->size, (int)cr);
         return cr == CUDA_ERROR_OUT_OF_MEMORY ? RLB_ENOMEM : RLB_ECUDA;
     }
-    RLB_CU_CHECK(cuMemMap(r->va, r->size, 0, r->h, 0), rc, err_release);
+    RLB_CU_CHECK(drv.mem_map(r->va, r->size, 0, r->h, 0), rc, err_release);
     CUmemAccessDesc acc = {0};
     acc.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     acc.location.id = device;
     acc.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-    RLB_CU_CHECK(cuMemSetAccess(r->va, r->size, &acc, 1), rc, err_unmap);
+    RLB_CU_CHECK(drv.set_access(r->va, r->size, &acc, 1), rc, err_unmap);
     r->mapped = 1;
     return 0;
 err_unmap:
-    cuMemUnmap(r->va, r->size);
+    drv.mem_unmap(r->va, r->size);
 err_release:
-    cuMemRelease(r->h);
+    drv.mem_release(r->h);
     return rc;
 }
 
@@ -227,8 +272,8 @@ static void vmm_unmap(vmm_region *r)
 {
     if (!r->mapped)
         return;
-    cuMemUnmap(r->va, r->size);
-    cuMemRelease(r->h);
+    drv.mem_unmap(r->va, r->size);
+    drv.mem_release(r->h);
     r->mapped = 0;
 }
 
@@ -239,9 +284,9 @@ static int vmm_alloc(vmm_region *r, uint64_t bytes, int device)
     memset(r, 0, sizeof *r);
     r->asked = bytes;
     r->size = align_up(bytes ? bytes : 1, vmm_granularity(device));
-    RLB_CU_CHECK(cuMemAddressReserve(&r->va, r->size, 0, 0, 0), rc, err);
+    RLB_CU_CHECK(drv.address_reserve(&r->va, r->size, 0, 0, 0), rc, err);
     if ((rc = vmm_map(r, device))) {
-        cuMemAddressFree(r->va, r->size);
+        drv.address_free(r->va, r->size);
         goto err;
     }
     return 0;
@@ -255,7 +300,7 @@ static void vmm_free(vmm_region *r)
     if (!r->va)
         return;
     vmm_unmap(r);
-    cuMemAddressFree(r->va, r->size);
+    drv.address_free(r->va, r->size);
     memset(r, 0, sizeof *r);
 }
 
@@ -1242,7 +1287,7 @@ int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weig
         opts->quant > RLB_QUANT_FP8_CHANNEL)
         return RLB_EINVAL;
     int rc = check_layout(layout), prev = 0;
-    if (rc)
+    if (rc || (rc = drv_load()))
         return rc;
     if ((rc = rlb__cuda_enter(opts->device, &prev)))
         return rc;
@@ -1294,7 +1339,7 @@ int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weig
     }
     RLB_CUDA_CHECK(cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, c->device),
                    rc, err_inv);
-    RLB_CU_CHECK(cuDeviceGet(&c->cudev, c->device), rc, err_inv);
+    RLB_CU_CHECK(drv.device_get(&c->cudev, c->device), rc, err_inv);
     RLB_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), rc, err_inv);
     RLB_CUDA_CHECK(cudaEventCreateWithFlags(&c->meta_done, cudaEventDisableTiming), rc, err_inv);
     if ((rc = check_free("the weights", layout->total_bytes)))
@@ -1366,7 +1411,7 @@ int rlb__cuda_backend_export_fd(rlb_ebackend *b, int *fd, uint64_t *bytes)
     int rc = 0;
     if (!c->wreg.mapped || !c->wreg.exportable)
         return RLB_EUNSUPPORTED;
-    RLB_CU_CHECK(cuMemExportToShareableHandle(fd, c->wreg.h,
+    RLB_CU_CHECK(drv.export_handle(fd, c->wreg.h,
                                               CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
                  rc, out);
     *bytes = c->wreg.size;
