@@ -23,6 +23,7 @@
 #include "worker/backend_cuda.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -106,7 +107,6 @@ typedef struct cuda_backend {
     rlb_ebackend base;
     rlb_cuda_backend_opts opts;
     int device, sms;
-    CUdevice cudev;
     cudaStream_t stream;
     cudaEvent_t meta_done; /* the last metadata copy has read the staging */
     cublasLtHandle_t lt;
@@ -169,52 +169,50 @@ static uint64_t align_up(uint64_t v, uint64_t a)
     return (v + a - 1) / a * a;
 }
 
-/* ---- Driver functions ------------------------------------------------------------------ */
+/* ---- VMM -------------------------------------------------------------------------------- */
 
-/* The driver API functions this file calls, looked up once through the runtime
- * (rlb__cuda_driver_fn) instead of linked, so programs holding the CUDA backend start, and
- * run on the CPU, on machines without a driver. */
-static struct {
-    CUresult (*device_get)(CUdevice *, int);
-    CUresult (*address_free)(CUdeviceptr, size_t);
-    CUresult (*address_reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
-    CUresult (*mem_create)(CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *,
-                           unsigned long long);
-    CUresult (*export_handle)(void *, CUmemGenericAllocationHandle, CUmemAllocationHandleType,
-                              unsigned long long);
+/* The driver's VMM functions, looked up through the runtime rather than linked (as
+ * kernels/cuda/ipc.c does), so programs linking this backend load on machines without a
+ * driver and skip there. */
+static struct vmm_api {
     CUresult (*granularity)(size_t *, const CUmemAllocationProp *,
                             CUmemAllocationGranularity_flags);
-    CUresult (*mem_map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle,
-                        unsigned long long);
-    CUresult (*mem_release)(CUmemGenericAllocationHandle);
+    CUresult (*create)(CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *,
+                       unsigned long long);
+    CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle,
+                    unsigned long long);
     CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
-    CUresult (*mem_unmap)(CUdeviceptr, size_t);
+    CUresult (*unmap)(CUdeviceptr, size_t);
+    CUresult (*release)(CUmemGenericAllocationHandle);
+    CUresult (*reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+    CUresult (*addr_free)(CUdeviceptr, size_t);
+    CUresult (*export_fd)(void *, CUmemGenericAllocationHandle, CUmemAllocationHandleType,
+                          unsigned long long);
 } drv;
+static pthread_once_t drv_once = PTHREAD_ONCE_INIT;
+static int drv_rc;
 
-static int drv_load(void)
+static void drv_load(void)
 {
-    static const struct {
-        const char *name;
-        void **fn;
-    } t[] = {
-        {"cuDeviceGet", (void **)&drv.device_get},
-        {"cuMemAddressFree", (void **)&drv.address_free},
-        {"cuMemAddressReserve", (void **)&drv.address_reserve},
-        {"cuMemCreate", (void **)&drv.mem_create},
-        {"cuMemExportToShareableHandle", (void **)&drv.export_handle},
-        {"cuMemGetAllocationGranularity", (void **)&drv.granularity},
-        {"cuMemMap", (void **)&drv.mem_map},
-        {"cuMemRelease", (void **)&drv.mem_release},
-        {"cuMemSetAccess", (void **)&drv.set_access},
-        {"cuMemUnmap", (void **)&drv.mem_unmap},
-    };
-    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++)
-        if (!*t[i].fn && rlb__cuda_driver_fn(t[i].name, t[i].fn))
-            return RLB_ECUDA;
-    return 0;
+    static const char *names[] = {"cuMemGetAllocationGranularity", "cuMemCreate", "cuMemMap",
+                                  "cuMemSetAccess", "cuMemUnmap", "cuMemRelease",
+                                  "cuMemAddressReserve", "cuMemAddressFree",
+                                  "cuMemExportToShareableHandle"};
+    void **slots[] = {(void **)&drv.granularity, (void **)&drv.create, (void **)&drv.map,
+                      (void **)&drv.set_access, (void **)&drv.unmap, (void **)&drv.release,
+                      (void **)&drv.reserve, (void **)&drv.addr_free, (void **)&drv.export_fd};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        enum cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+        cudaError_t e = cudaGetDriverEntryPointByVersion(names[i], slots[i], 12000,
+                                                         cudaEnableDefault, &q);
+        if (e != cudaSuccess || q != cudaDriverEntryPointSuccess) {
+            RLB_LOG_ERROR(RLB_SUB_ENGINE, "driver function %s: %s (query %d)", names[i],
+                          cudaGetErrorString(e), (int)q);
+            drv_rc = RLB_ECUDA;
+            return;
+        }
+    }
 }
-
-/* ---- VMM -------------------------------------------------------------------------------- */
 
 static uint64_t vmm_granularity(int device)
 {
@@ -240,20 +238,20 @@ static int vmm_map(vmm_region *r, int device)
     prop.location.id = device;
     prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
     r->exportable = 1;
-    CUresult cr = drv.mem_create(&r->h, r->size, &prop, 0);
+    CUresult cr = drv.create(&r->h, r->size, &prop, 0);
     if (cr == CUDA_ERROR_NOT_SUPPORTED || cr == CUDA_ERROR_INVALID_VALUE) {
         RLB_LOG_WARN(RLB_SUB_ENGINE, "cuMemCreate with an fd handle type refused (%d); the "
                      "memory will not be exportable", (int)cr);
         prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_NONE;
         r->exportable = 0;
-        cr = drv.mem_create(&r->h, r->size, &prop, 0);
+        cr = drv.create(&r->h, r->size, &prop, 0);
     }
     if (cr != CUDA_SUCCESS) {
-        RLB_LOG_ERROR(RLB_SUB_ENGINE, "drv.mem_create(%llu bytes): CUresult %d",
+        RLB_LOG_ERROR(RLB_SUB_ENGINE, "cuMemCreate(%llu bytes): CUresult %d",
                       (unsigned long long)r->size, (int)cr);
         return cr == CUDA_ERROR_OUT_OF_MEMORY ? RLB_ENOMEM : RLB_ECUDA;
     }
-    RLB_CU_CHECK(drv.mem_map(r->va, r->size, 0, r->h, 0), rc, err_release);
+    RLB_CU_CHECK(drv.map(r->va, r->size, 0, r->h, 0), rc, err_release);
     CUmemAccessDesc acc = {0};
     acc.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     acc.location.id = device;
@@ -262,9 +260,9 @@ static int vmm_map(vmm_region *r, int device)
     r->mapped = 1;
     return 0;
 err_unmap:
-    drv.mem_unmap(r->va, r->size);
+    drv.unmap(r->va, r->size);
 err_release:
-    drv.mem_release(r->h);
+    drv.release(r->h);
     return rc;
 }
 
@@ -272,8 +270,8 @@ static void vmm_unmap(vmm_region *r)
 {
     if (!r->mapped)
         return;
-    drv.mem_unmap(r->va, r->size);
-    drv.mem_release(r->h);
+    drv.unmap(r->va, r->size);
+    drv.release(r->h);
     r->mapped = 0;
 }
 
@@ -284,9 +282,9 @@ static int vmm_alloc(vmm_region *r, uint64_t bytes, int device)
     memset(r, 0, sizeof *r);
     r->asked = bytes;
     r->size = align_up(bytes ? bytes : 1, vmm_granularity(device));
-    RLB_CU_CHECK(drv.address_reserve(&r->va, r->size, 0, 0, 0), rc, err);
+    RLB_CU_CHECK(drv.reserve(&r->va, r->size, 0, 0, 0), rc, err);
     if ((rc = vmm_map(r, device))) {
-        drv.address_free(r->va, r->size);
+        drv.addr_free(r->va, r->size);
         goto err;
     }
     return 0;
@@ -300,7 +298,7 @@ static void vmm_free(vmm_region *r)
     if (!r->va)
         return;
     vmm_unmap(r);
-    drv.address_free(r->va, r->size);
+    drv.addr_free(r->va, r->size);
     memset(r, 0, sizeof *r);
 }
 
@@ -1287,7 +1285,7 @@ int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weig
         opts->quant > RLB_QUANT_FP8_CHANNEL)
         return RLB_EINVAL;
     int rc = check_layout(layout), prev = 0;
-    if (rc || (rc = drv_load()))
+    if (rc)
         return rc;
     if ((rc = rlb__cuda_enter(opts->device, &prev)))
         return rc;
@@ -1339,7 +1337,9 @@ int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weig
     }
     RLB_CUDA_CHECK(cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, c->device),
                    rc, err_inv);
-    RLB_CU_CHECK(drv.device_get(&c->cudev, c->device), rc, err_inv);
+    pthread_once(&drv_once, drv_load);
+    if ((rc = drv_rc))
+        goto err_inv;
     RLB_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), rc, err_inv);
     RLB_CUDA_CHECK(cudaEventCreateWithFlags(&c->meta_done, cudaEventDisableTiming), rc, err_inv);
     if ((rc = check_free("the weights", layout->total_bytes)))
@@ -1411,7 +1411,7 @@ int rlb__cuda_backend_export_fd(rlb_ebackend *b, int *fd, uint64_t *bytes)
     int rc = 0;
     if (!c->wreg.mapped || !c->wreg.exportable)
         return RLB_EUNSUPPORTED;
-    RLB_CU_CHECK(drv.export_handle(fd, c->wreg.h,
+    RLB_CU_CHECK(drv.export_fd(fd, c->wreg.h,
                                               CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
                  rc, out);
     *bytes = c->wreg.size;

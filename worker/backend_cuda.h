@@ -7,8 +7,9 @@
  * buffer layout of model/tp_layout.h (dtype bf16, fp16 or fp32: the layout's). Post-load
  * copies (int8 weight-only, fp8 e4m3 per tensor or per channel, weight-only on the GPU's
  * dequantizing matmul) sit in a second fixed allocation; KV storage (through kv_mem) in
- * more. Sleep unmaps the physical memory and keeps the addresses, so captured decode
- * graphs stay valid across sleep / wake and weight loads.
+ * more. Sleep unmaps the physical memory and keeps the addresses, so captured decode graphs
+ * stay valid across sleep / wake and weight loads. The driver's VMM functions are looked up
+ * at run time, not linked, so programs load (and GPU tests skip) where no driver is.
  */
 #ifndef RLB_WORKER_BACKEND_CUDA_H
 #define RLB_WORKER_BACKEND_CUDA_H

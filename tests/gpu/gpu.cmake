@@ -24,3 +24,10 @@ if(TARGET rlb_kernels_cuda)
   rlb_add_test(NAME test_cuda_engine_ops SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_engine_ops.c
                LIBS rlb_kernels_cuda m LABELS gpu TIMEOUT 300)
 endif()
+# The CUDA engine backend against the CPU backend through the forward pass, and the whole
+# model against the HF fixtures through the engine (rlb_test_engine_util is defined by
+# tests/unit/engine.cmake, read after this file).
+if(TARGET rlb_engine_cuda)
+  rlb_add_test(NAME test_cuda_backend SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_backend.c
+               LIBS rlb_engine_cuda rlb_test_engine_util m LABELS gpu TIMEOUT 300)
+endif()
