@@ -23,8 +23,8 @@ extern "C" {
 /* The version of the binary interface: this header's structs and functions, and the
  * protocol librlb speaks with the bridge. It is the soname of the library (librlb.so.1) and
  * is checked at every connection: a bridge refuses a client of another ABI, and the Python
- * package refuses a librlb of another ABI (rlb_abi_version). Only a test that builds a
- * library of another ABI on purpose defines it before this header. */
+ * package refuses a librlb of another ABI (rlb_abi_version). Only the build of a library of
+ * another ABI for tests (tests/integration/install.cmake) defines it on the command line. */
 #ifndef RLB_ABI_VERSION
 #define RLB_ABI_VERSION 1u
 #endif
