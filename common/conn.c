@@ -479,6 +479,14 @@ void rlb__listener_close(rlb_listener *l)
 
 int rlb__conn_connect(const char *path, int timeout_ms, rlb_conn **out)
 {
+    return rlb__conn_connect_abi(path, timeout_ms, out, NULL);
+}
+
+int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
+                          uint32_t *listener_abi)
+{
+    if (listener_abi)
+        *listener_abi = 0;
     if (!path || !out || timeout_ms <= 0)
         return RLB_EINVAL;
     int64_t deadline = now_ms() + timeout_ms;
@@ -519,6 +527,8 @@ int rlb__conn_connect(const char *path, int timeout_ms, rlb_conn **out)
         goto err;
     int left_ms = (int)((deadline - now_ms()) > 0 ? deadline - now_ms() : 0);
     RLB_CHECK_GOTO(recv_hello(sock, &h, fds, &nfds, left_ms), rc, err);
+    if (listener_abi)
+        *listener_abi = h.abi_version; /* a refusal carries it too */
     rc = RLB_EPROTO;
     if (h.status < 0) {
         rc = h.status > -RLB_E_COUNT_ ? h.status : RLB_EPROTO;
