@@ -65,6 +65,7 @@ int rlb__xport_wait_all(rlb_xport *x, rlb_xreq **reqs, int n, int timeout_ms)
             }
             reqs[i] = NULL; /* done or failed: test freed it */
             rc = r;
+            deadline = now_ms() + timeout_ms; /* progress: the clock starts again */
         }
         if (pending && rc == 0 && now_ms() > deadline)
             rc = RLB_ETIMEDOUT;

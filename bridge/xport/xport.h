@@ -12,9 +12,9 @@
  *        clusters), built where libucx-dev is present (RLB_HAVE_UCX).
  * An NCCL implementation for GPU memory is not written yet.
  *
- * Failures: a peer that dies or closes makes its pending and later requests fail with
- * RLB_EPEERDEAD, so a waiter is never left waiting for bytes that cannot come; every wait
- * takes a timeout.
+ * Failures: where the implementation can tell, a peer that dies makes its pending and later
+ * requests fail with RLB_EPEERDEAD; where it cannot, the wait's no-progress timeout ends
+ * it. Either way no waiter is left waiting for bytes that cannot come.
  */
 #ifndef RLB_BRIDGE_XPORT_H
 #define RLB_BRIDGE_XPORT_H
@@ -52,14 +52,17 @@ typedef struct rlb_xport {
 } rlb_xport;
 
 /* The host-memory transport over UCX, for node `node` of `nnodes` (built only where UCX is:
- * RLB_HAVE_UCX). */
-int rlb__xport_ucx_create(int node, int nnodes, rlb_xport **out);
+ * RLB_HAVE_UCX). peer_errors: UCX detects dead peers itself (tcp only between processes of
+ * one machine); 0: shared memory allowed, a dead peer shows as no progress. */
+int rlb__xport_ucx_create(int node, int nnodes, int peer_errors, rlb_xport **out);
 
 /* Publishes this endpoint's address under "<prefix>/addr/<node>" and connects to every
  * other node's, waiting up to timeout_ms for them. */
 int rlb__xport_connect_all(rlb_xport *x, rlb_store *store, const char *prefix, int timeout_ms);
-/* Waits for every request of reqs (n, NULL entries skipped) until timeout_ms passed; on a
- * failure or the timeout cancels the rest. Returns 0, the first error, or RLB_ETIMEDOUT. */
+/* Waits for every request of reqs (n, NULL entries skipped) while they progress: it gives up
+ * when no request completed for timeout_ms (so a long transfer of many chunks is not cut
+ * short, and a dead peer is). On a failure or the timeout cancels the rest. Returns 0, the
+ * first error, or RLB_ETIMEDOUT. */
 int rlb__xport_wait_all(rlb_xport *x, rlb_xreq **reqs, int n, int timeout_ms);
 /* Frees the transport. NULL is a no-op. */
 void rlb__xport_destroy(rlb_xport *x);

@@ -2,9 +2,14 @@
  * and one worker per bridge, one endpoint per other node; a request's tag carries the
  * sender's node in its top 16 bits, so a receive names its peer with an exact tag mask.
  *
- * Peer failure: endpoints are created with peer error handling, and the error callback marks
- * the node dead; a receive from a dead node is cancelled and fails with RLB_EPEERDEAD
- * (a tag receive is not bound to an endpoint, so UCX alone would let it wait forever).
+ * Peer failure: with peer_errors, endpoints are created with UCX's peer failure handling and
+ * the error callback marks the node dead; a receive from a dead node is then cancelled and
+ * fails with RLB_EPEERDEAD (a tag receive is not bound to an endpoint, so UCX alone would
+ * let it wait forever). UCX 1.13 has no failure handling on its shared-memory transports
+ * (posix, sysv, cma), so that mode leaves only tcp between processes of one machine, at a
+ * third of a plain TCP stream's speed here (BENCHMARKS.md). Without it, shared memory is
+ * used and a dead peer shows as no progress: rlb__xport_wait_all's timeout, and the abort
+ * that the dead node's launcher watchdog publishes in the store.
  * Requests complete through a callback into our own rlb_xreq, so no request memory of
  * UCX's is read after it is freed.
  */
@@ -27,6 +32,7 @@ typedef struct ucx_ctx {
     ucp_ep_h *eps;         /* endpoint per node; NULL for ourselves and unconnected */
     int *dead;             /* per node: its endpoint failed */
     int node, nnodes;      /* this node and the job's nodes */
+    int peer_errors;       /* endpoints with UCX's peer failure handling */
 } ucx_ctx;
 
 struct rlb_xreq {
@@ -105,7 +111,7 @@ static int ucx_connect(void *ctx, int peer, const void *addr, size_t len)
         .field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                       UCP_EP_PARAM_FIELD_ERR_HANDLER,
         .address = addr,
-        .err_mode = UCP_ERR_HANDLING_MODE_PEER,
+        .err_mode = c->peer_errors ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE,
         .err_handler = {.cb = on_ep_error, .arg = c},
     };
     (void)len;
@@ -248,7 +254,7 @@ static const rlb_xport_iface_v1 ucx_iface = {
     .destroy = ucx_destroy,
 };
 
-int rlb__xport_ucx_create(int node, int nnodes, rlb_xport **out)
+int rlb__xport_ucx_create(int node, int nnodes, int peer_errors, rlb_xport **out)
 {
     int rc = RLB_ENOMEM;
     ucs_status_t s;
@@ -262,6 +268,7 @@ int rlb__xport_ucx_create(int node, int nnodes, rlb_xport **out)
         goto err;
     c->node = node;
     c->nnodes = nnodes;
+    c->peer_errors = peer_errors;
     c->eps = calloc((size_t)nnodes, sizeof(*c->eps));
     c->dead = calloc((size_t)nnodes, sizeof(*c->dead));
     if (!c->eps || !c->dead)

@@ -4,8 +4,9 @@
  * - 2 and 3 nodes, striped all-to-all: every node sends its own 12 MiB in 1 MiB chunks
  *   (tags = chunk index) to every other node, with all requests in flight at once, and
  *   checks every byte it receives against the sender's pattern;
- * - kill -9 of a node that was to send: the receiver's wait fails (RLB_EPEERDEAD, or
- *   RLB_ETIMEDOUT where the transport cannot tell) no later than its timeout plus 2 s.
+ * - kill -9 of a node that was to send: with UCX's peer failure handling the receiver's
+ *   wait fails with RLB_EPEERDEAD at once; without it (shared memory) with RLB_ETIMEDOUT
+ *   after its 3 s without progress, no later than 2 s past it.
  * No UCX in this build: exit 77 (skip).
  */
 #include <setjmp.h>
@@ -42,12 +43,12 @@ static uint8_t pattern(int node, size_t i)
     return (uint8_t)(i * 131 + (i >> 12) * 7 + (size_t)node * 53 + 1);
 }
 
-static rlb_xport *join(int port, const char *run, int node, int nnodes)
+static rlb_xport *join(int port, const char *run, int node, int nnodes, int peer_errors)
 {
     rlb_store *st = NULL;
     rlb_xport *x = NULL;
     if (rlb__store_connect("127.0.0.1", port, run, 5000, &st, NULL, 0) < 0 ||
-        rlb__xport_ucx_create(node, nnodes, &x) < 0 ||
+        rlb__xport_ucx_create(node, nnodes, peer_errors, &x) < 0 ||
         rlb__xport_connect_all(x, st, "xport", 10000) < 0) {
         rlb__xport_destroy(x);
         x = NULL;
@@ -59,7 +60,7 @@ static rlb_xport *join(int port, const char *run, int node, int nnodes)
 /* One node of the all-to-all; returns the process exit status. */
 static int node_main(int port, int node, int nnodes)
 {
-    rlb_xport *x = join(port, "a2a", node, nnodes);
+    rlb_xport *x = join(port, "a2a", node, nnodes, 0);
     if (!x)
         return 10;
     uint8_t *mine = malloc(SHARD), *theirs = malloc((size_t)SHARD * nnodes);
@@ -134,7 +135,8 @@ static void test_three_nodes(void **state)
     all_to_all(3);
 }
 
-static void test_sender_killed(void **state)
+/* Node 1 connects and is killed before it sends; node 0 waits on a receive from it. */
+static void sender_killed(int peer_errors)
 {
     rlb_store_server *s = NULL;
     assert_int_equal(rlb__store_server_start("127.0.0.1", 0, "kill", &s), 0);
@@ -143,14 +145,14 @@ static void test_sender_killed(void **state)
     assert_int_equal(pipe(ready), 0);
     pid_t victim = fork();
     if (victim == 0) {
-        rlb_xport *x = join(port, "kill", 1, 2);
+        rlb_xport *x = join(port, "kill", 1, 2, peer_errors);
         char b = x ? 1 : 0;
         ssize_t w = write(ready[1], &b, 1);
         (void)w;
         pause(); /* connected, never sends: killed here */
         _exit(0);
     }
-    rlb_xport *x = join(port, "kill", 0, 2);
+    rlb_xport *x = join(port, "kill", 0, 2, peer_errors);
     assert_non_null(x);
     char b = 0;
     assert_int_equal(read(ready[0], &b, 1), 1);
@@ -164,8 +166,13 @@ static void test_sender_killed(void **state)
     int rc = rlb__xport_wait_all(x, &req, 1, 3000);
     long long took = now_ms() - t0;
     fprintf(stderr, "receiver saw %s after %lld ms\n", rlb_strerror(rc), took);
-    assert_true(rc == RLB_EPEERDEAD || rc == RLB_ETIMEDOUT);
-    assert_true(took < 3000 + 2000);
+    if (peer_errors) { /* UCX tells at once */
+        assert_int_equal(rc, RLB_EPEERDEAD);
+        assert_true(took < 2000);
+    } else { /* no progress for the timeout */
+        assert_int_equal(rc, RLB_ETIMEDOUT);
+        assert_true(took >= 2900 && took < 3000 + 2000);
+    }
     rlb__xport_destroy(x);
     free(buf);
     close(ready[0]);
@@ -173,12 +180,23 @@ static void test_sender_killed(void **state)
     rlb__store_server_stop(s);
 }
 
+static void test_sender_killed_peer_errors(void **state)
+{
+    sender_killed(1);
+}
+
+static void test_sender_killed_shm(void **state)
+{
+    sender_killed(0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_two_nodes),
         cmocka_unit_test(test_three_nodes),
-        cmocka_unit_test(test_sender_killed),
+        cmocka_unit_test(test_sender_killed_peer_errors),
+        cmocka_unit_test(test_sender_killed_shm),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
