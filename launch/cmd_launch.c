@@ -811,8 +811,9 @@ static int setup(launcher *L)
                 return -1;
             }
         }
-        snprintf(L->log_root, sizeof(L->log_root), "%s/%s", base, o->rdzv_id);
-        if (mkdir(L->log_root, 0755) < 0 && errno != EEXIST) {
+        if (snprintf(L->log_root, sizeof(L->log_root), "%s/%s", base, o->rdzv_id) >=
+                (int)sizeof(L->log_root) ||
+            (mkdir(L->log_root, 0755) < 0 && errno != EEXIST)) {
             fprintf(stderr, "rlb launch: cannot create %s: %s\n", L->log_root, strerror(errno));
             L->log_root[0] = 0;
             return -1;
