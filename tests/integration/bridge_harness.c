@@ -8,7 +8,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -123,11 +125,24 @@ int h_start(h_run *r, rlb_sync_mode mode)
         rlb__config_tiny(&o.cfg);
         _exit(rlb__bridge_run(&o) == 0 ? 0 : 1);
     }
-    for (double t0 = now_s(); now_s() - t0 < 10;) {
-        struct stat st;
-        if (stat(r->sock, &st) == 0)
+    struct stat st;
+    return h_wait_listening(r->sock, 10) == 0 && stat(r->sock, &st) == 0 ? 0 : -1;
+}
+
+int h_wait_listening(const char *path, double s)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+    /* The socket file appears at bind(), a moment before listen(): only a connection
+     * that goes through says the bridge takes peers. It closes at once, which the bridge
+     * sees as a peer gone before its handshake. */
+    for (double t0 = now_s(); now_s() - t0 < s; usleep(2000)) {
+        int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        int ok = fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+        if (fd >= 0)
+            close(fd);
+        if (ok)
             return 0;
-        usleep(2000);
     }
     return -1;
 }

@@ -44,6 +44,8 @@ typedef struct h_run {
 
 /* Starts a bridge (tiny model) in mode; waits for its socket. Returns 0 or -1. */
 int h_start(h_run *r, rlb_sync_mode mode);
+/* Waits up to s seconds until a listener accepts connections at path. Returns 0 or -1. */
+int h_wait_listening(const char *path, double s);
 /* Starts workers: `replicas` replicas of TP size tp. Returns 0 or -1. */
 int h_workers(h_run *r, uint32_t replicas, uint32_t tp);
 /* Waits (bounded) until the bridge reports `workers` workers and `up` replicas up. */
