@@ -129,6 +129,8 @@ typedef struct br_copy {
     void **dst;           /* [plan n_dst] destination buffers */
     uint64_t *dst_len;    /* [plan n_dst] */
     int threads;          /* executor threads */
+    uint64_t *nonfinite;  /* [view n_ops] NaN/Inf values each op wrote (copy thread) */
+    uint64_t n_nonfinite; /* their sum (copy thread) */
     int rc;               /* result (written by the copy thread before it signals) */
     char err[256];        /* the executor's error text */
     double ms;            /* wall time of the copy */

@@ -15,8 +15,13 @@
  *          that may still be rolled back). When every worker answered, v is committed and
  *          every rank gets synced(v, bytes, ms, GB/s).
  *
+ * Poisoned versions. The copy counts the NaN / Inf values it writes (fused into the
+ * executor). By default (RLB_NONFINITE=abort) a version holding any is aborted before a
+ * worker loads it, naming each tensor and its count; RLB_NONFINITE=allow commits it with
+ * a warning (sampling over non-finite logits is defined: kernels/cpu/sample.h).
+ *
  * Abort (a rank dies before commit, a worker dies while buffers are written or loaded, a
- * copy or post-load processing fails): every rank that published v gets aborted(v,
+ * copy or post-load processing fails, the weights hold NaN / Inf): every rank that published v gets aborted(v,
  * reason). Pause mode: if worker buffers were written, they hold no complete version, so
  * generation is refused with RLB_ESTALE until a later version commits. Staged mode: the
  * active buffers never changed, except on workers that already switched for v; those get
@@ -34,6 +39,7 @@
 #include <unistd.h>
 
 #include "bridge/bridge_int.h"
+#include "common/env.h"
 #include "common/log.h"
 #include "kernels/cpu/plan_exec.h"
 
@@ -175,8 +181,11 @@ static void *copy_thread(void *arg)
 {
     br_copy *c = arg;
     double t0 = br_now();
-    c->rc = rlb__plan_exec_cpu(&c->view, c->src, c->src_len, c->dst, c->dst_len, c->threads,
-                               c->err, sizeof(c->err));
+    c->rc = rlb__plan_exec_cpu_counted(&c->view, c->src, c->src_len, c->dst, c->dst_len,
+                                       c->threads, c->nonfinite, c->err, sizeof(c->err));
+    c->n_nonfinite = 0;
+    for (uint64_t i = 0; c->rc == 0 && i < c->view.n_ops; i++)
+        c->n_nonfinite += c->nonfinite[i];
     c->ms = (br_now() - t0) * 1e3;
     uint64_t one = 1;
     /* The eventfd write is the thread's last touch of c; the loop reads c after reading
@@ -199,7 +208,8 @@ static int bind_copy(bridge *b)
     c->dst = calloc(plan->n_dst, sizeof(*c->dst));
     c->dst_len = calloc(plan->n_dst, sizeof(*c->dst_len));
     c->view.ops = malloc(plan->n_ops * sizeof(*c->view.ops) + 1);
-    if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops)
+    c->nonfinite = malloc(plan->n_ops * sizeof(*c->nonfinite) + 1);
+    if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops || !c->nonfinite)
         return RLB_ENOMEM;
     memcpy(c->src, b->src_ptr, b->n_src * sizeof(*c->src));
     memcpy(c->src_len, b->src_len, b->n_src * sizeof(*c->src_len));
@@ -235,9 +245,11 @@ static void free_copy(br_copy *c)
     free(c->dst);
     free(c->dst_len);
     free(c->view.ops);
+    free(c->nonfinite);
     c->dst = NULL;
     c->dst_len = NULL;
     c->view.ops = NULL;
+    c->nonfinite = NULL;
 }
 
 static void start_copy(bridge *b)
@@ -257,29 +269,114 @@ static void start_copy(bridge *b)
                   (unsigned long long)b->copy.view.bytes_written);
 }
 
-void br_sync_join(bridge *b)
+/* Waits for the copy thread and releases what it held, keeping the copy's tables. */
+static void copy_join(bridge *b)
 {
-    if (!b->copy_running)
-        return;
     pthread_join(b->copy.tid, NULL);
     uint64_t n;
     ssize_t got = read(b->copy.wake_fd, &n, sizeof(n));
     (void)got;
     b->copy_running = 0;
-    free_copy(&b->copy);
     br_unpark(b);
+}
+
+void br_sync_join(bridge *b)
+{
+    if (!b->copy_running)
+        return;
+    copy_join(b);
+    free_copy(&b->copy);
+}
+
+/* The source piece holding byte `at` of source buffer `buf`, or NULL; `hint` is the last
+ * one found (poisoned elements come in runs). */
+static const rlb_src_piece *piece_at(const rlb_source *src, uint32_t buf, uint64_t at,
+                                     const rlb_src_piece *hint)
+{
+    for (uint64_t k = 0; k <= src->n_pieces; k++) {
+        const rlb_src_piece *p = k == 0 ? hint : &src->pieces[k - 1];
+        if (p && p->buffer == buf && at >= p->offset &&
+            at - p->offset < p->n_elems * rlb_dtype_size(p->dtype))
+            return p;
+    }
+    return NULL;
+}
+
+/* Writes "name: count, ..." for the non-finite values the copy counted, by tensor: each
+ * poisoned element an op wrote is traced back to the source piece it came from. This pass
+ * runs only for a poisoned version, over the ops that counted any. */
+static void name_nonfinite(const bridge *b, char *text, size_t len)
+{
+    const br_copy *c = &b->copy;
+    uint64_t *per = calloc((size_t)b->params.n + 1, sizeof(*per)); /* [n]: unknown */
+    size_t at = 0;
+    text[0] = 0;
+    if (!per)
+        return;
+    const rlb_src_piece *hint = NULL;
+    for (uint64_t i = 0; i < c->view.n_ops; i++) {
+        const rlb_copy_op *op = &c->view.ops[i];
+        if (!c->nonfinite[i])
+            continue;
+        uint64_t ses = rlb_dtype_size((rlb_dtype)op->src_dtype);
+        uint64_t des = rlb_dtype_size((rlb_dtype)op->dst_dtype);
+        const uint8_t *d = (const uint8_t *)c->dst[op->dst_ref] + op->dst_offset;
+        for (uint64_t r = 0; r < op->rows; r++)
+            for (uint64_t e = 0; e < op->row_elems; e++) {
+                uint32_t x = 0, mask = des == 4 ? 0x7f800000u : op->dst_dtype ==
+                                       RLB_DTYPE_BF16 ? 0x7f80u : 0x7c00u;
+                memcpy(&x, d + r * op->dst_stride + e * des, des);
+                if ((x & mask) != mask)
+                    continue;
+                hint = piece_at(&b->source, op->src_ref,
+                                op->src_offset + r * op->src_stride + e * ses, hint);
+                per[hint ? hint->param : b->params.n]++;
+            }
+    }
+    for (int64_t p = 0; p <= b->params.n && at + 1 < len; p++)
+        if (per[p]) {
+            int n = snprintf(text + at, len - at, "%s%s: %llu", at ? ", " : "",
+                             p < b->params.n ? b->params.params[p].name : "(unknown tensor)",
+                             (unsigned long long)per[p]);
+            at = n < 0 ? len : at + (size_t)n;
+        }
+    free(per);
 }
 
 void br_copy_done(bridge *b)
 {
     double c0 = br_thread_cpu();
-    br_sync_join(b);
-    if (b->sync != BR_SYNC_COPY) /* aborted while the copy ran */
+    if (!b->copy_running)
         return;
+    copy_join(b);
+    if (b->sync != BR_SYNC_COPY) { /* aborted while the copy ran */
+        free_copy(&b->copy);
+        return;
+    }
     b->last_copy_ms = b->copy.ms;
     if (b->copy.rc < 0) {
+        free_copy(&b->copy);
         br_sync_abort(b, b->copy.rc, "copy failed: %s", b->copy.err);
         return;
+    }
+    if (b->copy.n_nonfinite) {
+        char where[384];
+        uint64_t n = b->copy.n_nonfinite;
+        int allow = !strcmp(rlb__env_str(RLB_KNOB_NONFINITE), "allow");
+        name_nonfinite(b, where, sizeof(where));
+        free_copy(&b->copy);
+        if (!allow) {
+            br_sync_abort(b, RLB_ENONFINITE, "version %" PRIu64 " holds %llu non-finite "
+                          "values (NaN/Inf) in the weights written to the workers: %s "
+                          "(RLB_NONFINITE=allow commits such versions)", b->syncing,
+                          (unsigned long long)n, where);
+            return;
+        }
+        RLB_LOG_WARN(RLB_SUB_BRIDGE, "version %" PRIu64 " holds %llu non-finite values "
+                     "(NaN/Inf), committed anyway (RLB_NONFINITE=allow): %s", b->syncing,
+                     (unsigned long long)n, where);
+    } else {
+        free_copy(&b->copy);
     }
     for (uint32_t d = 0; d < b->n_replicas; d++)
         for (uint32_t t = 0; b->replicas[d].state == BR_REP_UP && t < b->tp_size; t++) {

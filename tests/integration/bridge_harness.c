@@ -343,6 +343,26 @@ void h_trainer_fill(h_trainer *t, uint64_t v)
     }
 }
 
+int h_trainer_poison(h_trainer *t, const char *name, uint64_t elem, float value)
+{
+    const rlb_param_list *l = tiny_params();
+    float *out = (float *)t->mem;
+    for (int64_t p = 0; t->layout == H_FSDP2 && p < l->n; p++) {
+        int64_t row0, rows;
+        fsdp2_rows(&l->params[p], t->rank, t->world, &row0, &rows);
+        uint64_t first = (uint64_t)(row0 * l->params[p].cols);
+        uint64_t n = (uint64_t)(rows * l->params[p].cols);
+        if (!strcmp(l->params[p].name, name)) {
+            if (elem < first || elem - first >= n)
+                return -1;
+            out[elem - first] = value;
+            return 0;
+        }
+        out += (n + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
+    }
+    return -1;
+}
+
 int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layout layout)
 {
     const rlb_param_list *l = tiny_params();
@@ -555,4 +575,43 @@ int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32
         }
     }
     return pclose(f) == 0 ? count : -1;
+}
+
+/* ---- Generation ---------------------------------------------------------------------- */
+
+int h_generate(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_tokens,
+               rlb_result **out)
+{
+    rlb_sampling_params sp;
+    rlb_sampling_params_init(&sp);
+    sp.temperature = 0;
+    sp.max_tokens = max_tokens;
+    rlb_prompt p = {prompt, n};
+    rlb_generate_request req;
+    rlb_generate_request_init(&req);
+    req.prompts = &p;
+    req.n_prompts = 1;
+    req.sampling = &sp;
+    return rlb_generate(c, &req, 20000, out);
+}
+
+int h_check_greedy(h_run *r, rlb_client *c, uint64_t v, uint32_t tp, const int32_t *prompt,
+                   uint32_t n, uint32_t max_tokens)
+{
+    rlb_result *res = NULL;
+    int rc = h_generate(c, prompt, n, max_tokens, &res);
+    if (rc) {
+        fprintf(stderr, "generate: %s\n", rlb_last_error(c));
+        return -1;
+    }
+    int32_t want[1024];
+    int nw = h_reference(r, v, tp, prompt, n, max_tokens, want, 1024);
+    const rlb_sample *s = rlb_result_num_samples(res) == 1 ? rlb_result_sample(res, 0) : NULL;
+    int ok = s && s->weight_version == v && nw == (int)s->n_tokens &&
+             !memcmp(want, s->tokens, sizeof(int32_t) * (size_t)nw);
+    if (!ok)
+        fprintf(stderr, "generate: %s for version %llu\n", s ? "tokens or version differ "
+                "from the reference" : "not one sample", (unsigned long long)v);
+    rlb_result_free(res);
+    return ok ? 0 : -1;
 }

@@ -65,6 +65,10 @@ int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layo
 /* Writes version v's weights into t's shards. */
 void h_trainer_fill(h_trainer *t, uint64_t v);
 void h_trainer_close(h_trainer *t);
+/* Overwrites element `elem` (row-major index into the global tensor) of parameter `name`
+ * in t's shards with `value`, when t's FSDP2 shard holds it. Returns 0, or -1 when it does
+ * not (another rank holds it, or t is FSDP1). */
+int h_trainer_poison(h_trainer *t, const char *name, uint64_t elem, float value);
 
 /* Forks trainer rank/world in its own process (connect, register, then publish on
  * command). Returns 0 or -1. */
@@ -80,6 +84,15 @@ void h_child_stop(h_child *ch);
  * tokens[] and returns the count, or -1. */
 int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32_t n,
                 uint32_t max_tokens, int32_t *tokens, int cap);
+
+/* Submits a greedy generate of `prompt` (n ids, max_tokens) through c and waits up to
+ * 20 s. Returns the client's code; *out (on 0) is the result to free. */
+int h_generate(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_tokens,
+               rlb_result **out);
+/* h_generate, then checks the one sample against h_reference for version v (TP size tp)
+ * and its version stamp. Returns 0, or -1 after printing what differs. */
+int h_check_greedy(h_run *r, rlb_client *c, uint64_t v, uint32_t tp, const int32_t *prompt,
+                   uint32_t n, uint32_t max_tokens);
 
 /* One bridge counter by name through the client (-1 when absent). */
 double h_stat(rlb_client *c, const char *name);
