@@ -27,6 +27,7 @@
 #define BR_MAX_PEERS 1024      /* connections at once */
 #define BR_MAX_MSG (1u << 30)  /* largest message accepted from a peer */
 #define BR_TP_SLOT_FLOATS 65536 /* floats per call a CPU TP communicator exchanges at once */
+#define BR_MAX_RETRIES 1       /* times a request moves to another replica after a death */
 
 typedef struct bridge bridge;
 

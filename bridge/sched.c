@@ -16,8 +16,11 @@
  * Worker death: the socket reports it at once. The replica is taken out of service and
  * every request running on it is retried on another live replica; it had produced nothing
  * yet (a result is sent whole, when the request is done), so the requester sees one
- * complete result, possibly from a newer committed version. When no replica is left, the
- * request fails with an ERROR (RLB_EPEERDEAD). Either way nothing waits for a dead worker.
+ * complete result, possibly from a newer committed version. A request is retried at most
+ * BR_MAX_RETRIES times: when its worker dies again it fails with RLB_EABORTED, so a request
+ * that kills the worker running it cannot take the whole fleet down. When no replica is
+ * left, the request fails with an ERROR (RLB_EPEERDEAD). Either way nothing waits for a
+ * dead worker.
  */
 #include <inttypes.h>
 #include <stdlib.h>
@@ -195,6 +198,12 @@ void br_replica_lost(bridge *b, int replica)
         }
         if (!other) {
             gen_fail(b, i, RLB_EPEERDEAD, "its worker died and no other replica is live");
+            continue;
+        }
+        if (g->retries >= BR_MAX_RETRIES) {
+            gen_fail(b, i, RLB_EABORTED, "its worker died while running it, again after "
+                     "the retry on another replica; it is not retried twice (a request that "
+                     "kills workers would otherwise take every replica down)");
             continue;
         }
         RLB_LOG_INFO(RLB_SUB_BRIDGE, "request %" PRIu64 " of peer %u: retried on another "

@@ -10,3 +10,4 @@ function(rlb_fault_test name)
 endfunction()
 
 rlb_fault_test(test_poison)
+rlb_fault_test(test_retry)
