@@ -90,7 +90,44 @@ void br_replica_kill(bridge *b, int replica, const char *why)
     if (r->tp_fd >= 0)
         close(r->tp_fd);
     r->tp_fd = -1;
+    br_heal_lost(b, replica);
     br_replica_lost(b, replica);
+}
+
+void br_replica_up(bridge *b, int replica)
+{
+    br_replica *r = &b->replicas[replica];
+    r->state = BR_REP_UP;
+    b->ever_up = 1;
+    rlb_msg m = {.type = RLB_MSG_SLEEP};
+    for (uint32_t t = 0; b->asleep && t < b->tp_size; t++)
+        br_send(b, r->ranks[t], &m);
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %d up (%u TP ranks, version %" PRIu64 ")%s", replica,
+                 b->tp_size, b->committed, b->asleep ? ", told to sleep" : "");
+}
+
+/* Makes room for replicas [n_replicas, n): a worker of a replica the bridge has not seen
+ * yet (more workers at run time). The plan covers the replicas it was built for, so it is
+ * rebuilt at the next sync. */
+static int replicas_grow(bridge *b, uint32_t n, char *why, size_t len)
+{
+    if (b->sync != BR_SYNC_IDLE || b->copy_running || b->heal >= 0)
+        return snprintf(why, len, "replica %u is new and a sync is in flight; say hello again "
+                        "after it", n - 1), RLB_EAGAIN;
+    br_replica *grown = realloc(b->replicas, n * sizeof(*grown));
+    if (!grown)
+        return snprintf(why, len, "out of memory"), RLB_ENOMEM;
+    b->replicas = grown;
+    for (uint32_t d = b->n_replicas; d < n; d++) {
+        grown[d] = (br_replica){.state = BR_REP_FORMING, .tp_fd = -1,
+                                .ranks = calloc(b->tp_size, sizeof(br_peer *))};
+        if (!grown[d].ranks)
+            return snprintf(why, len, "out of memory"), RLB_ENOMEM;
+        b->n_replicas = d + 1;
+    }
+    br_plan_reset(b);
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "now %u replicas", n);
+    return 0;
 }
 
 /* Sends replica d's CPU TP communicator segment to worker w, creating it first. */
@@ -197,17 +234,23 @@ static int hello_worker(bridge *b, br_peer *p, const rlb_msg_hello *h, char *why
     int rc;
     if (b->tp_size == 0 && (rc = replicas_init(b, h, why, len)) < 0)
         return rc;
-    if (h->tp_size != b->tp_size || h->world != b->n_replicas * b->tp_size)
-        return snprintf(why, len, "TP size %u and %u workers, but the others said %u and %u",
-                        h->tp_size, h->world, b->tp_size, b->n_replicas * b->tp_size),
-               RLB_EINVAL;
-    if (h->replica >= b->n_replicas || h->rank != h->replica * b->tp_size + h->tp_rank)
-        return snprintf(why, len, "replica %u TP rank %u does not match worker index %u",
-                        h->replica, h->tp_rank, h->rank), RLB_EINVAL;
+    if (h->tp_size != b->tp_size || h->world % h->tp_size)
+        return snprintf(why, len, "TP size %u and %u workers, but the others said TP size %u",
+                        h->tp_size, h->world, b->tp_size), RLB_EINVAL;
+    if (h->replica >= h->world / h->tp_size || h->rank != h->replica * b->tp_size + h->tp_rank)
+        return snprintf(why, len, "replica %u TP rank %u does not match worker index %u of %u",
+                        h->replica, h->tp_rank, h->rank, h->world), RLB_EINVAL;
+    if (h->replica >= b->n_replicas && (rc = replicas_grow(b, h->replica + 1, why, len)) < 0)
+        return rc;
     br_replica *r = &b->replicas[h->replica];
-    if (r->state == BR_REP_DEAD)
-        return snprintf(why, len, "replica %u lost a worker and is out of service",
-                        h->replica), RLB_EPEERDEAD;
+    if (r->state == BR_REP_DEAD) {
+        for (uint32_t t = 0; t < b->tp_size; t++)
+            if (r->ranks[t])
+                return snprintf(why, len, "replica %u is still shutting down its old workers; "
+                                "say hello again in a moment", h->replica), RLB_EAGAIN;
+        r->state = BR_REP_FORMING; /* a worker for a lost replica: it forms again */
+        RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %u forms again", h->replica);
+    }
     if (r->ranks[h->tp_rank])
         return snprintf(why, len, "replica %u TP rank %u is already connected", h->replica,
                         h->tp_rank), RLB_EEXIST;
@@ -217,6 +260,7 @@ static int hello_worker(bridge *b, br_peer *p, const rlb_msg_hello *h, char *why
         return snprintf(why, len, "no TP layout for rank %u of %u", h->tp_rank, h->tp_size), rc;
     uint64_t bytes = layout.total_bytes;
     rlb__tp_layout_free(&layout);
+    p->buf_bytes = bytes;
     if ((rc = worker_buffer(b, p, RLB_SEG_ID_WEIGHTS, bytes, &p->buf[0], why, len)) < 0)
         return rc;
     if (b->opts->mode == RLB_SYNC_STAGED &&
@@ -228,12 +272,18 @@ static int hello_worker(bridge *b, br_peer *p, const rlb_msg_hello *h, char *why
     for (uint32_t t = 0; t < b->tp_size; t++)
         if (!r->ranks[t])
             return 0;
-    r->state = BR_REP_UP;
-    b->ever_up = 1;
     if (r->tp_fd >= 0)
         close(r->tp_fd); /* every rank holds it now */
     r->tp_fd = -1;
-    RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %u up (%u TP ranks)", h->replica, b->tp_size);
+    if (b->committed == 0) {
+        br_replica_up(b, (int)h->replica); /* every buffer holds the initial weights */
+        return 0;
+    }
+    /* Its buffers hold initial weights, not the committed version: it serves only once
+     * they do (br_heal_progress, or the next sync). */
+    r->state = BR_REP_JOINING;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %u formed; it joins once it holds version %" PRIu64,
+                 h->replica, b->committed);
     return 0;
 }
 
@@ -274,9 +324,10 @@ static void on_hello(bridge *b, br_peer *p, const rlb_msg_hello *h)
 
 static void on_stats(bridge *b, br_peer *p, uint64_t id)
 {
-    uint32_t workers = 0, up = 0, trainers = 0, held = 0;
+    uint32_t workers = 0, up = 0, joining = 0, trainers = 0, held = 0;
     for (uint32_t d = 0; d < b->n_replicas; d++) {
         up += b->replicas[d].state == BR_REP_UP;
+        joining += b->replicas[d].state == BR_REP_JOINING;
         for (uint32_t t = 0; t < b->tp_size; t++)
             workers += b->replicas[d].ranks[t] != NULL;
     }
@@ -304,6 +355,8 @@ static void on_stats(bridge *b, br_peer *p, uint64_t id)
         {"trainers", (double)trainers},
         {"workers", (double)workers},
         {"replicas_up", (double)up},
+        {"replicas_joining", (double)joining},
+        {"heals", (double)b->n_heals},
         {"stale", (double)b->stale},
         {"asleep", (double)b->asleep},
         {"staged", (double)(b->opts->mode == RLB_SYNC_STAGED)},
@@ -405,7 +458,7 @@ static void peer_drop(bridge *b, br_peer *p, const char *why)
     } else if (p->role == RLB_ROLE_WORKER) {
         br_replica *r = &b->replicas[p->hello.replica];
         r->ranks[p->hello.tp_rank] = NULL;
-        if (r->state == BR_REP_UP)
+        if (r->state == BR_REP_UP || r->in_sync)
             br_sync_peer_lost(b, NULL, p);
         if (r->state != BR_REP_DEAD && !b->stop) {
             char text[96];
@@ -574,6 +627,7 @@ static int loop(bridge *b)
         for (int i = 2; i < n; i++)
             busy |= serve_peer(b, at[i - 2], fds[i].revents);
         busy |= br_sync_progress(b);
+        busy |= br_heal_progress(b);
         busy |= br_dispatch(b);
         if (busy)
             spin_until = br_now() + spin_s;
@@ -600,6 +654,7 @@ int rlb__bridge_run(const rlb_bridge_opts *opts)
     b->opts = opts;
     b->next_peer_id = 1;
     b->next_bid = 1;
+    b->heal = -1;
     b->copy.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     int rc = RLB_EIO;
     if (b->copy.wake_fd < 0)

@@ -20,6 +20,13 @@
  * worker loads it, naming each tensor and its count; RLB_NONFINITE=allow commits it with
  * a warning (sampling over non-finite logits is defined: kernels/cpu/sample.h).
  *
+ * Replicas that come back (a worker restarted for a lost replica, or a new replica) form
+ * JOINING after a commit: their buffers hold initial weights. When no sync runs, the heal
+ * copies a live replica's buffers (the committed version, same layout) into theirs on the
+ * copy thread, sends load(committed) and puts the replica into service once every rank
+ * answered; no sync starts meanwhile. With no live replica to copy from, a joining replica
+ * is a destination of the next sync like a live one and serves once that version commits.
+ *
  * Abort (a rank dies before commit, a worker dies while buffers are written or loaded, a
  * copy or post-load processing fails, the weights hold NaN / Inf): every rank that published v gets aborted(v,
  * reason). Pause mode: if worker buffers were written, they hold no complete version, so
@@ -119,12 +126,14 @@ static void tell_ranks(bridge *b, const rlb_msg *msg)
 
 static void reset_workers(bridge *b)
 {
-    for (uint32_t d = 0; d < b->n_replicas; d++)
+    for (uint32_t d = 0; d < b->n_replicas; d++) {
+        b->replicas[d].in_sync = 0;
         for (uint32_t t = 0; t < b->tp_size; t++) {
             br_peer *w = b->replicas[d].ranks[t];
             if (w)
                 w->load_sent = w->loaded = 0;
         }
+    }
 }
 
 /* Sends load(version) to w; in staged mode its active buffer flips. */
@@ -216,8 +225,9 @@ static int bind_copy(bridge *b)
     c->view.n_ops = 0;
     c->view.bytes_written = 0;
     for (uint32_t d = 0; d < b->n_replicas; d++) {
-        if (b->replicas[d].state != BR_REP_UP)
+        if (b->replicas[d].state != BR_REP_UP && b->replicas[d].state != BR_REP_JOINING)
             continue;
+        b->replicas[d].in_sync = 1;
         for (uint32_t t = 0; t < b->tp_size; t++) {
             uint32_t dst = d * b->tp_size + t;
             br_peer *w = b->replicas[d].ranks[t];
@@ -233,6 +243,7 @@ static int bind_copy(bridge *b)
         }
     }
     c->threads = b->opts->threads;
+    c->heal = 0;
     return 0;
 }
 
@@ -251,6 +262,10 @@ static void free_copy(br_copy *c)
     c->view.ops = NULL;
     c->nonfinite = NULL;
 }
+
+/* The heal's steps (below): its copy ended; a loaded answer that may be the heal's. */
+static void heal_copy_done(bridge *b);
+static int heal_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m);
 
 static void start_copy(bridge *b)
 {
@@ -349,6 +364,10 @@ void br_copy_done(bridge *b)
     if (!b->copy_running)
         return;
     copy_join(b);
+    if (b->copy.heal) {
+        heal_copy_done(b);
+        return;
+    }
     if (b->sync != BR_SYNC_COPY) { /* aborted while the copy ran */
         free_copy(&b->copy);
         return;
@@ -379,7 +398,7 @@ void br_copy_done(bridge *b)
         free_copy(&b->copy);
     }
     for (uint32_t d = 0; d < b->n_replicas; d++)
-        for (uint32_t t = 0; b->replicas[d].state == BR_REP_UP && t < b->tp_size; t++) {
+        for (uint32_t t = 0; b->replicas[d].in_sync && t < b->tp_size; t++) {
             br_peer *w = b->replicas[d].ranks[t];
             w->load_sent = 1;
             w->loaded = 0;
@@ -399,6 +418,11 @@ static void commit(bridge *b)
     b->sync = BR_SYNC_IDLE;
     b->syncing = 0;
     b->copied = 0;
+    for (uint32_t d = 0; d < b->n_replicas; d++)
+        if (b->replicas[d].in_sync && b->replicas[d].state == BR_REP_JOINING) {
+            b->n_heals++;
+            br_replica_up(b, (int)d);
+        }
     reset_workers(b);
     b->n_syncs++;
     b->bytes_synced += bytes;
@@ -417,6 +441,8 @@ static void commit(bridge *b)
 void br_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m)
 {
     double c0 = br_thread_cpu();
+    if (heal_loaded(b, w, m))
+        return;
     if (b->sync != BR_SYNC_LOAD || m->version != b->syncing || !w->load_sent) {
         if (m->version == b->committed) /* a switch back after an abort */
             w->version = m->version;
@@ -433,27 +459,27 @@ void br_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m)
     b->control_s += br_thread_cpu() - c0;
 }
 
-/* 1 when every worker of every live replica answered loaded(v). */
+/* 1 when every worker of every replica in the sync answered loaded(v). */
 static int all_loaded(const bridge *b)
 {
     for (uint32_t d = 0; d < b->n_replicas; d++)
-        for (uint32_t t = 0; b->replicas[d].state == BR_REP_UP && t < b->tp_size; t++)
+        for (uint32_t t = 0; b->replicas[d].in_sync && t < b->tp_size; t++)
             if (!b->replicas[d].ranks[t]->loaded)
                 return 0;
     return 1;
 }
 
-/* 1 when every replica is formed (or dead) and some replica is up. Aborts v when all
- * replicas died. */
+/* 1 when some replica can take the version: live or joining, and, before any replica has
+ * served, every replica formed (or dead). Aborts v when all replicas died. */
 static int workers_ready(bridge *b, uint64_t v)
 {
     if (b->tp_size == 0)
         return 0;
     int up = 0;
     for (uint32_t d = 0; d < b->n_replicas; d++) {
-        if (b->replicas[d].state == BR_REP_FORMING)
+        if (b->replicas[d].state == BR_REP_FORMING && !b->ever_up)
             return 0;
-        up += b->replicas[d].state == BR_REP_UP;
+        up += b->replicas[d].state == BR_REP_UP || b->replicas[d].state == BR_REP_JOINING;
     }
     if (!up)
         br_sync_abort(b, RLB_EPEERDEAD, "version %" PRIu64 ": no live worker replica", v);
@@ -467,7 +493,7 @@ int br_sync_progress(bridge *b)
     switch (b->sync) {
     case BR_SYNC_IDLE: {
         uint64_t v = all_published(b);
-        if (!v || b->copy_running || !workers_ready(b, v))
+        if (!v || b->copy_running || b->heal >= 0 || !workers_ready(b, v))
             return 0;
         int rc = br_plan_ensure(b);
         if (rc <= 0) {
@@ -501,6 +527,137 @@ int br_sync_progress(bridge *b)
     if (did)
         b->control_s += br_thread_cpu() - c0;
     return did;
+}
+
+/* ---- Heal -------------------------------------------------------------------------- */
+
+void br_heal_lost(bridge *b, int replica)
+{
+    if (b->heal != replica)
+        return;
+    RLB_LOG_WARN(RLB_SUB_BRIDGE, "replica %d: heal abandoned", replica);
+    b->heal = -1;
+    b->heal_copied = 0;
+}
+
+/* Binds the heal copy: one op per TP rank, the whole buffer of live replica `from` into
+ * the buffer of joining replica `to` that its load will make active. */
+static int bind_heal(bridge *b, int from, int to)
+{
+    br_copy *c = &b->copy;
+    uint32_t T = b->tp_size;
+    c->view = (rlb_plan){.n_src = T, .n_dst = T};
+    c->src = malloc(T * sizeof(*c->src));
+    c->src_len = malloc(T * sizeof(*c->src_len));
+    c->dst = malloc(T * sizeof(*c->dst));
+    c->dst_len = malloc(T * sizeof(*c->dst_len));
+    c->view.ops = calloc(T, sizeof(*c->view.ops));
+    c->nonfinite = malloc(T * sizeof(*c->nonfinite));
+    if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops || !c->nonfinite)
+        return RLB_ENOMEM;
+    int staged = b->opts->mode == RLB_SYNC_STAGED;
+    for (uint32_t t = 0; t < T; t++) {
+        const br_peer *s = b->replicas[from].ranks[t], *w = b->replicas[to].ranks[t];
+        uint64_t bytes = w->buf_bytes;
+        int wide = bytes % 4 == 0; /* a byte copy: the dtype only sets the element size */
+        c->src[t] = s->buf[s->active];
+        c->src_len[t] = s->buf_bytes;
+        c->dst[t] = w->buf[staged ? !w->active : w->active];
+        c->dst_len[t] = bytes;
+        c->view.ops[t] = (rlb_copy_op){
+            .src_ref = t, .dst_ref = t, .src_dtype = wide ? RLB_DTYPE_F32 : RLB_DTYPE_BF16,
+            .dst_dtype = wide ? RLB_DTYPE_F32 : RLB_DTYPE_BF16, .rows = 1,
+            .row_elems = bytes / (wide ? 4 : 2)};
+        c->view.bytes_written += bytes;
+    }
+    c->view.n_ops = T;
+    c->threads = b->opts->threads;
+    c->heal = 1;
+    return 0;
+}
+
+int br_heal_progress(bridge *b)
+{
+    /* After an aborted pause-mode sync the live buffers are stale: the next sync heals. */
+    if (b->heal >= 0 || b->sync != BR_SYNC_IDLE || b->copy_running || b->committed == 0 ||
+        b->stale)
+        return 0;
+    int to = -1, from = -1;
+    for (uint32_t d = 0; d < b->n_replicas; d++) {
+        if (b->replicas[d].state == BR_REP_JOINING && to < 0)
+            to = (int)d;
+        if (b->replicas[d].state == BR_REP_UP && from < 0)
+            from = (int)d;
+    }
+    if (to < 0 || from < 0)
+        return 0; /* nothing to heal, or no live copy: the next sync brings it in */
+    int rc = bind_heal(b, from, to);
+    if (rc == 0 && pthread_create(&b->copy.tid, NULL, copy_thread, &b->copy) != 0)
+        rc = RLB_EIO;
+    if (rc < 0) {
+        free_copy(&b->copy);
+        br_replica_kill(b, to, "cannot copy the committed version into it");
+        return 1;
+    }
+    b->copy_running = 1;
+    b->heal = to;
+    b->heal_copied = 0;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %d: copying version %" PRIu64 " from replica %d",
+                 to, b->committed, from);
+    return 1;
+}
+
+/* The heal copy ended: load the committed version on every rank of the replica. */
+static void heal_copy_done(bridge *b)
+{
+    int to = b->heal;
+    int rc = b->copy.rc;
+    free_copy(&b->copy);
+    if (to < 0)
+        return; /* the replica died meanwhile */
+    if (rc < 0) {
+        b->heal = -1;
+        br_replica_kill(b, to, "the copy of the committed version into it failed");
+        return;
+    }
+    for (uint32_t t = 0; t < b->tp_size; t++) {
+        br_peer *w = b->replicas[to].ranks[t];
+        w->load_sent = 1;
+        w->loaded = 0;
+        send_load(b, w, b->committed);
+    }
+    b->heal_copied = 1;
+}
+
+/* A loaded(committed) of the replica being healed. Returns 1 when it was one. */
+static int heal_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m)
+{
+    int to = b->heal;
+    if (to < 0 || !b->heal_copied || w->hello.replica != (uint32_t)to ||
+        m->version != b->committed || !w->load_sent)
+        return 0;
+    if (m->code < 0) {
+        char why[160];
+        snprintf(why, sizeof(why), "its load of version %" PRIu64 " failed: %s", m->version,
+                 m->text ? m->text : rlb_strerror(m->code));
+        b->heal = -1;
+        br_replica_kill(b, to, why);
+        return 1;
+    }
+    w->loaded = 1;
+    w->version = m->version;
+    br_replica *r = &b->replicas[to];
+    for (uint32_t t = 0; t < b->tp_size; t++)
+        if (!r->ranks[t]->loaded)
+            return 1;
+    for (uint32_t t = 0; t < b->tp_size; t++)
+        r->ranks[t]->load_sent = r->ranks[t]->loaded = 0;
+    b->heal = -1;
+    b->heal_copied = 0;
+    b->n_heals++;
+    br_replica_up(b, to);
+    br_dispatch(b);
+    return 1;
 }
 
 void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker)

@@ -147,26 +147,33 @@ int h_wait_listening(const char *path, double s)
     return -1;
 }
 
+pid_t h_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank, uint32_t tp)
+{
+    if (r->n_workers == H_MAX_WORKERS)
+        return -1;
+    pid_t pid = spawn();
+    if (pid == 0) {
+        rlb_worker_opts o = RLB_WORKER_OPTS_INIT;
+        o.socket_path = r->sock;
+        o.replica = replica;
+        o.replicas = replicas;
+        o.tp_rank = tp_rank;
+        o.tp_size = tp;
+        o.kv_bytes = 4u << 20;
+        o.threads = 1;
+        _exit(rlb__worker_run(&o) == 0 ? 0 : 1);
+    }
+    if (pid > 0)
+        r->workers[r->n_workers++] = pid;
+    return pid;
+}
+
 int h_workers(h_run *r, uint32_t replicas, uint32_t tp)
 {
     for (uint32_t d = 0; d < replicas; d++)
-        for (uint32_t t = 0; t < tp; t++) {
-            pid_t pid = spawn();
-            if (pid == 0) {
-                rlb_worker_opts o = RLB_WORKER_OPTS_INIT;
-                o.socket_path = r->sock;
-                o.replica = d;
-                o.replicas = replicas;
-                o.tp_rank = t;
-                o.tp_size = tp;
-                o.kv_bytes = 4u << 20;
-                o.threads = 1;
-                _exit(rlb__worker_run(&o) == 0 ? 0 : 1);
-            }
-            if (pid < 0 || r->n_workers == H_MAX_WORKERS)
+        for (uint32_t t = 0; t < tp; t++)
+            if (h_worker(r, d, replicas, t, tp) < 0)
                 return -1;
-            r->workers[r->n_workers++] = pid;
-        }
     return 0;
 }
 
@@ -180,6 +187,18 @@ double h_stat(rlb_client *c, const char *name)
         v = -1;
     rlb_stat_list_free(l);
     return v;
+}
+
+int h_wait_stat(rlb_client *c, const char *name, double want, double s)
+{
+    for (double t0 = now_s(); now_s() - t0 < s; usleep(2000))
+        if (h_stat(c, name) == want)
+            return 0;
+    double got = h_stat(c, name);
+    if (got == want)
+        return 0;
+    fprintf(stderr, "bridge counter %s is %g, want %g\n", name, got, want);
+    return -1;
 }
 
 int h_wait_workers(h_run *r, rlb_client *c, uint32_t workers, uint32_t up)
@@ -206,6 +225,13 @@ static int reap(pid_t pid, double s)
     return -1;
 }
 
+void h_kill_worker(h_run *r, int i)
+{
+    kill(r->workers[i], SIGKILL);
+    reap(r->workers[i], 10);
+    r->workers[i] = -1;
+}
+
 int h_stop(h_run *r, rlb_client *tool)
 {
     int ok = 0;
@@ -217,7 +243,8 @@ int h_stop(h_run *r, rlb_client *tool)
     if (reap(r->bridge, 10) != 0)
         ok = -1;
     for (int i = 0; i < r->n_workers; i++)
-        reap(r->workers[i], 10);
+        if (r->workers[i] > 0)
+            reap(r->workers[i], 10);
     struct stat st;
     if (stat(r->sock, &st) == 0) {
         fprintf(stderr, "socket file %s left behind\n", r->sock);

@@ -13,7 +13,7 @@
 #include "bridge/bridge.h"
 #include "rlb/rlb.h"
 
-#define H_MAX_WORKERS 4
+#define H_MAX_WORKERS 16
 
 typedef enum h_layout { H_FSDP2 = 0, H_FSDP1 = 1 } h_layout;
 
@@ -48,6 +48,13 @@ int h_start(h_run *r, rlb_sync_mode mode);
 int h_wait_listening(const char *path, double s);
 /* Starts workers: `replicas` replicas of TP size tp. Returns 0 or -1. */
 int h_workers(h_run *r, uint32_t replicas, uint32_t tp);
+/* Starts one worker: TP rank tp_rank of replica `replica`, in a fleet of `replicas`
+ * replicas of TP size tp (a restart, or a replica added at run time). Returns its pid
+ * (also appended to r->workers) or -1. */
+pid_t h_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank, uint32_t tp);
+/* kill -9 of r->workers[i], reaped, and its entry set to -1 (so neither h_stop nor
+ * h_cleanup signals a pid that may belong to someone else by then). */
+void h_kill_worker(h_run *r, int i);
 /* Waits (bounded) until the bridge reports `workers` workers and `up` replicas up. */
 int h_wait_workers(h_run *r, rlb_client *c, uint32_t workers, uint32_t up);
 /* Shuts everything down (shutdown message, then SIGKILL after a bound) and checks that
@@ -96,5 +103,8 @@ int h_check_greedy(h_run *r, rlb_client *c, uint64_t v, uint32_t tp, const int32
 
 /* One bridge counter by name through the client (-1 when absent). */
 double h_stat(rlb_client *c, const char *name);
+/* Waits up to s seconds for counter `name` to equal `want`. Returns 0, or -1 after
+ * printing the value it had. */
+int h_wait_stat(rlb_client *c, const char *name, double want, double s);
 
 #endif /* RLB_TESTS_BRIDGE_HARNESS_H */

@@ -11,3 +11,4 @@ endfunction()
 
 rlb_fault_test(test_poison)
 rlb_fault_test(test_retry)
+rlb_fault_test(test_heal)

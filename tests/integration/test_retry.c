@@ -14,28 +14,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
 
 #include "tests/integration/bridge_harness.h"
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* Waits up to 10 s for a bridge counter to reach `want`. */
-static void wait_stat(rlb_client *c, const char *name, double want)
-{
-    double t0 = now_s();
-    while (h_stat(c, name) != want && now_s() - t0 < 10)
-        usleep(2000);
-    assert_true(h_stat(c, name) == want);
-}
 
 static void test_retried_once(void **state)
 {
@@ -63,9 +46,9 @@ static void test_retried_once(void **state)
     req.sampling = &sp;
     rlb_ticket tk;
     assert_int_equal(rlb_generate_submit(t.c, &req, &tk), 0);
-    wait_stat(t.c, "inflight", 1);
+    assert_int_equal(h_wait_stat(t.c, "inflight", 1, 10), 0);
     kill(r.workers[0], SIGKILL);
-    wait_stat(t.c, "retried", 1);
+    assert_int_equal(h_wait_stat(t.c, "retried", 1, 10), 0);
     kill(r.workers[1], SIGKILL);
     rlb_result *res = NULL;
     assert_int_equal(rlb_generate_wait(t.c, tk, 10000, &res), RLB_EABORTED);
