@@ -245,9 +245,9 @@ void br_loaded(bridge *b, br_peer *p, const rlb_msg_outcome *m);
 int br_sync_progress(bridge *b);
 /* The copy thread's wake fd signalled: collect the result. */
 void br_copy_done(bridge *b);
-/* A trainer (worker == NULL) or worker disconnected: abort the version in flight if it
+/* A trainer (worker == NULL) or worker is gone (`why`): abort the version in flight if it
  * depends on it. */
-void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker);
+void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker, const char *why);
 /* Aborts the version in flight with code and text; nothing if idle. */
 void br_sync_abort(bridge *b, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* Waits for a running copy thread (shutdown). */

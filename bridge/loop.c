@@ -452,14 +452,14 @@ static void peer_drop(bridge *b, br_peer *p, const char *why)
 {
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "peer %u (%s) gone: %s", p->id, role_name(p->role), why);
     if (p->role == RLB_ROLE_TRAINER) {
-        br_sync_peer_lost(b, p, NULL);
+        br_sync_peer_lost(b, p, NULL, why);
         b->trainers[p->hello.rank] = NULL;
         br_registry_drop(b, p);
     } else if (p->role == RLB_ROLE_WORKER) {
         br_replica *r = &b->replicas[p->hello.replica];
         r->ranks[p->hello.tp_rank] = NULL;
         if (r->state == BR_REP_UP || r->in_sync)
-            br_sync_peer_lost(b, NULL, p);
+            br_sync_peer_lost(b, NULL, p, why);
         if (r->state != BR_REP_DEAD && !b->stop) {
             char text[96];
             snprintf(text, sizeof(text), "worker %u (TP rank %u) %s", p->hello.rank,
@@ -553,6 +553,36 @@ static int serve_peer(bridge *b, br_peer *p, short revents)
     return busy;
 }
 
+/* Refreshes the bridge's heartbeat on every ring and drops each worker whose own heartbeat
+ * (it beats every turn of its loop, and while it waits on its ring) is older than
+ * RLB_PEER_TIMEOUT_MS: a stopped or deadlocked worker, or one stuck in a collective, would
+ * otherwise hold a drain or a load forever. Dropping it is what its death does: its replica
+ * goes out of service, its requests are retried, a sync that needs it aborts; if it ever
+ * wakes, it finds its connection closed and exits. Trainers and tools are judged by their
+ * socket only: they are idle between calls by design. */
+static void check_heartbeats(bridge *b)
+{
+    long long timeout = rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS);
+    for (int i = 0; i < BR_MAX_PEERS; i++) {
+        br_peer *p = b->peers[i];
+        if (!p)
+            continue;
+        rlb_ring *rx = rlb__conn_rx(p->conn), *tx = rlb__conn_tx(p->conn);
+        rlb__ring_heartbeat(rx);
+        rlb__ring_heartbeat(tx);
+        if (p->role != RLB_ROLE_WORKER || p->closing || timeout <= 0)
+            continue;
+        int64_t a = rlb__ring_peer_idle_ms(rx), c = rlb__ring_peer_idle_ms(tx);
+        int64_t idle = a < c ? a : c;
+        if (idle <= timeout)
+            continue;
+        char why[128];
+        snprintf(why, sizeof(why), "hung: no heartbeat for %lld ms (RLB_PEER_TIMEOUT_MS is "
+                 "%lld)", (long long)idle, timeout);
+        peer_drop(b, p, why);
+    }
+}
+
 /* ---- Run ------------------------------------------------------------------------------- */
 
 static void shutdown_all(bridge *b)
@@ -600,7 +630,8 @@ static int loop(bridge *b)
         return RLB_ENOMEM;
     }
     double spin_s = (double)rlb__env_int(RLB_KNOB_SPIN_US) * 1e-6;
-    double spin_until = 0;
+    double spin_until = 0, next_beat = 0;
+    double beat_s = (double)rlb__env_int(RLB_KNOB_HEARTBEAT_MS) * 1e-3;
     const rlb_bridge_opts *o = b->opts;
     while (!b->stop && !(o->stop && *o->stop)) {
         fds[0] = (struct pollfd){.fd = rlb__listener_fd(b->listener), .events = POLLIN};
@@ -626,6 +657,10 @@ static int loop(bridge *b)
         }
         for (int i = 2; i < n; i++)
             busy |= serve_peer(b, at[i - 2], fds[i].revents);
+        if (br_now() >= next_beat) {
+            check_heartbeats(b);
+            next_beat = br_now() + (beat_s > 0 ? beat_s : 0.2);
+        }
         busy |= br_sync_progress(b);
         busy |= br_heal_progress(b);
         busy |= br_dispatch(b);

@@ -660,11 +660,12 @@ static int heal_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m)
     return 1;
 }
 
-void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker)
+void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker, const char *why)
 {
     if (trainer && pending_version(b))
-        br_sync_abort(b, RLB_EPEERDEAD, "trainer rank %u disconnected", trainer->hello.rank);
+        br_sync_abort(b, RLB_EPEERDEAD, "trainer rank %u is gone: %s", trainer->hello.rank,
+                      why);
     if (worker && (b->sync == BR_SYNC_COPY || b->sync == BR_SYNC_LOAD))
-        br_sync_abort(b, RLB_EPEERDEAD, "worker %u (replica %u, TP rank %u) died",
-                      worker->hello.rank, worker->hello.replica, worker->hello.tp_rank);
+        br_sync_abort(b, RLB_EPEERDEAD, "worker %u (replica %u, TP rank %u) is gone: %s",
+                      worker->hello.rank, worker->hello.replica, worker->hello.tp_rank, why);
 }

@@ -568,6 +568,10 @@ static int serve(wk *w)
     const rlb_worker_opts *o = w->o;
     int shutdown = 0;
     while (!(o->stop && *o->stop)) {
+        /* The bridge drops a worker whose heartbeat is older than RLB_PEER_TIMEOUT_MS, so
+         * every turn beats: one engine step or load must stay well below that bound. */
+        rlb__ring_heartbeat(rlb__conn_rx(w->conn));
+        rlb__ring_heartbeat(rlb__conn_tx(w->conn));
         int work = rlb__engine_busy(w->engine) && !w->asleep;
         RLB_CHECK(receive(w, work || w->n_cmds ? 0 : WK_IDLE_WAIT_MS, &shutdown));
         if (shutdown) {

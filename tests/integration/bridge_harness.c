@@ -225,11 +225,17 @@ static int reap(pid_t pid, double s)
     return -1;
 }
 
+int h_reap_worker(h_run *r, int i, double s)
+{
+    int rc = reap(r->workers[i], s) < 0 ? -1 : 0;
+    r->workers[i] = -1;
+    return rc;
+}
+
 void h_kill_worker(h_run *r, int i)
 {
     kill(r->workers[i], SIGKILL);
-    reap(r->workers[i], 10);
-    r->workers[i] = -1;
+    h_reap_worker(r, i, 10);
 }
 
 int h_stop(h_run *r, rlb_client *tool)

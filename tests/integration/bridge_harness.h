@@ -55,6 +55,9 @@ pid_t h_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank, 
 /* kill -9 of r->workers[i], reaped, and its entry set to -1 (so neither h_stop nor
  * h_cleanup signals a pid that may belong to someone else by then). */
 void h_kill_worker(h_run *r, int i);
+/* Waits up to s seconds for r->workers[i] to exit by itself, then kills it; reaped and
+ * set to -1 either way. Returns 0 when it exited by itself, -1 otherwise. */
+int h_reap_worker(h_run *r, int i, double s);
 /* Waits (bounded) until the bridge reports `workers` workers and `up` replicas up. */
 int h_wait_workers(h_run *r, rlb_client *c, uint32_t workers, uint32_t up);
 /* Shuts everything down (shutdown message, then SIGKILL after a bound) and checks that
