@@ -188,6 +188,7 @@ struct bridge {
     uint32_t n_gens, cap_gens;
     uint64_t next_bid;        /* from 1 */
     int asleep;               /* workers were told to sleep */
+    uint32_t sleeper;         /* peer that put them to sleep (woken when it goes), 0 = none */
     /* counters for stats */
     uint64_t n_syncs, n_aborts, bytes_synced, n_requests, n_results, n_retried, n_failed;
     uint64_t n_heals;         /* replicas that rejoined with the committed version */

@@ -367,9 +367,11 @@ static void on_stats(bridge *b, br_peer *p, uint64_t id)
     br_send(b, p, &m);
 }
 
-/* Sleep or wake every live worker. */
-static void on_sleep(bridge *b, int sleep)
+/* Sleep or wake every live worker; p asked for it (NULL: the bridge itself). The workers
+ * stay asleep only while the peer that put them to sleep is connected (peer_drop). */
+static void on_sleep(bridge *b, br_peer *p, int sleep)
 {
+    b->sleeper = sleep && p ? p->id : 0;
     rlb_msg m = {.type = sleep ? RLB_MSG_SLEEP : RLB_MSG_WAKE};
     for (uint32_t d = 0; d < b->n_replicas; d++)
         for (uint32_t t = 0; b->replicas[d].state == BR_REP_UP && t < b->tp_size; t++)
@@ -378,17 +380,20 @@ static void on_sleep(bridge *b, int sleep)
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "workers told to %s", sleep ? "sleep" : "wake");
 }
 
-/* What each role may send (bit per message type). */
+/* What each role may send (bit per message type). Only a trainer rank, the job that owns
+ * the bridge, may shut it down; a tool (an observer) may ask for generation, sleep and
+ * wake, never for the end of the bridge. SIGTERM stops it from outside. */
 static int allowed(int role, uint32_t type)
 {
     const uint32_t any = 1u << RLB_MSG_STATS;
     const uint32_t ask = any | 1u << RLB_MSG_GENERATE | 1u << RLB_MSG_SLEEP |
-                         1u << RLB_MSG_WAKE | 1u << RLB_MSG_SHUTDOWN;
+                         1u << RLB_MSG_WAKE;
     uint32_t mask = role == BR_NEW             ? any | 1u << RLB_MSG_HELLO
                     : role == RLB_ROLE_TOOL    ? ask
                     : role == RLB_ROLE_TRAINER ? ask | 1u << RLB_MSG_REGISTER |
                                                      1u << RLB_MSG_UNREGISTER |
-                                                     1u << RLB_MSG_PUBLISH
+                                                     1u << RLB_MSG_PUBLISH |
+                                                     1u << RLB_MSG_SHUTDOWN
                                                : any | 1u << RLB_MSG_RESULT |
                                                      1u << RLB_MSG_LOADED | 1u << RLB_MSG_ERROR;
     return type < 32 && (mask >> type & 1);
@@ -435,8 +440,8 @@ static void handle(bridge *b, br_peer *p, const void *data, size_t len)
         break;
     case RLB_MSG_LOADED: br_loaded(b, p, &m.loaded); break;
     case RLB_MSG_ERROR: br_worker_error(b, p, &m.error); break;
-    case RLB_MSG_SLEEP: on_sleep(b, 1); break;
-    case RLB_MSG_WAKE: on_sleep(b, 0); break;
+    case RLB_MSG_SLEEP: on_sleep(b, p, 1); break;
+    case RLB_MSG_WAKE: on_sleep(b, p, 0); break;
     case RLB_MSG_SHUTDOWN:
         RLB_LOG_INFO(RLB_SUB_BRIDGE, "shutdown asked by peer %u", p->id);
         b->stop = 1;
@@ -468,6 +473,11 @@ static void peer_drop(bridge *b, br_peer *p, const char *why)
         }
     }
     br_requester_lost(b, p);
+    if (b->asleep && b->sleeper == p->id && !b->stop) {
+        RLB_LOG_INFO(RLB_SUB_BRIDGE, "peer %u, which put the workers to sleep, is gone: "
+                     "waking them", p->id);
+        on_sleep(b, NULL, 0);
+    }
     b->peers[p->slot] = NULL;
     b->n_peers--;
     br_peer_free(b, p);

@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/conn.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "model/safetensors.h"
@@ -647,4 +648,46 @@ int h_check_greedy(h_run *r, rlb_client *c, uint64_t v, uint32_t tp, const int32
                 "from the reference" : "not one sample", (unsigned long long)v);
     rlb_result_free(res);
     return ok ? 0 : -1;
+}
+
+/* ---- Raw protocol ------------------------------------------------------------------- */
+
+/* Packs and sends m on c, then decodes one reply into its type and ERROR code. */
+static int raw_roundtrip(rlb_conn *c, rlb_ring_rx *rx, const rlb_msg *m, int *code)
+{
+    uint8_t buf[4096];
+    size_t len;
+    rlb_ring_msg rm;
+    rlb_msg reply;
+    if (rlb__msg_pack(m, buf, sizeof(buf), &len) < 0 ||
+        rlb__ring_send(rlb__conn_tx(c), m->type, buf, len, 2000) < 0 ||
+        rlb__ring_recv(rlb__conn_rx(c), rx, 5000, &rm) < 0)
+        return -1;
+    int type = -1;
+    if (rlb__msg_decode(rm.data, rm.len, &reply, NULL, 0) == 0) {
+        type = (int)reply.type;
+        if (code)
+            *code = reply.type == RLB_MSG_ERROR ? reply.error.code : 0;
+        rlb__msg_free(&reply);
+    }
+    rlb__ring_recv_done(rlb__conn_rx(c), rx);
+    return type;
+}
+
+int h_raw_tool(h_run *r, const rlb_msg *m, int *code)
+{
+    rlb_conn *c;
+    rlb_ring_rx rx = {.max_msg = 1 << 20};
+    if (rlb__conn_connect(r->sock, 5000, &c) < 0)
+        return -1;
+    rlb_msg hello = {.type = RLB_MSG_HELLO,
+                     .hello = {.abi_version = RLB_ABI_VERSION, .role = RLB_ROLE_TOOL}};
+    int type = raw_roundtrip(c, &rx, &hello, NULL);
+    if (type == RLB_MSG_WELCOME)
+        type = raw_roundtrip(c, &rx, m, code);
+    else
+        type = -1;
+    rlb__ring_rx_free(&rx);
+    rlb__conn_close(c);
+    return type;
 }

@@ -11,6 +11,7 @@
 #include <sys/types.h>
 
 #include "bridge/bridge.h"
+#include "common/proto.h"
 #include "rlb/rlb.h"
 
 #define H_MAX_WORKERS 16
@@ -103,6 +104,11 @@ int h_generate(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_to
  * and its version stamp. Returns 0, or -1 after printing what differs. */
 int h_check_greedy(h_run *r, rlb_client *c, uint64_t v, uint32_t tp, const int32_t *prompt,
                    uint32_t n, uint32_t max_tokens);
+
+/* Connects as a tool on the raw protocol (messages the client library never sends), says
+ * hello, sends m and reads one reply. Returns the reply's message type (and, for an ERROR,
+ * its code in *code), or -1 when no reply came. */
+int h_raw_tool(h_run *r, const rlb_msg *m, int *code);
 
 /* One bridge counter by name through the client (-1 when absent). */
 double h_stat(rlb_client *c, const char *name);
