@@ -28,6 +28,7 @@
 #define BR_MAX_PEERS 1024      /* connections at once */
 #define BR_MAX_MSG (1u << 30)  /* largest message accepted from a peer */
 #define BR_TP_SLOT_FLOATS 65536 /* floats per call a CPU TP communicator exchanges at once */
+#define BR_MAX_RETRIES 1       /* times a request moves to another replica after a death */
 
 typedef struct bridge bridge;
 
@@ -93,6 +94,7 @@ typedef struct br_peer {
     void *buf[2];            /* weight buffers (segments 1 and 2) */
     int active;              /* staged: which of buf[] the engine reads */
     uint64_t version;        /* version its active buffer holds */
+    uint64_t buf_bytes;      /* bytes of each weight buffer the layout uses */
     int load_sent;           /* a load of the sync in flight was sent to it */
     int loaded;              /* ... and it answered */
 } br_peer;
@@ -100,7 +102,10 @@ typedef struct br_peer {
 typedef enum br_replica_state {
     BR_REP_FORMING = 0, /* not every TP rank connected yet */
     BR_REP_UP = 1,      /* serving */
-    BR_REP_DEAD = 2     /* a rank died: the replica is out for good */
+    BR_REP_DEAD = 2,    /* a rank died: out of service until every rank is gone and new
+                         * workers say hello for it (it forms again) */
+    BR_REP_JOINING = 3  /* formed after a version committed: its buffers get the committed
+                         * version (heal copy, or the next sync) before it serves */
 } br_replica_state;
 
 typedef struct br_replica {
@@ -108,6 +113,7 @@ typedef struct br_replica {
     br_peer **ranks;   /* [tp_size] worker of each TP rank, NULL until it says hello */
     uint32_t inflight; /* generate requests on it */
     int tp_fd;         /* CPU TP communicator segment (tp_size > 1), -1 otherwise */
+    int in_sync;       /* its buffers are destinations of the sync in flight */
 } br_replica;
 
 /* A generate request the bridge holds or has forwarded. */
@@ -137,6 +143,9 @@ typedef struct br_copy {
     void **dst;           /* [plan n_dst] destination buffers */
     uint64_t *dst_len;    /* [plan n_dst] */
     int threads;          /* executor threads */
+    int heal;             /* a heal copy (br_heal_progress), not a sync's */
+    uint64_t *nonfinite;  /* [view n_ops] NaN/Inf values each op wrote (the executor) */
+    uint64_t n_nonfinite; /* their sum */
     int rc;               /* result (the executor's finish) */
     char err[256];        /* the executor's error text */
     double ms;            /* time of the copy */
@@ -182,13 +191,17 @@ struct bridge {
     br_seg *parked;           /* segments to unmap once the copy ends */
     uint32_t n_parked, cap_parked;
     double control_s;         /* loop CPU seconds spent on the sync in flight */
+    int heal;                 /* replica being healed (copy, then load), -1 when none */
+    int heal_copied;          /* ... its copy is done and load(committed) went out */
     /* generation */
     br_gen *gens;             /* requests held or in flight */
     uint32_t n_gens, cap_gens;
     uint64_t next_bid;        /* from 1 */
     int asleep;               /* workers were told to sleep */
+    uint32_t sleeper;         /* peer that put them to sleep (woken when it goes), 0 = none */
     /* counters for stats */
     uint64_t n_syncs, n_aborts, bytes_synced, n_requests, n_results, n_retried, n_failed;
+    uint64_t n_heals;         /* replicas that rejoined with the committed version */
     double last_sync_ms, last_copy_ms, last_gbps, last_control_ms;
 };
 
@@ -253,15 +266,20 @@ int br_use_cuda(bridge *b, char *why, size_t len);
  * executor's error, `why` saying what. */
 int br_seg_map_device(bridge *b, br_seg *s, const uint8_t uuid[RLB_PROTO_UUID_BYTES],
                       char *why, size_t len);
-/* A trainer (worker == NULL) or worker disconnected: abort the version in flight if it
+/* A trainer (worker == NULL) or worker is gone (`why`): abort the version in flight if it
  * depends on it. */
-void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker);
+void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker, const char *why);
 /* Aborts the version in flight with code and text; nothing if idle. */
 void br_sync_abort(bridge *b, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* Waits for a running copy thread (shutdown). */
 void br_sync_join(bridge *b);
 /* 1 while new generation must be held (pause drain/copy/load, staged load). */
 int br_sync_holds_generation(const bridge *b);
+/* Gives a JOINING replica the committed version when no sync runs: its buffers are copied
+ * from a live replica's (same layout), then it loads. Returns 1 when it started one. */
+int br_heal_progress(bridge *b);
+/* A replica died or formed again: forget a heal of it. */
+void br_heal_lost(bridge *b, int replica);
 
 /* ---- sched.c ----------------------------------------------------------------------- */
 
@@ -290,5 +308,7 @@ double br_now(void);
 double br_thread_cpu(void);
 /* Marks a worker's replica dead, telling its other ranks to shut down. */
 void br_replica_kill(bridge *b, int replica, const char *why);
+/* Puts a formed replica into service (asleep too when the workers sleep). */
+void br_replica_up(bridge *b, int replica);
 
 #endif /* RLB_BRIDGE_INT_H */

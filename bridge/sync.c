@@ -16,8 +16,20 @@
  *          that may still be rolled back). When every worker answered, v is committed and
  *          every rank gets synced(v, bytes, ms, GB/s).
  *
+ * Poisoned versions. The copy counts the NaN / Inf values it writes (fused into the
+ * executor). By default (RLB_NONFINITE=abort) a version holding any is aborted before a
+ * worker loads it, naming each tensor and its count; RLB_NONFINITE=allow commits it with
+ * a warning (sampling over non-finite logits is defined: kernels/cpu/sample.h).
+ *
+ * Replicas that come back (a worker restarted for a lost replica, or a new replica) form
+ * JOINING after a commit: their buffers hold initial weights. When no sync runs, the heal
+ * copies a live replica's buffers (the committed version, same layout) into theirs on the
+ * copy thread, sends load(committed) and puts the replica into service once every rank
+ * answered; no sync starts meanwhile. With no live replica to copy from, a joining replica
+ * is a destination of the next sync like a live one and serves once that version commits.
+ *
  * Abort (a rank dies before commit, a worker dies while buffers are written or loaded, a
- * copy or post-load processing fails): every rank that published v gets aborted(v,
+ * copy or post-load processing fails, the weights hold NaN / Inf): every rank that published v gets aborted(v,
  * reason). Pause mode: if worker buffers were written, they hold no complete version, so
  * generation is refused with RLB_ESTALE until a later version commits. Staged mode: the
  * active buffers never changed, except on workers that already switched for v; those get
@@ -35,6 +47,7 @@
 #include <unistd.h>
 
 #include "bridge/bridge_int.h"
+#include "common/env.h"
 #include "common/log.h"
 #include "kernels/executor.h"
 
@@ -114,12 +127,14 @@ static void tell_ranks(bridge *b, const rlb_msg *msg)
 
 static void reset_workers(bridge *b)
 {
-    for (uint32_t d = 0; d < b->n_replicas; d++)
+    for (uint32_t d = 0; d < b->n_replicas; d++) {
+        b->replicas[d].in_sync = 0;
         for (uint32_t t = 0; t < b->tp_size; t++) {
             br_peer *w = b->replicas[d].ranks[t];
             if (w)
                 w->load_sent = w->loaded = 0;
         }
+    }
 }
 
 /* Sends load(version) to w; in staged mode its active buffer flips. */
@@ -172,6 +187,18 @@ void br_sync_abort(bridge *b, int code, const char *fmt, ...)
     b->n_aborts++;
 }
 
+/* Starts the executor on b->copy (a sync's plan, or a heal's). Returns 0 or a negative
+ * code with b->copy.err saying why. */
+static int run_copy(bridge *b)
+{
+    br_copy *c = &b->copy;
+    c->err[0] = 0;
+    rlb_exec_run run = {.plan = &c->view, .src = (void *const *)c->src, .src_len = c->src_len,
+                        .dst = c->dst, .dst_len = c->dst_len, .threads = c->threads,
+                        .nonfinite = c->nonfinite, .done_fd = c->wake_fd};
+    return br_executor(b)->iface->run(br_executor(b), &run, c->err, sizeof(c->err));
+}
+
 /* Binds the plan's destinations to the live replicas' buffers and keeps only their ops
  * (ops are grouped by destination, replica by replica). Returns 0 or RLB_ENOMEM. */
 static int bind_copy(bridge *b)
@@ -185,15 +212,17 @@ static int bind_copy(bridge *b)
     c->dst = calloc(plan->n_dst, sizeof(*c->dst));
     c->dst_len = calloc(plan->n_dst, sizeof(*c->dst_len));
     c->view.ops = malloc(plan->n_ops * sizeof(*c->view.ops) + 1);
-    if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops)
+    c->nonfinite = malloc(plan->n_ops * sizeof(*c->nonfinite) + 1);
+    if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops || !c->nonfinite)
         return RLB_ENOMEM;
     memcpy(c->src, b->src_ptr, b->n_src * sizeof(*c->src));
     memcpy(c->src_len, b->src_len, b->n_src * sizeof(*c->src_len));
     c->view.n_ops = 0;
     c->view.bytes_written = 0;
     for (uint32_t d = 0; d < b->n_replicas; d++) {
-        if (b->replicas[d].state != BR_REP_UP)
+        if (b->replicas[d].state != BR_REP_UP && b->replicas[d].state != BR_REP_JOINING)
             continue;
+        b->replicas[d].in_sync = 1;
         for (uint32_t t = 0; t < b->tp_size; t++) {
             uint32_t dst = d * b->tp_size + t;
             br_peer *w = b->replicas[d].ranks[t];
@@ -209,6 +238,7 @@ static int bind_copy(bridge *b)
         }
     }
     c->threads = b->opts->threads;
+    c->heal = 0;
     return 0;
 }
 
@@ -221,22 +251,23 @@ static void free_copy(br_copy *c)
     free(c->dst);
     free(c->dst_len);
     free(c->view.ops);
+    free(c->nonfinite);
     c->dst = NULL;
     c->dst_len = NULL;
     c->view.ops = NULL;
+    c->nonfinite = NULL;
 }
+
+/* The heal's steps (below): its copy ended; a loaded answer that may be the heal's. */
+static void heal_copy_done(bridge *b);
+static int heal_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m);
 
 static void start_copy(bridge *b)
 {
     br_copy *c = &b->copy;
     int rc = bind_copy(b);
-    c->err[0] = 0;
-    if (rc == 0) {
-        rlb_exec_run run = {.plan = &c->view, .src = (void *const *)c->src,
-                            .src_len = c->src_len, .dst = c->dst, .dst_len = c->dst_len,
-                            .threads = c->threads, .done_fd = c->wake_fd};
-        rc = br_executor(b)->iface->run(br_executor(b), &run, c->err, sizeof(c->err));
-    }
+    if (rc == 0)
+        rc = run_copy(b);
     if (rc < 0) {
         free_copy(c);
         br_sync_abort(b, rc, "cannot start the copy: %s", c->err[0] ? c->err : rlb_strerror(rc));
@@ -249,34 +280,126 @@ static void start_copy(bridge *b)
                   (unsigned long long)b->copy.view.bytes_written);
 }
 
-void br_sync_join(bridge *b)
+/* Waits for the copy thread and releases what it held, keeping the copy's tables. */
+static void copy_join(bridge *b)
 {
-    if (!b->copy_running)
-        return;
-    b->copy.err[0] = 0;
-    b->copy.rc = br_executor(b)->iface->finish(br_executor(b), &b->copy.ms, b->copy.err,
-                                               sizeof(b->copy.err));
+    br_copy *c = &b->copy;
+    c->err[0] = 0;
+    c->rc = br_executor(b)->iface->finish(br_executor(b), &c->ms, c->err, sizeof(c->err));
+    c->n_nonfinite = 0;
+    for (uint64_t i = 0; c->rc == 0 && i < c->view.n_ops; i++)
+        c->n_nonfinite += c->nonfinite[i];
     uint64_t n;
     ssize_t got = read(b->copy.wake_fd, &n, sizeof(n));
     (void)got;
     b->copy_running = 0;
-    free_copy(&b->copy);
     br_unpark(b);
+}
+
+void br_sync_join(bridge *b)
+{
+    if (!b->copy_running)
+        return;
+    copy_join(b);
+    free_copy(&b->copy);
+}
+
+/* The source piece holding byte `at` of source buffer `buf`, or NULL; `hint` is the last
+ * one found (poisoned elements come in runs). */
+static const rlb_src_piece *piece_at(const rlb_source *src, uint32_t buf, uint64_t at,
+                                     const rlb_src_piece *hint)
+{
+    for (uint64_t k = 0; k <= src->n_pieces; k++) {
+        const rlb_src_piece *p = k == 0 ? hint : &src->pieces[k - 1];
+        if (p && p->buffer == buf && at >= p->offset &&
+            at - p->offset < p->n_elems * rlb_dtype_size(p->dtype))
+            return p;
+    }
+    return NULL;
+}
+
+/* Writes "name: count, ..." for the non-finite values the copy counted, by tensor: each
+ * poisoned element an op wrote is traced back to the source piece it came from. This pass
+ * runs only for a poisoned version, over the ops that counted any. */
+static void name_nonfinite(const bridge *b, char *text, size_t len)
+{
+    const br_copy *c = &b->copy;
+    uint64_t *per = calloc((size_t)b->params.n + 1, sizeof(*per)); /* [n]: unknown */
+    size_t at = 0;
+    text[0] = 0;
+    if (!per)
+        return;
+    const rlb_src_piece *hint = NULL;
+    for (uint64_t i = 0; i < c->view.n_ops; i++) {
+        const rlb_copy_op *op = &c->view.ops[i];
+        if (!c->nonfinite[i])
+            continue;
+        uint64_t ses = rlb_dtype_size((rlb_dtype)op->src_dtype);
+        uint64_t des = rlb_dtype_size((rlb_dtype)op->dst_dtype);
+        const uint8_t *d = (const uint8_t *)c->dst[op->dst_ref] + op->dst_offset;
+        for (uint64_t r = 0; r < op->rows; r++)
+            for (uint64_t e = 0; e < op->row_elems; e++) {
+                uint32_t x = 0, mask = des == 4 ? 0x7f800000u : op->dst_dtype ==
+                                       RLB_DTYPE_BF16 ? 0x7f80u : 0x7c00u;
+                memcpy(&x, d + r * op->dst_stride + e * des, des);
+                if ((x & mask) != mask)
+                    continue;
+                hint = piece_at(&b->source, op->src_ref,
+                                op->src_offset + r * op->src_stride + e * ses, hint);
+                per[hint ? hint->param : b->params.n]++;
+            }
+    }
+    for (int64_t p = 0; p <= b->params.n && at + 1 < len; p++)
+        if (per[p]) {
+            int n = snprintf(text + at, len - at, "%s%s: %llu", at ? ", " : "",
+                             p < b->params.n ? b->params.params[p].name : "(unknown tensor)",
+                             (unsigned long long)per[p]);
+            at = n < 0 ? len : at + (size_t)n;
+        }
+    free(per);
 }
 
 void br_copy_done(bridge *b)
 {
     double c0 = br_thread_cpu();
-    br_sync_join(b);
-    if (b->sync != BR_SYNC_COPY) /* aborted while the copy ran */
+    if (!b->copy_running)
         return;
+    copy_join(b);
+    if (b->copy.heal) {
+        heal_copy_done(b);
+        return;
+    }
+    if (b->sync != BR_SYNC_COPY) { /* aborted while the copy ran */
+        free_copy(&b->copy);
+        return;
+    }
     b->last_copy_ms = b->copy.ms;
     if (b->copy.rc < 0) {
+        free_copy(&b->copy);
         br_sync_abort(b, b->copy.rc, "copy failed: %s", b->copy.err);
         return;
     }
+    if (b->copy.n_nonfinite) {
+        char where[384];
+        uint64_t n = b->copy.n_nonfinite;
+        int allow = !strcmp(rlb__env_str(RLB_KNOB_NONFINITE), "allow");
+        name_nonfinite(b, where, sizeof(where));
+        free_copy(&b->copy);
+        if (!allow) {
+            br_sync_abort(b, RLB_ENONFINITE, "version %" PRIu64 " holds %llu non-finite "
+                          "values (NaN/Inf) in the weights written to the workers: %s "
+                          "(RLB_NONFINITE=allow commits such versions)", b->syncing,
+                          (unsigned long long)n, where);
+            return;
+        }
+        RLB_LOG_WARN(RLB_SUB_BRIDGE, "version %" PRIu64 " holds %llu non-finite values "
+                     "(NaN/Inf), committed anyway (RLB_NONFINITE=allow): %s", b->syncing,
+                     (unsigned long long)n, where);
+    } else {
+        free_copy(&b->copy);
+    }
     for (uint32_t d = 0; d < b->n_replicas; d++)
-        for (uint32_t t = 0; b->replicas[d].state == BR_REP_UP && t < b->tp_size; t++) {
+        for (uint32_t t = 0; b->replicas[d].in_sync && t < b->tp_size; t++) {
             br_peer *w = b->replicas[d].ranks[t];
             w->load_sent = 1;
             w->loaded = 0;
@@ -296,6 +419,11 @@ static void commit(bridge *b)
     b->sync = BR_SYNC_IDLE;
     b->syncing = 0;
     b->copied = 0;
+    for (uint32_t d = 0; d < b->n_replicas; d++)
+        if (b->replicas[d].in_sync && b->replicas[d].state == BR_REP_JOINING) {
+            b->n_heals++;
+            br_replica_up(b, (int)d);
+        }
     reset_workers(b);
     b->n_syncs++;
     b->bytes_synced += bytes;
@@ -314,6 +442,8 @@ static void commit(bridge *b)
 void br_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m)
 {
     double c0 = br_thread_cpu();
+    if (heal_loaded(b, w, m))
+        return;
     if (b->sync != BR_SYNC_LOAD || m->version != b->syncing || !w->load_sent) {
         if (m->version == b->committed) /* a switch back after an abort */
             w->version = m->version;
@@ -330,27 +460,27 @@ void br_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m)
     b->control_s += br_thread_cpu() - c0;
 }
 
-/* 1 when every worker of every live replica answered loaded(v). */
+/* 1 when every worker of every replica in the sync answered loaded(v). */
 static int all_loaded(const bridge *b)
 {
     for (uint32_t d = 0; d < b->n_replicas; d++)
-        for (uint32_t t = 0; b->replicas[d].state == BR_REP_UP && t < b->tp_size; t++)
+        for (uint32_t t = 0; b->replicas[d].in_sync && t < b->tp_size; t++)
             if (!b->replicas[d].ranks[t]->loaded)
                 return 0;
     return 1;
 }
 
-/* 1 when every replica is formed (or dead) and some replica is up. Aborts v when all
- * replicas died. */
+/* 1 when some replica can take the version: live or joining, and, before any replica has
+ * served, every replica formed (or dead). Aborts v when all replicas died. */
 static int workers_ready(bridge *b, uint64_t v)
 {
     if (b->tp_size == 0)
         return 0;
     int up = 0;
     for (uint32_t d = 0; d < b->n_replicas; d++) {
-        if (b->replicas[d].state == BR_REP_FORMING)
+        if (b->replicas[d].state == BR_REP_FORMING && !b->ever_up)
             return 0;
-        up += b->replicas[d].state == BR_REP_UP;
+        up += b->replicas[d].state == BR_REP_UP || b->replicas[d].state == BR_REP_JOINING;
     }
     if (!up)
         br_sync_abort(b, RLB_EPEERDEAD, "version %" PRIu64 ": no live worker replica", v);
@@ -364,7 +494,7 @@ int br_sync_progress(bridge *b)
     switch (b->sync) {
     case BR_SYNC_IDLE: {
         uint64_t v = all_published(b);
-        if (!v || b->copy_running || !workers_ready(b, v))
+        if (!v || b->copy_running || b->heal >= 0 || !workers_ready(b, v))
             return 0;
         int rc = br_plan_ensure(b);
         if (rc <= 0) {
@@ -400,11 +530,143 @@ int br_sync_progress(bridge *b)
     return did;
 }
 
-void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker)
+/* ---- Heal -------------------------------------------------------------------------- */
+
+void br_heal_lost(bridge *b, int replica)
+{
+    if (b->heal != replica)
+        return;
+    RLB_LOG_WARN(RLB_SUB_BRIDGE, "replica %d: heal abandoned", replica);
+    b->heal = -1;
+    b->heal_copied = 0;
+}
+
+/* Binds the heal copy: one op per TP rank, the whole buffer of live replica `from` into
+ * the buffer of joining replica `to` that its load will make active. */
+static int bind_heal(bridge *b, int from, int to)
+{
+    br_copy *c = &b->copy;
+    uint32_t T = b->tp_size;
+    c->view = (rlb_plan){.n_src = T, .n_dst = T};
+    c->src = malloc(T * sizeof(*c->src));
+    c->src_len = malloc(T * sizeof(*c->src_len));
+    c->dst = malloc(T * sizeof(*c->dst));
+    c->dst_len = malloc(T * sizeof(*c->dst_len));
+    c->view.ops = calloc(T, sizeof(*c->view.ops));
+    c->nonfinite = malloc(T * sizeof(*c->nonfinite));
+    if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops || !c->nonfinite)
+        return RLB_ENOMEM;
+    int staged = b->opts->mode == RLB_SYNC_STAGED;
+    for (uint32_t t = 0; t < T; t++) {
+        const br_peer *s = b->replicas[from].ranks[t], *w = b->replicas[to].ranks[t];
+        uint64_t bytes = w->buf_bytes;
+        int wide = bytes % 4 == 0; /* a byte copy: the dtype only sets the element size */
+        c->src[t] = s->buf[s->active];
+        c->src_len[t] = s->buf_bytes;
+        c->dst[t] = w->buf[staged ? !w->active : w->active];
+        c->dst_len[t] = bytes;
+        c->view.ops[t] = (rlb_copy_op){
+            .src_ref = t, .dst_ref = t, .src_dtype = wide ? RLB_DTYPE_F32 : RLB_DTYPE_BF16,
+            .dst_dtype = wide ? RLB_DTYPE_F32 : RLB_DTYPE_BF16, .rows = 1,
+            .row_elems = bytes / (wide ? 4 : 2)};
+        c->view.bytes_written += bytes;
+    }
+    c->view.n_ops = T;
+    c->threads = b->opts->threads;
+    c->heal = 1;
+    return 0;
+}
+
+int br_heal_progress(bridge *b)
+{
+    /* After an aborted pause-mode sync the live buffers are stale: the next sync heals. */
+    if (b->heal >= 0 || b->sync != BR_SYNC_IDLE || b->copy_running || b->committed == 0 ||
+        b->stale)
+        return 0;
+    int to = -1, from = -1;
+    for (uint32_t d = 0; d < b->n_replicas; d++) {
+        if (b->replicas[d].state == BR_REP_JOINING && to < 0)
+            to = (int)d;
+        if (b->replicas[d].state == BR_REP_UP && from < 0)
+            from = (int)d;
+    }
+    if (to < 0 || from < 0)
+        return 0; /* nothing to heal, or no live copy: the next sync brings it in */
+    int rc = bind_heal(b, from, to);
+    if (rc == 0)
+        rc = run_copy(b);
+    if (rc < 0) {
+        free_copy(&b->copy);
+        br_replica_kill(b, to, "cannot copy the committed version into it");
+        return 1;
+    }
+    b->copy_running = 1;
+    b->heal = to;
+    b->heal_copied = 0;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %d: copying version %" PRIu64 " from replica %d",
+                 to, b->committed, from);
+    return 1;
+}
+
+/* The heal copy ended: load the committed version on every rank of the replica. */
+static void heal_copy_done(bridge *b)
+{
+    int to = b->heal;
+    int rc = b->copy.rc;
+    free_copy(&b->copy);
+    if (to < 0)
+        return; /* the replica died meanwhile */
+    if (rc < 0) {
+        b->heal = -1;
+        br_replica_kill(b, to, "the copy of the committed version into it failed");
+        return;
+    }
+    for (uint32_t t = 0; t < b->tp_size; t++) {
+        br_peer *w = b->replicas[to].ranks[t];
+        w->load_sent = 1;
+        w->loaded = 0;
+        send_load(b, w, b->committed);
+    }
+    b->heal_copied = 1;
+}
+
+/* A loaded(committed) of the replica being healed. Returns 1 when it was one. */
+static int heal_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m)
+{
+    int to = b->heal;
+    if (to < 0 || !b->heal_copied || w->hello.replica != (uint32_t)to ||
+        m->version != b->committed || !w->load_sent)
+        return 0;
+    if (m->code < 0) {
+        char why[160];
+        snprintf(why, sizeof(why), "its load of version %" PRIu64 " failed: %s", m->version,
+                 m->text ? m->text : rlb_strerror(m->code));
+        b->heal = -1;
+        br_replica_kill(b, to, why);
+        return 1;
+    }
+    w->loaded = 1;
+    w->version = m->version;
+    br_replica *r = &b->replicas[to];
+    for (uint32_t t = 0; t < b->tp_size; t++)
+        if (!r->ranks[t]->loaded)
+            return 1;
+    for (uint32_t t = 0; t < b->tp_size; t++)
+        r->ranks[t]->load_sent = r->ranks[t]->loaded = 0;
+    b->heal = -1;
+    b->heal_copied = 0;
+    b->n_heals++;
+    br_replica_up(b, to);
+    br_dispatch(b);
+    return 1;
+}
+
+void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker, const char *why)
 {
     if (trainer && pending_version(b))
-        br_sync_abort(b, RLB_EPEERDEAD, "trainer rank %u disconnected", trainer->hello.rank);
+        br_sync_abort(b, RLB_EPEERDEAD, "trainer rank %u is gone: %s", trainer->hello.rank,
+                      why);
     if (worker && (b->sync == BR_SYNC_COPY || b->sync == BR_SYNC_LOAD))
-        br_sync_abort(b, RLB_EPEERDEAD, "worker %u (replica %u, TP rank %u) died",
-                      worker->hello.rank, worker->hello.replica, worker->hello.tp_rank);
+        br_sync_abort(b, RLB_EPEERDEAD, "worker %u (replica %u, TP rank %u) is gone: %s",
+                      worker->hello.rank, worker->hello.replica, worker->hello.tp_rank, why);
 }

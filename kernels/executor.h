@@ -53,6 +53,9 @@ typedef struct rlb_exec_run {
     const uint8_t (*events)[64]; /* [n_events] trainers' interprocess event handles to wait on */
     uint32_t n_events;
     int threads;                /* cpu: threads (<= 0: the RLB_THREADS knob) */
+    uint64_t *nonfinite;        /* [plan->n_ops] or NULL: NaN / Inf values each op wrote,
+                                   counted while copying (cpu; cuda writes zeros: it does
+                                   not count yet) */
     int done_fd;                /* eventfd written (+1) when the run ended, well or not */
 } rlb_exec_run;
 

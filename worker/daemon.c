@@ -20,6 +20,11 @@
  * Results. A generate with P prompts becomes P engine requests; when all are done, TP
  * rank 0 sends one RESULT holding every sample (whole, fragmented by the ring as needed);
  * the other ranks drop theirs. Every rank answers load with loaded.
+ *
+ * Failures. What goes wrong with one request (a refused prompt, an engine step that fails,
+ * a result that cannot be sent) fails that request, or the step's batch, with an ERROR
+ * naming the cause; the worker goes on serving. It exits only when the bridge is gone or
+ * it cannot hold an engine at all.
  */
 #include "worker/daemon.h"
 
@@ -467,6 +472,11 @@ static int collect(wk *w)
         if (--g->remaining)
             continue;
         int rc = !g->failed && w->o->tp_rank == 0 ? send_result(w, g) : 0;
+        if (rc < 0 && rc != RLB_EPEERDEAD && rc != RLB_ETIMEDOUT) {
+            /* This result alone could not go out (memory, size): its request fails. */
+            wk_error(w, rc, g->bid, RLB_MSG_GENERATE, "the result could not be sent");
+            rc = 0;
+        }
         for (uint32_t p = 0; p < g->n_prompts; p++)
             rlb__gen_result_free(g->res[p]);
         free(g->res);
@@ -487,6 +497,32 @@ static int use_buffer(wk *w, int which)
     RLB_CHECK(rlb__engine_create(&w->layout, w->buf[which], w->comm, &w->eopts, &w->engine));
     w->active = which;
     return w->asleep ? rlb__engine_sleep(w->engine) : 0;
+}
+
+/* A step failed (the forward pass, or sampling found no finite logit left): the engine is
+ * unusable (engine.h) and the requests of its batch are lost with it. Every unfinished
+ * request fails with the step's error, named, and a fresh engine over the same buffer
+ * serves what comes next: a per-request failure never ends the worker. Every TP rank
+ * fails the same step (the logits are the same on every rank), so they recover in
+ * lockstep. Returns 0, or the error of the new engine's creation (fatal). */
+static int recover_step(wk *w, int code)
+{
+    char text[192];
+    snprintf(text, sizeof(text), "the engine step running it failed: %s%s", rlb_strerror(code),
+             code == RLB_ENONFINITE ? " (every logit was NaN or -inf: are the weights of "
+                                      "this version poisoned?)" : "");
+    RLB_LOG_WARN(RLB_SUB_WORKER, "%s; failing %u requests and starting a fresh engine", text,
+                 w->n_gens);
+    for (uint32_t i = 0; i < w->n_gens; i++) {
+        wk_gen *g = &w->gens[i];
+        if (!g->failed)
+            wk_error(w, code, g->bid, RLB_MSG_GENERATE, text);
+        for (uint32_t p = 0; p < g->n_prompts; p++)
+            rlb__gen_result_free(g->res[p]);
+        free(g->res);
+    }
+    w->n_gens = 0;
+    return use_buffer(w, w->active);
 }
 
 static int apply_load(wk *w, uint64_t version)
@@ -588,6 +624,10 @@ static int serve(wk *w)
     const rlb_worker_opts *o = w->o;
     int shutdown = 0;
     while (!(o->stop && *o->stop)) {
+        /* The bridge drops a worker whose heartbeat is older than RLB_PEER_TIMEOUT_MS, so
+         * every turn beats: one engine step or load must stay well below that bound. */
+        rlb__ring_heartbeat(rlb__conn_rx(w->conn));
+        rlb__ring_heartbeat(rlb__conn_tx(w->conn));
         int work = rlb__engine_busy(w->engine) && !w->asleep;
         RLB_CHECK(receive(w, work || w->n_cmds ? 0 : WK_IDLE_WAIT_MS, &shutdown));
         if (shutdown) {
@@ -602,8 +642,8 @@ static int serve(wk *w)
         if (rlb__engine_busy(w->engine) && !w->asleep) {
             int rc = rlb__engine_step(w->engine);
             if (rc < 0 && rc != RLB_EAGAIN) {
-                RLB_LOG_ERROR(RLB_SUB_WORKER, "engine step failed: %s", rlb_strerror(rc));
-                return rc;
+                RLB_CHECK(collect(w)); /* what finished before the failure still goes out */
+                RLB_CHECK(recover_step(w, rc));
             }
         }
         RLB_CHECK(collect(w));

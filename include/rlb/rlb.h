@@ -52,7 +52,9 @@ enum {
     RLB_ECUDA = -18,     /* a CUDA, cuBLAS or NCCL call failed; the log says which */
     RLB_ESHUTDOWN = -19, /* the bridge is shutting down */
     RLB_ECORRUPT = -20,  /* shared memory holds values no honest peer writes */
-    RLB_E_COUNT_ = 21
+    RLB_ENONFINITE = -21, /* NaN or infinite values where finite ones are needed (weights,
+                           * logits with no finite value left to sample from) */
+    RLB_E_COUNT_ = 22
 };
 
 /* Returns a static, human-readable name for an RLB_E* code (any int is accepted). */

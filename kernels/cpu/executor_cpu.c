@@ -38,9 +38,13 @@ static void *run_thread(void *arg)
     cpu_exec *c = arg;
     double t0 = now_ms();
     c->err[0] = 0;
-    c->rc = rlb__plan_exec_cpu(&c->plan, (const void *const *)c->src, c->src_len,
-                               (void *const *)c->dst, c->dst_len, c->run.threads, c->err,
-                               sizeof(c->err));
+    c->rc = c->run.nonfinite
+                ? rlb__plan_exec_cpu_counted(&c->plan, (const void *const *)c->src, c->src_len,
+                                             (void *const *)c->dst, c->dst_len, c->run.threads,
+                                             c->run.nonfinite, c->err, sizeof(c->err))
+                : rlb__plan_exec_cpu(&c->plan, (const void *const *)c->src, c->src_len,
+                                     (void *const *)c->dst, c->dst_len, c->run.threads, c->err,
+                                     sizeof(c->err));
     c->ms = now_ms() - t0;
     uint64_t one = 1;
     /* The eventfd write is the thread's last touch of c; the owner reads c only after

@@ -27,4 +27,13 @@ int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint6
                        void *const *dst, const uint64_t *dst_len, int threads, char *err,
                        size_t errlen);
 
+/* The same, also counting the non-finite values (NaN, +-inf) each op writes, fused into the
+ * copy: nonfinite[i] (an array of plan->n_ops, zeroed here) receives op i's count once the
+ * call returns 0; zero ops write none. A poisoned trainer step shows up here before any
+ * worker reads the version. */
+int rlb__plan_exec_cpu_counted(const rlb_plan *plan, const void *const *src,
+                               const uint64_t *src_len, void *const *dst,
+                               const uint64_t *dst_len, int threads, uint64_t *nonfinite,
+                               char *err, size_t errlen);
+
 #endif /* RLB_KERNELS_CPU_PLAN_EXEC_H */

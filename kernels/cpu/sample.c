@@ -65,27 +65,38 @@ static int greedy(const rlb_sampling *sp)
     return sp->temperature <= RLB_SAMPLE_GREEDY_EPS;
 }
 
-/* z = logits / T (T = 1 for greedy), p = exp(z - max z), *lse = logsumexp(z).
- * Returns 0 or RLB_EINVAL for non-finite logits. */
+/* z = logits / T (T = 1 for greedy), p = exp(z - max z), *lse = logsumexp(z), under the
+ * non-finite rules of sample.h: NaN counts as -inf; when some z is +inf (a +inf logit, or a
+ * finite one that overflowed in the division), those tokens are the limit of the softmax,
+ * so they get z = 0 and every other token -inf. Returns 0 or RLB_ENONFINITE when no token
+ * is left (every z NaN or -inf). */
 static int prepare(const float *logits, int64_t V, const rlb_sampling *sp, rlb_sample_ws *ws,
                    double *lse)
 {
     float T = greedy(sp) ? 1.0f : sp->temperature;
     float zmax = -INFINITY;
+    int64_t n_inf = 0;
     for (int64_t i = 0; i < V; i++) {
         float z = logits[i] / T;
+        z = isnan(z) ? -INFINITY : z;
+        n_inf += z == INFINITY;
         ws->z[i] = z;
         zmax = z > zmax ? z : zmax;
     }
-    if (!isfinite(zmax))
-        return RLB_EINVAL;
+    if (n_inf) {
+        for (int64_t i = 0; i < V; i++)
+            ws->z[i] = ws->z[i] == INFINITY ? 0.0f : -INFINITY;
+        zmax = 0.0f;
+    }
+    if (zmax == -INFINITY)
+        return RLB_ENONFINITE;
     double sum = 0.0;
     for (int64_t i = 0; i < V; i++) {
         ws->p[i] = expf(ws->z[i] - zmax);
         sum += ws->p[i];
     }
     *lse = (double)zmax + log(sum);
-    return isfinite(*lse) ? 0 : RLB_EINVAL;
+    return 0;
 }
 
 static int64_t argmax_first(const float *z, int64_t V)

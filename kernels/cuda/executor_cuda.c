@@ -524,6 +524,8 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
     int rc = host_prepare(x, (void *const *)run->src, run->src_len, p->n_src, err, errlen);
     if (rc)
         return rc;
+    if (run->nonfinite)
+        memset(run->nonfinite, 0, p->n_ops * sizeof(*run->nonfinite));
     /* Destinations by GPU; the plan runs where its destinations are. */
     uint8_t *sel = calloc(p->n_dst + 1, 1);
     int *dev_of = calloc(p->n_dst + 1, sizeof *dev_of);
