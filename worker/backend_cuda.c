@@ -1245,7 +1245,7 @@ static int check_layout(const rlb_tp_layout *l)
     }
     if (!rlb__eo_head_dim_supported(l->cfg.head_dim)) {
         RLB_LOG_ERROR(RLB_SUB_ENGINE,
-                      "CUDA backend: head_dim %lld has no attention kernel (24, 64 and 128 do)",
+                      "CUDA backend: head_dim %lld has no attention kernel (16, 24, 64 and 128 do)",
                       (long long)l->cfg.head_dim);
         return RLB_EUNSUPPORTED;
     }

@@ -656,7 +656,7 @@ extern "C" {
 
 int rlb__eo_head_dim_supported(int64_t hd)
 {
-    return hd == 24 || hd == 64 || hd == 128;
+    return hd == 16 || hd == 24 || hd == 64 || hd == 128;
 }
 
 int rlb__eo_embed(cudaStream_t stream, const void *table, rlb_dtype dt, int64_t vocab0,
@@ -767,11 +767,14 @@ int rlb__eo_attention(cudaStream_t stream, const rlb_eo_attn *a, const rlb_eo_ca
         return RLB_EINVAL;
     if (!rlb__eo_head_dim_supported(c->hd)) {
         RLB_LOG_ERROR(RLB_SUB_KERNEL,
-                      "attention: head_dim %lld has no CUDA kernel (24, 64 and 128 do)",
+                      "attention: head_dim %lld has no CUDA kernel (16, 24, 64 and 128 do)",
                       (long long)c->hd);
         return RLB_EUNSUPPORTED;
     }
     switch (c->hd) {
+    case 16: /* the built-in tiny model */
+        RLB_EO_DISPATCH(c->dt, T, return attention_hd<16, T>(stream, a, c, layer));
+        break;
     case 24:
         RLB_EO_DISPATCH(c->dt, T, return attention_hd<24, T>(stream, a, c, layer));
         break;

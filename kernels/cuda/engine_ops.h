@@ -48,7 +48,7 @@ extern "C" {
 #define RLB_EO_KTILE 32     /* keys per attention tile */
 #define RLB_EO_MAX_SPLITS 32 /* largest split count of the keys of one query tile */
 
-/* 1 when the attention kernels cover head dimension hd (24, 64, 128). */
+/* 1 when the attention kernels cover head dimension hd (16, 24, 64, 128). */
 int rlb__eo_head_dim_supported(int64_t hd);
 
 int rlb__eo_embed(cudaStream_t stream, const void *table, rlb_dtype dt, int64_t vocab0,

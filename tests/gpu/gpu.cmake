@@ -31,3 +31,15 @@ if(TARGET rlb_engine_cuda)
   rlb_add_test(NAME test_cuda_backend SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_backend.c
                LIBS rlb_engine_cuda rlb_test_engine_util m LABELS gpu TIMEOUT 300)
 endif()
+
+# The bridge writing a GPU worker's weights through the CUDA executor, against the CPU
+# engine's greedy tokens (bridge_harness.c); exits 77 without a GPU.
+if(TARGET rlb_engine_cuda)
+  rlb_add_test(NAME test_gpu_bridge
+               SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_gpu_bridge.c
+                       ${PROJECT_SOURCE_DIR}/tests/integration/bridge_harness.c
+               LIBS rlb_bridge_core rlb_client_static rlb_worker Threads::Threads
+               LABELS gpu TIMEOUT 300)
+  add_dependencies(test_gpu_bridge rlb)
+  target_compile_definitions(test_gpu_bridge PRIVATE RLB_BIN="$<TARGET_FILE:rlb>")
+endif()

@@ -6,7 +6,7 @@
  *     residual add; swiglu;
  *   - rope_store: rotated q and k against rlb__rope_apply, and the cache slots written
  *     (padding rows with slot -1 write nothing);
- *   - paged attention for GQA, MQA and MHA, head_dim 24 / 64 / 128, f32 and bf16 caches,
+ *   - paged attention for GQA, MQA and MHA, head_dim 16 / 24 / 64 / 128, f32 and bf16 caches,
  *     random block tables (shuffled block ids, 5- and 16-token blocks), several spans in a
  *     batch, with 1, a few and the largest number of key splits; chunked prefill (three
  *     spans sharing a table) against one-shot prefill; a long-context decode (4000 keys)
@@ -296,8 +296,8 @@ static void test_rope_store(void **state)
 {
     (void)state;
     uint64_t s = g_seed ^ 3;
-    static const int64_t hds[3] = {24, 64, 128};
-    for (int hi = 0; hi < 3; hi++)
+    static const int64_t hds[4] = {16, 24, 64, 128};
+    for (int hi = 0; hi < 4; hi++)
         for (int t = 0; t < 2; t++) {
             const rlb_dtype dt = t ? RLB_DTYPE_BF16 : RLB_DTYPE_F32;
             const int64_t hd = hds[hi], half = hd / 2, kvt = 2, hq = 6, rows = 23, L = 3;
@@ -551,9 +551,9 @@ static void test_attention_random(void **state)
 {
     (void)state;
     uint64_t s = g_seed ^ 4;
-    static const int64_t hds[3] = {24, 64, 128};
+    static const int64_t hds[4] = {16, 24, 64, 128};
     static const int64_t groups[4][2] = {{2, 4}, {1, 8}, {4, 1}, {1, 20}}; /* kvt, grp */
-    for (int hi = 0; hi < 3; hi++)
+    for (int hi = 0; hi < 4; hi++)
         for (int gi = 0; gi < 4; gi++)
             for (int t = 0; t < 2; t++)
                 for (int sm = 0; sm < 3; sm++) {

@@ -148,6 +148,8 @@ int h_wait_listening(const char *path, double s)
     return -1;
 }
 
+rlb_device h_worker_device = RLB_DEVICE_CPU;
+
 pid_t h_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank, uint32_t tp)
 {
     if (r->n_workers == H_MAX_WORKERS)
@@ -162,6 +164,8 @@ pid_t h_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank, 
         o.tp_size = tp;
         o.kv_bytes = 4u << 20;
         o.threads = 1;
+        o.device = h_worker_device;
+        o.dtype = RLB_DTYPE_F32; /* the CPU's, so a GPU worker gives the CPU reference's tokens */
         _exit(rlb__worker_run(&o) == 0 ? 0 : 1);
     }
     if (pid > 0)
@@ -588,7 +592,7 @@ int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32
         return -1;
     char cmd[1024];
     int at = snprintf(cmd, sizeof(cmd), "%s generate --model %s --max-tokens %u --temperature "
-                      "0 --tp %u --threads 1 --prompt-ids ", RLB_BIN, ckpt, max_tokens, tp);
+                      "0 --tp %u --threads 1 --device cpu --prompt-ids ", RLB_BIN, ckpt, max_tokens, tp);
     for (uint32_t i = 0; i < n; i++)
         at += snprintf(cmd + at, sizeof(cmd) - (size_t)at, "%s%d", i ? "," : "", prompt[i]);
     FILE *f = popen(cmd, "r");

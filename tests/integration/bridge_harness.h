@@ -47,6 +47,9 @@ typedef struct h_run {
 int h_start(h_run *r, rlb_sync_mode mode);
 /* Waits up to s seconds until a listener accepts connections at path. Returns 0 or -1. */
 int h_wait_listening(const char *path, double s);
+/* The backend workers started from now on run (CPU unless a GPU test says otherwise;
+ * float32 weights on either, so the CPU reference holds). */
+extern rlb_device h_worker_device;
 /* Starts workers: `replicas` replicas of TP size tp. Returns 0 or -1. */
 int h_workers(h_run *r, uint32_t replicas, uint32_t tp);
 /* Starts one worker: TP rank tp_rank of replica `replica`, in a fleet of `replicas`
