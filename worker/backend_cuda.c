@@ -1010,14 +1010,8 @@ out:
     return rc;
 }
 
-/* 1 when a job needs the host sampler (top-k / top-p). */
-static int host_job(const cuda_backend *c, const rlb_sampling *sp)
-{
-    if (sp->temperature <= RLB_SAMPLE_GREEDY_EPS)
-        return 0;
-    return (sp->top_k > 0 && sp->top_k < c->V) || sp->top_p < 1.0f;
-}
-
+/* Every job samples on the GPU; a row the kernel refuses (a non-finite logit) is sampled
+ * again on the host, whose rules for NaN and infinities (sample.h) decide it. */
 static int be_sample(rlb_ebackend *b, const rlb_sample_job *jobs, int64_t n, int32_t *tokens,
                      float *logprobs)
 {
@@ -1025,23 +1019,22 @@ static int be_sample(rlb_ebackend *b, const rlb_sample_job *jobs, int64_t n, int
     int rc = 0;
     if (!c->have_step || c->capturing || n < 0 || n > c->O || (n && (!jobs || !tokens)))
         return RLB_EINVAL;
-    int64_t nd = 0;
     for (int64_t j = 0; j < n; j++) {
         if (jobs[j].row < 0 || jobs[j].row >= c->real_out || rlb__sampling_check(&jobs[j].sp))
             return RLB_EINVAL;
-        if (host_job(c, &jobs[j].sp))
-            continue;
-        c->hio.jobs[nd++] = (rlb_eo_sample_job){.row = jobs[j].row,
-                                                .temperature = jobs[j].sp.temperature,
-                                                .seed = jobs[j].sp.seed,
-                                                .sample = jobs[j].sample,
-                                                .pos = jobs[j].pos};
+        c->hio.jobs[j] = (rlb_eo_sample_job){.row = jobs[j].row,
+                                             .temperature = jobs[j].sp.temperature,
+                                             .top_k = jobs[j].sp.top_k,
+                                             .seed = jobs[j].sp.seed,
+                                             .sample = jobs[j].sample,
+                                             .pos = jobs[j].pos,
+                                             .top_p = jobs[j].sp.top_p};
     }
-    if (nd) {
-        RLB_CUDA_CHECK(cudaMemcpyAsync(c->dio.jobs, c->hio.jobs, (size_t)nd * sizeof *c->dio.jobs,
+    if (n) {
+        RLB_CUDA_CHECK(cudaMemcpyAsync(c->dio.jobs, c->hio.jobs, (size_t)n * sizeof *c->dio.jobs,
                                        cudaMemcpyHostToDevice, c->stream),
                        rc, out);
-        if ((rc = rlb__eo_sample(c->stream, c->logits, c->V, c->dio.jobs, nd, c->dio.tokens,
+        if ((rc = rlb__eo_sample(c->stream, c->logits, c->V, c->dio.jobs, n, c->dio.tokens,
                                  c->dio.logprobs, c->dio.status)))
             return rc;
         /* tokens, logprobs and status are consecutive [O] arrays in both regions */
@@ -1053,21 +1046,16 @@ static int be_sample(rlb_ebackend *b, const rlb_sample_job *jobs, int64_t n, int
     }
     if ((rc = sync_step(c)))
         return rc;
-    int64_t d = 0;
     for (int64_t j = 0; j < n; j++) {
-        float lp;
-        if (host_job(c, &jobs[j].sp)) {
+        float lp = c->hio.logprobs[j];
+        tokens[j] = c->hio.tokens[j];
+        if (c->hio.status[j]) {
             RLB_CUDA_CHECK(cudaMemcpy(c->hrow, c->logits + jobs[j].row * c->V,
                                       (size_t)c->V * 4, cudaMemcpyDeviceToHost),
                            rc, out);
             if ((rc = rlb__sample_token(c->hrow, c->V, &jobs[j].sp, jobs[j].sample, jobs[j].pos,
                                         &c->ws, &tokens[j], &lp)))
                 return rc;
-        } else {
-            if (c->hio.status[d])
-                return c->hio.status[d];
-            tokens[j] = c->hio.tokens[d];
-            lp = c->hio.logprobs[d++];
         }
         if (logprobs)
             logprobs[j] = lp;

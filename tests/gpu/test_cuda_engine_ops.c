@@ -13,8 +13,9 @@
  *     with split-KV against one split and against the CPU; a padding row (position -1)
  *     gets zeros;
  *   - sampling: the same token as rlb__sample_token for random logits, seeds,
- *     temperatures (greedy included, with ties on the maximum) and vocabulary sizes, the
- *     logprob within 1e-5; a row with a NaN is refused;
+ *     temperatures (greedy included, with ties on the maximum), top-k (1..V+1) and top-p
+ *     (0.05 .. 1), rows of few distinct values (ties at both cuts) and vocabulary sizes up
+ *     to 128256, the logprob within 1e-5; a row with a NaN is refused;
  *   - the weight-only int8 / fp8 matmul against a double-precision dequantized product;
  *   - the decode GEMV (kernels/cuda/gemv.h), every dtype, 1..8 rows, odd k, the 1B / 8B
  *     layer shapes and a vocabulary-sized head, plain and with the fused rmsnorm and
@@ -689,10 +690,11 @@ static void test_sample(void **state)
 {
     (void)state;
     uint64_t s = g_seed ^ 7;
-    static const int64_t Vs[4] = {1, 7, 1000, 32017};
+    static const int64_t Vs[5] = {1, 7, 1000, 32017, 128256};
     static const float temps[6] = {0.0f, 1e-6f, 0.3f, 0.7f, 1.0f, 1.7f};
+    static const float top_ps[5] = {0.05f, 0.3f, 0.9f, 0.999f, 1.0f};
     rlb_sample_ws ws = {0};
-    for (int vi = 0; vi < 4; vi++) {
+    for (int vi = 0; vi < 5; vi++) {
         const int64_t V = Vs[vi], n = 96;
         float *logits = malloc((size_t)(n * V) * 4);
         rlb_eo_sample_job jobs[96];
@@ -703,9 +705,16 @@ static void test_sample(void **state)
             if (j % 5 == 0 && V > 3) { /* ties on the maximum: the first index wins */
                 logits[j * V + 1] = logits[j * V + V - 1] = 2 * spread;
             }
-            jobs[j] = (rlb_eo_sample_job){.row = n - 1 - j, .temperature = temps[j % 6],
-                                          .seed = gc_rng(&s), .sample = gc_rng(&s) % 8,
-                                          .pos = gc_rnd(&s, 0, 5000)};
+            if (j % 7 == 3) /* a few distinct values: ties at the top-k and top-p cuts */
+                for (int64_t i = 0; i < V; i++)
+                    logits[j * V + i] = (float)gc_rnd(&s, 0, 6) * 0.5f;
+            /* top-k / top-p on three jobs of four (the fourth: plain temperature) */
+            const int filt = (int)(j % 4);
+            jobs[j] = (rlb_eo_sample_job){
+                .row = n - 1 - j, .temperature = temps[j % 6],
+                .top_k = filt & 1 ? (int32_t)gc_rnd(&s, 1, V + 1) : 0,
+                .seed = gc_rng(&s), .sample = gc_rng(&s) % 8, .pos = gc_rnd(&s, 0, 5000),
+                .top_p = filt & 2 ? top_ps[gc_rng(&s) % 5] : 1.0f};
         }
         float *dl = dput(logits, (size_t)(n * V) * 4);
         rlb_eo_sample_job *dj = dput(jobs, sizeof jobs);
@@ -718,17 +727,18 @@ static void test_sample(void **state)
         dget(lp, dlp, sizeof lp);
         dget(st, dst, sizeof st);
         for (int64_t j = 0; j < n; j++) {
-            rlb_sampling sp = {.temperature = jobs[j].temperature, .top_k = 0, .top_p = 1.0f,
-                               .seed = jobs[j].seed};
+            rlb_sampling sp = {.temperature = jobs[j].temperature, .top_k = jobs[j].top_k,
+                               .top_p = jobs[j].top_p, .seed = jobs[j].seed};
             int32_t rt;
             float rlp;
             assert_int_equal(rlb__sample_token(logits + jobs[j].row * V, V, &sp, jobs[j].sample,
                                                jobs[j].pos, &ws, &rt, &rlp), 0);
             assert_int_equal(st[j], 0);
             if (tok[j] != rt || fabsf(lp[j] - rlp) > 1e-5f * fmaxf(1.0f, fabsf(rlp)))
-                fprintf(stderr, "sample V %lld job %lld T %g: gpu %d (%.9g) cpu %d (%.9g), seed %llu\n",
-                        (long long)V, (long long)j, (double)jobs[j].temperature, tok[j],
-                        (double)lp[j], rt, (double)rlp, (unsigned long long)g_seed);
+                fprintf(stderr, "sample V %lld job %lld T %g top_k %d top_p %g: gpu %d (%.9g) cpu "
+                        "%d (%.9g), seed %llu\n", (long long)V, (long long)j,
+                        (double)jobs[j].temperature, jobs[j].top_k, (double)jobs[j].top_p,
+                        tok[j], (double)lp[j], rt, (double)rlp, (unsigned long long)g_seed);
             assert_int_equal(tok[j], rt);
             assert_true(fabsf(lp[j] - rlp) <= 1e-5f * fmaxf(1.0f, fabsf(rlp)));
         }
