@@ -12,6 +12,8 @@
  *   decode_b1_graphs_off_tok_s    batch 1 with CUDA graphs off
  *   decode_b1_no_gemv_tok_s       batch 1 with cuBLASLt for every product instead of the
  *                         decode GEMV (kernels/cuda/gemv.h)
+ *   decode_b{1,32}_batch_invariant_tok_s, prefill_batch_invariant_tok_s   the same in
+ *                         batch-invariant mode (the first two batches of the list)
  *   prefill_tok_s         32 prompts of PROMPT tokens, 16 per step
  * Options: --shape 1b|8b|both (both), --new N (256), --batches list (1,32,256).
  *
@@ -205,17 +207,24 @@ static double decode(bench_run *r)
 
 typedef struct shape_result {
     double tok_s[MAX_BATCHES], b1_graphs_off, b1_no_gemv, prefill_tok_s, fraction;
+    double invariant_tok_s[2], invariant_prefill_tok_s; /* batch-invariant mode */
     uint64_t weight_bytes, kv_bytes_b1;
 } shape_result;
 
-/* One backend (graphs on or off, GEMV on or off) through the given batches; prefill
- * measured at 32. */
-static void run_shape(const rlb_tp_layout *l, int graphs, int gemv, const int64_t *batches,
-                      int nb, int64_t new_tokens, double *tok_s, double *prefill_tok_s)
+/* The backend options of a run: graphs, the GEMV, batch invariance. */
+static rlb_cuda_backend_opts run_opts(int graphs, int gemv, int invariant)
 {
     rlb_cuda_backend_opts o = RLB_CUDA_BACKEND_OPTS_INIT;
     o.graphs = graphs;
     o.no_gemv = !gemv;
+    o.batch_invariant = invariant;
+    return o;
+}
+
+/* One backend through the given batches; prefill measured at 32. */
+static void run_shape(const rlb_tp_layout *l, rlb_cuda_backend_opts o, const int64_t *batches,
+                      int nb, int64_t new_tokens, double *tok_s, double *prefill_tok_s)
+{
     o.max_batch_tokens = 16 * PROMPT;
     o.max_seqs = 256;
     rlb_ebackend *b;
@@ -388,9 +397,12 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         /* batch 1 reads the keys and values of its context: PROMPT + new / 2 on average */
         sr.kv_bytes_b1 = (uint64_t)(PROMPT + new_tokens / 2) * 2 * (uint64_t)cfg.n_layers *
                          (uint64_t)l.kvt * (uint64_t)cfg.head_dim * 2;
-        run_shape(&l, 1, 1, batches, nb, new_tokens, sr.tok_s, &sr.prefill_tok_s);
-        run_shape(&l, 0, 1, batches, 1, new_tokens, &sr.b1_graphs_off, NULL);
-        run_shape(&l, 1, 0, batches, 1, new_tokens, &sr.b1_no_gemv, NULL);
+        const int ni = nb < 2 ? nb : 2;
+        run_shape(&l, run_opts(1, 1, 0), batches, nb, new_tokens, sr.tok_s, &sr.prefill_tok_s);
+        run_shape(&l, run_opts(0, 1, 0), batches, 1, new_tokens, &sr.b1_graphs_off, NULL);
+        run_shape(&l, run_opts(1, 0, 0), batches, 1, new_tokens, &sr.b1_no_gemv, NULL);
+        run_shape(&l, run_opts(1, 1, 1), batches, ni, new_tokens, sr.invariant_tok_s,
+                  &sr.invariant_prefill_tok_s);
         const double floor_s = (double)(sr.weight_bytes + sr.kv_bytes_b1) / (gbs * 1e9);
         sr.fraction = floor_s * sr.tok_s[0];
         printf("%s: weights %.2f GB read per step; floor at batch 1 %.1f tok/s\n", names[big],
@@ -399,6 +411,10 @@ int rlb__bench_engine_cuda(int argc, char **argv)
             printf("  decode batch %-4lld %10.1f tok/s\n", (long long)batches[i], sr.tok_s[i]);
         printf("  decode batch 1, graphs off %10.1f tok/s\n", sr.b1_graphs_off);
         printf("  decode batch 1, cuBLASLt (no GEMV) %10.1f tok/s\n", sr.b1_no_gemv);
+        for (int i = 0; i < ni; i++)
+            printf("  decode batch %-4lld batch-invariant %10.1f tok/s\n", (long long)batches[i],
+                   sr.invariant_tok_s[i]);
+        printf("  prefill batch-invariant %10.1f tok/s\n", sr.invariant_prefill_tok_s);
         printf("  prefill %10.1f tok/s; decode_b1_fraction_of_floor %.3f\n", sr.prefill_tok_s,
                sr.fraction);
         jn += snprintf(json + jn, sizeof json - (size_t)jn,
@@ -407,6 +423,12 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         for (int i = 0; i < nb; i++)
             jn += snprintf(json + jn, sizeof json - (size_t)jn, ",\"decode_b%lld_tok_s\":%.1f",
                            (long long)batches[i], sr.tok_s[i]);
+        for (int i = 0; i < ni; i++)
+            jn += snprintf(json + jn, sizeof json - (size_t)jn,
+                           ",\"decode_b%lld_batch_invariant_tok_s\":%.1f",
+                           (long long)batches[i], sr.invariant_tok_s[i]);
+        jn += snprintf(json + jn, sizeof json - (size_t)jn,
+                       ",\"prefill_batch_invariant_tok_s\":%.1f", sr.invariant_prefill_tok_s);
         jn += snprintf(json + jn, sizeof json - (size_t)jn,
                        ",\"decode_b1_graphs_off_tok_s\":%.1f,\"decode_b1_no_gemv_tok_s\":%.1f,"
                        "\"prefill_tok_s\":%.1f,\"decode_b1_fraction_of_floor\":%.3f}",

@@ -26,6 +26,14 @@
  * accumulation and output (CUBLAS_COMPUTE_32F, no TF32, for fp32 weights); one plan per
  * shape, cached. With post-load copies, rlb__eo_matmul_wq instead.
  *
+ * Batch-invariant mode (opts.batch_invariant): every product, whatever its row count, runs
+ * through cuBLASLt with the algorithm its heuristic picks for (m, max rows, k), found once
+ * per (m, k) among those without split-K reduction and with split-K forced to 1, so an
+ * output's k-reduction does not depend on how many rows the step has; no GEMV and no
+ * fusion that only small steps get; attention with one key split always (the split count
+ * otherwise follows the step's size). Norms, RoPE, the cache and sampling work per row
+ * already. What it costs: rlb-bench-engine --device cuda (decode_b1_batch_invariant_tok_s).
+ *
  * Check: tests/gpu/test_cuda_backend.c (against the CPU backend through the interface, and
  * whole-model HF fixtures), bench/bench_engine_cuda.c.
  */
@@ -470,6 +478,46 @@ static void plan_destroy(gemm_plan *p)
     memset(p, 0, sizeof *p);
 }
 
+/* Batch-invariant mode: the algorithm of (m, maximum rows, p->k) among those without a
+ * split-K reduction, split-K forced to 1, checked against p's own row count. The heuristic
+ * is a function of the shape, so every row count of (m, k) gets the same algorithm. */
+static int invariant_algo(cuda_backend *c, gemm_plan *p, int64_t m,
+                          cublasLtMatmulPreference_t pref, cublasLtMatmulHeuristicResult_t *res,
+                          int *found)
+{
+    int rc = 0;
+    cublasLtMatrixLayout_t b = NULL, y = NULL;
+    const cudaDataType_t in = cuda_type(c->dt);
+    const uint32_t none = CUBLASLT_REDUCTION_SCHEME_NONE;
+    const int32_t one = 1;
+    *found = 0;
+    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                                  &none, sizeof none),
+             rc, out);
+    LT_CHECK(cublasLtMatrixLayoutCreate(&b, in, (uint64_t)p->k, (uint64_t)c->R, p->k), rc, out);
+    LT_CHECK(cublasLtMatrixLayoutCreate(&y, CUDA_R_32F, (uint64_t)m, (uint64_t)c->R, m), rc, out);
+    LT_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, p->op, p->a, b, y, y, pref, 1, res, found),
+             rc, out);
+    if (!*found)
+        goto out;
+    LT_CHECK(cublasLtMatmulAlgoConfigSetAttribute(&res->algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+                                                  &one, sizeof one),
+             rc, out);
+    if (cublasLtMatmulAlgoCheck(c->lt, p->op, p->a, p->b, p->c, p->c, &res->algo, res) !=
+        CUBLAS_STATUS_SUCCESS) {
+        RLB_LOG_ERROR(RLB_SUB_ENGINE, "batch-invariant GEMM: the algorithm of %lld x %lld x "
+                      "%lld does not take %lld rows", (long long)m, (long long)c->R,
+                      (long long)p->k, (long long)p->n);
+        *found = 0;
+    }
+out:
+    if (b)
+        cublasLtMatrixLayoutDestroy(b);
+    if (y)
+        cublasLtMatrixLayoutDestroy(y);
+    return rc;
+}
+
 /* The cached plan of (m, n, k, ldc), made on first use. */
 static int plan_get(cuda_backend *c, int64_t m, int64_t n, int64_t k, int64_t ldc,
                     gemm_plan **out)
@@ -495,6 +543,7 @@ static int plan_get(cuda_backend *c, int64_t m, int64_t n, int64_t k, int64_t ld
     cublasLtMatmulPreference_t pref = NULL;
     const cudaDataType_t in = cuda_type(c->dt);
     const cublasOperation_t tr = CUBLAS_OP_T, nt = CUBLAS_OP_N;
+    p->n = n, p->k = k; /* p->m stays 0 (an unused entry) until the plan is complete */
     LT_CHECK(cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F), rc, err);
     LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &tr, sizeof tr),
              rc, err_op);
@@ -511,9 +560,14 @@ static int plan_get(cuda_backend *c, int64_t m, int64_t n, int64_t k, int64_t ld
              rc, err_pref);
     cublasLtMatmulHeuristicResult_t res;
     int found = 0;
-    LT_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, p->op, p->a, p->b, p->c, p->c, pref, 1, &res,
-                                            &found),
-             rc, err_pref);
+    if (c->opts.batch_invariant) {
+        if ((rc = invariant_algo(c, p, m, pref, &res, &found)))
+            goto err_pref;
+    } else {
+        LT_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, p->op, p->a, p->b, p->c, p->c, pref, 1,
+                                                &res, &found),
+                 rc, err_pref);
+    }
     if (!found) {
         RLB_LOG_ERROR(RLB_SUB_ENGINE, "cuBLASLt has no algorithm for %lld x %lld x %lld",
                       (long long)m, (long long)n, (long long)k);
@@ -544,7 +598,8 @@ err:
  * without a post-load copy (those have their own weight-only kernel). */
 static int gemv_rows(const cuda_backend *c, int64_t n, const wq_copy *q)
 {
-    return n <= RLB_EO_GEMV_MAX_ROWS && !c->opts.no_gemv && !(q && q->q);
+    return n <= RLB_EO_GEMV_MAX_ROWS && !c->opts.no_gemv && !c->opts.batch_invariant &&
+           !(q && q->q);
 }
 
 /* y[n, m] (row stride ldc) = x[n, k] . w[m, k]^T, from the post-load copy when there is. */
@@ -736,8 +791,10 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
     c->real_out = bt->out;
     c->qblocks = qb;
     c->bt_stride = stride;
-    c->splits = rlb__eo_attn_splits(qb * c->kvt, bt->decode_only ? 0 : bt->max_ctx, c->sms,
-                                    rows, c->hq, c->ws_vectors);
+    c->splits = c->opts.batch_invariant
+                    ? 1
+                    : rlb__eo_attn_splits(qb * c->kvt, bt->decode_only ? 0 : bt->max_ctx, c->sms,
+                                          rows, c->hq, c->ws_vectors);
     c->cache = (rlb_eo_cache){kv->k, kv->v, c->dt, c->n_layers, c->kvt,
                               c->hd, kv->block_tokens};
     c->have_step = 1;
