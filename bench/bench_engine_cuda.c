@@ -10,8 +10,16 @@
  *   decode_b1_fraction_of_floor   (weight bytes + KV bytes read per step) / copy_gbs over
  *                         the measured batch-1 step time (1.0 = at the bandwidth floor)
  *   decode_b1_graphs_off_tok_s    batch 1 with CUDA graphs off
+ *   decode_b1_no_gemv_tok_s       batch 1 with cuBLASLt for every product instead of the
+ *                         decode GEMV (kernels/cuda/gemv.h)
+ *   decode_b{1,32}_batch_invariant_tok_s, prefill_batch_invariant_tok_s   the same in
+ *                         batch-invariant mode (the first two batches of the list)
  *   prefill_tok_s         32 prompts of PROMPT tokens, 16 per step
  * Options: --shape 1b|8b|both (both), --new N (256), --batches list (1,32,256).
+ *
+ * --gemv instead times the decode GEMV alone on each matrix of the shapes (qkv, o,
+ * gate_up, down, LM head) at 1, 2, 4 and 8 rows: bytes moved (weights + x + y) per second,
+ * and that as a fraction of copy_gbs (gemv_<shape>_<matrix>_n<rows>_gbs, _frac).
  * Prints a table, then one JSON line. Exits 77 where no GPU is visible.
  */
 #include <math.h>
@@ -22,6 +30,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/cuda/gemv.h"
 #include "rlb/rlb.h"
 #include "worker/backend_cuda.h"
 #include "worker/forward.h"
@@ -197,16 +206,25 @@ static double decode(bench_run *r)
 }
 
 typedef struct shape_result {
-    double tok_s[MAX_BATCHES], b1_graphs_off, prefill_tok_s, fraction;
+    double tok_s[MAX_BATCHES], b1_graphs_off, b1_no_gemv, prefill_tok_s, fraction;
+    double invariant_tok_s[2], invariant_prefill_tok_s; /* batch-invariant mode */
     uint64_t weight_bytes, kv_bytes_b1;
 } shape_result;
 
-/* One backend (graphs on or off) through the given batches; prefill measured at 32. */
-static void run_shape(const rlb_tp_layout *l, int graphs, const int64_t *batches, int nb,
-                      int64_t new_tokens, double *tok_s, double *prefill_tok_s)
+/* The backend options of a run: graphs, the GEMV, batch invariance. */
+static rlb_cuda_backend_opts run_opts(int graphs, int gemv, int invariant)
 {
     rlb_cuda_backend_opts o = RLB_CUDA_BACKEND_OPTS_INIT;
     o.graphs = graphs;
+    o.no_gemv = !gemv;
+    o.batch_invariant = invariant;
+    return o;
+}
+
+/* One backend through the given batches; prefill measured at 32. */
+static void run_shape(const rlb_tp_layout *l, rlb_cuda_backend_opts o, const int64_t *batches,
+                      int nb, int64_t new_tokens, double *tok_s, double *prefill_tok_s)
+{
     o.max_batch_tokens = 16 * PROMPT;
     o.max_seqs = 256;
     rlb_ebackend *b;
@@ -251,14 +269,82 @@ static void run_shape(const rlb_tp_layout *l, int graphs, const int64_t *batches
     rlb__forward_free(&r.f);
 }
 
+/* --gemv: the decode GEMV alone on every matrix of the chosen shapes. */
+static int bench_gemv(const int *shapes, double gbs, char *json, size_t cap, int jn)
+{
+    static const char *mat[5] = {"qkv", "o", "gate_up", "down", "head"};
+    static const int64_t rows_of[4] = {1, 2, 4, 8};
+    cudaStream_t st;
+    cudaEvent_t e0, e1;
+    if (cudaStreamCreate(&st) != cudaSuccess || cudaEventCreate(&e0) != cudaSuccess ||
+        cudaEventCreate(&e1) != cudaSuccess)
+        die("stream", RLB_ECUDA);
+    for (int big = 0; big < 2; big++) {
+        if (!shapes[big])
+            continue;
+        rlb_model_config c;
+        shape_config(&c, big);
+        const int64_t hd = c.head_dim, q = (c.n_heads + 2 * c.n_kv_heads) * hd;
+        const int64_t mk[5][2] = {{q, c.hidden}, {c.hidden, c.n_heads * hd},
+                                  {2 * c.intermediate, c.hidden}, {c.hidden, c.intermediate},
+                                  {c.vocab, c.hidden}};
+        for (int i = 0; i < 5; i++) {
+            const int64_t m = mk[i][0], k = mk[i][1];
+            void *w, *x;
+            float *y;
+            if (cudaMalloc(&w, (size_t)(m * k) * 2) != cudaSuccess ||
+                cudaMalloc(&x, (size_t)(8 * k) * 2) != cudaSuccess ||
+                cudaMalloc((void **)&y, (size_t)(8 * m) * 4) != cudaSuccess)
+                die("gemv buffers", RLB_ENOMEM);
+            cudaMemset(w, 0x3c, (size_t)(m * k) * 2);
+            cudaMemset(x, 0x3c, (size_t)(8 * k) * 2);
+            for (int r = 0; r < 4; r++) {
+                const int64_t n = rows_of[r];
+                const int reps = 20;
+                float ms = 0, best = 1e30f;
+                for (int t = 0; t < 3; t++) {
+                    cudaEventRecord(e0, st);
+                    for (int j = 0; j < reps; j++)
+                        if (rlb__eo_gemv(st, w, RLB_DTYPE_BF16, m, k, x, n, NULL, y))
+                            die("gemv", RLB_ECUDA);
+                    cudaEventRecord(e1, st);
+                    cudaEventSynchronize(e1);
+                    cudaEventElapsedTime(&ms, e0, e1);
+                    best = ms < best ? ms : best;
+                }
+                const double sec = best * 1e-3 / reps;
+                const double bytes = (double)(m * k) * 2 + (double)(n * k) * 2 + (double)(n * m) * 4;
+                const double g = bytes / sec / 1e9;
+                printf("  gemv %s %-7s %6lld x %5lld, %lld rows: %8.1f us %7.0f GB/s  %.3f of "
+                       "copy\n", big ? "8b" : "1b", mat[i], (long long)m, (long long)k,
+                       (long long)n, sec * 1e6, g, g / gbs);
+                jn += snprintf(json + jn, cap - (size_t)jn,
+                               ",\"gemv_%s_%s_n%lld_gbs\":%.1f,\"gemv_%s_%s_n%lld_frac\":%.3f",
+                               big ? "8b" : "1b", mat[i], (long long)n, g, big ? "8b" : "1b",
+                               mat[i], (long long)n, g / gbs);
+            }
+            cudaFree(w);
+            cudaFree(x);
+            cudaFree(y);
+        }
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaStreamDestroy(st);
+    printf("%s}\n", json);
+    return 0;
+}
+
 int rlb__bench_engine_cuda(int argc, char **argv)
 {
     int shapes[2] = {1, 1};
     int64_t new_tokens = 256, batches[MAX_BATCHES] = {1, 32, 256};
-    int nb = 3;
+    int nb = 3, gemv_only = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--device") && i + 1 < argc) {
             i++;
+        } else if (!strcmp(argv[i], "--gemv")) {
+            gemv_only = 1;
         } else if (!strcmp(argv[i], "--shape") && i + 1 < argc) {
             i++;
             shapes[0] = strcmp(argv[i], "8b") != 0;
@@ -274,7 +360,7 @@ int rlb__bench_engine_cuda(int argc, char **argv)
             }
         } else {
             fprintf(stderr, "usage: rlb-bench-engine --device cuda [--shape 1b|8b|both] "
-                            "[--new N] [--batches 1,32,256]\n");
+                            "[--new N] [--batches 1,32,256] [--gemv]\n");
             return 2;
         }
     }
@@ -292,8 +378,10 @@ int rlb__bench_engine_cuda(int argc, char **argv)
     const double gbs = copy_gbs();
     printf("rlb-bench-engine --device cuda on %s: copy %.0f GB/s; prompt %d, %lld new tokens, "
            "bf16, TP 1\n", prop.name, gbs, PROMPT, (long long)new_tokens);
-    char json[4096];
+    char json[8192];
     int jn = snprintf(json, sizeof json, "{\"device\":\"%s\",\"copy_gbs\":%.1f", prop.name, gbs);
+    if (gemv_only)
+        return bench_gemv(shapes, gbs, json, sizeof json, jn);
     static const char *names[2] = {"1b", "8b"};
     for (int big = 0; big < 2; big++) {
         if (!shapes[big])
@@ -309,8 +397,12 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         /* batch 1 reads the keys and values of its context: PROMPT + new / 2 on average */
         sr.kv_bytes_b1 = (uint64_t)(PROMPT + new_tokens / 2) * 2 * (uint64_t)cfg.n_layers *
                          (uint64_t)l.kvt * (uint64_t)cfg.head_dim * 2;
-        run_shape(&l, 1, batches, nb, new_tokens, sr.tok_s, &sr.prefill_tok_s);
-        run_shape(&l, 0, batches, 1, new_tokens, &sr.b1_graphs_off, NULL);
+        const int ni = nb < 2 ? nb : 2;
+        run_shape(&l, run_opts(1, 1, 0), batches, nb, new_tokens, sr.tok_s, &sr.prefill_tok_s);
+        run_shape(&l, run_opts(0, 1, 0), batches, 1, new_tokens, &sr.b1_graphs_off, NULL);
+        run_shape(&l, run_opts(1, 0, 0), batches, 1, new_tokens, &sr.b1_no_gemv, NULL);
+        run_shape(&l, run_opts(1, 1, 1), batches, ni, new_tokens, sr.invariant_tok_s,
+                  &sr.invariant_prefill_tok_s);
         const double floor_s = (double)(sr.weight_bytes + sr.kv_bytes_b1) / (gbs * 1e9);
         sr.fraction = floor_s * sr.tok_s[0];
         printf("%s: weights %.2f GB read per step; floor at batch 1 %.1f tok/s\n", names[big],
@@ -318,6 +410,11 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         for (int i = 0; i < nb; i++)
             printf("  decode batch %-4lld %10.1f tok/s\n", (long long)batches[i], sr.tok_s[i]);
         printf("  decode batch 1, graphs off %10.1f tok/s\n", sr.b1_graphs_off);
+        printf("  decode batch 1, cuBLASLt (no GEMV) %10.1f tok/s\n", sr.b1_no_gemv);
+        for (int i = 0; i < ni; i++)
+            printf("  decode batch %-4lld batch-invariant %10.1f tok/s\n", (long long)batches[i],
+                   sr.invariant_tok_s[i]);
+        printf("  prefill batch-invariant %10.1f tok/s\n", sr.invariant_prefill_tok_s);
         printf("  prefill %10.1f tok/s; decode_b1_fraction_of_floor %.3f\n", sr.prefill_tok_s,
                sr.fraction);
         jn += snprintf(json + jn, sizeof json - (size_t)jn,
@@ -326,10 +423,16 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         for (int i = 0; i < nb; i++)
             jn += snprintf(json + jn, sizeof json - (size_t)jn, ",\"decode_b%lld_tok_s\":%.1f",
                            (long long)batches[i], sr.tok_s[i]);
+        for (int i = 0; i < ni; i++)
+            jn += snprintf(json + jn, sizeof json - (size_t)jn,
+                           ",\"decode_b%lld_batch_invariant_tok_s\":%.1f",
+                           (long long)batches[i], sr.invariant_tok_s[i]);
         jn += snprintf(json + jn, sizeof json - (size_t)jn,
-                       ",\"decode_b1_graphs_off_tok_s\":%.1f,\"prefill_tok_s\":%.1f,"
-                       "\"decode_b1_fraction_of_floor\":%.3f}",
-                       sr.b1_graphs_off, sr.prefill_tok_s, sr.fraction);
+                       ",\"prefill_batch_invariant_tok_s\":%.1f", sr.invariant_prefill_tok_s);
+        jn += snprintf(json + jn, sizeof json - (size_t)jn,
+                       ",\"decode_b1_graphs_off_tok_s\":%.1f,\"decode_b1_no_gemv_tok_s\":%.1f,"
+                       "\"prefill_tok_s\":%.1f,\"decode_b1_fraction_of_floor\":%.3f}",
+                       sr.b1_graphs_off, sr.b1_no_gemv, sr.prefill_tok_s, sr.fraction);
         rlb__tp_layout_free(&l);
     }
     printf("%s}\n", json);

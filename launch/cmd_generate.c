@@ -337,6 +337,7 @@ static int choose_backend(gen_opts *o)
     c->dtype = o->be.dtype;
     c->quant = o->be.quant;
     c->graphs = !o->be.no_graphs;
+    c->batch_invariant = o->be.batch_invariant;
     if (o->be.gpu_memory_utilization > 0)
         c->gpu_memory_utilization = o->be.gpu_memory_utilization;
     c->max_batch_tokens = 512; /* the engine's defaults (engine.h) */

@@ -12,10 +12,27 @@
  * The residual add is deferred: add(X, P) is remembered and issued fused with the next
  * rmsnorm of X (rlb__eo_add_rmsnorm), or alone before any other op.
  *
+ * Steps of at most RLB_EO_GEMV_MAX_ROWS rows (decode at small batch) multiply through the
+ * GEMV of kernels/cuda/gemv.h instead of cuBLASLt, and defer two more ops so that it can
+ * absorb them: rmsnorm(X -> H) is remembered and the linear that reads H next runs the
+ * GEMV with the norm fused (it reads X); a linear into PROJ at TP 1 is remembered and the
+ * add(X, PROJ) that follows runs it with the residual add fused (X += y in its epilogue).
+ * Any other op first issues what is pending in its plain form, so every op keeps the
+ * meaning ebackend.h gives it. Per layer that leaves GEMV qkv, rope_store, attention, GEMV
+ * o, GEMV gate_up, swiglu and GEMV down; the final norm fuses into the LM head likewise.
+ *
  * GEMMs: cuBLASLt, y[n, m] = x[n, k] . W[m, k]^T as the column-major product
  * W^T(k x m, transposed) x X(k x n) -> Y(m x n), inputs in the weights' dtype, float32
  * accumulation and output (CUBLAS_COMPUTE_32F, no TF32, for fp32 weights); one plan per
  * shape, cached. With post-load copies, rlb__eo_matmul_wq instead.
+ *
+ * Batch-invariant mode (opts.batch_invariant): every product, whatever its row count, runs
+ * through cuBLASLt with the algorithm its heuristic picks for (m, max rows, k), found once
+ * per (m, k) among those without split-K reduction and with split-K forced to 1, so an
+ * output's k-reduction does not depend on how many rows the step has; no GEMV and no
+ * fusion that only small steps get; attention with one key split always (the split count
+ * otherwise follows the step's size). Norms, RoPE, the cache and sampling work per row
+ * already. What it costs: rlb-bench-engine --device cuda (decode_b1_batch_invariant_tok_s).
  *
  * Check: tests/gpu/test_cuda_backend.c (against the CPU backend through the interface, and
  * whole-model HF fixtures), bench/bench_engine_cuda.c.
@@ -39,6 +56,7 @@
 #include "kernels/cpu/sample.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/engine_ops.h"
+#include "kernels/cuda/gemv.h"
 #include "kernels/cuda/quant.h"
 #include "worker/kvcache.h"
 
@@ -146,6 +164,12 @@ typedef struct cuda_backend {
     rlb_eo_cache cache;
     int have_step;
     int pending_add;          /* an rlb_ebuf added into X and not yet issued, or -1 */
+    const void *pending_norm; /* GEMV step: norm weight of an rmsnorm(X -> H) not yet
+                               * issued, or NULL */
+    int pending_proj_kind;    /* GEMV step, TP 1: weight kind of a linear into PROJ not yet
+                               * issued (the add into X fuses with it), or -1 */
+    int pending_proj_layer;   /* its layer */
+    int pending_proj_src;     /* its input buffer */
     int bucket;               /* graph bucket of the step, or -1 */
     int capturing;
 
@@ -454,6 +478,46 @@ static void plan_destroy(gemm_plan *p)
     memset(p, 0, sizeof *p);
 }
 
+/* Batch-invariant mode: the algorithm of (m, maximum rows, p->k) among those without a
+ * split-K reduction, split-K forced to 1, checked against p's own row count. The heuristic
+ * is a function of the shape, so every row count of (m, k) gets the same algorithm. */
+static int invariant_algo(cuda_backend *c, gemm_plan *p, int64_t m,
+                          cublasLtMatmulPreference_t pref, cublasLtMatmulHeuristicResult_t *res,
+                          int *found)
+{
+    int rc = 0;
+    cublasLtMatrixLayout_t b = NULL, y = NULL;
+    const cudaDataType_t in = cuda_type(c->dt);
+    const uint32_t none = CUBLASLT_REDUCTION_SCHEME_NONE;
+    const int32_t one = 1;
+    *found = 0;
+    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                                  &none, sizeof none),
+             rc, out);
+    LT_CHECK(cublasLtMatrixLayoutCreate(&b, in, (uint64_t)p->k, (uint64_t)c->R, p->k), rc, out);
+    LT_CHECK(cublasLtMatrixLayoutCreate(&y, CUDA_R_32F, (uint64_t)m, (uint64_t)c->R, m), rc, out);
+    LT_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, p->op, p->a, b, y, y, pref, 1, res, found),
+             rc, out);
+    if (!*found)
+        goto out;
+    LT_CHECK(cublasLtMatmulAlgoConfigSetAttribute(&res->algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+                                                  &one, sizeof one),
+             rc, out);
+    if (cublasLtMatmulAlgoCheck(c->lt, p->op, p->a, p->b, p->c, p->c, &res->algo, res) !=
+        CUBLAS_STATUS_SUCCESS) {
+        RLB_LOG_ERROR(RLB_SUB_ENGINE, "batch-invariant GEMM: the algorithm of %lld x %lld x "
+                      "%lld does not take %lld rows", (long long)m, (long long)c->R,
+                      (long long)p->k, (long long)p->n);
+        *found = 0;
+    }
+out:
+    if (b)
+        cublasLtMatrixLayoutDestroy(b);
+    if (y)
+        cublasLtMatrixLayoutDestroy(y);
+    return rc;
+}
+
 /* The cached plan of (m, n, k, ldc), made on first use. */
 static int plan_get(cuda_backend *c, int64_t m, int64_t n, int64_t k, int64_t ldc,
                     gemm_plan **out)
@@ -479,6 +543,7 @@ static int plan_get(cuda_backend *c, int64_t m, int64_t n, int64_t k, int64_t ld
     cublasLtMatmulPreference_t pref = NULL;
     const cudaDataType_t in = cuda_type(c->dt);
     const cublasOperation_t tr = CUBLAS_OP_T, nt = CUBLAS_OP_N;
+    p->n = n, p->k = k; /* p->m stays 0 (an unused entry) until the plan is complete */
     LT_CHECK(cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F), rc, err);
     LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &tr, sizeof tr),
              rc, err_op);
@@ -495,9 +560,14 @@ static int plan_get(cuda_backend *c, int64_t m, int64_t n, int64_t k, int64_t ld
              rc, err_pref);
     cublasLtMatmulHeuristicResult_t res;
     int found = 0;
-    LT_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, p->op, p->a, p->b, p->c, p->c, pref, 1, &res,
-                                            &found),
-             rc, err_pref);
+    if (c->opts.batch_invariant) {
+        if ((rc = invariant_algo(c, p, m, pref, &res, &found)))
+            goto err_pref;
+    } else {
+        LT_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, p->op, p->a, p->b, p->c, p->c, pref, 1,
+                                                &res, &found),
+                 rc, err_pref);
+    }
     if (!found) {
         RLB_LOG_ERROR(RLB_SUB_ENGINE, "cuBLASLt has no algorithm for %lld x %lld x %lld",
                       (long long)m, (long long)n, (long long)k);
@@ -524,12 +594,22 @@ err:
     return rc;
 }
 
+/* 1 when a product of n rows runs on the GEMV (kernels/cuda/gemv.h): few rows, weights
+ * without a post-load copy (those have their own weight-only kernel). */
+static int gemv_rows(const cuda_backend *c, int64_t n, const wq_copy *q)
+{
+    return n <= RLB_EO_GEMV_MAX_ROWS && !c->opts.no_gemv && !c->opts.batch_invariant &&
+           !(q && q->q);
+}
+
 /* y[n, m] (row stride ldc) = x[n, k] . w[m, k]^T, from the post-load copy when there is. */
 static int matmul(cuda_backend *c, const void *w, const wq_copy *q, const void *x, int64_t n,
                   int64_t k, int64_t m, int64_t ldc, float *y)
 {
     if (n <= 0)
         return 0;
+    if (gemv_rows(c, n, q) && ldc == m)
+        return rlb__eo_gemv(c->stream, w, c->dt, m, k, x, n, NULL, y);
     if (q && q->q) {
         if (ldc != m)
             return RLB_EINVAL;
@@ -574,13 +654,44 @@ static int buf_is_compute(rlb_ebuf e)
     return e == RLB_EBUF_H || e == RLB_EBUF_ATTN || e == RLB_EBUF_ACT;
 }
 
-static int flush_add(cuda_backend *c)
+/* dst = src . W^T (+ the QKV bias) for the weight of (kind, layer), fuse as given (NULL:
+ * none; only on the GEMV). */
+static int linear_issue(cuda_backend *c, rlb_wkind w, int layer, rlb_ebuf src, rlb_ebuf dst,
+                        const rlb_eo_gemv_fuse *fuse)
 {
-    if (c->pending_add < 0)
-        return 0;
-    int src = c->pending_add;
-    c->pending_add = -1;
-    return rlb__eo_add(c->stream, c->buf[RLB_EBUF_X], c->buf[src], c->rows * c->D);
+    const rlb_local_tensor *t = rlb__tp_layout_find(c->base.layout, w, layer);
+    int rc = fuse ? rlb__eo_gemv(c->stream, wptr(c, w, layer), c->dt, t->rows, t->cols,
+                                 c->buf[src], c->rows, fuse, c->buf[dst])
+                  : matmul(c, wptr(c, w, layer), wq_of(c, w, layer), c->buf[src], c->rows,
+                           t->cols, t->rows, t->rows, c->buf[dst]);
+    const void *bias = w == RLB_W_QKV ? wptr(c, RLB_W_QKV_BIAS, layer) : NULL;
+    if (!rc && bias)
+        rc = rlb__eo_bias_add(c->stream, c->buf[dst], bias, c->dt, c->rows, t->rows);
+    return rc;
+}
+
+/* Issues, in its plain form, whatever op was deferred for a fusion that did not come. */
+static int flush_pending(cuda_backend *c)
+{
+    int rc = 0;
+    if (c->pending_norm) {
+        const void *w = c->pending_norm;
+        c->pending_norm = NULL;
+        rc = rlb__eo_rmsnorm(c->stream, c->buf[RLB_EBUF_X], NULL, w, c->dt, c->rows, c->D,
+                             c->eps, c->buf[RLB_EBUF_H], c->dt);
+    }
+    if (!rc && c->pending_proj_kind >= 0) {
+        const rlb_wkind w = (rlb_wkind)c->pending_proj_kind;
+        c->pending_proj_kind = -1;
+        rc = linear_issue(c, w, c->pending_proj_layer, (rlb_ebuf)c->pending_proj_src,
+                          RLB_EBUF_PROJ, NULL);
+    }
+    if (!rc && c->pending_add >= 0) {
+        int src = c->pending_add;
+        c->pending_add = -1;
+        rc = rlb__eo_add(c->stream, c->buf[RLB_EBUF_X], c->buf[src], c->rows * c->D);
+    }
+    return rc;
 }
 
 /* The smallest bucket holding n decode rows, or -1. */
@@ -608,6 +719,8 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
     abort_capture(c);
     c->have_step = 0;
     c->pending_add = -1;
+    c->pending_norm = NULL;
+    c->pending_proj_kind = -1;
     if (!bt || !kv || !kv->k || bt->rows < 1 || bt->n_spans < 1 || bt->out < 0 ||
         bt->out > bt->rows || kv->n_layers != c->n_layers || kv->kvt != c->kvt ||
         kv->hd != c->hd)
@@ -678,8 +791,10 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
     c->real_out = bt->out;
     c->qblocks = qb;
     c->bt_stride = stride;
-    c->splits = rlb__eo_attn_splits(qb * c->kvt, bt->decode_only ? 0 : bt->max_ctx, c->sms,
-                                    rows, c->hq, c->ws_vectors);
+    c->splits = c->opts.batch_invariant
+                    ? 1
+                    : rlb__eo_attn_splits(qb * c->kvt, bt->decode_only ? 0 : bt->max_ctx, c->sms,
+                                          rows, c->hq, c->ws_vectors);
     c->cache = (rlb_eo_cache){kv->k, kv->v, c->dt, c->n_layers, c->kvt,
                               c->hd, kv->block_tokens};
     c->have_step = 1;
@@ -709,7 +824,7 @@ static int be_graph_end(rlb_ebackend *b)
     if (!c->have_step || c->bucket < 0)
         return 0;
     if (c->capturing) {
-        if ((rc = flush_add(c)))
+        if ((rc = flush_pending(c)))
             return step_fail(c, rc);
         cudaGraph_t g = NULL;
         c->capturing = 0;
@@ -733,7 +848,7 @@ out:
 static int be_embed(rlb_ebackend *b)
 {
     cuda_backend *c = cb(b);
-    int rc = flush_add(c);
+    int rc = flush_pending(c);
     if (!rc)
         rc = rlb__eo_embed(c->stream, wptr(c, RLB_W_EMBED, -1), c->dt, c->vocab0, c->vl, c->D,
                            c->dmeta.tokens, c->rows, c->buf[RLB_EBUF_X]);
@@ -749,7 +864,13 @@ static int be_rmsnorm(rlb_ebackend *b, rlb_ebuf src, rlb_wkind w, int layer, rlb
     if (src != RLB_EBUF_X || !wp || (dst != RLB_EBUF_X && dst != RLB_EBUF_H))
         return step_fail(c, RLB_EINVAL);
     const rlb_dtype ydt = dst == RLB_EBUF_H ? c->dt : RLB_DTYPE_F32;
-    int rc;
+    int rc = flush_pending(c);
+    if (rc)
+        return step_fail(c, rc);
+    if (dst == RLB_EBUF_H && c->pending_add < 0 && gemv_rows(c, c->rows, NULL)) {
+        c->pending_norm = wp; /* the next linear from H reads X with the norm fused */
+        return 0;
+    }
     if (c->pending_add >= 0) {
         int a = c->pending_add;
         c->pending_add = -1;
@@ -769,20 +890,29 @@ static int be_linear(rlb_ebackend *b, rlb_wkind w, int layer, rlb_ebuf src, rlb_
     if (!t || !buf_is_compute(src) || buf_is_compute(dst) || t->cols != buf_width(c, src) ||
         t->rows != buf_width(c, dst))
         return step_fail(c, RLB_EINVAL);
-    int rc = flush_add(c);
+    const int gemv = gemv_rows(c, c->rows, wq_of(c, w, layer));
+    if (gemv && src == RLB_EBUF_H && c->pending_norm) {
+        rlb_eo_gemv_fuse f = {.norm_x = c->buf[RLB_EBUF_X], .norm_w = c->pending_norm,
+                              .eps = c->eps};
+        c->pending_norm = NULL;
+        return step_fail(c, linear_issue(c, w, layer, src, dst, &f));
+    }
+    int rc = flush_pending(c);
+    if (!rc && gemv && dst == RLB_EBUF_PROJ && c->T == 1 && w != RLB_W_QKV) {
+        c->pending_proj_kind = (int)w; /* the add(X, PROJ) that follows fuses with it */
+        c->pending_proj_layer = layer;
+        c->pending_proj_src = (int)src;
+        return 0;
+    }
     if (!rc)
-        rc = matmul(c, wptr(c, w, layer), wq_of(c, w, layer), c->buf[src], c->rows, t->cols,
-                    t->rows, t->rows, c->buf[dst]);
-    const void *bias = w == RLB_W_QKV ? wptr(c, RLB_W_QKV_BIAS, layer) : NULL;
-    if (!rc && bias)
-        rc = rlb__eo_bias_add(c->stream, c->buf[dst], bias, c->dt, c->rows, t->rows);
+        rc = linear_issue(c, w, layer, src, dst, NULL);
     return step_fail(c, rc);
 }
 
 static int be_rope_store(rlb_ebackend *b, int layer)
 {
     cuda_backend *c = cb(b);
-    int rc = flush_add(c);
+    int rc = flush_pending(c);
     if (!rc)
         rc = rlb__eo_rope_store(c->stream, c->buf[RLB_EBUF_QKV], c->rows, c->hq, c->dmeta.pos,
                                 c->inv_freq, c->dmeta.slot, &c->cache, layer);
@@ -792,7 +922,7 @@ static int be_rope_store(rlb_ebackend *b, int layer)
 static int be_attention(rlb_ebackend *b, int layer)
 {
     cuda_backend *c = cb(b);
-    int rc = flush_add(c);
+    int rc = flush_pending(c);
     rlb_eo_attn a = {
         .qkv = c->buf[RLB_EBUF_QKV],
         .pos = c->dmeta.pos,
@@ -820,7 +950,7 @@ static int be_attention(rlb_ebackend *b, int layer)
 static int be_swiglu(rlb_ebackend *b)
 {
     cuda_backend *c = cb(b);
-    int rc = flush_add(c);
+    int rc = flush_pending(c);
     if (!rc)
         rc = rlb__eo_swiglu(c->stream, c->buf[RLB_EBUF_GU], c->rows, c->inter,
                             c->buf[RLB_EBUF_ACT], c->dt);
@@ -833,7 +963,15 @@ static int be_add(rlb_ebackend *b, rlb_ebuf dst, rlb_ebuf src)
     if (buf_is_compute(dst) || buf_is_compute(src) || buf_width(c, dst) != c->D ||
         buf_width(c, src) != c->D || dst == src)
         return step_fail(c, RLB_EINVAL);
-    int rc = flush_add(c);
+    if (dst == RLB_EBUF_X && src == RLB_EBUF_PROJ && c->pending_proj_kind >= 0 &&
+        !c->pending_norm && c->pending_add < 0) {
+        rlb_eo_gemv_fuse f = {.residual = c->buf[RLB_EBUF_X]};
+        const rlb_wkind w = (rlb_wkind)c->pending_proj_kind;
+        c->pending_proj_kind = -1;
+        return step_fail(c, linear_issue(c, w, c->pending_proj_layer,
+                                         (rlb_ebuf)c->pending_proj_src, RLB_EBUF_PROJ, &f));
+    }
+    int rc = flush_pending(c);
     if (rc)
         return step_fail(c, rc);
     if (dst == RLB_EBUF_X) {
@@ -848,8 +986,10 @@ static int be_allreduce(rlb_ebackend *b, rlb_ebuf buf)
     cuda_backend *c = cb(b);
     if (buf_is_compute(buf))
         return step_fail(c, RLB_EINVAL);
-    int rc = flush_add(c);
-    if (rc || c->T == 1)
+    if (c->T == 1) /* nothing to sum: deferred ops stay deferred */
+        return 0;
+    int rc = flush_pending(c);
+    if (rc)
         return step_fail(c, rc);
 #ifdef RLB_HAVE_NCCL
     ncclResult_t nr = ncclAllReduce(c->buf[buf], c->buf[buf],
@@ -868,13 +1008,20 @@ static int be_allreduce(rlb_ebackend *b, rlb_ebuf buf)
 static int be_logits(rlb_ebackend *b)
 {
     cuda_backend *c = cb(b);
-    int rc = flush_add(c);
+    int rc = flush_pending(c);
     if (rc || c->out == 0)
         return step_fail(c, rc);
+    const rlb_wkind hk = head_kind(c);
+    if (c->T == 1 && c->out == c->rows && gemv_rows(c, c->out, wq_of(c, hk, -1))) {
+        /* out == rows: every row's logits, in order (out_rows ascends), so X is the input */
+        rlb_eo_gemv_fuse f = {.norm_x = c->buf[RLB_EBUF_X],
+                              .norm_w = wptr(c, RLB_W_FINAL_NORM, -1), .eps = c->eps};
+        return step_fail(c, rlb__eo_gemv(c->stream, wptr(c, hk, -1), c->dt, c->V, c->D, NULL,
+                                         c->out, &f, c->logits));
+    }
     rc = rlb__eo_rmsnorm(c->stream, c->buf[RLB_EBUF_X], c->dmeta.out_rows,
                          wptr(c, RLB_W_FINAL_NORM, -1), c->dt, c->out, c->D, c->eps, c->hsel,
                          c->dt);
-    const rlb_wkind hk = head_kind(c);
     if (!rc && c->T == 1)
         rc = matmul(c, wptr(c, hk, -1), wq_of(c, hk, -1), c->hsel, c->out, c->D, c->V, c->V,
                     c->logits);
@@ -920,14 +1067,8 @@ out:
     return rc;
 }
 
-/* 1 when a job needs the host sampler (top-k / top-p). */
-static int host_job(const cuda_backend *c, const rlb_sampling *sp)
-{
-    if (sp->temperature <= RLB_SAMPLE_GREEDY_EPS)
-        return 0;
-    return (sp->top_k > 0 && sp->top_k < c->V) || sp->top_p < 1.0f;
-}
-
+/* Every job samples on the GPU; a row the kernel refuses (a non-finite logit) is sampled
+ * again on the host, whose rules for NaN and infinities (sample.h) decide it. */
 static int be_sample(rlb_ebackend *b, const rlb_sample_job *jobs, int64_t n, int32_t *tokens,
                      float *logprobs)
 {
@@ -935,23 +1076,22 @@ static int be_sample(rlb_ebackend *b, const rlb_sample_job *jobs, int64_t n, int
     int rc = 0;
     if (!c->have_step || c->capturing || n < 0 || n > c->O || (n && (!jobs || !tokens)))
         return RLB_EINVAL;
-    int64_t nd = 0;
     for (int64_t j = 0; j < n; j++) {
         if (jobs[j].row < 0 || jobs[j].row >= c->real_out || rlb__sampling_check(&jobs[j].sp))
             return RLB_EINVAL;
-        if (host_job(c, &jobs[j].sp))
-            continue;
-        c->hio.jobs[nd++] = (rlb_eo_sample_job){.row = jobs[j].row,
-                                                .temperature = jobs[j].sp.temperature,
-                                                .seed = jobs[j].sp.seed,
-                                                .sample = jobs[j].sample,
-                                                .pos = jobs[j].pos};
+        c->hio.jobs[j] = (rlb_eo_sample_job){.row = jobs[j].row,
+                                             .temperature = jobs[j].sp.temperature,
+                                             .top_k = jobs[j].sp.top_k,
+                                             .seed = jobs[j].sp.seed,
+                                             .sample = jobs[j].sample,
+                                             .pos = jobs[j].pos,
+                                             .top_p = jobs[j].sp.top_p};
     }
-    if (nd) {
-        RLB_CUDA_CHECK(cudaMemcpyAsync(c->dio.jobs, c->hio.jobs, (size_t)nd * sizeof *c->dio.jobs,
+    if (n) {
+        RLB_CUDA_CHECK(cudaMemcpyAsync(c->dio.jobs, c->hio.jobs, (size_t)n * sizeof *c->dio.jobs,
                                        cudaMemcpyHostToDevice, c->stream),
                        rc, out);
-        if ((rc = rlb__eo_sample(c->stream, c->logits, c->V, c->dio.jobs, nd, c->dio.tokens,
+        if ((rc = rlb__eo_sample(c->stream, c->logits, c->V, c->dio.jobs, n, c->dio.tokens,
                                  c->dio.logprobs, c->dio.status)))
             return rc;
         /* tokens, logprobs and status are consecutive [O] arrays in both regions */
@@ -963,21 +1103,16 @@ static int be_sample(rlb_ebackend *b, const rlb_sample_job *jobs, int64_t n, int
     }
     if ((rc = sync_step(c)))
         return rc;
-    int64_t d = 0;
     for (int64_t j = 0; j < n; j++) {
-        float lp;
-        if (host_job(c, &jobs[j].sp)) {
+        float lp = c->hio.logprobs[j];
+        tokens[j] = c->hio.tokens[j];
+        if (c->hio.status[j]) {
             RLB_CUDA_CHECK(cudaMemcpy(c->hrow, c->logits + jobs[j].row * c->V,
                                       (size_t)c->V * 4, cudaMemcpyDeviceToHost),
                            rc, out);
             if ((rc = rlb__sample_token(c->hrow, c->V, &jobs[j].sp, jobs[j].sample, jobs[j].pos,
                                         &c->ws, &tokens[j], &lp)))
                 return rc;
-        } else {
-            if (c->hio.status[d])
-                return c->hio.status[d];
-            tokens[j] = c->hio.tokens[d];
-            lp = c->hio.logprobs[d++];
         }
         if (logprobs)
             logprobs[j] = lp;
@@ -1323,6 +1458,7 @@ int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weig
     c->O = opts->max_logit_rows > 0 ? opts->max_logit_rows : c->S;
     c->S = c->S < c->R ? c->S : c->R;
     c->pending_add = -1;
+    c->pending_proj_kind = -1;
     c->bucket = -1;
     make_buckets(c);
     uint64_t act_bytes = 0;

@@ -30,6 +30,10 @@ typedef struct rlb_cuda_backend_opts {
     int32_t graphs;             /* 1: capture decode steps in CUDA graphs per batch bucket */
     rlb_quant quant;            /* post-load processing (int8, fp8, fp8-channel: weight-only) */
     const void *nccl_id;        /* T > 1: the group's ncclUniqueId (NCCL_UNIQUE_ID_BYTES) */
+    int32_t no_gemv;            /* 1: steps of <= 8 rows multiply through cuBLASLt too, not
+                                 * the decode GEMV (benchmarks compare the two) */
+    int32_t batch_invariant;    /* 1: a sequence's logits are bitwise the same whatever else
+                                 * is in the step (see backend_cuda.c) */
 } rlb_cuda_backend_opts;
 
 #define RLB_CUDA_BACKEND_OPTS_INIT {.struct_size = sizeof(rlb_cuda_backend_opts), .graphs = 1}

@@ -65,6 +65,7 @@ int rlb__backend_open(const rlb_tp_layout *layout, const void *weights, rlb_tp_c
     o.device = c->cuda_device;
     o.quant = c->quant;
     o.graphs = c->graphs;
+    o.batch_invariant = c->batch_invariant;
     o.max_batch_tokens = c->max_batch_tokens;
     o.max_seqs = c->max_seqs;
     if (layout->tp_size > 1) {

@@ -26,6 +26,7 @@ typedef struct rlb_backend_choice {
     rlb_dtype dtype;               /* CUDA: weight dtype F32, BF16 (default) or F16 */
     rlb_quant quant;               /* post-load processing */
     int graphs;                    /* CUDA: capture decode steps in graphs (default 1) */
+    int batch_invariant;           /* CUDA: batch-invariant kernels (default 0) */
     double gpu_memory_utilization; /* CUDA: share of the GPU the worker may fill (0.9) */
     int64_t max_batch_tokens;      /* the engine's step size (sizes the CUDA buffers) */
     int64_t max_seqs;              /* the engine's running sequences at most */

@@ -694,6 +694,7 @@ int rlb__worker_run(const rlb_worker_opts *opts)
     w.choice.dtype = opts->dtype;
     w.choice.quant = opts->quant;
     w.choice.graphs = !opts->no_graphs;
+    w.choice.batch_invariant = opts->batch_invariant;
     if (opts->gpu_memory_utilization > 0)
         w.choice.gpu_memory_utilization = opts->gpu_memory_utilization;
     w.choice.max_batch_tokens = 512; /* the engine's defaults (engine.h) */

@@ -40,6 +40,7 @@ typedef struct rlb_worker_opts {
     double gpu_memory_utilization; /* CUDA: KV budget share of the GPU (0 = 0.9) when
                                     kv_bytes is 0 */
     int no_graphs;               /* CUDA: 1 = no CUDA graphs */
+    int batch_invariant;         /* CUDA: 1 = batch-invariant kernels (--batch-invariant) */
 } rlb_worker_opts;
 
 #define RLB_WORKER_OPTS_INIT {.struct_size = sizeof(rlb_worker_opts)}
@@ -63,7 +64,7 @@ int rlb__daemon_parse_u64(const char *cmd, const char *opt, const char *text, ui
 
 /* The backend options every engine command takes (`rlb worker`, `rlb generate`):
  *   --device auto|cpu|cuda, --gpu N, --dtype bf16|fp16|fp32, --quant
- *   none|int8|fp8|fp8-channel, --gpu-memory-utilization F, --no-graphs
+ *   none|int8|fp8|fp8-channel, --gpu-memory-utilization F, --no-graphs, --batch-invariant
  * RLB_BACKEND_LONGOPTS are their getopt_long entries (values 0x400 and up) and
  * RLB_BACKEND_USAGE their help lines. */
 #define RLB_BACKEND_OPT_BASE 0x400
@@ -73,7 +74,8 @@ int rlb__daemon_parse_u64(const char *cmd, const char *opt, const char *text, ui
         {"dtype", required_argument, NULL, RLB_BACKEND_OPT_BASE + 2},                     \
         {"quant", required_argument, NULL, RLB_BACKEND_OPT_BASE + 3},                     \
         {"gpu-memory-utilization", required_argument, NULL, RLB_BACKEND_OPT_BASE + 4},    \
-        {"no-graphs", no_argument, NULL, RLB_BACKEND_OPT_BASE + 5}
+        {"no-graphs", no_argument, NULL, RLB_BACKEND_OPT_BASE + 5},                        \
+        {"batch-invariant", no_argument, NULL, RLB_BACKEND_OPT_BASE + 6}
 #define RLB_BACKEND_USAGE                                                                 \
     "  --device D           auto (a GPU when one is visible), cpu or cuda (default: the "   \
     "RLB_DEVICE knob)\n"                                                                  \
@@ -83,7 +85,9 @@ int rlb__daemon_parse_u64(const char *cmd, const char *opt, const char *text, ui
     "fp8-channel\n"                                                                        \
     "  --gpu-memory-utilization F  share of the GPU the worker fills, KV cache included "  \
     "(default 0.9)\n"                                                                     \
-    "  --no-graphs          GPU: run decode steps without CUDA graphs\n"
+    "  --no-graphs          GPU: run decode steps without CUDA graphs\n"                  \
+    "  --batch-invariant    GPU: a sequence's logits bitwise the same whatever else is in " \
+    "the batch (fixed GEMM algorithms, one attention split; slower)\n"
 
 /* Applies backend option `c` (an RLB_BACKEND_OPT_BASE + i value) with argument `arg` to o.
  * Returns 1 when c is not a backend option, 0 when applied, 2 (usage error, printed as

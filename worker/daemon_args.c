@@ -90,6 +90,9 @@ int rlb__backend_optarg(const char *cmd, int c, const char *arg, rlb_worker_opts
     case 5:
         o->no_graphs = 1;
         return 0;
+    case 6:
+        o->batch_invariant = 1;
+        return 0;
     }
     return 1;
 }

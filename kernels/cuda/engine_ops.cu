@@ -12,7 +12,11 @@
  * p = expf(z - max) as float, score = p / -log(u) in double, the first index of the
  * largest score or logit wins, logsumexp accumulated in double) with the noise of
  * kernels/cpu/noise.h compiled for the device, so a sample differs from the CPU's only
- * where two scores lie within an ulp of expf.
+ * where two scores lie within an ulp of expf. Top-k and top-p select by radix over z's
+ * bits (sample_kernel says how); top-p weighs tokens by fixed-point masses (2^-40 units)
+ * where the CPU sums floats in double, so the two cut differently only where top_p of
+ * the mass falls within ~1e-12 of a cumulative sum. A row with a non-finite logit
+ * gets status RLB_EINVAL, and the caller samples it on the host (sample.h's rules).
  *
  * Attention work division: a block is (query tile, kv head, split). A span of n rows has
  * n * grp query vectors (token i, head gq) ordered token-major; a tile holds RLB_EO_QTILE of
@@ -480,7 +484,82 @@ int attention_hd(cudaStream_t stream, const rlb_eo_attn *a, const rlb_eo_cache *
 /* ---- Sampling ------------------------------------------------------------------------------ */
 
 constexpr int kSampleThreads = 1024;
+/* Fixed-point scale of a token's mass p = exp(z - max z) in top-p: integer masses add up
+ * exactly in any order (128K tokens of at most 2^40 stay below 2^57). */
+constexpr double kMassScale = 1099511627776.0;
 
+/* z's bits as a key that orders like z (-0 as +0, so equal z give equal keys). */
+__device__ __forceinline__ uint32_t zkey(float z)
+{
+    const uint32_t u = __float_as_uint(z == 0.0f ? 0.0f : z);
+    return u & 0x80000000u ? ~u : u | 0x80000000u;
+}
+
+__device__ __forceinline__ float zkey_value(uint32_t k)
+{
+    return __uint_as_float(k & 0x80000000u ? k & 0x7fffffffu : ~k);
+}
+
+__device__ unsigned long long block_sum_u64(unsigned long long v)
+{
+    __shared__ unsigned long long total;
+    if (threadIdx.x == 0)
+        total = 0;
+    __syncthreads();
+    atomicAdd(&total, v);
+    __syncthreads();
+    const unsigned long long t = total;
+    __syncthreads();
+    return t;
+}
+
+/* Radix select over the tokens i < V with in(i), ordered by key(i) descending, each
+ * weighing w(i): the key of the first token at which the running weight reaches `want`
+ * (weight 1: the want-th largest key; weight = mass: where the cumulative mass crosses).
+ * *above gets the weight of the keys strictly larger. Four passes of 8 bits, integer
+ * histograms: exact and in no particular order, so the result is deterministic. */
+template <class In, class Key, class Weight>
+__device__ uint32_t radix_select(int64_t V, In in, Key key, Weight w, double want,
+                                 unsigned long long *above)
+{
+    __shared__ unsigned long long hist[256];
+    __shared__ uint32_t s_bin;
+    __shared__ unsigned long long s_above;
+    uint32_t prefix = 0, mask = 0;
+    unsigned long long ab = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x)
+            hist[b] = 0;
+        __syncthreads();
+        for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+            if (!in(i))
+                continue;
+            const uint32_t k = key(i);
+            if ((k & mask) == prefix)
+                atomicAdd(&hist[(k >> shift) & 255u], w(i));
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int b = 255;
+            for (; b > 0 && (double)(ab + hist[b]) < want; b--)
+                ab += hist[b];
+            s_bin = (uint32_t)b;
+            s_above = ab;
+        }
+        __syncthreads();
+        prefix |= s_bin << shift;
+        mask |= 255u << shift;
+        ab = s_above;
+        __syncthreads();
+    }
+    *above = ab;
+    return prefix;
+}
+
+/* One block per job. Greedy: the first maximum. Otherwise the top-k threshold (the k-th
+ * largest z, ties kept) and the top-p cut (the first token, z descending then id
+ * ascending, at which the kept mass above it reaches top_p of the kept mass) by radix
+ * select, then the exponential race over the kept tokens. */
 __global__ void __launch_bounds__(kSampleThreads)
     sample_kernel(const float *logits, int64_t V, const rlb_eo_sample_job *jobs,
                   int32_t *tokens, float *logprobs, int32_t *status)
@@ -489,6 +568,8 @@ __global__ void __launch_bounds__(kSampleThreads)
     const float *x = logits + job.row * V;
     const bool greedy = job.temperature <= RLB_SAMPLE_GREEDY_EPS;
     const float T = greedy ? 1.0f : job.temperature;
+    const bool top_k = !greedy && job.top_k > 0 && job.top_k < V;
+    const bool top_p = !greedy && job.top_p < 1.0f;
     float zmax = -INFINITY;
     int64_t imax = V;
     for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
@@ -499,29 +580,74 @@ __global__ void __launch_bounds__(kSampleThreads)
         }
     }
     block_argmax(zmax, imax);
-    const uint64_t prefix = rlb__noise_prefix(job.seed, job.sample, job.pos);
-    double sum = 0.0, best = -1.0;
-    int64_t ibest = V;
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-        float p = expf(x[i] / T - zmax);
-        sum += p;
-        if (!greedy) {
-            double e = -log(rlb__bits_to_uniform(rlb__noise_token(prefix, i)));
-            double score = (double)p / e;
-            if (score > best) {
-                best = score;
-                ibest = i;
-            }
+    double sum = 0.0;
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+        sum += expf(x[i] / T - zmax);
+    sum = block_sum_d(sum);
+    const double lse = (double)zmax + log(sum);
+    if (!isfinite(zmax) || !isfinite(lse)) { /* the host sampler's non-finite rules apply */
+        if (threadIdx.x == 0) {
+            status[blockIdx.x] = RLB_EINVAL;
+            tokens[blockIdx.x] = 0;
+            logprobs[blockIdx.x] = 0.0f;
+        }
+        return;
+    }
+    auto zk = [&](int64_t i) { return zkey(x[i] / T); };
+    auto one = [](int64_t) { return 1ull; };
+    auto all = [](int64_t) { return true; };
+    unsigned long long above = 0;
+    const uint32_t k_key = top_k ? radix_select(V, all, zk, one, (double)job.top_k, &above) : 0;
+    auto kept_k = [&](int64_t i) { return zk(i) >= k_key; };
+    uint32_t p_key = 0;    /* top-p: keys above p_key are kept, ... */
+    int64_t p_last = V;    /* ... and those equal to it up to this id */
+    if (top_p) {
+        auto mass = [&](int64_t i) {
+            return (unsigned long long)((double)expf(x[i] / T - zmax) * kMassScale);
+        };
+        unsigned long long q = 0, ties = 0;
+        for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+            q += kept_k(i) ? mass(i) : 0ull;
+        const double limit = (double)job.top_p * (double)block_sum_u64(q);
+        p_key = radix_select(V, kept_k, zk, mass, limit, &above);
+        /* the tokens of z = z(p_key) share one mass; the first of them (by id) whose mass
+         * above is still below the limit are kept */
+        const unsigned long long m1 =
+            (unsigned long long)((double)expf(zkey_value(p_key) - zmax) * kMassScale);
+        for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+            ties += kept_k(i) && zk(i) == p_key;
+        ties = block_sum_u64(ties);
+        const double keep = m1 ? ceil((limit - (double)above) / (double)m1) : (double)ties;
+        if (keep < (double)ties) {
+            auto tied = [&](int64_t i) { return kept_k(i) && zk(i) == p_key; };
+            auto id_key = [](int64_t i) { return ~(uint32_t)i; }; /* ascending ids */
+            p_last = (int64_t)~radix_select(V, tied, id_key, one, keep < 1.0 ? 1.0 : keep,
+                                            &above);
         }
     }
-    sum = block_sum_d(sum);
+    const uint64_t prefix = rlb__noise_prefix(job.seed, job.sample, job.pos);
+    double best = -1.0;
+    int64_t ibest = V;
+    for (int64_t i = threadIdx.x; !greedy && i < V; i += blockDim.x) {
+        if (top_k || top_p) {
+            const uint32_t k = zk(i);
+            if (k < k_key || k < p_key || (top_p && k == p_key && i > p_last))
+                continue;
+        }
+        const float p = expf(x[i] / T - zmax);
+        const double e = -log(rlb__bits_to_uniform(rlb__noise_token(prefix, i)));
+        const double score = (double)p / e;
+        if (score > best) {
+            best = score;
+            ibest = i;
+        }
+    }
     if (!greedy)
         block_argmax(best, ibest);
     if (threadIdx.x != 0)
         return;
-    const double lse = (double)zmax + log(sum);
     const int64_t tok = greedy ? imax : ibest;
-    if (!isfinite(zmax) || !isfinite(lse) || tok >= V) {
+    if (tok >= V) {
         status[blockIdx.x] = RLB_EINVAL;
         tokens[blockIdx.x] = 0;
         logprobs[blockIdx.x] = 0.0f;

@@ -17,9 +17,8 @@
  *                tile are split over `splits` blocks (flash-decoding) and combined by a
  *                second kernel when splits > 1.
  *   cut_logits   the TP all-gather's [T][out][vl] into [out, V]
- *   sample       sample.h's greedy / temperature Gumbel-max with the same noise
- *                (kernels/cpu/noise.h) and the full-vocabulary fp32 logprob; rows with
- *                top-k / top-p are the caller's (the backend samples them on the host)
+ *   sample       sample.h's greedy / temperature / top-k / top-p Gumbel-max with the same
+ *                noise (kernels/cpu/noise.h) and the full-vocabulary fp32 logprob
  *   matmul_wq    y[n, m] = (x[n, k] . q[m, k]^T) * scale: weight-only int8 / fp8 e4m3 (one
  *                scale per row, or one for the tensor) with float32 accumulation
  *
@@ -131,14 +130,18 @@ int rlb__eo_cut_logits(cudaStream_t stream, const float *gath, int64_t T, int64_
 typedef struct rlb_eo_sample_job {
     int64_t row;        /* logits row */
     float temperature;  /* <= RLB_SAMPLE_GREEDY_EPS: greedy */
-    int32_t pad_;       /* zero */
+    int32_t top_k;      /* <= 0 or >= V: no top-k */
     uint64_t seed;      /* noise key */
     uint64_t sample;
     int64_t pos;
+    float top_p;        /* (0, 1]; 1: no top-p */
+    int32_t pad_;       /* zero */
 } rlb_eo_sample_job;
 
 /* For each job: tokens[j], logprobs[j]; status[j] = 0, or RLB_EINVAL for a row whose
- * logits are not all finite. jobs, tokens, logprobs and status are device arrays. */
+ * logits are not all finite (the caller samples it with rlb__sample_token, whose rules for
+ * NaN and infinities the kernel does not repeat). jobs, tokens, logprobs and status are
+ * device arrays. */
 int rlb__eo_sample(cudaStream_t stream, const float *logits, int64_t V,
                    const rlb_eo_sample_job *jobs, int64_t n, int32_t *tokens, float *logprobs,
                    int32_t *status);

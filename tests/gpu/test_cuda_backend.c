@@ -15,7 +15,9 @@
  *   - weights sleep / wake and KV sleep / wake: the same logits after as before, and
  *     sleeping the KV cache gives at least 95% of its bytes back (cudaMemGetInfo);
  *   - whole model on the HF fixtures (tests/fixtures), fp32 weights, through the engine
- *     (rlb__engine_create_on): logits within 1e-4 of HF's, greedy tokens identical.
+ *     (rlb__engine_create_on): logits within 1e-4 of HF's, greedy tokens identical;
+ *   - batch-invariant mode, bf16: one sequence's logits (prompt and decode steps) alone and
+ *     among 2 and 16 others of mixed lengths are bitwise identical.
  * Exits 77 where no GPU is visible.
  */
 #include <math.h>
@@ -490,6 +492,110 @@ static void test_hf_fixtures(void **state)
     hf_fixture("qwen2_tied");
 }
 
+/* Batch-invariant mode: sequence S (a 13-token prompt, then 4 decode steps) alone, then
+ * in steps with 2 and with 16 other sequences of mixed lengths (prompts of 1..40 tokens,
+ * later chunks of 1..3 tokens), placed before and after it: S's logits rows are bitwise the
+ * same every time. bf16 weights, graphs on (the alone decode steps replay a graph). */
+#define INV_PROMPT 13
+#define INV_DECODE 4
+#define INV_MAX_SEQS 17
+
+static void run_invariant(rlb_ebackend *b, const model *m, int others, uint64_t *s,
+                          const int32_t *seq, float *out)
+{
+    const int64_t V = m->cfg.vocab;
+    rlb_forward f;
+    rlb_kvcache kv;
+    rlb_block_table tab[INV_MAX_SEQS];
+    int32_t toks[INV_MAX_SEQS][64];
+    int64_t done[INV_MAX_SEQS];
+    memset(tab, 0, sizeof tab);
+    rlb_kv_mem mem = b->iface->kv_mem(b);
+    assert_int_equal(rlb__forward_init_on(&f, b), 0);
+    uint64_t per_block = 2ull * (uint64_t)(m->cfg.n_layers * m->l32.kvt * BLOCK_TOKENS *
+                                           m->cfg.head_dim) * mem.elem_bytes;
+    assert_int_equal(rlb__kv_init_mem(&kv, m->cfg.n_layers, m->l32.kvt, m->cfg.head_dim,
+                                      BLOCK_TOKENS, INV_MAX_SEQS * 4 * per_block, &mem),
+                     0);
+    const int me = others / 2; /* S's place among the spans */
+    for (int q = 0; q <= others; q++) {
+        for (int i = 0; i < 64; i++)
+            toks[q][i] = q == me ? (i < INV_PROMPT + INV_DECODE ? seq[i] : 0)
+                                 : (int32_t)gc_rnd(s, 0, V - 1);
+        done[q] = 0;
+        assert_int_equal(rlb__kv_reserve(&kv, &tab[q], 64), 0);
+    }
+    float *logits = malloc((size_t)(64 * INV_MAX_SEQS) * (size_t)V * 4);
+    float *o = out;
+    for (int step = 0; step <= INV_DECODE; step++) {
+        rlb_fwd_span sp[INV_MAX_SEQS];
+        int64_t before = 0; /* logits rows of the spans before S's */
+        for (int q = 0; q <= others; q++) {
+            int64_t n = q == me ? (step == 0 ? INV_PROMPT : 1)
+                                : (step == 0 ? gc_rnd(s, 1, 40) : gc_rnd(s, 1, 3));
+            int all = q == me && step == 0;
+            sp[q] = (rlb_fwd_span){.tokens = toks[q] + done[q], .n = n, .pos0 = done[q],
+                                   .blocks = &tab[q],
+                                   .logits = all ? RLB_FWD_LOGITS_ALL : RLB_FWD_LOGITS_LAST};
+            if (q < me)
+                before += 1;
+            done[q] += n;
+        }
+        assert_int_equal(rlb__forward_run(&f, &kv, sp, others + 1, logits), 0);
+        const int64_t mine = step == 0 ? INV_PROMPT : 1;
+        memcpy(o, logits + before * V, (size_t)(mine * V) * 4);
+        o += mine * V;
+    }
+    free(logits);
+    for (int q = 0; q <= others; q++) {
+        rlb__kv_release(&kv, &tab[q]);
+        rlb__kv_table_free(&tab[q]);
+    }
+    rlb__kv_free(&kv);
+    rlb__forward_free(&f);
+}
+
+static void test_batch_invariant(void **state)
+{
+    (void)state;
+    uint64_t s = g_seed ^ 0x1b;
+    model m;
+    make_model(&m, &s, 64, 2, 0, 1);
+    rlb_tp_layout l16;
+    void *w16 = convert_weights(&m, RLB_DTYPE_BF16, &l16);
+    rlb_cuda_backend_opts o = RLB_CUDA_BACKEND_OPTS_INIT;
+    o.batch_invariant = 1;
+    o.max_batch_tokens = 1024;
+    o.max_seqs = INV_MAX_SEQS;
+    o.max_logit_rows = INV_MAX_SEQS + INV_PROMPT;
+    rlb_ebackend *b = NULL;
+    assert_int_equal(rlb__ebackend_cuda_create(&l16, w16, &o, &b), 0);
+    const int64_t V = m.cfg.vocab, rows = INV_PROMPT + INV_DECODE;
+    int32_t seq[INV_PROMPT + INV_DECODE];
+    for (int i = 0; i < INV_PROMPT + INV_DECODE; i++)
+        seq[i] = (int32_t)gc_rnd(&s, 0, V - 1);
+    float *alone = malloc((size_t)(rows * V) * 4), *mixed = malloc((size_t)(rows * V) * 4);
+    run_invariant(b, &m, 0, &s, seq, alone);
+    static const int others[2] = {2, 16};
+    for (int t = 0; t < 2; t++) {
+        run_invariant(b, &m, others[t], &s, seq, mixed);
+        for (int64_t r = 0; r < rows; r++)
+            if (memcmp(alone + r * V, mixed + r * V, (size_t)V * 4)) {
+                fprintf(stderr, "batch-invariant: row %lld of the sequence differs with %d "
+                        "others (relative error %.3g), seed %llu\n", (long long)r, others[t],
+                        rel_err(mixed + r * V, alone + r * V, V),
+                        (unsigned long long)g_seed);
+                fail();
+            }
+    }
+    free(alone);
+    free(mixed);
+    b->iface->destroy(b);
+    free(w16);
+    rlb__tp_layout_free(&l16);
+    free_model(&m);
+}
+
 int main(void)
 {
     if (!gc_have_gpu()) {
@@ -505,6 +611,7 @@ int main(void)
         cmocka_unit_test(test_sampling_and_sleep),
         cmocka_unit_test(test_quantized_and_bf16),
         cmocka_unit_test(test_hf_fixtures),
+        cmocka_unit_test(test_batch_invariant),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -13,9 +13,14 @@
  *     with split-KV against one split and against the CPU; a padding row (position -1)
  *     gets zeros;
  *   - sampling: the same token as rlb__sample_token for random logits, seeds,
- *     temperatures (greedy included, with ties on the maximum) and vocabulary sizes, the
- *     logprob within 1e-5; a row with a NaN is refused;
- *   - the weight-only int8 / fp8 matmul against a double-precision dequantized product.
+ *     temperatures (greedy included, with ties on the maximum), top-k (1..V+1) and top-p
+ *     (0.05 .. 1), rows of few distinct values (ties at both cuts) and vocabulary sizes up
+ *     to 128256, the logprob within 1e-5; a row with a NaN is refused;
+ *   - the weight-only int8 / fp8 matmul against a double-precision dequantized product;
+ *   - the decode GEMV (kernels/cuda/gemv.h), every dtype, 1..8 rows, odd k, the 1B / 8B
+ *     layer shapes and a vocabulary-sized head, plain and with the fused rmsnorm and
+ *     residual add, against a double-precision reference (each output within 1e-5 of the
+ *     sum of its terms' magnitudes), and each row alone bitwise equal to the batch.
  * Exits 77 where no GPU is visible. Prints the time and achieved bandwidth of a decode
  * attention over a long context.
  */
@@ -36,6 +41,7 @@
 #include "kernels/cpu/quant_scalar.h"
 #include "kernels/cpu/sample.h"
 #include "kernels/cuda/engine_ops.h"
+#include "kernels/cuda/gemv.h"
 #include "tests/gpu/gpu_case.h"
 
 #define CHECK_CUDA(call) assert_int_equal((int)(call), (int)cudaSuccess)
@@ -684,10 +690,11 @@ static void test_sample(void **state)
 {
     (void)state;
     uint64_t s = g_seed ^ 7;
-    static const int64_t Vs[4] = {1, 7, 1000, 32017};
+    static const int64_t Vs[5] = {1, 7, 1000, 32017, 128256};
     static const float temps[6] = {0.0f, 1e-6f, 0.3f, 0.7f, 1.0f, 1.7f};
+    static const float top_ps[5] = {0.05f, 0.3f, 0.9f, 0.999f, 1.0f};
     rlb_sample_ws ws = {0};
-    for (int vi = 0; vi < 4; vi++) {
+    for (int vi = 0; vi < 5; vi++) {
         const int64_t V = Vs[vi], n = 96;
         float *logits = malloc((size_t)(n * V) * 4);
         rlb_eo_sample_job jobs[96];
@@ -698,9 +705,16 @@ static void test_sample(void **state)
             if (j % 5 == 0 && V > 3) { /* ties on the maximum: the first index wins */
                 logits[j * V + 1] = logits[j * V + V - 1] = 2 * spread;
             }
-            jobs[j] = (rlb_eo_sample_job){.row = n - 1 - j, .temperature = temps[j % 6],
-                                          .seed = gc_rng(&s), .sample = gc_rng(&s) % 8,
-                                          .pos = gc_rnd(&s, 0, 5000)};
+            if (j % 7 == 3) /* a few distinct values: ties at the top-k and top-p cuts */
+                for (int64_t i = 0; i < V; i++)
+                    logits[j * V + i] = (float)gc_rnd(&s, 0, 6) * 0.5f;
+            /* top-k / top-p on three jobs of four (the fourth: plain temperature) */
+            const int filt = (int)(j % 4);
+            jobs[j] = (rlb_eo_sample_job){
+                .row = n - 1 - j, .temperature = temps[j % 6],
+                .top_k = filt & 1 ? (int32_t)gc_rnd(&s, 1, V + 1) : 0,
+                .seed = gc_rng(&s), .sample = gc_rng(&s) % 8, .pos = gc_rnd(&s, 0, 5000),
+                .top_p = filt & 2 ? top_ps[gc_rng(&s) % 5] : 1.0f};
         }
         float *dl = dput(logits, (size_t)(n * V) * 4);
         rlb_eo_sample_job *dj = dput(jobs, sizeof jobs);
@@ -713,17 +727,18 @@ static void test_sample(void **state)
         dget(lp, dlp, sizeof lp);
         dget(st, dst, sizeof st);
         for (int64_t j = 0; j < n; j++) {
-            rlb_sampling sp = {.temperature = jobs[j].temperature, .top_k = 0, .top_p = 1.0f,
-                               .seed = jobs[j].seed};
+            rlb_sampling sp = {.temperature = jobs[j].temperature, .top_k = jobs[j].top_k,
+                               .top_p = jobs[j].top_p, .seed = jobs[j].seed};
             int32_t rt;
             float rlp;
             assert_int_equal(rlb__sample_token(logits + jobs[j].row * V, V, &sp, jobs[j].sample,
                                                jobs[j].pos, &ws, &rt, &rlp), 0);
             assert_int_equal(st[j], 0);
             if (tok[j] != rt || fabsf(lp[j] - rlp) > 1e-5f * fmaxf(1.0f, fabsf(rlp)))
-                fprintf(stderr, "sample V %lld job %lld T %g: gpu %d (%.9g) cpu %d (%.9g), seed %llu\n",
-                        (long long)V, (long long)j, (double)jobs[j].temperature, tok[j],
-                        (double)lp[j], rt, (double)rlp, (unsigned long long)g_seed);
+                fprintf(stderr, "sample V %lld job %lld T %g top_k %d top_p %g: gpu %d (%.9g) cpu "
+                        "%d (%.9g), seed %llu\n", (long long)V, (long long)j,
+                        (double)jobs[j].temperature, jobs[j].top_k, (double)jobs[j].top_p,
+                        tok[j], (double)lp[j], rt, (double)rlp, (unsigned long long)g_seed);
             assert_int_equal(tok[j], rt);
             assert_true(fabsf(lp[j] - rlp) <= 1e-5f * fmaxf(1.0f, fabsf(rlp)));
         }
@@ -806,6 +821,137 @@ static void test_matmul_wq(void **state)
                 }
 }
 
+/* One GEMV case: y = x . W^T (or the fused norm's input), against a double-precision
+ * reference from the same rounded inputs, each output within 1e-5 of the sum of |terms|;
+ * with `residual`, R += y too. Then every row alone must give the same bits as in the
+ * batch (the kernel's batch invariance). */
+static void gemv_case(uint64_t *s, rlb_dtype dt, int64_t m, int64_t k, int64_t n, int norm,
+                      int residual)
+{
+    const size_t e = esz(dt);
+    uint8_t *w = malloc((size_t)(m * k) * e), *x = malloc((size_t)(n * k) * e);
+    uint8_t *nw = malloc((size_t)k * e);
+    float *nx = malloc((size_t)(n * k) * 4), *res = malloc((size_t)(n * m) * 4);
+    float *ref = malloc((size_t)(n * m) * 4), *got = malloc((size_t)(n * m) * 4);
+    float *gres = malloc((size_t)(n * m) * 4), *alone = malloc((size_t)m * 4);
+    double *tol = malloc((size_t)(n * m) * sizeof *tol), *h = malloc((size_t)k * sizeof *h);
+    const float a = 1.0f / sqrtf((float)k);
+    for (int64_t i = 0; i < m * k; i++)
+        putv(w, dt, i, frand(s, -a, a));
+    for (int64_t i = 0; i < n * k; i++) {
+        putv(x, dt, i, frand(s, -1, 1));
+        nx[i] = frand(s, -3, 3);
+    }
+    for (int64_t i = 0; i < k; i++)
+        putv(nw, dt, i, frand(s, 0.5f, 1.5f));
+    for (int64_t i = 0; i < n * m; i++)
+        res[i] = frand(s, -1, 1);
+    const float eps = 1e-5f;
+    for (int64_t b = 0; b < n; b++) {
+        double inv = 1.0;
+        if (norm) {
+            double ss = 0;
+            for (int64_t c = 0; c < k; c++)
+                ss += (double)nx[b * k + c] * nx[b * k + c];
+            inv = 1.0 / sqrt(ss / (double)k + eps);
+        }
+        for (int64_t c = 0; c < k; c++)
+            h[c] = norm ? (double)getv(nw, dt, c) * nx[b * k + c] : getv(x, dt, b * k + c);
+        for (int64_t j = 0; j < m; j++) {
+            double acc = 0, mag = 0;
+            for (int64_t c = 0; c < k; c++) {
+                double t = (double)getv(w, dt, j * k + c) * h[c];
+                acc += t;
+                mag += fabs(t);
+            }
+            ref[b * m + j] = (float)(acc * inv);
+            tol[b * m + j] = 1e-5 * mag * inv + 1e-30;
+        }
+    }
+    void *dw = dput(w, (size_t)(m * k) * e), *dx = dput(x, (size_t)(n * k) * e);
+    void *dnw = dput(nw, (size_t)k * e);
+    float *dnx = dput(nx, (size_t)(n * k) * 4), *dres = dput(res, (size_t)(n * m) * 4);
+    float *dy = dput(NULL, (size_t)(n * m) * 4);
+    rlb_eo_gemv_fuse f = {.norm_x = norm ? dnx : NULL, .norm_w = dnw, .eps = eps,
+                          .residual = residual ? dres : NULL};
+    assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k, norm ? NULL : dx, n,
+                                  norm || residual ? &f : NULL, dy),
+                     0);
+    dget(got, dy, (size_t)(n * m) * 4);
+    dget(gres, dres, (size_t)(n * m) * 4);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n * m; i++) {
+        double d = fabs((double)got[i] - ref[i]);
+        double dr = fabs((double)gres[i] - ((double)res[i] + got[i]));
+        if (!(d <= tol[i]) || (residual && !(dr <= 1e-6 * (fabs(res[i]) + fabs(got[i])) + 1e-30))) {
+            if (bad++ < 5)
+                fprintf(stderr, "gemv %s m %lld k %lld n %lld norm %d res %d [%lld]: gpu %.9g "
+                        "ref %.9g tol %.3g residual %.9g\n", rlb_dtype_name(dt), (long long)m,
+                        (long long)k, (long long)n, norm, residual, (long long)i,
+                        (double)got[i], (double)ref[i], tol[i], (double)gres[i]);
+        }
+    }
+    if (bad)
+        fprintf(stderr, "gemv: %lld of %lld outside tolerance (seed %llu)\n", (long long)bad,
+                (long long)(n * m), (unsigned long long)g_seed);
+    assert_int_equal(bad, 0);
+    for (int64_t b = 0; n > 1 && b < n; b++) {
+        rlb_eo_gemv_fuse f1 = {.norm_x = norm ? dnx + b * k : NULL, .norm_w = dnw, .eps = eps};
+        assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k,
+                                      norm ? NULL : (char *)dx + (size_t)(b * k) * e, 1,
+                                      norm ? &f1 : NULL, dy),
+                         0);
+        dget(alone, dy, (size_t)m * 4);
+        if (memcmp(alone, got + b * m, (size_t)m * 4))
+            fprintf(stderr, "gemv %s m %lld k %lld: row %lld of %lld differs alone (seed %llu)\n",
+                    rlb_dtype_name(dt), (long long)m, (long long)k, (long long)b, (long long)n,
+                    (unsigned long long)g_seed);
+        assert_memory_equal(alone, got + b * m, (size_t)m * 4);
+    }
+    free(w);
+    free(x);
+    free(nw);
+    free(nx);
+    free(res);
+    free(ref);
+    free(got);
+    free(gres);
+    free(alone);
+    free(tol);
+    free(h);
+    cudaFree(dw);
+    cudaFree(dx);
+    cudaFree(dnw);
+    cudaFree(dnx);
+    cudaFree(dres);
+    cudaFree(dy);
+}
+
+static void test_gemv(void **state)
+{
+    (void)state;
+    uint64_t s = g_seed ^ 9;
+    /* small and odd shapes: every dtype, n 1..8, the fusions */
+    static const int64_t small[][2] = {{37, 70}, {300, 129}, {5, 1}, {259, 512}, {64, 2056}};
+    for (size_t i = 0; i < sizeof small / sizeof small[0]; i++)
+        for (int t = 0; t < 3; t++)
+            for (int64_t n = 1; n <= RLB_EO_GEMV_MAX_ROWS; n++)
+                gemv_case(&s, kFloat3[t], small[i][0], small[i][1], n, (int)(n % 2),
+                          (int)(n % 3 == 0));
+    /* the 1B and 8B layer shapes (qkv, o, gate_up, down) and a vocabulary-sized head, bf16 */
+    static const int64_t big[][2] = {{3072, 2048}, {2048, 2048}, {16384, 2048}, {2048, 8192},
+                                     {6144, 4096}, {4096, 14336}, {40000, 2048}};
+    static const int64_t ns[3] = {1, 3, 8};
+    for (size_t i = 0; i < sizeof big / sizeof big[0]; i++)
+        for (int j = 0; j < 3; j++)
+            gemv_case(&s, j == 2 ? RLB_DTYPE_F16 : RLB_DTYPE_BF16, big[i][0], big[i][1], ns[j],
+                      j == 1, j == 2);
+    assert_int_equal(rlb__eo_gemv(g_stream, NULL, RLB_DTYPE_BF16, 8, 8, NULL, 9, NULL, NULL),
+                     RLB_EINVAL);
+    assert_int_equal(rlb__eo_gemv(g_stream, NULL, RLB_DTYPE_I8, 8, 8, NULL, 1, NULL, NULL),
+                     RLB_EINVAL);
+}
+
 int main(void)
 {
     if (!gc_have_gpu()) {
@@ -828,6 +974,7 @@ int main(void)
         cmocka_unit_test(test_attention_padding_and_refusals),
         cmocka_unit_test(test_sample),
         cmocka_unit_test(test_matmul_wq),
+        cmocka_unit_test(test_gemv),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
