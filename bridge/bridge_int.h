@@ -49,6 +49,8 @@ typedef struct br_seg {
     int vmm;        /* 1: a CUDA VMM allocation (segmsg.h RLB_SEG_MAGIC_VMM), imported by
                        the executor, not mmapped */
     int fd;         /* a VMM segment's fd (kept: it identifies the allocation); else -1 */
+    const char *refused; /* why it was not mapped (unsealed: its owner could truncate it
+                            under us), NULL for a usable segment */
 } br_seg;
 
 /* One tensor a trainer rank registered (a copy of the message's tensor). */
@@ -216,6 +218,8 @@ int br_send_packed(bridge *b, br_peer *p, uint32_t type, const void *data, size_
 /* Sends an ERROR (code, request id, in_reply_to, formatted text). */
 int br_send_error(bridge *b, br_peer *p, int code, uint64_t request_id, uint32_t in_reply_to,
                   const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+/* Payload bytes the head of p's queue waits for in p's ring (0: any room; no queue). */
+size_t br_out_need(br_peer *p);
 /* Moves queued messages into p's ring. Returns 1 when something moved, 0 otherwise. */
 int br_flush(bridge *b, br_peer *p);
 /* Receives every fd message waiting on p's socket. Returns 0, or RLB_EPEERDEAD / a

@@ -2,18 +2,17 @@
  * message (hello, stats, sleep/wake, shutdown; the rest goes to registry.c, sync.c and
  * sched.c).
  *
- * Waiting. Messages arrive on rings (shared memory), whose consumer-side wait is a
- * semaphore per ring; the bridge cannot block on many of those at once, and peers post a
- * ring's semaphore only when its consumer said it sleeps. Everything else that wakes the
- * bridge is an fd: the listener, each peer's socket (segment fds arrive there and it
- * reports a peer's death at once) and the copy thread's eventfd. So the loop
+ * Waiting. Messages arrive on rings (shared memory); each ring side sleeps on an eventfd
+ * its peer writes when it commits (or frees room) after the sleeper announced its sleep
+ * (common/conn.h): no semaphore in memory a peer can write is ever touched. Everything
+ * that wakes the bridge is thus an fd: the listener, each peer's socket (segment fds
+ * arrive there and it reports a peer's death at once), each peer's two ring eventfds and
+ * the copy thread's eventfd. So the loop
  *   - after any activity, keeps polling the rings without sleeping for RLB_SPIN_US
  *     (a burst of messages, a sync's loaded answers, costs no wake-up latency);
- *   - then sleeps in poll() over all fds with a BR_IDLE_POLL_MS timeout, after which it
- *     looks at the rings again.
- * An idle bridge thus wakes 1000 times a second for a few microseconds of work (well
- * under 1% of a core), and a message arriving at an idle bridge waits at most ~1 ms.
- * Peer deaths, new connections and the end of a copy wake it at once.
+ *   - then announces its sleep on every ring (rlb__ring_arm) and blocks in poll() over all
+ *     fds until one fires or the next heartbeat check is due.
+ * An idle bridge wakes only for its heartbeat checks (RLB_HEARTBEAT_MS).
  *
  * Sending never blocks the loop: see peer.c. A message that fails to decode is answered
  * with an ERROR (rlb__msg_error_reply) and the sender's connection goes on; a message of a
@@ -37,7 +36,6 @@
 #include "common/shm.h"
 #include "common/tp_comm.h"
 
-#define BR_IDLE_POLL_MS 1   /* poll timeout once the spin is over */
 #define BR_RECV_BUDGET 64   /* messages taken from one peer per loop turn (fairness) */
 
 double br_now(void)
@@ -219,6 +217,9 @@ static int worker_buffer(bridge *b, br_peer *p, const rlb_msg_hello *h, uint32_t
         return snprintf(why, len, "no weight buffer passed as segment %u%s", id,
                         id == RLB_SEG_ID_WEIGHTS_B ? " (the bridge runs in staged mode)" : ""),
                RLB_ENOTFOUND;
+    if (s->refused)
+        return snprintf(why, len, "weight buffer (segment %u) is %s", id, s->refused),
+               RLB_EPERM;
     if (s->bytes < bytes)
         return snprintf(why, len, "weight buffer (segment %u) holds %llu bytes, the model needs "
                         "%llu: does the worker run the bridge's model?", id,
@@ -529,6 +530,7 @@ static void accept_peers(bridge *b)
         p->conn = c;
         p->role = BR_NEW;
         p->rx.max_msg = BR_MAX_MSG;
+        p->rx.private_copy = 1; /* decode what no peer can rewrite under the decoder */
         b->peers[slot] = p;
         b->n_peers++;
     }
@@ -683,9 +685,46 @@ int br_use_cuda(bridge *b, char *why, size_t len)
 #endif
 }
 
+/* Before a sleep in poll: asks every peer to write our eventfds on its next commit (and,
+ * where output waits for ring room, on its next release). Returns 1 when a ring is ready
+ * already (or broken), so the loop must not sleep. */
+static int arm_rings(bridge *b)
+{
+    int ready = 0;
+    for (int i = 0; i < BR_MAX_PEERS; i++) {
+        br_peer *p = b->peers[i];
+        if (!p)
+            continue;
+        if (p->closing == BR_OPEN && rlb__ring_arm(rlb__conn_rx(p->conn), 0) != 0)
+            ready = 1;
+        if (p->out_head && rlb__ring_arm(rlb__conn_tx(p->conn), br_out_need(p)) != 0)
+            ready = 1;
+    }
+    return ready;
+}
+
+static void disarm_rings(bridge *b)
+{
+    for (int i = 0; i < BR_MAX_PEERS; i++)
+        if (b->peers[i]) {
+            rlb__ring_disarm(rlb__conn_rx(b->peers[i]->conn));
+            rlb__ring_disarm(rlb__conn_tx(b->peers[i]->conn));
+        }
+}
+
+/* Empties an eventfd that fired (non-blocking). */
+static void drain_eventfd(int fd)
+{
+    uint64_t count;
+    (void)!read(fd, &count, sizeof(count));
+}
+
+/* Poll entries per peer: its socket and its rx and tx ring eventfds. */
+#define FDS_PER_PEER 3
+
 static int loop(bridge *b)
 {
-    struct pollfd *fds = calloc(BR_MAX_PEERS + 2, sizeof(*fds));
+    struct pollfd *fds = calloc(FDS_PER_PEER * BR_MAX_PEERS + 2, sizeof(*fds));
     br_peer **at = calloc(BR_MAX_PEERS, sizeof(*at));
     if (!fds || !at) {
         free(fds);
@@ -699,15 +738,25 @@ static int loop(bridge *b)
     while (!b->stop && !(o->stop && *o->stop)) {
         fds[0] = (struct pollfd){.fd = rlb__listener_fd(b->listener), .events = POLLIN};
         fds[1] = (struct pollfd){.fd = b->copy.wake_fd, .events = POLLIN};
-        int n = 2;
+        int n = 2, n_peers = 0;
         for (int i = 0; i < BR_MAX_PEERS; i++)
             if (b->peers[i]) {
-                at[n - 2] = b->peers[i];
+                int rx_fd, tx_fd;
+                rlb__conn_wait_fds(b->peers[i]->conn, &rx_fd, &tx_fd);
+                at[n_peers++] = b->peers[i];
                 fds[n++] = (struct pollfd){.fd = rlb__conn_fd(b->peers[i]->conn),
                                            .events = POLLIN | POLLRDHUP};
+                fds[n++] = (struct pollfd){.fd = rx_fd, .events = POLLIN};
+                fds[n++] = (struct pollfd){.fd = tx_fd, .events = POLLIN};
             }
-        int timeout = br_now() < spin_until ? 0 : BR_IDLE_POLL_MS;
-        if (poll(fds, (nfds_t)n, timeout) < 0 && errno != EINTR) {
+        int timeout = 0;
+        if (br_now() >= spin_until && !arm_rings(b)) {
+            double left = next_beat - br_now();
+            timeout = left > 0 ? (int)(left * 1e3) + 1 : 0;
+        }
+        int polled = poll(fds, (nfds_t)n, timeout);
+        disarm_rings(b);
+        if (polled < 0 && errno != EINTR) {
             RLB_LOG_ERROR(RLB_SUB_BRIDGE, "poll: %s", strerror(errno));
             break;
         }
@@ -718,8 +767,13 @@ static int loop(bridge *b)
             br_copy_done(b);
             busy = 1;
         }
-        for (int i = 2; i < n; i++)
-            busy |= serve_peer(b, at[i - 2], fds[i].revents);
+        for (int i = 0; i < n_peers; i++) {
+            struct pollfd *f = &fds[2 + FDS_PER_PEER * i];
+            for (int k = 1; k < FDS_PER_PEER; k++)
+                if (f[k].revents & POLLIN)
+                    drain_eventfd(f[k].fd);
+            busy |= serve_peer(b, at[i], f[0].revents);
+        }
         if (br_now() >= next_beat) {
             check_heartbeats(b);
             next_beat = br_now() + (beat_s > 0 ? beat_s : 0.2);

@@ -10,9 +10,11 @@
  * many-MB result within that bound is dropped rather than stalling everyone else.
  *
  * Segments: mapped once when they arrive, unmapped when their last registered tensor goes
- * or the peer disconnects. While the copy thread runs a sync, unmapping is deferred
+ * or the peer disconnects. Only segments sealed against shrinking and growing are mapped:
+ * a peer that truncated an unsealed one under a sync would kill the bridge with SIGBUS. While the copy thread runs a sync, unmapping is deferred
  * ("parked") so the executor never reads or writes freed memory.
  */
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -96,6 +98,12 @@ static void out_pop(br_peer *p)
     if (!p->out_head)
         p->out_tail = NULL;
     free(o);
+}
+
+size_t br_out_need(br_peer *p)
+{
+    size_t max_payload = rlb__ring_max_payload(rlb__conn_tx(p->conn));
+    return p->out_head && p->out_head->len <= max_payload ? p->out_head->len : 0;
 }
 
 int br_flush(bridge *b, br_peer *p)
@@ -214,6 +222,21 @@ static int seg_add(br_peer *p, const rlb__seg_msg *sm, int fd)
         RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "peer %u: VMM segment %u received (%llu bytes)", p->id,
                       sm->id, (unsigned long long)sm->bytes);
         return 0;
+    }
+    int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW)) {
+        /* Its owner could truncate it while the copy thread reads it (SIGBUS): it is kept
+         * as refused, so the register naming it gets the reason rather than "never sent". */
+        RLB_LOG_WARN(RLB_SUB_BRIDGE, "peer %u: segment %u is not sealed against shrinking and "
+                     "growing; refused", p->id, sm->id);
+        if ((rc = seg_grow(p)) < 0)
+            goto out;
+        p->segs[p->n_segs++] = (br_seg){.id = sm->id, .bytes = sm->bytes, .fd = -1,
+                                        .refused = "not sealed against shrinking and growing "
+                                                   "(F_SEAL_SHRINK | F_SEAL_GROW): allocate it "
+                                                   "with rlb_alloc_host"};
+        rc = 0;
+        goto out;
     }
     if ((rc = rlb__shm_size(fd, &size)) < 0 || size < sm->bytes) {
         RLB_LOG_WARN(RLB_SUB_BRIDGE, "peer %u: segment %u holds %zu bytes, message says %llu",

@@ -234,6 +234,9 @@ static int check_memory(bridge *b, br_peer *p, br_tensor *t, char *err)
     if (!s)
         return snprintf(err, ERRLEN, "tensor '%s': segment %u was never passed", t->name,
                         t->seg), RLB_ENOTFOUND;
+    if (s->refused)
+        return snprintf(err, ERRLEN, "tensor '%.60s': segment %u is %s", t->name, t->seg,
+                        s->refused), RLB_EPERM;
     if (s->vmm != (t->mem == RLB_MEM_CUDA_VMM_FD))
         return snprintf(err, ERRLEN, "tensor '%s': segment %u holds %s memory, the tensor "
                         "says %s", t->name, t->seg, s->vmm ? "GPU" : "host",

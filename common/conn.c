@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -21,6 +22,15 @@
 #include "rlb/rlb.h"
 
 #define MAX_MSG 65536 /* largest message rlb__conn_send_fds sends */
+#define N_WAKE 4      /* eventfds of a connection (enum below) */
+#define N_WELCOME_FDS (2 + N_WAKE) /* a welcome carries the two rings and the eventfds */
+
+/* The wake-up eventfds of a connection, in the order a welcome carries them: who sleeps on
+ * each (the other side writes it). */
+enum { WAKE_L_TX = 0, /* the listener, for room in ring 0 */
+       WAKE_L_RX = 1, /* the listener, for data in ring 1 */
+       WAKE_P_RX = 2, /* the peer, for data in ring 0 */
+       WAKE_P_TX = 3  /* the peer, for room in ring 1 */ };
 
 struct rlb_listener {
     int fd;           /* listening socket, non-blocking */
@@ -38,6 +48,7 @@ struct rlb_conn {
     size_t mem_size; /* bytes of each mapping */
     rlb_ring tx;     /* the ring we produce into */
     rlb_ring rx;     /* the ring we consume from */
+    int wake[N_WAKE]; /* eventfds the rings sleep on and signal (WAKE_*), -1 if none */
 };
 
 static int64_t now_ms(void)
@@ -238,7 +249,9 @@ int rlb__conn_peer_alive(const rlb_conn *c)
 
 /* Maps the two ring segments (laying out empty rings first on the listener side) and
  * attaches our sides: the listener produces into ring 0 and consumes ring 1, the peer the
- * other way round. */
+ * other way round. Wake-ups go through c->wake, never through the semaphores in the
+ * segments: the peer may be any process of our uid, and a semaphore it scribbled over
+ * would abort whoever posts it. */
 static int attach_rings(rlb_conn *c, const int fds[2], uint64_t ring_bytes, int listener)
 {
     c->mem_size = rlb__ring_memsize(ring_bytes);
@@ -258,6 +271,13 @@ static int attach_rings(rlb_conn *c, const int fds[2], uint64_t ring_bytes, int 
                                RLB_RING_CONSUMER));
     rlb__ring_set_liveness(&c->tx, conn_alive, c);
     rlb__ring_set_liveness(&c->rx, conn_alive, c);
+    if (listener) {
+        rlb__ring_set_wake_fds(&c->tx, c->wake[WAKE_L_TX], c->wake[WAKE_P_RX]);
+        rlb__ring_set_wake_fds(&c->rx, c->wake[WAKE_L_RX], c->wake[WAKE_P_TX]);
+    } else {
+        rlb__ring_set_wake_fds(&c->tx, c->wake[WAKE_P_TX], c->wake[WAKE_L_RX]);
+        rlb__ring_set_wake_fds(&c->rx, c->wake[WAKE_P_RX], c->wake[WAKE_L_TX]);
+    }
     return 0;
 }
 
@@ -278,8 +298,23 @@ static rlb_conn *conn_new(int sock, const struct ucred *cred)
         c->sock = sock;
         c->peer_pid = cred->pid;
         c->peer_uid = cred->uid;
+        for (int i = 0; i < N_WAKE; i++)
+            c->wake[i] = -1;
     }
     return c;
+}
+
+/* Creates the connection's wake-up eventfds (non-blocking, close-on-exec). */
+static int make_wake_fds(rlb_conn *c)
+{
+    for (int i = 0; i < N_WAKE; i++) {
+        c->wake[i] = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (c->wake[i] < 0) {
+            RLB_LOG_ERROR(RLB_SUB_CONN, "eventfd: %s", strerror(errno));
+            return errno == EMFILE || errno == ENFILE ? RLB_ENOMEM : RLB_EIO;
+        }
+    }
+    return 0;
 }
 
 /* Answers a refused peer with the reason, best effort. */
@@ -297,17 +332,17 @@ static int recv_hello(int sock, rlb__conn_hello *h, int *fds, int *nfds, int tim
     size_t len = 0;
     int none[RLB_CONN_MAX_FDS];
     int n = 0;
-    int rc = sock_recv(sock, h, sizeof(*h), &len, fds ? fds : none, fds ? 2 : 0, &n,
-                       timeout_ms > 0 ? timeout_ms : 1);
+    int rc = sock_recv(sock, h, sizeof(*h), &len, fds ? fds : none, fds ? N_WELCOME_FDS : 0,
+                       &n, timeout_ms);
     if (rc < 0)
         return rc;
-    if (nfds)
-        *nfds = n;
     if (len != sizeof(*h) || h->magic != RLB_CONN_MAGIC) {
         RLB_LOG_WARN(RLB_SUB_CONN, "malformed handshake (%zu bytes)", len);
         close_fds(fds ? fds : none, n);
-        return RLB_EPROTO;
+        return RLB_EPROTO; /* *nfds untouched: what arrived is closed already */
     }
+    if (nfds)
+        *nfds = n;
     return 0;
 }
 
@@ -347,10 +382,13 @@ static int welcome(rlb_listener *l, int sock, rlb_conn **out)
     for (int i = 0; i < 2; i++) {
         RLB_CHECK_GOTO(rlb__shm_create(size, "rlb-ring", &fds[i]), rc, err);
     }
+    RLB_CHECK_GOTO(make_wake_fds(c), rc, err);
     RLB_CHECK_GOTO(attach_rings(c, fds, l->ring_bytes, 1), rc, err);
     h = (rlb__conn_hello){.magic = RLB_CONN_MAGIC, .abi_version = RLB_ABI_VERSION,
                           .pid = (int32_t)getpid(), .ring_bytes = l->ring_bytes};
-    RLB_CHECK_GOTO(sock_send(sock, &h, sizeof(h), fds, 2), rc, err);
+    int all[N_WELCOME_FDS] = {fds[0], fds[1]};
+    memcpy(all + 2, c->wake, sizeof(c->wake));
+    RLB_CHECK_GOTO(sock_send(sock, &h, sizeof(h), all, N_WELCOME_FDS), rc, err);
     close_fds(fds, 2);
     RLB_LOG_INFO(RLB_SUB_CONN, "peer pid %d connected (rings of %llu bytes)", (int)cred.pid,
                  (unsigned long long)l->ring_bytes);
@@ -496,7 +534,7 @@ int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
         return rc;
     int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     rlb_conn *c = NULL;
-    int fds[2] = {-1, -1};
+    int fds[N_WELCOME_FDS];
     int nfds = 0;
     RLB_SYSCHECK(sock, rc, err);
     /* Bounds connect() when the listener's backlog is full. */
@@ -525,7 +563,7 @@ int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
     /* A listener that refused us may have closed already; its reason still waits. */
     if (rc < 0 && rc != RLB_EPEERDEAD)
         goto err;
-    int left_ms = (int)((deadline - now_ms()) > 0 ? deadline - now_ms() : 0);
+    int left_ms = (int)((deadline - now_ms()) > 0 ? deadline - now_ms() : 1);
     RLB_CHECK_GOTO(recv_hello(sock, &h, fds, &nfds, left_ms), rc, err);
     if (listener_abi)
         *listener_abi = h.abi_version; /* a refusal carries it too */
@@ -541,7 +579,7 @@ int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
         rc = RLB_EVERSION;
         goto err;
     }
-    if (h.status != 0 || nfds != 2 || rlb__ring_memsize(h.ring_bytes) == 0) {
+    if (h.status != 0 || nfds != N_WELCOME_FDS || rlb__ring_memsize(h.ring_bytes) == 0) {
         RLB_LOG_ERROR(RLB_SUB_CONN, "listener %s: malformed welcome (%d fds, rings of %llu)",
                       path, nfds, (unsigned long long)h.ring_bytes);
         goto err;
@@ -550,6 +588,8 @@ int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
     c = conn_new(sock, &cred);
     if (!c)
         goto err;
+    memcpy(c->wake, fds + 2, sizeof(c->wake)); /* c owns them from here */
+    nfds = 2;
     RLB_CHECK_GOTO(attach_rings(c, fds, h.ring_bytes, 0), rc, err);
     close_fds(fds, 2);
     *out = c;
@@ -566,6 +606,12 @@ err:
 int rlb__conn_fd(const rlb_conn *c)
 {
     return c->sock;
+}
+
+void rlb__conn_wait_fds(const rlb_conn *c, int *rx_fd, int *tx_fd)
+{
+    *rx_fd = c->rx.wait_fd;
+    *tx_fd = c->tx.wait_fd;
 }
 
 rlb_ring *rlb__conn_tx(rlb_conn *c)
@@ -613,6 +659,9 @@ void rlb__conn_close(rlb_conn *c)
     rlb__ring_close(&c->rx);
     for (int i = 0; i < 2; i++)
         rlb__shm_unmap(c->mem[i], c->mem_size);
+    for (int i = 0; i < N_WAKE; i++)
+        if (c->wake[i] >= 0)
+            close(c->wake[i]);
     if (c->sock >= 0)
         close(c->sock);
     free(c);

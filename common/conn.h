@@ -5,7 +5,9 @@
  * /tmp/rlbridge-<uid>). A peer connects and sends a hello (ABI version); the listener checks
  * the peer's uid with SO_PEERCRED and its ABI version, creates two ring segments (shm.h) of
  * RLB_RING_BYTES each, and passes their fds back with SCM_RIGHTS: ring 0 carries listener ->
- * peer, ring 1 peer -> listener. Refusals (other uid, other ABI) are answered with a reason
+ * peer, ring 1 peer -> listener. The welcome also carries four eventfds, one per ring side,
+ * through which each side wakes the other (the semaphores in the segments are not used:
+ * the peer may scribble over them). Refusals (other uid, other ABI) are answered with a reason
  * before the socket closes, so the peer gets RLB_EPERM / RLB_EVERSION rather than a hang-up.
  *
  * The socket then stays open as the liveness channel: when either process exits, even by
@@ -80,6 +82,11 @@ int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
 
 /* The connection's socket, for poll: POLLIN = fds to receive, POLLHUP = peer gone. */
 int rlb__conn_fd(const rlb_conn *c);
+/* The eventfds our rings sleep on (conn.c: rings wake each other through eventfds passed
+ * at welcome, never through the semaphores in the segments): rx_fd turns readable when
+ * the peer committed into our rx ring after rlb__ring_arm of it, tx_fd when it freed room
+ * in our tx ring after rlb__ring_arm of that one. For an event loop's poll(). */
+void rlb__conn_wait_fds(const rlb_conn *c, int *rx_fd, int *tx_fd);
 /* The ring we produce into, and the ring we consume from. */
 rlb_ring *rlb__conn_tx(rlb_conn *c);
 rlb_ring *rlb__conn_rx(rlb_conn *c);

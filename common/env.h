@@ -18,7 +18,7 @@
     X(RING_BYTES, "RLB_RING_BYTES", "8388608", "capacity in bytes of each ring "          \
       "(per direction per peer)")                                                         \
     X(SPIN_US, "RLB_SPIN_US", "50", "microseconds a waiting consumer spins before it "    \
-      "sleeps on the ring's semaphore")                                                   \
+      "sleeps")                                                                           \
     X(WAIT_SLICE_MS, "RLB_WAIT_SLICE_MS", "100", "longest single sleep of a waiter "       \
       "before it rechecks that its peer is alive")                                        \
     X(HEARTBEAT_MS, "RLB_HEARTBEAT_MS", "200", "period of the per-side ring heartbeat")   \

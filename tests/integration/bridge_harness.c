@@ -397,6 +397,8 @@ int h_trainer_poison(h_trainer *t, const char *name, uint64_t elem, float value)
     return -1;
 }
 
+int (*h_alloc)(rlb_client *c, size_t bytes, void **ptr) = rlb_alloc_host;
+
 int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layout layout)
 {
     const rlb_param_list *l = tiny_params();
@@ -445,7 +447,7 @@ int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layo
         }
     }
     t->bytes = floats * sizeof(float);
-    rc = rlb_alloc_host(t->c, t->bytes, (void **)&t->mem);
+    rc = h_alloc(t->c, t->bytes, (void **)&t->mem);
     for (uint32_t k = 0, at = 0; rc == 0 && k < n; k++) {
         uint64_t bytes;
         d[k].data = t->mem + at;

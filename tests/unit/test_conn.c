@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -645,6 +646,7 @@ typedef struct welcome_case {
     size_t seg_bytes;      /* their size */
     int init;              /* 1: lay out rings in them */
     int want;              /* what rlb__conn_connect must return */
+    int wake;              /* 1: attach the four wake-up eventfds after the segments */
 } welcome_case;
 
 /* A listener written by hand answers one connect with w; returns what connect returned. */
@@ -669,7 +671,7 @@ static int fake_listener(const char *path, const welcome_case *w)
     assert_int_equal(h.pid, getpid());
     assert_int_equal(nfds, 0);
 
-    int segs[2];
+    int segs[6];
     for (int i = 0; i < w->nfds; i++) {
         assert_int_equal(rlb__shm_create(w->seg_bytes, "test-fake", &segs[i]), 0);
         void *mem;
@@ -678,9 +680,11 @@ static int fake_listener(const char *path, const welcome_case *w)
             assert_int_equal(rlb__ring_init(mem, RING), 0);
         rlb__shm_unmap(mem, w->seg_bytes);
     }
-    assert_int_equal(raw_send(s, &w->reply, sizeof(w->reply), segs, w->nfds),
-                     sizeof(w->reply));
-    for (int i = 0; i < w->nfds; i++)
+    int n = w->nfds;
+    for (int i = 0; w->wake && i < 4; i++)
+        assert_true((segs[n++] = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) >= 0);
+    assert_int_equal(raw_send(s, &w->reply, sizeof(w->reply), segs, n), sizeof(w->reply));
+    for (int i = 0; i < n; i++)
         close(segs[i]);
     int rc = dial_finish(&d);
     if (rc == 0)
@@ -700,20 +704,22 @@ static void test_connect_checks_welcome(void **state)
     size_t ring_mem = rlb__ring_memsize(RING);
     const welcome_case cases[] = {
         /* A faithful welcome: the fake itself is right. */
-        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem, 1, 0},
+        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem, 1, 0, 1},
         /* Another ABI version. */
-        {hello(RLB_ABI_VERSION + 1, 0, RING), 2, ring_mem, 1, RLB_EVERSION},
+        {hello(RLB_ABI_VERSION + 1, 0, RING), 2, ring_mem, 1, RLB_EVERSION, 1},
         /* A refusal passes the listener's reason on; a code we do not know is malformed. */
-        {hello(RLB_ABI_VERSION, RLB_ENOMEM, 0), 0, 0, 0, RLB_ENOMEM},
-        {hello(RLB_ABI_VERSION, -1000, 0), 0, 0, 0, RLB_EPROTO},
-        /* A welcome without its two segments, or announcing a ring size that is not one. */
-        {hello(RLB_ABI_VERSION, 0, RING), 0, 0, 0, RLB_EPROTO},
-        {hello(RLB_ABI_VERSION, 0, RING), 1, ring_mem, 1, RLB_EPROTO},
-        {hello(RLB_ABI_VERSION, 0, 1000), 2, ring_mem, 1, RLB_EPROTO},
+        {hello(RLB_ABI_VERSION, RLB_ENOMEM, 0), 0, 0, 0, RLB_ENOMEM, 0},
+        {hello(RLB_ABI_VERSION, -1000, 0), 0, 0, 0, RLB_EPROTO, 0},
+        /* A welcome without its two segments or its eventfds, or announcing a ring size
+         * that is not one. */
+        {hello(RLB_ABI_VERSION, 0, RING), 0, 0, 0, RLB_EPROTO, 0},
+        {hello(RLB_ABI_VERSION, 0, RING), 1, ring_mem, 1, RLB_EPROTO, 1},
+        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem, 1, RLB_EPROTO, 0},
+        {hello(RLB_ABI_VERSION, 0, 1000), 2, ring_mem, 1, RLB_EPROTO, 1},
         /* Segments smaller than announced: never mapped past their end. */
-        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem / 2, 0, RLB_EPROTO},
+        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem / 2, 0, RLB_EPROTO, 1},
         /* Segments of the right size holding no ring. */
-        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem, 0, RLB_ECORRUPT},
+        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem, 0, RLB_ECORRUPT, 1},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         int rc = fake_listener(s.path, &cases[i]);
