@@ -357,7 +357,9 @@ static int welcome(rlb_listener *l, int sock, rlb_conn **out)
         return rc;
     /* The hello is read before any refusal: closing a socket with unread data resets it,
      * and the peer would see a hang-up instead of our reason. */
-    rc = recv_hello(sock, &h, NULL, NULL, (int)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS));
+    rc = recv_hello(sock, &h, NULL, NULL, 0);
+    if (rc == RLB_EAGAIN)
+        return rc;
     if (rc < 0) {
         RLB_LOG_WARN(RLB_SUB_CONN, "peer pid %d: no valid hello: %s", (int)cred.pid,
                      rlb_strerror(rc));
@@ -405,23 +407,49 @@ err:
     return rc;
 }
 
-int rlb__listener_accept(rlb_listener *l, rlb_conn **out)
+int rlb__listener_accept_sock(rlb_listener *l, int *sock)
 {
-    if (!l || !out)
+    if (!l || !sock)
         return RLB_EINVAL;
-    int sock;
+    int s;
     do {
-        sock = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
-    } while (sock < 0 && errno == EINTR);
-    if (sock < 0) {
+        s = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
+    } while (s < 0 && errno == EINTR);
+    if (s < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNABORTED)
             return RLB_EAGAIN;
         RLB_LOG_ERROR(RLB_SUB_CONN, "accept: %s", strerror(errno));
         return errno == EMFILE || errno == ENFILE || errno == ENOMEM ? RLB_ENOMEM : RLB_EIO;
     }
-    int rc = welcome(l, sock, out);
+    *sock = s;
+    return 0;
+}
+
+int rlb__listener_welcome(rlb_listener *l, int sock, rlb_conn **out)
+{
+    if (!l || sock < 0 || !out)
+        return RLB_EINVAL;
+    return welcome(l, sock, out);
+}
+
+int rlb__listener_accept(rlb_listener *l, rlb_conn **out)
+{
+    if (!l || !out)
+        return RLB_EINVAL;
+    int sock;
+    int rc = rlb__listener_accept_sock(l, &sock);
     if (rc < 0)
+        return rc;
+    rc = wait_readable(sock, (int)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS));
+    if (rc == 0)
+        rc = welcome(l, sock, out);
+    if (rc == RLB_EAGAIN) /* readable, yet no datagram: the peer hung up */
+        rc = RLB_EPEERDEAD;
+    if (rc < 0) {
+        if (rc == RLB_ETIMEDOUT || rc == RLB_EPEERDEAD)
+            RLB_LOG_WARN(RLB_SUB_CONN, "a peer sent no hello: %s", rlb_strerror(rc));
         close(sock);
+    }
     return rc;
 }
 

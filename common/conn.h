@@ -64,6 +64,14 @@ int rlb__listener_fd(const rlb_listener *l);
  * refused), RLB_EPROTO (bad hello), RLB_ETIMEDOUT, RLB_EPEERDEAD, RLB_ENOMEM (no shared
  * memory for the rings) or RLB_EIO. A refused peer never affects the listener. */
 int rlb__listener_accept(rlb_listener *l, rlb_conn **out);
+/* The two halves of rlb__listener_accept, for an event loop that never waits on one peer:
+ * accept_sock takes a pending connection without waiting (0 with *sock set, RLB_EAGAIN,
+ * RLB_ENOMEM or RLB_EIO); welcome runs the handshake on it once poll says it is readable,
+ * without waiting: 0 with *out set (the connection owns sock from then on), RLB_EAGAIN (no
+ * hello yet: poll again; the caller bounds how long), or a refusal or error as
+ * rlb__listener_accept returns it (the caller closes sock). */
+int rlb__listener_accept_sock(rlb_listener *l, int *sock);
+int rlb__listener_welcome(rlb_listener *l, int sock, rlb_conn **out);
 /* Closes the listener and removes its socket file (if it is still ours). NULL is a no-op. */
 void rlb__listener_close(rlb_listener *l);
 

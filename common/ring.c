@@ -609,36 +609,48 @@ static long long send_record(rlb_ring *r, uint32_t type, int part, const uint8_t
     return (long long)n;
 }
 
-int rlb__ring_send(rlb_ring *r, uint32_t type, const void *buf, size_t len, int timeout_ms)
+size_t rlb__ring_send_need(const rlb_ring *r, size_t len, size_t off)
 {
-    int rc = usable(r, RLB_RING_PRODUCER);
-    if (rc < 0)
-        return rc;
-    if ((!buf && len) || r->claim_open || timeout_ms < 0 || (type & ~RLB_RING_TYPE_MASK))
-        return RLB_EINVAL;
-    if (len > MAX_MESSAGE)
-        return RLB_ETOOBIG;
-    int64_t deadline = deadline_after(timeout_ms);
     size_t max_payload = rlb__ring_max_payload(r);
-    const uint8_t *src = buf;
-    if (len <= max_payload) {
-        long long n = send_record(r, type, PART_WHOLE, src, len, len, deadline);
-        return n < 0 ? (int)n : 0;
-    }
+    if (len <= max_payload)
+        return len;
     /* Fragments take whatever room is free, but not less than an eighth of a record, so a
      * lagging consumer does not turn a message into a stream of tiny records. The first
      * one also carries the total length, which max_payload < len keeps from being last. */
     size_t frag_min = max_payload / 8;
-    for (size_t off = 0; off < len;) {
-        int part = off == 0 ? PART_FIRST : PART_REST;
-        size_t want = (part == PART_FIRST ? sizeof(uint64_t) : 0) + (len - off);
-        long long n = send_record(r, type, part, src + off, len - off,
-                                  want < frag_min ? want : frag_min, deadline);
+    size_t want = (off == 0 ? sizeof(uint64_t) : 0) + (len - off);
+    return want < frag_min ? want : frag_min;
+}
+
+int rlb__ring_send_from(rlb_ring *r, uint32_t type, const void *buf, size_t len, size_t *off,
+                        int timeout_ms)
+{
+    int rc = usable(r, RLB_RING_PRODUCER);
+    if (rc < 0)
+        return rc;
+    if ((!buf && len) || !off || *off > len || (*off && len <= rlb__ring_max_payload(r)) ||
+        r->claim_open || timeout_ms < 0 || (type & ~RLB_RING_TYPE_MASK))
+        return RLB_EINVAL;
+    if (len > MAX_MESSAGE)
+        return RLB_ETOOBIG;
+    int64_t deadline = deadline_after(timeout_ms);
+    const uint8_t *src = buf;
+    int whole = len <= rlb__ring_max_payload(r);
+    do {
+        int part = whole ? PART_WHOLE : *off == 0 ? PART_FIRST : PART_REST;
+        long long n = send_record(r, type, part, src + *off, len - *off,
+                                  rlb__ring_send_need(r, len, *off), deadline);
         if (n < 0)
             return (int)n;
-        off += (size_t)n;
-    }
+        *off += (size_t)n;
+    } while (*off < len);
     return 0;
+}
+
+int rlb__ring_send(rlb_ring *r, uint32_t type, const void *buf, size_t len, int timeout_ms)
+{
+    size_t off = 0;
+    return rlb__ring_send_from(r, type, buf, len, &off, timeout_ms);
 }
 
 /* ---- Reassembly ---------------------------------------------------------------------- */

@@ -214,6 +214,19 @@ int rlb__ring_release(rlb_ring *r);
  * RLB_EINVAL. */
 int rlb__ring_send(rlb_ring *r, uint32_t type, const void *buf, size_t len, int timeout_ms);
 
+/* rlb__ring_send resumable: sends buf from byte *off on, advancing *off past every record
+ * committed, and returns 0 once the whole message is in the ring. A message that fits one
+ * record goes whole or not at all; a larger one as fragments, so with timeout_ms 0 an
+ * event loop streams a large message into a slow reader's ring without ever waiting:
+ * RLB_EAGAIN (or RLB_ETIMEDOUT) with *off where to resume once the reader freed room. Start
+ * with *off = 0; resume only with the same type, buf and len. Other returns as
+ * rlb__ring_send. */
+int rlb__ring_send_from(rlb_ring *r, uint32_t type, const void *buf, size_t len, size_t *off,
+                        int timeout_ms);
+/* Payload bytes the next record of a message of len bytes sent from *off needs in the ring
+ * (what rlb__ring_arm of a producer waiting to resume should ask for). */
+size_t rlb__ring_send_need(const rlb_ring *r, size_t len, size_t off);
+
 /* Reassembly state of a receiver. Zero it, set max_msg, and free it with rlb__ring_rx_free. */
 typedef struct rlb_ring_rx {
     size_t max_msg;   /* largest message accepted; larger ones are skipped with RLB_ETOOBIG */

@@ -122,7 +122,9 @@ int h_start(h_run *r, rlb_sync_mode mode)
         o.socket_path = r->sock;
         o.mode = mode;
         o.threads = 2;
-        o.ring_bytes = 1u << 20; /* small rings: results of several records fragment */
+        /* Small rings: results of several records fragment (a test may ask for smaller
+         * ones still through RLB_RING_BYTES). */
+        o.ring_bytes = getenv("RLB_RING_BYTES") ? 0 : 1u << 20;
         rlb__config_tiny(&o.cfg);
         _exit(rlb__bridge_run(&o) == 0 ? 0 : 1);
     }

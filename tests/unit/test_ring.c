@@ -543,6 +543,39 @@ static void test_sleep_wake(void **state)
     destroy(f);
 }
 
+/* A message four rings long streamed without ever waiting: the sender resumes where the
+ * full ring stopped it, the receiver assembles as room frees. */
+static void test_send_from_resumes(void **state)
+{
+    fixture *f = make(CAP);
+    size_t len = 4 * CAP;
+    uint8_t *msg = malloc(len);
+    assert_non_null(msg);
+    for (size_t i = 0; i < len; i++)
+        msg[i] = (uint8_t)(i * 7 + 3);
+    rlb_ring_rx rx = {.max_msg = 1 << 20};
+    rlb_ring_msg m;
+    size_t off = 0;
+    int rc, stops = 0;
+    while ((rc = rlb__ring_send_from(&f->prod, 9, msg, len, &off, 0)) == RLB_EAGAIN) {
+        stops++;
+        assert_true(off > 0 && off < len);
+        assert_true(rlb__ring_send_need(&f->prod, len, off) <= rlb__ring_max_payload(&f->prod));
+        assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), RLB_EAGAIN);
+    }
+    assert_int_equal(rc, 0);
+    assert_int_equal(off, len);
+    assert_true(stops >= 3);
+    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), 0);
+    assert_int_equal(m.type, 9);
+    assert_int_equal(m.len, len);
+    assert_memory_equal(m.data, msg, len);
+    rlb__ring_recv_done(&f->cons, &rx);
+    rlb__ring_rx_free(&rx);
+    free(msg);
+    destroy(f);
+}
+
 /* The same wait through eventfds, with garbage over both semaphores: nobody touches them. */
 static void test_sleep_wake_eventfd(void **state)
 {
@@ -827,6 +860,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_liveness_callback),
         cmocka_unit_test(test_sleep_wake),
         cmocka_unit_test(test_sleep_wake_eventfd),
+        cmocka_unit_test(test_send_from_resumes),
         cmocka_unit_test(test_private_copy),
         cmocka_unit_test(test_corrupt_indices),
         cmocka_unit_test(test_corrupt_records),
