@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/atomics.h"
 #include "common/check.h"
 #include "common/env.h"
 #include "common/log.h"
@@ -40,8 +41,13 @@ struct rlb_listener {
     uint64_t ring_bytes; /* capacity of each ring handed to a peer */
 };
 
+/* Bytes of ring segments this process's listeners hold for their connections, against
+ * RLB_RING_TOTAL_BYTES (rlb_fetch_add: connections close on any thread). */
+static uint64_t rings_held;
+
 struct rlb_conn {
     int sock;        /* SOCK_SEQPACKET, blocking; the liveness channel */
+    uint64_t held;   /* listener side: bytes of rings_held this connection counts */
     pid_t peer_pid;  /* SO_PEERCRED */
     uid_t peer_uid;  /* SO_PEERCRED */
     void *mem[2];    /* mappings of ring 0 (listener -> peer) and ring 1 (peer -> listener) */
@@ -377,23 +383,39 @@ static int welcome(rlb_listener *l, int sock, rlb_conn **out)
         refuse(sock, RLB_EVERSION);
         return RLB_EVERSION;
     }
-    rlb_conn *c = conn_new(sock, &cred);
-    if (!c)
+    /* A peer may ask for smaller rings (a tool: RLB_RING_TOOL_BYTES), never larger. */
+    uint64_t ring_bytes = rlb__ring_memsize(h.ring_bytes) && h.ring_bytes < l->ring_bytes
+                              ? h.ring_bytes
+                              : l->ring_bytes;
+    size_t size = rlb__ring_memsize(ring_bytes);
+    uint64_t cap = (uint64_t)rlb__env_int(RLB_KNOB_RING_TOTAL_BYTES);
+    if (rlb_fetch_add(&rings_held, 2 * size) + 2 * size > cap) {
+        rlb_fetch_add(&rings_held, -(uint64_t)(2 * size));
+        RLB_LOG_WARN(RLB_SUB_CONN, "refusing peer pid %d: its rings (2 x %zu bytes) would "
+                     "pass RLB_RING_TOTAL_BYTES (%llu)", (int)cred.pid, size,
+                     (unsigned long long)cap);
+        refuse(sock, RLB_ENOMEM);
         return RLB_ENOMEM;
-    size_t size = rlb__ring_memsize(l->ring_bytes);
+    }
+    rlb_conn *c = conn_new(sock, &cred);
+    if (!c) {
+        rlb_fetch_add(&rings_held, -(uint64_t)(2 * size));
+        return RLB_ENOMEM;
+    }
+    c->held = 2 * size;
     for (int i = 0; i < 2; i++) {
         RLB_CHECK_GOTO(rlb__shm_create(size, "rlb-ring", &fds[i]), rc, err);
     }
     RLB_CHECK_GOTO(make_wake_fds(c), rc, err);
-    RLB_CHECK_GOTO(attach_rings(c, fds, l->ring_bytes, 1), rc, err);
+    RLB_CHECK_GOTO(attach_rings(c, fds, ring_bytes, 1), rc, err);
     h = (rlb__conn_hello){.magic = RLB_CONN_MAGIC, .abi_version = RLB_ABI_VERSION,
-                          .pid = (int32_t)getpid(), .ring_bytes = l->ring_bytes};
+                          .pid = (int32_t)getpid(), .ring_bytes = ring_bytes};
     int all[N_WELCOME_FDS] = {fds[0], fds[1]};
     memcpy(all + 2, c->wake, sizeof(c->wake));
     RLB_CHECK_GOTO(sock_send(sock, &h, sizeof(h), all, N_WELCOME_FDS), rc, err);
     close_fds(fds, 2);
     RLB_LOG_INFO(RLB_SUB_CONN, "peer pid %d connected (rings of %llu bytes)", (int)cred.pid,
-                 (unsigned long long)l->ring_bytes);
+                 (unsigned long long)ring_bytes);
     *out = c;
     return 0;
 err:
@@ -545,11 +567,11 @@ void rlb__listener_close(rlb_listener *l)
 
 int rlb__conn_connect(const char *path, int timeout_ms, rlb_conn **out)
 {
-    return rlb__conn_connect_abi(path, timeout_ms, out, NULL);
+    return rlb__conn_connect_abi(path, timeout_ms, 0, out, NULL);
 }
 
-int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
-                          uint32_t *listener_abi)
+int rlb__conn_connect_abi(const char *path, int timeout_ms, uint64_t ring_bytes,
+                          rlb_conn **out, uint32_t *listener_abi)
 {
     if (listener_abi)
         *listener_abi = 0;
@@ -586,7 +608,7 @@ int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
         goto err;
     }
     rlb__conn_hello h = {.magic = RLB_CONN_MAGIC, .abi_version = RLB_ABI_VERSION,
-                         .pid = (int32_t)getpid()};
+                         .pid = (int32_t)getpid(), .ring_bytes = ring_bytes};
     rc = sock_send(sock, &h, sizeof(h), NULL, 0);
     /* A listener that refused us may have closed already; its reason still waits. */
     if (rc < 0 && rc != RLB_EPEERDEAD)
@@ -692,5 +714,6 @@ void rlb__conn_close(rlb_conn *c)
             close(c->wake[i]);
     if (c->sock >= 0)
         close(c->sock);
+    rlb_fetch_add(&rings_held, -c->held);
     free(c);
 }

@@ -31,14 +31,15 @@
 #define RLB_CONN_MAX_FDS 32        /* fds one message may carry */
 
 /* The handshake message, one SEQPACKET datagram each way. Peer -> listener: hello (status
- * 0, ring_bytes 0). Listener -> peer: welcome (status 0, the two ring fds attached) or a
- * refusal (status < 0, no fds). */
+ * 0, ring_bytes: the capacity it asks for, 0 = the listener's; it gets at most the
+ * listener's). Listener -> peer: welcome (status 0, ring_bytes granted, the two ring fds
+ * and four eventfds attached) or a refusal (status < 0, no fds). */
 typedef struct rlb__conn_hello {
     uint32_t magic;       /* RLB_CONN_MAGIC */
     uint32_t abi_version; /* sender's RLB_ABI_VERSION */
     int32_t status;       /* 0, or the RLB_E* code of a refusal */
     int32_t pid;          /* sender's pid, for logs */
-    uint64_t ring_bytes;  /* welcome: capacity of each of the two rings */
+    uint64_t ring_bytes;  /* capacity of each of the two rings: asked (hello), granted */
 } rlb__conn_hello;
 _Static_assert(sizeof(rlb__conn_hello) == 24, "handshake message is 24 bytes");
 
@@ -52,7 +53,9 @@ typedef struct rlb_conn rlb_conn;
 int rlb__conn_socket_path(const char *name, char *buf, size_t cap);
 
 /* Listens at path (a stale socket file left by a dead listener is replaced). Each accepted
- * peer gets two rings of ring_bytes (0 = RLB_RING_BYTES). Returns 0, RLB_EEXIST (a listener
+ * peer gets two rings of ring_bytes (0 = RLB_RING_BYTES), or smaller ones if it asks; a
+ * peer whose rings would take the rings of all connections past RLB_RING_TOTAL_BYTES is
+ * refused with RLB_ENOMEM. Returns 0, RLB_EEXIST (a listener
  * is running there, or the path is not a socket), RLB_EINVAL (ring_bytes not a power of two
  * in range), RLB_ETOOBIG (path too long), RLB_ENOMEM or RLB_EIO. */
 int rlb__listener_open(const char *path, uint64_t ring_bytes, rlb_listener **out);
@@ -82,11 +85,12 @@ void rlb__listener_close(rlb_listener *l);
  * segments hold no valid ring), RLB_ETIMEDOUT, RLB_EPEERDEAD, RLB_ENOMEM, RLB_EINVAL or
  * RLB_EIO; a refusal passes on the listener's reason (RLB_ENOMEM, say). */
 int rlb__conn_connect(const char *path, int timeout_ms, rlb_conn **out);
-/* rlb__conn_connect that also reports the ABI version the listener announced in its
- * welcome or refusal (0 when none came), so a caller refused with RLB_EVERSION can name
- * both versions. listener_abi may be NULL. */
-int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
-                          uint32_t *listener_abi);
+/* rlb__conn_connect that asks for rings of ring_bytes (0 = the listener's size; a tool
+ * asks for small ones) and reports the ABI version the listener announced in its welcome
+ * or refusal (0 when none came), so a caller refused with RLB_EVERSION can name both
+ * versions. listener_abi may be NULL. */
+int rlb__conn_connect_abi(const char *path, int timeout_ms, uint64_t ring_bytes,
+                          rlb_conn **out, uint32_t *listener_abi);
 
 /* The connection's socket, for poll: POLLIN = fds to receive, POLLHUP = peer gone. */
 int rlb__conn_fd(const rlb_conn *c);

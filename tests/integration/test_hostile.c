@@ -2,6 +2,7 @@
  *   - a trainer whose shard memory is an unsealed memfd, truncated before its publish
  *     (what it could do under the copy): the bridge refuses the segment at registration,
  *     naming the missing seals, the version aborts with a reason, and the bridge serves on;
+ *   - rlb_alloc_host of more than the machine holds is refused, naming the limit;
  *   - a peer that writes garbage over the wake-up lines (semaphores) of its rings, then over
  *     the whole ring headers: the bridge never posts a semaphore in memory a peer can
  *     write, so it neither aborts nor hangs; it drops that peer and serves the others.
@@ -82,6 +83,13 @@ static void test_truncated_segment(void **state)
     rlb_result *res;
     assert_int_equal(h_generate(tool, prompt, 3, MAX_TOKENS, &res), 0);
     rlb_result_free(res);
+    /* More than the machine holds: refused at once, naming the limit (the reservation
+     * would otherwise run until the OOM killer ends the trainer). */
+    void *huge = NULL;
+    assert_int_equal(rlb_alloc_host(t.c, (size_t)1 << 50, &huge), RLB_ENOMEM);
+    fprintf(stderr, "rlb_alloc_host(1 << 50): %s\n", rlb_last_error(t.c));
+    assert_non_null(strstr(rlb_last_error(t.c), "more than"));
+    assert_null(huge);
     close(unsealed_fd);
     h_trainer_close(&t);
     assert_int_equal(h_stop(&r, tool), 0);
