@@ -224,7 +224,7 @@ static ssize_t raw_send(int s, const void *msg, size_t len, const int *fds, int 
 {
     union {
         struct cmsghdr align;
-        char buf[CMSG_SPACE(sizeof(int) * 4)];
+        char buf[CMSG_SPACE(sizeof(int) * 8)];
     } ctl;
     struct iovec iov = {.iov_base = (void *)msg, .iov_len = len};
     struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
@@ -247,7 +247,7 @@ static ssize_t raw_recv(int s, void *msg, size_t cap, int *nfds)
 {
     union {
         struct cmsghdr align;
-        char buf[CMSG_SPACE(sizeof(int) * 4)];
+        char buf[CMSG_SPACE(sizeof(int) * 8)];
     } ctl;
     struct pollfd p = {.fd = s, .events = POLLIN};
     if (poll(&p, 1, WAIT_MS) != 1)
