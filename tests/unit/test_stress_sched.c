@@ -15,6 +15,21 @@
 
 #define DURATION_MS (30 * 60 * 1000)
 
+/* Field by field: the struct's tail padding holds nothing. */
+static int same_event(const rlb_stress_event *a, const rlb_stress_event *b)
+{
+    return a->at_ms == b->at_ms && a->kind == b->kind && a->target == b->target &&
+           a->arg == b->arg;
+}
+
+static int same_schedule(const rlb_stress_event *a, int na, const rlb_stress_event *b, int nb)
+{
+    for (int i = 0; na == nb && i < na; i++)
+        if (!same_event(&a[i], &b[i]))
+            return 0;
+    return na == nb;
+}
+
 static void test_same_seed_same_schedule(void **state)
 {
     (void)state;
@@ -23,9 +38,8 @@ static void test_same_seed_same_schedule(void **state)
     int nb = rlb__stress_schedule(12345, DURATION_MS, RLB_FAULTS_ALL, &b);
     int nc = rlb__stress_schedule(12346, DURATION_MS, RLB_FAULTS_ALL, &c);
     assert_true(na > 1000);
-    assert_int_equal(na, nb);
-    assert_memory_equal(a, b, (size_t)na * sizeof(*a));
-    assert_false(na == nc && !memcmp(a, c, (size_t)na * sizeof(*a)));
+    assert_true(same_schedule(a, na, b, nb));
+    assert_false(same_schedule(a, na, c, nc));
     for (int i = 0; i < na; i++) {
         assert_true(a[i].at_ms >= 0 && a[i].at_ms < DURATION_MS);
         assert_true(a[i].kind < RLB_FAULT_COUNT_);
@@ -57,7 +71,7 @@ static void test_rates_and_kinds(void **state)
     assert_int_equal(m, count[RLB_FAULT_POISON] + count[RLB_FAULT_GARBAGE]);
     for (int i = 0, j = 0; i < n; i++)
         if (mask >> all[i].kind & 1)
-            assert_memory_equal(&all[i], &some[j++], sizeof(*all));
+            assert_true(same_event(&all[i], &some[j++]));
     free(all);
     free(some);
     char err[64];
