@@ -1,5 +1,6 @@
-/* segmsg.h: how a shared-memory segment's fd travels to the bridge, and how a memory
- * reference names it afterwards (DESIGN §3, kind HOST_SHM).
+/* segmsg.h: how a shared-memory segment's fd, or a CUDA VMM allocation's fds, travel to
+ * the bridge, and how a memory reference names them afterwards (DESIGN §3, kinds HOST_SHM
+ * and CUDA_VMM_FD).
  *
  * The fd goes over the connection's socket (rlb__conn_send_fds) with one rlb__seg_msg as
  * the datagram's payload and exactly one fd attached. The sender picks the segment id:
@@ -22,14 +23,18 @@
 #include <stdint.h>
 
 #define RLB_SEG_MAGIC 0x4d474553u /* "SEGM" */
+#define RLB_SEG_MAGIC_VMM 0x56474553u /* "SEGV": CUDA VMM chunks (see above) */
+#define RLB_SEG_VMM_MAX_CHUNKS 32u /* chunks (fds) in one VMM segment message; the
+                                      most RLB_CONN_MAX_FDS lets one message carry */
 #define RLB_SEG_ID_WEIGHTS 1u     /* a worker's weight buffer */
 #define RLB_SEG_ID_WEIGHTS_B 2u   /* a worker's second weight buffer (staged mode) */
 #define RLB_SEG_ID_BRIDGE 0x80000000u /* first id of segments the bridge hands out */
 
 typedef struct rlb__seg_msg {
-    uint32_t magic;  /* RLB_SEG_MAGIC */
+    uint32_t magic;  /* RLB_SEG_MAGIC, or RLB_SEG_MAGIC_VMM followed by the chunk sizes */
     uint32_t id;     /* segment id, >= 1 (what rlb_mem_ref.fd_index holds) */
-    uint64_t bytes;  /* segment size; the receiver maps exactly this much (fstat must agree) */
+    uint64_t bytes;  /* segment size; the receiver maps exactly this much (fstat must agree;
+                        VMM: the sum of the chunk sizes) */
 } rlb__seg_msg;
 _Static_assert(sizeof(rlb__seg_msg) == 16, "segment message is 16 bytes");
 
