@@ -202,6 +202,12 @@ int br_recv_segments(bridge *b, br_peer *p, int wait_ms);
 br_seg *br_seg_find(br_peer *p, uint32_t id);
 /* Unmaps a segment now, or parks it until the copy thread finishes. */
 void br_seg_release(bridge *b, br_seg *s);
+/* Trainer p's segments in which no registered tensor lies (those still waiting on the
+ * socket included) are released and their ids forgotten (segmsg.h: after an unregister or
+ * a refused register). */
+void br_release_unused_segments(bridge *b, br_peer *p);
+/* Segments mapped now, over every peer (the "segments" counter). */
+uint32_t br_mapped_segments(const bridge *b);
 /* Unmaps parked segments (after the copy). */
 void br_unpark(bridge *b);
 /* The peer with this id, or NULL when it is gone. */
@@ -214,7 +220,8 @@ void br_peer_free(bridge *b, br_peer *p);
 /* Validates a REGISTER batch from trainer p and stores it (all or nothing). Replies with an
  * ERROR naming the tensor on refusal. */
 void br_register(bridge *b, br_peer *p, const rlb_msg_register *m);
-/* Forgets names (or all of p's tensors). Replies ERROR for an unknown name. */
+/* Forgets names (or all of p's tensors), releases the segments left without tensors and
+ * answers UNREGISTERED once their mappings are closed. Replies ERROR for an unknown name. */
 void br_unregister(bridge *b, br_peer *p, const rlb_msg_unregister *m);
 /* Drops every tensor of p (disconnect). */
 void br_registry_drop(bridge *b, br_peer *p);

@@ -307,6 +307,7 @@ static void on_stats(bridge *b, br_peer *p, uint64_t id)
         {"stale", (double)b->stale},
         {"asleep", (double)b->asleep},
         {"staged", (double)(b->opts->mode == RLB_SYNC_STAGED)},
+        {"segments", (double)br_mapped_segments(b)},
     };
     rlb_msg m = {.type = RLB_MSG_STATS_REPLY,
                  .stats_reply = {.request_id = id, .n_stats = sizeof(s) / sizeof(s[0]),

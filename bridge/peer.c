@@ -234,6 +234,28 @@ void br_seg_release(bridge *b, br_seg *s)
     s->addr = NULL;
 }
 
+void br_release_unused_segments(bridge *b, br_peer *p)
+{
+    br_recv_segments(b, p, 0);
+    for (uint32_t i = 0; i < p->n_segs;) {
+        if (p->segs[i].refs) {
+            i++;
+            continue;
+        }
+        br_seg_release(b, &p->segs[i]);
+        p->segs[i] = p->segs[--p->n_segs];
+    }
+}
+
+uint32_t br_mapped_segments(const bridge *b)
+{
+    uint32_t n = 0;
+    for (int i = 0; i < BR_MAX_PEERS; i++)
+        for (uint32_t k = 0; b->peers[i] && k < b->peers[i]->n_segs; k++)
+            n += b->peers[i]->segs[k].addr != NULL;
+    return n;
+}
+
 void br_unpark(bridge *b)
 {
     for (uint32_t i = 0; i < b->n_parked; i++)

@@ -272,6 +272,7 @@ void br_register(bridge *b, br_peer *p, const rlb_msg_register *m)
         for (uint32_t i = 0; i < n; i++)
             tensor_free(&batch[i]);
         free(batch);
+        br_release_unused_segments(b, p);
         return;
     }
     for (uint32_t i = 0; i < n; i++) {
@@ -284,14 +285,25 @@ void br_register(bridge *b, br_peer *p, const rlb_msg_register *m)
                  p->hello.rank, n, p->n_tensors);
 }
 
-/* Removes p's tensor i, unmapping its segment when nothing else lives there. */
-static void tensor_remove(bridge *b, br_peer *p, uint32_t i)
+/* Removes p's tensor i; br_release_unused_segments closes what it leaves unused. */
+static void tensor_remove(br_peer *p, uint32_t i)
 {
     br_seg *s = br_seg_find(p, p->tensors[i].seg);
-    if (s && --s->refs == 0)
-        br_seg_release(b, s);
+    if (s)
+        s->refs--;
     tensor_free(&p->tensors[i]);
     p->tensors[i] = p->tensors[--p->n_tensors];
+}
+
+/* Closes the mappings the unregister left unused and only then acknowledges it, so the
+ * trainer may free its memory as soon as the answer arrives. Host segments are unmapped
+ * right away (nothing reads them between syncs: an unregister is refused during one);
+ * device mappings must be closed here only after their last use is fenced. */
+static void br_unregister_fenced(bridge *b, br_peer *p, uint32_t n_removed)
+{
+    br_release_unused_segments(b, p);
+    rlb_msg ack = {.type = RLB_MSG_UNREGISTERED, .unregistered = {.n_tensors = n_removed}};
+    br_send(b, p, &ack);
 }
 
 void br_unregister(bridge *b, br_peer *p, const rlb_msg_unregister *m)
@@ -306,25 +318,27 @@ void br_unregister(bridge *b, br_peer *p, const rlb_msg_unregister *m)
             return;
         }
     }
+    uint32_t n_removed = m->n_names ? m->n_names : p->n_tensors;
     if (m->n_names == 0) {
         br_registry_drop(b, p);
     } else {
         for (uint32_t k = 0; k < m->n_names; k++)
             for (uint32_t i = 0; i < p->n_tensors; i++)
                 if (!strcmp(p->tensors[i].name, m->names[k].name)) {
-                    tensor_remove(b, p, i);
+                    tensor_remove(p, i);
                     break;
                 }
     }
     br_plan_reset(b);
+    br_unregister_fenced(b, p, n_removed);
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "trainer rank %u unregistered %u tensors (%u left)",
-                 p->hello.rank, m->n_names, p->n_tensors);
+                 p->hello.rank, n_removed, p->n_tensors);
 }
 
 void br_registry_drop(bridge *b, br_peer *p)
 {
     while (p->n_tensors)
-        tensor_remove(b, p, p->n_tensors - 1);
+        tensor_remove(p, p->n_tensors - 1);
     free(p->tensors);
     p->tensors = NULL;
     p->cap_tensors = 0;

@@ -217,6 +217,10 @@ static void dispatch(rlb_client *c, const rlb_msg *m)
     case RLB_MSG_SYNCED: on_synced(c, &m->synced); break;
     case RLB_MSG_ABORTED: on_aborted(c, &m->aborted); break;
     case RLB_MSG_RESULT: rlb__ticket_on_result(c, &m->result); break;
+    case RLB_MSG_UNREGISTERED:
+        if (c->ctl.waiting_for == RLB_MSG_UNREGISTER && !c->ctl.done)
+            ctl_finish(c, 0);
+        break;
     case RLB_MSG_STATS_REPLY:
         if (c->ctl.waiting_for && !c->ctl.done && m->stats_reply.request_id == c->ctl.fence_id)
             ctl_finish(c, 0);
@@ -469,11 +473,18 @@ static void free_client(rlb_client *client)
 int rlb__control(rlb_client *c, const rlb_msg *msg, int fence)
 {
     pthread_mutex_lock(&c->ctl_lock);
+    int rc = rlb__control_locked(c, msg, fence);
+    pthread_mutex_unlock(&c->ctl_lock);
+    return rc;
+}
+
+int rlb__control_locked(rlb_client *c, const rlb_msg *msg, int fence)
+{
     pthread_mutex_lock(&c->lock);
     int rc = c->dead;
     if (rc < 0) {
         pthread_mutex_unlock(&c->lock);
-        goto out;
+        return rc;
     }
     c->ctl = (rlb__ctl_state){.waiting_for = msg->type,
                               .fence_id = fence ? rlb__next_id(c) : 0,
@@ -499,8 +510,6 @@ int rlb__control(rlb_client *c, const rlb_msg *msg, int fence)
                          c->request_timeout_ms);
     c->ctl.waiting_for = 0;
     pthread_mutex_unlock(&c->lock);
-out:
-    pthread_mutex_unlock(&c->ctl_lock);
     return rc;
 }
 

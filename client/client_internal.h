@@ -26,13 +26,17 @@
 
 #define RLB_CLIENT_ERR_MAX 512 /* bytes of an error text, NUL included */
 
-/* One rlb_alloc_host allocation. */
+/* One rlb_alloc_host allocation. Its fd goes to the bridge with the first register that
+ * needs it, and again after the bridge released it (segmsg.h: once no registered tensor
+ * lies in it), so the fd stays open here until the allocation is freed. */
 typedef struct rlb__host_seg {
     uint32_t id;         /* segment id on the wire (rlb__seg_msg.id, mem_ref.fd_index) */
+    int fd;              /* the segment's fd */
     uint8_t *base;       /* our mapping */
     size_t bytes;        /* mapped (and segment) size, page multiple */
     size_t asked;        /* bytes the caller asked for; the rest is page rounding */
     uint32_t registered; /* tensors registered inside it */
+    int at_bridge;       /* sent, and not released by the bridge since */
 } rlb__host_seg;
 
 /* A registered tensor, for unregister and free checks. */
@@ -44,7 +48,7 @@ typedef struct rlb__reg_tensor {
 /* What a control call waits for; reset before each send. */
 typedef struct rlb__ctl_state {
     uint32_t waiting_for;  /* RLB_MSG_* the reply answers (PUBLISH, REGISTER, ...), 0 = idle */
-    uint64_t fence_id;     /* register/unregister: the stats request sent after it */
+    uint64_t fence_id;     /* register, sleep, wake: the stats request sent after it */
     uint64_t version;      /* publish: the version published */
     int done;              /* the answer arrived */
     int code;              /* 0, or the negative code of an error or abort */
@@ -68,7 +72,8 @@ struct rlb_client {
     pthread_mutex_t tx_lock;    /* the tx ring, the socket's sends, pack_buf */
     void *pack_buf;             /* encoding buffer, grown as needed (under tx_lock) */
     size_t pack_cap;            /* bytes at pack_buf */
-    pthread_mutex_t ctl_lock;   /* one control call at a time */
+    pthread_mutex_t ctl_lock;   /* one control call at a time; register and unregister
+                                   hold it from their checks to their answer */
 
     pthread_mutex_t lock;       /* everything below */
     pthread_cond_t cond;        /* broadcast after each dispatch and when the reader leaves */
@@ -122,6 +127,8 @@ uint64_t rlb__next_id(rlb_client *c);
  * first); publish: synced or aborted. Returns 0 or the negative code of the answer or of
  * the connection. c->ctl holds the answer's details until the next control call. */
 int rlb__control(rlb_client *c, const rlb_msg *msg, int fence);
+/* The same with ctl_lock already held by the caller. */
+int rlb__control_locked(rlb_client *c, const rlb_msg *msg, int fence);
 
 /* ---- stats.c ----------------------------------------------------------------------- */
 
@@ -140,6 +147,12 @@ void rlb__stats_free_all(rlb_client *c);
 rlb__host_seg *rlb__host_find(rlb_client *c, const void *ptr, uint64_t bytes);
 /* The allocation with segment id `id`, or NULL (c->lock held). */
 rlb__host_seg *rlb__host_by_id(rlb_client *c, uint32_t id);
+/* Sends segment `id`'s fd to the bridge (ctl_lock held, c->lock not). Returns 0 or a
+ * connection error. */
+int rlb__host_send(rlb_client *c, uint32_t id);
+/* After the bridge answered a register or an unregister: segments without registered
+ * tensors are no longer at the bridge (c->lock held). */
+void rlb__host_settle(rlb_client *c);
 /* Unmaps every allocation (rlb_close). */
 void rlb__host_free_all(rlb_client *c);
 

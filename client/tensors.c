@@ -227,10 +227,11 @@ static const rlb_tensor_desc *desc_at(const rlb_tensor_desc *tensors, size_t str
     return (const rlb_tensor_desc *)((const char *)tensors + stride * i);
 }
 
-/* Checks the batch, reserves its names and segments in the table (so a concurrent free or
- * register sees them) and builds the wire tensors. On failure nothing is reserved. */
+/* Checks the batch, reserves its names and segments in the table (so a concurrent free
+ * sees them) and builds the wire tensors; send[0..*n_send) gets the segments the bridge
+ * does not hold yet. On failure nothing is reserved. */
 static int prepare(rlb_client *c, const rlb_tensor_desc *tensors, size_t n, rlb_msg_tensor *t,
-                   rlb_msg_flat_entry **entries)
+                   rlb_msg_flat_entry **entries, uint32_t *send, uint32_t *n_send)
 {
     size_t stride = tensors[0].struct_size;
     char err[RLB_CLIENT_ERR_MAX];
@@ -264,6 +265,10 @@ static int prepare(rlb_client *c, const rlb_tensor_desc *tensors, size_t n, rlb_
             break;
         }
         c->tensors[c->n_tensors++] = (rlb__reg_tensor){.name = name, .seg_id = seg ? seg->id : 0};
+        if (seg && !seg->at_bridge) {
+            seg->at_bridge = 1;
+            send[(*n_send)++] = seg->id;
+        }
         if (seg)
             seg->registered++;
         added++;
@@ -314,22 +319,35 @@ RLB_API int rlb_register(rlb_client *client, const rlb_tensor_desc *tensors, siz
         }
     rlb_msg_tensor *t = calloc(n, sizeof(*t));
     rlb_msg_flat_entry **entries = calloc(n, sizeof(*entries));
+    uint32_t *send = calloc(n, sizeof(*send)), n_send = 0;
     int rc = RLB_ENOMEM;
-    if (!t || !entries) {
+    if (!t || !entries || !send) {
         rlb__fail(c, rc, "no memory for a register message of %zu tensors", n);
         goto out;
     }
-    rc = prepare(c, tensors, n, t, entries);
-    if (rc < 0)
-        goto out;
-    rlb_msg msg = {.type = RLB_MSG_REGISTER, .reg = {.n_tensors = (uint32_t)n, .tensors = t}};
-    rc = rlb__control(c, &msg, 1);
-    if (rc < 0)
-        unreserve(c, tensors, n);
+    /* The segments this batch sends and the bridge's answer go together: no other
+     * register or unregister may release or send one in between. */
+    pthread_mutex_lock(&c->ctl_lock);
+    rc = prepare(c, tensors, n, t, entries, send, &n_send);
+    if (rc == 0) {
+        for (uint32_t i = 0; i < n_send && rc == 0; i++)
+            rc = rlb__host_send(c, send[i]);
+        rlb_msg msg = {.type = RLB_MSG_REGISTER,
+                       .reg = {.n_tensors = (uint32_t)n, .tensors = t}};
+        if (rc == 0)
+            rc = rlb__control_locked(c, &msg, 1);
+        if (rc < 0)
+            unreserve(c, tensors, n);
+        pthread_mutex_lock(&c->lock);
+        rlb__host_settle(c);
+        pthread_mutex_unlock(&c->lock);
+    }
+    pthread_mutex_unlock(&c->ctl_lock);
 out:
     for (size_t i = 0; entries && i < n; i++)
         free(entries[i]);
     free(entries);
+    free(send);
     free(t);
     return rc;
 }
@@ -345,6 +363,7 @@ RLB_API int rlb_unregister(rlb_client *client, const char *const *names, size_t 
     if (!wire)
         return rlb__fail(c, RLB_ENOMEM, "no memory for an unregister message");
     int rc = 0;
+    pthread_mutex_lock(&c->ctl_lock);
     pthread_mutex_lock(&c->lock);
     for (size_t i = 0; i < n && rc == 0; i++) {
         wire[i].name = names[i];
@@ -354,9 +373,10 @@ RLB_API int rlb_unregister(rlb_client *client, const char *const *names, size_t 
     }
     pthread_mutex_unlock(&c->lock);
     if (rc == 0) {
+        /* Answered by UNREGISTERED once the bridge closed its mappings of the memory. */
         rlb_msg msg = {.type = RLB_MSG_UNREGISTER,
                        .unreg = {.n_names = (uint32_t)n, .names = wire}};
-        rc = rlb__control(c, &msg, 1);
+        rc = rlb__control_locked(c, &msg, 0);
     }
     if (rc == 0) {
         pthread_mutex_lock(&c->lock);
@@ -368,8 +388,10 @@ RLB_API int rlb_unregister(rlb_client *client, const char *const *names, size_t 
             if (j >= 0)
                 drop_tensor(c, (uint32_t)j);
         }
+        rlb__host_settle(c);
         pthread_mutex_unlock(&c->lock);
     }
+    pthread_mutex_unlock(&c->ctl_lock);
     free(wire);
     return rc;
 }

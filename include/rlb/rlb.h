@@ -218,8 +218,10 @@ RLB_API int rlb_tensor_bytes(const rlb_tensor_desc *desc, uint64_t *bytes);
  * RLB_EPEERDEAD. Observers get RLB_EPERM. */
 RLB_API int rlb_register(rlb_client *client, const rlb_tensor_desc *tensors, size_t n);
 
-/* Forgets the named tensors (n == 0: every tensor of this client). Returns 0, RLB_ENOTFOUND
- * (a name is not registered: nothing is unregistered), or a bridge / connection error. */
+/* Forgets the named tensors (n == 0: every tensor of this client). Returns once the bridge
+ * acknowledged that it dropped them and closed its mappings of their memory, so the memory
+ * may be freed (rlb_free_host, cudaFree, ...) right after. Returns 0, RLB_ENOTFOUND (a name
+ * is not registered: nothing is unregistered), or a bridge / connection error. */
 RLB_API int rlb_unregister(rlb_client *client, const char *const *names, size_t n);
 
 /* ---- Publishing weights ---------------------------------------------------------------- */

@@ -93,6 +93,14 @@ static void reply_error(fake *f, int code, uint64_t id, uint32_t re, const char 
     reply(f, &m);
 }
 
+static fake_seg *seg_by_id(fake *f, uint32_t id)
+{
+    for (int i = 0; i < f->n_segs; i++)
+        if (f->segs[i].id == id)
+            return &f->segs[i];
+    return NULL;
+}
+
 /* Receives every segment fd the client sent so far. */
 static void drain_fds(fake *f)
 {
@@ -110,6 +118,7 @@ static void drain_fds(fake *f)
         assert_int_equal(size, sm.bytes);
         pthread_mutex_lock(&f->lock);
         assert_true(f->n_segs < MAX_SEGS);
+        assert_null(seg_by_id(f, sm.id)); /* an id is sent again only after its release */
         fake_seg *s = &f->segs[f->n_segs++];
         s->id = sm.id;
         s->bytes = sm.bytes;
@@ -119,12 +128,23 @@ static void drain_fds(fake *f)
     }
 }
 
-static fake_seg *seg_by_id(fake *f, uint32_t id)
+/* Unmaps and forgets the segments no registered tensor lies in, as the bridge does after
+ * an unregister or a refused register (segmsg.h). */
+static void release_unused(fake *f)
 {
-    for (int i = 0; i < f->n_segs; i++)
-        if (f->segs[i].id == id)
-            return &f->segs[i];
-    return NULL;
+    pthread_mutex_lock(&f->lock);
+    for (int i = 0; i < f->n_segs;) {
+        int used = 0;
+        for (int k = 0; k < f->n_reg; k++)
+            used |= f->reg[k].mem.length && f->reg[k].mem.fd_index == f->segs[i].id;
+        if (used) {
+            i++;
+            continue;
+        }
+        rlb__shm_unmap(f->segs[i].map, f->segs[i].bytes);
+        f->segs[i] = f->segs[--f->n_segs];
+    }
+    pthread_mutex_unlock(&f->lock);
 }
 
 static void on_register(fake *f, const rlb_msg_register *r)
@@ -134,7 +154,8 @@ static void on_register(fake *f, const rlb_msg_register *r)
             char text[128];
             snprintf(text, sizeof(text), "fake: shape of %s does not match the model",
                      r->tensors[i].name);
-            return reply_error(f, RLB_ESHAPE, 0, RLB_MSG_REGISTER, text);
+            reply_error(f, RLB_ESHAPE, 0, RLB_MSG_REGISTER, text);
+            return release_unused(f);
         }
     pthread_mutex_lock(&f->lock);
     for (uint32_t i = 0; i < r->n_tensors; i++) {
@@ -155,6 +176,7 @@ static void on_register(fake *f, const rlb_msg_register *r)
 static void on_unregister(fake *f, const rlb_msg_unregister *u)
 {
     pthread_mutex_lock(&f->lock);
+    uint32_t removed = u->n_names ? u->n_names : (uint32_t)f->n_reg;
     if (u->n_names == 0)
         f->n_reg = 0;
     for (uint32_t i = 0; i < u->n_names; i++)
@@ -164,6 +186,9 @@ static void on_unregister(fake *f, const rlb_msg_unregister *u)
                 break;
             }
     pthread_mutex_unlock(&f->lock);
+    release_unused(f);
+    rlb_msg ack = {.type = RLB_MSG_UNREGISTERED, .unregistered = {.n_tensors = removed}};
+    reply(f, &ack);
 }
 
 /* Every registered tensor must hold `version` as its first float: the trainer wrote it into
