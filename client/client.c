@@ -460,6 +460,7 @@ static void free_client(rlb_client *client)
     rlb__stats_free_all(client);
     rlb__tensors_free_all(client);
     rlb__host_free_all(client);
+    rlb__cuda_free(client);
     free(client->pack_buf);
     pthread_mutex_destroy(&client->lock);
     pthread_mutex_destroy(&client->tx_lock);
@@ -515,6 +516,12 @@ int rlb__control_locked(rlb_client *c, const rlb_msg *msg, int fence)
 
 RLB_API int rlb_publish(rlb_client *client, uint64_t version, rlb_sync_stats *stats)
 {
+    return rlb_publish_stream(client, version, NULL, stats);
+}
+
+RLB_API int rlb_publish_stream(rlb_client *client, uint64_t version, void *cuda_stream,
+                               rlb_sync_stats *stats)
+{
     if (!client)
         return RLB_EINVAL;
     if (stats)
@@ -525,7 +532,13 @@ RLB_API int rlb_publish(rlb_client *client, uint64_t version, rlb_sync_stats *st
     if (version == 0)
         return rlb__fail(client, RLB_EINVAL, "weight versions start at 1");
     rlb_msg msg = {.type = RLB_MSG_PUBLISH, .publish = {.version = version}};
-    int rc = rlb__control(client, &msg, 0);
+    /* Under ctl_lock, so the registered tensors do not change between the copies or the
+     * event and the publish. */
+    pthread_mutex_lock(&client->ctl_lock);
+    int rc = rlb__cuda_before_publish(client, cuda_stream, &msg.publish);
+    if (rc == 0)
+        rc = rlb__control_locked(client, &msg, 0);
+    pthread_mutex_unlock(&client->ctl_lock);
     pthread_mutex_lock(&client->lock);
     if (rc == 0 || rc == RLB_EABORTED)
         client->stats.publishes++;

@@ -28,11 +28,16 @@ RLB_API int rlb_alloc_host(rlb_client *client, size_t bytes, void **ptr)
 {
     if (!client || !ptr)
         return RLB_EINVAL;
-    rlb_client *c = client;
     *ptr = NULL;
     if (bytes == 0 || bytes > (SIZE_MAX >> 2))
-        return rlb__fail(c, RLB_EINVAL, "rlb_alloc_host: %zu bytes is not a size we allocate",
-                         bytes);
+        return rlb__fail(client, RLB_EINVAL, "rlb_alloc_host: %zu bytes is not a size we "
+                                             "allocate", bytes);
+    uint32_t id;
+    return rlb__host_alloc(client, bytes, 0, &id, ptr);
+}
+
+int rlb__host_alloc(rlb_client *c, size_t bytes, int shadow, uint32_t *seg_id, void **ptr)
+{
     size_t size = page_round(bytes);
     int fd = -1;
     void *mem = NULL;
@@ -49,28 +54,38 @@ RLB_API int rlb_alloc_host(rlb_client *client, size_t bytes, void **ptr)
         rc = RLB_ETOOBIG;
     if (rc == 0) {
         c->next_seg_id++;
-        c->segs[c->n_segs++] =
-            (rlb__host_seg){.id = id, .fd = fd, .base = mem, .bytes = size, .asked = bytes};
-        c->stats.host_bytes += bytes;
+        c->segs[c->n_segs++] = (rlb__host_seg){.id = id, .fd = fd, .base = mem, .bytes = size,
+                                               .asked = bytes, .shadow = shadow};
+        c->stats.host_bytes += shadow ? 0 : bytes;
     }
     pthread_mutex_unlock(&c->lock);
     if (rc < 0)
         goto err;
+    *seg_id = id;
     *ptr = mem;
     return 0;
 err:
     rlb__shm_unmap(mem, size);
     close(fd);
-    return rlb__fail(c, rc, "rlb_alloc_host of %zu bytes failed", bytes);
+    return rlb__fail(c, rc, "allocating %zu bytes of shared memory failed", bytes);
 }
 
-/* Index of the allocation starting at ptr, or -1 (c->lock held). */
+/* Index of the caller's allocation starting at ptr, or -1 (c->lock held). */
 static int64_t seg_index(rlb_client *c, const void *ptr)
 {
     for (uint32_t i = 0; i < c->n_segs; i++)
-        if (c->segs[i].base == ptr)
+        if (c->segs[i].base == ptr && !c->segs[i].shadow)
             return i;
     return -1;
+}
+
+/* Unmaps segment s and closes its fd. */
+static void seg_unmap(const rlb__host_seg *s)
+{
+    if (s->shadow)
+        rlb__cuda_unpin(s->base);
+    rlb__shm_unmap(s->base, s->bytes);
+    close(s->fd);
 }
 
 RLB_API int rlb_free_host(rlb_client *client, void *ptr)
@@ -94,8 +109,7 @@ RLB_API int rlb_free_host(rlb_client *client, void *ptr)
         rlb__host_seg s = c->segs[i];
         c->segs[i] = c->segs[--c->n_segs];
         c->stats.host_bytes -= s.asked;
-        rlb__shm_unmap(s.base, s.bytes);
-        close(s.fd);
+        seg_unmap(&s);
     }
     pthread_mutex_unlock(&c->lock);
     return rc;
@@ -105,6 +119,8 @@ rlb__host_seg *rlb__host_find(rlb_client *c, const void *ptr, uint64_t bytes)
 {
     uintptr_t p = (uintptr_t)ptr;
     for (uint32_t i = 0; i < c->n_segs; i++) {
+        if (c->segs[i].shadow)
+            continue;
         uintptr_t base = (uintptr_t)c->segs[i].base;
         if (p >= base && p - base <= c->segs[i].bytes && bytes <= c->segs[i].bytes - (p - base))
             return &c->segs[i];
@@ -135,17 +151,25 @@ int rlb__host_send(rlb_client *c, uint32_t id)
 
 void rlb__host_settle(rlb_client *c)
 {
-    for (uint32_t i = 0; i < c->n_segs; i++)
-        if (!c->segs[i].registered)
-            c->segs[i].at_bridge = 0;
+    for (uint32_t i = 0; i < c->n_segs;) {
+        rlb__host_seg *s = &c->segs[i];
+        if (s->registered) {
+            i++;
+        } else if (s->shadow) {
+            seg_unmap(s);
+            *s = c->segs[--c->n_segs];
+        } else {
+            s->at_bridge = 0;
+            i++;
+        }
+    }
+    rlb__cuda_settle(c);
 }
 
 void rlb__host_free_all(rlb_client *c)
 {
-    for (uint32_t i = 0; i < c->n_segs; i++) {
-        rlb__shm_unmap(c->segs[i].base, c->segs[i].bytes);
-        close(c->segs[i].fd);
-    }
+    for (uint32_t i = 0; i < c->n_segs; i++)
+        seg_unmap(&c->segs[i]);
     free(c->segs);
     c->segs = NULL;
     c->n_segs = c->cap_segs = 0;

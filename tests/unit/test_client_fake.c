@@ -14,6 +14,7 @@
  * The fake's answers are a formula of the request: token k of sample i of prompt p is
  * first_prompt_token + 1000 p + 100 i + k, its logprob -(k + 1) / 8.
  */
+#include <dlfcn.h>
 #include <poll.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -513,6 +514,25 @@ static void test_register_publish(void **state)
     o = full2("w.weight", 2, 4, a + 1020); /* runs 28 bytes past the allocation */
     o.shape[1] = 6;
     assert_int_equal(rlb_register(c, &o, 1), RLB_EINVAL);
+    /* A descriptor compiled before `device` was appended is host memory; an unknown
+     * device is refused; without a usable NVIDIA driver a device tensor is refused with
+     * RLB_EUNSUPPORTED saying so (tests/gpu/test_client_cuda covers the GPU side). */
+    rlb_tensor_desc v1 = full2("v1.weight", 2, 4, a + 700);
+    v1.struct_size = offsetof(rlb_tensor_desc, device);
+    assert_int_equal(rlb_register(c, &v1, 1), 0);
+    assert_int_equal(rlb_unregister(c, &v1.name, 1), 0);
+    o = full2("w.weight", 2, 4, a + 700);
+    o.device = (rlb_device)7;
+    assert_int_equal(rlb_register(c, &o, 1), RLB_EINVAL);
+    void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!driver) {
+        o.device = RLB_DEVICE_CUDA;
+        assert_int_equal(rlb_register(c, &o, 1), RLB_EUNSUPPORTED);
+        assert_non_null(strstr(rlb_last_error(c), "w.weight"));
+        assert_non_null(strstr(rlb_last_error(c), "NVIDIA driver"));
+    } else {
+        dlclose(driver);
+    }
     /* The bridge refuses a batch: nothing of it stays registered. */
     rlb_tensor_desc pair[2] = {full2("w.weight", 2, 4, a + 512), full2("bad.weight", 2, 4, a + 600)};
     assert_int_equal(rlb_register(c, pair, 2), RLB_ESHAPE);
