@@ -36,6 +36,7 @@
 #include <cmocka.h>
 
 #include "rlb/rlb.h"
+#include "tests/integration/shm_own.h"
 
 enum { D = 64, I = 192, H = 4, KV = 2, HD = 16, LAYERS = 2, V = 250, REPLICAS = 2 };
 #define N_TENSORS (3 + 9 * LAYERS)
@@ -117,9 +118,10 @@ static int count_entries(const char *path)
     return n;
 }
 
+/* /dev/shm entries this test's processes could have made (shm_own.h). */
 static int count_shm(void)
 {
-    return count_entries("/dev/shm");
+    return shm_own_count(procs, 1 + REPLICAS);
 }
 
 static pid_t spawn(char *const argv[])

@@ -23,6 +23,8 @@ import tempfile
 import time
 import unittest
 
+from shm_own import own_entries
+
 RLB = None
 STEP = re.compile(r"^step +(\d+) +version +(\d+) +sync +([\d.]+) ms +([\d.]+) GB/s +"
                   r"gen +(\d+) tok/s +reward +([\d.]+)$")
@@ -48,11 +50,11 @@ def children_of(pid):
 
 class DemoTest(unittest.TestCase):
     def setUp(self):
-        self.shm = set(os.listdir("/dev/shm"))
+        self.shm = own_entries()
         self.dirs = demo_dirs()
 
     def assertClean(self):
-        self.assertLessEqual(set(os.listdir("/dev/shm")), self.shm)
+        self.assertLessEqual(own_entries(), self.shm)
         self.assertEqual(demo_dirs(), self.dirs)
 
     def test_demo_reward_rises(self):
