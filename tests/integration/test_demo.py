@@ -55,7 +55,7 @@ class DemoTest(unittest.TestCase):
 
     def assertClean(self):
         self.assertLessEqual(own_entries(), self.shm)
-        self.assertEqual(demo_dirs(), self.dirs)
+        self.assertLessEqual(demo_dirs(), self.dirs)  # other runs' may come and go
 
     def test_demo_reward_rises(self):
         t0 = time.monotonic()
