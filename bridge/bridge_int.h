@@ -49,7 +49,8 @@ typedef struct br_seg {
     uint32_t refs;  /* registered tensors inside it (trainers) */
     int vmm;        /* 1: a CUDA VMM range (segmsg.h RLB_SEG_MAGIC_VMM), imported by the
                        executor, not mmapped */
-    uint32_t n_chunks;  /* VMM: physical chunks of the range */
+    uint32_t n_chunks;  /* VMM: physical chunks of the range received so far */
+    uint64_t have;      /* VMM: their bytes; the segment is whole when have == bytes */
     int *fds;           /* VMM: [n_chunks] their fds (kept: they identify the range) */
     uint64_t *chunks;   /* VMM: [n_chunks] their sizes */
     const char *refused; /* why it was not mapped (unsealed: its owner could truncate it
@@ -102,6 +103,8 @@ typedef struct br_peer {
     br_tensor *tensors;      /* registered tensors */
     uint32_t n_tensors, cap_tensors;
     uint64_t published;      /* last version this rank published, 0 = none pending */
+    int has_event;           /* its publish carried an interprocess CUDA event */
+    uint8_t event[RLB_PROTO_HANDLE_BYTES]; /* that event's handle: the copy waits on it */
     /* worker */
     void *buf[2];            /* weight buffers (segments 1 and 2) */
     int active;              /* staged: which of buf[] the engine reads */
@@ -155,6 +158,8 @@ typedef struct br_copy {
     void **dst;           /* [plan n_dst] destination buffers */
     uint64_t *dst_len;    /* [plan n_dst] */
     int threads;          /* executor threads */
+    uint8_t (*events)[RLB_PROTO_HANDLE_BYTES]; /* [n_events] the ranks' publish events */
+    uint32_t n_events;
     int heal;             /* a heal copy (br_heal_progress), not a sync's */
     uint64_t *nonfinite;  /* [view n_ops] NaN/Inf values each op wrote (the executor) */
     uint64_t n_nonfinite; /* their sum */
@@ -241,8 +246,17 @@ int br_out_stalled(br_peer *p, double timeout_s);
 int br_recv_segments(bridge *b, br_peer *p, int wait_ms);
 /* The segment p sent under id, or NULL. */
 br_seg *br_seg_find(br_peer *p, uint32_t id);
+/* The segment if it arrived whole (a VMM segment's chunks may come in several messages),
+ * else NULL. */
+br_seg *br_seg_ready(br_peer *p, uint32_t id);
 /* Unmaps a segment now, or parks it until the copy thread finishes. */
 void br_seg_release(bridge *b, br_seg *s);
+/* Trainer p's segments in which no registered tensor lies (those still waiting on the
+ * socket included) are released and their ids forgotten (segmsg.h: after an unregister or
+ * a refused register). */
+void br_release_unused_segments(bridge *b, br_peer *p);
+/* Segments mapped now, over every peer (the "segments" counter). */
+uint32_t br_mapped_segments(const bridge *b);
 /* Unmaps parked segments (after the copy). */
 void br_unpark(bridge *b);
 /* The peer with this id, or NULL when it is gone. */
@@ -255,7 +269,8 @@ void br_peer_free(bridge *b, br_peer *p);
 /* Validates a REGISTER batch from trainer p and stores it (all or nothing). Replies with an
  * ERROR naming the tensor on refusal. */
 void br_register(bridge *b, br_peer *p, const rlb_msg_register *m);
-/* Forgets names (or all of p's tensors). Replies ERROR for an unknown name. */
+/* Forgets names (or all of p's tensors), releases the segments left without tensors and
+ * answers UNREGISTERED once their mappings are closed. Replies ERROR for an unknown name. */
 void br_unregister(bridge *b, br_peer *p, const rlb_msg_unregister *m);
 /* Drops every tensor of p (disconnect). */
 void br_registry_drop(bridge *b, br_peer *p);
@@ -268,7 +283,7 @@ void br_plan_reset(bridge *b);
 
 /* ---- sync.c ------------------------------------------------------------------------ */
 
-void br_publish(bridge *b, br_peer *p, uint64_t version);
+void br_publish(bridge *b, br_peer *p, const rlb_msg_publish *m);
 void br_loaded(bridge *b, br_peer *p, const rlb_msg_outcome *m);
 /* Advances the sync in flight (start, drain, copy done). Returns 1 when it did something. */
 int br_sync_progress(bridge *b);

@@ -207,7 +207,7 @@ static int replicas_init(bridge *b, const rlb_msg_hello *h, char *why, size_t le
 static int worker_buffer(bridge *b, br_peer *p, const rlb_msg_hello *h, uint32_t id,
                          uint64_t bytes, void **addr, char *why, size_t len)
 {
-    br_seg *s = br_seg_find(p, id); /* held by the loop until it came, or a timeout */
+    br_seg *s = br_seg_ready(p, id); /* held by the loop until it came, or a timeout */
     if (!s)
         return snprintf(why, len, "no weight buffer passed as segment %u%s", id,
                         id == RLB_SEG_ID_WEIGHTS_B ? " (the bridge runs in staged mode)" : ""),
@@ -378,6 +378,7 @@ static void on_stats(bridge *b, br_peer *p, uint64_t id)
         {"stale", (double)b->stale},
         {"asleep", (double)b->asleep},
         {"staged", (double)(b->opts->mode == RLB_SYNC_STAGED)},
+        {"segments", (double)br_mapped_segments(b)},
     };
     rlb_msg m = {.type = RLB_MSG_STATS_REPLY,
                  .stats_reply = {.request_id = id, .n_stats = sizeof(s) / sizeof(s[0]),
@@ -426,13 +427,13 @@ static int segments_missing(bridge *b, br_peer *p, const rlb_msg *m)
     if (m->type == RLB_MSG_REGISTER) {
         for (uint32_t i = 0; i < m->reg.n_tensors; i++)
             if (m->reg.tensors[i].mem.kind != RLB_MEM_CUDA_IPC &&
-                !br_seg_find(p, m->reg.tensors[i].mem.fd_index))
+                !br_seg_ready(p, m->reg.tensors[i].mem.fd_index))
                 return 1;
         return 0;
     }
     if (m->type == RLB_MSG_HELLO && m->hello.role == RLB_ROLE_WORKER)
-        return !br_seg_find(p, RLB_SEG_ID_WEIGHTS) ||
-               (b->opts->mode == RLB_SYNC_STAGED && !br_seg_find(p, RLB_SEG_ID_WEIGHTS_B));
+        return !br_seg_ready(p, RLB_SEG_ID_WEIGHTS) ||
+               (b->opts->mode == RLB_SYNC_STAGED && !br_seg_ready(p, RLB_SEG_ID_WEIGHTS_B));
     return 0;
 }
 
@@ -488,7 +489,7 @@ static void handle(bridge *b, br_peer *p, const void *data, size_t len, int fina
         else
             br_unregister(b, p, &m.unreg);
         break;
-    case RLB_MSG_PUBLISH: br_publish(b, p, m.publish.version); break;
+    case RLB_MSG_PUBLISH: br_publish(b, p, &m.publish); break;
     case RLB_MSG_GENERATE: br_generate(b, p, &m); break;
     case RLB_MSG_RESULT:
         if (p->hello.tp_rank == 0)

@@ -206,29 +206,65 @@ static void seg_close(bridge *b, const br_seg *s)
     }
 }
 
-/* Keeps a received VMM segment (its chunk fds and sizes) in p's table; the executor
- * imports it when a tensor or the worker's hello names its GPU. Takes ownership of the
- * fds. */
+/* Keeps received VMM chunks (fds and sizes) in p's table: a new segment, or the next
+ * chunks of one whose earlier messages came already (segmsg.h: more chunks than one
+ * message carries). The executor imports the segment once it is whole and a tensor or
+ * the worker's hello names its GPU. Takes ownership of the fds. Returns 0, RLB_EPROTO (the
+ * chunks overrun the segment, or the id names a host segment) or RLB_ENOMEM. */
 static int seg_add_vmm(br_peer *p, const rlb__seg_msg *sm, const uint64_t *chunks,
                        const int *fds, int nfds)
 {
-    int rc = RLB_ENOMEM;
-    br_seg s = {.id = sm->id, .bytes = sm->bytes, .vmm = 1, .n_chunks = (uint32_t)nfds,
-                .fds = malloc((size_t)nfds * sizeof(int)),
-                .chunks = malloc((size_t)nfds * sizeof(uint64_t))};
-    if (s.fds && s.chunks && (rc = seg_grow(p)) == 0) {
-        memcpy(s.fds, fds, (size_t)nfds * sizeof(int));
-        memcpy(s.chunks, chunks, (size_t)nfds * sizeof(uint64_t));
-        p->segs[p->n_segs++] = s;
-        RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "peer %u: VMM segment %u received (%d chunks, %llu "
-                      "bytes)", p->id, sm->id, nfds, (unsigned long long)sm->bytes);
-        return 0;
+    int rc = RLB_EPROTO;
+    uint64_t sum = 0;
+    for (int i = 0; i < nfds; i++)
+        sum += chunks[i];
+    br_seg *s = br_seg_find(p, sm->id);
+    if (s && (!s->vmm || s->bytes != sm->bytes || s->have + sum > s->bytes))
+        goto fail;
+    if (!s && sum > sm->bytes)
+        goto fail;
+    rc = RLB_ENOMEM;
+    if (!s) {
+        if (seg_grow(p) < 0)
+            goto fail;
+        s = &p->segs[p->n_segs];
+        *s = (br_seg){.id = sm->id, .bytes = sm->bytes, .vmm = 1};
     }
-    free(s.fds);
-    free(s.chunks);
+    int *f = realloc(s->fds, (s->n_chunks + (size_t)nfds) * sizeof(int));
+    if (f)
+        s->fds = f;
+    uint64_t *c = realloc(s->chunks, (s->n_chunks + (size_t)nfds) * sizeof(uint64_t));
+    if (c)
+        s->chunks = c;
+    if (!f || !c) {
+        if (s == &p->segs[p->n_segs]) { /* not in the table yet */
+            free(s->fds);
+            free(s->chunks);
+        }
+        goto fail;
+    }
+    memcpy(s->fds + s->n_chunks, fds, (size_t)nfds * sizeof(int));
+    memcpy(s->chunks + s->n_chunks, chunks, (size_t)nfds * sizeof(uint64_t));
+    s->n_chunks += (uint32_t)nfds;
+    s->have += sum;
+    if (s == &p->segs[p->n_segs])
+        p->n_segs++;
+    RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "peer %u: VMM segment %u: %d chunks (%llu of %llu bytes)",
+                  p->id, sm->id, nfds, (unsigned long long)s->have,
+                  (unsigned long long)s->bytes);
+    return 0;
+fail:
+    RLB_LOG_WARN(RLB_SUB_BRIDGE, "peer %u: VMM segment message %u refused: %s", p->id, sm->id,
+                 rlb_strerror(rc));
     for (int i = 0; i < nfds; i++)
         close(fds[i]);
     return rc;
+}
+
+br_seg *br_seg_ready(br_peer *p, uint32_t id)
+{
+    br_seg *s = br_seg_find(p, id);
+    return s && (!s->vmm || s->have == s->bytes) ? s : NULL;
 }
 
 /* Maps one received segment into p's table. Takes ownership of fd. */
@@ -303,8 +339,8 @@ int br_recv_segments(bridge *b, br_peer *p, int wait_ms)
             sum += m.chunks[i];
         if (len >= sizeof(sm) && sm.magic == RLB_SEG_MAGIC_VMM && nfds >= 1 &&
             nfds <= (int)RLB_SEG_VMM_MAX_CHUNKS &&
-            len == sizeof(sm) + (size_t)nfds * sizeof(uint64_t) && sum == sm.bytes &&
-            sm.id != 0 && !br_seg_find(p, sm.id)) {
+            len == sizeof(sm) + (size_t)nfds * sizeof(uint64_t) && sum <= sm.bytes &&
+            sm.id != 0) {
             if ((rc = seg_add_vmm(p, &sm, m.chunks, fds, nfds)) < 0)
                 return rc;
             continue;
@@ -348,6 +384,28 @@ void br_seg_release(bridge *b, br_seg *s)
     s->fds = NULL;
     s->chunks = NULL;
     s->n_chunks = 0;
+}
+
+void br_release_unused_segments(bridge *b, br_peer *p)
+{
+    br_recv_segments(b, p, 0);
+    for (uint32_t i = 0; i < p->n_segs;) {
+        if (p->segs[i].refs) {
+            i++;
+            continue;
+        }
+        br_seg_release(b, &p->segs[i]);
+        p->segs[i] = p->segs[--p->n_segs];
+    }
+}
+
+uint32_t br_mapped_segments(const bridge *b)
+{
+    uint32_t n = 0;
+    for (int i = 0; i < BR_MAX_PEERS; i++)
+        for (uint32_t k = 0; b->peers[i] && k < b->peers[i]->n_segs; k++)
+            n += b->peers[i]->segs[k].addr != NULL;
+    return n;
 }
 
 void br_unpark(bridge *b)

@@ -221,12 +221,16 @@ static int check_memory(bridge *b, br_peer *p, br_tensor *t, char *err)
         if (rc < 0) {
             char why[ERRLEN];
             snprintf(why, sizeof(why), "%s", err);
+            /* A handle that does not open is what a container without the ptrace capability
+             * gives: RLB_EPERM makes the client fall back to host staging. */
+            if (rc == RLB_ECUDA)
+                rc = RLB_EPERM;
             return snprintf(err, ERRLEN, "tensor '%.60s': CUDA IPC memory: %.160s", t->name, why), rc;
         }
         return 0;
     }
     /* The loop held the register until its segments came, or RLB_PEER_TIMEOUT_MS. */
-    br_seg *s = br_seg_find(p, t->seg);
+    br_seg *s = br_seg_ready(p, t->seg);
     if (!s)
         return snprintf(err, ERRLEN, "tensor '%s': segment %u was never passed (within "
                         "RLB_PEER_TIMEOUT_MS)", t->name, t->seg), RLB_ENOTFOUND;
@@ -326,6 +330,7 @@ void br_register(bridge *b, br_peer *p, const rlb_msg_register *m)
             tensor_free(&batch[i]);
         }
         free(batch);
+        br_release_unused_segments(b, p);
         return;
     }
     for (uint32_t i = 0; i < n; i++) {
@@ -339,16 +344,28 @@ void br_register(bridge *b, br_peer *p, const rlb_msg_register *m)
                  p->hello.rank, n, p->n_tensors);
 }
 
-/* Removes p's tensor i, unmapping its segment when nothing else lives there. */
+/* Removes p's tensor i; br_release_unused_segments closes what it leaves unused. */
 static void tensor_remove(bridge *b, br_peer *p, uint32_t i)
 {
     br_tensor *t = &p->tensors[i];
     br_seg *s = t->mem == RLB_MEM_CUDA_IPC ? NULL : br_seg_find(p, t->seg);
-    if (s && --s->refs == 0)
-        br_seg_release(b, s);
+    if (s)
+        s->refs--;
     release_memory(b, t);
     tensor_free(&p->tensors[i]);
     p->tensors[i] = p->tensors[--p->n_tensors];
+}
+
+/* Closes the mappings the unregister left unused and only then acknowledges it, so the
+ * trainer may free its memory as soon as the answer arrives. Host segments are unmapped
+ * right away (nothing reads them between syncs: an unregister is refused during one);
+ * device mappings must be closed here only after their last use is fenced. */
+static void br_unregister_fenced(bridge *b, br_peer *p, uint32_t n_removed)
+{
+    b->exec->iface->fence(b->exec);
+    br_release_unused_segments(b, p);
+    rlb_msg ack = {.type = RLB_MSG_UNREGISTERED, .unregistered = {.n_tensors = n_removed}};
+    br_send(b, p, &ack);
 }
 
 void br_unregister(bridge *b, br_peer *p, const rlb_msg_unregister *m)
@@ -363,6 +380,7 @@ void br_unregister(bridge *b, br_peer *p, const rlb_msg_unregister *m)
             return;
         }
     }
+    uint32_t n_removed = m->n_names ? m->n_names : p->n_tensors;
     if (m->n_names == 0) {
         br_registry_drop(b, p);
     } else {
@@ -374,8 +392,9 @@ void br_unregister(bridge *b, br_peer *p, const rlb_msg_unregister *m)
                 }
     }
     br_plan_reset(b);
+    br_unregister_fenced(b, p, n_removed);
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "trainer rank %u unregistered %u tensors (%u left)",
-                 p->hello.rank, m->n_names, p->n_tensors);
+                 p->hello.rank, n_removed, p->n_tensors);
 }
 
 void br_registry_drop(bridge *b, br_peer *p)

@@ -84,8 +84,9 @@ static uint64_t pending_version(const bridge *b)
     return 0;
 }
 
-void br_publish(bridge *b, br_peer *p, uint64_t version)
+void br_publish(bridge *b, br_peer *p, const rlb_msg_publish *m)
 {
+    uint64_t version = m->version;
     double c0 = br_thread_cpu();
     uint64_t pending = pending_version(b);
     if (version <= b->committed) {
@@ -106,6 +107,11 @@ void br_publish(bridge *b, br_peer *p, uint64_t version)
         return;
     }
     p->published = version;
+    /* The trainer's tensors are written by GPU work ordered before this event: the copy
+     * waits on it on the GPU (a zero handle: no event, the rank synchronized itself). */
+    static const uint8_t none[RLB_PROTO_HANDLE_BYTES];
+    p->has_event = memcmp(m->event, none, sizeof(none)) != 0;
+    memcpy(p->event, m->event, sizeof(p->event));
     b->t_last_publish = br_now();
     RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "trainer rank %u published version %" PRIu64, p->hello.rank,
                   version);
@@ -195,7 +201,9 @@ static int run_copy(bridge *b)
     c->err[0] = 0;
     rlb_exec_run run = {.plan = &c->view, .src = (void *const *)c->src, .src_len = c->src_len,
                         .dst = c->dst, .dst_len = c->dst_len, .threads = c->threads,
-                        .nonfinite = c->nonfinite, .done_fd = c->wake_fd};
+                        .nonfinite = c->nonfinite, .done_fd = c->wake_fd,
+                        .events = (const uint8_t(*)[64])c->events,
+                        .n_events = c->heal ? 0 : c->n_events};
     return br_executor(b)->iface->run(br_executor(b), &run, c->err, sizeof(c->err));
 }
 
@@ -213,8 +221,14 @@ static int bind_copy(bridge *b)
     c->dst_len = calloc(plan->n_dst, sizeof(*c->dst_len));
     c->view.ops = malloc(plan->n_ops * sizeof(*c->view.ops) + 1);
     c->nonfinite = malloc(plan->n_ops * sizeof(*c->nonfinite) + 1);
-    if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops || !c->nonfinite)
+    c->events = malloc(b->world * sizeof(*c->events) + 1);
+    if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops || !c->nonfinite ||
+        !c->events)
         return RLB_ENOMEM;
+    c->n_events = 0;
+    for (uint32_t r = 0; r < b->world; r++)
+        if (b->trainers[r] && b->trainers[r]->has_event)
+            memcpy(c->events[c->n_events++], b->trainers[r]->event, sizeof(*c->events));
     memcpy(c->src, b->src_ptr, b->n_src * sizeof(*c->src));
     memcpy(c->src_len, b->src_len, b->n_src * sizeof(*c->src_len));
     c->view.n_ops = 0;
@@ -252,6 +266,9 @@ static void free_copy(br_copy *c)
     free(c->dst_len);
     free(c->view.ops);
     free(c->nonfinite);
+    free(c->events);
+    c->events = NULL;
+    c->n_events = 0;
     c->dst = NULL;
     c->dst_len = NULL;
     c->view.ops = NULL;

@@ -218,6 +218,10 @@ static void dispatch(rlb_client *c, const rlb_msg *m)
     case RLB_MSG_SYNCED: on_synced(c, &m->synced); break;
     case RLB_MSG_ABORTED: on_aborted(c, &m->aborted); break;
     case RLB_MSG_RESULT: rlb__ticket_on_result(c, &m->result); break;
+    case RLB_MSG_UNREGISTERED:
+        if (c->ctl.waiting_for == RLB_MSG_UNREGISTER && !c->ctl.done)
+            ctl_finish(c, 0);
+        break;
     case RLB_MSG_STATS_REPLY:
         if (c->ctl.waiting_for && !c->ctl.done && m->stats_reply.request_id == c->ctl.fence_id)
             ctl_finish(c, 0);
@@ -464,6 +468,7 @@ static void free_client(rlb_client *client)
     rlb__stats_free_all(client);
     rlb__tensors_free_all(client);
     rlb__host_free_all(client);
+    rlb__cuda_free(client);
     free(client->pack_buf);
     pthread_mutex_destroy(&client->lock);
     pthread_mutex_destroy(&client->tx_lock);
@@ -477,11 +482,18 @@ static void free_client(rlb_client *client)
 int rlb__control(rlb_client *c, const rlb_msg *msg, int fence)
 {
     pthread_mutex_lock(&c->ctl_lock);
+    int rc = rlb__control_locked(c, msg, fence);
+    pthread_mutex_unlock(&c->ctl_lock);
+    return rc;
+}
+
+int rlb__control_locked(rlb_client *c, const rlb_msg *msg, int fence)
+{
     pthread_mutex_lock(&c->lock);
     int rc = c->dead;
     if (rc < 0) {
         pthread_mutex_unlock(&c->lock);
-        goto out;
+        return rc;
     }
     c->ctl = (rlb__ctl_state){.waiting_for = msg->type,
                               .fence_id = fence ? rlb__next_id(c) : 0,
@@ -507,12 +519,16 @@ int rlb__control(rlb_client *c, const rlb_msg *msg, int fence)
                          c->request_timeout_ms);
     c->ctl.waiting_for = 0;
     pthread_mutex_unlock(&c->lock);
-out:
-    pthread_mutex_unlock(&c->ctl_lock);
     return rc;
 }
 
 RLB_API int rlb_publish(rlb_client *client, uint64_t version, rlb_sync_stats *stats)
+{
+    return rlb_publish_stream(client, version, NULL, stats);
+}
+
+RLB_API int rlb_publish_stream(rlb_client *client, uint64_t version, void *cuda_stream,
+                               rlb_sync_stats *stats)
 {
     if (!client)
         return RLB_EINVAL;
@@ -524,7 +540,13 @@ RLB_API int rlb_publish(rlb_client *client, uint64_t version, rlb_sync_stats *st
     if (version == 0)
         return rlb__fail(client, RLB_EINVAL, "weight versions start at 1");
     rlb_msg msg = {.type = RLB_MSG_PUBLISH, .publish = {.version = version}};
-    int rc = rlb__control(client, &msg, 0);
+    /* Under ctl_lock, so the registered tensors do not change between the copies or the
+     * event and the publish. */
+    pthread_mutex_lock(&client->ctl_lock);
+    int rc = rlb__cuda_before_publish(client, cuda_stream, &msg.publish);
+    if (rc == 0)
+        rc = rlb__control_locked(client, &msg, 0);
+    pthread_mutex_unlock(&client->ctl_lock);
     pthread_mutex_lock(&client->lock);
     if (rc == 0 || rc == RLB_EABORTED)
         client->stats.publishes++;

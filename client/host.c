@@ -1,11 +1,13 @@
 /* host.c: rlb_alloc_host, shared memory a CPU trainer keeps its parameters in, so that the
  * bridge reads them in place (zero copy).
  *
- * Each allocation is one anonymous segment (common/shm.h). Its fd goes to the bridge at
- * once over the connection's socket with an rlb__seg_msg naming its segment id
- * (common/segmsg.h), so it is there before any register that refers to it; the fd is then
- * closed here (the mapping keeps the memory). A registered tensor names its segment by id
- * and its bytes by offset, which rlb__host_find works out from the pointer.
+ * Each allocation is one anonymous segment (common/shm.h). Its fd goes to the bridge over
+ * the connection's socket with an rlb__seg_msg naming its segment id (common/segmsg.h)
+ * right before the first register that refers to it, and again whenever the bridge
+ * released it in between (once no tensor was registered in it): so the bridge maps only
+ * memory that tensors use, and the fd stays open here until rlb_free_host. A registered
+ * tensor names its segment by id and its bytes by offset, which rlb__host_find works out
+ * from the pointer.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -26,11 +28,16 @@ RLB_API int rlb_alloc_host(rlb_client *client, size_t bytes, void **ptr)
 {
     if (!client || !ptr)
         return RLB_EINVAL;
-    rlb_client *c = client;
     *ptr = NULL;
     if (bytes == 0 || bytes > (SIZE_MAX >> 2))
-        return rlb__fail(c, RLB_EINVAL, "rlb_alloc_host: %zu bytes is not a size we allocate",
-                         bytes);
+        return rlb__fail(client, RLB_EINVAL, "rlb_alloc_host: %zu bytes is not a size we "
+                                             "allocate", bytes);
+    uint32_t id;
+    return rlb__host_alloc(client, bytes, 0, &id, ptr);
+}
+
+int rlb__host_alloc(rlb_client *c, size_t bytes, int shadow, uint32_t *seg_id, void **ptr)
+{
     size_t size = page_round(bytes);
     int fd = -1;
     void *mem = NULL;
@@ -49,39 +56,40 @@ RLB_API int rlb_alloc_host(rlb_client *client, size_t bytes, void **ptr)
     uint32_t id = c->next_seg_id;
     if (rc == 0 && id >= RLB_SEG_ID_BRIDGE)
         rc = RLB_ETOOBIG;
-    if (rc == 0)
+    if (rc == 0) {
         c->next_seg_id++;
+        c->segs[c->n_segs++] = (rlb__host_seg){.id = id, .fd = fd, .base = mem, .bytes = size,
+                                               .asked = bytes, .shadow = shadow};
+        c->stats.host_bytes += shadow ? 0 : bytes;
+    }
     pthread_mutex_unlock(&c->lock);
     if (rc < 0)
         goto err;
-
-    rlb__seg_msg sm = {.magic = RLB_SEG_MAGIC, .id = id, .bytes = size};
-    pthread_mutex_lock(&c->tx_lock);
-    rc = rlb__conn_send_fds(c->conn, &sm, sizeof(sm), &fd, 1);
-    pthread_mutex_unlock(&c->tx_lock);
-    if (rc < 0)
-        goto err;
-    close(fd);
-
-    pthread_mutex_lock(&c->lock);
-    c->segs[c->n_segs++] = (rlb__host_seg){.id = id, .base = mem, .bytes = size, .asked = bytes};
-    c->stats.host_bytes += bytes;
-    pthread_mutex_unlock(&c->lock);
+    *seg_id = id;
     *ptr = mem;
     return 0;
 err:
     rlb__shm_unmap(mem, size);
     close(fd);
-    return rlb__fail(c, rc, "rlb_alloc_host of %zu bytes failed", bytes);
+    return rlb__fail(c, rc, "allocating %zu bytes of shared memory failed", bytes);
 }
 
-/* Index of the allocation starting at ptr, or -1 (c->lock held). */
+/* Index of the caller's allocation starting at ptr, or -1 (c->lock held). */
 static int64_t seg_index(rlb_client *c, const void *ptr)
 {
     for (uint32_t i = 0; i < c->n_segs; i++)
-        if (c->segs[i].base == ptr)
+        if (c->segs[i].base == ptr && !c->segs[i].shadow)
             return i;
     return -1;
+}
+
+/* Unmaps segment s and closes its fd. */
+static void seg_unmap(const rlb__host_seg *s)
+{
+    if (s->shadow)
+        rlb__cuda_unpin(s->base);
+    rlb__shm_unmap(s->base, s->bytes);
+    close(s->fd);
 }
 
 RLB_API int rlb_free_host(rlb_client *client, void *ptr)
@@ -105,7 +113,7 @@ RLB_API int rlb_free_host(rlb_client *client, void *ptr)
         rlb__host_seg s = c->segs[i];
         c->segs[i] = c->segs[--c->n_segs];
         c->stats.host_bytes -= s.asked;
-        rlb__shm_unmap(s.base, s.bytes);
+        seg_unmap(&s);
     }
     pthread_mutex_unlock(&c->lock);
     return rc;
@@ -115,6 +123,8 @@ rlb__host_seg *rlb__host_find(rlb_client *c, const void *ptr, uint64_t bytes)
 {
     uintptr_t p = (uintptr_t)ptr;
     for (uint32_t i = 0; i < c->n_segs; i++) {
+        if (c->segs[i].shadow)
+            continue;
         uintptr_t base = (uintptr_t)c->segs[i].base;
         if (p >= base && p - base <= c->segs[i].bytes && bytes <= c->segs[i].bytes - (p - base))
             return &c->segs[i];
@@ -130,10 +140,40 @@ rlb__host_seg *rlb__host_by_id(rlb_client *c, uint32_t id)
     return NULL;
 }
 
+int rlb__host_send(rlb_client *c, uint32_t id)
+{
+    pthread_mutex_lock(&c->lock);
+    rlb__host_seg *s = rlb__host_by_id(c, id);
+    rlb__seg_msg sm = {.magic = RLB_SEG_MAGIC, .id = id, .bytes = s->bytes};
+    int fd = s->fd;
+    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_lock(&c->tx_lock);
+    int rc = rlb__conn_send_fds(c->conn, &sm, sizeof(sm), &fd, 1);
+    pthread_mutex_unlock(&c->tx_lock);
+    return rc < 0 ? rlb__fail(c, rc, "sending segment %u to the bridge failed", id) : 0;
+}
+
+void rlb__host_settle(rlb_client *c)
+{
+    for (uint32_t i = 0; i < c->n_segs;) {
+        rlb__host_seg *s = &c->segs[i];
+        if (s->registered) {
+            i++;
+        } else if (s->shadow) {
+            seg_unmap(s);
+            *s = c->segs[--c->n_segs];
+        } else {
+            s->at_bridge = 0;
+            i++;
+        }
+    }
+    rlb__cuda_settle(c);
+}
+
 void rlb__host_free_all(rlb_client *c)
 {
     for (uint32_t i = 0; i < c->n_segs; i++)
-        rlb__shm_unmap(c->segs[i].base, c->segs[i].bytes);
+        seg_unmap(&c->segs[i]);
     free(c->segs);
     c->segs = NULL;
     c->n_segs = c->cap_segs = 0;

@@ -7,6 +7,7 @@
  * rlb__control).
  */
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,10 +23,29 @@ _Static_assert((int)RLB_TENSOR_FULL == (int)RLB_LAYOUT_FULL &&
                    (int)RLB_TENSOR_FSDP2 == (int)RLB_LAYOUT_FSDP2,
                "public layouts are the wire's");
 
+/* The first version of rlb_tensor_desc ended with `data`. */
+#define DESC_V1_SIZE offsetof(rlb_tensor_desc, device)
+
 RLB_API void rlb_tensor_desc_init(rlb_tensor_desc *desc)
 {
     if (desc)
         *desc = (rlb_tensor_desc)RLB_TENSOR_DESC_INIT;
+}
+
+/* 1 for the struct_size of a version of rlb_tensor_desc this library reads. */
+static int desc_size_known(size_t size)
+{
+    return size == DESC_V1_SIZE || size == sizeof(rlb_tensor_desc);
+}
+
+/* The caller's descriptor as this library's struct: fields it was compiled without keep
+ * their defaults. in->struct_size was checked. */
+static rlb_tensor_desc desc_read(const rlb_tensor_desc *in)
+{
+    rlb_tensor_desc d = RLB_TENSOR_DESC_INIT;
+    memcpy(&d, in, in->struct_size);
+    d.struct_size = sizeof(d);
+    return d;
 }
 
 /* Writes "tensor 'name': <what>" into err and returns code. */
@@ -100,6 +120,9 @@ static int desc_bytes(const rlb_tensor_desc *d, uint64_t *bytes, char *err, size
         return bad(err, cap, RLB_EVERSION, d, "struct_size %zu, this library knows %zu "
                                               "(use rlb_tensor_desc_init)",
                    d->struct_size, sizeof(rlb_tensor_desc));
+    if (d->device != RLB_DEVICE_AUTO && d->device != RLB_DEVICE_CPU &&
+        d->device != RLB_DEVICE_CUDA)
+        return bad(err, cap, RLB_EINVAL, d, "device %d is not CPU or CUDA", (int)d->device);
     if (!d->name || !*d->name || strlen(d->name) > NAME_MAX_BYTES)
         return bad(err, cap, RLB_EINVAL, d, "a name of 1..%d bytes is required", NAME_MAX_BYTES);
     if (d->dtype != RLB_DTYPE_F32 && d->dtype != RLB_DTYPE_BF16 && d->dtype != RLB_DTYPE_F16)
@@ -141,7 +164,10 @@ RLB_API int rlb_tensor_bytes(const rlb_tensor_desc *desc, uint64_t *bytes)
     char err[64];
     if (!desc || !bytes)
         return RLB_EINVAL;
-    return desc_bytes(desc, bytes, err, sizeof(err));
+    if (!desc_size_known(desc->struct_size))
+        return RLB_EVERSION;
+    rlb_tensor_desc d = desc_read(desc);
+    return desc_bytes(&d, bytes, err, sizeof(err));
 }
 
 /* ---- the client's table ---------------------------------------------------------------- */
@@ -159,6 +185,7 @@ static void drop_tensor(rlb_client *c, uint32_t i)
     rlb__host_seg *s = rlb__host_by_id(c, c->tensors[i].seg_id);
     if (s)
         s->registered--;
+    rlb__cuda_drop(c, &c->tensors[i]);
     free(c->tensors[i].name);
     c->tensors[i] = c->tensors[--c->n_tensors];
     c->stats.tensors = c->n_tensors;
@@ -192,6 +219,8 @@ static int to_wire(const rlb_tensor_desc *d, const rlb__host_seg *seg, uint64_t 
                                .fd_index = seg->id,
                                .offset = (uint64_t)((const uint8_t *)d->data - seg->base),
                                .length = bytes};
+    else
+        t->mem.length = bytes; /* device tensors: rlb__cuda_place fills the rest */
     if (d->layout != RLB_TENSOR_FSDP1)
         return 0;
     /* On the wire the entries cover the whole total, so the padding PyTorch adds to reach
@@ -227,26 +256,39 @@ static const rlb_tensor_desc *desc_at(const rlb_tensor_desc *tensors, size_t str
     return (const rlb_tensor_desc *)((const char *)tensors + stride * i);
 }
 
-/* Checks the batch, reserves its names and segments in the table (so a concurrent free or
- * register sees them) and builds the wire tensors. On failure nothing is reserved. */
+/* Checks the batch, reserves its names and segments in the table (so a concurrent free
+ * sees them) and builds the wire tensors; send[0..*n_send) gets the segments the bridge
+ * does not hold yet. On failure nothing is reserved. */
 static int prepare(rlb_client *c, const rlb_tensor_desc *tensors, size_t n, rlb_msg_tensor *t,
-                   rlb_msg_flat_entry **entries)
+                   rlb_msg_flat_entry **entries, uint32_t *send, uint32_t *n_send)
 {
     size_t stride = tensors[0].struct_size;
     char err[RLB_CLIENT_ERR_MAX];
     uint32_t added = 0;
+    uint64_t device_bytes = 0; /* bytes of the batch's device tensors not placed yet */
     int rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        rlb_tensor_desc d = desc_read(desc_at(tensors, stride, i));
+        uint64_t bytes;
+        rc = desc_bytes(&d, &bytes, err, sizeof(err));
+        if (rc < 0)
+            return rlb__fail(c, rc, "%s", err);
+        device_bytes += d.device == RLB_DEVICE_CUDA ? (bytes + 255) / 256 * 256 : 0;
+    }
     pthread_mutex_lock(&c->lock);
     rc = rlb__grow(&c->tensors, &c->cap_tensors, (uint32_t)(c->n_tensors + n),
                    sizeof(*c->tensors));
     for (size_t i = 0; i < n && rc == 0; i++) {
-        const rlb_tensor_desc *d = desc_at(tensors, stride, i);
+        rlb_tensor_desc desc = desc_read(desc_at(tensors, stride, i)), *d = &desc;
         uint64_t bytes;
-        rc = desc_bytes(d, &bytes, err, sizeof(err));
-        if (rc < 0)
+        desc_bytes(d, &bytes, err, sizeof(err)); /* checked above */
+        int on_device = d->device == RLB_DEVICE_CUDA;
+        rlb__host_seg *seg = bytes && !on_device ? rlb__host_find(c, d->data, bytes) : NULL;
+        if (bytes && on_device && !d->data) {
+            rc = bad(err, sizeof(err), RLB_EINVAL, d, "data is NULL");
             break;
-        rlb__host_seg *seg = bytes ? rlb__host_find(c, d->data, bytes) : NULL;
-        if (bytes && !seg) {
+        }
+        if (bytes && !on_device && !seg) {
             rc = bad(err, sizeof(err), RLB_EINVAL, d, "its %llu bytes at %p do not lie inside "
                                                       "one rlb_alloc_host allocation",
                      (unsigned long long)bytes, d->data);
@@ -263,7 +305,23 @@ static int prepare(rlb_client *c, const rlb_tensor_desc *tensors, size_t n, rlb_
             snprintf(err, sizeof(err), "out of memory building the register message");
             break;
         }
-        c->tensors[c->n_tensors++] = (rlb__reg_tensor){.name = name, .seg_id = seg ? seg->id : 0};
+        rlb__reg_tensor rt = {.name = name, .seg_id = seg ? seg->id : 0};
+        if (bytes && on_device) {
+            char why[RLB_CLIENT_ERR_MAX - 256];
+            rc = rlb__cuda_place(c, d, bytes, device_bytes, &t[i], &rt, send, n_send, why,
+                                 sizeof(why));
+            device_bytes -= (bytes + 255) / 256 * 256;
+            if (rc < 0) {
+                free(name);
+                bad(err, sizeof(err), rc, d, "%s", why);
+                break;
+            }
+        }
+        c->tensors[c->n_tensors++] = rt;
+        if (seg && !seg->at_bridge) {
+            seg->at_bridge = 1;
+            send[(*n_send)++] = seg->id;
+        }
         if (seg)
             seg->registered++;
         added++;
@@ -271,6 +329,7 @@ static int prepare(rlb_client *c, const rlb_tensor_desc *tensors, size_t n, rlb_
     if (rc < 0) {
         while (added--)
             drop_tensor(c, c->n_tensors - 1);
+        rlb__host_settle(c);
         rlb__fail_locked(c, rc, "%s", err);
     }
     c->stats.tensors = c->n_tensors;
@@ -290,6 +349,33 @@ static void unreserve(rlb_client *c, const rlb_tensor_desc *tensors, size_t n)
     pthread_mutex_unlock(&c->lock);
 }
 
+/* Sends segment id (host memory, a staging shadow or a VMM export) to the bridge. */
+static int send_segment(rlb_client *c, uint32_t id)
+{
+    pthread_mutex_lock(&c->lock);
+    int device = rlb__cuda_has_seg(c, id);
+    pthread_mutex_unlock(&c->lock);
+    return device ? rlb__cuda_send(c, id) : rlb__host_send(c, id);
+}
+
+/* One attempt at registering the batch (ctl_lock held). */
+static int register_once(rlb_client *c, const rlb_tensor_desc *tensors, size_t n,
+                         rlb_msg_tensor *t, rlb_msg_flat_entry **entries, uint32_t *send)
+{
+    uint32_t n_send = 0;
+    int rc = prepare(c, tensors, n, t, entries, send, &n_send);
+    if (rc < 0)
+        return rc;
+    for (uint32_t i = 0; i < n_send && rc == 0; i++)
+        rc = send_segment(c, send[i]);
+    rlb_msg msg = {.type = RLB_MSG_REGISTER, .reg = {.n_tensors = (uint32_t)n, .tensors = t}};
+    if (rc == 0)
+        rc = rlb__control_locked(c, &msg, 1);
+    if (rc < 0)
+        unreserve(c, tensors, n);
+    return rc;
+}
+
 RLB_API int rlb_register(rlb_client *client, const rlb_tensor_desc *tensors, size_t n)
 {
     if (!client)
@@ -300,8 +386,10 @@ RLB_API int rlb_register(rlb_client *client, const rlb_tensor_desc *tensors, siz
     if (c->observer)
         return rlb__fail(c, RLB_EPERM, "an observer client cannot register tensors");
     size_t stride = tensors[0].struct_size;
-    RLB_CHECK(rlb__check_struct_size(c, stride, sizeof(rlb_tensor_desc),
-                                     sizeof(rlb_tensor_desc), "rlb_tensor_desc"));
+    if (!desc_size_known(stride))
+        return rlb__fail(c, RLB_EVERSION, "rlb_tensor_desc.struct_size is %zu; this library "
+                         "knows %zu and %zu (initialize it with rlb_tensor_desc_init)", stride,
+                         DESC_V1_SIZE, sizeof(rlb_tensor_desc));
     for (size_t i = 0; i < n; i++)
         if (desc_at(tensors, stride, i)->struct_size != stride)
             return rlb__fail(c, RLB_EINVAL, "tensor %zu has another struct_size than tensor 0",
@@ -314,22 +402,37 @@ RLB_API int rlb_register(rlb_client *client, const rlb_tensor_desc *tensors, siz
         }
     rlb_msg_tensor *t = calloc(n, sizeof(*t));
     rlb_msg_flat_entry **entries = calloc(n, sizeof(*entries));
+    uint32_t *send = calloc(n, sizeof(*send));
     int rc = RLB_ENOMEM;
-    if (!t || !entries) {
+    if (!t || !entries || !send) {
         rlb__fail(c, rc, "no memory for a register message of %zu tensors", n);
         goto out;
     }
-    rc = prepare(c, tensors, n, t, entries);
-    if (rc < 0)
-        goto out;
-    rlb_msg msg = {.type = RLB_MSG_REGISTER, .reg = {.n_tensors = (uint32_t)n, .tensors = t}};
-    rc = rlb__control(c, &msg, 1);
-    if (rc < 0)
-        unreserve(c, tensors, n);
+    /* The segments this batch sends and the bridge's answer go together: no other
+     * register or unregister may release or send one in between. */
+    pthread_mutex_lock(&c->ctl_lock);
+    for (int attempt = 0; attempt < 2; attempt++) {
+        for (size_t i = 0; i < n; i++) {
+            free(entries[i]);
+            entries[i] = NULL;
+        }
+        memset(t, 0, n * sizeof(*t));
+        rc = register_once(c, tensors, n, t, entries, send);
+        pthread_mutex_lock(&c->lock);
+        /* A bridge that may not open this process's CUDA IPC handles refuses them with
+         * RLB_EPERM: the batch goes again, staged through host memory. */
+        int again = rc == RLB_EPERM && rlb__cuda_fall_back_to_staging(c);
+        rlb__host_settle(c);
+        pthread_mutex_unlock(&c->lock);
+        if (!again)
+            break;
+    }
+    pthread_mutex_unlock(&c->ctl_lock);
 out:
     for (size_t i = 0; entries && i < n; i++)
         free(entries[i]);
     free(entries);
+    free(send);
     free(t);
     return rc;
 }
@@ -345,6 +448,7 @@ RLB_API int rlb_unregister(rlb_client *client, const char *const *names, size_t 
     if (!wire)
         return rlb__fail(c, RLB_ENOMEM, "no memory for an unregister message");
     int rc = 0;
+    pthread_mutex_lock(&c->ctl_lock);
     pthread_mutex_lock(&c->lock);
     for (size_t i = 0; i < n && rc == 0; i++) {
         wire[i].name = names[i];
@@ -354,9 +458,10 @@ RLB_API int rlb_unregister(rlb_client *client, const char *const *names, size_t 
     }
     pthread_mutex_unlock(&c->lock);
     if (rc == 0) {
+        /* Answered by UNREGISTERED once the bridge closed its mappings of the memory. */
         rlb_msg msg = {.type = RLB_MSG_UNREGISTER,
                        .unreg = {.n_names = (uint32_t)n, .names = wire}};
-        rc = rlb__control(c, &msg, 1);
+        rc = rlb__control_locked(c, &msg, 0);
     }
     if (rc == 0) {
         pthread_mutex_lock(&c->lock);
@@ -368,8 +473,10 @@ RLB_API int rlb_unregister(rlb_client *client, const char *const *names, size_t 
             if (j >= 0)
                 drop_tensor(c, (uint32_t)j);
         }
+        rlb__host_settle(c);
         pthread_mutex_unlock(&c->lock);
     }
+    pthread_mutex_unlock(&c->ctl_lock);
     free(wire);
     return rc;
 }

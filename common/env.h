@@ -39,7 +39,10 @@
       "device staging buffers of a staged read from another GPU")                         \
     X(NONFINITE, "RLB_NONFINITE", "abort", "what a sync does when the weights it copies "  \
       "hold NaN or Inf: abort (the version, naming the tensors and counts) or allow "     \
-      "(commit it and log the counts)")
+      "(commit it and log the counts)")                                                 \
+    X(CUDA_IPC, "RLB_CUDA_IPC", "auto", "how a trainer shares device tensors: auto (CUDA " \
+      "IPC handles or VMM fds, host staging where the bridge may not open them) or off "   \
+      "(always host staging: pinned shared memory copied at each publish)")
 
 typedef enum rlb_env_knob {
 #define RLB__ENV_ENUM(id, name, def, help) RLB_KNOB_##id,

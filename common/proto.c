@@ -287,6 +287,18 @@ static int check_version(const void *p, rlb__proto_err *e)
     return m->version == 0 ? rlb__proto_fail(e, "ver", "versions start at 1") : 0;
 }
 
+static int check_publish(const void *p, rlb__proto_err *e)
+{
+    const rlb_msg_publish *m = p;
+    if (m->version == 0)
+        return rlb__proto_fail(e, "ver", "versions start at 1");
+    bool no_event = all_zero(m->event, sizeof m->event);
+    if (no_event != all_zero(m->event_uuid, sizeof m->event_uuid))
+        return rlb__proto_fail(e, no_event ? "ev" : "evu",
+                               "an event and the uuid of its GPU go together");
+    return 0;
+}
+
 static int check_synced(const void *p, rlb__proto_err *e)
 {
     const rlb_msg_synced *m = p;
@@ -456,8 +468,19 @@ static const rlb__struct_desc unregister_desc =
 static const rlb__field version_fields[] = {
     FLD(rlb_msg_version, version, "ver", RLB__FK_U64, REQ),
 };
+static const rlb__field publish_fields[] = {
+    FLD(rlb_msg_publish, version, "ver", RLB__FK_U64, REQ),
+    FLD_BYTES(rlb_msg_publish, event, "ev"),
+    FLD_BYTES(rlb_msg_publish, event_uuid, "evu"),
+};
 static const rlb__struct_desc publish_desc =
-    DESC("publish", rlb_msg_version, version_fields, check_version);
+    DESC("publish", rlb_msg_publish, publish_fields, check_publish);
+
+static const rlb__field unregistered_fields[] = {
+    FLD(rlb_msg_unregistered, n_tensors, "n", RLB__FK_U32, OPT),
+};
+static const rlb__struct_desc unregistered_desc =
+    DESC("unregistered", rlb_msg_unregistered, unregistered_fields, NULL);
 static const rlb__struct_desc load_desc = DESC("load", rlb_msg_version, version_fields, check_version);
 
 static const rlb__field synced_fields[] = {
@@ -564,6 +587,7 @@ static const rlb__struct_desc *const msg_schemas[RLB_MSG_COUNT_] = {
     [RLB_MSG_STATS] = &stats_desc,
     [RLB_MSG_STATS_REPLY] = &stats_reply_desc,
     [RLB_MSG_SHUTDOWN] = &shutdown_desc,
+    [RLB_MSG_UNREGISTERED] = &unregistered_desc,
 };
 
 const rlb__struct_desc *rlb__msg_schema(uint32_t type)

@@ -55,6 +55,7 @@ typedef enum rlb_msg_type {
     RLB_MSG_STATS = 15,       /* request for counters */
     RLB_MSG_STATS_REPLY = 16, /* counters by name */
     RLB_MSG_SHUTDOWN = 17,    /* stop after the work in flight */
+    RLB_MSG_UNREGISTERED = 18, /* bridge -> trainer: the unregister is done, memory unmapped */
     RLB_MSG_COUNT_
 } rlb_msg_type;
 
@@ -175,10 +176,29 @@ typedef struct rlb_msg_unregister {
     const rlb_msg_name *names;  /* "names": [n_names] */
 } rlb_msg_unregister;
 
-/* publish, load: a version number (>= 1). */
+/* The answer to an unregister, sent once the bridge dropped the tensors and closed every
+ * mapping of theirs (for device memory: after the last use of it is fenced), so the trainer
+ * may free the memory as soon as it arrives. A segment (segmsg.h) in which no registered
+ * tensor remains is released with them: its id is free, and a later register that needs
+ * it sends its fd again. */
+typedef struct rlb_msg_unregistered {
+    uint32_t n_tensors; /* "n": tensors removed */
+} rlb_msg_unregistered;
+
+/* load: a version number (>= 1). */
 typedef struct rlb_msg_version {
     uint64_t version; /* "ver" (required) */
 } rlb_msg_version;
+
+/* publish: a version number (>= 1) and, for a trainer whose tensors are device memory, the
+ * interprocess event it recorded on its stream after writing them (cuIpcGetEventHandle):
+ * the bridge makes its own stream wait on it (cudaIpcOpenEventHandle once, then
+ * cudaStreamWaitEvent per publish) before reading. Both of ev and ev_uuid, or neither. */
+typedef struct rlb_msg_publish {
+    uint64_t version;                      /* "ver" (required) */
+    uint8_t event[RLB_PROTO_HANDLE_BYTES]; /* "ev": CUipcEventHandle; zero = no event */
+    uint8_t event_uuid[RLB_PROTO_UUID_BYTES]; /* "evu": uuid of the GPU the event is on */
+} rlb_msg_publish;
 
 typedef struct rlb_msg_synced {
     uint64_t version; /* "ver" (required) */
@@ -268,7 +288,7 @@ typedef struct rlb_msg {
         rlb_msg_error error;             /* ERROR */
         rlb_msg_register reg;            /* REGISTER */
         rlb_msg_unregister unreg;        /* UNREGISTER */
-        rlb_msg_version publish;         /* PUBLISH */
+        rlb_msg_publish publish;         /* PUBLISH */
         rlb_msg_synced synced;           /* SYNCED */
         rlb_msg_outcome aborted;         /* ABORTED */
         rlb_msg_generate generate;       /* GENERATE */
@@ -277,6 +297,7 @@ typedef struct rlb_msg {
         rlb_msg_outcome loaded;          /* LOADED */
         rlb_msg_stats stats;             /* STATS */
         rlb_msg_stats_reply stats_reply; /* STATS_REPLY */
+        rlb_msg_unregistered unregistered; /* UNREGISTERED */
     };
     void *arena; /* decoded messages: owner of arrays and strings; NULL when packed by hand */
 } rlb_msg;

@@ -1,5 +1,6 @@
-/* segmsg.h: how a shared-memory segment's fd travels to the bridge, and how a memory
- * reference names it afterwards (DESIGN §3, kind HOST_SHM).
+/* segmsg.h: how a shared-memory segment's fd, or a CUDA VMM allocation's fds, travel to
+ * the bridge, and how a memory reference names them afterwards (DESIGN §3, kinds HOST_SHM
+ * and CUDA_VMM_FD).
  *
  * The fd goes over the connection's socket (rlb__conn_send_fds) with one rlb__seg_msg as
  * the datagram's payload and exactly one fd attached. The sender picks the segment id:

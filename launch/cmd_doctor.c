@@ -5,19 +5,22 @@
  *   - the socket directory (conn.h's rule: RLB_SOCKET_DIR, else $XDG_RUNTIME_DIR/rlbridge,
  *     else /tmp/rlbridge-<uid>): ours, mode 0700; stale sockets in it (nobody listens)
  *     and live bridges;
- *   - stale segments: rlb-* objects left in /dev/shm (only the shm_open fallback names any);
+ *   - stale segments: rlb-* objects left in /dev/shm (only the shm_open fallback names any),
+ *     and CUDA's cuda.shm.* files of dead processes;
  *   - where present, the GPU: the driver (libcuda, dlopen'ed: no link-time dependency), its
- *     version, the devices, CUDA IPC (a handle of a real allocation), peer access between
+ *     version, the devices, CUDA IPC (a handle of a real allocation), which way device
+ *     tensors reach the bridge (in place, or host staging) and why, peer access between
  *     every pair, and NCCL (libnccl, dlopen'ed) with its version;
  *   - the RLB_* knobs and their values.
- * --fix removes stale sockets and segments. Exit status 0 when nothing is wrong (warnings
- * allowed), 1 when a check failed, 2 on bad usage.
+ * --fix removes stale sockets, segments and CUDA files of dead processes. Exit status 0
+ * when nothing is wrong (warnings allowed), 1 when a check failed, 2 on bad usage.
  */
 #include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -126,6 +129,37 @@ static void check_stale_segments(doctor *d)
         closedir(dir);
     if (!stale)
         say(d, 0, NULL, "no stale rlbridge segments in /dev/shm");
+}
+
+/* CUDA's own files, /dev/shm/cuda.shm.<n>.<pid>.<n>: the driver removes them at a clean
+ * exit only, so a process killed with -9 leaves them. Those of dead processes are stale. */
+static void check_cuda_shm(doctor *d)
+{
+    DIR *dir = opendir("/dev/shm");
+    struct dirent *e;
+    int stale = 0;
+    while (dir && (e = readdir(dir))) {
+        unsigned dev, idx;
+        int pid, end = 0;
+        if (sscanf(e->d_name, "cuda.shm.%u.%d.%u%n", &dev, &pid, &idx, &end) != 3 ||
+            e->d_name[end] || pid <= 0 || kill(pid, 0) == 0 || errno != ESRCH)
+            continue;
+        char path[PATH_MAX];
+        struct stat st;
+        snprintf(path, sizeof(path), "/dev/shm/%s", e->d_name);
+        if (lstat(path, &st) != 0 || st.st_uid != geteuid())
+            continue;
+        stale++;
+        if (d->fix && unlink(path) == 0)
+            say(d, 0, NULL, "removed %s of dead process %d", path, pid);
+        else
+            say(d, 1, "rm it, or run rlb doctor --fix", "%s belongs to process %d, which is "
+                "gone (killed with -9?): CUDA leaves it behind", path, pid);
+    }
+    if (dir)
+        closedir(dir);
+    if (!stale)
+        say(d, 0, NULL, "no CUDA files of dead processes in /dev/shm");
 }
 
 /* ---- socket directory ------------------------------------------------------------------ */
@@ -286,6 +320,54 @@ static int ipc_probe(const cuda_api *a, int dev)
     return rc;
 }
 
+/* CAP_SYS_PTRACE in this process's effective capabilities. */
+static int has_cap_ptrace(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    unsigned long long caps = 0;
+    while (f && fgets(line, sizeof(line), f))
+        if (sscanf(line, "CapEff: %llx", &caps) == 1)
+            break;
+    if (f)
+        fclose(f);
+    return (caps >> 19) & 1; /* CAP_SYS_PTRACE */
+}
+
+/* Which way a trainer's device tensors reach the bridge here, and why (client/cuda.c):
+ * opening another process's CUDA IPC handle needs the right to ptrace it (the driver
+ * duplicates its fds), which containers often withhold; VMM memory (PyTorch's
+ * expandable_segments) travels as fds over the socket and needs no such right; host
+ * staging always works. */
+static void check_share_path(doctor *d)
+{
+    int scope = -1;
+    FILE *f = fopen("/proc/sys/kernel/yama/ptrace_scope", "r");
+    if (f) {
+        if (fscanf(f, "%d", &scope) != 1)
+            scope = -1;
+        fclose(f);
+    }
+    const char *off = rlb__env_str(RLB_KNOB_CUDA_IPC);
+    int cap = has_cap_ptrace();
+    if (!strcmp(off, "off")) {
+        say(d, 3, NULL, "device tensors: host staging (RLB_CUDA_IPC=off): pinned shared "
+                        "memory, copied at each publish");
+    } else if (cap || scope <= 0) {
+        say(d, 0, NULL, "device tensors: shared in place (CUDA IPC handles for cudaMalloc "
+                        "memory, fds for VMM memory): %s",
+            cap ? "CAP_SYS_PTRACE is held" : "ptrace_scope 0 lets same-user processes "
+                                             "open each other's handles");
+    } else {
+        say(d, 1, "run the trainer and the bridge with CAP_SYS_PTRACE (Docker --cap-add "
+                  "SYS_PTRACE), or set expandable_segments:True in PYTORCH_CUDA_ALLOC_CONF "
+                  "so tensors go as fds",
+            "device tensors: VMM memory is shared in place by fd; cudaMalloc memory may need "
+            "host staging (chosen by itself, one log line): ptrace_scope is %d and "
+            "CAP_SYS_PTRACE is not held", scope);
+    }
+}
+
 static void check_nccl(doctor *d)
 {
     void *lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
@@ -335,12 +417,15 @@ static void check_gpu(doctor *d)
             a.name(name, sizeof(name), dev);
         rc = ipc_probe(&a, i);
         if (rc == 0)
-            say(d, 0, NULL, "GPU %d: %s, CUDA IPC works", i, name);
+            say(d, 0, NULL, "GPU %d: %s, CUDA IPC handles can be made", i, name);
         else
-            say(d, 2, "CUDA IPC needs processes that share the IPC namespace (Docker "
-                      "--ipc=host) and a device not in exclusive-process mode",
+            say(d, 1, "CUDA IPC needs processes that share the IPC namespace (Docker "
+                      "--ipc=host) and a device not in exclusive-process mode; meanwhile "
+                      "cudaMalloc tensors go through host staging",
                 "GPU %d: %s, CUDA IPC handle failed: %s", i, name, cu_text(&a, rc));
     }
+    if (n)
+        check_share_path(d);
     for (int i = 0; i < n; i++)
         for (int j = 0; j < n; j++) {
             int can = 0;
@@ -382,7 +467,8 @@ int rlb__cmd_doctor(int argc, char **argv)
             FILE *f = c == 'h' ? stdout : stderr;
             fprintf(f, "usage: rlb doctor [--fix]\n  Checks shared memory, the socket "
                        "directory, stale sockets and segments, GPU, CUDA IPC, peer access and "
-                       "NCCL.\n  --fix removes stale sockets and segments.\n");
+                       "NCCL.\n  --fix removes stale sockets, segments and CUDA files of "
+                       "dead processes.\n");
             return c == 'h' ? 0 : 2;
         }
     }
@@ -392,6 +478,7 @@ int rlb__cmd_doctor(int argc, char **argv)
     }
     check_shm(&d);
     check_stale_segments(&d);
+    check_cuda_shm(&d);
     check_sockets(&d);
     check_gpu(&d);
     show_knobs();

@@ -209,12 +209,20 @@ typedef struct rlb_tensor_desc {
     const rlb_fsdp1_entry *entries; /* FSDP1: [n_entries], in flat order; the padding that
                                      rounds the total up to a multiple of shard_world may
                                      be left out (the library adds it) */
-    const void *data;             /* this rank's bytes, inside memory from rlb_alloc_host:
-                                     FULL numel, FSDP2 n*d1*.. , FSDP1 total/world elements */
+    const void *data;             /* this rank's bytes (FULL numel, FSDP2 n*d1*.. , FSDP1
+                                     total/world elements, contiguous): with device CPU,
+                                     inside memory from rlb_alloc_host; with device CUDA,
+                                     a CUDA device pointer of GPU cuda_device */
+    /* ---- appended later: a smaller struct_size leaves them at their defaults ---- */
+    rlb_device device;            /* where data lives: RLB_DEVICE_CPU (default; AUTO is
+                                     taken as CPU) or RLB_DEVICE_CUDA */
+    int cuda_device;              /* CUDA: the GPU's ordinal in this process (as
+                                     cudaSetDevice counts, under this process's
+                                     CUDA_VISIBLE_DEVICES) */
 } rlb_tensor_desc;
 
 #define RLB_TENSOR_DESC_INIT {sizeof(rlb_tensor_desc), NULL, RLB_DTYPE_F32, 0, {0}, \
-                              RLB_TENSOR_FULL, 0, 1, 0, 0, 0, NULL, NULL}
+                              RLB_TENSOR_FULL, 0, 1, 0, 0, 0, NULL, NULL, RLB_DEVICE_CPU, 0}
 RLB_API void rlb_tensor_desc_init(rlb_tensor_desc *desc);
 
 /* Bytes this rank holds for `desc` (what `data` must provide), into *bytes. Returns 0,
@@ -222,9 +230,22 @@ RLB_API void rlb_tensor_desc_init(rlb_tensor_desc *desc);
 RLB_API int rlb_tensor_bytes(const rlb_tensor_desc *desc, uint64_t *bytes);
 
 /* Registers n (>= 1) tensors as one batch: array elements are tensors[0].struct_size bytes
- * apart, all with that struct_size. Each tensor's bytes must lie inside one rlb_alloc_host
- * allocation (the library finds which, and the offset); an FSDP2 rank that holds no rows
- * may pass data NULL. Names are unique per client. The bridge answers a connection's
+ * apart, all with that struct_size. Each host tensor's bytes must lie inside one
+ * rlb_alloc_host allocation (the library finds which, and the offset); an FSDP2 rank that
+ * holds no rows may pass data NULL. Names are unique per client.
+ *
+ * Device tensors (device RLB_DEVICE_CUDA) are exported without copying: memory from
+ * cudaMalloc (a PyTorch caching-allocator block) as the CUDA IPC handle of its allocation
+ * plus an offset, memory from the VMM API (cuMemCreate; PyTorch's expandable_segments) as
+ * POSIX fds of its physical allocations passed over the socket. Each allocation is
+ * exported once while tensors are registered in it. The library loads the NVIDIA driver
+ * (libcuda.so.1) at the first device tensor; without it the call fails with
+ * RLB_EUNSUPPORTED. Where the bridge may not open CUDA IPC handles (a container without
+ * the ptrace capability: it refuses the register with RLB_EPERM) or RLB_CUDA_IPC=off, the
+ * library registers a pinned shared-memory shadow of each device tensor instead and copies
+ * the tensors into it at every publish, on the publish's stream (one log line says so).
+ * A client's device tensors are all on one GPU. A pointer that is not device memory of
+ * GPU cuda_device is refused with RLB_EINVAL naming the tensor. The bridge answers a connection's
  * messages in order, so the library follows the register message with a stats request
  * and takes that request's reply as the acceptance (a refusal comes first, as an error). 
  * Returns 0 once the bridge accepted the batch, or RLB_EINVAL / RLB_EDTYPE / RLB_ESHAPE
@@ -233,8 +254,10 @@ RLB_API int rlb_tensor_bytes(const rlb_tensor_desc *desc, uint64_t *bytes);
  * RLB_EPEERDEAD. Observers get RLB_EPERM. */
 RLB_API int rlb_register(rlb_client *client, const rlb_tensor_desc *tensors, size_t n);
 
-/* Forgets the named tensors (n == 0: every tensor of this client). Returns 0, RLB_ENOTFOUND
- * (a name is not registered: nothing is unregistered), or a bridge / connection error. */
+/* Forgets the named tensors (n == 0: every tensor of this client). Returns once the bridge
+ * acknowledged that it dropped them and closed its mappings of their memory, so the memory
+ * may be freed (rlb_free_host, cudaFree, ...) right after. Returns 0, RLB_ENOTFOUND (a name
+ * is not registered: nothing is unregistered), or a bridge / connection error. */
 RLB_API int rlb_unregister(rlb_client *client, const char *const *names, size_t n);
 
 /* ---- Publishing weights ---------------------------------------------------------------- */
@@ -254,6 +277,17 @@ typedef struct rlb_sync_stats {
  * RLB_EINVAL, RLB_EPERM (observer), RLB_ETIMEDOUT (request_timeout_ms ran out; the version
  * may still commit later), RLB_EPEERDEAD. */
 RLB_API int rlb_publish(rlb_client *client, uint64_t version, rlb_sync_stats *stats);
+
+/* rlb_publish for a trainer whose registered tensors are device memory written by work on
+ * `cuda_stream` (a cudaStream_t / CUstream of the tensors' GPU; NULL = the legacy default
+ * stream). The library records an interprocess event on that stream (created once per
+ * client) and sends it with the publish; the bridge's reads wait on it on the GPU, so the
+ * trainer's host thread never synchronizes the device. Staged tensors (see rlb_register)
+ * are copied to their shadows on that stream, which is then synchronized before the
+ * publish is sent. For host tensors it is rlb_publish. Errors as rlb_publish, and RLB_ECUDA
+ * when a CUDA call fails (rlb_last_error names it). */
+RLB_API int rlb_publish_stream(rlb_client *client, uint64_t version, void *cuda_stream,
+                               rlb_sync_stats *stats);
 
 /* The newest weight version the bridge reported committed (0 = none yet). */
 RLB_API uint64_t rlb_weight_version(rlb_client *client);

@@ -41,13 +41,12 @@
 #include "kernels/cuda/plan_exec.h"
 
 #define EX_MAX_DEV 16
-#define RLB_EX_MAX_CHUNKS 32 /* chunks of one VMM range (segmsg.h RLB_SEG_VMM_MAX_CHUNKS) */
 
 /* One imported VMM range: chunks mapped back to back. */
 typedef struct vmm_entry {
     uint64_t ino, dev;   /* st_ino / st_dev of the first chunk's fd: the range's identity */
-    CUmemGenericAllocationHandle h[RLB_EX_MAX_CHUNKS]; /* the imported chunks */
-    uint64_t chunk[RLB_EX_MAX_CHUNKS]; /* their sizes */
+    CUmemGenericAllocationHandle *h; /* [n] the imported chunks */
+    uint64_t *chunk;     /* [n] their sizes */
     uint32_t n;          /* chunks imported */
     uint32_t mapped;     /* chunks mapped */
     CUdeviceptr va;      /* where the range is mapped */
@@ -161,6 +160,8 @@ static void vmm_drop(vmm_entry *e)
     if (!rlb__cuda_driver_fn("cuMemRelease", (void **)&release))
         for (uint32_t i = 0; i < e->n; i++)
             release(e->h[i]);
+    free(e->h);
+    free(e->chunk);
     memset(e, 0, sizeof *e);
 }
 
@@ -174,8 +175,8 @@ static int vmm_map(cuda_exec *x, const rlb_exec_ref *ref, int dev, void **addr, 
 {
     struct stat st;
     uint64_t sum = 0;
-    int ok = ref->n_chunks >= 1 && ref->n_chunks <= RLB_EX_MAX_CHUNKS && ref->chunk_fds &&
-             ref->chunk_bytes && fstat(ref->chunk_fds[0], &st) == 0;
+    int ok = ref->n_chunks >= 1 && ref->chunk_fds && ref->chunk_bytes &&
+             fstat(ref->chunk_fds[0], &st) == 0;
     for (uint32_t i = 0; ok && i < ref->n_chunks; i++) {
         ok = ref->chunk_bytes[i] > 0 && ref->chunk_fds[i] >= 0;
         sum += ok ? ref->chunk_bytes[i] : 0;
@@ -195,12 +196,16 @@ static int vmm_map(cuda_exec *x, const rlb_exec_ref *ref, int dev, void **addr, 
     if (grow((void **)&x->vmm, &x->cap_vmm, x->n_vmm + 1, sizeof *x->vmm))
         return RLB_ENOMEM;
     vmm_entry e = {.ino = (uint64_t)st.st_ino, .dev = (uint64_t)st.st_dev, .bytes = sum,
-                   .refs = 1};
+                   .refs = 1, .h = calloc(ref->n_chunks, sizeof(*e.h)),
+                   .chunk = calloc(ref->n_chunks, sizeof(*e.chunk))};
     import_fn import;
     reserve_fn reserve;
     map_fn map;
     access_fn access;
-    int rc = 0, prev;
+    int rc = RLB_ENOMEM, prev;
+    if (!e.h || !e.chunk)
+        goto out_nodev;
+    rc = 0;
     RLB_CHECK_GOTO(rlb__cuda_enter(dev, &prev), rc, out_nodev);
     RLB_CUDA_CHECK(cudaFree(0), rc, out); /* the device's primary context */
     RLB_CHECK_GOTO(rlb__cuda_driver_fn("cuMemImportFromShareableHandle", (void **)&import), rc,

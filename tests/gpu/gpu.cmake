@@ -18,6 +18,11 @@ if(TARGET rlb_kernels_cuda)
                LIBS rlb_kernels_cuda LABELS gpu TIMEOUT 300)
   rlb_add_test(NAME test_cuda_ipc SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_ipc.c
                LIBS rlb_kernels_cuda LABELS gpu TIMEOUT 300)
+  # librlb's device tensors (CUDA IPC, VMM fds, host staging, publish event, lifetime)
+  # against a fake bridge process; the driver is dlopen'ed, only cuda.h is needed here.
+  rlb_add_test(NAME test_client_cuda SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_client_cuda.c
+               LIBS rlb_client_static Threads::Threads LABELS gpu TIMEOUT 300)
+  target_include_directories(test_client_cuda PRIVATE ${CUDAToolkit_INCLUDE_DIRS})
 endif()
 # The CUDA engine's kernels (kernels/cuda/engine_ops.h) against the CPU ops and sampler.
 if(TARGET rlb_kernels_cuda)

@@ -19,11 +19,15 @@
  *   refusals  host memory does not export; unknown GPU, out-of-range tensor and unknown
  *             handle are refused and leave nothing open.
  *
+ * Every child's CUDA files in /dev/shm (cuda.shm.*.<pid>.*) are removed once it is reaped.
+ *
  * The parent never touches CUDA (a process that forks after initializing CUDA may not use
  * it in the child): every role is a child, talking over socketpairs, each under an alarm.
  * Exits 77 where no GPU is visible.
  */
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -99,12 +103,30 @@ static pid_t spawn(role_fn fn, int fd_a, int fd_b, uint64_t arg)
     return pid;
 }
 
+/* Removes CUDA's /dev/shm/cuda.shm.<n>.<pid>.<n> files of a child that is gone: CUDA
+ * removes them at a clean exit only, and a child ending in _exit or a signal leaves them,
+ * which other tests' "nothing left in /dev/shm" checks would see. */
+static void remove_cuda_shm(pid_t pid)
+{
+    DIR *d = opendir("/dev/shm");
+    for (struct dirent *e; d && (e = readdir(d));) {
+        unsigned dev, idx;
+        int owner, end = 0;
+        if (sscanf(e->d_name, "cuda.shm.%u.%d.%u%n", &dev, &owner, &idx, &end) == 3 &&
+            !e->d_name[end] && owner == (int)pid && unlinkat(dirfd(d), e->d_name, 0) != 0)
+            fprintf(stderr, "cannot remove /dev/shm/%s: %s\n", e->d_name, strerror(errno));
+    }
+    if (d)
+        closedir(d);
+}
+
 static int wait_exit(pid_t pid)
 {
     int st;
     while (waitpid(pid, &st, 0) < 0)
         if (errno != EINTR)
             return -1;
+    remove_cuda_shm(pid);
     return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 

@@ -19,6 +19,7 @@
 #include "model/config.h"
 #include "model/params.h"
 #include "model/safetensors.h"
+#include "tests/integration/shm_own.h"
 #include "worker/daemon.h"
 
 #define H_ALIGN 4 /* FSDP1 use_orig_params alignment: 16 bytes of F32 */
@@ -30,16 +31,13 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static int count_dev_shm(void)
+/* /dev/shm entries this run's processes could have made (shm_own.h). */
+static int count_dev_shm(const h_run *r)
 {
-    DIR *d = opendir("/dev/shm");
-    int n = 0;
-    if (!d)
-        return 0;
-    for (struct dirent *e; (e = readdir(d));)
-        n += e->d_name[0] != '.';
-    closedir(d);
-    return n;
+    pid_t pids[1 + H_MAX_WORKERS] = {r->bridge};
+    for (int i = 0; i < r->n_workers; i++)
+        pids[1 + i] = r->workers[i];
+    return shm_own_count(pids, 1 + r->n_workers);
 }
 
 static const rlb_param_list *tiny_params(void)
@@ -107,7 +105,7 @@ void h_cleanup(void)
 int h_start(h_run *r, rlb_sync_mode mode)
 {
     memset(r, 0, sizeof(*r));
-    r->shm_before = count_dev_shm();
+    r->shm_before = count_dev_shm(r);
     snprintf(r->dir, sizeof(r->dir), "/tmp/rlb-bridge-test-XXXXXX");
     if (!mkdtemp(r->dir))
         return -1;
@@ -263,7 +261,7 @@ int h_stop(h_run *r, rlb_client *tool)
         fprintf(stderr, "socket file %s left behind\n", r->sock);
         ok = -1;
     }
-    int after = count_dev_shm();
+    int after = count_dev_shm(r);
     if (after != r->shm_before) {
         fprintf(stderr, "/dev/shm held %d entries before, %d after\n", r->shm_before, after);
         ok = -1;

@@ -40,7 +40,7 @@ typedef struct h_run {
     pid_t bridge;       /* bridge process */
     pid_t workers[H_MAX_WORKERS];
     int n_workers;
-    int shm_before;     /* entries in /dev/shm at the start */
+    int shm_before;     /* our entries in /dev/shm at the start (shm_own.h) */
 } h_run;
 
 /* Starts a bridge (tiny model) in mode; waits for its socket. Returns 0 or -1. */

@@ -24,6 +24,11 @@ if(TARGET rlb AND TARGET rlb_bridge_core)
                      $<TARGET_FILE:rlb>)
     set_tests_properties(test_client_py PROPERTIES LABELS integration TIMEOUT 120
                          ENVIRONMENT "${RLB_PY_ENV}")
+    # rlbridge.torch's name mapping and layouts, from fake torch objects (no torch needed).
+    add_test(NAME test_torch_py
+             COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_LIST_DIR}/test_torch_py.py)
+    set_tests_properties(test_torch_py PROPERTIES LABELS integration TIMEOUT 60
+                         ENVIRONMENT "${RLB_PY_ENV}")
     add_test(NAME test_demo
              COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_LIST_DIR}/test_demo.py
                      $<TARGET_FILE:rlb>)

@@ -23,6 +23,7 @@ import unittest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                                 "client", "python"))
 import rlbridge  # noqa: E402
+from shm_own import own_entries  # noqa: E402
 
 D, I, H, KV, HD, LAYERS, V = 64, 192, 4, 2, 16, 2, 250
 RLB = None  # path of the rlb program (argv[1])
@@ -109,13 +110,14 @@ class Trainer:
 class ClientTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
+        cls.shm_before = own_entries()
         cls.cluster = Cluster()
-        cls.shm_before = set(os.listdir("/dev/shm"))
 
     @classmethod
     def tearDownClass(cls):
+        pids = [p.pid for p in cls.cluster.procs]
         cls.cluster.stop()
-        assert set(os.listdir("/dev/shm")) <= cls.shm_before
+        assert own_entries(pids) <= cls.shm_before
 
     def wait_no_trainers(self, cluster=None):
         """A new set of ranks may connect once the bridge saw the old ones go."""

@@ -23,6 +23,8 @@ import tempfile
 import time
 import unittest
 
+from shm_own import own_entries
+
 RLB = None
 STEP = re.compile(r"^step +(\d+) +version +(\d+) +sync +([\d.]+) ms +([\d.]+) GB/s +"
                   r"gen +(\d+) tok/s +reward +([\d.]+)$")
@@ -48,12 +50,12 @@ def children_of(pid):
 
 class DemoTest(unittest.TestCase):
     def setUp(self):
-        self.shm = set(os.listdir("/dev/shm"))
+        self.shm = own_entries()
         self.dirs = demo_dirs()
 
     def assertClean(self):
-        self.assertLessEqual(set(os.listdir("/dev/shm")), self.shm)
-        self.assertLessEqual(demo_dirs(), self.dirs)
+        self.assertLessEqual(own_entries(), self.shm)
+        self.assertLessEqual(demo_dirs(), self.dirs)  # other runs' may come and go
 
     def test_demo_reward_rises(self):
         t0 = time.monotonic()
@@ -128,18 +130,25 @@ class DoctorTest(unittest.TestCase):
             s.close()  # bound, never listening: what a killed bridge leaves
             seg = "/dev/shm/rlb-%016x" % int.from_bytes(os.urandom(8), "little")
             open(seg, "wb").close()
+            dead = subprocess.Popen(["true"])
+            dead.wait()  # CUDA's file of a process killed with -9 looks like this
+            cuda = f"/dev/shm/cuda.shm.0.{dead.pid}.1"
+            open(cuda, "wb").close()
             try:
                 p = self.doctor(d)
                 self.assertEqual(p.returncode, 0, p.stdout)
                 self.assertIn(f"[warn] stale socket {stale}", p.stdout)
                 self.assertIn(f"[warn] stale segment {seg}", p.stdout)
+                self.assertIn(f"[warn] {cuda} belongs to process {dead.pid}", p.stdout)
                 p = self.doctor(d, "--fix")
                 self.assertIn(f"removed stale socket {stale}", p.stdout)
                 self.assertIn(f"removed stale segment {seg}", p.stdout)
+                self.assertIn(f"removed {cuda} of dead process {dead.pid}", p.stdout)
                 self.assertFalse(os.path.exists(stale))
                 self.assertFalse(os.path.exists(seg))
+                self.assertFalse(os.path.exists(cuda))
             finally:
-                for path in (stale, seg):
+                for path in (stale, seg, cuda):
                     if os.path.exists(path):
                         os.unlink(path)
 

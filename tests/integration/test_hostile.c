@@ -39,16 +39,14 @@ static int unsealed_alloc(rlb_client *c, size_t bytes, void **ptr)
     void *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (mem == MAP_FAILED)
         return RLB_EIO;
+    /* The library sends the segment's fd with the first register that uses it. */
     pthread_mutex_lock(&c->lock);
     uint32_t id = c->next_seg_id++;
     int rc = rlb__grow(&c->segs, &c->cap_segs, c->n_segs + 1, sizeof(*c->segs));
     if (rc == 0)
-        c->segs[c->n_segs++] = (rlb__host_seg){.id = id, .base = mem, .bytes = size,
+        c->segs[c->n_segs++] = (rlb__host_seg){.id = id, .fd = fd, .base = mem, .bytes = size,
                                                .asked = bytes};
     pthread_mutex_unlock(&c->lock);
-    rlb__seg_msg sm = {.magic = RLB_SEG_MAGIC, .id = id, .bytes = size};
-    if (rc == 0)
-        rc = rlb__conn_send_fds(c->conn, &sm, sizeof(sm), &fd, 1);
     unsealed_fd = fd;
     *ptr = mem;
     return rc;

@@ -14,6 +14,7 @@
  * The fake's answers are a formula of the request: token k of sample i of prompt p is
  * first_prompt_token + 1000 p + 100 i + k, its logprob -(k + 1) / 8.
  */
+#include <dlfcn.h>
 #include <poll.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -93,6 +94,14 @@ static void reply_error(fake *f, int code, uint64_t id, uint32_t re, const char 
     reply(f, &m);
 }
 
+static fake_seg *seg_by_id(fake *f, uint32_t id)
+{
+    for (int i = 0; i < f->n_segs; i++)
+        if (f->segs[i].id == id)
+            return &f->segs[i];
+    return NULL;
+}
+
 /* Receives every segment fd the client sent so far. */
 static void drain_fds(fake *f)
 {
@@ -110,6 +119,7 @@ static void drain_fds(fake *f)
         assert_int_equal(size, sm.bytes);
         pthread_mutex_lock(&f->lock);
         assert_true(f->n_segs < MAX_SEGS);
+        assert_null(seg_by_id(f, sm.id)); /* an id is sent again only after its release */
         fake_seg *s = &f->segs[f->n_segs++];
         s->id = sm.id;
         s->bytes = sm.bytes;
@@ -119,12 +129,23 @@ static void drain_fds(fake *f)
     }
 }
 
-static fake_seg *seg_by_id(fake *f, uint32_t id)
+/* Unmaps and forgets the segments no registered tensor lies in, as the bridge does after
+ * an unregister or a refused register (segmsg.h). */
+static void release_unused(fake *f)
 {
-    for (int i = 0; i < f->n_segs; i++)
-        if (f->segs[i].id == id)
-            return &f->segs[i];
-    return NULL;
+    pthread_mutex_lock(&f->lock);
+    for (int i = 0; i < f->n_segs;) {
+        int used = 0;
+        for (int k = 0; k < f->n_reg; k++)
+            used |= f->reg[k].mem.length && f->reg[k].mem.fd_index == f->segs[i].id;
+        if (used) {
+            i++;
+            continue;
+        }
+        rlb__shm_unmap(f->segs[i].map, f->segs[i].bytes);
+        f->segs[i] = f->segs[--f->n_segs];
+    }
+    pthread_mutex_unlock(&f->lock);
 }
 
 static void on_register(fake *f, const rlb_msg_register *r)
@@ -134,7 +155,8 @@ static void on_register(fake *f, const rlb_msg_register *r)
             char text[128];
             snprintf(text, sizeof(text), "fake: shape of %s does not match the model",
                      r->tensors[i].name);
-            return reply_error(f, RLB_ESHAPE, 0, RLB_MSG_REGISTER, text);
+            reply_error(f, RLB_ESHAPE, 0, RLB_MSG_REGISTER, text);
+            return release_unused(f);
         }
     pthread_mutex_lock(&f->lock);
     for (uint32_t i = 0; i < r->n_tensors; i++) {
@@ -155,6 +177,7 @@ static void on_register(fake *f, const rlb_msg_register *r)
 static void on_unregister(fake *f, const rlb_msg_unregister *u)
 {
     pthread_mutex_lock(&f->lock);
+    uint32_t removed = u->n_names ? u->n_names : (uint32_t)f->n_reg;
     if (u->n_names == 0)
         f->n_reg = 0;
     for (uint32_t i = 0; i < u->n_names; i++)
@@ -164,6 +187,9 @@ static void on_unregister(fake *f, const rlb_msg_unregister *u)
                 break;
             }
     pthread_mutex_unlock(&f->lock);
+    release_unused(f);
+    rlb_msg ack = {.type = RLB_MSG_UNREGISTERED, .unregistered = {.n_tensors = removed}};
+    reply(f, &ack);
 }
 
 /* Every registered tensor must hold `version` as its first float: the trainer wrote it into
@@ -488,6 +514,25 @@ static void test_register_publish(void **state)
     o = full2("w.weight", 2, 4, a + 1020); /* runs 28 bytes past the allocation */
     o.shape[1] = 6;
     assert_int_equal(rlb_register(c, &o, 1), RLB_EINVAL);
+    /* A descriptor compiled before `device` was appended is host memory; an unknown
+     * device is refused; without a usable NVIDIA driver a device tensor is refused with
+     * RLB_EUNSUPPORTED saying so (tests/gpu/test_client_cuda covers the GPU side). */
+    rlb_tensor_desc v1 = full2("v1.weight", 2, 4, a + 700);
+    v1.struct_size = offsetof(rlb_tensor_desc, device);
+    assert_int_equal(rlb_register(c, &v1, 1), 0);
+    assert_int_equal(rlb_unregister(c, &v1.name, 1), 0);
+    o = full2("w.weight", 2, 4, a + 700);
+    o.device = (rlb_device)7;
+    assert_int_equal(rlb_register(c, &o, 1), RLB_EINVAL);
+    void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!driver) {
+        o.device = RLB_DEVICE_CUDA;
+        assert_int_equal(rlb_register(c, &o, 1), RLB_EUNSUPPORTED);
+        assert_non_null(strstr(rlb_last_error(c), "w.weight"));
+        assert_non_null(strstr(rlb_last_error(c), "NVIDIA driver"));
+    } else {
+        dlclose(driver);
+    }
     /* The bridge refuses a batch: nothing of it stays registered. */
     rlb_tensor_desc pair[2] = {full2("w.weight", 2, 4, a + 512), full2("bad.weight", 2, 4, a + 600)};
     assert_int_equal(rlb_register(c, pair, 2), RLB_ESHAPE);

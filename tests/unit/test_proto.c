@@ -127,6 +127,11 @@ static void sample_msg(rlb_msg_type type, rlb_msg *m)
         break;
     case RLB_MSG_PUBLISH:
         m->publish.version = 9;
+        fill_bytes(m->publish.event, RLB_PROTO_HANDLE_BYTES, 0x60);
+        fill_bytes(m->publish.event_uuid, RLB_PROTO_UUID_BYTES, 0xc0);
+        break;
+    case RLB_MSG_UNREGISTERED:
+        m->unregistered.n_tensors = 2;
         break;
     case RLB_MSG_SYNCED:
         m->synced = (rlb_msg_synced){.version = 9, .bytes = 123456789, .ms = 12.5,
@@ -291,8 +296,16 @@ static void assert_msg_equal(const rlb_msg *want, const rlb_msg *got, const void
             assert_str(want->unreg.names[i].name, got->unreg.names[i].name);
         break;
     case RLB_MSG_PUBLISH:
-    case RLB_MSG_LOAD:
         assert_int_equal(want->publish.version, got->publish.version);
+        assert_memory_equal(want->publish.event, got->publish.event, RLB_PROTO_HANDLE_BYTES);
+        assert_memory_equal(want->publish.event_uuid, got->publish.event_uuid,
+                            RLB_PROTO_UUID_BYTES);
+        break;
+    case RLB_MSG_LOAD:
+        assert_int_equal(want->load.version, got->load.version);
+        break;
+    case RLB_MSG_UNREGISTERED:
+        assert_int_equal(want->unregistered.n_tensors, got->unregistered.n_tensors);
         break;
     case RLB_MSG_SYNCED:
         assert_int_equal(want->synced.version, got->synced.version);
@@ -560,7 +573,7 @@ static void test_round_trip_every_type(void **state)
     }
 }
 
-/* {"ty": 6, "ver": 9} and {"ty": 3, "code": -7, "text": "x"} worked out from the msgpack
+/* {"ty": 6, "ver": 9}, {"ty": 18, "n": 2} and {"ty": 3, "code": -7, "text": "x"} worked out from the msgpack
  * spec: fixmap, fixstr keys, positive and negative fixints. */
 static void test_exact_encodings(void **state)
 {
@@ -574,6 +587,11 @@ static void test_exact_encodings(void **state)
     assert_int_equal(rlb__msg_pack(&m, buf, sizeof buf, &len), 0);
     assert_int_equal(len, sizeof publish);
     assert_memory_equal(buf, publish, sizeof publish);
+    static const uint8_t unregistered[] = {0x82, 0xa2, 't', 'y', 0x12, 0xa1, 'n', 0x02};
+    m = (rlb_msg){.type = RLB_MSG_UNREGISTERED, .unregistered.n_tensors = 2};
+    assert_int_equal(rlb__msg_pack(&m, buf, sizeof buf, &len), 0);
+    assert_int_equal(len, sizeof unregistered);
+    assert_memory_equal(buf, unregistered, sizeof unregistered);
     m = (rlb_msg){.type = RLB_MSG_ERROR, .error = {.code = RLB_EPROTO, .text = "x"}};
     assert_int_equal(rlb__msg_pack(&m, buf, sizeof buf, &len), 0);
     assert_int_equal(len, sizeof error);
@@ -1175,6 +1193,13 @@ static void test_value_checks(void **state)
     refuse_edit(RLB_MSG_ABORTED, "code", obj_uint(0), "aborted.code: 0 is not an error code");
     refuse_edit(RLB_MSG_LOADED, "code", obj_uint(1), "loaded.code: 1 is not 0 or an error");
     refuse_edit(RLB_MSG_PUBLISH, "ver", obj_uint(0), "publish.ver: versions start at 1");
+    static const uint8_t zero_handle[RLB_PROTO_HANDLE_BYTES], zero_uuid[RLB_PROTO_UUID_BYTES];
+    refuse_edit(RLB_MSG_PUBLISH, "evu", obj_bin(zero_uuid, sizeof zero_uuid),
+                "publish.evu: an event and the uuid of its GPU go together");
+    refuse_edit(RLB_MSG_PUBLISH, "ev", obj_bin(zero_handle, sizeof zero_handle),
+                "publish.ev: an event and the uuid of its GPU go together");
+    refuse_edit(RLB_MSG_PUBLISH, "ev", obj_bin(zero_uuid, sizeof zero_uuid),
+                "publish.ev: 16 bytes, must be 64");
     refuse_edit(RLB_MSG_SYNCED, "ms", obj_f64(-1), "synced.ms: negative time");
     refuse_edit(RLB_MSG_STATS_REPLY, "s[1].v", obj_f64(NAN), "stats_reply.s[1].v: not a finite");
 }

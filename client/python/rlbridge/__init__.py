@@ -11,12 +11,14 @@
 
 Tensors are registered from any object with the buffer protocol (memoryview, array.array,
 ctypes arrays, bytearray-backed views) and, when those packages are importable, numpy
-arrays and CPU torch tensors; their memory must come from Client.alloc_host (the bridge
-maps that memory; nothing is copied). Errors raise RlbError (code, text); a publish the
-bridge gave up raises AbortedError. Importing the package loads librlb.so (rlbridge/_lib.py
-says where it looks) and raises LibraryError (an ImportError) when it finds none or one of
-another ABI; `python3 -m rlbridge doctor` shows which library it loaded. A Client may be
-shared by threads (librlb locks internally; calls release the GIL).
+arrays and torch tensors; host memory must come from Client.alloc_host (the bridge maps
+that memory; nothing is copied), CUDA tensors are exported from wherever they live (see
+rlb_register in rlb.h; rlbridge.torch registers whole models and publishes on the current
+stream). Errors raise RlbError (code, text); a publish the bridge gave up raises
+AbortedError. Importing the package loads librlb.so (rlbridge/_lib.py says where it looks)
+and raises LibraryError (an ImportError) when it finds none or one of another ABI;
+`python3 -m rlbridge doctor` shows which library it loaded. A Client may be shared by
+threads (librlb locks internally; calls release the GIL).
 """
 
 import array
@@ -111,20 +113,25 @@ _DTYPE_NAMES = {"f32": _lib.DTYPE_F32, "float32": _lib.DTYPE_F32, "f16": _lib.DT
 
 
 def _buffer_info(data):
-    """(address, bytes, dtype or None, shape or None) of a contiguous CPU buffer."""
+    """(address, bytes, dtype or None, shape or None, CUDA device index or None) of a
+    contiguous buffer."""
     mod = type(data).__module__.split(".")[0]
     if mod == "torch":
-        if data.device.type != "cpu" or not data.is_contiguous():
-            raise RlbError(_lib.EINVAL, "torch tensors must be contiguous and on the CPU")
+        if data.device.type not in ("cpu", "cuda"):
+            raise RlbError(_lib.EINVAL, f"torch tensors on {data.device.type} are not "
+                                        "supported (cpu or cuda)")
+        if not data.is_contiguous():
+            raise RlbError(_lib.EINVAL, "the torch tensor is not contiguous")
         return (data.data_ptr(), data.numel() * data.element_size(),
-                _NAME_DTYPES.get(str(data.dtype)), tuple(data.shape))
+                _NAME_DTYPES.get(str(data.dtype)), tuple(data.shape),
+                data.device.index if data.device.type == "cuda" else None)
     if mod == "numpy":
         if not data.flags["C_CONTIGUOUS"]:
             raise RlbError(_lib.EINVAL, "numpy arrays must be C-contiguous")
         return (data.ctypes.data, data.nbytes, _NAME_DTYPES.get(str(data.dtype)),
-                tuple(data.shape))
+                tuple(data.shape), None)
     if isinstance(data, ctypes.Array):
-        return ctypes.addressof(data), ctypes.sizeof(data), None, None
+        return ctypes.addressof(data), ctypes.sizeof(data), None, None, None
     mv = memoryview(data)
     if not mv.c_contiguous:
         raise RlbError(_lib.EINVAL, "buffers must be C-contiguous")
@@ -133,7 +140,7 @@ def _buffer_info(data):
     byte_view = mv.cast("B") if mv.ndim != 1 or mv.format != "B" else mv
     addr = ctypes.addressof(ctypes.c_char.from_buffer(byte_view)) if mv.nbytes else 0
     shape = tuple(mv.shape) if mv.ndim else None
-    return addr, mv.nbytes, _FORMAT_DTYPES.get(mv.format.lstrip("@=<")), shape
+    return addr, mv.nbytes, _FORMAT_DTYPES.get(mv.format.lstrip("@=<")), shape, None
 
 
 _PyMemoryView_FromMemory = ctypes.pythonapi.PyMemoryView_FromMemory
@@ -233,7 +240,12 @@ class Client:
 
     def _desc(self, name, data, shape=None, dtype=None, layout="full", shard_rank=0,
               shard_world=1, unit=0, align=0, entries=None, keep=None):
-        addr, _nbytes, buf_dtype, buf_shape = _buffer_info(data)
+        try:
+            # data None: an FSDP2 rank that holds no rows of this tensor
+            info = _buffer_info(data) if data is not None else (0, 0, None, None, None)
+        except RlbError as e:
+            raise RlbError(e.code, f"tensor {name!r}: {e.text}") from None
+        addr, _nbytes, buf_dtype, buf_shape, cuda_device = info
         d = _lib.TensorDesc()
         lib.rlb_tensor_desc_init(ctypes.byref(d))
         keep.append(name.encode())
@@ -277,11 +289,14 @@ class Client:
             raise RlbError(_lib.EINVAL, f"tensor {name!r}: the buffer holds {_nbytes} bytes, "
                                         f"the layout needs {need.value}")
         d.data = addr
+        if cuda_device is not None:
+            d.device = _lib.DEVICE_CUDA
+            d.cuda_device = cuda_device
         return d
 
     def register(self, name, data, **kw):
-        """Registers one tensor. data: a buffer inside alloc_host memory holding this rank's
-        bytes. Keywords: shape (GLOBAL shape; default the buffer's), dtype ("float32",
+        """Registers one tensor. data: a buffer inside alloc_host memory, or a CUDA torch
+        tensor, holding this rank's bytes (contiguous). Keywords: shape (GLOBAL shape; default the buffer's), dtype ("float32",
         "float16", "bfloat16"; default the buffer's), layout ("full", "fsdp1", "fsdp2"),
         shard_rank, shard_world, unit, align, entries (FSDP1: list of dicts with name (None
         for padding), shape, numel)."""
@@ -302,12 +317,16 @@ class Client:
 
     # -- sync
 
-    def publish(self, version):
+    def publish(self, version, stream=None):
         """Says this rank's tensors hold `version`; blocks until the bridge committed it.
-        Returns SyncStats; raises AbortedError when the version was given up."""
+        stream: for CUDA tensors, the CUDA stream (its integer handle, e.g.
+        torch.cuda.current_stream().cuda_stream) whose work wrote them; None = the legacy
+        default stream. Returns SyncStats; raises AbortedError when the version was given
+        up."""
         st = _lib.SyncStats()
         st.struct_size = ctypes.sizeof(st)
-        rc = lib.rlb_publish(self._handle(), version, ctypes.byref(st))
+        rc = lib.rlb_publish_stream(self._handle(), version, ctypes.c_void_p(stream or None),
+                                    ctypes.byref(st))
         self._check(rc, AbortedError if rc == _lib.EABORTED else RlbError)
         return SyncStats(st.version, st.bytes, st.ms, st.gbps)
 

@@ -32,6 +32,7 @@ EPERM, ENOTFOUND, EEXIST, ETOOBIG, ESHAPE, EDTYPE, EUNSUPPORTED = range(-9, -16,
 ESTALE, EABORTED, ECUDA, ESHUTDOWN, ECORRUPT, ENONFINITE = range(-16, -22, -1)
 
 DTYPE_F32, DTYPE_BF16, DTYPE_F16 = 0, 1, 2
+DEVICE_CPU, DEVICE_CUDA = 1, 2
 LAYOUTS = {"full": 0, "fsdp1": 1, "fsdp2": 2}
 FINISH_REASONS = {0: "stop", 1: "length", 2: "abort"}
 
@@ -52,7 +53,8 @@ class TensorDesc(ctypes.Structure):
                 ("ndim", c_u32), ("shape", c_u64 * MAX_DIMS), ("layout", c_int),
                 ("shard_rank", c_u32), ("shard_world", c_u32), ("unit", c_u32),
                 ("align", c_u32), ("n_entries", c_u32),
-                ("entries", ctypes.POINTER(Fsdp1Entry)), ("data", ctypes.c_void_p)]
+                ("entries", ctypes.POINTER(Fsdp1Entry)), ("data", ctypes.c_void_p),
+                ("device", c_int), ("cuda_device", c_int)]
 
 
 class SyncStats(ctypes.Structure):
@@ -204,6 +206,7 @@ def _bind(lib):
         "rlb_register": (c_int, [vp, P(TensorDesc), c_size_t]),
         "rlb_unregister": (c_int, [vp, P(ctypes.c_char_p), c_size_t]),
         "rlb_publish": (c_int, [vp, c_u64, P(SyncStats)]),
+        "rlb_publish_stream": (c_int, [vp, c_u64, vp, P(SyncStats)]),
         "rlb_weight_version": (c_u64, [vp]),
         "rlb_sleep": (c_int, [vp]),
         "rlb_wake": (c_int, [vp]),
