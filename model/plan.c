@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/lora.h"
 #include "model/params.h"
 #include "model/source.h"
 #include "model/tp_layout.h"
@@ -246,6 +247,8 @@ static int index_init(plan_index *ix, const rlb_source *src)
     memmove(ix->piece_first + 1, ix->piece_first, (size_t)pl->n * sizeof(uint64_t));
     ix->piece_first[0] = 0;
     for (int64_t p = pl->n - 1; p >= 0; p--) {
+        if (pl->params[p].role == RLB_ROLE_LORA_A || pl->params[p].role == RLB_ROLE_LORA_B)
+            continue; /* adapter factors land in the stage, not in a local tensor */
         size_t s = slot_of(pl->params[p].target, pl->params[p].layer);
         ix->slot_first[s] = p;
         ix->slot_count[s]++;
@@ -282,6 +285,170 @@ static int plan_rank(op_list *l, const rlb_source *src, const plan_index *ix,
     return 0;
 }
 
+/* ---- LoRA adapters: the stage and the merges ---------------------------------------- */
+
+typedef struct merge_list {
+    rlb_merge_op *ops; /* merges so far */
+    uint64_t n;        /* entries used */
+    uint64_t cap;      /* entries allocated */
+} merge_list;
+
+static int push_merge(merge_list *l, const rlb_merge_op *m)
+{
+    if (l->n == l->cap) {
+        uint64_t cap = l->cap ? l->cap * 2 : 64;
+        rlb_merge_op *ops = realloc(l->ops, (size_t)cap * sizeof *ops);
+        if (!ops)
+            return RLB_ENOMEM;
+        l->ops = ops;
+        l->cap = cap;
+    }
+    l->ops[l->n++] = *m;
+    return 0;
+}
+
+/* Byte offset in the stage of factor param p's first element: factors are laid out in
+ * adapter order, A then B, each 64-byte aligned. */
+static uint64_t stage_offset(const rlb_param_list *pl, int64_t param, uint64_t *total)
+{
+    uint64_t off = 0, found = 0;
+    for (int64_t k = 0; k < pl->n_adapters; k++)
+        for (int f = 0; f < 2; f++) {
+            int64_t p = f ? pl->adapters[k].b : pl->adapters[k].a;
+            off = (off + 63) / 64 * 64;
+            if (p == param)
+                found = off;
+            off += rlb__param_numel(&pl->params[p]) * 4;
+        }
+    if (total)
+        *total = (off + 63) / 64 * 64;
+    return found;
+}
+
+/* Gathers every factor, whole and as f32, into the stage (destination 0 of stage_ops). */
+static int plan_stage(op_list *l, const rlb_source *src, const plan_index *ix)
+{
+    const rlb_param_list *pl = src->params;
+    for (int64_t k = 0; k < pl->n_adapters; k++)
+        for (int f = 0; f < 2; f++) {
+            int64_t p = f ? pl->adapters[k].b : pl->adapters[k].a;
+            const rlb_param *par = &pl->params[p];
+            rlb_param_region reg = {.n_rows = par->rows, .n_cols = par->cols,
+                                    .local_cols = par->cols};
+            rlb_local_tensor lt = {.offset = stage_offset(pl, p, NULL)};
+            piece_ctx c = {.param = par, .reg = &reg, .lt = &lt, .dst_ref = 0,
+                           .dst_dtype = RLB_DTYPE_F32};
+            for (uint64_t q = ix->piece_first[p]; q < ix->piece_first[p + 1]; q++) {
+                c.piece = &src->pieces[ix->piece_order[q]];
+                int rc = emit_piece(l, &c);
+                if (rc)
+                    return rc;
+            }
+        }
+    return 0;
+}
+
+/* Appends TP rank t's merges (destination dst_ref) to l: one per adapter whose weight has
+ * elements on this rank. */
+static int plan_merges(merge_list *l, const rlb_param_list *pl, const rlb_tp_layout *lay,
+                       uint32_t dst_ref)
+{
+    uint64_t des = rlb_dtype_size(lay->dtype);
+    for (int64_t k = 0; k < pl->n_adapters; k++) {
+        const rlb_param_adapter *ad = &pl->adapters[k];
+        const rlb_param *w = &pl->params[ad->base];
+        const rlb_local_tensor *lt = rlb__tp_layout_find(lay, w->target, w->layer);
+        rlb_param_region reg;
+        rlb__param_region(w, lay, &reg);
+        if (!lt || reg.n_rows == 0 || reg.n_cols == 0)
+            continue;
+        uint64_t a = stage_offset(pl, ad->a, NULL), b = stage_offset(pl, ad->b, NULL);
+        uint64_t r = (uint64_t)ad->rank, in = (uint64_t)pl->params[ad->a].cols;
+        rlb_merge_op m = {
+            .dst_ref = dst_ref,
+            .dst_dtype = (uint8_t)lay->dtype,
+            .scale = ad->scale,
+            .rank = (uint32_t)r,
+            .dst_offset = lt->offset +
+                          ((uint64_t)reg.lrow0 * (uint64_t)reg.local_cols + (uint64_t)reg.lcol0) *
+                              des,
+            .dst_stride = (uint64_t)reg.local_cols * des,
+            .rows = (uint64_t)reg.n_rows,
+            .cols = (uint64_t)reg.n_cols,
+        };
+        if (w->target == RLB_W_EMBED) {
+            /* delta(v, c) = sum_k A[k, v] B[c, k]: L = A^T from column row0 of A [r, V],
+             * R = B^T from row col0 of B [D, r]. */
+            m.flags = RLB_MERGE_L_TRANS | RLB_MERGE_R_TRANS;
+            m.l_offset = a + (uint64_t)reg.row0 * 4;
+            m.l_ld = in;
+            m.r_offset = b + (uint64_t)reg.col0 * r * 4;
+            m.r_ld = r;
+        } else {
+            /* Rows row0.. of B [out, r] times columns col0.. of A [r, in]. */
+            m.l_offset = b + (uint64_t)reg.row0 * r * 4;
+            m.l_ld = r;
+            m.r_offset = a + (uint64_t)reg.col0 * 4;
+            m.r_ld = in;
+        }
+        int rc = push_merge(l, &m);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* Fills the plan's stage and merges for n_dst = T * replicas destinations. */
+static int plan_adapters(rlb_plan *plan, const rlb_source *src, const plan_index *ix,
+                         const rlb_target *tgt)
+{
+    const rlb_param_list *pl = src->params;
+    uint32_t T = (uint32_t)tgt->tp_size;
+    op_list stage = {0};
+    merge_list ml = {0};
+    rlb_tp_layout lay = {0};
+    int rc;
+    if (pl->n_adapters == 0)
+        return 0;
+    plan->dst_first_merge = calloc((size_t)plan->n_dst + 1, sizeof(uint64_t));
+    if (!plan->dst_first_merge)
+        return RLB_ENOMEM;
+    stage_offset(pl, -1, &plan->stage_bytes);
+    if ((rc = plan_stage(&stage, src, ix)))
+        goto err;
+    for (uint32_t t = 0; t < T; t++) {
+        if ((rc = rlb__tp_layout_init(&lay, &pl->cfg, (int)T, (int)t, tgt->dtype)))
+            goto err;
+        plan->dst_first_merge[t] = ml.n;
+        rc = plan_merges(&ml, pl, &lay, t);
+        rlb__tp_layout_free(&lay);
+        if (rc)
+            goto err;
+    }
+    uint64_t per_replica = ml.n;
+    for (uint32_t d = T; d < plan->n_dst; d++) {
+        uint64_t first = plan->dst_first_merge[d % T];
+        uint64_t end = d % T + 1 < T ? plan->dst_first_merge[d % T + 1] : per_replica;
+        plan->dst_first_merge[d] = ml.n;
+        for (uint64_t i = first; i < end; i++) {
+            rlb_merge_op m = ml.ops[i];
+            m.dst_ref = d;
+            if ((rc = push_merge(&ml, &m)))
+                goto err;
+        }
+    }
+    plan->dst_first_merge[plan->n_dst] = ml.n;
+    plan->stage_ops = stage.ops;
+    plan->n_stage_ops = stage.n;
+    plan->merges = ml.ops;
+    plan->n_merges = ml.n;
+    return 0;
+err:
+    free(stage.ops);
+    free(ml.ops);
+    return rc;
+}
+
 static void plan_totals(const rlb_plan *plan, uint64_t *read, uint64_t *written)
 {
     *read = *written = 0;
@@ -292,6 +459,9 @@ static void plan_totals(const rlb_plan *plan, uint64_t *read, uint64_t *written)
             *read += elems * dsize(op->src_dtype);
         *written += elems * dsize(op->dst_dtype);
     }
+    for (uint64_t i = 0; i < plan->n_stage_ops; i++)
+        *read += plan->stage_ops[i].rows * plan->stage_ops[i].row_elems *
+                 dsize(plan->stage_ops[i].src_dtype);
 }
 
 static int check_target(const rlb_source *src, const rlb_target *tgt, char *err, size_t errlen)
@@ -363,6 +533,9 @@ int rlb__plan_build(const rlb_source *src, const rlb_target *tgt, rlb_plan *plan
     plan->dst_first_op[n_dst] = l.n;
     plan->ops = l.ops;
     plan->n_ops = l.n;
+    l.ops = NULL; /* the plan owns them now */
+    if ((rc = plan_adapters(plan, src, &ix, tgt)))
+        goto err;
     plan_totals(plan, &plan->bytes_read, &plan->bytes_written);
     index_free(&ix);
     return 0;
@@ -379,6 +552,9 @@ void rlb__plan_free(rlb_plan *plan)
     free(plan->dst_bytes);
     free(plan->dst_first_op);
     free(plan->ops);
+    free(plan->stage_ops);
+    free(plan->merges);
+    free(plan->dst_first_merge);
     *plan = (rlb_plan){0};
 }
 
@@ -449,6 +625,40 @@ int rlb__plan_check_op(const rlb_copy_op *op, uint64_t index, uint32_t n_src,
     return 0;
 }
 
+int rlb__plan_check_merge(const rlb_merge_op *m, uint64_t index, uint32_t n_dst,
+                          const uint64_t *dst_len, uint64_t stage_bytes, char *err,
+                          size_t errlen)
+{
+    unsigned long long i = (unsigned long long)index;
+    if (m->dst_ref >= n_dst || !is_float(m->dst_dtype) || m->reserved ||
+        (m->flags & ~(RLB_MERGE_L_TRANS | RLB_MERGE_R_TRANS)))
+        return rlb__model_err(err, errlen, RLB_EINVAL, "plan merge %llu: destination %u of "
+                              "%u, dtype %u or flags %u not valid", i, m->dst_ref, n_dst,
+                              m->dst_dtype, m->flags);
+    /* BLAS takes int dimensions and leading dimensions. */
+    if (!m->rows || !m->cols || !m->rank || m->rows > INT32_MAX || m->cols > INT32_MAX ||
+        m->l_ld > INT32_MAX || m->r_ld > INT32_MAX)
+        return rlb__model_err(err, errlen, RLB_EINVAL, "plan merge %llu: dimensions %llu x "
+                              "%llu x %u empty or past int", i, (unsigned long long)m->rows,
+                              (unsigned long long)m->cols, m->rank);
+    int lt = (m->flags & RLB_MERGE_L_TRANS) != 0, rt = (m->flags & RLB_MERGE_R_TRANS) != 0;
+    /* Stored row count and length of L and R as BLAS reads them. */
+    uint64_t l_rows = lt ? m->rank : m->rows, l_len = lt ? m->rows : m->rank;
+    uint64_t r_rows = rt ? m->cols : m->rank, r_len = rt ? m->rank : m->cols;
+    uint64_t row_bytes = m->cols * dsize(m->dst_dtype);
+    uint64_t dend = extent_end(m->dst_offset, m->dst_stride, m->rows, row_bytes);
+    uint64_t lend = extent_end(m->l_offset, m->l_ld * 4, l_rows, l_len * 4);
+    uint64_t rend = extent_end(m->r_offset, m->r_ld * 4, r_rows, r_len * 4);
+    if ((m->rows > 1 && m->dst_stride < row_bytes) || m->l_ld < l_len || m->r_ld < r_len ||
+        !dend || dend > dst_len[m->dst_ref] || !lend || lend > stage_bytes || !rend ||
+        rend > stage_bytes)
+        return rlb__model_err(err, errlen, RLB_EINVAL, "plan merge %llu: its block, L or R "
+                              "lies outside destination %u (%llu bytes) or the stage (%llu)",
+                              i, m->dst_ref, (unsigned long long)dst_len[m->dst_ref],
+                              (unsigned long long)stage_bytes);
+    return 0;
+}
+
 /* ---- wire form --------------------------------------------------------------------------- */
 
 /* Offset of ops[] in the serialized form of a plan with these table sizes. */
@@ -466,6 +676,8 @@ uint64_t rlb__plan_serialized_size(const rlb_plan *plan)
 
 int rlb__plan_serialize(const rlb_plan *plan, void *buf, uint64_t len)
 {
+    if (plan->n_merges || plan->n_stage_ops)
+        return RLB_EUNSUPPORTED;
     uint64_t total = rlb__plan_serialized_size(plan);
     if (len < total)
         return RLB_ETOOBIG;

@@ -21,6 +21,7 @@
 #include "common/env.h"
 #include "common/log.h"
 #include "kernels/cpu/convert.h"
+#include "kernels/cpu/lora_merge.h"
 #include "model/config.h"
 
 #define MAX_THREADS 64
@@ -44,50 +45,6 @@ typedef struct exec_ctx {
     uint64_t n_items;        /* entries in items[] */
     uint64_t next;           /* next unclaimed item; claimed with rlb_fetch_add */
 } exec_ctx;
-
-static void to_f32(float *out, const uint8_t *s, uint64_t n, uint8_t dtype)
-{
-    uint16_t h;
-    switch (dtype) {
-    case RLB_DTYPE_F32:
-        memcpy(out, s, n * 4);
-        break;
-    case RLB_DTYPE_BF16:
-        for (uint64_t i = 0; i < n; i++) {
-            memcpy(&h, s + 2 * i, 2);
-            out[i] = rlb__bf16_to_f32(h);
-        }
-        break;
-    default: /* F16: the only other dtype rlb__plan_check_op lets through */
-        for (uint64_t i = 0; i < n; i++) {
-            memcpy(&h, s + 2 * i, 2);
-            out[i] = rlb__f16_to_f32(h);
-        }
-        break;
-    }
-}
-
-static void from_f32(uint8_t *d, const float *in, uint64_t n, uint8_t dtype)
-{
-    uint16_t h;
-    switch (dtype) {
-    case RLB_DTYPE_F32:
-        memcpy(d, in, n * 4);
-        break;
-    case RLB_DTYPE_BF16:
-        for (uint64_t i = 0; i < n; i++) {
-            h = rlb__f32_to_bf16(in[i]);
-            memcpy(d + 2 * i, &h, 2);
-        }
-        break;
-    default:
-        for (uint64_t i = 0; i < n; i++) {
-            h = rlb__f32_to_f16(in[i]);
-            memcpy(d + 2 * i, &h, 2);
-        }
-        break;
-    }
-}
 
 static void run_item(const exec_ctx *c, const work_item *w)
 {
@@ -113,8 +70,8 @@ static void run_item(const exec_ctx *c, const work_item *w)
         float block[BLOCK];
         for (uint64_t e = 0; e < w->elems; e += BLOCK) {
             uint64_t n = w->elems - e < BLOCK ? w->elems - e : BLOCK;
-            to_f32(block, sr + e * ses, n, op->src_dtype);
-            from_f32(dr + e * des, block, n, op->dst_dtype);
+            rlb__row_to_f32(block, sr + e * ses, n, op->src_dtype);
+            rlb__row_from_f32(dr + e * des, block, n, op->dst_dtype);
         }
     }
 }
@@ -183,7 +140,7 @@ static int check_bindings(const rlb_plan *plan, const void *const *src, const ui
         if (rc)
             return rc;
     }
-    return 0;
+    return rlb__lora_check_cpu(plan, src_len, dst_len, err, errlen);
 }
 
 int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint64_t *src_len,
@@ -218,5 +175,6 @@ int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint6
     for (int i = 0; i < started; i++)
         pthread_join(tid[i], NULL);
     free(items);
-    return 0;
+    /* The merges add onto the base the copies just wrote (joined above). */
+    return rlb__lora_merge_cpu(plan, src, src_len, dst, threads, err, errlen);
 }

@@ -9,7 +9,8 @@
  * row): memcpy for same-dtype rows, a round-to-nearest-even convert loop otherwise
  * (kernels/cpu/convert.h), memset for zero ops. A plan from rlb__plan_build writes each
  * planned destination byte exactly once and nothing else; sources are only read and may be
- * unaligned.
+ * unaligned. A plan with LoRA adapters then runs its merges onto what the copies wrote
+ * (kernels/cpu/lora_merge.h); its stage ops and merges are checked with the ops, up front.
  */
 #ifndef RLB_KERNELS_CPU_PLAN_EXEC_H
 #define RLB_KERNELS_CPU_PLAN_EXEC_H
@@ -20,8 +21,8 @@
 #include "model/plan.h"
 
 /* Executes `plan`. `threads` <= 0 takes the RLB_THREADS knob (0 there = online cores); a
- * thread that cannot start leaves its share to the others. Returns 0, RLB_EINVAL (an op
- * outside its buffers, a NULL buffer; `err` names the op) or RLB_ENOMEM. `err` may be
+ * thread that cannot start leaves its share to the others. Returns 0, RLB_EINVAL (an op or
+ * merge outside its buffers, a NULL buffer; `err` names the op) or RLB_ENOMEM. `err` may be
  * NULL. */
 int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint64_t *src_len,
                        void *const *dst, const uint64_t *dst_len, int threads, char *err,

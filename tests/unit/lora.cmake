@@ -1,0 +1,3 @@
+# LoRA adapters: PEFT names, the parameter list, and the merge against a naive reference.
+rlb_add_test(NAME test_lora SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_lora.c
+             LIBS rlb_kernels_cpu m LABELS unit)
