@@ -3,6 +3,7 @@
  *   loop.c      the event loop, accepting peers, hello / welcome, dispatch, stats, shutdown
  *   peer.c      peers: outbound queues, shared-memory segments received over the socket
  *   registry.c  the trainers' registered tensors, their validation, source and plan
+ *   lora.c      the LoRA adapters trainers declare, and the parameter list carrying them
  *   sync.c      the sync transaction (publish -> copy -> load -> commit / abort)
  *   sched.c     generation: the request table, replica choice, results, worker death
  *
@@ -62,6 +63,13 @@ typedef struct br_tensor {
     int dropped;                  /* the model does not use it (tied lm_head): ignored */
 } br_tensor;
 
+/* A LoRA adapter a trainer rank declared (bridge/lora.c). */
+typedef struct br_lora {
+    char *target;  /* HF name of the adapted weight (owned) */
+    uint32_t rank; /* r */
+    double scale;  /* s */
+} br_lora;
+
 typedef enum br_role { BR_NEW = -1 } br_role; /* before hello; else rlb_role */
 
 enum { BR_OPEN = 0, BR_CLOSE_AFTER_FLUSH = 1, BR_CLOSE_NOW = 2 }; /* br_peer.closing */
@@ -81,6 +89,8 @@ typedef struct br_peer {
     br_tensor *tensors;      /* registered tensors */
     uint32_t n_tensors, cap_tensors;
     uint64_t published;      /* last version this rank published, 0 = none pending */
+    br_lora *loras;          /* adapters it declared */
+    uint32_t n_loras, cap_loras;
     /* worker */
     void *buf[2];            /* weight buffers (segments 1 and 2) */
     int active;              /* staged: which of buf[] the engine reads */
@@ -143,7 +153,7 @@ struct bridge {
     uint32_t next_peer_id;    /* from 1 */
     br_peer *peers[BR_MAX_PEERS]; /* by slot; NULL = free */
     int n_peers;              /* slots in use */
-    rlb_param_list params;    /* the model's parameters */
+    rlb_param_list params;    /* the model's parameters, with the declared adapters */
     /* trainers */
     uint32_t world;           /* trainer ranks, 0 until the first trainer says hello */
     br_peer **trainers;       /* [world] by rank, NULL while absent */
@@ -224,6 +234,17 @@ void br_registry_drop(bridge *b, br_peer *p);
 int br_plan_ensure(bridge *b);
 /* Invalidates source and plan (registrations changed). */
 void br_plan_reset(bridge *b);
+
+/* ---- lora.c ------------------------------------------------------------------------ */
+
+/* Applies the adapter declarations of a REGISTER from trainer p (all or nothing) and
+ * rebuilds the parameter list. Returns 0 or a negative code with `err` naming the weight. */
+int br_lora_declare(bridge *b, br_peer *p, const rlb_msg_register *m, char *err,
+                    size_t errlen);
+/* Forgets p's declarations (disconnect). */
+void br_lora_drop(bridge *b, br_peer *p);
+/* 1 when `name` is a LoRA factor of a weight that has no adapter declared. */
+int br_lora_undeclared_factor(const bridge *b, const char *name);
 
 /* ---- sync.c ------------------------------------------------------------------------ */
 

@@ -402,6 +402,7 @@ static void peer_drop(bridge *b, br_peer *p, const char *why)
         br_sync_peer_lost(b, p, NULL);
         b->trainers[p->hello.rank] = NULL;
         br_registry_drop(b, p);
+        br_lora_drop(b, p);
     } else if (p->role == RLB_ROLE_WORKER) {
         br_replica *r = &b->replicas[p->hello.replica];
         r->ranks[p->hello.tp_rank] = NULL;

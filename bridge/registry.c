@@ -194,6 +194,20 @@ static int check_others(bridge *b, br_peer *p, const br_tensor *t, const br_tens
     return 0;
 }
 
+/* Refuses LoRA factors of weights that have no adapter declared: registering them first
+ * would have them silently ignored. */
+static int check_factors(const bridge *b, const br_tensor *t, char *err)
+{
+    const char *bad = br_lora_undeclared_factor(b, t->name) ? t->name : NULL;
+    for (uint64_t e = 0; !bad && e < t->n_entries; e++)
+        if (t->entries[e].name && br_lora_undeclared_factor(b, t->entries[e].name))
+            bad = t->entries[e].name;
+    if (bad)
+        return snprintf(err, ERRLEN, "tensor '%s': no LoRA adapter is declared for its "
+                        "weight (rlb_register_lora first)", bad), RLB_ENOTFOUND;
+    return 0;
+}
+
 /* Checks one tensor of a batch; err names it. */
 static int check_tensor(bridge *b, br_peer *p, const rlb_msg_tensor *m, const br_tensor *t,
                         const br_tensor *pending, uint32_t batch, char *err)
@@ -223,6 +237,8 @@ static int check_tensor(bridge *b, br_peer *p, const rlb_msg_tensor *m, const br
         return snprintf(err, ERRLEN, "tensor '%s': bad shape or FSDP rank %u of %u", t->name,
                         t->frank, t->fworld), RLB_EINVAL;
     int rc = check_others(b, p, t, pending, batch, err);
+    if (rc == 0)
+        rc = check_factors(b, t, err);
     if (rc < 0 || t->dropped)
         return rc;
     uint64_t want = expected_bytes(t);
@@ -238,6 +254,13 @@ void br_register(bridge *b, br_peer *p, const rlb_msg_register *m)
     char err[ERRLEN] = "";
     int rc = 0;
     uint32_t n = 0;
+    /* Declarations first: the batch may carry the factors they declare. */
+    if (m->n_loras && (rc = br_lora_declare(b, p, m, err, sizeof(err))) < 0) {
+        br_send_error(b, p, rc, 0, RLB_MSG_REGISTER, "adapters refused: %s", err);
+        return;
+    }
+    if (m->n_tensors == 0)
+        return;
     br_tensor *batch = calloc(m->n_tensors, sizeof(*batch));
     if (!batch) {
         br_send_error(b, p, RLB_ENOMEM, 0, RLB_MSG_REGISTER, "out of memory");

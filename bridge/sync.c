@@ -187,7 +187,8 @@ static void *copy_thread(void *arg)
 }
 
 /* Binds the plan's destinations to the live replicas' buffers and keeps only their ops
- * (ops are grouped by destination, replica by replica). Returns 0 or RLB_ENOMEM. */
+ * and LoRA merges (both grouped by destination, replica by replica). Returns 0 or
+ * RLB_ENOMEM. */
 static int bind_copy(bridge *b)
 {
     br_copy *c = &b->copy;
@@ -203,7 +204,14 @@ static int bind_copy(bridge *b)
         return RLB_ENOMEM;
     memcpy(c->src, b->src_ptr, b->n_src * sizeof(*c->src));
     memcpy(c->src_len, b->src_len, b->n_src * sizeof(*c->src_len));
+    c->view.merges = malloc(plan->n_merges * sizeof(*c->view.merges) + 1);
+    c->view.stage_ops = malloc(plan->n_stage_ops * sizeof(*c->view.stage_ops) + 1);
+    if (!c->view.merges || !c->view.stage_ops)
+        return RLB_ENOMEM;
+    memcpy(c->view.stage_ops, plan->stage_ops, plan->n_stage_ops * sizeof(*plan->stage_ops));
     c->view.n_ops = 0;
+    c->view.n_merges = 0;
+    c->view.dst_first_merge = NULL; /* the executor reads merges by their dst_ref */
     c->view.bytes_written = 0;
     for (uint32_t d = 0; d < b->n_replicas; d++) {
         if (b->replicas[d].state != BR_REP_UP)
@@ -220,6 +228,12 @@ static int bind_copy(bridge *b)
                 c->view.bytes_written += plan->ops[i].rows * plan->ops[i].row_elems *
                                          rlb_dtype_size((rlb_dtype)plan->ops[i].dst_dtype);
             c->view.n_ops += end - first;
+            if (plan->n_merges) {
+                uint64_t m0 = plan->dst_first_merge[dst], m1 = plan->dst_first_merge[dst + 1];
+                memcpy(c->view.merges + c->view.n_merges, plan->merges + m0,
+                       (m1 - m0) * sizeof(*plan->merges));
+                c->view.n_merges += m1 - m0;
+            }
         }
     }
     c->threads = b->opts->threads;
@@ -235,9 +249,13 @@ static void free_copy(br_copy *c)
     free(c->dst);
     free(c->dst_len);
     free(c->view.ops);
+    free(c->view.merges);
+    free(c->view.stage_ops);
     c->dst = NULL;
     c->dst_len = NULL;
     c->view.ops = NULL;
+    c->view.merges = NULL;
+    c->view.stage_ops = NULL;
 }
 
 static void start_copy(bridge *b)

@@ -1,5 +1,4 @@
-/* lora.c: LoRA adapters in the parameter list, and the PEFT -> HF name mapping (see
- * lora.h). */
+/* lora.c: LoRA adapters in the parameter list (see lora.h). */
 #include "model/lora.h"
 
 #include <math.h>
@@ -52,11 +51,6 @@ int rlb__lora_split_name(const char *name, char *target, size_t cap, rlb_lora_fa
         return RLB_EINVAL;
     int w = snprintf(target, cap, "%.*s%s", (int)(n - k), name, suffix_weight);
     return w < 0 || (size_t)w >= cap ? RLB_ETOOBIG : 0;
-}
-
-float rlb__lora_scale(double alpha, int64_t rank, int rslora)
-{
-    return (float)(rslora ? alpha / sqrt((double)rank) : alpha / (double)rank);
 }
 
 /* Names "<module>.lora_A.weight" / ".lora_B.weight" of weight p's factors. */
@@ -116,79 +110,5 @@ int rlb__params_add_adapter(rlb_param_list *list, const char *target, int64_t ra
     rlb__params_append(list, &fb);
     list->adapters[list->n_adapters++] = (rlb_param_adapter){
         .base = base, .a = n0, .b = n0 + 1, .rank = rank, .scale = scale};
-    return 0;
-}
-
-/* ---- PEFT names ------------------------------------------------------------------------- */
-
-/* Segments wrappers insert into module paths; they name no module of the model. */
-static int is_wrapper(const char *seg, size_t n)
-{
-    static const char *const wrappers[] = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module",
-                                           "_orig_mod"};
-    for (size_t i = 0; i < sizeof wrappers / sizeof wrappers[0]; i++)
-        if (strlen(wrappers[i]) == n && !memcmp(seg, wrappers[i], n))
-            return 1;
-    return 0;
-}
-
-static int seg_is(const char *seg, size_t n, const char *word)
-{
-    return strlen(word) == n && !memcmp(seg, word, n);
-}
-
-int rlb__lora_peft_to_hf(const char *peft, const char *adapter, char *out, size_t cap)
-{
-    static const char prefix[] = "base_model.model.";
-    if (!peft || !*peft || !out || cap == 0)
-        return RLB_EINVAL;
-    const char *s = peft;
-    size_t len = 0;
-    /* Walk the dot-separated segments, copying the ones that name modules. */
-    while (*s) {
-        const char *dot = strchr(s, '.');
-        size_t n = dot ? (size_t)(dot - s) : strlen(s);
-        const char *next = dot ? dot + 1 : s + n;
-        if (n == 0)
-            return RLB_EINVAL;
-        const char *emit = NULL;
-        if (is_wrapper(s, n) || seg_is(s, n, "base_layer")) {
-            s = next;
-            continue;
-        }
-        /* PeftModel's own prefix, wherever wrappers put it before the model's modules. */
-        if (len == 0 && !strncmp(s, prefix, sizeof prefix - 1)) {
-            s += sizeof prefix - 1;
-            continue;
-        }
-        if (seg_is(s, n, "lora_magnitude_vector"))
-            return RLB_EUNSUPPORTED;
-        int linear = seg_is(s, n, "lora_A") || seg_is(s, n, "lora_B");
-        int embed = seg_is(s, n, "lora_embedding_A") || seg_is(s, n, "lora_embedding_B");
-        if (linear || embed) {
-            /* lora_A.<adapter>.weight, lora_embedding_A.<adapter>: the end of the name. */
-            char f = s[n - 1];
-            const char *name = next, *ndot = strchr(name, '.');
-            size_t nn = ndot ? (size_t)(ndot - name) : strlen(name);
-            const char *rest = ndot ? ndot + 1 : name + nn;
-            if (nn == 0 || (linear && strcmp(rest, "weight")) || (embed && *rest))
-                return RLB_EINVAL;
-            if (adapter && !seg_is(name, nn, adapter))
-                return RLB_ENOTFOUND;
-            emit = f == 'A' ? "lora_A.weight" : "lora_B.weight";
-            next = "";
-        }
-        size_t add = emit ? strlen(emit) : n;
-        if (len + (len ? 1 : 0) + add >= cap)
-            return RLB_ETOOBIG;
-        if (len)
-            out[len++] = '.';
-        memcpy(out + len, emit ? emit : s, add);
-        len += add;
-        s = next;
-    }
-    if (len == 0 || peft[strlen(peft) - 1] == '.')
-        return RLB_EINVAL;
-    out[len] = '\0';
     return 0;
 }

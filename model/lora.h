@@ -14,8 +14,8 @@
  * list is dropped rather than refused (rlb__params_is_dropped), so taking the adapters out
  * of the list serves the base again without touching what the trainer registered.
  *
- * rlb__lora_peft_to_hf maps the parameter names of a PEFT model (and of its FSDP-wrapped
- * modules) to these names: a pure function of its input.
+ * rlb_peft_to_hf (include/rlb/rlb.h, client/lora.c) maps a PEFT model's parameter names to
+ * these.
  */
 #ifndef RLB_MODEL_LORA_H
 #define RLB_MODEL_LORA_H
@@ -48,24 +48,5 @@ const rlb_param_adapter *rlb__params_adapter_of(const rlb_param_list *list, int6
  * Returns 0, or RLB_EINVAL when `name` is not a factor's name, RLB_ETOOBIG when target is
  * too small. */
 int rlb__lora_split_name(const char *name, char *target, size_t cap, rlb_lora_factor *factor);
-
-/* The scale of an adapter: alpha / r, or alpha / sqrt(r) when `rslora`. */
-float rlb__lora_scale(double alpha, int64_t rank, int rslora);
-
-/* Maps a PEFT parameter name to the HF name rlbridge uses, into out[cap]:
- *   base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight
- *       -> model.layers.3.self_attn.q_proj.lora_A.weight
- *   base_model.model.model.embed_tokens.lora_embedding_B.default
- *       -> model.embed_tokens.lora_B.weight
- *   base_model.model.model.layers.3.mlp.up_proj.base_layer.weight
- *       -> model.layers.3.mlp.up_proj.weight
- *   base_model.model.model.norm.weight -> model.norm.weight
- * The leading "base_model.model." and the segments FSDP and activation checkpointing add
- * ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod") are removed; a name
- * without PEFT parts comes back as it is. `adapter` (NULL: any) is the PEFT adapter whose
- * factors are wanted. Returns 0, RLB_ENOTFOUND (a factor of another adapter),
- * RLB_EUNSUPPORTED (DoRA's lora_magnitude_vector), RLB_EINVAL (an empty or malformed name),
- * RLB_ETOOBIG (out too small). */
-int rlb__lora_peft_to_hf(const char *peft, const char *adapter, char *out, size_t cap);
 
 #endif /* RLB_MODEL_LORA_H */

@@ -91,7 +91,7 @@ int rlb__lora_merge_cpu(const rlb_plan *plan, const void *const *src, const uint
         rlb__model_err(err, errlen, rc, "plan exec: no memory for the adapter stage");
         goto out;
     }
-    rlb_plan gather = {.n_src = plan->n_src, .n_dst = 1, .src_bytes = plan->src_bytes,
+    rlb_plan gather = {.n_src = plan->n_src, .n_dst = 1, .src_bytes = (uint64_t *)src_len,
                        .dst_bytes = &stage_bytes, .dst_first_op = first,
                        .n_ops = plan->n_stage_ops, .ops = plan->stage_ops,
                        .bytes_written = stage_bytes};

@@ -12,8 +12,7 @@
  * the pristine base), then takes the adapters out of the parameter list and runs again:
  * every worker buffer must then be the plain reshard of the base, bit for bit.
  *
- * Also: PEFT -> HF names, factor names, scales, and the refusals of
- * rlb__params_add_adapter.
+ * Also: factor names and the refusals of rlb__params_add_adapter.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -33,62 +32,9 @@
 #include "tests/unit/plan_ref.h"
 #include "tests/unit/ref_convert.h"
 
-/* ---- names ------------------------------------------------------------------------------ */
-
-static void expect_peft(const char *peft, const char *adapter, int rc, const char *hf)
-{
-    char out[128];
-    int got = rlb__lora_peft_to_hf(peft, adapter, out, sizeof out);
-    if (got != rc)
-        fail_msg("'%s': rc %d, expected %d", peft, got, rc);
-    if (rc == 0 && strcmp(out, hf))
-        fail_msg("'%s' -> '%s', expected '%s'", peft, out, hf);
-}
-
-static void test_peft_names(void **state)
+static void test_split_names(void **state)
 {
     (void)state;
-    expect_peft("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight",
-                "default", 0, "model.layers.3.self_attn.q_proj.lora_A.weight");
-    expect_peft("base_model.model.model.layers.0.mlp.down_proj.lora_B.default.weight", NULL, 0,
-                "model.layers.0.mlp.down_proj.lora_B.weight");
-    expect_peft("base_model.model.model.layers.12.mlp.up_proj.base_layer.weight", "default", 0,
-                "model.layers.12.mlp.up_proj.weight");
-    expect_peft("base_model.model.model.embed_tokens.lora_embedding_A.default", "default", 0,
-                "model.embed_tokens.lora_A.weight");
-    expect_peft("base_model.model.model.embed_tokens.lora_embedding_B.default", NULL, 0,
-                "model.embed_tokens.lora_B.weight");
-    expect_peft("base_model.model.model.embed_tokens.base_layer.weight", NULL, 0,
-                "model.embed_tokens.weight");
-    expect_peft("base_model.model.lm_head.lora_A.default.weight", NULL, 0,
-                "lm_head.lora_A.weight");
-    expect_peft("base_model.model.model.norm.weight", "default", 0, "model.norm.weight");
-    /* FSDP1 / activation checkpointing / torch.compile wrappers in the path. */
-    expect_peft("_fsdp_wrapped_module.base_model.model.model.layers.1._fsdp_wrapped_module."
-                "_checkpoint_wrapped_module.self_attn.o_proj.lora_A.default.weight",
-                "default", 0, "model.layers.1.self_attn.o_proj.lora_A.weight");
-    expect_peft("_orig_mod.base_model.model.model.layers.2.self_attn.v_proj.lora_B.ft.weight",
-                "ft", 0, "model.layers.2.self_attn.v_proj.lora_B.weight");
-    /* Already HF: unchanged. */
-    expect_peft("model.layers.0.self_attn.k_proj.weight", NULL, 0,
-                "model.layers.0.self_attn.k_proj.weight");
-    /* Another adapter's factor, DoRA, malformed names, a short buffer. */
-    expect_peft("base_model.model.model.layers.0.self_attn.q_proj.lora_A.other.weight",
-                "default", RLB_ENOTFOUND, NULL);
-    expect_peft("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector."
-                "default.weight", NULL, RLB_EUNSUPPORTED, NULL);
-    expect_peft("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", NULL,
-                RLB_EINVAL, NULL);
-    expect_peft("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.bias", NULL,
-                RLB_EINVAL, NULL);
-    expect_peft("base_model.model.model..norm.weight", NULL, RLB_EINVAL, NULL);
-    expect_peft("model.norm.", NULL, RLB_EINVAL, NULL);
-    expect_peft("", NULL, RLB_EINVAL, NULL);
-    expect_peft("base_model.model.", NULL, RLB_EINVAL, NULL);
-    char small[8];
-    assert_int_equal(rlb__lora_peft_to_hf("base_model.model.model.norm.weight", NULL, small,
-                                          sizeof small), RLB_ETOOBIG);
-
     char target[64];
     rlb_lora_factor f;
     assert_int_equal(rlb__lora_split_name("model.layers.2.mlp.gate_proj.lora_B.weight", target,
@@ -99,9 +45,6 @@ static void test_peft_names(void **state)
                                           sizeof target, &f), RLB_EINVAL);
     assert_int_equal(rlb__lora_split_name(".lora_A.weight", target, sizeof target, &f),
                      RLB_EINVAL);
-
-    assert_true(fabsf(rlb__lora_scale(32, 16, 0) - 2.0f) == 0);
-    assert_true(fabsf(rlb__lora_scale(32, 16, 1) - 8.0f) == 0);
 }
 
 static void small_config(rlb_model_config *c, int qwen_tied)
@@ -388,7 +331,7 @@ static void case_init(lcase *c, int qwen_tied, int mode, rlb_dtype sdt)
         int embed = p->which == P_EMBED;
         c->ad[i] = c->n;
         c->rank[i] = r;
-        c->scale[i] = rlb__lora_scale(8.0, r, i % 2);
+        c->scale[i] = (float)(i % 2 ? 8.0 / sqrt((double)r) : 8.0 / (double)r);
         size_t len = strlen(p->name) - strlen(".weight");
         tens *a = &c->t[c->n++], *b = &c->t[c->n++];
         *a = (tens){.ndim = 2, .rows = r, .cols = embed ? p->rows : p->cols};
@@ -602,7 +545,7 @@ static void test_replicas_and_wire(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_peft_names),
+        cmocka_unit_test(test_split_names),
         cmocka_unit_test(test_add_adapter_refusals),
         cmocka_unit_test(test_merge_against_reference),
         cmocka_unit_test(test_replicas_and_wire),
