@@ -468,24 +468,20 @@ static const char *tiny_config_json =
     "\"rope_theta\": 10000.0, \"tie_word_embeddings\": false, \"hidden_act\": \"silu\", "
     "\"torch_dtype\": \"float32\"}\n";
 
-/* Writes version v's full weights as DIR/ckpt<v>/ (config.json + model.safetensors). */
-static int write_checkpoint(const char *dir, uint64_t v)
+/* Writes the weights data[p] (every parameter of the tiny model) as DIR/<tag>/
+ * (config.json + model.safetensors). */
+static int write_checkpoint(const char *dir, const char *tag, float *const *data)
 {
     const rlb_param_list *l = tiny_params();
     char path[256];
-    snprintf(path, sizeof(path), "%s/ckpt%llu", dir, (unsigned long long)v);
+    snprintf(path, sizeof(path), "%s/%s", dir, tag);
     if (mkdir(path, 0700) != 0 && errno != EEXIST)
         return -1;
     rlb_st_write_tensor *ts = calloc((size_t)l->n, sizeof(*ts));
     int64_t(*shapes)[2] = calloc((size_t)l->n, sizeof(*shapes));
-    float **data = calloc((size_t)l->n, sizeof(*data));
     int rc = -1;
     for (int64_t p = 0; p < l->n; p++) {
         const rlb_param *q = &l->params[p];
-        uint64_t n = rlb__param_numel(q);
-        data[p] = malloc(n * sizeof(float));
-        for (uint64_t i = 0; i < n; i++)
-            data[p][i] = wval(v, p, i, is_norm(q));
         shapes[p][0] = q->rows;
         shapes[p][1] = q->cols;
         ts[p] = (rlb_st_write_tensor){.name = q->name, .dtype = RLB_DTYPE_F32, .ndim = q->ndim,
@@ -501,22 +497,28 @@ static int write_checkpoint(const char *dir, uint64_t v)
             fclose(f);
         }
     }
-    for (int64_t p = 0; p < l->n; p++)
-        free(data[p]);
-    free(data);
     free(shapes);
     free(ts);
     return rc;
 }
 
-int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32_t n,
-                uint32_t max_tokens, int32_t *tokens, int cap)
+const rlb_param_list *h_params(void)
+{
+    return tiny_params();
+}
+
+float h_weight(uint64_t v, int64_t p, uint64_t i)
+{
+    return wval(v, p, i, is_norm(&tiny_params()->params[p]));
+}
+
+/* Greedy tokens of `rlb generate --tp tp` on checkpoint DIR/<tag>, which the caller wrote
+ * (or that exists already). */
+static int generate_ref(h_run *r, const char *tag, uint32_t tp, const int32_t *prompt,
+                        uint32_t n, uint32_t max_tokens, int32_t *tokens, int cap)
 {
     char ckpt[256];
-    snprintf(ckpt, sizeof(ckpt), "%s/ckpt%llu", r->dir, (unsigned long long)v);
-    struct stat st;
-    if (stat(ckpt, &st) != 0 && write_checkpoint(r->dir, v) != 0)
-        return -1;
+    snprintf(ckpt, sizeof(ckpt), "%s/%s", r->dir, tag);
     char cmd[1024];
     int at = snprintf(cmd, sizeof(cmd), "%s generate --model %s --max-tokens %u --temperature "
                       "0 --tp %u --threads 1 --prompt-ids ", RLB_BIN, ckpt, max_tokens, tp);
@@ -540,4 +542,63 @@ int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32
         }
     }
     return pclose(f) == 0 ? count : -1;
+}
+
+int h_generate(rlb_client *c, uint64_t v, const int32_t *prompt, uint32_t n,
+               uint32_t max_tokens, int32_t *tokens, int cap)
+{
+    rlb_sampling_params sp;
+    rlb_sampling_params_init(&sp);
+    sp.temperature = 0;
+    sp.max_tokens = max_tokens;
+    rlb_prompt p = {prompt, n};
+    rlb_generate_request req;
+    rlb_generate_request_init(&req);
+    req.prompts = &p;
+    req.n_prompts = 1;
+    req.sampling = &sp;
+    rlb_result *res = NULL;
+    int rc = rlb_generate(c, &req, 20000, &res);
+    if (rc) {
+        fprintf(stderr, "generate: %s\n", rlb_last_error(c));
+        return -1;
+    }
+    const rlb_sample *s = rlb_result_num_samples(res) == 1 ? rlb_result_sample(res, 0) : NULL;
+    int count = s && s->weight_version == v && (int)s->n_tokens <= cap ? (int)s->n_tokens : -1;
+    if (count > 0)
+        memcpy(tokens, s->tokens, sizeof(int32_t) * (size_t)count);
+    rlb_result_free(res);
+    return count;
+}
+
+int h_reference_weights(h_run *r, const char *tag, float *const *data, uint32_t tp,
+                        const int32_t *prompt, uint32_t n, uint32_t max_tokens,
+                        int32_t *tokens, int cap)
+{
+    char ckpt[256];
+    snprintf(ckpt, sizeof(ckpt), "%s/%s", r->dir, tag);
+    struct stat st;
+    if (stat(ckpt, &st) != 0 && write_checkpoint(r->dir, tag, data) != 0)
+        return -1;
+    return generate_ref(r, tag, tp, prompt, n, max_tokens, tokens, cap);
+}
+
+int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32_t n,
+                uint32_t max_tokens, int32_t *tokens, int cap)
+{
+    const rlb_param_list *l = tiny_params();
+    char tag[32];
+    snprintf(tag, sizeof(tag), "ckpt%llu", (unsigned long long)v);
+    float **data = calloc((size_t)l->n, sizeof(*data));
+    for (int64_t p = 0; p < l->n; p++) {
+        uint64_t numel = rlb__param_numel(&l->params[p]);
+        data[p] = malloc(numel * sizeof(float));
+        for (uint64_t i = 0; i < numel; i++)
+            data[p][i] = h_weight(v, p, i);
+    }
+    int rc = h_reference_weights(r, tag, data, tp, prompt, n, max_tokens, tokens, cap);
+    for (int64_t p = 0; p < l->n; p++)
+        free(data[p]);
+    free(data);
+    return rc;
 }

@@ -79,6 +79,19 @@ void h_child_stop(h_child *ch);
 int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32_t n,
                 uint32_t max_tokens, int32_t *tokens, int cap);
 
+/* Greedy generation of `prompt` through client c; the sample must carry weight version v
+ * (else -1). Fills tokens[] and returns the count, or -1 (the client's error printed). */
+int h_generate(rlb_client *c, uint64_t v, const int32_t *prompt, uint32_t n,
+               uint32_t max_tokens, int32_t *tokens, int cap);
+/* The same through a checkpoint DIR/<tag> of the weights data[p] (every parameter of the
+ * tiny model, in h_params() order, row-major F32), written once per tag. */
+int h_reference_weights(h_run *r, const char *tag, float *const *data, uint32_t tp,
+                        const int32_t *prompt, uint32_t n, uint32_t max_tokens,
+                        int32_t *tokens, int cap);
+/* The tiny model's parameter list, and element i of parameter p in version v's weights. */
+const struct rlb_param_list *h_params(void);
+float h_weight(uint64_t v, int64_t p, uint64_t i);
+
 /* One bridge counter by name through the client (-1 when absent). */
 double h_stat(rlb_client *c, const char *name);
 
