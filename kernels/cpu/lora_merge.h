@@ -3,11 +3,11 @@
  * which the plan's copy ops filled with the pristine base just before.
  *
  * rlb__plan_exec_cpu calls this after its copies when the plan has adapters; nothing else
- * needs to. A merge onto an F32 destination is one OpenBLAS sgemm with beta = 1 straight
- * on the worker buffer; onto BF16 / F16 it goes through an f32 tile of rows (widen, sgemm,
- * round to nearest even). The base there is the copy's value in the destination dtype, so a
- * base registered in that dtype gets one rounding in all, and a wider base two (the copy's
- * and the sum's); tests hold both to those bounds.
+ * needs to. Each destination row of a merge is read once, gets base + sum_k l_k R(k, :) in
+ * f32 with l = scale * L(i, :), and is written once: in place for F32, widened and rounded
+ * to nearest even once for BF16 / F16. The base there is the copy's value in the
+ * destination dtype, so a base registered in that dtype gets one rounding in all and a
+ * wider base two (the copy's and the sum's); tests hold both to those bounds.
  */
 #ifndef RLB_KERNELS_CPU_LORA_MERGE_H
 #define RLB_KERNELS_CPU_LORA_MERGE_H
@@ -23,9 +23,8 @@
 int rlb__lora_check_cpu(const rlb_plan *plan, const uint64_t *src_len, const uint64_t *dst_len,
                         char *err, size_t errlen);
 
-/* Runs the stage ops and the merges of a checked plan whose copy ops already ran. `threads`
- * as rlb__plan_exec_cpu (the gathers; OpenBLAS threads each sgemm itself). Returns 0,
- * RLB_ENOMEM, or the gather's error. */
+/* Runs the stage ops and the merges of a checked plan whose copy ops already ran, on
+ * `threads` threads as rlb__plan_exec_cpu. Returns 0, RLB_ENOMEM, or the gather's error. */
 int rlb__lora_merge_cpu(const rlb_plan *plan, const void *const *src, const uint64_t *src_len,
                         void *const *dst, int threads, char *err, size_t errlen);
 

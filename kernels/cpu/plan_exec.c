@@ -113,7 +113,7 @@ static uint64_t split(const rlb_plan *plan, uint64_t grain, work_item *items)
     return n;
 }
 
-static int thread_count(int threads)
+int rlb__exec_threads(int threads)
 {
     long long n = threads > 0 ? threads : rlb__env_int(RLB_KNOB_THREADS);
     if (n <= 0)
@@ -150,7 +150,7 @@ int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint6
     int rc = check_bindings(plan, src, src_len, dst, dst_len, err, errlen);
     if (rc)
         return rc;
-    int n_threads = thread_count(threads);
+    int n_threads = rlb__exec_threads(threads);
     uint64_t grain = plan->bytes_written / ((uint64_t)n_threads * ITEMS_PER_THREAD);
     grain = grain < MIN_GRAIN ? MIN_GRAIN : grain;
     exec_ctx c = {.plan = plan, .src = src, .dst = dst, .n_items = split(plan, grain, NULL)};

@@ -28,4 +28,7 @@ int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint6
                        void *const *dst, const uint64_t *dst_len, int threads, char *err,
                        size_t errlen);
 
+/* Threads an executor call uses for `threads` (as above): 1..64. */
+int rlb__exec_threads(int threads);
+
 #endif /* RLB_KERNELS_CPU_PLAN_EXEC_H */
