@@ -20,6 +20,7 @@
 #include "common/conn.h"
 #include "common/proto.h"
 #include "common/ring.h"
+#include "kernels/cpu/plan_exec.h"
 #include "model/params.h"
 #include "model/plan.h"
 #include "model/source.h"
@@ -139,6 +140,7 @@ typedef struct br_copy {
     void **dst;           /* [plan n_dst] destination buffers */
     uint64_t *dst_len;    /* [plan n_dst] */
     int threads;          /* executor threads */
+    rlb_exec_scratch scratch; /* the executor's memory, kept from sync to sync (LoRA stage) */
     int rc;               /* result (written by the copy thread before it signals) */
     char err[256];        /* the executor's error text */
     double ms;            /* wall time of the copy */

@@ -533,6 +533,7 @@ static void bridge_free(bridge *b)
     free(b->gens);
     free(b->parked);
     rlb__params_free(&b->params);
+    rlb__exec_scratch_free(&b->copy.scratch);
     if (b->copy.wake_fd >= 0)
         close(b->copy.wake_fd);
     rlb__listener_close(b->listener);

@@ -175,8 +175,8 @@ static void *copy_thread(void *arg)
 {
     br_copy *c = arg;
     double t0 = br_now();
-    c->rc = rlb__plan_exec_cpu(&c->view, c->src, c->src_len, c->dst, c->dst_len, c->threads,
-                               c->err, sizeof(c->err));
+    c->rc = rlb__plan_exec_cpu_scratch(&c->view, c->src, c->src_len, c->dst, c->dst_len,
+                                       &c->scratch, c->threads, c->err, sizeof(c->err));
     c->ms = (br_now() - t0) * 1e3;
     uint64_t one = 1;
     /* The eventfd write is the thread's last touch of c; the loop reads c after reading

@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/cpu/plan_exec.h"
 #include "model/plan.h"
 
 /* Checks the plan's stage ops against the sources and the stage, and its merges against
@@ -24,8 +25,10 @@ int rlb__lora_check_cpu(const rlb_plan *plan, const uint64_t *src_len, const uin
                         char *err, size_t errlen);
 
 /* Runs the stage ops and the merges of a checked plan whose copy ops already ran, on
- * `threads` threads as rlb__plan_exec_cpu. Returns 0, RLB_ENOMEM, or the gather's error. */
+ * `threads` threads as rlb__plan_exec_cpu, with the stage in `scratch` (grown to fit) or,
+ * when it is NULL, in memory of this call. Returns 0, RLB_ENOMEM, or the gather's error. */
 int rlb__lora_merge_cpu(const rlb_plan *plan, const void *const *src, const uint64_t *src_len,
-                        void *const *dst, int threads, char *err, size_t errlen);
+                        void *const *dst, rlb_exec_scratch *scratch, int threads, char *err,
+                        size_t errlen);
 
 #endif /* RLB_KERNELS_CPU_LORA_MERGE_H */

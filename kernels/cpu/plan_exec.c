@@ -147,6 +147,15 @@ int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint6
                        void *const *dst, const uint64_t *dst_len, int threads, char *err,
                        size_t errlen)
 {
+    return rlb__plan_exec_cpu_scratch(plan, src, src_len, dst, dst_len, NULL, threads, err,
+                                      errlen);
+}
+
+int rlb__plan_exec_cpu_scratch(const rlb_plan *plan, const void *const *src,
+                               const uint64_t *src_len, void *const *dst,
+                               const uint64_t *dst_len, rlb_exec_scratch *scratch,
+                               int threads, char *err, size_t errlen)
+{
     int rc = check_bindings(plan, src, src_len, dst, dst_len, err, errlen);
     if (rc)
         return rc;
@@ -176,5 +185,5 @@ int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint6
         pthread_join(tid[i], NULL);
     free(items);
     /* The merges add onto the base the copies just wrote (joined above). */
-    return rlb__lora_merge_cpu(plan, src, src_len, dst, threads, err, errlen);
+    return rlb__lora_merge_cpu(plan, src, src_len, dst, scratch, threads, err, errlen);
 }

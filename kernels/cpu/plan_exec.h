@@ -20,6 +20,16 @@
 
 #include "model/plan.h"
 
+/* Memory a caller may keep across runs (zeroed at first, freed with rlb__exec_scratch_free):
+ * the f32 stage of a plan with LoRA adapters, grown to fit, so that it is not allocated and
+ * faulted in on every run. Used by one run at a time. */
+typedef struct rlb_exec_scratch {
+    void *stage;          /* 64-byte aligned, or NULL */
+    uint64_t stage_bytes; /* its size */
+} rlb_exec_scratch;
+
+void rlb__exec_scratch_free(rlb_exec_scratch *scratch);
+
 /* Executes `plan`. `threads` <= 0 takes the RLB_THREADS knob (0 there = online cores); a
  * thread that cannot start leaves its share to the others. Returns 0, RLB_EINVAL (an op or
  * merge outside its buffers, a NULL buffer; `err` names the op) or RLB_ENOMEM. `err` may be
@@ -27,6 +37,11 @@
 int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint64_t *src_len,
                        void *const *dst, const uint64_t *dst_len, int threads, char *err,
                        size_t errlen);
+/* The same with the caller's scratch (NULL: memory of this call only). */
+int rlb__plan_exec_cpu_scratch(const rlb_plan *plan, const void *const *src,
+                               const uint64_t *src_len, void *const *dst,
+                               const uint64_t *dst_len, rlb_exec_scratch *scratch,
+                               int threads, char *err, size_t errlen);
 
 /* Threads an executor call uses for `threads` (as above): 1..64. */
 int rlb__exec_threads(int threads);
