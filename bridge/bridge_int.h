@@ -4,6 +4,7 @@
  *   peer.c      peers: outbound queues, shared-memory segments received over the socket
  *   registry.c  the trainers' registered tensors, their validation, source and plan
  *   lora.c      the LoRA adapters trainers declare, and the parameter list carrying them
+ *   base.c      the frozen base a bridge serves from a checkpoint (opts->base_dir)
  *   sync.c      the sync transaction (publish -> copy -> load -> commit / abort)
  *   sched.c     generation: the request table, replica choice, results, worker death
  *
@@ -156,6 +157,7 @@ struct bridge {
     br_peer *peers[BR_MAX_PEERS]; /* by slot; NULL = free */
     int n_peers;              /* slots in use */
     rlb_param_list params;    /* the model's parameters, with the declared adapters */
+    struct rlb_st_checkpoint *base; /* mapped base checkpoint (opts->base_dir), or NULL */
     /* trainers */
     uint32_t world;           /* trainer ranks, 0 until the first trainer says hello */
     br_peer **trainers;       /* [world] by rank, NULL while absent */
@@ -236,6 +238,19 @@ void br_registry_drop(bridge *b, br_peer *p);
 int br_plan_ensure(bridge *b);
 /* Invalidates source and plan (registrations changed). */
 void br_plan_reset(bridge *b);
+/* Index of the plan source at addr (bytes long), adding it on first use. Returns 0 or
+ * RLB_ENOMEM. */
+int br_source_buffer(bridge *b, const void *addr, uint64_t bytes, uint32_t *index);
+
+/* ---- base.c ------------------------------------------------------------------------ */
+
+/* Maps opts->base_dir when set. Returns 0 or the checkpoint reader's error (`err` says). */
+int br_base_open(bridge *b, char *err, size_t errlen);
+void br_base_close(bridge *b);
+/* Adds to the source being built every model parameter no trainer placed, from the base
+ * checkpoint (nothing without one). Returns 0, or 1 with b->reg_missing naming a weight
+ * the checkpoint lacks, or a negative code with `err` saying what. */
+int br_base_add(bridge *b, char *err, size_t errlen);
 
 /* ---- lora.c ------------------------------------------------------------------------ */
 

@@ -534,6 +534,7 @@ static void bridge_free(bridge *b)
     free(b->parked);
     rlb__params_free(&b->params);
     rlb__exec_scratch_free(&b->copy.scratch);
+    br_base_close(b);
     if (b->copy.wake_fd >= 0)
         close(b->copy.wake_fd);
     rlb__listener_close(b->listener);
@@ -608,6 +609,10 @@ int rlb__bridge_run(const rlb_bridge_opts *opts)
         goto out;
     if ((rc = rlb__params_init(&b->params, &opts->cfg, err, sizeof(err))) < 0)
         goto out;
+    if ((rc = br_base_open(b, err, sizeof(err))) < 0) {
+        RLB_LOG_ERROR(RLB_SUB_BRIDGE, "base checkpoint: %s", err);
+        goto out;
+    }
     if ((rc = rlb__listener_open(opts->socket_path, opts->ring_bytes, &b->listener)) < 0)
         goto out;
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "listening on %s (%s sync, model %s: %" PRId64 " layers, "

@@ -12,7 +12,8 @@
  *   - the other ranks: the same name registered elsewhere must agree on dtype, shape,
  *     layout kind and FSDP world, and no FSDP shard may be claimed twice.
  * The plan is built once, when every trainer rank is connected and every parameter has a
- * placement, and thrown away when a registration changes.
+ * placement (from the trainers, or from the bridge's base checkpoint: bridge/base.c), and
+ * thrown away when a registration changes.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -368,12 +369,10 @@ void br_plan_reset(bridge *b)
     b->plan_ready = 0;
 }
 
-/* Source buffer index of segment `seg` of rank r's peer, adding it on first use. */
-static int src_buffer(bridge *b, br_peer *q, uint32_t seg, uint32_t *index)
+int br_source_buffer(bridge *b, const void *addr, uint64_t bytes, uint32_t *index)
 {
-    br_seg *s = br_seg_find(q, seg);
     for (uint32_t i = 0; i < b->n_src; i++)
-        if (b->src_ptr[i] == s->addr) {
+        if (b->src_ptr[i] == addr) {
             *index = i;
             return 0;
         }
@@ -385,13 +384,20 @@ static int src_buffer(bridge *b, br_peer *q, uint32_t seg, uint32_t *index)
     if (!len)
         return RLB_ENOMEM;
     b->src_len = len;
-    int rc = rlb__source_add_buffer(&b->source, s->bytes);
+    int rc = rlb__source_add_buffer(&b->source, bytes);
     if (rc < 0)
         return rc;
-    b->src_ptr[b->n_src] = s->addr;
-    b->src_len[b->n_src] = s->bytes;
+    b->src_ptr[b->n_src] = addr;
+    b->src_len[b->n_src] = bytes;
     *index = b->n_src++;
     return 0;
+}
+
+/* Source buffer index of segment `seg` of peer q, adding it on first use. */
+static int src_buffer(bridge *b, br_peer *q, uint32_t seg, uint32_t *index)
+{
+    br_seg *s = br_seg_find(q, seg);
+    return br_source_buffer(b, s->addr, s->bytes, index);
 }
 
 /* 1 when a lower rank than r (or an earlier tensor of r) already holds `name`. */
@@ -470,6 +476,8 @@ int br_plan_ensure(bridge *b)
             if (!t->dropped && !seen_before(b, r, i, t->name))
                 rc = add_tensor(b, r, i, err);
         }
+    if (rc == 0)
+        rc = br_base_add(b, err, sizeof(err));
     if (rc == 0 && rlb__source_check(&b->source, err, sizeof(err)) < 0) {
         snprintf(b->reg_missing, sizeof(b->reg_missing), "%s", err);
         rc = 1;

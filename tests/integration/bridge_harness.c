@@ -101,7 +101,10 @@ void h_cleanup(void)
     }
 }
 
-int h_start(h_run *r, rlb_sync_mode mode)
+static int version_checkpoint(const char *dir, uint64_t v, char *tag);
+
+/* Starts the bridge; base_version != 0: with that version's checkpoint as its base. */
+static int start_bridge(h_run *r, rlb_sync_mode mode, uint64_t base_version)
 {
     memset(r, 0, sizeof(*r));
     r->shm_before = count_dev_shm();
@@ -110,6 +113,10 @@ int h_start(h_run *r, rlb_sync_mode mode)
         return -1;
     snprintf(run_dir, sizeof(run_dir), "%s", r->dir);
     snprintf(r->sock, sizeof(r->sock), "%s/bridge.sock", r->dir);
+    char tag[32], base[192];
+    if (base_version && version_checkpoint(r->dir, base_version, tag) != 0)
+        return -1;
+    snprintf(base, sizeof(base), "%s/%s", r->dir, base_version ? tag : "");
     r->bridge = spawn();
     if (r->bridge == 0) {
         static volatile sig_atomic_t stop;
@@ -120,6 +127,7 @@ int h_start(h_run *r, rlb_sync_mode mode)
         o.mode = mode;
         o.threads = 2;
         o.ring_bytes = 1u << 20; /* small rings: results of several records fragment */
+        o.base_dir = base_version ? base : NULL;
         rlb__config_tiny(&o.cfg);
         _exit(rlb__bridge_run(&o) == 0 ? 0 : 1);
     }
@@ -130,6 +138,16 @@ int h_start(h_run *r, rlb_sync_mode mode)
         usleep(2000);
     }
     return -1;
+}
+
+int h_start(h_run *r, rlb_sync_mode mode)
+{
+    return start_bridge(r, mode, 0);
+}
+
+int h_start_base(h_run *r, rlb_sync_mode mode, uint64_t v)
+{
+    return start_bridge(r, mode, v);
 }
 
 int h_workers(h_run *r, uint32_t replicas, uint32_t tp)
@@ -583,12 +601,16 @@ int h_reference_weights(h_run *r, const char *tag, float *const *data, uint32_t 
     return generate_ref(r, tag, tp, prompt, n, max_tokens, tokens, cap);
 }
 
-int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32_t n,
-                uint32_t max_tokens, int32_t *tokens, int cap)
+/* Writes version v's weights as DIR/ckpt<v> unless it is there; its tag goes to tag[32]. */
+static int version_checkpoint(const char *dir, uint64_t v, char *tag)
 {
     const rlb_param_list *l = tiny_params();
-    char tag[32];
-    snprintf(tag, sizeof(tag), "ckpt%llu", (unsigned long long)v);
+    snprintf(tag, 32, "ckpt%llu", (unsigned long long)v);
+    char path[256];
+    snprintf(path, sizeof(path), "%s/%s", dir, tag);
+    struct stat st;
+    if (stat(path, &st) == 0)
+        return 0;
     float **data = calloc((size_t)l->n, sizeof(*data));
     for (int64_t p = 0; p < l->n; p++) {
         uint64_t numel = rlb__param_numel(&l->params[p]);
@@ -596,9 +618,18 @@ int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32
         for (uint64_t i = 0; i < numel; i++)
             data[p][i] = h_weight(v, p, i);
     }
-    int rc = h_reference_weights(r, tag, data, tp, prompt, n, max_tokens, tokens, cap);
+    int rc = write_checkpoint(dir, tag, data);
     for (int64_t p = 0; p < l->n; p++)
         free(data[p]);
     free(data);
     return rc;
+}
+
+int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32_t n,
+                uint32_t max_tokens, int32_t *tokens, int cap)
+{
+    char tag[32];
+    if (version_checkpoint(r->dir, v, tag) != 0)
+        return -1;
+    return generate_ref(r, tag, tp, prompt, n, max_tokens, tokens, cap);
 }

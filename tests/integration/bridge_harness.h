@@ -44,6 +44,9 @@ typedef struct h_run {
 
 /* Starts a bridge (tiny model) in mode; waits for its socket. Returns 0 or -1. */
 int h_start(h_run *r, rlb_sync_mode mode);
+/* The same with version v's weights, written as a checkpoint, as the bridge's base
+ * (rlb_bridge_opts.base_dir): weights no trainer registers come from there. */
+int h_start_base(h_run *r, rlb_sync_mode mode, uint64_t v);
 /* Starts workers: `replicas` replicas of TP size tp. Returns 0 or -1. */
 int h_workers(h_run *r, uint32_t replicas, uint32_t tp);
 /* Waits (bounded) until the bridge reports `workers` workers and `up` replicas up. */

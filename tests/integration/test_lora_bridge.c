@@ -4,8 +4,10 @@
  * bridge and two TP workers (forked from the test, tiny model) serve them. After each
  * commit, greedy tokens must equal `rlb generate --tp 2` on a checkpoint the test writes
  * with the merged weights W + s * B * A (computed here in double), and after the adapters
- * are taken back the tokens must be the base's again, on the base checkpoint. Refusals:
- * a factor of an undeclared weight, a conflicting or bad declaration.
+ * are taken back the tokens must be the base's again, on the base checkpoint. The base comes
+ * from the trainer's registered tensors, or from a checkpoint the bridge maps itself
+ * (rlb_bridge_opts.base_dir), the trainer then registering only the factors. Refusals: a
+ * factor of an undeclared weight, a bad declaration.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -89,13 +91,15 @@ static void free_weights(float **data)
     free(data);
 }
 
-static void test_lora_sync(void **state)
+/* base_in_bridge 0: the trainer registers the base with its factors; 1: the bridge maps a
+ * checkpoint of the base and the trainer registers only the factors. */
+static void lora_sync(int base_in_bridge)
 {
-    (void)state;
     h_run r;
     rlb_client *c;
     const rlb_param_list *l = h_params();
-    assert_int_equal(h_start(&r, RLB_SYNC_PAUSE), 0);
+    assert_int_equal(base_in_bridge ? h_start_base(&r, RLB_SYNC_PAUSE, 1)
+                                    : h_start(&r, RLB_SYNC_PAUSE), 0);
     assert_int_equal(h_workers(&r, 1, TP), 0);
     assert_int_equal(h_connect(&r, 0, 1, &c), 0);
     assert_int_equal(h_wait_workers(&r, c, TP, 1), 0);
@@ -177,7 +181,8 @@ static void test_lora_sync(void **state)
     /* A PEFT name for the base weight works as well. */
     ld[0].target = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight";
     assert_int_equal(rlb_register_lora(c, ld, (size_t)n_ad), 0);
-    if (rlb_register(c, d, (size_t)n_desc))
+    int first = base_in_bridge ? (int)l->n : 0;
+    if (rlb_register(c, d + first, (size_t)(n_desc - first)))
         fail_msg("register: %s", rlb_last_error(c));
 
     int32_t prompt[3] = {5, 17, 42}, got[64], want[64], base_want[64];
@@ -215,6 +220,18 @@ static void test_lora_sync(void **state)
     assert_int_equal(h_stop(&r, NULL), 0);
 }
 
+static void test_lora_trainer_base(void **state)
+{
+    (void)state;
+    lora_sync(0);
+}
+
+static void test_lora_checkpoint_base(void **state)
+{
+    (void)state;
+    lora_sync(1);
+}
+
 static int teardown(void **state)
 {
     (void)state;
@@ -225,7 +242,8 @@ static int teardown(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_teardown(test_lora_sync, teardown),
+        cmocka_unit_test_teardown(test_lora_trainer_base, teardown),
+        cmocka_unit_test_teardown(test_lora_checkpoint_base, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
