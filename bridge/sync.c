@@ -208,7 +208,9 @@ static int bind_copy(bridge *b)
     c->view.stage_ops = malloc(plan->n_stage_ops * sizeof(*c->view.stage_ops) + 1);
     if (!c->view.merges || !c->view.stage_ops)
         return RLB_ENOMEM;
-    memcpy(c->view.stage_ops, plan->stage_ops, plan->n_stage_ops * sizeof(*plan->stage_ops));
+    if (plan->n_stage_ops)
+        memcpy(c->view.stage_ops, plan->stage_ops,
+               plan->n_stage_ops * sizeof(*plan->stage_ops));
     c->view.n_ops = 0;
     c->view.n_merges = 0;
     c->view.dst_first_merge = NULL; /* the executor reads merges by their dst_ref */
