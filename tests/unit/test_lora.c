@@ -304,10 +304,16 @@ static int adapted_kind(int which)
 
 /* The case's tensors: the base (plan_ref.h's names and shapes), then A and B of every
  * adaptable weight, ranks 1..4 varying by weight. */
-static void case_init(lcase *c, int qwen_tied, int mode, rlb_dtype sdt)
+static void case_init(lcase *c, int qwen_tied, int mode, rlb_dtype sdt, int wide)
 {
     memset(c, 0, sizeof *c);
     small_config(&c->cfg, qwen_tied);
+    if (wide) { /* enough rows that the executor splits the merges over threads */
+        c->cfg.hidden = 256;
+        c->cfg.intermediate = 512;
+        c->cfg.head_dim = 64;
+        c->cfg.vocab = 1000;
+    }
     ref_model_init(&c->m, &c->cfg, 0);
     c->mode = mode;
     c->sdt = sdt;
@@ -411,8 +417,8 @@ static void check_worker(const lcase *c, int T, int t, rlb_dtype ddt, const uint
             }
 }
 
-/* Runs `plan` into fresh zeroed worker buffers dst[] (or the given ones). */
-static void run_plan(const rlb_plan *plan, const lcase *c, uint8_t **dst)
+/* Runs `plan` into the worker buffers dst[] on `threads` threads. */
+static void run_plan(const rlb_plan *plan, const lcase *c, uint8_t **dst, int threads)
 {
     const void *src[W_FSDP];
     void *d[8];
@@ -421,14 +427,14 @@ static void run_plan(const rlb_plan *plan, const lcase *c, uint8_t **dst)
     for (uint32_t i = 0; i < plan->n_dst; i++)
         d[i] = dst[i];
     char err[256] = "";
-    if (rlb__plan_exec_cpu(plan, src, c->blen, d, plan->dst_bytes, 2, err, sizeof err))
+    if (rlb__plan_exec_cpu(plan, src, c->blen, d, plan->dst_bytes, threads, err, sizeof err))
         fail_msg("exec: %s", err);
 }
 
-static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int T)
+static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int T, int wide)
 {
     lcase c;
-    case_init(&c, qwen_tied, mode, sdt);
+    case_init(&c, qwen_tied, mode, sdt, wide);
     rlb_param_list pl, plain;
     char err[256] = "";
     assert_int_equal(rlb__params_init(&pl, &c.cfg, NULL, 0), 0);
@@ -456,16 +462,16 @@ static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int 
     }
     fill_values(&c, 1, 0);
     write_sources(&c);
-    run_plan(&pplan, &c, base);
+    run_plan(&pplan, &c, base, 2);
     for (uint64_t v = 1; v <= 2; v++) {
         fill_values(&c, 100 + v, 1); /* new adapters, same base */
         write_sources(&c);
-        run_plan(&plan, &c, dst);
+        run_plan(&plan, &c, dst, wide ? 4 : 2);
         for (int t = 0; t < T; t++)
             check_worker(&c, T, t, ddt, dst[t], 1);
     }
     /* Adapters taken out: the same buffers get the base back, bit for bit. */
-    run_plan(&pplan, &c, dst);
+    run_plan(&pplan, &c, dst, 2);
     for (int t = 0; t < T; t++) {
         check_worker(&c, T, t, ddt, dst[t], 0);
         assert_memory_equal(dst[t], base[t], plan.dst_bytes[t]);
@@ -492,7 +498,15 @@ static void test_merge_against_reference(void **state)
         for (int mode = M_FULL; mode <= M_FSDP1; mode++)
             for (int T = 1; T <= 4; T *= 2)
                 for (size_t d = 0; d < sizeof dts / sizeof dts[0]; d++)
-                    run_case(qt, mode, dts[d][0], dts[d][1], T);
+                    run_case(qt, mode, dts[d][0], dts[d][1], T, 0);
+}
+
+/* A wider model whose merges the executor splits over four threads (also run under TSan). */
+static void test_threaded_merge(void **state)
+{
+    (void)state;
+    run_case(0, M_FSDP2, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 2, 1);
+    run_case(1, M_FULL, RLB_DTYPE_F32, RLB_DTYPE_F32, 4, 1);
 }
 
 /* Two replicas get the same merges, and a plan with merges has no wire form yet. */
@@ -500,7 +514,7 @@ static void test_replicas_and_wire(void **state)
 {
     (void)state;
     lcase c;
-    case_init(&c, 0, M_FULL, RLB_DTYPE_F32);
+    case_init(&c, 0, M_FULL, RLB_DTYPE_F32, 0);
     rlb_param_list pl;
     char err[256] = "";
     assert_int_equal(rlb__params_init(&pl, &c.cfg, NULL, 0), 0);
@@ -519,7 +533,7 @@ static void test_replicas_and_wire(void **state)
     uint8_t *dst[4];
     for (int d = 0; d < 4; d++)
         dst[d] = calloc(1, plan.dst_bytes[d]);
-    run_plan(&plan, &c, dst);
+    run_plan(&plan, &c, dst, 2);
     for (int d = 0; d < 4; d++)
         check_worker(&c, 2, d % 2, RLB_DTYPE_F32, dst[d], 1);
     assert_memory_equal(dst[0], dst[2], plan.dst_bytes[0]);
@@ -548,6 +562,7 @@ int main(void)
         cmocka_unit_test(test_split_names),
         cmocka_unit_test(test_add_adapter_refusals),
         cmocka_unit_test(test_merge_against_reference),
+        cmocka_unit_test(test_threaded_merge),
         cmocka_unit_test(test_replicas_and_wire),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
