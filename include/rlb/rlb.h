@@ -245,8 +245,9 @@ typedef struct rlb_lora_desc {
 RLB_API void rlb_lora_desc_init(rlb_lora_desc *desc);
 
 /* Declares n (>= 1) adapters, array elements adapters[0].struct_size bytes apart. Declare
- * an adapter before registering its factors (a factor of an undeclared weight is refused).
- * Any rank may declare; ranks declaring the same weight must agree on rank and scale.
+ * an adapter before registering its factors (a factor of a weight no rank declared is
+ * refused): each rank declares the adapters whose factors it registers, and ranks declaring
+ * the same weight must agree on rank and scale. An adapter lasts while some rank declares it.
  * Returns 0 once the bridge accepted them, RLB_EINVAL / RLB_EVERSION (checked here), or the
  * bridge's refusal: RLB_ENOTFOUND (no such weight), RLB_EINVAL (not q, k, v, o, gate, up,
  * down, embed or lm_head, or rank outside [1, min(out, in)]), RLB_EEXIST (declared

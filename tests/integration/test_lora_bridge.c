@@ -6,8 +6,9 @@
  * with the merged weights W + s * B * A (computed here in double), and after the adapters
  * are taken back the tokens must be the base's again, on the base checkpoint. The base comes
  * from the trainer's registered tensors, or from a checkpoint the bridge maps itself
- * (rlb_bridge_opts.base_dir), the trainer then registering only the factors. Refusals: a
- * factor of an undeclared weight, a bad declaration.
+ * (rlb_bridge_opts.base_dir), the trainer then registering only the factors (that case runs
+ * in staged mode, the other in pause mode). Refusals: a factor of an undeclared weight, a
+ * bad declaration.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -93,13 +94,12 @@ static void free_weights(float **data)
 
 /* base_in_bridge 0: the trainer registers the base with its factors; 1: the bridge maps a
  * checkpoint of the base and the trainer registers only the factors. */
-static void lora_sync(int base_in_bridge)
+static void lora_sync(int base_in_bridge, rlb_sync_mode mode)
 {
     h_run r;
     rlb_client *c;
     const rlb_param_list *l = h_params();
-    assert_int_equal(base_in_bridge ? h_start_base(&r, RLB_SYNC_PAUSE, 1)
-                                    : h_start(&r, RLB_SYNC_PAUSE), 0);
+    assert_int_equal(base_in_bridge ? h_start_base(&r, mode, 1) : h_start(&r, mode), 0);
     assert_int_equal(h_workers(&r, 1, TP), 0);
     assert_int_equal(h_connect(&r, 0, 1, &c), 0);
     assert_int_equal(h_wait_workers(&r, c, TP, 1), 0);
@@ -223,13 +223,55 @@ static void lora_sync(int base_in_bridge)
 static void test_lora_trainer_base(void **state)
 {
     (void)state;
-    lora_sync(0);
+    lora_sync(0, RLB_SYNC_PAUSE);
 }
 
 static void test_lora_checkpoint_base(void **state)
 {
     (void)state;
-    lora_sync(1);
+    lora_sync(1, RLB_SYNC_STAGED); /* and the double-buffered mode */
+}
+
+/* Two ranks declaring one weight must agree; a declaration is taken back only by its rank,
+ * and lasts while some rank declares it. */
+static void test_lora_declarations(void **state)
+{
+    (void)state;
+    h_run r;
+    rlb_client *c0, *c1;
+    assert_int_equal(h_start(&r, RLB_SYNC_PAUSE), 0);
+    assert_int_equal(h_connect(&r, 0, 2, &c0), 0);
+    assert_int_equal(h_connect(&r, 1, 2, &c1), 0);
+    rlb_lora_desc d;
+    rlb_lora_desc_init(&d);
+    d.target = "model.layers.1.mlp.down_proj.weight";
+    d.rank = 8;
+    d.alpha = 16;
+    assert_int_equal(rlb_register_lora(c0, &d, 1), 0);
+    d.rank = 4;
+    assert_int_equal(rlb_register_lora(c1, &d, 1), RLB_EEXIST); /* another rank */
+    d.rank = 8;
+    d.rslora = 1;
+    assert_int_equal(rlb_register_lora(c1, &d, 1), RLB_EEXIST); /* another scale */
+    d.rslora = 0;
+    assert_int_equal(rlb_register_lora(c1, &d, 1), 0);
+    const char *t = d.target;
+    assert_int_equal(rlb_unregister_lora(c0, &t, 1), 0);
+    /* Rank 1 still declares it: rank 1's factor is accepted. */
+    float *mem;
+    assert_int_equal(rlb_alloc_host(c1, 8 * 192 * sizeof(float), (void **)&mem), 0);
+    rlb_tensor_desc f;
+    rlb_tensor_desc_init(&f);
+    f.name = "model.layers.1.mlp.down_proj.lora_A.weight";
+    f.ndim = 2;
+    f.shape[0] = 8;
+    f.shape[1] = 192;
+    f.data = mem;
+    assert_int_equal(rlb_register(c1, &f, 1), 0);
+    assert_int_equal(rlb_unregister_lora(c0, &t, 1), RLB_ENOTFOUND); /* not rank 0's now */
+    rlb_close(c1);
+    rlb_close(c0);
+    assert_int_equal(h_stop(&r, NULL), 0);
 }
 
 static int teardown(void **state)
@@ -244,6 +286,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_lora_trainer_base, teardown),
         cmocka_unit_test_teardown(test_lora_checkpoint_base, teardown),
+        cmocka_unit_test_teardown(test_lora_declarations, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
