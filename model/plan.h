@@ -33,11 +33,14 @@ typedef struct rlb_copy_op {
 } rlb_copy_op;
 _Static_assert(sizeof(rlb_copy_op) == 64, "rlb_copy_op is a 64-byte wire record");
 
-/* A LoRA merge (DESIGN §10): C[rows, cols] += scale * L[rows, rank] * R[rank, cols], where C
- * is a block of destination dst_ref, already holding the base (written by the plan's copy
- * ops), and L, R are f32 matrices in the plan's adapter stage. Column-parallel targets take
- * their TP rows of B (L) times A (R); row-parallel ones B times their TP columns of A; the
- * embedding's delta is (B * A)^T, so there L = A^T and R = B^T, read transposed. */
+/* A LoRA merge (DESIGN §10): C[rows, cols] = base + scale * L[rows, rank] * R[rank, cols],
+ * where C is a block of whole rows of destination dst_ref (one adapted weight's part of a
+ * local tensor), the base is what the merge's own copy ops (merge_copies[copy_first ..
+ * + n_copies), which write exactly the block) bring from the sources, and L, R are f32
+ * matrices in the plan's adapter stage. Column-parallel targets take their TP rows of B (L)
+ * times A (R); row-parallel ones B times their TP columns of A; the embedding's delta is
+ * (B * A)^T, so there L = A^T and R = B^T, read transposed. An executor writes each block
+ * once: base widened to f32, plus the product, rounded once to the destination dtype. */
 #define RLB_MERGE_L_TRANS 1u /* L(i, k) is stored at l_offset + (k * l_ld + i) * 4 */
 #define RLB_MERGE_R_TRANS 2u /* R(k, j) is stored at r_offset + (j * r_ld + k) * 4 */
 
@@ -56,6 +59,8 @@ typedef struct rlb_merge_op {
     uint64_t l_ld;       /* f32 elements between stored rows of L (of L^T when transposed) */
     uint64_t r_offset;   /* byte offset of R(0, 0) in the stage */
     uint64_t r_ld;       /* f32 elements between stored rows of R (of R^T when transposed) */
+    uint64_t copy_first; /* its base copies: merge_copies[copy_first .. + n_copies) */
+    uint64_t n_copies;
 } rlb_merge_op;
 
 typedef struct rlb_plan {
@@ -70,8 +75,8 @@ typedef struct rlb_plan {
     uint64_t bytes_read;    /* sum of source bytes the ops (and stage ops) read */
     uint64_t bytes_written; /* sum of destination bytes the ops write */
     /* LoRA adapters (zero / NULL without): every factor is gathered into one f32 stage of
-     * stage_bytes by stage_ops (copies whose dst_ref 0 is the stage), then the merges run
-     * over the destinations the copy ops filled. */
+     * stage_bytes by stage_ops (copies whose dst_ref 0 is the stage), then each merge writes
+     * its block from its base copies (which ops[] leaves out) and the stage. */
     uint64_t stage_bytes;       /* bytes of the f32 adapter stage */
     uint64_t n_stage_ops;       /* entries in stage_ops[] */
     rlb_copy_op *stage_ops;     /* source pieces of the factors -> the stage */
@@ -79,6 +84,8 @@ typedef struct rlb_plan {
     rlb_merge_op *merges;       /* grouped by destination, like ops */
     uint64_t *dst_first_merge;  /* [n_dst + 1] destination d's merges are
                                  * merges[dst_first_merge[d] .. dst_first_merge[d + 1]) */
+    uint64_t n_merge_copies;    /* entries in merge_copies[] */
+    rlb_copy_op *merge_copies;  /* the adapted weights' base copies, grouped by merge */
 } rlb_plan;
 
 /* What the workers hold: D data-parallel replicas of a TP group of size T. Destination
@@ -134,13 +141,13 @@ typedef struct rlb_plan_wire_header {
 } rlb_plan_wire_header;
 _Static_assert(sizeof(rlb_plan_wire_header) == 64, "plan wire header is 64 bytes");
 
-/* Checks one merge against the destination lengths and the stage: dst_ref in range, dtype
- * F32/BF16/F16, no empty dimension, flags and reserved known, C inside dst_len[dst_ref]
- * with rows not overlapping, L and R inside the stage. Returns 0 or RLB_EINVAL with `err`
- * naming merge `index`. */
-int rlb__plan_check_merge(const rlb_merge_op *m, uint64_t index, uint32_t n_dst,
-                          const uint64_t *dst_len, uint64_t stage_bytes, char *err,
-                          size_t errlen);
+/* Checks merge `index` of `plan` against the buffer lengths: dst_ref in range, dtype
+ * F32/BF16/F16, no empty dimension, flags and reserved known, C whole rows (cols fill
+ * dst_stride) inside dst_len[dst_ref], L and R inside the stage, and each of its copies
+ * (rlb__plan_check_op) writing only inside C. Returns 0 or RLB_EINVAL with `err` naming the
+ * merge. */
+int rlb__plan_check_merge(const rlb_plan *plan, uint64_t index, const uint64_t *src_len,
+                          const uint64_t *dst_len, char *err, size_t errlen);
 
 /* Bytes rlb__plan_serialize writes for `plan`. */
 uint64_t rlb__plan_serialized_size(const rlb_plan *plan);

@@ -2,16 +2,18 @@
  *
  * The stage is one aligned f32 block per run, filled by running the plan's stage ops as a
  * plan of their own (one destination: the stage), so the gathers get the copy executor's
- * threads and conversions. The merges are then cut into items of rows, which threads claim
- * through one counter as the copy executor's do; items write disjoint rows because merges
- * do (one per local tensor block), and join publishes them.
+ * threads and conversions. The merges are then cut into items of whole rows, which threads
+ * claim through one counter as the copy executor's do. An item builds its rows in an f32
+ * buffer: the parts of the merge's base copies that land in those rows (sliced by
+ * destination bytes: a merge's block is whole rows, so its rows are one byte range),
+ * widened from the source dtype; then each row's rank-r update; then one rounding into the
+ * destination. Items write disjoint rows, and join publishes them.
  *
  * The update is not a BLAS call: with r small (8..64), a GEMM library spends its time
  * packing and waking its own threads (which compete with ours), while a row-at-a-time
  * update keeps the row, the r values of scale * L(i, :) and VEC columns of the sum in cache
- * and registers, and fuses the widening and rounding of BF16 rows into the same pass (F16
- * rows go through the scalar converters). Each element is summed in f32 as
- * base + l_0 R(0, j) + l_1 R(1, j) + ... in that order.
+ * and registers. Each element is summed in f32 as base + l_0 R(0, j) + l_1 R(1, j) + ...
+ * in that order.
  */
 #include "kernels/cpu/lora_merge.h"
 
@@ -38,7 +40,8 @@
 int rlb__lora_check_cpu(const rlb_plan *plan, const uint64_t *src_len, const uint64_t *dst_len,
                         char *err, size_t errlen)
 {
-    if ((plan->n_stage_ops && !plan->stage_ops) || (plan->n_merges && !plan->merges))
+    if ((plan->n_stage_ops && !plan->stage_ops) || (plan->n_merges && !plan->merges) ||
+        (plan->n_merge_copies && !plan->merge_copies))
         return rlb__model_err(err, errlen, RLB_EINVAL, "plan exec: NULL stage ops or merges");
     uint64_t stage = plan->stage_bytes;
     for (uint64_t i = 0; i < plan->n_stage_ops; i++) {
@@ -51,17 +54,16 @@ int rlb__lora_check_cpu(const rlb_plan *plan, const uint64_t *src_len, const uin
             return rc;
     }
     for (uint64_t i = 0; i < plan->n_merges; i++) {
-        int rc = rlb__plan_check_merge(&plan->merges[i], i, plan->n_dst, dst_len, stage, err,
-                                       errlen);
+        int rc = rlb__plan_check_merge(plan, i, src_len, dst_len, err, errlen);
         if (rc)
             return rc;
     }
     return 0;
 }
 
-/* Per-thread scratch, sized for the largest merge. */
+/* Per-thread scratch, sized for the largest item. */
 typedef struct row_scratch {
-    float *acc;   /* one F16 destination row widened to f32 */
+    float *acc;   /* the item's rows in f32 */
     float *l;     /* scale * L(i, :) */
     float *rpack; /* R packed row-major [rank, cols] when it is stored transposed */
 } row_scratch;
@@ -73,12 +75,14 @@ typedef struct merge_item {
 
 typedef struct merge_ctx {
     const rlb_plan *plan;
+    const void *const *src;
     void *const *dst;
     const uint8_t *stage;
     const merge_item *items;
     uint64_t n_items;
-    uint64_t next;         /* next unclaimed item; claimed with rlb_fetch_add */
-    uint64_t max_cols;     /* scratch sizes */
+    uint64_t next;       /* next unclaimed item; claimed with rlb_fetch_add */
+    uint64_t max_elems;  /* scratch sizes: largest item, widest R, highest rank */
+    uint64_t max_cols;
     uint64_t max_rank;
 } merge_ctx;
 
@@ -87,79 +91,10 @@ typedef struct merge_ctx {
 typedef float vf16 __attribute__((vector_size(64)));
 _Static_assert(VEC == 64, "update_row holds VEC columns in four 16-float accumulators");
 
-/* row[0..n) += sum_k l[k] * R[k * ldr + 0..n) for a row of F32 (bf16 = 0) or BF16
- * (bf16 = 1) elements, VEC columns at a time, held in four independent vector
- * accumulators through the rank loop (so the adds do not wait on each other), then rounded back (round to nearest even, as kernels/cpu/convert.h). Inlined
- * into one clone per instruction set below. */
-static inline __attribute__((always_inline)) void update_row(uint8_t *row, int bf16,
-                                                            const float *restrict l,
-                                                            const float *restrict R,
-                                                            uint64_t ldr, uint64_t r,
-                                                            uint64_t n)
-{
-    uint64_t j = 0;
-    for (; j + VEC <= n; j += VEC) {
-        float f[VEC];
-        uint16_t h[VEC];
-        if (bf16) {
-            memcpy(h, row + 2 * j, sizeof h);
-            for (int v = 0; v < VEC; v++)
-                f[v] = rlb__bf16_to_f32(h[v]);
-        } else {
-            memcpy(f, row + 4 * j, sizeof f);
-        }
-        vf16 a0, a1, a2, a3, x0, x1, x2, x3;
-        memcpy(&a0, f, 64);
-        memcpy(&a1, f + 16, 64);
-        memcpy(&a2, f + 32, 64);
-        memcpy(&a3, f + 48, 64);
-        for (uint64_t k = 0; k < r; k++) {
-            const float *rk = R + k * ldr + j;
-            memcpy(&x0, rk, 64);
-            memcpy(&x1, rk + 16, 64);
-            memcpy(&x2, rk + 32, 64);
-            memcpy(&x3, rk + 48, 64);
-            a0 += l[k] * x0;
-            a1 += l[k] * x1;
-            a2 += l[k] * x2;
-            a3 += l[k] * x3;
-        }
-        memcpy(f, &a0, 64);
-        memcpy(f + 16, &a1, 64);
-        memcpy(f + 32, &a2, 64);
-        memcpy(f + 48, &a3, 64);
-        if (bf16) {
-            for (int v = 0; v < VEC; v++)
-                h[v] = rlb__f32_to_bf16(f[v]);
-            memcpy(row + 2 * j, h, sizeof h);
-        } else {
-            memcpy(row + 4 * j, f, sizeof f);
-        }
-    }
-    for (; j < n; j++) {
-        float a;
-        uint16_t h;
-        if (bf16) {
-            memcpy(&h, row + 2 * j, 2);
-            a = rlb__bf16_to_f32(h);
-        } else {
-            memcpy(&a, row + 4 * j, 4);
-        }
-        for (uint64_t k = 0; k < r; k++)
-            a += l[k] * R[k * ldr + j];
-        if (bf16) {
-            h = rlb__f32_to_bf16(a);
-            memcpy(row + 2 * j, &h, 2);
-        } else {
-            memcpy(row + 4 * j, &a, 4);
-        }
-    }
-}
-
 /* The ifunc clones: the widest vectors the CPU has, chosen once at load. Every clone adds
  * the same products in the same order without contracting them into FMAs (see the pragma
- * above), so all give the same bits. Sanitizer builds take the baseline only: an
- * ifunc resolver runs before the sanitizer runtime is up. */
+ * above), so all give the same bits. Sanitizer builds take the baseline only: an ifunc
+ * resolver runs before the sanitizer runtime is up. */
 #if defined(__has_feature)
 #if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
 #define RLB_NO_CLONES 1
@@ -172,26 +107,106 @@ static inline __attribute__((always_inline)) void update_row(uint8_t *row, int b
 #define CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #endif
 
-CLONES static void update_row_f32(uint8_t *row, const float *l, const float *R, uint64_t ldr,
-                                  uint64_t r, uint64_t n)
+/* row[0..n) += sum_k l[k] * R[k * ldr + 0..n), VEC columns at a time held in four
+ * independent vector accumulators through the rank loop (so the adds do not wait on each
+ * other). */
+CLONES static void update_row(float *restrict row, const float *restrict l,
+                              const float *restrict R, uint64_t ldr, uint64_t r, uint64_t n)
 {
-    update_row(row, 0, l, R, ldr, r, n);
+    uint64_t j = 0;
+    for (; j + VEC <= n; j += VEC) {
+        vf16 a0, a1, a2, a3, x0, x1, x2, x3;
+        memcpy(&a0, row + j, 64);
+        memcpy(&a1, row + j + 16, 64);
+        memcpy(&a2, row + j + 32, 64);
+        memcpy(&a3, row + j + 48, 64);
+        for (uint64_t k = 0; k < r; k++) {
+            const float *rk = R + k * ldr + j;
+            memcpy(&x0, rk, 64);
+            memcpy(&x1, rk + 16, 64);
+            memcpy(&x2, rk + 32, 64);
+            memcpy(&x3, rk + 48, 64);
+            a0 += l[k] * x0;
+            a1 += l[k] * x1;
+            a2 += l[k] * x2;
+            a3 += l[k] * x3;
+        }
+        memcpy(row + j, &a0, 64);
+        memcpy(row + j + 16, &a1, 64);
+        memcpy(row + j + 32, &a2, 64);
+        memcpy(row + j + 48, &a3, 64);
+    }
+    for (; j < n; j++) {
+        float a = row[j];
+        for (uint64_t k = 0; k < r; k++)
+            a += l[k] * R[k * ldr + j];
+        row[j] = a;
+    }
 }
 
-CLONES static void update_row_bf16(uint8_t *row, const float *l, const float *R, uint64_t ldr,
-                                   uint64_t r, uint64_t n)
+/* n elements of dtype at s -> f32 (exact). BF16 in fixed blocks that vectorize. */
+CLONES static void widen(float *restrict out, const uint8_t *restrict s, uint64_t n,
+                         uint8_t dtype)
 {
-    update_row(row, 1, l, R, ldr, r, n);
+    uint64_t i = 0;
+    if (dtype == RLB_DTYPE_BF16)
+        for (; i + VEC <= n; i += VEC) {
+            uint16_t h[VEC];
+            memcpy(h, s + 2 * i, sizeof h);
+            for (int v = 0; v < VEC; v++)
+                out[i + v] = rlb__bf16_to_f32(h[v]);
+        }
+    rlb__row_to_f32(out + i, s + i * rlb_dtype_size((rlb_dtype)dtype), n - i, dtype);
 }
 
-/* Rows [i0, i1) of merge m: each destination row is read once (widened unless it is F32),
- * gets its rank-r update and is written once (rounded to the destination dtype). */
-static void merge_rows(const rlb_merge_op *m, uint8_t *dst, const uint8_t *stage,
-                       uint64_t i0, uint64_t i1, row_scratch *w)
+/* n f32 values -> dtype elements at d, rounded to nearest even (kernels/cpu/convert.h).
+ * BF16 in fixed blocks that vectorize. */
+CLONES static void narrow(uint8_t *restrict d, const float *restrict in, uint64_t n,
+                          uint8_t dtype)
 {
-    const float *L = (const float *)(const void *)(stage + m->l_offset);
-    const float *R = (const float *)(const void *)(stage + m->r_offset);
+    uint64_t i = 0;
+    if (dtype == RLB_DTYPE_BF16)
+        for (; i + VEC <= n; i += VEC) {
+            uint16_t h[VEC];
+            for (int v = 0; v < VEC; v++)
+                h[v] = rlb__f32_to_bf16(in[i + v]);
+            memcpy(d + 2 * i, h, sizeof h);
+        }
+    rlb__row_from_f32(d + i * rlb_dtype_size((rlb_dtype)dtype), in + i, n - i, dtype);
+}
+
+/* Widens into acc the bytes [b0, b1) of the destination that copy op writes (acc[0] is
+ * byte b0; destination elements of des bytes). */
+static void widen_slice(float *acc, const rlb_copy_op *op, const void *const *src,
+                        uint64_t b0, uint64_t b1, uint64_t des)
+{
+    uint64_t rb = op->row_elems * des, off = op->dst_offset, s = op->dst_stride;
+    uint64_t ses = rlb_dtype_size((rlb_dtype)op->src_dtype);
+    if (b1 <= off)
+        return;
+    /* Op rows r with off + r*s + rb > b0 and off + r*s < b1 (rows are s >= rb apart). */
+    uint64_t r0 = b0 < off + rb ? 0 : (s ? (b0 - off - rb) / s + 1 : op->rows);
+    uint64_t r1 = op->rows == 1 ? 1 : (b1 - off + s - 1) / s;
+    r1 = r1 < op->rows ? r1 : op->rows;
+    for (uint64_t r = r0; r < r1; r++) {
+        uint64_t a = off + r * s;
+        uint64_t x0 = a > b0 ? a : b0, x1 = a + rb < b1 ? a + rb : b1;
+        if (x0 >= x1)
+            continue;
+        const uint8_t *sp = (const uint8_t *)src[op->src_ref] + op->src_offset +
+                            r * op->src_stride + (x0 - a) / des * ses;
+        widen(acc + (x0 - b0) / des, sp, (x1 - x0) / des, op->src_dtype);
+    }
+}
+
+/* Rows [i0, i1) of merge m: base from its copies, plus the rank-r update, written once. */
+static void merge_rows(const merge_ctx *c, const rlb_merge_op *m, uint64_t i0, uint64_t i1,
+                       row_scratch *w)
+{
+    const float *L = (const float *)(const void *)(c->stage + m->l_offset);
+    const float *R = (const float *)(const void *)(c->stage + m->r_offset);
     uint64_t n = m->cols, r = m->rank, ldr = m->r_ld;
+    uint64_t des = rlb_dtype_size((rlb_dtype)m->dst_dtype), row_bytes = n * des;
     if (m->flags & RLB_MERGE_R_TRANS) {
         for (uint64_t k = 0; k < r; k++)
             for (uint64_t j = 0; j < n; j++)
@@ -199,29 +214,26 @@ static void merge_rows(const rlb_merge_op *m, uint8_t *dst, const uint8_t *stage
         R = w->rpack;
         ldr = n;
     }
+    /* The block is whole rows, row_bytes apart: rows [i0, i1) are bytes [b0, b1). */
+    uint64_t b0 = m->dst_offset + i0 * row_bytes, b1 = m->dst_offset + i1 * row_bytes;
+    memset(w->acc, 0, (i1 - i0) * n * sizeof(float));
+    for (uint64_t k = m->copy_first; k < m->copy_first + m->n_copies; k++)
+        widen_slice(w->acc, &c->plan->merge_copies[k], c->src, b0, b1, des);
     int ltrans = (m->flags & RLB_MERGE_L_TRANS) != 0;
-    uint8_t *c = dst + m->dst_offset;
     for (uint64_t i = i0; i < i1; i++) {
-        uint8_t *row = c + i * m->dst_stride;
         for (uint64_t k = 0; k < r; k++)
             w->l[k] = m->scale * (ltrans ? L[k * m->l_ld + i] : L[i * m->l_ld + k]);
-        if (m->dst_dtype == RLB_DTYPE_F32) {
-            update_row_f32(row, w->l, R, ldr, r, n);
-        } else if (m->dst_dtype == RLB_DTYPE_BF16) {
-            update_row_bf16(row, w->l, R, ldr, r, n);
-        } else { /* F16: widen, update, round, through the scalar converters */
-            rlb__row_to_f32(w->acc, row, n, m->dst_dtype);
-            update_row_f32((uint8_t *)w->acc, w->l, R, ldr, r, n);
-            rlb__row_from_f32(row, w->acc, n, m->dst_dtype);
-        }
+        update_row(w->acc + (i - i0) * n, w->l, R, ldr, r, n);
     }
+    narrow((uint8_t *)c->dst[m->dst_ref] + b0, w->acc, (i1 - i0) * n, m->dst_dtype);
 }
 
 static void *merge_worker(void *arg)
 {
     merge_ctx *c = arg;
-    row_scratch w = {malloc(c->max_cols * sizeof(float) + 1), malloc(c->max_rank * sizeof(float) + 1),
-                 malloc(c->max_rank * c->max_cols * sizeof(float) + 1)};
+    row_scratch w = {malloc(c->max_elems * sizeof(float) + 1),
+                     malloc(c->max_rank * sizeof(float) + 1),
+                     malloc(c->max_rank * c->max_cols * sizeof(float) + 1)};
     /* Without scratch this thread leaves the items to the others (run_merges notices when
      * none could take them). */
     if (w.acc && w.l && w.rpack) {
@@ -230,8 +242,7 @@ static void *merge_worker(void *arg)
             if (i >= c->n_items)
                 break;
             const merge_item *it = &c->items[i];
-            const rlb_merge_op *m = &c->plan->merges[it->merge];
-            merge_rows(m, c->dst[m->dst_ref], c->stage, it->row0, it->row0 + it->rows, &w);
+            merge_rows(c, &c->plan->merges[it->merge], it->row0, it->row0 + it->rows, &w);
         }
     }
     free(w.acc);
@@ -240,8 +251,8 @@ static void *merge_worker(void *arg)
     return NULL;
 }
 
-/* Cuts the merges into items of about `grain` destination elements. With items == NULL
- * only counts them. */
+/* Cuts the merges into items of about `grain` destination elements (whole rows). With
+ * items == NULL only counts them. */
 static uint64_t split_merges(const rlb_plan *plan, uint64_t grain, merge_item *items)
 {
     uint64_t n = 0;
@@ -256,10 +267,10 @@ static uint64_t split_merges(const rlb_plan *plan, uint64_t grain, merge_item *i
 }
 
 /* Runs every merge on `threads` threads (this one included). Returns 0 or RLB_ENOMEM. */
-static int run_merges(const rlb_plan *plan, void *const *dst, const uint8_t *stage,
-                      int threads)
+static int run_merges(const rlb_plan *plan, const void *const *src, void *const *dst,
+                      const uint8_t *stage, int threads)
 {
-    merge_ctx c = {.plan = plan, .dst = dst, .stage = stage};
+    merge_ctx c = {.plan = plan, .src = src, .dst = dst, .stage = stage};
     uint64_t total = 0;
     for (uint64_t i = 0; i < plan->n_merges; i++) {
         const rlb_merge_op *m = &plan->merges[i];
@@ -275,6 +286,10 @@ static int run_merges(const rlb_plan *plan, void *const *dst, const uint8_t *sta
     if (!items)
         return RLB_ENOMEM;
     split_merges(plan, grain, items);
+    for (uint64_t i = 0; i < c.n_items; i++) {
+        uint64_t e = items[i].rows * plan->merges[items[i].merge].cols;
+        c.max_elems = e > c.max_elems ? e : c.max_elems;
+    }
     c.items = items;
     if ((uint64_t)n_threads > c.n_items)
         n_threads = c.n_items ? (int)c.n_items : 1;
@@ -332,7 +347,7 @@ int rlb__lora_merge_cpu(const rlb_plan *plan, const void *const *src, const uint
                        .bytes_written = stage_bytes};
     rc = rlb__plan_exec_cpu(&gather, src, src_len, &s->stage, &stage_bytes, threads, err,
                             errlen);
-    if (rc == 0 && (rc = run_merges(plan, dst, s->stage, threads)) < 0)
+    if (rc == 0 && (rc = run_merges(plan, src, dst, s->stage, threads)) < 0)
         rlb__model_err(err, errlen, rc, "plan exec: no memory for the merges");
 out:
     rlb__exec_scratch_free(&own);

@@ -184,6 +184,6 @@ int rlb__plan_exec_cpu_scratch(const rlb_plan *plan, const void *const *src,
     for (int i = 0; i < started; i++)
         pthread_join(tid[i], NULL);
     free(items);
-    /* The merges add onto the base the copies just wrote (joined above). */
+    /* The adapted weights' blocks, which the copies above left to their merges. */
     return rlb__lora_merge_cpu(plan, src, src_len, dst, scratch, threads, err, errlen);
 }

@@ -9,8 +9,9 @@
  * row): memcpy for same-dtype rows, a round-to-nearest-even convert loop otherwise
  * (kernels/cpu/convert.h), memset for zero ops. A plan from rlb__plan_build writes each
  * planned destination byte exactly once and nothing else; sources are only read and may be
- * unaligned. A plan with LoRA adapters then runs its merges onto what the copies wrote
- * (kernels/cpu/lora_merge.h); its stage ops and merges are checked with the ops, up front.
+ * unaligned. A plan with LoRA adapters then runs its merges, which write the adapted
+ * weights' blocks (kernels/cpu/lora_merge.h); its stage ops, merges and their copies are
+ * checked with the ops, up front.
  */
 #ifndef RLB_KERNELS_CPU_PLAN_EXEC_H
 #define RLB_KERNELS_CPU_PLAN_EXEC_H
