@@ -167,8 +167,9 @@ typedef struct rlb_msg_lora {
     double scale;       /* "s": the adapter's scale, alpha / r or alpha / sqrt(r) */
 } rlb_msg_lora;
 
-/* Tensors and adapter declarations, at least one of either; declarations are applied
- * first, so a batch may register the factors it declares. */
+/* Tensors and adapter declarations, at least one of either. Declarations are applied
+ * first (all or none), so a batch may register the factors it declares; they stay applied
+ * when the batch's tensors are then refused. */
 typedef struct rlb_msg_register {
     uint32_t n_tensors;            /* tensors in the batch */
     const rlb_msg_tensor *tensors; /* "tens": [n_tensors] */
