@@ -12,7 +12,8 @@
  *   prefill_tok_s       one 512-token prompt, one step
  *   int8_vs_fp32_speedup   batch-1 decode tokens/s with quant int8 over fp32
  * OpenBLAS threads follow the RLB_THREADS knob (0 = every core). Prints a table, then one
- * JSON line. Build: cmake --build BUILD --target rlb-bench-engine; run BUILD/bench/...
+ * JSON line. `--device cuda` runs bench_engine_cuda.c's GPU benchmark instead.
+ * Build: cmake --build BUILD --target rlb-bench-engine; run BUILD/bench/...
  */
 #include <math.h>
 #include <stdio.h>
@@ -183,8 +184,21 @@ static run_stats prefill(rlb_engine *e)
     return (run_stats){PREFILL / t, t * 1e3};
 }
 
-int main(void)
+#ifdef RLB_BENCH_CUDA
+int rlb__bench_engine_cuda(int argc, char **argv); /* bench_engine_cuda.c */
+#endif
+
+int main(int argc, char **argv)
 {
+    for (int i = 1; i + 1 < argc; i++)
+        if (!strcmp(argv[i], "--device") && !strcmp(argv[i + 1], "cuda")) {
+#ifdef RLB_BENCH_CUDA
+            return rlb__bench_engine_cuda(argc, argv);
+#else
+            fprintf(stderr, "rlb-bench-engine: this build has no CUDA\n");
+            return 77;
+#endif
+        }
     rlb_model_config cfg;
     bench_config(&cfg);
     rlb_tp_layout layout;

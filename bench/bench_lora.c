@@ -143,8 +143,8 @@ static double time_plan(const rlb_plan *plan, const uint8_t *src_buf, uint64_t s
     double best = 1e30;
     for (int r = 0; r < REPS; r++) {
         double t0 = now_ms();
-        int rc = rlb__plan_exec_cpu_scratch(plan, src, &src_len, dst, plan->dst_bytes, &scratch,
-                                            0, err, sizeof err);
+        int rc = rlb__plan_exec_cpu_counted(plan, src, &src_len, dst, plan->dst_bytes, 0,
+                                            &scratch, NULL, err, sizeof err);
         double t = now_ms() - t0;
         if (rc)
             die("exec", rc, err);

@@ -21,7 +21,7 @@
 #include "common/conn.h"
 #include "common/proto.h"
 #include "common/ring.h"
-#include "kernels/cpu/plan_exec.h"
+#include "kernels/executor.h"
 #include "model/params.h"
 #include "model/plan.h"
 #include "model/source.h"
@@ -30,6 +30,7 @@
 #define BR_MAX_PEERS 1024      /* connections at once */
 #define BR_MAX_MSG (1u << 30)  /* largest message accepted from a peer */
 #define BR_TP_SLOT_FLOATS 65536 /* floats per call a CPU TP communicator exchanges at once */
+#define BR_MAX_RETRIES 1       /* times a request moves to another replica after a death */
 
 typedef struct bridge bridge;
 
@@ -44,9 +45,12 @@ typedef struct br_out {
 /* A shared-memory segment a peer passed over its socket (common/segmsg.h). */
 typedef struct br_seg {
     uint32_t id;    /* the sender's id for it */
-    void *addr;     /* our mapping */
-    uint64_t bytes; /* mapped length */
+    void *addr;     /* our mapping (a VMM segment: its device address, NULL until mapped) */
+    uint64_t bytes; /* mapped length (a VMM segment: the allocation's size) */
     uint32_t refs;  /* registered tensors inside it (trainers) */
+    int vmm;        /* 1: a CUDA VMM allocation (segmsg.h RLB_SEG_MAGIC_VMM), imported by
+                       the executor, not mmapped */
+    int fd;         /* a VMM segment's fd (kept: it identifies the allocation); else -1 */
 } br_seg;
 
 /* One tensor a trainer rank registered (a copy of the message's tensor). */
@@ -60,8 +64,12 @@ typedef struct br_tensor {
     uint32_t unit;                /* FSDP1 unit id */
     uint64_t n_entries;           /* FSDP1 entries */
     rlb_flat_entry *entries;      /* FSDP1 entries (names owned) */
-    uint32_t seg;                 /* segment id holding its bytes */
-    uint64_t offset, length;      /* bytes inside the segment */
+    uint32_t seg;                 /* segment id holding its bytes (HOST_SHM, CUDA_VMM_FD) */
+    uint64_t offset, length;      /* bytes inside the segment (or the IPC allocation) */
+    rlb_mem_kind mem;             /* where its bytes live */
+    uint8_t uuid[RLB_PROTO_UUID_BYTES]; /* CUDA memory: the GPU holding it */
+    uint8_t ipc[RLB_PROTO_HANDLE_BYTES]; /* CUDA_IPC: the allocation's handle */
+    void *ipc_addr;               /* CUDA_IPC: the mapped tensor, NULL until mapped */
     int dropped;                  /* the model does not use it (tied lm_head): ignored */
 } br_tensor;
 
@@ -97,6 +105,7 @@ typedef struct br_peer {
     void *buf[2];            /* weight buffers (segments 1 and 2) */
     int active;              /* staged: which of buf[] the engine reads */
     uint64_t version;        /* version its active buffer holds */
+    uint64_t buf_bytes;      /* bytes of each weight buffer the layout uses */
     int load_sent;           /* a load of the sync in flight was sent to it */
     int loaded;              /* ... and it answered */
 } br_peer;
@@ -104,7 +113,10 @@ typedef struct br_peer {
 typedef enum br_replica_state {
     BR_REP_FORMING = 0, /* not every TP rank connected yet */
     BR_REP_UP = 1,      /* serving */
-    BR_REP_DEAD = 2     /* a rank died: the replica is out for good */
+    BR_REP_DEAD = 2,    /* a rank died: out of service until every rank is gone and new
+                         * workers say hello for it (it forms again) */
+    BR_REP_JOINING = 3  /* formed after a version committed: its buffers get the committed
+                         * version (heal copy, or the next sync) before it serves */
 } br_replica_state;
 
 typedef struct br_replica {
@@ -112,6 +124,7 @@ typedef struct br_replica {
     br_peer **ranks;   /* [tp_size] worker of each TP rank, NULL until it says hello */
     uint32_t inflight; /* generate requests on it */
     int tp_fd;         /* CPU TP communicator segment (tp_size > 1), -1 otherwise */
+    int in_sync;       /* its buffers are destinations of the sync in flight */
 } br_replica;
 
 /* A generate request the bridge holds or has forwarded. */
@@ -141,12 +154,14 @@ typedef struct br_copy {
     void **dst;           /* [plan n_dst] destination buffers */
     uint64_t *dst_len;    /* [plan n_dst] */
     int threads;          /* executor threads */
-    rlb_exec_scratch scratch; /* the executor's memory, kept from sync to sync (LoRA stage) */
-    int rc;               /* result (written by the copy thread before it signals) */
+    int heal;             /* a heal copy (br_heal_progress), not a sync's */
+    uint64_t *nonfinite;  /* [view n_ops + n_merges] NaN/Inf values each op, then each merge,
+                             wrote (the executor) */
+    uint64_t n_nonfinite; /* their sum */
+    int rc;               /* result (the executor's finish) */
     char err[256];        /* the executor's error text */
-    double ms;            /* wall time of the copy */
-    int wake_fd;          /* eventfd the thread writes when done */
-    pthread_t tid;        /* the copy thread */
+    double ms;            /* time of the copy */
+    int wake_fd;          /* eventfd the executor writes when done */
 } br_copy;
 
 struct bridge {
@@ -183,16 +198,23 @@ struct bridge {
     int copy_running;         /* the copy thread owns src/dst memory */
     int copied;               /* the in-flight sync wrote worker buffers */
     br_copy copy;
+    rlb_executor *exec;       /* runs the plans (kernels/executor.h): the CPU executor until
+                                 device memory appears, then the CUDA one */
+    rlb_dtype wdt;            /* element type of the workers' weight buffers */
     br_seg *parked;           /* segments to unmap once the copy ends */
     uint32_t n_parked, cap_parked;
     double control_s;         /* loop CPU seconds spent on the sync in flight */
+    int heal;                 /* replica being healed (copy, then load), -1 when none */
+    int heal_copied;          /* ... its copy is done and load(committed) went out */
     /* generation */
     br_gen *gens;             /* requests held or in flight */
     uint32_t n_gens, cap_gens;
     uint64_t next_bid;        /* from 1 */
     int asleep;               /* workers were told to sleep */
+    uint32_t sleeper;         /* peer that put them to sleep (woken when it goes), 0 = none */
     /* counters for stats */
     uint64_t n_syncs, n_aborts, bytes_synced, n_requests, n_results, n_retried, n_failed;
+    uint64_t n_heals;         /* replicas that rejoined with the committed version */
     double last_sync_ms, last_copy_ms, last_gbps, last_control_ms;
 };
 
@@ -271,15 +293,30 @@ void br_loaded(bridge *b, br_peer *p, const rlb_msg_outcome *m);
 int br_sync_progress(bridge *b);
 /* The copy thread's wake fd signalled: collect the result. */
 void br_copy_done(bridge *b);
-/* A trainer (worker == NULL) or worker disconnected: abort the version in flight if it
+/* The executor that runs this bridge's plans. */
+rlb_executor *br_executor(bridge *b);
+/* Makes the CUDA executor run the plans from now on (device memory was registered or a GPU
+ * worker joined). Returns 0, or RLB_EUNSUPPORTED (no CUDA in this build, no GPU) with `why`
+ * saying so. */
+int br_use_cuda(bridge *b, char *why, size_t len);
+/* Maps VMM segment s through the executor on the GPU of `uuid` (once). Returns 0 or the
+ * executor's error, `why` saying what. */
+int br_seg_map_device(bridge *b, br_seg *s, const uint8_t uuid[RLB_PROTO_UUID_BYTES],
+                      char *why, size_t len);
+/* A trainer (worker == NULL) or worker is gone (`why`): abort the version in flight if it
  * depends on it. */
-void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker);
+void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker, const char *why);
 /* Aborts the version in flight with code and text; nothing if idle. */
 void br_sync_abort(bridge *b, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* Waits for a running copy thread (shutdown). */
 void br_sync_join(bridge *b);
 /* 1 while new generation must be held (pause drain/copy/load, staged load). */
 int br_sync_holds_generation(const bridge *b);
+/* Gives a JOINING replica the committed version when no sync runs: its buffers are copied
+ * from a live replica's (same layout), then it loads. Returns 1 when it started one. */
+int br_heal_progress(bridge *b);
+/* A replica died or formed again: forget a heal of it. */
+void br_heal_lost(bridge *b, int replica);
 
 /* ---- sched.c ----------------------------------------------------------------------- */
 
@@ -308,5 +345,7 @@ double br_now(void);
 double br_thread_cpu(void);
 /* Marks a worker's replica dead, telling its other ranks to shut down. */
 void br_replica_kill(bridge *b, int replica, const char *why);
+/* Puts a formed replica into service (asleep too when the workers sleep). */
+void br_replica_up(bridge *b, int replica);
 
 #endif /* RLB_BRIDGE_INT_H */

@@ -35,7 +35,7 @@
 #include "common/log.h"
 #include "common/segmsg.h"
 #include "common/shm.h"
-#include "worker/tp_comm.h"
+#include "common/tp_comm.h"
 
 #define BR_IDLE_POLL_MS 1   /* poll timeout once the spin is over */
 #define BR_RECV_BUDGET 64   /* messages taken from one peer per loop turn (fairness) */
@@ -90,7 +90,44 @@ void br_replica_kill(bridge *b, int replica, const char *why)
     if (r->tp_fd >= 0)
         close(r->tp_fd);
     r->tp_fd = -1;
+    br_heal_lost(b, replica);
     br_replica_lost(b, replica);
+}
+
+void br_replica_up(bridge *b, int replica)
+{
+    br_replica *r = &b->replicas[replica];
+    r->state = BR_REP_UP;
+    b->ever_up = 1;
+    rlb_msg m = {.type = RLB_MSG_SLEEP};
+    for (uint32_t t = 0; b->asleep && t < b->tp_size; t++)
+        br_send(b, r->ranks[t], &m);
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %d up (%u TP ranks, version %" PRIu64 ")%s", replica,
+                 b->tp_size, b->committed, b->asleep ? ", told to sleep" : "");
+}
+
+/* Makes room for replicas [n_replicas, n): a worker of a replica the bridge has not seen
+ * yet (more workers at run time). The plan covers the replicas it was built for, so it is
+ * rebuilt at the next sync. */
+static int replicas_grow(bridge *b, uint32_t n, char *why, size_t len)
+{
+    if (b->sync != BR_SYNC_IDLE || b->copy_running || b->heal >= 0)
+        return snprintf(why, len, "replica %u is new and a sync is in flight; say hello again "
+                        "after it", n - 1), RLB_EAGAIN;
+    br_replica *grown = realloc(b->replicas, n * sizeof(*grown));
+    if (!grown)
+        return snprintf(why, len, "out of memory"), RLB_ENOMEM;
+    b->replicas = grown;
+    for (uint32_t d = b->n_replicas; d < n; d++) {
+        grown[d] = (br_replica){.state = BR_REP_FORMING, .tp_fd = -1,
+                                .ranks = calloc(b->tp_size, sizeof(br_peer *))};
+        if (!grown[d].ranks)
+            return snprintf(why, len, "out of memory"), RLB_ENOMEM;
+        b->n_replicas = d + 1;
+    }
+    br_plan_reset(b);
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "now %u replicas", n);
+    return 0;
 }
 
 /* Sends replica d's CPU TP communicator segment to worker w, creating it first. */
@@ -169,8 +206,8 @@ static int replicas_init(bridge *b, const rlb_msg_hello *h, char *why, size_t le
 }
 
 /* Checks that worker p passed a weight buffer of the layout's size as segment id. */
-static int worker_buffer(bridge *b, br_peer *p, uint32_t id, uint64_t bytes, void **addr,
-                         char *why, size_t len)
+static int worker_buffer(bridge *b, br_peer *p, const rlb_msg_hello *h, uint32_t id,
+                         uint64_t bytes, void **addr, char *why, size_t len)
 {
     br_seg *s = br_seg_find(p, id);
     if (!s) {
@@ -186,41 +223,70 @@ static int worker_buffer(bridge *b, br_peer *p, uint32_t id, uint64_t bytes, voi
         return snprintf(why, len, "weight buffer (segment %u) holds %llu bytes, the model needs "
                         "%llu: does the worker run the bridge's model?", id,
                         (unsigned long long)s->bytes, (unsigned long long)bytes), RLB_ESHAPE;
+    if (s->vmm != (h->device == RLB_DEVICE_CUDA))
+        return snprintf(why, len, "a %s worker passed its weight buffer as %s memory",
+                        h->device == RLB_DEVICE_CUDA ? "GPU" : "CPU",
+                        s->vmm ? "GPU" : "host"), RLB_EINVAL;
+    int rc = s->vmm ? br_seg_map_device(b, s, h->device_uuid, why, len) : 0;
     *addr = s->addr;
-    return 0;
+    return rc;
 }
 
 static int hello_worker(bridge *b, br_peer *p, const rlb_msg_hello *h, char *why, size_t len)
 {
-    if (h->device != RLB_DEVICE_CPU)
-        return snprintf(why, len, "this bridge drives CPU workers only"), RLB_EUNSUPPORTED;
     int rc;
-    if (b->tp_size == 0 && (rc = replicas_init(b, h, why, len)) < 0)
+    rlb_dtype wdt = h->weight_dtype;
+    if (h->device != RLB_DEVICE_CPU && h->device != RLB_DEVICE_CUDA)
+        return snprintf(why, len, "a worker names its backend (cpu or cuda)"), RLB_EINVAL;
+    if ((h->device == RLB_DEVICE_CPU && wdt != RLB_DTYPE_F32) ||
+        (wdt != RLB_DTYPE_F32 && wdt != RLB_DTYPE_BF16 && wdt != RLB_DTYPE_F16))
+        return snprintf(why, len, "a %s worker with %s weights", h->device == RLB_DEVICE_CPU ?
+                        "CPU" : "GPU", rlb_dtype_name(wdt)), RLB_EDTYPE;
+    if (b->tp_size && wdt != b->wdt)
+        return snprintf(why, len, "weights of %s, but the other workers hold %s",
+                        rlb_dtype_name(wdt), rlb_dtype_name(b->wdt)), RLB_EDTYPE;
+    if (h->device == RLB_DEVICE_CUDA && h->tp_size > 1)
+        return snprintf(why, len, "GPU workers of TP size %u: this bridge drives GPU workers "
+                        "of TP size 1 (NCCL between TP ranks is not wired up yet)", h->tp_size),
+               RLB_EUNSUPPORTED;
+    if (h->device == RLB_DEVICE_CUDA && (rc = br_use_cuda(b, why, len)) < 0)
         return rc;
-    if (h->tp_size != b->tp_size || h->world != b->n_replicas * b->tp_size)
-        return snprintf(why, len, "TP size %u and %u workers, but the others said %u and %u",
-                        h->tp_size, h->world, b->tp_size, b->n_replicas * b->tp_size),
-               RLB_EINVAL;
-    if (h->replica >= b->n_replicas || h->rank != h->replica * b->tp_size + h->tp_rank)
-        return snprintf(why, len, "replica %u TP rank %u does not match worker index %u",
-                        h->replica, h->tp_rank, h->rank), RLB_EINVAL;
+    if (b->tp_size == 0) {
+        if ((rc = replicas_init(b, h, why, len)) < 0)
+            return rc;
+        b->wdt = wdt;
+    }
+    if (h->tp_size != b->tp_size || h->world % h->tp_size)
+        return snprintf(why, len, "TP size %u and %u workers, but the others said TP size %u",
+                        h->tp_size, h->world, b->tp_size), RLB_EINVAL;
+    if (h->replica >= h->world / h->tp_size || h->rank != h->replica * b->tp_size + h->tp_rank)
+        return snprintf(why, len, "replica %u TP rank %u does not match worker index %u of %u",
+                        h->replica, h->tp_rank, h->rank, h->world), RLB_EINVAL;
+    if (h->replica >= b->n_replicas && (rc = replicas_grow(b, h->replica + 1, why, len)) < 0)
+        return rc;
     br_replica *r = &b->replicas[h->replica];
-    if (r->state == BR_REP_DEAD)
-        return snprintf(why, len, "replica %u lost a worker and is out of service",
-                        h->replica), RLB_EPEERDEAD;
+    if (r->state == BR_REP_DEAD) {
+        for (uint32_t t = 0; t < b->tp_size; t++)
+            if (r->ranks[t])
+                return snprintf(why, len, "replica %u is still shutting down its old workers; "
+                                "say hello again in a moment", h->replica), RLB_EAGAIN;
+        r->state = BR_REP_FORMING; /* a worker for a lost replica: it forms again */
+        RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %u forms again", h->replica);
+    }
     if (r->ranks[h->tp_rank])
         return snprintf(why, len, "replica %u TP rank %u is already connected", h->replica,
                         h->tp_rank), RLB_EEXIST;
     rlb_tp_layout layout;
     if ((rc = rlb__tp_layout_init(&layout, &b->opts->cfg, (int)h->tp_size, (int)h->tp_rank,
-                                  RLB_DTYPE_F32)) < 0)
+                                  wdt)) < 0)
         return snprintf(why, len, "no TP layout for rank %u of %u", h->tp_rank, h->tp_size), rc;
     uint64_t bytes = layout.total_bytes;
     rlb__tp_layout_free(&layout);
-    if ((rc = worker_buffer(b, p, RLB_SEG_ID_WEIGHTS, bytes, &p->buf[0], why, len)) < 0)
+    p->buf_bytes = bytes;
+    if ((rc = worker_buffer(b, p, h, RLB_SEG_ID_WEIGHTS, bytes, &p->buf[0], why, len)) < 0)
         return rc;
     if (b->opts->mode == RLB_SYNC_STAGED &&
-        (rc = worker_buffer(b, p, RLB_SEG_ID_WEIGHTS_B, bytes, &p->buf[1], why, len)) < 0)
+        (rc = worker_buffer(b, p, h, RLB_SEG_ID_WEIGHTS_B, bytes, &p->buf[1], why, len)) < 0)
         return rc;
     if (b->tp_size > 1 && (rc = send_tp_segment(b, r, h->replica, p)) < 0)
         return snprintf(why, len, "cannot pass the TP communicator: %s", rlb_strerror(rc)), rc;
@@ -228,12 +294,18 @@ static int hello_worker(bridge *b, br_peer *p, const rlb_msg_hello *h, char *why
     for (uint32_t t = 0; t < b->tp_size; t++)
         if (!r->ranks[t])
             return 0;
-    r->state = BR_REP_UP;
-    b->ever_up = 1;
     if (r->tp_fd >= 0)
         close(r->tp_fd); /* every rank holds it now */
     r->tp_fd = -1;
-    RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %u up (%u TP ranks)", h->replica, b->tp_size);
+    if (b->committed == 0) {
+        br_replica_up(b, (int)h->replica); /* every buffer holds the initial weights */
+        return 0;
+    }
+    /* Its buffers hold initial weights, not the committed version: it serves only once
+     * they do (br_heal_progress, or the next sync). */
+    r->state = BR_REP_JOINING;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %u formed; it joins once it holds version %" PRIu64,
+                 h->replica, b->committed);
     return 0;
 }
 
@@ -274,9 +346,10 @@ static void on_hello(bridge *b, br_peer *p, const rlb_msg_hello *h)
 
 static void on_stats(bridge *b, br_peer *p, uint64_t id)
 {
-    uint32_t workers = 0, up = 0, trainers = 0, held = 0;
+    uint32_t workers = 0, up = 0, joining = 0, trainers = 0, held = 0;
     for (uint32_t d = 0; d < b->n_replicas; d++) {
         up += b->replicas[d].state == BR_REP_UP;
+        joining += b->replicas[d].state == BR_REP_JOINING;
         for (uint32_t t = 0; t < b->tp_size; t++)
             workers += b->replicas[d].ranks[t] != NULL;
     }
@@ -304,6 +377,8 @@ static void on_stats(bridge *b, br_peer *p, uint64_t id)
         {"trainers", (double)trainers},
         {"workers", (double)workers},
         {"replicas_up", (double)up},
+        {"replicas_joining", (double)joining},
+        {"heals", (double)b->n_heals},
         {"stale", (double)b->stale},
         {"asleep", (double)b->asleep},
         {"staged", (double)(b->opts->mode == RLB_SYNC_STAGED)},
@@ -314,9 +389,11 @@ static void on_stats(bridge *b, br_peer *p, uint64_t id)
     br_send(b, p, &m);
 }
 
-/* Sleep or wake every live worker. */
-static void on_sleep(bridge *b, int sleep)
+/* Sleep or wake every live worker; p asked for it (NULL: the bridge itself). The workers
+ * stay asleep only while the peer that put them to sleep is connected (peer_drop). */
+static void on_sleep(bridge *b, br_peer *p, int sleep)
 {
+    b->sleeper = sleep && p ? p->id : 0;
     rlb_msg m = {.type = sleep ? RLB_MSG_SLEEP : RLB_MSG_WAKE};
     for (uint32_t d = 0; d < b->n_replicas; d++)
         for (uint32_t t = 0; b->replicas[d].state == BR_REP_UP && t < b->tp_size; t++)
@@ -325,17 +402,20 @@ static void on_sleep(bridge *b, int sleep)
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "workers told to %s", sleep ? "sleep" : "wake");
 }
 
-/* What each role may send (bit per message type). */
+/* What each role may send (bit per message type). Only a trainer rank, the job that owns
+ * the bridge, may shut it down; a tool (an observer) may ask for generation, sleep and
+ * wake, never for the end of the bridge. SIGTERM stops it from outside. */
 static int allowed(int role, uint32_t type)
 {
     const uint32_t any = 1u << RLB_MSG_STATS;
     const uint32_t ask = any | 1u << RLB_MSG_GENERATE | 1u << RLB_MSG_SLEEP |
-                         1u << RLB_MSG_WAKE | 1u << RLB_MSG_SHUTDOWN;
+                         1u << RLB_MSG_WAKE;
     uint32_t mask = role == BR_NEW             ? any | 1u << RLB_MSG_HELLO
                     : role == RLB_ROLE_TOOL    ? ask
                     : role == RLB_ROLE_TRAINER ? ask | 1u << RLB_MSG_REGISTER |
                                                      1u << RLB_MSG_UNREGISTER |
-                                                     1u << RLB_MSG_PUBLISH
+                                                     1u << RLB_MSG_PUBLISH |
+                                                     1u << RLB_MSG_SHUTDOWN
                                                : any | 1u << RLB_MSG_RESULT |
                                                      1u << RLB_MSG_LOADED | 1u << RLB_MSG_ERROR;
     return type < 32 && (mask >> type & 1);
@@ -382,8 +462,8 @@ static void handle(bridge *b, br_peer *p, const void *data, size_t len)
         break;
     case RLB_MSG_LOADED: br_loaded(b, p, &m.loaded); break;
     case RLB_MSG_ERROR: br_worker_error(b, p, &m.error); break;
-    case RLB_MSG_SLEEP: on_sleep(b, 1); break;
-    case RLB_MSG_WAKE: on_sleep(b, 0); break;
+    case RLB_MSG_SLEEP: on_sleep(b, p, 1); break;
+    case RLB_MSG_WAKE: on_sleep(b, p, 0); break;
     case RLB_MSG_SHUTDOWN:
         RLB_LOG_INFO(RLB_SUB_BRIDGE, "shutdown asked by peer %u", p->id);
         b->stop = 1;
@@ -399,15 +479,15 @@ static void peer_drop(bridge *b, br_peer *p, const char *why)
 {
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "peer %u (%s) gone: %s", p->id, role_name(p->role), why);
     if (p->role == RLB_ROLE_TRAINER) {
-        br_sync_peer_lost(b, p, NULL);
+        br_sync_peer_lost(b, p, NULL, why);
         b->trainers[p->hello.rank] = NULL;
         br_registry_drop(b, p);
         br_lora_drop(b, p);
     } else if (p->role == RLB_ROLE_WORKER) {
         br_replica *r = &b->replicas[p->hello.replica];
         r->ranks[p->hello.tp_rank] = NULL;
-        if (r->state == BR_REP_UP)
-            br_sync_peer_lost(b, NULL, p);
+        if (r->state == BR_REP_UP || r->in_sync)
+            br_sync_peer_lost(b, NULL, p, why);
         if (r->state != BR_REP_DEAD && !b->stop) {
             char text[96];
             snprintf(text, sizeof(text), "worker %u (TP rank %u) %s", p->hello.rank,
@@ -416,6 +496,11 @@ static void peer_drop(bridge *b, br_peer *p, const char *why)
         }
     }
     br_requester_lost(b, p);
+    if (b->asleep && b->sleeper == p->id && !b->stop) {
+        RLB_LOG_INFO(RLB_SUB_BRIDGE, "peer %u, which put the workers to sleep, is gone: "
+                     "waking them", p->id);
+        on_sleep(b, NULL, 0);
+    }
     b->peers[p->slot] = NULL;
     b->n_peers--;
     br_peer_free(b, p);
@@ -501,6 +586,36 @@ static int serve_peer(bridge *b, br_peer *p, short revents)
     return busy;
 }
 
+/* Refreshes the bridge's heartbeat on every ring and drops each worker whose own heartbeat
+ * (it beats every turn of its loop, and while it waits on its ring) is older than
+ * RLB_PEER_TIMEOUT_MS: a stopped or deadlocked worker, or one stuck in a collective, would
+ * otherwise hold a drain or a load forever. Dropping it is what its death does: its replica
+ * goes out of service, its requests are retried, a sync that needs it aborts; if it ever
+ * wakes, it finds its connection closed and exits. Trainers and tools are judged by their
+ * socket only: they are idle between calls by design. */
+static void check_heartbeats(bridge *b)
+{
+    long long timeout = rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS);
+    for (int i = 0; i < BR_MAX_PEERS; i++) {
+        br_peer *p = b->peers[i];
+        if (!p)
+            continue;
+        rlb_ring *rx = rlb__conn_rx(p->conn), *tx = rlb__conn_tx(p->conn);
+        rlb__ring_heartbeat(rx);
+        rlb__ring_heartbeat(tx);
+        if (p->role != RLB_ROLE_WORKER || p->closing || timeout <= 0)
+            continue;
+        int64_t a = rlb__ring_peer_idle_ms(rx), c = rlb__ring_peer_idle_ms(tx);
+        int64_t idle = a < c ? a : c;
+        if (idle <= timeout)
+            continue;
+        char why[128];
+        snprintf(why, sizeof(why), "hung: no heartbeat for %lld ms (RLB_PEER_TIMEOUT_MS is "
+                 "%lld)", (long long)idle, timeout);
+        peer_drop(b, p, why);
+    }
+}
+
 /* ---- Run ------------------------------------------------------------------------------- */
 
 static void shutdown_all(bridge *b)
@@ -533,11 +648,43 @@ static void bridge_free(bridge *b)
     free(b->gens);
     free(b->parked);
     rlb__params_free(&b->params);
-    rlb__exec_scratch_free(&b->copy.scratch);
+    /* The executor first: the CUDA one may hold the base checkpoint's pages registered. */
+    if (b->exec)
+        b->exec->iface->destroy(b->exec);
     br_base_close(b);
     if (b->copy.wake_fd >= 0)
         close(b->copy.wake_fd);
     rlb__listener_close(b->listener);
+}
+
+rlb_executor *br_executor(bridge *b)
+{
+    return b->exec;
+}
+
+int br_use_cuda(bridge *b, char *why, size_t len)
+{
+    if (!strcmp(b->exec->iface->name, "cuda"))
+        return 0;
+#ifdef RLB_HAVE_CUDA
+    /* The CPU executor maps nothing (its mappings are the bridge's own host addresses) and
+     * keeps only its LoRA stage, so it can be swapped for the CUDA one whenever no copy
+     * runs. */
+    if (b->copy_running)
+        return snprintf(why, len, "device memory arrived while a CPU copy runs; retry"),
+               RLB_EAGAIN;
+    rlb_executor *x = NULL;
+    int rc = rlb__executor_cuda_create(&x, why, len);
+    if (rc < 0)
+        return rc;
+    b->exec->iface->destroy(b->exec);
+    b->exec = x;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "device memory registered: syncs run on the GPU from now on");
+    return 0;
+#else
+    return snprintf(why, len, "this bridge was built without CUDA and reads host memory "
+                    "only"), RLB_EUNSUPPORTED;
+#endif
 }
 
 static int loop(bridge *b)
@@ -550,7 +697,8 @@ static int loop(bridge *b)
         return RLB_ENOMEM;
     }
     double spin_s = (double)rlb__env_int(RLB_KNOB_SPIN_US) * 1e-6;
-    double spin_until = 0;
+    double spin_until = 0, next_beat = 0;
+    double beat_s = (double)rlb__env_int(RLB_KNOB_HEARTBEAT_MS) * 1e-3;
     const rlb_bridge_opts *o = b->opts;
     while (!b->stop && !(o->stop && *o->stop)) {
         fds[0] = (struct pollfd){.fd = rlb__listener_fd(b->listener), .events = POLLIN};
@@ -576,7 +724,12 @@ static int loop(bridge *b)
         }
         for (int i = 2; i < n; i++)
             busy |= serve_peer(b, at[i - 2], fds[i].revents);
+        if (br_now() >= next_beat) {
+            check_heartbeats(b);
+            next_beat = br_now() + (beat_s > 0 ? beat_s : 0.2);
+        }
         busy |= br_sync_progress(b);
+        busy |= br_heal_progress(b);
         busy |= br_dispatch(b);
         if (busy)
             spin_until = br_now() + spin_s;
@@ -603,9 +756,12 @@ int rlb__bridge_run(const rlb_bridge_opts *opts)
     b->opts = opts;
     b->next_peer_id = 1;
     b->next_bid = 1;
+    b->heal = -1;
     b->copy.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     int rc = RLB_EIO;
     if (b->copy.wake_fd < 0)
+        goto out;
+    if ((rc = rlb__executor_cpu_create(&b->exec)) < 0)
         goto out;
     if ((rc = rlb__params_init(&b->params, &opts->cfg, err, sizeof(err))) < 0)
         goto out;

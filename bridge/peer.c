@@ -144,16 +144,76 @@ br_seg *br_seg_find(br_peer *p, uint32_t id)
     return NULL;
 }
 
+static int seg_grow(br_peer *p)
+{
+    if (p->n_segs < p->cap_segs)
+        return 0;
+    uint32_t cap = p->cap_segs ? 2 * p->cap_segs : 8;
+    br_seg *grown = realloc(p->segs, cap * sizeof(*grown));
+    if (!grown)
+        return RLB_ENOMEM;
+    p->segs = grown;
+    p->cap_segs = cap;
+    return 0;
+}
+
+/* What the executor knows a segment by. */
+static rlb_exec_ref seg_ref(const br_seg *s)
+{
+    if (s->vmm)
+        return (rlb_exec_ref){.kind = RLB_MEM_CUDA_VMM_FD, .fd = s->fd, .alloc_bytes = s->bytes,
+                              .length = s->bytes};
+    return (rlb_exec_ref){.kind = RLB_MEM_HOST_SHM, .fd = -1, .host = s->addr,
+                          .alloc_bytes = s->bytes, .length = s->bytes};
+}
+
+int br_seg_map_device(bridge *b, br_seg *s, const uint8_t uuid[RLB_PROTO_UUID_BYTES],
+                      char *why, size_t len)
+{
+    if (s->addr)
+        return 0;
+    int rc = br_use_cuda(b, why, len);
+    if (rc < 0)
+        return rc;
+    rlb_exec_ref r = seg_ref(s);
+    memcpy(r.device_uuid, uuid, sizeof(r.device_uuid));
+    return b->exec->iface->map(b->exec, &r, &s->addr, why, len);
+}
+
+/* Gives a segment's memory back: the executor forgets it (a VMM import is released, a
+ * host range unregistered), then the mapping and the fd go. */
+static void seg_close(bridge *b, const br_seg *s)
+{
+    rlb_exec_ref r = seg_ref(s);
+    if (s->addr && b->exec)
+        b->exec->iface->unmap(b->exec, &r, s->addr);
+    if (s->vmm)
+        close(s->fd);
+    else
+        rlb__shm_unmap(s->addr, (size_t)s->bytes);
+}
+
 /* Maps one received segment into p's table. Takes ownership of fd. */
 static int seg_add(br_peer *p, const rlb__seg_msg *sm, int fd)
 {
     int rc = RLB_EPROTO;
     size_t size = 0;
     void *addr = NULL;
-    if (sm->magic != RLB_SEG_MAGIC || sm->id == 0 || sm->bytes == 0 || br_seg_find(p, sm->id)) {
+    if ((sm->magic != RLB_SEG_MAGIC && sm->magic != RLB_SEG_MAGIC_VMM) || sm->id == 0 ||
+        sm->bytes == 0 || br_seg_find(p, sm->id)) {
         RLB_LOG_WARN(RLB_SUB_BRIDGE, "peer %u: bad or duplicate segment message (id %u)",
                      p->id, sm->id);
         goto out;
+    }
+    if (sm->magic == RLB_SEG_MAGIC_VMM) {
+        /* Device memory: imported by the executor when a tensor or the worker's hello names
+         * its GPU; the fd stays open until then and identifies the allocation. */
+        if ((rc = seg_grow(p)) < 0)
+            goto out;
+        p->segs[p->n_segs++] = (br_seg){.id = sm->id, .bytes = sm->bytes, .vmm = 1, .fd = fd};
+        RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "peer %u: VMM segment %u received (%llu bytes)", p->id,
+                      sm->id, (unsigned long long)sm->bytes);
+        return 0;
     }
     if ((rc = rlb__shm_size(fd, &size)) < 0 || size < sm->bytes) {
         RLB_LOG_WARN(RLB_SUB_BRIDGE, "peer %u: segment %u holds %zu bytes, message says %llu",
@@ -163,18 +223,11 @@ static int seg_add(br_peer *p, const rlb__seg_msg *sm, int fd)
     }
     if ((rc = rlb__shm_map(fd, (size_t)sm->bytes, &addr)) < 0)
         goto out;
-    if (p->n_segs == p->cap_segs) {
-        uint32_t cap = p->cap_segs ? 2 * p->cap_segs : 8;
-        br_seg *grown = realloc(p->segs, cap * sizeof(*grown));
-        if (!grown) {
-            rlb__shm_unmap(addr, (size_t)sm->bytes);
-            rc = RLB_ENOMEM;
-            goto out;
-        }
-        p->segs = grown;
-        p->cap_segs = cap;
+    if ((rc = seg_grow(p)) < 0) {
+        rlb__shm_unmap(addr, (size_t)sm->bytes);
+        goto out;
     }
-    p->segs[p->n_segs++] = (br_seg){.id = sm->id, .addr = addr, .bytes = sm->bytes};
+    p->segs[p->n_segs++] = (br_seg){.id = sm->id, .addr = addr, .bytes = sm->bytes, .fd = -1};
     RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "peer %u: segment %u mapped (%llu bytes)", p->id, sm->id,
                   (unsigned long long)sm->bytes);
     rc = 0;
@@ -212,7 +265,7 @@ int br_recv_segments(bridge *b, br_peer *p, int wait_ms)
 
 void br_seg_release(bridge *b, br_seg *s)
 {
-    if (!s->addr)
+    if (!s->addr && !s->vmm)
         return;
     if (b->copy_running) {
         if (b->n_parked == b->cap_parked) {
@@ -229,15 +282,17 @@ void br_seg_release(bridge *b, br_seg *s)
         }
         b->parked[b->n_parked++] = *s;
     } else {
-        rlb__shm_unmap(s->addr, (size_t)s->bytes);
+        seg_close(b, s);
     }
     s->addr = NULL;
+    s->vmm = 0;
+    s->fd = -1;
 }
 
 void br_unpark(bridge *b)
 {
     for (uint32_t i = 0; i < b->n_parked; i++)
-        rlb__shm_unmap(b->parked[i].addr, (size_t)b->parked[i].bytes);
+        seg_close(b, &b->parked[i]);
     b->n_parked = 0;
 }
 

@@ -58,6 +58,9 @@ static int tensor_copy(br_tensor *t, const rlb_msg_tensor *m)
     t->seg = m->mem.fd_index;
     t->offset = m->mem.offset;
     t->length = m->mem.length;
+    t->mem = m->mem.kind;
+    memcpy(t->uuid, m->mem.device_uuid, sizeof(t->uuid));
+    memcpy(t->ipc, m->mem.ipc_handle, sizeof(t->ipc));
     if (!t->name)
         return RLB_ENOMEM;
     if (t->kind != RLB_LAYOUT_FSDP1)
@@ -209,13 +212,33 @@ static int check_factors(const bridge *b, const br_tensor *t, char *err)
     return 0;
 }
 
-/* Checks one tensor of a batch; err names it. */
-static int check_tensor(bridge *b, br_peer *p, const rlb_msg_tensor *m, const br_tensor *t,
-                        const br_tensor *pending, uint32_t batch, char *err)
+/* The executor's view of an IPC tensor (its own allocation handle). */
+static rlb_exec_ref ipc_ref(const br_tensor *t)
 {
-    if (m->mem.kind != RLB_MEM_HOST_SHM)
-        return snprintf(err, ERRLEN, "tensor '%s': the CPU bridge reads host shared memory "
-                        "only (memory kind %d)", t->name, (int)m->mem.kind), RLB_EUNSUPPORTED;
+    rlb_exec_ref r = {.kind = RLB_MEM_CUDA_IPC, .fd = -1, .offset = t->offset,
+                      .length = t->length};
+    memcpy(r.ipc_handle, t->ipc, sizeof(r.ipc_handle));
+    memcpy(r.device_uuid, t->uuid, sizeof(r.device_uuid));
+    return r;
+}
+
+/* Checks (and, for device memory, maps) where a tensor's bytes live; err names it. Host
+ * and VMM tensors lie inside a segment the rank passed (the socket is drained first, as
+ * segmsg.h asks); an IPC tensor names its allocation, opened through the executor. */
+static int check_memory(bridge *b, br_peer *p, br_tensor *t, char *err)
+{
+    if (t->mem == RLB_MEM_CUDA_IPC) {
+        rlb_exec_ref r = ipc_ref(t);
+        int rc = br_use_cuda(b, err, ERRLEN);
+        if (rc == 0)
+            rc = b->exec->iface->map(b->exec, &r, &t->ipc_addr, err, ERRLEN);
+        if (rc < 0) {
+            char why[ERRLEN];
+            snprintf(why, sizeof(why), "%s", err);
+            return snprintf(err, ERRLEN, "tensor '%.60s': CUDA IPC memory: %.160s", t->name, why), rc;
+        }
+        return 0;
+    }
     br_seg *s = br_seg_find(p, t->seg);
     if (!s) {
         int wait = (int)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS);
@@ -226,19 +249,49 @@ static int check_tensor(bridge *b, br_peer *p, const rlb_msg_tensor *m, const br
     if (!s)
         return snprintf(err, ERRLEN, "tensor '%s': segment %u was never passed", t->name,
                         t->seg), RLB_ENOTFOUND;
+    if (s->vmm != (t->mem == RLB_MEM_CUDA_VMM_FD))
+        return snprintf(err, ERRLEN, "tensor '%s': segment %u holds %s memory, the tensor "
+                        "says %s", t->name, t->seg, s->vmm ? "GPU" : "host",
+                        t->mem == RLB_MEM_CUDA_VMM_FD ? "GPU" : "host"), RLB_EINVAL;
     if (t->offset > s->bytes || t->length > s->bytes - t->offset)
         return snprintf(err, ERRLEN, "tensor '%s': bytes [%llu, +%llu) lie outside segment %u "
                         "(%llu bytes)", t->name, (unsigned long long)t->offset,
                         (unsigned long long)t->length, t->seg,
                         (unsigned long long)s->bytes), RLB_EINVAL;
+    if (s->vmm) {
+        char why[ERRLEN];
+        int rc = br_seg_map_device(b, s, t->uuid, why, sizeof(why));
+        if (rc < 0)
+            return snprintf(err, ERRLEN, "tensor '%.60s': CUDA VMM memory: %.160s", t->name, why), rc;
+    }
+    return 0;
+}
+
+/* Drops what check_memory mapped for a tensor that is not kept (or is removed). */
+static void release_memory(bridge *b, br_tensor *t)
+{
+    if (t->mem == RLB_MEM_CUDA_IPC && t->ipc_addr) {
+        rlb_exec_ref r = ipc_ref(t);
+        b->exec->iface->fence(b->exec);
+        b->exec->iface->unmap(b->exec, &r, t->ipc_addr);
+        t->ipc_addr = NULL;
+    }
+}
+
+/* Checks one tensor of a batch; err names it. */
+static int check_tensor(bridge *b, br_peer *p, br_tensor *t, const br_tensor *pending,
+                        uint32_t batch, char *err)
+{
+    int rc = check_memory(b, p, t, err);
+    if (rc < 0)
+        return rc;
     if (t->dtype != RLB_DTYPE_F32 && t->dtype != RLB_DTYPE_BF16 && t->dtype != RLB_DTYPE_F16)
         return snprintf(err, ERRLEN, "tensor '%s': dtype %s (want F32, BF16 or F16)", t->name,
                         rlb_dtype_name(t->dtype)), RLB_EDTYPE;
     if (t->ndim < 1 || (t->kind != RLB_LAYOUT_FULL && (t->fworld < 1 || t->frank >= t->fworld)))
         return snprintf(err, ERRLEN, "tensor '%s': bad shape or FSDP rank %u of %u", t->name,
                         t->frank, t->fworld), RLB_EINVAL;
-    int rc = check_others(b, p, t, pending, batch, err);
-    if (rc == 0)
+    if ((rc = check_others(b, p, t, pending, batch, err)) == 0)
         rc = check_factors(b, t, err);
     if (rc < 0 || t->dropped)
         return rc;
@@ -275,7 +328,7 @@ void br_register(bridge *b, br_peer *p, const rlb_msg_register *m)
             break;
         }
         t->dropped = t->kind == RLB_LAYOUT_FULL && rlb__params_is_dropped(&b->params, t->name);
-        if ((rc = check_tensor(b, p, &m->tensors[n], t, batch, n, err)) < 0) {
+        if ((rc = check_tensor(b, p, t, batch, n, err)) < 0) {
             n++;
             break;
         }
@@ -293,13 +346,16 @@ void br_register(bridge *b, br_peer *p, const rlb_msg_register *m)
     }
     if (rc < 0) {
         br_send_error(b, p, rc, 0, RLB_MSG_REGISTER, "register refused: %s", err);
-        for (uint32_t i = 0; i < n; i++)
+        for (uint32_t i = 0; i < n; i++) {
+            release_memory(b, &batch[i]);
             tensor_free(&batch[i]);
+        }
         free(batch);
         return;
     }
     for (uint32_t i = 0; i < n; i++) {
-        br_seg_find(p, batch[i].seg)->refs++;
+        if (batch[i].mem != RLB_MEM_CUDA_IPC)
+            br_seg_find(p, batch[i].seg)->refs++;
         p->tensors[p->n_tensors++] = batch[i];
     }
     free(batch);
@@ -311,9 +367,11 @@ void br_register(bridge *b, br_peer *p, const rlb_msg_register *m)
 /* Removes p's tensor i, unmapping its segment when nothing else lives there. */
 static void tensor_remove(bridge *b, br_peer *p, uint32_t i)
 {
-    br_seg *s = br_seg_find(p, p->tensors[i].seg);
+    br_tensor *t = &p->tensors[i];
+    br_seg *s = t->mem == RLB_MEM_CUDA_IPC ? NULL : br_seg_find(p, t->seg);
     if (s && --s->refs == 0)
         br_seg_release(b, s);
+    release_memory(b, t);
     tensor_free(&p->tensors[i]);
     p->tensors[i] = p->tensors[--p->n_tensors];
 }
@@ -393,10 +451,15 @@ int br_source_buffer(bridge *b, const void *addr, uint64_t bytes, uint32_t *inde
     return 0;
 }
 
-/* Source buffer index of segment `seg` of peer q, adding it on first use. */
-static int src_buffer(bridge *b, br_peer *q, uint32_t seg, uint32_t *index)
+/* Source buffer index of the memory holding tensor o of peer q (its segment, or its IPC
+ * mapping), adding it on first use; *offset is o's place in it. */
+static int src_buffer(bridge *b, br_peer *q, const br_tensor *o, uint32_t *index,
+                      uint64_t *offset)
 {
-    br_seg *s = br_seg_find(q, seg);
+    br_seg *seg = o->mem == RLB_MEM_CUDA_IPC ? NULL : br_seg_find(q, o->seg);
+    br_seg ipc = {.addr = o->ipc_addr, .bytes = o->length};
+    const br_seg *s = seg ? seg : &ipc;
+    *offset = seg ? o->offset : 0;
     return br_source_buffer(b, s->addr, s->bytes, index);
 }
 
@@ -431,8 +494,7 @@ static int add_tensor(bridge *b, uint32_t r, uint32_t i, char *err)
             if (strcmp(o->name, t->name) || (t->kind == RLB_LAYOUT_FULL && o != t))
                 continue;
             uint32_t f = t->kind == RLB_LAYOUT_FULL ? 0 : o->frank;
-            rc = src_buffer(b, peer, o->seg, &ranks[f].buffer);
-            ranks[f].offset = o->offset;
+            rc = src_buffer(b, peer, o, &ranks[f].buffer, &ranks[f].offset);
         }
     }
     for (uint32_t f = 0; f < w && rc == 0; f++) {
@@ -483,7 +545,7 @@ int br_plan_ensure(bridge *b)
         rc = 1;
     }
     rlb_target tgt = {.tp_size = (int32_t)b->tp_size, .replicas = (int32_t)b->n_replicas,
-                      .dtype = RLB_DTYPE_F32};
+                      .dtype = b->wdt};
     memset(&b->plan, 0, sizeof(b->plan));
     if (rc == 0)
         rc = rlb__plan_build(&b->source, &tgt, &b->plan, err, sizeof(err));

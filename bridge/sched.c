@@ -8,6 +8,9 @@
  * to the requester under the requester's own id, whole, with the weight version the
  * worker stamped on every sample.
  *
+ * A request naming a token or stop id outside the vocabulary, or asking for more tokens
+ * than the model's length leaves after its prompt, is refused at once with the field named.
+ *
  * A request is held in the bridge (in arrival order) while no replica may take it: during
  * a pause-mode sync, while a staged sync's load is in flight, until a version at least
  * min_weight_version has committed, while the workers sleep (until the wake), or before
@@ -16,10 +19,14 @@
  * Worker death: the socket reports it at once. The replica is taken out of service and
  * every request running on it is retried on another live replica; it had produced nothing
  * yet (a result is sent whole, when the request is done), so the requester sees one
- * complete result, possibly from a newer committed version. When no replica is left, the
- * request fails with an ERROR (RLB_EPEERDEAD). Either way nothing waits for a dead worker.
+ * complete result, possibly from a newer committed version. A request is retried at most
+ * BR_MAX_RETRIES times: when its worker dies again it fails with RLB_EABORTED, so a request
+ * that kills the worker running it cannot take the whole fleet down. When no replica is
+ * left, the request fails with an ERROR (RLB_EPEERDEAD). Either way nothing waits for a
+ * dead worker.
  */
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -85,10 +92,44 @@ static void gen_fail(bridge *b, uint32_t i, int code, const char *text)
     gen_remove(b, i);
 }
 
+/* Refuses what the workers would otherwise cut or take silently: token and stop ids outside
+ * the vocabulary, and prompt + max_tokens beyond the model's length (vLLM refuses those
+ * too, rather than returning fewer tokens than asked). Returns 0, or RLB_EINVAL /
+ * RLB_ETOOBIG with `why` naming the prompt and the field. */
+static int check_request(const bridge *b, const rlb_msg_generate *g, char *why, size_t len)
+{
+    const rlb_model_config *cfg = &b->opts->cfg;
+    for (uint32_t p = 0; p < g->n_prompts; p++) {
+        const rlb_msg_prompt *pr = &g->prompts[p];
+        const rlb_msg_sampling *sp = pr->sampling ? pr->sampling : &g->sampling;
+        for (uint32_t i = 0; i < pr->n_tokens + sp->n_stop; i++) {
+            int stop = i >= pr->n_tokens;
+            int32_t id = stop ? rlb__msg_i32(sp->stop, i - pr->n_tokens)
+                              : rlb__msg_i32(pr->tokens, i);
+            if (id < 0 || id >= cfg->vocab)
+                return snprintf(why, len, "prompt %u: %s %u is %d, outside the vocabulary "
+                                "[0, %" PRId64 ")", p, stop ? "stop id" : "token",
+                                stop ? i - pr->n_tokens : i, id, cfg->vocab), RLB_EINVAL;
+        }
+        if ((int64_t)pr->n_tokens + (int64_t)sp->max_tokens > cfg->max_pos)
+            return snprintf(why, len, "prompt %u: %u prompt tokens + max_tokens %u exceed the "
+                            "model's length of %" PRId64 " tokens", p, pr->n_tokens,
+                            sp->max_tokens, cfg->max_pos), RLB_ETOOBIG;
+    }
+    return 0;
+}
+
 void br_generate(bridge *b, br_peer *p, rlb_msg *m)
 {
     uint64_t cid = m->generate.request_id;
+    char why[192];
     b->n_requests++;
+    int bad = check_request(b, &m->generate, why, sizeof(why));
+    if (bad < 0) {
+        br_send_error(b, p, bad, cid, RLB_MSG_GENERATE, "generate %" PRIu64 ": %s", cid, why);
+        b->n_failed++;
+        return;
+    }
     if (b->stale) {
         br_send_error(b, p, RLB_ESTALE, cid, RLB_MSG_GENERATE, "generate %" PRIu64 ": the "
                       "workers' weights are stale after an aborted sync; publish a new "
@@ -195,6 +236,12 @@ void br_replica_lost(bridge *b, int replica)
         }
         if (!other) {
             gen_fail(b, i, RLB_EPEERDEAD, "its worker died and no other replica is live");
+            continue;
+        }
+        if (g->retries >= BR_MAX_RETRIES) {
+            gen_fail(b, i, RLB_EABORTED, "its worker died while running it, again after "
+                     "the retry on another replica; it is not retried twice (a request that "
+                     "kills workers would otherwise take every replica down)");
             continue;
         }
         RLB_LOG_INFO(RLB_SUB_BRIDGE, "request %" PRIu64 " of peer %u: retried on another "

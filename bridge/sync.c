@@ -5,18 +5,31 @@
  *          incomplete at that point abort v with the missing tensor's name).
  *   DRAIN  pause mode only: new generation is held in the bridge; the sync waits until no
  *          request runs on any replica.
- *   COPY   the copy thread runs the plan from the trainers' segments straight into the
- *          workers' buffers: in place (pause), or into each worker's inactive buffer
- *          (staged) while generation goes on with v-1. The loop keeps serving meanwhile
- *          and learns of the end through an eventfd in its poll set.
+ *   COPY   the executor (kernels/executor.h: a CPU thread, or the GPU) runs the plan from
+ *          the trainers' memory straight into the workers' buffers: in place (pause), or
+ *          into each worker's inactive buffer (staged) while generation goes on with v-1.
+ *          The loop keeps serving meanwhile and learns of the end through an eventfd in its
+ *          poll set.
  *   LOAD   load(v) went to every worker of every live replica; staged workers first finish
  *          what runs on v-1, then switch buffers; all run post-load processing and answer
  *          loaded(v). New generation is held (a request must never start on a version
  *          that may still be rolled back). When every worker answered, v is committed and
  *          every rank gets synced(v, bytes, ms, GB/s).
  *
+ * Poisoned versions. The copy counts the NaN / Inf values it writes, LoRA merges included
+ * (fused into the executor). By default (RLB_NONFINITE=abort) a version holding any is aborted before a
+ * worker loads it, naming each tensor and its count; RLB_NONFINITE=allow commits it with
+ * a warning (sampling over non-finite logits is defined: kernels/cpu/sample.h).
+ *
+ * Replicas that come back (a worker restarted for a lost replica, or a new replica) form
+ * JOINING after a commit: their buffers hold initial weights. When no sync runs, the heal
+ * copies a live replica's buffers (the committed version, same layout) into theirs on the
+ * copy thread, sends load(committed) and puts the replica into service once every rank
+ * answered; no sync starts meanwhile. With no live replica to copy from, a joining replica
+ * is a destination of the next sync like a live one and serves once that version commits.
+ *
  * Abort (a rank dies before commit, a worker dies while buffers are written or loaded, a
- * copy or post-load processing fails): every rank that published v gets aborted(v,
+ * copy or post-load processing fails, the weights hold NaN / Inf): every rank that published v gets aborted(v,
  * reason). Pause mode: if worker buffers were written, they hold no complete version, so
  * generation is refused with RLB_ESTALE until a later version commits. Staged mode: the
  * active buffers never changed, except on workers that already switched for v; those get
@@ -34,8 +47,10 @@
 #include <unistd.h>
 
 #include "bridge/bridge_int.h"
+#include "common/env.h"
 #include "common/log.h"
-#include "kernels/cpu/plan_exec.h"
+#include "kernels/cpu/convert.h"
+#include "kernels/executor.h"
 
 int br_sync_holds_generation(const bridge *b)
 {
@@ -113,12 +128,14 @@ static void tell_ranks(bridge *b, const rlb_msg *msg)
 
 static void reset_workers(bridge *b)
 {
-    for (uint32_t d = 0; d < b->n_replicas; d++)
+    for (uint32_t d = 0; d < b->n_replicas; d++) {
+        b->replicas[d].in_sync = 0;
         for (uint32_t t = 0; t < b->tp_size; t++) {
             br_peer *w = b->replicas[d].ranks[t];
             if (w)
                 w->load_sent = w->loaded = 0;
         }
+    }
 }
 
 /* Sends load(version) to w; in staged mode its active buffer flips. */
@@ -171,19 +188,16 @@ void br_sync_abort(bridge *b, int code, const char *fmt, ...)
     b->n_aborts++;
 }
 
-static void *copy_thread(void *arg)
+/* Starts the executor on b->copy (a sync's plan, or a heal's). Returns 0 or a negative
+ * code with b->copy.err saying why. */
+static int run_copy(bridge *b)
 {
-    br_copy *c = arg;
-    double t0 = br_now();
-    c->rc = rlb__plan_exec_cpu_scratch(&c->view, c->src, c->src_len, c->dst, c->dst_len,
-                                       &c->scratch, c->threads, c->err, sizeof(c->err));
-    c->ms = (br_now() - t0) * 1e3;
-    uint64_t one = 1;
-    /* The eventfd write is the thread's last touch of c; the loop reads c after reading
-     * the eventfd and joining the thread. */
-    ssize_t n = write(c->wake_fd, &one, sizeof(one));
-    (void)n;
-    return NULL;
+    br_copy *c = &b->copy;
+    c->err[0] = 0;
+    rlb_exec_run run = {.plan = &c->view, .src = (void *const *)c->src, .src_len = c->src_len,
+                        .dst = c->dst, .dst_len = c->dst_len, .threads = c->threads,
+                        .nonfinite = c->nonfinite, .done_fd = c->wake_fd};
+    return br_executor(b)->iface->run(br_executor(b), &run, c->err, sizeof(c->err));
 }
 
 /* Binds the plan's destinations to the live replicas' buffers and keeps only their ops
@@ -200,24 +214,30 @@ static int bind_copy(bridge *b)
     c->dst = calloc(plan->n_dst, sizeof(*c->dst));
     c->dst_len = calloc(plan->n_dst, sizeof(*c->dst_len));
     c->view.ops = malloc(plan->n_ops * sizeof(*c->view.ops) + 1);
-    if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops)
+    c->view.merges = malloc(plan->n_merges * sizeof(*c->view.merges) + 1);
+    c->view.stage_ops = malloc(plan->n_stage_ops * sizeof(*c->view.stage_ops) + 1);
+    c->view.merge_copies = malloc(plan->n_merge_copies * sizeof(*c->view.merge_copies) + 1);
+    c->nonfinite = malloc((plan->n_ops + plan->n_merges) * sizeof(*c->nonfinite) + 1);
+    if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops || !c->view.merges ||
+        !c->view.stage_ops || !c->view.merge_copies || !c->nonfinite)
         return RLB_ENOMEM;
     memcpy(c->src, b->src_ptr, b->n_src * sizeof(*c->src));
     memcpy(c->src_len, b->src_len, b->n_src * sizeof(*c->src_len));
-    c->view.merges = malloc(plan->n_merges * sizeof(*c->view.merges) + 1);
-    c->view.stage_ops = malloc(plan->n_stage_ops * sizeof(*c->view.stage_ops) + 1);
-    if (!c->view.merges || !c->view.stage_ops)
-        return RLB_ENOMEM;
+    /* Every merge reads the whole stage and its copies by index: both are kept whole. */
     if (plan->n_stage_ops)
         memcpy(c->view.stage_ops, plan->stage_ops,
                plan->n_stage_ops * sizeof(*plan->stage_ops));
+    if (plan->n_merge_copies)
+        memcpy(c->view.merge_copies, plan->merge_copies,
+               plan->n_merge_copies * sizeof(*plan->merge_copies));
     c->view.n_ops = 0;
     c->view.n_merges = 0;
     c->view.dst_first_merge = NULL; /* the executor reads merges by their dst_ref */
     c->view.bytes_written = 0;
     for (uint32_t d = 0; d < b->n_replicas; d++) {
-        if (b->replicas[d].state != BR_REP_UP)
+        if (b->replicas[d].state != BR_REP_UP && b->replicas[d].state != BR_REP_JOINING)
             continue;
+        b->replicas[d].in_sync = 1;
         for (uint32_t t = 0; t < b->tp_size; t++) {
             uint32_t dst = d * b->tp_size + t;
             br_peer *w = b->replicas[d].ranks[t];
@@ -230,15 +250,19 @@ static int bind_copy(bridge *b)
                 c->view.bytes_written += plan->ops[i].rows * plan->ops[i].row_elems *
                                          rlb_dtype_size((rlb_dtype)plan->ops[i].dst_dtype);
             c->view.n_ops += end - first;
-            if (plan->n_merges) {
-                uint64_t m0 = plan->dst_first_merge[dst], m1 = plan->dst_first_merge[dst + 1];
-                memcpy(c->view.merges + c->view.n_merges, plan->merges + m0,
-                       (m1 - m0) * sizeof(*plan->merges));
-                c->view.n_merges += m1 - m0;
-            }
+            if (!plan->n_merges)
+                continue;
+            uint64_t m0 = plan->dst_first_merge[dst], m1 = plan->dst_first_merge[dst + 1];
+            memcpy(c->view.merges + c->view.n_merges, plan->merges + m0,
+                   (m1 - m0) * sizeof(*plan->merges));
+            for (uint64_t i = m0; i < m1; i++)
+                c->view.bytes_written += plan->merges[i].rows * plan->merges[i].cols *
+                                         rlb_dtype_size((rlb_dtype)plan->merges[i].dst_dtype);
+            c->view.n_merges += m1 - m0;
         }
     }
     c->threads = b->opts->threads;
+    c->heal = 0;
     return 0;
 }
 
@@ -253,21 +277,30 @@ static void free_copy(br_copy *c)
     free(c->view.ops);
     free(c->view.merges);
     free(c->view.stage_ops);
+    free(c->view.merge_copies);
+    free(c->nonfinite);
     c->dst = NULL;
     c->dst_len = NULL;
     c->view.ops = NULL;
     c->view.merges = NULL;
     c->view.stage_ops = NULL;
+    c->view.merge_copies = NULL;
+    c->nonfinite = NULL;
 }
+
+/* The heal's steps (below): its copy ended; a loaded answer that may be the heal's. */
+static void heal_copy_done(bridge *b);
+static int heal_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m);
 
 static void start_copy(bridge *b)
 {
+    br_copy *c = &b->copy;
     int rc = bind_copy(b);
-    if (rc == 0 && pthread_create(&b->copy.tid, NULL, copy_thread, &b->copy) != 0)
-        rc = RLB_EIO;
+    if (rc == 0)
+        rc = run_copy(b);
     if (rc < 0) {
-        free_copy(&b->copy);
-        br_sync_abort(b, rc, "cannot start the copy: %s", rlb_strerror(rc));
+        free_copy(c);
+        br_sync_abort(b, rc, "cannot start the copy: %s", c->err[0] ? c->err : rlb_strerror(rc));
         return;
     }
     b->copy_running = 1;
@@ -277,32 +310,138 @@ static void start_copy(bridge *b)
                   (unsigned long long)b->copy.view.bytes_written);
 }
 
-void br_sync_join(bridge *b)
+/* Waits for the copy thread and releases what it held, keeping the copy's tables. */
+static void copy_join(bridge *b)
 {
-    if (!b->copy_running)
-        return;
-    pthread_join(b->copy.tid, NULL);
+    br_copy *c = &b->copy;
+    c->err[0] = 0;
+    c->rc = br_executor(b)->iface->finish(br_executor(b), &c->ms, c->err, sizeof(c->err));
+    c->n_nonfinite = 0;
+    for (uint64_t i = 0; c->rc == 0 && i < c->view.n_ops + c->view.n_merges; i++)
+        c->n_nonfinite += c->nonfinite[i];
     uint64_t n;
     ssize_t got = read(b->copy.wake_fd, &n, sizeof(n));
     (void)got;
     b->copy_running = 0;
-    free_copy(&b->copy);
     br_unpark(b);
+}
+
+void br_sync_join(bridge *b)
+{
+    if (!b->copy_running)
+        return;
+    copy_join(b);
+    free_copy(&b->copy);
+}
+
+/* The source piece holding byte `at` of source buffer `buf`, or NULL; `hint` is the last
+ * one found (poisoned elements come in runs). */
+static const rlb_src_piece *piece_at(const rlb_source *src, uint32_t buf, uint64_t at,
+                                     const rlb_src_piece *hint)
+{
+    for (uint64_t k = 0; k <= src->n_pieces; k++) {
+        const rlb_src_piece *p = k == 0 ? hint : &src->pieces[k - 1];
+        if (p && p->buffer == buf && at >= p->offset &&
+            at - p->offset < p->n_elems * rlb_dtype_size(p->dtype))
+            return p;
+    }
+    return NULL;
+}
+
+/* Adds to per[param] (per[params.n]: unknown) each non-finite element copy op `op` left in
+ * the destination, traced back to the source piece it came from; *hint is the last piece
+ * found. */
+static void trace_op(const bridge *b, const rlb_copy_op *op, uint64_t *per,
+                     const rlb_src_piece **hint)
+{
+    const br_copy *c = &b->copy;
+    uint64_t ses = rlb_dtype_size((rlb_dtype)op->src_dtype);
+    uint64_t des = rlb_dtype_size((rlb_dtype)op->dst_dtype);
+    const uint8_t *d = (const uint8_t *)c->dst[op->dst_ref] + op->dst_offset;
+    for (uint64_t r = 0; r < op->rows; r++)
+        for (uint64_t e = 0; e < op->row_elems; e++) {
+            if (!rlb__row_nonfinite(d + r * op->dst_stride + e * des, 1, op->dst_dtype))
+                continue;
+            *hint = piece_at(&b->source, op->src_ref,
+                             op->src_offset + r * op->src_stride + e * ses, *hint);
+            per[*hint ? (*hint)->param : b->params.n]++;
+        }
+}
+
+/* Writes "name: count, ..." for the non-finite values the copy counted, by tensor: each
+ * poisoned element an op wrote is traced back to the source piece it came from, and each
+ * one a LoRA merge wrote to the weight whose base its copies brought ("name (LoRA-merged)").
+ * This pass runs only for a poisoned version, over the ops and merges that counted any. */
+static void name_nonfinite(const bridge *b, char *text, size_t len)
+{
+    const br_copy *c = &b->copy;
+    uint64_t n = (uint64_t)b->params.n + 1;
+    uint64_t *per = calloc(2 * n, sizeof(*per)); /* copied [0, n), merged [n, 2n) */
+    size_t at = 0;
+    text[0] = 0;
+    if (!per)
+        return;
+    const rlb_src_piece *hint = NULL;
+    for (uint64_t i = 0; i < c->view.n_ops; i++)
+        if (c->nonfinite[i])
+            trace_op(b, &c->view.ops[i], per, &hint);
+    for (uint64_t i = 0; i < c->view.n_merges; i++) {
+        const rlb_merge_op *m = &c->view.merges[i];
+        for (uint64_t k = 0; c->nonfinite[c->view.n_ops + i] && k < m->n_copies; k++)
+            trace_op(b, &c->view.merge_copies[m->copy_first + k], per + n, &hint);
+    }
+    for (uint64_t k = 0; k < 2 * n && at + 1 < len; k++)
+        if (per[k]) {
+            uint64_t p = k % n;
+            int w = snprintf(text + at, len - at, "%s%s%s: %llu", at ? ", " : "",
+                             p < n - 1 ? b->params.params[p].name : "(unknown tensor)",
+                             k >= n ? " (LoRA-merged)" : "", (unsigned long long)per[k]);
+            at = w < 0 ? len : at + (size_t)w;
+        }
+    free(per);
 }
 
 void br_copy_done(bridge *b)
 {
     double c0 = br_thread_cpu();
-    br_sync_join(b);
-    if (b->sync != BR_SYNC_COPY) /* aborted while the copy ran */
+    if (!b->copy_running)
         return;
+    copy_join(b);
+    if (b->copy.heal) {
+        heal_copy_done(b);
+        return;
+    }
+    if (b->sync != BR_SYNC_COPY) { /* aborted while the copy ran */
+        free_copy(&b->copy);
+        return;
+    }
     b->last_copy_ms = b->copy.ms;
     if (b->copy.rc < 0) {
+        free_copy(&b->copy);
         br_sync_abort(b, b->copy.rc, "copy failed: %s", b->copy.err);
         return;
     }
+    if (b->copy.n_nonfinite) {
+        char where[384];
+        uint64_t n = b->copy.n_nonfinite;
+        int allow = !strcmp(rlb__env_str(RLB_KNOB_NONFINITE), "allow");
+        name_nonfinite(b, where, sizeof(where));
+        free_copy(&b->copy);
+        if (!allow) {
+            br_sync_abort(b, RLB_ENONFINITE, "version %" PRIu64 " holds %llu non-finite "
+                          "values (NaN/Inf) in the weights written to the workers: %s "
+                          "(RLB_NONFINITE=allow commits such versions)", b->syncing,
+                          (unsigned long long)n, where);
+            return;
+        }
+        RLB_LOG_WARN(RLB_SUB_BRIDGE, "version %" PRIu64 " holds %llu non-finite values "
+                     "(NaN/Inf), committed anyway (RLB_NONFINITE=allow): %s", b->syncing,
+                     (unsigned long long)n, where);
+    } else {
+        free_copy(&b->copy);
+    }
     for (uint32_t d = 0; d < b->n_replicas; d++)
-        for (uint32_t t = 0; b->replicas[d].state == BR_REP_UP && t < b->tp_size; t++) {
+        for (uint32_t t = 0; b->replicas[d].in_sync && t < b->tp_size; t++) {
             br_peer *w = b->replicas[d].ranks[t];
             w->load_sent = 1;
             w->loaded = 0;
@@ -322,6 +461,11 @@ static void commit(bridge *b)
     b->sync = BR_SYNC_IDLE;
     b->syncing = 0;
     b->copied = 0;
+    for (uint32_t d = 0; d < b->n_replicas; d++)
+        if (b->replicas[d].in_sync && b->replicas[d].state == BR_REP_JOINING) {
+            b->n_heals++;
+            br_replica_up(b, (int)d);
+        }
     reset_workers(b);
     b->n_syncs++;
     b->bytes_synced += bytes;
@@ -340,6 +484,8 @@ static void commit(bridge *b)
 void br_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m)
 {
     double c0 = br_thread_cpu();
+    if (heal_loaded(b, w, m))
+        return;
     if (b->sync != BR_SYNC_LOAD || m->version != b->syncing || !w->load_sent) {
         if (m->version == b->committed) /* a switch back after an abort */
             w->version = m->version;
@@ -356,27 +502,27 @@ void br_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m)
     b->control_s += br_thread_cpu() - c0;
 }
 
-/* 1 when every worker of every live replica answered loaded(v). */
+/* 1 when every worker of every replica in the sync answered loaded(v). */
 static int all_loaded(const bridge *b)
 {
     for (uint32_t d = 0; d < b->n_replicas; d++)
-        for (uint32_t t = 0; b->replicas[d].state == BR_REP_UP && t < b->tp_size; t++)
+        for (uint32_t t = 0; b->replicas[d].in_sync && t < b->tp_size; t++)
             if (!b->replicas[d].ranks[t]->loaded)
                 return 0;
     return 1;
 }
 
-/* 1 when every replica is formed (or dead) and some replica is up. Aborts v when all
- * replicas died. */
+/* 1 when some replica can take the version: live or joining, and, before any replica has
+ * served, every replica formed (or dead). Aborts v when all replicas died. */
 static int workers_ready(bridge *b, uint64_t v)
 {
     if (b->tp_size == 0)
         return 0;
     int up = 0;
     for (uint32_t d = 0; d < b->n_replicas; d++) {
-        if (b->replicas[d].state == BR_REP_FORMING)
+        if (b->replicas[d].state == BR_REP_FORMING && !b->ever_up)
             return 0;
-        up += b->replicas[d].state == BR_REP_UP;
+        up += b->replicas[d].state == BR_REP_UP || b->replicas[d].state == BR_REP_JOINING;
     }
     if (!up)
         br_sync_abort(b, RLB_EPEERDEAD, "version %" PRIu64 ": no live worker replica", v);
@@ -390,7 +536,7 @@ int br_sync_progress(bridge *b)
     switch (b->sync) {
     case BR_SYNC_IDLE: {
         uint64_t v = all_published(b);
-        if (!v || b->copy_running || !workers_ready(b, v))
+        if (!v || b->copy_running || b->heal >= 0 || !workers_ready(b, v))
             return 0;
         int rc = br_plan_ensure(b);
         if (rc <= 0) {
@@ -426,11 +572,143 @@ int br_sync_progress(bridge *b)
     return did;
 }
 
-void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker)
+/* ---- Heal -------------------------------------------------------------------------- */
+
+void br_heal_lost(bridge *b, int replica)
+{
+    if (b->heal != replica)
+        return;
+    RLB_LOG_WARN(RLB_SUB_BRIDGE, "replica %d: heal abandoned", replica);
+    b->heal = -1;
+    b->heal_copied = 0;
+}
+
+/* Binds the heal copy: one op per TP rank, the whole buffer of live replica `from` into
+ * the buffer of joining replica `to` that its load will make active. */
+static int bind_heal(bridge *b, int from, int to)
+{
+    br_copy *c = &b->copy;
+    uint32_t T = b->tp_size;
+    c->view = (rlb_plan){.n_src = T, .n_dst = T};
+    c->src = malloc(T * sizeof(*c->src));
+    c->src_len = malloc(T * sizeof(*c->src_len));
+    c->dst = malloc(T * sizeof(*c->dst));
+    c->dst_len = malloc(T * sizeof(*c->dst_len));
+    c->view.ops = calloc(T, sizeof(*c->view.ops));
+    c->nonfinite = malloc(T * sizeof(*c->nonfinite));
+    if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops || !c->nonfinite)
+        return RLB_ENOMEM;
+    int staged = b->opts->mode == RLB_SYNC_STAGED;
+    for (uint32_t t = 0; t < T; t++) {
+        const br_peer *s = b->replicas[from].ranks[t], *w = b->replicas[to].ranks[t];
+        uint64_t bytes = w->buf_bytes;
+        int wide = bytes % 4 == 0; /* a byte copy: the dtype only sets the element size */
+        c->src[t] = s->buf[s->active];
+        c->src_len[t] = s->buf_bytes;
+        c->dst[t] = w->buf[staged ? !w->active : w->active];
+        c->dst_len[t] = bytes;
+        c->view.ops[t] = (rlb_copy_op){
+            .src_ref = t, .dst_ref = t, .src_dtype = wide ? RLB_DTYPE_F32 : RLB_DTYPE_BF16,
+            .dst_dtype = wide ? RLB_DTYPE_F32 : RLB_DTYPE_BF16, .rows = 1,
+            .row_elems = bytes / (wide ? 4 : 2)};
+        c->view.bytes_written += bytes;
+    }
+    c->view.n_ops = T;
+    c->threads = b->opts->threads;
+    c->heal = 1;
+    return 0;
+}
+
+int br_heal_progress(bridge *b)
+{
+    /* After an aborted pause-mode sync the live buffers are stale: the next sync heals. */
+    if (b->heal >= 0 || b->sync != BR_SYNC_IDLE || b->copy_running || b->committed == 0 ||
+        b->stale)
+        return 0;
+    int to = -1, from = -1;
+    for (uint32_t d = 0; d < b->n_replicas; d++) {
+        if (b->replicas[d].state == BR_REP_JOINING && to < 0)
+            to = (int)d;
+        if (b->replicas[d].state == BR_REP_UP && from < 0)
+            from = (int)d;
+    }
+    if (to < 0 || from < 0)
+        return 0; /* nothing to heal, or no live copy: the next sync brings it in */
+    int rc = bind_heal(b, from, to);
+    if (rc == 0)
+        rc = run_copy(b);
+    if (rc < 0) {
+        free_copy(&b->copy);
+        br_replica_kill(b, to, "cannot copy the committed version into it");
+        return 1;
+    }
+    b->copy_running = 1;
+    b->heal = to;
+    b->heal_copied = 0;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %d: copying version %" PRIu64 " from replica %d",
+                 to, b->committed, from);
+    return 1;
+}
+
+/* The heal copy ended: load the committed version on every rank of the replica. */
+static void heal_copy_done(bridge *b)
+{
+    int to = b->heal;
+    int rc = b->copy.rc;
+    free_copy(&b->copy);
+    if (to < 0)
+        return; /* the replica died meanwhile */
+    if (rc < 0) {
+        b->heal = -1;
+        br_replica_kill(b, to, "the copy of the committed version into it failed");
+        return;
+    }
+    for (uint32_t t = 0; t < b->tp_size; t++) {
+        br_peer *w = b->replicas[to].ranks[t];
+        w->load_sent = 1;
+        w->loaded = 0;
+        send_load(b, w, b->committed);
+    }
+    b->heal_copied = 1;
+}
+
+/* A loaded(committed) of the replica being healed. Returns 1 when it was one. */
+static int heal_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m)
+{
+    int to = b->heal;
+    if (to < 0 || !b->heal_copied || w->hello.replica != (uint32_t)to ||
+        m->version != b->committed || !w->load_sent)
+        return 0;
+    if (m->code < 0) {
+        char why[160];
+        snprintf(why, sizeof(why), "its load of version %" PRIu64 " failed: %s", m->version,
+                 m->text ? m->text : rlb_strerror(m->code));
+        b->heal = -1;
+        br_replica_kill(b, to, why);
+        return 1;
+    }
+    w->loaded = 1;
+    w->version = m->version;
+    br_replica *r = &b->replicas[to];
+    for (uint32_t t = 0; t < b->tp_size; t++)
+        if (!r->ranks[t]->loaded)
+            return 1;
+    for (uint32_t t = 0; t < b->tp_size; t++)
+        r->ranks[t]->load_sent = r->ranks[t]->loaded = 0;
+    b->heal = -1;
+    b->heal_copied = 0;
+    b->n_heals++;
+    br_replica_up(b, to);
+    br_dispatch(b);
+    return 1;
+}
+
+void br_sync_peer_lost(bridge *b, br_peer *trainer, br_peer *worker, const char *why)
 {
     if (trainer && pending_version(b))
-        br_sync_abort(b, RLB_EPEERDEAD, "trainer rank %u disconnected", trainer->hello.rank);
+        br_sync_abort(b, RLB_EPEERDEAD, "trainer rank %u is gone: %s", trainer->hello.rank,
+                      why);
     if (worker && (b->sync == BR_SYNC_COPY || b->sync == BR_SYNC_LOAD))
-        br_sync_abort(b, RLB_EPEERDEAD, "worker %u (replica %u, TP rank %u) died",
-                      worker->hello.rank, worker->hello.replica, worker->hello.tp_rank);
+        br_sync_abort(b, RLB_EPEERDEAD, "worker %u (replica %u, TP rank %u) is gone: %s",
+                      worker->hello.rank, worker->hello.replica, worker->hello.tp_rank, why);
 }

@@ -403,7 +403,12 @@ RLB_API int rlb_connect(const rlb_client_options *opts, rlb_client **out)
     char path[256];
     RLB_CHECK(resolve_socket(o.socket, path, sizeof(path)));
     rlb_conn *conn = NULL;
-    rc = rlb__conn_connect(path, timeout, &conn);
+    uint32_t bridge_abi = 0;
+    rc = rlb__conn_connect_abi(path, timeout, &conn, &bridge_abi);
+    if (rc == RLB_EVERSION)
+        return connect_fail(rc, "the bridge at %s speaks ABI version %u and this librlb ABI "
+                                "version %u: use a librlb from the bridge's release",
+                            path, bridge_abi, RLB_ABI_VERSION);
     if (rc < 0)
         return connect_fail(rc, rc == RLB_ENOTFOUND ? "no bridge listens at %s (start one with "
                                                       "`rlb bridge`)"

@@ -424,32 +424,44 @@ int rlb__listener_open(const char *path, uint64_t ring_bytes, rlb_listener **out
     if (!l->path)
         goto err;
     RLB_SYSCHECK(l->fd, rc, err);
+    /* The socket is bound and listening under a temporary name first and renamed into
+     * place, so its path never exists without a listener behind it (a peer that connects
+     * the moment the file appears is never refused). */
+    struct sockaddr_un tmp;
+    char tmp_path[sizeof(tmp.sun_path)];
     struct stat st;
-    if (bind(l->fd, (struct sockaddr *)&sa, sizeof(sa)) != 0) {
-        rc = RLB_EIO;
-        if (errno != EADDRINUSE) {
-            RLB_LOG_ERROR(RLB_SUB_CONN, "bind %s: %s", path, strerror(errno));
-            goto err;
-        }
+    rc = RLB_EINVAL;
+    if (snprintf(tmp_path, sizeof(tmp_path), "%s.%d.new", path, (int)getpid()) >=
+            (int)sizeof(tmp_path) ||
+        make_addr(tmp_path, &tmp) < 0) {
+        RLB_LOG_ERROR(RLB_SUB_CONN, "socket path %s is too long", path);
+        goto err;
+    }
+    unlink(tmp_path); /* a leftover of a process with our pid */
+    rc = RLB_EIO;
+    RLB_SYSCHECK(bind(l->fd, (struct sockaddr *)&tmp, sizeof(tmp)), rc, err);
+    /* The directory already keeps others out; the socket's own mode says the same. */
+    RLB_SYSCHECK(chmod(tmp_path, 0600), rc, err_tmp);
+    RLB_SYSCHECK(listen(l->fd, SOMAXCONN), rc, err_tmp);
+    if (lstat(path, &st) == 0) {
         rc = RLB_EEXIST;
-        if (lstat(path, &st) != 0 || !S_ISSOCK(st.st_mode) || someone_listens(&sa)) {
+        if (!S_ISSOCK(st.st_mode) || someone_listens(&sa)) {
             RLB_LOG_ERROR(RLB_SUB_CONN, "%s: a listener is running there, or it is not a "
                           "socket", path);
-            goto err;
+            goto err_tmp;
         }
         RLB_LOG_INFO(RLB_SUB_CONN, "replacing stale socket %s", path);
-        rc = RLB_EIO;
-        RLB_SYSCHECK(unlink(path), rc, err);
-        RLB_SYSCHECK(bind(l->fd, (struct sockaddr *)&sa, sizeof(sa)), rc, err);
     }
-    /* The directory already keeps others out; the socket's own mode says the same. */
-    RLB_SYSCHECK(chmod(path, 0600), rc, err_unlink);
+    rc = RLB_EIO;
+    RLB_SYSCHECK(rename(tmp_path, path), rc, err_tmp);
     RLB_SYSCHECK(lstat(path, &st), rc, err_unlink);
     l->dev = st.st_dev;
     l->ino = st.st_ino;
-    RLB_SYSCHECK(listen(l->fd, SOMAXCONN), rc, err_unlink);
     *out = l;
     return 0;
+err_tmp:
+    unlink(tmp_path);
+    goto err;
 err_unlink:
     unlink(path);
 err:
@@ -479,6 +491,14 @@ void rlb__listener_close(rlb_listener *l)
 
 int rlb__conn_connect(const char *path, int timeout_ms, rlb_conn **out)
 {
+    return rlb__conn_connect_abi(path, timeout_ms, out, NULL);
+}
+
+int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
+                          uint32_t *listener_abi)
+{
+    if (listener_abi)
+        *listener_abi = 0;
     if (!path || !out || timeout_ms <= 0)
         return RLB_EINVAL;
     int64_t deadline = now_ms() + timeout_ms;
@@ -519,6 +539,8 @@ int rlb__conn_connect(const char *path, int timeout_ms, rlb_conn **out)
         goto err;
     int left_ms = (int)((deadline - now_ms()) > 0 ? deadline - now_ms() : 0);
     RLB_CHECK_GOTO(recv_hello(sock, &h, fds, &nfds, left_ms), rc, err);
+    if (listener_abi)
+        *listener_abi = h.abi_version; /* a refusal carries it too */
     rc = RLB_EPROTO;
     if (h.status < 0) {
         rc = h.status > -RLB_E_COUNT_ ? h.status : RLB_EPROTO;

@@ -72,6 +72,11 @@ void rlb__listener_close(rlb_listener *l);
  * segments hold no valid ring), RLB_ETIMEDOUT, RLB_EPEERDEAD, RLB_ENOMEM, RLB_EINVAL or
  * RLB_EIO; a refusal passes on the listener's reason (RLB_ENOMEM, say). */
 int rlb__conn_connect(const char *path, int timeout_ms, rlb_conn **out);
+/* rlb__conn_connect that also reports the ABI version the listener announced in its
+ * welcome or refusal (0 when none came), so a caller refused with RLB_EVERSION can name
+ * both versions. listener_abi may be NULL. */
+int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
+                          uint32_t *listener_abi);
 
 /* The connection's socket, for poll: POLLIN = fds to receive, POLLHUP = peer gone. */
 int rlb__conn_fd(const rlb_conn *c);

@@ -32,7 +32,10 @@
     X(CUDA_PEER, "RLB_CUDA_PEER", "auto", "how a GPU reads weights on another GPU: auto " \
       "(peer access where the GPUs have a peer path, staged copies otherwise) or staged") \
     X(CUDA_STAGE_BYTES, "RLB_CUDA_STAGE_BYTES", "16777216", "bytes of each of the two "   \
-      "device staging buffers of a staged read from another GPU")
+      "device staging buffers of a staged read from another GPU")                         \
+    X(NONFINITE, "RLB_NONFINITE", "abort", "what a sync does when the weights it copies "  \
+      "hold NaN or Inf: abort (the version, naming the tensors and counts) or allow "     \
+      "(commit it and log the counts)")
 
 typedef enum rlb_env_knob {
 #define RLB__ENV_ENUM(id, name, def, help) RLB_KNOB_##id,

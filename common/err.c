@@ -26,6 +26,7 @@ RLB_API const char *rlb_strerror(int code)
         "CUDA error",
         "shutting down",
         "corrupted shared memory",
+        "non-finite values",
     };
     _Static_assert(sizeof(names) / sizeof(names[0]) == RLB_E_COUNT_, "one name per code");
     if (code > 0 || code <= -RLB_E_COUNT_)

@@ -379,6 +379,7 @@ static const rlb__field hello_fields[] = {
     FLD(rlb_msg_hello, tp_size, "tps", RLB__FK_U32, OPT),
     FLD_ENUM(rlb_msg_hello, device, "dev", RLB_DEVICE_CUDA + 1, OPT),
     FLD_BYTES(rlb_msg_hello, device_uuid, "uuid"),
+    FLD_ENUM(rlb_msg_hello, weight_dtype, "wdt", RLB_DTYPE_F16 + 1, OPT),
 };
 static const rlb__struct_desc hello_desc = DESC("hello", rlb_msg_hello, hello_fields, check_hello);
 

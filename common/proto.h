@@ -109,6 +109,8 @@ typedef struct rlb_msg_hello {
     uint32_t tp_size;     /* "tps": worker: tensor-parallel size; tp_rank < tp_size */
     rlb_device device;    /* "dev": worker: its backend */
     uint8_t device_uuid[RLB_PROTO_UUID_BYTES]; /* "uuid": worker on CUDA: its GPU's uuid */
+    rlb_dtype weight_dtype; /* "wdt": worker: element type of its weight buffers (F32 when
+                               absent; the CPU backend's) */
 } rlb_msg_hello;
 
 typedef struct rlb_msg_welcome {

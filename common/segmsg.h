@@ -11,6 +11,10 @@
  * message that refers to it; a receiver that meets an unknown segment id drains the socket
  * (bounded by RLB_PEER_TIMEOUT_MS) before it answers RLB_ENOTFOUND.
  *
+ * A segment with magic RLB_SEG_MAGIC_VMM is device memory (DESIGN §3, kind CUDA_VMM_FD):
+ * the receiver imports it with the CUDA driver on the GPU the referring tensor (or the
+ * worker's hello) names, instead of mapping it.
+ *
  * Well-known ids from workers: a worker sends its weight buffer as segment 1 right after
  * its hello, and, in staged sync mode, its second weight buffer as segment 2. Segments the
  * bridge sends to a peer (a CPU tensor-parallel communicator, say) use ids from
@@ -22,6 +26,9 @@
 #include <stdint.h>
 
 #define RLB_SEG_MAGIC 0x4d474553u /* "SEGM" */
+#define RLB_SEG_MAGIC_VMM 0x56474553u /* "SEGV": a CUDA VMM allocation's fd
+                                         (cuMemExportToShareableHandle), not mappable by mmap;
+                                         bytes is the allocation's size */
 #define RLB_SEG_ID_WEIGHTS 1u     /* a worker's weight buffer */
 #define RLB_SEG_ID_WEIGHTS_B 2u   /* a worker's second weight buffer (staged mode) */
 #define RLB_SEG_ID_BRIDGE 0x80000000u /* first id of segments the bridge hands out */

@@ -18,7 +18,6 @@
 #include "common/log.h"
 #include "launch/cmds.h"
 #include "worker/daemon.h"
-#include "worker/loader.h"
 
 static void usage(FILE *f)
 {
@@ -93,7 +92,7 @@ int rlb__cmd_bridge(int argc, char **argv)
         }
         socket = path;
     }
-    if (model && rlb__load_config(model, &o.cfg, err, sizeof(err)) < 0) {
+    if (model && rlb__config_load_dir(model, &o.cfg, err, sizeof(err)) < 0) {
         fprintf(stderr, "rlb bridge: %s: %s\n", model, err);
         return 1;
     }

@@ -29,6 +29,7 @@
 
 #include "launch/cmds.h"
 #include "rlb/rlb.h"
+#include "worker/backends.h"
 
 #define REPLICAS 2
 #define READY_TIMEOUT_MS 30000 /* bridge socket up and every replica serving */
@@ -247,14 +248,16 @@ static int shm_new_entries(demo *d)
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: rlb demo [--steps N] [--mode pause|staged] [--seed N]\n"
-               "  Starts a bridge and %d workers (CPU, built-in tiny model) and trains the tiny\n"
-               "  model with evolution strategies through librlb for N steps (default 50).\n",
+    fprintf(f, "usage: rlb demo [--steps N] [--mode pause|staged] [--seed N] "
+               "[--device auto|cpu|cuda]\n"
+               "  Starts a bridge and %d workers (built-in tiny model; on the GPU when one is\n"
+               "  visible, else the CPU) and trains the tiny model with evolution strategies\n"
+               "  through librlb for N steps (default 50).\n",
             REPLICAS);
 }
 
 /* Runs the demo's processes; returns the exit status. */
-static int run(demo *d, const char *steps, const char *mode, const char *seed)
+static int run(demo *d, const char *steps, const char *mode, const char *seed, int gpu)
 {
     char log[256], replica[16], replicas[16];
     log_path(d, CHILD_BRIDGE, log, sizeof(log));
@@ -268,15 +271,18 @@ static int run(demo *d, const char *steps, const char *mode, const char *seed)
     for (int r = 0; r < REPLICAS; r++) {
         snprintf(replica, sizeof(replica), "%d", r);
         log_path(d, CHILD_WORKER0 + r, log, sizeof(log));
+        /* On a GPU the workers keep float32 weights: evolution strategies' small
+         * perturbations would drown in bf16 rounding. */
         char *worker[] = {d->self, "worker", "--bridge", d->socket, "--replica", replica,
-                          "--replicas", replicas, "--tiny", "--threads", "1", NULL};
+                          "--replicas", replicas, "--tiny", "--threads", "1", "--device",
+                          gpu ? "cuda" : "cpu", "--dtype", "fp32", NULL};
         if (spawn(d, CHILD_WORKER0 + r, worker, log) < 0)
             return 1;
     }
     if (wait_ready(d, REPLICAS) < 0)
         return interrupted ? 130 : 1;
-    printf("rlb demo: bridge and %d workers up (CPU backend, tiny model, %s sync)\n",
-           REPLICAS, mode);
+    printf("rlb demo: bridge and %d workers up (%s backend, tiny model, %s sync)\n",
+           REPLICAS, gpu ? "CUDA" : "CPU", mode);
     fflush(stdout);
     char *trainer[] = {d->trainer, "--socket", d->socket, "--steps", (char *)steps,
                        "--seed", (char *)seed, NULL};
@@ -302,9 +308,11 @@ int rlb__cmd_demo(int argc, char **argv)
     static const struct option longopts[] = {{"steps", required_argument, NULL, 's'},
                                              {"mode", required_argument, NULL, 'm'},
                                              {"seed", required_argument, NULL, 'S'},
+                                             {"device", required_argument, NULL, 'd'},
                                              {"help", no_argument, NULL, 'h'},
                                              {NULL, 0, NULL, 0}};
     const char *steps = "50", *mode = "pause", *seed = "1";
+    rlb_device device = rlb__backend_device_env();
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -312,6 +320,12 @@ int rlb__cmd_demo(int argc, char **argv)
         case 's': steps = optarg; break;
         case 'm': mode = optarg; break;
         case 'S': seed = optarg; break;
+        case 'd':
+            if (rlb__device_parse(optarg, &device) < 0) {
+                usage(stderr);
+                return 2;
+            }
+            break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -343,7 +357,13 @@ int rlb__cmd_demo(int argc, char **argv)
     sigaction(SIGHUP, &sa, NULL);
 
     int64_t t0 = now_ms();
-    int rc = run(d, steps, mode, seed);
+    int gpu = rlb__backend_resolve(device) == RLB_DEVICE_CUDA;
+    if (gpu && strcmp(mode, "pause")) {
+        printf("rlb demo: GPU workers sync in pause mode only for now; the %s demo runs on "
+               "the CPU\n", mode);
+        gpu = 0;
+    }
+    int rc = run(d, steps, mode, seed, gpu);
     if (interrupted)
         fprintf(stderr, "\nrlb demo: interrupted; stopping everything\n");
     /* The trainer first (it is a client), then the workers, then the bridge. */

@@ -4,7 +4,7 @@
  *
  * With --tp T the command runs as T processes: this one is rank 0 and prints, T - 1 forked
  * children are the other ranks; they all-reduce through one MAP_SHARED region (the
- * shared-memory communicator of worker/tp_comm.h) and make the same engine calls in
+ * shared-memory communicator of common/tp_comm.h) and make the same engine calls in
  * lockstep. Rank 0 loads its weights before forking, so a bad checkpoint is reported once.
  *
  * Exit status: 0 done, 1 the model or the run failed (missing files, shapes that do not
@@ -25,6 +25,8 @@
 
 #include "launch/cmds.h"
 #include "rlb/rlb.h"
+#include "worker/backends.h"
+#include "worker/daemon.h"
 #include "worker/engine.h"
 #include "worker/loader.h"
 
@@ -43,8 +45,9 @@ typedef struct gen_opts {
     rlb_sampling sp;      /* temperature, top_k, top_p, seed */
     long n;               /* samples */
     long tp;              /* T */
-    rlb_quant quant;      /* post-load processing */
     long threads;         /* BLAS threads per rank; 0 = the RLB_THREADS knob */
+    rlb_worker_opts be;   /* the backend options (device, dtype, quant, ...) */
+    rlb_backend_choice choice; /* the backend they name, resolved */
 } gen_opts;
 
 static void usage(FILE *f)
@@ -61,7 +64,7 @@ static void usage(FILE *f)
             "  --n N                samples of the prompt (default 1)\n"
             "  --stop-ids LIST      comma-separated ids that end a sample (kept in it)\n"
             "  --tp T               tensor-parallel processes (default 1)\n"
-            "  --quant none|int8    post-load weight processing (default none)\n"
+            RLB_BACKEND_USAGE
             "  --threads N          BLAS threads per process (default: RLB_THREADS)\n"
             "Prints one JSON line per sample: index, tokens, logprobs, finish_reason.\n");
 }
@@ -143,7 +146,7 @@ static int parse_ids(const char *opt, const char *s, int32_t **out, int64_t *n)
 
 enum {
     OPT_MODEL = 256, OPT_PROMPT, OPT_MAX_TOKENS, OPT_TEMPERATURE, OPT_TOP_K, OPT_TOP_P,
-    OPT_SEED, OPT_N, OPT_STOP, OPT_TP, OPT_QUANT, OPT_THREADS, OPT_HELP
+    OPT_SEED, OPT_N, OPT_STOP, OPT_TP, OPT_THREADS, OPT_HELP
 };
 
 /* Fills `o` from the command line. Returns 0, 2 (bad usage, message printed) or -1
@@ -161,7 +164,7 @@ static int parse_args(int argc, char **argv, gen_opts *o)
         {"n", required_argument, NULL, OPT_N},
         {"stop-ids", required_argument, NULL, OPT_STOP},
         {"tp", required_argument, NULL, OPT_TP},
-        {"quant", required_argument, NULL, OPT_QUANT},
+        RLB_BACKEND_LONGOPTS,
         {"threads", required_argument, NULL, OPT_THREADS},
         {"help", no_argument, NULL, OPT_HELP},
         {NULL, 0, NULL, 0},
@@ -205,19 +208,15 @@ static int parse_args(int argc, char **argv, gen_opts *o)
         case OPT_THREADS:
             rc = parse_long("threads", optarg, 0, 1024, &o->threads);
             break;
-        case OPT_QUANT:
-            if (!strcmp(optarg, "none") || !strcmp(optarg, "int8"))
-                o->quant = optarg[0] == 'i' ? RLB_QUANT_INT8 : RLB_QUANT_NONE;
-            else
-                rc = bad_value("quant", optarg, "expected none or int8");
-            break;
         case OPT_HELP:
             usage(stdout);
             return -1;
         default:
-            fprintf(stderr, "rlb generate: unknown or incomplete option '%s'\n",
-                    argv[optind - 1]);
-            rc = 2;
+            if ((rc = rlb__backend_optarg("generate", c, optarg, &o->be)) == 1) {
+                fprintf(stderr, "rlb generate: unknown or incomplete option '%s'\n",
+                        argv[optind - 1]);
+                rc = 2;
+            }
         }
     }
     if (rc == 0 && optind < argc) {
@@ -287,15 +286,24 @@ static int run_rank(const gen_opts *o, const rlb_loaded *m, rlb_tp_comm *comm)
     int64_t blocks = (longest + GEN_BLOCK_TOKENS - 1) / GEN_BLOCK_TOKENS;
     rlb_engine_opts eo = RLB_ENGINE_OPTS_INIT;
     eo.block_tokens = GEN_BLOCK_TOKENS;
-    /* Room for every sample at full length, so none is ever preempted. */
+    /* Room for every sample at full length, so none is ever preempted (blocks of the
+     * weights' element type: the CUDA backend caches keys and values in it). */
     eo.kv_bytes = rlb__kv_block_bytes(cfg->n_layers, m->layout.kvt, cfg->head_dim,
-                                      GEN_BLOCK_TOKENS) * (uint64_t)(blocks * o->n + 1);
-    eo.quant = o->quant;
+                                      GEN_BLOCK_TOKENS) *
+                  (uint64_t)(blocks * o->n + 1) / sizeof(float) *
+                  rlb_dtype_size(m->layout.dtype);
+    eo.quant = o->be.quant;
     eo.threads = (int32_t)o->threads;
     rlb_engine *e;
-    int rc = rlb__engine_create(&m->layout, m->weights, comm, &eo, &e);
+    rlb_ebackend *b = NULL;
+    char err[512] = "";
+    int rc = rlb__backend_open(&m->layout, m->weights, comm, &o->choice, &b, NULL, err,
+                               sizeof err);
+    if (rc == 0)
+        rc = rlb__engine_create_on(b, &eo, &e);
     if (rc) {
-        fprintf(stderr, "rlb generate: rank %d: engine: %s\n", comm->rank, rlb_strerror(rc));
+        fprintf(stderr, "rlb generate: rank %d: engine: %s%s%s\n", comm->rank,
+                rlb_strerror(rc), *err ? ": " : "", err);
         return 1;
     }
     rlb_gen_request q = {.id = 1, .prompt = o->prompt, .prompt_len = o->prompt_len,
@@ -316,6 +324,30 @@ static int run_rank(const gen_opts *o, const rlb_loaded *m, rlb_tp_comm *comm)
     rlb__gen_result_free(r);
     rlb__engine_destroy(e);
     return rc ? 1 : 0;
+}
+
+/* Resolves the backend the options name. Returns 0 or 1 (refused, printed). */
+static int choose_backend(gen_opts *o)
+{
+    rlb_backend_choice *c = &o->choice;
+    *c = (rlb_backend_choice)RLB_BACKEND_CHOICE_INIT;
+    c->device = rlb__backend_resolve(o->be.device == RLB_DEVICE_AUTO ? rlb__backend_device_env()
+                                                                     : o->be.device);
+    c->cuda_device = o->be.cuda_device;
+    c->dtype = o->be.dtype;
+    c->quant = o->be.quant;
+    c->graphs = !o->be.no_graphs;
+    c->batch_invariant = o->be.batch_invariant;
+    if (o->be.gpu_memory_utilization > 0)
+        c->gpu_memory_utilization = o->be.gpu_memory_utilization;
+    c->max_batch_tokens = 512; /* the engine's defaults (engine.h) */
+    c->max_seqs = 256;
+    if (c->device == RLB_DEVICE_CUDA && o->tp > 1) {
+        fprintf(stderr, "rlb generate: --tp %ld on the GPU needs one GPU per rank and NCCL, "
+                "which is not wired up yet; use --device cpu or --tp 1\n", o->tp);
+        return 1;
+    }
+    return 0;
 }
 
 /* Forks ranks 1..T-1, runs rank 0 here over `m`, then reaps the children. */
@@ -344,7 +376,8 @@ static int run_tp(const gen_opts *o, const rlb_loaded *m0)
         if (pid == 0) {
             char err[512];
             rlb_loaded m;
-            int crc = rlb__load_checkpoint(o->model, T, r, &m, err, sizeof err);
+            int crc = rlb__load_checkpoint_as(o->model, T, r, rlb__backend_weight_dtype(&o->choice),
+                                              &m, err, sizeof err);
             if (crc)
                 fprintf(stderr, "rlb generate: rank %d: %s\n", r, err);
             else if (!(crc = rlb__tp_comm_shm_attach(mem, len, r, 0, &comm)))
@@ -382,7 +415,8 @@ static int run_tp(const gen_opts *o, const rlb_loaded *m0)
 int rlb__cmd_generate(int argc, char **argv)
 {
     gen_opts o = {.max_tokens = 16, .sp = {.temperature = 1.0f, .top_p = 1.0f}, .n = 1,
-                  .tp = 1};
+                  .tp = 1, .be = RLB_WORKER_OPTS_INIT};
+    o.be.dtype = RLB_DTYPE_BF16; /* on a GPU; the CPU backend is float32 */
     int rc = parse_args(argc, argv, &o);
     if (rc) {
         free(o.prompt);
@@ -392,12 +426,13 @@ int rlb__cmd_generate(int argc, char **argv)
     char err[512];
     rlb_model_config cfg;
     rlb_loaded m = {0};
-    if (rlb__load_config(o.model, &cfg, err, sizeof err) ||
+    if (rlb__config_load_dir(o.model, &cfg, err, sizeof err) ||
         rlb__tp_check(&cfg, (int)o.tp, err, sizeof err)) {
         fprintf(stderr, "rlb generate: %s\n", err);
         rc = 1;
-    } else if (!(rc = check_ids(&o, cfg.vocab))) {
-        if (rlb__load_checkpoint(o.model, (int)o.tp, 0, &m, err, sizeof err)) {
+    } else if (!(rc = check_ids(&o, cfg.vocab)) && !(rc = choose_backend(&o))) {
+        if (rlb__load_checkpoint_as(o.model, (int)o.tp, 0, rlb__backend_weight_dtype(&o.choice),
+                                    &m, err, sizeof err)) {
             fprintf(stderr, "rlb generate: %s\n", err);
             rc = 1;
         } else {

@@ -25,8 +25,9 @@ static void usage(FILE *f)
             "  --tp-size S          tensor-parallel size (default 1)\n"
             "  --model DIR          HF checkpoint (initial weights); --tiny: the built-in "
             "tiny model (default), zero until the first sync\n"
-            "  --quant none|int8    post-load weight processing (default none)\n"
-            "  --kv-mb N            KV cache budget in MiB (default 64)\n"
+            RLB_BACKEND_USAGE
+            "  --kv-mb N            KV cache budget in MiB (default: 64 on the CPU, the GPU's "
+            "--gpu-memory-utilization share)\n"
             "  --threads N          BLAS threads (default: RLB_THREADS)\n",
             RLB_SOCKET_DEFAULT);
 }
@@ -37,13 +38,14 @@ int rlb__cmd_worker(int argc, char **argv)
         {"bridge", required_argument, NULL, 'b'},   {"replica", required_argument, NULL, 'd'},
         {"replicas", required_argument, NULL, 'D'}, {"tp-rank", required_argument, NULL, 't'},
         {"tp-size", required_argument, NULL, 'T'},  {"model", required_argument, NULL, 'm'},
-        {"tiny", no_argument, NULL, 'y'},           {"quant", required_argument, NULL, 'q'},
+        {"tiny", no_argument, NULL, 'y'},           RLB_BACKEND_LONGOPTS,
         {"kv-mb", required_argument, NULL, 'k'},    {"threads", required_argument, NULL, 'j'},
         {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0}};
     const char *bridge = RLB_SOCKET_DEFAULT;
-    uint64_t replica = 0, replicas = 1, tp_rank = 0, tp_size = 1, kv_mb = 64, threads = 0;
+    uint64_t replica = 0, replicas = 1, tp_rank = 0, tp_size = 1, kv_mb = 0, threads = 0;
     static volatile sig_atomic_t stop;
     rlb_worker_opts o = RLB_WORKER_OPTS_INIT;
+    o.dtype = RLB_DTYPE_BF16; /* on a GPU; the CPU backend is float32 whatever this says */
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -56,18 +58,14 @@ int rlb__cmd_worker(int argc, char **argv)
         case 'T': rc = rlb__daemon_parse_u64("worker", "tp-size", optarg, 1, 64, &tp_size); break;
         case 'm': o.model_dir = optarg; break;
         case 'y': o.model_dir = NULL; break;
-        case 'q':
-            if (!strcmp(optarg, "none") || !strcmp(optarg, "int8")) {
-                o.quant = optarg[0] == 'i' ? RLB_QUANT_INT8 : RLB_QUANT_NONE;
-            } else {
-                fprintf(stderr, "rlb worker: --quant is none or int8, not '%s'\n", optarg);
-                rc = 2;
-            }
-            break;
         case 'k': rc = rlb__daemon_parse_u64("worker", "kv-mb", optarg, 1, 1u << 20, &kv_mb); break;
         case 'j': rc = rlb__daemon_parse_u64("worker", "threads", optarg, 0, 256, &threads); break;
         case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        default:
+            if ((rc = rlb__backend_optarg("worker", c, optarg, &o)) == 1) {
+                usage(stderr);
+                return 2;
+            }
         }
         if (rc)
             return rc;
@@ -94,7 +92,7 @@ int rlb__cmd_worker(int argc, char **argv)
     o.replicas = (uint32_t)replicas;
     o.tp_rank = (uint32_t)tp_rank;
     o.tp_size = (uint32_t)tp_size;
-    o.kv_bytes = kv_mb << 20;
+    o.kv_bytes = kv_mb << 20; /* 0: the backend's default */
     o.threads = (int)threads;
     o.stop = &stop;
     rlb__daemon_stop_on_signals(&stop);

@@ -14,6 +14,7 @@
     X(worker, "run one rlb-worker: a TP rank of a replica, CPU backend") \
     X(demo, "start a bridge and 2 workers (CPU, tiny model) and train it with the toy trainer") \
     X(doctor, "check shared memory, socket directory, stale state, GPU, CUDA IPC, NCCL") \
+    X(launch, "torchrun-compatible launcher: this node's bridge and workers, then the trainers") \
 
 #define RLB_DECLARE_CMD(name, summary) int rlb__cmd_##name(int argc, char **argv);
 RLB_COMMANDS(RLB_DECLARE_CMD)

@@ -482,3 +482,14 @@ int rlb__config_validate(const rlb_model_config *cfg, char *err, size_t errlen)
                               rlb_dtype_name(cfg->dtype));
     return 0;
 }
+
+int rlb__config_load_dir(const char *dir, rlb_model_config *cfg, char *err, size_t errlen)
+{
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
+        return rlb__model_err(err, errlen, RLB_EINVAL, "checkpoint path too long: %s", dir);
+    int rc = rlb__config_load(path, cfg, err, errlen);
+    if (rc == RLB_ENOTFOUND && err && errlen)
+        snprintf(err, errlen, "no config.json in %s", dir);
+    return rc;
+}

@@ -62,6 +62,9 @@ int rlb__config_parse(const char *json, size_t len, rlb_model_config *cfg, char 
                       size_t errlen);
 /* Reads and parses a config.json file (RLB_ENOTFOUND when it is missing). */
 int rlb__config_load(const char *path, rlb_model_config *cfg, char *err, size_t errlen);
+/* Reads DIR/config.json (a HF checkpoint directory). Returns 0 or the reader's error, `err`
+ * saying what. */
+int rlb__config_load_dir(const char *dir, rlb_model_config *cfg, char *err, size_t errlen);
 /* Checks internal consistency: sizes positive and at most RLB_CONFIG_MAX_DIM, H % KV == 0,
  * hd even, eps / theta positive and finite, llama3 factors sane, dtype F32/BF16/F16.
  * Returns 0 or RLB_EINVAL with `err` naming the field. */

@@ -20,6 +20,11 @@
  * Results. A generate with P prompts becomes P engine requests; when all are done, TP
  * rank 0 sends one RESULT holding every sample (whole, fragmented by the ring as needed);
  * the other ranks drop theirs. Every rank answers load with loaded.
+ *
+ * Failures. What goes wrong with one request (a refused prompt, an engine step that fails,
+ * a result that cannot be sent) fails that request, or the step's batch, with an ERROR
+ * naming the cause; the worker goes on serving. It exits only when the bridge is gone or
+ * it cannot hold an engine at all.
  */
 #include "worker/daemon.h"
 
@@ -37,6 +42,7 @@
 #include "common/segmsg.h"
 #include "common/shm.h"
 #include "model/config.h"
+#include "worker/backends.h"
 #include "worker/engine.h"
 #include "worker/loader.h"
 
@@ -78,6 +84,9 @@ typedef struct wk {
     size_t tp_bytes;
     rlb_tp_comm *comm;
     rlb_engine_opts eopts;
+    rlb_backend_choice choice; /* the backend, resolved */
+    rlb_ebackend *gpu;       /* the CUDA backend until the engine owns it; NULL on the CPU */
+    uint8_t uuid[16];        /* the GPU's uuid (CUDA) */
     rlb_engine *engine;
     int asleep;
     wk_cmd *head, *tail;     /* queued commands */
@@ -180,6 +189,44 @@ static int make_buffer(wk *w, int i, uint32_t id)
     return rc;
 }
 
+/* The GPU path of start-up: the CUDA backend over the checkpoint's weights (zeros for a
+ * model whose weights come with the first sync), its device weights passed to the bridge
+ * as a VMM segment. */
+static int open_gpu(wk *w, const char *dir, char *err, size_t errlen)
+{
+    if (w->staged)
+        return snprintf(err, errlen, "the bridge runs staged syncs; GPU workers run pause "
+                        "syncs only for now"), RLB_EUNSUPPORTED;
+    void *host = calloc(1, (size_t)w->layout.total_bytes);
+    if (!host)
+        return snprintf(err, errlen, "no host memory to stage %llu weight bytes",
+                        (unsigned long long)w->layout.total_bytes), RLB_ENOMEM;
+    int rc = dir ? rlb__load_weights(dir, &w->layout, host, w->o->threads, err, errlen) : 0;
+    uint64_t budget = 0;
+    if (rc == 0)
+        rc = rlb__backend_open(&w->layout, host, NULL, &w->choice, &w->gpu, &budget, err,
+                               errlen);
+    free(host);
+    if (rc < 0)
+        return rc;
+    if (!w->o->kv_bytes) {
+        if (budget == 0)
+            return snprintf(err, errlen, "no device memory is left for the KV cache at "
+                            "gpu_memory_utilization %.2f", w->choice.gpu_memory_utilization),
+                   RLB_ENOMEM;
+        w->eopts.kv_bytes = budget;
+    }
+    int fd = -1;
+    uint64_t bytes = 0;
+    if ((rc = rlb__backend_export_weights(w->gpu, &w->choice, &fd, &bytes, w->uuid)) < 0)
+        return snprintf(err, errlen, "cannot export the device weights: %s",
+                        rlb_strerror(rc)), rc;
+    rlb__seg_msg sm = {.magic = RLB_SEG_MAGIC_VMM, .id = RLB_SEG_ID_WEIGHTS, .bytes = bytes};
+    rc = rlb__conn_send_fds(w->conn, &sm, sizeof(sm), &fd, 1);
+    close(fd);
+    return rc;
+}
+
 /* Maps the TP communicator the bridge passed and attaches our rank. */
 static int join_tp(wk *w)
 {
@@ -216,25 +263,32 @@ static int start(wk *w)
     if (o->cfg)
         w->cfg = *o->cfg;
     else if (dir)
-        RLB_CHECK_GOTO(rlb__load_config(dir, &w->cfg, err, sizeof(err)), rc, fail);
+        RLB_CHECK_GOTO(rlb__config_load_dir(dir, &w->cfg, err, sizeof(err)), rc, fail);
     else
         rlb__config_tiny(&w->cfg);
+    int gpu = w->choice.device == RLB_DEVICE_CUDA;
     RLB_CHECK_GOTO(rlb__tp_layout_init(&w->layout, &w->cfg, (int)w->tp_size, (int)o->tp_rank,
-                                       RLB_DTYPE_F32), rc, fail);
+                                       rlb__backend_weight_dtype(&w->choice)), rc, fail);
     RLB_CHECK_GOTO(rlb__conn_connect(o->socket_path, WK_CONNECT_TIMEOUT_MS, &w->conn), rc, fail);
     RLB_CHECK_GOTO(learn_mode(w), rc, fail);
-    RLB_CHECK_GOTO(make_buffer(w, 0, RLB_SEG_ID_WEIGHTS), rc, fail);
-    if (w->staged)
-        RLB_CHECK_GOTO(make_buffer(w, 1, RLB_SEG_ID_WEIGHTS_B), rc, fail);
-    if (dir)
-        RLB_CHECK_GOTO(rlb__load_weights(dir, &w->layout, w->buf[0], o->threads, err,
-                                         sizeof(err)), rc, fail);
+    if (gpu) {
+        RLB_CHECK_GOTO(open_gpu(w, dir, err, sizeof(err)), rc, fail);
+    } else {
+        RLB_CHECK_GOTO(make_buffer(w, 0, RLB_SEG_ID_WEIGHTS), rc, fail);
+        if (w->staged)
+            RLB_CHECK_GOTO(make_buffer(w, 1, RLB_SEG_ID_WEIGHTS_B), rc, fail);
+        if (dir)
+            RLB_CHECK_GOTO(rlb__load_weights(dir, &w->layout, w->buf[0], o->threads, err,
+                                             sizeof(err)), rc, fail);
+    }
     rlb_msg hello = {.type = RLB_MSG_HELLO,
                      .hello = {.abi_version = RLB_ABI_VERSION, .role = RLB_ROLE_WORKER,
                                .rank = o->replica * w->tp_size + o->tp_rank,
                                .world = w->replicas * w->tp_size, .replica = o->replica,
                                .tp_rank = o->tp_rank, .tp_size = w->tp_size,
-                               .device = RLB_DEVICE_CPU}};
+                               .device = gpu ? RLB_DEVICE_CUDA : RLB_DEVICE_CPU,
+                               .weight_dtype = w->layout.dtype}};
+    memcpy(hello.hello.device_uuid, w->uuid, sizeof(w->uuid));
     RLB_CHECK_GOTO(wk_send(w, &hello), rc, fail);
     rlb_msg m;
     RLB_CHECK_GOTO(wait_for(w, RLB_MSG_WELCOME, WK_CONNECT_TIMEOUT_MS, &m), rc, fail);
@@ -242,11 +296,18 @@ static int start(wk *w)
     rlb__msg_free(&m);
     rlb__ring_recv_done(rlb__conn_rx(w->conn), &w->rx);
     RLB_CHECK_GOTO(join_tp(w), rc, fail);
-    RLB_CHECK_GOTO(rlb__engine_create(&w->layout, w->buf[0], w->comm, &w->eopts, &w->engine),
-                   rc, fail);
-    RLB_LOG_INFO(RLB_SUB_WORKER, "replica %u TP rank %u of %u ready: %s, %llu weight bytes%s",
-                 o->replica, o->tp_rank, w->tp_size, dir ? dir : o->cfg ? "given model" : "tiny model",
-                 (unsigned long long)w->layout.total_bytes,
+    if (gpu) {
+        rlb_ebackend *b = w->gpu;
+        w->gpu = NULL; /* the engine owns it from here on, also when creation fails */
+        RLB_CHECK_GOTO(rlb__engine_create_on(b, &w->eopts, &w->engine), rc, fail);
+    } else {
+        RLB_CHECK_GOTO(rlb__engine_create(&w->layout, w->buf[0], w->comm, &w->eopts,
+                                          &w->engine), rc, fail);
+    }
+    RLB_LOG_INFO(RLB_SUB_WORKER, "replica %u TP rank %u of %u ready on %s: %s, %llu weight "
+                 "bytes of %s%s", o->replica, o->tp_rank, w->tp_size, gpu ? "cuda" : "cpu",
+                 dir ? dir : o->cfg ? "given model" : "tiny model",
+                 (unsigned long long)w->layout.total_bytes, rlb_dtype_name(w->layout.dtype),
                  w->staged ? " x2 (staged sync)" : "");
     return 0;
 fail:
@@ -411,6 +472,11 @@ static int collect(wk *w)
         if (--g->remaining)
             continue;
         int rc = !g->failed && w->o->tp_rank == 0 ? send_result(w, g) : 0;
+        if (rc < 0 && rc != RLB_EPEERDEAD && rc != RLB_ETIMEDOUT) {
+            /* This result alone could not go out (memory, size): its request fails. */
+            wk_error(w, rc, g->bid, RLB_MSG_GENERATE, "the result could not be sent");
+            rc = 0;
+        }
         for (uint32_t p = 0; p < g->n_prompts; p++)
             rlb__gen_result_free(g->res[p]);
         free(g->res);
@@ -431,6 +497,32 @@ static int use_buffer(wk *w, int which)
     RLB_CHECK(rlb__engine_create(&w->layout, w->buf[which], w->comm, &w->eopts, &w->engine));
     w->active = which;
     return w->asleep ? rlb__engine_sleep(w->engine) : 0;
+}
+
+/* A step failed (the forward pass, or sampling found no finite logit left): the engine is
+ * unusable (engine.h) and the requests of its batch are lost with it. Every unfinished
+ * request fails with the step's error, named, and a fresh engine over the same buffer
+ * serves what comes next: a per-request failure never ends the worker. Every TP rank
+ * fails the same step (the logits are the same on every rank), so they recover in
+ * lockstep. Returns 0, or the error of the new engine's creation (fatal). */
+static int recover_step(wk *w, int code)
+{
+    char text[192];
+    snprintf(text, sizeof(text), "the engine step running it failed: %s%s", rlb_strerror(code),
+             code == RLB_ENONFINITE ? " (every logit was NaN or -inf: are the weights of "
+                                      "this version poisoned?)" : "");
+    RLB_LOG_WARN(RLB_SUB_WORKER, "%s; failing %u requests and starting a fresh engine", text,
+                 w->n_gens);
+    for (uint32_t i = 0; i < w->n_gens; i++) {
+        wk_gen *g = &w->gens[i];
+        if (!g->failed)
+            wk_error(w, code, g->bid, RLB_MSG_GENERATE, text);
+        for (uint32_t p = 0; p < g->n_prompts; p++)
+            rlb__gen_result_free(g->res[p]);
+        free(g->res);
+    }
+    w->n_gens = 0;
+    return use_buffer(w, w->active);
 }
 
 static int apply_load(wk *w, uint64_t version)
@@ -532,6 +624,10 @@ static int serve(wk *w)
     const rlb_worker_opts *o = w->o;
     int shutdown = 0;
     while (!(o->stop && *o->stop)) {
+        /* The bridge drops a worker whose heartbeat is older than RLB_PEER_TIMEOUT_MS, so
+         * every turn beats: one engine step or load must stay well below that bound. */
+        rlb__ring_heartbeat(rlb__conn_rx(w->conn));
+        rlb__ring_heartbeat(rlb__conn_tx(w->conn));
         int work = rlb__engine_busy(w->engine) && !w->asleep;
         RLB_CHECK(receive(w, work || w->n_cmds ? 0 : WK_IDLE_WAIT_MS, &shutdown));
         if (shutdown) {
@@ -546,8 +642,8 @@ static int serve(wk *w)
         if (rlb__engine_busy(w->engine) && !w->asleep) {
             int rc = rlb__engine_step(w->engine);
             if (rc < 0 && rc != RLB_EAGAIN) {
-                RLB_LOG_ERROR(RLB_SUB_WORKER, "engine step failed: %s", rlb_strerror(rc));
-                return rc;
+                RLB_CHECK(collect(w)); /* what finished before the failure still goes out */
+                RLB_CHECK(recover_step(w, rc));
             }
         }
         RLB_CHECK(collect(w));
@@ -558,6 +654,8 @@ static int serve(wk *w)
 static void cleanup(wk *w)
 {
     rlb__engine_destroy(w->engine);
+    if (w->gpu)
+        w->gpu->iface->destroy(w->gpu);
     rlb__tp_comm_destroy(w->comm);
     rlb__shm_unmap(w->tp_mem, w->tp_bytes);
     for (int i = 0; i < 2; i++)
@@ -586,9 +684,23 @@ int rlb__worker_run(const rlb_worker_opts *opts)
     if (opts->tp_rank >= w.tp_size || opts->replica >= w.replicas)
         return RLB_EINVAL;
     w.rx.max_msg = WK_MAX_MSG;
-    w.eopts.kv_bytes = opts->kv_bytes ? opts->kv_bytes : RLB_WORKER_KV_DEFAULT;
     w.eopts.quant = opts->quant;
     w.eopts.threads = opts->threads;
+    w.choice = (rlb_backend_choice)RLB_BACKEND_CHOICE_INIT;
+    w.choice.device = rlb__backend_resolve(opts->device == RLB_DEVICE_AUTO
+                                               ? rlb__backend_device_env()
+                                               : opts->device);
+    w.choice.cuda_device = opts->cuda_device;
+    w.choice.dtype = opts->dtype;
+    w.choice.quant = opts->quant;
+    w.choice.graphs = !opts->no_graphs;
+    w.choice.batch_invariant = opts->batch_invariant;
+    if (opts->gpu_memory_utilization > 0)
+        w.choice.gpu_memory_utilization = opts->gpu_memory_utilization;
+    w.choice.max_batch_tokens = 512; /* the engine's defaults (engine.h) */
+    w.choice.max_seqs = 256;
+    w.eopts.kv_bytes = opts->kv_bytes ? opts->kv_bytes
+                       : w.choice.device == RLB_DEVICE_CUDA ? 0 : RLB_WORKER_KV_DEFAULT;
     int rc = start(&w);
     if (rc == 0)
         rc = serve(&w);

@@ -19,6 +19,7 @@
 #include "common/env.h"
 #include "common/log.h"
 #include "rlb/rlb.h"
+#include "worker/backend_cpu.h"
 #include "worker/kvcache.h"
 
 typedef struct gen_seq gen_seq;
@@ -69,9 +70,11 @@ struct rlb_engine {
     rlb_fwd_span *spans;       /* [cap_spans] this step's spans */
     gen_seq **span_seq;        /* [cap_spans] the sequence of each span */
     int64_t cap_spans;         /* allocated entries */
-    float *logits;             /* [cap_logit_rows, V] this step's logits */
-    int64_t cap_logit_rows;    /* rows allocated */
-    rlb_sample_ws ws;          /* sampling scratch */
+    rlb_sample_job *jobs;      /* [cap_jobs] this step's tokens to sample */
+    gen_seq **job_seq;         /* [cap_jobs] the sequence of each job */
+    int32_t *job_tok;          /* [cap_jobs] sampled tokens */
+    float *job_lp;             /* [cap_jobs] their logprobs */
+    int64_t n_jobs, cap_jobs;  /* entries in use / allocated */
     int asleep;                /* the KV cache is freed */
     int failed;                /* a forward pass failed: the engine refuses to step */
     rlb_engine_stats stats;    /* counters */
@@ -177,16 +180,22 @@ static int apply_threads(int32_t threads)
     return 0;
 }
 
-int rlb__engine_create(const rlb_tp_layout *layout, const void *weights, rlb_tp_comm *comm,
-                       const rlb_engine_opts *opts, rlb_engine **out)
+int rlb__engine_create_on(rlb_ebackend *b, const rlb_engine_opts *opts, rlb_engine **out)
 {
-    if (!layout || !opts || !out || opts->struct_size < sizeof(rlb_engine_opts) ||
-        opts->kv_bytes == 0 || opts->block_tokens < 0 || opts->max_batch_tokens < 0 ||
-        opts->max_seqs < 0 || opts->max_model_len < 0)
+    if (!b)
         return RLB_EINVAL;
+    if (!opts || !out || opts->struct_size < sizeof(rlb_engine_opts) || opts->kv_bytes == 0 ||
+        opts->block_tokens < 0 || opts->max_batch_tokens < 0 || opts->max_seqs < 0 ||
+        opts->max_model_len < 0) {
+        b->iface->destroy(b);
+        return RLB_EINVAL;
+    }
+    const rlb_tp_layout *layout = b->layout;
     rlb_engine *e = calloc(1, sizeof *e);
-    if (!e)
+    if (!e) {
+        b->iface->destroy(b);
         return RLB_ENOMEM;
+    }
     e->opts = *opts;
     if (!e->opts.block_tokens)
         e->opts.block_tokens = 16;
@@ -197,27 +206,34 @@ int rlb__engine_create(const rlb_tp_layout *layout, const void *weights, rlb_tp_
     if (!e->opts.max_model_len || e->opts.max_model_len > layout->cfg.max_pos)
         e->opts.max_model_len = layout->cfg.max_pos;
     e->vocab = layout->cfg.vocab;
-    apply_threads(opts->threads);
-    int rc = rlb__forward_init(&e->fwd, layout, weights, comm, opts->quant);
-    if (rc) {
-        free(e);
-        return rc;
-    }
-    rc = rlb__kv_init(&e->kv, layout->cfg.n_layers, layout->kvt, layout->cfg.head_dim,
-                      e->opts.block_tokens, opts->kv_bytes);
+    int rc = rlb__forward_init_on(&e->fwd, b);
+    rlb_kv_mem mem = b->iface->kv_mem(b);
+    if (!rc)
+        rc = rlb__kv_init_mem(&e->kv, layout->cfg.n_layers, layout->kvt, layout->cfg.head_dim,
+                              e->opts.block_tokens, opts->kv_bytes, &mem);
     if (rc) {
         rlb__forward_free(&e->fwd);
         free(e);
         return rc;
     }
-    RLB_LOG_INFO(RLB_SUB_ENGINE, "tp rank %d/%d: %lld KV blocks of %d tokens (%.1f MiB), quant %s",
-                 comm->rank, comm->size, (long long)e->kv.n_blocks, e->opts.block_tokens,
-                 (double)e->kv.n_blocks *
-                     (double)rlb__kv_block_bytes(e->kv.n_layers, e->kv.kvt, e->kv.hd,
-                                                 e->kv.block_tokens) / 1048576.0,
-                 opts->quant == RLB_QUANT_INT8 ? "int8" : "none");
+    RLB_LOG_INFO(RLB_SUB_ENGINE, "tp rank %d/%d on %s: %lld KV blocks of %d tokens (%.1f MiB), "
+                 "quant %s", layout->tp_rank, layout->tp_size, b->iface->name,
+                 (long long)e->kv.n_blocks, e->opts.block_tokens,
+                 (double)e->kv.n_blocks * (double)rlb__kv_bytes_per_block(&e->kv) / 1048576.0,
+                 rlb__quant_name(opts->quant));
     *out = e;
     return 0;
+}
+
+int rlb__engine_create(const rlb_tp_layout *layout, const void *weights, rlb_tp_comm *comm,
+                       const rlb_engine_opts *opts, rlb_engine **out)
+{
+    if (!layout || !opts || !out || opts->struct_size < sizeof(rlb_engine_opts))
+        return RLB_EINVAL;
+    apply_threads(opts->threads);
+    rlb_ebackend *b = NULL;
+    int rc = rlb__ebackend_cpu_create(layout, weights, comm, opts->quant, &b);
+    return rc ? rc : rlb__engine_create_on(b, opts, out);
 }
 
 void rlb__engine_destroy(rlb_engine *e)
@@ -234,8 +250,10 @@ void rlb__engine_destroy(rlb_engine *e)
     free(e->running.items);
     free(e->spans);
     free(e->span_seq);
-    free(e->logits);
-    rlb__sample_ws_free(&e->ws);
+    free(e->jobs);
+    free(e->job_seq);
+    free(e->job_tok);
+    free(e->job_lp);
     rlb__kv_free(&e->kv);
     rlb__forward_free(&e->fwd);
     free(e);
@@ -403,16 +421,37 @@ static int is_stop(const gen_req *r, int32_t tok)
     return 0;
 }
 
-/* Samples the token after s's known tokens from `logits` and appends it. */
-static int sample_next(rlb_engine *e, gen_seq *s, const float *logits)
+/* Queues the sampling of the token after s's known tokens from logits row `row`. */
+static int add_job(rlb_engine *e, gen_seq *s, int64_t row)
+{
+    if (e->n_jobs == e->cap_jobs) {
+        int64_t cap = e->cap_jobs ? 2 * e->cap_jobs : 16;
+        void *a = realloc(e->jobs, (size_t)cap * sizeof *e->jobs);
+        if (a)
+            e->jobs = a;
+        void *b = realloc(e->job_seq, (size_t)cap * sizeof *e->job_seq);
+        if (b)
+            e->job_seq = b;
+        void *c = realloc(e->job_tok, (size_t)cap * sizeof *e->job_tok);
+        if (c)
+            e->job_tok = c;
+        void *d = realloc(e->job_lp, (size_t)cap * sizeof *e->job_lp);
+        if (d)
+            e->job_lp = d;
+        if (!a || !b || !c || !d)
+            return RLB_ENOMEM;
+        e->cap_jobs = cap;
+    }
+    e->jobs[e->n_jobs] = (rlb_sample_job){.row = row, .sp = s->req->sampling,
+                                          .sample = (uint64_t)s->sample, .pos = s->len};
+    e->job_seq[e->n_jobs++] = s;
+    return 0;
+}
+
+/* Appends a sampled token to s, and ends s on a stop id or its length. */
+static int append_token(rlb_engine *e, gen_seq *s, int32_t tok, float lp)
 {
     gen_req *r = s->req;
-    int32_t tok;
-    float lp;
-    int rc = rlb__sample_token(logits, e->vocab, &r->sampling, (uint64_t)s->sample, s->len,
-                               &e->ws, &tok, &lp);
-    if (rc)
-        return rc;
     s->tokens[s->len] = tok;
     s->logprobs[s->len] = lp;
     s->len++;
@@ -426,8 +465,8 @@ static int sample_next(rlb_engine *e, gen_seq *s, const float *logits)
 
 /* The prompt of sample 0 is done: start samples 1..n-1 on a shared copy of its cache (or,
  * when no block is free for the copy, queued for their own prefill), each drawing its
- * first token from the same logits. */
-static int fork_samples(rlb_engine *e, gen_seq *parent, const float *logits)
+ * first token from the same logits row with its own sample index. */
+static int fork_samples(rlb_engine *e, gen_seq *parent, int64_t row)
 {
     gen_req *r = parent->req;
     int64_t front = 0;
@@ -444,7 +483,7 @@ static int fork_samples(rlb_engine *e, gen_seq *parent, const float *logits)
         } else if (rc == RLB_EAGAIN) {
             rc = list_insert(&e->waiting, front++, c);
         }
-        if (rc || (rc = sample_next(e, c, logits)))
+        if (rc || (rc = add_job(e, c, row)))
             return rc;
     }
     return 0;
@@ -522,17 +561,17 @@ int rlb__engine_step(rlb_engine *e)
     int64_t n_spans = schedule(e);
     if (n_spans <= 0)
         return (int)n_spans;
-    int64_t rows = rlb__forward_logit_rows(e->spans, n_spans);
-    if (grow((void **)&e->logits, &e->cap_logit_rows, rows, (size_t)e->vocab * sizeof(float)))
-        return RLB_ENOMEM;
-    int rc = rlb__forward_run(&e->fwd, &e->kv, e->spans, n_spans, e->logits);
+    int rc = rlb__forward_step(&e->fwd, &e->kv, e->spans, n_spans);
     if (rc) {
         RLB_LOG_ERROR(RLB_SUB_ENGINE, "forward pass failed: %s", rlb_strerror(rc));
         e->failed = 1;
         return rc;
     }
     e->stats.steps++;
+    /* Which tokens to sample: forks first, so every sample of a request draws from the
+     * logits of its prompt's last token, then each span's own sequence. */
     int64_t row = 0;
+    e->n_jobs = 0;
     for (int64_t i = 0; i < n_spans && !rc; i++) {
         gen_seq *s = e->span_seq[i];
         s->computed += e->spans[i].n;
@@ -541,13 +580,16 @@ int rlb__engine_step(rlb_engine *e)
             continue;
         }
         e->stats.prefill_tokens += (uint64_t)e->spans[i].n - 1;
-        const float *lg = e->logits + row++ * e->vocab;
         gen_req *r = s->req;
         if (s->sample == 0 && r->n > 1 && !r->seqs[1])
-            rc = fork_samples(e, s, lg);
+            rc = fork_samples(e, s, row);
         if (!rc)
-            rc = sample_next(e, s, lg);
+            rc = add_job(e, s, row++);
     }
+    if (!rc)
+        rc = rlb__forward_sample(&e->fwd, e->jobs, e->n_jobs, e->job_tok, e->job_lp);
+    for (int64_t j = 0; j < e->n_jobs && !rc; j++)
+        rc = append_token(e, e->job_seq[j], e->job_tok[j], e->job_lp[j]);
     if (rc) {
         e->failed = 1;
         return rc;

@@ -30,9 +30,10 @@
 #include <stdint.h>
 
 #include "kernels/cpu/sample.h"
+#include "worker/ebackend.h"
 #include "model/tp_layout.h"
 #include "worker/forward.h"
-#include "worker/tp_comm.h"
+#include "common/tp_comm.h"
 
 typedef struct rlb_engine rlb_engine; /* opaque */
 
@@ -94,12 +95,15 @@ typedef struct rlb_engine_stats {
     int64_t kv_free;           /* blocks free now */
 } rlb_engine_stats;
 
-/* Creates the engine of rank comm->rank over `weights` (laid out by `layout`, float32,
- * borrowed; see rlb__forward_init) with a KV cache sized from opts->kv_bytes. Returns 0,
- * RLB_EINVAL, RLB_EDTYPE, RLB_EUNSUPPORTED, RLB_ETOOBIG (budget below one block) or
- * RLB_ENOMEM. */
+/* Creates the engine of rank comm->rank on the CPU backend over `weights` (laid out by
+ * `layout`, float32, borrowed; see rlb__ebackend_cpu_create) with a KV cache sized from
+ * opts->kv_bytes. Returns 0, RLB_EINVAL, RLB_EDTYPE, RLB_EUNSUPPORTED, RLB_ETOOBIG (budget
+ * below one block) or RLB_ENOMEM. */
 int rlb__engine_create(const rlb_tp_layout *layout, const void *weights, rlb_tp_comm *comm,
                        const rlb_engine_opts *opts, rlb_engine **out);
+/* The same on backend `b` (CPU, CUDA: worker/ebackend.h), which the engine owns from now
+ * on, also when this fails; the KV cache's storage comes from the backend. */
+int rlb__engine_create_on(rlb_ebackend *b, const rlb_engine_opts *opts, rlb_engine **out);
 void rlb__engine_destroy(rlb_engine *e);
 
 /* Queues a request (copied). Returns 0, RLB_EINVAL (bad field, id >= vocab), RLB_EEXIST

@@ -13,31 +13,80 @@ uint64_t rlb__kv_block_bytes(int64_t n_layers, int64_t kvt, int64_t hd, int64_t 
            sizeof(float);
 }
 
-static int alloc_storage(rlb_kvcache *kv)
+/* Host float32 storage: what rlb__kv_init uses, and the CPU backend's kv_mem. */
+static void *host_alloc(void *ctx, uint64_t bytes)
 {
-    size_t floats = (size_t)kv->n_blocks * (size_t)kv->n_layers * (size_t)kv->block_floats;
+    void *p = NULL;
     /* 64-byte alignment: every block starts on a cache line (block_floats * 4 is a
      * multiple of 64 for the usual head dims, and nothing breaks when it is not). */
-    if (posix_memalign((void **)&kv->k, 64, floats * sizeof(float)))
-        kv->k = NULL;
-    if (posix_memalign((void **)&kv->v, 64, floats * sizeof(float)))
-        kv->v = NULL;
-    if (!kv->k || !kv->v) {
-        free(kv->k);
-        free(kv->v);
-        kv->k = kv->v = NULL;
+    return posix_memalign(&p, 64, bytes ? bytes : 64) ? NULL : p;
+}
+
+static void host_release(void *ctx, void *p, uint64_t bytes)
+{
+    free(p);
+}
+
+static int host_copy(void *ctx, void *dst, const void *src, uint64_t bytes)
+{
+    memcpy(dst, src, bytes);
+    return 0;
+}
+
+rlb_kv_mem rlb__kv_host_mem(void)
+{
+    return (rlb_kv_mem){.alloc = host_alloc, .release = host_release, .copy = host_copy,
+                        .elem_bytes = sizeof(float)};
+}
+
+static uint64_t storage_bytes(const rlb_kvcache *kv)
+{
+    return (uint64_t)kv->n_blocks * (uint64_t)kv->n_layers * (uint64_t)kv->block_floats *
+           kv->mem.elem_bytes;
+}
+
+static void release_storage(rlb_kvcache *kv)
+{
+    if (kv->k)
+        kv->mem.release(kv->mem.ctx, kv->k, storage_bytes(kv));
+    if (kv->v)
+        kv->mem.release(kv->mem.ctx, kv->v, storage_bytes(kv));
+    kv->k = kv->v = NULL;
+}
+
+static int alloc_storage(rlb_kvcache *kv)
+{
+    kv->k = kv->mem.alloc(kv->mem.ctx, storage_bytes(kv));
+    kv->v = kv->k ? kv->mem.alloc(kv->mem.ctx, storage_bytes(kv)) : NULL;
+    if (!kv->v) {
+        release_storage(kv);
         return RLB_ENOMEM;
     }
     return 0;
 }
 
+uint64_t rlb__kv_bytes_per_block(const rlb_kvcache *kv)
+{
+    return 2u * (uint64_t)kv->n_layers * (uint64_t)kv->block_floats * kv->mem.elem_bytes;
+}
+
 int rlb__kv_init(rlb_kvcache *kv, int64_t n_layers, int64_t kvt, int64_t hd,
                  int64_t block_tokens, uint64_t budget_bytes)
 {
+    rlb_kv_mem mem = rlb__kv_host_mem();
+    return rlb__kv_init_mem(kv, n_layers, kvt, hd, block_tokens, budget_bytes, &mem);
+}
+
+int rlb__kv_init_mem(rlb_kvcache *kv, int64_t n_layers, int64_t kvt, int64_t hd,
+                     int64_t block_tokens, uint64_t budget_bytes, const rlb_kv_mem *mem)
+{
     memset(kv, 0, sizeof *kv);
-    if (n_layers < 1 || kvt < 1 || hd < 1 || block_tokens < 1)
+    if (n_layers < 1 || kvt < 1 || hd < 1 || block_tokens < 1 || !mem || !mem->alloc ||
+        !mem->release || !mem->copy || mem->elem_bytes == 0)
         return RLB_EINVAL;
-    uint64_t per_block = rlb__kv_block_bytes(n_layers, kvt, hd, block_tokens);
+    kv->mem = *mem;
+    uint64_t per_block = 2u * (uint64_t)n_layers * (uint64_t)kvt * (uint64_t)block_tokens *
+                         (uint64_t)hd * mem->elem_bytes;
     uint64_t n = budget_bytes / per_block;
     if (n < 1)
         return RLB_ETOOBIG;
@@ -64,8 +113,7 @@ int rlb__kv_init(rlb_kvcache *kv, int64_t n_layers, int64_t kvt, int64_t hd,
 
 void rlb__kv_free(rlb_kvcache *kv)
 {
-    free(kv->k);
-    free(kv->v);
+    release_storage(kv);
     free(kv->free_stack);
     free(kv->refs);
     memset(kv, 0, sizeof *kv);
@@ -75,9 +123,7 @@ int rlb__kv_sleep(rlb_kvcache *kv)
 {
     if (kv->n_free != kv->n_blocks)
         return RLB_EINVAL;
-    free(kv->k);
-    free(kv->v);
-    kv->k = kv->v = NULL;
+    release_storage(kv);
     return 0;
 }
 
@@ -143,9 +189,19 @@ int rlb__kv_fork(rlb_kvcache *kv, rlb_block_table *dst, const rlb_block_table *s
     dst->n = full;
     if (partial) {
         int32_t from = src->ids[full], to = pop_free(kv);
-        size_t bytes = (size_t)kv->n_layers * (size_t)kv->block_floats * sizeof(float);
-        memcpy(rlb__kv_k(kv, to, 0), rlb__kv_k(kv, from, 0), bytes);
-        memcpy(rlb__kv_v(kv, to, 0), rlb__kv_v(kv, from, 0), bytes);
+        uint64_t bytes = (uint64_t)kv->n_layers * (uint64_t)kv->block_floats * kv->mem.elem_bytes;
+        char *k = kv->k, *v = kv->v;
+        int rc = kv->mem.copy(kv->mem.ctx, k + (uint64_t)to * bytes, k + (uint64_t)from * bytes,
+                              bytes);
+        if (!rc)
+            rc = kv->mem.copy(kv->mem.ctx, v + (uint64_t)to * bytes, v + (uint64_t)from * bytes,
+                              bytes);
+        if (rc) {
+            kv->refs[to] = 0;
+            kv->free_stack[kv->n_free++] = to;
+            rlb__kv_release(kv, dst);
+            return rc;
+        }
         dst->ids[dst->n++] = to;
     }
     return 0;

@@ -16,17 +16,6 @@
 #include "model/source.h"
 #include "rlb/rlb.h"
 
-int rlb__load_config(const char *dir, rlb_model_config *cfg, char *err, size_t errlen)
-{
-    char path[4096];
-    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
-        return rlb__model_err(err, errlen, RLB_EINVAL, "checkpoint path too long: %s", dir);
-    int rc = rlb__config_load(path, cfg, err, errlen);
-    if (rc == RLB_ENOTFOUND && err && errlen)
-        snprintf(err, errlen, "no config.json in %s", dir);
-    return rc;
-}
-
 /* Tensors HF checkpoints may carry that are buffers, not weights. */
 static int ignorable(const char *name)
 {
@@ -127,14 +116,20 @@ out:
 int rlb__load_checkpoint(const char *dir, int tp_size, int tp_rank, rlb_loaded *out, char *err,
                          size_t errlen)
 {
+    return rlb__load_checkpoint_as(dir, tp_size, tp_rank, RLB_DTYPE_F32, out, err, errlen);
+}
+
+int rlb__load_checkpoint_as(const char *dir, int tp_size, int tp_rank, rlb_dtype dtype,
+                            rlb_loaded *out, char *err, size_t errlen)
+{
     rlb_model_config cfg;
     memset(out, 0, sizeof *out);
-    int rc = rlb__load_config(dir, &cfg, err, errlen);
+    int rc = rlb__config_load_dir(dir, &cfg, err, errlen);
     if (rc)
         return rc;
     if ((rc = rlb__tp_check(&cfg, tp_size, err, errlen)))
         return rc;
-    if ((rc = rlb__tp_layout_init(&out->layout, &cfg, tp_size, tp_rank, RLB_DTYPE_F32)))
+    if ((rc = rlb__tp_layout_init(&out->layout, &cfg, tp_size, tp_rank, dtype)))
         return rlb__model_err(err, errlen, rc, "TP rank %d of %d: no layout", tp_rank, tp_size);
     if (posix_memalign(&out->weights, 64, out->layout.total_bytes)) {
         out->weights = NULL;

@@ -19,11 +19,9 @@
 
 typedef struct rlb_loaded {
     rlb_tp_layout layout; /* rank t's layout (its cfg is the checkpoint's config) */
-    void *weights;        /* [layout.total_bytes] float32 weights, 64-byte aligned */
+    void *weights;        /* [layout.total_bytes] weights of layout.dtype, 64-byte aligned */
 } rlb_loaded;
 
-/* Reads DIR/config.json. Returns 0 or the reader's error, `err` saying what. */
-int rlb__load_config(const char *dir, rlb_model_config *cfg, char *err, size_t errlen);
 /* Fills `weights` (layout->total_bytes, float32 layout) from the checkpoint in `dir`.
  * `threads` <= 0 takes the RLB_THREADS knob. Returns 0, RLB_ENOTFOUND (no checkpoint, a
  * tensor missing), RLB_ESHAPE (a shape differs from the config), RLB_EDTYPE, RLB_EINVAL
@@ -34,6 +32,9 @@ int rlb__load_weights(const char *dir, const rlb_tp_layout *layout, void *weight
  * the two functions above, or RLB_EUNSUPPORTED (T does not fit the model). */
 int rlb__load_checkpoint(const char *dir, int tp_size, int tp_rank, rlb_loaded *out, char *err,
                          size_t errlen);
+/* The same with a buffer of `dtype` elements (F32, BF16, F16: what a GPU backend uploads). */
+int rlb__load_checkpoint_as(const char *dir, int tp_size, int tp_rank, rlb_dtype dtype,
+                            rlb_loaded *out, char *err, size_t errlen);
 void rlb__loaded_free(rlb_loaded *m);
 
 #endif /* RLB_WORKER_LOADER_H */

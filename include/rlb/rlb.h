@@ -20,7 +20,14 @@ extern "C" {
 #define RLB_API
 #endif
 
+/* The version of the binary interface: this header's structs and functions, and the
+ * protocol librlb speaks with the bridge. It is the soname of the library (librlb.so.1) and
+ * is checked at every connection: a bridge refuses a client of another ABI, and the Python
+ * package refuses a librlb of another ABI (rlb_abi_version). Only the build of a library of
+ * another ABI for tests (tests/integration/install.cmake) defines it on the command line. */
+#ifndef RLB_ABI_VERSION
 #define RLB_ABI_VERSION 1u
+#endif
 
 /* Error codes: negative values, errno-style. Keep rlb_strerror() in step. */
 enum {
@@ -45,11 +52,19 @@ enum {
     RLB_ECUDA = -18,     /* a CUDA, cuBLAS or NCCL call failed; the log says which */
     RLB_ESHUTDOWN = -19, /* the bridge is shutting down */
     RLB_ECORRUPT = -20,  /* shared memory holds values no honest peer writes */
-    RLB_E_COUNT_ = 21
+    RLB_ENONFINITE = -21, /* NaN or infinite values where finite ones are needed (weights,
+                           * logits with no finite value left to sample from) */
+    RLB_E_COUNT_ = 22
 };
 
 /* Returns a static, human-readable name for an RLB_E* code (any int is accepted). */
 RLB_API const char *rlb_strerror(int code);
+
+/* The RLB_ABI_VERSION this library was built with; a program that loads librlb at run time
+ * (dlopen, ctypes) compares it with the version it was written for. */
+RLB_API uint32_t rlb_abi_version(void);
+/* The release of rlbridge this library comes from, e.g. "0.1.0" (static string). */
+RLB_API const char *rlb_version(void);
 
 /* Element types of tensors. The numbering is part of the wire protocol: append only. */
 typedef enum rlb_dtype {

@@ -132,4 +132,26 @@ static inline void rlb__row_from_f32(uint8_t *d, const float *in, uint64_t n, ui
     }
 }
 
+/* Non-finite (NaN or infinite) values among n elements of dtype (F32, BF16 or F16) at d:
+ * an all-ones exponent. The loops are branch-free so the compiler vectorizes them. */
+static inline uint64_t rlb__row_nonfinite(const uint8_t *d, uint64_t n, uint8_t dtype)
+{
+    uint64_t bad = 0;
+    if (dtype == RLB_DTYPE_F32) {
+        for (uint64_t i = 0; i < n; i++) {
+            uint32_t x;
+            memcpy(&x, d + 4 * i, 4);
+            bad += (x & 0x7f800000u) == 0x7f800000u;
+        }
+        return bad;
+    }
+    uint16_t mask = dtype == RLB_DTYPE_BF16 ? 0x7f80u : 0x7c00u; /* else F16 */
+    for (uint64_t i = 0; i < n; i++) {
+        uint16_t x;
+        memcpy(&x, d + 2 * i, 2);
+        bad += (x & mask) == mask;
+    }
+    return bad;
+}
+
 #endif /* RLB_KERNELS_CPU_CONVERT_H */

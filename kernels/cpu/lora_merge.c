@@ -84,6 +84,7 @@ typedef struct merge_ctx {
     uint64_t max_elems;  /* scratch sizes: largest item, widest R, highest rank */
     uint64_t max_cols;
     uint64_t max_rank;
+    uint64_t *nonfinite; /* [n_merges] non-finite values each merge wrote, or NULL */
 } merge_ctx;
 
 /* 16 floats: GCC / Clang vector extensions, lowered to zmm, ymm pairs or xmm quads by the
@@ -199,8 +200,9 @@ static void widen_slice(float *acc, const rlb_copy_op *op, const void *const *sr
     }
 }
 
-/* Rows [i0, i1) of merge m: base from its copies, plus the rank-r update, written once. */
-static void merge_rows(const merge_ctx *c, const rlb_merge_op *m, uint64_t i0, uint64_t i1,
+/* Rows [i0, i1) of merge m: base from its copies, plus the rank-r update, written once.
+ * Returns the non-finite values written when the run counts them (else 0). */
+static uint64_t merge_rows(const merge_ctx *c, const rlb_merge_op *m, uint64_t i0, uint64_t i1,
                        row_scratch *w)
 {
     const float *L = (const float *)(const void *)(c->stage + m->l_offset);
@@ -225,7 +227,10 @@ static void merge_rows(const merge_ctx *c, const rlb_merge_op *m, uint64_t i0, u
             w->l[k] = m->scale * (ltrans ? L[k * m->l_ld + i] : L[i * m->l_ld + k]);
         update_row(w->acc + (i - i0) * n, w->l, R, ldr, r, n);
     }
-    narrow((uint8_t *)c->dst[m->dst_ref] + b0, w->acc, (i1 - i0) * n, m->dst_dtype);
+    uint8_t *d = (uint8_t *)c->dst[m->dst_ref] + b0;
+    narrow(d, w->acc, (i1 - i0) * n, m->dst_dtype);
+    /* Counted from the rounded bytes (a finite f32 may overflow the destination dtype). */
+    return c->nonfinite ? rlb__row_nonfinite(d, (i1 - i0) * n, m->dst_dtype) : 0;
 }
 
 static void *merge_worker(void *arg)
@@ -242,7 +247,10 @@ static void *merge_worker(void *arg)
             if (i >= c->n_items)
                 break;
             const merge_item *it = &c->items[i];
-            merge_rows(c, &c->plan->merges[it->merge], it->row0, it->row0 + it->rows, &w);
+            uint64_t bad = merge_rows(c, &c->plan->merges[it->merge], it->row0,
+                                      it->row0 + it->rows, &w);
+            if (bad)
+                rlb_fetch_add(&c->nonfinite[it->merge], bad);
         }
     }
     free(w.acc);
@@ -266,11 +274,13 @@ static uint64_t split_merges(const rlb_plan *plan, uint64_t grain, merge_item *i
     return n;
 }
 
-/* Runs every merge on `threads` threads (this one included). Returns 0 or RLB_ENOMEM. */
+/* Runs every merge on `threads` threads (this one included), counting into nonfinite when
+ * it is not NULL. Returns 0 or RLB_ENOMEM. */
 static int run_merges(const rlb_plan *plan, const void *const *src, void *const *dst,
-                      const uint8_t *stage, int threads)
+                      const uint8_t *stage, int threads, uint64_t *nonfinite)
 {
-    merge_ctx c = {.plan = plan, .src = src, .dst = dst, .stage = stage};
+    merge_ctx c = {.plan = plan, .src = src, .dst = dst, .stage = stage,
+                   .nonfinite = nonfinite};
     uint64_t total = 0;
     for (uint64_t i = 0; i < plan->n_merges; i++) {
         const rlb_merge_op *m = &plan->merges[i];
@@ -327,8 +337,8 @@ static int stage_fit(rlb_exec_scratch *s, uint64_t bytes)
 }
 
 int rlb__lora_merge_cpu(const rlb_plan *plan, const void *const *src, const uint64_t *src_len,
-                        void *const *dst, rlb_exec_scratch *scratch, int threads, char *err,
-                        size_t errlen)
+                        void *const *dst, rlb_exec_scratch *scratch, int threads,
+                        uint64_t *nonfinite, char *err, size_t errlen)
 {
     if (!plan->n_merges && !plan->n_stage_ops)
         return 0;
@@ -347,7 +357,7 @@ int rlb__lora_merge_cpu(const rlb_plan *plan, const void *const *src, const uint
                        .bytes_written = stage_bytes};
     rc = rlb__plan_exec_cpu(&gather, src, src_len, &s->stage, &stage_bytes, threads, err,
                             errlen);
-    if (rc == 0 && (rc = run_merges(plan, src, dst, s->stage, threads)) < 0)
+    if (rc == 0 && (rc = run_merges(plan, src, dst, s->stage, threads, nonfinite)) < 0)
         rlb__model_err(err, errlen, rc, "plan exec: no memory for the merges");
 out:
     rlb__exec_scratch_free(&own);

@@ -24,9 +24,11 @@ int rlb__lora_check_cpu(const rlb_plan *plan, const uint64_t *src_len, const uin
 
 /* Runs the stage ops and the merges of a checked plan (after its copy ops), on
  * `threads` threads as rlb__plan_exec_cpu, with the stage in `scratch` (grown to fit) or,
- * when it is NULL, in memory of this call. Returns 0, RLB_ENOMEM, or the gather's error. */
+ * when it is NULL, in memory of this call. With `nonfinite` (an array of plan->n_merges,
+ * zeroed by the caller) each merge's count of NaN / Inf values written is added at its
+ * index. Returns 0, RLB_ENOMEM, or the gather's error. */
 int rlb__lora_merge_cpu(const rlb_plan *plan, const void *const *src, const uint64_t *src_len,
-                        void *const *dst, rlb_exec_scratch *scratch, int threads, char *err,
-                        size_t errlen);
+                        void *const *dst, rlb_exec_scratch *scratch, int threads,
+                        uint64_t *nonfinite, char *err, size_t errlen);
 
 #endif /* RLB_KERNELS_CPU_LORA_MERGE_H */

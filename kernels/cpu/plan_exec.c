@@ -9,6 +9,13 @@
  * Conversions go through a small f32 block: src elements -> f32 (exact for bf16 / f16),
  * then f32 -> dst with the round-to-nearest-even of convert.h, one rounding in all. Loads
  * and stores use memcpy because source offsets need not be aligned.
+ *
+ * Counting non-finite values (rlb__plan_exec_cpu_counted) is fused into the copy: each
+ * block of at most BLOCK elements is written, then its destination bytes, still in L1, are
+ * tested with an exponent mask, so no second pass over the buffers is made. A thread adds
+ * an item's count to its op's counter with one atomic add per item, and only when the count
+ * is not zero. LoRA merges count the same way, each block row range as it is rounded into
+ * the destination (kernels/cpu/lora_merge.c).
  */
 #include "kernels/cpu/plan_exec.h"
 
@@ -44,9 +51,11 @@ typedef struct exec_ctx {
     const work_item *items;  /* all items, built before the threads start */
     uint64_t n_items;        /* entries in items[] */
     uint64_t next;           /* next unclaimed item; claimed with rlb_fetch_add */
+    uint64_t *nonfinite;     /* [n_ops] non-finite values written per op, or NULL */
 } exec_ctx;
 
-static void run_item(const exec_ctx *c, const work_item *w)
+/* Runs one item; returns the non-finite values it wrote (0 when not counting). */
+static uint64_t run_item(const exec_ctx *c, const work_item *w)
 {
     const rlb_copy_op *op = &c->plan->ops[w->op];
     uint64_t des = rlb_dtype_size((rlb_dtype)op->dst_dtype);
@@ -55,25 +64,32 @@ static void run_item(const exec_ctx *c, const work_item *w)
     if (op->src_ref == RLB_PLAN_ZERO_SRC) {
         for (uint64_t r = 0; r < w->rows; r++)
             memset(d + r * op->dst_stride, 0, w->elems * des);
-        return;
+        return 0;
     }
-    uint64_t ses = rlb_dtype_size((rlb_dtype)op->src_dtype);
+    uint64_t ses = rlb_dtype_size((rlb_dtype)op->src_dtype), bad = 0;
     const uint8_t *s = (const uint8_t *)c->src[op->src_ref] + op->src_offset +
                        w->row0 * op->src_stride + w->elem0 * ses;
     for (uint64_t r = 0; r < w->rows; r++) {
         const uint8_t *sr = s + r * op->src_stride;
         uint8_t *dr = d + r * op->dst_stride;
-        if (op->src_dtype == op->dst_dtype) {
+        if (op->src_dtype == op->dst_dtype && !c->nonfinite) {
             memcpy(dr, sr, w->elems * des);
             continue;
         }
         float block[BLOCK];
         for (uint64_t e = 0; e < w->elems; e += BLOCK) {
             uint64_t n = w->elems - e < BLOCK ? w->elems - e : BLOCK;
-            rlb__row_to_f32(block, sr + e * ses, n, op->src_dtype);
-            rlb__row_from_f32(dr + e * des, block, n, op->dst_dtype);
+            if (op->src_dtype == op->dst_dtype) {
+                memcpy(dr + e * des, sr + e * ses, n * des);
+            } else {
+                rlb__row_to_f32(block, sr + e * ses, n, op->src_dtype);
+                rlb__row_from_f32(dr + e * des, block, n, op->dst_dtype);
+            }
+            if (c->nonfinite)
+                bad += rlb__row_nonfinite(dr + e * des, n, op->dst_dtype);
         }
     }
+    return bad;
 }
 
 static void *worker(void *arg)
@@ -83,7 +99,9 @@ static void *worker(void *arg)
         uint64_t i = rlb_fetch_add(&c->next, 1);
         if (i >= c->n_items)
             return NULL;
-        run_item(c, &c->items[i]);
+        uint64_t bad = run_item(c, &c->items[i]);
+        if (bad)
+            rlb_fetch_add(&c->nonfinite[c->items[i].op], bad);
     }
 }
 
@@ -147,14 +165,14 @@ int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint6
                        void *const *dst, const uint64_t *dst_len, int threads, char *err,
                        size_t errlen)
 {
-    return rlb__plan_exec_cpu_scratch(plan, src, src_len, dst, dst_len, NULL, threads, err,
-                                      errlen);
+    return rlb__plan_exec_cpu_counted(plan, src, src_len, dst, dst_len, threads, NULL, NULL,
+                                      err, errlen);
 }
 
-int rlb__plan_exec_cpu_scratch(const rlb_plan *plan, const void *const *src,
+int rlb__plan_exec_cpu_counted(const rlb_plan *plan, const void *const *src,
                                const uint64_t *src_len, void *const *dst,
-                               const uint64_t *dst_len, rlb_exec_scratch *scratch,
-                               int threads, char *err, size_t errlen)
+                               const uint64_t *dst_len, int threads, rlb_exec_scratch *scratch,
+                               uint64_t *nonfinite, char *err, size_t errlen)
 {
     int rc = check_bindings(plan, src, src_len, dst, dst_len, err, errlen);
     if (rc)
@@ -162,7 +180,10 @@ int rlb__plan_exec_cpu_scratch(const rlb_plan *plan, const void *const *src,
     int n_threads = rlb__exec_threads(threads);
     uint64_t grain = plan->bytes_written / ((uint64_t)n_threads * ITEMS_PER_THREAD);
     grain = grain < MIN_GRAIN ? MIN_GRAIN : grain;
-    exec_ctx c = {.plan = plan, .src = src, .dst = dst, .n_items = split(plan, grain, NULL)};
+    exec_ctx c = {.plan = plan, .src = src, .dst = dst, .n_items = split(plan, grain, NULL),
+                  .nonfinite = nonfinite};
+    if (nonfinite)
+        memset(nonfinite, 0, (size_t)(plan->n_ops + plan->n_merges) * sizeof(*nonfinite));
     work_item *items = malloc((size_t)c.n_items * sizeof *items + 1);
     if (!items)
         return rlb__model_err(err, errlen, RLB_ENOMEM, "plan exec: out of memory");
@@ -185,5 +206,6 @@ int rlb__plan_exec_cpu_scratch(const rlb_plan *plan, const void *const *src,
         pthread_join(tid[i], NULL);
     free(items);
     /* The adapted weights' blocks, which the copies above left to their merges. */
-    return rlb__lora_merge_cpu(plan, src, src_len, dst, scratch, threads, err, errlen);
+    return rlb__lora_merge_cpu(plan, src, src_len, dst, scratch, threads,
+                               nonfinite ? nonfinite + plan->n_ops : NULL, err, errlen);
 }

@@ -38,11 +38,16 @@ void rlb__exec_scratch_free(rlb_exec_scratch *scratch);
 int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint64_t *src_len,
                        void *const *dst, const uint64_t *dst_len, int threads, char *err,
                        size_t errlen);
-/* The same with the caller's scratch (NULL: memory of this call only). */
-int rlb__plan_exec_cpu_scratch(const rlb_plan *plan, const void *const *src,
+/* The same with the caller's scratch (NULL: memory of this call only), also counting the
+ * non-finite values (NaN, +-inf) written, fused into the copy and the merges when
+ * `nonfinite` is not NULL: nonfinite (an array of plan->n_ops + plan->n_merges, zeroed here)
+ * receives op i's count at [i] and merge m's (its whole block) at [plan->n_ops + m] once
+ * the call returns 0; zero ops write none. A poisoned trainer step, or a poisoned adapter,
+ * shows up here before any worker reads the version. */
+int rlb__plan_exec_cpu_counted(const rlb_plan *plan, const void *const *src,
                                const uint64_t *src_len, void *const *dst,
-                               const uint64_t *dst_len, rlb_exec_scratch *scratch,
-                               int threads, char *err, size_t errlen);
+                               const uint64_t *dst_len, int threads, rlb_exec_scratch *scratch,
+                               uint64_t *nonfinite, char *err, size_t errlen);
 
 /* Threads an executor call uses for `threads` (as above): 1..64. */
 int rlb__exec_threads(int threads);

@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/cpu/noise.h"
+
 typedef struct zpair {
     float z;    /* logit / temperature */
     int32_t id; /* token id */
@@ -48,44 +50,14 @@ int rlb__sampling_check(const rlb_sampling *sp)
     return 0;
 }
 
-/* splitmix64's finalizer: a bijection of 64-bit words with full avalanche. */
-static inline uint64_t mix64(uint64_t x)
-{
-    x ^= x >> 30;
-    x *= UINT64_C(0xbf58476d1ce4e5b9);
-    x ^= x >> 27;
-    x *= UINT64_C(0x94d049bb133111eb);
-    x ^= x >> 31;
-    return x;
-}
-
-/* The hash of (seed, sample, pos) that every token of one sampling step shares. */
-static inline uint64_t noise_prefix(uint64_t seed, uint64_t sample, int64_t pos)
-{
-    uint64_t h = mix64(seed + UINT64_C(0x9e3779b97f4a7c15));
-    h = mix64(h ^ (sample + UINT64_C(0xd1b54a32d192ed03)));
-    return mix64(h ^ ((uint64_t)pos + UINT64_C(0x8cb92ba72f3d8dd7)));
-}
-
-static inline uint64_t noise_token(uint64_t prefix, int64_t token)
-{
-    return mix64(prefix ^ ((uint64_t)token + UINT64_C(0xaef17502108ef2d9)));
-}
-
-/* 53 random bits as a double strictly inside (0, 1). */
-static inline double bits_to_uniform(uint64_t bits)
-{
-    return ((double)(bits >> 11) + 0.5) * 0x1.0p-53;
-}
-
 uint64_t rlb__noise_bits(uint64_t seed, uint64_t sample, int64_t pos, int64_t token)
 {
-    return noise_token(noise_prefix(seed, sample, pos), token);
+    return rlb__noise_token(rlb__noise_prefix(seed, sample, pos), token);
 }
 
 double rlb__noise_uniform(uint64_t seed, uint64_t sample, int64_t pos, int64_t token)
 {
-    return bits_to_uniform(rlb__noise_bits(seed, sample, pos, token));
+    return rlb__bits_to_uniform(rlb__noise_bits(seed, sample, pos, token));
 }
 
 static int greedy(const rlb_sampling *sp)
@@ -93,27 +65,38 @@ static int greedy(const rlb_sampling *sp)
     return sp->temperature <= RLB_SAMPLE_GREEDY_EPS;
 }
 
-/* z = logits / T (T = 1 for greedy), p = exp(z - max z), *lse = logsumexp(z).
- * Returns 0 or RLB_EINVAL for non-finite logits. */
+/* z = logits / T (T = 1 for greedy), p = exp(z - max z), *lse = logsumexp(z), under the
+ * non-finite rules of sample.h: NaN counts as -inf; when some z is +inf (a +inf logit, or a
+ * finite one that overflowed in the division), those tokens are the limit of the softmax,
+ * so they get z = 0 and every other token -inf. Returns 0 or RLB_ENONFINITE when no token
+ * is left (every z NaN or -inf). */
 static int prepare(const float *logits, int64_t V, const rlb_sampling *sp, rlb_sample_ws *ws,
                    double *lse)
 {
     float T = greedy(sp) ? 1.0f : sp->temperature;
     float zmax = -INFINITY;
+    int64_t n_inf = 0;
     for (int64_t i = 0; i < V; i++) {
         float z = logits[i] / T;
+        z = isnan(z) ? -INFINITY : z;
+        n_inf += z == INFINITY;
         ws->z[i] = z;
         zmax = z > zmax ? z : zmax;
     }
-    if (!isfinite(zmax))
-        return RLB_EINVAL;
+    if (n_inf) {
+        for (int64_t i = 0; i < V; i++)
+            ws->z[i] = ws->z[i] == INFINITY ? 0.0f : -INFINITY;
+        zmax = 0.0f;
+    }
+    if (zmax == -INFINITY)
+        return RLB_ENONFINITE;
     double sum = 0.0;
     for (int64_t i = 0; i < V; i++) {
         ws->p[i] = expf(ws->z[i] - zmax);
         sum += ws->p[i];
     }
     *lse = (double)zmax + log(sum);
-    return isfinite(*lse) ? 0 : RLB_EINVAL;
+    return 0;
 }
 
 static int64_t argmax_first(const float *z, int64_t V)
@@ -248,13 +231,13 @@ int rlb__sample_token(const float *logits, int64_t V, const rlb_sampling *sp, ui
         best = argmax_first(ws->z, V);
     } else {
         filter_kept(V, sp, ws);
-        uint64_t prefix = noise_prefix(sp->seed, sample, pos);
+        uint64_t prefix = rlb__noise_prefix(sp->seed, sample, pos);
         double best_score = -1.0;
         for (int64_t i = 0; i < V; i++) {
             if (!ws->keep[i])
                 continue;
             /* exp(z - max) / E with E = -log(u) ~ Exp(1): argmax = Gumbel-max. */
-            double e = -log(bits_to_uniform(noise_token(prefix, i)));
+            double e = -log(rlb__bits_to_uniform(rlb__noise_token(prefix, i)));
             double score = (double)ws->p[i] / e;
             if (score > best_score) {
                 best_score = score;

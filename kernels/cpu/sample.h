@@ -15,7 +15,15 @@
  *     not on batch composition, thread count or TP layout.
  *     Its logprob is log_softmax(z)[token] over the full vocabulary, before top-k/top-p:
  *     what the trainer recomputes.
- * Logsumexps accumulate in double. Non-finite logits are refused (RLB_EINVAL).
+ * Logsumexps accumulate in double.
+ *
+ * Non-finite logits (poisoned weights, an overflow) are defined, never fatal:
+ *   NaN counts as -inf: the token is never sampled and adds no mass;
+ *   +inf (after the division by the temperature): the +inf tokens are the limit of the
+ *     softmax, so they share all the mass equally (greedy: the first of them; logprob
+ *     -log(count)) and every other token has none;
+ *   no token left (every logit NaN or -inf): RLB_ENONFINITE, which the engine reports for
+ *     the request; the caller's other requests are not concerned.
  */
 #ifndef RLB_KERNELS_CPU_SAMPLE_H
 #define RLB_KERNELS_CPU_SAMPLE_H
@@ -53,13 +61,14 @@ uint64_t rlb__noise_bits(uint64_t seed, uint64_t sample, int64_t pos, int64_t to
 double rlb__noise_uniform(uint64_t seed, uint64_t sample, int64_t pos, int64_t token);
 
 /* Samples the token at position `pos` of sample `sample` from logits[0..V). Writes the
- * token and its logprob. Returns 0, RLB_EINVAL (bad parameters, non-finite logits) or
- * RLB_ENOMEM. */
+ * token and its logprob. Returns 0, RLB_EINVAL (bad parameters), RLB_ENONFINITE (no token
+ * left, see above) or RLB_ENOMEM. */
 int rlb__sample_token(const float *logits, int64_t V, const rlb_sampling *sp, uint64_t sample,
                       int64_t pos, rlb_sample_ws *ws, int32_t *token, float *logprob);
 
 /* The top-k / top-p filter alone: keep[i] = 1 for the tokens sampling may return (greedy:
- * only the argmax). Returns the number kept, or RLB_EINVAL / RLB_ENOMEM. Tests compare it
+ * only the argmax). Returns the number kept, or RLB_EINVAL / RLB_ENONFINITE / RLB_ENOMEM.
+ * Tests compare it
  * with a brute-force reference. */
 int64_t rlb__sample_filter(const float *logits, int64_t V, const rlb_sampling *sp,
                            rlb_sample_ws *ws, uint8_t *keep);

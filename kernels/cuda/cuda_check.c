@@ -29,3 +29,15 @@ rlb_cuda_peer_mode rlb__cuda_peer_mode_env(void)
         RLB_LOG_WARN(RLB_SUB_KERNEL, "RLB_CUDA_PEER=%s: auto or staged expected; using auto", v);
     return RLB_CUDA_PEER_AUTO;
 }
+
+int rlb__cuda_driver_fn(const char *name, void **fn)
+{
+    enum cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    cudaError_t e = cudaGetDriverEntryPointByVersion(name, fn, 12000, cudaEnableDefault, &q);
+    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess) {
+        RLB_LOG_ERROR(RLB_SUB_KERNEL, "driver function %s: %s (query %d)", name,
+                      cudaGetErrorString(e), (int)q);
+        return RLB_ECUDA;
+    }
+    return 0;
+}

@@ -61,6 +61,11 @@ typedef enum rlb_cuda_peer_mode {
 /* The RLB_CUDA_PEER knob ("auto" or "staged"; another value is logged and read as auto). */
 rlb_cuda_peer_mode rlb__cuda_peer_mode_env(void);
 
+/* The driver API function `name` with CUDA 12.0's signature, looked up through the runtime
+ * rather than linked, so programs load (and skip) on machines without a driver. Returns 0
+ * or RLB_ECUDA. */
+int rlb__cuda_driver_fn(const char *name, void **fn);
+
 /* Formats a refusal into err[errlen] (err may be NULL) and logs it at error level. */
 void rlb__cuda_err(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -49,24 +49,11 @@ struct rlb_cuda_ipc_cache {
 typedef CUresult (*get_range_fn)(CUdeviceptr *base, size_t *size, CUdeviceptr ptr);
 typedef CUresult (*ptr_attr_fn)(void *data, CUpointer_attribute attr, CUdeviceptr ptr);
 
-/* The driver's function `name` as of CUDA 12.0's signature. Returns 0 or RLB_ECUDA. */
-static int driver_fn(const char *name, void **fn)
-{
-    enum cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
-    cudaError_t e = cudaGetDriverEntryPointByVersion(name, fn, 12000, cudaEnableDefault, &q);
-    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess) {
-        RLB_LOG_ERROR(RLB_SUB_KERNEL, "driver function %s: %s (query %d)", name,
-                      cudaGetErrorString(e), (int)q);
-        return RLB_ECUDA;
-    }
-    return 0;
-}
-
 /* [*base, *base + *size): the allocation holding ptr (a context must be current). */
 static int address_range(const void *ptr, CUdeviceptr *base, size_t *size)
 {
     get_range_fn get_range;
-    int rc = driver_fn("cuMemGetAddressRange", (void **)&get_range);
+    int rc = rlb__cuda_driver_fn("cuMemGetAddressRange", (void **)&get_range);
     if (!rc)
         RLB_CU_CHECK(get_range(base, size, (CUdeviceptr)(uintptr_t)ptr), rc, out);
 out:
@@ -108,7 +95,7 @@ int rlb__cuda_ipc_export(const void *dptr, uint64_t length, rlb_cuda_ipc_ref *re
         rc = RLB_EINVAL;
         goto out;
     }
-    RLB_CHECK_GOTO(driver_fn("cuPointerGetAttribute", (void **)&ptr_attr), rc, out);
+    RLB_CHECK_GOTO(rlb__cuda_driver_fn("cuPointerGetAttribute", (void **)&ptr_attr), rc, out);
     RLB_CU_CHECK(ptr_attr(&capable, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, base), rc,
                  out);
     if (!capable) {

@@ -1,5 +1,5 @@
 # GPU weight path (kernels/cuda): the CUDA reshard executor against the CPU executor (one
-# GPU; two GPUs through peer access and through the staged fallback), CUDA IPC memory
+# GPU; the executor seam over host and VMM memory, test_cuda_executor; two GPUs through peer access and through the staged fallback), CUDA IPC memory
 # references across processes (three-process reshard, handle leak), and the quantization
 # kernels against the CPU reference. Each gpu test exits 77 (skip) where no GPU (or, for
 # test_cuda_peer, no second GPU) is visible; test_cuda_stage replays the staged fallback's
@@ -14,6 +14,32 @@ if(TARGET rlb_kernels_cuda)
                LIBS rlb_kernels_cuda LABELS unit TIMEOUT 120)
   rlb_add_test(NAME test_cuda_quant SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_quant.c
                LIBS rlb_kernels_cuda m LABELS gpu TIMEOUT 120)
+  rlb_add_test(NAME test_cuda_executor SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_executor.c
+               LIBS rlb_kernels_cuda LABELS gpu TIMEOUT 300)
   rlb_add_test(NAME test_cuda_ipc SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_ipc.c
                LIBS rlb_kernels_cuda LABELS gpu TIMEOUT 300)
+endif()
+# The CUDA engine's kernels (kernels/cuda/engine_ops.h) against the CPU ops and sampler.
+if(TARGET rlb_kernels_cuda)
+  rlb_add_test(NAME test_cuda_engine_ops SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_engine_ops.c
+               LIBS rlb_kernels_cuda m LABELS gpu TIMEOUT 300)
+endif()
+# The CUDA engine backend against the CPU backend through the forward pass, and the whole
+# model against the HF fixtures through the engine (rlb_test_engine_util is defined by
+# tests/unit/engine.cmake, read after this file).
+if(TARGET rlb_engine_cuda)
+  rlb_add_test(NAME test_cuda_backend SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_backend.c
+               LIBS rlb_engine_cuda rlb_test_engine_util m LABELS gpu TIMEOUT 300)
+endif()
+
+# The bridge writing a GPU worker's weights through the CUDA executor, against the CPU
+# engine's greedy tokens (bridge_harness.c); exits 77 without a GPU.
+if(TARGET rlb_engine_cuda)
+  rlb_add_test(NAME test_gpu_bridge
+               SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_gpu_bridge.c
+                       ${PROJECT_SOURCE_DIR}/tests/integration/bridge_harness.c
+               LIBS rlb_bridge_core rlb_client_static rlb_worker Threads::Threads
+               LABELS gpu TIMEOUT 300)
+  add_dependencies(test_gpu_bridge rlb)
+  target_compile_definitions(test_gpu_bridge PRIVATE RLB_BIN="$<TARGET_FILE:rlb>")
 endif()

@@ -8,11 +8,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "common/conn.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "model/safetensors.h"
@@ -131,11 +134,24 @@ static int start_bridge(h_run *r, rlb_sync_mode mode, uint64_t base_version)
         rlb__config_tiny(&o.cfg);
         _exit(rlb__bridge_run(&o) == 0 ? 0 : 1);
     }
-    for (double t0 = now_s(); now_s() - t0 < 10;) {
-        struct stat st;
-        if (stat(r->sock, &st) == 0)
+    struct stat st;
+    return h_wait_listening(r->sock, 10) == 0 && stat(r->sock, &st) == 0 ? 0 : -1;
+}
+
+int h_wait_listening(const char *path, double s)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+    /* The socket file appears at bind(), a moment before listen(): only a connection
+     * that goes through says the bridge takes peers. It closes at once, which the bridge
+     * sees as a peer gone before its handshake. */
+    for (double t0 = now_s(); now_s() - t0 < s; usleep(2000)) {
+        int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+        int ok = fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+        if (fd >= 0)
+            close(fd);
+        if (ok)
             return 0;
-        usleep(2000);
     }
     return -1;
 }
@@ -150,26 +166,37 @@ int h_start_base(h_run *r, rlb_sync_mode mode, uint64_t v)
     return start_bridge(r, mode, v);
 }
 
+rlb_device h_worker_device = RLB_DEVICE_CPU;
+
+pid_t h_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank, uint32_t tp)
+{
+    if (r->n_workers == H_MAX_WORKERS)
+        return -1;
+    pid_t pid = spawn();
+    if (pid == 0) {
+        rlb_worker_opts o = RLB_WORKER_OPTS_INIT;
+        o.socket_path = r->sock;
+        o.replica = replica;
+        o.replicas = replicas;
+        o.tp_rank = tp_rank;
+        o.tp_size = tp;
+        o.kv_bytes = 4u << 20;
+        o.threads = 1;
+        o.device = h_worker_device;
+        o.dtype = RLB_DTYPE_F32; /* the CPU's, so a GPU worker gives the CPU reference's tokens */
+        _exit(rlb__worker_run(&o) == 0 ? 0 : 1);
+    }
+    if (pid > 0)
+        r->workers[r->n_workers++] = pid;
+    return pid;
+}
+
 int h_workers(h_run *r, uint32_t replicas, uint32_t tp)
 {
     for (uint32_t d = 0; d < replicas; d++)
-        for (uint32_t t = 0; t < tp; t++) {
-            pid_t pid = spawn();
-            if (pid == 0) {
-                rlb_worker_opts o = RLB_WORKER_OPTS_INIT;
-                o.socket_path = r->sock;
-                o.replica = d;
-                o.replicas = replicas;
-                o.tp_rank = t;
-                o.tp_size = tp;
-                o.kv_bytes = 4u << 20;
-                o.threads = 1;
-                _exit(rlb__worker_run(&o) == 0 ? 0 : 1);
-            }
-            if (pid < 0 || r->n_workers == H_MAX_WORKERS)
+        for (uint32_t t = 0; t < tp; t++)
+            if (h_worker(r, d, replicas, t, tp) < 0)
                 return -1;
-            r->workers[r->n_workers++] = pid;
-        }
     return 0;
 }
 
@@ -183,6 +210,18 @@ double h_stat(rlb_client *c, const char *name)
         v = -1;
     rlb_stat_list_free(l);
     return v;
+}
+
+int h_wait_stat(rlb_client *c, const char *name, double want, double s)
+{
+    for (double t0 = now_s(); now_s() - t0 < s; usleep(2000))
+        if (h_stat(c, name) == want)
+            return 0;
+    double got = h_stat(c, name);
+    if (got == want)
+        return 0;
+    fprintf(stderr, "bridge counter %s is %g, want %g\n", name, got, want);
+    return -1;
 }
 
 int h_wait_workers(h_run *r, rlb_client *c, uint32_t workers, uint32_t up)
@@ -209,6 +248,19 @@ static int reap(pid_t pid, double s)
     return -1;
 }
 
+int h_reap_worker(h_run *r, int i, double s)
+{
+    int rc = reap(r->workers[i], s) < 0 ? -1 : 0;
+    r->workers[i] = -1;
+    return rc;
+}
+
+void h_kill_worker(h_run *r, int i)
+{
+    kill(r->workers[i], SIGKILL);
+    h_reap_worker(r, i, 10);
+}
+
 int h_stop(h_run *r, rlb_client *tool)
 {
     int ok = 0;
@@ -220,7 +272,8 @@ int h_stop(h_run *r, rlb_client *tool)
     if (reap(r->bridge, 10) != 0)
         ok = -1;
     for (int i = 0; i < r->n_workers; i++)
-        reap(r->workers[i], 10);
+        if (r->workers[i] > 0)
+            reap(r->workers[i], 10);
     struct stat st;
     if (stat(r->sock, &st) == 0) {
         fprintf(stderr, "socket file %s left behind\n", r->sock);
@@ -344,6 +397,26 @@ void h_trainer_fill(h_trainer *t, uint64_t v)
         flat_walk(u, t->world, flat_cb, &f);
         out += (chunk + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
     }
+}
+
+int h_trainer_poison(h_trainer *t, const char *name, uint64_t elem, float value)
+{
+    const rlb_param_list *l = tiny_params();
+    float *out = (float *)t->mem;
+    for (int64_t p = 0; t->layout == H_FSDP2 && p < l->n; p++) {
+        int64_t row0, rows;
+        fsdp2_rows(&l->params[p], t->rank, t->world, &row0, &rows);
+        uint64_t first = (uint64_t)(row0 * l->params[p].cols);
+        uint64_t n = (uint64_t)(rows * l->params[p].cols);
+        if (!strcmp(l->params[p].name, name)) {
+            if (elem < first || elem - first >= n)
+                return -1;
+            out[elem - first] = value;
+            return 0;
+        }
+        out += (n + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
+    }
+    return -1;
 }
 
 int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layout layout)
@@ -539,7 +612,7 @@ static int generate_ref(h_run *r, const char *tag, uint32_t tp, const int32_t *p
     snprintf(ckpt, sizeof(ckpt), "%s/%s", r->dir, tag);
     char cmd[1024];
     int at = snprintf(cmd, sizeof(cmd), "%s generate --model %s --max-tokens %u --temperature "
-                      "0 --tp %u --threads 1 --prompt-ids ", RLB_BIN, ckpt, max_tokens, tp);
+                      "0 --tp %u --threads 1 --device cpu --prompt-ids ", RLB_BIN, ckpt, max_tokens, tp);
     for (uint32_t i = 0; i < n; i++)
         at += snprintf(cmd + at, sizeof(cmd) - (size_t)at, "%s%d", i ? "," : "", prompt[i]);
     FILE *f = popen(cmd, "r");
@@ -562,8 +635,10 @@ static int generate_ref(h_run *r, const char *tag, uint32_t tp, const int32_t *p
     return pclose(f) == 0 ? count : -1;
 }
 
-int h_generate(rlb_client *c, uint64_t v, const int32_t *prompt, uint32_t n,
-               uint32_t max_tokens, int32_t *tokens, int cap)
+/* ---- Generation ---------------------------------------------------------------------- */
+
+int h_generate(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_tokens,
+               rlb_result **out)
 {
     rlb_sampling_params sp;
     rlb_sampling_params_init(&sp);
@@ -575,9 +650,14 @@ int h_generate(rlb_client *c, uint64_t v, const int32_t *prompt, uint32_t n,
     req.prompts = &p;
     req.n_prompts = 1;
     req.sampling = &sp;
+    return rlb_generate(c, &req, 20000, out);
+}
+
+int h_greedy(rlb_client *c, uint64_t v, const int32_t *prompt, uint32_t n,
+             uint32_t max_tokens, int32_t *tokens, int cap)
+{
     rlb_result *res = NULL;
-    int rc = rlb_generate(c, &req, 20000, &res);
-    if (rc) {
+    if (h_generate(c, prompt, n, max_tokens, &res)) {
         fprintf(stderr, "generate: %s\n", rlb_last_error(c));
         return -1;
     }
@@ -585,8 +665,27 @@ int h_generate(rlb_client *c, uint64_t v, const int32_t *prompt, uint32_t n,
     int count = s && s->weight_version == v && (int)s->n_tokens <= cap ? (int)s->n_tokens : -1;
     if (count > 0)
         memcpy(tokens, s->tokens, sizeof(int32_t) * (size_t)count);
+    if (count < 0)
+        fprintf(stderr, "generate: %s for version %llu\n", s ? "another version, or too many "
+                "tokens" : "not one sample", (unsigned long long)v);
     rlb_result_free(res);
     return count;
+}
+
+int h_check_greedy(h_run *r, rlb_client *c, uint64_t v, uint32_t tp, const int32_t *prompt,
+                   uint32_t n, uint32_t max_tokens)
+{
+    int32_t got[1024], want[1024];
+    int ng = h_greedy(c, v, prompt, n, max_tokens, got, 1024);
+    if (ng < 0)
+        return -1;
+    int nw = h_reference(r, v, tp, prompt, n, max_tokens, want, 1024);
+    if (nw != ng || memcmp(want, got, sizeof(int32_t) * (size_t)ng)) {
+        fprintf(stderr, "generate: tokens differ from the reference for version %llu\n",
+                (unsigned long long)v);
+        return -1;
+    }
+    return 0;
 }
 
 int h_reference_weights(h_run *r, const char *tag, float *const *data, uint32_t tp,
@@ -632,4 +731,46 @@ int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32
     if (version_checkpoint(r->dir, v, tag) != 0)
         return -1;
     return generate_ref(r, tag, tp, prompt, n, max_tokens, tokens, cap);
+}
+
+/* ---- Raw protocol ------------------------------------------------------------------- */
+
+/* Packs and sends m on c, then decodes one reply into its type and ERROR code. */
+static int raw_roundtrip(rlb_conn *c, rlb_ring_rx *rx, const rlb_msg *m, int *code)
+{
+    uint8_t buf[4096];
+    size_t len;
+    rlb_ring_msg rm;
+    rlb_msg reply;
+    if (rlb__msg_pack(m, buf, sizeof(buf), &len) < 0 ||
+        rlb__ring_send(rlb__conn_tx(c), m->type, buf, len, 2000) < 0 ||
+        rlb__ring_recv(rlb__conn_rx(c), rx, 5000, &rm) < 0)
+        return -1;
+    int type = -1;
+    if (rlb__msg_decode(rm.data, rm.len, &reply, NULL, 0) == 0) {
+        type = (int)reply.type;
+        if (code)
+            *code = reply.type == RLB_MSG_ERROR ? reply.error.code : 0;
+        rlb__msg_free(&reply);
+    }
+    rlb__ring_recv_done(rlb__conn_rx(c), rx);
+    return type;
+}
+
+int h_raw_tool(h_run *r, const rlb_msg *m, int *code)
+{
+    rlb_conn *c;
+    rlb_ring_rx rx = {.max_msg = 1 << 20};
+    if (rlb__conn_connect(r->sock, 5000, &c) < 0)
+        return -1;
+    rlb_msg hello = {.type = RLB_MSG_HELLO,
+                     .hello = {.abi_version = RLB_ABI_VERSION, .role = RLB_ROLE_TOOL}};
+    int type = raw_roundtrip(c, &rx, &hello, NULL);
+    if (type == RLB_MSG_WELCOME)
+        type = raw_roundtrip(c, &rx, m, code);
+    else
+        type = -1;
+    rlb__ring_rx_free(&rx);
+    rlb__conn_close(c);
+    return type;
 }

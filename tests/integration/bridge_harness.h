@@ -11,9 +11,10 @@
 #include <sys/types.h>
 
 #include "bridge/bridge.h"
+#include "common/proto.h"
 #include "rlb/rlb.h"
 
-#define H_MAX_WORKERS 4
+#define H_MAX_WORKERS 16
 
 typedef enum h_layout { H_FSDP2 = 0, H_FSDP1 = 1 } h_layout;
 
@@ -47,8 +48,23 @@ int h_start(h_run *r, rlb_sync_mode mode);
 /* The same with version v's weights, written as a checkpoint, as the bridge's base
  * (rlb_bridge_opts.base_dir): weights no trainer registers come from there. */
 int h_start_base(h_run *r, rlb_sync_mode mode, uint64_t v);
+/* Waits up to s seconds until a listener accepts connections at path. Returns 0 or -1. */
+int h_wait_listening(const char *path, double s);
+/* The backend workers started from now on run (CPU unless a GPU test says otherwise;
+ * float32 weights on either, so the CPU reference holds). */
+extern rlb_device h_worker_device;
 /* Starts workers: `replicas` replicas of TP size tp. Returns 0 or -1. */
 int h_workers(h_run *r, uint32_t replicas, uint32_t tp);
+/* Starts one worker: TP rank tp_rank of replica `replica`, in a fleet of `replicas`
+ * replicas of TP size tp (a restart, or a replica added at run time). Returns its pid
+ * (also appended to r->workers) or -1. */
+pid_t h_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank, uint32_t tp);
+/* kill -9 of r->workers[i], reaped, and its entry set to -1 (so neither h_stop nor
+ * h_cleanup signals a pid that may belong to someone else by then). */
+void h_kill_worker(h_run *r, int i);
+/* Waits up to s seconds for r->workers[i] to exit by itself, then kills it; reaped and
+ * set to -1 either way. Returns 0 when it exited by itself, -1 otherwise. */
+int h_reap_worker(h_run *r, int i, double s);
 /* Waits (bounded) until the bridge reports `workers` workers and `up` replicas up. */
 int h_wait_workers(h_run *r, rlb_client *c, uint32_t workers, uint32_t up);
 /* Shuts everything down (shutdown message, then SIGKILL after a bound) and checks that
@@ -66,6 +82,10 @@ int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layo
 /* Writes version v's weights into t's shards. */
 void h_trainer_fill(h_trainer *t, uint64_t v);
 void h_trainer_close(h_trainer *t);
+/* Overwrites element `elem` (row-major index into the global tensor) of parameter `name`
+ * in t's shards with `value`, when t's FSDP2 shard holds it. Returns 0, or -1 when it does
+ * not (another rank holds it, or t is FSDP1). */
+int h_trainer_poison(h_trainer *t, const char *name, uint64_t elem, float value);
 
 /* Forks trainer rank/world in its own process (connect, register, then publish on
  * command). Returns 0 or -1. */
@@ -82,12 +102,21 @@ void h_child_stop(h_child *ch);
 int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32_t n,
                 uint32_t max_tokens, int32_t *tokens, int cap);
 
+/* Submits a greedy generate of `prompt` (n ids, max_tokens) through c and waits up to
+ * 20 s. Returns the client's code; *out (on 0) is the result to free. */
+int h_generate(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_tokens,
+               rlb_result **out);
 /* Greedy generation of `prompt` through client c; the sample must carry weight version v
- * (else -1). Fills tokens[] and returns the count, or -1 (the client's error printed). */
-int h_generate(rlb_client *c, uint64_t v, const int32_t *prompt, uint32_t n,
-               uint32_t max_tokens, int32_t *tokens, int cap);
-/* The same through a checkpoint DIR/<tag> of the weights data[p] (every parameter of the
- * tiny model, in h_params() order, row-major F32), written once per tag. */
+ * (else -1). Fills tokens[] and returns the count, or -1 (what went wrong printed). */
+int h_greedy(rlb_client *c, uint64_t v, const int32_t *prompt, uint32_t n,
+             uint32_t max_tokens, int32_t *tokens, int cap);
+/* h_greedy, then checks the one sample against h_reference for version v (TP size tp)
+ * and its version stamp. Returns 0, or -1 after printing what differs. */
+int h_check_greedy(h_run *r, rlb_client *c, uint64_t v, uint32_t tp, const int32_t *prompt,
+                   uint32_t n, uint32_t max_tokens);
+
+/* h_reference through a checkpoint DIR/<tag> of the weights data[p] (every parameter of
+ * the tiny model, in h_params() order, row-major F32), written once per tag. */
 int h_reference_weights(h_run *r, const char *tag, float *const *data, uint32_t tp,
                         const int32_t *prompt, uint32_t n, uint32_t max_tokens,
                         int32_t *tokens, int cap);
@@ -95,7 +124,15 @@ int h_reference_weights(h_run *r, const char *tag, float *const *data, uint32_t 
 const struct rlb_param_list *h_params(void);
 float h_weight(uint64_t v, int64_t p, uint64_t i);
 
+/* Connects as a tool on the raw protocol (messages the client library never sends), says
+ * hello, sends m and reads one reply. Returns the reply's message type (and, for an ERROR,
+ * its code in *code), or -1 when no reply came. */
+int h_raw_tool(h_run *r, const rlb_msg *m, int *code);
+
 /* One bridge counter by name through the client (-1 when absent). */
 double h_stat(rlb_client *c, const char *name);
+/* Waits up to s seconds for counter `name` to equal `want`. Returns 0, or -1 after
+ * printing the value it had. */
+int h_wait_stat(rlb_client *c, const char *name, double want, double s);
 
 #endif /* RLB_TESTS_BRIDGE_HARNESS_H */

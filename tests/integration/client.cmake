@@ -1,5 +1,6 @@
-# Integration tests of librlb, the Python client, the toy trainer, `rlb demo` and `rlb
-# doctor` against real `rlb bridge` / `rlb worker` processes the tests start themselves.
+# Integration tests of librlb, the Python client, the toy trainer, `rlb demo`, `rlb
+# launch` and `rlb doctor` against real `rlb bridge` / `rlb worker` processes the tests
+# start themselves.
 if(TARGET rlb AND TARGET rlb_bridge_core)
   rlb_add_test(NAME test_client_bridge
                SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_client_bridge.c
@@ -27,5 +28,9 @@ if(TARGET rlb AND TARGET rlb_bridge_core)
              COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_LIST_DIR}/test_demo.py
                      $<TARGET_FILE:rlb>)
     set_tests_properties(test_demo PROPERTIES LABELS integration TIMEOUT 300)
+    add_test(NAME test_launch
+             COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_LIST_DIR}/test_launch.py
+                     $<TARGET_FILE:rlb>)
+    set_tests_properties(test_launch PROPERTIES LABELS integration TIMEOUT 300)
   endif()
 endif()

@@ -194,7 +194,7 @@ static void lora_sync(int base_in_bridge, rlb_sync_mode mode)
         rlb_sync_stats st = {.struct_size = sizeof(st)};
         if (rlb_publish(c, v, &st))
             fail_msg("publish %llu: %s", (unsigned long long)v, rlb_last_error(c));
-        int ng = h_generate(c, v, prompt, 3, MAX_TOKENS, got, 64);
+        int ng = h_greedy(c, v, prompt, 3, MAX_TOKENS, got, 64);
         float **merged = merged_weights(ad, n_ad, ALPHA / RANK);
         char tag[32];
         snprintf(tag, sizeof tag, "merged%llu", (unsigned long long)v);
@@ -209,7 +209,7 @@ static void lora_sync(int base_in_bridge, rlb_sync_mode mode)
     /* Adapters taken back (the factors stay registered): the base again. */
     assert_int_equal(rlb_unregister_lora(c, NULL, 0), 0);
     assert_int_equal(rlb_publish(c, 3, NULL), 0);
-    int ng = h_generate(c, 3, prompt, 3, MAX_TOKENS, got, 64);
+    int ng = h_greedy(c, 3, prompt, 3, MAX_TOKENS, got, 64);
     assert_int_equal(ng, nb);
     assert_memory_equal(got, base_want, sizeof(int32_t) * (size_t)nb);
 

@@ -6,7 +6,7 @@ add_library(rlb_test_engine_util STATIC ${CMAKE_CURRENT_LIST_DIR}/engine_util.c)
 rlb_target_defaults(rlb_test_engine_util)
 target_compile_definitions(rlb_test_engine_util PRIVATE
                            RLB_FIXTURES_DIR="${PROJECT_SOURCE_DIR}/tests/fixtures")
-target_link_libraries(rlb_test_engine_util PUBLIC rlb_engine PkgConfig::JANSSON m)
+target_link_libraries(rlb_test_engine_util PUBLIC rlb_worker PkgConfig::JANSSON m)
 
 rlb_add_test(NAME test_engine_hf SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_hf.c
              LIBS rlb_test_engine_util LABELS "unit;tsan" TIMEOUT 180)
@@ -22,6 +22,6 @@ if(TARGET rlb)
   add_dependencies(test_engine_generate rlb)
 endif()
 rlb_add_test(NAME test_engine_kv SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_kv.c
-             LIBS rlb_engine LABELS unit TIMEOUT 60)
+             LIBS rlb_worker LABELS unit TIMEOUT 60)
 rlb_add_test(NAME test_engine_ops SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_ops.c
              LIBS rlb_kernels_cpu m LABELS unit TIMEOUT 60)

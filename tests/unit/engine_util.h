@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 #include "worker/engine.h"
-#include "worker/tp_comm.h"
+#include "common/tp_comm.h"
 
 #define FX_MAX_PROMPTS 4
 #define FX_MAX_IDS 64

@@ -29,6 +29,7 @@
 
 #include "rlb/rlb.h"
 #include "tests/unit/engine_util.h"
+#include "worker/backend_cpu.h"
 #include "worker/engine.h"
 #include "worker/loader.h"
 
@@ -66,8 +67,10 @@ static uint64_t fnv(uint64_t h, const void *p, size_t n)
 static uint64_t i8_hash(const rlb_forward *f)
 {
     uint64_t h = UINT64_C(0xcbf29ce484222325);
-    for (int64_t i = 0; i < f->n_i8; i++) {
-        const rlb_i8_weight *w = f->i8_jobs[i].w;
+    int64_t n;
+    const rlb_i8_weight *const *list = rlb__ebackend_cpu_i8(f->b, &n);
+    for (int64_t i = 0; i < n; i++) {
+        const rlb_i8_weight *w = list[i];
         h = fnv(h, w->q, (size_t)(w->rows * w->cols));
         h = fnv(h, w->scale, (size_t)w->rows * sizeof(float));
     }

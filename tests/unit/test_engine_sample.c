@@ -10,7 +10,9 @@
  *     flaky) match softmax of the kept tokens within 0.012 (about 5 standard deviations of
  *     the largest probability's estimate);
  *   - the same (seed, sample, position) draws the same token, other sample indices differ;
- *   - non-finite logits and bad parameters are refused.
+ *   - non-finite logits follow sample.h: NaN is never sampled, +inf tokens share the mass
+ *     equally (logprob -log(count)), a row with nothing finite gives RLB_ENONFINITE;
+ *   - bad parameters are refused.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -273,13 +275,80 @@ static void test_refusals(void **state)
                          RLB_EINVAL);
     }
     assert_int_equal(rlb__sample_token(logits, 0, &ok, 0, 0, &ws, &tok, &lp), RLB_EINVAL);
-    logits[2] = NAN;
-    assert_int_equal(rlb__sample_token(logits, 4, &ok, 0, 0, &ws, &tok, &lp), RLB_EINVAL);
-    logits[2] = INFINITY;
-    assert_int_equal(rlb__sample_token(logits, 4, &ok, 0, 0, &ws, &tok, &lp), RLB_EINVAL);
-    for (int i = 0; i < 4; i++)
-        logits[i] = -INFINITY;
-    assert_int_equal(rlb__sample_token(logits, 4, &ok, 0, 0, &ws, &tok, &lp), RLB_EINVAL);
+    rlb__sample_ws_free(&ws);
+}
+
+/* Poisoned logits: NaN is never drawn, +inf tokens share the mass equally, nothing finite
+ * is RLB_ENONFINITE; greedy, top-k and top-p keep to the same rules. */
+static void test_non_finite(void **state)
+{
+    (void)state;
+    rlb_sample_ws ws = {0};
+    enum { V = 16, DRAWS = 4000 };
+    float logits[V];
+    int32_t tok;
+    float lp;
+    rlb_sampling greedy = {.temperature = 0.0f, .top_p = 1.0f};
+    rlb_sampling warm = {.temperature = 1.0f, .top_p = 1.0f, .seed = 5};
+    rlb_sampling topk = {.temperature = 0.8f, .top_k = 3, .top_p = 1.0f, .seed = 6};
+    rlb_sampling topp = {.temperature = 1.0f, .top_p = 0.5f, .seed = 7};
+    const rlb_sampling *all[] = {&greedy, &warm, &topk, &topp};
+
+    /* NaN at the would-be argmax and elsewhere: never sampled, logprobs stay finite. */
+    for (int i = 0; i < V; i++)
+        logits[i] = (float)(i % 5);
+    logits[4] = NAN;
+    logits[9] = NAN;
+    logits[14] = 100.0f;
+    logits[14] = NAN;
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
+        for (int64_t pos = 0; pos < DRAWS / 10; pos++) {
+            assert_int_equal(rlb__sample_token(logits, V, all[k], 0, pos, &ws, &tok, &lp), 0);
+            assert_true(tok != 4 && tok != 9 && tok != 14);
+            assert_true(isfinite(lp) && lp <= 0.0f);
+        }
+    assert_int_equal(rlb__sample_token(logits, V, &greedy, 0, 0, &ws, &tok, &lp), 0);
+    assert_true(logits[tok] == 3.0f);
+
+    /* Two +inf tokens: only they are drawn, about equally, each with logprob -log 2. */
+    for (int i = 0; i < V; i++)
+        logits[i] = (float)i;
+    logits[3] = INFINITY;
+    logits[11] = INFINITY;
+    logits[7] = NAN;
+    int hits[V] = {0};
+    for (int64_t pos = 0; pos < DRAWS; pos++) {
+        assert_int_equal(rlb__sample_token(logits, V, &warm, 0, pos, &ws, &tok, &lp), 0);
+        assert_true(tok == 3 || tok == 11);
+        assert_true(fabsf(lp + logf(2.0f)) < 1e-6f);
+        hits[tok]++;
+    }
+    assert_true(abs(hits[3] - DRAWS / 2) < DRAWS / 20);
+    assert_int_equal(rlb__sample_token(logits, V, &greedy, 0, 0, &ws, &tok, &lp), 0);
+    assert_int_equal(tok, 3);
+    /* top-k 3 keeps the ties at the third z (-inf, no mass): still only 3 and 11 drawn. */
+    for (int64_t pos = 0; pos < DRAWS / 10; pos++) {
+        assert_int_equal(rlb__sample_token(logits, V, &topk, 0, pos, &ws, &tok, &lp), 0);
+        assert_true(tok == 3 || tok == 11);
+    }
+    uint8_t keep[V];
+
+    /* A finite logit that overflows at a small temperature is an +inf token. */
+    for (int i = 0; i < V; i++)
+        logits[i] = 0.0f;
+    logits[6] = 3e38f;
+    rlb_sampling cold = {.temperature = 0.01f, .top_p = 1.0f, .seed = 8};
+    assert_int_equal(rlb__sample_token(logits, V, &cold, 0, 0, &ws, &tok, &lp), 0);
+    assert_int_equal(tok, 6);
+    assert_true(lp == 0.0f);
+
+    /* Nothing left to sample. */
+    for (int i = 0; i < V; i++)
+        logits[i] = i % 2 ? NAN : -INFINITY;
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
+        assert_int_equal(rlb__sample_token(logits, V, all[k], 0, 0, &ws, &tok, &lp),
+                         RLB_ENONFINITE);
+    assert_int_equal(rlb__sample_filter(logits, V, &warm, &ws, keep), RLB_ENONFINITE);
     rlb__sample_ws_free(&ws);
 }
 
@@ -291,6 +360,7 @@ int main(void)
         cmocka_unit_test(test_distribution),
         cmocka_unit_test(test_noise_keys),
         cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_non_finite),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -10,9 +10,11 @@
  *            dtype
  *   executor ops outside their buffers, overlapping rows, overflowing extents, bad refs
  *            and dtypes: refused before any byte is written; and a hand-built plan of
- *            large ops, split over threads, against a naive element loop
+ *            large ops, split over threads, against a naive element loop, with its
+ *            non-finite values counted per op
  *   wire     truncated buffers, any bit flip of the header, tables and ops that disagree
  */
+#include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -587,6 +589,48 @@ static void test_exec_large_ops_split(void **state)
                 at++;
             fail_msg("%d threads: byte %llu is 0x%02x, want 0x%02x", threads[k],
                      (unsigned long long)at, got[at], want[at]);
+        }
+    }
+
+    /* Poison: an Inf or a NaN in about one element in 997 of each op. The counting run
+     * reports exactly those per op (zero ops none), for any thread count, and what it
+     * wrote holds exactly that many non-finite values. */
+    uint64_t want_bad[N] = {0}, bad[N];
+    for (int i = 0; i < N; i++) {
+        if (shapes[i].zero)
+            continue;
+        uint64_t ses = rlb_dtype_size(ops[i].src_dtype);
+        for (uint64_t r = 0; r < ops[i].rows; r++)
+            for (uint64_t e = 0; e < ops[i].row_elems; e++) {
+                uint64_t k = r * ops[i].row_elems + e;
+                if (k % 997 != (uint64_t)i % 7)
+                    continue;
+                int nan = (int)(want_bad[i]++ & 1);
+                uint32_t bits = ops[i].src_dtype == RLB_DTYPE_F32    ? (nan ? 0x7fc00001u : 0xff800000u)
+                                : ops[i].src_dtype == RLB_DTYPE_BF16 ? (nan ? 0x7fc1u : 0xff80u)
+                                                                     : (nan ? 0x7e01u : 0xfc00u);
+                memcpy(src + ops[i].src_offset + r * ops[i].src_stride + e * ses, &bits, ses);
+            }
+    }
+    for (size_t k = 0; k < sizeof threads / sizeof threads[0]; k++) {
+        memset(bad, 0xab, sizeof bad);
+        int rc = rlb__plan_exec_cpu_counted(&plan, srcs, &src_len, dsts, &dst_len, threads[k],
+                                            NULL, bad, err, sizeof err);
+        if (rc)
+            fail_msg("%d threads: %s", threads[k], err);
+        for (int i = 0; i < N; i++) {
+            const rlb_copy_op *op = &ops[i];
+            uint64_t des = rlb_dtype_size(op->dst_dtype), seen = 0;
+            for (uint64_t r = 0; r < op->rows; r++)
+                for (uint64_t e = 0; e < op->row_elems; e++) {
+                    uint32_t bits = 0;
+                    memcpy(&bits, got + op->dst_offset + r * op->dst_stride + e * des, des);
+                    seen += !isfinite(ref_value(bits, op->dst_dtype));
+                }
+            if (bad[i] != want_bad[i] || seen != want_bad[i])
+                fail_msg("%d threads, op %d: counted %llu, wrote %llu, want %llu", threads[k],
+                         i, (unsigned long long)bad[i], (unsigned long long)seen,
+                         (unsigned long long)want_bad[i]);
         }
     }
     free(src);

@@ -13,8 +13,10 @@ Tensors are registered from any object with the buffer protocol (memoryview, arr
 ctypes arrays, bytearray-backed views) and, when those packages are importable, numpy
 arrays and CPU torch tensors; their memory must come from Client.alloc_host (the bridge
 maps that memory; nothing is copied). Errors raise RlbError (code, text); a publish the
-bridge gave up raises AbortedError. A Client may be shared by threads (librlb locks
-internally; calls release the GIL).
+bridge gave up raises AbortedError. Importing the package loads librlb.so (rlbridge/_lib.py
+says where it looks) and raises LibraryError (an ImportError) when it finds none or one of
+another ABI; `python3 -m rlbridge doctor` shows which library it loaded. A Client may be
+shared by threads (librlb locks internally; calls release the GIL).
 """
 
 import array
@@ -22,9 +24,9 @@ import ctypes
 from collections import namedtuple
 
 from . import _lib
-from ._lib import lib
+from ._lib import LibraryError, lib
 
-__all__ = ["Client", "SamplingParams", "RlbError", "AbortedError", "SyncStats",
+__all__ = ["Client", "SamplingParams", "RlbError", "AbortedError", "LibraryError", "SyncStats",
            "RequestOutput", "CompletionOutput", "Ticket", "host_array", "peft_to_hf"]
 
 

@@ -2,15 +2,20 @@
 the function signatures. Nothing here is public; rlbridge/__init__.py builds the Python API
 on top.
 
-The library is found, in this order, at $RLBRIDGE_LIB (a path to librlb.so), next to this
-package in a build tree (../../../build*/librlb.so), then by the system's library search
-(ctypes.util.find_library("rlb")).
+The library is librlb.so.<ABI_VERSION>, found in this order: at $RLBRIDGE_LIB (a path, the
+only place looked at when it is set); in a build tree beside this package when it runs from
+the source checkout (build*/); next to the `rlb` found on PATH (the build tree's directory,
+or the lib/ of the prefix it was installed into); in the lib/ of this Python's prefix (a
+virtual environment librlb was installed into); then through the system's loader path. A
+library of another ABI is refused with LibraryError (code EVERSION) naming both versions.
 """
 
 import ctypes
 import ctypes.util
 import glob
 import os
+import shutil
+import sys
 
 c_size_t = ctypes.c_size_t
 c_u32 = ctypes.c_uint32
@@ -24,7 +29,7 @@ MAX_DIMS = 8
 # Error codes (rlb.h), for the exception classes.
 EINVAL, ENOMEM, EIO, ETIMEDOUT, EPEERDEAD, EAGAIN, EPROTO, EVERSION = range(-1, -9, -1)
 EPERM, ENOTFOUND, EEXIST, ETOOBIG, ESHAPE, EDTYPE, EUNSUPPORTED = range(-9, -16, -1)
-ESTALE, EABORTED, ECUDA, ESHUTDOWN, ECORRUPT = range(-16, -21, -1)
+ESTALE, EABORTED, ECUDA, ESHUTDOWN, ECORRUPT, ENONFINITE = range(-16, -22, -1)
 
 DTYPE_F32, DTYPE_BF16, DTYPE_F16 = 0, 1, 2
 LAYOUTS = {"full": 0, "fsdp1": 1, "fsdp2": 2}
@@ -90,14 +95,101 @@ class ClientStats(ctypes.Structure):
                 ("tokens", c_u64), ("host_bytes", c_u64), ("tensors", c_u64)]
 
 
-def _find():
+ABI_VERSION = 1  # RLB_ABI_VERSION of the include/rlb/rlb.h these bindings mirror
+SONAME = f"librlb.so.{ABI_VERSION}"
+
+
+class LibraryError(ImportError):
+    """librlb.so could not be loaded, or is of another ABI (code EVERSION)."""
+
+    def __init__(self, code, text):
+        self.code = code
+        self.text = text
+        super().__init__(f"{text} [{code}]")
+
+
+def _prefix_libs(prefix):
+    """The librlb of the ABI in the library folders of an install prefix."""
+    return sorted(glob.glob(os.path.join(prefix, "lib*", SONAME)) +
+                  glob.glob(os.path.join(prefix, "lib", "*-linux-gnu", SONAME)))
+
+
+def _candidates():
+    """(path, where it was found) in the order of the module's docstring, and a sentence
+    naming every place looked at."""
     env = os.environ.get("RLBRIDGE_LIB")
     if env:
-        return env
-    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-    for cand in sorted(glob.glob(os.path.join(root, "build*", "librlb.so"))):
-        return cand
-    return ctypes.util.find_library("rlb") or "librlb.so"
+        return [(env, "from RLBRIDGE_LIB")], f"RLBRIDGE_LIB ({env})"
+    found, looked = [], []
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.abspath(os.path.join(pkg, "..", "..", ".."))
+    if os.path.isfile(os.path.join(checkout, "include", "rlb", "rlb.h")):
+        found += [(p, "in the build tree") for p in
+                  sorted(glob.glob(os.path.join(checkout, "build*", SONAME)))]
+        looked.append(f"{checkout}/build*")
+    rlb = shutil.which("rlb")
+    if rlb:
+        bindir = os.path.dirname(os.path.realpath(rlb))
+        found += [(p, f"next to {rlb}") for p in
+                  [os.path.join(bindir, SONAME)] + _prefix_libs(os.path.dirname(bindir))
+                  if os.path.isfile(p)]
+        looked.append(f"next to {rlb}")
+    else:
+        looked.append("next to rlb on PATH (there is none)")
+    found += [(p, f"in {sys.prefix}") for p in _prefix_libs(sys.prefix)]
+    looked.append(f"in {sys.prefix}/lib")
+    found.append((SONAME, "through the system's loader path"))
+    other = ctypes.util.find_library("rlb")
+    if other and other != SONAME:
+        found.append((other, "through the system's loader path"))
+    looked.append("the system's loader path")
+    return found, ", ".join(looked)
+
+
+def _loaded_path(lib, name):
+    """The file the dynamic loader mapped for lib (dladdr), else name."""
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                    ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+    info = DlInfo()
+    addr = ctypes.cast(lib.rlb_abi_version, ctypes.c_void_p)
+    try:
+        if ctypes.CDLL(None).dladdr(addr, ctypes.byref(info)) and info.dli_fname:
+            return os.path.realpath(info.dli_fname.decode())
+    except (AttributeError, OSError):
+        pass
+    return name
+
+
+def _load():
+    """Loads and checks librlb; returns (CDLL, path, where). Raises LibraryError."""
+    candidates, looked = _candidates()
+    failed = ""  # why a library that is there did not load (a missing dependency, say)
+    for path, where in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as e:
+            if os.path.exists(path):
+                failed += f" ({e})"
+            continue
+        if not hasattr(lib, "rlb_abi_version"):
+            raise LibraryError(EVERSION, f"rlbridge: {path} ({where}) is a librlb older than "
+                               f"ABI version {ABI_VERSION} (it has no rlb_abi_version), and "
+                               f"this package speaks ABI version {ABI_VERSION}")
+        lib.rlb_abi_version.restype = c_u32
+        lib.rlb_abi_version.argtypes = []
+        abi = lib.rlb_abi_version()
+        path = _loaded_path(lib, path)
+        if abi != ABI_VERSION:
+            raise LibraryError(EVERSION, f"rlbridge: {path} ({where}) is librlb of ABI version "
+                               f"{abi}, and this package speaks ABI version {ABI_VERSION}: "
+                               f"install the library and the package of one release, or set "
+                               f"RLBRIDGE_LIB to a {SONAME}")
+        return lib, path, where
+    raise LibraryError(ENOTFOUND, f"rlbridge: cannot load {SONAME}; looked at {looked}{failed}: "
+                       f"install rlbridge (cmake --install) or set RLBRIDGE_LIB to the library")
 
 
 def _bind(lib):
@@ -105,6 +197,7 @@ def _bind(lib):
     vp = ctypes.c_void_p
     sigs = {
         "rlb_strerror": (ctypes.c_char_p, [c_int]),
+        "rlb_version": (ctypes.c_char_p, []),
         "rlb_client_options_init": (None, [P(ClientOptions)]),
         "rlb_connect": (c_int, [P(ClientOptions), P(vp)]),
         "rlb_close": (None, [vp]),
@@ -145,4 +238,5 @@ def _bind(lib):
     return lib
 
 
-lib = _bind(ctypes.CDLL(_find()))
+lib, path, found_where = _load()
+_bind(lib)

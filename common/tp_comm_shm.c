@@ -22,7 +22,7 @@
 #include "common/env.h"
 #include "common/log.h"
 #include "rlb/rlb.h"
-#include "worker/tp_comm.h"
+#include "common/tp_comm.h"
 
 #define TP_SHM_MAGIC UINT64_C(0x314d485350544c52) /* "RLTPSHM1" read as little-endian */
 #define TP_SHM_VERSION 1u

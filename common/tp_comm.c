@@ -1,6 +1,6 @@
 /* tp_comm.c: the single-rank communicator (T = 1: an all-reduce is the identity and an
  * all-gather a copy) and the transport-independent destroy. */
-#include "worker/tp_comm.h"
+#include "common/tp_comm.h"
 
 #include <stdlib.h>
 #include <string.h>

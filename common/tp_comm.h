@@ -20,8 +20,8 @@
  * The liveness mutex belongs to the thread that attached; keep that thread alive while the
  * communicator is in use.
  */
-#ifndef RLB_WORKER_TP_COMM_H
-#define RLB_WORKER_TP_COMM_H
+#ifndef RLB_COMMON_TP_COMM_H
+#define RLB_COMMON_TP_COMM_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -70,4 +70,4 @@ int rlb__tp_shm_init(void *mem, size_t len, int size, size_t slot_floats);
 int rlb__tp_comm_shm_attach(void *mem, size_t len, int rank, int timeout_ms,
                             rlb_tp_comm **out);
 
-#endif /* RLB_WORKER_TP_COMM_H */
+#endif /* RLB_COMMON_TP_COMM_H */

@@ -1,0 +1,440 @@
+/* bench_engine_cuda: `rlb-bench-engine --device cuda`, the CUDA engine backend's decode and
+ * prefill speed on random-weight models of Llama-3.2-1B and Llama-3.1-8B shape, bf16, TP 1,
+ * driven through the forward pass (worker/forward.h) with greedy sampling on the GPU:
+ *
+ *   decode_bB_tok_s       B sequences (PROMPT-token prompts, prefilled first) decoding NEW
+ *                         tokens together: tokens per second over the steps after the first
+ *                         (which captures the decode graph)
+ *   copy_gbs              device-to-device copy of 2 GiB, bytes read + written per second,
+ *                         best of 10 (hf_generate_baseline.py's measure), in the same run
+ *   decode_b1_fraction_of_floor   (weight bytes + KV bytes read per step) / copy_gbs over
+ *                         the measured batch-1 step time (1.0 = at the bandwidth floor)
+ *   decode_b1_graphs_off_tok_s    batch 1 with CUDA graphs off
+ *   decode_b1_no_gemv_tok_s       batch 1 with cuBLASLt for every product instead of the
+ *                         decode GEMV (kernels/cuda/gemv.h)
+ *   decode_b{1,32}_batch_invariant_tok_s, prefill_batch_invariant_tok_s   the same in
+ *                         batch-invariant mode (the first two batches of the list)
+ *   prefill_tok_s         32 prompts of PROMPT tokens, 16 per step
+ * Options: --shape 1b|8b|both (both), --new N (256), --batches list (1,32,256).
+ *
+ * --gemv instead times the decode GEMV alone on each matrix of the shapes (qkv, o,
+ * gate_up, down, LM head) at 1, 2, 4 and 8 rows: bytes moved (weights + x + y) per second,
+ * and that as a fraction of copy_gbs (gemv_<shape>_<matrix>_n<rows>_gbs, _frac).
+ * Prints a table, then one JSON line. Exits 77 where no GPU is visible.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cuda_runtime_api.h>
+
+#include "kernels/cuda/gemv.h"
+#include "rlb/rlb.h"
+#include "worker/backend_cuda.h"
+#include "worker/forward.h"
+#include "worker/kvcache.h"
+
+#define PROMPT 128
+#define BLOCK_TOKENS 16
+#define MAX_BATCHES 8
+#define FILL_BYTES (64u << 20)
+
+int rlb__bench_engine_cuda(int argc, char **argv);
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void die(const char *what, int rc)
+{
+    fprintf(stderr, "rlb-bench-engine --device cuda: %s: %s\n", what, rlb_strerror(rc));
+    exit(1);
+}
+
+static void shape_config(rlb_model_config *c, int big)
+{
+    rlb__config_tiny(c);
+    c->hidden = big ? 4096 : 2048;
+    c->intermediate = big ? 14336 : 8192;
+    c->n_heads = 32;
+    c->n_kv_heads = 8;
+    c->head_dim = big ? 128 : 64;
+    c->n_layers = big ? 32 : 16;
+    c->vocab = 128256;
+    c->max_pos = 4096;
+    c->rope_theta = 500000.0;
+    c->tie_embeddings = !big;
+    c->dtype = RLB_DTYPE_BF16;
+}
+
+/* Bytes read per step: every matrix, the LM head (the embedding when tied), the norms. */
+static uint64_t weight_read_bytes(const rlb_tp_layout *l)
+{
+    uint64_t n = 0;
+    for (int64_t i = 0; i < l->n_tensors; i++)
+        if (l->tensors[i].kind != RLB_W_EMBED || l->cfg.tie_embeddings)
+            n += l->tensors[i].bytes;
+    return n;
+}
+
+/* Random bf16 weights in [-0.02, 0.02], copied from one host chunk over the device buffer. */
+static void fill_weights(rlb_ebackend *b, uint64_t bytes)
+{
+    static uint16_t *chunk;
+    if (!chunk) {
+        chunk = malloc(FILL_BYTES);
+        uint64_t s = 0x1234;
+        for (uint64_t i = 0; i < FILL_BYTES / 2; i++) {
+            s = s * 6364136223846793005ull + 1442695040888963407ull;
+            float v = ((float)(s >> 40) / (float)(1 << 24) - 0.5f) * 0.04f;
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            chunk[i] = (uint16_t)(u >> 16);
+        }
+    }
+    char *d = rlb__cuda_backend_weights(b);
+    for (uint64_t off = 0; off < bytes; off += FILL_BYTES) {
+        uint64_t n = bytes - off < FILL_BYTES ? bytes - off : FILL_BYTES;
+        if (cudaMemcpy(d + off, chunk, n, cudaMemcpyHostToDevice) != cudaSuccess)
+            die("weight fill", RLB_ECUDA);
+    }
+    int rc = b->iface->postload(b);
+    if (rc)
+        die("postload", rc);
+}
+
+static double copy_gbs(void)
+{
+    const size_t n = 2ull << 30;
+    void *x, *y;
+    if (cudaMalloc(&x, n) != cudaSuccess || cudaMalloc(&y, n) != cudaSuccess)
+        die("copy buffers", RLB_ENOMEM);
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    cudaMemcpy(y, x, n, cudaMemcpyDeviceToDevice);
+    double best = 0;
+    for (int i = 0; i < 10; i++) {
+        float ms;
+        cudaEventRecord(e0, 0);
+        cudaMemcpy(y, x, n, cudaMemcpyDeviceToDevice);
+        cudaEventRecord(e1, 0);
+        cudaEventSynchronize(e1);
+        cudaEventElapsedTime(&ms, e0, e1);
+        double g = 2.0 * (double)n / (ms * 1e-3) / 1e9;
+        best = g > best ? g : best;
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaFree(x);
+    cudaFree(y);
+    return best;
+}
+
+typedef struct bench_run {
+    rlb_forward f;
+    rlb_kvcache kv;
+    rlb_block_table *tabs;
+    int32_t *seq;      /* [batch][PROMPT + new] tokens */
+    int64_t batch, new_tokens;
+} bench_run;
+
+/* Prefills `batch` prompts, at most 16 per step; returns the seconds it took. */
+static double prefill(bench_run *r)
+{
+    const int64_t len = PROMPT + r->new_tokens;
+    rlb_fwd_span sp[16];
+    rlb_sample_job jobs[16];
+    int32_t tok[16];
+    double t0 = now_s();
+    for (int64_t s0 = 0; s0 < r->batch; s0 += 16) {
+        int64_t n = r->batch - s0 < 16 ? r->batch - s0 : 16;
+        for (int64_t i = 0; i < n; i++) {
+            int rc = rlb__kv_reserve(&r->kv, &r->tabs[s0 + i], len);
+            if (rc)
+                die("kv reserve", rc);
+            sp[i] = (rlb_fwd_span){.tokens = r->seq + (s0 + i) * len, .n = PROMPT, .pos0 = 0,
+                                   .blocks = &r->tabs[s0 + i], .logits = RLB_FWD_LOGITS_LAST};
+            jobs[i] = (rlb_sample_job){.row = i, .sp = {.top_p = 1.0f}, .pos = PROMPT};
+        }
+        int rc = rlb__forward_step(&r->f, &r->kv, sp, n);
+        if (!rc)
+            rc = rlb__forward_sample(&r->f, jobs, n, tok, NULL);
+        if (rc)
+            die("prefill", rc);
+        for (int64_t i = 0; i < n; i++)
+            r->seq[(s0 + i) * len + PROMPT] = tok[i];
+    }
+    return now_s() - t0;
+}
+
+/* Decodes new_tokens - 1 steps; returns tokens per second over the steps after the first. */
+static double decode(bench_run *r)
+{
+    const int64_t len = PROMPT + r->new_tokens, B = r->batch;
+    rlb_fwd_span *sp = calloc((size_t)B, sizeof *sp);
+    rlb_sample_job *jobs = calloc((size_t)B, sizeof *jobs);
+    int32_t *tok = calloc((size_t)B, sizeof *tok);
+    double t1 = 0;
+    for (int64_t d = 0; d + 1 < r->new_tokens; d++) {
+        if (d == 1)
+            t1 = now_s();
+        for (int64_t i = 0; i < B; i++) {
+            sp[i] = (rlb_fwd_span){.tokens = r->seq + i * len + PROMPT + d, .n = 1,
+                                   .pos0 = PROMPT + d, .blocks = &r->tabs[i],
+                                   .logits = RLB_FWD_LOGITS_LAST};
+            jobs[i] = (rlb_sample_job){.row = i, .sp = {.top_p = 1.0f}, .pos = PROMPT + d + 1};
+        }
+        int rc = rlb__forward_step(&r->f, &r->kv, sp, B);
+        if (!rc)
+            rc = rlb__forward_sample(&r->f, jobs, B, tok, NULL);
+        if (rc)
+            die("decode", rc);
+        for (int64_t i = 0; i < B; i++)
+            r->seq[i * len + PROMPT + d + 1] = tok[i];
+    }
+    double dt = now_s() - t1;
+    free(sp);
+    free(jobs);
+    free(tok);
+    return (double)B * (double)(r->new_tokens - 2) / dt;
+}
+
+typedef struct shape_result {
+    double tok_s[MAX_BATCHES], b1_graphs_off, b1_no_gemv, prefill_tok_s, fraction;
+    double invariant_tok_s[2], invariant_prefill_tok_s; /* batch-invariant mode */
+    uint64_t weight_bytes, kv_bytes_b1;
+} shape_result;
+
+/* The backend options of a run: graphs, the GEMV, batch invariance. */
+static rlb_cuda_backend_opts run_opts(int graphs, int gemv, int invariant)
+{
+    rlb_cuda_backend_opts o = RLB_CUDA_BACKEND_OPTS_INIT;
+    o.graphs = graphs;
+    o.no_gemv = !gemv;
+    o.batch_invariant = invariant;
+    return o;
+}
+
+/* One backend through the given batches; prefill measured at 32. */
+static void run_shape(const rlb_tp_layout *l, rlb_cuda_backend_opts o, const int64_t *batches,
+                      int nb, int64_t new_tokens, double *tok_s, double *prefill_tok_s)
+{
+    o.max_batch_tokens = 16 * PROMPT;
+    o.max_seqs = 256;
+    rlb_ebackend *b;
+    int rc = rlb__ebackend_cuda_create(l, NULL, &o, &b);
+    if (rc)
+        die("backend", rc);
+    fill_weights(b, l->total_bytes);
+    bench_run r = {.new_tokens = new_tokens};
+    if ((rc = rlb__forward_init_on(&r.f, b)))
+        die("forward", rc);
+    int64_t max_b = 0;
+    for (int i = 0; i < nb; i++)
+        max_b = batches[i] > max_b ? batches[i] : max_b;
+    max_b = max_b > 32 ? max_b : 32;
+    rlb_kv_mem mem = b->iface->kv_mem(b);
+    const int64_t len = PROMPT + new_tokens;
+    uint64_t per_block = 2ull * (uint64_t)(l->cfg.n_layers * l->kvt * BLOCK_TOKENS *
+                                           l->cfg.head_dim) * mem.elem_bytes;
+    uint64_t blocks = (uint64_t)(max_b * ((len + BLOCK_TOKENS - 1) / BLOCK_TOKENS));
+    if ((rc = rlb__kv_init_mem(&r.kv, l->cfg.n_layers, l->kvt, l->cfg.head_dim, BLOCK_TOKENS,
+                               blocks * per_block, &mem)))
+        die("kv cache", rc);
+    r.tabs = calloc((size_t)max_b, sizeof *r.tabs);
+    r.seq = calloc((size_t)(max_b * len), sizeof *r.seq);
+    for (int64_t i = 0; i < max_b * len; i++)
+        r.seq[i] = (int32_t)((i * 7919) % l->cfg.vocab);
+    for (int i = 0; i <= nb; i++) {
+        r.batch = i < nb ? batches[i] : 32;
+        double pt = prefill(&r);
+        if (i < nb)
+            tok_s[i] = decode(&r);
+        else if (prefill_tok_s)
+            *prefill_tok_s = 32.0 * PROMPT / pt;
+        for (int64_t s = 0; s < r.batch; s++)
+            rlb__kv_release(&r.kv, &r.tabs[s]);
+    }
+    for (int64_t s = 0; s < max_b; s++)
+        rlb__kv_table_free(&r.tabs[s]);
+    free(r.tabs);
+    free(r.seq);
+    rlb__kv_free(&r.kv);
+    rlb__forward_free(&r.f);
+}
+
+/* --gemv: the decode GEMV alone on every matrix of the chosen shapes. */
+static int bench_gemv(const int *shapes, double gbs, char *json, size_t cap, int jn)
+{
+    static const char *mat[5] = {"qkv", "o", "gate_up", "down", "head"};
+    static const int64_t rows_of[4] = {1, 2, 4, 8};
+    cudaStream_t st;
+    cudaEvent_t e0, e1;
+    if (cudaStreamCreate(&st) != cudaSuccess || cudaEventCreate(&e0) != cudaSuccess ||
+        cudaEventCreate(&e1) != cudaSuccess)
+        die("stream", RLB_ECUDA);
+    for (int big = 0; big < 2; big++) {
+        if (!shapes[big])
+            continue;
+        rlb_model_config c;
+        shape_config(&c, big);
+        const int64_t hd = c.head_dim, q = (c.n_heads + 2 * c.n_kv_heads) * hd;
+        const int64_t mk[5][2] = {{q, c.hidden}, {c.hidden, c.n_heads * hd},
+                                  {2 * c.intermediate, c.hidden}, {c.hidden, c.intermediate},
+                                  {c.vocab, c.hidden}};
+        for (int i = 0; i < 5; i++) {
+            const int64_t m = mk[i][0], k = mk[i][1];
+            void *w, *x;
+            float *y;
+            if (cudaMalloc(&w, (size_t)(m * k) * 2) != cudaSuccess ||
+                cudaMalloc(&x, (size_t)(8 * k) * 2) != cudaSuccess ||
+                cudaMalloc((void **)&y, (size_t)(8 * m) * 4) != cudaSuccess)
+                die("gemv buffers", RLB_ENOMEM);
+            cudaMemset(w, 0x3c, (size_t)(m * k) * 2);
+            cudaMemset(x, 0x3c, (size_t)(8 * k) * 2);
+            for (int r = 0; r < 4; r++) {
+                const int64_t n = rows_of[r];
+                const int reps = 20;
+                float ms = 0, best = 1e30f;
+                for (int t = 0; t < 3; t++) {
+                    cudaEventRecord(e0, st);
+                    for (int j = 0; j < reps; j++)
+                        if (rlb__eo_gemv(st, w, RLB_DTYPE_BF16, m, k, x, n, NULL, y))
+                            die("gemv", RLB_ECUDA);
+                    cudaEventRecord(e1, st);
+                    cudaEventSynchronize(e1);
+                    cudaEventElapsedTime(&ms, e0, e1);
+                    best = ms < best ? ms : best;
+                }
+                const double sec = best * 1e-3 / reps;
+                const double bytes = (double)(m * k) * 2 + (double)(n * k) * 2 + (double)(n * m) * 4;
+                const double g = bytes / sec / 1e9;
+                printf("  gemv %s %-7s %6lld x %5lld, %lld rows: %8.1f us %7.0f GB/s  %.3f of "
+                       "copy\n", big ? "8b" : "1b", mat[i], (long long)m, (long long)k,
+                       (long long)n, sec * 1e6, g, g / gbs);
+                jn += snprintf(json + jn, cap - (size_t)jn,
+                               ",\"gemv_%s_%s_n%lld_gbs\":%.1f,\"gemv_%s_%s_n%lld_frac\":%.3f",
+                               big ? "8b" : "1b", mat[i], (long long)n, g, big ? "8b" : "1b",
+                               mat[i], (long long)n, g / gbs);
+            }
+            cudaFree(w);
+            cudaFree(x);
+            cudaFree(y);
+        }
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaStreamDestroy(st);
+    printf("%s}\n", json);
+    return 0;
+}
+
+int rlb__bench_engine_cuda(int argc, char **argv)
+{
+    int shapes[2] = {1, 1};
+    int64_t new_tokens = 256, batches[MAX_BATCHES] = {1, 32, 256};
+    int nb = 3, gemv_only = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--device") && i + 1 < argc) {
+            i++;
+        } else if (!strcmp(argv[i], "--gemv")) {
+            gemv_only = 1;
+        } else if (!strcmp(argv[i], "--shape") && i + 1 < argc) {
+            i++;
+            shapes[0] = strcmp(argv[i], "8b") != 0;
+            shapes[1] = strcmp(argv[i], "1b") != 0;
+        } else if (!strcmp(argv[i], "--new") && i + 1 < argc) {
+            new_tokens = atoll(argv[++i]);
+        } else if (!strcmp(argv[i], "--batches") && i + 1 < argc) {
+            nb = 0;
+            for (char *p = argv[++i]; *p && nb < MAX_BATCHES; p++) {
+                batches[nb++] = strtoll(p, &p, 10);
+                if (!*p)
+                    break;
+            }
+        } else {
+            fprintf(stderr, "usage: rlb-bench-engine --device cuda [--shape 1b|8b|both] "
+                            "[--new N] [--batches 1,32,256] [--gemv]\n");
+            return 2;
+        }
+    }
+    if (new_tokens < 3 || batches[0] != 1) {
+        fprintf(stderr, "rlb-bench-engine: --new >= 3 and a batch list starting with 1\n");
+        return 2;
+    }
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+        fprintf(stderr, "rlb-bench-engine --device cuda: no GPU visible, skipping\n");
+        return 77;
+    }
+    struct cudaDeviceProp prop;
+    cudaGetDeviceProperties(&prop, 0);
+    const double gbs = copy_gbs();
+    printf("rlb-bench-engine --device cuda on %s: copy %.0f GB/s; prompt %d, %lld new tokens, "
+           "bf16, TP 1\n", prop.name, gbs, PROMPT, (long long)new_tokens);
+    char json[8192];
+    int jn = snprintf(json, sizeof json, "{\"device\":\"%s\",\"copy_gbs\":%.1f", prop.name, gbs);
+    if (gemv_only)
+        return bench_gemv(shapes, gbs, json, sizeof json, jn);
+    static const char *names[2] = {"1b", "8b"};
+    for (int big = 0; big < 2; big++) {
+        if (!shapes[big])
+            continue;
+        rlb_model_config cfg;
+        shape_config(&cfg, big);
+        rlb_tp_layout l;
+        int rc = rlb__tp_layout_init(&l, &cfg, 1, 0, RLB_DTYPE_BF16);
+        if (rc)
+            die("layout", rc);
+        shape_result sr = {0};
+        sr.weight_bytes = weight_read_bytes(&l);
+        /* batch 1 reads the keys and values of its context: PROMPT + new / 2 on average */
+        sr.kv_bytes_b1 = (uint64_t)(PROMPT + new_tokens / 2) * 2 * (uint64_t)cfg.n_layers *
+                         (uint64_t)l.kvt * (uint64_t)cfg.head_dim * 2;
+        const int ni = nb < 2 ? nb : 2;
+        run_shape(&l, run_opts(1, 1, 0), batches, nb, new_tokens, sr.tok_s, &sr.prefill_tok_s);
+        run_shape(&l, run_opts(0, 1, 0), batches, 1, new_tokens, &sr.b1_graphs_off, NULL);
+        run_shape(&l, run_opts(1, 0, 0), batches, 1, new_tokens, &sr.b1_no_gemv, NULL);
+        run_shape(&l, run_opts(1, 1, 1), batches, ni, new_tokens, sr.invariant_tok_s,
+                  &sr.invariant_prefill_tok_s);
+        const double floor_s = (double)(sr.weight_bytes + sr.kv_bytes_b1) / (gbs * 1e9);
+        sr.fraction = floor_s * sr.tok_s[0];
+        printf("%s: weights %.2f GB read per step; floor at batch 1 %.1f tok/s\n", names[big],
+               (double)sr.weight_bytes / 1e9, 1.0 / floor_s);
+        for (int i = 0; i < nb; i++)
+            printf("  decode batch %-4lld %10.1f tok/s\n", (long long)batches[i], sr.tok_s[i]);
+        printf("  decode batch 1, graphs off %10.1f tok/s\n", sr.b1_graphs_off);
+        printf("  decode batch 1, cuBLASLt (no GEMV) %10.1f tok/s\n", sr.b1_no_gemv);
+        for (int i = 0; i < ni; i++)
+            printf("  decode batch %-4lld batch-invariant %10.1f tok/s\n", (long long)batches[i],
+                   sr.invariant_tok_s[i]);
+        printf("  prefill batch-invariant %10.1f tok/s\n", sr.invariant_prefill_tok_s);
+        printf("  prefill %10.1f tok/s; decode_b1_fraction_of_floor %.3f\n", sr.prefill_tok_s,
+               sr.fraction);
+        jn += snprintf(json + jn, sizeof json - (size_t)jn,
+                       ",\"%s\":{\"weight_bytes\":%llu,\"floor_tok_s_b1\":%.1f", names[big],
+                       (unsigned long long)sr.weight_bytes, 1.0 / floor_s);
+        for (int i = 0; i < nb; i++)
+            jn += snprintf(json + jn, sizeof json - (size_t)jn, ",\"decode_b%lld_tok_s\":%.1f",
+                           (long long)batches[i], sr.tok_s[i]);
+        for (int i = 0; i < ni; i++)
+            jn += snprintf(json + jn, sizeof json - (size_t)jn,
+                           ",\"decode_b%lld_batch_invariant_tok_s\":%.1f",
+                           (long long)batches[i], sr.invariant_tok_s[i]);
+        jn += snprintf(json + jn, sizeof json - (size_t)jn,
+                       ",\"prefill_batch_invariant_tok_s\":%.1f", sr.invariant_prefill_tok_s);
+        jn += snprintf(json + jn, sizeof json - (size_t)jn,
+                       ",\"decode_b1_graphs_off_tok_s\":%.1f,\"decode_b1_no_gemv_tok_s\":%.1f,"
+                       "\"prefill_tok_s\":%.1f,\"decode_b1_fraction_of_floor\":%.3f}",
+                       sr.b1_graphs_off, sr.b1_no_gemv, sr.prefill_tok_s, sr.fraction);
+        rlb__tp_layout_free(&l);
+    }
+    printf("%s}\n", json);
+    return 0;
+}

@@ -1,0 +1,7 @@
+# rlb-bench-xnode: the cross-node transport between two processes (node 0 -> node 1, 1 GB)
+# against a plain loopback TCP stream of the same bytes in the same run; needs UCX.
+if(TARGET rlb_xport)
+  add_executable(rlb-bench-xnode ${CMAKE_CURRENT_LIST_DIR}/bench_xnode.c)
+  rlb_target_defaults(rlb-bench-xnode)
+  target_link_libraries(rlb-bench-xnode PRIVATE rlb_xport rlb_common)
+endif()

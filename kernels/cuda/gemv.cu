@@ -1,0 +1,265 @@
+/* gemv.cu: y[n, m] = x[n, k] . W[m, k]^T for n <= 8 rows (gemv.h says what it computes and
+ * which fusions it offers).
+ *
+ * Work division: a block of 128 threads owns RB consecutive rows of W (4 when n <= 2, else
+ * 2) and walks the whole of k: thread t takes the 16-byte chunks t, t + 128, ... of each of
+ * its rows, two chunks of every row loaded before the first is used (2 * RB independent
+ * 16-byte loads in flight per thread, streamed past L1 with ld.global.cs), and the matching
+ * chunks of the n x rows, which every block reads again and which stay in L1 / L2. Each
+ * weight byte is read once for all n rows. So the grid has m / RB blocks (o_proj of the 1B
+ * shape: 512 to 1024 blocks of 4 warps), enough in flight to cover HBM's latency.
+ *
+ * Invariant (batch invariance, determinism): the k-reduction of every output is fixed by k
+ * and the dtype alone: each thread accumulates its chunks in ascending order with fmaf,
+ * then a warp xor-butterfly, then the 4 warps' sums added in warp order. n, RB, and the
+ * other rows never change it. The fused norm's sum of squares is reduced the same way.
+ *
+ * Where k is not a whole number of 16-byte chunks or a pointer is not 16-byte aligned
+ * (the small fixtures: hidden 70), the same kernel runs with one-element chunks.
+ *
+ * Check: tests/gpu/test_cuda_engine_ops (test_gemv); speed: rlb-bench-engine --device
+ * cuda --gemv. Build: cmake --build BUILD --target test_cuda_engine_ops.
+ */
+#include "kernels/cuda/gemv.h"
+
+#include "kernels/cuda/convert.cuh"
+#include "kernels/cuda/cuda_check.h"
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 2; /* chunks of each row loaded before the first is used */
+
+/* One chunk of a row: 16 bytes (VEC) or one element. */
+template <typename T, bool VEC>
+struct chunk {
+    static constexpr int N = VEC ? 16 / (int)sizeof(T) : 1; /* elements */
+    union {
+        uint4 v;
+        T e[16 / sizeof(T)];
+    } u;
+    __device__ __forceinline__ void load_stream(const T *p)
+    {
+        if constexpr (VEC)
+            u.v = __ldcs(reinterpret_cast<const uint4 *>(p));
+        else
+            u.e[0] = p[0];
+    }
+    __device__ __forceinline__ void load(const T *p)
+    {
+        if constexpr (VEC)
+            u.v = __ldg(reinterpret_cast<const uint4 *>(p));
+        else
+            u.e[0] = p[0];
+    }
+    __device__ __forceinline__ float operator[](int i) const
+    {
+        return rlb__d_to_f32(u.e[i]);
+    }
+};
+
+/* The x values of one chunk as float: x[b] in T, or nw * X[b] (and X[b]^2 into ss). */
+template <typename T, bool VEC, bool NORM>
+__device__ __forceinline__ void x_chunk(const T *x, const float *nx, const T *nw, int64_t row,
+                                        int64_t off, float *xf, float &ss)
+{
+    constexpr int N = chunk<T, VEC>::N;
+    if constexpr (NORM) {
+        chunk<T, VEC> g;
+        g.load(nw + off);
+        float xs[N];
+        if constexpr (VEC) {
+#pragma unroll
+            for (int q = 0; q < N / 4; q++) {
+                float4 v = __ldg(reinterpret_cast<const float4 *>(nx + row + off) + q);
+                xs[4 * q] = v.x;
+                xs[4 * q + 1] = v.y;
+                xs[4 * q + 2] = v.z;
+                xs[4 * q + 3] = v.w;
+            }
+        } else {
+            xs[0] = nx[row + off];
+        }
+#pragma unroll
+        for (int e = 0; e < N; e++) {
+            ss = fmaf(xs[e], xs[e], ss);
+            xf[e] = __fmul_rn(g[e], xs[e]);
+        }
+    } else {
+        chunk<T, VEC> c;
+        c.load(x + row + off);
+#pragma unroll
+        for (int e = 0; e < N; e++)
+            xf[e] = c[e];
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <typename T, int NB, int RB, bool VEC, bool NORM>
+__global__ void __launch_bounds__(kThreads)
+    gemv_kernel(const T *w, int64_t m, int64_t k, const T *x, int n, const float *nx,
+                const T *nw, float eps, float *y, float *res)
+{
+    constexpr int N = chunk<T, VEC>::N;
+    __shared__ float part[kWarps][RB * NB + NB];
+    const int64_t row0 = (int64_t)blockIdx.x * RB, nc = k / N;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const T *wr[RB];
+#pragma unroll
+    for (int r = 0; r < RB; r++) /* rows past m read the last row, and store nothing */
+        wr[r] = w + (row0 + r < m ? row0 + r : m - 1) * k;
+    float acc[RB][NB], ss[NB];
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+        ss[b] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < RB; r++)
+            acc[r][b] = 0.0f;
+    }
+    for (int64_t c0 = tid; c0 < nc; c0 += kUnroll * kThreads) {
+        chunk<T, VEC> wc[kUnroll][RB];
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++) {
+            const int64_t c = c0 + u * kThreads < nc ? c0 + u * kThreads : c0;
+#pragma unroll
+            for (int r = 0; r < RB; r++)
+                wc[u][r].load_stream(wr[r] + c * N);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++) {
+            const int64_t c = c0 + u * kThreads;
+            if (c >= nc)
+                break;
+#pragma unroll
+            for (int b = 0; b < NB; b++) {
+                if (b >= n)
+                    break;
+                float xf[N];
+                x_chunk<T, VEC, NORM>(x, nx, nw, b * k, c * N, xf, ss[b]);
+#pragma unroll
+                for (int r = 0; r < RB; r++)
+#pragma unroll
+                    for (int e = 0; e < N; e++)
+                        acc[r][b] = fmaf(wc[u][r][e], xf[e], acc[r][b]);
+            }
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < NB; b++) {
+#pragma unroll
+        for (int r = 0; r < RB; r++) {
+            const float v = warp_sum(acc[r][b]);
+            if (lane == 0)
+                part[warp][r * NB + b] = v;
+        }
+        if constexpr (NORM) {
+            const float v = warp_sum(ss[b]);
+            if (lane == 0)
+                part[warp][RB * NB + b] = v;
+        }
+    }
+    __syncthreads();
+    if (tid >= RB * NB)
+        return;
+    const int r = tid / NB, b = tid % NB;
+    const int64_t j = row0 + r;
+    if (b >= n || j >= m)
+        return;
+    float v = 0.0f;
+#pragma unroll
+    for (int q = 0; q < kWarps; q++)
+        v += part[q][tid];
+    if constexpr (NORM) {
+        float s = 0.0f;
+#pragma unroll
+        for (int q = 0; q < kWarps; q++)
+            s += part[q][RB * NB + b];
+        v = v * (1.0f / sqrtf(s / (float)k + eps));
+    }
+    y[b * m + j] = v;
+    if (res)
+        res[b * m + j] += v;
+}
+
+template <typename T, int NB, bool VEC, bool NORM>
+void launch(cudaStream_t stream, const void *w, int64_t m, int64_t k, const void *x, int n,
+            const rlb_eo_gemv_fuse *f, float *y)
+{
+    constexpr int RB = NB <= 2 ? 4 : 2;
+    const unsigned grid = (unsigned)((m + RB - 1) / RB);
+    gemv_kernel<T, NB, RB, VEC, NORM><<<grid, kThreads, 0, stream>>>(
+        (const T *)w, m, k, (const T *)x, n, f ? f->norm_x : NULL,
+        f ? (const T *)f->norm_w : NULL, f ? f->eps : 0.0f, y, f ? f->residual : NULL);
+}
+
+template <typename T, bool VEC, bool NORM>
+void launch_nb(cudaStream_t stream, const void *w, int64_t m, int64_t k, const void *x,
+               int n, const rlb_eo_gemv_fuse *f, float *y)
+{
+    if (n == 1)
+        launch<T, 1, VEC, NORM>(stream, w, m, k, x, n, f, y);
+    else if (n == 2)
+        launch<T, 2, VEC, NORM>(stream, w, m, k, x, n, f, y);
+    else if (n <= 4)
+        launch<T, 4, VEC, NORM>(stream, w, m, k, x, n, f, y);
+    else
+        launch<T, 8, VEC, NORM>(stream, w, m, k, x, n, f, y);
+}
+
+template <typename T>
+void launch_t(cudaStream_t stream, const void *w, int64_t m, int64_t k, const void *x, int n,
+              const rlb_eo_gemv_fuse *f, float *y)
+{
+    const bool norm = f && f->norm_x;
+    const void *ptrs[3] = {w, norm ? (const void *)f->norm_x : x, norm ? f->norm_w : w};
+    bool vec = k % (16 / (int64_t)sizeof(T)) == 0;
+    for (int i = 0; i < 3; i++)
+        vec = vec && (uintptr_t)ptrs[i] % 16 == 0;
+    if (vec && norm)
+        launch_nb<T, true, true>(stream, w, m, k, x, n, f, y);
+    else if (vec)
+        launch_nb<T, true, false>(stream, w, m, k, x, n, f, y);
+    else if (norm)
+        launch_nb<T, false, true>(stream, w, m, k, x, n, f, y);
+    else
+        launch_nb<T, false, false>(stream, w, m, k, x, n, f, y);
+}
+
+} /* namespace */
+
+extern "C" int rlb__eo_gemv(cudaStream_t stream, const void *w, rlb_dtype dt, int64_t m,
+                            int64_t k, const void *x, int64_t n, const rlb_eo_gemv_fuse *fuse,
+                            float *y)
+{
+    if (n == 0 || m == 0)
+        return 0;
+    if (n < 0 || n > RLB_EO_GEMV_MAX_ROWS || m < 0 || m > INT32_MAX || k < 1 ||
+        (fuse && fuse->norm_x && !fuse->norm_w) || (!(fuse && fuse->norm_x) && !x))
+        return RLB_EINVAL;
+    switch (dt) {
+    case RLB_DTYPE_F32:
+        launch_t<float>(stream, w, m, k, x, (int)n, fuse, y);
+        break;
+    case RLB_DTYPE_BF16:
+        launch_t<rlb__bf16_t>(stream, w, m, k, x, (int)n, fuse, y);
+        break;
+    case RLB_DTYPE_F16:
+        launch_t<rlb__f16_t>(stream, w, m, k, x, (int)n, fuse, y);
+        break;
+    default:
+        return RLB_EDTYPE;
+    }
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess)
+        return 0;
+    RLB_LOG_ERROR(RLB_SUB_KERNEL, "gemv launch: %s", cudaGetErrorString(e));
+    return RLB_ECUDA;
+}

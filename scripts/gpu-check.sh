@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# gpu-check.sh: what a run on the GPU machine does, in one call (see
+# ../shared/device/README.md): unpack the Debian packages carried in .deps, build in
+# Release, run the GPU tests, then the steps named on the command line, each logged under
+# $OUT (or ./gpu-out). The peers of ../shared/device travel in .devtools/ (a git-ignored
+# copy the device call carries with .deps). Steps:
+#   suite     the README's test labels (unit, integration, gpu) with ctest -j
+#   engine    rlb-bench-engine --device cuda (1B shape) and the HF generate peer
+#   engine8b  the same on the 8B shape
+#   sync      rlb-bench-sync --device cuda and the torch reshard peer
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+source .deps/on-device.sh
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DRLB_CUDA=ON > "$out/configure.log" 2>&1 &&
+    cmake --build build-gpu -j16 > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+echo "== build ok"
+ctest --test-dir build-gpu -L gpu --output-on-failure --timeout 300 > "$out/gpu-tests.log" 2>&1
+grep -E "tests passed|Failed|\*\*\*|Passed|Skipped" "$out/gpu-tests.log" | tail -20
+for step in "$@"; do
+    case $step in
+    suite)
+        ctest --test-dir build-gpu -L 'unit|integration|gpu' -j8 --timeout 300 \
+            --output-on-failure > "$out/suite.log" 2>&1
+        grep -E "tests passed|\*\*\*Failed|Timeout" "$out/suite.log" | tail -12 ;;
+    engine|engine8b)
+        shape=1b; [ "$step" = engine8b ] && shape=8b
+        build-gpu/bench/rlb-bench-engine --device cuda --shape $shape \
+            > "$out/bench-engine-$shape.log" 2>&1
+        tail -25 "$out/bench-engine-$shape.log"
+        python3 .devtools/hf_generate_baseline.py --shape $shape --batch 1 32 \
+            > "$out/hf-$shape.log" 2>&1
+        tail -4 "$out/hf-$shape.log" ;;
+    esac
+done

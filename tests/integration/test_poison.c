@@ -1,0 +1,113 @@
+/* test_poison: poisoned weights (a diverged RL step) must not take serving down.
+ *
+ *   - By default a version holding NaN / Inf is aborted by the sync, which counts them
+ *     while it copies; the abort names each tensor and its count, and generation goes on
+ *     with the committed version (staged) until a clean version lands.
+ *   - With RLB_NONFINITE=allow such a version commits. A NaN in the final norm makes every
+ *     logit NaN: the request fails with RLB_ENONFINITE, named, and the workers keep
+ *     serving: the next clean version generates on the same processes.
+ */
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "tests/integration/bridge_harness.h"
+
+#define MAX_TOKENS 8
+
+/* One FSDP2 trainer rank of world 1 with version 1 committed, and `replicas` TP-1 workers. */
+static void start(h_run *r, h_trainer *t, rlb_sync_mode mode, uint32_t replicas)
+{
+    assert_int_equal(h_start(r, mode), 0);
+    assert_int_equal(h_workers(r, replicas, 1), 0);
+    assert_int_equal(h_trainer_open(r, t, 0, 1, H_FSDP2), 0);
+    assert_int_equal(h_wait_workers(r, t->c, replicas, replicas), 0);
+    h_trainer_fill(t, 1);
+    assert_int_equal(rlb_publish(t->c, 1, NULL), 0);
+}
+
+static void test_poisoned_version_aborted(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    int32_t prompt[3] = {4, 8, 15};
+    start(&r, &t, RLB_SYNC_STAGED, 1);
+    h_trainer_fill(&t, 2);
+    assert_int_equal(h_trainer_poison(&t, "lm_head.weight", 5, __builtin_nanf("")), 0);
+    assert_int_equal(h_trainer_poison(&t, "lm_head.weight", 700, -__builtin_inff()), 0);
+    assert_int_equal(h_trainer_poison(&t, "model.norm.weight", 3, __builtin_inff()), 0);
+    assert_int_equal(rlb_publish(t.c, 2, NULL), RLB_EABORTED);
+    const char *why = rlb_last_error(t.c);
+    fprintf(stderr, "abort: %s\n", why);
+    assert_non_null(strstr(why, "3 non-finite"));
+    assert_non_null(strstr(why, "lm_head.weight: 2"));
+    assert_non_null(strstr(why, "model.norm.weight: 1"));
+    /* Serving goes on with version 1, then a clean version 3 lands. */
+    assert_int_equal(h_check_greedy(&r, t.c, 1, 1, prompt, 3, MAX_TOKENS), 0);
+    h_trainer_fill(&t, 3);
+    assert_int_equal(rlb_publish(t.c, 3, NULL), 0);
+    assert_int_equal(h_check_greedy(&r, t.c, 3, 1, prompt, 3, MAX_TOKENS), 0);
+    assert_true(h_stat(t.c, "aborts") == 1);
+    assert_true(h_stat(t.c, "replicas_up") == 1);
+    h_trainer_close(&t);
+    assert_int_equal(h_stop(&r, NULL), 0);
+}
+
+static void test_poisoned_version_allowed(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    int32_t prompt[3] = {16, 23, 42};
+    setenv("RLB_NONFINITE", "allow", 1); /* the forked bridge inherits it */
+    start(&r, &t, RLB_SYNC_PAUSE, 2);
+    unsetenv("RLB_NONFINITE");
+    h_trainer_fill(&t, 2);
+    assert_int_equal(h_trainer_poison(&t, "model.norm.weight", 0, __builtin_nanf("")), 0);
+    assert_int_equal(rlb_publish(t.c, 2, NULL), 0);
+    /* Every logit is NaN: each request fails with a named error, on either replica. */
+    for (int i = 0; i < 4; i++) {
+        rlb_result *res = NULL;
+        assert_int_equal(h_generate(t.c, prompt, 3, MAX_TOKENS, &res), RLB_ENONFINITE);
+        assert_non_null(strstr(rlb_last_error(t.c), "NaN"));
+    }
+    fprintf(stderr, "refusal: %s\n", rlb_last_error(t.c));
+    /* The same worker processes serve the next clean version. */
+    for (int i = 0; i < r.n_workers; i++)
+        assert_int_equal(kill(r.workers[i], 0), 0);
+    assert_true(h_stat(t.c, "replicas_up") == 2);
+    h_trainer_fill(&t, 3);
+    assert_int_equal(rlb_publish(t.c, 3, NULL), 0);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(h_check_greedy(&r, t.c, 3, 1, prompt, 3, MAX_TOKENS), 0);
+    assert_true(h_stat(t.c, "retried") == 0);
+    assert_true(h_stat(t.c, "replicas_up") == 2);
+    h_trainer_close(&t);
+    assert_int_equal(h_stop(&r, NULL), 0);
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    h_cleanup();
+    return 0;
+}
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    setenv("RLB_THREADS", "1", 0);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_poisoned_version_aborted, teardown),
+        cmocka_unit_test_teardown(test_poisoned_version_allowed, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,122 @@
+/* test_requests: requests and control messages the bridge used to take silently now get a
+ * clear answer, and the bridge keeps serving:
+ *   - a stop id outside the vocabulary, or max_tokens past the model's length, is refused
+ *     naming the field (it was accepted, or cut to the model length without a word);
+ *   - workers put to sleep by a peer that then disconnects are woken (they slept forever);
+ *   - a tool (an observer) may not shut the bridge down; a trainer rank may.
+ */
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "tests/integration/bridge_harness.h"
+
+#define MAX_TOKENS 8
+
+static void test_refused_fields(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    int32_t prompt[3] = {1, 2, 3}, stop[2] = {7, 250};
+    assert_int_equal(h_start(&r, RLB_SYNC_PAUSE), 0);
+    assert_int_equal(h_workers(&r, 1, 1), 0);
+    assert_int_equal(h_trainer_open(&r, &t, 0, 1, H_FSDP2), 0);
+    assert_int_equal(h_wait_workers(&r, t.c, 1, 1), 0);
+    assert_int_equal(rlb_publish(t.c, 1, NULL), 0);
+    rlb_sampling_params sp;
+    rlb_sampling_params_init(&sp);
+    sp.temperature = 0;
+    sp.max_tokens = MAX_TOKENS;
+    sp.stop_token_ids = stop;
+    sp.n_stop_token_ids = 2;
+    rlb_prompt p = {prompt, 3};
+    rlb_generate_request req;
+    rlb_generate_request_init(&req);
+    req.prompts = &p;
+    req.n_prompts = 1;
+    req.sampling = &sp;
+    rlb_result *res = NULL;
+    assert_int_equal(rlb_generate(t.c, &req, 10000, &res), RLB_EINVAL);
+    fprintf(stderr, "%s\n", rlb_last_error(t.c));
+    assert_non_null(strstr(rlb_last_error(t.c), "stop id 1 is 250"));
+    sp.n_stop_token_ids = 1;
+    sp.max_tokens = 100000;
+    assert_int_equal(rlb_generate(t.c, &req, 10000, &res), RLB_ETOOBIG);
+    fprintf(stderr, "%s\n", rlb_last_error(t.c));
+    assert_non_null(strstr(rlb_last_error(t.c), "max_tokens 100000"));
+    sp.max_tokens = 509; /* 3 + 509 = 512, the tiny model's length: allowed */
+    assert_int_equal(rlb_generate(t.c, &req, 20000, &res), 0);
+    rlb_result_free(res);
+    assert_int_equal(h_check_greedy(&r, t.c, 1, 1, prompt, 3, MAX_TOKENS), 0);
+    h_trainer_close(&t);
+    assert_int_equal(h_stop(&r, NULL), 0);
+}
+
+static void test_sleeper_gone_wakes(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    rlb_client *tool;
+    int32_t prompt[2] = {4, 2};
+    assert_int_equal(h_start(&r, RLB_SYNC_PAUSE), 0);
+    assert_int_equal(h_workers(&r, 1, 1), 0);
+    assert_int_equal(h_trainer_open(&r, &t, 0, 1, H_FSDP2), 0);
+    assert_int_equal(h_wait_workers(&r, t.c, 1, 1), 0);
+    assert_int_equal(rlb_publish(t.c, 1, NULL), 0);
+    assert_int_equal(h_connect(&r, 0, 0, &tool), 0);
+    assert_int_equal(rlb_sleep(tool), 0);
+    assert_int_equal(h_wait_stat(t.c, "asleep", 1, 10), 0);
+    rlb_close(tool);
+    assert_int_equal(h_wait_stat(t.c, "asleep", 0, 10), 0);
+    assert_int_equal(h_check_greedy(&r, t.c, 1, 1, prompt, 2, MAX_TOKENS), 0);
+    h_trainer_close(&t);
+    assert_int_equal(h_stop(&r, NULL), 0);
+}
+
+static void test_shutdown_by_tool_refused(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    int32_t prompt[2] = {5, 3};
+    int code = 0;
+    assert_int_equal(h_start(&r, RLB_SYNC_PAUSE), 0);
+    assert_int_equal(h_workers(&r, 1, 1), 0);
+    assert_int_equal(h_trainer_open(&r, &t, 0, 1, H_FSDP2), 0);
+    assert_int_equal(h_wait_workers(&r, t.c, 1, 1), 0);
+    assert_int_equal(rlb_publish(t.c, 1, NULL), 0);
+    rlb_msg bye = {.type = RLB_MSG_SHUTDOWN};
+    assert_int_equal(h_raw_tool(&r, &bye, &code), RLB_MSG_ERROR);
+    assert_int_equal(code, RLB_EPROTO);
+    assert_int_equal(h_check_greedy(&r, t.c, 1, 1, prompt, 2, MAX_TOKENS), 0);
+    h_trainer_close(&t);
+    assert_int_equal(h_stop(&r, NULL), 0);
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    h_cleanup();
+    return 0;
+}
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    setenv("RLB_THREADS", "1", 0);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_refused_fields, teardown),
+        cmocka_unit_test_teardown(test_sleeper_gone_wakes, teardown),
+        cmocka_unit_test_teardown(test_shutdown_by_tool_refused, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

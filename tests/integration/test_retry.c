@@ -1,0 +1,82 @@
+/* test_retry: a request whose worker dies is retried once on another replica; when that
+ * worker dies too, the request fails with RLB_EABORTED instead of moving on until every
+ * replica is gone.
+ *
+ * The workers are stopped (SIGSTOP) before the request goes out, so it sits in the ring of
+ * the replica the bridge picked (the least loaded, the first on a tie: replica 0, then 1
+ * after a death) and the kills land while it is in flight, whatever the machine's speed.
+ * The peer timeout is raised so that the stopped workers are not declared hung meanwhile.
+ */
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "tests/integration/bridge_harness.h"
+
+static void test_retried_once(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    setenv("RLB_PEER_TIMEOUT_MS", "60000", 1);
+    assert_int_equal(h_start(&r, RLB_SYNC_PAUSE), 0);
+    assert_int_equal(h_workers(&r, 3, 1), 0);
+    assert_int_equal(h_trainer_open(&r, &t, 0, 1, H_FSDP2), 0);
+    assert_int_equal(h_wait_workers(&r, t.c, 3, 3), 0);
+    assert_int_equal(rlb_publish(t.c, 1, NULL), 0);
+    for (int i = 0; i < 3; i++)
+        kill(r.workers[i], SIGSTOP);
+    int32_t prompt[3] = {9, 8, 7};
+    rlb_sampling_params sp;
+    rlb_sampling_params_init(&sp);
+    sp.temperature = 0;
+    sp.max_tokens = 8;
+    rlb_prompt p = {prompt, 3};
+    rlb_generate_request req;
+    rlb_generate_request_init(&req);
+    req.prompts = &p;
+    req.n_prompts = 1;
+    req.sampling = &sp;
+    rlb_ticket tk;
+    assert_int_equal(rlb_generate_submit(t.c, &req, &tk), 0);
+    assert_int_equal(h_wait_stat(t.c, "inflight", 1, 10), 0);
+    kill(r.workers[0], SIGKILL);
+    assert_int_equal(h_wait_stat(t.c, "retried", 1, 10), 0);
+    kill(r.workers[1], SIGKILL);
+    rlb_result *res = NULL;
+    assert_int_equal(rlb_generate_wait(t.c, tk, 10000, &res), RLB_EABORTED);
+    fprintf(stderr, "refusal: %s\n", rlb_last_error(t.c));
+    assert_non_null(strstr(rlb_last_error(t.c), "not retried twice"));
+    assert_true(h_stat(t.c, "failed") == 1);
+    /* The last replica serves the next request. */
+    kill(r.workers[2], SIGCONT);
+    assert_true(h_stat(t.c, "replicas_up") == 1);
+    assert_int_equal(h_check_greedy(&r, t.c, 1, 1, prompt, 3, 8), 0);
+    h_trainer_close(&t);
+    assert_int_equal(h_stop(&r, NULL), 0);
+    unsetenv("RLB_PEER_TIMEOUT_MS");
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    h_cleanup();
+    return 0;
+}
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    setenv("RLB_THREADS", "1", 0);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_retried_once, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

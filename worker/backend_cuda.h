@@ -1,0 +1,64 @@
+/* backend_cuda.h: the CUDA engine backend (worker/ebackend.h's interface on one GPU), and
+ * what a worker needs of it beyond the interface: uploading a host copy of the weights,
+ * exporting the device weights as a POSIX fd for the bridge (DESIGN §3, CUDA_VMM_FD), and
+ * sizing the KV cache from the free device memory (vLLM's gpu_memory_utilization).
+ *
+ * Weights live in one allocation of the driver's VMM API at a fixed virtual address, in the
+ * buffer layout of model/tp_layout.h (dtype bf16, fp16 or fp32: the layout's). Post-load
+ * copies (int8 weight-only, fp8 e4m3 per tensor or per channel, weight-only on the GPU's
+ * dequantizing matmul) sit in a second fixed allocation; KV storage (through kv_mem) in
+ * more. Sleep unmaps the physical memory and keeps the addresses, so captured decode graphs
+ * stay valid across sleep / wake and weight loads. The driver's VMM functions are looked up
+ * at run time, not linked, so programs load (and GPU tests skip) where no driver is.
+ */
+#ifndef RLB_WORKER_BACKEND_CUDA_H
+#define RLB_WORKER_BACKEND_CUDA_H
+
+#include <stdint.h>
+
+#include "model/tp_layout.h"
+#include "worker/ebackend.h"
+
+typedef struct rlb_cuda_backend_opts {
+    uint32_t struct_size;       /* sizeof(rlb_cuda_backend_opts): fields may be added */
+    int32_t device;             /* CUDA device ordinal */
+    int64_t max_batch_tokens;   /* rows of one step (<= 0: 2048) */
+    int64_t max_seqs;           /* spans of one step (<= 0: 256) */
+    int64_t max_blocks_per_seq; /* block-table entries per span on average: a step holds
+                                 * max_seqs * this many (<= 0: max_pos / 16) */
+    int64_t max_logit_rows;     /* logits rows of one step (<= 0: max_seqs) */
+    int32_t graphs;             /* 1: capture decode steps in CUDA graphs per batch bucket */
+    rlb_quant quant;            /* post-load processing (int8, fp8, fp8-channel: weight-only) */
+    const void *nccl_id;        /* T > 1: the group's ncclUniqueId (NCCL_UNIQUE_ID_BYTES) */
+    int32_t no_gemv;            /* 1: steps of <= 8 rows multiply through cuBLASLt too, not
+                                 * the decode GEMV (benchmarks compare the two) */
+    int32_t batch_invariant;    /* 1: a sequence's logits are bitwise the same whatever else
+                                 * is in the step (see backend_cuda.c) */
+} rlb_cuda_backend_opts;
+
+#define RLB_CUDA_BACKEND_OPTS_INIT {.struct_size = sizeof(rlb_cuda_backend_opts), .graphs = 1}
+
+/* Creates the backend of rank layout->tp_rank on opts->device: maps the weights (uploads
+ * `host_weights`, layout->total_bytes, when not NULL, and keeps it bound: postload uploads
+ * it again), the activation buffers of a step of the opts' maximum size, the TP
+ * communicator, and runs post-load processing. Logs the memory plan. Returns 0,
+ * RLB_EINVAL, RLB_EDTYPE (a layout dtype other than f32 / bf16 / f16), RLB_EUNSUPPORTED
+ * (a head_dim without kernels, T > 1 without NCCL; logged by name), RLB_ENOMEM (not enough
+ * device memory: the log says how much is needed and free) or RLB_ECUDA. */
+int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weights,
+                              const rlb_cuda_backend_opts *opts, rlb_ebackend **out);
+
+/* The device weights (layout->total_bytes at a fixed address). */
+void *rlb__cuda_backend_weights(rlb_ebackend *b);
+/* Copies a host buffer of the layout into the device weights and runs post-load
+ * processing (the host buffer is not kept). Returns 0, RLB_EINVAL or RLB_ECUDA. */
+int rlb__cuda_backend_upload(rlb_ebackend *b, const void *host);
+/* A POSIX fd of the weights' physical memory (cuMemExportToShareableHandle) and its size;
+ * the caller owns the fd. RLB_EUNSUPPORTED where the memory was made without an fd handle
+ * type, RLB_ECUDA. */
+int rlb__cuda_backend_export_fd(rlb_ebackend *b, int *fd, uint64_t *bytes);
+/* Bytes the KV cache may take: util * total device memory minus what is in use now (after
+ * the weights and buffers), 0 when nothing is left. */
+uint64_t rlb__cuda_backend_kv_budget(rlb_ebackend *b, double gpu_memory_utilization);
+
+#endif /* RLB_WORKER_BACKEND_CUDA_H */

@@ -1,0 +1,61 @@
+/* backends.h: which engine backend a worker or `rlb generate` runs on (--device,
+ * RLB_DEVICE), and opening it: the one place that knows which backends this build has, so
+ * the daemon and the commands carry no #ifdef.
+ *
+ *   cpu    float32 weights in a host buffer the caller owns (the worker's shared-memory
+ *          segment), OpenBLAS (worker/backend_cpu.h)
+ *   cuda   weights of the chosen dtype (bf16 by default) on one GPU at a fixed address,
+ *          uploaded from a host buffer of the same layout (worker/backend_cuda.h); the KV
+ *          budget follows --gpu-memory-utilization
+ * auto is cuda where this build has CUDA and a GPU is visible, else cpu.
+ */
+#ifndef RLB_WORKER_BACKENDS_H
+#define RLB_WORKER_BACKENDS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/tp_comm.h"
+#include "model/tp_layout.h"
+#include "worker/ebackend.h"
+
+typedef struct rlb_backend_choice {
+    uint32_t struct_size;          /* sizeof(rlb_backend_choice) */
+    rlb_device device;             /* AUTO (see rlb__backend_resolve), CPU or CUDA */
+    int cuda_device;               /* GPU ordinal (CUDA) */
+    rlb_dtype dtype;               /* CUDA: weight dtype F32, BF16 (default) or F16 */
+    rlb_quant quant;               /* post-load processing */
+    int graphs;                    /* CUDA: capture decode steps in graphs (default 1) */
+    int batch_invariant;           /* CUDA: batch-invariant kernels (default 0) */
+    double gpu_memory_utilization; /* CUDA: share of the GPU the worker may fill (0.9) */
+    int64_t max_batch_tokens;      /* the engine's step size (sizes the CUDA buffers) */
+    int64_t max_seqs;              /* the engine's running sequences at most */
+} rlb_backend_choice;
+
+#define RLB_BACKEND_CHOICE_INIT                                                           \
+    {.struct_size = sizeof(rlb_backend_choice), .device = RLB_DEVICE_AUTO,                \
+     .dtype = RLB_DTYPE_BF16, .graphs = 1, .gpu_memory_utilization = 0.9}
+
+/* AUTO -> CUDA when this build has CUDA and a GPU is visible, else CPU; others unchanged.
+ * The RLB_DEVICE knob is the caller's default (rlb__backend_device_env). */
+rlb_device rlb__backend_resolve(rlb_device d);
+/* The RLB_DEVICE knob ("auto", "cpu", "cuda"; another value is logged and read as auto). */
+rlb_device rlb__backend_device_env(void);
+/* Element type of the weight buffer on `device` (CPU: F32 whatever was asked). */
+rlb_dtype rlb__backend_weight_dtype(const rlb_backend_choice *c);
+
+/* Opens the backend of c->device (resolved) for `layout` (its dtype must be
+ * rlb__backend_weight_dtype): CPU over `weights` (borrowed, read in place), CUDA with
+ * `weights` uploaded when not NULL. *kv_budget (may be NULL) gets the KV bytes the device
+ * leaves (CUDA: by gpu_memory_utilization; CPU: 0, the caller's budget stands). Returns 0
+ * or the backend's error, `err` saying what (RLB_EUNSUPPORTED: a device this build or
+ * machine lacks). */
+int rlb__backend_open(const rlb_tp_layout *layout, const void *weights, rlb_tp_comm *comm,
+                      const rlb_backend_choice *c, rlb_ebackend **out, uint64_t *kv_budget,
+                      char *err, size_t errlen);
+/* CUDA: a POSIX fd of the device weights' memory for the bridge (CUDA_VMM_FD), its size
+ * and the uuid of GPU c->cuda_device. RLB_EUNSUPPORTED on the CPU backend. */
+int rlb__backend_export_weights(rlb_ebackend *b, const rlb_backend_choice *c, int *fd,
+                                uint64_t *bytes, uint8_t uuid[16]);
+
+#endif /* RLB_WORKER_BACKENDS_H */
