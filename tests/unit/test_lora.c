@@ -12,7 +12,8 @@
  * the pristine base), then takes the adapters out of the parameter list and runs again:
  * every worker buffer must then be the plain reshard of the base, bit for bit.
  *
- * Also: factor names and the refusals of rlb__params_add_adapter.
+ * Also: factor names and the refusals of rlb__params_add_adapter, and the CPU executor
+ * seam running merges from sync to sync while counting the NaN / Inf values they write.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -21,10 +22,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
+#include "kernels/cpu/convert.h"
 #include "kernels/cpu/plan_exec.h"
+#include "kernels/executor.h"
 #include "model/lora.h"
 #include "model/params.h"
 #include "model/plan.h"
@@ -556,6 +561,103 @@ static void test_replicas_and_wire(void **state)
     case_free(&c);
 }
 
+/* One run of `plan` through executor x, waiting on its eventfd; nonfinite as the run's. */
+static void exec_run(rlb_executor *x, const rlb_plan *plan, const lcase *c, uint8_t **dst,
+                     uint64_t *nonfinite)
+{
+    void *src[W_FSDP], *d[8];
+    for (int b = 0; b < c->nbuf; b++)
+        src[b] = c->buf[b];
+    for (uint32_t i = 0; i < plan->n_dst; i++)
+        d[i] = dst[i];
+    int fd = eventfd(0, EFD_CLOEXEC);
+    assert_true(fd >= 0);
+    char err[256] = "";
+    rlb_exec_run run = {.plan = plan, .src = src, .src_len = c->blen, .dst = d,
+                        .dst_len = plan->dst_bytes, .threads = 2, .nonfinite = nonfinite,
+                        .done_fd = fd};
+    if (x->iface->run(x, &run, err, sizeof err))
+        fail_msg("executor run: %s", err);
+    uint64_t one;
+    assert_int_equal(read(fd, &one, sizeof one), sizeof one);
+    double ms;
+    if (x->iface->finish(x, &ms, err, sizeof err))
+        fail_msg("executor finish: %s", err);
+    close(fd);
+}
+
+/* The CPU executor runs a plan with merges as rlb__plan_exec_cpu does, run after run (its
+ * stage kept), and counts the non-finite values merges write: a NaN in one B factor
+ * poisons its rows of the merged weight, and nothing else. */
+static void test_executor_merges(void **state)
+{
+    (void)state;
+    lcase c;
+    case_init(&c, 0, M_FULL, RLB_DTYPE_F32, 0);
+    rlb_param_list pl;
+    char err[256] = "";
+    assert_int_equal(rlb__params_init(&pl, &c.cfg, NULL, 0), 0);
+    for (int i = 0; i < c.m.n; i++)
+        if (c.ad[i] >= 0)
+            assert_int_equal(rlb__params_add_adapter(&pl, c.t[i].name, c.rank[i], c.scale[i],
+                                                     err, sizeof err), 0);
+    rlb_source src;
+    assert_int_equal(rlb__source_init(&src, &pl), 0);
+    register_sources(&c, &src, 1);
+    rlb_target tgt = {.tp_size = 2, .replicas = 1, .dtype = RLB_DTYPE_BF16};
+    rlb_plan plan;
+    assert_int_equal(rlb__plan_build(&src, &tgt, &plan, err, sizeof err), 0);
+    rlb_executor *x;
+    assert_int_equal(rlb__executor_cpu_create(&x), 0);
+    uint64_t n_counts = plan.n_ops + plan.n_merges;
+    uint64_t *bad = malloc(n_counts * sizeof *bad);
+    uint8_t *dst[2], *want[2];
+    for (int t = 0; t < 2; t++) {
+        dst[t] = calloc(1, plan.dst_bytes[t]);
+        want[t] = calloc(1, plan.dst_bytes[t]);
+    }
+    fill_values(&c, 3, 0);
+    for (uint64_t v = 1; v <= 2; v++) {
+        fill_values(&c, 200 + v, 1);
+        write_sources(&c);
+        run_plan(&plan, &c, want, 1);
+        memset(bad, 0xab, n_counts * sizeof *bad);
+        exec_run(x, &plan, &c, dst, bad);
+        for (int t = 0; t < 2; t++)
+            assert_memory_equal(dst[t], want[t], plan.dst_bytes[t]);
+        for (uint64_t i = 0; i < n_counts; i++)
+            assert_int_equal(bad[i], 0);
+    }
+    /* B(0, 0) of the first adapter NaN: row 0 of its merged weight is NaN where it lands. */
+    int pi = 0;
+    while (c.ad[pi] < 0 || c.m.p[pi].which == P_EMBED)
+        pi++;
+    int bi = c.ad[pi] + 1;
+    uint32_t nan_bits = 0x7fc00000u;
+    memcpy(c.buf[0] + c.where[bi] * 4, &nan_bits, 4);
+    exec_run(x, &plan, &c, dst, bad);
+    uint64_t in_ops = 0, in_merges = 0, in_dst = 0;
+    for (uint64_t i = 0; i < plan.n_ops; i++)
+        in_ops += bad[i];
+    for (uint64_t i = 0; i < plan.n_merges; i++)
+        in_merges += bad[plan.n_ops + i];
+    for (int t = 0; t < 2; t++)
+        in_dst += rlb__row_nonfinite(dst[t], plan.dst_bytes[t] / 2, RLB_DTYPE_BF16);
+    assert_int_equal(in_ops, 0);
+    assert_true(in_merges >= (uint64_t)c.t[pi].cols / 2);
+    assert_int_equal(in_merges, in_dst);
+    x->iface->destroy(x);
+    for (int t = 0; t < 2; t++) {
+        free(dst[t]);
+        free(want[t]);
+    }
+    free(bad);
+    rlb__plan_free(&plan);
+    rlb__source_free(&src);
+    rlb__params_free(&pl);
+    case_free(&c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -564,6 +666,7 @@ int main(void)
         cmocka_unit_test(test_merge_against_reference),
         cmocka_unit_test(test_threaded_merge),
         cmocka_unit_test(test_replicas_and_wire),
+        cmocka_unit_test(test_executor_merges),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
