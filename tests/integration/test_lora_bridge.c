@@ -8,7 +8,7 @@
  * from the trainer's registered tensors, or from a checkpoint the bridge maps itself
  * (rlb_bridge_opts.base_dir), the trainer then registering only the factors (that case runs
  * in staged mode, the other in pause mode). Refusals: a factor of an undeclared weight, a
- * bad declaration.
+ * bad declaration, a version whose merged weights hold a NaN (one factor poisoned).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -206,10 +206,21 @@ static void lora_sync(int base_in_bridge, rlb_sync_mode mode)
     }
     assert_true(differs); /* the adapters changed what the model says */
 
+    /* A NaN in one factor poisons a row of its merged weight: the version is aborted before
+     * a worker loads it, the weight named with the count the merge wrote. */
+    float keep = ad[0].b[0];
+    ad[0].b[0] = __builtin_nanf("");
+    assert_int_equal(rlb_publish(c, 3, NULL), RLB_EABORTED);
+    char named[160];
+    snprintf(named, sizeof named, "%s (LoRA-merged): %lld", ad[0].weight, (long long)ad[0].in);
+    if (!strstr(rlb_last_error(c), named))
+        fail_msg("abort names no '%s': %s", named, rlb_last_error(c));
+    ad[0].b[0] = keep;
+
     /* Adapters taken back (the factors stay registered): the base again. */
     assert_int_equal(rlb_unregister_lora(c, NULL, 0), 0);
-    assert_int_equal(rlb_publish(c, 3, NULL), 0);
-    int ng = h_greedy(c, 3, prompt, 3, MAX_TOKENS, got, 64);
+    assert_int_equal(rlb_publish(c, 4, NULL), 0);
+    int ng = h_greedy(c, 4, prompt, 3, MAX_TOKENS, got, 64);
     assert_int_equal(ng, nb);
     assert_memory_equal(got, base_want, sizeof(int32_t) * (size_t)nb);
 
