@@ -48,9 +48,11 @@ typedef struct br_seg {
     void *addr;     /* our mapping (a VMM segment: its device address, NULL until mapped) */
     uint64_t bytes; /* mapped length (a VMM segment: the allocation's size) */
     uint32_t refs;  /* registered tensors inside it (trainers) */
-    int vmm;        /* 1: a CUDA VMM allocation (segmsg.h RLB_SEG_MAGIC_VMM), imported by
-                       the executor, not mmapped */
-    int fd;         /* a VMM segment's fd (kept: it identifies the allocation); else -1 */
+    int vmm;        /* 1: a CUDA VMM range (segmsg.h RLB_SEG_MAGIC_VMM), imported by the
+                       executor, not mmapped */
+    uint32_t n_chunks;  /* VMM: physical chunks of the range */
+    int *fds;           /* VMM: [n_chunks] their fds (kept: they identify the range) */
+    uint64_t *chunks;   /* VMM: [n_chunks] their sizes */
 } br_seg;
 
 /* One tensor a trainer rank registered (a copy of the message's tensor). */

@@ -161,8 +161,9 @@ static int seg_grow(br_peer *p)
 static rlb_exec_ref seg_ref(const br_seg *s)
 {
     if (s->vmm)
-        return (rlb_exec_ref){.kind = RLB_MEM_CUDA_VMM_FD, .fd = s->fd, .alloc_bytes = s->bytes,
-                              .length = s->bytes};
+        return (rlb_exec_ref){.kind = RLB_MEM_CUDA_VMM_FD, .fd = -1, .chunk_fds = s->fds,
+                              .chunk_bytes = s->chunks, .n_chunks = s->n_chunks,
+                              .alloc_bytes = s->bytes, .length = s->bytes};
     return (rlb_exec_ref){.kind = RLB_MEM_HOST_SHM, .fd = -1, .host = s->addr,
                           .alloc_bytes = s->bytes, .length = s->bytes};
 }
@@ -187,10 +188,39 @@ static void seg_close(bridge *b, const br_seg *s)
     rlb_exec_ref r = seg_ref(s);
     if (s->addr && b->exec)
         b->exec->iface->unmap(b->exec, &r, s->addr);
-    if (s->vmm)
-        close(s->fd);
-    else
+    if (s->vmm) {
+        for (uint32_t i = 0; i < s->n_chunks; i++)
+            close(s->fds[i]);
+        free(s->fds);
+        free(s->chunks);
+    } else {
         rlb__shm_unmap(s->addr, (size_t)s->bytes);
+    }
+}
+
+/* Keeps a received VMM segment (its chunk fds and sizes) in p's table; the executor
+ * imports it when a tensor or the worker's hello names its GPU. Takes ownership of the
+ * fds. */
+static int seg_add_vmm(br_peer *p, const rlb__seg_msg *sm, const uint64_t *chunks,
+                       const int *fds, int nfds)
+{
+    int rc = RLB_ENOMEM;
+    br_seg s = {.id = sm->id, .bytes = sm->bytes, .vmm = 1, .n_chunks = (uint32_t)nfds,
+                .fds = malloc((size_t)nfds * sizeof(int)),
+                .chunks = malloc((size_t)nfds * sizeof(uint64_t))};
+    if (s.fds && s.chunks && (rc = seg_grow(p)) == 0) {
+        memcpy(s.fds, fds, (size_t)nfds * sizeof(int));
+        memcpy(s.chunks, chunks, (size_t)nfds * sizeof(uint64_t));
+        p->segs[p->n_segs++] = s;
+        RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "peer %u: VMM segment %u received (%d chunks, %llu "
+                      "bytes)", p->id, sm->id, nfds, (unsigned long long)sm->bytes);
+        return 0;
+    }
+    free(s.fds);
+    free(s.chunks);
+    for (int i = 0; i < nfds; i++)
+        close(fds[i]);
+    return rc;
 }
 
 /* Maps one received segment into p's table. Takes ownership of fd. */
@@ -199,21 +229,11 @@ static int seg_add(br_peer *p, const rlb__seg_msg *sm, int fd)
     int rc = RLB_EPROTO;
     size_t size = 0;
     void *addr = NULL;
-    if ((sm->magic != RLB_SEG_MAGIC && sm->magic != RLB_SEG_MAGIC_VMM) || sm->id == 0 ||
-        sm->bytes == 0 || br_seg_find(p, sm->id)) {
+    if (sm->magic != RLB_SEG_MAGIC || sm->id == 0 || sm->bytes == 0 ||
+        br_seg_find(p, sm->id)) {
         RLB_LOG_WARN(RLB_SUB_BRIDGE, "peer %u: bad or duplicate segment message (id %u)",
                      p->id, sm->id);
         goto out;
-    }
-    if (sm->magic == RLB_SEG_MAGIC_VMM) {
-        /* Device memory: imported by the executor when a tensor or the worker's hello names
-         * its GPU; the fd stays open until then and identifies the allocation. */
-        if ((rc = seg_grow(p)) < 0)
-            goto out;
-        p->segs[p->n_segs++] = (br_seg){.id = sm->id, .bytes = sm->bytes, .vmm = 1, .fd = fd};
-        RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "peer %u: VMM segment %u received (%llu bytes)", p->id,
-                      sm->id, (unsigned long long)sm->bytes);
-        return 0;
     }
     if ((rc = rlb__shm_size(fd, &size)) < 0 || size < sm->bytes) {
         RLB_LOG_WARN(RLB_SUB_BRIDGE, "peer %u: segment %u holds %zu bytes, message says %llu",
@@ -227,7 +247,7 @@ static int seg_add(br_peer *p, const rlb__seg_msg *sm, int fd)
         rlb__shm_unmap(addr, (size_t)sm->bytes);
         goto out;
     }
-    p->segs[p->n_segs++] = (br_seg){.id = sm->id, .addr = addr, .bytes = sm->bytes, .fd = -1};
+    p->segs[p->n_segs++] = (br_seg){.id = sm->id, .addr = addr, .bytes = sm->bytes};
     RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "peer %u: segment %u mapped (%llu bytes)", p->id, sm->id,
                   (unsigned long long)sm->bytes);
     rc = 0;
@@ -239,17 +259,33 @@ out:
 int br_recv_segments(bridge *b, br_peer *p, int wait_ms)
 {
     for (;;) {
+        struct {
+            rlb__seg_msg sm;
+            uint64_t chunks[RLB_SEG_VMM_MAX_CHUNKS]; /* VMM: the chunk sizes */
+        } m;
         rlb__seg_msg sm;
         size_t len = 0;
         int fds[RLB_CONN_MAX_FDS];
         int nfds = 0;
-        int rc = rlb__conn_recv_fds(p->conn, &sm, sizeof(sm), &len, fds, RLB_CONN_MAX_FDS,
+        int rc = rlb__conn_recv_fds(p->conn, &m, sizeof(m), &len, fds, RLB_CONN_MAX_FDS,
                                     &nfds, wait_ms);
         if (rc == RLB_EAGAIN || rc == RLB_ETIMEDOUT)
             return 0;
         if (rc < 0)
             return rc;
         wait_ms = 0; /* only the first datagram is waited for */
+        sm = m.sm;
+        uint64_t sum = 0;
+        for (int i = 0; i < nfds && i < (int)RLB_SEG_VMM_MAX_CHUNKS; i++)
+            sum += m.chunks[i];
+        if (len >= sizeof(sm) && sm.magic == RLB_SEG_MAGIC_VMM && nfds >= 1 &&
+            nfds <= (int)RLB_SEG_VMM_MAX_CHUNKS &&
+            len == sizeof(sm) + (size_t)nfds * sizeof(uint64_t) && sum == sm.bytes &&
+            sm.id != 0 && !br_seg_find(p, sm.id)) {
+            if ((rc = seg_add_vmm(p, &sm, m.chunks, fds, nfds)) < 0)
+                return rc;
+            continue;
+        }
         if (len != sizeof(sm) || nfds != 1) {
             RLB_LOG_WARN(RLB_SUB_BRIDGE, "peer %u: socket message of %zu bytes with %d fds is "
                          "not a segment message", p->id, len, nfds);
@@ -286,7 +322,9 @@ void br_seg_release(bridge *b, br_seg *s)
     }
     s->addr = NULL;
     s->vmm = 0;
-    s->fd = -1;
+    s->fds = NULL;
+    s->chunks = NULL;
+    s->n_chunks = 0;
 }
 
 void br_unpark(bridge *b)

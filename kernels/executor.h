@@ -36,10 +36,16 @@ typedef struct rlb_executor rlb_executor;
  * kernels/ needs no message types. */
 typedef struct rlb_exec_ref {
     int kind;                 /* rlb_mem_kind of common/proto.h: 0 host, 1 CUDA IPC, 2 VMM fd */
-    int fd;                   /* HOST_SHM, CUDA_VMM_FD: the open fd (the executor dups it) */
+    int fd;                   /* HOST_SHM: the segment's fd (-1 when the caller keeps none) */
+    const int *chunk_fds;     /* CUDA_VMM_FD: [n_chunks] fds of the physical chunks, in
+                                 address order (the executor dups them); the first one's
+                                 inode identifies the range */
+    const uint64_t *chunk_bytes; /* CUDA_VMM_FD: [n_chunks] their sizes */
+    uint32_t n_chunks;        /* CUDA_VMM_FD: chunks mapped back to back */
     uint8_t ipc_handle[64];   /* CUDA_IPC: the allocation's cudaIpcMemHandle_t */
     uint8_t device_uuid[16];  /* the GPU holding it; zero for host memory */
-    uint64_t alloc_bytes;     /* CUDA_VMM_FD: size of the exported allocation */
+    uint64_t alloc_bytes;     /* CUDA_VMM_FD: the range's size (the chunks' sum); HOST_SHM:
+                                 the segment's */
     uint64_t offset;          /* bytes from the allocation's (or segment's) start */
     uint64_t length;          /* bytes of the buffer */
     void *host;               /* HOST_SHM: where the caller mapped the segment's start */

@@ -221,8 +221,12 @@ static int open_gpu(wk *w, const char *dir, char *err, size_t errlen)
     if ((rc = rlb__backend_export_weights(w->gpu, &w->choice, &fd, &bytes, w->uuid)) < 0)
         return snprintf(err, errlen, "cannot export the device weights: %s",
                         rlb_strerror(rc)), rc;
-    rlb__seg_msg sm = {.magic = RLB_SEG_MAGIC_VMM, .id = RLB_SEG_ID_WEIGHTS, .bytes = bytes};
-    rc = rlb__conn_send_fds(w->conn, &sm, sizeof(sm), &fd, 1);
+    /* One chunk: the segment header followed by its size (segmsg.h). */
+    struct {
+        rlb__seg_msg sm;
+        uint64_t chunk;
+    } m = {{.magic = RLB_SEG_MAGIC_VMM, .id = RLB_SEG_ID_WEIGHTS, .bytes = bytes}, bytes};
+    rc = rlb__conn_send_fds(w->conn, &m, sizeof(m), &fd, 1);
     close(fd);
     return rc;
 }

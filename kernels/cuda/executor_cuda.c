@@ -2,10 +2,11 @@
  *
  * Mapping. CUDA_IPC references open through one IPC cache per GPU that holds them
  * (kernels/cuda/ipc.h: once per allocation, closed with its last reference).
- * CUDA_VMM_FD allocations (PyTorch's expandable segments, the GPU workers' weight buffers)
- * are imported with cuMemImportFromShareableHandle, mapped at an address reserved here and
- * made readable and writable by every visible GPU with a peer path; the same allocation
- * (the same fd) is imported once and counted. Host segments are read by the kernels as
+ * CUDA_VMM_FD ranges (PyTorch's expandable segments, the GPU workers' weight buffers) are
+ * physical chunks each imported with cuMemImportFromShareableHandle and mapped back to
+ * back at an address range reserved here, readable and writable by every visible GPU with
+ * a peer path; the same range (the first chunk's fd names it) is imported once and
+ * counted. Host segments are read by the kernels as
  * mapped pinned memory: a run registers (cudaHostRegister) the page-rounded ranges its host
  * sources cover, merged, and keeps them registered for the next runs; unmap of a host
  * reference (the bridge is about to munmap the segment) fences and unregisters every range
@@ -41,13 +42,16 @@
 #include "kernels/cuda/plan_exec.h"
 
 #define EX_MAX_DEV 16
+#define RLB_EX_MAX_CHUNKS 32 /* chunks of one VMM range (segmsg.h RLB_SEG_VMM_MAX_CHUNKS) */
 
-/* One imported VMM allocation. */
+/* One imported VMM range: chunks mapped back to back. */
 typedef struct vmm_entry {
-    int fd;              /* our dup of the exporter's fd (identity is the inode) */
-    uint64_t ino, dev;   /* st_ino / st_dev of the fd: the allocation's identity */
-    CUmemGenericAllocationHandle h; /* the imported handle */
-    CUdeviceptr va;      /* where it is mapped */
+    uint64_t ino, dev;   /* st_ino / st_dev of the first chunk's fd: the range's identity */
+    CUmemGenericAllocationHandle h[RLB_EX_MAX_CHUNKS]; /* the imported chunks */
+    uint64_t chunk[RLB_EX_MAX_CHUNKS]; /* their sizes */
+    uint32_t n;          /* chunks imported */
+    uint32_t mapped;     /* chunks mapped */
+    CUdeviceptr va;      /* where the range is mapped */
     uint64_t bytes;      /* its size */
     uint32_t refs;       /* map calls not yet unmapped */
 } vmm_entry;
@@ -149,46 +153,55 @@ static void vmm_drop(vmm_entry *e)
     unmap_fn unmap;
     free_va_fn free_va;
     release_fn release;
-    if (e->va && !rlb__cuda_driver_fn("cuMemUnmap", (void **)&unmap))
-        unmap(e->va, e->bytes);
+    uint64_t off = 0;
+    if (!rlb__cuda_driver_fn("cuMemUnmap", (void **)&unmap))
+        for (uint32_t i = 0; i < e->mapped; off += e->chunk[i], i++)
+            unmap(e->va + off, e->chunk[i]);
     if (e->va && !rlb__cuda_driver_fn("cuMemAddressFree", (void **)&free_va))
         free_va(e->va, e->bytes);
-    if (e->h && !rlb__cuda_driver_fn("cuMemRelease", (void **)&release))
-        release(e->h);
-    if (e->fd >= 0)
-        close(e->fd);
+    if (!rlb__cuda_driver_fn("cuMemRelease", (void **)&release))
+        for (uint32_t i = 0; i < e->n; i++)
+            release(e->h[i]);
     memset(e, 0, sizeof *e);
-    e->fd = -1;
+}
+
+static int same_range(const vmm_entry *e, const struct stat *st)
+{
+    return e->ino == (uint64_t)st->st_ino && e->dev == (uint64_t)st->st_dev;
 }
 
 static int vmm_map(cuda_exec *x, const rlb_exec_ref *ref, int dev, void **addr, char *err,
                    size_t errlen)
 {
     struct stat st;
-    if (ref->fd < 0 || fstat(ref->fd, &st) != 0 || ref->alloc_bytes == 0 ||
-        ref->offset + ref->length > ref->alloc_bytes) {
-        rlb__cuda_err(err, errlen, "VMM reference: bad fd %d or range [%llu, +%llu) of an "
-                      "allocation of %llu bytes", ref->fd, (unsigned long long)ref->offset,
+    uint64_t sum = 0;
+    int ok = ref->n_chunks >= 1 && ref->n_chunks <= RLB_EX_MAX_CHUNKS && ref->chunk_fds &&
+             ref->chunk_bytes && fstat(ref->chunk_fds[0], &st) == 0;
+    for (uint32_t i = 0; ok && i < ref->n_chunks; i++) {
+        ok = ref->chunk_bytes[i] > 0 && ref->chunk_fds[i] >= 0;
+        sum += ok ? ref->chunk_bytes[i] : 0;
+    }
+    if (!ok || sum != ref->alloc_bytes || ref->offset + ref->length > sum) {
+        rlb__cuda_err(err, errlen, "VMM reference: bad chunks (%u) or range [%llu, +%llu) of "
+                      "%llu bytes", ref->n_chunks, (unsigned long long)ref->offset,
                       (unsigned long long)ref->length, (unsigned long long)ref->alloc_bytes);
         return RLB_EINVAL;
     }
     for (uint32_t i = 0; i < x->n_vmm; i++)
-        if (x->vmm[i].ino == (uint64_t)st.st_ino && x->vmm[i].dev == (uint64_t)st.st_dev) {
+        if (same_range(&x->vmm[i], &st)) {
             x->vmm[i].refs++;
             *addr = (char *)(uintptr_t)x->vmm[i].va + ref->offset;
             return 0;
         }
     if (grow((void **)&x->vmm, &x->cap_vmm, x->n_vmm + 1, sizeof *x->vmm))
         return RLB_ENOMEM;
-    vmm_entry e = {.fd = dup(ref->fd), .ino = (uint64_t)st.st_ino, .dev = (uint64_t)st.st_dev,
-                   .bytes = ref->alloc_bytes, .refs = 1};
+    vmm_entry e = {.ino = (uint64_t)st.st_ino, .dev = (uint64_t)st.st_dev, .bytes = sum,
+                   .refs = 1};
     import_fn import;
     reserve_fn reserve;
     map_fn map;
     access_fn access;
     int rc = 0, prev;
-    if (e.fd < 0)
-        return RLB_EIO;
     RLB_CHECK_GOTO(rlb__cuda_enter(dev, &prev), rc, out_nodev);
     RLB_CUDA_CHECK(cudaFree(0), rc, out); /* the device's primary context */
     RLB_CHECK_GOTO(rlb__cuda_driver_fn("cuMemImportFromShareableHandle", (void **)&import), rc,
@@ -196,10 +209,15 @@ static int vmm_map(cuda_exec *x, const rlb_exec_ref *ref, int dev, void **addr, 
     RLB_CHECK_GOTO(rlb__cuda_driver_fn("cuMemAddressReserve", (void **)&reserve), rc, out);
     RLB_CHECK_GOTO(rlb__cuda_driver_fn("cuMemMap", (void **)&map), rc, out);
     RLB_CHECK_GOTO(rlb__cuda_driver_fn("cuMemSetAccess", (void **)&access), rc, out);
-    RLB_CU_CHECK(import(&e.h, (void *)(uintptr_t)e.fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
-                 rc, out);
+    /* Importing takes its own reference on each chunk: the fds may be closed after. */
+    for (; e.n < ref->n_chunks; e.n++) {
+        e.chunk[e.n] = ref->chunk_bytes[e.n];
+        RLB_CU_CHECK(import(&e.h[e.n], (void *)(uintptr_t)ref->chunk_fds[e.n],
+                            CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR), rc, out);
+    }
     RLB_CU_CHECK(reserve(&e.va, e.bytes, 0, 0, 0), rc, out);
-    RLB_CU_CHECK(map(e.va, e.bytes, 0, e.h, 0), rc, out);
+    for (uint64_t off = 0; e.mapped < e.n; off += e.chunk[e.mapped], e.mapped++)
+        RLB_CU_CHECK(map(e.va + off, e.chunk[e.mapped], 0, e.h[e.mapped], 0), rc, out);
     /* Readable and writable from its own GPU and every GPU with a peer path to it. */
     for (int g = 0; g < x->n_dev; g++) {
         int can = g == dev;
@@ -217,8 +235,8 @@ out:
     rlb__cuda_leave(prev);
 out_nodev:
     if (rc) {
-        rlb__cuda_err(err, errlen, "cannot import a VMM allocation of %llu bytes on GPU %d",
-                      (unsigned long long)e.bytes, dev);
+        rlb__cuda_err(err, errlen, "cannot import a VMM range of %u chunks, %llu bytes, on "
+                      "GPU %d", ref->n_chunks, (unsigned long long)e.bytes, dev);
         vmm_drop(&e);
     }
     return rc;
@@ -227,10 +245,10 @@ out_nodev:
 static int vmm_unmap(cuda_exec *x, const rlb_exec_ref *ref)
 {
     struct stat st;
-    if (ref->fd < 0 || fstat(ref->fd, &st) != 0)
+    if (ref->n_chunks < 1 || !ref->chunk_fds || fstat(ref->chunk_fds[0], &st) != 0)
         return RLB_EINVAL;
     for (uint32_t i = 0; i < x->n_vmm; i++)
-        if (x->vmm[i].ino == (uint64_t)st.st_ino && x->vmm[i].dev == (uint64_t)st.st_dev) {
+        if (same_range(&x->vmm[i], &st)) {
             if (--x->vmm[i].refs == 0) {
                 vmm_drop(&x->vmm[i]);
                 x->vmm[i] = x->vmm[--x->n_vmm];

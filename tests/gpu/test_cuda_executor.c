@@ -62,9 +62,11 @@ static int vmm_alloc(uint64_t bytes, int *fd, uint64_t *size)
     return rc;
 }
 
-static rlb_exec_ref vmm_ref(int fd, uint64_t size, const uint8_t uuid[16])
+/* A one-chunk VMM reference to *fd (fd and size must outlive the reference). */
+static rlb_exec_ref vmm_ref(const int *fd, const uint64_t *size, const uint8_t uuid[16])
 {
-    rlb_exec_ref r = {.kind = 2, .fd = fd, .alloc_bytes = size, .offset = 0, .length = size};
+    rlb_exec_ref r = {.kind = 2, .fd = -1, .chunk_fds = fd, .chunk_bytes = size, .n_chunks = 1,
+                      .alloc_bytes = *size, .offset = 0, .length = *size};
     memcpy(r.device_uuid, uuid, 16);
     return r;
 }
@@ -89,7 +91,7 @@ static void run_case(uint64_t seed, const uint8_t uuid[16])
     src_len[0] = g.size[0];
     for (uint32_t b = 1; b < g.n_buf; b++) {
         assert_int_equal(vmm_alloc(g.size[b], &src_fd[b], &src_size[b]), 0);
-        src_ref[b] = vmm_ref(src_fd[b], src_size[b], uuid);
+        src_ref[b] = vmm_ref(&src_fd[b], &src_size[b], uuid);
         assert_int_equal(x->iface->map(x, &src_ref[b], &src[b], err, sizeof err), 0);
         assert_int_equal(cudaMemcpy(src[b], g.mem[b], g.size[b], cudaMemcpyHostToDevice),
                          cudaSuccess);
@@ -106,7 +108,7 @@ static void run_case(uint64_t seed, const uint8_t uuid[16])
     for (uint64_t d = 0; d < nd; d++) {
         dst_len[d] = p->dst_bytes[d];
         assert_int_equal(vmm_alloc(dst_len[d] + 1, &dst_fd[d], &dst_size[d]), 0);
-        dst_ref[d] = vmm_ref(dst_fd[d], dst_size[d], uuid);
+        dst_ref[d] = vmm_ref(&dst_fd[d], &dst_size[d], uuid);
         assert_int_equal(x->iface->map(x, &dst_ref[d], &dst[d], err, sizeof err), 0);
         assert_int_equal(cudaMemset(dst[d], GC_POISON, dst_len[d]), cudaSuccess);
         want[d] = malloc(dst_len[d] + 1);
@@ -188,7 +190,10 @@ static void test_refusals(void **state)
     rlb_executor *x = NULL;
     assert_int_equal(rlb__executor_cuda_create(&x, err, sizeof err), 0);
     void *addr;
-    rlb_exec_ref bad = {.kind = 2, .fd = -1, .alloc_bytes = 4096, .length = 4096};
+    int no_fd = -1;
+    uint64_t size = 4096;
+    rlb_exec_ref bad = {.kind = 2, .fd = -1, .chunk_fds = &no_fd, .chunk_bytes = &size,
+                        .n_chunks = 1, .alloc_bytes = 4096, .length = 4096};
     struct cudaDeviceProp prop;
     assert_int_equal(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
     memcpy(bad.device_uuid, &prop.uuid, 16);
