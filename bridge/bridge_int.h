@@ -31,6 +31,7 @@
 #define BR_MAX_MSG (1u << 30)  /* largest message accepted from a peer */
 #define BR_TP_SLOT_FLOATS 65536 /* floats per call a CPU TP communicator exchanges at once */
 #define BR_MAX_RETRIES 1       /* times a request moves to another replica after a death */
+#define BR_MAX_PENDING 256     /* accepted connections whose hello has not come yet */
 
 typedef struct bridge bridge;
 
@@ -53,6 +54,8 @@ typedef struct br_seg {
     uint32_t n_chunks;  /* VMM: physical chunks of the range */
     int *fds;           /* VMM: [n_chunks] their fds (kept: they identify the range) */
     uint64_t *chunks;   /* VMM: [n_chunks] their sizes */
+    const char *refused; /* why it was not mapped (unsealed: its owner could truncate it
+                            under us), NULL for a usable segment */
 } br_seg;
 
 /* One tensor a trainer rank registered (a copy of the message's tensor). */
@@ -94,7 +97,14 @@ typedef struct br_peer {
     rlb_msg_hello hello;     /* what it said (owns nothing) */
     rlb_ring_rx rx;          /* reassembly of fragmented messages */
     br_out *out_head, *out_tail; /* messages waiting for ring room */
+    size_t out_off;          /* bytes of out_head already in the ring (a fragmented one) */
+    double out_since;        /* br_now() of the queue's last progress (or of its start) */
     int closing;             /* BR_CLOSE_*: drop once the queue is flushed, or now */
+    uint8_t *held;           /* a message naming segments that have not arrived on the
+                                socket yet (register, a worker's hello): handled once they
+                                come or at held_until; the ring is not read meanwhile */
+    size_t held_len;         /* bytes in held */
+    double held_until;       /* br_now() bound of the wait for those segments */
     br_seg *segs;            /* segments received */
     uint32_t n_segs, cap_segs;
     /* trainer */
@@ -169,6 +179,9 @@ typedef struct br_copy {
 struct bridge {
     const rlb_bridge_opts *opts;
     rlb_listener *listener;
+    int pending[BR_MAX_PENDING];     /* accepted sockets waiting for their hello */
+    double pending_until[BR_MAX_PENDING]; /* ... each until then (RLB_PEER_TIMEOUT_MS) */
+    int n_pending;
     int stop;                 /* shutdown requested */
     uint32_t next_peer_id;    /* from 1 */
     br_peer *peers[BR_MAX_PEERS]; /* by slot; NULL = free */
@@ -222,17 +235,20 @@ struct bridge {
 
 /* ---- peer.c ------------------------------------------------------------------------ */
 
-/* Packs msg and queues it for p (sending at once what the ring has room for). A peer whose
- * ring stays blocked for a large message is marked closing. Returns 0 or a negative code
- * (logged; the message is dropped). */
+/* Packs msg and queues it for p (sending at once what the ring has room for). Returns 0 or
+ * a negative code (logged; the message is dropped). */
 int br_send(bridge *b, br_peer *p, const rlb_msg *msg);
 /* Queues already packed bytes. */
 int br_send_packed(bridge *b, br_peer *p, uint32_t type, const void *data, size_t len);
 /* Sends an ERROR (code, request id, in_reply_to, formatted text). */
 int br_send_error(bridge *b, br_peer *p, int code, uint64_t request_id, uint32_t in_reply_to,
                   const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+/* Payload bytes the head of p's queue waits for in p's ring (0: no queue). */
+size_t br_out_need(br_peer *p);
 /* Moves queued messages into p's ring. Returns 1 when something moved, 0 otherwise. */
 int br_flush(bridge *b, br_peer *p);
+/* 1 when p's queue has made no progress for timeout_s (p does not read its ring). */
+int br_out_stalled(br_peer *p, double timeout_s);
 /* Receives every fd message waiting on p's socket. Returns 0, or RLB_EPEERDEAD / a
  * protocol error after which p should be dropped. */
 int br_recv_segments(bridge *b, br_peer *p, int wait_ms);

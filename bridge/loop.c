@@ -2,18 +2,17 @@
  * message (hello, stats, sleep/wake, shutdown; the rest goes to registry.c, sync.c and
  * sched.c).
  *
- * Waiting. Messages arrive on rings (shared memory), whose consumer-side wait is a
- * semaphore per ring; the bridge cannot block on many of those at once, and peers post a
- * ring's semaphore only when its consumer said it sleeps. Everything else that wakes the
- * bridge is an fd: the listener, each peer's socket (segment fds arrive there and it
- * reports a peer's death at once) and the copy thread's eventfd. So the loop
+ * Waiting. Messages arrive on rings (shared memory); each ring side sleeps on an eventfd
+ * its peer writes when it commits (or frees room) after the sleeper announced its sleep
+ * (common/conn.h): no semaphore in memory a peer can write is ever touched. Everything
+ * that wakes the bridge is thus an fd: the listener, each peer's socket (segment fds
+ * arrive there and it reports a peer's death at once), each peer's two ring eventfds and
+ * the copy thread's eventfd. So the loop
  *   - after any activity, keeps polling the rings without sleeping for RLB_SPIN_US
  *     (a burst of messages, a sync's loaded answers, costs no wake-up latency);
- *   - then sleeps in poll() over all fds with a BR_IDLE_POLL_MS timeout, after which it
- *     looks at the rings again.
- * An idle bridge thus wakes 1000 times a second for a few microseconds of work (well
- * under 1% of a core), and a message arriving at an idle bridge waits at most ~1 ms.
- * Peer deaths, new connections and the end of a copy wake it at once.
+ *   - then announces its sleep on every ring (rlb__ring_arm) and blocks in poll() over all
+ *     fds until one fires or the next heartbeat check is due.
+ * An idle bridge wakes only for its heartbeat checks (RLB_HEARTBEAT_MS).
  *
  * Sending never blocks the loop: see peer.c. A message that fails to decode is answered
  * with an ERROR (rlb__msg_error_reply) and the sender's connection goes on; a message of a
@@ -37,7 +36,6 @@
 #include "common/shm.h"
 #include "common/tp_comm.h"
 
-#define BR_IDLE_POLL_MS 1   /* poll timeout once the spin is over */
 #define BR_RECV_BUDGET 64   /* messages taken from one peer per loop turn (fairness) */
 
 double br_now(void)
@@ -209,16 +207,14 @@ static int replicas_init(bridge *b, const rlb_msg_hello *h, char *why, size_t le
 static int worker_buffer(bridge *b, br_peer *p, const rlb_msg_hello *h, uint32_t id,
                          uint64_t bytes, void **addr, char *why, size_t len)
 {
-    br_seg *s = br_seg_find(p, id);
-    if (!s) {
-        int wait = (int)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS);
-        br_recv_segments(b, p, wait > 0 ? wait : 1);
-        s = br_seg_find(p, id);
-    }
+    br_seg *s = br_seg_find(p, id); /* held by the loop until it came, or a timeout */
     if (!s)
         return snprintf(why, len, "no weight buffer passed as segment %u%s", id,
                         id == RLB_SEG_ID_WEIGHTS_B ? " (the bridge runs in staged mode)" : ""),
                RLB_ENOTFOUND;
+    if (s->refused)
+        return snprintf(why, len, "weight buffer (segment %u) is %s", id, s->refused),
+               RLB_EPERM;
     if (s->bytes < bytes)
         return snprintf(why, len, "weight buffer (segment %u) holds %llu bytes, the model needs "
                         "%llu: does the worker run the bridge's model?", id,
@@ -421,7 +417,41 @@ static int allowed(int role, uint32_t type)
     return type < 32 && (mask >> type & 1);
 }
 
-static void handle(bridge *b, br_peer *p, const void *data, size_t len)
+/* Segments that message m from p names and p has not passed yet (the socket drained
+ * first): a register's host and VMM tensors, a worker's weight buffers. */
+static int segments_missing(bridge *b, br_peer *p, const rlb_msg *m)
+{
+    if (br_recv_segments(b, p, 0) < 0)
+        return 0; /* the socket is broken: the message is answered, the peer dropped */
+    if (m->type == RLB_MSG_REGISTER) {
+        for (uint32_t i = 0; i < m->reg.n_tensors; i++)
+            if (m->reg.tensors[i].mem.kind != RLB_MEM_CUDA_IPC &&
+                !br_seg_find(p, m->reg.tensors[i].mem.fd_index))
+                return 1;
+        return 0;
+    }
+    if (m->type == RLB_MSG_HELLO && m->hello.role == RLB_ROLE_WORKER)
+        return !br_seg_find(p, RLB_SEG_ID_WEIGHTS) ||
+               (b->opts->mode == RLB_SYNC_STAGED && !br_seg_find(p, RLB_SEG_ID_WEIGHTS_B));
+    return 0;
+}
+
+/* Keeps a copy of message data for p until its segments arrive (segmsg.h: the fd is sent
+ * before the message, but on another channel). Returns 1 when it was held. */
+static int hold_message(bridge *b, br_peer *p, const void *data, size_t len)
+{
+    p->held = malloc(len ? len : 1);
+    if (!p->held)
+        return 0; /* answered now, without its segments */
+    memcpy(p->held, data, len);
+    p->held_len = len;
+    p->held_until = br_now() + (double)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS) * 1e-3;
+    return 1;
+}
+
+/* Handles one message of p. `final`: it was held for its segments already; answer it
+ * now with whatever arrived. */
+static void handle(bridge *b, br_peer *p, const void *data, size_t len, int final)
 {
     rlb_msg m;
     char err[256];
@@ -437,6 +467,10 @@ static void handle(bridge *b, br_peer *p, const void *data, size_t len)
         br_send_error(b, p, RLB_EPROTO, 0, m.type, "a %s may not send %s messages%s",
                       role_name(p->role), rlb__msg_type_name(m.type),
                       p->role == BR_NEW ? " before its hello" : "");
+        rlb__msg_free(&m);
+        return;
+    }
+    if (!final && segments_missing(b, p, &m) && hold_message(b, p, data, len)) {
         rlb__msg_free(&m);
         return;
     }
@@ -506,33 +540,75 @@ static void peer_drop(bridge *b, br_peer *p, const char *why)
     br_peer_free(b, p);
 }
 
+/* Gives a connection whose handshake is done its peer slot. */
+static void add_peer(bridge *b, rlb_conn *c)
+{
+    int slot = 0;
+    while (slot < BR_MAX_PEERS && b->peers[slot])
+        slot++;
+    br_peer *p = slot < BR_MAX_PEERS ? calloc(1, sizeof(*p)) : NULL;
+    if (!p) {
+        RLB_LOG_WARN(RLB_SUB_BRIDGE, "refusing a peer: %s", slot < BR_MAX_PEERS ?
+                     "out of memory" : "too many peers");
+        rlb__conn_close(c);
+        return;
+    }
+    p->id = b->next_peer_id++;
+    p->slot = slot;
+    p->conn = c;
+    p->role = BR_NEW;
+    p->rx.max_msg = BR_MAX_MSG;
+    p->rx.private_copy = 1; /* decode what no peer can rewrite under the decoder */
+    b->peers[slot] = p;
+    b->n_peers++;
+}
+
+/* Takes every connection waiting in accept. Its handshake waits in b->pending for the
+ * peer's hello (pending_hellos), so a peer that connects and says nothing costs the others
+ * nothing. */
 static void accept_peers(bridge *b)
 {
     for (;;) {
-        rlb_conn *c;
-        int rc = rlb__listener_accept(b->listener, &c);
+        int sock;
+        int rc = rlb__listener_accept_sock(b->listener, &sock);
         if (rc == RLB_EAGAIN)
             return;
         if (rc < 0)
-            continue; /* a refused or broken peer; conn.c logged it */
-        int slot = 0;
-        while (slot < BR_MAX_PEERS && b->peers[slot])
-            slot++;
-        br_peer *p = slot < BR_MAX_PEERS ? calloc(1, sizeof(*p)) : NULL;
-        if (!p) {
-            RLB_LOG_WARN(RLB_SUB_BRIDGE, "refusing a peer: %s", slot < BR_MAX_PEERS ?
-                         "out of memory" : "too many peers");
-            rlb__conn_close(c);
+            continue; /* conn.c logged it */
+        if (b->n_pending == BR_MAX_PENDING) {
+            RLB_LOG_WARN(RLB_SUB_BRIDGE, "refusing a connection: %d handshakes pending",
+                         BR_MAX_PENDING);
+            close(sock);
             continue;
         }
-        p->id = b->next_peer_id++;
-        p->slot = slot;
-        p->conn = c;
-        p->role = BR_NEW;
-        p->rx.max_msg = BR_MAX_MSG;
-        b->peers[slot] = p;
-        b->n_peers++;
+        b->pending[b->n_pending] = sock;
+        b->pending_until[b->n_pending++] =
+            br_now() + (double)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS) * 1e-3;
     }
+}
+
+/* Runs the handshake of pending connection i when its hello is there (`ready`: poll said
+ * so), or gives up on it past its bound. Returns 1 when it left the pending list. */
+static int pending_hello(bridge *b, int i, int ready)
+{
+    int sock = b->pending[i];
+    int rc = RLB_EAGAIN;
+    rlb_conn *c = NULL;
+    if (ready)
+        rc = rlb__listener_welcome(b->listener, sock, &c);
+    if (rc == RLB_EAGAIN && br_now() < b->pending_until[i])
+        return 0;
+    b->pending[i] = b->pending[--b->n_pending];
+    b->pending_until[i] = b->pending_until[b->n_pending];
+    if (rc == 0) {
+        add_peer(b, c);
+        return 1;
+    }
+    if (rc == RLB_EAGAIN)
+        RLB_LOG_WARN(RLB_SUB_BRIDGE, "a connection sent no hello within RLB_PEER_TIMEOUT_MS; "
+                     "closed");
+    close(sock);
+    return 1;
 }
 
 /* Takes up to BR_RECV_BUDGET messages from p's ring. Returns 1 when it took any, or
@@ -541,7 +617,22 @@ static int recv_messages(bridge *b, br_peer *p)
 {
     rlb_ring *rx = rlb__conn_rx(p->conn);
     int got = 0;
-    for (int i = 0; i < BR_RECV_BUDGET && p->closing == BR_OPEN; i++) {
+    if (p->held) {
+        rlb_msg m;
+        int waits = br_now() < p->held_until;
+        if (waits && rlb__msg_decode(p->held, p->held_len, &m, NULL, 0) == 0) {
+            waits = segments_missing(b, p, &m);
+            rlb__msg_free(&m);
+        }
+        if (waits)
+            return 0;
+        uint8_t *held = p->held;
+        p->held = NULL;
+        handle(b, p, held, p->held_len, 1);
+        free(held);
+        got = 1;
+    }
+    for (int i = 0; i < BR_RECV_BUDGET && p->closing == BR_OPEN && !p->held; i++) {
         rlb_ring_msg rm;
         int rc = rlb__ring_recv(rx, &p->rx, 0, &rm);
         if (rc == RLB_EAGAIN || rc == RLB_ETIMEDOUT)
@@ -553,7 +644,7 @@ static int recv_messages(bridge *b, br_peer *p)
         }
         if (rc < 0)
             return rc;
-        handle(b, p, rm.data, rm.len);
+        handle(b, p, rm.data, rm.len, 0);
         rlb__ring_recv_done(rx, &p->rx);
         got = 1;
     }
@@ -603,6 +694,13 @@ static void check_heartbeats(bridge *b)
         rlb_ring *rx = rlb__conn_rx(p->conn), *tx = rlb__conn_tx(p->conn);
         rlb__ring_heartbeat(rx);
         rlb__ring_heartbeat(tx);
+        if (timeout > 0 && p->closing != BR_CLOSE_NOW && br_out_stalled(p, timeout * 1e-3)) {
+            char why[128];
+            snprintf(why, sizeof(why), "not reading its ring: nothing of a %zu-byte message "
+                     "went out for %lld ms (RLB_PEER_TIMEOUT_MS)", p->out_head->len, timeout);
+            peer_drop(b, p, why);
+            continue;
+        }
         if (p->role != RLB_ROLE_WORKER || p->closing || timeout <= 0)
             continue;
         int64_t a = rlb__ring_peer_idle_ms(rx), c = rlb__ring_peer_idle_ms(tx);
@@ -637,6 +735,8 @@ static void shutdown_all(bridge *b)
 
 static void bridge_free(bridge *b)
 {
+    for (int i = 0; i < b->n_pending; i++)
+        close(b->pending[i]);
     br_plan_reset(b);
     for (uint32_t d = 0; d < b->n_replicas; d++) {
         if (b->replicas[d].tp_fd >= 0)
@@ -687,9 +787,59 @@ int br_use_cuda(bridge *b, char *why, size_t len)
 #endif
 }
 
+/* Before a sleep in poll: asks every peer to write our eventfds on its next commit (and,
+ * where output waits for ring room, on its next release). Returns 1 when a ring is ready
+ * already (or broken), so the loop must not sleep. */
+static int arm_rings(bridge *b)
+{
+    int ready = 0;
+    for (int i = 0; i < BR_MAX_PEERS; i++) {
+        br_peer *p = b->peers[i];
+        if (!p)
+            continue;
+        if (p->closing == BR_OPEN && !p->held && rlb__ring_arm(rlb__conn_rx(p->conn), 0) != 0)
+            ready = 1;
+        if (p->out_head && rlb__ring_arm(rlb__conn_tx(p->conn), br_out_need(p)) != 0)
+            ready = 1;
+    }
+    return ready;
+}
+
+static void disarm_rings(bridge *b)
+{
+    for (int i = 0; i < BR_MAX_PEERS; i++)
+        if (b->peers[i]) {
+            rlb__ring_disarm(rlb__conn_rx(b->peers[i]->conn));
+            rlb__ring_disarm(rlb__conn_tx(b->peers[i]->conn));
+        }
+}
+
+/* The earliest bound the loop must wake up for: the next heartbeat check, a pending
+ * handshake or a held message giving up. */
+static double next_deadline(bridge *b, double next_beat)
+{
+    double t = next_beat;
+    for (int i = 0; i < b->n_pending; i++)
+        t = b->pending_until[i] < t ? b->pending_until[i] : t;
+    for (int i = 0; i < BR_MAX_PEERS; i++)
+        if (b->peers[i] && b->peers[i]->held && b->peers[i]->held_until < t)
+            t = b->peers[i]->held_until;
+    return t;
+}
+
+/* Empties an eventfd that fired (non-blocking). */
+static void drain_eventfd(int fd)
+{
+    uint64_t count;
+    (void)!read(fd, &count, sizeof(count));
+}
+
+/* Poll entries per peer: its socket and its rx and tx ring eventfds. */
+#define FDS_PER_PEER 3
+
 static int loop(bridge *b)
 {
-    struct pollfd *fds = calloc(BR_MAX_PEERS + 2, sizeof(*fds));
+    struct pollfd *fds = calloc(FDS_PER_PEER * BR_MAX_PEERS + BR_MAX_PENDING + 2, sizeof(*fds));
     br_peer **at = calloc(BR_MAX_PEERS, sizeof(*at));
     if (!fds || !at) {
         free(fds);
@@ -703,27 +853,48 @@ static int loop(bridge *b)
     while (!b->stop && !(o->stop && *o->stop)) {
         fds[0] = (struct pollfd){.fd = rlb__listener_fd(b->listener), .events = POLLIN};
         fds[1] = (struct pollfd){.fd = b->copy.wake_fd, .events = POLLIN};
-        int n = 2;
+        int n = 2, n_peers = 0;
         for (int i = 0; i < BR_MAX_PEERS; i++)
             if (b->peers[i]) {
-                at[n - 2] = b->peers[i];
+                int rx_fd, tx_fd;
+                rlb__conn_wait_fds(b->peers[i]->conn, &rx_fd, &tx_fd);
+                at[n_peers++] = b->peers[i];
                 fds[n++] = (struct pollfd){.fd = rlb__conn_fd(b->peers[i]->conn),
                                            .events = POLLIN | POLLRDHUP};
+                fds[n++] = (struct pollfd){.fd = rx_fd, .events = POLLIN};
+                fds[n++] = (struct pollfd){.fd = tx_fd, .events = POLLIN};
             }
-        int timeout = br_now() < spin_until ? 0 : BR_IDLE_POLL_MS;
-        if (poll(fds, (nfds_t)n, timeout) < 0 && errno != EINTR) {
+        int first_pending = n, n_pending = b->n_pending;
+        for (int i = 0; i < n_pending; i++)
+            fds[n++] = (struct pollfd){.fd = b->pending[i], .events = POLLIN};
+        int timeout = 0;
+        if (br_now() >= spin_until && !arm_rings(b)) {
+            double left = next_deadline(b, next_beat) - br_now();
+            timeout = left > 0 ? (int)(left * 1e3) + 1 : 0;
+        }
+        int polled = poll(fds, (nfds_t)n, timeout);
+        disarm_rings(b);
+        if (polled < 0 && errno != EINTR) {
             RLB_LOG_ERROR(RLB_SUB_BRIDGE, "poll: %s", strerror(errno));
             break;
         }
         int busy = 0;
+        /* Backwards: pending_hello moves the last entry into a finished one's place. */
+        for (int i = n_pending - 1; i >= 0; i--)
+            busy |= pending_hello(b, i, fds[first_pending + i].revents != 0);
         if (fds[0].revents & POLLIN)
             accept_peers(b);
         if (fds[1].revents & POLLIN) {
             br_copy_done(b);
             busy = 1;
         }
-        for (int i = 2; i < n; i++)
-            busy |= serve_peer(b, at[i - 2], fds[i].revents);
+        for (int i = 0; i < n_peers; i++) {
+            struct pollfd *f = &fds[2 + FDS_PER_PEER * i];
+            for (int k = 1; k < FDS_PER_PEER; k++)
+                if (f[k].revents & POLLIN)
+                    drain_eventfd(f[k].fd);
+            busy |= serve_peer(b, at[i], f[0].revents);
+        }
         if (br_now() >= next_beat) {
             check_heartbeats(b);
             next_beat = br_now() + (beat_s > 0 ? beat_s : 0.2);

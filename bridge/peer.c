@@ -3,16 +3,18 @@
  * the peer passed over its socket (common/segmsg.h).
  *
  * Outbound: a message is packed once into a heap record and moved into the peer's ring
- * when there is room, without waiting (claim with timeout 0), in order. A message larger
- * than one ring record cannot be moved piecewise from outside the ring (fragments carry
- * ring-private flags), so it goes through rlb__ring_send with a bound of
- * RLB_PEER_TIMEOUT_MS once it reaches the head of the queue: a peer that does not read a
- * many-MB result within that bound is dropped rather than stalling everyone else.
+ * when there is room, without ever waiting, in order; a message larger than one ring
+ * record is streamed in fragments as the peer frees room (rlb__ring_send_from). A peer
+ * whose queue makes no progress for RLB_PEER_TIMEOUT_MS (it does not read its ring) is
+ * dropped by the loop's heartbeat check; nobody else waits for it meanwhile.
  *
  * Segments: mapped once when they arrive, unmapped when their last registered tensor goes
- * or the peer disconnects. While the copy thread runs a sync, unmapping is deferred
- * ("parked") so the executor never reads or writes freed memory.
+ * or the peer disconnects. Only segments sealed against shrinking and growing are mapped:
+ * a peer that truncated an unsealed one under a sync would kill the bridge with SIGBUS.
+ * While the copy thread runs a sync, unmapping is deferred ("parked") so the executor never
+ * reads or writes freed memory.
  */
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,10 +31,12 @@
 static void enqueue(bridge *b, br_peer *p, br_out *o)
 {
     o->next = NULL;
-    if (p->out_tail)
+    if (p->out_tail) {
         p->out_tail->next = o;
-    else
+    } else {
         p->out_head = o;
+        p->out_since = br_now();
+    }
     p->out_tail = o;
     br_flush(b, p);
 }
@@ -98,40 +102,44 @@ static void out_pop(br_peer *p)
     free(o);
 }
 
+size_t br_out_need(br_peer *p)
+{
+    rlb_ring *tx = rlb__conn_tx(p->conn);
+    return p->out_head ? rlb__ring_send_need(tx, p->out_head->len, p->out_off) : 0;
+}
+
 int br_flush(bridge *b, br_peer *p)
 {
     rlb_ring *tx = rlb__conn_tx(p->conn);
-    size_t max_payload = rlb__ring_max_payload(tx);
     int moved = 0;
     while (p->out_head && p->closing != BR_CLOSE_NOW) {
         br_out *o = p->out_head;
-        if (o->len > max_payload) {
-            int rc = rlb__ring_send(tx, o->type, o->data, o->len,
-                                    (int)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS));
-            if (rc < 0) {
-                RLB_LOG_WARN(RLB_SUB_BRIDGE, "peer %u: a %zu-byte message did not go out "
-                             "(%s); dropping the peer", p->id, o->len, rlb_strerror(rc));
-                p->closing = BR_CLOSE_NOW;
-                return moved;
-            }
-        } else {
-            void *slot;
-            size_t cap;
-            int rc = rlb__ring_claim(tx, o->len, 0, &slot, &cap);
-            if (rc == RLB_EAGAIN || rc == RLB_ETIMEDOUT)
-                return moved;
-            if (rc < 0) {
-                p->closing = BR_CLOSE_NOW;
-                return moved;
-            }
-            memcpy(slot, o->data, o->len);
-            rlb__ring_commit(tx, o->type, o->len);
+        size_t before = p->out_off;
+        int rc = rlb__ring_send_from(tx, o->type, o->data, o->len, &p->out_off, 0);
+        if (p->out_off != before) {
+            moved = 1;
+            p->out_since = br_now();
         }
+        if (rc == RLB_EAGAIN || rc == RLB_ETIMEDOUT)
+            return moved;
+        if (rc < 0) {
+            RLB_LOG_WARN(RLB_SUB_BRIDGE, "peer %u: a %zu-byte message did not go out (%s); "
+                         "dropping the peer", p->id, o->len, rlb_strerror(rc));
+            p->closing = BR_CLOSE_NOW;
+            return moved;
+        }
+        p->out_off = 0;
+        p->out_since = br_now();
         out_pop(p);
         moved = 1;
     }
     (void)b;
     return moved;
+}
+
+int br_out_stalled(br_peer *p, double timeout_s)
+{
+    return p->out_head && br_now() - p->out_since > timeout_s;
 }
 
 /* ---- Segments ----------------------------------------------------------------------- */
@@ -233,6 +241,21 @@ static int seg_add(br_peer *p, const rlb__seg_msg *sm, int fd)
         br_seg_find(p, sm->id)) {
         RLB_LOG_WARN(RLB_SUB_BRIDGE, "peer %u: bad or duplicate segment message (id %u)",
                      p->id, sm->id);
+        goto out;
+    }
+    int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW)) {
+        /* Its owner could truncate it while the copy thread reads it (SIGBUS): it is kept
+         * as refused, so the register naming it gets the reason rather than "never sent". */
+        RLB_LOG_WARN(RLB_SUB_BRIDGE, "peer %u: segment %u is not sealed against shrinking and "
+                     "growing; refused", p->id, sm->id);
+        if ((rc = seg_grow(p)) < 0)
+            goto out;
+        p->segs[p->n_segs++] = (br_seg){.id = sm->id, .bytes = sm->bytes,
+                                        .refused = "not sealed against shrinking and growing "
+                                                   "(F_SEAL_SHRINK | F_SEAL_GROW): allocate it "
+                                                   "with rlb_alloc_host"};
+        rc = 0;
         goto out;
     }
     if ((rc = rlb__shm_size(fd, &size)) < 0 || size < sm->bytes) {
@@ -349,6 +372,7 @@ void br_peer_free(bridge *b, br_peer *p)
     for (uint32_t i = 0; i < p->n_segs; i++)
         br_seg_release(b, &p->segs[i]);
     free(p->segs);
+    free(p->held);
     rlb__ring_rx_free(&p->rx);
     rlb__conn_close(p->conn);
     free(p);

@@ -3,8 +3,9 @@
  *
  * A REGISTER batch is checked tensor by tensor before anything is kept, and refused as a
  * whole with an ERROR naming the first bad tensor:
- *   - its memory: a HOST_SHM reference to a segment the rank passed (the socket is drained
- *     first, as segmsg.h asks), inside that segment, exactly as long as its layout says;
+ *   - its memory: a HOST_SHM reference to a segment the rank passed (the loop holds the
+ *     batch until its segments arrived, as segmsg.h asks, or RLB_PEER_TIMEOUT_MS passed),
+ *     sealed, inside that segment, exactly as long as its layout says;
  *   - the model: the tensor is checked against the parameter list by the very functions
  *     that later build the source (model/source.h), on a scratch source whose other ranks'
  *     shards are stand-ins, so name, shape, dtype and FSDP metadata get the planner's own
@@ -223,8 +224,8 @@ static rlb_exec_ref ipc_ref(const br_tensor *t)
 }
 
 /* Checks (and, for device memory, maps) where a tensor's bytes live; err names it. Host
- * and VMM tensors lie inside a segment the rank passed (the socket is drained first, as
- * segmsg.h asks); an IPC tensor names its allocation, opened through the executor. */
+ * and VMM tensors lie inside a segment the rank passed; an IPC tensor names its
+ * allocation, opened through the executor. */
 static int check_memory(bridge *b, br_peer *p, br_tensor *t, char *err)
 {
     if (t->mem == RLB_MEM_CUDA_IPC) {
@@ -239,16 +240,14 @@ static int check_memory(bridge *b, br_peer *p, br_tensor *t, char *err)
         }
         return 0;
     }
+    /* The loop held the register until its segments came, or RLB_PEER_TIMEOUT_MS. */
     br_seg *s = br_seg_find(p, t->seg);
-    if (!s) {
-        int wait = (int)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS);
-        if (br_recv_segments(b, p, 0) == 0 && !br_seg_find(p, t->seg))
-            br_recv_segments(b, p, wait > 0 ? wait : 1);
-        s = br_seg_find(p, t->seg);
-    }
     if (!s)
-        return snprintf(err, ERRLEN, "tensor '%s': segment %u was never passed", t->name,
-                        t->seg), RLB_ENOTFOUND;
+        return snprintf(err, ERRLEN, "tensor '%s': segment %u was never passed (within "
+                        "RLB_PEER_TIMEOUT_MS)", t->name, t->seg), RLB_ENOTFOUND;
+    if (s->refused)
+        return snprintf(err, ERRLEN, "tensor '%.60s': segment %u is %s", t->name, t->seg,
+                        s->refused), RLB_EPERM;
     if (s->vmm != (t->mem == RLB_MEM_CUDA_VMM_FD))
         return snprintf(err, ERRLEN, "tensor '%s': segment %u holds %s memory, the tensor "
                         "says %s", t->name, t->seg, s->vmm ? "GPU" : "host",

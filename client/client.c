@@ -11,6 +11,7 @@
 
 #include "client/client_internal.h"
 #include "common/check.h"
+#include "common/env.h"
 #include "common/log.h"
 
 /* Largest message the pump reassembles: results of many MB pass whole, and a bridge that
@@ -404,7 +405,9 @@ RLB_API int rlb_connect(const rlb_client_options *opts, rlb_client **out)
     RLB_CHECK(resolve_socket(o.socket, path, sizeof(path)));
     rlb_conn *conn = NULL;
     uint32_t bridge_abi = 0;
-    rc = rlb__conn_connect_abi(path, timeout, &conn, &bridge_abi);
+    /* A tool asks for small rings: what it receives (stats, results) streams through. */
+    uint64_t ring_bytes = o.observer ? (uint64_t)rlb__env_int(RLB_KNOB_RING_TOOL_BYTES) : 0;
+    rc = rlb__conn_connect_abi(path, timeout, ring_bytes, &conn, &bridge_abi);
     if (rc == RLB_EVERSION)
         return connect_fail(rc, "the bridge at %s speaks ABI version %u and this librlb ABI "
                                 "version %u: use a librlb from the bridge's release",

@@ -34,7 +34,11 @@ RLB_API int rlb_alloc_host(rlb_client *client, size_t bytes, void **ptr)
     size_t size = page_round(bytes);
     int fd = -1;
     void *mem = NULL;
-    int rc = rlb__shm_create(size, "rlb-host", &fd);
+    char why[256];
+    int rc = rlb__shm_room(size, 0, why, sizeof(why));
+    if (rc < 0)
+        return rlb__fail(c, rc, "rlb_alloc_host: %s", why);
+    rc = rlb__shm_create(size, "rlb-host", &fd);
     if (rc < 0)
         return rlb__fail(c, rc, "cannot create %zu bytes of shared memory (is /dev/shm large "
                                 "enough? see `rlb doctor`)", size);

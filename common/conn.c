@@ -8,12 +8,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "common/atomics.h"
 #include "common/check.h"
 #include "common/env.h"
 #include "common/log.h"
@@ -21,6 +23,15 @@
 #include "rlb/rlb.h"
 
 #define MAX_MSG 65536 /* largest message rlb__conn_send_fds sends */
+#define N_WAKE 4      /* eventfds of a connection (enum below) */
+#define N_WELCOME_FDS (2 + N_WAKE) /* a welcome carries the two rings and the eventfds */
+
+/* The wake-up eventfds of a connection, in the order a welcome carries them: who sleeps on
+ * each (the other side writes it). */
+enum { WAKE_L_TX = 0, /* the listener, for room in ring 0 */
+       WAKE_L_RX = 1, /* the listener, for data in ring 1 */
+       WAKE_P_RX = 2, /* the peer, for data in ring 0 */
+       WAKE_P_TX = 3  /* the peer, for room in ring 1 */ };
 
 struct rlb_listener {
     int fd;           /* listening socket, non-blocking */
@@ -30,14 +41,20 @@ struct rlb_listener {
     uint64_t ring_bytes; /* capacity of each ring handed to a peer */
 };
 
+/* Bytes of ring segments this process's listeners hold for their connections, against
+ * RLB_RING_TOTAL_BYTES (rlb_fetch_add: connections close on any thread). */
+static uint64_t rings_held;
+
 struct rlb_conn {
     int sock;        /* SOCK_SEQPACKET, blocking; the liveness channel */
+    uint64_t held;   /* listener side: bytes of rings_held this connection counts */
     pid_t peer_pid;  /* SO_PEERCRED */
     uid_t peer_uid;  /* SO_PEERCRED */
     void *mem[2];    /* mappings of ring 0 (listener -> peer) and ring 1 (peer -> listener) */
     size_t mem_size; /* bytes of each mapping */
     rlb_ring tx;     /* the ring we produce into */
     rlb_ring rx;     /* the ring we consume from */
+    int wake[N_WAKE]; /* eventfds the rings sleep on and signal (WAKE_*), -1 if none */
 };
 
 static int64_t now_ms(void)
@@ -238,7 +255,9 @@ int rlb__conn_peer_alive(const rlb_conn *c)
 
 /* Maps the two ring segments (laying out empty rings first on the listener side) and
  * attaches our sides: the listener produces into ring 0 and consumes ring 1, the peer the
- * other way round. */
+ * other way round. Wake-ups go through c->wake, never through the semaphores in the
+ * segments: the peer may be any process of our uid, and a semaphore it scribbled over
+ * would abort whoever posts it. */
 static int attach_rings(rlb_conn *c, const int fds[2], uint64_t ring_bytes, int listener)
 {
     c->mem_size = rlb__ring_memsize(ring_bytes);
@@ -258,6 +277,13 @@ static int attach_rings(rlb_conn *c, const int fds[2], uint64_t ring_bytes, int 
                                RLB_RING_CONSUMER));
     rlb__ring_set_liveness(&c->tx, conn_alive, c);
     rlb__ring_set_liveness(&c->rx, conn_alive, c);
+    if (listener) {
+        rlb__ring_set_wake_fds(&c->tx, c->wake[WAKE_L_TX], c->wake[WAKE_P_RX]);
+        rlb__ring_set_wake_fds(&c->rx, c->wake[WAKE_L_RX], c->wake[WAKE_P_TX]);
+    } else {
+        rlb__ring_set_wake_fds(&c->tx, c->wake[WAKE_P_TX], c->wake[WAKE_L_RX]);
+        rlb__ring_set_wake_fds(&c->rx, c->wake[WAKE_P_RX], c->wake[WAKE_L_TX]);
+    }
     return 0;
 }
 
@@ -278,8 +304,23 @@ static rlb_conn *conn_new(int sock, const struct ucred *cred)
         c->sock = sock;
         c->peer_pid = cred->pid;
         c->peer_uid = cred->uid;
+        for (int i = 0; i < N_WAKE; i++)
+            c->wake[i] = -1;
     }
     return c;
+}
+
+/* Creates the connection's wake-up eventfds (non-blocking, close-on-exec). */
+static int make_wake_fds(rlb_conn *c)
+{
+    for (int i = 0; i < N_WAKE; i++) {
+        c->wake[i] = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (c->wake[i] < 0) {
+            RLB_LOG_ERROR(RLB_SUB_CONN, "eventfd: %s", strerror(errno));
+            return errno == EMFILE || errno == ENFILE ? RLB_ENOMEM : RLB_EIO;
+        }
+    }
+    return 0;
 }
 
 /* Answers a refused peer with the reason, best effort. */
@@ -297,17 +338,17 @@ static int recv_hello(int sock, rlb__conn_hello *h, int *fds, int *nfds, int tim
     size_t len = 0;
     int none[RLB_CONN_MAX_FDS];
     int n = 0;
-    int rc = sock_recv(sock, h, sizeof(*h), &len, fds ? fds : none, fds ? 2 : 0, &n,
-                       timeout_ms > 0 ? timeout_ms : 1);
+    int rc = sock_recv(sock, h, sizeof(*h), &len, fds ? fds : none, fds ? N_WELCOME_FDS : 0,
+                       &n, timeout_ms);
     if (rc < 0)
         return rc;
-    if (nfds)
-        *nfds = n;
     if (len != sizeof(*h) || h->magic != RLB_CONN_MAGIC) {
         RLB_LOG_WARN(RLB_SUB_CONN, "malformed handshake (%zu bytes)", len);
         close_fds(fds ? fds : none, n);
-        return RLB_EPROTO;
+        return RLB_EPROTO; /* *nfds untouched: what arrived is closed already */
     }
+    if (nfds)
+        *nfds = n;
     return 0;
 }
 
@@ -322,7 +363,9 @@ static int welcome(rlb_listener *l, int sock, rlb_conn **out)
         return rc;
     /* The hello is read before any refusal: closing a socket with unread data resets it,
      * and the peer would see a hang-up instead of our reason. */
-    rc = recv_hello(sock, &h, NULL, NULL, (int)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS));
+    rc = recv_hello(sock, &h, NULL, NULL, 0);
+    if (rc == RLB_EAGAIN)
+        return rc;
     if (rc < 0) {
         RLB_LOG_WARN(RLB_SUB_CONN, "peer pid %d: no valid hello: %s", (int)cred.pid,
                      rlb_strerror(rc));
@@ -340,20 +383,39 @@ static int welcome(rlb_listener *l, int sock, rlb_conn **out)
         refuse(sock, RLB_EVERSION);
         return RLB_EVERSION;
     }
-    rlb_conn *c = conn_new(sock, &cred);
-    if (!c)
+    /* A peer may ask for smaller rings (a tool: RLB_RING_TOOL_BYTES), never larger. */
+    uint64_t ring_bytes = rlb__ring_memsize(h.ring_bytes) && h.ring_bytes < l->ring_bytes
+                              ? h.ring_bytes
+                              : l->ring_bytes;
+    size_t size = rlb__ring_memsize(ring_bytes);
+    uint64_t cap = (uint64_t)rlb__env_int(RLB_KNOB_RING_TOTAL_BYTES);
+    if (rlb_fetch_add(&rings_held, 2 * size) + 2 * size > cap) {
+        rlb_fetch_add(&rings_held, -(uint64_t)(2 * size));
+        RLB_LOG_WARN(RLB_SUB_CONN, "refusing peer pid %d: its rings (2 x %zu bytes) would "
+                     "pass RLB_RING_TOTAL_BYTES (%llu)", (int)cred.pid, size,
+                     (unsigned long long)cap);
+        refuse(sock, RLB_ENOMEM);
         return RLB_ENOMEM;
-    size_t size = rlb__ring_memsize(l->ring_bytes);
+    }
+    rlb_conn *c = conn_new(sock, &cred);
+    if (!c) {
+        rlb_fetch_add(&rings_held, -(uint64_t)(2 * size));
+        return RLB_ENOMEM;
+    }
+    c->held = 2 * size;
     for (int i = 0; i < 2; i++) {
         RLB_CHECK_GOTO(rlb__shm_create(size, "rlb-ring", &fds[i]), rc, err);
     }
-    RLB_CHECK_GOTO(attach_rings(c, fds, l->ring_bytes, 1), rc, err);
+    RLB_CHECK_GOTO(make_wake_fds(c), rc, err);
+    RLB_CHECK_GOTO(attach_rings(c, fds, ring_bytes, 1), rc, err);
     h = (rlb__conn_hello){.magic = RLB_CONN_MAGIC, .abi_version = RLB_ABI_VERSION,
-                          .pid = (int32_t)getpid(), .ring_bytes = l->ring_bytes};
-    RLB_CHECK_GOTO(sock_send(sock, &h, sizeof(h), fds, 2), rc, err);
+                          .pid = (int32_t)getpid(), .ring_bytes = ring_bytes};
+    int all[N_WELCOME_FDS] = {fds[0], fds[1]};
+    memcpy(all + 2, c->wake, sizeof(c->wake));
+    RLB_CHECK_GOTO(sock_send(sock, &h, sizeof(h), all, N_WELCOME_FDS), rc, err);
     close_fds(fds, 2);
     RLB_LOG_INFO(RLB_SUB_CONN, "peer pid %d connected (rings of %llu bytes)", (int)cred.pid,
-                 (unsigned long long)l->ring_bytes);
+                 (unsigned long long)ring_bytes);
     *out = c;
     return 0;
 err:
@@ -367,23 +429,49 @@ err:
     return rc;
 }
 
-int rlb__listener_accept(rlb_listener *l, rlb_conn **out)
+int rlb__listener_accept_sock(rlb_listener *l, int *sock)
 {
-    if (!l || !out)
+    if (!l || !sock)
         return RLB_EINVAL;
-    int sock;
+    int s;
     do {
-        sock = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
-    } while (sock < 0 && errno == EINTR);
-    if (sock < 0) {
+        s = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
+    } while (s < 0 && errno == EINTR);
+    if (s < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNABORTED)
             return RLB_EAGAIN;
         RLB_LOG_ERROR(RLB_SUB_CONN, "accept: %s", strerror(errno));
         return errno == EMFILE || errno == ENFILE || errno == ENOMEM ? RLB_ENOMEM : RLB_EIO;
     }
-    int rc = welcome(l, sock, out);
+    *sock = s;
+    return 0;
+}
+
+int rlb__listener_welcome(rlb_listener *l, int sock, rlb_conn **out)
+{
+    if (!l || sock < 0 || !out)
+        return RLB_EINVAL;
+    return welcome(l, sock, out);
+}
+
+int rlb__listener_accept(rlb_listener *l, rlb_conn **out)
+{
+    if (!l || !out)
+        return RLB_EINVAL;
+    int sock;
+    int rc = rlb__listener_accept_sock(l, &sock);
     if (rc < 0)
+        return rc;
+    rc = wait_readable(sock, (int)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS));
+    if (rc == 0)
+        rc = welcome(l, sock, out);
+    if (rc == RLB_EAGAIN) /* readable, yet no datagram: the peer hung up */
+        rc = RLB_EPEERDEAD;
+    if (rc < 0) {
+        if (rc == RLB_ETIMEDOUT || rc == RLB_EPEERDEAD)
+            RLB_LOG_WARN(RLB_SUB_CONN, "a peer sent no hello: %s", rlb_strerror(rc));
         close(sock);
+    }
     return rc;
 }
 
@@ -491,11 +579,11 @@ void rlb__listener_close(rlb_listener *l)
 
 int rlb__conn_connect(const char *path, int timeout_ms, rlb_conn **out)
 {
-    return rlb__conn_connect_abi(path, timeout_ms, out, NULL);
+    return rlb__conn_connect_abi(path, timeout_ms, 0, out, NULL);
 }
 
-int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
-                          uint32_t *listener_abi)
+int rlb__conn_connect_abi(const char *path, int timeout_ms, uint64_t ring_bytes,
+                          rlb_conn **out, uint32_t *listener_abi)
 {
     if (listener_abi)
         *listener_abi = 0;
@@ -508,7 +596,7 @@ int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
         return rc;
     int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     rlb_conn *c = NULL;
-    int fds[2] = {-1, -1};
+    int fds[N_WELCOME_FDS];
     int nfds = 0;
     RLB_SYSCHECK(sock, rc, err);
     /* Bounds connect() when the listener's backlog is full. */
@@ -532,12 +620,12 @@ int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
         goto err;
     }
     rlb__conn_hello h = {.magic = RLB_CONN_MAGIC, .abi_version = RLB_ABI_VERSION,
-                         .pid = (int32_t)getpid()};
+                         .pid = (int32_t)getpid(), .ring_bytes = ring_bytes};
     rc = sock_send(sock, &h, sizeof(h), NULL, 0);
     /* A listener that refused us may have closed already; its reason still waits. */
     if (rc < 0 && rc != RLB_EPEERDEAD)
         goto err;
-    int left_ms = (int)((deadline - now_ms()) > 0 ? deadline - now_ms() : 0);
+    int left_ms = (int)((deadline - now_ms()) > 0 ? deadline - now_ms() : 1);
     RLB_CHECK_GOTO(recv_hello(sock, &h, fds, &nfds, left_ms), rc, err);
     if (listener_abi)
         *listener_abi = h.abi_version; /* a refusal carries it too */
@@ -553,7 +641,7 @@ int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
         rc = RLB_EVERSION;
         goto err;
     }
-    if (h.status != 0 || nfds != 2 || rlb__ring_memsize(h.ring_bytes) == 0) {
+    if (h.status != 0 || nfds != N_WELCOME_FDS || rlb__ring_memsize(h.ring_bytes) == 0) {
         RLB_LOG_ERROR(RLB_SUB_CONN, "listener %s: malformed welcome (%d fds, rings of %llu)",
                       path, nfds, (unsigned long long)h.ring_bytes);
         goto err;
@@ -562,6 +650,8 @@ int rlb__conn_connect_abi(const char *path, int timeout_ms, rlb_conn **out,
     c = conn_new(sock, &cred);
     if (!c)
         goto err;
+    memcpy(c->wake, fds + 2, sizeof(c->wake)); /* c owns them from here */
+    nfds = 2;
     RLB_CHECK_GOTO(attach_rings(c, fds, h.ring_bytes, 0), rc, err);
     close_fds(fds, 2);
     *out = c;
@@ -578,6 +668,12 @@ err:
 int rlb__conn_fd(const rlb_conn *c)
 {
     return c->sock;
+}
+
+void rlb__conn_wait_fds(const rlb_conn *c, int *rx_fd, int *tx_fd)
+{
+    *rx_fd = c->rx.wait_fd;
+    *tx_fd = c->tx.wait_fd;
 }
 
 rlb_ring *rlb__conn_tx(rlb_conn *c)
@@ -625,7 +721,11 @@ void rlb__conn_close(rlb_conn *c)
     rlb__ring_close(&c->rx);
     for (int i = 0; i < 2; i++)
         rlb__shm_unmap(c->mem[i], c->mem_size);
+    for (int i = 0; i < N_WAKE; i++)
+        if (c->wake[i] >= 0)
+            close(c->wake[i]);
     if (c->sock >= 0)
         close(c->sock);
+    rlb_fetch_add(&rings_held, -c->held);
     free(c);
 }

@@ -17,8 +17,12 @@
       "socket; empty = $XDG_RUNTIME_DIR/rlbridge, else /tmp/rlbridge-<uid>")              \
     X(RING_BYTES, "RLB_RING_BYTES", "8388608", "capacity in bytes of each ring "          \
       "(per direction per peer)")                                                         \
+    X(RING_TOOL_BYTES, "RLB_RING_TOOL_BYTES", "262144", "capacity in bytes of each ring " \
+      "of an observer client (a tool): larger messages stream through it in fragments")   \
+    X(RING_TOTAL_BYTES, "RLB_RING_TOTAL_BYTES", "4294967296", "most bytes of rings the "  \
+      "bridge holds for all its connections together; a connection past it is refused")   \
     X(SPIN_US, "RLB_SPIN_US", "50", "microseconds a waiting consumer spins before it "    \
-      "sleeps on the ring's semaphore")                                                   \
+      "sleeps")                                                                           \
     X(WAIT_SLICE_MS, "RLB_WAIT_SLICE_MS", "100", "longest single sleep of a waiter "       \
       "before it rechecks that its peer is alive")                                        \
     X(HEARTBEAT_MS, "RLB_HEARTBEAT_MS", "200", "period of the per-side ring heartbeat")   \

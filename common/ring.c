@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -122,6 +123,8 @@ int rlb__ring_attach(rlb_ring *r, void *mem, size_t mem_size, rlb_ring_role role
     memset(r, 0, sizeof(*r));
     r->shm = mem;
     r->role = role;
+    r->wait_fd = -1;
+    r->wake_fd = -1;
     /* Pairs with the store_release of magic in rlb__ring_init. */
     if (rlb_load_acquire(&r->shm->magic) != RLB_RING_MAGIC)
         return corrupt(r, "bad magic", 0);
@@ -174,6 +177,12 @@ void rlb__ring_set_liveness(rlb_ring *r, rlb_ring_alive_fn fn, void *arg)
     r->alive_arg = arg;
 }
 
+void rlb__ring_set_wake_fds(rlb_ring *r, int wait_fd, int wake_fd)
+{
+    r->wait_fd = wait_fd;
+    r->wake_fd = wake_fd;
+}
+
 void rlb__ring_heartbeat(rlb_ring *r)
 {
     rlb_store_relaxed(&own_hot(r)->heartbeat_ns, (uint64_t)now_ns());
@@ -193,7 +202,22 @@ size_t rlb__ring_max_payload(const rlb_ring *r)
     return (size_t)min_u64(r->capacity / 2 - REC_HDR, MAX_RECORD_PAYLOAD);
 }
 
-/* Wakes the peer if it announced that it sleeps on its semaphore.
+/* Wakes a sleeping peer: one write to its eventfd (a full counter only means it is
+ * already woken), or a post of its semaphore in the segment. */
+static void signal_peer(rlb_ring *r)
+{
+    if (r->wake_fd >= 0) {
+        uint64_t one = 1;
+        ssize_t n;
+        do {
+            n = write(r->wake_fd, &one, sizeof(one));
+        } while (n < 0 && errno == EINTR);
+        return;
+    }
+    sem_post(&peer_wake(r)->sem);
+}
+
+/* Wakes the peer if it announced that it sleeps on its semaphore (or eventfd).
  *
  * The sleep/wake handshake needs no fence: every write of a `sleeping` flag is an exchange
  * (a read-modify-write, acquire and release). Our exchange here comes after our index store;
@@ -206,7 +230,7 @@ static void wake_peer(rlb_ring *r)
     rlb__ring_side_wake *w = peer_wake(r);
     /* Pairs with the exchange to 1 in sleep_slice: see above. */
     if (rlb_exchange(&w->sleeping, 0u))
-        sem_post(&w->sem);
+        signal_peer(r);
 }
 
 void rlb__ring_close(rlb_ring *r)
@@ -218,7 +242,7 @@ void rlb__ring_close(rlb_ring *r)
     rlb_store_release(&own_hot(r)->closed, 1u);
     /* Posted whether or not the peer announced a sleep, so it rechecks at once. */
     rlb_exchange(&peer_wake(r)->sleeping, 0u);
-    sem_post(&peer_wake(r)->sem);
+    signal_peer(r);
     r->error = RLB_EINVAL;
 }
 
@@ -305,8 +329,20 @@ static int ready(rlb_ring *r, uint64_t need)
     return r->role == RLB_RING_CONSUMER ? data_waiting(r) : place_record(r, need, &at, &room);
 }
 
-/* One sleep on our semaphore of at most slice_ns, unless the condition turned true after we
- * announced the sleep. Returns 1 (ready), 0 (slept; check again) or a negative code. */
+/* Sleeps on our eventfd until `until` (CLOCK_MONOTONIC ns) or a write, then empties it. */
+static void sleep_fd(int fd, int64_t until)
+{
+    int64_t left = until - now_ns();
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    if (left > 0 && poll(&p, 1, (int)((left + 999999) / 1000000)) > 0) {
+        uint64_t count;
+        (void)!read(fd, &count, sizeof(count)); /* non-blocking: at most empties it */
+    }
+}
+
+/* One sleep on our semaphore (or eventfd) of at most slice_ns, unless the condition turned
+ * true after we announced the sleep. Returns 1 (ready), 0 (slept; check again) or a
+ * negative code. */
 static int sleep_slice(rlb_ring *r, uint64_t need, int64_t deadline)
 {
     rlb__ring_side_wake *w = own_wake(r);
@@ -320,14 +356,35 @@ static int sleep_slice(rlb_ring *r, uint64_t need, int64_t deadline)
         if (until > deadline)
             until = deadline;
         struct timespec ts = {.tv_sec = until / 1000000000, .tv_nsec = until % 1000000000};
-        if (sem_clockwait(&w->sem, CLOCK_MONOTONIC, &ts) != 0 && errno != ETIMEDOUT &&
-            errno != EINTR) {
+        if (r->wait_fd >= 0) {
+            sleep_fd(r->wait_fd, until);
+        } else if (sem_clockwait(&w->sem, CLOCK_MONOTONIC, &ts) != 0 && errno != ETIMEDOUT &&
+                   errno != EINTR) {
             rlb_exchange(&w->sleeping, 0u);
             return corrupt(r, "semaphore unusable (errno)", (uint64_t)errno);
         }
     }
     rlb_exchange(&w->sleeping, 0u);
     return rc;
+}
+
+int rlb__ring_arm(rlb_ring *r, size_t need)
+{
+    if (!r || !r->shm || r->error)
+        return r && r->error ? r->error : RLB_EINVAL;
+    uint64_t bytes = r->role == RLB_RING_PRODUCER ? REC_HDR + align_up(need) : 0;
+    /* Pairs with the exchange in wake_peer, as in sleep_slice. */
+    rlb_exchange(&own_wake(r)->sleeping, 1u);
+    int rc = ready(r, bytes);
+    if (rc != 0)
+        rlb_exchange(&own_wake(r)->sleeping, 0u);
+    return rc;
+}
+
+void rlb__ring_disarm(rlb_ring *r)
+{
+    if (r && r->shm && !r->error)
+        rlb_exchange(&own_wake(r)->sleeping, 0u);
 }
 
 /* Waits until ready(r, need) or the deadline (0 = do not wait): spins for spin_ns, then
@@ -552,36 +609,48 @@ static long long send_record(rlb_ring *r, uint32_t type, int part, const uint8_t
     return (long long)n;
 }
 
-int rlb__ring_send(rlb_ring *r, uint32_t type, const void *buf, size_t len, int timeout_ms)
+size_t rlb__ring_send_need(const rlb_ring *r, size_t len, size_t off)
 {
-    int rc = usable(r, RLB_RING_PRODUCER);
-    if (rc < 0)
-        return rc;
-    if ((!buf && len) || r->claim_open || timeout_ms < 0 || (type & ~RLB_RING_TYPE_MASK))
-        return RLB_EINVAL;
-    if (len > MAX_MESSAGE)
-        return RLB_ETOOBIG;
-    int64_t deadline = deadline_after(timeout_ms);
     size_t max_payload = rlb__ring_max_payload(r);
-    const uint8_t *src = buf;
-    if (len <= max_payload) {
-        long long n = send_record(r, type, PART_WHOLE, src, len, len, deadline);
-        return n < 0 ? (int)n : 0;
-    }
+    if (len <= max_payload)
+        return len;
     /* Fragments take whatever room is free, but not less than an eighth of a record, so a
      * lagging consumer does not turn a message into a stream of tiny records. The first
      * one also carries the total length, which max_payload < len keeps from being last. */
     size_t frag_min = max_payload / 8;
-    for (size_t off = 0; off < len;) {
-        int part = off == 0 ? PART_FIRST : PART_REST;
-        size_t want = (part == PART_FIRST ? sizeof(uint64_t) : 0) + (len - off);
-        long long n = send_record(r, type, part, src + off, len - off,
-                                  want < frag_min ? want : frag_min, deadline);
+    size_t want = (off == 0 ? sizeof(uint64_t) : 0) + (len - off);
+    return want < frag_min ? want : frag_min;
+}
+
+int rlb__ring_send_from(rlb_ring *r, uint32_t type, const void *buf, size_t len, size_t *off,
+                        int timeout_ms)
+{
+    int rc = usable(r, RLB_RING_PRODUCER);
+    if (rc < 0)
+        return rc;
+    if ((!buf && len) || !off || *off > len || (*off && len <= rlb__ring_max_payload(r)) ||
+        r->claim_open || timeout_ms < 0 || (type & ~RLB_RING_TYPE_MASK))
+        return RLB_EINVAL;
+    if (len > MAX_MESSAGE)
+        return RLB_ETOOBIG;
+    int64_t deadline = deadline_after(timeout_ms);
+    const uint8_t *src = buf;
+    int whole = len <= rlb__ring_max_payload(r);
+    do {
+        int part = whole ? PART_WHOLE : *off == 0 ? PART_FIRST : PART_REST;
+        long long n = send_record(r, type, part, src + *off, len - *off,
+                                  rlb__ring_send_need(r, len, *off), deadline);
         if (n < 0)
             return (int)n;
-        off += (size_t)n;
-    }
+        *off += (size_t)n;
+    } while (*off < len);
     return 0;
+}
+
+int rlb__ring_send(rlb_ring *r, uint32_t type, const void *buf, size_t len, int timeout_ms)
+{
+    size_t off = 0;
+    return rlb__ring_send_from(r, type, buf, len, &off, timeout_ms);
 }
 
 /* ---- Reassembly ---------------------------------------------------------------------- */
@@ -673,6 +742,28 @@ static int rx_append(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m)
     return last;
 }
 
+/* Copies a whole one-record message into rx->buf and releases its record, so what the
+ * caller reads is ours alone. Returns 0 with *msg pointing at the copy, or RLB_ENOMEM (the
+ * message is skipped). */
+static int rx_copy_out(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m, rlb_ring_msg *msg)
+{
+    if (m->len > rx->buf_cap) {
+        uint8_t *grown = realloc(rx->buf, m->len);
+        if (!grown) {
+            rlb__ring_release(r);
+            return RLB_ENOMEM;
+        }
+        rx->buf = grown;
+        rx->buf_cap = m->len;
+    }
+    if (m->len)
+        memcpy(rx->buf, m->data, m->len);
+    *msg = *m;
+    msg->data = rx->buf;
+    rlb__ring_release(r);
+    return 0;
+}
+
 void rlb__ring_recv_done(rlb_ring *r, rlb_ring_rx *rx)
 {
     if (rx && rx->holds_record) {
@@ -716,6 +807,8 @@ int rlb__ring_recv(rlb_ring *r, rlb_ring_rx *rx, int timeout_ms, rlb_ring_msg *m
                 rlb__ring_release(r);
                 return RLB_ETOOBIG;
             }
+            if (rx->private_copy)
+                return rx_copy_out(r, rx, &m, msg);
             *msg = m;
             rx->holds_record = 1;
             return 0;

@@ -15,7 +15,10 @@
  * Waiting: a side spins for spin_us, then sleeps on its process-shared semaphore in the
  * segment, in slices of slice_ms, rechecking its peer's liveness between slices. The other
  * side posts the semaphore only when the sleeper has announced that it sleeps. Every wait is
- * bounded by its timeout.
+ * bounded by its timeout. Where the peer is a process that may write the segment with
+ * anything (a client), the semaphores are not used at all: rlb__ring_set_wake_fds gives
+ * each side an eventfd to sleep on and the peer's eventfd to write, which no peer can
+ * corrupt, and which an event loop can poll with its other fds (rlb__ring_arm).
  *
  * The reader never trusts the segment: every index and length read from shared memory is
  * checked against the capacity, and a value no honest peer writes yields RLB_ECORRUPT (after
@@ -120,6 +123,8 @@ typedef struct rlb_ring {
     int64_t slice_ns;        /* longest single sleep before a liveness check (RLB_WAIT_SLICE_MS) */
     rlb_ring_alive_fn alive; /* liveness callback, or NULL to check the peer's pid */
     void *alive_arg;         /* passed to alive */
+    int wait_fd;             /* eventfd we sleep on instead of our semaphore, or -1 */
+    int wake_fd;             /* eventfd we write instead of posting the peer's, or -1 */
 } rlb_ring;
 
 /* A record handed out by peek or recv. */
@@ -153,6 +158,20 @@ void rlb__ring_close(rlb_ring *r);
 /* Liveness of the peer, checked between wait slices: fn(arg) if set, otherwise the peer's
  * pid from the header (signal 0). */
 void rlb__ring_set_liveness(rlb_ring *r, rlb_ring_alive_fn fn, void *arg);
+
+/* Switches the ring's wake-up from the semaphores in the segment to two eventfds (borrowed,
+ * not closed by the ring): we sleep on wait_fd and write wake_fd to wake the peer. Both
+ * sides of a ring must use the same mechanism. Call it right after attach. */
+void rlb__ring_set_wake_fds(rlb_ring *r, int wait_fd, int wake_fd);
+
+/* For an event loop that sleeps in poll() over wait_fd (eventfd mode): announces that we
+ * are about to sleep until the peer commits (consumer) or frees room for `need` payload
+ * bytes (producer), then checks the condition once more. Returns 1 when it already holds
+ * (nothing is announced: do not sleep), 0 when the peer will write wait_fd on its next
+ * commit or release, or a negative code. rlb__ring_disarm withdraws the announcement
+ * after the sleep. */
+int rlb__ring_arm(rlb_ring *r, size_t need);
+void rlb__ring_disarm(rlb_ring *r);
 
 /* Refreshes our heartbeat; long-running owners call it from their loop. */
 void rlb__ring_heartbeat(rlb_ring *r);
@@ -195,6 +214,19 @@ int rlb__ring_release(rlb_ring *r);
  * RLB_EINVAL. */
 int rlb__ring_send(rlb_ring *r, uint32_t type, const void *buf, size_t len, int timeout_ms);
 
+/* rlb__ring_send resumable: sends buf from byte *off on, advancing *off past every record
+ * committed, and returns 0 once the whole message is in the ring. A message that fits one
+ * record goes whole or not at all; a larger one as fragments, so with timeout_ms 0 an
+ * event loop streams a large message into a slow reader's ring without ever waiting:
+ * RLB_EAGAIN (or RLB_ETIMEDOUT) with *off where to resume once the reader freed room. Start
+ * with *off = 0; resume only with the same type, buf and len. Other returns as
+ * rlb__ring_send. */
+int rlb__ring_send_from(rlb_ring *r, uint32_t type, const void *buf, size_t len, size_t *off,
+                        int timeout_ms);
+/* Payload bytes the next record of a message of len bytes sent from *off needs in the ring
+ * (what rlb__ring_arm of a producer waiting to resume should ask for). */
+size_t rlb__ring_send_need(const rlb_ring *r, size_t len, size_t off);
+
 /* Reassembly state of a receiver. Zero it, set max_msg, and free it with rlb__ring_rx_free. */
 typedef struct rlb_ring_rx {
     size_t max_msg;   /* largest message accepted; larger ones are skipped with RLB_ETOOBIG */
@@ -205,11 +237,14 @@ typedef struct rlb_ring_rx {
     uint32_t type;    /* its message type */
     int state;        /* idle, assembling or skipping an oversized message (ring.c) */
     int holds_record; /* the last message returned still points into the ring */
+    int private_copy; /* set by the owner: every message is copied out of the ring into
+                         buf before it is returned, so a peer that rewrites a record after
+                         it was committed cannot change what the caller decodes */
 } rlb_ring_rx;
 
 /* Receives the next whole message, waiting up to timeout_ms in all. A message that fits one
- * record is returned in place (msg->data points into the ring); a fragmented one is
- * reassembled into rx->buf. msg stays valid until the next rlb__ring_recv or
+ * record is returned in place (msg->data points into the ring), unless rx->private_copy
+ * asks for a copy; a fragmented one is reassembled into rx->buf. msg stays valid until the next rlb__ring_recv or
  * rlb__ring_recv_done. Returns 0, RLB_EAGAIN / RLB_ETIMEDOUT, RLB_EPEERDEAD (a partial
  * message is discarded), RLB_ETOOBIG (a message over rx->max_msg was skipped; the next call
  * goes on with the following one), RLB_ENOMEM, RLB_ECORRUPT or RLB_EINVAL. */

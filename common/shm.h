@@ -15,9 +15,17 @@
 
 #include <stddef.h>
 
+/* Whether `size` more bytes of shared memory can be reserved: the address-space limit
+ * (RLIMIT_AS), the memory available (MemAvailable + SwapFree), the memory cgroup's limit
+ * (v2 memory.max, v1 memory.limit_in_bytes, less what is in use) and, for a POSIX object
+ * (posix = 1; a memfd is not bound by it), the free space of /dev/shm. Returns 0, or
+ * RLB_ENOMEM with why (len bytes) naming the limit. */
+int rlb__shm_room(size_t size, int posix, char *why, size_t len);
+
 /* Creates a segment of `size` bytes (> 0), its memory reserved, close-on-exec; `name` tags it
- * in /proc/<pid>/fd and logs. Returns 0 with *fd set, RLB_EINVAL, RLB_ENOMEM (not enough
- * shared memory: the log says how much was asked) or RLB_EIO. */
+ * in /proc/<pid>/fd and logs. rlb__shm_room is checked before anything is reserved.
+ * Returns 0 with *fd set, RLB_EINVAL, RLB_ENOMEM (not enough shared memory: the log says
+ * which limit) or RLB_EIO. */
 int rlb__shm_create(size_t size, const char *name, int *fd);
 
 /* The fallback of rlb__shm_create, used when memfd_create is unavailable: a POSIX shm object

@@ -25,6 +25,8 @@ static void usage(FILE *f)
             "  --tp-size S          tensor-parallel size (default 1)\n"
             "  --model DIR          HF checkpoint (initial weights); --tiny: the built-in "
             "tiny model (default), zero until the first sync\n"
+            "  --no-weights         with --model: read only config.json; the weights come with "
+            "the first sync\n"
             RLB_BACKEND_USAGE
             "  --kv-mb N            KV cache budget in MiB (default: 64 on the CPU, the GPU's "
             "--gpu-memory-utilization share)\n"
@@ -39,12 +41,15 @@ int rlb__cmd_worker(int argc, char **argv)
         {"replicas", required_argument, NULL, 'D'}, {"tp-rank", required_argument, NULL, 't'},
         {"tp-size", required_argument, NULL, 'T'},  {"model", required_argument, NULL, 'm'},
         {"tiny", no_argument, NULL, 'y'},           RLB_BACKEND_LONGOPTS,
+        {"no-weights", no_argument, NULL, 'n'},
         {"kv-mb", required_argument, NULL, 'k'},    {"threads", required_argument, NULL, 'j'},
         {"help", no_argument, NULL, 'h'},           {NULL, 0, NULL, 0}};
     const char *bridge = RLB_SOCKET_DEFAULT;
     uint64_t replica = 0, replicas = 1, tp_rank = 0, tp_size = 1, kv_mb = 0, threads = 0;
     static volatile sig_atomic_t stop;
     rlb_worker_opts o = RLB_WORKER_OPTS_INIT;
+    int no_weights = 0;
+    rlb_model_config cfg;
     o.dtype = RLB_DTYPE_BF16; /* on a GPU; the CPU backend is float32 whatever this says */
     int c;
     optind = 1;
@@ -58,6 +63,7 @@ int rlb__cmd_worker(int argc, char **argv)
         case 'T': rc = rlb__daemon_parse_u64("worker", "tp-size", optarg, 1, 64, &tp_size); break;
         case 'm': o.model_dir = optarg; break;
         case 'y': o.model_dir = NULL; break;
+        case 'n': no_weights = 1; break;
         case 'k': rc = rlb__daemon_parse_u64("worker", "kv-mb", optarg, 1, 1u << 20, &kv_mb); break;
         case 'j': rc = rlb__daemon_parse_u64("worker", "threads", optarg, 0, 256, &threads); break;
         case 'h': usage(stdout); return 0;
@@ -86,6 +92,15 @@ int rlb__cmd_worker(int argc, char **argv)
             return 1;
         }
         bridge = path;
+    }
+    if (no_weights) {
+        char err[256];
+        if (!o.model_dir || rlb__config_load_dir(o.model_dir, &cfg, err, sizeof(err)) < 0) {
+            fprintf(stderr, "rlb worker: --no-weights needs --model DIR with a config.json%s%s\n",
+                    o.model_dir ? ": " : "", o.model_dir ? err : "");
+            return 2;
+        }
+        o.cfg = &cfg; /* weights zero until the first sync */
     }
     o.socket_path = bridge;
     o.replica = (uint32_t)replica;

@@ -15,6 +15,7 @@
     X(demo, "start a bridge and 2 workers (CPU, tiny model) and train it with the toy trainer") \
     X(doctor, "check shared memory, socket directory, stale state, GPU, CUDA IPC, NCCL") \
     X(launch, "torchrun-compatible launcher: this node's bridge and workers, then the trainers") \
+    X(stress, "every process under load and seeded faults, checking the invariants (DESIGN 11)") \
 
 #define RLB_DECLARE_CMD(name, summary) int rlb__cmd_##name(int argc, char **argv);
 RLB_COMMANDS(RLB_DECLARE_CMD)

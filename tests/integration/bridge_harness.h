@@ -77,7 +77,10 @@ void h_cleanup(void);
 
 /* Connects trainer rank/world (or a tool when world == 0). */
 int h_connect(h_run *r, uint32_t rank, uint32_t world, rlb_client **out);
-/* Allocates and registers rank t's shards. Returns 0 or the client's error. */
+/* How h_trainer_open allocates a trainer's shard memory: rlb_alloc_host unless a test
+ * swaps in a hostile allocator. */
+extern int (*h_alloc)(rlb_client *c, size_t bytes, void **ptr);
+/* Allocates (h_alloc) and registers rank t's shards. Returns 0 or the client's error. */
 int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layout layout);
 /* Writes version v's weights into t's shards. */
 void h_trainer_fill(h_trainer *t, uint64_t v);

@@ -53,7 +53,7 @@ class DemoTest(unittest.TestCase):
 
     def assertClean(self):
         self.assertLessEqual(set(os.listdir("/dev/shm")), self.shm)
-        self.assertEqual(demo_dirs(), self.dirs)
+        self.assertLessEqual(demo_dirs(), self.dirs)
 
     def test_demo_reward_rises(self):
         t0 = time.monotonic()

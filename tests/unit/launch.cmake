@@ -7,3 +7,8 @@ if(TARGET rlb_xport)
   rlb_add_test(NAME test_xport SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_xport.c
                LIBS rlb_xport rlb_common LABELS unit TIMEOUT 120)
 endif()
+# The fault schedule of `rlb stress` (launch/stress_sched.c): one seed, one schedule.
+rlb_add_test(NAME test_stress_sched
+             SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_stress_sched.c
+                     ${PROJECT_SOURCE_DIR}/launch/stress_sched.c
+             LIBS m LABELS unit TIMEOUT 30)

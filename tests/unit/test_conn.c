@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -90,6 +91,7 @@ static int accept_within(rlb_listener *l, rlb_conn **c)
  * test thread plays the listener. */
 typedef struct dialer {
     const char *path; /* where to connect */
+    uint64_t ring;    /* ring capacity it asks for, 0 = the listener's */
     rlb_conn *conn;   /* the connection, when rc == 0 */
     int rc;           /* what rlb__conn_connect returned */
     pthread_t thread; /* runs dial_thread */
@@ -98,7 +100,7 @@ typedef struct dialer {
 static void *dial_thread(void *arg)
 {
     dialer *d = arg;
-    d->rc = rlb__conn_connect(d->path, WAIT_MS, &d->conn);
+    d->rc = rlb__conn_connect_abi(d->path, WAIT_MS, d->ring, &d->conn, NULL);
     return NULL;
 }
 
@@ -222,7 +224,7 @@ static ssize_t raw_send(int s, const void *msg, size_t len, const int *fds, int 
 {
     union {
         struct cmsghdr align;
-        char buf[CMSG_SPACE(sizeof(int) * 4)];
+        char buf[CMSG_SPACE(sizeof(int) * 8)];
     } ctl;
     struct iovec iov = {.iov_base = (void *)msg, .iov_len = len};
     struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
@@ -245,7 +247,7 @@ static ssize_t raw_recv(int s, void *msg, size_t cap, int *nfds)
 {
     union {
         struct cmsghdr align;
-        char buf[CMSG_SPACE(sizeof(int) * 4)];
+        char buf[CMSG_SPACE(sizeof(int) * 8)];
     } ctl;
     struct pollfd p = {.fd = s, .events = POLLIN};
     if (poll(&p, 1, WAIT_MS) != 1)
@@ -481,6 +483,80 @@ static void test_handshake(void **state)
     pair_close(&p);
 }
 
+/* ---- Memory ---------------------------------------------------------------------------- */
+
+/* Dials path asking for rings of `ring` bytes while this thread accepts; returns what the
+ * dialer got, with the listener's end in *srv (NULL on failure). */
+static int dial_ring(rlb_listener *l, const char *path, uint64_t ring, rlb_conn **srv,
+                     rlb_conn **cli)
+{
+    dialer d = {.path = path, .ring = ring};
+    assert_int_equal(pthread_create(&d.thread, NULL, dial_thread, &d), 0);
+    *srv = NULL;
+    int acc = accept_within(l, srv);
+    int rc = dial_finish(&d);
+    *cli = rc == 0 ? d.conn : NULL;
+    if (acc < 0 && rc == 0)
+        rc = acc;
+    return rc;
+}
+
+/* A peer gets rings no larger than it asks for, and the rings of all connections stay
+ * within RLB_RING_TOTAL_BYTES: the peer past it is refused with RLB_ENOMEM, and room comes
+ * back when a connection closes. */
+static void test_ring_budget(void **state)
+{
+    scratch s;
+    scratch_make(&s);
+    rlb_listener *l;
+    rlb_conn *srv[4], *cli[4];
+    size_t big = rlb__ring_memsize(RING), small = rlb__ring_memsize(RLB_RING_MIN_CAPACITY);
+    char cap[32];
+    snprintf(cap, sizeof(cap), "%zu", 2 * (2 * big) + 2 * small);
+    setenv("RLB_RING_TOTAL_BYTES", cap, 1);
+    assert_int_equal(rlb__listener_open(s.path, RING, &l), 0);
+    assert_int_equal(dial_ring(l, s.path, 0, &srv[0], &cli[0]), 0);
+    assert_int_equal(dial_ring(l, s.path, 4 * RING, &srv[1], &cli[1]), 0); /* not larger */
+    assert_int_equal(rlb__ring_max_payload(rlb__conn_rx(cli[1])), RING / 2 - 16);
+    assert_int_equal(dial_ring(l, s.path, RLB_RING_MIN_CAPACITY, &srv[2], &cli[2]), 0);
+    assert_int_equal(rlb__ring_max_payload(rlb__conn_rx(cli[2])),
+                     RLB_RING_MIN_CAPACITY / 2 - 16);
+    assert_int_equal(rlb__ring_max_payload(rlb__conn_tx(srv[2])),
+                     RLB_RING_MIN_CAPACITY / 2 - 16);
+    through(rlb__conn_tx(srv[2]), rlb__conn_rx(cli[2]), 5, RLB_RING_MIN_CAPACITY / 4, 0x3c);
+    /* Full: one more of either size is refused, until a connection closes. */
+    assert_int_equal(dial_ring(l, s.path, 0, &srv[3], &cli[3]), RLB_ENOMEM);
+    assert_int_equal(dial_ring(l, s.path, RLB_RING_MIN_CAPACITY, &srv[3], &cli[3]),
+                     RLB_ENOMEM);
+    rlb__conn_close(cli[0]);
+    rlb__conn_close(srv[0]);
+    assert_int_equal(dial_ring(l, s.path, 0, &srv[0], &cli[0]), 0);
+    for (int i = 0; i < 3; i++) {
+        rlb__conn_close(cli[i]);
+        rlb__conn_close(srv[i]);
+    }
+    unsetenv("RLB_RING_TOTAL_BYTES");
+    rlb__listener_close(l);
+    scratch_remove(&s);
+}
+
+/* More shared memory than the machine holds is refused before anything is reserved (a
+ * reservation that large runs until the OOM killer ends the process), naming the limit. */
+static void test_shm_room(void **state)
+{
+    char why[256];
+    int fd = -1;
+    int64_t t0 = ms_now();
+    assert_int_equal(rlb__shm_room((size_t)1 << 50, 0, why, sizeof(why)), RLB_ENOMEM);
+    assert_non_null(strstr(why, "more than"));
+    assert_int_equal(rlb__shm_create((size_t)1 << 50, "test-huge", &fd), RLB_ENOMEM);
+    assert_int_equal(rlb__shm_create_posix((size_t)1 << 50, &fd), RLB_ENOMEM);
+    assert_int_equal(fd, -1);
+    assert_true(ms_now() - t0 < 1000);
+    assert_int_equal(rlb__shm_room(1 << 20, 1, why, sizeof(why)), 0);
+    assert_string_equal(why, "");
+}
+
 /* ---- fd passing ------------------------------------------------------------------------ */
 
 static void test_fd_passing(void **state)
@@ -645,6 +721,7 @@ typedef struct welcome_case {
     size_t seg_bytes;      /* their size */
     int init;              /* 1: lay out rings in them */
     int want;              /* what rlb__conn_connect must return */
+    int wake;              /* 1: attach the four wake-up eventfds after the segments */
 } welcome_case;
 
 /* A listener written by hand answers one connect with w; returns what connect returned. */
@@ -669,7 +746,7 @@ static int fake_listener(const char *path, const welcome_case *w)
     assert_int_equal(h.pid, getpid());
     assert_int_equal(nfds, 0);
 
-    int segs[2];
+    int segs[6];
     for (int i = 0; i < w->nfds; i++) {
         assert_int_equal(rlb__shm_create(w->seg_bytes, "test-fake", &segs[i]), 0);
         void *mem;
@@ -678,9 +755,11 @@ static int fake_listener(const char *path, const welcome_case *w)
             assert_int_equal(rlb__ring_init(mem, RING), 0);
         rlb__shm_unmap(mem, w->seg_bytes);
     }
-    assert_int_equal(raw_send(s, &w->reply, sizeof(w->reply), segs, w->nfds),
-                     sizeof(w->reply));
-    for (int i = 0; i < w->nfds; i++)
+    int n = w->nfds;
+    for (int i = 0; w->wake && i < 4; i++)
+        assert_true((segs[n++] = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) >= 0);
+    assert_int_equal(raw_send(s, &w->reply, sizeof(w->reply), segs, n), sizeof(w->reply));
+    for (int i = 0; i < n; i++)
         close(segs[i]);
     int rc = dial_finish(&d);
     if (rc == 0)
@@ -700,20 +779,22 @@ static void test_connect_checks_welcome(void **state)
     size_t ring_mem = rlb__ring_memsize(RING);
     const welcome_case cases[] = {
         /* A faithful welcome: the fake itself is right. */
-        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem, 1, 0},
+        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem, 1, 0, 1},
         /* Another ABI version. */
-        {hello(RLB_ABI_VERSION + 1, 0, RING), 2, ring_mem, 1, RLB_EVERSION},
+        {hello(RLB_ABI_VERSION + 1, 0, RING), 2, ring_mem, 1, RLB_EVERSION, 1},
         /* A refusal passes the listener's reason on; a code we do not know is malformed. */
-        {hello(RLB_ABI_VERSION, RLB_ENOMEM, 0), 0, 0, 0, RLB_ENOMEM},
-        {hello(RLB_ABI_VERSION, -1000, 0), 0, 0, 0, RLB_EPROTO},
-        /* A welcome without its two segments, or announcing a ring size that is not one. */
-        {hello(RLB_ABI_VERSION, 0, RING), 0, 0, 0, RLB_EPROTO},
-        {hello(RLB_ABI_VERSION, 0, RING), 1, ring_mem, 1, RLB_EPROTO},
-        {hello(RLB_ABI_VERSION, 0, 1000), 2, ring_mem, 1, RLB_EPROTO},
+        {hello(RLB_ABI_VERSION, RLB_ENOMEM, 0), 0, 0, 0, RLB_ENOMEM, 0},
+        {hello(RLB_ABI_VERSION, -1000, 0), 0, 0, 0, RLB_EPROTO, 0},
+        /* A welcome without its two segments or its eventfds, or announcing a ring size
+         * that is not one. */
+        {hello(RLB_ABI_VERSION, 0, RING), 0, 0, 0, RLB_EPROTO, 0},
+        {hello(RLB_ABI_VERSION, 0, RING), 1, ring_mem, 1, RLB_EPROTO, 1},
+        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem, 1, RLB_EPROTO, 0},
+        {hello(RLB_ABI_VERSION, 0, 1000), 2, ring_mem, 1, RLB_EPROTO, 1},
         /* Segments smaller than announced: never mapped past their end. */
-        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem / 2, 0, RLB_EPROTO},
+        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem / 2, 0, RLB_EPROTO, 1},
         /* Segments of the right size holding no ring. */
-        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem, 0, RLB_ECORRUPT},
+        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem, 0, RLB_ECORRUPT, 1},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         int rc = fake_listener(s.path, &cases[i]);
@@ -996,6 +1077,8 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_listener_paths),
         cmocka_unit_test(test_handshake),
         cmocka_unit_test(test_fd_passing),
+        cmocka_unit_test(test_ring_budget),
+        cmocka_unit_test(test_shm_room),
         cmocka_unit_test(test_listener_refuses),
         cmocka_unit_test(test_connect_checks_welcome),
         cmocka_unit_test(test_kill_mid_message),

@@ -8,6 +8,7 @@
  *   test_ring                      the unit tests
  *   test_ring --write-corpus DIR   write the ring fuzzer's seeds (tests/fuzz/corpus/ring)
  */
+#include <poll.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -16,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -514,11 +516,10 @@ static void *late_put_thread(void *arg)
     return NULL;
 }
 
-static void test_sleep_wake(void **state)
+/* The consumer sleeps with no spin and slices of 10 s: only the producer's wake-up can
+ * end its wait in time. */
+static void sleep_until_put(fixture *f)
 {
-    /* The consumer sleeps with no spin and slices of 10 s: only the producer's post can
-     * wake it in time. */
-    fixture *f = make(CAP);
     f->cons.spin_ns = 0;
     f->cons.slice_ns = 10000000000;
     late_put lp = {f, 50};
@@ -533,6 +534,92 @@ static void test_sleep_wake(void **state)
     assert_int_equal(m.len, 8);
     assert_int_equal(rlb__ring_release(&f->cons), 0);
     assert_int_equal(hdr(f)->cons_wake.sleeping, 0);
+}
+
+static void test_sleep_wake(void **state)
+{
+    fixture *f = make(CAP);
+    sleep_until_put(f);
+    destroy(f);
+}
+
+/* A message four rings long streamed without ever waiting: the sender resumes where the
+ * full ring stopped it, the receiver assembles as room frees. */
+static void test_send_from_resumes(void **state)
+{
+    fixture *f = make(CAP);
+    size_t len = 4 * CAP;
+    uint8_t *msg = malloc(len);
+    assert_non_null(msg);
+    for (size_t i = 0; i < len; i++)
+        msg[i] = (uint8_t)(i * 7 + 3);
+    rlb_ring_rx rx = {.max_msg = 1 << 20};
+    rlb_ring_msg m;
+    size_t off = 0;
+    int rc, stops = 0;
+    while ((rc = rlb__ring_send_from(&f->prod, 9, msg, len, &off, 0)) == RLB_EAGAIN) {
+        stops++;
+        assert_true(off > 0 && off < len);
+        assert_true(rlb__ring_send_need(&f->prod, len, off) <= rlb__ring_max_payload(&f->prod));
+        assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), RLB_EAGAIN);
+    }
+    assert_int_equal(rc, 0);
+    assert_int_equal(off, len);
+    assert_true(stops >= 3);
+    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), 0);
+    assert_int_equal(m.type, 9);
+    assert_int_equal(m.len, len);
+    assert_memory_equal(m.data, msg, len);
+    rlb__ring_recv_done(&f->cons, &rx);
+    rlb__ring_rx_free(&rx);
+    free(msg);
+    destroy(f);
+}
+
+/* The same wait through eventfds, with garbage over both semaphores: nobody touches them. */
+static void test_sleep_wake_eventfd(void **state)
+{
+    fixture *f = make(CAP);
+    int cons_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    int prod_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    assert_true(cons_fd >= 0 && prod_fd >= 0);
+    rlb__ring_set_wake_fds(&f->cons, cons_fd, prod_fd);
+    rlb__ring_set_wake_fds(&f->prod, prod_fd, cons_fd);
+    memset(&hdr(f)->prod_wake.sem, 0xa5, sizeof(sem_t));
+    memset(&hdr(f)->cons_wake.sem, 0xa5, sizeof(sem_t));
+    sleep_until_put(f);
+    /* An event loop's sleep: armed on an empty ring, the next commit writes the fd. */
+    struct pollfd p = {.fd = cons_fd, .events = POLLIN};
+    assert_int_equal(rlb__ring_arm(&f->cons, 0), 0);
+    assert_int_equal(poll(&p, 1, 0), 0);
+    put(f, 1, 8, 0x5a);
+    assert_int_equal(poll(&p, 1, 0), 1);
+    rlb__ring_disarm(&f->cons);
+    assert_int_equal(rlb__ring_arm(&f->cons, 0), 1); /* data waits: no sleep */
+    rlb__ring_close(&f->prod);
+    close(cons_fd);
+    close(prod_fd);
+    destroy(f);
+}
+
+/* With private_copy a received message is the receiver's own: a producer that rewrites the
+ * record after committing it changes nothing the receiver already holds. */
+static void test_private_copy(void **state)
+{
+    fixture *f = make(CAP);
+    rlb_ring_rx rx = {.max_msg = 1 << 20, .private_copy = 1};
+    rlb_ring_msg m;
+    put(f, 3, 40, 0x11);
+    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), 0);
+    assert_int_equal(m.len, 40);
+    assert_true((const uint8_t *)m.data < data(f) || (const uint8_t *)m.data >= data(f) + CAP);
+    memset(data(f), 0xee, CAP); /* the producer rewrites everything */
+    for (size_t i = 0; i < m.len; i++)
+        assert_int_equal(((const uint8_t *)m.data)[i], 0x11);
+    /* The record was released at once: the producer has its room back. */
+    assert_int_equal(hdr(f)->cons.index, hdr(f)->prod.index);
+    rlb__ring_recv_done(&f->cons, &rx);
+    rlb__ring_rx_free(&rx);
     destroy(f);
 }
 
@@ -772,6 +859,9 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_close_and_liveness),
         cmocka_unit_test(test_liveness_callback),
         cmocka_unit_test(test_sleep_wake),
+        cmocka_unit_test(test_sleep_wake_eventfd),
+        cmocka_unit_test(test_send_from_resumes),
+        cmocka_unit_test(test_private_copy),
         cmocka_unit_test(test_corrupt_indices),
         cmocka_unit_test(test_corrupt_records),
         cmocka_unit_test(test_corrupt_fragments),

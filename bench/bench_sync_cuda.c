@@ -1,0 +1,317 @@
+/* bench_sync_cuda.c: `rlb-bench-sync --device cuda`, the whole GPU weight sync, publish to
+ * commit, on one GPU (issue 11's benchmark).
+ *
+ * For each case an `rlb bridge` (pause mode) and one `rlb worker --device cuda` (bf16
+ * weights; fp8 post-load in the fp8 case) run as processes of the `rlb` program next to
+ * this one, on a config.json of the shape written here (the worker's weights come with the
+ * first sync: --no-weights). This process is the trainer: it holds every parameter FULL in
+ * one cudaMalloc allocation (bf16, or fp32 master weights), registers them as device
+ * tensors (the library exports the allocation's CUDA IPC handle) and publishes N versions
+ * with rlb_publish_stream on its stream, touching the weights on that stream before each
+ * publish so the bridge really waits on the trainer's event. Per case:
+ *   sync_ms     the bridge's publish-to-commit time (synced.ms): event wait, the CUDA
+ *               executor's reshard into the worker's VMM weights, post-load processing on
+ *               the worker's GPU, the round trips, the commit
+ *   floor_ms    the device copy floor of the same bytes: (bytes read + bytes written) over
+ *               the device-to-device copy bandwidth measured in the same run
+ *   control_ms  the bridge thread's own CPU time per sync (target <= 1 ms)
+ * The torch peer (../shared/device/torch_reshard_baseline.py) runs in the same device call
+ * (scripts/gpu-check.sh sync). Shapes: Llama-3.2-1B and Llama-3.1-8B. Last line: JSON.
+ */
+#include <limits.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cuda_runtime_api.h>
+
+#include "model/config.h"
+#include "model/params.h"
+#include "rlb/rlb.h"
+
+extern char **environ;
+
+int rlb__bench_sync_cuda(int argc, char **argv);
+
+typedef struct scase {
+    const char *name;  /* shape */
+    int big;           /* 8B shape */
+    rlb_dtype src;     /* trainer dtype */
+    const char *quant; /* worker post-load */
+    /* results */
+    uint64_t bytes_read, bytes_written;
+    double sync_ms, floor_ms, control_ms;
+} scase;
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void shape(rlb_model_config *c, int big)
+{
+    rlb__config_tiny(c);
+    c->hidden = big ? 4096 : 2048;
+    c->intermediate = big ? 14336 : 8192;
+    c->n_layers = big ? 32 : 16;
+    c->n_heads = 32;
+    c->n_kv_heads = 8;
+    c->head_dim = c->hidden / 32;
+    c->vocab = 128256;
+    c->max_pos = 8192;
+    c->rope_theta = 500000.0;
+    c->tie_embeddings = !big;
+}
+
+static int write_config(const char *dir, const rlb_model_config *c)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *f = fopen(path, "w");
+    if (!f)
+        return -1;
+    fprintf(f, "{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", "
+            "\"hidden_size\": %lld, \"intermediate_size\": %lld, \"num_hidden_layers\": %lld, "
+            "\"num_attention_heads\": %lld, \"num_key_value_heads\": %lld, \"head_dim\": %lld, "
+            "\"vocab_size\": %lld, \"max_position_embeddings\": %lld, \"rms_norm_eps\": 1e-05, "
+            "\"rope_theta\": %.1f, \"tie_word_embeddings\": %s, \"hidden_act\": \"silu\", "
+            "\"torch_dtype\": \"bfloat16\"}\n",
+            (long long)c->hidden, (long long)c->intermediate, (long long)c->n_layers,
+            (long long)c->n_heads, (long long)c->n_kv_heads, (long long)c->head_dim,
+            (long long)c->vocab, (long long)c->max_pos, c->rope_theta,
+            c->tie_embeddings ? "true" : "false");
+    return fclose(f) == 0 ? 0 : -1;
+}
+
+static pid_t spawn(char *const argv[])
+{
+    pid_t pid;
+    return posix_spawn(&pid, argv[0], NULL, NULL, argv, environ) == 0 ? pid : -1;
+}
+
+static double stat_of(rlb_client *c, const char *name)
+{
+    rlb_stat_list *l;
+    double v = -1;
+    if (rlb_bridge_stats(c, &l) == 0) {
+        rlb_stat_list_find(l, name, &v);
+        rlb_stat_list_free(l);
+    }
+    return v;
+}
+
+/* Device-to-device copy bandwidth, bytes read + written per second (GB/s). */
+static double copy_gbs(void)
+{
+    const size_t n = (size_t)2 << 30;
+    void *a = NULL, *b = NULL;
+    cudaEvent_t e0, e1;
+    float best = 1e30f;
+    if (cudaMalloc(&a, n) || cudaMalloc(&b, n))
+        goto out;
+    cudaMemset(a, 1, n);
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    for (int i = 0; i < 6; i++) {
+        float ms;
+        cudaEventRecord(e0, 0);
+        cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, 0);
+        cudaEventRecord(e1, 0);
+        cudaEventSynchronize(e1);
+        cudaEventElapsedTime(&ms, e0, e1);
+        if (i && ms < best)
+            best = ms;
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+out:
+    cudaFree(a);
+    cudaFree(b);
+    return best < 1e29f ? 2.0 * (double)n / (best * 1e6) : -1;
+}
+
+/* Runs one case with `rlb` at rlb_bin; fills its results. Returns 0 or -1. */
+static int run_case(scase *sc, const char *rlb_bin, const char *dir, int versions, double gbs)
+{
+    rlb_model_config cfg;
+    shape(&cfg, sc->big);
+    char model[PATH_MAX], sock[PATH_MAX];
+    snprintf(model, sizeof model, "%s/%s", dir, sc->name);
+    snprintf(sock, sizeof sock, "%s/bridge", dir);
+    mkdir(model, 0700);
+    if (write_config(model, &cfg) < 0)
+        return -1;
+    char *bridge[] = {(char *)rlb_bin, "bridge", "--socket", sock, "--model", model, "--mode",
+                      "pause", NULL};
+    char *worker[] = {(char *)rlb_bin, "worker", "--bridge", sock, "--model", model,
+                      "--no-weights", "--device", "cuda", "--dtype", "bf16", "--kv-mb", "256",
+                      "--quant", (char *)sc->quant, NULL};
+    pid_t pids[2] = {spawn(bridge), -1};
+    for (double t0 = now_s(); access(sock, F_OK) != 0 && now_s() - t0 < 30;)
+        usleep(20000);
+    pids[1] = spawn(worker);
+    int rc = -1;
+    rlb_param_list pl = {0};
+    rlb_client *c = NULL;
+    rlb_tensor_desc *d = NULL;
+    void *mem = NULL;
+    cudaStream_t st = NULL;
+    rlb_client_options co;
+    rlb_client_options_init(&co);
+    co.socket = sock;
+    co.connect_timeout_ms = 30000;
+    if (pids[0] < 0 || pids[1] < 0 || rlb__params_init(&pl, &cfg, NULL, 0) != 0 ||
+        rlb_connect(&co, &c) != 0)
+        goto out;
+    size_t esz = rlb_dtype_size(sc->src);
+    uint64_t numel = 0;
+    for (int64_t p = 0; p < pl.n; p++)
+        numel += rlb__param_numel(&pl.params[p]);
+    if (cudaMalloc(&mem, numel * esz) != cudaSuccess || cudaStreamCreate(&st) != cudaSuccess)
+        goto out;
+    /* Not zeros: small values of every exponent a weight has. */
+    cudaMemset(mem, 0x3c, numel * esz);
+    d = calloc((size_t)pl.n, sizeof(*d));
+    uint64_t at = 0;
+    for (int64_t p = 0; p < pl.n; p++) {
+        rlb_tensor_desc_init(&d[p]);
+        d[p].name = pl.params[p].name;
+        d[p].dtype = sc->src;
+        d[p].ndim = (uint32_t)pl.params[p].ndim;
+        d[p].shape[0] = (uint64_t)pl.params[p].rows;
+        d[p].shape[1] = (uint64_t)pl.params[p].cols;
+        d[p].data = (char *)mem + at * esz;
+        d[p].device = RLB_DEVICE_CUDA;
+        d[p].cuda_device = 0;
+        at += rlb__param_numel(&pl.params[p]);
+    }
+    if (rlb_register(c, d, (size_t)pl.n) != 0) {
+        fprintf(stderr, "register: %s\n", rlb_last_error(c));
+        goto out;
+    }
+    for (double t0 = now_s(); stat_of(c, "replicas_up") < 1; usleep(50000))
+        if (now_s() - t0 > 300) {
+            fprintf(stderr, "the GPU worker did not come up\n");
+            goto out;
+        }
+    double sync[32], control[32];
+    for (int v = 1; v <= versions; v++) {
+        /* The trainer's last write of the step, on its stream. */
+        cudaMemsetAsync(mem, 0x3c + v, esz, st);
+        rlb_sync_stats ss = {.struct_size = sizeof(ss)};
+        if (rlb_publish_stream(c, (uint64_t)v, st, &ss) != 0) {
+            fprintf(stderr, "publish: %s\n", rlb_last_error(c));
+            goto out;
+        }
+        sync[v - 1] = ss.ms;
+        control[v - 1] = stat_of(c, "control_ms_per_sync");
+        sc->bytes_written = ss.bytes;
+    }
+    /* The first sync uploads the plan; the median of the rest is the steady state. */
+    qsort(sync + 1, (size_t)(versions - 1), sizeof(double), cmp_double);
+    qsort(control + 1, (size_t)(versions - 1), sizeof(double), cmp_double);
+    sc->sync_ms = sync[1 + (versions - 1) / 2];
+    sc->control_ms = control[1 + (versions - 1) / 2];
+    sc->bytes_read = numel * esz;
+    sc->floor_ms = (double)(sc->bytes_read + sc->bytes_written) / (gbs * 1e6);
+    rc = 0;
+out:
+    free(d);
+    rlb_close(c);
+    cudaFree(mem);
+    if (st)
+        cudaStreamDestroy(st);
+    rlb__params_free(&pl);
+    for (int i = 1; i >= 0; i--)
+        if (pids[i] > 0) {
+            kill(pids[i], SIGTERM);
+            waitpid(pids[i], NULL, 0);
+        }
+    return rc;
+}
+
+int rlb__bench_sync_cuda(int argc, char **argv)
+{
+    int versions = 6, only_1b = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--quick"))
+            versions = 3;
+        else if (!strcmp(argv[i], "--shape") && i + 1 < argc)
+            only_1b = !strcmp(argv[++i], "1b");
+    }
+    char self[PATH_MAX], rlb_bin[PATH_MAX + 8];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0)
+        return 1;
+    self[n] = 0;
+    *strrchr(self, '/') = 0; /* the build tree, where `rlb` is too */
+    snprintf(rlb_bin, sizeof rlb_bin, "%s/rlb", self);
+    if (access(rlb_bin, X_OK) != 0) {
+        fprintf(stderr, "rlb-bench-sync --device cuda: no rlb program at %s\n", rlb_bin);
+        return 1;
+    }
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count < 1) {
+        fprintf(stderr, "rlb-bench-sync --device cuda: no GPU visible\n");
+        return 77;
+    }
+    struct cudaDeviceProp prop;
+    cudaGetDeviceProperties(&prop, 0);
+    signal(SIGPIPE, SIG_IGN);
+    char dir[] = "/tmp/rlb-bench-sync-cuda-XXXXXX";
+    if (!mkdtemp(dir))
+        return 1;
+    double gbs = copy_gbs();
+    scase cases[] = {
+        {"llama3.2-1b", 0, RLB_DTYPE_BF16, "none", 0, 0, 0, 0, 0},
+        {"llama3.2-1b", 0, RLB_DTYPE_F32, "none", 0, 0, 0, 0, 0},
+        {"llama3.1-8b", 1, RLB_DTYPE_BF16, "none", 0, 0, 0, 0, 0},
+        {"llama3.1-8b", 1, RLB_DTYPE_F32, "none", 0, 0, 0, 0, 0},
+        {"llama3.1-8b", 1, RLB_DTYPE_BF16, "fp8", 0, 0, 0, 0, 0},
+    };
+    int ncase = only_1b ? 2 : (int)(sizeof(cases) / sizeof(cases[0]));
+    printf("device %s, copy %.0f GB/s (read + write)\n", prop.name, gbs);
+    printf("%-12s %5s %5s %12s %12s %9s %9s %8s %11s\n", "model", "src", "quant", "read",
+           "written", "sync_ms", "floor_ms", "x_floor", "control_ms");
+    for (int i = 0; i < ncase; i++) {
+        scase *sc = &cases[i];
+        if (run_case(sc, rlb_bin, dir, versions, gbs) != 0) {
+            fprintf(stderr, "case %s %s failed\n", sc->name, rlb_dtype_name(sc->src));
+            continue;
+        }
+        printf("%-12s %5s %5s %12llu %12llu %9.3f %9.3f %8.3f %11.3f\n", sc->name,
+               rlb_dtype_name(sc->src), sc->quant, (unsigned long long)sc->bytes_read,
+               (unsigned long long)sc->bytes_written, sc->sync_ms, sc->floor_ms,
+               sc->sync_ms / sc->floor_ms, sc->control_ms);
+        fflush(stdout);
+    }
+    printf("{\"bench\": \"sync_cuda\", \"device\": \"%s\", \"copy_gbs\": %.1f", prop.name, gbs);
+    for (int i = 0; i < ncase; i++)
+        printf(", \"%s_%s_%s\": {\"sync_ms\": %.3f, \"floor_ms\": %.3f, \"control_ms\": %.4f}",
+               cases[i].name, rlb_dtype_name(cases[i].src), cases[i].quant, cases[i].sync_ms,
+               cases[i].floor_ms, cases[i].control_ms);
+    printf("}\n");
+    char model[PATH_MAX];
+    for (int i = 0; i < ncase; i++) {
+        snprintf(model, sizeof model, "%s/%s/config.json", dir, cases[i].name);
+        unlink(model);
+        snprintf(model, sizeof model, "%s/%s", dir, cases[i].name);
+        rmdir(model);
+    }
+    rmdir(dir);
+    return 0;
+}

@@ -1,0 +1,1239 @@
+/* cmd_stress.c: `rlb stress`, DESIGN §11: every process of a node for real, at full load,
+ * under a seeded schedule of faults, checked continuously.
+ *
+ * Processes (children of this one, which re-executes itself for the roles): a bridge
+ * (`rlb bridge --tiny`), replicas x tp workers (`rlb worker --tiny`), trainer ranks
+ * (launch/stress_trainer.c: shards mixing FSDP1 and FSDP2 units, a mix drawn anew for each
+ * bridge), generating clients (launch/stress_client.c) and the checker
+ * (launch/stress_checker.c), on the CPU backend. Trainers publish one version after another
+ * with weights that are a pure function of (seed, version); clients send random requests
+ * and put the workers to sleep now and then; the checker probes every commit.
+ *
+ * Faults (launch/stress_sched.c draws their moments from the seed): kill -9 of the bridge
+ * (restarted; trainers, workers, clients and checker come back to it), of a worker (its
+ * replica is restarted once its other ranks are gone, and heals), of a trainer rank or a
+ * client (restarted), SIGSTOP of a worker past RLB_PEER_TIMEOUT_MS then SIGCONT or kill -9,
+ * poisoned versions (one NaN: the version must abort with RLB_ENONFINITE), and a hostile
+ * client (forked from here) committing garbage records, cut messages or lying record
+ * headers, or leaving mid-message.
+ *
+ * Invariants, each counted as violations:
+ *   hung        a call past its deadline (request, probe, publish) without an answer
+ *   stall       no commit and no answered request for STALL_MS
+ *   unnamed     a failure without an RLB_E* code and a sentence
+ *   bad_shape   a result whose samples are missing, repeated, out of order, too long, or
+ *               whose finish reason contradicts its tokens
+ *   not_refused an invalid request that was served
+ *   lost        a request of a client that stopped cleanly and never got its answer
+ *   torn        a probe whose worker computed with other weights than the version stamped
+ *   uncommitted a result stamped with a version that aborted or was never published
+ *   split       ranks of one version told different outcomes (synced and aborted)
+ *   poison      a poisoned version committed
+ *   checksum    a trainer published bytes other than the version's (FNV-1a mismatch)
+ *   crashed     a process died of a signal we did not send, or the bridge exited non-zero
+ *   leftovers   after the run: entries in /dev/shm or the socket directory, zombies or
+ *               processes still running, fds of this process or of the bridge that grew
+ * A failing run prints its seed; `--seed` replays the same schedule.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "launch/cmds.h"
+#include "launch/stress.h"
+
+#define MAX_WORKERS 16
+#define MAX_TRAINERS 8
+#define MAX_CLIENTS 8
+#define MAX_HOSTILE 16
+#define PEER_TIMEOUT_MS 1500   /* RLB_PEER_TIMEOUT_MS of the run */
+#define HEARTBEAT_MS 100       /* RLB_HEARTBEAT_MS of the run */
+#define PUBLISH_BOUND_MS 45000 /* a trainer answers a publish within this (its own 30 s) */
+#define STALL_MS 30000         /* progress (commit or answer) at least this often */
+#define GRACE_MS 5000          /* ranks of a broken replica exit by themselves within this */
+#define STOP_GRACE_MS 40000    /* clients finish their batch within this after SIGTERM */
+#define FAULT_PATIENCE_MS 5000 /* a fault that cannot apply now waits this long at most */
+#define READY_TIMEOUT_MS 60000 /* first bridge and replicas up */
+
+enum { P_BRIDGE, P_WORKER, P_TRAINER, P_CLIENT, P_CHECKER, P_HOSTILE };
+static const char *const kind_names[] = {"bridge", "worker", "trainer", "client", "checker",
+                                         "hostile"};
+
+typedef struct proc {
+    pid_t pid;          /* 0: not running */
+    int kind;           /* P_* */
+    int idx;            /* index among its kind */
+    int cmd_fd;         /* write end of its command pipe, or -1 */
+    int rec_fd;         /* read end of its record pipe, or -1 */
+    int killed;         /* we sent it SIGKILL or SIGTERM */
+    int stopped;        /* SIGSTOP sent, not yet resumed */
+    int64_t resume_at;  /* when to resume (or kill) it */
+    int resume_kill;    /* kill -9 instead of SIGCONT */
+    int ready;          /* trainer: registered */
+    int busy;           /* trainer: a publish in flight */
+    int64_t busy_since; /* trainer: when */
+    int64_t outstanding; /* client: submitted, not yet answered */
+    uint32_t fault;     /* hostile: the fault kind it injects */
+    int64_t died_at;    /* when it was last reaped */
+} proc;
+
+enum { V_NONE, V_PUBLISHING, V_COMMITTED, V_ABORTED, V_UNKNOWN };
+
+typedef struct vinfo {
+    uint8_t state;    /* V_* */
+    uint8_t poisoned; /* carried a NaN */
+    uint8_t ok, aborted; /* answers seen: synced / aborted */
+    uint8_t nonfinite; /* an abort named non-finite values as its cause */
+    uint32_t served;  /* samples stamped with it */
+} vinfo;
+
+enum {
+    X_HUNG, X_STALL, X_UNNAMED, X_BAD_SHAPE, X_NOT_REFUSED, X_LOST, X_TORN, X_UNCOMMITTED,
+    X_SPLIT, X_POISON, X_CHECKSUM, X_CRASHED, X_LEFTOVERS, X_COUNT
+};
+static const char *const violation_names[X_COUNT] = {
+    "hung", "stall", "unnamed", "bad_shape", "not_refused", "lost", "torn", "uncommitted",
+    "split", "poison", "checksum", "crashed", "leftovers"};
+
+typedef struct opts {
+    int duration_s;
+    uint64_t seed;
+    uint32_t trainers, replicas, tp, clients;
+    const char *mode;
+    uint32_t faults;
+    int json;
+} opts;
+
+typedef struct stress {
+    opts o;
+    char self[PATH_MAX];
+    char dir[64];     /* socket directory */
+    char logdir[64];  /* daemon logs */
+    char sock[128];
+    proc bridge, workers[MAX_WORKERS], trainers[MAX_TRAINERS], clients[MAX_CLIENTS], checker;
+    proc hostile[MAX_HOSTILE];
+    int bridge_up;            /* its socket accepts connections */
+    uint32_t incarnation;     /* bridges started */
+    uint32_t units;           /* FSDP1 units of this bridge's trainers */
+    int64_t t0;               /* start of the faults */
+    int64_t last_progress;
+    /* versions */
+    vinfo *v;                 /* [v_cap] by version */
+    uint64_t v_cap, next_version;
+    uint64_t round;           /* version in flight, 0 = none */
+    int64_t next_publish_at;
+    uint32_t pending_poison;  /* poison faults waiting for the next round */
+    uint64_t poison_pick;     /* element the next poison hits */
+    /* faults */
+    rlb_stress_event *ev;
+    int n_ev, next_ev;
+    uint64_t injected[RLB_FAULT_COUNT_], skipped[RLB_FAULT_COUNT_];
+    /* outcomes */
+    uint64_t publish_rc[RLB_E_COUNT_], answer_rc[RLB_E_COUNT_], probe_rc[RLB_E_COUNT_];
+    uint64_t probe_verdict[3], sleeps, submitted, answered, samples, connects;
+    uint64_t restarts[P_HOSTILE + 1], committed, aborted, unknown, served_unknown;
+    uint64_t forced_kills;
+    uint64_t poison_aborted, poison_named; /* poisoned versions aborted; naming the NaN */
+    uint64_t x[X_COUNT];
+    char first_violation[320];
+    int fd_self0, fd_bridge0;
+    char *shm_before[256];
+    int n_shm_before;
+} stress;
+
+static volatile sig_atomic_t interrupted;
+
+static void on_signal(int sig)
+{
+    interrupted = sig;
+}
+
+static int64_t now_ms(void)
+{
+    return (int64_t)rlb__stress_now_ms();
+}
+
+static const char *code_name(int rc)
+{
+    static const char *const names[RLB_E_COUNT_] = {
+        "ok", "EINVAL", "ENOMEM", "EIO", "ETIMEDOUT", "EPEERDEAD", "EAGAIN", "EPROTO",
+        "EVERSION", "EPERM", "ENOTFOUND", "EEXIST", "ETOOBIG", "ESHAPE", "EDTYPE",
+        "EUNSUPPORTED", "ESTALE", "EABORTED", "ECUDA", "ESHUTDOWN", "ECORRUPT", "ENONFINITE"};
+    return rc <= 0 && rc > -RLB_E_COUNT_ ? names[-rc] : "unknown";
+}
+
+static int code_index(int rc)
+{
+    return rc <= 0 && rc > -RLB_E_COUNT_ ? -rc : 0;
+}
+
+static void violation(stress *s, int kind, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void violation(stress *s, int kind, const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    s->x[kind]++;
+    if (!s->first_violation[0])
+        snprintf(s->first_violation, sizeof(s->first_violation), "%s: %s",
+                 violation_names[kind], msg);
+    fprintf(stderr, "rlb stress: VIOLATION %s at %.1f s: %s\n", violation_names[kind],
+            (now_ms() - s->t0) / 1000.0, msg);
+}
+
+static int count_fds(pid_t pid)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
+    DIR *d = opendir(path);
+    int n = 0;
+    for (struct dirent *e; d && (e = readdir(d));)
+        n += e->d_name[0] != '.';
+    if (d)
+        closedir(d);
+    return n - (pid == getpid()); /* our own opendir's fd */
+}
+
+/* ---- Processes ------------------------------------------------------------------------ */
+
+static void close_pipes(proc *p)
+{
+    if (p->cmd_fd >= 0)
+        close(p->cmd_fd);
+    if (p->rec_fd >= 0)
+        close(p->rec_fd);
+    p->cmd_fd = p->rec_fd = -1;
+}
+
+/* Starts argv as child p with a command pipe on fd 3 and a record pipe on fd 4 (roles), its
+ * output appended to the kind's log. Returns 0 or -1. */
+static int spawn(stress *s, proc *p, char *const argv[], int pipes)
+{
+    int cmd[2] = {-1, -1}, rec[2] = {-1, -1};
+    if (pipes && (pipe2(cmd, O_CLOEXEC) || pipe2(rec, O_CLOEXEC)))
+        return -1;
+    char log[160];
+    snprintf(log, sizeof(log), "%s/%s%d.log", s->logdir, kind_names[p->kind], p->idx);
+    pid_t parent = getpid();
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent)
+            _exit(1);
+        int fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+        if (fd < 0 || dup2(fd, STDOUT_FILENO) < 0 || dup2(fd, STDERR_FILENO) < 0)
+            _exit(1);
+        /* Out of the way first: a pipe end may already sit on fd 3 or 4. */
+        int in = pipes ? fcntl(cmd[0], F_DUPFD_CLOEXEC, 10) : -1;
+        int out = pipes ? fcntl(rec[1], F_DUPFD_CLOEXEC, 10) : -1;
+        if (pipes && (in < 0 || out < 0 || dup2(in, RLB_STRESS_CMD_FD) < 0 ||
+                      dup2(out, RLB_STRESS_REC_FD) < 0))
+            _exit(1);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    if (pipes) {
+        close(cmd[0]);
+        close(rec[1]);
+    }
+    if (pid < 0) {
+        if (pipes) {
+            close(cmd[1]);
+            close(rec[0]);
+        }
+        return -1;
+    }
+    *p = (proc){.pid = pid, .kind = p->kind, .idx = p->idx, .cmd_fd = pipes ? cmd[1] : -1,
+                .rec_fd = pipes ? rec[0] : -1, .died_at = p->died_at, .fault = p->fault};
+    if (pipes)
+        fcntl(p->rec_fd, F_SETFL, O_NONBLOCK);
+    return 0;
+}
+
+static void spawn_bridge(stress *s)
+{
+    char *argv[] = {s->self, "bridge", "--socket", s->sock, "--tiny", "--mode",
+                    (char *)s->o.mode, "--threads", "1", NULL};
+    s->incarnation++;
+    /* Each bridge gets its own mix of FSDP1 and FSDP2 units (all its trainers agree). */
+    uint32_t units_mask = (1u << (rlb__stress_params()->cfg.n_layers + 1)) - 1;
+    s->units = (uint32_t)rlb__stress_key(s->o.seed, 0x756e697473ull, s->incarnation, 0) &
+               units_mask;
+    s->bridge_up = 0;
+    if (spawn(s, &s->bridge, argv, 0) == 0)
+        s->restarts[P_BRIDGE] += s->incarnation > 1;
+}
+
+static void spawn_worker(stress *s, int i)
+{
+    char rep[16], reps[16], tpr[16], tps[16];
+    snprintf(rep, sizeof(rep), "%u", (uint32_t)i / s->o.tp);
+    snprintf(reps, sizeof(reps), "%u", s->o.replicas);
+    snprintf(tpr, sizeof(tpr), "%u", (uint32_t)i % s->o.tp);
+    snprintf(tps, sizeof(tps), "%u", s->o.tp);
+    char *argv[] = {s->self, "worker", "--bridge", s->sock, "--replica", rep, "--replicas",
+                    reps, "--tp-rank", tpr, "--tp-size", tps, "--tiny", "--threads", "1",
+                    "--kv-mb", "8", NULL};
+    spawn(s, &s->workers[i], argv, 0);
+}
+
+static void spawn_role(stress *s, proc *p, const char *role)
+{
+    char seed[32], idx[16], world[16], units[16], reps[16];
+    snprintf(seed, sizeof(seed), "%llu", (unsigned long long)s->o.seed);
+    snprintf(idx, sizeof(idx), "%d", p->idx);
+    snprintf(world, sizeof(world), "%u", s->o.trainers);
+    snprintf(units, sizeof(units), "%u", s->units);
+    snprintf(reps, sizeof(reps), "%u", s->o.replicas);
+    char *argv[] = {s->self, "stress", "--role", (char *)role, "--socket", s->sock, "--seed",
+                    seed, "--rank", idx, "--world", world, "--units", units, NULL};
+    char *client_argv[] = {s->self, "stress", "--role", (char *)role, "--socket", s->sock,
+                           "--seed", seed, "--id", idx, NULL};
+    char *checker_argv[] = {s->self, "stress", "--role", (char *)role, "--socket", s->sock,
+                            "--seed", seed, "--replicas", reps, NULL};
+    spawn(s, p, p->kind == P_TRAINER ? argv : p->kind == P_CLIENT ? client_argv : checker_argv,
+          1);
+}
+
+static void kill_proc(proc *p, int sig)
+{
+    if (p->pid > 0) {
+        p->killed = 1;
+        kill(p->pid, sig);
+        if (p->stopped && sig != SIGSTOP)
+            kill(p->pid, SIGCONT);
+    }
+}
+
+static int bridge_listening(const char *path)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+    int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    int ok = fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+    if (fd >= 0)
+        close(fd);
+    return ok;
+}
+
+/* ---- Records ----------------------------------------------------------------------------- */
+
+static vinfo *version(stress *s, uint64_t v)
+{
+    if (v >= s->v_cap) {
+        uint64_t cap = s->v_cap ? s->v_cap : 1024;
+        while (cap <= v)
+            cap *= 2;
+        vinfo *grown = realloc(s->v, cap * sizeof(*grown));
+        if (!grown)
+            abort();
+        memset(grown + s->v_cap, 0, (cap - s->v_cap) * sizeof(*grown));
+        s->v = grown;
+        s->v_cap = cap;
+    }
+    return &s->v[v];
+}
+
+/* The checksum rank r's bytes of version v must have. */
+static uint64_t expected_checksum(stress *s, uint32_t rank, uint64_t v, int poisoned)
+{
+    static float *mem;
+    static size_t cap;
+    rlb_stress_shards sh;
+    rlb__stress_shards_init(&sh, rank, s->o.trainers, s->units);
+    if (sh.floats > cap) {
+        free(mem);
+        mem = malloc(sh.floats * sizeof(float));
+        cap = sh.floats;
+    }
+    rlb__stress_shards_fill(&sh, s->o.seed, v, mem);
+    if (poisoned)
+        mem[rlb__stress_shards_pick(&sh, s->poison_pick)] = NAN;
+    return rlb__stress_fnv(mem, sh.floats * sizeof(float));
+}
+
+static void served(stress *s, uint64_t vmin, uint64_t vmax, uint32_t n)
+{
+    if (vmin)
+        version(s, vmin)->served += n;
+    if (vmax != vmin)
+        version(s, vmax)->served += n;
+}
+
+/* Closes the round once no participant is busy: decides the version's outcome. */
+static void round_check(stress *s)
+{
+    if (!s->round)
+        return;
+    for (uint32_t r = 0; r < s->o.trainers; r++)
+        if (s->trainers[r].busy)
+            return;
+    vinfo *vi = version(s, s->round);
+    if (vi->ok && vi->aborted)
+        violation(s, X_SPLIT, "version %llu: %u rank(s) synced, %u aborted",
+                  (unsigned long long)s->round, vi->ok, vi->aborted);
+    if (vi->ok && vi->poisoned)
+        violation(s, X_POISON, "poisoned version %llu committed", (unsigned long long)s->round);
+    vi->state = vi->ok ? V_COMMITTED : vi->aborted ? V_ABORTED : V_UNKNOWN;
+    s->poison_aborted += vi->poisoned && vi->state == V_ABORTED;
+    s->poison_named += vi->poisoned && vi->nonfinite;
+    s->committed += vi->state == V_COMMITTED;
+    s->aborted += vi->state == V_ABORTED;
+    s->unknown += vi->state == V_UNKNOWN;
+    if (vi->state == V_COMMITTED) {
+        s->last_progress = now_ms();
+        rlb_stress_cmd cmd = {.version = s->round};
+        if (s->checker.pid > 0 && s->checker.cmd_fd >= 0 &&
+            write(s->checker.cmd_fd, &cmd, sizeof(cmd)) < 0)
+            kill_proc(&s->checker, SIGKILL);
+    }
+    s->round = 0;
+    s->next_publish_at = now_ms() + 5;
+}
+
+static void on_record(stress *s, proc *p, const rlb_stress_rec *r)
+{
+    char text[sizeof(r->text) + 1];
+    memcpy(text, r->text, sizeof(r->text));
+    text[sizeof(r->text)] = 0;
+    if (r->flags & RLB_REC_F_UNNAMED)
+        violation(s, X_UNNAMED, "%s %d: code %d without a sentence", kind_names[p->kind],
+                  p->idx, r->rc);
+    switch (r->kind) {
+    case RLB_REC_READY: p->ready = 1; break;
+    case RLB_REC_CONNECTED: s->connects++; break;
+    case RLB_REC_SLEEP: s->sleeps++; break;
+    case RLB_REC_PUBLISH: {
+        vinfo *vi = version(s, r->version);
+        p->busy = 0;
+        s->publish_rc[code_index(r->rc)]++;
+        if (r->rc == 0)
+            vi->ok++;
+        else if (r->rc != RLB_EPEERDEAD)
+            vi->aborted++;
+        if (r->rc == RLB_EABORTED && strstr(text, rlb_strerror(RLB_ENONFINITE)))
+            vi->nonfinite = 1;
+        if (r->rc == RLB_ETIMEDOUT)
+            violation(s, X_HUNG, "trainer %d: publish %llu timed out", p->idx,
+                      (unsigned long long)r->version);
+        uint64_t want = expected_checksum(s, (uint32_t)p->idx, r->version,
+                                          !!(r->flags & RLB_REC_F_POISONED));
+        if (want != r->checksum)
+            violation(s, X_CHECKSUM, "trainer %d, version %llu: checksum %016llx, want %016llx",
+                      p->idx, (unsigned long long)r->version,
+                      (unsigned long long)r->checksum, (unsigned long long)want);
+        round_check(s);
+        break;
+    }
+    case RLB_REC_SUBMIT:
+        if (r->rc == 0) {
+            s->submitted++;
+            p->outstanding++;
+        }
+        break;
+    case RLB_REC_ANSWER:
+        s->answer_rc[code_index(r->rc)]++;
+        if (p->outstanding > 0 && (r->rc == 0 || r->ms > 0))
+            p->outstanding--, s->answered++;
+        if (r->rc == RLB_ETIMEDOUT)
+            violation(s, X_HUNG, "client %d: no answer within the deadline (%.0f ms)", p->idx,
+                      r->ms);
+        if (r->rc == 0) {
+            s->last_progress = now_ms();
+            s->samples += r->count;
+            served(s, r->vmin, r->vmax, r->count);
+            if (r->flags & RLB_REC_F_EXPECT_REFUSAL)
+                violation(s, X_NOT_REFUSED, "client %d: an invalid request was served", p->idx);
+        }
+        if (r->flags & RLB_REC_F_BAD_SHAPE)
+            violation(s, X_BAD_SHAPE, "client %d: %s", p->idx, text);
+        break;
+    case RLB_REC_PROBE:
+        s->probe_rc[code_index(r->rc)]++;
+        if (r->rc == RLB_ETIMEDOUT)
+            violation(s, X_HUNG, "checker: probe of version %llu unanswered",
+                      (unsigned long long)r->version);
+        if (r->rc == 0) {
+            s->probe_verdict[r->count < 3 ? r->count : 2]++;
+            served(s, r->vmin, r->vmax, 1);
+            if (r->count == RLB_PROBE_MISMATCH)
+                violation(s, X_TORN, "version %llu: %s", (unsigned long long)r->vmin, text);
+        }
+        break;
+    default: break;
+    }
+}
+
+static void drain_records(stress *s, proc *p)
+{
+    rlb_stress_rec r;
+    while (p->rec_fd >= 0) {
+        ssize_t n = read(p->rec_fd, &r, sizeof(r));
+        if (n == (ssize_t)sizeof(r)) {
+            on_record(s, p, &r);
+            continue;
+        }
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+            close(p->rec_fd);
+            p->rec_fd = -1;
+        }
+        break;
+    }
+}
+
+/* ---- Lifecycle ---------------------------------------------------------------------------- */
+
+/* Called once p was reaped with wait status st. */
+static void on_exit_of(stress *s, proc *p, int st)
+{
+    int ours = p->killed;
+    drain_records(s, p);
+    close_pipes(p);
+    if (WIFSIGNALED(st) && !(ours && (WTERMSIG(st) == SIGKILL || WTERMSIG(st) == SIGTERM)))
+        violation(s, X_CRASHED, "%s %d died of signal %d", kind_names[p->kind], p->idx,
+                  WTERMSIG(st));
+    else if (p->kind == P_BRIDGE && !ours && WIFEXITED(st))
+        violation(s, X_CRASHED, "the bridge exited with status %d", WEXITSTATUS(st));
+    else if ((p->kind == P_CLIENT || p->kind == P_CHECKER) && WIFEXITED(st) &&
+             WEXITSTATUS(st) != 0)
+        violation(s, X_CRASHED, "%s %d exited with status %d", kind_names[p->kind], p->idx,
+                  WEXITSTATUS(st));
+    if (p->kind == P_CLIENT && !ours && p->outstanding)
+        violation(s, X_LOST, "client %d stopped with %lld request(s) unanswered", p->idx,
+                  (long long)p->outstanding);
+    if (p->kind == P_HOSTILE && WIFEXITED(st) && WEXITSTATUS(st) == 0)
+        s->injected[p->fault]++;
+    else if (p->kind == P_HOSTILE)
+        s->skipped[p->fault]++;
+    if (p->kind == P_TRAINER && p->busy) {
+        p->busy = 0;
+        round_check(s);
+    }
+    p->pid = 0;
+    p->ready = p->stopped = 0;
+    p->outstanding = 0;
+    p->died_at = now_ms();
+    if (p->kind == P_BRIDGE) {
+        s->bridge_up = 0;
+        /* The trainers' registrations died with it; the next bridge gets a new unit mix. */
+        for (uint32_t r = 0; r < s->o.trainers; r++)
+            kill_proc(&s->trainers[r], SIGKILL);
+    }
+}
+
+static void reap_all(stress *s)
+{
+    proc *all[] = {&s->bridge, &s->checker};
+    for (size_t i = 0; i < 2; i++) {
+        int st;
+        if (all[i]->pid > 0 && waitpid(all[i]->pid, &st, WNOHANG) == all[i]->pid)
+            on_exit_of(s, all[i], st);
+    }
+    proc *arrays[] = {s->workers, s->trainers, s->clients, s->hostile};
+    int counts[] = {MAX_WORKERS, MAX_TRAINERS, MAX_CLIENTS, MAX_HOSTILE};
+    for (int a = 0; a < 4; a++)
+        for (int i = 0; i < counts[a]; i++) {
+            int st;
+            proc *p = &arrays[a][i];
+            if (p->pid > 0 && waitpid(p->pid, &st, WNOHANG) == p->pid)
+                on_exit_of(s, p, st);
+        }
+}
+
+/* Restarts what is missing: the bridge, whole replicas once every rank of theirs is gone,
+ * trainers, clients, the checker. */
+static void heal(stress *s, int64_t now)
+{
+    if (s->bridge.pid == 0 && now - s->bridge.died_at >= 50)
+        spawn_bridge(s);
+    if (!s->bridge_up) {
+        if (s->bridge.pid > 0 && bridge_listening(s->sock))
+            s->bridge_up = 1;
+        else
+            return;
+    }
+    for (uint32_t d = 0; d < s->o.replicas; d++) {
+        proc *w = &s->workers[d * s->o.tp];
+        uint32_t alive = 0;
+        int64_t died = 0;
+        for (uint32_t t = 0; t < s->o.tp; t++) {
+            alive += w[t].pid > 0;
+            died = w[t].died_at > died ? w[t].died_at : died;
+        }
+        if (alive == s->o.tp)
+            continue;
+        if (alive == 0) {
+            for (uint32_t t = 0; t < s->o.tp; t++)
+                spawn_worker(s, (int)(d * s->o.tp + t));
+            s->restarts[P_WORKER] += s->o.tp;
+        } else if (now - died > GRACE_MS) {
+            for (uint32_t t = 0; t < s->o.tp; t++)
+                if (w[t].pid > 0 && !w[t].killed) {
+                    kill_proc(&w[t], SIGKILL);
+                    s->forced_kills++;
+                }
+        }
+    }
+    for (uint32_t r = 0; r < s->o.trainers; r++)
+        if (s->trainers[r].pid == 0 && now - s->trainers[r].died_at >= 100) {
+            spawn_role(s, &s->trainers[r], "trainer");
+            s->restarts[P_TRAINER]++;
+        }
+    for (uint32_t c = 0; c < s->o.clients; c++)
+        if (s->clients[c].pid == 0 && now - s->clients[c].died_at >= 100) {
+            spawn_role(s, &s->clients[c], "client");
+            s->restarts[P_CLIENT]++;
+        }
+    if (s->checker.pid == 0 && now - s->checker.died_at >= 100) {
+        spawn_role(s, &s->checker, "checker");
+        s->restarts[P_CHECKER]++;
+    }
+}
+
+/* Starts the next version when every trainer rank is registered and idle. */
+static void drive(stress *s, int64_t now)
+{
+    if (s->round || !s->bridge_up || now < s->next_publish_at)
+        return;
+    for (uint32_t r = 0; r < s->o.trainers; r++)
+        if (s->trainers[r].pid <= 0 || !s->trainers[r].ready || s->trainers[r].busy)
+            return;
+    uint64_t v = ++s->next_version;
+    vinfo *vi = version(s, v);
+    uint32_t poisoner = s->o.trainers;
+    if (s->pending_poison) {
+        s->pending_poison--;
+        s->injected[RLB_FAULT_POISON]++;
+        vi->poisoned = 1;
+        uint64_t k = rlb__stress_key(s->o.seed, 0x706f69736f6eull, v, 0);
+        poisoner = (uint32_t)(k % s->o.trainers);
+        s->poison_pick = k >> 8;
+    }
+    vi->state = V_PUBLISHING;
+    s->round = v;
+    for (uint32_t r = 0; r < s->o.trainers; r++) {
+        proc *t = &s->trainers[r];
+        rlb_stress_cmd cmd = {.version = v, .poison = r == poisoner,
+                              .pick = (uint32_t)s->poison_pick};
+        t->busy = 1;
+        t->busy_since = now;
+        if (write(t->cmd_fd, &cmd, sizeof(cmd)) != (ssize_t)sizeof(cmd)) {
+            t->busy = 0;
+            kill_proc(t, SIGKILL);
+        }
+    }
+    /* The trainer computes its pick from the low 32 bits; so does the checksum. */
+    s->poison_pick = (uint32_t)s->poison_pick;
+    round_check(s);
+}
+
+/* Live processes of an array, excluding stopped ones when asked; the target-th of them. */
+static proc *choose(proc *a, int n, uint32_t target, int skip_stopped)
+{
+    int live = 0;
+    for (int i = 0; i < n; i++)
+        live += a[i].pid > 0 && !a[i].killed && !(skip_stopped && a[i].stopped);
+    if (!live)
+        return NULL;
+    int k = (int)(target % (uint32_t)live);
+    for (int i = 0; i < n; i++)
+        if (a[i].pid > 0 && !a[i].killed && !(skip_stopped && a[i].stopped) && k-- == 0)
+            return &a[i];
+    return NULL;
+}
+
+/* Applies fault e. Returns 1 when done (or given up), 0 to try again later. */
+static int inject(stress *s, const rlb_stress_event *e)
+{
+    int nw = (int)(s->o.replicas * s->o.tp);
+    proc *p = NULL;
+    switch (e->kind) {
+    case RLB_FAULT_KILL_BRIDGE:
+        if (!s->bridge_up || s->bridge.pid <= 0)
+            return 0;
+        p = &s->bridge;
+        break;
+    case RLB_FAULT_KILL_WORKER: p = choose(s->workers, nw, e->target, 1); break;
+    case RLB_FAULT_KILL_TRAINER: p = choose(s->trainers, (int)s->o.trainers, e->target, 0); break;
+    case RLB_FAULT_KILL_CLIENT: p = choose(s->clients, (int)s->o.clients, e->target, 0); break;
+    case RLB_FAULT_STOP_WORKER:
+        for (int i = 0; i < nw; i++)
+            if (s->workers[i].stopped)
+                return 0; /* one at a time */
+        if (!s->bridge_up || !(p = choose(s->workers, nw, e->target, 1)))
+            return 0;
+        kill(p->pid, SIGSTOP);
+        p->stopped = 1;
+        p->resume_at = now_ms() + PEER_TIMEOUT_MS + 300 + e->arg % 1200;
+        p->resume_kill = (int)(e->arg >> 20 & 1);
+        s->injected[e->kind]++;
+        return 1;
+    case RLB_FAULT_POISON: s->pending_poison++; return 1;
+    default: { /* a hostile client */
+        if (!s->bridge_up)
+            return 0;
+        proc *h = NULL;
+        for (int i = 0; i < MAX_HOSTILE && !h; i++)
+            if (s->hostile[i].pid == 0)
+                h = &s->hostile[i];
+        if (!h)
+            return 0;
+        fflush(NULL);
+        pid_t pid = fork();
+        if (pid == 0) {
+            prctl(PR_SET_PDEATHSIG, SIGKILL);
+            alarm(20);
+            _exit(rlb__stress_hostile(s->sock, e->kind, e->arg));
+        }
+        if (pid < 0)
+            return 0;
+        *h = (proc){.pid = pid, .kind = P_HOSTILE, .idx = (int)(h - s->hostile),
+                    .cmd_fd = -1, .rec_fd = -1, .fault = e->kind};
+        return 1;
+    }
+    }
+    if (!p)
+        return 0;
+    kill_proc(p, SIGKILL);
+    s->injected[e->kind]++;
+    return 1;
+}
+
+static void faults_due(stress *s, int64_t now)
+{
+    int64_t t = now - s->t0;
+    while (s->next_ev < s->n_ev && s->ev[s->next_ev].at_ms <= t) {
+        const rlb_stress_event *e = &s->ev[s->next_ev];
+        if (!inject(s, e)) {
+            if (t - e->at_ms < FAULT_PATIENCE_MS)
+                break;
+            s->skipped[e->kind]++;
+        }
+        s->next_ev++;
+    }
+    int nw = (int)(s->o.replicas * s->o.tp);
+    for (int i = 0; i < nw; i++) {
+        proc *w = &s->workers[i];
+        if (w->pid > 0 && w->stopped && now >= w->resume_at) {
+            if (w->resume_kill)
+                kill_proc(w, SIGKILL);
+            else
+                kill(w->pid, SIGCONT);
+            w->stopped = 0;
+        }
+    }
+}
+
+static void watchdogs(stress *s, int64_t now)
+{
+    for (uint32_t r = 0; r < s->o.trainers; r++) {
+        proc *t = &s->trainers[r];
+        if (t->pid > 0 && t->busy && now - t->busy_since > PUBLISH_BOUND_MS) {
+            violation(s, X_HUNG, "trainer %u: publish %llu unanswered after %d s", r,
+                      (unsigned long long)s->round, PUBLISH_BOUND_MS / 1000);
+            kill_proc(t, SIGKILL);
+        }
+    }
+    if (now - s->last_progress > STALL_MS) {
+        violation(s, X_STALL, "no commit and no answered request for %d s", STALL_MS / 1000);
+        s->last_progress = now;
+    }
+}
+
+/* One turn of the loop: records, exits, restarts, publishes, faults, watchdogs. */
+static void turn(stress *s, int faults_on)
+{
+    struct pollfd pf[MAX_TRAINERS + MAX_CLIENTS + 1];
+    proc *owner[MAX_TRAINERS + MAX_CLIENTS + 1];
+    int n = 0;
+    for (uint32_t r = 0; r < s->o.trainers; r++)
+        if (s->trainers[r].rec_fd >= 0)
+            owner[n] = &s->trainers[r], pf[n++] = (struct pollfd){s->trainers[r].rec_fd, POLLIN, 0};
+    for (uint32_t c = 0; c < s->o.clients; c++)
+        if (s->clients[c].rec_fd >= 0)
+            owner[n] = &s->clients[c], pf[n++] = (struct pollfd){s->clients[c].rec_fd, POLLIN, 0};
+    if (s->checker.rec_fd >= 0)
+        owner[n] = &s->checker, pf[n++] = (struct pollfd){s->checker.rec_fd, POLLIN, 0};
+    if (poll(pf, (nfds_t)n, 10) > 0)
+        for (int i = 0; i < n; i++)
+            if (pf[i].revents)
+                drain_records(s, owner[i]);
+    reap_all(s);
+    int64_t now = now_ms();
+    if (faults_on) {
+        heal(s, now);
+        drive(s, now);
+        faults_due(s, now);
+        watchdogs(s, now);
+    }
+}
+
+/* ---- Start, end, report -------------------------------------------------------------------- */
+
+static int stat_of(const char *sock, const char *name, double *value)
+{
+    rlb_client_options o;
+    rlb_client_options_init(&o);
+    o.socket = sock;
+    o.observer = 1;
+    o.connect_timeout_ms = 1000;
+    o.request_timeout_ms = 2000;
+    rlb_client *c = NULL;
+    rlb_stat_list *l = NULL;
+    int rc = rlb_connect(&o, &c);
+    if (rc == 0)
+        rc = rlb_bridge_stats(c, &l);
+    if (rc == 0)
+        rc = rlb_stat_list_find(l, name, value);
+    rlb_stat_list_free(l);
+    rlb_close(c);
+    return rc;
+}
+
+/* Bridge and every replica up, before anything else starts; the bridge's fds then are the
+ * baseline of the fd check. Returns 0 or -1. */
+static int first_start(stress *s)
+{
+    spawn_bridge(s);
+    int64_t deadline = now_ms() + READY_TIMEOUT_MS;
+    while (!s->bridge_up && now_ms() < deadline && !interrupted) {
+        s->bridge_up = s->bridge.pid > 0 && bridge_listening(s->sock);
+        reap_all(s);
+        rlb__stress_sleep_ms(20);
+    }
+    for (uint32_t i = 0; s->bridge_up && i < s->o.replicas * s->o.tp; i++)
+        spawn_worker(s, (int)i);
+    double up = 0;
+    while (s->bridge_up && up < s->o.replicas && now_ms() < deadline && !interrupted) {
+        if (stat_of(s->sock, "replicas_up", &up) < 0)
+            up = 0;
+        reap_all(s);
+        rlb__stress_sleep_ms(50);
+    }
+    if (up < s->o.replicas)
+        return -1;
+    rlb__stress_sleep_ms(300); /* the bridge drops our stats connection */
+    s->fd_bridge0 = count_fds(s->bridge.pid);
+    return 0;
+}
+
+static void wait_gone(stress *s, proc *p, int ms)
+{
+    for (int64_t end = now_ms() + ms; p->pid > 0 && now_ms() < end;)
+        turn(s, 0);
+    if (p->pid > 0) {
+        kill_proc(p, SIGKILL);
+        s->forced_kills++;
+        while (p->pid > 0)
+            turn(s, 0);
+    }
+}
+
+/* Stops everything in order and checks what is left. */
+static void finish(stress *s)
+{
+    for (uint32_t c = 0; c < s->o.clients; c++)
+        if (s->clients[c].pid > 0)
+            kill(s->clients[c].pid, SIGTERM); /* not p->killed: they must answer everything */
+    if (s->checker.pid > 0)
+        kill(s->checker.pid, SIGTERM);
+    for (uint32_t r = 0; r < s->o.trainers; r++)
+        if (s->trainers[r].cmd_fd >= 0) {
+            close(s->trainers[r].cmd_fd); /* EOF: they close their client and exit */
+            s->trainers[r].cmd_fd = -1;
+        }
+    for (int i = 0; i < (int)(s->o.replicas * s->o.tp); i++)
+        if (s->workers[i].stopped) {
+            kill(s->workers[i].pid, SIGCONT);
+            s->workers[i].stopped = 0;
+        }
+    for (uint32_t c = 0; c < s->o.clients; c++)
+        wait_gone(s, &s->clients[c], STOP_GRACE_MS);
+    wait_gone(s, &s->checker, STOP_GRACE_MS);
+    for (uint32_t r = 0; r < s->o.trainers; r++)
+        wait_gone(s, &s->trainers[r], STOP_GRACE_MS);
+    for (int i = 0; i < MAX_HOSTILE; i++)
+        wait_gone(s, &s->hostile[i], 20000);
+    /* Only the workers are connected now, as when the baseline was taken. */
+    int whole = 1;
+    for (int i = 0; i < (int)(s->o.replicas * s->o.tp); i++)
+        whole &= s->workers[i].pid > 0;
+    if (s->bridge.pid > 0 && whole) {
+        double up = 0;
+        for (int64_t end = now_ms() + 20000; up < s->o.replicas && now_ms() < end;) {
+            if (stat_of(s->sock, "replicas_up", &up) < 0)
+                up = 0;
+            turn(s, 0);
+        }
+        for (int64_t end = now_ms() + 300; now_ms() < end;)
+            turn(s, 0);
+        int fds = count_fds(s->bridge.pid);
+        if (up >= s->o.replicas && fds > s->fd_bridge0)
+            violation(s, X_LEFTOVERS, "the bridge holds %d fds with only its workers connected, "
+                      "%d at the start", fds, s->fd_bridge0);
+    }
+    if (s->bridge.pid > 0) {
+        kill(s->bridge.pid, SIGTERM);
+        s->bridge.killed = 1;
+        wait_gone(s, &s->bridge, 15000);
+    }
+    for (int i = 0; i < (int)(s->o.replicas * s->o.tp); i++)
+        wait_gone(s, &s->workers[i], 15000);
+    /* Nothing may be left: no child (zombie or running), no socket, nothing in /dev/shm. */
+    DIR *d = opendir("/proc");
+    for (struct dirent *e; d && (e = readdir(d));) {
+        char path[300], line[512];
+        if (e->d_name[0] < '0' || e->d_name[0] > '9')
+            continue;
+        snprintf(path, sizeof(path), "/proc/%s/stat", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        int ppid = 0;
+        char state = 0;
+        if (fgets(line, sizeof(line), f)) {
+            char *close_paren = strrchr(line, ')');
+            if (close_paren)
+                sscanf(close_paren + 1, " %c %d", &state, &ppid);
+        }
+        fclose(f);
+        if (ppid == getpid())
+            violation(s, X_LEFTOVERS, "process %s (state %c) is still our child", e->d_name,
+                      state);
+    }
+    if (d)
+        closedir(d);
+    d = opendir(s->dir);
+    for (struct dirent *e; d && (e = readdir(d));)
+        if (e->d_name[0] != '.')
+            violation(s, X_LEFTOVERS, "left in the socket directory: %s", e->d_name);
+    if (d)
+        closedir(d);
+    d = opendir("/dev/shm");
+    for (struct dirent *e; d && (e = readdir(d));) {
+        int seen = e->d_name[0] == '.';
+        for (int i = 0; !seen && i < s->n_shm_before; i++)
+            seen = !strcmp(s->shm_before[i], e->d_name);
+        if (!seen)
+            violation(s, X_LEFTOVERS, "left in /dev/shm: %s", e->d_name);
+    }
+    if (d)
+        closedir(d);
+    int fds = count_fds(getpid());
+    if (fds > s->fd_self0)
+        violation(s, X_LEFTOVERS, "rlb stress holds %d fds, %d at the start", fds, s->fd_self0);
+    /* Every version a result was stamped with must have committed. */
+    for (uint64_t v = 0; v < s->v_cap; v++) {
+        const vinfo *vi = &s->v[v];
+        if (!vi->served)
+            continue;
+        if (vi->state == V_UNKNOWN || vi->state == V_PUBLISHING)
+            s->served_unknown++; /* its bridge died before any rank heard: it committed */
+        else if (vi->state != V_COMMITTED)
+            violation(s, X_UNCOMMITTED, "%u sample(s) stamped with version %llu, which %s",
+                      vi->served, (unsigned long long)v,
+                      vi->state == V_ABORTED ? "aborted" : "was never published");
+    }
+}
+
+static uint64_t total(const uint64_t *a, int n)
+{
+    uint64_t t = 0;
+    for (int i = 0; i < n; i++)
+        t += a[i];
+    return t;
+}
+
+static void print_codes(FILE *f, const uint64_t *rc, int json)
+{
+    int first = 1;
+    for (int i = 1; i < RLB_E_COUNT_; i++)
+        if (rc[i]) {
+            fprintf(f, json ? "%s\"RLB_%s\": %llu" : "%sRLB_%s %llu", first ? "" : ", ",
+                    code_name(-i), (unsigned long long)rc[i]);
+            first = 0;
+        }
+    if (first && !json)
+        fprintf(f, "-");
+}
+
+static void print_table(const stress *s, double seconds, uint64_t faults)
+{
+    printf("\nrlb stress: seed %llu, %.0f s, bridge + %u x %u workers, %u trainers, %u clients, "
+           "%s mode\n", (unsigned long long)s->o.seed, seconds, s->o.replicas, s->o.tp,
+           s->o.trainers, s->o.clients, s->o.mode);
+    printf("  %-14s %8s %8s\n", "fault", "injected", "skipped");
+    for (int k = 0; k < RLB_FAULT_COUNT_; k++)
+        printf("  %-14s %8llu %8llu\n", rlb__stress_fault_name((uint32_t)k),
+               (unsigned long long)s->injected[k], (unsigned long long)s->skipped[k]);
+    printf("  %-14s %8llu\n", "total", (unsigned long long)faults);
+    printf("  versions: %llu published, %llu committed, %llu aborted, %llu unknown (bridge "
+           "killed mid-publish)\n", (unsigned long long)s->next_version,
+           (unsigned long long)s->committed, (unsigned long long)s->aborted,
+           (unsigned long long)s->unknown);
+    printf("  poisoned versions: %llu aborted, %llu of them naming non-finite values as the "
+           "cause\n", (unsigned long long)s->poison_aborted, (unsigned long long)s->poison_named);
+    printf("  publish failures: ");
+    print_codes(stdout, s->publish_rc, 0);
+    printf("\n  requests: %llu submitted, %llu answered, %llu done (%llu samples); failed: ",
+           (unsigned long long)s->submitted, (unsigned long long)s->answered,
+           (unsigned long long)s->answer_rc[0], (unsigned long long)s->samples);
+    print_codes(stdout, s->answer_rc, 0);
+    printf("\n  probes: %llu match, %llu near ties, %llu differ; failed: ",
+           (unsigned long long)s->probe_verdict[0], (unsigned long long)s->probe_verdict[1],
+           (unsigned long long)s->probe_verdict[2]);
+    print_codes(stdout, s->probe_rc, 0);
+    printf("\n  restarts: bridge %llu, workers %llu, trainers %llu, clients %llu, checker %llu; "
+           "sleeps %llu\n", (unsigned long long)s->restarts[P_BRIDGE],
+           (unsigned long long)s->restarts[P_WORKER], (unsigned long long)s->restarts[P_TRAINER],
+           (unsigned long long)s->restarts[P_CLIENT], (unsigned long long)s->restarts[P_CHECKER],
+           (unsigned long long)s->sleeps);
+    printf("  %-14s %8s\n", "invariant", "violated");
+    for (int k = 0; k < X_COUNT; k++)
+        printf("  %-14s %8llu\n", violation_names[k], (unsigned long long)s->x[k]);
+    fflush(stdout);
+}
+
+static void report(stress *s, double seconds)
+{
+    uint64_t faults = total(s->injected, RLB_FAULT_COUNT_);
+    uint64_t bad = total(s->x, X_COUNT);
+    if (!s->o.json)
+        print_table(s, seconds, faults);
+    /* One JSON line. */
+    printf("{\"seed\": %llu, \"duration_s\": %.1f, \"mode\": \"%s\", \"replicas\": %u, "
+           "\"tp\": %u, \"trainers\": %u, \"clients\": %u, \"faults\": {",
+           (unsigned long long)s->o.seed, seconds, s->o.mode, s->o.replicas, s->o.tp,
+           s->o.trainers, s->o.clients);
+    for (int k = 0; k < RLB_FAULT_COUNT_; k++)
+        printf("%s\"%s\": %llu", k ? ", " : "", rlb__stress_fault_name((uint32_t)k),
+               (unsigned long long)s->injected[k]);
+    printf("}, \"faults_total\": %llu, \"versions\": {\"published\": %llu, \"committed\": %llu, "
+           "\"aborted\": %llu, \"unknown\": %llu, \"served_unknown\": %llu, \"poison_aborted\": %llu, \"poison_nonfinite\": "
+           "%llu}, \"publish_failed\": {",
+           (unsigned long long)faults, (unsigned long long)s->next_version,
+           (unsigned long long)s->committed, (unsigned long long)s->aborted,
+           (unsigned long long)s->unknown, (unsigned long long)s->served_unknown,
+           (unsigned long long)s->poison_aborted, (unsigned long long)s->poison_named);
+    print_codes(stdout, s->publish_rc, 1);
+    printf("}, \"requests\": {\"submitted\": %llu, \"answered\": %llu, \"done\": %llu, "
+           "\"samples\": %llu, \"failed\": {", (unsigned long long)s->submitted,
+           (unsigned long long)s->answered, (unsigned long long)s->answer_rc[0],
+           (unsigned long long)s->samples);
+    print_codes(stdout, s->answer_rc, 1);
+    printf("}}, \"probes\": {\"match\": %llu, \"near_tie\": %llu, \"differ\": %llu}, "
+           "\"restarts\": {\"bridge\": %llu, \"workers\": %llu, \"trainers\": %llu, "
+           "\"clients\": %llu}, \"violations\": {",
+           (unsigned long long)s->probe_verdict[0], (unsigned long long)s->probe_verdict[1],
+           (unsigned long long)s->probe_verdict[2], (unsigned long long)s->restarts[P_BRIDGE],
+           (unsigned long long)s->restarts[P_WORKER], (unsigned long long)s->restarts[P_TRAINER],
+           (unsigned long long)s->restarts[P_CLIENT]);
+    for (int k = 0; k < X_COUNT; k++)
+        printf("%s\"%s\": %llu", k ? ", " : "", violation_names[k],
+               (unsigned long long)s->x[k]);
+    printf("}, \"violations_total\": %llu, \"ok\": %s}\n", (unsigned long long)bad,
+           bad ? "false" : "true");
+    if (bad)
+        fprintf(stderr, "rlb stress: FAILED (%llu violations; first: %s); logs in %s; replay "
+                "with --seed %llu\n", (unsigned long long)bad, s->first_violation, s->logdir,
+                (unsigned long long)s->o.seed);
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: rlb stress [--duration S] [--seed N] [--trainers T] [--replicas R] [--tp K]\n"
+            "                  [--clients C] [--mode pause|staged] [--faults LIST] [--json]\n"
+            "  Runs a bridge, R x K workers, T trainer ranks, C generating clients and a\n"
+            "  checker (CPU backend, tiny model) at full load for S seconds (default 60),\n"
+            "  injects the faults of LIST (default all: ");
+    for (int k = 0; k < RLB_FAULT_COUNT_; k++)
+        fprintf(f, "%s%s", k ? "," : "", rlb__stress_fault_name((uint32_t)k));
+    fprintf(f, ") from\n"
+               "  the schedule of seed N (default 1), checks the invariants and prints a table\n"
+               "  and one JSON line (--json: the JSON line only). Exit 0 when nothing was\n"
+               "  violated, 1 otherwise (the seed replays the run), 2 on bad usage.\n");
+}
+
+static int parse(int argc, char **argv, opts *o)
+{
+    static const struct option longopts[] = {
+        {"duration", required_argument, NULL, 'd'}, {"seed", required_argument, NULL, 's'},
+        {"trainers", required_argument, NULL, 't'}, {"replicas", required_argument, NULL, 'r'},
+        {"tp", required_argument, NULL, 'k'},       {"clients", required_argument, NULL, 'c'},
+        {"mode", required_argument, NULL, 'm'},     {"faults", required_argument, NULL, 'f'},
+        {"json", no_argument, NULL, 'j'},           {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    *o = (opts){.duration_s = 60, .seed = 1, .trainers = 2, .replicas = 2, .tp = 1,
+                .clients = 3, .mode = "pause", .faults = RLB_FAULTS_ALL};
+    char err[128];
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'd': o->duration_s = atoi(optarg); break;
+        case 's': o->seed = strtoull(optarg, NULL, 0); break;
+        case 't': o->trainers = (uint32_t)atoi(optarg); break;
+        case 'r': o->replicas = (uint32_t)atoi(optarg); break;
+        case 'k': o->tp = (uint32_t)atoi(optarg); break;
+        case 'c': o->clients = (uint32_t)atoi(optarg); break;
+        case 'm': o->mode = optarg; break;
+        case 'f':
+            if (rlb__stress_parse_faults(optarg, &o->faults, err, sizeof(err)) < 0) {
+                fprintf(stderr, "rlb stress: --faults: %s\n", err);
+                return 2;
+            }
+            break;
+        case 'j': o->json = 1; break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind < argc || o->duration_s < 1 || o->trainers < 1 || o->trainers > MAX_TRAINERS ||
+        o->replicas < 1 || o->tp < 1 || o->replicas * o->tp > MAX_WORKERS || o->clients < 1 ||
+        o->clients > MAX_CLIENTS || (strcmp(o->mode, "pause") && strcmp(o->mode, "staged"))) {
+        usage(stderr);
+        return 2;
+    }
+    return -1;
+}
+
+static int setup(stress *s)
+{
+    ssize_t n = readlink("/proc/self/exe", s->self, sizeof(s->self) - 1);
+    if (n <= 0)
+        return -1;
+    s->self[n] = 0;
+    strcpy(s->dir, "/tmp/rlb-stress-XXXXXX");
+    strcpy(s->logdir, "/tmp/rlb-stress-logs-XXXXXX");
+    if (!mkdtemp(s->dir) || !mkdtemp(s->logdir))
+        return -1;
+    snprintf(s->sock, sizeof(s->sock), "%s/bridge", s->dir);
+    char ms[16];
+    snprintf(ms, sizeof(ms), "%d", PEER_TIMEOUT_MS);
+    setenv("RLB_PEER_TIMEOUT_MS", ms, 0);
+    snprintf(ms, sizeof(ms), "%d", HEARTBEAT_MS);
+    setenv("RLB_HEARTBEAT_MS", ms, 0);
+    setenv("RLB_THREADS", "1", 0);
+    DIR *d = opendir("/dev/shm");
+    for (struct dirent *e; d && (e = readdir(d)) && s->n_shm_before < 256;)
+        if (e->d_name[0] != '.')
+            s->shm_before[s->n_shm_before++] = strdup(e->d_name);
+    if (d)
+        closedir(d);
+    int k = rlb__stress_schedule(s->o.seed, (int64_t)s->o.duration_s * 1000, s->o.faults, &s->ev);
+    if (k < 0)
+        return -1;
+    s->n_ev = k;
+    proc *arrays[] = {s->workers, s->trainers, s->clients, s->hostile};
+    int counts[] = {MAX_WORKERS, MAX_TRAINERS, MAX_CLIENTS, MAX_HOSTILE};
+    int kinds[] = {P_WORKER, P_TRAINER, P_CLIENT, P_HOSTILE};
+    for (int a = 0; a < 4; a++)
+        for (int i = 0; i < counts[a]; i++)
+            arrays[a][i] = (proc){.kind = kinds[a], .idx = i, .cmd_fd = -1, .rec_fd = -1};
+    s->bridge = (proc){.kind = P_BRIDGE, .cmd_fd = -1, .rec_fd = -1};
+    s->checker = (proc){.kind = P_CHECKER, .cmd_fd = -1, .rec_fd = -1};
+    return 0;
+}
+
+static void remove_logs(const char *dir)
+{
+    DIR *d = opendir(dir);
+    char path[400];
+    for (struct dirent *e; d && (e = readdir(d));)
+        if (e->d_name[0] != '.') {
+            snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+            unlink(path);
+        }
+    if (d)
+        closedir(d);
+    rmdir(dir);
+}
+
+int rlb__cmd_stress(int argc, char **argv)
+{
+    for (int i = 1; i + 1 < argc; i++)
+        if (!strcmp(argv[i], "--role")) {
+            const char *role = argv[i + 1];
+            return !strcmp(role, "trainer")   ? rlb__stress_trainer(argc, argv)
+                   : !strcmp(role, "client")  ? rlb__stress_client(argc, argv)
+                   : !strcmp(role, "checker") ? rlb__stress_checker(argc, argv)
+                                              : 2;
+        }
+    stress *s = calloc(1, sizeof(*s));
+    if (!s)
+        return 1;
+    int rc = parse(argc, argv, &s->o);
+    if (rc >= 0) {
+        free(s);
+        return rc;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    if (setup(s) < 0) {
+        fprintf(stderr, "rlb stress: cannot set up: %s\n", strerror(errno));
+        free(s);
+        return 1;
+    }
+    s->fd_self0 = count_fds(getpid());
+    if (!s->o.json)
+        printf("rlb stress: seed %llu, %d s, %d faults scheduled; logs in %s\n",
+               (unsigned long long)s->o.seed, s->o.duration_s, s->n_ev, s->logdir);
+    fflush(stdout);
+    int64_t start = now_ms();
+    if (first_start(s) < 0) {
+        fprintf(stderr, "rlb stress: the bridge and its workers did not come up (logs in %s)\n",
+                s->logdir);
+        violation(s, X_STALL, "no start");
+    } else {
+        s->t0 = s->last_progress = now_ms();
+        int64_t end = s->t0 + (int64_t)s->o.duration_s * 1000, next_line = s->t0 + 10000;
+        while (!interrupted && now_ms() < end) {
+            turn(s, 1);
+            if (!s->o.json && now_ms() >= next_line) {
+                next_line += 10000;
+                fprintf(stderr, "rlb stress: %3.0f s: %llu versions committed, %llu requests "
+                        "done, %llu faults, %llu violations\n", (now_ms() - s->t0) / 1000.0,
+                        (unsigned long long)s->committed, (unsigned long long)s->answer_rc[0],
+                        (unsigned long long)total(s->injected, RLB_FAULT_COUNT_),
+                        (unsigned long long)total(s->x, X_COUNT));
+            }
+        }
+    }
+    finish(s);
+    double seconds = (now_ms() - start) / 1000.0;
+    uint64_t bad = total(s->x, X_COUNT);
+    report(s, s->t0 ? (now_ms() - s->t0) / 1000.0 : seconds);
+    if (!bad)
+        remove_logs(s->logdir);
+    rmdir(s->dir);
+    for (int i = 0; i < s->n_shm_before; i++)
+        free(s->shm_before[i]);
+    free(s->ev);
+    free(s->v);
+    free(s);
+    return interrupted ? 130 : bad ? 1 : 0;
+}
