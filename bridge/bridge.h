@@ -30,12 +30,16 @@ typedef struct rlb_bridge_opts {
     uint64_t ring_bytes;         /* ring capacity per direction per peer; 0 = the knob */
     volatile sig_atomic_t *stop; /* the loop ends when *stop != 0 (signal handlers); may be
                                     NULL */
+    const char *base_dir;        /* a checkpoint of the model (config's shapes) whose tensors
+                                    serve every parameter no trainer registers (the frozen
+                                    base of LoRA training: bridge/base.c); NULL = none */
 } rlb_bridge_opts;
 
 #define RLB_BRIDGE_OPTS_INIT {.struct_size = sizeof(rlb_bridge_opts)}
 
 /* Runs the bridge until shutdown. Returns 0, or RLB_EINVAL (bad options), RLB_EEXIST (a
- * bridge already listens there), RLB_ENOMEM or RLB_EIO when it could not start. */
+ * bridge already listens there), RLB_ENOMEM, RLB_EIO or the checkpoint reader's error (a
+ * base_dir it cannot map) when it could not start. */
 int rlb__bridge_run(const rlb_bridge_opts *opts);
 
 /* "pause" / "staged" -> mode. Returns 0 or RLB_EINVAL. */

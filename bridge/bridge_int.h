@@ -3,6 +3,8 @@
  *   loop.c      the event loop, accepting peers, hello / welcome, dispatch, stats, shutdown
  *   peer.c      peers: outbound queues, shared-memory segments received over the socket
  *   registry.c  the trainers' registered tensors, their validation, source and plan
+ *   lora.c      the LoRA adapters trainers declare, and the parameter list carrying them
+ *   base.c      the frozen base a bridge serves from a checkpoint (opts->base_dir)
  *   sync.c      the sync transaction (publish -> copy -> load -> commit / abort)
  *   sched.c     generation: the request table, replica choice, results, worker death
  *
@@ -77,6 +79,13 @@ typedef struct br_tensor {
     int dropped;                  /* the model does not use it (tied lm_head): ignored */
 } br_tensor;
 
+/* A LoRA adapter a trainer rank declared (bridge/lora.c). */
+typedef struct br_lora {
+    char *target;  /* HF name of the adapted weight (owned) */
+    uint32_t rank; /* r */
+    double scale;  /* s */
+} br_lora;
+
 typedef enum br_role { BR_NEW = -1 } br_role; /* before hello; else rlb_role */
 
 enum { BR_OPEN = 0, BR_CLOSE_AFTER_FLUSH = 1, BR_CLOSE_NOW = 2 }; /* br_peer.closing */
@@ -105,6 +114,8 @@ typedef struct br_peer {
     uint64_t published;      /* last version this rank published, 0 = none pending */
     int has_event;           /* its publish carried an interprocess CUDA event */
     uint8_t event[RLB_PROTO_HANDLE_BYTES]; /* that event's handle: the copy waits on it */
+    br_lora *loras;          /* adapters it declared */
+    uint32_t n_loras, cap_loras;
     /* worker */
     void *buf[2];            /* weight buffers (segments 1 and 2) */
     int active;              /* staged: which of buf[] the engine reads */
@@ -161,7 +172,8 @@ typedef struct br_copy {
     uint8_t (*events)[RLB_PROTO_HANDLE_BYTES]; /* [n_events] the ranks' publish events */
     uint32_t n_events;
     int heal;             /* a heal copy (br_heal_progress), not a sync's */
-    uint64_t *nonfinite;  /* [view n_ops] NaN/Inf values each op wrote (the executor) */
+    uint64_t *nonfinite;  /* [view n_ops + n_merges] NaN/Inf values each op, then each merge,
+                             wrote (the executor) */
     uint64_t n_nonfinite; /* their sum */
     int rc;               /* result (the executor's finish) */
     char err[256];        /* the executor's error text */
@@ -179,7 +191,8 @@ struct bridge {
     uint32_t next_peer_id;    /* from 1 */
     br_peer *peers[BR_MAX_PEERS]; /* by slot; NULL = free */
     int n_peers;              /* slots in use */
-    rlb_param_list params;    /* the model's parameters */
+    rlb_param_list params;    /* the model's parameters, with the declared adapters */
+    struct rlb_st_checkpoint *base; /* mapped base checkpoint (opts->base_dir), or NULL */
     /* trainers */
     uint32_t world;           /* trainer ranks, 0 until the first trainer says hello */
     br_peer **trainers;       /* [world] by rank, NULL while absent */
@@ -280,6 +293,30 @@ void br_registry_drop(bridge *b, br_peer *p);
 int br_plan_ensure(bridge *b);
 /* Invalidates source and plan (registrations changed). */
 void br_plan_reset(bridge *b);
+/* Index of the plan source at addr (bytes long), adding it on first use. Returns 0 or
+ * RLB_ENOMEM. */
+int br_source_buffer(bridge *b, const void *addr, uint64_t bytes, uint32_t *index);
+
+/* ---- base.c ------------------------------------------------------------------------ */
+
+/* Maps opts->base_dir when set. Returns 0 or the checkpoint reader's error (`err` says). */
+int br_base_open(bridge *b, char *err, size_t errlen);
+void br_base_close(bridge *b);
+/* Adds to the source being built every model parameter no trainer placed, from the base
+ * checkpoint (nothing without one). Returns 0, or 1 with b->reg_missing naming a weight
+ * the checkpoint lacks, or a negative code with `err` saying what. */
+int br_base_add(bridge *b, char *err, size_t errlen);
+
+/* ---- lora.c ------------------------------------------------------------------------ */
+
+/* Applies the adapter declarations of a REGISTER from trainer p (all or nothing) and
+ * rebuilds the parameter list. Returns 0 or a negative code with `err` naming the weight. */
+int br_lora_declare(bridge *b, br_peer *p, const rlb_msg_register *m, char *err,
+                    size_t errlen);
+/* Forgets p's declarations (disconnect). */
+void br_lora_drop(bridge *b, br_peer *p);
+/* 1 when `name` is a LoRA factor of a weight that has no adapter declared. */
+int br_lora_undeclared_factor(const bridge *b, const char *name);
 
 /* ---- sync.c ------------------------------------------------------------------------ */
 

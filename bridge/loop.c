@@ -517,6 +517,7 @@ static void peer_drop(bridge *b, br_peer *p, const char *why)
         br_sync_peer_lost(b, p, NULL, why);
         b->trainers[p->hello.rank] = NULL;
         br_registry_drop(b, p);
+        br_lora_drop(b, p);
     } else if (p->role == RLB_ROLE_WORKER) {
         br_replica *r = &b->replicas[p->hello.replica];
         r->ranks[p->hello.tp_rank] = NULL;
@@ -748,8 +749,10 @@ static void bridge_free(bridge *b)
     free(b->gens);
     free(b->parked);
     rlb__params_free(&b->params);
+    /* The executor first: the CUDA one may hold the base checkpoint's pages registered. */
     if (b->exec)
         b->exec->iface->destroy(b->exec);
+    br_base_close(b);
     if (b->copy.wake_fd >= 0)
         close(b->copy.wake_fd);
     rlb__listener_close(b->listener);
@@ -765,8 +768,9 @@ int br_use_cuda(bridge *b, char *why, size_t len)
     if (!strcmp(b->exec->iface->name, "cuda"))
         return 0;
 #ifdef RLB_HAVE_CUDA
-    /* The CPU executor holds no state (its mappings are the bridge's own host addresses),
-     * so it can be swapped for the CUDA one whenever no copy runs. */
+    /* The CPU executor maps nothing (its mappings are the bridge's own host addresses) and
+     * keeps only its LoRA stage, so it can be swapped for the CUDA one whenever no copy
+     * runs. */
     if (b->copy_running)
         return snprintf(why, len, "device memory arrived while a CPU copy runs; retry"),
                RLB_EAGAIN;
@@ -933,6 +937,10 @@ int rlb__bridge_run(const rlb_bridge_opts *opts)
         goto out;
     if ((rc = rlb__params_init(&b->params, &opts->cfg, err, sizeof(err))) < 0)
         goto out;
+    if ((rc = br_base_open(b, err, sizeof(err))) < 0) {
+        RLB_LOG_ERROR(RLB_SUB_BRIDGE, "base checkpoint: %s", err);
+        goto out;
+    }
     if ((rc = rlb__listener_open(opts->socket_path, opts->ring_bytes, &b->listener)) < 0)
         goto out;
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "listening on %s (%s sync, model %s: %" PRId64 " layers, "

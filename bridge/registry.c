@@ -13,7 +13,8 @@
  *   - the other ranks: the same name registered elsewhere must agree on dtype, shape,
  *     layout kind and FSDP world, and no FSDP shard may be claimed twice.
  * The plan is built once, when every trainer rank is connected and every parameter has a
- * placement, and thrown away when a registration changes.
+ * placement (from the trainers, or from the bridge's base checkpoint: bridge/base.c), and
+ * thrown away when a registration changes.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -198,6 +199,20 @@ static int check_others(bridge *b, br_peer *p, const br_tensor *t, const br_tens
     return 0;
 }
 
+/* Refuses LoRA factors of weights that have no adapter declared: registering them first
+ * would have them silently ignored. */
+static int check_factors(const bridge *b, const br_tensor *t, char *err)
+{
+    const char *bad = br_lora_undeclared_factor(b, t->name) ? t->name : NULL;
+    for (uint64_t e = 0; !bad && e < t->n_entries; e++)
+        if (t->entries[e].name && br_lora_undeclared_factor(b, t->entries[e].name))
+            bad = t->entries[e].name;
+    if (bad)
+        return snprintf(err, ERRLEN, "tensor '%s': no LoRA adapter is declared for its "
+                        "weight (rlb_register_lora first)", bad), RLB_ENOTFOUND;
+    return 0;
+}
+
 /* The executor's view of an IPC tensor (its own allocation handle). */
 static rlb_exec_ref ipc_ref(const br_tensor *t)
 {
@@ -279,7 +294,9 @@ static int check_tensor(bridge *b, br_peer *p, br_tensor *t, const br_tensor *pe
     if (t->ndim < 1 || (t->kind != RLB_LAYOUT_FULL && (t->fworld < 1 || t->frank >= t->fworld)))
         return snprintf(err, ERRLEN, "tensor '%s': bad shape or FSDP rank %u of %u", t->name,
                         t->frank, t->fworld), RLB_EINVAL;
-    if ((rc = check_others(b, p, t, pending, batch, err)) < 0 || t->dropped)
+    if ((rc = check_others(b, p, t, pending, batch, err)) == 0)
+        rc = check_factors(b, t, err);
+    if (rc < 0 || t->dropped)
         return rc;
     uint64_t want = expected_bytes(t);
     if (want == 0 || want != t->length)
@@ -294,6 +311,13 @@ void br_register(bridge *b, br_peer *p, const rlb_msg_register *m)
     char err[ERRLEN] = "";
     int rc = 0;
     uint32_t n = 0;
+    /* Declarations first: the batch may carry the factors they declare. */
+    if (m->n_loras && (rc = br_lora_declare(b, p, m, err, sizeof(err))) < 0) {
+        br_send_error(b, p, rc, 0, RLB_MSG_REGISTER, "adapters refused: %s", err);
+        return;
+    }
+    if (m->n_tensors == 0)
+        return;
     br_tensor *batch = calloc(m->n_tensors, sizeof(*batch));
     if (!batch) {
         br_send_error(b, p, RLB_ENOMEM, 0, RLB_MSG_REGISTER, "out of memory");
@@ -421,17 +445,10 @@ void br_plan_reset(bridge *b)
     b->plan_ready = 0;
 }
 
-/* Source buffer index of the memory holding tensor o of peer q (its segment, or its IPC
- * mapping), adding it on first use; *offset is o's place in it. */
-static int src_buffer(bridge *b, br_peer *q, const br_tensor *o, uint32_t *index,
-                      uint64_t *offset)
+int br_source_buffer(bridge *b, const void *addr, uint64_t bytes, uint32_t *index)
 {
-    br_seg *seg = o->mem == RLB_MEM_CUDA_IPC ? NULL : br_seg_find(q, o->seg);
-    br_seg ipc = {.addr = o->ipc_addr, .bytes = o->length};
-    const br_seg *s = seg ? seg : &ipc;
-    *offset = seg ? o->offset : 0;
     for (uint32_t i = 0; i < b->n_src; i++)
-        if (b->src_ptr[i] == s->addr) {
+        if (b->src_ptr[i] == addr) {
             *index = i;
             return 0;
         }
@@ -443,13 +460,25 @@ static int src_buffer(bridge *b, br_peer *q, const br_tensor *o, uint32_t *index
     if (!len)
         return RLB_ENOMEM;
     b->src_len = len;
-    int rc = rlb__source_add_buffer(&b->source, s->bytes);
+    int rc = rlb__source_add_buffer(&b->source, bytes);
     if (rc < 0)
         return rc;
-    b->src_ptr[b->n_src] = s->addr;
-    b->src_len[b->n_src] = s->bytes;
+    b->src_ptr[b->n_src] = addr;
+    b->src_len[b->n_src] = bytes;
     *index = b->n_src++;
     return 0;
+}
+
+/* Source buffer index of the memory holding tensor o of peer q (its segment, or its IPC
+ * mapping), adding it on first use; *offset is o's place in it. */
+static int src_buffer(bridge *b, br_peer *q, const br_tensor *o, uint32_t *index,
+                      uint64_t *offset)
+{
+    br_seg *seg = o->mem == RLB_MEM_CUDA_IPC ? NULL : br_seg_find(q, o->seg);
+    br_seg ipc = {.addr = o->ipc_addr, .bytes = o->length};
+    const br_seg *s = seg ? seg : &ipc;
+    *offset = seg ? o->offset : 0;
+    return br_source_buffer(b, s->addr, s->bytes, index);
 }
 
 /* 1 when a lower rank than r (or an earlier tensor of r) already holds `name`. */
@@ -527,6 +556,8 @@ int br_plan_ensure(bridge *b)
             if (!t->dropped && !seen_before(b, r, i, t->name))
                 rc = add_tensor(b, r, i, err);
         }
+    if (rc == 0)
+        rc = br_base_add(b, err, sizeof(err));
     if (rc == 0 && rlb__source_check(&b->source, err, sizeof(err)) < 0) {
         snprintf(b->reg_missing, sizeof(b->reg_missing), "%s", err);
         rc = 1;

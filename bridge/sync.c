@@ -16,8 +16,8 @@
  *          that may still be rolled back). When every worker answered, v is committed and
  *          every rank gets synced(v, bytes, ms, GB/s).
  *
- * Poisoned versions. The copy counts the NaN / Inf values it writes (fused into the
- * executor). By default (RLB_NONFINITE=abort) a version holding any is aborted before a
+ * Poisoned versions. The copy counts the NaN / Inf values it writes, LoRA merges included
+ * (fused into the executor). By default (RLB_NONFINITE=abort) a version holding any is aborted before a
  * worker loads it, naming each tensor and its count; RLB_NONFINITE=allow commits it with
  * a warning (sampling over non-finite logits is defined: kernels/cpu/sample.h).
  *
@@ -49,6 +49,7 @@
 #include "bridge/bridge_int.h"
 #include "common/env.h"
 #include "common/log.h"
+#include "kernels/cpu/convert.h"
 #include "kernels/executor.h"
 
 int br_sync_holds_generation(const bridge *b)
@@ -208,7 +209,8 @@ static int run_copy(bridge *b)
 }
 
 /* Binds the plan's destinations to the live replicas' buffers and keeps only their ops
- * (ops are grouped by destination, replica by replica). Returns 0 or RLB_ENOMEM. */
+ * and LoRA merges (both grouped by destination, replica by replica). Returns 0 or
+ * RLB_ENOMEM. */
 static int bind_copy(bridge *b)
 {
     br_copy *c = &b->copy;
@@ -220,10 +222,13 @@ static int bind_copy(bridge *b)
     c->dst = calloc(plan->n_dst, sizeof(*c->dst));
     c->dst_len = calloc(plan->n_dst, sizeof(*c->dst_len));
     c->view.ops = malloc(plan->n_ops * sizeof(*c->view.ops) + 1);
-    c->nonfinite = malloc(plan->n_ops * sizeof(*c->nonfinite) + 1);
+    c->view.merges = malloc(plan->n_merges * sizeof(*c->view.merges) + 1);
+    c->view.stage_ops = malloc(plan->n_stage_ops * sizeof(*c->view.stage_ops) + 1);
+    c->view.merge_copies = malloc(plan->n_merge_copies * sizeof(*c->view.merge_copies) + 1);
+    c->nonfinite = malloc((plan->n_ops + plan->n_merges) * sizeof(*c->nonfinite) + 1);
     c->events = malloc(b->world * sizeof(*c->events) + 1);
-    if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops || !c->nonfinite ||
-        !c->events)
+    if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops || !c->view.merges ||
+        !c->view.stage_ops || !c->view.merge_copies || !c->nonfinite || !c->events)
         return RLB_ENOMEM;
     c->n_events = 0;
     for (uint32_t r = 0; r < b->world; r++)
@@ -231,7 +236,16 @@ static int bind_copy(bridge *b)
             memcpy(c->events[c->n_events++], b->trainers[r]->event, sizeof(*c->events));
     memcpy(c->src, b->src_ptr, b->n_src * sizeof(*c->src));
     memcpy(c->src_len, b->src_len, b->n_src * sizeof(*c->src_len));
+    /* Every merge reads the whole stage and its copies by index: both are kept whole. */
+    if (plan->n_stage_ops)
+        memcpy(c->view.stage_ops, plan->stage_ops,
+               plan->n_stage_ops * sizeof(*plan->stage_ops));
+    if (plan->n_merge_copies)
+        memcpy(c->view.merge_copies, plan->merge_copies,
+               plan->n_merge_copies * sizeof(*plan->merge_copies));
     c->view.n_ops = 0;
+    c->view.n_merges = 0;
+    c->view.dst_first_merge = NULL; /* the executor reads merges by their dst_ref */
     c->view.bytes_written = 0;
     for (uint32_t d = 0; d < b->n_replicas; d++) {
         if (b->replicas[d].state != BR_REP_UP && b->replicas[d].state != BR_REP_JOINING)
@@ -249,6 +263,15 @@ static int bind_copy(bridge *b)
                 c->view.bytes_written += plan->ops[i].rows * plan->ops[i].row_elems *
                                          rlb_dtype_size((rlb_dtype)plan->ops[i].dst_dtype);
             c->view.n_ops += end - first;
+            if (!plan->n_merges)
+                continue;
+            uint64_t m0 = plan->dst_first_merge[dst], m1 = plan->dst_first_merge[dst + 1];
+            memcpy(c->view.merges + c->view.n_merges, plan->merges + m0,
+                   (m1 - m0) * sizeof(*plan->merges));
+            for (uint64_t i = m0; i < m1; i++)
+                c->view.bytes_written += plan->merges[i].rows * plan->merges[i].cols *
+                                         rlb_dtype_size((rlb_dtype)plan->merges[i].dst_dtype);
+            c->view.n_merges += m1 - m0;
         }
     }
     c->threads = b->opts->threads;
@@ -265,6 +288,9 @@ static void free_copy(br_copy *c)
     free(c->dst);
     free(c->dst_len);
     free(c->view.ops);
+    free(c->view.merges);
+    free(c->view.stage_ops);
+    free(c->view.merge_copies);
     free(c->nonfinite);
     free(c->events);
     c->events = NULL;
@@ -272,6 +298,9 @@ static void free_copy(br_copy *c)
     c->dst = NULL;
     c->dst_len = NULL;
     c->view.ops = NULL;
+    c->view.merges = NULL;
+    c->view.stage_ops = NULL;
+    c->view.merge_copies = NULL;
     c->nonfinite = NULL;
 }
 
@@ -304,7 +333,7 @@ static void copy_join(bridge *b)
     c->err[0] = 0;
     c->rc = br_executor(b)->iface->finish(br_executor(b), &c->ms, c->err, sizeof(c->err));
     c->n_nonfinite = 0;
-    for (uint64_t i = 0; c->rc == 0 && i < c->view.n_ops; i++)
+    for (uint64_t i = 0; c->rc == 0 && i < c->view.n_ops + c->view.n_merges; i++)
         c->n_nonfinite += c->nonfinite[i];
     uint64_t n;
     ssize_t got = read(b->copy.wake_fd, &n, sizeof(n));
@@ -335,43 +364,55 @@ static const rlb_src_piece *piece_at(const rlb_source *src, uint32_t buf, uint64
     return NULL;
 }
 
+/* Adds to per[param] (per[params.n]: unknown) each non-finite element copy op `op` left in
+ * the destination, traced back to the source piece it came from; *hint is the last piece
+ * found. */
+static void trace_op(const bridge *b, const rlb_copy_op *op, uint64_t *per,
+                     const rlb_src_piece **hint)
+{
+    const br_copy *c = &b->copy;
+    uint64_t ses = rlb_dtype_size((rlb_dtype)op->src_dtype);
+    uint64_t des = rlb_dtype_size((rlb_dtype)op->dst_dtype);
+    const uint8_t *d = (const uint8_t *)c->dst[op->dst_ref] + op->dst_offset;
+    for (uint64_t r = 0; r < op->rows; r++)
+        for (uint64_t e = 0; e < op->row_elems; e++) {
+            if (!rlb__row_nonfinite(d + r * op->dst_stride + e * des, 1, op->dst_dtype))
+                continue;
+            *hint = piece_at(&b->source, op->src_ref,
+                             op->src_offset + r * op->src_stride + e * ses, *hint);
+            per[*hint ? (*hint)->param : b->params.n]++;
+        }
+}
+
 /* Writes "name: count, ..." for the non-finite values the copy counted, by tensor: each
- * poisoned element an op wrote is traced back to the source piece it came from. This pass
- * runs only for a poisoned version, over the ops that counted any. */
+ * poisoned element an op wrote is traced back to the source piece it came from, and each
+ * one a LoRA merge wrote to the weight whose base its copies brought ("name (LoRA-merged)").
+ * This pass runs only for a poisoned version, over the ops and merges that counted any. */
 static void name_nonfinite(const bridge *b, char *text, size_t len)
 {
     const br_copy *c = &b->copy;
-    uint64_t *per = calloc((size_t)b->params.n + 1, sizeof(*per)); /* [n]: unknown */
+    uint64_t n = (uint64_t)b->params.n + 1;
+    uint64_t *per = calloc(2 * n, sizeof(*per)); /* copied [0, n), merged [n, 2n) */
     size_t at = 0;
     text[0] = 0;
     if (!per)
         return;
     const rlb_src_piece *hint = NULL;
-    for (uint64_t i = 0; i < c->view.n_ops; i++) {
-        const rlb_copy_op *op = &c->view.ops[i];
-        if (!c->nonfinite[i])
-            continue;
-        uint64_t ses = rlb_dtype_size((rlb_dtype)op->src_dtype);
-        uint64_t des = rlb_dtype_size((rlb_dtype)op->dst_dtype);
-        const uint8_t *d = (const uint8_t *)c->dst[op->dst_ref] + op->dst_offset;
-        for (uint64_t r = 0; r < op->rows; r++)
-            for (uint64_t e = 0; e < op->row_elems; e++) {
-                uint32_t x = 0, mask = des == 4 ? 0x7f800000u : op->dst_dtype ==
-                                       RLB_DTYPE_BF16 ? 0x7f80u : 0x7c00u;
-                memcpy(&x, d + r * op->dst_stride + e * des, des);
-                if ((x & mask) != mask)
-                    continue;
-                hint = piece_at(&b->source, op->src_ref,
-                                op->src_offset + r * op->src_stride + e * ses, hint);
-                per[hint ? hint->param : b->params.n]++;
-            }
+    for (uint64_t i = 0; i < c->view.n_ops; i++)
+        if (c->nonfinite[i])
+            trace_op(b, &c->view.ops[i], per, &hint);
+    for (uint64_t i = 0; i < c->view.n_merges; i++) {
+        const rlb_merge_op *m = &c->view.merges[i];
+        for (uint64_t k = 0; c->nonfinite[c->view.n_ops + i] && k < m->n_copies; k++)
+            trace_op(b, &c->view.merge_copies[m->copy_first + k], per + n, &hint);
     }
-    for (int64_t p = 0; p <= b->params.n && at + 1 < len; p++)
-        if (per[p]) {
-            int n = snprintf(text + at, len - at, "%s%s: %llu", at ? ", " : "",
-                             p < b->params.n ? b->params.params[p].name : "(unknown tensor)",
-                             (unsigned long long)per[p]);
-            at = n < 0 ? len : at + (size_t)n;
+    for (uint64_t k = 0; k < 2 * n && at + 1 < len; k++)
+        if (per[k]) {
+            uint64_t p = k % n;
+            int w = snprintf(text + at, len - at, "%s%s%s: %llu", at ? ", " : "",
+                             p < n - 1 ? b->params.params[p].name : "(unknown tensor)",
+                             k >= n ? " (LoRA-merged)" : "", (unsigned long long)per[k]);
+            at = w < 0 ? len : at + (size_t)w;
         }
     free(per);
 }

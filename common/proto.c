@@ -278,7 +278,9 @@ static int check_tensor(const void *p, rlb__proto_err *e)
 static int check_register(const void *p, rlb__proto_err *e)
 {
     const rlb_msg_register *m = p;
-    return m->n_tensors == 0 ? rlb__proto_fail(e, "tens", "at least one tensor") : 0;
+    return m->n_tensors == 0 && m->n_loras == 0
+               ? rlb__proto_fail(e, "tens", "at least one tensor or adapter")
+               : 0;
 }
 
 static int check_version(const void *p, rlb__proto_err *e)
@@ -448,8 +450,16 @@ static const rlb__field tensor_fields[] = {
 };
 static const rlb__struct_desc tensor_desc = DESC("tensor", rlb_msg_tensor, tensor_fields, check_tensor);
 
+static const rlb__field lora_fields[] = {
+    FLD(rlb_msg_lora, target, "w", RLB__FK_STR, REQ),
+    FLD(rlb_msg_lora, rank, "r", RLB__FK_U32, REQ),
+    FLD(rlb_msg_lora, scale, "s", RLB__FK_F64, OPT),
+};
+static const rlb__struct_desc lora_desc = DESC("lora", rlb_msg_lora, lora_fields, NULL);
+
 static const rlb__field register_fields[] = {
-    FLD_ARRAY(rlb_msg_register, tensors, n_tensors, "tens", tensor_desc, REQ),
+    FLD_ARRAY(rlb_msg_register, tensors, n_tensors, "tens", tensor_desc, OPT),
+    FLD_ARRAY(rlb_msg_register, loras, n_loras, "lora", lora_desc, OPT),
 };
 static const rlb__struct_desc register_desc =
     DESC("register", rlb_msg_register, register_fields, check_register);

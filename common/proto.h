@@ -161,9 +161,23 @@ typedef struct rlb_msg_tensor {
     rlb_mem_ref mem;                    /* "mem" */
 } rlb_msg_tensor;
 
+/* A LoRA adapter declared for one weight (DESIGN §10): its factors are registered as
+ * tensors "<module>.lora_A.weight" [r, in] and "<module>.lora_B.weight" [out, r]. */
+typedef struct rlb_msg_lora {
+    const char *target; /* "w": HF name of the adapted weight (required); with rank 0,
+                           "*" stands for every weight this peer declared */
+    uint32_t rank;      /* "r": r >= 1 declares; 0 takes this peer's declaration back */
+    double scale;       /* "s": the adapter's scale, alpha / r or alpha / sqrt(r) */
+} rlb_msg_lora;
+
+/* Tensors and adapter declarations, at least one of either. Declarations are applied
+ * first (all or none), so a batch may register the factors it declares; they stay applied
+ * when the batch's tensors are then refused. */
 typedef struct rlb_msg_register {
-    uint32_t n_tensors;            /* at least 1 */
+    uint32_t n_tensors;            /* tensors in the batch */
     const rlb_msg_tensor *tensors; /* "tens": [n_tensors] */
+    uint32_t n_loras;              /* adapter declarations in the batch */
+    const rlb_msg_lora *loras;     /* "lora": [n_loras] */
 } rlb_msg_register;
 
 /* A name in a list (unregister). */

@@ -7,13 +7,15 @@
  * links common, model and kernels, never the engine. Two implementations:
  *
  *   cpu   host memory only (HOST_SHM segments the bridge mmaps itself); a run is a thread
- *         executing rlb__plan_exec_cpu (kernels/cpu/plan_exec.h), the reference.
+ *         executing rlb__plan_exec_cpu (kernels/cpu/plan_exec.h), the reference, LoRA
+ *         merges included (their f32 adapter stage is kept from run to run).
  *   cuda  (kernels/cuda/executor_cuda.c, when the build has CUDA) CUDA_IPC handles through
  *         the IPC cache, CUDA_VMM_FD allocations imported and mapped on their GPU, host
  *         segments registered as mapped pinned memory; a run waits on the trainers'
  *         interprocess events on the executor's stream, then launches the plan's ops on the
  *         destinations' GPU (kernels/cuda/plan_exec.h) and a host thread writes the eventfd
- *         once the stream is done.
+ *         once the stream is done. It refuses a plan with LoRA merges (RLB_EUNSUPPORTED):
+ *         the GPU merge is still to come (DESIGN §10).
  *
  * Like ggml-backend and NCCL's plugins the interface is a struct of function pointers with
  * its version in its name; a later version appends fields. Every function returns 0 or a
@@ -59,9 +61,9 @@ typedef struct rlb_exec_run {
     const uint8_t (*events)[64]; /* [n_events] trainers' interprocess event handles to wait on */
     uint32_t n_events;
     int threads;                /* cpu: threads (<= 0: the RLB_THREADS knob) */
-    uint64_t *nonfinite;        /* [plan->n_ops] or NULL: NaN / Inf values each op wrote,
-                                   counted while copying (cpu; cuda writes zeros: it does
-                                   not count yet) */
+    uint64_t *nonfinite;        /* [plan->n_ops + plan->n_merges] or NULL: NaN / Inf values
+                                   each op, then each LoRA merge, wrote, counted while
+                                   copying (cpu; cuda writes zeros: it does not count yet) */
     int done_fd;                /* eventfd written (+1) when the run ended, well or not */
 } rlb_exec_run;
 

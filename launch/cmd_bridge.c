@@ -2,9 +2,11 @@
  *
  * It listens on --socket PATH, or on --name NAME in the per-user socket directory
  * (default name "bridge", where librlb looks by default), for the model of --model DIR
- * (its config.json) or the built-in tiny model (--tiny, the default). It logs one line per
- * event at info level and exits 0 on SIGTERM / SIGINT or a shutdown message, leaving no
- * socket file and nothing in /dev/shm; 1 when it cannot start; 2 on bad usage.
+ * (its config.json) or the built-in tiny model (--tiny, the default); with --base it also
+ * maps that checkpoint and serves from it every weight no trainer registers (a LoRA
+ * trainer's frozen base). It logs one line per event at info level and exits 0 on SIGTERM /
+ * SIGINT or a shutdown message, leaving no socket file and nothing in /dev/shm; 1 when it
+ * cannot start; 2 on bad usage.
  */
 #include <getopt.h>
 #include <limits.h>
@@ -25,6 +27,8 @@ static void usage(FILE *f)
             "  --name NAME          listen on NAME in the socket directory (default \"%s\")\n"
             "  --model DIR          the workers' model: DIR/config.json\n"
             "  --tiny               the built-in tiny model (default)\n"
+            "  --base               serve every weight no trainer registers from --model's\n"
+            "                       checkpoint (LoRA: trainers register only adapters)\n"
             "  --mode pause|staged  sync mode (default pause)\n"
             "  --threads N          copy threads per sync (default: RLB_THREADS)\n"
             "  --ring-bytes N       ring capacity per direction per peer (default: "
@@ -39,8 +43,10 @@ int rlb__cmd_bridge(int argc, char **argv)
         {"model", required_argument, NULL, 'm'},  {"tiny", no_argument, NULL, 't'},
         {"mode", required_argument, NULL, 'M'},   {"threads", required_argument, NULL, 'T'},
         {"ring-bytes", required_argument, NULL, 'r'}, {"help", no_argument, NULL, 'h'},
+        {"base", no_argument, NULL, 'b'},
         {NULL, 0, NULL, 0}};
     const char *socket = NULL, *name = RLB_SOCKET_DEFAULT, *model = NULL;
+    int base = 0;
     uint64_t threads = 0, ring_bytes = 0;
     static volatile sig_atomic_t stop;
     rlb_bridge_opts o = RLB_BRIDGE_OPTS_INIT;
@@ -53,6 +59,7 @@ int rlb__cmd_bridge(int argc, char **argv)
         case 'n': name = optarg; break;
         case 'm': model = optarg; break;
         case 't': model = NULL; break;
+        case 'b': base = 1; break;
         case 'M':
             if (rlb__sync_mode_parse(optarg, &o.mode) < 0) {
                 fprintf(stderr, "rlb bridge: --mode is pause or staged, not '%s'\n", optarg);
@@ -91,6 +98,11 @@ int rlb__cmd_bridge(int argc, char **argv)
     }
     if (!model)
         rlb__config_tiny(&o.cfg);
+    if (base && !model) {
+        fprintf(stderr, "rlb bridge: --base serves the checkpoint of --model DIR\n");
+        return 2;
+    }
+    o.base_dir = base ? model : NULL;
     o.socket_path = socket;
     o.threads = (int)threads;
     o.ring_bytes = ring_bytes;

@@ -2,6 +2,8 @@
  * mapping of each parameter onto a TP rank's local tensors (DESIGN §4 table). */
 #include "model/params.h"
 
+#include "model/lora.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +18,14 @@ static uint64_t name_hash(const char *s)
     for (; *s; s++)
         h = (h ^ (uint8_t)*s) * UINT64_C(0x100000001b3);
     return h;
+}
+
+static void hash_insert(int32_t *hash, uint32_t cap, const char *name, int32_t index)
+{
+    uint32_t slot = (uint32_t)name_hash(name) & (cap - 1);
+    while (hash[slot] >= 0)
+        slot = (slot + 1) & (cap - 1);
+    hash[slot] = index;
 }
 
 static void add(rlb_param_list *list, const char *name, int32_t layer, int32_t ndim,
@@ -76,6 +86,7 @@ int rlb__params_init(rlb_param_list *list, const rlb_model_config *cfg, char *er
     while (cap < 2 * max_params)
         cap *= 2;
     list->params = malloc(max_params * sizeof *list->params);
+    list->cap = (int64_t)max_params;
     list->hash = malloc((size_t)cap * sizeof *list->hash);
     if (!list->params || !list->hash) {
         rlb__params_free(list);
@@ -92,12 +103,8 @@ int rlb__params_init(rlb_param_list *list, const rlb_model_config *cfg, char *er
     if (!cfg->tie_embeddings)
         add(list, lm_head_name, -1, 2, V, D, RLB_W_LM_HEAD, RLB_ROLE_VOCAB);
 
-    for (int64_t i = 0; i < list->n; i++) {
-        uint32_t slot = (uint32_t)name_hash(list->params[i].name) & (cap - 1);
-        while (list->hash[slot] >= 0)
-            slot = (slot + 1) & (cap - 1);
-        list->hash[slot] = (int32_t)i;
-    }
+    for (int64_t i = 0; i < list->n; i++)
+        hash_insert(list->hash, cap, list->params[i].name, (int32_t)i);
     return 0;
 }
 
@@ -105,10 +112,47 @@ void rlb__params_free(rlb_param_list *list)
 {
     free(list->params);
     free(list->hash);
+    free(list->adapters);
     list->params = NULL;
     list->hash = NULL;
-    list->n = 0;
+    list->adapters = NULL;
+    list->n = list->cap = list->n_adapters = 0;
     list->hash_cap = 0;
+}
+
+int rlb__params_reserve(rlb_param_list *list, int64_t more)
+{
+    if (list->n + more > list->cap) {
+        int64_t cap = list->n + more + list->cap;
+        rlb_param *grown = realloc(list->params, (size_t)cap * sizeof *grown);
+        if (!grown)
+            return RLB_ENOMEM;
+        list->params = grown;
+        list->cap = cap;
+    }
+    /* Keep the table at most half full, so probes stay short. */
+    uint32_t cap = list->hash_cap;
+    while (2 * (uint64_t)(list->n + more) > cap)
+        cap *= 2;
+    if (cap == list->hash_cap)
+        return 0;
+    int32_t *hash = malloc((size_t)cap * sizeof *hash);
+    if (!hash)
+        return RLB_ENOMEM;
+    memset(hash, 0xff, (size_t)cap * sizeof *hash);
+    for (int64_t i = 0; i < list->n; i++)
+        hash_insert(hash, cap, list->params[i].name, (int32_t)i);
+    free(list->hash);
+    list->hash = hash;
+    list->hash_cap = cap;
+    return 0;
+}
+
+void rlb__params_append(rlb_param_list *list, const rlb_param *p)
+{
+    list->params[list->n] = *p;
+    hash_insert(list->hash, list->hash_cap, p->name, (int32_t)list->n);
+    list->n++;
 }
 
 int64_t rlb__params_find(const rlb_param_list *list, const char *name)
@@ -127,7 +171,15 @@ int64_t rlb__params_find(const rlb_param_list *list, const char *name)
 
 int rlb__params_is_dropped(const rlb_param_list *list, const char *name)
 {
-    return list->cfg.tie_embeddings && name && strcmp(name, lm_head_name) == 0;
+    if (!name)
+        return 0;
+    if (list->cfg.tie_embeddings && strcmp(name, lm_head_name) == 0)
+        return 1;
+    char target[RLB_PARAM_NAME_MAX];
+    rlb_lora_factor f;
+    return rlb__params_find(list, name) < 0 &&
+           rlb__lora_split_name(name, target, sizeof target, &f) == 0 &&
+           rlb__params_find(list, target) >= 0;
 }
 
 uint64_t rlb__param_numel(const rlb_param *p)
@@ -142,6 +194,8 @@ void rlb__param_region(const rlb_param *p, const rlb_tp_layout *l, rlb_param_reg
     *r = (rlb_param_region){.n_rows = p->rows, .n_cols = p->cols, .local_cols = p->cols};
     switch (p->role) {
     case RLB_ROLE_REPLICATED:
+    case RLB_ROLE_LORA_A: /* adapter factors are read whole by the merges */
+    case RLB_ROLE_LORA_B:
         break;
     case RLB_ROLE_VOCAB: {
         int64_t per = l->vp / T, first = t * per;

@@ -42,7 +42,9 @@ typedef enum rlb_param_role {
     RLB_ROLE_QKV_V,          /* v_proj weight/bias: last KVt*hd rows */
     RLB_ROLE_GATE,           /* gate_proj: first I/T rows of the fused gate_up */
     RLB_ROLE_UP,             /* up_proj: last I/T rows of the fused gate_up */
-    RLB_ROLE_ROW_PARALLEL    /* o_proj, down_proj: columns split over T */
+    RLB_ROLE_ROW_PARALLEL,   /* o_proj, down_proj: columns split over T */
+    RLB_ROLE_LORA_A,         /* a LoRA adapter's A: in no local tensor, merged (model/lora.h) */
+    RLB_ROLE_LORA_B          /* a LoRA adapter's B: likewise */
 } rlb_param_role;
 
 typedef struct rlb_param {
@@ -55,12 +57,24 @@ typedef struct rlb_param {
     rlb_param_role role;           /* how its rows / cols spread over TP ranks */
 } rlb_param;
 
+/* A LoRA adapter of one weight (model/lora.h): the workers get base + scale * B * A. */
+typedef struct rlb_param_adapter {
+    int64_t base;  /* the weight it adapts (index into params[]) */
+    int64_t a;     /* its A factor: [rank, in] ([rank, V] for the embedding) */
+    int64_t b;     /* its B factor: [out, rank] ([D, rank] for the embedding) */
+    int64_t rank;  /* r */
+    float scale;   /* alpha / r, or alpha / sqrt(r) for rsLoRA */
+} rlb_param_adapter;
+
 typedef struct rlb_param_list {
     rlb_model_config cfg; /* copy of the model config the list was built for */
     int64_t n;            /* entries in params[] */
-    rlb_param *params;    /* canonical order (above) */
+    rlb_param *params;    /* canonical order (above), then adapter factors in the order added */
+    int64_t cap;          /* allocated entries of params[] */
     uint32_t hash_cap;    /* slots in hash[], a power of two >= 2n */
     int32_t *hash;        /* open addressing on the name: index into params[], -1 empty */
+    int64_t n_adapters;   /* entries in adapters[] */
+    rlb_param_adapter *adapters; /* LoRA adapters added with rlb__params_add_adapter */
 } rlb_param_list;
 
 /* Where parameter p lands in TP rank t's local tensor `target`: global rows
@@ -85,8 +99,15 @@ void rlb__params_free(rlb_param_list *list);
 /* Index of the parameter called `name` (NUL-terminated), or -1 when the model has none. */
 int64_t rlb__params_find(const rlb_param_list *list, const char *name);
 /* 1 when `name` is a tensor a source may carry but the model does not use, so it is
- * dropped rather than refused: lm_head.weight of a model with tied embeddings. */
+ * dropped rather than refused: lm_head.weight of a model with tied embeddings, and a LoRA
+ * factor of a weight that has no adapter in the list (model/lora.h). */
 int rlb__params_is_dropped(const rlb_param_list *list, const char *name);
+/* Makes room for `more` appended parameters. Returns 0 or RLB_ENOMEM (the list keeps its
+ * entries either way). */
+int rlb__params_reserve(rlb_param_list *list, int64_t more);
+/* Appends `p`, whose name is not in the list yet, to the list and its name index, in room
+ * made by rlb__params_reserve. */
+void rlb__params_append(rlb_param_list *list, const rlb_param *p);
 /* Element count rows * cols of a parameter. */
 uint64_t rlb__param_numel(const rlb_param *p);
 /* Fills `r` for parameter p on the layout's TP rank (DESIGN §4 table). `layout` must be

@@ -10,12 +10,17 @@
  * an op whose rows are contiguous on both sides becomes one long row, so a tensor copied
  * whole from one buffer is one op. Vocabulary padding rows get zero ops. Replicas repeat
  * rank t's ops with dst_ref shifted by replica * T.
+ *
+ * A weight with a LoRA adapter (model/lora.h) gets the same copies, but in a list of their
+ * own, fenced so they never merge with another weight's, and one merge op over its block
+ * that runs them; its factors are gathered whole into the f32 stage by stage ops.
  */
 #include "model/plan.h"
 
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/lora.h"
 #include "model/params.h"
 #include "model/source.h"
 #include "model/tp_layout.h"
@@ -30,6 +35,7 @@ typedef struct op_list {
     rlb_copy_op *ops; /* ops so far */
     uint64_t n;       /* entries used */
     uint64_t cap;     /* entries allocated */
+    uint64_t fence;   /* ops before this index take no more merges */
 } op_list;
 
 static uint64_t dsize(uint8_t dtype)
@@ -104,7 +110,7 @@ static int try_merge(rlb_copy_op *a, const rlb_copy_op *b)
 static int push(op_list *l, rlb_copy_op op)
 {
     normalize(&op);
-    if (l->n && try_merge(&l->ops[l->n - 1], &op))
+    if (l->n > l->fence && try_merge(&l->ops[l->n - 1], &op))
         return 0;
     if (l->n == l->cap) {
         uint64_t cap = l->cap ? l->cap * 2 : 1024;
@@ -246,6 +252,8 @@ static int index_init(plan_index *ix, const rlb_source *src)
     memmove(ix->piece_first + 1, ix->piece_first, (size_t)pl->n * sizeof(uint64_t));
     ix->piece_first[0] = 0;
     for (int64_t p = pl->n - 1; p >= 0; p--) {
+        if (pl->params[p].role == RLB_ROLE_LORA_A || pl->params[p].role == RLB_ROLE_LORA_B)
+            continue; /* adapter factors land in the stage, not in a local tensor */
         size_t s = slot_of(pl->params[p].target, pl->params[p].layer);
         ix->slot_first[s] = p;
         ix->slot_count[s]++;
@@ -253,8 +261,133 @@ static int index_init(plan_index *ix, const rlb_source *src)
     return 0;
 }
 
-/* Appends the ops of TP rank t (destination dst_ref) to l. */
-static int plan_rank(op_list *l, const rlb_source *src, const plan_index *ix,
+/* ---- LoRA adapters: the stage and the merges ---------------------------------------- */
+
+typedef struct merge_list {
+    rlb_merge_op *ops; /* merges so far */
+    uint64_t n;        /* entries used */
+    uint64_t cap;      /* entries allocated */
+} merge_list;
+
+static int push_merge(merge_list *l, const rlb_merge_op *m)
+{
+    if (l->n == l->cap) {
+        uint64_t cap = l->cap ? l->cap * 2 : 64;
+        rlb_merge_op *ops = realloc(l->ops, (size_t)cap * sizeof *ops);
+        if (!ops)
+            return RLB_ENOMEM;
+        l->ops = ops;
+        l->cap = cap;
+    }
+    l->ops[l->n++] = *m;
+    return 0;
+}
+
+/* Byte offset in the stage of factor param p's first element: factors are laid out in
+ * adapter order, A then B, each 64-byte aligned. */
+static uint64_t stage_offset(const rlb_param_list *pl, int64_t param, uint64_t *total)
+{
+    uint64_t off = 0, found = 0;
+    for (int64_t k = 0; k < pl->n_adapters; k++)
+        for (int f = 0; f < 2; f++) {
+            int64_t p = f ? pl->adapters[k].b : pl->adapters[k].a;
+            off = (off + 63) / 64 * 64;
+            if (p == param)
+                found = off;
+            off += rlb__param_numel(&pl->params[p]) * 4;
+        }
+    if (total)
+        *total = (off + 63) / 64 * 64;
+    return found;
+}
+
+/* Gathers every factor, whole and as f32, into the stage (destination 0 of stage_ops). */
+static int plan_stage(op_list *l, const rlb_source *src, const plan_index *ix)
+{
+    const rlb_param_list *pl = src->params;
+    for (int64_t k = 0; k < pl->n_adapters; k++)
+        for (int f = 0; f < 2; f++) {
+            int64_t p = f ? pl->adapters[k].b : pl->adapters[k].a;
+            const rlb_param *par = &pl->params[p];
+            rlb_param_region reg = {.n_rows = par->rows, .n_cols = par->cols,
+                                    .local_cols = par->cols};
+            rlb_local_tensor lt = {.offset = stage_offset(pl, p, NULL)};
+            piece_ctx c = {.param = par, .reg = &reg, .lt = &lt, .dst_ref = 0,
+                           .dst_dtype = RLB_DTYPE_F32};
+            for (uint64_t q = ix->piece_first[p]; q < ix->piece_first[p + 1]; q++) {
+                c.piece = &src->pieces[ix->piece_order[q]];
+                int rc = emit_piece(l, &c);
+                if (rc)
+                    return rc;
+            }
+        }
+    return 0;
+}
+
+/* What a plan with adapters adds per destination: the base copies of each adapted weight,
+ * kept apart from the other ops and run inside its merge, and the merges. */
+typedef struct adapted_lists {
+    op_list copies;     /* base copies of adapted weights, grouped by merge */
+    merge_list merges;  /* one per adapted weight block of each destination */
+} adapted_lists;
+
+/* Plans weight p (region reg of local tensor lt on this rank), which has adapter ad: its base
+ * copies go to a->copies, fenced so they never merge with another weight's, and one merge
+ * covers its block. */
+static int plan_adapted(adapted_lists *a, const piece_ctx *c, const rlb_param_adapter *ad,
+                        const rlb_source *src, const plan_index *ix, int64_t p)
+{
+    const rlb_param_list *pl = src->params;
+    const rlb_param_region *reg = c->reg;
+    if (reg->n_rows == 0 || reg->n_cols == 0)
+        return 0;
+    uint64_t first = a->copies.n;
+    a->copies.fence = first;
+    piece_ctx pc = *c;
+    for (uint64_t q = ix->piece_first[p]; q < ix->piece_first[p + 1]; q++) {
+        pc.piece = &src->pieces[ix->piece_order[q]];
+        int rc = emit_piece(&a->copies, &pc);
+        if (rc)
+            return rc;
+    }
+    uint64_t des = rlb_dtype_size(c->dst_dtype);
+    uint64_t sa = stage_offset(pl, ad->a, NULL), sb = stage_offset(pl, ad->b, NULL);
+    uint64_t r = (uint64_t)ad->rank, in = (uint64_t)pl->params[ad->a].cols;
+    rlb_merge_op m = {
+        .dst_ref = c->dst_ref,
+        .dst_dtype = (uint8_t)c->dst_dtype,
+        .scale = ad->scale,
+        .rank = (uint32_t)r,
+        .dst_offset = c->lt->offset +
+                      ((uint64_t)reg->lrow0 * (uint64_t)reg->local_cols + (uint64_t)reg->lcol0) *
+                          des,
+        .dst_stride = (uint64_t)reg->local_cols * des,
+        .rows = (uint64_t)reg->n_rows,
+        .cols = (uint64_t)reg->n_cols,
+        .copy_first = first,
+        .n_copies = a->copies.n - first,
+    };
+    if (c->lt->kind == RLB_W_EMBED) {
+        /* delta(v, c) = sum_k A[k, v] B[c, k]: L = A^T from column row0 of A [r, V],
+         * R = B^T from row col0 of B [D, r]. */
+        m.flags = RLB_MERGE_L_TRANS | RLB_MERGE_R_TRANS;
+        m.l_offset = sa + (uint64_t)reg->row0 * 4;
+        m.l_ld = in;
+        m.r_offset = sb + (uint64_t)reg->col0 * r * 4;
+        m.r_ld = r;
+    } else {
+        /* Rows row0.. of B [out, r] times columns col0.. of A [r, in]. */
+        m.l_offset = sb + (uint64_t)reg->row0 * r * 4;
+        m.l_ld = r;
+        m.r_offset = sa + (uint64_t)reg->col0 * 4;
+        m.r_ld = in;
+    }
+    return push_merge(&a->merges, &m);
+}
+
+/* Appends the ops of TP rank t (destination dst_ref) to l, and with adapters the adapted
+ * weights' copies and merges to a. */
+static int plan_rank(op_list *l, adapted_lists *a, const rlb_source *src, const plan_index *ix,
                      const rlb_tp_layout *lay, uint32_t dst_ref)
 {
     const rlb_param_list *pl = src->params;
@@ -266,19 +399,66 @@ static int plan_rank(op_list *l, const rlb_source *src, const plan_index *ix,
             rlb__param_region(&pl->params[p], lay, &reg);
             piece_ctx c = {.param = &pl->params[p], .reg = &reg, .lt = lt, .dst_ref = dst_ref,
                            .dst_dtype = lay->dtype};
-            for (uint64_t q = ix->piece_first[p]; q < ix->piece_first[p + 1]; q++) {
+            const rlb_param_adapter *ad = rlb__params_adapter_of(pl, p);
+            int rc = ad ? plan_adapted(a, &c, ad, src, ix, p) : 0;
+            for (uint64_t q = ix->piece_first[p]; !ad && !rc && q < ix->piece_first[p + 1];
+                 q++) {
                 c.piece = &src->pieces[ix->piece_order[q]];
-                int rc = emit_piece(l, &c);
-                if (rc)
-                    return rc;
+                rc = emit_piece(l, &c);
             }
-            if (reg.n_zero_rows) {
-                int rc = emit_zero_rows(l, &reg, lt, dst_ref, lay->dtype);
-                if (rc)
-                    return rc;
-            }
+            if (!rc && reg.n_zero_rows)
+                rc = emit_zero_rows(l, &reg, lt, dst_ref, lay->dtype);
+            if (rc)
+                return rc;
         }
     }
+    return 0;
+}
+
+/* Replicas 1.. repeat replica 0's merges, and their copies, with their own destination
+ * indices; fills dst_first_merge for them. */
+static int replicate_adapted(rlb_plan *plan, adapted_lists *a, uint32_t T)
+{
+    uint64_t per_replica = a->merges.n;
+    for (uint32_t d = T; d < plan->n_dst; d++) {
+        uint64_t first = plan->dst_first_merge[d % T];
+        uint64_t end = d % T + 1 < T ? plan->dst_first_merge[d % T + 1] : per_replica;
+        plan->dst_first_merge[d] = a->merges.n;
+        for (uint64_t i = first; i < end; i++) {
+            rlb_merge_op m = a->merges.ops[i];
+            m.dst_ref = d;
+            m.copy_first = a->copies.n;
+            a->copies.fence = a->copies.n;
+            for (uint64_t k = 0; k < a->merges.ops[i].n_copies; k++) {
+                rlb_copy_op op = a->copies.ops[a->merges.ops[i].copy_first + k];
+                op.dst_ref = d;
+                int rc = push(&a->copies, op);
+                if (rc)
+                    return rc;
+            }
+            m.n_copies = a->copies.n - m.copy_first;
+            int rc = push_merge(&a->merges, &m);
+            if (rc)
+                return rc;
+        }
+    }
+    plan->dst_first_merge[plan->n_dst] = a->merges.n;
+    return 0;
+}
+
+/* Gathers the factors into the plan's stage (stage_ops). */
+static int plan_adapters(rlb_plan *plan, const rlb_source *src, const plan_index *ix)
+{
+    const rlb_param_list *pl = src->params;
+    op_list stage = {0};
+    stage_offset(pl, -1, &plan->stage_bytes);
+    int rc = plan_stage(&stage, src, ix);
+    if (rc) {
+        free(stage.ops);
+        return rc;
+    }
+    plan->stage_ops = stage.ops;
+    plan->n_stage_ops = stage.n;
     return 0;
 }
 
@@ -291,6 +471,14 @@ static void plan_totals(const rlb_plan *plan, uint64_t *read, uint64_t *written)
         if (!is_zero_op(op))
             *read += elems * dsize(op->src_dtype);
         *written += elems * dsize(op->dst_dtype);
+    }
+    for (uint64_t i = 0; i < plan->n_stage_ops; i++)
+        *read += plan->stage_ops[i].rows * plan->stage_ops[i].row_elems *
+                 dsize(plan->stage_ops[i].src_dtype);
+    for (uint64_t i = 0; i < plan->n_merge_copies; i++) {
+        const rlb_copy_op *op = &plan->merge_copies[i];
+        *read += op->rows * op->row_elems * dsize(op->src_dtype);
+        *written += op->rows * op->row_elems * dsize(op->dst_dtype);
     }
 }
 
@@ -321,6 +509,7 @@ int rlb__plan_build(const rlb_source *src, const rlb_target *tgt, rlb_plan *plan
         return rc;
     uint32_t T = (uint32_t)tgt->tp_size, n_dst = T * (uint32_t)tgt->replicas;
     op_list l = {0};
+    adapted_lists a = {0};
     plan_index ix;
     rlb_tp_layout lay = {0};
     if ((rc = index_init(&ix, src)))
@@ -330,7 +519,10 @@ int rlb__plan_build(const rlb_source *src, const rlb_target *tgt, rlb_plan *plan
     plan->src_bytes = malloc((size_t)src->n_buffers * sizeof(uint64_t) + 1);
     plan->dst_bytes = malloc((size_t)n_dst * sizeof(uint64_t));
     plan->dst_first_op = malloc(((size_t)n_dst + 1) * sizeof(uint64_t));
-    if (!plan->src_bytes || !plan->dst_bytes || !plan->dst_first_op) {
+    if (src->params->n_adapters)
+        plan->dst_first_merge = malloc(((size_t)n_dst + 1) * sizeof(uint64_t));
+    if (!plan->src_bytes || !plan->dst_bytes || !plan->dst_first_op ||
+        (src->params->n_adapters && !plan->dst_first_merge)) {
         rc = RLB_ENOMEM;
         goto err;
     }
@@ -339,7 +531,9 @@ int rlb__plan_build(const rlb_source *src, const rlb_target *tgt, rlb_plan *plan
         if ((rc = rlb__tp_layout_init(&lay, &src->params->cfg, (int)T, (int)t, tgt->dtype)))
             goto err;
         plan->dst_first_op[t] = l.n;
-        rc = plan_rank(&l, src, &ix, &lay, t);
+        if (plan->dst_first_merge)
+            plan->dst_first_merge[t] = a.merges.n;
+        rc = plan_rank(&l, &a, src, &ix, &lay, t);
         for (uint32_t d = t; d < n_dst; d += T)
             plan->dst_bytes[d] = lay.total_bytes;
         rlb__tp_layout_free(&lay);
@@ -363,11 +557,25 @@ int rlb__plan_build(const rlb_source *src, const rlb_target *tgt, rlb_plan *plan
     plan->dst_first_op[n_dst] = l.n;
     plan->ops = l.ops;
     plan->n_ops = l.n;
+    l.ops = NULL; /* the plan owns them now */
+    if (plan->dst_first_merge) {
+        if ((rc = replicate_adapted(plan, &a, T)))
+            goto err;
+        plan->merges = a.merges.ops;
+        plan->n_merges = a.merges.n;
+        plan->merge_copies = a.copies.ops;
+        plan->n_merge_copies = a.copies.n;
+        a = (adapted_lists){0};
+        if ((rc = plan_adapters(plan, src, &ix)))
+            goto err;
+    }
     plan_totals(plan, &plan->bytes_read, &plan->bytes_written);
     index_free(&ix);
     return 0;
 err:
     free(l.ops);
+    free(a.copies.ops);
+    free(a.merges.ops);
     index_free(&ix);
     rlb__plan_free(plan);
     return rc == RLB_ENOMEM ? rlb__model_err(err, errlen, rc, "plan: out of memory") : rc;
@@ -379,6 +587,10 @@ void rlb__plan_free(rlb_plan *plan)
     free(plan->dst_bytes);
     free(plan->dst_first_op);
     free(plan->ops);
+    free(plan->stage_ops);
+    free(plan->merges);
+    free(plan->merge_copies);
+    free(plan->dst_first_merge);
     *plan = (rlb_plan){0};
 }
 
@@ -449,6 +661,58 @@ int rlb__plan_check_op(const rlb_copy_op *op, uint64_t index, uint32_t n_src,
     return 0;
 }
 
+int rlb__plan_check_merge(const rlb_plan *plan, uint64_t index, const uint64_t *src_len,
+                          const uint64_t *dst_len, char *err, size_t errlen)
+{
+    const rlb_merge_op *m = &plan->merges[index];
+    unsigned long long i = (unsigned long long)index;
+    if (m->dst_ref >= plan->n_dst || !is_float(m->dst_dtype) || m->reserved ||
+        (m->flags & ~(RLB_MERGE_L_TRANS | RLB_MERGE_R_TRANS)))
+        return rlb__model_err(err, errlen, RLB_EINVAL, "plan merge %llu: destination %u of "
+                              "%u, dtype %u or flags %u not valid", i, m->dst_ref,
+                              plan->n_dst, m->dst_dtype, m->flags);
+    /* Kernels take int dimensions and leading dimensions. */
+    if (!m->rows || !m->cols || !m->rank || m->rows > INT32_MAX || m->cols > INT32_MAX ||
+        m->l_ld > INT32_MAX || m->r_ld > INT32_MAX)
+        return rlb__model_err(err, errlen, RLB_EINVAL, "plan merge %llu: dimensions %llu x "
+                              "%llu x %u empty or past int", i, (unsigned long long)m->rows,
+                              (unsigned long long)m->cols, m->rank);
+    int lt = (m->flags & RLB_MERGE_L_TRANS) != 0, rt = (m->flags & RLB_MERGE_R_TRANS) != 0;
+    /* Stored row count and length of L and R as they are read. */
+    uint64_t l_rows = lt ? m->rank : m->rows, l_len = lt ? m->rows : m->rank;
+    uint64_t r_rows = rt ? m->cols : m->rank, r_len = rt ? m->rank : m->cols;
+    uint64_t row_bytes = m->cols * dsize(m->dst_dtype), stage = plan->stage_bytes;
+    uint64_t dend = extent_end(m->dst_offset, m->dst_stride, m->rows, row_bytes);
+    uint64_t lend = extent_end(m->l_offset, m->l_ld * 4, l_rows, l_len * 4);
+    uint64_t rend = extent_end(m->r_offset, m->r_ld * 4, r_rows, r_len * 4);
+    if ((m->rows > 1 && m->dst_stride != row_bytes) || m->l_ld < l_len || m->r_ld < r_len ||
+        !dend || dend > dst_len[m->dst_ref] || !lend || lend > stage || !rend ||
+        rend > stage)
+        return rlb__model_err(err, errlen, RLB_EINVAL, "plan merge %llu: its block is not "
+                              "whole rows, or it, L or R lies outside destination %u (%llu "
+                              "bytes) or the stage (%llu)", i, m->dst_ref,
+                              (unsigned long long)dst_len[m->dst_ref],
+                              (unsigned long long)stage);
+    if (m->copy_first > plan->n_merge_copies ||
+        m->n_copies > plan->n_merge_copies - m->copy_first)
+        return rlb__model_err(err, errlen, RLB_EINVAL, "plan merge %llu: copies out of range",
+                              i);
+    for (uint64_t k = m->copy_first; k < m->copy_first + m->n_copies; k++) {
+        const rlb_copy_op *op = &plan->merge_copies[k];
+        int rc = rlb__plan_check_op(op, k, plan->n_src, src_len, plan->n_dst, dst_len, err,
+                                    errlen);
+        if (rc)
+            return rc;
+        uint64_t end = extent_end(op->dst_offset, op->dst_stride, op->rows,
+                                  op->row_elems * dsize(op->dst_dtype));
+        if (is_zero_op(op) || op->dst_ref != m->dst_ref || op->dst_dtype != m->dst_dtype ||
+            op->dst_offset < m->dst_offset || end > dend)
+            return rlb__model_err(err, errlen, RLB_EINVAL, "plan merge %llu: copy %llu writes "
+                                  "outside its block", i, (unsigned long long)k);
+    }
+    return 0;
+}
+
 /* ---- wire form --------------------------------------------------------------------------- */
 
 /* Offset of ops[] in the serialized form of a plan with these table sizes. */
@@ -466,6 +730,8 @@ uint64_t rlb__plan_serialized_size(const rlb_plan *plan)
 
 int rlb__plan_serialize(const rlb_plan *plan, void *buf, uint64_t len)
 {
+    if (plan->n_merges || plan->n_stage_ops || plan->n_merge_copies)
+        return RLB_EUNSUPPORTED;
     uint64_t total = rlb__plan_serialized_size(plan);
     if (len < total)
         return RLB_ETOOBIG;

@@ -13,7 +13,8 @@
 
 #include "common/log.h"
 
-/* resolve()'s answer for a tensor the model does not use (tied lm_head): skip it. */
+/* resolve()'s answer for a tensor the model does not use (tied lm_head, a factor of an
+ * adapter not declared): skip it. */
 #define DROPPED 1
 
 int rlb__source_init(rlb_source *src, const rlb_param_list *params)
@@ -93,10 +94,14 @@ static void format_shape(char *buf, size_t len, int ndim, const int64_t *shape)
 
 static void log_dropped(const char *name)
 {
-    RLB_LOG_INFO(RLB_SUB_MODEL,
-                 "%s ignored: the model ties its embeddings, the LM head reads "
-                 "model.embed_tokens.weight",
-                 name);
+    if (strstr(name, ".lora_"))
+        RLB_LOG_INFO(RLB_SUB_MODEL, "%s ignored: its weight has no LoRA adapter declared",
+                     name);
+    else
+        RLB_LOG_INFO(RLB_SUB_MODEL,
+                     "%s ignored: the model ties its embeddings, the LM head reads "
+                     "model.embed_tokens.weight",
+                     name);
 }
 
 /* Looks `name` up and checks it against the model: known, not placed yet, shape as the
@@ -291,7 +296,7 @@ int rlb__source_add_fsdp1(rlb_source *src, const rlb_flat_unit *u, char *err, si
     /* Entries are marked added as they pass, so a name twice in the unit is caught; a
      * failure clears the marks this call set. */
     uint64_t chunk = u->chunk_numel, start = 0, n_pieces = 0, e;
-    int dropped = 0;
+    const char *dropped = NULL; /* the first entry the model does not use */
     for (e = 0; e < u->n_entries; start += u->entries[e].numel, e++) {
         const rlb_flat_entry *ent = &u->entries[e];
         if (!ent->name)
@@ -299,7 +304,7 @@ int rlb__source_add_fsdp1(rlb_source *src, const rlb_flat_unit *u, char *err, si
         int64_t i = -1;
         rc = check_flat_entry(src, ent, &i, err, errlen);
         if (rc == DROPPED) {
-            dropped = 1;
+            dropped = dropped ? dropped : ent->name;
             continue;
         }
         if (rc)
@@ -314,7 +319,7 @@ int rlb__source_add_fsdp1(rlb_source *src, const rlb_flat_unit *u, char *err, si
         const rlb_flat_entry *ent = &u->entries[e];
         int64_t i = ent->name ? rlb__params_find(src->params, ent->name) : -1;
         if (i < 0)
-            continue; /* padding, or the dropped lm_head */
+            continue; /* padding, or a dropped entry */
         /* Cut the entry's flat range [start, end) at chunk (= rank) boundaries. */
         for (uint64_t pos = start, end = start + ent->numel; pos < end;) {
             uint64_t f = pos / chunk, stop = (f + 1) * chunk < end ? (f + 1) * chunk : end;
@@ -325,7 +330,7 @@ int rlb__source_add_fsdp1(rlb_source *src, const rlb_flat_unit *u, char *err, si
         }
     }
     if (dropped)
-        log_dropped("lm_head.weight");
+        log_dropped(dropped);
     return 0;
 err:
     for (uint64_t k = 0; k < e; k++) {

@@ -21,7 +21,8 @@
  *   RLB_EEXIST    tensor added twice    RLB_EDTYPE   dtype not F32/BF16/F16
  *   RLB_EINVAL    bad buffer index, placement past the buffer's end, FSDP metadata that
  *                 does not add up (numel vs shape, chunk size vs W and total, ranks missing)
- * lm_head.weight of a model with tied embeddings is accepted and dropped (one info line).
+ * lm_head.weight of a model with tied embeddings, and the LoRA factors of a weight that has
+ * no adapter in the parameter list (model/lora.h), are accepted and dropped (one info line).
  * rlb__source_check then reports a parameter nobody added (RLB_ENOTFOUND).
  *
  * Internally every placement becomes pieces: a run of consecutive elements of one parameter

@@ -260,6 +260,59 @@ RLB_API int rlb_register(rlb_client *client, const rlb_tensor_desc *tensors, siz
  * is not registered: nothing is unregistered), or a bridge / connection error. */
 RLB_API int rlb_unregister(rlb_client *client, const char *const *names, size_t n);
 
+/* ---- LoRA adapters (DESIGN §10) ----------------------------------------------------------
+ *
+ * A trainer that fine-tunes LoRA adapters registers its frozen base weights as usual (once;
+ * they must not change) and, per adapted weight W [out, in], the two factors as ordinary
+ * tensors (full, FSDP2, or entries of an FSDP1 FlatParameter) named after W's module:
+ *   "<module>.lora_A.weight" [rank, in]      "<module>.lora_B.weight" [out, rank]
+ * (for model.embed_tokens, PEFT's transpose: A [rank, vocab], B [hidden, rank]). Every
+ * sync then writes W + scale * B * A into the workers' tensor-parallel buffers, always from
+ * the registered base, so nothing drifts; only the adapters change between versions. */
+
+typedef struct rlb_lora_desc {
+    size_t struct_size; /* sizeof(rlb_lora_desc) as the caller compiled it */
+    const char *target; /* the adapted weight, its HF or PEFT name:
+                           "model.layers.0.self_attn.q_proj.weight" */
+    uint32_t rank;      /* r >= 1 */
+    float alpha;        /* lora_alpha */
+    int rslora;         /* 1: scale = alpha / sqrt(r) (use_rslora); 0: alpha / r */
+} rlb_lora_desc;
+
+#define RLB_LORA_DESC_INIT {sizeof(rlb_lora_desc), NULL, 0, 0.0f, 0}
+RLB_API void rlb_lora_desc_init(rlb_lora_desc *desc);
+
+/* Declares n (>= 1) adapters, array elements adapters[0].struct_size bytes apart. Declare
+ * an adapter before registering its factors (a factor of a weight no rank declared is
+ * refused): each rank declares the adapters whose factors it registers, and ranks declaring
+ * the same weight must agree on rank and scale. An adapter lasts while some rank declares it.
+ * Returns 0 once the bridge accepted them, RLB_EINVAL / RLB_EVERSION (checked here), or the
+ * bridge's refusal: RLB_ENOTFOUND (no such weight), RLB_EINVAL (not q, k, v, o, gate, up,
+ * down, embed or lm_head, or rank outside [1, min(out, in)]), RLB_EEXIST (declared
+ * otherwise by another rank); RLB_EPERM for observers. */
+RLB_API int rlb_register_lora(rlb_client *client, const rlb_lora_desc *adapters, size_t n);
+
+/* Takes back this client's declarations for the named weights (n == 0: all of them). The
+ * factors may stay registered (they are then ignored), and the next version serves the
+ * base, bit for bit what a sync without adapters writes. Returns 0 or a bridge /
+ * connection error. */
+RLB_API int rlb_unregister_lora(rlb_client *client, const char *const *targets, size_t n);
+
+/* Maps a PEFT parameter name to the HF name rlbridge uses, into out[cap]:
+ *   base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight
+ *       -> model.layers.3.self_attn.q_proj.lora_A.weight
+ *   base_model.model.model.embed_tokens.lora_embedding_B.default
+ *       -> model.embed_tokens.lora_B.weight
+ *   base_model.model.model.layers.3.mlp.up_proj.base_layer.weight
+ *       -> model.layers.3.mlp.up_proj.weight
+ * dropping the segments FSDP, activation checkpointing and torch.compile insert
+ * (_fsdp_wrapped_module, _checkpoint_wrapped_module, _orig_mod); a name without PEFT parts
+ * comes back unchanged. `adapter` is the PEFT adapter wanted (NULL: any). Returns 0,
+ * RLB_ENOTFOUND (a factor of another adapter), RLB_EUNSUPPORTED (DoRA's
+ * lora_magnitude_vector), RLB_EINVAL (empty or malformed), RLB_ETOOBIG (out too small).
+ * Needs no client. */
+RLB_API int rlb_peft_to_hf(const char *peft_name, const char *adapter, char *out, size_t cap);
+
 /* ---- Publishing weights ---------------------------------------------------------------- */
 
 typedef struct rlb_sync_stats {

@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "rlb/rlb.h"
+
 static inline uint32_t rlb__f32_bits(float f)
 {
     uint32_t u;
@@ -81,6 +83,75 @@ static inline uint16_t rlb__f32_to_f16(float f)
     uint32_t v = abs - 0x38000000u;
     v += 0xfffu + ((v >> 13) & 1u);
     return (uint16_t)(sign | (v >> 13));
+}
+
+/* n elements of dtype (F32, BF16 or F16; anything else is read as F16) at s -> f32.
+ * Loads use memcpy because source offsets need not be aligned. */
+static inline void rlb__row_to_f32(float *out, const uint8_t *s, uint64_t n, uint8_t dtype)
+{
+    uint16_t h;
+    switch (dtype) {
+    case RLB_DTYPE_F32:
+        memcpy(out, s, n * 4);
+        break;
+    case RLB_DTYPE_BF16:
+        for (uint64_t i = 0; i < n; i++) {
+            memcpy(&h, s + 2 * i, 2);
+            out[i] = rlb__bf16_to_f32(h);
+        }
+        break;
+    default: /* F16: the only other dtype the plan checks let through */
+        for (uint64_t i = 0; i < n; i++) {
+            memcpy(&h, s + 2 * i, 2);
+            out[i] = rlb__f16_to_f32(h);
+        }
+        break;
+    }
+}
+
+/* n f32 values -> dtype elements at d, rounding to nearest even. */
+static inline void rlb__row_from_f32(uint8_t *d, const float *in, uint64_t n, uint8_t dtype)
+{
+    uint16_t h;
+    switch (dtype) {
+    case RLB_DTYPE_F32:
+        memcpy(d, in, n * 4);
+        break;
+    case RLB_DTYPE_BF16:
+        for (uint64_t i = 0; i < n; i++) {
+            h = rlb__f32_to_bf16(in[i]);
+            memcpy(d + 2 * i, &h, 2);
+        }
+        break;
+    default:
+        for (uint64_t i = 0; i < n; i++) {
+            h = rlb__f32_to_f16(in[i]);
+            memcpy(d + 2 * i, &h, 2);
+        }
+        break;
+    }
+}
+
+/* Non-finite (NaN or infinite) values among n elements of dtype (F32, BF16 or F16) at d:
+ * an all-ones exponent. The loops are branch-free so the compiler vectorizes them. */
+static inline uint64_t rlb__row_nonfinite(const uint8_t *d, uint64_t n, uint8_t dtype)
+{
+    uint64_t bad = 0;
+    if (dtype == RLB_DTYPE_F32) {
+        for (uint64_t i = 0; i < n; i++) {
+            uint32_t x;
+            memcpy(&x, d + 4 * i, 4);
+            bad += (x & 0x7f800000u) == 0x7f800000u;
+        }
+        return bad;
+    }
+    uint16_t mask = dtype == RLB_DTYPE_BF16 ? 0x7f80u : 0x7c00u; /* else F16 */
+    for (uint64_t i = 0; i < n; i++) {
+        uint16_t x;
+        memcpy(&x, d + 2 * i, 2);
+        bad += (x & mask) == mask;
+    }
+    return bad;
 }
 
 #endif /* RLB_KERNELS_CPU_CONVERT_H */

@@ -1,6 +1,7 @@
 /* executor_cpu.c: the CPU reshard executor (kernels/executor.h): host memory the caller
  * mapped, a run is one thread executing rlb__plan_exec_cpu that writes the run's eventfd
- * as its last act. Check: tests/unit/test_executor.c (against rlb__plan_exec_cpu on the
+ * as its last act. The executor keeps the plan's LoRA stage (rlb_exec_scratch) from run
+ * to run, so a sync with adapters does not allocate and fault it in every step. Check: tests/unit/test_executor.c (against rlb__plan_exec_cpu on the
  * same plan) and every bridge integration test. */
 #include "kernels/executor.h"
 
@@ -21,6 +22,7 @@ typedef struct cpu_exec {
     rlb_exec_run run;    /* the run's tables, copied */
     void **src, **dst;   /* owned copies of the tables */
     uint64_t *src_len, *dst_len;
+    rlb_exec_scratch scratch; /* the LoRA stage, kept across runs (one run at a time) */
     int rc;              /* outcome of the run */
     double ms;           /* its time */
     char err[512];       /* why it failed */
@@ -38,13 +40,9 @@ static void *run_thread(void *arg)
     cpu_exec *c = arg;
     double t0 = now_ms();
     c->err[0] = 0;
-    c->rc = c->run.nonfinite
-                ? rlb__plan_exec_cpu_counted(&c->plan, (const void *const *)c->src, c->src_len,
-                                             (void *const *)c->dst, c->dst_len, c->run.threads,
-                                             c->run.nonfinite, c->err, sizeof(c->err))
-                : rlb__plan_exec_cpu(&c->plan, (const void *const *)c->src, c->src_len,
-                                     (void *const *)c->dst, c->dst_len, c->run.threads, c->err,
-                                     sizeof(c->err));
+    c->rc = rlb__plan_exec_cpu_counted(&c->plan, (const void *const *)c->src, c->src_len,
+                                       (void *const *)c->dst, c->dst_len, c->run.threads,
+                                       &c->scratch, c->run.nonfinite, c->err, sizeof(c->err));
     c->ms = now_ms() - t0;
     uint64_t one = 1;
     /* The eventfd write is the thread's last touch of c; the owner reads c only after
@@ -144,6 +142,7 @@ static void cpu_destroy(rlb_executor *x)
         return;
     cpu_fence(x);
     free_tables((cpu_exec *)x);
+    rlb__exec_scratch_free(&((cpu_exec *)x)->scratch);
     free(x);
 }
 

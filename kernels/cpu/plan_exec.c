@@ -14,7 +14,8 @@
  * block of at most BLOCK elements is written, then its destination bytes, still in L1, are
  * tested with an exponent mask, so no second pass over the buffers is made. A thread adds
  * an item's count to its op's counter with one atomic add per item, and only when the count
- * is not zero.
+ * is not zero. LoRA merges count the same way, each block row range as it is rounded into
+ * the destination (kernels/cpu/lora_merge.c).
  */
 #include "kernels/cpu/plan_exec.h"
 
@@ -27,6 +28,7 @@
 #include "common/env.h"
 #include "common/log.h"
 #include "kernels/cpu/convert.h"
+#include "kernels/cpu/lora_merge.h"
 #include "model/config.h"
 
 #define MAX_THREADS 64
@@ -51,72 +53,6 @@ typedef struct exec_ctx {
     uint64_t next;           /* next unclaimed item; claimed with rlb_fetch_add */
     uint64_t *nonfinite;     /* [n_ops] non-finite values written per op, or NULL */
 } exec_ctx;
-
-/* Non-finite (NaN or infinite) values among n elements of `dtype` at d: an all-ones
- * exponent. The loops are branch-free so the compiler vectorizes them. */
-static uint64_t count_nonfinite(const uint8_t *d, uint64_t n, uint8_t dtype)
-{
-    uint64_t bad = 0;
-    if (dtype == RLB_DTYPE_F32) {
-        for (uint64_t i = 0; i < n; i++) {
-            uint32_t x;
-            memcpy(&x, d + 4 * i, 4);
-            bad += (x & 0x7f800000u) == 0x7f800000u;
-        }
-        return bad;
-    }
-    uint16_t mask = dtype == RLB_DTYPE_BF16 ? 0x7f80u : 0x7c00u; /* else F16 */
-    for (uint64_t i = 0; i < n; i++) {
-        uint16_t x;
-        memcpy(&x, d + 2 * i, 2);
-        bad += (x & mask) == mask;
-    }
-    return bad;
-}
-
-static void to_f32(float *out, const uint8_t *s, uint64_t n, uint8_t dtype)
-{
-    uint16_t h;
-    switch (dtype) {
-    case RLB_DTYPE_F32:
-        memcpy(out, s, n * 4);
-        break;
-    case RLB_DTYPE_BF16:
-        for (uint64_t i = 0; i < n; i++) {
-            memcpy(&h, s + 2 * i, 2);
-            out[i] = rlb__bf16_to_f32(h);
-        }
-        break;
-    default: /* F16: the only other dtype rlb__plan_check_op lets through */
-        for (uint64_t i = 0; i < n; i++) {
-            memcpy(&h, s + 2 * i, 2);
-            out[i] = rlb__f16_to_f32(h);
-        }
-        break;
-    }
-}
-
-static void from_f32(uint8_t *d, const float *in, uint64_t n, uint8_t dtype)
-{
-    uint16_t h;
-    switch (dtype) {
-    case RLB_DTYPE_F32:
-        memcpy(d, in, n * 4);
-        break;
-    case RLB_DTYPE_BF16:
-        for (uint64_t i = 0; i < n; i++) {
-            h = rlb__f32_to_bf16(in[i]);
-            memcpy(d + 2 * i, &h, 2);
-        }
-        break;
-    default:
-        for (uint64_t i = 0; i < n; i++) {
-            h = rlb__f32_to_f16(in[i]);
-            memcpy(d + 2 * i, &h, 2);
-        }
-        break;
-    }
-}
 
 /* Runs one item; returns the non-finite values it wrote (0 when not counting). */
 static uint64_t run_item(const exec_ctx *c, const work_item *w)
@@ -146,11 +82,11 @@ static uint64_t run_item(const exec_ctx *c, const work_item *w)
             if (op->src_dtype == op->dst_dtype) {
                 memcpy(dr + e * des, sr + e * ses, n * des);
             } else {
-                to_f32(block, sr + e * ses, n, op->src_dtype);
-                from_f32(dr + e * des, block, n, op->dst_dtype);
+                rlb__row_to_f32(block, sr + e * ses, n, op->src_dtype);
+                rlb__row_from_f32(dr + e * des, block, n, op->dst_dtype);
             }
             if (c->nonfinite)
-                bad += count_nonfinite(dr + e * des, n, op->dst_dtype);
+                bad += rlb__row_nonfinite(dr + e * des, n, op->dst_dtype);
         }
     }
     return bad;
@@ -195,7 +131,7 @@ static uint64_t split(const rlb_plan *plan, uint64_t grain, work_item *items)
     return n;
 }
 
-static int thread_count(int threads)
+int rlb__exec_threads(int threads)
 {
     long long n = threads > 0 ? threads : rlb__env_int(RLB_KNOB_THREADS);
     if (n <= 0)
@@ -222,32 +158,32 @@ static int check_bindings(const rlb_plan *plan, const void *const *src, const ui
         if (rc)
             return rc;
     }
-    return 0;
+    return rlb__lora_check_cpu(plan, src_len, dst_len, err, errlen);
 }
 
 int rlb__plan_exec_cpu(const rlb_plan *plan, const void *const *src, const uint64_t *src_len,
                        void *const *dst, const uint64_t *dst_len, int threads, char *err,
                        size_t errlen)
 {
-    return rlb__plan_exec_cpu_counted(plan, src, src_len, dst, dst_len, threads, NULL, err,
-                                      errlen);
+    return rlb__plan_exec_cpu_counted(plan, src, src_len, dst, dst_len, threads, NULL, NULL,
+                                      err, errlen);
 }
 
 int rlb__plan_exec_cpu_counted(const rlb_plan *plan, const void *const *src,
                                const uint64_t *src_len, void *const *dst,
-                               const uint64_t *dst_len, int threads, uint64_t *nonfinite,
-                               char *err, size_t errlen)
+                               const uint64_t *dst_len, int threads, rlb_exec_scratch *scratch,
+                               uint64_t *nonfinite, char *err, size_t errlen)
 {
     int rc = check_bindings(plan, src, src_len, dst, dst_len, err, errlen);
     if (rc)
         return rc;
-    int n_threads = thread_count(threads);
+    int n_threads = rlb__exec_threads(threads);
     uint64_t grain = plan->bytes_written / ((uint64_t)n_threads * ITEMS_PER_THREAD);
     grain = grain < MIN_GRAIN ? MIN_GRAIN : grain;
     exec_ctx c = {.plan = plan, .src = src, .dst = dst, .n_items = split(plan, grain, NULL),
                   .nonfinite = nonfinite};
     if (nonfinite)
-        memset(nonfinite, 0, (size_t)plan->n_ops * sizeof(*nonfinite));
+        memset(nonfinite, 0, (size_t)(plan->n_ops + plan->n_merges) * sizeof(*nonfinite));
     work_item *items = malloc((size_t)c.n_items * sizeof *items + 1);
     if (!items)
         return rlb__model_err(err, errlen, RLB_ENOMEM, "plan exec: out of memory");
@@ -269,5 +205,7 @@ int rlb__plan_exec_cpu_counted(const rlb_plan *plan, const void *const *src,
     for (int i = 0; i < started; i++)
         pthread_join(tid[i], NULL);
     free(items);
-    return 0;
+    /* The adapted weights' blocks, which the copies above left to their merges. */
+    return rlb__lora_merge_cpu(plan, src, src_len, dst, scratch, threads,
+                               nonfinite ? nonfinite + plan->n_ops : NULL, err, errlen);
 }

@@ -18,7 +18,8 @@
  * launched on the GPU's stream after cudaStreamWaitEvent on each trainer event (opened once
  * per handle). A host thread then waits for the streams and writes the run's eventfd, so
  * the bridge's loop never blocks on the GPU; finish joins it and reports the first error.
- * Fence joins the thread: nothing this executor started then touches any mapping.
+ * Fence joins the thread: nothing this executor started then touches any mapping. A plan
+ * with LoRA merges is refused before anything is touched (the GPU merge is still to come).
  *
  * Driver functions are looked up through the runtime (rlb__cuda_driver_fn), so the program
  * loads on machines without a driver. Check: tests/gpu/test_cuda_executor.c (against the
@@ -543,6 +544,14 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
     if (x->running) {
         rlb__cuda_err(err, errlen, "a run is already in flight");
         return RLB_EEXIST;
+    }
+    /* Before anything is registered or launched: copying the base alone would serve
+     * unmerged weights. */
+    if (p->n_merges || p->n_stage_ops) {
+        rlb__cuda_err(err, errlen, "the plan has LoRA merges, which the CUDA executor cannot "
+                      "run yet; keep trainers and workers in host memory (the CPU executor) "
+                      "or merge the adapters on the trainer");
+        return RLB_EUNSUPPORTED;
     }
     int rc = host_prepare(x, (void *const *)run->src, run->src_len, p->n_src, err, errlen);
     if (rc)

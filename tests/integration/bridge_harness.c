@@ -102,7 +102,10 @@ void h_cleanup(void)
     }
 }
 
-int h_start(h_run *r, rlb_sync_mode mode)
+static int version_checkpoint(const char *dir, uint64_t v, char *tag);
+
+/* Starts the bridge; base_version != 0: with that version's checkpoint as its base. */
+static int start_bridge(h_run *r, rlb_sync_mode mode, uint64_t base_version)
 {
     memset(r, 0, sizeof(*r));
     r->shm_before = count_dev_shm(r);
@@ -111,6 +114,10 @@ int h_start(h_run *r, rlb_sync_mode mode)
         return -1;
     snprintf(run_dir, sizeof(run_dir), "%s", r->dir);
     snprintf(r->sock, sizeof(r->sock), "%s/bridge.sock", r->dir);
+    char tag[32], base[192];
+    if (base_version && version_checkpoint(r->dir, base_version, tag) != 0)
+        return -1;
+    snprintf(base, sizeof(base), "%s/%s", r->dir, base_version ? tag : "");
     r->bridge = spawn();
     if (r->bridge == 0) {
         static volatile sig_atomic_t stop;
@@ -123,6 +130,7 @@ int h_start(h_run *r, rlb_sync_mode mode)
         /* Small rings: results of several records fragment (a test may ask for smaller
          * ones still through RLB_RING_BYTES). */
         o.ring_bytes = getenv("RLB_RING_BYTES") ? 0 : 1u << 20;
+        o.base_dir = base_version ? base : NULL;
         rlb__config_tiny(&o.cfg);
         _exit(rlb__bridge_run(&o) == 0 ? 0 : 1);
     }
@@ -146,6 +154,16 @@ int h_wait_listening(const char *path, double s)
             return 0;
     }
     return -1;
+}
+
+int h_start(h_run *r, rlb_sync_mode mode)
+{
+    return start_bridge(r, mode, 0);
+}
+
+int h_start_base(h_run *r, rlb_sync_mode mode, uint64_t v)
+{
+    return start_bridge(r, mode, v);
 }
 
 rlb_device h_worker_device = RLB_DEVICE_CPU;
@@ -543,24 +561,20 @@ static const char *tiny_config_json =
     "\"rope_theta\": 10000.0, \"tie_word_embeddings\": false, \"hidden_act\": \"silu\", "
     "\"torch_dtype\": \"float32\"}\n";
 
-/* Writes version v's full weights as DIR/ckpt<v>/ (config.json + model.safetensors). */
-static int write_checkpoint(const char *dir, uint64_t v)
+/* Writes the weights data[p] (every parameter of the tiny model) as DIR/<tag>/
+ * (config.json + model.safetensors). */
+static int write_checkpoint(const char *dir, const char *tag, float *const *data)
 {
     const rlb_param_list *l = tiny_params();
     char path[256];
-    snprintf(path, sizeof(path), "%s/ckpt%llu", dir, (unsigned long long)v);
+    snprintf(path, sizeof(path), "%s/%s", dir, tag);
     if (mkdir(path, 0700) != 0 && errno != EEXIST)
         return -1;
     rlb_st_write_tensor *ts = calloc((size_t)l->n, sizeof(*ts));
     int64_t(*shapes)[2] = calloc((size_t)l->n, sizeof(*shapes));
-    float **data = calloc((size_t)l->n, sizeof(*data));
     int rc = -1;
     for (int64_t p = 0; p < l->n; p++) {
         const rlb_param *q = &l->params[p];
-        uint64_t n = rlb__param_numel(q);
-        data[p] = malloc(n * sizeof(float));
-        for (uint64_t i = 0; i < n; i++)
-            data[p][i] = wval(v, p, i, is_norm(q));
         shapes[p][0] = q->rows;
         shapes[p][1] = q->cols;
         ts[p] = (rlb_st_write_tensor){.name = q->name, .dtype = RLB_DTYPE_F32, .ndim = q->ndim,
@@ -576,22 +590,28 @@ static int write_checkpoint(const char *dir, uint64_t v)
             fclose(f);
         }
     }
-    for (int64_t p = 0; p < l->n; p++)
-        free(data[p]);
-    free(data);
     free(shapes);
     free(ts);
     return rc;
 }
 
-int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32_t n,
-                uint32_t max_tokens, int32_t *tokens, int cap)
+const rlb_param_list *h_params(void)
+{
+    return tiny_params();
+}
+
+float h_weight(uint64_t v, int64_t p, uint64_t i)
+{
+    return wval(v, p, i, is_norm(&tiny_params()->params[p]));
+}
+
+/* Greedy tokens of `rlb generate --tp tp` on checkpoint DIR/<tag>, which the caller wrote
+ * (or that exists already). */
+static int generate_ref(h_run *r, const char *tag, uint32_t tp, const int32_t *prompt,
+                        uint32_t n, uint32_t max_tokens, int32_t *tokens, int cap)
 {
     char ckpt[256];
-    snprintf(ckpt, sizeof(ckpt), "%s/ckpt%llu", r->dir, (unsigned long long)v);
-    struct stat st;
-    if (stat(ckpt, &st) != 0 && write_checkpoint(r->dir, v) != 0)
-        return -1;
+    snprintf(ckpt, sizeof(ckpt), "%s/%s", r->dir, tag);
     char cmd[1024];
     int at = snprintf(cmd, sizeof(cmd), "%s generate --model %s --max-tokens %u --temperature "
                       "0 --tp %u --threads 1 --device cpu --prompt-ids ", RLB_BIN, ckpt, max_tokens, tp);
@@ -635,25 +655,84 @@ int h_generate(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_to
     return rlb_generate(c, &req, 20000, out);
 }
 
-int h_check_greedy(h_run *r, rlb_client *c, uint64_t v, uint32_t tp, const int32_t *prompt,
-                   uint32_t n, uint32_t max_tokens)
+int h_greedy(rlb_client *c, uint64_t v, const int32_t *prompt, uint32_t n,
+             uint32_t max_tokens, int32_t *tokens, int cap)
 {
     rlb_result *res = NULL;
-    int rc = h_generate(c, prompt, n, max_tokens, &res);
-    if (rc) {
+    if (h_generate(c, prompt, n, max_tokens, &res)) {
         fprintf(stderr, "generate: %s\n", rlb_last_error(c));
         return -1;
     }
-    int32_t want[1024];
-    int nw = h_reference(r, v, tp, prompt, n, max_tokens, want, 1024);
     const rlb_sample *s = rlb_result_num_samples(res) == 1 ? rlb_result_sample(res, 0) : NULL;
-    int ok = s && s->weight_version == v && nw == (int)s->n_tokens &&
-             !memcmp(want, s->tokens, sizeof(int32_t) * (size_t)nw);
-    if (!ok)
-        fprintf(stderr, "generate: %s for version %llu\n", s ? "tokens or version differ "
-                "from the reference" : "not one sample", (unsigned long long)v);
+    int count = s && s->weight_version == v && (int)s->n_tokens <= cap ? (int)s->n_tokens : -1;
+    if (count > 0)
+        memcpy(tokens, s->tokens, sizeof(int32_t) * (size_t)count);
+    if (count < 0)
+        fprintf(stderr, "generate: %s for version %llu\n", s ? "another version, or too many "
+                "tokens" : "not one sample", (unsigned long long)v);
     rlb_result_free(res);
-    return ok ? 0 : -1;
+    return count;
+}
+
+int h_check_greedy(h_run *r, rlb_client *c, uint64_t v, uint32_t tp, const int32_t *prompt,
+                   uint32_t n, uint32_t max_tokens)
+{
+    int32_t got[1024], want[1024];
+    int ng = h_greedy(c, v, prompt, n, max_tokens, got, 1024);
+    if (ng < 0)
+        return -1;
+    int nw = h_reference(r, v, tp, prompt, n, max_tokens, want, 1024);
+    if (nw != ng || memcmp(want, got, sizeof(int32_t) * (size_t)ng)) {
+        fprintf(stderr, "generate: tokens differ from the reference for version %llu\n",
+                (unsigned long long)v);
+        return -1;
+    }
+    return 0;
+}
+
+int h_reference_weights(h_run *r, const char *tag, float *const *data, uint32_t tp,
+                        const int32_t *prompt, uint32_t n, uint32_t max_tokens,
+                        int32_t *tokens, int cap)
+{
+    char ckpt[256];
+    snprintf(ckpt, sizeof(ckpt), "%s/%s", r->dir, tag);
+    struct stat st;
+    if (stat(ckpt, &st) != 0 && write_checkpoint(r->dir, tag, data) != 0)
+        return -1;
+    return generate_ref(r, tag, tp, prompt, n, max_tokens, tokens, cap);
+}
+
+/* Writes version v's weights as DIR/ckpt<v> unless it is there; its tag goes to tag[32]. */
+static int version_checkpoint(const char *dir, uint64_t v, char *tag)
+{
+    const rlb_param_list *l = tiny_params();
+    snprintf(tag, 32, "ckpt%llu", (unsigned long long)v);
+    char path[256];
+    snprintf(path, sizeof(path), "%s/%s", dir, tag);
+    struct stat st;
+    if (stat(path, &st) == 0)
+        return 0;
+    float **data = calloc((size_t)l->n, sizeof(*data));
+    for (int64_t p = 0; p < l->n; p++) {
+        uint64_t numel = rlb__param_numel(&l->params[p]);
+        data[p] = malloc(numel * sizeof(float));
+        for (uint64_t i = 0; i < numel; i++)
+            data[p][i] = h_weight(v, p, i);
+    }
+    int rc = write_checkpoint(dir, tag, data);
+    for (int64_t p = 0; p < l->n; p++)
+        free(data[p]);
+    free(data);
+    return rc;
+}
+
+int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32_t n,
+                uint32_t max_tokens, int32_t *tokens, int cap)
+{
+    char tag[32];
+    if (version_checkpoint(r->dir, v, tag) != 0)
+        return -1;
+    return generate_ref(r, tag, tp, prompt, n, max_tokens, tokens, cap);
 }
 
 /* ---- Raw protocol ------------------------------------------------------------------- */

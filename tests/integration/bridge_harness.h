@@ -45,6 +45,9 @@ typedef struct h_run {
 
 /* Starts a bridge (tiny model) in mode; waits for its socket. Returns 0 or -1. */
 int h_start(h_run *r, rlb_sync_mode mode);
+/* The same with version v's weights, written as a checkpoint, as the bridge's base
+ * (rlb_bridge_opts.base_dir): weights no trainer registers come from there. */
+int h_start_base(h_run *r, rlb_sync_mode mode, uint64_t v);
 /* Waits up to s seconds until a listener accepts connections at path. Returns 0 or -1. */
 int h_wait_listening(const char *path, double s);
 /* The backend workers started from now on run (CPU unless a GPU test says otherwise;
@@ -106,10 +109,23 @@ int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32
  * 20 s. Returns the client's code; *out (on 0) is the result to free. */
 int h_generate(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_tokens,
                rlb_result **out);
-/* h_generate, then checks the one sample against h_reference for version v (TP size tp)
+/* Greedy generation of `prompt` through client c; the sample must carry weight version v
+ * (else -1). Fills tokens[] and returns the count, or -1 (what went wrong printed). */
+int h_greedy(rlb_client *c, uint64_t v, const int32_t *prompt, uint32_t n,
+             uint32_t max_tokens, int32_t *tokens, int cap);
+/* h_greedy, then checks the one sample against h_reference for version v (TP size tp)
  * and its version stamp. Returns 0, or -1 after printing what differs. */
 int h_check_greedy(h_run *r, rlb_client *c, uint64_t v, uint32_t tp, const int32_t *prompt,
                    uint32_t n, uint32_t max_tokens);
+
+/* h_reference through a checkpoint DIR/<tag> of the weights data[p] (every parameter of
+ * the tiny model, in h_params() order, row-major F32), written once per tag. */
+int h_reference_weights(h_run *r, const char *tag, float *const *data, uint32_t tp,
+                        const int32_t *prompt, uint32_t n, uint32_t max_tokens,
+                        int32_t *tokens, int cap);
+/* The tiny model's parameter list, and element i of parameter p in version v's weights. */
+const struct rlb_param_list *h_params(void);
+float h_weight(uint64_t v, int64_t p, uint64_t i);
 
 /* Connects as a tool on the raw protocol (messages the client library never sends), says
  * hello, sends m and reads one reply. Returns the reply's message type (and, for an ERROR,

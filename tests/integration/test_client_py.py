@@ -215,6 +215,32 @@ class ClientTest(unittest.TestCase):
         t.c.free_host(t.views["model.norm.weight"][0])
         t.c.close()
 
+    def test_lora_adapters(self):
+        """A rank-1 adapter on lm_head moves the greedy token; taking it back restores it."""
+        self.wait_no_trainers()
+        t = Trainer(self.cluster.sock)
+        t.fill(7, 0.05)
+        a = rlbridge.host_array(t.c, "f", D)  # A [1, D]
+        b = rlbridge.host_array(t.c, "f", V)  # B [V, 1]
+        with self.assertRaises(rlbridge.RlbError) as e:  # not declared yet
+            t.c.register("lm_head.lora_A.weight", a, shape=(1, D))
+        self.assertEqual(e.exception.code, rlbridge._lib.ENOTFOUND)
+        t.c.register_lora([dict(target="base_model.model.lm_head.weight", rank=1, alpha=2.0)])
+        t.c.register_many([dict(name="lm_head.lora_A.weight", data=a, shape=(1, D)),
+                           dict(name="lm_head.lora_B.weight", data=b, shape=(V, 1))])
+        a[:] = array.array("f", [1.0]) * D
+        b[123] = 0.05  # merged row 123 = 2 * 0.05 = 0.1, above row 7's 0.05
+        v = t.c.weight_version + 1
+        t.c.publish(v)
+        for o in self.greedy(t.c, v):
+            self.assertEqual(o.outputs[0].token_ids, [123] * 5)
+        t.c.unregister_lora()
+        t.c.publish(v + 1)
+        for o in self.greedy(t.c, v + 1):
+            self.assertEqual(o.outputs[0].token_ids, [7] * 5)
+        t.c.unregister()
+        t.c.close()
+
     def test_threads_share_a_client(self):
         """Generation from several threads while the main thread publishes."""
         self.wait_no_trainers()

@@ -615,7 +615,7 @@ static void test_exec_large_ops_split(void **state)
     for (size_t k = 0; k < sizeof threads / sizeof threads[0]; k++) {
         memset(bad, 0xab, sizeof bad);
         int rc = rlb__plan_exec_cpu_counted(&plan, srcs, &src_len, dsts, &dst_len, threads[k],
-                                            bad, err, sizeof err);
+                                            NULL, bad, err, sizeof err);
         if (rc)
             fail_msg("%d threads: %s", threads[k], err);
         for (int i = 0; i < N; i++) {

@@ -50,6 +50,8 @@ static rlb_msg_flat_entry flat_entries[] = {
 
 static rlb_msg_tensor tensors[3];
 static rlb_msg_name unreg_names[] = {{"a"}, {"model.layers.0.mlp.down_proj.weight"}};
+static rlb_msg_lora loras[] = {{"model.layers.0.self_attn.q_proj.weight", 16, 2.0},
+                               {"lm_head.weight", 0, 0.0}};
 static rlb_msg_sampling prompt1_sp = {.n = 1, .max_tokens = 16, .temperature = 0.0f,
                                   .top_p = 1.0f};
 static rlb_msg_prompt prompts[] = {
@@ -120,7 +122,8 @@ static void sample_msg(rlb_msg_type type, rlb_msg *m)
         break;
     case RLB_MSG_REGISTER:
         build_tensors();
-        m->reg = (rlb_msg_register){.n_tensors = N_OF(tensors), .tensors = tensors};
+        m->reg = (rlb_msg_register){.n_tensors = N_OF(tensors), .tensors = tensors,
+                                    .n_loras = N_OF(loras), .loras = loras};
         break;
     case RLB_MSG_UNREGISTER:
         m->unreg = (rlb_msg_unregister){.n_names = N_OF(unreg_names), .names = unreg_names};
@@ -289,6 +292,12 @@ static void assert_msg_equal(const rlb_msg *want, const rlb_msg *got, const void
         assert_int_equal(want->reg.n_tensors, got->reg.n_tensors);
         for (uint32_t i = 0; i < want->reg.n_tensors; i++)
             assert_tensor(&want->reg.tensors[i], &got->reg.tensors[i]);
+        assert_int_equal(want->reg.n_loras, got->reg.n_loras);
+        for (uint32_t i = 0; i < want->reg.n_loras; i++) {
+            assert_str(want->reg.loras[i].target, got->reg.loras[i].target);
+            assert_int_equal(want->reg.loras[i].rank, got->reg.loras[i].rank);
+            assert_true(want->reg.loras[i].scale == got->reg.loras[i].scale);
+        }
         break;
     case RLB_MSG_UNREGISTER:
         assert_int_equal(want->unreg.n_names, got->unreg.n_names);
@@ -882,6 +891,7 @@ static const char *child_struct(const char *s, const char *key)
         {"generate", "sp", "sampling"},   {"generate", "p", "prompt"},
         {"prompt", "sp", "sampling"},     {"result", "s", "sample"},
         {"stats_reply", "s", "stat"},     {"unregister", "names", "name"},
+        {"register", "lora", "lora"},
     };
     for (size_t i = 0; s && i < N_OF(links); i++)
         if (strcmp(links[i][0], s) == 0 && strcmp(links[i][1], key) == 0)
@@ -894,14 +904,14 @@ static bool is_required(const char *s, const char *key, bool top)
 {
     static const char *const req[][2] = {
         {"hello", "abi"},   {"hello", "role"},     {"welcome", "abi"},  {"error", "code"},
-        {"error", "text"},  {"register", "tens"},  {"tensor", "name"},  {"tensor", "dt"},
+        {"error", "text"},  {"lora", "w"},        {"tensor", "name"},  {"tensor", "dt"},
         {"tensor", "shape"}, {"tensor", "lay"},    {"tensor", "mem"},   {"layout", "k"},
         {"entry", "numel"}, {"mem", "k"},          {"mem", "len"},      {"name", "name"},
         {"publish", "ver"}, {"load", "ver"},       {"synced", "ver"},   {"aborted", "ver"},
         {"loaded", "ver"},  {"generate", "id"},    {"generate", "sp"},  {"generate", "p"},
         {"sampling", "n"},  {"sampling", "max"},   {"sampling", "temp"}, {"sampling", "topp"},
         {"prompt", "t"},    {"result", "id"},      {"sample", "fin"},   {"sample", "ver"},
-        {"stat", "name"},
+        {"stat", "name"},   {"lora", "r"},
     };
     if (top && strcmp(key, "ty") == 0)
         return true;
@@ -1183,7 +1193,10 @@ static void test_value_checks(void **state)
                 "register.tens[0].name: contains a NUL byte");
     refuse_edit(RLB_MSG_REGISTER, "tens[0].name", obj_str("", 0),
                 "register.tens[0].name: missing or empty");
-    refuse_edit(RLB_MSG_REGISTER, "tens", obj_array(NULL, 0), "register.tens: at least one");
+    /* A register carries tensors, adapter declarations or both, never nothing. */
+    assert_refused("\x81\xa2ty\x04", 5, "register.tens: at least one tensor or adapter");
+    refuse_edit(RLB_MSG_REGISTER, "lora[0].r", obj_str("x", 1),
+                "register.lora[0].r: expected a non-negative int, got str");
     refuse_edit(RLB_MSG_HELLO, "tp", obj_uint(4), "hello.tp: 4 is not below tp size 4");
     refuse_edit(RLB_MSG_HELLO, "rank", obj_uint(1ull << 32), "hello.rank: 4294967296 is above "
                                                              "4294967295");

@@ -29,7 +29,7 @@ from . import _lib
 from ._lib import LibraryError, lib
 
 __all__ = ["Client", "SamplingParams", "RlbError", "AbortedError", "LibraryError", "SyncStats",
-           "RequestOutput", "CompletionOutput", "Ticket", "host_array"]
+           "RequestOutput", "CompletionOutput", "Ticket", "host_array", "peft_to_hf"]
 
 
 class RlbError(RuntimeError):
@@ -161,6 +161,19 @@ def _dtype_code(dtype):
     if code is None:
         raise RlbError(_lib.EINVAL, f"unknown dtype {dtype!r}: use float32, float16 or bfloat16")
     return code
+
+
+def peft_to_hf(name, adapter=None):
+    """The HF name rlbridge uses for a PEFT parameter name (librlb's rlb_peft_to_hf):
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" ->
+    "model.layers.0.self_attn.q_proj.lora_A.weight". adapter: the PEFT adapter wanted
+    (None: any); a factor of another adapter raises RlbError with code ENOTFOUND."""
+    out = ctypes.create_string_buffer(1024)
+    rc = lib.rlb_peft_to_hf(name.encode(), adapter.encode() if adapter else None, out,
+                            len(out))
+    if rc < 0:
+        raise RlbError(rc, f"{name!r} has no HF name for adapter {adapter!r}")
+    return out.value.decode()
 
 
 # ---- the client ------------------------------------------------------------------------
@@ -314,6 +327,32 @@ class Client:
         enc = [n.encode() for n in names]
         arr = (ctypes.c_char_p * max(1, len(enc)))(*enc)
         self._check(lib.rlb_unregister(self._handle(), arr, len(enc)))
+
+    # -- LoRA adapters
+
+    def register_lora(self, adapters):
+        """Declares LoRA adapters (DESIGN §10): an iterable of dicts with target (the adapted
+        weight's HF or PEFT name), rank, alpha and optionally rslora (True: scale alpha /
+        sqrt(rank)). Declare before registering the factors "<module>.lora_A.weight" and
+        "<module>.lora_B.weight"; every sync then writes base + scale * B * A."""
+        adapters = list(adapters)
+        keep = []
+        arr = (_lib.LoraDesc * max(1, len(adapters)))()
+        for d, a in zip(arr, adapters):
+            lib.rlb_lora_desc_init(ctypes.byref(d))
+            keep.append(a["target"].encode())
+            d.target = keep[-1]
+            d.rank = a["rank"]
+            d.alpha = a["alpha"]
+            d.rslora = 1 if a.get("rslora") else 0
+        self._check(lib.rlb_register_lora(self._handle(), arr, len(adapters)))
+
+    def unregister_lora(self, *targets):
+        """Takes back this client's adapter declarations (no targets: all of them); the
+        next version is the base again."""
+        enc = [t.encode() for t in targets]
+        arr = (ctypes.c_char_p * max(1, len(enc)))(*enc)
+        self._check(lib.rlb_unregister_lora(self._handle(), arr, len(enc)))
 
     # -- sync
 

@@ -57,6 +57,11 @@ class TensorDesc(ctypes.Structure):
                 ("device", c_int), ("cuda_device", c_int)]
 
 
+class LoraDesc(ctypes.Structure):
+    _fields_ = [("struct_size", c_size_t), ("target", ctypes.c_char_p), ("rank", c_u32),
+                ("alpha", ctypes.c_float), ("rslora", c_int)]
+
+
 class SyncStats(ctypes.Structure):
     _fields_ = [("struct_size", c_size_t), ("version", c_u64), ("bytes", c_u64),
                 ("ms", ctypes.c_double), ("gbps", ctypes.c_double)]
@@ -205,6 +210,11 @@ def _bind(lib):
         "rlb_tensor_bytes": (c_int, [P(TensorDesc), P(c_u64)]),
         "rlb_register": (c_int, [vp, P(TensorDesc), c_size_t]),
         "rlb_unregister": (c_int, [vp, P(ctypes.c_char_p), c_size_t]),
+        "rlb_lora_desc_init": (None, [P(LoraDesc)]),
+        "rlb_register_lora": (c_int, [vp, P(LoraDesc), c_size_t]),
+        "rlb_unregister_lora": (c_int, [vp, P(ctypes.c_char_p), c_size_t]),
+        "rlb_peft_to_hf": (c_int, [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                   c_size_t]),
         "rlb_publish": (c_int, [vp, c_u64, P(SyncStats)]),
         "rlb_publish_stream": (c_int, [vp, c_u64, vp, P(SyncStats)]),
         "rlb_weight_version": (c_u64, [vp]),
