@@ -30,6 +30,13 @@ typedef struct rlb_bridge_opts {
     uint64_t ring_bytes;         /* ring capacity per direction per peer; 0 = the knob */
     volatile sig_atomic_t *stop; /* the loop ends when *stop != 0 (signal handlers); may be
                                     NULL */
+    /* one node of several (bridge/xnode.h); nnodes 0 or 1: a single node */
+    int nnodes;                  /* nodes of the job */
+    int node_rank;               /* this node */
+    uint32_t first_rank, n_ranks; /* the trainer ranks that publish to this bridge */
+    const char *store_addr;      /* the rendezvous store (common/store.h) */
+    int store_port;
+    const char *run_id;          /* the job's run id at the store */
 } rlb_bridge_opts;
 
 #define RLB_BRIDGE_OPTS_INIT {.struct_size = sizeof(rlb_bridge_opts)}
