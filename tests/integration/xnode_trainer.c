@@ -2,8 +2,9 @@
  * `rlb launch --no-python` on every node with torchrun's environment.
  *
  *   xnode_trainer [--layout fsdp2|fsdp1] [--versions N] [--check]
- *                 [--die RANK:V:when]   when: before (kill -9 itself before publishing V)
- *                                       or during (a helper kills it just after)
+ *                 [--die RANK:V:when]   when: before (kill -9 itself before publishing V),
+ *                                       during (a helper kills it just after), or stall
+ *                                       (sleep two minutes instead of publishing V)
  *
  * Each rank registers its FSDP shard of the tiny model (bridge_harness.c: rank = FSDP rank,
  * world = WORLD_SIZE, the weights a pure function of version, tensor and element) with its
@@ -212,6 +213,8 @@ int main(int argc, char **argv)
             printf("rank %d: dying %s version %" PRIu64 "\n", rank, die_when, v);
             if (!strcmp(die_when, "before"))
                 kill(getpid(), SIGKILL);
+            if (!strcmp(die_when, "stall"))
+                sleep(120);
             die_after(2000);
         }
         rlb_sync_stats st = {.struct_size = sizeof(st)};
