@@ -155,7 +155,7 @@ typedef struct xbuf {
 
 static void put(xbuf *w, const void *data, size_t n)
 {
-    if (w->oom)
+    if (w->oom || n == 0) /* n == 0: data may be NULL (a padding entry's name) */
         return;
     if (w->len + n > w->cap) {
         size_t cap = (w->len + n) * 2 + 256;
