@@ -11,7 +11,8 @@
  *               runs on the copy thread): what the orchestration costs
  * Cases: the demo (tiny) model; a ~100M-parameter Llama; a small model with 300 tensors
  * (33 layers) at TP 1, 2 and 4 for control_ms (target <= 1 ms, flat in T).
- * Ends with one JSON line. Run: build/rlb-bench-sync [--quick]
+ * Ends with one JSON line. Run: build/rlb-bench-sync [--quick]; `--device cuda` runs the
+ * GPU benchmark of bench_sync_cuda.c (CUDA builds).
  */
 #include <signal.h>
 #include <stdio.h>
@@ -181,8 +182,21 @@ out:
     return rc;
 }
 
+#ifdef RLB_BENCH_CUDA
+int rlb__bench_sync_cuda(int argc, char **argv); /* bench_sync_cuda.c */
+#endif
+
 int main(int argc, char **argv)
 {
+    for (int i = 1; i + 1 < argc; i++)
+        if (!strcmp(argv[i], "--device") && !strcmp(argv[i + 1], "cuda")) {
+#ifdef RLB_BENCH_CUDA
+            return rlb__bench_sync_cuda(argc, argv);
+#else
+            fprintf(stderr, "rlb-bench-sync: this build has no CUDA\n");
+            return 1;
+#endif
+        }
     int quick = argc > 1 && !strcmp(argv[1], "--quick");
     signal(SIGPIPE, SIG_IGN);
     char dir[] = "/tmp/rlb-bench-sync-XXXXXX";

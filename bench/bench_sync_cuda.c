@@ -79,7 +79,7 @@ static void shape(rlb_model_config *c, int big)
 
 static int write_config(const char *dir, const rlb_model_config *c)
 {
-    char path[PATH_MAX];
+    char path[PATH_MAX + 16];
     snprintf(path, sizeof path, "%s/config.json", dir);
     FILE *f = fopen(path, "w");
     if (!f)
@@ -149,7 +149,7 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
 {
     rlb_model_config cfg;
     shape(&cfg, sc->big);
-    char model[PATH_MAX], sock[PATH_MAX];
+    char model[PATH_MAX / 2], sock[PATH_MAX / 2];
     snprintf(model, sizeof model, "%s/%s", dir, sc->name);
     snprintf(sock, sizeof sock, "%s/bridge", dir);
     mkdir(model, 0700);
@@ -305,7 +305,7 @@ int rlb__bench_sync_cuda(int argc, char **argv)
                cases[i].name, rlb_dtype_name(cases[i].src), cases[i].quant, cases[i].sync_ms,
                cases[i].floor_ms, cases[i].control_ms);
     printf("}\n");
-    char model[PATH_MAX];
+    char model[PATH_MAX + 64];
     for (int i = 0; i < ncase; i++) {
         snprintf(model, sizeof model, "%s/%s/config.json", dir, cases[i].name);
         unlink(model);

@@ -3,6 +3,8 @@
  * over loopback in the same run.
  *
  *   rlb-bench-xnode [--mib N] [--chunk-mib C] [--runs R] [--peer-errors]
+ *   rlb-bench-xnode --commit [VERSIONS]   what a second node adds to a commit
+ *                                         (bench_xnode_commit.c)
  *
  * Two processes of this machine are node 0 (sender) and node 1 (receiver); they meet
  * through a real rendezvous store. Each run moves N MiB (default 1024) from one buffer to
@@ -27,6 +29,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench/bench_xnode.h"
 #include "bridge/xport/xport.h"
 #include "common/store.h"
 #include "rlb/rlb.h"
@@ -216,6 +219,8 @@ static int node_main(const bench *b, int node, int out_fd)
 int main(int argc, char **argv)
 {
     bench b = {.bytes = 1024ull << 20, .chunk = 8ull << 20, .runs = 3};
+    if (argc > 1 && !strcmp(argv[1], "--commit"))
+        return rlb__bench_xnode_commit(argc > 2 ? atoi(argv[2]) : 10);
     for (int i = 1; i < argc; i++) {
         if (i + 1 < argc && !strcmp(argv[i], "--mib"))
             b.bytes = strtoull(argv[++i], NULL, 10) << 20;
@@ -227,7 +232,7 @@ int main(int argc, char **argv)
             b.peer_errors = 1;
         else {
             fprintf(stderr, "usage: rlb-bench-xnode [--mib N] [--chunk-mib C] [--runs R] "
-                            "[--peer-errors]\n");
+                            "[--peer-errors] | --commit [VERSIONS]\n");
             return 2;
         }
     }

@@ -33,6 +33,13 @@ typedef struct rlb_bridge_opts {
     const char *base_dir;        /* a checkpoint of the model (config's shapes) whose tensors
                                     serve every parameter no trainer registers (the frozen
                                     base of LoRA training: bridge/base.c); NULL = none */
+    /* one node of several (bridge/xnode.h); nnodes 0 or 1: a single node */
+    int nnodes;                  /* nodes of the job */
+    int node_rank;               /* this node */
+    uint32_t first_rank, n_ranks; /* the trainer ranks that publish to this bridge */
+    const char *store_addr;      /* the rendezvous store (common/store.h) */
+    int store_port;
+    const char *run_id;          /* the job's run id at the store */
 } rlb_bridge_opts;
 
 #define RLB_BRIDGE_OPTS_INIT {.struct_size = sizeof(rlb_bridge_opts)}

@@ -7,6 +7,7 @@
  *   base.c      the frozen base a bridge serves from a checkpoint (opts->base_dir)
  *   sync.c      the sync transaction (publish -> copy -> load -> commit / abort)
  *   sched.c     generation: the request table, replica choice, results, worker death
+ *   xnode.c     a node of several: the exchange with the other nodes' bridges (xnode.h)
  *
  * Everything runs on the loop's thread except the plan executor, which runs on a copy
  * thread during a sync (sync.c); while it runs, no segment is unmapped (peer.c parks them).
@@ -18,6 +19,7 @@
 #include <stdint.h>
 
 #include "bridge/bridge.h"
+#include "bridge/xnode.h"
 #include "common/conn.h"
 #include "common/proto.h"
 #include "common/ring.h"
@@ -158,7 +160,8 @@ typedef enum br_sync_state {
     BR_SYNC_IDLE = 0,  /* no version in flight */
     BR_SYNC_DRAIN,     /* pause: every rank published; waiting for generation to drain */
     BR_SYNC_COPY,      /* the copy thread runs the plan */
-    BR_SYNC_LOAD       /* load(v) sent; waiting for every worker's loaded(v) */
+    BR_SYNC_LOAD,      /* load(v) sent; waiting for every worker's loaded(v) */
+    BR_SYNC_XNODE      /* one node of several: the exchange with the other nodes runs */
 } br_sync_state;
 
 /* A sync's copy job, shared with the copy thread. */
@@ -236,6 +239,7 @@ struct bridge {
     uint64_t n_syncs, n_aborts, bytes_synced, n_requests, n_results, n_retried, n_failed;
     uint64_t n_heals;         /* replicas that rejoined with the committed version */
     double last_sync_ms, last_copy_ms, last_gbps, last_control_ms;
+    br_xnode *xnode;          /* a node of several (xnode.h), NULL on a single node */
 };
 
 /* ---- peer.c ------------------------------------------------------------------------ */
@@ -317,6 +321,17 @@ int br_lora_declare(bridge *b, br_peer *p, const rlb_msg_register *m, char *err,
 void br_lora_drop(bridge *b, br_peer *p);
 /* 1 when `name` is a LoRA factor of a weight that has no adapter declared. */
 int br_lora_undeclared_factor(const bridge *b, const char *name);
+/* Adds tensor t to src with the FSDP shards (or the whole tensor, ranks[0]) at ranks[];
+ * err (256 bytes) names the tensor on failure. For the global source of xnode.c. */
+int br_tensor_source_add(rlb_source *src, const br_tensor *t, const rlb_src_loc *ranks,
+                         char *err);
+/* Where each FSDP rank of t (one entry for a whole tensor) holds it: a malloc'ed array,
+ * every entry RLB_SRC_NO_BUFFER, or NULL when out of memory. */
+rlb_src_loc *br_tensor_locs(const br_tensor *t);
+/* Bytes the FSDP rank t->frank holds of t, or 0 when its layout cannot hold it. */
+uint64_t br_tensor_bytes(const br_tensor *t);
+/* Frees what a tensor owns (its name and FSDP1 entries). */
+void br_tensor_free(br_tensor *t);
 
 /* ---- sync.c ------------------------------------------------------------------------ */
 

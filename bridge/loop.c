@@ -738,6 +738,8 @@ static void bridge_free(bridge *b)
 {
     for (int i = 0; i < b->n_pending; i++)
         close(b->pending[i]);
+    br_xnode_stop(b);
+    br_unpark(b); /* what the xnode thread kept mapped */
     br_plan_reset(b);
     for (uint32_t d = 0; d < b->n_replicas; d++) {
         if (b->replicas[d].tp_fd >= 0)
@@ -942,6 +944,8 @@ int rlb__bridge_run(const rlb_bridge_opts *opts)
         goto out;
     }
     if ((rc = rlb__listener_open(opts->socket_path, opts->ring_bytes, &b->listener)) < 0)
+        goto out;
+    if ((rc = br_xnode_start(b)) < 0)
         goto out;
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "listening on %s (%s sync, model %s: %" PRId64 " layers, "
                  "hidden %" PRId64 ")", opts->socket_path,

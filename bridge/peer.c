@@ -362,7 +362,7 @@ void br_seg_release(bridge *b, br_seg *s)
 {
     if (!s->addr && !s->vmm)
         return;
-    if (b->copy_running) {
+    if (b->copy_running || br_xnode_busy(b)) {
         if (b->n_parked == b->cap_parked) {
             uint32_t cap = b->cap_parked ? 2 * b->cap_parked : 8;
             br_seg *grown = realloc(b->parked, cap * sizeof(*grown));

@@ -132,6 +132,31 @@ static int source_add(rlb_source *src, const br_tensor *t, uint32_t buffer, uint
     return rlb__source_add_fsdp1(src, &u, err, ERRLEN);
 }
 
+int br_tensor_source_add(rlb_source *src, const br_tensor *t, const rlb_src_loc *ranks,
+                         char *err)
+{
+    return source_add(src, t, ranks[0].buffer, ranks[0].offset, ranks, err);
+}
+
+rlb_src_loc *br_tensor_locs(const br_tensor *t)
+{
+    uint32_t w = t->kind == RLB_LAYOUT_FULL ? 1 : t->fworld;
+    rlb_src_loc *ranks = malloc(w * sizeof(*ranks));
+    for (uint32_t f = 0; ranks && f < w; f++)
+        ranks[f] = (rlb_src_loc){.buffer = RLB_SRC_NO_BUFFER};
+    return ranks;
+}
+
+uint64_t br_tensor_bytes(const br_tensor *t)
+{
+    return expected_bytes(t);
+}
+
+void br_tensor_free(br_tensor *t)
+{
+    tensor_free(t);
+}
+
 /* Checks t against the model on a scratch source where every FSDP rank has a buffer of
  * exactly the size its shard needs. Returns 0 or the source's error (err says what). */
 static int check_model(bridge *b, const br_tensor *t, char *err)
@@ -499,11 +524,9 @@ static int add_tensor(bridge *b, uint32_t r, uint32_t i, char *err)
 {
     const br_tensor *t = &b->trainers[r]->tensors[i];
     uint32_t w = t->kind == RLB_LAYOUT_FULL ? 1 : t->fworld;
-    rlb_src_loc *ranks = malloc(w * sizeof(*ranks));
+    rlb_src_loc *ranks = br_tensor_locs(t);
     if (!ranks)
         return RLB_ENOMEM;
-    for (uint32_t f = 0; f < w; f++)
-        ranks[f] = (rlb_src_loc){.buffer = RLB_SRC_NO_BUFFER};
     int rc = 0;
     for (uint32_t q = 0; q < b->world && rc == 0; q++) {
         br_peer *peer = b->trainers[q];

@@ -67,6 +67,8 @@ static uint64_t all_published(const bridge *b)
     uint64_t v = 0;
     for (uint32_t r = 0; r < b->world; r++) {
         const br_peer *p = b->trainers[r];
+        if (br_xnode_remote_rank(b, r))
+            continue; /* it publishes to its own node's bridge */
         if (!p || !p->published || (v && p->published != v))
             return 0;
         v = p->published;
@@ -163,6 +165,8 @@ void br_sync_abort(bridge *b, int code, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(text, sizeof(text), fmt, ap);
     va_end(ap);
+    if (br_xnode_abort_hook(b, code, text))
+        return;
     int staged = b->opts->mode == RLB_SYNC_STAGED;
     int spoiled = 0; /* some worker's active buffer holds neither v-1 nor a committed v */
     if (b->copied && !staged)
@@ -549,11 +553,14 @@ int br_sync_progress(bridge *b)
 {
     double c0 = br_thread_cpu();
     int did = 0;
+    br_xnode_tick(b);
     switch (b->sync) {
     case BR_SYNC_IDLE: {
         uint64_t v = all_published(b);
         if (!v || b->copy_running || b->heal >= 0 || !workers_ready(b, v))
             return 0;
+        if (b->xnode)
+            return br_xnode_begin(b, v); /* the exchange first, then the plan below */
         int rc = br_plan_ensure(b);
         if (rc <= 0) {
             br_sync_abort(b, rc < 0 ? rc : RLB_ENOTFOUND, "registrations are incomplete: %s",
@@ -568,6 +575,14 @@ int br_sync_progress(bridge *b)
         did = 1;
         break;
     }
+    case BR_SYNC_XNODE:
+        if (br_xnode_poll(b) <= 0)
+            return 0;
+        if (b->opts->mode == RLB_SYNC_PAUSE)
+            b->sync = BR_SYNC_DRAIN;
+        else
+            start_copy(b);
+        return 1;
     case BR_SYNC_DRAIN:
         if (br_inflight(b) == 0) {
             start_copy(b);
@@ -576,8 +591,10 @@ int br_sync_progress(bridge *b)
         break;
     case BR_SYNC_LOAD:
         if (all_loaded(b)) {
-            commit(b);
-            return 1;
+            int ready = br_xnode_commit_ready(b); /* one node of several: node 0 decides */
+            if (ready > 0)
+                commit(b);
+            return ready != 0;
         }
         break;
     case BR_SYNC_COPY:
@@ -639,7 +656,7 @@ int br_heal_progress(bridge *b)
 {
     /* After an aborted pause-mode sync the live buffers are stale: the next sync heals. */
     if (b->heal >= 0 || b->sync != BR_SYNC_IDLE || b->copy_running || b->committed == 0 ||
-        b->stale)
+        b->stale || br_xnode_busy(b))
         return 0;
     int to = -1, from = -1;
     for (uint32_t d = 0; d < b->n_replicas; d++) {

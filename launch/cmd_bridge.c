@@ -7,6 +7,9 @@
  * trainer's frozen base). It logs one line per event at info level and exits 0 on SIGTERM /
  * SIGINT or a shutdown message, leaving no socket file and nothing in /dev/shm; 1 when it
  * cannot start; 2 on bad usage.
+ * In a job of several nodes (`rlb launch` passes --nnodes and the rest) it is node
+ * --node-rank's bridge, serving trainer ranks --ranks FIRST:COUNT, and meets the other
+ * nodes' bridges through the rendezvous store at --store HOST:PORT (bridge/xnode.h).
  */
 #include <getopt.h>
 #include <limits.h>
@@ -32,7 +35,12 @@ static void usage(FILE *f)
             "  --mode pause|staged  sync mode (default pause)\n"
             "  --threads N          copy threads per sync (default: RLB_THREADS)\n"
             "  --ring-bytes N       ring capacity per direction per peer (default: "
-            "RLB_RING_BYTES)\n",
+            "RLB_RING_BYTES)\n"
+            "  --nnodes N           nodes of the job (default 1); with N > 1 also:\n"
+            "  --node-rank R        this node\n"
+            "  --ranks FIRST:COUNT  the trainer ranks of this node\n"
+            "  --store HOST:PORT    the job's rendezvous store\n"
+            "  --run-id ID          the job's run id at the store\n",
             RLB_SOCKET_DEFAULT);
 }
 
@@ -44,10 +52,15 @@ int rlb__cmd_bridge(int argc, char **argv)
         {"mode", required_argument, NULL, 'M'},   {"threads", required_argument, NULL, 'T'},
         {"ring-bytes", required_argument, NULL, 'r'}, {"help", no_argument, NULL, 'h'},
         {"base", no_argument, NULL, 'b'},
-        {NULL, 0, NULL, 0}};
+        {"nnodes", required_argument, NULL, 'N'}, {"node-rank", required_argument, NULL, 'R'},
+        {"ranks", required_argument, NULL, 'k'},  {"store", required_argument, NULL, 'S'},
+        {"run-id", required_argument, NULL, 'I'}, {NULL, 0, NULL, 0}};
     const char *socket = NULL, *name = RLB_SOCKET_DEFAULT, *model = NULL;
     int base = 0;
-    uint64_t threads = 0, ring_bytes = 0;
+    uint64_t threads = 0, ring_bytes = 0, nnodes = 1, node_rank = 0;
+    char store_host[256] = "";
+    unsigned first = 0, count = 0;
+    int port = 0;
     static volatile sig_atomic_t stop;
     rlb_bridge_opts o = RLB_BRIDGE_OPTS_INIT;
     int c;
@@ -71,6 +84,24 @@ int rlb__cmd_bridge(int argc, char **argv)
             rc = rlb__daemon_parse_u64("bridge", "ring-bytes", optarg, 4096, 1ull << 40,
                                        &ring_bytes);
             break;
+        case 'N': rc = rlb__daemon_parse_u64("bridge", "nnodes", optarg, 1, 65535, &nnodes); break;
+        case 'R':
+            rc = rlb__daemon_parse_u64("bridge", "node-rank", optarg, 0, 65534, &node_rank);
+            break;
+        case 'k':
+            if (sscanf(optarg, "%u:%u", &first, &count) != 2 || count == 0) {
+                fprintf(stderr, "rlb bridge: --ranks is FIRST:COUNT, not '%s'\n", optarg);
+                rc = 2;
+            }
+            break;
+        case 'S':
+            if (sscanf(optarg, "%255[^:]:%d", store_host, &port) != 2 || port <= 0 ||
+                port > 65535) {
+                fprintf(stderr, "rlb bridge: --store is HOST:PORT, not '%s'\n", optarg);
+                rc = 2;
+            }
+            break;
+        case 'I': o.run_id = optarg; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -81,6 +112,17 @@ int rlb__cmd_bridge(int argc, char **argv)
         fprintf(stderr, "rlb bridge: unexpected argument '%s'\n", argv[optind]);
         return 2;
     }
+    if (nnodes > 1 && (node_rank >= nnodes || !count || !port || !o.run_id)) {
+        fprintf(stderr, "rlb bridge: --nnodes %llu needs --node-rank (< nnodes), --ranks, "
+                "--store and --run-id\n", (unsigned long long)nnodes);
+        return 2;
+    }
+    o.nnodes = (int)nnodes;
+    o.node_rank = (int)node_rank;
+    o.first_rank = first;
+    o.n_ranks = count;
+    o.store_addr = store_host;
+    o.store_port = port;
     rlb__log_init_default(RLB_LOG_LVL_INFO);
     char path[PATH_MAX], err[256] = "";
     if (!socket) {

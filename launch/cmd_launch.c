@@ -467,7 +467,15 @@ static int start_rollout(launcher *L)
         return -1;
     int rc = -1;
     child *b = &L->kids[0];
+    char nnodes[16], node[16], ranks[32], store[300];
+    snprintf(nnodes, sizeof(nnodes), "%d", L->rdzv.nnodes);
+    snprintf(node, sizeof(node), "%d", L->rdzv.node_rank);
+    snprintf(ranks, sizeof(ranks), "%d:%d", L->rdzv.node_rank * o->nproc, o->nproc);
+    snprintf(store, sizeof(store), "%s:%d", L->rdzv.store_addr, L->rdzv.store_port);
+    /* several nodes: the bridges meet through the store (bridge/xnode.h) */
     char *bridge[] = {L->self, "bridge", "--socket", L->socket, "--mode", (char *)o->mode,
+                      "--nnodes", nnodes, "--node-rank", node, "--ranks", ranks, "--store",
+                      store, "--run-id", (char *)o->rdzv_id,
                       o->model ? "--model" : "--tiny", (char *)o->model, NULL};
     if (spawn(L, b, bridge, env) < 0 || wait_ready(L, 0) < 0)
         goto out;

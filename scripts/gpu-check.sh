@@ -7,7 +7,9 @@
 #   suite     the README's test labels (unit, integration, gpu) with ctest -j
 #   engine    rlb-bench-engine --device cuda (1B shape) and the HF generate peer
 #   engine8b  the same on the 8B shape
-#   sync      rlb-bench-sync --device cuda and the torch reshard peer
+#   sync      rlb-bench-sync --device cuda (1B shape; sync8b: both shapes) and the torch
+#             reshard peer
+#   grpo      examples/grpo_torch.py, 30 steps, --check (fp32: logprob mismatch <= 1e-4)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -18,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DRLB_CUDA=ON > "$out/configure.log" 2>&1 &&
     cmake --build build-gpu -j16 > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 echo "== build ok"
-ctest --test-dir build-gpu -L gpu --output-on-failure --timeout 300 > "$out/gpu-tests.log" 2>&1
+ctest --test-dir build-gpu -L gpu --output-on-failure --timeout 240 > "$out/gpu-tests.log" 2>&1
 grep -E "tests passed|Failed|\*\*\*|Passed|Skipped" "$out/gpu-tests.log" | tail -20
 for step in "$@"; do
     case $step in
@@ -34,5 +36,16 @@ for step in "$@"; do
         python3 .devtools/hf_generate_baseline.py --shape $shape --batch 1 32 \
             > "$out/hf-$shape.log" 2>&1
         tail -4 "$out/hf-$shape.log" ;;
+    sync|sync8b)
+        shape=(--shape 1b); [ "$step" = sync8b ] && shape=()
+        timeout 400 build-gpu/rlb-bench-sync --device cuda "${shape[@]}" \
+            > "$out/bench-sync.log" 2>&1
+        tail -12 "$out/bench-sync.log"
+        timeout 200 python3 .devtools/torch_reshard_baseline.py > "$out/torch-reshard.log" 2>&1
+        tail -4 "$out/torch-reshard.log" ;;
+    grpo)
+        RLBRIDGE_LIB=$PWD/build-gpu/librlb.so.1 timeout 300 python3 examples/grpo_torch.py \
+            --rlb build-gpu/rlb --steps 30 --check > "$out/grpo.log" 2>&1
+        echo "grpo exit $?"; tail -8 "$out/grpo.log" ;;
     esac
 done

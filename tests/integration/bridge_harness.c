@@ -3,6 +3,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <math.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -397,6 +398,15 @@ void h_trainer_fill(h_trainer *t, uint64_t v)
         flat_walk(u, t->world, flat_cb, &f);
         out += (chunk + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
     }
+}
+
+float h_weight_named(uint64_t v, const char *name, uint64_t elem)
+{
+    const rlb_param_list *l = tiny_params();
+    for (int64_t p = 0; p < l->n; p++)
+        if (!strcmp(l->params[p].name, name))
+            return wval(v, p, elem, is_norm(&l->params[p]));
+    return NAN;
 }
 
 int h_trainer_poison(h_trainer *t, const char *name, uint64_t elem, float value)

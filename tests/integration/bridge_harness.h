@@ -90,6 +90,10 @@ void h_trainer_close(h_trainer *t);
  * not (another rank holds it, or t is FSDP1). */
 int h_trainer_poison(h_trainer *t, const char *name, uint64_t elem, float value);
 
+/* Element `elem` (row-major) of parameter `name` in version v, as the trainers write it;
+ * NAN for a name the tiny model does not have. */
+float h_weight_named(uint64_t v, const char *name, uint64_t elem);
+
 /* Forks trainer rank/world in its own process (connect, register, then publish on
  * command). Returns 0 or -1. */
 int h_child_start(h_run *r, h_child *ch, uint32_t rank, uint32_t world, h_layout layout);

@@ -1,0 +1,1272 @@
+/* xnode.c: the bridges of a multi-node job exchange weight bytes and commit each version
+ * together (xnode.h has the protocol; DESIGN §9).
+ *
+ * Store keys (under the job's run id), for version v in its k-th attempt ("v.k"):
+ *   xreg/<n>/<e>     node n's registrations, epoch e (written when they change)
+ *   x/<v>/cur        k, the attempt of v running now (absent: 0)
+ *   x/<v.k>/epoch/<n> the registration epoch node n syncs v with
+ *   x/<v.k>/gate     add: +1 per node ready, +XN_BIG per node aborting; see gate()
+ *   x/<v.k>/go       "on" (the exchange runs on every node) or "off <reason>"
+ *   x/<v.k>/state/<n> "ok" (prepared) or "abort <reason>"
+ *   x/<v.k>/outcome  node 0's decision: "commit" or "abort <reason>"
+ *   xbeat/<n>        add: node n's heartbeat
+ *   abort            the job's abort line, written by a launcher (or its watchdog)
+ * An aborted attempt moves x/<v>/cur on first, so a version published again after a
+ * restart of the trainers runs in fresh keys.
+ *
+ * The registration blob (meta) is little-endian: u32 magic, version, tp_size, replicas,
+ * weight dtype, n_buffers, n_tensors; u64 bytes of each buffer; per tensor: u16 name
+ * length, name, u8 dtype, kind, ndim, pad, u32 fsdp rank, world, unit, buffer, u64 offset,
+ * length, i64 shape[ndim]; FSDP1: u32 entries, each u16 name length (0 = padding), name,
+ * u8 ndim, i64 shape[2], u64 numel. Decoding checks every length against the blob.
+ */
+#include "bridge/xnode.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "bridge/bridge_int.h"
+#include "common/env.h"
+#include "common/log.h"
+#include "common/store.h"
+
+#ifdef RLB_HAVE_UCX
+#include "bridge/xport/xport.h"
+#endif
+
+#define XN_MAGIC 0x584e4252u       /* "RBNX" */
+#define XN_META_VERSION 1u
+#define XN_BIG (INT64_C(1) << 24)  /* an abort's weight in the gate counter */
+#define XN_CHUNK (UINT64_C(8) << 20) /* bytes per transfer request */
+#define XN_POLL_NS 100000          /* between two store polls of a wait */
+#define XN_CHECK_MS 100            /* between two liveness checks of a wait */
+#define XN_BEAT_MS 200             /* heartbeat period */
+#define XN_CONNECT_MS 120000       /* the other bridges must come up within this */
+
+/* A byte range of one global source buffer that goes from its owner to node `peer`. */
+typedef struct xn_chunk {
+    uint32_t buf;  /* global buffer index */
+    uint64_t off;  /* byte offset in it */
+    uint64_t len;  /* bytes */
+    int peer;      /* the other node (receiver of a send, sender of a receive) */
+    uint64_t tag;  /* low 32 bits: local buffer index << 16 | chunk index */
+} xn_chunk;
+
+/* One node's registrations and workers, decoded from its meta. */
+typedef struct xn_meta {
+    uint32_t tp_size, replicas; /* the node's workers */
+    rlb_dtype wdt;              /* their weight dtype */
+    uint32_t n_bufs;            /* its source buffers */
+    uint64_t *buf_bytes;        /* [n_bufs] */
+    uint32_t n_tensors;
+    br_tensor *tensors;         /* seg = local buffer index */
+} xn_meta;
+
+struct br_xnode {
+    /* configuration (constant once started) */
+    int node, nnodes;
+    uint32_t first_rank, n_ranks; /* the trainer ranks of this node */
+    const rlb_param_list *params; /* the bridge's (immutable) */
+    const rlb_bridge_opts *opts;
+    long long peer_timeout_ms;
+    pthread_t thread;
+    int started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    /* loop -> thread, under mu */
+    int stop;                  /* the bridge stops */
+    uint64_t job_v;            /* version asked for (0: none) */
+    uint8_t *job_meta;         /* its registrations (owned) */
+    size_t job_meta_len;
+    void **job_ptr;            /* local buffer addresses, in the meta's order */
+    int job_rebuild;           /* the loop has no plan: build one */
+    int job_prepared;          /* the local sync is loaded */
+    int job_abort;             /* the local sync aborted */
+    char job_why[512];
+    /* thread -> loop, under mu */
+    int busy;                  /* the thread works on job_v */
+    int exchanged;             /* 1 done, -1 aborted, 0 pending */
+    int outcome;               /* 1 commit, -1 abort, 0 pending */
+    int code;                  /* the abort's code */
+    char why[512];             /* the abort's reason */
+    int have_plan;             /* src and plan below are new, for the loop to take */
+    rlb_source src;
+    rlb_plan plan;
+    int broken;                /* the transport or store failed for good */
+    /* the thread's own */
+    rlb_store *store;
+#ifdef RLB_HAVE_UCX
+    rlb_xport *xp;
+#endif
+    xn_meta *metas;            /* [nnodes] last decoded meta of each node */
+    uint64_t *epochs;          /* [nnodes] its epoch (0: none yet) */
+    uint8_t *my_meta;          /* the last meta this node wrote */
+    size_t my_meta_len;
+    uint64_t my_epoch;
+    uint32_t n_global;         /* global source buffers */
+    void **src_ptr;            /* [n_global] this node's view of them: its own segments,
+                                  staging for what it receives, NULL for the rest */
+    uint64_t *src_len;         /* [n_global] */
+    uint32_t *base;            /* [nnodes + 1] first global buffer of each node */
+    void **staging;            /* [n_global] received copies of remote buffers, or NULL */
+    xn_chunk *sends, *recvs;
+    uint32_t n_sends, n_recvs;
+    int64_t *beat;             /* [nnodes] last heartbeat value seen */
+    long long *beat_at;        /* [nnodes] when it last changed */
+    long long next_beat;
+};
+
+static long long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void nap(void)
+{
+    struct timespec ts = {0, XN_POLL_NS};
+    nanosleep(&ts, NULL);
+}
+
+/* Waits on x->cv (x->mu held) for at most ms. */
+static void timed_wait(br_xnode *x, long ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += ms * 1000000L;
+    ts.tv_sec += ts.tv_nsec / 1000000000L;
+    ts.tv_nsec %= 1000000000L;
+    pthread_cond_timedwait(&x->cv, &x->mu, &ts);
+}
+
+/* ---- Meta: encoding ------------------------------------------------------------------ */
+
+typedef struct xbuf {
+    uint8_t *p;
+    size_t len, cap;
+    int oom;
+} xbuf;
+
+static void put(xbuf *w, const void *data, size_t n)
+{
+    if (w->oom || n == 0) /* n == 0: data may be NULL (a padding entry's name) */
+        return;
+    if (w->len + n > w->cap) {
+        size_t cap = (w->len + n) * 2 + 256;
+        uint8_t *p = realloc(w->p, cap);
+        if (!p) {
+            w->oom = 1;
+            return;
+        }
+        w->p = p;
+        w->cap = cap;
+    }
+    memcpy(w->p + w->len, data, n);
+    w->len += n;
+}
+
+static void put_u8(xbuf *w, uint8_t v) { put(w, &v, 1); }
+static void put_u16(xbuf *w, uint16_t v) { put(w, &v, 2); }
+static void put_u32(xbuf *w, uint32_t v) { put(w, &v, 4); }
+static void put_u64(xbuf *w, uint64_t v) { put(w, &v, 8); }
+
+static void put_name(xbuf *w, const char *s)
+{
+    size_t n = s ? strlen(s) : 0;
+    put_u16(w, (uint16_t)n);
+    put(w, s, n);
+}
+
+/* One tensor's record; its bytes are in local buffer k. */
+static void put_tensor(xbuf *w, const br_tensor *t, uint32_t k)
+{
+    put_name(w, t->name);
+    put_u8(w, (uint8_t)t->dtype);
+    put_u8(w, (uint8_t)t->kind);
+    put_u8(w, (uint8_t)t->ndim);
+    put_u8(w, 0);
+    put_u32(w, t->frank);
+    put_u32(w, t->fworld);
+    put_u32(w, t->unit);
+    put_u32(w, k);
+    put_u64(w, t->offset);
+    put_u64(w, t->length);
+    for (uint32_t d = 0; d < t->ndim; d++)
+        put_u64(w, (uint64_t)t->shape[d]);
+    if (t->kind != RLB_LAYOUT_FSDP1)
+        return;
+    put_u32(w, (uint32_t)t->n_entries);
+    for (uint64_t e = 0; e < t->n_entries; e++) {
+        const rlb_flat_entry *fe = &t->entries[e];
+        put_name(w, fe->name);
+        put_u8(w, (uint8_t)fe->ndim);
+        put_u64(w, (uint64_t)fe->shape[0]);
+        put_u64(w, (uint64_t)fe->shape[1]);
+        put_u64(w, fe->numel);
+    }
+}
+
+/* A local source buffer: a segment of a local trainer rank. */
+typedef struct xn_local {
+    const br_peer *peer;
+    uint32_t seg;
+} xn_local;
+
+/* Serializes the local ranks' tensors and the workers' target into *w and lists the local
+ * buffers. Returns 0, or a negative code with why saying what cannot cross nodes. */
+static int meta_encode(const bridge *b, xbuf *w, xn_local **locals, uint32_t *n_locals,
+                       char *why, size_t len)
+{
+    br_xnode *x = b->xnode;
+    uint32_t n_tensors = 0, n = 0, cap = 0;
+    xn_local *loc = NULL;
+    xbuf tw = {0}; /* the tensors, after the buffers in the blob */
+    for (uint32_t r = x->first_rank; r < x->first_rank + x->n_ranks; r++) {
+        const br_peer *p = b->trainers[r];
+        for (uint32_t i = 0; p && i < p->n_tensors; i++) {
+            const br_tensor *t = &p->tensors[i];
+            if (t->dropped)
+                continue;
+            if (t->mem != RLB_MEM_HOST_SHM) {
+                free(loc);
+                free(tw.p);
+                return snprintf(why, len, "tensor '%s' of trainer rank %u is in GPU memory: "
+                                "this build moves host memory between nodes only", t->name, r),
+                       RLB_EUNSUPPORTED;
+            }
+            n_tensors++;
+            uint32_t k = 0;
+            while (k < n && !(loc[k].peer == p && loc[k].seg == t->seg))
+                k++;
+            if (k == n && n == cap) {
+                cap = cap ? 2 * cap : 8;
+                xn_local *g = realloc(loc, cap * sizeof(*g));
+                if (!g) {
+                    free(loc);
+                    free(tw.p);
+                    return RLB_ENOMEM;
+                }
+                loc = g;
+            }
+            if (k == n)
+                loc[n++] = (xn_local){.peer = p, .seg = t->seg};
+            put_tensor(&tw, t, k);
+        }
+    }
+    put_u32(w, XN_MAGIC);
+    put_u32(w, XN_META_VERSION);
+    put_u32(w, b->tp_size);
+    put_u32(w, b->n_replicas);
+    put_u32(w, (uint32_t)b->wdt);
+    put_u32(w, n);
+    put_u32(w, n_tensors);
+    for (uint32_t k = 0; k < n; k++)
+        put_u64(w, br_seg_find((br_peer *)loc[k].peer, loc[k].seg)->bytes);
+    put(w, tw.p, tw.len);
+    w->oom |= tw.oom;
+    free(tw.p);
+    *locals = loc;
+    *n_locals = n;
+    return w->oom ? RLB_ENOMEM : 0;
+}
+
+/* ---- Meta: decoding (pure: bytes in, meta out) --------------------------------------- */
+
+typedef struct xrd {
+    const uint8_t *p;
+    size_t len, at;
+    int bad;
+} xrd;
+
+static void get(xrd *r, void *out, size_t n)
+{
+    if (r->bad || n > r->len - r->at) {
+        r->bad = 1;
+        memset(out, 0, n);
+        return;
+    }
+    memcpy(out, r->p + r->at, n);
+    r->at += n;
+}
+
+static uint8_t get_u8(xrd *r) { uint8_t v; get(r, &v, 1); return v; }
+static uint16_t get_u16(xrd *r) { uint16_t v; get(r, &v, 2); return v; }
+static uint32_t get_u32(xrd *r) { uint32_t v; get(r, &v, 4); return v; }
+static uint64_t get_u64(xrd *r) { uint64_t v; get(r, &v, 8); return v; }
+
+/* A NUL-terminated copy of the next name, or NULL (empty, or malformed: r->bad). */
+static char *get_name(xrd *r)
+{
+    uint16_t n = get_u16(r);
+    if (r->bad || n == 0 || n > r->len - r->at) {
+        r->bad |= n != 0;
+        return NULL;
+    }
+    char *s = malloc((size_t)n + 1);
+    if (!s) {
+        r->bad = 1;
+        return NULL;
+    }
+    memcpy(s, r->p + r->at, n);
+    s[n] = 0;
+    r->at += n;
+    return s;
+}
+
+static void meta_free(xn_meta *m)
+{
+    for (uint32_t i = 0; m->tensors && i < m->n_tensors; i++)
+        br_tensor_free(&m->tensors[i]);
+    free(m->tensors);
+    free(m->buf_bytes);
+    memset(m, 0, sizeof(*m));
+}
+
+/* Decodes a meta blob. Returns 0 or RLB_EPROTO (malformed) / RLB_ENOMEM; m is empty then. */
+static int meta_decode(const void *data, size_t len, xn_meta *m)
+{
+    xrd r = {.p = data, .len = len};
+    memset(m, 0, sizeof(*m));
+    if (get_u32(&r) != XN_MAGIC || get_u32(&r) != XN_META_VERSION)
+        return RLB_EPROTO;
+    m->tp_size = get_u32(&r);
+    m->replicas = get_u32(&r);
+    m->wdt = (rlb_dtype)get_u32(&r);
+    m->n_bufs = get_u32(&r);
+    uint32_t n_tensors = get_u32(&r);
+    if (r.bad || m->n_bufs > len / 8 || n_tensors > len / 16)
+        return RLB_EPROTO;
+    m->buf_bytes = calloc(m->n_bufs + 1, sizeof(*m->buf_bytes));
+    m->tensors = calloc(n_tensors + 1, sizeof(*m->tensors));
+    if (!m->buf_bytes || !m->tensors) {
+        meta_free(m);
+        return RLB_ENOMEM;
+    }
+    for (uint32_t k = 0; k < m->n_bufs; k++)
+        m->buf_bytes[k] = get_u64(&r);
+    for (uint32_t i = 0; i < n_tensors && !r.bad; i++) {
+        br_tensor *t = &m->tensors[m->n_tensors++];
+        t->name = get_name(&r);
+        t->dtype = (rlb_dtype)get_u8(&r);
+        t->kind = (rlb_layout_kind)get_u8(&r);
+        t->ndim = get_u8(&r);
+        get_u8(&r);
+        t->frank = get_u32(&r);
+        t->fworld = get_u32(&r);
+        t->unit = get_u32(&r);
+        t->seg = get_u32(&r);
+        t->offset = get_u64(&r);
+        t->length = get_u64(&r);
+        t->mem = RLB_MEM_HOST_SHM;
+        if (!t->name || t->ndim < 1 || t->ndim > RLB_PROTO_MAX_DIMS || t->seg >= m->n_bufs ||
+            t->offset > m->buf_bytes[t->seg] || t->length > m->buf_bytes[t->seg] - t->offset ||
+            (t->kind != RLB_LAYOUT_FULL && (t->fworld == 0 || t->frank >= t->fworld))) {
+            r.bad = 1;
+            break;
+        }
+        for (uint32_t d = 0; d < t->ndim; d++)
+            t->shape[d] = (int64_t)get_u64(&r);
+        if (t->kind != RLB_LAYOUT_FSDP1)
+            continue;
+        uint32_t n = get_u32(&r);
+        if (r.bad || n > (len - r.at) / 27) {
+            r.bad = 1;
+            break;
+        }
+        t->entries = calloc(n + 1, sizeof(*t->entries));
+        if (!t->entries) {
+            r.bad = 1;
+            break;
+        }
+        t->n_entries = n;
+        for (uint32_t e = 0; e < n; e++) {
+            rlb_flat_entry *fe = &t->entries[e];
+            fe->name = get_name(&r);
+            fe->ndim = get_u8(&r);
+            fe->shape[0] = (int64_t)get_u64(&r);
+            fe->shape[1] = (int64_t)get_u64(&r);
+            fe->numel = get_u64(&r);
+        }
+    }
+    if (r.bad || r.at != len) {
+        meta_free(m);
+        return RLB_EPROTO;
+    }
+    return 0;
+}
+
+/* ---- The global plan ------------------------------------------------------------------ */
+
+static void free_built(br_xnode *x)
+{
+    for (uint32_t g = 0; x->staging && g < x->n_global; g++)
+        free(x->staging[g]);
+    free(x->staging);
+    free(x->src_ptr);
+    free(x->src_len);
+    free(x->base);
+    free(x->sends);
+    free(x->recvs);
+    x->staging = NULL;
+    x->src_ptr = NULL;
+    x->src_len = NULL;
+    x->base = NULL;
+    x->sends = x->recvs = NULL;
+    x->n_sends = x->n_recvs = 0;
+    x->n_global = 0;
+}
+
+/* The node owning global buffer g. */
+static int owner(const br_xnode *x, uint32_t g)
+{
+    int m = 0;
+    while (g >= x->base[m + 1])
+        m++;
+    return m;
+}
+
+/* Adds every tensor of every node to src (global buffer of node m's buffer k: base[m] + k),
+ * gathering each tensor's FSDP shards from all nodes. err says what is missing. */
+static int build_source(br_xnode *x, rlb_source *src, char *err, size_t len)
+{
+    char e[256] = "";
+    int rc = rlb__source_init(src, x->params);
+    for (int m = 0; rc == 0 && m < x->nnodes; m++)
+        for (uint32_t k = 0; rc == 0 && k < x->metas[m].n_bufs; k++)
+            rc = rlb__source_add_buffer(src, x->metas[m].buf_bytes[k]) < 0 ? RLB_ENOMEM : 0;
+    for (int m = 0; rc == 0 && m < x->nnodes; m++)
+        for (uint32_t i = 0; rc == 0 && i < x->metas[m].n_tensors; i++) {
+            const br_tensor *t = &x->metas[m].tensors[i];
+            int seen = 0;
+            for (int q = 0; q <= m && !seen; q++)
+                for (uint32_t j = 0; j < (q == m ? i : x->metas[q].n_tensors) && !seen; j++)
+                    seen = !strcmp(x->metas[q].tensors[j].name, t->name);
+            if (seen)
+                continue;
+            uint32_t w = t->kind == RLB_LAYOUT_FULL ? 1 : t->fworld;
+            rlb_src_loc *ranks = br_tensor_locs(t);
+            if (!ranks)
+                return RLB_ENOMEM;
+            for (int q = m; q < x->nnodes; q++)
+                for (uint32_t j = 0; j < x->metas[q].n_tensors; j++) {
+                    const br_tensor *o = &x->metas[q].tensors[j];
+                    if (strcmp(o->name, t->name) || (t->kind == RLB_LAYOUT_FULL && o != t))
+                        continue;
+                    uint32_t f = t->kind == RLB_LAYOUT_FULL ? 0 : o->frank;
+                    if (o->kind != t->kind || o->fworld != t->fworld || f >= w) {
+                        snprintf(err, len, "tensor '%s': nodes %d and %d registered it with "
+                                 "different layouts", t->name, m, q);
+                        free(ranks);
+                        return RLB_EINVAL;
+                    }
+                    ranks[f] = (rlb_src_loc){.buffer = x->base[q] + o->seg, .offset = o->offset};
+                }
+            for (uint32_t f = 0; f < w && rc == 0; f++) {
+                br_tensor shard = *t;
+                shard.frank = f;
+                if (ranks[f].buffer == RLB_SRC_NO_BUFFER && br_tensor_bytes(&shard) != 0) {
+                    snprintf(err, len, "tensor '%s': FSDP shard %u of %u is registered on no "
+                             "node", t->name, f, w);
+                    rc = RLB_ENOTFOUND;
+                }
+            }
+            if (rc == 0 && (rc = br_tensor_source_add(src, t, ranks, e)) < 0)
+                snprintf(err, len, "%s", e);
+            free(ranks);
+        }
+    if (rc == 0 && (rc = rlb__source_check(src, e, sizeof(e))) < 0)
+        snprintf(err, len, "%s", e);
+    return rc;
+}
+
+typedef struct xn_range {
+    uint32_t buf;
+    uint64_t lo, hi;
+} xn_range;
+
+static int range_cmp(const void *a, const void *b)
+{
+    const xn_range *p = a, *q = b;
+    if (p->buf != q->buf)
+        return p->buf < q->buf ? -1 : 1;
+    return p->lo < q->lo ? -1 : p->lo > q->lo;
+}
+
+/* Appends to *list the chunks of the remote bytes node m's plan reads, merged per buffer:
+ * those sent by this node (sends: owner is us) or received by it (m is us). */
+static int add_chunks(br_xnode *x, int m, const rlb_plan *plan, int sends, xn_chunk **list,
+                      uint32_t *n, char *err, size_t len)
+{
+    xn_range *rg = malloc((plan->n_ops + 1) * sizeof(*rg));
+    uint64_t nr = 0;
+    if (!rg)
+        return RLB_ENOMEM;
+    for (uint64_t i = 0; i < plan->n_ops; i++) {
+        const rlb_copy_op *op = &plan->ops[i];
+        if (op->src_ref == RLB_PLAN_ZERO_SRC)
+            continue;
+        int o = owner(x, op->src_ref);
+        if (o == m || (sends && o != x->node))
+            continue;
+        uint64_t es = rlb_dtype_size((rlb_dtype)op->src_dtype);
+        rg[nr++] = (xn_range){.buf = op->src_ref, .lo = op->src_offset,
+                              .hi = op->src_offset + (op->rows - 1) * op->src_stride +
+                                    op->row_elems * es};
+    }
+    qsort(rg, nr, sizeof(*rg), range_cmp);
+    int rc = 0;
+    uint32_t cur_buf = UINT32_MAX, chunk = 0;
+    for (uint64_t i = 0; i < nr && rc == 0;) {
+        xn_range r = rg[i++];
+        while (i < nr && rg[i].buf == r.buf && rg[i].lo <= r.hi) {
+            r.hi = rg[i].hi > r.hi ? rg[i].hi : r.hi;
+            i++;
+        }
+        if (r.buf != cur_buf) {
+            cur_buf = r.buf;
+            chunk = 0;
+        }
+        int o = owner(x, r.buf);
+        uint32_t local = r.buf - x->base[o];
+        for (uint64_t at = r.lo; at < r.hi && rc == 0; at += XN_CHUNK) {
+            if (local > 0xffff || chunk > 0xffff) {
+                snprintf(err, len, "node %d: too many source buffers or chunks to tag", o);
+                rc = RLB_ETOOBIG;
+                break;
+            }
+            xn_chunk *g = realloc(*list, (*n + 1) * sizeof(*g));
+            if (!g) {
+                rc = RLB_ENOMEM;
+                break;
+            }
+            *list = g;
+            g[(*n)++] = (xn_chunk){.buf = r.buf, .off = at,
+                                   .len = r.hi - at < XN_CHUNK ? r.hi - at : XN_CHUNK,
+                                   .peer = sends ? m : o, .tag = (uint64_t)local << 16 | chunk++};
+        }
+    }
+    free(rg);
+    return rc;
+}
+
+/* Builds the global source, every node's plan, this node's sends and receives and the
+ * staging buffers; this node's plan and source go to x->plan / x->src for the loop. */
+static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
+{
+    int rc = 0;
+    free_built(x);
+    if (x->have_plan) {
+        rlb__plan_free(&x->plan);
+        rlb__source_free(&x->src);
+        x->have_plan = 0;
+    }
+    x->base = calloc((size_t)x->nnodes + 1, sizeof(*x->base));
+    if (!x->base)
+        return RLB_ENOMEM;
+    for (int m = 0; m < x->nnodes; m++)
+        x->base[m + 1] = x->base[m] + x->metas[m].n_bufs;
+    x->n_global = x->base[x->nnodes];
+    x->staging = calloc(x->n_global + 1, sizeof(*x->staging));
+    x->src_ptr = calloc(x->n_global + 1, sizeof(*x->src_ptr));
+    x->src_len = calloc(x->n_global + 1, sizeof(*x->src_len));
+    if (!x->staging || !x->src_ptr || !x->src_len)
+        return RLB_ENOMEM;
+    rlb_source src;
+    if ((rc = build_source(x, &src, err, len)) < 0) {
+        rlb__source_free(&src);
+        return rc;
+    }
+    rlb_plan mine = {0};
+    for (int m = 0; m < x->nnodes && rc == 0; m++) {
+        const xn_meta *t = &x->metas[m];
+        rlb_target tgt = {.tp_size = (int32_t)t->tp_size, .replicas = (int32_t)t->replicas,
+                          .dtype = t->wdt};
+        rlb_plan plan = {0};
+        char e[256] = "";
+        if (t->tp_size == 0)
+            continue; /* no workers there: it needs nothing */
+        rc = rlb__plan_build(&src, &tgt, &plan, e, sizeof(e));
+        if (rc < 0) {
+            snprintf(err, len, "node %d's plan: %s", m, e);
+        } else if (m == x->node) {
+            rc = add_chunks(x, m, &plan, 0, &x->recvs, &x->n_recvs, err, len);
+            mine = plan;
+            continue;
+        } else {
+            rc = add_chunks(x, m, &plan, 1, &x->sends, &x->n_sends, err, len);
+        }
+        rlb__plan_free(&plan);
+    }
+    for (uint32_t g = 0; g < x->n_global && rc == 0; g++) {
+        int o = owner(x, g);
+        x->src_len[g] = x->metas[o].buf_bytes[g - x->base[o]];
+        x->src_ptr[g] = o == x->node ? local_ptr[g - x->base[o]] : NULL;
+    }
+    for (uint32_t i = 0; i < x->n_recvs && rc == 0; i++) {
+        uint32_t g = x->recvs[i].buf;
+        if (!x->staging[g] && !(x->staging[g] = calloc(1, x->src_len[g] + 1)))
+            rc = RLB_ENOMEM;
+        x->src_ptr[g] = x->staging[g];
+    }
+    if (rc < 0) {
+        rlb__plan_free(&mine);
+        rlb__source_free(&src);
+        return rc;
+    }
+    x->src = src;
+    x->plan = mine;
+    x->have_plan = 1;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "xnode: node %d: global plan over %u buffers of %d nodes: "
+                 "%u chunks to send, %u to receive", x->node, x->n_global, x->nnodes,
+                 x->n_sends, x->n_recvs);
+    return 0;
+}
+
+/* ---- The thread ------------------------------------------------------------------------- */
+
+/* Records an outcome for the loop (under mu). */
+static void report(br_xnode *x, int *field, int value, int code, const char *why)
+{
+    pthread_mutex_lock(&x->mu);
+    *field = value;
+    if (value < 0) {
+        x->code = code;
+        snprintf(x->why, sizeof(x->why), "%.500s", why);
+    }
+    pthread_mutex_unlock(&x->mu);
+}
+
+/* Beats, and checks that the job goes on: the launchers' abort key and every other node's
+ * heartbeat. Returns 0, or a negative code with why naming the failure. */
+static int alive(br_xnode *x, char *why, size_t len)
+{
+    char key[64], line[256];
+    size_t n = 0;
+    long long now = now_ms();
+    if (now < x->next_beat)
+        return 0;
+    x->next_beat = now + XN_CHECK_MS;
+    int64_t v;
+    snprintf(key, sizeof(key), "xbeat/%d", x->node);
+    int rc = rlb__store_add(x->store, key, 1, &v);
+    if (rc < 0)
+        return snprintf(why, len, "node %d lost the rendezvous store: %s", x->node,
+                        rlb_strerror(rc)), RLB_EPEERDEAD;
+    if (rlb__store_get(x->store, "abort", line, sizeof(line) - 1, &n) == 0) {
+        line[n] = 0;
+        return snprintf(why, len, "the job is stopping: %s", line), RLB_EPEERDEAD;
+    }
+    for (int m = 0; m < x->nnodes; m++) {
+        if (m == x->node)
+            continue;
+        snprintf(key, sizeof(key), "xbeat/%d", m);
+        if ((rc = rlb__store_add(x->store, key, 0, &v)) < 0)
+            return snprintf(why, len, "node %d lost the rendezvous store: %s", x->node,
+                            rlb_strerror(rc)), RLB_EPEERDEAD;
+        if (v != x->beat[m] || x->beat_at[m] == 0) {
+            x->beat[m] = v;
+            x->beat_at[m] = now;
+        } else if (x->peer_timeout_ms > 0 && now - x->beat_at[m] > x->peer_timeout_ms) {
+            return snprintf(why, len, "node %d's bridge stopped answering (no heartbeat for "
+                            "%lld ms)", m, now - x->beat_at[m]), RLB_EPEERDEAD;
+        }
+    }
+    return 0;
+}
+
+/* Waits for key, checking liveness (and, with local_abort, calling it once when the loop
+ * aborts locally). Returns 0 with the value in buf (NUL-terminated), or a negative code. */
+static int wait_key(br_xnode *x, const char *key, char *buf, size_t cap,
+                    int (*local_abort)(br_xnode *, void *), void *arg, char *why, size_t wlen)
+{
+    size_t n = 0;
+    for (;;) {
+        int rc = rlb__store_get(x->store, key, buf, cap - 1, &n);
+        if (rc == 0) {
+            buf[n] = 0;
+            return 0;
+        }
+        if (rc != RLB_ENOTFOUND)
+            return snprintf(why, wlen, "node %d lost the rendezvous store: %s", x->node,
+                            rlb_strerror(rc)), rc;
+        if ((rc = alive(x, why, wlen)) < 0)
+            return rc;
+        pthread_mutex_lock(&x->mu);
+        int stop = x->stop, ab = x->job_abort;
+        pthread_mutex_unlock(&x->mu);
+        if (stop)
+            return snprintf(why, wlen, "node %d's bridge is shutting down", x->node),
+                   RLB_ESHUTDOWN;
+        if (ab && local_abort && (rc = local_abort(x, arg)) < 0)
+            return rc;
+        if (ab)
+            local_abort = NULL;
+        nap();
+    }
+}
+
+typedef struct xn_version {
+    uint64_t v;
+    int k;              /* attempt */
+    char base[64];      /* "x/<v>.<k>" */
+    int aborted;        /* this node added its abort to the gate */
+} xn_version;
+
+/* The loop aborted while the gate is undecided: add our abort; the first aborter before
+ * the gate opened closes it. */
+static int gate_abort(br_xnode *x, void *arg)
+{
+    xn_version *xv = arg;
+    char key[96], why[600];
+    int64_t a;
+    if (xv->aborted)
+        return 0;
+    xv->aborted = 1;
+    snprintf(key, sizeof(key), "%s/gate", xv->base);
+    int rc = rlb__store_add(x->store, key, XN_BIG, &a);
+    if (rc < 0 || a >= 2 * XN_BIG || a - XN_BIG >= x->nnodes)
+        return rc; /* someone closed it already, or it is open: the exchange runs */
+    pthread_mutex_lock(&x->mu);
+    int n = snprintf(why, sizeof(why), "off node %d: %s", x->node, x->job_why);
+    pthread_mutex_unlock(&x->mu);
+    char cur[24];
+    int cn = snprintf(cur, sizeof(cur), "%d", xv->k + 1);
+    snprintf(key, sizeof(key), "x/%" PRIu64 "/cur", xv->v);
+    if ((rc = rlb__store_set(x->store, key, cur, (size_t)cn)) == 0) {
+        snprintf(key, sizeof(key), "%s/go", xv->base);
+        rc = rlb__store_set(x->store, key, why, (size_t)(n < (int)sizeof(why) ? n : (int)sizeof(why) - 1));
+    }
+    return rc;
+}
+
+/* Fetches every other node's meta for this attempt. Returns 1 when one changed. */
+static int fetch_metas(br_xnode *x, const xn_version *xv, char *why, size_t len)
+{
+    char key[96], val[32];
+    int changed = 0;
+    uint8_t *blob = malloc(RLB_STORE_VALUE_MAX);
+    if (!blob)
+        return RLB_ENOMEM;
+    for (int m = 0; m < x->nnodes; m++) {
+        size_t n = 0;
+        if (m == x->node)
+            continue;
+        snprintf(key, sizeof(key), "%s/epoch/%d", xv->base, m);
+        int rc = rlb__store_get(x->store, key, val, sizeof(val) - 1, &n);
+        val[rc == 0 ? n : 0] = 0;
+        uint64_t e = strtoull(val, NULL, 10);
+        if (rc == 0 && e == x->epochs[m])
+            continue;
+        snprintf(key, sizeof(key), "xreg/%d/%" PRIu64, m, e);
+        if (rc == 0)
+            rc = rlb__store_get(x->store, key, blob, RLB_STORE_VALUE_MAX, &n);
+        xn_meta meta;
+        if (rc == 0)
+            rc = meta_decode(blob, n, &meta);
+        if (rc < 0) {
+            free(blob);
+            return snprintf(why, len, "node %d's registrations (epoch %" PRIu64 ") cannot be "
+                            "read: %s", m, e, rlb_strerror(rc)), rc;
+        }
+        meta_free(&x->metas[m]);
+        x->metas[m] = meta;
+        x->epochs[m] = e;
+        changed = 1;
+    }
+    free(blob);
+    return changed;
+}
+
+#ifdef RLB_HAVE_UCX
+/* Runs this node's sends and receives of version v to the end (also after an abort
+ * elsewhere: every node that passed the gate runs the same exchange, so every request has
+ * its match). Returns 0 or a negative code with why. */
+static int exchange(br_xnode *x, uint64_t v, char *why, size_t len)
+{
+    uint32_t n = x->n_sends + x->n_recvs;
+    rlb_xreq **reqs = calloc(n + 1, sizeof(*reqs));
+    int rc = reqs ? 0 : RLB_ENOMEM;
+    uint64_t vt = (v & 0xffff) << 32;
+    for (uint32_t i = 0; i < x->n_recvs && rc == 0; i++) {
+        const xn_chunk *c = &x->recvs[i];
+        rc = x->xp->iface->irecv(x->xp->ctx, c->peer, vt | c->tag,
+                                 (uint8_t *)x->staging[c->buf] + c->off, c->len, &reqs[i]);
+    }
+    for (uint32_t i = 0; i < x->n_sends && rc == 0; i++) {
+        const xn_chunk *c = &x->sends[i];
+        rc = x->xp->iface->isend(x->xp->ctx, c->peer, vt | c->tag,
+                                 (const uint8_t *)x->src_ptr[c->buf] + c->off, c->len,
+                                 &reqs[x->n_recvs + i]);
+    }
+    if (rc < 0)
+        snprintf(why, len, "node %d cannot start its transfers: %s", x->node, rlb_strerror(rc));
+    uint32_t left = n;
+    long long last = now_ms();
+    while (rc == 0 && left) {
+        for (uint32_t i = 0; i < n && rc == 0; i++) {
+            if (!reqs[i])
+                continue;
+            int r = x->xp->iface->test(x->xp->ctx, reqs[i]);
+            if (r == RLB_EAGAIN)
+                continue;
+            reqs[i] = NULL;
+            left--;
+            last = now_ms();
+            if (r < 0) {
+                rc = r;
+                snprintf(why, len, "node %d: a transfer with node %d failed: %s", x->node,
+                         i < x->n_recvs ? x->recvs[i].peer : x->sends[i - x->n_recvs].peer,
+                         rlb_strerror(r));
+            }
+        }
+        if (rc == 0 && left && (rc = alive(x, why, len)) == 0 && x->peer_timeout_ms > 0 &&
+            now_ms() - last > x->peer_timeout_ms + 1000) {
+            snprintf(why, len, "node %d: the exchange made no progress for %lld ms", x->node,
+                     now_ms() - last);
+            rc = RLB_ETIMEDOUT;
+        }
+    }
+    for (uint32_t i = 0; i < n; i++)
+        if (reqs[i])
+            x->xp->iface->cancel(x->xp->ctx, reqs[i]);
+    free(reqs);
+    return rc;
+}
+#endif
+
+/* Writes this node's meta when it changed, and its epoch for the attempt. */
+static int publish_meta(br_xnode *x, const xn_version *xv, const uint8_t *meta, size_t len)
+{
+    char key[96], val[32];
+    int rc = 0;
+    if (!x->my_meta || x->my_meta_len != len || memcmp(x->my_meta, meta, len)) {
+        uint8_t *copy = malloc(len);
+        if (!copy)
+            return RLB_ENOMEM;
+        memcpy(copy, meta, len);
+        free(x->my_meta);
+        x->my_meta = copy;
+        x->my_meta_len = len;
+        x->my_epoch++;
+        snprintf(key, sizeof(key), "xreg/%d/%" PRIu64, x->node, x->my_epoch);
+        if ((rc = rlb__store_set(x->store, key, meta, len)) < 0)
+            return rc;
+        meta_free(&x->metas[x->node]);
+        if ((rc = meta_decode(meta, len, &x->metas[x->node])) < 0)
+            return rc;
+        x->epochs[x->node] = x->my_epoch;
+    }
+    int n = snprintf(val, sizeof(val), "%" PRIu64, x->my_epoch);
+    snprintf(key, sizeof(key), "%s/epoch/%d", xv->base, x->node);
+    return rlb__store_set(x->store, key, val, (size_t)n);
+}
+
+/* The commit phase: state, node 0's decision, the outcome. */
+static void decide(br_xnode *x, xn_version *xv)
+{
+    char key[96], val[600], why[512] = "";
+    int rc;
+    pthread_mutex_lock(&x->mu);
+    while (!x->job_prepared && !x->job_abort && !x->stop) {
+        timed_wait(x, XN_CHECK_MS);
+        pthread_mutex_unlock(&x->mu);
+        alive(x, why, sizeof(why)); /* keep beating while the local sync runs */
+        pthread_mutex_lock(&x->mu);
+    }
+    int ok = x->job_prepared && !x->job_abort && !x->stop;
+    int n = ok ? snprintf(val, sizeof(val), "ok")
+               : snprintf(val, sizeof(val), "abort node %d: %s", x->node,
+                          x->stop ? "its bridge is shutting down" : x->job_why);
+    pthread_mutex_unlock(&x->mu);
+    snprintf(key, sizeof(key), "%s/state/%d", xv->base, x->node);
+    rc = rlb__store_set(x->store, key, val, (size_t)(n < (int)sizeof(val) ? n : (int)sizeof(val) - 1));
+    if (x->node == 0) {
+        char first[600] = "";
+        for (int m = 0; m < x->nnodes && rc == 0; m++) {
+            snprintf(key, sizeof(key), "%s/state/%d", xv->base, m);
+            rc = wait_key(x, key, val, sizeof(val), NULL, NULL, why, sizeof(why));
+            if (rc == 0 && strcmp(val, "ok") && !first[0])
+                snprintf(first, sizeof(first), "%s", val);
+        }
+        if (rc < 0)
+            snprintf(first, sizeof(first), "abort %s", why);
+        if (first[0]) {
+            int cn = snprintf(val, sizeof(val), "%d", xv->k + 1);
+            snprintf(key, sizeof(key), "x/%" PRIu64 "/cur", xv->v);
+            rlb__store_set(x->store, key, val, (size_t)cn);
+        }
+        snprintf(key, sizeof(key), "%s/outcome", xv->base);
+        const char *out = first[0] ? first : "commit";
+        rc = rlb__store_set(x->store, key, out, strlen(out));
+        snprintf(val, sizeof(val), "%s", out);
+    } else if (ok) {
+        snprintf(key, sizeof(key), "%s/outcome", xv->base);
+        rc = wait_key(x, key, val, sizeof(val), NULL, NULL, why, sizeof(why));
+        if (rc < 0)
+            snprintf(val, sizeof(val), "abort %s", why);
+    }
+    if (!ok)
+        return; /* the loop aborted already */
+    if (!strcmp(val, "commit"))
+        report(x, &x->outcome, 1, 0, "");
+    else
+        report(x, &x->outcome, -1, RLB_EABORTED, val + (strncmp(val, "abort ", 6) ? 0 : 6));
+}
+
+/* One version, from the gate to the outcome. */
+static void run_version(br_xnode *x)
+{
+    xn_version xv = {0};
+    char key[96], val[600], why[512] = "";
+    size_t n = 0;
+    pthread_mutex_lock(&x->mu);
+    xv.v = x->job_v;
+    uint8_t *meta = x->job_meta;
+    size_t meta_len = x->job_meta_len;
+    void **local = x->job_ptr;
+    int rebuild = x->job_rebuild;
+    x->job_meta = NULL;
+    x->job_ptr = NULL;
+    pthread_mutex_unlock(&x->mu);
+    snprintf(key, sizeof(key), "x/%" PRIu64 "/cur", xv.v);
+    int rc = rlb__store_get(x->store, key, val, sizeof(val) - 1, &n);
+    val[rc == 0 ? n : 0] = 0;
+    xv.k = rc == 0 ? atoi(val) : 0;
+    rc = rc == RLB_ENOTFOUND ? 0 : rc;
+    snprintf(xv.base, sizeof(xv.base), "x/%" PRIu64 ".%d", xv.v, xv.k);
+    if (rc == 0)
+        rc = publish_meta(x, &xv, meta, meta_len);
+    int64_t r = 0;
+    snprintf(key, sizeof(key), "%s/gate", xv.base);
+    if (rc == 0)
+        rc = rlb__store_add(x->store, key, 1, &r);
+    if (rc < 0) {
+        snprintf(why, sizeof(why), "node %d lost the rendezvous store: %s", x->node,
+                 rlb_strerror(rc));
+        goto fail;
+    }
+    if (r == x->nnodes) {
+        snprintf(key, sizeof(key), "%s/go", xv.base);
+        rc = rlb__store_set(x->store, key, "on", 2);
+    }
+    snprintf(key, sizeof(key), "%s/go", xv.base);
+    if (rc == 0)
+        rc = wait_key(x, key, val, sizeof(val), gate_abort, &xv, why, sizeof(why));
+    if (rc < 0)
+        goto fail;
+    if (strcmp(val, "on")) {
+        snprintf(why, sizeof(why), "%s", val + (strncmp(val, "off ", 4) ? 0 : 4));
+        rc = RLB_EABORTED;
+        goto fail;
+    }
+    rc = fetch_metas(x, &xv, why, sizeof(why));
+    if (rc >= 0 && (rc > 0 || rebuild || !x->base))
+        rc = build(x, local, why, sizeof(why));
+    if (rc >= 0) {
+        /* the local buffers may have moved (registered again at the same layout) */
+        for (uint32_t k = 0; k < x->metas[x->node].n_bufs; k++)
+            x->src_ptr[x->base[x->node] + k] = local[k];
+#ifdef RLB_HAVE_UCX
+        rc = exchange(x, xv.v, why, sizeof(why));
+#endif
+    }
+    if (rc < 0)
+        goto fail;
+    report(x, &x->exchanged, 1, 0, "");
+    free(meta);
+    free(local);
+    decide(x, &xv);
+    return;
+fail:
+    free(meta);
+    free(local);
+    if (rc == RLB_EPEERDEAD || rc == RLB_ETIMEDOUT) {
+        pthread_mutex_lock(&x->mu);
+        x->broken = 1;
+        pthread_mutex_unlock(&x->mu);
+    }
+    RLB_LOG_WARN(RLB_SUB_BRIDGE, "xnode: node %d: version %" PRIu64 " aborted: %s", x->node,
+                 xv.v, why);
+    report(x, &x->exchanged, -1, rc, why);
+}
+
+static void *xn_main(void *arg)
+{
+    bridge *b = arg;
+    br_xnode *x = b->xnode;
+    const rlb_bridge_opts *o = b->opts;
+    char why[512] = "";
+    int rc = rlb__store_connect(o->store_addr, o->store_port, o->run_id, XN_CONNECT_MS,
+                                &x->store, why, sizeof(why));
+#ifdef RLB_HAVE_UCX
+    if (rc == 0 && (rc = rlb__xport_ucx_create(x->node, x->nnodes, 0, &x->xp)) < 0)
+        snprintf(why, sizeof(why), "cannot start the UCX transport: %s", rlb_strerror(rc));
+    if (rc == 0 && (rc = rlb__xport_connect_all(x->xp, x->store, "xnode", XN_CONNECT_MS)) < 0)
+        snprintf(why, sizeof(why), "cannot reach the other nodes' bridges: %s",
+                 rlb_strerror(rc));
+#endif
+    if (rc < 0) {
+        RLB_LOG_ERROR(RLB_SUB_BRIDGE, "xnode: node %d: %s", x->node, why);
+        pthread_mutex_lock(&x->mu);
+        x->broken = 1;
+        snprintf(x->why, sizeof(x->why), "node %d: %s", x->node, why);
+    } else {
+        RLB_LOG_INFO(RLB_SUB_BRIDGE, "xnode: node %d of %d connected to every other node's "
+                     "bridge", x->node, x->nnodes);
+        pthread_mutex_lock(&x->mu);
+    }
+    while (!x->stop) {
+        if (x->busy && !x->broken) {
+            pthread_mutex_unlock(&x->mu);
+            run_version(x);
+            pthread_mutex_lock(&x->mu);
+            x->busy = 0;
+            continue;
+        }
+        timed_wait(x, XN_BEAT_MS);
+        if (!x->broken && x->store && !x->busy && !x->stop) {
+            pthread_mutex_unlock(&x->mu);
+            if (alive(x, why, sizeof(why)) == RLB_EPEERDEAD && strstr(why, "store"))
+                RLB_LOG_WARN(RLB_SUB_BRIDGE, "xnode: %s", why);
+            pthread_mutex_lock(&x->mu);
+        }
+    }
+    pthread_mutex_unlock(&x->mu);
+    return NULL;
+}
+
+/* ---- The loop's side ---------------------------------------------------------------------- */
+
+int br_xnode_start(bridge *b)
+{
+    const rlb_bridge_opts *o = b->opts;
+    if (o->nnodes <= 1)
+        return 0;
+    if (o->node_rank < 0 || o->node_rank >= o->nnodes || !o->store_addr || !o->run_id ||
+        o->store_port <= 0 || o->n_ranks == 0)
+        return RLB_EINVAL;
+#ifndef RLB_HAVE_UCX
+    RLB_LOG_ERROR(RLB_SUB_BRIDGE, "xnode: this build has no transport between nodes (UCX)");
+    return RLB_EUNSUPPORTED;
+#endif
+    br_xnode *x = calloc(1, sizeof(*x));
+    if (!x)
+        return RLB_ENOMEM;
+    x->node = o->node_rank;
+    x->nnodes = o->nnodes;
+    x->first_rank = o->first_rank;
+    x->n_ranks = o->n_ranks;
+    x->params = &b->params;
+    x->opts = o;
+    x->peer_timeout_ms = rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS);
+    x->metas = calloc((size_t)o->nnodes, sizeof(*x->metas));
+    x->epochs = calloc((size_t)o->nnodes, sizeof(*x->epochs));
+    x->beat = calloc((size_t)o->nnodes, sizeof(*x->beat));
+    x->beat_at = calloc((size_t)o->nnodes, sizeof(*x->beat_at));
+    pthread_mutex_init(&x->mu, NULL);
+    pthread_cond_init(&x->cv, NULL);
+    b->xnode = x;
+    if (!x->metas || !x->epochs || !x->beat || !x->beat_at ||
+        pthread_create(&x->thread, NULL, xn_main, b) != 0) {
+        br_xnode_stop(b);
+        return RLB_ENOMEM;
+    }
+    x->started = 1;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "xnode: node %d of %d, trainer ranks %u..%u, store %s:%d",
+                 x->node, x->nnodes, x->first_rank, x->first_rank + x->n_ranks - 1,
+                 o->store_addr, o->store_port);
+    return 0;
+}
+
+void br_xnode_stop(bridge *b)
+{
+    br_xnode *x = b->xnode;
+    if (!x)
+        return;
+    if (x->started) {
+        pthread_mutex_lock(&x->mu);
+        x->stop = 1;
+        pthread_cond_broadcast(&x->cv);
+        pthread_mutex_unlock(&x->mu);
+        pthread_join(x->thread, NULL);
+    }
+#ifdef RLB_HAVE_UCX
+    rlb__xport_destroy(x->xp);
+#endif
+    rlb__store_close(x->store);
+    free_built(x);
+    if (x->have_plan) {
+        rlb__plan_free(&x->plan);
+        rlb__source_free(&x->src);
+    }
+    for (int m = 0; x->metas && m < x->nnodes; m++)
+        meta_free(&x->metas[m]);
+    free(x->metas);
+    free(x->epochs);
+    free(x->beat);
+    free(x->beat_at);
+    free(x->my_meta);
+    free(x->job_meta);
+    free(x->job_ptr);
+    pthread_mutex_destroy(&x->mu);
+    pthread_cond_destroy(&x->cv);
+    free(x);
+    b->xnode = NULL;
+}
+
+int br_xnode_remote_rank(const bridge *b, uint32_t rank)
+{
+    const br_xnode *x = b->xnode;
+    return x && (rank < x->first_rank || rank >= x->first_rank + x->n_ranks);
+}
+
+int br_xnode_busy(const bridge *b)
+{
+    br_xnode *x = b->xnode;
+    if (!x)
+        return 0;
+    pthread_mutex_lock(&x->mu);
+    int busy = x->busy;
+    pthread_mutex_unlock(&x->mu);
+    return busy;
+}
+
+void br_xnode_tick(bridge *b)
+{
+    if (b->xnode && b->n_parked && !b->copy_running && !br_xnode_busy(b))
+        br_unpark(b);
+}
+
+int br_xnode_begin(bridge *b, uint64_t v)
+{
+    br_xnode *x = b->xnode;
+    char why[512] = "";
+    xn_local *loc = NULL;
+    uint32_t n_loc = 0;
+    if (br_xnode_busy(b))
+        return 0;
+    xbuf w = {0};
+    int rc = meta_encode(b, &w, &loc, &n_loc, why, sizeof(why));
+    void **ptr = calloc(n_loc + 1, sizeof(*ptr));
+    if (rc == 0 && !ptr)
+        rc = RLB_ENOMEM;
+    for (uint32_t k = 0; rc == 0 && k < n_loc; k++)
+        ptr[k] = br_seg_find((br_peer *)loc[k].peer, loc[k].seg)->addr;
+    free(loc);
+    b->syncing = v;
+    b->sync = BR_SYNC_XNODE;
+    pthread_mutex_lock(&x->mu);
+    if (rc == 0 && x->broken)
+        rc = RLB_EPEERDEAD;
+    if (rc == 0) {
+        x->job_v = v;
+        x->job_meta = w.p;
+        x->job_meta_len = w.len;
+        x->job_ptr = ptr;
+        x->job_rebuild = !b->plan_ready;
+        x->job_prepared = x->job_abort = 0;
+        x->exchanged = x->outcome = 0;
+        x->busy = 1;
+        pthread_cond_broadcast(&x->cv);
+    } else if (x->broken) {
+        snprintf(why, sizeof(why), "%s", x->why[0] ? x->why : "the exchange between nodes "
+                 "failed earlier; the job must restart");
+    }
+    pthread_mutex_unlock(&x->mu);
+    if (rc < 0) {
+        free(w.p);
+        free(ptr);
+        br_sync_abort(b, rc, "version %" PRIu64 ": %s", v, why[0] ? why : rlb_strerror(rc));
+    }
+    return 1;
+}
+
+int br_xnode_poll(bridge *b)
+{
+    br_xnode *x = b->xnode;
+    char why[512];
+    pthread_mutex_lock(&x->mu);
+    int ex = x->exchanged, code = x->code;
+    snprintf(why, sizeof(why), "%s", x->why);
+    if (ex > 0 && x->have_plan) { /* a new plan: the loop takes it */
+        br_plan_reset(b);
+        b->source = x->src;
+        b->plan = x->plan;
+        b->src_ptr = malloc((x->n_global + 1) * sizeof(*b->src_ptr));
+        b->src_len = malloc((x->n_global + 1) * sizeof(*b->src_len));
+        b->plan_ready = b->src_ptr && b->src_len;
+        b->n_src = x->n_global;
+        x->have_plan = 0;
+    }
+    if (ex > 0 && b->plan_ready && b->n_src == x->n_global) {
+        /* the thread's table, bound for this version (the trainers' segments may have moved
+         * since the plan was built; the staging buffers stay) */
+        memcpy(b->src_ptr, x->src_ptr, x->n_global * sizeof(*b->src_ptr));
+        memcpy(b->src_len, x->src_len, x->n_global * sizeof(*b->src_len));
+    }
+    pthread_mutex_unlock(&x->mu);
+    if (ex == 0)
+        return 0;
+    if (ex < 0) {
+        br_sync_abort(b, code < 0 ? code : RLB_EABORTED, "%s", why);
+        return -1;
+    }
+    if (!b->plan_ready || b->plan.n_dst != b->tp_size * b->n_replicas) {
+        br_sync_abort(b, RLB_EAGAIN, "version %" PRIu64 ": the workers changed during the "
+                      "exchange between nodes", b->syncing);
+        return -1;
+    }
+    return 1;
+}
+
+int br_xnode_commit_ready(bridge *b)
+{
+    br_xnode *x = b->xnode;
+    char why[512];
+    if (!x)
+        return 1;
+    pthread_mutex_lock(&x->mu);
+    if (!x->job_prepared) {
+        x->job_prepared = 1;
+        pthread_cond_broadcast(&x->cv);
+    }
+    int out = x->outcome, code = x->code;
+    snprintf(why, sizeof(why), "%s", x->why);
+    pthread_mutex_unlock(&x->mu);
+    if (out < 0) {
+        br_sync_abort(b, code < 0 ? code : RLB_EABORTED, "%s", why);
+        return -1;
+    }
+    return out > 0;
+}
+
+int br_xnode_abort_hook(bridge *b, int code, const char *text)
+{
+    br_xnode *x = b->xnode;
+    if (!x)
+        return 0;
+    pthread_mutex_lock(&x->mu);
+    int defer = x->busy && x->job_prepared && x->outcome == 0 && code != RLB_ESHUTDOWN;
+    if (!defer && x->busy && !x->job_abort) {
+        x->job_abort = 1;
+        snprintf(x->job_why, sizeof(x->job_why), "%s", text);
+        pthread_cond_broadcast(&x->cv);
+    }
+    pthread_mutex_unlock(&x->mu);
+    if (!defer)
+        return 0;
+    /* A replica that lost a worker leaves the sync; the others commit with node 0. */
+    for (uint32_t d = 0; d < b->n_replicas; d++)
+        for (uint32_t t = 0; b->replicas[d].in_sync && t < b->tp_size; t++)
+            if (!b->replicas[d].ranks[t])
+                b->replicas[d].in_sync = 0;
+    RLB_LOG_WARN(RLB_SUB_BRIDGE, "xnode: node %d prepared version %" PRIu64 "; node 0 decides "
+                 "its outcome (not aborted here: %s)", x->node, b->syncing, text);
+    return 1;
+}

@@ -1,0 +1,60 @@
+/* xnode.h: the bridges of a multi-node job (DESIGN §9), seen from the rest of the bridge.
+ *
+ * One bridge per node serves the trainer ranks of its node. A version v goes:
+ *   1. every local rank published v (sync.c) -> br_xnode_begin: the node's registrations
+ *      (names, dtypes, shapes, FSDP layout, buffer sizes) and its workers' target go to the
+ *      xnode thread, which publishes them in the rendezvous store when they changed;
+ *   2. the gate: each node adds itself to v's gate; the last one opens it, or a node that
+ *      aborts first closes it, so every node agrees whether the exchange runs at all;
+ *   3. every node builds the same global source and every node's plan, and from the plans
+ *      the byte ranges each node needs of each other node's buffers: it sends what its own
+ *      ranks hold to the nodes that need it and receives what its workers need into
+ *      staging buffers, which the local plan reads as sources (chunked, all in flight);
+ *   4. the local sync runs as on one node (drain, copy, load);
+ *   5. two-phase commit: every node writes prepared (or its abort) in the store, node 0
+ *      decides commit or abort for all, and every node acts on that outcome. A node that
+ *      prepared no longer aborts on its own (a local trainer that dies then only misses its
+ *      synced message), so no node commits a version another one aborted.
+ * The store and the transport are the xnode thread's alone (the loop never blocks on
+ * them); the loop learns of its progress by polling (br_xnode_poll, each loop turn).
+ * Dead peers: the launchers write the job's "abort" key when a bridge or a launcher dies,
+ * and the bridges beat in the store; a wait gives up once a peer's beat is older than
+ * RLB_PEER_TIMEOUT_MS, or the job's abort key is set.
+ */
+#ifndef RLB_BRIDGE_XNODE_H
+#define RLB_BRIDGE_XNODE_H
+
+#include <stdint.h>
+
+typedef struct bridge bridge;
+typedef struct br_xnode br_xnode;
+
+/* Starts the xnode thread when the bridge is one node of several (opts->nnodes > 1): it
+ * connects to the store and to every other node's bridge in the background. Returns 0 (also
+ * on a single node), RLB_EINVAL (bad options), RLB_EUNSUPPORTED (no transport in this
+ * build) or RLB_ENOMEM. */
+int br_xnode_start(bridge *b);
+/* Stops and joins the thread, frees everything. */
+void br_xnode_stop(bridge *b);
+/* 1 when trainer rank `rank` publishes to another node's bridge. */
+int br_xnode_remote_rank(const bridge *b, uint32_t rank);
+/* Every local rank published v: hands v to the thread (sync -> XNODE). Returns 1 when the
+ * sync moved on (started, or aborted at once), 0 while the thread still finishes the last
+ * version (try again). */
+int br_xnode_begin(bridge *b, uint64_t v);
+/* XNODE: 1 when the exchange is done and the node's plan installed (go on with the local
+ * sync), 0 while it runs, -1 when the version was aborted. */
+int br_xnode_poll(bridge *b);
+/* LOAD with every worker loaded: 1 to commit now, 0 while the outcome is pending, -1 when
+ * the version was aborted. On one node: 1. */
+int br_xnode_commit_ready(bridge *b);
+/* br_sync_abort's hook: tells the thread of a local abort, or (returns 1) defers it when the
+ * node has prepared and only node 0's outcome may end the version. */
+int br_xnode_abort_hook(bridge *b, int code, const char *text);
+/* 1 while the thread works on a version (it may read the trainers' segments: keep them
+ * mapped). */
+int br_xnode_busy(const bridge *b);
+/* Each loop turn: unmaps segments parked for the thread once it is done. */
+void br_xnode_tick(bridge *b);
+
+#endif /* RLB_BRIDGE_XNODE_H */

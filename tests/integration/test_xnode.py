@@ -1,0 +1,221 @@
+"""test_xnode: bridges across nodes (bridge/xnode.h), 2 and 3 nodes on this machine.
+
+    python3 test_xnode.py <build>/rlb <build>/tests/xnode_trainer
+
+Every node is its own `rlb launch` with its own socket directory and loopback address
+(127.0.0.1, 127.0.0.2, ...); the trainer script is xnode_trainer (FSDP shards of the tiny
+model over all nodes' ranks). Covered:
+- 2 nodes x 2 FSDP2 ranks and 3 nodes x 1 FSDP1 rank, TP 2 workers on each node, 20
+  versions; after each commit local rank 0 of every node compares every worker buffer of its
+  node with the naive reference (xnode_trainer --check);
+- kill -9 of a remote trainer rank before it publishes and just after (mid-sync): the version
+  aborts on every node (each other rank reads "aborted"), and with --max-restarts 1 the job
+  recovers and finishes all 20 versions, without restarts it exits with the error;
+- kill -9 of a node's bridge and of a node's launcher while the other node's ranks wait in a
+  sync: every launcher exits with a line naming the failure within RLB_PEER_TIMEOUT_MS + 2 s
+  of the kill (plus the launchers' own shutdown grace);
+- after every run: no process of the job left, no /tmp/rlb-launch-* directory, /dev/shm as
+  before.
+"""
+
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_launch import free_port  # noqa: E402  (a port pair for the static store)
+
+RLB = TRAINER = None
+PEER_TIMEOUT_MS = 2000
+GRACE_S = 3.0  # the launcher's SIGTERM grace before it kills a child
+
+
+def procs_with(text):
+    """Pids whose command line contains text."""
+    out = []
+    for path in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(path, "rb") as f:
+                if text.encode() in f.read():
+                    out.append(int(path.split("/")[2]))
+        except OSError:
+            pass
+    return out
+
+
+def argv_of(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+class Job:
+    """One launcher per node, started at once."""
+
+    def __init__(self, test, nnodes, nproc, args, restarts=0):
+        self.port = free_port()
+        self.run_id = "xnode-%d-%d" % (os.getpid(), self.port)
+        env = dict(os.environ, RLB_THREADS="1", RLB_PEER_TIMEOUT_MS=str(PEER_TIMEOUT_MS))
+        self.procs = []
+        for n in range(nnodes):
+            cmd = [RLB, "launch", "--nnodes", str(nnodes), "--node-rank", str(n),
+                   "--master-addr", "127.0.0.1", "--master-port", str(self.port),
+                   "--local-addr", "127.0.0.%d" % (n + 1), "--nproc-per-node", str(nproc),
+                   "--rollout-tp", "2", "--max-restarts", str(restarts),
+                   "--rdzv-id", self.run_id, "--no-python", TRAINER] + args
+            self.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                               stderr=subprocess.STDOUT, text=True, env=env,
+                                               cwd=test.tmp.name))
+        self.out = [""] * nnodes
+
+    def wait(self, timeout):
+        codes = []
+        for i, p in enumerate(self.procs):
+            try:
+                self.out[i], _ = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                self.out[i], _ = p.communicate()
+                raise AssertionError("node %d did not finish in %d s:\n%s" %
+                                     (i, timeout, self.out[i][-3000:]))
+            codes.append(p.returncode)
+        return codes
+
+    def read_until(self, node, pattern, timeout):
+        """Reads node's output until a line matches pattern; returns the time it came."""
+        p = self.procs[node]
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            line = p.stdout.readline()
+            if not line:
+                break
+            self.out[node] += line
+            if re.search(pattern, line):
+                return time.monotonic()
+        raise AssertionError("node %d never printed /%s/:\n%s" % (node, pattern,
+                                                                 self.out[node][-3000:]))
+
+
+class XnodeTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.dirs = set(glob.glob("/tmp/rlb-launch-*"))
+        self.shm = set(os.listdir("/dev/shm"))
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def assertClean(self, job):
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            left = procs_with(job.run_id) + [p for p in procs_with(TRAINER)
+                                             if argv_of(p)[:1] == [TRAINER]]
+            dirs = set(glob.glob("/tmp/rlb-launch-*")) - self.dirs
+            shm = set(os.listdir("/dev/shm")) - self.shm
+            if not left and not dirs and not shm:
+                return
+            time.sleep(0.1)
+        self.fail("left behind: processes %s, directories %s, /dev/shm %s" % (left, dirs, shm))
+
+    def synced_all(self, job, nnodes, nproc, versions):
+        for n in range(nnodes):
+            for r in range(n * nproc, (n + 1) * nproc):
+                for v in (1, versions):
+                    self.assertIn("[trainer %d] synced %d " % (r, v), job.out[n], job.out[n][-3000:])
+                self.assertIn("[trainer %d] done" % r, job.out[n])
+            self.assertNotIn("MISMATCH", job.out[n])
+            if "check unavailable" in job.out[n]:
+                raise unittest.SkipTest("this machine does not let a process read another's "
+                                        "memory (/proc/PID/mem): " + job.out[n][-500:])
+
+    def test_fsdp2_two_nodes(self):
+        job = Job(self, 2, 2, ["--layout", "fsdp2", "--versions", "20", "--check"])
+        self.assertEqual(job.wait(90), [0, 0], "\n".join(o[-2000:] for o in job.out))
+        self.synced_all(job, 2, 2, 20)
+        self.assertClean(job)
+
+    def test_fsdp1_three_nodes(self):
+        job = Job(self, 3, 1, ["--layout", "fsdp1", "--versions", "20", "--check"])
+        self.assertEqual(job.wait(90), [0, 0, 0], "\n".join(o[-2000:] for o in job.out))
+        self.synced_all(job, 3, 1, 20)
+        self.assertClean(job)
+
+    def test_remote_trainer_killed_recovers(self):
+        """Rank 1 (node 1) is killed just after it published 5: version 5 aborts on node 0
+        too (its rank reads the reason, unless its launcher stopped it first for the
+        restart), the group restarts on both nodes from the committed version and finishes
+        all 20 versions."""
+        job = Job(self, 2, 1, ["--versions", "20", "--check", "--die", "1:5:during"],
+                  restarts=1)
+        self.assertEqual(job.wait(90), [0, 0], "\n".join(o[-2000:] for o in job.out))
+        self.assertIn("restarting the trainer group", job.out[0])
+        self.assertNotRegex(job.out[0], r"\[trainer 0\] synced 5 .*\n(.*\n)*.*\[trainer 0\] "
+                            r"aborted 5")
+        self.synced_all(job, 2, 1, 20)
+        self.assertClean(job)
+
+    def test_remote_trainer_dead_before_publish(self):
+        """Rank 1 dies before it publishes 7, no restarts: node 0's rank never sees 7
+        committed; both launchers exit non-zero naming the failure."""
+        job = Job(self, 2, 1, ["--versions", "20", "--die", "1:7:before"])
+        codes = job.wait(60)
+        self.assertNotEqual(codes, [0, 0])
+        self.assertNotIn("[trainer 0] synced 7 ", job.out[0])
+        self.assertRegex(job.out[0], r"stopping|aborted 7", job.out[0][-2000:])
+        self.assertClean(job)
+
+    def test_remote_trainer_killed_mid_sync(self):
+        """Rank 1 is killed just after publishing 7 (mid-sync), no restarts: no rank of
+        version 7 is told synced on one node and aborted on another; the job exits 1."""
+        job = Job(self, 2, 1, ["--versions", "20", "--check", "--die", "1:7:during"])
+        codes = job.wait(60)
+        self.assertNotEqual(codes, [0, 0])
+        self.assertNotIn("[trainer 0] synced 8 ", job.out[0])
+        synced7 = "[trainer 0] synced 7 " in job.out[0]
+        self.assertTrue(synced7 or re.search(r"\[trainer 0\] aborted 7", job.out[0]) or
+                        "stopping" in job.out[0], job.out[0][-2000:])
+        self.assertClean(job)
+
+    def kill_and_time(self, what):
+        """Node 0's rank waits in version 6 while node 1's `what` is killed."""
+        job = Job(self, 2, 1, ["--versions", "20", "--die", "1:6:stall"], restarts=0)
+        job.read_until(0, r"\[trainer 0\] synced 5 ", 60)
+        time.sleep(0.3)  # node 0's rank is in version 6 now, node 1's stalls before it
+        victim = job.procs[1].pid
+        if what == "bridge":
+            victim = [p for p in procs_with(job.run_id)
+                      if argv_of(p)[1:2] == ["bridge"] and "--node-rank" in argv_of(p) and
+                      argv_of(p)[argv_of(p).index("--node-rank") + 1] == "1"]
+            self.assertEqual(len(victim), 1, victim)
+            victim = victim[0]
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        codes = job.wait(30)
+        elapsed = time.monotonic() - t0
+        print("kill -9 of node 1's %s: every launcher out in %.2f s" % (what, elapsed),
+              file=sys.stderr)
+        self.assertNotEqual(codes[0], 0)
+        self.assertLess(elapsed, PEER_TIMEOUT_MS / 1000 + 2 + 2 * GRACE_S, job.out[0][-2000:])
+        self.assertRegex(job.out[0], r"node 1|stopping", job.out[0][-2000:])
+        self.assertNotIn("[trainer 0] synced 6 ", job.out[0])
+        self.assertClean(job)
+
+    def test_bridge_killed(self):
+        self.kill_and_time("bridge")
+
+    def test_launcher_killed(self):
+        self.kill_and_time("launcher")
+
+
+if __name__ == "__main__":
+    RLB, TRAINER = sys.argv[1], sys.argv[2]
+    del sys.argv[1:3]
+    unittest.main(verbosity=2)

@@ -1,0 +1,26 @@
+# Bridges across nodes (bridge/xnode.h): 2 and 3 nodes on this machine, each its own `rlb
+# launch` with its own socket directory and loopback address; xnode_trainer is the trainer
+# script every node runs, test_xnode.py the driver (versions, checks, kill -9 faults).
+if(TARGET rlb AND TARGET rlb_xport)
+  add_executable(xnode_trainer ${CMAKE_CURRENT_LIST_DIR}/xnode_trainer.c
+                 ${CMAKE_CURRENT_LIST_DIR}/bridge_harness.c)
+  rlb_target_defaults(xnode_trainer)
+  target_link_libraries(xnode_trainer PRIVATE rlb_bridge_core rlb_client_static rlb_worker
+                        Threads::Threads m)
+  target_compile_definitions(xnode_trainer PRIVATE RLB_BIN="$<TARGET_FILE:rlb>")
+  find_package(Python3 COMPONENTS Interpreter)
+  if(Python3_Interpreter_FOUND)
+    add_test(NAME test_xnode
+             COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_LIST_DIR}/test_xnode.py
+                     $<TARGET_FILE:rlb> $<TARGET_FILE:xnode_trainer>)
+    set_tests_properties(test_xnode PROPERTIES LABELS integration TIMEOUT 300
+                         SKIP_RETURN_CODE 77)
+  endif()
+endif()
+# test_launch and test_xnode both check that no /tmp/rlb-launch-* directory is left behind:
+# they see each other's while both run, so they take turns.
+foreach(t test_launch test_xnode)
+  if(TEST ${t})
+    set_tests_properties(${t} PROPERTIES RESOURCE_LOCK rlb_launch_dirs)
+  endif()
+endforeach()
