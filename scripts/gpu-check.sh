@@ -20,7 +20,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DRLB_CUDA=ON > "$out/configure.log" 2>&1 &&
     cmake --build build-gpu -j16 > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 echo "== build ok"
-ctest --test-dir build-gpu -L gpu --output-on-failure --timeout 240 > "$out/gpu-tests.log" 2>&1
+RLB_LOG=warn ctest --test-dir build-gpu -L gpu --output-on-failure --timeout 240 \
+    > "$out/gpu-tests.log" 2>&1
 grep -E "tests passed|Failed|\*\*\*|Passed|Skipped" "$out/gpu-tests.log" | tail -20
 for step in "$@"; do
     case $step in

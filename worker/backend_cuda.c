@@ -1453,8 +1453,9 @@ int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weig
     c->attn_scale = (float)pow((double)cfg->head_dim, -0.5);
     c->R = opts->max_batch_tokens > 0 ? opts->max_batch_tokens : 2048;
     c->S = opts->max_seqs > 0 ? opts->max_seqs : 256;
+    /* Blocks of 4 tokens and up: the engine's block size is not known here. */
     c->B = opts->max_blocks_per_seq > 0 ? opts->max_blocks_per_seq
-                                        : (cfg->max_pos + 15) / 16;
+                                        : (cfg->max_pos + 3) / 4 + 1;
     c->O = opts->max_logit_rows > 0 ? opts->max_logit_rows : c->S;
     c->S = c->S < c->R ? c->S : c->R;
     c->pending_add = -1;

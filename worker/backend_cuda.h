@@ -25,7 +25,8 @@ typedef struct rlb_cuda_backend_opts {
     int64_t max_batch_tokens;   /* rows of one step (<= 0: 2048) */
     int64_t max_seqs;           /* spans of one step (<= 0: 256) */
     int64_t max_blocks_per_seq; /* block-table entries per span on average: a step holds
-                                 * max_seqs * this many (<= 0: max_pos / 16) */
+                                 * max_seqs * this many (<= 0: max_pos / 4 + 1, blocks of
+                                 * 4 tokens and up) */
     int64_t max_logit_rows;     /* logits rows of one step (<= 0: max_seqs) */
     int32_t graphs;             /* 1: capture decode steps in CUDA graphs per batch bucket */
     rlb_quant quant;            /* post-load processing (int8, fp8, fp8-channel: weight-only) */

@@ -73,9 +73,15 @@ int rlb__backend_open(const rlb_tp_layout *layout, const void *weights, rlb_tp_c
                  "bridge, which is not wired up yet (TP 1 only)", layout->tp_size);
         return RLB_EUNSUPPORTED;
     }
-    if ((rc = rlb__ebackend_cuda_create(layout, weights, &o, out)) < 0) {
+    /* Created without a host copy bound (the backend would upload it again at every
+     * post-load processing, long after the caller freed it): uploaded once here. */
+    if ((rc = rlb__ebackend_cuda_create(layout, NULL, &o, out)) < 0 ||
+        (weights && (rc = rlb__cuda_backend_upload(*out, weights)) < 0)) {
         snprintf(err, errlen, "CUDA backend on GPU %d: %s (the log says more)", c->cuda_device,
                  rlb_strerror(rc));
+        if (*out)
+            (*out)->iface->destroy(*out);
+        *out = NULL;
         return rc;
     }
     if (kv_budget)

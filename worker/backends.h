@@ -46,7 +46,7 @@ rlb_dtype rlb__backend_weight_dtype(const rlb_backend_choice *c);
 
 /* Opens the backend of c->device (resolved) for `layout` (its dtype must be
  * rlb__backend_weight_dtype): CPU over `weights` (borrowed, read in place), CUDA with
- * `weights` uploaded when not NULL. *kv_budget (may be NULL) gets the KV bytes the device
+ * `weights` uploaded once when not NULL (the caller may free them on return). *kv_budget (may be NULL) gets the KV bytes the device
  * leaves (CUDA: by gpu_memory_utilization; CPU: 0, the caller's budget stands). Returns 0
  * or the backend's error, `err` saying what (RLB_EUNSUPPORTED: a device this build or
  * machine lacks). */

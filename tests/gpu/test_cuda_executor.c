@@ -34,17 +34,16 @@ typedef CUresult (*export_fn)(void *, CUmemGenericAllocationHandle, CUmemAllocat
                               unsigned long long);
 typedef CUresult (*release_fn)(CUmemGenericAllocationHandle);
 
-/* A VMM allocation of at least `bytes` on GPU 0, exported as an fd, and its size. */
-static int vmm_alloc(uint64_t bytes, int *fd, uint64_t *size)
+/* A VMM allocation of at least `bytes` on GPU 0, exported as an fd, its size and handle
+ * (kept while the executor may map it, as an exporter keeps its memory; vmm_free). */
+static int vmm_alloc(uint64_t bytes, int *fd, uint64_t *size, CUmemGenericAllocationHandle *hp)
 {
     create_fn create;
     gran_fn gran;
     export_fn export_h;
-    release_fn release;
     if (rlb__cuda_driver_fn("cuMemCreate", (void **)&create) ||
         rlb__cuda_driver_fn("cuMemGetAllocationGranularity", (void **)&gran) ||
-        rlb__cuda_driver_fn("cuMemExportToShareableHandle", (void **)&export_h) ||
-        rlb__cuda_driver_fn("cuMemRelease", (void **)&release))
+        rlb__cuda_driver_fn("cuMemExportToShareableHandle", (void **)&export_h))
         return -1;
     CUmemAllocationProp p = {.type = CU_MEM_ALLOCATION_TYPE_PINNED,
                              .requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
@@ -56,10 +55,15 @@ static int vmm_alloc(uint64_t bytes, int *fd, uint64_t *size)
     CUmemGenericAllocationHandle h;
     if (create(&h, *size, &p, 0) != CUDA_SUCCESS)
         return -1;
-    int rc = export_h(fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0) == CUDA_SUCCESS ? 0 : -1;
-    /* The fd keeps the allocation alive; the importer's handle holds it from then on. */
-    release(h);
-    return rc;
+    *hp = h;
+    return export_h(fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0) == CUDA_SUCCESS ? 0 : -1;
+}
+
+static void vmm_free(CUmemGenericAllocationHandle h)
+{
+    release_fn release;
+    if (rlb__cuda_driver_fn("cuMemRelease", (void **)&release) == 0)
+        release(h);
 }
 
 /* A one-chunk VMM reference to *fd (fd and size must outlive the reference). */
@@ -83,6 +87,7 @@ static void run_case(uint64_t seed, const uint8_t uuid[16])
     void *src[GC_MAX_W + 1] = {0};
     uint64_t src_len[GC_MAX_W + 1];
     int src_fd[GC_MAX_W + 1];
+    CUmemGenericAllocationHandle src_h[GC_MAX_W + 1], *dst_h;
     uint64_t src_size[GC_MAX_W + 1];
     rlb_exec_ref src_ref[GC_MAX_W + 1];
     /* Source 0: host memory, read in place. */
@@ -90,7 +95,7 @@ static void run_case(uint64_t seed, const uint8_t uuid[16])
     assert_int_equal(x->iface->map(x, &src_ref[0], &src[0], err, sizeof err), 0);
     src_len[0] = g.size[0];
     for (uint32_t b = 1; b < g.n_buf; b++) {
-        assert_int_equal(vmm_alloc(g.size[b], &src_fd[b], &src_size[b]), 0);
+        assert_int_equal(vmm_alloc(g.size[b], &src_fd[b], &src_size[b], &src_h[b]), 0);
         src_ref[b] = vmm_ref(&src_fd[b], &src_size[b], uuid);
         assert_int_equal(x->iface->map(x, &src_ref[b], &src[b], err, sizeof err), 0);
         assert_int_equal(cudaMemcpy(src[b], g.mem[b], g.size[b], cudaMemcpyHostToDevice),
@@ -104,10 +109,11 @@ static void run_case(uint64_t seed, const uint8_t uuid[16])
     uint64_t *dst_size = calloc(nd, sizeof *dst_size);
     rlb_exec_ref *dst_ref = calloc(nd, sizeof *dst_ref);
     void **want = calloc(nd, sizeof *want);
-    assert_non_null(dst && dst_len && dst_fd && dst_size && dst_ref && want);
+    dst_h = calloc(nd, sizeof *dst_h);
+    assert_non_null(dst && dst_len && dst_fd && dst_size && dst_ref && want && dst_h);
     for (uint64_t d = 0; d < nd; d++) {
         dst_len[d] = p->dst_bytes[d];
-        assert_int_equal(vmm_alloc(dst_len[d] + 1, &dst_fd[d], &dst_size[d]), 0);
+        assert_int_equal(vmm_alloc(dst_len[d] + 1, &dst_fd[d], &dst_size[d], &dst_h[d]), 0);
         dst_ref[d] = vmm_ref(&dst_fd[d], &dst_size[d], uuid);
         assert_int_equal(x->iface->map(x, &dst_ref[d], &dst[d], err, sizeof err), 0);
         assert_int_equal(cudaMemset(dst[d], GC_POISON, dst_len[d]), cudaSuccess);
@@ -151,12 +157,14 @@ static void run_case(uint64_t seed, const uint8_t uuid[16])
     for (uint64_t d = 0; d < nd; d++) {
         assert_int_equal(x->iface->unmap(x, &dst_ref[d], dst[d]), 0);
         close(dst_fd[d]);
+        vmm_free(dst_h[d]);
         free(want[d]);
     }
     assert_int_equal(x->iface->unmap(x, &src_ref[0], src[0]), 0);
     for (uint32_t b = 1; b < g.n_buf; b++) {
         assert_int_equal(x->iface->unmap(x, &src_ref[b], src[b]), 0);
         close(src_fd[b]);
+        vmm_free(src_h[b]);
     }
     x->iface->destroy(x);
     free(dst);
@@ -165,6 +173,7 @@ static void run_case(uint64_t seed, const uint8_t uuid[16])
     free(dst_size);
     free(dst_ref);
     free(want);
+    free(dst_h);
     gc_free(&g);
 }
 

@@ -84,9 +84,20 @@ static int teardown(void **state)
     return 0;
 }
 
+/* 1 when a GPU is visible, asked in a child: CUDA must not be initialized in this process,
+ * whose children (the bridge and the worker) use it. */
+static int gpu_visible(void)
+{
+    pid_t pid = fork();
+    if (pid == 0)
+        _exit(rlb__backend_resolve(RLB_DEVICE_AUTO) == RLB_DEVICE_CUDA ? 0 : 1);
+    int st = 0;
+    return pid > 0 && waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0;
+}
+
 int main(void)
 {
-    if (rlb__backend_resolve(RLB_DEVICE_AUTO) != RLB_DEVICE_CUDA)
+    if (!gpu_visible())
         return 77;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_fsdp2, teardown),
