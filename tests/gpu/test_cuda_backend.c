@@ -219,6 +219,7 @@ static rlb_ebackend *cuda_backend(const rlb_tp_layout *l, const void *w, rlb_qua
     o.graphs = graphs;
     o.max_batch_tokens = 64;
     o.max_seqs = 8;
+    o.max_logit_rows = 64; /* the script asks for every row's logits */
     rlb_ebackend *b = NULL;
     assert_int_equal(rlb__ebackend_cuda_create(l, w, &o, &b), 0);
     return b;

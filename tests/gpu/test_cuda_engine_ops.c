@@ -87,7 +87,7 @@ static void *dput(const void *h, size_t n)
 {
     void *d = NULL;
     CHECK_CUDA(cudaMalloc(&d, n ? n : 16));
-    if (n)
+    if (n && h) /* h NULL: an output buffer, nothing to copy */
         CHECK_CUDA(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice));
     return d;
 }
