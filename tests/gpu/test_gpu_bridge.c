@@ -78,12 +78,6 @@ static void test_staged_refused(void **state)
     assert_int_equal(h_stop(&r, tool), 0);
 }
 
-static int teardown(void **state)
-{
-    h_cleanup();
-    return 0;
-}
-
 /* 1 when a GPU is visible, asked in a child: CUDA must not be initialized in this process,
  * whose children (the bridge and the worker) use it. */
 static int gpu_visible(void)
@@ -100,9 +94,9 @@ int main(void)
     if (!gpu_visible())
         return 77;
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_teardown(test_fsdp2, teardown),
-        cmocka_unit_test_teardown(test_fsdp1, teardown),
-        cmocka_unit_test_teardown(test_staged_refused, teardown),
+        cmocka_unit_test_teardown(test_fsdp2, h_teardown),
+        cmocka_unit_test_teardown(test_fsdp1, h_teardown),
+        cmocka_unit_test_teardown(test_staged_refused, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -88,6 +88,13 @@ static pid_t spawn(void)
     return pid;
 }
 
+int h_teardown(void **state)
+{
+    (void)state;
+    h_cleanup();
+    return 0;
+}
+
 void h_cleanup(void)
 {
     for (int i = 0; i < n_spawned; i++)

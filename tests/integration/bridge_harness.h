@@ -74,6 +74,8 @@ int h_stop(h_run *r, rlb_client *tool);
 /* Kills whatever the harness started that still runs and removes the run's directory
  * (the teardown of every test: a failed assertion leaves the test half-way). */
 void h_cleanup(void);
+/* h_cleanup as a cmocka teardown. */
+int h_teardown(void **state);
 
 /* Connects trainer rank/world (or a tool when world == 0). */
 int h_connect(h_run *r, uint32_t rank, uint32_t world, rlb_client **out);

@@ -357,24 +357,17 @@ static void test_malformed(void **state)
     assert_int_equal(h_stop(&r, NULL), 0);
 }
 
-static int teardown(void **state)
-{
-    (void)state;
-    h_cleanup();
-    return 0;
-}
-
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     setenv("RLB_THREADS", "1", 0);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_teardown(test_fsdp2_pause_two_replicas, teardown),
-        cmocka_unit_test_teardown(test_fsdp1_staged_tp2, teardown),
-        cmocka_unit_test_teardown(test_sleep_wake, teardown),
-        cmocka_unit_test_teardown(test_worker_killed, teardown),
-        cmocka_unit_test_teardown(test_trainer_killed, teardown),
-        cmocka_unit_test_teardown(test_malformed, teardown),
+        cmocka_unit_test_teardown(test_fsdp2_pause_two_replicas, h_teardown),
+        cmocka_unit_test_teardown(test_fsdp1_staged_tp2, h_teardown),
+        cmocka_unit_test_teardown(test_sleep_wake, h_teardown),
+        cmocka_unit_test_teardown(test_worker_killed, h_teardown),
+        cmocka_unit_test_teardown(test_trainer_killed, h_teardown),
+        cmocka_unit_test_teardown(test_malformed, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -137,22 +137,15 @@ static void test_new_replica(void **state)
     assert_int_equal(h_stop(&r, NULL), 0);
 }
 
-static int teardown(void **state)
-{
-    (void)state;
-    h_cleanup();
-    return 0;
-}
-
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     setenv("RLB_THREADS", "1", 0);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_teardown(test_restart_heals_pause, teardown),
-        cmocka_unit_test_teardown(test_restart_heals_staged, teardown),
-        cmocka_unit_test_teardown(test_all_lost_next_sync, teardown),
-        cmocka_unit_test_teardown(test_new_replica, teardown),
+        cmocka_unit_test_teardown(test_restart_heals_pause, h_teardown),
+        cmocka_unit_test_teardown(test_restart_heals_staged, h_teardown),
+        cmocka_unit_test_teardown(test_all_lost_next_sync, h_teardown),
+        cmocka_unit_test_teardown(test_new_replica, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

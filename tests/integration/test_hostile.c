@@ -162,18 +162,11 @@ static void test_scribbled_rings(void **state)
     assert_int_equal(h_stop(&r, NULL), 0);
 }
 
-static int teardown(void **state)
-{
-    (void)state;
-    h_cleanup();
-    return 0;
-}
-
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_teardown(test_truncated_segment, teardown),
-        cmocka_unit_test_teardown(test_scribbled_rings, teardown),
+        cmocka_unit_test_teardown(test_truncated_segment, h_teardown),
+        cmocka_unit_test_teardown(test_scribbled_rings, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

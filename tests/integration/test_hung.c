@@ -111,20 +111,13 @@ static void test_drain_bounded(void **state)
     assert_int_equal(h_stop(&r, NULL), 0);
 }
 
-static int teardown(void **state)
-{
-    (void)state;
-    h_cleanup();
-    return 0;
-}
-
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     setenv("RLB_THREADS", "1", 0);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_teardown(test_load_bounded, teardown),
-        cmocka_unit_test_teardown(test_drain_bounded, teardown),
+        cmocka_unit_test_teardown(test_load_bounded, h_teardown),
+        cmocka_unit_test_teardown(test_drain_bounded, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -285,19 +285,12 @@ static void test_lora_declarations(void **state)
     assert_int_equal(h_stop(&r, NULL), 0);
 }
 
-static int teardown(void **state)
-{
-    (void)state;
-    h_cleanup();
-    return 0;
-}
-
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_teardown(test_lora_trainer_base, teardown),
-        cmocka_unit_test_teardown(test_lora_checkpoint_base, teardown),
-        cmocka_unit_test_teardown(test_lora_declarations, teardown),
+        cmocka_unit_test_teardown(test_lora_trainer_base, h_teardown),
+        cmocka_unit_test_teardown(test_lora_checkpoint_base, h_teardown),
+        cmocka_unit_test_teardown(test_lora_declarations, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

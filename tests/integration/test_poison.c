@@ -94,20 +94,13 @@ static void test_poisoned_version_allowed(void **state)
     assert_int_equal(h_stop(&r, NULL), 0);
 }
 
-static int teardown(void **state)
-{
-    (void)state;
-    h_cleanup();
-    return 0;
-}
-
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     setenv("RLB_THREADS", "1", 0);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_teardown(test_poisoned_version_aborted, teardown),
-        cmocka_unit_test_teardown(test_poisoned_version_allowed, teardown),
+        cmocka_unit_test_teardown(test_poisoned_version_aborted, h_teardown),
+        cmocka_unit_test_teardown(test_poisoned_version_allowed, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -102,21 +102,14 @@ static void test_shutdown_by_tool_refused(void **state)
     assert_int_equal(h_stop(&r, NULL), 0);
 }
 
-static int teardown(void **state)
-{
-    (void)state;
-    h_cleanup();
-    return 0;
-}
-
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     setenv("RLB_THREADS", "1", 0);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_teardown(test_refused_fields, teardown),
-        cmocka_unit_test_teardown(test_sleeper_gone_wakes, teardown),
-        cmocka_unit_test_teardown(test_shutdown_by_tool_refused, teardown),
+        cmocka_unit_test_teardown(test_refused_fields, h_teardown),
+        cmocka_unit_test_teardown(test_sleeper_gone_wakes, h_teardown),
+        cmocka_unit_test_teardown(test_shutdown_by_tool_refused, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -64,19 +64,12 @@ static void test_retried_once(void **state)
     unsetenv("RLB_PEER_TIMEOUT_MS");
 }
 
-static int teardown(void **state)
-{
-    (void)state;
-    h_cleanup();
-    return 0;
-}
-
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     setenv("RLB_THREADS", "1", 0);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test_teardown(test_retried_once, teardown),
+        cmocka_unit_test_teardown(test_retried_once, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
