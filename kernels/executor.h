@@ -38,8 +38,9 @@ typedef struct rlb_exec_ref {
     int kind;                 /* rlb_mem_kind of common/proto.h: 0 host, 1 CUDA IPC, 2 VMM fd */
     int fd;                   /* HOST_SHM: the segment's fd (-1 when the caller keeps none) */
     const int *chunk_fds;     /* CUDA_VMM_FD: [n_chunks] fds of the physical chunks, in
-                                 address order (the executor dups them); the first one's
-                                 inode identifies the range */
+                                 address order; the first one (the same fd number, kept
+                                 open until unmap) identifies the range: exported chunks
+                                 all stat as the driver's one device node */
     const uint64_t *chunk_bytes; /* CUDA_VMM_FD: [n_chunks] their sizes */
     uint32_t n_chunks;        /* CUDA_VMM_FD: chunks mapped back to back */
     uint8_t ipc_handle[64];   /* CUDA_IPC: the allocation's cudaIpcMemHandle_t */

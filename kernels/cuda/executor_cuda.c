@@ -5,8 +5,10 @@
  * CUDA_VMM_FD ranges (PyTorch's expandable segments, the GPU workers' weight buffers) are
  * physical chunks each imported with cuMemImportFromShareableHandle and mapped back to
  * back at an address range reserved here, readable and writable by every visible GPU with
- * a peer path; the same range (the first chunk's fd names it) is imported once and
- * counted. Host segments are read by the kernels as
+ * a peer path; the same range (the same open fd of its first chunk, which the caller keeps
+ * until unmap) is imported once and counted. The fds' inode cannot name a range: the
+ * driver exports every allocation as an open of the same device node (/dev/nvidiactl),
+ * so all of them stat alike. Host segments are read by the kernels as
  * mapped pinned memory: a run registers (cudaHostRegister) the page-rounded ranges its host
  * sources cover, merged, and keeps them registered for the next runs; unmap of a host
  * reference (the bridge is about to munmap the segment) fences and unregisters every range
@@ -45,7 +47,9 @@
 
 /* One imported VMM range: chunks mapped back to back. */
 typedef struct vmm_entry {
-    uint64_t ino, dev;   /* st_ino / st_dev of the first chunk's fd: the range's identity */
+    int fd0;             /* the caller's fd of the first chunk (open until unmap) */
+    uint64_t ino, dev, rdev; /* its st_ino / st_dev / st_rdev when mapped */
+    uint64_t alloc;      /* the reference's alloc_bytes */
     CUmemGenericAllocationHandle *h; /* [n] the imported chunks */
     uint64_t *chunk;     /* [n] their sizes */
     uint32_t n;          /* chunks imported */
@@ -166,9 +170,16 @@ static void vmm_drop(vmm_entry *e)
     memset(e, 0, sizeof *e);
 }
 
-static int same_range(const vmm_entry *e, const struct stat *st)
+/* Whether ref (whose first chunk's fd stats as *st) names the range of e. Every exported
+ * chunk is an open of the driver's one device node, so inode and device match across
+ * unrelated allocations: the identity is the fd itself, which the caller keeps open from
+ * map to unmap (no other file can hold that number meanwhile), checked against the
+ * stat and the size for a caller that closed and reused it. */
+static int same_range(const vmm_entry *e, const rlb_exec_ref *ref, const struct stat *st)
 {
-    return e->ino == (uint64_t)st->st_ino && e->dev == (uint64_t)st->st_dev;
+    return e->fd0 == ref->chunk_fds[0] && e->ino == (uint64_t)st->st_ino &&
+           e->dev == (uint64_t)st->st_dev && e->rdev == (uint64_t)st->st_rdev &&
+           e->alloc == ref->alloc_bytes && e->n == ref->n_chunks;
 }
 
 static int vmm_map(cuda_exec *x, const rlb_exec_ref *ref, int dev, void **addr, char *err,
@@ -189,14 +200,16 @@ static int vmm_map(cuda_exec *x, const rlb_exec_ref *ref, int dev, void **addr, 
         return RLB_EINVAL;
     }
     for (uint32_t i = 0; i < x->n_vmm; i++)
-        if (same_range(&x->vmm[i], &st)) {
+        if (same_range(&x->vmm[i], ref, &st)) {
             x->vmm[i].refs++;
             *addr = (char *)(uintptr_t)x->vmm[i].va + ref->offset;
             return 0;
         }
     if (grow((void **)&x->vmm, &x->cap_vmm, x->n_vmm + 1, sizeof *x->vmm))
         return RLB_ENOMEM;
-    vmm_entry e = {.ino = (uint64_t)st.st_ino, .dev = (uint64_t)st.st_dev, .bytes = sum,
+    vmm_entry e = {.fd0 = ref->chunk_fds[0], .ino = (uint64_t)st.st_ino,
+                   .dev = (uint64_t)st.st_dev, .rdev = (uint64_t)st.st_rdev,
+                   .alloc = ref->alloc_bytes, .bytes = sum,
                    .refs = 1, .h = calloc(ref->n_chunks, sizeof(*e.h)),
                    .chunk = calloc(ref->n_chunks, sizeof(*e.chunk))};
     import_fn import;
@@ -253,7 +266,7 @@ static int vmm_unmap(cuda_exec *x, const rlb_exec_ref *ref)
     if (ref->n_chunks < 1 || !ref->chunk_fds || fstat(ref->chunk_fds[0], &st) != 0)
         return RLB_EINVAL;
     for (uint32_t i = 0; i < x->n_vmm; i++)
-        if (same_range(&x->vmm[i], &st)) {
+        if (same_range(&x->vmm[i], ref, &st)) {
             if (--x->vmm[i].refs == 0) {
                 vmm_drop(&x->vmm[i]);
                 x->vmm[i] = x->vmm[--x->n_vmm];
