@@ -553,6 +553,7 @@ static void run_invariant(rlb_ebackend *b, const model *m, int others, uint64_t 
         rlb__kv_table_free(&tab[q]);
     }
     rlb__kv_free(&kv);
+    f.b = NULL; /* the caller's backend serves the next run: the pass must not destroy it */
     rlb__forward_free(&f);
 }
 
