@@ -1015,7 +1015,7 @@ static void *xn_main(void *arg)
         RLB_LOG_ERROR(RLB_SUB_BRIDGE, "xnode: node %d: %s", x->node, why);
         pthread_mutex_lock(&x->mu);
         x->broken = 1;
-        snprintf(x->why, sizeof(x->why), "node %d: %s", x->node, why);
+        snprintf(x->why, sizeof(x->why), "node %d: %.480s", x->node, why);
     } else {
         RLB_LOG_INFO(RLB_SUB_BRIDGE, "xnode: node %d of %d connected to every other node's "
                      "bridge", x->node, x->nnodes);
