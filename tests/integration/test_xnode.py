@@ -153,8 +153,8 @@ class XnodeTest(unittest.TestCase):
         too (its rank reads the reason, unless its launcher stopped it first for the
         restart), the group restarts on both nodes from the committed version and finishes
         all 20 versions."""
-        job = Job(self, 2, 1, ["--versions", "20", "--check", "--die", "1:5:during"],
-                  restarts=1)
+        job = Job(self, 2, 1, ["--versions", "20", "--check", "--die", "1:5:during",
+                               "--republish", "3"], restarts=1)
         self.assertEqual(job.wait(90), [0, 0], "\n".join(o[-2000:] for o in job.out))
         self.assertIn("restarting the trainer group", job.out[0])
         self.assertNotRegex(job.out[0], r"\[trainer 0\] synced 5 .*\n(.*\n)*.*\[trainer 0\] "

@@ -2,6 +2,7 @@
  * `rlb launch --no-python` on every node with torchrun's environment.
  *
  *   xnode_trainer [--layout fsdp2|fsdp1] [--versions N] [--check]
+ *                 [--republish N] (publish an aborted version again, up to N times)
  *                 [--die RANK:V:when]   when: before (kill -9 itself before publishing V),
  *                                       during (a helper kills it just after), or stall
  *                                       (sleep two minutes instead of publishing V)
@@ -175,7 +176,7 @@ int main(int argc, char **argv)
 {
     h_layout layout = H_FSDP2;
     uint64_t versions = 20;
-    int check = 0, die_rank = -1;
+    int check = 0, die_rank = -1, republish = 0, tries = 0;
     uint64_t die_v = 0;
     char die_when[16] = "";
     for (int i = 1; i < argc; i++) {
@@ -185,6 +186,8 @@ int main(int argc, char **argv)
             versions = strtoull(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--check"))
             check = 1;
+        else if (!strcmp(argv[i], "--republish") && i + 1 < argc)
+            republish = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--die") && i + 1 < argc &&
                  sscanf(argv[++i], "%d:%" SCNu64 ":%15s", &die_rank, &die_v, die_when) == 3)
             continue;
@@ -221,6 +224,11 @@ int main(int argc, char **argv)
         rc = rlb_publish(t.c, v, &st);
         if (rc) {
             printf("aborted %" PRIu64 ": %s\n", v, rlb_last_error(t.c));
+            /* What an RL trainer does after an abort: publish the same weights again. */
+            if (rc == RLB_EABORTED && tries++ < republish) {
+                v--;
+                continue;
+            }
             return 3;
         }
         printf("synced %" PRIu64 " (%.2f ms)\n", v, st.ms);
