@@ -15,9 +15,6 @@ if(TARGET rlb AND TARGET rlb_xport)
                      $<TARGET_FILE:rlb> $<TARGET_FILE:xnode_trainer>)
     set_tests_properties(test_xnode PROPERTIES LABELS integration TIMEOUT 300
                          SKIP_RETURN_CODE 77)
-    if(RLB_ASAN OR RLB_TSAN)
-      set_property(TEST test_xnode APPEND PROPERTY ENVIRONMENT RLB_TEST_SANITIZED=1)
-    endif()
   endif()
 endif()
 # test_launch and test_xnode both check that no /tmp/rlb-launch-* directory is left behind:
