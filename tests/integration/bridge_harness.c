@@ -88,6 +88,15 @@ static pid_t spawn(void)
     return pid;
 }
 
+int h_start_simple(h_run *r, h_trainer *t, rlb_sync_mode mode, uint32_t replicas)
+{
+    if (h_start(r, mode) || h_workers(r, replicas, 1) || h_trainer_open(r, t, 0, 1, H_FSDP2) ||
+        h_wait_workers(r, t->c, replicas, replicas))
+        return -1;
+    h_trainer_fill(t, 1);
+    return rlb_publish(t->c, 1, NULL) == 0 ? 0 : -1;
+}
+
 int h_teardown(void **state)
 {
     (void)state;

@@ -74,6 +74,9 @@ int h_stop(h_run *r, rlb_client *tool);
 /* Kills whatever the harness started that still runs and removes the run's directory
  * (the teardown of every test: a failed assertion leaves the test half-way). */
 void h_cleanup(void);
+/* One FSDP2 trainer rank of world 1 with version 1 committed, and `replicas` TP-1 workers
+ * (the start of most single-trainer tests). Returns 0 or -1. */
+int h_start_simple(h_run *r, h_trainer *t, rlb_sync_mode mode, uint32_t replicas);
 /* h_cleanup as a cmocka teardown. */
 int h_teardown(void **state);
 

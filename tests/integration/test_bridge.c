@@ -165,24 +165,13 @@ static void raw_close(raw *w)
     rlb__conn_close(w->c);
 }
 
-/* One trainer rank (world 1, FSDP2) with version 1 published, and `workers` TP-1 replicas. */
-static void start_simple(h_run *r, h_trainer *t, rlb_sync_mode mode, uint32_t replicas)
-{
-    assert_int_equal(h_start(r, mode), 0);
-    assert_int_equal(h_workers(r, replicas, 1), 0);
-    assert_int_equal(h_trainer_open(r, t, 0, 1, H_FSDP2), 0);
-    assert_int_equal(h_wait_workers(r, t->c, replicas, replicas), 0);
-    h_trainer_fill(t, 1);
-    assert_int_equal(rlb_publish(t->c, 1, NULL), 0);
-}
-
 static void test_sleep_wake(void **state)
 {
     (void)state;
     h_run r;
     h_trainer t;
     raw w;
-    start_simple(&r, &t, RLB_SYNC_PAUSE, 1);
+    assert_int_equal(h_start_simple(&r, &t, RLB_SYNC_PAUSE, 1), 0);
     raw_open(&r, &w, 1);
     rlb_msg m = {.type = RLB_MSG_SLEEP};
     raw_send(&w, &m);
@@ -227,7 +216,7 @@ static void test_worker_killed(void **state)
     (void)state;
     h_run r;
     h_trainer t;
-    start_simple(&r, &t, RLB_SYNC_PAUSE, 2);
+    assert_int_equal(h_start_simple(&r, &t, RLB_SYNC_PAUSE, 2), 0);
     int32_t prompt[3] = {11, 12, 13};
     rlb_sampling_params sp;
     rlb_sampling_params_init(&sp);
@@ -316,7 +305,7 @@ static void test_malformed(void **state)
     h_trainer t;
     raw w, fresh;
     int code;
-    start_simple(&r, &t, RLB_SYNC_PAUSE, 1);
+    assert_int_equal(h_start_simple(&r, &t, RLB_SYNC_PAUSE, 1), 0);
     raw_open(&r, &w, 1);
     const uint8_t garbage[] = {0xc1, 0x00, 0xff, 0x12};
     raw_send_bytes(&w, garbage, sizeof(garbage));

@@ -22,24 +22,13 @@
 
 #define MAX_TOKENS 8
 
-/* One FSDP2 trainer rank of world 1 with version 1 committed, and `replicas` TP-1 workers. */
-static void start(h_run *r, h_trainer *t, rlb_sync_mode mode, uint32_t replicas)
-{
-    assert_int_equal(h_start(r, mode), 0);
-    assert_int_equal(h_workers(r, replicas, 1), 0);
-    assert_int_equal(h_trainer_open(r, t, 0, 1, H_FSDP2), 0);
-    assert_int_equal(h_wait_workers(r, t->c, replicas, replicas), 0);
-    h_trainer_fill(t, 1);
-    assert_int_equal(rlb_publish(t->c, 1, NULL), 0);
-}
-
 static void test_poisoned_version_aborted(void **state)
 {
     (void)state;
     h_run r;
     h_trainer t;
     int32_t prompt[3] = {4, 8, 15};
-    start(&r, &t, RLB_SYNC_STAGED, 1);
+    assert_int_equal(h_start_simple(&r, &t, RLB_SYNC_STAGED, 1), 0);
     h_trainer_fill(&t, 2);
     assert_int_equal(h_trainer_poison(&t, "lm_head.weight", 5, __builtin_nanf("")), 0);
     assert_int_equal(h_trainer_poison(&t, "lm_head.weight", 700, -__builtin_inff()), 0);
@@ -68,7 +57,7 @@ static void test_poisoned_version_allowed(void **state)
     h_trainer t;
     int32_t prompt[3] = {16, 23, 42};
     setenv("RLB_NONFINITE", "allow", 1); /* the forked bridge inherits it */
-    start(&r, &t, RLB_SYNC_PAUSE, 2);
+    assert_int_equal(h_start_simple(&r, &t, RLB_SYNC_PAUSE, 2), 0);
     unsetenv("RLB_NONFINITE");
     h_trainer_fill(&t, 2);
     assert_int_equal(h_trainer_poison(&t, "model.norm.weight", 0, __builtin_nanf("")), 0);
