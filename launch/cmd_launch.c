@@ -479,17 +479,37 @@ static int start_rollout(launcher *L)
                       o->model ? "--model" : "--tiny", (char *)o->model, NULL};
     if (spawn(L, b, bridge, env) < 0 || wait_ready(L, 0) < 0)
         goto out;
-    char replica[16], replicas[16], tp_rank[16], tp[16];
+    char replica[16], replicas[16], tp_rank[16], tp[16], gpu[16], util[32];
     snprintf(replicas, sizeof(replicas), "%d", o->rollout_replicas);
     snprintf(tp, sizeof(tp), "%d", o->rollout_tp);
+    /* GPU workers go round the visible GPUs, one TP rank per GPU where there are enough;
+     * workers that share a GPU split --gpu-memory-utilization between them. */
+    int workers = L->first_trainer - 1;
+    int gpus = strcmp(o->device, "cpu") ? rlb__launch_count_gpus() : 0;
+    int per_gpu = gpus ? (workers + gpus - 1) / gpus : 1;
+    snprintf(util, sizeof(util), "%.4f", o->gpu_mem_util / per_gpu);
     for (int i = 1; i < L->first_trainer; i++) {
         int d = (i - 1) / o->rollout_tp, t = (i - 1) % o->rollout_tp;
         snprintf(replica, sizeof(replica), "%d", d);
         snprintf(tp_rank, sizeof(tp_rank), "%d", t);
-        char *worker[] = {L->self, "worker", "--bridge", L->socket, "--replica", replica,
-                          "--replicas", replicas, "--tp-rank", tp_rank, "--tp-size", tp,
-                          "--quant", (char *)o->quant, o->model ? "--model" : "--tiny",
-                          (char *)o->model, NULL};
+        snprintf(gpu, sizeof(gpu), "%d", gpus ? (i - 1) % gpus : 0);
+        char *worker[24] = {L->self, "worker", "--bridge", L->socket, "--replica", replica,
+                            "--replicas", replicas, "--tp-rank", tp_rank, "--tp-size", tp,
+                            "--quant", (char *)o->quant};
+        int n = 14;
+        if (o->model) {
+            worker[n++] = "--model";
+            worker[n++] = (char *)o->model;
+        } else {
+            worker[n++] = "--tiny";
+        }
+        if (gpus) {
+            worker[n++] = "--gpu";
+            worker[n++] = gpu;
+            worker[n++] = "--gpu-memory-utilization";
+            worker[n++] = util;
+        }
+        worker[n] = NULL;
         if (spawn(L, &L->kids[i], worker, env) < 0)
             goto out;
     }

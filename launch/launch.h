@@ -43,11 +43,15 @@ typedef struct rlb_launch_opts {
     const char *mode;             /* --mode pause|staged (default pause) */
     const char *model;            /* --model DIR; NULL = --tiny, the built-in tiny model */
     const char *device;           /* --device auto|cpu|cuda (RLB_DEVICE of the daemons) */
-    const char *quant;            /* --quant none|int8 (the workers' post-load processing) */
+    const char *quant;            /* --quant none|int8|fp8|fp8-channel (post-load processing) */
+    double gpu_mem_util;          /* --gpu-memory-utilization of each rollout GPU (0.9) */
     /* what to run */
     char **script_argv;           /* SCRIPT [args...] */
     int script_argc;
 } rlb_launch_opts;
+
+/* GPUs visible on this machine, counted without CUDA (the NVIDIA device nodes). */
+int rlb__launch_count_gpus(void);
 
 /* Parses `rlb launch` arguments (argv[0] = "launch") into o. Returns 0, 1 after --help
  * (usage printed to stdout), or 2 after a usage error (one line on stderr). */

@@ -5,6 +5,7 @@
  * everything after it is the script's.
  */
 #include <dirent.h>
+#include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,7 +19,7 @@ enum {
     O_RDZV_ENDPOINT, O_RDZV_ID, O_RDZV_CONF, O_STANDALONE, O_MAX_RESTARTS, O_MONITOR,
     O_START_METHOD, O_ROLE, O_NO_PYTHON, O_RUN_PATH, O_LOG_DIR, O_LOCAL_FILTER, O_LOCAL_ADDR,
     O_LOGS_SPECS, O_ROLLOUT_TP, O_ROLLOUT_REPLICAS, O_ROLLOUT_GPUS, O_MODE, O_MODEL, O_TINY,
-    O_DEVICE, O_QUANT, O_HELP,
+    O_DEVICE, O_QUANT, O_GPU_MEM, O_HELP,
 };
 
 /* Each of torchrun's options under both its spellings. */
@@ -56,6 +57,7 @@ static const struct option longopts[] = {
     {"tiny", no_argument, NULL, O_TINY},
     {"device", required_argument, NULL, O_DEVICE},
     {"quant", required_argument, NULL, O_QUANT},
+    {"gpu-memory-utilization", required_argument, NULL, O_GPU_MEM},
     {"help", no_argument, NULL, O_HELP},
     {NULL, 0, NULL, 0}};
 
@@ -77,7 +79,11 @@ static void usage(FILE *f)
         "  --mode pause|staged    sync mode (default pause)\n"
         "  --model DIR | --tiny   the workers' model (default: the built-in tiny model)\n"
         "  --device auto|cpu|cuda the daemons' backend (RLB_DEVICE)\n"
-        "  --quant none|int8      the workers' post-load processing (default none)\n");
+        "  --quant Q              the workers' post-load processing: none (default), int8,\n"
+        "                         fp8, fp8-channel (fp8 on GPU workers only)\n"
+        "  --gpu-memory-utilization F\n"
+        "                         share of each rollout GPU the workers fill (default 0.9),\n"
+        "                         split evenly between workers that share a GPU\n");
 }
 
 static int bad(const char *what, const char *value)
@@ -97,7 +103,7 @@ static int parse_int(const char *s, int lo, int hi, int *out)
 }
 
 /* GPUs visible on this machine, counted without CUDA: the NVIDIA device nodes. */
-static int count_gpus(void)
+int rlb__launch_count_gpus(void)
 {
     int n = 0;
     DIR *d = opendir("/dev");
@@ -119,9 +125,9 @@ static int parse_nproc(rlb_launch_opts *o, const char *s)
     if (!strcmp(s, "cpu"))
         o->nproc = (int)cpus;
     else if (!strcmp(s, "gpu"))
-        o->nproc = count_gpus();
+        o->nproc = rlb__launch_count_gpus();
     else if (!strcmp(s, "auto"))
-        o->nproc = count_gpus() ? count_gpus() : (int)cpus;
+        o->nproc = rlb__launch_count_gpus() ? rlb__launch_count_gpus() : (int)cpus;
     else if (parse_int(s, 1, 65536, &o->nproc) < 0)
         return bad("--nproc-per-node is a number, cpu, gpu or auto, not", s);
     if (o->nproc < 1) {
@@ -207,7 +213,11 @@ static void defaults(rlb_launch_opts *o)
                            .join_timeout_s = 600, .last_call_s = 30, .monitor_interval = 0.1,
                            .start_method = "spawn", .role = "default", .rollout_tp = 1,
                            .rollout_replicas = 1, .mode = "pause", .device = "auto",
-                           .quant = "none"};
+                           .quant = "none", .gpu_mem_util = 0.9};
+    /* the daemons' backend follows RLB_DEVICE unless --device says otherwise */
+    const char *env = getenv("RLB_DEVICE");
+    if (env && (!strcmp(env, "auto") || !strcmp(env, "cpu") || !strcmp(env, "cuda")))
+        o->device = env;
 }
 
 int rlb__launch_parse(int argc, char **argv, rlb_launch_opts *o)
@@ -299,10 +309,19 @@ int rlb__launch_parse(int argc, char **argv, rlb_launch_opts *o)
             o->device = optarg;
             break;
         case O_QUANT:
-            if (strcmp(optarg, "none") && strcmp(optarg, "int8"))
-                rc = bad("--quant is none or int8, not", optarg);
+            if (strcmp(optarg, "none") && strcmp(optarg, "int8") && strcmp(optarg, "fp8") &&
+                strcmp(optarg, "fp8-channel"))
+                rc = bad("--quant is none, int8, fp8 or fp8-channel, not", optarg);
             o->quant = optarg;
             break;
+        case O_GPU_MEM: {
+            char *tail;
+            errno = 0;
+            o->gpu_mem_util = strtod(optarg, &tail);
+            if (errno || tail == optarg || *tail || !(o->gpu_mem_util > 0) || o->gpu_mem_util > 1)
+                rc = bad("--gpu-memory-utilization is a number in (0, 1], not", optarg);
+            break;
+        }
         case O_HELP: usage(stdout); return 1;
         default: usage(stderr); return 2;
         }

@@ -48,3 +48,11 @@ if(TARGET rlb_engine_cuda)
   add_dependencies(test_gpu_bridge rlb)
   target_compile_definitions(test_gpu_bridge PRIVATE RLB_BIN="$<TARGET_FILE:rlb>")
 endif()
+
+# These tests check that device memory returns to its baseline, and cudaMemGetInfo counts
+# every process on the GPU: they run alone, not beside other tests that hold device memory.
+foreach(t test_client_cuda test_cuda_backend test_cuda_executor test_cuda_ipc)
+  if(TEST ${t})
+    set_tests_properties(${t} PROPERTIES RUN_SERIAL TRUE)
+  endif()
+endforeach()

@@ -45,6 +45,12 @@ def user_env(prefix=None, **extra):
     the build tree (the test itself may run with RLBRIDGE_LIB or PYTHONPATH set)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RLBRIDGE_LIB", "PYTHONPATH", "LD_LIBRARY_PATH", "LD_PRELOAD")}
+    # The machine's own library path stays (where the system's packages are not in the
+    # default places); only entries inside the build tree go.
+    keep = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep)
+            if d and not os.path.abspath(d).startswith(os.path.abspath(ARGS.build))]
+    if keep:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(keep)
     if prefix:
         env["PATH"] = os.path.join(prefix, "bin") + os.pathsep + env.get("PATH", "")
     env.update(extra)
