@@ -10,6 +10,14 @@
  *   decode_b1_fraction_of_floor   (weight bytes + KV bytes read per step) / copy_gbs over
  *                         the measured batch-1 step time (1.0 = at the bandwidth floor)
  *   decode_b1_graphs_off_tok_s    batch 1 with CUDA graphs off
+ *   decode_b1_pdl_off_tok_s       batch 1 without programmatic dependent launch
+ *                         (RLB_CUDA_PDL=0, kernels/cuda/pdl.cuh)
+ *   decode_b{1,32}_fp8_tok_s      --quant fp8 (weight-only e4m3, per tensor) at batch 1, 32
+ *   gemm_tflops           a bf16 cuBLASLt GEMM of 8192^3 (fp32 accumulation), best of 10,
+ *                         in the same run
+ *   decode_bN_fraction_of_roofline   for the largest batch N: the step time the roofline
+ *                         allows, max((weights + KV bytes read) / copy_gbs, FLOPs /
+ *                         gemm_tflops), over the measured step time
  *   decode_b1_no_gemv_tok_s       batch 1 with cuBLASLt for every product instead of the
  *                         decode GEMV (kernels/cuda/gemv.h)
  *   decode_b{1,32}_batch_invariant_tok_s, prefill_batch_invariant_tok_s   the same in
@@ -28,6 +36,7 @@
 #include <string.h>
 #include <time.h>
 
+#include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
 #include "kernels/cuda/gemv.h"
@@ -205,19 +214,78 @@ static double decode(bench_run *r)
     return (double)B * (double)(r->new_tokens - 2) / dt;
 }
 
+/* Dense bf16 GEMM rate (fp32 accumulation) of cuBLASLt on an 8192^3 product, TFLOP/s. */
+static double gemm_tflops(void)
+{
+    const int64_t n = 8192;
+    void *a, *b, *c, *ws;
+    const size_t ws_bytes = 32u << 20;
+    if (cudaMalloc(&a, (size_t)(n * n) * 2) != cudaSuccess ||
+        cudaMalloc(&b, (size_t)(n * n) * 2) != cudaSuccess ||
+        cudaMalloc(&c, (size_t)(n * n) * 2) != cudaSuccess ||
+        cudaMalloc(&ws, ws_bytes) != cudaSuccess)
+        die("gemm buffers", RLB_ENOMEM);
+    cudaMemset(a, 0, (size_t)(n * n) * 2);
+    cudaMemset(b, 0, (size_t)(n * n) * 2);
+    cublasLtHandle_t lt;
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t la;
+    cublasLtMatmulPreference_t pref;
+    cublasLtMatmulHeuristicResult_t heur;
+    int found = 0;
+    if (cublasLtCreate(&lt) || cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) ||
+        cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, (uint64_t)n, (uint64_t)n, n) ||
+        cublasLtMatmulPreferenceCreate(&pref) ||
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                             &ws_bytes, sizeof ws_bytes) ||
+        cublasLtMatmulAlgoGetHeuristic(lt, op, la, la, la, la, pref, 1, &heur, &found) ||
+        !found)
+        die("cuBLASLt GEMM setup", RLB_ECUDA);
+    const float one = 1.0f, zero = 0.0f;
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    double best = 0;
+    for (int i = 0; i < 11; i++) {
+        cudaEventRecord(e0, 0);
+        if (cublasLtMatmul(lt, op, &one, a, la, b, la, &zero, c, la, c, la, &heur.algo, ws,
+                           ws_bytes, 0))
+            die("cuBLASLt GEMM", RLB_ECUDA);
+        cudaEventRecord(e1, 0);
+        cudaEventSynchronize(e1);
+        float ms;
+        cudaEventElapsedTime(&ms, e0, e1);
+        double t = 2.0 * (double)n * (double)n * (double)n / (ms * 1e-3) / 1e12;
+        best = i > 0 && t > best ? t : best; /* the first call warms up */
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(la);
+    cublasLtMatmulDescDestroy(op);
+    cublasLtDestroy(lt);
+    cudaFree(a);
+    cudaFree(b);
+    cudaFree(c);
+    cudaFree(ws);
+    return best;
+}
+
 typedef struct shape_result {
     double tok_s[MAX_BATCHES], b1_graphs_off, b1_no_gemv, prefill_tok_s, fraction;
+    double b1_pdl_off, fp8_tok_s[2], roofline_fraction;
     double invariant_tok_s[2], invariant_prefill_tok_s; /* batch-invariant mode */
     uint64_t weight_bytes, kv_bytes_b1;
 } shape_result;
 
-/* The backend options of a run: graphs, the GEMV, batch invariance. */
-static rlb_cuda_backend_opts run_opts(int graphs, int gemv, int invariant)
+/* The backend options of a run: graphs, the GEMV, batch invariance, quantization. */
+static rlb_cuda_backend_opts run_opts(int graphs, int gemv, int invariant, rlb_quant quant)
 {
     rlb_cuda_backend_opts o = RLB_CUDA_BACKEND_OPTS_INIT;
     o.graphs = graphs;
     o.no_gemv = !gemv;
     o.batch_invariant = invariant;
+    o.quant = quant;
     return o;
 }
 
@@ -376,10 +444,13 @@ int rlb__bench_engine_cuda(int argc, char **argv)
     struct cudaDeviceProp prop;
     cudaGetDeviceProperties(&prop, 0);
     const double gbs = copy_gbs();
+    const double tflops = gemv_only ? 0 : gemm_tflops();
     printf("rlb-bench-engine --device cuda on %s: copy %.0f GB/s; prompt %d, %lld new tokens, "
            "bf16, TP 1\n", prop.name, gbs, PROMPT, (long long)new_tokens);
     char json[8192];
     int jn = snprintf(json, sizeof json, "{\"device\":\"%s\",\"copy_gbs\":%.1f", prop.name, gbs);
+    if (!gemv_only)
+        jn += snprintf(json + jn, sizeof json - (size_t)jn, ",\"gemm_tflops\":%.1f", tflops);
     if (gemv_only)
         return bench_gemv(shapes, gbs, json, sizeof json, jn);
     static const char *names[2] = {"1b", "8b"};
@@ -398,19 +469,45 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         sr.kv_bytes_b1 = (uint64_t)(PROMPT + new_tokens / 2) * 2 * (uint64_t)cfg.n_layers *
                          (uint64_t)l.kvt * (uint64_t)cfg.head_dim * 2;
         const int ni = nb < 2 ? nb : 2;
-        run_shape(&l, run_opts(1, 1, 0), batches, nb, new_tokens, sr.tok_s, &sr.prefill_tok_s);
-        run_shape(&l, run_opts(0, 1, 0), batches, 1, new_tokens, &sr.b1_graphs_off, NULL);
-        run_shape(&l, run_opts(1, 0, 0), batches, 1, new_tokens, &sr.b1_no_gemv, NULL);
-        run_shape(&l, run_opts(1, 1, 1), batches, ni, new_tokens, sr.invariant_tok_s,
+        const rlb_quant none = RLB_QUANT_NONE;
+        run_shape(&l, run_opts(1, 1, 0, none), batches, nb, new_tokens, sr.tok_s,
+                  &sr.prefill_tok_s);
+        run_shape(&l, run_opts(0, 1, 0, none), batches, 1, new_tokens, &sr.b1_graphs_off,
+                  NULL);
+        run_shape(&l, run_opts(1, 0, 0, none), batches, 1, new_tokens, &sr.b1_no_gemv, NULL);
+        run_shape(&l, run_opts(1, 1, 1, none), batches, ni, new_tokens, sr.invariant_tok_s,
                   &sr.invariant_prefill_tok_s);
+        run_shape(&l, run_opts(1, 1, 0, RLB_QUANT_FP8), batches, ni, new_tokens, sr.fp8_tok_s,
+                  NULL);
+        setenv("RLB_CUDA_PDL", "0", 1); /* read when the backend starts */
+        run_shape(&l, run_opts(1, 1, 0, none), batches, 1, new_tokens, &sr.b1_pdl_off, NULL);
+        unsetenv("RLB_CUDA_PDL");
         const double floor_s = (double)(sr.weight_bytes + sr.kv_bytes_b1) / (gbs * 1e9);
         sr.fraction = floor_s * sr.tok_s[0];
+        /* the largest batch against the roofline: each of its B sequences reads its keys
+         * and values (PROMPT + new / 2 on average) and spends 2 FLOPs per weight of every
+         * matrix, plus 4 * context * head_dim per query head and layer in attention */
+        const double B = (double)batches[nb - 1], ctx = PROMPT + new_tokens / 2.0;
+        const double kv_bytes = B * (double)sr.kv_bytes_b1;
+        const double flops =
+            B * (2.0 * (double)(sr.weight_bytes - (uint64_t)l.cfg.hidden * 2 *
+                                                      (uint64_t)(2 * l.cfg.n_layers + 1)) / 2.0 +
+                 4.0 * ctx * (double)cfg.head_dim * (double)cfg.n_heads * cfg.n_layers);
+        const double roof_s = fmax(((double)sr.weight_bytes + kv_bytes) / (gbs * 1e9),
+                                   flops / (tflops * 1e12));
+        sr.roofline_fraction = roof_s * sr.tok_s[nb - 1] / B;
         printf("%s: weights %.2f GB read per step; floor at batch 1 %.1f tok/s\n", names[big],
                (double)sr.weight_bytes / 1e9, 1.0 / floor_s);
         for (int i = 0; i < nb; i++)
             printf("  decode batch %-4lld %10.1f tok/s\n", (long long)batches[i], sr.tok_s[i]);
         printf("  decode batch 1, graphs off %10.1f tok/s\n", sr.b1_graphs_off);
         printf("  decode batch 1, cuBLASLt (no GEMV) %10.1f tok/s\n", sr.b1_no_gemv);
+        printf("  decode batch 1, PDL off %10.1f tok/s\n", sr.b1_pdl_off);
+        for (int i = 0; i < ni; i++)
+            printf("  decode batch %-4lld fp8 %10.1f tok/s\n", (long long)batches[i],
+                   sr.fp8_tok_s[i]);
+        printf("  decode batch %lld: %.3f of the roofline (%.0f TFLOP/s GEMM)\n",
+               (long long)batches[nb - 1], sr.roofline_fraction, tflops);
         for (int i = 0; i < ni; i++)
             printf("  decode batch %-4lld batch-invariant %10.1f tok/s\n", (long long)batches[i],
                    sr.invariant_tok_s[i]);
@@ -427,6 +524,12 @@ int rlb__bench_engine_cuda(int argc, char **argv)
             jn += snprintf(json + jn, sizeof json - (size_t)jn,
                            ",\"decode_b%lld_batch_invariant_tok_s\":%.1f",
                            (long long)batches[i], sr.invariant_tok_s[i]);
+        for (int i = 0; i < ni; i++)
+            jn += snprintf(json + jn, sizeof json - (size_t)jn, ",\"decode_b%lld_fp8_tok_s\":%.1f",
+                           (long long)batches[i], sr.fp8_tok_s[i]);
+        jn += snprintf(json + jn, sizeof json - (size_t)jn,
+                       ",\"decode_b1_pdl_off_tok_s\":%.1f,\"decode_b%lld_fraction_of_roofline\":"
+                       "%.3f", sr.b1_pdl_off, (long long)batches[nb - 1], sr.roofline_fraction);
         jn += snprintf(json + jn, sizeof json - (size_t)jn,
                        ",\"prefill_batch_invariant_tok_s\":%.1f", sr.invariant_prefill_tok_s);
         jn += snprintf(json + jn, sizeof json - (size_t)jn,

@@ -35,6 +35,8 @@
       "waits in a collective for a live peer before it fails the step")                   \
     X(CUDA_PEER, "RLB_CUDA_PEER", "auto", "how a GPU reads weights on another GPU: auto " \
       "(peer access where the GPUs have a peer path, staged copies otherwise) or staged") \
+    X(CUDA_PDL, "RLB_CUDA_PDL", "1", "1: the GPU engine's kernels use programmatic "      \
+      "dependent launch (each starts while the one before it finishes); 0: plain launches") \
     X(CUDA_STAGE_BYTES, "RLB_CUDA_STAGE_BYTES", "16777216", "bytes of each of the two "   \
       "device staging buffers of a staged read from another GPU")                         \
     X(NONFINITE, "RLB_NONFINITE", "abort", "what a sync does when the weights it copies "  \

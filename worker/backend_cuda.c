@@ -17,9 +17,14 @@
  * absorb them: rmsnorm(X -> H) is remembered and the linear that reads H next runs the
  * GEMV with the norm fused (it reads X); a linear into PROJ at TP 1 is remembered and the
  * add(X, PROJ) that follows runs it with the residual add fused (X += y in its epilogue).
- * Any other op first issues what is pending in its plain form, so every op keeps the
- * meaning ebackend.h gives it. Per layer that leaves GEMV qkv, rope_store, attention, GEMV
- * o, GEMV gate_up, swiglu and GEMV down; the final norm fuses into the LM head likewise.
+ * swiglu is remembered and the down projection's GEMV computes it as it reads GU. Any other
+ * op first issues what is pending in its plain form, so every op keeps the meaning
+ * ebackend.h gives it. Per layer that leaves GEMV qkv, rope_store, attention, GEMV o, GEMV
+ * gate_up and GEMV down; the final norm fuses into the LM head likewise.
+ *
+ * The engine's kernels launch with programmatic dependent launch (kernels/cuda/pdl.cuh;
+ * RLB_CUDA_PDL=0 turns it off): each may start while the one before it finishes, and the
+ * GEMV streams its first weights before it waits.
  *
  * GEMMs: cuBLASLt, y[n, m] = x[n, k] . W[m, k]^T as the column-major product
  * W^T(k x m, transposed) x X(k x n) -> Y(m x n), inputs in the weights' dtype, float32
@@ -51,6 +56,7 @@
 #include <nccl.h>
 #endif
 
+#include "common/env.h"
 #include "common/log.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/sample.h"
@@ -170,6 +176,9 @@ typedef struct cuda_backend {
                                * issued (the add into X fuses with it), or -1 */
     int pending_proj_layer;   /* its layer */
     int pending_proj_src;     /* its input buffer */
+    int pending_proj_swiglu;  /* its input is the swiglu of GU, fused into the GEMV */
+    int pending_swiglu;       /* GEMV step: swiglu(GU -> ACT) not yet issued (the down
+                               * projection's GEMV computes it as it reads) */
     int bucket;               /* graph bucket of the step, or -1 */
     int capturing;
 
@@ -680,11 +689,17 @@ static int flush_pending(cuda_backend *c)
         rc = rlb__eo_rmsnorm(c->stream, c->buf[RLB_EBUF_X], NULL, w, c->dt, c->rows, c->D,
                              c->eps, c->buf[RLB_EBUF_H], c->dt);
     }
+    if (!rc && c->pending_swiglu) {
+        c->pending_swiglu = 0;
+        rc = rlb__eo_swiglu(c->stream, c->buf[RLB_EBUF_GU], c->rows, c->inter,
+                            c->buf[RLB_EBUF_ACT], c->dt);
+    }
     if (!rc && c->pending_proj_kind >= 0) {
         const rlb_wkind w = (rlb_wkind)c->pending_proj_kind;
+        rlb_eo_gemv_fuse f = {.swiglu_gu = c->buf[RLB_EBUF_GU]};
         c->pending_proj_kind = -1;
         rc = linear_issue(c, w, c->pending_proj_layer, (rlb_ebuf)c->pending_proj_src,
-                          RLB_EBUF_PROJ, NULL);
+                          RLB_EBUF_PROJ, c->pending_proj_swiglu ? &f : NULL);
     }
     if (!rc && c->pending_add >= 0) {
         int src = c->pending_add;
@@ -721,6 +736,7 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
     c->pending_add = -1;
     c->pending_norm = NULL;
     c->pending_proj_kind = -1;
+    c->pending_swiglu = 0;
     if (!bt || !kv || !kv->k || bt->rows < 1 || bt->n_spans < 1 || bt->out < 0 ||
         bt->out > bt->rows || kv->n_layers != c->n_layers || kv->kvt != c->kvt ||
         kv->hd != c->hd)
@@ -897,15 +913,21 @@ static int be_linear(rlb_ebackend *b, rlb_wkind w, int layer, rlb_ebuf src, rlb_
         c->pending_norm = NULL;
         return step_fail(c, linear_issue(c, w, layer, src, dst, &f));
     }
+    /* the swiglu deferred for this GEMV is computed by it, not issued */
+    const int swiglu = gemv && src == RLB_EBUF_ACT && c->pending_swiglu;
+    if (swiglu)
+        c->pending_swiglu = 0;
     int rc = flush_pending(c);
     if (!rc && gemv && dst == RLB_EBUF_PROJ && c->T == 1 && w != RLB_W_QKV) {
         c->pending_proj_kind = (int)w; /* the add(X, PROJ) that follows fuses with it */
         c->pending_proj_layer = layer;
         c->pending_proj_src = (int)src;
+        c->pending_proj_swiglu = swiglu;
         return 0;
     }
+    rlb_eo_gemv_fuse f = {.swiglu_gu = c->buf[RLB_EBUF_GU]};
     if (!rc)
-        rc = linear_issue(c, w, layer, src, dst, NULL);
+        rc = linear_issue(c, w, layer, src, dst, swiglu ? &f : NULL);
     return step_fail(c, rc);
 }
 
@@ -951,6 +973,10 @@ static int be_swiglu(rlb_ebackend *b)
 {
     cuda_backend *c = cb(b);
     int rc = flush_pending(c);
+    if (!rc && gemv_rows(c, c->rows, wq_of(c, RLB_W_DOWN, 0))) {
+        c->pending_swiglu = 1; /* the down projection's GEMV computes it as it reads */
+        return 0;
+    }
     if (!rc)
         rc = rlb__eo_swiglu(c->stream, c->buf[RLB_EBUF_GU], c->rows, c->inter,
                             c->buf[RLB_EBUF_ACT], c->dt);
@@ -965,7 +991,8 @@ static int be_add(rlb_ebackend *b, rlb_ebuf dst, rlb_ebuf src)
         return step_fail(c, RLB_EINVAL);
     if (dst == RLB_EBUF_X && src == RLB_EBUF_PROJ && c->pending_proj_kind >= 0 &&
         !c->pending_norm && c->pending_add < 0) {
-        rlb_eo_gemv_fuse f = {.residual = c->buf[RLB_EBUF_X]};
+        rlb_eo_gemv_fuse f = {.residual = c->buf[RLB_EBUF_X],
+                              .swiglu_gu = c->pending_proj_swiglu ? c->buf[RLB_EBUF_GU] : NULL};
         const rlb_wkind w = (rlb_wkind)c->pending_proj_kind;
         c->pending_proj_kind = -1;
         return step_fail(c, linear_issue(c, w, c->pending_proj_layer,
@@ -1430,6 +1457,7 @@ int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weig
         return RLB_ENOMEM;
     }
     const rlb_model_config *cfg = &layout->cfg;
+    rlb__eo_set_pdl(rlb__env_int(RLB_KNOB_CUDA_PDL) != 0);
     c->base.iface = &cuda_iface;
     c->base.layout = layout;
     c->opts = *opts;

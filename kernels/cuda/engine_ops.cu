@@ -40,6 +40,7 @@
 #include "kernels/cpu/noise.h"
 #include "kernels/cpu/sample.h"
 #include "kernels/cuda/convert.cuh"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/cuda_check.h"
 
 namespace {
@@ -163,6 +164,7 @@ template <typename T>
 __global__ void embed_kernel(const T *table, int64_t vocab0, int64_t v_local, int64_t D,
                              const int32_t *tokens, float *x)
 {
+    RLB_PDL_ENTRY();
     int64_t r = blockIdx.x, local = (int64_t)tokens[r] - vocab0;
     bool mine = local >= 0 && local < v_local;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
@@ -174,6 +176,7 @@ template <typename W, typename Y>
 __global__ void rmsnorm_kernel(float *x, const float *a, const int32_t *rows_index,
                                const W *w, int64_t D, float eps, Y *y)
 {
+    RLB_PDL_ENTRY();
     int64_t r = blockIdx.x, src = rows_index ? rows_index[r] : r;
     float *xr = x + src * D;
     double ss = 0.0;
@@ -194,6 +197,7 @@ __global__ void rmsnorm_kernel(float *x, const float *a, const int32_t *rows_ind
 
 __global__ void add_kernel(float *x, const float *a, int64_t n)
 {
+    RLB_PDL_ENTRY();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x)
         x[i] = x[i] + a[i];
@@ -202,6 +206,7 @@ __global__ void add_kernel(float *x, const float *a, int64_t n)
 template <typename B>
 __global__ void bias_kernel(float *y, const B *bias, int64_t rows, int64_t cols)
 {
+    RLB_PDL_ENTRY();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * cols;
          i += (int64_t)gridDim.x * blockDim.x)
         y[i] = y[i] + ld(bias, i % cols);
@@ -210,6 +215,7 @@ __global__ void bias_kernel(float *y, const B *bias, int64_t rows, int64_t cols)
 template <typename O>
 __global__ void swiglu_kernel(const float *gu, int64_t rows, int64_t inter, O *out)
 {
+    RLB_PDL_ENTRY();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * inter;
          i += (int64_t)gridDim.x * blockDim.x) {
         int64_t r = i / inter, c = i % inter;
@@ -221,6 +227,7 @@ __global__ void swiglu_kernel(const float *gu, int64_t rows, int64_t inter, O *o
 template <typename S, typename D>
 __global__ void convert_kernel(const S *src, D *dst, int64_t n)
 {
+    RLB_PDL_ENTRY();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x)
         st(dst, i, ld(src, i));
@@ -229,6 +236,7 @@ __global__ void convert_kernel(const S *src, D *dst, int64_t n)
 __global__ void cut_kernel(const float *gath, int64_t out, int64_t vl, int64_t V,
                            float *logits)
 {
+    RLB_PDL_ENTRY();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < out * V;
          i += (int64_t)gridDim.x * blockDim.x) {
         int64_t o = i / V, j = i % V;
@@ -251,6 +259,7 @@ __global__ void rope_store_kernel(float *qkv, int64_t hq, const int32_t *pos,
                                   const float *inv_freq, const int64_t *slot, rlb_eo_cache c,
                                   int64_t layer)
 {
+    RLB_PDL_ENTRY();
     const int64_t r = blockIdx.x, hd = c.hd, half = hd / 2, kvt = c.kvt;
     float *row = qkv + r * (hq + 2 * kvt) * hd;
     const float p = (float)pos[r];
@@ -295,6 +304,7 @@ template <int HD, typename T>
 __global__ void __launch_bounds__(kAttnWarps * kWarp)
     attn_kernel(rlb_eo_attn a, rlb_eo_cache c, int64_t layer)
 {
+    RLB_PDL_ENTRY();
     constexpr int DPL = (HD + kWarp - 1) / kWarp; /* output dims per lane */
     constexpr int KS = HD + 1;                    /* padded K row */
     constexpr int EPC = unpack16<T>::N;           /* elements per 16-byte chunk */
@@ -439,6 +449,7 @@ template <typename T>
 __global__ void attn_combine(const float *partial, int64_t splits, int64_t vectors,
                              int64_t hd, T *out)
 {
+    RLB_PDL_ENTRY();
     const int64_t vec = blockIdx.x * (int64_t)(blockDim.x / kWarp) + threadIdx.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     if (vec >= vectors)
@@ -471,12 +482,12 @@ int attention_hd(cudaStream_t stream, const rlb_eo_attn *a, const rlb_eo_cache *
                  int64_t layer)
 {
     dim3 grid((unsigned)a->qblocks, (unsigned)c->kvt, (unsigned)a->splits);
-    attn_kernel<HD, T><<<grid, kAttnWarps * kWarp, 0, stream>>>(*a, *c, layer);
+    rlb__pdl_launch(attn_kernel<HD, T>, grid, kAttnWarps * kWarp, stream, *a, *c, layer);
     int rc = launched("attention");
     if (rc || a->splits == 1)
         return rc;
     const int64_t vectors = a->rows * a->hq;
-    attn_combine<T><<<grid_for(vectors, 4), 4 * kWarp, 0, stream>>>(a->partial, a->splits,
+    rlb__pdl_launch(attn_combine<T>, grid_for(vectors, 4), 4 * kWarp, stream, a->partial, a->splits,
                                                                      vectors, HD, (T *)a->out);
     return launched("attention combine");
 }
@@ -564,6 +575,7 @@ __global__ void __launch_bounds__(kSampleThreads)
     sample_kernel(const float *logits, int64_t V, const rlb_eo_sample_job *jobs,
                   int32_t *tokens, float *logprobs, int32_t *status)
 {
+    RLB_PDL_ENTRY();
     const rlb_eo_sample_job job = jobs[blockIdx.x];
     const float *x = logits + job.row * V;
     const bool greedy = job.temperature <= RLB_SAMPLE_GREEDY_EPS;
@@ -679,6 +691,7 @@ __global__ void __launch_bounds__(kWqWarps * kWarp)
     wq_kernel(const X *x, int64_t n, int64_t k, const uint8_t *q, const float *scale,
               int per_row, int64_t m, float *y)
 {
+    RLB_PDL_ENTRY();
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     const int64_t r = blockIdx.x * (int64_t)kWqWarps + warp;
     if (r >= m)
@@ -740,7 +753,7 @@ int rmsnorm_w(cudaStream_t stream, float *x, const float *a, const int32_t *idx,
                      const void *w, int64_t rows, int64_t D, float eps, void *y, rlb_dtype ydt)
 {
     RLB_EO_DISPATCH(ydt, Y,
-                    rmsnorm_kernel<W, Y><<<(unsigned)rows, 256, 0, stream>>>(
+                    rlb__pdl_launch(rmsnorm_kernel<W, Y>, (unsigned)rows, 256, stream, 
                         x, a, idx, (const W *)w, D, eps, (Y *)y));
     return launched("rmsnorm");
 }
@@ -760,7 +773,7 @@ int convert_from(cudaStream_t stream, const void *src, void *dst, rlb_dtype ddt,
                         int64_t n)
 {
     RLB_EO_DISPATCH(ddt, D,
-                    convert_kernel<S, D><<<grid_for(n, 256), 256, 0, stream>>>(
+                    rlb__pdl_launch(convert_kernel<S, D>, grid_for(n, 256), 256, stream, 
                         (const S *)src, (D *)dst, n));
     return launched("convert");
 }
@@ -771,7 +784,7 @@ int wq_launch(cudaStream_t stream, const void *x, rlb_dtype xdt, int64_t n, int6
 {
     unsigned grid = (unsigned)((m + kWqWarps - 1) / kWqWarps);
     RLB_EO_DISPATCH(xdt, X,
-                    wq_kernel<X, FP8><<<grid, kWqWarps * kWarp, 0, stream>>>(
+                    rlb__pdl_launch(wq_kernel<X, FP8>, grid, kWqWarps * kWarp, stream, 
                         (const X *)x, n, k, (const uint8_t *)q, scale, per_row, m, y));
     return launched("matmul_wq");
 }
@@ -779,6 +792,18 @@ int wq_launch(cudaStream_t stream, const void *x, rlb_dtype xdt, int64_t n, int6
 } /* namespace */
 
 extern "C" {
+
+static int g_pdl = 1;
+
+int rlb__eo_pdl(void)
+{
+    return g_pdl;
+}
+
+void rlb__eo_set_pdl(int on)
+{
+    g_pdl = on != 0;
+}
 
 int rlb__eo_head_dim_supported(int64_t hd)
 {
@@ -791,7 +816,7 @@ int rlb__eo_embed(cudaStream_t stream, const void *table, rlb_dtype dt, int64_t 
     if (rows <= 0)
         return 0;
     RLB_EO_DISPATCH(dt, T,
-                    embed_kernel<T><<<(unsigned)rows, 256, 0, stream>>>(
+                    rlb__pdl_launch(embed_kernel<T>, (unsigned)rows, 256, stream, 
                         (const T *)table, vocab0, v_local, D, tokens, x));
     return launched("embed");
 }
@@ -814,7 +839,7 @@ int rlb__eo_add(cudaStream_t stream, float *x, const float *a, int64_t n)
 {
     if (n <= 0)
         return 0;
-    add_kernel<<<grid_for(n, 256), 256, 0, stream>>>(x, a, n);
+    rlb__pdl_launch(add_kernel, grid_for(n, 256), 256, stream, x, a, n);
     return launched("add");
 }
 
@@ -824,7 +849,7 @@ int rlb__eo_bias_add(cudaStream_t stream, float *y, const void *bias, rlb_dtype 
     if (rows <= 0 || cols <= 0)
         return 0;
     RLB_EO_DISPATCH(dt, B,
-                    bias_kernel<B><<<grid_for(rows * cols, 256), 256, 0, stream>>>(
+                    rlb__pdl_launch(bias_kernel<B>, grid_for(rows * cols, 256), 256, stream, 
                         y, (const B *)bias, rows, cols));
     return launched("bias add");
 }
@@ -835,7 +860,7 @@ int rlb__eo_swiglu(cudaStream_t stream, const float *gu, int64_t rows, int64_t i
     if (rows <= 0 || inter <= 0)
         return 0;
     RLB_EO_DISPATCH(odt, O,
-                    swiglu_kernel<O><<<grid_for(rows * inter, 256), 256, 0, stream>>>(
+                    rlb__pdl_launch(swiglu_kernel<O>, grid_for(rows * inter, 256), 256, stream, 
                         gu, rows, inter, (O *)out));
     return launched("swiglu");
 }
@@ -858,7 +883,7 @@ int rlb__eo_rope_store(cudaStream_t stream, float *qkv, int64_t rows, int64_t hq
     if (c->hd % 2 || layer < 0 || layer >= c->n_layers)
         return RLB_EINVAL;
     RLB_EO_DISPATCH(c->dt, T,
-                    rope_store_kernel<T><<<(unsigned)rows, 128, 0, stream>>>(
+                    rlb__pdl_launch(rope_store_kernel<T>, (unsigned)rows, 128, stream, 
                         qkv, hq, pos, inv_freq, slot, *c, layer));
     return launched("rope_store");
 }
@@ -919,7 +944,7 @@ int rlb__eo_cut_logits(cudaStream_t stream, const float *gath, int64_t T, int64_
 {
     if (out <= 0 || V <= 0 || T * vl < V)
         return out <= 0 ? 0 : RLB_EINVAL;
-    cut_kernel<<<grid_for(out * V, 256), 256, 0, stream>>>(gath, out, vl, V, logits);
+    rlb__pdl_launch(cut_kernel, grid_for(out * V, 256), 256, stream, gath, out, vl, V, logits);
     return launched("cut logits");
 }
 
@@ -931,7 +956,7 @@ int rlb__eo_sample(cudaStream_t stream, const float *logits, int64_t V,
         return 0;
     if (V < 1 || V > INT32_MAX)
         return RLB_EINVAL;
-    sample_kernel<<<(unsigned)n, kSampleThreads, 0, stream>>>(logits, V, jobs, tokens,
+    rlb__pdl_launch(sample_kernel, (unsigned)n, kSampleThreads, stream, logits, V, jobs, tokens,
                                                                logprobs, status);
     return launched("sample");
 }

@@ -50,6 +50,11 @@ extern "C" {
 /* 1 when the attention kernels cover head dimension hd (16, 24, 64, 128). */
 int rlb__eo_head_dim_supported(int64_t hd);
 
+/* Programmatic dependent launch of the engine's kernels (pdl.cuh): on by default; the
+ * backend sets it from RLB_CUDA_PDL when it starts. Process-wide. */
+int rlb__eo_pdl(void);
+void rlb__eo_set_pdl(int on);
+
 int rlb__eo_embed(cudaStream_t stream, const void *table, rlb_dtype dt, int64_t vocab0,
                   int64_t v_local, int64_t D, const int32_t *tokens, int64_t rows, float *x);
 

@@ -24,6 +24,7 @@
 
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/pdl.cuh"
 
 namespace {
 
@@ -59,28 +60,51 @@ struct chunk {
     }
 };
 
-/* The x values of one chunk as float: x[b] in T, or nw * X[b] (and X[b]^2 into ss). */
-template <typename T, bool VEC, bool NORM>
+/* Where x comes from: given in T, rmsnorm of the float32 residual stream, or swiglu of the
+ * float32 gate_up output. */
+enum { X_PLAIN, X_NORM, X_SWIGLU };
+
+/* Four consecutive floats (VEC) or one. */
+template <bool VEC, int N>
+__device__ __forceinline__ void load_f32(const float *p, float *out)
+{
+    if constexpr (VEC) {
+#pragma unroll
+        for (int q = 0; q < N / 4; q++) {
+            float4 v = __ldg(reinterpret_cast<const float4 *>(p) + q);
+            out[4 * q] = v.x;
+            out[4 * q + 1] = v.y;
+            out[4 * q + 2] = v.z;
+            out[4 * q + 3] = v.w;
+        }
+    } else {
+        out[0] = p[0];
+    }
+}
+
+/* The x values of one chunk as float: x[b] in T; nw * X[b] (and X[b]^2 into ss); or
+ * T(silu(g) * u) of the gate_up row [g | u] (gu [n, 2k]), rounded to T as the swiglu op
+ * rounds its output, so the fused product equals swiglu then GEMV bit for bit. */
+template <typename T, bool VEC, int XM>
 __device__ __forceinline__ void x_chunk(const T *x, const float *nx, const T *nw, int64_t row,
-                                        int64_t off, float *xf, float &ss)
+                                        int64_t k, int64_t off, float *xf, float &ss)
 {
     constexpr int N = chunk<T, VEC>::N;
-    if constexpr (NORM) {
+    if constexpr (XM == X_SWIGLU) {
+        float g[N], u[N];
+        load_f32<VEC, N>(nx + 2 * row + off, g);
+        load_f32<VEC, N>(nx + 2 * row + k + off, u);
+#pragma unroll
+        for (int e = 0; e < N; e++) {
+            T a;
+            rlb__d_from_f32(g[e] / (1.0f + expf(-g[e])) * u[e], &a);
+            xf[e] = rlb__d_to_f32(a);
+        }
+    } else if constexpr (XM == X_NORM) {
         chunk<T, VEC> g;
         g.load(nw + off);
         float xs[N];
-        if constexpr (VEC) {
-#pragma unroll
-            for (int q = 0; q < N / 4; q++) {
-                float4 v = __ldg(reinterpret_cast<const float4 *>(nx + row + off) + q);
-                xs[4 * q] = v.x;
-                xs[4 * q + 1] = v.y;
-                xs[4 * q + 2] = v.z;
-                xs[4 * q + 3] = v.w;
-            }
-        } else {
-            xs[0] = nx[row + off];
-        }
+        load_f32<VEC, N>(nx + row + off, xs);
 #pragma unroll
         for (int e = 0; e < N; e++) {
             ss = fmaf(xs[e], xs[e], ss);
@@ -103,7 +127,22 @@ __device__ __forceinline__ float warp_sum(float v)
     return v;
 }
 
-template <typename T, int NB, int RB, bool VEC, bool NORM>
+/* Chunks c0, c0 + kThreads, ... of each of the RB rows (past nc: chunk c0 again, unused). */
+template <typename T, bool VEC, int RB>
+__device__ __forceinline__ void load_w(chunk<T, VEC> (&wc)[kUnroll][RB], const T *(&wr)[RB],
+                                       int64_t c0, int64_t nc)
+{
+    constexpr int N = chunk<T, VEC>::N;
+#pragma unroll
+    for (int u = 0; u < kUnroll; u++) {
+        const int64_t c = c0 + u * kThreads < nc ? c0 + u * kThreads : c0;
+#pragma unroll
+        for (int r = 0; r < RB; r++)
+            wc[u][r].load_stream(wr[r] + c * N);
+    }
+}
+
+template <typename T, int NB, int RB, bool VEC, int XM>
 __global__ void __launch_bounds__(kThreads)
     gemv_kernel(const T *w, int64_t m, int64_t k, const T *x, int n, const float *nx,
                 const T *nw, float eps, float *y, float *res)
@@ -124,15 +163,16 @@ __global__ void __launch_bounds__(kThreads)
         for (int r = 0; r < RB; r++)
             acc[r][b] = 0.0f;
     }
+    chunk<T, VEC> wc[kUnroll][RB];
+    /* The first chunks of the weights load before the wait for the previous kernel: no
+     * kernel of a step writes the weights (pdl.cuh). */
+    if (tid < nc)
+        load_w<T, VEC, RB>(wc, wr, tid, nc);
+    RLB_PDL_WAIT();
+    RLB_PDL_TRIGGER();
     for (int64_t c0 = tid; c0 < nc; c0 += kUnroll * kThreads) {
-        chunk<T, VEC> wc[kUnroll][RB];
-#pragma unroll
-        for (int u = 0; u < kUnroll; u++) {
-            const int64_t c = c0 + u * kThreads < nc ? c0 + u * kThreads : c0;
-#pragma unroll
-            for (int r = 0; r < RB; r++)
-                wc[u][r].load_stream(wr[r] + c * N);
-        }
+        if (c0 != tid)
+            load_w<T, VEC, RB>(wc, wr, c0, nc);
 #pragma unroll
         for (int u = 0; u < kUnroll; u++) {
             const int64_t c = c0 + u * kThreads;
@@ -143,7 +183,7 @@ __global__ void __launch_bounds__(kThreads)
                 if (b >= n)
                     break;
                 float xf[N];
-                x_chunk<T, VEC, NORM>(x, nx, nw, b * k, c * N, xf, ss[b]);
+                x_chunk<T, VEC, XM>(x, nx, nw, b * k, k, c * N, xf, ss[b]);
 #pragma unroll
                 for (int r = 0; r < RB; r++)
 #pragma unroll
@@ -160,7 +200,7 @@ __global__ void __launch_bounds__(kThreads)
             if (lane == 0)
                 part[warp][r * NB + b] = v;
         }
-        if constexpr (NORM) {
+        if constexpr (XM == X_NORM) {
             const float v = warp_sum(ss[b]);
             if (lane == 0)
                 part[warp][RB * NB + b] = v;
@@ -177,7 +217,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int q = 0; q < kWarps; q++)
         v += part[q][tid];
-    if constexpr (NORM) {
+    if constexpr (XM == X_NORM) {
         float s = 0.0f;
 #pragma unroll
         for (int q = 0; q < kWarps; q++)
@@ -189,48 +229,60 @@ __global__ void __launch_bounds__(kThreads)
         res[b * m + j] += v;
 }
 
-template <typename T, int NB, bool VEC, bool NORM>
-void launch(cudaStream_t stream, const void *w, int64_t m, int64_t k, const void *x, int n,
-            const rlb_eo_gemv_fuse *f, float *y)
+template <typename T, int NB, bool VEC, int XM>
+int launch(cudaStream_t stream, const void *w, int64_t m, int64_t k, const void *x, int n,
+           const rlb_eo_gemv_fuse *f, float *y)
 {
     constexpr int RB = NB <= 2 ? 4 : 2;
     const unsigned grid = (unsigned)((m + RB - 1) / RB);
-    gemv_kernel<T, NB, RB, VEC, NORM><<<grid, kThreads, 0, stream>>>(
-        (const T *)w, m, k, (const T *)x, n, f ? f->norm_x : NULL,
-        f ? (const T *)f->norm_w : NULL, f ? f->eps : 0.0f, y, f ? f->residual : NULL);
+    const float *nx = XM == X_NORM ? f->norm_x : XM == X_SWIGLU ? f->swiglu_gu : NULL;
+    const cudaError_t e = rlb__pdl_launch(
+        gemv_kernel<T, NB, RB, VEC, XM>, grid, kThreads, stream, (const T *)w, m, k,
+        (const T *)x, n, nx, XM == X_NORM ? (const T *)f->norm_w : (const T *)NULL,
+        f ? f->eps : 0.0f, y, f ? f->residual : (float *)NULL);
+    return e == cudaSuccess ? 0 : -1;
 }
 
-template <typename T, bool VEC, bool NORM>
-void launch_nb(cudaStream_t stream, const void *w, int64_t m, int64_t k, const void *x,
-               int n, const rlb_eo_gemv_fuse *f, float *y)
+template <typename T, bool VEC, int XM>
+int launch_nb(cudaStream_t stream, const void *w, int64_t m, int64_t k, const void *x, int n,
+              const rlb_eo_gemv_fuse *f, float *y)
 {
     if (n == 1)
-        launch<T, 1, VEC, NORM>(stream, w, m, k, x, n, f, y);
-    else if (n == 2)
-        launch<T, 2, VEC, NORM>(stream, w, m, k, x, n, f, y);
-    else if (n <= 4)
-        launch<T, 4, VEC, NORM>(stream, w, m, k, x, n, f, y);
-    else
-        launch<T, 8, VEC, NORM>(stream, w, m, k, x, n, f, y);
+        return launch<T, 1, VEC, XM>(stream, w, m, k, x, n, f, y);
+    if (n == 2)
+        return launch<T, 2, VEC, XM>(stream, w, m, k, x, n, f, y);
+    if (n <= 4)
+        return launch<T, 4, VEC, XM>(stream, w, m, k, x, n, f, y);
+    return launch<T, 8, VEC, XM>(stream, w, m, k, x, n, f, y);
+}
+
+template <typename T, int XM>
+int launch_x(cudaStream_t stream, const void *w, int64_t m, int64_t k, const void *x, int n,
+             const rlb_eo_gemv_fuse *f, float *y, bool vec)
+{
+    return vec ? launch_nb<T, true, XM>(stream, w, m, k, x, n, f, y)
+               : launch_nb<T, false, XM>(stream, w, m, k, x, n, f, y);
 }
 
 template <typename T>
-void launch_t(cudaStream_t stream, const void *w, int64_t m, int64_t k, const void *x, int n,
-              const rlb_eo_gemv_fuse *f, float *y)
+int launch_t(cudaStream_t stream, const void *w, int64_t m, int64_t k, const void *x, int n,
+             const rlb_eo_gemv_fuse *f, float *y)
 {
-    const bool norm = f && f->norm_x;
-    const void *ptrs[3] = {w, norm ? (const void *)f->norm_x : x, norm ? f->norm_w : w};
+    const int xm = f && f->norm_x ? X_NORM : f && f->swiglu_gu ? X_SWIGLU : X_PLAIN;
+    /* 16-byte chunks need k a whole number of them and every streamed pointer aligned; the
+     * swiglu input's second half starts k floats in */
+    const void *ptrs[4] = {w, xm == X_NORM ? (const void *)f->norm_x
+                              : xm == X_SWIGLU ? (const void *)f->swiglu_gu : x,
+                           xm == X_NORM ? f->norm_w : w,
+                           xm == X_SWIGLU ? (const void *)(f->swiglu_gu + k) : w};
     bool vec = k % (16 / (int64_t)sizeof(T)) == 0;
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         vec = vec && (uintptr_t)ptrs[i] % 16 == 0;
-    if (vec && norm)
-        launch_nb<T, true, true>(stream, w, m, k, x, n, f, y);
-    else if (vec)
-        launch_nb<T, true, false>(stream, w, m, k, x, n, f, y);
-    else if (norm)
-        launch_nb<T, false, true>(stream, w, m, k, x, n, f, y);
-    else
-        launch_nb<T, false, false>(stream, w, m, k, x, n, f, y);
+    if (xm == X_NORM)
+        return launch_x<T, X_NORM>(stream, w, m, k, x, n, f, y, vec);
+    if (xm == X_SWIGLU)
+        return launch_x<T, X_SWIGLU>(stream, w, m, k, x, n, f, y, vec);
+    return launch_x<T, X_PLAIN>(stream, w, m, k, x, n, f, y, vec);
 }
 
 } /* namespace */
@@ -241,8 +293,9 @@ extern "C" int rlb__eo_gemv(cudaStream_t stream, const void *w, rlb_dtype dt, in
 {
     if (n == 0 || m == 0)
         return 0;
+    const int norm = fuse && fuse->norm_x, swiglu = fuse && fuse->swiglu_gu;
     if (n < 0 || n > RLB_EO_GEMV_MAX_ROWS || m < 0 || m > INT32_MAX || k < 1 ||
-        (fuse && fuse->norm_x && !fuse->norm_w) || (!(fuse && fuse->norm_x) && !x))
+        (norm && !fuse->norm_w) || (norm && swiglu) || (!norm && !swiglu && !x))
         return RLB_EINVAL;
     switch (dt) {
     case RLB_DTYPE_F32:

@@ -8,7 +8,9 @@
  *             residual stream X [n, k], i.e. y[b, j] = inv_b * sum_c W[j, c] (nw[c] X[b, c])
  *             with inv_b = 1 / sqrtf(sum_c X[b, c]^2 / k + eps), the sum of squares taken
  *             by the GEMV's own pass over X (no separate norm kernel, no H buffer);
- *   residual  R[b, j] += y[b, j] as well (the residual add of o_proj / down_proj).
+ *   residual  R[b, j] += y[b, j] as well (the residual add of o_proj / down_proj);
+ *   swiglu    x is swiglu(gu) of the float32 gate_up output gu [n, 2k] (down_proj reads
+ *             the MLP's activation without a swiglu kernel or an ACT buffer).
  *
  * Batch invariance: every output is reduced in an order that depends only on k and the
  * dtype (each thread's chunks in ascending order, a fixed warp butterfly, the warps in
@@ -40,6 +42,9 @@ typedef struct rlb_eo_gemv_fuse {
     const void *norm_w;  /* [k] norm weight in the compute dtype */
     float eps;           /* rmsnorm epsilon */
     float *residual;     /* not NULL: residual [n, m] += y */
+    const float *swiglu_gu; /* not NULL (without norm_x): the input is swiglu of the float32
+                             * gate_up output [n, 2k], x[b, c] = T(silu(gu[b, c]) * gu[b, k + c])
+                             * rounded to the compute dtype as rlb__eo_swiglu rounds it */
 } rlb_eo_gemv_fuse;
 
 /* y[n, m] = x[n, k] . w[m, k]^T (fuse may be NULL; with fuse->norm_x, x is ignored). */

@@ -927,6 +927,80 @@ static void gemv_case(uint64_t *s, rlb_dtype dt, int64_t m, int64_t k, int64_t n
     cudaFree(dy);
 }
 
+/* The GEMV with swiglu fused (down_proj reading the gate_up output) against swiglu then the
+ * plain GEMV (each checked on its own against its reference above): the same bits, with and
+ * without the residual add, batched and each row alone. */
+static void gemv_swiglu_case(uint64_t *s, rlb_dtype dt, int64_t m, int64_t k, int64_t n)
+{
+    const size_t e = esz(dt);
+    uint8_t *w = malloc((size_t)(m * k) * e);
+    float *gu = malloc((size_t)(n * 2 * k) * 4), *res = malloc((size_t)(n * m) * 4);
+    float *plain = malloc((size_t)(n * m) * 4), *fused = malloc((size_t)(n * m) * 4);
+    float *rp = malloc((size_t)(n * m) * 4), *rf = malloc((size_t)(n * m) * 4);
+    const float a = 1.0f / sqrtf((float)k);
+    for (int64_t i = 0; i < m * k; i++)
+        putv(w, dt, i, frand(s, -a, a));
+    for (int64_t i = 0; i < n * 2 * k; i++)
+        gu[i] = frand(s, -4, 4);
+    for (int64_t i = 0; i < n * m; i++)
+        res[i] = frand(s, -1, 1);
+    void *dw = dput(w, (size_t)(m * k) * e), *dact = dput(NULL, (size_t)(n * k) * e);
+    float *dgu = dput(gu, (size_t)(n * 2 * k) * 4), *dy = dput(NULL, (size_t)(n * m) * 4);
+    float *dres = dput(res, (size_t)(n * m) * 4);
+    /* unfused: swiglu into the compute dtype, then y = act . W^T with R += y */
+    assert_int_equal(rlb__eo_swiglu(g_stream, dgu, n, k, dact, dt), 0);
+    rlb_eo_gemv_fuse fr = {.residual = dres};
+    assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k, dact, n, &fr, dy), 0);
+    dget(plain, dy, (size_t)(n * m) * 4);
+    dget(rp, dres, (size_t)(n * m) * 4);
+    /* fused, from the same residual */
+    assert_int_equal(cudaMemcpy(dres, res, (size_t)(n * m) * 4, cudaMemcpyHostToDevice), 0);
+    rlb_eo_gemv_fuse ff = {.residual = dres, .swiglu_gu = dgu};
+    assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k, NULL, n, &ff, dy), 0);
+    dget(fused, dy, (size_t)(n * m) * 4);
+    dget(rf, dres, (size_t)(n * m) * 4);
+    if (memcmp(plain, fused, (size_t)(n * m) * 4) || memcmp(rp, rf, (size_t)(n * m) * 4))
+        fprintf(stderr, "gemv swiglu %s m %lld k %lld n %lld: fused differs (seed %llu)\n",
+                rlb_dtype_name(dt), (long long)m, (long long)k, (long long)n,
+                (unsigned long long)g_seed);
+    assert_memory_equal(plain, fused, (size_t)(n * m) * 4);
+    assert_memory_equal(rp, rf, (size_t)(n * m) * 4);
+    for (int64_t b = 0; n > 1 && b < n; b++) {
+        rlb_eo_gemv_fuse f1 = {.swiglu_gu = dgu + b * 2 * k};
+        assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k, NULL, 1, &f1, dy), 0);
+        dget(fused, dy, (size_t)m * 4);
+        assert_memory_equal(fused, plain + b * m, (size_t)m * 4);
+    }
+    /* swiglu and norm together is refused */
+    rlb_eo_gemv_fuse both = {.norm_x = dgu, .norm_w = dw, .swiglu_gu = dgu};
+    assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k, NULL, n, &both, dy), RLB_EINVAL);
+    free(w);
+    free(gu);
+    free(res);
+    free(plain);
+    free(fused);
+    free(rp);
+    free(rf);
+    cudaFree(dw);
+    cudaFree(dact);
+    cudaFree(dgu);
+    cudaFree(dy);
+    cudaFree(dres);
+}
+
+static void test_gemv_swiglu(void **state)
+{
+    (void)state;
+    uint64_t s = g_seed ^ 11;
+    /* odd k (one-element chunks), small, and the 1B / 8B down_proj shapes */
+    static const int64_t shapes[][2] = {{37, 70}, {64, 129}, {300, 512}, {2048, 8192},
+                                        {4096, 14336}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        for (int t = 0; t < 3; t++)
+            for (int64_t n = 1; n <= RLB_EO_GEMV_MAX_ROWS; n += 3)
+                gemv_swiglu_case(&s, kFloat3[t], shapes[i][0], shapes[i][1], n);
+}
+
 static void test_gemv(void **state)
 {
     (void)state;
@@ -975,6 +1049,7 @@ int main(void)
         cmocka_unit_test(test_sample),
         cmocka_unit_test(test_matmul_wq),
         cmocka_unit_test(test_gemv),
+        cmocka_unit_test(test_gemv_swiglu),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
