@@ -93,6 +93,46 @@ int fx_load(const char *name, fixture *fx)
     return rc;
 }
 
+int fx_load_bf16(const fixture *fx, fx_bf16 *b)
+{
+    memset(b, 0, sizeof *b);
+    char path[1200];
+    snprintf(path, sizeof path, "%s/reference_bf16.json", fx->dir);
+    FILE *probe = fopen(path, "r");
+    if (!probe)
+        return 1;
+    fclose(probe);
+    json_error_t jerr;
+    json_t *root = json_load_file(path, 0, &jerr);
+    if (!root) {
+        fprintf(stderr, "%s: %s\n", path, jerr.text);
+        return -1;
+    }
+    size_t n_logits = 0, want = 0;
+    snprintf(path, sizeof path, "%s/logits_bf16.f32", fx->dir);
+    b->all_logits = read_floats(path, &n_logits);
+    for (int i = 0; i < fx->n_prompts; i++)
+        want += (size_t)(fx->prompts[i].logits_rows * fx->vocab);
+    b->yardstick = json_real_value(json_object_get(root, "hf_bf16_vs_fp32_max_abs"));
+    json_t *prompts = json_object_get(root, "prompts");
+    int rc = b->all_logits && n_logits == want && b->yardstick > 0 && json_is_array(prompts) &&
+                     json_array_size(prompts) == (size_t)fx->n_prompts
+                 ? 0
+                 : -1;
+    for (int i = 0; rc == 0 && i < fx->n_prompts; i++) {
+        rc = read_ids(json_object_get(json_array_get(prompts, (size_t)i), "greedy_bf16"),
+                      b->greedy[i], &b->n_greedy[i]);
+        b->logits[i] = b->all_logits + (fx->prompts[i].logits - fx->all_logits);
+    }
+    json_decref(root);
+    if (rc) {
+        fprintf(stderr, "%s: malformed bf16 fixture\n", fx->dir);
+        free(b->all_logits);
+        b->all_logits = NULL;
+    }
+    return rc;
+}
+
 void fx_free(fixture *fx)
 {
     free(fx->all_logits);

@@ -40,6 +40,20 @@ typedef struct fixture {
 
 /* Reads tests/fixtures/<name>. Returns 0 or -1 (message on stderr). */
 int fx_load(const char *name, fixture *fx);
+
+/* HF's bfloat16 outputs on a GPU for a fixture (tests/fixtures/make_bf16_fixtures.py). */
+typedef struct fx_bf16 {
+    int32_t greedy[FX_MAX_PROMPTS][FX_MAX_IDS]; /* HF's bf16 greedy continuation */
+    int64_t n_greedy[FX_MAX_PROMPTS];
+    const float *logits[FX_MAX_PROMPTS]; /* HF's bf16 logits of the same rows as the fp32
+                                          * fixture's (prompt + fp32 greedy) */
+    double yardstick;  /* max |HF bf16 - HF fp32| logit: how far bf16 moves HF itself */
+    float *all_logits; /* logits_bf16.f32; free() it */
+} fx_bf16;
+
+/* Reads fx's reference_bf16.json and logits_bf16.f32. Returns 0, 1 when the fixture has
+ * none (not made yet), or -1 when they are malformed (message on stderr). */
+int fx_load_bf16(const fixture *fx, fx_bf16 *b);
 void fx_free(fixture *fx);
 /* The fixture directory of `name` (static storage). */
 const char *fx_dir(const char *name);
