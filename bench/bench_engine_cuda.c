@@ -23,7 +23,8 @@
  *   decode_b{1,32}_batch_invariant_tok_s, prefill_batch_invariant_tok_s   the same in
  *                         batch-invariant mode (the first two batches of the list)
  *   prefill_tok_s         32 prompts of PROMPT tokens, 16 per step
- * Options: --shape 1b|8b|both (both), --new N (256), --batches list (1,32,256).
+ * Options: --shape 1b|8b|both (both), --new N (256), --batches list (1,32,256), --main-only
+ * (only the default configuration's decode: for a profiler's trace).
  *
  * --gemv instead times the decode GEMV alone on each matrix of the shapes (qkv, o,
  * gate_up, down, LM head) at 1, 2, 4 and 8 rows: bytes moved (weights + x + y) per second,
@@ -407,12 +408,14 @@ int rlb__bench_engine_cuda(int argc, char **argv)
 {
     int shapes[2] = {1, 1};
     int64_t new_tokens = 256, batches[MAX_BATCHES] = {1, 32, 256};
-    int nb = 3, gemv_only = 0;
+    int nb = 3, gemv_only = 0, main_only = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--device") && i + 1 < argc) {
             i++;
         } else if (!strcmp(argv[i], "--gemv")) {
             gemv_only = 1;
+        } else if (!strcmp(argv[i], "--main-only")) {
+            main_only = 1;
         } else if (!strcmp(argv[i], "--shape") && i + 1 < argc) {
             i++;
             shapes[0] = strcmp(argv[i], "8b") != 0;
@@ -428,7 +431,7 @@ int rlb__bench_engine_cuda(int argc, char **argv)
             }
         } else {
             fprintf(stderr, "usage: rlb-bench-engine --device cuda [--shape 1b|8b|both] "
-                            "[--new N] [--batches 1,32,256] [--gemv]\n");
+                            "[--new N] [--batches 1,32,256] [--gemv] [--main-only]\n");
             return 2;
         }
     }
@@ -472,6 +475,13 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         const rlb_quant none = RLB_QUANT_NONE;
         run_shape(&l, run_opts(1, 1, 0, none), batches, nb, new_tokens, sr.tok_s,
                   &sr.prefill_tok_s);
+        if (main_only) {
+            for (int i = 0; i < nb; i++)
+                printf("%s decode batch %-4lld %10.1f tok/s\n", names[big],
+                       (long long)batches[i], sr.tok_s[i]);
+            rlb__tp_layout_free(&l);
+            continue;
+        }
         run_shape(&l, run_opts(0, 1, 0, none), batches, 1, new_tokens, &sr.b1_graphs_off,
                   NULL);
         run_shape(&l, run_opts(1, 0, 0, none), batches, 1, new_tokens, &sr.b1_no_gemv, NULL);
