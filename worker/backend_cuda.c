@@ -155,6 +155,7 @@ typedef struct cuda_backend {
     float *loc, *gath;        /* T > 1: [O, vl], [T, O, vl] */
     float *logits;            /* [O, V] */
     float *partial;           /* attention split workspace */
+    void *sample_work;        /* rlb__eo_sample's per-chunk partials */
     int64_t ws_vectors;
     float *inv_freq;          /* [hd / 2] */
     void *dmeta_mem, *hmeta_mem; /* device metadata and its pinned staging */
@@ -1118,8 +1119,8 @@ static int be_sample(rlb_ebackend *b, const rlb_sample_job *jobs, int64_t n, int
         RLB_CUDA_CHECK(cudaMemcpyAsync(c->dio.jobs, c->hio.jobs, (size_t)n * sizeof *c->dio.jobs,
                                        cudaMemcpyHostToDevice, c->stream),
                        rc, out);
-        if ((rc = rlb__eo_sample(c->stream, c->logits, c->V, c->dio.jobs, n, c->dio.tokens,
-                                 c->dio.logprobs, c->dio.status)))
+        if ((rc = rlb__eo_sample(c->stream, c->logits, c->V, c->dio.jobs, n, c->sample_work,
+                                 c->dio.tokens, c->dio.logprobs, c->dio.status)))
             return rc;
         /* tokens, logprobs and status are consecutive [O] arrays in both regions */
         RLB_CUDA_CHECK(cudaMemcpyAsync(c->hio.tokens, c->dio.tokens,
@@ -1252,6 +1253,7 @@ static void be_destroy(rlb_ebackend *b)
     cudaFree(c->gath);
     cudaFree(c->logits);
     cudaFree(c->partial);
+    cudaFree(c->sample_work);
     cudaFree(c->inv_freq);
     cudaFree(c->dmeta_mem);
     cudaFree(c->dio_mem);
@@ -1301,9 +1303,10 @@ static int alloc_step_buffers(cuda_backend *c, uint64_t *bytes)
     c->ws_vectors = c->hq * (R + 2 * (int64_t)c->sms + RLB_EO_MAX_SPLITS);
     uint64_t sizes[] = {(uint64_t)(O * c->D) * c->esz, (uint64_t)(O * c->V) * 4,
                         (uint64_t)(c->ws_vectors * (c->hd + 2)) * 4,
-                        (uint64_t)(c->hd / 2 + 1) * 4};
-    void **ptrs[] = {&c->hsel, (void **)&c->logits, (void **)&c->partial, (void **)&c->inv_freq};
-    for (int i = 0; i < 4; i++) {
+                        (uint64_t)(c->hd / 2 + 1) * 4, rlb__eo_sample_work_bytes(O)};
+    void **ptrs[] = {&c->hsel, (void **)&c->logits, (void **)&c->partial, (void **)&c->inv_freq,
+                     &c->sample_work};
+    for (int i = 0; i < 5; i++) {
         RLB_CUDA_CHECK(cudaMalloc(ptrs[i], sizes[i]), rc, out);
         *bytes += sizes[i];
     }

@@ -254,36 +254,39 @@ __device__ __forceinline__ int64_t cache_off(const rlb_eo_cache &c, int64_t laye
            slot_in_block * c.hd;
 }
 
+/* One block per (row, head) of the qkv row, hd / 2 threads: thread j rotates the pair
+ * (j, j + hd / 2) of a q or k head, and a k head's rotated pair and a v head's two values
+ * go to the row's cache slot (slot -1: nothing stored). */
 template <typename T>
 __global__ void rope_store_kernel(float *qkv, int64_t hq, const int32_t *pos,
                                   const float *inv_freq, const int64_t *slot, rlb_eo_cache c,
                                   int64_t layer)
 {
     RLB_PDL_ENTRY();
-    const int64_t r = blockIdx.x, hd = c.hd, half = hd / 2, kvt = c.kvt;
-    float *row = qkv + r * (hq + 2 * kvt) * hd;
-    const float p = (float)pos[r];
-    for (int64_t i = threadIdx.x; i < (hq + kvt) * half; i += blockDim.x) {
-        int64_t h = i / half, j = i % half;
-        float angle = inv_freq[j] * p, cs = cosf(angle), sn = sinf(angle);
-        float *xh = row + h * hd;
-        float x1 = xh[j], x2 = xh[j + half];
-        xh[j] = x1 * cs + (-x2) * sn;
-        xh[j + half] = x2 * cs + x1 * sn;
+    const int64_t r = blockIdx.x, h = blockIdx.y, hd = c.hd, half = hd / 2, kvt = c.kvt;
+    const int64_t j = threadIdx.x;
+    if (j >= half)
+        return;
+    float *xh = qkv + r * (hq + 2 * kvt) * hd + h * hd;
+    float x1 = xh[j], x2 = xh[j + half];
+    if (h < hq + kvt) {
+        const float angle = inv_freq[j] * (float)pos[r], cs = cosf(angle), sn = sinf(angle);
+        const float y1 = x1 * cs + (-x2) * sn, y2 = x2 * cs + x1 * sn;
+        xh[j] = x1 = y1;
+        xh[j + half] = x2 = y2;
+        if (h < hq)
+            return;
     }
     const int64_t s = slot[r];
     if (s < 0)
         return;
-    __syncthreads();
-    const int32_t blk = (int32_t)(s / c.block_tokens);
-    const int64_t off = s % c.block_tokens;
-    T *k = (T *)c.k, *v = (T *)c.v;
-    const float *kr = row + hq * hd, *vr = kr + kvt * hd;
-    for (int64_t i = threadIdx.x; i < kvt * hd; i += blockDim.x) {
-        int64_t h = i / hd, d = i % hd, o = cache_off<T>(c, layer, blk, h, off) + d;
-        st(k, o, kr[i]);
-        st(v, o, vr[i]);
-    }
+    const bool is_k = h < hq + kvt;
+    const int64_t head = is_k ? h - hq : h - hq - kvt;
+    const int64_t o = cache_off<T>(c, layer, (int32_t)(s / c.block_tokens), head,
+                                   s % c.block_tokens);
+    T *dst = (T *)(is_k ? c.k : c.v);
+    st(dst, o + j, x1);
+    st(dst, o + j + half, x2);
 }
 
 /* ---- Attention ---------------------------------------------------------------------------- */
@@ -444,7 +447,8 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp)
     }
 }
 
-/* One warp per query vector: out = sum_z acc_z e^(m_z - M) / sum_z l_z e^(m_z - M). */
+/* One warp per query vector: out = sum_z acc_z e^(m_z - M) / sum_z l_z e^(m_z - M). Lane z
+ * holds split z's weight e^(m_z - M) (splits <= 32), so each exponential is taken once. */
 template <typename T>
 __global__ void attn_combine(const float *partial, int64_t splits, int64_t vectors,
                              int64_t hd, T *out)
@@ -456,25 +460,27 @@ __global__ void attn_combine(const float *partial, int64_t splits, int64_t vecto
         return;
     const int64_t stride = vectors * (hd + 2);
     const float *p = partial + vec * (hd + 2);
-    float M = -INFINITY;
-    for (int64_t z = 0; z < splits; z++)
-        M = fmaxf(M, p[z * stride + hd]);
-    float L = 0.0f;
-    for (int64_t z = 0; z < splits; z++) {
-        float mz = p[z * stride + hd];
-        if (mz != -INFINITY)
-            L += p[z * stride + hd + 1] * expf(mz - M);
-    }
+    const float mz = lane < splits ? p[lane * stride + hd] : -INFINITY;
+    const float M = warp_max(mz);
+    const float wz = mz != -INFINITY ? expf(mz - M) : 0.0f;
+    const float L = warp_sum(lane < splits && mz != -INFINITY ? p[lane * stride + hd + 1] * wz
+                                                              : 0.0f);
     const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-    for (int64_t d = lane; d < hd; d += kWarp) {
-        float o = 0.0f;
-        for (int64_t z = 0; z < splits; z++) {
-            float mz = p[z * stride + hd];
-            if (mz != -INFINITY)
-                o += p[z * stride + d] * expf(mz - M);
-        }
-        st(out, vec * hd + d, o * inv);
+    constexpr int kDims = 128 / kWarp; /* head_dim <= 128: at most 4 dims per lane */
+    float o[kDims] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int z = 0; z < (int)splits; z++) {
+        const float w = __shfl_sync(0xffffffffu, wz, z); /* every lane takes part */
+        if (w == 0.0f)
+            continue;
+#pragma unroll
+        for (int q = 0; q < kDims; q++)
+            if (lane + q * kWarp < hd)
+                o[q] += p[z * stride + lane + q * kWarp] * w;
     }
+#pragma unroll
+    for (int q = 0; q < kDims; q++)
+        if (lane + q * kWarp < hd)
+            st(out, vec * hd + lane + q * kWarp, o[q] * inv);
 }
 
 template <int HD, typename T>
@@ -567,13 +573,130 @@ __device__ uint32_t radix_select(int64_t V, In in, Key key, Weight w, double wan
     return prefix;
 }
 
-/* One block per job. Greedy: the first maximum. Otherwise the top-k threshold (the k-th
+/* The passes over a row that need no whole-row result are split over kSampleChunks blocks
+ * per job (one block per row took ~100 us on a 128K vocabulary, latency-bound):
+ *   sample_max    each chunk's first maximum of z = x / T
+ *   sample_chunk  the row's maximum from those, then each chunk's sum of e^(z - zmax) and,
+ *                 for a job without top-k / top-p, its race winner (the largest p / e)
+ * and sample_kernel combines them in chunk order: the same first maximum and the same race
+ * winner as one pass (both are order-free: ties go to the smaller id), and a sum in a fixed
+ * order (deterministic, batch-invariant). Top-k / top-p keep their whole-row radix passes. */
+constexpr int kSampleChunks = 64;
+constexpr int kChunkThreads = 256;
+
+struct sample_part {
+    float zmax;
+    int32_t imax;
+    double sum;
+    double best;
+    int64_t ibest;
+};
+
+__device__ __forceinline__ bool plain_sampling(const rlb_eo_sample_job &job, int64_t V)
+{
+    return job.temperature > RLB_SAMPLE_GREEDY_EPS && !(job.top_k > 0 && job.top_k < V) &&
+           !(job.top_p < 1.0f);
+}
+
+__device__ __forceinline__ float job_t(const rlb_eo_sample_job &job)
+{
+    return job.temperature <= RLB_SAMPLE_GREEDY_EPS ? 1.0f : job.temperature;
+}
+
+__device__ __forceinline__ void chunk_range(int64_t V, int64_t c, int64_t *lo, int64_t *hi)
+{
+    *lo = V * c / kSampleChunks;
+    *hi = V * (c + 1) / kSampleChunks;
+}
+
+__global__ void __launch_bounds__(kChunkThreads)
+    sample_max(const float *logits, int64_t V, const rlb_eo_sample_job *jobs, sample_part *part)
+{
+    RLB_PDL_ENTRY();
+    const rlb_eo_sample_job job = jobs[blockIdx.y];
+    const float *x = logits + job.row * V;
+    const float T = job_t(job);
+    int64_t lo, hi;
+    chunk_range(V, blockIdx.x, &lo, &hi);
+    float zmax = -INFINITY;
+    int64_t imax = V;
+    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        float z = x[i] / T;
+        if (z > zmax) { /* a thread scans ascending: it keeps its first maximum */
+            zmax = z;
+            imax = i;
+        }
+    }
+    block_argmax(zmax, imax);
+    if (threadIdx.x == 0) {
+        part[blockIdx.y * kSampleChunks + blockIdx.x].zmax = zmax;
+        part[blockIdx.y * kSampleChunks + blockIdx.x].imax = (int32_t)imax;
+    }
+}
+
+/* The row's first maximum from the chunks' (every thread gets it). */
+__device__ __forceinline__ void row_max(const sample_part *p, int64_t V, float *zmax,
+                                        int64_t *imax)
+{
+    float z = -INFINITY;
+    int64_t i = V;
+    for (int c = 0; c < kSampleChunks; c++)
+        if (p[c].zmax > z || (p[c].zmax == z && p[c].imax < i)) {
+            z = p[c].zmax;
+            i = p[c].imax;
+        }
+    *zmax = z;
+    *imax = i;
+}
+
+__global__ void __launch_bounds__(kChunkThreads)
+    sample_chunk(const float *logits, int64_t V, const rlb_eo_sample_job *jobs,
+                 sample_part *part)
+{
+    RLB_PDL_ENTRY();
+    const rlb_eo_sample_job job = jobs[blockIdx.y];
+    const float *x = logits + job.row * V;
+    const float T = job_t(job);
+    sample_part *p = part + blockIdx.y * kSampleChunks;
+    float zmax;
+    int64_t imax;
+    row_max(p, V, &zmax, &imax);
+    int64_t lo, hi;
+    chunk_range(V, blockIdx.x, &lo, &hi);
+    double sum = 0.0;
+    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
+        sum += expf(x[i] / T - zmax);
+    sum = block_sum_d(sum);
+    double best = -1.0;
+    int64_t ibest = V;
+    if (plain_sampling(job, V) && isfinite(zmax)) {
+        const uint64_t prefix = rlb__noise_prefix(job.seed, job.sample, job.pos);
+        for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+            const float pr = expf(x[i] / T - zmax);
+            const double e = -log(rlb__bits_to_uniform(rlb__noise_token(prefix, i)));
+            const double score = (double)pr / e;
+            if (score > best) {
+                best = score;
+                ibest = i;
+            }
+        }
+        block_argmax(best, ibest);
+    }
+    if (threadIdx.x == 0) {
+        p[blockIdx.x].sum = sum;
+        p[blockIdx.x].best = best;
+        p[blockIdx.x].ibest = ibest;
+    }
+}
+
+/* One block per job, after sample_max and sample_chunk. Greedy: the first maximum; plain
+ * sampling: the race winner of the chunks. Otherwise the top-k threshold (the k-th
  * largest z, ties kept) and the top-p cut (the first token, z descending then id
  * ascending, at which the kept mass above it reaches top_p of the kept mass) by radix
  * select, then the exponential race over the kept tokens. */
 __global__ void __launch_bounds__(kSampleThreads)
     sample_kernel(const float *logits, int64_t V, const rlb_eo_sample_job *jobs,
-                  int32_t *tokens, float *logprobs, int32_t *status)
+                  const sample_part *part, int32_t *tokens, float *logprobs, int32_t *status)
 {
     RLB_PDL_ENTRY();
     const rlb_eo_sample_job job = jobs[blockIdx.x];
@@ -582,20 +705,13 @@ __global__ void __launch_bounds__(kSampleThreads)
     const float T = greedy ? 1.0f : job.temperature;
     const bool top_k = !greedy && job.top_k > 0 && job.top_k < V;
     const bool top_p = !greedy && job.top_p < 1.0f;
-    float zmax = -INFINITY;
-    int64_t imax = V;
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-        float z = x[i] / T;
-        if (z > zmax) { /* a thread scans ascending: it keeps its first maximum */
-            zmax = z;
-            imax = i;
-        }
-    }
-    block_argmax(zmax, imax);
+    const sample_part *pp = part + blockIdx.x * kSampleChunks;
+    float zmax;
+    int64_t imax;
+    row_max(pp, V, &zmax, &imax);
     double sum = 0.0;
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
-        sum += expf(x[i] / T - zmax);
-    sum = block_sum_d(sum);
+    for (int c = 0; c < kSampleChunks; c++)
+        sum += pp[c].sum;
     const double lse = (double)zmax + log(sum);
     if (!isfinite(zmax) || !isfinite(lse)) { /* the host sampler's non-finite rules apply */
         if (threadIdx.x == 0) {
@@ -640,7 +756,14 @@ __global__ void __launch_bounds__(kSampleThreads)
     const uint64_t prefix = rlb__noise_prefix(job.seed, job.sample, job.pos);
     double best = -1.0;
     int64_t ibest = V;
-    for (int64_t i = threadIdx.x; !greedy && i < V; i += blockDim.x) {
+    if (!greedy && !top_k && !top_p) { /* plain sampling: the chunks ran the race */
+        for (int c = 0; c < kSampleChunks; c++)
+            if (pp[c].best > best || (pp[c].best == best && pp[c].ibest < ibest)) {
+                best = pp[c].best;
+                ibest = pp[c].ibest;
+            }
+    }
+    for (int64_t i = threadIdx.x; (top_k || top_p) && i < V; i += blockDim.x) {
         if (top_k || top_p) {
             const uint32_t k = zk(i);
             if (k < k_key || k < p_key || (top_p && k == p_key && i > p_last))
@@ -654,7 +777,7 @@ __global__ void __launch_bounds__(kSampleThreads)
             ibest = i;
         }
     }
-    if (!greedy)
+    if (top_k || top_p)
         block_argmax(best, ibest);
     if (threadIdx.x != 0)
         return;
@@ -883,7 +1006,9 @@ int rlb__eo_rope_store(cudaStream_t stream, float *qkv, int64_t rows, int64_t hq
     if (c->hd % 2 || layer < 0 || layer >= c->n_layers)
         return RLB_EINVAL;
     RLB_EO_DISPATCH(c->dt, T,
-                    rlb__pdl_launch(rope_store_kernel<T>, (unsigned)rows, 128, stream, 
+                    rlb__pdl_launch(rope_store_kernel<T>,
+                                    dim3((unsigned)rows, (unsigned)(hq + 2 * c->kvt)),
+                                    (unsigned)((c->hd / 2 + 31) / 32 * 32), stream, 
                         qkv, hq, pos, inv_freq, slot, *c, layer));
     return launched("rope_store");
 }
@@ -948,15 +1073,25 @@ int rlb__eo_cut_logits(cudaStream_t stream, const float *gath, int64_t T, int64_
     return launched("cut logits");
 }
 
+uint64_t rlb__eo_sample_work_bytes(int64_t n)
+{
+    return (uint64_t)(n > 0 ? n : 0) * kSampleChunks * sizeof(sample_part);
+}
+
 int rlb__eo_sample(cudaStream_t stream, const float *logits, int64_t V,
-                   const rlb_eo_sample_job *jobs, int64_t n, int32_t *tokens, float *logprobs,
-                   int32_t *status)
+                   const rlb_eo_sample_job *jobs, int64_t n, void *work, int32_t *tokens,
+                   float *logprobs, int32_t *status)
 {
     if (n <= 0)
         return 0;
-    if (V < 1 || V > INT32_MAX)
+    if (V < 1 || V > INT32_MAX || !work || n > 65535)
         return RLB_EINVAL;
-    rlb__pdl_launch(sample_kernel, (unsigned)n, kSampleThreads, stream, logits, V, jobs, tokens,
+    sample_part *part = (sample_part *)work;
+    const dim3 chunks(kSampleChunks, (unsigned)n);
+    rlb__pdl_launch(sample_max, chunks, kChunkThreads, stream, logits, V, jobs, part);
+    rlb__pdl_launch(sample_chunk, chunks, kChunkThreads, stream, logits, V, jobs, part);
+    rlb__pdl_launch(sample_kernel, (unsigned)n, kSampleThreads, stream, logits, V, jobs,
+                    (const sample_part *)part, tokens,
                                                                logprobs, status);
     return launched("sample");
 }

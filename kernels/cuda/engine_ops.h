@@ -145,11 +145,13 @@ typedef struct rlb_eo_sample_job {
 
 /* For each job: tokens[j], logprobs[j]; status[j] = 0, or RLB_EINVAL for a row whose
  * logits are not all finite (the caller samples it with rlb__sample_token, whose rules for
- * NaN and infinities the kernel does not repeat). jobs, tokens, logprobs and status are
- * device arrays. */
+ * NaN and infinities the kernel does not repeat). jobs, work, tokens, logprobs and status
+ * are device arrays; work holds rlb__eo_sample_work_bytes(n). */
 int rlb__eo_sample(cudaStream_t stream, const float *logits, int64_t V,
-                   const rlb_eo_sample_job *jobs, int64_t n, int32_t *tokens, float *logprobs,
-                   int32_t *status);
+                   const rlb_eo_sample_job *jobs, int64_t n, void *work, int32_t *tokens,
+                   float *logprobs, int32_t *status);
+/* Bytes of device workspace rlb__eo_sample needs for n jobs (n <= 65535). */
+uint64_t rlb__eo_sample_work_bytes(int64_t n);
 
 /* y[n, m] (+)= (x[n, k] . q[m, k]^T) * scale, x in xdt, q int8 (RLB_DTYPE_I8) or e4m3
  * (RLB_DTYPE_F8E4M3), scale [m] (per_row) or [1]; k a multiple of 16. */

@@ -720,7 +720,8 @@ static void test_sample(void **state)
         rlb_eo_sample_job *dj = dput(jobs, sizeof jobs);
         int32_t *dt = dput(NULL, (size_t)n * 4), *dst = dput(NULL, (size_t)n * 4);
         float *dlp = dput(NULL, (size_t)n * 4);
-        assert_int_equal(rlb__eo_sample(g_stream, dl, V, dj, n, dt, dlp, dst), 0);
+        void *dw = dput(NULL, rlb__eo_sample_work_bytes(n));
+        assert_int_equal(rlb__eo_sample(g_stream, dl, V, dj, n, dw, dt, dlp, dst), 0);
         int32_t tok[96], st[96];
         float lp[96];
         dget(tok, dt, sizeof tok);
@@ -746,7 +747,7 @@ static void test_sample(void **state)
         if (V > 1) {
             float nan = NAN;
             CHECK_CUDA(cudaMemcpy(dl + jobs[3].row * V + V / 2, &nan, 4, cudaMemcpyHostToDevice));
-            assert_int_equal(rlb__eo_sample(g_stream, dl, V, dj, n, dt, dlp, dst), 0);
+            assert_int_equal(rlb__eo_sample(g_stream, dl, V, dj, n, dw, dt, dlp, dst), 0);
             dget(st, dst, sizeof st);
             for (int64_t j = 0; j < n; j++)
                 assert_int_equal(st[j], j == 3 ? RLB_EINVAL : 0);
@@ -757,6 +758,7 @@ static void test_sample(void **state)
         cudaFree(dt);
         cudaFree(dst);
         cudaFree(dlp);
+        cudaFree(dw);
     }
     rlb__sample_ws_free(&ws);
 }
