@@ -190,6 +190,7 @@ struct rlb_cuda_lora {
     uint64_t stage_bytes;      /* its size */
     unsigned long long *d_counts; /* [n] non-finite values each merge wrote */
     unsigned long long *h_counts; /* [n] pinned host copy, filled at the end of a run */
+    int desc_stale;            /* the device's descriptors lag the host's */
     int bound;                 /* a bind has succeeded */
 };
 
@@ -384,27 +385,28 @@ extern "C" int rlb__cuda_lora_bind(rlb_cuda_lora *cl, const rlb_cuda_buf *src,
         rc = rlb__cuda_plan_bind(cl->gather, src, &stage, err, errlen);
     if (rc)
         return rc;
-    int changed = 0;
     for (uint32_t k = 0; k < cl->n; k++) {
         const rlb_merge_op *m = &cl->merges[k];
         const rlb_cuda_buf *b = &dst[m->dst_ref];
         const uint64_t des = rlb_dtype_size((rlb_dtype)m->dst_dtype);
-        char *c = (char *)b->ptr + m->dst_offset;
         if (!b->ptr || b->bytes < m->dst_offset + m->rows * m->cols * des ||
-            (uintptr_t)c % des) {
+            ((uintptr_t)b->ptr + m->dst_offset) % des) {
             rlb__cuda_err(err, errlen, "destination %u: buffer %p of %llu bytes cannot hold "
                           "merge %llu", m->dst_ref, b->ptr, (unsigned long long)b->bytes,
                           (unsigned long long)cl->index[k]);
             return RLB_EINVAL;
         }
-        changed |= cl->desc[k].c != c;
+    }
+    for (uint32_t k = 0; k < cl->n; k++) {
+        char *c = (char *)dst[cl->merges[k].dst_ref].ptr + cl->merges[k].dst_offset;
+        cl->desc_stale |= cl->desc[k].c != c;
         cl->desc[k].c = c;
     }
-    rc = 0;
-    if (changed) {
+    if (cl->desc_stale) {
         RLB_CHECK(rlb__cuda_enter(cl->device, &prev));
         RLB_CUDA_CHECK(cudaMemcpy(cl->d_desc, cl->desc, (cl->n + 1) * sizeof(merge_desc),
                                   cudaMemcpyHostToDevice), rc, out);
+        cl->desc_stale = 0;
     out:
         rlb__cuda_leave(prev);
     }
