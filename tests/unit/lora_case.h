@@ -18,7 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/lora.h"
 #include "model/params.h"
+#include "model/plan.h"
 #include "model/source.h"
 #include "tests/unit/plan_ref.h"
 #include "tests/unit/ref_convert.h"
@@ -357,6 +359,45 @@ static inline uint64_t lc_check_worker(const lc_case *c, int T, int t, rlb_dtype
                 differ += bits != pbits;
             }
     return differ;
+}
+
+/* A case's two plans for one target, over the same source buffers: with every adapter
+ * declared (plan), and with none (base: the factors are then dropped, so it is the plain
+ * reshard of the base). Allocates the case's buffers. */
+typedef struct lc_plans {
+    rlb_param_list pl, plain; /* parameter lists with and without the adapters */
+    rlb_source src, psrc;     /* the case's buffers registered with each */
+    rlb_plan plan, base;      /* their plans */
+} lc_plans;
+
+static inline void lc_plans_build(lc_case *c, const rlb_target *tgt, lc_plans *p)
+{
+    char err[256] = "";
+    assert_int_equal(rlb__params_init(&p->pl, &c->cfg, NULL, 0), 0);
+    assert_int_equal(rlb__params_init(&p->plain, &c->cfg, NULL, 0), 0);
+    for (int i = 0; i < c->m.n; i++)
+        if (c->ad[i] >= 0 && rlb__params_add_adapter(&p->pl, c->t[i].name, c->rank[i],
+                                                     c->scale[i], err, sizeof err))
+            fail_msg("add_adapter: %s", err);
+    assert_int_equal(rlb__source_init(&p->src, &p->pl), 0);
+    assert_int_equal(rlb__source_init(&p->psrc, &p->plain), 0);
+    lc_register_sources(c, &p->src, 1);
+    lc_register_sources(c, &p->psrc, 0);
+    if (rlb__plan_build(&p->src, tgt, &p->plan, err, sizeof err) ||
+        rlb__plan_build(&p->psrc, tgt, &p->base, err, sizeof err))
+        fail_msg("plan: %s", err);
+    assert_true(p->plan.n_merges > 0 && p->plan.stage_bytes > 0);
+    assert_int_equal(p->base.n_merges, 0);
+}
+
+static inline void lc_plans_free(lc_plans *p)
+{
+    rlb__plan_free(&p->plan);
+    rlb__plan_free(&p->base);
+    rlb__source_free(&p->src);
+    rlb__source_free(&p->psrc);
+    rlb__params_free(&p->pl);
+    rlb__params_free(&p->plain);
 }
 
 #endif /* RLB_TESTS_LORA_CASE_H */

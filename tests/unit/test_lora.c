@@ -125,56 +125,34 @@ static void run_plan(const rlb_plan *plan, const lc_case *c, uint8_t **dst, int 
 static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int T, int wide)
 {
     lc_case c;
+    lc_plans p;
     lc_init(&c, qwen_tied, mode, sdt, wide, 0);
-    rlb_param_list pl, plain;
-    char err[256] = "";
-    assert_int_equal(rlb__params_init(&pl, &c.cfg, NULL, 0), 0);
-    assert_int_equal(rlb__params_init(&plain, &c.cfg, NULL, 0), 0);
-    for (int i = 0; i < c.m.n; i++)
-        if (c.ad[i] >= 0 &&
-            rlb__params_add_adapter(&pl, c.t[i].name, c.rank[i], c.scale[i], err, sizeof err))
-            fail_msg("add_adapter: %s", err);
-    rlb_source src, psrc;
-    assert_int_equal(rlb__source_init(&src, &pl), 0);
-    assert_int_equal(rlb__source_init(&psrc, &plain), 0);
-    lc_register_sources(&c, &src, 1);
-    lc_register_sources(&c, &psrc, 0); /* the factors are dropped here: no adapters declared */
     rlb_target tgt = {.tp_size = T, .replicas = 1, .dtype = ddt};
-    rlb_plan plan, pplan;
-    if (rlb__plan_build(&src, &tgt, &plan, err, sizeof err) ||
-        rlb__plan_build(&psrc, &tgt, &pplan, err, sizeof err))
-        fail_msg("plan: %s", err);
-    assert_true(plan.n_merges > 0 && plan.stage_bytes > 0);
-    assert_int_equal(pplan.n_merges, 0);
+    lc_plans_build(&c, &tgt, &p);
     uint8_t *dst[4], *base[4];
     for (int t = 0; t < T; t++) {
-        dst[t] = calloc(1, plan.dst_bytes[t]);
-        base[t] = calloc(1, plan.dst_bytes[t]);
+        dst[t] = calloc(1, p.plan.dst_bytes[t]);
+        base[t] = calloc(1, p.plan.dst_bytes[t]);
     }
     lc_fill(&c, 1, 0);
     lc_write_sources(&c);
-    run_plan(&pplan, &c, base, 2);
+    run_plan(&p.base, &c, base, 2);
     for (uint64_t v = 1; v <= 2; v++) {
         lc_fill(&c, 100 + v, 1); /* new adapters, same base */
         lc_write_sources(&c);
-        run_plan(&plan, &c, dst, wide ? 4 : 2);
+        run_plan(&p.plan, &c, dst, wide ? 4 : 2);
         for (int t = 0; t < T; t++)
             lc_check_worker(&c, T, t, ddt, dst[t], 1, 0, NULL);
     }
     /* Adapters taken out: the same buffers get the base back, bit for bit. */
-    run_plan(&pplan, &c, dst, 2);
+    run_plan(&p.base, &c, dst, 2);
     for (int t = 0; t < T; t++) {
         lc_check_worker(&c, T, t, ddt, dst[t], 0, 0, NULL);
-        assert_memory_equal(dst[t], base[t], plan.dst_bytes[t]);
+        assert_memory_equal(dst[t], base[t], p.plan.dst_bytes[t]);
         free(dst[t]);
         free(base[t]);
     }
-    rlb__plan_free(&plan);
-    rlb__plan_free(&pplan);
-    rlb__source_free(&src);
-    rlb__source_free(&psrc);
-    rlb__params_free(&pl);
-    rlb__params_free(&plain);
+    lc_plans_free(&p);
     lc_free(&c);
 }
 
@@ -200,34 +178,21 @@ static void test_threaded_merge(void **state)
     run_case(1, LC_FULL, RLB_DTYPE_F32, RLB_DTYPE_F32, 4, 1);
 }
 
-/* An F32 full-tensor case with every adapter declared, and its plan for `tgt`. */
+/* An F32 full-tensor case with every adapter declared, and its plans for `tgt`. */
 typedef struct adapted_case {
     lc_case c;
-    rlb_param_list pl;
-    rlb_source src;
-    rlb_plan plan;
+    lc_plans p;
 } adapted_case;
 
 static void adapted_init(adapted_case *a, const rlb_target *tgt)
 {
-    char err[256] = "";
     lc_init(&a->c, 0, LC_FULL, RLB_DTYPE_F32, 0, 0);
-    assert_int_equal(rlb__params_init(&a->pl, &a->c.cfg, NULL, 0), 0);
-    for (int i = 0; i < a->c.m.n; i++)
-        if (a->c.ad[i] >= 0)
-            assert_int_equal(rlb__params_add_adapter(&a->pl, a->c.t[i].name, a->c.rank[i],
-                                                     a->c.scale[i], err, sizeof err), 0);
-    assert_int_equal(rlb__source_init(&a->src, &a->pl), 0);
-    lc_register_sources(&a->c, &a->src, 1);
-    if (rlb__plan_build(&a->src, tgt, &a->plan, err, sizeof err))
-        fail_msg("plan: %s", err);
+    lc_plans_build(&a->c, tgt, &a->p);
 }
 
 static void adapted_free(adapted_case *a)
 {
-    rlb__plan_free(&a->plan);
-    rlb__source_free(&a->src);
-    rlb__params_free(&a->pl);
+    lc_plans_free(&a->p);
     lc_free(&a->c);
 }
 
@@ -239,7 +204,7 @@ static void test_replicas_and_wire(void **state)
     adapted_case a;
     adapted_init(&a, &tgt);
     lc_case *c = &a.c;
-    rlb_plan *plan = &a.plan;
+    rlb_plan *plan = &a.p.plan;
     char err[256] = "";
     lc_fill(c, 7, 0);
     lc_write_sources(c);
@@ -301,7 +266,7 @@ static void test_executor_merges(void **state)
     adapted_case a;
     adapted_init(&a, &tgt);
     lc_case *c = &a.c;
-    rlb_plan *plan = &a.plan;
+    rlb_plan *plan = &a.p.plan;
     rlb_executor *x;
     assert_int_equal(rlb__executor_cpu_create(&x), 0);
     uint64_t n_counts = plan->n_ops + plan->n_merges;
