@@ -11,8 +11,9 @@
 #             reshard peer
 #   grpo      examples/grpo_torch.py, 30 steps, --check (fp32: logprob mismatch <= 1e-4)
 #   lora      the PEFT golden fixture (scripts/make_peft_fixture.py, needs peft; a copy lands
-#             in $OUT/peft_lora) and its test, then rlb-bench-sync --device cuda --lora with
-#             the PEFT merge peer (bench/peft_merge_peer.py)
+#             in $OUT/peft_lora) and its test, rlb-bench-reshard-gpu --lora (the merge
+#             kernels), then rlb-bench-sync --device cuda --lora with the PEFT merge peer
+#             (bench/peft_merge_peer.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -54,6 +55,8 @@ for step in "$@"; do
         ctest --test-dir build-gpu -R 'test_peft_fixture|test_cuda_lora' -V --timeout 600 \
             > "$out/lora-tests.log" 2>&1
         grep -E "tests passed|Failed|Skipped|Passed|ulps|differ in their" "$out/lora-tests.log" | tail -60
+        build-gpu/bench/rlb-bench-reshard-gpu --lora > "$out/bench-reshard-lora.log" 2>&1
+        tail -8 "$out/bench-reshard-lora.log"
         peer=$(timeout 300 python3 bench/peft_merge_peer.py 2> "$out/peft-peer.err" |
             tee "$out/peft-peer.log" | tail -1)
         tail -4 "$out/peft-peer.log"

@@ -20,7 +20,8 @@
  *
  * Check: tests/gpu/test_cuda_lora (against the CPU executor and a double-precision
  * W + s * B * A, full / FSDP2 / FSDP1 sources, TP 1, 2, 4, ranks 8 and 64); speed:
- * rlb-bench-lora --device cuda.
+ * rlb-bench-reshard-gpu --lora (the merges against their floor and the plain copy) and
+ * rlb-bench-sync --device cuda --lora (publish to commit).
  */
 #include "kernels/cuda/lora_merge.h"
 
