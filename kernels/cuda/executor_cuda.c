@@ -520,8 +520,7 @@ static int upload_on(dev_state *s, int g, const rlb_plan *p, const uint8_t *sel,
     if (!s->plan || s->plan_hash != hc) {
         /* The copies alone: the merges' base copies run inside the merges. */
         rlb_plan copies = {.n_src = p->n_src, .n_dst = p->n_dst, .src_bytes = p->src_bytes,
-                           .dst_bytes = p->dst_bytes, .dst_first_op = p->dst_first_op,
-                           .n_ops = p->n_ops, .ops = p->ops};
+                           .dst_bytes = p->dst_bytes, .n_ops = p->n_ops, .ops = p->ops};
         rlb__cuda_plan_free(s->plan);
         s->plan = NULL;
         RLB_CHECK(rlb__cuda_plan_upload(&copies, g, sel, &s->plan, err, errlen));
@@ -615,12 +614,17 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
         free(dev_of);
         return RLB_ENOMEM;
     }
-    for (uint64_t m = 0; m < p->n_merges; m++) /* destinations a merge writes */
+    /* Destinations an op or a merge writes, found from the ops themselves: a caller's view
+     * of a plan may keep the whole plan's dst_first_op over fewer ops (the bridge's does). */
+    for (uint64_t i = 0; i < p->n_ops; i++)
+        if (p->ops[i].dst_ref < p->n_dst)
+            sel[p->ops[i].dst_ref] = 1;
+    for (uint64_t m = 0; m < p->n_merges; m++)
         if (p->merges[m].dst_ref < p->n_dst)
             sel[p->merges[m].dst_ref] = 1;
     for (uint64_t d = 0; d < p->n_dst && !rc; d++) {
         dev_of[d] = -1;
-        if (!run->dst[d] || (p->dst_first_op[d] == p->dst_first_op[d + 1] && !sel[d]))
+        if (!run->dst[d] || !sel[d])
             continue;
         struct cudaPointerAttributes at;
         if (cudaPointerGetAttributes(&at, run->dst[d]) != cudaSuccess ||
