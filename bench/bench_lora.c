@@ -9,7 +9,8 @@
  *                 with the executor's scratch kept from run to run as the bridge keeps it)
  *   trainer_ms    merging on the trainer (bf16 weights widened, sgemm, rounded back into a
  *                 merged copy) plus the full sync of that copy
- *   adapter_vs_full      adapter_ms / full_ms (GPU target <= 1.3; on the CPU the merge cannot
+ *   adapter_vs_full      adapter_ms / full_ms (GPU target <= 1.3, measured by
+ *                        `rlb-bench-sync --device cuda --lora`; on the CPU the merge cannot
  *                        hide under the copy, so this is information)
  *   speedup_vs_trainer   trainer_ms / adapter_ms
  *   changed_fraction     bytes the trainer changes per step (the factors) / model bytes

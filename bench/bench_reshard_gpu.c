@@ -17,8 +17,15 @@
  * fallback (forced); against cudaMemcpyPeer, both directions at once, of the bytes each
  * GPU writes and of the bytes it reads from the other GPU.
  *
+ * --lora: the same plan with LoRA adapters of rank 16 and 64 (alpha 2r) on q, k, v, o, gate,
+ * up and down of every layer (FSDP2 factors like every other tensor): the copies plus the
+ * GPU merge (kernels/cuda/lora_merge.h: base copies, f32 stage gather, merge in place)
+ * against the plain plan's copy, and the merge part alone against its floor (the merged
+ * blocks read and written once more, at the copy's bandwidth) -- the kernel-level view of
+ * `rlb-bench-sync --device cuda --lora`, for choosing the merge kernel by measurement.
+ *
  * Prints a table, then one JSON line. Usage:
- *   rlb-bench-reshard-gpu [--torch-log FILE] [--iters N] [--peer]
+ *   rlb-bench-reshard-gpu [--torch-log FILE] [--iters N] [--peer | --lora]
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -28,9 +35,11 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kernels/cuda/lora_merge.h"
 #include "kernels/cuda/plan_exec.h"
 #include "kernels/cuda/quant.h"
 #include "model/config.h"
+#include "model/lora.h"
 #include "model/params.h"
 #include "model/plan.h"
 #include "model/source.h"
@@ -77,7 +86,8 @@ static int cmp_double(const void *a, const void *b)
 
 /* What one timed work does: a plan run, a memcpy or a quantization set. */
 typedef struct work {
-    rlb_cuda_plan *plan;    /* run this plan, or */
+    rlb_cuda_plan *plan;    /* run this plan (then lora's merges, when set), or */
+    rlb_cuda_lora *lora;    /* these merges alone, or */
     rlb_cuda_quant *quant;  /* this quantization set, or */
     void *cp_dst;           /* this memcpy (a peer copy when the devices differ) */
     const void *cp_src;
@@ -88,9 +98,12 @@ typedef struct work {
 
 static void launch(const work *w)
 {
-    if (w->plan)
-        RC(rlb__cuda_plan_run(w->plan, w->st));
-    else if (w->quant)
+    if (w->plan || w->lora) {
+        if (w->plan)
+            RC(rlb__cuda_plan_run(w->plan, w->st));
+        if (w->lora)
+            RC(rlb__cuda_lora_run(w->lora, w->st));
+    } else if (w->quant)
         RC(rlb__cuda_quant_run(w->quant, w->st));
     else if (w->cp_dst_dev != w->cp_src_dev)
         CK(cudaMemcpyPeerAsync(w->cp_dst, w->cp_dst_dev, w->cp_src, w->cp_src_dev, w->cp_bytes,
@@ -605,10 +618,116 @@ static int peer_main(const rlb_param_list *pl, const char *dev_name, int ndev)
     return 0;
 }
 
+/* --lora: the plan with adapters of rank r against the plain plan's copy (full). */
+typedef struct lora_result {
+    int rank;
+    double ms, merge_ms, merge_floor_ms;
+    uint64_t read, written, merged_bytes, dev_bytes;
+} lora_result;
+
+static lora_result lora_case(const rlb_param_list *pl, int rank, double copy_gbs)
+{
+    static const char *const targets[] = {"self_attn.q_proj", "self_attn.k_proj",
+                                          "self_attn.v_proj", "self_attn.o_proj",
+                                          "mlp.gate_proj",    "mlp.up_proj", "mlp.down_proj"};
+    lora_result r = {.rank = rank};
+    rlb_param_list lp;
+    RC(rlb__params_init(&lp, &pl->cfg, err, sizeof err));
+    char name[96];
+    for (int64_t l = 0; l < pl->cfg.n_layers; l++)
+        for (size_t k = 0; k < sizeof targets / sizeof targets[0]; k++) {
+            snprintf(name, sizeof name, "model.layers.%lld.%s.weight", (long long)l, targets[k]);
+            RC(rlb__params_add_adapter(&lp, name, rank, 2.0f, err, sizeof err));
+        }
+    rlb_source src;
+    uint64_t sbytes[W], soff[W + 1] = {0}, doff[T + 1] = {0};
+    fsdp2_source(&lp, RLB_DTYPE_BF16, &src, sbytes);
+    for (int f = 0; f < W; f++)
+        soff[f + 1] = soff[f] + sbytes[f];
+    rlb_target tgt = {.tp_size = T, .replicas = 1, .dtype = RLB_DTYPE_BF16};
+    rlb_plan plan;
+    RC(rlb__plan_build(&src, &tgt, &plan, err, sizeof err));
+    for (int d = 0; d < T; d++)
+        doff[d + 1] = doff[d] + (plan.dst_bytes[d] + 255) / 256 * 256;
+    char *sbase, *dbase;
+    CK(cudaMalloc((void **)&sbase, soff[W]));
+    CK(cudaMalloc((void **)&dbase, doff[T]));
+    CK(cudaMemset(sbase, 0x3c, soff[W])); /* bf16 0.0115: merged values stay small */
+    rlb_cuda_buf sb[W], db[T];
+    for (int f = 0; f < W; f++)
+        sb[f] = (rlb_cuda_buf){sbase + soff[f], sbytes[f]};
+    for (int d = 0; d < T; d++)
+        db[d] = (rlb_cuda_buf){dbase + doff[d], plan.dst_bytes[d]};
+    /* The copy ops alone go to the plan executor; the merges (with their base copies) to
+     * lora_merge, as the CUDA executor splits them. */
+    rlb_plan copies = {.n_src = plan.n_src, .n_dst = plan.n_dst, .src_bytes = plan.src_bytes,
+                       .dst_bytes = plan.dst_bytes, .n_ops = plan.n_ops, .ops = plan.ops};
+    rlb_cuda_plan *cp = NULL;
+    rlb_cuda_lora *cl = NULL;
+    RC(rlb__cuda_plan_upload(&copies, 0, NULL, &cp, err, sizeof err));
+    RC(rlb__cuda_plan_bind(cp, sb, db, err, sizeof err));
+    RC(rlb__cuda_lora_upload(&plan, 0, NULL, &cl, err, sizeof err));
+    RC(rlb__cuda_lora_bind(cl, sb, db, err, sizeof err));
+    work all = {.plan = cp, .lora = cl}, merges = {.lora = cl};
+    r.ms = time_median(&all);
+    r.merge_ms = time_median(&merges);
+    for (uint64_t i = 0; i < plan.n_merges; i++)
+        r.merged_bytes += plan.merges[i].rows * plan.merges[i].cols * 2;
+    r.merge_floor_ms = 2.0 * (double)r.merged_bytes / (copy_gbs * 1e6);
+    r.read = plan.bytes_read;
+    r.written = plan.bytes_written;
+    r.dev_bytes = rlb__cuda_plan_device_bytes(cp) + rlb__cuda_lora_device_bytes(cl);
+    rlb__cuda_lora_free(cl);
+    rlb__cuda_plan_free(cp);
+    CK(cudaFree(sbase));
+    CK(cudaFree(dbase));
+    rlb__plan_free(&plan);
+    rlb__source_free(&src);
+    rlb__params_free(&lp);
+    return r;
+}
+
+static int lora_main(const rlb_param_list *pl, const char *dev_name)
+{
+    printf("rlb-bench-reshard-gpu --lora on %s: Llama-3-8B shapes, FSDP2 %d -> TP %d bf16 on "
+           "one GPU, median of %d\n", dev_name, W, T, iters);
+    printf("%-28s %11s %11s %9s %9s %9s %7s\n", "case", "read", "written", "ms", "GB/s",
+           "floor ms", "floor");
+    double copy_gbs = 0;
+    result full = run_case(pl, RLB_DTYPE_BF16, &copy_gbs, NULL, NULL);
+    printf("%-28s %8.2f GB %8.2f GB %9.3f %9.0f %9.3f %6.1f%%\n", "rlb bf16 -> bf16 (full)",
+           full.read / 1e9, full.written / 1e9, full.ms, (full.read + full.written) / full.ms / 1e6,
+           full.floor_ms, 100 * full.floor_ms / full.ms);
+    lora_result lr[2] = {lora_case(pl, 16, copy_gbs), lora_case(pl, 64, copy_gbs)};
+    for (int i = 0; i < 2; i++) {
+        char label[64];
+        snprintf(label, sizeof label, "rlb bf16 + LoRA rank %d", lr[i].rank);
+        printf("%-28s %8.2f GB %8.2f GB %9.3f %9.0f %9s %7s  %.3f x full\n", label,
+               lr[i].read / 1e9, lr[i].written / 1e9, lr[i].ms,
+               (lr[i].read + lr[i].written) / lr[i].ms / 1e6, "", "", lr[i].ms / full.ms);
+        snprintf(label, sizeof label, "  merges alone, rank %d", lr[i].rank);
+        printf("%-28s %8.2f GB %8.2f GB %9.3f %9s %9.3f %6.1f%%  (base copies, stage, "
+               "merge in place; %.0f MiB of device memory)\n", label,
+               lr[i].merged_bytes / 1e9, lr[i].merged_bytes / 1e9, lr[i].merge_ms, "",
+               lr[i].merge_floor_ms, 100 * lr[i].merge_floor_ms / lr[i].merge_ms,
+               lr[i].dev_bytes / 1048576.0);
+    }
+    printf("{\"bench\":\"reshard_gpu_lora\",\"device\":\"%s\",\"model\":\"llama3-8b\","
+           "\"fsdp\":%d,\"tp\":%d,\"copy_gbs\":%.1f,\"full_ms\":%.3f", dev_name, W, T,
+           copy_gbs, full.ms);
+    for (int i = 0; i < 2; i++)
+        printf(",\"r%d\":{\"ms\":%.3f,\"vs_full\":%.3f,\"merges_ms\":%.3f,"
+               "\"merge_floor_ms\":%.3f,\"device_bytes\":%llu}", lr[i].rank, lr[i].ms,
+               lr[i].ms / full.ms, lr[i].merge_ms, lr[i].merge_floor_ms,
+               (unsigned long long)lr[i].dev_bytes);
+    printf("}\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *torch_log = NULL;
-    int peer = 0;
+    int peer = 0, lora = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--torch-log") && i + 1 < argc)
             torch_log = argv[++i];
@@ -616,8 +735,11 @@ int main(int argc, char **argv)
             iters = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--peer"))
             peer = 1;
+        else if (!strcmp(argv[i], "--lora"))
+            lora = 1;
         else {
-            fprintf(stderr, "usage: %s [--torch-log FILE] [--iters N] [--peer]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--torch-log FILE] [--iters N] [--peer | --lora]\n",
+                    argv[0]);
             return 2;
         }
     }
@@ -634,8 +756,8 @@ int main(int argc, char **argv)
     llama3_8b(&cfg);
     rlb_param_list pl;
     RC(rlb__params_init(&pl, &cfg, err, sizeof err));
-    if (peer) {
-        int rc = peer_main(&pl, prop.name, ndev);
+    if (peer || lora) {
+        int rc = peer ? peer_main(&pl, prop.name, ndev) : lora_main(&pl, prop.name);
         rlb__params_free(&pl);
         return rc;
     }

@@ -17,6 +17,18 @@
  *   control_ms  the bridge thread's own CPU time per sync (target <= 1 ms)
  * The torch peer (../shared/device/torch_reshard_baseline.py) runs in the same device call
  * (scripts/gpu-check.sh sync). Shapes: Llama-3.2-1B and Llama-3.1-8B. Last line: JSON.
+ *
+ * `--lora` runs the LoRA sync instead (DESIGN §10; issue 14), on the 8B shape: the trainer
+ * also declares an adapter of rank r (alpha 2r) on q, k, v, o, gate, up and down of every
+ * layer and registers its bf16 factors beside the frozen bf16 base (one allocation), and
+ * each version changes only the factors; the bridge copies the base and merges the
+ * adapters on the worker's GPU (kernels/cuda/lora_merge.h). Cases: the full-weight bf16
+ * sync, then adapters of rank 16 and 64, in the same run; it prints each adapter sync over
+ * the full one (target <= 1.3). The peer, PEFT's merge_and_unload() plus a copy into the
+ * worker's layout in torch (bench/peft_merge_peer.py), prints its times as this program's
+ * arguments on its last line, so one device call runs both:
+ *     build/rlb-bench-sync --device cuda --lora $(python3 bench/peft_merge_peer.py | tail -1)
+ * (`--peer R:MS`, once per rank), and the ratios to it are printed too.
  */
 #include <limits.h>
 #include <signal.h>
@@ -44,6 +56,7 @@ typedef struct scase {
     int big;           /* 8B shape */
     rlb_dtype src;     /* trainer dtype */
     const char *quant; /* worker post-load */
+    int lora_rank;     /* rank of the adapters on the seven targets (0: none) */
     /* results */
     uint64_t bytes_read, bytes_written;
     double sync_ms, floor_ms, control_ms;
@@ -95,6 +108,57 @@ static int write_config(const char *dir, const rlb_model_config *c)
             (long long)c->vocab, (long long)c->max_pos, c->rope_theta,
             c->tie_embeddings ? "true" : "false");
     return fclose(f) == 0 ? 0 : -1;
+}
+
+/* The seven targets of a layer's LoRA adapters. */
+static const char *const lora_targets[] = {"self_attn.q_proj", "self_attn.k_proj",
+                                           "self_attn.v_proj", "self_attn.o_proj",
+                                           "mlp.gate_proj",    "mlp.up_proj",
+                                           "mlp.down_proj"};
+#define N_LORA_TARGETS (sizeof lora_targets / sizeof lora_targets[0])
+
+/* One adapted weight of the LoRA cases: its name and its factors' names and shapes. */
+typedef struct adapter {
+    char target[96], a[96], b[96];
+    int64_t rows, cols; /* the weight's [out, in] */
+} adapter;
+
+/* The adapters of a rank-r case on every layer of pl's model, declared with c. Returns
+ * their count (*out, to free) or -1. */
+static int declare_adapters(rlb_client *c, const rlb_param_list *pl, int r, adapter **out)
+{
+    int n = (int)(N_LORA_TARGETS * (size_t)pl->cfg.n_layers);
+    adapter *ad = calloc((size_t)n, sizeof *ad);
+    rlb_lora_desc *ld = calloc((size_t)n, sizeof *ld);
+    int rc = ad && ld ? 0 : -1;
+    for (int k = 0; k < n && rc == 0; k++) {
+        int layer = k / (int)N_LORA_TARGETS;
+        const char *t = lora_targets[k % N_LORA_TARGETS];
+        snprintf(ad[k].target, sizeof ad[k].target, "model.layers.%d.%s.weight", layer, t);
+        snprintf(ad[k].a, sizeof ad[k].a, "model.layers.%d.%s.lora_A.weight", layer, t);
+        snprintf(ad[k].b, sizeof ad[k].b, "model.layers.%d.%s.lora_B.weight", layer, t);
+        int64_t p = rlb__params_find(pl, ad[k].target);
+        rc = p < 0 ? -1 : 0;
+        if (rc == 0) {
+            ad[k].rows = pl->params[p].rows;
+            ad[k].cols = pl->params[p].cols;
+        }
+        rlb_lora_desc_init(&ld[k]);
+        ld[k].target = ad[k].target;
+        ld[k].rank = (uint32_t)r;
+        ld[k].alpha = 2.0f * (float)r;
+    }
+    if (rc == 0 && rlb_register_lora(c, ld, (size_t)n) != 0) {
+        fprintf(stderr, "register_lora: %s\n", rlb_last_error(c));
+        rc = -1;
+    }
+    free(ld);
+    if (rc) {
+        free(ad);
+        return -1;
+    }
+    *out = ad;
+    return n;
 }
 
 static pid_t spawn(char *const argv[])
@@ -168,6 +232,8 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
     rlb_param_list pl = {0};
     rlb_client *c = NULL;
     rlb_tensor_desc *d = NULL;
+    adapter *ad = NULL;
+    int n_ad = 0;
     void *mem = NULL;
     cudaStream_t st = NULL;
     rlb_client_options co;
@@ -178,14 +244,20 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
         rlb_connect(&co, &c) != 0)
         goto out;
     size_t esz = rlb_dtype_size(sc->src);
-    uint64_t numel = 0;
+    uint64_t numel = 0, factors = 0;
     for (int64_t p = 0; p < pl.n; p++)
         numel += rlb__param_numel(&pl.params[p]);
-    if (cudaMalloc(&mem, numel * esz) != cudaSuccess || cudaStreamCreate(&st) != cudaSuccess)
+    if (sc->lora_rank && (n_ad = declare_adapters(c, &pl, sc->lora_rank, &ad)) < 0)
         goto out;
-    /* Not zeros: small values of every exponent a weight has. */
-    cudaMemset(mem, 0x3c, numel * esz);
-    d = calloc((size_t)pl.n, sizeof(*d));
+    for (int k = 0; k < n_ad; k++)
+        factors += (uint64_t)sc->lora_rank * (uint64_t)(ad[k].rows + ad[k].cols);
+    if (cudaMalloc(&mem, (numel + factors) * esz) != cudaSuccess ||
+        cudaStreamCreate(&st) != cudaSuccess)
+        goto out;
+    /* Not zeros: small values of every exponent a weight has (and factors whose products
+     * stay small). */
+    cudaMemset(mem, 0x3c, (numel + factors) * esz);
+    d = calloc((size_t)pl.n + 2 * (size_t)n_ad, sizeof(*d));
     uint64_t at = 0;
     for (int64_t p = 0; p < pl.n; p++) {
         rlb_tensor_desc_init(&d[p]);
@@ -199,7 +271,21 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
         d[p].cuda_device = 0;
         at += rlb__param_numel(&pl.params[p]);
     }
-    if (rlb_register(c, d, (size_t)pl.n) != 0) {
+    for (int k = 0; k < n_ad; k++) /* A [r, in], then B [out, r] */
+        for (int f = 0; f < 2; f++) {
+            rlb_tensor_desc *t = &d[pl.n + 2 * k + f];
+            rlb_tensor_desc_init(t);
+            t->name = f ? ad[k].b : ad[k].a;
+            t->dtype = sc->src;
+            t->ndim = 2;
+            t->shape[0] = f ? (uint64_t)ad[k].rows : (uint64_t)sc->lora_rank;
+            t->shape[1] = f ? (uint64_t)sc->lora_rank : (uint64_t)ad[k].cols;
+            t->data = (char *)mem + at * esz;
+            t->device = RLB_DEVICE_CUDA;
+            t->cuda_device = 0;
+            at += t->shape[0] * t->shape[1];
+        }
+    if (rlb_register(c, d, (size_t)pl.n + 2 * (size_t)n_ad) != 0) {
         fprintf(stderr, "register: %s\n", rlb_last_error(c));
         goto out;
     }
@@ -210,8 +296,9 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
         }
     double sync[32], control[32];
     for (int v = 1; v <= versions; v++) {
-        /* The trainer's last write of the step, on its stream. */
-        cudaMemsetAsync(mem, 0x3c + v, esz, st);
+        /* The trainer's last write of the step, on its stream: a weight, or with adapters a
+         * factor (the base stays frozen). */
+        cudaMemsetAsync((char *)mem + (n_ad ? numel * esz : 0), 0x3c + v, esz, st);
         rlb_sync_stats ss = {.struct_size = sizeof(ss)};
         if (rlb_publish_stream(c, (uint64_t)v, st, &ss) != 0) {
             fprintf(stderr, "publish: %s\n", rlb_last_error(c));
@@ -226,11 +313,12 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
     qsort(control + 1, (size_t)(versions - 1), sizeof(double), cmp_double);
     sc->sync_ms = sync[1 + (versions - 1) / 2];
     sc->control_ms = control[1 + (versions - 1) / 2];
-    sc->bytes_read = numel * esz;
+    sc->bytes_read = (numel + factors) * esz;
     sc->floor_ms = (double)(sc->bytes_read + sc->bytes_written) / (gbs * 1e6);
     rc = 0;
 out:
     free(d);
+    free(ad);
     rlb_close(c);
     cudaFree(mem);
     if (st)
@@ -244,14 +332,57 @@ out:
     return rc;
 }
 
+/* The peer's time for rank r (--peer r:ms), or a negative number. */
+static double peer_of(const int *rank, const double *ms, int n, int r)
+{
+    for (int i = 0; i < n; i++)
+        if (rank[i] == r)
+            return ms[i];
+    return -1;
+}
+
+/* The LoRA cases' ratios, then their JSON line: cases[0] is the full sync. */
+static void report_lora(const scase *cases, int ncase, const char *device, double gbs,
+                        const int *peer_rank, const double *peer_ms, int n_peer)
+{
+    double full = cases[0].sync_ms;
+    for (int i = 1; i < ncase; i++) {
+        double peer = peer_of(peer_rank, peer_ms, n_peer, cases[i].lora_rank);
+        printf("adapters rank %d: %.3f ms, %.3f x the full bf16 sync (target <= 1.3)",
+               cases[i].lora_rank, cases[i].sync_ms, cases[i].sync_ms / full);
+        if (peer > 0)
+            printf("; PEFT merge_and_unload + copy peer %.3f ms: %.3f x it", peer,
+                   cases[i].sync_ms / peer);
+        printf("\n");
+    }
+    printf("{\"bench\": \"sync_cuda_lora\", \"device\": \"%s\", \"copy_gbs\": %.1f, "
+           "\"full_ms\": %.3f", device, gbs, full);
+    for (int i = 1; i < ncase; i++) {
+        double peer = peer_of(peer_rank, peer_ms, n_peer, cases[i].lora_rank);
+        printf(", \"r%d\": {\"sync_ms\": %.3f, \"vs_full\": %.3f, \"control_ms\": %.4f",
+               cases[i].lora_rank, cases[i].sync_ms, cases[i].sync_ms / full,
+               cases[i].control_ms);
+        if (peer > 0)
+            printf(", \"peer_ms\": %.3f, \"vs_peer\": %.3f", peer, cases[i].sync_ms / peer);
+        printf("}");
+    }
+    printf("}\n");
+}
+
 int rlb__bench_sync_cuda(int argc, char **argv)
 {
-    int versions = 6, only_1b = 0;
+    int versions = 6, only_1b = 0, lora = 0, n_peer = 0, peer_rank[8];
+    double peer_ms[8];
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--quick"))
             versions = 3;
         else if (!strcmp(argv[i], "--shape") && i + 1 < argc)
             only_1b = !strcmp(argv[++i], "1b");
+        else if (!strcmp(argv[i], "--lora"))
+            lora = 1;
+        else if (!strcmp(argv[i], "--peer") && i + 1 < argc && n_peer < 8 &&
+                 sscanf(argv[++i], "%d:%lf", &peer_rank[n_peer], &peer_ms[n_peer]) == 2)
+            n_peer++;
     }
     char self[PATH_MAX], rlb_bin[PATH_MAX + 8];
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
@@ -276,35 +407,48 @@ int rlb__bench_sync_cuda(int argc, char **argv)
     if (!mkdtemp(dir))
         return 1;
     double gbs = copy_gbs();
-    scase cases[] = {
-        {"llama3.2-1b", 0, RLB_DTYPE_BF16, "none", 0, 0, 0, 0, 0},
-        {"llama3.2-1b", 0, RLB_DTYPE_F32, "none", 0, 0, 0, 0, 0},
-        {"llama3.1-8b", 1, RLB_DTYPE_BF16, "none", 0, 0, 0, 0, 0},
-        {"llama3.1-8b", 1, RLB_DTYPE_F32, "none", 0, 0, 0, 0, 0},
-        {"llama3.1-8b", 1, RLB_DTYPE_BF16, "fp8", 0, 0, 0, 0, 0},
+    scase plain[] = {
+        {.name = "llama3.2-1b", .src = RLB_DTYPE_BF16, .quant = "none"},
+        {.name = "llama3.2-1b", .src = RLB_DTYPE_F32, .quant = "none"},
+        {.name = "llama3.1-8b", .big = 1, .src = RLB_DTYPE_BF16, .quant = "none"},
+        {.name = "llama3.1-8b", .big = 1, .src = RLB_DTYPE_F32, .quant = "none"},
+        {.name = "llama3.1-8b", .big = 1, .src = RLB_DTYPE_BF16, .quant = "fp8"},
     };
-    int ncase = only_1b ? 2 : (int)(sizeof(cases) / sizeof(cases[0]));
+    scase adapted[] = {
+        {.name = "llama3.1-8b", .big = 1, .src = RLB_DTYPE_BF16, .quant = "none"},
+        {.name = "llama3.1-8b", .big = 1, .src = RLB_DTYPE_BF16, .quant = "none", .lora_rank = 16},
+        {.name = "llama3.1-8b", .big = 1, .src = RLB_DTYPE_BF16, .quant = "none", .lora_rank = 64},
+    };
+    scase *cases = lora ? adapted : plain;
+    int ncase = lora ? (int)(sizeof(adapted) / sizeof(adapted[0]))
+                : only_1b ? 2 : (int)(sizeof(plain) / sizeof(plain[0]));
     printf("device %s, copy %.0f GB/s (read + write)\n", prop.name, gbs);
-    printf("%-12s %5s %5s %12s %12s %9s %9s %8s %11s\n", "model", "src", "quant", "read",
-           "written", "sync_ms", "floor_ms", "x_floor", "control_ms");
+    printf("%-12s %5s %5s %4s %12s %12s %9s %9s %8s %11s\n", "model", "src", "quant", "lora",
+           "read", "written", "sync_ms", "floor_ms", "x_floor", "control_ms");
     for (int i = 0; i < ncase; i++) {
         scase *sc = &cases[i];
         if (run_case(sc, rlb_bin, dir, versions, gbs) != 0) {
-            fprintf(stderr, "case %s %s failed\n", sc->name, rlb_dtype_name(sc->src));
+            fprintf(stderr, "case %s %s lora %d failed\n", sc->name, rlb_dtype_name(sc->src),
+                    sc->lora_rank);
             continue;
         }
-        printf("%-12s %5s %5s %12llu %12llu %9.3f %9.3f %8.3f %11.3f\n", sc->name,
-               rlb_dtype_name(sc->src), sc->quant, (unsigned long long)sc->bytes_read,
-               (unsigned long long)sc->bytes_written, sc->sync_ms, sc->floor_ms,
-               sc->sync_ms / sc->floor_ms, sc->control_ms);
+        printf("%-12s %5s %5s %4d %12llu %12llu %9.3f %9.3f %8.3f %11.3f\n", sc->name,
+               rlb_dtype_name(sc->src), sc->quant, sc->lora_rank,
+               (unsigned long long)sc->bytes_read, (unsigned long long)sc->bytes_written,
+               sc->sync_ms, sc->floor_ms, sc->sync_ms / sc->floor_ms, sc->control_ms);
         fflush(stdout);
     }
-    printf("{\"bench\": \"sync_cuda\", \"device\": \"%s\", \"copy_gbs\": %.1f", prop.name, gbs);
-    for (int i = 0; i < ncase; i++)
-        printf(", \"%s_%s_%s\": {\"sync_ms\": %.3f, \"floor_ms\": %.3f, \"control_ms\": %.4f}",
-               cases[i].name, rlb_dtype_name(cases[i].src), cases[i].quant, cases[i].sync_ms,
-               cases[i].floor_ms, cases[i].control_ms);
-    printf("}\n");
+    if (lora) {
+        report_lora(cases, ncase, prop.name, gbs, peer_rank, peer_ms, n_peer);
+    } else {
+        printf("{\"bench\": \"sync_cuda\", \"device\": \"%s\", \"copy_gbs\": %.1f", prop.name,
+               gbs);
+        for (int i = 0; i < ncase; i++)
+            printf(", \"%s_%s_%s\": {\"sync_ms\": %.3f, \"floor_ms\": %.3f, "
+                   "\"control_ms\": %.4f}", cases[i].name, rlb_dtype_name(cases[i].src),
+                   cases[i].quant, cases[i].sync_ms, cases[i].floor_ms, cases[i].control_ms);
+        printf("}\n");
+    }
     char model[PATH_MAX + 64];
     for (int i = 0; i < ncase; i++) {
         snprintf(model, sizeof model, "%s/%s/config.json", dir, cases[i].name);

@@ -389,9 +389,11 @@ static void trace_op(const bridge *b, const rlb_copy_op *op, uint64_t *per,
 }
 
 /* Writes "name: count, ..." for the non-finite values the copy counted, by tensor: each
- * poisoned element an op wrote is traced back to the source piece it came from, and each
- * one a LoRA merge wrote to the weight whose base its copies brought ("name (LoRA-merged)").
- * This pass runs only for a poisoned version, over the ops and merges that counted any. */
+ * poisoned element an op wrote is traced back to the source piece it came from, and a LoRA
+ * merge's count goes to the weight whose base its copies bring ("name (LoRA-merged)"),
+ * without reading the destination (a GPU worker's buffer is not host memory; the CUDA
+ * executor counts merges only). This pass runs only for a poisoned version, over the ops
+ * and merges that counted any. */
 static void name_nonfinite(const bridge *b, char *text, size_t len)
 {
     const br_copy *c = &b->copy;
@@ -407,8 +409,12 @@ static void name_nonfinite(const bridge *b, char *text, size_t len)
             trace_op(b, &c->view.ops[i], per, &hint);
     for (uint64_t i = 0; i < c->view.n_merges; i++) {
         const rlb_merge_op *m = &c->view.merges[i];
-        for (uint64_t k = 0; c->nonfinite[c->view.n_ops + i] && k < m->n_copies; k++)
-            trace_op(b, &c->view.merge_copies[m->copy_first + k], per + n, &hint);
+        uint64_t bad = c->nonfinite[c->view.n_ops + i];
+        if (!bad || !m->n_copies)
+            continue;
+        const rlb_copy_op *op = &c->view.merge_copies[m->copy_first];
+        hint = piece_at(&b->source, op->src_ref, op->src_offset, hint);
+        per[n + (hint ? (uint64_t)hint->param : n - 1)] += bad;
     }
     for (uint64_t k = 0; k < 2 * n && at + 1 < len; k++)
         if (per[k]) {

@@ -13,9 +13,9 @@
  *         the IPC cache, CUDA_VMM_FD allocations imported and mapped on their GPU, host
  *         segments registered as mapped pinned memory; a run waits on the trainers'
  *         interprocess events on the executor's stream, then launches the plan's ops on the
- *         destinations' GPU (kernels/cuda/plan_exec.h) and a host thread writes the eventfd
- *         once the stream is done. It refuses a plan with LoRA merges (RLB_EUNSUPPORTED):
- *         the GPU merge is still to come (DESIGN §10).
+ *         destinations' GPU (kernels/cuda/plan_exec.h), then the LoRA merges of those
+ *         destinations (kernels/cuda/lora_merge.h: base copies, f32 adapter stage, merges in
+ *         place), and a host thread writes the eventfd once the stream is done.
  *
  * Like ggml-backend and NCCL's plugins the interface is a struct of function pointers with
  * its version in its name; a later version appends fields. Every function returns 0 or a
@@ -64,7 +64,8 @@ typedef struct rlb_exec_run {
     int threads;                /* cpu: threads (<= 0: the RLB_THREADS knob) */
     uint64_t *nonfinite;        /* [plan->n_ops + plan->n_merges] or NULL: NaN / Inf values
                                    each op, then each LoRA merge, wrote, counted while
-                                   copying (cpu; cuda writes zeros: it does not count yet) */
+                                   copying (cpu: all; cuda: the merges, the ops' entries
+                                   zero: it does not count copies yet) */
     int done_fd;                /* eventfd written (+1) when the run ended, well or not */
 } rlb_exec_run;
 

@@ -152,8 +152,7 @@ int rlb__plan_check_merge(const rlb_plan *plan, uint64_t index, const uint64_t *
 /* Bytes rlb__plan_serialize writes for `plan`. */
 uint64_t rlb__plan_serialized_size(const rlb_plan *plan);
 /* Writes the plan into buf[len]. Returns 0, RLB_ETOOBIG when len is too small, or
- * RLB_EUNSUPPORTED for a plan with LoRA merges (the wire form carries copies only; the GPU
- * executor's merge is still to come). */
+ * RLB_EUNSUPPORTED for a plan with LoRA merges (the wire form carries copies only). */
 int rlb__plan_serialize(const rlb_plan *plan, void *buf, uint64_t len);
 /* Reads a serialized plan into `plan` (owning copies), checking the header (RLB_EVERSION
  * for another version), every count against len, the op grouping by destination, every op

@@ -10,6 +10,10 @@
 #   sync      rlb-bench-sync --device cuda (1B shape; sync8b: both shapes) and the torch
 #             reshard peer
 #   grpo      examples/grpo_torch.py, 30 steps, --check (fp32: logprob mismatch <= 1e-4)
+#   lora      the PEFT golden fixture (scripts/make_peft_fixture.py, needs peft; a copy lands
+#             in $OUT/peft_lora) and its test, rlb-bench-reshard-gpu --lora (the merge
+#             kernels), then rlb-bench-sync --device cuda --lora with the PEFT merge peer
+#             (bench/peft_merge_peer.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -44,6 +48,20 @@ for step in "$@"; do
         tail -12 "$out/bench-sync.log"
         timeout 200 python3 .devtools/torch_reshard_baseline.py > "$out/torch-reshard.log" 2>&1
         tail -4 "$out/torch-reshard.log" ;;
+    lora)
+        python3 scripts/make_peft_fixture.py > "$out/peft-fixture.log" 2>&1 &&
+            cp -r tests/fixtures/peft_lora "$out/"
+        tail -12 "$out/peft-fixture.log"
+        ctest --test-dir build-gpu -R 'test_peft_fixture|test_cuda_lora' -V --timeout 600 \
+            > "$out/lora-tests.log" 2>&1
+        grep -E "tests passed|Failed|Skipped|Passed|ulps|differ in their" "$out/lora-tests.log" | tail -60
+        build-gpu/bench/rlb-bench-reshard-gpu --lora > "$out/bench-reshard-lora.log" 2>&1
+        tail -8 "$out/bench-reshard-lora.log"
+        peer=$(timeout 300 python3 bench/peft_merge_peer.py 2> "$out/peft-peer.err" |
+            tee "$out/peft-peer.log" | tail -1)
+        tail -4 "$out/peft-peer.log"
+        timeout 500 build-gpu/rlb-bench-sync --device cuda --lora $peer > "$out/bench-lora.log" 2>&1
+        tail -8 "$out/bench-lora.log" ;;
     grpo)
         RLBRIDGE_LIB=$PWD/build-gpu/librlb.so.1 timeout 300 python3 examples/grpo_torch.py \
             --rlb build-gpu/rlb --steps 30 --check > "$out/grpo.log" 2>&1

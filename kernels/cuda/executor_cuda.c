@@ -20,8 +20,14 @@
  * launched on the GPU's stream after cudaStreamWaitEvent on each trainer event (opened once
  * per handle). A host thread then waits for the streams and writes the run's eventfd, so
  * the bridge's loop never blocks on the GPU; finish joins it and reports the first error.
- * Fence joins the thread: nothing this executor started then touches any mapping. A plan
- * with LoRA merges is refused before anything is touched (the GPU merge is still to come).
+ * Fence joins the thread: nothing this executor started then touches any mapping.
+ *
+ * LoRA merges (DESIGN §10). A plan's merges are uploaded per GPU beside its copies
+ * (kernels/cuda/lora_merge.h, likewise kept while the merges and the group are the same)
+ * and run on the same stream after the copies: the merged weights' base copies, the
+ * adapter stage, then the merges in place. The waiting thread adds each merge's count of
+ * non-finite values written to the run's table once the stream is done; the copy ops'
+ * entries stay zero (they are not counted on the GPU yet).
  *
  * Driver functions are looked up through the runtime (rlb__cuda_driver_fn), so the program
  * loads on machines without a driver. Check: tests/gpu/test_cuda_executor.c (against the
@@ -41,6 +47,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ipc.h"
+#include "kernels/cuda/lora_merge.h"
 #include "kernels/cuda/plan_exec.h"
 
 #define EX_MAX_DEV 16
@@ -78,6 +85,9 @@ typedef struct dev_state {
     rlb_cuda_ipc_cache *ipc;     /* NULL until a reference on this GPU is mapped */
     rlb_cuda_plan *plan;         /* uploaded plan for this GPU's destinations */
     uint64_t plan_hash;          /* hash of the ops and destination set it was made from */
+    rlb_cuda_lora *lora;         /* uploaded merges of this GPU's destinations, or NULL */
+    uint64_t lora_hash;          /* hash of the merges, their copies, the stage ops and the
+                                    destination set they were made from */
     int used;                    /* the current run launched here */
     cudaEvent_t t0, t1;          /* timing of the run on this GPU */
 } dev_state;
@@ -96,6 +106,8 @@ typedef struct cuda_exec {
     pthread_t tid;               /* waits for the run's streams */
     int running;                 /* tid started, not joined */
     int done_fd;                 /* the run's eventfd */
+    uint64_t *nonfinite;         /* the run's count table, or NULL */
+    uint64_t n_ops;              /* its copy ops: merge m counts at [n_ops + m] */
     int rc;                      /* the run's outcome */
     double ms;                   /* its time */
     char err[512];               /* why it failed */
@@ -457,6 +469,8 @@ static void *wait_thread(void *arg)
         if (e == cudaSuccess && cudaEventElapsedTime(&ms, s->t0, s->t1) == cudaSuccess &&
             ms > worst)
             worst = ms;
+        if (e == cudaSuccess && x->nonfinite)
+            rlb__cuda_lora_counts(s->lora, x->nonfinite + x->n_ops);
     }
     x->ms = worst;
     uint64_t one = 1;
@@ -494,7 +508,39 @@ static int event_of(cuda_exec *x, const uint8_t handle[64], cudaEvent_t *ev)
     return 0;
 }
 
-/* Launches the ops of the destinations on GPU g. */
+/* Uploads to GPU g what it runs of plan p for the destinations sel (its copy ops, and its
+ * merges with theirs), unless the same is uploaded already. */
+static int upload_on(dev_state *s, int g, const rlb_plan *p, const uint8_t *sel, char *err,
+                     size_t errlen)
+{
+    uint64_t h = fnv(UINT64_C(0xcbf29ce484222325), sel, p->n_dst);
+    h = fnv(h, p->src_bytes, p->n_src * sizeof(*p->src_bytes));
+    h = fnv(h, p->dst_bytes, p->n_dst * sizeof(*p->dst_bytes));
+    uint64_t hc = fnv(h, p->ops, p->n_ops * sizeof(*p->ops));
+    if (!s->plan || s->plan_hash != hc) {
+        /* The copies alone: the merges' base copies run inside the merges. */
+        rlb_plan copies = {.n_src = p->n_src, .n_dst = p->n_dst, .src_bytes = p->src_bytes,
+                           .dst_bytes = p->dst_bytes, .n_ops = p->n_ops, .ops = p->ops};
+        rlb__cuda_plan_free(s->plan);
+        s->plan = NULL;
+        RLB_CHECK(rlb__cuda_plan_upload(&copies, g, sel, &s->plan, err, errlen));
+        s->plan_hash = hc;
+    }
+    uint64_t hl = fnv(h, p->merges, p->n_merges * sizeof(*p->merges));
+    hl = fnv(hl, p->merge_copies, p->n_merge_copies * sizeof(*p->merge_copies));
+    hl = fnv(hl, p->stage_ops, p->n_stage_ops * sizeof(*p->stage_ops));
+    hl = fnv(hl, &p->stage_bytes, sizeof(p->stage_bytes));
+    if (s->lora_hash != hl) {
+        rlb__cuda_lora_free(s->lora);
+        s->lora = NULL;
+        s->lora_hash = 0;
+        RLB_CHECK(rlb__cuda_lora_upload(p, g, sel, &s->lora, err, errlen));
+        s->lora_hash = hl;
+    }
+    return 0;
+}
+
+/* Launches the ops and merges of the destinations on GPU g. */
 static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t *sel,
                      char *err, size_t errlen)
 {
@@ -503,16 +549,7 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
     int rc = 0, prev;
     cudaStream_t st;
     RLB_CHECK(stream_of(x, g, &st));
-    uint64_t h = fnv(UINT64_C(0xcbf29ce484222325), p->ops, p->n_ops * sizeof(*p->ops));
-    h = fnv(h, sel, p->n_dst);
-    h = fnv(h, p->src_bytes, p->n_src * sizeof(*p->src_bytes));
-    h = fnv(h, p->dst_bytes, p->n_dst * sizeof(*p->dst_bytes));
-    if (!s->plan || s->plan_hash != h) {
-        rlb__cuda_plan_free(s->plan);
-        s->plan = NULL;
-        RLB_CHECK(rlb__cuda_plan_upload(p, g, sel, &s->plan, err, errlen));
-        s->plan_hash = h;
-    }
+    RLB_CHECK(upload_on(s, g, p, sel, err, errlen));
     rlb_cuda_buf *src = calloc(p->n_src + 1, sizeof *src);
     rlb_cuda_buf *dst = calloc(p->n_dst + 1, sizeof *dst);
     if (!src || !dst) {
@@ -532,6 +569,8 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
     for (uint64_t d = 0; d < p->n_dst; d++)
         dst[d] = (rlb_cuda_buf){sel[d] ? run->dst[d] : NULL, sel[d] ? run->dst_len[d] : 0};
     RLB_CHECK_GOTO(rlb__cuda_plan_bind(s->plan, src, dst, err, errlen), rc, out_nodev);
+    if (s->lora)
+        RLB_CHECK_GOTO(rlb__cuda_lora_bind(s->lora, src, dst, err, errlen), rc, out_nodev);
     RLB_CHECK_GOTO(rlb__cuda_enter(g, &prev), rc, out_nodev);
     for (uint32_t e = 0; e < run->n_events; e++) {
         cudaEvent_t ev;
@@ -540,6 +579,8 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
     }
     RLB_CUDA_CHECK(cudaEventRecord(s->t0, st), rc, out);
     RLB_CHECK_GOTO(rlb__cuda_plan_run(s->plan, st), rc, out);
+    if (s->lora)
+        RLB_CHECK_GOTO(rlb__cuda_lora_run(s->lora, st), rc, out);
     RLB_CUDA_CHECK(cudaEventRecord(s->t1, st), rc, out);
     s->used = 1;
 out:
@@ -558,19 +599,13 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
         rlb__cuda_err(err, errlen, "a run is already in flight");
         return RLB_EEXIST;
     }
-    /* Before anything is registered or launched: copying the base alone would serve
-     * unmerged weights. */
-    if (p->n_merges || p->n_stage_ops) {
-        rlb__cuda_err(err, errlen, "the plan has LoRA merges, which the CUDA executor cannot "
-                      "run yet; keep trainers and workers in host memory (the CPU executor) "
-                      "or merge the adapters on the trainer");
-        return RLB_EUNSUPPORTED;
-    }
     int rc = host_prepare(x, (void *const *)run->src, run->src_len, p->n_src, err, errlen);
     if (rc)
         return rc;
     if (run->nonfinite)
-        memset(run->nonfinite, 0, p->n_ops * sizeof(*run->nonfinite));
+        memset(run->nonfinite, 0, (p->n_ops + p->n_merges) * sizeof(*run->nonfinite));
+    x->nonfinite = run->nonfinite;
+    x->n_ops = p->n_ops;
     /* Destinations by GPU; the plan runs where its destinations are. */
     uint8_t *sel = calloc(p->n_dst + 1, 1);
     int *dev_of = calloc(p->n_dst + 1, sizeof *dev_of);
@@ -579,9 +614,17 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
         free(dev_of);
         return RLB_ENOMEM;
     }
+    /* Destinations an op or a merge writes, found from the ops themselves: a caller's view
+     * of a plan may keep the whole plan's dst_first_op over fewer ops (the bridge's does). */
+    for (uint64_t i = 0; i < p->n_ops; i++)
+        if (p->ops[i].dst_ref < p->n_dst)
+            sel[p->ops[i].dst_ref] = 1;
+    for (uint64_t m = 0; m < p->n_merges; m++)
+        if (p->merges[m].dst_ref < p->n_dst)
+            sel[p->merges[m].dst_ref] = 1;
     for (uint64_t d = 0; d < p->n_dst && !rc; d++) {
         dev_of[d] = -1;
-        if (!run->dst[d] || p->dst_first_op[d] == p->dst_first_op[d + 1])
+        if (!run->dst[d] || !sel[d])
             continue;
         struct cudaPointerAttributes at;
         if (cudaPointerGetAttributes(&at, run->dst[d]) != cudaSuccess ||
@@ -653,6 +696,7 @@ static void cuda_destroy(rlb_executor *b)
     for (int g = 0; g < x->n_dev; g++) {
         dev_state *s = &x->d[g];
         rlb__cuda_plan_free(s->plan);
+        rlb__cuda_lora_free(s->lora);
         rlb__cuda_ipc_cache_destroy(s->ipc);
         if (s->stream) {
             cudaStreamDestroy(s->stream);

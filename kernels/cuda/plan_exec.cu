@@ -550,10 +550,10 @@ extern "C" int rlb__cuda_plan_upload(const rlb_plan *plan, int device, const uin
         (plan->n_dst && !plan->dst_bytes) || plan->n_ops > UINT32_MAX)
         return RLB_EINVAL;
     *out = nullptr;
-    /* The GPU LoRA merge (DESIGN §10) is still to come: copying the base alone would serve
-     * unmerged weights, so a plan with adapters is refused whole. */
+    /* Copying the base alone would serve unmerged weights: a caller uploads the copy ops
+     * here and the merges through lora_merge.h. */
     if (plan->n_merges || plan->n_stage_ops) {
-        rlb__cuda_err(err, errlen, "plan: LoRA merges are not implemented on CUDA yet");
+        rlb__cuda_err(err, errlen, "plan: LoRA merges run through lora_merge.h, not here");
         return RLB_EUNSUPPORTED;
     }
     int rc = 0, prev = -1;

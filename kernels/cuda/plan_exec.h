@@ -60,8 +60,9 @@ typedef struct rlb_cuda_buf {
 /* Uploads to `device` the ops of `plan` whose destination d has dst_sel[d] != 0 (dst_sel
  * NULL: every op). Checks each such op first (rlb__plan_check_op against plan->src_bytes /
  * dst_bytes, and offsets / strides on element boundaries): RLB_EINVAL naming the op.
- * RLB_EUNSUPPORTED for a plan with LoRA merges (not on CUDA yet). RLB_ENOMEM / RLB_ECUDA
- * when the device refuses. */
+ * RLB_EUNSUPPORTED for a plan with LoRA merges: their weights would get the base alone
+ * (kernels/cuda/lora_merge.h runs merges; upload the copy ops here without them).
+ * RLB_ENOMEM / RLB_ECUDA when the device refuses. */
 int rlb__cuda_plan_upload(const rlb_plan *plan, int device, const uint8_t *dst_sel,
                           rlb_cuda_plan **out, char *err, size_t errlen);
 /* Sets how sources on another GPU are read and (stage_bytes != 0: a multiple of 256, at

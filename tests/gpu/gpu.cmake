@@ -16,6 +16,9 @@ if(TARGET rlb_kernels_cuda)
                LIBS rlb_kernels_cuda m LABELS gpu TIMEOUT 120)
   rlb_add_test(NAME test_cuda_executor SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_executor.c
                LIBS rlb_kernels_cuda LABELS gpu TIMEOUT 300)
+  # LoRA merges on the GPU against the CPU executor and a double-precision W + s * B * A.
+  rlb_add_test(NAME test_cuda_lora SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_lora.c
+               LIBS rlb_kernels_cuda m LABELS gpu TIMEOUT 600)
   rlb_add_test(NAME test_cuda_ipc SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_ipc.c
                LIBS rlb_kernels_cuda LABELS gpu TIMEOUT 300)
   # librlb's device tensors (CUDA IPC, VMM fds, host staging, publish event, lifetime)

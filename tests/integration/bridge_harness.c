@@ -3,6 +3,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <poll.h>
 #include <signal.h>
@@ -121,8 +122,10 @@ void h_cleanup(void)
 
 static int version_checkpoint(const char *dir, uint64_t v, char *tag);
 
-/* Starts the bridge; base_version != 0: with that version's checkpoint as its base. */
-static int start_bridge(h_run *r, rlb_sync_mode mode, uint64_t base_version)
+/* Starts the bridge for cfg (NULL: the tiny model); base_version != 0: with that version's
+ * checkpoint as its base. */
+static int start_bridge(h_run *r, rlb_sync_mode mode, uint64_t base_version,
+                        const rlb_model_config *cfg)
 {
     memset(r, 0, sizeof(*r));
     r->shm_before = count_dev_shm(r);
@@ -148,7 +151,10 @@ static int start_bridge(h_run *r, rlb_sync_mode mode, uint64_t base_version)
          * ones still through RLB_RING_BYTES). */
         o.ring_bytes = getenv("RLB_RING_BYTES") ? 0 : 1u << 20;
         o.base_dir = base_version ? base : NULL;
-        rlb__config_tiny(&o.cfg);
+        if (cfg)
+            o.cfg = *cfg;
+        else
+            rlb__config_tiny(&o.cfg);
         _exit(rlb__bridge_run(&o) == 0 ? 0 : 1);
     }
     struct stat st;
@@ -175,12 +181,48 @@ int h_wait_listening(const char *path, double s)
 
 int h_start(h_run *r, rlb_sync_mode mode)
 {
-    return start_bridge(r, mode, 0);
+    return start_bridge(r, mode, 0, NULL);
 }
 
 int h_start_base(h_run *r, rlb_sync_mode mode, uint64_t v)
 {
-    return start_bridge(r, mode, v);
+    return start_bridge(r, mode, v, NULL);
+}
+
+int h_start_config(h_run *r, rlb_sync_mode mode, const rlb_model_config *cfg)
+{
+    return start_bridge(r, mode, 0, cfg);
+}
+
+float *h_worker_weights(pid_t pid, uint64_t *bytes)
+{
+    char path[64], line[512];
+    snprintf(path, sizeof(path), "/proc/%d/maps", (int)pid);
+    FILE *f = fopen(path, "r");
+    unsigned long lo = 0, hi = 0;
+    while (f && fgets(line, sizeof(line), f))
+        if (strstr(line, "rlb-weights") && sscanf(line, "%lx-%lx", &lo, &hi) == 2)
+            break;
+    if (f)
+        fclose(f);
+    if (hi <= lo) {
+        errno = ENOENT;
+        return NULL;
+    }
+    snprintf(path, sizeof(path), "/proc/%d/mem", (int)pid);
+    int fd = open(path, O_RDONLY);
+    float *buf = malloc(hi - lo);
+    ssize_t n = fd >= 0 && buf ? pread(fd, buf, hi - lo, (off_t)lo) : -1;
+    int saved = errno;
+    if (fd >= 0)
+        close(fd);
+    if (n != (ssize_t)(hi - lo)) {
+        free(buf);
+        errno = saved ? saved : EIO;
+        return NULL;
+    }
+    *bytes = hi - lo;
+    return buf;
 }
 
 rlb_device h_worker_device = RLB_DEVICE_CPU;

@@ -12,6 +12,7 @@
 
 #include "bridge/bridge.h"
 #include "common/proto.h"
+#include "model/config.h"
 #include "rlb/rlb.h"
 
 #define H_MAX_WORKERS 16
@@ -48,6 +49,9 @@ int h_start(h_run *r, rlb_sync_mode mode);
 /* The same with version v's weights, written as a checkpoint, as the bridge's base
  * (rlb_bridge_opts.base_dir): weights no trainer registers come from there. */
 int h_start_base(h_run *r, rlb_sync_mode mode, uint64_t v);
+/* h_start for another model than the tiny one (the h_weight family and h_reference know
+ * only the tiny one). */
+int h_start_config(h_run *r, rlb_sync_mode mode, const rlb_model_config *cfg);
 /* Waits up to s seconds until a listener accepts connections at path. Returns 0 or -1. */
 int h_wait_listening(const char *path, double s);
 /* The backend workers started from now on run (CPU unless a GPU test says otherwise;
@@ -59,6 +63,10 @@ int h_workers(h_run *r, uint32_t replicas, uint32_t tp);
  * replicas of TP size tp (a restart, or a replica added at run time). Returns its pid
  * (also appended to r->workers) or -1. */
 pid_t h_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank, uint32_t tp);
+/* A copy (malloc'ed, *bytes long) of the weight buffer of the CPU worker `pid` (its
+ * "rlb-weights" mapping, read through /proc/PID/mem: a child of this process, or one it
+ * may trace), or NULL with errno set when it cannot be read. */
+float *h_worker_weights(pid_t pid, uint64_t *bytes);
 /* kill -9 of r->workers[i], reaped, and its entry set to -1 (so neither h_stop nor
  * h_cleanup signals a pid that may belong to someone else by then). */
 void h_kill_worker(h_run *r, int i);

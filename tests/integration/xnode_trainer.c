@@ -87,34 +87,6 @@ static pid_t find_worker(const char *sock, int tp, int *tp_size)
     return found;
 }
 
-/* Reads worker pid's weight buffer (its "rlb-weights" mapping) into a malloc'ed copy. */
-static float *read_buffer(pid_t pid, uint64_t *bytes)
-{
-    char path[64], line[512];
-    snprintf(path, sizeof(path), "/proc/%d/maps", (int)pid);
-    FILE *f = fopen(path, "r");
-    unsigned long lo = 0, hi = 0;
-    while (f && fgets(line, sizeof(line), f))
-        if (strstr(line, "rlb-weights") && sscanf(line, "%lx-%lx", &lo, &hi) == 2)
-            break;
-    if (f)
-        fclose(f);
-    if (hi <= lo)
-        return NULL;
-    snprintf(path, sizeof(path), "/proc/%d/mem", (int)pid);
-    int fd = open(path, O_RDONLY);
-    float *buf = malloc(hi - lo);
-    ssize_t n = fd >= 0 && buf ? pread(fd, buf, hi - lo, (off_t)lo) : -1;
-    if (fd >= 0)
-        close(fd);
-    if (n != (ssize_t)(hi - lo)) {
-        free(buf);
-        return NULL;
-    }
-    *bytes = hi - lo;
-    return buf;
-}
-
 /* Compares TP rank t's buffer with the reference of version v. Returns 0, 1 (mismatch,
  * printed) or 77 (cannot read it). */
 static int check_worker(const char *sock, int t, uint64_t v, int rank)
@@ -124,7 +96,7 @@ static int check_worker(const char *sock, int t, uint64_t v, int rank)
     int T = 1;
     pid_t pid = find_worker(sock, t, &T);
     uint64_t bytes = 0, total;
-    float *buf = pid > 0 ? read_buffer(pid, &bytes) : NULL;
+    float *buf = pid > 0 ? h_worker_weights(pid, &bytes) : NULL;
     if (!buf) {
         printf("check unavailable: worker TP rank %d of %s: %s\n", t, sock,
                pid > 0 ? strerror(errno) : "not found");

@@ -1,0 +1,486 @@
+/* lora_merge.cu: the LoRA merge on one GPU (lora_merge.h): C = C + scale * L * R over each
+ * merge's block, in place after the block's base copies, with f32 sums and one rounding.
+ *
+ * Invariant: each destination element of a merge is read once (its base, as the copies
+ * left it) and written once (the merged value), by one thread; blocks of a plan's merges
+ * never overlap, so tiles run in any order. The stage is only read.
+ *
+ * Work division: every merge is cut into tiles of kTileRows x kTileCols elements of C,
+ * numbered across merges (first_tile is a prefix sum), one block per tile; a block finds
+ * its merge by binary search over the descriptors. The descriptors are ordered by
+ * destination dtype, so one launch per dtype runs a kernel compiled for it. In a block the
+ * 8 warps each hold kRowsPerThread rows (ty, ty + 8, ...) and every lane kColsPerThread
+ * columns (tx, tx + 32, ...), so loads and stores of C are coalesced along rows. The rank is
+ * walked in chunks of kRankChunk: scale * L and R of the chunk are staged in shared memory
+ * (L broadcast along a warp, R read by consecutive lanes), then each thread adds the
+ * chunk's products to its 32 sums in rank order.
+ *
+ * The non-finite values written (the rounded bits, as the CPU counts them) are summed per
+ * warp and added to the merge's counter with one atomic add, only when not zero.
+ *
+ * Check: tests/gpu/test_cuda_lora (against the CPU executor and a double-precision
+ * W + s * B * A, full / FSDP2 / FSDP1 sources, TP 1, 2, 4, ranks 8 and 64); speed:
+ * rlb-bench-reshard-gpu --lora (the merges against their floor and the plain copy) and
+ * rlb-bench-sync --device cuda --lora (publish to commit).
+ */
+#include "kernels/cuda/lora_merge.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cuda/convert.cuh"
+#include "kernels/cuda/cuda_check.h"
+
+namespace {
+
+constexpr int kThreads = 256;   /* threads per block: 8 warps */
+constexpr int kTileRows = 64;   /* rows of C per tile */
+constexpr int kTileCols = 128;  /* columns of C per tile */
+constexpr int kRankChunk = 32;  /* rank steps staged in shared memory at a time */
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerThread = kTileRows / kWarps;
+constexpr int kColsPerThread = kTileCols / 32;
+constexpr int kDtypes = 3;      /* F32, BF16, F16: the dtype ranges of the descriptors */
+
+/* One merge as the kernel reads it. */
+struct merge_desc {
+    char *c;             /* C(0, 0): the block in its destination (set at bind) */
+    const float *l;      /* L(0, 0) in the stage */
+    const float *r;      /* R(0, 0) in the stage */
+    uint64_t first_tile; /* launch-wide index of its first tile */
+    uint32_t rows;       /* rows of C */
+    uint32_t cols;       /* columns of C (row length: blocks are whole rows) */
+    uint32_t rank;       /* inner dimension */
+    uint32_t l_ld;       /* f32 elements between stored rows of L (of L^T when transposed) */
+    uint32_t r_ld;       /* the same for R */
+    uint32_t col_tiles;  /* tiles across a row of C */
+    float scale;         /* s */
+    uint32_t flags;      /* RLB_MERGE_* */
+};
+static_assert(sizeof(merge_desc) == 64, "merge_desc is uploaded as is");
+
+__device__ __forceinline__ bool nonfinite(float f)
+{
+    return (__float_as_uint(f) & 0x7f800000u) == 0x7f800000u;
+}
+
+__device__ __forceinline__ bool nonfinite(rlb__bf16_t h)
+{
+    return (h.bits & 0x7f80u) == 0x7f80u;
+}
+
+__device__ __forceinline__ bool nonfinite(rlb__f16_t h)
+{
+    return (h.bits & 0x7c00u) == 0x7c00u;
+}
+
+/* Stages scale * L(i0 + i, k0 + k) in ls[i][k] and R(k0 + k, j0 + j) in rs[k][j] for the
+ * tile's rows and columns and k < kc, zero outside C. Consecutive threads take consecutive
+ * stored elements of L (coalesced) and consecutive columns of R (no bank conflict). */
+__device__ __forceinline__ void stage_chunk(const merge_desc &m, uint32_t i0, uint32_t j0,
+                                            uint32_t k0, uint32_t kc,
+                                            float (*ls)[kRankChunk + 1],
+                                            float (*rs)[kTileCols])
+{
+    const bool lt = (m.flags & RLB_MERGE_L_TRANS) != 0, rt = (m.flags & RLB_MERGE_R_TRANS) != 0;
+    for (uint32_t x = threadIdx.x; x < kTileRows * kc; x += kThreads) {
+        const uint32_t i = lt ? x % kTileRows : x / kc, k = lt ? x / kTileRows : x % kc;
+        float v = 0.0f;
+        if (i0 + i < m.rows)
+            v = m.scale * (lt ? m.l[(uint64_t)(k0 + k) * m.l_ld + i0 + i]
+                              : m.l[(uint64_t)(i0 + i) * m.l_ld + k0 + k]);
+        ls[i][k] = v;
+    }
+    for (uint32_t x = threadIdx.x; x < kc * kTileCols; x += kThreads) {
+        const uint32_t j = x % kTileCols, k = x / kTileCols;
+        float v = 0.0f;
+        if (j0 + j < m.cols)
+            v = rt ? m.r[(uint64_t)(j0 + j) * m.r_ld + k0 + k]
+                   : m.r[(uint64_t)(k0 + k) * m.r_ld + j0 + j];
+        rs[k][j] = v;
+    }
+}
+
+/* One block per tile of the merges md[first, last) (md[last].first_tile ends the range). */
+template <typename D>
+__global__ void __launch_bounds__(kThreads)
+merge_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,
+             unsigned long long *counts)
+{
+    __shared__ float ls[kTileRows][kRankChunk + 1]; /* scale * L; padded: stores by row */
+    __shared__ float rs[kRankChunk][kTileCols];
+    const uint64_t tile = tile0 + blockIdx.x;
+    uint32_t lo = first, hi = last;
+    /* invariant: md[lo].first_tile <= tile < md[hi].first_tile */
+    while (hi - lo > 1) {
+        const uint32_t mid = (lo + hi) / 2;
+        if (md[mid].first_tile <= tile)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    const merge_desc m = md[lo];
+    const uint64_t t = tile - m.first_tile;
+    const uint32_t i0 = (uint32_t)(t / m.col_tiles) * kTileRows;
+    const uint32_t j0 = (uint32_t)(t % m.col_tiles) * kTileCols;
+    const uint32_t tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+    D *c = reinterpret_cast<D *>(m.c);
+
+    float acc[kRowsPerThread][kColsPerThread];
+#pragma unroll
+    for (int q = 0; q < kRowsPerThread; q++)
+#pragma unroll
+        for (int cc = 0; cc < kColsPerThread; cc++) {
+            const uint32_t i = i0 + ty + kWarps * q, j = j0 + tx + 32 * cc;
+            acc[q][cc] = i < m.rows && j < m.cols ? rlb__d_to_f32(c[(uint64_t)i * m.cols + j])
+                                                  : 0.0f;
+        }
+    for (uint32_t k0 = 0; k0 < m.rank; k0 += kRankChunk) {
+        const uint32_t kc = min((uint32_t)kRankChunk, m.rank - k0);
+        __syncthreads(); /* every thread is done with the last chunk */
+        stage_chunk(m, i0, j0, k0, kc, ls, rs);
+        __syncthreads();
+#pragma unroll 4
+        for (uint32_t k = 0; k < kc; k++) {
+            float rv[kColsPerThread];
+#pragma unroll
+            for (int cc = 0; cc < kColsPerThread; cc++)
+                rv[cc] = rs[k][tx + 32 * cc];
+#pragma unroll
+            for (int q = 0; q < kRowsPerThread; q++) {
+                const float lv = ls[ty + kWarps * q][k];
+#pragma unroll
+                for (int cc = 0; cc < kColsPerThread; cc++)
+                    acc[q][cc] = fmaf(lv, rv[cc], acc[q][cc]);
+            }
+        }
+    }
+    int bad = 0;
+#pragma unroll
+    for (int q = 0; q < kRowsPerThread; q++)
+#pragma unroll
+        for (int cc = 0; cc < kColsPerThread; cc++) {
+            const uint32_t i = i0 + ty + kWarps * q, j = j0 + tx + 32 * cc;
+            if (i < m.rows && j < m.cols) {
+                D out;
+                rlb__d_from_f32(acc[q][cc], &out);
+                c[(uint64_t)i * m.cols + j] = out;
+                bad += nonfinite(out);
+            }
+        }
+    for (int o = 16; o > 0; o /= 2)
+        bad += __shfl_down_sync(0xffffffffu, bad, o);
+    if (tx == 0 && bad)
+        atomicAdd(&counts[lo], (unsigned long long)bad);
+}
+
+} /* namespace */
+
+struct rlb_cuda_lora {
+    int device;                /* GPU it runs on */
+    uint32_t n;                /* merges uploaded */
+    rlb_merge_op *merges;      /* [n] host copies, ordered by destination dtype */
+    uint64_t *index;           /* [n] each one's index in the uploaded plan's merges[] */
+    uint32_t range[kDtypes + 1]; /* merges of dtype k (F32, BF16, F16) are
+                                  * [range[k], range[k + 1]) */
+    merge_desc *desc;          /* [n + 1] host copy of the descriptors; the last a sentinel */
+    merge_desc *d_desc;        /* the device's */
+    rlb_cuda_plan *base;       /* the merges' base copies */
+    rlb_cuda_plan *gather;     /* the stage ops, into the stage */
+    char *d_stage;             /* the f32 adapter stage */
+    uint64_t stage_bytes;      /* its size */
+    unsigned long long *d_counts; /* [n] non-finite values each merge wrote */
+    unsigned long long *h_counts; /* [n] pinned host copy, filled at the end of a run */
+    int desc_stale;            /* the device's descriptors lag the host's */
+    int bound;                 /* a bind has succeeded */
+};
+
+extern "C" void rlb__cuda_lora_free(rlb_cuda_lora *cl)
+{
+    if (!cl)
+        return;
+    int prev;
+    bool entered = rlb__cuda_enter(cl->device, &prev) == 0;
+    rlb__cuda_plan_free(cl->base);
+    rlb__cuda_plan_free(cl->gather);
+    cudaFree(cl->d_desc);
+    cudaFree(cl->d_stage);
+    cudaFree(cl->d_counts);
+    cudaFreeHost(cl->h_counts);
+    if (entered)
+        rlb__cuda_leave(prev);
+    free(cl->merges);
+    free(cl->index);
+    free(cl->desc);
+    free(cl);
+}
+
+/* Checks the stage ops the merges read from: copies (not zero fills) into f32. The gather
+ * plan's upload checks their extents. */
+static int check_stage_ops(const rlb_plan *plan, char *err, size_t errlen)
+{
+    if (plan->n_stage_ops && !plan->stage_ops)
+        return RLB_EINVAL;
+    for (uint64_t i = 0; i < plan->n_stage_ops; i++)
+        if (plan->stage_ops[i].src_ref == RLB_PLAN_ZERO_SRC ||
+            plan->stage_ops[i].dst_dtype != RLB_DTYPE_F32) {
+            rlb__cuda_err(err, errlen, "plan stage op %llu: not a copy into f32",
+                          (unsigned long long)i);
+            return RLB_EINVAL;
+        }
+    return 0;
+}
+
+/* Selects, checks and orders (by destination dtype) the merges of `plan` for dst_sel into
+ * cl->merges / cl->index / cl->range. */
+static int select_merges(rlb_cuda_lora *cl, const rlb_plan *plan, const uint8_t *dst_sel,
+                         char *err, size_t errlen)
+{
+    uint32_t per[kDtypes] = {0};
+    for (uint64_t i = 0; i < plan->n_merges; i++) {
+        const rlb_merge_op *m = &plan->merges[i];
+        if (dst_sel && m->dst_ref < plan->n_dst && !dst_sel[m->dst_ref])
+            continue;
+        int rc = rlb__plan_check_merge(plan, i, plan->src_bytes, plan->dst_bytes, err, errlen);
+        if (rc)
+            return rc;
+        /* The planner gives every block its base; a block without one would be written
+         * from whatever the destination held. */
+        if (m->n_copies == 0) {
+            rlb__cuda_err(err, errlen, "plan merge %llu: no base copies", (unsigned long long)i);
+            return RLB_EINVAL;
+        }
+        per[m->dst_dtype]++;
+    }
+    cl->range[0] = 0;
+    for (int k = 0; k < kDtypes; k++)
+        cl->range[k + 1] = cl->range[k] + per[k];
+    uint32_t at[kDtypes];
+    memcpy(at, cl->range, sizeof at);
+    for (uint64_t i = 0; i < plan->n_merges; i++) {
+        const rlb_merge_op *m = &plan->merges[i];
+        if (dst_sel && m->dst_ref < plan->n_dst && !dst_sel[m->dst_ref])
+            continue;
+        uint32_t k = at[m->dst_dtype]++;
+        cl->merges[k] = *m;
+        cl->index[k] = i;
+    }
+    return 0;
+}
+
+/* Fills the descriptors but for their C (bound later): tiles, stage addresses. Returns the
+ * tile count. */
+static uint64_t describe_merges(rlb_cuda_lora *cl)
+{
+    uint64_t tiles = 0;
+    for (uint32_t k = 0; k < cl->n; k++) {
+        const rlb_merge_op *m = &cl->merges[k];
+        merge_desc *d = &cl->desc[k];
+        memset(d, 0, sizeof *d);
+        d->l = (const float *)(cl->d_stage + m->l_offset);
+        d->r = (const float *)(cl->d_stage + m->r_offset);
+        d->first_tile = tiles;
+        d->rows = (uint32_t)m->rows;
+        d->cols = (uint32_t)m->cols;
+        d->rank = m->rank;
+        d->l_ld = (uint32_t)m->l_ld;
+        d->r_ld = (uint32_t)m->r_ld;
+        d->col_tiles = (uint32_t)((m->cols + kTileCols - 1) / kTileCols);
+        d->scale = m->scale;
+        d->flags = m->flags;
+        tiles += (m->rows + kTileRows - 1) / kTileRows * d->col_tiles;
+    }
+    memset(&cl->desc[cl->n], 0, sizeof(merge_desc));
+    cl->desc[cl->n].first_tile = tiles; /* sentinel: ends every search */
+    return tiles;
+}
+
+/* Uploads the copies of the selected merges, and the stage ops, each as a plan of its own. */
+static int upload_plans(rlb_cuda_lora *cl, const rlb_plan *plan, char *err, size_t errlen)
+{
+    uint64_t n_copies = 0, at = 0;
+    for (uint32_t k = 0; k < cl->n; k++)
+        n_copies += cl->merges[k].n_copies;
+    rlb_copy_op *copies = (rlb_copy_op *)malloc((n_copies + 1) * sizeof(*copies));
+    if (!copies)
+        return RLB_ENOMEM;
+    for (uint32_t k = 0; k < cl->n; k++) {
+        const rlb_merge_op *m = &cl->merges[k];
+        memcpy(copies + at, plan->merge_copies + m->copy_first, m->n_copies * sizeof(*copies));
+        at += m->n_copies;
+    }
+    rlb_plan base = {.n_src = plan->n_src, .n_dst = plan->n_dst, .src_bytes = plan->src_bytes,
+                     .dst_bytes = plan->dst_bytes, .n_ops = n_copies, .ops = copies};
+    int rc = rlb__cuda_plan_upload(&base, cl->device, NULL, &cl->base, err, errlen);
+    free(copies);
+    if (rc)
+        return rc;
+    uint64_t stage_bytes = plan->stage_bytes;
+    rlb_plan gather = {.n_src = plan->n_src, .n_dst = 1, .src_bytes = plan->src_bytes,
+                       .dst_bytes = &stage_bytes, .n_ops = plan->n_stage_ops,
+                       .ops = plan->stage_ops};
+    return rlb__cuda_plan_upload(&gather, cl->device, NULL, &cl->gather, err, errlen);
+}
+
+extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uint8_t *dst_sel,
+                                     rlb_cuda_lora **out, char *err, size_t errlen)
+{
+    if (!plan || !out || (plan->n_merges && (!plan->merges || !plan->merge_copies)))
+        return RLB_EINVAL;
+    *out = nullptr;
+    uint64_t n = 0;
+    for (uint64_t i = 0; i < plan->n_merges; i++)
+        n += !dst_sel || plan->merges[i].dst_ref >= plan->n_dst || dst_sel[plan->merges[i].dst_ref];
+    if (n == 0)
+        return 0;
+    if (n >= UINT32_MAX)
+        return RLB_ETOOBIG;
+    int rc = check_stage_ops(plan, err, errlen), prev = -1;
+    if (rc)
+        return rc;
+    rlb_cuda_lora *cl = (rlb_cuda_lora *)calloc(1, sizeof(*cl));
+    if (!cl)
+        return RLB_ENOMEM;
+    cl->device = device;
+    cl->n = (uint32_t)n;
+    cl->merges = (rlb_merge_op *)malloc(n * sizeof(*cl->merges));
+    cl->index = (uint64_t *)malloc(n * sizeof(*cl->index));
+    cl->desc = (merge_desc *)malloc((n + 1) * sizeof(*cl->desc));
+    /* at least one f32 and 256-byte aligned, as every cudaMalloc */
+    cl->stage_bytes = plan->stage_bytes > 4 ? plan->stage_bytes : 4;
+    if (!cl->merges || !cl->index || !cl->desc) {
+        rc = RLB_ENOMEM;
+        goto err;
+    }
+    RLB_CHECK_GOTO(select_merges(cl, plan, dst_sel, err, errlen), rc, err);
+    RLB_CHECK_GOTO(upload_plans(cl, plan, err, errlen), rc, err);
+    RLB_CHECK_GOTO(rlb__cuda_enter(device, &prev), rc, err);
+    RLB_CUDA_CHECK(cudaMalloc(&cl->d_stage, cl->stage_bytes), rc, out);
+    RLB_CUDA_CHECK(cudaMalloc(&cl->d_desc, (n + 1) * sizeof(merge_desc)), rc, out);
+    RLB_CUDA_CHECK(cudaMalloc(&cl->d_counts, n * sizeof(*cl->d_counts)), rc, out);
+    RLB_CUDA_CHECK(cudaMallocHost(&cl->h_counts, n * sizeof(*cl->h_counts)), rc, out);
+    if (describe_merges(cl) > INT32_MAX) { /* one block per tile */
+        rlb__cuda_err(err, errlen, "plan: the merges' tiles exceed one launch");
+        rc = RLB_ETOOBIG;
+    }
+out:
+    rlb__cuda_leave(prev);
+    if (rc)
+        goto err;
+    *out = cl;
+    return 0;
+err:
+    rlb__cuda_lora_free(cl);
+    return rc;
+}
+
+extern "C" int rlb__cuda_lora_bind(rlb_cuda_lora *cl, const rlb_cuda_buf *src,
+                                   const rlb_cuda_buf *dst, char *err, size_t errlen)
+{
+    if (!cl || !dst)
+        return RLB_EINVAL;
+    cl->bound = 0;
+    rlb_cuda_buf stage = {cl->d_stage, cl->stage_bytes};
+    int rc = rlb__cuda_plan_bind(cl->base, src, dst, err, errlen), prev;
+    if (!rc)
+        rc = rlb__cuda_plan_bind(cl->gather, src, &stage, err, errlen);
+    if (rc)
+        return rc;
+    for (uint32_t k = 0; k < cl->n; k++) {
+        const rlb_merge_op *m = &cl->merges[k];
+        const rlb_cuda_buf *b = &dst[m->dst_ref];
+        const uint64_t des = rlb_dtype_size((rlb_dtype)m->dst_dtype);
+        if (!b->ptr || b->bytes < m->dst_offset + m->rows * m->cols * des ||
+            ((uintptr_t)b->ptr + m->dst_offset) % des) {
+            rlb__cuda_err(err, errlen, "destination %u: buffer %p of %llu bytes cannot hold "
+                          "merge %llu", m->dst_ref, b->ptr, (unsigned long long)b->bytes,
+                          (unsigned long long)cl->index[k]);
+            return RLB_EINVAL;
+        }
+    }
+    for (uint32_t k = 0; k < cl->n; k++) {
+        char *c = (char *)dst[cl->merges[k].dst_ref].ptr + cl->merges[k].dst_offset;
+        cl->desc_stale |= cl->desc[k].c != c;
+        cl->desc[k].c = c;
+    }
+    if (cl->desc_stale) {
+        RLB_CHECK(rlb__cuda_enter(cl->device, &prev));
+        RLB_CUDA_CHECK(cudaMemcpy(cl->d_desc, cl->desc, (cl->n + 1) * sizeof(merge_desc),
+                                  cudaMemcpyHostToDevice), rc, out);
+        cl->desc_stale = 0;
+    out:
+        rlb__cuda_leave(prev);
+    }
+    cl->bound = rc == 0;
+    return rc;
+}
+
+/* The merges of dtype range k on `stream` (current device: the merges'). */
+static int launch_range(const rlb_cuda_lora *cl, int k, cudaStream_t stream)
+{
+    const uint32_t first = cl->range[k], last = cl->range[k + 1];
+    int rc = 0;
+    if (first == last)
+        return 0;
+    const uint64_t tile0 = cl->desc[first].first_tile;
+    const unsigned blocks = (unsigned)(cl->desc[last].first_tile - tile0);
+    switch (k) {
+    case RLB_DTYPE_F32:
+        merge_kernel<float><<<blocks, kThreads, 0, stream>>>(cl->d_desc, first, last, tile0,
+                                                             cl->d_counts);
+        break;
+    case RLB_DTYPE_BF16:
+        merge_kernel<rlb__bf16_t><<<blocks, kThreads, 0, stream>>>(cl->d_desc, first, last,
+                                                                   tile0, cl->d_counts);
+        break;
+    default:
+        merge_kernel<rlb__f16_t><<<blocks, kThreads, 0, stream>>>(cl->d_desc, first, last,
+                                                                  tile0, cl->d_counts);
+        break;
+    }
+    RLB_CUDA_CHECK(cudaGetLastError(), rc, out);
+out:
+    return rc;
+}
+
+extern "C" int rlb__cuda_lora_run(rlb_cuda_lora *cl, cudaStream_t stream)
+{
+    if (!cl || !cl->bound)
+        return RLB_EINVAL;
+    int rc = rlb__cuda_plan_run(cl->base, stream), prev;
+    if (!rc)
+        rc = rlb__cuda_plan_run(cl->gather, stream);
+    if (rc)
+        return rc;
+    RLB_CHECK(rlb__cuda_enter(cl->device, &prev));
+    RLB_CUDA_CHECK(cudaMemsetAsync(cl->d_counts, 0, cl->n * sizeof(*cl->d_counts), stream), rc,
+                   out);
+    for (int k = 0; k < kDtypes && !rc; k++)
+        rc = launch_range(cl, k, stream);
+    if (!rc)
+        RLB_CUDA_CHECK(cudaMemcpyAsync(cl->h_counts, cl->d_counts,
+                                       cl->n * sizeof(*cl->h_counts), cudaMemcpyDeviceToHost,
+                                       stream), rc, out);
+out:
+    rlb__cuda_leave(prev);
+    return rc;
+}
+
+extern "C" void rlb__cuda_lora_counts(const rlb_cuda_lora *cl, uint64_t *nonfinite)
+{
+    for (uint32_t k = 0; cl && k < cl->n; k++)
+        nonfinite[cl->index[k]] += cl->h_counts[k];
+}
+
+extern "C" uint64_t rlb__cuda_lora_merges(const rlb_cuda_lora *cl)
+{
+    return cl ? cl->n : 0;
+}
+
+extern "C" uint64_t rlb__cuda_lora_device_bytes(const rlb_cuda_lora *cl)
+{
+    if (!cl)
+        return 0;
+    return rlb__cuda_plan_device_bytes(cl->base) + rlb__cuda_plan_device_bytes(cl->gather) +
+           cl->stage_bytes + (cl->n + 1) * sizeof(merge_desc) + cl->n * sizeof(*cl->d_counts);
+}

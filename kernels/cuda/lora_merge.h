@@ -1,0 +1,71 @@
+/* lora_merge.h: the LoRA half of a plan on one GPU (DESIGN §10), the twin of
+ * kernels/cpu/lora_merge.h.
+ *
+ * For the merges whose destination is selected, a run does, in order on the caller's stream:
+ *   1. the merges' base copies (the plan's merge_copies) into the destination blocks,
+ *      converted to the destination dtype: a plan of its own (kernels/cuda/plan_exec.h), so
+ *      sources in local, peer, IPC-mapped or mapped host memory, and the staged fallback,
+ *      work as they do for every other weight;
+ *   2. the adapter stage: the plan's stage ops gather every factor, whole and as f32, into
+ *      a stage buffer on this GPU (a second plan, whose one destination is the stage);
+ *   3. the merge: one pass over each block, C = C + scale * L * R, C widened to f32, the
+ *      rank-r product summed in f32 (L scaled first, as the CPU does: l_k = scale * L(i, k),
+ *      then C + l_0 R(0, j) + l_1 R(1, j) + ..., each step one fused multiply-add), rounded
+ *      once to the destination dtype, the non-finite values written counted per merge.
+ * The base comes from the sources every run, so no version builds on the last. Where a
+ * base's source dtype is wider than the destination's (f32 master weights into bf16
+ * workers), the base is rounded once in step 1 and the merged value once more in step 3,
+ * where the CPU rounds once: the two may then differ by one unit in the last place of the
+ * base; otherwise they differ only by the order of f32 roundings in the product.
+ *
+ * Device memory: the stage (plan->stage_bytes: every factor in f32, e.g. Llama-3.1-8B with
+ * rank 16 on all seven targets, 168 MiB; rank 64, 671 MiB), the two plans' tables, 64 bytes
+ * per merge and a count per merge. Kept from run to run with the upload.
+ *
+ * Every function returns 0 or a negative RLB_E* code; a refused plan or buffer is described
+ * in `err` (may be NULL). None leaves the caller's current device changed.
+ */
+#ifndef RLB_KERNELS_CUDA_LORA_MERGE_H
+#define RLB_KERNELS_CUDA_LORA_MERGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#include "kernels/cuda/plan_exec.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct rlb_cuda_lora rlb_cuda_lora;
+
+/* Uploads to `device` the merges of `plan` whose destination d has dst_sel[d] != 0 (dst_sel
+ * NULL: every merge), with their base copies and the plan's stage ops, after checking them
+ * (rlb__plan_check_merge and rlb__plan_check_op against plan->src_bytes / dst_bytes; stage
+ * ops copying into f32). *out is NULL when no merge is selected. RLB_EINVAL naming the
+ * merge or op, RLB_ETOOBIG (more tiles than one launch has blocks), RLB_ENOMEM /
+ * RLB_ECUDA when the device refuses. */
+int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uint8_t *dst_sel,
+                          rlb_cuda_lora **out, char *err, size_t errlen);
+/* Binds plan->n_src sources and plan->n_dst destinations, as rlb__cuda_plan_bind (the
+ * destinations of the selected merges must be GPU memory this device reaches). */
+int rlb__cuda_lora_bind(rlb_cuda_lora *cl, const rlb_cuda_buf *src, const rlb_cuda_buf *dst,
+                        char *err, size_t errlen);
+/* Launches the base copies, the stage gather and the merges on `stream`, and the copy of
+ * the counts back to host memory (asynchronous). RLB_EINVAL before a bind. */
+int rlb__cuda_lora_run(rlb_cuda_lora *cl, cudaStream_t stream);
+/* Once the run's stream is done: adds each merge's count of non-finite values written to
+ * nonfinite[m], m its index in the uploaded plan's merges[]. */
+void rlb__cuda_lora_counts(const rlb_cuda_lora *cl, uint64_t *nonfinite);
+void rlb__cuda_lora_free(rlb_cuda_lora *cl);
+
+/* Merges uploaded, and bytes of device memory held (stage, plans, tables). */
+uint64_t rlb__cuda_lora_merges(const rlb_cuda_lora *cl);
+uint64_t rlb__cuda_lora_device_bytes(const rlb_cuda_lora *cl);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* RLB_KERNELS_CUDA_LORA_MERGE_H */
