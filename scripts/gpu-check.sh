@@ -11,7 +11,7 @@
 #             reshard peer
 #   grpo      examples/grpo_torch.py, 30 steps, --check (fp32: logprob mismatch <= 1e-4)
 #   lora      the PEFT golden fixture (scripts/make_peft_fixture.py, needs peft; a copy lands
-#             in $OUT/peft_lora) and its test, rlb-bench-reshard-gpu --lora (the merge
+#             in $OUT/peft_lora.tar) and its test, rlb-bench-reshard-gpu --lora (the merge
 #             kernels), then rlb-bench-sync --device cuda --lora with the PEFT merge peer
 #             (bench/peft_merge_peer.py)
 set -uo pipefail
@@ -50,7 +50,7 @@ for step in "$@"; do
         tail -4 "$out/torch-reshard.log" ;;
     lora)
         python3 scripts/make_peft_fixture.py > "$out/peft-fixture.log" 2>&1 &&
-            cp -r tests/fixtures/peft_lora "$out/"
+            tar cf "$out/peft_lora.tar" tests/fixtures/peft_lora
         tail -12 "$out/peft-fixture.log"
         ctest --test-dir build-gpu -R 'test_peft_fixture|test_cuda_lora' -V --timeout 600 \
             > "$out/lora-tests.log" 2>&1
