@@ -305,6 +305,8 @@ static void free_copy(br_copy *c)
     c->view.merges = NULL;
     c->view.stage_ops = NULL;
     c->view.merge_copies = NULL;
+    c->view.src_bytes = NULL; /* borrowed (a heal's: the arrays above) */
+    c->view.dst_bytes = NULL;
     c->nonfinite = NULL;
 }
 
@@ -653,6 +655,10 @@ static int bind_heal(bridge *b, int from, int to)
         c->view.bytes_written += bytes;
     }
     c->view.n_ops = T;
+    /* the sizes an executor checks the ranges against (the CUDA one reads them): the view
+     * borrows the copy's own arrays, freed with it */
+    c->view.src_bytes = c->src_len;
+    c->view.dst_bytes = c->dst_len;
     c->threads = b->opts->threads;
     c->heal = 1;
     return 0;
