@@ -12,8 +12,9 @@
  * Versions. A load(v) is applied only once no request is unfinished (in pause mode the
  * bridge drained generation already; in staged mode the requests running on v-1 finish
  * first and requests that arrived after the load wait behind it), so every sample is
- * generated with one buffer's weights and stamped with that buffer's version. In staged
- * mode a load switches to the other buffer (the bridge just wrote it, or, after an
+ * generated with one buffer's weights and stamped with that buffer's version. Sleep and
+ * wake are not held behind a waiting load (a request the sleep preempted finishes only
+ * after the wake). In staged mode a load switches to the other buffer (the bridge just wrote it, or, after an
  * aborted sync, it still holds the committed version); in pause mode it re-runs
  * post-load processing in place.
  *
@@ -54,6 +55,7 @@
 /* A command from the bridge, queued until the TP ranks agree to apply it. */
 typedef struct wk_cmd {
     struct wk_cmd *next;
+    uint32_t type;   /* its ring record type (rlb_msg_type) */
     size_t len;      /* bytes of the encoded message */
     uint8_t data[];  /* the message as received */
 } wk_cmd;
@@ -322,12 +324,13 @@ fail:
 
 /* ---- Commands ------------------------------------------------------------------------ */
 
-static int queue_cmd(wk *w, const void *data, size_t len)
+static int queue_cmd(wk *w, uint32_t type, const void *data, size_t len)
 {
     wk_cmd *c = malloc(sizeof(*c) + len);
     if (!c)
         return RLB_ENOMEM;
     c->next = NULL;
+    c->type = type;
     c->len = len;
     memcpy(c->data, data, len);
     if (w->tail)
@@ -339,14 +342,23 @@ static int queue_cmd(wk *w, const void *data, size_t len)
     return 0;
 }
 
-static void pop_cmd(wk *w)
+/* Removes the command after `prev` (the head when prev is NULL). */
+static void unlink_cmd(wk *w, wk_cmd *prev)
 {
-    wk_cmd *c = w->head;
-    w->head = c->next;
-    if (!w->head)
-        w->tail = NULL;
+    wk_cmd *c = prev ? prev->next : w->head;
+    if (prev)
+        prev->next = c->next;
+    else
+        w->head = c->next;
+    if (w->tail == c)
+        w->tail = prev;
     w->n_cmds--;
     free(c);
+}
+
+static void pop_cmd(wk *w)
+{
+    unlink_cmd(w, NULL);
 }
 
 /* Copies a little-endian int32 array out of a message (bins are unaligned). */
@@ -543,44 +555,91 @@ static int apply_load(wk *w, uint64_t version)
     return !w->engine ? rc : src; /* without an engine the worker cannot go on */
 }
 
-/* Applies up to n queued commands. A load waits (with everything after it) until no
- * request is unfinished. Returns 0 or a fatal error. */
+/* Decodes and runs command c. Returns 0, or a fatal error (the worker cannot go on); what
+ * fails for this command alone is answered to the bridge. */
+static int apply_one(wk *w, const wk_cmd *c)
+{
+    rlb_msg m;
+    char err[256];
+    int rc = rlb__msg_decode(c->data, c->len, &m, err, sizeof(err));
+    if (rc == 0 && m.type != c->type) {
+        snprintf(err, sizeof(err), "a record of type %s holds a %s message",
+                 rlb__msg_type_name(c->type), rlb__msg_type_name(m.type));
+        rlb__msg_free(&m);
+        rc = RLB_EPROTO;
+    }
+    if (rc < 0) {
+        wk_error(w, rc, 0, c->type, err);
+        return 0;
+    }
+    switch (m.type) {
+    case RLB_MSG_GENERATE: apply_generate(w, &m.generate); break;
+    case RLB_MSG_LOAD: rc = apply_load(w, m.load.version); break;
+    case RLB_MSG_SLEEP:
+        rc = rlb__engine_sleep(w->engine);
+        w->asleep = 1;
+        RLB_LOG_INFO(RLB_SUB_WORKER, "asleep (KV cache freed)");
+        break;
+    case RLB_MSG_WAKE:
+        rc = rlb__engine_wake(w->engine);
+        w->asleep = rc < 0;
+        RLB_LOG_INFO(RLB_SUB_WORKER, "awake: %s", rlb_strerror(rc));
+        break;
+    default:
+        RLB_LOG_WARN(RLB_SUB_WORKER, "ignoring a %s message", rlb__msg_type_name(m.type));
+        break;
+    }
+    rlb__msg_free(&m);
+    return rc;
+}
+
+/* 1 when the command at the head of the queue is a load that must wait: requests that
+ * started before it are unfinished. */
+static int load_waits(const wk *w)
+{
+    return w->head && w->head->type == RLB_MSG_LOAD && rlb__engine_busy(w->engine);
+}
+
+static int sleep_or_wake(const wk_cmd *c)
+{
+    return c->type == RLB_MSG_SLEEP || c->type == RLB_MSG_WAKE;
+}
+
+/* 1 when apply() can run a queued command now. */
+static int can_apply(const wk *w)
+{
+    if (!load_waits(w))
+        return w->head != NULL;
+    for (const wk_cmd *c = w->head->next; c; c = c->next)
+        if (sleep_or_wake(c))
+            return 1;
+    return 0;
+}
+
+/* Applies the first n queued commands in order. A load waits until no request is
+ * unfinished, and what came after it waits behind it, except sleep and wake: requests
+ * preempted by a sleep finish only after the wake, so a wake held behind the load would
+ * never come. Sleep and wake change only the KV cache, never which weights a request
+ * reads, so letting them pass keeps every sample on one version. Every TP rank applies the
+ * same prefix to an engine in the same state, so all make the same choice. Returns 0 or a
+ * fatal error. */
 static int apply(wk *w, uint32_t n)
 {
-    for (uint32_t k = 0; k < n; k++) {
-        rlb_msg m;
-        char err[256];
-        int rc = rlb__msg_decode(w->head->data, w->head->len, &m, err, sizeof(err));
-        if (rc < 0) {
-            wk_error(w, rc, 0, 0, err);
-            pop_cmd(w);
+    uint32_t k = 0;
+    for (; k < n && !load_waits(w); k++) {
+        int rc = apply_one(w, w->head);
+        pop_cmd(w);
+        RLB_CHECK(rc);
+    }
+    wk_cmd *prev = w->head;
+    for (k++; k < n && prev && prev->next; k++) {
+        if (!sleep_or_wake(prev->next)) {
+            prev = prev->next;
             continue;
         }
-        if (m.type == RLB_MSG_LOAD && rlb__engine_busy(w->engine)) {
-            rlb__msg_free(&m);
-            return 0;
-        }
-        switch (m.type) {
-        case RLB_MSG_GENERATE: apply_generate(w, &m.generate); break;
-        case RLB_MSG_LOAD: rc = apply_load(w, m.load.version); break;
-        case RLB_MSG_SLEEP:
-            rc = rlb__engine_sleep(w->engine);
-            w->asleep = 1;
-            RLB_LOG_INFO(RLB_SUB_WORKER, "asleep (KV cache freed)");
-            break;
-        case RLB_MSG_WAKE:
-            rc = rlb__engine_wake(w->engine);
-            w->asleep = rc < 0;
-            RLB_LOG_INFO(RLB_SUB_WORKER, "awake: %s", rlb_strerror(rc));
-            break;
-        default:
-            RLB_LOG_WARN(RLB_SUB_WORKER, "ignoring a %s message", rlb__msg_type_name(m.type));
-            break;
-        }
-        rlb__msg_free(&m);
-        pop_cmd(w);
-        if (rc < 0)
-            return rc;
+        int rc = apply_one(w, prev->next);
+        unlink_cmd(w, prev);
+        RLB_CHECK(rc);
     }
     return 0;
 }
@@ -601,7 +660,7 @@ static int receive(wk *w, int wait_ms, int *shutdown)
         if (rm.type == RLB_MSG_SHUTDOWN)
             *shutdown = 1;
         else
-            rc = queue_cmd(w, rm.data, rm.len);
+            rc = queue_cmd(w, rm.type, rm.data, rm.len);
         rlb__ring_recv_done(rx, &w->rx);
         if (rc < 0 || *shutdown)
             return rc;
@@ -633,7 +692,7 @@ static int serve(wk *w)
         rlb__ring_heartbeat(rlb__conn_rx(w->conn));
         rlb__ring_heartbeat(rlb__conn_tx(w->conn));
         int work = rlb__engine_busy(w->engine) && !w->asleep;
-        RLB_CHECK(receive(w, work || w->n_cmds ? 0 : WK_IDLE_WAIT_MS, &shutdown));
+        RLB_CHECK(receive(w, work || can_apply(w) ? 0 : WK_IDLE_WAIT_MS, &shutdown));
         if (shutdown) {
             RLB_LOG_INFO(RLB_SUB_WORKER, "shutdown from the bridge");
             return 0;
