@@ -287,22 +287,30 @@ static int hello_worker(bridge *b, br_peer *p, const rlb_msg_hello *h, char *why
     if (b->tp_size > 1 && (rc = send_tp_segment(b, r, h->replica, p)) < 0)
         return snprintf(why, len, "cannot pass the TP communicator: %s", rlb_strerror(rc)), rc;
     r->ranks[h->tp_rank] = p;
+    return 0;
+}
+
+/* Worker p was welcomed: when it completes its replica, the replica serves (or joins).
+ * This comes after the welcome, which must be the first message a worker reads: a replica
+ * that comes up while the workers sleep is told to sleep at once. */
+static void worker_welcomed(bridge *b, br_peer *p)
+{
+    br_replica *r = &b->replicas[p->hello.replica];
     for (uint32_t t = 0; t < b->tp_size; t++)
         if (!r->ranks[t])
-            return 0;
+            return;
     if (r->tp_fd >= 0)
         close(r->tp_fd); /* every rank holds it now */
     r->tp_fd = -1;
     if (b->committed == 0) {
-        br_replica_up(b, (int)h->replica); /* every buffer holds the initial weights */
-        return 0;
+        br_replica_up(b, (int)p->hello.replica); /* every buffer holds the initial weights */
+        return;
     }
     /* Its buffers hold initial weights, not the committed version: it serves only once
      * they do (br_heal_progress, or the next sync). */
     r->state = BR_REP_JOINING;
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %u formed; it joins once it holds version %" PRIu64,
-                 h->replica, b->committed);
-    return 0;
+                 p->hello.replica, b->committed);
 }
 
 static void on_hello(bridge *b, br_peer *p, const rlb_msg_hello *h)
@@ -335,6 +343,8 @@ static void on_hello(bridge *b, br_peer *p, const rlb_msg_hello *h)
                                                       .peer_id = p->id,
                                                       .weight_version = b->committed}};
     br_send(b, p, &m);
+    if (p->role == RLB_ROLE_WORKER)
+        worker_welcomed(b, p);
     br_dispatch(b);
 }
 
