@@ -283,10 +283,21 @@ static int check_register(const void *p, rlb__proto_err *e)
                : 0;
 }
 
-static int check_version(const void *p, rlb__proto_err *e)
+/* A weight buffer index a load or loaded names. */
+static int check_buffer(uint32_t buffer, rlb__proto_err *e)
 {
-    const rlb_msg_version *m = p;
-    return m->version == 0 ? rlb__proto_fail(e, "ver", "versions start at 1") : 0;
+    return buffer >= RLB_PROTO_WEIGHT_BUFFERS
+               ? rlb__proto_fail(e, "buf", "%" PRIu32 " is not a weight buffer (a worker has "
+                                 "buffers 0 and 1 at most)", buffer)
+               : 0;
+}
+
+static int check_load(const void *p, rlb__proto_err *e)
+{
+    const rlb_msg_load *m = p;
+    if (m->version == 0)
+        return rlb__proto_fail(e, "ver", "versions start at 1");
+    return check_buffer(m->buffer, e);
 }
 
 static int check_publish(const void *p, rlb__proto_err *e)
@@ -331,7 +342,9 @@ static int check_aborted(const void *p, rlb__proto_err *e)
 
 static int check_loaded(const void *p, rlb__proto_err *e)
 {
-    return check_outcome(p, true, e);
+    const rlb_msg_outcome *m = p;
+    int rc = check_outcome(m, true, e);
+    return rc ? rc : check_buffer(m->buffer, e);
 }
 
 static int check_sampling(const void *p, rlb__proto_err *e)
@@ -475,8 +488,9 @@ static const rlb__field unregister_fields[] = {
 static const rlb__struct_desc unregister_desc =
     DESC("unregister", rlb_msg_unregister, unregister_fields, NULL);
 
-static const rlb__field version_fields[] = {
-    FLD(rlb_msg_version, version, "ver", RLB__FK_U64, REQ),
+static const rlb__field load_fields[] = {
+    FLD(rlb_msg_load, version, "ver", RLB__FK_U64, REQ),
+    FLD(rlb_msg_load, buffer, "buf", RLB__FK_U32, OPT),
 };
 static const rlb__field publish_fields[] = {
     FLD(rlb_msg_publish, version, "ver", RLB__FK_U64, REQ),
@@ -491,7 +505,7 @@ static const rlb__field unregistered_fields[] = {
 };
 static const rlb__struct_desc unregistered_desc =
     DESC("unregistered", rlb_msg_unregistered, unregistered_fields, NULL);
-static const rlb__struct_desc load_desc = DESC("load", rlb_msg_version, version_fields, check_version);
+static const rlb__struct_desc load_desc = DESC("load", rlb_msg_load, load_fields, check_load);
 
 static const rlb__field synced_fields[] = {
     FLD(rlb_msg_synced, version, "ver", RLB__FK_U64, REQ),
@@ -506,10 +520,16 @@ static const rlb__field outcome_fields[] = {
     FLD(rlb_msg_outcome, code, "code", RLB__FK_I32, OPT),
     FLD(rlb_msg_outcome, text, "text", RLB__FK_STR, OPT),
 };
+static const rlb__field loaded_fields[] = {
+    FLD(rlb_msg_outcome, version, "ver", RLB__FK_U64, REQ),
+    FLD(rlb_msg_outcome, code, "code", RLB__FK_I32, OPT),
+    FLD(rlb_msg_outcome, text, "text", RLB__FK_STR, OPT),
+    FLD(rlb_msg_outcome, buffer, "buf", RLB__FK_U32, OPT),
+};
 static const rlb__struct_desc aborted_desc =
     DESC("aborted", rlb_msg_outcome, outcome_fields, check_aborted);
 static const rlb__struct_desc loaded_desc =
-    DESC("loaded", rlb_msg_outcome, outcome_fields, check_loaded);
+    DESC("loaded", rlb_msg_outcome, loaded_fields, check_loaded);
 
 static const rlb__field sampling_fields[] = {
     FLD(rlb_msg_sampling, n, "n", RLB__FK_U32, REQ),

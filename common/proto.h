@@ -199,10 +199,17 @@ typedef struct rlb_msg_unregistered {
     uint32_t n_tensors; /* "n": tensors removed */
 } rlb_msg_unregistered;
 
-/* load: a version number (>= 1). */
-typedef struct rlb_msg_version {
+#define RLB_PROTO_WEIGHT_BUFFERS 2 /* weight buffers a worker has at most (staged mode) */
+
+/* load: version v's bytes are in weight buffer `buffer` of the worker, which serves from
+ * that buffer once it processed the load (post-load processing, then the switch). A
+ * worker of a pause-mode bridge has buffer 0 only; a staged one has 0 and 1, and the
+ * bridge names the one it wrote (or, after an aborted sync, the one still holding the
+ * committed version). */
+typedef struct rlb_msg_load {
     uint64_t version; /* "ver" (required) */
-} rlb_msg_version;
+    uint32_t buffer;  /* "buf": < RLB_PROTO_WEIGHT_BUFFERS; 0 when absent */
+} rlb_msg_load;
 
 /* publish: a version number (>= 1) and, for a trainer whose tensors are device memory, the
  * interprocess event it recorded on its stream after writing them (cuIpcGetEventHandle):
@@ -221,11 +228,14 @@ typedef struct rlb_msg_synced {
     double gbps;      /* "gbps": bytes / time, GB/s */
 } rlb_msg_synced;
 
-/* aborted (why a version was given up), loaded (how post-processing went). */
+/* aborted (why a version was given up), loaded (how post-processing and the switch went:
+ * the answer to one load, in the order the loads were sent). */
 typedef struct rlb_msg_outcome {
     uint64_t version; /* "ver" (required) */
     int32_t code;     /* "code": aborted: negative RLB_E*; loaded: 0 or negative RLB_E* */
     const char *text; /* "text": details for a human */
+    uint32_t buffer;  /* "buf": loaded only: the weight buffer the worker serves from now
+                         (the load's on success, the one it served before on failure) */
 } rlb_msg_outcome;
 
 /* ---- generation -------------------------------------------------------------------- */
@@ -307,7 +317,7 @@ typedef struct rlb_msg {
         rlb_msg_outcome aborted;         /* ABORTED */
         rlb_msg_generate generate;       /* GENERATE */
         rlb_msg_result result;           /* RESULT */
-        rlb_msg_version load;            /* LOAD */
+        rlb_msg_load load;               /* LOAD */
         rlb_msg_outcome loaded;          /* LOADED */
         rlb_msg_stats stats;             /* STATS */
         rlb_msg_stats_reply stats_reply; /* STATS_REPLY */

@@ -157,11 +157,11 @@ static void sample_msg(rlb_msg_type type, rlb_msg *m)
                                      .n_samples = N_OF(samples), .samples = samples};
         break;
     case RLB_MSG_LOAD:
-        m->load.version = 11;
+        m->load = (rlb_msg_load){.version = 11, .buffer = 1};
         break;
     case RLB_MSG_LOADED:
         m->loaded = (rlb_msg_outcome){.version = 11, .code = RLB_ECUDA,
-                                      .text = "cuMemcpy failed"};
+                                      .text = "cuMemcpy failed", .buffer = 1};
         break;
     case RLB_MSG_STATS:
         m->stats.request_id = 5;
@@ -256,6 +256,7 @@ static void assert_outcome(const rlb_msg_outcome *w, const rlb_msg_outcome *g)
     assert_int_equal(w->version, g->version);
     assert_int_equal(w->code, g->code);
     assert_str(w->text, g->text);
+    assert_int_equal(w->buffer, g->buffer);
 }
 
 /* want was built by hand; got was decoded from buf[0..len) (buf NULL: no borrow check). */
@@ -312,6 +313,7 @@ static void assert_msg_equal(const rlb_msg *want, const rlb_msg *got, const void
         break;
     case RLB_MSG_LOAD:
         assert_int_equal(want->load.version, got->load.version);
+        assert_int_equal(want->load.buffer, got->load.buffer);
         break;
     case RLB_MSG_UNREGISTERED:
         assert_int_equal(want->unregistered.n_tensors, got->unregistered.n_tensors);
@@ -605,6 +607,13 @@ static void test_exact_encodings(void **state)
     assert_int_equal(rlb__msg_pack(&m, buf, sizeof buf, &len), 0);
     assert_int_equal(len, sizeof error);
     assert_memory_equal(buf, error, sizeof error);
+    /* A load of buffer 0 is written as before the buffer field existed (and read back as
+     * buffer 0 from a peer that does not write it). */
+    static const uint8_t load[] = {0x82, 0xa2, 't', 'y', 0x0b, 0xa3, 'v', 'e', 'r', 0x03};
+    m = (rlb_msg){.type = RLB_MSG_LOAD, .load.version = 3};
+    assert_int_equal(rlb__msg_pack(&m, buf, sizeof buf, &len), 0);
+    assert_int_equal(len, sizeof load);
+    assert_memory_equal(buf, load, sizeof load);
 }
 
 /* A generate request as another encoder may write it: keys in another order, a float64
@@ -1205,6 +1214,9 @@ static void test_value_checks(void **state)
     refuse_edit(RLB_MSG_ERROR, "code", obj_int(-(1ll << 40)), "error.code: out of the int32");
     refuse_edit(RLB_MSG_ABORTED, "code", obj_uint(0), "aborted.code: 0 is not an error code");
     refuse_edit(RLB_MSG_LOADED, "code", obj_uint(1), "loaded.code: 1 is not 0 or an error");
+    refuse_edit(RLB_MSG_LOAD, "buf", obj_uint(2), "load.buf: 2 is not a weight buffer");
+    refuse_edit(RLB_MSG_LOAD, "buf", obj_int(-1), "load.buf: expected a non-negative int");
+    refuse_edit(RLB_MSG_LOADED, "buf", obj_uint(7), "loaded.buf: 7 is not a weight buffer");
     refuse_edit(RLB_MSG_PUBLISH, "ver", obj_uint(0), "publish.ver: versions start at 1");
     static const uint8_t zero_handle[RLB_PROTO_HANDLE_BYTES], zero_uuid[RLB_PROTO_UUID_BYTES];
     refuse_edit(RLB_MSG_PUBLISH, "evu", obj_bin(zero_uuid, sizeof zero_uuid),
