@@ -119,9 +119,14 @@ typedef struct br_peer {
     br_lora *loras;          /* adapters it declared */
     uint32_t n_loras, cap_loras;
     /* worker */
-    void *buf[2];            /* weight buffers (segments 1 and 2) */
-    int active;              /* staged: which of buf[] the engine reads */
-    uint64_t version;        /* version its active buffer holds */
+    void *buf[2];            /* weight buffers (segments 1 and 2; pause mode: buf[0] only) */
+    int live;                /* the buffer it serves from, as its last loaded answer said */
+    int committed_buf;       /* the buffer holding the committed version (the one it must
+                                serve once every load is answered) */
+    int target;              /* the buffer the sync or heal in flight writes: staged, the
+                                other one; pause, the live one */
+    uint32_t loads_out;      /* loads sent that it has not answered: until they are, none of
+                                its buffers is written (it may still read either) */
     uint64_t buf_bytes;      /* bytes of each weight buffer the layout uses */
     int load_sent;           /* a load of the sync in flight was sent to it */
     int loaded;              /* ... and it answered */
@@ -337,6 +342,9 @@ void br_tensor_free(br_tensor *t);
 
 void br_publish(bridge *b, br_peer *p, const rlb_msg_publish *m);
 void br_loaded(bridge *b, br_peer *p, const rlb_msg_outcome *m);
+/* Worker w could not take a load it was sent (it answered with an ERROR instead of loaded:
+ * the message did not decode); code and text say why. */
+void br_load_refused(bridge *b, br_peer *w, int code, const char *text);
 /* Advances the sync in flight (start, drain, copy done). Returns 1 when it did something. */
 int br_sync_progress(bridge *b);
 /* The copy thread's wake fd signalled: collect the result. */

@@ -352,12 +352,14 @@ static void on_hello(bridge *b, br_peer *p, const rlb_msg_hello *h)
 
 static void on_stats(bridge *b, br_peer *p, uint64_t id)
 {
-    uint32_t workers = 0, up = 0, joining = 0, trainers = 0, held = 0;
+    uint32_t workers = 0, up = 0, joining = 0, trainers = 0, held = 0, loads = 0;
     for (uint32_t d = 0; d < b->n_replicas; d++) {
         up += b->replicas[d].state == BR_REP_UP;
         joining += b->replicas[d].state == BR_REP_JOINING;
-        for (uint32_t t = 0; t < b->tp_size; t++)
+        for (uint32_t t = 0; t < b->tp_size; t++) {
             workers += b->replicas[d].ranks[t] != NULL;
+            loads += b->replicas[d].ranks[t] ? b->replicas[d].ranks[t]->loads_out : 0;
+        }
     }
     for (uint32_t r = 0; r < b->world; r++)
         trainers += b->trainers[r] != NULL;
@@ -385,6 +387,7 @@ static void on_stats(bridge *b, br_peer *p, uint64_t id)
         {"replicas_up", (double)up},
         {"replicas_joining", (double)joining},
         {"heals", (double)b->n_heals},
+        {"loads_unanswered", (double)loads},
         {"stale", (double)b->stale},
         {"asleep", (double)b->asleep},
         {"staged", (double)(b->opts->mode == RLB_SYNC_STAGED)},

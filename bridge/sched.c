@@ -216,6 +216,10 @@ void br_result(bridge *b, br_peer *w, rlb_msg *m)
 
 void br_worker_error(bridge *b, br_peer *w, const rlb_msg_error *m)
 {
+    if (!m->request_id && m->in_reply_to == RLB_MSG_LOAD) {
+        br_load_refused(b, w, m->code, m->text);
+        return;
+    }
     br_gen *g = m->request_id ? gen_find(b, m->request_id) : NULL;
     if (!g) {
         RLB_LOG_WARN(RLB_SUB_BRIDGE, "worker %u reports: %s (%s)", w->hello.rank, m->text,

@@ -7,14 +7,22 @@
  *          request runs on any replica.
  *   COPY   the executor (kernels/executor.h: a CPU thread, or the GPU) runs the plan from
  *          the trainers' memory straight into the workers' buffers: in place (pause), or
- *          into each worker's inactive buffer (staged) while generation goes on with v-1.
+ *          into each worker's free buffer (staged) while generation goes on with v-1.
  *          The loop keeps serving meanwhile and learns of the end through an eventfd in its
  *          poll set.
- *   LOAD   load(v) went to every worker of every live replica; staged workers first finish
- *          what runs on v-1, then switch buffers; all run post-load processing and answer
- *          loaded(v). New generation is held (a request must never start on a version
- *          that may still be rolled back). When every worker answered, v is committed and
- *          every rank gets synced(v, bytes, ms, GB/s).
+ *   LOAD   load(v, buffer) went to every worker of every live replica, naming the buffer
+ *          the copy wrote; staged workers first finish what runs on v-1, then run post-load
+ *          processing on the new buffer and switch to it (the engine's set_weights); all
+ *          answer loaded(v, buffer). New generation is held (a request must never start on
+ *          a version that may still be rolled back). When every worker answered, v is
+ *          committed and every rank gets synced(v, bytes, ms, GB/s).
+ *
+ * Buffers. The bridge keeps, per worker, the buffer it serves from (`live`, as its last
+ * loaded answer said), the one holding the committed version (`committed_buf`) and the loads it
+ * has not answered yet. A staged sync writes the buffer that is not live; it starts (and
+ * a heal copies) only once every worker answered all its loads, so no buffer a worker may
+ * still switch to, or read while it post-processes it, is ever written. A worker whose
+ * load failed answers so and serves its previous buffer; the sync is aborted, naming it.
  *
  * Poisoned versions. The copy counts the NaN / Inf values it writes, LoRA merges included
  * (fused into the executor). By default (RLB_NONFINITE=abort) a version holding any is aborted before a
@@ -29,11 +37,13 @@
  * is a destination of the next sync like a live one and serves once that version commits.
  *
  * Abort (a rank dies before commit, a worker dies while buffers are written or loaded, a
- * copy or post-load processing fails, the weights hold NaN / Inf): every rank that published v gets aborted(v,
- * reason). Pause mode: if worker buffers were written, they hold no complete version, so
- * generation is refused with RLB_ESTALE until a later version commits. Staged mode: the
- * active buffers never changed, except on workers that already switched for v; those get
- * load(committed version), which switches them back to the untouched v-1 buffer. (Before
+ * copy, post-load processing or a switch fails, the weights hold NaN / Inf): every rank
+ * that published v gets aborted(v, reason). Pause mode: if worker buffers were written,
+ * they hold no complete version, so generation is refused with RLB_ESTALE until a later
+ * version commits. Staged mode: the buffers holding v-1 were never written; every worker
+ * sent load(v) gets load(committed version, its v-1 buffer), which switches it back (or
+ * keeps it there, when it had not switched or could not). A worker that cannot switch
+ * back takes its replica out of service. (Before
  * the first commit there is no version number to switch back to, so those workers are
  * marked stale as in pause mode.) A mix of versions is never served: results carry the
  * version of the buffer the engine read, and nothing runs on a buffer being written.
@@ -146,13 +156,30 @@ static void reset_workers(bridge *b)
     }
 }
 
-/* Sends load(version) to w; in staged mode its active buffer flips. */
-static void send_load(bridge *b, br_peer *w, uint64_t version)
+/* Sends load(version, buffer) to w, which serves from that buffer once it answered. */
+static void send_load(bridge *b, br_peer *w, uint64_t version, int buffer)
 {
-    rlb_msg m = {.type = RLB_MSG_LOAD, .load = {.version = version}};
-    if (b->opts->mode == RLB_SYNC_STAGED)
-        w->active ^= 1;
-    br_send(b, w, &m);
+    rlb_msg m = {.type = RLB_MSG_LOAD, .load = {.version = version, .buffer = (uint32_t)buffer}};
+    if (br_send(b, w, &m) == 0)
+        w->loads_out++;
+}
+
+/* Picks the buffer of w a copy writes (staged: the one it does not serve; pause: its only
+ * one) and returns it. */
+static void *write_target(const bridge *b, br_peer *w)
+{
+    w->target = b->opts->mode == RLB_SYNC_STAGED ? !w->live : w->live;
+    return w->buf[w->target];
+}
+
+/* 1 when replica d's workers are all there and answered every load they were sent, so
+ * their buffers may be written and their live buffers read. */
+static int replica_settled(const bridge *b, uint32_t d)
+{
+    for (uint32_t t = 0; t < b->tp_size; t++)
+        if (!b->replicas[d].ranks[t] || b->replicas[d].ranks[t]->loads_out)
+            return 0;
+    return 1;
 }
 
 void br_sync_abort(bridge *b, int code, const char *fmt, ...)
@@ -178,7 +205,7 @@ void br_sync_abort(bridge *b, int code, const char *fmt, ...)
                 if (!w || !w->load_sent || b->replicas[d].state != BR_REP_UP)
                     continue;
                 if (b->committed)
-                    send_load(b, w, b->committed); /* switch back to the v-1 buffer */
+                    send_load(b, w, b->committed, !w->target); /* back to v-1's buffer */
                 else
                     spoiled = 1;
             }
@@ -258,7 +285,7 @@ static int bind_copy(bridge *b)
         for (uint32_t t = 0; t < b->tp_size; t++) {
             uint32_t dst = d * b->tp_size + t;
             br_peer *w = b->replicas[d].ranks[t];
-            c->dst[dst] = w->buf[b->opts->mode == RLB_SYNC_STAGED ? !w->active : w->active];
+            c->dst[dst] = write_target(b, w);
             c->dst_len[dst] = plan->dst_bytes[dst];
             uint64_t first = plan->dst_first_op[dst], end = plan->dst_first_op[dst + 1];
             memcpy(c->view.ops + c->view.n_ops, plan->ops + first,
@@ -473,7 +500,7 @@ void br_copy_done(bridge *b)
             br_peer *w = b->replicas[d].ranks[t];
             w->load_sent = 1;
             w->loaded = 0;
-            send_load(b, w, b->syncing);
+            send_load(b, w, b->syncing, w->target);
         }
     b->sync = BR_SYNC_LOAD;
     b->control_s += br_thread_cpu() - c0;
@@ -489,11 +516,14 @@ static void commit(bridge *b)
     b->sync = BR_SYNC_IDLE;
     b->syncing = 0;
     b->copied = 0;
-    for (uint32_t d = 0; d < b->n_replicas; d++)
+    for (uint32_t d = 0; d < b->n_replicas; d++) {
+        for (uint32_t t = 0; b->replicas[d].in_sync && t < b->tp_size; t++)
+            b->replicas[d].ranks[t]->committed_buf = b->replicas[d].ranks[t]->target;
         if (b->replicas[d].in_sync && b->replicas[d].state == BR_REP_JOINING) {
             b->n_heals++;
             br_replica_up(b, (int)d);
         }
+    }
     reset_workers(b);
     b->n_syncs++;
     b->bytes_synced += bytes;
@@ -509,25 +539,73 @@ static void commit(bridge *b)
                  ms, b->last_copy_ms, b->last_gbps, b->last_control_ms);
 }
 
+/* Takes w's answer to its oldest unanswered load: it serves `buffer` now. Once every load
+ * is answered and no sync or heal waits for it, it must serve the committed version; a
+ * worker that does not (its switch back after an aborted sync failed) takes its replica
+ * out of service. Returns 0 when w had no load to answer (the answer is ignored). */
+static int take_answer(bridge *b, br_peer *w, uint32_t buffer, const char *text)
+{
+    if (!w->loads_out) {
+        RLB_LOG_WARN(RLB_SUB_BRIDGE, "worker %u answered a load it was not sent",
+                     w->hello.rank);
+        return 0;
+    }
+    w->loads_out--;
+    if (buffer < (b->opts->mode == RLB_SYNC_STAGED ? 2u : 1u))
+        w->live = (int)buffer;
+    br_replica *r = &b->replicas[w->hello.replica];
+    if (!w->loads_out && !w->load_sent && w->live != w->committed_buf && !b->stale &&
+        r->state == BR_REP_UP) {
+        char why[256];
+        snprintf(why, sizeof(why), "worker %u serves weight buffer %d, not buffer %d holding "
+                 "version %" PRIu64 " (its switch back failed: %s)", w->hello.rank, w->live,
+                 w->committed_buf, b->committed, text ? text : "no reason given");
+        br_replica_kill(b, (int)w->hello.replica, why);
+    }
+    return 1;
+}
+
+/* w's load failed (code, text; version 0: a load it could not read): the sync in flight
+ * or the heal of its replica gives up, when the load was theirs. The worker goes on
+ * serving the buffer it served before. */
+static void load_failed(bridge *b, br_peer *w, uint64_t version, int code, const char *text)
+{
+    const char *why = text ? text : rlb_strerror(code);
+    if (b->heal == (int)w->hello.replica && b->heal_copied && w->load_sent &&
+        (!version || version == b->committed)) {
+        char what[256];
+        snprintf(what, sizeof(what), "its load of version %" PRIu64 " failed: %s",
+                 b->committed, why);
+        br_replica_kill(b, b->heal, what); /* which abandons the heal */
+        return;
+    }
+    if (b->sync == BR_SYNC_LOAD && w->load_sent && (!version || version == b->syncing))
+        br_sync_abort(b, code, "worker %u (replica %u, TP rank %u) could not load version %"
+                      PRIu64 ": %s; it goes on serving the version it served", w->hello.rank,
+                      w->hello.replica, w->hello.tp_rank, b->syncing, why);
+}
+
 void br_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m)
 {
     double c0 = br_thread_cpu();
+    if (!take_answer(b, w, m->buffer, m->text))
+        return;
+    if (m->code < 0) {
+        load_failed(b, w, m->version, m->code, m->text);
+        return;
+    }
     if (heal_loaded(b, w, m))
         return;
-    if (b->sync != BR_SYNC_LOAD || m->version != b->syncing || !w->load_sent) {
-        if (m->version == b->committed) /* a switch back after an abort */
-            w->version = m->version;
-        return;
-    }
-    if (m->code < 0) {
-        br_sync_abort(b, m->code, "worker %u (replica %u, TP rank %u): post-load processing "
-                      "failed: %s", w->hello.rank, w->hello.replica, w->hello.tp_rank,
-                      m->text ? m->text : rlb_strerror(m->code));
-        return;
-    }
+    if (b->sync != BR_SYNC_LOAD || m->version != b->syncing || !w->load_sent)
+        return; /* a switch back after an abort, or the answer to an aborted sync's load */
     w->loaded = 1;
-    w->version = m->version;
     b->control_s += br_thread_cpu() - c0;
+}
+
+void br_load_refused(bridge *b, br_peer *w, int code, const char *text)
+{
+    if (take_answer(b, w, (uint32_t)w->live, text))
+        load_failed(b, w, 0, code, text);
 }
 
 /* 1 when every worker of every replica in the sync answered loaded(v). */
@@ -537,6 +615,17 @@ static int all_loaded(const bridge *b)
         for (uint32_t t = 0; b->replicas[d].in_sync && t < b->tp_size; t++)
             if (!b->replicas[d].ranks[t]->loaded)
                 return 0;
+    return 1;
+}
+
+/* 1 when every live or joining replica answered all its loads: a sync starts only then,
+ * so it never writes a buffer a worker may still switch to (or read while it switches). */
+static int loads_answered(const bridge *b)
+{
+    for (uint32_t d = 0; d < b->n_replicas; d++)
+        if ((b->replicas[d].state == BR_REP_UP || b->replicas[d].state == BR_REP_JOINING) &&
+            !replica_settled(b, d))
+            return 0;
     return 1;
 }
 
@@ -565,7 +654,8 @@ int br_sync_progress(bridge *b)
     switch (b->sync) {
     case BR_SYNC_IDLE: {
         uint64_t v = all_published(b);
-        if (!v || b->copy_running || b->heal >= 0 || !workers_ready(b, v))
+        if (!v || b->copy_running || b->heal >= 0 || !loads_answered(b) ||
+            !workers_ready(b, v))
             return 0;
         if (b->xnode)
             return br_xnode_begin(b, v); /* the exchange first, then the plan below */
@@ -639,14 +729,14 @@ static int bind_heal(bridge *b, int from, int to)
     c->nonfinite = malloc(T * sizeof(*c->nonfinite));
     if (!c->src || !c->src_len || !c->dst || !c->dst_len || !c->view.ops || !c->nonfinite)
         return RLB_ENOMEM;
-    int staged = b->opts->mode == RLB_SYNC_STAGED;
     for (uint32_t t = 0; t < T; t++) {
-        const br_peer *s = b->replicas[from].ranks[t], *w = b->replicas[to].ranks[t];
+        const br_peer *s = b->replicas[from].ranks[t];
+        br_peer *w = b->replicas[to].ranks[t];
         uint64_t bytes = w->buf_bytes;
         int wide = bytes % 4 == 0; /* a byte copy: the dtype only sets the element size */
-        c->src[t] = s->buf[s->active];
+        c->src[t] = s->buf[s->live];
         c->src_len[t] = s->buf_bytes;
-        c->dst[t] = w->buf[staged ? !w->active : w->active];
+        c->dst[t] = write_target(b, w);
         c->dst_len[t] = bytes;
         c->view.ops[t] = (rlb_copy_op){
             .src_ref = t, .dst_ref = t, .src_dtype = wide ? RLB_DTYPE_F32 : RLB_DTYPE_BF16,
@@ -679,6 +769,8 @@ int br_heal_progress(bridge *b)
     }
     if (to < 0 || from < 0)
         return 0; /* nothing to heal, or no live copy: the next sync brings it in */
+    if (!replica_settled(b, (uint32_t)to) || !replica_settled(b, (uint32_t)from))
+        return 0; /* a switch is still on its way */
     int rc = bind_heal(b, from, to);
     if (rc == 0)
         rc = run_copy(b);
@@ -712,7 +804,7 @@ static void heal_copy_done(bridge *b)
         br_peer *w = b->replicas[to].ranks[t];
         w->load_sent = 1;
         w->loaded = 0;
-        send_load(b, w, b->committed);
+        send_load(b, w, b->committed, w->target);
     }
     b->heal_copied = 1;
 }
@@ -724,22 +816,15 @@ static int heal_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m)
     if (to < 0 || !b->heal_copied || w->hello.replica != (uint32_t)to ||
         m->version != b->committed || !w->load_sent)
         return 0;
-    if (m->code < 0) {
-        char why[160];
-        snprintf(why, sizeof(why), "its load of version %" PRIu64 " failed: %s", m->version,
-                 m->text ? m->text : rlb_strerror(m->code));
-        b->heal = -1;
-        br_replica_kill(b, to, why);
-        return 1;
-    }
     w->loaded = 1;
-    w->version = m->version;
     br_replica *r = &b->replicas[to];
     for (uint32_t t = 0; t < b->tp_size; t++)
         if (!r->ranks[t]->loaded)
             return 1;
-    for (uint32_t t = 0; t < b->tp_size; t++)
+    for (uint32_t t = 0; t < b->tp_size; t++) {
         r->ranks[t]->load_sent = r->ranks[t]->loaded = 0;
+        r->ranks[t]->committed_buf = r->ranks[t]->target;
+    }
     b->heal = -1;
     b->heal_copied = 0;
     b->n_heals++;

@@ -14,18 +14,23 @@
  * first and requests that arrived after the load wait behind it), so every sample is
  * generated with one buffer's weights and stamped with that buffer's version. Sleep and
  * wake are not held behind a waiting load (a request the sleep preempted finishes only
- * after the wake). In staged mode a load switches to the other buffer (the bridge just wrote it, or, after an
- * aborted sync, it still holds the committed version); in pause mode it re-runs
+ * after the wake). In staged mode a load names the buffer to serve from (the one the
+ * bridge just wrote, or, after an aborted sync, the one still holding the committed
+ * version): the engine switches to it with set_weights, post-load processing running on
+ * it before the switch, never recreating the engine. In pause mode a load re-runs
  * post-load processing in place.
  *
  * Results. A generate with P prompts becomes P engine requests; when all are done, TP
  * rank 0 sends one RESULT holding every sample (whole, fragmented by the ring as needed);
- * the other ranks drop theirs. Every rank answers load with loaded.
+ * the other ranks drop theirs. Every rank answers each load with loaded (or, for a load it
+ * cannot decode, an ERROR in reply to it).
  *
  * Failures. What goes wrong with one request (a refused prompt, an engine step that fails,
  * a result that cannot be sent) fails that request, or the step's batch, with an ERROR
- * naming the cause; the worker goes on serving. It exits only when the bridge is gone or
- * it cannot hold an engine at all.
+ * naming the cause; the worker goes on serving. A load that fails (post-load processing
+ * or the switch to the new buffer) is answered with its error and the worker goes on
+ * serving the version it served. It exits only when the bridge is gone or it cannot hold
+ * an engine at all.
  */
 #include "worker/daemon.h"
 
@@ -79,7 +84,9 @@ typedef struct wk {
     rlb_conn *conn;
     rlb_ring_rx rx;          /* reassembly of fragmented commands */
     int staged;              /* the bridge runs in staged mode: two weight buffers */
-    void *buf[2];            /* weight buffers (mapped segments) */
+    void *buf[2];            /* CPU: the weight buffers (mapped segments) */
+    const void *weights[2];  /* what the engine binds for buffer i: buf[i] (CPU), or the
+                                backend's device buffer i (GPU) */
     int active;              /* which one the engine reads */
     uint64_t version;        /* version the active buffer holds (0 = initial weights) */
     void *tp_mem;            /* CPU TP communicator region (tp_size > 1) */
@@ -119,11 +126,13 @@ static int wk_send(wk *w, const rlb_msg *m)
     return rlb__ring_send(rlb__conn_tx(w->conn), m->type, w->pack, len, WK_SEND_TIMEOUT_MS);
 }
 
-/* Sends an ERROR about request bid (0 = none); TP rank 0 speaks for the replica. */
+/* Sends an ERROR about request bid (0 = none) in reply to a message of `type`. TP rank 0
+ * speaks for the replica, except about a load: every rank answers each load it was sent
+ * (the bridge counts the answers). */
 static void wk_error(wk *w, int code, uint64_t bid, uint32_t type, const char *text)
 {
     RLB_LOG_WARN(RLB_SUB_WORKER, "%s: %s", rlb__msg_type_name(type), text);
-    if (w->o->tp_rank != 0)
+    if (w->o->tp_rank != 0 && type != RLB_MSG_LOAD)
         return;
     rlb_msg m = {.type = RLB_MSG_ERROR,
                  .error = {.code = code, .request_id = bid, .in_reply_to = type, .text = text}};
@@ -176,13 +185,17 @@ static int learn_mode(wk *w)
     return 0;
 }
 
-/* Creates weight buffer i and passes it to the bridge as segment id. */
+/* Creates weight buffer i (memfd "rlb-weights-<i>") and passes it to the bridge as segment
+ * id. */
 static int make_buffer(wk *w, int i, uint32_t id)
 {
     int fd, rc;
     size_t bytes = (size_t)w->layout.total_bytes;
-    RLB_CHECK(rlb__shm_create(bytes, "rlb-weights", &fd));
+    char name[32];
+    snprintf(name, sizeof(name), "rlb-weights-%d", i);
+    RLB_CHECK(rlb__shm_create(bytes, name, &fd));
     rc = rlb__shm_map(fd, bytes, &w->buf[i]);
+    w->weights[i] = w->buf[i];
     if (rc == 0) {
         rlb__seg_msg sm = {.magic = RLB_SEG_MAGIC, .id = id, .bytes = bytes};
         rc = rlb__conn_send_fds(w->conn, &sm, sizeof(sm), &fd, 1);
@@ -504,14 +517,13 @@ static int collect(wk *w)
     return 0;
 }
 
-/* Makes the engine read buffer `which`. The engine binds its weights at creation, so it
- * is created anew over the other buffer; this runs only with no request unfinished. */
-static int use_buffer(wk *w, int which)
+/* A fresh engine over the active buffer (after a failed step), asleep if the worker is. */
+static int renew_engine(wk *w)
 {
     rlb__engine_destroy(w->engine);
     w->engine = NULL;
-    RLB_CHECK(rlb__engine_create(&w->layout, w->buf[which], w->comm, &w->eopts, &w->engine));
-    w->active = which;
+    RLB_CHECK(rlb__engine_create(&w->layout, w->buf[w->active], w->comm, &w->eopts,
+                                 &w->engine));
     return w->asleep ? rlb__engine_sleep(w->engine) : 0;
 }
 
@@ -538,21 +550,62 @@ static int recover_step(wk *w, int code)
         free(g->res);
     }
     w->n_gens = 0;
-    return use_buffer(w, w->active);
+    return renew_engine(w);
 }
 
-static int apply_load(wk *w, uint64_t version)
+/* Staged: makes the engine read buffer `which` (set_weights runs post-load processing on
+ * it first, with no request unfinished). When that fails, the engine is bound to the buffer
+ * it served again (post-processed anew from it) and `text` says what happened. Returns 0
+ * or the switch's error; *fatal is set when binding the previous buffer again failed too
+ * (the worker cannot serve any version then). */
+static int switch_buffer(wk *w, int which, int *fatal, char *text, size_t len)
 {
-    int rc = w->staged ? use_buffer(w, !w->active) : rlb__engine_reload(w->engine);
+    int rc = rlb__engine_set_weights(w->engine, w->weights[which]);
+    if (rc == 0) {
+        w->active = which;
+        return 0;
+    }
+    int back = rlb__engine_set_weights(w->engine, w->weights[w->active]);
+    *fatal = back < 0;
+    if (back)
+        snprintf(text, len, "switching to weight buffer %d failed: %s, and binding buffer %d "
+                 "again failed too: %s", which, rlb_strerror(rc), w->active,
+                 rlb_strerror(back));
+    else
+        snprintf(text, len, "switching to weight buffer %d failed: %s; it serves the previous "
+                 "version from buffer %d", which, rlb_strerror(rc), w->active);
+    return rc;
+}
+
+/* load(version, buffer): serves `version` from weight buffer `which` from now on. Staged:
+ * switches to it (nothing to do when it is the active one: a switch back after an aborted
+ * sync the worker had not followed). Pause: runs post-load processing again in place.
+ * Answers loaded(version, code, the buffer it serves now). Returns 0 or a fatal error. */
+static int apply_load(wk *w, uint64_t version, uint32_t which)
+{
+    char text[256] = "";
+    int rc = 0, fatal = 0;
+    if (which >= (w->staged ? 2u : 1u)) {
+        rc = RLB_EINVAL;
+        snprintf(text, sizeof(text), "load names weight buffer %u; this worker has %s",
+                 which, w->staged ? "buffers 0 and 1" : "buffer 0 only (pause-mode syncs)");
+    } else if (!w->staged) {
+        rc = rlb__engine_reload(w->engine);
+    } else if ((int)which != w->active) {
+        rc = switch_buffer(w, (int)which, &fatal, text, sizeof(text));
+    }
     if (rc == 0)
         w->version = version;
-    RLB_LOG_INFO(RLB_SUB_WORKER, "version %" PRIu64 " loaded%s: %s", version,
-                 w->staged ? " (buffer switch)" : " (in place)", rlb_strerror(rc));
+    if (rc < 0 && !text[0])
+        snprintf(text, sizeof(text), "post-load processing failed: %s", rlb_strerror(rc));
+    RLB_LOG_INFO(RLB_SUB_WORKER, "version %" PRIu64 " %s buffer %d%s: %s", version,
+                 rc ? "not loaded, serving" : "loaded, serving", w->active,
+                 w->staged ? "" : " (in place)", rc ? text : "success");
     rlb_msg m = {.type = RLB_MSG_LOADED,
-                 .loaded = {.version = version, .code = rc,
-                            .text = rc ? rlb_strerror(rc) : NULL}};
+                 .loaded = {.version = version, .code = rc, .text = rc ? text : NULL,
+                            .buffer = (uint32_t)w->active}};
     int src = wk_send(w, &m);
-    return !w->engine ? rc : src; /* without an engine the worker cannot go on */
+    return fatal ? rc : src;
 }
 
 /* Decodes and runs command c. Returns 0, or a fatal error (the worker cannot go on); what
@@ -574,7 +627,7 @@ static int apply_one(wk *w, const wk_cmd *c)
     }
     switch (m.type) {
     case RLB_MSG_GENERATE: apply_generate(w, &m.generate); break;
-    case RLB_MSG_LOAD: rc = apply_load(w, m.load.version); break;
+    case RLB_MSG_LOAD: rc = apply_load(w, m.load.version, m.load.buffer); break;
     case RLB_MSG_SLEEP:
         rc = rlb__engine_sleep(w->engine);
         w->asleep = 1;
