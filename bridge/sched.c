@@ -16,6 +16,9 @@
  * min_weight_version has committed, while the workers sleep (until the wake), or before
  * any replica has formed.
  *
+ * While the weights are stale (an aborted sync wrote them and no version committed since)
+ * requests fail with RLB_ESTALE, also one that waited for a retry.
+ *
  * Worker death: the socket reports it at once. The replica is taken out of service and
  * every request running on it is retried on another live replica; it had produced nothing
  * yet (a result is sent whole, when the request is done), so the requester sees one
@@ -32,6 +35,9 @@
 
 #include "bridge/bridge_int.h"
 #include "common/log.h"
+
+#define STALE_TEXT "the workers' weights are stale after an aborted sync; publish a new " \
+                   "version first"
 
 uint32_t br_inflight(const bridge *b)
 {
@@ -131,9 +137,8 @@ void br_generate(bridge *b, br_peer *p, rlb_msg *m)
         return;
     }
     if (b->stale) {
-        br_send_error(b, p, RLB_ESTALE, cid, RLB_MSG_GENERATE, "generate %" PRIu64 ": the "
-                      "workers' weights are stale after an aborted sync; publish a new "
-                      "version first", cid);
+        br_send_error(b, p, RLB_ESTALE, cid, RLB_MSG_GENERATE, "generate %" PRIu64 ": %s",
+                      cid, STALE_TEXT);
         return;
     }
     if (!any_replica_possible(b)) {
@@ -172,6 +177,8 @@ void br_generate(bridge *b, br_peer *p, rlb_msg *m)
 
 int br_dispatch(bridge *b)
 {
+    if (b->stale) /* requests held when a replica died, retried: no weights to run them */
+        br_fail_requests(b, RLB_ESTALE, 1, STALE_TEXT);
     if (br_sync_holds_generation(b) || b->asleep)
         return 0;
     int moved = 0;
