@@ -22,6 +22,7 @@
 #include "model/params.h"
 #include "model/safetensors.h"
 #include "tests/integration/shm_own.h"
+#include "tests/unit/plan_ref.h"
 #include "worker/daemon.h"
 
 #define H_ALIGN 4 /* FSDP1 use_orig_params alignment: 16 bytes of F32 */
@@ -194,14 +195,15 @@ int h_start_config(h_run *r, rlb_sync_mode mode, const rlb_model_config *cfg)
     return start_bridge(r, mode, 0, cfg);
 }
 
-float *h_worker_weights(pid_t pid, uint64_t *bytes)
+float *h_worker_weights(pid_t pid, int buf, uint64_t *bytes)
 {
-    char path[64], line[512];
+    char path[64], line[512], name[32];
     snprintf(path, sizeof(path), "/proc/%d/maps", (int)pid);
+    snprintf(name, sizeof(name), "rlb-weights-%d", buf);
     FILE *f = fopen(path, "r");
     unsigned long lo = 0, hi = 0;
     while (f && fgets(line, sizeof(line), f))
-        if (strstr(line, "rlb-weights") && sscanf(line, "%lx-%lx", &lo, &hi) == 2)
+        if (strstr(line, name) && sscanf(line, "%lx-%lx", &lo, &hi) == 2)
             break;
     if (f)
         fclose(f);
@@ -211,18 +213,18 @@ float *h_worker_weights(pid_t pid, uint64_t *bytes)
     }
     snprintf(path, sizeof(path), "/proc/%d/mem", (int)pid);
     int fd = open(path, O_RDONLY);
-    float *buf = malloc(hi - lo);
-    ssize_t n = fd >= 0 && buf ? pread(fd, buf, hi - lo, (off_t)lo) : -1;
+    float *data = malloc(hi - lo);
+    ssize_t n = fd >= 0 && data ? pread(fd, data, hi - lo, (off_t)lo) : -1;
     int saved = errno;
     if (fd >= 0)
         close(fd);
     if (n != (ssize_t)(hi - lo)) {
-        free(buf);
+        free(data);
         errno = saved ? saved : EIO;
         return NULL;
     }
     *bytes = hi - lo;
-    return buf;
+    return data;
 }
 
 rlb_device h_worker_device = RLB_DEVICE_CPU;
@@ -801,6 +803,59 @@ int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32
     if (version_checkpoint(r->dir, v, tag) != 0)
         return -1;
     return generate_ref(r, tag, tp, prompt, n, max_tokens, tokens, cap);
+}
+
+/* ---- Worker buffers ------------------------------------------------------------------ */
+
+#define H_MAX_TENSORS 64
+
+float *h_buffer_image(uint32_t t, uint32_t T, uint64_t v, uint64_t *bytes)
+{
+    rlb_model_config cfg;
+    rlb__config_tiny(&cfg);
+    ref_tensor ts[H_MAX_TENSORS];
+    int n = ref_tensors(&cfg, (int)T, sizeof(float), ts, bytes);
+    float *img = calloc(1, *bytes);
+    if (!img)
+        return NULL;
+    ref_model m;
+    ref_model_init(&m, &cfg, 0);
+    for (int k = 0; k < n; k++)
+        for (int64_t r = 0; r < ts[k].rows; r++)
+            for (int64_t c = 0; c < ts[k].cols; c++) {
+                int which;
+                int64_t grow, gcol;
+                if (!ref_origin(&cfg, (int)T, (int)t, ts[k].kind, r, c, &which, &grow, &gcol))
+                    continue;
+                const ref_param *p = &m.p[m.idx[(ts[k].layer + 1) * P_KINDS + which]];
+                img[ts[k].offset / sizeof(float) + (uint64_t)(r * ts[k].cols + c)] =
+                    h_weight_named(v, p->name, (uint64_t)(grow * p->cols + gcol));
+            }
+    ref_model_free(&m);
+    return img;
+}
+
+int h_check_buffer(pid_t pid, int buf, uint32_t t, uint32_t T, uint64_t v)
+{
+    uint64_t have = 0, want = 0;
+    float *got = h_worker_weights(pid, buf, &have);
+    if (!got) {
+        printf("worker %d: weight buffer %d cannot be read: %s\n", (int)pid, buf,
+               strerror(errno));
+        return 77;
+    }
+    float *img = h_buffer_image(t, T, v, &want);
+    int bad = !img || want > have;
+    for (uint64_t i = 0; !bad && i < want / sizeof(float); i++)
+        if (memcmp(&got[i], &img[i], sizeof(float))) {
+            printf("worker %d (TP rank %u of %u), weight buffer %d: element %llu is %g, "
+                   "version %llu has %g there\n", (int)pid, t, T, buf, (unsigned long long)i,
+                   got[i], (unsigned long long)v, img[i]);
+            bad = 1;
+        }
+    free(img);
+    free(got);
+    return bad;
 }
 
 /* ---- Raw protocol ------------------------------------------------------------------- */

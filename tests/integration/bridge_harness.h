@@ -63,10 +63,10 @@ int h_workers(h_run *r, uint32_t replicas, uint32_t tp);
  * replicas of TP size tp (a restart, or a replica added at run time). Returns its pid
  * (also appended to r->workers) or -1. */
 pid_t h_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank, uint32_t tp);
-/* A copy (malloc'ed, *bytes long) of the weight buffer of the CPU worker `pid` (its
- * "rlb-weights" mapping, read through /proc/PID/mem: a child of this process, or one it
- * may trace), or NULL with errno set when it cannot be read. */
-float *h_worker_weights(pid_t pid, uint64_t *bytes);
+/* A copy (malloc'ed, *bytes long) of weight buffer `buf` of the CPU worker `pid` (its
+ * "rlb-weights-<buf>" mapping, read through /proc/PID/mem: a child of this process, or one
+ * it may trace), or NULL with errno set when it cannot be read. */
+float *h_worker_weights(pid_t pid, int buf, uint64_t *bytes);
 /* kill -9 of r->workers[i], reaped, and its entry set to -1 (so neither h_stop nor
  * h_cleanup signals a pid that may belong to someone else by then). */
 void h_kill_worker(h_run *r, int i);
@@ -143,6 +143,15 @@ int h_reference_weights(h_run *r, const char *tag, float *const *data, uint32_t 
 /* The tiny model's parameter list, and element i of parameter p in version v's weights. */
 const struct rlb_param_list *h_params(void);
 float h_weight(uint64_t v, int64_t p, uint64_t i);
+
+/* The weight buffer of TP rank t of T holding version v, laid out by the naive reference
+ * of tests/unit/plan_ref.h (DESIGN §4, not the planner's; zeros in padding and alignment
+ * gaps): malloc'ed, *bytes long, or NULL. */
+float *h_buffer_image(uint32_t t, uint32_t T, uint64_t v, uint64_t *bytes);
+/* Compares weight buffer `buf` of worker pid (TP rank t of T) with h_buffer_image of
+ * version v. Returns 0, 1 (a mismatch: the first one printed) or 77 (the buffer cannot be
+ * read: no such mapping, or /proc/PID/mem refused). */
+int h_check_buffer(pid_t pid, int buf, uint32_t t, uint32_t T, uint64_t v);
 
 /* Connects as a tool on the raw protocol (messages the client library never sends), says
  * hello, sends m and reads one reply. Returns the reply's message type (and, for an ERROR,

@@ -187,7 +187,7 @@ typedef struct found {
 static int check_worker(const h_run *r, const fixture *f, int T, int t, int merged, found *fd)
 {
     uint64_t bytes = 0, total;
-    float *buf = h_worker_weights(r->workers[t], &bytes);
+    float *buf = h_worker_weights(r->workers[t], 0, &bytes);
     if (!buf) {
         printf("skip: worker TP rank %d's memory cannot be read: %s\n", t, strerror(errno));
         return 77;

@@ -11,15 +11,14 @@
  * world = WORLD_SIZE, the weights a pure function of version, tensor and element) with its
  * node's bridge, then publishes versions from the bridge's committed version + 1 (so a
  * restarted group goes on) to N. With --check, local rank 0 reads every worker buffer of its
- * node after each commit (found through /proc: the memfd "rlb-weights" of each `rlb worker`
- * of this node's socket) and compares it element by element with the naive reference of
- * tests/unit/plan_ref.h (TP layout written from DESIGN §4, not the planner's).
+ * node after each commit (found through /proc: the memfd "rlb-weights-0" of each `rlb
+ * worker` of this node's socket) and compares it element by element with the naive
+ * reference of tests/unit/plan_ref.h (h_check_buffer).
  * Prints "synced V", "aborted V: reason", "done"; exits 0, or 3 after an abort, 1 on a
  * mismatch (naming the first wrong element), 77 when /proc/PID/mem cannot be read.
  */
 #include <ctype.h>
 #include <dirent.h>
-#include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <signal.h>
@@ -29,11 +28,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "model/config.h"
 #include "tests/integration/bridge_harness.h"
-#include "tests/unit/plan_ref.h"
-
-#define MAX_TENSORS 64
 
 static long env_int(const char *name)
 {
@@ -91,45 +86,18 @@ static pid_t find_worker(const char *sock, int tp, int *tp_size)
  * printed) or 77 (cannot read it). */
 static int check_worker(const char *sock, int t, uint64_t v, int rank)
 {
-    rlb_model_config cfg;
-    rlb__config_tiny(&cfg);
     int T = 1;
     pid_t pid = find_worker(sock, t, &T);
-    uint64_t bytes = 0, total;
-    float *buf = pid > 0 ? h_worker_weights(pid, &bytes) : NULL;
-    if (!buf) {
+    int rc = pid > 0 ? h_check_buffer(pid, 0, (uint32_t)t, (uint32_t)T, v) : 77;
+    if (rc == 77)
         printf("check unavailable: worker TP rank %d of %s: %s\n", t, sock,
-               pid > 0 ? strerror(errno) : "not found");
-        return 77;
-    }
-    ref_model m;
-    ref_model_init(&m, &cfg, 0);
-    ref_tensor ts[MAX_TENSORS];
-    int n = ref_tensors(&cfg, T, sizeof(float), ts, &total);
-    int bad = total > bytes;
-    for (int k = 0; k < n && !bad; k++)
-        for (int64_t r = 0; r < ts[k].rows && !bad; r++)
-            for (int64_t c = 0; c < ts[k].cols && !bad; c++) {
-                int which;
-                int64_t grow, gcol;
-                float want = 0.0f;
-                if (ref_origin(&cfg, T, t, ts[k].kind, r, c, &which, &grow, &gcol)) {
-                    const ref_param *p = &m.p[m.idx[(ts[k].layer + 1) * P_KINDS + which]];
-                    want = h_weight_named(v, p->name, (uint64_t)(grow * p->cols + gcol));
-                }
-                float got = buf[ts[k].offset / sizeof(float) + (uint64_t)(r * ts[k].cols + c)];
-                if (memcmp(&got, &want, sizeof(got))) {
-                    printf("MISMATCH rank %d: version %" PRIu64 ", worker TP rank %d of %d, "
-                           "tensor %d (layer %d) [%" PRId64 ", %" PRId64 "]: %g, want %g\n",
-                           rank, v, t, T, (int)ts[k].kind, ts[k].layer, r, c, got, want);
-                    bad = 1;
-                }
-            }
-    ref_model_free(&m);
-    free(buf);
-    if (!bad && t + 1 < T)
+               pid > 0 ? "its buffer cannot be read" : "not found");
+    if (rc == 1)
+        printf("MISMATCH rank %d: version %" PRIu64 ", worker TP rank %d of %d\n", rank, v, t,
+               T);
+    if (!rc && t + 1 < T)
         return check_worker(sock, t + 1, v, rank);
-    return bad;
+    return rc;
 }
 
 /* Kills this process with SIGKILL after `us` microseconds, from a helper process. */
