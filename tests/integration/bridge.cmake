@@ -1,7 +1,8 @@
 # Integration tests of rlb-bridge + rlb-worker + trainer ranks as processes on the tiny
 # model (bridge/, worker/daemon*.c); the reference for generation is `rlb generate`.
 # test_lora_bridge: the same with LoRA adapters, against checkpoints of merged weights.
-foreach(t test_bridge test_lora_bridge)
+# test_staged_loads: the load protocol of staged syncs, each side under a scripted peer.
+foreach(t test_bridge test_lora_bridge test_staged_loads)
   rlb_add_test(NAME ${t}
                SOURCES ${CMAKE_CURRENT_LIST_DIR}/${t}.c ${CMAKE_CURRENT_LIST_DIR}/bridge_harness.c
                LIBS rlb_bridge_core rlb_client_static rlb_worker Threads::Threads

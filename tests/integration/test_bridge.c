@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -39,8 +40,21 @@ static void check_generate(h_run *r, rlb_client *c, uint64_t v, uint32_t tp,
     assert_int_equal(h_check_greedy(r, c, v, tp, prompt, n, max_tokens), 0);
 }
 
-/* Syncs 20 versions from two trainer ranks and checks generation after each. Two prompts
- * are submitted at once so that both replicas serve when there are two. */
+/* Staged mode, after version v committed with no abort before it: every worker serves v
+ * from buffer v % 2 and keeps v - 1 in the other (the sync wrote only the buffer it did
+ * not serve), both checked element by element against the naive reference. Workers are
+ * r->workers[d * tp + t]. */
+static void check_staged_buffers(h_run *r, uint32_t replicas, uint32_t tp, uint64_t v)
+{
+    for (uint32_t i = 0; i < replicas * tp; i++)
+        for (uint64_t back = 0; back <= (v > 1); back++)
+            assert_int_equal(h_check_buffer(r->workers[i], (int)((v - back) % 2), i % tp, tp,
+                                            v - back), 0);
+}
+
+/* Syncs 20 versions from two trainer ranks and checks generation after each (and, staged,
+ * both buffers of every worker). Two prompts are submitted at once so that both replicas
+ * serve when there are two. */
 static void sync_versions(rlb_sync_mode mode, h_layout layout, uint32_t replicas, uint32_t tp)
 {
     h_run r;
@@ -63,6 +77,8 @@ static void sync_versions(rlb_sync_mode mode, h_layout layout, uint32_t replicas
         assert_int_equal(crc, 0);
         assert_int_equal(st.version, v);
         assert_true(st.bytes > 0);
+        if (mode == RLB_SYNC_STAGED)
+            check_staged_buffers(&r, replicas, tp, v);
         int32_t pa[3] = {(int32_t)(v % 200) + 1, 7, 42}, pb[2] = {3, (int32_t)(v % 100) + 5};
         rlb_sampling_params sp;
         rlb_sampling_params_init(&sp);
@@ -297,6 +313,112 @@ static void test_trainer_killed(void **state)
     assert_int_equal(h_stop(&r, NULL), 0);
 }
 
+typedef struct publish_job {
+    h_trainer *t;
+    uint64_t v;
+    int rc;
+} publish_job;
+
+static void *publish_main(void *arg)
+{
+    publish_job *j = arg;
+    j->rc = rlb_publish(j->t->c, j->v, NULL);
+    return NULL;
+}
+
+/* Fills and publishes v from both ranks; rank 0's publish runs in *th (joined by the
+ * caller, its result in j->rc). */
+static void publish_both(h_child *ch, h_trainer *t0, uint64_t v, publish_job *j, pthread_t *th)
+{
+    h_trainer_fill(t0, v);
+    assert_int_equal(h_child_publish(ch, v), 0);
+    *j = (publish_job){.t = t0, .v = v, .rc = -1};
+    assert_int_equal(pthread_create(th, NULL, publish_main, j), 0);
+}
+
+/* Buffer `buf` of worker pid (TP 1) holds version v; skips the test where the worker's
+ * memory cannot be read. */
+static void expect_buffer(pid_t pid, int buf, uint64_t v)
+{
+    int rc = h_check_buffer(pid, buf, 0, 1, v);
+    if (rc == 77)
+        skip();
+    assert_int_equal(rc, 0);
+}
+
+/* A staged worker slow to answer its loads (stopped): version 3 is copied into its free
+ * buffer 1 and loaded, then aborted (a trainer rank is killed), which sends it back to
+ * buffer 0. Both loads wait unanswered, and it may still switch to buffer 1 and read it,
+ * so version 4 must not be copied into it until the worker answered both: buffer 1 keeps
+ * version 3 until then. Once it runs again, version 4 lands in buffer 1 and commits, and
+ * buffer 0 keeps version 2 throughout. */
+static void test_staged_slow_ack(void **state)
+{
+    (void)state;
+    h_run r;
+    h_child ch;
+    h_trainer t0;
+    rlb_client *tool;
+    publish_job j;
+    pthread_t th;
+    int crc = -1;
+    setenv("RLB_PEER_TIMEOUT_MS", "10000", 1); /* the stopped worker stays in service */
+    assert_int_equal(h_start(&r, RLB_SYNC_STAGED), 0);
+    assert_int_equal(h_workers(&r, 1, 1), 0);
+    assert_int_equal(h_child_start(&r, &ch, 1, 2, H_FSDP2), 0);
+    assert_int_equal(h_trainer_open(&r, &t0, 0, 2, H_FSDP2), 0);
+    assert_int_equal(h_connect(&r, 0, 0, &tool), 0);
+    assert_int_equal(h_wait_workers(&r, tool, 1, 1), 0);
+    for (uint64_t v = 1; v <= 2; v++) {
+        publish_both(&ch, &t0, v, &j, &th);
+        pthread_join(th, NULL);
+        assert_int_equal(j.rc, 0);
+        assert_int_equal(h_child_result(&ch, &crc), 0);
+        assert_int_equal(crc, 0);
+    }
+    pid_t w = r.workers[0];
+    expect_buffer(w, 0, 2);
+    expect_buffer(w, 1, 1);
+
+    kill(w, SIGSTOP);
+    publish_both(&ch, &t0, 3, &j, &th);
+    assert_int_equal(h_wait_stat(tool, "loads_unanswered", 1, 10), 0); /* load(3, buffer 1) */
+    kill(ch.pid, SIGKILL);
+    waitpid(ch.pid, NULL, 0);
+    close(ch.to);
+    close(ch.from);
+    pthread_join(th, NULL);
+    assert_int_equal(j.rc, RLB_EABORTED);
+    assert_int_equal(h_wait_stat(tool, "loads_unanswered", 2, 10), 0); /* + load(2, buffer 0) */
+    expect_buffer(w, 1, 3);
+
+    assert_int_equal(h_child_start(&r, &ch, 1, 2, H_FSDP2), 0);
+    publish_both(&ch, &t0, 4, &j, &th);
+    usleep(500000); /* time to copy, had the bridge not waited for the answers */
+    assert_true(h_stat(tool, "syncs") == 2);
+    expect_buffer(w, 1, 3);
+    expect_buffer(w, 0, 2);
+    kill(w, SIGCONT);
+    pthread_join(th, NULL);
+    assert_int_equal(j.rc, 0);
+    assert_int_equal(h_child_result(&ch, &crc), 0);
+    assert_int_equal(crc, 0);
+    expect_buffer(w, 1, 4);
+    expect_buffer(w, 0, 2);
+    int32_t prompt[2] = {31, 32};
+    check_generate(&r, tool, 4, 1, prompt, 2, MAX_TOKENS);
+    assert_true(h_stat(tool, "loads_unanswered") == 0);
+    h_child_stop(&ch);
+    h_trainer_close(&t0);
+    assert_int_equal(h_stop(&r, tool), 0);
+}
+
+static int slow_ack_teardown(void **state)
+{
+    unsetenv("RLB_PEER_TIMEOUT_MS");
+    return h_teardown(state);
+}
+
 /* Malformed and misplaced messages get an ERROR; the sender and the others go on. */
 static void test_malformed(void **state)
 {
@@ -356,6 +478,7 @@ int main(void)
         cmocka_unit_test_teardown(test_sleep_wake, h_teardown),
         cmocka_unit_test_teardown(test_worker_killed, h_teardown),
         cmocka_unit_test_teardown(test_trainer_killed, h_teardown),
+        cmocka_unit_test_teardown(test_staged_slow_ack, slow_ack_teardown),
         cmocka_unit_test_teardown(test_malformed, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
