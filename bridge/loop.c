@@ -302,12 +302,13 @@ static void worker_welcomed(bridge *b, br_peer *p)
     if (r->tp_fd >= 0)
         close(r->tp_fd); /* every rank holds it now */
     r->tp_fd = -1;
-    if (b->committed == 0) {
+    if (b->committed == 0 && b->sync == BR_SYNC_IDLE) {
         br_replica_up(b, (int)p->hello.replica); /* every buffer holds the initial weights */
         return;
     }
-    /* Its buffers hold initial weights, not the committed version: it serves only once
-     * they do (br_heal_progress, or the next sync). */
+    /* Its buffers hold initial weights, not the committed version (nor the one in flight,
+     * which it is not a destination of): it serves only once they do (br_heal_progress,
+     * or the next sync). */
     r->state = BR_REP_JOINING;
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "replica %u formed; it joins once it holds version %" PRIu64,
                  p->hello.replica, b->committed);
