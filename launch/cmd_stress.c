@@ -249,6 +249,14 @@ static int spawn(stress *s, proc *p, char *const argv[], int pipes)
         if (pipes && (in < 0 || out < 0 || dup2(in, RLB_STRESS_CMD_FD) < 0 ||
                       dup2(out, RLB_STRESS_REC_FD) < 0))
             _exit(1);
+        /* A role starts with SIGTERM blocked and unblocks it once its handler is in place
+         * (rlb__stress_role_parse): the stop's SIGTERM to a role started moments before
+         * then asks it to finish instead of killing it. */
+        sigset_t term;
+        sigemptyset(&term);
+        sigaddset(&term, SIGTERM);
+        if (pipes)
+            sigprocmask(SIG_BLOCK, &term, NULL);
         execv(argv[0], argv);
         _exit(127);
     }

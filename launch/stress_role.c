@@ -45,6 +45,10 @@ int rlb__stress_role_parse(int argc, char **argv, rlb_stress_role_opts *o)
     struct sigaction sa = {.sa_handler = on_term};
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
+    sigset_t term; /* blocked by the supervisor until now (cmd_stress.c spawn) */
+    sigemptyset(&term);
+    sigaddset(&term, SIGTERM);
+    sigprocmask(SIG_UNBLOCK, &term, NULL);
     return 0;
 }
 
