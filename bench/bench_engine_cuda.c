@@ -107,7 +107,7 @@ static void fill_weights(rlb_ebackend *b, uint64_t bytes)
             chunk[i] = (uint16_t)(u >> 16);
         }
     }
-    char *d = rlb__cuda_backend_weights(b);
+    char *d = rlb__cuda_backend_weights(b, 0);
     for (uint64_t off = 0; off < bytes; off += FILL_BYTES) {
         uint64_t n = bytes - off < FILL_BYTES ? bytes - off : FILL_BYTES;
         if (cudaMemcpy(d + off, chunk, n, cudaMemcpyHostToDevice) != cudaSuccess)

@@ -337,9 +337,12 @@ static void on_hello(bridge *b, br_peer *p, const rlb_msg_hello *h)
     }
     p->role = (int)h->role;
     p->hello = *h;
+    const char *device = p->role != RLB_ROLE_WORKER        ? ""
+                         : h->device == RLB_DEVICE_CUDA ? " (GPU)"
+                                                        : " (CPU)";
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "peer %u (pid %d) is %s %u of %u%s", p->id,
                  (int)rlb__conn_peer_pid(p->conn), role_name(p->role), h->rank, h->world,
-                 p->role == RLB_ROLE_WORKER ? " (CPU)" : "");
+                 device);
     rlb_msg m = {.type = RLB_MSG_WELCOME, .welcome = {.abi_version = RLB_ABI_VERSION,
                                                       .peer_id = p->id,
                                                       .weight_version = b->committed}};

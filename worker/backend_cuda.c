@@ -6,6 +6,14 @@
  * the options allow, and `begin` copies the batch's metadata into those buffers (pinned
  * staging, one cudaMemcpyAsync). So a decode step captured in a CUDA graph replays against
  * any later batch of its bucket: the graph holds only addresses and the bucket's sizes.
+ *
+ * Staged syncs (opts.weight_buffers 2): a second weight buffer, allocated and exportable
+ * like the first, which the bridge writes while the first serves. set_weights of either
+ * buffer's address switches the forward pass to it: post-load processing runs from it into
+ * the one set of post-load copies, then the decode graphs, which hold the old buffer's
+ * addresses, are dropped and captured again on first use (re-capture was chosen over a
+ * device-side table of weight pointers, which every kernel would have to read through: a
+ * switch happens once per version, a capture costs one step per bucket).
  * A decode batch is padded to its bucket with rows at position -1 (they see no key and
  * their slot -1 stores nothing) whose spans have one row and whose logits are never read.
  *
@@ -143,11 +151,13 @@ typedef struct cuda_backend {
     float eps, attn_scale;
     int T, rank;
 
-    vmm_region wreg;          /* weights */
-    vmm_region qreg;          /* post-load copies */
+    vmm_region wreg[2];       /* weight buffers: one, or two for staged syncs */
+    int n_wreg;               /* weight buffers allocated */
+    int live;                 /* the one the forward pass reads */
+    vmm_region qreg;          /* post-load copies (of the live buffer) */
     const void *host_weights; /* bound host copy, or NULL */
     wq_copy *wq;              /* [(n_layers + 1) * RLB_W_KIND_COUNT_] (q NULL: none) */
-    rlb_cuda_quant *qset;
+    rlb_cuda_quant *qset[2];  /* post-load processing from weight buffer i into qreg */
     int weights_asleep;
 
     void *buf[RLB_EBUF_COUNT_];
@@ -354,10 +364,17 @@ static int step_fail(cuda_backend *c, int rc)
 
 /* ---- Weights ------------------------------------------------------------------------------- */
 
-static const void *wptr(const cuda_backend *c, rlb_wkind kind, int layer)
+/* The weight of (kind, layer) in weight buffer `buf`, or NULL. */
+static const void *wptr_in(const cuda_backend *c, int buf, rlb_wkind kind, int layer)
 {
     const rlb_local_tensor *t = rlb__tp_layout_find(c->base.layout, kind, layer);
-    return t ? (const void *)(uintptr_t)(c->wreg.va + t->offset) : NULL;
+    return t ? (const void *)(uintptr_t)(c->wreg[buf].va + t->offset) : NULL;
+}
+
+/* The weight of (kind, layer) the forward pass reads. */
+static const void *wptr(const cuda_backend *c, rlb_wkind kind, int layer)
+{
+    return wptr_in(c, c->live, kind, layer);
 }
 
 static wq_copy *wq_of(cuda_backend *c, rlb_wkind kind, int layer)
@@ -385,7 +402,8 @@ static int64_t quant_targets(const cuda_backend *c, rlb_wkind *kinds, int *layer
     return n;
 }
 
-/* Lays out the post-load copies in a second VMM region and describes the quant set. */
+/* Lays out the post-load copies in a VMM region of their own and describes one quant set
+ * per weight buffer, each writing the same copies. */
 static int quant_setup(cuda_backend *c)
 {
     const int64_t n_max = 4 * c->n_layers + 1;
@@ -414,8 +432,8 @@ static int quant_setup(cuda_backend *c)
                 continue;
             *w = (wq_copy){(void *)(uintptr_t)(c->qreg.va + qoff),
                            (float *)(uintptr_t)(c->qreg.va + soff), t->rows, t->cols};
-            qt[i] = (rlb_cuda_quant_tensor){wptr(c, kinds[i], layers[i]), c->dt, t->rows,
-                                            t->cols, qk, w->q, w->scale};
+            qt[i] = (rlb_cuda_quant_tensor){NULL, c->dt, t->rows, t->cols, qk, w->q,
+                                            w->scale};
         }
         if (pass == 0) {
             bytes = off;
@@ -423,8 +441,12 @@ static int quant_setup(cuda_backend *c)
                 goto out;
         }
     }
-    char err[256];
-    rc = rlb__cuda_quant_create(c->device, qt, (uint32_t)n, &c->qset, err, sizeof err);
+    for (int b = 0; b < c->n_wreg && rc == 0; b++) {
+        char err[256];
+        for (int64_t i = 0; i < n; i++)
+            qt[i].w = wptr_in(c, b, kinds[i], layers[i]);
+        rc = rlb__cuda_quant_create(c->device, qt, (uint32_t)n, &c->qset[b], err, sizeof err);
+    }
 out:
     free(kinds);
     free(layers);
@@ -435,7 +457,7 @@ out:
 static int upload(cuda_backend *c, const void *host)
 {
     int rc = 0;
-    RLB_CUDA_CHECK(cudaMemcpyAsync((void *)(uintptr_t)c->wreg.va, host,
+    RLB_CUDA_CHECK(cudaMemcpyAsync((void *)(uintptr_t)c->wreg[c->live].va, host,
                                    c->base.layout->total_bytes, cudaMemcpyHostToDevice,
                                    c->stream),
                    rc, out);
@@ -443,18 +465,25 @@ out:
     return rc;
 }
 
-static int do_postload(cuda_backend *c)
+/* Post-load processing from weight buffer `buf` (the bound host copy uploaded into the
+ * live buffer first), waited for. */
+static int postload_from(cuda_backend *c, int buf)
 {
     int rc = 0;
     if (c->weights_asleep)
         return RLB_EINVAL;
     if (c->host_weights && (rc = upload(c, c->host_weights)))
         return rc;
-    if (c->qset && (rc = rlb__cuda_quant_run(c->qset, c->stream)))
+    if (c->qset[buf] && (rc = rlb__cuda_quant_run(c->qset[buf], c->stream)))
         return rc;
     RLB_CUDA_CHECK(cudaStreamSynchronize(c->stream), rc, out);
 out:
     return rc;
+}
+
+static int do_postload(cuda_backend *c)
+{
+    return postload_from(c, c->live);
 }
 
 static int be_postload(rlb_ebackend *b)
@@ -462,12 +491,48 @@ static int be_postload(rlb_ebackend *b)
     return do_postload(cb(b));
 }
 
+/* Drops every captured decode graph (they hold the addresses of the weights they read);
+ * each is captured again on its bucket's next step. */
+static void drop_graphs(cuda_backend *c)
+{
+    for (int64_t i = 0; i < MAX_BUCKETS; i++)
+        if (c->graphs[i]) {
+            cudaGraphExecDestroy(c->graphs[i]);
+            c->graphs[i] = NULL;
+        }
+}
+
+/* Makes weight buffer `buf` the one the forward pass reads (a staged sync's switch): its
+ * post-load processing runs first, into the one set of post-load copies (the engine
+ * switches only between steps, so nothing reads them meanwhile); then the decode graphs,
+ * which hold the previous buffer's addresses, are dropped. On failure the live buffer
+ * stays, but its copies may be half rewritten: the caller binds it again (set_weights of
+ * the live buffer runs its post-load processing anew). */
+static int switch_weights(cuda_backend *c, int buf)
+{
+    int rc = postload_from(c, buf);
+    if (rc)
+        return rc;
+    if (buf != c->live) {
+        c->live = buf;
+        drop_graphs(c);
+    }
+    return 0;
+}
+
+/* `weights` is one of the backend's own weight buffers (a device address): the forward
+ * pass switches to it; anything else is a host copy of the layout, bound and uploaded into
+ * the live buffer at every post-load processing. */
 static int be_set_weights(rlb_ebackend *b, const void *weights)
 {
+    cuda_backend *c = cb(b);
     if (!weights)
         return RLB_EINVAL;
-    cb(b)->host_weights = weights;
-    return do_postload(cb(b));
+    for (int i = 0; i < c->n_wreg; i++)
+        if ((uintptr_t)weights == c->wreg[i].va)
+            return switch_weights(c, i);
+    c->host_weights = weights;
+    return do_postload(c);
 }
 
 /* ---- GEMM ---------------------------------------------------------------------------------- */
@@ -1199,7 +1264,8 @@ static int be_weights_sleep(rlb_ebackend *b)
     int rc = sync_step(c);
     if (rc)
         return rc;
-    vmm_unmap(&c->wreg);
+    for (int i = 0; i < c->n_wreg; i++)
+        vmm_unmap(&c->wreg[i]);
     vmm_unmap(&c->qreg);
     c->weights_asleep = 1;
     return 0;
@@ -1211,10 +1277,14 @@ static int be_weights_wake(rlb_ebackend *b)
     int rc;
     if (!c->weights_asleep)
         return 0;
-    if ((rc = vmm_map(&c->wreg, c->device)))
-        return rc;
-    if (c->qreg.va && (rc = vmm_map(&c->qreg, c->device))) {
-        vmm_unmap(&c->wreg);
+    int mapped = 0;
+    while (mapped < c->n_wreg && (rc = vmm_map(&c->wreg[mapped], c->device)) == 0)
+        mapped++;
+    if (mapped == c->n_wreg && c->qreg.va)
+        rc = vmm_map(&c->qreg, c->device);
+    if (rc) {
+        while (mapped > 0)
+            vmm_unmap(&c->wreg[--mapped]);
         return rc;
     }
     c->weights_asleep = 0;
@@ -1245,7 +1315,8 @@ static void be_destroy(rlb_ebackend *b)
     if (c->nccl)
         ncclCommDestroy(c->nccl);
 #endif
-    rlb__cuda_quant_free(c->qset);
+    for (int i = 0; i < 2; i++)
+        rlb__cuda_quant_free(c->qset[i]);
     for (int i = 0; i < RLB_EBUF_COUNT_; i++)
         cudaFree(c->buf[i]);
     cudaFree(c->hsel);
@@ -1269,7 +1340,8 @@ static void be_destroy(rlb_ebackend *b)
         cudaStreamDestroy(c->stream);
     for (int i = 0; i < MAX_KV_REGIONS; i++)
         vmm_free(&c->kvreg[i]);
-    vmm_free(&c->wreg);
+    for (int i = 0; i < 2; i++)
+        vmm_free(&c->wreg[i]);
     vmm_free(&c->qreg);
     rlb__sample_ws_free(&c->ws);
     free(c->wq);
@@ -1510,10 +1582,12 @@ int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weig
         goto err_inv;
     RLB_CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), rc, err_inv);
     RLB_CUDA_CHECK(cudaEventCreateWithFlags(&c->meta_done, cudaEventDisableTiming), rc, err_inv);
-    if ((rc = check_free("the weights", layout->total_bytes)))
+    c->n_wreg = opts->weight_buffers > 1 ? 2 : 1;
+    if ((rc = check_free("the weights", (uint64_t)c->n_wreg * layout->total_bytes)))
         goto err_inv;
-    if ((rc = vmm_alloc(&c->wreg, layout->total_bytes, c->device)))
-        goto err_inv;
+    for (int i = 0; i < c->n_wreg; i++)
+        if ((rc = vmm_alloc(&c->wreg[i], layout->total_bytes, c->device)))
+            goto err_inv;
     if (opts->quant != RLB_QUANT_NONE && (rc = quant_setup(c)))
         goto err_inv;
     if ((rc = alloc_step_buffers(c, &act_bytes)))
@@ -1530,11 +1604,12 @@ int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weig
     size_t free_b = 0, total = 0;
     cudaMemGetInfo(&free_b, &total);
     RLB_LOG_INFO(RLB_SUB_ENGINE,
-                 "CUDA backend on device %d, rank %d of %d: weights %.1f MiB (%s), post-load "
-                 "copies %.1f MiB, step buffers %.1f MiB for %lld rows / %lld spans / %lld "
-                 "logits rows, cuBLASLt workspace %u MiB, decode graphs %s (%lld buckets up "
-                 "to %lld, captured on first use); %.1f MiB free of %.1f MiB for the KV cache",
-                 c->device, c->rank, c->T, (double)c->wreg.size / (1 << 20),
+                 "CUDA backend on device %d, rank %d of %d: weights %d x %.1f MiB (%s), "
+                 "post-load copies %.1f MiB, step buffers %.1f MiB for %lld rows / %lld spans "
+                 "/ %lld logits rows, cuBLASLt workspace %u MiB, decode graphs %s (%lld "
+                 "buckets up to %lld, captured on first use); %.1f MiB free of %.1f MiB for "
+                 "the KV cache", c->device, c->rank, c->T, c->n_wreg,
+                 (double)c->wreg[0].size / (1 << 20),
                  rlb_dtype_name(c->dt), (double)c->qreg.size / (1 << 20),
                  (double)act_bytes / (1 << 20), (long long)c->R, (long long)c->S,
                  (long long)c->O, LT_WORKSPACE >> 20, opts->graphs ? "on" : "off",
@@ -1553,9 +1628,10 @@ err:
     return rc;
 }
 
-void *rlb__cuda_backend_weights(rlb_ebackend *b)
+void *rlb__cuda_backend_weights(rlb_ebackend *b, int buffer)
 {
-    return (void *)(uintptr_t)cb(b)->wreg.va;
+    cuda_backend *c = cb(b);
+    return buffer >= 0 && buffer < c->n_wreg ? (void *)(uintptr_t)c->wreg[buffer].va : NULL;
 }
 
 int rlb__cuda_backend_upload(rlb_ebackend *b, const void *host)
@@ -1573,16 +1649,17 @@ int rlb__cuda_backend_upload(rlb_ebackend *b, const void *host)
     return rc;
 }
 
-int rlb__cuda_backend_export_fd(rlb_ebackend *b, int *fd, uint64_t *bytes)
+int rlb__cuda_backend_export_fd(rlb_ebackend *b, int buffer, int *fd, uint64_t *bytes)
 {
     cuda_backend *c = cb(b);
     int rc = 0;
-    if (!c->wreg.mapped || !c->wreg.exportable)
+    if (buffer < 0 || buffer >= c->n_wreg)
+        return RLB_EINVAL;
+    const vmm_region *r = &c->wreg[buffer];
+    if (!r->mapped || !r->exportable)
         return RLB_EUNSUPPORTED;
-    RLB_CU_CHECK(drv.export_fd(fd, c->wreg.h,
-                                              CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
-                 rc, out);
-    *bytes = c->wreg.size;
+    RLB_CU_CHECK(drv.export_fd(fd, r->h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0), rc, out);
+    *bytes = r->size;
 out:
     return rc;
 }

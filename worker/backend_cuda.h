@@ -4,12 +4,15 @@
  * sizing the KV cache from the free device memory (vLLM's gpu_memory_utilization).
  *
  * Weights live in one allocation of the driver's VMM API at a fixed virtual address, in the
- * buffer layout of model/tp_layout.h (dtype bf16, fp16 or fp32: the layout's). Post-load
- * copies (int8 weight-only, fp8 e4m3 per tensor or per channel, weight-only on the GPU's
- * dequantizing matmul) sit in a second fixed allocation; KV storage (through kv_mem) in
- * more. Sleep unmaps the physical memory and keeps the addresses, so captured decode graphs
- * stay valid across sleep / wake and weight loads. The driver's VMM functions are looked up
- * at run time, not linked, so programs load (and GPU tests skip) where no driver is.
+ * buffer layout of model/tp_layout.h (dtype bf16, fp16 or fp32: the layout's); for staged
+ * syncs in two such allocations, the forward pass reading one while the bridge writes the
+ * other (set_weights switches, dropping the decode graphs, which are captured again).
+ * Post-load copies (int8 weight-only, fp8 e4m3 per tensor or per channel, weight-only on
+ * the GPU's dequantizing matmul) sit in one more fixed allocation; KV storage (through
+ * kv_mem) in more. Sleep unmaps the physical memory and keeps the addresses, so captured
+ * decode graphs stay valid across sleep / wake and in-place weight loads. The driver's VMM
+ * functions are looked up at run time, not linked, so programs load (and GPU tests skip)
+ * where no driver is.
  */
 #ifndef RLB_WORKER_BACKEND_CUDA_H
 #define RLB_WORKER_BACKEND_CUDA_H
@@ -35,6 +38,8 @@ typedef struct rlb_cuda_backend_opts {
                                  * the decode GEMV (benchmarks compare the two) */
     int32_t batch_invariant;    /* 1: a sequence's logits are bitwise the same whatever else
                                  * is in the step (see backend_cuda.c) */
+    int32_t weight_buffers;     /* 2: a second weight buffer for staged syncs, allocated and
+                                 * exportable like the first (<= 1: one) */
 } rlb_cuda_backend_opts;
 
 #define RLB_CUDA_BACKEND_OPTS_INIT {.struct_size = sizeof(rlb_cuda_backend_opts), .graphs = 1}
@@ -49,15 +54,17 @@ typedef struct rlb_cuda_backend_opts {
 int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weights,
                               const rlb_cuda_backend_opts *opts, rlb_ebackend **out);
 
-/* The device weights (layout->total_bytes at a fixed address). */
-void *rlb__cuda_backend_weights(rlb_ebackend *b);
-/* Copies a host buffer of the layout into the device weights and runs post-load
- * processing (the host buffer is not kept). Returns 0, RLB_EINVAL or RLB_ECUDA. */
+/* Device weight buffer `buffer` (layout->total_bytes at a fixed address; set_weights of
+ * this address makes the forward pass read it), or NULL when there is no such buffer. */
+void *rlb__cuda_backend_weights(rlb_ebackend *b, int buffer);
+/* Copies a host buffer of the layout into the device weights the forward pass reads and
+ * runs post-load processing (the host buffer is not kept). Returns 0, RLB_EINVAL or
+ * RLB_ECUDA. */
 int rlb__cuda_backend_upload(rlb_ebackend *b, const void *host);
-/* A POSIX fd of the weights' physical memory (cuMemExportToShareableHandle) and its size;
- * the caller owns the fd. RLB_EUNSUPPORTED where the memory was made without an fd handle
- * type, RLB_ECUDA. */
-int rlb__cuda_backend_export_fd(rlb_ebackend *b, int *fd, uint64_t *bytes);
+/* A POSIX fd of weight buffer `buffer`'s physical memory (cuMemExportToShareableHandle) and
+ * its size; the caller owns the fd. RLB_EINVAL (no such buffer), RLB_EUNSUPPORTED where the
+ * memory was made without an fd handle type, RLB_ECUDA. */
+int rlb__cuda_backend_export_fd(rlb_ebackend *b, int buffer, int *fd, uint64_t *bytes);
 /* Bytes the KV cache may take: util * total device memory minus what is in use now (after
  * the weights and buffers), 0 when nothing is left. */
 uint64_t rlb__cuda_backend_kv_budget(rlb_ebackend *b, double gpu_memory_utilization);

@@ -68,6 +68,7 @@ int rlb__backend_open(const rlb_tp_layout *layout, const void *weights, rlb_tp_c
     o.batch_invariant = c->batch_invariant;
     o.max_batch_tokens = c->max_batch_tokens;
     o.max_seqs = c->max_seqs;
+    o.weight_buffers = c->weight_buffers;
     if (layout->tp_size > 1) {
         snprintf(err, errlen, "CUDA backend: TP size %d needs the NCCL unique id from the "
                  "bridge, which is not wired up yet (TP 1 only)", layout->tp_size);
@@ -93,8 +94,8 @@ int rlb__backend_open(const rlb_tp_layout *layout, const void *weights, rlb_tp_c
 #endif
 }
 
-int rlb__backend_export_weights(rlb_ebackend *b, const rlb_backend_choice *c, int *fd,
-                                uint64_t *bytes, uint8_t uuid[16])
+int rlb__backend_export_weights(rlb_ebackend *b, const rlb_backend_choice *c, int buffer,
+                                int *fd, uint64_t *bytes, uint8_t uuid[16])
 {
 #ifdef RLB_HAVE_CUDA
     if (strcmp(b->iface->name, "cuda") != 0)
@@ -103,9 +104,19 @@ int rlb__backend_export_weights(rlb_ebackend *b, const rlb_backend_choice *c, in
     if (cudaGetDeviceProperties(&prop, c->cuda_device) != cudaSuccess)
         return RLB_ECUDA;
     memcpy(uuid, &prop.uuid, 16);
-    return rlb__cuda_backend_export_fd(b, fd, bytes);
+    return rlb__cuda_backend_export_fd(b, buffer, fd, bytes);
 #else
-    (void)b, (void)c, (void)fd, (void)bytes, (void)uuid;
+    (void)b, (void)c, (void)buffer, (void)fd, (void)bytes, (void)uuid;
     return RLB_EUNSUPPORTED;
 #endif
+}
+
+const void *rlb__backend_weight_buffer(rlb_ebackend *b, int buffer)
+{
+#ifdef RLB_HAVE_CUDA
+    if (strcmp(b->iface->name, "cuda") == 0)
+        return rlb__cuda_backend_weights(b, buffer);
+#endif
+    (void)b, (void)buffer;
+    return NULL;
 }

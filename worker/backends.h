@@ -30,6 +30,8 @@ typedef struct rlb_backend_choice {
     double gpu_memory_utilization; /* CUDA: share of the GPU the worker may fill (0.9) */
     int64_t max_batch_tokens;      /* the engine's step size (sizes the CUDA buffers) */
     int64_t max_seqs;              /* the engine's running sequences at most */
+    int weight_buffers;            /* CUDA: 2 for staged syncs (a second device buffer, in
+                                      the memory gpu_memory_utilization shares out); else 1 */
 } rlb_backend_choice;
 
 #define RLB_BACKEND_CHOICE_INIT                                                           \
@@ -53,9 +55,12 @@ rlb_dtype rlb__backend_weight_dtype(const rlb_backend_choice *c);
 int rlb__backend_open(const rlb_tp_layout *layout, const void *weights, rlb_tp_comm *comm,
                       const rlb_backend_choice *c, rlb_ebackend **out, uint64_t *kv_budget,
                       char *err, size_t errlen);
-/* CUDA: a POSIX fd of the device weights' memory for the bridge (CUDA_VMM_FD), its size
- * and the uuid of GPU c->cuda_device. RLB_EUNSUPPORTED on the CPU backend. */
-int rlb__backend_export_weights(rlb_ebackend *b, const rlb_backend_choice *c, int *fd,
-                                uint64_t *bytes, uint8_t uuid[16]);
+/* CUDA: a POSIX fd of device weight buffer `buffer`'s memory for the bridge (CUDA_VMM_FD),
+ * its size and the uuid of GPU c->cuda_device. RLB_EUNSUPPORTED on the CPU backend. */
+int rlb__backend_export_weights(rlb_ebackend *b, const rlb_backend_choice *c, int buffer,
+                                int *fd, uint64_t *bytes, uint8_t uuid[16]);
+/* CUDA: the device address of weight buffer `buffer` (what set_weights takes to switch to
+ * it), or NULL (no such buffer, or the CPU backend, whose buffers the caller owns). */
+const void *rlb__backend_weight_buffer(rlb_ebackend *b, int buffer);
 
 #endif /* RLB_WORKER_BACKENDS_H */

@@ -205,13 +205,11 @@ static int make_buffer(wk *w, int i, uint32_t id)
 }
 
 /* The GPU path of start-up: the CUDA backend over the checkpoint's weights (zeros for a
- * model whose weights come with the first sync), its device weights passed to the bridge
- * as a VMM segment. */
+ * model whose weights come with the first sync), each of its device weight buffers (two
+ * for staged syncs) passed to the bridge as a VMM segment. */
 static int open_gpu(wk *w, const char *dir, char *err, size_t errlen)
 {
-    if (w->staged)
-        return snprintf(err, errlen, "the bridge runs staged syncs; GPU workers run pause "
-                        "syncs only for now"), RLB_EUNSUPPORTED;
+    w->choice.weight_buffers = w->staged ? 2 : 1;
     void *host = calloc(1, (size_t)w->layout.total_bytes);
     if (!host)
         return snprintf(err, errlen, "no host memory to stage %llu weight bytes",
@@ -231,19 +229,26 @@ static int open_gpu(wk *w, const char *dir, char *err, size_t errlen)
                    RLB_ENOMEM;
         w->eopts.kv_bytes = budget;
     }
-    int fd = -1;
-    uint64_t bytes = 0;
-    if ((rc = rlb__backend_export_weights(w->gpu, &w->choice, &fd, &bytes, w->uuid)) < 0)
-        return snprintf(err, errlen, "cannot export the device weights: %s",
-                        rlb_strerror(rc)), rc;
-    /* One chunk: the segment header followed by its size (segmsg.h). */
-    struct {
-        rlb__seg_msg sm;
-        uint64_t chunk;
-    } m = {{.magic = RLB_SEG_MAGIC_VMM, .id = RLB_SEG_ID_WEIGHTS, .bytes = bytes}, bytes};
-    rc = rlb__conn_send_fds(w->conn, &m, sizeof(m), &fd, 1);
-    close(fd);
-    return rc;
+    for (int i = 0; i < w->choice.weight_buffers; i++) {
+        int fd = -1;
+        uint64_t bytes = 0;
+        if ((rc = rlb__backend_export_weights(w->gpu, &w->choice, i, &fd, &bytes,
+                                              w->uuid)) < 0)
+            return snprintf(err, errlen, "cannot export device weight buffer %d: %s", i,
+                            rlb_strerror(rc)), rc;
+        /* One chunk: the segment header followed by its size (segmsg.h). */
+        struct {
+            rlb__seg_msg sm;
+            uint64_t chunk;
+        } m = {{.magic = RLB_SEG_MAGIC_VMM, .id = RLB_SEG_ID_WEIGHTS + (uint32_t)i,
+                .bytes = bytes}, bytes};
+        rc = rlb__conn_send_fds(w->conn, &m, sizeof(m), &fd, 1);
+        close(fd);
+        if (rc < 0)
+            return rc;
+        w->weights[i] = rlb__backend_weight_buffer(w->gpu, i);
+    }
+    return 0;
 }
 
 /* Maps the TP communicator the bridge passed and attaches our rank. */
