@@ -4,8 +4,10 @@
  * FSDP1 ranks), the CUDA executor copies their shards into the worker's VMM weights (which
  * the worker exported as an fd), the worker runs post-load processing and the version
  * commits; the greedy tokens it then generates must equal `rlb generate --device cpu` on a
- * checkpoint of the same weights, stamped with the version. Also: a GPU worker in a staged
- * bridge is refused with a sentence, not a crash. Exits 77 where no GPU is visible.
+ * checkpoint of the same weights, stamped with the version. Staged: the bridge writes the
+ * worker's second device buffer while the first serves; a long request running across the
+ * sync is served whole by the old version, what follows the commit by the new one, both
+ * against the CPU reference. Exits 77 where no GPU is visible.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -23,34 +25,53 @@
 
 #define VERSIONS 6
 #define MAX_TOKENS 8
+#define LONG_TOKENS 256 /* a request that outlasts a sync */
+
+static const int32_t prompt[3] = {5, 17, 42};
+
+/* A bridge in `mode`, one GPU worker, trainer rank 1 in a child and rank 0 here. */
+static void start_gpu(h_run *r, rlb_sync_mode mode, h_layout layout, h_child *ch, h_trainer *t0)
+{
+    h_worker_device = RLB_DEVICE_CUDA;
+    assert_int_equal(h_start(r, mode), 0);
+    assert_int_equal(h_workers(r, 1, 1), 0);
+    assert_int_equal(h_child_start(r, ch, 1, 2, layout), 0);
+    assert_int_equal(h_trainer_open(r, t0, 0, 2, layout), 0);
+    assert_int_equal(h_wait_workers(r, t0->c, 1, 1), 0);
+}
+
+/* Both ranks publish version v; it must commit. */
+static void publish_version(h_child *ch, h_trainer *t0, uint64_t v)
+{
+    h_trainer_fill(t0, v);
+    assert_int_equal(h_child_publish(ch, v), 0);
+    rlb_sync_stats st = {.struct_size = sizeof(st)};
+    int rc = rlb_publish(t0->c, v, &st), crc = -1;
+    if (rc)
+        fprintf(stderr, "publish %llu: %s\n", (unsigned long long)v, rlb_last_error(t0->c));
+    assert_int_equal(rc, 0);
+    assert_int_equal(h_child_result(ch, &crc), 0);
+    assert_int_equal(crc, 0);
+}
+
+static void stop_gpu(h_run *r, h_child *ch, h_trainer *t0)
+{
+    h_child_stop(ch);
+    h_trainer_close(t0);
+    assert_int_equal(h_stop(r, NULL), 0);
+}
 
 static void sync_on_gpu(h_layout layout)
 {
-    static const int32_t prompt[3] = {5, 17, 42};
     h_run r;
     h_child ch;
     h_trainer t0;
-    h_worker_device = RLB_DEVICE_CUDA;
-    assert_int_equal(h_start(&r, RLB_SYNC_PAUSE), 0);
-    assert_int_equal(h_workers(&r, 1, 1), 0);
-    assert_int_equal(h_child_start(&r, &ch, 1, 2, layout), 0);
-    assert_int_equal(h_trainer_open(&r, &t0, 0, 2, layout), 0);
-    assert_int_equal(h_wait_workers(&r, t0.c, 1, 1), 0);
+    start_gpu(&r, RLB_SYNC_PAUSE, layout, &ch, &t0);
     for (uint64_t v = 1; v <= VERSIONS; v++) {
-        h_trainer_fill(&t0, v);
-        assert_int_equal(h_child_publish(&ch, v), 0);
-        rlb_sync_stats st = {.struct_size = sizeof(st)};
-        int rc = rlb_publish(t0.c, v, &st), crc = -1;
-        if (rc)
-            fprintf(stderr, "publish %llu: %s\n", (unsigned long long)v, rlb_last_error(t0.c));
-        assert_int_equal(rc, 0);
-        assert_int_equal(h_child_result(&ch, &crc), 0);
-        assert_int_equal(crc, 0);
+        publish_version(&ch, &t0, v);
         assert_int_equal(h_check_greedy(&r, t0.c, v, 1, prompt, 3, MAX_TOKENS), 0);
     }
-    h_child_stop(&ch);
-    h_trainer_close(&t0);
-    assert_int_equal(h_stop(&r, NULL), 0);
+    stop_gpu(&r, &ch, &t0);
 }
 
 static void test_fsdp2(void **state)
@@ -63,19 +84,48 @@ static void test_fsdp1(void **state)
     sync_on_gpu(H_FSDP1);
 }
 
-/* A staged bridge refuses a GPU worker (it would need a second device buffer), and the
- * worker exits with an error instead of hanging. */
-static void test_staged_refused(void **state)
+/* Staged syncs into a GPU worker: for each version v after the first, a long greedy
+ * request is submitted on v - 1, then v is published. The worker's load waits for the
+ * request, so the request is done by the time v commits: its result is already there when
+ * the publish returns, stamped v - 1, with v - 1's reference tokens (the bridge wrote the
+ * other device buffer meanwhile, and the switch came after). What follows the commit is
+ * served by v, against v's reference. */
+static void test_staged(void **state)
 {
     h_run r;
-    h_worker_device = RLB_DEVICE_CUDA;
-    assert_int_equal(h_start(&r, RLB_SYNC_STAGED), 0);
-    pid_t pid = h_worker(&r, 0, 1, 0, 1);
-    assert_true(pid > 0);
-    assert_int_equal(h_reap_worker(&r, r.n_workers - 1, 20), 0);
-    rlb_client *tool = NULL;
-    assert_int_equal(h_connect(&r, 0, 1, &tool), 0); /* a trainer rank may shut it down */
-    assert_int_equal(h_stop(&r, tool), 0);
+    h_child ch;
+    h_trainer t0;
+    start_gpu(&r, RLB_SYNC_STAGED, H_FSDP2, &ch, &t0);
+    publish_version(&ch, &t0, 1);
+    assert_int_equal(h_check_greedy(&r, t0.c, 1, 1, prompt, 3, MAX_TOKENS), 0);
+    int32_t want[LONG_TOKENS];
+    for (uint64_t v = 2; v <= VERSIONS; v++) {
+        rlb_sampling_params sp;
+        rlb_sampling_params_init(&sp);
+        sp.temperature = 0;
+        sp.max_tokens = LONG_TOKENS;
+        rlb_prompt p = {prompt, 3};
+        rlb_generate_request req;
+        rlb_generate_request_init(&req);
+        req.prompts = &p;
+        req.n_prompts = 1;
+        req.sampling = &sp;
+        req.min_weight_version = v - 1;
+        rlb_ticket tk;
+        rlb_result *res = NULL;
+        assert_int_equal(rlb_generate_submit(t0.c, &req, &tk), 0);
+        publish_version(&ch, &t0, v);
+        assert_int_equal(rlb_generate_poll(t0.c, tk, &res), 0);
+        const rlb_sample *s = rlb_result_sample(res, 0);
+        assert_int_equal(s->weight_version, v - 1);
+        int n = h_reference(&r, v - 1, 1, prompt, 3, LONG_TOKENS, want, LONG_TOKENS);
+        assert_int_equal(n, (int)s->n_tokens);
+        assert_memory_equal(want, s->tokens, sizeof(int32_t) * (size_t)n);
+        rlb_result_free(res);
+        assert_int_equal(h_check_greedy(&r, t0.c, v, 1, prompt, 3, MAX_TOKENS), 0);
+    }
+    assert_true(h_stat(t0.c, "aborts") == 0);
+    stop_gpu(&r, &ch, &t0);
 }
 
 /* 1 when a GPU is visible, asked in a child: CUDA must not be initialized in this process,
@@ -96,7 +146,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_fsdp2, h_teardown),
         cmocka_unit_test_teardown(test_fsdp1, h_teardown),
-        cmocka_unit_test_teardown(test_staged_refused, h_teardown),
+        cmocka_unit_test_teardown(test_staged, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
