@@ -100,20 +100,9 @@ static void test_staged(void **state)
     assert_int_equal(h_check_greedy(&r, t0.c, 1, 1, prompt, 3, MAX_TOKENS), 0);
     int32_t want[LONG_TOKENS];
     for (uint64_t v = 2; v <= VERSIONS; v++) {
-        rlb_sampling_params sp;
-        rlb_sampling_params_init(&sp);
-        sp.temperature = 0;
-        sp.max_tokens = LONG_TOKENS;
-        rlb_prompt p = {prompt, 3};
-        rlb_generate_request req;
-        rlb_generate_request_init(&req);
-        req.prompts = &p;
-        req.n_prompts = 1;
-        req.sampling = &sp;
-        req.min_weight_version = v - 1;
         rlb_ticket tk;
         rlb_result *res = NULL;
-        assert_int_equal(rlb_generate_submit(t0.c, &req, &tk), 0);
+        assert_int_equal(h_submit(t0.c, prompt, 3, LONG_TOKENS, v - 1, &tk), 0);
         publish_version(&ch, &t0, v);
         assert_int_equal(rlb_generate_poll(t0.c, tk, &res), 0);
         const rlb_sample *s = rlb_result_sample(res, 0);

@@ -709,8 +709,8 @@ static int generate_ref(h_run *r, const char *tag, uint32_t tp, const int32_t *p
 
 /* ---- Generation ---------------------------------------------------------------------- */
 
-int h_generate(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_tokens,
-               rlb_result **out)
+int h_submit(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_tokens,
+             uint64_t min_version, rlb_ticket *ticket)
 {
     rlb_sampling_params sp;
     rlb_sampling_params_init(&sp);
@@ -722,7 +722,16 @@ int h_generate(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_to
     req.prompts = &p;
     req.n_prompts = 1;
     req.sampling = &sp;
-    return rlb_generate(c, &req, 20000, out);
+    req.min_weight_version = min_version;
+    return rlb_generate_submit(c, &req, ticket);
+}
+
+int h_generate(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_tokens,
+               rlb_result **out)
+{
+    rlb_ticket t;
+    int rc = h_submit(c, prompt, n, max_tokens, 0, &t);
+    return rc ? rc : rlb_generate_wait(c, t, 20000, out);
 }
 
 int h_greedy(rlb_client *c, uint64_t v, const int32_t *prompt, uint32_t n,

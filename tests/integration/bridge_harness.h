@@ -122,8 +122,12 @@ void h_child_stop(h_child *ch);
 int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32_t n,
                 uint32_t max_tokens, int32_t *tokens, int cap);
 
-/* Submits a greedy generate of `prompt` (n ids, max_tokens) through c and waits up to
- * 20 s. Returns the client's code; *out (on 0) is the result to free. */
+/* Submits a greedy generate of `prompt` (n ids, max_tokens) through c, to be served with
+ * weights of at least min_version. Returns the client's code (*ticket set on 0). */
+int h_submit(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_tokens,
+             uint64_t min_version, rlb_ticket *ticket);
+/* h_submit (any version), then waits up to 20 s. Returns the client's code; *out (on 0) is
+ * the result to free. */
 int h_generate(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_tokens,
                rlb_result **out);
 /* Greedy generation of `prompt` through client c; the sample must carry weight version v
