@@ -128,6 +128,7 @@ typedef struct stress {
     proc bridge, workers[MAX_WORKERS], trainers[MAX_TRAINERS], clients[MAX_CLIENTS], checker;
     proc hostile[MAX_HOSTILE];
     int bridge_up;            /* its socket accepts connections */
+    int draining;             /* stopping: the clients finish, nothing restarts them */
     uint32_t incarnation;     /* bridges started */
     uint32_t units;           /* FSDP1 units of this bridge's trainers */
     int64_t t0;               /* start of the faults */
@@ -609,12 +610,12 @@ static void heal(stress *s, int64_t now)
             spawn_role(s, &s->trainers[r], "trainer");
             s->restarts[P_TRAINER]++;
         }
-    for (uint32_t c = 0; c < s->o.clients; c++)
+    for (uint32_t c = 0; !s->draining && c < s->o.clients; c++)
         if (s->clients[c].pid == 0 && now - s->clients[c].died_at >= 100) {
             spawn_role(s, &s->clients[c], "client");
             s->restarts[P_CLIENT]++;
         }
-    if (s->checker.pid == 0 && now - s->checker.died_at >= 100) {
+    if (!s->draining && s->checker.pid == 0 && now - s->checker.died_at >= 100) {
         spawn_role(s, &s->checker, "checker");
         s->restarts[P_CHECKER]++;
     }
@@ -770,8 +771,17 @@ static void watchdogs(stress *s, int64_t now)
     }
 }
 
-/* One turn of the loop: records, exits, restarts, publishes, faults, watchdogs. */
-static void turn(stress *s, int faults_on)
+/* What a turn of the loop does beyond taking records and exits. */
+enum {
+    TURN_QUIET = 0, /* nothing more */
+    TURN_RUN = 1,   /* restarts, publishes, faults, watchdogs */
+    TURN_DRAIN = 2  /* the same without faults: the stopped clients wait for their answers,
+                       some for the next version (a request waits for it when every replica
+                       was lost: they rejoin with it) */
+};
+
+/* One turn of the loop (mode: TURN_*). */
+static void turn(stress *s, int mode)
 {
     struct pollfd pf[MAX_TRAINERS + MAX_CLIENTS + 1];
     proc *owner[MAX_TRAINERS + MAX_CLIENTS + 1];
@@ -790,10 +800,11 @@ static void turn(stress *s, int faults_on)
                 drain_records(s, owner[i]);
     reap_all(s);
     int64_t now = now_ms();
-    if (faults_on) {
+    if (mode != TURN_QUIET) {
         heal(s, now);
         drive(s, now);
-        faults_due(s, now);
+        if (mode == TURN_RUN)
+            faults_due(s, now);
         watchdogs(s, now);
     }
 }
@@ -847,43 +858,46 @@ static int first_start(stress *s)
     return 0;
 }
 
-static void wait_gone(stress *s, proc *p, int ms)
+/* Waits up to ms for p to exit, turning the loop in `mode` meanwhile; kills it after. */
+static void wait_gone(stress *s, proc *p, int ms, int mode)
 {
     for (int64_t end = now_ms() + ms; p->pid > 0 && now_ms() < end;)
-        turn(s, 0);
+        turn(s, mode);
     if (p->pid > 0) {
         kill_proc(p, SIGKILL);
         s->forced_kills++;
         while (p->pid > 0)
-            turn(s, 0);
+            turn(s, TURN_QUIET);
     }
 }
 
-/* Stops everything in order and checks what is left. */
+/* Stops everything in order and checks what is left: the clients and the checker finish
+ * first while the trainer ranks go on publishing, then the trainers stop. */
 static void finish(stress *s)
 {
+    s->draining = 1;
     for (uint32_t c = 0; c < s->o.clients; c++)
         if (s->clients[c].pid > 0)
             kill(s->clients[c].pid, SIGTERM); /* not p->killed: they must answer everything */
     if (s->checker.pid > 0)
         kill(s->checker.pid, SIGTERM);
-    for (uint32_t r = 0; r < s->o.trainers; r++)
-        if (s->trainers[r].cmd_fd >= 0) {
-            close(s->trainers[r].cmd_fd); /* EOF: they close their client and exit */
-            s->trainers[r].cmd_fd = -1;
-        }
     for (int i = 0; i < (int)(s->o.replicas * s->o.tp); i++)
         if (s->workers[i].stopped) {
             kill(s->workers[i].pid, SIGCONT);
             s->workers[i].stopped = 0;
         }
     for (uint32_t c = 0; c < s->o.clients; c++)
-        wait_gone(s, &s->clients[c], STOP_GRACE_MS);
-    wait_gone(s, &s->checker, STOP_GRACE_MS);
+        wait_gone(s, &s->clients[c], STOP_GRACE_MS, TURN_DRAIN);
+    wait_gone(s, &s->checker, STOP_GRACE_MS, TURN_DRAIN);
     for (uint32_t r = 0; r < s->o.trainers; r++)
-        wait_gone(s, &s->trainers[r], STOP_GRACE_MS);
+        if (s->trainers[r].cmd_fd >= 0) {
+            close(s->trainers[r].cmd_fd); /* EOF: they close their client and exit */
+            s->trainers[r].cmd_fd = -1;
+        }
+    for (uint32_t r = 0; r < s->o.trainers; r++)
+        wait_gone(s, &s->trainers[r], STOP_GRACE_MS, TURN_QUIET);
     for (int i = 0; i < MAX_HOSTILE; i++)
-        wait_gone(s, &s->hostile[i], 20000);
+        wait_gone(s, &s->hostile[i], 20000, TURN_QUIET);
     /* Only the workers are connected now, as when the baseline was taken. */
     int whole = 1;
     for (int i = 0; i < (int)(s->o.replicas * s->o.tp); i++)
@@ -893,10 +907,10 @@ static void finish(stress *s)
         for (int64_t end = now_ms() + 20000; up < s->o.replicas && now_ms() < end;) {
             if (stat_of(s->sock, "replicas_up", &up) < 0)
                 up = 0;
-            turn(s, 0);
+            turn(s, TURN_QUIET);
         }
         for (int64_t end = now_ms() + 300; now_ms() < end;)
-            turn(s, 0);
+            turn(s, TURN_QUIET);
         int fds = count_fds(s->bridge.pid);
         if (up >= s->o.replicas && fds > s->fd_bridge0)
             violation(s, X_LEFTOVERS, "the bridge holds %d fds with only its workers connected, "
@@ -905,10 +919,10 @@ static void finish(stress *s)
     if (s->bridge.pid > 0) {
         kill(s->bridge.pid, SIGTERM);
         s->bridge.killed = 1;
-        wait_gone(s, &s->bridge, 15000);
+        wait_gone(s, &s->bridge, 15000, TURN_QUIET);
     }
     for (int i = 0; i < (int)(s->o.replicas * s->o.tp); i++)
-        wait_gone(s, &s->workers[i], 15000);
+        wait_gone(s, &s->workers[i], 15000, TURN_QUIET);
     /* Nothing may be left: no child (zombie or running), no socket, nothing in /dev/shm. */
     DIR *d = opendir("/proc");
     for (struct dirent *e; d && (e = readdir(d));) {
@@ -1222,7 +1236,7 @@ int rlb__cmd_stress(int argc, char **argv)
         s->t0 = s->last_progress = now_ms();
         int64_t end = s->t0 + (int64_t)s->o.duration_s * 1000, next_line = s->t0 + 10000;
         while (!interrupted && now_ms() < end) {
-            turn(s, 1);
+            turn(s, TURN_RUN);
             if (!s->o.json && now_ms() >= next_line) {
                 next_line += 10000;
                 fprintf(stderr, "rlb stress: %3.0f s: %llu versions committed, %llu requests "
