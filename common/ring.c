@@ -1,5 +1,5 @@
 /* ring.c: the SPSC byte ring of ring.h: placement, attach, claim/commit, peek/release, the
- * bounded sleep/wake handshake, and fragmentation of large messages.
+ * bounded sleep/wake handshake, and streaming of large messages as fragments.
  *
  * Invariants the producer keeps (and the consumer checks, trusting nothing):
  *   cons.index <= prod.index <= cons.index + capacity, both multiples of RLB_RING_ALIGN;
@@ -200,6 +200,11 @@ int64_t rlb__ring_peer_idle_ms(const rlb_ring *r)
 size_t rlb__ring_max_payload(const rlb_ring *r)
 {
     return (size_t)min_u64(r->capacity / 2 - REC_HDR, MAX_RECORD_PAYLOAD);
+}
+
+size_t rlb__ring_frag_max(const rlb_ring *r)
+{
+    return (size_t)min_u64(rlb__ring_max_payload(r), RLB_RING_FRAG_BYTES);
 }
 
 /* Wakes a sleeping peer: one write to its eventfd (a full counter only means it is
@@ -584,9 +589,9 @@ int rlb__ring_release(rlb_ring *r)
 enum { PART_WHOLE, PART_FIRST, PART_REST };
 
 /* Claims one record of at least min_len payload bytes, fills it with the u64 total length
- * (PART_FIRST only) and as much of src[0..len) as fits, and commits it flagged for `part`:
- * a PART_REST record that holds all the rest is the LAST fragment. Returns the bytes of src
- * written, or a negative code. */
+ * (PART_FIRST only) and as much of src[0..len) as fits in a fragment, and commits it flagged
+ * for `part`: a PART_REST record that holds all the rest is the LAST fragment. Returns the
+ * bytes of src written, or a negative code. */
 static long long send_record(rlb_ring *r, uint32_t type, int part, const uint8_t *src,
                              size_t len, size_t min_len, int64_t deadline)
 {
@@ -595,9 +600,12 @@ static long long send_record(rlb_ring *r, uint32_t type, int part, const uint8_t
     int rc = claim_until(r, min_len, deadline, &slot, &cap);
     if (rc < 0)
         return rc;
+    /* At most one fragment per record, so the consumer gets to work on it while we fill
+     * the next one. */
+    size_t room = cap < rlb__ring_frag_max(r) ? cap : rlb__ring_frag_max(r);
     uint64_t total = len;
     size_t hdr_len = part == PART_FIRST ? sizeof(total) : 0;
-    size_t n = cap - hdr_len < len ? cap - hdr_len : len;
+    size_t n = room - hdr_len < len ? room - hdr_len : len;
     uint32_t flags = part == PART_WHOLE   ? 0
                      : part == PART_FIRST ? RLB_RING_F_FIRST
                      : n == len           ? RLB_RING_F_LAST
@@ -611,13 +619,13 @@ static long long send_record(rlb_ring *r, uint32_t type, int part, const uint8_t
 
 size_t rlb__ring_send_need(const rlb_ring *r, size_t len, size_t off)
 {
-    size_t max_payload = rlb__ring_max_payload(r);
-    if (len <= max_payload)
+    size_t frag_max = rlb__ring_frag_max(r);
+    if (len <= frag_max)
         return len;
-    /* Fragments take whatever room is free, but not less than an eighth of a record, so a
-     * lagging consumer does not turn a message into a stream of tiny records. The first
-     * one also carries the total length, which max_payload < len keeps from being last. */
-    size_t frag_min = max_payload / 8;
+    /* Fragments take whatever room is free, but not less than an eighth of a fragment, so
+     * a lagging consumer does not turn a message into a stream of tiny records. The first
+     * one also carries the total length, which frag_max < len keeps from being last. */
+    size_t frag_min = frag_max / 8;
     size_t want = (off == 0 ? sizeof(uint64_t) : 0) + (len - off);
     return want < frag_min ? want : frag_min;
 }
@@ -628,14 +636,14 @@ int rlb__ring_send_from(rlb_ring *r, uint32_t type, const void *buf, size_t len,
     int rc = usable(r, RLB_RING_PRODUCER);
     if (rc < 0)
         return rc;
-    if ((!buf && len) || !off || *off > len || (*off && len <= rlb__ring_max_payload(r)) ||
-        r->claim_open || timeout_ms < 0 || (type & ~RLB_RING_TYPE_MASK))
+    int whole = len <= rlb__ring_frag_max(r);
+    if ((!buf && len) || !off || *off > len || (*off && whole) || r->claim_open ||
+        timeout_ms < 0 || (type & ~RLB_RING_TYPE_MASK))
         return RLB_EINVAL;
     if (len > MAX_MESSAGE)
         return RLB_ETOOBIG;
     int64_t deadline = deadline_after(timeout_ms);
     const uint8_t *src = buf;
-    int whole = len <= rlb__ring_max_payload(r);
     do {
         int part = whole ? PART_WHOLE : *off == 0 ? PART_FIRST : PART_REST;
         long long n = send_record(r, type, part, src + *off, len - *off,

@@ -9,8 +9,11 @@
  *   writer: claim(len) -> pointer + capacity to fill in place -> commit(type, used)  (or abort)
  *   reader: peek -> pointer + len into the ring -> release
  *
- * Messages larger than one record (rlb__ring_max_payload) go through rlb__ring_send /
- * rlb__ring_recv, which split them into fragments and reassemble them into a growable buffer.
+ * Messages of any size go through rlb__ring_send / rlb__ring_recv. One larger than
+ * rlb__ring_frag_max streams as fragments of at most that size, each committed as soon as it
+ * is filled, so the receiver copies fragment k out while the sender fills k+1 (a message
+ * never waits for room for all of itself). rlb__ring_recv reassembles it into a buffer that
+ * grows with the bytes that arrive.
  *
  * Waiting: a side spins for spin_us, then sleeps on its process-shared semaphore in the
  * segment, in slices of slice_ms, rechecking its peer's liveness between slices. The other
@@ -182,6 +185,11 @@ int64_t rlb__ring_peer_idle_ms(const rlb_ring *r);
  * write position once the ring is empty. */
 size_t rlb__ring_max_payload(const rlb_ring *r);
 
+/* Largest message rlb__ring_send writes as one record, and the largest fragment of a longer
+ * one: RLB_RING_FRAG_BYTES, or rlb__ring_max_payload of a ring too small for that. */
+#define RLB_RING_FRAG_BYTES (256u << 10)
+size_t rlb__ring_frag_max(const rlb_ring *r);
+
 /* Producer. Claims a record of at least len payload bytes, waiting up to timeout_ms (0 = do
  * not wait) for space. On success *data points at the payload in the ring and *cap (>= len)
  * is how much of it may be filled. Returns 0, RLB_EAGAIN / RLB_ETIMEDOUT (no space in time),
@@ -207,19 +215,19 @@ int rlb__ring_release(rlb_ring *r);
 
 /* ---- Messages of any size ------------------------------------------------------------- */
 
-/* Copies buf into the ring as one record, or as FIRST/MORE/LAST fragments when it is larger
- * than rlb__ring_max_payload. timeout_ms bounds the whole message. A failure after the first
- * fragment leaves a partial message that the receiver discards when the next one starts.
- * Returns 0, RLB_ETIMEDOUT, RLB_EPEERDEAD, RLB_ECORRUPT, RLB_ETOOBIG (len > 2^40) or
- * RLB_EINVAL. */
+/* Copies buf into the ring as one record, or as FIRST/MORE/LAST fragments (each committed as
+ * soon as it is filled) when it is larger than rlb__ring_frag_max. timeout_ms bounds the
+ * whole message. A failure after the first fragment leaves a partial message that the
+ * receiver discards when the next one starts. Returns 0, RLB_ETIMEDOUT, RLB_EPEERDEAD,
+ * RLB_ECORRUPT, RLB_ETOOBIG (len > 2^40) or RLB_EINVAL. */
 int rlb__ring_send(rlb_ring *r, uint32_t type, const void *buf, size_t len, int timeout_ms);
 
 /* rlb__ring_send resumable: sends buf from byte *off on, advancing *off past every record
- * committed, and returns 0 once the whole message is in the ring. A message that fits one
- * record goes whole or not at all; a larger one as fragments, so with timeout_ms 0 an
- * event loop streams a large message into a slow reader's ring without ever waiting:
- * RLB_EAGAIN (or RLB_ETIMEDOUT) with *off where to resume once the reader freed room. Start
- * with *off = 0; resume only with the same type, buf and len. Other returns as
+ * committed, and returns 0 once the whole message is in the ring. A message of at most
+ * rlb__ring_frag_max bytes goes whole or not at all; a larger one as fragments, so with
+ * timeout_ms 0 an event loop streams a large message into a slow reader's ring without ever
+ * waiting: RLB_EAGAIN (or RLB_ETIMEDOUT) with *off where to resume once the reader freed
+ * room. Start with *off = 0; resume only with the same type, buf and len. Other returns as
  * rlb__ring_send. */
 int rlb__ring_send_from(rlb_ring *r, uint32_t type, const void *buf, size_t len, size_t *off,
                         int timeout_ms);
@@ -242,9 +250,10 @@ typedef struct rlb_ring_rx {
                          it was committed cannot change what the caller decodes */
 } rlb_ring_rx;
 
-/* Receives the next whole message, waiting up to timeout_ms in all. A message that fits one
+/* Receives the next whole message, waiting up to timeout_ms in all. A message sent as one
  * record is returned in place (msg->data points into the ring), unless rx->private_copy
- * asks for a copy; a fragmented one is reassembled into rx->buf. msg stays valid until the next rlb__ring_recv or
+ * asks for a copy; a fragmented one is reassembled into rx->buf, each fragment copied out
+ * and freed as it arrives. msg stays valid until the next rlb__ring_recv or
  * rlb__ring_recv_done. Returns 0, RLB_EAGAIN / RLB_ETIMEDOUT, RLB_EPEERDEAD (a partial
  * message is discarded), RLB_ETOOBIG (a message over rx->max_msg was skipped; the next call
  * goes on with the following one), RLB_ENOMEM, RLB_ECORRUPT or RLB_EINVAL. */

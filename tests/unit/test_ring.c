@@ -2,8 +2,9 @@
  *
  * Positions, padding and record counts are worked out by hand from the wire format in
  * ring.h (16-byte header + payload rounded up to 8; a padding record fills the rest of the
- * data area at wrap; one record is at most capacity/2 - 16 payload bytes). Corruption tests
- * write hostile records and indices straight into the segment and expect RLB_ECORRUPT.
+ * data area at wrap; one record is at most capacity/2 - 16 payload bytes; a message over
+ * rlb__ring_frag_max goes as fragments of at most that). Corruption tests write hostile
+ * records and indices straight into the segment and expect RLB_ECORRUPT.
  *
  *   test_ring                      the unit tests
  *   test_ring --write-corpus DIR   write the ring fuzzer's seeds (tests/fuzz/corpus/ring)
@@ -576,6 +577,41 @@ static void test_send_from_resumes(void **state)
     destroy(f);
 }
 
+/* Fragments are bounded by rlb__ring_frag_max, not by the record limit: in a 2 MiB ring
+ * (records up to 1 MiB) a 600 KiB message goes as 256 KiB fragments; one of exactly
+ * 256 KiB still goes whole. */
+static void test_fragments_bounded(void **state)
+{
+    fixture *f = make(2u << 20);
+    size_t frag = RLB_RING_FRAG_BYTES, len = 600u << 10;
+    assert_int_equal(rlb__ring_frag_max(&f->prod), frag);
+    assert_int_equal(rlb__ring_max_payload(&f->prod), (1u << 20) - HDR);
+    uint8_t *msg = malloc(len);
+    pattern(msg, len, 4);
+    assert_int_equal(rlb__ring_send(&f->prod, 5, msg, len, 0), 0);
+    assert_int_equal(rlb__ring_send(&f->prod, 6, msg, frag, 0), 0);
+    static const struct {
+        uint32_t flags;
+        size_t len;
+    } want[] = {{RLB_RING_F_FIRST, RLB_RING_FRAG_BYTES},
+                {RLB_RING_F_MORE, RLB_RING_FRAG_BYTES},
+                {RLB_RING_F_LAST, (600u << 10) + 8 - 2 * RLB_RING_FRAG_BYTES},
+                {0, RLB_RING_FRAG_BYTES}};
+    for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+        rlb_ring_msg m;
+        assert_int_equal(rlb__ring_peek(&f->cons, 0, &m), 0);
+        assert_int_equal(m.flags, want[i].flags);
+        assert_int_equal(m.len, want[i].len);
+        assert_int_equal(rlb__ring_release(&f->cons), 0);
+    }
+    /* The smallest ring keeps its record limit as the fragment bound. */
+    fixture *g = make(CAP);
+    assert_int_equal(rlb__ring_frag_max(&g->prod), CAP / 2 - HDR);
+    destroy(g);
+    free(msg);
+    destroy(f);
+}
+
 /* The same wait through eventfds, with garbage over both semaphores: nobody touches them. */
 static void test_sleep_wake_eventfd(void **state)
 {
@@ -861,6 +897,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sleep_wake),
         cmocka_unit_test(test_sleep_wake_eventfd),
         cmocka_unit_test(test_send_from_resumes),
+        cmocka_unit_test(test_fragments_bounded),
         cmocka_unit_test(test_private_copy),
         cmocka_unit_test(test_corrupt_indices),
         cmocka_unit_test(test_corrupt_records),
