@@ -32,7 +32,10 @@
 /* Spin iterations between two reads of the clock. */
 #define SPIN_CLOCK_EVERY 16
 
-enum { RX_IDLE = 0, RX_ASSEMBLING, RX_SKIPPING };
+/* What a receiver is doing: nothing, copying a fragmented message into its buffer
+ * (rlb__ring_recv), handing one out in parts (rlb__ring_recv_part), or skipping the rest of
+ * one (over max_msg, or out of memory). */
+enum { RX_IDLE = 0, RX_ASSEMBLING, RX_PARTS, RX_SKIPPING };
 
 static int64_t now_ns(void)
 {
@@ -570,6 +573,14 @@ int rlb__ring_peek(rlb_ring *r, int timeout_ms, rlb_ring_msg *msg)
     return peek_until(r, deadline_after(timeout_ms), msg);
 }
 
+/* Frees the record peek handed out (there is one). */
+static void release_record(rlb_ring *r)
+{
+    r->seq++;
+    release_bytes(r, r->peek_bytes);
+    r->peek_bytes = 0;
+}
+
 int rlb__ring_release(rlb_ring *r)
 {
     int rc = usable(r, RLB_RING_CONSUMER);
@@ -577,9 +588,7 @@ int rlb__ring_release(rlb_ring *r)
         return rc;
     if (r->peek_bytes == 0)
         return RLB_EINVAL;
-    r->seq++;
-    release_bytes(r, r->peek_bytes);
-    r->peek_bytes = 0;
+    release_record(r);
     return 0;
 }
 
@@ -661,17 +670,125 @@ int rlb__ring_send(rlb_ring *r, uint32_t type, const void *buf, size_t len, int 
     return rlb__ring_send_from(r, type, buf, len, &off, timeout_ms);
 }
 
-/* ---- Reassembly ---------------------------------------------------------------------- */
+/* ---- Receiving: parts, and reassembly over them -------------------------------------- */
 
 /* Drops a partially received message; `why` says what ended it (logged). */
 static void rx_discard(rlb_ring_rx *rx, const char *why)
 {
-    if (rx->state == RX_ASSEMBLING)
+    if (rx->state == RX_ASSEMBLING || rx->state == RX_PARTS)
         RLB_LOG_WARN(RLB_SUB_RING, "discarding a partial message (%zu of %zu bytes): %s",
                      rx->have, rx->total, why);
     rx->state = RX_IDLE;
     rx->have = 0;
     rx->total = 0;
+}
+
+/* Frees the record rx holds, if any. */
+static void rx_release(rlb_ring *r, rlb_ring_rx *rx)
+{
+    if (rx->holds_record) {
+        rx->holds_record = 0;
+        release_record(r);
+    }
+}
+
+/* Takes the peeked record m as the next part of what rx receives in `mode` (RX_ASSEMBLING
+ * or RX_PARTS), checking it against the message so far: lengths must add up to the total
+ * the first fragment announced, and a fragment keeps the first one's type. Returns 0 with
+ * *part set and the record held, 1 when the record was skipped (released), RLB_EABORTED
+ * (a new message starts while one is unfinished; the record stays for the next call),
+ * RLB_ETOOBIG or RLB_ECORRUPT. */
+static int take_record(rlb_ring *r, rlb_ring_rx *rx, int mode, const rlb_ring_msg *m,
+                       rlb_ring_part *part)
+{
+    int starts = m->flags == 0 || m->flags == RLB_RING_F_FIRST;
+    int last = m->flags == 0 || m->flags == RLB_RING_F_LAST;
+    if (starts && (rx->state == RX_ASSEMBLING || rx->state == RX_PARTS)) {
+        rx_discard(rx, "the sender started another message");
+        return RLB_EABORTED;
+    }
+    if (starts) {
+        rx->state = RX_IDLE; /* the rest of a message being skipped never came */
+    } else if (rx->state == RX_SKIPPING) {
+        if (last)
+            rx->state = RX_IDLE;
+        release_record(r);
+        return 1;
+    } else if (rx->state == RX_IDLE) {
+        return corrupt(r, "fragment outside a message", m->seq);
+    }
+
+    uint64_t total = m->len;
+    size_t skip = 0; /* bytes of the record before the message's: the first's total */
+    if (m->flags == RLB_RING_F_FIRST) {
+        if (m->len < sizeof(total))
+            return corrupt(r, "first fragment without a length", m->len);
+        memcpy(&total, m->data, sizeof(total));
+        skip = sizeof(total);
+        if (total <= m->len - skip)
+            return corrupt(r, "fragmented message shorter than its first fragment", total);
+    }
+    if (starts) {
+        if (total > rx->max_msg) {
+            RLB_LOG_WARN(RLB_SUB_RING, "skipping a %llu-byte message (limit %zu)",
+                         (unsigned long long)total, rx->max_msg);
+            rx->state = last ? RX_IDLE : RX_SKIPPING;
+            release_record(r);
+            return RLB_ETOOBIG;
+        }
+        rx->total = (size_t)total;
+        rx->have = 0;
+        rx->type = m->type;
+    } else {
+        if (m->type != rx->type)
+            return corrupt(r, "fragment of another message type", m->type);
+        size_t left = rx->total - rx->have;
+        if (last ? m->len != left : m->len >= left)
+            return corrupt(r, "fragment lengths do not add up", m->len);
+    }
+    *part = (rlb_ring_part){.data = (const uint8_t *)m->data + skip,
+                            .len = m->len - skip,
+                            .off = rx->have,
+                            .total = rx->total,
+                            .type = rx->type,
+                            .last = last};
+    rx->have = last ? 0 : rx->have + part->len; /* bytes of a message still in progress */
+    rx->state = last ? RX_IDLE : mode;
+    rx->holds_record = 1;
+    return 0;
+}
+
+/* The next part of a message for `mode` (see take_record), waiting until the deadline.
+ * Returns 0, RLB_EABORTED, RLB_ETOOBIG or a code of peek; a message cut short by the
+ * producer's death or by corruption is discarded. */
+static int next_part(rlb_ring *r, rlb_ring_rx *rx, int mode, int64_t deadline,
+                     rlb_ring_part *part)
+{
+    for (;;) {
+        rlb_ring_msg m;
+        int rc = peek_until(r, deadline, &m);
+        if (rc == 0)
+            rc = take_record(r, rx, mode, &m, part);
+        if (rc == RLB_EPEERDEAD || rc == RLB_ECORRUPT)
+            rx_discard(rx, rlb_strerror(rc));
+        if (rc != 1)
+            return rc;
+    }
+}
+
+/* Starts a receive in `mode`: checks the arguments (out: where the caller wants the
+ * result; a message begun with one call is finished with the same one), then frees the
+ * record handed out before. Returns 0 or a negative code. */
+static int rx_begin(rlb_ring *r, rlb_ring_rx *rx, int mode, int timeout_ms, const void *out)
+{
+    int rc = usable(r, RLB_RING_CONSUMER);
+    if (rc < 0)
+        return rc;
+    int other = mode == RX_PARTS ? RX_ASSEMBLING : RX_PARTS;
+    if (!rx || !out || timeout_ms < 0 || rx->state == other)
+        return RLB_EINVAL;
+    rx_release(r, rx);
+    return 0;
 }
 
 /* Makes rx->buf hold at least `need` bytes of the rx->total being assembled. It grows
@@ -693,91 +810,31 @@ static int rx_reserve(rlb_ring_rx *rx, size_t need)
     return 0;
 }
 
-/* Starts reassembly from a FIRST fragment. Returns 0, RLB_ETOOBIG (the message will be
- * skipped), RLB_ENOMEM or RLB_ECORRUPT. */
-static int rx_start(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m)
-{
-    uint64_t total;
-    if (m->len < sizeof(total))
-        return corrupt(r, "first fragment without a length", m->len);
-    memcpy(&total, m->data, sizeof(total));
-    size_t part = m->len - sizeof(total);
-    if (total <= part)
-        return corrupt(r, "fragmented message shorter than its first fragment", total);
-    rx->state = RX_SKIPPING;
-    if (total > rx->max_msg) {
-        RLB_LOG_WARN(RLB_SUB_RING, "skipping a %llu-byte message (limit %zu)",
-                     (unsigned long long)total, rx->max_msg);
-        return RLB_ETOOBIG;
-    }
-    rx->total = (size_t)total;
-    int rc = rx_reserve(rx, part);
-    if (rc < 0)
-        return rc;
-    if (part) /* an empty first fragment leaves buf unallocated (NULL) */
-        memcpy(rx->buf, (const uint8_t *)m->data + sizeof(total), part);
-    rx->state = RX_ASSEMBLING;
-    rx->have = part;
-    rx->type = m->type;
-    return 0;
-}
-
-/* Adds a MORE or LAST fragment. Returns 1 when the message is complete, 0 when more is to
- * come, RLB_ENOMEM or RLB_ECORRUPT. */
-static int rx_append(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m)
-{
-    int last = m->flags == RLB_RING_F_LAST;
-    if (rx->state == RX_SKIPPING) {
-        if (last)
-            rx->state = RX_IDLE;
-        return 0;
-    }
-    if (rx->state != RX_ASSEMBLING)
-        return corrupt(r, "fragment outside a message", m->seq);
-    if (m->type != rx->type)
-        return corrupt(r, "fragment of another message type", m->type);
-    size_t left = rx->total - rx->have;
-    if (last ? m->len != left : m->len >= left)
-        return corrupt(r, "fragment lengths do not add up", m->len);
-    int rc = rx_reserve(rx, rx->have + m->len);
-    if (rc < 0) {
-        rx->state = last ? RX_IDLE : RX_SKIPPING; /* the rest of the message is skipped */
-        return rc;
-    }
-    if (m->len) /* buf may still be NULL when every fragment so far was empty */
-        memcpy(rx->buf + rx->have, m->data, m->len);
-    rx->have += m->len;
-    return last;
-}
-
 /* Copies a whole one-record message into rx->buf and releases its record, so what the
  * caller reads is ours alone. Returns 0 with *msg pointing at the copy, or RLB_ENOMEM (the
  * message is skipped). */
-static int rx_copy_out(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m, rlb_ring_msg *msg)
+static int rx_copy_out(rlb_ring *r, rlb_ring_rx *rx, rlb_ring_msg *msg)
 {
-    if (m->len > rx->buf_cap) {
-        uint8_t *grown = realloc(rx->buf, m->len);
+    if (msg->len > rx->buf_cap) {
+        uint8_t *grown = realloc(rx->buf, msg->len);
         if (!grown) {
-            rlb__ring_release(r);
+            rx_release(r, rx);
             return RLB_ENOMEM;
         }
         rx->buf = grown;
-        rx->buf_cap = m->len;
+        rx->buf_cap = msg->len;
     }
-    if (m->len)
-        memcpy(rx->buf, m->data, m->len);
-    *msg = *m;
+    if (msg->len)
+        memcpy(rx->buf, msg->data, msg->len);
     msg->data = rx->buf;
-    rlb__ring_release(r);
+    rx_release(r, rx);
     return 0;
 }
 
 void rlb__ring_recv_done(rlb_ring *r, rlb_ring_rx *rx)
 {
-    if (rx && rx->holds_record) {
-        rx->holds_record = 0;
-        rlb__ring_release(r);
-    }
+    if (rx)
+        rx_release(r, rx);
 }
 
 void rlb__ring_rx_free(rlb_ring_rx *rx)
@@ -790,49 +847,44 @@ void rlb__ring_rx_free(rlb_ring_rx *rx)
     rx->max_msg = max_msg;
 }
 
-int rlb__ring_recv(rlb_ring *r, rlb_ring_rx *rx, int timeout_ms, rlb_ring_msg *msg)
+int rlb__ring_recv_part(rlb_ring *r, rlb_ring_rx *rx, int timeout_ms, rlb_ring_part *part)
 {
-    int rc = usable(r, RLB_RING_CONSUMER);
+    int rc = rx_begin(r, rx, RX_PARTS, timeout_ms, part);
     if (rc < 0)
         return rc;
-    if (!rx || !msg || timeout_ms < 0)
-        return RLB_EINVAL;
-    rlb__ring_recv_done(r, rx);
+    return next_part(r, rx, RX_PARTS, deadline_after(timeout_ms), part);
+}
+
+int rlb__ring_recv(rlb_ring *r, rlb_ring_rx *rx, int timeout_ms, rlb_ring_msg *msg)
+{
+    int rc = rx_begin(r, rx, RX_ASSEMBLING, timeout_ms, msg);
+    if (rc < 0)
+        return rc;
     int64_t deadline = deadline_after(timeout_ms);
     for (;;) {
-        rlb_ring_msg m;
-        rc = peek_until(r, deadline, &m);
-        if (rc == RLB_EPEERDEAD || rc == RLB_ECORRUPT)
-            rx_discard(rx, rlb_strerror(rc));
+        rlb_ring_part p;
+        rc = next_part(r, rx, RX_ASSEMBLING, deadline, &p);
+        if (rc == RLB_EABORTED)
+            continue; /* nothing of the dropped message was handed out */
         if (rc < 0)
             return rc;
-        if (m.flags == 0 || m.flags == RLB_RING_F_FIRST)
-            rx_discard(rx, "the sender started another message");
-        if (m.flags == 0) {
-            if (m.len > rx->max_msg) {
-                RLB_LOG_WARN(RLB_SUB_RING, "skipping a %zu-byte message (limit %zu)", m.len,
-                             rx->max_msg);
-                rlb__ring_release(r);
-                return RLB_ETOOBIG;
-            }
-            if (rx->private_copy)
-                return rx_copy_out(r, rx, &m, msg);
-            *msg = m;
-            rx->holds_record = 1;
-            return 0;
-        }
-        rc = m.flags == RLB_RING_F_FIRST ? rx_start(r, rx, &m) : rx_append(r, rx, &m);
-        if (rc == RLB_ECORRUPT) {
-            rx_discard(rx, "corrupt fragment");
+        /* While a record is held, the ring's seq is that record's. */
+        *msg = (rlb_ring_msg){.data = p.data, .len = p.len, .type = p.type, .seq = r->seq};
+        if (p.off == 0 && p.last)
+            return rx->private_copy ? rx_copy_out(r, rx, msg) : 0;
+        rc = rx_reserve(rx, p.off + p.len);
+        if (rc < 0) {
+            if (!p.last)
+                rx->state = RX_SKIPPING; /* the rest of the message is skipped */
+            rx_release(r, rx);
             return rc;
         }
-        rlb__ring_release(r);
-        if (rc < 0)
-            return rc;
-        if (rc == 1) {
-            rx->state = RX_IDLE;
-            *msg = (rlb_ring_msg){.data = rx->buf, .len = rx->total, .type = rx->type,
-                                  .seq = m.seq};
+        if (p.len) /* buf may still be NULL when every fragment so far was empty */
+            memcpy(rx->buf + p.off, p.data, p.len);
+        rx_release(r, rx);
+        if (p.last) {
+            msg->data = rx->buf;
+            msg->len = rx->total;
             return 0;
         }
     }

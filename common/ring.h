@@ -13,7 +13,7 @@
  * rlb__ring_frag_max streams as fragments of at most that size, each committed as soon as it
  * is filled, so the receiver copies fragment k out while the sender fills k+1 (a message
  * never waits for room for all of itself). rlb__ring_recv reassembles it into a buffer that
- * grows with the bytes that arrive.
+ * grows with the bytes that arrive; rlb__ring_recv_part hands its fragments out in place.
  *
  * Waiting: a side spins for spin_us, then sleeps on its process-shared semaphore in the
  * segment, in slices of slice_ms, rechecking its peer's liveness between slices. The other
@@ -241,10 +241,12 @@ typedef struct rlb_ring_rx {
     uint8_t *buf;     /* reassembly buffer, grown with realloc up to max_msg */
     size_t buf_cap;   /* bytes allocated in buf */
     size_t have;      /* bytes of the current fragmented message received so far */
-    size_t total;     /* its announced length */
+    size_t total;     /* its announced length (checked against the fragments, never
+                         trusted for an allocation) */
     uint32_t type;    /* its message type */
-    int state;        /* idle, assembling or skipping an oversized message (ring.c) */
-    int holds_record; /* the last message returned still points into the ring */
+    int state;        /* idle, assembling, handing out parts, or skipping the rest of a
+                         message (ring.c) */
+    int holds_record; /* the last message or part returned still points into the ring */
     int private_copy; /* set by the owner: every message is copied out of the ring into
                          buf before it is returned, so a peer that rewrites a record after
                          it was committed cannot change what the caller decodes */
@@ -258,7 +260,35 @@ typedef struct rlb_ring_rx {
  * message is discarded), RLB_ETOOBIG (a message over rx->max_msg was skipped; the next call
  * goes on with the following one), RLB_ENOMEM, RLB_ECORRUPT or RLB_EINVAL. */
 int rlb__ring_recv(rlb_ring *r, rlb_ring_rx *rx, int timeout_ms, rlb_ring_msg *msg);
-/* Ends the view of the last received message, releasing its record if it was in place. */
+
+/* A part of a message handed out in place by rlb__ring_recv_part. */
+typedef struct rlb_ring_part {
+    const void *data; /* bytes [off, off + len) of the message, in the ring until the next
+                         rlb__ring_recv_part or rlb__ring_recv_done */
+    size_t len;       /* bytes in this part */
+    size_t off;       /* where they lie in the message; 0 starts a message */
+    size_t total;     /* the message's length as its first record announced it; the parts
+                         are checked to add up to it exactly */
+    uint32_t type;    /* the message's type */
+    int last;         /* 1 when this part ends the message */
+} rlb_ring_part;
+
+/* Receives the next part of a message without copying it: a message sent as one record is
+ * one part (off 0, last 1), a fragmented one a part per fragment, in order, each handed out
+ * as soon as the sender committed it. The part handed out before is released first. Parts
+ * are always in place (rx->private_copy does not apply): a consumer that needs the bytes in
+ * one piece, or its own copy, uses rlb__ring_recv instead. One rx follows one of the two
+ * calls for a whole message (switching midway is RLB_EINVAL).
+ * Returns 0, RLB_EAGAIN / RLB_ETIMEDOUT (the message goes on at the next call), RLB_EABORTED
+ * (the sender left the message in progress unfinished and started another: drop what its
+ * parts gave; the next call returns the new one), RLB_EPEERDEAD (likewise dropped: the
+ * sender is gone), RLB_ETOOBIG (a message over rx->max_msg was skipped), RLB_ECORRUPT (a
+ * fragment header no honest sender writes: lengths that do not add up, a fragment of
+ * another type or outside a message) or RLB_EINVAL. */
+int rlb__ring_recv_part(rlb_ring *r, rlb_ring_rx *rx, int timeout_ms, rlb_ring_part *part);
+
+/* Ends the view of the last received message or part, releasing its record if it was in
+ * place. */
 void rlb__ring_recv_done(rlb_ring *r, rlb_ring_rx *rx);
 /* Frees rx's buffer and resets its state (max_msg is kept). */
 void rlb__ring_rx_free(rlb_ring_rx *rx);
