@@ -31,6 +31,10 @@
 #define MAX_MESSAGE (1ull << 40)
 /* Spin iterations between two reads of the clock. */
 #define SPIN_CLOCK_EVERY 16
+/* Inside a fragmented message a sleeping peer is woken once per capacity >> this many bytes
+ * (ring.h): often enough that it works while we go on, rarely enough that a message of
+ * many fragments costs a few system calls, not one per fragment. */
+#define WAKE_BATCH_SHIFT 2
 
 /* What a receiver is doing: nothing, copying a fragmented message into its buffer
  * (rlb__ring_recv), handing one out in parts (rlb__ring_recv_part), or skipping the rest of
@@ -236,9 +240,30 @@ static void signal_peer(rlb_ring *r)
 static void wake_peer(rlb_ring *r)
 {
     rlb__ring_side_wake *w = peer_wake(r);
+    r->unwoken = 0;
     /* Pairs with the exchange to 1 in sleep_slice: see above. */
     if (rlb_exchange(&w->sleeping, 0u))
         signal_peer(r);
+}
+
+/* Wakes the peer for `bytes` we just committed or freed: at once, or, `batched` (inside a
+ * fragmented message), once a batch of them accumulated (ring.h). Skipping the exchange is
+ * what defers it: a peer that announced its sleep stays announced, so the exchange that
+ * pays the debt (a later batch, the message's end, or wake_owed before we wait) still
+ * finds it and wakes it. */
+static void wake_for(rlb_ring *r, uint64_t bytes, int batched)
+{
+    r->unwoken += bytes;
+    if (!batched || r->unwoken >= r->capacity >> WAKE_BATCH_SHIFT)
+        wake_peer(r);
+}
+
+/* Pays a deferred wake-up. Called before we wait for the peer (or return to an event loop
+ * that will): a peer asleep on work we deferred would otherwise never give us ours. */
+static void wake_owed(rlb_ring *r)
+{
+    if (r->unwoken)
+        wake_peer(r);
 }
 
 void rlb__ring_close(rlb_ring *r)
@@ -381,6 +406,7 @@ int rlb__ring_arm(rlb_ring *r, size_t need)
     if (!r || !r->shm || r->error)
         return r && r->error ? r->error : RLB_EINVAL;
     uint64_t bytes = r->role == RLB_RING_PRODUCER ? REC_HDR + align_up(need) : 0;
+    wake_owed(r);
     /* Pairs with the exchange in wake_peer, as in sleep_slice. */
     rlb_exchange(&own_wake(r)->sleeping, 1u);
     int rc = ready(r, bytes);
@@ -403,6 +429,7 @@ static int wait_ready(rlb_ring *r, uint64_t need, int64_t deadline)
     int rc = ready(r, need);
     if (rc != 0)
         return rc < 0 ? rc : 0;
+    wake_owed(r);
     if (deadline == 0)
         return RLB_EAGAIN;
 
@@ -468,8 +495,9 @@ int rlb__ring_claim(rlb_ring *r, size_t len, int timeout_ms, void **data, size_t
     return claim_until(r, len, deadline_after(timeout_ms), data, cap);
 }
 
-/* Publishes the open claim as a record of `used` payload bytes with type word type_flags. */
-static void commit_record(rlb_ring *r, uint32_t type_flags, size_t used)
+/* Publishes the open claim as a record of `used` payload bytes with type word type_flags,
+ * waking the consumer at once, or batched for a fragment in the middle of a message. */
+static void commit_record(rlb_ring *r, uint32_t type_flags, size_t used, int batched)
 {
     uint64_t mask = r->capacity - 1;
     if (r->claim_at != r->index) {
@@ -483,7 +511,7 @@ static void commit_record(rlb_ring *r, uint32_t type_flags, size_t used)
     /* Pairs with the load_acquire in refresh_tail: publishes the padding, the record
      * header and the payload the caller filled in. */
     rlb_store_release(&r->shm->prod.index, r->index);
-    wake_peer(r);
+    wake_for(r, REC_HDR + align_up(used), batched);
 }
 
 int rlb__ring_commit(rlb_ring *r, uint32_t type, size_t used)
@@ -493,7 +521,7 @@ int rlb__ring_commit(rlb_ring *r, uint32_t type, size_t used)
         return rc;
     if (!r->claim_open || used > r->claim_cap || (type & ~RLB_RING_TYPE_MASK))
         return RLB_EINVAL;
-    commit_record(r, type, used);
+    commit_record(r, type, used, 0);
     return 0;
 }
 
@@ -503,13 +531,14 @@ void rlb__ring_abort(rlb_ring *r)
         r->claim_open = 0;
 }
 
-/* Consumer: frees `bytes` at our index and tells a producer that sleeps for room. */
-static void release_bytes(rlb_ring *r, uint64_t bytes)
+/* Consumer: frees `bytes` at our index and tells a producer that sleeps for room, at once
+ * or batched (a fragment in the middle of a message). */
+static void release_bytes(rlb_ring *r, uint64_t bytes, int batched)
 {
     r->index += bytes;
     /* Pairs with the load_acquire in refresh_head: we are done reading below this index. */
     rlb_store_release(&r->shm->cons.index, r->index);
-    wake_peer(r);
+    wake_for(r, bytes, batched);
 }
 
 /* Consumer: decodes the record at our index (a record is waiting). Returns 1 after skipping
@@ -527,7 +556,7 @@ static int read_record(rlb_ring *r, rlb_ring_msg *msg)
         if (rec.type != RLB_RING_F_PAD || rec.len < RLB_RING_PAD_MIN ||
             rec.len % RLB_RING_ALIGN || rec.len > limit)
             return corrupt(r, "bad padding record", rec.len);
-        release_bytes(r, rec.len);
+        release_bytes(r, rec.len, 0);
         return 1;
     }
     if (limit < REC_HDR)
@@ -573,11 +602,11 @@ int rlb__ring_peek(rlb_ring *r, int timeout_ms, rlb_ring_msg *msg)
     return peek_until(r, deadline_after(timeout_ms), msg);
 }
 
-/* Frees the record peek handed out (there is one). */
-static void release_record(rlb_ring *r)
+/* Frees the record peek handed out (there is one); see release_bytes for `batched`. */
+static void release_record(rlb_ring *r, int batched)
 {
     r->seq++;
-    release_bytes(r, r->peek_bytes);
+    release_bytes(r, r->peek_bytes, batched);
     r->peek_bytes = 0;
 }
 
@@ -588,7 +617,7 @@ int rlb__ring_release(rlb_ring *r)
         return rc;
     if (r->peek_bytes == 0)
         return RLB_EINVAL;
-    release_record(r);
+    release_record(r, 0);
     return 0;
 }
 
@@ -622,7 +651,7 @@ static long long send_record(rlb_ring *r, uint32_t type, int part, const uint8_t
     memcpy(slot, &total, hdr_len);
     if (n) /* src may be NULL for an empty message */
         memcpy((uint8_t *)slot + hdr_len, src, n);
-    commit_record(r, type | flags, hdr_len + n);
+    commit_record(r, type | flags, hdr_len + n, flags == RLB_RING_F_MORE);
     return (long long)n;
 }
 
@@ -683,12 +712,13 @@ static void rx_discard(rlb_ring_rx *rx, const char *why)
     rx->total = 0;
 }
 
-/* Frees the record rx holds, if any. */
+/* Frees the record rx holds, if any: batched while its message goes on, at once after its
+ * last part (the producer may wait for that room to send the next message). */
 static void rx_release(rlb_ring *r, rlb_ring_rx *rx)
 {
     if (rx->holds_record) {
         rx->holds_record = 0;
-        release_record(r);
+        release_record(r, rx->state != RX_IDLE);
     }
 }
 
@@ -712,7 +742,7 @@ static int take_record(rlb_ring *r, rlb_ring_rx *rx, int mode, const rlb_ring_ms
     } else if (rx->state == RX_SKIPPING) {
         if (last)
             rx->state = RX_IDLE;
-        release_record(r);
+        release_record(r, !last);
         return 1;
     } else if (rx->state == RX_IDLE) {
         return corrupt(r, "fragment outside a message", m->seq);
@@ -733,7 +763,7 @@ static int take_record(rlb_ring *r, rlb_ring_rx *rx, int mode, const rlb_ring_ms
             RLB_LOG_WARN(RLB_SUB_RING, "skipping a %llu-byte message (limit %zu)",
                          (unsigned long long)total, rx->max_msg);
             rx->state = last ? RX_IDLE : RX_SKIPPING;
-            release_record(r);
+            release_record(r, 0);
             return RLB_ETOOBIG;
         }
         rx->total = (size_t)total;
@@ -833,8 +863,10 @@ static int rx_copy_out(rlb_ring *r, rlb_ring_rx *rx, rlb_ring_msg *msg)
 
 void rlb__ring_recv_done(rlb_ring *r, rlb_ring_rx *rx)
 {
-    if (rx)
+    if (rx && rx->holds_record) {
         rx_release(r, rx);
+        wake_owed(r);
+    }
 }
 
 void rlb__ring_rx_free(rlb_ring_rx *rx)

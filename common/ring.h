@@ -23,6 +23,13 @@
  * each side an eventfd to sleep on and the peer's eventfd to write, which no peer can
  * corrupt, and which an event loop can poll with its other fds (rlb__ring_arm).
  *
+ * Wake-ups are batched inside a fragmented message: the sender wakes a sleeping receiver at
+ * the message's first and last fragment and once per quarter of the ring in between, the
+ * receiver wakes a sleeping sender once per quarter of the ring it frees and at the
+ * message's end, and either side first wakes its peer when it is about to wait itself, so
+ * both are never asleep with work for the other pending. A side that is awake is never
+ * woken (no system call), whatever the fragment count.
+ *
  * The reader never trusts the segment: every index and length read from shared memory is
  * checked against the capacity, and a value no honest peer writes yields RLB_ECORRUPT (after
  * which the handle refuses further use), never an access outside the mapping.
@@ -128,6 +135,8 @@ typedef struct rlb_ring {
     void *alive_arg;         /* passed to alive */
     int wait_fd;             /* eventfd we sleep on instead of our semaphore, or -1 */
     int wake_fd;             /* eventfd we write instead of posting the peer's, or -1 */
+    uint64_t unwoken;        /* bytes committed (producer) or freed (consumer) since we last
+                                woke the peer: the batch a deferred wake-up still owes */
 } rlb_ring;
 
 /* A record handed out by peek or recv. */
