@@ -11,7 +11,8 @@ rlb_add_test(NAME test_ring_threads
 rlb_add_test(NAME test_ring_procs
              SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_ring_procs.c ${CMAKE_CURRENT_LIST_DIR}/ring_traffic.c
              LIBS rlb_common LABELS unit tsan TIMEOUT 120)
-rlb_add_test(NAME test_ring_stream SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_ring_stream.c
+rlb_add_test(NAME test_ring_stream
+             SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_ring_stream.c ${CMAKE_CURRENT_LIST_DIR}/ring_traffic.c
              LIBS rlb_common Threads::Threads LABELS unit tsan TIMEOUT 300)
 rlb_add_test(NAME test_conn SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_conn.c
              LIBS rlb_common Threads::Threads LABELS unit tsan TIMEOUT 60)
