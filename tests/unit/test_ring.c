@@ -956,6 +956,7 @@ static const seed seeds[] = {
     {"05-fragments-wrap", FUZZ_RING_RECV, 1u << 20, FUZZ_RING_CAP - 1000, 0, {0}, 3000, 0},
     {"06-oversized", FUZZ_RING_RECV, 100, 0, 0, {0}, 3000, 10},
     {"07-producer", FUZZ_RING_PRODUCER, 12345, 2048, 1024, {0}, 0, 0},
+    {"08-parts", FUZZ_RING_PARTS, 1u << 20, FUZZ_RING_CAP - 1000, 0, {100, 0}, 3000, 10},
 };
 
 /* Writes the fuzz input of seed d into out (sizeof(fuzz_ring_prefix) + FUZZ_RING_CAP
