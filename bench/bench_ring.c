@@ -11,6 +11,11 @@
  *   64 B messages/s        a stream of 64-byte messages, claim/commit and peek/release on
  *                          the ring, one write() per message on the socket (the reader reads
  *                          64 KiB at a time), timed from the parent's "go" to the last one.
+ *   4 MiB one message      (information) the 64 B latency run with 4 MiB messages, sent
+ *                          with rlb__ring_send and received whole with rlb__ring_recv (or
+ *                          write() / read()), one at a time: how long one large message
+ *                          takes when nothing else is queued, where streaming lets the
+ *                          receiver copy while the sender fills. Ring of RLB_RING_BYTES.
  *   4 MiB GB/s             4 MiB messages copied in by the sender (rlb__ring_send, which
  *                          streams them as fragments of RLB_RING_FRAG_BYTES) and copied out
  *                          by the receiver into its own buffer (rlb__ring_recv), against
@@ -24,12 +29,13 @@
  * are not timed, over either transport: a connection's ring, buffers and socket pay their
  * page faults once in its life, not per message (on this VM a fault is costly).
  *
- * Latency runs spin without limit (the sleeping run: the receiver sleeps at once); message
- * rate and GB/s runs keep RLB_SPIN_US on both sides (spin, then sleep), as connections do.
+ * 64 B latency runs spin without limit (the sleeping run: the receiver sleeps at once); the
+ * other runs keep RLB_SPIN_US on both sides (spin, then sleep), as connections do.
  *
  * Ratios: latency_ratio_vs_socketpair = socketpair p50 / spinning ring p50;
  * ring_4m_vs_socketpair = ring GB/s (copy in, copy out) / socketpair GB/s;
- * ring_4m_inplace_vs_socketpair the same for the in-place run. Every message carries a
+ * ring_4m_inplace_vs_socketpair the same for the in-place run; ring_4m_oneway_vs_socketpair
+ * = socketpair p50 / ring p50 of the 4 MiB one-message run. Every message carries a
  * sequence number the receiver checks. Targets on a 2-core machine: ring p50 <= 1 us
  * spinning, <= 30 us woken, >= 5 M msgs/s, latency ratio >= 5, 4 MiB ratio >= 1.5, in
  * place >= 2.
@@ -59,6 +65,7 @@
 #define LAT_SPIN_N 100000           /* samples, spinning ring */
 #define LAT_WOKEN_N 5000            /* samples, sleeping ring */
 #define LAT_SOCK_N 20000            /* samples, socketpair */
+#define LAT_BIG_N 100               /* samples, 4 MiB one message at a time, each transport */
 #define RATE_RING_N 2000000         /* 64 B messages, ring */
 #define RATE_SOCK_N 500000          /* 64 B messages, socketpair */
 #define BIG_N 100                   /* 4 MiB messages, each side */
@@ -181,6 +188,19 @@ static void ring_put(rlb_ring *r, uint32_t type, const void *buf, size_t len)
     rlb__ring_commit(r, type, len);
 }
 
+/* Sends a message of len bytes: a MSG through claim, fill, commit; a larger one through
+ * rlb__ring_send, which streams it as fragments. */
+static void ring_send(rlb_ring *r, const void *buf, size_t len)
+{
+    if (len == MSG) {
+        ring_put(r, T_DATA, buf, len);
+        return;
+    }
+    int rc = rlb__ring_send(r, T_DATA, buf, len, WAIT_MS);
+    if (rc < 0)
+        die("send", rc);
+}
+
 /* Peeks the next record and copies its first 8 bytes (a stamp or a count) out. */
 static uint64_t ring_take(rlb_ring *r)
 {
@@ -227,17 +247,21 @@ static void sock_read(int s, void *buf, size_t len)
 typedef struct lat_run {
     int socket;      /* 1: over the socketpair */
     int woken;       /* 1: the receiver sleeps before every message */
-    int n;           /* samples kept (after LAT_WARMUP) */
+    size_t len;      /* message size: MSG, or BIG (rlb__ring_send / rlb__ring_recv) */
+    int warm;        /* samples dropped at the start */
+    int n;           /* samples kept */
+    uint8_t *buf;    /* len bytes: the child's message, the parent's copy of it */
+    rlb_ring_rx rx;  /* parent, BIG: reassembly state */
     double *lat_ns;  /* the parent's samples */
 } lat_run;
 
 static void lat_child(duo *k, void *arg)
 {
     lat_run *L = arg;
-    uint8_t msg[MSG] = {0};
+    uint8_t *msg = L->buf;
     uint64_t ack;
     rlb__ring_shared *to = k->mem[0];
-    for (int i = 0; i < LAT_WARMUP + L->n; i++) {
+    for (int i = 0; i < L->warm + L->n; i++) {
         if (L->woken) {
             /* Pairs with the exchange in the receiver's sleep: it announced the sleep. */
             int64_t end = now_ns() + (int64_t)WAIT_MS * 1000000;
@@ -251,42 +275,58 @@ static void lat_child(duo *k, void *arg)
         int64_t t = now_ns();
         memcpy(msg, &t, sizeof(t));
         if (L->socket) {
-            sock_write(k->sock[1], msg, MSG);
+            sock_write(k->sock[1], msg, L->len);
             sock_read(k->sock[1], &ack, sizeof(ack));
         } else {
-            ring_put(&k->tx, T_DATA, msg, MSG);
+            ring_send(&k->tx, msg, L->len);
             ring_take(&k->rx);
         }
     }
 }
 
+/* Receives one latency sample's message whole (a BIG one copied out of the ring into
+ * L->buf, or reassembled) and returns the stamp it carries. */
+static int64_t lat_receive(duo *k, lat_run *L)
+{
+    int64_t sent;
+    if (L->socket) {
+        sock_read(k->sock[0], L->buf, L->len);
+        memcpy(&sent, L->buf, sizeof(sent));
+    } else if (L->len == MSG) {
+        rlb_ring_msg m;
+        int rc = rlb__ring_peek(&k->rx, WAIT_MS, &m);
+        if (rc < 0)
+            die("peek", rc);
+        memcpy(&sent, m.data, sizeof(sent));
+    } else {
+        rlb_ring_msg m;
+        int rc = rlb__ring_recv(&k->rx, &L->rx, WAIT_MS, &m);
+        if (rc < 0)
+            die("recv", rc);
+        if (m.data != L->rx.buf)
+            memcpy(L->buf, m.data, m.len);
+        memcpy(&sent, m.data, sizeof(sent));
+    }
+    return sent;
+}
+
 static void lat_parent(duo *k, void *arg)
 {
     lat_run *L = arg;
-    uint8_t msg[MSG];
     uint64_t ack = 0;
-    for (int i = 0; i < LAT_WARMUP + L->n; i++) {
-        int64_t sent;
-        if (L->socket) {
-            sock_read(k->sock[0], msg, MSG);
-            memcpy(&sent, msg, sizeof(sent));
-        } else {
-            rlb_ring_msg m;
-            int rc = rlb__ring_peek(&k->rx, WAIT_MS, &m);
-            if (rc < 0)
-                die("peek", rc);
-            memcpy(&sent, m.data, sizeof(sent));
-        }
+    for (int i = 0; i < L->warm + L->n; i++) {
+        int64_t sent = lat_receive(k, L);
         int64_t got = now_ns();
-        if (!L->socket)
+        if (!L->socket && L->len == MSG)
             rlb__ring_release(&k->rx);
-        if (i >= LAT_WARMUP)
-            L->lat_ns[i - LAT_WARMUP] = (double)(got - sent);
+        if (i >= L->warm)
+            L->lat_ns[i - L->warm] = (double)(got - sent);
         if (L->socket)
             sock_write(k->sock[0], &ack, sizeof(ack));
         else
             ring_put(&k->tx, T_ACK, &ack, sizeof(ack));
     }
+    rlb__ring_recv_done(&k->rx, &L->rx);
 }
 
 static int cmp_double(const void *a, const void *b)
@@ -295,17 +335,29 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* Measures one latency run; p50 and p99 in microseconds. */
-static void latency(int socket, int woken, int n, double *p50, double *p99)
+/* Measures one latency run of messages of len bytes (MSG over a SMALL_RING, spinning
+ * without limit; BIG over a ring of cap bytes, keeping RLB_SPIN_US); p50 and p99 in
+ * microseconds. */
+static void latency(int socket, int woken, size_t len, int n, uint64_t cap, double *p50,
+                    double *p99)
 {
-    lat_run L = {.socket = socket, .woken = woken, .n = n, .lat_ns = calloc((size_t)n, 8)};
-    if (!L.lat_ns)
+    lat_run L = {.socket = socket,
+                 .woken = woken,
+                 .len = len,
+                 .warm = len == MSG ? LAT_WARMUP : BIG_WARM,
+                 .n = n,
+                 .buf = calloc(1, len),
+                 .rx = {.max_msg = len},
+                 .lat_ns = calloc((size_t)n, 8)};
+    if (!L.lat_ns || !L.buf)
         die("calloc", ENOMEM);
-    run_pair(SMALL_RING, SPIN_FOREVER_NS, woken ? 0 : SPIN_FOREVER_NS, lat_child, lat_parent,
-             &L);
+    int64_t spin = len == MSG ? SPIN_FOREVER_NS : -1;
+    run_pair(len == MSG ? SMALL_RING : cap, spin, woken ? 0 : spin, lat_child, lat_parent, &L);
     qsort(L.lat_ns, (size_t)n, sizeof(double), cmp_double);
     *p50 = L.lat_ns[n / 2] / 1e3;
     *p99 = L.lat_ns[(size_t)n * 99 / 100] / 1e3;
+    rlb__ring_rx_free(&L.rx);
+    free(L.buf);
     free(L.lat_ns);
 }
 
@@ -335,15 +387,10 @@ static void send_msgs(duo *k, rate_run *R, long n)
     for (long i = 0; i < n; i++) {
         uint64_t seq = (uint64_t)i;
         memcpy(R->buf, &seq, sizeof(seq));
-        if (R->via == VIA_SOCKET) {
+        if (R->via == VIA_SOCKET)
             sock_write(k->sock[1], R->buf, R->len);
-        } else if (R->len == MSG) {
-            ring_put(&k->tx, T_DATA, R->buf, R->len);
-        } else {
-            int rc = rlb__ring_send(&k->tx, T_DATA, R->buf, R->len, WAIT_MS);
-            if (rc < 0)
-                die("send", rc);
-        }
+        else
+            ring_send(&k->tx, R->buf, R->len);
     }
 }
 
@@ -510,10 +557,12 @@ int main(void)
     uint64_t big_ring = (uint64_t)rlb__env_int(RLB_KNOB_RING_BYTES);
     if (rlb__ring_memsize(big_ring) == 0)
         die("RLB_RING_BYTES is not a valid ring size", EINVAL);
-    double spin50, spin99, woken50, woken99, sock50, sock99;
-    latency(0, 0, LAT_SPIN_N, &spin50, &spin99);
-    latency(0, 1, LAT_WOKEN_N, &woken50, &woken99);
-    latency(1, 0, LAT_SOCK_N, &sock50, &sock99);
+    double spin50, spin99, woken50, woken99, sock50, sock99, big50, big99, sbig50, sbig99;
+    latency(0, 0, MSG, LAT_SPIN_N, 0, &spin50, &spin99);
+    latency(0, 1, MSG, LAT_WOKEN_N, 0, &woken50, &woken99);
+    latency(1, 0, MSG, LAT_SOCK_N, 0, &sock50, &sock99);
+    latency(0, 0, BIG, LAT_BIG_N, big_ring, &big50, &big99);
+    latency(1, 0, BIG, LAT_BIG_N, big_ring, &sbig50, &sbig99);
     /* Throughput: best of ROUNDS, the two transports taking turns, so that a burst of
      * load from elsewhere on the machine does not land on one of them only. */
     double ring_rate = 0, sock_rate = 0, ring_gbs = 0, sock_gbs = 0, place_gbs = 0;
@@ -528,6 +577,7 @@ int main(void)
     double lat_ratio = sock50 / spin50;
     double big_ratio = ring_gbs / sock_gbs;
     double place_ratio = place_gbs / sock_gbs;
+    double oneway_ratio = sbig50 / big50;
 
     printf("%-40s %12s %12s  %s\n", "measure (two processes)", "ring", "socketpair", "target");
     printf("%-40s %9.3f us %9.3f us  ring <= 1 us\n", "64 B one-way p50, spinning consumer",
@@ -538,6 +588,9 @@ int main(void)
     printf("%-40s %9.3f us\n", "64 B one-way p99, sleeping consumer", woken99);
     printf("%-40s %9.2f M/s %9.2f M/s  ring >= 5 M/s\n", "64 B messages/s", ring_rate / 1e6,
            sock_rate / 1e6);
+    printf("%-40s %9.1f us %9.1f us  (information)\n", "4 MiB one message at a time, p50", big50,
+           sbig50);
+    printf("%-40s %9.1f us %9.1f us\n", "4 MiB one message at a time, p99", big99, sbig99);
     printf("%-40s %9.2f GB/s %8.2f GB/s\n", "4 MiB messages (copy in + copy out)", ring_gbs,
            sock_gbs);
     printf("%-40s %9.2f GB/s %8.2f GB/s\n", "4 MiB messages (copy in + read in place)",
@@ -545,15 +598,19 @@ int main(void)
     printf("%-40s %12.1f %12s  >= 5\n", "latency_ratio_vs_socketpair", lat_ratio, "");
     printf("%-40s %12.2f %12s  >= 1.5\n", "ring_4m_vs_socketpair", big_ratio, "");
     printf("%-40s %12.2f %12s  >= 2\n", "ring_4m_inplace_vs_socketpair", place_ratio, "");
+    printf("%-40s %12.2f %12s  (information)\n", "ring_4m_oneway_vs_socketpair", oneway_ratio,
+           "");
     printf("{\"bench\":\"ring\",\"ring_p50_spin_us\":%.3f,\"ring_p99_spin_us\":%.3f,"
            "\"ring_p50_woken_us\":%.3f,\"ring_p99_woken_us\":%.3f,"
            "\"socketpair_p50_us\":%.3f,\"socketpair_p99_us\":%.3f,"
            "\"ring_msgs_per_s_64\":%.0f,\"socketpair_msgs_per_s_64\":%.0f,"
            "\"ring_gb_per_s_4m\":%.3f,\"socketpair_gb_per_s_4m\":%.3f,\"ring_bytes\":%llu,"
            "\"ring_in_place_gb_per_s_4m\":%.3f,"
+           "\"ring_p50_4m_oneway_us\":%.1f,\"socketpair_p50_4m_oneway_us\":%.1f,"
            "\"latency_ratio_vs_socketpair\":%.2f,\"ring_4m_vs_socketpair\":%.2f,"
-           "\"ring_4m_inplace_vs_socketpair\":%.2f}\n",
+           "\"ring_4m_inplace_vs_socketpair\":%.2f,\"ring_4m_oneway_vs_socketpair\":%.2f}\n",
            spin50, spin99, woken50, woken99, sock50, sock99, ring_rate, sock_rate, ring_gbs,
-           sock_gbs, (unsigned long long)big_ring, place_gbs, lat_ratio, big_ratio, place_ratio);
+           sock_gbs, (unsigned long long)big_ring, place_gbs, big50, sbig50, lat_ratio, big_ratio,
+           place_ratio, oneway_ratio);
     return 0;
 }
