@@ -1,5 +1,5 @@
 /* ring.c: the SPSC byte ring of ring.h: placement, attach, claim/commit, peek/release, the
- * bounded sleep/wake handshake, and fragmentation of large messages.
+ * bounded sleep/wake handshake, and streaming of large messages as fragments.
  *
  * Invariants the producer keeps (and the consumer checks, trusting nothing):
  *   cons.index <= prod.index <= cons.index + capacity, both multiples of RLB_RING_ALIGN;
@@ -31,8 +31,15 @@
 #define MAX_MESSAGE (1ull << 40)
 /* Spin iterations between two reads of the clock. */
 #define SPIN_CLOCK_EVERY 16
+/* Inside a fragmented message a sleeping peer is woken once per capacity >> this many bytes
+ * (ring.h): often enough that it works while we go on, rarely enough that a message of
+ * many fragments costs a few system calls, not one per fragment. */
+#define WAKE_BATCH_SHIFT 2
 
-enum { RX_IDLE = 0, RX_ASSEMBLING, RX_SKIPPING };
+/* What a receiver is doing: nothing, copying a fragmented message into its buffer
+ * (rlb__ring_recv), handing one out in parts (rlb__ring_recv_part), or skipping the rest of
+ * one (over max_msg, or out of memory). */
+enum { RX_IDLE = 0, RX_ASSEMBLING, RX_PARTS, RX_SKIPPING };
 
 static int64_t now_ns(void)
 {
@@ -202,6 +209,11 @@ size_t rlb__ring_max_payload(const rlb_ring *r)
     return (size_t)min_u64(r->capacity / 2 - REC_HDR, MAX_RECORD_PAYLOAD);
 }
 
+size_t rlb__ring_frag_max(const rlb_ring *r)
+{
+    return (size_t)min_u64(rlb__ring_max_payload(r), RLB_RING_FRAG_BYTES);
+}
+
 /* Wakes a sleeping peer: one write to its eventfd (a full counter only means it is
  * already woken), or a post of its semaphore in the segment. */
 static void signal_peer(rlb_ring *r)
@@ -228,9 +240,30 @@ static void signal_peer(rlb_ring *r)
 static void wake_peer(rlb_ring *r)
 {
     rlb__ring_side_wake *w = peer_wake(r);
+    r->unwoken = 0;
     /* Pairs with the exchange to 1 in sleep_slice: see above. */
     if (rlb_exchange(&w->sleeping, 0u))
         signal_peer(r);
+}
+
+/* Wakes the peer for `bytes` we just committed or freed: at once, or, `batched` (inside a
+ * fragmented message), once a batch of them accumulated (ring.h). Skipping the exchange is
+ * what defers it: a peer that announced its sleep stays announced, so the exchange that
+ * pays the debt (a later batch, the message's end, or wake_owed before we wait) still
+ * finds it and wakes it. */
+static void wake_for(rlb_ring *r, uint64_t bytes, int batched)
+{
+    r->unwoken += bytes;
+    if (!batched || r->unwoken >= r->capacity >> WAKE_BATCH_SHIFT)
+        wake_peer(r);
+}
+
+/* Pays a deferred wake-up. Called before we wait for the peer (or return to an event loop
+ * that will): a peer asleep on work we deferred would otherwise never give us ours. */
+static void wake_owed(rlb_ring *r)
+{
+    if (r->unwoken)
+        wake_peer(r);
 }
 
 void rlb__ring_close(rlb_ring *r)
@@ -373,6 +406,7 @@ int rlb__ring_arm(rlb_ring *r, size_t need)
     if (!r || !r->shm || r->error)
         return r && r->error ? r->error : RLB_EINVAL;
     uint64_t bytes = r->role == RLB_RING_PRODUCER ? REC_HDR + align_up(need) : 0;
+    wake_owed(r);
     /* Pairs with the exchange in wake_peer, as in sleep_slice. */
     rlb_exchange(&own_wake(r)->sleeping, 1u);
     int rc = ready(r, bytes);
@@ -395,6 +429,7 @@ static int wait_ready(rlb_ring *r, uint64_t need, int64_t deadline)
     int rc = ready(r, need);
     if (rc != 0)
         return rc < 0 ? rc : 0;
+    wake_owed(r);
     if (deadline == 0)
         return RLB_EAGAIN;
 
@@ -460,8 +495,9 @@ int rlb__ring_claim(rlb_ring *r, size_t len, int timeout_ms, void **data, size_t
     return claim_until(r, len, deadline_after(timeout_ms), data, cap);
 }
 
-/* Publishes the open claim as a record of `used` payload bytes with type word type_flags. */
-static void commit_record(rlb_ring *r, uint32_t type_flags, size_t used)
+/* Publishes the open claim as a record of `used` payload bytes with type word type_flags,
+ * waking the consumer at once, or batched for a fragment in the middle of a message. */
+static void commit_record(rlb_ring *r, uint32_t type_flags, size_t used, int batched)
 {
     uint64_t mask = r->capacity - 1;
     if (r->claim_at != r->index) {
@@ -475,7 +511,7 @@ static void commit_record(rlb_ring *r, uint32_t type_flags, size_t used)
     /* Pairs with the load_acquire in refresh_tail: publishes the padding, the record
      * header and the payload the caller filled in. */
     rlb_store_release(&r->shm->prod.index, r->index);
-    wake_peer(r);
+    wake_for(r, REC_HDR + align_up(used), batched);
 }
 
 int rlb__ring_commit(rlb_ring *r, uint32_t type, size_t used)
@@ -485,7 +521,7 @@ int rlb__ring_commit(rlb_ring *r, uint32_t type, size_t used)
         return rc;
     if (!r->claim_open || used > r->claim_cap || (type & ~RLB_RING_TYPE_MASK))
         return RLB_EINVAL;
-    commit_record(r, type, used);
+    commit_record(r, type, used, 0);
     return 0;
 }
 
@@ -495,13 +531,14 @@ void rlb__ring_abort(rlb_ring *r)
         r->claim_open = 0;
 }
 
-/* Consumer: frees `bytes` at our index and tells a producer that sleeps for room. */
-static void release_bytes(rlb_ring *r, uint64_t bytes)
+/* Consumer: frees `bytes` at our index and tells a producer that sleeps for room, at once
+ * or batched (a fragment in the middle of a message). */
+static void release_bytes(rlb_ring *r, uint64_t bytes, int batched)
 {
     r->index += bytes;
     /* Pairs with the load_acquire in refresh_head: we are done reading below this index. */
     rlb_store_release(&r->shm->cons.index, r->index);
-    wake_peer(r);
+    wake_for(r, bytes, batched);
 }
 
 /* Consumer: decodes the record at our index (a record is waiting). Returns 1 after skipping
@@ -519,7 +556,7 @@ static int read_record(rlb_ring *r, rlb_ring_msg *msg)
         if (rec.type != RLB_RING_F_PAD || rec.len < RLB_RING_PAD_MIN ||
             rec.len % RLB_RING_ALIGN || rec.len > limit)
             return corrupt(r, "bad padding record", rec.len);
-        release_bytes(r, rec.len);
+        release_bytes(r, rec.len, 0);
         return 1;
     }
     if (limit < REC_HDR)
@@ -565,6 +602,14 @@ int rlb__ring_peek(rlb_ring *r, int timeout_ms, rlb_ring_msg *msg)
     return peek_until(r, deadline_after(timeout_ms), msg);
 }
 
+/* Frees the record peek handed out (there is one); see release_bytes for `batched`. */
+static void release_record(rlb_ring *r, int batched)
+{
+    r->seq++;
+    release_bytes(r, r->peek_bytes, batched);
+    r->peek_bytes = 0;
+}
+
 int rlb__ring_release(rlb_ring *r)
 {
     int rc = usable(r, RLB_RING_CONSUMER);
@@ -572,9 +617,7 @@ int rlb__ring_release(rlb_ring *r)
         return rc;
     if (r->peek_bytes == 0)
         return RLB_EINVAL;
-    r->seq++;
-    release_bytes(r, r->peek_bytes);
-    r->peek_bytes = 0;
+    release_record(r, 0);
     return 0;
 }
 
@@ -584,9 +627,9 @@ int rlb__ring_release(rlb_ring *r)
 enum { PART_WHOLE, PART_FIRST, PART_REST };
 
 /* Claims one record of at least min_len payload bytes, fills it with the u64 total length
- * (PART_FIRST only) and as much of src[0..len) as fits, and commits it flagged for `part`:
- * a PART_REST record that holds all the rest is the LAST fragment. Returns the bytes of src
- * written, or a negative code. */
+ * (PART_FIRST only) and as much of src[0..len) as fits in a fragment, and commits it flagged
+ * for `part`: a PART_REST record that holds all the rest is the LAST fragment. Returns the
+ * bytes of src written, or a negative code. */
 static long long send_record(rlb_ring *r, uint32_t type, int part, const uint8_t *src,
                              size_t len, size_t min_len, int64_t deadline)
 {
@@ -595,9 +638,12 @@ static long long send_record(rlb_ring *r, uint32_t type, int part, const uint8_t
     int rc = claim_until(r, min_len, deadline, &slot, &cap);
     if (rc < 0)
         return rc;
+    /* At most one fragment per record, so the consumer gets to work on it while we fill
+     * the next one. */
+    size_t room = cap < rlb__ring_frag_max(r) ? cap : rlb__ring_frag_max(r);
     uint64_t total = len;
     size_t hdr_len = part == PART_FIRST ? sizeof(total) : 0;
-    size_t n = cap - hdr_len < len ? cap - hdr_len : len;
+    size_t n = room - hdr_len < len ? room - hdr_len : len;
     uint32_t flags = part == PART_WHOLE   ? 0
                      : part == PART_FIRST ? RLB_RING_F_FIRST
                      : n == len           ? RLB_RING_F_LAST
@@ -605,19 +651,19 @@ static long long send_record(rlb_ring *r, uint32_t type, int part, const uint8_t
     memcpy(slot, &total, hdr_len);
     if (n) /* src may be NULL for an empty message */
         memcpy((uint8_t *)slot + hdr_len, src, n);
-    commit_record(r, type | flags, hdr_len + n);
+    commit_record(r, type | flags, hdr_len + n, flags == RLB_RING_F_MORE);
     return (long long)n;
 }
 
 size_t rlb__ring_send_need(const rlb_ring *r, size_t len, size_t off)
 {
-    size_t max_payload = rlb__ring_max_payload(r);
-    if (len <= max_payload)
+    size_t frag_max = rlb__ring_frag_max(r);
+    if (len <= frag_max)
         return len;
-    /* Fragments take whatever room is free, but not less than an eighth of a record, so a
-     * lagging consumer does not turn a message into a stream of tiny records. The first
-     * one also carries the total length, which max_payload < len keeps from being last. */
-    size_t frag_min = max_payload / 8;
+    /* Fragments take whatever room is free, but not less than an eighth of a fragment, so
+     * a lagging consumer does not turn a message into a stream of tiny records. The first
+     * one also carries the total length, which frag_max < len keeps from being last. */
+    size_t frag_min = frag_max / 8;
     size_t want = (off == 0 ? sizeof(uint64_t) : 0) + (len - off);
     return want < frag_min ? want : frag_min;
 }
@@ -628,14 +674,14 @@ int rlb__ring_send_from(rlb_ring *r, uint32_t type, const void *buf, size_t len,
     int rc = usable(r, RLB_RING_PRODUCER);
     if (rc < 0)
         return rc;
-    if ((!buf && len) || !off || *off > len || (*off && len <= rlb__ring_max_payload(r)) ||
-        r->claim_open || timeout_ms < 0 || (type & ~RLB_RING_TYPE_MASK))
+    int whole = len <= rlb__ring_frag_max(r);
+    if ((!buf && len) || !off || *off > len || (*off && whole) || r->claim_open ||
+        timeout_ms < 0 || (type & ~RLB_RING_TYPE_MASK))
         return RLB_EINVAL;
     if (len > MAX_MESSAGE)
         return RLB_ETOOBIG;
     int64_t deadline = deadline_after(timeout_ms);
     const uint8_t *src = buf;
-    int whole = len <= rlb__ring_max_payload(r);
     do {
         int part = whole ? PART_WHOLE : *off == 0 ? PART_FIRST : PART_REST;
         long long n = send_record(r, type, part, src + *off, len - *off,
@@ -653,17 +699,126 @@ int rlb__ring_send(rlb_ring *r, uint32_t type, const void *buf, size_t len, int 
     return rlb__ring_send_from(r, type, buf, len, &off, timeout_ms);
 }
 
-/* ---- Reassembly ---------------------------------------------------------------------- */
+/* ---- Receiving: parts, and reassembly over them -------------------------------------- */
 
 /* Drops a partially received message; `why` says what ended it (logged). */
 static void rx_discard(rlb_ring_rx *rx, const char *why)
 {
-    if (rx->state == RX_ASSEMBLING)
+    if (rx->state == RX_ASSEMBLING || rx->state == RX_PARTS)
         RLB_LOG_WARN(RLB_SUB_RING, "discarding a partial message (%zu of %zu bytes): %s",
                      rx->have, rx->total, why);
     rx->state = RX_IDLE;
     rx->have = 0;
     rx->total = 0;
+}
+
+/* Frees the record rx holds, if any: batched while its message goes on, at once after its
+ * last part (the producer may wait for that room to send the next message). */
+static void rx_release(rlb_ring *r, rlb_ring_rx *rx)
+{
+    if (rx->holds_record) {
+        rx->holds_record = 0;
+        release_record(r, rx->state != RX_IDLE);
+    }
+}
+
+/* Takes the peeked record m as the next part of what rx receives in `mode` (RX_ASSEMBLING
+ * or RX_PARTS), checking it against the message so far: lengths must add up to the total
+ * the first fragment announced, and a fragment keeps the first one's type. Returns 0 with
+ * *part set and the record held, 1 when the record was skipped (released), RLB_EABORTED
+ * (a new message starts while one is unfinished; the record stays for the next call),
+ * RLB_ETOOBIG or RLB_ECORRUPT. */
+static int take_record(rlb_ring *r, rlb_ring_rx *rx, int mode, const rlb_ring_msg *m,
+                       rlb_ring_part *part)
+{
+    int starts = m->flags == 0 || m->flags == RLB_RING_F_FIRST;
+    int last = m->flags == 0 || m->flags == RLB_RING_F_LAST;
+    if (starts && (rx->state == RX_ASSEMBLING || rx->state == RX_PARTS)) {
+        rx_discard(rx, "the sender started another message");
+        return RLB_EABORTED;
+    }
+    if (starts) {
+        rx->state = RX_IDLE; /* the rest of a message being skipped never came */
+    } else if (rx->state == RX_SKIPPING) {
+        if (last)
+            rx->state = RX_IDLE;
+        release_record(r, !last);
+        return 1;
+    } else if (rx->state == RX_IDLE) {
+        return corrupt(r, "fragment outside a message", m->seq);
+    }
+
+    uint64_t total = m->len;
+    size_t skip = 0; /* bytes of the record before the message's: the first's total */
+    if (m->flags == RLB_RING_F_FIRST) {
+        if (m->len < sizeof(total))
+            return corrupt(r, "first fragment without a length", m->len);
+        memcpy(&total, m->data, sizeof(total));
+        skip = sizeof(total);
+        if (total <= m->len - skip)
+            return corrupt(r, "fragmented message shorter than its first fragment", total);
+    }
+    if (starts) {
+        if (total > rx->max_msg) {
+            RLB_LOG_WARN(RLB_SUB_RING, "skipping a %llu-byte message (limit %zu)",
+                         (unsigned long long)total, rx->max_msg);
+            rx->state = last ? RX_IDLE : RX_SKIPPING;
+            release_record(r, 0);
+            return RLB_ETOOBIG;
+        }
+        rx->total = (size_t)total;
+        rx->have = 0;
+        rx->type = m->type;
+    } else {
+        if (m->type != rx->type)
+            return corrupt(r, "fragment of another message type", m->type);
+        size_t left = rx->total - rx->have;
+        if (last ? m->len != left : m->len >= left)
+            return corrupt(r, "fragment lengths do not add up", m->len);
+    }
+    *part = (rlb_ring_part){.data = (const uint8_t *)m->data + skip,
+                            .len = m->len - skip,
+                            .off = rx->have,
+                            .total = rx->total,
+                            .type = rx->type,
+                            .last = last};
+    rx->have = last ? 0 : rx->have + part->len; /* bytes of a message still in progress */
+    rx->state = last ? RX_IDLE : mode;
+    rx->holds_record = 1;
+    return 0;
+}
+
+/* The next part of a message for `mode` (see take_record), waiting until the deadline.
+ * Returns 0, RLB_EABORTED, RLB_ETOOBIG or a code of peek; a message cut short by the
+ * producer's death or by corruption is discarded. */
+static int next_part(rlb_ring *r, rlb_ring_rx *rx, int mode, int64_t deadline,
+                     rlb_ring_part *part)
+{
+    for (;;) {
+        rlb_ring_msg m;
+        int rc = peek_until(r, deadline, &m);
+        if (rc == 0)
+            rc = take_record(r, rx, mode, &m, part);
+        if (rc == RLB_EPEERDEAD || rc == RLB_ECORRUPT)
+            rx_discard(rx, rlb_strerror(rc));
+        if (rc != 1)
+            return rc;
+    }
+}
+
+/* Starts a receive in `mode`: checks the arguments (out: where the caller wants the
+ * result; a message begun with one call is finished with the same one), then frees the
+ * record handed out before. Returns 0 or a negative code. */
+static int rx_begin(rlb_ring *r, rlb_ring_rx *rx, int mode, int timeout_ms, const void *out)
+{
+    int rc = usable(r, RLB_RING_CONSUMER);
+    if (rc < 0)
+        return rc;
+    int other = mode == RX_PARTS ? RX_ASSEMBLING : RX_PARTS;
+    if (!rx || !out || timeout_ms < 0 || rx->state == other)
+        return RLB_EINVAL;
+    rx_release(r, rx);
+    return 0;
 }
 
 /* Makes rx->buf hold at least `need` bytes of the rx->total being assembled. It grows
@@ -685,90 +840,32 @@ static int rx_reserve(rlb_ring_rx *rx, size_t need)
     return 0;
 }
 
-/* Starts reassembly from a FIRST fragment. Returns 0, RLB_ETOOBIG (the message will be
- * skipped), RLB_ENOMEM or RLB_ECORRUPT. */
-static int rx_start(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m)
-{
-    uint64_t total;
-    if (m->len < sizeof(total))
-        return corrupt(r, "first fragment without a length", m->len);
-    memcpy(&total, m->data, sizeof(total));
-    size_t part = m->len - sizeof(total);
-    if (total <= part)
-        return corrupt(r, "fragmented message shorter than its first fragment", total);
-    rx->state = RX_SKIPPING;
-    if (total > rx->max_msg) {
-        RLB_LOG_WARN(RLB_SUB_RING, "skipping a %llu-byte message (limit %zu)",
-                     (unsigned long long)total, rx->max_msg);
-        return RLB_ETOOBIG;
-    }
-    rx->total = (size_t)total;
-    int rc = rx_reserve(rx, part);
-    if (rc < 0)
-        return rc;
-    if (part) /* an empty first fragment leaves buf unallocated (NULL) */
-        memcpy(rx->buf, (const uint8_t *)m->data + sizeof(total), part);
-    rx->state = RX_ASSEMBLING;
-    rx->have = part;
-    rx->type = m->type;
-    return 0;
-}
-
-/* Adds a MORE or LAST fragment. Returns 1 when the message is complete, 0 when more is to
- * come, RLB_ENOMEM or RLB_ECORRUPT. */
-static int rx_append(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m)
-{
-    int last = m->flags == RLB_RING_F_LAST;
-    if (rx->state == RX_SKIPPING) {
-        if (last)
-            rx->state = RX_IDLE;
-        return 0;
-    }
-    if (rx->state != RX_ASSEMBLING)
-        return corrupt(r, "fragment outside a message", m->seq);
-    if (m->type != rx->type)
-        return corrupt(r, "fragment of another message type", m->type);
-    size_t left = rx->total - rx->have;
-    if (last ? m->len != left : m->len >= left)
-        return corrupt(r, "fragment lengths do not add up", m->len);
-    int rc = rx_reserve(rx, rx->have + m->len);
-    if (rc < 0) {
-        rx->state = last ? RX_IDLE : RX_SKIPPING; /* the rest of the message is skipped */
-        return rc;
-    }
-    if (m->len) /* buf may still be NULL when every fragment so far was empty */
-        memcpy(rx->buf + rx->have, m->data, m->len);
-    rx->have += m->len;
-    return last;
-}
-
 /* Copies a whole one-record message into rx->buf and releases its record, so what the
  * caller reads is ours alone. Returns 0 with *msg pointing at the copy, or RLB_ENOMEM (the
  * message is skipped). */
-static int rx_copy_out(rlb_ring *r, rlb_ring_rx *rx, const rlb_ring_msg *m, rlb_ring_msg *msg)
+static int rx_copy_out(rlb_ring *r, rlb_ring_rx *rx, rlb_ring_msg *msg)
 {
-    if (m->len > rx->buf_cap) {
-        uint8_t *grown = realloc(rx->buf, m->len);
+    if (msg->len > rx->buf_cap) {
+        uint8_t *grown = realloc(rx->buf, msg->len);
         if (!grown) {
-            rlb__ring_release(r);
+            rx_release(r, rx);
             return RLB_ENOMEM;
         }
         rx->buf = grown;
-        rx->buf_cap = m->len;
+        rx->buf_cap = msg->len;
     }
-    if (m->len)
-        memcpy(rx->buf, m->data, m->len);
-    *msg = *m;
+    if (msg->len)
+        memcpy(rx->buf, msg->data, msg->len);
     msg->data = rx->buf;
-    rlb__ring_release(r);
+    rx_release(r, rx);
     return 0;
 }
 
 void rlb__ring_recv_done(rlb_ring *r, rlb_ring_rx *rx)
 {
     if (rx && rx->holds_record) {
-        rx->holds_record = 0;
-        rlb__ring_release(r);
+        rx_release(r, rx);
+        wake_owed(r);
     }
 }
 
@@ -782,49 +879,44 @@ void rlb__ring_rx_free(rlb_ring_rx *rx)
     rx->max_msg = max_msg;
 }
 
-int rlb__ring_recv(rlb_ring *r, rlb_ring_rx *rx, int timeout_ms, rlb_ring_msg *msg)
+int rlb__ring_recv_part(rlb_ring *r, rlb_ring_rx *rx, int timeout_ms, rlb_ring_part *part)
 {
-    int rc = usable(r, RLB_RING_CONSUMER);
+    int rc = rx_begin(r, rx, RX_PARTS, timeout_ms, part);
     if (rc < 0)
         return rc;
-    if (!rx || !msg || timeout_ms < 0)
-        return RLB_EINVAL;
-    rlb__ring_recv_done(r, rx);
+    return next_part(r, rx, RX_PARTS, deadline_after(timeout_ms), part);
+}
+
+int rlb__ring_recv(rlb_ring *r, rlb_ring_rx *rx, int timeout_ms, rlb_ring_msg *msg)
+{
+    int rc = rx_begin(r, rx, RX_ASSEMBLING, timeout_ms, msg);
+    if (rc < 0)
+        return rc;
     int64_t deadline = deadline_after(timeout_ms);
     for (;;) {
-        rlb_ring_msg m;
-        rc = peek_until(r, deadline, &m);
-        if (rc == RLB_EPEERDEAD || rc == RLB_ECORRUPT)
-            rx_discard(rx, rlb_strerror(rc));
+        rlb_ring_part p;
+        rc = next_part(r, rx, RX_ASSEMBLING, deadline, &p);
+        if (rc == RLB_EABORTED)
+            continue; /* nothing of the dropped message was handed out */
         if (rc < 0)
             return rc;
-        if (m.flags == 0 || m.flags == RLB_RING_F_FIRST)
-            rx_discard(rx, "the sender started another message");
-        if (m.flags == 0) {
-            if (m.len > rx->max_msg) {
-                RLB_LOG_WARN(RLB_SUB_RING, "skipping a %zu-byte message (limit %zu)", m.len,
-                             rx->max_msg);
-                rlb__ring_release(r);
-                return RLB_ETOOBIG;
-            }
-            if (rx->private_copy)
-                return rx_copy_out(r, rx, &m, msg);
-            *msg = m;
-            rx->holds_record = 1;
-            return 0;
-        }
-        rc = m.flags == RLB_RING_F_FIRST ? rx_start(r, rx, &m) : rx_append(r, rx, &m);
-        if (rc == RLB_ECORRUPT) {
-            rx_discard(rx, "corrupt fragment");
+        /* While a record is held, the ring's seq is that record's. */
+        *msg = (rlb_ring_msg){.data = p.data, .len = p.len, .type = p.type, .seq = r->seq};
+        if (p.off == 0 && p.last)
+            return rx->private_copy ? rx_copy_out(r, rx, msg) : 0;
+        rc = rx_reserve(rx, p.off + p.len);
+        if (rc < 0) {
+            if (!p.last)
+                rx->state = RX_SKIPPING; /* the rest of the message is skipped */
+            rx_release(r, rx);
             return rc;
         }
-        rlb__ring_release(r);
-        if (rc < 0)
-            return rc;
-        if (rc == 1) {
-            rx->state = RX_IDLE;
-            *msg = (rlb_ring_msg){.data = rx->buf, .len = rx->total, .type = rx->type,
-                                  .seq = m.seq};
+        if (p.len) /* buf may still be NULL when every fragment so far was empty */
+            memcpy(rx->buf + p.off, p.data, p.len);
+        rx_release(r, rx);
+        if (p.last) {
+            msg->data = rx->buf;
+            msg->len = rx->total;
             return 0;
         }
     }

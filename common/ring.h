@@ -9,8 +9,11 @@
  *   writer: claim(len) -> pointer + capacity to fill in place -> commit(type, used)  (or abort)
  *   reader: peek -> pointer + len into the ring -> release
  *
- * Messages larger than one record (rlb__ring_max_payload) go through rlb__ring_send /
- * rlb__ring_recv, which split them into fragments and reassemble them into a growable buffer.
+ * Messages of any size go through rlb__ring_send / rlb__ring_recv. One larger than
+ * rlb__ring_frag_max streams as fragments of at most that size, each committed as soon as it
+ * is filled, so the receiver copies fragment k out while the sender fills k+1 (a message
+ * never waits for room for all of itself). rlb__ring_recv reassembles it into a buffer that
+ * grows with the bytes that arrive; rlb__ring_recv_part hands its fragments out in place.
  *
  * Waiting: a side spins for spin_us, then sleeps on its process-shared semaphore in the
  * segment, in slices of slice_ms, rechecking its peer's liveness between slices. The other
@@ -19,6 +22,13 @@
  * anything (a client), the semaphores are not used at all: rlb__ring_set_wake_fds gives
  * each side an eventfd to sleep on and the peer's eventfd to write, which no peer can
  * corrupt, and which an event loop can poll with its other fds (rlb__ring_arm).
+ *
+ * Wake-ups are batched inside a fragmented message: the sender wakes a sleeping receiver at
+ * the message's first and last fragment and once per quarter of the ring in between, the
+ * receiver wakes a sleeping sender once per quarter of the ring it frees and at the
+ * message's end, and either side first wakes its peer when it is about to wait itself, so
+ * both are never asleep with work for the other pending. A side that is awake is never
+ * woken (no system call), whatever the fragment count.
  *
  * The reader never trusts the segment: every index and length read from shared memory is
  * checked against the capacity, and a value no honest peer writes yields RLB_ECORRUPT (after
@@ -125,6 +135,8 @@ typedef struct rlb_ring {
     void *alive_arg;         /* passed to alive */
     int wait_fd;             /* eventfd we sleep on instead of our semaphore, or -1 */
     int wake_fd;             /* eventfd we write instead of posting the peer's, or -1 */
+    uint64_t unwoken;        /* bytes committed (producer) or freed (consumer) since we last
+                                woke the peer: the batch a deferred wake-up still owes */
 } rlb_ring;
 
 /* A record handed out by peek or recv. */
@@ -182,6 +194,11 @@ int64_t rlb__ring_peer_idle_ms(const rlb_ring *r);
  * write position once the ring is empty. */
 size_t rlb__ring_max_payload(const rlb_ring *r);
 
+/* Largest message rlb__ring_send writes as one record, and the largest fragment of a longer
+ * one: RLB_RING_FRAG_BYTES, or rlb__ring_max_payload of a ring too small for that. */
+#define RLB_RING_FRAG_BYTES (256u << 10)
+size_t rlb__ring_frag_max(const rlb_ring *r);
+
 /* Producer. Claims a record of at least len payload bytes, waiting up to timeout_ms (0 = do
  * not wait) for space. On success *data points at the payload in the ring and *cap (>= len)
  * is how much of it may be filled. Returns 0, RLB_EAGAIN / RLB_ETIMEDOUT (no space in time),
@@ -207,19 +224,19 @@ int rlb__ring_release(rlb_ring *r);
 
 /* ---- Messages of any size ------------------------------------------------------------- */
 
-/* Copies buf into the ring as one record, or as FIRST/MORE/LAST fragments when it is larger
- * than rlb__ring_max_payload. timeout_ms bounds the whole message. A failure after the first
- * fragment leaves a partial message that the receiver discards when the next one starts.
- * Returns 0, RLB_ETIMEDOUT, RLB_EPEERDEAD, RLB_ECORRUPT, RLB_ETOOBIG (len > 2^40) or
- * RLB_EINVAL. */
+/* Copies buf into the ring as one record, or as FIRST/MORE/LAST fragments (each committed as
+ * soon as it is filled) when it is larger than rlb__ring_frag_max. timeout_ms bounds the
+ * whole message. A failure after the first fragment leaves a partial message that the
+ * receiver discards when the next one starts. Returns 0, RLB_ETIMEDOUT, RLB_EPEERDEAD,
+ * RLB_ECORRUPT, RLB_ETOOBIG (len > 2^40) or RLB_EINVAL. */
 int rlb__ring_send(rlb_ring *r, uint32_t type, const void *buf, size_t len, int timeout_ms);
 
 /* rlb__ring_send resumable: sends buf from byte *off on, advancing *off past every record
- * committed, and returns 0 once the whole message is in the ring. A message that fits one
- * record goes whole or not at all; a larger one as fragments, so with timeout_ms 0 an
- * event loop streams a large message into a slow reader's ring without ever waiting:
- * RLB_EAGAIN (or RLB_ETIMEDOUT) with *off where to resume once the reader freed room. Start
- * with *off = 0; resume only with the same type, buf and len. Other returns as
+ * committed, and returns 0 once the whole message is in the ring. A message of at most
+ * rlb__ring_frag_max bytes goes whole or not at all; a larger one as fragments, so with
+ * timeout_ms 0 an event loop streams a large message into a slow reader's ring without ever
+ * waiting: RLB_EAGAIN (or RLB_ETIMEDOUT) with *off where to resume once the reader freed
+ * room. Start with *off = 0; resume only with the same type, buf and len. Other returns as
  * rlb__ring_send. */
 int rlb__ring_send_from(rlb_ring *r, uint32_t type, const void *buf, size_t len, size_t *off,
                         int timeout_ms);
@@ -233,23 +250,54 @@ typedef struct rlb_ring_rx {
     uint8_t *buf;     /* reassembly buffer, grown with realloc up to max_msg */
     size_t buf_cap;   /* bytes allocated in buf */
     size_t have;      /* bytes of the current fragmented message received so far */
-    size_t total;     /* its announced length */
+    size_t total;     /* its announced length (checked against the fragments, never
+                         trusted for an allocation) */
     uint32_t type;    /* its message type */
-    int state;        /* idle, assembling or skipping an oversized message (ring.c) */
-    int holds_record; /* the last message returned still points into the ring */
+    int state;        /* idle, assembling, handing out parts, or skipping the rest of a
+                         message (ring.c) */
+    int holds_record; /* the last message or part returned still points into the ring */
     int private_copy; /* set by the owner: every message is copied out of the ring into
                          buf before it is returned, so a peer that rewrites a record after
                          it was committed cannot change what the caller decodes */
 } rlb_ring_rx;
 
-/* Receives the next whole message, waiting up to timeout_ms in all. A message that fits one
+/* Receives the next whole message, waiting up to timeout_ms in all. A message sent as one
  * record is returned in place (msg->data points into the ring), unless rx->private_copy
- * asks for a copy; a fragmented one is reassembled into rx->buf. msg stays valid until the next rlb__ring_recv or
+ * asks for a copy; a fragmented one is reassembled into rx->buf, each fragment copied out
+ * and freed as it arrives. msg stays valid until the next rlb__ring_recv or
  * rlb__ring_recv_done. Returns 0, RLB_EAGAIN / RLB_ETIMEDOUT, RLB_EPEERDEAD (a partial
  * message is discarded), RLB_ETOOBIG (a message over rx->max_msg was skipped; the next call
  * goes on with the following one), RLB_ENOMEM, RLB_ECORRUPT or RLB_EINVAL. */
 int rlb__ring_recv(rlb_ring *r, rlb_ring_rx *rx, int timeout_ms, rlb_ring_msg *msg);
-/* Ends the view of the last received message, releasing its record if it was in place. */
+
+/* A part of a message handed out in place by rlb__ring_recv_part. */
+typedef struct rlb_ring_part {
+    const void *data; /* bytes [off, off + len) of the message, in the ring until the next
+                         rlb__ring_recv_part or rlb__ring_recv_done */
+    size_t len;       /* bytes in this part */
+    size_t off;       /* where they lie in the message; 0 starts a message */
+    size_t total;     /* the message's length as its first record announced it; the parts
+                         are checked to add up to it exactly */
+    uint32_t type;    /* the message's type */
+    int last;         /* 1 when this part ends the message */
+} rlb_ring_part;
+
+/* Receives the next part of a message without copying it: a message sent as one record is
+ * one part (off 0, last 1), a fragmented one a part per fragment, in order, each handed out
+ * as soon as the sender committed it. The part handed out before is released first. Parts
+ * are always in place (rx->private_copy does not apply): a consumer that needs the bytes in
+ * one piece, or its own copy, uses rlb__ring_recv instead. One rx follows one of the two
+ * calls for a whole message (switching midway is RLB_EINVAL).
+ * Returns 0, RLB_EAGAIN / RLB_ETIMEDOUT (the message goes on at the next call), RLB_EABORTED
+ * (the sender left the message in progress unfinished and started another: drop what its
+ * parts gave; the next call returns the new one), RLB_EPEERDEAD (likewise dropped: the
+ * sender is gone), RLB_ETOOBIG (a message over rx->max_msg was skipped), RLB_ECORRUPT (a
+ * fragment header no honest sender writes: lengths that do not add up, a fragment of
+ * another type or outside a message) or RLB_EINVAL. */
+int rlb__ring_recv_part(rlb_ring *r, rlb_ring_rx *rx, int timeout_ms, rlb_ring_part *part);
+
+/* Ends the view of the last received message or part, releasing its record if it was in
+ * place. */
 void rlb__ring_recv_done(rlb_ring *r, rlb_ring_rx *rx);
 /* Frees rx's buffer and resets its state (max_msg is kept). */
 void rlb__ring_rx_free(rlb_ring_rx *rx);

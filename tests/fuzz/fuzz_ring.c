@@ -5,7 +5,8 @@
  * capacity and every byte of the data area. The ring lives in a heap block of exactly
  * rlb__ring_memsize bytes, so any access outside the segment is an ASan report. The
  * consumer must hand out only records that lie inside the data area (or, reassembled,
- * inside its own buffer and within max_msg), and otherwise fail with one of its documented
+ * inside its own buffer and within max_msg; or, in parts, inside the data area and in order
+ * within a message of at most max_msg), and otherwise fail with one of its documented
  * codes; RLB_ECORRUPT must then stick. The producer, facing a hostile consumer index, must
  * only hand out slots inside the data area.
  *
@@ -89,6 +90,33 @@ static void drive_recv(rlb_ring *r, size_t max_msg)
     rlb__ring_rx_free(&rx);
 }
 
+static void drive_parts(rlb_ring *r, size_t max_msg)
+{
+    rlb_ring_rx rx = {.max_msg = max_msg};
+    size_t next = 0; /* where the next part of an unfinished message must start */
+    for (int i = 0; i < STEPS; i++) {
+        rlb_ring_part p;
+        int rc = rlb__ring_recv_part(r, &rx, 0, &p);
+        if (rc == RLB_ETOOBIG || rc == RLB_EABORTED) {
+            next = 0; /* skipped, or dropped: the next part starts a message */
+            continue;
+        }
+        if (rc == RLB_EAGAIN)
+            break;
+        if (rc == RLB_ECORRUPT) {
+            check_sticky(r);
+            break;
+        }
+        if (rc != 0 || !inside(r, p.data, p.len) || p.off != next || p.total > max_msg ||
+            p.len > p.total - p.off || (p.last && p.off + p.len != p.total))
+            abort();
+        touch(p.data, p.len);
+        next = p.last ? 0 : p.off + p.len;
+    }
+    rlb__ring_recv_done(r, &rx);
+    rlb__ring_rx_free(&rx);
+}
+
 /* Claims records of pseudo-random sizes (and sends messages larger than a record) as long
  * as the hostile consumer index lets it. */
 static void drive_produce(rlb_ring *r, uint32_t seed)
@@ -146,6 +174,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                               producer ? RLB_RING_PRODUCER : RLB_RING_CONSUMER);
     if (rc == 0 && producer)
         drive_produce(&r, p.param);
+    else if (rc == 0 && (p.mode & FUZZ_RING_PARTS))
+        drive_parts(&r, p.param);
     else if (rc == 0 && (p.mode & FUZZ_RING_RECV))
         drive_recv(&r, p.param);
     else if (rc == 0)

@@ -15,13 +15,15 @@
 
 #define FUZZ_RING_RECV 1u     /* consumer reads with rlb__ring_recv (reassembly), not peek */
 #define FUZZ_RING_PRODUCER 2u /* drive the producer against a hostile consumer index */
+#define FUZZ_RING_PARTS 4u    /* consumer reads with rlb__ring_recv_part (in place) */
 
 typedef struct fuzz_ring_prefix {
     uint64_t prod_index; /* written to the header's producer index */
     uint64_t cons_index; /* written to the header's consumer index */
     uint64_t capacity;   /* written to the header's capacity unless 0 */
     uint32_t mode;       /* FUZZ_RING_* bits */
-    uint32_t param;      /* recv: the receiver's max_msg; producer: seed of record sizes */
+    uint32_t param;      /* recv, parts: the receiver's max_msg; producer: seed of record
+                            sizes */
 } fuzz_ring_prefix;
 _Static_assert(sizeof(fuzz_ring_prefix) == 32, "fuzz input prefix is 32 bytes");
 

@@ -11,6 +11,9 @@ rlb_add_test(NAME test_ring_threads
 rlb_add_test(NAME test_ring_procs
              SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_ring_procs.c ${CMAKE_CURRENT_LIST_DIR}/ring_traffic.c
              LIBS rlb_common LABELS unit tsan TIMEOUT 120)
+rlb_add_test(NAME test_ring_stream
+             SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_ring_stream.c ${CMAKE_CURRENT_LIST_DIR}/ring_traffic.c
+             LIBS rlb_common Threads::Threads LABELS unit tsan TIMEOUT 300)
 rlb_add_test(NAME test_conn SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_conn.c
              LIBS rlb_common Threads::Threads LABELS unit tsan TIMEOUT 60)
 # The same program checks peers of another uid: as root only, else it exits 77 (skip).

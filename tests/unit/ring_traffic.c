@@ -3,28 +3,37 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 
 #include "rlb/rlb.h"
 
-static uint64_t splitmix(uint64_t *s)
+uint64_t traffic_rand(uint64_t *state)
 {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
 }
 
+int traffic_child_alive(void *arg)
+{
+    traffic_child *c = arg;
+    if (!c->reaped && waitpid(c->pid, &c->status, WNOHANG) == c->pid)
+        c->reaped = 1;
+    return !c->reaped;
+}
+
 static size_t msg_len(const traffic *t, uint64_t i)
 {
     uint64_t s = t->seed * 0x100000001b3ull + i;
-    uint64_t x = splitmix(&s);
+    uint64_t x = traffic_rand(&s);
     switch (x % 500) {
     case 0:
-        return (size_t)(splitmix(&s) % (t->big + 1));
+        return (size_t)(traffic_rand(&s) % (t->big + 1));
     case 1: case 2: case 3: case 4: case 5: case 6: case 7: case 8: case 9: case 10:
-        return (size_t)(splitmix(&s) % 2049);
+        return (size_t)(traffic_rand(&s) % 2049);
     default:
-        return (size_t)(splitmix(&s) % 65);
+        return (size_t)(traffic_rand(&s) % 65);
     }
 }
 
@@ -37,7 +46,7 @@ static void msg_fill(const traffic *t, uint64_t i, uint8_t *p, size_t len)
 {
     uint64_t s = ~t->seed ^ (i << 20);
     for (size_t k = 0; k < len; k += 8) {
-        uint64_t v = splitmix(&s);
+        uint64_t v = traffic_rand(&s);
         memcpy(p + k, &v, len - k < 8 ? len - k : 8);
     }
 }

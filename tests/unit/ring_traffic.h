@@ -1,4 +1,5 @@
-/* ring_traffic.h: a reproducible stream of messages for the ring stress tests.
+/* ring_traffic.h: a reproducible stream of messages for the ring stress tests, and the
+ * pieces those tests share (a random generator, the liveness of a forked peer).
  *
  * Message i of a stream has a length, a type and bytes that are pure functions of (seed, i),
  * so the receiver regenerates what it must get and compares every byte, independently of
@@ -12,6 +13,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "common/ring.h"
 
@@ -28,5 +30,19 @@ int traffic_produce(rlb_ring *r, const traffic *t);
 /* Receives the whole stream and checks every message. Returns 0, the first negative RLB_E*
  * code, or 1 for a message that differs from what was sent (its index in *bad). */
 int traffic_consume(rlb_ring *r, const traffic *t, uint64_t *bad);
+
+/* splitmix64: the next number of the sequence that *state names. */
+uint64_t traffic_rand(uint64_t *state);
+
+/* A forked peer, reaped by its liveness check. */
+typedef struct traffic_child {
+    pid_t pid;  /* the child */
+    int status; /* its wait status once reaped */
+    int reaped; /* 1 after waitpid returned it */
+} traffic_child;
+
+/* rlb_ring_alive_fn over a traffic_child: reaps it without waiting, so a crashed child
+ * ends the peer's wait at once instead of at a timeout. */
+int traffic_child_alive(void *arg);
 
 #endif /* RLB_TESTS_RING_TRAFFIC_H */

@@ -2,8 +2,9 @@
  *
  * Positions, padding and record counts are worked out by hand from the wire format in
  * ring.h (16-byte header + payload rounded up to 8; a padding record fills the rest of the
- * data area at wrap; one record is at most capacity/2 - 16 payload bytes). Corruption tests
- * write hostile records and indices straight into the segment and expect RLB_ECORRUPT.
+ * data area at wrap; one record is at most capacity/2 - 16 payload bytes; a message over
+ * rlb__ring_frag_max goes as fragments of at most that). Corruption tests write hostile
+ * records and indices straight into the segment and expect RLB_ECORRUPT.
  *
  *   test_ring                      the unit tests
  *   test_ring --write-corpus DIR   write the ring fuzzer's seeds (tests/fuzz/corpus/ring)
@@ -576,6 +577,146 @@ static void test_send_from_resumes(void **state)
     destroy(f);
 }
 
+/* Fragments are bounded by rlb__ring_frag_max, not by the record limit: in a 2 MiB ring
+ * (records up to 1 MiB) a 600 KiB message goes as 256 KiB fragments; one of exactly
+ * 256 KiB still goes whole. */
+static void test_fragments_bounded(void **state)
+{
+    fixture *f = make(2u << 20);
+    size_t frag = RLB_RING_FRAG_BYTES, len = 600u << 10;
+    assert_int_equal(rlb__ring_frag_max(&f->prod), frag);
+    assert_int_equal(rlb__ring_max_payload(&f->prod), (1u << 20) - HDR);
+    uint8_t *msg = malloc(len);
+    pattern(msg, len, 4);
+    assert_int_equal(rlb__ring_send(&f->prod, 5, msg, len, 0), 0);
+    assert_int_equal(rlb__ring_send(&f->prod, 6, msg, frag, 0), 0);
+    static const struct {
+        uint32_t flags;
+        size_t len;
+    } want[] = {{RLB_RING_F_FIRST, RLB_RING_FRAG_BYTES},
+                {RLB_RING_F_MORE, RLB_RING_FRAG_BYTES},
+                {RLB_RING_F_LAST, (600u << 10) + 8 - 2 * RLB_RING_FRAG_BYTES},
+                {0, RLB_RING_FRAG_BYTES}};
+    for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+        rlb_ring_msg m;
+        assert_int_equal(rlb__ring_peek(&f->cons, 0, &m), 0);
+        assert_int_equal(m.flags, want[i].flags);
+        assert_int_equal(m.len, want[i].len);
+        assert_int_equal(rlb__ring_release(&f->cons), 0);
+    }
+    /* The smallest ring keeps its record limit as the fragment bound. */
+    fixture *g = make(CAP);
+    assert_int_equal(rlb__ring_frag_max(&g->prod), CAP / 2 - HDR);
+    destroy(g);
+    free(msg);
+    destroy(f);
+}
+
+/* take_part: a length, and so whether the part is the last, that depends on where the ring
+ * wraps. */
+#define ANY_LEN SIZE_MAX
+#define ANY_LAST (-1)
+
+/* Receives the next part with recv_part (no wait) and checks where it lies. */
+static rlb_ring_part take_part(fixture *f, rlb_ring_rx *rx, size_t off, size_t len,
+                               size_t total, int last)
+{
+    rlb_ring_part p;
+    assert_int_equal(rlb__ring_recv_part(&f->cons, rx, 0, &p), 0);
+    assert_int_equal(p.off, off);
+    if (len != ANY_LEN)
+        assert_int_equal(p.len, len);
+    len = p.len;
+    assert_int_equal(p.total, total);
+    if (last != ANY_LAST)
+        assert_int_equal(p.last, last);
+    const uint8_t *at = p.data;
+    assert_true(at >= data(f) && at + len <= data(f) + CAP); /* in place */
+    return p;
+}
+
+/* Takes the parts of an unfinished message of `total` bytes that are in the ring, checking
+ * that they follow one another; returns the bytes they hold, fewer than total. */
+static size_t take_parts(fixture *f, rlb_ring_rx *rx, size_t total)
+{
+    size_t got = 0;
+    rlb_ring_part p;
+    int rc;
+    while ((rc = rlb__ring_recv_part(&f->cons, rx, 0, &p)) == 0) {
+        assert_int_equal(p.off, got);
+        assert_int_equal(p.total, total);
+        assert_false(p.last);
+        got += p.len;
+    }
+    assert_int_equal(rc, RLB_EAGAIN);
+    assert_true(got < total);
+    return got;
+}
+
+/* rlb__ring_recv_part hands a message out in place, fragment by fragment; a message the
+ * sender leaves unfinished, a mix of the two receive calls, an oversized message and a
+ * sender that goes away mid-message each get their named code. */
+static void test_parts(void **state)
+{
+    fixture *f = make(CAP);
+    size_t len = 3000, first = CAP / 2 - HDR - 8; /* 2024 bytes ride with the total */
+    uint8_t *msg = malloc(10000);
+    pattern(msg, 10000, 5);
+    rlb_ring_rx rx = {.max_msg = 1 << 20};
+    rlb_ring_part p;
+
+    assert_int_equal(rlb__ring_send(&f->prod, 4, msg, len, 0), 0);
+    assert_int_equal(rlb__ring_send(&f->prod, 6, msg, 100, 0), 0);
+    p = take_part(f, &rx, 0, first, len, 0);
+    assert_int_equal(p.type, 4);
+    assert_memory_equal(p.data, msg, first);
+    p = take_part(f, &rx, first, len - first, len, 1);
+    assert_memory_equal(p.data, msg + first, len - first);
+    p = take_part(f, &rx, 0, 100, 100, 1); /* a whole record is one part */
+    assert_int_equal(p.type, 6);
+    assert_memory_equal(p.data, msg, 100);
+    assert_int_equal(rlb__ring_recv_part(&f->cons, &rx, 0, &p), RLB_EAGAIN);
+    assert_int_equal(hdr(f)->cons.index, hdr(f)->prod.index); /* every part released */
+
+    /* The sender runs out of room midway and starts another message: the parts given so
+     * far are to be dropped (RLB_EABORTED), then the new message comes. */
+    assert_int_equal(rlb__ring_send(&f->prod, 7, msg, 10000, 0), RLB_EAGAIN);
+    assert_true(take_parts(f, &rx, 10000) > 0);
+    assert_int_equal(rlb__ring_send(&f->prod, 3, msg + 1, 50, 0), 0);
+    assert_int_equal(rlb__ring_recv_part(&f->cons, &rx, 0, &p), RLB_EABORTED);
+    p = take_part(f, &rx, 0, 50, 50, 1);
+    assert_int_equal(p.type, 3);
+    assert_memory_equal(p.data, msg + 1, 50);
+
+    /* One message, one call: recv may not take over a message recv_part began. */
+    assert_int_equal(rlb__ring_send(&f->prod, 7, msg, len, 0), 0);
+    p = take_part(f, &rx, 0, ANY_LEN, len, 0);
+    rlb_ring_msg m;
+    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), RLB_EINVAL);
+    while (!p.last)
+        p = take_part(f, &rx, p.off + p.len, ANY_LEN, len, ANY_LAST);
+    assert_int_equal(p.off + p.len, len);
+
+    /* A fragmented message over max_msg is skipped whole, and the next one comes. */
+    rx.max_msg = 2500;
+    assert_int_equal(rlb__ring_send(&f->prod, 7, msg, len, 0), 0);
+    assert_int_equal(rlb__ring_send(&f->prod, 8, msg, 20, 0), 0);
+    assert_int_equal(rlb__ring_recv_part(&f->cons, &rx, 0, &p), RLB_ETOOBIG);
+    take_part(f, &rx, 0, 20, 20, 1);
+
+    /* The sender closes midway: the consumer learns it, and the message is dropped. */
+    rx.max_msg = 1 << 20;
+    assert_int_equal(rlb__ring_send(&f->prod, 7, msg, 10000, 0), RLB_EAGAIN);
+    rlb__ring_close(&f->prod);
+    assert_true(take_parts(f, &rx, 10000) > 0);
+    assert_int_equal(rlb__ring_recv_part(&f->cons, &rx, 1000, &p), RLB_EPEERDEAD);
+    assert_int_equal(rx.have, 0);
+    assert_int_equal(hdr(f)->cons.index, hdr(f)->prod.index);
+    rlb__ring_rx_free(&rx);
+    free(msg);
+    destroy(f);
+}
+
 /* The same wait through eventfds, with garbage over both semaphores: nobody touches them. */
 static void test_sleep_wake_eventfd(void **state)
 {
@@ -625,15 +766,29 @@ static void test_private_copy(void **state)
 
 /* ---- Corruption: values no honest producer writes ---------------------------------- */
 
-static void expect_corrupt(fixture *f)
+/* Receives from f with recv, or with recv_part when `parts`, until RLB_ECORRUPT. */
+static void expect_corrupt_as(fixture *f, int parts)
 {
     rlb_ring_msg m;
     rlb_ring_rx rx = {.max_msg = 1 << 20};
-    assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), RLB_ECORRUPT);
+    if (parts) {
+        rlb_ring_part p;
+        int rc;
+        while ((rc = rlb__ring_recv_part(&f->cons, &rx, 0, &p)) == 0)
+            ;
+        assert_int_equal(rc, RLB_ECORRUPT);
+    } else {
+        assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), RLB_ECORRUPT);
+    }
     /* Sticky: the handle refuses further use. */
     assert_int_equal(rlb__ring_peek(&f->cons, 0, &m), RLB_ECORRUPT);
     rlb__ring_rx_free(&rx);
     destroy(f);
+}
+
+static void expect_corrupt(fixture *f)
+{
+    expect_corrupt_as(f, 0);
 }
 
 static void test_corrupt_indices(void **state)
@@ -720,16 +875,60 @@ static void test_corrupt_fragments(void **state)
         {100, 92, 2 | RLB_RING_F_LAST}, /* a fragment of another message type */
         {8, 0, 0},                      /* total no larger than the first fragment's bytes */
     };
-    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+    for (size_t i = 0; i < 2 * sizeof(bad) / sizeof(bad[0]); i++) {
+        size_t b = i / 2;
         fixture *f = make(CAP);
         raw_record(f, 0, 16, 1 | RLB_RING_F_FIRST, 0);
-        memcpy(data(f) + 16, &bad[i].total, 8);
+        memcpy(data(f) + 16, &bad[b].total, 8);
         hdr(f)->prod.index = 32;
-        if (bad[i].len2) {
-            raw_record(f, 32, bad[i].len2, bad[i].type2, 1);
-            hdr(f)->prod.index = 32 + 16 + ((bad[i].len2 + 7u) & ~7u);
+        if (bad[b].len2) {
+            raw_record(f, 32, bad[b].len2, bad[b].type2, 1);
+            hdr(f)->prod.index = 32 + 16 + ((bad[b].len2 + 7u) & ~7u);
         }
-        expect_corrupt(f);
+        expect_corrupt_as(f, (int)(i % 2));
+    }
+    /* A header rewritten in a real stream: the second fragment's type word now says FIRST
+     * and LAST at once. */
+    for (int parts = 0; parts < 2; parts++) {
+        fixture *f = make(CAP);
+        uint8_t msg[5000] = {0};
+        assert_int_equal(rlb__ring_send(&f->prod, 2, msg, sizeof(msg), 0), RLB_EAGAIN);
+        uint32_t type = 2 | RLB_RING_F_FIRST | RLB_RING_F_LAST;
+        memcpy(data(f) + CAP / 2 + 4, &type, 4);
+        expect_corrupt_as(f, parts);
+    }
+}
+
+/* A first fragment that announces 1 TiB costs no memory beyond the bytes that came: the
+ * buffer grows with them, and the lie shows as soon as the fragments stop adding up. */
+static void test_lying_total(void **state)
+{
+    for (int parts = 0; parts < 2; parts++) {
+        fixture *f = make(CAP);
+        uint64_t total = 1ull << 40;
+        raw_record(f, 0, 16, 1 | RLB_RING_F_FIRST, 0);
+        memcpy(data(f) + 16, &total, 8);
+        hdr(f)->prod.index = 32;
+        rlb_ring_rx rx = {.max_msg = SIZE_MAX};
+        rlb_ring_msg m;
+        rlb_ring_part p;
+        if (parts) {
+            assert_int_equal(rlb__ring_recv_part(&f->cons, &rx, 0, &p), 0);
+            assert_int_equal(p.total, total);
+            assert_int_equal(p.len, 8);
+        } else {
+            assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), RLB_EAGAIN);
+        }
+        assert_true(rx.buf_cap <= 8);
+        raw_record(f, 32, 8, 1 | RLB_RING_F_LAST, 1); /* "the end", 2^40 - 16 bytes early */
+        hdr(f)->prod.index = 56;
+        if (parts)
+            assert_int_equal(rlb__ring_recv_part(&f->cons, &rx, 0, &p), RLB_ECORRUPT);
+        else
+            assert_int_equal(rlb__ring_recv(&f->cons, &rx, 0, &m), RLB_ECORRUPT);
+        assert_true(rx.buf_cap <= 8);
+        rlb__ring_rx_free(&rx);
+        destroy(f);
     }
 }
 
@@ -757,6 +956,7 @@ static const seed seeds[] = {
     {"05-fragments-wrap", FUZZ_RING_RECV, 1u << 20, FUZZ_RING_CAP - 1000, 0, {0}, 3000, 0},
     {"06-oversized", FUZZ_RING_RECV, 100, 0, 0, {0}, 3000, 10},
     {"07-producer", FUZZ_RING_PRODUCER, 12345, 2048, 1024, {0}, 0, 0},
+    {"08-parts", FUZZ_RING_PARTS, 1u << 20, FUZZ_RING_CAP - 1000, 0, {100, 0}, 3000, 10},
 };
 
 /* Writes the fuzz input of seed d into out (sizeof(fuzz_ring_prefix) + FUZZ_RING_CAP
@@ -861,10 +1061,13 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sleep_wake),
         cmocka_unit_test(test_sleep_wake_eventfd),
         cmocka_unit_test(test_send_from_resumes),
+        cmocka_unit_test(test_fragments_bounded),
+        cmocka_unit_test(test_parts),
         cmocka_unit_test(test_private_copy),
         cmocka_unit_test(test_corrupt_indices),
         cmocka_unit_test(test_corrupt_records),
         cmocka_unit_test(test_corrupt_fragments),
+        cmocka_unit_test(test_lying_total),
         cmocka_unit_test(test_corpus_current),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

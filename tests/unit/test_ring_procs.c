@@ -19,20 +19,6 @@
 
 #define CAP (64u * 1024)
 
-typedef struct child {
-    pid_t pid;  /* the producer */
-    int status; /* its wait status once reaped */
-    int reaped; /* 1 after waitpid returned it */
-} child;
-
-static int child_alive(void *arg)
-{
-    child *c = arg;
-    if (!c->reaped && waitpid(c->pid, &c->status, WNOHANG) == c->pid)
-        c->reaped = 1;
-    return !c->reaped;
-}
-
 static void test_million_messages(void **state)
 {
     size_t size = rlb__ring_memsize(CAP);
@@ -43,7 +29,7 @@ static void test_million_messages(void **state)
     assert_int_equal(rlb__ring_init(mem, CAP), 0);
     traffic t = {.seed = 42, .count = 1000000, .big = 3 * CAP, .timeout_ms = 10000};
 
-    child c = {.pid = fork()};
+    traffic_child c = {.pid = fork()};
     assert_true(c.pid >= 0);
     if (c.pid == 0) {
         rlb_ring prod;
@@ -54,7 +40,7 @@ static void test_million_messages(void **state)
     }
     rlb_ring cons;
     assert_int_equal(rlb__ring_attach(&cons, mem, size, RLB_RING_CONSUMER), 0);
-    rlb__ring_set_liveness(&cons, child_alive, &c);
+    rlb__ring_set_liveness(&cons, traffic_child_alive, &c);
     uint64_t bad = 0;
     int rc = traffic_consume(&cons, &t, &bad);
     if (rc == 1)
