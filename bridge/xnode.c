@@ -5,14 +5,17 @@
  *   xreg/<n>/<e>     node n's registrations, epoch e (written when they change)
  *   x/<v>/cur        k, the attempt of v running now (absent: 0)
  *   x/<v.k>/epoch/<n> the registration epoch node n syncs v with
- *   x/<v.k>/gate     add: +1 per node ready, +XN_BIG per node aborting; see gate()
+ *   x/<v.k>/gate     add: +1 per node ready, +XN_BIG per node aborting; see gate_abort()
  *   x/<v.k>/go       "on" (the exchange runs on every node) or "off <reason>"
+ *   x/<v.k>/in       add: +1 per node that posted its transfers, +XN_BIG per node leaving
+ *   x/<v.k>/left     the first leaver's reason
  *   x/<v.k>/state/<n> "ok" (prepared) or "abort <reason>"
  *   x/<v.k>/outcome  node 0's decision: "commit" or "abort <reason>"
  *   xbeat/<n>        add: node n's heartbeat
  *   abort            the job's abort line, written by a launcher (or its watchdog)
  * An aborted attempt moves x/<v>/cur on first, so a version published again after a
- * restart of the trainers runs in fresh keys.
+ * restart of the trainers runs in fresh keys; a node joins each attempt at most once
+ * (join_attempt). Transfer tags carry v and k.
  *
  * The registration blob (meta) is little-endian: u32 magic, version, tp_size, replicas,
  * weight dtype, n_buffers, n_tensors; u64 bytes of each buffer; per tensor: u16 name
@@ -41,9 +44,10 @@
 
 #define XN_MAGIC 0x584e4252u       /* "RBNX" */
 #define XN_META_VERSION 1u
-#define XN_BIG (INT64_C(1) << 24)  /* an abort's weight in the gate counter */
+#define XN_BIG (INT64_C(1) << 24)  /* an abort's weight in the gate and entry counters */
 #define XN_CHUNK (UINT64_C(8) << 20) /* bytes per transfer request */
-#define XN_POLL_NS 100000          /* between two store polls of a wait */
+#define XN_POLL_NS 100000          /* between two store polls of a wait, at first */
+#define XN_NAP_MAX_NS 1000000      /* ... and at most, once the wait lasts */
 #define XN_CHECK_MS 100            /* between two liveness checks of a wait */
 #define XN_BEAT_MS 200             /* heartbeat period */
 #define XN_CONNECT_MS 120000       /* the other bridges must come up within this */
@@ -116,6 +120,8 @@ struct br_xnode {
     void **staging;            /* [n_global] received copies of remote buffers, or NULL */
     xn_chunk *sends, *recvs;
     uint32_t n_sends, n_recvs;
+    uint64_t joined_v;         /* the last attempt this node joined: version, */
+    int joined_k;              /* ... and attempt */
     int64_t *beat;             /* [nnodes] last heartbeat value seen */
     long long *beat_at;        /* [nnodes] when it last changed */
     long long next_beat;
@@ -126,12 +132,6 @@ static long long now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void nap(void)
-{
-    struct timespec ts = {0, XN_POLL_NS};
-    nanosleep(&ts, NULL);
 }
 
 /* Waits on x->cv (x->mu held) for at most ms. */
@@ -680,35 +680,78 @@ static int alive(br_xnode *x, char *why, size_t len)
     return 0;
 }
 
-/* Waits for key, checking liveness (and, with local_abort, calling it once when the loop
- * aborts locally). Returns 0 with the value in buf (NUL-terminated), or a negative code. */
-static int wait_key(br_xnode *x, const char *key, char *buf, size_t cap,
-                    int (*local_abort)(br_xnode *, void *), void *arg, char *why, size_t wlen)
+/* What a wait waits for: 1 when it came, 0 while it has not, or a negative code with why. */
+typedef int (*xn_ready)(br_xnode *x, void *arg, char *why, size_t len);
+/* What a wait does once when the loop aborts the version locally: 0 to go on waiting, or a
+ * negative code (with why) to end the wait. */
+typedef int (*xn_on_abort)(br_xnode *x, void *arg, char *why, size_t len);
+
+/* Waits until ready says so, checking liveness. Only liveness bounds it (a heartbeat older
+ * than RLB_PEER_TIMEOUT_MS, the job's abort key): a node whose trainers take long to publish,
+ * a restart say, is alive and is waited for; past the peer timeout the wait says once what
+ * it waits for. Polls every 0.1 ms at first, backing off to XN_NAP_MAX_NS. Returns 0 or a
+ * negative code with why. */
+static int wait_for(br_xnode *x, const char *what, xn_ready ready, void *arg,
+                    xn_on_abort on_abort, void *abort_arg, char *why, size_t len)
 {
-    size_t n = 0;
+    long nap_ns = XN_POLL_NS;
+    long long t0 = now_ms();
+    int said = 0;
     for (;;) {
-        int rc = rlb__store_get(x->store, key, buf, cap - 1, &n);
-        if (rc == 0) {
-            buf[n] = 0;
-            return 0;
-        }
-        if (rc != RLB_ENOTFOUND)
-            return snprintf(why, wlen, "node %d lost the rendezvous store: %s", x->node,
-                            rlb_strerror(rc)), rc;
-        if ((rc = alive(x, why, wlen)) < 0)
+        int rc = ready(x, arg, why, len);
+        if (rc != 0)
+            return rc < 0 ? rc : 0;
+        if ((rc = alive(x, why, len)) < 0)
             return rc;
         pthread_mutex_lock(&x->mu);
         int stop = x->stop, ab = x->job_abort;
         pthread_mutex_unlock(&x->mu);
         if (stop)
-            return snprintf(why, wlen, "node %d's bridge is shutting down", x->node),
+            return snprintf(why, len, "node %d's bridge is shutting down", x->node),
                    RLB_ESHUTDOWN;
-        if (ab && local_abort && (rc = local_abort(x, arg)) < 0)
+        if (ab && on_abort && (rc = on_abort(x, abort_arg, why, len)) < 0)
             return rc;
         if (ab)
-            local_abort = NULL;
-        nap();
+            on_abort = NULL;
+        if (!said && x->peer_timeout_ms > 0 && now_ms() - t0 > x->peer_timeout_ms) {
+            said = 1;
+            RLB_LOG_INFO(RLB_SUB_BRIDGE, "xnode: node %d: still waiting for %s after %lld ms "
+                         "(every node's bridge is alive)", x->node, what, now_ms() - t0);
+        }
+        struct timespec ts = {0, nap_ns};
+        nanosleep(&ts, NULL);
+        nap_ns = nap_ns * 2 < XN_NAP_MAX_NS ? nap_ns * 2 : XN_NAP_MAX_NS;
     }
+}
+
+/* A key awaited by wait_key, and where its value goes. */
+typedef struct xn_key {
+    const char *key;
+    char *buf;   /* the value, NUL-terminated */
+    size_t cap;
+} xn_key;
+
+static int key_set(br_xnode *x, void *arg, char *why, size_t len)
+{
+    xn_key *k = arg;
+    size_t n = 0;
+    int rc = rlb__store_get(x->store, k->key, k->buf, k->cap - 1, &n);
+    if (rc == 0) {
+        k->buf[n] = 0;
+        return 1;
+    }
+    if (rc == RLB_ENOTFOUND)
+        return 0;
+    return snprintf(why, len, "node %d lost the rendezvous store: %s", x->node,
+                    rlb_strerror(rc)), rc;
+}
+
+/* Waits (wait_for) until key is set; its value goes to buf (NUL-terminated). */
+static int wait_key(br_xnode *x, const char *key, const char *what, char *buf, size_t cap,
+                    xn_on_abort on_abort, void *arg, char *why, size_t len)
+{
+    xn_key k = {.key = key, .buf = buf, .cap = cap};
+    return wait_for(x, what, key_set, &k, on_abort, arg, why, len);
 }
 
 typedef struct xn_version {
@@ -718,31 +761,106 @@ typedef struct xn_version {
     int aborted;        /* this node added its abort to the gate */
 } xn_version;
 
+/* Names attempt k + 1 the one a node publishing v from now on joins (x/<v>/cur). */
+static int move_on(br_xnode *x, const xn_version *xv)
+{
+    char key[96], cur[24];
+    int n = snprintf(cur, sizeof(cur), "%d", xv->k + 1);
+    snprintf(key, sizeof(key), "x/%" PRIu64 "/cur", xv->v);
+    return rlb__store_set(x->store, key, cur, (size_t)n);
+}
+
 /* The loop aborted while the gate is undecided: add our abort; the first aborter before
  * the gate opened closes it. */
-static int gate_abort(br_xnode *x, void *arg)
+static int gate_abort(br_xnode *x, void *arg, char *why, size_t len)
 {
     xn_version *xv = arg;
-    char key[96], why[600];
+    char key[96], off[600];
     int64_t a;
     if (xv->aborted)
         return 0;
     xv->aborted = 1;
     snprintf(key, sizeof(key), "%s/gate", xv->base);
     int rc = rlb__store_add(x->store, key, XN_BIG, &a);
-    if (rc < 0 || a >= 2 * XN_BIG || a - XN_BIG >= x->nnodes)
-        return rc; /* someone closed it already, or it is open: the exchange runs */
+    if (rc == 0 && (a >= 2 * XN_BIG || a - XN_BIG >= x->nnodes))
+        return 0; /* someone closed it already, or it is open: the exchange runs */
     pthread_mutex_lock(&x->mu);
-    int n = snprintf(why, sizeof(why), "off node %d: %s", x->node, x->job_why);
+    int n = snprintf(off, sizeof(off), "off node %d: %s", x->node, x->job_why);
     pthread_mutex_unlock(&x->mu);
-    char cur[24];
-    int cn = snprintf(cur, sizeof(cur), "%d", xv->k + 1);
-    snprintf(key, sizeof(key), "x/%" PRIu64 "/cur", xv->v);
-    if ((rc = rlb__store_set(x->store, key, cur, (size_t)cn)) == 0) {
+    if (rc == 0 && (rc = move_on(x, xv)) == 0) {
         snprintf(key, sizeof(key), "%s/go", xv->base);
-        rc = rlb__store_set(x->store, key, why, (size_t)(n < (int)sizeof(why) ? n : (int)sizeof(why) - 1));
+        rc = rlb__store_set(x->store, key, off, (size_t)(n < (int)sizeof(off) ? n : (int)sizeof(off) - 1));
     }
+    if (rc < 0)
+        snprintf(why, len, "node %d lost the rendezvous store: %s", x->node, rlb_strerror(rc));
     return rc;
+}
+
+/* Reads x/<v>/cur into xv->k: 1 once it names an attempt this node has not joined yet. */
+static int attempt_fresh(br_xnode *x, void *arg, char *why, size_t len)
+{
+    xn_version *xv = arg;
+    char key[96], val[32];
+    size_t n = 0;
+    snprintf(key, sizeof(key), "x/%" PRIu64 "/cur", xv->v);
+    int rc = rlb__store_get(x->store, key, val, sizeof(val) - 1, &n);
+    if (rc < 0 && rc != RLB_ENOTFOUND)
+        return snprintf(why, len, "node %d lost the rendezvous store: %s", x->node,
+                        rlb_strerror(rc)), rc;
+    val[rc == 0 ? n : 0] = 0;
+    xv->k = atoi(val);
+    return xv->v != x->joined_v || xv->k > x->joined_k;
+}
+
+/* The loop aborted before this node joined an attempt: nothing to undo elsewhere. */
+static int abort_unjoined(br_xnode *x, void *arg, char *why, size_t len)
+{
+    pthread_mutex_lock(&x->mu);
+    snprintf(why, len, "%s", x->job_why);
+    pthread_mutex_unlock(&x->mu);
+    return RLB_EABORTED;
+}
+
+/* Picks the attempt of xv->v this node joins: the one x/<v>/cur names, but never one it
+ * joined before. A node that left an attempt whose gate had opened (its trainer died
+ * mid-exchange, say) must not run that attempt's exchange again when its restarted
+ * trainers publish v anew: the other nodes are past it, so it would wait there alone until
+ * the exchange's bound gave up on it. Every attempt that does not commit has its successor
+ * named (by node 0's decision, or by the node that closed its gate), so this waits for
+ * that, bounded by liveness like the gate. Returns 0 or a negative code with why. */
+static int join_attempt(br_xnode *x, xn_version *xv, char *why, size_t len)
+{
+    char what[96];
+    snprintf(what, sizeof(what), "node 0 to settle version %" PRIu64 "'s attempt %d",
+             xv->v, x->joined_k);
+    int rc = wait_for(x, what, attempt_fresh, xv, abort_unjoined, NULL, why, len);
+    if (rc < 0)
+        return rc;
+    x->joined_v = xv->v;
+    x->joined_k = xv->k;
+    snprintf(xv->base, sizeof(xv->base), "x/%" PRIu64 ".%d", xv->v, xv->k);
+    return 0;
+}
+
+/* This node will not finish the exchange of an attempt whose gate opened: says why under
+ * x/<v.k>/left (unless a node that left first did) and adds XN_BIG to x/<v.k>/in, so the
+ * others' exchanges end at once rather than at their no-progress bound (exchange()). */
+static void leave(br_xnode *x, const xn_version *xv, const char *why)
+{
+    char key[96], val[600], seen[1];
+    size_t got;
+    int64_t in;
+    int n = snprintf(val, sizeof(val), "node %d left the exchange: %s", x->node, why);
+    snprintf(key, sizeof(key), "%s/left", xv->base);
+    int rc = rlb__store_get(x->store, key, seen, sizeof(seen), &got);
+    if (rc == RLB_ENOTFOUND)
+        rc = rlb__store_set(x->store, key, val,
+                            (size_t)(n < (int)sizeof(val) ? n : (int)sizeof(val) - 1));
+    else if (rc == RLB_ETOOBIG)
+        rc = 0; /* a reason is there already */
+    snprintf(key, sizeof(key), "%s/in", xv->base);
+    if (rc == 0)
+        rlb__store_add(x->store, key, XN_BIG, &in);
 }
 
 /* Fetches every other node's meta for this attempt. Returns 1 when one changed. */
@@ -784,15 +902,40 @@ static int fetch_metas(br_xnode *x, const xn_version *xv, char *why, size_t len)
 }
 
 #ifdef RLB_HAVE_UCX
-/* Runs this node's sends and receives of version v to the end (also after an abort
+/* Reads x/<v.k>/in: how many nodes posted their requests (XN_BIG more per node that left).
+ * Returns 0, or RLB_EABORTED with why (the first leaver's reason) once a node left. */
+static int entered(br_xnode *x, const xn_version *xv, int64_t *in, char *why, size_t len)
+{
+    char key[96];
+    size_t n = 0;
+    snprintf(key, sizeof(key), "%s/in", xv->base);
+    int rc = rlb__store_add(x->store, key, 0, in);
+    if (rc < 0)
+        return snprintf(why, len, "node %d lost the rendezvous store: %s", x->node,
+                        rlb_strerror(rc)), rc;
+    if (*in < XN_BIG)
+        return 0;
+    snprintf(key, sizeof(key), "%s/left", xv->base);
+    if (rlb__store_get(x->store, key, why, len - 1, &n) == 0)
+        why[n] = 0;
+    else
+        snprintf(why, len, "another node left the exchange");
+    return RLB_EABORTED;
+}
+
+/* Runs this node's sends and receives of attempt xv to the end (also after an abort
  * elsewhere: every node that passed the gate runs the same exchange, so every request has
- * its match). Returns 0 or a negative code with why. */
-static int exchange(br_xnode *x, uint64_t v, char *why, size_t len)
+ * its match). Tags carry the attempt, so nothing left over from an earlier one can match.
+ * The no-progress bound runs only while every node is in (has posted its requests, counted
+ * in x/<v.k>/in): until then a node still building its plan is waited for like one at the
+ * gate, bounded by liveness; a node that left (leave()) ends the wait at once. Returns 0 or
+ * a negative code with why. */
+static int exchange(br_xnode *x, const xn_version *xv, char *why, size_t len)
 {
     uint32_t n = x->n_sends + x->n_recvs;
     rlb_xreq **reqs = calloc(n + 1, sizeof(*reqs));
     int rc = reqs ? 0 : RLB_ENOMEM;
-    uint64_t vt = (v & 0xffff) << 32;
+    uint64_t vt = ((xv->v & 0xfff) << 4 | ((uint64_t)xv->k & 0xf)) << 32;
     for (uint32_t i = 0; i < x->n_recvs && rc == 0; i++) {
         const xn_chunk *c = &x->recvs[i];
         rc = x->xp->iface->irecv(x->xp->ctx, c->peer, vt | c->tag,
@@ -806,8 +949,13 @@ static int exchange(br_xnode *x, uint64_t v, char *why, size_t len)
     }
     if (rc < 0)
         snprintf(why, len, "node %d cannot start its transfers: %s", x->node, rlb_strerror(rc));
+    char key[96];
+    int64_t in = 0;
+    snprintf(key, sizeof(key), "%s/in", xv->base);
+    if (rc == 0 && (rc = rlb__store_add(x->store, key, 1, &in)) < 0)
+        snprintf(why, len, "node %d lost the rendezvous store: %s", x->node, rlb_strerror(rc));
     uint32_t left = n;
-    long long last = now_ms();
+    long long last = now_ms(), next_in = 0;
     while (rc == 0 && left) {
         for (uint32_t i = 0; i < n && rc == 0; i++) {
             if (!reqs[i])
@@ -825,10 +973,17 @@ static int exchange(br_xnode *x, uint64_t v, char *why, size_t len)
                          rlb_strerror(r));
             }
         }
+        long long now = now_ms();
+        if (rc == 0 && left && in != x->nnodes && now >= next_in) {
+            next_in = now + XN_CHECK_MS;
+            rc = entered(x, xv, &in, why, len);
+        }
+        if (in != x->nnodes)
+            last = now; /* not every node is in yet: no stall to measure */
         if (rc == 0 && left && (rc = alive(x, why, len)) == 0 && x->peer_timeout_ms > 0 &&
-            now_ms() - last > x->peer_timeout_ms + 1000) {
+            now - last > x->peer_timeout_ms + 1000) {
             snprintf(why, len, "node %d: the exchange made no progress for %lld ms", x->node,
-                     now_ms() - last);
+                     now - last);
             rc = RLB_ETIMEDOUT;
         }
     }
@@ -889,25 +1044,25 @@ static void decide(br_xnode *x, xn_version *xv)
     if (x->node == 0) {
         char first[600] = "";
         for (int m = 0; m < x->nnodes && rc == 0; m++) {
+            char what[64];
             snprintf(key, sizeof(key), "%s/state/%d", xv->base, m);
-            rc = wait_key(x, key, val, sizeof(val), NULL, NULL, why, sizeof(why));
+            snprintf(what, sizeof(what), "node %d's local sync of version %" PRIu64, m, xv->v);
+            rc = wait_key(x, key, what, val, sizeof(val), NULL, NULL, why, sizeof(why));
             if (rc == 0 && strcmp(val, "ok") && !first[0])
                 snprintf(first, sizeof(first), "%s", val);
         }
         if (rc < 0)
             snprintf(first, sizeof(first), "abort %s", why);
-        if (first[0]) {
-            int cn = snprintf(val, sizeof(val), "%d", xv->k + 1);
-            snprintf(key, sizeof(key), "x/%" PRIu64 "/cur", xv->v);
-            rlb__store_set(x->store, key, val, (size_t)cn);
-        }
+        if (first[0])
+            move_on(x, xv);
         snprintf(key, sizeof(key), "%s/outcome", xv->base);
         const char *out = first[0] ? first : "commit";
         rc = rlb__store_set(x->store, key, out, strlen(out));
         snprintf(val, sizeof(val), "%s", out);
     } else if (ok) {
         snprintf(key, sizeof(key), "%s/outcome", xv->base);
-        rc = wait_key(x, key, val, sizeof(val), NULL, NULL, why, sizeof(why));
+        rc = wait_key(x, key, "node 0's decision", val, sizeof(val), NULL, NULL, why,
+                      sizeof(why));
         if (rc < 0)
             snprintf(val, sizeof(val), "abort %s", why);
     }
@@ -919,12 +1074,25 @@ static void decide(br_xnode *x, xn_version *xv)
         report(x, &x->outcome, -1, RLB_EABORTED, val + (strncmp(val, "abort ", 6) ? 0 : 6));
 }
 
+/* The version cannot go on here: logs it and tells the loop (which aborts it locally); a
+ * peer or the transport gone for good breaks the exchange between nodes for the job. */
+static void fail(br_xnode *x, const xn_version *xv, int rc, const char *why)
+{
+    if (rc == RLB_EPEERDEAD || rc == RLB_ETIMEDOUT) {
+        pthread_mutex_lock(&x->mu);
+        x->broken = 1;
+        pthread_mutex_unlock(&x->mu);
+    }
+    RLB_LOG_WARN(RLB_SUB_BRIDGE, "xnode: node %d: version %" PRIu64 " aborted: %s", x->node,
+                 xv->v, why);
+    report(x, &x->exchanged, -1, rc, why);
+}
+
 /* One version, from the gate to the outcome. */
 static void run_version(br_xnode *x)
 {
     xn_version xv = {0};
-    char key[96], val[600], why[512] = "";
-    size_t n = 0;
+    char key[96], val[600], what[96], why[512] = "";
     pthread_mutex_lock(&x->mu);
     xv.v = x->job_v;
     uint8_t *meta = x->job_meta;
@@ -934,37 +1102,36 @@ static void run_version(br_xnode *x)
     x->job_meta = NULL;
     x->job_ptr = NULL;
     pthread_mutex_unlock(&x->mu);
-    snprintf(key, sizeof(key), "x/%" PRIu64 "/cur", xv.v);
-    int rc = rlb__store_get(x->store, key, val, sizeof(val) - 1, &n);
-    val[rc == 0 ? n : 0] = 0;
-    xv.k = rc == 0 ? atoi(val) : 0;
-    rc = rc == RLB_ENOTFOUND ? 0 : rc;
-    snprintf(xv.base, sizeof(xv.base), "x/%" PRIu64 ".%d", xv.v, xv.k);
-    if (rc == 0)
-        rc = publish_meta(x, &xv, meta, meta_len);
+    int rc = join_attempt(x, &xv, why, sizeof(why));
     int64_t r = 0;
-    snprintf(key, sizeof(key), "%s/gate", xv.base);
-    if (rc == 0)
-        rc = rlb__store_add(x->store, key, 1, &r);
-    if (rc < 0) {
-        snprintf(why, sizeof(why), "node %d lost the rendezvous store: %s", x->node,
-                 rlb_strerror(rc));
-        goto fail;
-    }
-    if (r == x->nnodes) {
-        snprintf(key, sizeof(key), "%s/go", xv.base);
-        rc = rlb__store_set(x->store, key, "on", 2);
+    if (rc == 0) {
+        rc = publish_meta(x, &xv, meta, meta_len);
+        snprintf(key, sizeof(key), "%s/gate", xv.base);
+        if (rc == 0)
+            rc = rlb__store_add(x->store, key, 1, &r);
+        if (rc == 0 && r == x->nnodes) {
+            snprintf(key, sizeof(key), "%s/go", xv.base);
+            rc = rlb__store_set(x->store, key, "on", 2);
+        }
+        if (rc < 0)
+            snprintf(why, sizeof(why), "node %d lost the rendezvous store: %s", x->node,
+                     rlb_strerror(rc));
     }
     snprintf(key, sizeof(key), "%s/go", xv.base);
+    snprintf(what, sizeof(what), "every node's trainers to publish version %" PRIu64, xv.v);
     if (rc == 0)
-        rc = wait_key(x, key, val, sizeof(val), gate_abort, &xv, why, sizeof(why));
-    if (rc < 0)
-        goto fail;
-    if (strcmp(val, "on")) {
+        rc = wait_key(x, key, what, val, sizeof(val), gate_abort, &xv, why, sizeof(why));
+    if (rc == 0 && strcmp(val, "on")) {
         snprintf(why, sizeof(why), "%s", val + (strncmp(val, "off ", 4) ? 0 : 4));
         rc = RLB_EABORTED;
-        goto fail;
     }
+    if (rc < 0) { /* before the gate opened: the node that closed it named the next attempt */
+        free(meta);
+        free(local);
+        fail(x, &xv, rc, why);
+        return;
+    }
+    /* The gate opened: this attempt ends in node 0's decision, whatever happens here. */
     rc = fetch_metas(x, &xv, why, sizeof(why));
     if (rc >= 0 && (rc > 0 || rebuild || !x->base))
         rc = build(x, local, why, sizeof(why));
@@ -973,27 +1140,18 @@ static void run_version(br_xnode *x)
         for (uint32_t k = 0; k < x->metas[x->node].n_bufs; k++)
             x->src_ptr[x->base[x->node] + k] = local[k];
 #ifdef RLB_HAVE_UCX
-        rc = exchange(x, xv.v, why, sizeof(why));
+        rc = exchange(x, &xv, why, sizeof(why));
 #endif
     }
-    if (rc < 0)
-        goto fail;
-    report(x, &x->exchanged, 1, 0, "");
     free(meta);
     free(local);
-    decide(x, &xv);
-    return;
-fail:
-    free(meta);
-    free(local);
-    if (rc == RLB_EPEERDEAD || rc == RLB_ETIMEDOUT) {
-        pthread_mutex_lock(&x->mu);
-        x->broken = 1;
-        pthread_mutex_unlock(&x->mu);
+    if (rc < 0) {
+        leave(x, &xv, why);
+        fail(x, &xv, rc, why);
+    } else {
+        report(x, &x->exchanged, 1, 0, "");
     }
-    RLB_LOG_WARN(RLB_SUB_BRIDGE, "xnode: node %d: version %" PRIu64 " aborted: %s", x->node,
-                 xv.v, why);
-    report(x, &x->exchanged, -1, rc, why);
+    decide(x, &xv);
 }
 
 static void *xn_main(void *arg)

@@ -5,16 +5,24 @@
  *      (names, dtypes, shapes, FSDP layout, buffer sizes) and its workers' target go to the
  *      xnode thread, which publishes them in the rendezvous store when they changed;
  *   2. the gate: each node adds itself to v's gate; the last one opens it, or a node that
- *      aborts first closes it, so every node agrees whether the exchange runs at all;
+ *      aborts first closes it, so every node agrees whether the exchange runs at all. A
+ *      version runs in attempts (a republished v after an abort is a new one), and a node
+ *      never joins an attempt twice: one that left an opened attempt waits until node 0
+ *      settled it and named the next. Waiting at the gate is bounded by liveness only (the
+ *      other bridges beat): a node whose trainers restart slowly is alive, not stalled;
  *   3. every node builds the same global source and every node's plan, and from the plans
  *      the byte ranges each node needs of each other node's buffers: it sends what its own
  *      ranks hold to the nodes that need it and receives what its workers need into
- *      staging buffers, which the local plan reads as sources (chunked, all in flight);
+ *      staging buffers, which the local plan reads as sources (chunked, all in flight).
+ *      The exchange's no-progress bound (RLB_PEER_TIMEOUT_MS + 1 s without a completed
+ *      transfer) runs only once every node has posted its transfers; a node that cannot
+ *      (its plan failed, say) says so in the store and the others stop at once;
  *   4. the local sync runs as on one node (drain, copy, load);
  *   5. two-phase commit: every node writes prepared (or its abort) in the store, node 0
- *      decides commit or abort for all, and every node acts on that outcome. A node that
- *      prepared no longer aborts on its own (a local trainer that dies then only misses its
- *      synced message), so no node commits a version another one aborted.
+ *      decides commit or abort for all, and every node acts on that outcome. Every attempt
+ *      whose gate opened ends here, whatever failed after the gate. A node that prepared
+ *      no longer aborts on its own (a local trainer that dies then only misses its synced
+ *      message), so no node commits a version another one aborted.
  * The store and the transport are the xnode thread's alone (the loop never blocks on
  * them); the loop learns of its progress by polling (br_xnode_poll, each loop turn).
  * Dead peers: the launchers write the job's "abort" key when a bridge or a launcher dies,
