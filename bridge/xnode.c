@@ -31,7 +31,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "bridge/bridge_int.h"
 #include "common/env.h"
@@ -82,6 +84,7 @@ struct br_xnode {
     int started;
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    int wake_fd;               /* eventfd the thread writes when it reports to the loop */
     /* loop -> thread, under mu */
     int stop;                  /* the bridge stops */
     uint64_t job_v;            /* version asked for (0: none) */
@@ -630,7 +633,15 @@ static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
 
 /* ---- The thread ------------------------------------------------------------------------- */
 
-/* Records an outcome for the loop (under mu). */
+/* Wakes the loop from its poll (br_xnode_fd) to read what the thread reported. */
+static void wake_loop(br_xnode *x)
+{
+    uint64_t one = 1;
+    ssize_t n = write(x->wake_fd, &one, sizeof(one));
+    (void)n; /* a full counter still wakes the poll */
+}
+
+/* Records an outcome for the loop (under mu) and wakes it. */
 static void report(br_xnode *x, int *field, int value, int code, const char *why)
 {
     pthread_mutex_lock(&x->mu);
@@ -640,6 +651,7 @@ static void report(br_xnode *x, int *field, int value, int code, const char *why
         snprintf(x->why, sizeof(x->why), "%.500s", why);
     }
     pthread_mutex_unlock(&x->mu);
+    wake_loop(x);
 }
 
 /* Beats, and checks that the job goes on: the launchers' abort key and every other node's
@@ -1227,10 +1239,11 @@ int br_xnode_start(bridge *b)
     x->epochs = calloc((size_t)o->nnodes, sizeof(*x->epochs));
     x->beat = calloc((size_t)o->nnodes, sizeof(*x->beat));
     x->beat_at = calloc((size_t)o->nnodes, sizeof(*x->beat_at));
+    x->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     pthread_mutex_init(&x->mu, NULL);
     pthread_cond_init(&x->cv, NULL);
     b->xnode = x;
-    if (!x->metas || !x->epochs || !x->beat || !x->beat_at ||
+    if (!x->metas || !x->epochs || !x->beat || !x->beat_at || x->wake_fd < 0 ||
         pthread_create(&x->thread, NULL, xn_main, b) != 0) {
         br_xnode_stop(b);
         return RLB_ENOMEM;
@@ -1272,10 +1285,17 @@ void br_xnode_stop(bridge *b)
     free(x->my_meta);
     free(x->job_meta);
     free(x->job_ptr);
+    if (x->wake_fd >= 0)
+        close(x->wake_fd);
     pthread_mutex_destroy(&x->mu);
     pthread_cond_destroy(&x->cv);
     free(x);
     b->xnode = NULL;
+}
+
+int br_xnode_fd(const bridge *b)
+{
+    return b->xnode ? b->xnode->wake_fd : -1;
 }
 
 int br_xnode_remote_rank(const bridge *b, uint32_t rank)

@@ -24,7 +24,8 @@
  *      no longer aborts on its own (a local trainer that dies then only misses its synced
  *      message), so no node commits a version another one aborted.
  * The store and the transport are the xnode thread's alone (the loop never blocks on
- * them); the loop learns of its progress by polling (br_xnode_poll, each loop turn).
+ * them); the loop learns of its progress by polling (br_xnode_poll, each loop turn), woken
+ * through an eventfd (br_xnode_fd) whenever the thread reports.
  * Dead peers: the launchers write the job's "abort" key when a bridge or a launcher dies,
  * and the bridges beat in the store; a wait gives up once a peer's beat is older than
  * RLB_PEER_TIMEOUT_MS, or the job's abort key is set.
@@ -44,6 +45,9 @@ typedef struct br_xnode br_xnode;
 int br_xnode_start(bridge *b);
 /* Stops and joins the thread, frees everything. */
 void br_xnode_stop(bridge *b);
+/* The eventfd the thread writes when it has news for the loop (in the loop's poll set;
+ * the loop empties it), or -1 on a single node. */
+int br_xnode_fd(const bridge *b);
 /* 1 when trainer rank `rank` publishes to another node's bridge. */
 int br_xnode_remote_rank(const bridge *b, uint32_t rank);
 /* Every local rank published v: hands v to the thread (sync -> XNODE). Returns 1 when the
