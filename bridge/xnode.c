@@ -1429,8 +1429,11 @@ int br_xnode_abort_hook(bridge *b, int code, const char *text)
     br_xnode *x = b->xnode;
     if (!x)
         return 0;
+    /* Prepared (in LOAD, every worker loaded): node 0's outcome alone ends the version, be it
+     * still pending or already a commit that this loop has not acted on yet. */
     pthread_mutex_lock(&x->mu);
-    int defer = x->busy && x->job_prepared && x->outcome == 0 && code != RLB_ESHUTDOWN;
+    int defer = b->sync == BR_SYNC_LOAD && x->job_prepared && x->outcome >= 0 &&
+                code != RLB_ESHUTDOWN;
     if (!defer && x->busy && !x->job_abort) {
         x->job_abort = 1;
         snprintf(x->job_why, sizeof(x->job_why), "%s", text);

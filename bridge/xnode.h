@@ -61,7 +61,8 @@ int br_xnode_poll(bridge *b);
  * the version was aborted. On one node: 1. */
 int br_xnode_commit_ready(bridge *b);
 /* br_sync_abort's hook: tells the thread of a local abort, or (returns 1) defers it when the
- * node has prepared and only node 0's outcome may end the version. */
+ * node has prepared and only node 0's outcome may end the version (also once that outcome
+ * is a commit the loop has not acted on yet). */
 int br_xnode_abort_hook(bridge *b, int code, const char *text);
 /* 1 while the thread works on a version (it may read the trainers' segments: keep them
  * mapped). */
