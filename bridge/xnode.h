@@ -12,12 +12,15 @@
  *      other bridges beat): a node whose trainers restart slowly is alive, not stalled;
  *   3. every node builds the same global source and every node's plan, and from the plans
  *      the byte ranges each node needs of each other node's buffers: it sends what its own
- *      ranks hold to the nodes that need it and receives what its workers need into
- *      staging buffers, which the local plan reads as sources (chunked, all in flight).
+ *      ranks hold to the nodes that need it and receives what its workers need, in chunks,
+ *      into a bounded staging that the local plan reads as sources;
  *      The exchange's no-progress bound (RLB_PEER_TIMEOUT_MS + 1 s without a completed
  *      transfer) runs only once every node has posted its transfers; a node that cannot
  *      (its plan failed, say) says so in the store and the others stop at once;
- *   4. the local sync runs as on one node (drain, copy, load);
+ *   4. the local sync, pipelined with the exchange: (pause mode: generation drained
+ *      before the gate) the plan is cut at chunk boundaries; its ops on local memory run at
+ *      once, each chunk's as soon as it arrived (waves of the executor, br_xnode_pump), and
+ *      a chunk's slot takes a later chunk once its ops ran; then load as on one node;
  *   5. two-phase commit: every node writes prepared (or its abort) in the store, node 0
  *      decides commit or abort for all, and every node acts on that outcome. Every attempt
  *      whose gate opened ends here, whatever failed after the gate. A node that prepared
@@ -54,9 +57,16 @@ int br_xnode_remote_rank(const bridge *b, uint32_t rank);
  * sync moved on (started, or aborted at once), 0 while the thread still finishes the last
  * version (try again). */
 int br_xnode_begin(bridge *b, uint64_t v);
-/* XNODE: 1 when the exchange is done and the node's plan installed (go on with the local
- * sync), 0 while it runs, -1 when the version was aborted. */
+/* XNODE: 1 when the exchange started and the node's plan is installed (go on with the
+ * copy, br_xnode_pump), 0 while it has not, -1 when the version was aborted. */
 int br_xnode_poll(bridge *b);
+/* COPY, no run in flight: starts the next wave of the pipelined copy (the ops whose chunks
+ * arrived) and returns 1; 0 while no op can run yet; 2 when every op ran (copy done); -1
+ * when the version was aborted. */
+int br_xnode_pump(bridge *b);
+/* The executor's run was joined (b->copy.rc, .ms set): a wave's ops are done and the slots
+ * of the chunks they read are free for the thread. No-op for another run. */
+void br_xnode_joined(bridge *b);
 /* LOAD with every worker loaded: 1 to commit now, 0 while the outcome is pending, -1 when
  * the version was aborted. On one node: 1. */
 int br_xnode_commit_ready(bridge *b);
