@@ -121,7 +121,10 @@ class XnodeTest(unittest.TestCase):
         while time.monotonic() < deadline:
             left = procs_with(job.run_id) + [p for p in procs_with(TRAINER)
                                              if argv_of(p)[:1] == [TRAINER]]
-            dirs = set(glob.glob("/tmp/rlb-launch-*")) - self.dirs
+            # A new directory that a live process names is another job's (this one's are
+            # all gone once `left` is empty): jobs of other test runs share /tmp.
+            dirs = {d for d in set(glob.glob("/tmp/rlb-launch-*")) - self.dirs
+                    if not procs_with(d)}
             shm = set(os.listdir("/dev/shm")) - self.shm
             if not left and not dirs and not shm:
                 return
