@@ -48,3 +48,11 @@ if(TARGET rlb_engine_cuda)
   add_dependencies(test_gpu_bridge rlb)
   target_compile_definitions(test_gpu_bridge PRIVATE RLB_BIN="$<TARGET_FILE:rlb>")
 endif()
+
+# The NCCL transport between bridges (bridge/xport/xport_nccl.c): a buffer moved both ways
+# between endpoints on GPUs 0 and 1, checked byte for byte; exits 77 with fewer than two
+# GPUs. Built where the CUDA build found NCCL.
+if(TARGET rlb_xport_nccl)
+  rlb_add_test(NAME test_xport_nccl SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_xport_nccl.c
+               LIBS rlb_xport_nccl LABELS gpu TIMEOUT 180)
+endif()
