@@ -5,6 +5,10 @@
  *   rlb-bench-xnode [--mib N] [--chunk-mib C] [--runs R] [--peer-errors]
  *   rlb-bench-xnode --commit [VERSIONS]   what a second node adds to a commit
  *                                         (bench_xnode_commit.c)
+ *   rlb-bench-xnode --nccl [--mib N] [--chunk-mib C] [--runs R]
+ *                                         GPU memory over the NCCL transport between GPUs 0
+ *                                         and 1 against an NCCL all-gather on them
+ *                                         (bench_xnode_nccl.c; builds with NCCL only)
  *
  * Two processes of this machine are node 0 (sender) and node 1 (receiver); they meet
  * through a real rendezvous store. Each run moves N MiB (default 1024) from one buffer to
@@ -219,9 +223,14 @@ static int node_main(const bench *b, int node, int out_fd)
 int main(int argc, char **argv)
 {
     bench b = {.bytes = 1024ull << 20, .chunk = 8ull << 20, .runs = 3};
+    int nccl = 0;
     if (argc > 1 && !strcmp(argv[1], "--commit"))
         return rlb__bench_xnode_commit(argc > 2 ? atoi(argv[2]) : 10);
     for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--nccl")) {
+            nccl = 1;
+            continue;
+        }
         if (i + 1 < argc && !strcmp(argv[i], "--mib"))
             b.bytes = strtoull(argv[++i], NULL, 10) << 20;
         else if (i + 1 < argc && !strcmp(argv[i], "--chunk-mib"))
@@ -231,8 +240,8 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--peer-errors"))
             b.peer_errors = 1;
         else {
-            fprintf(stderr, "usage: rlb-bench-xnode [--mib N] [--chunk-mib C] [--runs R] "
-                            "[--peer-errors] | --commit [VERSIONS]\n");
+            fprintf(stderr, "usage: rlb-bench-xnode [--nccl] [--mib N] [--chunk-mib C] "
+                            "[--runs R] [--peer-errors] | --commit [VERSIONS]\n");
             return 2;
         }
     }
@@ -240,6 +249,15 @@ int main(int argc, char **argv)
         fprintf(stderr, "rlb-bench-xnode: --mib, --chunk-mib (<= --mib) and --runs must be "
                         "positive\n");
         return 2;
+    }
+    if (nccl) {
+#ifdef RLB_HAVE_NCCL_XPORT
+        return rlb__bench_xnode_nccl(b.bytes, b.chunk, b.runs);
+#else
+        fprintf(stderr, "rlb-bench-xnode: this build has no NCCL transport (a CUDA build "
+                        "with NCCL)\n");
+        return 2;
+#endif
     }
     rlb_store_server *srv = NULL;
     int rc = rlb__store_server_start("127.0.0.1", 0, RUN_ID, &srv);

@@ -8,3 +8,9 @@ if(TARGET rlb_xport)
   target_link_libraries(rlb-bench-xnode PRIVATE rlb_bridge_core rlb_client_static rlb_worker
                         rlb_xport rlb_common)
 endif()
+# --nccl: GPU memory over the NCCL transport against an NCCL all-gather (CUDA with NCCL).
+if(TARGET rlb-bench-xnode AND TARGET rlb_xport_nccl)
+  target_sources(rlb-bench-xnode PRIVATE ${CMAKE_CURRENT_LIST_DIR}/bench_xnode_nccl.c)
+  target_include_directories(rlb-bench-xnode SYSTEM PRIVATE ${RLB_NCCL_INCLUDE})
+  target_link_libraries(rlb-bench-xnode PRIVATE rlb_xport_nccl)
+endif()

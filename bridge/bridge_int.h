@@ -166,7 +166,7 @@ typedef enum br_sync_state {
     BR_SYNC_DRAIN,     /* pause: every rank published; waiting for generation to drain */
     BR_SYNC_COPY,      /* the copy thread runs the plan */
     BR_SYNC_LOAD,      /* load(v) sent; waiting for every worker's loaded(v) */
-    BR_SYNC_XNODE      /* one node of several: the exchange with the other nodes runs */
+    BR_SYNC_XNODE      /* one node of several: the exchange with the other nodes starts */
 } br_sync_state;
 
 /* A sync's copy job, shared with the copy thread. */

@@ -859,7 +859,7 @@ static void drain_eventfd(int fd)
 
 static int loop(bridge *b)
 {
-    struct pollfd *fds = calloc(FDS_PER_PEER * BR_MAX_PEERS + BR_MAX_PENDING + 2, sizeof(*fds));
+    struct pollfd *fds = calloc(FDS_PER_PEER * BR_MAX_PEERS + BR_MAX_PENDING + 3, sizeof(*fds));
     br_peer **at = calloc(BR_MAX_PEERS, sizeof(*at));
     if (!fds || !at) {
         free(fds);
@@ -873,7 +873,8 @@ static int loop(bridge *b)
     while (!b->stop && !(o->stop && *o->stop)) {
         fds[0] = (struct pollfd){.fd = rlb__listener_fd(b->listener), .events = POLLIN};
         fds[1] = (struct pollfd){.fd = b->copy.wake_fd, .events = POLLIN};
-        int n = 2, n_peers = 0;
+        fds[2] = (struct pollfd){.fd = br_xnode_fd(b), .events = POLLIN}; /* -1: ignored */
+        int n = 3, n_peers = 0;
         for (int i = 0; i < BR_MAX_PEERS; i++)
             if (b->peers[i]) {
                 int rx_fd, tx_fd;
@@ -908,8 +909,12 @@ static int loop(bridge *b)
             br_copy_done(b);
             busy = 1;
         }
+        if (fds[2].revents & POLLIN) {
+            drain_eventfd(fds[2].fd);
+            busy = 1; /* br_sync_progress reads what the xnode thread reported */
+        }
         for (int i = 0; i < n_peers; i++) {
-            struct pollfd *f = &fds[2 + FDS_PER_PEER * i];
+            struct pollfd *f = &fds[3 + FDS_PER_PEER * i];
             for (int k = 1; k < FDS_PER_PEER; k++)
                 if (f[k].revents & POLLIN)
                     drain_eventfd(f[k].fd);

@@ -4,7 +4,9 @@
  *          replica is formed and the plan is ready, the sync starts (registrations still
  *          incomplete at that point abort v with the missing tensor's name).
  *   DRAIN  pause mode only: new generation is held in the bridge; the sync waits until no
- *          request runs on any replica.
+ *          request runs on any replica. (A node of several drains first, then XNODE.)
+ *   XNODE  a node of several (xnode.h): the exchange with the other nodes starts; once the
+ *          plan is installed the copy runs pipelined with it, in waves (br_xnode_pump).
  *   COPY   the executor (kernels/executor.h: a CPU thread, or the GPU) runs the plan from
  *          the trainers' memory straight into the workers' buffers: in place (pause), or
  *          into each worker's free buffer (staged) while generation goes on with v-1.
@@ -182,6 +184,8 @@ static int replica_settled(const bridge *b, uint32_t d)
     return 1;
 }
 
+static void free_copy(br_copy *c);
+
 void br_sync_abort(bridge *b, int code, const char *fmt, ...)
 {
     uint64_t v = pending_version(b);
@@ -218,6 +222,8 @@ void br_sync_abort(bridge *b, int code, const char *fmt, ...)
     rlb_msg m = {.type = RLB_MSG_ABORTED, .aborted = {.version = v, .code = code, .text = text}};
     tell_ranks(b, &m);
     reset_workers(b);
+    if (!b->copy_running)
+        free_copy(&b->copy); /* a pipelined copy between its waves (a running one: on join) */
     b->sync = BR_SYNC_IDLE;
     b->syncing = 0;
     b->copied = 0;
@@ -345,19 +351,23 @@ static void start_copy(bridge *b)
 {
     br_copy *c = &b->copy;
     int rc = bind_copy(b);
-    if (rc == 0)
+    if (rc == 0 && !b->xnode)
         rc = run_copy(b);
     if (rc < 0) {
         free_copy(c);
         br_sync_abort(b, rc, "cannot start the copy: %s", c->err[0] ? c->err : rlb_strerror(rc));
         return;
     }
+    b->sync = BR_SYNC_COPY;
+    if (b->xnode)
+        return; /* br_xnode_pump runs it in waves, each chunk's ops once the chunk is in */
     b->copy_running = 1;
     b->copied = 1;
-    b->sync = BR_SYNC_COPY;
     RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "version %" PRIu64 ": copying %llu bytes", b->syncing,
                   (unsigned long long)b->copy.view.bytes_written);
 }
+
+static void copy_finished(bridge *b);
 
 /* Waits for the copy thread and releases what it held, keeping the copy's tables. */
 static void copy_join(bridge *b)
@@ -365,13 +375,11 @@ static void copy_join(bridge *b)
     br_copy *c = &b->copy;
     c->err[0] = 0;
     c->rc = br_executor(b)->iface->finish(br_executor(b), &c->ms, c->err, sizeof(c->err));
-    c->n_nonfinite = 0;
-    for (uint64_t i = 0; c->rc == 0 && i < c->view.n_ops + c->view.n_merges; i++)
-        c->n_nonfinite += c->nonfinite[i];
     uint64_t n;
     ssize_t got = read(b->copy.wake_fd, &n, sizeof(n));
     (void)got;
     b->copy_running = 0;
+    br_xnode_joined(b);
     br_unpark(b);
 }
 
@@ -470,12 +478,24 @@ void br_copy_done(bridge *b)
         free_copy(&b->copy);
         return;
     }
-    b->last_copy_ms = b->copy.ms;
     if (b->copy.rc < 0) {
         free_copy(&b->copy);
         br_sync_abort(b, b->copy.rc, "copy failed: %s", b->copy.err);
         return;
     }
+    if (!b->xnode) /* else one wave of a pipelined copy ended: br_xnode_pump goes on */
+        copy_finished(b);
+    b->control_s += br_thread_cpu() - c0;
+}
+
+/* The whole plan was copied: poisoned values abort the version, else every worker in the
+ * sync loads it. */
+static void copy_finished(bridge *b)
+{
+    b->last_copy_ms = b->copy.ms;
+    b->copy.n_nonfinite = 0;
+    for (uint64_t i = 0; i < b->copy.view.n_ops + b->copy.view.n_merges; i++)
+        b->copy.n_nonfinite += b->copy.nonfinite[i];
     if (b->copy.n_nonfinite) {
         char where[384];
         uint64_t n = b->copy.n_nonfinite;
@@ -503,7 +523,6 @@ void br_copy_done(bridge *b)
             send_load(b, w, b->syncing, w->target);
         }
     b->sync = BR_SYNC_LOAD;
-    b->control_s += br_thread_cpu() - c0;
 }
 
 static void commit(bridge *b)
@@ -657,8 +676,13 @@ int br_sync_progress(bridge *b)
         if (!v || b->copy_running || b->heal >= 0 || !loads_answered(b) ||
             !workers_ready(b, v))
             return 0;
+        if (b->xnode && b->opts->mode == RLB_SYNC_PAUSE) {
+            b->syncing = v; /* drained first: the exchange's chunks are copied as they come */
+            b->sync = BR_SYNC_DRAIN;
+            return 1;
+        }
         if (b->xnode)
-            return br_xnode_begin(b, v); /* the exchange first, then the plan below */
+            return br_xnode_begin(b, v); /* the exchange, pipelined with the copy */
         int rc = br_plan_ensure(b);
         if (rc <= 0) {
             br_sync_abort(b, rc < 0 ? rc : RLB_ENOTFOUND, "registrations are incomplete: %s",
@@ -676,12 +700,11 @@ int br_sync_progress(bridge *b)
     case BR_SYNC_XNODE:
         if (br_xnode_poll(b) <= 0)
             return 0;
-        if (b->opts->mode == RLB_SYNC_PAUSE)
-            b->sync = BR_SYNC_DRAIN;
-        else
-            start_copy(b);
+        start_copy(b);
         return 1;
     case BR_SYNC_DRAIN:
+        if (br_inflight(b) == 0 && b->xnode)
+            return br_xnode_begin(b, b->syncing);
         if (br_inflight(b) == 0) {
             start_copy(b);
             did = 1;
@@ -696,6 +719,12 @@ int br_sync_progress(bridge *b)
         }
         break;
     case BR_SYNC_COPY:
+        if (b->xnode && !b->copy_running) { /* pipelined: the next wave, or the end */
+            int r = br_xnode_pump(b);
+            if (r == 2)
+                copy_finished(b);
+            return r != 0;
+        }
         break;
     }
     if (did)

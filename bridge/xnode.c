@@ -5,14 +5,17 @@
  *   xreg/<n>/<e>     node n's registrations, epoch e (written when they change)
  *   x/<v>/cur        k, the attempt of v running now (absent: 0)
  *   x/<v.k>/epoch/<n> the registration epoch node n syncs v with
- *   x/<v.k>/gate     add: +1 per node ready, +XN_BIG per node aborting; see gate()
+ *   x/<v.k>/gate     add: +1 per node ready, +XN_BIG per node aborting; see gate_abort()
  *   x/<v.k>/go       "on" (the exchange runs on every node) or "off <reason>"
+ *   x/<v.k>/in       add: +1 per node that posted its transfers, +XN_BIG per node leaving
+ *   x/<v.k>/left     the first leaver's reason
  *   x/<v.k>/state/<n> "ok" (prepared) or "abort <reason>"
  *   x/<v.k>/outcome  node 0's decision: "commit" or "abort <reason>"
  *   xbeat/<n>        add: node n's heartbeat
  *   abort            the job's abort line, written by a launcher (or its watchdog)
  * An aborted attempt moves x/<v>/cur on first, so a version published again after a
- * restart of the trainers runs in fresh keys.
+ * restart of the trainers runs in fresh keys; a node joins each attempt at most once
+ * (join_attempt). Transfer tags carry v and k.
  *
  * The registration blob (meta) is little-endian: u32 magic, version, tp_size, replicas,
  * weight dtype, n_buffers, n_tensors; u64 bytes of each buffer; per tensor: u16 name
@@ -24,11 +27,14 @@
 
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "bridge/bridge_int.h"
 #include "common/env.h"
@@ -41,9 +47,10 @@
 
 #define XN_MAGIC 0x584e4252u       /* "RBNX" */
 #define XN_META_VERSION 1u
-#define XN_BIG (INT64_C(1) << 24)  /* an abort's weight in the gate counter */
-#define XN_CHUNK (UINT64_C(8) << 20) /* bytes per transfer request */
-#define XN_POLL_NS 100000          /* between two store polls of a wait */
+#define XN_BIG (INT64_C(1) << 24)  /* an abort's weight in the gate and entry counters */
+#define XN_LOCAL UINT32_MAX        /* an op that reads no received chunk */
+#define XN_POLL_NS 100000          /* between two store polls of a wait, at first */
+#define XN_NAP_MAX_NS 1000000      /* ... and at most, once the wait lasts */
 #define XN_CHECK_MS 100            /* between two liveness checks of a wait */
 #define XN_BEAT_MS 200             /* heartbeat period */
 #define XN_CONNECT_MS 120000       /* the other bridges must come up within this */
@@ -74,10 +81,14 @@ struct br_xnode {
     const rlb_param_list *params; /* the bridge's (immutable) */
     const rlb_bridge_opts *opts;
     long long peer_timeout_ms;
+    uint64_t chunk;               /* bytes per transfer, cut at multiples of it
+                                     (RLB_XNODE_CHUNK_BYTES) */
+    uint32_t max_slots;           /* chunks in bounded staging (RLB_XNODE_STAGING_BYTES) */
     pthread_t thread;
     int started;
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    int wake_fd;               /* eventfd the thread writes when it reports to the loop */
     /* loop -> thread, under mu */
     int stop;                  /* the bridge stops */
     uint64_t job_v;            /* version asked for (0: none) */
@@ -113,9 +124,35 @@ struct br_xnode {
                                   staging for what it receives, NULL for the rest */
     uint64_t *src_len;         /* [n_global] */
     uint32_t *base;            /* [nnodes + 1] first global buffer of each node */
-    void **staging;            /* [n_global] received copies of remote buffers, or NULL */
-    xn_chunk *sends, *recvs;
+    void **staging;            /* [n_global] whole staging: received copies of remote
+                                  buffers, or NULL */
+    xn_chunk *sends, *recvs;   /* recvs sorted by buffer and offset */
     uint32_t n_sends, n_recvs;
+    int whole;                 /* whole staging, the plan run once every chunk is in (a plan
+                                  with LoRA merges, or one that cannot be cut at chunks) */
+    uint32_t n_slots;          /* chunks in staging at once: max_slots, or all (whole) */
+    uint8_t *slots;            /* bounded staging: n_slots chunks, chunk i in slot
+                                  i % n_slots */
+    /* the pipeline, under mu: thread -> loop, and loop -> thread */
+    uint8_t *arrived;          /* [n_recvs] chunk i is in its staging */
+    uint8_t *consumed;         /* [n_recvs] every op reading chunk i ran: its slot is free */
+    int wave_on;               /* a wave of the loop reads the staging */
+    /* the pipeline: the loop's own (br_xnode_pump) */
+    int pipe_on;               /* set up for the version in flight */
+    uint32_t *op_chunk;        /* [view ops] the chunk each op reads, or XN_LOCAL */
+    uint8_t *op_done;          /* [view ops] it ran */
+    uint32_t *chunk_left;      /* [n_recvs] ops not run yet that read chunk i */
+    uint64_t n_done;           /* view ops that ran */
+    int ran_whole;             /* whole staging: the one run ended well */
+    uint64_t *wave;            /* [view ops] the view index of each op of the wave in flight */
+    uint64_t n_wave;           /* its ops (0: no wave in flight) */
+    rlb_plan wave_plan;        /* the wave: its ops, sources rewritten to slots */
+    uint64_t *wave_nonfinite;  /* [view ops] non-finite values each op of the wave wrote */
+    const void **wave_src;     /* [n_global + n_slots] the global sources, then the slots */
+    uint64_t *wave_src_len;
+    double pipe_ms;            /* the waves' executor time */
+    uint64_t joined_v;         /* the last attempt this node joined: version, */
+    int joined_k;              /* ... and attempt */
     int64_t *beat;             /* [nnodes] last heartbeat value seen */
     long long *beat_at;        /* [nnodes] when it last changed */
     long long next_beat;
@@ -126,12 +163,6 @@ static long long now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void nap(void)
-{
-    struct timespec ts = {0, XN_POLL_NS};
-    nanosleep(&ts, NULL);
 }
 
 /* Waits on x->cv (x->mu held) for at most ms. */
@@ -413,6 +444,10 @@ static void free_built(br_xnode *x)
     free(x->base);
     free(x->sends);
     free(x->recvs);
+    free(x->slots);
+    free(x->arrived);
+    free(x->consumed);
+    x->slots = x->arrived = x->consumed = NULL;
     x->staging = NULL;
     x->src_ptr = NULL;
     x->src_len = NULL;
@@ -534,7 +569,9 @@ static int add_chunks(br_xnode *x, int m, const rlb_plan *plan, int sends, xn_ch
         }
         int o = owner(x, r.buf);
         uint32_t local = r.buf - x->base[o];
-        for (uint64_t at = r.lo; at < r.hi && rc == 0; at += XN_CHUNK) {
+        for (uint64_t at = r.lo, end; at < r.hi && rc == 0; at = end) {
+            end = (at / x->chunk + 1) * x->chunk; /* cut at multiples: never mid-element */
+            end = end < r.hi ? end : r.hi;
             if (local > 0xffff || chunk > 0xffff) {
                 snprintf(err, len, "node %d: too many source buffers or chunks to tag", o);
                 rc = RLB_ETOOBIG;
@@ -546,8 +583,7 @@ static int add_chunks(br_xnode *x, int m, const rlb_plan *plan, int sends, xn_ch
                 break;
             }
             *list = g;
-            g[(*n)++] = (xn_chunk){.buf = r.buf, .off = at,
-                                   .len = r.hi - at < XN_CHUNK ? r.hi - at : XN_CHUNK,
+            g[(*n)++] = (xn_chunk){.buf = r.buf, .off = at, .len = end - at,
                                    .peer = sends ? m : o, .tag = (uint64_t)local << 16 | chunk++};
         }
     }
@@ -555,8 +591,148 @@ static int add_chunks(br_xnode *x, int m, const rlb_plan *plan, int sends, xn_ch
     return rc;
 }
 
+/* A growing list of copy ops. */
+typedef struct xn_ops {
+    rlb_copy_op *p;
+    uint64_t n, cap;
+    int oom;
+} xn_ops;
+
+static void push_op(xn_ops *o, const rlb_copy_op *op)
+{
+    if (o->oom)
+        return;
+    if (o->n == o->cap) {
+        uint64_t cap = o->cap ? 2 * o->cap : 64;
+        rlb_copy_op *p = realloc(o->p, cap * sizeof(*p));
+        if (!p) {
+            o->oom = 1;
+            return;
+        }
+        o->p = p;
+        o->cap = cap;
+    }
+    o->p[o->n++] = *op;
+}
+
+/* Appends op cut at every multiple of `chunk` of its source bytes: runs of whole rows that
+ * lie in one chunk, and a row that crosses boundaries in one piece per chunk. */
+static void cut_op(xn_ops *out, const rlb_copy_op *op, uint64_t chunk)
+{
+    uint64_t es = rlb_dtype_size((rlb_dtype)op->src_dtype);
+    uint64_t ds = rlb_dtype_size((rlb_dtype)op->dst_dtype);
+    uint64_t rb = op->row_elems * es, run = 0, run_k = 0;
+    for (uint64_t r = 0; r <= op->rows; r++) {
+        uint64_t s = op->src_offset + r * op->src_stride, k = s / chunk;
+        int fits = r < op->rows && (s + rb - 1) / chunk == k;
+        if (fits && run && k == run_k) {
+            run++;
+            continue;
+        }
+        if (run) { /* rows r - run .. r - 1, all in chunk run_k */
+            rlb_copy_op p = *op;
+            p.src_offset += (r - run) * op->src_stride;
+            p.dst_offset += (r - run) * op->dst_stride;
+            p.rows = run;
+            push_op(out, &p);
+            run = 0;
+        }
+        if (r == op->rows)
+            break;
+        if (fits) {
+            run = 1;
+            run_k = k;
+            continue;
+        }
+        for (uint64_t at = s, end; at < s + rb; at = end) {
+            end = (at / chunk + 1) * chunk;
+            end = end < s + rb ? end : s + rb;
+            rlb_copy_op p = *op;
+            p.src_offset = at;
+            p.dst_offset = op->dst_offset + r * op->dst_stride + (at - s) / es * ds;
+            p.rows = 1;
+            p.row_elems = (end - at) / es;
+            push_op(out, &p);
+        }
+    }
+}
+
+/* Cuts the ops of this node's plan that read another node's buffer at the chunk boundaries
+ * (add_chunks), so each op reads one received chunk and can run as soon as that chunk is
+ * in. Returns 1, 0 when an op reads elements at offsets that are not multiples of their size
+ * (a boundary could split one; the plan stays as it is), or RLB_ENOMEM. */
+static int split_ops(const br_xnode *x, rlb_plan *plan)
+{
+    xn_ops out = {0};
+    uint64_t *first = malloc((plan->n_dst + 1) * sizeof(*first));
+    if (!first)
+        return RLB_ENOMEM;
+    for (uint32_t d = 0; d < plan->n_dst; d++) {
+        first[d] = out.n;
+        for (uint64_t i = plan->dst_first_op[d]; i < plan->dst_first_op[d + 1]; i++) {
+            const rlb_copy_op *op = &plan->ops[i];
+            uint64_t es = rlb_dtype_size((rlb_dtype)op->src_dtype);
+            if (op->src_ref == RLB_PLAN_ZERO_SRC || owner(x, op->src_ref) == x->node) {
+                push_op(&out, op);
+            } else if (op->src_offset % es || op->src_stride % es) {
+                free(out.p);
+                free(first);
+                return 0;
+            } else {
+                cut_op(&out, op, x->chunk);
+            }
+        }
+    }
+    first[plan->n_dst] = out.n;
+    if (out.oom) {
+        free(out.p);
+        free(first);
+        return RLB_ENOMEM;
+    }
+    free(plan->ops);
+    free(plan->dst_first_op);
+    plan->ops = out.p;
+    plan->n_ops = out.n;
+    plan->dst_first_op = first;
+    return 1;
+}
+
+/* The staging of what this node receives. Bounded (a plan without LoRA merges, cut at the
+ * chunks): max_slots chunks at once, each op of the loop reading its chunk's slot, so the
+ * reshard of what arrived runs while the rest is in flight. Whole: a copy of every remote
+ * buffer read, the plan run once every chunk is in. */
+static int stage(br_xnode *x, rlb_plan *mine)
+{
+    int rc = mine->n_merges || mine->n_stage_ops ? 0 : split_ops(x, mine);
+    if (rc < 0)
+        return rc;
+    x->whole = rc == 0;
+    x->n_slots = x->whole || x->n_recvs < x->max_slots ? x->n_recvs : x->max_slots;
+    x->arrived = calloc(x->n_recvs + 1, 1);
+    x->consumed = calloc(x->n_recvs + 1, 1);
+    if (!x->arrived || !x->consumed)
+        return RLB_ENOMEM;
+    if (!x->whole)
+        return (x->slots = malloc(x->n_slots * x->chunk + 1)) ? 0 : RLB_ENOMEM;
+    for (uint32_t i = 0; i < x->n_recvs; i++) {
+        uint32_t g = x->recvs[i].buf;
+        if (!x->staging[g] && !(x->staging[g] = calloc(1, x->src_len[g] + 1)))
+            return RLB_ENOMEM;
+        x->src_ptr[g] = x->staging[g];
+    }
+    return 0;
+}
+
+/* Where received chunk i lands. */
+static uint8_t *recv_at(const br_xnode *x, uint32_t i)
+{
+    const xn_chunk *c = &x->recvs[i];
+    return x->whole ? (uint8_t *)x->staging[c->buf] + c->off
+                    : x->slots + (uint64_t)(i % x->n_slots) * x->chunk;
+}
+
 /* Builds the global source, every node's plan, this node's sends and receives and the
- * staging buffers; this node's plan and source go to x->plan / x->src for the loop. */
+ * staging; this node's plan and source go to x->plan / x->src for the loop. */
 static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
 {
     int rc = 0;
@@ -608,12 +784,8 @@ static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
         x->src_len[g] = x->metas[o].buf_bytes[g - x->base[o]];
         x->src_ptr[g] = o == x->node ? local_ptr[g - x->base[o]] : NULL;
     }
-    for (uint32_t i = 0; i < x->n_recvs && rc == 0; i++) {
-        uint32_t g = x->recvs[i].buf;
-        if (!x->staging[g] && !(x->staging[g] = calloc(1, x->src_len[g] + 1)))
-            rc = RLB_ENOMEM;
-        x->src_ptr[g] = x->staging[g];
-    }
+    if (rc == 0)
+        rc = stage(x, &mine);
     if (rc < 0) {
         rlb__plan_free(&mine);
         rlb__source_free(&src);
@@ -623,14 +795,23 @@ static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
     x->plan = mine;
     x->have_plan = 1;
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "xnode: node %d: global plan over %u buffers of %d nodes: "
-                 "%u chunks to send, %u to receive", x->node, x->n_global, x->nnodes,
-                 x->n_sends, x->n_recvs);
+                 "%u chunks to send, %u to receive into %s staging of %u chunks", x->node,
+                 x->n_global, x->nnodes, x->n_sends, x->n_recvs,
+                 x->whole ? "whole" : "bounded", x->n_slots);
     return 0;
 }
 
 /* ---- The thread ------------------------------------------------------------------------- */
 
-/* Records an outcome for the loop (under mu). */
+/* Wakes the loop from its poll (br_xnode_fd) to read what the thread reported. */
+static void wake_loop(br_xnode *x)
+{
+    uint64_t one = 1;
+    ssize_t n = write(x->wake_fd, &one, sizeof(one));
+    (void)n; /* a full counter still wakes the poll */
+}
+
+/* Records an outcome for the loop (under mu) and wakes it. */
 static void report(br_xnode *x, int *field, int value, int code, const char *why)
 {
     pthread_mutex_lock(&x->mu);
@@ -640,6 +821,7 @@ static void report(br_xnode *x, int *field, int value, int code, const char *why
         snprintf(x->why, sizeof(x->why), "%.500s", why);
     }
     pthread_mutex_unlock(&x->mu);
+    wake_loop(x);
 }
 
 /* Beats, and checks that the job goes on: the launchers' abort key and every other node's
@@ -680,35 +862,78 @@ static int alive(br_xnode *x, char *why, size_t len)
     return 0;
 }
 
-/* Waits for key, checking liveness (and, with local_abort, calling it once when the loop
- * aborts locally). Returns 0 with the value in buf (NUL-terminated), or a negative code. */
-static int wait_key(br_xnode *x, const char *key, char *buf, size_t cap,
-                    int (*local_abort)(br_xnode *, void *), void *arg, char *why, size_t wlen)
+/* What a wait waits for: 1 when it came, 0 while it has not, or a negative code with why. */
+typedef int (*xn_ready)(br_xnode *x, void *arg, char *why, size_t len);
+/* What a wait does once when the loop aborts the version locally: 0 to go on waiting, or a
+ * negative code (with why) to end the wait. */
+typedef int (*xn_on_abort)(br_xnode *x, void *arg, char *why, size_t len);
+
+/* Waits until ready says so, checking liveness. Only liveness bounds it (a heartbeat older
+ * than RLB_PEER_TIMEOUT_MS, the job's abort key): a node whose trainers take long to publish,
+ * a restart say, is alive and is waited for; past the peer timeout the wait says once what
+ * it waits for. Polls every 0.1 ms at first, backing off to XN_NAP_MAX_NS. Returns 0 or a
+ * negative code with why. */
+static int wait_for(br_xnode *x, const char *what, xn_ready ready, void *arg,
+                    xn_on_abort on_abort, void *abort_arg, char *why, size_t len)
 {
-    size_t n = 0;
+    long nap_ns = XN_POLL_NS;
+    long long t0 = now_ms();
+    int said = 0;
     for (;;) {
-        int rc = rlb__store_get(x->store, key, buf, cap - 1, &n);
-        if (rc == 0) {
-            buf[n] = 0;
-            return 0;
-        }
-        if (rc != RLB_ENOTFOUND)
-            return snprintf(why, wlen, "node %d lost the rendezvous store: %s", x->node,
-                            rlb_strerror(rc)), rc;
-        if ((rc = alive(x, why, wlen)) < 0)
+        int rc = ready(x, arg, why, len);
+        if (rc != 0)
+            return rc < 0 ? rc : 0;
+        if ((rc = alive(x, why, len)) < 0)
             return rc;
         pthread_mutex_lock(&x->mu);
         int stop = x->stop, ab = x->job_abort;
         pthread_mutex_unlock(&x->mu);
         if (stop)
-            return snprintf(why, wlen, "node %d's bridge is shutting down", x->node),
+            return snprintf(why, len, "node %d's bridge is shutting down", x->node),
                    RLB_ESHUTDOWN;
-        if (ab && local_abort && (rc = local_abort(x, arg)) < 0)
+        if (ab && on_abort && (rc = on_abort(x, abort_arg, why, len)) < 0)
             return rc;
         if (ab)
-            local_abort = NULL;
-        nap();
+            on_abort = NULL;
+        if (!said && x->peer_timeout_ms > 0 && now_ms() - t0 > x->peer_timeout_ms) {
+            said = 1;
+            RLB_LOG_INFO(RLB_SUB_BRIDGE, "xnode: node %d: still waiting for %s after %lld ms "
+                         "(every node's bridge is alive)", x->node, what, now_ms() - t0);
+        }
+        struct timespec ts = {0, nap_ns};
+        nanosleep(&ts, NULL);
+        nap_ns = nap_ns * 2 < XN_NAP_MAX_NS ? nap_ns * 2 : XN_NAP_MAX_NS;
     }
+}
+
+/* A key awaited by wait_key, and where its value goes. */
+typedef struct xn_key {
+    const char *key;
+    char *buf;   /* the value, NUL-terminated */
+    size_t cap;
+} xn_key;
+
+static int key_set(br_xnode *x, void *arg, char *why, size_t len)
+{
+    xn_key *k = arg;
+    size_t n = 0;
+    int rc = rlb__store_get(x->store, k->key, k->buf, k->cap - 1, &n);
+    if (rc == 0) {
+        k->buf[n] = 0;
+        return 1;
+    }
+    if (rc == RLB_ENOTFOUND)
+        return 0;
+    return snprintf(why, len, "node %d lost the rendezvous store: %s", x->node,
+                    rlb_strerror(rc)), rc;
+}
+
+/* Waits (wait_for) until key is set; its value goes to buf (NUL-terminated). */
+static int wait_key(br_xnode *x, const char *key, const char *what, char *buf, size_t cap,
+                    xn_on_abort on_abort, void *arg, char *why, size_t len)
+{
+    xn_key k = {.key = key, .buf = buf, .cap = cap};
+    return wait_for(x, what, key_set, &k, on_abort, arg, why, len);
 }
 
 typedef struct xn_version {
@@ -718,31 +943,106 @@ typedef struct xn_version {
     int aborted;        /* this node added its abort to the gate */
 } xn_version;
 
+/* Names attempt k + 1 the one a node publishing v from now on joins (x/<v>/cur). */
+static int move_on(br_xnode *x, const xn_version *xv)
+{
+    char key[96], cur[24];
+    int n = snprintf(cur, sizeof(cur), "%d", xv->k + 1);
+    snprintf(key, sizeof(key), "x/%" PRIu64 "/cur", xv->v);
+    return rlb__store_set(x->store, key, cur, (size_t)n);
+}
+
 /* The loop aborted while the gate is undecided: add our abort; the first aborter before
  * the gate opened closes it. */
-static int gate_abort(br_xnode *x, void *arg)
+static int gate_abort(br_xnode *x, void *arg, char *why, size_t len)
 {
     xn_version *xv = arg;
-    char key[96], why[600];
+    char key[96], off[600];
     int64_t a;
     if (xv->aborted)
         return 0;
     xv->aborted = 1;
     snprintf(key, sizeof(key), "%s/gate", xv->base);
     int rc = rlb__store_add(x->store, key, XN_BIG, &a);
-    if (rc < 0 || a >= 2 * XN_BIG || a - XN_BIG >= x->nnodes)
-        return rc; /* someone closed it already, or it is open: the exchange runs */
+    if (rc == 0 && (a >= 2 * XN_BIG || a - XN_BIG >= x->nnodes))
+        return 0; /* someone closed it already, or it is open: the exchange runs */
     pthread_mutex_lock(&x->mu);
-    int n = snprintf(why, sizeof(why), "off node %d: %s", x->node, x->job_why);
+    int n = snprintf(off, sizeof(off), "off node %d: %s", x->node, x->job_why);
     pthread_mutex_unlock(&x->mu);
-    char cur[24];
-    int cn = snprintf(cur, sizeof(cur), "%d", xv->k + 1);
-    snprintf(key, sizeof(key), "x/%" PRIu64 "/cur", xv->v);
-    if ((rc = rlb__store_set(x->store, key, cur, (size_t)cn)) == 0) {
+    if (rc == 0 && (rc = move_on(x, xv)) == 0) {
         snprintf(key, sizeof(key), "%s/go", xv->base);
-        rc = rlb__store_set(x->store, key, why, (size_t)(n < (int)sizeof(why) ? n : (int)sizeof(why) - 1));
+        rc = rlb__store_set(x->store, key, off, (size_t)(n < (int)sizeof(off) ? n : (int)sizeof(off) - 1));
     }
+    if (rc < 0)
+        snprintf(why, len, "node %d lost the rendezvous store: %s", x->node, rlb_strerror(rc));
     return rc;
+}
+
+/* Reads x/<v>/cur into xv->k: 1 once it names an attempt this node has not joined yet. */
+static int attempt_fresh(br_xnode *x, void *arg, char *why, size_t len)
+{
+    xn_version *xv = arg;
+    char key[96], val[32];
+    size_t n = 0;
+    snprintf(key, sizeof(key), "x/%" PRIu64 "/cur", xv->v);
+    int rc = rlb__store_get(x->store, key, val, sizeof(val) - 1, &n);
+    if (rc < 0 && rc != RLB_ENOTFOUND)
+        return snprintf(why, len, "node %d lost the rendezvous store: %s", x->node,
+                        rlb_strerror(rc)), rc;
+    val[rc == 0 ? n : 0] = 0;
+    xv->k = atoi(val);
+    return xv->v != x->joined_v || xv->k > x->joined_k;
+}
+
+/* The loop aborted before this node joined an attempt: nothing to undo elsewhere. */
+static int abort_unjoined(br_xnode *x, void *arg, char *why, size_t len)
+{
+    pthread_mutex_lock(&x->mu);
+    snprintf(why, len, "%s", x->job_why);
+    pthread_mutex_unlock(&x->mu);
+    return RLB_EABORTED;
+}
+
+/* Picks the attempt of xv->v this node joins: the one x/<v>/cur names, but never one it
+ * joined before. A node that left an attempt whose gate had opened (its trainer died
+ * mid-exchange, say) must not run that attempt's exchange again when its restarted
+ * trainers publish v anew: the other nodes are past it, so it would wait there alone until
+ * the exchange's bound gave up on it. Every attempt that does not commit has its successor
+ * named (by node 0's decision, or by the node that closed its gate), so this waits for
+ * that, bounded by liveness like the gate. Returns 0 or a negative code with why. */
+static int join_attempt(br_xnode *x, xn_version *xv, char *why, size_t len)
+{
+    char what[96];
+    snprintf(what, sizeof(what), "node 0 to settle version %" PRIu64 "'s attempt %d",
+             xv->v, x->joined_k);
+    int rc = wait_for(x, what, attempt_fresh, xv, abort_unjoined, NULL, why, len);
+    if (rc < 0)
+        return rc;
+    x->joined_v = xv->v;
+    x->joined_k = xv->k;
+    snprintf(xv->base, sizeof(xv->base), "x/%" PRIu64 ".%d", xv->v, xv->k);
+    return 0;
+}
+
+/* This node will not finish the exchange of an attempt whose gate opened: says why under
+ * x/<v.k>/left (unless a node that left first did) and adds XN_BIG to x/<v.k>/in, so the
+ * others' exchanges end at once rather than at their no-progress bound (exchange()). */
+static void leave(br_xnode *x, const xn_version *xv, const char *why)
+{
+    char key[96], val[600], seen[1];
+    size_t got;
+    int64_t in;
+    int n = snprintf(val, sizeof(val), "node %d left the exchange: %s", x->node, why);
+    snprintf(key, sizeof(key), "%s/left", xv->base);
+    int rc = rlb__store_get(x->store, key, seen, sizeof(seen), &got);
+    if (rc == RLB_ENOTFOUND)
+        rc = rlb__store_set(x->store, key, val,
+                            (size_t)(n < (int)sizeof(val) ? n : (int)sizeof(val) - 1));
+    else if (rc == RLB_ETOOBIG)
+        rc = 0; /* a reason is there already */
+    snprintf(key, sizeof(key), "%s/in", xv->base);
+    if (rc == 0)
+        rlb__store_add(x->store, key, XN_BIG, &in);
 }
 
 /* Fetches every other node's meta for this attempt. Returns 1 when one changed. */
@@ -784,31 +1084,90 @@ static int fetch_metas(br_xnode *x, const xn_version *xv, char *why, size_t len)
 }
 
 #ifdef RLB_HAVE_UCX
-/* Runs this node's sends and receives of version v to the end (also after an abort
- * elsewhere: every node that passed the gate runs the same exchange, so every request has
- * its match). Returns 0 or a negative code with why. */
-static int exchange(br_xnode *x, uint64_t v, char *why, size_t len)
+/* Reads x/<v.k>/in: how many nodes posted their requests (XN_BIG more per node that left).
+ * Returns 0, or RLB_EABORTED with why (the first leaver's reason) once a node left. */
+static int entered(br_xnode *x, const xn_version *xv, int64_t *in, char *why, size_t len)
 {
-    uint32_t n = x->n_sends + x->n_recvs;
+    char key[96];
+    size_t n = 0;
+    snprintf(key, sizeof(key), "%s/in", xv->base);
+    int rc = rlb__store_add(x->store, key, 0, in);
+    if (rc < 0)
+        return snprintf(why, len, "node %d lost the rendezvous store: %s", x->node,
+                        rlb_strerror(rc)), rc;
+    if (*in < XN_BIG)
+        return 0;
+    snprintf(key, sizeof(key), "%s/left", xv->base);
+    if (rlb__store_get(x->store, key, why, len - 1, &n) == 0)
+        why[n] = 0;
+    else
+        snprintf(why, len, "another node left the exchange");
+    return RLB_EABORTED;
+}
+
+/* Posts the receives whose staging is free, in order: chunk i once the loop ran every op
+ * reading chunk i - n_slots (or, the version aborted here, once no wave reads the slots).
+ * Returns the number posted (progress), or the transport's error. */
+static int post_recvs(br_xnode *x, uint64_t vt, rlb_xreq **reqs, uint32_t *posted)
+{
+    int rc = 0, n = 0;
+    pthread_mutex_lock(&x->mu);
+    while (rc == 0 && *posted < x->n_recvs) {
+        uint32_t i = *posted;
+        if (i >= x->n_slots && !x->consumed[i - x->n_slots] && !(x->job_abort && !x->wave_on))
+            break;
+        pthread_mutex_unlock(&x->mu);
+        const xn_chunk *c = &x->recvs[i];
+        rc = x->xp->iface->irecv(x->xp->ctx, c->peer, vt | c->tag, recv_at(x, i), c->len,
+                                 &reqs[i]);
+        (*posted)++;
+        n++;
+        pthread_mutex_lock(&x->mu);
+    }
+    pthread_mutex_unlock(&x->mu);
+    return rc < 0 ? rc : n;
+}
+
+/* Runs this node's sends and receives of attempt xv to the end (also after an abort
+ * elsewhere: every node that passed the gate runs the same exchange, so every request has
+ * its match). Tags carry the attempt, so nothing left over from an earlier one can match.
+ * Once its transfers are posted the loop takes the plan (exchanged = 1) and reshards each
+ * chunk as it arrives (br_xnode_pump), freeing its slot for a later one.
+ * The no-progress bound runs only while every node is in (has posted its requests, counted
+ * in x/<v.k>/in): until then a node still building its plan is waited for like one at the
+ * gate, bounded by liveness; a node that left (leave()) ends the wait at once. Returns 0 or
+ * a negative code with why. */
+static int exchange(br_xnode *x, const xn_version *xv, char *why, size_t len)
+{
+    uint32_t n = x->n_sends + x->n_recvs, posted = 0;
     rlb_xreq **reqs = calloc(n + 1, sizeof(*reqs));
     int rc = reqs ? 0 : RLB_ENOMEM;
-    uint64_t vt = (v & 0xffff) << 32;
-    for (uint32_t i = 0; i < x->n_recvs && rc == 0; i++) {
-        const xn_chunk *c = &x->recvs[i];
-        rc = x->xp->iface->irecv(x->xp->ctx, c->peer, vt | c->tag,
-                                 (uint8_t *)x->staging[c->buf] + c->off, c->len, &reqs[i]);
-    }
+    uint64_t vt = ((xv->v & 0xfff) << 4 | ((uint64_t)xv->k & 0xf)) << 32;
+    pthread_mutex_lock(&x->mu);
+    memset(x->arrived, 0, x->n_recvs);
+    memset(x->consumed, 0, x->n_recvs);
+    pthread_mutex_unlock(&x->mu);
     for (uint32_t i = 0; i < x->n_sends && rc == 0; i++) {
         const xn_chunk *c = &x->sends[i];
         rc = x->xp->iface->isend(x->xp->ctx, c->peer, vt | c->tag,
                                  (const uint8_t *)x->src_ptr[c->buf] + c->off, c->len,
                                  &reqs[x->n_recvs + i]);
     }
+    if (rc == 0 && (rc = post_recvs(x, vt, reqs, &posted)) > 0)
+        rc = 0;
     if (rc < 0)
         snprintf(why, len, "node %d cannot start its transfers: %s", x->node, rlb_strerror(rc));
+    char key[96];
+    int64_t in = 0;
+    snprintf(key, sizeof(key), "%s/in", xv->base);
+    if (rc == 0 && (rc = rlb__store_add(x->store, key, 1, &in)) < 0)
+        snprintf(why, len, "node %d lost the rendezvous store: %s", x->node, rlb_strerror(rc));
+    if (rc == 0)
+        report(x, &x->exchanged, 1, 0, "");
     uint32_t left = n;
-    long long last = now_ms();
+    long long last = now_ms(), next_in = 0;
     while (rc == 0 && left) {
+        uint32_t was_left = left;
         for (uint32_t i = 0; i < n && rc == 0; i++) {
             if (!reqs[i])
                 continue;
@@ -823,12 +1182,40 @@ static int exchange(br_xnode *x, uint64_t v, char *why, size_t len)
                 snprintf(why, len, "node %d: a transfer with node %d failed: %s", x->node,
                          i < x->n_recvs ? x->recvs[i].peer : x->sends[i - x->n_recvs].peer,
                          rlb_strerror(r));
+            } else if (i < x->n_recvs) {
+                pthread_mutex_lock(&x->mu);
+                x->arrived[i] = 1;
+                pthread_mutex_unlock(&x->mu);
+                wake_loop(x);
             }
         }
+        int got = rc == 0 ? post_recvs(x, vt, reqs, &posted) : 0;
+        if (got < 0) {
+            rc = got;
+            snprintf(why, len, "node %d cannot receive: %s", x->node, rlb_strerror(rc));
+        }
+        long long now = now_ms();
+        if (got > 0)
+            last = now; /* the loop freed slots: progress */
+        else if (left == was_left)
+            sched_yield(); /* nothing moved: let the copy (and the peer) have the core */
+        if (rc == 0 && left && in != x->nnodes && now >= next_in) {
+            next_in = now + XN_CHECK_MS;
+            rc = entered(x, xv, &in, why, len);
+        }
+        if (in != x->nnodes)
+            last = now; /* not every node is in yet: no stall to measure */
+        pthread_mutex_lock(&x->mu);
+        int stop = x->stop;
+        pthread_mutex_unlock(&x->mu);
+        if (rc == 0 && stop) {
+            snprintf(why, len, "node %d's bridge is shutting down", x->node);
+            rc = RLB_ESHUTDOWN;
+        }
         if (rc == 0 && left && (rc = alive(x, why, len)) == 0 && x->peer_timeout_ms > 0 &&
-            now_ms() - last > x->peer_timeout_ms + 1000) {
+            now - last > x->peer_timeout_ms + 1000) {
             snprintf(why, len, "node %d: the exchange made no progress for %lld ms", x->node,
-                     now_ms() - last);
+                     now - last);
             rc = RLB_ETIMEDOUT;
         }
     }
@@ -889,25 +1276,25 @@ static void decide(br_xnode *x, xn_version *xv)
     if (x->node == 0) {
         char first[600] = "";
         for (int m = 0; m < x->nnodes && rc == 0; m++) {
+            char what[64];
             snprintf(key, sizeof(key), "%s/state/%d", xv->base, m);
-            rc = wait_key(x, key, val, sizeof(val), NULL, NULL, why, sizeof(why));
+            snprintf(what, sizeof(what), "node %d's local sync of version %" PRIu64, m, xv->v);
+            rc = wait_key(x, key, what, val, sizeof(val), NULL, NULL, why, sizeof(why));
             if (rc == 0 && strcmp(val, "ok") && !first[0])
                 snprintf(first, sizeof(first), "%s", val);
         }
         if (rc < 0)
             snprintf(first, sizeof(first), "abort %s", why);
-        if (first[0]) {
-            int cn = snprintf(val, sizeof(val), "%d", xv->k + 1);
-            snprintf(key, sizeof(key), "x/%" PRIu64 "/cur", xv->v);
-            rlb__store_set(x->store, key, val, (size_t)cn);
-        }
+        if (first[0])
+            move_on(x, xv);
         snprintf(key, sizeof(key), "%s/outcome", xv->base);
         const char *out = first[0] ? first : "commit";
         rc = rlb__store_set(x->store, key, out, strlen(out));
         snprintf(val, sizeof(val), "%s", out);
     } else if (ok) {
         snprintf(key, sizeof(key), "%s/outcome", xv->base);
-        rc = wait_key(x, key, val, sizeof(val), NULL, NULL, why, sizeof(why));
+        rc = wait_key(x, key, "node 0's decision", val, sizeof(val), NULL, NULL, why,
+                      sizeof(why));
         if (rc < 0)
             snprintf(val, sizeof(val), "abort %s", why);
     }
@@ -919,12 +1306,25 @@ static void decide(br_xnode *x, xn_version *xv)
         report(x, &x->outcome, -1, RLB_EABORTED, val + (strncmp(val, "abort ", 6) ? 0 : 6));
 }
 
+/* The version cannot go on here: logs it and tells the loop (which aborts it locally); a
+ * peer or the transport gone for good breaks the exchange between nodes for the job. */
+static void fail(br_xnode *x, const xn_version *xv, int rc, const char *why)
+{
+    if (rc == RLB_EPEERDEAD || rc == RLB_ETIMEDOUT) {
+        pthread_mutex_lock(&x->mu);
+        x->broken = 1;
+        pthread_mutex_unlock(&x->mu);
+    }
+    RLB_LOG_WARN(RLB_SUB_BRIDGE, "xnode: node %d: version %" PRIu64 " aborted: %s", x->node,
+                 xv->v, why);
+    report(x, &x->exchanged, -1, rc, why);
+}
+
 /* One version, from the gate to the outcome. */
 static void run_version(br_xnode *x)
 {
     xn_version xv = {0};
-    char key[96], val[600], why[512] = "";
-    size_t n = 0;
+    char key[96], val[600], what[96], why[512] = "";
     pthread_mutex_lock(&x->mu);
     xv.v = x->job_v;
     uint8_t *meta = x->job_meta;
@@ -934,37 +1334,36 @@ static void run_version(br_xnode *x)
     x->job_meta = NULL;
     x->job_ptr = NULL;
     pthread_mutex_unlock(&x->mu);
-    snprintf(key, sizeof(key), "x/%" PRIu64 "/cur", xv.v);
-    int rc = rlb__store_get(x->store, key, val, sizeof(val) - 1, &n);
-    val[rc == 0 ? n : 0] = 0;
-    xv.k = rc == 0 ? atoi(val) : 0;
-    rc = rc == RLB_ENOTFOUND ? 0 : rc;
-    snprintf(xv.base, sizeof(xv.base), "x/%" PRIu64 ".%d", xv.v, xv.k);
-    if (rc == 0)
-        rc = publish_meta(x, &xv, meta, meta_len);
+    int rc = join_attempt(x, &xv, why, sizeof(why));
     int64_t r = 0;
-    snprintf(key, sizeof(key), "%s/gate", xv.base);
-    if (rc == 0)
-        rc = rlb__store_add(x->store, key, 1, &r);
-    if (rc < 0) {
-        snprintf(why, sizeof(why), "node %d lost the rendezvous store: %s", x->node,
-                 rlb_strerror(rc));
-        goto fail;
-    }
-    if (r == x->nnodes) {
-        snprintf(key, sizeof(key), "%s/go", xv.base);
-        rc = rlb__store_set(x->store, key, "on", 2);
+    if (rc == 0) {
+        rc = publish_meta(x, &xv, meta, meta_len);
+        snprintf(key, sizeof(key), "%s/gate", xv.base);
+        if (rc == 0)
+            rc = rlb__store_add(x->store, key, 1, &r);
+        if (rc == 0 && r == x->nnodes) {
+            snprintf(key, sizeof(key), "%s/go", xv.base);
+            rc = rlb__store_set(x->store, key, "on", 2);
+        }
+        if (rc < 0)
+            snprintf(why, sizeof(why), "node %d lost the rendezvous store: %s", x->node,
+                     rlb_strerror(rc));
     }
     snprintf(key, sizeof(key), "%s/go", xv.base);
+    snprintf(what, sizeof(what), "every node's trainers to publish version %" PRIu64, xv.v);
     if (rc == 0)
-        rc = wait_key(x, key, val, sizeof(val), gate_abort, &xv, why, sizeof(why));
-    if (rc < 0)
-        goto fail;
-    if (strcmp(val, "on")) {
+        rc = wait_key(x, key, what, val, sizeof(val), gate_abort, &xv, why, sizeof(why));
+    if (rc == 0 && strcmp(val, "on")) {
         snprintf(why, sizeof(why), "%s", val + (strncmp(val, "off ", 4) ? 0 : 4));
         rc = RLB_EABORTED;
-        goto fail;
     }
+    if (rc < 0) { /* before the gate opened: the node that closed it named the next attempt */
+        free(meta);
+        free(local);
+        fail(x, &xv, rc, why);
+        return;
+    }
+    /* The gate opened: this attempt ends in node 0's decision, whatever happens here. */
     rc = fetch_metas(x, &xv, why, sizeof(why));
     if (rc >= 0 && (rc > 0 || rebuild || !x->base))
         rc = build(x, local, why, sizeof(why));
@@ -973,27 +1372,16 @@ static void run_version(br_xnode *x)
         for (uint32_t k = 0; k < x->metas[x->node].n_bufs; k++)
             x->src_ptr[x->base[x->node] + k] = local[k];
 #ifdef RLB_HAVE_UCX
-        rc = exchange(x, xv.v, why, sizeof(why));
+        rc = exchange(x, &xv, why, sizeof(why));
 #endif
     }
-    if (rc < 0)
-        goto fail;
-    report(x, &x->exchanged, 1, 0, "");
     free(meta);
     free(local);
-    decide(x, &xv);
-    return;
-fail:
-    free(meta);
-    free(local);
-    if (rc == RLB_EPEERDEAD || rc == RLB_ETIMEDOUT) {
-        pthread_mutex_lock(&x->mu);
-        x->broken = 1;
-        pthread_mutex_unlock(&x->mu);
+    if (rc < 0) {
+        leave(x, &xv, why);
+        fail(x, &xv, rc, why);
     }
-    RLB_LOG_WARN(RLB_SUB_BRIDGE, "xnode: node %d: version %" PRIu64 " aborted: %s", x->node,
-                 xv.v, why);
-    report(x, &x->exchanged, -1, rc, why);
+    decide(x, &xv);
 }
 
 static void *xn_main(void *arg)
@@ -1041,6 +1429,219 @@ static void *xn_main(void *arg)
     return NULL;
 }
 
+/* Reads a field the thread reports (exchanged, outcome) under mu; a negative one aborts the
+ * version here with the thread's code and reason. Returns the value. */
+static int take_report(bridge *b, const int *field)
+{
+    br_xnode *x = b->xnode;
+    char why[512];
+    pthread_mutex_lock(&x->mu);
+    int v = *field, code = x->code;
+    snprintf(why, sizeof(why), "%s", x->why);
+    pthread_mutex_unlock(&x->mu);
+    if (v < 0)
+        br_sync_abort(b, code < 0 ? code : RLB_EABORTED, "%s", why);
+    return v;
+}
+
+/* ---- The pipeline: the loop reshards each chunk as it arrives ----------------------------- */
+
+/* The received chunk holding byte `off` of global buffer g, or XN_LOCAL. */
+static uint32_t chunk_of(const br_xnode *x, uint32_t g, uint64_t off)
+{
+    uint32_t lo = 0, hi = x->n_recvs;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        const xn_chunk *c = &x->recvs[mid];
+        if (c->buf < g || (c->buf == g && c->off + c->len <= off))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < x->n_recvs && x->recvs[lo].buf == g && x->recvs[lo].off <= off ? lo : XN_LOCAL;
+}
+
+static void pipe_free(br_xnode *x)
+{
+    free(x->op_chunk);
+    free(x->op_done);
+    free(x->chunk_left);
+    free(x->wave);
+    free(x->wave_plan.ops);
+    free(x->wave_nonfinite);
+    free(x->wave_src);
+    free(x->wave_src_len);
+    x->op_chunk = x->chunk_left = NULL;
+    x->op_done = NULL;
+    x->wave = x->wave_nonfinite = x->wave_src_len = NULL;
+    x->wave_plan.ops = NULL;
+    x->wave_src = NULL;
+}
+
+/* Sets up the pipeline over the bound copy (b->copy.view, the live replicas' ops): which
+ * chunk each op reads; chunks no op reads are consumed at once. Returns 0 or RLB_ENOMEM. */
+static int pipe_init(bridge *b)
+{
+    br_xnode *x = b->xnode;
+    br_copy *c = &b->copy;
+    uint64_t n = c->view.n_ops;
+    uint32_t n_src = x->n_global + x->n_slots;
+    pipe_free(x);
+    x->op_chunk = malloc((n + 1) * sizeof(*x->op_chunk));
+    x->op_done = calloc(n + 1, 1);
+    x->chunk_left = calloc(x->n_recvs + 1, sizeof(*x->chunk_left));
+    x->wave = malloc((n + 1) * sizeof(*x->wave));
+    x->wave_plan.ops = malloc((n + 1) * sizeof(*x->wave_plan.ops));
+    x->wave_nonfinite = malloc((n + 1) * sizeof(*x->wave_nonfinite));
+    x->wave_src = malloc((n_src + 1) * sizeof(*x->wave_src));
+    x->wave_src_len = malloc((n_src + 1) * sizeof(*x->wave_src_len));
+    if (!x->op_chunk || !x->op_done || !x->chunk_left || !x->wave || !x->wave_plan.ops ||
+        !x->wave_nonfinite || !x->wave_src || !x->wave_src_len)
+        return RLB_ENOMEM;
+    memset(c->nonfinite, 0, (n + c->view.n_merges) * sizeof(*c->nonfinite));
+    for (uint64_t i = 0; i < n; i++) {
+        const rlb_copy_op *op = &c->view.ops[i];
+        x->op_chunk[i] = op->src_ref == RLB_PLAN_ZERO_SRC ? XN_LOCAL
+                                                          : chunk_of(x, op->src_ref, op->src_offset);
+        if (x->op_chunk[i] != XN_LOCAL)
+            x->chunk_left[x->op_chunk[i]]++;
+    }
+    for (uint32_t g = 0; g < x->n_global; g++) { /* another node's buffer: only slots */
+        x->wave_src[g] = c->src[g];
+        x->wave_src_len[g] = c->src[g] ? c->src_len[g] : 0;
+    }
+    for (uint32_t s = 0; s < x->n_slots && !x->whole; s++) {
+        x->wave_src[x->n_global + s] = x->slots + (uint64_t)s * x->chunk;
+        x->wave_src_len[x->n_global + s] = x->chunk;
+    }
+    pthread_mutex_lock(&x->mu);
+    for (uint32_t k = 0; k < x->n_recvs; k++)
+        x->consumed[k] |= x->chunk_left[k] == 0;
+    pthread_cond_broadcast(&x->cv);
+    pthread_mutex_unlock(&x->mu);
+    x->n_done = 0;
+    x->n_wave = 0;
+    x->ran_whole = 0;
+    x->pipe_ms = 0;
+    x->pipe_on = 1;
+    return 0;
+}
+
+/* Gathers the next wave (bounded staging): every op not run yet whose chunk is in. Returns
+ * its op count. */
+static uint64_t next_wave(br_xnode *x, const br_copy *c)
+{
+    uint64_t n = 0;
+    pthread_mutex_lock(&x->mu);
+    for (uint64_t i = 0; i < c->view.n_ops; i++) {
+        uint32_t k = x->op_chunk[i];
+        if (!x->op_done[i] && (k == XN_LOCAL || x->arrived[k]))
+            x->wave[n++] = i;
+    }
+    pthread_mutex_unlock(&x->mu);
+    return n;
+}
+
+/* 1 when every chunk is in (whole staging waits for that). */
+static int all_arrived(br_xnode *x)
+{
+    int all = 1;
+    pthread_mutex_lock(&x->mu);
+    for (uint32_t k = 0; k < x->n_recvs && all; k++)
+        all = x->arrived[k];
+    pthread_mutex_unlock(&x->mu);
+    return all;
+}
+
+int br_xnode_pump(bridge *b)
+{
+    br_xnode *x = b->xnode;
+    br_copy *c = &b->copy;
+    if (!x->pipe_on && pipe_init(b) < 0) {
+        br_sync_abort(b, RLB_ENOMEM, "version %" PRIu64 ": no memory for the pipeline",
+                      b->syncing);
+        return -1;
+    }
+    if (take_report(b, &x->exchanged) < 0)
+        return -1; /* the exchange failed */
+    if (x->n_done == c->view.n_ops && (!x->whole || x->ran_whole)) {
+        c->ms = x->pipe_ms;
+        return 2;
+    }
+    rlb_exec_run run = {.dst = c->dst, .dst_len = c->dst_len,
+                        .events = (const uint8_t(*)[64])c->events, .n_events = c->n_events,
+                        .threads = c->threads, .done_fd = c->wake_fd};
+    if (x->whole) { /* the bound copy as it is: its sources are the whole staging */
+        if (!all_arrived(x))
+            return 0;
+        run.plan = &c->view;
+        run.src = (void *const *)c->src;
+        run.src_len = c->src_len;
+        run.nonfinite = c->nonfinite;
+    } else {
+        if (!(x->n_wave = next_wave(x, c)))
+            return 0;
+        x->wave_plan = (rlb_plan){.n_src = x->n_global + x->n_slots, .n_dst = c->view.n_dst,
+                                  .n_ops = x->n_wave, .ops = x->wave_plan.ops};
+        for (uint64_t k = 0; k < x->n_wave; k++) {
+            rlb_copy_op *op = &x->wave_plan.ops[k];
+            uint32_t chunk = x->op_chunk[x->wave[k]];
+            *op = c->view.ops[x->wave[k]];
+            if (chunk == XN_LOCAL)
+                continue;
+            op->src_ref = x->n_global + chunk % x->n_slots;
+            op->src_offset -= x->recvs[chunk].off;
+        }
+        run.plan = &x->wave_plan;
+        run.src = (void *const *)x->wave_src;
+        run.src_len = x->wave_src_len;
+        run.nonfinite = x->wave_nonfinite;
+    }
+    pthread_mutex_lock(&x->mu);
+    x->wave_on = 1;
+    pthread_mutex_unlock(&x->mu);
+    c->err[0] = 0;
+    int rc = br_executor(b)->iface->run(br_executor(b), &run, c->err, sizeof(c->err));
+    if (rc < 0) {
+        pthread_mutex_lock(&x->mu);
+        x->wave_on = 0;
+        pthread_cond_broadcast(&x->cv);
+        pthread_mutex_unlock(&x->mu);
+        x->n_wave = 0;
+        br_sync_abort(b, rc, "cannot start the copy: %s", c->err[0] ? c->err : rlb_strerror(rc));
+        return -1;
+    }
+    b->copy_running = 1;
+    b->copied = 1;
+    return 1;
+}
+
+void br_xnode_joined(bridge *b)
+{
+    br_xnode *x = b->xnode;
+    br_copy *c = &b->copy;
+    if (!x || !x->pipe_on || !x->wave_on)
+        return;
+    pthread_mutex_lock(&x->mu);
+    x->wave_on = 0;
+    for (uint64_t k = 0; k < x->n_wave && c->rc == 0; k++) {
+        uint64_t i = x->wave[k];
+        uint32_t chunk = x->op_chunk[i];
+        x->op_done[i] = 1;
+        c->nonfinite[i] += x->wave_nonfinite[k];
+        if (chunk != XN_LOCAL && --x->chunk_left[chunk] == 0)
+            x->consumed[chunk] = 1;
+    }
+    pthread_cond_broadcast(&x->cv);
+    pthread_mutex_unlock(&x->mu);
+    if (c->rc == 0) {
+        x->n_done += x->whole ? c->view.n_ops : x->n_wave;
+        x->ran_whole = x->whole;
+    }
+    x->pipe_ms += c->ms;
+    x->n_wave = 0;
+}
+
 /* ---- The loop's side ---------------------------------------------------------------------- */
 
 int br_xnode_start(bridge *b)
@@ -1065,14 +1666,20 @@ int br_xnode_start(bridge *b)
     x->params = &b->params;
     x->opts = o;
     x->peer_timeout_ms = rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS);
+    long long chunk = rlb__env_int(RLB_KNOB_XNODE_CHUNK_BYTES);
+    long long staging = rlb__env_int(RLB_KNOB_XNODE_STAGING_BYTES);
+    x->chunk = chunk >= 64 ? (uint64_t)chunk / 64 * 64 : 64; /* whole elements of any dtype */
+    x->max_slots = staging / (long long)x->chunk > 1 ? (uint32_t)(staging / (long long)x->chunk)
+                                                     : 1;
     x->metas = calloc((size_t)o->nnodes, sizeof(*x->metas));
     x->epochs = calloc((size_t)o->nnodes, sizeof(*x->epochs));
     x->beat = calloc((size_t)o->nnodes, sizeof(*x->beat));
     x->beat_at = calloc((size_t)o->nnodes, sizeof(*x->beat_at));
+    x->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     pthread_mutex_init(&x->mu, NULL);
     pthread_cond_init(&x->cv, NULL);
     b->xnode = x;
-    if (!x->metas || !x->epochs || !x->beat || !x->beat_at ||
+    if (!x->metas || !x->epochs || !x->beat || !x->beat_at || x->wake_fd < 0 ||
         pthread_create(&x->thread, NULL, xn_main, b) != 0) {
         br_xnode_stop(b);
         return RLB_ENOMEM;
@@ -1111,13 +1718,21 @@ void br_xnode_stop(bridge *b)
     free(x->epochs);
     free(x->beat);
     free(x->beat_at);
+    pipe_free(x);
     free(x->my_meta);
     free(x->job_meta);
     free(x->job_ptr);
+    if (x->wake_fd >= 0)
+        close(x->wake_fd);
     pthread_mutex_destroy(&x->mu);
     pthread_cond_destroy(&x->cv);
     free(x);
     b->xnode = NULL;
+}
+
+int br_xnode_fd(const bridge *b)
+{
+    return b->xnode ? b->xnode->wake_fd : -1;
 }
 
 int br_xnode_remote_rank(const bridge *b, uint32_t rank)
@@ -1222,13 +1837,13 @@ int br_xnode_poll(bridge *b)
                       "exchange between nodes", b->syncing);
         return -1;
     }
+    x->pipe_on = 0; /* br_xnode_pump sets up this version's pipeline */
     return 1;
 }
 
 int br_xnode_commit_ready(bridge *b)
 {
     br_xnode *x = b->xnode;
-    char why[512];
     if (!x)
         return 1;
     pthread_mutex_lock(&x->mu);
@@ -1236,14 +1851,9 @@ int br_xnode_commit_ready(bridge *b)
         x->job_prepared = 1;
         pthread_cond_broadcast(&x->cv);
     }
-    int out = x->outcome, code = x->code;
-    snprintf(why, sizeof(why), "%s", x->why);
     pthread_mutex_unlock(&x->mu);
-    if (out < 0) {
-        br_sync_abort(b, code < 0 ? code : RLB_EABORTED, "%s", why);
-        return -1;
-    }
-    return out > 0;
+    int out = take_report(b, &x->outcome);
+    return out < 0 ? -1 : out > 0;
 }
 
 int br_xnode_abort_hook(bridge *b, int code, const char *text)
@@ -1251,8 +1861,11 @@ int br_xnode_abort_hook(bridge *b, int code, const char *text)
     br_xnode *x = b->xnode;
     if (!x)
         return 0;
+    /* Prepared (in LOAD, every worker loaded): node 0's outcome alone ends the version, be it
+     * still pending or already a commit that this loop has not acted on yet. */
     pthread_mutex_lock(&x->mu);
-    int defer = x->busy && x->job_prepared && x->outcome == 0 && code != RLB_ESHUTDOWN;
+    int defer = b->sync == BR_SYNC_LOAD && x->job_prepared && x->outcome >= 0 &&
+                code != RLB_ESHUTDOWN;
     if (!defer && x->busy && !x->job_abort) {
         x->job_abort = 1;
         snprintf(x->job_why, sizeof(x->job_why), "%s", text);

@@ -44,7 +44,12 @@
       "(commit it and log the counts)")                                                 \
     X(CUDA_IPC, "RLB_CUDA_IPC", "auto", "how a trainer shares device tensors: auto (CUDA " \
       "IPC handles or VMM fds, host staging where the bridge may not open them) or off "   \
-      "(always host staging: pinned shared memory copied at each publish)")
+      "(always host staging: pinned shared memory copied at each publish)")               \
+    X(XNODE_CHUNK_BYTES, "RLB_XNODE_CHUNK_BYTES", "8388608", "bytes per transfer between " \
+      "the bridges of different nodes (a multiple of 64); a chunk is resharded into the "  \
+      "workers as soon as it arrived")                                                    \
+    X(XNODE_STAGING_BYTES, "RLB_XNODE_STAGING_BYTES", "67108864", "most bytes of other "  \
+      "nodes' chunks a bridge holds at once (at least one chunk)")
 
 typedef enum rlb_env_knob {
 #define RLB__ENV_ENUM(id, name, def, help) RLB_KNOB_##id,

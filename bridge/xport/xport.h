@@ -10,7 +10,11 @@
  * caller keeps a buffer untouched until its request completes. Implementations:
  *   ucx  host memory through UCX (xport_ucx.c; shm and tcp on one machine, RDMA on
  *        clusters), built where libucx-dev is present (RLB_HAVE_UCX).
- * An NCCL implementation for GPU memory is not written yet.
+ *   nccl GPU memory through NCCL's send / receive (xport_nccl.c), built in CUDA builds
+ *        where NCCL is found (RLB_HAVE_NCCL_XPORT). NCCL has no tags: a pair's operations
+ *        match in the order each side posts them, and a request completes with the group
+ *        of requests that were queued with it (xport_nccl.c says what that asks of a
+ *        caller).
  *
  * Failures: where the implementation can tell, a peer that dies makes its pending and later
  * requests fail with RLB_EPEERDEAD; where it cannot, the wait's no-progress timeout ends
@@ -55,6 +59,12 @@ typedef struct rlb_xport {
  * RLB_HAVE_UCX). peer_errors: UCX detects dead peers itself (tcp only between processes of
  * one machine); 0: shared memory allowed, a dead peer shows as no progress. */
 int rlb__xport_ucx_create(int node, int nnodes, int peer_errors, rlb_xport **out);
+
+/* The GPU-memory transport over NCCL for node `node` of `nnodes`, on CUDA device `device`
+ * (built only with CUDA and NCCL: RLB_HAVE_NCCL_XPORT). Its communicator is made by the
+ * last connect (rlb__xport_connect_all), which returns once every node made it. Returns 0,
+ * RLB_EINVAL, RLB_EUNSUPPORTED (the GPU is not usable) or RLB_ENOMEM. */
+int rlb__xport_nccl_create(int node, int nnodes, int device, rlb_xport **out);
 
 /* Publishes this endpoint's address under "<prefix>/addr/<node>" and connects to every
  * other node's, waiting up to timeout_ms for them. */

@@ -128,6 +128,9 @@ static int start(rlb_xreq *r, ucs_status_ptr_t p, rlb_xreq **req)
 {
     if (UCS_PTR_IS_ERR(p)) {
         int rc = from_ucs(UCS_PTR_STATUS(p));
+        RLB_LOG_WARN(RLB_SUB_BRIDGE, "xport ucx: node %d: a %s with node %d failed at once: %s",
+                     r->c->node, r->recv ? "receive" : "send", r->peer,
+                     ucs_status_string(UCS_PTR_STATUS(p)));
         free(r);
         return rc;
     }

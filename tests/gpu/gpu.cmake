@@ -59,3 +59,11 @@ foreach(t test_client_cuda test_cuda_backend test_cuda_executor test_cuda_ipc)
     set_tests_properties(${t} PROPERTIES RUN_SERIAL TRUE)
   endif()
 endforeach()
+
+# The NCCL transport between bridges (bridge/xport/xport_nccl.c): a buffer moved both ways
+# between endpoints on GPUs 0 and 1, checked byte for byte; exits 77 with fewer than two
+# GPUs. Built where the CUDA build found NCCL.
+if(TARGET rlb_xport_nccl)
+  rlb_add_test(NAME test_xport_nccl SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_xport_nccl.c
+               LIBS rlb_xport_nccl LABELS gpu TIMEOUT 180)
+endif()

@@ -75,11 +75,12 @@ static int is_norm(const rlb_param *p)
 
 /* ---- Processes ----------------------------------------------------------------------- */
 
-/* Every process the harness forked and the directory of the current run, so h_cleanup can
- * end what a failed test (an assertion jumps out of it) left running. */
+/* Every process the harness forked and the directories of the current runs (one per node),
+ * so h_cleanup can end what a failed test (an assertion jumps out of it) left running. */
 static pid_t spawned[64];
 static int n_spawned;
-static char run_dir[128];
+static char run_dirs[4][128];
+static int n_run_dirs;
 
 static pid_t spawn(void)
 {
@@ -112,28 +113,29 @@ void h_cleanup(void)
         if (kill(spawned[i], SIGKILL) == 0)
             waitpid(spawned[i], NULL, 0);
     n_spawned = 0;
-    if (run_dir[0]) {
-        char cmd[192];
-        snprintf(cmd, sizeof(cmd), "rm -rf %s", run_dir);
+    for (int i = 0; i < n_run_dirs; i++) {
+        char cmd[sizeof(run_dirs[0]) + 16];
+        snprintf(cmd, sizeof(cmd), "rm -rf %.127s", run_dirs[i]);
         if (system(cmd) != 0)
-            fprintf(stderr, "could not remove %s\n", run_dir);
-        run_dir[0] = 0;
+            fprintf(stderr, "could not remove %s\n", run_dirs[i]);
     }
+    n_run_dirs = 0;
 }
 
 static int version_checkpoint(const char *dir, uint64_t v, char *tag);
 
 /* Starts the bridge for cfg (NULL: the tiny model); base_version != 0: with that version's
- * checkpoint as its base. */
+ * checkpoint as its base; node (or NULL): as that node of a multi-node job. */
 static int start_bridge(h_run *r, rlb_sync_mode mode, uint64_t base_version,
-                        const rlb_model_config *cfg)
+                        const rlb_model_config *cfg, const h_node *node)
 {
     memset(r, 0, sizeof(*r));
     r->shm_before = count_dev_shm(r);
     snprintf(r->dir, sizeof(r->dir), "/tmp/rlb-bridge-test-XXXXXX");
     if (!mkdtemp(r->dir))
         return -1;
-    snprintf(run_dir, sizeof(run_dir), "%s", r->dir);
+    if (n_run_dirs < 4)
+        snprintf(run_dirs[n_run_dirs++], sizeof(run_dirs[0]), "%s", r->dir);
     snprintf(r->sock, sizeof(r->sock), "%s/bridge.sock", r->dir);
     char tag[32], base[192];
     if (base_version && version_checkpoint(r->dir, base_version, tag) != 0)
@@ -152,6 +154,15 @@ static int start_bridge(h_run *r, rlb_sync_mode mode, uint64_t base_version,
          * ones still through RLB_RING_BYTES). */
         o.ring_bytes = getenv("RLB_RING_BYTES") ? 0 : 1u << 20;
         o.base_dir = base_version ? base : NULL;
+        if (node) {
+            o.nnodes = node->nnodes;
+            o.node_rank = node->node;
+            o.first_rank = node->first_rank;
+            o.n_ranks = node->n_ranks;
+            o.store_addr = "127.0.0.1";
+            o.store_port = node->store_port;
+            o.run_id = node->run_id;
+        }
         if (cfg)
             o.cfg = *cfg;
         else
@@ -182,17 +193,17 @@ int h_wait_listening(const char *path, double s)
 
 int h_start(h_run *r, rlb_sync_mode mode)
 {
-    return start_bridge(r, mode, 0, NULL);
+    return start_bridge(r, mode, 0, NULL, NULL);
 }
 
 int h_start_base(h_run *r, rlb_sync_mode mode, uint64_t v)
 {
-    return start_bridge(r, mode, v, NULL);
+    return start_bridge(r, mode, v, NULL, NULL);
 }
 
 int h_start_config(h_run *r, rlb_sync_mode mode, const rlb_model_config *cfg)
 {
-    return start_bridge(r, mode, 0, cfg);
+    return start_bridge(r, mode, 0, cfg, NULL);
 }
 
 float *h_worker_weights(pid_t pid, int buf, uint64_t *bytes)
@@ -225,6 +236,11 @@ float *h_worker_weights(pid_t pid, int buf, uint64_t *bytes)
     }
     *bytes = hi - lo;
     return data;
+}
+
+int h_start_node(h_run *r, rlb_sync_mode mode, const h_node *node)
+{
+    return start_bridge(r, mode, 0, NULL, node);
 }
 
 rlb_device h_worker_device = RLB_DEVICE_CPU;

@@ -52,6 +52,15 @@ int h_start_base(h_run *r, rlb_sync_mode mode, uint64_t v);
 /* h_start for another model than the tiny one (the h_weight family and h_reference know
  * only the tiny one). */
 int h_start_config(h_run *r, rlb_sync_mode mode, const rlb_model_config *cfg);
+/* One node of a multi-node job (bridge/xnode.h): its place and the job's store. */
+typedef struct h_node {
+    int nnodes, node;              /* the job's nodes and this one */
+    uint32_t first_rank, n_ranks;  /* the trainer ranks this node serves */
+    int store_port;                /* the rendezvous store, on 127.0.0.1 */
+    const char *run_id;            /* the job's run id in the store */
+} h_node;
+/* Starts the bridge of one node of such a job (each node its own h_run). */
+int h_start_node(h_run *r, rlb_sync_mode mode, const h_node *node);
 /* Waits up to s seconds until a listener accepts connections at path. Returns 0 or -1. */
 int h_wait_listening(const char *path, double s);
 /* The backend workers started from now on run (CPU unless a GPU test says otherwise;

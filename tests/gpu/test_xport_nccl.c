@@ -1,0 +1,162 @@
+/* test_xport_nccl: the NCCL transport between bridges (bridge/xport/xport_nccl.c) moving GPU
+ * memory between two endpoints, node 0 on GPU 0 and node 1 on GPU 1, each its own process,
+ * meeting through a rendezvous store this test serves (the NCCL unique id goes through it).
+ *
+ * Each node fills a device buffer with its own byte pattern and, in one go, posts the
+ * receives of the other node's buffer and the sends of its own in chunks (the last one
+ * short), both directions at once as the exchange does; then again one chunk at a time, each
+ * waited for before the next (successive groups must match in order). Every received byte
+ * is checked against the sender's pattern.
+ *
+ * The parent never touches CUDA (a process that forks after initializing CUDA may not use it
+ * in the child): a probe child counts the GPUs. Exits 77 with fewer than two GPUs (NCCL
+ * refuses two ranks on one GPU).
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cuda_runtime_api.h>
+
+#include "bridge/xport/xport.h"
+#include "common/store.h"
+#include "rlb/rlb.h"
+
+#define RUN_ID "xport-nccl-test"
+#define BYTES ((size_t)(40u << 20) + 4097) /* five chunks, the last one short */
+#define CHUNK ((size_t)8 << 20)
+#define N_CHUNKS ((int)((BYTES + CHUNK - 1) / CHUNK))
+#define TIMEOUT_MS 60000
+#define SKIP 77
+#define PROBE 100 /* the probe exits PROBE + the number of GPUs (at most 9) */
+
+static uint8_t pattern(int node, size_t i)
+{
+    return (uint8_t)(i * 131 + (i >> 13) + (size_t)node * 7 + 3);
+}
+
+static size_t chunk_len(int k)
+{
+    size_t off = (size_t)k * CHUNK;
+    return BYTES - off < CHUNK ? BYTES - off : CHUNK;
+}
+
+/* Posts chunk k's receive from and send to the other node. */
+static int post(rlb_xport *x, int k, uint8_t *recv, const uint8_t *send, rlb_xreq **reqs)
+{
+    int peer = 1 - x->node;
+    size_t off = (size_t)k * CHUNK;
+    int rc = x->iface->irecv(x->ctx, peer, (uint64_t)k, recv + off, chunk_len(k), &reqs[0]);
+    if (rc == 0)
+        rc = x->iface->isend(x->ctx, peer, (uint64_t)k, send + off, chunk_len(k), &reqs[1]);
+    return rc;
+}
+
+/* Copies the received buffer back and compares it with the other node's pattern. Returns 0
+ * or 1 (the first wrong byte printed). */
+static int check(int node, const uint8_t *recv, uint8_t *host, const char *round)
+{
+    if (cudaMemcpy(host, recv, BYTES, cudaMemcpyDeviceToHost) != cudaSuccess)
+        return fprintf(stderr, "node %d: copy back failed\n", node), 1;
+    for (size_t i = 0; i < BYTES; i++)
+        if (host[i] != pattern(1 - node, i)) {
+            fprintf(stderr, "node %d, %s: byte %zu is %u, want %u\n", node, round, i, host[i],
+                    pattern(1 - node, i));
+            return 1;
+        }
+    return 0;
+}
+
+static int node_main(int node, int port)
+{
+    rlb_store *st = NULL;
+    rlb_xport *x = NULL;
+    uint8_t *send = NULL, *recv = NULL, *host = malloc(BYTES);
+    rlb_xreq *reqs[2 * N_CHUNKS];
+    int rc = rlb__store_connect("127.0.0.1", port, RUN_ID, 10000, &st, NULL, 0);
+    if (rc == 0)
+        rc = rlb__xport_nccl_create(node, 2, node, &x);
+    if (rc == 0)
+        rc = rlb__xport_connect_all(x, st, "nccl", TIMEOUT_MS);
+    if (rc < 0 || !host)
+        return fprintf(stderr, "node %d: transport: %s\n", node, rlb_strerror(rc)), 1;
+    if (cudaMalloc((void **)&send, BYTES) != cudaSuccess ||
+        cudaMalloc((void **)&recv, BYTES) != cudaSuccess)
+        return fprintf(stderr, "node %d: cudaMalloc failed\n", node), 1;
+    for (size_t i = 0; i < BYTES; i++)
+        host[i] = pattern(node, i);
+    if (cudaMemcpy(send, host, BYTES, cudaMemcpyHostToDevice) != cudaSuccess ||
+        cudaMemset(recv, 0, BYTES) != cudaSuccess)
+        return fprintf(stderr, "node %d: fill failed\n", node), 1;
+    for (int k = 0; k < N_CHUNKS && rc == 0; k++)
+        rc = post(x, k, recv, send, &reqs[2 * k]);
+    if (rc == 0)
+        rc = rlb__xport_wait_all(x, reqs, 2 * N_CHUNKS, TIMEOUT_MS);
+    if (rc < 0)
+        return fprintf(stderr, "node %d: all at once: %s\n", node, rlb_strerror(rc)), 1;
+    int bad = check(node, recv, host, "all at once");
+    cudaMemset(recv, 0, BYTES);
+    for (int k = 0; k < N_CHUNKS && rc == 0 && !bad; k++) {
+        rc = post(x, k, recv, send, reqs);
+        if (rc == 0)
+            rc = rlb__xport_wait_all(x, reqs, 2, TIMEOUT_MS);
+    }
+    if (rc < 0)
+        return fprintf(stderr, "node %d: one at a time: %s\n", node, rlb_strerror(rc)), 1;
+    bad = bad || check(node, recv, host, "one at a time");
+    cudaFree(send);
+    cudaFree(recv);
+    free(host);
+    rlb__xport_destroy(x);
+    rlb__store_close(st);
+    return bad;
+}
+
+/* The number of visible GPUs, counted in a child (the parent stays without CUDA). */
+static int count_gpus(void)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        int n = 0;
+        _exit(cudaGetDeviceCount(&n) == cudaSuccess ? PROBE + (n > 9 ? 9 : n) : PROBE);
+    }
+    int st = 0;
+    if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) < PROBE)
+        return 0;
+    return WEXITSTATUS(st) - PROBE;
+}
+
+int main(void)
+{
+    int gpus = count_gpus();
+    if (gpus < 2) {
+        printf("test_xport_nccl: %d GPU(s) visible, two are needed: skipped\n", gpus);
+        return SKIP;
+    }
+    rlb_store_server *srv = NULL;
+    if (rlb__store_server_start("127.0.0.1", 0, RUN_ID, &srv) < 0)
+        return fprintf(stderr, "cannot start the store\n"), 1;
+    int port = rlb__store_server_port(srv);
+    pid_t pid[2];
+    for (int node = 0; node < 2; node++)
+        if ((pid[node] = fork()) == 0) {
+            alarm(120);
+            _exit(node_main(node, port));
+        }
+    int ok = 1;
+    for (int node = 0; node < 2; node++) {
+        int st = 0;
+        waitpid(pid[node], &st, 0);
+        if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+            fprintf(stderr, "node %d failed (status %d)\n", node, st);
+            ok = 0;
+        }
+    }
+    rlb__store_server_stop(srv);
+    printf("test_xport_nccl: %s\n", ok ? "every byte arrived, both ways, in both rounds"
+                                       : "FAILED");
+    return ok ? 0 : 1;
+}
