@@ -156,8 +156,9 @@ RLB_API int rlb_connect(const rlb_client_options *opts, rlb_client **out);
 RLB_API void rlb_close(rlb_client *client);
 
 /* The text of the last failure on `client` (from any thread using it), or, for client
- * NULL, of the calling thread's last rlb_connect. The text is copied into a buffer of the
- * calling thread, valid until its next rlb_last_error call. "" when nothing failed. */
+ * NULL, of the calling thread's last call that takes no client (rlb_connect,
+ * rlb_tensor_bytes, rlb_peft_to_hf). The text is copied into a buffer of the calling
+ * thread, valid until its next rlb_last_error call. "" when nothing failed. */
 RLB_API const char *rlb_last_error(rlb_client *client);
 
 /* ---- Host memory ----------------------------------------------------------------------- */
@@ -226,7 +227,8 @@ typedef struct rlb_tensor_desc {
 RLB_API void rlb_tensor_desc_init(rlb_tensor_desc *desc);
 
 /* Bytes this rank holds for `desc` (what `data` must provide), into *bytes. Returns 0,
- * RLB_EVERSION or RLB_EINVAL / RLB_EDTYPE / RLB_ESHAPE naming the field. Needs no client. */
+ * RLB_EVERSION or RLB_EINVAL / RLB_EDTYPE / RLB_ESHAPE; rlb_last_error(NULL) then names the
+ * tensor and the field ("tensor 'x': ndim 9 is outside 1..8"). Needs no client. */
 RLB_API int rlb_tensor_bytes(const rlb_tensor_desc *desc, uint64_t *bytes);
 
 /* Registers n (>= 1) tensors as one batch: array elements are tensors[0].struct_size bytes
@@ -309,8 +311,8 @@ RLB_API int rlb_unregister_lora(rlb_client *client, const char *const *targets, 
  * (_fsdp_wrapped_module, _checkpoint_wrapped_module, _orig_mod); a name without PEFT parts
  * comes back unchanged. `adapter` is the PEFT adapter wanted (NULL: any). Returns 0,
  * RLB_ENOTFOUND (a factor of another adapter), RLB_EUNSUPPORTED (DoRA's
- * lora_magnitude_vector), RLB_EINVAL (empty or malformed), RLB_ETOOBIG (out too small).
- * Needs no client. */
+ * lora_magnitude_vector), RLB_EINVAL (empty or malformed), RLB_ETOOBIG (out too small);
+ * rlb_last_error(NULL) then says why. Needs no client. */
 RLB_API int rlb_peft_to_hf(const char *peft_name, const char *adapter, char *out, size_t cap);
 
 /* ---- Publishing weights ---------------------------------------------------------------- */
