@@ -169,8 +169,8 @@ static int hello_trainer(bridge *b, br_peer *p, const rlb_msg_hello *h, char *wh
         b->world = h->world;
     }
     if (h->world != b->world)
-        return snprintf(why, len, "world %u, but the connected trainers have %u", h->world,
-                        b->world), RLB_EINVAL;
+        return snprintf(why, len, "trainer world %u, but this bridge's trainer world is %u "
+                        "(fixed by its first trainer)", h->world, b->world), RLB_EINVAL;
     if (b->trainers[h->rank])
         return snprintf(why, len, "trainer rank %u is already connected", h->rank),
                RLB_EEXIST;

@@ -244,7 +244,10 @@ static void mark_dead(rlb_client *c, int code)
     if (c->dead)
         return;
     c->dead = code;
-    rlb__fail_locked(c, code, "connection to the bridge lost");
+    /* A bridge that refuses our hello closes the connection right after it said why: that
+     * reason stays the text. */
+    if (c->welcomed || !c->err[0])
+        rlb__fail_locked(c, code, "connection to the bridge lost");
     rlb__tickets_fail_all(c, code);
     rlb__stats_fail_all(c, code);
 }
@@ -441,7 +444,9 @@ RLB_API int rlb_connect(const rlb_client_options *opts, rlb_client **out)
     c->rx_running = 1;
     rc = say_hello(c, &o, timeout);
     if (rc < 0) {
+        pthread_mutex_lock(&c->lock);
         memcpy(tls_call_err, c->err, sizeof(tls_call_err));
+        pthread_mutex_unlock(&c->lock);
         if (!tls_call_err[0])
             rlb__fail_call(rc, "the bridge at %s did not welcome us", path);
         rlb_close(c);

@@ -3,7 +3,9 @@
  *   - a stop id outside the vocabulary, or max_tokens past the model's length, is refused
  *     naming the field (it was accepted, or cut to the model length without a word);
  *   - workers put to sleep by a peer that then disconnects are woken (they slept forever);
- *   - a tool (an observer) may not shut the bridge down; a trainer rank may.
+ *   - a tool (an observer) may not shut the bridge down; a trainer rank may;
+ *   - a trainer rank of another world size is refused with the bridge's code and reason
+ *     (it was told "connection to the bridge lost").
  */
 #include <setjmp.h>
 #include <signal.h>
@@ -102,6 +104,28 @@ static void test_shutdown_by_tool_refused(void **state)
     assert_int_equal(h_stop(&r, NULL), 0);
 }
 
+/* A trainer rank of another world size than the bridge's trainers is refused with the
+ * bridge's code and reason, not as a dead peer. */
+static void test_other_world_refused(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    rlb_client *c = NULL;
+    int32_t prompt[2] = {6, 4};
+    assert_int_equal(h_start_simple(&r, &t, RLB_SYNC_PAUSE, 1), 0);
+    int rc = h_connect(&r, 0, 2, &c);
+    fprintf(stderr, "refusal: %s (%s)\n", rlb_last_error(NULL), rlb_strerror(rc));
+    assert_int_equal(rc, RLB_EINVAL);
+    assert_null(c);
+    assert_non_null(strstr(rlb_last_error(NULL), "bridge refused hello"));
+    assert_non_null(strstr(rlb_last_error(NULL), "trainer world 2, but this bridge's trainer "
+                                                 "world is 1"));
+    assert_int_equal(h_check_greedy(&r, t.c, 1, 1, prompt, 2, MAX_TOKENS), 0);
+    h_trainer_close(&t);
+    assert_int_equal(h_stop(&r, NULL), 0);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -110,6 +134,7 @@ int main(void)
         cmocka_unit_test_teardown(test_refused_fields, h_teardown),
         cmocka_unit_test_teardown(test_sleeper_gone_wakes, h_teardown),
         cmocka_unit_test_teardown(test_shutdown_by_tool_refused, h_teardown),
+        cmocka_unit_test_teardown(test_other_world_refused, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
