@@ -293,6 +293,9 @@ static int hello_worker(bridge *b, br_peer *p, const rlb_msg_hello *h, char *why
     if (r->tp_fd >= 0)
         close(r->tp_fd); /* every rank holds it now */
     r->tp_fd = -1;
+    r->has_weights = 1;
+    for (uint32_t t = 0; t < b->tp_size; t++)
+        r->has_weights &= t == h->tp_rank ? h->has_weights : r->ranks[t]->hello.has_weights;
     if (b->committed == 0) {
         br_replica_up(b, (int)h->replica); /* every buffer holds the initial weights */
         return 0;

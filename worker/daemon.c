@@ -291,7 +291,7 @@ static int start(wk *w)
                                .world = w->replicas * w->tp_size, .replica = o->replica,
                                .tp_rank = o->tp_rank, .tp_size = w->tp_size,
                                .device = gpu ? RLB_DEVICE_CUDA : RLB_DEVICE_CPU,
-                               .weight_dtype = w->layout.dtype}};
+                               .weight_dtype = w->layout.dtype, .has_weights = dir != NULL}};
     memcpy(hello.hello.device_uuid, w->uuid, sizeof(w->uuid));
     RLB_CHECK_GOTO(wk_send(w, &hello), rc, fail);
     rlb_msg m;

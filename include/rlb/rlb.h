@@ -29,7 +29,8 @@ extern "C" {
 #define RLB_ABI_VERSION 1u
 #endif
 
-/* Error codes: negative values, errno-style. Keep rlb_strerror() in step. */
+/* Error codes: negative values, errno-style. A code never changes meaning; new ones are
+ * appended. Keep rlb_strerror() in step. */
 enum {
     RLB_OK = 0,
     RLB_EINVAL = -1,     /* invalid argument or malformed input */
@@ -54,7 +55,11 @@ enum {
     RLB_ECORRUPT = -20,  /* shared memory holds values no honest peer writes */
     RLB_ENONFINITE = -21, /* NaN or infinite values where finite ones are needed (weights,
                            * logits with no finite value left to sample from) */
-    RLB_E_COUNT_ = 22
+    RLB_ENOREPLICA = -22, /* no live worker replica is left to run the request or sync (the
+                           * bridge itself is alive; RLB_EPEERDEAD says it is not) */
+    RLB_ENOTREADY = -23, /* no weights yet: the workers started without a checkpoint and no
+                          * version has committed; publish one first */
+    RLB_E_COUNT_ = 24
 };
 
 /* Returns a static, human-readable name for an RLB_E* code (any int is accepted). */
@@ -389,7 +394,9 @@ typedef struct rlb_generate_request {
     const rlb_prompt *prompts;           /* [n_prompts] */
     uint32_t n_prompts;                  /* >= 1 */
     const rlb_sampling_params *sampling; /* NULL = the defaults above */
-    uint64_t min_weight_version;         /* serve only with weights at least this new */
+    uint64_t min_weight_version;         /* serve only with weights at least this new (held
+                                            until such a version commits; 1 waits for the
+                                            first one rather than fail RLB_ENOTREADY) */
 } rlb_generate_request;
 
 #define RLB_GENERATE_REQUEST_INIT {sizeof(rlb_generate_request), NULL, 0, NULL, 0}
@@ -437,7 +444,8 @@ RLB_API int rlb_generate_submit(rlb_client *client, const rlb_generate_request *
 /* Takes whatever arrived without blocking. Returns 0 with *out set once the request is
  * complete (the ticket is then spent), RLB_EAGAIN while it is not, RLB_ENOTFOUND for an
  * unknown or spent ticket, or the request's failure (RLB_ESTALE, RLB_ESHUTDOWN,
- * RLB_EPEERDEAD, ...: the ticket is spent, rlb_last_error has the bridge's text). A request
+ * RLB_ENOREPLICA, RLB_ENOTREADY, RLB_EPEERDEAD, ...: the ticket is spent, rlb_last_error
+ * has the bridge's text). A request
  * the bridge refused for now ("try again") fails with RLB_EABORTED, so that RLB_EAGAIN
  * always means "still running". */
 RLB_API int rlb_generate_poll(rlb_client *client, rlb_ticket ticket, rlb_result **out);

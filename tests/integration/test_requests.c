@@ -5,7 +5,9 @@
  *   - workers put to sleep by a peer that then disconnects are woken (they slept forever);
  *   - a tool (an observer) may not shut the bridge down; a trainer rank may;
  *   - a trainer rank of another world size is refused with the bridge's code and reason
- *     (it was told "connection to the bridge lost").
+ *     (it was told "connection to the bridge lost");
+ *   - a request before any weights exist is refused with RLB_ENOTREADY (it was answered
+ *     from the zeros of workers started without a checkpoint).
  */
 #include <setjmp.h>
 #include <signal.h>
@@ -104,6 +106,36 @@ static void test_shutdown_by_tool_refused(void **state)
     assert_int_equal(h_stop(&r, NULL), 0);
 }
 
+/* Before the first version, workers that started without a checkpoint hold zeros: a
+ * request is refused with RLB_ENOTREADY (it was answered from the zeros), and one that asks
+ * for version 1 is held until version 1 commits. */
+static void test_no_weights_yet(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    int32_t prompt[3] = {3, 1, 4};
+    assert_int_equal(h_start_unpublished(&r, &t, RLB_SYNC_PAUSE, 1, 1), 0);
+    rlb_result *res = NULL;
+    assert_int_equal(h_generate(t.c, prompt, 3, MAX_TOKENS, &res), RLB_ENOTREADY);
+    fprintf(stderr, "refusal: %s\n", rlb_last_error(t.c));
+    assert_non_null(strstr(rlb_last_error(t.c), "the workers hold no weights yet"));
+    assert_null(res);
+    h_request q;
+    h_request_greedy(&q, prompt, 3, MAX_TOKENS);
+    q.req.min_weight_version = 1;
+    rlb_ticket tk;
+    assert_int_equal(rlb_generate_submit(t.c, &q.req, &tk), 0);
+    assert_int_equal(rlb_generate_wait(t.c, tk, 300, &res), RLB_ETIMEDOUT); /* held */
+    assert_int_equal(rlb_publish(t.c, 1, NULL), 0);
+    assert_int_equal(rlb_generate_wait(t.c, tk, 20000, &res), 0);
+    assert_int_equal(h_check_result(&r, res, 1, 1, prompt, 3, MAX_TOKENS), 0);
+    rlb_result_free(res);
+    assert_int_equal(h_check_greedy(&r, t.c, 1, 1, prompt, 3, MAX_TOKENS), 0);
+    h_trainer_close(&t);
+    assert_int_equal(h_stop(&r, NULL), 0);
+}
+
 /* A trainer rank of another world size than the bridge's trainers is refused with the
  * bridge's code and reason, not as a dead peer. */
 static void test_other_world_refused(void **state)
@@ -135,6 +167,7 @@ int main(void)
         cmocka_unit_test_teardown(test_sleeper_gone_wakes, h_teardown),
         cmocka_unit_test_teardown(test_shutdown_by_tool_refused, h_teardown),
         cmocka_unit_test_teardown(test_other_world_refused, h_teardown),
+        cmocka_unit_test_teardown(test_no_weights_yet, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -6,6 +6,9 @@
  * the replica the bridge picked (the least loaded, the first on a tie: replica 0, then 1
  * after a death) and the kills land while it is in flight, whatever the machine's speed.
  * The peer timeout is raised so that the stopped workers are not declared hung meanwhile.
+ *
+ * When no replica is left the request fails with RLB_ENOREPLICA, which is not the
+ * RLB_EPEERDEAD of a bridge that died.
  */
 #include <setjmp.h>
 #include <signal.h>
@@ -64,12 +67,46 @@ static void test_retried_once(void **state)
     unsetenv("RLB_PEER_TIMEOUT_MS");
 }
 
+/* The last replica dies under a request: it fails with RLB_ENOREPLICA, and so does the
+ * next request, at once; the bridge dying is told apart from that, as RLB_EPEERDEAD. */
+static void test_no_replica_then_no_bridge(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    setenv("RLB_PEER_TIMEOUT_MS", "60000", 1);
+    assert_int_equal(h_start_simple(&r, &t, RLB_SYNC_PAUSE, 1), 0);
+    kill(r.workers[0], SIGSTOP);
+    int32_t prompt[3] = {9, 8, 7};
+    h_request q;
+    h_request_greedy(&q, prompt, 3, 8);
+    rlb_ticket tk;
+    assert_int_equal(rlb_generate_submit(t.c, &q.req, &tk), 0);
+    assert_int_equal(h_wait_stat(t.c, "inflight", 1, 10), 0);
+    h_kill_worker(&r, 0);
+    rlb_result *res = NULL;
+    assert_int_equal(rlb_generate_wait(t.c, tk, 10000, &res), RLB_ENOREPLICA);
+    fprintf(stderr, "in flight: %s\n", rlb_last_error(t.c));
+    assert_non_null(strstr(rlb_last_error(t.c), "its worker died and no other replica is live"));
+    assert_int_equal(h_generate(t.c, prompt, 3, 8, &res), RLB_ENOREPLICA);
+    fprintf(stderr, "next: %s\n", rlb_last_error(t.c));
+    assert_non_null(strstr(rlb_last_error(t.c), "no live worker replica"));
+    kill(r.bridge, SIGKILL);
+    assert_int_equal(h_generate(t.c, prompt, 3, 8, &res), RLB_EPEERDEAD);
+    fprintf(stderr, "bridge gone: %s\n", rlb_last_error(t.c));
+    assert_non_null(strstr(rlb_last_error(t.c), "connection to the bridge lost"));
+    assert_null(res);
+    h_trainer_close(&t);
+    unsetenv("RLB_PEER_TIMEOUT_MS");
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     setenv("RLB_THREADS", "1", 0);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_retried_once, h_teardown),
+        cmocka_unit_test_teardown(test_no_replica_then_no_bridge, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
