@@ -854,7 +854,7 @@ static int loop(bridge *b)
     }
     double spin_s = (double)rlb__env_int(RLB_KNOB_SPIN_US) * 1e-6;
     double spin_until = 0, next_beat = 0;
-    double beat_s = (double)rlb__env_int(RLB_KNOB_HEARTBEAT_MS) * 1e-3;
+    double beat_s = (double)rlb__env_positive(RLB_KNOB_HEARTBEAT_MS) * 1e-3;
     const rlb_bridge_opts *o = b->opts;
     while (!b->stop && !(o->stop && *o->stop)) {
         fds[0] = (struct pollfd){.fd = rlb__listener_fd(b->listener), .events = POLLIN};
@@ -903,7 +903,7 @@ static int loop(bridge *b)
         }
         if (br_now() >= next_beat) {
             check_heartbeats(b);
-            next_beat = br_now() + (beat_s > 0 ? beat_s : 0.2);
+            next_beat = br_now() + beat_s;
         }
         busy |= br_sync_progress(b);
         busy |= br_heal_progress(b);

@@ -17,8 +17,6 @@
 /* Largest message the pump reassembles: results of many MB pass whole, and a bridge that
  * announces more than this is not one we talk to. */
 #define MAX_INCOMING (1ull << 31)
-/* Longest single wait of the pump before it rechecks deadlines. */
-#define PUMP_SLICE_MS 100
 
 /* rlb_last_error hands out this thread's copy, so another thread's failure on the same
  * client cannot change the text while the caller reads it. */
@@ -287,7 +285,7 @@ static void *receiver(void *arg)
     rlb_client *c = arg;
     pthread_mutex_lock(&c->lock);
     while (!c->stopping && !c->dead) {
-        pump_once(c, PUMP_SLICE_MS);
+        pump_once(c, c->slice_ms);
         pthread_cond_broadcast(&c->cond);
     }
     pthread_cond_broadcast(&c->cond);
@@ -310,7 +308,7 @@ int rlb__wait(rlb_client *c, int (*done)(rlb_client *c, void *arg), void *arg, i
             return RLB_ETIMEDOUT;
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
-        int64_t slice = left < PUMP_SLICE_MS ? left : PUMP_SLICE_MS;
+        int64_t slice = left < c->slice_ms ? left : c->slice_ms;
         ts.tv_nsec += (long)slice * 1000000L;
         ts.tv_sec += ts.tv_nsec / 1000000000L;
         ts.tv_nsec %= 1000000000L;
@@ -362,7 +360,9 @@ static int client_new(rlb_conn *conn, const rlb_client_options *o, rlb_client **
     pthread_mutex_init(&c->tx_lock, NULL);
     pthread_mutex_init(&c->ctl_lock, NULL);
     c->conn = conn;
-    c->request_timeout_ms = o->request_timeout_ms ? o->request_timeout_ms : RLB_REQUEST_TIMEOUT_MS;
+    c->request_timeout_ms = o->request_timeout_ms ? o->request_timeout_ms
+                                                  : rlb__env_positive(RLB_KNOB_REQUEST_TIMEOUT_MS);
+    c->slice_ms = rlb__env_positive(RLB_KNOB_WAIT_SLICE_MS);
     c->observer = o->observer;
     c->rx.max_msg = MAX_INCOMING;
     c->next_id = 1;
@@ -412,7 +412,8 @@ RLB_API int rlb_connect(const rlb_client_options *opts, rlb_client **out)
                             "bad options: timeouts must be >= 0, rank (%u) < world (%u), "
                             "observer 0 or 1",
                             o.rank, world);
-    int timeout = o.connect_timeout_ms ? o.connect_timeout_ms : RLB_CONNECT_TIMEOUT_MS;
+    int timeout = o.connect_timeout_ms ? o.connect_timeout_ms
+                                       : rlb__env_positive(RLB_KNOB_CONNECT_TIMEOUT_MS);
     char path[256];
     RLB_CHECK(resolve_socket(o.socket, path, sizeof(path)));
     rlb_conn *conn = NULL;

@@ -77,6 +77,7 @@ typedef struct rlb__stats_wait {
 struct rlb_client {
     rlb_conn *conn;             /* socket + rings */
     int request_timeout_ms;     /* bound on control round trips */
+    int slice_ms;               /* longest single wait before a recheck (RLB_WAIT_SLICE_MS) */
     int observer;               /* connected as a tool */
     pthread_mutex_t tx_lock;    /* the tx ring, the socket's sends, pack_buf */
     void *pack_buf;             /* encoding buffer, grown as needed (under tx_lock) */

@@ -46,9 +46,10 @@
 #include "worker/engine.h"
 #include "worker/loader.h"
 
-#define WK_IDLE_WAIT_MS 100       /* wait on the ring when there is nothing to do */
-#define WK_SEND_TIMEOUT_MS 30000  /* bound on handing the bridge one message */
-#define WK_CONNECT_TIMEOUT_MS 5000
+/* Waits of the worker, from the knob table (common/env.h). */
+#define WK_IDLE_WAIT_MS rlb__env_positive(RLB_KNOB_WAIT_SLICE_MS) /* on the ring, when idle */
+#define WK_SEND_TIMEOUT_MS rlb__env_positive(RLB_KNOB_WORKER_SEND_TIMEOUT_MS)
+#define WK_CONNECT_TIMEOUT_MS rlb__env_positive(RLB_KNOB_CONNECT_TIMEOUT_MS)
 #define WK_MAX_MSG (1u << 30)     /* largest command accepted */
 
 /* A command from the bridge, queued until the TP ranks agree to apply it. */

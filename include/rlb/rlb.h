@@ -126,6 +126,8 @@ typedef enum rlb_device {
 
 #define RLB_MAX_DIMS 8                 /* dimensions of a tensor shape */
 #define RLB_SOCKET_DEFAULT "bridge"    /* the bridge's socket name in the socket directory */
+/* The defaults of the knobs (environment variables) of the same names, which set the bounds
+ * of a client whose options leave them 0. */
 #define RLB_CONNECT_TIMEOUT_MS 5000    /* default bound on connecting and the hello */
 #define RLB_REQUEST_TIMEOUT_MS 600000  /* default bound on a publish or stats round trip */
 
@@ -135,8 +137,9 @@ typedef struct rlb_client_options {
     size_t struct_size;     /* sizeof(rlb_client_options) as the caller compiled it */
     const char *socket;     /* bridge socket: a path (contains '/') or a name in the socket
                                directory (RLB_SOCKET_DIR); NULL = RLB_SOCKET_DEFAULT */
-    int connect_timeout_ms; /* bound on connect + hello/welcome; 0 = RLB_CONNECT_TIMEOUT_MS */
-    int request_timeout_ms; /* bound on publish, register and stats waits; 0 =
+    int connect_timeout_ms; /* bound on connect + hello/welcome; 0 = the knob
+                               RLB_CONNECT_TIMEOUT_MS */
+    int request_timeout_ms; /* bound on publish, register and stats waits; 0 = the knob
                                RLB_REQUEST_TIMEOUT_MS (a dead bridge is noticed at once
                                whatever the bound: the socket reports it) */
     uint32_t rank;          /* this trainer's rank, < world */

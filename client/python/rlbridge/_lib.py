@@ -120,7 +120,7 @@ def _prefix_libs(prefix):
 def _candidates():
     """(path, where it was found) in the order of the module's docstring, and a sentence
     naming every place looked at."""
-    env = os.environ.get("RLBRIDGE_LIB")
+    env = os.environ.get("RLBRIDGE_LIB")  # a knob of common/env.h, read here by name
     if env:
         return [(env, "from RLBRIDGE_LIB")], f"RLBRIDGE_LIB ({env})"
     found, looked = [], []
