@@ -27,6 +27,20 @@ static void publish_to(h_trainer *t, uint64_t n)
     }
 }
 
+/* Kills worker i, leaving the healed replica alone: it serves version 2, takes version 3
+ * like any other replica, and the run stops cleanly. */
+static void healed_serves_alone(h_run *r, h_trainer *t, int i, const int32_t *prompt)
+{
+    h_kill_worker(r, i);
+    assert_int_equal(h_wait_stat(t->c, "replicas_up", 1, 20), 0);
+    assert_int_equal(h_check_greedy(r, t->c, 2, 1, prompt, 3, MAX_TOKENS), 0);
+    h_trainer_fill(t, 3);
+    assert_int_equal(rlb_publish(t->c, 3, NULL), 0);
+    assert_int_equal(h_check_greedy(r, t->c, 3, 1, prompt, 3, MAX_TOKENS), 0);
+    h_trainer_close(t);
+    assert_int_equal(h_stop(r, NULL), 0);
+}
+
 static void restart_heals(rlb_sync_mode mode)
 {
     h_run r;
@@ -39,16 +53,7 @@ static void restart_heals(rlb_sync_mode mode)
     assert_true(h_worker(&r, 0, 2, 0, 1) > 0);
     assert_int_equal(h_wait_stat(t.c, "replicas_up", 2, 20), 0);
     assert_true(h_stat(t.c, "heals") == 1);
-    /* Only the restarted worker is left: it serves version 2. */
-    h_kill_worker(&r, 1);
-    assert_int_equal(h_wait_stat(t.c, "replicas_up", 1, 20), 0);
-    assert_int_equal(h_check_greedy(&r, t.c, 2, 1, prompt, 3, MAX_TOKENS), 0);
-    /* And it takes the next version like any other. */
-    h_trainer_fill(&t, 3);
-    assert_int_equal(rlb_publish(t.c, 3, NULL), 0);
-    assert_int_equal(h_check_greedy(&r, t.c, 3, 1, prompt, 3, MAX_TOKENS), 0);
-    h_trainer_close(&t);
-    assert_int_equal(h_stop(&r, NULL), 0);
+    healed_serves_alone(&r, &t, 1, prompt); /* the restarted worker is the one left */
 }
 
 static void test_restart_heals_pause(void **state)
@@ -105,14 +110,7 @@ static void test_new_replica(void **state)
     publish_to(&t, 2);
     assert_true(h_worker(&r, 1, 2, 0, 1) > 0);
     assert_int_equal(h_wait_stat(t.c, "replicas_up", 2, 20), 0);
-    h_kill_worker(&r, 0);
-    assert_int_equal(h_wait_stat(t.c, "replicas_up", 1, 20), 0);
-    assert_int_equal(h_check_greedy(&r, t.c, 2, 1, prompt, 3, MAX_TOKENS), 0);
-    h_trainer_fill(&t, 3);
-    assert_int_equal(rlb_publish(t.c, 3, NULL), 0);
-    assert_int_equal(h_check_greedy(&r, t.c, 3, 1, prompt, 3, MAX_TOKENS), 0);
-    h_trainer_close(&t);
-    assert_int_equal(h_stop(&r, NULL), 0);
+    healed_serves_alone(&r, &t, 0, prompt); /* the added replica is the one left */
 }
 
 int main(void)
