@@ -358,36 +358,10 @@ static void fsdp2_rows(const rlb_param *p, uint32_t f, uint32_t w, int64_t *row0
     *rows = *row0 >= p->rows ? 0 : (p->rows - *row0 < c ? p->rows - *row0 : c);
 }
 
-/* The FSDP1 unit of parameter p: 0 for the global ones, 1 + layer otherwise. */
-static int unit_of(const rlb_param *p)
+/* Unit u's FSDP1 flat layout (model/params.h), aligned as use_orig_params does. */
+static uint64_t flat_walk(int u, uint32_t world, rlb_flat_piece_fn fn, void *arg)
 {
-    return p->layer < 0 ? 0 : 1 + p->layer;
-}
-
-/* Walks unit u's flat layout: for each parameter (and padding before it) calls fn with the
- * parameter index (-1 for padding), its flat start and numel. Returns the padded total. */
-static uint64_t flat_walk(int u, uint32_t world,
-                          void (*fn)(void *arg, int64_t p, uint64_t start, uint64_t numel),
-                          void *arg)
-{
-    const rlb_param_list *l = tiny_params();
-    uint64_t at = 0;
-    for (int64_t p = 0; p < l->n; p++) {
-        if (unit_of(&l->params[p]) != u)
-            continue;
-        uint64_t pad = (H_ALIGN - at % H_ALIGN) % H_ALIGN;
-        if (pad && fn)
-            fn(arg, -1, at, pad);
-        at += pad;
-        uint64_t n = rlb__param_numel(&l->params[p]);
-        if (fn)
-            fn(arg, p, at, n);
-        at += n;
-    }
-    uint64_t total = (at + world - 1) / world * world;
-    if (total > at && fn)
-        fn(arg, -1, at, total - at);
-    return total;
+    return rlb__params_fsdp1_walk(tiny_params(), u, H_ALIGN, world, fn, arg);
 }
 
 typedef struct flat_fill {
