@@ -147,6 +147,7 @@ typedef struct br_replica {
     uint32_t inflight; /* generate requests on it */
     int tp_fd;         /* CPU TP communicator segment (tp_size > 1), -1 otherwise */
     int in_sync;       /* its buffers are destinations of the sync in flight */
+    int has_weights;   /* every rank loaded a checkpoint at start (serves before a commit) */
 } br_replica;
 
 /* A generate request the bridge holds or has forwarded. */

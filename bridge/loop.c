@@ -169,8 +169,8 @@ static int hello_trainer(bridge *b, br_peer *p, const rlb_msg_hello *h, char *wh
         b->world = h->world;
     }
     if (h->world != b->world)
-        return snprintf(why, len, "world %u, but the connected trainers have %u", h->world,
-                        b->world), RLB_EINVAL;
+        return snprintf(why, len, "trainer world %u, but this bridge's trainer world is %u "
+                        "(fixed by its first trainer)", h->world, b->world), RLB_EINVAL;
     if (b->trainers[h->rank])
         return snprintf(why, len, "trainer rank %u is already connected", h->rank),
                RLB_EEXIST;
@@ -302,6 +302,9 @@ static void worker_welcomed(bridge *b, br_peer *p)
     if (r->tp_fd >= 0)
         close(r->tp_fd); /* every rank holds it now */
     r->tp_fd = -1;
+    r->has_weights = 1;
+    for (uint32_t t = 0; t < b->tp_size; t++)
+        r->has_weights &= r->ranks[t]->hello.has_weights;
     if (b->committed == 0 && b->sync == BR_SYNC_IDLE) {
         br_replica_up(b, (int)p->hello.replica); /* every buffer holds the initial weights */
         return;
@@ -868,7 +871,7 @@ static int loop(bridge *b)
     }
     double spin_s = (double)rlb__env_int(RLB_KNOB_SPIN_US) * 1e-6;
     double spin_until = 0, next_beat = 0;
-    double beat_s = (double)rlb__env_int(RLB_KNOB_HEARTBEAT_MS) * 1e-3;
+    double beat_s = (double)rlb__env_positive(RLB_KNOB_HEARTBEAT_MS) * 1e-3;
     const rlb_bridge_opts *o = b->opts;
     while (!b->stop && !(o->stop && *o->stop)) {
         fds[0] = (struct pollfd){.fd = rlb__listener_fd(b->listener), .events = POLLIN};
@@ -922,7 +925,7 @@ static int loop(bridge *b)
         }
         if (br_now() >= next_beat) {
             check_heartbeats(b);
-            next_beat = br_now() + (beat_s > 0 ? beat_s : 0.2);
+            next_beat = br_now() + beat_s;
         }
         busy |= br_sync_progress(b);
         busy |= br_heal_progress(b);

@@ -14,7 +14,10 @@
  * A request is held in the bridge (in arrival order) while no replica may take it: during
  * a pause-mode sync, while a staged sync's load is in flight, until a version at least
  * min_weight_version has committed, while the workers sleep (until the wake), or before
- * any replica has formed.
+ * any replica has formed. Before the first commit only a replica whose workers loaded a
+ * checkpoint at start serves: with none, a request that does not wait for a version
+ * (min_weight_version 0) fails with RLB_ENOTREADY once no sync is in flight, instead of
+ * being answered from the zeros the workers hold.
  *
  * While the weights are stale (an aborted sync wrote them and no version committed since)
  * requests fail with RLB_ESTALE, also one that waited for a retry.
@@ -25,7 +28,7 @@
  * complete result, possibly from a newer committed version. A request is retried at most
  * BR_MAX_RETRIES times: when its worker dies again it fails with RLB_EABORTED, so a request
  * that kills the worker running it cannot take the whole fleet down. When no replica is
- * left, the request fails with an ERROR (RLB_EPEERDEAD). Either way nothing waits for a
+ * left, the request fails with an ERROR (RLB_ENOREPLICA). Either way nothing waits for a
  * dead worker.
  */
 #include <inttypes.h>
@@ -63,15 +66,32 @@ static void gen_remove(bridge *b, uint32_t i)
     b->n_gens--;
 }
 
-/* Live replica with the fewest requests in flight, or -1. */
+/* 1 when replica d may serve: up, and holding weights (a committed version, or the
+ * checkpoint its workers loaded at start). */
+static int serves(const bridge *b, uint32_t d)
+{
+    return b->replicas[d].state == BR_REP_UP && (b->committed > 0 || b->replicas[d].has_weights);
+}
+
+/* Serving replica with the fewest requests in flight, or -1. */
 static int pick_replica(const bridge *b)
 {
     int best = -1;
     for (uint32_t d = 0; d < b->n_replicas; d++)
-        if (b->replicas[d].state == BR_REP_UP &&
-            (best < 0 || b->replicas[d].inflight < b->replicas[best].inflight))
+        if (serves(b, d) && (best < 0 || b->replicas[d].inflight < b->replicas[best].inflight))
             best = (int)d;
     return best;
+}
+
+/* 1 when replicas are up but none holds weights, and no sync is bringing the first ones. */
+static int no_weights(const bridge *b)
+{
+    if (b->committed > 0 || b->sync != BR_SYNC_IDLE)
+        return 0;
+    int up = 0;
+    for (uint32_t d = 0; d < b->n_replicas; d++)
+        up += b->replicas[d].state == BR_REP_UP;
+    return up > 0;
 }
 
 static int any_replica_possible(const bridge *b)
@@ -142,7 +162,7 @@ void br_generate(bridge *b, br_peer *p, rlb_msg *m)
         return;
     }
     if (!any_replica_possible(b)) {
-        br_send_error(b, p, RLB_EPEERDEAD, cid, RLB_MSG_GENERATE, "generate %" PRIu64 ": no "
+        br_send_error(b, p, RLB_ENOREPLICA, cid, RLB_MSG_GENERATE, "generate %" PRIu64 ": no "
                       "live worker replica", cid);
         return;
     }
@@ -182,11 +202,20 @@ int br_dispatch(bridge *b)
     if (br_sync_holds_generation(b) || b->asleep)
         return 0;
     int moved = 0;
-    for (uint32_t i = 0; i < b->n_gens; i++) {
+    for (uint32_t i = 0; i < b->n_gens;) {
         br_gen *g = &b->gens[i];
-        if (g->replica >= 0 || g->minv > b->committed)
+        if (g->replica >= 0 || g->minv > b->committed) {
+            i++;
             continue;
+        }
         int d = pick_replica(b);
+        if (d < 0 && no_weights(b)) {
+            gen_fail(b, i, RLB_ENOTREADY, "the workers hold no weights yet (they started "
+                     "without a checkpoint and no version has committed): publish a first "
+                     "version, or ask for min_weight_version 1 to wait for it");
+            moved = 1;
+            continue;
+        }
         if (d < 0)
             return moved;
         for (uint32_t t = 0; t < b->tp_size; t++)
@@ -194,6 +223,7 @@ int br_dispatch(bridge *b)
         g->replica = d;
         b->replicas[d].inflight++;
         moved = 1;
+        i++;
     }
     return moved;
 }
@@ -246,7 +276,7 @@ void br_replica_lost(bridge *b, int replica)
             continue;
         }
         if (!other) {
-            gen_fail(b, i, RLB_EPEERDEAD, "its worker died and no other replica is live");
+            gen_fail(b, i, RLB_ENOREPLICA, "its worker died and no other replica is live");
             continue;
         }
         if (g->retries >= BR_MAX_RETRIES) {

@@ -661,7 +661,7 @@ static int workers_ready(bridge *b, uint64_t v)
         up += b->replicas[d].state == BR_REP_UP || b->replicas[d].state == BR_REP_JOINING;
     }
     if (!up)
-        br_sync_abort(b, RLB_EPEERDEAD, "version %" PRIu64 ": no live worker replica", v);
+        br_sync_abort(b, RLB_ENOREPLICA, "version %" PRIu64 ": no live worker replica", v);
     return up > 0;
 }
 

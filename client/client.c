@@ -17,14 +17,13 @@
 /* Largest message the pump reassembles: results of many MB pass whole, and a bridge that
  * announces more than this is not one we talk to. */
 #define MAX_INCOMING (1ull << 31)
-/* Longest single wait of the pump before it rechecks deadlines. */
-#define PUMP_SLICE_MS 100
 
 /* rlb_last_error hands out this thread's copy, so another thread's failure on the same
  * client cannot change the text while the caller reads it. */
 static _Thread_local char tls_err[RLB_CLIENT_ERR_MAX];
-/* Why this thread's last rlb_connect failed (there is no client to hold it). */
-static _Thread_local char tls_connect_err[RLB_CLIENT_ERR_MAX];
+/* Why this thread's last call without a client (rlb_connect, rlb_tensor_bytes,
+ * rlb_peft_to_hf) failed: there is no client to hold it. */
+static _Thread_local char tls_call_err[RLB_CLIENT_ERR_MAX];
 
 static int64_t now_ms(void)
 {
@@ -64,21 +63,25 @@ int rlb__fail(rlb_client *c, int code, const char *fmt, ...)
     return code;
 }
 
-static int connect_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int connect_fail(int code, const char *fmt, ...)
+int rlb__fail_call(int code, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    vformat(tls_connect_err, code, fmt, ap);
+    vformat(tls_call_err, code, fmt, ap);
     va_end(ap);
-    RLB_LOG_DEBUG(RLB_SUB_CLIENT, "%s", tls_connect_err);
+    RLB_LOG_DEBUG(RLB_SUB_CLIENT, "%s", tls_call_err);
     return code;
+}
+
+void rlb__call_begin(void)
+{
+    tls_call_err[0] = 0;
 }
 
 RLB_API const char *rlb_last_error(rlb_client *client)
 {
     if (!client) {
-        memcpy(tls_err, tls_connect_err, sizeof(tls_err));
+        memcpy(tls_err, tls_call_err, sizeof(tls_err));
         return tls_err;
     }
     pthread_mutex_lock(&client->lock);
@@ -94,7 +97,7 @@ int rlb__check_struct_size(rlb_client *c, size_t given, size_t min, size_t cur, 
     const char *fmt = "%s.struct_size is %zu; this library knows sizes %zu..%zu (initialize "
                       "it with its _init function)";
     return c ? rlb__fail(c, RLB_EVERSION, fmt, what, given, min, cur)
-             : connect_fail(RLB_EVERSION, fmt, what, given, min, cur);
+             : rlb__fail_call(RLB_EVERSION, fmt, what, given, min, cur);
 }
 
 int rlb__grow(void *array, uint32_t *cap, uint32_t need, size_t size)
@@ -239,7 +242,10 @@ static void mark_dead(rlb_client *c, int code)
     if (c->dead)
         return;
     c->dead = code;
-    rlb__fail_locked(c, code, "connection to the bridge lost");
+    /* A bridge that refuses our hello closes the connection right after it said why: that
+     * reason stays the text. */
+    if (c->welcomed || !c->err[0])
+        rlb__fail_locked(c, code, "connection to the bridge lost");
     rlb__tickets_fail_all(c, code);
     rlb__stats_fail_all(c, code);
 }
@@ -279,7 +285,7 @@ static void *receiver(void *arg)
     rlb_client *c = arg;
     pthread_mutex_lock(&c->lock);
     while (!c->stopping && !c->dead) {
-        pump_once(c, PUMP_SLICE_MS);
+        pump_once(c, c->slice_ms);
         pthread_cond_broadcast(&c->cond);
     }
     pthread_cond_broadcast(&c->cond);
@@ -302,7 +308,7 @@ int rlb__wait(rlb_client *c, int (*done)(rlb_client *c, void *arg), void *arg, i
             return RLB_ETIMEDOUT;
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
-        int64_t slice = left < PUMP_SLICE_MS ? left : PUMP_SLICE_MS;
+        int64_t slice = left < c->slice_ms ? left : c->slice_ms;
         ts.tv_nsec += (long)slice * 1000000L;
         ts.tv_sec += ts.tv_nsec / 1000000000L;
         ts.tv_nsec %= 1000000000L;
@@ -328,13 +334,13 @@ static int resolve_socket(const char *socket, char *path, size_t cap)
     const char *name = socket && *socket ? socket : RLB_SOCKET_DEFAULT;
     if (strchr(name, '/')) {
         if (strlen(name) >= cap)
-            return connect_fail(RLB_ETOOBIG, "socket path %s is too long", name);
+            return rlb__fail_call(RLB_ETOOBIG, "socket path %s is too long", name);
         strcpy(path, name);
         return 0;
     }
     int rc = rlb__conn_socket_path(name, path, cap);
     if (rc < 0)
-        return connect_fail(rc, "no usable socket directory for '%s' (see `rlb doctor`)", name);
+        return rlb__fail_call(rc, "no usable socket directory for '%s' (see `rlb doctor`)", name);
     return 0;
 }
 
@@ -354,7 +360,9 @@ static int client_new(rlb_conn *conn, const rlb_client_options *o, rlb_client **
     pthread_mutex_init(&c->tx_lock, NULL);
     pthread_mutex_init(&c->ctl_lock, NULL);
     c->conn = conn;
-    c->request_timeout_ms = o->request_timeout_ms ? o->request_timeout_ms : RLB_REQUEST_TIMEOUT_MS;
+    c->request_timeout_ms = o->request_timeout_ms ? o->request_timeout_ms
+                                                  : rlb__env_positive(RLB_KNOB_REQUEST_TIMEOUT_MS);
+    c->slice_ms = rlb__env_positive(RLB_KNOB_WAIT_SLICE_MS);
     c->observer = o->observer;
     c->rx.max_msg = MAX_INCOMING;
     c->next_id = 1;
@@ -388,9 +396,9 @@ static int say_hello(rlb_client *c, const rlb_client_options *o, int timeout_ms)
 
 RLB_API int rlb_connect(const rlb_client_options *opts, rlb_client **out)
 {
-    tls_connect_err[0] = 0;
+    rlb__call_begin();
     if (!opts || !out)
-        return connect_fail(RLB_EINVAL, "rlb_connect needs options and an output pointer");
+        return rlb__fail_call(RLB_EINVAL, "rlb_connect needs options and an output pointer");
     *out = NULL;
     int rc = rlb__check_struct_size(NULL, opts->struct_size, sizeof(rlb_client_options),
                                     sizeof(rlb_client_options), "rlb_client_options");
@@ -400,11 +408,12 @@ RLB_API int rlb_connect(const rlb_client_options *opts, rlb_client **out)
     uint32_t world = o.world ? o.world : 1;
     if (o.connect_timeout_ms < 0 || o.request_timeout_ms < 0 || o.rank >= world ||
         (o.observer != 0 && o.observer != 1))
-        return connect_fail(RLB_EINVAL,
+        return rlb__fail_call(RLB_EINVAL,
                             "bad options: timeouts must be >= 0, rank (%u) < world (%u), "
                             "observer 0 or 1",
                             o.rank, world);
-    int timeout = o.connect_timeout_ms ? o.connect_timeout_ms : RLB_CONNECT_TIMEOUT_MS;
+    int timeout = o.connect_timeout_ms ? o.connect_timeout_ms
+                                       : rlb__env_positive(RLB_KNOB_CONNECT_TIMEOUT_MS);
     char path[256];
     RLB_CHECK(resolve_socket(o.socket, path, sizeof(path)));
     rlb_conn *conn = NULL;
@@ -413,11 +422,11 @@ RLB_API int rlb_connect(const rlb_client_options *opts, rlb_client **out)
     uint64_t ring_bytes = o.observer ? (uint64_t)rlb__env_int(RLB_KNOB_RING_TOOL_BYTES) : 0;
     rc = rlb__conn_connect_abi(path, timeout, ring_bytes, &conn, &bridge_abi);
     if (rc == RLB_EVERSION)
-        return connect_fail(rc, "the bridge at %s speaks ABI version %u and this librlb ABI "
+        return rlb__fail_call(rc, "the bridge at %s speaks ABI version %u and this librlb ABI "
                                 "version %u: use a librlb from the bridge's release",
                             path, bridge_abi, RLB_ABI_VERSION);
     if (rc < 0)
-        return connect_fail(rc, rc == RLB_ENOTFOUND ? "no bridge listens at %s (start one with "
+        return rlb__fail_call(rc, rc == RLB_ENOTFOUND ? "no bridge listens at %s (start one with "
                                                       "`rlb bridge`)"
                                                     : "cannot connect to the bridge at %s",
                             path);
@@ -425,20 +434,22 @@ RLB_API int rlb_connect(const rlb_client_options *opts, rlb_client **out)
     rc = client_new(conn, &o, &c);
     if (rc < 0) {
         rlb__conn_close(conn);
-        return connect_fail(rc, "no memory for a client");
+        return rlb__fail_call(rc, "no memory for a client");
     }
     rc = pthread_create(&c->rx_thread, NULL, receiver, c);
     if (rc != 0) {
         rlb__conn_close(conn);
         free_client(c);
-        return connect_fail(RLB_EIO, "cannot start the receiver thread: %s", strerror(rc));
+        return rlb__fail_call(RLB_EIO, "cannot start the receiver thread: %s", strerror(rc));
     }
     c->rx_running = 1;
     rc = say_hello(c, &o, timeout);
     if (rc < 0) {
-        memcpy(tls_connect_err, c->err, sizeof(tls_connect_err));
-        if (!tls_connect_err[0])
-            connect_fail(rc, "the bridge at %s did not welcome us", path);
+        pthread_mutex_lock(&c->lock);
+        memcpy(tls_call_err, c->err, sizeof(tls_call_err));
+        pthread_mutex_unlock(&c->lock);
+        if (!tls_call_err[0])
+            rlb__fail_call(rc, "the bridge at %s did not welcome us", path);
         rlb_close(c);
         return rc;
     }

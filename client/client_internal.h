@@ -77,6 +77,7 @@ typedef struct rlb__stats_wait {
 struct rlb_client {
     rlb_conn *conn;             /* socket + rings */
     int request_timeout_ms;     /* bound on control round trips */
+    int slice_ms;               /* longest single wait before a recheck (RLB_WAIT_SLICE_MS) */
     int observer;               /* connected as a tool */
     pthread_mutex_t tx_lock;    /* the tx ring, the socket's sends, pack_buf */
     void *pack_buf;             /* encoding buffer, grown as needed (under tx_lock) */
@@ -118,6 +119,11 @@ int rlb__fail(rlb_client *c, int code, const char *fmt, ...) __attribute__((form
 /* Same, with c->lock already held. */
 int rlb__fail_locked(rlb_client *c, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* Stores the failure text of a call that has no client (rlb_connect, rlb_tensor_bytes,
+ * rlb_peft_to_hf) in the calling thread, for rlb_last_error(NULL), and returns code. */
+int rlb__fail_call(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* A call without a client starts: clears the calling thread's text of rlb_last_error(NULL). */
+void rlb__call_begin(void);
 /* Checks an incoming struct's struct_size against the smallest and the current size. */
 int rlb__check_struct_size(rlb_client *c, size_t given, size_t min, size_t cur, const char *what);
 /* Packs msg and sends it on the tx ring, waiting at most timeout_ms for room. Returns 0,

@@ -128,11 +128,14 @@ static int desc_bytes(const rlb_tensor_desc *d, uint64_t *bytes, char *err, size
     if (d->dtype != RLB_DTYPE_F32 && d->dtype != RLB_DTYPE_BF16 && d->dtype != RLB_DTYPE_F16)
         return bad(err, cap, RLB_EDTYPE, d, "dtype %d: weights are F32, BF16 or F16",
                    (int)d->dtype);
+    if (d->ndim < 1 || d->ndim > RLB_MAX_DIMS)
+        return bad(err, cap, RLB_ESHAPE, d, "ndim %u is outside 1..%d", d->ndim, RLB_MAX_DIMS);
+    for (uint32_t i = 0; i < d->ndim; i++)
+        if (d->shape[i] == 0)
+            return bad(err, cap, RLB_ESHAPE, d, "shape[%u] is 0", i);
     uint64_t numel;
-    if (d->ndim < 1 || d->ndim > RLB_MAX_DIMS || shape_numel(d->shape, d->ndim, &numel) ||
-        numel > (UINT64_MAX >> 4))
-        return bad(err, cap, RLB_ESHAPE, d, "needs 1..%d dimensions, each >= 1, of a sane "
-                                            "total", RLB_MAX_DIMS);
+    if (rlb__proto_numel(d->shape, d->ndim, &numel) || numel > (UINT64_MAX >> 4))
+        return bad(err, cap, RLB_ESHAPE, d, "its shape holds more than 2^60 elements");
     uint64_t esize = rlb_dtype_size(d->dtype);
     switch (d->layout) {
     case RLB_TENSOR_FULL:
@@ -159,15 +162,27 @@ static int desc_bytes(const rlb_tensor_desc *d, uint64_t *bytes, char *err, size
     return 0;
 }
 
+/* Refuses a descriptor array's struct_size, on client c or, without one, in the thread. */
+static int refuse_desc_size(rlb_client *c, size_t size)
+{
+    const char *fmt = "rlb_tensor_desc.struct_size is %zu; this library knows %zu and %zu "
+                      "(initialize it with rlb_tensor_desc_init)";
+    return c ? rlb__fail(c, RLB_EVERSION, fmt, size, DESC_V1_SIZE, sizeof(rlb_tensor_desc))
+             : rlb__fail_call(RLB_EVERSION, fmt, size, DESC_V1_SIZE, sizeof(rlb_tensor_desc));
+}
+
 RLB_API int rlb_tensor_bytes(const rlb_tensor_desc *desc, uint64_t *bytes)
 {
-    char err[64];
+    char err[RLB_CLIENT_ERR_MAX];
+    rlb__call_begin();
     if (!desc || !bytes)
-        return RLB_EINVAL;
+        return rlb__fail_call(RLB_EINVAL, "rlb_tensor_bytes needs a descriptor and an output "
+                                          "pointer");
     if (!desc_size_known(desc->struct_size))
-        return RLB_EVERSION;
+        return refuse_desc_size(NULL, desc->struct_size);
     rlb_tensor_desc d = desc_read(desc);
-    return desc_bytes(&d, bytes, err, sizeof(err));
+    int rc = desc_bytes(&d, bytes, err, sizeof(err));
+    return rc < 0 ? rlb__fail_call(rc, "%s", err) : 0;
 }
 
 /* ---- the client's table ---------------------------------------------------------------- */
@@ -387,9 +402,7 @@ RLB_API int rlb_register(rlb_client *client, const rlb_tensor_desc *tensors, siz
         return rlb__fail(c, RLB_EPERM, "an observer client cannot register tensors");
     size_t stride = tensors[0].struct_size;
     if (!desc_size_known(stride))
-        return rlb__fail(c, RLB_EVERSION, "rlb_tensor_desc.struct_size is %zu; this library "
-                         "knows %zu and %zu (initialize it with rlb_tensor_desc_init)", stride,
-                         DESC_V1_SIZE, sizeof(rlb_tensor_desc));
+        return refuse_desc_size(c, stride);
     for (size_t i = 0; i < n; i++)
         if (desc_at(tensors, stride, i)->struct_size != stride)
             return rlb__fail(c, RLB_EINVAL, "tensor %zu has another struct_size than tensor 0",

@@ -2,6 +2,7 @@
 #include "common/env.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 
 #include "common/log.h"
@@ -47,4 +48,17 @@ long long rlb__env_int(rlb_env_knob knob)
                  rlb__env_entries[knob].name, rlb__env_str(knob), rlb__env_entries[knob].def);
     parse_ll(rlb__env_entries[knob].def, &v);
     return v;
+}
+
+int rlb__env_positive(rlb_env_knob knob)
+{
+    long long v = rlb__env_int(knob);
+    if (v > 0 && v <= INT_MAX)
+        return (int)v;
+    if ((unsigned)knob >= RLB_KNOB_COUNT_)
+        return 0;
+    RLB_LOG_WARN(RLB_SUB_CORE, "%s=%lld is not in 1..%d; using the default %s",
+                 rlb__env_entries[knob].name, v, INT_MAX, rlb__env_entries[knob].def);
+    parse_ll(rlb__env_entries[knob].def, &v);
+    return (int)v;
 }

@@ -1,13 +1,20 @@
 /* env.h: every environment knob rlbridge reads, declared once, with its default.
  *
  * Code reads a knob only through rlb__env_str / rlb__env_int with its RLB_KNOB_* id, so
- * this table is the complete list (README "Knobs" is printed from it by `rlb doctor`).
- * To add a knob: add one X(...) line; nothing else.
+ * this table is the complete list (README "Knobs" is printed from it by `rlb doctor`, and
+ * test_knobs checks that the README lists every knob with its default). The one knob read
+ * elsewhere is RLBRIDGE_LIB: the Python package reads it to find this library.
+ * To add a knob: add one X(...) line, and its row in README "Knobs".
  */
 #ifndef RLB_COMMON_ENV_H
 #define RLB_COMMON_ENV_H
 
 #include <stddef.h>
+
+#include "rlb/rlb.h"
+
+#define RLB__ENV_STR_(x) #x
+#define RLB__ENV_STR(x) RLB__ENV_STR_(x) /* a default from a number the public API names */
 
 /* X(id, name, default, help) */
 #define RLB_ENV_KNOBS(X)                                                                   \
@@ -49,7 +56,19 @@
       "the bridges of different nodes (a multiple of 64); a chunk is resharded into the "  \
       "workers as soon as it arrived")                                                    \
     X(XNODE_STAGING_BYTES, "RLB_XNODE_STAGING_BYTES", "67108864", "most bytes of other "  \
-      "nodes' chunks a bridge holds at once (at least one chunk)")
+      "nodes' chunks a bridge holds at once (at least one chunk)") \
+    X(CONNECT_TIMEOUT_MS, "RLB_CONNECT_TIMEOUT_MS", RLB__ENV_STR(RLB_CONNECT_TIMEOUT_MS),  \
+      "bound on connecting to the bridge and its welcome: a worker's, and a client's "     \
+      "whose connect_timeout_ms is 0")                                                    \
+    X(REQUEST_TIMEOUT_MS, "RLB_REQUEST_TIMEOUT_MS", RLB__ENV_STR(RLB_REQUEST_TIMEOUT_MS),  \
+      "bound on a client's register, publish and stats round trips when its "             \
+      "request_timeout_ms is 0 (a dead bridge is noticed at once whatever the bound)")    \
+    X(WORKER_SEND_TIMEOUT_MS, "RLB_WORKER_SEND_TIMEOUT_MS", "30000", "longest a worker "  \
+      "waits for room in its ring to hand the bridge one message before it gives up on "  \
+      "the bridge")                                                                       \
+    X(LIB, "RLBRIDGE_LIB", "", "path of the librlb.so.1 the Python package loads (the "   \
+      "only place it looks when set); empty = its checkout's build tree, next to the rlb " \
+      "on PATH, Python's prefix, then the system's loader path")
 
 typedef enum rlb_env_knob {
 #define RLB__ENV_ENUM(id, name, def, help) RLB_KNOB_##id,
@@ -71,5 +90,8 @@ const char *rlb__env_str(rlb_env_knob knob);
 /* The knob parsed as a base-10 integer; the default (parsed) when unset, empty or not a
  * number (a malformed value is logged as a warning). */
 long long rlb__env_int(rlb_env_knob knob);
+/* rlb__env_int for a knob that must be > 0 and fit an int (timeouts, periods): the default
+ * for any other value, with a warning. */
+int rlb__env_positive(rlb_env_knob knob);
 
 #endif /* RLB_COMMON_ENV_H */

@@ -27,6 +27,8 @@ RLB_API const char *rlb_strerror(int code)
         "shutting down",
         "corrupted shared memory",
         "non-finite values",
+        "no live worker replica",
+        "no weights yet",
     };
     _Static_assert(sizeof(names) / sizeof(names[0]) == RLB_E_COUNT_, "one name per code");
     if (code > 0 || code <= -RLB_E_COUNT_)

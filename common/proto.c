@@ -405,6 +405,7 @@ static const rlb__field hello_fields[] = {
     FLD_ENUM(rlb_msg_hello, device, "dev", RLB_DEVICE_CUDA + 1, OPT),
     FLD_BYTES(rlb_msg_hello, device_uuid, "uuid"),
     FLD_ENUM(rlb_msg_hello, weight_dtype, "wdt", RLB_DTYPE_F16 + 1, OPT),
+    FLD(rlb_msg_hello, has_weights, "wts", RLB__FK_BOOL, OPT),
 };
 static const rlb__struct_desc hello_desc = DESC("hello", rlb_msg_hello, hello_fields, check_hello);
 

@@ -112,6 +112,8 @@ typedef struct rlb_msg_hello {
     uint8_t device_uuid[RLB_PROTO_UUID_BYTES]; /* "uuid": worker on CUDA: its GPU's uuid */
     rlb_dtype weight_dtype; /* "wdt": worker: element type of its weight buffers (F32 when
                                absent; the CPU backend's) */
+    bool has_weights;     /* "wts": worker: its buffers hold a checkpoint's weights, loaded at
+                             start (absent: zeros until the first sync) */
 } rlb_msg_hello;
 
 typedef struct rlb_msg_welcome {

@@ -447,7 +447,7 @@ static void show_knobs(void)
     printf("knobs (environment):\n");
     for (int i = 0; i < RLB_KNOB_COUNT_; i++) {
         const char *v = getenv(t[i].name);
-        printf("  %-20s = %-12s %s\n", t[i].name, v && *v ? v : t[i].def[0] ? t[i].def : "\"\"",
+        printf("  %-26s = %-12s %s\n", t[i].name, v && *v ? v : t[i].def[0] ? t[i].def : "\"\"",
                v && *v ? "(set)" : "(default)");
     }
 }

@@ -171,10 +171,12 @@ static int64_t now_ms(void)
 
 static const char *code_name(int rc)
 {
-    static const char *const names[RLB_E_COUNT_] = {
+    static const char *const names[] = {
         "ok", "EINVAL", "ENOMEM", "EIO", "ETIMEDOUT", "EPEERDEAD", "EAGAIN", "EPROTO",
         "EVERSION", "EPERM", "ENOTFOUND", "EEXIST", "ETOOBIG", "ESHAPE", "EDTYPE",
-        "EUNSUPPORTED", "ESTALE", "EABORTED", "ECUDA", "ESHUTDOWN", "ECORRUPT", "ENONFINITE"};
+        "EUNSUPPORTED", "ESTALE", "EABORTED", "ECUDA", "ESHUTDOWN", "ECORRUPT", "ENONFINITE",
+        "ENOREPLICA", "ENOTREADY"};
+    _Static_assert(sizeof(names) / sizeof(names[0]) == RLB_E_COUNT_, "one name per code");
     return rc <= 0 && rc > -RLB_E_COUNT_ ? names[-rc] : "unknown";
 }
 

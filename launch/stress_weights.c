@@ -42,11 +42,6 @@ uint64_t rlb__stress_fnv(const void *data, size_t len)
 
 /* ---- Shards ----------------------------------------------------------------------------- */
 
-static int unit_of(const rlb_param *p)
-{
-    return p->layer < 0 ? 0 : 1 + p->layer;
-}
-
 static size_t aligned(uint64_t floats)
 {
     return (size_t)((floats + RLB_STRESS_ALIGN - 1) / RLB_STRESS_ALIGN * RLB_STRESS_ALIGN);
@@ -56,30 +51,10 @@ static size_t aligned(uint64_t floats)
  * count) of parameter p (p < 0: padding). */
 typedef void (*run_fn)(void *arg, int64_t p, uint64_t elem, size_t at, uint64_t count);
 
-/* FSDP1 unit u's flat layout (alignment padding before each parameter, the total padded to
- * a multiple of world): calls flat(arg, p, flat start, numel) per piece; returns the total. */
-static uint64_t flat_walk(int u, uint32_t world,
-                          void (*flat)(void *arg, int64_t p, uint64_t start, uint64_t numel),
-                          void *arg)
+/* FSDP1 unit u's flat layout (model/params.h), aligned as use_orig_params does. */
+static uint64_t flat_walk(int u, uint32_t world, rlb_flat_piece_fn flat, void *arg)
 {
-    const rlb_param_list *l = rlb__stress_params();
-    uint64_t at = 0;
-    for (int64_t p = 0; p < l->n; p++) {
-        if (unit_of(&l->params[p]) != u)
-            continue;
-        uint64_t pad = (RLB_STRESS_ALIGN - at % RLB_STRESS_ALIGN) % RLB_STRESS_ALIGN;
-        if (pad && flat)
-            flat(arg, -1, at, pad);
-        at += pad;
-        uint64_t n = rlb__param_numel(&l->params[p]);
-        if (flat)
-            flat(arg, p, at, n);
-        at += n;
-    }
-    uint64_t total = (at + world - 1) / world * world;
-    if (total > at && flat)
-        flat(arg, -1, at, total - at);
-    return total;
+    return rlb__params_fsdp1_walk(rlb__stress_params(), u, RLB_STRESS_ALIGN, world, flat, arg);
 }
 
 typedef struct chunk_walk {
@@ -123,7 +98,7 @@ static size_t shards_walk(const rlb_stress_shards *s, run_fn fn, void *arg)
         }
         for (int64_t p = 0; p < l->n; p++) {
             const rlb_param *q = &l->params[p];
-            if (unit_of(q) != u)
+            if (rlb__param_fsdp1_unit(q) != u)
                 continue;
             int64_t row0, rows;
             fsdp2_rows(q, s->rank, s->world, &row0, &rows);
@@ -242,7 +217,7 @@ uint32_t rlb__stress_shards_describe(const rlb_stress_shards *s, const float *me
         }
         for (int64_t p = 0; p < l->n && n < RLB_STRESS_MAX_TENSORS; p++) {
             const rlb_param *q = &l->params[p];
-            if (unit_of(q) != u)
+            if (rlb__param_fsdp1_unit(q) != u)
                 continue;
             int64_t row0, rows;
             fsdp2_rows(q, s->rank, s->world, &row0, &rows);

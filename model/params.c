@@ -187,6 +187,33 @@ uint64_t rlb__param_numel(const rlb_param *p)
     return (uint64_t)p->rows * (uint64_t)p->cols;
 }
 
+int rlb__param_fsdp1_unit(const rlb_param *p)
+{
+    return p->layer < 0 ? 0 : 1 + p->layer;
+}
+
+uint64_t rlb__params_fsdp1_walk(const rlb_param_list *list, int unit, uint32_t align,
+                                uint32_t world, rlb_flat_piece_fn piece, void *arg)
+{
+    uint64_t at = 0;
+    for (int64_t p = 0; p < list->n; p++) {
+        if (rlb__param_fsdp1_unit(&list->params[p]) != unit)
+            continue;
+        uint64_t pad = align > 1 ? (align - at % align) % align : 0;
+        if (pad && piece)
+            piece(arg, -1, at, pad);
+        at += pad;
+        uint64_t n = rlb__param_numel(&list->params[p]);
+        if (piece)
+            piece(arg, p, at, n);
+        at += n;
+    }
+    uint64_t total = (at + world - 1) / world * world;
+    if (total > at && piece)
+        piece(arg, -1, at, total - at);
+    return total;
+}
+
 void rlb__param_region(const rlb_param *p, const rlb_tp_layout *l, rlb_param_region *r)
 {
     int64_t T = l->tp_size, t = l->tp_rank, hd = l->cfg.head_dim;

@@ -110,6 +110,20 @@ int rlb__params_reserve(rlb_param_list *list, int64_t more);
 void rlb__params_append(rlb_param_list *list, const rlb_param *p);
 /* Element count rows * cols of a parameter. */
 uint64_t rlb__param_numel(const rlb_param *p);
+
+/* FSDP1 with one wrap unit per decoder layer and one for the rest (embeddings, final norm,
+ * head), as the tests and `rlb stress` shard the model: the unit of parameter p, 0 for the
+ * rest, 1 + layer otherwise. */
+int rlb__param_fsdp1_unit(const rlb_param *p);
+/* One piece of an FSDP1 flat layout: parameter p (its list index; -1 for padding) occupies
+ * flat elements [start, start + numel). */
+typedef void (*rlb_flat_piece_fn)(void *arg, int64_t p, uint64_t start, uint64_t numel);
+/* The flat layout of unit `unit` (DESIGN §4, FSDP1 source): the unit's parameters in list
+ * order, each start aligned to a multiple of `align` elements (use_orig_params; 1 = none)
+ * with padding before it, the total padded to a multiple of `world`. Calls piece (when not
+ * NULL) for every parameter and padding run in flat order; returns the padded total. */
+uint64_t rlb__params_fsdp1_walk(const rlb_param_list *list, int unit, uint32_t align,
+                                uint32_t world, rlb_flat_piece_fn piece, void *arg);
 /* Fills `r` for parameter p on the layout's TP rank (DESIGN §4 table). `layout` must be
  * built for the list's config. */
 void rlb__param_region(const rlb_param *p, const rlb_tp_layout *layout, rlb_param_region *r);

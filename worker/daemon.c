@@ -52,9 +52,10 @@
 #include "worker/engine.h"
 #include "worker/loader.h"
 
-#define WK_IDLE_WAIT_MS 100       /* wait on the ring when there is nothing to do */
-#define WK_SEND_TIMEOUT_MS 30000  /* bound on handing the bridge one message */
-#define WK_CONNECT_TIMEOUT_MS 5000
+/* Waits of the worker, from the knob table (common/env.h). */
+#define WK_IDLE_WAIT_MS rlb__env_positive(RLB_KNOB_WAIT_SLICE_MS) /* on the ring, when idle */
+#define WK_SEND_TIMEOUT_MS rlb__env_positive(RLB_KNOB_WORKER_SEND_TIMEOUT_MS)
+#define WK_CONNECT_TIMEOUT_MS rlb__env_positive(RLB_KNOB_CONNECT_TIMEOUT_MS)
 #define WK_MAX_MSG (1u << 30)     /* largest command accepted */
 
 /* A command from the bridge, queued until the TP ranks agree to apply it. */
@@ -311,7 +312,7 @@ static int start(wk *w)
                                .world = w->replicas * w->tp_size, .replica = o->replica,
                                .tp_rank = o->tp_rank, .tp_size = w->tp_size,
                                .device = gpu ? RLB_DEVICE_CUDA : RLB_DEVICE_CPU,
-                               .weight_dtype = w->layout.dtype}};
+                               .weight_dtype = w->layout.dtype, .has_weights = dir != NULL}};
     memcpy(hello.hello.device_uuid, w->uuid, sizeof(w->uuid));
     RLB_CHECK_GOTO(wk_send(w, &hello), rc, fail);
     rlb_msg m;

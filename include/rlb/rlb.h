@@ -29,7 +29,8 @@ extern "C" {
 #define RLB_ABI_VERSION 1u
 #endif
 
-/* Error codes: negative values, errno-style. Keep rlb_strerror() in step. */
+/* Error codes: negative values, errno-style. A code never changes meaning; new ones are
+ * appended. Keep rlb_strerror() in step. */
 enum {
     RLB_OK = 0,
     RLB_EINVAL = -1,     /* invalid argument or malformed input */
@@ -54,7 +55,11 @@ enum {
     RLB_ECORRUPT = -20,  /* shared memory holds values no honest peer writes */
     RLB_ENONFINITE = -21, /* NaN or infinite values where finite ones are needed (weights,
                            * logits with no finite value left to sample from) */
-    RLB_E_COUNT_ = 22
+    RLB_ENOREPLICA = -22, /* no live worker replica is left to run the request or sync (the
+                           * bridge itself is alive; RLB_EPEERDEAD says it is not) */
+    RLB_ENOTREADY = -23, /* no weights yet: the workers started without a checkpoint and no
+                          * version has committed; publish one first */
+    RLB_E_COUNT_ = 24
 };
 
 /* Returns a static, human-readable name for an RLB_E* code (any int is accepted). */
@@ -121,6 +126,8 @@ typedef enum rlb_device {
 
 #define RLB_MAX_DIMS 8                 /* dimensions of a tensor shape */
 #define RLB_SOCKET_DEFAULT "bridge"    /* the bridge's socket name in the socket directory */
+/* The defaults of the knobs (environment variables) of the same names, which set the bounds
+ * of a client whose options leave them 0. */
 #define RLB_CONNECT_TIMEOUT_MS 5000    /* default bound on connecting and the hello */
 #define RLB_REQUEST_TIMEOUT_MS 600000  /* default bound on a publish or stats round trip */
 
@@ -130,8 +137,9 @@ typedef struct rlb_client_options {
     size_t struct_size;     /* sizeof(rlb_client_options) as the caller compiled it */
     const char *socket;     /* bridge socket: a path (contains '/') or a name in the socket
                                directory (RLB_SOCKET_DIR); NULL = RLB_SOCKET_DEFAULT */
-    int connect_timeout_ms; /* bound on connect + hello/welcome; 0 = RLB_CONNECT_TIMEOUT_MS */
-    int request_timeout_ms; /* bound on publish, register and stats waits; 0 =
+    int connect_timeout_ms; /* bound on connect + hello/welcome; 0 = the knob
+                               RLB_CONNECT_TIMEOUT_MS */
+    int request_timeout_ms; /* bound on publish, register and stats waits; 0 = the knob
                                RLB_REQUEST_TIMEOUT_MS (a dead bridge is noticed at once
                                whatever the bound: the socket reports it) */
     uint32_t rank;          /* this trainer's rank, < world */
@@ -156,8 +164,9 @@ RLB_API int rlb_connect(const rlb_client_options *opts, rlb_client **out);
 RLB_API void rlb_close(rlb_client *client);
 
 /* The text of the last failure on `client` (from any thread using it), or, for client
- * NULL, of the calling thread's last rlb_connect. The text is copied into a buffer of the
- * calling thread, valid until its next rlb_last_error call. "" when nothing failed. */
+ * NULL, of the calling thread's last call that takes no client (rlb_connect,
+ * rlb_tensor_bytes, rlb_peft_to_hf). The text is copied into a buffer of the calling
+ * thread, valid until its next rlb_last_error call. "" when nothing failed. */
 RLB_API const char *rlb_last_error(rlb_client *client);
 
 /* ---- Host memory ----------------------------------------------------------------------- */
@@ -226,7 +235,8 @@ typedef struct rlb_tensor_desc {
 RLB_API void rlb_tensor_desc_init(rlb_tensor_desc *desc);
 
 /* Bytes this rank holds for `desc` (what `data` must provide), into *bytes. Returns 0,
- * RLB_EVERSION or RLB_EINVAL / RLB_EDTYPE / RLB_ESHAPE naming the field. Needs no client. */
+ * RLB_EVERSION or RLB_EINVAL / RLB_EDTYPE / RLB_ESHAPE; rlb_last_error(NULL) then names the
+ * tensor and the field ("tensor 'x': ndim 9 is outside 1..8"). Needs no client. */
 RLB_API int rlb_tensor_bytes(const rlb_tensor_desc *desc, uint64_t *bytes);
 
 /* Registers n (>= 1) tensors as one batch: array elements are tensors[0].struct_size bytes
@@ -309,8 +319,8 @@ RLB_API int rlb_unregister_lora(rlb_client *client, const char *const *targets, 
  * (_fsdp_wrapped_module, _checkpoint_wrapped_module, _orig_mod); a name without PEFT parts
  * comes back unchanged. `adapter` is the PEFT adapter wanted (NULL: any). Returns 0,
  * RLB_ENOTFOUND (a factor of another adapter), RLB_EUNSUPPORTED (DoRA's
- * lora_magnitude_vector), RLB_EINVAL (empty or malformed), RLB_ETOOBIG (out too small).
- * Needs no client. */
+ * lora_magnitude_vector), RLB_EINVAL (empty or malformed), RLB_ETOOBIG (out too small);
+ * rlb_last_error(NULL) then says why. Needs no client. */
 RLB_API int rlb_peft_to_hf(const char *peft_name, const char *adapter, char *out, size_t cap);
 
 /* ---- Publishing weights ---------------------------------------------------------------- */
@@ -387,7 +397,9 @@ typedef struct rlb_generate_request {
     const rlb_prompt *prompts;           /* [n_prompts] */
     uint32_t n_prompts;                  /* >= 1 */
     const rlb_sampling_params *sampling; /* NULL = the defaults above */
-    uint64_t min_weight_version;         /* serve only with weights at least this new */
+    uint64_t min_weight_version;         /* serve only with weights at least this new (held
+                                            until such a version commits; 1 waits for the
+                                            first one rather than fail RLB_ENOTREADY) */
 } rlb_generate_request;
 
 #define RLB_GENERATE_REQUEST_INIT {sizeof(rlb_generate_request), NULL, 0, NULL, 0}
@@ -435,7 +447,8 @@ RLB_API int rlb_generate_submit(rlb_client *client, const rlb_generate_request *
 /* Takes whatever arrived without blocking. Returns 0 with *out set once the request is
  * complete (the ticket is then spent), RLB_EAGAIN while it is not, RLB_ENOTFOUND for an
  * unknown or spent ticket, or the request's failure (RLB_ESTALE, RLB_ESHUTDOWN,
- * RLB_EPEERDEAD, ...: the ticket is spent, rlb_last_error has the bridge's text). A request
+ * RLB_ENOREPLICA, RLB_ENOTREADY, RLB_EPEERDEAD, ...: the ticket is spent, rlb_last_error
+ * has the bridge's text). A request
  * the bridge refused for now ("try again") fails with RLB_EABORTED, so that RLB_EAGAIN
  * always means "still running". */
 RLB_API int rlb_generate_poll(rlb_client *client, rlb_ticket ticket, rlb_result **out);

@@ -91,10 +91,18 @@ static pid_t spawn(void)
     return pid;
 }
 
+int h_start_unpublished(h_run *r, h_trainer *t, rlb_sync_mode mode, uint32_t replicas,
+                        uint32_t tp)
+{
+    if (h_start(r, mode) || h_workers(r, replicas, tp) || h_trainer_open(r, t, 0, 1, H_FSDP2) ||
+        h_wait_workers(r, t->c, replicas * tp, replicas))
+        return -1;
+    return 0;
+}
+
 int h_start_simple(h_run *r, h_trainer *t, rlb_sync_mode mode, uint32_t replicas)
 {
-    if (h_start(r, mode) || h_workers(r, replicas, 1) || h_trainer_open(r, t, 0, 1, H_FSDP2) ||
-        h_wait_workers(r, t->c, replicas, replicas))
+    if (h_start_unpublished(r, t, mode, replicas, 1))
         return -1;
     h_trainer_fill(t, 1);
     return rlb_publish(t->c, 1, NULL) == 0 ? 0 : -1;
@@ -245,7 +253,9 @@ int h_start_node(h_run *r, rlb_sync_mode mode, const h_node *node)
 
 rlb_device h_worker_device = RLB_DEVICE_CPU;
 
-pid_t h_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank, uint32_t tp)
+/* h_worker, loading checkpoint model_dir at start when it is not NULL. */
+static pid_t spawn_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank,
+                          uint32_t tp, const char *model_dir)
 {
     if (r->n_workers == H_MAX_WORKERS)
         return -1;
@@ -253,6 +263,7 @@ pid_t h_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank, 
     if (pid == 0) {
         rlb_worker_opts o = RLB_WORKER_OPTS_INIT;
         o.socket_path = r->sock;
+        o.model_dir = model_dir;
         o.replica = replica;
         o.replicas = replicas;
         o.tp_rank = tp_rank;
@@ -268,13 +279,33 @@ pid_t h_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank, 
     return pid;
 }
 
-int h_workers(h_run *r, uint32_t replicas, uint32_t tp)
+pid_t h_worker(h_run *r, uint32_t replica, uint32_t replicas, uint32_t tp_rank, uint32_t tp)
+{
+    return spawn_worker(r, replica, replicas, tp_rank, tp, NULL);
+}
+
+/* Starts replicas x tp workers that load checkpoint model_dir (NULL: none). */
+static int spawn_workers(h_run *r, uint32_t replicas, uint32_t tp, const char *model_dir)
 {
     for (uint32_t d = 0; d < replicas; d++)
         for (uint32_t t = 0; t < tp; t++)
-            if (h_worker(r, d, replicas, t, tp) < 0)
+            if (spawn_worker(r, d, replicas, t, tp, model_dir) < 0)
                 return -1;
     return 0;
+}
+
+int h_workers(h_run *r, uint32_t replicas, uint32_t tp)
+{
+    return spawn_workers(r, replicas, tp, NULL);
+}
+
+int h_workers_loaded(h_run *r, uint32_t replicas, uint32_t tp, uint64_t v)
+{
+    char tag[32], dir[256];
+    if (version_checkpoint(r->dir, v, tag) != 0)
+        return -1;
+    snprintf(dir, sizeof(dir), "%s/%s", r->dir, tag);
+    return spawn_workers(r, replicas, tp, dir);
 }
 
 double h_stat(rlb_client *c, const char *name)
@@ -387,36 +418,10 @@ static void fsdp2_rows(const rlb_param *p, uint32_t f, uint32_t w, int64_t *row0
     *rows = *row0 >= p->rows ? 0 : (p->rows - *row0 < c ? p->rows - *row0 : c);
 }
 
-/* The FSDP1 unit of parameter p: 0 for the global ones, 1 + layer otherwise. */
-static int unit_of(const rlb_param *p)
+/* Unit u's FSDP1 flat layout (model/params.h), aligned as use_orig_params does. */
+static uint64_t flat_walk(int u, uint32_t world, rlb_flat_piece_fn fn, void *arg)
 {
-    return p->layer < 0 ? 0 : 1 + p->layer;
-}
-
-/* Walks unit u's flat layout: for each parameter (and padding before it) calls fn with the
- * parameter index (-1 for padding), its flat start and numel. Returns the padded total. */
-static uint64_t flat_walk(int u, uint32_t world,
-                          void (*fn)(void *arg, int64_t p, uint64_t start, uint64_t numel),
-                          void *arg)
-{
-    const rlb_param_list *l = tiny_params();
-    uint64_t at = 0;
-    for (int64_t p = 0; p < l->n; p++) {
-        if (unit_of(&l->params[p]) != u)
-            continue;
-        uint64_t pad = (H_ALIGN - at % H_ALIGN) % H_ALIGN;
-        if (pad && fn)
-            fn(arg, -1, at, pad);
-        at += pad;
-        uint64_t n = rlb__param_numel(&l->params[p]);
-        if (fn)
-            fn(arg, p, at, n);
-        at += n;
-    }
-    uint64_t total = (at + world - 1) / world * world;
-    if (total > at && fn)
-        fn(arg, -1, at, total - at);
-    return total;
+    return rlb__params_fsdp1_walk(tiny_params(), u, H_ALIGN, world, fn, arg);
 }
 
 typedef struct flat_fill {
@@ -725,21 +730,25 @@ static int generate_ref(h_run *r, const char *tag, uint32_t tp, const int32_t *p
 
 /* ---- Generation ---------------------------------------------------------------------- */
 
+void h_request_greedy(h_request *q, const int32_t *prompt, uint32_t n, uint32_t max_tokens)
+{
+    rlb_sampling_params_init(&q->sp);
+    q->sp.temperature = 0;
+    q->sp.max_tokens = max_tokens;
+    q->prompt = (rlb_prompt){prompt, n};
+    rlb_generate_request_init(&q->req);
+    q->req.prompts = &q->prompt;
+    q->req.n_prompts = 1;
+    q->req.sampling = &q->sp;
+}
+
 int h_submit(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_tokens,
              uint64_t min_version, rlb_ticket *ticket)
 {
-    rlb_sampling_params sp;
-    rlb_sampling_params_init(&sp);
-    sp.temperature = 0;
-    sp.max_tokens = max_tokens;
-    rlb_prompt p = {prompt, n};
-    rlb_generate_request req;
-    rlb_generate_request_init(&req);
-    req.prompts = &p;
-    req.n_prompts = 1;
-    req.sampling = &sp;
-    req.min_weight_version = min_version;
-    return rlb_generate_submit(c, &req, ticket);
+    h_request q;
+    h_request_greedy(&q, prompt, n, max_tokens);
+    q.req.min_weight_version = min_version;
+    return rlb_generate_submit(c, &q.req, ticket);
 }
 
 int h_generate(rlb_client *c, const int32_t *prompt, uint32_t n, uint32_t max_tokens,
@@ -769,20 +778,36 @@ int h_greedy(rlb_client *c, uint64_t v, const int32_t *prompt, uint32_t n,
     return count;
 }
 
-int h_check_greedy(h_run *r, rlb_client *c, uint64_t v, uint32_t tp, const int32_t *prompt,
-                   uint32_t n, uint32_t max_tokens)
+int h_check_result(h_run *r, const rlb_result *res, uint64_t v, uint32_t tp,
+                   const int32_t *prompt, uint32_t n, uint32_t max_tokens)
 {
-    int32_t got[1024], want[1024];
-    int ng = h_greedy(c, v, prompt, n, max_tokens, got, 1024);
-    if (ng < 0)
+    const rlb_sample *s = rlb_result_num_samples(res) == 1 ? rlb_result_sample(res, 0) : NULL;
+    if (!s || s->weight_version != v) {
+        fprintf(stderr, "generate: %s for version %llu\n", s ? "another version" : "not one "
+                "sample", (unsigned long long)v);
         return -1;
+    }
+    int32_t want[1024];
     int nw = h_reference(r, v, tp, prompt, n, max_tokens, want, 1024);
-    if (nw != ng || memcmp(want, got, sizeof(int32_t) * (size_t)ng)) {
+    if (nw < 0 || nw != (int)s->n_tokens || memcmp(want, s->tokens, sizeof(int32_t) * (size_t)nw)) {
         fprintf(stderr, "generate: tokens differ from the reference for version %llu\n",
                 (unsigned long long)v);
         return -1;
     }
     return 0;
+}
+
+int h_check_greedy(h_run *r, rlb_client *c, uint64_t v, uint32_t tp, const int32_t *prompt,
+                   uint32_t n, uint32_t max_tokens)
+{
+    rlb_result *res = NULL;
+    if (h_generate(c, prompt, n, max_tokens, &res)) {
+        fprintf(stderr, "generate: %s\n", rlb_last_error(c));
+        return -1;
+    }
+    int rc = h_check_result(r, res, v, tp, prompt, n, max_tokens);
+    rlb_result_free(res);
+    return rc;
 }
 
 int h_reference_weights(h_run *r, const char *tag, float *const *data, uint32_t tp,

@@ -66,8 +66,12 @@ int h_wait_listening(const char *path, double s);
 /* The backend workers started from now on run (CPU unless a GPU test says otherwise;
  * float32 weights on either, so the CPU reference holds). */
 extern rlb_device h_worker_device;
-/* Starts workers: `replicas` replicas of TP size tp. Returns 0 or -1. */
+/* Starts workers: `replicas` replicas of TP size tp. Their buffers hold zeros until the
+ * first sync, so the bridge refuses generation before it (RLB_ENOTREADY). Returns 0 or -1. */
 int h_workers(h_run *r, uint32_t replicas, uint32_t tp);
+/* The same with workers that load version v's weights as a checkpoint at start: they serve
+ * before any sync, stamped version 0, and h_reference(v) is their reference. */
+int h_workers_loaded(h_run *r, uint32_t replicas, uint32_t tp, uint64_t v);
 /* Starts one worker: TP rank tp_rank of replica `replica`, in a fleet of `replicas`
  * replicas of TP size tp (a restart, or a replica added at run time). Returns its pid
  * (also appended to r->workers) or -1. */
@@ -91,8 +95,12 @@ int h_stop(h_run *r, rlb_client *tool);
 /* Kills whatever the harness started that still runs and removes the run's directory
  * (the teardown of every test: a failed assertion leaves the test half-way). */
 void h_cleanup(void);
-/* One FSDP2 trainer rank of world 1 with version 1 committed, and `replicas` TP-1 workers
- * (the start of most single-trainer tests). Returns 0 or -1. */
+/* A bridge in mode, `replicas` replicas of TP size tp up, and one FSDP2 trainer rank of
+ * world 1 registered with version 1's weights, nothing published. Returns 0 or -1. */
+int h_start_unpublished(h_run *r, h_trainer *t, rlb_sync_mode mode, uint32_t replicas,
+                        uint32_t tp);
+/* h_start_unpublished with TP-1 workers, then version 1 committed (the start of most
+ * single-trainer tests). Returns 0 or -1. */
 int h_start_simple(h_run *r, h_trainer *t, rlb_sync_mode mode, uint32_t replicas);
 /* h_cleanup as a cmocka teardown. */
 int h_teardown(void **state);
@@ -130,6 +138,20 @@ void h_child_stop(h_child *ch);
  * tokens[] and returns the count, or -1. */
 int h_reference(h_run *r, uint64_t v, uint32_t tp, const int32_t *prompt, uint32_t n,
                 uint32_t max_tokens, int32_t *tokens, int cap);
+
+/* A greedy request of one prompt, its parts in one place (fill it where it stays: req
+ * points into it). */
+typedef struct h_request {
+    rlb_sampling_params sp;
+    rlb_prompt prompt;
+    rlb_generate_request req;
+} h_request;
+/* Fills q: `prompt` (n ids), temperature 0, max_tokens, min_weight_version 0. */
+void h_request_greedy(h_request *q, const int32_t *prompt, uint32_t n, uint32_t max_tokens);
+/* Checks that res holds one sample of weight version v whose tokens are h_reference's for
+ * version v (TP size tp) on the same prompt. Returns 0, or -1 after printing what differs. */
+int h_check_result(h_run *r, const rlb_result *res, uint64_t v, uint32_t tp,
+                   const int32_t *prompt, uint32_t n, uint32_t max_tokens);
 
 /* Submits a greedy generate of `prompt` (n ids, max_tokens) through c, to be served with
  * weights of at least min_version. Returns the client's code (*ticket set on 0). */

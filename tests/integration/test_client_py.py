@@ -203,6 +203,10 @@ class ClientTest(unittest.TestCase):
         with self.assertRaises(rlbridge.RlbError) as e:
             t.c.register("x", array.array("f", [0.0] * 4), shape=(4,))  # not alloc_host memory
         self.assertEqual(e.exception.code, rlbridge._lib.EINVAL)
+        with self.assertRaises(rlbridge.RlbError) as e:  # checked before anything is sent
+            t.c.register("x", t.views["model.norm.weight"][0], shape=(4, 0))
+        self.assertEqual(e.exception.code, rlbridge._lib.ESHAPE)
+        self.assertIn("tensor 'x': shape[1] is 0", str(e.exception))
         with self.assertRaises(rlbridge.RlbError) as e:
             t.c.free_host(t.views["model.norm.weight"][0])  # still registered
         self.assertEqual(e.exception.code, rlbridge._lib.EEXIST)

@@ -27,31 +27,33 @@ static void publish_to(h_trainer *t, uint64_t n)
     }
 }
 
+/* Kills worker i, leaving the healed replica alone: it serves version 2, takes version 3
+ * like any other replica, and the run stops cleanly. */
+static void healed_serves_alone(h_run *r, h_trainer *t, int i, const int32_t *prompt)
+{
+    h_kill_worker(r, i);
+    assert_int_equal(h_wait_stat(t->c, "replicas_up", 1, 20), 0);
+    assert_int_equal(h_check_greedy(r, t->c, 2, 1, prompt, 3, MAX_TOKENS), 0);
+    h_trainer_fill(t, 3);
+    assert_int_equal(rlb_publish(t->c, 3, NULL), 0);
+    assert_int_equal(h_check_greedy(r, t->c, 3, 1, prompt, 3, MAX_TOKENS), 0);
+    h_trainer_close(t);
+    assert_int_equal(h_stop(r, NULL), 0);
+}
+
 static void restart_heals(rlb_sync_mode mode)
 {
     h_run r;
     h_trainer t;
     int32_t prompt[3] = {31, 41, 59};
-    assert_int_equal(h_start(&r, mode), 0);
-    assert_int_equal(h_workers(&r, 2, 1), 0);
-    assert_int_equal(h_trainer_open(&r, &t, 0, 1, H_FSDP2), 0);
-    assert_int_equal(h_wait_workers(&r, t.c, 2, 2), 0);
+    assert_int_equal(h_start_unpublished(&r, &t, mode, 2, 1), 0);
     publish_to(&t, 2);
     h_kill_worker(&r, 0);
     assert_int_equal(h_wait_stat(t.c, "workers", 1, 20), 0);
     assert_true(h_worker(&r, 0, 2, 0, 1) > 0);
     assert_int_equal(h_wait_stat(t.c, "replicas_up", 2, 20), 0);
     assert_true(h_stat(t.c, "heals") == 1);
-    /* Only the restarted worker is left: it serves version 2. */
-    h_kill_worker(&r, 1);
-    assert_int_equal(h_wait_stat(t.c, "replicas_up", 1, 20), 0);
-    assert_int_equal(h_check_greedy(&r, t.c, 2, 1, prompt, 3, MAX_TOKENS), 0);
-    /* And it takes the next version like any other. */
-    h_trainer_fill(&t, 3);
-    assert_int_equal(rlb_publish(t.c, 3, NULL), 0);
-    assert_int_equal(h_check_greedy(&r, t.c, 3, 1, prompt, 3, MAX_TOKENS), 0);
-    h_trainer_close(&t);
-    assert_int_equal(h_stop(&r, NULL), 0);
+    healed_serves_alone(&r, &t, 1, prompt); /* the restarted worker is the one left */
 }
 
 static void test_restart_heals_pause(void **state)
@@ -74,39 +76,23 @@ static void test_all_lost_next_sync(void **state)
     h_run r;
     h_trainer t;
     int32_t prompt[3] = {26, 53, 58};
-    assert_int_equal(h_start(&r, RLB_SYNC_STAGED), 0);
-    assert_int_equal(h_workers(&r, 1, 2), 0);
-    assert_int_equal(h_trainer_open(&r, &t, 0, 1, H_FSDP2), 0);
-    assert_int_equal(h_wait_workers(&r, t.c, 2, 1), 0);
+    assert_int_equal(h_start_unpublished(&r, &t, RLB_SYNC_STAGED, 1, 2), 0);
     publish_to(&t, 1);
     h_kill_worker(&r, 1);
     assert_int_equal(h_wait_stat(t.c, "workers", 0, 20), 0);
     assert_true(h_worker(&r, 0, 1, 0, 2) > 0);
     assert_true(h_worker(&r, 0, 1, 1, 2) > 0);
     assert_int_equal(h_wait_stat(t.c, "replicas_joining", 1, 20), 0);
-    rlb_sampling_params sp;
-    rlb_sampling_params_init(&sp);
-    sp.temperature = 0;
-    sp.max_tokens = MAX_TOKENS;
-    rlb_prompt p = {prompt, 3};
-    rlb_generate_request req;
-    rlb_generate_request_init(&req);
-    req.prompts = &p;
-    req.n_prompts = 1;
-    req.sampling = &sp;
+    h_request q;
+    h_request_greedy(&q, prompt, 3, MAX_TOKENS);
     rlb_ticket tk;
     rlb_result *res = NULL;
-    assert_int_equal(rlb_generate_submit(t.c, &req, &tk), 0);
+    assert_int_equal(rlb_generate_submit(t.c, &q.req, &tk), 0);
     assert_int_equal(rlb_generate_wait(t.c, tk, 300, &res), RLB_ETIMEDOUT);
     h_trainer_fill(&t, 2);
     assert_int_equal(rlb_publish(t.c, 2, NULL), 0);
     assert_int_equal(rlb_generate_wait(t.c, tk, 20000, &res), 0);
-    const rlb_sample *s = rlb_result_sample(res, 0);
-    int32_t want[64];
-    int nw = h_reference(&r, 2, 2, prompt, 3, MAX_TOKENS, want, 64);
-    assert_int_equal(s->weight_version, 2);
-    assert_int_equal(nw, (int)s->n_tokens);
-    assert_memory_equal(want, s->tokens, sizeof(int32_t) * (size_t)nw);
+    assert_int_equal(h_check_result(&r, res, 2, 2, prompt, 3, MAX_TOKENS), 0);
     rlb_result_free(res);
     assert_true(h_stat(t.c, "replicas_up") == 1);
     h_trainer_close(&t);
@@ -120,21 +106,11 @@ static void test_new_replica(void **state)
     h_run r;
     h_trainer t;
     int32_t prompt[3] = {97, 93, 23};
-    assert_int_equal(h_start(&r, RLB_SYNC_PAUSE), 0);
-    assert_int_equal(h_workers(&r, 1, 1), 0);
-    assert_int_equal(h_trainer_open(&r, &t, 0, 1, H_FSDP2), 0);
-    assert_int_equal(h_wait_workers(&r, t.c, 1, 1), 0);
+    assert_int_equal(h_start_unpublished(&r, &t, RLB_SYNC_PAUSE, 1, 1), 0);
     publish_to(&t, 2);
     assert_true(h_worker(&r, 1, 2, 0, 1) > 0);
     assert_int_equal(h_wait_stat(t.c, "replicas_up", 2, 20), 0);
-    h_kill_worker(&r, 0);
-    assert_int_equal(h_wait_stat(t.c, "replicas_up", 1, 20), 0);
-    assert_int_equal(h_check_greedy(&r, t.c, 2, 1, prompt, 3, MAX_TOKENS), 0);
-    h_trainer_fill(&t, 3);
-    assert_int_equal(rlb_publish(t.c, 3, NULL), 0);
-    assert_int_equal(h_check_greedy(&r, t.c, 3, 1, prompt, 3, MAX_TOKENS), 0);
-    h_trainer_close(&t);
-    assert_int_equal(h_stop(&r, NULL), 0);
+    healed_serves_alone(&r, &t, 0, prompt); /* the added replica is the one left */
 }
 
 int main(void)

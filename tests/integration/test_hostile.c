@@ -60,7 +60,7 @@ static void test_truncated_segment(void **state)
     rlb_client *tool;
     int32_t prompt[3] = {5, 9, 2};
     assert_int_equal(h_start(&r, RLB_SYNC_PAUSE), 0);
-    assert_int_equal(h_workers(&r, 1, 1), 0);
+    assert_int_equal(h_workers_loaded(&r, 1, 1, 0), 0); /* they serve with no version */
     h_alloc = unsealed_alloc;
     int rc = h_trainer_open(&r, &t, 0, 1, H_FSDP2);
     h_alloc = rlb_alloc_host;
@@ -78,9 +78,7 @@ static void test_truncated_segment(void **state)
     /* The bridge serves on. */
     assert_int_equal(h_connect(&r, 0, 0, &tool), 0);
     assert_int_equal(h_wait_workers(&r, tool, 1, 1), 0);
-    rlb_result *res;
-    assert_int_equal(h_generate(tool, prompt, 3, MAX_TOKENS, &res), 0);
-    rlb_result_free(res);
+    assert_int_equal(h_check_greedy(&r, tool, 0, 1, prompt, 3, MAX_TOKENS), 0);
     /* More than the machine holds: refused at once, naming the limit (the reservation
      * would otherwise run until the OOM killer ends the trainer). */
     void *huge = NULL;

@@ -38,11 +38,7 @@ static void start(h_run *r, h_trainer *t)
     snprintf(ms, sizeof(ms), "%d", TIMEOUT_MS);
     setenv("RLB_PEER_TIMEOUT_MS", ms, 1);
     setenv("RLB_HEARTBEAT_MS", "50", 1);
-    assert_int_equal(h_start(r, RLB_SYNC_PAUSE), 0);
-    assert_int_equal(h_workers(r, 2, 1), 0);
-    assert_int_equal(h_trainer_open(r, t, 0, 1, H_FSDP2), 0);
-    assert_int_equal(h_wait_workers(r, t->c, 2, 2), 0);
-    assert_int_equal(rlb_publish(t->c, 1, NULL), 0);
+    assert_int_equal(h_start_simple(r, t, RLB_SYNC_PAUSE, 2), 0);
 }
 
 static void test_load_bounded(void **state)
@@ -79,18 +75,10 @@ static void test_drain_bounded(void **state)
     int32_t prompt[3] = {28, 18, 28};
     start(&r, &t);
     kill(r.workers[0], SIGSTOP);
-    rlb_sampling_params sp;
-    rlb_sampling_params_init(&sp);
-    sp.temperature = 0;
-    sp.max_tokens = MAX_TOKENS;
-    rlb_prompt p = {prompt, 3};
-    rlb_generate_request req;
-    rlb_generate_request_init(&req);
-    req.prompts = &p;
-    req.n_prompts = 1;
-    req.sampling = &sp;
+    h_request q;
+    h_request_greedy(&q, prompt, 3, MAX_TOKENS);
     rlb_ticket tk;
-    assert_int_equal(rlb_generate_submit(t.c, &req, &tk), 0); /* to replica 0: a tie */
+    assert_int_equal(rlb_generate_submit(t.c, &q.req, &tk), 0); /* to replica 0: a tie */
     assert_int_equal(h_wait_stat(t.c, "inflight", 1, 10), 0);
     h_trainer_fill(&t, 2);
     double t0 = now_s();
@@ -98,11 +86,10 @@ static void test_drain_bounded(void **state)
     assert_true(now_s() - t0 < 5 * TIMEOUT_MS / 1000.0 + 1);
     rlb_result *res;
     assert_int_equal(rlb_generate_wait(t.c, tk, 10000, &res), 0);
-    const rlb_sample *s = rlb_result_sample(res, 0);
-    int32_t want[64];
-    int nw = h_reference(&r, s->weight_version, 1, prompt, 3, MAX_TOKENS, want, 64);
-    assert_int_equal(nw, (int)s->n_tokens);
-    assert_memory_equal(want, s->tokens, sizeof(int32_t) * (size_t)nw);
+    /* Retried after the drain gave up on the stopped worker: either version is right. */
+    uint64_t v = rlb_result_sample(res, 0)->weight_version;
+    assert_true(v == 1 || v == 2);
+    assert_int_equal(h_check_result(&r, res, v, 1, prompt, 3, MAX_TOKENS), 0);
     rlb_result_free(res);
     assert_true(h_stat(t.c, "retried") == 1);
     kill(r.workers[0], SIGCONT); /* it finds its connection closed and exits */

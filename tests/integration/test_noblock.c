@@ -144,7 +144,7 @@ static void start(h_run *r, h_trainer *t, uint32_t world)
     setenv("RLB_PEER_TIMEOUT_MS", ms, 1);
     setenv("RLB_RING_BYTES", "8192", 1); /* results of a few KB span several records */
     assert_int_equal(h_start(r, RLB_SYNC_PAUSE), 0);
-    assert_int_equal(h_workers(r, 1, 1), 0);
+    assert_int_equal(h_workers_loaded(r, 1, 1, 0), 0); /* they serve before any sync */
     assert_int_equal(h_trainer_open(r, t, 0, world, H_FSDP2), 0);
     assert_int_equal(h_wait_workers(r, t->c, 1, 1), 0);
 }

@@ -6,6 +6,9 @@
  * the replica the bridge picked (the least loaded, the first on a tie: replica 0, then 1
  * after a death) and the kills land while it is in flight, whatever the machine's speed.
  * The peer timeout is raised so that the stopped workers are not declared hung meanwhile.
+ *
+ * When no replica is left the request fails with RLB_ENOREPLICA, which is not the
+ * RLB_EPEERDEAD of a bridge that died.
  */
 #include <setjmp.h>
 #include <signal.h>
@@ -20,33 +23,29 @@
 
 #include "tests/integration/bridge_harness.h"
 
+static const int32_t prompt[3] = {9, 8, 7};
+
+/* `replicas` TP-1 replicas with version 1 committed and the peer timeout raised; every
+ * worker stopped, and a greedy request of `prompt` in flight on replica 0 (ticket *tk). */
+static void start_stopped(h_run *r, h_trainer *t, uint32_t replicas, rlb_ticket *tk)
+{
+    setenv("RLB_PEER_TIMEOUT_MS", "60000", 1);
+    assert_int_equal(h_start_simple(r, t, RLB_SYNC_PAUSE, replicas), 0);
+    for (uint32_t i = 0; i < replicas; i++)
+        kill(r->workers[i], SIGSTOP);
+    h_request q;
+    h_request_greedy(&q, prompt, 3, 8);
+    assert_int_equal(rlb_generate_submit(t->c, &q.req, tk), 0);
+    assert_int_equal(h_wait_stat(t->c, "inflight", 1, 10), 0);
+}
+
 static void test_retried_once(void **state)
 {
     (void)state;
     h_run r;
     h_trainer t;
-    setenv("RLB_PEER_TIMEOUT_MS", "60000", 1);
-    assert_int_equal(h_start(&r, RLB_SYNC_PAUSE), 0);
-    assert_int_equal(h_workers(&r, 3, 1), 0);
-    assert_int_equal(h_trainer_open(&r, &t, 0, 1, H_FSDP2), 0);
-    assert_int_equal(h_wait_workers(&r, t.c, 3, 3), 0);
-    assert_int_equal(rlb_publish(t.c, 1, NULL), 0);
-    for (int i = 0; i < 3; i++)
-        kill(r.workers[i], SIGSTOP);
-    int32_t prompt[3] = {9, 8, 7};
-    rlb_sampling_params sp;
-    rlb_sampling_params_init(&sp);
-    sp.temperature = 0;
-    sp.max_tokens = 8;
-    rlb_prompt p = {prompt, 3};
-    rlb_generate_request req;
-    rlb_generate_request_init(&req);
-    req.prompts = &p;
-    req.n_prompts = 1;
-    req.sampling = &sp;
     rlb_ticket tk;
-    assert_int_equal(rlb_generate_submit(t.c, &req, &tk), 0);
-    assert_int_equal(h_wait_stat(t.c, "inflight", 1, 10), 0);
+    start_stopped(&r, &t, 3, &tk);
     kill(r.workers[0], SIGKILL);
     assert_int_equal(h_wait_stat(t.c, "retried", 1, 10), 0);
     kill(r.workers[1], SIGKILL);
@@ -64,12 +63,39 @@ static void test_retried_once(void **state)
     unsetenv("RLB_PEER_TIMEOUT_MS");
 }
 
+/* The last replica dies under a request: it fails with RLB_ENOREPLICA, and so does the
+ * next request, at once; the bridge dying is told apart from that, as RLB_EPEERDEAD. */
+static void test_no_replica_then_no_bridge(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    rlb_ticket tk;
+    start_stopped(&r, &t, 1, &tk);
+    h_kill_worker(&r, 0);
+    rlb_result *res = NULL;
+    assert_int_equal(rlb_generate_wait(t.c, tk, 10000, &res), RLB_ENOREPLICA);
+    fprintf(stderr, "in flight: %s\n", rlb_last_error(t.c));
+    assert_non_null(strstr(rlb_last_error(t.c), "its worker died and no other replica is live"));
+    assert_int_equal(h_generate(t.c, prompt, 3, 8, &res), RLB_ENOREPLICA);
+    fprintf(stderr, "next: %s\n", rlb_last_error(t.c));
+    assert_non_null(strstr(rlb_last_error(t.c), "no live worker replica"));
+    kill(r.bridge, SIGKILL);
+    assert_int_equal(h_generate(t.c, prompt, 3, 8, &res), RLB_EPEERDEAD);
+    fprintf(stderr, "bridge gone: %s\n", rlb_last_error(t.c));
+    assert_non_null(strstr(rlb_last_error(t.c), "connection to the bridge lost"));
+    assert_null(res);
+    h_trainer_close(&t);
+    unsetenv("RLB_PEER_TIMEOUT_MS");
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     setenv("RLB_THREADS", "1", 0);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_retried_once, h_teardown),
+        cmocka_unit_test_teardown(test_no_replica_then_no_bridge, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -16,6 +16,9 @@ rlb_add_test(NAME test_ring_stream
              LIBS rlb_common Threads::Threads LABELS unit tsan TIMEOUT 300)
 rlb_add_test(NAME test_conn SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_conn.c
              LIBS rlb_common Threads::Threads LABELS unit tsan TIMEOUT 60)
+# Every close() of the program and of rlb_common goes through the test's __wrap_close, which
+# counts closes of fds that are not open (double closes).
+target_link_options(test_conn PRIVATE -Wl,--wrap=close)
 # The same program checks peers of another uid: as root only, else it exits 77 (skip).
 add_test(NAME test_conn_uid COMMAND test_conn uid)
 set_tests_properties(test_conn_uid PROPERTIES LABELS "unit;tsan" TIMEOUT 60 SKIP_RETURN_CODE 77)

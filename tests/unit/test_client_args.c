@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -171,6 +172,18 @@ static rlb_tensor_desc desc2(const char *name, rlb_dtype dt, uint64_t d0, uint64
     return d;
 }
 
+/* rlb_tensor_bytes refuses d with code, and rlb_last_error(NULL) then holds text. */
+static void refused(const rlb_tensor_desc *d, int code, const char *text)
+{
+    uint64_t b;
+    int rc = rlb_tensor_bytes(d, &b);
+    const char *err = rlb_last_error(NULL);
+    if (rc != code)
+        fail_msg("rc %d (%s), expected %d", rc, err, code);
+    if (!strstr(err, text))
+        fail_msg("error text '%s' does not say '%s'", err, text);
+}
+
 static void test_tensor_bytes_full_fsdp2(void **state)
 {
     uint64_t b = 0;
@@ -237,65 +250,81 @@ static void test_tensor_bytes_fsdp1(void **state)
     uint64_t b = 0;
     assert_int_equal(rlb_tensor_bytes(&d, &b), 0);
     assert_int_equal(b, 11 * 2);
+    assert_string_equal(rlb_last_error(NULL), "");
 
     d.shape[0] = 24; /* not the next multiple of 2 above 21 */
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_ESHAPE);
+    refused(&d, RLB_ESHAPE, "tensor 'unit0': entries hold 21 elements; padded to a multiple "
+                            "of 2 that is not the total 24");
     d.shape[0] = 21; /* not a multiple of the world */
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_ESHAPE);
+    refused(&d, RLB_ESHAPE, "tensor 'unit0': total 21 is not a multiple of shard_world 2");
     d.shape[0] = 22;
     e[0].numel = 11; /* shape says 12 */
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_ESHAPE);
+    refused(&d, RLB_ESHAPE, "tensor 'unit0': entry 0 (a.weight): shape does not hold numel 11");
     e[0].numel = 12;
     e[1].name = "pad"; /* padding has no name */
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_EINVAL);
+    refused(&d, RLB_EINVAL, "tensor 'unit0': entry 1: padding has no name");
     e[1].name = NULL;
     e[2].name = NULL; /* a parameter needs one */
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_EINVAL);
+    refused(&d, RLB_EINVAL, "tensor 'unit0': entry 2: a parameter needs a name");
     e[2].name = "b.weight";
+    e[2].numel = 7; /* runs past the total */
+    refused(&d, RLB_ESHAPE, "tensor 'unit0': entry 2: numel 7 is 0 or runs past the total 22");
+    e[2].numel = 5;
     d.n_entries = 0;
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_EINVAL);
+    refused(&d, RLB_EINVAL, "tensor 'unit0': FSDP1 needs its FlatParameter entries");
     d.n_entries = 3;
     d.ndim = 2;
     d.shape[1] = 1;
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_ESHAPE);
+    refused(&d, RLB_ESHAPE, "tensor 'unit0': an FSDP1 FlatParameter has shape [total], not 2 "
+                            "dimensions");
 }
 
 static void test_tensor_bytes_refusals(void **state)
 {
     uint64_t b;
     rlb_tensor_desc d = desc2("w", RLB_DTYPE_F32, 4, 4);
-    assert_int_equal(rlb_tensor_bytes(NULL, &b), RLB_EINVAL);
+    refused(NULL, RLB_EINVAL, "rlb_tensor_bytes needs a descriptor and an output pointer");
     assert_int_equal(rlb_tensor_bytes(&d, NULL), RLB_EINVAL);
     d.struct_size--;
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_EVERSION);
+    refused(&d, RLB_EVERSION, "rlb_tensor_desc.struct_size is");
     d = desc2(NULL, RLB_DTYPE_F32, 4, 4);
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_EINVAL);
+    refused(&d, RLB_EINVAL, "tensor '(no name)': a name of 1..1024 bytes is required");
     d = desc2("", RLB_DTYPE_F32, 4, 4);
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_EINVAL);
+    refused(&d, RLB_EINVAL, "tensor '': a name of 1..1024 bytes is required");
     const rlb_dtype bad_dtypes[] = {RLB_DTYPE_I8, RLB_DTYPE_I32, RLB_DTYPE_F8E4M3,
                                     RLB_DTYPE_COUNT_};
     for (size_t i = 0; i < sizeof(bad_dtypes) / sizeof(bad_dtypes[0]); i++) {
+        char text[64];
+        snprintf(text, sizeof(text), "tensor 'w': dtype %d: weights are F32, BF16 or F16",
+                 (int)bad_dtypes[i]);
         d = desc2("w", bad_dtypes[i], 4, 4);
-        assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_EDTYPE);
+        refused(&d, RLB_EDTYPE, text);
     }
     d = desc2("w", RLB_DTYPE_F32, 4, 0);
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_ESHAPE);
+    refused(&d, RLB_ESHAPE, "tensor 'w': shape[1] is 0");
     d = desc2("w", RLB_DTYPE_F32, 4, 4);
     d.ndim = 0;
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_ESHAPE);
+    refused(&d, RLB_ESHAPE, "tensor 'w': ndim 0 is outside 1..8");
     d.ndim = RLB_MAX_DIMS + 1;
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_ESHAPE);
+    refused(&d, RLB_ESHAPE, "tensor 'w': ndim 9 is outside 1..8");
     d = desc2("w", RLB_DTYPE_F32, UINT64_C(1) << 40, UINT64_C(1) << 40); /* overflows */
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_ESHAPE);
+    refused(&d, RLB_ESHAPE, "tensor 'w': its shape holds more than 2^60 elements");
+    d = desc2("w", RLB_DTYPE_F32, 4, 4);
+    d.device = (rlb_device)7;
+    refused(&d, RLB_EINVAL, "tensor 'w': device 7 is not CPU or CUDA");
     d = desc2("w", RLB_DTYPE_F32, 4, 4);
     d.layout = (rlb_tensor_layout)9;
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_EINVAL);
+    refused(&d, RLB_EINVAL, "tensor 'w': unknown layout 9");
     d.layout = RLB_TENSOR_FSDP2;
     d.shard_world = 0;
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_EINVAL);
+    refused(&d, RLB_EINVAL, "tensor 'w': shard_rank 0 must be < shard_world 0");
     d.shard_world = 2;
     d.shard_rank = 2;
-    assert_int_equal(rlb_tensor_bytes(&d, &b), RLB_EINVAL);
+    refused(&d, RLB_EINVAL, "tensor 'w': shard_rank 2 must be < shard_world 2");
+    /* A success clears the text. */
+    d.shard_rank = 1;
+    assert_int_equal(rlb_tensor_bytes(&d, &b), 0);
+    assert_string_equal(rlb_last_error(NULL), "");
 }
 
 int main(void)

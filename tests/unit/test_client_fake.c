@@ -15,6 +15,7 @@
  * first_prompt_token + 1000 p + 100 i + k, its logprob -(k + 1) / 8.
  */
 #include <dlfcn.h>
+#include <math.h>
 #include <poll.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -413,6 +414,13 @@ static rlb_client *connect_default(void)
     return c;
 }
 
+/* rlb_last_error(c) holds text. */
+static void expect_error(rlb_client *c, const char *text)
+{
+    if (!strstr(rlb_last_error(c), text))
+        fail_msg("error text '%s' does not say '%s'", rlb_last_error(c), text);
+}
+
 static rlb_tensor_desc full2(const char *name, uint64_t d0, uint64_t d1, const void *data)
 {
     rlb_tensor_desc d;
@@ -505,15 +513,59 @@ static void test_register_publish(void **state)
     assert_int_equal(F.reg[3].n_entries, 2);
     pthread_mutex_unlock(&F.lock);
 
-    /* Refusals before sending: duplicates, a pointer outside the shared memory. */
+    /* Refusals before sending, each naming what is wrong: duplicates, a pointer outside
+     * the shared memory, a bad descriptor, a batch that is not one. */
     assert_int_equal(rlb_register(c, d, 1), RLB_EEXIST);
+    expect_error(c, "tensor 'x.weight': already registered");
     float outside[8];
     rlb_tensor_desc o = full2("w.weight", 2, 4, outside);
     assert_int_equal(rlb_register(c, &o, 1), RLB_EINVAL);
-    assert_non_null(strstr(rlb_last_error(c), "rlb_alloc_host"));
+    expect_error(c, "tensor 'w.weight': its 32 bytes at");
+    expect_error(c, "do not lie inside one rlb_alloc_host allocation");
     o = full2("w.weight", 2, 4, a + 1020); /* runs 28 bytes past the allocation */
     o.shape[1] = 6;
     assert_int_equal(rlb_register(c, &o, 1), RLB_EINVAL);
+    expect_error(c, "tensor 'w.weight': its 48 bytes at");
+    o = full2("w.weight", 2, 4, a + 700);
+    o.ndim = 9;
+    assert_int_equal(rlb_register(c, &o, 1), RLB_ESHAPE);
+    expect_error(c, "tensor 'w.weight': ndim 9 is outside 1..8");
+    o = full2("w.weight", 2, 4, a + 700);
+    o.dtype = RLB_DTYPE_I32;
+    assert_int_equal(rlb_register(c, &o, 1), RLB_EDTYPE);
+    expect_error(c, "tensor 'w.weight': dtype 5: weights are F32, BF16 or F16");
+    rlb_tensor_desc two[2] = {full2("w.weight", 2, 4, a + 700), full2("w.weight", 2, 4, a + 800)};
+    assert_int_equal(rlb_register(c, two, 2), RLB_EEXIST);
+    expect_error(c, "tensor 'w.weight' appears twice in the batch");
+    two[1].struct_size = offsetof(rlb_tensor_desc, device);
+    assert_int_equal(rlb_register(c, two, 2), RLB_EINVAL);
+    expect_error(c, "tensor 1 has another struct_size than tensor 0");
+    two[0].struct_size = 12;
+    assert_int_equal(rlb_register(c, two, 1), RLB_EVERSION);
+    expect_error(c, "rlb_tensor_desc.struct_size is 12");
+    assert_int_equal(rlb_register(c, two, 0), RLB_EINVAL);
+    expect_error(c, "rlb_register needs 1 or more tensors");
+    /* Adapter declarations the library refuses itself, naming the field. */
+    rlb_lora_desc ld = RLB_LORA_DESC_INIT;
+    assert_int_equal(rlb_register_lora(c, &ld, 1), RLB_EINVAL);
+    expect_error(c, "adapter 0: target is NULL");
+    ld.target = "model.layers.0.self_attn.q_proj.weight";
+    assert_int_equal(rlb_register_lora(c, &ld, 1), RLB_EINVAL);
+    expect_error(c, "adapter 0: rank is 0");
+    ld.rank = 4;
+    ld.alpha = INFINITY;
+    assert_int_equal(rlb_register_lora(c, &ld, 1), RLB_EINVAL);
+    expect_error(c, "adapter 0: alpha is not finite");
+    ld.alpha = 8;
+    ld.target = "model..q_proj.weight";
+    assert_int_equal(rlb_register_lora(c, &ld, 1), RLB_EINVAL);
+    expect_error(c, "adapter 0: 'model..q_proj.weight' has an empty segment");
+    const char *targets[2] = {"model.norm.weight", "q.lora_magnitude_vector.default.weight"};
+    assert_int_equal(rlb_unregister_lora(c, targets, 2), RLB_EUNSUPPORTED);
+    expect_error(c, "target 1: 'q.lora_magnitude_vector.default.weight': DoRA's");
+    targets[1] = NULL;
+    assert_int_equal(rlb_unregister_lora(c, targets, 2), RLB_EINVAL);
+    expect_error(c, "target 1 is NULL");
     /* A descriptor compiled before `device` was appended is host memory; an unknown
      * device is refused; without a usable NVIDIA driver a device tensor is refused with
      * RLB_EUNSUPPORTED saying so (tests/gpu/test_client_cuda covers the GPU side). */
@@ -524,6 +576,7 @@ static void test_register_publish(void **state)
     o = full2("w.weight", 2, 4, a + 700);
     o.device = (rlb_device)7;
     assert_int_equal(rlb_register(c, &o, 1), RLB_EINVAL);
+    expect_error(c, "tensor 'w.weight': device 7 is not CPU or CUDA");
     void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
     if (!driver) {
         o.device = RLB_DEVICE_CUDA;

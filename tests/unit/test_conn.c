@@ -3,7 +3,8 @@
  * Covers the socket directory rules, the handshake (each ring carries one direction), fd
  * passing with SCM_RIGHTS, refusals (another ABI version, a malformed or missing hello),
  * what the connecting side accepts from a listener (a hand-written listener answers with
- * one field changed at a time), stale and busy socket paths, and peers killed with -9: one
+ * one field changed at a time; whatever the answer, each fd it carried is closed once: a
+ * close of an fd that is not open is counted through -Wl,--wrap=close), stale and busy socket paths, and peers killed with -9: one
  * in the middle of a fragmented message while the survivor sleeps on its ring, one holding
  * an uncommitted claim. The survivor learns of the death within 1 s through the socket,
  * drops the partial message, and no segment is left in /dev/shm (the killed child also
@@ -143,6 +144,20 @@ static void pair_close(pair *p)
 }
 
 /* Open fds of this process. */
+/* close() of this program and of rlb_common, through -Wl,--wrap=close (ring.cmake). */
+int __real_close(int fd);
+int __wrap_close(int fd);
+
+static int bad_closes; /* close() calls on an fd that was not open: double closes */
+
+int __wrap_close(int fd)
+{
+    int rc = __real_close(fd);
+    if (rc < 0 && errno == EBADF)
+        __atomic_fetch_add(&bad_closes, 1, __ATOMIC_RELAXED);
+    return rc;
+}
+
 static int count_fds(void)
 {
     DIR *d = opendir("/proc/self/fd");
@@ -717,6 +732,7 @@ static void test_listener_refuses(void **state)
 
 typedef struct welcome_case {
     rlb__conn_hello reply; /* what the hand-written listener answers */
+    size_t len;            /* bytes of it sent; 0 = all */
     int nfds;              /* segments it attaches */
     size_t seg_bytes;      /* their size */
     int init;              /* 1: lay out rings in them */
@@ -732,6 +748,7 @@ static int fake_listener(const char *path, const welcome_case *w)
     assert_int_equal(bind(ls, (struct sockaddr *)&sa, sizeof(sa)), 0);
     assert_int_equal(listen(ls, 1), 0);
     int open_before = count_fds();
+    int bad_before = __atomic_load_n(&bad_closes, __ATOMIC_RELAXED);
     dialer d;
     dial_start(&d, path);
     int s = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
@@ -758,15 +775,17 @@ static int fake_listener(const char *path, const welcome_case *w)
     int n = w->nfds;
     for (int i = 0; w->wake && i < 4; i++)
         assert_true((segs[n++] = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) >= 0);
-    assert_int_equal(raw_send(s, &w->reply, sizeof(w->reply), segs, n), sizeof(w->reply));
+    size_t len = w->len ? w->len : sizeof(w->reply);
+    assert_int_equal(raw_send(s, &w->reply, len, segs, n), (ssize_t)len);
     for (int i = 0; i < n; i++)
         close(segs[i]);
     int rc = dial_finish(&d);
     if (rc == 0)
         rlb__conn_close(d.conn);
     close(s);
-    /* Whatever the outcome, the connecting side kept no fd. */
+    /* Whatever the outcome, the connecting side kept no fd and closed none twice. */
     assert_int_equal(count_fds(), open_before);
+    assert_int_equal(__atomic_load_n(&bad_closes, __ATOMIC_RELAXED), bad_before);
     close(ls);
     assert_int_equal(unlink(path), 0);
     return rc;
@@ -777,24 +796,29 @@ static void test_connect_checks_welcome(void **state)
     scratch s;
     scratch_make(&s);
     size_t ring_mem = rlb__ring_memsize(RING);
+    rlb__conn_hello bad_magic = hello(RLB_ABI_VERSION, 0, RING);
+    bad_magic.magic ^= 1;
     const welcome_case cases[] = {
         /* A faithful welcome: the fake itself is right. */
-        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem, 1, 0, 1},
+        {hello(RLB_ABI_VERSION, 0, RING), 0, 2, ring_mem, 1, 0, 1},
         /* Another ABI version. */
-        {hello(RLB_ABI_VERSION + 1, 0, RING), 2, ring_mem, 1, RLB_EVERSION, 1},
+        {hello(RLB_ABI_VERSION + 1, 0, RING), 0, 2, ring_mem, 1, RLB_EVERSION, 1},
         /* A refusal passes the listener's reason on; a code we do not know is malformed. */
-        {hello(RLB_ABI_VERSION, RLB_ENOMEM, 0), 0, 0, 0, RLB_ENOMEM, 0},
-        {hello(RLB_ABI_VERSION, -1000, 0), 0, 0, 0, RLB_EPROTO, 0},
+        {hello(RLB_ABI_VERSION, RLB_ENOMEM, 0), 0, 0, 0, 0, RLB_ENOMEM, 0},
+        {hello(RLB_ABI_VERSION, -1000, 0), 0, 0, 0, 0, RLB_EPROTO, 0},
         /* A welcome without its two segments or its eventfds, or announcing a ring size
          * that is not one. */
-        {hello(RLB_ABI_VERSION, 0, RING), 0, 0, 0, RLB_EPROTO, 0},
-        {hello(RLB_ABI_VERSION, 0, RING), 1, ring_mem, 1, RLB_EPROTO, 1},
-        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem, 1, RLB_EPROTO, 0},
-        {hello(RLB_ABI_VERSION, 0, 1000), 2, ring_mem, 1, RLB_EPROTO, 1},
+        {hello(RLB_ABI_VERSION, 0, RING), 0, 0, 0, 0, RLB_EPROTO, 0},
+        {hello(RLB_ABI_VERSION, 0, RING), 0, 1, ring_mem, 1, RLB_EPROTO, 1},
+        {hello(RLB_ABI_VERSION, 0, RING), 0, 2, ring_mem, 1, RLB_EPROTO, 0},
+        {hello(RLB_ABI_VERSION, 0, 1000), 0, 2, ring_mem, 1, RLB_EPROTO, 1},
+        /* Malformed welcomes carrying every fd: cut short, and with another magic. */
+        {hello(RLB_ABI_VERSION, 0, RING), 5, 2, ring_mem, 1, RLB_EPROTO, 1},
+        {bad_magic, 0, 2, ring_mem, 1, RLB_EPROTO, 1},
         /* Segments smaller than announced: never mapped past their end. */
-        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem / 2, 0, RLB_EPROTO, 1},
+        {hello(RLB_ABI_VERSION, 0, RING), 0, 2, ring_mem / 2, 0, RLB_EPROTO, 1},
         /* Segments of the right size holding no ring. */
-        {hello(RLB_ABI_VERSION, 0, RING), 2, ring_mem, 0, RLB_ECORRUPT, 1},
+        {hello(RLB_ABI_VERSION, 0, RING), 0, 2, ring_mem, 0, RLB_ECORRUPT, 1},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         int rc = fake_listener(s.path, &cases[i]);

@@ -11,14 +11,19 @@
 
 #include "rlb/rlb.h"
 
+/* rlb_peft_to_hf(peft, adapter) returns rc; hf is the name it gives, or (rc < 0) words
+ * rlb_last_error(NULL) must hold. */
 static void expect_peft(const char *peft, const char *adapter, int rc, const char *hf)
 {
     char out[128];
     int got = rlb_peft_to_hf(peft, adapter, out, sizeof out);
+    const char *err = rlb_last_error(NULL);
     if (got != rc)
         fail_msg("'%s': rc %d, expected %d", peft, got, rc);
-    if (rc == 0 && strcmp(out, hf))
-        fail_msg("'%s' -> '%s', expected '%s'", peft, out, hf);
+    if (rc == 0 && (strcmp(out, hf) || *err))
+        fail_msg("'%s' -> '%s' (error text '%s'), expected '%s'", peft, out, err, hf);
+    if (rc < 0 && !strstr(err, hf))
+        fail_msg("'%s': error text '%s' does not say '%s'", peft, err, hf);
 }
 
 static void test_peft_names(void **state)
@@ -50,20 +55,21 @@ static void test_peft_names(void **state)
                 "model.layers.0.self_attn.k_proj.weight");
     /* Another adapter's factor, DoRA, malformed names, a short buffer. */
     expect_peft("base_model.model.model.layers.0.self_attn.q_proj.lora_A.other.weight",
-                "default", RLB_ENOTFOUND, NULL);
+                "default", RLB_ENOTFOUND, "a factor of adapter 'other', not of 'default'");
     expect_peft("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector."
-                "default.weight", NULL, RLB_EUNSUPPORTED, NULL);
+                "default.weight", NULL, RLB_EUNSUPPORTED, "DoRA's lora_magnitude_vector");
     expect_peft("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", NULL,
-                RLB_EINVAL, NULL);
+                RLB_EINVAL, "a LoRA factor ends in lora_A.<adapter>.weight");
     expect_peft("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.bias", NULL,
-                RLB_EINVAL, NULL);
-    expect_peft("base_model.model.model..norm.weight", NULL, RLB_EINVAL, NULL);
-    expect_peft("model.norm.", NULL, RLB_EINVAL, NULL);
-    expect_peft("", NULL, RLB_EINVAL, NULL);
-    expect_peft("base_model.model.", NULL, RLB_EINVAL, NULL);
+                RLB_EINVAL, "lora_A.default.bias': a LoRA factor ends in");
+    expect_peft("base_model.model.model..norm.weight", NULL, RLB_EINVAL, "an empty segment");
+    expect_peft("model.norm.", NULL, RLB_EINVAL, "'model.norm.' ends in a dot");
+    expect_peft("", NULL, RLB_EINVAL, "a name and room for the result are needed");
+    expect_peft("base_model.model.", NULL, RLB_EINVAL, "'base_model.model.' names no module");
     char small[8];
     assert_int_equal(rlb_peft_to_hf("base_model.model.model.norm.weight", NULL, small,
                                     sizeof small), RLB_ETOOBIG);
+    assert_non_null(strstr(rlb_last_error(NULL), "needs more than 8 bytes"));
 }
 
 int main(void)

@@ -80,9 +80,11 @@ class LoraPyTest(unittest.TestCase):
             rlbridge.peft_to_hf("base_model.model.model.layers.0.self_attn.q_proj.lora_A."
                                 "other.weight", "default")
         self.assertEqual(e.exception.code, rlbridge._lib.ENOTFOUND)
+        self.assertIn("a factor of adapter 'other', not of 'default'", str(e.exception))
         with self.assertRaises(rlbridge.RlbError) as e:
             rlbridge.peft_to_hf("x.lora_magnitude_vector.default.weight")
         self.assertEqual(e.exception.code, rlbridge._lib.EUNSUPPORTED)
+        self.assertIn("DoRA's lora_magnitude_vector", str(e.exception))
 
     def test_declarations(self):
         m = PeftModel()

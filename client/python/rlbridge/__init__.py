@@ -172,7 +172,7 @@ def peft_to_hf(name, adapter=None):
     rc = lib.rlb_peft_to_hf(name.encode(), adapter.encode() if adapter else None, out,
                             len(out))
     if rc < 0:
-        raise RlbError(rc, f"{name!r} has no HF name for adapter {adapter!r}")
+        raise RlbError(rc, lib.rlb_last_error(None).decode(errors="replace"))
     return out.value.decode()
 
 
@@ -297,7 +297,9 @@ class Client:
             d.entries = arr
             d.n_entries = len(entries)
         need = ctypes.c_uint64()
-        self._check(lib.rlb_tensor_bytes(ctypes.byref(d), ctypes.byref(need)))
+        rc = lib.rlb_tensor_bytes(ctypes.byref(d), ctypes.byref(need))
+        if rc < 0:
+            raise RlbError(rc, lib.rlb_last_error(None).decode(errors="replace"))
         if _nbytes < need.value:
             raise RlbError(_lib.EINVAL, f"tensor {name!r}: the buffer holds {_nbytes} bytes, "
                                         f"the layout needs {need.value}")

@@ -29,7 +29,8 @@ MAX_DIMS = 8
 # Error codes (rlb.h), for the exception classes.
 EINVAL, ENOMEM, EIO, ETIMEDOUT, EPEERDEAD, EAGAIN, EPROTO, EVERSION = range(-1, -9, -1)
 EPERM, ENOTFOUND, EEXIST, ETOOBIG, ESHAPE, EDTYPE, EUNSUPPORTED = range(-9, -16, -1)
-ESTALE, EABORTED, ECUDA, ESHUTDOWN, ECORRUPT, ENONFINITE = range(-16, -22, -1)
+ESTALE, EABORTED, ECUDA, ESHUTDOWN, ECORRUPT, ENONFINITE, ENOREPLICA = range(-16, -23, -1)
+ENOTREADY = -23
 
 DTYPE_F32, DTYPE_BF16, DTYPE_F16 = 0, 1, 2
 DEVICE_CPU, DEVICE_CUDA = 1, 2
@@ -119,7 +120,7 @@ def _prefix_libs(prefix):
 def _candidates():
     """(path, where it was found) in the order of the module's docstring, and a sentence
     naming every place looked at."""
-    env = os.environ.get("RLBRIDGE_LIB")
+    env = os.environ.get("RLBRIDGE_LIB")  # a knob of common/env.h, read here by name
     if env:
         return [(env, "from RLBRIDGE_LIB")], f"RLBRIDGE_LIB ({env})"
     found, looked = [], []
