@@ -9,10 +9,14 @@
  * until unmap) is imported once and counted. The fds' inode cannot name a range: the
  * driver exports every allocation as an open of the same device node (/dev/nvidiactl),
  * so all of them stat alike. Host segments are read by the kernels as
- * mapped pinned memory: a run registers (cudaHostRegister) the page-rounded ranges its host
- * sources cover, merged, and keeps them registered for the next runs; unmap of a host
- * reference (the bridge is about to munmap the segment) fences and unregisters every range
- * inside it.
+ * mapped pinned memory: a run registers (cudaHostRegister) the byte ranges its host sources
+ * cover, merged where they overlap or touch, and keeps them registered for the next runs;
+ * unmap of a host reference (the bridge is about to munmap the segment) fences and
+ * unregisters every range inside it. The ranges are the sources' own bytes, not rounded out
+ * to pages: the driver pins the pages under them either way, but a copy (cudaMemcpy) into or
+ * out of host memory that starts inside a registered range and runs past its end fails with
+ * cudaErrorInvalidValue, so a range rounded out over a neighbouring allocation of the
+ * caller's (malloc'd buffers share pages) would break the caller's own copies of it.
  *
  * Running. The plan's destinations are grouped by the GPU that holds them; each group's
  * ops are uploaded to that GPU once (kernels/cuda/plan_exec.h) and reused while the plan's
@@ -68,7 +72,7 @@ typedef struct vmm_entry {
 
 /* A host range registered as mapped pinned memory. */
 typedef struct host_range {
-    char *lo, *hi;   /* page-rounded [lo, hi) */
+    char *lo, *hi;   /* [lo, hi): the sources' bytes, exactly */
     int used;        /* covered by the last run's sources or destinations */
 } host_range;
 
@@ -304,13 +308,13 @@ static void host_unregister(host_range *r)
                      cudaGetErrorString(e));
 }
 
-/* Makes every host buffer of the run readable by the kernels: the page-rounded ranges they
- * cover, merged, registered unless a registered range already holds them; ranges no
- * buffer of this run uses are unregistered. */
+/* Makes every host buffer of the run readable by the kernels: the byte ranges they cover,
+ * merged where they overlap or touch, registered unless a registered range already holds
+ * them; ranges no buffer of this run uses are unregistered. Not rounded to pages (see the
+ * top of this file): registered memory must not reach into the caller's other buffers. */
 static int host_prepare(cuda_exec *x, void *const *ptr, const uint64_t *len, uint64_t n,
                         char *err, size_t errlen)
 {
-    long page = sysconf(_SC_PAGESIZE);
     host_range *want = NULL;
     uint32_t n_want = 0, cap_want = 0;
     int rc = 0;
@@ -322,14 +326,12 @@ static int host_prepare(cuda_exec *x, void *const *ptr, const uint64_t *len, uin
             (at.type == cudaMemoryTypeDevice || at.type == cudaMemoryTypeManaged))
             continue;
         cudaGetLastError();
-        uintptr_t lo = (uintptr_t)ptr[i] / (uintptr_t)page * (uintptr_t)page;
-        uintptr_t hi = ((uintptr_t)ptr[i] + len[i] + (uintptr_t)page - 1) / (uintptr_t)page *
-                       (uintptr_t)page;
+        char *lo = (char *)ptr[i], *hi = lo + len[i];
         if (grow((void **)&want, &cap_want, n_want + 1, sizeof *want)) {
             free(want);
             return RLB_ENOMEM;
         }
-        want[n_want++] = (host_range){(char *)lo, (char *)hi, 1};
+        want[n_want++] = (host_range){lo, hi, 1};
     }
     qsort(want, n_want, sizeof *want, cmp_range);
     uint32_t m = 0;
@@ -461,8 +463,8 @@ static void *wait_thread(void *arg)
             continue;
         cudaError_t e = cudaStreamSynchronize(s->stream);
         if (e != cudaSuccess && x->rc == 0) {
-            snprintf(x->err, sizeof x->err, "the copy on GPU %d failed: %s", g,
-                     cudaGetErrorString(e));
+            snprintf(x->err, sizeof x->err, "the copy%s on GPU %d failed: %s",
+                     s->lora ? " or a LoRA merge" : "", g, cudaGetErrorString(e));
             x->rc = RLB_ECUDA;
         }
         float ms = 0;

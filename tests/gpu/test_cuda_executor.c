@@ -7,7 +7,10 @@
  * destinations are poisoned, the run goes through map / run / eventfd / finish, and every
  * destination byte must equal the CPU executor's over the same plan and source bytes.
  * Unmapping everything and destroying the executor must give the device memory back.
- * Exits 77 where no GPU is visible.
+ * A host source that shares its last page with another buffer of the caller's: after a
+ * run, the caller's own cudaMemcpy into and out of that buffer still works (the executor
+ * registers the source's bytes, not its pages: a copy starting in a registered range and
+ * running past it fails with cudaErrorInvalidValue). Exits 77 where no GPU is visible.
  */
 #include <poll.h>
 #include <setjmp.h>
@@ -212,6 +215,57 @@ static void test_refusals(void **state)
     x->iface->destroy(x);
 }
 
+/* One page-aligned block of three pages: the source is [64, page + 64), a buffer of the
+ * caller's starts 64 bytes after it, in the source's last page, and ends in the third. */
+static void test_host_neighbour(void **state)
+{
+    (void)state;
+    char err[512] = "";
+    const uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), len = page;
+    uint8_t *block = NULL;
+    assert_int_equal(posix_memalign((void **)&block, page, 3 * page), 0);
+    uint8_t *host = block + 64, *nb = host + len + 64;
+    const uint64_t nb_len = (uint64_t)(block + 3 * page - nb);
+    for (uint64_t i = 0; i < len; i++)
+        host[i] = (uint8_t)(i * 7 + 1);
+    void *dst = NULL;
+    assert_int_equal(cudaMalloc(&dst, nb_len), cudaSuccess);
+    assert_int_equal(cudaMemset(dst, GC_POISON, nb_len), cudaSuccess);
+    uint64_t src_bytes = len, dst_bytes = len, first_op[2] = {0, 1};
+    rlb_copy_op op = {.src_ref = 0, .dst_ref = 0, .src_dtype = RLB_DTYPE_F32,
+                      .dst_dtype = RLB_DTYPE_F32, .src_stride = len, .dst_stride = len,
+                      .rows = 1, .row_elems = len / 4};
+    rlb_plan p = {.n_src = 1, .n_dst = 1, .src_bytes = &src_bytes, .dst_bytes = &dst_bytes,
+                  .dst_first_op = first_op, .n_ops = 1, .ops = &op};
+    rlb_executor *x = NULL;
+    assert_int_equal(rlb__executor_cuda_create(&x, err, sizeof err), 0);
+    rlb_exec_ref ref = {.kind = 0, .fd = -1, .host = block, .offset = 64, .length = len};
+    void *src = NULL;
+    assert_int_equal(x->iface->map(x, &ref, &src, err, sizeof err), 0);
+    assert_ptr_equal(src, host);
+    int efd = eventfd(0, EFD_CLOEXEC);
+    assert_true(efd >= 0);
+    rlb_exec_run run = {.plan = &p, .src = &src, .src_len = &src_bytes, .dst = &dst,
+                        .dst_len = &dst_bytes, .done_fd = efd};
+    if (x->iface->run(x, &run, err, sizeof err))
+        fail_msg("run: %s", err);
+    struct pollfd pf = {.fd = efd, .events = POLLIN};
+    assert_int_equal(poll(&pf, 1, 60000), 1);
+    uint64_t one;
+    assert_int_equal(read(efd, &one, sizeof one), (ssize_t)sizeof one);
+    if (x->iface->finish(x, NULL, err, sizeof err))
+        fail_msg("finish: %s", err);
+    close(efd);
+    /* the source is still registered: the neighbour's copies must not see it */
+    assert_int_equal(cudaMemcpy(nb, dst, nb_len, cudaMemcpyDeviceToHost), cudaSuccess);
+    assert_memory_equal(nb, host, len);
+    assert_int_equal(cudaMemcpy(dst, nb, nb_len, cudaMemcpyHostToDevice), cudaSuccess);
+    assert_int_equal(x->iface->unmap(x, &ref, src), 0);
+    x->iface->destroy(x);
+    assert_int_equal(cudaFree(dst), cudaSuccess);
+    free(block);
+}
+
 int main(void)
 {
     if (!gc_have_gpu())
@@ -219,6 +273,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_against_cpu),
         cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_host_neighbour),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -82,9 +82,14 @@ static void run_both(rlb_executor *x, const rlb_plan *plan, const lc_case *c, gp
     if (x->iface->finish(x, &ms, err, sizeof err))
         fail_msg("CUDA executor finish: %s", err);
     close(fd);
-    for (uint32_t t = 0; t < plan->n_dst; t++)
-        CHECK_CUDA(cudaMemcpy(g->got[t], g->dst[t], plan->dst_bytes[t],
-                              cudaMemcpyDeviceToHost));
+    for (uint32_t t = 0; t < plan->n_dst; t++) {
+        cudaError_t e = cudaMemcpy(g->got[t], g->dst[t], plan->dst_bytes[t],
+                                   cudaMemcpyDeviceToHost);
+        if (e != cudaSuccess)
+            fail_msg("copying worker buffer %u (%p, %llu bytes) back into %p after a run that "
+                     "succeeded: %s", t, g->dst[t], (unsigned long long)plan->dst_bytes[t],
+                     (void *)g->got[t], cudaGetErrorString(e));
+    }
     if (rlb__plan_exec_cpu_counted(plan, (const void *const *)c->buf, c->blen,
                                    (void *const *)g->want, plan->dst_bytes, 0, NULL,
                                    g->cpu_bad, err, sizeof err))
@@ -142,6 +147,14 @@ static void check_poisoned(rlb_executor *x, const rlb_plan *plan, lc_case *c, gp
 static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int T,
                      int64_t rank, int on_host, int poison)
 {
+    char what[128];
+    snprintf(what, sizeof what, "%-5s %-5s %-4s -> %-4s TP %d rank %2lld %s sources%s",
+             qwen_tied ? "qwen" : "llama",
+             mode == LC_FULL ? "full" : mode == LC_FSDP2 ? "fsdp2" : "fsdp1", rlb_dtype_name(sdt),
+             rlb_dtype_name(ddt), T, (long long)rank, on_host ? "host" : "device",
+             poison ? ", a NaN planted" : "");
+    /* before anything runs: a failure below names its case */
+    fprintf(stderr, "case: %s\n", what);
     lc_case c;
     lc_plans p;
     lc_init(&c, qwen_tied, mode, sdt, 1, rank);
@@ -192,11 +205,8 @@ static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int 
     differ += check_merged(&c, plan, T, ddt, &g);
     if (poison)
         check_poisoned(x, plan, &c, &g, ddt);
-    printf("%-5s %-5s %-4s -> %-4s TP %d rank %2lld %s sources: %llu of %llu merged elements "
-           "differ in their bits from the CPU executor's\n", qwen_tied ? "qwen" : "llama",
-           mode == LC_FULL ? "full" : mode == LC_FSDP2 ? "fsdp2" : "fsdp1", rlb_dtype_name(sdt),
-           rlb_dtype_name(ddt), T, (long long)rank, on_host ? "host" : "device",
-           (unsigned long long)differ, (unsigned long long)(3 * merged));
+    printf("%s: %llu of %llu merged elements differ in their bits from the CPU executor's\n",
+           what, (unsigned long long)differ, (unsigned long long)(3 * merged));
 
     x->iface->destroy(x); /* before the host sources it registered are freed */
     for (int t = 0; t < T; t++) {
