@@ -246,8 +246,10 @@ static int run_copy(bridge *b)
 }
 
 /* Binds the plan's destinations to the live replicas' buffers and keeps only their ops
- * and LoRA merges (both grouped by destination, replica by replica). Returns 0 or
- * RLB_ENOMEM. */
+ * and LoRA merges (both grouped by destination, replica by replica). Returns 0,
+ * RLB_ENOMEM, or RLB_EPEERDEAD (c->err says so) when no replica is left to take the
+ * version (all were lost while a pause-mode sync drained): a version no worker holds is
+ * never committed. */
 static int bind_copy(bridge *b)
 {
     br_copy *c = &b->copy;
@@ -284,10 +286,12 @@ static int bind_copy(bridge *b)
     c->view.n_merges = 0;
     c->view.dst_first_merge = NULL; /* the executor reads merges by their dst_ref */
     c->view.bytes_written = 0;
+    uint32_t bound = 0;
     for (uint32_t d = 0; d < b->n_replicas; d++) {
         if (b->replicas[d].state != BR_REP_UP && b->replicas[d].state != BR_REP_JOINING)
             continue;
         b->replicas[d].in_sync = 1;
+        bound++;
         for (uint32_t t = 0; t < b->tp_size; t++) {
             uint32_t dst = d * b->tp_size + t;
             br_peer *w = b->replicas[d].ranks[t];
@@ -313,6 +317,9 @@ static int bind_copy(bridge *b)
     }
     c->threads = b->opts->threads;
     c->heal = 0;
+    if (!bound)
+        return snprintf(c->err, sizeof(c->err), "no live worker replica is left to take it"),
+               RLB_EPEERDEAD;
     return 0;
 }
 
@@ -350,6 +357,7 @@ static int heal_loaded(bridge *b, br_peer *w, const rlb_msg_outcome *m);
 static void start_copy(bridge *b)
 {
     br_copy *c = &b->copy;
+    c->err[0] = 0;
     int rc = bind_copy(b);
     if (rc == 0 && !b->xnode)
         rc = run_copy(b);

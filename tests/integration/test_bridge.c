@@ -389,6 +389,36 @@ static void test_staged_slow_ack(void **state)
     assert_int_equal(h_stop(&r, tool), 0);
 }
 
+/* Pause mode: the only replica dies while the sync drains the request it runs (asleep, so
+ * the request cannot finish first). The version is aborted (no worker holds it), never
+ * committed with nothing written. */
+static void test_worker_killed_while_draining(void **state)
+{
+    (void)state;
+    h_run r;
+    h_trainer t;
+    int32_t prompt[3] = {11, 12, 13};
+    rlb_ticket tk;
+    rlb_result *res = NULL;
+    assert_int_equal(h_start_simple(&r, &t, RLB_SYNC_PAUSE, 1), 0);
+    assert_int_equal(h_submit(t.c, prompt, 3, 400, 1, &tk), 0);
+    assert_int_equal(rlb_sleep(t.c), 0);
+    publish_job j;
+    pthread_t th;
+    h_trainer_fill(&t, 2);
+    j = (publish_job){.t = &t, .v = 2, .rc = -1};
+    assert_int_equal(pthread_create(&th, NULL, publish_main, &j), 0);
+    usleep(200000); /* the sync waits for the request to drain */
+    h_kill_worker(&r, 0);
+    pthread_join(th, NULL);
+    assert_int_equal(j.rc, RLB_EABORTED);
+    assert_non_null(strstr(rlb_last_error(t.c), "no live worker replica"));
+    assert_int_equal(rlb_generate_wait(t.c, tk, 20000, &res), RLB_EPEERDEAD);
+    assert_true(h_stat(t.c, "weight_version") == 1);
+    h_trainer_close(&t);
+    assert_int_equal(h_stop(&r, NULL), 0);
+}
+
 static int slow_ack_teardown(void **state)
 {
     unsetenv("RLB_PEER_TIMEOUT_MS");
@@ -453,6 +483,7 @@ int main(void)
         cmocka_unit_test_teardown(test_fsdp1_staged_tp2, h_teardown),
         cmocka_unit_test_teardown(test_sleep_wake, h_teardown),
         cmocka_unit_test_teardown(test_worker_killed, h_teardown),
+        cmocka_unit_test_teardown(test_worker_killed_while_draining, h_teardown),
         cmocka_unit_test_teardown(test_trainer_killed, h_teardown),
         cmocka_unit_test_teardown(test_staged_slow_ack, slow_ack_teardown),
         cmocka_unit_test_teardown(test_malformed, h_teardown),

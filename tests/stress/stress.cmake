@@ -7,7 +7,7 @@ if(TARGET rlb AND TARGET rlb_bridge_core)
   if(Python3_Interpreter_FOUND)
     add_test(NAME test_stress
              COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_LIST_DIR}/check_stress.py
-                     $<TARGET_FILE:rlb> "--duration 35 --seed 20261205"
+                     $<TARGET_FILE:rlb> "--duration 35 --seed 20261218"
                      "--duration 35 --seed 20261204 --mode staged --tp 2")
     set_tests_properties(test_stress PROPERTIES LABELS stress TIMEOUT 300)
   endif()
