@@ -9,6 +9,7 @@
  *   x/<v.k>/go       "on" (the exchange runs on every node) or "off <reason>"
  *   x/<v.k>/in       add: +1 per node that posted its transfers, +XN_BIG per node leaving
  *   x/<v.k>/left     the first leaver's reason
+ *   x/<v.k>/done     add: +1 per node whose exchange ended (see settle())
  *   x/<v.k>/state/<n> "ok" (prepared) or "abort <reason>"
  *   x/<v.k>/outcome  node 0's decision: "commit" or "abort <reason>"
  *   xbeat/<n>        add: node n's heartbeat
@@ -1135,9 +1136,9 @@ static int post_recvs(br_xnode *x, uint64_t vt, rlb_xreq **reqs, uint32_t *poste
  * chunk as it arrives (br_xnode_pump), freeing its slot for a later one.
  * The no-progress bound runs only while every node is in (has posted its requests, counted
  * in x/<v.k>/in): until then a node still building its plan is waited for like one at the
- * gate, bounded by liveness; a node that left (leave()) ends the wait at once. Returns 0 or
- * a negative code with why. */
-static int exchange(br_xnode *x, const xn_version *xv, char *why, size_t len)
+ * gate, bounded by liveness; a node that left (leave()) ends the wait at once. *held says
+ * whether a send was still pending at the end. Returns 0 or a negative code with why. */
+static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, size_t len)
 {
     uint32_t n = x->n_sends + x->n_recvs, posted = 0;
     rlb_xreq **reqs = calloc(n + 1, sizeof(*reqs));
@@ -1219,13 +1220,45 @@ static int exchange(br_xnode *x, const xn_version *xv, char *why, size_t len)
             rc = RLB_ETIMEDOUT;
         }
     }
-    for (uint32_t i = 0; i < n; i++)
+    for (uint32_t i = 0; i < n; i++) {
+        *held |= reqs[i] && i >= x->n_recvs; /* a send a peer may still read */
         if (reqs[i])
             x->xp->iface->cancel(x->xp->ctx, reqs[i]);
+    }
     free(reqs);
     return rc;
 }
 #endif
+
+/* Reads x/<v.k>/done: 1 once every node ended its exchange of the attempt. */
+static int all_done(br_xnode *x, void *arg, char *why, size_t len)
+{
+    const xn_version *xv = arg;
+    char key[96];
+    int64_t done = 0;
+    snprintf(key, sizeof(key), "%s/done", xv->base);
+    int rc = rlb__store_add(x->store, key, 0, &done);
+    if (rc < 0)
+        return snprintf(why, len, "node %d lost the rendezvous store: %s", x->node,
+                        rlb_strerror(rc)), rc;
+    return done >= x->nnodes;
+}
+
+/* This node's exchange of the attempt ended (x/<v.k>/done), however. One that ended with
+ * sends still pending (it failed, or left) then waits, bounded by liveness, until every
+ * node ended its own, having completed or cancelled its receives: UCX cannot take back a
+ * rendezvous send, and a receive posted later (bounded staging posts them as slots free)
+ * could still match it and read the trainers' memory, which the loop unmaps once this
+ * thread is done with the version. */
+static void settle(br_xnode *x, const xn_version *xv, int held)
+{
+    char key[96], why[512];
+    int64_t done;
+    snprintf(key, sizeof(key), "%s/done", xv->base);
+    if (rlb__store_add(x->store, key, 1, &done) == 0 && held && done < x->nnodes)
+        wait_for(x, "every node to stop receiving what this node sent", all_done, (void *)xv,
+                 NULL, NULL, why, sizeof(why));
+}
 
 /* Writes this node's meta when it changed, and its epoch for the attempt. */
 static int publish_meta(br_xnode *x, const xn_version *xv, const uint8_t *meta, size_t len)
@@ -1364,6 +1397,7 @@ static void run_version(br_xnode *x)
         return;
     }
     /* The gate opened: this attempt ends in node 0's decision, whatever happens here. */
+    int held = 0;
     rc = fetch_metas(x, &xv, why, sizeof(why));
     if (rc >= 0 && (rc > 0 || rebuild || !x->base))
         rc = build(x, local, why, sizeof(why));
@@ -1372,15 +1406,16 @@ static void run_version(br_xnode *x)
         for (uint32_t k = 0; k < x->metas[x->node].n_bufs; k++)
             x->src_ptr[x->base[x->node] + k] = local[k];
 #ifdef RLB_HAVE_UCX
-        rc = exchange(x, &xv, why, sizeof(why));
+        rc = exchange(x, &xv, &held, why, sizeof(why));
 #endif
     }
     free(meta);
     free(local);
-    if (rc < 0) {
+    if (rc < 0)
         leave(x, &xv, why);
+    settle(x, &xv, held);
+    if (rc < 0)
         fail(x, &xv, rc, why);
-    }
     decide(x, &xv);
 }
 

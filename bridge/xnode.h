@@ -16,7 +16,9 @@
  *      into a bounded staging that the local plan reads as sources;
  *      The exchange's no-progress bound (RLB_PEER_TIMEOUT_MS + 1 s without a completed
  *      transfer) runs only once every node has posted its transfers; a node that cannot
- *      (its plan failed, say) says so in the store and the others stop at once;
+ *      (its plan failed, say) says so in the store and the others stop at once; one whose
+ *      exchange ended with sends pending waits until every node ended its own, so no late
+ *      receive reads trainer memory the bridge has let go;
  *   4. the local sync, pipelined with the exchange: (pause mode: generation drained
  *      before the gate) the plan is cut at chunk boundaries; its ops on local memory run at
  *      once, each chunk's as soon as it arrived (waves of the executor, br_xnode_pump), and
