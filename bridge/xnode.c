@@ -724,6 +724,7 @@ static int stage(br_xnode *x, rlb_plan *mine)
     return 0;
 }
 
+#ifdef RLB_HAVE_UCX
 /* Where received chunk i lands. */
 static uint8_t *recv_at(const br_xnode *x, uint32_t i)
 {
@@ -731,6 +732,7 @@ static uint8_t *recv_at(const br_xnode *x, uint32_t i)
     return x->whole ? (uint8_t *)x->staging[c->buf] + c->off
                     : x->slots + (uint64_t)(i % x->n_slots) * x->chunk;
 }
+#endif
 
 /* Builds the global source, every node's plan, this node's sends and receives and the
  * staging; this node's plan and source go to x->plan / x->src for the loop. */
