@@ -145,14 +145,15 @@ int rlb__shm_create_posix(size_t size, int *fd)
         return rc;
     rc = RLB_EIO;
     int sfd = -1;
-    char name[32];
+    char name[48];
     for (int i = 0; i < NAME_TRIES && sfd < 0; i++) {
         uint64_t rnd;
         if (getrandom(&rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd)) {
             RLB_LOG_ERROR(RLB_SUB_CONN, "getrandom: %s", strerror(errno));
             return RLB_EIO;
         }
-        snprintf(name, sizeof(name), "/rlb-%016llx", (unsigned long long)rnd);
+        /* The creator's pid in the name says whose an entry is while it exists. */
+        snprintf(name, sizeof(name), "/rlb-%d-%016llx", (int)getpid(), (unsigned long long)rnd);
         sfd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
         if (sfd < 0 && errno != EEXIST) {
             RLB_LOG_ERROR(RLB_SUB_CONN, "shm_open(%s): %s", name, strerror(errno));

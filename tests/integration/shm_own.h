@@ -1,7 +1,7 @@
 /* shm_own.h: the /dev/shm entries a test's own processes could have made, so a test that
  * checks "nothing left behind" does not race the other tests of a parallel ctest run:
- * rlbridge's "rlb-*" names (the shm_open fallback of common/shm.h) and CUDA's
- * "cuda.shm.<n>.<pid>.<n>" of the pids given (the test's own and those it started).
+ * rlbridge's "rlb-<pid>-<n>" names (the shm_open fallback of common/shm.h) and CUDA's
+ * "cuda.shm.<n>.<pid>.<n>" of the pids given and of this process.
  */
 #ifndef RLB_TESTS_SHM_OWN_H
 #define RLB_TESTS_SHM_OWN_H
@@ -15,11 +15,13 @@
 /* 1 when /dev/shm entry `name` may come from this process or one of pids[0..n). */
 static inline int shm_own_entry(const char *name, const pid_t *pids, int n)
 {
-    if (!strncmp(name, "rlb-", 4))
-        return 1;
     unsigned dev, idx;
+    unsigned long long rnd;
     int pid, end = 0;
-    if (sscanf(name, "cuda.shm.%u.%d.%u%n", &dev, &pid, &idx, &end) != 3 || name[end])
+    if (sscanf(name, "rlb-%d-%llx%n", &pid, &rnd, &end) != 2 &&
+        sscanf(name, "cuda.shm.%u.%d.%u%n", &dev, &pid, &idx, &end) != 3)
+        return 0;
+    if (name[end])
         return 0;
     if (pid == (int)getpid())
         return 1;

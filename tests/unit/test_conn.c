@@ -169,9 +169,10 @@ static int count_fds(void)
     return n;
 }
 
-/* Entries of /dev/shm named like the shm_open fallback's segments ("rlb-..."); memfd
- * segments never appear there at all. Only these names are compared before and after:
- * tests of other areas may create objects of their own meanwhile. */
+/* Entries of /dev/shm named like the shm_open fallback's segments ("rlb-<pid>-<n>") of
+ * this process or of a process that no longer exists (a child that died holding one);
+ * memfd segments never appear there at all. Entries of other live processes are other
+ * tests' segments in flight, not leftovers. */
 static int shm_leftovers(void)
 {
     DIR *d = opendir("/dev/shm");
@@ -179,8 +180,12 @@ static int shm_leftovers(void)
         return 0; /* no /dev/shm: nothing can be left there */
     int n = 0;
     struct dirent *e;
-    while ((e = readdir(d)))
-        n += strncmp(e->d_name, "rlb-", 4) == 0;
+    while ((e = readdir(d))) {
+        int pid;
+        if (sscanf(e->d_name, "rlb-%d-", &pid) == 1 &&
+            (pid == (int)getpid() || (kill(pid, 0) < 0 && errno == ESRCH)))
+            n++;
+    }
     closedir(d);
     return n;
 }
