@@ -415,11 +415,17 @@ static const rlb_src_piece *piece_at(const rlb_source *src, uint32_t buf, uint64
 
 /* Adds to per[param] (per[params.n]: unknown) each non-finite element copy op `op` left in
  * the destination, traced back to the source piece it came from; *hint is the last piece
- * found. */
-static void trace_op(const bridge *b, const rlb_copy_op *op, uint64_t *per,
+ * found. A GPU worker's buffer is not host memory: there the op's count (bad) goes to the
+ * piece the op starts in (an op copies from one tensor's piece). */
+static void trace_op(const bridge *b, const rlb_copy_op *op, uint64_t bad, uint64_t *per,
                      const rlb_src_piece **hint)
 {
     const br_copy *c = &b->copy;
+    if (b->exec && !strcmp(b->exec->iface->name, "cuda")) {
+        *hint = piece_at(&b->source, op->src_ref, op->src_offset, *hint);
+        per[*hint ? (*hint)->param : b->params.n] += bad;
+        return;
+    }
     uint64_t ses = rlb_dtype_size((rlb_dtype)op->src_dtype);
     uint64_t des = rlb_dtype_size((rlb_dtype)op->dst_dtype);
     const uint8_t *d = (const uint8_t *)c->dst[op->dst_ref] + op->dst_offset;
@@ -436,9 +442,8 @@ static void trace_op(const bridge *b, const rlb_copy_op *op, uint64_t *per,
 /* Writes "name: count, ..." for the non-finite values the copy counted, by tensor: each
  * poisoned element an op wrote is traced back to the source piece it came from, and a LoRA
  * merge's count goes to the weight whose base its copies bring ("name (LoRA-merged)"),
- * without reading the destination (a GPU worker's buffer is not host memory; the CUDA
- * executor counts merges only). This pass runs only for a poisoned version, over the ops
- * and merges that counted any. */
+ * without reading the destination. This pass runs only for a poisoned version, over the
+ * ops and merges that counted any. */
 static void name_nonfinite(const bridge *b, char *text, size_t len)
 {
     const br_copy *c = &b->copy;
@@ -451,7 +456,7 @@ static void name_nonfinite(const bridge *b, char *text, size_t len)
     const rlb_src_piece *hint = NULL;
     for (uint64_t i = 0; i < c->view.n_ops; i++)
         if (c->nonfinite[i])
-            trace_op(b, &c->view.ops[i], per, &hint);
+            trace_op(b, &c->view.ops[i], c->nonfinite[i], per, &hint);
     for (uint64_t i = 0; i < c->view.n_merges; i++) {
         const rlb_merge_op *m = &c->view.merges[i];
         uint64_t bad = c->nonfinite[c->view.n_ops + i];

@@ -64,8 +64,7 @@ typedef struct rlb_exec_run {
     int threads;                /* cpu: threads (<= 0: the RLB_THREADS knob) */
     uint64_t *nonfinite;        /* [plan->n_ops + plan->n_merges] or NULL: NaN / Inf values
                                    each op, then each LoRA merge, wrote, counted while
-                                   copying (cpu: all; cuda: the merges, the ops' entries
-                                   zero: it does not count copies yet) */
+                                   copying (no extra pass) */
     int done_fd;                /* eventfd written (+1) when the run ended, well or not */
 } rlb_exec_run;
 

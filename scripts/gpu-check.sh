@@ -9,6 +9,8 @@
 #   engine8b  the same on the 8B shape
 #   sync      rlb-bench-sync --device cuda (1B shape; sync8b: both shapes) and the torch
 #             reshard peer
+#   reshard   rlb-bench-reshard-gpu (the copy kernel at 8B size, counting NaN/Inf and not)
+#             and the torch reshard peer
 #   grpo      examples/grpo_torch.py, 30 steps, --check (fp32: logprob mismatch <= 1e-4)
 #   lora      the PEFT golden fixture (scripts/make_peft_fixture.py, needs peft; a copy lands
 #             in $OUT/peft_lora.tar) and its test, rlb-bench-reshard-gpu --lora (the merge
@@ -62,6 +64,11 @@ for step in "$@"; do
         tail -4 "$out/peft-peer.log"
         timeout 500 build-gpu/rlb-bench-sync --device cuda --lora $peer > "$out/bench-lora.log" 2>&1
         tail -8 "$out/bench-lora.log" ;;
+    reshard)
+        timeout 200 python3 .devtools/torch_reshard_baseline.py > "$out/torch-reshard.log" 2>&1
+        build-gpu/bench/rlb-bench-reshard-gpu --torch-log "$out/torch-reshard.log" \
+            > "$out/bench-reshard.log" 2>&1
+        tail -12 "$out/bench-reshard.log" ;;
     grpo)
         RLBRIDGE_LIB=$PWD/build-gpu/librlb.so.1 timeout 300 python3 examples/grpo_torch.py \
             --rlb build-gpu/rlb --steps 30 --check > "$out/grpo.log" 2>&1

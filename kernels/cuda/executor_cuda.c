@@ -29,9 +29,9 @@
  * LoRA merges (DESIGN §10). A plan's merges are uploaded per GPU beside its copies
  * (kernels/cuda/lora_merge.h, likewise kept while the merges and the group are the same)
  * and run on the same stream after the copies: the merged weights' base copies, the
- * adapter stage, then the merges in place. The waiting thread adds each merge's count of
- * non-finite values written to the run's table once the stream is done; the copy ops'
- * entries stay zero (they are not counted on the GPU yet).
+ * adapter stage, then the merges in place. The copy kernel counts the non-finite values
+ * each op writes and the merge kernel those each merge writes (plan_exec.h,
+ * lora_merge.h); the waiting thread adds both to the run's table once the stream is done.
  *
  * Driver functions are looked up through the runtime (rlb__cuda_driver_fn), so the program
  * loads on machines without a driver. Check: tests/gpu/test_cuda_executor.c (against the
@@ -471,8 +471,10 @@ static void *wait_thread(void *arg)
         if (e == cudaSuccess && cudaEventElapsedTime(&ms, s->t0, s->t1) == cudaSuccess &&
             ms > worst)
             worst = ms;
-        if (e == cudaSuccess && x->nonfinite)
+        if (e == cudaSuccess && x->nonfinite) {
+            rlb__cuda_plan_counts(s->plan, x->nonfinite);
             rlb__cuda_lora_counts(s->lora, x->nonfinite + x->n_ops);
+        }
     }
     x->ms = worst;
     uint64_t one = 1;
@@ -571,6 +573,7 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
     for (uint64_t d = 0; d < p->n_dst; d++)
         dst[d] = (rlb_cuda_buf){sel[d] ? run->dst[d] : NULL, sel[d] ? run->dst_len[d] : 0};
     RLB_CHECK_GOTO(rlb__cuda_plan_bind(s->plan, src, dst, err, errlen), rc, out_nodev);
+    RLB_CHECK_GOTO(rlb__cuda_plan_count(s->plan, run->nonfinite != NULL), rc, out_nodev);
     if (s->lora)
         RLB_CHECK_GOTO(rlb__cuda_lora_bind(s->lora, src, dst, err, errlen), rc, out_nodev);
     RLB_CHECK_GOTO(rlb__cuda_enter(g, &prev), rc, out_nodev);

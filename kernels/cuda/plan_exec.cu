@@ -17,6 +17,13 @@
  * a scalar head up to the first unit where both sides are aligned, a vector body and a
  * scalar tail.
  *
+ * Non-finite values: with counting on (rlb__cuda_plan_count), every value an op writes is
+ * checked for an all-ones exponent (NaN or Inf, the test of kernels/cpu's
+ * rlb__row_nonfinite) as it is stored: a byte copy checks the words it moves by the
+ * destination's dtype, a conversion the converted words. Each warp sums its threads' counts
+ * and adds a nonzero sum to the op's slot (its index in the caller's plan) with one
+ * atomic; clean weights cost no atomics and no extra pass.
+ *
  * Sources on another GPU: bind reads each through peer access where the GPUs have a peer
  * path (and the mode allows), in the same launch as local ones. The others are staged
  * (plan_stage.h): the ops reading them leave the launch, and each run then copies windows
@@ -62,7 +69,7 @@ struct task {
     uint64_t segs_per_row;  /* items per row; > 1 only when rows are split */
     uint64_t rows_per_item; /* rows per item; > 1 only when whole rows are grouped */
     uint32_t mode;          /* MODE_* */
-    uint32_t reserved;      /* zero */
+    uint32_t slot;          /* index of the op in the caller's plan: its non-finite count */
 };
 static_assert(sizeof(task) == 48, "task is uploaded as is");
 
@@ -73,7 +80,41 @@ struct exec_args {
     char *const *src;       /* [n_src] bound source base addresses */
     char *const *dst;       /* [n_dst] bound destination base addresses */
     uint64_t item_base;     /* item of block 0 (a staged window runs a range of items) */
+    unsigned long long *counts; /* [plan ops] non-finite values written, by slot; NULL: none */
 };
+
+/* What a count reads a destination element as (0: nothing is counted). */
+enum : uint32_t { NF_NONE = 0, NF_F32 = 1, NF_BF16 = 2, NF_F16 = 3 };
+
+__device__ __forceinline__ uint32_t nf_kind(uint8_t dtype)
+{
+    return dtype == RLB_DTYPE_F32 ? NF_F32 : dtype == RLB_DTYPE_BF16 ? NF_BF16
+                                           : dtype == RLB_DTYPE_F16  ? NF_F16 : NF_NONE;
+}
+
+/* Non-finite values (all-ones exponent) among the elements of 32-bit word w. */
+__device__ __forceinline__ uint32_t nf_word(uint32_t w, uint32_t kind)
+{
+    if (kind == NF_F32)
+        return (w & 0x7f800000u) == 0x7f800000u;
+    const uint32_t m = kind == NF_BF16 ? 0x7f80u : 0x7c00u;
+    return ((w & m) == m) + (((w >> 16) & m) == m);
+}
+
+__device__ __forceinline__ uint32_t nf_vec(const uint4 &v, uint32_t kind)
+{
+    if (kind == NF_NONE)
+        return 0;
+    return nf_word(v.x, kind) + nf_word(v.y, kind) + nf_word(v.z, kind) + nf_word(v.w, kind);
+}
+
+/* Non-finite values among the esz-byte element at p (esz 4 or 2, as kind says). */
+__device__ __forceinline__ uint32_t nf_elem(const char *p, uint32_t kind)
+{
+    if (kind == NF_F32)
+        return nf_word(*reinterpret_cast<const uint32_t *>(p), kind);
+    return nf_word(*reinterpret_cast<const uint16_t *>(p), kind);
+}
 
 /* The vector group of one (S -> D) pair: VEC units, 16 bytes on the narrower side. */
 template <typename S, typename D>
@@ -101,8 +142,10 @@ __device__ __forceinline__ void load_group(const char *s, typename group<S, D>::
     }
 }
 
+/* Stores the group and returns the non-finite values it wrote (as kind reads them). */
 template <typename S, typename D, bool ZERO>
-__device__ __forceinline__ void store_group(char *d, const typename group<S, D>::in_t &in)
+__device__ __forceinline__ uint32_t store_group(char *d, const typename group<S, D>::in_t &in,
+                                                uint32_t kind)
 {
     typename group<S, D>::out_t out;
     if constexpr (ZERO) {
@@ -117,26 +160,40 @@ __device__ __forceinline__ void store_group(char *d, const typename group<S, D>:
             out.e[e] = rlb__d_convert<S, D>(in.e[e]);
     }
     uint4 *p = reinterpret_cast<uint4 *>(d);
+    uint32_t bad = 0;
 #pragma unroll
-    for (int v = 0; v < (int)(sizeof(out.v) / sizeof(out.v[0])); v++)
+    for (int v = 0; v < (int)(sizeof(out.v) / sizeof(out.v[0])); v++) {
         p[v] = out.v[v];
+        if constexpr (!ZERO)
+            bad += nf_vec(out.v[v], kind);
+    }
+    return bad;
 }
 
+/* Moves one unit and returns the non-finite values it wrote. A byte copy's units are
+ * bytes: the element starting at unit u (u a multiple of the element size) is counted by
+ * the thread moving its first byte, from the source, whose bits it copies unchanged. */
 template <typename S, typename D, bool ZERO>
-__device__ __forceinline__ void move_unit(const char *s, char *d)
+__device__ __forceinline__ uint32_t move_unit(const char *s, char *d, uint64_t u, uint32_t kind)
 {
-    if constexpr (ZERO)
+    if constexpr (ZERO) {
         *reinterpret_cast<D *>(d) = D{};
-    else if constexpr (sizeof(S) == 1 && sizeof(D) == 1)
+        return 0;
+    } else if constexpr (sizeof(S) == 1 && sizeof(D) == 1) {
         *reinterpret_cast<D *>(d) = *reinterpret_cast<const S *>(s);
-    else
-        *reinterpret_cast<D *>(d) = rlb__d_convert<S, D>(*reinterpret_cast<const S *>(s));
+        return kind != NF_NONE && u % (kind == NF_F32 ? 4 : 2) == 0 ? nf_elem(s, kind) : 0;
+    } else {
+        const D v = rlb__d_convert<S, D>(*reinterpret_cast<const S *>(s));
+        *reinterpret_cast<D *>(d) = v;
+        return kind != NF_NONE ? nf_elem(reinterpret_cast<const char *>(&v), kind) : 0;
+    }
 }
 
-/* Rows [0, nr) x units [0, nu) of a region whose first unit is at src / dst. */
+/* Rows [0, nr) x units [0, nu) of a region whose first unit is at src / dst. Returns the
+ * non-finite values this thread wrote (kind: how to read them; NF_NONE counts nothing). */
 template <typename S, typename D, bool ZERO>
-__device__ void copy_region(const char *src, uint64_t sstride, char *dst, uint64_t dstride,
-                            uint64_t nr, uint64_t nu)
+__device__ uint32_t copy_region(const char *src, uint64_t sstride, char *dst, uint64_t dstride,
+                                uint64_t nr, uint64_t nu, uint32_t kind)
 {
     using G = group<S, D>;
     constexpr int VEC = G::VEC, SS = G::SS, DS = G::DS;
@@ -144,6 +201,7 @@ __device__ void copy_region(const char *src, uint64_t sstride, char *dst, uint64
     const bool rows_aligned = (nr == 1 || (dstride % 16 == 0 && (ZERO || sstride % 16 == 0)));
     const bool fast = nu % VEC == 0 && rows_aligned && (uintptr_t)dst % 16 == 0 &&
                       (ZERO || (uintptr_t)src % 16 == 0);
+    uint32_t bad = 0;
     if (fast) {
         /* an item holds at most RLB_CUDA_ITEM_BYTES, so the counts fit 32 bits */
         const uint32_t groups = (uint32_t)(nu / VEC), total = (uint32_t)nr * groups;
@@ -161,9 +219,10 @@ __device__ void copy_region(const char *src, uint64_t sstride, char *dst, uint64
 #pragma unroll
             for (int i = 0; i < kUnroll; i++)
                 if (g0 + i * kThreads < total)
-                    store_group<S, D, ZERO>(dst + r[i] * dstride + (uint64_t)c[i] * VEC * DS, in[i]);
+                    bad += store_group<S, D, ZERO>(dst + r[i] * dstride + (uint64_t)c[i] * VEC * DS,
+                                                   in[i], kind);
         }
-        return;
+        return bad;
     }
     for (uint64_t r = 0; r < nr; r++) {
         const char *s = src + r * sstride;
@@ -180,28 +239,30 @@ __device__ void copy_region(const char *src, uint64_t sstride, char *dst, uint64
         for (uint64_t g = tid; g < body; g += kThreads) {
             typename G::in_t in;
             load_group<S, D, ZERO>(s + (head + g * VEC) * SS, in);
-            store_group<S, D, ZERO>(d + (head + g * VEC) * DS, in);
+            bad += store_group<S, D, ZERO>(d + (head + g * VEC) * DS, in, kind);
         }
         const uint64_t n_scalar = head + (nu - tail0);
         for (uint64_t i = tid; i < n_scalar; i += kThreads) {
             uint64_t u = i < head ? i : tail0 + (i - head);
-            move_unit<S, D, ZERO>(s + u * SS, d + u * DS);
+            bad += move_unit<S, D, ZERO>(s + u * SS, d + u * DS, u, kind);
         }
     }
+    return bad;
 }
 
 #define RLB__PAIR(s, d) ((uint32_t)(s) * RLB_DTYPE_COUNT_ + (uint32_t)(d))
 
 template <typename S, typename D, bool ZERO>
-__device__ __forceinline__ void run_region(const char *src, const rlb_copy_op &op, char *dst,
-                                           uint64_t u0, uint64_t nr, uint64_t nu)
+__device__ __forceinline__ uint32_t run_region(const char *src, const rlb_copy_op &op, char *dst,
+                                               uint64_t u0, uint64_t nr, uint64_t nu,
+                                               uint32_t kind)
 {
-    copy_region<S, D, ZERO>(ZERO ? nullptr : src + u0 * sizeof(S), op.src_stride,
-                            dst + u0 * sizeof(D), op.dst_stride, nr, nu);
+    return copy_region<S, D, ZERO>(ZERO ? nullptr : src + u0 * sizeof(S), op.src_stride,
+                                   dst + u0 * sizeof(D), op.dst_stride, nr, nu, kind);
 }
 
-/* Item j of op k. */
-__device__ void run_item(const exec_args &a, uint32_t k, uint64_t j)
+/* Item j of op k; returns the non-finite values this thread wrote (0 unless counting). */
+__device__ uint32_t run_item(const exec_args &a, uint32_t k, uint64_t j)
 {
     const rlb_copy_op op = a.ops[k];
     const task t = a.tasks[k];
@@ -220,35 +281,26 @@ __device__ void run_item(const exec_args &a, uint32_t k, uint64_t j)
     char *dst = a.dst[op.dst_ref] + op.dst_offset + row0 * op.dst_stride;
     const char *src = t.mode == MODE_ZERO ? nullptr
                                           : a.src[op.src_ref] + op.src_offset + row0 * op.src_stride;
-    if (t.mode == MODE_RAW) {
-        run_region<uint8_t, uint8_t, false>(src, op, dst, u0, nr, nu);
-        return;
-    }
-    if (t.mode == MODE_ZERO) {
-        run_region<uint8_t, uint8_t, true>(src, op, dst, u0, nr, nu);
-        return;
-    }
+    const uint32_t kind = a.counts ? nf_kind(op.dst_dtype) : NF_NONE;
+    if (t.mode == MODE_RAW)
+        return run_region<uint8_t, uint8_t, false>(src, op, dst, u0, nr, nu, kind);
+    if (t.mode == MODE_ZERO)
+        return run_region<uint8_t, uint8_t, true>(src, op, dst, u0, nr, nu, NF_NONE);
     switch (RLB__PAIR(op.src_dtype, op.dst_dtype)) {
     case RLB__PAIR(RLB_DTYPE_F32, RLB_DTYPE_BF16):
-        run_region<float, rlb__bf16_t, false>(src, op, dst, u0, nr, nu);
-        break;
+        return run_region<float, rlb__bf16_t, false>(src, op, dst, u0, nr, nu, kind);
     case RLB__PAIR(RLB_DTYPE_F32, RLB_DTYPE_F16):
-        run_region<float, rlb__f16_t, false>(src, op, dst, u0, nr, nu);
-        break;
+        return run_region<float, rlb__f16_t, false>(src, op, dst, u0, nr, nu, kind);
     case RLB__PAIR(RLB_DTYPE_BF16, RLB_DTYPE_F32):
-        run_region<rlb__bf16_t, float, false>(src, op, dst, u0, nr, nu);
-        break;
+        return run_region<rlb__bf16_t, float, false>(src, op, dst, u0, nr, nu, kind);
     case RLB__PAIR(RLB_DTYPE_BF16, RLB_DTYPE_F16):
-        run_region<rlb__bf16_t, rlb__f16_t, false>(src, op, dst, u0, nr, nu);
-        break;
+        return run_region<rlb__bf16_t, rlb__f16_t, false>(src, op, dst, u0, nr, nu, kind);
     case RLB__PAIR(RLB_DTYPE_F16, RLB_DTYPE_F32):
-        run_region<rlb__f16_t, float, false>(src, op, dst, u0, nr, nu);
-        break;
+        return run_region<rlb__f16_t, float, false>(src, op, dst, u0, nr, nu, kind);
     case RLB__PAIR(RLB_DTYPE_F16, RLB_DTYPE_BF16):
-        run_region<rlb__f16_t, rlb__bf16_t, false>(src, op, dst, u0, nr, nu);
-        break;
+        return run_region<rlb__f16_t, rlb__bf16_t, false>(src, op, dst, u0, nr, nu, kind);
     default: /* upload admits no other pair */
-        break;
+        return 0;
     }
 }
 
@@ -269,7 +321,14 @@ __global__ void __launch_bounds__(kThreads) plan_kernel(exec_args a)
         else
             hi = mid;
     }
-    run_item(a, lo, item - a.tasks[lo].first_item);
+    uint32_t bad = run_item(a, lo, item - a.tasks[lo].first_item);
+    if (a.counts) { /* every thread of the block gets here */
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            bad += __shfl_xor_sync(0xffffffffu, bad, o);
+        if ((threadIdx.x & 31) == 0 && bad)
+            atomicAdd(&a.counts[a.tasks[lo].slot], (unsigned long long)bad);
+    }
 }
 
 } /* namespace */
@@ -296,6 +355,11 @@ struct rlb_cuda_plan {
     uint64_t *need;          /* [n_src + n_dst] bytes a bound buffer must cover; 0 = ref unused */
     uint8_t *align;          /* [n_src + n_dst] widest element size the uploaded ops use with it */
     rlb_copy_op *h_ops;      /* [all.n_ops] the uploaded ops, for a bind that stages */
+    uint32_t *h_slot;        /* [all.n_ops] index of each in the caller's plan */
+    uint32_t n_plan_ops;     /* ops of the caller's plan (slots of the counts) */
+    int counting;            /* runs count non-finite values written (rlb__cuda_plan_count) */
+    unsigned long long *d_counts; /* [n_plan_ops] on the device, zeroed by each counted run */
+    unsigned long long *h_counts; /* [n_plan_ops] pinned copy, filled at a counted run's end */
     work_list all;           /* every uploaded op; pointer slots: sources, then destinations */
     int bound;               /* a bind has succeeded */
     /* set by a bind that stages at least one source */
@@ -372,11 +436,11 @@ static uint64_t align256(uint64_t x)
 }
 
 /* Builds and uploads the work list of ops[0, n) (checked ops) with n_ptrs pointer slots,
- * on the current device. first_item (may be NULL) gets each op's first item and, at
- * [n], the item count. Returns 0, RLB_ETOOBIG (more items than one launch has blocks),
- * RLB_ENOMEM or RLB_ECUDA. */
-static int build_list(const rlb_copy_op *ops, uint32_t n, uint32_t n_ptrs, work_list *wl,
-                      uint64_t *first_item, char *err, size_t errlen)
+ * on the current device; op k counts into slot[k]. first_item (may be NULL) gets each op's
+ * first item and, at [n], the item count. Returns 0, RLB_ETOOBIG (more items than one
+ * launch has blocks), RLB_ENOMEM or RLB_ECUDA. */
+static int build_list(const rlb_copy_op *ops, const uint32_t *slot, uint32_t n, uint32_t n_ptrs,
+                      work_list *wl, uint64_t *first_item, char *err, size_t errlen)
 {
     int rc = 0;
     uint64_t n_coarse = 0;
@@ -389,6 +453,7 @@ static int build_list(const rlb_copy_op *ops, uint32_t n, uint32_t n_ptrs, work_
     for (uint32_t k = 0; k < n; k++) {
         uint64_t items = describe_op(&ops[k], &tasks[k]);
         tasks[k].first_item = wl->n_items;
+        tasks[k].slot = slot[k];
         wl->n_items += items;
     }
     memset(&tasks[n], 0, sizeof(task));
@@ -456,9 +521,10 @@ static void free_list(work_list *wl)
     memset(wl, 0, sizeof(*wl));
 }
 
-/* Items [item0, item0 + n) of wl on `stream` (current device: the list's). */
+/* Items [item0, item0 + n) of wl on `stream` (current device: the list's), counting into
+ * counts (NULL: no counting). */
 static int launch_list(const work_list &wl, char *const *src, char *const *dst, uint64_t item0,
-                       uint64_t n, cudaStream_t stream)
+                       uint64_t n, unsigned long long *counts, cudaStream_t stream)
 {
     int rc = 0;
     if (n == 0)
@@ -470,6 +536,7 @@ static int launch_list(const work_list &wl, char *const *src, char *const *dst, 
     a.src = src;
     a.dst = dst;
     a.item_base = item0;
+    a.counts = counts;
     plan_kernel<<<(unsigned)n, kThreads, 0, stream>>>(a);
     RLB_CUDA_CHECK(cudaGetLastError(), rc, out);
 out:
@@ -514,11 +581,14 @@ extern "C" void rlb__cuda_plan_free(rlb_cuda_plan *cp)
     drop_staging(cp);
     free_stage_resources(cp);
     free_list(&cp->all);
+    cudaFree(cp->d_counts);
+    cudaFreeHost(cp->h_counts);
     if (entered)
         rlb__cuda_leave(prev);
     free(cp->need);
     free(cp->align);
     free(cp->h_ops);
+    free(cp->h_slot);
     free(cp->src_ptr);
     free(cp->src_dev);
     free(cp);
@@ -569,10 +639,12 @@ extern "C" int rlb__cuda_plan_upload(const rlb_plan *plan, int device, const uin
     cp->n_dst = plan->n_dst;
     cp->need = (uint64_t *)calloc(n_refs + 1, sizeof(uint64_t));
     cp->align = (uint8_t *)calloc(n_refs + 1, 1);
+    cp->n_plan_ops = (uint32_t)plan->n_ops;
     cp->h_ops = (rlb_copy_op *)malloc((plan->n_ops + 1) * sizeof(rlb_copy_op));
+    cp->h_slot = (uint32_t *)malloc((plan->n_ops + 1) * sizeof(uint32_t));
     cp->src_ptr = (char **)calloc(plan->n_src + 1, sizeof(char *));
     cp->src_dev = (int *)calloc(plan->n_src + 1, sizeof(int));
-    if (!cp->need || !cp->align || !cp->h_ops || !cp->src_ptr || !cp->src_dev) {
+    if (!cp->need || !cp->align || !cp->h_ops || !cp->h_slot || !cp->src_ptr || !cp->src_dev) {
         rc = RLB_ENOMEM;
         goto err;
     }
@@ -586,10 +658,11 @@ extern "C" int rlb__cuda_plan_upload(const rlb_plan *plan, int device, const uin
         if (op->src_ref != RLB_PLAN_ZERO_SRC)
             note_use(cp, op->src_ref, plan->src_bytes[op->src_ref],
                      rlb_dtype_size((rlb_dtype)op->src_dtype));
+        cp->h_slot[n_ops] = (uint32_t)i;
         cp->h_ops[n_ops++] = *op;
     }
     RLB_CHECK_GOTO(rlb__cuda_enter(device, &prev), rc, err);
-    rc = build_list(cp->h_ops, n_ops, n_refs, &cp->all, nullptr, err, errlen);
+    rc = build_list(cp->h_ops, cp->h_slot, n_ops, n_refs, &cp->all, nullptr, err, errlen);
     rlb__cuda_leave(prev);
     if (rc)
         goto err;
@@ -687,26 +760,37 @@ static int setup_staging(rlb_cuda_plan *cp, const uint8_t *staged, const uint8_t
     int rc = 0;
     uint32_t n_direct = 0;
     uint64_t *first_item = nullptr;
+    uint32_t *staged_slot = nullptr;
     rlb_copy_op *direct = (rlb_copy_op *)malloc(((uint64_t)cp->all.n_ops + 1) * sizeof(*direct));
-    if (!direct)
+    uint32_t *direct_slot = (uint32_t *)malloc(((uint64_t)cp->all.n_ops + 1) * sizeof(uint32_t));
+    if (!direct || !direct_slot) {
+        free(direct);
+        free(direct_slot);
         return RLB_ENOMEM;
+    }
     RLB_CHECK_GOTO(make_stage_resources(cp), rc, out);
     RLB_CHECK_GOTO(rlb__stage_build(cp->h_ops, cp->all.n_ops, cp->n_src, staged, phase,
                                     cp->stage_cap, &cp->sp), rc, out);
     for (uint32_t k = 0; k < cp->all.n_ops; k++) {
         const rlb_copy_op *op = &cp->h_ops[k];
-        if (op->src_ref == RLB_PLAN_ZERO_SRC || !staged[op->src_ref])
+        if (op->src_ref == RLB_PLAN_ZERO_SRC || !staged[op->src_ref]) {
+            direct_slot[n_direct] = cp->h_slot[k];
             direct[n_direct++] = *op;
+        }
     }
     first_item = (uint64_t *)malloc((cp->sp.n_ops + 1) * sizeof(*first_item));
+    staged_slot = (uint32_t *)malloc((cp->sp.n_ops + 1) * sizeof(*staged_slot));
     cp->win_item = (uint64_t *)malloc(((uint64_t)cp->sp.n_windows + 1) * sizeof(uint64_t));
-    if (!first_item || !cp->win_item) {
+    if (!first_item || !staged_slot || !cp->win_item) {
         rc = RLB_ENOMEM;
         goto out;
     }
-    RLB_CHECK_GOTO(build_list(direct, n_direct, 0, &cp->direct, nullptr, err, errlen), rc, out);
-    RLB_CHECK_GOTO(build_list(cp->sp.ops, (uint32_t)cp->sp.n_ops, 2, &cp->staged, first_item,
-                              err, errlen), rc, out);
+    for (uint64_t j = 0; j < cp->sp.n_ops; j++)
+        staged_slot[j] = cp->h_slot[cp->sp.op_of[j]];
+    RLB_CHECK_GOTO(build_list(direct, direct_slot, n_direct, 0, &cp->direct, nullptr, err, errlen),
+                   rc, out);
+    RLB_CHECK_GOTO(build_list(cp->sp.ops, staged_slot, (uint32_t)cp->sp.n_ops, 2, &cp->staged,
+                              first_item, err, errlen), rc, out);
     for (uint32_t w = 0; w < cp->sp.n_windows; w++)
         cp->win_item[w] = first_item[cp->sp.windows[w].first_op];
     cp->win_item[cp->sp.n_windows] = cp->staged.n_items;
@@ -720,6 +804,8 @@ out:
     if (rc)
         drop_staging(cp);
     free(direct);
+    free(direct_slot);
+    free(staged_slot);
     free(first_item);
     return rc;
 }
@@ -794,13 +880,13 @@ out_free:
 /* A run with staged sources (current device: the plan's): the direct ops in one launch,
  * then each window: its copies on the copy stream once the launch that last read its
  * staging buffer is done, its launch on `stream` once the copies are in. */
-static int run_staged(rlb_cuda_plan *cp, cudaStream_t stream)
+static int run_staged(rlb_cuda_plan *cp, unsigned long long *counts, cudaStream_t stream)
 {
     int rc = 0;
     char *const *dst = cp->all.d_ptrs + cp->n_src;
     RLB_CUDA_CHECK(cudaEventRecord(cp->ev_start, stream), rc, out);
-    RLB_CHECK_GOTO(launch_list(cp->direct, cp->all.d_ptrs, dst, 0, cp->direct.n_items, stream),
-                   rc, out);
+    RLB_CHECK_GOTO(launch_list(cp->direct, cp->all.d_ptrs, dst, 0, cp->direct.n_items, counts,
+                               stream), rc, out);
     /* the copies overwrite nothing the caller's earlier work may still read, but they read
      * sources the caller's earlier work may still write */
     RLB_CUDA_CHECK(cudaStreamWaitEvent(cp->copy_stream, cp->ev_start, 0), rc, out);
@@ -820,7 +906,8 @@ static int run_staged(rlb_cuda_plan *cp, cudaStream_t stream)
         RLB_CUDA_CHECK(cudaEventRecord(cp->ev_full[b], cp->copy_stream), rc, out);
         RLB_CUDA_CHECK(cudaStreamWaitEvent(stream, cp->ev_full[b], 0), rc, out);
         RLB_CHECK_GOTO(launch_list(cp->staged, cp->staged.d_ptrs, dst, cp->win_item[w],
-                                   cp->win_item[w + 1] - cp->win_item[w], stream), rc, out);
+                                   cp->win_item[w + 1] - cp->win_item[w], counts, stream),
+                       rc, out);
         RLB_CUDA_CHECK(cudaEventRecord(cp->ev_free[b], stream), rc, out);
     }
 out:
@@ -832,14 +919,51 @@ extern "C" int rlb__cuda_plan_run(rlb_cuda_plan *cp, cudaStream_t stream)
     if (!cp || !cp->bound)
         return RLB_EINVAL;
     int rc = 0, prev = -1;
+    unsigned long long *counts = cp->counting ? cp->d_counts : nullptr;
     RLB_CHECK(rlb__cuda_enter(cp->device, &prev));
+    if (counts)
+        RLB_CUDA_CHECK(cudaMemsetAsync(counts, 0, cp->n_plan_ops * sizeof(*counts), stream), rc,
+                       out);
     if (cp->staging)
-        rc = run_staged(cp, stream);
+        rc = run_staged(cp, counts, stream);
     else
         rc = launch_list(cp->all, cp->all.d_ptrs, cp->all.d_ptrs + cp->n_src, 0,
-                         cp->all.n_items, stream);
+                         cp->all.n_items, counts, stream);
+    if (rc == 0 && counts)
+        RLB_CUDA_CHECK(cudaMemcpyAsync(cp->h_counts, counts, cp->n_plan_ops * sizeof(*counts),
+                                       cudaMemcpyDeviceToHost, stream), rc, out);
+out:
     rlb__cuda_leave(prev);
     return rc;
+}
+
+extern "C" int rlb__cuda_plan_count(rlb_cuda_plan *cp, int on)
+{
+    if (!cp)
+        return RLB_EINVAL;
+    if (on && !cp->d_counts && cp->n_plan_ops) {
+        int rc = 0, prev = -1;
+        const size_t bytes = cp->n_plan_ops * sizeof(*cp->d_counts);
+        RLB_CHECK(rlb__cuda_enter(cp->device, &prev));
+        RLB_CUDA_CHECK(cudaMalloc(&cp->d_counts, bytes), rc, out);
+        RLB_CUDA_CHECK(cudaMallocHost(&cp->h_counts, bytes), rc, out);
+    out:
+        if (rc) {
+            cudaFree(cp->d_counts);
+            cp->d_counts = nullptr;
+        }
+        rlb__cuda_leave(prev);
+        if (rc)
+            return rc;
+    }
+    cp->counting = on && cp->n_plan_ops;
+    return 0;
+}
+
+extern "C" void rlb__cuda_plan_counts(const rlb_cuda_plan *cp, uint64_t *nonfinite)
+{
+    for (uint32_t i = 0; cp && cp->counting && i < cp->n_plan_ops; i++)
+        nonfinite[i] += cp->h_counts[i];
 }
 
 extern "C" uint64_t rlb__cuda_plan_device_bytes(const rlb_cuda_plan *cp)

@@ -84,6 +84,14 @@ int rlb__cuda_plan_bind(rlb_cuda_plan *cp, const rlb_cuda_buf *src, const rlb_cu
  * copies on a stream of the plan's own and ordered before `stream`'s completion. The
  * sources must stay unchanged until then. RLB_EINVAL before a bind. */
 int rlb__cuda_plan_run(rlb_cuda_plan *cp, cudaStream_t stream);
+/* on != 0: the runs from now on count the non-finite values (NaN / Inf: an all-ones
+ * exponent, as kernels/cpu counts them) each op writes, at no extra pass; 0: they don't
+ * (the default). Returns 0, or RLB_ENOMEM / RLB_ECUDA allocating the counts. */
+int rlb__cuda_plan_count(rlb_cuda_plan *cp, int on);
+/* Adds, once a counted run's stream is done, each op's count to nonfinite[i], i its index
+ * in the uploaded plan ([plan->n_ops]; ops not uploaded add nothing). Nothing when counting
+ * is off. */
+void rlb__cuda_plan_counts(const rlb_cuda_plan *cp, uint64_t *nonfinite);
 void rlb__cuda_plan_free(rlb_cuda_plan *cp);
 
 /* Bytes of device memory the plan holds (ops, descriptors, pointer tables, staging

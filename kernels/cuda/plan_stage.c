@@ -21,6 +21,7 @@
 /* A staged op's rows (or part of them) whose source bytes fit one staging buffer. */
 typedef struct piece {
     rlb_copy_op op;  /* the piece, still reading the original source */
+    uint64_t from;   /* index of the op it was cut from */
     uint64_t start;  /* first source byte it reads */
     uint64_t span;   /* bytes from start to one past its last byte */
 } piece;
@@ -36,7 +37,7 @@ static uint64_t min_u64(uint64_t a, uint64_t b)
     return a < b ? a : b;
 }
 
-static int push_piece(piece_vec *pv, const rlb_copy_op *op, uint64_t row_bytes)
+static int push_piece(piece_vec *pv, const rlb_copy_op *op, uint64_t from, uint64_t row_bytes)
 {
     if (pv->n == pv->cap) {
         uint64_t cap = pv->cap ? 2 * pv->cap : 256;
@@ -48,14 +49,15 @@ static int push_piece(piece_vec *pv, const rlb_copy_op *op, uint64_t row_bytes)
     }
     piece *p = &pv->v[pv->n++];
     p->op = *op;
+    p->from = from;
     p->start = op->src_offset;
     p->span = (op->rows - 1) * op->src_stride + row_bytes;
     return 0;
 }
 
-/* Cuts op into pieces reading at most max_span source bytes each: column segments of a
- * multiple of 16 elements when a row alone is longer, then groups of rows. */
-static int cut_op(const rlb_copy_op *op, uint64_t max_span, piece_vec *pv)
+/* Cuts op (ops[from]) into pieces reading at most max_span source bytes each: column
+ * segments of a multiple of 16 elements when a row alone is longer, then groups of rows. */
+static int cut_op(const rlb_copy_op *op, uint64_t from, uint64_t max_span, piece_vec *pv)
 {
     const uint64_t ss = rlb_dtype_size((rlb_dtype)op->src_dtype);
     const uint64_t ds = rlb_dtype_size((rlb_dtype)op->dst_dtype);
@@ -71,7 +73,7 @@ static int cut_op(const rlb_copy_op *op, uint64_t max_span, piece_vec *pv)
             p.row_elems = elems;
             p.src_offset += r0 * op->src_stride + c0 * ss;
             p.dst_offset += r0 * op->dst_stride + c0 * ds;
-            int rc = push_piece(pv, &p, row_bytes);
+            int rc = push_piece(pv, &p, from, row_bytes);
             if (rc)
                 return rc;
         }
@@ -97,6 +99,7 @@ void rlb__stage_free(rlb_stage_plan *sp)
     if (!sp)
         return;
     free(sp->ops);
+    free(sp->op_of);
     free(sp->copies);
     free(sp->windows);
     memset(sp, 0, sizeof(*sp));
@@ -140,6 +143,7 @@ static void pack(const piece *pcs, uint64_t n, const uint8_t *src_phase, rlb_sta
             c->bytes = p->span;
             w->n_copies++;
         }
+        sp->op_of[sp->n_ops] = p->from;
         rlb_copy_op *op = &sp->ops[sp->n_ops++];
         *op = p->op;
         op->src_ref = w->buf;
@@ -166,7 +170,7 @@ int rlb__stage_build(const rlb_copy_op *ops, uint64_t n, uint32_t n_src, const u
         const rlb_copy_op *op = &ops[i];
         if (op->src_ref == RLB_PLAN_ZERO_SRC || op->src_ref >= n_src || !staged[op->src_ref])
             continue;
-        if ((rc = cut_op(op, cap - STAGE_SLACK, &pv)))
+        if ((rc = cut_op(op, i, cap - STAGE_SLACK, &pv)))
             goto err;
     }
     if (pv.n == 0)
@@ -177,9 +181,10 @@ int rlb__stage_build(const rlb_copy_op *ops, uint64_t n, uint32_t n_src, const u
     }
     qsort(pv.v, pv.n, sizeof(*pv.v), piece_cmp);
     out->ops = malloc(pv.n * sizeof(*out->ops));
+    out->op_of = malloc(pv.n * sizeof(*out->op_of));
     out->copies = malloc(pv.n * sizeof(*out->copies));
     out->windows = malloc(pv.n * sizeof(*out->windows));
-    if (!out->ops || !out->copies || !out->windows) {
+    if (!out->ops || !out->op_of || !out->copies || !out->windows) {
         rc = RLB_ENOMEM;
         goto err;
     }

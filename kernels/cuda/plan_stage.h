@@ -57,6 +57,8 @@ typedef struct rlb_stage_plan {
     uint64_t n_ops;            /* entries in ops[] */
     rlb_copy_op *ops;          /* staged pieces: src_ref is the staging buffer (0 or 1),
                                 * src_offset a byte offset inside it */
+    uint64_t *op_of;           /* [n_ops] index in the planned ops of the op each piece
+                                * was cut from */
     uint64_t n_copies;         /* entries in copies[] */
     rlb_stage_copy *copies;    /* in window order */
     uint32_t n_windows;        /* entries in windows[] */

@@ -7,10 +7,14 @@
  *     segments), odd strides and offsets, every dtype pair, zero fills;
  *   - every bf16 and f16 pattern and a dense sweep of f32 patterns through each conversion;
  *   - a destination subset, and the refusals (misaligned op, missing / short / host
- *     buffers, run before bind).
+ *     buffers, run before bind);
+ *   - the non-finite counts of random ops over random bits (NaN and Inf patterns among
+ *     them, and f32 values beyond f16's range) against a naive scan of what each op wrote,
+ *     with isfinite() on the decoded values.
  * Destinations start poisoned on both sides, so a stray or missing write shows. Exits 77
  * where no GPU is visible.
  */
+#include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
@@ -27,10 +31,11 @@
 #define CHECK_CUDA(call) assert_int_equal((int)(call), (int)cudaSuccess)
 
 /* Runs `plan` on GPU 0 from host sources src[i] (src_len[i] bytes) into poisoned
- * destinations and copies them back into out[d] (plan->dst_bytes[d] each). Returns the
- * executor's first non-zero code (then out[] is untouched). */
+ * destinations and copies them back into out[d] (plan->dst_bytes[d] each); counts (or
+ * NULL: counting off) gets each op's non-finite count. Returns the executor's first
+ * non-zero code (then out[] is untouched). */
 static int run_gpu(const rlb_plan *plan, uint8_t *const *src, const uint64_t *src_len,
-                   const uint8_t *dst_sel, uint8_t **out)
+                   const uint8_t *dst_sel, uint8_t **out, uint64_t *counts)
 {
     char err[256] = "";
     rlb_cuda_buf *sb = calloc(plan->n_src + 1, sizeof *sb), *db = calloc(plan->n_dst + 1, sizeof *db);
@@ -51,9 +56,15 @@ static int run_gpu(const rlb_plan *plan, uint8_t *const *src, const uint64_t *sr
     if (!rc)
         rc = rlb__cuda_plan_bind(cp, sb, db, err, sizeof err);
     if (!rc)
+        rc = rlb__cuda_plan_count(cp, counts != NULL);
+    if (!rc)
         rc = rlb__cuda_plan_run(cp, 0);
     if (!rc) {
         CHECK_CUDA(cudaDeviceSynchronize());
+        if (counts) {
+            memset(counts, 0, plan->n_ops * sizeof *counts);
+            rlb__cuda_plan_counts(cp, counts);
+        }
         for (uint32_t d = 0; d < plan->n_dst; d++)
             CHECK_CUDA(cudaMemcpy(out[d], db[d].ptr, plan->dst_bytes[d], cudaMemcpyDeviceToHost));
     }
@@ -86,7 +97,7 @@ static void compare_executors(const rlb_plan *plan, uint8_t *const *src, const u
                                 plan->dst_bytes, 1, err, sizeof err);
     if (rc)
         fail_msg("%s: CPU executor: %s: %s", what, rlb_strerror(rc), err);
-    rc = run_gpu(plan, src, src_len, NULL, gpu);
+    rc = run_gpu(plan, src, src_len, NULL, gpu, NULL);
     if (rc)
         fail_msg("%s: GPU executor: %s", what, rlb_strerror(rc));
     for (uint32_t d = 0; d < plan->n_dst; d++) {
@@ -171,19 +182,13 @@ static void op_plan_add(op_plan *p, uint32_t src_ref, rlb_dtype sdt, rlb_dtype d
     p->dst_first_op[1] = p->plan.n_ops;
 }
 
-static void test_random_ops(void **state)
+/* Fills p with up to 40 random ops over a source of src_bytes: every dtype pair, long rows
+ * (several work items) now and then, odd strides, offsets and skews, some zero fills. */
+static void random_ops(op_plan *p, uint64_t *rng, uint64_t src_bytes)
 {
-    (void)state;
-    uint64_t s = 77;
-    const uint64_t src_bytes = 4u << 20;
-    uint8_t *src = malloc(src_bytes);
-    assert_non_null(src);
-    for (uint64_t i = 0; i < src_bytes; i++)
-        src[i] = (uint8_t)gc_rng(&s);
-    for (int round = 0; round < 12; round++) {
-        op_plan p;
-        op_plan_init(&p, src_bytes);
-        for (int k = 0; k < 40; k++) {
+    uint64_t s = *rng;
+    op_plan_init(p, src_bytes);
+    for (int k = 0; k < 40; k++) {
             rlb_dtype sdt = gc_float_dtypes[gc_rng(&s) % 3], ddt = gc_float_dtypes[gc_rng(&s) % 3];
             uint64_t ssz = rlb_dtype_size(sdt), dsz = rlb_dtype_size(ddt);
             /* long rows (several work items each) now and then, short ones mostly */
@@ -201,11 +206,92 @@ static void test_random_ops(void **state)
                 src_offset &= ~(uint64_t)15;
             uint64_t dst_gap = gc_rng(&s) % 2 ? 0 : (uint64_t)gc_rnd(&s, 0, 5) * dsz;
             uint64_t dst_skew = gc_rng(&s) % 2 ? 0 : (uint64_t)gc_rnd(&s, 0, 7) * dsz;
-            op_plan_add(&p, gc_rng(&s) % 8 == 0 ? RLB_PLAN_ZERO_SRC : 0, sdt, ddt, src_offset,
+            op_plan_add(p, gc_rng(&s) % 8 == 0 ? RLB_PLAN_ZERO_SRC : 0, sdt, ddt, src_offset,
                         src_stride, rows, row_elems, dst_gap, dst_skew);
-        }
+    }
+    *rng = s;
+}
+
+static uint8_t *random_bytes(uint64_t n, uint64_t seed)
+{
+    uint8_t *b = malloc(n);
+    assert_non_null(b);
+    for (uint64_t i = 0; i < n; i++)
+        b[i] = (uint8_t)gc_rng(&seed);
+    return b;
+}
+
+static void test_random_ops(void **state)
+{
+    (void)state;
+    uint64_t s = 77;
+    const uint64_t src_bytes = 4u << 20;
+    uint8_t *src = random_bytes(src_bytes, 78);
+    for (int round = 0; round < 12; round++) {
+        op_plan p;
+        random_ops(&p, &s, src_bytes);
         compare_executors(&p.plan, &src, &src_bytes, "random ops");
     }
+    free(src);
+}
+
+/* 1 when the dtype element at p is NaN or infinite, decoded the plain way. */
+static int naive_nonfinite(const uint8_t *p, rlb_dtype dt)
+{
+    if (dt == RLB_DTYPE_F32) {
+        float f;
+        memcpy(&f, p, 4);
+        return !isfinite(f);
+    }
+    uint16_t h;
+    memcpy(&h, p, 2);
+    if (dt == RLB_DTYPE_BF16) {
+        uint32_t w = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &w, 4);
+        return !isfinite(f);
+    }
+    return ((h >> 10) & 0x1f) == 0x1f; /* f16: the largest exponent is Inf / NaN */
+}
+
+/* Counting on, random ops over random bits: each op's count equals the non-finite values
+ * found in its destination rows (ops write disjoint regions) by a naive scan; zero fills
+ * count none. The bytes still equal the CPU executor's (the copy is unchanged by counting). */
+static void test_nonfinite_counts(void **state)
+{
+    (void)state;
+    uint64_t s = 4242, total = 0;
+    const uint64_t src_bytes = 4u << 20;
+    uint8_t *src = random_bytes(src_bytes, 4243);
+    for (int round = 0; round < 12; round++) {
+        op_plan p;
+        random_ops(&p, &s, src_bytes);
+        uint8_t *out = malloc(p.dst_bytes + 1);
+        uint64_t counts[64];
+        assert_non_null(out);
+        assert_int_equal(run_gpu(&p.plan, &src, &src_bytes, NULL, &out, counts), 0);
+        for (uint64_t k = 0; k < p.plan.n_ops; k++) {
+            const rlb_copy_op *op = &p.ops[k];
+            uint64_t dsz = rlb_dtype_size((rlb_dtype)op->dst_dtype), want = 0;
+            for (uint64_t r = 0; r < op->rows; r++)
+                for (uint64_t e = 0; e < op->row_elems; e++)
+                    want += (uint64_t)naive_nonfinite(out + op->dst_offset + r * op->dst_stride +
+                                                      e * dsz, (rlb_dtype)op->dst_dtype);
+            if (counts[k] != want)
+                fail_msg("round %d op %llu (%s -> %s, %llu x %llu%s): counted %llu, the "
+                         "destination holds %llu", round, (unsigned long long)k,
+                         rlb_dtype_name((rlb_dtype)op->src_dtype),
+                         rlb_dtype_name((rlb_dtype)op->dst_dtype), (unsigned long long)op->rows,
+                         (unsigned long long)op->row_elems,
+                         op->src_ref == RLB_PLAN_ZERO_SRC ? ", zero fill" : "",
+                         (unsigned long long)counts[k], (unsigned long long)want);
+            total += want;
+        }
+        free(out);
+        compare_executors(&p.plan, &src, &src_bytes, "random ops, counted run");
+    }
+    assert_true(total > 1000); /* random bits hold many NaN / Inf patterns */
+    print_message("non-finite values counted over 12 plans: %llu\n", (unsigned long long)total);
     free(src);
 }
 
@@ -263,7 +349,7 @@ static void test_dst_subset(void **state)
         out[d] = malloc(g.plan.dst_bytes[d]);
         assert_non_null(out[d]);
     }
-    assert_int_equal(run_gpu(&g.plan, g.mem, g.size, sel, out), 0);
+    assert_int_equal(run_gpu(&g.plan, g.mem, g.size, sel, out, NULL), 0);
     for (uint64_t i = 0; i < g.plan.dst_bytes[0]; i++)
         assert_int_equal(out[0][i], GC_POISON);
     int written = 0;
@@ -329,6 +415,7 @@ int main(void)
         cmocka_unit_test(test_planner_small),  cmocka_unit_test(test_planner_medium),
         cmocka_unit_test(test_random_ops),     cmocka_unit_test(test_conversion_sweep),
         cmocka_unit_test(test_dst_subset),     cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_nonfinite_counts),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -145,6 +145,23 @@ static void stage_case(uint64_t seed, int medium)
         for (uint64_t i = win->first_op; i < win->first_op + win->n_ops; i++) {
             const rlb_copy_op *op = &sp.ops[i];
             assert_int_equal(op->src_ref, win->buf);
+            /* the op it was cut from: a staged op of the same destination and dtypes whose
+             * rows hold the piece's */
+            assert_true(sp.op_of[i] < plan->n_ops);
+            const rlb_copy_op *from = &plan->ops[sp.op_of[i]];
+            const uint64_t dsz = rlb_dtype_size((rlb_dtype)op->dst_dtype);
+            assert_true(from->src_ref != RLB_PLAN_ZERO_SRC && staged[from->src_ref]);
+            assert_int_equal(from->dst_ref, op->dst_ref);
+            assert_int_equal(from->src_dtype, op->src_dtype);
+            assert_int_equal(from->dst_dtype, op->dst_dtype);
+            assert_true(op->dst_offset >= from->dst_offset);
+            const uint64_t at = op->dst_offset - from->dst_offset;
+            /* a one-row op's stride means nothing */
+            const int strided = from->rows > 1 && from->dst_stride;
+            const uint64_t row = strided ? at / from->dst_stride : 0;
+            const uint64_t col = strided ? at % from->dst_stride : at;
+            assert_true(row + op->rows <= from->rows);
+            assert_true(col + op->row_elems * dsz <= from->row_elems * dsz);
             pieces_read += op->rows * op->row_elems * rlb_dtype_size((rlb_dtype)op->src_dtype);
         }
         exec_ops(plan, &sp.ops[win->first_op], win->n_ops, 2, stage, stage_len, got);

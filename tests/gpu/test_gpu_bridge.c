@@ -7,7 +7,9 @@
  * checkpoint of the same weights, stamped with the version. Staged: the bridge writes the
  * worker's second device buffer while the first serves; a long request running across the
  * sync is served whole by the old version, what follows the commit by the new one, both
- * against the CPU reference. Exits 77 where no GPU is visible.
+ * against the CPU reference. Poisoned: a version holding NaN / Inf values is aborted by
+ * the copy's own count on the GPU (no extra pass), naming each tensor and its count, and
+ * the worker keeps serving the version before. Exits 77 where no GPU is visible.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -128,6 +130,30 @@ static int gpu_visible(void)
     return pid > 0 && waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0;
 }
 
+/* Version 2 carries two non-finite values in lm_head.weight and one in model.norm.weight
+ * (rank 0's rows): the bridge aborts it with the tensors and counts named, for both ranks;
+ * the GPU worker serves version 1 on, and a clean version 3 commits. */
+static void test_poisoned(void **state)
+{
+    h_run r;
+    h_child ch;
+    h_trainer t0;
+    int crc = 0;
+    start_gpu(&r, RLB_SYNC_STAGED, H_FSDP2, &ch, &t0);
+    publish_version(&ch, &t0, 1);
+    h_trainer_fill(&t0, 2);
+    assert_int_equal(h_trainer_poison3(&t0), 0);
+    assert_int_equal(h_child_publish(&ch, 2), 0);
+    assert_int_equal(rlb_publish(t0.c, 2, NULL), RLB_EABORTED);
+    assert_int_equal(h_poison3_named(rlb_last_error(t0.c)), 0);
+    assert_int_equal(h_child_result(&ch, &crc), 0);
+    assert_int_equal(crc, RLB_EABORTED);
+    assert_int_equal(h_check_greedy(&r, t0.c, 1, 1, prompt, 3, MAX_TOKENS), 0);
+    publish_version(&ch, &t0, 3);
+    assert_int_equal(h_check_greedy(&r, t0.c, 3, 1, prompt, 3, MAX_TOKENS), 0);
+    stop_gpu(&r, &ch, &t0);
+}
+
 int main(void)
 {
     if (!gpu_visible())
@@ -136,6 +162,7 @@ int main(void)
         cmocka_unit_test_teardown(test_fsdp2, h_teardown),
         cmocka_unit_test_teardown(test_fsdp1, h_teardown),
         cmocka_unit_test_teardown(test_staged, h_teardown),
+        cmocka_unit_test_teardown(test_poisoned, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

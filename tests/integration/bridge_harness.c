@@ -510,6 +510,24 @@ int h_trainer_poison(h_trainer *t, const char *name, uint64_t elem, float value)
     return -1;
 }
 
+int h_trainer_poison3(h_trainer *t)
+{
+    if (h_trainer_poison(t, "lm_head.weight", 5, __builtin_nanf("")) ||
+        h_trainer_poison(t, "lm_head.weight", 6, -__builtin_inff()) ||
+        h_trainer_poison(t, "model.norm.weight", 3, __builtin_inff()))
+        return -1;
+    return 0;
+}
+
+int h_poison3_named(const char *why)
+{
+    fprintf(stderr, "abort: %s\n", why);
+    return strstr(why, "3 non-finite") && strstr(why, "lm_head.weight: 2") &&
+                   strstr(why, "model.norm.weight: 1")
+               ? 0
+               : -1;
+}
+
 int (*h_alloc)(rlb_client *c, size_t bytes, void **ptr) = rlb_alloc_host;
 
 int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layout layout)

@@ -119,6 +119,11 @@ void h_trainer_close(h_trainer *t);
  * in t's shards with `value`, when t's FSDP2 shard holds it. Returns 0, or -1 when it does
  * not (another rank holds it, or t is FSDP1). */
 int h_trainer_poison(h_trainer *t, const char *name, uint64_t elem, float value);
+/* The poison tests' three values, in rows every FSDP2 rank 0 holds: NaN and -Inf in
+ * lm_head.weight (elements 5 and 6), +Inf in model.norm.weight (element 3). */
+int h_trainer_poison3(h_trainer *t);
+/* 0 when an abort's text (printed) names what h_trainer_poison3 put in, else -1. */
+int h_poison3_named(const char *why);
 
 /* Element `elem` (row-major) of parameter `name` in version v, as the trainers write it;
  * NAN for a name the tiny model does not have. */

@@ -30,15 +30,9 @@ static void test_poisoned_version_aborted(void **state)
     int32_t prompt[3] = {4, 8, 15};
     assert_int_equal(h_start_simple(&r, &t, RLB_SYNC_STAGED, 1), 0);
     h_trainer_fill(&t, 2);
-    assert_int_equal(h_trainer_poison(&t, "lm_head.weight", 5, __builtin_nanf("")), 0);
-    assert_int_equal(h_trainer_poison(&t, "lm_head.weight", 700, -__builtin_inff()), 0);
-    assert_int_equal(h_trainer_poison(&t, "model.norm.weight", 3, __builtin_inff()), 0);
+    assert_int_equal(h_trainer_poison3(&t), 0);
     assert_int_equal(rlb_publish(t.c, 2, NULL), RLB_EABORTED);
-    const char *why = rlb_last_error(t.c);
-    fprintf(stderr, "abort: %s\n", why);
-    assert_non_null(strstr(why, "3 non-finite"));
-    assert_non_null(strstr(why, "lm_head.weight: 2"));
-    assert_non_null(strstr(why, "model.norm.weight: 1"));
+    assert_int_equal(h_poison3_named(rlb_last_error(t.c)), 0);
     /* Serving goes on with version 1, then a clean version 3 lands. */
     assert_int_equal(h_check_greedy(&r, t.c, 1, 1, prompt, 3, MAX_TOKENS), 0);
     h_trainer_fill(&t, 3);
