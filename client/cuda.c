@@ -454,6 +454,11 @@ int rlb__cuda_place(rlb_client *c, const rlb_tensor_desc *d, uint64_t bytes,
             r = 2;
         if (r < 0)
             return r;
+        if (r == 0)
+            RLB_LOG_INFO(RLB_SUB_CLIENT, "GPU %d: an allocation of %llu bytes goes to the bridge "
+                         "as %s", d->cuda_device, (unsigned long long)a->bytes,
+                         a->kind == RLB_MEM_CUDA_VMM_FD ? "VMM fds (expandable segments)"
+                                                        : "a CUDA IPC handle");
         if (r > 0) {
             cs->stage_all = 1;
             log_staging(c, r == 1 ? "this process may not export CUDA IPC handles"

@@ -12,6 +12,8 @@
 #   reshard   rlb-bench-reshard-gpu (the copy kernel at 8B size, counting NaN/Inf and not)
 #             and the torch reshard peer
 #   grpo      examples/grpo_torch.py, 30 steps, --check (fp32: logprob mismatch <= 1e-4)
+#   grpo-vmm  the same under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the trainer's
+#             memory goes to the bridge as VMM fds; the log must say so), 20 steps
 #   lora      the PEFT golden fixture (scripts/make_peft_fixture.py, needs peft; a copy lands
 #             in $OUT/peft_lora.tar) and its test, rlb-bench-reshard-gpu --lora (the merge
 #             kernels), then rlb-bench-sync --device cuda --lora with the PEFT merge peer
@@ -73,5 +75,13 @@ for step in "$@"; do
         RLBRIDGE_LIB=$PWD/build-gpu/librlb.so.1 timeout 300 python3 examples/grpo_torch.py \
             --rlb build-gpu/rlb --steps 30 --check > "$out/grpo.log" 2>&1
         echo "grpo exit $?"; tail -8 "$out/grpo.log" ;;
+    grpo-vmm)
+        PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True RLB_LOG=info \
+            RLBRIDGE_LIB=$PWD/build-gpu/librlb.so.1 timeout 300 python3 examples/grpo_torch.py \
+            --rlb build-gpu/rlb --steps 20 --check > "$out/grpo-vmm.log" 2>&1
+        echo "grpo (expandable segments) exit $?"
+        grep -c "as VMM fds" "$out/grpo-vmm.log" | sed 's/^/allocations exported as VMM fds: /'
+        grep -c "as a CUDA IPC handle" "$out/grpo-vmm.log" | sed 's/^/as CUDA IPC handles: /'
+        tail -4 "$out/grpo-vmm.log" ;;
     esac
 done
