@@ -15,6 +15,10 @@
  *   floor_ms    the device copy floor of the same bytes: (bytes read + bytes written) over
  *               the device-to-device copy bandwidth measured in the same run
  *   control_ms  the bridge thread's own CPU time per sync (target <= 1 ms)
+ *   phases      where sync_ms went (the bridge's stats): launch (last publish to the copy
+ *               launched: event wait set-up, bind, upload), copy (launched to seen done by
+ *               the loop; gpu: the executor's GPU-event time of the copy itself), load
+ *               (loads sent to commit: post-load processing and the round trips)
  * The torch peer (../shared/device/torch_reshard_baseline.py) runs in the same device call
  * (scripts/gpu-check.sh sync). Shapes: Llama-3.2-1B and Llama-3.1-8B. Last line: JSON.
  *
@@ -60,6 +64,7 @@ typedef struct scase {
     /* results */
     uint64_t bytes_read, bytes_written;
     double sync_ms, floor_ms, control_ms;
+    double launch_ms, copy_wall_ms, copy_gpu_ms, load_ms; /* medians of the phases */
 } scase;
 
 static double now_s(void)
@@ -294,7 +299,9 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
             fprintf(stderr, "the GPU worker did not come up\n");
             goto out;
         }
-    double sync[32], control[32];
+    double sync[32], control[32], ph[4][32];
+    static const char *const ph_stat[4] = {"last_launch_ms", "last_copy_wall_ms",
+                                           "last_copy_ms", "last_load_ms"};
     for (int v = 1; v <= versions; v++) {
         /* The trainer's last write of the step, on its stream: a weight, or with adapters a
          * factor (the base stays frozen). */
@@ -306,6 +313,8 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
         }
         sync[v - 1] = ss.ms;
         control[v - 1] = stat_of(c, "control_ms_per_sync");
+        for (int k = 0; k < 4; k++)
+            ph[k][v - 1] = stat_of(c, ph_stat[k]);
         sc->bytes_written = ss.bytes;
     }
     /* The first sync uploads the plan; the median of the rest is the steady state. */
@@ -313,6 +322,11 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
     qsort(control + 1, (size_t)(versions - 1), sizeof(double), cmp_double);
     sc->sync_ms = sync[1 + (versions - 1) / 2];
     sc->control_ms = control[1 + (versions - 1) / 2];
+    double *const ph_out[4] = {&sc->launch_ms, &sc->copy_wall_ms, &sc->copy_gpu_ms, &sc->load_ms};
+    for (int k = 0; k < 4; k++) {
+        qsort(ph[k] + 1, (size_t)(versions - 1), sizeof(double), cmp_double);
+        *ph_out[k] = ph[k][1 + (versions - 1) / 2];
+    }
     sc->bytes_read = (numel + factors) * esz;
     sc->floor_ms = (double)(sc->bytes_read + sc->bytes_written) / (gbs * 1e6);
     rc = 0;
@@ -436,6 +450,9 @@ int rlb__bench_sync_cuda(int argc, char **argv)
                rlb_dtype_name(sc->src), sc->quant, sc->lora_rank,
                (unsigned long long)sc->bytes_read, (unsigned long long)sc->bytes_written,
                sc->sync_ms, sc->floor_ms, sc->sync_ms / sc->floor_ms, sc->control_ms);
+        printf("%12s phases: launch %.3f ms, copy %.3f ms (GPU events %.3f ms), load + "
+               "commit %.3f ms\n", "", sc->launch_ms, sc->copy_wall_ms, sc->copy_gpu_ms,
+               sc->load_ms);
         fflush(stdout);
     }
     if (lora) {
@@ -445,8 +462,11 @@ int rlb__bench_sync_cuda(int argc, char **argv)
                gbs);
         for (int i = 0; i < ncase; i++)
             printf(", \"%s_%s_%s\": {\"sync_ms\": %.3f, \"floor_ms\": %.3f, "
-                   "\"control_ms\": %.4f}", cases[i].name, rlb_dtype_name(cases[i].src),
-                   cases[i].quant, cases[i].sync_ms, cases[i].floor_ms, cases[i].control_ms);
+                   "\"control_ms\": %.4f, \"launch_ms\": %.3f, \"copy_ms\": %.3f, "
+                   "\"copy_gpu_ms\": %.3f, \"load_ms\": %.3f}", cases[i].name,
+                   rlb_dtype_name(cases[i].src), cases[i].quant, cases[i].sync_ms,
+                   cases[i].floor_ms, cases[i].control_ms, cases[i].launch_ms,
+                   cases[i].copy_wall_ms, cases[i].copy_gpu_ms, cases[i].load_ms);
         printf("}\n");
     }
     char model[PATH_MAX + 64];

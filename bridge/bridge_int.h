@@ -245,6 +245,11 @@ struct bridge {
     uint64_t n_syncs, n_aborts, bytes_synced, n_requests, n_results, n_retried, n_failed;
     uint64_t n_heals;         /* replicas that rejoined with the committed version */
     double last_sync_ms, last_copy_ms, last_gbps, last_control_ms;
+    /* where the last sync's time went (ms): the last publish until the copy was launched,
+     * the launch until the loop saw it done (last_copy_ms: the executor's own measure of the
+     * copy, GPU events on CUDA), then the loads sent until the commit */
+    double last_launch_ms, last_copy_wall_ms, last_load_ms;
+    double t_copy_launched, t_loads_sent; /* monotonic seconds, of the sync in flight */
     br_xnode *xnode;          /* a node of several (xnode.h), NULL on a single node */
 };
 

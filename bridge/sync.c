@@ -371,6 +371,7 @@ static void start_copy(bridge *b)
         return; /* br_xnode_pump runs it in waves, each chunk's ops once the chunk is in */
     b->copy_running = 1;
     b->copied = 1;
+    b->t_copy_launched = br_now();
     RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "version %" PRIu64 ": copying %llu bytes", b->syncing,
                   (unsigned long long)b->copy.view.bytes_written);
 }
@@ -506,6 +507,7 @@ void br_copy_done(bridge *b)
 static void copy_finished(bridge *b)
 {
     b->last_copy_ms = b->copy.ms;
+    b->t_loads_sent = br_now();
     b->copy.n_nonfinite = 0;
     for (uint64_t i = 0; i < b->copy.view.n_ops + b->copy.view.n_merges; i++)
         b->copy.n_nonfinite += b->copy.nonfinite[i];
@@ -541,8 +543,14 @@ static void copy_finished(bridge *b)
 static void commit(bridge *b)
 {
     uint64_t v = b->syncing;
-    double ms = (br_now() - b->t_last_publish) * 1e3;
+    const double now = br_now();
+    double ms = (now - b->t_last_publish) * 1e3;
     uint64_t bytes = b->copy.view.bytes_written;
+    if (b->t_copy_launched >= b->t_last_publish && b->t_loads_sent >= b->t_copy_launched) {
+        b->last_launch_ms = (b->t_copy_launched - b->t_last_publish) * 1e3;
+        b->last_copy_wall_ms = (b->t_loads_sent - b->t_copy_launched) * 1e3;
+        b->last_load_ms = (now - b->t_loads_sent) * 1e3;
+    }
     b->committed = v;
     b->stale = 0;
     b->sync = BR_SYNC_IDLE;
