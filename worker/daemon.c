@@ -535,8 +535,10 @@ static int renew_engine(wk *w)
 
 /* A step failed (the forward pass, or sampling found no finite logit left): the engine is
  * unusable (engine.h) and the requests of its batch are lost with it. Every unfinished
- * request fails with the step's error, named, and a fresh engine over the same buffer
- * serves what comes next: a per-request failure never ends the worker. Every TP rank
+ * request fails with the step's error, named, and the engine, reset, serves what comes
+ * next over the same weights (a CPU worker whose KV pool did not come back whole gets a
+ * fresh engine over the same buffer; a GPU worker's backend holds the weights the bridge
+ * mapped, so it is never recreated): a per-request failure never ends the worker. Every TP rank
  * fails the same step (the logits are the same on every rank), so they recover in
  * lockstep. Returns 0, or the error of the new engine's creation (fatal). */
 static int recover_step(wk *w, int code)
@@ -556,7 +558,8 @@ static int recover_step(wk *w, int code)
         free(g->res);
     }
     w->n_gens = 0;
-    return renew_engine(w);
+    int rc = rlb__engine_reset(w->engine);
+    return rc == 0 || w->choice.device == RLB_DEVICE_CUDA ? rc : renew_engine(w);
 }
 
 /* Staged: makes the engine read buffer `which` (set_weights runs post-load processing on

@@ -658,6 +658,24 @@ int rlb__engine_wake(rlb_engine *e)
     return 0;
 }
 
+int rlb__engine_reset(rlb_engine *e)
+{
+    for (int64_t i = 0; i < e->n_reqs; i++)
+        req_free(e, e->reqs[i]);
+    for (int64_t i = 0; i < e->n_done; i++)
+        rlb__gen_result_free(e->done[i]);
+    e->n_reqs = e->n_done = e->n_jobs = 0;
+    e->waiting.n = e->running.n = 0;
+    e->failed = 0;
+    if (!e->asleep && e->kv.n_free != e->kv.n_blocks) {
+        RLB_LOG_ERROR(RLB_SUB_ENGINE, "reset: %lld of %lld KV blocks free with no request "
+                      "left", (long long)e->kv.n_free, (long long)e->kv.n_blocks);
+        e->failed = 1;
+        return RLB_EIO;
+    }
+    return 0;
+}
+
 int rlb__engine_reload(rlb_engine *e)
 {
     int rc = preempt_all(e);

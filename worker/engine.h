@@ -111,8 +111,14 @@ void rlb__engine_destroy(rlb_engine *e);
  * cannot fit the KV cache alone) or RLB_ENOMEM. */
 int rlb__engine_add(rlb_engine *e, const rlb_gen_request *req);
 /* Runs one step. Returns the number of sequences that ran (0: nothing to do), RLB_EAGAIN
- * while asleep, or an error of the forward pass (the engine is then unusable). */
+ * while asleep, or an error of the forward pass (the engine is then unusable until
+ * rlb__engine_reset). */
 int rlb__engine_step(rlb_engine *e);
+/* Drops every request, finished results not yet taken and the KV blocks they held, and
+ * makes a failed engine usable again, keeping its backend (a GPU worker's weights, which
+ * the bridge has mapped, stay where they are). Returns 0, or RLB_EIO when the KV pool did
+ * not come back whole (then only a new engine serves). */
+int rlb__engine_reset(rlb_engine *e);
 /* 1 while any request is unfinished. */
 int rlb__engine_busy(const rlb_engine *e);
 /* Takes the oldest finished result (free with rlb__gen_result_free). Returns 0, or

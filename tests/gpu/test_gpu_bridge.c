@@ -9,9 +9,12 @@
  * sync is served whole by the old version, what follows the commit by the new one, both
  * against the CPU reference. Poisoned: a version holding NaN / Inf values is aborted by
  * the copy's own count on the GPU (no extra pass), naming each tensor and its count, and
- * the worker keeps serving the version before. Exits 77 where no GPU is visible.
+ * the worker keeps serving the version before; allowed (RLB_NONFINITE=allow), its requests
+ * fail with a named error and the worker lives on to serve the next version. Exits 77
+ * where no GPU is visible.
  */
 #include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -154,6 +157,38 @@ static void test_poisoned(void **state)
     stop_gpu(&r, &ch, &t0);
 }
 
+/* RLB_NONFINITE=allow: a version whose final norm holds a NaN commits, every logit is
+ * NaN, and each request fails with RLB_ENONFINITE, named; the GPU worker process lives on
+ * (its engine is reset over the same device weights, never recreated) and serves the next
+ * clean version against the CPU reference. */
+static void test_poisoned_allowed(void **state)
+{
+    h_run r;
+    h_child ch;
+    h_trainer t0;
+    setenv("RLB_NONFINITE", "allow", 1); /* the forked bridge inherits it */
+    start_gpu(&r, RLB_SYNC_PAUSE, H_FSDP2, &ch, &t0);
+    unsetenv("RLB_NONFINITE");
+    h_trainer_fill(&t0, 2);
+    assert_int_equal(h_trainer_poison(&t0, "model.norm.weight", 0, __builtin_nanf("")), 0);
+    assert_int_equal(h_child_publish(&ch, 2), 0);
+    assert_int_equal(rlb_publish(t0.c, 2, NULL), 0);
+    int crc = -1;
+    assert_int_equal(h_child_result(&ch, &crc), 0);
+    assert_int_equal(crc, 0);
+    for (int i = 0; i < 3; i++) {
+        rlb_result *res = NULL;
+        assert_int_equal(h_generate(t0.c, prompt, 3, MAX_TOKENS, &res), RLB_ENONFINITE);
+        assert_non_null(strstr(rlb_last_error(t0.c), "NaN"));
+    }
+    fprintf(stderr, "refusal: %s\n", rlb_last_error(t0.c));
+    assert_int_equal(kill(r.workers[0], 0), 0);
+    publish_version(&ch, &t0, 3);
+    assert_int_equal(h_check_greedy(&r, t0.c, 3, 1, prompt, 3, MAX_TOKENS), 0);
+    assert_true(h_stat(t0.c, "replicas_up") == 1);
+    stop_gpu(&r, &ch, &t0);
+}
+
 int main(void)
 {
     if (!gpu_visible())
@@ -163,6 +198,7 @@ int main(void)
         cmocka_unit_test_teardown(test_fsdp1, h_teardown),
         cmocka_unit_test_teardown(test_staged, h_teardown),
         cmocka_unit_test_teardown(test_poisoned, h_teardown),
+        cmocka_unit_test_teardown(test_poisoned_allowed, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -461,6 +461,47 @@ static void test_set_weights(void **state)
     check_set_weights(RLB_QUANT_INT8);
 }
 
+/* A failed step, then rlb__engine_reset: the weights turn NaN mid-generation, so a step
+ * fails (no finite logit) and the engine refuses to step; reset drops every request and
+ * hands the whole KV pool back, and, the weights restored, the same engine generates
+ * exactly the reference (no state of the failed batch survives). */
+static void test_reset_after_failure(void **state)
+{
+    (void)state;
+    local_engine le;
+    local_open(&le, TOGETHER, RLB_QUANT_NONE);
+    uint64_t bytes = le.m.layout.total_bytes;
+    float *keep = malloc(bytes);
+    assert_non_null(keep);
+    memcpy(keep, le.m.weights, bytes);
+    add_all(le.e);
+    for (int s = 0; s < 3; s++)
+        assert_true(rlb__engine_step(le.e) > 0);
+    float nan = NAN;
+    for (uint64_t i = 0; i < bytes / sizeof(float); i++)
+        memcpy((float *)le.m.weights + i, &nan, sizeof nan);
+    int rc = 0;
+    for (int s = 0; s < 8 && rc >= 0; s++)
+        rc = rlb__engine_step(le.e);
+    assert_true(rc < 0);
+    assert_true(rlb__engine_step(le.e) < 0); /* a failed engine refuses to step */
+    memcpy(le.m.weights, keep, bytes);
+    assert_int_equal(rlb__engine_reset(le.e), 0);
+    rlb_engine_stats st;
+    rlb__engine_stats(le.e, &st);
+    assert_int_equal(st.kv_free, st.kv_blocks);
+    rlb_gen_result *r;
+    assert_int_equal(rlb__engine_pop(le.e, &r), RLB_EAGAIN); /* nothing of the batch left */
+    batch_out *got = calloc(1, sizeof *got);
+    assert_non_null(got);
+    add_all(le.e);
+    assert_int_equal(drain(le.e, got), 0);
+    assert_same(got, reference, "after a reset");
+    free(got);
+    free(keep);
+    local_close(&le);
+}
+
 int main(void)
 {
     static scenario_case cases[] = {
@@ -478,6 +519,7 @@ int main(void)
         cmocka_unit_test(test_abort),
         cmocka_unit_test(test_add_refusals),
         cmocka_unit_test(test_set_weights),
+        cmocka_unit_test(test_reset_after_failure),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
