@@ -16,11 +16,11 @@ model over all nodes' ranks). Covered:
 - kill -9 of a node's bridge and of a node's launcher while the other node's ranks wait in a
   sync: every launcher exits with a line naming the failure within RLB_PEER_TIMEOUT_MS + 2 s
   of the kill (plus the launchers' own shutdown grace);
-- after every run: no process of the job left, no /tmp/rlb-launch-* directory, /dev/shm as
-  before.
+- after every run: no process of the job left (each carries RLB_TEST_JOB=<run id> in its
+  environment), no socket directory of its launchers (/tmp/rlb-launch-<launcher pid>-*), no
+  /dev/shm entry of its processes (shm_own.py): other jobs of the machine may come and go.
 """
 
-import glob
 import os
 import re
 import signal
@@ -31,22 +31,23 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_launch import free_port  # noqa: E402  (a port pair for the static store)
+from shm_own import Family, own_entries  # noqa: E402
+from test_launch import free_port, launch_dirs  # noqa: E402  (free_port: the static store's pair)
 
 RLB = TRAINER = None
 PEER_TIMEOUT_MS = 2000
 GRACE_S = 3.0  # the launcher's SIGTERM grace before it kills a child
 
 
-def procs_with(text):
-    """Pids whose command line contains text."""
+def procs_with(text, where="cmdline"):
+    """Pids whose command line (or environment: where="environ") contains text."""
     out = []
-    for path in glob.glob("/proc/[0-9]*/cmdline"):
+    for pid in os.listdir("/proc"):
         try:
-            with open(path, "rb") as f:
+            with open("/proc/%s/%s" % (pid, where), "rb") as f:
                 if text.encode() in f.read():
-                    out.append(int(path.split("/")[2]))
-        except OSError:
+                    out.append(int(pid))
+        except (OSError, ValueError):
             pass
     return out
 
@@ -65,8 +66,9 @@ class Job:
     def __init__(self, test, nnodes, nproc, args, restarts=0, env=None):
         self.port = free_port()
         self.run_id = "xnode-%d-%d" % (os.getpid(), self.port)
+        self.marker = "RLB_TEST_JOB=%s" % self.run_id
         env = dict(os.environ, RLB_THREADS="1", RLB_PEER_TIMEOUT_MS=str(PEER_TIMEOUT_MS),
-                   **(env or {}))
+                   RLB_TEST_JOB=self.run_id, **(env or {}))
         self.procs = []
         for n in range(nnodes):
             cmd = [RLB, "launch", "--nnodes", str(nnodes), "--node-rank", str(n),
@@ -83,10 +85,11 @@ class Job:
         codes = []
         for i, p in enumerate(self.procs):
             try:
-                self.out[i], _ = p.communicate(timeout=timeout)
+                out, _ = p.communicate(timeout=timeout)
+                self.out[i] += out  # after what read_until took
             except subprocess.TimeoutExpired:
                 p.kill()
-                self.out[i], _ = p.communicate()
+                self.out[i] += p.communicate()[0]
                 raise AssertionError("node %d did not finish in %d s:\n%s" %
                                      (i, timeout, self.out[i][-3000:]))
             codes.append(p.returncode)
@@ -110,26 +113,25 @@ class Job:
 class XnodeTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
-        self.dirs = set(glob.glob("/tmp/rlb-launch-*"))
-        self.shm = set(os.listdir("/dev/shm"))
+        self.dirs = launch_dirs()  # a stale one whose pid a launcher of ours reuses is not ours
+        self.family = Family().start()
+        self.shm = own_entries()
 
     def tearDown(self):
+        self.family.stop()
         self.tmp.cleanup()
 
     def assertClean(self, job):
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            left = procs_with(job.run_id) + [p for p in procs_with(TRAINER)
-                                             if argv_of(p)[:1] == [TRAINER]]
-            # A new directory that a live process names is another job's (this one's are
-            # all gone once `left` is empty): jobs of other test runs share /tmp.
-            dirs = {d for d in set(glob.glob("/tmp/rlb-launch-*")) - self.dirs
-                    if not procs_with(d)}
-            shm = set(os.listdir("/dev/shm")) - self.shm
+            left = procs_with(job.marker + "\0", "environ")
+            dirs = launch_dirs([p.pid for p in job.procs]) - self.dirs
+            shm = own_entries(self.family.pids()) - self.shm
             if not left and not dirs and not shm:
                 return
             time.sleep(0.1)
-        self.fail("left behind: processes %s, directories %s, /dev/shm %s" % (left, dirs, shm))
+        self.fail("left behind: processes %s, directories %s, /dev/shm %s" %
+                  ([(p, argv_of(p)) for p in left], dirs, shm))
 
     def synced_all(self, job, nnodes, nproc, versions):
         for n in range(nnodes):

@@ -25,10 +25,3 @@ if(TARGET rlb AND TARGET rlb_xport)
                          SKIP_RETURN_CODE 77)
   endif()
 endif()
-# test_launch and test_xnode both check that no /tmp/rlb-launch-* directory is left behind:
-# they see each other's while both run, so they take turns.
-foreach(t test_launch test_xnode)
-  if(TEST ${t})
-    set_tests_properties(${t} PROPERTIES RESOURCE_LOCK rlb_launch_dirs)
-  endif()
-endforeach()
