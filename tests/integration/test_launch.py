@@ -11,9 +11,9 @@ Every node is its own launcher with its own socket directory and address on loop
 - --max-restarts 1 with a trainer that exits 1 once: the group restarts, the bridge stays
   up, the run finishes; without restarts the worst exit status comes back;
 - kill -9 of the launcher: no process left, socket directory gone; SIGINT: 130, same;
-- bad input: nodes disagreeing on --nnodes or --nproc-per-node, a master port in use, a run
-  id of another job, a missing script, a node that never arrives: one line naming the node
-  and the value, every launcher stopped;
+- bad input: nodes disagreeing on --nnodes or --nproc-per-node, a master port in use, a
+  master address that is not node 0's, a run id of another job, a missing script, a node
+  that never arrives: one line naming the node and the value, every launcher stopped;
 - a trainer failing on node 1 stops node 0 too.
 Left behind is checked on what this test's own launchers made: their socket directories
 (named by the launcher's pid) and the /dev/shm entries of their processes (shm_own.py), so
@@ -396,6 +396,14 @@ class LaunchTest(unittest.TestCase):
         self.assertIn("serves run id 'job-a', not 'job-b'", p.stderr)
         job_a.communicate(timeout=20)
         self.assertEqual(job_a.returncode, 1)
+
+    def test_master_addr_not_this_node(self):
+        s = self.script("env.py", PRINT_ENV)
+        p = self.run_launch(["--nnodes", "2", "--node-rank", "0", "--master-addr", "192.0.2.1",
+                             "--master-port", str(free_port()), "--rollout-replicas", "0", s])
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("node 0: --master-addr 192.0.2.1 is not an address of this node",
+                      p.stderr)
 
     def test_remote_failure_stops_all(self):
         s = self.script("exit.py", EXIT_CODE)
