@@ -19,6 +19,7 @@ model over all nodes' ranks). Covered:
 - after every run: no process of the job left (each carries RLB_TEST_JOB=<run id> in its
   environment), no socket directory of its launchers (/tmp/rlb-launch-<launcher pid>-*), no
   /dev/shm entry of its processes (shm_own.py): other jobs of the machine may come and go.
+Job and XnodeCase also serve test_xnode_netns.py, where each node is a network namespace.
 """
 
 import os
@@ -60,26 +61,54 @@ def argv_of(pid):
         return []
 
 
-class Job:
-    """One launcher per node, started at once."""
+class Loopback:
+    """Every node on this machine's loopback, node n at 127.0.0.(n+1)."""
 
-    def __init__(self, test, nnodes, nproc, args, restarts=0, env=None):
+    env = {}
+
+    def addr(self, n):
+        return "127.0.0.%d" % (n + 1)
+
+    def wrap(self, n):
+        """The command that runs node n's launcher (prefixed to it)."""
+        return []
+
+
+class Job:
+    """One launcher per node of test.net, started at once. With c10d the launchers are given
+    no node rank: node 0 is the one that binds the endpoint (at net.addr(0)), the others are
+    ranked by arrival."""
+
+    def __init__(self, test, nnodes, nproc, args, restarts=0, env=None, c10d=False):
+        net = test.net
         self.port = free_port()
         self.run_id = "xnode-%d-%d" % (os.getpid(), self.port)
         self.marker = "RLB_TEST_JOB=%s" % self.run_id
+        self.nproc = nproc
         env = dict(os.environ, RLB_THREADS="1", RLB_PEER_TIMEOUT_MS=str(PEER_TIMEOUT_MS),
-                   RLB_TEST_JOB=self.run_id, **(env or {}))
+                   RLB_TEST_JOB=self.run_id, **net.env, **(env or {}))
         self.procs = []
         for n in range(nnodes):
-            cmd = [RLB, "launch", "--nnodes", str(nnodes), "--node-rank", str(n),
-                   "--master-addr", "127.0.0.1", "--master-port", str(self.port),
-                   "--local-addr", "127.0.0.%d" % (n + 1), "--nproc-per-node", str(nproc),
-                   "--rollout-tp", "2", "--max-restarts", str(restarts),
-                   "--rdzv-id", self.run_id, "--no-python", TRAINER] + args
+            if c10d:
+                rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint",
+                        "%s:%d" % (net.addr(0), self.port)]
+            else:
+                rdzv = ["--node-rank", str(n), "--master-addr", net.addr(0),
+                        "--master-port", str(self.port)]
+            cmd = net.wrap(n) + [
+                RLB, "launch", "--nnodes", str(nnodes), *rdzv, "--local-addr", net.addr(n),
+                "--nproc-per-node", str(nproc), "--rollout-tp", "2",
+                "--max-restarts", str(restarts), "--rdzv-id", self.run_id, "--no-python",
+                TRAINER] + args
             self.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                                stderr=subprocess.STDOUT, text=True, env=env,
                                                cwd=test.tmp.name))
         self.out = [""] * nnodes
+
+    def node_of(self, i):
+        """The node rank launcher i got, from its trainers' prefixes."""
+        m = re.search(r"(?m)^\[trainer (\d+)\]", self.out[i])
+        return int(m.group(1)) // self.nproc if m else None
 
     def wait(self, timeout):
         codes = []
@@ -110,7 +139,11 @@ class Job:
                                                                  self.out[node][-3000:]))
 
 
-class XnodeTest(unittest.TestCase):
+class XnodeCase(unittest.TestCase):
+    """The checks of a cross-node test; net says where the nodes are."""
+
+    net = Loopback()
+
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
         self.dirs = launch_dirs()  # a stale one whose pid a launcher of ours reuses is not ours
@@ -134,16 +167,45 @@ class XnodeTest(unittest.TestCase):
                   ([(p, argv_of(p)) for p in left], dirs, shm))
 
     def synced_all(self, job, nnodes, nproc, versions):
-        for n in range(nnodes):
+        self.assertEqual(sorted(job.node_of(i) for i in range(nnodes)), list(range(nnodes)),
+                         "\n".join(o[-1000:] for o in job.out))
+        for i in range(nnodes):
+            n, out = job.node_of(i), job.out[i]
             for r in range(n * nproc, (n + 1) * nproc):
                 for v in (1, versions):
-                    self.assertIn("[trainer %d] synced %d " % (r, v), job.out[n], job.out[n][-3000:])
-                self.assertIn("[trainer %d] done" % r, job.out[n])
-            self.assertNotIn("MISMATCH", job.out[n])
-            if "check unavailable" in job.out[n]:
+                    self.assertIn("[trainer %d] synced %d " % (r, v), out, out[-3000:])
+                self.assertIn("[trainer %d] done" % r, out)
+            self.assertNotIn("MISMATCH", out)
+            if "check unavailable" in out:
                 raise unittest.SkipTest("this machine does not let a process read another's "
-                                        "memory (/proc/PID/mem): " + job.out[n][-500:])
+                                        "memory (/proc/PID/mem): " + out[-500:])
 
+    def kill_and_time(self, what):
+        """Node 0's rank waits in version 6 while node 1's `what` is killed."""
+        job = Job(self, 2, 1, ["--versions", "20", "--die", "1:6:stall"], restarts=0)
+        job.read_until(0, r"\[trainer 0\] synced 5 ", 60)
+        time.sleep(0.3)  # node 0's rank is in version 6 now, node 1's stalls before it
+        victim = job.procs[1].pid
+        if what == "bridge":
+            victim = [p for p in procs_with(job.run_id)
+                      if argv_of(p)[1:2] == ["bridge"] and "--node-rank" in argv_of(p) and
+                      argv_of(p)[argv_of(p).index("--node-rank") + 1] == "1"]
+            self.assertEqual(len(victim), 1, victim)
+            victim = victim[0]
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        codes = job.wait(30)
+        elapsed = time.monotonic() - t0
+        print("kill -9 of node 1's %s: every launcher out in %.2f s" % (what, elapsed),
+              file=sys.stderr)
+        self.assertNotEqual(codes[0], 0)
+        self.assertLess(elapsed, PEER_TIMEOUT_MS / 1000 + 2 + 2 * GRACE_S, job.out[0][-2000:])
+        self.assertRegex(job.out[0], r"node 1|stopping", job.out[0][-2000:])
+        self.assertNotIn("[trainer 0] synced 6 ", job.out[0])
+        self.assertClean(job)
+
+
+class XnodeTest(XnodeCase):
     def test_fsdp2_two_nodes(self):
         job = Job(self, 2, 2, ["--layout", "fsdp2", "--versions", "20", "--check"])
         self.assertEqual(job.wait(90), [0, 0], "\n".join(o[-2000:] for o in job.out))
@@ -197,30 +259,6 @@ class XnodeTest(unittest.TestCase):
         synced7 = "[trainer 0] synced 7 " in job.out[0]
         self.assertTrue(synced7 or re.search(r"\[trainer 0\] aborted 7", job.out[0]) or
                         "stopping" in job.out[0], job.out[0][-2000:])
-        self.assertClean(job)
-
-    def kill_and_time(self, what):
-        """Node 0's rank waits in version 6 while node 1's `what` is killed."""
-        job = Job(self, 2, 1, ["--versions", "20", "--die", "1:6:stall"], restarts=0)
-        job.read_until(0, r"\[trainer 0\] synced 5 ", 60)
-        time.sleep(0.3)  # node 0's rank is in version 6 now, node 1's stalls before it
-        victim = job.procs[1].pid
-        if what == "bridge":
-            victim = [p for p in procs_with(job.run_id)
-                      if argv_of(p)[1:2] == ["bridge"] and "--node-rank" in argv_of(p) and
-                      argv_of(p)[argv_of(p).index("--node-rank") + 1] == "1"]
-            self.assertEqual(len(victim), 1, victim)
-            victim = victim[0]
-        os.kill(victim, signal.SIGKILL)
-        t0 = time.monotonic()
-        codes = job.wait(30)
-        elapsed = time.monotonic() - t0
-        print("kill -9 of node 1's %s: every launcher out in %.2f s" % (what, elapsed),
-              file=sys.stderr)
-        self.assertNotEqual(codes[0], 0)
-        self.assertLess(elapsed, PEER_TIMEOUT_MS / 1000 + 2 + 2 * GRACE_S, job.out[0][-2000:])
-        self.assertRegex(job.out[0], r"node 1|stopping", job.out[0][-2000:])
-        self.assertNotIn("[trainer 0] synced 6 ", job.out[0])
         self.assertClean(job)
 
     def test_bridge_killed(self):
