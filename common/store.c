@@ -393,7 +393,7 @@ int rlb__store_server_start(const char *addr, int port, const char *run_id,
     int one = 1;
     setsockopt(s->listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
     if (bind(s->listen_fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-        rc = errno == EADDRINUSE ? RLB_EEXIST : errno == EADDRNOTAVAIL ? RLB_EINVAL : RLB_EIO;
+        rc = errno == EADDRINUSE ? RLB_EEXIST : errno == EADDRNOTAVAIL ? RLB_ENOTFOUND : RLB_EIO;
         RLB_LOG_DEBUG(RLB_SUB_LAUNCH, "store: bind %s:%d: %s", addr, port, strerror(errno));
         goto err;
     }

@@ -30,8 +30,9 @@ typedef struct rlb_store_server rlb_store_server;
 typedef struct rlb_store rlb_store;
 
 /* Listens on addr:port (port 0: a free port, see rlb__store_server_port) for the job run_id
- * and serves from a thread. Returns 0, RLB_EEXIST when the port is in use, RLB_EINVAL for a
- * bad address or run id, RLB_EIO or RLB_ENOMEM. */
+ * and serves from a thread. Returns 0, RLB_EEXIST when the port is in use, RLB_ENOTFOUND
+ * when addr is not an address of this machine (another node's), RLB_EINVAL for a bad
+ * address or run id, RLB_EIO or RLB_ENOMEM. */
 int rlb__store_server_start(const char *addr, int port, const char *run_id,
                             rlb_store_server **out);
 /* The port the server listens on. */

@@ -66,7 +66,7 @@ typedef struct launcher {
     rlb_launch_opts o;         /* the options */
     rlb_rdzv rdzv;             /* the rendezvous and the store connection */
     char self[PATH_MAX];       /* this program, to run `rlb bridge` / `rlb worker` */
-    char dir[64];              /* private socket directory; "" = none */
+    char dir[64];              /* socket directory /tmp/rlb-launch-<our pid>-*; "" = none */
     char socket[128];          /* dir/bridge */
     char log_root[PATH_MAX];   /* --log-dir/<run id>; "" = no log files */
     child *kids;               /* bridge, workers, trainers */
@@ -817,7 +817,9 @@ static int setup(launcher *L)
         }
     }
     if (o->rollout_replicas) {
-        strcpy(L->dir, "/tmp/rlb-launch-XXXXXX");
+        /* named by our pid, so whoever looks at /tmp (a test, an operator) can tell whose
+         * it is while other jobs of the machine have theirs there */
+        snprintf(L->dir, sizeof(L->dir), "/tmp/rlb-launch-%d-XXXXXX", (int)getpid());
         if (!mkdtemp(L->dir)) {
             perror("rlb launch: mkdtemp");
             L->dir[0] = 0;

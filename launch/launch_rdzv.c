@@ -14,6 +14,7 @@
  * closes the rendezvous once MIN nodes are there and the last-call time has passed.
  */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,19 +53,21 @@ static int free_port(const char *addr)
     return port;
 }
 
-/* Whether addr:port can be bound now (the master port that trainer rank 0 will take). */
+/* Whether addr:port can be bound now (the master port that trainer rank 0 will take):
+ * 0, RLB_EEXIST (in use), RLB_ENOTFOUND (addr is not this node's) or RLB_EIO. */
 static int port_free(const char *addr, int port)
 {
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     if (inet_pton(AF_INET, addr, &sa.sin_addr) != 1)
         sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1, rc = 0;
     if (fd < 0)
-        return 0;
+        return RLB_EIO;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    int ok = bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+        rc = errno == EADDRINUSE ? RLB_EEXIST : errno == EADDRNOTAVAIL ? RLB_ENOTFOUND : RLB_EIO;
     close(fd);
-    return ok;
+    return rc;
 }
 
 static void node_key(char *buf, size_t cap, const char *what, int r)
@@ -157,21 +160,33 @@ int rlb__rdzv_join(const rlb_launch_opts *o, const char *script_error, rlb_rdzv 
              is_static ? o->master_addr : r->store_addr);
     int host = o->node_rank == 0 || o->standalone;
     if (!is_static && o->node_rank < 0) {
-        /* c10d without a node rank: whoever binds the endpoint first is node 0 */
+        /* c10d without a node rank: whoever binds the endpoint first is node 0; a node
+         * the endpoint's address is not on (another machine's) cannot and joins it */
         rc = rlb__store_server_start(r->store_addr, r->store_port, o->rdzv_id, &r->server);
         host = rc == 0;
-        if (rc < 0 && rc != RLB_EEXIST) {
+        if (rc < 0 && rc != RLB_EEXIST && rc != RLB_ENOTFOUND) {
             snprintf(err, errcap, "cannot listen at --rdzv-endpoint %s:%d: %s", r->store_addr,
                      r->store_port, rlb_strerror(rc));
             return rc;
         }
     } else if (host) {
-        if (is_static && !port_free(o->master_addr, master_port)) {
-            snprintf(err, errcap, "node 0: --master-port %d on %s is in use", master_port,
+        rc = is_static ? port_free(o->master_addr, master_port) : 0;
+        if (rc == RLB_ENOTFOUND) {
+            snprintf(err, errcap, "node 0: --master-addr %s is not an address of this node",
                      o->master_addr);
-            return RLB_EEXIST;
+            return rc;
+        }
+        if (rc < 0) {
+            snprintf(err, errcap, "node 0: --master-port %d on %s is %s", master_port,
+                     o->master_addr, rc == RLB_EEXIST ? "in use" : rlb_strerror(rc));
+            return rc;
         }
         rc = rlb__store_server_start(r->store_addr, r->store_port, o->rdzv_id, &r->server);
+        if (rc == RLB_ENOTFOUND) {
+            snprintf(err, errcap, "node 0: the rendezvous address %s is not an address of this "
+                     "node", r->store_addr);
+            return rc;
+        }
         if (rc < 0) {
             snprintf(err, errcap, "node 0: the rendezvous port %d on %s%s is %s", r->store_port,
                      r->store_addr, is_static && o->rdzv_port < 0 ? " (--master-port + 1)" : "",

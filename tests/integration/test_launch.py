@@ -11,10 +11,13 @@ Every node is its own launcher with its own socket directory and address on loop
 - --max-restarts 1 with a trainer that exits 1 once: the group restarts, the bridge stays
   up, the run finishes; without restarts the worst exit status comes back;
 - kill -9 of the launcher: no process left, socket directory gone; SIGINT: 130, same;
-- bad input: nodes disagreeing on --nnodes or --nproc-per-node, a master port in use, a run
-  id of another job, a missing script, a node that never arrives: one line naming the node
-  and the value, every launcher stopped;
+- bad input: nodes disagreeing on --nnodes or --nproc-per-node, a master port in use, a
+  master address that is not node 0's, a run id of another job, a missing script, a node
+  that never arrives: one line naming the node and the value, every launcher stopped;
 - a trainer failing on node 1 stops node 0 too.
+Left behind is checked on what this test's own launchers made: their socket directories
+(named by the launcher's pid) and the /dev/shm entries of their processes (shm_own.py), so
+other jobs of the machine may come and go meanwhile.
 """
 
 import glob
@@ -28,6 +31,9 @@ import sys
 import tempfile
 import time
 import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shm_own import Family, descendants, own_entries  # noqa: E402
 
 RLB = None
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "README.md")
@@ -98,28 +104,12 @@ def free_port():
     raise RuntimeError("no free port pair")
 
 
-def launch_dirs():
-    return set(glob.glob("/tmp/rlb-launch-*"))
-
-
-def descendants(pid):
-    """Pids below pid (from /proc)."""
-    parent = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            parent[int(stat.split("/")[2])] = int(fields[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for c, pp in parent.items():
-            if pp == p:
-                out.append(c)
-                todo.append(c)
-    return out
+def launch_dirs(pids=None):
+    """The launchers' socket directories (/tmp/rlb-launch-<launcher pid>-XXXXXX): those of
+    pids, or all."""
+    if pids is None:
+        return set(glob.glob("/tmp/rlb-launch-*"))
+    return {d for p in pids for d in glob.glob("/tmp/rlb-launch-%d-*" % p)}
 
 
 def alive(pid):
@@ -139,10 +129,13 @@ class LaunchTest(unittest.TestCase):
         self.tmp = tempfile.TemporaryDirectory()
         self.env = dict(os.environ, RLB_THREADS="1")
         self.env.pop("OMP_NUM_THREADS", None)
-        self.dirs = launch_dirs()
-        self.shm = set(os.listdir("/dev/shm"))
+        self.launchers = []  # pids of the launchers this test started
+        self.dirs = launch_dirs()  # a stale one whose pid a launcher of ours reuses is not ours
+        self.family = Family().start()
+        self.shm = own_entries()
 
     def tearDown(self):
+        self.family.stop()
         self.tmp.cleanup()
 
     def script(self, name, text):
@@ -152,19 +145,30 @@ class LaunchTest(unittest.TestCase):
         return path
 
     def run_launch(self, args, timeout=90):
-        return subprocess.run([RLB, "launch", *args], capture_output=True, text=True,
-                              env=self.env, timeout=timeout)
+        p = self.start(args)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise
+        return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
     def start(self, args):
-        return subprocess.Popen([RLB, "launch", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=self.env)
+        p = subprocess.Popen([RLB, "launch", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=self.env)
+        self.launchers.append(p.pid)
+        return p
+
+    def own_dirs(self):
+        return launch_dirs(self.launchers) - self.dirs
 
     def assertClean(self):
         deadline = time.monotonic() + 5
-        while launch_dirs() - self.dirs and time.monotonic() < deadline:
+        while self.own_dirs() and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.assertEqual(launch_dirs() - self.dirs, set())
-        self.assertLessEqual(set(os.listdir("/dev/shm")), self.shm)
+        self.assertEqual(self.own_dirs(), set())
+        self.assertLessEqual(own_entries(self.family.pids()), self.shm)
 
     def check_env(self, env, g, n, l, p, r, m, run, master):
         for k, f in ENV.items():
@@ -305,8 +309,7 @@ class LaunchTest(unittest.TestCase):
         n = self.start_sleepers(port, 2)
         kids = descendants(n.pid)
         self.assertGreaterEqual(len(kids), 6)  # watchdog, bridge, 2 workers, 2 trainers
-        new_dirs = launch_dirs() - self.dirs
-        self.assertEqual(len(new_dirs), 1)
+        self.assertEqual(len(self.own_dirs()), 1)
         n.kill()
         n.wait()
         n.stdout.close()
@@ -393,6 +396,14 @@ class LaunchTest(unittest.TestCase):
         self.assertIn("serves run id 'job-a', not 'job-b'", p.stderr)
         job_a.communicate(timeout=20)
         self.assertEqual(job_a.returncode, 1)
+
+    def test_master_addr_not_this_node(self):
+        s = self.script("env.py", PRINT_ENV)
+        p = self.run_launch(["--nnodes", "2", "--node-rank", "0", "--master-addr", "192.0.2.1",
+                             "--master-port", str(free_port()), "--rollout-replicas", "0", s])
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("node 0: --master-addr 192.0.2.1 is not an address of this node",
+                      p.stderr)
 
     def test_remote_failure_stops_all(self):
         s = self.script("exit.py", EXIT_CODE)

@@ -16,11 +16,12 @@ model over all nodes' ranks). Covered:
 - kill -9 of a node's bridge and of a node's launcher while the other node's ranks wait in a
   sync: every launcher exits with a line naming the failure within RLB_PEER_TIMEOUT_MS + 2 s
   of the kill (plus the launchers' own shutdown grace);
-- after every run: no process of the job left, no /tmp/rlb-launch-* directory, /dev/shm as
-  before.
+- after every run: no process of the job left (each carries RLB_TEST_JOB=<run id> in its
+  environment), no socket directory of its launchers (/tmp/rlb-launch-<launcher pid>-*), no
+  /dev/shm entry of its processes (shm_own.py): other jobs of the machine may come and go.
+Job and XnodeCase also serve test_xnode_netns.py, where each node is a network namespace.
 """
 
-import glob
 import os
 import re
 import signal
@@ -31,22 +32,23 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_launch import free_port  # noqa: E402  (a port pair for the static store)
+from shm_own import Family, own_entries  # noqa: E402
+from test_launch import free_port, launch_dirs  # noqa: E402  (free_port: the static store's pair)
 
 RLB = TRAINER = None
 PEER_TIMEOUT_MS = 2000
 GRACE_S = 3.0  # the launcher's SIGTERM grace before it kills a child
 
 
-def procs_with(text):
-    """Pids whose command line contains text."""
+def procs_with(text, where="cmdline"):
+    """Pids whose command line (or environment: where="environ") contains text."""
     out = []
-    for path in glob.glob("/proc/[0-9]*/cmdline"):
+    for pid in os.listdir("/proc"):
         try:
-            with open(path, "rb") as f:
+            with open("/proc/%s/%s" % (pid, where), "rb") as f:
                 if text.encode() in f.read():
-                    out.append(int(path.split("/")[2]))
-        except OSError:
+                    out.append(int(pid))
+        except (OSError, ValueError):
             pass
     return out
 
@@ -59,34 +61,64 @@ def argv_of(pid):
         return []
 
 
-class Job:
-    """One launcher per node, started at once."""
+class Loopback:
+    """Every node on this machine's loopback, node n at 127.0.0.(n+1)."""
 
-    def __init__(self, test, nnodes, nproc, args, restarts=0, env=None):
+    env = {}
+
+    def addr(self, n):
+        return "127.0.0.%d" % (n + 1)
+
+    def wrap(self, n):
+        """The command that runs node n's launcher (prefixed to it)."""
+        return []
+
+
+class Job:
+    """One launcher per node of test.net, started at once. With c10d the launchers are given
+    no node rank: node 0 is the one that binds the endpoint (at net.addr(0)), the others are
+    ranked by arrival."""
+
+    def __init__(self, test, nnodes, nproc, args, restarts=0, env=None, c10d=False):
+        net = test.net
         self.port = free_port()
         self.run_id = "xnode-%d-%d" % (os.getpid(), self.port)
+        self.marker = "RLB_TEST_JOB=%s" % self.run_id
+        self.nproc = nproc
         env = dict(os.environ, RLB_THREADS="1", RLB_PEER_TIMEOUT_MS=str(PEER_TIMEOUT_MS),
-                   **(env or {}))
+                   RLB_TEST_JOB=self.run_id, **net.env, **(env or {}))
         self.procs = []
         for n in range(nnodes):
-            cmd = [RLB, "launch", "--nnodes", str(nnodes), "--node-rank", str(n),
-                   "--master-addr", "127.0.0.1", "--master-port", str(self.port),
-                   "--local-addr", "127.0.0.%d" % (n + 1), "--nproc-per-node", str(nproc),
-                   "--rollout-tp", "2", "--max-restarts", str(restarts),
-                   "--rdzv-id", self.run_id, "--no-python", TRAINER] + args
+            if c10d:
+                rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint",
+                        "%s:%d" % (net.addr(0), self.port)]
+            else:
+                rdzv = ["--node-rank", str(n), "--master-addr", net.addr(0),
+                        "--master-port", str(self.port)]
+            cmd = net.wrap(n) + [
+                RLB, "launch", "--nnodes", str(nnodes), *rdzv, "--local-addr", net.addr(n),
+                "--nproc-per-node", str(nproc), "--rollout-tp", "2",
+                "--max-restarts", str(restarts), "--rdzv-id", self.run_id, "--no-python",
+                TRAINER] + args
             self.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                                stderr=subprocess.STDOUT, text=True, env=env,
                                                cwd=test.tmp.name))
         self.out = [""] * nnodes
 
+    def node_of(self, i):
+        """The node rank launcher i got, from its trainers' prefixes."""
+        m = re.search(r"(?m)^\[trainer (\d+)\]", self.out[i])
+        return int(m.group(1)) // self.nproc if m else None
+
     def wait(self, timeout):
         codes = []
         for i, p in enumerate(self.procs):
             try:
-                self.out[i], _ = p.communicate(timeout=timeout)
+                out, _ = p.communicate(timeout=timeout)
+                self.out[i] += out  # after what read_until took
             except subprocess.TimeoutExpired:
                 p.kill()
-                self.out[i], _ = p.communicate()
+                self.out[i] += p.communicate()[0]
                 raise AssertionError("node %d did not finish in %d s:\n%s" %
                                      (i, timeout, self.out[i][-3000:]))
             codes.append(p.returncode)
@@ -107,41 +139,73 @@ class Job:
                                                                  self.out[node][-3000:]))
 
 
-class XnodeTest(unittest.TestCase):
+class XnodeCase(unittest.TestCase):
+    """The checks of a cross-node test; net says where the nodes are."""
+
+    net = Loopback()
+
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
-        self.dirs = set(glob.glob("/tmp/rlb-launch-*"))
-        self.shm = set(os.listdir("/dev/shm"))
+        self.dirs = launch_dirs()  # a stale one whose pid a launcher of ours reuses is not ours
+        self.family = Family().start()
+        self.shm = own_entries()
 
     def tearDown(self):
+        self.family.stop()
         self.tmp.cleanup()
 
     def assertClean(self, job):
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            left = procs_with(job.run_id) + [p for p in procs_with(TRAINER)
-                                             if argv_of(p)[:1] == [TRAINER]]
-            # A new directory that a live process names is another job's (this one's are
-            # all gone once `left` is empty): jobs of other test runs share /tmp.
-            dirs = {d for d in set(glob.glob("/tmp/rlb-launch-*")) - self.dirs
-                    if not procs_with(d)}
-            shm = set(os.listdir("/dev/shm")) - self.shm
+            left = procs_with(job.marker + "\0", "environ")
+            dirs = launch_dirs([p.pid for p in job.procs]) - self.dirs
+            shm = own_entries(self.family.pids()) - self.shm
             if not left and not dirs and not shm:
                 return
             time.sleep(0.1)
-        self.fail("left behind: processes %s, directories %s, /dev/shm %s" % (left, dirs, shm))
+        self.fail("left behind: processes %s, directories %s, /dev/shm %s" %
+                  ([(p, argv_of(p)) for p in left], dirs, shm))
 
     def synced_all(self, job, nnodes, nproc, versions):
-        for n in range(nnodes):
+        self.assertEqual(sorted(job.node_of(i) for i in range(nnodes)), list(range(nnodes)),
+                         "\n".join(o[-1000:] for o in job.out))
+        for i in range(nnodes):
+            n, out = job.node_of(i), job.out[i]
             for r in range(n * nproc, (n + 1) * nproc):
                 for v in (1, versions):
-                    self.assertIn("[trainer %d] synced %d " % (r, v), job.out[n], job.out[n][-3000:])
-                self.assertIn("[trainer %d] done" % r, job.out[n])
-            self.assertNotIn("MISMATCH", job.out[n])
-            if "check unavailable" in job.out[n]:
+                    self.assertIn("[trainer %d] synced %d " % (r, v), out, out[-3000:])
+                self.assertIn("[trainer %d] done" % r, out)
+            self.assertNotIn("MISMATCH", out)
+            if "check unavailable" in out:
                 raise unittest.SkipTest("this machine does not let a process read another's "
-                                        "memory (/proc/PID/mem): " + job.out[n][-500:])
+                                        "memory (/proc/PID/mem): " + out[-500:])
 
+    def kill_and_time(self, what):
+        """Node 0's rank waits in version 6 while node 1's `what` is killed."""
+        job = Job(self, 2, 1, ["--versions", "20", "--die", "1:6:stall"], restarts=0)
+        job.read_until(0, r"\[trainer 0\] synced 5 ", 60)
+        time.sleep(0.3)  # node 0's rank is in version 6 now, node 1's stalls before it
+        victim = job.procs[1].pid
+        if what == "bridge":
+            victim = [p for p in procs_with(job.run_id)
+                      if argv_of(p)[1:2] == ["bridge"] and "--node-rank" in argv_of(p) and
+                      argv_of(p)[argv_of(p).index("--node-rank") + 1] == "1"]
+            self.assertEqual(len(victim), 1, victim)
+            victim = victim[0]
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        codes = job.wait(30)
+        elapsed = time.monotonic() - t0
+        print("kill -9 of node 1's %s: every launcher out in %.2f s" % (what, elapsed),
+              file=sys.stderr)
+        self.assertNotEqual(codes[0], 0)
+        self.assertLess(elapsed, PEER_TIMEOUT_MS / 1000 + 2 + 2 * GRACE_S, job.out[0][-2000:])
+        self.assertRegex(job.out[0], r"node 1|stopping", job.out[0][-2000:])
+        self.assertNotIn("[trainer 0] synced 6 ", job.out[0])
+        self.assertClean(job)
+
+
+class XnodeTest(XnodeCase):
     def test_fsdp2_two_nodes(self):
         job = Job(self, 2, 2, ["--layout", "fsdp2", "--versions", "20", "--check"])
         self.assertEqual(job.wait(90), [0, 0], "\n".join(o[-2000:] for o in job.out))
@@ -195,30 +259,6 @@ class XnodeTest(unittest.TestCase):
         synced7 = "[trainer 0] synced 7 " in job.out[0]
         self.assertTrue(synced7 or re.search(r"\[trainer 0\] aborted 7", job.out[0]) or
                         "stopping" in job.out[0], job.out[0][-2000:])
-        self.assertClean(job)
-
-    def kill_and_time(self, what):
-        """Node 0's rank waits in version 6 while node 1's `what` is killed."""
-        job = Job(self, 2, 1, ["--versions", "20", "--die", "1:6:stall"], restarts=0)
-        job.read_until(0, r"\[trainer 0\] synced 5 ", 60)
-        time.sleep(0.3)  # node 0's rank is in version 6 now, node 1's stalls before it
-        victim = job.procs[1].pid
-        if what == "bridge":
-            victim = [p for p in procs_with(job.run_id)
-                      if argv_of(p)[1:2] == ["bridge"] and "--node-rank" in argv_of(p) and
-                      argv_of(p)[argv_of(p).index("--node-rank") + 1] == "1"]
-            self.assertEqual(len(victim), 1, victim)
-            victim = victim[0]
-        os.kill(victim, signal.SIGKILL)
-        t0 = time.monotonic()
-        codes = job.wait(30)
-        elapsed = time.monotonic() - t0
-        print("kill -9 of node 1's %s: every launcher out in %.2f s" % (what, elapsed),
-              file=sys.stderr)
-        self.assertNotEqual(codes[0], 0)
-        self.assertLess(elapsed, PEER_TIMEOUT_MS / 1000 + 2 + 2 * GRACE_S, job.out[0][-2000:])
-        self.assertRegex(job.out[0], r"node 1|stopping", job.out[0][-2000:])
-        self.assertNotIn("[trainer 0] synced 6 ", job.out[0])
         self.assertClean(job)
 
     def test_bridge_killed(self):
