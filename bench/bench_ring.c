@@ -461,21 +461,24 @@ static void recv_ring_big(duo *k, rate_run *R, long n)
     rlb__ring_recv_done(&k->rx, &R->rx);
 }
 
-/* Reads every byte of p[0..len): the sum of its words, a cache line at a time into eight
- * sums (so the loads do not wait on one another), then of the tail bytes. */
+/* Reads every byte of p[0..len): the sum of its 64-bit words, 64 bytes at a time into four
+ * 16-byte vector sums (independent, so the loads overlap; a scalar loop the compiler does
+ * not vectorize at -O2 reads at a third of memcpy's speed and would measure itself, not
+ * the ring), then of the tail bytes. */
+typedef uint64_t sum_vec __attribute__((vector_size(16)));
+
 static uint64_t sum_bytes(const uint8_t *p, size_t len)
 {
-    uint64_t sums[8] = {0};
+    sum_vec s[4] = {{0}};
     size_t i = 0;
-    for (; i + sizeof(sums) <= len; i += sizeof(sums)) {
-        uint64_t w[8];
-        memcpy(w, p + i, sizeof(w));
-        for (int j = 0; j < 8; j++)
-            sums[j] += w[j];
-    }
-    uint64_t sum = 0;
-    for (int j = 0; j < 8; j++)
-        sum += sums[j];
+    for (; i + sizeof(s) <= len; i += sizeof(s))
+        for (int j = 0; j < 4; j++) {
+            sum_vec w;
+            memcpy(&w, p + i + j * sizeof(w), sizeof(w));
+            s[j] += w;
+        }
+    sum_vec t = s[0] + s[1] + s[2] + s[3];
+    uint64_t sum = t[0] + t[1];
     for (; i < len; i++)
         sum += p[i];
     return sum;
