@@ -13,9 +13,15 @@
  * (restarted; trainers, workers, clients and checker come back to it), of a worker (its
  * replica is restarted once its other ranks are gone, and heals), of a trainer rank or a
  * client (restarted), SIGSTOP of a worker past RLB_PEER_TIMEOUT_MS then SIGCONT or kill -9,
- * poisoned versions (one NaN: the version must abort with RLB_ENONFINITE), and a hostile
+ * poisoned versions (one NaN: the version must abort with RLB_ENONFINITE), a hostile
  * client (forked from here) committing garbage records, cut messages or lying record
- * headers, or leaving mid-message.
+ * headers, or leaving mid-message, and segments truncated under the bridge (truncate_seg:
+ * kill -9 of a trainer rank whose next incarnation, launch/stress_trainer.c, either passes
+ * its shards in an unsealed memfd and truncates it to 0 bytes, or tries to truncate its
+ * sealed rlb_alloc_host segment once the bridge mapped it). The bridge must refuse the
+ * unsealed segment at the register with RLB_EPERM naming the missing seals, the rank's
+ * version must abort, and the bridge must neither die (SIGBUS counts as crashed) nor stop
+ * serving the others; the sealed truncation must fail with EPERM.
  *
  * Invariants, each counted as violations:
  *   hung        a call past its deadline (request, probe, publish) without an answer
@@ -23,7 +29,9 @@
  *   unnamed     a failure without an RLB_E* code and a sentence
  *   bad_shape   a result whose samples are missing, repeated, out of order, too long, or
  *               whose finish reason contradicts its tokens
- *   not_refused an invalid request that was served
+ *   not_refused an invalid request that was served; an unsealed segment the bridge took (its
+ *               register succeeded, or a version holding it committed); a sealed segment
+ *               its owner could truncate
  *   lost        a request of a client that stopped cleanly and never got its answer
  *   torn        a probe whose worker computed with other weights than the version stamped
  *   uncommitted a result stamped with a version that aborted or was never published
@@ -89,6 +97,8 @@ typedef struct proc {
     int64_t busy_since; /* trainer: when */
     int64_t outstanding; /* client: submitted, not yet answered */
     uint32_t fault;     /* hostile: the fault kind it injects */
+    uint32_t truncate;  /* trainer: the rlb_stress_truncate its incarnations run until one
+                           says READY (truncate_seg) */
     int64_t died_at;    /* when it was last reaped */
 } proc;
 
@@ -99,6 +109,7 @@ typedef struct vinfo {
     uint8_t poisoned; /* carried a NaN */
     uint8_t ok, aborted; /* answers seen: synced / aborted */
     uint8_t nonfinite; /* an abort named non-finite values as its cause */
+    uint8_t unsealed; /* a rank's shards lay in an unsealed segment (truncate_seg) */
     uint32_t served;  /* samples stamped with it */
 } vinfo;
 
@@ -275,7 +286,8 @@ static int spawn(stress *s, proc *p, char *const argv[], int pipes)
         return -1;
     }
     *p = (proc){.pid = pid, .kind = p->kind, .idx = p->idx, .cmd_fd = pipes ? cmd[1] : -1,
-                .rec_fd = pipes ? rec[0] : -1, .died_at = p->died_at, .fault = p->fault};
+                .rec_fd = pipes ? rec[0] : -1, .died_at = p->died_at, .fault = p->fault,
+                .truncate = p->truncate};
     if (pipes)
         fcntl(p->rec_fd, F_SETFL, O_NONBLOCK);
     return 0;
@@ -317,7 +329,9 @@ static void spawn_role(stress *s, proc *p, const char *role)
     snprintf(units, sizeof(units), "%u", s->units);
     snprintf(reps, sizeof(reps), "%u", s->o.replicas);
     char *argv[] = {s->self, "stress", "--role", (char *)role, "--socket", s->sock, "--seed",
-                    seed, "--rank", idx, "--world", world, "--units", units, NULL};
+                    seed, "--rank", idx, "--world", world, "--units", units,
+                    p->truncate ? "--truncate" : NULL,
+                    (char *)rlb__stress_truncate_name(p->truncate), NULL};
     char *client_argv[] = {s->self, "stress", "--role", (char *)role, "--socket", s->sock,
                            "--seed", seed, "--id", idx, NULL};
     char *checker_argv[] = {s->self, "stress", "--role", (char *)role, "--socket", s->sock,
@@ -407,6 +421,9 @@ static void round_check(stress *s)
                   (unsigned long long)s->round, vi->ok, vi->aborted);
     if (vi->ok && vi->poisoned)
         violation(s, X_POISON, "poisoned version %llu committed", (unsigned long long)s->round);
+    if (vi->ok && vi->unsealed)
+        violation(s, X_NOT_REFUSED, "version %llu committed, though a rank's shards lay in a "
+                  "segment the bridge refused", (unsigned long long)s->round);
     vi->state = vi->ok ? V_COMMITTED : vi->aborted ? V_ABORTED : V_UNKNOWN;
     s->poison_aborted += vi->poisoned && vi->state == V_ABORTED;
     s->poison_named += vi->poisoned && vi->nonfinite;
@@ -424,6 +441,28 @@ static void round_check(stress *s)
     s->next_publish_at = now_ms() + 5;
 }
 
+/* The READY of a trainer rank started for truncate_seg: the bridge refused its unsealed
+ * segment with RLB_EPERM and a sentence naming the seals, or its sealed segment did not
+ * shrink (EPERM). The fault counts as injected once its rank says so. */
+static void truncate_outcome(stress *s, proc *p, const rlb_stress_rec *r, const char *text)
+{
+    int unsealed = !!(r->flags & RLB_REC_F_UNSEALED);
+    p->truncate = RLB_TRUNCATE_NONE; /* its next incarnation is an honest rank */
+    if (unsealed && r->rc == 0)
+        violation(s, X_NOT_REFUSED, "trainer %d: the bridge took shards in an unsealed "
+                  "segment", p->idx);
+    else if (unsealed && !strstr(text, "F_SEAL_SHRINK"))
+        violation(s, X_UNNAMED, "trainer %d: its unsealed segment was refused with %s, not "
+                  "naming the missing seals: %s", p->idx, code_name(r->rc), text);
+    else if (!unsealed && r->count != EPERM)
+        violation(s, X_NOT_REFUSED, "trainer %d: truncating its sealed segment %s", p->idx,
+                  r->count ? strerror((int)r->count) : "succeeded");
+    else if (unsealed && r->count != 0)
+        s->skipped[RLB_FAULT_TRUNCATE_SEG]++; /* the memfd did not shrink: nothing injected */
+    else
+        s->injected[RLB_FAULT_TRUNCATE_SEG]++;
+}
+
 static void on_record(stress *s, proc *p, const rlb_stress_rec *r)
 {
     char text[sizeof(r->text) + 1];
@@ -433,7 +472,11 @@ static void on_record(stress *s, proc *p, const rlb_stress_rec *r)
         violation(s, X_UNNAMED, "%s %d: code %d without a sentence", kind_names[p->kind],
                   p->idx, r->rc);
     switch (r->kind) {
-    case RLB_REC_READY: p->ready = 1; break;
+    case RLB_REC_READY:
+        p->ready = 1;
+        if (r->flags & (RLB_REC_F_UNSEALED | RLB_REC_F_SEALED))
+            truncate_outcome(s, p, r, text);
+        break;
     case RLB_REC_CONNECTED: s->connects++; break;
     case RLB_REC_SLEEP: s->sleeps++; break;
     case RLB_REC_PUBLISH: {
@@ -449,6 +492,11 @@ static void on_record(stress *s, proc *p, const rlb_stress_rec *r)
         if (r->rc == RLB_ETIMEDOUT)
             violation(s, X_HUNG, "trainer %d: publish %llu timed out", p->idx,
                       (unsigned long long)r->version);
+        if (r->flags & RLB_REC_F_UNSEALED) { /* its bytes are gone: nothing to check */
+            vi->unsealed = 1;
+            round_check(s);
+            break;
+        }
         uint64_t want = expected_checksum(s, (uint32_t)p->idx, r->version,
                                           !!(r->flags & RLB_REC_F_POISONED));
         if (want != r->checksum)
@@ -702,6 +750,12 @@ static int inject(stress *s, const rlb_stress_event *e)
         s->injected[e->kind]++;
         return 1;
     case RLB_FAULT_POISON: s->pending_poison++; return 1;
+    case RLB_FAULT_TRUNCATE_SEG: /* counted when the rank's next incarnation reports */
+        if (!(p = choose(s->trainers, (int)s->o.trainers, e->target, 0)))
+            return 0;
+        p->truncate = e->arg & 1 ? RLB_TRUNCATE_SEALED : RLB_TRUNCATE_UNSEALED;
+        kill_proc(p, SIGKILL);
+        return 1;
     default: { /* a hostile client */
         if (!s->bridge_up)
             return 0;
@@ -896,8 +950,10 @@ static void finish(stress *s)
             close(s->trainers[r].cmd_fd); /* EOF: they close their client and exit */
             s->trainers[r].cmd_fd = -1;
         }
-    for (uint32_t r = 0; r < s->o.trainers; r++)
+    for (uint32_t r = 0; r < s->o.trainers; r++) {
         wait_gone(s, &s->trainers[r], STOP_GRACE_MS, TURN_QUIET);
+        s->skipped[RLB_FAULT_TRUNCATE_SEG] += s->trainers[r].truncate != RLB_TRUNCATE_NONE;
+    }
     for (int i = 0; i < MAX_HOSTILE; i++)
         wait_gone(s, &s->hostile[i], 20000, TURN_QUIET);
     /* Only the workers are connected now, as when the baseline was taken. */
