@@ -23,7 +23,13 @@
  * version must abort, and the bridge must neither die (SIGBUS counts as crashed) nor stop
  * serving the others; the sealed truncation must fail with EPERM.
  *
+ * Faults start once the system is up: the bridge, every replica, the trainer ranks and a
+ * first committed version (startup, within STARTUP_MS, nothing injected meanwhile); the
+ * stall window opens then.
+ *
  * Invariants, each counted as violations:
+ *   startup     the bridge, every replica and a first committed version not up within
+ *               STARTUP_MS of the start
  *   hung        a call past its deadline (request, probe, publish) without an answer
  *   stall       no commit and no answered request for STALL_MS
  *   unnamed     a failure without an RLB_E* code and a sentence
@@ -72,11 +78,11 @@
 #define PEER_TIMEOUT_MS 1500   /* RLB_PEER_TIMEOUT_MS of the run */
 #define HEARTBEAT_MS 100       /* RLB_HEARTBEAT_MS of the run */
 #define PUBLISH_BOUND_MS 45000 /* a trainer answers a publish within this (its own 30 s) */
-#define STALL_MS 30000         /* progress (commit or answer) at least this often */
 #define GRACE_MS 5000          /* ranks of a broken replica exit by themselves within this */
 #define STOP_GRACE_MS 40000    /* clients finish their batch within this after SIGTERM */
 #define FAULT_PATIENCE_MS 5000 /* a fault that cannot apply now waits this long at most */
-#define READY_TIMEOUT_MS 60000 /* first bridge and replicas up */
+#define STARTUP_MS 60000       /* bridge, replicas, trainer ranks and a first commit up */
+#define STALL_MS 30000         /* progress (commit or answer) at least this often */
 
 enum { P_BRIDGE, P_WORKER, P_TRAINER, P_CLIENT, P_CHECKER, P_HOSTILE };
 static const char *const kind_names[] = {"bridge", "worker", "trainer", "client", "checker",
@@ -114,12 +120,12 @@ typedef struct vinfo {
 } vinfo;
 
 enum {
-    X_HUNG, X_STALL, X_UNNAMED, X_BAD_SHAPE, X_NOT_REFUSED, X_LOST, X_TORN, X_UNCOMMITTED,
-    X_SPLIT, X_POISON, X_CHECKSUM, X_CRASHED, X_LEFTOVERS, X_COUNT
+    X_STARTUP, X_HUNG, X_STALL, X_UNNAMED, X_BAD_SHAPE, X_NOT_REFUSED, X_LOST, X_TORN,
+    X_UNCOMMITTED, X_SPLIT, X_POISON, X_CHECKSUM, X_CRASHED, X_LEFTOVERS, X_COUNT
 };
 static const char *const violation_names[X_COUNT] = {
-    "hung", "stall", "unnamed", "bad_shape", "not_refused", "lost", "torn", "uncommitted",
-    "split", "poison", "checksum", "crashed", "leftovers"};
+    "startup", "hung", "stall", "unnamed", "bad_shape", "not_refused", "lost", "torn",
+    "uncommitted", "split", "poison", "checksum", "crashed", "leftovers"};
 
 typedef struct opts {
     int duration_s;
@@ -142,8 +148,9 @@ typedef struct stress {
     int draining;             /* stopping: the clients finish, nothing restarts them */
     uint32_t incarnation;     /* bridges started */
     uint32_t units;           /* FSDP1 units of this bridge's trainers */
-    int64_t t0;               /* start of the faults */
-    int64_t last_progress;
+    int64_t start;            /* start of the run */
+    int64_t t0;               /* start of the faults: the system is up (0 before) */
+    int64_t last_progress;    /* last commit or answered request */
     /* versions */
     vinfo *v;                 /* [v_cap] by version */
     uint64_t v_cap, next_version;
@@ -196,6 +203,12 @@ static int code_index(int rc)
     return rc <= 0 && rc > -RLB_E_COUNT_ ? -rc : 0;
 }
 
+/* Seconds from the start of the faults (of the run, during startup) to monotonic ms t. */
+static double run_s(const stress *s, int64_t t)
+{
+    return (t - (s->t0 ? s->t0 : s->start)) / 1000.0;
+}
+
 static void violation(stress *s, int kind, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
@@ -211,7 +224,7 @@ static void violation(stress *s, int kind, const char *fmt, ...)
         snprintf(s->first_violation, sizeof(s->first_violation), "%s: %s",
                  violation_names[kind], msg);
     fprintf(stderr, "rlb stress: VIOLATION %s at %.1f s: %s\n", violation_names[kind],
-            (now_ms() - s->t0) / 1000.0, msg);
+            run_s(s, now_ms()), msg);
 }
 
 static int count_fds(pid_t pid)
@@ -821,6 +834,8 @@ static void watchdogs(stress *s, int64_t now)
             kill_proc(t, SIGKILL);
         }
     }
+    if (!s->t0)
+        return; /* startup has its own bound (first_start) */
     if (now - s->last_progress > STALL_MS) {
         violation(s, X_STALL, "no commit and no answered request for %d s", STALL_MS / 1000);
         s->last_progress = now;
@@ -831,9 +846,9 @@ static void watchdogs(stress *s, int64_t now)
 enum {
     TURN_QUIET = 0, /* nothing more */
     TURN_RUN = 1,   /* restarts, publishes, faults, watchdogs */
-    TURN_DRAIN = 2  /* the same without faults: the stopped clients wait for their answers,
-                       some for the next version (a request waits for it when every replica
-                       was lost: they rejoin with it) */
+    TURN_DRAIN = 2  /* the same without faults: startup, and the end, where the stopped
+                       clients wait for their answers, some for the next version (a request
+                       waits for it when every replica was lost: they rejoin with it) */
 };
 
 /* One turn of the loop (mode: TURN_*). */
@@ -887,12 +902,14 @@ static int stat_of(const char *sock, const char *name, double *value)
     return rc;
 }
 
-/* Bridge and every replica up, before anything else starts; the bridge's fds then are the
- * baseline of the fd check. Returns 0 or -1. */
+/* Startup, before any fault: the bridge and every replica (the bridge's fds then, with only
+ * its workers connected, are the baseline of the fd check), then the trainer ranks, the
+ * clients and the checker until a first version commits, all within STARTUP_MS of the
+ * start. Returns 0, or -1 (a startup violation unless interrupted). */
 static int first_start(stress *s)
 {
     spawn_bridge(s);
-    int64_t deadline = now_ms() + READY_TIMEOUT_MS;
+    int64_t deadline = s->start + STARTUP_MS;
     while (!s->bridge_up && now_ms() < deadline && !interrupted) {
         s->bridge_up = s->bridge.pid > 0 && bridge_listening(s->sock);
         reap_all(s);
@@ -907,11 +924,21 @@ static int first_start(stress *s)
         reap_all(s);
         rlb__stress_sleep_ms(50);
     }
+    if (up >= s->o.replicas) {
+        rlb__stress_sleep_ms(300); /* the bridge drops our stats connection */
+        s->fd_bridge0 = count_fds(s->bridge.pid);
+    }
+    while (up >= s->o.replicas && !s->committed && now_ms() < deadline && !interrupted)
+        turn(s, TURN_DRAIN);
+    if (s->committed || interrupted)
+        return s->committed ? 0 : -1;
     if (up < s->o.replicas)
-        return -1;
-    rlb__stress_sleep_ms(300); /* the bridge drops our stats connection */
-    s->fd_bridge0 = count_fds(s->bridge.pid);
-    return 0;
+        violation(s, X_STARTUP, "the bridge and its %u replicas were not up within %d s",
+                  s->o.replicas, STARTUP_MS / 1000);
+    else
+        violation(s, X_STARTUP, "no version committed within %d s of the start",
+                  STARTUP_MS / 1000);
+    return -1;
 }
 
 /* Waits up to ms for p to exit, turning the loop in `mode` meanwhile; kills it after. */
@@ -1064,6 +1091,9 @@ static void print_table(const stress *s, double seconds, uint64_t faults)
     printf("\nrlb stress: seed %llu, %.0f s, bridge + %u x %u workers, %u trainers, %u clients, "
            "%s mode\n", (unsigned long long)s->o.seed, seconds, s->o.replicas, s->o.tp,
            s->o.trainers, s->o.clients, s->o.mode);
+    if (s->t0)
+        printf("  startup: %.1f s (bridge, every replica, first commit)\n",
+               (s->t0 - s->start) / 1000.0);
     printf("  %-14s %8s %8s\n", "fault", "injected", "skipped");
     for (int k = 0; k < RLB_FAULT_COUNT_; k++)
         printf("  %-14s %8llu %8llu\n", rlb__stress_fault_name((uint32_t)k),
@@ -1103,10 +1133,11 @@ static void report(stress *s, double seconds)
     if (!s->o.json)
         print_table(s, seconds, faults);
     /* One JSON line. */
-    printf("{\"seed\": %llu, \"duration_s\": %.1f, \"mode\": \"%s\", \"replicas\": %u, "
-           "\"tp\": %u, \"trainers\": %u, \"clients\": %u, \"faults\": {",
-           (unsigned long long)s->o.seed, seconds, s->o.mode, s->o.replicas, s->o.tp,
-           s->o.trainers, s->o.clients);
+    printf("{\"seed\": %llu, \"duration_s\": %.1f, \"startup_s\": %.1f, \"mode\": \"%s\", "
+           "\"replicas\": %u, \"tp\": %u, \"trainers\": %u, \"clients\": %u, \"faults\": {",
+           (unsigned long long)s->o.seed, seconds,
+           s->t0 ? (s->t0 - s->start) / 1000.0 : (now_ms() - s->start) / 1000.0, s->o.mode,
+           s->o.replicas, s->o.tp, s->o.trainers, s->o.clients);
     for (int k = 0; k < RLB_FAULT_COUNT_; k++)
         printf("%s\"%s\": %llu", k ? ", " : "", rlb__stress_fault_name((uint32_t)k),
                (unsigned long long)s->injected[k]);
@@ -1285,13 +1316,13 @@ int rlb__cmd_stress(int argc, char **argv)
         printf("rlb stress: seed %llu, %d s, %d faults scheduled; logs in %s\n",
                (unsigned long long)s->o.seed, s->o.duration_s, s->n_ev, s->logdir);
     fflush(stdout);
-    int64_t start = now_ms();
-    if (first_start(s) < 0) {
-        fprintf(stderr, "rlb stress: the bridge and its workers did not come up (logs in %s)\n",
-                s->logdir);
-        violation(s, X_STALL, "no start");
-    } else {
+    s->start = s->last_progress = now_ms();
+    if (first_start(s) == 0) {
         s->t0 = s->last_progress = now_ms();
+        if (!s->o.json)
+            fprintf(stderr, "rlb stress: up in %.1f s (bridge, %u replicas, a first version "
+                    "committed); faults from now on\n", (s->t0 - s->start) / 1000.0,
+                    s->o.replicas);
         int64_t end = s->t0 + (int64_t)s->o.duration_s * 1000, next_line = s->t0 + 10000;
         while (!interrupted && now_ms() < end) {
             turn(s, TURN_RUN);
@@ -1306,7 +1337,7 @@ int rlb__cmd_stress(int argc, char **argv)
         }
     }
     finish(s);
-    double seconds = (now_ms() - start) / 1000.0;
+    double seconds = (now_ms() - s->start) / 1000.0;
     uint64_t bad = total(s->x, X_COUNT);
     report(s, s->t0 ? (now_ms() - s->t0) / 1000.0 : seconds);
     if (!bad)
