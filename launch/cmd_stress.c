@@ -12,16 +12,19 @@
  * Faults (launch/stress_sched.c draws their moments from the seed): kill -9 of the bridge
  * (restarted; trainers, workers, clients and checker come back to it), of a worker (its
  * replica is restarted once its other ranks are gone, and heals), of a trainer rank or a
- * client (restarted), SIGSTOP of a worker past RLB_PEER_TIMEOUT_MS then SIGCONT or kill -9,
- * poisoned versions (one NaN: the version must abort with RLB_ENONFINITE), a hostile
- * client (forked from here) committing garbage records, cut messages or lying record
- * headers, or leaving mid-message, and segments truncated under the bridge (truncate_seg:
- * kill -9 of a trainer rank whose next incarnation, launch/stress_trainer.c, either passes
- * its shards in an unsealed memfd and truncates it to 0 bytes, or tries to truncate its
- * sealed rlb_alloc_host segment once the bridge mapped it). The bridge must refuse the
- * unsealed segment at the register with RLB_EPERM naming the missing seals, the rank's
- * version must abort, and the bridge must neither die (SIGBUS counts as crashed) nor stop
- * serving the others; the sealed truncation must fail with EPERM.
+ * client (restarted; a trainer rank killed on a version it had not published yet leaves the
+ * other ranks waiting for it at the bridge, so its successor publishes that version too, as
+ * a restarted rank of a real job resumes its step), SIGSTOP of a worker past
+ * RLB_PEER_TIMEOUT_MS then SIGCONT or kill -9, poisoned versions (one NaN: the version must
+ * abort with RLB_ENONFINITE), a hostile client (forked from here) committing garbage
+ * records, cut messages or lying record headers, or leaving mid-message, and segments
+ * truncated under the bridge (truncate_seg: kill -9 of a trainer rank whose next
+ * incarnation, launch/stress_trainer.c, either passes its shards in an unsealed memfd and
+ * truncates it to 0 bytes, or tries to truncate its sealed rlb_alloc_host segment once the
+ * bridge mapped it). The bridge must refuse the unsealed segment at the register with
+ * RLB_EPERM naming the missing seals, the rank's version must abort, and the bridge must
+ * neither die (SIGBUS counts as crashed) nor stop serving the others; the sealed
+ * truncation must fail with EPERM.
  *
  * Progress and its bounds. Faults start once the system is up: the bridge, every replica,
  * the trainer ranks and a first committed version (startup, within STARTUP_MS, nothing
@@ -152,6 +155,10 @@ typedef struct proc {
     uint32_t fault;     /* hostile: the fault kind it injects */
     uint32_t truncate;  /* trainer: the rlb_stress_truncate its incarnations run until one
                            says READY (truncate_seg) */
+    rlb_stress_cmd cmd; /* trainer: the last command it was sent */
+    rlb_stress_cmd owed; /* trainer: the command its predecessor died on unanswered (version
+                            0: none), which it carries out if the round is still open */
+    int rejoined;       /* trainer: busy with its predecessor's command */
     int64_t died_at;    /* when it was last reaped */
     int64_t down_since; /* bridge, worker, trainer: when it last stopped being up, 0 while
                            up (proc_up) */
@@ -212,6 +219,8 @@ typedef struct stress {
     int64_t last_progress;    /* last commit or answered request */
     int64_t quiet_ms;         /* of the time since, how long progress was possible */
     int64_t last_watch;       /* when the watchdogs last ran */
+    int64_t orphaned_at;      /* since when only ranks carrying out their predecessor's
+                                 command wait on the round (0: none) */
     int64_t max_gap, max_quiet; /* the longest window without progress since the faults
                                    began, and the most of one with progress possible */
     uint64_t bridge_commits;  /* versions this bridge committed */
@@ -238,6 +247,7 @@ typedef struct stress {
     uint64_t probe_verdict[3], sleeps, submitted, answered, samples, connects;
     uint64_t restarts[P_HOSTILE + 1], committed, aborted, unknown, served_unknown;
     uint64_t forced_kills;
+    uint64_t rejoins;         /* trainer ranks that published their predecessor's version */
     uint64_t poison_aborted, poison_named; /* poisoned versions aborted; naming the NaN */
     uint64_t x[X_COUNT];
     char first_violation[320];
@@ -391,7 +401,8 @@ static int spawn(stress *s, proc *p, char *const argv[], int pipes)
     }
     *p = (proc){.pid = pid, .kind = p->kind, .idx = p->idx, .cmd_fd = pipes ? cmd[1] : -1,
                 .rec_fd = pipes ? rec[0] : -1, .died_at = p->died_at, .fault = p->fault,
-                .truncate = p->truncate, .down_since = p->down_since, .hit_at = p->hit_at};
+                .truncate = p->truncate, .down_since = p->down_since, .hit_at = p->hit_at,
+                .owed = p->owed};
     if (pipes)
         fcntl(p->rec_fd, F_SETFL, O_NONBLOCK);
     return 0;
@@ -568,6 +579,34 @@ static void round_check(stress *s)
     s->next_publish_at = now_ms() + 5;
 }
 
+/* Sends trainer t a publish command; a trainer that cannot take it is killed. */
+static void command(proc *t, rlb_stress_cmd cmd)
+{
+    t->cmd = cmd;
+    t->busy = 1;
+    t->busy_since = now_ms();
+    t->rejoined = 0;
+    if (write(t->cmd_fd, &cmd, sizeof(cmd)) != (ssize_t)sizeof(cmd)) {
+        t->busy = 0;
+        kill_proc(t, SIGKILL);
+    }
+}
+
+/* A trainer rank said READY: if its predecessor died on a command of the round still open,
+ * the other ranks wait for that version at the bridge (it died before its publish got
+ * there, and the bridge aborts only a version some rank had published when one goes), so
+ * it publishes it too, as a restarted rank of a real job resumes its step. */
+static void rejoin(stress *s, proc *t)
+{
+    rlb_stress_cmd owed = t->owed;
+    t->owed.version = 0;
+    if (owed.version && owed.version == s->round) {
+        command(t, owed);
+        t->rejoined = 1;
+        s->rejoins++;
+    }
+}
+
 /* The READY of a trainer rank started for truncate_seg: the bridge refused its unsealed
  * segment with RLB_EPERM and a sentence naming the seals, or its sealed segment did not
  * shrink (EPERM). The fault counts as injected once its rank says so. */
@@ -603,6 +642,7 @@ static void on_record(stress *s, proc *p, const rlb_stress_rec *r)
         p->ready = 1;
         if (r->flags & (RLB_REC_F_UNSEALED | RLB_REC_F_SEALED))
             truncate_outcome(s, p, r, text);
+        rejoin(s, p);
         break;
     case RLB_REC_CONNECTED: s->connects++; break;
     case RLB_REC_SLEEP: s->sleeps++; break;
@@ -719,6 +759,7 @@ static void on_exit_of(stress *s, proc *p, int st)
     else if (p->kind == P_HOSTILE)
         s->skipped[p->fault]++;
     if (p->kind == P_TRAINER && p->busy) {
+        p->owed = p->cmd;
         p->busy = 0;
         round_check(s);
     }
@@ -824,17 +865,9 @@ static void drive(stress *s, int64_t now)
     }
     vi->state = V_PUBLISHING;
     s->round = v;
-    for (uint32_t r = 0; r < s->o.trainers; r++) {
-        proc *t = &s->trainers[r];
-        rlb_stress_cmd cmd = {.version = v, .poison = r == poisoner,
-                              .pick = (uint32_t)s->poison_pick};
-        t->busy = 1;
-        t->busy_since = now;
-        if (write(t->cmd_fd, &cmd, sizeof(cmd)) != (ssize_t)sizeof(cmd)) {
-            t->busy = 0;
-            kill_proc(t, SIGKILL);
-        }
-    }
+    for (uint32_t r = 0; r < s->o.trainers; r++)
+        command(&s->trainers[r], (rlb_stress_cmd){.version = v, .poison = r == poisoner,
+                                                     .pick = (uint32_t)s->poison_pick});
     /* The trainer computes its pick from the low 32 bits; so does the checksum. */
     s->poison_pick = (uint32_t)s->poison_pick;
     round_check(s);
@@ -1280,6 +1313,23 @@ static void watchdogs(stress *s, int64_t now)
             kill_proc(t, SIGKILL);
         }
     }
+    /* A rank carrying out its predecessor's command completes the version only together
+     * with the round's other ranks: once none of them waits any more, it cannot. */
+    int waiting = 0, orphans = 0;
+    for (uint32_t r = 0; r < s->o.trainers; r++) {
+        waiting += s->trainers[r].busy && !s->trainers[r].rejoined;
+        orphans += s->trainers[r].busy && s->trainers[r].rejoined;
+    }
+    if (!orphans || waiting)
+        s->orphaned_at = 0;
+    else if (!s->orphaned_at)
+        s->orphaned_at = now;
+    for (uint32_t r = 0; s->orphaned_at && now - s->orphaned_at > 2 * PEER_TIMEOUT_MS &&
+                         r < s->o.trainers; r++)
+        if (s->trainers[r].busy && s->trainers[r].rejoined) {
+            kill_proc(&s->trainers[r], SIGKILL);
+            s->forced_kills++;
+        }
     if (!s->t0)
         return; /* startup has its own bound (first_start) */
     proc *all[MAX_PROCS];
@@ -1561,9 +1611,10 @@ static void print_table(const stress *s, double seconds, uint64_t faults)
            (unsigned long long)s->probe_verdict[0], (unsigned long long)s->probe_verdict[1],
            (unsigned long long)s->probe_verdict[2]);
     print_codes(stdout, s->probe_rc, 0);
-    printf("\n  restarts: bridge %llu, workers %llu, trainers %llu, clients %llu, checker %llu; "
-           "sleeps %llu\n", (unsigned long long)s->restarts[P_BRIDGE],
-           (unsigned long long)s->restarts[P_WORKER], (unsigned long long)s->restarts[P_TRAINER],
+    printf("\n  restarts: bridge %llu, workers %llu, trainers %llu (%llu of them publishing their "
+           "predecessor's version), clients %llu, checker %llu; sleeps %llu\n",
+           (unsigned long long)s->restarts[P_BRIDGE], (unsigned long long)s->restarts[P_WORKER],
+           (unsigned long long)s->restarts[P_TRAINER], (unsigned long long)s->rejoins,
            (unsigned long long)s->restarts[P_CLIENT], (unsigned long long)s->restarts[P_CHECKER],
            (unsigned long long)s->sleeps);
     printf("  %-14s %8s\n", "invariant", "violated");
@@ -1605,11 +1656,11 @@ static void report(stress *s, double seconds)
     print_codes(stdout, s->answer_rc, 1);
     printf("}}, \"probes\": {\"match\": %llu, \"near_tie\": %llu, \"differ\": %llu}, "
            "\"restarts\": {\"bridge\": %llu, \"workers\": %llu, \"trainers\": %llu, "
-           "\"clients\": %llu}, \"violations\": {",
+           "\"trainers_rejoined\": %llu, \"clients\": %llu}, \"violations\": {",
            (unsigned long long)s->probe_verdict[0], (unsigned long long)s->probe_verdict[1],
            (unsigned long long)s->probe_verdict[2], (unsigned long long)s->restarts[P_BRIDGE],
            (unsigned long long)s->restarts[P_WORKER], (unsigned long long)s->restarts[P_TRAINER],
-           (unsigned long long)s->restarts[P_CLIENT]);
+           (unsigned long long)s->rejoins, (unsigned long long)s->restarts[P_CLIENT]);
     for (int k = 0; k < X_COUNT; k++)
         printf("%s\"%s\": %llu", k ? ", " : "", violation_names[k],
                (unsigned long long)s->x[k]);

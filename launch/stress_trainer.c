@@ -7,7 +7,9 @@
  * for each command the supervisor sends (fd 3), it writes version v's weights (plus one NaN
  * when told to poison it), computes the FNV-1a checksum of the exact bytes it publishes,
  * publishes v and sends the outcome (fd 4). When the bridge is gone it exits with status 3,
- * and the supervisor starts a new rank against the new bridge.
+ * and the supervisor starts a new rank against the new bridge; when a publish timed out it
+ * exits with status 4 (the bridge holds the version as published by this rank until it
+ * goes, refusing any other).
  *
  * The truncate_seg fault (--truncate) starts a rank that truncates its shard segment to 0
  * bytes under the bridge, which takes the library's internals (a user's trainer can neither
@@ -135,9 +137,9 @@ int rlb__stress_trainer(int argc, char **argv)
         }
         if (rlb__stress_send(&rec) < 0)
             break;
-        if (rc == RLB_EPEERDEAD || unsealed) {
+        if (rc == RLB_EPEERDEAD || rc == RLB_ETIMEDOUT || unsealed) {
             rlb_close(cl);
-            return rc == RLB_EPEERDEAD ? 3 : 0;
+            return rc == RLB_EPEERDEAD ? 3 : rc == RLB_ETIMEDOUT ? 4 : 0;
         }
     }
     rlb_close(cl);
