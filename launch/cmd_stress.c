@@ -82,8 +82,9 @@
  *   poison      a poisoned version committed
  *   checksum    a trainer published bytes other than the version's (FNV-1a mismatch)
  *   crashed     a process died of a signal we did not send, or the bridge exited non-zero
- *   leftovers   after the run: entries in /dev/shm or the socket directory, zombies or
- *               processes still running, fds of this process or of the bridge that grew
+ *   leftovers   after the run: rlbridge's segments of this run in /dev/shm, entries in the
+ *               socket directory, zombies or processes still running, fds of this process
+ *               or of the bridge that grew
  * A failing run prints its seed; `--seed` replays the same schedule.
  */
 #include <dirent.h>
@@ -1447,6 +1448,21 @@ static int first_start(stress *s)
     return -1;
 }
 
+/* 1 when /dev/shm entry `name` may be this run's: rlbridge's shm_open segments
+ * (common/shm.c) are named "rlb-<creator's pid>-<16 hex digits>" (memfd segments never
+ * appear there), and every process this run started is gone when this is asked, so an
+ * entry of a live process other than this one belongs to another program, which a machine
+ * shared with other runs may well have. */
+static int own_shm_entry(const char *name)
+{
+    int pid, at = 0, end = 0;
+    unsigned long long rnd;
+    if (sscanf(name, "rlb-%d-%n%llx%n", &pid, &at, &rnd, &end) != 2 || name[end] ||
+        end - at != 16)
+        return 0;
+    return pid == (int)getpid() || (kill(pid, 0) < 0 && errno == ESRCH);
+}
+
 /* Waits up to ms for p to exit, turning the loop in `mode` meanwhile; kills it after. */
 static void wait_gone(stress *s, proc *p, int ms, int mode)
 {
@@ -1535,7 +1551,7 @@ static void finish(stress *s)
         closedir(d);
     d = opendir("/dev/shm");
     for (struct dirent *e; d && (e = readdir(d));) {
-        int seen = e->d_name[0] == '.';
+        int seen = !own_shm_entry(e->d_name);
         for (int i = 0; !seen && i < s->n_shm_before; i++)
             seen = !strcmp(s->shm_before[i], e->d_name);
         if (!seen)
