@@ -1523,11 +1523,17 @@ static void finish(stress *s)
             violation(s, X_LEFTOVERS, "the bridge holds %d fds with only its workers connected, "
                       "%d at the start", fds, s->fd_bridge0);
     }
+    /* A bridge killed -9 leaves its socket for the next one to replace. When the last one
+     * does not listen (the schedule killed it near the end and its successor was stopped
+     * while it started, or none was started), that socket is the killed one's: gone here. */
+    int listening = s->bridge.pid > 0 && bridge_listening(s->sock);
     if (s->bridge.pid > 0) {
         kill(s->bridge.pid, SIGTERM);
         s->bridge.killed = 1;
         wait_gone(s, &s->bridge, 15000, TURN_QUIET);
     }
+    if (!listening)
+        unlink(s->sock);
     for (int i = 0; i < (int)(s->o.replicas * s->o.tp); i++)
         wait_gone(s, &s->workers[i], 15000, TURN_QUIET);
     /* Nothing may be left: no child (zombie or running), no socket, nothing in /dev/shm. */
