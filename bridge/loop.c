@@ -374,6 +374,9 @@ static void on_stats(bridge *b, br_peer *p, uint64_t id)
         held += b->gens[i].replica < 0;
     const rlb_msg_stat s[] = {
         {"weight_version", (double)b->committed},
+        {"sync_phase", (double)b->sync}, /* br_sync_state: 0 idle, 1 drain, 2 copy, 3 load,
+                                            4 xnode */
+        {"sync_version", (double)b->syncing}, /* the version in flight, when not idle */
         {"syncs", (double)b->n_syncs},
         {"aborts", (double)b->n_aborts},
         {"bytes_synced", (double)b->bytes_synced},

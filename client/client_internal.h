@@ -166,6 +166,12 @@ rlb__host_seg *rlb__host_by_id(rlb_client *c, uint32_t id);
 /* Allocates a segment of `bytes` (c->lock not held); shadow marks the library's own
  * (cuda.c). Returns 0 with *seg_id and *ptr set, or a negative code (c->err set). */
 int rlb__host_alloc(rlb_client *c, size_t bytes, int shadow, uint32_t *seg_id, void **ptr);
+/* Takes segment fd, mapped at mem over bytes rounded up to whole pages, into the table as
+ * an allocation of `bytes` (c->lock not held): rlb__host_alloc's second half, and how a
+ * test passes a segment rlb__shm_create did not make. Returns 0 with *seg_id set (fd and
+ * mem are the client's from then on), or a negative code (they stay the caller's). */
+int rlb__host_adopt(rlb_client *c, int fd, void *mem, size_t bytes, int shadow,
+                    uint32_t *seg_id);
 /* Sends segment `id`'s fd to the bridge (ctl_lock held, c->lock not). Returns 0 or a
  * connection error. */
 int rlb__host_send(rlb_client *c, uint32_t id);

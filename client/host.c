@@ -50,28 +50,34 @@ int rlb__host_alloc(rlb_client *c, size_t bytes, int shadow, uint32_t *seg_id, v
         return rlb__fail(c, rc, "cannot create %zu bytes of shared memory (is /dev/shm large "
                                 "enough? see `rlb doctor`)", size);
     RLB_CHECK_GOTO(rlb__shm_map(fd, size, &mem), rc, err);
-
-    pthread_mutex_lock(&c->lock);
-    rc = c->dead ? c->dead : rlb__grow(&c->segs, &c->cap_segs, c->n_segs + 1, sizeof(*c->segs));
-    uint32_t id = c->next_seg_id;
-    if (rc == 0 && id >= RLB_SEG_ID_BRIDGE)
-        rc = RLB_ETOOBIG;
-    if (rc == 0) {
-        c->next_seg_id++;
-        c->segs[c->n_segs++] = (rlb__host_seg){.id = id, .fd = fd, .base = mem, .bytes = size,
-                                               .asked = bytes, .shadow = shadow};
-        c->stats.host_bytes += shadow ? 0 : bytes;
-    }
-    pthread_mutex_unlock(&c->lock);
-    if (rc < 0)
-        goto err;
-    *seg_id = id;
+    RLB_CHECK_GOTO(rlb__host_adopt(c, fd, mem, bytes, shadow, seg_id), rc, err);
     *ptr = mem;
     return 0;
 err:
     rlb__shm_unmap(mem, size);
     close(fd);
     return rlb__fail(c, rc, "allocating %zu bytes of shared memory failed", bytes);
+}
+
+int rlb__host_adopt(rlb_client *c, int fd, void *mem, size_t bytes, int shadow,
+                    uint32_t *seg_id)
+{
+    pthread_mutex_lock(&c->lock);
+    int rc = c->dead ? c->dead
+                     : rlb__grow(&c->segs, &c->cap_segs, c->n_segs + 1, sizeof(*c->segs));
+    uint32_t id = c->next_seg_id;
+    if (rc == 0 && id >= RLB_SEG_ID_BRIDGE)
+        rc = RLB_ETOOBIG;
+    if (rc == 0) {
+        c->next_seg_id++;
+        c->segs[c->n_segs++] = (rlb__host_seg){.id = id, .fd = fd, .base = mem,
+                                               .bytes = page_round(bytes), .asked = bytes,
+                                               .shadow = shadow};
+        c->stats.host_bytes += shadow ? 0 : bytes;
+        *seg_id = id;
+    }
+    pthread_mutex_unlock(&c->lock);
+    return rc;
 }
 
 /* Index of the caller's allocation starting at ptr, or -1 (c->lock held). */

@@ -12,18 +12,69 @@
  * Faults (launch/stress_sched.c draws their moments from the seed): kill -9 of the bridge
  * (restarted; trainers, workers, clients and checker come back to it), of a worker (its
  * replica is restarted once its other ranks are gone, and heals), of a trainer rank or a
- * client (restarted), SIGSTOP of a worker past RLB_PEER_TIMEOUT_MS then SIGCONT or kill -9,
- * poisoned versions (one NaN: the version must abort with RLB_ENONFINITE), and a hostile
- * client (forked from here) committing garbage records, cut messages or lying record
- * headers, or leaving mid-message.
+ * client (restarted; a trainer rank killed on a version it had not published yet leaves the
+ * other ranks waiting for it at the bridge, so its successor publishes that version too, as
+ * a restarted rank of a real job resumes its step), SIGSTOP of a worker past
+ * RLB_PEER_TIMEOUT_MS then SIGCONT or kill -9, poisoned versions (one NaN: the version must
+ * abort with RLB_ENONFINITE), a hostile client (forked from here) committing garbage
+ * records, cut messages or lying record headers, or leaving mid-message, and segments
+ * truncated under the bridge (truncate_seg: kill -9 of a trainer rank whose next
+ * incarnation, launch/stress_trainer.c, either passes its shards in an unsealed memfd and
+ * truncates it to 0 bytes, or tries to truncate its sealed rlb_alloc_host segment once the
+ * bridge mapped it). The bridge must refuse the unsealed segment at the register with
+ * RLB_EPERM naming the missing seals, the rank's version must abort, and the bridge must
+ * neither die (SIGBUS counts as crashed) nor stop serving the others; the sealed
+ * truncation must fail with EPERM.
+ *
+ * Progress and its bounds. Faults start once the system is up: the bridge, every replica,
+ * the trainer ranks and a first committed version (startup, within STARTUP_MS, nothing
+ * injected meanwhile). From then on the schedule takes processes out on purpose, and while
+ * they are out no progress is possible, by design:
+ *   - after a kill of the bridge no request can succeed (RLB_ENOTREADY) until the new bridge
+ *     commits, which needs every replica formed (a bridge that never served waits for all)
+ *     and every trainer rank registered; a kill or stop of a worker or a trainer rank
+ *     meanwhile starts its part over, and so does another kill of the bridge;
+ *   - no version commits while a trainer rank is restarting, and in pause mode a version
+ *     aborted after its copy began leaves the workers stale (RLB_ESTALE) until one does;
+ *   - a stopped worker holds a drain or a load until RLB_PEER_TIMEOUT_MS declares it dead.
+ * The kinds that take a process out arrive about 29 times a minute (Poisson), so a stretch
+ * without one, long enough for the restarts to finish, can be any length, and how long a
+ * restart takes is the machine's load, not a bound of ours: on a loaded machine half a
+ * minute without progress is what the schedule makes, not a stuck protocol. The two are
+ * told apart by running the stall clock only while progress is possible, and bounding the
+ * time a process is out apart:
+ *   stall     STALL_MS without a commit or an answered request, counted only while the
+ *             bridge listens and a commit can come (every trainer rank registered and a
+ *             worker running; every worker, before this bridge's first commit) or an answer
+ *             can (a worker running, this bridge committed, and in pause mode no abort since
+ *             its last commit): the protocol had what it needs and did nothing;
+ *   recovery  a bridge, worker or trainer rank not up (listening; running and not stopped;
+ *             registered) RECOVERY_MS after it went down and after the last fault that hit
+ *             it or its bridge. RECOVERY_MS is derived from the run's own bounds: as long as
+ *             startup may take (STARTUP_MS: the same processes start again) plus the longest
+ *             chain of timeouts a fault sets off before a process can start again: a worker
+ *             stopped for up to STOP_MAX_MS, then dropped by the bridge, its TP ranks that do
+ *             not leave by themselves killed after GRACE_MS (a trainer rank's chain, 100 ms
+ *             to restart, its 3 s connect bound and a register held RLB_PEER_TIMEOUT_MS for
+ *             its segment, is shorter).
+ * A stall, recovery or startup violation prints what was pending then: the round in flight
+ * and the bridge's sync phase, requests in flight and their age, what is stopped or
+ * restarting, the faults since the last progress, the load average and CPU pressure, and
+ * each process's CPU time against its time waiting for a CPU since the last progress
+ * (starvation shows as waiting; a stuck protocol as processes asleep).
  *
  * Invariants, each counted as violations:
+ *   startup     the bridge, every replica and a first committed version not up within
+ *               STARTUP_MS of the start
  *   hung        a call past its deadline (request, probe, publish) without an answer
- *   stall       no commit and no answered request for STALL_MS
+ *   stall       no commit and no answered request for STALL_MS while progress is possible
+ *   recovery    a process not up again within RECOVERY_MS (see above)
  *   unnamed     a failure without an RLB_E* code and a sentence
  *   bad_shape   a result whose samples are missing, repeated, out of order, too long, or
  *               whose finish reason contradicts its tokens
- *   not_refused an invalid request that was served
+ *   not_refused an invalid request that was served; an unsealed segment the bridge took (its
+ *               register succeeded, or a version holding it committed); a sealed segment
+ *               its owner could truncate
  *   lost        a request of a client that stopped cleanly and never got its answer
  *   torn        a probe whose worker computed with other weights than the version stamped
  *   uncommitted a result stamped with a version that aborted or was never published
@@ -31,8 +82,9 @@
  *   poison      a poisoned version committed
  *   checksum    a trainer published bytes other than the version's (FNV-1a mismatch)
  *   crashed     a process died of a signal we did not send, or the bridge exited non-zero
- *   leftovers   after the run: entries in /dev/shm or the socket directory, zombies or
- *               processes still running, fds of this process or of the bridge that grew
+ *   leftovers   after the run: rlbridge's segments of this run in /dev/shm, entries in the
+ *               socket directory, zombies or processes still running, fds of this process
+ *               or of the bridge that grew
  * A failing run prints its seed; `--seed` replays the same schedule.
  */
 #include <dirent.h>
@@ -64,15 +116,28 @@
 #define PEER_TIMEOUT_MS 1500   /* RLB_PEER_TIMEOUT_MS of the run */
 #define HEARTBEAT_MS 100       /* RLB_HEARTBEAT_MS of the run */
 #define PUBLISH_BOUND_MS 45000 /* a trainer answers a publish within this (its own 30 s) */
-#define STALL_MS 30000         /* progress (commit or answer) at least this often */
 #define GRACE_MS 5000          /* ranks of a broken replica exit by themselves within this */
 #define STOP_GRACE_MS 40000    /* clients finish their batch within this after SIGTERM */
 #define FAULT_PATIENCE_MS 5000 /* a fault that cannot apply now waits this long at most */
-#define READY_TIMEOUT_MS 60000 /* first bridge and replicas up */
+#define STOP_MIN_MS (PEER_TIMEOUT_MS + 300)  /* a SIGSTOP of the schedule lasts at least */
+#define STOP_MAX_MS (PEER_TIMEOUT_MS + 1500) /* ... and less than this */
+#define STARTUP_MS 60000       /* bridge, replicas, trainer ranks and a first commit up */
+#define STALL_MS 30000         /* while every process is up: a commit or an answer this often */
+#define RECOVERY_MS (STARTUP_MS + STOP_MAX_MS + GRACE_MS) /* a process a fault took out is
+                                                            up again (file comment) */
+#define MAX_SENT 8             /* a client's requests in flight the report keeps ages of */
+#define RECENT_FAULTS 16       /* faults the report keeps */
 
 enum { P_BRIDGE, P_WORKER, P_TRAINER, P_CLIENT, P_CHECKER, P_HOSTILE };
 static const char *const kind_names[] = {"bridge", "worker", "trainer", "client", "checker",
                                          "hostile"};
+
+/* A process's CPU times (/proc/PID/schedstat): running, and runnable but waiting for a CPU. */
+typedef struct cpu_mark {
+    pid_t pid;        /* whose (0: none taken) */
+    uint64_t run_ns;  /* on a CPU */
+    uint64_t wait_ns; /* runnable, waiting for one */
+} cpu_mark;
 
 typedef struct proc {
     pid_t pid;          /* 0: not running */
@@ -89,7 +154,18 @@ typedef struct proc {
     int64_t busy_since; /* trainer: when */
     int64_t outstanding; /* client: submitted, not yet answered */
     uint32_t fault;     /* hostile: the fault kind it injects */
+    uint32_t truncate;  /* trainer: the rlb_stress_truncate its incarnations run until one
+                           says READY (truncate_seg) */
+    rlb_stress_cmd cmd; /* trainer: the last command it was sent */
+    rlb_stress_cmd owed; /* trainer: the command its predecessor died on unanswered (version
+                            0: none), which it carries out if the round is still open */
+    int rejoined;       /* trainer: busy with its predecessor's command */
     int64_t died_at;    /* when it was last reaped */
+    int64_t down_since; /* bridge, worker, trainer: when it last stopped being up, 0 while
+                           up (proc_up) */
+    int64_t hit_at;     /* when a fault last took it out */
+    int64_t sent_at[MAX_SENT]; /* client: when its oldest requests in flight went out */
+    cpu_mark mark;      /* its CPU times when the window without progress began */
 } proc;
 
 enum { V_NONE, V_PUBLISHING, V_COMMITTED, V_ABORTED, V_UNKNOWN };
@@ -99,16 +175,24 @@ typedef struct vinfo {
     uint8_t poisoned; /* carried a NaN */
     uint8_t ok, aborted; /* answers seen: synced / aborted */
     uint8_t nonfinite; /* an abort named non-finite values as its cause */
+    uint8_t unsealed; /* a rank's shards lay in an unsealed segment (truncate_seg) */
     uint32_t served;  /* samples stamped with it */
 } vinfo;
 
 enum {
-    X_HUNG, X_STALL, X_UNNAMED, X_BAD_SHAPE, X_NOT_REFUSED, X_LOST, X_TORN, X_UNCOMMITTED,
-    X_SPLIT, X_POISON, X_CHECKSUM, X_CRASHED, X_LEFTOVERS, X_COUNT
+    X_STARTUP, X_HUNG, X_STALL, X_RECOVERY, X_UNNAMED, X_BAD_SHAPE, X_NOT_REFUSED, X_LOST,
+    X_TORN, X_UNCOMMITTED, X_SPLIT, X_POISON, X_CHECKSUM, X_CRASHED, X_LEFTOVERS, X_COUNT
 };
 static const char *const violation_names[X_COUNT] = {
-    "hung", "stall", "unnamed", "bad_shape", "not_refused", "lost", "torn", "uncommitted",
-    "split", "poison", "checksum", "crashed", "leftovers"};
+    "startup", "hung", "stall", "recovery", "unnamed", "bad_shape", "not_refused", "lost",
+    "torn", "uncommitted", "split", "poison", "checksum", "crashed", "leftovers"};
+
+/* A fault as it was applied. */
+typedef struct fault_note {
+    int64_t at;     /* when */
+    uint32_t kind;  /* rlb_stress_fault */
+    int target;     /* index of the process it hit among its kind, -1: none */
+} fault_note;
 
 typedef struct opts {
     int duration_s;
@@ -131,8 +215,21 @@ typedef struct stress {
     int draining;             /* stopping: the clients finish, nothing restarts them */
     uint32_t incarnation;     /* bridges started */
     uint32_t units;           /* FSDP1 units of this bridge's trainers */
-    int64_t t0;               /* start of the faults */
-    int64_t last_progress;
+    int64_t start;            /* start of the run */
+    int64_t t0;               /* start of the faults: the system is up (0 before) */
+    int64_t last_progress;    /* last commit or answered request */
+    int64_t quiet_ms;         /* of the time since, how long progress was possible */
+    int64_t last_watch;       /* when the watchdogs last ran */
+    int64_t orphaned_at;      /* since when only ranks carrying out their predecessor's
+                                 command wait on the round (0: none) */
+    int64_t max_gap, max_quiet; /* the longest window without progress since the faults
+                                   began, and the most of one with progress possible */
+    uint64_t bridge_commits;  /* versions this bridge committed */
+    int last_aborted;         /* the last version settled did not commit */
+    int64_t marks_at;         /* when the processes' cpu_marks were taken */
+    cpu_mark self_mark;       /* ... and this process's */
+    uint64_t last_committed;  /* the last version committed, and when */
+    int64_t last_commit_at;
     /* versions */
     vinfo *v;                 /* [v_cap] by version */
     uint64_t v_cap, next_version;
@@ -144,11 +241,14 @@ typedef struct stress {
     rlb_stress_event *ev;
     int n_ev, next_ev;
     uint64_t injected[RLB_FAULT_COUNT_], skipped[RLB_FAULT_COUNT_];
+    fault_note recent[RECENT_FAULTS]; /* the last faults applied, a ring */
+    uint64_t n_recent;
     /* outcomes */
     uint64_t publish_rc[RLB_E_COUNT_], answer_rc[RLB_E_COUNT_], probe_rc[RLB_E_COUNT_];
     uint64_t probe_verdict[3], sleeps, submitted, answered, samples, connects;
     uint64_t restarts[P_HOSTILE + 1], committed, aborted, unknown, served_unknown;
     uint64_t forced_kills;
+    uint64_t rejoins;         /* trainer ranks that published their predecessor's version */
     uint64_t poison_aborted, poison_named; /* poisoned versions aborted; naming the NaN */
     uint64_t x[X_COUNT];
     char first_violation[320];
@@ -185,6 +285,12 @@ static int code_index(int rc)
     return rc <= 0 && rc > -RLB_E_COUNT_ ? -rc : 0;
 }
 
+/* Seconds from the start of the faults (of the run, during startup) to monotonic ms t. */
+static double run_s(const stress *s, int64_t t)
+{
+    return (t - (s->t0 ? s->t0 : s->start)) / 1000.0;
+}
+
 static void violation(stress *s, int kind, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
@@ -200,7 +306,7 @@ static void violation(stress *s, int kind, const char *fmt, ...)
         snprintf(s->first_violation, sizeof(s->first_violation), "%s: %s",
                  violation_names[kind], msg);
     fprintf(stderr, "rlb stress: VIOLATION %s at %.1f s: %s\n", violation_names[kind],
-            (now_ms() - s->t0) / 1000.0, msg);
+            run_s(s, now_ms()), msg);
 }
 
 static int count_fds(pid_t pid)
@@ -214,6 +320,26 @@ static int count_fds(pid_t pid)
     if (d)
         closedir(d);
     return n - (pid == getpid()); /* our own opendir's fd */
+}
+
+/* State letter (R running, S asleep, T stopped, Z zombie, ...) and parent of process pid
+ * (/proc/PID/stat). Returns 0 or -1 when it is gone. */
+static int proc_stat(const char *pid, char *state, int *ppid)
+{
+    char path[300], line[512];
+    snprintf(path, sizeof(path), "/proc/%s/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    *state = '?';
+    *ppid = 0;
+    if (fgets(line, sizeof(line), f)) {
+        char *close_paren = strrchr(line, ')');
+        if (close_paren)
+            sscanf(close_paren + 1, " %c %d", state, ppid);
+    }
+    fclose(f);
+    return 0;
 }
 
 /* ---- Processes ------------------------------------------------------------------------ */
@@ -275,7 +401,9 @@ static int spawn(stress *s, proc *p, char *const argv[], int pipes)
         return -1;
     }
     *p = (proc){.pid = pid, .kind = p->kind, .idx = p->idx, .cmd_fd = pipes ? cmd[1] : -1,
-                .rec_fd = pipes ? rec[0] : -1, .died_at = p->died_at, .fault = p->fault};
+                .rec_fd = pipes ? rec[0] : -1, .died_at = p->died_at, .fault = p->fault,
+                .truncate = p->truncate, .down_since = p->down_since, .hit_at = p->hit_at,
+                .owed = p->owed};
     if (pipes)
         fcntl(p->rec_fd, F_SETFL, O_NONBLOCK);
     return 0;
@@ -291,6 +419,7 @@ static void spawn_bridge(stress *s)
     s->units = (uint32_t)rlb__stress_key(s->o.seed, 0x756e697473ull, s->incarnation, 0) &
                units_mask;
     s->bridge_up = 0;
+    s->bridge_commits = 0;
     if (spawn(s, &s->bridge, argv, 0) == 0)
         s->restarts[P_BRIDGE] += s->incarnation > 1;
 }
@@ -317,7 +446,9 @@ static void spawn_role(stress *s, proc *p, const char *role)
     snprintf(units, sizeof(units), "%u", s->units);
     snprintf(reps, sizeof(reps), "%u", s->o.replicas);
     char *argv[] = {s->self, "stress", "--role", (char *)role, "--socket", s->sock, "--seed",
-                    seed, "--rank", idx, "--world", world, "--units", units, NULL};
+                    seed, "--rank", idx, "--world", world, "--units", units,
+                    p->truncate ? "--truncate" : NULL,
+                    (char *)rlb__stress_truncate_name(p->truncate), NULL};
     char *client_argv[] = {s->self, "stress", "--role", (char *)role, "--socket", s->sock,
                            "--seed", seed, "--id", idx, NULL};
     char *checker_argv[] = {s->self, "stress", "--role", (char *)role, "--socket", s->sock,
@@ -367,6 +498,24 @@ static vinfo *version(stress *s, uint64_t v)
     return &s->v[v];
 }
 
+/* Notes the longest window without progress so far, the one open now included. */
+static void note_gap(stress *s, int64_t now)
+{
+    if (s->t0 && now - s->last_progress > s->max_gap)
+        s->max_gap = now - s->last_progress;
+    if (s->quiet_ms > s->max_quiet)
+        s->max_quiet = s->quiet_ms;
+}
+
+/* A commit or an answered request: the window without progress starts again. */
+static void progress(stress *s)
+{
+    int64_t now = now_ms();
+    note_gap(s, now);
+    s->last_progress = now;
+    s->quiet_ms = 0;
+}
+
 /* The checksum rank r's bytes of version v must have. */
 static uint64_t expected_checksum(stress *s, uint32_t rank, uint64_t v, int poisoned)
 {
@@ -407,14 +556,21 @@ static void round_check(stress *s)
                   (unsigned long long)s->round, vi->ok, vi->aborted);
     if (vi->ok && vi->poisoned)
         violation(s, X_POISON, "poisoned version %llu committed", (unsigned long long)s->round);
+    if (vi->ok && vi->unsealed)
+        violation(s, X_NOT_REFUSED, "version %llu committed, though a rank's shards lay in a "
+                  "segment the bridge refused", (unsigned long long)s->round);
     vi->state = vi->ok ? V_COMMITTED : vi->aborted ? V_ABORTED : V_UNKNOWN;
     s->poison_aborted += vi->poisoned && vi->state == V_ABORTED;
     s->poison_named += vi->poisoned && vi->nonfinite;
     s->committed += vi->state == V_COMMITTED;
     s->aborted += vi->state == V_ABORTED;
     s->unknown += vi->state == V_UNKNOWN;
+    s->last_aborted = vi->state != V_COMMITTED;
+    s->bridge_commits += vi->state == V_COMMITTED;
     if (vi->state == V_COMMITTED) {
-        s->last_progress = now_ms();
+        progress(s);
+        s->last_committed = s->round;
+        s->last_commit_at = s->last_progress;
         rlb_stress_cmd cmd = {.version = s->round};
         if (s->checker.pid > 0 && s->checker.cmd_fd >= 0 &&
             write(s->checker.cmd_fd, &cmd, sizeof(cmd)) < 0)
@@ -422,6 +578,56 @@ static void round_check(stress *s)
     }
     s->round = 0;
     s->next_publish_at = now_ms() + 5;
+}
+
+/* Sends trainer t a publish command; a trainer that cannot take it is killed. */
+static void command(proc *t, rlb_stress_cmd cmd)
+{
+    t->cmd = cmd;
+    t->busy = 1;
+    t->busy_since = now_ms();
+    t->rejoined = 0;
+    if (write(t->cmd_fd, &cmd, sizeof(cmd)) != (ssize_t)sizeof(cmd)) {
+        t->busy = 0;
+        kill_proc(t, SIGKILL);
+    }
+}
+
+/* A trainer rank said READY: if its predecessor died on a command of the round still open,
+ * the other ranks wait for that version at the bridge (it died before its publish got
+ * there, and the bridge aborts only a version some rank had published when one goes), so
+ * it publishes it too, as a restarted rank of a real job resumes its step. */
+static void rejoin(stress *s, proc *t)
+{
+    rlb_stress_cmd owed = t->owed;
+    t->owed.version = 0;
+    if (owed.version && owed.version == s->round) {
+        command(t, owed);
+        t->rejoined = 1;
+        s->rejoins++;
+    }
+}
+
+/* The READY of a trainer rank started for truncate_seg: the bridge refused its unsealed
+ * segment with RLB_EPERM and a sentence naming the seals, or its sealed segment did not
+ * shrink (EPERM). The fault counts as injected once its rank says so. */
+static void truncate_outcome(stress *s, proc *p, const rlb_stress_rec *r, const char *text)
+{
+    int unsealed = !!(r->flags & RLB_REC_F_UNSEALED);
+    p->truncate = RLB_TRUNCATE_NONE; /* its next incarnation is an honest rank */
+    if (unsealed && r->rc == 0)
+        violation(s, X_NOT_REFUSED, "trainer %d: the bridge took shards in an unsealed "
+                  "segment", p->idx);
+    else if (unsealed && !strstr(text, "F_SEAL_SHRINK"))
+        violation(s, X_UNNAMED, "trainer %d: its unsealed segment was refused with %s, not "
+                  "naming the missing seals: %s", p->idx, code_name(r->rc), text);
+    else if (!unsealed && r->count != EPERM)
+        violation(s, X_NOT_REFUSED, "trainer %d: truncating its sealed segment %s", p->idx,
+                  r->count ? strerror((int)r->count) : "succeeded");
+    else if (unsealed && r->count != 0)
+        s->skipped[RLB_FAULT_TRUNCATE_SEG]++; /* the memfd did not shrink: nothing injected */
+    else
+        s->injected[RLB_FAULT_TRUNCATE_SEG]++;
 }
 
 static void on_record(stress *s, proc *p, const rlb_stress_rec *r)
@@ -433,7 +639,12 @@ static void on_record(stress *s, proc *p, const rlb_stress_rec *r)
         violation(s, X_UNNAMED, "%s %d: code %d without a sentence", kind_names[p->kind],
                   p->idx, r->rc);
     switch (r->kind) {
-    case RLB_REC_READY: p->ready = 1; break;
+    case RLB_REC_READY:
+        p->ready = 1;
+        if (r->flags & (RLB_REC_F_UNSEALED | RLB_REC_F_SEALED))
+            truncate_outcome(s, p, r, text);
+        rejoin(s, p);
+        break;
     case RLB_REC_CONNECTED: s->connects++; break;
     case RLB_REC_SLEEP: s->sleeps++; break;
     case RLB_REC_PUBLISH: {
@@ -449,6 +660,11 @@ static void on_record(stress *s, proc *p, const rlb_stress_rec *r)
         if (r->rc == RLB_ETIMEDOUT)
             violation(s, X_HUNG, "trainer %d: publish %llu timed out", p->idx,
                       (unsigned long long)r->version);
+        if (r->flags & RLB_REC_F_UNSEALED) { /* its bytes are gone: nothing to check */
+            vi->unsealed = 1;
+            round_check(s);
+            break;
+        }
         uint64_t want = expected_checksum(s, (uint32_t)p->idx, r->version,
                                           !!(r->flags & RLB_REC_F_POISONED));
         if (want != r->checksum)
@@ -461,18 +677,23 @@ static void on_record(stress *s, proc *p, const rlb_stress_rec *r)
     case RLB_REC_SUBMIT:
         if (r->rc == 0) {
             s->submitted++;
+            if (p->outstanding < MAX_SENT)
+                p->sent_at[p->outstanding] = now_ms();
             p->outstanding++;
         }
         break;
     case RLB_REC_ANSWER:
         s->answer_rc[code_index(r->rc)]++;
-        if (p->outstanding > 0 && (r->rc == 0 || r->ms > 0))
+        if (p->outstanding > 0 && (r->rc == 0 || r->ms > 0)) {
+            /* A client waits for its requests in the order it sent them. */
+            memmove(p->sent_at, p->sent_at + 1, sizeof(p->sent_at) - sizeof(p->sent_at[0]));
             p->outstanding--, s->answered++;
+        }
         if (r->rc == RLB_ETIMEDOUT)
             violation(s, X_HUNG, "client %d: no answer within the deadline (%.0f ms)", p->idx,
                       r->ms);
         if (r->rc == 0) {
-            s->last_progress = now_ms();
+            progress(s);
             s->samples += r->count;
             served(s, r->vmin, r->vmax, r->count);
             if (r->flags & RLB_REC_F_EXPECT_REFUSAL)
@@ -539,6 +760,7 @@ static void on_exit_of(stress *s, proc *p, int st)
     else if (p->kind == P_HOSTILE)
         s->skipped[p->fault]++;
     if (p->kind == P_TRAINER && p->busy) {
+        p->owed = p->cmd;
         p->busy = 0;
         round_check(s);
     }
@@ -644,17 +866,9 @@ static void drive(stress *s, int64_t now)
     }
     vi->state = V_PUBLISHING;
     s->round = v;
-    for (uint32_t r = 0; r < s->o.trainers; r++) {
-        proc *t = &s->trainers[r];
-        rlb_stress_cmd cmd = {.version = v, .poison = r == poisoner,
-                              .pick = (uint32_t)s->poison_pick};
-        t->busy = 1;
-        t->busy_since = now;
-        if (write(t->cmd_fd, &cmd, sizeof(cmd)) != (ssize_t)sizeof(cmd)) {
-            t->busy = 0;
-            kill_proc(t, SIGKILL);
-        }
-    }
+    for (uint32_t r = 0; r < s->o.trainers; r++)
+        command(&s->trainers[r], (rlb_stress_cmd){.version = v, .poison = r == poisoner,
+                                                     .pick = (uint32_t)s->poison_pick});
     /* The trainer computes its pick from the low 32 bits; so does the checksum. */
     s->poison_pick = (uint32_t)s->poison_pick;
     round_check(s);
@@ -673,6 +887,17 @@ static proc *choose(proc *a, int n, uint32_t target, int skip_stopped)
         if (a[i].pid > 0 && !a[i].killed && !(skip_stopped && a[i].stopped) && k-- == 0)
             return &a[i];
     return NULL;
+}
+
+/* Notes fault kind as applied now, hitting p (NULL: no process of ours). Returns 1. */
+static int applied(stress *s, uint32_t kind, proc *p)
+{
+    int64_t now = now_ms();
+    if (p)
+        p->hit_at = now;
+    s->recent[s->n_recent++ % RECENT_FAULTS] =
+        (fault_note){.at = now, .kind = kind, .target = p && p->kind != P_BRIDGE ? p->idx : -1};
+    return 1;
 }
 
 /* Applies fault e. Returns 1 when done (or given up), 0 to try again later. */
@@ -697,11 +922,17 @@ static int inject(stress *s, const rlb_stress_event *e)
             return 0;
         kill(p->pid, SIGSTOP);
         p->stopped = 1;
-        p->resume_at = now_ms() + PEER_TIMEOUT_MS + 300 + e->arg % 1200;
+        p->resume_at = now_ms() + STOP_MIN_MS + e->arg % (STOP_MAX_MS - STOP_MIN_MS);
         p->resume_kill = (int)(e->arg >> 20 & 1);
         s->injected[e->kind]++;
-        return 1;
-    case RLB_FAULT_POISON: s->pending_poison++; return 1;
+        return applied(s, e->kind, p);
+    case RLB_FAULT_POISON: s->pending_poison++; return applied(s, e->kind, NULL);
+    case RLB_FAULT_TRUNCATE_SEG: /* counted when the rank's next incarnation reports */
+        if (!(p = choose(s->trainers, (int)s->o.trainers, e->target, 0)))
+            return 0;
+        p->truncate = e->arg & 1 ? RLB_TRUNCATE_SEALED : RLB_TRUNCATE_UNSEALED;
+        kill_proc(p, SIGKILL);
+        return applied(s, e->kind, p);
     default: { /* a hostile client */
         if (!s->bridge_up)
             return 0;
@@ -722,14 +953,14 @@ static int inject(stress *s, const rlb_stress_event *e)
             return 0;
         *h = (proc){.pid = pid, .kind = P_HOSTILE, .idx = (int)(h - s->hostile),
                     .cmd_fd = -1, .rec_fd = -1, .fault = e->kind};
-        return 1;
+        return applied(s, e->kind, NULL);
     }
     }
     if (!p)
         return 0;
     kill_proc(p, SIGKILL);
     s->injected[e->kind]++;
-    return 1;
+    return applied(s, e->kind, p);
 }
 
 static void faults_due(stress *s, int64_t now)
@@ -757,6 +988,322 @@ static void faults_due(stress *s, int64_t now)
     }
 }
 
+/* ---- What was pending: the report of a stall, recovery or startup violation -------- */
+
+#define MAX_PROCS (2 + MAX_WORKERS + MAX_TRAINERS + MAX_CLIENTS)
+
+/* The processes a report covers, in a fixed order: bridge, workers, trainer ranks, clients,
+ * checker. Returns how many. */
+static int run_procs(stress *s, proc **out)
+{
+    int n = 0;
+    out[n++] = &s->bridge;
+    for (uint32_t i = 0; i < s->o.replicas * s->o.tp; i++)
+        out[n++] = &s->workers[i];
+    for (uint32_t i = 0; i < s->o.trainers; i++)
+        out[n++] = &s->trainers[i];
+    for (uint32_t i = 0; i < s->o.clients; i++)
+        out[n++] = &s->clients[i];
+    out[n++] = &s->checker;
+    return n;
+}
+
+/* 1 when p does its part, as the stall clock needs: the bridge listens, a worker runs (not
+ * stopped), a trainer rank registered (said READY). Clients and the checker always are. */
+static int proc_up(const stress *s, const proc *p)
+{
+    int alive = p->pid > 0 && !p->killed && !p->stopped;
+    switch (p->kind) {
+    case P_BRIDGE: return alive && s->bridge_up;
+    case P_WORKER: return alive;
+    case P_TRAINER: return alive && p->ready;
+    default: return 1;
+    }
+}
+
+/* 1 when progress is possible by design, so the stall clock runs: the bridge listens and a
+ * commit can come (every trainer rank registered and a worker running; every worker, before
+ * this bridge's first commit) or an answer can (a worker running, and this bridge committed
+ * a version; in pause mode not followed by an abort, which leaves the workers stale). */
+static int progress_possible(stress *s)
+{
+    int workers = 0, all_workers = 1, trainers = 1;
+    for (uint32_t i = 0; i < s->o.replicas * s->o.tp; i++) {
+        workers += proc_up(s, &s->workers[i]);
+        all_workers &= proc_up(s, &s->workers[i]);
+    }
+    for (uint32_t r = 0; r < s->o.trainers; r++)
+        trainers &= proc_up(s, &s->trainers[r]);
+    int commit = trainers && workers && (s->bridge_commits || all_workers);
+    int answer = workers && s->bridge_commits &&
+                 !(s->last_aborted && !strcmp(s->o.mode, "pause"));
+    return proc_up(s, &s->bridge) && (commit || answer);
+}
+
+/* Process pid's CPU times (/proc/PID/schedstat); m->pid is 0 when they cannot be read. */
+static void read_cpu(pid_t pid, cpu_mark *m)
+{
+    char path[64];
+    unsigned long long run = 0, wait = 0;
+    snprintf(path, sizeof(path), "/proc/%d/schedstat", (int)pid);
+    FILE *f = pid > 0 ? fopen(path, "r") : NULL;
+    int ok = f && fscanf(f, "%llu %llu", &run, &wait) == 2;
+    if (f)
+        fclose(f);
+    *m = (cpu_mark){.pid = ok ? pid : 0, .run_ns = run, .wait_ns = wait};
+}
+
+/* Every process's CPU times now: the start of a window without progress. */
+static void take_marks(stress *s, int64_t now)
+{
+    proc *all[MAX_PROCS];
+    int n = run_procs(s, all);
+    for (int i = 0; i < n; i++)
+        read_cpu(all[i]->pid, &all[i]->mark);
+    read_cpu(getpid(), &s->self_mark);
+    s->marks_at = now;
+}
+
+/* Appends to the NUL-terminated line buf of len bytes (cut where it is full). */
+static void add(char *buf, size_t len, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+static void add(char *buf, size_t len, const char *fmt, ...)
+{
+    size_t used = strlen(buf);
+    va_list ap;
+    va_start(ap, fmt);
+    if (used + 1 < len)
+        vsnprintf(buf + used, len - used, fmt, ap);
+    va_end(ap);
+}
+
+/* The bridge's counters (a short-lived observer connection). Returns 0 with *out set (free
+ * it), or the client's code. */
+static int bridge_stats(const char *sock, rlb_stat_list **out)
+{
+    rlb_client_options o;
+    rlb_client_options_init(&o);
+    o.socket = sock;
+    o.observer = 1;
+    o.connect_timeout_ms = 1000;
+    o.request_timeout_ms = 2000;
+    rlb_client *c = NULL;
+    *out = NULL;
+    int rc = rlb_connect(&o, &c);
+    if (rc == 0)
+        rc = rlb_bridge_stats(c, out);
+    rlb_close(c);
+    return rc;
+}
+
+static int stat_of(const char *sock, const char *name, double *value)
+{
+    rlb_stat_list *l;
+    int rc = bridge_stats(sock, &l);
+    if (rc == 0)
+        rc = rlb_stat_list_find(l, name, value);
+    rlb_stat_list_free(l);
+    return rc;
+}
+
+/* The version in flight and where each rank is with it, or why none is. */
+static void round_line(stress *s, int64_t now, char *buf, size_t len)
+{
+    add(buf, len, "versions: %llu published, %llu committed", (unsigned long long)s->next_version,
+        (unsigned long long)s->committed);
+    if (s->last_commit_at)
+        add(buf, len, " (the last, %llu, %.1f s ago)", (unsigned long long)s->last_committed,
+            (now - s->last_commit_at) / 1000.0);
+    if (!s->round) {
+        add(buf, len, "; none in flight%s", s->bridge_up ? "" : ": the bridge does not listen");
+        return;
+    }
+    add(buf, len, "; version %llu in flight:", (unsigned long long)s->round);
+    for (uint32_t r = 0; r < s->o.trainers; r++) {
+        const proc *t = &s->trainers[r];
+        add(buf, len, " trainer %u ", r);
+        if (t->busy)
+            add(buf, len, "publishing for %.1f s", (now - t->busy_since) / 1000.0);
+        else
+            add(buf, len, t->pid > 0 ? "answered" : "gone");
+        add(buf, len, r + 1 < s->o.trainers ? "," : "");
+    }
+}
+
+/* The bridge's own view: its sync phase and version, generation in flight and held. */
+static void bridge_line(stress *s, int64_t now, char *buf, size_t len)
+{
+    (void)now;
+    static const char *const phases[] = {"idle", "drain", "copy", "load", "xnode"};
+    static const char *const names[] = {"weight_version", "inflight", "held", "replicas_up",
+                                        "replicas_joining", "loads_unanswered", "stale",
+                                        "asleep", "trainers", "workers", "peers"};
+    add(buf, len, "bridge (pid %d, incarnation %u): ", (int)s->bridge.pid, s->incarnation);
+    rlb_stat_list *l = NULL;
+    int rc = s->bridge.pid > 0 && s->bridge_up ? bridge_stats(s->sock, &l) : RLB_EPEERDEAD;
+    double phase = 0, v = 0;
+    if (rc == 0 && rlb_stat_list_find(l, "sync_phase", &phase) == 0 && phase >= 0 && phase < 5)
+        add(buf, len, "sync %s", phases[(int)phase]);
+    if (rc == 0 && phase > 0 && rlb_stat_list_find(l, "sync_version", &v) == 0)
+        add(buf, len, " of version %.0f", v);
+    for (size_t i = 0; rc == 0 && i < sizeof(names) / sizeof(names[0]); i++)
+        if (rlb_stat_list_find(l, names[i], &v) == 0)
+            add(buf, len, ", %s %.0f", names[i], v);
+    if (rc < 0)
+        add(buf, len, "%s", s->bridge.pid <= 0 ? "not running"
+                            : !s->bridge_up ? "not listening yet"
+                                            : "no answer to a stats request within 3 s");
+    if (rc < 0 && rc != RLB_EPEERDEAD)
+        add(buf, len, " (%s)", rlb_strerror(rc));
+    rlb_stat_list_free(l);
+}
+
+/* Each client's requests in flight and the age of its oldest. */
+static void requests_line(stress *s, int64_t now, char *buf, size_t len)
+{
+    add(buf, len, "requests in flight:");
+    for (uint32_t c = 0; c < s->o.clients; c++) {
+        const proc *p = &s->clients[c];
+        add(buf, len, "%s client %u ", c ? ";" : "", c);
+        if (p->pid <= 0)
+            add(buf, len, "down");
+        else if (p->outstanding == 0)
+            add(buf, len, "none");
+        else
+            add(buf, len, "%lld, the oldest %.1f s", (long long)p->outstanding,
+                (now - p->sent_at[0]) / 1000.0);
+    }
+}
+
+/* What is out: stopped by the schedule, down, restarting, not registered. */
+static void out_line(stress *s, int64_t now, char *buf, size_t len)
+{
+    proc *all[MAX_PROCS];
+    int n = run_procs(s, all), any = 0;
+    add(buf, len, "out:");
+    for (int i = 0; i < n; i++) {
+        proc *p = all[i];
+        if (proc_up(s, p))
+            continue;
+        add(buf, len, "%s %s %d ", any++ ? ";" : "", kind_names[p->kind], p->idx);
+        if (p->stopped)
+            add(buf, len, "SIGSTOPped by the schedule %.1f s ago, %s in %.1f s",
+                (now - p->hit_at) / 1000.0, p->resume_kill ? "killed" : "resumed",
+                (p->resume_at - now) / 1000.0);
+        else if (p->pid <= 0 || p->killed)
+            add(buf, len, "down (restarting)");
+        else
+            add(buf, len, p->kind == P_BRIDGE ? "not listening yet" : "not registered yet");
+        if (p->down_since)
+            add(buf, len, " since %.1f s", (now - p->down_since) / 1000.0);
+        if (p->hit_at && !p->stopped)
+            add(buf, len, ", the last fault on it %.1f s ago", (now - p->hit_at) / 1000.0);
+    }
+    if (!any)
+        add(buf, len, " nothing: every process is up");
+}
+
+/* The faults applied since the last progress. */
+static void faults_line(stress *s, int64_t now, char *buf, size_t len)
+{
+    uint64_t first = s->n_recent > RECENT_FAULTS ? s->n_recent - RECENT_FAULTS : 0;
+    int any = 0;
+    add(buf, len, "faults since then:");
+    for (uint64_t i = first; i < s->n_recent; i++) {
+        const fault_note *f = &s->recent[i % RECENT_FAULTS];
+        if (f->at < s->last_progress)
+            continue;
+        add(buf, len, "%s %s", any++ ? "," : "", rlb__stress_fault_name(f->kind));
+        if (f->target >= 0)
+            add(buf, len, " (%d)", f->target);
+        add(buf, len, " at %.1f s", run_s(s, f->at));
+    }
+    add(buf, len, any ? "" : " none");
+    if (any && first && s->recent[first % RECENT_FAULTS].at >= s->last_progress)
+        add(buf, len, " (the last %d)", RECENT_FAULTS);
+    add(buf, len, "; now %.1f s", run_s(s, now));
+}
+
+/* Load average and CPU pressure: how much the machine had to give. */
+static void machine_line(stress *s, int64_t now, char *buf, size_t len)
+{
+    (void)s, (void)now;
+    char text[256] = "";
+    FILE *f = fopen("/proc/loadavg", "r");
+    double l1 = 0, l5 = 0, l15 = 0;
+    if (f && fscanf(f, "%lf %lf %lf", &l1, &l5, &l15) == 3)
+        add(buf, len, "load average %.2f %.2f %.2f on %ld CPUs", l1, l5, l15,
+            sysconf(_SC_NPROCESSORS_ONLN));
+    if (f)
+        fclose(f);
+    f = fopen("/proc/pressure/cpu", "r");
+    if (f && fgets(text, sizeof(text), f)) { /* "some avg10=... avg60=... avg300=... total=..." */
+        text[strcspn(text, "\n")] = 0;
+        char *total = strstr(text, " total=");
+        if (total)
+            *total = 0;
+        add(buf, len, "; CPU pressure %s", text);
+    }
+    if (f)
+        fclose(f);
+}
+
+/* Each process's CPU time and time waiting for a CPU since the marks. */
+static void cpu_line(stress *s, int64_t now, char *buf, size_t len)
+{
+    proc *all[MAX_PROCS];
+    int n = run_procs(s, all);
+    add(buf, len, "over the last %.1f s, seconds on a CPU / waiting for one, and state now:",
+        (now - s->marks_at) / 1000.0);
+    for (int i = 0; i <= n; i++) {
+        const proc *p = i < n ? all[i] : NULL;
+        pid_t pid = p ? p->pid : getpid();
+        const cpu_mark *was = p ? &p->mark : &s->self_mark;
+        cpu_mark m;
+        char id[32], state;
+        int ppid;
+        read_cpu(pid, &m);
+        snprintf(id, sizeof(id), "%d", (int)pid);
+        if (p && p->kind != P_BRIDGE && p->kind != P_CHECKER)
+            add(buf, len, " %s %d", kind_names[p->kind], p->idx);
+        else
+            add(buf, len, " %s", p ? kind_names[p->kind] : "rlb stress");
+        if (!m.pid || proc_stat(id, &state, &ppid) < 0)
+            add(buf, len, " -,");
+        else if (was->pid != m.pid)
+            add(buf, len, " %.2f/%.2f %c (started since),", m.run_ns / 1e9, m.wait_ns / 1e9,
+                state);
+        else
+            add(buf, len, " %.2f/%.2f %c,", (m.run_ns - was->run_ns) / 1e9,
+                (m.wait_ns - was->wait_ns) / 1e9, state);
+    }
+    buf[strlen(buf) - 1] = 0;
+}
+
+/* How long since the last progress, and how much of it counted for the stall clock. */
+static void window_line(stress *s, int64_t now, char *buf, size_t len)
+{
+    add(buf, len, "pending at %.1f s: the last commit or answered request %.1f s ago",
+        run_s(s, now), (now - s->last_progress) / 1000.0);
+    if (s->t0)
+        add(buf, len, ", %.1f s of it with progress possible", s->quiet_ms / 1000.0);
+}
+
+/* Prints what was pending at `now`, after a stall, recovery or startup violation: enough to
+ * tell a starved machine from a stuck protocol (file comment). */
+static void report_pending(stress *s, int64_t now)
+{
+    void (*const lines[])(stress *, int64_t, char *, size_t) = {
+        window_line, round_line, bridge_line, requests_line, out_line, faults_line,
+        machine_line, cpu_line};
+    char buf[2048];
+    for (size_t i = 0; i < sizeof(lines) / sizeof(lines[0]); i++) {
+        buf[0] = 0;
+        lines[i](s, now, buf, sizeof(buf));
+        fprintf(stderr, "rlb stress:   %s\n", buf);
+    }
+}
+
 static void watchdogs(stress *s, int64_t now)
 {
     for (uint32_t r = 0; r < s->o.trainers; r++) {
@@ -767,9 +1314,57 @@ static void watchdogs(stress *s, int64_t now)
             kill_proc(t, SIGKILL);
         }
     }
-    if (now - s->last_progress > STALL_MS) {
-        violation(s, X_STALL, "no commit and no answered request for %d s", STALL_MS / 1000);
-        s->last_progress = now;
+    /* A rank carrying out its predecessor's command completes the version only together
+     * with the round's other ranks: once none of them waits any more, it cannot. */
+    int waiting = 0, orphans = 0;
+    for (uint32_t r = 0; r < s->o.trainers; r++) {
+        waiting += s->trainers[r].busy && !s->trainers[r].rejoined;
+        orphans += s->trainers[r].busy && s->trainers[r].rejoined;
+    }
+    if (!orphans || waiting)
+        s->orphaned_at = 0;
+    else if (!s->orphaned_at)
+        s->orphaned_at = now;
+    for (uint32_t r = 0; s->orphaned_at && now - s->orphaned_at > 2 * PEER_TIMEOUT_MS &&
+                         r < s->o.trainers; r++)
+        if (s->trainers[r].busy && s->trainers[r].rejoined) {
+            kill_proc(&s->trainers[r], SIGKILL);
+            s->forced_kills++;
+        }
+    if (!s->t0)
+        return; /* startup has its own bound (first_start) */
+    proc *all[MAX_PROCS];
+    int n = run_procs(s, all);
+    for (int i = 0; i < n; i++) {
+        proc *p = all[i];
+        if (proc_up(s, p)) {
+            p->down_since = 0;
+            continue;
+        }
+        if (!p->down_since)
+            p->down_since = now;
+        int64_t from = p->down_since > p->hit_at ? p->down_since : p->hit_at;
+        if (p->kind != P_BRIDGE && s->bridge.hit_at > from)
+            from = s->bridge.hit_at;
+        if (now - from > RECOVERY_MS) {
+            violation(s, X_RECOVERY, "%s %d not up %d s after it went down and after the last "
+                      "fault that hit it or its bridge", kind_names[p->kind], p->idx,
+                      RECOVERY_MS / 1000);
+            report_pending(s, now);
+            p->down_since = now; /* again after RECOVERY_MS more */
+        }
+    }
+    if (progress_possible(s))
+        s->quiet_ms += now - s->last_watch;
+    s->last_watch = now;
+    if (s->last_progress > s->marks_at && now - s->marks_at >= 1000)
+        take_marks(s, now);
+    if (s->quiet_ms > STALL_MS) {
+        violation(s, X_STALL, "no commit and no answered request for %.0f s, %d s of it with "
+                  "progress possible", (now - s->last_progress) / 1000.0, STALL_MS / 1000);
+        report_pending(s, now);
+        note_gap(s, now);
+        s->quiet_ms = 0;
     }
 }
 
@@ -777,9 +1372,9 @@ static void watchdogs(stress *s, int64_t now)
 enum {
     TURN_QUIET = 0, /* nothing more */
     TURN_RUN = 1,   /* restarts, publishes, faults, watchdogs */
-    TURN_DRAIN = 2  /* the same without faults: the stopped clients wait for their answers,
-                       some for the next version (a request waits for it when every replica
-                       was lost: they rejoin with it) */
+    TURN_DRAIN = 2  /* the same without faults: startup, and the end, where the stopped
+                       clients wait for their answers, some for the next version (a request
+                       waits for it when every replica was lost: they rejoin with it) */
 };
 
 /* One turn of the loop (mode: TURN_*). */
@@ -813,32 +1408,14 @@ static void turn(stress *s, int mode)
 
 /* ---- Start, end, report -------------------------------------------------------------------- */
 
-static int stat_of(const char *sock, const char *name, double *value)
-{
-    rlb_client_options o;
-    rlb_client_options_init(&o);
-    o.socket = sock;
-    o.observer = 1;
-    o.connect_timeout_ms = 1000;
-    o.request_timeout_ms = 2000;
-    rlb_client *c = NULL;
-    rlb_stat_list *l = NULL;
-    int rc = rlb_connect(&o, &c);
-    if (rc == 0)
-        rc = rlb_bridge_stats(c, &l);
-    if (rc == 0)
-        rc = rlb_stat_list_find(l, name, value);
-    rlb_stat_list_free(l);
-    rlb_close(c);
-    return rc;
-}
-
-/* Bridge and every replica up, before anything else starts; the bridge's fds then are the
- * baseline of the fd check. Returns 0 or -1. */
+/* Startup, before any fault: the bridge and every replica (the bridge's fds then, with only
+ * its workers connected, are the baseline of the fd check), then the trainer ranks, the
+ * clients and the checker until a first version commits, all within STARTUP_MS of the
+ * start. Returns 0, or -1 (a startup violation unless interrupted). */
 static int first_start(stress *s)
 {
     spawn_bridge(s);
-    int64_t deadline = now_ms() + READY_TIMEOUT_MS;
+    int64_t deadline = s->start + STARTUP_MS;
     while (!s->bridge_up && now_ms() < deadline && !interrupted) {
         s->bridge_up = s->bridge.pid > 0 && bridge_listening(s->sock);
         reap_all(s);
@@ -853,11 +1430,37 @@ static int first_start(stress *s)
         reap_all(s);
         rlb__stress_sleep_ms(50);
     }
+    if (up >= s->o.replicas) {
+        rlb__stress_sleep_ms(300); /* the bridge drops our stats connection */
+        s->fd_bridge0 = count_fds(s->bridge.pid);
+    }
+    while (up >= s->o.replicas && !s->committed && now_ms() < deadline && !interrupted)
+        turn(s, TURN_DRAIN);
+    if (s->committed || interrupted)
+        return s->committed ? 0 : -1;
     if (up < s->o.replicas)
-        return -1;
-    rlb__stress_sleep_ms(300); /* the bridge drops our stats connection */
-    s->fd_bridge0 = count_fds(s->bridge.pid);
-    return 0;
+        violation(s, X_STARTUP, "the bridge and its %u replicas were not up within %d s",
+                  s->o.replicas, STARTUP_MS / 1000);
+    else
+        violation(s, X_STARTUP, "no version committed within %d s of the start",
+                  STARTUP_MS / 1000);
+    report_pending(s, now_ms());
+    return -1;
+}
+
+/* 1 when /dev/shm entry `name` may be this run's: rlbridge's shm_open segments
+ * (common/shm.c) are named "rlb-<creator's pid>-<16 hex digits>" (memfd segments never
+ * appear there), and every process this run started is gone when this is asked, so an
+ * entry of a live process other than this one belongs to another program, which a machine
+ * shared with other runs may well have. */
+static int own_shm_entry(const char *name)
+{
+    int pid, at = 0, end = 0;
+    unsigned long long rnd;
+    if (sscanf(name, "rlb-%d-%n%llx%n", &pid, &at, &rnd, &end) != 2 || name[end] ||
+        end - at != 16)
+        return 0;
+    return pid == (int)getpid() || (kill(pid, 0) < 0 && errno == ESRCH);
 }
 
 /* Waits up to ms for p to exit, turning the loop in `mode` meanwhile; kills it after. */
@@ -896,8 +1499,10 @@ static void finish(stress *s)
             close(s->trainers[r].cmd_fd); /* EOF: they close their client and exit */
             s->trainers[r].cmd_fd = -1;
         }
-    for (uint32_t r = 0; r < s->o.trainers; r++)
+    for (uint32_t r = 0; r < s->o.trainers; r++) {
         wait_gone(s, &s->trainers[r], STOP_GRACE_MS, TURN_QUIET);
+        s->skipped[RLB_FAULT_TRUNCATE_SEG] += s->trainers[r].truncate != RLB_TRUNCATE_NONE;
+    }
     for (int i = 0; i < MAX_HOSTILE; i++)
         wait_gone(s, &s->hostile[i], 20000, TURN_QUIET);
     /* Only the workers are connected now, as when the baseline was taken. */
@@ -918,31 +1523,26 @@ static void finish(stress *s)
             violation(s, X_LEFTOVERS, "the bridge holds %d fds with only its workers connected, "
                       "%d at the start", fds, s->fd_bridge0);
     }
+    /* A bridge killed -9 leaves its socket for the next one to replace. When the last one
+     * does not listen (the schedule killed it near the end and its successor was stopped
+     * while it started, or none was started), that socket is the killed one's: gone here. */
+    int listening = s->bridge.pid > 0 && bridge_listening(s->sock);
     if (s->bridge.pid > 0) {
         kill(s->bridge.pid, SIGTERM);
         s->bridge.killed = 1;
         wait_gone(s, &s->bridge, 15000, TURN_QUIET);
     }
+    if (!listening)
+        unlink(s->sock);
     for (int i = 0; i < (int)(s->o.replicas * s->o.tp); i++)
         wait_gone(s, &s->workers[i], 15000, TURN_QUIET);
     /* Nothing may be left: no child (zombie or running), no socket, nothing in /dev/shm. */
     DIR *d = opendir("/proc");
     for (struct dirent *e; d && (e = readdir(d));) {
-        char path[300], line[512];
-        if (e->d_name[0] < '0' || e->d_name[0] > '9')
+        int ppid;
+        char state;
+        if (e->d_name[0] < '0' || e->d_name[0] > '9' || proc_stat(e->d_name, &state, &ppid) < 0)
             continue;
-        snprintf(path, sizeof(path), "/proc/%s/stat", e->d_name);
-        FILE *f = fopen(path, "r");
-        if (!f)
-            continue;
-        int ppid = 0;
-        char state = 0;
-        if (fgets(line, sizeof(line), f)) {
-            char *close_paren = strrchr(line, ')');
-            if (close_paren)
-                sscanf(close_paren + 1, " %c %d", &state, &ppid);
-        }
-        fclose(f);
         if (ppid == getpid())
             violation(s, X_LEFTOVERS, "process %s (state %c) is still our child", e->d_name,
                       state);
@@ -957,7 +1557,7 @@ static void finish(stress *s)
         closedir(d);
     d = opendir("/dev/shm");
     for (struct dirent *e; d && (e = readdir(d));) {
-        int seen = e->d_name[0] == '.';
+        int seen = !own_shm_entry(e->d_name);
         for (int i = 0; !seen && i < s->n_shm_before; i++)
             seen = !strcmp(s->shm_before[i], e->d_name);
         if (!seen)
@@ -1008,6 +1608,10 @@ static void print_table(const stress *s, double seconds, uint64_t faults)
     printf("\nrlb stress: seed %llu, %.0f s, bridge + %u x %u workers, %u trainers, %u clients, "
            "%s mode\n", (unsigned long long)s->o.seed, seconds, s->o.replicas, s->o.tp,
            s->o.trainers, s->o.clients, s->o.mode);
+    if (s->t0)
+        printf("  startup: %.1f s (bridge, every replica, first commit); longest without a "
+               "commit or an answer: %.1f s, %.1f s of it with progress possible\n",
+               (s->t0 - s->start) / 1000.0, s->max_gap / 1000.0, s->max_quiet / 1000.0);
     printf("  %-14s %8s %8s\n", "fault", "injected", "skipped");
     for (int k = 0; k < RLB_FAULT_COUNT_; k++)
         printf("  %-14s %8llu %8llu\n", rlb__stress_fault_name((uint32_t)k),
@@ -1029,9 +1633,10 @@ static void print_table(const stress *s, double seconds, uint64_t faults)
            (unsigned long long)s->probe_verdict[0], (unsigned long long)s->probe_verdict[1],
            (unsigned long long)s->probe_verdict[2]);
     print_codes(stdout, s->probe_rc, 0);
-    printf("\n  restarts: bridge %llu, workers %llu, trainers %llu, clients %llu, checker %llu; "
-           "sleeps %llu\n", (unsigned long long)s->restarts[P_BRIDGE],
-           (unsigned long long)s->restarts[P_WORKER], (unsigned long long)s->restarts[P_TRAINER],
+    printf("\n  restarts: bridge %llu, workers %llu, trainers %llu (%llu of them publishing their "
+           "predecessor's version), clients %llu, checker %llu; sleeps %llu\n",
+           (unsigned long long)s->restarts[P_BRIDGE], (unsigned long long)s->restarts[P_WORKER],
+           (unsigned long long)s->restarts[P_TRAINER], (unsigned long long)s->rejoins,
            (unsigned long long)s->restarts[P_CLIENT], (unsigned long long)s->restarts[P_CHECKER],
            (unsigned long long)s->sleeps);
     printf("  %-14s %8s\n", "invariant", "violated");
@@ -1044,13 +1649,17 @@ static void report(stress *s, double seconds)
 {
     uint64_t faults = total(s->injected, RLB_FAULT_COUNT_);
     uint64_t bad = total(s->x, X_COUNT);
+    note_gap(s, now_ms());
     if (!s->o.json)
         print_table(s, seconds, faults);
     /* One JSON line. */
-    printf("{\"seed\": %llu, \"duration_s\": %.1f, \"mode\": \"%s\", \"replicas\": %u, "
-           "\"tp\": %u, \"trainers\": %u, \"clients\": %u, \"faults\": {",
-           (unsigned long long)s->o.seed, seconds, s->o.mode, s->o.replicas, s->o.tp,
-           s->o.trainers, s->o.clients);
+    printf("{\"seed\": %llu, \"duration_s\": %.1f, \"startup_s\": %.1f, \"mode\": \"%s\", "
+           "\"replicas\": %u, \"tp\": %u, \"trainers\": %u, \"clients\": %u, "
+           "\"no_progress_s\": {\"longest\": %.1f, \"possible\": %.1f}, \"faults\": {",
+           (unsigned long long)s->o.seed, seconds,
+           s->t0 ? (s->t0 - s->start) / 1000.0 : (now_ms() - s->start) / 1000.0, s->o.mode,
+           s->o.replicas, s->o.tp, s->o.trainers, s->o.clients, s->max_gap / 1000.0,
+           s->max_quiet / 1000.0);
     for (int k = 0; k < RLB_FAULT_COUNT_; k++)
         printf("%s\"%s\": %llu", k ? ", " : "", rlb__stress_fault_name((uint32_t)k),
                (unsigned long long)s->injected[k]);
@@ -1069,11 +1678,11 @@ static void report(stress *s, double seconds)
     print_codes(stdout, s->answer_rc, 1);
     printf("}}, \"probes\": {\"match\": %llu, \"near_tie\": %llu, \"differ\": %llu}, "
            "\"restarts\": {\"bridge\": %llu, \"workers\": %llu, \"trainers\": %llu, "
-           "\"clients\": %llu}, \"violations\": {",
+           "\"trainers_rejoined\": %llu, \"clients\": %llu}, \"violations\": {",
            (unsigned long long)s->probe_verdict[0], (unsigned long long)s->probe_verdict[1],
            (unsigned long long)s->probe_verdict[2], (unsigned long long)s->restarts[P_BRIDGE],
            (unsigned long long)s->restarts[P_WORKER], (unsigned long long)s->restarts[P_TRAINER],
-           (unsigned long long)s->restarts[P_CLIENT]);
+           (unsigned long long)s->rejoins, (unsigned long long)s->restarts[P_CLIENT]);
     for (int k = 0; k < X_COUNT; k++)
         printf("%s\"%s\": %llu", k ? ", " : "", violation_names[k],
                (unsigned long long)s->x[k]);
@@ -1229,13 +1838,16 @@ int rlb__cmd_stress(int argc, char **argv)
         printf("rlb stress: seed %llu, %d s, %d faults scheduled; logs in %s\n",
                (unsigned long long)s->o.seed, s->o.duration_s, s->n_ev, s->logdir);
     fflush(stdout);
-    int64_t start = now_ms();
-    if (first_start(s) < 0) {
-        fprintf(stderr, "rlb stress: the bridge and its workers did not come up (logs in %s)\n",
-                s->logdir);
-        violation(s, X_STALL, "no start");
-    } else {
-        s->t0 = s->last_progress = now_ms();
+    s->start = s->last_progress = now_ms();
+    take_marks(s, s->start);
+    if (first_start(s) == 0) {
+        progress(s);
+        s->t0 = s->last_watch = s->last_progress;
+        take_marks(s, s->t0);
+        if (!s->o.json)
+            fprintf(stderr, "rlb stress: up in %.1f s (bridge, %u replicas, version %llu "
+                    "committed); faults from now on\n", (s->t0 - s->start) / 1000.0,
+                    s->o.replicas, (unsigned long long)s->last_committed);
         int64_t end = s->t0 + (int64_t)s->o.duration_s * 1000, next_line = s->t0 + 10000;
         while (!interrupted && now_ms() < end) {
             turn(s, TURN_RUN);
@@ -1250,7 +1862,7 @@ int rlb__cmd_stress(int argc, char **argv)
         }
     }
     finish(s);
-    double seconds = (now_ms() - start) / 1000.0;
+    double seconds = (now_ms() - s->start) / 1000.0;
     uint64_t bad = total(s->x, X_COUNT);
     report(s, s->t0 ? (now_ms() - s->t0) / 1000.0 : seconds);
     if (!bad)

@@ -37,6 +37,8 @@ typedef enum rlb_stress_fault {
                                   header announcing more bytes than it committed */
     RLB_FAULT_DISCONNECT,      /* a hostile client leaves mid-message (after the first
                                   fragment), or right after submitting a request */
+    RLB_FAULT_TRUNCATE_SEG,    /* kill -9 of a trainer rank whose next incarnation truncates
+                                  its shard segment under the bridge (rlb_stress_truncate) */
     RLB_FAULT_COUNT_
 } rlb_stress_fault;
 
@@ -61,6 +63,19 @@ double rlb__stress_fault_rate(uint32_t kind);
  * events and sets *out (free it), or RLB_ENOMEM / RLB_EINVAL. */
 int rlb__stress_schedule(uint64_t seed, int64_t duration_ms, uint32_t mask,
                          rlb_stress_event **out);
+
+/* What a trainer rank started for the truncate_seg fault does with its shard segment. */
+typedef enum rlb_stress_truncate {
+    RLB_TRUNCATE_NONE = 0, /* nothing: an honest rank */
+    RLB_TRUNCATE_UNSEALED, /* its shards lie in a memfd without seals, which it truncates to
+                              0 after the register: the bridge must have refused it with
+                              RLB_EPERM naming the seals, and never touch it */
+    RLB_TRUNCATE_SEALED,   /* its shards lie in rlb_alloc_host memory, which it tries to
+                              truncate to 0 once registered: that must fail with EPERM */
+} rlb_stress_truncate;
+
+/* The variant's name as --truncate spells it ("unsealed", "sealed"; "none"), or "?". */
+const char *rlb__stress_truncate_name(uint32_t truncate);
 
 /* ---- Randomness -------------------------------------------------------------------------- */
 
@@ -117,7 +132,7 @@ void rlb__stress_tp_fill(const rlb_tp_layout *layout, uint64_t seed, uint64_t v,
 /* ---- Records to the supervisor ------------------------------------------------------------ */
 
 typedef enum rlb_stress_rec_kind {
-    RLB_REC_READY = 1,   /* trainer: connected and registered */
+    RLB_REC_READY = 1,   /* trainer: connected and registered (or refused: truncate_seg) */
     RLB_REC_PUBLISH,     /* trainer: answer to a publish command */
     RLB_REC_SUBMIT,      /* client: a request went out */
     RLB_REC_ANSWER,      /* client: a request was answered (done or failed) */
@@ -135,9 +150,10 @@ typedef enum rlb_probe_verdict {
 
 typedef struct rlb_stress_rec {
     uint32_t kind;      /* rlb_stress_rec_kind */
-    int32_t rc;         /* 0 or the RLB_E* code of the call */
+    int32_t rc;         /* 0 or the RLB_E* code of the call (READY: of the register) */
     uint32_t flags;     /* RLB_REC_F_* */
-    uint32_t count;     /* PROBE: verdict; ANSWER: samples */
+    uint32_t count;     /* PROBE: verdict; ANSWER: samples; READY of truncate_seg: errno of
+                           the truncation, 0 when the segment shrank */
     uint64_t version;   /* PUBLISH: the version; PROBE: the version the probe waited for */
     uint64_t vmin, vmax; /* ANSWER / PROBE: weight versions stamped on the samples */
     uint64_t checksum;  /* PUBLISH: FNV-1a of the bytes published */
@@ -150,6 +166,9 @@ typedef struct rlb_stress_rec {
 #define RLB_REC_F_UNNAMED 2u     /* ANSWER / PUBLISH: a failure without a named error */
 #define RLB_REC_F_EXPECT_REFUSAL 4u /* ANSWER: the request was invalid on purpose */
 #define RLB_REC_F_POISONED 8u    /* PUBLISH: the version carried a NaN */
+#define RLB_REC_F_UNSEALED 16u   /* READY / PUBLISH: a rank of RLB_TRUNCATE_UNSEALED (its
+                                    bytes are gone: no checksum) */
+#define RLB_REC_F_SEALED 32u     /* READY: a rank of RLB_TRUNCATE_SEALED */
 
 /* A command to a trainer (publish `version`) or to the checker (`version` committed). */
 typedef struct rlb_stress_cmd {
@@ -167,12 +186,13 @@ int rlb__stress_send(const rlb_stress_rec *r);
 /* 1 when rc is a failure a caller can name: an RLB_E* code with a sentence saying why. */
 int rlb__stress_named(int rc, const char *text);
 
-/* The command line of a role: --socket, --seed, and --rank --world --units (trainer),
- * --id (client), --replicas (checker). */
+/* The command line of a role: --socket, --seed, and --rank --world --units [--truncate
+ * unsealed|sealed] (trainer), --id (client), --replicas (checker). */
 typedef struct rlb_stress_role_opts {
     const char *socket; /* the bridge's socket */
     uint64_t seed;      /* the run's seed */
     uint32_t rank, world, units; /* trainer: rank, world, FSDP1 unit mask */
+    uint32_t truncate;  /* trainer: rlb_stress_truncate */
     uint32_t id;        /* client: index */
     uint32_t replicas;  /* checker: replicas of the run */
 } rlb_stress_role_opts;

@@ -5,6 +5,7 @@
 #include <getopt.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -18,6 +19,14 @@ static void on_term(int sig)
     stopping = 1;
 }
 
+const char *rlb__stress_truncate_name(uint32_t truncate)
+{
+    static const char *const names[] = {[RLB_TRUNCATE_NONE] = "none",
+                                         [RLB_TRUNCATE_UNSEALED] = "unsealed",
+                                         [RLB_TRUNCATE_SEALED] = "sealed"};
+    return truncate <= RLB_TRUNCATE_SEALED ? names[truncate] : "?";
+}
+
 int rlb__stress_role_parse(int argc, char **argv, rlb_stress_role_opts *o)
 {
     static const struct option longopts[] = {
@@ -25,7 +34,7 @@ int rlb__stress_role_parse(int argc, char **argv, rlb_stress_role_opts *o)
         {"rank", required_argument, NULL, 'r'},   {"world", required_argument, NULL, 'w'},
         {"units", required_argument, NULL, 'u'},  {"id", required_argument, NULL, 'i'},
         {"replicas", required_argument, NULL, 'p'}, {"role", required_argument, NULL, 'R'},
-        {NULL, 0, NULL, 0}};
+        {"truncate", required_argument, NULL, 'T'}, {NULL, 0, NULL, 0}};
     *o = (rlb_stress_role_opts){.seed = 1, .world = 1, .replicas = 1};
     int c;
     optind = 1;
@@ -39,6 +48,14 @@ int rlb__stress_role_parse(int argc, char **argv, rlb_stress_role_opts *o)
         case 'i': o->id = (uint32_t)strtoul(optarg, NULL, 0); break;
         case 'p': o->replicas = (uint32_t)strtoul(optarg, NULL, 0); break;
         case 'R': break;
+        case 'T':
+            o->truncate = RLB_TRUNCATE_UNSEALED;
+            while (o->truncate <= RLB_TRUNCATE_SEALED &&
+                   strcmp(optarg, rlb__stress_truncate_name(o->truncate)))
+                o->truncate++;
+            if (o->truncate > RLB_TRUNCATE_SEALED)
+                return 2;
+            break;
         default: return 2;
         }
     }

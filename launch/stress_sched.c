@@ -24,6 +24,7 @@ static const struct {
     [RLB_FAULT_GARBAGE] = {"garbage", 12},
     [RLB_FAULT_TRUNCATED] = {"truncated", 12},
     [RLB_FAULT_DISCONNECT] = {"disconnect", 12},
+    [RLB_FAULT_TRUNCATE_SEG] = {"truncate_seg", 6},
 };
 
 const char *rlb__stress_fault_name(uint32_t kind)

@@ -29,7 +29,8 @@
 static int unsealed_fd = -1;
 
 /* rlb_alloc_host as a careless or hostile trainer would write it: a memfd without seals,
- * passed to the bridge like any allocation. */
+ * passed to the bridge like any allocation (the library sends its fd with the first
+ * register that uses it). */
 static int unsealed_alloc(rlb_client *c, size_t bytes, void **ptr)
 {
     size_t size = (bytes + 4095) / 4096 * 4096;
@@ -39,17 +40,10 @@ static int unsealed_alloc(rlb_client *c, size_t bytes, void **ptr)
     void *mem = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (mem == MAP_FAILED)
         return RLB_EIO;
-    /* The library sends the segment's fd with the first register that uses it. */
-    pthread_mutex_lock(&c->lock);
-    uint32_t id = c->next_seg_id++;
-    int rc = rlb__grow(&c->segs, &c->cap_segs, c->n_segs + 1, sizeof(*c->segs));
-    if (rc == 0)
-        c->segs[c->n_segs++] = (rlb__host_seg){.id = id, .fd = fd, .base = mem, .bytes = size,
-                                               .asked = bytes};
-    pthread_mutex_unlock(&c->lock);
+    uint32_t id;
     unsealed_fd = fd;
     *ptr = mem;
-    return rc;
+    return rlb__host_adopt(c, fd, mem, bytes, 0, &id);
 }
 
 static void test_truncated_segment(void **state)
