@@ -13,6 +13,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -360,17 +361,27 @@ static void *server_main(void *arg)
     return NULL;
 }
 
-/* Fills sa from a dotted IPv4 address or a host name (first IPv4 address). */
-static int resolve(const char *addr, int port, struct sockaddr_in *sa)
+int rlb__store_resolve(const char *addr, int port, struct sockaddr_in *sa)
 {
     *sa = (struct sockaddr_in){.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    if (!addr || !*addr)
+        return RLB_EINVAL;
     if (inet_pton(AF_INET, addr, &sa->sin_addr) == 1)
         return 0;
     if (!strcmp(addr, "localhost")) {
         sa->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
         return 0;
     }
-    return RLB_EINVAL;
+    struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    int rc = getaddrinfo(addr, NULL, &hints, &res);
+    if (rc != 0 || !res) {
+        RLB_LOG_WARN(RLB_SUB_LAUNCH, "store address %s: %s", addr,
+                     rc ? gai_strerror(rc) : "no IPv4 address");
+        return RLB_EINVAL;
+    }
+    sa->sin_addr = ((const struct sockaddr_in *)res->ai_addr)->sin_addr;
+    freeaddrinfo(res);
+    return 0;
 }
 
 int rlb__store_server_start(const char *addr, int port, const char *run_id,
@@ -380,7 +391,7 @@ int rlb__store_server_start(const char *addr, int port, const char *run_id,
     struct sockaddr_in sa;
     *out = NULL;
     if (!run_id || !*run_id || strlen(run_id) >= RLB_STORE_RUN_ID_MAX || port < 0 ||
-        port > 65535 || resolve(addr, port, &sa) < 0)
+        port > 65535 || rlb__store_resolve(addr, port, &sa) < 0)
         return RLB_EINVAL;
     rlb_store_server *s = calloc(1, sizeof(*s));
     if (!s)
@@ -549,7 +560,7 @@ int rlb__store_connect(const char *addr, int port, const char *run_id, int timeo
     err[0] = 0;
     *out = NULL;
     if (!run_id || !*run_id || strlen(run_id) >= RLB_STORE_RUN_ID_MAX || port <= 0 ||
-        port > 65535 || resolve(addr, port, &sa) < 0) {
+        port > 65535 || rlb__store_resolve(addr, port, &sa) < 0) {
         snprintf(err, errcap, "bad store address %s:%d or run id", addr, port);
         return RLB_EINVAL;
     }

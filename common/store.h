@@ -19,6 +19,7 @@
 #ifndef RLB_COMMON_STORE_H
 #define RLB_COMMON_STORE_H
 
+#include <netinet/in.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -28,6 +29,11 @@
 
 typedef struct rlb_store_server rlb_store_server;
 typedef struct rlb_store rlb_store;
+
+/* Fills *sa (IPv4, port) from a dotted IPv4 address, "localhost" or a host name (its first
+ * IPv4 address, as the resolver of /etc/nsswitch.conf gives it: a cluster's MASTER_ADDR is
+ * usually a name). Returns 0 or RLB_EINVAL (logged: what the resolver said). */
+int rlb__store_resolve(const char *addr, int port, struct sockaddr_in *sa);
 
 /* Listens on addr:port (port 0: a free port, see rlb__store_server_port) for the job run_id
  * and serves from a thread. Returns 0, RLB_EEXIST when the port is in use, RLB_ENOTFOUND

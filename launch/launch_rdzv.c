@@ -40,10 +40,10 @@ static long long now_ms(void)
 /* A TCP port free on addr now (for MASTER_PORT under c10d), or -1. */
 static int free_port(const char *addr)
 {
-    struct sockaddr_in sa = {.sin_family = AF_INET};
+    struct sockaddr_in sa;
     socklen_t sl = sizeof(sa);
-    if (inet_pton(AF_INET, addr, &sa.sin_addr) != 1)
-        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (rlb__store_resolve(addr, 0, &sa) != 0)
+        sa = (struct sockaddr_in){.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), port = -1;
     if (fd >= 0 && bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 &&
         getsockname(fd, (struct sockaddr *)&sa, &sl) == 0)
@@ -57,9 +57,10 @@ static int free_port(const char *addr)
  * 0, RLB_EEXIST (in use), RLB_ENOTFOUND (addr is not this node's) or RLB_EIO. */
 static int port_free(const char *addr, int port)
 {
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    if (inet_pton(AF_INET, addr, &sa.sin_addr) != 1)
-        sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    struct sockaddr_in sa;
+    if (rlb__store_resolve(addr, port, &sa) != 0)
+        sa = (struct sockaddr_in){.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1, rc = 0;
     if (fd < 0)
         return RLB_EIO;

@@ -5,9 +5,13 @@
  * the error; a port in use; a connect that finds nothing within its timeout; something that
  * is not a store (a listener that answers garbage) reported as RLB_EPROTO; a peer sending
  * a malformed request dropped without disturbing the other clients; clients of a stopped
- * server see RLB_EPEERDEAD rather than a hang.
+ * server see RLB_EPEERDEAD rather than a hang. Host names: this machine's own name (where
+ * the resolver knows it: else that case is skipped, said so) serves as the address of
+ * both server and client; a name that cannot be one (refused before any DNS query) is
+ * refused.
  */
 #include <arpa/inet.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -195,12 +199,41 @@ static void test_malformed_and_stop(void **state)
     rlb__store_close(a);
 }
 
+/* The store at a host name: this machine's own (a cluster's MASTER_ADDR is usually a name,
+ * not an address), where getaddrinfo here gives it an IPv4 address; a name that is not one
+ * resolve is refused at both ends. */
+static void test_host_name(void **state)
+{
+    char host[256] = "", err[256];
+    rlb_store_server *s = NULL;
+    rlb_store *c = NULL;
+    assert_int_equal(rlb__store_server_start("no such host!", 0, "job", &s), RLB_EINVAL);
+    assert_int_equal(rlb__store_connect("no such host!", 1, "job", 300, &c, err,
+                                        sizeof(err)), RLB_EINVAL);
+    struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    if (gethostname(host, sizeof(host) - 1) != 0 || getaddrinfo(host, NULL, &hints, &res) != 0) {
+        print_message("skipped the own-name case: this machine's name does not resolve\n");
+        return;
+    }
+    freeaddrinfo(res);
+    assert_int_equal(rlb__store_server_start(host, 0, "job", &s), 0);
+    assert_int_equal(rlb__store_connect(host, rlb__store_server_port(s), "job", 2000, &c, err,
+                                        sizeof(err)), 0);
+    char buf[8];
+    size_t len = 0;
+    assert_int_equal(rlb__store_set(c, "k", "v", 1), 0);
+    assert_int_equal(rlb__store_get(c, "k", buf, sizeof(buf), &len), 0);
+    assert_int_equal(len, 1);
+    rlb__store_close(c);
+    rlb__store_server_stop(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_set_get_add),     cmocka_unit_test(test_wait),
         cmocka_unit_test(test_run_id_and_port), cmocka_unit_test(test_not_a_store),
-        cmocka_unit_test(test_malformed_and_stop),
+        cmocka_unit_test(test_malformed_and_stop), cmocka_unit_test(test_host_name),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
