@@ -174,6 +174,16 @@ err:
     return rc;
 }
 
+int rlb__shm_fallback_pid(const char *name)
+{
+    int pid, at = 0, end = 0;
+    unsigned long long rnd;
+    if (!name || sscanf(name, "rlb-%d-%n%llx%n", &pid, &at, &rnd, &end) != 2 || name[end] ||
+        end - at != 16 || pid <= 0)
+        return -1;
+    return pid;
+}
+
 int rlb__shm_create(size_t size, const char *name, int *fd)
 {
     if (!fd || !name || size == 0 || size > (size_t)INT64_MAX)

@@ -32,6 +32,10 @@ int rlb__shm_create(size_t size, const char *name, int *fd);
  * with a random name, created O_EXCL with mode 0600 and unlinked before returning. Exposed
  * so tests exercise it on machines that have memfd. Same returns as rlb__shm_create. */
 int rlb__shm_create_posix(size_t size, int *fd);
+/* The creator's pid when /dev/shm entry `name` is a segment of the shm_open fallback
+ * ("rlb-<pid>-<16 hex digits>", unlinked right after its creation: one still there is in
+ * flight in a live process, or left by one that died in between), else -1. */
+int rlb__shm_fallback_pid(const char *name);
 
 /* Size of the segment behind fd. Returns 0 with *size set, or RLB_EIO. */
 int rlb__shm_size(int fd, size_t *size);

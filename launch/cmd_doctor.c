@@ -102,15 +102,17 @@ static void check_shm(doctor *d)
     }
 }
 
-/* Stale segments: only the POSIX fallback of shm.h names objects ("rlb-" + 16 hex digits),
- * and it unlinks them at once, so one still there is left by a crash in between. */
+/* Stale segments: only the POSIX fallback of shm.h names objects ("rlb-<pid>-" + 16 hex
+ * digits), and it unlinks them at once, so one still there whose creator is gone was left
+ * by a crash in between (one of a live process is in flight). */
 static void check_stale_segments(doctor *d)
 {
     DIR *dir = opendir("/dev/shm");
     struct dirent *e;
     int stale = 0;
     while (dir && (e = readdir(dir))) {
-        if (strncmp(e->d_name, "rlb-", 4) != 0)
+        int pid = rlb__shm_fallback_pid(e->d_name);
+        if (pid < 0 || kill(pid, 0) == 0 || errno != ESRCH)
             continue;
         char path[PATH_MAX];
         snprintf(path, sizeof(path), "/dev/shm/%s", e->d_name);

@@ -106,6 +106,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/shm.h"
 #include "launch/cmds.h"
 #include "launch/stress.h"
 
@@ -1455,12 +1456,8 @@ static int first_start(stress *s)
  * shared with other runs may well have. */
 static int own_shm_entry(const char *name)
 {
-    int pid, at = 0, end = 0;
-    unsigned long long rnd;
-    if (sscanf(name, "rlb-%d-%n%llx%n", &pid, &at, &rnd, &end) != 2 || name[end] ||
-        end - at != 16)
-        return 0;
-    return pid == (int)getpid() || (kill(pid, 0) < 0 && errno == ESRCH);
+    int pid = rlb__shm_fallback_pid(name);
+    return pid > 0 && (pid == (int)getpid() || (kill(pid, 0) < 0 && errno == ESRCH));
 }
 
 /* Waits up to ms for p to exit, turning the loop in `mode` meanwhile; kills it after. */

@@ -12,16 +12,15 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include "common/shm.h"
+
 /* 1 when /dev/shm entry `name` may come from this process or one of pids[0..n). */
 static inline int shm_own_entry(const char *name, const pid_t *pids, int n)
 {
     unsigned dev, idx;
-    unsigned long long rnd;
-    int pid, end = 0;
-    if (sscanf(name, "rlb-%d-%llx%n", &pid, &rnd, &end) != 2 &&
-        sscanf(name, "cuda.shm.%u.%d.%u%n", &dev, &pid, &idx, &end) != 3)
-        return 0;
-    if (name[end])
+    int pid = rlb__shm_fallback_pid(name), end = 0;
+    if (pid < 0 && (sscanf(name, "cuda.shm.%u.%d.%u%n", &dev, &pid, &idx, &end) != 3 ||
+                    name[end]))
         return 0;
     if (pid == (int)getpid())
         return 1;

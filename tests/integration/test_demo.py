@@ -128,10 +128,13 @@ class DoctorTest(unittest.TestCase):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             s.bind(stale)
             s.close()  # bound, never listening: what a killed bridge leaves
-            seg = "/dev/shm/rlb-%016x" % int.from_bytes(os.urandom(8), "little")
-            open(seg, "wb").close()
             dead = subprocess.Popen(["true"])
-            dead.wait()  # CUDA's file of a process killed with -9 looks like this
+            dead.wait()  # what a process killed with -9 leaves looks like this
+            rnd = int.from_bytes(os.urandom(8), "little")
+            seg = f"/dev/shm/rlb-{dead.pid}-{rnd:016x}"  # the shm_open fallback's name
+            open(seg, "wb").close()
+            live = f"/dev/shm/rlb-{os.getpid()}-{rnd:016x}"  # one in flight: not stale
+            open(live, "wb").close()
             cuda = f"/dev/shm/cuda.shm.0.{dead.pid}.1"
             open(cuda, "wb").close()
             try:
@@ -139,6 +142,7 @@ class DoctorTest(unittest.TestCase):
                 self.assertEqual(p.returncode, 0, p.stdout)
                 self.assertIn(f"[warn] stale socket {stale}", p.stdout)
                 self.assertIn(f"[warn] stale segment {seg}", p.stdout)
+                self.assertNotIn(live, p.stdout)
                 self.assertIn(f"[warn] {cuda} belongs to process {dead.pid}", p.stdout)
                 p = self.doctor(d, "--fix")
                 self.assertIn(f"removed stale socket {stale}", p.stdout)
@@ -147,8 +151,9 @@ class DoctorTest(unittest.TestCase):
                 self.assertFalse(os.path.exists(stale))
                 self.assertFalse(os.path.exists(seg))
                 self.assertFalse(os.path.exists(cuda))
+                self.assertTrue(os.path.exists(live))  # --fix leaves a live one's alone
             finally:
-                for path in (stale, seg, cuda):
+                for path in (stale, seg, live, cuda):
                     if os.path.exists(path):
                         os.unlink(path)
 

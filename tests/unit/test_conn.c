@@ -181,9 +181,8 @@ static int shm_leftovers(void)
     int n = 0;
     struct dirent *e;
     while ((e = readdir(d))) {
-        int pid;
-        if (sscanf(e->d_name, "rlb-%d-", &pid) == 1 &&
-            (pid == (int)getpid() || (kill(pid, 0) < 0 && errno == ESRCH)))
+        int pid = rlb__shm_fallback_pid(e->d_name);
+        if (pid > 0 && (pid == (int)getpid() || (kill(pid, 0) < 0 && errno == ESRCH)))
             n++;
     }
     closedir(d);
