@@ -43,7 +43,7 @@
 
 typedef struct bench {
     size_t bytes, chunk;
-    int runs, port;
+    int runs;
     int peer_errors; /* --peer-errors: UCX's peer failure handling (tcp only) */
 } bench;
 
@@ -168,11 +168,12 @@ static int check(const bench *b, const uint8_t *buf)
 }
 
 /* One node's whole benchmark; node 1 writes "ucx_best tcp_best" to out_fd. */
-static int node_main(const bench *b, int node, int out_fd)
+static int node_main(int node, int port, void *arg, int out_fd)
 {
+    const bench *b = arg;
     rlb_store *st = NULL;
     rlb_xport *x = NULL;
-    int rc = rlb__store_connect("127.0.0.1", b->port, RUN_ID, 10000, &st, NULL, 0);
+    int rc = rlb__store_connect("127.0.0.1", port, RUN_ID, 10000, &st, NULL, 0);
     if (rc < 0)
         return die("store", rc);
     if ((rc = rlb__xport_ucx_create(node, 2, b->peer_errors, &x)) < 0 ||
@@ -220,6 +221,40 @@ static int node_main(const bench *b, int node, int out_fd)
     return 0;
 }
 
+int rlb__bench_xnode_pair(const char *who, const char *run_id, rlb_bench_node_fn fn, void *arg,
+                          double *a, double *b)
+{
+    rlb_store_server *srv = NULL;
+    int rc = rlb__store_server_start("127.0.0.1", 0, run_id, &srv), out[2];
+    if (rc < 0 || pipe(out) < 0) {
+        fprintf(stderr, "%s: store server: %s\n", who, rc < 0 ? rlb_strerror(rc) : "no pipe");
+        rlb__store_server_stop(srv);
+        return 1;
+    }
+    int port = rlb__store_server_port(srv), ok = 1;
+    pid_t pid[2];
+    for (int node = 0; node < 2; node++)
+        if ((pid[node] = fork()) == 0)
+            _exit(fn(node, port, arg, out[1]));
+    close(out[1]);
+    for (int node = 0; node < 2; node++) {
+        int st = 1;
+        if (pid[node] < 0 || waitpid(pid[node], &st, 0) != pid[node] || !WIFEXITED(st) ||
+            WEXITSTATUS(st) != 0)
+            ok = 0;
+    }
+    rlb__store_server_stop(srv);
+    FILE *f = fdopen(out[0], "r");
+    ok = ok && f && fscanf(f, "%lf %lf", a, b) == 2;
+    if (f)
+        fclose(f);
+    else
+        close(out[0]);
+    if (!ok)
+        fprintf(stderr, "%s: a node failed\n", who);
+    return !ok;
+}
+
 int main(int argc, char **argv)
 {
     bench b = {.bytes = 1024ull << 20, .chunk = 8ull << 20, .runs = 3};
@@ -259,35 +294,9 @@ int main(int argc, char **argv)
         return 2;
 #endif
     }
-    rlb_store_server *srv = NULL;
-    int rc = rlb__store_server_start("127.0.0.1", 0, RUN_ID, &srv);
-    if (rc < 0)
-        return die("store server", rc);
-    b.port = rlb__store_server_port(srv);
-    int out[2];
-    if (pipe(out) < 0)
-        return die("pipe", RLB_EIO);
-    pid_t pid[2];
-    for (int node = 0; node < 2; node++) {
-        pid[node] = fork();
-        if (pid[node] == 0)
-            _exit(node_main(&b, node, out[1]));
-    }
-    close(out[1]);
-    int ok = 1;
-    for (int node = 0; node < 2; node++) {
-        int st;
-        waitpid(pid[node], &st, 0);
-        ok = ok && WIFEXITED(st) && WEXITSTATUS(st) == 0;
-    }
-    rlb__store_server_stop(srv);
     double bx, bt;
-    FILE *f = fdopen(out[0], "r");
-    if (!ok || !f || fscanf(f, "%lf %lf", &bx, &bt) != 2) {
-        fprintf(stderr, "rlb-bench-xnode: a node failed\n");
+    if (rlb__bench_xnode_pair("rlb-bench-xnode", RUN_ID, node_main, &b, &bx, &bt))
         return 1;
-    }
-    fclose(f);
     double gb = (double)b.bytes / 1e9, gx = gb / bx, gt = gb / bt;
     const char *tls = getenv("UCX_TLS");
     printf("rlb-bench-xnode: %.2f GB from node 0 to node 1 (two processes, loopback), chunks "

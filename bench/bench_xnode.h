@@ -6,6 +6,16 @@
 
 #include <stddef.h>
 
+/* One node of a two-node run: connects to the store at 127.0.0.1:port, runs, and (node 1)
+ * writes its results to out_fd. Returns the process's exit status. */
+typedef int (*rlb_bench_node_fn)(int node, int port, void *arg, int out_fd);
+
+/* Runs node 0 and node 1 of `fn` (with `arg`) as two processes beside a store of run id
+ * run_id served from here, waits for both and reads the two numbers node 1 wrote into *a
+ * and *b. Returns 0, or 1 with what failed said on stderr after `who`. */
+int rlb__bench_xnode_pair(const char *who, const char *run_id, rlb_bench_node_fn fn, void *arg,
+                          double *a, double *b);
+
 /* Runs the commit benchmark over `versions` versions per job and prints its table. Returns
  * the exit status. */
 int rlb__bench_xnode_commit(int versions);

@@ -14,7 +14,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -120,9 +119,17 @@ static int die(int node, const char *what, int rc)
     return 1;
 }
 
+typedef struct nccl_bench {
+    size_t bytes, chunk;
+    int runs;
+} nccl_bench;
+
 /* One node's whole benchmark; node 1 writes "xport_best allgather_best" to out_fd. */
-static int node_main(int node, int port, size_t bytes, size_t chunk, int runs, int out_fd)
+static int node_main(int node, int port, void *arg, int out_fd)
 {
+    const nccl_bench *nb = arg;
+    const size_t bytes = nb->bytes, chunk = nb->chunk;
+    const int runs = nb->runs;
     rlb_store *st = NULL;
     rlb_xport *x = NULL;
     ncclComm_t ag = NULL;
@@ -166,31 +173,11 @@ static int node_main(int node, int port, size_t bytes, size_t chunk, int runs, i
 
 int rlb__bench_xnode_nccl(size_t bytes, size_t chunk, int runs)
 {
-    rlb_store_server *srv = NULL;
-    int rc = rlb__store_server_start("127.0.0.1", 0, RUN_ID, &srv), out[2];
-    if (rc < 0 || pipe(out) < 0) {
-        fprintf(stderr, "rlb-bench-xnode --nccl: store server: %s\n", rlb_strerror(rc));
-        return 1;
-    }
-    int port = rlb__store_server_port(srv), ok = 1;
-    pid_t pid[2];
-    for (int node = 0; node < 2; node++)
-        if ((pid[node] = fork()) == 0)
-            _exit(node_main(node, port, bytes, chunk, runs, out[1]));
-    close(out[1]);
-    for (int node = 0; node < 2; node++) {
-        int st;
-        waitpid(pid[node], &st, 0);
-        ok = ok && WIFEXITED(st) && WEXITSTATUS(st) == 0;
-    }
-    rlb__store_server_stop(srv);
+    nccl_bench nb = {bytes, chunk, runs};
     double bx, ba;
-    FILE *f = fdopen(out[0], "r");
-    if (!ok || !f || fscanf(f, "%lf %lf", &bx, &ba) != 2) {
-        fprintf(stderr, "rlb-bench-xnode --nccl: a node failed (two GPUs are needed)\n");
+    if (rlb__bench_xnode_pair("rlb-bench-xnode --nccl (two GPUs are needed)", RUN_ID, node_main,
+                              &nb, &bx, &ba))
         return 1;
-    }
-    fclose(f);
     double gb = (double)bytes / 1e9, gx = gb / bx, bus = gb / ba * (2 - 1) / 2;
     printf("rlb-bench-xnode --nccl: %.2f GB from GPU 0 (node 0) to GPU 1 (node 1), chunks of "
            "%zu MiB, best of %d\n", gb, chunk >> 20, runs);
