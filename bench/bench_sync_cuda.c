@@ -172,14 +172,23 @@ static pid_t spawn(char *const argv[])
     return posix_spawn(&pid, argv[0], NULL, NULL, argv, environ) == 0 ? pid : -1;
 }
 
-static double stat_of(rlb_client *c, const char *name)
+/* The bridge's stats names[0..n) into v[] (-1 where missing), from one stats round trip. */
+static void stats_of(rlb_client *c, const char *const *names, int n, double *v)
 {
     rlb_stat_list *l;
-    double v = -1;
+    for (int i = 0; i < n; i++)
+        v[i] = -1;
     if (rlb_bridge_stats(c, &l) == 0) {
-        rlb_stat_list_find(l, name, &v);
+        for (int i = 0; i < n; i++)
+            rlb_stat_list_find(l, names[i], &v[i]);
         rlb_stat_list_free(l);
     }
+}
+
+static double stat_of(rlb_client *c, const char *name)
+{
+    double v;
+    stats_of(c, &name, 1, &v);
     return v;
 }
 
@@ -299,9 +308,14 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
             fprintf(stderr, "the GPU worker did not come up\n");
             goto out;
         }
-    double sync[32], control[32], ph[4][32];
-    static const char *const ph_stat[4] = {"last_launch_ms", "last_copy_wall_ms",
-                                           "last_copy_ms", "last_load_ms"};
+    /* the bridge's figures of each sync: its CPU time, then where the time went */
+    enum { N_FIG = 5 };
+    static const char *const fig_stat[N_FIG] = {"control_ms_per_sync", "last_launch_ms",
+                                                "last_copy_wall_ms", "last_copy_ms",
+                                                "last_load_ms"};
+    double *const fig_out[N_FIG] = {&sc->control_ms, &sc->launch_ms, &sc->copy_wall_ms,
+                                    &sc->copy_gpu_ms, &sc->load_ms};
+    double sync[32], fig[32][N_FIG];
     for (int v = 1; v <= versions; v++) {
         /* The trainer's last write of the step, on its stream: a weight, or with adapters a
          * factor (the base stays frozen). */
@@ -312,20 +326,18 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
             goto out;
         }
         sync[v - 1] = ss.ms;
-        control[v - 1] = stat_of(c, "control_ms_per_sync");
-        for (int k = 0; k < 4; k++)
-            ph[k][v - 1] = stat_of(c, ph_stat[k]);
+        stats_of(c, fig_stat, N_FIG, fig[v - 1]);
         sc->bytes_written = ss.bytes;
     }
     /* The first sync uploads the plan; the median of the rest is the steady state. */
     qsort(sync + 1, (size_t)(versions - 1), sizeof(double), cmp_double);
-    qsort(control + 1, (size_t)(versions - 1), sizeof(double), cmp_double);
     sc->sync_ms = sync[1 + (versions - 1) / 2];
-    sc->control_ms = control[1 + (versions - 1) / 2];
-    double *const ph_out[4] = {&sc->launch_ms, &sc->copy_wall_ms, &sc->copy_gpu_ms, &sc->load_ms};
-    for (int k = 0; k < 4; k++) {
-        qsort(ph[k] + 1, (size_t)(versions - 1), sizeof(double), cmp_double);
-        *ph_out[k] = ph[k][1 + (versions - 1) / 2];
+    for (int k = 0; k < N_FIG; k++) {
+        double col[32];
+        for (int v = 1; v < versions; v++)
+            col[v - 1] = fig[v][k];
+        qsort(col, (size_t)(versions - 1), sizeof(double), cmp_double);
+        *fig_out[k] = col[(versions - 1) / 2];
     }
     sc->bytes_read = (numel + factors) * esz;
     sc->floor_ms = (double)(sc->bytes_read + sc->bytes_written) / (gbs * 1e6);
