@@ -19,22 +19,37 @@
  *
  * --lora: the same plan with LoRA adapters of rank 16 and 64 (alpha 2r) on q, k, v, o, gate,
  * up and down of every layer (FSDP2 factors like every other tensor): the copies plus the
- * GPU merge (kernels/cuda/lora_merge.h: base copies, f32 stage gather, merge in place)
- * against the plain plan's copy, and the merge part alone against its floor (the merged
- * blocks read and written once more, at the copy's bandwidth) -- the kernel-level view of
- * `rlb-bench-sync --device cuda --lora`, for choosing the merge kernel by measurement.
+ * GPU merge (kernels/cuda/lora_merge.h: f32 stage gather, then the fused merge writing base
+ * + s*B*A once) against the plain plan's copy, and the merge part alone against its floor
+ * (the merged blocks' base read and the blocks written once, at the copy's bandwidth); the
+ * separate merge (RLB_LORA_MERGE=separate: base copies, then the merge in place) beside it
+ * -- the kernel-level view of `rlb-bench-sync --device cuda --lora`.
+ *
+ * --mem: the copy of `rlb-bench-sync --device cuda` (every tensor whole in one buffer ->
+ * TP 1, bf16, counting NaN/Inf as the bridge does) between each kind of memory a sync
+ * meets: cudaMalloc, cuMemCreate (VMM, what the GPU worker's weights are), and VMM memory
+ * imported through its POSIX fd into a second mapping (what the bridge writes through), and
+ * another process's cudaMalloc opened through CUDA IPC (what the bridge reads a trainer's
+ * weights through); each against a cudaMemcpy between the same two buffers, back to back
+ * and after an idle GPU (a sync's copy starts from idle) -- where the sync's copy loses to
+ * the floor, by kind of memory.
  *
  * Prints a table, then one JSON line. Usage:
- *   rlb-bench-reshard-gpu [--torch-log FILE] [--iters N] [--peer | --lora]
+ *   rlb-bench-reshard-gpu [--torch-log FILE] [--iters N] [--peer | --lora | --mem]
  */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
+#include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/lora_merge.h"
 #include "kernels/cuda/plan_exec.h"
 #include "kernels/cuda/quant.h"
@@ -44,6 +59,8 @@
 #include "model/plan.h"
 #include "model/source.h"
 #include "model/tp_layout.h"
+
+extern char **environ;
 
 #define W 8  /* FSDP ranks */
 #define T 2  /* TP ranks */
@@ -112,18 +129,25 @@ static void launch(const work *w)
         CK(cudaMemcpyAsync(w->cp_dst, w->cp_src, w->cp_bytes, cudaMemcpyDeviceToDevice, w->st));
 }
 
-/* Median GPU time (ms) of `iters` runs after two warm-ups, each bracketed by events. */
-static double time_median(const work *w)
+/* Median GPU time (ms) of `iters` runs, each bracketed by events: after two warm-ups, back
+ * to back (gap_us 0), or each after gap_us of an idle GPU (a sync's copy starts from idle). */
+static double time_runs(const work *w, unsigned gap_us)
 {
     cudaEvent_t a, b;
     double ms[64];
     int n = iters < 64 ? iters : 64;
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
-    launch(w);
-    launch(w);
+    if (!gap_us) {
+        launch(w);
+        launch(w);
+    }
     for (int i = 0; i < n; i++) {
         float t;
+        if (gap_us) {
+            CK(cudaDeviceSynchronize());
+            usleep(gap_us);
+        }
         CK(cudaEventRecord(a, 0));
         launch(w);
         CK(cudaEventRecord(b, 0));
@@ -135,6 +159,11 @@ static double time_median(const work *w)
     CK(cudaEventDestroy(b));
     qsort(ms, (size_t)n, sizeof ms[0], cmp_double);
     return ms[n / 2];
+}
+
+static double time_median(const work *w)
+{
+    return time_runs(w, 0);
 }
 
 static void llama3_8b(rlb_model_config *c)
@@ -625,7 +654,9 @@ static int peer_main(const rlb_param_list *pl, const char *dev_name, int ndev)
 /* --lora: the plan with adapters of rank r against the plain plan's copy (full). */
 typedef struct lora_result {
     int rank;
-    double ms, merge_ms, merge_floor_ms;
+    double ms, merge_ms, merge_floor_ms; /* fused (RLB_LORA_MERGE=fused) */
+    double sep_ms, sep_merge_ms;         /* separate: base copies, then the merge in place */
+    int fused;                           /* the fused kernel took the merges */
     uint64_t read, written, merged_bytes, dev_bytes;
 } lora_result;
 
@@ -667,21 +698,28 @@ static lora_result lora_case(const rlb_param_list *pl, int rank, double copy_gbs
     rlb_plan copies = {.n_src = plan.n_src, .n_dst = plan.n_dst, .src_bytes = plan.src_bytes,
                        .dst_bytes = plan.dst_bytes, .n_ops = plan.n_ops, .ops = plan.ops};
     rlb_cuda_plan *cp = NULL;
-    rlb_cuda_lora *cl = NULL;
     RC(rlb__cuda_plan_upload(&copies, 0, NULL, &cp, err, sizeof err));
     RC(rlb__cuda_plan_bind(cp, sb, db, err, sizeof err));
-    RC(rlb__cuda_lora_upload(&plan, 0, NULL, &cl, err, sizeof err));
-    RC(rlb__cuda_lora_bind(cl, sb, db, err, sizeof err));
-    work all = {.plan = cp, .lora = cl}, merges = {.lora = cl};
-    r.ms = time_median(&all);
-    r.merge_ms = time_median(&merges);
+    for (int sep = 1; sep >= 0; sep--) { /* the separate merges, then the fused ones */
+        setenv("RLB_LORA_MERGE", sep ? "separate" : "fused", 1);
+        rlb_cuda_lora *cl = NULL;
+        RC(rlb__cuda_lora_upload(&plan, 0, NULL, &cl, err, sizeof err));
+        RC(rlb__cuda_lora_bind(cl, sb, db, err, sizeof err));
+        work all = {.plan = cp, .lora = cl}, merges = {.lora = cl};
+        *(sep ? &r.sep_ms : &r.ms) = time_median(&all);
+        *(sep ? &r.sep_merge_ms : &r.merge_ms) = time_median(&merges);
+        if (!sep) {
+            r.fused = rlb__cuda_lora_fused(cl);
+            r.dev_bytes = rlb__cuda_plan_device_bytes(cp) + rlb__cuda_lora_device_bytes(cl);
+        }
+        rlb__cuda_lora_free(cl);
+    }
+    unsetenv("RLB_LORA_MERGE");
     for (uint64_t i = 0; i < plan.n_merges; i++)
         r.merged_bytes += plan.merges[i].rows * plan.merges[i].cols * 2;
     r.merge_floor_ms = 2.0 * (double)r.merged_bytes / (copy_gbs * 1e6);
     r.read = plan.bytes_read;
     r.written = plan.bytes_written;
-    r.dev_bytes = rlb__cuda_plan_device_bytes(cp) + rlb__cuda_lora_device_bytes(cl);
-    rlb__cuda_lora_free(cl);
     rlb__cuda_plan_free(cp);
     CK(cudaFree(sbase));
     CK(cudaFree(dbase));
@@ -706,32 +744,242 @@ static int lora_main(const rlb_param_list *pl, const char *dev_name)
     for (int i = 0; i < 2; i++) {
         char label[64];
         snprintf(label, sizeof label, "rlb bf16 + LoRA rank %d", lr[i].rank);
-        printf("%-28s %8.2f GB %8.2f GB %9.3f %9.0f %9s %7s  %.3f x full\n", label,
+        printf("%-28s %8.2f GB %8.2f GB %9.3f %9.0f %9s %7s  %.3f x full%s\n", label,
                lr[i].read / 1e9, lr[i].written / 1e9, lr[i].ms,
-               (lr[i].read + lr[i].written) / lr[i].ms / 1e6, "", "", lr[i].ms / full.ms);
+               (lr[i].read + lr[i].written) / lr[i].ms / 1e6, "", "", lr[i].ms / full.ms,
+               lr[i].fused ? "" : " (NOT fused: the merges ran separately)");
         snprintf(label, sizeof label, "  merges alone, rank %d", lr[i].rank);
-        printf("%-28s %8.2f GB %8.2f GB %9.3f %9s %9.3f %6.1f%%  (base copies, stage, "
-               "merge in place; %.0f MiB of device memory)\n", label,
+        printf("%-28s %8.2f GB %8.2f GB %9.3f %9s %9.3f %6.1f%%  (fused: base from the "
+               "sources + s*B*A, written once; %.0f MiB of device memory)\n", label,
                lr[i].merged_bytes / 1e9, lr[i].merged_bytes / 1e9, lr[i].merge_ms, "",
                lr[i].merge_floor_ms, 100 * lr[i].merge_floor_ms / lr[i].merge_ms,
                lr[i].dev_bytes / 1048576.0);
+        snprintf(label, sizeof label, "  separate, rank %d", lr[i].rank);
+        printf("%-28s %8s %11s %9.3f %9s %9s %7s  %.3f x full; merges alone %.3f ms (base "
+               "copies, stage, merge in place)\n", label, "", "", lr[i].sep_ms, "", "", "",
+               lr[i].sep_ms / full.ms, lr[i].sep_merge_ms);
     }
     printf("{\"bench\":\"reshard_gpu_lora\",\"device\":\"%s\",\"model\":\"llama3-8b\","
            "\"fsdp\":%d,\"tp\":%d,\"copy_gbs\":%.1f,\"full_ms\":%.3f", dev_name, W, T,
            copy_gbs, full.ms);
     for (int i = 0; i < 2; i++)
-        printf(",\"r%d\":{\"ms\":%.3f,\"vs_full\":%.3f,\"merges_ms\":%.3f,"
-               "\"merge_floor_ms\":%.3f,\"device_bytes\":%llu}", lr[i].rank, lr[i].ms,
-               lr[i].ms / full.ms, lr[i].merge_ms, lr[i].merge_floor_ms,
-               (unsigned long long)lr[i].dev_bytes);
+        printf(",\"r%d\":{\"fused\":%s,\"ms\":%.3f,\"vs_full\":%.3f,\"merges_ms\":%.3f,"
+               "\"merge_floor_ms\":%.3f,\"device_bytes\":%llu,\"separate_ms\":%.3f,"
+               "\"separate_merges_ms\":%.3f}", lr[i].rank, lr[i].fused ? "true" : "false",
+               lr[i].ms, lr[i].ms / full.ms, lr[i].merge_ms, lr[i].merge_floor_ms,
+               (unsigned long long)lr[i].dev_bytes, lr[i].sep_ms, lr[i].sep_merge_ms);
     printf("}\n");
+    return 0;
+}
+
+
+/* ---- --mem: the sync's copy by kind of memory ---------------------------------------- */
+
+typedef CUresult (*create_fn)(CUmemGenericAllocationHandle *, size_t,
+                              const CUmemAllocationProp *, unsigned long long);
+typedef CUresult (*reserve_fn)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+typedef CUresult (*map_fn)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle,
+                           unsigned long long);
+typedef CUresult (*access_fn)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
+typedef CUresult (*export_fn)(void *, CUmemGenericAllocationHandle, CUmemAllocationHandleType,
+                              unsigned long long);
+typedef CUresult (*import_fn)(CUmemGenericAllocationHandle *, void *,
+                              CUmemAllocationHandleType);
+
+#define CU(call)                                                                           \
+    do {                                                                                   \
+        CUresult r_ = (call);                                                              \
+        if (r_ != CUDA_SUCCESS) {                                                          \
+            fprintf(stderr, "%s:%d: %s: CUresult %d\n", __FILE__, __LINE__, #call, (int)r_); \
+            exit(1);                                                                       \
+        }                                                                                  \
+    } while (0)
+
+static struct {
+    create_fn create;
+    reserve_fn reserve;
+    map_fn map;
+    access_fn access;
+    export_fn exp;
+    import_fn imp;
+} vm;
+
+/* Maps handle h (bytes, a multiple of the granularity) at a fresh address of GPU 0. */
+static char *vmm_map_handle(CUmemGenericAllocationHandle h, size_t bytes)
+{
+    CUdeviceptr va;
+    CU(vm.reserve(&va, bytes, 0, 0, 0));
+    CU(vm.map(va, bytes, 0, h, 0));
+    CUmemAccessDesc a = {.location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = 0},
+                         .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
+    CU(vm.access(va, bytes, &a, 1));
+    return (char *)(uintptr_t)va;
+}
+
+/* VMM memory of at least `bytes` on GPU 0, exportable as an fd; *h gets its handle. */
+static char *vmm_alloc(size_t bytes, CUmemGenericAllocationHandle *h, size_t *mapped)
+{
+    CUmemAllocationProp prop = {.type = CU_MEM_ALLOCATION_TYPE_PINNED,
+                                .location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = 0},
+                                .requestedHandleTypes =
+                                    CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR};
+    size_t g = 2u << 20;
+    *mapped = (bytes + g - 1) / g * g;
+    CU(vm.create(h, *mapped, &prop, 0));
+    return vmm_map_handle(*h, *mapped);
+}
+
+/* --mem-child BYTES: the other process of the IPC case: cudaMalloc, fill, the CUDA IPC
+ * handle to stdout, then hold the memory until stdin closes. */
+static int mem_child(uint64_t bytes)
+{
+    void *p;
+    cudaIpcMemHandle_t h;
+    CK(cudaMalloc(&p, bytes));
+    CK(cudaMemset(p, 0x3c, bytes));
+    CK(cudaDeviceSynchronize());
+    CK(cudaIpcGetMemHandle(&h, p));
+    if (write(1, &h, sizeof h) != (ssize_t)sizeof h)
+        return 1;
+    char c;
+    while (read(0, &c, 1) > 0)
+        ;
+    return 0;
+}
+
+/* Memory of another process: spawns this program with --mem-child and opens its handle;
+ * *to_child is the pipe whose closing ends it. */
+static char *ipc_source(uint64_t bytes, int *to_child, pid_t *pid)
+{
+    int in[2], out[2];
+    char arg[32];
+    snprintf(arg, sizeof arg, "%llu", (unsigned long long)bytes);
+    if (pipe(in) || pipe(out))
+        exit(1);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+    posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+    posix_spawn_file_actions_addclose(&fa, in[1]);
+    posix_spawn_file_actions_addclose(&fa, out[0]);
+    char *argv[] = {"rlb-bench-reshard-gpu", "--mem-child", arg, NULL};
+    if (posix_spawn(pid, "/proc/self/exe", &fa, NULL, argv, environ) != 0)
+        exit(1);
+    posix_spawn_file_actions_destroy(&fa);
+    close(in[0]);
+    close(out[1]);
+    cudaIpcMemHandle_t h;
+    size_t got = 0;
+    while (got < sizeof h) {
+        ssize_t n = read(out[0], (char *)&h + got, sizeof h - got);
+        if (n <= 0) {
+            fprintf(stderr, "the IPC child gave no handle\n");
+            exit(1);
+        }
+        got += (size_t)n;
+    }
+    close(out[0]);
+    void *p;
+    CK(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess));
+    *to_child = in[1];
+    return p;
+}
+
+static int mem_main(const rlb_param_list *pl, const char *dev_name)
+{
+    RC(rlb__cuda_driver_fn("cuMemCreate", (void **)&vm.create));
+    RC(rlb__cuda_driver_fn("cuMemAddressReserve", (void **)&vm.reserve));
+    RC(rlb__cuda_driver_fn("cuMemMap", (void **)&vm.map));
+    RC(rlb__cuda_driver_fn("cuMemSetAccess", (void **)&vm.access));
+    RC(rlb__cuda_driver_fn("cuMemExportToShareableHandle", (void **)&vm.exp));
+    RC(rlb__cuda_driver_fn("cuMemImportFromShareableHandle", (void **)&vm.imp));
+    const uint64_t esz = 2;
+    rlb_source src;
+    RC(rlb__source_init(&src, pl));
+    uint64_t sbytes = 0;
+    for (int64_t p = 0; p < pl->n; p++)
+        sbytes = (sbytes + rlb__param_numel(&pl->params[p]) * esz + 255) / 256 * 256;
+    if (rlb__source_add_buffer(&src, sbytes) != 0)
+        exit(1);
+    uint64_t at = 0;
+    for (int64_t p = 0; p < pl->n; p++) {
+        const rlb_param *pp = &pl->params[p];
+        int64_t shape[2] = {pp->rows, pp->cols};
+        RC(rlb__source_add_full(&src, pp->name, pp->ndim, shape, RLB_DTYPE_BF16, 0, at, err,
+                                sizeof err));
+        at = (at + rlb__param_numel(pp) * esz + 255) / 256 * 256;
+    }
+    rlb_target tgt = {.tp_size = 1, .replicas = 1, .dtype = RLB_DTYPE_BF16};
+    rlb_plan plan;
+    RC(rlb__plan_build(&src, &tgt, &plan, err, sizeof err));
+    const uint64_t dbytes = plan.dst_bytes[0];
+    /* sources: [0] cudaMalloc, [1] VMM, [2] another process's cudaMalloc through CUDA IPC;
+     * destinations: [0] cudaMalloc, [1] VMM, [2] the VMM buffer mapped again through its
+     * fd (the bridge's view of a GPU worker's weights) */
+    char *s_buf[3], *d_buf[3];
+    CK(cudaMalloc((void **)&s_buf[0], sbytes));
+    CK(cudaMalloc((void **)&d_buf[0], dbytes));
+    CUmemGenericAllocationHandle sh, dh, dh2;
+    size_t s_mapped, d_mapped;
+    s_buf[1] = vmm_alloc(sbytes, &sh, &s_mapped);
+    d_buf[1] = vmm_alloc(dbytes, &dh, &d_mapped);
+    int fd = -1, to_child = -1;
+    pid_t child;
+    CU(vm.exp(&fd, dh, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0));
+    CU(vm.imp(&dh2, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR));
+    d_buf[2] = vmm_map_handle(dh2, d_mapped);
+    s_buf[2] = ipc_source(sbytes, &to_child, &child);
+    for (int i = 0; i < 2; i++)
+        CK(cudaMemset(s_buf[i], 0x3c, sbytes));
+    CK(cudaMemset(d_buf[0], 0, dbytes));
+    CK(cudaMemset(d_buf[1], 0, dbytes));
+    CK(cudaDeviceSynchronize());
+    static const char *const s_name[3] = {"cudaMalloc", "VMM", "CUDA IPC"};
+    static const char *const d_name[3] = {"cudaMalloc", "VMM", "VMM via fd"};
+    static const int pairs[][2] = {{0, 0}, {0, 1}, {0, 2}, {1, 1}, {1, 2}, {2, 0}, {2, 2}};
+    enum { N_PAIRS = sizeof pairs / sizeof pairs[0] };
+    const unsigned gap_us = 20000;
+    double kms[N_PAIRS], cms[N_PAIRS], ims[N_PAIRS];
+    printf("rlb-bench-reshard-gpu --mem on %s: Llama-3-8B, every tensor whole -> TP 1 (bf16, "
+           "%llu ops), median of %d; idle: each run after %u ms of an idle GPU\n", dev_name,
+           (unsigned long long)plan.n_ops, iters, gap_us / 1000);
+    printf("%-12s %-12s %10s %10s %8s %10s %10s %10s\n", "source", "destination", "copy ms",
+           "memcpy ms", "GB/s", "of memcpy", "idle ms", "of memcpy");
+    for (int i = 0; i < N_PAIRS; i++) {
+        rlb_cuda_plan *cp = NULL;
+        rlb_cuda_buf sb = {s_buf[pairs[i][0]], sbytes}, db = {d_buf[pairs[i][1]], dbytes};
+        RC(rlb__cuda_plan_upload(&plan, 0, NULL, &cp, err, sizeof err));
+        RC(rlb__cuda_plan_bind(cp, &sb, &db, err, sizeof err));
+        RC(rlb__cuda_plan_count(cp, 1));
+        work w = {.plan = cp}, c = {.cp_dst = db.ptr, .cp_src = sb.ptr, .cp_bytes = dbytes};
+        kms[i] = time_median(&w);
+        cms[i] = time_median(&c);
+        ims[i] = time_runs(&w, gap_us);
+        rlb__cuda_plan_free(cp);
+        printf("%-12s %-12s %10.3f %10.3f %8.0f %9.1f%% %10.3f %9.1f%%\n", s_name[pairs[i][0]],
+               d_name[pairs[i][1]], kms[i], cms[i], 2.0 * dbytes / kms[i] / 1e6,
+               100 * cms[i] / kms[i], ims[i], 100 * cms[i] / ims[i]);
+    }
+    printf("{\"bench\":\"reshard_gpu_mem\",\"device\":\"%s\",\"bytes\":%llu", dev_name,
+           (unsigned long long)dbytes);
+    for (int i = 0; i < N_PAIRS; i++)
+        printf(",\"%d%d_copy_ms\":%.3f,\"%d%d_memcpy_ms\":%.3f,\"%d%d_idle_ms\":%.3f",
+               pairs[i][0], pairs[i][1], kms[i], pairs[i][0], pairs[i][1], cms[i], pairs[i][0],
+               pairs[i][1], ims[i]);
+    printf("}\n");
+    CK(cudaIpcCloseMemHandle(s_buf[2]));
+    close(to_child);
+    waitpid(child, NULL, 0);
+    close(fd);
+    rlb__plan_free(&plan);
+    rlb__source_free(&src);
     return 0;
 }
 
 int main(int argc, char **argv)
 {
     const char *torch_log = NULL;
-    int peer = 0, lora = 0;
+    int peer = 0, lora = 0, mem = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--torch-log") && i + 1 < argc)
             torch_log = argv[++i];
@@ -741,8 +989,12 @@ int main(int argc, char **argv)
             peer = 1;
         else if (!strcmp(argv[i], "--lora"))
             lora = 1;
+        else if (!strcmp(argv[i], "--mem"))
+            mem = 1;
+        else if (!strcmp(argv[i], "--mem-child") && i + 1 < argc)
+            return mem_child(strtoull(argv[i + 1], NULL, 10));
         else {
-            fprintf(stderr, "usage: %s [--torch-log FILE] [--iters N] [--peer | --lora]\n",
+            fprintf(stderr, "usage: %s [--torch-log FILE] [--iters N] [--peer | --lora | --mem]\n",
                     argv[0]);
             return 2;
         }
@@ -760,8 +1012,10 @@ int main(int argc, char **argv)
     llama3_8b(&cfg);
     rlb_param_list pl;
     RC(rlb__params_init(&pl, &cfg, err, sizeof err));
-    if (peer || lora) {
-        int rc = peer ? peer_main(&pl, prop.name, ndev) : lora_main(&pl, prop.name);
+    if (peer || lora || mem) {
+        int rc = peer   ? peer_main(&pl, prop.name, ndev)
+                 : lora ? lora_main(&pl, prop.name)
+                        : mem_main(&pl, prop.name);
         rlb__params_free(&pl);
         return rc;
     }

@@ -358,7 +358,9 @@ static void start_copy(bridge *b)
 {
     br_copy *c = &b->copy;
     c->err[0] = 0;
+    const double t0 = br_now();
     int rc = bind_copy(b);
+    const double t_bound = br_now();
     if (rc == 0 && !b->xnode)
         rc = run_copy(b);
     if (rc < 0) {
@@ -372,8 +374,13 @@ static void start_copy(bridge *b)
     b->copy_running = 1;
     b->copied = 1;
     b->t_copy_launched = br_now();
-    RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "version %" PRIu64 ": copying %llu bytes", b->syncing,
-                  (unsigned long long)b->copy.view.bytes_written);
+    RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "version %" PRIu64 ": copying %llu bytes (%llu ops), "
+                  "launched %.3f ms after the last publish (the plan bound to the workers' "
+                  "buffers in %.3f ms, the executor started in %.3f ms)", b->syncing,
+                  (unsigned long long)b->copy.view.bytes_written,
+                  (unsigned long long)b->copy.view.n_ops,
+                  (b->t_copy_launched - b->t_last_publish) * 1e3, (t_bound - t0) * 1e3,
+                  (b->t_copy_launched - t_bound) * 1e3);
 }
 
 static void copy_finished(bridge *b);

@@ -9,11 +9,17 @@
 #   engine8b  the same on the 8B shape
 #   sync      rlb-bench-sync --device cuda (1B shape; sync8b: both shapes) and the torch
 #             reshard peer
+#   sync-debug  the 8B shape alone with the bridge's and the executor's debug log (where
+#             the time from publish to the copy's launch goes)
 #   reshard   rlb-bench-reshard-gpu (the copy kernel at 8B size, counting NaN/Inf and not)
 #             and the torch reshard peer
+#   mem       rlb-bench-reshard-gpu --mem (the sync's copy by kind of memory: cudaMalloc,
+#             VMM, VMM mapped through its fd)
 #   grpo      examples/grpo_torch.py, 30 steps, --check (fp32: logprob mismatch <= 1e-4)
 #   grpo-vmm  the same under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the trainer's
 #             memory goes to the bridge as VMM fds; the log must say so), 20 steps
+#   lora-kernel  test_cuda_lora (fused and separate merges against the CPU executor and the
+#             double-precision reference) and rlb-bench-reshard-gpu --lora
 #   lora      the PEFT golden fixture (scripts/make_peft_fixture.py, needs peft; a copy lands
 #             in $OUT/peft_lora.tar) and its test, rlb-bench-reshard-gpu --lora (the merge
 #             kernels), then rlb-bench-sync --device cuda --lora with the PEFT merge peer
@@ -28,9 +34,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DRLB_CUDA=ON > "$out/configure.log" 2>&1 &&
     cmake --build build-gpu -j16 > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 echo "== build ok"
-RLB_LOG=warn ctest --test-dir build-gpu -L gpu --output-on-failure --timeout 240 \
-    > "$out/gpu-tests.log" 2>&1
-grep -E "tests passed|Failed|\*\*\*|Passed|Skipped" "$out/gpu-tests.log" | tail -20
+if [ "${RLB_GPU_TESTS:-1}" != 0 ]; then # RLB_GPU_TESTS=0: the steps alone
+    RLB_LOG=warn ctest --test-dir build-gpu -L gpu --output-on-failure --timeout 240 \
+        > "$out/gpu-tests.log" 2>&1
+    grep -E "tests passed|Failed|\*\*\*|Passed|Skipped" "$out/gpu-tests.log" | tail -20
+fi
 for step in "$@"; do
     case $step in
     suite)
@@ -52,6 +60,18 @@ for step in "$@"; do
         tail -12 "$out/bench-sync.log"
         timeout 200 python3 .devtools/torch_reshard_baseline.py > "$out/torch-reshard.log" 2>&1
         tail -4 "$out/torch-reshard.log" ;;
+    sync-debug)
+        RLB_LOG=debug:bridge,kernel timeout 400 build-gpu/rlb-bench-sync --device cuda \
+            --shape 8b > "$out/bench-sync-debug.log" 2>&1
+        grep -E "launched|cuda run" "$out/bench-sync-debug.log" | tail -8
+        tail -3 "$out/bench-sync-debug.log" ;;
+    lora-kernel)
+        ctest --test-dir build-gpu -R 'test_cuda_lora' -V --timeout 400 \
+            > "$out/lora-tests.log" 2>&1
+        grep -E "tests passed|Failed|FAILED|Skipped|Passed|differ in their|error" \
+            "$out/lora-tests.log" | tail -16
+        build-gpu/bench/rlb-bench-reshard-gpu --lora > "$out/bench-reshard-lora.log" 2>&1
+        tail -9 "$out/bench-reshard-lora.log" ;;
     lora)
         python3 scripts/make_peft_fixture.py > "$out/peft-fixture.log" 2>&1 &&
             tar cf "$out/peft_lora.tar" tests/fixtures/peft_lora
@@ -71,6 +91,9 @@ for step in "$@"; do
         build-gpu/bench/rlb-bench-reshard-gpu --torch-log "$out/torch-reshard.log" \
             > "$out/bench-reshard.log" 2>&1
         tail -12 "$out/bench-reshard.log" ;;
+    mem)
+        build-gpu/bench/rlb-bench-reshard-gpu --mem > "$out/bench-mem.log" 2>&1
+        tail -8 "$out/bench-mem.log" ;;
     grpo)
         RLBRIDGE_LIB=$PWD/build-gpu/librlb.so.1 timeout 300 python3 examples/grpo_torch.py \
             --rlb build-gpu/rlb --steps 30 --check > "$out/grpo.log" 2>&1

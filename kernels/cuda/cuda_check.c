@@ -30,6 +30,17 @@ rlb_cuda_peer_mode rlb__cuda_peer_mode_env(void)
     return RLB_CUDA_PEER_AUTO;
 }
 
+int rlb__cuda_lora_fused_env(void)
+{
+    const char *v = rlb__env_str(RLB_KNOB_LORA_MERGE);
+    if (strcmp(v, "separate") == 0)
+        return 0;
+    if (strcmp(v, "fused") != 0)
+        RLB_LOG_WARN(RLB_SUB_KERNEL, "RLB_LORA_MERGE=%s: fused or separate expected; using "
+                     "fused", v);
+    return 1;
+}
+
 int rlb__cuda_driver_fn(const char *name, void **fn)
 {
     enum cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;

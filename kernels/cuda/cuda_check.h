@@ -61,6 +61,10 @@ typedef enum rlb_cuda_peer_mode {
 /* The RLB_CUDA_PEER knob ("auto" or "staged"; another value is logged and read as auto). */
 rlb_cuda_peer_mode rlb__cuda_peer_mode_env(void);
 
+/* The RLB_LORA_MERGE knob: 1 for "fused" (another value than "separate" is logged and read
+ * as fused), 0 for "separate". */
+int rlb__cuda_lora_fused_env(void);
+
 /* The driver API function `name` with CUDA 12.0's signature, looked up through the runtime
  * rather than linked, so programs load (and skip) on machines without a driver. Returns 0
  * or RLB_ECUDA. */

@@ -44,6 +44,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cuda.h>
@@ -115,7 +116,15 @@ typedef struct cuda_exec {
     int rc;                      /* the run's outcome */
     double ms;                   /* its time */
     char err[512];               /* why it failed */
+    double t_upload, t_bind;     /* host ms of this run's uploads and binds (debug log) */
 } cuda_exec;
+
+static double mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
 
 static int grow(void **p, uint32_t *cap, uint32_t need, size_t elem)
 {
@@ -553,7 +562,10 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
     int rc = 0, prev;
     cudaStream_t st;
     RLB_CHECK(stream_of(x, g, &st));
+    double t0 = mono_ms();
     RLB_CHECK(upload_on(s, g, p, sel, err, errlen));
+    double t1 = mono_ms();
+    x->t_upload += t1 - t0;
     rlb_cuda_buf *src = calloc(p->n_src + 1, sizeof *src);
     rlb_cuda_buf *dst = calloc(p->n_dst + 1, sizeof *dst);
     if (!src || !dst) {
@@ -576,6 +588,7 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
     RLB_CHECK_GOTO(rlb__cuda_plan_count(s->plan, run->nonfinite != NULL), rc, out_nodev);
     if (s->lora)
         RLB_CHECK_GOTO(rlb__cuda_lora_bind(s->lora, src, dst, err, errlen), rc, out_nodev);
+    x->t_bind += mono_ms() - t1;
     RLB_CHECK_GOTO(rlb__cuda_enter(g, &prev), rc, out_nodev);
     for (uint32_t e = 0; e < run->n_events; e++) {
         cudaEvent_t ev;
@@ -604,9 +617,12 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
         rlb__cuda_err(err, errlen, "a run is already in flight");
         return RLB_EEXIST;
     }
+    const double t0 = mono_ms();
+    x->t_upload = x->t_bind = 0;
     int rc = host_prepare(x, (void *const *)run->src, run->src_len, p->n_src, err, errlen);
     if (rc)
         return rc;
+    const double t_prepared = mono_ms();
     if (run->nonfinite)
         memset(run->nonfinite, 0, (p->n_ops + p->n_merges) * sizeof(*run->nonfinite));
     x->nonfinite = run->nonfinite;
@@ -647,6 +663,7 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
     x->ms = 0;
     for (int g = 0; g < x->n_dev; g++)
         x->d[g].used = 0;
+    const double t_located = mono_ms();
     for (int g = 0; g < x->n_dev && !rc; g++) {
         int any = 0;
         for (uint64_t d = 0; d < p->n_dst; d++)
@@ -672,6 +689,12 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
         return RLB_EIO;
     }
     x->running = 1;
+    const double t_end = mono_ms();
+    RLB_LOG_DEBUG(RLB_SUB_KERNEL, "cuda run of %llu ops: %.3f ms on the host (host ranges "
+                  "%.3f, locating destinations %.3f, upload %.3f, bind %.3f, launches and "
+                  "waiting thread %.3f)", (unsigned long long)p->n_ops, t_end - t0,
+                  t_prepared - t0, t_located - t_prepared, x->t_upload, x->t_bind,
+                  t_end - t_located - x->t_upload - x->t_bind);
     return 0;
 }
 

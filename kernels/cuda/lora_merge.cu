@@ -1,9 +1,20 @@
-/* lora_merge.cu: the LoRA merge on one GPU (lora_merge.h): C = C + scale * L * R over each
- * merge's block, in place after the block's base copies, with f32 sums and one rounding.
+/* lora_merge.cu: the LoRA merge on one GPU (lora_merge.h): C = base + scale * L * R over each
+ * merge's block, with f32 sums and one rounding: fused (the base read from the sources,
+ * fused_kernel) or in place after the block's base copies (merge_kernel).
  *
- * Invariant: each destination element of a merge is read once (its base, as the copies
- * left it) and written once (the merged value), by one thread; blocks of a plan's merges
- * never overlap, so tiles run in any order. The stage is only read.
+ * Invariant: each destination element of a merge is written once (the merged value), by one
+ * thread, after its base was read once (from its source, or from C as the copies left it);
+ * blocks of a plan's merges never overlap, so tiles run in any order. The stage and the
+ * sources are only read.
+ *
+ * The fused kernel's base. At upload every base copy of a merge is cut into pieces:
+ * rectangles of the block (rows i0..i1, columns j0..j1) whose element (i, j) sits at
+ * src_off + (i - i0) * src_stride + (j - j0) * size in one source (an op whose rows are rows
+ * of the block is one piece; an FSDP1 run across rows is cut into its head, whole rows and
+ * tail). The pieces must tile the block exactly (no gap, no overlap: checked), else the
+ * merges run separately. Each band of kTileRows rows lists the pieces it meets; a tile whose
+ * band has one piece (every full and FSDP2 source) loads 16 bytes per thread where the
+ * address allows, otherwise it finds each element's piece in the band's list.
  *
  * Work division: every merge is cut into tiles of kTileRows x kTileCols elements of C,
  * numbered across merges (first_tile is a prefix sum), one block per tile; a block finds
@@ -56,8 +67,22 @@ struct merge_desc {
     uint32_t col_tiles;  /* tiles across a row of C */
     float scale;         /* s */
     uint32_t flags;      /* RLB_MERGE_* */
+    uint32_t band_first; /* fused: its first row band in the band table */
+    uint32_t reserved;
 };
-static_assert(sizeof(merge_desc) == 64, "merge_desc is uploaded as is");
+static_assert(sizeof(merge_desc) == 72, "merge_desc is uploaded as is");
+
+/* Fused: one rectangle of a merge's block, rows [i0, i1) x columns [j0, j1) of C, and where
+ * its base is: element (i, j) at byte src_off + (i - i0) * src_stride + (j - j0) * size of
+ * source src_ref (RLB_PLAN_ZERO_SRC: zeros). A merge's pieces tile its block exactly. */
+struct piece_desc {
+    uint64_t src_off;
+    uint64_t src_stride;
+    uint32_t i0, i1, j0, j1;
+    uint32_t src_ref;
+    uint32_t src_dtype;
+};
+static_assert(sizeof(piece_desc) == 40, "piece_desc is uploaded as is");
 
 __device__ __forceinline__ bool nonfinite(float f)
 {
@@ -101,15 +126,12 @@ __device__ __forceinline__ void stage_chunk(const merge_desc &m, uint32_t i0, ui
     }
 }
 
-/* One block per tile of the merges md[first, last) (md[last].first_tile ends the range). */
-template <typename D>
-__global__ void __launch_bounds__(kThreads)
-merge_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,
-             unsigned long long *counts)
+/* The merge of md[first, last) holding launch-wide tile `tile` (binary search; md[last]
+ * ends the range): returns it, its index in *k and the tile's first row and column. */
+__device__ __forceinline__ merge_desc find_tile(const merge_desc *md, uint32_t first,
+                                                uint32_t last, uint64_t tile, uint32_t *k,
+                                                uint32_t *i0, uint32_t *j0)
 {
-    __shared__ float ls[kTileRows][kRankChunk + 1]; /* scale * L; padded: stores by row */
-    __shared__ float rs[kRankChunk][kTileCols];
-    const uint64_t tile = tile0 + blockIdx.x;
     uint32_t lo = first, hi = last;
     /* invariant: md[lo].first_tile <= tile < md[hi].first_tile */
     while (hi - lo > 1) {
@@ -121,8 +143,22 @@ merge_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0
     }
     const merge_desc m = md[lo];
     const uint64_t t = tile - m.first_tile;
-    const uint32_t i0 = (uint32_t)(t / m.col_tiles) * kTileRows;
-    const uint32_t j0 = (uint32_t)(t % m.col_tiles) * kTileCols;
+    *k = lo;
+    *i0 = (uint32_t)(t / m.col_tiles) * kTileRows;
+    *j0 = (uint32_t)(t % m.col_tiles) * kTileCols;
+    return m;
+}
+
+/* One block per tile of the merges md[first, last) (md[last].first_tile ends the range). */
+template <typename D>
+__global__ void __launch_bounds__(kThreads)
+merge_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,
+             unsigned long long *counts)
+{
+    __shared__ float ls[kTileRows][kRankChunk + 1]; /* scale * L; padded: stores by row */
+    __shared__ float rs[kRankChunk][kTileCols];
+    uint32_t lo, i0, j0;
+    const merge_desc m = find_tile(md, first, last, tile0 + blockIdx.x, &lo, &i0, &j0);
     const uint32_t tx = threadIdx.x % 32, ty = threadIdx.x / 32;
     D *c = reinterpret_cast<D *>(m.c);
 
@@ -174,6 +210,199 @@ merge_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0
         atomicAdd(&counts[lo], (unsigned long long)bad);
 }
 
+
+/* ---- The fused merge ------------------------------------------------------------------ */
+
+constexpr int kVec = 8;                        /* columns of C per thread, side by side */
+constexpr int kLanesPerRow = kTileCols / kVec; /* threads across a tile row */
+constexpr int kRowStep = kThreads / kLanesPerRow;
+constexpr int kFusedRows = kTileRows / kRowStep; /* rows per thread */
+
+/* Element (i, j) of C's base in piece p as f32. */
+__device__ __forceinline__ float base_at(const piece_desc &p, char *const *src, uint32_t i,
+                                         uint32_t j)
+{
+    if (p.src_ref == RLB_PLAN_ZERO_SRC)
+        return 0.0f;
+    const char *a = src[p.src_ref] + p.src_off + (uint64_t)(i - p.i0) * p.src_stride;
+    const uint32_t dj = j - p.j0;
+    switch (p.src_dtype) {
+    case RLB_DTYPE_F32:
+        return reinterpret_cast<const float *>(a)[dj];
+    case RLB_DTYPE_BF16:
+        return rlb__d_to_f32(reinterpret_cast<const rlb__bf16_t *>(a)[dj]);
+    default:
+        return rlb__d_to_f32(reinterpret_cast<const rlb__f16_t *>(a)[dj]);
+    }
+}
+
+/* Columns j .. j + kVec - 1 of row i of C's base from piece p, which holds all of them
+ * (n of them inside C: the rest are left as they are), into v. 16-byte loads where the
+ * address allows. */
+__device__ __forceinline__ void base_row(const piece_desc &p, char *const *src, uint32_t i,
+                                         uint32_t j, uint32_t n, float *v)
+{
+    if (p.src_ref == RLB_PLAN_ZERO_SRC) {
+#pragma unroll
+        for (int c = 0; c < kVec; c++)
+            v[c] = 0.0f;
+        return;
+    }
+    const char *a = src[p.src_ref] + p.src_off + (uint64_t)(i - p.i0) * p.src_stride;
+    const uint32_t dj = j - p.j0;
+    if (p.src_dtype == RLB_DTYPE_F32) {
+        const float *f = reinterpret_cast<const float *>(a) + dj;
+        if (n == kVec && (reinterpret_cast<uintptr_t>(f) & 15u) == 0) {
+            const float4 x = reinterpret_cast<const float4 *>(f)[0];
+            const float4 y = reinterpret_cast<const float4 *>(f)[1];
+            v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+            v[4] = y.x, v[5] = y.y, v[6] = y.z, v[7] = y.w;
+            return;
+        }
+        for (uint32_t c = 0; c < n; c++)
+            v[c] = f[c];
+        return;
+    }
+    const uint16_t *h = reinterpret_cast<const uint16_t *>(a) + dj;
+    uint16_t bits[kVec];
+    if (n == kVec && (reinterpret_cast<uintptr_t>(h) & 15u) == 0) {
+        const uint4 x = *reinterpret_cast<const uint4 *>(h);
+        const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+        for (int c = 0; c < kVec; c++)
+            bits[c] = (uint16_t)(w[c / 2] >> (16 * (c % 2)));
+    } else {
+        for (uint32_t c = 0; c < n; c++)
+            bits[c] = h[c];
+    }
+    if (p.src_dtype == RLB_DTYPE_BF16) {
+        for (uint32_t c = 0; c < n; c++)
+            v[c] = rlb__d_to_f32(rlb__bf16_t{bits[c]});
+    } else {
+        for (uint32_t c = 0; c < n; c++)
+            v[c] = rlb__d_to_f32(rlb__f16_t{bits[c]});
+    }
+}
+
+/* Writes n (<= kVec) merged values of D at d: one or two 16-byte stores where the address
+ * allows. Returns how many are non-finite. */
+__device__ __forceinline__ int store_row(float *d, const float *v, uint32_t n)
+{
+    int bad = 0;
+    for (uint32_t c = 0; c < n; c++)
+        bad += nonfinite(v[c]);
+    if (n == kVec && (reinterpret_cast<uintptr_t>(d) & 15u) == 0) {
+        reinterpret_cast<float4 *>(d)[0] = make_float4(v[0], v[1], v[2], v[3]);
+        reinterpret_cast<float4 *>(d)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+        for (uint32_t c = 0; c < n; c++)
+            d[c] = v[c];
+    }
+    return bad;
+}
+
+template <typename D>
+__device__ __forceinline__ int store_row(D *d, const float *v, uint32_t n)
+{
+    uint16_t bits[kVec];
+    int bad = 0;
+#pragma unroll
+    for (int c = 0; c < kVec; c++) {
+        D o;
+        rlb__d_from_f32(v[c], &o);
+        bits[c] = o.bits;
+        bad += (uint32_t)c < n && nonfinite(o);
+    }
+    if (n == kVec && (reinterpret_cast<uintptr_t>(d) & 15u) == 0) {
+        uint4 x;
+        x.x = bits[0] | (uint32_t)bits[1] << 16;
+        x.y = bits[2] | (uint32_t)bits[3] << 16;
+        x.z = bits[4] | (uint32_t)bits[5] << 16;
+        x.w = bits[6] | (uint32_t)bits[7] << 16;
+        *reinterpret_cast<uint4 *>(d) = x;
+    } else {
+        for (uint32_t c = 0; c < n; c++)
+            d[c].bits = bits[c];
+    }
+    return bad;
+}
+
+/* One block per tile, as merge_kernel, but C's base comes from the merge's sources (its
+ * pieces) instead of C: C = base + scale * L * R is written once, and nothing reads C.
+ * The arithmetic is merge_kernel's: the base widened to f32, then the rank-r products
+ * added in rank order, each a fused multiply-add, one rounding. Thread (ty, tx) holds
+ * columns kVec * tx .. + kVec - 1 of rows ty, ty + kRowStep, ... of the tile. */
+template <typename D>
+__global__ void __launch_bounds__(kThreads)
+fused_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,
+             const piece_desc *pieces, const uint2 *bands, const uint32_t *band_pieces,
+             char *const *src, unsigned long long *counts)
+{
+    __shared__ float ls[kTileRows][kRankChunk + 1];
+    __shared__ __align__(16) float rs[kRankChunk][kTileCols];
+    uint32_t lo, i0, j0;
+    const merge_desc m = find_tile(md, first, last, tile0 + blockIdx.x, &lo, &i0, &j0);
+    const uint32_t tx = threadIdx.x % kLanesPerRow, ty = threadIdx.x / kLanesPerRow;
+    const uint32_t j = j0 + kVec * tx;
+    const uint32_t n = j < m.cols ? min((uint32_t)kVec, m.cols - j) : 0;
+
+    /* the base: one piece holds the whole band (the usual case), else element by element */
+    float acc[kFusedRows][kVec];
+    const uint2 band = bands[m.band_first + i0 / kTileRows];
+#pragma unroll
+    for (int q = 0; q < kFusedRows; q++) {
+        const uint32_t i = i0 + ty + kRowStep * q;
+#pragma unroll
+        for (int c = 0; c < kVec; c++)
+            acc[q][c] = 0.0f;
+        if (i >= m.rows || n == 0)
+            continue;
+        if (band.y == 1) {
+            base_row(pieces[band_pieces[band.x]], src, i, j, n, acc[q]);
+            continue;
+        }
+        for (uint32_t c = 0; c < n; c++)
+            for (uint32_t k = 0; k < band.y; k++) {
+                const piece_desc &p = pieces[band_pieces[band.x + k]];
+                if (i >= p.i0 && i < p.i1 && j + c >= p.j0 && j + c < p.j1) {
+                    acc[q][c] = base_at(p, src, i, j + c);
+                    break;
+                }
+            }
+    }
+    for (uint32_t k0 = 0; k0 < m.rank; k0 += kRankChunk) {
+        const uint32_t kc = min((uint32_t)kRankChunk, m.rank - k0);
+        __syncthreads();
+        stage_chunk(m, i0, j0, k0, kc, ls, rs);
+        __syncthreads();
+#pragma unroll 4
+        for (uint32_t k = 0; k < kc; k++) {
+            const float4 ra = *reinterpret_cast<const float4 *>(&rs[k][kVec * tx]);
+            const float4 rb = *reinterpret_cast<const float4 *>(&rs[k][kVec * tx + 4]);
+            const float rv[kVec] = {ra.x, ra.y, ra.z, ra.w, rb.x, rb.y, rb.z, rb.w};
+#pragma unroll
+            for (int q = 0; q < kFusedRows; q++) {
+                const float lv = ls[ty + kRowStep * q][k];
+#pragma unroll
+                for (int c = 0; c < kVec; c++)
+                    acc[q][c] = fmaf(lv, rv[c], acc[q][c]);
+            }
+        }
+    }
+    int bad = 0;
+    D *c = reinterpret_cast<D *>(m.c);
+#pragma unroll
+    for (int q = 0; q < kFusedRows; q++) {
+        const uint32_t i = i0 + ty + kRowStep * q;
+        if (i < m.rows && n)
+            bad += store_row(c + (uint64_t)i * m.cols + j, acc[q], n);
+    }
+    for (int o = 16; o > 0; o /= 2)
+        bad += __shfl_down_sync(0xffffffffu, bad, o);
+    if (threadIdx.x % 32 == 0 && bad)
+        atomicAdd(&counts[lo], (unsigned long long)bad);
+}
+
 } /* namespace */
 
 struct rlb_cuda_lora {
@@ -193,6 +422,16 @@ struct rlb_cuda_lora {
     unsigned long long *h_counts; /* [n] pinned host copy, filled at the end of a run */
     int desc_stale;            /* the device's descriptors lag the host's */
     int bound;                 /* a bind has succeeded */
+    /* the fused merge: every merge's base as pieces, the pieces of each row band of kTileRows
+     * rows, and the bound sources' addresses */
+    int fused;                 /* the fused kernel may run these merges */
+    piece_desc *d_pieces;      /* [n_pieces] */
+    uint2 *d_bands;            /* per band: first entry in d_band_pieces, count */
+    uint32_t *d_band_pieces;   /* pieces of each band, in band order */
+    uint64_t fused_bytes;      /* device bytes of the three */
+    uint32_t n_src;            /* sources of the plan */
+    char **h_src;              /* [n_src] bound source addresses (device view) */
+    char **d_src;              /* the device's copy */
 };
 
 extern "C" void rlb__cuda_lora_free(rlb_cuda_lora *cl)
@@ -207,8 +446,13 @@ extern "C" void rlb__cuda_lora_free(rlb_cuda_lora *cl)
     cudaFree(cl->d_stage);
     cudaFree(cl->d_counts);
     cudaFreeHost(cl->h_counts);
+    cudaFree(cl->d_pieces);
+    cudaFree(cl->d_bands);
+    cudaFree(cl->d_band_pieces);
+    cudaFree(cl->d_src);
     if (entered)
         rlb__cuda_leave(prev);
+    free(cl->h_src);
     free(cl->merges);
     free(cl->index);
     free(cl->desc);
@@ -322,6 +566,190 @@ static int upload_plans(rlb_cuda_lora *cl, const rlb_plan *plan, char *err, size
     return rlb__cuda_plan_upload(&gather, cl->device, NULL, &cl->gather, err, errlen);
 }
 
+
+/* ---- The fused merge's tables ---------------------------------------------------------- */
+
+struct piece_list {
+    piece_desc *p;
+    uint64_t n, cap;
+};
+
+static int add_piece(piece_list *l, const piece_desc &p)
+{
+    if (l->n == l->cap) {
+        uint64_t cap = l->cap ? 2 * l->cap : 64;
+        piece_desc *q = (piece_desc *)realloc(l->p, cap * sizeof(*q));
+        if (!q)
+            return RLB_ENOMEM;
+        l->p = q;
+        l->cap = cap;
+    }
+    l->p[l->n++] = p;
+    return 0;
+}
+
+static int cmp_piece(const void *a, const void *b)
+{
+    const piece_desc *x = (const piece_desc *)a, *y = (const piece_desc *)b;
+    if (x->i0 != y->i0)
+        return x->i0 < y->i0 ? -1 : 1;
+    return x->j0 < y->j0 ? -1 : x->j0 > y->j0;
+}
+
+/* Cuts base copy o of merge m into pieces of m's block. Returns 0, 1 when o is not one the
+ * fused kernel reads (the merges then run separately), or RLB_ENOMEM. */
+static int op_pieces(const rlb_merge_op *m, const rlb_copy_op *o, piece_list *l)
+{
+    const uint64_t des = rlb_dtype_size((rlb_dtype)m->dst_dtype), C = m->cols;
+    const bool zero = o->src_ref == RLB_PLAN_ZERO_SRC;
+    if (o->dst_ref != m->dst_ref || o->dst_dtype != m->dst_dtype || o->row_elems == 0 ||
+        o->dst_offset < m->dst_offset || (o->dst_offset - m->dst_offset) % des ||
+        o->dst_stride % des ||
+        (!zero && o->src_dtype != RLB_DTYPE_F32 && o->src_dtype != RLB_DTYPE_BF16 &&
+         o->src_dtype != RLB_DTYPE_F16))
+        return 1;
+    const uint64_t ses = zero ? 0 : rlb_dtype_size((rlb_dtype)o->src_dtype);
+    const uint64_t e0 = (o->dst_offset - m->dst_offset) / des;
+    piece_desc p = {};
+    p.src_ref = o->src_ref;
+    p.src_dtype = zero ? 0 : o->src_dtype;
+    if ((o->rows == 1 || o->dst_stride == C * des) && e0 % C + o->row_elems <= C) {
+        /* the op's rows are rows of C: one piece */
+        p.src_off = o->src_offset;
+        p.src_stride = o->src_stride;
+        p.i0 = (uint32_t)(e0 / C);
+        p.i1 = (uint32_t)(e0 / C + o->rows);
+        p.j0 = (uint32_t)(e0 % C);
+        p.j1 = (uint32_t)(e0 % C + o->row_elems);
+        return p.i1 > m->rows ? 1 : add_piece(l, p);
+    }
+    if (o->rows > 4096)
+        return 1; /* a long list of runs across rows: not worth a table */
+    /* each op row is a run of C's elements across rows: its head, whole rows, tail */
+    for (uint64_t r = 0; r < o->rows; r++) {
+        uint64_t e = e0 + r * (o->dst_stride / des), left = o->row_elems;
+        uint64_t so = o->src_offset + r * o->src_stride;
+        while (left) {
+            const uint64_t j = e % C;
+            const uint64_t whole = j == 0 ? left / C : 0;
+            const uint64_t len = whole ? whole * C : (left < C - j ? left : C - j);
+            p.src_off = so;
+            p.src_stride = C * ses;
+            p.i0 = (uint32_t)(e / C);
+            p.i1 = (uint32_t)(e / C + (whole ? whole : 1));
+            p.j0 = (uint32_t)j;
+            p.j1 = (uint32_t)(whole ? C : j + len);
+            if (p.i1 > m->rows)
+                return 1;
+            if (add_piece(l, p))
+                return RLB_ENOMEM;
+            e += len;
+            so += len * ses;
+            left -= len;
+        }
+    }
+    return 0;
+}
+
+/* Builds and uploads the fused kernel's tables of cl's merges (current device: cl's).
+ * Leaves cl->fused 0 when some merge's copies are not pieces the kernel reads, or do not
+ * tile its block exactly (the merges then run separately). Returns 0 or RLB_ENOMEM /
+ * RLB_ECUDA. */
+static int build_fused(rlb_cuda_lora *cl, const rlb_plan *plan)
+{
+    piece_list all = {};
+    uint64_t n_bands = 0, n_entries = 0;
+    uint64_t *first_piece = (uint64_t *)malloc((cl->n + 1) * sizeof(uint64_t));
+    int rc = first_piece ? 0 : RLB_ENOMEM, fusable = 1;
+    uint2 *bands = nullptr;
+    uint32_t *entries = nullptr;
+    for (uint32_t k = 0; k < cl->n && !rc && fusable; k++) {
+        const rlb_merge_op *m = &cl->merges[k];
+        first_piece[k] = all.n;
+        if (m->dst_stride != m->cols * rlb_dtype_size((rlb_dtype)m->dst_dtype) ||
+            m->rows > UINT32_MAX / 2 || m->cols > UINT32_MAX / 2) {
+            fusable = 0;
+            break;
+        }
+        for (uint64_t c = 0; c < m->n_copies && !rc && fusable; c++) {
+            int r = op_pieces(m, &plan->merge_copies[m->copy_first + c], &all);
+            if (r < 0)
+                rc = r;
+            else if (r > 0)
+                fusable = 0;
+        }
+        if (rc || !fusable)
+            break;
+        /* the pieces must tile the block: in it (checked above), no overlap, no gap */
+        piece_desc *p = all.p + first_piece[k];
+        const uint64_t np = all.n - first_piece[k];
+        qsort(p, np, sizeof(*p), cmp_piece);
+        uint64_t area = 0;
+        for (uint64_t i = 0; i < np; i++)
+            area += (uint64_t)(p[i].i1 - p[i].i0) * (p[i].j1 - p[i].j0);
+        for (uint64_t i = 1; i < np && fusable; i++) /* same rows side by side, sorted */
+            if (p[i].i0 == p[i - 1].i0 && p[i].j0 < p[i - 1].j1 && p[i].i1 > p[i - 1].i0)
+                fusable = 0;
+        if (area != m->rows * m->cols)
+            fusable = 0;
+        cl->desc[k].band_first = (uint32_t)n_bands;
+        n_bands += (m->rows + kTileRows - 1) / kTileRows;
+        for (uint64_t i = 0; i < np; i++)
+            n_entries += (p[i].i1 - 1) / kTileRows - p[i].i0 / kTileRows + 1;
+    }
+    if (rc || !fusable || n_bands > UINT32_MAX || n_entries > UINT32_MAX ||
+        all.n > UINT32_MAX) {
+        free(all.p);
+        free(first_piece);
+        return rc;
+    }
+    first_piece[cl->n] = all.n;
+    bands = (uint2 *)calloc(n_bands + 1, sizeof(uint2));
+    entries = (uint32_t *)malloc((n_entries + 1) * sizeof(uint32_t));
+    if (!bands || !entries) {
+        rc = RLB_ENOMEM;
+        goto out;
+    }
+    for (uint32_t k = 0; k < cl->n; k++) /* count, then place, each band's pieces */
+        for (uint64_t i = first_piece[k]; i < first_piece[k + 1]; i++)
+            for (uint32_t b = all.p[i].i0 / kTileRows; b <= (all.p[i].i1 - 1) / kTileRows; b++)
+                bands[cl->desc[k].band_first + b].y++;
+    for (uint64_t b = 0, at = 0; b < n_bands; b++) {
+        bands[b].x = (uint32_t)at;
+        at += bands[b].y;
+        if (bands[b].y == 0) /* every row has a piece when the area matched; kept honest */
+            fusable = 0;
+        bands[b].y = 0;
+    }
+    for (uint32_t k = 0; k < cl->n; k++)
+        for (uint64_t i = first_piece[k]; i < first_piece[k + 1]; i++)
+            for (uint32_t b = all.p[i].i0 / kTileRows; b <= (all.p[i].i1 - 1) / kTileRows; b++) {
+                uint2 &e = bands[cl->desc[k].band_first + b];
+                entries[e.x + e.y++] = (uint32_t)i;
+            }
+    if (!fusable)
+        goto out;
+    RLB_CUDA_CHECK(cudaMalloc(&cl->d_pieces, (all.n + 1) * sizeof(piece_desc)), rc, out);
+    RLB_CUDA_CHECK(cudaMalloc(&cl->d_bands, (n_bands + 1) * sizeof(uint2)), rc, out);
+    RLB_CUDA_CHECK(cudaMalloc(&cl->d_band_pieces, (n_entries + 1) * sizeof(uint32_t)), rc, out);
+    RLB_CUDA_CHECK(cudaMalloc(&cl->d_src, (cl->n_src + 1) * sizeof(char *)), rc, out);
+    RLB_CUDA_CHECK(cudaMemcpy(cl->d_pieces, all.p, all.n * sizeof(piece_desc),
+                              cudaMemcpyHostToDevice), rc, out);
+    RLB_CUDA_CHECK(cudaMemcpy(cl->d_bands, bands, n_bands * sizeof(uint2),
+                              cudaMemcpyHostToDevice), rc, out);
+    RLB_CUDA_CHECK(cudaMemcpy(cl->d_band_pieces, entries, n_entries * sizeof(uint32_t),
+                              cudaMemcpyHostToDevice), rc, out);
+    cl->fused_bytes = (all.n + 1) * sizeof(piece_desc) + (n_bands + 1) * sizeof(uint2) +
+                      (n_entries + 1) * sizeof(uint32_t) + (cl->n_src + 1) * sizeof(char *);
+    cl->fused = 1;
+out:
+    free(all.p);
+    free(first_piece);
+    free(bands);
+    free(entries);
+    return rc;
+}
+
 extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uint8_t *dst_sel,
                                      rlb_cuda_lora **out, char *err, size_t errlen)
 {
@@ -343,12 +771,14 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
         return RLB_ENOMEM;
     cl->device = device;
     cl->n = (uint32_t)n;
+    cl->n_src = plan->n_src;
+    cl->h_src = (char **)calloc(plan->n_src + 1, sizeof(char *));
     cl->merges = (rlb_merge_op *)malloc(n * sizeof(*cl->merges));
     cl->index = (uint64_t *)malloc(n * sizeof(*cl->index));
     cl->desc = (merge_desc *)malloc((n + 1) * sizeof(*cl->desc));
     /* at least one f32 and 256-byte aligned, as every cudaMalloc */
     cl->stage_bytes = plan->stage_bytes > 4 ? plan->stage_bytes : 4;
-    if (!cl->merges || !cl->index || !cl->desc) {
+    if (!cl->merges || !cl->index || !cl->desc || !cl->h_src) {
         rc = RLB_ENOMEM;
         goto err;
     }
@@ -363,6 +793,8 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
         rlb__cuda_err(err, errlen, "plan: the merges' tiles exceed one launch");
         rc = RLB_ETOOBIG;
     }
+    if (!rc && rlb__cuda_lora_fused_env())
+        rc = build_fused(cl, plan);
 out:
     rlb__cuda_leave(prev);
     if (rc)
@@ -403,11 +835,19 @@ extern "C" int rlb__cuda_lora_bind(rlb_cuda_lora *cl, const rlb_cuda_buf *src,
         cl->desc_stale |= cl->desc[k].c != c;
         cl->desc[k].c = c;
     }
-    if (cl->desc_stale) {
+    bool src_stale = false;
+    for (uint32_t r = 0; cl->fused && src && r < cl->n_src; r++) {
+        src_stale |= cl->h_src[r] != (char *)src[r].ptr;
+        cl->h_src[r] = (char *)src[r].ptr;
+    }
+    if (cl->desc_stale || src_stale) {
         RLB_CHECK(rlb__cuda_enter(cl->device, &prev));
         RLB_CUDA_CHECK(cudaMemcpy(cl->d_desc, cl->desc, (cl->n + 1) * sizeof(merge_desc),
                                   cudaMemcpyHostToDevice), rc, out);
         cl->desc_stale = 0;
+        if (src_stale)
+            RLB_CUDA_CHECK(cudaMemcpy(cl->d_src, cl->h_src, cl->n_src * sizeof(char *),
+                                      cudaMemcpyHostToDevice), rc, out);
     out:
         rlb__cuda_leave(prev);
     }
@@ -415,8 +855,9 @@ extern "C" int rlb__cuda_lora_bind(rlb_cuda_lora *cl, const rlb_cuda_buf *src,
     return rc;
 }
 
-/* The merges of dtype range k on `stream` (current device: the merges'). */
-static int launch_range(const rlb_cuda_lora *cl, int k, cudaStream_t stream)
+/* The merges of dtype range k on `stream` (current device: the merges'), fused or in place
+ * after their base copies. */
+static int launch_range(const rlb_cuda_lora *cl, int k, bool fused, cudaStream_t stream)
 {
     const uint32_t first = cl->range[k], last = cl->range[k + 1];
     int rc = 0;
@@ -424,6 +865,20 @@ static int launch_range(const rlb_cuda_lora *cl, int k, cudaStream_t stream)
         return 0;
     const uint64_t tile0 = cl->desc[first].first_tile;
     const unsigned blocks = (unsigned)(cl->desc[last].first_tile - tile0);
+    if (fused) {
+#define RLB_FUSED_ARGS                                                                     \
+    cl->d_desc, first, last, tile0, cl->d_pieces, cl->d_bands, cl->d_band_pieces, cl->d_src,  \
+        cl->d_counts
+        if (k == RLB_DTYPE_F32)
+            fused_kernel<float><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
+        else if (k == RLB_DTYPE_BF16)
+            fused_kernel<rlb__bf16_t><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
+        else
+            fused_kernel<rlb__f16_t><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
+#undef RLB_FUSED_ARGS
+        RLB_CUDA_CHECK(cudaGetLastError(), rc, out);
+        return 0;
+    }
     switch (k) {
     case RLB_DTYPE_F32:
         merge_kernel<float><<<blocks, kThreads, 0, stream>>>(cl->d_desc, first, last, tile0,
@@ -447,7 +902,9 @@ extern "C" int rlb__cuda_lora_run(rlb_cuda_lora *cl, cudaStream_t stream)
 {
     if (!cl || !cl->bound)
         return RLB_EINVAL;
-    int rc = rlb__cuda_plan_run(cl->base, stream), prev;
+    /* A base staged from a GPU without a peer path has no address the kernel may read. */
+    const bool fused = cl->fused && !rlb__cuda_plan_staging(cl->base);
+    int rc = fused ? 0 : rlb__cuda_plan_run(cl->base, stream), prev;
     if (!rc)
         rc = rlb__cuda_plan_run(cl->gather, stream);
     if (rc)
@@ -456,7 +913,7 @@ extern "C" int rlb__cuda_lora_run(rlb_cuda_lora *cl, cudaStream_t stream)
     RLB_CUDA_CHECK(cudaMemsetAsync(cl->d_counts, 0, cl->n * sizeof(*cl->d_counts), stream), rc,
                    out);
     for (int k = 0; k < kDtypes && !rc; k++)
-        rc = launch_range(cl, k, stream);
+        rc = launch_range(cl, k, fused, stream);
     if (!rc)
         RLB_CUDA_CHECK(cudaMemcpyAsync(cl->h_counts, cl->d_counts,
                                        cl->n * sizeof(*cl->h_counts), cudaMemcpyDeviceToHost,
@@ -482,5 +939,11 @@ extern "C" uint64_t rlb__cuda_lora_device_bytes(const rlb_cuda_lora *cl)
     if (!cl)
         return 0;
     return rlb__cuda_plan_device_bytes(cl->base) + rlb__cuda_plan_device_bytes(cl->gather) +
-           cl->stage_bytes + (cl->n + 1) * sizeof(merge_desc) + cl->n * sizeof(*cl->d_counts);
+           cl->stage_bytes + (cl->n + 1) * sizeof(merge_desc) + cl->n * sizeof(*cl->d_counts) +
+           cl->fused_bytes;
+}
+
+extern "C" int rlb__cuda_lora_fused(const rlb_cuda_lora *cl)
+{
+    return cl && cl->fused && !(cl->bound && rlb__cuda_plan_staging(cl->base));
 }

@@ -2,25 +2,32 @@
  * kernels/cpu/lora_merge.h.
  *
  * For the merges whose destination is selected, a run does, in order on the caller's stream:
- *   1. the merges' base copies (the plan's merge_copies) into the destination blocks,
- *      converted to the destination dtype: a plan of its own (kernels/cuda/plan_exec.h), so
- *      sources in local, peer, IPC-mapped or mapped host memory, and the staged fallback,
- *      work as they do for every other weight;
- *   2. the adapter stage: the plan's stage ops gather every factor, whole and as f32, into
- *      a stage buffer on this GPU (a second plan, whose one destination is the stage);
- *   3. the merge: one pass over each block, C = C + scale * L * R, C widened to f32, the
- *      rank-r product summed in f32 (L scaled first, as the CPU does: l_k = scale * L(i, k),
- *      then C + l_0 R(0, j) + l_1 R(1, j) + ..., each step one fused multiply-add), rounded
+ *   1. the adapter stage: the plan's stage ops gather every factor, whole and as f32, into
+ *      a stage buffer on this GPU (a plan of its own, kernels/cuda/plan_exec.h, whose one
+ *      destination is the stage);
+ *   2. the merge, fused (RLB_LORA_MERGE=fused, the default): one pass over each block,
+ *      C = base + scale * L * R, the base read from the merge's sources where its base
+ *      copies (the plan's merge_copies) would read it, widened to f32, the rank-r product
+ *      summed in f32 (L scaled first, as the CPU does: l_k = scale * L(i, k), then
+ *      base + l_0 R(0, j) + l_1 R(1, j) + ..., each step one fused multiply-add), rounded
  *      once to the destination dtype, the non-finite values written counted per merge.
- * The base comes from the sources every run, so no version builds on the last. Where a
- * base's source dtype is wider than the destination's (f32 master weights into bf16
- * workers), the base is rounded once in step 1 and the merged value once more in step 3,
- * where the CPU rounds once: the two may then differ by one unit in the last place of the
- * base; otherwise they differ only by the order of f32 roundings in the product.
+ *      Each merged element is read once from its source and written once: the merge costs
+ *      what the copy of the same weight would, plus the product.
+ * Separate (RLB_LORA_MERGE=separate, and always where a base source is staged from a GPU
+ * without a peer path, which leaves no address a kernel may read): the base copies first
+ * (as a plan of their own: local, peer, IPC-mapped, mapped host and staged sources alike),
+ * then the same arithmetic in place over each block. The base comes from the sources every
+ * run, so no version builds on the last. Where a base's source dtype is wider than the
+ * destination's (f32 master weights into bf16 workers), the separate path rounds the base
+ * once in its copy and the merged value once more, where the CPU and the fused path round
+ * once: the two may then differ by one unit in the last place of the base; otherwise all
+ * three differ only by the order of f32 roundings in the product.
  *
  * Device memory: the stage (plan->stage_bytes: every factor in f32, e.g. Llama-3.1-8B with
- * rank 16 on all seven targets, 168 MiB; rank 64, 671 MiB), the two plans' tables, 64 bytes
- * per merge and a count per merge. Kept from run to run with the upload.
+ * rank 16 on all seven targets, 168 MiB; rank 64, 671 MiB), the two plans' tables, 72 bytes
+ * per merge, a count per merge, and for the fused merge each block's base as pieces
+ * (40 bytes per rectangle of a base copy) with an index per 64-row band. Kept from run to
+ * run with the upload.
  *
  * Every function returns 0 or a negative RLB_E* code; a refused plan or buffer is described
  * in `err` (may be NULL). None leaves the caller's current device changed.
@@ -61,6 +68,9 @@ int rlb__cuda_lora_run(rlb_cuda_lora *cl, cudaStream_t stream);
 void rlb__cuda_lora_counts(const rlb_cuda_lora *cl, uint64_t *nonfinite);
 void rlb__cuda_lora_free(rlb_cuda_lora *cl);
 
+/* 1 when the runs write the merges fused (RLB_LORA_MERGE=fused, every merge's base copies
+ * are pieces of its block the kernel reads, and the bound sources are not staged). */
+int rlb__cuda_lora_fused(const rlb_cuda_lora *cl);
 /* Merges uploaded, and bytes of device memory held (stage, plans, tables). */
 uint64_t rlb__cuda_lora_merges(const rlb_cuda_lora *cl);
 uint64_t rlb__cuda_lora_device_bytes(const rlb_cuda_lora *cl);

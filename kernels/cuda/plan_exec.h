@@ -97,6 +97,9 @@ void rlb__cuda_plan_free(rlb_cuda_plan *cp);
 /* Bytes of device memory the plan holds (ops, descriptors, pointer tables, staging
  * buffers). */
 uint64_t rlb__cuda_plan_device_bytes(const rlb_cuda_plan *cp);
+/* 1 when the last bind stages some source (read from a GPU without a peer path): its
+ * address is then not one a kernel of the plan's GPU may read. */
+int rlb__cuda_plan_staging(const rlb_cuda_plan *cp);
 /* Work items of one run (what the launch's blocks share out). */
 uint64_t rlb__cuda_plan_items(const rlb_cuda_plan *cp);
 /* Bytes one run copies into staging buffers (0 when the bind stages nothing) and, in

@@ -17,8 +17,15 @@
  * same GPU buffers must hold the base again, bit for bit; then the adapters come back.
  * Every run's non-finite count must be zero; a NaN planted in one B factor must be counted
  * by the GPU as by the CPU, merge by merge. Prints, per case, how many merged elements
- * differ in their bits from the CPU executor's (f32 roundings in another order). Exits 77
- * where no GPU is visible.
+ * differ in their bits from the CPU executor's (f32 roundings in another order).
+ *
+ * The executor writes the merges fused (RLB_LORA_MERGE's default: each merged element's base
+ * read from its source, the product added, written once); every case also checks that its
+ * plan's merges are ones the fused kernel takes (kernels/cuda/lora_merge.h:
+ * rlb__cuda_lora_fused), so no case passes by falling back. test_separate runs a share of
+ * the cases with RLB_LORA_MERGE=separate (base copies, then the merge in place), which is
+ * also what a base staged from a GPU without a peer path gets. Exits 77 where no GPU is
+ * visible.
  */
 #include <poll.h>
 #include <setjmp.h>
@@ -32,6 +39,7 @@
 
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/plan_exec.h"
+#include "kernels/cuda/lora_merge.h"
 #include "kernels/executor.h"
 #include "tests/gpu/gpu_case.h"
 #include "tests/unit/lora_case.h"
@@ -162,6 +170,16 @@ static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int 
     lc_plans_build(&c, &tgt, &p);
     const rlb_plan *plan = &p.plan;
     gpu_side g = {.on_host = on_host};
+    { /* the path the executor takes with this plan */
+        const char *how = getenv("RLB_LORA_MERGE");
+        rlb_cuda_lora *cl = NULL;
+        char e[256] = "";
+        if (rlb__cuda_lora_upload(plan, 0, NULL, &cl, e, sizeof e))
+            fail_msg("upload: %s", e);
+        assert_non_null(cl);
+        assert_int_equal(rlb__cuda_lora_fused(cl), !(how && !strcmp(how, "separate")));
+        rlb__cuda_lora_free(cl);
+    }
     uint64_t n_counts = plan->n_ops + plan->n_merges; /* the base plan has more ops */
     n_counts = (n_counts > p.base.n_ops ? n_counts : p.base.n_ops) + 1;
     g.gpu_bad = calloc(n_counts, sizeof *g.gpu_bad);
@@ -237,6 +255,21 @@ static void test_against_cpu_and_reference(void **state)
                     run_case(n % 2, mode, dts[d][0], dts[d][1], T, ranks[r], n / 2 % 2, 0);
 }
 
+/* The separate path (base copies, then the merge in place) on a share of the cases: every
+ * source layout, bf16 and f32 sources, TP 1 and 2, device and host sources. */
+static void test_separate(void **state)
+{
+    (void)state;
+    assert_int_equal(setenv("RLB_LORA_MERGE", "separate", 1), 0);
+    int n = 0;
+    for (int mode = LC_FULL; mode <= LC_FSDP1; mode++, n++) {
+        run_case(n % 2, mode, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 2, 8, n % 2, 0);
+        run_case((n + 1) % 2, mode, RLB_DTYPE_F32, RLB_DTYPE_BF16, 1, 64, (n + 1) % 2, 0);
+    }
+    run_case(0, LC_FULL, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 2, 8, 0, 1);
+    unsetenv("RLB_LORA_MERGE");
+}
+
 static void test_poisoned_factor(void **state)
 {
     (void)state;
@@ -251,6 +284,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_against_cpu_and_reference),
         cmocka_unit_test(test_poisoned_factor),
+        cmocka_unit_test(test_separate),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
