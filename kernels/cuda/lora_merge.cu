@@ -41,6 +41,7 @@
 
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "model/merge_pieces.h"
 
 namespace {
 
@@ -72,17 +73,7 @@ struct merge_desc {
 };
 static_assert(sizeof(merge_desc) == 72, "merge_desc is uploaded as is");
 
-/* Fused: one rectangle of a merge's block, rows [i0, i1) x columns [j0, j1) of C, and where
- * its base is: element (i, j) at byte src_off + (i - i0) * src_stride + (j - j0) * size of
- * source src_ref (RLB_PLAN_ZERO_SRC: zeros). A merge's pieces tile its block exactly. */
-struct piece_desc {
-    uint64_t src_off;
-    uint64_t src_stride;
-    uint32_t i0, i1, j0, j1;
-    uint32_t src_ref;
-    uint32_t src_dtype;
-};
-static_assert(sizeof(piece_desc) == 40, "piece_desc is uploaded as is");
+typedef rlb_merge_piece piece_desc; /* model/merge_pieces.h */
 
 __device__ __forceinline__ bool nonfinite(float f)
 {
@@ -569,95 +560,13 @@ static int upload_plans(rlb_cuda_lora *cl, const rlb_plan *plan, char *err, size
 
 /* ---- The fused merge's tables ---------------------------------------------------------- */
 
-struct piece_list {
-    piece_desc *p;
-    uint64_t n, cap;
-};
-
-static int add_piece(piece_list *l, const piece_desc &p)
-{
-    if (l->n == l->cap) {
-        uint64_t cap = l->cap ? 2 * l->cap : 64;
-        piece_desc *q = (piece_desc *)realloc(l->p, cap * sizeof(*q));
-        if (!q)
-            return RLB_ENOMEM;
-        l->p = q;
-        l->cap = cap;
-    }
-    l->p[l->n++] = p;
-    return 0;
-}
-
-static int cmp_piece(const void *a, const void *b)
-{
-    const piece_desc *x = (const piece_desc *)a, *y = (const piece_desc *)b;
-    if (x->i0 != y->i0)
-        return x->i0 < y->i0 ? -1 : 1;
-    return x->j0 < y->j0 ? -1 : x->j0 > y->j0;
-}
-
-/* Cuts base copy o of merge m into pieces of m's block. Returns 0, 1 when o is not one the
- * fused kernel reads (the merges then run separately), or RLB_ENOMEM. */
-static int op_pieces(const rlb_merge_op *m, const rlb_copy_op *o, piece_list *l)
-{
-    const uint64_t des = rlb_dtype_size((rlb_dtype)m->dst_dtype), C = m->cols;
-    const bool zero = o->src_ref == RLB_PLAN_ZERO_SRC;
-    if (o->dst_ref != m->dst_ref || o->dst_dtype != m->dst_dtype || o->row_elems == 0 ||
-        o->dst_offset < m->dst_offset || (o->dst_offset - m->dst_offset) % des ||
-        o->dst_stride % des ||
-        (!zero && o->src_dtype != RLB_DTYPE_F32 && o->src_dtype != RLB_DTYPE_BF16 &&
-         o->src_dtype != RLB_DTYPE_F16))
-        return 1;
-    const uint64_t ses = zero ? 0 : rlb_dtype_size((rlb_dtype)o->src_dtype);
-    const uint64_t e0 = (o->dst_offset - m->dst_offset) / des;
-    piece_desc p = {};
-    p.src_ref = o->src_ref;
-    p.src_dtype = zero ? 0 : o->src_dtype;
-    if ((o->rows == 1 || o->dst_stride == C * des) && e0 % C + o->row_elems <= C) {
-        /* the op's rows are rows of C: one piece */
-        p.src_off = o->src_offset;
-        p.src_stride = o->src_stride;
-        p.i0 = (uint32_t)(e0 / C);
-        p.i1 = (uint32_t)(e0 / C + o->rows);
-        p.j0 = (uint32_t)(e0 % C);
-        p.j1 = (uint32_t)(e0 % C + o->row_elems);
-        return p.i1 > m->rows ? 1 : add_piece(l, p);
-    }
-    if (o->rows > 4096)
-        return 1; /* a long list of runs across rows: not worth a table */
-    /* each op row is a run of C's elements across rows: its head, whole rows, tail */
-    for (uint64_t r = 0; r < o->rows; r++) {
-        uint64_t e = e0 + r * (o->dst_stride / des), left = o->row_elems;
-        uint64_t so = o->src_offset + r * o->src_stride;
-        while (left) {
-            const uint64_t j = e % C;
-            const uint64_t whole = j == 0 ? left / C : 0;
-            const uint64_t len = whole ? whole * C : (left < C - j ? left : C - j);
-            p.src_off = so;
-            p.src_stride = C * ses;
-            p.i0 = (uint32_t)(e / C);
-            p.i1 = (uint32_t)(e / C + (whole ? whole : 1));
-            p.j0 = (uint32_t)j;
-            p.j1 = (uint32_t)(whole ? C : j + len);
-            if (p.i1 > m->rows)
-                return 1;
-            if (add_piece(l, p))
-                return RLB_ENOMEM;
-            e += len;
-            so += len * ses;
-            left -= len;
-        }
-    }
-    return 0;
-}
-
 /* Builds and uploads the fused kernel's tables of cl's merges (current device: cl's).
  * Leaves cl->fused 0 when some merge's copies are not pieces the kernel reads, or do not
  * tile its block exactly (the merges then run separately). Returns 0 or RLB_ENOMEM /
  * RLB_ECUDA. */
 static int build_fused(rlb_cuda_lora *cl, const rlb_plan *plan)
 {
-    piece_list all = {};
+    rlb_piece_list all = {};
     uint64_t n_bands = 0, n_entries = 0;
     uint64_t *first_piece = (uint64_t *)malloc((cl->n + 1) * sizeof(uint64_t));
     int rc = first_piece ? 0 : RLB_ENOMEM, fusable = 1;
@@ -666,40 +575,21 @@ static int build_fused(rlb_cuda_lora *cl, const rlb_plan *plan)
     for (uint32_t k = 0; k < cl->n && !rc && fusable; k++) {
         const rlb_merge_op *m = &cl->merges[k];
         first_piece[k] = all.n;
-        if (m->dst_stride != m->cols * rlb_dtype_size((rlb_dtype)m->dst_dtype) ||
-            m->rows > UINT32_MAX / 2 || m->cols > UINT32_MAX / 2) {
+        int r = rlb__merge_pieces(plan, m, &all);
+        if (r < 0)
+            rc = r;
+        else if (r > 0)
             fusable = 0;
-            break;
-        }
-        for (uint64_t c = 0; c < m->n_copies && !rc && fusable; c++) {
-            int r = op_pieces(m, &plan->merge_copies[m->copy_first + c], &all);
-            if (r < 0)
-                rc = r;
-            else if (r > 0)
-                fusable = 0;
-        }
         if (rc || !fusable)
             break;
-        /* the pieces must tile the block: in it (checked above), no overlap, no gap */
-        piece_desc *p = all.p + first_piece[k];
-        const uint64_t np = all.n - first_piece[k];
-        qsort(p, np, sizeof(*p), cmp_piece);
-        uint64_t area = 0;
-        for (uint64_t i = 0; i < np; i++)
-            area += (uint64_t)(p[i].i1 - p[i].i0) * (p[i].j1 - p[i].j0);
-        for (uint64_t i = 1; i < np && fusable; i++) /* same rows side by side, sorted */
-            if (p[i].i0 == p[i - 1].i0 && p[i].j0 < p[i - 1].j1 && p[i].i1 > p[i - 1].i0)
-                fusable = 0;
-        if (area != m->rows * m->cols)
-            fusable = 0;
         cl->desc[k].band_first = (uint32_t)n_bands;
         n_bands += (m->rows + kTileRows - 1) / kTileRows;
-        for (uint64_t i = 0; i < np; i++)
-            n_entries += (p[i].i1 - 1) / kTileRows - p[i].i0 / kTileRows + 1;
+        for (uint64_t i = first_piece[k]; i < all.n; i++)
+            n_entries += (all.p[i].i1 - 1) / kTileRows - all.p[i].i0 / kTileRows + 1;
     }
     if (rc || !fusable || n_bands > UINT32_MAX || n_entries > UINT32_MAX ||
         all.n > UINT32_MAX) {
-        free(all.p);
+        rlb__piece_list_free(&all);
         free(first_piece);
         return rc;
     }
@@ -743,7 +633,7 @@ static int build_fused(rlb_cuda_lora *cl, const rlb_plan *plan)
                       (n_entries + 1) * sizeof(uint32_t) + (cl->n_src + 1) * sizeof(char *);
     cl->fused = 1;
 out:
-    free(all.p);
+    rlb__piece_list_free(&all);
     free(first_piece);
     free(bands);
     free(entries);

@@ -13,8 +13,10 @@
  * the pristine base), then takes the adapters out of the parameter list and runs again:
  * every worker buffer must then be the plain reshard of the base, bit for bit.
  *
- * Also: factor names and the refusals of rlb__params_add_adapter, and the CPU executor
- * seam running merges from sync to sync while counting the NaN / Inf values they write.
+ * Also: factor names and the refusals of rlb__params_add_adapter, the CPU executor seam
+ * running merges from sync to sync while counting the NaN / Inf values they write, and the
+ * merges' bases as pieces (model/merge_pieces.h, what the fused CUDA merge reads) against
+ * the base copies applied one element at a time.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -32,6 +34,7 @@
 #include "kernels/cpu/plan_exec.h"
 #include "kernels/executor.h"
 #include "model/lora.h"
+#include "model/merge_pieces.h"
 #include "model/params.h"
 #include "model/plan.h"
 #include "model/source.h"
@@ -315,6 +318,125 @@ static void test_executor_merges(void **state)
     adapted_free(&a);
 }
 
+/* Where the base of each element of merge m's block comes from, by applying its copies one
+ * element at a time (the copy op's own definition, plan.h): src[k] / off[k] for element k
+ * of the block (row-major), set[k] how many copies wrote it. */
+static void apply_copies(const rlb_plan *plan, const rlb_merge_op *m, uint32_t *src,
+                         uint64_t *off, uint8_t *set)
+{
+    const uint64_t des = rlb_dtype_size((rlb_dtype)m->dst_dtype);
+    for (uint64_t c = 0; c < m->n_copies; c++) {
+        const rlb_copy_op *o = &plan->merge_copies[m->copy_first + c];
+        const int zero = o->src_ref == RLB_PLAN_ZERO_SRC;
+        const uint64_t ses = zero ? 0 : rlb_dtype_size((rlb_dtype)o->src_dtype);
+        for (uint64_t r = 0; r < o->rows; r++)
+            for (uint64_t e = 0; e < o->row_elems; e++) {
+                uint64_t at = o->dst_offset + r * o->dst_stride + e * des;
+                assert_true(at >= m->dst_offset);
+                uint64_t k = (at - m->dst_offset) / des;
+                assert_true(k < m->rows * m->cols);
+                src[k] = o->src_ref;
+                off[k] = zero ? 0 : o->src_offset + r * o->src_stride + e * ses;
+                set[k]++;
+            }
+    }
+}
+
+/* Every merge of every case's plan is pieces, and each element of each block is in exactly
+ * one piece, which reads it where the copies would. Then two plans the pieces must refuse:
+ * a copy dropped (a gap), and a copy given twice (an overlap). */
+static void test_merge_pieces(void **state)
+{
+    (void)state;
+    uint64_t n_merges = 0, n_pieces = 0, several = 0;
+    for (int mode = LC_FULL; mode <= LC_FSDP1; mode++)
+        for (int T = 1; T <= 4; T *= 2)
+            for (int d = 0; d < 2; d++) {
+                lc_case c;
+                lc_plans p;
+                rlb_dtype sdt = d ? RLB_DTYPE_F32 : RLB_DTYPE_BF16;
+                lc_init(&c, (mode + T) % 2, mode, sdt, 0, 8);
+                rlb_target tgt = {.tp_size = T, .replicas = 1, .dtype = RLB_DTYPE_BF16};
+                lc_plans_build(&c, &tgt, &p);
+                const rlb_plan *plan = &p.plan;
+                assert_true(plan->n_merges > 0);
+                for (uint64_t i = 0; i < plan->n_merges; i++) {
+                    const rlb_merge_op *m = &plan->merges[i];
+                    const uint64_t n = m->rows * m->cols;
+                    uint32_t *src = calloc(n, sizeof *src);
+                    uint64_t *off = calloc(n, sizeof *off);
+                    uint8_t *set = calloc(n, 1), *seen = calloc(n, 1);
+                    assert_true(src && off && set && seen);
+                    apply_copies(plan, m, src, off, set);
+                    rlb_piece_list l = {0};
+                    assert_int_equal(rlb__merge_pieces(plan, m, &l), 0);
+                    for (uint64_t q = 0; q < l.n; q++) {
+                        const rlb_merge_piece *pc = &l.p[q];
+                        const int zero = pc->src_ref == RLB_PLAN_ZERO_SRC;
+                        const uint64_t ses = zero ? 0 : rlb_dtype_size((rlb_dtype)pc->src_dtype);
+                        assert_true(pc->i0 < pc->i1 && pc->i1 <= m->rows);
+                        assert_true(pc->j0 < pc->j1 && pc->j1 <= m->cols);
+                        if (q)
+                            assert_true(pc->i0 > l.p[q - 1].i0 ||
+                                        (pc->i0 == l.p[q - 1].i0 && pc->j0 > l.p[q - 1].j0));
+                        for (uint64_t r = pc->i0; r < pc->i1; r++)
+                            for (uint64_t j = pc->j0; j < pc->j1; j++) {
+                                uint64_t k = r * m->cols + j;
+                                assert_int_equal(set[k], 1);
+                                assert_int_equal(seen[k], 0);
+                                seen[k] = 1;
+                                assert_int_equal(pc->src_ref, src[k]);
+                                if (!zero) {
+                                    assert_int_equal(pc->src_dtype, sdt);
+                                    assert_int_equal(pc->src_off + (r - pc->i0) * pc->src_stride +
+                                                         (j - pc->j0) * ses,
+                                                     off[k]);
+                                }
+                            }
+                    }
+                    for (uint64_t k = 0; k < n; k++)
+                        assert_int_equal(seen[k], 1);
+                    n_merges++;
+                    n_pieces += l.n;
+                    several += l.n > 1;
+                    rlb__piece_list_free(&l);
+                    free(src);
+                    free(off);
+                    free(set);
+                    free(seen);
+                }
+                /* The first merge with two copies or more: one dropped, then one doubled. */
+                for (uint64_t i = 0; i < plan->n_merges; i++) {
+                    rlb_merge_op m = plan->merges[i];
+                    if (m.n_copies < 2)
+                        continue;
+                    rlb_piece_list l = {0};
+                    m.n_copies--;
+                    assert_int_equal(rlb__merge_pieces(plan, &m, &l), 1);
+                    assert_int_equal(l.n, 0);
+                    rlb_plan twice = *plan;
+                    rlb_copy_op *ops = malloc((m.n_copies + 2) * sizeof *ops);
+                    assert_non_null(ops);
+                    memcpy(ops, plan->merge_copies + m.copy_first,
+                           (m.n_copies + 1) * sizeof *ops);
+                    ops[m.n_copies + 1] = ops[0];
+                    twice.merge_copies = ops;
+                    m.copy_first = 0;
+                    m.n_copies += 2;
+                    assert_int_equal(rlb__merge_pieces(&twice, &m, &l), 1);
+                    assert_int_equal(l.n, 0);
+                    free(ops);
+                    break;
+                }
+                lc_plans_free(&p);
+                lc_free(&c);
+            }
+    printf("%llu merges in %llu pieces, %llu of them in more than one\n",
+           (unsigned long long)n_merges, (unsigned long long)n_pieces,
+           (unsigned long long)several);
+    assert_true(several > 0); /* the FSDP cases cut blocks */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -324,6 +446,7 @@ int main(void)
         cmocka_unit_test(test_threaded_merge),
         cmocka_unit_test(test_replicas_and_wire),
         cmocka_unit_test(test_executor_merges),
+        cmocka_unit_test(test_merge_pieces),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
