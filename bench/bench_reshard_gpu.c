@@ -655,8 +655,9 @@ static int peer_main(const rlb_param_list *pl, const char *dev_name, int ndev)
 typedef struct lora_result {
     int rank;
     double ms, merge_ms, merge_floor_ms; /* fused (RLB_LORA_MERGE=fused) */
+    double fma_ms, fma_merge_ms;         /* fused-fma: the product in f32 multiply-adds */
     double sep_ms, sep_merge_ms;         /* separate: base copies, then the merge in place */
-    int fused;                           /* the fused kernel took the merges */
+    int fused;                           /* rlb__cuda_lora_fused of the default (2: tensor cores) */
     uint64_t read, written, merged_bytes, dev_bytes;
 } lora_result;
 
@@ -700,15 +701,18 @@ static lora_result lora_case(const rlb_param_list *pl, int rank, double copy_gbs
     rlb_cuda_plan *cp = NULL;
     RC(rlb__cuda_plan_upload(&copies, 0, NULL, &cp, err, sizeof err));
     RC(rlb__cuda_plan_bind(cp, sb, db, err, sizeof err));
-    for (int sep = 1; sep >= 0; sep--) { /* the separate merges, then the fused ones */
-        setenv("RLB_LORA_MERGE", sep ? "separate" : "fused", 1);
+    static const char *const how[3] = {"separate", "fused-fma", "fused"};
+    double *const ms[3][2] = {{&r.sep_ms, &r.sep_merge_ms}, {&r.fma_ms, &r.fma_merge_ms},
+                              {&r.ms, &r.merge_ms}};
+    for (int k = 0; k < 3; k++) {
+        setenv("RLB_LORA_MERGE", how[k], 1);
         rlb_cuda_lora *cl = NULL;
         RC(rlb__cuda_lora_upload(&plan, 0, NULL, &cl, err, sizeof err));
         RC(rlb__cuda_lora_bind(cl, sb, db, err, sizeof err));
         work all = {.plan = cp, .lora = cl}, merges = {.lora = cl};
-        *(sep ? &r.sep_ms : &r.ms) = time_median(&all);
-        *(sep ? &r.sep_merge_ms : &r.merge_ms) = time_median(&merges);
-        if (!sep) {
+        *ms[k][0] = time_median(&all);
+        *ms[k][1] = time_median(&merges);
+        if (k == 2) {
             r.fused = rlb__cuda_lora_fused(cl);
             r.dev_bytes = rlb__cuda_plan_device_bytes(cp) + rlb__cuda_lora_device_bytes(cl);
         }
@@ -747,13 +751,19 @@ static int lora_main(const rlb_param_list *pl, const char *dev_name)
         printf("%-28s %8.2f GB %8.2f GB %9.3f %9.0f %9s %7s  %.3f x full%s\n", label,
                lr[i].read / 1e9, lr[i].written / 1e9, lr[i].ms,
                (lr[i].read + lr[i].written) / lr[i].ms / 1e6, "", "", lr[i].ms / full.ms,
-               lr[i].fused ? "" : " (NOT fused: the merges ran separately)");
+               lr[i].fused == 2 ? " (tensor cores)"
+               : lr[i].fused   ? " (multiply-adds)"
+                               : " (NOT fused: the merges ran separately)");
         snprintf(label, sizeof label, "  merges alone, rank %d", lr[i].rank);
         printf("%-28s %8.2f GB %8.2f GB %9.3f %9s %9.3f %6.1f%%  (fused: base from the "
                "sources + s*B*A, written once; %.0f MiB of device memory)\n", label,
                lr[i].merged_bytes / 1e9, lr[i].merged_bytes / 1e9, lr[i].merge_ms, "",
                lr[i].merge_floor_ms, 100 * lr[i].merge_floor_ms / lr[i].merge_ms,
                lr[i].dev_bytes / 1048576.0);
+        snprintf(label, sizeof label, "  fused-fma, rank %d", lr[i].rank);
+        printf("%-28s %8s %11s %9.3f %9s %9s %7s  %.3f x full; merges alone %.3f ms (the "
+               "product in f32 multiply-adds)\n", label, "", "", lr[i].fma_ms, "", "", "",
+               lr[i].fma_ms / full.ms, lr[i].fma_merge_ms);
         snprintf(label, sizeof label, "  separate, rank %d", lr[i].rank);
         printf("%-28s %8s %11s %9.3f %9s %9s %7s  %.3f x full; merges alone %.3f ms (base "
                "copies, stage, merge in place)\n", label, "", "", lr[i].sep_ms, "", "", "",
@@ -763,11 +773,12 @@ static int lora_main(const rlb_param_list *pl, const char *dev_name)
            "\"fsdp\":%d,\"tp\":%d,\"copy_gbs\":%.1f,\"full_ms\":%.3f", dev_name, W, T,
            copy_gbs, full.ms);
     for (int i = 0; i < 2; i++)
-        printf(",\"r%d\":{\"fused\":%s,\"ms\":%.3f,\"vs_full\":%.3f,\"merges_ms\":%.3f,"
-               "\"merge_floor_ms\":%.3f,\"device_bytes\":%llu,\"separate_ms\":%.3f,"
-               "\"separate_merges_ms\":%.3f}", lr[i].rank, lr[i].fused ? "true" : "false",
-               lr[i].ms, lr[i].ms / full.ms, lr[i].merge_ms, lr[i].merge_floor_ms,
-               (unsigned long long)lr[i].dev_bytes, lr[i].sep_ms, lr[i].sep_merge_ms);
+        printf(",\"r%d\":{\"fused\":%d,\"ms\":%.3f,\"vs_full\":%.3f,\"merges_ms\":%.3f,"
+               "\"merge_floor_ms\":%.3f,\"device_bytes\":%llu,\"fma_ms\":%.3f,"
+               "\"fma_merges_ms\":%.3f,\"separate_ms\":%.3f,\"separate_merges_ms\":%.3f}",
+               lr[i].rank, lr[i].fused, lr[i].ms, lr[i].ms / full.ms, lr[i].merge_ms,
+               lr[i].merge_floor_ms, (unsigned long long)lr[i].dev_bytes, lr[i].fma_ms,
+               lr[i].fma_merge_ms, lr[i].sep_ms, lr[i].sep_merge_ms);
     printf("}\n");
     return 0;
 }

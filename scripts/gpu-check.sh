@@ -18,8 +18,9 @@
 #   grpo      examples/grpo_torch.py, 30 steps, --check (fp32: logprob mismatch <= 1e-4)
 #   grpo-vmm  the same under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (the trainer's
 #             memory goes to the bridge as VMM fds; the log must say so), 20 steps
-#   lora-kernel  test_cuda_lora (fused and separate merges against the CPU executor and the
-#             double-precision reference) and rlb-bench-reshard-gpu --lora
+#   lora-kernel  test_cuda_lora (the fused merges, on tensor cores and in multiply-adds, and
+#             the separate ones, against the CPU executor and the double-precision
+#             reference) and rlb-bench-reshard-gpu --lora
 #   lora      the PEFT golden fixture (scripts/make_peft_fixture.py, needs peft; a copy lands
 #             in $OUT/peft_lora.tar) and its test, rlb-bench-reshard-gpu --lora (the merge
 #             kernels), then rlb-bench-sync --device cuda --lora with the PEFT merge peer

@@ -39,6 +39,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cuda_bf16.h>
+#include <mma.h>
+
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "model/merge_pieces.h"
@@ -318,6 +321,38 @@ __device__ __forceinline__ int store_row(D *d, const float *v, uint32_t n)
     return bad;
 }
 
+/* The base of the thread's rows ty, ty + kRowStep, ... of the tile at row i0, columns j ..
+ * j + n - 1, widened to f32 (zeros outside C): one piece holds the whole band (the usual
+ * case), else each element's piece is looked up in the band's list. */
+__device__ __forceinline__ void tile_base(const merge_desc &m, uint32_t i0, uint32_t j,
+                                          uint32_t n, uint32_t ty, const piece_desc *pieces,
+                                          const uint2 *bands, const uint32_t *band_pieces,
+                                          char *const *src, float (*out)[kVec])
+{
+    const uint2 band = bands[m.band_first + i0 / kTileRows];
+#pragma unroll
+    for (int q = 0; q < kFusedRows; q++) {
+        const uint32_t i = i0 + ty + kRowStep * q;
+#pragma unroll
+        for (int c = 0; c < kVec; c++)
+            out[q][c] = 0.0f;
+        if (i >= m.rows || n == 0)
+            continue;
+        if (band.y == 1) {
+            base_row(pieces[band_pieces[band.x]], src, i, j, n, out[q]);
+            continue;
+        }
+        for (uint32_t c = 0; c < n; c++)
+            for (uint32_t k = 0; k < band.y; k++) {
+                const piece_desc &p = pieces[band_pieces[band.x + k]];
+                if (i >= p.i0 && i < p.i1 && j + c >= p.j0 && j + c < p.j1) {
+                    out[q][c] = base_at(p, src, i, j + c);
+                    break;
+                }
+            }
+    }
+}
+
 /* One block per tile, as merge_kernel, but C's base comes from the merge's sources (its
  * pieces) instead of C: C = base + scale * L * R is written once, and nothing reads C.
  * The arithmetic is merge_kernel's: the base widened to f32, then the rank-r products
@@ -337,30 +372,8 @@ fused_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0
     const uint32_t j = j0 + kVec * tx;
     const uint32_t n = j < m.cols ? min((uint32_t)kVec, m.cols - j) : 0;
 
-    /* the base: one piece holds the whole band (the usual case), else element by element */
     float acc[kFusedRows][kVec];
-    const uint2 band = bands[m.band_first + i0 / kTileRows];
-#pragma unroll
-    for (int q = 0; q < kFusedRows; q++) {
-        const uint32_t i = i0 + ty + kRowStep * q;
-#pragma unroll
-        for (int c = 0; c < kVec; c++)
-            acc[q][c] = 0.0f;
-        if (i >= m.rows || n == 0)
-            continue;
-        if (band.y == 1) {
-            base_row(pieces[band_pieces[band.x]], src, i, j, n, acc[q]);
-            continue;
-        }
-        for (uint32_t c = 0; c < n; c++)
-            for (uint32_t k = 0; k < band.y; k++) {
-                const piece_desc &p = pieces[band_pieces[band.x + k]];
-                if (i >= p.i0 && i < p.i1 && j + c >= p.j0 && j + c < p.j1) {
-                    acc[q][c] = base_at(p, src, i, j + c);
-                    break;
-                }
-            }
-    }
+    tile_base(m, i0, j, n, ty, pieces, bands, band_pieces, src, acc);
     for (uint32_t k0 = 0; k0 < m.rank; k0 += kRankChunk) {
         const uint32_t kc = min((uint32_t)kRankChunk, m.rank - k0);
         __syncthreads();
@@ -394,6 +407,116 @@ fused_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0
         atomicAdd(&counts[lo], (unsigned long long)bad);
 }
 
+/* ---- The fused merge on tensor cores -------------------------------------------------- */
+
+constexpr int kTcChunk = 64;               /* rank steps staged at a time (a multiple of 16) */
+constexpr int kLdL = kTcChunk + 8;         /* bf16 elements per staged row of L */
+constexpr int kLdR = kTileCols + 8;        /* of R */
+constexpr int kLdAcc = kTileCols + 4;      /* f32 elements per row of the product */
+
+/* The staged factors, then (the same bytes) the tile's product L * R. */
+union tc_smem {
+    struct {
+        __nv_bfloat16 l[kTileRows][kLdL];
+        __nv_bfloat16 r[kTcChunk][kLdR];
+    } in;
+    float acc[kTileRows][kLdAcc];
+};
+
+/* fused_kernel's work with L * R on tensor cores, for factors whose f32 values are bf16
+ * values (the stage gathered them from bf16 sources, so bf16 holds them exactly): the
+ * products are exact in f32 and summed in f32 (16 at a time, in the tensor core's order),
+ * then C = base + scale * (L * R) with one fused multiply-add and one rounding; the same
+ * error bound as the rank-order sum of fused_kernel, not the same bits. 8 warps each hold
+ * 32 x 32 of the 64 x 128 product as 2 x 2 fragments of 16 x 16. */
+template <typename D>
+__global__ void __launch_bounds__(kThreads)
+fused_tc_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,
+                const piece_desc *pieces, const uint2 *bands, const uint32_t *band_pieces,
+                char *const *src, unsigned long long *counts)
+{
+    using namespace nvcuda;
+    __shared__ __align__(32) tc_smem sm;
+    uint32_t lo, i0, j0;
+    const merge_desc m = find_tile(md, first, last, tile0 + blockIdx.x, &lo, &i0, &j0);
+    const uint32_t tx = threadIdx.x % kLanesPerRow, ty = threadIdx.x / kLanesPerRow;
+    const uint32_t j = j0 + kVec * tx;
+    const uint32_t n = j < m.cols ? min((uint32_t)kVec, m.cols - j) : 0;
+    float base[kFusedRows][kVec];
+    tile_base(m, i0, j, n, ty, pieces, bands, band_pieces, src, base);
+
+    const int warp = threadIdx.x / 32, wr = warp / 4, wc = warp % 4;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < 2; b++)
+            wmma::fill_fragment(acc[a][b], 0.0f);
+    const bool lt = (m.flags & RLB_MERGE_L_TRANS) != 0, rt = (m.flags & RLB_MERGE_R_TRANS) != 0;
+    for (uint32_t k0 = 0; k0 < m.rank; k0 += kTcChunk) {
+        const uint32_t kc = min((uint32_t)kTcChunk, m.rank - k0);
+        const uint32_t kp = (kc + 15) / 16 * 16; /* zeros up to a whole step */
+        __syncthreads();
+        for (uint32_t x = threadIdx.x; x < kTileRows * kp; x += kThreads) {
+            const uint32_t i = lt ? x % kTileRows : x / kp, k = lt ? x / kTileRows : x % kp;
+            float v = 0.0f;
+            if (i0 + i < m.rows && k < kc)
+                v = lt ? m.l[(uint64_t)(k0 + k) * m.l_ld + i0 + i]
+                       : m.l[(uint64_t)(i0 + i) * m.l_ld + k0 + k];
+            sm.in.l[i][k] = __float2bfloat16_rn(v);
+        }
+        for (uint32_t x = threadIdx.x; x < kp * kTileCols; x += kThreads) {
+            const uint32_t jj = x % kTileCols, k = x / kTileCols;
+            float v = 0.0f;
+            if (j0 + jj < m.cols && k < kc)
+                v = rt ? m.r[(uint64_t)(j0 + jj) * m.r_ld + k0 + k]
+                       : m.r[(uint64_t)(k0 + k) * m.r_ld + j0 + jj];
+            sm.in.r[k][jj] = __float2bfloat16_rn(v);
+        }
+        __syncthreads();
+        for (uint32_t k = 0; k < kp; k += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb[2];
+#pragma unroll
+            for (int a = 0; a < 2; a++)
+                wmma::load_matrix_sync(fa[a], &sm.in.l[32 * wr + 16 * a][k], kLdL);
+#pragma unroll
+            for (int b = 0; b < 2; b++)
+                wmma::load_matrix_sync(fb[b], &sm.in.r[k][32 * wc + 16 * b], kLdR);
+#pragma unroll
+            for (int a = 0; a < 2; a++)
+#pragma unroll
+                for (int b = 0; b < 2; b++)
+                    wmma::mma_sync(acc[a][b], fa[a], fb[b], acc[a][b]);
+        }
+    }
+    __syncthreads(); /* every warp is done with the staged factors: their bytes take acc */
+#pragma unroll
+    for (int a = 0; a < 2; a++)
+#pragma unroll
+        for (int b = 0; b < 2; b++)
+            wmma::store_matrix_sync(&sm.acc[32 * wr + 16 * a][32 * wc + 16 * b], acc[a][b],
+                                    kLdAcc, wmma::mem_row_major);
+    __syncthreads();
+    int bad = 0;
+    D *c = reinterpret_cast<D *>(m.c);
+#pragma unroll
+    for (int q = 0; q < kFusedRows; q++) {
+        const uint32_t r = ty + kRowStep * q, i = i0 + r;
+        if (i >= m.rows || !n)
+            continue;
+        float v[kVec];
+#pragma unroll
+        for (int cc = 0; cc < kVec; cc++)
+            v[cc] = fmaf(m.scale, sm.acc[r][kVec * tx + cc], base[q][cc]);
+        bad += store_row(c + (uint64_t)i * m.cols + j, v, n);
+    }
+    for (int o = 16; o > 0; o /= 2)
+        bad += __shfl_down_sync(0xffffffffu, bad, o);
+    if (threadIdx.x % 32 == 0 && bad)
+        atomicAdd(&counts[lo], (unsigned long long)bad);
+}
+
 } /* namespace */
 
 struct rlb_cuda_lora {
@@ -416,6 +539,7 @@ struct rlb_cuda_lora {
     /* the fused merge: every merge's base as pieces, the pieces of each row band of kTileRows
      * rows, and the bound sources' addresses */
     int fused;                 /* the fused kernel may run these merges */
+    int tensor;                /* ... on tensor cores: every factor came from bf16 */
     piece_desc *d_pieces;      /* [n_pieces] */
     uint2 *d_bands;            /* per band: first entry in d_band_pieces, count */
     uint32_t *d_band_pieces;   /* pieces of each band, in band order */
@@ -685,6 +809,11 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
     }
     if (!rc && rlb__cuda_lora_fused_env())
         rc = build_fused(cl, plan);
+    if (!rc && cl->fused && rlb__cuda_lora_fused_env() == 2) {
+        cl->tensor = 1; /* the stage holds bf16 values exactly when every factor was bf16 */
+        for (uint64_t i = 0; i < plan->n_stage_ops; i++)
+            cl->tensor &= plan->stage_ops[i].src_dtype == RLB_DTYPE_BF16;
+    }
 out:
     rlb__cuda_leave(prev);
     if (rc)
@@ -759,7 +888,13 @@ static int launch_range(const rlb_cuda_lora *cl, int k, bool fused, cudaStream_t
 #define RLB_FUSED_ARGS                                                                     \
     cl->d_desc, first, last, tile0, cl->d_pieces, cl->d_bands, cl->d_band_pieces, cl->d_src,  \
         cl->d_counts
-        if (k == RLB_DTYPE_F32)
+        if (cl->tensor && k == RLB_DTYPE_F32)
+            fused_tc_kernel<float><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
+        else if (cl->tensor && k == RLB_DTYPE_BF16)
+            fused_tc_kernel<rlb__bf16_t><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
+        else if (cl->tensor)
+            fused_tc_kernel<rlb__f16_t><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
+        else if (k == RLB_DTYPE_F32)
             fused_kernel<float><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
         else if (k == RLB_DTYPE_BF16)
             fused_kernel<rlb__bf16_t><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
@@ -835,5 +970,7 @@ extern "C" uint64_t rlb__cuda_lora_device_bytes(const rlb_cuda_lora *cl)
 
 extern "C" int rlb__cuda_lora_fused(const rlb_cuda_lora *cl)
 {
-    return cl && cl->fused && !(cl->bound && rlb__cuda_plan_staging(cl->base));
+    if (!cl || !cl->fused || (cl->bound && rlb__cuda_plan_staging(cl->base)))
+        return 0;
+    return cl->tensor ? 2 : 1;
 }

@@ -12,7 +12,11 @@
  *      base + l_0 R(0, j) + l_1 R(1, j) + ..., each step one fused multiply-add), rounded
  *      once to the destination dtype, the non-finite values written counted per merge.
  *      Each merged element is read once from its source and written once: the merge costs
- *      what the copy of the same weight would, plus the product.
+ *      what the copy of the same weight would, plus the product. Where every factor came
+ *      from bf16 (the stage then holds bf16 values exactly) the product runs on tensor
+ *      cores instead: exact bf16 products summed in f32 in the tensor core's order, then
+ *      C = base + scale * (L * R), one rounding (the same error bound, not the same bits;
+ *      RLB_LORA_MERGE=fused-fma keeps the multiply-adds).
  * Separate (RLB_LORA_MERGE=separate, and always where a base source is staged from a GPU
  * without a peer path, which leaves no address a kernel may read): the base copies first
  * (as a plan of their own: local, peer, IPC-mapped, mapped host and staged sources alike),

@@ -20,11 +20,13 @@
  * differ in their bits from the CPU executor's (f32 roundings in another order).
  *
  * The executor writes the merges fused (RLB_LORA_MERGE's default: each merged element's base
- * read from its source, the product added, written once); every case also checks that its
- * plan's merges are ones the fused kernel takes (kernels/cuda/lora_merge.h:
- * rlb__cuda_lora_fused), so no case passes by falling back. test_separate runs a share of
- * the cases with RLB_LORA_MERGE=separate (base copies, then the merge in place), which is
- * also what a base staged from a GPU without a peer path gets. Exits 77 where no GPU is
+ * read from its source, the product added, written once; the product on tensor cores where
+ * the factors are bf16, in f32 fused multiply-adds where they are f32); every case also
+ * checks which kernel its plan's merges get (kernels/cuda/lora_merge.h:
+ * rlb__cuda_lora_fused), so no case passes by falling back. test_fused_fma and
+ * test_separate run a share of the cases with RLB_LORA_MERGE=fused-fma (bf16 factors too
+ * in multiply-adds) and =separate (base copies, then the merge in place: also what a base
+ * staged from a GPU without a peer path gets). Exits 77 where no GPU is
  * visible.
  */
 #include <poll.h>
@@ -177,7 +179,12 @@ static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int 
         if (rlb__cuda_lora_upload(plan, 0, NULL, &cl, e, sizeof e))
             fail_msg("upload: %s", e);
         assert_non_null(cl);
-        assert_int_equal(rlb__cuda_lora_fused(cl), !(how && !strcmp(how, "separate")));
+        int want = sdt == RLB_DTYPE_BF16 ? 2 : 1; /* tensor cores for bf16 factors */
+        if (how && !strcmp(how, "separate"))
+            want = 0;
+        else if (how && !strcmp(how, "fused-fma"))
+            want = 1;
+        assert_int_equal(rlb__cuda_lora_fused(cl), want);
         rlb__cuda_lora_free(cl);
     }
     uint64_t n_counts = plan->n_ops + plan->n_merges; /* the base plan has more ops */
@@ -255,12 +262,11 @@ static void test_against_cpu_and_reference(void **state)
                     run_case(n % 2, mode, dts[d][0], dts[d][1], T, ranks[r], n / 2 % 2, 0);
 }
 
-/* The separate path (base copies, then the merge in place) on a share of the cases: every
- * source layout, bf16 and f32 sources, TP 1 and 2, device and host sources. */
-static void test_separate(void **state)
+/* A share of the cases under RLB_LORA_MERGE=how: every source layout, bf16 and f32 sources,
+ * TP 1 and 2, device and host sources, a planted NaN. */
+static void run_share(const char *how)
 {
-    (void)state;
-    assert_int_equal(setenv("RLB_LORA_MERGE", "separate", 1), 0);
+    assert_int_equal(setenv("RLB_LORA_MERGE", how, 1), 0);
     int n = 0;
     for (int mode = LC_FULL; mode <= LC_FSDP1; mode++, n++) {
         run_case(n % 2, mode, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 2, 8, n % 2, 0);
@@ -268,6 +274,18 @@ static void test_separate(void **state)
     }
     run_case(0, LC_FULL, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 2, 8, 0, 1);
     unsetenv("RLB_LORA_MERGE");
+}
+
+static void test_fused_fma(void **state)
+{
+    (void)state;
+    run_share("fused-fma");
+}
+
+static void test_separate(void **state)
+{
+    (void)state;
+    run_share("separate");
 }
 
 static void test_poisoned_factor(void **state)
@@ -284,6 +302,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_against_cpu_and_reference),
         cmocka_unit_test(test_poisoned_factor),
+        cmocka_unit_test(test_fused_fma),
         cmocka_unit_test(test_separate),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
