@@ -353,6 +353,23 @@ __device__ __forceinline__ void tile_base(const merge_desc &m, uint32_t i0, uint
     }
 }
 
+/* What both fused kernels do first: find the block's tile (find_tile), the thread's place
+ * in it (columns j .. j + n - 1 of rows i0 + ty, i0 + ty + kRowStep, ...) and its base. */
+__device__ __forceinline__ merge_desc
+fused_start(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,
+            const piece_desc *pieces, const uint2 *bands, const uint32_t *band_pieces,
+            char *const *src, uint32_t *lo, uint32_t *i0, uint32_t *j0, uint32_t *tx,
+            uint32_t *ty, uint32_t *j, uint32_t *n, float (*base)[kVec])
+{
+    const merge_desc m = find_tile(md, first, last, tile0 + blockIdx.x, lo, i0, j0);
+    *tx = threadIdx.x % kLanesPerRow;
+    *ty = threadIdx.x / kLanesPerRow;
+    *j = *j0 + kVec * *tx;
+    *n = *j < m.cols ? min((uint32_t)kVec, m.cols - *j) : 0;
+    tile_base(m, *i0, *j, *n, *ty, pieces, bands, band_pieces, src, base);
+    return m;
+}
+
 /* One block per tile, as merge_kernel, but C's base comes from the merge's sources (its
  * pieces) instead of C: C = base + scale * L * R is written once, and nothing reads C.
  * The arithmetic is merge_kernel's: the base widened to f32, then the rank-r products
@@ -366,14 +383,10 @@ fused_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0
 {
     __shared__ float ls[kTileRows][kRankChunk + 1];
     __shared__ __align__(16) float rs[kRankChunk][kTileCols];
-    uint32_t lo, i0, j0;
-    const merge_desc m = find_tile(md, first, last, tile0 + blockIdx.x, &lo, &i0, &j0);
-    const uint32_t tx = threadIdx.x % kLanesPerRow, ty = threadIdx.x / kLanesPerRow;
-    const uint32_t j = j0 + kVec * tx;
-    const uint32_t n = j < m.cols ? min((uint32_t)kVec, m.cols - j) : 0;
-
+    uint32_t lo, i0, j0, tx, ty, j, n;
     float acc[kFusedRows][kVec];
-    tile_base(m, i0, j, n, ty, pieces, bands, band_pieces, src, acc);
+    const merge_desc m = fused_start(md, first, last, tile0, pieces, bands, band_pieces, src,
+                                     &lo, &i0, &j0, &tx, &ty, &j, &n, acc);
     for (uint32_t k0 = 0; k0 < m.rank; k0 += kRankChunk) {
         const uint32_t kc = min((uint32_t)kRankChunk, m.rank - k0);
         __syncthreads();
@@ -437,13 +450,10 @@ fused_tc_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t ti
 {
     using namespace nvcuda;
     __shared__ __align__(32) tc_smem sm;
-    uint32_t lo, i0, j0;
-    const merge_desc m = find_tile(md, first, last, tile0 + blockIdx.x, &lo, &i0, &j0);
-    const uint32_t tx = threadIdx.x % kLanesPerRow, ty = threadIdx.x / kLanesPerRow;
-    const uint32_t j = j0 + kVec * tx;
-    const uint32_t n = j < m.cols ? min((uint32_t)kVec, m.cols - j) : 0;
+    uint32_t lo, i0, j0, tx, ty, j, n;
     float base[kFusedRows][kVec];
-    tile_base(m, i0, j, n, ty, pieces, bands, band_pieces, src, base);
+    const merge_desc m = fused_start(md, first, last, tile0, pieces, bands, band_pieces, src,
+                                     &lo, &i0, &j0, &tx, &ty, &j, &n, base);
 
     const int warp = threadIdx.x / 32, wr = warp / 4, wc = warp % 4;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
