@@ -32,8 +32,12 @@ mkdir -p "$out"
 source .deps/on-device.sh
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+# RLB_GPU_TARGETS="t1 t2 ...": build only those targets (a short call); default: everything
+targets=()
+for t in ${RLB_GPU_TARGETS:-}; do targets+=(--target "$t"); done
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DRLB_CUDA=ON > "$out/configure.log" 2>&1 &&
-    cmake --build build-gpu -j16 > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+    cmake --build build-gpu -j16 "${targets[@]}" > "$out/build.log" 2>&1 ||
+    { tail -40 "$out/build.log"; exit 1; }
 echo "== build ok"
 if [ "${RLB_GPU_TESTS:-1}" != 0 ]; then # RLB_GPU_TESTS=0: the steps alone
     RLB_LOG=warn ctest --test-dir build-gpu -L gpu --output-on-failure --timeout 240 \
@@ -71,8 +75,9 @@ for step in "$@"; do
             > "$out/lora-tests.log" 2>&1
         grep -E "tests passed|Failed|FAILED|Skipped|Passed|differ in their|error" \
             "$out/lora-tests.log" | tail -16
-        build-gpu/bench/rlb-bench-reshard-gpu --lora > "$out/bench-reshard-lora.log" 2>&1
-        tail -9 "$out/bench-reshard-lora.log" ;;
+        build-gpu/bench/rlb-bench-reshard-gpu --lora --iters "${RLB_BENCH_ITERS:-10}" \
+            > "$out/bench-reshard-lora.log" 2>&1
+        tail -11 "$out/bench-reshard-lora.log" ;;
     lora)
         python3 scripts/make_peft_fixture.py > "$out/peft-fixture.log" 2>&1 &&
             tar cf "$out/peft_lora.tar" tests/fixtures/peft_lora
