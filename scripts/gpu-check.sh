@@ -24,7 +24,8 @@
 #   lora      the PEFT golden fixture (scripts/make_peft_fixture.py, needs peft; a copy lands
 #             in $OUT/peft_lora.tar) and its test, rlb-bench-reshard-gpu --lora (the merge
 #             kernels), then rlb-bench-sync --device cuda --lora with the PEFT merge peer
-#             (bench/peft_merge_peer.py)
+#             (bench/peft_merge_peer.py), the bridge's merges fused (RLB_LORA_MERGE, default
+#             here fused)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -90,7 +91,8 @@ for step in "$@"; do
         peer=$(timeout 300 python3 bench/peft_merge_peer.py 2> "$out/peft-peer.err" |
             tee "$out/peft-peer.log" | tail -1)
         tail -4 "$out/peft-peer.log"
-        timeout 500 build-gpu/rlb-bench-sync --device cuda --lora $peer > "$out/bench-lora.log" 2>&1
+        RLB_LORA_MERGE=${RLB_LORA_MERGE:-fused} timeout 500 build-gpu/rlb-bench-sync \
+            --device cuda --lora $peer > "$out/bench-lora.log" 2>&1
         tail -8 "$out/bench-lora.log" ;;
     reshard)
         timeout 200 python3 .devtools/torch_reshard_baseline.py > "$out/torch-reshard.log" 2>&1

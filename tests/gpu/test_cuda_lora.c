@@ -19,14 +19,14 @@
  * by the GPU as by the CPU, merge by merge. Prints, per case, how many merged elements
  * differ in their bits from the CPU executor's (f32 roundings in another order).
  *
- * The executor writes the merges fused (RLB_LORA_MERGE's default: each merged element's base
- * read from its source, the product added, written once; the product on tensor cores where
- * the factors are bf16, in f32 fused multiply-adds where they are f32); every case also
- * checks which kernel its plan's merges get (kernels/cuda/lora_merge.h:
- * rlb__cuda_lora_fused), so no case passes by falling back. test_fused_fma and
- * test_separate run a share of the cases with RLB_LORA_MERGE=fused-fma (bf16 factors too
- * in multiply-adds) and =separate (base copies, then the merge in place: also what a base
- * staged from a GPU without a peer path gets). Exits 77 where no GPU is
+ * The whole matrix runs with RLB_LORA_MERGE=fused (each merged element's base read from its
+ * source, the product added, written once; the product on tensor cores where the factors
+ * are bf16, in f32 fused multiply-adds where they are f32); every case also checks which
+ * kernel its plan's merges get (kernels/cuda/lora_merge.h: rlb__cuda_lora_fused), so no
+ * case passes by falling back. test_fused_fma and test_separate run a share of the cases
+ * with RLB_LORA_MERGE=fused-fma (bf16 factors too in multiply-adds) and =separate (the
+ * knob's default: base copies, then the merge in place; also what a base staged from a GPU
+ * without a peer path gets). Exits 77 where no GPU is
  * visible.
  */
 #include <poll.h>
@@ -179,9 +179,9 @@ static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int 
         if (rlb__cuda_lora_upload(plan, 0, NULL, &cl, e, sizeof e))
             fail_msg("upload: %s", e);
         assert_non_null(cl);
-        int want = sdt == RLB_DTYPE_BF16 ? 2 : 1; /* tensor cores for bf16 factors */
-        if (how && !strcmp(how, "separate"))
-            want = 0;
+        int want = 0; /* separate: the default */
+        if (how && !strcmp(how, "fused"))
+            want = sdt == RLB_DTYPE_BF16 ? 2 : 1; /* tensor cores for bf16 factors */
         else if (how && !strcmp(how, "fused-fma"))
             want = 1;
         assert_int_equal(rlb__cuda_lora_fused(cl), want);
@@ -250,6 +250,7 @@ static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int 
 static void test_against_cpu_and_reference(void **state)
 {
     (void)state;
+    assert_int_equal(setenv("RLB_LORA_MERGE", "fused", 1), 0);
     static const rlb_dtype dts[][2] = {{RLB_DTYPE_BF16, RLB_DTYPE_BF16},
                                        {RLB_DTYPE_F32, RLB_DTYPE_BF16},
                                        {RLB_DTYPE_F32, RLB_DTYPE_F32}};
@@ -260,6 +261,7 @@ static void test_against_cpu_and_reference(void **state)
             for (size_t r = 0; r < sizeof ranks / sizeof ranks[0]; r++)
                 for (size_t d = 0; d < sizeof dts / sizeof dts[0]; d++, n++)
                     run_case(n % 2, mode, dts[d][0], dts[d][1], T, ranks[r], n / 2 % 2, 0);
+    unsetenv("RLB_LORA_MERGE");
 }
 
 /* A share of the cases under RLB_LORA_MERGE=how: every source layout, bf16 and f32 sources,
@@ -291,8 +293,10 @@ static void test_separate(void **state)
 static void test_poisoned_factor(void **state)
 {
     (void)state;
+    assert_int_equal(setenv("RLB_LORA_MERGE", "fused", 1), 0);
     run_case(0, LC_FULL, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 2, 8, 0, 1);
     run_case(0, LC_FULL, RLB_DTYPE_F32, RLB_DTYPE_F32, 1, 64, 1, 1);
+    unsetenv("RLB_LORA_MERGE");
 }
 
 int main(void)
