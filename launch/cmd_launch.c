@@ -20,9 +20,11 @@
  * "[worker 1.0] ...", "[bridge] ..."), and, with --log-dir and --redirects/--tee, its
  * trainer's log file as torchrun lays them out.
  */
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <ifaddrs.h>
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
@@ -39,6 +41,7 @@
 
 #include "launch/cmds.h"
 #include "launch/launch.h"
+#include "common/store.h"
 #include "rlb/rlb.h"
 
 extern char **environ;
@@ -66,6 +69,7 @@ typedef struct launcher {
     rlb_launch_opts o;         /* the options */
     rlb_rdzv rdzv;             /* the rendezvous and the store connection */
     char self[PATH_MAX];       /* this program, to run `rlb bridge` / `rlb worker` */
+    char ifname[64];           /* --local-addr's interface ("" without the option) */
     char dir[64];              /* socket directory /tmp/rlb-launch-<our pid>-*; "" = none */
     char socket[128];          /* dir/bridge */
     char log_root[PATH_MAX];   /* --log-dir/<run id>; "" = no log files */
@@ -458,11 +462,21 @@ static char **env_over(char *const *set, int n)
 static int start_rollout(launcher *L)
 {
     const rlb_launch_opts *o = &L->o;
-    char dev[64], sockdir[96];
+    char dev[64], sockdir[96], ucx[96], nccl[96];
     snprintf(dev, sizeof(dev), "RLB_DEVICE=%s", o->device);
     snprintf(sockdir, sizeof(sockdir), "RLB_SOCKET_DIR=%s", L->dir);
-    char *set[] = {dev, sockdir};
-    char **env = env_over(set, 2);
+    char *set[4] = {dev, sockdir};
+    int n_set = 2;
+    /* --local-addr: the bridges' transports use its interface, unless the user chose one */
+    if (L->ifname[0] && !getenv("UCX_NET_DEVICES")) {
+        snprintf(ucx, sizeof(ucx), "UCX_NET_DEVICES=%s", L->ifname);
+        set[n_set++] = ucx;
+    }
+    if (L->ifname[0] && !getenv("NCCL_SOCKET_IFNAME")) {
+        snprintf(nccl, sizeof(nccl), "NCCL_SOCKET_IFNAME=%s", L->ifname);
+        set[n_set++] = nccl;
+    }
+    char **env = env_over(set, n_set);
     if (!env)
         return -1;
     int rc = -1;
@@ -789,6 +803,50 @@ static const char *check_script(const rlb_launch_opts *o, char *buf, size_t cap)
     return NULL;
 }
 
+/* --local-addr: the interface of this machine that holds the address (a name is resolved)
+ * into L->ifname. Returns NULL, or what is wrong in buf (this node's bad input, which the
+ * rendezvous reports to every node). */
+static const char *check_local_addr(launcher *L, char *buf, size_t cap)
+{
+    const char *a = L->o.local_addr;
+    struct sockaddr_in want;
+    struct ifaddrs *ifs = NULL;
+    if (!a)
+        return NULL;
+    if (rlb__store_resolve(a, 0, &want) != 0) {
+        snprintf(buf, cap, "--local-addr %s is not an IPv4 address or a name that resolves "
+                 "to one", a);
+        return buf;
+    }
+    if (getifaddrs(&ifs) != 0) {
+        snprintf(buf, cap, "--local-addr %s: cannot list this machine's interfaces: %s", a,
+                 strerror(errno));
+        return buf;
+    }
+    size_t at = 0;
+    char have[256] = "";
+    for (struct ifaddrs *i = ifs; i; i = i->ifa_next) {
+        if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET)
+            continue;
+        const struct sockaddr_in *sa = (const struct sockaddr_in *)i->ifa_addr;
+        if (sa->sin_addr.s_addr == want.sin_addr.s_addr) {
+            snprintf(L->ifname, sizeof(L->ifname), "%s", i->ifa_name);
+            break;
+        }
+        char ip[INET_ADDRSTRLEN];
+        inet_ntop(AF_INET, &sa->sin_addr, ip, sizeof(ip));
+        int w = snprintf(have + at, sizeof(have) - at, "%s%s %s", at ? ", " : "", i->ifa_name,
+                         ip);
+        at = w < 0 || (size_t)w >= sizeof(have) - at ? sizeof(have) - 1 : at + (size_t)w;
+    }
+    freeifaddrs(ifs);
+    if (L->ifname[0])
+        return NULL;
+    snprintf(buf, cap, "--local-addr %s is not an address of this machine (its IPv4 "
+             "interfaces: %s)", a, have[0] ? have : "none");
+    return buf;
+}
+
 static int setup(launcher *L)
 {
     const rlb_launch_opts *o = &L->o;
@@ -867,7 +925,10 @@ int rlb__cmd_launch(int argc, char **argv)
     }
     const rlb_launch_opts *o = &L->o;
     char script_buf[PATH_MAX + 64], err[512];
+    char addr_buf[512];
     const char *script_error = check_script(o, script_buf, sizeof(script_buf));
+    if (!script_error) /* the node's first bad input goes to the rendezvous */
+        script_error = check_local_addr(L, addr_buf, sizeof(addr_buf));
     ssize_t n = readlink("/proc/self/exe", L->self, sizeof(L->self) - 1);
     if (n <= 0) {
         perror("rlb launch: /proc/self/exe");
@@ -906,6 +967,12 @@ int rlb__cmd_launch(int argc, char **argv)
         rc = 1;
         goto out;
     }
+    if (L->ifname[0])
+        fprintf(stderr, "rlb launch: node %d: --local-addr %s is on interface %s: the bridges' "
+                "transports use it (UCX_NET_DEVICES=%s, NCCL_SOCKET_IFNAME=%s)\n",
+                L->rdzv.node_rank, o->local_addr, L->ifname,
+                getenv("UCX_NET_DEVICES") ? getenv("UCX_NET_DEVICES") : L->ifname,
+                getenv("NCCL_SOCKET_IFNAME") ? getenv("NCCL_SOCKET_IFNAME") : L->ifname);
     if (o->rollout_replicas && start_rollout(L) < 0) {
         announce_abort(L, "its bridge and workers did not start");
         rc = interrupted ? 128 + interrupted : 1;

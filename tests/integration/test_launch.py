@@ -65,6 +65,25 @@ print("ENV " + json.dumps(dict(os.environ)))
 sys.stdout.flush()
 """
 
+# Prints the environment of this trainer's bridge: the `rlb bridge` process whose socket is
+# in RLB_SOCKET_DIR, found through /proc.
+BRIDGE_ENV = r"""
+import os
+sock = os.path.join(os.environ["RLB_SOCKET_DIR"], "bridge")
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open("/proc/%s/cmdline" % pid, "rb") as f:
+            argv = f.read().split(b"\0")
+        if b"bridge" not in argv or sock.encode() not in argv:
+            continue
+        with open("/proc/%s/environ" % pid, "rb") as f:
+            env = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
+    except OSError:
+        continue
+    print("BRIDGE_ENV UCX_NET_DEVICES=%s NCCL_SOCKET_IFNAME=%s" % (
+        env.get(b"UCX_NET_DEVICES", b"-").decode(), env.get(b"NCCL_SOCKET_IFNAME", b"-").decode()))
+"""
+
 FAIL_ONCE = """import os, sys, time
 marker = sys.argv[1]
 print("attempt", os.environ["TORCHELASTIC_RESTART_COUNT"], "rank", os.environ["RANK"])
@@ -404,6 +423,26 @@ class LaunchTest(unittest.TestCase):
         self.assertEqual(p.returncode, 1)
         self.assertIn("node 0: --master-addr 192.0.2.1 is not an address of this node",
                       p.stderr)
+
+    def test_local_addr(self):
+        # a node whose --local-addr is not its own: every node fails, naming node and value
+        s = [self.script("env.py", PRINT_ENV)]
+        for rc, out, err in self.two_nodes(["--nnodes", "2"],
+                                           ["--nnodes", "2", "--local-addr", "192.0.2.1"], s):
+            self.assertEqual(rc, 1, err)
+            self.assertIn("node 1: --local-addr 192.0.2.1 is not an address of this machine",
+                          err)
+            self.assertEqual(envs_of(out), [])
+        # one of its own: the bridge gets its interface for the transports
+        self.env.pop("UCX_NET_DEVICES", None)
+        self.env.pop("NCCL_SOCKET_IFNAME", None)
+        s = self.script("bridge_env.py", BRIDGE_ENV)
+        p = self.run_launch(["--master-port", str(free_port()), "--rollout-replicas", "1",
+                             "--local-addr", "127.0.0.1", s])
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("--local-addr 127.0.0.1 is on interface lo", p.stderr)
+        self.assertRegex(p.stdout, r"BRIDGE_ENV UCX_NET_DEVICES=lo NCCL_SOCKET_IFNAME=lo\b")
+        self.assertClean()
 
     def test_remote_failure_stops_all(self):
         s = self.script("exit.py", EXIT_CODE)
