@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ifaddrs.h>
+#include <net/if.h>
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
@@ -33,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -804,8 +806,10 @@ static const char *check_script(const rlb_launch_opts *o, char *buf, size_t cap)
 }
 
 /* --local-addr: the interface of this machine that holds the address (a name is resolved)
- * into L->ifname. Returns NULL, or what is wrong in buf (this node's bad input, which the
- * rendezvous reports to every node). */
+ * into L->ifname: the one it is assigned to, else the loopback interface whose network
+ * holds it (127.0.0.2 is on lo); an address is this machine's when a socket can bind it.
+ * Returns NULL, or what is wrong in buf (this node's bad input, which the rendezvous
+ * reports to every node). */
 static const char *check_local_addr(launcher *L, char *buf, size_t cap)
 {
     const char *a = L->o.local_addr;
@@ -818,21 +822,30 @@ static const char *check_local_addr(launcher *L, char *buf, size_t cap)
                  "to one", a);
         return buf;
     }
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    int bound = fd >= 0 && bind(fd, (const struct sockaddr *)&want, sizeof(want)) == 0;
+    if (fd >= 0)
+        close(fd);
     if (getifaddrs(&ifs) != 0) {
         snprintf(buf, cap, "--local-addr %s: cannot list this machine's interfaces: %s", a,
                  strerror(errno));
         return buf;
     }
     size_t at = 0;
-    char have[256] = "";
+    char have[256] = "", loop[64] = "";
     for (struct ifaddrs *i = ifs; i; i = i->ifa_next) {
         if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET)
             continue;
         const struct sockaddr_in *sa = (const struct sockaddr_in *)i->ifa_addr;
+        const struct sockaddr_in *mask = (const struct sockaddr_in *)i->ifa_netmask;
         if (sa->sin_addr.s_addr == want.sin_addr.s_addr) {
             snprintf(L->ifname, sizeof(L->ifname), "%s", i->ifa_name);
             break;
         }
+        if ((i->ifa_flags & IFF_LOOPBACK) && mask &&
+            (sa->sin_addr.s_addr & mask->sin_addr.s_addr) ==
+                (want.sin_addr.s_addr & mask->sin_addr.s_addr))
+            snprintf(loop, sizeof(loop), "%s", i->ifa_name);
         char ip[INET_ADDRSTRLEN];
         inet_ntop(AF_INET, &sa->sin_addr, ip, sizeof(ip));
         int w = snprintf(have + at, sizeof(have) - at, "%s%s %s", at ? ", " : "", i->ifa_name,
@@ -840,8 +853,11 @@ static const char *check_local_addr(launcher *L, char *buf, size_t cap)
         at = w < 0 || (size_t)w >= sizeof(have) - at ? sizeof(have) - 1 : at + (size_t)w;
     }
     freeifaddrs(ifs);
-    if (L->ifname[0])
+    if (!L->ifname[0] && bound && loop[0])
+        snprintf(L->ifname, sizeof(L->ifname), "%s", loop);
+    if (L->ifname[0] && bound)
         return NULL;
+    L->ifname[0] = 0;
     snprintf(buf, cap, "--local-addr %s is not an address of this machine (its IPv4 "
              "interfaces: %s)", a, have[0] ? have : "none");
     return buf;

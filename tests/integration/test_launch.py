@@ -436,12 +436,14 @@ class LaunchTest(unittest.TestCase):
         # one of its own: the bridge gets its interface for the transports
         self.env.pop("UCX_NET_DEVICES", None)
         self.env.pop("NCCL_SOCKET_IFNAME", None)
+        # (127.0.0.1 is lo's own address; 127.0.0.2 is on lo's network, as test_xnode's nodes)
         s = self.script("bridge_env.py", BRIDGE_ENV)
-        p = self.run_launch(["--master-port", str(free_port()), "--rollout-replicas", "1",
-                             "--local-addr", "127.0.0.1", s])
-        self.assertEqual(p.returncode, 0, p.stderr)
-        self.assertIn("--local-addr 127.0.0.1 is on interface lo", p.stderr)
-        self.assertRegex(p.stdout, r"BRIDGE_ENV UCX_NET_DEVICES=lo NCCL_SOCKET_IFNAME=lo\b")
+        for addr in ("127.0.0.1", "127.0.0.2"):
+            p = self.run_launch(["--master-port", str(free_port()), "--rollout-replicas", "1",
+                                 "--local-addr", addr, s])
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertIn("--local-addr %s is on interface lo" % addr, p.stderr)
+            self.assertRegex(p.stdout, r"BRIDGE_ENV UCX_NET_DEVICES=lo NCCL_SOCKET_IFNAME=lo\b")
         self.assertClean()
 
     def test_remote_failure_stops_all(self):
