@@ -148,10 +148,12 @@ static int await(rlb_client *c, pending *q)
     return rc;
 }
 
-/* One batch: submit 1..MAX_BATCH requests, then wait for each. Returns 0, or
+/* One batch: submit 1..MAX_BATCH requests, then wait for each. Returns 1 when some request
+ * was served, 0 when none was (all refused, failed or past their deadline), or
  * RLB_EPEERDEAD when the bridge is gone. */
 static int batch(rlb_client *c, uint64_t *s)
 {
+    int served = 0;
     static pending q[MAX_BATCH];
     uint32_t nq = 1 + rlb__stress_below(s, MAX_BATCH);
     int dead = 0;
@@ -176,10 +178,12 @@ static int batch(rlb_client *c, uint64_t *s)
             dead = rc == RLB_EPEERDEAD;
         }
     }
-    for (uint32_t i = 0; i < nq; i++)
-        if (q[i].ticket && await(c, &q[i]) == RLB_EPEERDEAD)
-            dead = 1;
-    return dead ? RLB_EPEERDEAD : 0;
+    for (uint32_t i = 0; i < nq; i++) {
+        int rc = q[i].ticket ? await(c, &q[i]) : -1;
+        dead |= rc == RLB_EPEERDEAD;
+        served |= rc == 0;
+    }
+    return dead ? RLB_EPEERDEAD : served;
 }
 
 /* Puts the workers to sleep for a moment and wakes them. */
@@ -208,6 +212,7 @@ int rlb__stress_client(int argc, char **argv)
     rlb_client_options o;
     rlb__stress_tool_options(&o, ro.socket);
     rlb_client *cl = NULL;
+    int backoff_ms = 0; /* after batches nothing of was served: refusals are not retried hot */
     while (!rlb__stress_stopping()) {
         if (!cl) {
             if (rlb_connect(&o, &cl) < 0) {
@@ -218,10 +223,17 @@ int rlb__stress_client(int argc, char **argv)
             rlb_stress_rec rec = {.kind = RLB_REC_CONNECTED};
             rlb__stress_send(&rec);
         }
-        int rc = rlb__stress_below(&s, 12) == 0 ? sleep_wake(cl, &s) : batch(cl, &s);
+        int is_batch = rlb__stress_below(&s, 12) != 0;
+        int rc = is_batch ? batch(cl, &s) : sleep_wake(cl, &s);
         if (rc == RLB_EPEERDEAD) {
             rlb_close(cl);
             cl = NULL;
+        }
+        if (is_batch && rc == 0) { /* 5, 10, ... up to 200 ms while nothing is served */
+            backoff_ms = backoff_ms ? (backoff_ms * 2 > 200 ? 200 : backoff_ms * 2) : 5;
+            rlb__stress_sleep_ms(backoff_ms);
+        } else if (is_batch) {
+            backoff_ms = 0;
         }
     }
     rlb_close(cl);
