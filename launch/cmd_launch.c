@@ -72,6 +72,7 @@ typedef struct launcher {
     rlb_rdzv rdzv;             /* the rendezvous and the store connection */
     char self[PATH_MAX];       /* this program, to run `rlb bridge` / `rlb worker` */
     char ifname[64];           /* --local-addr's interface ("" without the option) */
+    int loopback;              /* ... is a loopback interface */
     char dir[64];              /* socket directory /tmp/rlb-launch-<our pid>-*; "" = none */
     char socket[128];          /* dir/bridge */
     char log_root[PATH_MAX];   /* --log-dir/<run id>; "" = no log files */
@@ -840,6 +841,7 @@ static const char *check_local_addr(launcher *L, char *buf, size_t cap)
         const struct sockaddr_in *mask = (const struct sockaddr_in *)i->ifa_netmask;
         if (sa->sin_addr.s_addr == want.sin_addr.s_addr) {
             snprintf(L->ifname, sizeof(L->ifname), "%s", i->ifa_name);
+            L->loopback = (i->ifa_flags & IFF_LOOPBACK) != 0;
             break;
         }
         if ((i->ifa_flags & IFF_LOOPBACK) && mask &&
@@ -853,8 +855,10 @@ static const char *check_local_addr(launcher *L, char *buf, size_t cap)
         at = w < 0 || (size_t)w >= sizeof(have) - at ? sizeof(have) - 1 : at + (size_t)w;
     }
     freeifaddrs(ifs);
-    if (!L->ifname[0] && bound && loop[0])
+    if (!L->ifname[0] && bound && loop[0]) {
         snprintf(L->ifname, sizeof(L->ifname), "%s", loop);
+        L->loopback = 1;
+    }
     if (L->ifname[0] && bound)
         return NULL;
     L->ifname[0] = 0;
@@ -985,10 +989,14 @@ int rlb__cmd_launch(int argc, char **argv)
     }
     if (L->ifname[0])
         fprintf(stderr, "rlb launch: node %d: --local-addr %s is on interface %s: the bridges' "
-                "transports use it (UCX_NET_DEVICES=%s, NCCL_SOCKET_IFNAME=%s)\n",
+                "transports use it (UCX_NET_DEVICES=%s, NCCL_SOCKET_IFNAME=%s)%s\n",
                 L->rdzv.node_rank, o->local_addr, L->ifname,
                 getenv("UCX_NET_DEVICES") ? getenv("UCX_NET_DEVICES") : L->ifname,
-                getenv("NCCL_SOCKET_IFNAME") ? getenv("NCCL_SOCKET_IFNAME") : L->ifname);
+                getenv("NCCL_SOCKET_IFNAME") ? getenv("NCCL_SOCKET_IFNAME") : L->ifname,
+                L->loopback && L->rdzv.nnodes > 1
+                    ? "; it is a loopback interface, which other machines cannot reach: "
+                      "right only when every node runs on this machine"
+                    : "");
     if (o->rollout_replicas && start_rollout(L) < 0) {
         announce_abort(L, "its bridge and workers did not start");
         rc = interrupted ? 128 + interrupted : 1;

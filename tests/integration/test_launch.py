@@ -433,6 +433,11 @@ class LaunchTest(unittest.TestCase):
             self.assertIn("node 1: --local-addr 192.0.2.1 is not an address of this machine",
                           err)
             self.assertEqual(envs_of(out), [])
+        # loopback addresses for several nodes: right only when they share this machine
+        for rc, out, err in self.two_nodes(["--nnodes", "2", "--local-addr", "127.0.0.1"],
+                                           ["--nnodes", "2", "--local-addr", "127.0.0.2"], s):
+            self.assertEqual(rc, 0, err)
+            self.assertIn("it is a loopback interface, which other machines cannot reach", err)
         # one of its own: the bridge gets its interface for the transports
         self.env.pop("UCX_NET_DEVICES", None)
         self.env.pop("NCCL_SOCKET_IFNAME", None)
@@ -443,6 +448,7 @@ class LaunchTest(unittest.TestCase):
                                  "--local-addr", addr, s])
             self.assertEqual(p.returncode, 0, p.stderr)
             self.assertIn("--local-addr %s is on interface lo" % addr, p.stderr)
+            self.assertNotIn("loopback interface", p.stderr)  # one node: nothing to warn of
             self.assertRegex(p.stdout, r"BRIDGE_ENV UCX_NET_DEVICES=lo NCCL_SOCKET_IFNAME=lo\b")
         self.assertClean()
 
