@@ -421,15 +421,23 @@ static const rlb_src_piece *piece_at(const rlb_source *src, uint32_t buf, uint64
     return NULL;
 }
 
+/* 1 when destination dst_ref is a buffer the bridge can read: a CPU worker's host memory
+ * (a GPU worker's weights are device memory; a worker gone since has nothing to read). */
+static int dst_readable(const bridge *b, uint32_t dst_ref)
+{
+    const br_peer *w = b->replicas[dst_ref / b->tp_size].ranks[dst_ref % b->tp_size];
+    return w && w->hello.device != RLB_DEVICE_CUDA;
+}
+
 /* Adds to per[param] (per[params.n]: unknown) each non-finite element copy op `op` left in
  * the destination, traced back to the source piece it came from; *hint is the last piece
- * found. A GPU worker's buffer is not host memory: there the op's count (bad) goes to the
- * piece the op starts in (an op copies from one tensor's piece). */
+ * found. Where the destination cannot be read, the op's count (bad) goes to the piece the
+ * op starts in. */
 static void trace_op(const bridge *b, const rlb_copy_op *op, uint64_t bad, uint64_t *per,
                      const rlb_src_piece **hint)
 {
     const br_copy *c = &b->copy;
-    if (b->exec && !strcmp(b->exec->iface->name, "cuda")) {
+    if (!dst_readable(b, op->dst_ref)) {
         *hint = piece_at(&b->source, op->src_ref, op->src_offset, *hint);
         per[*hint ? (*hint)->param : b->params.n] += bad;
         return;
