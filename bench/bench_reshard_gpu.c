@@ -657,7 +657,7 @@ typedef struct lora_result {
     double ms, merge_ms, merge_floor_ms; /* fused (RLB_LORA_MERGE=fused) */
     double fma_ms, fma_merge_ms;         /* fused-fma: the product in f32 multiply-adds */
     double sep_ms, sep_merge_ms;         /* separate: base copies, then the merge in place */
-    int fused;                           /* rlb__cuda_lora_fused of the default (2: tensor cores) */
+    int fused;                           /* rlb__cuda_lora_fused of fused (2: tensor cores) */
     uint64_t read, written, merged_bytes, dev_bytes;
 } lora_result;
 
@@ -1005,8 +1005,8 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--mem-child") && i + 1 < argc)
             return mem_child(strtoull(argv[i + 1], NULL, 10));
         else {
-            fprintf(stderr, "usage: %s [--torch-log FILE] [--iters N] [--peer | --lora | --mem]\n",
-                    argv[0]);
+            fprintf(stderr, "usage: %s [--torch-log FILE] [--iters N] "
+                    "[--peer | --lora | --mem]\n", argv[0]);
             return 2;
         }
     }

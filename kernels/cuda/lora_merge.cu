@@ -93,31 +93,52 @@ __device__ __forceinline__ bool nonfinite(rlb__f16_t h)
     return (h.bits & 0x7c00u) == 0x7c00u;
 }
 
+__device__ __forceinline__ void to_elem(float v, float *out)
+{
+    *out = v;
+}
+
+__device__ __forceinline__ void to_elem(float v, __nv_bfloat16 *out)
+{
+    *out = __float2bfloat16_rn(v);
+}
+
 /* Stages scale * L(i0 + i, k0 + k) in ls[i][k] and R(k0 + k, j0 + j) in rs[k][j] for the
- * tile's rows and columns and k < kc, zero outside C. Consecutive threads take consecutive
- * stored elements of L (coalesced) and consecutive columns of R (no bank conflict). */
+ * tile's rows and columns and k < kp, zero outside C and for k >= kc (padding up to kp).
+ * Consecutive threads take consecutive stored elements of L (coalesced) and consecutive
+ * columns of R (no bank conflict). */
+template <typename T, int LdL, int LdR>
 __device__ __forceinline__ void stage_chunk(const merge_desc &m, uint32_t i0, uint32_t j0,
-                                            uint32_t k0, uint32_t kc,
-                                            float (*ls)[kRankChunk + 1],
-                                            float (*rs)[kTileCols])
+                                            uint32_t k0, uint32_t kc, uint32_t kp, float scale,
+                                            T (*ls)[LdL], T (*rs)[LdR])
 {
     const bool lt = (m.flags & RLB_MERGE_L_TRANS) != 0, rt = (m.flags & RLB_MERGE_R_TRANS) != 0;
-    for (uint32_t x = threadIdx.x; x < kTileRows * kc; x += kThreads) {
-        const uint32_t i = lt ? x % kTileRows : x / kc, k = lt ? x / kTileRows : x % kc;
+    for (uint32_t x = threadIdx.x; x < kTileRows * kp; x += kThreads) {
+        const uint32_t i = lt ? x % kTileRows : x / kp, k = lt ? x / kTileRows : x % kp;
         float v = 0.0f;
-        if (i0 + i < m.rows)
-            v = m.scale * (lt ? m.l[(uint64_t)(k0 + k) * m.l_ld + i0 + i]
-                              : m.l[(uint64_t)(i0 + i) * m.l_ld + k0 + k]);
-        ls[i][k] = v;
+        if (i0 + i < m.rows && k < kc)
+            v = scale * (lt ? m.l[(uint64_t)(k0 + k) * m.l_ld + i0 + i]
+                            : m.l[(uint64_t)(i0 + i) * m.l_ld + k0 + k]);
+        to_elem(v, &ls[i][k]);
     }
-    for (uint32_t x = threadIdx.x; x < kc * kTileCols; x += kThreads) {
+    for (uint32_t x = threadIdx.x; x < kp * kTileCols; x += kThreads) {
         const uint32_t j = x % kTileCols, k = x / kTileCols;
         float v = 0.0f;
-        if (j0 + j < m.cols)
+        if (j0 + j < m.cols && k < kc)
             v = rt ? m.r[(uint64_t)(j0 + j) * m.r_ld + k0 + k]
                    : m.r[(uint64_t)(k0 + k) * m.r_ld + j0 + j];
-        rs[k][j] = v;
+        to_elem(v, &rs[k][j]);
     }
+}
+
+/* Adds the non-finite values this thread wrote (bad) to counts[k]: summed per warp, one
+ * atomic add by its first lane, only when not zero. */
+__device__ __forceinline__ void add_count(int bad, unsigned long long *counts, uint32_t k)
+{
+    for (int o = 16; o > 0; o /= 2)
+        bad += __shfl_down_sync(0xffffffffu, bad, o);
+    if (threadIdx.x % 32 == 0 && bad)
+        atomicAdd(&counts[k], (unsigned long long)bad);
 }
 
 /* The merge of md[first, last) holding launch-wide tile `tile` (binary search; md[last]
@@ -168,7 +189,7 @@ merge_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0
     for (uint32_t k0 = 0; k0 < m.rank; k0 += kRankChunk) {
         const uint32_t kc = min((uint32_t)kRankChunk, m.rank - k0);
         __syncthreads(); /* every thread is done with the last chunk */
-        stage_chunk(m, i0, j0, k0, kc, ls, rs);
+        stage_chunk(m, i0, j0, k0, kc, kc, m.scale, ls, rs);
         __syncthreads();
 #pragma unroll 4
         for (uint32_t k = 0; k < kc; k++) {
@@ -198,10 +219,7 @@ merge_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0
                 bad += nonfinite(out);
             }
         }
-    for (int o = 16; o > 0; o /= 2)
-        bad += __shfl_down_sync(0xffffffffu, bad, o);
-    if (tx == 0 && bad)
-        atomicAdd(&counts[lo], (unsigned long long)bad);
+    add_count(bad, counts, lo);
 }
 
 
@@ -321,53 +339,84 @@ __device__ __forceinline__ int store_row(D *d, const float *v, uint32_t n)
     return bad;
 }
 
-/* The base of the thread's rows ty, ty + kRowStep, ... of the tile at row i0, columns j ..
- * j + n - 1, widened to f32 (zeros outside C): one piece holds the whole band (the usual
- * case), else each element's piece is looked up in the band's list. */
-__device__ __forceinline__ void tile_base(const merge_desc &m, uint32_t i0, uint32_t j,
-                                          uint32_t n, uint32_t ty, const piece_desc *pieces,
-                                          const uint2 *bands, const uint32_t *band_pieces,
-                                          char *const *src, float (*out)[kVec])
+/* What a fused kernel reads besides the descriptors: the pieces, the band table, the
+ * bound sources' addresses (the base plan's pointer table) and the counts. */
+struct fused_args {
+    const piece_desc *pieces;
+    const uint2 *bands;          /* per band: first entry in band_pieces, count */
+    const uint32_t *band_pieces; /* pieces of each band, in band order */
+    char *const *src;            /* [n_src] */
+    unsigned long long *counts;  /* [merges] */
+};
+
+/* A block's tile and a thread's place in it: columns j .. j + n - 1 of rows i0 + ty,
+ * i0 + ty + kRowStep, ... of merge m (index k). */
+struct fused_tile {
+    merge_desc m;
+    uint32_t k, i0, j0, tx, ty, j, n;
+};
+
+/* The base of the thread's rows of tile t, widened to f32 (zeros outside C): one piece
+ * holds the whole band (the usual case), else each element's piece is looked up in the
+ * band's list. */
+__device__ __forceinline__ void tile_base(const fused_tile &t, const fused_args &a,
+                                          float (*out)[kVec])
 {
-    const uint2 band = bands[m.band_first + i0 / kTileRows];
+    const uint2 band = a.bands[t.m.band_first + t.i0 / kTileRows];
 #pragma unroll
     for (int q = 0; q < kFusedRows; q++) {
-        const uint32_t i = i0 + ty + kRowStep * q;
+        const uint32_t i = t.i0 + t.ty + kRowStep * q;
 #pragma unroll
         for (int c = 0; c < kVec; c++)
             out[q][c] = 0.0f;
-        if (i >= m.rows || n == 0)
+        if (i >= t.m.rows || t.n == 0)
             continue;
         if (band.y == 1) {
-            base_row(pieces[band_pieces[band.x]], src, i, j, n, out[q]);
+            base_row(a.pieces[a.band_pieces[band.x]], a.src, i, t.j, t.n, out[q]);
             continue;
         }
-        for (uint32_t c = 0; c < n; c++)
+        for (uint32_t c = 0; c < t.n; c++)
             for (uint32_t k = 0; k < band.y; k++) {
-                const piece_desc &p = pieces[band_pieces[band.x + k]];
-                if (i >= p.i0 && i < p.i1 && j + c >= p.j0 && j + c < p.j1) {
-                    out[q][c] = base_at(p, src, i, j + c);
+                const piece_desc &p = a.pieces[a.band_pieces[band.x + k]];
+                if (i >= p.i0 && i < p.i1 && t.j + c >= p.j0 && t.j + c < p.j1) {
+                    out[q][c] = base_at(p, a.src, i, t.j + c);
                     break;
                 }
             }
     }
 }
 
-/* What both fused kernels do first: find the block's tile (find_tile), the thread's place
- * in it (columns j .. j + n - 1 of rows i0 + ty, i0 + ty + kRowStep, ...) and its base. */
-__device__ __forceinline__ merge_desc
-fused_start(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,
-            const piece_desc *pieces, const uint2 *bands, const uint32_t *band_pieces,
-            char *const *src, uint32_t *lo, uint32_t *i0, uint32_t *j0, uint32_t *tx,
-            uint32_t *ty, uint32_t *j, uint32_t *n, float (*base)[kVec])
+/* What both fused kernels do first: the block's tile (find_tile), the thread's place in it,
+ * and the thread's base in base. */
+__device__ __forceinline__ fused_tile fused_start(const merge_desc *md, uint32_t first,
+                                                  uint32_t last, uint64_t tile0,
+                                                  const fused_args &a, float (*base)[kVec])
 {
-    const merge_desc m = find_tile(md, first, last, tile0 + blockIdx.x, lo, i0, j0);
-    *tx = threadIdx.x % kLanesPerRow;
-    *ty = threadIdx.x / kLanesPerRow;
-    *j = *j0 + kVec * *tx;
-    *n = *j < m.cols ? min((uint32_t)kVec, m.cols - *j) : 0;
-    tile_base(m, *i0, *j, *n, *ty, pieces, bands, band_pieces, src, base);
-    return m;
+    fused_tile t;
+    t.m = find_tile(md, first, last, tile0 + blockIdx.x, &t.k, &t.i0, &t.j0);
+    t.tx = threadIdx.x % kLanesPerRow;
+    t.ty = threadIdx.x / kLanesPerRow;
+    t.j = t.j0 + kVec * t.tx;
+    t.n = t.j < t.m.cols ? min((uint32_t)kVec, t.m.cols - t.j) : 0;
+    tile_base(t, a, base);
+    return t;
+}
+
+/* What both fused kernels do last: the thread's merged values v into C, the non-finite ones
+ * counted. */
+template <typename D>
+__device__ __forceinline__ void fused_store(const fused_tile &t, const fused_args &a,
+                                            const float (*v)[kVec])
+{
+    int bad = 0;
+    D *c = reinterpret_cast<D *>(t.m.c);
+#pragma unroll
+    for (int q = 0; q < kFusedRows; q++) {
+        const uint32_t i = t.i0 + t.ty + kRowStep * q;
+        if (i < t.m.rows && t.n)
+            bad += store_row(c + (uint64_t)i * t.m.cols + t.j, v[q], t.n);
+    }
+    add_count(bad, a.counts, t.k);
 }
 
 /* One block per tile, as merge_kernel, but C's base comes from the merge's sources (its
@@ -378,46 +427,32 @@ fused_start(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,
 template <typename D>
 __global__ void __launch_bounds__(kThreads)
 fused_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,
-             const piece_desc *pieces, const uint2 *bands, const uint32_t *band_pieces,
-             char *const *src, unsigned long long *counts)
+             fused_args a)
 {
     __shared__ float ls[kTileRows][kRankChunk + 1];
     __shared__ __align__(16) float rs[kRankChunk][kTileCols];
-    uint32_t lo, i0, j0, tx, ty, j, n;
     float acc[kFusedRows][kVec];
-    const merge_desc m = fused_start(md, first, last, tile0, pieces, bands, band_pieces, src,
-                                     &lo, &i0, &j0, &tx, &ty, &j, &n, acc);
-    for (uint32_t k0 = 0; k0 < m.rank; k0 += kRankChunk) {
-        const uint32_t kc = min((uint32_t)kRankChunk, m.rank - k0);
+    const fused_tile t = fused_start(md, first, last, tile0, a, acc);
+    for (uint32_t k0 = 0; k0 < t.m.rank; k0 += kRankChunk) {
+        const uint32_t kc = min((uint32_t)kRankChunk, t.m.rank - k0);
         __syncthreads();
-        stage_chunk(m, i0, j0, k0, kc, ls, rs);
+        stage_chunk(t.m, t.i0, t.j0, k0, kc, kc, t.m.scale, ls, rs);
         __syncthreads();
 #pragma unroll 4
         for (uint32_t k = 0; k < kc; k++) {
-            const float4 ra = *reinterpret_cast<const float4 *>(&rs[k][kVec * tx]);
-            const float4 rb = *reinterpret_cast<const float4 *>(&rs[k][kVec * tx + 4]);
+            const float4 ra = *reinterpret_cast<const float4 *>(&rs[k][kVec * t.tx]);
+            const float4 rb = *reinterpret_cast<const float4 *>(&rs[k][kVec * t.tx + 4]);
             const float rv[kVec] = {ra.x, ra.y, ra.z, ra.w, rb.x, rb.y, rb.z, rb.w};
 #pragma unroll
             for (int q = 0; q < kFusedRows; q++) {
-                const float lv = ls[ty + kRowStep * q][k];
+                const float lv = ls[t.ty + kRowStep * q][k];
 #pragma unroll
                 for (int c = 0; c < kVec; c++)
                     acc[q][c] = fmaf(lv, rv[c], acc[q][c]);
             }
         }
     }
-    int bad = 0;
-    D *c = reinterpret_cast<D *>(m.c);
-#pragma unroll
-    for (int q = 0; q < kFusedRows; q++) {
-        const uint32_t i = i0 + ty + kRowStep * q;
-        if (i < m.rows && n)
-            bad += store_row(c + (uint64_t)i * m.cols + j, acc[q], n);
-    }
-    for (int o = 16; o > 0; o /= 2)
-        bad += __shfl_down_sync(0xffffffffu, bad, o);
-    if (threadIdx.x % 32 == 0 && bad)
-        atomicAdd(&counts[lo], (unsigned long long)bad);
+    fused_store<D>(t, a, acc);
 }
 
 /* ---- The fused merge on tensor cores -------------------------------------------------- */
@@ -445,86 +480,55 @@ union tc_smem {
 template <typename D>
 __global__ void __launch_bounds__(kThreads)
 fused_tc_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,
-                const piece_desc *pieces, const uint2 *bands, const uint32_t *band_pieces,
-                char *const *src, unsigned long long *counts)
+                fused_args a)
 {
     using namespace nvcuda;
     __shared__ __align__(32) tc_smem sm;
-    uint32_t lo, i0, j0, tx, ty, j, n;
     float base[kFusedRows][kVec];
-    const merge_desc m = fused_start(md, first, last, tile0, pieces, bands, band_pieces, src,
-                                     &lo, &i0, &j0, &tx, &ty, &j, &n, base);
-
+    const fused_tile t = fused_start(md, first, last, tile0, a, base);
     const int warp = threadIdx.x / 32, wr = warp / 4, wc = warp % 4;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 #pragma unroll
-    for (int a = 0; a < 2; a++)
+    for (int x = 0; x < 2; x++)
 #pragma unroll
-        for (int b = 0; b < 2; b++)
-            wmma::fill_fragment(acc[a][b], 0.0f);
-    const bool lt = (m.flags & RLB_MERGE_L_TRANS) != 0, rt = (m.flags & RLB_MERGE_R_TRANS) != 0;
-    for (uint32_t k0 = 0; k0 < m.rank; k0 += kTcChunk) {
-        const uint32_t kc = min((uint32_t)kTcChunk, m.rank - k0);
+        for (int y = 0; y < 2; y++)
+            wmma::fill_fragment(acc[x][y], 0.0f);
+    for (uint32_t k0 = 0; k0 < t.m.rank; k0 += kTcChunk) {
+        const uint32_t kc = min((uint32_t)kTcChunk, t.m.rank - k0);
         const uint32_t kp = (kc + 15) / 16 * 16; /* zeros up to a whole step */
         __syncthreads();
-        for (uint32_t x = threadIdx.x; x < kTileRows * kp; x += kThreads) {
-            const uint32_t i = lt ? x % kTileRows : x / kp, k = lt ? x / kTileRows : x % kp;
-            float v = 0.0f;
-            if (i0 + i < m.rows && k < kc)
-                v = lt ? m.l[(uint64_t)(k0 + k) * m.l_ld + i0 + i]
-                       : m.l[(uint64_t)(i0 + i) * m.l_ld + k0 + k];
-            sm.in.l[i][k] = __float2bfloat16_rn(v);
-        }
-        for (uint32_t x = threadIdx.x; x < kp * kTileCols; x += kThreads) {
-            const uint32_t jj = x % kTileCols, k = x / kTileCols;
-            float v = 0.0f;
-            if (j0 + jj < m.cols && k < kc)
-                v = rt ? m.r[(uint64_t)(j0 + jj) * m.r_ld + k0 + k]
-                       : m.r[(uint64_t)(k0 + k) * m.r_ld + j0 + jj];
-            sm.in.r[k][jj] = __float2bfloat16_rn(v);
-        }
+        stage_chunk(t.m, t.i0, t.j0, k0, kc, kp, 1.0f, sm.in.l, sm.in.r); /* exact in bf16 */
         __syncthreads();
         for (uint32_t k = 0; k < kp; k += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[2];
             wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb[2];
 #pragma unroll
-            for (int a = 0; a < 2; a++)
-                wmma::load_matrix_sync(fa[a], &sm.in.l[32 * wr + 16 * a][k], kLdL);
+            for (int x = 0; x < 2; x++)
+                wmma::load_matrix_sync(fa[x], &sm.in.l[32 * wr + 16 * x][k], kLdL);
 #pragma unroll
-            for (int b = 0; b < 2; b++)
-                wmma::load_matrix_sync(fb[b], &sm.in.r[k][32 * wc + 16 * b], kLdR);
+            for (int y = 0; y < 2; y++)
+                wmma::load_matrix_sync(fb[y], &sm.in.r[k][32 * wc + 16 * y], kLdR);
 #pragma unroll
-            for (int a = 0; a < 2; a++)
+            for (int x = 0; x < 2; x++)
 #pragma unroll
-                for (int b = 0; b < 2; b++)
-                    wmma::mma_sync(acc[a][b], fa[a], fb[b], acc[a][b]);
+                for (int y = 0; y < 2; y++)
+                    wmma::mma_sync(acc[x][y], fa[x], fb[y], acc[x][y]);
         }
     }
     __syncthreads(); /* every warp is done with the staged factors: their bytes take acc */
 #pragma unroll
-    for (int a = 0; a < 2; a++)
+    for (int x = 0; x < 2; x++)
 #pragma unroll
-        for (int b = 0; b < 2; b++)
-            wmma::store_matrix_sync(&sm.acc[32 * wr + 16 * a][32 * wc + 16 * b], acc[a][b],
+        for (int y = 0; y < 2; y++)
+            wmma::store_matrix_sync(&sm.acc[32 * wr + 16 * x][32 * wc + 16 * y], acc[x][y],
                                     kLdAcc, wmma::mem_row_major);
     __syncthreads();
-    int bad = 0;
-    D *c = reinterpret_cast<D *>(m.c);
 #pragma unroll
-    for (int q = 0; q < kFusedRows; q++) {
-        const uint32_t r = ty + kRowStep * q, i = i0 + r;
-        if (i >= m.rows || !n)
-            continue;
-        float v[kVec];
+    for (int q = 0; q < kFusedRows; q++) /* rows outside C are not stored */
 #pragma unroll
-        for (int cc = 0; cc < kVec; cc++)
-            v[cc] = fmaf(m.scale, sm.acc[r][kVec * tx + cc], base[q][cc]);
-        bad += store_row(c + (uint64_t)i * m.cols + j, v, n);
-    }
-    for (int o = 16; o > 0; o /= 2)
-        bad += __shfl_down_sync(0xffffffffu, bad, o);
-    if (threadIdx.x % 32 == 0 && bad)
-        atomicAdd(&counts[lo], (unsigned long long)bad);
+        for (int c = 0; c < kVec; c++)
+            base[q][c] = fmaf(t.m.scale, sm.acc[t.ty + kRowStep * q][kVec * t.tx + c], base[q][c]);
+    fused_store<D>(t, a, base);
 }
 
 } /* namespace */
@@ -546,17 +550,14 @@ struct rlb_cuda_lora {
     unsigned long long *h_counts; /* [n] pinned host copy, filled at the end of a run */
     int desc_stale;            /* the device's descriptors lag the host's */
     int bound;                 /* a bind has succeeded */
-    /* the fused merge: every merge's base as pieces, the pieces of each row band of kTileRows
-     * rows, and the bound sources' addresses */
+    /* the fused merge: every merge's base as pieces and the pieces of each row band of
+     * kTileRows rows (the sources' addresses: the base plan's bound table) */
     int fused;                 /* the fused kernel may run these merges */
     int tensor;                /* ... on tensor cores: every factor came from bf16 */
     piece_desc *d_pieces;      /* [n_pieces] */
     uint2 *d_bands;            /* per band: first entry in d_band_pieces, count */
     uint32_t *d_band_pieces;   /* pieces of each band, in band order */
     uint64_t fused_bytes;      /* device bytes of the three */
-    uint32_t n_src;            /* sources of the plan */
-    char **h_src;              /* [n_src] bound source addresses (device view) */
-    char **d_src;              /* the device's copy */
 };
 
 extern "C" void rlb__cuda_lora_free(rlb_cuda_lora *cl)
@@ -574,10 +575,8 @@ extern "C" void rlb__cuda_lora_free(rlb_cuda_lora *cl)
     cudaFree(cl->d_pieces);
     cudaFree(cl->d_bands);
     cudaFree(cl->d_band_pieces);
-    cudaFree(cl->d_src);
     if (entered)
         rlb__cuda_leave(prev);
-    free(cl->h_src);
     free(cl->merges);
     free(cl->index);
     free(cl->desc);
@@ -756,7 +755,6 @@ static int build_fused(rlb_cuda_lora *cl, const rlb_plan *plan)
     RLB_CUDA_CHECK(cudaMalloc(&cl->d_pieces, (all.n + 1) * sizeof(piece_desc)), rc, out);
     RLB_CUDA_CHECK(cudaMalloc(&cl->d_bands, (n_bands + 1) * sizeof(uint2)), rc, out);
     RLB_CUDA_CHECK(cudaMalloc(&cl->d_band_pieces, (n_entries + 1) * sizeof(uint32_t)), rc, out);
-    RLB_CUDA_CHECK(cudaMalloc(&cl->d_src, (cl->n_src + 1) * sizeof(char *)), rc, out);
     RLB_CUDA_CHECK(cudaMemcpy(cl->d_pieces, all.p, all.n * sizeof(piece_desc),
                               cudaMemcpyHostToDevice), rc, out);
     RLB_CUDA_CHECK(cudaMemcpy(cl->d_bands, bands, n_bands * sizeof(uint2),
@@ -764,7 +762,7 @@ static int build_fused(rlb_cuda_lora *cl, const rlb_plan *plan)
     RLB_CUDA_CHECK(cudaMemcpy(cl->d_band_pieces, entries, n_entries * sizeof(uint32_t),
                               cudaMemcpyHostToDevice), rc, out);
     cl->fused_bytes = (all.n + 1) * sizeof(piece_desc) + (n_bands + 1) * sizeof(uint2) +
-                      (n_entries + 1) * sizeof(uint32_t) + (cl->n_src + 1) * sizeof(char *);
+                      (n_entries + 1) * sizeof(uint32_t);
     cl->fused = 1;
 out:
     rlb__piece_list_free(&all);
@@ -787,7 +785,7 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
         return 0;
     if (n >= UINT32_MAX)
         return RLB_ETOOBIG;
-    int rc = check_stage_ops(plan, err, errlen), prev = -1;
+    int rc = check_stage_ops(plan, err, errlen), prev = -1, how;
     if (rc)
         return rc;
     rlb_cuda_lora *cl = (rlb_cuda_lora *)calloc(1, sizeof(*cl));
@@ -795,14 +793,12 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
         return RLB_ENOMEM;
     cl->device = device;
     cl->n = (uint32_t)n;
-    cl->n_src = plan->n_src;
-    cl->h_src = (char **)calloc(plan->n_src + 1, sizeof(char *));
     cl->merges = (rlb_merge_op *)malloc(n * sizeof(*cl->merges));
     cl->index = (uint64_t *)malloc(n * sizeof(*cl->index));
     cl->desc = (merge_desc *)malloc((n + 1) * sizeof(*cl->desc));
     /* at least one f32 and 256-byte aligned, as every cudaMalloc */
     cl->stage_bytes = plan->stage_bytes > 4 ? plan->stage_bytes : 4;
-    if (!cl->merges || !cl->index || !cl->desc || !cl->h_src) {
+    if (!cl->merges || !cl->index || !cl->desc) {
         rc = RLB_ENOMEM;
         goto err;
     }
@@ -817,9 +813,10 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
         rlb__cuda_err(err, errlen, "plan: the merges' tiles exceed one launch");
         rc = RLB_ETOOBIG;
     }
-    if (!rc && rlb__cuda_lora_fused_env())
+    how = rlb__cuda_lora_fused_env();
+    if (!rc && how)
         rc = build_fused(cl, plan);
-    if (!rc && cl->fused && rlb__cuda_lora_fused_env() == 2) {
+    if (!rc && cl->fused && how == 2) {
         cl->tensor = 1; /* the stage holds bf16 values exactly when every factor was bf16 */
         for (uint64_t i = 0; i < plan->n_stage_ops; i++)
             cl->tensor &= plan->stage_ops[i].src_dtype == RLB_DTYPE_BF16;
@@ -864,19 +861,11 @@ extern "C" int rlb__cuda_lora_bind(rlb_cuda_lora *cl, const rlb_cuda_buf *src,
         cl->desc_stale |= cl->desc[k].c != c;
         cl->desc[k].c = c;
     }
-    bool src_stale = false;
-    for (uint32_t r = 0; cl->fused && src && r < cl->n_src; r++) {
-        src_stale |= cl->h_src[r] != (char *)src[r].ptr;
-        cl->h_src[r] = (char *)src[r].ptr;
-    }
-    if (cl->desc_stale || src_stale) {
+    if (cl->desc_stale) {
         RLB_CHECK(rlb__cuda_enter(cl->device, &prev));
         RLB_CUDA_CHECK(cudaMemcpy(cl->d_desc, cl->desc, (cl->n + 1) * sizeof(merge_desc),
                                   cudaMemcpyHostToDevice), rc, out);
         cl->desc_stale = 0;
-        if (src_stale)
-            RLB_CUDA_CHECK(cudaMemcpy(cl->d_src, cl->h_src, cl->n_src * sizeof(char *),
-                                      cudaMemcpyHostToDevice), rc, out);
     out:
         rlb__cuda_leave(prev);
     }
@@ -895,9 +884,10 @@ static int launch_range(const rlb_cuda_lora *cl, int k, bool fused, cudaStream_t
     const uint64_t tile0 = cl->desc[first].first_tile;
     const unsigned blocks = (unsigned)(cl->desc[last].first_tile - tile0);
     if (fused) {
-#define RLB_FUSED_ARGS                                                                     \
-    cl->d_desc, first, last, tile0, cl->d_pieces, cl->d_bands, cl->d_band_pieces, cl->d_src,  \
-        cl->d_counts
+        /* the sources' addresses: those the base plan's bind checked and tabled */
+        const fused_args a = {cl->d_pieces, cl->d_bands, cl->d_band_pieces,
+                              rlb__cuda_plan_bound_ptrs(cl->base), cl->d_counts};
+#define RLB_FUSED_ARGS cl->d_desc, first, last, tile0, a
         if (cl->tensor && k == RLB_DTYPE_F32)
             fused_tc_kernel<float><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
         else if (cl->tensor && k == RLB_DTYPE_BF16)

@@ -974,6 +974,11 @@ extern "C" uint64_t rlb__cuda_plan_device_bytes(const rlb_cuda_plan *cp)
            (cp->d_stage ? 2 * cp->stage_cap : 0);
 }
 
+extern "C" char *const *rlb__cuda_plan_bound_ptrs(const rlb_cuda_plan *cp)
+{
+    return cp ? cp->all.d_ptrs : nullptr;
+}
+
 extern "C" int rlb__cuda_plan_staging(const rlb_cuda_plan *cp)
 {
     return cp && cp->bound && cp->staging;

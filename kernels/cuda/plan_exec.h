@@ -97,6 +97,10 @@ void rlb__cuda_plan_free(rlb_cuda_plan *cp);
 /* Bytes of device memory the plan holds (ops, descriptors, pointer tables, staging
  * buffers). */
 uint64_t rlb__cuda_plan_device_bytes(const rlb_cuda_plan *cp);
+/* The device's table of the bound addresses, sources [0, n_src) then destinations (a ref the
+ * plan does not use: NULL), on the plan's GPU; kept at the same place from bind to bind.
+ * NULL before the first upload. */
+char *const *rlb__cuda_plan_bound_ptrs(const rlb_cuda_plan *cp);
 /* 1 when the last bind stages some source (read from a GPU without a peer path): its
  * address is then not one a kernel of the plan's GPU may read. */
 int rlb__cuda_plan_staging(const rlb_cuda_plan *cp);
