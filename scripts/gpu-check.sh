@@ -45,6 +45,15 @@ if [ "${RLB_GPU_TESTS:-1}" != 0 ]; then # RLB_GPU_TESTS=0: the steps alone
         > "$out/gpu-tests.log" 2>&1
     grep -E "tests passed|Failed|\*\*\*|Passed|Skipped" "$out/gpu-tests.log" | tail -20
 fi
+# The LoRA tests named by the regex $1, then the merge kernels' bench (lora-kernel, lora).
+lora_kernel() {
+    ctest --test-dir build-gpu -R "$1" -V --timeout 600 > "$out/lora-tests.log" 2>&1
+    grep -E "tests passed|Failed|FAILED|Skipped|Passed|ulps|differ in their|error" \
+        "$out/lora-tests.log" | tail -60
+    build-gpu/bench/rlb-bench-reshard-gpu --lora --iters "${RLB_BENCH_ITERS:-10}" \
+        > "$out/bench-reshard-lora.log" 2>&1
+    tail -11 "$out/bench-reshard-lora.log"
+}
 for step in "$@"; do
     case $step in
     suite)
@@ -72,22 +81,12 @@ for step in "$@"; do
         grep -E "launched|cuda run" "$out/bench-sync-debug.log" | tail -8
         tail -3 "$out/bench-sync-debug.log" ;;
     lora-kernel)
-        ctest --test-dir build-gpu -R 'test_cuda_lora' -V --timeout 400 \
-            > "$out/lora-tests.log" 2>&1
-        grep -E "tests passed|Failed|FAILED|Skipped|Passed|differ in their|error" \
-            "$out/lora-tests.log" | tail -16
-        build-gpu/bench/rlb-bench-reshard-gpu --lora --iters "${RLB_BENCH_ITERS:-10}" \
-            > "$out/bench-reshard-lora.log" 2>&1
-        tail -11 "$out/bench-reshard-lora.log" ;;
+        lora_kernel 'test_cuda_lora' ;;
     lora)
         python3 scripts/make_peft_fixture.py > "$out/peft-fixture.log" 2>&1 &&
             tar cf "$out/peft_lora.tar" tests/fixtures/peft_lora
         tail -12 "$out/peft-fixture.log"
-        ctest --test-dir build-gpu -R 'test_peft_fixture|test_cuda_lora' -V --timeout 600 \
-            > "$out/lora-tests.log" 2>&1
-        grep -E "tests passed|Failed|Skipped|Passed|ulps|differ in their" "$out/lora-tests.log" | tail -60
-        build-gpu/bench/rlb-bench-reshard-gpu --lora > "$out/bench-reshard-lora.log" 2>&1
-        tail -8 "$out/bench-reshard-lora.log"
+        lora_kernel 'test_peft_fixture|test_cuda_lora'
         peer=$(timeout 300 python3 bench/peft_merge_peer.py 2> "$out/peft-peer.err" |
             tee "$out/peft-peer.log" | tail -1)
         tail -4 "$out/peft-peer.log"
