@@ -372,6 +372,8 @@ static void on_stats(bridge *b, br_peer *p, uint64_t id)
         trainers += b->trainers[r] != NULL;
     for (uint32_t i = 0; i < b->n_gens; i++)
         held += b->gens[i].replica < 0;
+    uint64_t x_sent, x_received, x_skipped;
+    br_xnode_bytes(b, &x_sent, &x_received, &x_skipped);
     const rlb_msg_stat s[] = {
         {"weight_version", (double)b->committed},
         {"sync_phase", (double)b->sync}, /* br_sync_state: 0 idle, 1 drain, 2 copy, 3 load,
@@ -405,6 +407,9 @@ static void on_stats(bridge *b, br_peer *p, uint64_t id)
         {"asleep", (double)b->asleep},
         {"staged", (double)(b->opts->mode == RLB_SYNC_STAGED)},
         {"segments", (double)br_mapped_segments(b)},
+        {"xnode_bytes_sent", (double)x_sent},         /* to other nodes' bridges, in all */
+        {"xnode_bytes_received", (double)x_received}, /* from them */
+        {"xnode_bytes_skipped", (double)x_skipped},   /* not sent: the receiver held them */
     };
     rlb_msg m = {.type = RLB_MSG_STATS_REPLY,
                  .stats_reply = {.request_id = id, .n_stats = sizeof(s) / sizeof(s[0]),

@@ -7,6 +7,8 @@
  *   x/<v.k>/epoch/<n> the registration epoch node n syncs v with
  *   x/<v.k>/gate     add: +1 per node ready, +XN_BIG per node aborting; see gate_abort()
  *   x/<v.k>/go       "on" (the exchange runs on every node) or "off <reason>"
+ *   x/<v.k>/have/<n> whole staging: the attempt ("v.k", or "0") whose bytes node n's
+ *                    staging holds as the attempt starts (xnode_delta.h)
  *   x/<v.k>/in       add: +1 per node that posted its transfers, +XN_BIG per node leaving
  *   x/<v.k>/left     the first leaver's reason
  *   x/<v.k>/done     add: +1 per node whose exchange ended (see settle())
@@ -16,7 +18,10 @@
  *   abort            the job's abort line, written by a launcher (or its watchdog)
  * An aborted attempt moves x/<v>/cur on first, so a version published again after a
  * restart of the trainers runs in fresh keys; a node joins each attempt at most once
- * (join_attempt). Transfer tags carry v and k.
+ * (join_attempt). Transfer tags carry v and k, then the chunk's local buffer index (16 bits)
+ * and its index in that buffer (16 bits); buffer 0xffff, chunk 0xffff is reserved for the
+ * manifests of whole staging: per peer, one byte per chunk sent to it, 1 when the chunk's
+ * bytes follow, 0 when the peer's staging holds them already (xnode_delta.h).
  *
  * The registration blob (meta) is little-endian: u32 magic, version, tp_size, replicas,
  * weight dtype, n_buffers, n_tensors; u64 bytes of each buffer; per tensor: u16 name
@@ -38,6 +43,7 @@
 #include <unistd.h>
 
 #include "bridge/bridge_int.h"
+#include "bridge/xnode_delta.h"
 #include "common/env.h"
 #include "common/log.h"
 #include "common/store.h"
@@ -55,6 +61,9 @@
 #define XN_CHECK_MS 100            /* between two liveness checks of a wait */
 #define XN_BEAT_MS 200             /* heartbeat period */
 #define XN_CONNECT_MS 120000       /* the other bridges must come up within this */
+#define XN_TAG_RESERVED 0xffffu    /* local buffer index of the manifests' tag, never a
+                                      buffer's */
+#define XN_TAG_MANIFEST ((uint64_t)XN_TAG_RESERVED << 16 | 0xffffu) /* a manifest's tag */
 
 /* A byte range of one global source buffer that goes from its owner to node `peer`. */
 typedef struct xn_chunk {
@@ -110,6 +119,9 @@ struct br_xnode {
     rlb_source src;
     rlb_plan plan;
     int broken;                /* the transport or store failed for good */
+    uint64_t bytes_sent;       /* chunk bytes sent to other nodes, in all */
+    uint64_t bytes_received;   /* ... received from them */
+    uint64_t bytes_skipped;    /* ... not sent: the receiver held them (xnode_delta.h) */
     /* the thread's own */
     rlb_store *store;
 #ifdef RLB_HAVE_UCX
@@ -131,9 +143,15 @@ struct br_xnode {
     uint32_t n_sends, n_recvs;
     int whole;                 /* whole staging, the plan run once every chunk is in (a plan
                                   with LoRA merges, or one that cannot be cut at chunks) */
+    uint8_t *peer_whole;       /* [nnodes] node m's plan runs from whole staging: what it is
+                                  sent goes with manifests (plan_whole) */
     uint32_t n_slots;          /* chunks in staging at once: max_slots, or all (whole) */
     uint8_t *slots;            /* bounded staging: n_slots chunks, chunk i in slot
                                   i % n_slots */
+    xn_delta delta;            /* whole staging: what need not cross again (xnode_delta.h) */
+    uint8_t *man_out;          /* [n_sends] whole staging: the manifests sent, per chunk 1
+                                  when its bytes follow */
+    uint8_t *man_in;           /* [n_recvs] the manifests received, likewise */
     /* the pipeline, under mu: thread -> loop, and loop -> thread */
     uint8_t *arrived;          /* [n_recvs] chunk i is in its staging */
     uint8_t *consumed;         /* [n_recvs] every op reading chunk i ran: its slot is free */
@@ -440,6 +458,7 @@ static void free_built(br_xnode *x)
     for (uint32_t g = 0; x->staging && g < x->n_global; g++)
         free(x->staging[g]);
     free(x->staging);
+    free(x->peer_whole);
     free(x->src_ptr);
     free(x->src_len);
     free(x->base);
@@ -448,8 +467,12 @@ static void free_built(br_xnode *x)
     free(x->slots);
     free(x->arrived);
     free(x->consumed);
-    x->slots = x->arrived = x->consumed = NULL;
+    free(x->man_out);
+    free(x->man_in);
+    xn_delta_free(&x->delta);
+    x->slots = x->arrived = x->consumed = x->man_out = x->man_in = NULL;
     x->staging = NULL;
+    x->peer_whole = NULL;
     x->src_ptr = NULL;
     x->src_len = NULL;
     x->base = NULL;
@@ -521,9 +544,11 @@ static int build_source(br_xnode *x, rlb_source *src, char *err, size_t len)
     return rc;
 }
 
+/* A byte range of a source buffer that a plan reads. */
 typedef struct xn_range {
     uint32_t buf;
     uint64_t lo, hi;
+    int factor;  /* read by a stage op: LoRA factor bytes, which change every version */
 } xn_range;
 
 static int range_cmp(const void *a, const void *b)
@@ -534,33 +559,49 @@ static int range_cmp(const void *a, const void *b)
     return p->lo < q->lo ? -1 : p->lo > q->lo;
 }
 
-/* Appends to *list the chunks of the remote bytes node m's plan reads, merged per buffer:
- * those sent by this node (sends: owner is us) or received by it (m is us). */
-static int add_chunks(br_xnode *x, int m, const rlb_plan *plan, int sends, xn_chunk **list,
-                      uint32_t *n, char *err, size_t len)
+/* Appends to rg[*nr] the source ranges of ops[n] that cross between node m and another
+ * node: those this node sends m (sends: owner is us), or those m receives (m is us). */
+static void add_ranges(const br_xnode *x, int m, int sends, const rlb_copy_op *ops, uint64_t n,
+                       int factor, xn_range *rg, uint64_t *nr)
 {
-    xn_range *rg = malloc((plan->n_ops + 1) * sizeof(*rg));
-    uint64_t nr = 0;
-    if (!rg)
-        return RLB_ENOMEM;
-    for (uint64_t i = 0; i < plan->n_ops; i++) {
-        const rlb_copy_op *op = &plan->ops[i];
+    for (uint64_t i = 0; i < n; i++) {
+        const rlb_copy_op *op = &ops[i];
         if (op->src_ref == RLB_PLAN_ZERO_SRC)
             continue;
         int o = owner(x, op->src_ref);
         if (o == m || (sends && o != x->node))
             continue;
         uint64_t es = rlb_dtype_size((rlb_dtype)op->src_dtype);
-        rg[nr++] = (xn_range){.buf = op->src_ref, .lo = op->src_offset,
-                              .hi = op->src_offset + (op->rows - 1) * op->src_stride +
-                                    op->row_elems * es};
+        rg[(*nr)++] = (xn_range){.buf = op->src_ref, .lo = op->src_offset,
+                                 .hi = op->src_offset + (op->rows - 1) * op->src_stride +
+                                       op->row_elems * es,
+                                 .factor = factor};
     }
+}
+
+/* Appends to *list the chunks of the remote bytes node m's plan reads, merged per buffer:
+ * those sent by this node (sends: owner is us) or received by it (m is us). A LoRA plan
+ * reads sources through three lists: ops[], the stage ops (factor pieces) and the merges'
+ * base copies. Factor bytes never share a chunk with other bytes, so after the first
+ * version a chunk of the frozen base stays unchanged (xnode_delta.h). Local buffer index
+ * 0xffff is not used: its tag is the manifests'. */
+static int add_chunks(br_xnode *x, int m, const rlb_plan *plan, int sends, xn_chunk **list,
+                      uint32_t *n, char *err, size_t len)
+{
+    xn_range *rg = malloc((plan->n_ops + plan->n_stage_ops + plan->n_merge_copies + 1) *
+                          sizeof(*rg));
+    uint64_t nr = 0;
+    if (!rg)
+        return RLB_ENOMEM;
+    add_ranges(x, m, sends, plan->ops, plan->n_ops, 0, rg, &nr);
+    add_ranges(x, m, sends, plan->stage_ops, plan->n_stage_ops, 1, rg, &nr);
+    add_ranges(x, m, sends, plan->merge_copies, plan->n_merge_copies, 0, rg, &nr);
     qsort(rg, nr, sizeof(*rg), range_cmp);
     int rc = 0;
     uint32_t cur_buf = UINT32_MAX, chunk = 0;
     for (uint64_t i = 0; i < nr && rc == 0;) {
         xn_range r = rg[i++];
-        while (i < nr && rg[i].buf == r.buf && rg[i].lo <= r.hi) {
+        while (i < nr && rg[i].buf == r.buf && rg[i].factor == r.factor && rg[i].lo <= r.hi) {
             r.hi = rg[i].hi > r.hi ? rg[i].hi : r.hi;
             i++;
         }
@@ -573,7 +614,7 @@ static int add_chunks(br_xnode *x, int m, const rlb_plan *plan, int sends, xn_ch
         for (uint64_t at = r.lo, end; at < r.hi && rc == 0; at = end) {
             end = (at / x->chunk + 1) * x->chunk; /* cut at multiples: never mid-element */
             end = end < r.hi ? end : r.hi;
-            if (local > 0xffff || chunk > 0xffff) {
+            if (local >= XN_TAG_RESERVED || chunk > 0xffff) {
                 snprintf(err, len, "node %d: too many source buffers or chunks to tag", o);
                 rc = RLB_ETOOBIG;
                 break;
@@ -658,10 +699,27 @@ static void cut_op(xn_ops *out, const rlb_copy_op *op, uint64_t chunk)
     }
 }
 
+/* 1 when node m's plan runs from whole staging: it has LoRA merges, or an op reads another
+ * node's elements at offsets that are not multiples of their size (a chunk boundary could
+ * split one). Every node decides it alike for every plan, so a sender knows how each peer
+ * receives (with manifests or not). */
+static int plan_whole(const br_xnode *x, int m, const rlb_plan *plan)
+{
+    if (plan->n_merges || plan->n_stage_ops)
+        return 1;
+    for (uint64_t i = 0; i < plan->n_ops; i++) {
+        const rlb_copy_op *op = &plan->ops[i];
+        uint64_t es = rlb_dtype_size((rlb_dtype)op->src_dtype);
+        if (op->src_ref != RLB_PLAN_ZERO_SRC && owner(x, op->src_ref) != m &&
+            (op->src_offset % es || op->src_stride % es))
+            return 1;
+    }
+    return 0;
+}
+
 /* Cuts the ops of this node's plan that read another node's buffer at the chunk boundaries
  * (add_chunks), so each op reads one received chunk and can run as soon as that chunk is
- * in. Returns 1, 0 when an op reads elements at offsets that are not multiples of their size
- * (a boundary could split one; the plan stays as it is), or RLB_ENOMEM. */
+ * in (a plan that plan_whole passed). Returns 0 or RLB_ENOMEM. */
 static int split_ops(const br_xnode *x, rlb_plan *plan)
 {
     xn_ops out = {0};
@@ -672,16 +730,10 @@ static int split_ops(const br_xnode *x, rlb_plan *plan)
         first[d] = out.n;
         for (uint64_t i = plan->dst_first_op[d]; i < plan->dst_first_op[d + 1]; i++) {
             const rlb_copy_op *op = &plan->ops[i];
-            uint64_t es = rlb_dtype_size((rlb_dtype)op->src_dtype);
-            if (op->src_ref == RLB_PLAN_ZERO_SRC || owner(x, op->src_ref) == x->node) {
+            if (op->src_ref == RLB_PLAN_ZERO_SRC || owner(x, op->src_ref) == x->node)
                 push_op(&out, op);
-            } else if (op->src_offset % es || op->src_stride % es) {
-                free(out.p);
-                free(first);
-                return 0;
-            } else {
+            else
                 cut_op(&out, op, x->chunk);
-            }
         }
     }
     first[plan->n_dst] = out.n;
@@ -695,23 +747,28 @@ static int split_ops(const br_xnode *x, rlb_plan *plan)
     plan->ops = out.p;
     plan->n_ops = out.n;
     plan->dst_first_op = first;
-    return 1;
+    return 0;
 }
 
 /* The staging of what this node receives. Bounded (a plan without LoRA merges, cut at the
  * chunks): max_slots chunks at once, each op of the loop reading its chunk's slot, so the
  * reshard of what arrived runs while the rest is in flight. Whole: a copy of every remote
- * buffer read, the plan run once every chunk is in. */
+ * buffer read, the plan run once every chunk is in; it outlives the version, so the next
+ * one is sent only the chunks that changed (xnode_delta.h: a new plan starts with no
+ * records, and an empty staging). */
 static int stage(br_xnode *x, rlb_plan *mine)
 {
-    int rc = mine->n_merges || mine->n_stage_ops ? 0 : split_ops(x, mine);
+    x->whole = x->peer_whole[x->node];
+    int rc = x->whole ? 0 : split_ops(x, mine);
     if (rc < 0)
         return rc;
-    x->whole = rc == 0;
     x->n_slots = x->whole || x->n_recvs < x->max_slots ? x->n_recvs : x->max_slots;
     x->arrived = calloc(x->n_recvs + 1, 1);
     x->consumed = calloc(x->n_recvs + 1, 1);
-    if (!x->arrived || !x->consumed)
+    x->man_out = calloc(x->n_sends + 1, 1);
+    x->man_in = calloc(x->n_recvs + 1, 1);
+    if (!x->arrived || !x->consumed || !x->man_out || !x->man_in ||
+        xn_delta_reset(&x->delta, x->nnodes, x->n_sends) < 0)
         return RLB_ENOMEM;
     if (!x->whole)
         return (x->slots = malloc(x->n_slots * x->chunk + 1)) ? 0 : RLB_ENOMEM;
@@ -754,7 +811,8 @@ static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
     x->staging = calloc(x->n_global + 1, sizeof(*x->staging));
     x->src_ptr = calloc(x->n_global + 1, sizeof(*x->src_ptr));
     x->src_len = calloc(x->n_global + 1, sizeof(*x->src_len));
-    if (!x->staging || !x->src_ptr || !x->src_len)
+    x->peer_whole = calloc((size_t)x->nnodes + 1, 1);
+    if (!x->staging || !x->src_ptr || !x->src_len || !x->peer_whole)
         return RLB_ENOMEM;
     rlb_source src;
     if ((rc = build_source(x, &src, err, len)) < 0) {
@@ -771,6 +829,8 @@ static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
         if (t->tp_size == 0)
             continue; /* no workers there: it needs nothing */
         rc = rlb__plan_build(&src, &tgt, &plan, e, sizeof(e));
+        if (rc == 0)
+            x->peer_whole[m] = (uint8_t)plan_whole(x, m, &plan);
         if (rc < 0) {
             snprintf(err, len, "node %d's plan: %s", m, e);
         } else if (m == x->node) {
@@ -1131,18 +1191,203 @@ static int post_recvs(br_xnode *x, uint64_t vt, rlb_xreq **reqs, uint32_t *poste
     return rc < 0 ? rc : n;
 }
 
+/* ---- The exchange: whole staging sends only what changed (xnode_delta.h) ---------------- */
+
+/* 1 when every chunk is in (whole staging waits for that). */
+static int all_arrived(br_xnode *x)
+{
+    int all = 1;
+    pthread_mutex_lock(&x->mu);
+    for (uint32_t k = 0; k < x->n_recvs && all; k++)
+        all = x->arrived[k];
+    pthread_mutex_unlock(&x->mu);
+    return all;
+}
+
+/* An exchange's requests are indexed: receives, sends, then (whole staging) the manifest
+ * sent to each node, then the one received from each node. */
+static uint32_t req_man_out(const br_xnode *x, int peer)
+{
+    return x->n_recvs + x->n_sends + (uint32_t)peer;
+}
+
+static uint32_t req_man_in(const br_xnode *x, int peer)
+{
+    return req_man_out(x, x->nnodes) + (uint32_t)peer;
+}
+
+/* The node at the other end of request i. */
+static int req_peer(const br_xnode *x, uint32_t i)
+{
+    if (i < x->n_recvs)
+        return x->recvs[i].peer;
+    if (i < req_man_out(x, 0))
+        return x->sends[i - x->n_recvs].peer;
+    return (int)((i - req_man_out(x, 0)) % (uint32_t)x->nnodes);
+}
+
+/* The chunks of list[n] whose peer is p: [*first, *first + the count returned). They are
+ * contiguous: sends are listed peer by peer, receives by global buffer, and each node's
+ * buffers are consecutive there. */
+static uint32_t span_of(const xn_chunk *list, uint32_t n, int p, uint32_t *first)
+{
+    uint32_t i = 0, k = 0;
+    while (i < n && list[i].peer != p)
+        i++;
+    while (i + k < n && list[i + k].peer == p)
+        k++;
+    *first = i;
+    return k;
+}
+
+/* A peer's x/<v.k>/have/<n>, awaited by send_changed. */
+typedef struct xn_have {
+    const xn_version *xv;
+    xn_key key;
+} xn_have;
+
+/* 1 once the key is set. A node that left the exchange will not write it: that ends the
+ * wait at once (RLB_EABORTED, its reason). */
+static int have_ready(br_xnode *x, void *arg, char *why, size_t len)
+{
+    xn_have *h = arg;
+    int64_t in;
+    int rc = key_set(x, &h->key, why, len);
+    return rc != 0 ? rc : entered(x, h->xv, &in, why, len);
+}
+
+/* Whole staging: once `peer` said what its staging holds, sends it the manifest of the
+ * chunks it is sent (1: the bytes follow, 0: unchanged since the attempt it holds), then
+ * those chunks. *left loses the skipped ones, *skipped counts their bytes. Returns 0 or a
+ * negative code with why. */
+static int send_changed(br_xnode *x, const xn_version *xv, int peer, uint64_t vt,
+                        rlb_xreq **reqs, uint32_t *left, uint64_t *skipped, char *why,
+                        size_t len)
+{
+    uint32_t first, n = span_of(x->sends, x->n_sends, peer, &first);
+    char key[96], val[64], what[64];
+    if (n == 0)
+        return 0;
+    snprintf(key, sizeof(key), "%s/have/%d", xv->base, peer);
+    snprintf(what, sizeof(what), "node %d to post its transfers", peer);
+    xn_have h = {.xv = xv, .key = {.key = key, .buf = val, .cap = sizeof(val)}};
+    int rc = wait_for(x, what, have_ready, &h, NULL, NULL, why, len);
+    if (rc < 0)
+        return rc;
+    int held = xn_delta_open(&x->delta, peer, xn_attempt_parse(val));
+    for (uint32_t i = first; i < first + n; i++) {
+        const xn_chunk *c = &x->sends[i];
+        x->man_out[i] = (uint8_t)xn_delta_changed(&x->delta, i, held,
+                                                  (const uint8_t *)x->src_ptr[c->buf] + c->off,
+                                                  c->len);
+    }
+    xn_delta_close(&x->delta, peer, (xn_attempt){.v = xv->v, .k = (uint32_t)xv->k});
+    rc = x->xp->iface->isend(x->xp->ctx, peer, vt | XN_TAG_MANIFEST, x->man_out + first, n,
+                             &reqs[req_man_out(x, peer)]);
+    (*left)++;
+    for (uint32_t i = first; i < first + n && rc == 0; i++) {
+        const xn_chunk *c = &x->sends[i];
+        if (!x->man_out[i]) {
+            *skipped += c->len;
+            (*left)--;
+            continue;
+        }
+        rc = x->xp->iface->isend(x->xp->ctx, peer, vt | c->tag,
+                                 (const uint8_t *)x->src_ptr[c->buf] + c->off, c->len,
+                                 &reqs[x->n_recvs + i]);
+    }
+    if (rc < 0)
+        snprintf(why, len, "node %d cannot send to node %d: %s", x->node, peer,
+                 rlb_strerror(rc));
+    return rc;
+}
+
+/* Sends `peer` (bounded staging) every chunk it is sent. Returns 0 or the transport's error
+ * (why says it). */
+static int send_all(br_xnode *x, int peer, uint64_t vt, rlb_xreq **reqs, char *why, size_t len)
+{
+    uint32_t first, n = span_of(x->sends, x->n_sends, peer, &first);
+    int rc = 0;
+    for (uint32_t i = first; i < first + n && rc == 0; i++) {
+        const xn_chunk *c = &x->sends[i];
+        rc = x->xp->iface->isend(x->xp->ctx, peer, vt | c->tag,
+                                 (const uint8_t *)x->src_ptr[c->buf] + c->off, c->len,
+                                 &reqs[x->n_recvs + i]);
+    }
+    if (rc < 0)
+        snprintf(why, len, "node %d cannot start its transfers: %s", x->node, rlb_strerror(rc));
+    return rc;
+}
+
+/* Whole staging: the manifest of `peer` is in: posts the receives of the chunks whose bytes
+ * follow; the others are in the staging already (arrived), and leave *left. Returns 0 or the
+ * transport's error. */
+static int recv_changed(br_xnode *x, int peer, uint64_t vt, rlb_xreq **reqs, uint32_t *left)
+{
+    uint32_t first, n = span_of(x->recvs, x->n_recvs, peer, &first), kept = 0;
+    int rc = 0;
+    for (uint32_t i = first; i < first + n && rc == 0; i++) {
+        const xn_chunk *c = &x->recvs[i];
+        if (x->man_in[i]) {
+            rc = x->xp->iface->irecv(x->xp->ctx, peer, vt | c->tag, recv_at(x, i), c->len,
+                                     &reqs[i]);
+            continue;
+        }
+        pthread_mutex_lock(&x->mu);
+        x->arrived[i] = 1;
+        pthread_mutex_unlock(&x->mu);
+        kept++;
+    }
+    *left -= kept;
+    if (kept)
+        wake_loop(x);
+    return rc;
+}
+
+/* Whole staging, before any transfer: publishes what the staging holds
+ * (x/<v.k>/have/<node>), which from now on is unknown until every receive of this attempt is
+ * in, and posts the receives of the other nodes' manifests. Returns 0 or a negative code
+ * with why. */
+static int start_manifests(br_xnode *x, const xn_version *xv, uint64_t vt, rlb_xreq **reqs,
+                           uint32_t *left, char *why, size_t len)
+{
+    char key[96], val[64];
+    int n = xn_attempt_format(x->delta.have, val, sizeof(val));
+    x->delta.have = (xn_attempt){0};
+    snprintf(key, sizeof(key), "%s/have/%d", xv->base, x->node);
+    int rc = rlb__store_set(x->store, key, val, (size_t)n);
+    if (rc < 0)
+        return snprintf(why, len, "node %d lost the rendezvous store: %s", x->node,
+                        rlb_strerror(rc)), rc;
+    for (int p = 0; p < x->nnodes && rc == 0; p++) {
+        uint32_t first, k = span_of(x->recvs, x->n_recvs, p, &first);
+        if (k == 0 || p == x->node)
+            continue;
+        rc = x->xp->iface->irecv(x->xp->ctx, p, vt | XN_TAG_MANIFEST, x->man_in + first, k,
+                                 &reqs[req_man_in(x, p)]);
+        (*left)++;
+    }
+    if (rc < 0)
+        snprintf(why, len, "node %d cannot receive: %s", x->node, rlb_strerror(rc));
+    return rc;
+}
+
 /* Runs this node's sends and receives of attempt xv to the end (also after an abort
  * elsewhere: every node that passed the gate runs the same exchange, so every request has
  * its match). Tags carry the attempt, so nothing left over from an earlier one can match.
  * Once its transfers are posted the loop takes the plan (exchanged = 1) and reshards each
- * chunk as it arrives (br_xnode_pump), freeing its slot for a later one.
+ * chunk as it arrives (br_xnode_pump), freeing its slot for a later one. Whole staging
+ * sends each peer a manifest first and then only the chunks that changed (send_changed,
+ * recv_changed).
  * The no-progress bound runs only while every node is in (has posted its requests, counted
  * in x/<v.k>/in): until then a node still building its plan is waited for like one at the
  * gate, bounded by liveness; a node that left (leave()) ends the wait at once. *held says
- * whether a send was still pending at the end. Returns 0 or a negative code with why. */
+ * whether a send (a manifest too) was still pending at the end. The byte counts go to the
+ * loop's stats, and the log. Returns 0 or a negative code with why. */
 static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, size_t len)
 {
-    uint32_t n = x->n_sends + x->n_recvs, posted = 0;
+    uint32_t n = req_man_in(x, x->nnodes), posted = 0, left = x->n_sends + x->n_recvs;
+    uint64_t sent = 0, received = 0, skipped = 0;
     rlb_xreq **reqs = calloc(n + 1, sizeof(*reqs));
     int rc = reqs ? 0 : RLB_ENOMEM;
     uint64_t vt = ((xv->v & 0xfff) << 4 | ((uint64_t)xv->k & 0xf)) << 32;
@@ -1150,16 +1395,18 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
     memset(x->arrived, 0, x->n_recvs);
     memset(x->consumed, 0, x->n_recvs);
     pthread_mutex_unlock(&x->mu);
-    for (uint32_t i = 0; i < x->n_sends && rc == 0; i++) {
-        const xn_chunk *c = &x->sends[i];
-        rc = x->xp->iface->isend(x->xp->ctx, c->peer, vt | c->tag,
-                                 (const uint8_t *)x->src_ptr[c->buf] + c->off, c->len,
-                                 &reqs[x->n_recvs + i]);
-    }
-    if (rc == 0 && (rc = post_recvs(x, vt, reqs, &posted)) > 0)
-        rc = 0;
-    if (rc < 0)
+    if (rc == 0 && x->whole)
+        rc = start_manifests(x, xv, vt, reqs, &left, why, len);
+    for (int p = 0; p < x->nnodes && rc == 0; p++)
+        rc = x->peer_whole[p] ? send_changed(x, xv, p, vt, reqs, &left, &skipped, why, len)
+                              : send_all(x, p, vt, reqs, why, len);
+    int got = rc == 0 && !x->whole ? post_recvs(x, vt, reqs, &posted) : 0;
+    if (got < 0) {
+        rc = got;
         snprintf(why, len, "node %d cannot start its transfers: %s", x->node, rlb_strerror(rc));
+    }
+    if (!reqs)
+        snprintf(why, len, "node %d: no memory for its transfers", x->node);
     char key[96];
     int64_t in = 0;
     snprintf(key, sizeof(key), "%s/in", xv->base);
@@ -1167,7 +1414,6 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
         snprintf(why, len, "node %d lost the rendezvous store: %s", x->node, rlb_strerror(rc));
     if (rc == 0)
         report(x, &x->exchanged, 1, 0, "");
-    uint32_t left = n;
     long long last = now_ms(), next_in = 0;
     while (rc == 0 && left) {
         uint32_t was_left = left;
@@ -1183,16 +1429,21 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
             if (r < 0) {
                 rc = r;
                 snprintf(why, len, "node %d: a transfer with node %d failed: %s", x->node,
-                         i < x->n_recvs ? x->recvs[i].peer : x->sends[i - x->n_recvs].peer,
-                         rlb_strerror(r));
+                         req_peer(x, i), rlb_strerror(r));
             } else if (i < x->n_recvs) {
+                received += x->recvs[i].len;
                 pthread_mutex_lock(&x->mu);
                 x->arrived[i] = 1;
                 pthread_mutex_unlock(&x->mu);
                 wake_loop(x);
+            } else if (i < req_man_out(x, 0)) {
+                sent += x->sends[i - x->n_recvs].len;
+            } else if (i >= req_man_in(x, 0) &&
+                       (rc = recv_changed(x, req_peer(x, i), vt, reqs, &left)) < 0) {
+                snprintf(why, len, "node %d cannot receive: %s", x->node, rlb_strerror(rc));
             }
         }
-        int got = rc == 0 ? post_recvs(x, vt, reqs, &posted) : 0;
+        got = rc == 0 && !x->whole ? post_recvs(x, vt, reqs, &posted) : 0;
         if (got < 0) {
             rc = got;
             snprintf(why, len, "node %d cannot receive: %s", x->node, rlb_strerror(rc));
@@ -1222,12 +1473,23 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
             rc = RLB_ETIMEDOUT;
         }
     }
-    for (uint32_t i = 0; i < n; i++) {
-        *held |= reqs[i] && i >= x->n_recvs; /* a send a peer may still read */
+    for (uint32_t i = 0; reqs && i < n; i++) {
+        /* a send (or manifest) a peer may still read */
+        *held |= reqs[i] && i >= x->n_recvs && i < req_man_in(x, 0);
         if (reqs[i])
             x->xp->iface->cancel(x->xp->ctx, reqs[i]);
     }
     free(reqs);
+    if (x->whole && all_arrived(x))
+        x->delta.have = (xn_attempt){.v = xv->v, .k = (uint32_t)xv->k};
+    pthread_mutex_lock(&x->mu);
+    x->bytes_sent += sent;
+    x->bytes_received += received;
+    x->bytes_skipped += skipped;
+    pthread_mutex_unlock(&x->mu);
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "xnode: node %d: version %" PRIu64 " (attempt %d): sent %"
+                 PRIu64 " bytes, skipped %" PRIu64 " unchanged, received %" PRIu64, x->node,
+                 xv->v, xv->k, sent, skipped, received);
     return rc;
 }
 #endif
@@ -1516,7 +1778,9 @@ static void pipe_free(br_xnode *x)
 }
 
 /* Sets up the pipeline over the bound copy (b->copy.view, the live replicas' ops): which
- * chunk each op reads; chunks no op reads are consumed at once. Returns 0 or RLB_ENOMEM. */
+ * chunk each op reads; chunks no op reads are consumed at once. Whole staging runs the view
+ * once, every chunk in (its stage ops and merge copies read chunks too): no op waits for
+ * one chunk there. Returns 0 or RLB_ENOMEM. */
 static int pipe_init(bridge *b)
 {
     br_xnode *x = b->xnode;
@@ -1538,8 +1802,9 @@ static int pipe_init(bridge *b)
     memset(c->nonfinite, 0, (n + c->view.n_merges) * sizeof(*c->nonfinite));
     for (uint64_t i = 0; i < n; i++) {
         const rlb_copy_op *op = &c->view.ops[i];
-        x->op_chunk[i] = op->src_ref == RLB_PLAN_ZERO_SRC ? XN_LOCAL
-                                                          : chunk_of(x, op->src_ref, op->src_offset);
+        x->op_chunk[i] = op->src_ref == RLB_PLAN_ZERO_SRC || x->whole
+                             ? XN_LOCAL
+                             : chunk_of(x, op->src_ref, op->src_offset);
         if (x->op_chunk[i] != XN_LOCAL)
             x->chunk_left[x->op_chunk[i]]++;
     }
@@ -1577,17 +1842,6 @@ static uint64_t next_wave(br_xnode *x, const br_copy *c)
     }
     pthread_mutex_unlock(&x->mu);
     return n;
-}
-
-/* 1 when every chunk is in (whole staging waits for that). */
-static int all_arrived(br_xnode *x)
-{
-    int all = 1;
-    pthread_mutex_lock(&x->mu);
-    for (uint32_t k = 0; k < x->n_recvs && all; k++)
-        all = x->arrived[k];
-    pthread_mutex_unlock(&x->mu);
-    return all;
 }
 
 int br_xnode_pump(bridge *b)
@@ -1776,6 +2030,19 @@ int br_xnode_remote_rank(const bridge *b, uint32_t rank)
 {
     const br_xnode *x = b->xnode;
     return x && (rank < x->first_rank || rank >= x->first_rank + x->n_ranks);
+}
+
+void br_xnode_bytes(const bridge *b, uint64_t *sent, uint64_t *received, uint64_t *skipped)
+{
+    br_xnode *x = b->xnode;
+    *sent = *received = *skipped = 0;
+    if (!x)
+        return;
+    pthread_mutex_lock(&x->mu);
+    *sent = x->bytes_sent;
+    *received = x->bytes_received;
+    *skipped = x->bytes_skipped;
+    pthread_mutex_unlock(&x->mu);
 }
 
 int br_xnode_busy(const bridge *b)

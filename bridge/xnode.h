@@ -13,7 +13,11 @@
  *   3. every node builds the same global source and every node's plan, and from the plans
  *      the byte ranges each node needs of each other node's buffers: it sends what its own
  *      ranks hold to the nodes that need it and receives what its workers need, in chunks,
- *      into a bounded staging that the local plan reads as sources;
+ *      into a bounded staging that the local plan reads as sources; a plan with LoRA
+ *      merges keeps a whole copy of what it reads instead, from one version to the next,
+ *      and there a sender sends a manifest first and then only the chunks whose bytes the
+ *      receiver does not hold yet (it says in the store which attempt its staging holds):
+ *      after the first version only the adapters cross (DESIGN §10, xnode_delta.h);
  *      The exchange's no-progress bound (RLB_PEER_TIMEOUT_MS + 1 s without a completed
  *      transfer) runs only once every node has posted its transfers; a node that cannot
  *      (its plan failed, say) says so in the store and the others stop at once; one whose
@@ -76,6 +80,9 @@ int br_xnode_commit_ready(bridge *b);
  * node has prepared and only node 0's outcome may end the version (also once that outcome
  * is a commit the loop has not acted on yet). */
 int br_xnode_abort_hook(bridge *b, int code, const char *text);
+/* Chunk bytes this node sent to other nodes, received from them, and did not send because
+ * the receiver held them (xnode_delta.h), in all; zeros on a single node. */
+void br_xnode_bytes(const bridge *b, uint64_t *sent, uint64_t *received, uint64_t *skipped);
 /* 1 while the thread works on a version (it may read the trainers' segments: keep them
  * mapped). */
 int br_xnode_busy(const bridge *b);

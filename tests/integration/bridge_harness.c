@@ -26,6 +26,7 @@
 #include "worker/daemon.h"
 
 #define H_ALIGN 4 /* FSDP1 use_orig_params alignment: 16 bytes of F32 */
+#define H_UNIT_ENTRIES 128 /* room for one FSDP1 unit's entries: parameters, factors, padding */
 
 static double now_s(void)
 {
@@ -33,6 +34,11 @@ static double now_s(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
+
+const char *const h_lora_targets[H_LORA_TARGETS] = {
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj",
+};
 
 /* /dev/shm entries this run's processes could have made (shm_own.h). */
 static int count_dev_shm(const h_run *r)
@@ -418,24 +424,28 @@ static void fsdp2_rows(const rlb_param *p, uint32_t f, uint32_t w, int64_t *row0
     *rows = *row0 >= p->rows ? 0 : (p->rows - *row0 < c ? p->rows - *row0 : c);
 }
 
-/* Unit u's FSDP1 flat layout (model/params.h), aligned as use_orig_params does. */
-static uint64_t flat_walk(int u, uint32_t world, rlb_flat_piece_fn fn, void *arg)
+/* Unit u's FSDP1 flat layout of list l (model/params.h), aligned as use_orig_params does. */
+static uint64_t flat_walk(const rlb_param_list *l, int u, uint32_t world, rlb_flat_piece_fn fn,
+                          void *arg)
 {
-    return rlb__params_fsdp1_walk(tiny_params(), u, H_ALIGN, world, fn, arg);
+    return rlb__params_fsdp1_walk(l, u, H_ALIGN, world, fn, arg);
 }
 
 typedef struct flat_fill {
+    const h_trainer *t; /* whose list and values */
     float *chunk;    /* this rank's chunk */
     uint64_t lo, hi; /* flat range of the chunk */
     uint64_t v;      /* version */
     rlb_fsdp1_entry *entries; /* when non-NULL: collect entries */
     uint32_t n;      /* entries collected */
+    int64_t count_p; /* when >= 0: count the elements of this parameter inside the chunk */
+    uint64_t count;
 } flat_fill;
 
 static void flat_cb(void *arg, int64_t p, uint64_t start, uint64_t numel)
 {
     flat_fill *f = arg;
-    const rlb_param_list *l = tiny_params();
+    const rlb_param_list *l = f->t->list;
     if (f->entries) {
         rlb_fsdp1_entry *e = &f->entries[f->n++];
         memset(e, 0, sizeof(*e));
@@ -450,16 +460,21 @@ static void flat_cb(void *arg, int64_t p, uint64_t start, uint64_t numel)
         }
         return;
     }
+    if (f->count_p >= 0) {
+        uint64_t lo = start > f->lo ? start : f->lo, hi = start + numel < f->hi ? start + numel : f->hi;
+        f->count += p == f->count_p && hi > lo ? hi - lo : 0;
+        return;
+    }
     for (uint64_t i = 0; i < numel; i++) {
         uint64_t g = start + i;
         if (g >= f->lo && g < f->hi)
-            f->chunk[g - f->lo] = p < 0 ? 0.0f : wval(f->v, p, i, is_norm(&l->params[p]));
+            f->chunk[g - f->lo] = p < 0 ? 0.0f : f->t->value(f->v, l, p, i);
     }
 }
 
 void h_trainer_fill(h_trainer *t, uint64_t v)
 {
-    const rlb_param_list *l = tiny_params();
+    const rlb_param_list *l = t->list;
     float *out = (float *)t->mem;
     if (t->layout == H_FSDP2) {
         for (int64_t p = 0; p < l->n; p++) {
@@ -467,18 +482,33 @@ void h_trainer_fill(h_trainer *t, uint64_t v)
             fsdp2_rows(&l->params[p], t->rank, t->world, &row0, &rows);
             uint64_t n = (uint64_t)(rows * l->params[p].cols);
             for (uint64_t i = 0; i < n; i++)
-                out[i] = wval(v, p, (uint64_t)(row0 * l->params[p].cols) + i,
-                              is_norm(&l->params[p]));
+                out[i] = t->value(v, l, p, (uint64_t)(row0 * l->params[p].cols) + i);
             out += (n + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
         }
         return;
     }
     for (int u = 0; u <= (int)l->cfg.n_layers; u++) {
-        uint64_t chunk = flat_walk(u, t->world, NULL, NULL) / t->world;
-        flat_fill f = {.chunk = out, .lo = t->rank * chunk, .hi = (t->rank + 1) * chunk, .v = v};
-        flat_walk(u, t->world, flat_cb, &f);
+        uint64_t chunk = flat_walk(l, u, t->world, NULL, NULL) / t->world;
+        flat_fill f = {.t = t, .chunk = out, .lo = t->rank * chunk,
+                       .hi = (t->rank + 1) * chunk, .v = v, .count_p = -1};
+        flat_walk(l, u, t->world, flat_cb, &f);
         out += (chunk + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
     }
+}
+
+uint64_t h_shard_bytes(const h_trainer *t, int64_t p, uint32_t f)
+{
+    const rlb_param *q = &t->list->params[p];
+    if (t->layout == H_FSDP2) {
+        int64_t row0, rows;
+        fsdp2_rows(q, f, t->world, &row0, &rows);
+        return (uint64_t)(rows * q->cols) * sizeof(float);
+    }
+    int u = rlb__param_fsdp1_unit(q);
+    uint64_t chunk = flat_walk(t->list, u, t->world, NULL, NULL) / t->world;
+    flat_fill c = {.t = t, .lo = f * chunk, .hi = (f + 1) * chunk, .count_p = p};
+    flat_walk(t->list, u, t->world, flat_cb, &c);
+    return c.count * sizeof(float);
 }
 
 float h_weight_named(uint64_t v, const char *name, uint64_t elem)
@@ -492,7 +522,7 @@ float h_weight_named(uint64_t v, const char *name, uint64_t elem)
 
 int h_trainer_poison(h_trainer *t, const char *name, uint64_t elem, float value)
 {
-    const rlb_param_list *l = tiny_params();
+    const rlb_param_list *l = t->list;
     float *out = (float *)t->mem;
     for (int64_t p = 0; t->layout == H_FSDP2 && p < l->n; p++) {
         int64_t row0, rows;
@@ -530,20 +560,56 @@ int h_poison3_named(const char *why)
 
 int (*h_alloc)(rlb_client *c, size_t bytes, void **ptr) = rlb_alloc_host;
 
+/* The tiny model's weights of version v (wval). */
+static float tiny_value(uint64_t v, const rlb_param_list *l, int64_t p, uint64_t i)
+{
+    return wval(v, p, i, is_norm(&l->params[p]));
+}
+
 int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layout layout)
 {
-    const rlb_param_list *l = tiny_params();
+    return h_trainer_open_list(r, t, rank, world, layout, tiny_params(), tiny_value);
+}
+
+/* Declares the list's LoRA adapters for t's rank. Returns 0 or the client's error. */
+static int declare_adapters(h_trainer *t)
+{
+    const rlb_param_list *l = t->list;
+    if (l->n_adapters == 0)
+        return 0;
+    rlb_lora_desc *d = calloc((size_t)l->n_adapters, sizeof(*d));
+    if (!d)
+        return RLB_ENOMEM;
+    for (int64_t k = 0; k < l->n_adapters; k++) {
+        const rlb_param_adapter *a = &l->adapters[k];
+        rlb_lora_desc_init(&d[k]);
+        d[k].target = l->params[a->base].name;
+        d[k].rank = (uint32_t)a->rank;
+        d[k].alpha = a->scale * (float)a->rank;
+    }
+    int rc = rlb_register_lora(t->c, d, (size_t)l->n_adapters);
+    if (rc)
+        fprintf(stderr, "register_lora: %s\n", rlb_last_error(t->c));
+    free(d);
+    return rc;
+}
+
+int h_trainer_open_list(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layout layout,
+                        const rlb_param_list *l, h_value_fn value)
+{
     memset(t, 0, sizeof(*t));
     t->rank = rank;
     t->world = world;
     t->layout = layout;
+    t->list = l;
+    t->value = value;
     int rc = h_connect(r, rank, world, &t->c);
-    if (rc)
+    if (rc || (rc = declare_adapters(t)))
         return rc;
     uint32_t n_units = (uint32_t)l->cfg.n_layers + 1;
     uint32_t n = layout == H_FSDP2 ? (uint32_t)l->n : n_units;
     rlb_tensor_desc *d = calloc(n, sizeof(*d));
-    rlb_fsdp1_entry *entries = calloc(n_units * 64, sizeof(*entries));
+    rlb_fsdp1_entry *entries = calloc(n_units * H_UNIT_ENTRIES, sizeof(*entries));
     uint64_t floats = 0;
     for (uint32_t k = 0; k < n; k++) {
         rlb_tensor_desc_init(&d[k]);
@@ -562,9 +628,9 @@ int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layo
             floats += (uint64_t)((rows * p->cols + H_ALIGN - 1) / H_ALIGN * H_ALIGN);
         } else {
             static char names[64][16];
-            uint64_t total = flat_walk((int)k, world, NULL, NULL);
-            flat_fill f = {.entries = entries + 64 * k};
-            flat_walk((int)k, world, flat_cb, &f);
+            uint64_t total = flat_walk(l, (int)k, world, NULL, NULL);
+            flat_fill f = {.t = t, .entries = entries + H_UNIT_ENTRIES * k, .count_p = -1};
+            flat_walk(l, (int)k, world, flat_cb, &f);
             snprintf(names[k], sizeof(names[k]), "unit%u", k);
             d[k].name = names[k];
             d[k].layout = RLB_TENSOR_FSDP1;

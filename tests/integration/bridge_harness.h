@@ -19,6 +19,11 @@
 
 typedef enum h_layout { H_FSDP2 = 0, H_FSDP1 = 1 } h_layout;
 
+struct rlb_param_list;
+
+/* Element i (row-major) of parameter p of list l in version v, as a trainer writes it. */
+typedef float (*h_value_fn)(uint64_t v, const struct rlb_param_list *l, int64_t p, uint64_t i);
+
 /* A trainer rank: a client, its shared memory and what it registered. */
 typedef struct h_trainer {
     rlb_client *c;     /* connection */
@@ -27,6 +32,8 @@ typedef struct h_trainer {
     h_layout layout;   /* how its shards are laid out */
     uint8_t *mem;      /* rlb_alloc_host memory holding every shard */
     size_t bytes;      /* bytes of mem in use */
+    const struct rlb_param_list *list; /* the parameters it holds shards of */
+    h_value_fn value;  /* their values */
 } h_trainer;
 
 /* A trainer rank running in its own process, driven through pipes. */
@@ -45,6 +52,10 @@ typedef struct h_run {
 } h_run;
 
 /* Starts a bridge (tiny model) in mode; waits for its socket. Returns 0 or -1. */
+/* The seven LoRA targets of a layer (suffixes of HF weight names: "self_attn.q_proj", ...). */
+#define H_LORA_TARGETS 7
+extern const char *const h_lora_targets[H_LORA_TARGETS];
+
 int h_start(h_run *r, rlb_sync_mode mode);
 /* The same with version v's weights, written as a checkpoint, as the bridge's base
  * (rlb_bridge_opts.base_dir): weights no trainer registers come from there. */
@@ -112,6 +123,15 @@ int h_connect(h_run *r, uint32_t rank, uint32_t world, rlb_client **out);
 extern int (*h_alloc)(rlb_client *c, size_t bytes, void **ptr);
 /* Allocates (h_alloc) and registers rank t's shards. Returns 0 or the client's error. */
 int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layout layout);
+/* h_trainer_open for the parameters of `list` (the tiny model's, plus the LoRA adapters
+ * added to it with rlb__params_add_adapter), valued by `value`; `list` outlives t. The rank
+ * declares the list's adapters (rlb_register_lora, alpha = scale * rank) before it registers
+ * their factors like any tensor: FSDP2 shards, or entries of their layer's FSDP1 unit. */
+int h_trainer_open_list(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layout layout,
+                        const struct rlb_param_list *list, h_value_fn value);
+/* Bytes of parameter p of t's list that FSDP rank f of t's world holds (FSDP2 rows; FSDP1
+ * the part of the parameter inside f's chunk of its unit), without alignment padding. */
+uint64_t h_shard_bytes(const h_trainer *t, int64_t p, uint32_t f);
 /* Writes version v's weights into t's shards. */
 void h_trainer_fill(h_trainer *t, uint64_t v);
 void h_trainer_close(h_trainer *t);

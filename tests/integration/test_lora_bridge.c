@@ -27,12 +27,6 @@
 #define ALPHA 8.0f
 #define TP 2
 
-/* The seven targets of a layer (suffixes of HF weight names). */
-static const char *const targets[] = {
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj",
-};
-#define N_TARGETS (sizeof targets / sizeof targets[0])
 
 /* One adapted weight: its base parameter and its factors' storage. */
 typedef struct adapted {
@@ -105,19 +99,18 @@ static void lora_sync(int base_in_bridge, rlb_sync_mode mode)
     assert_int_equal(h_wait_workers(&r, c, TP, 1), 0);
 
     /* Memory: the base, then every factor. */
-    int n_ad = (int)(N_TARGETS * (size_t)l->cfg.n_layers);
+    int n_ad = (int)(H_LORA_TARGETS * (size_t)l->cfg.n_layers);
     adapted *ad = calloc((size_t)n_ad, sizeof(*ad));
     uint64_t floats = 0;
     for (int64_t p = 0; p < l->n; p++)
         floats += rlb__param_numel(&l->params[p]);
     for (int k = 0; k < n_ad; k++) {
         adapted *a = &ad[k];
-        snprintf(a->weight, sizeof a->weight, "model.layers.%d.%s.weight", k / (int)N_TARGETS,
-                 targets[k % N_TARGETS]);
-        snprintf(a->a_name, sizeof a->a_name, "model.layers.%d.%s.lora_A.weight",
-                 k / (int)N_TARGETS, targets[k % N_TARGETS]);
-        snprintf(a->b_name, sizeof a->b_name, "model.layers.%d.%s.lora_B.weight",
-                 k / (int)N_TARGETS, targets[k % N_TARGETS]);
+        int layer = k / H_LORA_TARGETS;
+        const char *target = h_lora_targets[k % H_LORA_TARGETS];
+        snprintf(a->weight, sizeof a->weight, "model.layers.%d.%s.weight", layer, target);
+        snprintf(a->a_name, sizeof a->a_name, "model.layers.%d.%s.lora_A.weight", layer, target);
+        snprintf(a->b_name, sizeof a->b_name, "model.layers.%d.%s.lora_B.weight", layer, target);
         a->base = rlb__params_find(l, a->weight);
         assert_true(a->base >= 0);
         a->out = l->params[a->base].rows;

@@ -10,6 +10,10 @@ model over all nodes' ranks). Covered:
   node with the naive reference (xnode_trainer --check); the FSDP2 job again with chunks of
   4 KiB through 3 chunks of staging (ops cut at chunk boundaries, slots reused while the
   rest is in flight);
+- the same two jobs with LoRA adapters on every target (xnode_trainer --lora: a frozen base,
+  factors new in every version, checked against W + s * B * A): after version 1 each node
+  receives exactly the factor bytes the other node's ranks hold; and a remote trainer killed
+  mid-sync with a restart, followed by correct weights;
 - kill -9 of a remote trainer rank before it publishes and just after (mid-sync): the version
   aborts on every node (each other rank reads "aborted"), and with --max-restarts 1 the job
   recovers and finishes all 20 versions, without restarts it exits with the error;
@@ -223,6 +227,50 @@ class XnodeTest(XnodeCase):
         job = Job(self, 3, 1, ["--layout", "fsdp1", "--versions", "20", "--check"])
         self.assertEqual(job.wait(90), [0, 0, 0], "\n".join(o[-2000:] for o in job.out))
         self.synced_all(job, 3, 1, 20)
+        self.assertClean(job)
+
+    def test_lora_fsdp2_two_nodes(self):
+        """LoRA adapters on every target (DESIGN §10): the factors' FSDP2 shards cross nodes
+        like the base (stage ops and the merges' base copies read other nodes' bytes), and
+        after the first version only they do: each node's bridge then receives exactly the
+        factor bytes the other node's ranks hold (xnode_trainer computes them from the shards
+        it registered), with every worker buffer checked in every version."""
+        versions = 4
+        job = Job(self, 2, 2, ["--layout", "fsdp2", "--versions", str(versions), "--lora",
+                               "--check"])
+        self.assertEqual(job.wait(90), [0, 0], "\n".join(o[-2000:] for o in job.out))
+        self.synced_all(job, 2, 2, versions)
+        for out in job.out:
+            got = {int(v): (int(r), int(b), int(f)) for v, r, b, f in re.findall(
+                r"xnode bytes (\d+): received (\d+), remote base (\d+), remote factors (\d+)",
+                out)}
+            self.assertEqual(sorted(got), list(range(1, versions + 1)), out[-3000:])
+            received, base, factors = got[1]
+            print("version 1: received %d bytes (the other node holds %d of base, %d of "
+                  "factors)" % (received, base, factors), file=sys.stderr)
+            self.assertGreaterEqual(received, base)
+            for v in range(2, versions + 1):
+                self.assertEqual(got[v][0] - got[v - 1][0], factors,
+                                 "version %d: %s" % (v, out[-3000:]))
+            print("versions 2..%d: received %d bytes each" % (versions, factors),
+                  file=sys.stderr)
+        self.assertClean(job)
+
+    def test_lora_fsdp1_three_nodes(self):
+        job = Job(self, 3, 1, ["--layout", "fsdp1", "--versions", "4", "--lora", "--check"])
+        self.assertEqual(job.wait(90), [0, 0, 0], "\n".join(o[-2000:] for o in job.out))
+        self.synced_all(job, 3, 1, 4)
+        self.assertClean(job)
+
+    def test_lora_remote_trainer_killed_recovers(self):
+        """With LoRA adapters, rank 1 (node 1) is killed just after it published 3, mid-sync:
+        the attempt aborts, and the versions after the restart, whose exchanges skip what a
+        node's staging holds, still give every worker the right weights (--check)."""
+        job = Job(self, 2, 1, ["--versions", "6", "--lora", "--check", "--die", "1:3:during",
+                               "--republish", "5"], restarts=1)
+        self.assertEqual(job.wait(90), [0, 0], "\n".join(o[-2000:] for o in job.out))
+        self.assertIn("restarting the trainer group", job.out[0])
+        self.synced_all(job, 2, 1, 6)
         self.assertClean(job)
 
     def test_remote_trainer_killed_recovers(self):

@@ -1,7 +1,7 @@
 /* xnode_trainer.c: the trainer script of the multi-node tests (test_xnode.py), run by
  * `rlb launch --no-python` on every node with torchrun's environment.
  *
- *   xnode_trainer [--layout fsdp2|fsdp1] [--versions N] [--check]
+ *   xnode_trainer [--layout fsdp2|fsdp1] [--versions N] [--check] [--lora]
  *                 [--republish N] (publish an aborted version again, up to N times)
  *                 [--die RANK:V:when]   when: before (kill -9 itself before publishing V),
  *                                       during (a helper kills it just after), or stall
@@ -14,13 +14,23 @@
  * node after each commit (found through /proc: the memfd "rlb-weights-0" of each `rlb
  * worker` of this node's socket) and compares it element by element with the naive
  * reference of tests/unit/plan_ref.h (h_check_buffer).
+ * With --lora every rank declares LoRA adapters (rank 4, alpha 8) on the seven targets of
+ * every layer and registers their factors beside the base, in the same FSDP layout; the
+ * base stays version 1's weights, the factors are a pure function of (version, name,
+ * element). --check then compares each worker element with W + s * B * A computed here in
+ * double (check_lora_buffer), and local rank 0 prints after each commit what its bridge
+ * received from other nodes in all (stat xnode_bytes_received) and the base and factor bytes
+ * the other nodes' ranks hold (from the shards it registered, not from the bridge):
+ * "xnode bytes V: received R, remote base B, remote factors F".
  * Prints "synced V", "aborted V: reason", "done"; exits 0, or 3 after an abort, 1 on a
  * mismatch (naming the first wrong element), 77 when /proc/PID/mem cannot be read.
  */
 #include <ctype.h>
 #include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,7 +38,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "model/lora.h"
+#include "model/params.h"
 #include "tests/integration/bridge_harness.h"
+#include "tests/unit/plan_ref.h"
+
+#define LORA_RANK 4
+#define LORA_ALPHA 8.0f
+
 
 static long env_int(const char *name)
 {
@@ -82,13 +99,160 @@ static pid_t find_worker(const char *sock, int tp, int *tp_size)
     return found;
 }
 
+/* Element i of LoRA factor `name` in version v: small, so the merged model stays
+ * well-conditioned, and different in every version. */
+static float factor_value(uint64_t v, const char *name, uint64_t i)
+{
+    uint64_t z = UINT64_C(0xcbf29ce484222325);
+    for (const char *c = name; *c; c++)
+        z = (z ^ (uint8_t)*c) * UINT64_C(0x100000001b3);
+    z ^= v * UINT64_C(0x9E3779B97F4A7C15) + i * UINT64_C(0xD1B54A32D192ED03);
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    z ^= z >> 31;
+    return ((float)(z >> 40) / (float)(1u << 24) - 0.5f) * 0.5f;
+}
+
+/* The values a --lora rank writes: the base of version 1 (the tiny model's parameters come
+ * first in the list, at their own indices), the factors of version v. */
+static float lora_value(uint64_t v, const rlb_param_list *l, int64_t p, uint64_t i)
+{
+    const rlb_param *q = &l->params[p];
+    if (q->role == RLB_ROLE_LORA_A || q->role == RLB_ROLE_LORA_B)
+        return factor_value(v, q->name, i);
+    return h_weight(1, p, i);
+}
+
+/* The tiny model's parameters with an adapter on every target of every layer. */
+static int lora_list(rlb_param_list *l)
+{
+    char err[256] = "", name[96];
+    int rc = rlb__params_init(l, &h_params()->cfg, err, sizeof(err));
+    for (int layer = 0; rc == 0 && layer < (int)l->cfg.n_layers; layer++)
+        for (size_t k = 0; rc == 0 && k < H_LORA_TARGETS; k++) {
+            snprintf(name, sizeof(name), "model.layers.%d.%s.weight", layer, h_lora_targets[k]);
+            rc = rlb__params_add_adapter(l, name, LORA_RANK, LORA_ALPHA / LORA_RANK, err,
+                                         sizeof(err));
+        }
+    if (rc)
+        fprintf(stderr, "xnode_trainer: adapters: %s\n", err);
+    return rc;
+}
+
+/* Version v's values of ref parameter p, row-major in double: its base (version 1), and
+ * for a target its factors A [r, in] and B [out, r]. */
+typedef struct ref_values {
+    double *w, *a, *b;
+} ref_values;
+
+static int is_target(int which)
+{
+    return which == P_Q || which == P_K || which == P_V || which == P_O || which == P_GATE ||
+           which == P_UP || which == P_DOWN;
+}
+
+static void ref_values_fill(ref_values *rv, const ref_param *p, uint64_t v)
+{
+    uint64_t n = (uint64_t)(p->rows * p->cols);
+    int64_t tiny = 0;
+    while (strcmp(h_params()->params[tiny].name, p->name))
+        tiny++;
+    rv->w = malloc(n * sizeof(double));
+    for (uint64_t i = 0; i < n; i++)
+        rv->w[i] = h_weight(1, tiny, i);
+    rv->a = rv->b = NULL;
+    if (!is_target(p->which))
+        return;
+    char name[128];
+    int len = (int)(strlen(p->name) - strlen(".weight"));
+    rv->a = malloc((uint64_t)(LORA_RANK * p->cols) * sizeof(double));
+    rv->b = malloc((uint64_t)(p->rows * LORA_RANK) * sizeof(double));
+    snprintf(name, sizeof(name), "%.*s.lora_A.weight", len, p->name);
+    for (uint64_t i = 0; i < (uint64_t)(LORA_RANK * p->cols); i++)
+        rv->a[i] = factor_value(v, name, i);
+    snprintf(name, sizeof(name), "%.*s.lora_B.weight", len, p->name);
+    for (uint64_t i = 0; i < (uint64_t)(p->rows * LORA_RANK); i++)
+        rv->b[i] = factor_value(v, name, i);
+}
+
+/* Compares the F32 weight buffer of worker pid (TP rank t of T) with version v's merged
+ * weights W + s * B * A, computed here in double and laid out by the naive reference of
+ * tests/unit/plan_ref.h, sharing no code with the planner or the executor. A merged element
+ * must be within (r + 4) 2^-23 (|W| + |s| sum |B A terms|) of it (the executor's f32 sums,
+ * as tests/unit/lora_case.h allows), every other one hold W's bits, padding zero. Returns
+ * 0, 1 (the first mismatch printed) or 77 (the buffer cannot be read). */
+static int check_lora_buffer(pid_t pid, uint32_t t, uint32_t T, uint64_t v)
+{
+    uint64_t have = 0, total = 0;
+    float *got = h_worker_weights(pid, 0, &have);
+    if (!got) {
+        printf("worker %d: weight buffer 0 cannot be read: %s\n", (int)pid, strerror(errno));
+        return 77;
+    }
+    rlb_model_config cfg = h_params()->cfg;
+    ref_model m;
+    ref_model_init(&m, &cfg, 0);
+    ref_values *rv = calloc((size_t)m.n, sizeof(*rv));
+    for (int i = 0; i < m.n; i++)
+        ref_values_fill(&rv[i], &m.p[i], v);
+    ref_tensor ts[3 + 7 * 8];
+    int n = ref_tensors(&cfg, (int)T, sizeof(float), ts, &total), bad = total > have;
+    double s = (double)LORA_ALPHA / LORA_RANK;
+    for (int k = 0; k < n && !bad; k++)
+        for (int64_t lr = 0; lr < ts[k].rows && !bad; lr++)
+            for (int64_t lc = 0; lc < ts[k].cols && !bad; lc++) {
+                float x = got[ts[k].offset / sizeof(float) + (uint64_t)(lr * ts[k].cols + lc)];
+                uint32_t bits;
+                memcpy(&bits, &x, sizeof(bits));
+                int which;
+                int64_t gr, gc;
+                if (!ref_origin(&cfg, (int)T, (int)t, ts[k].kind, lr, lc, &which, &gr, &gc)) {
+                    if (bits)
+                        printf("worker %d (TP rank %u of %u): padding row %lld of tensor %d "
+                               "is %g\n", (int)pid, t, T, (long long)lr, k, x);
+                    bad = bits != 0;
+                    continue;
+                }
+                int pi = m.idx[(ts[k].layer + 1) * P_KINDS + which];
+                const ref_param *p = &m.p[pi];
+                const ref_values *pv = &rv[pi];
+                double w = pv->w[gr * p->cols + gc], want = w, tol = 0, sum = 0, mag = 0;
+                for (int64_t j = 0; pv->a && j < LORA_RANK; j++) {
+                    double term = pv->b[gr * LORA_RANK + j] * pv->a[j * p->cols + gc];
+                    sum += term;
+                    mag += fabs(term);
+                }
+                if (pv->a) {
+                    want = w + s * sum;
+                    tol = (double)(LORA_RANK + 4) * ldexp(fabs(w) + s * mag, -23);
+                }
+                if (!(fabs((double)x - want) <= tol)) {
+                    printf("worker %d (TP rank %u of %u): %s[%lld, %lld] is %.9g, version %"
+                           PRIu64 " has %.9g there (tol %.3g)\n", (int)pid, t, T, p->name,
+                           (long long)gr, (long long)gc, x, v, want, tol);
+                    bad = 1;
+                }
+            }
+    for (int i = 0; i < m.n; i++) {
+        free(rv[i].w);
+        free(rv[i].a);
+        free(rv[i].b);
+    }
+    free(rv);
+    ref_model_free(&m);
+    free(got);
+    return bad;
+}
+
 /* Compares TP rank t's buffer with the reference of version v. Returns 0, 1 (mismatch,
  * printed) or 77 (cannot read it). */
-static int check_worker(const char *sock, int t, uint64_t v, int rank)
+static int check_worker(const char *sock, int t, uint64_t v, int rank, int lora)
 {
     int T = 1;
     pid_t pid = find_worker(sock, t, &T);
-    int rc = pid > 0 ? h_check_buffer(pid, 0, (uint32_t)t, (uint32_t)T, v) : 77;
+    int rc = pid <= 0 ? 77
+             : lora   ? check_lora_buffer(pid, (uint32_t)t, (uint32_t)T, v)
+                      : h_check_buffer(pid, 0, (uint32_t)t, (uint32_t)T, v);
     if (rc == 77)
         printf("check unavailable: worker TP rank %d of %s: %s\n", t, sock,
                pid > 0 ? "its buffer cannot be read" : "not found");
@@ -96,8 +260,29 @@ static int check_worker(const char *sock, int t, uint64_t v, int rank)
         printf("MISMATCH rank %d: version %" PRIu64 ", worker TP rank %d of %d\n", rank, v, t,
                T);
     if (!rc && t + 1 < T)
-        return check_worker(sock, t + 1, v, rank);
+        return check_worker(sock, t + 1, v, rank, lora);
     return rc;
+}
+
+/* Prints what this node's bridge received from other nodes so far and the bytes of base and
+ * of factors that the ranks of other nodes hold (this node's ranks: first .. + n). */
+static void print_bytes(const h_trainer *t, uint64_t v, uint32_t first, uint32_t n)
+{
+    uint64_t base = 0, factors = 0;
+    for (uint32_t f = 0; f < t->world; f++) {
+        if (f >= first && f < first + n)
+            continue;
+        for (int64_t p = 0; p < t->list->n; p++) {
+            rlb_param_role role = t->list->params[p].role;
+            uint64_t b = h_shard_bytes(t, p, f);
+            if (role == RLB_ROLE_LORA_A || role == RLB_ROLE_LORA_B)
+                factors += b;
+            else
+                base += b;
+        }
+    }
+    printf("xnode bytes %" PRIu64 ": received %.0f, remote base %" PRIu64 ", remote factors %"
+           PRIu64 "\n", v, h_stat(t->c, "xnode_bytes_received"), base, factors);
 }
 
 /* Kills this process with SIGKILL after `us` microseconds, from a helper process. */
@@ -116,7 +301,7 @@ int main(int argc, char **argv)
 {
     h_layout layout = H_FSDP2;
     uint64_t versions = 20;
-    int check = 0, die_rank = -1, republish = 0, tries = 0;
+    int check = 0, lora = 0, die_rank = -1, republish = 0, tries = 0;
     uint64_t die_v = 0;
     char die_when[16] = "";
     for (int i = 1; i < argc; i++) {
@@ -126,6 +311,8 @@ int main(int argc, char **argv)
             versions = strtoull(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--check"))
             check = 1;
+        else if (!strcmp(argv[i], "--lora"))
+            lora = 1;
         else if (!strcmp(argv[i], "--republish") && i + 1 < argc)
             republish = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--die") && i + 1 < argc &&
@@ -137,14 +324,19 @@ int main(int argc, char **argv)
         }
     }
     int rank = (int)env_int("RANK"), world = (int)env_int("WORLD_SIZE");
-    int local = (int)env_int("LOCAL_RANK");
+    int local = (int)env_int("LOCAL_RANK"), local_world = (int)env_int("LOCAL_WORLD_SIZE");
     int restart = getenv("TORCHELASTIC_RESTART_COUNT") ? atoi(getenv("TORCHELASTIC_RESTART_COUNT")) : 0;
     const char *dir = getenv("RLB_SOCKET_DIR");
     h_run r;
     memset(&r, 0, sizeof(r));
     snprintf(r.sock, sizeof(r.sock), "%s/bridge", dir ? dir : ".");
     h_trainer t;
-    int rc = h_trainer_open(&r, &t, (uint32_t)rank, (uint32_t)world, layout);
+    rlb_param_list with_adapters;
+    int rc = lora ? lora_list(&with_adapters) : 0;
+    if (rc == 0)
+        rc = lora ? h_trainer_open_list(&r, &t, (uint32_t)rank, (uint32_t)world, layout,
+                                        &with_adapters, lora_value)
+                  : h_trainer_open(&r, &t, (uint32_t)rank, (uint32_t)world, layout);
     if (rc) {
         printf("rank %d: cannot register: %s\n", rank, rlb_strerror(rc));
         return 1;
@@ -172,10 +364,14 @@ int main(int argc, char **argv)
             return 3;
         }
         printf("synced %" PRIu64 " (%.2f ms)\n", v, st.ms);
-        if (check && local == 0 && (rc = check_worker(r.sock, 0, v, rank)) != 0)
+        if (lora && check && local == 0)
+            print_bytes(&t, v, (uint32_t)(rank - local), (uint32_t)local_world);
+        if (check && local == 0 && (rc = check_worker(r.sock, 0, v, rank, lora)) != 0)
             return rc;
     }
     printf("done\n");
     h_trainer_close(&t);
+    if (lora)
+        rlb__params_free(&with_adapters);
     return 0;
 }

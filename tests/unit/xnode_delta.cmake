@@ -1,0 +1,3 @@
+# Which chunks a node need not send again to another node's whole staging (bridge/xnode_delta.h).
+rlb_add_test(NAME test_xnode_delta SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_xnode_delta.c
+             LIBS rlb_bridge_core LABELS unit)
