@@ -241,10 +241,6 @@ static int hello_worker(bridge *b, br_peer *p, const rlb_msg_hello *h, char *why
     if (b->tp_size && wdt != b->wdt)
         return snprintf(why, len, "weights of %s, but the other workers hold %s",
                         rlb_dtype_name(wdt), rlb_dtype_name(b->wdt)), RLB_EDTYPE;
-    if (h->device == RLB_DEVICE_CUDA && h->tp_size > 1)
-        return snprintf(why, len, "GPU workers of TP size %u: this bridge drives GPU workers "
-                        "of TP size 1 (NCCL between TP ranks is not wired up yet)", h->tp_size),
-               RLB_EUNSUPPORTED;
     if (h->device == RLB_DEVICE_CUDA && (rc = br_use_cuda(b, why, len)) < 0)
         return rc;
     if (b->tp_size == 0) {

@@ -6,6 +6,9 @@
  * children are the other ranks; they all-reduce through one MAP_SHARED region (the
  * shared-memory communicator of common/tp_comm.h) and make the same engine calls in
  * lockstep. Rank 0 loads its weights before forking, so a bad checkpoint is reported once.
+ * On the GPU each rank takes its own GPU (--gpu + rank) and the ranks all-reduce through
+ * NCCL, whose unique id rank 0 hands the others through that region; no rank touches CUDA
+ * before the fork.
  *
  * Exit status: 0 done, 1 the model or the run failed (missing files, shapes that do not
  * match the config, ids outside the vocabulary, a TP size the model cannot split into),
@@ -24,6 +27,7 @@
 #include <unistd.h>
 
 #include "launch/cmds.h"
+#include "launch/launch.h"
 #include "rlb/rlb.h"
 #include "worker/backends.h"
 #include "worker/daemon.h"
@@ -63,7 +67,8 @@ static void usage(FILE *f)
             "  --seed S             sampling seed (default 0)\n"
             "  --n N                samples of the prompt (default 1)\n"
             "  --stop-ids LIST      comma-separated ids that end a sample (kept in it)\n"
-            "  --tp T               tensor-parallel processes (default 1)\n"
+            "  --tp T               tensor-parallel processes (default 1); on the GPU one GPU\n"
+            "                       per rank, rank r on GPU --gpu + r, all-reducing through NCCL\n"
             RLB_BACKEND_USAGE
             "  --threads N          BLAS threads per process (default: RLB_THREADS)\n"
             "Prints one JSON line per sample: index, tokens, logprobs, finish_reason.\n");
@@ -297,7 +302,9 @@ static int run_rank(const gen_opts *o, const rlb_loaded *m, rlb_tp_comm *comm)
     rlb_engine *e;
     rlb_ebackend *b = NULL;
     char err[512] = "";
-    int rc = rlb__backend_open(&m->layout, m->weights, comm, &o->choice, &b, NULL, err,
+    rlb_backend_choice choice = o->choice;
+    choice.cuda_device += comm->rank; /* on the GPU, one per rank (NCCL takes no less) */
+    int rc = rlb__backend_open(&m->layout, m->weights, comm, &choice, &b, NULL, err,
                                sizeof err);
     if (rc == 0)
         rc = rlb__engine_create_on(b, &eo, &e);
@@ -331,8 +338,12 @@ static int choose_backend(gen_opts *o)
 {
     rlb_backend_choice *c = &o->choice;
     *c = (rlb_backend_choice)RLB_BACKEND_CHOICE_INIT;
-    c->device = rlb__backend_resolve(o->be.device == RLB_DEVICE_AUTO ? rlb__backend_device_env()
-                                                                     : o->be.device);
+    rlb_device want = o->be.device == RLB_DEVICE_AUTO ? rlb__backend_device_env() : o->be.device;
+    /* Ranks are forked, and CUDA started before a fork is unusable after it: with several
+     * ranks "auto" looks for GPU device nodes instead of asking CUDA. */
+    if (want == RLB_DEVICE_AUTO && o->tp > 1)
+        want = rlb__launch_count_gpus() >= o->tp ? RLB_DEVICE_CUDA : RLB_DEVICE_CPU;
+    c->device = rlb__backend_resolve(want);
     c->cuda_device = o->be.cuda_device;
     c->dtype = o->be.dtype;
     c->quant = o->be.quant;
@@ -342,11 +353,6 @@ static int choose_backend(gen_opts *o)
         c->gpu_memory_utilization = o->be.gpu_memory_utilization;
     c->max_batch_tokens = 512; /* the engine's defaults (engine.h) */
     c->max_seqs = 256;
-    if (c->device == RLB_DEVICE_CUDA && o->tp > 1) {
-        fprintf(stderr, "rlb generate: --tp %ld on the GPU needs one GPU per rank and NCCL, "
-                "which is not wired up yet; use --device cpu or --tp 1\n", o->tp);
-        return 1;
-    }
     return 0;
 }
 

@@ -793,6 +793,17 @@ static int abort_capture(cuda_backend *c)
     return step_fail(c, c->capturing ? RLB_ECUDA : 0);
 }
 
+/* 1 once a T > 1 backend has its group's communicator. */
+static int tp_joined(const cuda_backend *c)
+{
+#ifdef RLB_HAVE_NCCL
+    return c->nccl != NULL;
+#else
+    (void)c;
+    return 0;
+#endif
+}
+
 static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *kv)
 {
     cuda_backend *c = cb(b);
@@ -809,6 +820,11 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
         return RLB_EINVAL;
     if (c->weights_asleep)
         return RLB_EINVAL;
+    if (c->T > 1 && !tp_joined(c)) {
+        RLB_LOG_ERROR(RLB_SUB_ENGINE, "TP rank %d of %d has not joined its group's NCCL "
+                      "communicator (rlb__cuda_backend_join_tp)", c->rank, c->T);
+        return RLB_EINVAL;
+    }
     if (bt->rows > c->R || bt->n_spans > c->S || bt->out > c->O ||
         bt->max_blocks * bt->n_spans > c->B * c->S) {
         RLB_LOG_ERROR(RLB_SUB_ENGINE,
@@ -1424,25 +1440,75 @@ out:
     return rc;
 }
 
-static int init_nccl(cuda_backend *c)
+/* The TP group's NCCL communicator from `id` (NCCL_UNIQUE_ID_BYTES; every rank passes the
+ * same), on the backend's device (current). */
+static int init_nccl(cuda_backend *c, const void *id_bytes)
 {
-    if (c->T == 1)
-        return 0;
 #ifdef RLB_HAVE_NCCL
-    if (!c->opts.nccl_id) {
-        RLB_LOG_ERROR(RLB_SUB_ENGINE, "TP %d needs an NCCL unique id", c->T);
-        return RLB_EINVAL;
-    }
     ncclUniqueId id;
-    memcpy(&id, c->opts.nccl_id, sizeof id);
+    memcpy(&id, id_bytes, sizeof id);
     ncclResult_t nr = ncclCommInitRank(&c->nccl, c->T, id, c->rank);
     if (nr != ncclSuccess) {
-        RLB_LOG_ERROR(RLB_SUB_ENGINE, "ncclCommInitRank(%d of %d): %s", c->rank, c->T,
-                      ncclGetErrorString(nr));
+        RLB_LOG_ERROR(RLB_SUB_ENGINE, "ncclCommInitRank(rank %d of %d on GPU %d): %s%s",
+                      c->rank, c->T, c->device, ncclGetErrorString(nr),
+                      nr == ncclInvalidUsage ? " (NCCL takes one GPU per rank: is another "
+                                               "rank of the group on the same GPU?)" : "");
         c->nccl = NULL;
         return RLB_ECUDA;
     }
     return 0;
+#else
+    (void)id_bytes;
+    RLB_LOG_ERROR(RLB_SUB_ENGINE, "TP %d: this build has no NCCL", c->T);
+    return RLB_EUNSUPPORTED;
+#endif
+}
+
+/* The unique id travels as floats through the group's own communicator: a status (1: rank 0
+ * made an id), then the id's bytes. */
+#define ID_FLOATS (1 + (128 + sizeof(float) - 1) / sizeof(float))
+
+int rlb__cuda_backend_join_tp(rlb_ebackend *b, rlb_tp_comm *comm)
+{
+    cuda_backend *c = cb(b);
+    if (c->T == 1)
+        return 0;
+    if (!comm || comm->size != c->T || comm->rank != c->rank)
+        return RLB_EINVAL;
+#ifdef RLB_HAVE_NCCL
+    if (c->nccl)
+        return 0;
+    _Static_assert(sizeof(ncclUniqueId) <= (ID_FLOATS - 1) * sizeof(float), "id room");
+    float send[ID_FLOATS] = {0};
+    float *recv = calloc((size_t)c->T * ID_FLOATS, sizeof *recv);
+    if (!recv)
+        return RLB_ENOMEM;
+    if (c->rank == 0) {
+        ncclUniqueId id;
+        ncclResult_t nr = ncclGetUniqueId(&id);
+        if (nr == ncclSuccess) {
+            send[0] = 1.0f;
+            memcpy(send + 1, &id, sizeof id);
+        } else {
+            RLB_LOG_ERROR(RLB_SUB_ENGINE, "ncclGetUniqueId: %s", ncclGetErrorString(nr));
+        }
+    }
+    /* Every rank takes part even when rank 0 failed, so none waits for the others. */
+    int rc = rlb__tp_allgather(comm, send, ID_FLOATS, recv);
+    if (rc == 0 && recv[0] != 1.0f) {
+        RLB_LOG_ERROR(RLB_SUB_ENGINE, "TP rank 0 could not make the group's NCCL id");
+        rc = RLB_ECUDA;
+    }
+    int prev;
+    if (rc == 0 && (rc = rlb__cuda_enter(c->device, &prev)) == 0) {
+        rc = init_nccl(c, recv + 1);
+        rlb__cuda_leave(prev);
+    }
+    free(recv);
+    if (rc == 0)
+        RLB_LOG_INFO(RLB_SUB_ENGINE, "TP rank %d of %d joined the group's NCCL communicator "
+                     "on GPU %d", c->rank, c->T, c->device);
+    return rc;
 #else
     RLB_LOG_ERROR(RLB_SUB_ENGINE, "TP %d: this build has no NCCL", c->T);
     return RLB_EUNSUPPORTED;
@@ -1596,7 +1662,7 @@ int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weig
                    rc, err_inv);
     LT_CHECK(cublasLtCreate(&c->lt), rc, err_inv);
     RLB_CUDA_CHECK(cudaMalloc(&c->lt_ws, LT_WORKSPACE), rc, err_inv);
-    if ((rc = init_nccl(c)))
+    if (c->T > 1 && opts->nccl_id && (rc = init_nccl(c, opts->nccl_id)))
         goto err_inv;
     c->host_weights = host_weights;
     if ((rc = do_postload(c)))

@@ -69,11 +69,6 @@ int rlb__backend_open(const rlb_tp_layout *layout, const void *weights, rlb_tp_c
     o.max_batch_tokens = c->max_batch_tokens;
     o.max_seqs = c->max_seqs;
     o.weight_buffers = c->weight_buffers;
-    if (layout->tp_size > 1) {
-        snprintf(err, errlen, "CUDA backend: TP size %d needs the NCCL unique id from the "
-                 "bridge, which is not wired up yet (TP 1 only)", layout->tp_size);
-        return RLB_EUNSUPPORTED;
-    }
     /* Created without a host copy bound (the backend would upload it again at every
      * post-load processing, long after the caller freed it): uploaded once here. */
     if ((rc = rlb__ebackend_cuda_create(layout, NULL, &o, out)) < 0 ||
@@ -85,12 +80,34 @@ int rlb__backend_open(const rlb_tp_layout *layout, const void *weights, rlb_tp_c
         *out = NULL;
         return rc;
     }
+    if (comm && (rc = rlb__backend_join_tp(*out, comm, err, errlen)) < 0) {
+        (*out)->iface->destroy(*out);
+        *out = NULL;
+        return rc;
+    }
     if (kv_budget)
         *kv_budget = rlb__cuda_backend_kv_budget(*out, c->gpu_memory_utilization);
     return 0;
 #else
     snprintf(err, errlen, "this build has no CUDA backend (rebuild where nvcc is found)");
     return RLB_EUNSUPPORTED;
+#endif
+}
+
+int rlb__backend_join_tp(rlb_ebackend *b, rlb_tp_comm *comm, char *err, size_t errlen)
+{
+#ifdef RLB_HAVE_CUDA
+    if (strcmp(b->iface->name, "cuda") != 0 || comm->size == 1)
+        return 0;
+    int rc = rlb__cuda_backend_join_tp(b, comm);
+    if (rc < 0)
+        snprintf(err, errlen, "TP rank %d of %d cannot join its group's NCCL communicator: %s "
+                 "(NCCL takes one GPU per rank; the log says more)", comm->rank, comm->size,
+                 rlb_strerror(rc));
+    return rc;
+#else
+    (void)b, (void)comm, (void)err, (void)errlen;
+    return 0;
 #endif
 }
 

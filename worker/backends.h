@@ -48,13 +48,19 @@ rlb_dtype rlb__backend_weight_dtype(const rlb_backend_choice *c);
 
 /* Opens the backend of c->device (resolved) for `layout` (its dtype must be
  * rlb__backend_weight_dtype): CPU over `weights` (borrowed, read in place), CUDA with
- * `weights` uploaded once when not NULL (the caller may free them on return). *kv_budget (may be NULL) gets the KV bytes the device
- * leaves (CUDA: by gpu_memory_utilization; CPU: 0, the caller's budget stands). Returns 0
- * or the backend's error, `err` saying what (RLB_EUNSUPPORTED: a device this build or
- * machine lacks). */
+ * `weights` uploaded once when not NULL (the caller may free them on return), joined to its
+ * TP group through `comm` when T > 1 (rlb__backend_join_tp). *kv_budget (may be NULL) gets
+ * the KV bytes the device leaves (CUDA: by gpu_memory_utilization; CPU: 0, the caller's
+ * budget stands). Returns 0 or the backend's error, `err` saying what (RLB_EUNSUPPORTED: a
+ * device this build or machine lacks). */
 int rlb__backend_open(const rlb_tp_layout *layout, const void *weights, rlb_tp_comm *comm,
                       const rlb_backend_choice *c, rlb_ebackend **out, uint64_t *kv_budget,
                       char *err, size_t errlen);
+/* CUDA, T > 1: the rank's NCCL communicator, made through the group's own `comm` (every
+ * rank calls it; rlb__cuda_backend_join_tp). rlb__backend_open does it when given a comm;
+ * a worker, whose group communicator comes after the backend is open, calls it then.
+ * Returns 0 (also on the CPU backend and for T == 1) or the error, `err` saying what. */
+int rlb__backend_join_tp(rlb_ebackend *b, rlb_tp_comm *comm, char *err, size_t errlen);
 /* CUDA: a POSIX fd of device weight buffer `buffer`'s memory for the bridge (CUDA_VMM_FD),
  * its size and the uuid of GPU c->cuda_device. RLB_EUNSUPPORTED on the CPU backend. */
 int rlb__backend_export_weights(rlb_ebackend *b, const rlb_backend_choice *c, int buffer,

@@ -322,6 +322,8 @@ static int start(wk *w)
     rlb__ring_recv_done(rlb__conn_rx(w->conn), &w->rx);
     RLB_CHECK_GOTO(join_tp(w), rc, fail);
     if (gpu) {
+        /* TP > 1: the group's NCCL communicator, through the one the bridge just passed */
+        RLB_CHECK_GOTO(rlb__backend_join_tp(w->gpu, w->comm, err, sizeof(err)), rc, fail);
         rlb_ebackend *b = w->gpu;
         w->gpu = NULL; /* the engine owns it from here on, also when creation fails */
         RLB_CHECK_GOTO(rlb__engine_create_on(b, &w->eopts, &w->engine), rc, fail);

@@ -19,6 +19,9 @@ if(TARGET rlb)
                SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_generate.c
                LIBS rlb_test_engine_util LABELS unit TIMEOUT 180)
   target_compile_definitions(test_engine_generate PRIVATE RLB_BIN="$<TARGET_FILE:rlb>")
+  if(RLB_HAVE_CUDA) # its test_cuda_tp runs rlb generate on GPUs where there are some
+    target_compile_definitions(test_engine_generate PRIVATE RLB_TEST_CUDA=1)
+  endif()
   add_dependencies(test_engine_generate rlb)
 endif()
 rlb_add_test(NAME test_engine_kv SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_kv.c

@@ -119,7 +119,9 @@ static void assert_tokens(json_t *j, const int32_t *want, int64_t n, const char 
     assert_string_equal(json_string_value(json_object_get(j, "finish_reason")), finish);
 }
 
-static void check_greedy(const char *name, int prompt, const char *tp)
+/* HF's greedy continuation of the fixture's prompt, at TP `tp`; on `device` (NULL: the
+ * default) with fp32 weights. */
+static void check_greedy_on(const char *name, int prompt, const char *tp, const char *device)
 {
     fixture fx;
     assert_int_equal(fx_load(name, &fx), 0);
@@ -128,8 +130,13 @@ static void check_greedy(const char *name, int prompt, const char *tp)
     ids_arg(p->ids, p->n_ids, ids, sizeof ids);
     snprintf(max, sizeof max, "%lld", (long long)p->n_greedy);
     run_result *r = malloc(sizeof *r);
-    run_generate(r, "--model", fx.dir, "--prompt-ids", ids, "--max-tokens", max,
-                 "--temperature", "0", "--tp", tp, NULL);
+    if (device)
+        run_generate(r, "--model", fx.dir, "--prompt-ids", ids, "--max-tokens", max,
+                     "--temperature", "0", "--tp", tp, "--device", device, "--dtype", "fp32",
+                     NULL);
+    else
+        run_generate(r, "--model", fx.dir, "--prompt-ids", ids, "--max-tokens", max,
+                     "--temperature", "0", "--tp", tp, NULL);
     if (r->status != 0)
         fprintf(stderr, "%s", r->err);
     assert_int_equal(r->status, 0);
@@ -139,6 +146,54 @@ static void check_greedy(const char *name, int prompt, const char *tp)
     assert_null(strchr(strchr(r->out, '\n') + 1, '\n')); /* one line only */
     free(r);
     fx_free(&fx);
+}
+
+static void check_greedy(const char *name, int prompt, const char *tp)
+{
+    check_greedy_on(name, prompt, tp, NULL);
+}
+
+/* GPUs of this machine, by their device nodes (/dev/nvidiaN): no CUDA in this process. */
+static int count_gpus(void)
+{
+    int n = 0;
+    for (int i = 0; i < 64; i++) {
+        char path[32];
+        snprintf(path, sizeof path, "/dev/nvidia%d", i);
+        n += access(path, F_OK) == 0;
+    }
+    return n;
+}
+
+/* TP on the GPU: one GPU per rank, NCCL between them, the unique id from rank 0 through the
+ * ranks' shared memory. With two GPUs or more: HF's greedy tokens at TP 2, fp32 weights.
+ * With one: TP 2 cannot have a GPU per rank, and says so (exit 1, naming the rank that
+ * failed) instead of waiting. Skipped in builds without CUDA and where no GPU is. */
+static void test_cuda_tp(void **state)
+{
+    (void)state;
+#ifndef RLB_TEST_CUDA
+    skip();
+#else
+    int gpus = count_gpus();
+    if (gpus == 0)
+        skip();
+    if (gpus >= 2) {
+        check_greedy_on("llama_gqa", 0, "2", "cuda");
+        check_greedy_on("qwen2_tied", 1, "2", "cuda");
+        return;
+    }
+    fixture fx;
+    assert_int_equal(fx_load("llama_gqa", &fx), 0);
+    run_result *r = malloc(sizeof *r);
+    run_generate(r, "--model", fx.dir, "--prompt-ids", "1,2,3", "--max-tokens", "4", "--tp",
+                 "2", "--device", "cuda", NULL);
+    fprintf(stderr, "one GPU, --tp 2: exit %d: %s", r->status, r->err);
+    assert_int_equal(r->status, 1);
+    assert_non_null(strstr(r->err, "rank 1"));
+    free(r);
+    fx_free(&fx);
+#endif
 }
 
 static void test_greedy_tp1(void **state)
@@ -279,6 +334,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy_tp1),
         cmocka_unit_test(test_greedy_tp),
+        cmocka_unit_test(test_cuda_tp),
         cmocka_unit_test(test_samples_and_stop),
         cmocka_unit_test(test_errors),
     };
