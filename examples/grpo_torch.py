@@ -17,8 +17,9 @@ Run (one GPU, world 1; the script starts a bridge and a worker of its own):
 
     python3 examples/grpo_torch.py --rlb build/rlb --steps 40 --check
 
-or under torchrun / rlb launch for an FSDP2 world > 1 (one bridge and worker per node,
-started by rank 0 of the node). --check exits 1 unless the reward rose, every sample came
+or under torchrun / rlb launch for an FSDP2 world > 1 (one bridge and worker replica per
+node, started by rank 0 of the node; --rollout-tp T gives the replica T ranks on GPUs
+0..T-1, all-reducing through NCCL). --check exits 1 unless the reward rose, every sample came
 from the version published just before, and (fp32) the logprob mismatch stayed <= 1e-4.
 """
 import argparse
@@ -58,6 +59,9 @@ def parse_args():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--json", help="write the per-step figures here")
+    ap.add_argument("--rollout-tp", type=int, default=1,
+                    help="TP size of the node's worker replica: TP rank i on GPU i, all-reducing "
+                         "through NCCL (one GPU per rank)")
     return ap.parse_args()
 
 
@@ -83,7 +87,8 @@ def build_model(a):
 
 
 def start_services(a, ckpt, sockdir, log):
-    """The node's bridge and one GPU worker, started by local rank 0."""
+    """The node's bridge and one GPU worker replica (--rollout-tp ranks, rank i on GPU i; at
+    TP 1 on this process's GPU), started by local rank 0."""
     env = dict(os.environ, RLB_SOCKET_DIR=sockdir)
     sock = os.path.join(sockdir, "bridge")
     procs = [subprocess.Popen([a.rlb, "bridge", "--socket", sock, "--model", ckpt, "--mode",
@@ -92,14 +97,17 @@ def start_services(a, ckpt, sockdir, log):
         if procs[0].poll() is not None:
             raise SystemExit("grpo: the bridge exited; see " + log.name)
         time.sleep(0.05)
-    procs.append(subprocess.Popen([a.rlb, "worker", "--bridge", sock, "--model", ckpt,
-                                   "--device", "cuda", "--dtype", a.dtype, "--kv-mb", "512",
-                                   "--gpu", os.environ.get("LOCAL_RANK", "0")],
-                                  env=env, stdout=log, stderr=log))
+    T = a.rollout_tp
+    for t in range(T):
+        gpu = str(t) if T > 1 else os.environ.get("LOCAL_RANK", "0")
+        procs.append(subprocess.Popen([a.rlb, "worker", "--bridge", sock, "--model", ckpt,
+                                       "--device", "cuda", "--dtype", a.dtype, "--kv-mb", "512",
+                                       "--tp-rank", str(t), "--tp-size", str(T), "--gpu", gpu],
+                                      env=env, stdout=log, stderr=log))
     with rlbridge.Client(socket=sock, observer=True) as obs:
         t0 = time.monotonic()
         while obs.bridge_stats().get("replicas_up", 0) < 1:
-            if procs[1].poll() is not None or time.monotonic() - t0 > 120:
+            if any(p.poll() is not None for p in procs[1:]) or time.monotonic() - t0 > 120:
                 raise SystemExit("grpo: the worker did not come up; see " + log.name)
             time.sleep(0.1)
     return sock, procs

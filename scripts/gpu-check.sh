@@ -26,6 +26,9 @@
 #             kernels), then rlb-bench-sync --device cuda --lora with the PEFT merge peer
 #             (bench/peft_merge_peer.py), the bridge's merges fused (RLB_LORA_MERGE, default
 #             here fused)
+#   multi     (two GPUs or more) rlb generate --tp 2 on two GPUs against HF's greedy tokens,
+#             the peer-copy and NCCL transport tests, and examples/grpo_torch.py with an
+#             FSDP2 world of 2 under torchrun and a TP-2 worker replica over NCCL
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -113,5 +116,13 @@ for step in "$@"; do
         grep -c "as VMM fds" "$out/grpo-vmm.log" | sed 's/^/allocations exported as VMM fds: /'
         grep -c "as a CUDA IPC handle" "$out/grpo-vmm.log" | sed 's/^/as CUDA IPC handles: /'
         tail -4 "$out/grpo-vmm.log" ;;
+    multi)
+        ctest --test-dir build-gpu -R 'test_engine_generate|test_cuda_peer|test_xport_nccl' \
+            -V --timeout 300 > "$out/multi-tests.log" 2>&1
+        grep -E "one GPU|tests passed|Failed|Skipped|Passed" "$out/multi-tests.log" | tail -8
+        RLBRIDGE_LIB=$PWD/build-gpu/librlb.so.1 timeout 400 torchrun --nproc-per-node 2 \
+            examples/grpo_torch.py --rlb build-gpu/rlb --steps 20 --check --rollout-tp 2 \
+            > "$out/grpo-tp2.log" 2>&1
+        echo "grpo (FSDP2 world 2, TP 2 workers) exit $?"; tail -8 "$out/grpo-tp2.log" ;;
     esac
 done
