@@ -153,6 +153,7 @@ static void check_greedy(const char *name, int prompt, const char *tp)
     check_greedy_on(name, prompt, tp, NULL);
 }
 
+#ifdef RLB_TEST_CUDA
 /* GPUs of this machine, by their device nodes (/dev/nvidiaN): no CUDA in this process. */
 static int count_gpus(void)
 {
@@ -164,6 +165,7 @@ static int count_gpus(void)
     }
     return n;
 }
+#endif
 
 /* TP on the GPU: one GPU per rank, NCCL between them, the unique id from rank 0 through the
  * ranks' shared memory. With two GPUs or more: HF's greedy tokens at TP 2, fp32 weights.
