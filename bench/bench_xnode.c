@@ -3,8 +3,10 @@
  * over loopback in the same run.
  *
  *   rlb-bench-xnode [--mib N] [--chunk-mib C] [--runs R] [--peer-errors]
- *   rlb-bench-xnode --commit [VERSIONS]   what a second node adds to a commit
- *                                         (bench_xnode_commit.c)
+ *   rlb-bench-xnode --commit [VERSIONS] [--lora]
+ *                                         what a second node adds to a commit; --lora:
+ *                                         with LoRA adapters, what crosses after the first
+ *                                         version (bench_xnode_commit.c)
  *   rlb-bench-xnode --nccl [--mib N] [--chunk-mib C] [--runs R]
  *                                         GPU memory over the NCCL transport between GPUs 0
  *                                         and 1 against an NCCL all-gather on them
@@ -259,8 +261,16 @@ int main(int argc, char **argv)
 {
     bench b = {.bytes = 1024ull << 20, .chunk = 8ull << 20, .runs = 3};
     int nccl = 0;
-    if (argc > 1 && !strcmp(argv[1], "--commit"))
-        return rlb__bench_xnode_commit(argc > 2 ? atoi(argv[2]) : 10);
+    if (argc > 1 && !strcmp(argv[1], "--commit")) {
+        int versions = 10, lora = 0;
+        for (int i = 2; i < argc; i++) {
+            if (!strcmp(argv[i], "--lora"))
+                lora = 1;
+            else
+                versions = atoi(argv[i]);
+        }
+        return rlb__bench_xnode_commit(versions, lora);
+    }
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--nccl")) {
             nccl = 1;
@@ -276,7 +286,7 @@ int main(int argc, char **argv)
             b.peer_errors = 1;
         else {
             fprintf(stderr, "usage: rlb-bench-xnode [--nccl] [--mib N] [--chunk-mib C] "
-                            "[--runs R] [--peer-errors] | --commit [VERSIONS]\n");
+                            "[--runs R] [--peer-errors] | --commit [VERSIONS] [--lora]\n");
             return 2;
         }
     }

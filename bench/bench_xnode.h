@@ -18,7 +18,7 @@ int rlb__bench_xnode_pair(const char *who, const char *run_id, rlb_bench_node_fn
 
 /* Runs the commit benchmark over `versions` versions per job and prints its table. Returns
  * the exit status. */
-int rlb__bench_xnode_commit(int versions);
+int rlb__bench_xnode_commit(int versions, int lora);
 
 /* Runs the NCCL benchmark (bytes in chunks, best of runs) and prints its table. Returns the
  * exit status. */

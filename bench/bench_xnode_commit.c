@@ -8,6 +8,13 @@
  * its commit (synced.ms); the figure is the median over the versions, per node. Two nodes
  * add the exchange (gate, registrations, transfer of what the other node holds, staging) and
  * the two-phase commit through the store; the peer in the same run is the one-node job.
+ *
+ * --lora (DESIGN §10): each trainer rank also declares a LoRA adapter of rank 16 (alpha 32)
+ * on every q, k, v, o, gate, up and down weight it registers, registers the factors beside
+ * them, and changes only the factors from one version to the next. Reported per job: the
+ * first version's sync and the median of the later ones, and on two nodes the bytes each
+ * bridge received from the other (its xnode_bytes_received stat) in the first version and
+ * in each later one: after the first, only the other node's factors cross.
  */
 #include <signal.h>
 #include <stdio.h>
@@ -33,10 +40,35 @@ static int cmp_double(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-/* Trainer rank `node` of `nnodes`: registers its parameters, publishes, writes the median
- * sync ms and the bytes written per sync to fd. */
+#define LORA_RANK 16
+
+/* 1 when parameter `name` is one of the seven LoRA targets of a layer. */
+static int lora_target(const char *name)
+{
+    static const char *const suffix[] = {".q_proj.weight", ".k_proj.weight", ".v_proj.weight",
+                                         ".o_proj.weight", ".gate_proj.weight",
+                                         ".up_proj.weight", ".down_proj.weight"};
+    size_t n = strlen(name);
+    for (size_t i = 0; i < sizeof(suffix) / sizeof(suffix[0]); i++) {
+        size_t k = strlen(suffix[i]);
+        if (n > k && !strcmp(name + n - k, suffix[i]))
+            return 1;
+    }
+    return 0;
+}
+
+/* A job's figures per node, written by its trainer rank. */
+typedef struct node_figs {
+    double first_ms, later_ms;            /* version 1's sync, the median of the others */
+    uint64_t bytes;                       /* bytes written per sync */
+    uint64_t recv_first, recv_later;      /* bytes received from the other node: version 1,
+                                             each later version (the last one's) */
+} node_figs;
+
+/* Trainer rank `node` of `nnodes`: registers its parameters (with --lora also adapters on
+ * them), publishes, writes its node_figs to fd as one line. */
 static int trainer(const rlb_model_config *cfg, const char *sock, int node, int nnodes,
-                   int versions, int fd)
+                   int versions, int lora, int fd)
 {
     rlb_param_list pl;
     rlb_client *c = NULL;
@@ -48,51 +80,102 @@ static int trainer(const rlb_model_config *cfg, const char *sock, int node, int 
     co.request_timeout_ms = 60000;
     if (rlb__params_init(&pl, cfg, NULL, 0) != 0 || rlb_connect(&co, &c) != 0)
         return 1;
-    uint64_t floats = 0;
-    for (int64_t p = node; p < pl.n; p += nnodes)
+    uint64_t floats = 0, factor_floats = 0;
+    size_t n_ad = 0;
+    for (int64_t p = node; p < pl.n; p += nnodes) {
         floats += rlb__param_numel(&pl.params[p]);
+        if (lora && lora_target(pl.params[p].name)) {
+            factor_floats += LORA_RANK * (uint64_t)(pl.params[p].rows + pl.params[p].cols);
+            n_ad++;
+        }
+    }
     float *mem;
-    rlb_tensor_desc *d = calloc((size_t)pl.n, sizeof(*d));
-    if (!d || rlb_alloc_host(c, floats * 4 + 4, (void **)&mem) != 0)
+    rlb_tensor_desc *d = calloc((size_t)pl.n + 2 * n_ad, sizeof(*d));
+    rlb_lora_desc *ad = calloc(n_ad + 1, sizeof(*ad));
+    char (*names)[2][128] = calloc(n_ad + 1, sizeof(*names));
+    if (!d || !ad || !names || rlb_alloc_host(c, (floats + factor_floats) * 4 + 4,
+                                              (void **)&mem) != 0)
         return 1;
-    size_t n = 0;
+    size_t n = 0, k = 0;
     uint64_t at = 0;
     for (int64_t p = node; p < pl.n; p += nnodes, n++) {
+        const rlb_param *q = &pl.params[p];
         rlb_tensor_desc_init(&d[n]);
-        d[n].name = pl.params[p].name;
-        d[n].ndim = (uint32_t)pl.params[p].ndim;
-        d[n].shape[0] = (uint64_t)pl.params[p].rows;
-        d[n].shape[1] = (uint64_t)pl.params[p].cols;
+        d[n].name = q->name;
+        d[n].ndim = (uint32_t)q->ndim;
+        d[n].shape[0] = (uint64_t)q->rows;
+        d[n].shape[1] = (uint64_t)q->cols;
         d[n].data = mem + at;
-        at += rlb__param_numel(&pl.params[p]);
+        at += rlb__param_numel(q);
     }
     for (uint64_t i = 0; i < floats; i++)
         mem[i] = (float)(i % 1000) * 1e-3f;
-    if (rlb_register(c, d, n) != 0) {
+    float *factors = mem + floats; /* every factor, after the frozen base */
+    for (int64_t p = node; lora && p < pl.n; p += nnodes) {
+        const rlb_param *q = &pl.params[p];
+        if (!lora_target(q->name))
+            continue;
+        size_t len = strlen(q->name) - strlen(".weight");
+        snprintf(names[k][0], sizeof(names[k][0]), "%.*s.lora_A.weight", (int)len, q->name);
+        snprintf(names[k][1], sizeof(names[k][1]), "%.*s.lora_B.weight", (int)len, q->name);
+        rlb_lora_desc_init(&ad[k]);
+        ad[k].target = q->name;
+        ad[k].rank = LORA_RANK;
+        ad[k].alpha = 2.0f * LORA_RANK;
+        for (int f = 0; f < 2; f++, n++) { /* A [r, in], B [out, r] */
+            rlb_tensor_desc_init(&d[n]);
+            d[n].name = names[k][f];
+            d[n].ndim = 2;
+            d[n].shape[0] = f ? (uint64_t)q->rows : LORA_RANK;
+            d[n].shape[1] = f ? LORA_RANK : (uint64_t)q->cols;
+            d[n].data = mem + at;
+            at += d[n].shape[0] * d[n].shape[1];
+        }
+        k++;
+    }
+    if ((n_ad && rlb_register_lora(c, ad, n_ad) != 0) || rlb_register(c, d, n) != 0) {
         fprintf(stderr, "rlb-bench-xnode: register: %s\n", rlb_last_error(c));
         return 1;
     }
     double ms[MAX_VERSIONS];
-    uint64_t bytes = 0;
+    node_figs fg = {0};
+    double received = 0;
     for (int v = 1; v <= versions; v++) {
+        for (uint64_t i = 0; i < factor_floats; i++) /* new adapters, the same base */
+            factors[i] = (float)((i * 7 + (uint64_t)v) % 1000) * 1e-5f;
         rlb_sync_stats st = {.struct_size = sizeof(st)};
         if (rlb_publish(c, (uint64_t)v, &st) != 0) {
             fprintf(stderr, "rlb-bench-xnode: publish %d: %s\n", v, rlb_last_error(c));
             return 1;
         }
         ms[v - 1] = st.ms;
-        bytes = st.bytes;
+        fg.bytes = st.bytes;
+        rlb_stat_list *l;
+        double r = received;
+        if (nnodes > 1 && rlb_bridge_stats(c, &l) == 0) {
+            rlb_stat_list_find(l, "xnode_bytes_received", &r);
+            rlb_stat_list_free(l);
+        }
+        *(v == 1 ? &fg.recv_first : &fg.recv_later) = (uint64_t)(r - received);
+        received = r;
     }
-    qsort(ms, (size_t)versions, sizeof(ms[0]), cmp_double);
-    dprintf(fd, "%d %.4f %llu\n", node, ms[versions / 2], (unsigned long long)bytes);
+    fg.first_ms = ms[0];
+    qsort(ms + 1, (size_t)versions - 1, sizeof(ms[0]), cmp_double);
+    fg.later_ms = versions > 1 ? ms[1 + (versions - 1) / 2] : ms[0];
+    dprintf(fd, "%d %.4f %.4f %llu %llu %llu\n", node, fg.first_ms, fg.later_ms,
+            (unsigned long long)fg.bytes, (unsigned long long)fg.recv_first,
+            (unsigned long long)fg.recv_later);
     rlb_close(c);
     rlb__params_free(&pl);
+    free(d);
+    free(ad);
+    free(names);
     return 0;
 }
 
-/* One job of nnodes nodes; ms[node] gets each node's median sync time. */
-static int run_job(const rlb_model_config *cfg, int nnodes, int versions, double *ms,
-                   uint64_t *bytes)
+/* One job of nnodes nodes; fg[node] gets each node's figures. */
+static int run_job(const rlb_model_config *cfg, int nnodes, int versions, int lora,
+                   node_figs *fg)
 {
     char dir[] = "/tmp/rlb-bench-xnode-XXXXXX";
     rlb_store_server *srv = NULL;
@@ -139,7 +222,7 @@ static int run_job(const rlb_model_config *cfg, int nnodes, int versions, double
         return -1;
     for (int node = 0; node < nnodes; node++)
         if ((tr[node] = fork()) == 0)
-            _exit(trainer(cfg, sock[node], node, nnodes, versions, out[1]));
+            _exit(trainer(cfg, sock[node], node, nnodes, versions, lora, out[1]));
     close(out[1]);
     for (int node = 0; node < nnodes; node++) {
         int st;
@@ -148,11 +231,14 @@ static int run_job(const rlb_model_config *cfg, int nnodes, int versions, double
     }
     FILE *f = fdopen(out[0], "r");
     int node;
-    double m;
-    unsigned long long b;
-    while (f && fscanf(f, "%d %lf %llu", &node, &m, &b) == 3 && node >= 0 && node < nnodes) {
-        ms[node] = m;
-        *bytes = b;
+    node_figs g;
+    unsigned long long b, r1, r2;
+    while (f && fscanf(f, "%d %lf %lf %llu %llu %llu", &node, &g.first_ms, &g.later_ms, &b,
+                       &r1, &r2) == 6 && node >= 0 && node < nnodes) {
+        g.bytes = b;
+        g.recv_first = r1;
+        g.recv_later = r2;
+        fg[node] = g;
     }
     if (f)
         fclose(f);
@@ -165,7 +251,7 @@ static int run_job(const rlb_model_config *cfg, int nnodes, int versions, double
     return rc ? -1 : 0;
 }
 
-int rlb__bench_xnode_commit(int versions)
+int rlb__bench_xnode_commit(int versions, int lora)
 {
     rlb_model_config tiny, mid;
     rlb__config_tiny(&tiny);
@@ -181,27 +267,37 @@ int rlb__bench_xnode_commit(int versions)
         const char *name;
         const rlb_model_config *cfg;
     } models[] = {{"tiny", &tiny}, {"21M", &mid}};
-    if (versions < 1 || versions > MAX_VERSIONS)
+    if (versions < 2 || versions > MAX_VERSIONS)
         versions = 10;
     signal(SIGPIPE, SIG_IGN);
-    printf("rlb-bench-xnode --commit: median sync time (publish -> commit, per node) over %d "
-           "versions, one CPU worker per node\n", versions);
-    printf("%-6s %12s %14s %14s %14s\n", "model", "MB/sync", "1 node ms", "2 nodes ms",
-           "added ms");
+    printf("rlb-bench-xnode --commit%s: sync time (publish -> commit, per node) over %d "
+           "versions, one CPU worker per node%s\n", lora ? " --lora" : "", versions,
+           lora ? "; LoRA rank 16 on every target, only the factors change" : "");
+    printf("%-6s %9s %13s %15s %15s %10s %18s\n", "model", "MB/sync", "1 node v1/later",
+           "2 nodes v1", "2 nodes later", "added ms", "received v1/later");
     for (size_t i = 0; i < sizeof(models) / sizeof(models[0]); i++) {
-        double one[1] = {0}, two[2] = {0};
-        uint64_t b1 = 0, b2 = 0;
-        if (run_job(models[i].cfg, 1, versions, one, &b1) < 0 ||
-            run_job(models[i].cfg, 2, versions, two, &b2) < 0) {
+        node_figs one[1] = {{0}}, two[2] = {{0}};
+        if (run_job(models[i].cfg, 1, versions, lora, one) < 0 ||
+            run_job(models[i].cfg, 2, versions, lora, two) < 0) {
             fprintf(stderr, "rlb-bench-xnode: the %s job failed\n", models[i].name);
             return 1;
         }
-        double worst = two[0] > two[1] ? two[0] : two[1];
-        printf("%-6s %12.1f %14.2f %7.2f/%-6.2f %14.2f\n", models[i].name, (double)b1 / 1e6,
-               one[0], two[0], two[1], worst - one[0]);
-        printf("{\"bench\":\"xnode_commit\",\"model\":\"%s\",\"bytes\":%llu,\"one_node_ms\":%.3f,"
-               "\"two_nodes_ms\":[%.3f,%.3f],\"added_ms\":%.3f}\n", models[i].name,
-               (unsigned long long)b1, one[0], two[0], two[1], worst - one[0]);
+        double worst = two[0].later_ms > two[1].later_ms ? two[0].later_ms : two[1].later_ms;
+        double mb = 1e6;
+        printf("%-6s %9.1f %6.2f/%-6.2f %7.2f/%-7.2f %7.2f/%-7.2f %10.2f %8.2f/%-7.3f MB\n",
+               models[i].name, (double)one[0].bytes / mb, one[0].first_ms, one[0].later_ms,
+               two[0].first_ms, two[1].first_ms, two[0].later_ms, two[1].later_ms,
+               worst - one[0].later_ms,
+               (double)(two[0].recv_first + two[1].recv_first) / 2 / mb,
+               (double)(two[0].recv_later + two[1].recv_later) / 2 / mb);
+        printf("{\"bench\":\"xnode_commit\",\"lora\":%d,\"model\":\"%s\",\"bytes\":%llu,"
+               "\"one_node_ms\":%.3f,\"two_nodes_ms\":[%.3f,%.3f],\"added_ms\":%.3f,"
+               "\"two_nodes_first_ms\":[%.3f,%.3f],\"received_first\":[%llu,%llu],"
+               "\"received_later\":[%llu,%llu]}\n", lora, models[i].name,
+               (unsigned long long)one[0].bytes, one[0].later_ms, two[0].later_ms,
+               two[1].later_ms, worst - one[0].later_ms, two[0].first_ms, two[1].first_ms,
+               (unsigned long long)two[0].recv_first, (unsigned long long)two[1].recv_first,
+               (unsigned long long)two[0].recv_later, (unsigned long long)two[1].recv_later);
     }
     return 0;
 }

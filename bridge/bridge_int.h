@@ -201,6 +201,8 @@ struct bridge {
     br_peer *peers[BR_MAX_PEERS]; /* by slot; NULL = free */
     int n_peers;              /* slots in use */
     rlb_param_list params;    /* the model's parameters, with the declared adapters */
+    rlb_param_list *xparams;  /* a node of several: the list the plan's source borrows (the
+                                 model's and every node's adapters; xnode.c), or NULL */
     struct rlb_st_checkpoint *base; /* mapped base checkpoint (opts->base_dir), or NULL */
     /* trainers */
     uint32_t world;           /* trainer ranks, 0 until the first trainer says hello */

@@ -462,6 +462,10 @@ void br_plan_reset(bridge *b)
         return;
     rlb__plan_free(&b->plan);
     rlb__source_free(&b->source);
+    if (b->xparams)
+        rlb__params_free(b->xparams);
+    free(b->xparams);
+    b->xparams = NULL;
     free(b->src_ptr);
     free(b->src_len);
     b->src_ptr = NULL;

@@ -421,6 +421,15 @@ static const rlb_src_piece *piece_at(const rlb_source *src, uint32_t buf, uint64
     return NULL;
 }
 
+/* The parameter index piece p names in b->params, or b->params.n for none: on a node of
+ * several the source's list is the global one (xnode.c), whose entries past the model's
+ * own (adapter factors) this node's list may not have. */
+static uint64_t param_of(const bridge *b, const rlb_src_piece *p)
+{
+    return p && p->param >= 0 && p->param < b->params.n ? (uint64_t)p->param
+                                                        : (uint64_t)b->params.n;
+}
+
 /* 1 when destination dst_ref is a buffer the bridge can read: a CPU worker's host memory
  * (a GPU worker's weights are device memory; a worker gone since has nothing to read). */
 static int dst_readable(const bridge *b, uint32_t dst_ref)
@@ -439,7 +448,7 @@ static void trace_op(const bridge *b, const rlb_copy_op *op, uint64_t bad, uint6
     const br_copy *c = &b->copy;
     if (!dst_readable(b, op->dst_ref)) {
         *hint = piece_at(&b->source, op->src_ref, op->src_offset, *hint);
-        per[*hint ? (*hint)->param : b->params.n] += bad;
+        per[param_of(b, *hint)] += bad;
         return;
     }
     uint64_t ses = rlb_dtype_size((rlb_dtype)op->src_dtype);
@@ -451,7 +460,7 @@ static void trace_op(const bridge *b, const rlb_copy_op *op, uint64_t bad, uint6
                 continue;
             *hint = piece_at(&b->source, op->src_ref,
                              op->src_offset + r * op->src_stride + e * ses, *hint);
-            per[*hint ? (*hint)->param : b->params.n]++;
+            per[param_of(b, *hint)]++;
         }
 }
 
@@ -480,7 +489,7 @@ static void name_nonfinite(const bridge *b, char *text, size_t len)
             continue;
         const rlb_copy_op *op = &c->view.merge_copies[m->copy_first];
         hint = piece_at(&b->source, op->src_ref, op->src_offset, hint);
-        per[n + (hint ? (uint64_t)hint->param : n - 1)] += bad;
+        per[n + param_of(b, hint)] += bad;
     }
     for (uint64_t k = 0; k < 2 * n && at + 1 < len; k++)
         if (per[k]) {

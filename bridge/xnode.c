@@ -27,7 +27,10 @@
  * weight dtype, n_buffers, n_tensors; u64 bytes of each buffer; per tensor: u16 name
  * length, name, u8 dtype, kind, ndim, pad, u32 fsdp rank, world, unit, buffer, u64 offset,
  * length, i64 shape[ndim]; FSDP1: u32 entries, each u16 name length (0 = padding), name,
- * u8 ndim, i64 shape[2], u64 numel. Decoding checks every length against the blob.
+ * u8 ndim, i64 shape[2], u64 numel; then u32 adapters, each u16 name length, the adapted
+ * weight's name, u32 rank, f32 scale: the LoRA adapters the node's ranks declared (every node
+ * plans with all of them, so every node builds the same plans). Decoding checks every length
+ * against the blob.
  */
 #include "bridge/xnode.h"
 
@@ -47,13 +50,14 @@
 #include "common/env.h"
 #include "common/log.h"
 #include "common/store.h"
+#include "model/lora.h"
 
 #ifdef RLB_HAVE_UCX
 #include "bridge/xport/xport.h"
 #endif
 
 #define XN_MAGIC 0x584e4252u       /* "RBNX" */
-#define XN_META_VERSION 1u
+#define XN_META_VERSION 2u
 #define XN_BIG (INT64_C(1) << 24)  /* an abort's weight in the gate and entry counters */
 #define XN_LOCAL UINT32_MAX        /* an op that reads no received chunk */
 #define XN_POLL_NS 100000          /* between two store polls of a wait, at first */
@@ -74,6 +78,13 @@ typedef struct xn_chunk {
     uint64_t tag;  /* low 32 bits: local buffer index << 16 | chunk index */
 } xn_chunk;
 
+/* A LoRA adapter a node's ranks declared. */
+typedef struct xn_adapter {
+    char *target;   /* the adapted weight */
+    uint32_t rank;
+    float scale;
+} xn_adapter;
+
 /* One node's registrations and workers, decoded from its meta. */
 typedef struct xn_meta {
     uint32_t tp_size, replicas; /* the node's workers */
@@ -82,13 +93,15 @@ typedef struct xn_meta {
     uint64_t *buf_bytes;        /* [n_bufs] */
     uint32_t n_tensors;
     br_tensor *tensors;         /* seg = local buffer index */
+    uint32_t n_adapters;
+    xn_adapter *adapters;       /* its ranks' LoRA declarations */
 } xn_meta;
 
 struct br_xnode {
     /* configuration (constant once started) */
     int node, nnodes;
     uint32_t first_rank, n_ranks; /* the trainer ranks of this node */
-    const rlb_param_list *params; /* the bridge's (immutable) */
+    rlb_model_config cfg;         /* the model's */
     const rlb_bridge_opts *opts;
     long long peer_timeout_ms;
     uint64_t chunk;               /* bytes per transfer, cut at multiples of it
@@ -118,6 +131,8 @@ struct br_xnode {
     int have_plan;             /* src and plan below are new, for the loop to take */
     rlb_source src;
     rlb_plan plan;
+    rlb_param_list *gparams;   /* the parameters src borrows: the model's and every node's
+                                  adapters (handed to the loop with src) */
     int broken;                /* the transport or store failed for good */
     uint64_t bytes_sent;       /* chunk bytes sent to other nodes, in all */
     uint64_t bytes_received;   /* ... received from them */
@@ -321,6 +336,16 @@ static int meta_encode(const bridge *b, xbuf *w, xn_local **locals, uint32_t *n_
     put(w, tw.p, tw.len);
     w->oom |= tw.oom;
     free(tw.p);
+    const rlb_param_list *pl = &b->params;
+    put_u32(w, (uint32_t)pl->n_adapters);
+    for (int64_t i = 0; i < pl->n_adapters; i++) {
+        const rlb_param_adapter *a = &pl->adapters[i];
+        uint32_t bits;
+        memcpy(&bits, &a->scale, 4);
+        put_name(w, pl->params[a->base].name);
+        put_u32(w, (uint32_t)a->rank);
+        put_u32(w, bits);
+    }
     *locals = loc;
     *n_locals = n;
     return w->oom ? RLB_ENOMEM : 0;
@@ -373,6 +398,9 @@ static void meta_free(xn_meta *m)
 {
     for (uint32_t i = 0; m->tensors && i < m->n_tensors; i++)
         br_tensor_free(&m->tensors[i]);
+    for (uint32_t i = 0; m->adapters && i < m->n_adapters; i++)
+        free(m->adapters[i].target);
+    free(m->adapters);
     free(m->tensors);
     free(m->buf_bytes);
     memset(m, 0, sizeof(*m));
@@ -444,6 +472,20 @@ static int meta_decode(const void *data, size_t len, xn_meta *m)
             fe->numel = get_u64(&r);
         }
     }
+    uint32_t n_adapters = get_u32(&r);
+    if (!r.bad && n_adapters > (len - r.at) / 11)
+        r.bad = 1;
+    if (!r.bad && !(m->adapters = calloc(n_adapters + 1, sizeof(*m->adapters))))
+        r.bad = 1;
+    for (uint32_t i = 0; i < n_adapters && !r.bad; i++) {
+        xn_adapter *a = &m->adapters[m->n_adapters++];
+        uint32_t bits;
+        a->target = get_name(&r);
+        a->rank = get_u32(&r);
+        bits = get_u32(&r);
+        memcpy(&a->scale, &bits, 4);
+        r.bad |= !a->target;
+    }
     if (r.bad || r.at != len) {
         meta_free(m);
         return RLB_EPROTO;
@@ -490,12 +532,53 @@ static int owner(const br_xnode *x, uint32_t g)
     return m;
 }
 
+/* The model's parameters and every node's adapters, in node order (so every node builds the
+ * same list), into x->gparams. Nodes must agree on an adapter they both declared. */
+static int build_params(br_xnode *x, char *err, size_t len)
+{
+    rlb_param_list *pl = calloc(1, sizeof(*pl));
+    if (!pl)
+        return RLB_ENOMEM;
+    int rc = rlb__params_init(pl, &x->cfg, err, len);
+    if (rc) {
+        free(pl);
+        return rc;
+    }
+    x->gparams = pl;
+    for (int m = 0; m < x->nnodes && rc == 0; m++)
+        for (uint32_t i = 0; i < x->metas[m].n_adapters && rc == 0; i++) {
+            const xn_adapter *a = &x->metas[m].adapters[i];
+            const rlb_param_adapter *had = rlb__params_adapter_of(pl, rlb__params_find(pl,
+                                                                                 a->target));
+            if (!had) {
+                rc = rlb__params_add_adapter(pl, a->target, a->rank, a->scale, err, len);
+            } else if (had->rank != (int64_t)a->rank || had->scale != a->scale) {
+                snprintf(err, len, "the LoRA adapter of '%s': node %d declares rank %u, scale "
+                         "%g; an earlier node rank %lld, scale %g", a->target, m, a->rank,
+                         (double)a->scale, (long long)had->rank, (double)had->scale);
+                rc = RLB_EEXIST;
+            }
+        }
+    return rc;
+}
+
+static void free_params(rlb_param_list **pl)
+{
+    if (*pl)
+        rlb__params_free(*pl);
+    free(*pl);
+    *pl = NULL;
+}
+
 /* Adds every tensor of every node to src (global buffer of node m's buffer k: base[m] + k),
  * gathering each tensor's FSDP shards from all nodes. err says what is missing. */
 static int build_source(br_xnode *x, rlb_source *src, char *err, size_t len)
 {
     char e[256] = "";
-    int rc = rlb__source_init(src, x->params);
+    int rc = build_params(x, err, len);
+    if (rc)
+        return rc;
+    rc = rlb__source_init(src, x->gparams);
     for (int m = 0; rc == 0 && m < x->nnodes; m++)
         for (uint32_t k = 0; rc == 0 && k < x->metas[m].n_bufs; k++)
             rc = rlb__source_add_buffer(src, x->metas[m].buf_bytes[k]) < 0 ? RLB_ENOMEM : 0;
@@ -802,6 +885,7 @@ static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
         rlb__source_free(&x->src);
         x->have_plan = 0;
     }
+    free_params(&x->gparams); /* the loop's, once it took the plan: NULL here then */
     x->base = calloc((size_t)x->nnodes + 1, sizeof(*x->base));
     if (!x->base)
         return RLB_ENOMEM;
@@ -814,7 +898,7 @@ static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
     x->peer_whole = calloc((size_t)x->nnodes + 1, 1);
     if (!x->staging || !x->src_ptr || !x->src_len || !x->peer_whole)
         return RLB_ENOMEM;
-    rlb_source src;
+    rlb_source src = {0};
     if ((rc = build_source(x, &src, err, len)) < 0) {
         rlb__source_free(&src);
         return rc;
@@ -1954,7 +2038,7 @@ int br_xnode_start(bridge *b)
     x->nnodes = o->nnodes;
     x->first_rank = o->first_rank;
     x->n_ranks = o->n_ranks;
-    x->params = &b->params;
+    x->cfg = b->params.cfg;
     x->opts = o;
     x->peer_timeout_ms = rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS);
     long long chunk = rlb__env_int(RLB_KNOB_XNODE_CHUNK_BYTES);
@@ -2003,6 +2087,7 @@ void br_xnode_stop(bridge *b)
         rlb__plan_free(&x->plan);
         rlb__source_free(&x->src);
     }
+    free_params(&x->gparams);
     for (int m = 0; x->metas && m < x->nnodes; m++)
         meta_free(&x->metas[m]);
     free(x->metas);
@@ -2117,6 +2202,8 @@ int br_xnode_poll(bridge *b)
         br_plan_reset(b);
         b->source = x->src;
         b->plan = x->plan;
+        b->xparams = x->gparams; /* what the source borrows */
+        x->gparams = NULL;
         b->src_ptr = malloc((x->n_global + 1) * sizeof(*b->src_ptr));
         b->src_len = malloc((x->n_global + 1) * sizeof(*b->src_len));
         b->plan_ready = b->src_ptr && b->src_len;

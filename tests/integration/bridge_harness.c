@@ -472,10 +472,30 @@ static void flat_cb(void *arg, int64_t p, uint64_t start, uint64_t numel)
     }
 }
 
+/* H_SPLIT: the rank holding parameter p whole (an adapter's factors: its weight's). */
+static uint32_t split_owner(const rlb_param_list *l, int64_t p, uint32_t world)
+{
+    for (int64_t k = 0; k < l->n_adapters; k++)
+        if (l->adapters[k].a == p || l->adapters[k].b == p)
+            p = l->adapters[k].base;
+    return (uint32_t)(p % world);
+}
+
 void h_trainer_fill(h_trainer *t, uint64_t v)
 {
     const rlb_param_list *l = t->list;
     float *out = (float *)t->mem;
+    if (t->layout == H_SPLIT) {
+        for (int64_t p = 0; p < l->n; p++) {
+            if (split_owner(l, p, t->world) != t->rank)
+                continue;
+            uint64_t n = rlb__param_numel(&l->params[p]);
+            for (uint64_t i = 0; i < n; i++)
+                out[i] = t->value(v, l, p, i);
+            out += (n + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
+        }
+        return;
+    }
     if (t->layout == H_FSDP2) {
         for (int64_t p = 0; p < l->n; p++) {
             int64_t row0, rows;
@@ -499,6 +519,8 @@ void h_trainer_fill(h_trainer *t, uint64_t v)
 uint64_t h_shard_bytes(const h_trainer *t, int64_t p, uint32_t f)
 {
     const rlb_param *q = &t->list->params[p];
+    if (t->layout == H_SPLIT)
+        return split_owner(t->list, p, t->world) == f ? rlb__param_numel(q) * sizeof(float) : 0;
     if (t->layout == H_FSDP2) {
         int64_t row0, rows;
         fsdp2_rows(q, f, t->world, &row0, &rows);
@@ -580,14 +602,18 @@ static int declare_adapters(h_trainer *t)
     rlb_lora_desc *d = calloc((size_t)l->n_adapters, sizeof(*d));
     if (!d)
         return RLB_ENOMEM;
+    size_t n = 0;
     for (int64_t k = 0; k < l->n_adapters; k++) {
         const rlb_param_adapter *a = &l->adapters[k];
-        rlb_lora_desc_init(&d[k]);
-        d[k].target = l->params[a->base].name;
-        d[k].rank = (uint32_t)a->rank;
-        d[k].alpha = a->scale * (float)a->rank;
+        if (t->layout == H_SPLIT && split_owner(l, a->base, t->world) != t->rank)
+            continue; /* another rank registers its factors */
+        rlb_lora_desc_init(&d[n]);
+        d[n].target = l->params[a->base].name;
+        d[n].rank = (uint32_t)a->rank;
+        d[n].alpha = a->scale * (float)a->rank;
+        n++;
     }
-    int rc = rlb_register_lora(t->c, d, (size_t)l->n_adapters);
+    int rc = n ? rlb_register_lora(t->c, d, n) : 0;
     if (rc)
         fprintf(stderr, "register_lora: %s\n", rlb_last_error(t->c));
     free(d);
@@ -607,7 +633,7 @@ int h_trainer_open_list(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h
     if (rc || (rc = declare_adapters(t)))
         return rc;
     uint32_t n_units = (uint32_t)l->cfg.n_layers + 1;
-    uint32_t n = layout == H_FSDP2 ? (uint32_t)l->n : n_units;
+    uint32_t n = layout == H_FSDP1 ? n_units : (uint32_t)l->n;
     rlb_tensor_desc *d = calloc(n, sizeof(*d));
     rlb_fsdp1_entry *entries = calloc(n_units * H_UNIT_ENTRIES, sizeof(*entries));
     uint64_t floats = 0;
@@ -616,7 +642,18 @@ int h_trainer_open_list(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h
         d[k].dtype = RLB_DTYPE_F32;
         d[k].shard_rank = rank;
         d[k].shard_world = world;
-        if (layout == H_FSDP2) {
+        if (layout == H_SPLIT) {
+            const rlb_param *p = &l->params[k];
+            d[k].name = p->name;
+            d[k].layout = RLB_TENSOR_FULL;
+            d[k].shard_rank = 0;
+            d[k].shard_world = 1;
+            d[k].ndim = (uint32_t)p->ndim;
+            d[k].shape[0] = (uint64_t)p->rows;
+            d[k].shape[1] = (uint64_t)p->cols;
+            if (split_owner(l, (int64_t)k, world) == rank)
+                floats += (rlb__param_numel(p) + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
+        } else if (layout == H_FSDP2) {
             const rlb_param *p = &l->params[k];
             int64_t row0, rows;
             fsdp2_rows(p, rank, world, &row0, &rows);
@@ -643,8 +680,15 @@ int h_trainer_open_list(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h
             floats += (total / world + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
         }
     }
+    if (layout == H_SPLIT) { /* only the tensors this rank holds */
+        uint32_t kept = 0;
+        for (uint32_t k = 0; k < n; k++)
+            if (split_owner(l, (int64_t)k, world) == rank)
+                d[kept++] = d[k];
+        n = kept;
+    }
     t->bytes = floats * sizeof(float);
-    rc = h_alloc(t->c, t->bytes, (void **)&t->mem);
+    rc = h_alloc(t->c, t->bytes + sizeof(float), (void **)&t->mem);
     for (uint32_t k = 0, at = 0; rc == 0 && k < n; k++) {
         uint64_t bytes;
         d[k].data = t->mem + at;

@@ -17,7 +17,11 @@
 
 #define H_MAX_WORKERS 16
 
-typedef enum h_layout { H_FSDP2 = 0, H_FSDP1 = 1 } h_layout;
+/* How a trainer's tensors are laid out over its ranks: FSDP2 shards, FSDP1 units, or (split)
+ * whole tensors spread over the ranks, parameter p on rank p % world and an adapter's
+ * factors on the rank of the weight they adapt, each rank declaring only the adapters whose
+ * factors it registers. */
+typedef enum h_layout { H_FSDP2 = 0, H_FSDP1 = 1, H_SPLIT = 2 } h_layout;
 
 struct rlb_param_list;
 

@@ -11,9 +11,10 @@ model over all nodes' ranks). Covered:
   4 KiB through 3 chunks of staging (ops cut at chunk boundaries, slots reused while the
   rest is in flight);
 - the same two jobs with LoRA adapters on every target (xnode_trainer --lora: a frozen base,
-  factors new in every version, checked against W + s * B * A): after version 1 each node
-  receives exactly the factor bytes the other node's ranks hold; and a remote trainer killed
-  mid-sync with a restart, followed by correct weights;
+  factors new in every version, checked against W + s * B * A), and one with whole tensors
+  spread over the ranks, each node's ranks declaring only their own adapters: after version 1
+  each node receives exactly the factor bytes the other node's ranks hold; and a remote
+  trainer killed mid-sync with a restart, followed by correct weights;
 - kill -9 of a remote trainer rank before it publishes and just after (mid-sync): the version
   aborts on every node (each other rank reads "aborted"), and with --max-restarts 1 the job
   recovers and finishes all 20 versions, without restarts it exits with the error;
@@ -229,17 +230,17 @@ class XnodeTest(XnodeCase):
         self.synced_all(job, 3, 1, 20)
         self.assertClean(job)
 
-    def test_lora_fsdp2_two_nodes(self):
-        """LoRA adapters on every target (DESIGN §10): the factors' FSDP2 shards cross nodes
-        like the base (stage ops and the merges' base copies read other nodes' bytes), and
-        after the first version only they do: each node's bridge then receives exactly the
-        factor bytes the other node's ranks hold (xnode_trainer computes them from the shards
-        it registered), with every worker buffer checked in every version."""
+    def lora_bytes_case(self, layout, ranks):
+        """LoRA adapters on every target (DESIGN §10): the factors cross nodes like the base
+        (stage ops and the merges' base copies read other nodes' bytes), and after the first
+        version only they do: each node's bridge then receives exactly the factor bytes the
+        other node's ranks hold (xnode_trainer computes them from the shards it registered),
+        with every worker buffer checked in every version."""
         versions = 4
-        job = Job(self, 2, 2, ["--layout", "fsdp2", "--versions", str(versions), "--lora",
-                               "--check"])
+        job = Job(self, 2, ranks, ["--layout", layout, "--versions", str(versions), "--lora",
+                                   "--check"])
         self.assertEqual(job.wait(90), [0, 0], "\n".join(o[-2000:] for o in job.out))
-        self.synced_all(job, 2, 2, versions)
+        self.synced_all(job, 2, ranks, versions)
         for out in job.out:
             got = {int(v): (int(r), int(b), int(f)) for v, r, b, f in re.findall(
                 r"xnode bytes (\d+): received (\d+), remote base (\d+), remote factors (\d+)",
@@ -255,6 +256,15 @@ class XnodeTest(XnodeCase):
             print("versions 2..%d: received %d bytes each" % (versions, factors),
                   file=sys.stderr)
         self.assertClean(job)
+
+    def test_lora_fsdp2_two_nodes(self):
+        self.lora_bytes_case("fsdp2", 2)
+
+    def test_lora_split_two_nodes(self):
+        """Whole tensors spread over the ranks, each declaring only the adapters whose factors
+        it registers: each node's bridge knows some adapters, and every node must plan with
+        all of them (they travel in the registrations)."""
+        self.lora_bytes_case("split", 1)
 
     def test_lora_fsdp1_three_nodes(self):
         job = Job(self, 3, 1, ["--layout", "fsdp1", "--versions", "4", "--lora", "--check"])

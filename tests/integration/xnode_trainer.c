@@ -1,7 +1,7 @@
 /* xnode_trainer.c: the trainer script of the multi-node tests (test_xnode.py), run by
  * `rlb launch --no-python` on every node with torchrun's environment.
  *
- *   xnode_trainer [--layout fsdp2|fsdp1] [--versions N] [--check] [--lora]
+ *   xnode_trainer [--layout fsdp2|fsdp1|split] [--versions N] [--check] [--lora]
  *                 [--republish N] (publish an aborted version again, up to N times)
  *                 [--die RANK:V:when]   when: before (kill -9 itself before publishing V),
  *                                       during (a helper kills it just after), or stall
@@ -17,7 +17,9 @@
  * With --lora every rank declares LoRA adapters (rank 4, alpha 8) on the seven targets of
  * every layer and registers their factors beside the base, in the same FSDP layout; the
  * base stays version 1's weights, the factors are a pure function of (version, name,
- * element). --check then compares each worker element with W + s * B * A computed here in
+ * element); with --layout split (whole tensors spread over the ranks, bridge_harness.h) each
+ * rank declares only the adapters whose factors it registers, so each node's bridge knows
+ * only some of them. --check then compares each worker element with W + s * B * A computed here in
  * double (check_lora_buffer), and local rank 0 prints after each commit what its bridge
  * received from other nodes in all (stat xnode_bytes_received) and the base and factor bytes
  * the other nodes' ranks hold (from the shards it registered, not from the bridge):
@@ -306,7 +308,9 @@ int main(int argc, char **argv)
     char die_when[16] = "";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--layout") && i + 1 < argc)
-            layout = !strcmp(argv[++i], "fsdp1") ? H_FSDP1 : H_FSDP2;
+            layout = !strcmp(argv[++i], "fsdp1")   ? H_FSDP1
+                     : !strcmp(argv[i], "split") ? H_SPLIT
+                                                 : H_FSDP2;
         else if (!strcmp(argv[i], "--versions") && i + 1 < argc)
             versions = strtoull(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--check"))
