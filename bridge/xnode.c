@@ -948,6 +948,17 @@ static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
     return 0;
 }
 
+/* 1 when every chunk is in (whole staging waits for that). */
+static int all_arrived(br_xnode *x)
+{
+    int all = 1;
+    pthread_mutex_lock(&x->mu);
+    for (uint32_t k = 0; k < x->n_recvs && all; k++)
+        all = x->arrived[k];
+    pthread_mutex_unlock(&x->mu);
+    return all;
+}
+
 /* ---- The thread ------------------------------------------------------------------------- */
 
 /* Wakes the loop from its poll (br_xnode_fd) to read what the thread reported. */
@@ -1276,17 +1287,6 @@ static int post_recvs(br_xnode *x, uint64_t vt, rlb_xreq **reqs, uint32_t *poste
 }
 
 /* ---- The exchange: whole staging sends only what changed (xnode_delta.h) ---------------- */
-
-/* 1 when every chunk is in (whole staging waits for that). */
-static int all_arrived(br_xnode *x)
-{
-    int all = 1;
-    pthread_mutex_lock(&x->mu);
-    for (uint32_t k = 0; k < x->n_recvs && all; k++)
-        all = x->arrived[k];
-    pthread_mutex_unlock(&x->mu);
-    return all;
-}
 
 /* An exchange's requests are indexed: receives, sends, then (whole staging) the manifest
  * sent to each node, then the one received from each node. */
