@@ -46,7 +46,7 @@
       "dependent launch (each starts while the one before it finishes); 0: plain launches") \
     X(CUDA_STAGE_BYTES, "RLB_CUDA_STAGE_BYTES", "16777216", "bytes of each of the two "   \
       "device staging buffers of a staged read from another GPU")                         \
-    X(LORA_MERGE, "RLB_LORA_MERGE", "separate", "how the CUDA executor writes LoRA-merged "  \
+    X(LORA_MERGE, "RLB_LORA_MERGE", "fused", "how the CUDA executor writes LoRA-merged "  \
       "weights: fused (one pass: base read from its source plus s*B*A, written once; B*A " \
       "on tensor cores where the factors are bf16), fused-fma (B*A always in f32 "         \
       "multiply-adds) or separate (the base copied, then the product added in place)")    \

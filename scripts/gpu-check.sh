@@ -24,8 +24,8 @@
 #   lora      the PEFT golden fixture (scripts/make_peft_fixture.py, needs peft; a copy lands
 #             in $OUT/peft_lora.tar) and its test, rlb-bench-reshard-gpu --lora (the merge
 #             kernels), then rlb-bench-sync --device cuda --lora with the PEFT merge peer
-#             (bench/peft_merge_peer.py), the bridge's merges fused (RLB_LORA_MERGE, default
-#             here fused)
+#             (bench/peft_merge_peer.py), with the merges as RLB_LORA_MERGE says (default
+#             fused)
 #   multi     (two GPUs or more) rlb generate --tp 2 on two GPUs against HF's greedy tokens,
 #             the peer-copy and NCCL transport tests, and examples/grpo_torch.py with an
 #             FSDP2 world of 2 under torchrun and a TP-2 worker replica over NCCL
@@ -93,7 +93,7 @@ for step in "$@"; do
         peer=$(timeout 300 python3 bench/peft_merge_peer.py 2> "$out/peft-peer.err" |
             tee "$out/peft-peer.log" | tail -1)
         tail -4 "$out/peft-peer.log"
-        RLB_LORA_MERGE=${RLB_LORA_MERGE:-fused} timeout 500 build-gpu/rlb-bench-sync \
+        timeout 500 build-gpu/rlb-bench-sync \
             --device cuda --lora $peer > "$out/bench-lora.log" 2>&1
         tail -8 "$out/bench-lora.log" ;;
     reshard)

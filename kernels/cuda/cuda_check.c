@@ -33,14 +33,14 @@ rlb_cuda_peer_mode rlb__cuda_peer_mode_env(void)
 int rlb__cuda_lora_fused_env(void)
 {
     const char *v = rlb__env_str(RLB_KNOB_LORA_MERGE);
-    if (strcmp(v, "fused") == 0)
-        return 2;
+    if (strcmp(v, "separate") == 0)
+        return 0;
     if (strcmp(v, "fused-fma") == 0)
         return 1;
-    if (strcmp(v, "separate") != 0)
+    if (strcmp(v, "fused") != 0)
         RLB_LOG_WARN(RLB_SUB_KERNEL, "RLB_LORA_MERGE=%s: fused, fused-fma or separate "
-                     "expected; using separate", v);
-    return 0;
+                     "expected; using fused", v);
+    return 2;
 }
 
 int rlb__cuda_driver_fn(const char *name, void **fn)

@@ -94,8 +94,24 @@ typedef struct dev_state {
     uint64_t lora_hash;          /* hash of the merges, their copies, the stage ops and the
                                     destination set they were made from */
     int used;                    /* the current run launched here */
+    int bound;                   /* plan and lora are bound to the buffers of the last run
+                                    (cuda_exec.last): a run with the same skips binding */
     cudaEvent_t t0, t1;          /* timing of the run on this GPU */
 } dev_state;
+
+/* The buffers of the last run that started well, as the caller gave them, and what was
+ * found out about them: a run over the same buffers, with no mapping made or dropped since,
+ * skips asking CUDA about each of them again (a pointer query per buffer, hundreds of them
+ * for a model registered tensor by tensor). */
+typedef struct run_bufs {
+    int valid;
+    uint64_t gen;                /* cuda_exec.map_gen then */
+    uint64_t n_src, n_dst;
+    void **src, **dst;           /* [n_src], [n_dst] */
+    uint64_t *src_len, *dst_len;
+    uint8_t *sel;                /* [n_dst] the destinations its ops and merges wrote */
+    int *dev_of;                 /* [n_dst] each one's GPU, or -1 */
+} run_bufs;
 
 typedef struct cuda_exec {
     rlb_executor base;
@@ -117,6 +133,8 @@ typedef struct cuda_exec {
     double ms;                   /* its time */
     char err[512];               /* why it failed */
     double t_upload, t_bind;     /* host ms of this run's uploads and binds (debug log) */
+    uint64_t map_gen;            /* +1 at every map and unmap */
+    run_bufs last;               /* the last run's buffers */
 } cuda_exec;
 
 static double mono_ms(void)
@@ -413,6 +431,7 @@ static int cuda_map(rlb_executor *b, const rlb_exec_ref *ref, void **addr, char 
                     size_t errlen)
 {
     cuda_exec *x = (cuda_exec *)b;
+    x->map_gen++;
     if (ref->kind == 0) {
         if (!ref->host)
             return RLB_EINVAL;
@@ -440,6 +459,7 @@ static int cuda_unmap(rlb_executor *b, const rlb_exec_ref *ref, void *addr)
 {
     cuda_exec *x = (cuda_exec *)b;
     cuda_fence(b);
+    x->map_gen++;
     if (ref->kind == 0) {
         char *lo = ref->host, *hi = (char *)ref->host + ref->offset + ref->length;
         for (uint32_t j = 0; j < x->n_hr;)
@@ -538,6 +558,7 @@ static int upload_on(dev_state *s, int g, const rlb_plan *p, const uint8_t *sel,
         s->plan = NULL;
         RLB_CHECK(rlb__cuda_plan_upload(&copies, g, sel, &s->plan, err, errlen));
         s->plan_hash = hc;
+        s->bound = 0;
     }
     uint64_t hl = fnv(h, p->merges, p->n_merges * sizeof(*p->merges));
     hl = fnv(hl, p->merge_copies, p->n_merge_copies * sizeof(*p->merge_copies));
@@ -549,23 +570,52 @@ static int upload_on(dev_state *s, int g, const rlb_plan *p, const uint8_t *sel,
         s->lora_hash = 0;
         RLB_CHECK(rlb__cuda_lora_upload(p, g, sel, &s->lora, err, errlen));
         s->lora_hash = hl;
+        s->bound = 0;
     }
     return 0;
 }
 
-/* Launches the ops and merges of the destinations on GPU g. */
-static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t *sel,
+/* Launches GPU g's bound plan and merges on st after the trainers' events. */
+static int launch_bound(cuda_exec *x, dev_state *s, int g, cudaStream_t st,
+                        const rlb_exec_run *run)
+{
+    int rc = 0, prev;
+    RLB_CHECK(rlb__cuda_enter(g, &prev));
+    for (uint32_t e = 0; e < run->n_events; e++) {
+        cudaEvent_t ev;
+        RLB_CHECK_GOTO(event_of(x, run->events[e], &ev), rc, out);
+        RLB_CUDA_CHECK(cudaStreamWaitEvent(st, ev, 0), rc, out);
+    }
+    RLB_CUDA_CHECK(cudaEventRecord(s->t0, st), rc, out);
+    RLB_CHECK_GOTO(rlb__cuda_plan_run(s->plan, st), rc, out);
+    if (s->lora)
+        RLB_CHECK_GOTO(rlb__cuda_lora_run(s->lora, st), rc, out);
+    RLB_CUDA_CHECK(cudaEventRecord(s->t1, st), rc, out);
+    s->used = 1;
+out:
+    rlb__cuda_leave(prev);
+    return rc;
+}
+
+/* Launches the ops and merges of the destinations on GPU g; `same`: the run's buffers are
+ * the last run's (run_bufs), so what is bound to them stays. */
+static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t *sel, int same,
                      char *err, size_t errlen)
 {
     const rlb_plan *p = run->plan;
     dev_state *s = &x->d[g];
-    int rc = 0, prev;
+    int rc = 0;
     cudaStream_t st;
     RLB_CHECK(stream_of(x, g, &st));
     double t0 = mono_ms();
     RLB_CHECK(upload_on(s, g, p, sel, err, errlen));
     double t1 = mono_ms();
     x->t_upload += t1 - t0;
+    if (same && s->bound) {
+        RLB_CHECK(rlb__cuda_plan_count(s->plan, run->nonfinite != NULL));
+        return launch_bound(x, s, g, st, run);
+    }
+    s->bound = 0;
     rlb_cuda_buf *src = calloc(p->n_src + 1, sizeof *src);
     rlb_cuda_buf *dst = calloc(p->n_dst + 1, sizeof *dst);
     if (!src || !dst) {
@@ -588,25 +638,67 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
     RLB_CHECK_GOTO(rlb__cuda_plan_count(s->plan, run->nonfinite != NULL), rc, out_nodev);
     if (s->lora)
         RLB_CHECK_GOTO(rlb__cuda_lora_bind(s->lora, src, dst, err, errlen), rc, out_nodev);
+    s->bound = 1;
     x->t_bind += mono_ms() - t1;
-    RLB_CHECK_GOTO(rlb__cuda_enter(g, &prev), rc, out_nodev);
-    for (uint32_t e = 0; e < run->n_events; e++) {
-        cudaEvent_t ev;
-        RLB_CHECK_GOTO(event_of(x, run->events[e], &ev), rc, out);
-        RLB_CUDA_CHECK(cudaStreamWaitEvent(st, ev, 0), rc, out);
-    }
-    RLB_CUDA_CHECK(cudaEventRecord(s->t0, st), rc, out);
-    RLB_CHECK_GOTO(rlb__cuda_plan_run(s->plan, st), rc, out);
-    if (s->lora)
-        RLB_CHECK_GOTO(rlb__cuda_lora_run(s->lora, st), rc, out);
-    RLB_CUDA_CHECK(cudaEventRecord(s->t1, st), rc, out);
-    s->used = 1;
-out:
-    rlb__cuda_leave(prev);
+    rc = launch_bound(x, s, g, st, run);
 out_nodev:
     free(src);
     free(dst);
     return rc;
+}
+
+static void bufs_free(run_bufs *l)
+{
+    free(l->src);
+    free(l->dst);
+    free(l->src_len);
+    free(l->dst_len);
+    free(l->sel);
+    free(l->dev_of);
+    memset(l, 0, sizeof(*l));
+}
+
+/* 1 when run's buffers are the last run's, written alike (sel), with no mapping made or
+ * dropped since. */
+static int same_bufs(const cuda_exec *x, const rlb_exec_run *run, const uint8_t *sel)
+{
+    const run_bufs *l = &x->last;
+    const rlb_plan *p = run->plan;
+    return l->valid && l->gen == x->map_gen && l->n_src == p->n_src && l->n_dst == p->n_dst &&
+           !memcmp(l->sel, sel, p->n_dst) &&
+           !memcmp(l->src, run->src, p->n_src * sizeof(*l->src)) &&
+           !memcmp(l->src_len, run->src_len, p->n_src * sizeof(*l->src_len)) &&
+           !memcmp(l->dst, run->dst, p->n_dst * sizeof(*l->dst)) &&
+           !memcmp(l->dst_len, run->dst_len, p->n_dst * sizeof(*l->dst_len));
+}
+
+/* Keeps run's buffers and their GPUs for the next run (none kept when out of memory). */
+static void keep_bufs(cuda_exec *x, const rlb_exec_run *run, const uint8_t *sel,
+                      const int *dev_of)
+{
+    run_bufs *l = &x->last;
+    const rlb_plan *p = run->plan;
+    bufs_free(l);
+    l->src = malloc((p->n_src + 1) * sizeof(*l->src));
+    l->src_len = malloc((p->n_src + 1) * sizeof(*l->src_len));
+    l->dst = malloc((p->n_dst + 1) * sizeof(*l->dst));
+    l->dst_len = malloc((p->n_dst + 1) * sizeof(*l->dst_len));
+    l->sel = malloc(p->n_dst + 1);
+    l->dev_of = malloc((p->n_dst + 1) * sizeof(*l->dev_of));
+    if (!l->src || !l->src_len || !l->dst || !l->dst_len || !l->sel || !l->dev_of) {
+        bufs_free(l);
+        return;
+    }
+    memcpy(l->src, run->src, p->n_src * sizeof(*l->src));
+    memcpy(l->src_len, run->src_len, p->n_src * sizeof(*l->src_len));
+    memcpy(l->dst, run->dst, p->n_dst * sizeof(*l->dst));
+    memcpy(l->dst_len, run->dst_len, p->n_dst * sizeof(*l->dst_len));
+    memcpy(l->sel, sel, p->n_dst);
+    memcpy(l->dev_of, dev_of, p->n_dst * sizeof(*l->dev_of));
+    l->n_src = p->n_src;
+    l->n_dst = p->n_dst;
+    l->gen = x->map_gen;
+    l->valid = 1;
 }
 
 static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t errlen)
@@ -619,19 +711,12 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
     }
     const double t0 = mono_ms();
     x->t_upload = x->t_bind = 0;
-    int rc = host_prepare(x, (void *const *)run->src, run->src_len, p->n_src, err, errlen);
-    if (rc)
-        return rc;
-    const double t_prepared = mono_ms();
-    if (run->nonfinite)
-        memset(run->nonfinite, 0, (p->n_ops + p->n_merges) * sizeof(*run->nonfinite));
-    x->nonfinite = run->nonfinite;
-    x->n_ops = p->n_ops;
     /* Destinations by GPU; the plan runs where its destinations are. */
-    uint8_t *sel = calloc(p->n_dst + 1, 1);
+    uint8_t *sel = calloc(p->n_dst + 1, 1), *wrote = calloc(p->n_dst + 1, 1);
     int *dev_of = calloc(p->n_dst + 1, sizeof *dev_of);
-    if (!sel || !dev_of) {
+    if (!sel || !wrote || !dev_of) {
         free(sel);
+        free(wrote);
         free(dev_of);
         return RLB_ENOMEM;
     }
@@ -643,7 +728,25 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
     for (uint64_t m = 0; m < p->n_merges; m++)
         if (p->merges[m].dst_ref < p->n_dst)
             sel[p->merges[m].dst_ref] = 1;
-    for (uint64_t d = 0; d < p->n_dst && !rc; d++) {
+    memcpy(wrote, sel, p->n_dst); /* sel is then each GPU's share in turn */
+    const int same = same_bufs(x, run, wrote);
+    x->last.valid = 0; /* until this run started well */
+    int rc = same ? 0 : host_prepare(x, (void *const *)run->src, run->src_len, p->n_src, err,
+                                     errlen);
+    if (rc) {
+        free(sel);
+        free(wrote);
+        free(dev_of);
+        return rc;
+    }
+    const double t_prepared = mono_ms();
+    if (run->nonfinite)
+        memset(run->nonfinite, 0, (p->n_ops + p->n_merges) * sizeof(*run->nonfinite));
+    x->nonfinite = run->nonfinite;
+    x->n_ops = p->n_ops;
+    if (same)
+        memcpy(dev_of, x->last.dev_of, p->n_dst * sizeof(*dev_of));
+    for (uint64_t d = 0; d < p->n_dst && !rc && !same; d++) {
         dev_of[d] = -1;
         if (!run->dst[d] || !sel[d])
             continue;
@@ -669,9 +772,14 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
         for (uint64_t d = 0; d < p->n_dst; d++)
             any |= (sel[d] = dev_of[d] == g);
         if (any)
-            rc = launch_on(x, g, run, sel, err, errlen);
+            rc = launch_on(x, g, run, sel, same, err, errlen);
     }
+    if (rc == 0 && same)
+        x->last.valid = 1;
+    else if (rc == 0)
+        keep_bufs(x, run, wrote, dev_of);
     free(sel);
+    free(wrote);
     free(dev_of);
     x->done_fd = run->done_fd;
     if (rc) {
@@ -692,9 +800,10 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
     const double t_end = mono_ms();
     RLB_LOG_DEBUG(RLB_SUB_KERNEL, "cuda run of %llu ops: %.3f ms on the host (host ranges "
                   "%.3f, locating destinations %.3f, upload %.3f, bind %.3f, launches and "
-                  "waiting thread %.3f)", (unsigned long long)p->n_ops, t_end - t0,
+                  "waiting thread %.3f)%s", (unsigned long long)p->n_ops, t_end - t0,
                   t_prepared - t0, t_located - t_prepared, x->t_upload, x->t_bind,
-                  t_end - t_located - x->t_upload - x->t_bind);
+                  t_end - t_located - x->t_upload - x->t_bind,
+                  same ? ", the last run's buffers: nothing asked again, nothing bound" : "");
     return 0;
 }
 
@@ -715,6 +824,7 @@ static void cuda_destroy(rlb_executor *b)
     if (!x)
         return;
     cuda_fence(b);
+    bufs_free(&x->last);
     for (uint32_t j = 0; j < x->n_hr; j++)
         host_unregister(&x->hr[j]);
     for (uint32_t i = 0; i < x->n_vmm; i++)

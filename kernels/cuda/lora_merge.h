@@ -5,7 +5,7 @@
  *   1. the adapter stage: the plan's stage ops gather every factor, whole and as f32, into
  *      a stage buffer on this GPU (a plan of its own, kernels/cuda/plan_exec.h, whose one
  *      destination is the stage);
- *   2. the merge, fused (RLB_LORA_MERGE=fused): one pass over each block,
+ *   2. the merge, fused (RLB_LORA_MERGE=fused, the default): one pass over each block,
  *      C = base + scale * L * R, the base read from the merge's sources where its base
  *      copies (the plan's merge_copies) would read it, widened to f32, the rank-r product
  *      summed in f32 (L scaled first, as the CPU does: l_k = scale * L(i, k), then
@@ -17,8 +17,7 @@
  *      cores instead: exact bf16 products summed in f32 in the tensor core's order, then
  *      C = base + scale * (L * R), one rounding (the same error bound, not the same bits;
  *      RLB_LORA_MERGE=fused-fma keeps the multiply-adds).
- * Separate (RLB_LORA_MERGE=separate, the default until the fused kernels have passed
- * test_cuda_lora on a GPU, and always where a base source is staged from a GPU
+ * Separate (RLB_LORA_MERGE=separate, and always where a base source is staged from a GPU
  * without a peer path, which leaves no address a kernel may read): the base copies first
  * (as a plan of their own: local, peer, IPC-mapped, mapped host and staged sources alike),
  * then the same arithmetic in place over each block. The base comes from the sources every

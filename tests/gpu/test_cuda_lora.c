@@ -179,9 +179,10 @@ static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int 
         if (rlb__cuda_lora_upload(plan, 0, NULL, &cl, e, sizeof e))
             fail_msg("upload: %s", e);
         assert_non_null(cl);
-        int want = 0; /* separate: the default */
-        if (how && !strcmp(how, "fused"))
-            want = sdt == RLB_DTYPE_BF16 ? 2 : 1; /* tensor cores for bf16 factors */
+        int want = sdt == RLB_DTYPE_BF16 ? 2 : 1; /* fused, the default: tensor cores for bf16
+                                                     factors */
+        if (how && !strcmp(how, "separate"))
+            want = 0;
         else if (how && !strcmp(how, "fused-fma"))
             want = 1;
         assert_int_equal(rlb__cuda_lora_fused(cl), want);
