@@ -5,7 +5,7 @@ rlb_add_test(NAME test_store SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_store.c
 # The cross-node transport between bridges, where this build has UCX.
 if(TARGET rlb_xport)
   rlb_add_test(NAME test_xport SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_xport.c
-               LIBS rlb_xport rlb_common LABELS unit TIMEOUT 120)
+               LIBS rlb_xport rlb_common LABELS unit TIMEOUT 240)
 endif()
 # The fault schedule of `rlb stress` (launch/stress_sched.c): one seed, one schedule.
 rlb_add_test(NAME test_stress_sched

@@ -43,13 +43,25 @@ static uint8_t pattern(int node, size_t i)
     return (uint8_t)(i * 131 + (i >> 12) * 7 + (size_t)node * 53 + 1);
 }
 
+/* Node `node`'s endpoint, connected to every other node's; NULL (the step that failed
+ * printed) otherwise. The bounds are generous: ctest runs this beside heavy tests on a
+ * machine of two cores. */
 static rlb_xport *join(int port, const char *run, int node, int nnodes, int peer_errors)
 {
     rlb_store *st = NULL;
     rlb_xport *x = NULL;
-    if (rlb__store_connect("127.0.0.1", port, run, 5000, &st, NULL, 0) < 0 ||
-        rlb__xport_ucx_create(node, nnodes, peer_errors, &x) < 0 ||
-        rlb__xport_connect_all(x, st, "xport", 10000) < 0) {
+    const char *step = "store connect";
+    int rc = rlb__store_connect("127.0.0.1", port, run, 30000, &st, NULL, 0);
+    if (rc == 0) {
+        step = "UCX endpoint";
+        rc = rlb__xport_ucx_create(node, nnodes, peer_errors, &x);
+    }
+    if (rc == 0) {
+        step = "connect to every node";
+        rc = rlb__xport_connect_all(x, st, "xport", 30000);
+    }
+    if (rc < 0) {
+        fprintf(stderr, "node %d of %d: %s: %s\n", node, nnodes, step, rlb_strerror(rc));
         rlb__xport_destroy(x);
         x = NULL;
     }
