@@ -27,6 +27,7 @@
 #include "bridge/bridge.h"
 #include "common/store.h"
 #include "model/config.h"
+#include "model/lora.h"
 #include "model/params.h"
 #include "rlb/rlb.h"
 #include "worker/daemon.h"
@@ -41,21 +42,6 @@ static int cmp_double(const void *a, const void *b)
 }
 
 #define LORA_RANK 16
-
-/* 1 when parameter `name` is one of the seven LoRA targets of a layer. */
-static int lora_target(const char *name)
-{
-    static const char *const suffix[] = {".q_proj.weight", ".k_proj.weight", ".v_proj.weight",
-                                         ".o_proj.weight", ".gate_proj.weight",
-                                         ".up_proj.weight", ".down_proj.weight"};
-    size_t n = strlen(name);
-    for (size_t i = 0; i < sizeof(suffix) / sizeof(suffix[0]); i++) {
-        size_t k = strlen(suffix[i]);
-        if (n > k && !strcmp(name + n - k, suffix[i]))
-            return 1;
-    }
-    return 0;
-}
 
 /* A job's figures per node, written by its trainer rank. */
 typedef struct node_figs {
@@ -80,60 +66,54 @@ static int trainer(const rlb_model_config *cfg, const char *sock, int node, int 
     co.request_timeout_ms = 60000;
     if (rlb__params_init(&pl, cfg, NULL, 0) != 0 || rlb_connect(&co, &c) != 0)
         return 1;
-    uint64_t floats = 0, factor_floats = 0;
-    size_t n_ad = 0;
-    for (int64_t p = node; p < pl.n; p += nnodes) {
-        floats += rlb__param_numel(&pl.params[p]);
-        if (lora && lora_target(pl.params[p].name)) {
-            factor_floats += LORA_RANK * (uint64_t)(pl.params[p].rows + pl.params[p].cols);
-            n_ad++;
-        }
+    /* --lora: an adapter on each layer weight of this rank that takes one (the model's own
+     * list says which), its factors appended to the list after the model's parameters */
+    const int64_t n_base = pl.n;
+    for (int64_t p = node; lora && p < n_base; p += nnodes) {
+        char target[RLB_PARAM_NAME_MAX];
+        snprintf(target, sizeof(target), "%s", pl.params[p].name); /* the list may move */
+        if (rlb__lora_adaptable(&pl, p) && pl.params[p].role != RLB_ROLE_VOCAB &&
+            rlb__params_add_adapter(&pl, target, LORA_RANK, 2.0f, NULL, 0) != 0)
+            return 1;
     }
+    /* this rank's parameters, then every factor (all of them this rank's) */
+    uint64_t floats = 0, base_floats = 0;
+    for (int64_t p = 0; p < pl.n; p++)
+        if (p >= n_base || p % nnodes == node) {
+            floats += rlb__param_numel(&pl.params[p]);
+            base_floats = p < n_base ? floats : base_floats;
+        }
     float *mem;
-    rlb_tensor_desc *d = calloc((size_t)pl.n + 2 * n_ad, sizeof(*d));
-    rlb_lora_desc *ad = calloc(n_ad + 1, sizeof(*ad));
-    char (*names)[2][128] = calloc(n_ad + 1, sizeof(*names));
-    if (!d || !ad || !names || rlb_alloc_host(c, (floats + factor_floats) * 4 + 4,
-                                              (void **)&mem) != 0)
+    rlb_tensor_desc *d = calloc((size_t)pl.n + 1, sizeof(*d));
+    rlb_lora_desc *ad = calloc((size_t)pl.n_adapters + 1, sizeof(*ad));
+    if (!d || !ad || rlb_alloc_host(c, floats * 4 + 4, (void **)&mem) != 0)
         return 1;
-    size_t n = 0, k = 0;
+    size_t n = 0;
     uint64_t at = 0;
-    for (int64_t p = node; p < pl.n; p += nnodes, n++) {
+    for (int64_t p = 0; p < pl.n; p++) {
         const rlb_param *q = &pl.params[p];
+        if (p < n_base && p % nnodes != node)
+            continue;
         rlb_tensor_desc_init(&d[n]);
         d[n].name = q->name;
         d[n].ndim = (uint32_t)q->ndim;
         d[n].shape[0] = (uint64_t)q->rows;
         d[n].shape[1] = (uint64_t)q->cols;
-        d[n].data = mem + at;
+        d[n++].data = mem + at;
         at += rlb__param_numel(q);
     }
-    for (uint64_t i = 0; i < floats; i++)
+    for (uint64_t i = 0; i < base_floats; i++)
         mem[i] = (float)(i % 1000) * 1e-3f;
-    float *factors = mem + floats; /* every factor, after the frozen base */
-    for (int64_t p = node; lora && p < pl.n; p += nnodes) {
-        const rlb_param *q = &pl.params[p];
-        if (!lora_target(q->name))
-            continue;
-        size_t len = strlen(q->name) - strlen(".weight");
-        snprintf(names[k][0], sizeof(names[k][0]), "%.*s.lora_A.weight", (int)len, q->name);
-        snprintf(names[k][1], sizeof(names[k][1]), "%.*s.lora_B.weight", (int)len, q->name);
+    for (int64_t k = 0; k < pl.n_adapters; k++) {
         rlb_lora_desc_init(&ad[k]);
-        ad[k].target = q->name;
+        ad[k].target = pl.params[pl.adapters[k].base].name;
         ad[k].rank = LORA_RANK;
-        ad[k].alpha = 2.0f * LORA_RANK;
-        for (int f = 0; f < 2; f++, n++) { /* A [r, in], B [out, r] */
-            rlb_tensor_desc_init(&d[n]);
-            d[n].name = names[k][f];
-            d[n].ndim = 2;
-            d[n].shape[0] = f ? (uint64_t)q->rows : LORA_RANK;
-            d[n].shape[1] = f ? LORA_RANK : (uint64_t)q->cols;
-            d[n].data = mem + at;
-            at += d[n].shape[0] * d[n].shape[1];
-        }
-        k++;
+        ad[k].alpha = pl.adapters[k].scale * LORA_RANK;
     }
-    if ((n_ad && rlb_register_lora(c, ad, n_ad) != 0) || rlb_register(c, d, n) != 0) {
+    float *factors = mem + base_floats; /* every factor, after the frozen base */
+    const uint64_t factor_floats = floats - base_floats;
+    if ((pl.n_adapters && rlb_register_lora(c, ad, (size_t)pl.n_adapters) != 0) ||
+        rlb_register(c, d, n) != 0) {
         fprintf(stderr, "rlb-bench-xnode: register: %s\n", rlb_last_error(c));
         return 1;
     }
@@ -169,7 +149,6 @@ static int trainer(const rlb_model_config *cfg, const char *sock, int node, int 
     rlb__params_free(&pl);
     free(d);
     free(ad);
-    free(names);
     return 0;
 }
 

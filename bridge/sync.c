@@ -421,13 +421,11 @@ static const rlb_src_piece *piece_at(const rlb_source *src, uint32_t buf, uint64
     return NULL;
 }
 
-/* The parameter index piece p names in b->params, or b->params.n for none: on a node of
- * several the source's list is the global one (xnode.c), whose entries past the model's
- * own (adapter factors) this node's list may not have. */
+/* The index piece p names in the parameter list of the plan's source (b->params on one
+ * node, every node's adapters too on several: xnode.c), or that list's n for none. */
 static uint64_t param_of(const bridge *b, const rlb_src_piece *p)
 {
-    return p && p->param >= 0 && p->param < b->params.n ? (uint64_t)p->param
-                                                        : (uint64_t)b->params.n;
+    return p ? (uint64_t)p->param : (uint64_t)b->source.params->n;
 }
 
 /* 1 when destination dst_ref is a buffer the bridge can read: a CPU worker's host memory
@@ -438,7 +436,7 @@ static int dst_readable(const bridge *b, uint32_t dst_ref)
     return w && w->hello.device != RLB_DEVICE_CUDA;
 }
 
-/* Adds to per[param] (per[params.n]: unknown) each non-finite element copy op `op` left in
+/* Adds to per[param] (per[n]: unknown; the source's parameters) each non-finite element copy op `op` left in
  * the destination, traced back to the source piece it came from; *hint is the last piece
  * found. Where the destination cannot be read, the op's count (bad) goes to the piece the
  * op starts in. */
@@ -472,7 +470,8 @@ static void trace_op(const bridge *b, const rlb_copy_op *op, uint64_t bad, uint6
 static void name_nonfinite(const bridge *b, char *text, size_t len)
 {
     const br_copy *c = &b->copy;
-    uint64_t n = (uint64_t)b->params.n + 1;
+    const rlb_param_list *pl = b->source.params;
+    uint64_t n = (uint64_t)pl->n + 1;
     uint64_t *per = calloc(2 * n, sizeof(*per)); /* copied [0, n), merged [n, 2n) */
     size_t at = 0;
     text[0] = 0;
@@ -495,7 +494,7 @@ static void name_nonfinite(const bridge *b, char *text, size_t len)
         if (per[k]) {
             uint64_t p = k % n;
             int w = snprintf(text + at, len - at, "%s%s%s: %llu", at ? ", " : "",
-                             p < n - 1 ? b->params.params[p].name : "(unknown tensor)",
+                             p < n - 1 ? pl->params[p].name : "(unknown tensor)",
                              k >= n ? " (LoRA-merged)" : "", (unsigned long long)per[k]);
             at = w < 0 ? len : at + (size_t)w;
         }

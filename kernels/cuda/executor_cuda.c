@@ -611,10 +611,9 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
     RLB_CHECK(upload_on(s, g, p, sel, err, errlen));
     double t1 = mono_ms();
     x->t_upload += t1 - t0;
-    if (same && s->bound) {
-        RLB_CHECK(rlb__cuda_plan_count(s->plan, run->nonfinite != NULL));
+    RLB_CHECK(rlb__cuda_plan_count(s->plan, run->nonfinite != NULL));
+    if (same && s->bound)
         return launch_bound(x, s, g, st, run);
-    }
     s->bound = 0;
     rlb_cuda_buf *src = calloc(p->n_src + 1, sizeof *src);
     rlb_cuda_buf *dst = calloc(p->n_dst + 1, sizeof *dst);
@@ -635,7 +634,6 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
     for (uint64_t d = 0; d < p->n_dst; d++)
         dst[d] = (rlb_cuda_buf){sel[d] ? run->dst[d] : NULL, sel[d] ? run->dst_len[d] : 0};
     RLB_CHECK_GOTO(rlb__cuda_plan_bind(s->plan, src, dst, err, errlen), rc, out_nodev);
-    RLB_CHECK_GOTO(rlb__cuda_plan_count(s->plan, run->nonfinite != NULL), rc, out_nodev);
     if (s->lora)
         RLB_CHECK_GOTO(rlb__cuda_lora_bind(s->lora, src, dst, err, errlen), rc, out_nodev);
     s->bound = 1;
