@@ -33,6 +33,11 @@
  * arguments on its last line, so one device call runs both:
  *     build/rlb-bench-sync --device cuda --lora $(python3 bench/peft_merge_peer.py | tail -1)
  * (`--peer R:MS`, once per rank), and the ratios to it are printed too.
+ *
+ * `--vmm`: the trainer's memory is mapped with the VMM API instead (cuMemCreate with a
+ * POSIX fd handle, as PyTorch allocates under PYTORCH_CUDA_ALLOC_CONF=expandable_segments:
+ * True), which the library exports as a VMM fd rather than a CUDA IPC handle: the same sync
+ * over the other way a trainer's memory reaches the bridge.
  */
 #include <limits.h>
 #include <signal.h>
@@ -45,8 +50,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include "kernels/cuda/cuda_check.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "rlb/rlb.h"
@@ -66,6 +73,85 @@ typedef struct scase {
     double sync_ms, floor_ms, control_ms;
     double launch_ms, copy_wall_ms, copy_gpu_ms, load_ms; /* medians of the phases */
 } scase;
+
+/* The trainer's memory: one cudaMalloc allocation, or (--vmm) one VMM mapping. */
+static int trainer_vmm;
+static struct {
+    CUresult (*gran)(size_t *, const CUmemAllocationProp *, CUmemAllocationGranularity_flags);
+    CUresult (*create)(CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *,
+                       unsigned long long);
+    CUresult (*reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+    CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle,
+                    unsigned long long);
+    CUresult (*access)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
+    CUresult (*unmap)(CUdeviceptr, size_t);
+    CUresult (*release)(CUmemGenericAllocationHandle);
+    CUresult (*afree)(CUdeviceptr, size_t);
+} vm;
+
+typedef struct trainer_mem {
+    void *p;                        /* the memory */
+    size_t size;                    /* VMM: the mapping's size */
+    CUmemGenericAllocationHandle h; /* VMM: its physical allocation */
+} trainer_mem;
+
+static int vmm_fns(void)
+{
+    return rlb__cuda_driver_fn("cuMemGetAllocationGranularity", (void **)&vm.gran) ||
+           rlb__cuda_driver_fn("cuMemCreate", (void **)&vm.create) ||
+           rlb__cuda_driver_fn("cuMemAddressReserve", (void **)&vm.reserve) ||
+           rlb__cuda_driver_fn("cuMemMap", (void **)&vm.map) ||
+           rlb__cuda_driver_fn("cuMemSetAccess", (void **)&vm.access) ||
+           rlb__cuda_driver_fn("cuMemUnmap", (void **)&vm.unmap) ||
+           rlb__cuda_driver_fn("cuMemRelease", (void **)&vm.release) ||
+           rlb__cuda_driver_fn("cuMemAddressFree", (void **)&vm.afree);
+}
+
+static int trainer_alloc(trainer_mem *t, size_t bytes)
+{
+    memset(t, 0, sizeof *t);
+    if (!trainer_vmm)
+        return cudaMalloc(&t->p, bytes) == cudaSuccess ? 0 : -1;
+    CUmemAllocationProp prop = {.type = CU_MEM_ALLOCATION_TYPE_PINNED,
+                                .requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                                .location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = 0}};
+    size_t g;
+    CUdeviceptr va;
+    if (vm.gran(&g, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED) != CUDA_SUCCESS)
+        return -1;
+    t->size = (bytes + g - 1) / g * g;
+    if (vm.create(&t->h, t->size, &prop, 0) != CUDA_SUCCESS)
+        return -1;
+    CUmemAccessDesc acc = {.location = prop.location, .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
+    if (vm.reserve(&va, t->size, g, 0, 0) != CUDA_SUCCESS) {
+        vm.release(t->h);
+        return -1;
+    }
+    if (vm.map(va, t->size, 0, t->h, 0) != CUDA_SUCCESS ||
+        vm.access(va, t->size, &acc, 1) != CUDA_SUCCESS) {
+        vm.unmap(va, t->size);
+        vm.afree(va, t->size);
+        vm.release(t->h);
+        return -1;
+    }
+    t->p = (void *)(uintptr_t)va;
+    return 0;
+}
+
+static void trainer_free(trainer_mem *t)
+{
+    if (!t->p)
+        return;
+    if (!trainer_vmm) {
+        cudaFree(t->p);
+    } else {
+        cudaDeviceSynchronize();
+        vm.unmap((CUdeviceptr)(uintptr_t)t->p, t->size);
+        vm.afree((CUdeviceptr)(uintptr_t)t->p, t->size);
+        vm.release(t->h);
+    }
+    t->p = NULL;
+}
 
 static double now_s(void)
 {
@@ -248,6 +334,7 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
     rlb_tensor_desc *d = NULL;
     adapter *ad = NULL;
     int n_ad = 0;
+    trainer_mem tm = {0};
     void *mem = NULL;
     cudaStream_t st = NULL;
     rlb_client_options co;
@@ -265,9 +352,9 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
         goto out;
     for (int k = 0; k < n_ad; k++)
         factors += (uint64_t)sc->lora_rank * (uint64_t)(ad[k].rows + ad[k].cols);
-    if (cudaMalloc(&mem, (numel + factors) * esz) != cudaSuccess ||
-        cudaStreamCreate(&st) != cudaSuccess)
+    if (trainer_alloc(&tm, (numel + factors) * esz) != 0 || cudaStreamCreate(&st) != cudaSuccess)
         goto out;
+    mem = tm.p;
     /* Not zeros: small values of every exponent a weight has (and factors whose products
      * stay small). */
     cudaMemset(mem, 0x3c, (numel + factors) * esz);
@@ -346,7 +433,7 @@ out:
     free(d);
     free(ad);
     rlb_close(c);
-    cudaFree(mem);
+    trainer_free(&tm);
     if (st)
         cudaStreamDestroy(st);
     rlb__params_free(&pl);
@@ -406,6 +493,8 @@ int rlb__bench_sync_cuda(int argc, char **argv)
             only_1b = !strcmp(argv[++i], "1b");
         else if (!strcmp(argv[i], "--lora"))
             lora = 1;
+        else if (!strcmp(argv[i], "--vmm"))
+            trainer_vmm = 1;
         else if (!strcmp(argv[i], "--peer") && i + 1 < argc && n_peer < 8 &&
                  sscanf(argv[++i], "%d:%lf", &peer_rank[n_peer], &peer_ms[n_peer]) == 2)
             n_peer++;
@@ -448,7 +537,12 @@ int rlb__bench_sync_cuda(int argc, char **argv)
     scase *cases = lora ? adapted : plain;
     int ncase = lora ? (int)(sizeof(adapted) / sizeof(adapted[0]))
                 : only_1b ? 2 : (int)(sizeof(plain) / sizeof(plain[0]));
-    printf("device %s, copy %.0f GB/s (read + write)\n", prop.name, gbs);
+    if (trainer_vmm && vmm_fns() != 0) {
+        fprintf(stderr, "rlb-bench-sync --device cuda --vmm: no VMM driver functions\n");
+        return 1;
+    }
+    printf("device %s, copy %.0f GB/s (read + write), trainer memory %s\n", prop.name, gbs,
+           trainer_vmm ? "VMM (exported as fds)" : "cudaMalloc (exported as CUDA IPC handles)");
     printf("%-12s %5s %5s %4s %12s %12s %9s %9s %8s %11s\n", "model", "src", "quant", "lora",
            "read", "written", "sync_ms", "floor_ms", "x_floor", "control_ms");
     for (int i = 0; i < ncase; i++) {
@@ -470,8 +564,8 @@ int rlb__bench_sync_cuda(int argc, char **argv)
     if (lora) {
         report_lora(cases, ncase, prop.name, gbs, peer_rank, peer_ms, n_peer);
     } else {
-        printf("{\"bench\": \"sync_cuda\", \"device\": \"%s\", \"copy_gbs\": %.1f", prop.name,
-               gbs);
+        printf("{\"bench\": \"sync_cuda\", \"device\": \"%s\", \"trainer_memory\": \"%s\", "
+               "\"copy_gbs\": %.1f", prop.name, trainer_vmm ? "vmm" : "cudaMalloc", gbs);
         for (int i = 0; i < ncase; i++)
             printf(", \"%s_%s_%s\": {\"sync_ms\": %.3f, \"floor_ms\": %.3f, "
                    "\"control_ms\": %.4f, \"launch_ms\": %.3f, \"copy_ms\": %.3f, "

@@ -9,6 +9,8 @@
 #   engine8b  the same on the 8B shape
 #   sync      rlb-bench-sync --device cuda (1B shape; sync8b: both shapes) and the torch
 #             reshard peer
+#   sync-vmm  rlb-bench-sync --device cuda --vmm: the trainer's memory VMM-mapped (exported
+#             as fds, as under expandable_segments:True) instead of cudaMalloc (IPC handles)
 #   sync-debug  the 8B shape alone with the bridge's and the executor's debug log (where
 #             the time from publish to the copy's launch goes)
 #   reshard   rlb-bench-reshard-gpu (the copy kernel at 8B size, counting NaN/Inf and not)
@@ -78,6 +80,9 @@ for step in "$@"; do
         tail -12 "$out/bench-sync.log"
         timeout 200 python3 .devtools/torch_reshard_baseline.py > "$out/torch-reshard.log" 2>&1
         tail -4 "$out/torch-reshard.log" ;;
+    sync-vmm)
+        timeout 400 build-gpu/rlb-bench-sync --device cuda --vmm > "$out/bench-sync-vmm.log" 2>&1
+        tail -12 "$out/bench-sync-vmm.log" ;;
     sync-debug)
         RLB_LOG=debug:bridge,kernel timeout 400 build-gpu/rlb-bench-sync --device cuda \
             --shape 8b > "$out/bench-sync-debug.log" 2>&1

@@ -17,8 +17,10 @@
  * address allows, otherwise it finds each element's piece in the band's list.
  *
  * Work division: every merge is cut into tiles of kTileRows x kTileCols elements of C,
- * numbered across merges (first_tile is a prefix sum), one block per tile; a block finds
- * its merge by binary search over the descriptors. The descriptors are ordered by
+ * numbered across merges (first_tile is a prefix sum). The in-place merge runs one block
+ * per tile, which finds its merge by binary search over the descriptors; the fused ones run
+ * as many blocks as the GPU holds at once, each taking every gridDim.x-th tile, so its
+ * merge is found by a step forward from the last. The descriptors are ordered by
  * destination dtype, so one launch per dtype runs a kernel compiled for it. In a block the
  * 8 warps each hold kRowsPerThread rows (ty, ty + 8, ...) and every lane kColsPerThread
  * columns (tx, tx + 32, ...), so loads and stores of C are coalesced along rows. The rank is
@@ -72,9 +74,13 @@ struct merge_desc {
     float scale;         /* s */
     uint32_t flags;      /* RLB_MERGE_* */
     uint32_t band_first; /* fused: its first row band in the band table */
+    uint32_t kp;         /* tensor cores: the rank padded to a whole mma step (16) */
+    const uint16_t *pl;  /* tensor cores: L packed in bf16, kp per row, a whole band's rows */
+    const uint16_t *pr;  /* ... R packed in bf16, kp rows of pr_ld (whole tiles' columns) */
+    uint32_t pr_ld;
     uint32_t reserved;
 };
-static_assert(sizeof(merge_desc) == 72, "merge_desc is uploaded as is");
+static_assert(sizeof(merge_desc) == 96, "merge_desc is uploaded as is");
 
 typedef rlb_merge_piece piece_desc; /* model/merge_pieces.h */
 
@@ -96,11 +102,6 @@ __device__ __forceinline__ bool nonfinite(rlb__f16_t h)
 __device__ __forceinline__ void to_elem(float v, float *out)
 {
     *out = v;
-}
-
-__device__ __forceinline__ void to_elem(float v, __nv_bfloat16 *out)
-{
-    *out = __float2bfloat16_rn(v);
 }
 
 /* Stages scale * L(i0 + i, k0 + k) in ls[i][k] and R(k0 + k, j0 + j) in rs[k][j] for the
@@ -141,14 +142,11 @@ __device__ __forceinline__ void add_count(int bad, unsigned long long *counts, u
         atomicAdd(&counts[k], (unsigned long long)bad);
 }
 
-/* The merge of md[first, last) holding launch-wide tile `tile` (binary search; md[last]
- * ends the range): returns it, its index in *k and the tile's first row and column. */
-__device__ __forceinline__ merge_desc find_tile(const merge_desc *md, uint32_t first,
-                                                uint32_t last, uint64_t tile, uint32_t *k,
-                                                uint32_t *i0, uint32_t *j0)
+/* The index of the merge of md[lo, hi) holding launch-wide tile `tile`, given
+ * md[lo].first_tile <= tile < md[hi].first_tile (binary search). */
+__device__ __forceinline__ uint32_t search_tile(const merge_desc *md, uint32_t lo, uint32_t hi,
+                                                uint64_t tile)
 {
-    uint32_t lo = first, hi = last;
-    /* invariant: md[lo].first_tile <= tile < md[hi].first_tile */
     while (hi - lo > 1) {
         const uint32_t mid = (lo + hi) / 2;
         if (md[mid].first_tile <= tile)
@@ -156,6 +154,16 @@ __device__ __forceinline__ merge_desc find_tile(const merge_desc *md, uint32_t f
         else
             hi = mid;
     }
+    return lo;
+}
+
+/* The merge of md[first, last) holding launch-wide tile `tile` (md[last] ends the range):
+ * returns it, its index in *k and the tile's first row and column. */
+__device__ __forceinline__ merge_desc find_tile(const merge_desc *md, uint32_t first,
+                                                uint32_t last, uint64_t tile, uint32_t *k,
+                                                uint32_t *i0, uint32_t *j0)
+{
+    const uint32_t lo = search_tile(md, first, last, tile);
     const merge_desc m = md[lo];
     const uint64_t t = tile - m.first_tile;
     *k = lo;
@@ -250,7 +258,8 @@ __device__ __forceinline__ float base_at(const piece_desc &p, char *const *src, 
 
 /* Columns j .. j + kVec - 1 of row i of C's base from piece p, which holds all of them
  * (n of them inside C: the rest are left as they are), into v. 16-byte loads where the
- * address allows. */
+ * address allows. The loops over the n columns are unrolled with a guard, so v stays in
+ * registers. */
 __device__ __forceinline__ void base_row(const piece_desc &p, char *const *src, uint32_t i,
                                          uint32_t j, uint32_t n, float *v)
 {
@@ -271,12 +280,14 @@ __device__ __forceinline__ void base_row(const piece_desc &p, char *const *src, 
             v[4] = y.x, v[5] = y.y, v[6] = y.z, v[7] = y.w;
             return;
         }
-        for (uint32_t c = 0; c < n; c++)
-            v[c] = f[c];
+#pragma unroll
+        for (int c = 0; c < kVec; c++)
+            if ((uint32_t)c < n)
+                v[c] = f[c];
         return;
     }
     const uint16_t *h = reinterpret_cast<const uint16_t *>(a) + dj;
-    uint16_t bits[kVec];
+    uint16_t bits[kVec] = {};
     if (n == kVec && (reinterpret_cast<uintptr_t>(h) & 15u) == 0) {
         const uint4 x = *reinterpret_cast<const uint4 *>(h);
         const uint32_t w[4] = {x.x, x.y, x.z, x.w};
@@ -284,16 +295,16 @@ __device__ __forceinline__ void base_row(const piece_desc &p, char *const *src, 
         for (int c = 0; c < kVec; c++)
             bits[c] = (uint16_t)(w[c / 2] >> (16 * (c % 2)));
     } else {
-        for (uint32_t c = 0; c < n; c++)
-            bits[c] = h[c];
+#pragma unroll
+        for (int c = 0; c < kVec; c++)
+            if ((uint32_t)c < n)
+                bits[c] = h[c];
     }
-    if (p.src_dtype == RLB_DTYPE_BF16) {
-        for (uint32_t c = 0; c < n; c++)
-            v[c] = rlb__d_to_f32(rlb__bf16_t{bits[c]});
-    } else {
-        for (uint32_t c = 0; c < n; c++)
-            v[c] = rlb__d_to_f32(rlb__f16_t{bits[c]});
-    }
+    const bool bf = p.src_dtype == RLB_DTYPE_BF16;
+#pragma unroll
+    for (int c = 0; c < kVec; c++)
+        if ((uint32_t)c < n)
+            v[c] = bf ? rlb__d_to_f32(rlb__bf16_t{bits[c]}) : rlb__d_to_f32(rlb__f16_t{bits[c]});
 }
 
 /* Writes n (<= kVec) merged values of D at d: one or two 16-byte stores where the address
@@ -301,14 +312,17 @@ __device__ __forceinline__ void base_row(const piece_desc &p, char *const *src, 
 __device__ __forceinline__ int store_row(float *d, const float *v, uint32_t n)
 {
     int bad = 0;
-    for (uint32_t c = 0; c < n; c++)
-        bad += nonfinite(v[c]);
+#pragma unroll
+    for (int c = 0; c < kVec; c++)
+        bad += (uint32_t)c < n && nonfinite(v[c]);
     if (n == kVec && (reinterpret_cast<uintptr_t>(d) & 15u) == 0) {
         reinterpret_cast<float4 *>(d)[0] = make_float4(v[0], v[1], v[2], v[3]);
         reinterpret_cast<float4 *>(d)[1] = make_float4(v[4], v[5], v[6], v[7]);
     } else {
-        for (uint32_t c = 0; c < n; c++)
-            d[c] = v[c];
+#pragma unroll
+        for (int c = 0; c < kVec; c++)
+            if ((uint32_t)c < n)
+                d[c] = v[c];
     }
     return bad;
 }
@@ -333,8 +347,10 @@ __device__ __forceinline__ int store_row(D *d, const float *v, uint32_t n)
         x.w = bits[6] | (uint32_t)bits[7] << 16;
         *reinterpret_cast<uint4 *>(d) = x;
     } else {
-        for (uint32_t c = 0; c < n; c++)
-            d[c].bits = bits[c];
+#pragma unroll
+        for (int c = 0; c < kVec; c++)
+            if ((uint32_t)c < n)
+                d[c].bits = bits[c];
     }
     return bad;
 }
@@ -352,107 +368,124 @@ struct fused_args {
 /* A block's tile and a thread's place in it: columns j .. j + n - 1 of rows i0 + ty,
  * i0 + ty + kRowStep, ... of merge m (index k). */
 struct fused_tile {
-    merge_desc m;
+    const merge_desc *m; /* read where used: a copy in registers would crowd them */
     uint32_t k, i0, j0, tx, ty, j, n;
 };
 
-/* The base of the thread's rows of tile t, widened to f32 (zeros outside C): one piece
- * holds the whole band (the usual case), else each element's piece is looked up in the
- * band's list. */
+/* The thread's columns of row i of tile t's base, widened to f32 (zeros outside C), in
+ * out: one piece holds the whole band (the usual case), else each element's piece is looked
+ * up in the band's list. */
+__device__ __forceinline__ void row_base(const fused_tile &t, const fused_args &a, uint2 band,
+                                         uint32_t i, float *out)
+{
+#pragma unroll
+    for (int c = 0; c < kVec; c++)
+        out[c] = 0.0f;
+    if (i >= t.m->rows || t.n == 0)
+        return;
+    if (band.y == 1) {
+        base_row(a.pieces[a.band_pieces[band.x]], a.src, i, t.j, t.n, out);
+        return;
+    }
+#pragma unroll
+    for (int c = 0; c < kVec; c++)
+        for (uint32_t k = 0; (uint32_t)c < t.n && k < band.y; k++) {
+            const piece_desc &p = a.pieces[a.band_pieces[band.x + k]];
+            if (i >= p.i0 && i < p.i1 && t.j + c >= p.j0 && t.j + c < p.j1) {
+                out[c] = base_at(p, a.src, i, t.j + c);
+                break;
+            }
+        }
+}
+
+/* The base of the thread's rows of tile t (row_base). */
 __device__ __forceinline__ void tile_base(const fused_tile &t, const fused_args &a,
                                           float (*out)[kVec])
 {
-    const uint2 band = a.bands[t.m.band_first + t.i0 / kTileRows];
+    const uint2 band = a.bands[t.m->band_first + t.i0 / kTileRows];
 #pragma unroll
-    for (int q = 0; q < kFusedRows; q++) {
-        const uint32_t i = t.i0 + t.ty + kRowStep * q;
-#pragma unroll
-        for (int c = 0; c < kVec; c++)
-            out[q][c] = 0.0f;
-        if (i >= t.m.rows || t.n == 0)
-            continue;
-        if (band.y == 1) {
-            base_row(a.pieces[a.band_pieces[band.x]], a.src, i, t.j, t.n, out[q]);
-            continue;
-        }
-        for (uint32_t c = 0; c < t.n; c++)
-            for (uint32_t k = 0; k < band.y; k++) {
-                const piece_desc &p = a.pieces[a.band_pieces[band.x + k]];
-                if (i >= p.i0 && i < p.i1 && t.j + c >= p.j0 && t.j + c < p.j1) {
-                    out[q][c] = base_at(p, a.src, i, t.j + c);
-                    break;
-                }
-            }
-    }
+    for (int q = 0; q < kFusedRows; q++)
+        row_base(t, a, band, t.i0 + t.ty + kRowStep * q, out[q]);
 }
 
-/* What both fused kernels do first: the block's tile (find_tile), the thread's place in it,
- * and the thread's base in base. */
-__device__ __forceinline__ fused_tile fused_start(const merge_desc *md, uint32_t first,
-                                                  uint32_t last, uint64_t tile0,
-                                                  const fused_args &a, float (*base)[kVec])
+/* The fused kernels run a grid no larger than the GPU holds at once; each block takes the
+ * launch's tiles tile0 + blockIdx.x, + gridDim.x, ... in turn, so the merge holding its
+ * next tile is its last one or a later one: *lo (the last one's index) is checked first,
+ * then found by binary search over md[*lo, last). */
+__device__ __forceinline__ fused_tile fused_locate(const merge_desc *md, uint32_t *lo,
+                                                   uint32_t last, uint64_t tile)
 {
     fused_tile t;
-    t.m = find_tile(md, first, last, tile0 + blockIdx.x, &t.k, &t.i0, &t.j0);
+    if (md[*lo + 1].first_tile <= tile)
+        *lo = search_tile(md, *lo + 1, last, tile);
+    t.m = &md[*lo];
+    t.k = *lo;
+    const uint64_t x = tile - t.m->first_tile;
+    t.i0 = (uint32_t)(x / t.m->col_tiles) * kTileRows;
+    t.j0 = (uint32_t)(x % t.m->col_tiles) * kTileCols;
     t.tx = threadIdx.x % kLanesPerRow;
     t.ty = threadIdx.x / kLanesPerRow;
     t.j = t.j0 + kVec * t.tx;
-    t.n = t.j < t.m.cols ? min((uint32_t)kVec, t.m.cols - t.j) : 0;
-    tile_base(t, a, base);
+    t.n = t.j < t.m->cols ? min((uint32_t)kVec, t.m->cols - t.j) : 0;
     return t;
 }
 
-/* What both fused kernels do last: the thread's merged values v into C, the non-finite ones
- * counted. */
+/* What both fused kernels do last with a tile: the thread's merged values v into C, the
+ * non-finite ones counted. */
 template <typename D>
 __device__ __forceinline__ void fused_store(const fused_tile &t, const fused_args &a,
                                             const float (*v)[kVec])
 {
     int bad = 0;
-    D *c = reinterpret_cast<D *>(t.m.c);
+    D *c = reinterpret_cast<D *>(t.m->c);
 #pragma unroll
     for (int q = 0; q < kFusedRows; q++) {
         const uint32_t i = t.i0 + t.ty + kRowStep * q;
-        if (i < t.m.rows && t.n)
-            bad += store_row(c + (uint64_t)i * t.m.cols + t.j, v[q], t.n);
+        if (i < t.m->rows && t.n)
+            bad += store_row(c + (uint64_t)i * t.m->cols + t.j, v[q], t.n);
     }
     add_count(bad, a.counts, t.k);
 }
 
-/* One block per tile, as merge_kernel, but C's base comes from the merge's sources (its
- * pieces) instead of C: C = base + scale * L * R is written once, and nothing reads C.
- * The arithmetic is merge_kernel's: the base widened to f32, then the rank-r products
- * added in rank order, each a fused multiply-add, one rounding. Thread (ty, tx) holds
- * columns kVec * tx .. + kVec - 1 of rows ty, ty + kRowStep, ... of the tile. */
+/* As merge_kernel, but C's base comes from the merge's sources (its pieces) instead of C:
+ * C = base + scale * L * R is written once, and nothing reads C. The arithmetic is
+ * merge_kernel's: the base widened to f32, then the rank-r products added in rank order,
+ * each a fused multiply-add, one rounding. Thread (ty, tx) holds columns
+ * kVec * tx .. + kVec - 1 of rows ty, ty + kRowStep, ... of a tile; tiles tile0 .. tile1 - 1
+ * are shared among the blocks (fused_locate). */
 template <typename D>
 __global__ void __launch_bounds__(kThreads)
 fused_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,
-             fused_args a)
+             uint64_t tile1, fused_args a)
 {
     __shared__ float ls[kTileRows][kRankChunk + 1];
     __shared__ __align__(16) float rs[kRankChunk][kTileCols];
-    float acc[kFusedRows][kVec];
-    const fused_tile t = fused_start(md, first, last, tile0, a, acc);
-    for (uint32_t k0 = 0; k0 < t.m.rank; k0 += kRankChunk) {
-        const uint32_t kc = min((uint32_t)kRankChunk, t.m.rank - k0);
-        __syncthreads();
-        stage_chunk(t.m, t.i0, t.j0, k0, kc, kc, t.m.scale, ls, rs);
-        __syncthreads();
+    uint32_t lo = first;
+    for (uint64_t tile = tile0 + blockIdx.x; tile < tile1; tile += gridDim.x) {
+        float acc[kFusedRows][kVec];
+        const fused_tile t = fused_locate(md, &lo, last, tile);
+        tile_base(t, a, acc);
+        for (uint32_t k0 = 0; k0 < t.m->rank; k0 += kRankChunk) {
+            const uint32_t kc = min((uint32_t)kRankChunk, t.m->rank - k0);
+            __syncthreads(); /* every thread is done with the last chunk */
+            stage_chunk(*t.m, t.i0, t.j0, k0, kc, kc, t.m->scale, ls, rs);
+            __syncthreads();
 #pragma unroll 4
-        for (uint32_t k = 0; k < kc; k++) {
-            const float4 ra = *reinterpret_cast<const float4 *>(&rs[k][kVec * t.tx]);
-            const float4 rb = *reinterpret_cast<const float4 *>(&rs[k][kVec * t.tx + 4]);
-            const float rv[kVec] = {ra.x, ra.y, ra.z, ra.w, rb.x, rb.y, rb.z, rb.w};
+            for (uint32_t k = 0; k < kc; k++) {
+                const float4 ra = *reinterpret_cast<const float4 *>(&rs[k][kVec * t.tx]);
+                const float4 rb = *reinterpret_cast<const float4 *>(&rs[k][kVec * t.tx + 4]);
+                const float rv[kVec] = {ra.x, ra.y, ra.z, ra.w, rb.x, rb.y, rb.z, rb.w};
 #pragma unroll
-            for (int q = 0; q < kFusedRows; q++) {
-                const float lv = ls[t.ty + kRowStep * q][k];
+                for (int q = 0; q < kFusedRows; q++) {
+                    const float lv = ls[t.ty + kRowStep * q][k];
 #pragma unroll
-                for (int c = 0; c < kVec; c++)
-                    acc[q][c] = fmaf(lv, rv[c], acc[q][c]);
+                    for (int c = 0; c < kVec; c++)
+                        acc[q][c] = fmaf(lv, rv[c], acc[q][c]);
+                }
             }
         }
+        fused_store<D>(t, a, acc);
     }
-    fused_store<D>(t, a, acc);
 }
 
 /* ---- The fused merge on tensor cores -------------------------------------------------- */
@@ -471,64 +504,179 @@ union tc_smem {
     float acc[kTileRows][kLdAcc];
 };
 
-/* fused_kernel's work with L * R on tensor cores, for factors whose f32 values are bf16
- * values (the stage gathered them from bf16 sources, so bf16 holds them exactly): the
- * products are exact in f32 and summed in f32 (16 at a time, in the tensor core's order),
- * then C = base + scale * (L * R) with one fused multiply-add and one rounding; the same
- * error bound as the rank-order sum of fused_kernel, not the same bits. 8 warps each hold
- * 32 x 32 of the 64 x 128 product as 2 x 2 fragments of 16 x 16. */
-template <typename D>
-__global__ void __launch_bounds__(kThreads)
-fused_tc_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,
-                fused_args a)
+/* The packed factors of the tensor-core merge, made from the stage once per run: L of
+ * merge k as bf16 rows of kp (zeros past its rank, and in the rows past C up to a whole
+ * band), R as kp rows of pr_ld bf16 (zeros past C's columns, up to whole tiles, and in the
+ * rows past its rank). Exact: the stage holds bf16 values. So a tile stages its factors
+ * with plain 16-byte copies, no bounds and no transposition. Blocks (x, y): merge x, every
+ * gridDim.y-th element of its packed factors from y. */
+/* out[a][b] (n_a x n_b, row-major) = X(a, b) in bf16 for a < va and b < vb, else zero,
+ * where X(a, b) is x[a * ld + b] or, transposed, x[b * ld + a]; this block's share (every
+ * gridDim.y-th element from blockIdx.y). */
+__device__ __forceinline__ void pack_matrix(const float *x, uint64_t ld, bool trans,
+                                            uint32_t va, uint32_t vb, uint16_t *out,
+                                            uint64_t n_a, uint32_t n_b)
 {
-    using namespace nvcuda;
-    __shared__ __align__(32) tc_smem sm;
-    float base[kFusedRows][kVec];
-    const fused_tile t = fused_start(md, first, last, tile0, a, base);
-    const int warp = threadIdx.x / 32, wr = warp / 4, wc = warp % 4;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    const uint64_t stride = (uint64_t)gridDim.y * kThreads;
+    for (uint64_t e = (uint64_t)blockIdx.y * kThreads + threadIdx.x; e < n_a * n_b; e += stride) {
+        const uint32_t i = (uint32_t)(e / n_b), k = (uint32_t)(e % n_b);
+        float v = 0.0f;
+        if (i < va && k < vb)
+            v = trans ? x[(uint64_t)k * ld + i] : x[(uint64_t)i * ld + k];
+        out[e] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    }
+}
+
+__global__ void __launch_bounds__(kThreads)
+pack_kernel(const merge_desc *md)
+{
+    const merge_desc m = md[blockIdx.x];
+    const uint64_t band_rows = (uint64_t)(m.rows + kTileRows - 1) / kTileRows * kTileRows;
+    pack_matrix(m.l, m.l_ld, (m.flags & RLB_MERGE_L_TRANS) != 0, m.rows, m.rank,
+                const_cast<uint16_t *>(m.pl), band_rows, m.kp);
+    pack_matrix(m.r, m.r_ld, (m.flags & RLB_MERGE_R_TRANS) != 0, m.rank, m.cols,
+                const_cast<uint16_t *>(m.pr), m.kp, m.pr_ld);
+}
+
+/* n (<= kVec) elements of 2 bytes at h as raw bits (zeros past n): one 16-byte load where
+ * the address allows. */
+__device__ __forceinline__ uint4 load_bits(const uint16_t *h, uint32_t n)
+{
+    if (n == kVec && (reinterpret_cast<uintptr_t>(h) & 15u) == 0)
+        return *reinterpret_cast<const uint4 *>(h);
+    uint32_t w[4] = {};
 #pragma unroll
-    for (int x = 0; x < 2; x++)
+    for (int c = 0; c < kVec; c++)
+        if ((uint32_t)c < n)
+            w[c / 2] |= (uint32_t)h[c] << (16 * (c % 2));
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/* C = base + scale * acc over the thread's part of tile t, acc the product in shared
+ * memory. Where one 2-byte source holds the tile's band (every full and FSDP2 source of a
+ * bf16 model), the thread's rows are read first, all at once, as raw bits (16 registers,
+ * four loads in flight), then widened; otherwise row by row (row_base). */
+template <typename D>
+__device__ __forceinline__ void tc_epilogue(const fused_tile &t, const fused_args &a,
+                                            const float (*acc)[kLdAcc])
+{
+    const uint2 band = a.bands[t.m->band_first + t.i0 / kTileRows];
+    const uint32_t rows = t.m->rows, cols = t.m->cols;
+    const float scale = t.m->scale;
+    D *c = reinterpret_cast<D *>(t.m->c);
+    const piece_desc *p = band.y == 1 ? &a.pieces[a.band_pieces[band.x]] : nullptr;
+    int bad = 0;
+    if (p && t.n && p->src_ref != RLB_PLAN_ZERO_SRC && p->src_dtype != RLB_DTYPE_F32) {
+        const uint16_t *h = reinterpret_cast<const uint16_t *>(a.src[p->src_ref] + p->src_off) +
+                            (t.j - p->j0);
+        const uint64_t ld = p->src_stride / 2;
+        const bool bf = p->src_dtype == RLB_DTYPE_BF16;
+        uint4 raw[kFusedRows];
 #pragma unroll
-        for (int y = 0; y < 2; y++)
-            wmma::fill_fragment(acc[x][y], 0.0f);
-    for (uint32_t k0 = 0; k0 < t.m.rank; k0 += kTcChunk) {
-        const uint32_t kc = min((uint32_t)kTcChunk, t.m.rank - k0);
-        const uint32_t kp = (kc + 15) / 16 * 16; /* zeros up to a whole step */
-        __syncthreads();
-        stage_chunk(t.m, t.i0, t.j0, k0, kc, kp, 1.0f, sm.in.l, sm.in.r); /* exact in bf16 */
-        __syncthreads();
-        for (uint32_t k = 0; k < kp; k += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb[2];
+        for (int q = 0; q < kFusedRows; q++) {
+            const uint32_t i = t.i0 + t.ty + kRowStep * q;
+            raw[q] = i < rows ? load_bits(h + (uint64_t)(i - p->i0) * ld, t.n) : make_uint4(0, 0, 0, 0);
+        }
 #pragma unroll
-            for (int x = 0; x < 2; x++)
-                wmma::load_matrix_sync(fa[x], &sm.in.l[32 * wr + 16 * x][k], kLdL);
+        for (int q = 0; q < kFusedRows; q++) {
+            const uint32_t i = t.i0 + t.ty + kRowStep * q;
+            if (i >= rows)
+                continue;
+            const uint32_t w[4] = {raw[q].x, raw[q].y, raw[q].z, raw[q].w};
+            float v[kVec];
 #pragma unroll
-            for (int y = 0; y < 2; y++)
-                wmma::load_matrix_sync(fb[y], &sm.in.r[k][32 * wc + 16 * y], kLdR);
+            for (int e = 0; e < kVec; e++) {
+                const uint16_t bits = (uint16_t)(w[e / 2] >> (16 * (e % 2)));
+                const float b = bf ? rlb__d_to_f32(rlb__bf16_t{bits}) : rlb__d_to_f32(rlb__f16_t{bits});
+                v[e] = fmaf(scale, acc[t.ty + kRowStep * q][kVec * t.tx + e], b);
+            }
+            bad += store_row(c + (uint64_t)i * cols + t.j, v, t.n);
+        }
+    } else {
 #pragma unroll
-            for (int x = 0; x < 2; x++)
+        for (int q = 0; q < kFusedRows; q++) {
+            const uint32_t i = t.i0 + t.ty + kRowStep * q;
+            if (i >= rows || !t.n)
+                continue;
+            float v[kVec];
+            row_base(t, a, band, i, v);
 #pragma unroll
-                for (int y = 0; y < 2; y++)
-                    wmma::mma_sync(acc[x][y], fa[x], fb[y], acc[x][y]);
+            for (int e = 0; e < kVec; e++)
+                v[e] = fmaf(scale, acc[t.ty + kRowStep * q][kVec * t.tx + e], v[e]);
+            bad += store_row(c + (uint64_t)i * cols + t.j, v, t.n);
         }
     }
-    __syncthreads(); /* every warp is done with the staged factors: their bytes take acc */
+    add_count(bad, a.counts, t.k);
+}
+
+/* fused_kernel's work with L * R on tensor cores, for factors whose f32 values are bf16
+ * values (the stage gathered them from bf16 sources, so bf16 holds them exactly; packed by
+ * pack_kernel): the products are exact in f32 and summed in f32 (16 at a time, in the
+ * tensor core's order), then C = base + scale * (L * R) with one fused multiply-add and one
+ * rounding; the same error bound as the rank-order sum of fused_kernel, not the same bits.
+ * 8 warps each hold 32 x 32 of the 64 x 128 product as 2 x 2 fragments of 16 x 16. The
+ * base is read after the product, once the fragments are in shared memory (tc_epilogue):
+ * no thread holds both, so three blocks fit on a multiprocessor and hide each other's
+ * reads. (Copying the base and the factors into shared memory with cp.async instead, four
+ * blocks a multiprocessor, ran 1.5x slower on an H200: the L2 became the bottleneck.) */
+template <typename D>
+__global__ void __launch_bounds__(kThreads, 3)
+fused_tc_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,
+                uint64_t tile1, fused_args a)
+{
+    using namespace nvcuda;
+    __shared__ __align__(128) tc_smem sm;
+    const int warp = threadIdx.x / 32, wr = warp / 4, wc = warp % 4;
+    uint32_t lo = first;
+    for (uint64_t tile = tile0 + blockIdx.x; tile < tile1; tile += gridDim.x) {
+        const fused_tile t = fused_locate(md, &lo, last, tile);
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 #pragma unroll
-    for (int x = 0; x < 2; x++)
+        for (int x = 0; x < 2; x++)
 #pragma unroll
-        for (int y = 0; y < 2; y++)
-            wmma::store_matrix_sync(&sm.acc[32 * wr + 16 * x][32 * wc + 16 * y], acc[x][y],
-                                    kLdAcc, wmma::mem_row_major);
-    __syncthreads();
+            for (int y = 0; y < 2; y++)
+                wmma::fill_fragment(acc[x][y], 0.0f);
+        for (uint32_t k0 = 0; k0 < t.m->kp; k0 += kTcChunk) {
+            const uint32_t kc = min((uint32_t)kTcChunk, t.m->kp - k0); /* a multiple of 16 */
+            const uint32_t nq = kc / 8;                              /* 16-byte pieces a row */
+            __syncthreads(); /* every warp is done with the last chunk, or the last product */
+            for (uint32_t x = threadIdx.x; x < kTileRows * nq; x += kThreads) {
+                const uint32_t i = x / nq, q = x - i * nq;
+                *reinterpret_cast<uint4 *>(&sm.in.l[i][8 * q]) = *reinterpret_cast<const uint4 *>(
+                    t.m->pl + (uint64_t)(t.i0 + i) * t.m->kp + k0 + 8 * q);
+            }
+            for (uint32_t x = threadIdx.x; x < kc * (kTileCols / 8); x += kThreads) {
+                const uint32_t k = x / (kTileCols / 8), q = x % (kTileCols / 8);
+                *reinterpret_cast<uint4 *>(&sm.in.r[k][8 * q]) = *reinterpret_cast<const uint4 *>(
+                    t.m->pr + (uint64_t)(k0 + k) * t.m->pr_ld + t.j0 + 8 * q);
+            }
+            __syncthreads();
+            for (uint32_t k = 0; k < kc; k += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[2];
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb[2];
 #pragma unroll
-    for (int q = 0; q < kFusedRows; q++) /* rows outside C are not stored */
+                for (int x = 0; x < 2; x++)
+                    wmma::load_matrix_sync(fa[x], &sm.in.l[32 * wr + 16 * x][k], kLdL);
 #pragma unroll
-        for (int c = 0; c < kVec; c++)
-            base[q][c] = fmaf(t.m.scale, sm.acc[t.ty + kRowStep * q][kVec * t.tx + c], base[q][c]);
-    fused_store<D>(t, a, base);
+                for (int y = 0; y < 2; y++)
+                    wmma::load_matrix_sync(fb[y], &sm.in.r[k][32 * wc + 16 * y], kLdR);
+#pragma unroll
+                for (int x = 0; x < 2; x++)
+#pragma unroll
+                    for (int y = 0; y < 2; y++)
+                        wmma::mma_sync(acc[x][y], fa[x], fb[y], acc[x][y]);
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int x = 0; x < 2; x++)
+#pragma unroll
+            for (int y = 0; y < 2; y++)
+                wmma::store_matrix_sync(&sm.acc[32 * wr + 16 * x][32 * wc + 16 * y], acc[x][y],
+                                        kLdAcc, wmma::mem_row_major);
+        __syncthreads();
+        tc_epilogue<D>(t, a, sm.acc);
+    }
 }
 
 } /* namespace */
@@ -558,6 +706,9 @@ struct rlb_cuda_lora {
     uint2 *d_bands;            /* per band: first entry in d_band_pieces, count */
     uint32_t *d_band_pieces;   /* pieces of each band, in band order */
     uint64_t fused_bytes;      /* device bytes of the three */
+    uint16_t *d_pack;          /* tensor cores: every merge's factors packed (pack_kernel) */
+    uint64_t pack_bytes;       /* its size */
+    int sms;                   /* the device's multiprocessors */
 };
 
 extern "C" void rlb__cuda_lora_free(rlb_cuda_lora *cl)
@@ -575,6 +726,7 @@ extern "C" void rlb__cuda_lora_free(rlb_cuda_lora *cl)
     cudaFree(cl->d_pieces);
     cudaFree(cl->d_bands);
     cudaFree(cl->d_band_pieces);
+    cudaFree(cl->d_pack);
     if (entered)
         rlb__cuda_leave(prev);
     free(cl->merges);
@@ -772,6 +924,33 @@ out:
     return rc;
 }
 
+/* Places every merge's packed factors (pack_kernel) in one allocation, 256-byte aligned
+ * each, and points the descriptors at them (current device: cl's). */
+static int build_pack(rlb_cuda_lora *cl)
+{
+    uint64_t at = 0;
+    int rc = 0;
+    for (uint32_t k = 0; k < cl->n; k++) {
+        merge_desc *d = &cl->desc[k];
+        d->kp = (d->rank + 15) / 16 * 16;
+        d->pr_ld = d->col_tiles * kTileCols;
+        const uint64_t nl = (uint64_t)(d->rows + kTileRows - 1) / kTileRows * kTileRows * d->kp;
+        d->pl = (const uint16_t *)(uintptr_t)at; /* offsets until the allocation is made */
+        at += (nl * 2 + 255) / 256 * 256;
+        d->pr = (const uint16_t *)(uintptr_t)at;
+        at += ((uint64_t)d->kp * d->pr_ld * 2 + 255) / 256 * 256;
+    }
+    RLB_CUDA_CHECK(cudaMalloc(&cl->d_pack, at ? at : 256), rc, out);
+    cl->pack_bytes = at;
+    for (uint32_t k = 0; k < cl->n; k++) {
+        merge_desc *d = &cl->desc[k];
+        d->pl = (const uint16_t *)((char *)cl->d_pack + (uintptr_t)d->pl);
+        d->pr = (const uint16_t *)((char *)cl->d_pack + (uintptr_t)d->pr);
+    }
+out:
+    return rc;
+}
+
 extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uint8_t *dst_sel,
                                      rlb_cuda_lora **out, char *err, size_t errlen)
 {
@@ -820,7 +999,12 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
         cl->tensor = 1; /* the stage holds bf16 values exactly when every factor was bf16 */
         for (uint64_t i = 0; i < plan->n_stage_ops; i++)
             cl->tensor &= plan->stage_ops[i].src_dtype == RLB_DTYPE_BF16;
+        if (cl->tensor)
+            rc = build_pack(cl);
     }
+    if (!rc)
+        RLB_CUDA_CHECK(cudaDeviceGetAttribute(&cl->sms, cudaDevAttrMultiProcessorCount, device),
+                       rc, out);
 out:
     rlb__cuda_leave(prev);
     if (rc)
@@ -881,26 +1065,26 @@ static int launch_range(const rlb_cuda_lora *cl, int k, bool fused, cudaStream_t
     int rc = 0;
     if (first == last)
         return 0;
-    const uint64_t tile0 = cl->desc[first].first_tile;
-    const unsigned blocks = (unsigned)(cl->desc[last].first_tile - tile0);
+    const uint64_t tile0 = cl->desc[first].first_tile, tile1 = cl->desc[last].first_tile;
+    const unsigned blocks = (unsigned)(tile1 - tile0);
     if (fused) {
         /* the sources' addresses: those the base plan's bind checked and tabled */
         const fused_args a = {cl->d_pieces, cl->d_bands, cl->d_band_pieces,
                               rlb__cuda_plan_bound_ptrs(cl->base), cl->d_counts};
-#define RLB_FUSED_ARGS cl->d_desc, first, last, tile0, a
-        if (cl->tensor && k == RLB_DTYPE_F32)
-            fused_tc_kernel<float><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
-        else if (cl->tensor && k == RLB_DTYPE_BF16)
-            fused_tc_kernel<rlb__bf16_t><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
-        else if (cl->tensor)
-            fused_tc_kernel<rlb__f16_t><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
-        else if (k == RLB_DTYPE_F32)
-            fused_kernel<float><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
-        else if (k == RLB_DTYPE_BF16)
-            fused_kernel<rlb__bf16_t><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
-        else
-            fused_kernel<rlb__f16_t><<<blocks, kThreads, 0, stream>>>(RLB_FUSED_ARGS);
-#undef RLB_FUSED_ARGS
+        void (*kern)(const merge_desc *, uint32_t, uint32_t, uint64_t, uint64_t, fused_args) =
+            cl->tensor && k == RLB_DTYPE_F32    ? fused_tc_kernel<float>
+            : cl->tensor && k == RLB_DTYPE_BF16 ? fused_tc_kernel<rlb__bf16_t>
+            : cl->tensor                        ? fused_tc_kernel<rlb__f16_t>
+            : k == RLB_DTYPE_F32                ? fused_kernel<float>
+            : k == RLB_DTYPE_BF16               ? fused_kernel<rlb__bf16_t>
+                                                : fused_kernel<rlb__f16_t>;
+        /* as many blocks as the GPU holds at once (fused_locate), fewer for fewer tiles */
+        int per_sm = 1;
+        RLB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, kThreads, 0),
+                       rc, out);
+        const uint64_t most = (uint64_t)(per_sm > 0 ? per_sm : 1) * (cl->sms > 0 ? cl->sms : 1);
+        kern<<<(unsigned)(blocks < most ? blocks : most), kThreads, 0, stream>>>(
+            cl->d_desc, first, last, tile0, tile1, a);
         RLB_CUDA_CHECK(cudaGetLastError(), rc, out);
         return 0;
     }
@@ -937,6 +1121,10 @@ extern "C" int rlb__cuda_lora_run(rlb_cuda_lora *cl, cudaStream_t stream)
     RLB_CHECK(rlb__cuda_enter(cl->device, &prev));
     RLB_CUDA_CHECK(cudaMemsetAsync(cl->d_counts, 0, cl->n * sizeof(*cl->d_counts), stream), rc,
                    out);
+    if (fused && cl->tensor) {
+        pack_kernel<<<dim3(cl->n, 8), kThreads, 0, stream>>>(cl->d_desc);
+        RLB_CUDA_CHECK(cudaGetLastError(), rc, out);
+    }
     for (int k = 0; k < kDtypes && !rc; k++)
         rc = launch_range(cl, k, fused, stream);
     if (!rc)
@@ -965,7 +1153,7 @@ extern "C" uint64_t rlb__cuda_lora_device_bytes(const rlb_cuda_lora *cl)
         return 0;
     return rlb__cuda_plan_device_bytes(cl->base) + rlb__cuda_plan_device_bytes(cl->gather) +
            cl->stage_bytes + (cl->n + 1) * sizeof(merge_desc) + cl->n * sizeof(*cl->d_counts) +
-           cl->fused_bytes;
+           cl->fused_bytes + cl->pack_bytes;
 }
 
 extern "C" int rlb__cuda_lora_fused(const rlb_cuda_lora *cl)

@@ -28,10 +28,11 @@
  * three differ only by the order of f32 roundings in the product.
  *
  * Device memory: the stage (plan->stage_bytes: every factor in f32, e.g. Llama-3.1-8B with
- * rank 16 on all seven targets, 168 MiB; rank 64, 671 MiB), the two plans' tables, 72 bytes
+ * rank 16 on all seven targets, 168 MiB; rank 64, 671 MiB), the two plans' tables, 96 bytes
  * per merge, a count per merge, and for the fused merge each block's base as pieces
- * (40 bytes per rectangle of a base copy) with an index per 64-row band. Kept from run to
- * run with the upload.
+ * (40 bytes per rectangle of a base copy) with an index per 64-row band; on tensor cores
+ * also the factors packed in bf16 (half the stage, plus padding to whole tiles). Kept from
+ * run to run with the upload.
  *
  * Every function returns 0 or a negative RLB_E* code; a refused plan or buffer is described
  * in `err` (may be NULL). None leaves the caller's current device changed.
