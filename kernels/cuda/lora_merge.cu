@@ -617,8 +617,11 @@ __device__ __forceinline__ void tc_epilogue(const fused_tile &t, const fused_arg
  * 8 warps each hold 32 x 32 of the 64 x 128 product as 2 x 2 fragments of 16 x 16. The
  * base is read after the product, once the fragments are in shared memory (tc_epilogue):
  * no thread holds both, so three blocks fit on a multiprocessor and hide each other's
- * reads. (Copying the base and the factors into shared memory with cp.async instead, four
- * blocks a multiprocessor, ran 1.5x slower on an H200: the L2 became the bottleneck.) */
+ * reads. Two other shapes of it were measured and dropped: copying the base and the factors
+ * into shared memory with cp.async, four blocks a multiprocessor, ran 1.5x slower on an
+ * H200 (the L2 became the bottleneck); each warp making 16 x 64 of the tile with mma.sync,
+ * its fragments loaded straight from the packed factors, no shared memory and no barrier,
+ * ran 1.3x (rank 16) and 1.7x (rank 64) slower on an H100. */
 template <typename D>
 __global__ void __launch_bounds__(kThreads, 3)
 fused_tc_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0,

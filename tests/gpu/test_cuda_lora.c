@@ -24,10 +24,9 @@
  * are bf16, in f32 fused multiply-adds where they are f32); every case also checks which
  * kernel its plan's merges get (kernels/cuda/lora_merge.h: rlb__cuda_lora_fused), so no
  * case passes by falling back. test_fused_fma and test_separate run a share of the cases
- * with RLB_LORA_MERGE=fused-fma (bf16 factors too in multiply-adds) and =separate (the
- * knob's default: base copies, then the merge in place; also what a base staged from a GPU
- * without a peer path gets). Exits 77 where no GPU is
- * visible.
+ * with RLB_LORA_MERGE=fused-fma (bf16 factors too in multiply-adds) and =separate (base
+ * copies, then the merge in place; also what a base staged from a GPU without a peer path
+ * gets). Exits 77 where no GPU is visible.
  */
 #include <poll.h>
 #include <setjmp.h>
