@@ -22,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/env.h"
 #include "rlb/rlb.h"
 #include "worker/engine.h"
@@ -31,13 +32,6 @@
 #define DECODE_STEPS 16
 #define PREFILL 512
 #define MEMCPY_BYTES (256u << 20)
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 static void die(const char *what, int rc)
 {
@@ -104,9 +98,9 @@ static double memcpy_gbs(void)
     memset(b, 2, MEMCPY_BYTES);
     double best = 1e30;
     for (int r = 0; r < 5; r++) {
-        double t0 = now_s();
+        double t0 = rlb__clock_s();
         memcpy(b, a, MEMCPY_BYTES);
-        double t = now_s() - t0;
+        double t = rlb__clock_s() - t0;
         best = t < best ? t : best;
         a[r] = b[MEMCPY_BYTES - 1 - r]; /* keeps the copies observable */
     }
@@ -151,10 +145,10 @@ static run_stats decode(rlb_engine *e, int B)
     int rc = rlb__engine_step(e); /* prefill: every prompt fits one step */
     for (int s = 0; s < WARM_STEPS && rc >= 0; s++)
         rc = rlb__engine_step(e);
-    double t0 = now_s();
+    double t0 = rlb__clock_s();
     for (int s = 0; s < DECODE_STEPS && rc >= 0; s++)
         rc = rlb__engine_step(e);
-    double t = now_s() - t0;
+    double t = rlb__clock_s() - t0;
     if (rc < 0)
         die("step", rc);
     rlb_gen_result *r;
@@ -173,9 +167,9 @@ static run_stats prefill(rlb_engine *e)
     int rc = rlb__engine_add(e, &q);
     if (rc)
         die("add", rc);
-    double t0 = now_s();
+    double t0 = rlb__clock_s();
     rc = rlb__engine_step(e);
-    double t = now_s() - t0;
+    double t = rlb__clock_s() - t0;
     if (rc < 0)
         die("prefill", rc);
     rlb_gen_result *r;

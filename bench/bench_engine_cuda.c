@@ -40,6 +40,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
+#include "common/clock.h"
 #include "kernels/cuda/gemv.h"
 #include "rlb/rlb.h"
 #include "worker/backend_cuda.h"
@@ -52,13 +53,6 @@
 #define FILL_BYTES (64u << 20)
 
 int rlb__bench_engine_cuda(int argc, char **argv);
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 static void die(const char *what, int rc)
 {
@@ -161,7 +155,7 @@ static double prefill(bench_run *r)
     rlb_fwd_span sp[16];
     rlb_sample_job jobs[16];
     int32_t tok[16];
-    double t0 = now_s();
+    double t0 = rlb__clock_s();
     for (int64_t s0 = 0; s0 < r->batch; s0 += 16) {
         int64_t n = r->batch - s0 < 16 ? r->batch - s0 : 16;
         for (int64_t i = 0; i < n; i++) {
@@ -180,7 +174,7 @@ static double prefill(bench_run *r)
         for (int64_t i = 0; i < n; i++)
             r->seq[(s0 + i) * len + PROMPT] = tok[i];
     }
-    return now_s() - t0;
+    return rlb__clock_s() - t0;
 }
 
 /* Decodes new_tokens - 1 steps; returns tokens per second over the steps after the first. */
@@ -193,7 +187,7 @@ static double decode(bench_run *r)
     double t1 = 0;
     for (int64_t d = 0; d + 1 < r->new_tokens; d++) {
         if (d == 1)
-            t1 = now_s();
+            t1 = rlb__clock_s();
         for (int64_t i = 0; i < B; i++) {
             sp[i] = (rlb_fwd_span){.tokens = r->seq + i * len + PROMPT + d, .n = 1,
                                    .pos0 = PROMPT + d, .blocks = &r->tabs[i],
@@ -208,7 +202,7 @@ static double decode(bench_run *r)
         for (int64_t i = 0; i < B; i++)
             r->seq[i * len + PROMPT + d + 1] = tok[i];
     }
-    double dt = now_s() - t1;
+    double dt = rlb__clock_s() - t1;
     free(sp);
     free(jobs);
     free(tok);

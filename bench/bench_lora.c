@@ -27,6 +27,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common/clock.h"
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/plan_exec.h"
 #include "model/lora.h"
@@ -44,13 +45,6 @@ static const char *const targets[] = {"self_attn.q_proj", "self_attn.k_proj",
                                       "mlp.gate_proj",    "mlp.up_proj",
                                       "mlp.down_proj"};
 #define N_TARGETS (sizeof targets / sizeof targets[0])
-
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
 
 static void die(const char *what, int rc, const char *err)
 {
@@ -143,10 +137,10 @@ static double time_plan(const rlb_plan *plan, const uint8_t *src_buf, uint64_t s
     rlb_exec_scratch scratch = {0};
     double best = 1e30;
     for (int r = 0; r < REPS; r++) {
-        double t0 = now_ms();
+        double t0 = rlb__clock_ms_f();
         int rc = rlb__plan_exec_cpu_counted(plan, src, &src_len, dst, plan->dst_bytes, 0,
                                             &scratch, NULL, err, sizeof err);
-        double t = now_ms() - t0;
+        double t = rlb__clock_ms_f() - t0;
         if (rc)
             die("exec", rc, err);
         best = t < best ? t : best;
@@ -167,7 +161,7 @@ static double time_trainer_merge(setup *s)
                         : max_numel;
     float *w = malloc(max_numel * 4), *a = malloc(max_numel * 4), *b = malloc(max_numel * 4);
     for (int r = 0; r < REPS; r++) {
-        double t0 = now_ms();
+        double t0 = rlb__clock_ms_f();
         for (int64_t k = 0; k < s->lora.n_adapters; k++) {
             const rlb_param_adapter *ad = &s->lora.adapters[k];
             const rlb_param *p = &s->lora.params[ad->base];
@@ -179,7 +173,7 @@ static double time_trainer_merge(setup *s)
                         RANK, ad->scale, b, RANK, a, (int)p->cols, 1.0f, w, (int)p->cols);
             rlb__row_from_f32(s->merged + s->offset[ad->base], w, n, DT);
         }
-        double t = now_ms() - t0;
+        double t = rlb__clock_ms_f() - t0;
         best = t < best ? t : best;
     }
     free(w);

@@ -21,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/env.h"
 #include "kernels/cpu/plan_exec.h"
 #include "model/params.h"
@@ -30,13 +31,6 @@
 #define W 8 /* FSDP world of every source here */
 #define BUILD_REPS 20
 #define EXEC_REPS 5
-
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
 
 static void die(const char *what, int rc, const char *err)
 {
@@ -179,9 +173,9 @@ static double time_build(const rlb_source *src, const rlb_target *tgt, uint64_t 
     double best = 1e30;
     for (int r = 0; r < BUILD_REPS; r++) {
         rlb_plan plan;
-        double t0 = now_ms();
+        double t0 = rlb__clock_ms_f();
         int rc = rlb__plan_build(src, tgt, &plan, err, sizeof err);
-        double t = now_ms() - t0;
+        double t = rlb__clock_ms_f() - t0;
         if (rc)
             die("plan build", rc, err);
         best = t < best ? t : best;
@@ -243,19 +237,19 @@ static void unbind(bound *b)
 static double time_exec(bound *b, int threads)
 {
     char err[256] = "";
-    double t0 = now_ms();
+    double t0 = rlb__clock_ms_f();
     int rc = rlb__plan_exec_cpu(&b->plan, (const void *const *)b->src, b->src_len, b->dst,
                                 b->dst_len, threads, err, sizeof err);
     if (rc)
         die("plan exec", rc, err);
-    return now_ms() - t0;
+    return rlb__clock_ms_f() - t0;
 }
 
 /* The peer: one memcpy stream of `bytes` bytes, source buffers in order into destination
  * buffers in order, the same memory the plan moves. */
 static double time_memcpy(bound *b, uint64_t bytes)
 {
-    double t0 = now_ms();
+    double t0 = rlb__clock_ms_f();
     uint32_t s = 0, d = 0;
     uint64_t so = 0, dof = 0;
     while (bytes) {
@@ -275,7 +269,7 @@ static double time_memcpy(bound *b, uint64_t bytes)
             dof = 0;
         }
     }
-    return now_ms() - t0;
+    return rlb__clock_ms_f() - t0;
 }
 
 typedef struct exec_result {

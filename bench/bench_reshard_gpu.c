@@ -49,6 +49,7 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include "common/clock.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/lora_merge.h"
 #include "kernels/cuda/plan_exec.h"
@@ -87,13 +88,6 @@ extern char **environ;
 
 static char err[512];
 static int iters = 10;
-
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
 
 static int cmp_double(const void *a, const void *b)
 {
@@ -230,9 +224,9 @@ static result run_case(const rlb_param_list *pl, rlb_dtype sdt, double *copy_gbs
         soff[f + 1] = soff[f] + sbytes[f];
     rlb_target tgt = {.tp_size = T, .replicas = 1, .dtype = RLB_DTYPE_BF16};
     rlb_plan plan;
-    double t0 = now_ms();
+    double t0 = rlb__clock_ms_f();
     RC(rlb__plan_build(&src, &tgt, &plan, err, sizeof err));
-    r.plan_ms = now_ms() - t0;
+    r.plan_ms = rlb__clock_ms_f() - t0;
     char *sbase, *dbase;
     uint64_t doff[T + 1] = {0};
     for (int d = 0; d < T; d++)
@@ -249,16 +243,16 @@ static result run_case(const rlb_param_list *pl, rlb_dtype sdt, double *copy_gbs
     CK(cudaDeviceSynchronize());
 
     rlb_cuda_plan *cp = NULL;
-    t0 = now_ms();
+    t0 = rlb__clock_ms_f();
     RC(rlb__cuda_plan_upload(&plan, 0, NULL, &cp, err, sizeof err));
     RC(rlb__cuda_plan_bind(cp, sb, db, err, sizeof err));
-    r.upload_ms = now_ms() - t0;
+    r.upload_ms = rlb__clock_ms_f() - t0;
     work w = {.plan = cp};
     launch(&w); /* first launch loads the module */
     CK(cudaDeviceSynchronize());
-    t0 = now_ms();
+    t0 = rlb__clock_ms_f();
     launch(&w);
-    r.launch_us = (now_ms() - t0) * 1e3;
+    r.launch_us = (rlb__clock_ms_f() - t0) * 1e3;
     CK(cudaDeviceSynchronize());
     r.ms = time_median(&w);
     RC(rlb__cuda_plan_count(cp, 1));
@@ -434,7 +428,7 @@ static peer_result peer_case(const rlb_plan *plan, const rlb_cuda_buf *sb, const
     peer_result r = {0};
     rlb_cuda_plan *cp[2];
     work w[2];
-    double t0 = now_ms();
+    double t0 = rlb__clock_ms_f();
     for (int g = 0; g < 2; g++) {
         uint8_t sel[T] = {0};
         sel[g] = 1;
@@ -443,7 +437,7 @@ static peer_result peer_case(const rlb_plan *plan, const rlb_cuda_buf *sb, const
         RC(rlb__cuda_plan_bind(cp[g], sb, db, err, sizeof err));
         w[g] = (work){.plan = cp[g], .st = st[g]};
     }
-    r.upload_ms = now_ms() - t0;
+    r.upload_ms = rlb__clock_ms_f() - t0;
     time_two(w, r.ms);
     for (int g = 0; g < 2; g++) {
         r.staged[g] = rlb__cuda_plan_staged_bytes(cp[g], &r.windows[g]);

@@ -53,6 +53,7 @@
 #include <unistd.h>
 
 #include "common/atomics.h"
+#include "common/clock.h"
 #include "common/env.h"
 #include "common/ring.h"
 #include "common/shm.h"
@@ -77,13 +78,6 @@
 
 enum { ROLE_SENDER, ROLE_RECEIVER };
 enum { T_DATA = 1, T_ACK = 2 };
-
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static void die(const char *what, int rc)
 {
@@ -264,15 +258,15 @@ static void lat_child(duo *k, void *arg)
     for (int i = 0; i < L->warm + L->n; i++) {
         if (L->woken) {
             /* Pairs with the exchange in the receiver's sleep: it announced the sleep. */
-            int64_t end = now_ns() + (int64_t)WAIT_MS * 1000000;
+            int64_t end = rlb__clock_ns() + (int64_t)WAIT_MS * 1000000;
             while (!rlb_load_acquire(&to->cons_wake.sleeping))
-                if (now_ns() > end)
+                if (rlb__clock_ns() > end)
                     die("receiver never slept", ETIMEDOUT);
-            int64_t settle = now_ns() + ASLEEP_SETTLE_NS;
-            while (now_ns() < settle)
+            int64_t settle = rlb__clock_ns() + ASLEEP_SETTLE_NS;
+            while (rlb__clock_ns() < settle)
                 rlb_cpu_relax();
         }
-        int64_t t = now_ns();
+        int64_t t = rlb__clock_ns();
         memcpy(msg, &t, sizeof(t));
         if (L->socket) {
             sock_write(k->sock[1], msg, L->len);
@@ -316,7 +310,7 @@ static void lat_parent(duo *k, void *arg)
     uint64_t ack = 0;
     for (int i = 0; i < L->warm + L->n; i++) {
         int64_t sent = lat_receive(k, L);
-        int64_t got = now_ns();
+        int64_t got = rlb__clock_ns();
         if (!L->socket && L->len == MSG)
             rlb__ring_release(&k->rx);
         if (i >= L->warm)
@@ -528,13 +522,13 @@ static void rate_parent(duo *k, void *arg)
                                             : recv_ring_big;
     recv(k, R, R->warm);
     uint64_t go = 0;
-    int64_t t0 = now_ns();
+    int64_t t0 = rlb__clock_ns();
     if (R->via == VIA_SOCKET)
         sock_write(k->sock[0], &go, sizeof(go));
     else
         ring_put(&k->tx, T_ACK, &go, sizeof(go));
     recv(k, R, R->n);
-    R->seconds = (double)(now_ns() - t0) / 1e9;
+    R->seconds = (double)(rlb__clock_ns() - t0) / 1e9;
 }
 
 /* Messages per second over one transport, after `warm` untimed ones. */

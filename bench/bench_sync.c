@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "bridge/bridge.h"
+#include "common/clock.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "rlb/rlb.h"
@@ -37,13 +38,6 @@ typedef struct bcase {
     uint64_t params, tensors, bytes;
     double sync_ms, memcpy_ms, control_ms;
 } bcase;
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static int cmp_double(const void *a, const void *b)
 {
@@ -69,9 +63,9 @@ static double memcpy_ms(uint64_t bytes)
     memset(b, 2, bytes);
     double best = 1e30;
     for (int i = 0; i < 5; i++) {
-        double t0 = now_s();
+        double t0 = rlb__clock_s();
         memcpy(b, a, bytes);
-        double ms = (now_s() - t0) * 1e3;
+        double ms = (rlb__clock_s() - t0) * 1e3;
         best = ms < best ? ms : best;
     }
     volatile char sink = b[bytes / 2];

@@ -53,6 +53,7 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include "common/clock.h"
 #include "kernels/cuda/cuda_check.h"
 #include "model/config.h"
 #include "model/params.h"
@@ -151,13 +152,6 @@ static void trainer_free(trainer_mem *t)
         vm.release(t->h);
     }
     t->p = NULL;
-}
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 static int cmp_double(const void *a, const void *b)
@@ -325,7 +319,7 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
                       "--no-weights", "--device", "cuda", "--dtype", "bf16", "--kv-mb", "256",
                       "--quant", (char *)sc->quant, NULL};
     pid_t pids[2] = {spawn(bridge), -1};
-    for (double t0 = now_s(); access(sock, F_OK) != 0 && now_s() - t0 < 30;)
+    for (double t0 = rlb__clock_s(); access(sock, F_OK) != 0 && rlb__clock_s() - t0 < 30;)
         usleep(20000);
     pids[1] = spawn(worker);
     int rc = -1;
@@ -390,8 +384,8 @@ static int run_case(scase *sc, const char *rlb_bin, const char *dir, int version
         fprintf(stderr, "register: %s\n", rlb_last_error(c));
         goto out;
     }
-    for (double t0 = now_s(); stat_of(c, "replicas_up") < 1; usleep(50000))
-        if (now_s() - t0 > 300) {
+    for (double t0 = rlb__clock_s(); stat_of(c, "replicas_up") < 1; usleep(50000))
+        if (rlb__clock_s() - t0 > 300) {
             fprintf(stderr, "the GPU worker did not come up\n");
             goto out;
         }

@@ -37,6 +37,7 @@
 
 #include "bench/bench_xnode.h"
 #include "bridge/xport/xport.h"
+#include "common/clock.h"
 #include "common/store.h"
 #include "rlb/rlb.h"
 
@@ -48,13 +49,6 @@ typedef struct bench {
     int runs;
     int peer_errors; /* --peer-errors: UCX's peer failure handling (tcp only) */
 } bench;
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static int die(const char *what, int rc)
 {
@@ -79,7 +73,7 @@ static int xport_run(const bench *b, rlb_xport *x, rlb_store *st, uint8_t *buf, 
             rc = x->iface->irecv(x->ctx, 0, (uint64_t)run << 20 | (uint64_t)k, buf + off,
                                  len_k, &reqs[k]);
     }
-    double t0 = now_s();
+    double t0 = rlb__clock_s();
     if (rc == 0 && x->node == 1)
         rc = rlb__store_set(st, key, "1", 1);
     if (rc == 0 && x->node == 0) {
@@ -93,7 +87,7 @@ static int xport_run(const bench *b, rlb_xport *x, rlb_store *st, uint8_t *buf, 
     }
     if (rc == 0)
         rc = rlb__xport_wait_all(x, reqs, n, TIMEOUT_MS);
-    *secs = now_s() - t0;
+    *secs = rlb__clock_s() - t0;
     free(reqs);
     return rc;
 }
@@ -104,7 +98,7 @@ static int tcp_run(const bench *b, int fd, int node, rlb_store *st, uint8_t *buf
     char key[32], v[4];
     size_t len, done = 0;
     snprintf(key, sizeof(key), "tcpgo/%d", run);
-    double t0 = now_s();
+    double t0 = rlb__clock_s();
     if (node == 1) {
         if (rlb__store_set(st, key, "1", 1) < 0)
             return RLB_EIO;
@@ -124,7 +118,7 @@ static int tcp_run(const bench *b, int fd, int node, rlb_store *st, uint8_t *buf
             done += (size_t)w;
         }
     }
-    *secs = now_s() - t0;
+    *secs = rlb__clock_s() - t0;
     return 0;
 }
 

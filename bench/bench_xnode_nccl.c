@@ -22,19 +22,13 @@
 
 #include "bench/bench_xnode.h"
 #include "bridge/xport/xport.h"
+#include "common/clock.h"
 #include "common/store.h"
 #include "rlb/rlb.h"
 
 #define RUN_ID "xnode-nccl-bench"
 #define TIMEOUT_MS 120000
 #define SENT 0xa5 /* every byte node 0 sends */
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 /* Both nodes reach barrier `name` (bounded by TIMEOUT_MS). */
 static int barrier(rlb_store *st, const char *name)
@@ -63,7 +57,7 @@ static int xport_run(rlb_xport *x, rlb_store *st, uint8_t *buf, size_t bytes, si
     snprintf(name, sizeof(name), "xrun/%d", run);
     if (rc == 0)
         rc = barrier(st, name);
-    double t0 = now_s();
+    double t0 = rlb__clock_s();
     for (int k = 0; k < n && rc == 0; k++) {
         size_t off = (size_t)k * chunk, len = bytes - off < chunk ? bytes - off : chunk;
         rc = x->node == 0 ? x->iface->isend(x->ctx, 1, (uint64_t)k, buf + off, len, &reqs[k])
@@ -71,7 +65,7 @@ static int xport_run(rlb_xport *x, rlb_store *st, uint8_t *buf, size_t bytes, si
     }
     if (rc == 0)
         rc = rlb__xport_wait_all(x, reqs, n, TIMEOUT_MS);
-    *secs = now_s() - t0;
+    *secs = rlb__clock_s() - t0;
     for (int k = 0; k < n && rc == 0 && x->node == 1; k++) {
         size_t off = (size_t)k * chunk, last = (off + chunk < bytes ? off + chunk : bytes) - 1;
         uint8_t a = 0, z = 0;
@@ -105,11 +99,11 @@ static int allgather_run(ncclComm_t comm, cudaStream_t s, uint8_t *buf, size_t b
                          double *secs)
 {
     size_t part = bytes / 2;
-    double t0 = now_s();
+    double t0 = rlb__clock_s();
     if (ncclAllGather(buf + (size_t)node * part, buf, part, ncclUint8, comm, s) != ncclSuccess ||
         cudaStreamSynchronize(s) != cudaSuccess)
         return RLB_EIO;
-    *secs = now_s() - t0;
+    *secs = rlb__clock_s() - t0;
     return 0;
 }
 

@@ -20,6 +20,7 @@
 
 #include "bridge/bridge.h"
 #include "bridge/xnode.h"
+#include "common/clock.h"
 #include "common/conn.h"
 #include "common/proto.h"
 #include "common/ring.h"
@@ -101,13 +102,13 @@ typedef struct br_peer {
     rlb_ring_rx rx;          /* reassembly of fragmented messages */
     br_out *out_head, *out_tail; /* messages waiting for ring room */
     size_t out_off;          /* bytes of out_head already in the ring (a fragmented one) */
-    double out_since;        /* br_now() of the queue's last progress (or of its start) */
+    double out_since;        /* rlb__clock_s() of the queue's last progress (or of its start) */
     int closing;             /* BR_CLOSE_*: drop once the queue is flushed, or now */
     uint8_t *held;           /* a message naming segments that have not arrived on the
                                 socket yet (register, a worker's hello): handled once they
                                 come or at held_until; the ring is not read meanwhile */
     size_t held_len;         /* bytes in held */
-    double held_until;       /* br_now() bound of the wait for those segments */
+    double held_until;       /* rlb__clock_s() bound of the wait for those segments */
     br_seg *segs;            /* segments received */
     uint32_t n_segs, cap_segs;
     /* trainer */
@@ -403,8 +404,6 @@ uint32_t br_inflight(const bridge *b);
 
 /* ---- loop.c ------------------------------------------------------------------------ */
 
-/* Monotonic seconds. */
-double br_now(void);
 /* CPU seconds used by the calling thread. */
 double br_thread_cpu(void);
 /* Marks a worker's replica dead, telling its other ranks to shut down. */

@@ -38,13 +38,6 @@
 
 #define BR_RECV_BUDGET 64   /* messages taken from one peer per loop turn (fairness) */
 
-double br_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 double br_thread_cpu(void)
 {
     struct timespec ts;
@@ -473,7 +466,7 @@ static int hold_message(bridge *b, br_peer *p, const void *data, size_t len)
         return 0; /* answered now, without its segments */
     memcpy(p->held, data, len);
     p->held_len = len;
-    p->held_until = br_now() + (double)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS) * 1e-3;
+    p->held_until = rlb__clock_s() + (double)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS) * 1e-3;
     return 1;
 }
 
@@ -611,7 +604,7 @@ static void accept_peers(bridge *b)
         }
         b->pending[b->n_pending] = sock;
         b->pending_until[b->n_pending++] =
-            br_now() + (double)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS) * 1e-3;
+            rlb__clock_s() + (double)rlb__env_int(RLB_KNOB_PEER_TIMEOUT_MS) * 1e-3;
     }
 }
 
@@ -624,7 +617,7 @@ static int pending_hello(bridge *b, int i, int ready)
     rlb_conn *c = NULL;
     if (ready)
         rc = rlb__listener_welcome(b->listener, sock, &c);
-    if (rc == RLB_EAGAIN && br_now() < b->pending_until[i])
+    if (rc == RLB_EAGAIN && rlb__clock_s() < b->pending_until[i])
         return 0;
     b->pending[i] = b->pending[--b->n_pending];
     b->pending_until[i] = b->pending_until[b->n_pending];
@@ -647,7 +640,7 @@ static int recv_messages(bridge *b, br_peer *p)
     int got = 0;
     if (p->held) {
         rlb_msg m;
-        int waits = br_now() < p->held_until;
+        int waits = rlb__clock_s() < p->held_until;
         if (waits && rlb__msg_decode(p->held, p->held_len, &m, NULL, 0) == 0) {
             waits = segments_missing(b, p, &m);
             rlb__msg_free(&m);
@@ -899,8 +892,8 @@ static int loop(bridge *b)
         for (int i = 0; i < n_pending; i++)
             fds[n++] = (struct pollfd){.fd = b->pending[i], .events = POLLIN};
         int timeout = 0;
-        if (br_now() >= spin_until && !arm_rings(b)) {
-            double left = next_deadline(b, next_beat) - br_now();
+        if (rlb__clock_s() >= spin_until && !arm_rings(b)) {
+            double left = next_deadline(b, next_beat) - rlb__clock_s();
             timeout = left > 0 ? (int)(left * 1e3) + 1 : 0;
         }
         int polled = poll(fds, (nfds_t)n, timeout);
@@ -930,15 +923,15 @@ static int loop(bridge *b)
                     drain_eventfd(f[k].fd);
             busy |= serve_peer(b, at[i], f[0].revents);
         }
-        if (br_now() >= next_beat) {
+        if (rlb__clock_s() >= next_beat) {
             check_heartbeats(b);
-            next_beat = br_now() + beat_s;
+            next_beat = rlb__clock_s() + beat_s;
         }
         busy |= br_sync_progress(b);
         busy |= br_heal_progress(b);
         busy |= br_dispatch(b);
         if (busy)
-            spin_until = br_now() + spin_s;
+            spin_until = rlb__clock_s() + spin_s;
         else if (timeout == 0)
             rlb_cpu_relax();
     }

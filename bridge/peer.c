@@ -35,7 +35,7 @@ static void enqueue(bridge *b, br_peer *p, br_out *o)
         p->out_tail->next = o;
     } else {
         p->out_head = o;
-        p->out_since = br_now();
+        p->out_since = rlb__clock_s();
     }
     p->out_tail = o;
     br_flush(b, p);
@@ -118,7 +118,7 @@ int br_flush(bridge *b, br_peer *p)
         int rc = rlb__ring_send_from(tx, o->type, o->data, o->len, &p->out_off, 0);
         if (p->out_off != before) {
             moved = 1;
-            p->out_since = br_now();
+            p->out_since = rlb__clock_s();
         }
         if (rc == RLB_EAGAIN || rc == RLB_ETIMEDOUT)
             return moved;
@@ -129,7 +129,7 @@ int br_flush(bridge *b, br_peer *p)
             return moved;
         }
         p->out_off = 0;
-        p->out_since = br_now();
+        p->out_since = rlb__clock_s();
         out_pop(p);
         moved = 1;
     }
@@ -139,7 +139,7 @@ int br_flush(bridge *b, br_peer *p)
 
 int br_out_stalled(br_peer *p, double timeout_s)
 {
-    return p->out_head && br_now() - p->out_since > timeout_s;
+    return p->out_head && rlb__clock_s() - p->out_since > timeout_s;
 }
 
 /* ---- Segments ----------------------------------------------------------------------- */

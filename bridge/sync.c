@@ -127,7 +127,7 @@ void br_publish(bridge *b, br_peer *p, const rlb_msg_publish *m)
     static const uint8_t none[RLB_PROTO_HANDLE_BYTES];
     p->has_event = memcmp(m->event, none, sizeof(none)) != 0;
     memcpy(p->event, m->event, sizeof(p->event));
-    b->t_last_publish = br_now();
+    b->t_last_publish = rlb__clock_s();
     RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "trainer rank %u published version %" PRIu64, p->hello.rank,
                   version);
     b->control_s += br_thread_cpu() - c0;
@@ -358,9 +358,9 @@ static void start_copy(bridge *b)
 {
     br_copy *c = &b->copy;
     c->err[0] = 0;
-    const double t0 = br_now();
+    const double t0 = rlb__clock_s();
     int rc = bind_copy(b);
-    const double t_bound = br_now();
+    const double t_bound = rlb__clock_s();
     if (rc == 0 && !b->xnode)
         rc = run_copy(b);
     if (rc < 0) {
@@ -373,7 +373,7 @@ static void start_copy(bridge *b)
         return; /* br_xnode_pump runs it in waves, each chunk's ops once the chunk is in */
     b->copy_running = 1;
     b->copied = 1;
-    b->t_copy_launched = br_now();
+    b->t_copy_launched = rlb__clock_s();
     RLB_LOG_DEBUG(RLB_SUB_BRIDGE, "version %" PRIu64 ": copying %llu bytes (%llu ops), "
                   "launched %.3f ms after the last publish (the plan bound to the workers' "
                   "buffers in %.3f ms, the executor started in %.3f ms)", b->syncing,
@@ -530,7 +530,7 @@ void br_copy_done(bridge *b)
 static void copy_finished(bridge *b)
 {
     b->last_copy_ms = b->copy.ms;
-    b->t_loads_sent = br_now();
+    b->t_loads_sent = rlb__clock_s();
     b->copy.n_nonfinite = 0;
     for (uint64_t i = 0; i < b->copy.view.n_ops + b->copy.view.n_merges; i++)
         b->copy.n_nonfinite += b->copy.nonfinite[i];
@@ -566,7 +566,7 @@ static void copy_finished(bridge *b)
 static void commit(bridge *b)
 {
     uint64_t v = b->syncing;
-    const double now = br_now();
+    const double now = rlb__clock_s();
     double ms = (now - b->t_last_publish) * 1e3;
     uint64_t bytes = b->copy.view.bytes_written;
     if (b->t_copy_launched >= b->t_last_publish && b->t_loads_sent >= b->t_copy_launched) {

@@ -47,6 +47,7 @@
 
 #include "bridge/bridge_int.h"
 #include "bridge/xnode_delta.h"
+#include "common/clock.h"
 #include "common/env.h"
 #include "common/log.h"
 #include "common/store.h"
@@ -191,13 +192,6 @@ struct br_xnode {
     long long *beat_at;        /* [nnodes] when it last changed */
     long long next_beat;
 };
-
-static long long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* Waits on x->cv (x->mu held) for at most ms. */
 static void timed_wait(br_xnode *x, long ms)
@@ -988,7 +982,7 @@ static int alive(br_xnode *x, char *why, size_t len)
 {
     char key[64], line[256];
     size_t n = 0;
-    long long now = now_ms();
+    long long now = rlb__clock_ms();
     if (now < x->next_beat)
         return 0;
     x->next_beat = now + XN_CHECK_MS;
@@ -1035,7 +1029,7 @@ static int wait_for(br_xnode *x, const char *what, xn_ready ready, void *arg,
                     xn_on_abort on_abort, void *abort_arg, char *why, size_t len)
 {
     long nap_ns = XN_POLL_NS;
-    long long t0 = now_ms();
+    long long t0 = rlb__clock_ms();
     int said = 0;
     for (;;) {
         int rc = ready(x, arg, why, len);
@@ -1053,10 +1047,10 @@ static int wait_for(br_xnode *x, const char *what, xn_ready ready, void *arg,
             return rc;
         if (ab)
             on_abort = NULL;
-        if (!said && x->peer_timeout_ms > 0 && now_ms() - t0 > x->peer_timeout_ms) {
+        if (!said && x->peer_timeout_ms > 0 && rlb__clock_ms() - t0 > x->peer_timeout_ms) {
             said = 1;
             RLB_LOG_INFO(RLB_SUB_BRIDGE, "xnode: node %d: still waiting for %s after %lld ms "
-                         "(every node's bridge is alive)", x->node, what, now_ms() - t0);
+                         "(every node's bridge is alive)", x->node, what, rlb__clock_ms() - t0);
         }
         struct timespec ts = {0, nap_ns};
         nanosleep(&ts, NULL);
@@ -1498,7 +1492,7 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
         snprintf(why, len, "node %d lost the rendezvous store: %s", x->node, rlb_strerror(rc));
     if (rc == 0)
         report(x, &x->exchanged, 1, 0, "");
-    long long last = now_ms(), next_in = 0;
+    long long last = rlb__clock_ms(), next_in = 0;
     while (rc == 0 && left) {
         uint32_t was_left = left;
         for (uint32_t i = 0; i < n && rc == 0; i++) {
@@ -1509,7 +1503,7 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
                 continue;
             reqs[i] = NULL;
             left--;
-            last = now_ms();
+            last = rlb__clock_ms();
             if (r < 0) {
                 rc = r;
                 snprintf(why, len, "node %d: a transfer with node %d failed: %s", x->node,
@@ -1532,7 +1526,7 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
             rc = got;
             snprintf(why, len, "node %d cannot receive: %s", x->node, rlb_strerror(rc));
         }
-        long long now = now_ms();
+        long long now = rlb__clock_ms();
         if (got > 0)
             last = now; /* the loop freed slots: progress */
         else if (left == was_left)

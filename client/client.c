@@ -11,6 +11,7 @@
 
 #include "client/client_internal.h"
 #include "common/check.h"
+#include "common/clock.h"
 #include "common/env.h"
 #include "common/log.h"
 
@@ -24,13 +25,6 @@ static _Thread_local char tls_err[RLB_CLIENT_ERR_MAX];
 /* Why this thread's last call without a client (rlb_connect, rlb_tensor_bytes,
  * rlb_peft_to_hf) failed: there is no client to hold it. */
 static _Thread_local char tls_call_err[RLB_CLIENT_ERR_MAX];
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* ---- errors ---------------------------------------------------------------------------- */
 
@@ -295,7 +289,7 @@ static void *receiver(void *arg)
 
 int rlb__wait(rlb_client *c, int (*done)(rlb_client *c, void *arg), void *arg, int timeout_ms)
 {
-    int64_t deadline = timeout_ms < 0 ? INT64_MAX : now_ms() + timeout_ms;
+    int64_t deadline = timeout_ms < 0 ? INT64_MAX : rlb__clock_ms() + timeout_ms;
     for (;;) {
         if (done(c, arg))
             return 0;
@@ -303,7 +297,7 @@ int rlb__wait(rlb_client *c, int (*done)(rlb_client *c, void *arg), void *arg, i
             return c->dead;
         if (timeout_ms == 0)
             return RLB_EAGAIN;
-        int64_t left = deadline - now_ms();
+        int64_t left = deadline - rlb__clock_ms();
         if (left <= 0)
             return RLB_ETIMEDOUT;
         struct timespec ts;

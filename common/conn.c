@@ -17,6 +17,7 @@
 
 #include "common/atomics.h"
 #include "common/check.h"
+#include "common/clock.h"
 #include "common/env.h"
 #include "common/log.h"
 #include "common/shm.h"
@@ -56,13 +57,6 @@ struct rlb_conn {
     rlb_ring rx;     /* the ring we consume from */
     int wake[N_WAKE]; /* eventfds the rings sleep on and signal (WAKE_*), -1 if none */
 };
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* ---- Socket directory ---------------------------------------------------------------- */
 
@@ -589,7 +583,7 @@ int rlb__conn_connect_abi(const char *path, int timeout_ms, uint64_t ring_bytes,
         *listener_abi = 0;
     if (!path || !out || timeout_ms <= 0)
         return RLB_EINVAL;
-    int64_t deadline = now_ms() + timeout_ms;
+    int64_t deadline = rlb__clock_ms() + timeout_ms;
     struct sockaddr_un sa;
     int rc = make_addr(path, &sa);
     if (rc < 0)
@@ -625,7 +619,7 @@ int rlb__conn_connect_abi(const char *path, int timeout_ms, uint64_t ring_bytes,
     /* A listener that refused us may have closed already; its reason still waits. */
     if (rc < 0 && rc != RLB_EPEERDEAD)
         goto err;
-    int left_ms = (int)((deadline - now_ms()) > 0 ? deadline - now_ms() : 1);
+    int left_ms = (int)((deadline - rlb__clock_ms()) > 0 ? deadline - rlb__clock_ms() : 1);
     RLB_CHECK_GOTO(recv_hello(sock, &h, fds, &nfds, left_ms), rc, err);
     if (listener_abi)
         *listener_abi = h.abi_version; /* a refusal carries it too */

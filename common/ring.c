@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "common/atomics.h"
+#include "common/clock.h"
 #include "common/env.h"
 #include "common/log.h"
 #include "rlb/rlb.h"
@@ -41,13 +42,6 @@
  * one (over max_msg, or out of memory). */
 enum { RX_IDLE = 0, RX_ASSEMBLING, RX_PARTS, RX_SKIPPING };
 
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 static uint64_t align_up(uint64_t n)
 {
     return (n + RLB_RING_ALIGN - 1) & ~(uint64_t)(RLB_RING_ALIGN - 1);
@@ -61,7 +55,7 @@ static uint64_t min_u64(uint64_t a, uint64_t b)
 /* Deadline for a wait of timeout_ms; 0 means "do not wait" (CLOCK_MONOTONIC is never 0). */
 static int64_t deadline_after(int timeout_ms)
 {
-    return timeout_ms == 0 ? 0 : now_ns() + (int64_t)timeout_ms * 1000000;
+    return timeout_ms == 0 ? 0 : rlb__clock_ns() + (int64_t)timeout_ms * 1000000;
 }
 
 static rlb__ring_side_hot *own_hot(const rlb_ring *r)
@@ -192,7 +186,7 @@ void rlb__ring_set_wake_fds(rlb_ring *r, int wait_fd, int wake_fd)
 
 void rlb__ring_heartbeat(rlb_ring *r)
 {
-    rlb_store_relaxed(&own_hot(r)->heartbeat_ns, (uint64_t)now_ns());
+    rlb_store_relaxed(&own_hot(r)->heartbeat_ns, (uint64_t)rlb__clock_ns());
 }
 
 int64_t rlb__ring_peer_idle_ms(const rlb_ring *r)
@@ -200,7 +194,7 @@ int64_t rlb__ring_peer_idle_ms(const rlb_ring *r)
     if (rlb_load_relaxed(&peer_hot(r)->pid) == 0)
         return INT64_MAX;
     int64_t beat = (int64_t)rlb_load_relaxed(&peer_hot(r)->heartbeat_ns);
-    int64_t idle = now_ns() - beat;
+    int64_t idle = rlb__clock_ns() - beat;
     return idle < 0 ? 0 : idle / 1000000;
 }
 
@@ -365,7 +359,7 @@ static int ready(rlb_ring *r, uint64_t need)
 /* Sleeps on our eventfd until `until` (CLOCK_MONOTONIC ns) or a write, then empties it. */
 static void sleep_fd(int fd, int64_t until)
 {
-    int64_t left = until - now_ns();
+    int64_t left = until - rlb__clock_ns();
     struct pollfd p = {.fd = fd, .events = POLLIN};
     if (left > 0 && poll(&p, 1, (int)((left + 999999) / 1000000)) > 0) {
         uint64_t count;
@@ -385,7 +379,7 @@ static int sleep_slice(rlb_ring *r, uint64_t need, int64_t deadline)
     rlb_exchange(&w->sleeping, 1u);
     int rc = ready(r, need);
     if (rc == 0) {
-        int64_t until = now_ns() + r->slice_ns;
+        int64_t until = rlb__clock_ns() + r->slice_ns;
         if (until > deadline)
             until = deadline;
         struct timespec ts = {.tv_sec = until / 1000000000, .tv_nsec = until % 1000000000};
@@ -433,7 +427,7 @@ static int wait_ready(rlb_ring *r, uint64_t need, int64_t deadline)
     if (deadline == 0)
         return RLB_EAGAIN;
 
-    int64_t now = now_ns();
+    int64_t now = rlb__clock_ns();
     int64_t spin_end = now + r->spin_ns < deadline ? now + r->spin_ns : deadline;
     for (unsigned i = 1; now < spin_end; i++) {
         rlb_cpu_relax();
@@ -441,7 +435,7 @@ static int wait_ready(rlb_ring *r, uint64_t need, int64_t deadline)
         if (rc != 0)
             return rc < 0 ? rc : 0;
         if (i % SPIN_CLOCK_EVERY == 0)
-            now = now_ns();
+            now = rlb__clock_ns();
     }
     for (;;) {
         rlb__ring_heartbeat(r);
@@ -450,7 +444,7 @@ static int wait_ready(rlb_ring *r, uint64_t need, int64_t deadline)
             rc = ready(r, need);
             return rc < 0 ? rc : (rc ? 0 : RLB_EPEERDEAD);
         }
-        if (now_ns() >= deadline)
+        if (rlb__clock_ns() >= deadline)
             return RLB_ETIMEDOUT;
         rc = sleep_slice(r, need, deadline);
         if (rc != 0)

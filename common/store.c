@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "common/check.h"
+#include "common/clock.h"
 #include "common/log.h"
 #include "rlb/rlb.h"
 
@@ -52,13 +53,6 @@ typedef struct store_rep_hdr {
 
 _Static_assert(sizeof(store_req_hdr) == 24, "store request header is a wire format");
 _Static_assert(sizeof(store_rep_hdr) == 16, "store reply header is a wire format");
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* ---- server ------------------------------------------------------------------------- */
 
@@ -203,7 +197,7 @@ static void serve(rlb_store_server *s, store_conn *c)
         conn_reply(c, e ? 0 : RLB_ENOMEM, NULL, 0, 0);
         for (int i = 0; e && i < STORE_MAX_CONNS; i++)
             if (s->conns[i].fd >= 0 && s->conns[i].waiting)
-                wait_check(s, &s->conns[i], now_ms());
+                wait_check(s, &s->conns[i], rlb__clock_ms());
         return;
     case OP_GET:
         c->have = 0;
@@ -212,8 +206,8 @@ static void serve(rlb_store_server *s, store_conn *c)
         return;
     case OP_WAIT:
         c->waiting = 1;
-        c->deadline = now_ms() + (h.arg > 0 ? h.arg : 0);
-        wait_check(s, c, now_ms());
+        c->deadline = rlb__clock_ms() + (h.arg > 0 ? h.arg : 0);
+        wait_check(s, c, rlb__clock_ms());
         return;
     case OP_ADD: {
         c->have = 0;
@@ -240,7 +234,7 @@ static void serve(rlb_store_server *s, store_conn *c)
         conn_reply(c, e ? 0 : RLB_ENOMEM, NULL, 0, v);
         for (int i = 0; e && i < STORE_MAX_CONNS; i++)
             if (s->conns[i].fd >= 0 && s->conns[i].waiting)
-                wait_check(s, &s->conns[i], now_ms());
+                wait_check(s, &s->conns[i], rlb__clock_ms());
         return;
     }
     default:
@@ -327,7 +321,7 @@ static void *server_main(void *arg)
     int idx[STORE_MAX_CONNS + 2];
     for (;;) {
         int n = 0, timeout = -1;
-        int64_t now = now_ms();
+        int64_t now = rlb__clock_ms();
         pfd[n++] = (struct pollfd){.fd = s->wake[0], .events = POLLIN};
         pfd[n++] = (struct pollfd){.fd = s->listen_fd, .events = POLLIN};
         for (int i = 0; i < STORE_MAX_CONNS; i++) {
@@ -353,7 +347,7 @@ static void *server_main(void *arg)
             if (c->fd == pfd[j].fd && pfd[j].revents)
                 conn_read(s, c);
         }
-        now = now_ms();
+        now = rlb__clock_ms();
         for (int i = 0; i < STORE_MAX_CONNS; i++)
             if (s->conns[i].fd >= 0 && s->conns[i].waiting)
                 wait_check(s, &s->conns[i], now);
@@ -490,7 +484,7 @@ static int recv_all(int fd, void *buf, size_t len, int64_t deadline)
 {
     size_t got = 0;
     while (got < len) {
-        int64_t left = deadline - now_ms();
+        int64_t left = deadline - rlb__clock_ms();
         if (left <= 0)
             return RLB_ETIMEDOUT;
         struct pollfd p = {.fd = fd, .events = POLLIN};
@@ -522,7 +516,7 @@ static int request(rlb_store *s, int op, const char *key, const void *value, siz
     struct iovec iov[3] = {{&h, sizeof(h)}, {(void *)key, klen}, {(void *)value, vlen}};
     RLB_CHECK(send_all(s->fd, iov, vlen ? 3 : 2));
     store_rep_hdr r;
-    int64_t deadline = now_ms() + reply_ms;
+    int64_t deadline = rlb__clock_ms() + reply_ms;
     RLB_CHECK(recv_all(s->fd, &r, sizeof(r), deadline));
     if (r.value_len > RLB_STORE_VALUE_MAX || (r.status > 0))
         return RLB_EPROTO;
@@ -564,7 +558,7 @@ int rlb__store_connect(const char *addr, int port, const char *run_id, int timeo
         snprintf(err, errcap, "bad store address %s:%d or run id", addr, port);
         return RLB_EINVAL;
     }
-    int64_t deadline = now_ms() + timeout_ms;
+    int64_t deadline = rlb__clock_ms() + timeout_ms;
     int fd = -1;
     for (;;) {
         fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -576,7 +570,7 @@ int rlb__store_connect(const char *addr, int port, const char *run_id, int timeo
             break;
         int e = errno;
         close(fd);
-        if (now_ms() >= deadline) {
+        if (rlb__clock_ms() >= deadline) {
             snprintf(err, errcap, "no rendezvous store at %s:%d after %d s (%s)", addr, port,
                      timeout_ms / 1000, strerror(e));
             return RLB_ETIMEDOUT;

@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/atomics.h"
 #include "common/env.h"
 #include "common/log.h"
@@ -113,13 +114,6 @@ static void futex_wake_all(uint32_t *word)
     syscall(SYS_futex, word, FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
 }
 
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 /* 0 while rank r is attached and alive, RLB_EPEERDEAD once it died or detached, RLB_EAGAIN
  * when it has not attached yet. */
 static int peer_state(shm_comm *c, int r)
@@ -168,7 +162,7 @@ static int wait_arrive(shm_comm *c, int r, uint32_t s, int64_t deadline)
                           r);
             return st;
         }
-        int64_t left = deadline - now_ns();
+        int64_t left = deadline - rlb__clock_ns();
         if (left <= 0) {
             RLB_LOG_ERROR(RLB_SUB_ENGINE, "tp rank %d: peer rank %d did not arrive in time",
                           c->base.rank, r);
@@ -190,7 +184,7 @@ static int exchange(shm_comm *c, const float *send, size_t n, const float **set)
     /* Release pairs with the acquire loads in the peers' wait_arrive: publishes the slot. */
     rlb_store_release(&c->ranks[c->base.rank].arrive, s);
     futex_wake_all(&c->ranks[c->base.rank].arrive);
-    int64_t deadline = now_ns() + c->timeout_ns;
+    int64_t deadline = rlb__clock_ns() + c->timeout_ns;
     for (int r = 0; r < c->base.size; r++) {
         if (r == c->base.rank)
             continue;

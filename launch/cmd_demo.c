@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "launch/cmds.h"
 #include "rlb/rlb.h"
 #include "worker/backends.h"
@@ -54,13 +55,6 @@ static volatile sig_atomic_t interrupted;
 static void on_signal(int sig)
 {
     interrupted = sig;
-}
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static void sleep_ms(int ms)
@@ -140,9 +134,9 @@ static void stop_child(demo *d, int i)
     if (d->pid[i] <= 0)
         return;
     kill(d->pid[i], SIGTERM);
-    int64_t deadline = now_ms() + GRACE_MS;
+    int64_t deadline = rlb__clock_ms() + GRACE_MS;
     while (waitpid(d->pid[i], &d->status[i], WNOHANG) == 0) {
-        if (now_ms() > deadline) {
+        if (rlb__clock_ms() > deadline) {
             fprintf(stderr, "rlb demo: %s (pid %d) ignored SIGTERM; killing it\n",
                     child_name(i), (int)d->pid[i]);
             kill(d->pid[i], SIGKILL);
@@ -158,14 +152,14 @@ static void stop_child(demo *d, int i)
  * replicas > 0, until the bridge answers with that many replicas up. Returns 0 or -1. */
 static int wait_ready(demo *d, int replicas)
 {
-    int64_t deadline = now_ms() + READY_TIMEOUT_MS;
+    int64_t deadline = rlb__clock_ms() + READY_TIMEOUT_MS;
     rlb_client_options o;
     rlb_client_options_init(&o);
     o.socket = d->socket;
     o.observer = 1;
     o.connect_timeout_ms = 1000;
     o.request_timeout_ms = 2000;
-    while (!interrupted && now_ms() < deadline) {
+    while (!interrupted && rlb__clock_ms() < deadline) {
         int died = reap(d);
         if (died >= 0) {
             fprintf(stderr, "rlb demo: the %s exited while starting\n", child_name(died));
@@ -356,7 +350,7 @@ int rlb__cmd_demo(int argc, char **argv)
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGHUP, &sa, NULL);
 
-    int64_t t0 = now_ms();
+    int64_t t0 = rlb__clock_ms();
     int gpu = rlb__backend_resolve(device) == RLB_DEVICE_CUDA;
     if (gpu && strcmp(mode, "pause")) {
         printf("rlb demo: GPU workers sync in pause mode only for now; the %s demo runs on "
@@ -381,7 +375,7 @@ int rlb__cmd_demo(int argc, char **argv)
         fprintf(stderr, "rlb demo: could not remove %s: %s\n", d->dir, strerror(errno));
     int left = shm_new_entries(d);
     printf("rlb demo: %s after %.1f s; every process stopped, %s\n",
-           rc == 0 ? "done" : "stopped", (now_ms() - t0) / 1000.0,
+           rc == 0 ? "done" : "stopped", (rlb__clock_ms() - t0) / 1000.0,
            left ? "but /dev/shm holds new entries (see above)" : "nothing left in /dev/shm");
     for (int i = 0; i < d->n_shm_before; i++)
         free(d->shm_before[i]);

@@ -43,6 +43,7 @@
 
 #include "launch/cmds.h"
 #include "launch/launch.h"
+#include "common/clock.h"
 #include "common/store.h"
 #include "rlb/rlb.h"
 
@@ -93,13 +94,6 @@ static void on_signal(int sig)
     unsigned char b = (unsigned char)sig;
     ssize_t n = write(signal_wfd, &b, 1);
     (void)n;
-}
-
-static long long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static void sleep_ms(int ms)
@@ -155,8 +149,8 @@ static void watchdog_main(int rfd)
     int alive = 0;
     for (int i = 0; i < n; i++)
         alive += kill(-groups[i], SIGTERM) == 0;
-    long long deadline = now_ms() + GRACE_MS;
-    while (alive && now_ms() < deadline) {
+    long long deadline = rlb__clock_ms() + GRACE_MS;
+    while (alive && rlb__clock_ms() < deadline) {
         sleep_ms(20);
         alive = 0;
         for (int i = 0; i < n; i++)
@@ -361,7 +355,7 @@ static void stop_kind(launcher *L, int kind, int sig, int ms)
     for (int i = 0; i < L->n_kids; i++)
         if (L->kids[i].kind == kind && L->kids[i].pid > 0)
             kill(-L->kids[i].pid, sig);
-    long long deadline = now_ms() + ms;
+    long long deadline = rlb__clock_ms() + ms;
     for (;;) {
         int alive = 0, open_fds = 0;
         reap(L);
@@ -374,7 +368,7 @@ static void stop_kind(launcher *L, int kind, int sig, int ms)
         }
         if (!alive && !open_fds)
             return;
-        if (now_ms() > deadline) {
+        if (rlb__clock_ms() > deadline) {
             for (int i = 0; i < L->n_kids; i++) {
                 child *c = &L->kids[i];
                 if (c->kind != kind)
@@ -402,14 +396,14 @@ static void stop_kind(launcher *L, int kind, int sig, int ms)
  * many replicas up. Returns 0 or -1 (a daemon died, the time ran out, or a signal). */
 static int wait_ready(launcher *L, int replicas)
 {
-    long long deadline = now_ms() + READY_TIMEOUT_MS;
+    long long deadline = rlb__clock_ms() + READY_TIMEOUT_MS;
     rlb_client_options co;
     rlb_client_options_init(&co);
     co.socket = L->socket;
     co.observer = 1;
     co.connect_timeout_ms = 1000;
     co.request_timeout_ms = 2000;
-    while (!interrupted && now_ms() < deadline) {
+    while (!interrupted && rlb__clock_ms() < deadline) {
         int died = reap(L);
         if (died >= 0) {
             serve_io(L, 100); /* its last words */
@@ -700,9 +694,9 @@ static int supervise(launcher *L)
                 running += L->kids[i].pid > 0;
             if (failed >= 0 || !running)
                 break;
-            if (now_ms() < next_check)
+            if (rlb__clock_ms() < next_check)
                 continue;
-            next_check = now_ms() + (monitor_ms > 100 ? monitor_ms : 100);
+            next_check = rlb__clock_ms() + (monitor_ms > 100 ? monitor_ms : 100);
             int attempt;
             size_t len = 0;
             if (rlb__store_get(L->rdzv.store, "abort", why, sizeof(why) - 1, &len) == 0) {

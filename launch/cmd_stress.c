@@ -265,11 +265,6 @@ static void on_signal(int sig)
     interrupted = sig;
 }
 
-static int64_t now_ms(void)
-{
-    return (int64_t)rlb__stress_now_ms();
-}
-
 static const char *code_name(int rc)
 {
     static const char *const names[] = {
@@ -307,7 +302,7 @@ static void violation(stress *s, int kind, const char *fmt, ...)
         snprintf(s->first_violation, sizeof(s->first_violation), "%s: %s",
                  violation_names[kind], msg);
     fprintf(stderr, "rlb stress: VIOLATION %s at %.1f s: %s\n", violation_names[kind],
-            run_s(s, now_ms()), msg);
+            run_s(s, rlb__clock_ms()), msg);
 }
 
 static int count_fds(pid_t pid)
@@ -511,7 +506,7 @@ static void note_gap(stress *s, int64_t now)
 /* A commit or an answered request: the window without progress starts again. */
 static void progress(stress *s)
 {
-    int64_t now = now_ms();
+    int64_t now = rlb__clock_ms();
     note_gap(s, now);
     s->last_progress = now;
     s->quiet_ms = 0;
@@ -578,7 +573,7 @@ static void round_check(stress *s)
             kill_proc(&s->checker, SIGKILL);
     }
     s->round = 0;
-    s->next_publish_at = now_ms() + 5;
+    s->next_publish_at = rlb__clock_ms() + 5;
 }
 
 /* Sends trainer t a publish command; a trainer that cannot take it is killed. */
@@ -586,7 +581,7 @@ static void command(proc *t, rlb_stress_cmd cmd)
 {
     t->cmd = cmd;
     t->busy = 1;
-    t->busy_since = now_ms();
+    t->busy_since = rlb__clock_ms();
     t->rejoined = 0;
     if (write(t->cmd_fd, &cmd, sizeof(cmd)) != (ssize_t)sizeof(cmd)) {
         t->busy = 0;
@@ -679,7 +674,7 @@ static void on_record(stress *s, proc *p, const rlb_stress_rec *r)
         if (r->rc == 0) {
             s->submitted++;
             if (p->outstanding < MAX_SENT)
-                p->sent_at[p->outstanding] = now_ms();
+                p->sent_at[p->outstanding] = rlb__clock_ms();
             p->outstanding++;
         }
         break;
@@ -768,7 +763,7 @@ static void on_exit_of(stress *s, proc *p, int st)
     p->pid = 0;
     p->ready = p->stopped = 0;
     p->outstanding = 0;
-    p->died_at = now_ms();
+    p->died_at = rlb__clock_ms();
     if (p->kind == P_BRIDGE) {
         s->bridge_up = 0;
         /* The trainers' registrations died with it; the next bridge gets a new unit mix. */
@@ -893,7 +888,7 @@ static proc *choose(proc *a, int n, uint32_t target, int skip_stopped)
 /* Notes fault kind as applied now, hitting p (NULL: no process of ours). Returns 1. */
 static int applied(stress *s, uint32_t kind, proc *p)
 {
-    int64_t now = now_ms();
+    int64_t now = rlb__clock_ms();
     if (p)
         p->hit_at = now;
     s->recent[s->n_recent++ % RECENT_FAULTS] =
@@ -923,7 +918,7 @@ static int inject(stress *s, const rlb_stress_event *e)
             return 0;
         kill(p->pid, SIGSTOP);
         p->stopped = 1;
-        p->resume_at = now_ms() + STOP_MIN_MS + e->arg % (STOP_MAX_MS - STOP_MIN_MS);
+        p->resume_at = rlb__clock_ms() + STOP_MIN_MS + e->arg % (STOP_MAX_MS - STOP_MIN_MS);
         p->resume_kill = (int)(e->arg >> 20 & 1);
         s->injected[e->kind]++;
         return applied(s, e->kind, p);
@@ -1397,7 +1392,7 @@ static void turn(stress *s, int mode)
             if (pf[i].revents)
                 drain_records(s, owner[i]);
     reap_all(s);
-    int64_t now = now_ms();
+    int64_t now = rlb__clock_ms();
     if (mode != TURN_QUIET) {
         heal(s, now);
         drive(s, now);
@@ -1417,7 +1412,7 @@ static int first_start(stress *s)
 {
     spawn_bridge(s);
     int64_t deadline = s->start + STARTUP_MS;
-    while (!s->bridge_up && now_ms() < deadline && !interrupted) {
+    while (!s->bridge_up && rlb__clock_ms() < deadline && !interrupted) {
         s->bridge_up = s->bridge.pid > 0 && bridge_listening(s->sock);
         reap_all(s);
         rlb__stress_sleep_ms(20);
@@ -1425,7 +1420,7 @@ static int first_start(stress *s)
     for (uint32_t i = 0; s->bridge_up && i < s->o.replicas * s->o.tp; i++)
         spawn_worker(s, (int)i);
     double up = 0;
-    while (s->bridge_up && up < s->o.replicas && now_ms() < deadline && !interrupted) {
+    while (s->bridge_up && up < s->o.replicas && rlb__clock_ms() < deadline && !interrupted) {
         if (stat_of(s->sock, "replicas_up", &up) < 0)
             up = 0;
         reap_all(s);
@@ -1435,7 +1430,7 @@ static int first_start(stress *s)
         rlb__stress_sleep_ms(300); /* the bridge drops our stats connection */
         s->fd_bridge0 = count_fds(s->bridge.pid);
     }
-    while (up >= s->o.replicas && !s->committed && now_ms() < deadline && !interrupted)
+    while (up >= s->o.replicas && !s->committed && rlb__clock_ms() < deadline && !interrupted)
         turn(s, TURN_DRAIN);
     if (s->committed || interrupted)
         return s->committed ? 0 : -1;
@@ -1445,7 +1440,7 @@ static int first_start(stress *s)
     else
         violation(s, X_STARTUP, "no version committed within %d s of the start",
                   STARTUP_MS / 1000);
-    report_pending(s, now_ms());
+    report_pending(s, rlb__clock_ms());
     return -1;
 }
 
@@ -1463,7 +1458,7 @@ static int own_shm_entry(const char *name)
 /* Waits up to ms for p to exit, turning the loop in `mode` meanwhile; kills it after. */
 static void wait_gone(stress *s, proc *p, int ms, int mode)
 {
-    for (int64_t end = now_ms() + ms; p->pid > 0 && now_ms() < end;)
+    for (int64_t end = rlb__clock_ms() + ms; p->pid > 0 && rlb__clock_ms() < end;)
         turn(s, mode);
     if (p->pid > 0) {
         kill_proc(p, SIGKILL);
@@ -1508,12 +1503,12 @@ static void finish(stress *s)
         whole &= s->workers[i].pid > 0;
     if (s->bridge.pid > 0 && whole) {
         double up = 0;
-        for (int64_t end = now_ms() + 20000; up < s->o.replicas && now_ms() < end;) {
+        for (int64_t end = rlb__clock_ms() + 20000; up < s->o.replicas && rlb__clock_ms() < end;) {
             if (stat_of(s->sock, "replicas_up", &up) < 0)
                 up = 0;
             turn(s, TURN_QUIET);
         }
-        for (int64_t end = now_ms() + 300; now_ms() < end;)
+        for (int64_t end = rlb__clock_ms() + 300; rlb__clock_ms() < end;)
             turn(s, TURN_QUIET);
         int fds = count_fds(s->bridge.pid);
         if (up >= s->o.replicas && fds > s->fd_bridge0)
@@ -1646,7 +1641,7 @@ static void report(stress *s, double seconds)
 {
     uint64_t faults = total(s->injected, RLB_FAULT_COUNT_);
     uint64_t bad = total(s->x, X_COUNT);
-    note_gap(s, now_ms());
+    note_gap(s, rlb__clock_ms());
     if (!s->o.json)
         print_table(s, seconds, faults);
     /* One JSON line. */
@@ -1654,7 +1649,7 @@ static void report(stress *s, double seconds)
            "\"replicas\": %u, \"tp\": %u, \"trainers\": %u, \"clients\": %u, "
            "\"no_progress_s\": {\"longest\": %.1f, \"possible\": %.1f}, \"faults\": {",
            (unsigned long long)s->o.seed, seconds,
-           s->t0 ? (s->t0 - s->start) / 1000.0 : (now_ms() - s->start) / 1000.0, s->o.mode,
+           s->t0 ? (s->t0 - s->start) / 1000.0 : (rlb__clock_ms() - s->start) / 1000.0, s->o.mode,
            s->o.replicas, s->o.tp, s->o.trainers, s->o.clients, s->max_gap / 1000.0,
            s->max_quiet / 1000.0);
     for (int k = 0; k < RLB_FAULT_COUNT_; k++)
@@ -1835,7 +1830,7 @@ int rlb__cmd_stress(int argc, char **argv)
         printf("rlb stress: seed %llu, %d s, %d faults scheduled; logs in %s\n",
                (unsigned long long)s->o.seed, s->o.duration_s, s->n_ev, s->logdir);
     fflush(stdout);
-    s->start = s->last_progress = now_ms();
+    s->start = s->last_progress = rlb__clock_ms();
     take_marks(s, s->start);
     if (first_start(s) == 0) {
         progress(s);
@@ -1846,12 +1841,12 @@ int rlb__cmd_stress(int argc, char **argv)
                     "committed); faults from now on\n", (s->t0 - s->start) / 1000.0,
                     s->o.replicas, (unsigned long long)s->last_committed);
         int64_t end = s->t0 + (int64_t)s->o.duration_s * 1000, next_line = s->t0 + 10000;
-        while (!interrupted && now_ms() < end) {
+        while (!interrupted && rlb__clock_ms() < end) {
             turn(s, TURN_RUN);
-            if (!s->o.json && now_ms() >= next_line) {
+            if (!s->o.json && rlb__clock_ms() >= next_line) {
                 next_line += 10000;
                 fprintf(stderr, "rlb stress: %3.0f s: %llu versions committed, %llu requests "
-                        "done, %llu faults, %llu violations\n", (now_ms() - s->t0) / 1000.0,
+                        "done, %llu faults, %llu violations\n", (rlb__clock_ms() - s->t0) / 1000.0,
                         (unsigned long long)s->committed, (unsigned long long)s->answer_rc[0],
                         (unsigned long long)total(s->injected, RLB_FAULT_COUNT_),
                         (unsigned long long)total(s->x, X_COUNT));
@@ -1859,9 +1854,9 @@ int rlb__cmd_stress(int argc, char **argv)
         }
     }
     finish(s);
-    double seconds = (now_ms() - s->start) / 1000.0;
+    double seconds = (rlb__clock_ms() - s->start) / 1000.0;
     uint64_t bad = total(s->x, X_COUNT);
-    report(s, s->t0 ? (now_ms() - s->t0) / 1000.0 : seconds);
+    report(s, s->t0 ? (rlb__clock_ms() - s->t0) / 1000.0 : seconds);
     if (!bad)
         remove_logs(s->logdir);
     rmdir(s->dir);

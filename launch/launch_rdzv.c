@@ -24,18 +24,12 @@
 #include <unistd.h>
 
 #include "common/check.h"
+#include "common/clock.h"
 #include "common/log.h"
 #include "launch/launch.h"
 #include "rlb/rlb.h"
 
 #define VERDICT_MAX 512
-
-static long long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* A TCP port free on addr now (for MASTER_PORT under c10d), or -1. */
 static int free_port(const char *addr)
@@ -79,13 +73,13 @@ static void node_key(char *buf, size_t cap, const char *what, int r)
 /* Node 0: collects every node's description, compares it with its own, decides. */
 static void decide(const rlb_launch_opts *o, rlb_rdzv *r, char *verdict, size_t cap)
 {
-    long long t0 = now_ms(), join_end = t0 + (long long)o->join_timeout_s * 1000;
+    long long t0 = rlb__clock_ms(), join_end = t0 + (long long)o->join_timeout_s * 1000;
     int elastic = o->nnodes_min < o->nnodes_max;
     int n = 1;
     char key[64], info[256];
     long long min_reached = -1;
     while (n < o->nnodes_max) {
-        long long now = now_ms();
+        long long now = rlb__clock_ms();
         if (elastic && n >= o->nnodes_min && min_reached < 0)
             min_reached = now;
         long long end = min_reached >= 0 ? min_reached + (long long)o->last_call_s * 1000 : join_end;

@@ -18,6 +18,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/clock.h"
 #include "model/params.h"
 #include "model/tp_layout.h"
 #include "rlb/rlb.h"
@@ -204,7 +205,6 @@ int rlb__stress_role_parse(int argc, char **argv, rlb_stress_role_opts *o);
 void rlb__stress_tool_options(rlb_client_options *o, const char *socket);
 /* 1 once SIGTERM arrived: finish the work in hand and stop. */
 int rlb__stress_stopping(void);
-double rlb__stress_now_ms(void);
 void rlb__stress_sleep_ms(int ms);
 
 /* The roles, run by `rlb stress --role NAME`. Each returns the exit status. */

@@ -151,7 +151,7 @@ static int probe(checker *k, rlb_client *c, uint64_t v, uint32_t n_probes)
     sp.temperature = 0;
     sp.max_tokens = PROBE_TOKENS;
     sp.logprobs = 0;
-    double t0 = rlb__stress_now_ms();
+    double t0 = rlb__clock_ms_f();
     int dead = 0;
     for (uint32_t i = 0; i < n_probes; i++) {
         prompt[i] = (rlb_prompt){probe_prompts[i % PROBE_PROMPTS], PROBE_LEN};
@@ -174,10 +174,10 @@ static int probe(checker *k, rlb_client *c, uint64_t v, uint32_t n_probes)
         if (!t[i])
             continue;
         rlb_result *res = NULL;
-        double left = PROBE_DEADLINE_MS - (rlb__stress_now_ms() - t0);
+        double left = PROBE_DEADLINE_MS - (rlb__clock_ms_f() - t0);
         int rc = rlb_generate_wait(c, t[i], left > 0 ? (int)left : 0, &res);
         rlb_stress_rec rec = {.kind = RLB_REC_PROBE, .rc = rc, .version = v,
-                              .ms = rlb__stress_now_ms() - t0};
+                              .ms = rlb__clock_ms_f() - t0};
         if (rc == 0) {
             const rlb_sample *s = rlb_result_sample(res, 0);
             const reference *r = s ? reference_of(k, s->weight_version) : NULL;

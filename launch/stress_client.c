@@ -132,9 +132,9 @@ static void check_result(const pending *q, const rlb_result *res, rlb_stress_rec
 static int await(rlb_client *c, pending *q)
 {
     rlb_result *res = NULL;
-    double left = GEN_DEADLINE_MS - (rlb__stress_now_ms() - q->t0);
+    double left = GEN_DEADLINE_MS - (rlb__clock_ms_f() - q->t0);
     int rc = rlb_generate_wait(c, q->ticket, left > 0 ? (int)left : 0, &res);
-    rlb_stress_rec rec = {.kind = RLB_REC_ANSWER, .rc = rc, .ms = rlb__stress_now_ms() - q->t0,
+    rlb_stress_rec rec = {.kind = RLB_REC_ANSWER, .rc = rc, .ms = rlb__clock_ms_f() - q->t0,
                           .flags = q->invalid ? RLB_REC_F_EXPECT_REFUSAL : 0};
     if (rc == 0)
         check_result(q, res, &rec);
@@ -160,7 +160,7 @@ static int batch(rlb_client *c, uint64_t *s)
     for (uint32_t i = 0; i < nq; i++) {
         uint64_t minv = rlb__stress_below(s, 3) == 0 ? rlb_weight_version(c) : 0;
         random_request(&q[i], s, minv);
-        q[i].t0 = rlb__stress_now_ms();
+        q[i].t0 = rlb__clock_ms_f();
         q[i].ticket = 0;
         if (dead)
             continue;
@@ -189,13 +189,13 @@ static int batch(rlb_client *c, uint64_t *s)
 /* Puts the workers to sleep for a moment and wakes them. */
 static int sleep_wake(rlb_client *c, uint64_t *s)
 {
-    double t0 = rlb__stress_now_ms();
+    double t0 = rlb__clock_ms_f();
     int rc = rlb_sleep(c);
     if (rc == 0) {
         rlb__stress_sleep_ms(20 + (int)rlb__stress_below(s, 180));
         rc = rlb_wake(c);
     }
-    rlb_stress_rec rec = {.kind = RLB_REC_SLEEP, .rc = rc, .ms = rlb__stress_now_ms() - t0};
+    rlb_stress_rec rec = {.kind = RLB_REC_SLEEP, .rc = rc, .ms = rlb__clock_ms_f() - t0};
     if (rc < 0)
         snprintf(rec.text, sizeof(rec.text), "%s", rlb_last_error(c));
     rlb__stress_send(&rec);

@@ -6,17 +6,11 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "common/clock.h"
 #include "common/log.h"
 #include "rlb/rlb.h"
 
 #define XPORT_ADDR_MAX 65536
-
-static long long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 int rlb__xport_connect_all(rlb_xport *x, rlb_store *store, const char *prefix, int timeout_ms)
 {
@@ -26,7 +20,7 @@ int rlb__xport_connect_all(rlb_xport *x, rlb_store *store, const char *prefix, i
     uint8_t *addr = malloc(XPORT_ADDR_MAX);
     if (!addr)
         return RLB_ENOMEM;
-    long long deadline = now_ms() + timeout_ms;
+    long long deadline = rlb__clock_ms() + timeout_ms;
     rc = x->iface->address(x->ctx, addr, XPORT_ADDR_MAX, &len);
     if (rc < 0)
         goto out;
@@ -35,7 +29,7 @@ int rlb__xport_connect_all(rlb_xport *x, rlb_store *store, const char *prefix, i
     for (int peer = 0; rc == 0 && peer < x->nnodes; peer++) {
         if (peer == x->node)
             continue;
-        long long left = deadline - now_ms();
+        long long left = deadline - rlb__clock_ms();
         snprintf(key, sizeof(key), "%s/addr/%d", prefix, peer);
         rc = rlb__store_wait(store, key, left > 0 ? (int)left : 0, addr, XPORT_ADDR_MAX, &len);
         if (rc == 0)
@@ -51,7 +45,7 @@ out:
 
 int rlb__xport_wait_all(rlb_xport *x, rlb_xreq **reqs, int n, int timeout_ms)
 {
-    long long deadline = now_ms() + timeout_ms;
+    long long deadline = rlb__clock_ms() + timeout_ms;
     int rc = 0, pending = 1;
     while (pending && rc == 0) {
         pending = 0;
@@ -65,9 +59,9 @@ int rlb__xport_wait_all(rlb_xport *x, rlb_xreq **reqs, int n, int timeout_ms)
             }
             reqs[i] = NULL; /* done or failed: test freed it */
             rc = r;
-            deadline = now_ms() + timeout_ms; /* progress: the clock starts again */
+            deadline = rlb__clock_ms() + timeout_ms; /* progress: the clock starts again */
         }
-        if (pending && rc == 0 && now_ms() > deadline)
+        if (pending && rc == 0 && rlb__clock_ms() > deadline)
             rc = RLB_ETIMEDOUT;
     }
     for (int i = 0; rc < 0 && i < n; i++) {

@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "kernels/cpu/plan_exec.h"
 
 typedef struct cpu_exec {
@@ -28,22 +29,15 @@ typedef struct cpu_exec {
     char err[512];       /* why it failed */
 } cpu_exec;
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
 static void *run_thread(void *arg)
 {
     cpu_exec *c = arg;
-    double t0 = now_ms();
+    double t0 = rlb__clock_ms_f();
     c->err[0] = 0;
     c->rc = rlb__plan_exec_cpu_counted(&c->plan, (const void *const *)c->src, c->src_len,
                                        (void *const *)c->dst, c->dst_len, c->run.threads,
                                        &c->scratch, c->run.nonfinite, c->err, sizeof(c->err));
-    c->ms = now_ms() - t0;
+    c->ms = rlb__clock_ms_f() - t0;
     uint64_t one = 1;
     /* The eventfd write is the thread's last touch of c; the owner reads c only after
      * reading the eventfd and joining the thread (finish). */

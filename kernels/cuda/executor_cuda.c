@@ -50,6 +50,7 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include "common/clock.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ipc.h"
 #include "kernels/cuda/lora_merge.h"
@@ -136,13 +137,6 @@ typedef struct cuda_exec {
     uint64_t map_gen;            /* +1 at every map and unmap */
     run_bufs last;               /* the last run's buffers */
 } cuda_exec;
-
-static double mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
 
 static int grow(void **p, uint32_t *cap, uint32_t need, size_t elem)
 {
@@ -607,9 +601,9 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
     int rc = 0;
     cudaStream_t st;
     RLB_CHECK(stream_of(x, g, &st));
-    double t0 = mono_ms();
+    double t0 = rlb__clock_ms_f();
     RLB_CHECK(upload_on(s, g, p, sel, err, errlen));
-    double t1 = mono_ms();
+    double t1 = rlb__clock_ms_f();
     x->t_upload += t1 - t0;
     RLB_CHECK(rlb__cuda_plan_count(s->plan, run->nonfinite != NULL));
     if (same && s->bound)
@@ -637,7 +631,7 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
     if (s->lora)
         RLB_CHECK_GOTO(rlb__cuda_lora_bind(s->lora, src, dst, err, errlen), rc, out_nodev);
     s->bound = 1;
-    x->t_bind += mono_ms() - t1;
+    x->t_bind += rlb__clock_ms_f() - t1;
     rc = launch_bound(x, s, g, st, run);
 out_nodev:
     free(src);
@@ -707,7 +701,7 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
         rlb__cuda_err(err, errlen, "a run is already in flight");
         return RLB_EEXIST;
     }
-    const double t0 = mono_ms();
+    const double t0 = rlb__clock_ms_f();
     x->t_upload = x->t_bind = 0;
     /* Destinations by GPU; the plan runs where its destinations are. */
     uint8_t *sel = calloc(p->n_dst + 1, 1), *wrote = calloc(p->n_dst + 1, 1);
@@ -737,7 +731,7 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
         free(dev_of);
         return rc;
     }
-    const double t_prepared = mono_ms();
+    const double t_prepared = rlb__clock_ms_f();
     if (run->nonfinite)
         memset(run->nonfinite, 0, (p->n_ops + p->n_merges) * sizeof(*run->nonfinite));
     x->nonfinite = run->nonfinite;
@@ -764,7 +758,7 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
     x->ms = 0;
     for (int g = 0; g < x->n_dev; g++)
         x->d[g].used = 0;
-    const double t_located = mono_ms();
+    const double t_located = rlb__clock_ms_f();
     for (int g = 0; g < x->n_dev && !rc; g++) {
         int any = 0;
         for (uint64_t d = 0; d < p->n_dst; d++)
@@ -795,7 +789,7 @@ static int cuda_run(rlb_executor *b, const rlb_exec_run *run, char *err, size_t 
         return RLB_EIO;
     }
     x->running = 1;
-    const double t_end = mono_ms();
+    const double t_end = rlb__clock_ms_f();
     RLB_LOG_DEBUG(RLB_SUB_KERNEL, "cuda run of %llu ops: %.3f ms on the host (host ranges "
                   "%.3f, locating destinations %.3f, upload %.3f, bind %.3f, launches and "
                   "waiting thread %.3f)%s", (unsigned long long)p->n_ops, t_end - t0,

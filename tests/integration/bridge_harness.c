@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/conn.h"
 #include "model/config.h"
 #include "model/params.h"
@@ -27,13 +28,6 @@
 
 #define H_ALIGN 4 /* FSDP1 use_orig_params alignment: 16 bytes of F32 */
 #define H_UNIT_ENTRIES 128 /* room for one FSDP1 unit's entries: parameters, factors, padding */
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 const char *const h_lora_targets[H_LORA_TARGETS] = {
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -194,7 +188,7 @@ int h_wait_listening(const char *path, double s)
     /* The socket file appears at bind(), a moment before listen(): only a connection
      * that goes through says the bridge takes peers. It closes at once, which the bridge
      * sees as a peer gone before its handshake. */
-    for (double t0 = now_s(); now_s() - t0 < s; usleep(2000)) {
+    for (double t0 = rlb__clock_s(); rlb__clock_s() - t0 < s; usleep(2000)) {
         int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
         int ok = fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
         if (fd >= 0)
@@ -328,7 +322,7 @@ double h_stat(rlb_client *c, const char *name)
 
 int h_wait_stat(rlb_client *c, const char *name, double want, double s)
 {
-    for (double t0 = now_s(); now_s() - t0 < s; usleep(2000))
+    for (double t0 = rlb__clock_s(); rlb__clock_s() - t0 < s; usleep(2000))
         if (h_stat(c, name) == want)
             return 0;
     double got = h_stat(c, name);
@@ -341,7 +335,7 @@ int h_wait_stat(rlb_client *c, const char *name, double want, double s)
 int h_wait_workers(h_run *r, rlb_client *c, uint32_t workers, uint32_t up)
 {
     (void)r;
-    for (double t0 = now_s(); now_s() - t0 < 20; usleep(5000))
+    for (double t0 = rlb__clock_s(); rlb__clock_s() - t0 < 20; usleep(5000))
         if (h_stat(c, "workers") == workers && h_stat(c, "replicas_up") == up)
             return 0;
     return -1;
@@ -354,7 +348,7 @@ static int reap(pid_t pid, double s)
         if (spawned[i] == pid)
             spawned[i] = spawned[--n_spawned]; /* reaped below: never signal it again */
     int st = 0;
-    for (double t0 = now_s(); now_s() - t0 < s; usleep(2000))
+    for (double t0 = rlb__clock_s(); rlb__clock_s() - t0 < s; usleep(2000))
         if (waitpid(pid, &st, WNOHANG) == pid)
             return st;
     kill(pid, SIGKILL);

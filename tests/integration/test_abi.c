@@ -20,19 +20,13 @@
 
 #include <cmocka.h>
 
+#include "common/clock.h"
 #include "rlb/rlb.h"
 
 static const char *rlb_bin;
 static char dir[] = "/tmp/rlb-test-abi-XXXXXX"; /* private; holds the bridge's socket */
 static char sock[64];                          /* dir/bridge */
 static pid_t bridge;                           /* the bridge, 0 once stopped */
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static int start_bridge(void **state)
 {
@@ -45,8 +39,8 @@ static int start_bridge(void **state)
         _exit(127);
     }
     struct stat st;
-    int64_t deadline = now_ms() + 20000;
-    while (stat(sock, &st) != 0 && now_ms() < deadline)
+    int64_t deadline = rlb__clock_ms() + 20000;
+    while (stat(sock, &st) != 0 && rlb__clock_ms() < deadline)
         usleep(10000);
     if (stat(sock, &st) != 0) {
         kill(bridge, SIGKILL); /* cmocka skips the teardown of a failed setup */
@@ -84,8 +78,8 @@ static void test_bridge_refuses_other_abi(void **state)
         rlb_client *c = NULL;
         int rc;
         /* The socket file exists from bind(); connections are refused until listen(). */
-        int64_t deadline = now_ms() + 10000;
-        while ((rc = rlb_connect(&o, &c)) == RLB_ENOTFOUND && now_ms() < deadline)
+        int64_t deadline = rlb__clock_ms() + 10000;
+        while ((rc = rlb_connect(&o, &c)) == RLB_ENOTFOUND && rlb__clock_ms() < deadline)
             usleep(10000);
         const char *err = rlb_last_error(NULL);
         print_message("refused: %s\n", err);

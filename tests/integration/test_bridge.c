@@ -19,18 +19,12 @@
 
 #include <cmocka.h>
 
+#include "common/clock.h"
 #include "common/conn.h"
 #include "common/proto.h"
 #include "tests/integration/bridge_harness.h"
 
 #define MAX_TOKENS 8
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* Generates greedily from `prompt` through client c and checks the tokens against the
  * reference for version v (TP size tp) and the version stamp. */
@@ -179,7 +173,7 @@ static void test_sleep_wake(void **state)
     raw_open(&r, &w, 1);
     rlb_msg m = {.type = RLB_MSG_SLEEP};
     raw_send(&w, &m);
-    for (double t0 = now_s(); h_stat(t.c, "asleep") != 1 && now_s() - t0 < 5;)
+    for (double t0 = rlb__clock_s(); h_stat(t.c, "asleep") != 1 && rlb__clock_s() - t0 < 5;)
         usleep(1000);
     /* A request made while the workers sleep waits for the wake. */
     int32_t prompt[2] = {5, 9};
@@ -224,7 +218,7 @@ static void test_worker_killed(void **state)
     assert_int_equal(h_wait_stat(t.c, "inflight", 4, 10), 0);
     kill(r.workers[0], SIGKILL);
     kill(r.workers[1], SIGCONT);
-    double t0 = now_s();
+    double t0 = rlb__clock_s();
     int32_t want[512];
     int nw = h_reference(&r, 1, 1, prompt, 3, 400, want, 512);
     assert_true(nw > 0);
@@ -237,7 +231,7 @@ static void test_worker_killed(void **state)
         assert_memory_equal(want, s->tokens, sizeof(int32_t) * (size_t)nw);
         rlb_result_free(res);
     }
-    fprintf(stderr, "requests done %.2f s after the kill\n", now_s() - t0);
+    fprintf(stderr, "requests done %.2f s after the kill\n", rlb__clock_s() - t0);
     assert_true(h_stat(t.c, "retried") == 2);
     assert_true(h_stat(t.c, "replicas_up") == 1);
     check_generate(&r, t.c, 1, 1, prompt, 2, MAX_TOKENS);
@@ -275,9 +269,9 @@ static void test_trainer_killed(void **state)
     h_trainer_fill(&t0, 2);
     pthread_t th;
     pthread_create(&th, NULL, kill_later, &ch.pid);
-    double t = now_s();
+    double t = rlb__clock_s();
     assert_int_equal(rlb_publish(t0.c, 2, NULL), RLB_EABORTED);
-    assert_true(now_s() - t < 2.5);
+    assert_true(rlb__clock_s() - t < 2.5);
     pthread_join(th, NULL);
     int32_t prompt[2] = {21, 22};
     check_generate(&r, t0.c, 1, 1, prompt, 2, MAX_TOKENS);

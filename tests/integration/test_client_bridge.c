@@ -35,6 +35,7 @@
 
 #include <cmocka.h>
 
+#include "common/clock.h"
 #include "rlb/rlb.h"
 #include "tests/integration/shm_own.h"
 
@@ -98,13 +99,6 @@ static double expected_logprob(float a)
 
 /* ---- processes ------------------------------------------------------------------------ */
 
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* Entries of a directory, "." and ".." left out. */
 static int count_entries(const char *path)
 {
@@ -163,8 +157,8 @@ static int start(void **state)
                       NULL};
     procs[0] = spawn(bridge);
     struct stat st;
-    int64_t deadline = now_ms() + 20000;
-    while (stat(sock, &st) != 0 && now_ms() < deadline)
+    int64_t deadline = rlb__clock_ms() + 20000;
+    while (stat(sock, &st) != 0 && rlb__clock_ms() < deadline)
         usleep(10000);
     assert_int_equal(stat(sock, &st), 0);
     for (int r = 0; r < REPLICAS; r++) {
@@ -176,7 +170,7 @@ static int start(void **state)
     }
     rlb_client *c = connect_as(0, 1, 1);
     double up = 0;
-    while (up < REPLICAS && now_ms() < deadline) {
+    while (up < REPLICAS && rlb__clock_ms() < deadline) {
         rlb_stat_list *l = NULL;
         assert_int_equal(rlb_bridge_stats(c, &l), 0);
         rlb_stat_list_find(l, "replicas_up", &up);

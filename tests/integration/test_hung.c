@@ -19,17 +19,11 @@
 
 #include <cmocka.h>
 
+#include "common/clock.h"
 #include "tests/integration/bridge_harness.h"
 
 #define MAX_TOKENS 8
 #define TIMEOUT_MS 600
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* Bridge and two TP-1 replicas with a short peer timeout; version 1 committed. */
 static void start(h_run *r, h_trainer *t)
@@ -50,9 +44,9 @@ static void test_load_bounded(void **state)
     start(&r, &t);
     kill(r.workers[0], SIGSTOP);
     h_trainer_fill(&t, 2);
-    double t0 = now_s();
+    double t0 = rlb__clock_s();
     int rc = rlb_publish(t.c, 2, NULL);
-    double took = now_s() - t0;
+    double took = rlb__clock_s() - t0;
     fprintf(stderr, "publish with a stopped worker: %s after %.2f s (%s)\n", rlb_strerror(rc),
             took, rc ? rlb_last_error(t.c) : "");
     assert_int_equal(rc, RLB_EABORTED);
@@ -81,9 +75,9 @@ static void test_drain_bounded(void **state)
     assert_int_equal(rlb_generate_submit(t.c, &q.req, &tk), 0); /* to replica 0: a tie */
     assert_int_equal(h_wait_stat(t.c, "inflight", 1, 10), 0);
     h_trainer_fill(&t, 2);
-    double t0 = now_s();
+    double t0 = rlb__clock_s();
     assert_int_equal(rlb_publish(t.c, 2, NULL), 0);
-    assert_true(now_s() - t0 < 5 * TIMEOUT_MS / 1000.0 + 1);
+    assert_true(rlb__clock_s() - t0 < 5 * TIMEOUT_MS / 1000.0 + 1);
     rlb_result *res;
     assert_int_equal(rlb_generate_wait(t.c, tk, 10000, &res), 0);
     /* Retried after the drain gave up on the stopped worker: either version is right. */

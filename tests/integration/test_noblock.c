@@ -18,6 +18,7 @@
 
 #include <cmocka.h>
 
+#include "common/clock.h"
 #include "common/conn.h"
 #include "tests/integration/bridge_harness.h"
 
@@ -27,13 +28,6 @@
 #define WORST_MS 1000   /* bound on each (a third of what one wait on a peer costs; the
                            margin is for a loaded machine's scheduling) */
 #define ROUNDS 5
-
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
 
 /* A connection that never says hello. */
 static int silent_connect(const char *path)
@@ -123,14 +117,14 @@ static void check_times(double *ms, int n, const char *what)
 static void round_trips(h_trainer *t, uint64_t v, double *ms)
 {
     int32_t prompt[3] = {2, 7, 18};
-    double t0 = now_ms();
+    double t0 = rlb__clock_ms_f();
     h_trainer_fill(t, v);
     assert_int_equal(rlb_publish(t->c, v, NULL), 0);
-    double t1 = now_ms();
+    double t1 = rlb__clock_ms_f();
     rlb_result *res;
     assert_int_equal(h_generate(t->c, prompt, 3, MAX_TOKENS, &res), 0);
     rlb_result_free(res);
-    double t2 = now_ms();
+    double t2 = rlb__clock_ms_f();
     fprintf(stderr, "version %llu: publish %.1f ms, generate %.1f ms\n", (unsigned long long)v,
             t1 - t0, t2 - t1);
     ms[0] = t1 - t0;
@@ -195,23 +189,23 @@ static void test_register_without_segment(void **state)
                           .layout = {.kind = RLB_LAYOUT_FSDP2, .rank = 1, .world = 2},
                           .mem = {.kind = RLB_MEM_HOST_SHM, .fd_index = 77, .length = 128}};
     rlb_msg reg = {.type = RLB_MSG_REGISTER, .reg = {.n_tensors = 1, .tensors = &ten}};
-    double t0 = now_ms();
+    double t0 = rlb__clock_ms_f();
     raw_send(c, &reg);
     double ms[ROUNDS];
     for (int i = 0; i < ROUNDS; i++) {
-        double a = now_ms();
+        double a = rlb__clock_ms_f();
         rlb_result *res;
         assert_int_equal(h_generate(tool, prompt, 3, MAX_TOKENS, &res), 0);
         rlb_result_free(res);
         assert_true(h_stat(t.c, "trainers") == 2);
-        ms[i] = now_ms() - a;
+        ms[i] = rlb__clock_ms_f() - a;
     }
     check_times(ms, ROUNDS, "generate + stats while a register waits for its segment");
     /* The register is answered once its segment's time is up, naming it. */
     int code = 0;
     char text[256] = "";
     assert_int_equal(raw_recv(c, &rx, 3 * TIMEOUT_MS, &code, text), RLB_MSG_ERROR);
-    fprintf(stderr, "after %.0f ms: %s\n", now_ms() - t0, text);
+    fprintf(stderr, "after %.0f ms: %s\n", rlb__clock_ms_f() - t0, text);
     assert_int_equal(code, RLB_ENOTFOUND);
     assert_non_null(strstr(text, "segment 77 was never passed"));
     rlb__ring_rx_free(&rx);

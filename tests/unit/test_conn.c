@@ -42,6 +42,7 @@
 #include <cmocka.h>
 
 #include "common/atomics.h"
+#include "common/clock.h"
 #include "common/conn.h"
 #include "common/segmsg.h"
 #include "common/shm.h"
@@ -51,13 +52,6 @@
 #define WAIT_MS 5000   /* hang guard of every wait that should end at once */
 #define NOBODY 65534   /* the uid and gid a child drops to */
 #define SEG_BYTES 4096 /* size of the segments passed as fds */
-
-static int64_t ms_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* ---- Fixtures ------------------------------------------------------------------------ */
 
@@ -192,9 +186,9 @@ static int shm_leftovers(void)
 /* Waits until *flag (a ring's `sleeping` word) reads 1. Returns 1, or 0 after WAIT_MS. */
 static int wait_flag(uint32_t *flag)
 {
-    int64_t end = ms_now() + WAIT_MS;
+    int64_t end = rlb__clock_ms() + WAIT_MS;
     while (rlb_load_acquire(flag) != 1) {
-        if (ms_now() > end)
+        if (rlb__clock_ms() > end)
             return 0;
         struct timespec ts = {0, 100000};
         nanosleep(&ts, NULL);
@@ -496,9 +490,9 @@ static void test_handshake(void **state)
     rlb__conn_close(p.cli);
     p.cli = NULL;
     assert_false(rlb__conn_peer_alive(p.srv));
-    int64_t t0 = ms_now();
+    int64_t t0 = rlb__clock_ms();
     assert_int_equal(rlb__ring_peek(rlb__conn_rx(p.srv), WAIT_MS, &m), RLB_EPEERDEAD);
-    assert_true(ms_now() - t0 < 1000);
+    assert_true(rlb__clock_ms() - t0 < 1000);
     pair_close(&p);
 }
 
@@ -565,13 +559,13 @@ static void test_shm_room(void **state)
 {
     char why[256];
     int fd = -1;
-    int64_t t0 = ms_now();
+    int64_t t0 = rlb__clock_ms();
     assert_int_equal(rlb__shm_room((size_t)1 << 50, 0, why, sizeof(why)), RLB_ENOMEM);
     assert_non_null(strstr(why, "more than"));
     assert_int_equal(rlb__shm_create((size_t)1 << 50, "test-huge", &fd), RLB_ENOMEM);
     assert_int_equal(rlb__shm_create_posix((size_t)1 << 50, &fd), RLB_ENOMEM);
     assert_int_equal(fd, -1);
-    assert_true(ms_now() - t0 < 1000);
+    assert_true(rlb__clock_ms() - t0 < 1000);
     assert_int_equal(rlb__shm_room(1 << 20, 1, why, sizeof(why)), 0);
     assert_string_equal(why, "");
 }
@@ -712,9 +706,9 @@ static void test_listener_refuses(void **state)
      * that hangs up instead is seen as gone. */
     setenv("RLB_PEER_TIMEOUT_MS", "100", 1);
     raw = raw_connect(s.path);
-    int64_t t0 = ms_now();
+    int64_t t0 = rlb__clock_ms();
     assert_int_equal(accept_within(l, &c), RLB_ETIMEDOUT);
-    assert_true(ms_now() - t0 < 2000);
+    assert_true(rlb__clock_ms() - t0 < 2000);
     unsetenv("RLB_PEER_TIMEOUT_MS");
     close(raw);
     raw = raw_connect(s.path);
@@ -889,7 +883,7 @@ static void child_peer_end(child_peer *cp)
 typedef struct killer {
     pid_t pid;         /* the child to kill */
     uint32_t *asleep;  /* the parent's consumer `sleeping` word in the segment */
-    int64_t killed_at; /* ms_now() just before kill(SIGKILL); 0 if the parent never slept */
+    int64_t killed_at; /* rlb__clock_ms() just before kill(SIGKILL); 0 if the parent never slept */
 } killer;
 
 /* Kills the child with -9 once the parent's consumer sleeps on its semaphore. */
@@ -897,7 +891,7 @@ static void *killer_thread(void *arg)
 {
     killer *k = arg;
     if (wait_flag(k->asleep))
-        k->killed_at = ms_now();
+        k->killed_at = rlb__clock_ms();
     kill(k->pid, SIGKILL);
     return NULL;
 }
@@ -926,7 +920,7 @@ static void test_kill_mid_message(void **state)
     rlb_ring_rx rxs = {.max_msg = 1 << 20};
     rlb_ring_msg m;
     int rc = rlb__ring_recv(rx, &rxs, 20000, &m);
-    int64_t learned_at = ms_now();
+    int64_t learned_at = rlb__clock_ms();
     assert_int_equal(pthread_join(t, NULL), 0);
     assert_int_equal(rc, RLB_EPEERDEAD);
     assert_true(k.killed_at > 0);
@@ -972,11 +966,11 @@ static void test_kill_open_claim(void **state)
     size_t len;
     int nfds;
     assert_int_equal(rlb__conn_recv_fds(cp.c, &b, 1, &len, NULL, 0, &nfds, WAIT_MS), 0);
-    int64_t t0 = ms_now();
+    int64_t t0 = rlb__clock_ms();
     assert_int_equal(kill(cp.pid, SIGKILL), 0);
     rlb_ring_msg m;
     assert_int_equal(rlb__ring_peek(rlb__conn_rx(cp.c), 20000, &m), RLB_EPEERDEAD);
-    assert_true(ms_now() - t0 < 1000);
+    assert_true(rlb__clock_ms() - t0 < 1000);
     /* The claim was never published. */
     assert_int_equal(rlb_load_acquire(&rlb__conn_rx(cp.c)->shm->prod.index), 0);
     child_peer_end(&cp);

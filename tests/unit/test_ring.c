@@ -24,6 +24,7 @@
 
 #include <cmocka.h>
 
+#include "common/clock.h"
 #include "common/ring.h"
 #include "rlb/rlb.h"
 #include "tests/fuzz/fuzz_ring.h"
@@ -36,13 +37,6 @@ typedef struct fixture {
     rlb_ring prod; /* producer handle */
     rlb_ring cons; /* consumer handle */
 } fixture;
-
-static int64_t ms_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static fixture *make(uint64_t cap)
 {
@@ -160,9 +154,9 @@ static void test_empty(void **state)
     rlb_ring_msg m;
     assert_int_equal(rlb__ring_peek(&f->cons, 0, &m), RLB_EAGAIN);
     f->cons.spin_ns = 1000000;
-    int64_t t0 = ms_now();
+    int64_t t0 = rlb__clock_ms();
     assert_int_equal(rlb__ring_peek(&f->cons, 30, &m), RLB_ETIMEDOUT);
-    int64_t waited = ms_now() - t0;
+    int64_t waited = rlb__clock_ms() - t0;
     assert_true(waited >= 30 && waited < 1000);
     assert_int_equal(rlb__ring_release(&f->cons), RLB_EINVAL);
     /* Wrong side and bad arguments. */
@@ -256,9 +250,9 @@ static void test_full(void **state)
     assert_int_equal(rlb__ring_claim(&f->prod, 100, 0, &p, &cap), RLB_EAGAIN);
     /* A bounded wait on a full ring times out. */
     f->prod.spin_ns = 0;
-    int64_t t0 = ms_now();
+    int64_t t0 = rlb__clock_ms();
     assert_int_equal(rlb__ring_claim(&f->prod, 100, 20, &p, &cap), RLB_ETIMEDOUT);
-    assert_true(ms_now() - t0 >= 20);
+    assert_true(rlb__clock_ms() - t0 >= 20);
     /* The 16 bytes left hold an empty record, but not a 1-byte one. */
     assert_int_equal(rlb__ring_claim(&f->prod, 0, 0, &p, &cap), 0);
     assert_int_equal(cap, 0);
@@ -487,9 +481,9 @@ static void test_liveness_callback(void **state)
     rlb_ring_msg m;
     rlb__ring_set_liveness(&f->cons, dead, &calls);
     f->cons.spin_ns = 0;
-    int64_t t0 = ms_now();
+    int64_t t0 = rlb__clock_ms();
     assert_int_equal(rlb__ring_peek(&f->cons, 5000, &m), RLB_EPEERDEAD);
-    assert_true(ms_now() - t0 < 1000);
+    assert_true(rlb__clock_ms() - t0 < 1000);
     assert_int_equal(calls, 1);
     /* The producer side checks the consumer the same way when the ring is full. */
     rlb__ring_set_liveness(&f->prod, dead, &calls);
@@ -525,11 +519,11 @@ static void sleep_until_put(fixture *f)
     f->cons.slice_ns = 10000000000;
     late_put lp = {f, 50};
     pthread_t t;
-    int64_t t0 = ms_now();
+    int64_t t0 = rlb__clock_ms();
     assert_int_equal(pthread_create(&t, NULL, late_put_thread, &lp), 0);
     rlb_ring_msg m;
     assert_int_equal(rlb__ring_peek(&f->cons, 5000, &m), 0);
-    int64_t waited = ms_now() - t0;
+    int64_t waited = rlb__clock_ms() - t0;
     pthread_join(t, NULL);
     assert_true(waited >= 50 && waited < 2000);
     assert_int_equal(m.len, 8);

@@ -26,15 +26,9 @@
 
 #include <cmocka.h>
 
+#include "common/clock.h"
 #include "common/store.h"
 #include "rlb/rlb.h"
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static rlb_store_server *start(const char *run_id)
 {
@@ -102,16 +96,16 @@ static void test_wait(void **state)
     rlb_store *a = client(s, "job"), *b = client(s, "job");
     char buf[8];
     size_t len;
-    int64_t t0 = now_ms();
+    int64_t t0 = rlb__clock_ms();
     assert_int_equal(rlb__store_wait(a, "never", 300, buf, sizeof(buf), &len), RLB_ETIMEDOUT);
-    int64_t took = now_ms() - t0;
+    int64_t took = rlb__clock_ms() - t0;
     assert_true(took >= 290 && took < 1500);
     setter t = {b, 200};
     pthread_t th;
     pthread_create(&th, NULL, set_later, &t);
-    t0 = now_ms();
+    t0 = rlb__clock_ms();
     assert_int_equal(rlb__store_wait(a, "later", 5000, buf, sizeof(buf), &len), 0);
-    assert_true(now_ms() - t0 < 2000);
+    assert_true(rlb__clock_ms() - t0 < 2000);
     assert_int_equal(len, 1);
     pthread_join(th, NULL);
     /* a key already there: the wait answers at once */
@@ -135,10 +129,10 @@ static void test_run_id_and_port(void **state)
     assert_int_equal(rlb__store_server_start("127.0.0.1", port, "job-b", &s2), RLB_EEXIST);
     rlb__store_server_stop(s);
     /* nothing listens now: connect gives up after its timeout */
-    int64_t t0 = now_ms();
+    int64_t t0 = rlb__clock_ms();
     assert_int_equal(rlb__store_connect("127.0.0.1", port, "job-a", 300, &c, err, sizeof(err)),
                      RLB_ETIMEDOUT);
-    assert_true(now_ms() - t0 < 2000);
+    assert_true(rlb__clock_ms() - t0 < 2000);
     assert_non_null(strstr(err, "no rendezvous store"));
 }
 

@@ -24,19 +24,13 @@
 #include <cmocka.h>
 
 #include "bridge/xport/xport.h"
+#include "common/clock.h"
 #include "common/store.h"
 #include "rlb/rlb.h"
 
 #define SHARD (12u << 20)
 #define CHUNK (1u << 20)
 #define NCHUNK (SHARD / CHUNK)
-
-static long long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static uint8_t pattern(int node, size_t i)
 {
@@ -174,9 +168,9 @@ static void sender_killed(int peer_errors)
     assert_int_equal(x->iface->irecv(x->ctx, 1, 7, buf, 8u << 20, &req), 0);
     kill(victim, SIGKILL);
     waitpid(victim, NULL, 0);
-    long long t0 = now_ms();
+    long long t0 = rlb__clock_ms();
     int rc = rlb__xport_wait_all(x, &req, 1, 3000);
-    long long took = now_ms() - t0;
+    long long took = rlb__clock_ms() - t0;
     fprintf(stderr, "receiver saw %s after %lld ms\n", rlb_strerror(rc), took);
     if (peer_errors) { /* UCX tells at once */
         assert_int_equal(rc, RLB_EPEERDEAD);
