@@ -1,6 +1,8 @@
 /* lora_merge.cu: the LoRA merge on one GPU (lora_merge.h): C = base + scale * L * R over each
- * merge's block, with f32 sums and one rounding: fused (the base read from the sources,
- * fused_kernel) or in place after the block's base copies (merge_kernel).
+ * merge's block, with f32 sums and one rounding: fused (the base read from the sources;
+ * fused_kernel, or fused_tc_kernel with the product on tensor cores from factors packed
+ * into bf16 tiles once per run by pack_kernel) or in place after the block's base copies
+ * (merge_kernel).
  *
  * Invariant: each destination element of a merge is written once (the merged value), by one
  * thread, after its base was read once (from its source, or from C as the copies left it);
