@@ -49,6 +49,7 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include "bench/bench_vmm.h"
 #include "common/clock.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/lora_merge.h"
@@ -780,60 +781,6 @@ static int lora_main(const rlb_param_list *pl, const char *dev_name)
 
 /* ---- --mem: the sync's copy by kind of memory ---------------------------------------- */
 
-typedef CUresult (*create_fn)(CUmemGenericAllocationHandle *, size_t,
-                              const CUmemAllocationProp *, unsigned long long);
-typedef CUresult (*reserve_fn)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
-typedef CUresult (*map_fn)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle,
-                           unsigned long long);
-typedef CUresult (*access_fn)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
-typedef CUresult (*export_fn)(void *, CUmemGenericAllocationHandle, CUmemAllocationHandleType,
-                              unsigned long long);
-typedef CUresult (*import_fn)(CUmemGenericAllocationHandle *, void *,
-                              CUmemAllocationHandleType);
-
-#define CU(call)                                                                           \
-    do {                                                                                   \
-        CUresult r_ = (call);                                                              \
-        if (r_ != CUDA_SUCCESS) {                                                          \
-            fprintf(stderr, "%s:%d: %s: CUresult %d\n", __FILE__, __LINE__, #call, (int)r_); \
-            exit(1);                                                                       \
-        }                                                                                  \
-    } while (0)
-
-static struct {
-    create_fn create;
-    reserve_fn reserve;
-    map_fn map;
-    access_fn access;
-    export_fn exp;
-    import_fn imp;
-} vm;
-
-/* Maps handle h (bytes, a multiple of the granularity) at a fresh address of GPU 0. */
-static char *vmm_map_handle(CUmemGenericAllocationHandle h, size_t bytes)
-{
-    CUdeviceptr va;
-    CU(vm.reserve(&va, bytes, 0, 0, 0));
-    CU(vm.map(va, bytes, 0, h, 0));
-    CUmemAccessDesc a = {.location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = 0},
-                         .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
-    CU(vm.access(va, bytes, &a, 1));
-    return (char *)(uintptr_t)va;
-}
-
-/* VMM memory of at least `bytes` on GPU 0, exportable as an fd; *h gets its handle. */
-static char *vmm_alloc(size_t bytes, CUmemGenericAllocationHandle *h, size_t *mapped)
-{
-    CUmemAllocationProp prop = {.type = CU_MEM_ALLOCATION_TYPE_PINNED,
-                                .location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = 0},
-                                .requestedHandleTypes =
-                                    CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR};
-    size_t g = 2u << 20;
-    *mapped = (bytes + g - 1) / g * g;
-    CU(vm.create(h, *mapped, &prop, 0));
-    return vmm_map_handle(*h, *mapped);
-}
-
 /* --mem-child BYTES: the other process of the IPC case: cudaMalloc, fill, the CUDA IPC
  * handle to stdout, then hold the memory until stdin closes. */
 static int mem_child(uint64_t bytes)
@@ -892,12 +839,8 @@ static char *ipc_source(uint64_t bytes, int *to_child, pid_t *pid)
 
 static int mem_main(const rlb_param_list *pl, const char *dev_name)
 {
-    RC(rlb__cuda_driver_fn("cuMemCreate", (void **)&vm.create));
-    RC(rlb__cuda_driver_fn("cuMemAddressReserve", (void **)&vm.reserve));
-    RC(rlb__cuda_driver_fn("cuMemMap", (void **)&vm.map));
-    RC(rlb__cuda_driver_fn("cuMemSetAccess", (void **)&vm.access));
-    RC(rlb__cuda_driver_fn("cuMemExportToShareableHandle", (void **)&vm.exp));
-    RC(rlb__cuda_driver_fn("cuMemImportFromShareableHandle", (void **)&vm.imp));
+    if (rlb__bench_vmm_init() != 0)
+        exit(1);
     const uint64_t esz = 2;
     rlb_source src;
     RC(rlb__source_init(&src, pl));
@@ -924,15 +867,17 @@ static int mem_main(const rlb_param_list *pl, const char *dev_name)
     char *s_buf[3], *d_buf[3];
     CK(cudaMalloc((void **)&s_buf[0], sbytes));
     CK(cudaMalloc((void **)&d_buf[0], dbytes));
-    CUmemGenericAllocationHandle sh, dh, dh2;
-    size_t s_mapped, d_mapped;
-    s_buf[1] = vmm_alloc(sbytes, &sh, &s_mapped);
-    d_buf[1] = vmm_alloc(dbytes, &dh, &d_mapped);
-    int fd = -1, to_child = -1;
+    rlb_bench_vmm s_vmm, d_vmm, d_again;
+    if (rlb__bench_vmm_alloc(&s_vmm, sbytes) || rlb__bench_vmm_alloc(&d_vmm, dbytes) ||
+        rlb__bench_vmm_remap(&d_vmm, &d_again)) {
+        fprintf(stderr, "VMM memory: cuMemCreate, mapping or the fd round trip failed\n");
+        exit(1);
+    }
+    s_buf[1] = s_vmm.p;
+    d_buf[1] = d_vmm.p;
+    d_buf[2] = d_again.p;
+    int to_child = -1;
     pid_t child;
-    CU(vm.exp(&fd, dh, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0));
-    CU(vm.imp(&dh2, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR));
-    d_buf[2] = vmm_map_handle(dh2, d_mapped);
     s_buf[2] = ipc_source(sbytes, &to_child, &child);
     for (int i = 0; i < 2; i++)
         CK(cudaMemset(s_buf[i], 0x3c, sbytes));
@@ -975,7 +920,6 @@ static int mem_main(const rlb_param_list *pl, const char *dev_name)
     CK(cudaIpcCloseMemHandle(s_buf[2]));
     close(to_child);
     waitpid(child, NULL, 0);
-    close(fd);
     rlb__plan_free(&plan);
     rlb__source_free(&src);
     return 0;

@@ -50,11 +50,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include "bench/bench_vmm.h"
 #include "common/clock.h"
-#include "kernels/cuda/cuda_check.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "rlb/rlb.h"
@@ -77,80 +76,29 @@ typedef struct scase {
 
 /* The trainer's memory: one cudaMalloc allocation, or (--vmm) one VMM mapping. */
 static int trainer_vmm;
-static struct {
-    CUresult (*gran)(size_t *, const CUmemAllocationProp *, CUmemAllocationGranularity_flags);
-    CUresult (*create)(CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *,
-                       unsigned long long);
-    CUresult (*reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
-    CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle,
-                    unsigned long long);
-    CUresult (*access)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
-    CUresult (*unmap)(CUdeviceptr, size_t);
-    CUresult (*release)(CUmemGenericAllocationHandle);
-    CUresult (*afree)(CUdeviceptr, size_t);
-} vm;
 
 typedef struct trainer_mem {
-    void *p;                        /* the memory */
-    size_t size;                    /* VMM: the mapping's size */
-    CUmemGenericAllocationHandle h; /* VMM: its physical allocation */
+    void *p;           /* the memory */
+    rlb_bench_vmm vmm; /* --vmm: its mapping */
 } trainer_mem;
-
-static int vmm_fns(void)
-{
-    return rlb__cuda_driver_fn("cuMemGetAllocationGranularity", (void **)&vm.gran) ||
-           rlb__cuda_driver_fn("cuMemCreate", (void **)&vm.create) ||
-           rlb__cuda_driver_fn("cuMemAddressReserve", (void **)&vm.reserve) ||
-           rlb__cuda_driver_fn("cuMemMap", (void **)&vm.map) ||
-           rlb__cuda_driver_fn("cuMemSetAccess", (void **)&vm.access) ||
-           rlb__cuda_driver_fn("cuMemUnmap", (void **)&vm.unmap) ||
-           rlb__cuda_driver_fn("cuMemRelease", (void **)&vm.release) ||
-           rlb__cuda_driver_fn("cuMemAddressFree", (void **)&vm.afree);
-}
 
 static int trainer_alloc(trainer_mem *t, size_t bytes)
 {
     memset(t, 0, sizeof *t);
     if (!trainer_vmm)
         return cudaMalloc(&t->p, bytes) == cudaSuccess ? 0 : -1;
-    CUmemAllocationProp prop = {.type = CU_MEM_ALLOCATION_TYPE_PINNED,
-                                .requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
-                                .location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = 0}};
-    size_t g;
-    CUdeviceptr va;
-    if (vm.gran(&g, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED) != CUDA_SUCCESS)
+    if (rlb__bench_vmm_alloc(&t->vmm, bytes) != 0)
         return -1;
-    t->size = (bytes + g - 1) / g * g;
-    if (vm.create(&t->h, t->size, &prop, 0) != CUDA_SUCCESS)
-        return -1;
-    CUmemAccessDesc acc = {.location = prop.location, .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
-    if (vm.reserve(&va, t->size, g, 0, 0) != CUDA_SUCCESS) {
-        vm.release(t->h);
-        return -1;
-    }
-    if (vm.map(va, t->size, 0, t->h, 0) != CUDA_SUCCESS ||
-        vm.access(va, t->size, &acc, 1) != CUDA_SUCCESS) {
-        vm.unmap(va, t->size);
-        vm.afree(va, t->size);
-        vm.release(t->h);
-        return -1;
-    }
-    t->p = (void *)(uintptr_t)va;
+    t->p = t->vmm.p;
     return 0;
 }
 
 static void trainer_free(trainer_mem *t)
 {
-    if (!t->p)
-        return;
-    if (!trainer_vmm) {
+    if (!trainer_vmm)
         cudaFree(t->p);
-    } else {
-        cudaDeviceSynchronize();
-        vm.unmap((CUdeviceptr)(uintptr_t)t->p, t->size);
-        vm.afree((CUdeviceptr)(uintptr_t)t->p, t->size);
-        vm.release(t->h);
-    }
+    else
+        rlb__bench_vmm_free(&t->vmm);
     t->p = NULL;
 }
 
@@ -531,7 +479,7 @@ int rlb__bench_sync_cuda(int argc, char **argv)
     scase *cases = lora ? adapted : plain;
     int ncase = lora ? (int)(sizeof(adapted) / sizeof(adapted[0]))
                 : only_1b ? 2 : (int)(sizeof(plain) / sizeof(plain[0]));
-    if (trainer_vmm && vmm_fns() != 0) {
+    if (trainer_vmm && rlb__bench_vmm_init() != 0) {
         fprintf(stderr, "rlb-bench-sync --device cuda --vmm: no VMM driver functions\n");
         return 1;
     }

@@ -1440,11 +1440,11 @@ out:
     return rc;
 }
 
+#ifdef RLB_HAVE_NCCL
 /* The TP group's NCCL communicator from `id` (NCCL_UNIQUE_ID_BYTES; every rank passes the
  * same), on the backend's device (current). */
 static int init_nccl(cuda_backend *c, const void *id_bytes)
 {
-#ifdef RLB_HAVE_NCCL
     ncclUniqueId id;
     memcpy(&id, id_bytes, sizeof id);
     ncclResult_t nr = ncclCommInitRank(&c->nccl, c->T, id, c->rank);
@@ -1457,12 +1457,8 @@ static int init_nccl(cuda_backend *c, const void *id_bytes)
         return RLB_ECUDA;
     }
     return 0;
-#else
-    (void)id_bytes;
-    RLB_LOG_ERROR(RLB_SUB_ENGINE, "TP %d: this build has no NCCL", c->T);
-    return RLB_EUNSUPPORTED;
-#endif
 }
+#endif
 
 /* The unique id travels as floats through the group's own communicator: a status (1: rank 0
  * made an id), then the id's bytes. */
@@ -1662,8 +1658,6 @@ int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weig
                    rc, err_inv);
     LT_CHECK(cublasLtCreate(&c->lt), rc, err_inv);
     RLB_CUDA_CHECK(cudaMalloc(&c->lt_ws, LT_WORKSPACE), rc, err_inv);
-    if (c->T > 1 && opts->nccl_id && (rc = init_nccl(c, opts->nccl_id)))
-        goto err_inv;
     c->host_weights = host_weights;
     if ((rc = do_postload(c)))
         goto err_inv;

@@ -34,8 +34,6 @@ typedef struct rlb_cuda_backend_opts {
     int64_t max_logit_rows;     /* logits rows of one step (<= 0: max_seqs) */
     int32_t graphs;             /* 1: capture decode steps in CUDA graphs per batch bucket */
     rlb_quant quant;            /* post-load processing (int8, fp8, fp8-channel: weight-only) */
-    const void *nccl_id;        /* T > 1: the group's ncclUniqueId (NCCL_UNIQUE_ID_BYTES),
-                                 * or NULL: the rank joins later (rlb__cuda_backend_join_tp) */
     int32_t no_gemv;            /* 1: steps of <= 8 rows multiply through cuBLASLt too, not
                                  * the decode GEMV (benchmarks compare the two) */
     int32_t batch_invariant;    /* 1: a sequence's logits are bitwise the same whatever else
@@ -48,16 +46,17 @@ typedef struct rlb_cuda_backend_opts {
 
 /* Creates the backend of rank layout->tp_rank on opts->device: maps the weights (uploads
  * `host_weights`, layout->total_bytes, when not NULL, and keeps it bound: postload uploads
- * it again), the activation buffers of a step of the opts' maximum size, the TP
- * group's NCCL communicator when opts->nccl_id is given, and runs post-load processing. Logs the memory plan. Returns 0,
+ * it again) and the activation buffers of a step of the opts' maximum size, and runs
+ * post-load processing; a rank of T > 1 then joins its group (rlb__cuda_backend_join_tp)
+ * before its first step. Logs the memory plan. Returns 0,
  * RLB_EINVAL, RLB_EDTYPE (a layout dtype other than f32 / bf16 / f16), RLB_EUNSUPPORTED
- * (a head_dim without kernels, T > 1 without NCCL; logged by name), RLB_ENOMEM (not enough
+ * (a head_dim without kernels; logged by name), RLB_ENOMEM (not enough
  * device memory: the log says how much is needed and free) or RLB_ECUDA. */
 int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weights,
                               const rlb_cuda_backend_opts *opts, rlb_ebackend **out);
 
-/* T > 1: makes the NCCL communicator of the TP group (a backend created without
- * opts->nccl_id must, before its first step). Collective over `comm`, the group's own
+/* T > 1: makes the NCCL communicator of the TP group (before the rank's first step).
+ * Collective over `comm`, the group's own
  * communicator (common/tp_comm.h: this rank, T ranks): rank 0 makes the unique id and every
  * rank gets it through comm, so the group needs nothing but what already joins it; its
  * waits are comm's, bounded, and a rank that died ends them. NCCL then takes one GPU per

@@ -101,36 +101,26 @@ __device__ __forceinline__ bool nonfinite(rlb__f16_t h)
     return (h.bits & 0x7c00u) == 0x7c00u;
 }
 
-__device__ __forceinline__ void to_elem(float v, float *out)
-{
-    *out = v;
-}
-
-/* Stages scale * L(i0 + i, k0 + k) in ls[i][k] and R(k0 + k, j0 + j) in rs[k][j] for the
- * tile's rows and columns and k < kp, zero outside C and for k >= kc (padding up to kp).
- * Consecutive threads take consecutive stored elements of L (coalesced) and consecutive
- * columns of R (no bank conflict). */
-template <typename T, int LdL, int LdR>
+/* Stages m.scale * L(i0 + i, k0 + k) in ls[i][k] and R(k0 + k, j0 + j) in rs[k][j] for the
+ * tile's rows and columns and k < kc, zero outside C. Consecutive threads take consecutive
+ * stored elements of L (coalesced) and consecutive columns of R (no bank conflict). */
+template <int LdL, int LdR>
 __device__ __forceinline__ void stage_chunk(const merge_desc &m, uint32_t i0, uint32_t j0,
-                                            uint32_t k0, uint32_t kc, uint32_t kp, float scale,
-                                            T (*ls)[LdL], T (*rs)[LdR])
+                                            uint32_t k0, uint32_t kc, float (*ls)[LdL],
+                                            float (*rs)[LdR])
 {
     const bool lt = (m.flags & RLB_MERGE_L_TRANS) != 0, rt = (m.flags & RLB_MERGE_R_TRANS) != 0;
-    for (uint32_t x = threadIdx.x; x < kTileRows * kp; x += kThreads) {
-        const uint32_t i = lt ? x % kTileRows : x / kp, k = lt ? x / kTileRows : x % kp;
-        float v = 0.0f;
-        if (i0 + i < m.rows && k < kc)
-            v = scale * (lt ? m.l[(uint64_t)(k0 + k) * m.l_ld + i0 + i]
-                            : m.l[(uint64_t)(i0 + i) * m.l_ld + k0 + k]);
-        to_elem(v, &ls[i][k]);
+    for (uint32_t x = threadIdx.x; x < kTileRows * kc; x += kThreads) {
+        const uint32_t i = lt ? x % kTileRows : x / kc, k = lt ? x / kTileRows : x % kc;
+        ls[i][k] = i0 + i < m.rows ? m.scale * (lt ? m.l[(uint64_t)(k0 + k) * m.l_ld + i0 + i]
+                                                   : m.l[(uint64_t)(i0 + i) * m.l_ld + k0 + k])
+                                   : 0.0f;
     }
-    for (uint32_t x = threadIdx.x; x < kp * kTileCols; x += kThreads) {
+    for (uint32_t x = threadIdx.x; x < kc * kTileCols; x += kThreads) {
         const uint32_t j = x % kTileCols, k = x / kTileCols;
-        float v = 0.0f;
-        if (j0 + j < m.cols && k < kc)
-            v = rt ? m.r[(uint64_t)(j0 + j) * m.r_ld + k0 + k]
-                   : m.r[(uint64_t)(k0 + k) * m.r_ld + j0 + j];
-        to_elem(v, &rs[k][j]);
+        rs[k][j] = j0 + j < m.cols ? (rt ? m.r[(uint64_t)(j0 + j) * m.r_ld + k0 + k]
+                                         : m.r[(uint64_t)(k0 + k) * m.r_ld + j0 + j])
+                                   : 0.0f;
     }
 }
 
@@ -199,7 +189,7 @@ merge_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0
     for (uint32_t k0 = 0; k0 < m.rank; k0 += kRankChunk) {
         const uint32_t kc = min((uint32_t)kRankChunk, m.rank - k0);
         __syncthreads(); /* every thread is done with the last chunk */
-        stage_chunk(m, i0, j0, k0, kc, kc, m.scale, ls, rs);
+        stage_chunk(m, i0, j0, k0, kc, ls, rs);
         __syncthreads();
 #pragma unroll 4
         for (uint32_t k = 0; k < kc; k++) {
@@ -258,10 +248,35 @@ __device__ __forceinline__ float base_at(const piece_desc &p, char *const *src, 
     }
 }
 
+/* n (<= kVec) elements of 2 bytes at h as raw bits (zeros past n): one 16-byte load where
+ * the address allows. */
+__device__ __forceinline__ uint4 load_bits(const uint16_t *h, uint32_t n)
+{
+    if (n == kVec && (reinterpret_cast<uintptr_t>(h) & 15u) == 0)
+        return *reinterpret_cast<const uint4 *>(h);
+    uint32_t w[4] = {};
+#pragma unroll
+    for (int c = 0; c < kVec; c++)
+        if ((uint32_t)c < n)
+            w[c / 2] |= (uint32_t)h[c] << (16 * (c % 2));
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/* The kVec bf16 (bf) or f16 values of raw bits x, widened to f32, into v. */
+__device__ __forceinline__ void widen_bits(uint4 x, bool bf, float *v)
+{
+    const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int c = 0; c < kVec; c++) {
+        const uint16_t bits = (uint16_t)(w[c / 2] >> (16 * (c % 2)));
+        v[c] = bf ? rlb__d_to_f32(rlb__bf16_t{bits}) : rlb__d_to_f32(rlb__f16_t{bits});
+    }
+}
+
 /* Columns j .. j + kVec - 1 of row i of C's base from piece p, which holds all of them
- * (n of them inside C: the rest are left as they are), into v. 16-byte loads where the
- * address allows. The loops over the n columns are unrolled with a guard, so v stays in
- * registers. */
+ * (n of them inside C: past them, zeros from a 2-byte source, the values left as they are
+ * from an f32 one), into v. 16-byte loads where the address allows. The loops over the n
+ * columns are unrolled with a guard, so v stays in registers. */
 __device__ __forceinline__ void base_row(const piece_desc &p, char *const *src, uint32_t i,
                                          uint32_t j, uint32_t n, float *v)
 {
@@ -288,25 +303,8 @@ __device__ __forceinline__ void base_row(const piece_desc &p, char *const *src, 
                 v[c] = f[c];
         return;
     }
-    const uint16_t *h = reinterpret_cast<const uint16_t *>(a) + dj;
-    uint16_t bits[kVec] = {};
-    if (n == kVec && (reinterpret_cast<uintptr_t>(h) & 15u) == 0) {
-        const uint4 x = *reinterpret_cast<const uint4 *>(h);
-        const uint32_t w[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-        for (int c = 0; c < kVec; c++)
-            bits[c] = (uint16_t)(w[c / 2] >> (16 * (c % 2)));
-    } else {
-#pragma unroll
-        for (int c = 0; c < kVec; c++)
-            if ((uint32_t)c < n)
-                bits[c] = h[c];
-    }
-    const bool bf = p.src_dtype == RLB_DTYPE_BF16;
-#pragma unroll
-    for (int c = 0; c < kVec; c++)
-        if ((uint32_t)c < n)
-            v[c] = bf ? rlb__d_to_f32(rlb__bf16_t{bits[c]}) : rlb__d_to_f32(rlb__f16_t{bits[c]});
+    widen_bits(load_bits(reinterpret_cast<const uint16_t *>(a) + dj, n),
+               p.src_dtype == RLB_DTYPE_BF16, v);
 }
 
 /* Writes n (<= kVec) merged values of D at d: one or two 16-byte stores where the address
@@ -470,7 +468,7 @@ fused_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t tile0
         for (uint32_t k0 = 0; k0 < t.m->rank; k0 += kRankChunk) {
             const uint32_t kc = min((uint32_t)kRankChunk, t.m->rank - k0);
             __syncthreads(); /* every thread is done with the last chunk */
-            stage_chunk(*t.m, t.i0, t.j0, k0, kc, kc, t.m->scale, ls, rs);
+            stage_chunk(*t.m, t.i0, t.j0, k0, kc, ls, rs);
             __syncthreads();
 #pragma unroll 4
             for (uint32_t k = 0; k < kc; k++) {
@@ -540,20 +538,6 @@ pack_kernel(const merge_desc *md)
                 const_cast<uint16_t *>(m.pr), m.kp, m.pr_ld);
 }
 
-/* n (<= kVec) elements of 2 bytes at h as raw bits (zeros past n): one 16-byte load where
- * the address allows. */
-__device__ __forceinline__ uint4 load_bits(const uint16_t *h, uint32_t n)
-{
-    if (n == kVec && (reinterpret_cast<uintptr_t>(h) & 15u) == 0)
-        return *reinterpret_cast<const uint4 *>(h);
-    uint32_t w[4] = {};
-#pragma unroll
-    for (int c = 0; c < kVec; c++)
-        if ((uint32_t)c < n)
-            w[c / 2] |= (uint32_t)h[c] << (16 * (c % 2));
-    return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
 /* C = base + scale * acc over the thread's part of tile t, acc the product in shared
  * memory. Where one 2-byte source holds the tile's band (every full and FSDP2 source of a
  * bf16 model), the thread's rows are read first, all at once, as raw bits (16 registers,
@@ -584,14 +568,11 @@ __device__ __forceinline__ void tc_epilogue(const fused_tile &t, const fused_arg
             const uint32_t i = t.i0 + t.ty + kRowStep * q;
             if (i >= rows)
                 continue;
-            const uint32_t w[4] = {raw[q].x, raw[q].y, raw[q].z, raw[q].w};
             float v[kVec];
+            widen_bits(raw[q], bf, v);
 #pragma unroll
-            for (int e = 0; e < kVec; e++) {
-                const uint16_t bits = (uint16_t)(w[e / 2] >> (16 * (e % 2)));
-                const float b = bf ? rlb__d_to_f32(rlb__bf16_t{bits}) : rlb__d_to_f32(rlb__f16_t{bits});
-                v[e] = fmaf(scale, acc[t.ty + kRowStep * q][kVec * t.tx + e], b);
-            }
+            for (int e = 0; e < kVec; e++)
+                v[e] = fmaf(scale, acc[t.ty + kRowStep * q][kVec * t.tx + e], v[e]);
             bad += store_row(c + (uint64_t)i * cols + t.j, v, t.n);
         }
     } else {
@@ -713,7 +694,8 @@ struct rlb_cuda_lora {
     uint64_t fused_bytes;      /* device bytes of the three */
     uint16_t *d_pack;          /* tensor cores: every merge's factors packed (pack_kernel) */
     uint64_t pack_bytes;       /* its size */
-    int sms;                   /* the device's multiprocessors */
+    unsigned grid[kDtypes];    /* fused: blocks of dtype range k's launch, as many as the GPU
+                                  holds at once (fused_locate), fewer for fewer tiles */
 };
 
 extern "C" void rlb__cuda_lora_free(rlb_cuda_lora *cl)
@@ -956,6 +938,40 @@ out:
     return rc;
 }
 
+typedef void (*fused_fn)(const merge_desc *, uint32_t, uint32_t, uint64_t, uint64_t,
+                         fused_args);
+
+/* The fused kernel of dtype range k. */
+static fused_fn fused_kern(const rlb_cuda_lora *cl, int k)
+{
+    return cl->tensor && k == RLB_DTYPE_F32    ? fused_tc_kernel<float>
+           : cl->tensor && k == RLB_DTYPE_BF16 ? fused_tc_kernel<rlb__bf16_t>
+           : cl->tensor                        ? fused_tc_kernel<rlb__f16_t>
+           : k == RLB_DTYPE_F32                ? fused_kernel<float>
+           : k == RLB_DTYPE_BF16               ? fused_kernel<rlb__bf16_t>
+                                               : fused_kernel<rlb__f16_t>;
+}
+
+/* cl->grid: each dtype range's fused launch as large as `device` holds at once, or its
+ * tiles where fewer (current device: `device`). */
+static int size_grids(rlb_cuda_lora *cl, int device)
+{
+    int rc = 0, sms = 1;
+    RLB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), rc,
+                   out);
+    for (int k = 0; k < kDtypes; k++) {
+        const uint64_t tiles = cl->desc[cl->range[k + 1]].first_tile -
+                               cl->desc[cl->range[k]].first_tile;
+        int per_sm = 1;
+        RLB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_kern(cl, k),
+                                                                     kThreads, 0), rc, out);
+        const uint64_t most = (uint64_t)(per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
+        cl->grid[k] = (unsigned)(tiles < most ? tiles : most);
+    }
+out:
+    return rc;
+}
+
 extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uint8_t *dst_sel,
                                      rlb_cuda_lora **out, char *err, size_t errlen)
 {
@@ -1007,9 +1023,8 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
         if (cl->tensor)
             rc = build_pack(cl);
     }
-    if (!rc)
-        RLB_CUDA_CHECK(cudaDeviceGetAttribute(&cl->sms, cudaDevAttrMultiProcessorCount, device),
-                       rc, out);
+    if (!rc && cl->fused)
+        rc = size_grids(cl, device);
 out:
     rlb__cuda_leave(prev);
     if (rc)
@@ -1076,20 +1091,8 @@ static int launch_range(const rlb_cuda_lora *cl, int k, bool fused, cudaStream_t
         /* the sources' addresses: those the base plan's bind checked and tabled */
         const fused_args a = {cl->d_pieces, cl->d_bands, cl->d_band_pieces,
                               rlb__cuda_plan_bound_ptrs(cl->base), cl->d_counts};
-        void (*kern)(const merge_desc *, uint32_t, uint32_t, uint64_t, uint64_t, fused_args) =
-            cl->tensor && k == RLB_DTYPE_F32    ? fused_tc_kernel<float>
-            : cl->tensor && k == RLB_DTYPE_BF16 ? fused_tc_kernel<rlb__bf16_t>
-            : cl->tensor                        ? fused_tc_kernel<rlb__f16_t>
-            : k == RLB_DTYPE_F32                ? fused_kernel<float>
-            : k == RLB_DTYPE_BF16               ? fused_kernel<rlb__bf16_t>
-                                                : fused_kernel<rlb__f16_t>;
-        /* as many blocks as the GPU holds at once (fused_locate), fewer for fewer tiles */
-        int per_sm = 1;
-        RLB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, kThreads, 0),
-                       rc, out);
-        const uint64_t most = (uint64_t)(per_sm > 0 ? per_sm : 1) * (cl->sms > 0 ? cl->sms : 1);
-        kern<<<(unsigned)(blocks < most ? blocks : most), kThreads, 0, stream>>>(
-            cl->d_desc, first, last, tile0, tile1, a);
+        fused_kern(cl, k)<<<cl->grid[k], kThreads, 0, stream>>>(cl->d_desc, first, last, tile0,
+                                                                tile1, a);
         RLB_CUDA_CHECK(cudaGetLastError(), rc, out);
         return 0;
     }
