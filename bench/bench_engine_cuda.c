@@ -20,6 +20,10 @@
  *                         gemm_tflops), over the measured step time
  *   decode_b1_no_gemv_tok_s       batch 1 with cuBLASLt for every product instead of the
  *                         decode GEMV (kernels/cuda/gemv.h)
+ *   decode_bB_rope_unfused_tok_s  every batch with RoPE and the cache store as a kernel of
+ *                         their own instead of inside the attention kernel (the backend
+ *                         fuses them only in decode steps of one key split, the large
+ *                         batches: elsewhere the two figures measure the same thing)
  *   decode_b{1,32}_batch_invariant_tok_s, prefill_batch_invariant_tok_s   the same in
  *                         batch-invariant mode (the first two batches of the list)
  *   prefill_tok_s         32 prompts of PROMPT tokens, 16 per step
@@ -268,7 +272,7 @@ static double gemm_tflops(void)
 
 typedef struct shape_result {
     double tok_s[MAX_BATCHES], b1_graphs_off, b1_no_gemv, prefill_tok_s, fraction;
-    double b1_pdl_off, fp8_tok_s[2], roofline_fraction;
+    double b1_pdl_off, fp8_tok_s[2], roofline_fraction, rope_unfused_tok_s[MAX_BATCHES];
     double invariant_tok_s[2], invariant_prefill_tok_s; /* batch-invariant mode */
     uint64_t weight_bytes, kv_bytes_b1;
 } shape_result;
@@ -486,6 +490,9 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         setenv("RLB_CUDA_PDL", "0", 1); /* read when the backend starts */
         run_shape(&l, run_opts(1, 1, 0, none), batches, 1, new_tokens, &sr.b1_pdl_off, NULL);
         unsetenv("RLB_CUDA_PDL");
+        rlb_cuda_backend_opts unfused = run_opts(1, 1, 0, none);
+        unfused.no_fused_rope = 1;
+        run_shape(&l, unfused, batches, nb, new_tokens, sr.rope_unfused_tok_s, NULL);
         const double floor_s = (double)(sr.weight_bytes + sr.kv_bytes_b1) / (gbs * 1e9);
         sr.fraction = floor_s * sr.tok_s[0];
         /* the largest batch against the roofline: each of its B sequences reads its keys
@@ -507,6 +514,9 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         printf("  decode batch 1, graphs off %10.1f tok/s\n", sr.b1_graphs_off);
         printf("  decode batch 1, cuBLASLt (no GEMV) %10.1f tok/s\n", sr.b1_no_gemv);
         printf("  decode batch 1, PDL off %10.1f tok/s\n", sr.b1_pdl_off);
+        for (int i = 0; i < nb; i++)
+            printf("  decode batch %-4lld RoPE unfused %10.1f tok/s\n", (long long)batches[i],
+                   sr.rope_unfused_tok_s[i]);
         for (int i = 0; i < ni; i++)
             printf("  decode batch %-4lld fp8 %10.1f tok/s\n", (long long)batches[i],
                    sr.fp8_tok_s[i]);
@@ -531,6 +541,10 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         for (int i = 0; i < ni; i++)
             jn += snprintf(json + jn, sizeof json - (size_t)jn, ",\"decode_b%lld_fp8_tok_s\":%.1f",
                            (long long)batches[i], sr.fp8_tok_s[i]);
+        for (int i = 0; i < nb; i++)
+            jn += snprintf(json + jn, sizeof json - (size_t)jn,
+                           ",\"decode_b%lld_rope_unfused_tok_s\":%.1f", (long long)batches[i],
+                           sr.rope_unfused_tok_s[i]);
         jn += snprintf(json + jn, sizeof json - (size_t)jn,
                        ",\"decode_b1_pdl_off_tok_s\":%.1f,\"decode_b%lld_fraction_of_roofline\":"
                        "%.3f", sr.b1_pdl_off, (long long)batches[nb - 1], sr.roofline_fraction);

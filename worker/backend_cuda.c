@@ -25,10 +25,14 @@
  * absorb them: rmsnorm(X -> H) is remembered and the linear that reads H next runs the
  * GEMV with the norm fused (it reads X); a linear into PROJ at TP 1 is remembered and the
  * add(X, PROJ) that follows runs it with the residual add fused (X += y in its epilogue).
- * swiglu is remembered and the down projection's GEMV computes it as it reads GU. Any other
- * op first issues what is pending in its plain form, so every op keeps the meaning
- * ebackend.h gives it. Per layer that leaves GEMV qkv, rope_store, attention, GEMV o, GEMV
- * gate_up and GEMV down; the final norm fuses into the LM head likewise.
+ * swiglu is remembered and the down projection's GEMV computes it as it reads GU. In a
+ * decode step (every span one token) whose attention runs one key split (large batches)
+ * rope_store is remembered too, and the attention kernel of its layer rotates q and k and
+ * stores the step's keys and values itself, with the same bits as the two kernels (so
+ * batch-invariant mode keeps it). Any other op
+ * first issues what is pending in its plain form, so every op keeps the meaning ebackend.h
+ * gives it. Per layer that leaves GEMV qkv, attention, GEMV o, GEMV gate_up and GEMV down;
+ * the final norm fuses into the LM head likewise.
  *
  * The engine's kernels launch with programmatic dependent launch (kernels/cuda/pdl.cuh;
  * RLB_CUDA_PDL=0 turns it off): each may start while the one before it finishes, and the
@@ -190,6 +194,8 @@ typedef struct cuda_backend {
     int pending_proj_swiglu;  /* its input is the swiglu of GU, fused into the GEMV */
     int pending_swiglu;       /* GEMV step: swiglu(GU -> ACT) not yet issued (the down
                                * projection's GEMV computes it as it reads) */
+    int fuse_rope;            /* decode step: rope_store is deferred to the attention */
+    int pending_rope;         /* the layer of a deferred rope_store, or -1 */
     int bucket;               /* graph bucket of the step, or -1 */
     int capturing;
 
@@ -749,7 +755,13 @@ static int linear_issue(cuda_backend *c, rlb_wkind w, int layer, rlb_ebuf src, r
 static int flush_pending(cuda_backend *c)
 {
     int rc = 0;
-    if (c->pending_norm) {
+    if (c->pending_rope >= 0) {
+        const int layer = c->pending_rope;
+        c->pending_rope = -1;
+        rc = rlb__eo_rope_store(c->stream, c->buf[RLB_EBUF_QKV], c->rows, c->hq, c->dmeta.pos,
+                                c->inv_freq, c->dmeta.slot, &c->cache, layer);
+    }
+    if (!rc && c->pending_norm) {
         const void *w = c->pending_norm;
         c->pending_norm = NULL;
         rc = rlb__eo_rmsnorm(c->stream, c->buf[RLB_EBUF_X], NULL, w, c->dt, c->rows, c->D,
@@ -814,6 +826,7 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
     c->pending_norm = NULL;
     c->pending_proj_kind = -1;
     c->pending_swiglu = 0;
+    c->pending_rope = -1;
     if (!bt || !kv || !kv->k || bt->rows < 1 || bt->n_spans < 1 || bt->out < 0 ||
         bt->out > bt->rows || kv->n_layers != c->n_layers || kv->kvt != c->kvt ||
         kv->hd != c->hd)
@@ -893,6 +906,8 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
                     ? 1
                     : rlb__eo_attn_splits(qb * c->kvt, bt->decode_only ? 0 : bt->max_ctx, c->sms,
                                           rows, c->hq, c->ws_vectors);
+    c->fuse_rope = !c->opts.no_fused_rope && bt->decode_only && bt->n_spans == bt->rows &&
+                   c->splits == 1;
     c->cache = (rlb_eo_cache){kv->k, kv->v, c->dt, c->n_layers, c->kvt,
                               c->hd, kv->block_tokens};
     c->have_step = 1;
@@ -1017,7 +1032,9 @@ static int be_rope_store(rlb_ebackend *b, int layer)
 {
     cuda_backend *c = cb(b);
     int rc = flush_pending(c);
-    if (!rc)
+    if (!rc && c->fuse_rope)
+        c->pending_rope = layer; /* the attention kernel of this layer does it */
+    else if (!rc)
         rc = rlb__eo_rope_store(c->stream, c->buf[RLB_EBUF_QKV], c->rows, c->hq, c->dmeta.pos,
                                 c->inv_freq, c->dmeta.slot, &c->cache, layer);
     return step_fail(c, rc);
@@ -1026,6 +1043,9 @@ static int be_rope_store(rlb_ebackend *b, int layer)
 static int be_attention(rlb_ebackend *b, int layer)
 {
     cuda_backend *c = cb(b);
+    const int rope = c->pending_rope == layer;
+    if (rope)
+        c->pending_rope = -1;
     int rc = flush_pending(c);
     rlb_eo_attn a = {
         .qkv = c->buf[RLB_EBUF_QKV],
@@ -1043,6 +1063,8 @@ static int be_attention(rlb_ebackend *b, int layer)
         .scale = c->attn_scale,
         .splits = c->splits,
         .partial = c->partial,
+        .inv_freq = rope ? c->inv_freq : NULL,
+        .slot = rope ? c->dmeta.slot : NULL,
         .out = c->buf[RLB_EBUF_ATTN],
         .out_dt = c->dt,
     };

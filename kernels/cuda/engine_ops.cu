@@ -3,7 +3,7 @@
  *
  * Invariants: every kernel follows its CPU twin's operation order and float32 rounding
  * points (kernels/cpu/ops.c): rmsnorm's variance as float(sum in double / D), then
- * w * (x * (1 / sqrtf(var + eps))); RoPE's angle float(inv_freq * pos) through cosf / sinf;
+ * w * (x * (1 / sqrtf(var + eps))); RoPE's angle float(inv_freq * pos) through sincosf;
  * silu as g / (1 + expf(-g)) * u; 16-bit outputs rounded to nearest even by convert.cuh
  * (the same bits as kernels/cpu/convert.h). Attention differs from the CPU's two-pass
  * softmax only in rounding: it is the online (flash) form, a running max and sum per query
@@ -254,6 +254,22 @@ __device__ __forceinline__ int64_t cache_off(const rlb_eo_cache &c, int64_t laye
            slot_in_block * c.hd;
 }
 
+/* The rotation of the pair (x1, x2) = (x[j], x[j + hd / 2]) at position pos: x * cos +
+ * rotate_half(x) * sin with the angle float(inv_freq[j] * pos) (sincosf: cosf's and sinf's
+ * values, one range reduction), each product and sum rounded on its own as in
+ * rlb__rope_apply (no contraction to fma), so rope_store_kernel and the attention kernel's
+ * fused form give the same bits. */
+__device__ __forceinline__ void rope_pair(const float *inv_freq, int64_t j, int32_t pos,
+                                          float &x1, float &x2)
+{
+    float cs, sn;
+    sincosf(inv_freq[j] * (float)pos, &sn, &cs);
+    const float y1 = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(-x2, sn));
+    const float y2 = __fadd_rn(__fmul_rn(x2, cs), __fmul_rn(x1, sn));
+    x1 = y1;
+    x2 = y2;
+}
+
 /* One block per (row, head) of the qkv row, hd / 2 threads: thread j rotates the pair
  * (j, j + hd / 2) of a q or k head, and a k head's rotated pair and a v head's two values
  * go to the row's cache slot (slot -1: nothing stored). */
@@ -270,10 +286,9 @@ __global__ void rope_store_kernel(float *qkv, int64_t hq, const int32_t *pos,
     float *xh = qkv + r * (hq + 2 * kvt) * hd + h * hd;
     float x1 = xh[j], x2 = xh[j + half];
     if (h < hq + kvt) {
-        const float angle = inv_freq[j] * (float)pos[r], cs = cosf(angle), sn = sinf(angle);
-        const float y1 = x1 * cs + (-x2) * sn, y2 = x2 * cs + x1 * sn;
-        xh[j] = x1 = y1;
-        xh[j + half] = x2 = y2;
+        rope_pair(inv_freq, j, pos[r], x1, x2);
+        xh[j] = x1;
+        xh[j + half] = x2;
         if (h < hq)
             return;
     }
@@ -342,10 +357,39 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp)
     const int64_t chunk = (per + RLB_EO_KTILE - 1) / RLB_EO_KTILE * RLB_EO_KTILE;
     const int64_t k0 = z * chunk, k1 = k0 + chunk < kv_len ? k0 + chunk : kv_len;
 
+    /* a.inv_freq (a decode step, each span one row): q and k are rotated here, and the
+     * block whose keys hold the row's own position stores the row's k and v to its slot
+     * (rope_store_kernel's bits) before its first tile reads them back: the tile loads
+     * go through L2 (__ldcg), where the block's stores are once __syncthreads passed */
+    const bool rope = a.inv_freq != nullptr;
     for (int i = tid; i < nv * HD; i += blockDim.x) {
         int64_t v = v0 + i / HD, d = i % HD;
         int64_t row = row0 + v / grp, h = g * grp + v % grp;
-        sq[i / HD][d] = a.qkv[row * qstride + h * HD + d];
+        const float *qh = a.qkv + row * qstride + h * HD;
+        float x = qh[d];
+        if (rope) {
+            const int64_t j = d % (HD / 2);
+            float x1 = qh[j], x2 = qh[j + HD / 2];
+            rope_pair(a.inv_freq, j, a.pos[row], x1, x2);
+            x = d < HD / 2 ? x1 : x2;
+        }
+        sq[i / HD][d] = x;
+    }
+    if (rope && a.slot[row0] >= 0 && a.pos[row0] >= k0 && a.pos[row0] < k1) {
+        const int32_t newp = a.pos[row0];
+        const int64_t sl = a.slot[row0];
+        const float *kh = a.qkv + row0 * qstride + (hq + g) * HD, *vh = kh + kvt * HD;
+        const int64_t o = cache_off<T>(c, layer, (int32_t)(sl / c.block_tokens), g,
+                                       sl % c.block_tokens);
+        T *kd = (T *)c.k + o, *vd = (T *)c.v + o;
+        for (int j = tid; j < HD / 2; j += blockDim.x) {
+            float x1 = kh[j], x2 = kh[j + HD / 2];
+            rope_pair(a.inv_freq, j, newp, x1, x2);
+            st(kd, j, x1);
+            st(kd, j + HD / 2, x2);
+            st(vd, j, vh[j]);
+            st(vd, j + HD / 2, vh[j + HD / 2]);
+        }
     }
     float m[kSlots], l[kSlots], acc[kSlots][DPL];
     int64_t vpos[kSlots];
@@ -371,8 +415,8 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp)
             int32_t blk = table[p / c.block_tokens];
             int64_t o = cache_off<T>(c, layer, blk, g, p % c.block_tokens) + cc * EPC;
             typename unpack16<T>::u kk, vv;
-            kk.v = *reinterpret_cast<const uint4 *>(kc + o);
-            vv.v = *reinterpret_cast<const uint4 *>(vc + o);
+            kk.v = __ldcg(reinterpret_cast<const uint4 *>(kc + o));
+            vv.v = __ldcg(reinterpret_cast<const uint4 *>(vc + o));
 #pragma unroll
             for (int e = 0; e < EPC; e++) {
                 sk[j][cc * EPC + e] = rlb__d_to_f32(kk.e[e]);
@@ -493,8 +537,8 @@ int attention_hd(cudaStream_t stream, const rlb_eo_attn *a, const rlb_eo_cache *
     if (rc || a->splits == 1)
         return rc;
     const int64_t vectors = a->rows * a->hq;
-    rlb__pdl_launch(attn_combine<T>, grid_for(vectors, 4), 4 * kWarp, stream, a->partial, a->splits,
-                                                                     vectors, HD, (T *)a->out);
+    rlb__pdl_launch(attn_combine<T>, grid_for(vectors, 4), 4 * kWarp, stream, a->partial,
+                    a->splits, vectors, HD, (T *)a->out);
     return launched("attention combine");
 }
 
@@ -1038,8 +1082,8 @@ int rlb__eo_attention(cudaStream_t stream, const rlb_eo_attn *a, const rlb_eo_ca
     if (a->rows <= 0 || a->qblocks <= 0)
         return 0;
     if (a->out_dt != c->dt || a->splits < 1 || a->splits > RLB_EO_MAX_SPLITS ||
-        (a->splits > 1 && !a->partial) || c->kvt < 1 || a->hq % c->kvt || layer < 0 ||
-        layer >= c->n_layers)
+        (a->splits > 1 && !a->partial) || (a->inv_freq && !a->slot) || c->kvt < 1 ||
+        a->hq % c->kvt || layer < 0 || layer >= c->n_layers)
         return RLB_EINVAL;
     if (!rlb__eo_head_dim_supported(c->hd)) {
         RLB_LOG_ERROR(RLB_SUB_KERNEL,

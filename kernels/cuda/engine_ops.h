@@ -15,7 +15,8 @@
  *                its block table, GQA / MQA (q head h reads kv head h / grp); a query at
  *                position p sees keys 0..p (p < 0: none, output 0). The keys of a query
  *                tile are split over `splits` blocks (flash-decoding) and combined by a
- *                second kernel when splits > 1.
+ *                second kernel when splits > 1. In a decode step it can also do
+ *                rope_store's work for the step (inv_freq set), one kernel instead of two.
  *   cut_logits   the TP all-gather's [T][out][vl] into [out, V]
  *   sample       sample.h's greedy / temperature / top-k / top-p Gumbel-max with the same
  *                noise (kernels/cpu/noise.h) and the full-vocabulary fp32 logprob
@@ -96,7 +97,7 @@ int rlb__eo_rope_store(cudaStream_t stream, float *qkv, int64_t rows, int64_t hq
 
 /* One step's attention work (device arrays, except the counts). */
 typedef struct rlb_eo_attn {
-    const float *qkv;         /* [rows, (hq + 2 kvt) hd] after rope_store */
+    const float *qkv;         /* [rows, (hq + 2 kvt) hd] after rope_store (see inv_freq) */
     const int32_t *pos;       /* [rows] position of each row (< 0: sees no key) */
     int64_t rows;             /* rows of qkv */
     int64_t hq;               /* q heads */
@@ -112,6 +113,9 @@ typedef struct rlb_eo_attn {
     float scale;              /* hd^-1/2 */
     int64_t splits;           /* key splits, 1..RLB_EO_MAX_SPLITS */
     float *partial;           /* splits > 1: [splits][rows * hq][hd + 2] workspace */
+    const float *inv_freq;    /* not NULL: RoPE and the cache store fused (a decode step: every
+                               * span one row). qkv is then as before rope_store, [hd / 2] */
+    const int64_t *slot;      /* with inv_freq: [rows] each row's cache slot (-1: none) */
     void *out;                /* [rows, hq * hd] in out_dt */
     rlb_dtype out_dt;
 } rlb_eo_attn;

@@ -298,6 +298,57 @@ static void test_norm_swiglu_bias(void **state)
 
 /* ---- RoPE + store ----------------------------------------------------------------------- */
 
+/* inv_freq of head_dim hd at theta 5e5 (malloc'd, hd / 2 floats) */
+static float *test_inv_freq(int64_t hd)
+{
+    rlb_model_config cfg;
+    rlb__config_tiny(&cfg);
+    cfg.head_dim = hd;
+    cfg.rope_theta = 500000.0;
+    float *inv = malloc((size_t)(hd / 2) * 4);
+    assert_int_equal(rlb__rope_inv_freq(&cfg, inv), 0);
+    return inv;
+}
+
+/* A random cache (keys in [-2, 2], values in [-1, 1]) of celems elements of dt each, and nq
+ * random qkv floats in [-2, 2]. */
+static void fill_cache_qkv(uint64_t *s, rlb_dtype dt, uint8_t *kc, uint8_t *vc, int64_t celems,
+                           float *qkv, int64_t nq)
+{
+    for (int64_t i = 0; i < celems; i++) {
+        putv(kc, dt, i, frand(s, -2, 2));
+        putv(vc, dt, i, frand(s, -1, 1));
+    }
+    for (int64_t i = 0; i < nq; i++)
+        qkv[i] = frand(s, -2, 2);
+}
+
+/* The CPU's rope_store: each qkv row rotated in place (rlb__rope_apply), and its k and v
+ * heads, rounded to dt, put into the caches kc / vc (elements of cdt, layout of
+ * rlb_eo_cache) at the row's slot (slot < 0: none). */
+static void cpu_rope_store(float *qkv, int64_t rows, int64_t hq, int64_t kvt, int64_t hd,
+                           const int32_t *pos, const int64_t *slot, const float *inv,
+                           int64_t bt, int64_t L, int64_t layer, rlb_dtype dt, void *kc,
+                           void *vc, rlb_dtype cdt)
+{
+    const int64_t qkvw = (hq + 2 * kvt) * hd;
+    float cs[64], sn[64];
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = qkv + r * qkvw;
+        rlb__rope_cos_sin(inv, hd / 2, pos[r], cs, sn);
+        rlb__rope_apply(row, hq + kvt, hd, cs, sn);
+        if (slot[r] < 0)
+            continue;
+        const int64_t blk = slot[r] / bt, off = slot[r] % bt;
+        for (int64_t h = 0; h < kvt; h++)
+            for (int64_t d = 0; d < hd; d++) {
+                const int64_t o = (((blk * L + layer) * kvt + h) * bt + off) * hd + d;
+                putv(kc, cdt, o, roundv(dt, row[hq * hd + h * hd + d]));
+                putv(vc, cdt, o, roundv(dt, row[(hq + kvt) * hd + h * hd + d]));
+            }
+    }
+}
+
 static void test_rope_store(void **state)
 {
     (void)state;
@@ -308,12 +359,7 @@ static void test_rope_store(void **state)
             const rlb_dtype dt = t ? RLB_DTYPE_BF16 : RLB_DTYPE_F32;
             const int64_t hd = hds[hi], half = hd / 2, kvt = 2, hq = 6, rows = 23, L = 3;
             const int64_t bt = 16, nblk = 8, layer = 2, qkvw = (hq + 2 * kvt) * hd;
-            rlb_model_config cfg;
-            rlb__config_tiny(&cfg);
-            cfg.head_dim = hd;
-            cfg.rope_theta = 500000.0;
-            float *inv = malloc((size_t)half * 4);
-            assert_int_equal(rlb__rope_inv_freq(&cfg, inv), 0);
+            float *inv = test_inv_freq(hd);
             float *qkv = malloc((size_t)(rows * qkvw) * 4), *ref = malloc((size_t)(rows * qkvw) * 4);
             int32_t pos[23];
             int64_t slot[23];
@@ -342,27 +388,14 @@ static void test_rope_store(void **state)
             dget(got, dqkv, (size_t)(rows * qkvw) * 4);
             dget(kc, c.k, cbytes);
             dget(vc, c.v, cbytes);
-            float cs[64], sn[64];
             float *kref = malloc((size_t)(nblk * L * kvt * bt * hd) * 4);
             float *kgot = malloc((size_t)(nblk * L * kvt * bt * hd) * 4);
             float *vref = malloc((size_t)(nblk * L * kvt * bt * hd) * 4);
             float *vgot = malloc((size_t)(nblk * L * kvt * bt * hd) * 4);
             memset(kref, 0, (size_t)(nblk * L * kvt * bt * hd) * 4);
             memset(vref, 0, (size_t)(nblk * L * kvt * bt * hd) * 4);
-            for (int64_t r = 0; r < rows; r++) {
-                float *row = ref + r * qkvw;
-                rlb__rope_cos_sin(inv, half, pos[r], cs, sn);
-                rlb__rope_apply(row, hq + kvt, hd, cs, sn);
-                if (slot[r] < 0)
-                    continue;
-                int64_t blk = slot[r] / bt, off = slot[r] % bt;
-                for (int64_t h = 0; h < kvt; h++)
-                    for (int64_t d = 0; d < hd; d++) {
-                        int64_t o = (((blk * L + layer) * kvt + h) * bt + off) * hd + d;
-                        kref[o] = roundv(dt, row[hq * hd + h * hd + d]);
-                        vref[o] = roundv(dt, row[(hq + kvt) * hd + h * hd + d]);
-                    }
-            }
+            cpu_rope_store(ref, rows, hq, kvt, hd, pos, slot, inv, bt, L, layer, dt, kref, vref,
+                           RLB_DTYPE_F32);
             for (int64_t i = 0; i < nblk * L * kvt * bt * hd; i++) {
                 kgot[i] = getv(kc, dt, i);
                 vgot[i] = getv(vc, dt, i);
@@ -434,13 +467,8 @@ static void run_attn(const attn_case *ac, uint64_t *s, float **got_out, float **
             tables[sp * stride + b] = perm[ac->table_of[sp] * stride + b];
     const int64_t celems = nblk * L * kvt * bt * hd;
     uint8_t *kc = malloc((size_t)celems * esz(dt)), *vc = malloc((size_t)celems * esz(dt));
-    for (int64_t i = 0; i < celems; i++) {
-        putv(kc, dt, i, frand(s, -2, 2));
-        putv(vc, dt, i, frand(s, -1, 1));
-    }
     float *qkv = malloc((size_t)(rows * qkvw) * 4);
-    for (int64_t i = 0; i < rows * qkvw; i++)
-        qkv[i] = frand(s, -2, 2);
+    fill_cache_qkv(s, dt, kc, vc, celems, qkv, rows * qkvw);
     int32_t pos[512], row0[8], sn[8], qb0[9];
     int64_t r = 0;
     qb0[0] = 0;
@@ -476,9 +504,16 @@ static void run_attn(const attn_case *ac, uint64_t *s, float **got_out, float **
     };
     rlb_eo_cache c = {dput(kc, (size_t)celems * esz(dt)), dput(vc, (size_t)celems * esz(dt)),
                       dt, L, kvt, hd, bt};
+    const size_t obytes = (size_t)(rows * hq * hd) * esz(dt);
     assert_int_equal(rlb__eo_attention(g_stream, &a, &c, layer), 0);
-    uint8_t *out = malloc((size_t)(rows * hq * hd) * esz(dt));
-    dget(out, a.out, (size_t)(rows * hq * hd) * esz(dt));
+    uint8_t *out = malloc(obytes), *again = malloc(obytes);
+    dget(out, a.out, obytes);
+    /* a second launch over a poisoned output gives the same bits */
+    CHECK_CUDA(cudaMemsetAsync(a.out, 0xff, obytes, g_stream));
+    assert_int_equal(rlb__eo_attention(g_stream, &a, &c, layer), 0);
+    dget(again, a.out, obytes);
+    assert_memory_equal(again, out, obytes);
+    free(again);
     if (ms_out) { /* time 20 runs */
         cudaEvent_t e0, e1;
         CHECK_CUDA(cudaEventCreate(&e0));
@@ -647,6 +682,202 @@ static void test_attention_long_decode(void **state)
     }
 }
 
+/* One decode step of the fused test: qkv (not rotated) and the cache uploaded fresh, then
+ * rope_store and the attention (fused 0) or the attention alone with RoPE and the store in
+ * it (fused 1); the output and both caches come back. */
+typedef struct fused_step {
+    const float *qkv;
+    const uint8_t *kc, *vc; /* the cache before the step */
+    size_t qkv_bytes, cache_bytes, out_bytes;
+    rlb_eo_attn a;          /* the step's device metadata; qkv, cache, out set per run */
+    rlb_eo_cache c;
+    const float *inv;       /* device inv_freq */
+    const int64_t *slot;    /* device slots */
+    int64_t layer;
+} fused_step;
+
+static void fused_run(const fused_step *st, int fused, uint8_t *out, uint8_t *kc, uint8_t *vc)
+{
+    rlb_eo_attn a = st->a;
+    rlb_eo_cache c = st->c;
+    float *qkv = dput(st->qkv, st->qkv_bytes);
+    c.k = dput(st->kc, st->cache_bytes);
+    c.v = dput(st->vc, st->cache_bytes);
+    a.qkv = qkv;
+    a.out = dput(NULL, st->out_bytes);
+    if (fused) {
+        a.inv_freq = st->inv;
+        a.slot = st->slot;
+    } else {
+        assert_int_equal(rlb__eo_rope_store(g_stream, qkv, a.rows, a.hq, a.pos, st->inv,
+                                            st->slot, &c, st->layer), 0);
+    }
+    assert_int_equal(rlb__eo_attention(g_stream, &a, &c, st->layer), 0);
+    dget(out, a.out, st->out_bytes);
+    dget(kc, c.k, st->cache_bytes);
+    dget(vc, c.v, st->cache_bytes);
+    cudaFree(qkv);
+    cudaFree(a.out);
+    cudaFree(c.k);
+    cudaFree(c.v);
+}
+
+/* A decode step with RoPE and the cache store fused into the attention kernel: against the
+ * CPU (rope, store, causal attention per row), and bit for bit against rope_store then the
+ * attention on the same inputs (the output and the whole cache). Rows: one at a long
+ * position (several tiles per split), a padding row (position -1, slot -1) and a row whose
+ * slot is -1 (it reads its position from the cache as it is). Splits: 1, the count for
+ * 132 multiprocessors (sm 1), RLB_EO_MAX_SPLITS (sm 2). */
+static void fused_case(uint64_t *sp, int64_t hd, int64_t kvt, int64_t grp, rlb_dtype dt, int sm)
+{
+    uint64_t s = *sp;
+    const int64_t half = hd / 2;
+    const int64_t hq = kvt * grp, bt = gc_rng(&s) % 2 ? 16 : 5, L = 2, layer = 1;
+    const int64_t rows = gc_rnd(&s, 1, 6), qkvw = (hq + 2 * kvt) * hd;
+    int32_t pos[6], row0[6], sn[6], qb0[7] = {0};
+    int64_t slot[6], max_ctx = 1;
+    for (int64_t r = 0; r < rows; r++) {
+        pos[r] = r == 2   ? -1
+                 : r == 0 ? (int32_t)gc_rnd(&s, 500, 900)
+                          : (int32_t)gc_rnd(&s, 0, 300);
+        max_ctx = pos[r] + 1 > max_ctx ? pos[r] + 1 : max_ctx;
+        row0[r] = (int32_t)r;
+        sn[r] = 1;
+        qb0[r + 1] = qb0[r] + (int32_t)rlb__eo_attn_qblocks(1, grp);
+    }
+    const int64_t stride = (max_ctx + bt - 1) / bt, nblk = stride * rows + 1;
+    int32_t *perm = malloc((size_t)nblk * 4), *tables = malloc((size_t)(stride * rows) * 4);
+    for (int64_t i = 0; i < nblk; i++)
+        perm[i] = (int32_t)i;
+    for (int64_t i = nblk - 1; i > 0; i--) {
+        int64_t j = gc_rnd(&s, 0, i);
+        int32_t tmp = perm[i];
+        perm[i] = perm[j];
+        perm[j] = tmp;
+    }
+    memcpy(tables, perm, (size_t)(stride * rows) * 4);
+    for (int64_t r = 0; r < rows; r++)
+        slot[r] = pos[r] < 0 || r == 4
+                      ? -1
+                      : (int64_t)tables[r * stride + pos[r] / bt] * bt + pos[r] % bt;
+    const int64_t celems = nblk * L * kvt * bt * hd;
+    const size_t cbytes = (size_t)celems * esz(dt);
+    uint8_t *kc = malloc(cbytes), *vc = malloc(cbytes);
+    float *qkv = malloc((size_t)(rows * qkvw) * 4);
+    fill_cache_qkv(&s, dt, kc, vc, celems, qkv, rows * qkvw);
+    float *inv = test_inv_freq(hd);
+    const int64_t ws_vectors = RLB_EO_MAX_SPLITS * rows * hq;
+    fused_step st = {
+        .qkv = qkv, .kc = kc, .vc = vc, .qkv_bytes = (size_t)(rows * qkvw) * 4,
+        .cache_bytes = cbytes, .out_bytes = (size_t)(rows * hq * hd) * esz(dt),
+        .a = {.pos = dput(pos, (size_t)rows * 4), .rows = rows, .hq = hq, .n_spans = rows,
+              .span_row0 = dput(row0, (size_t)rows * 4), .span_n = dput(sn, (size_t)rows * 4),
+              .span_qb0 = dput(qb0, (size_t)(rows + 1) * 4), .qblocks = qb0[rows],
+              .block_tables = dput(tables, (size_t)(stride * rows) * 4), .bt_stride = stride,
+              .scale = (float)pow((double)hd, -0.5),
+              .splits = sm == 0   ? 1
+                        : sm == 1 ? rlb__eo_attn_splits(qb0[rows] * kvt, 0, 132, rows, hq,
+                                                        ws_vectors)
+                                  : RLB_EO_MAX_SPLITS,
+              .partial = dput(NULL, (size_t)(ws_vectors * (hd + 2)) * 4),
+              .out_dt = dt},
+        .c = {NULL, NULL, dt, L, kvt, hd, bt},
+        .inv = dput(inv, (size_t)half * 4),
+        .slot = dput(slot, (size_t)rows * 8),
+        .layer = layer,
+    };
+    uint8_t *out1 = malloc(st.out_bytes), *out0 = malloc(st.out_bytes);
+    uint8_t *k1 = malloc(cbytes), *v1 = malloc(cbytes), *k0 = malloc(cbytes), *v0 = malloc(cbytes);
+    fused_run(&st, 1, out1, k1, v1);
+    fused_run(&st, 0, out0, k0, v0);
+    /* the CPU: rotate, store (rounded to dt), then attend over positions 0..pos */
+    float *ref = calloc((size_t)(rows * hq * hd), 4), *got = malloc((size_t)(rows * hq * hd) * 4);
+    float *kb = malloc((size_t)(max_ctx * hd) * 4), *vb = malloc((size_t)(max_ctx * hd) * 4);
+    float *op = malloc((size_t)(grp * hd) * 4), *sc = malloc((size_t)(grp * max_ctx) * 4);
+    uint8_t *kr = malloc(cbytes), *vr = malloc(cbytes);
+    memcpy(kr, kc, cbytes);
+    memcpy(vr, vc, cbytes);
+    cpu_rope_store(qkv, rows, hq, kvt, hd, pos, slot, inv, bt, L, layer, dt, kr, vr, dt);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < kvt && pos[r] >= 0; g++) {
+            for (int64_t p = 0; p <= pos[r]; p++) {
+                int64_t blk = tables[r * stride + p / bt];
+                int64_t o = (((blk * L + layer) * kvt + g) * bt + p % bt) * hd;
+                for (int64_t d = 0; d < hd; d++) {
+                    kb[p * hd + d] = getv(kr, dt, o + d);
+                    vb[p * hd + d] = getv(vr, dt, o + d);
+                }
+            }
+            rlb__attention_causal(qkv + r * qkvw + g * grp * hd, 1, grp, hd, pos[r], kb, vb,
+                                  st.a.scale, sc, op);
+            for (int64_t e = 0; e < grp * hd; e++)
+                ref[r * hq * hd + g * grp * hd + e] = roundv(dt, op[e]);
+        }
+    for (int64_t i = 0; i < rows * hq * hd; i++)
+        got[i] = getv(out1, dt, i);
+    char what[112];
+    snprintf(what, sizeof what, "fused rope attention hd %lld kvt %lld grp %lld %s splits %lld",
+             (long long)hd, (long long)kvt, (long long)grp, rlb_dtype_name(dt),
+             (long long)st.a.splits);
+    expect_close(what, got, ref, rows * hq * hd, 2e-5, attn_eps(dt));
+    float *kg = malloc((size_t)celems * 4), *kw = malloc((size_t)celems * 4);
+    for (int64_t i = 0; i < celems; i++) {
+        kg[i] = getv(k1, dt, i);
+        kw[i] = getv(kr, dt, i);
+    }
+    expect_close("fused rope cache k", kg, kw, celems, 1e-5, ulp_eps(dt) + 1e-5);
+    assert_memory_equal(v1, vr, cbytes);
+    /* the unfused kernels on the same inputs: the same bits everywhere */
+    assert_memory_equal(out1, out0, st.out_bytes);
+    assert_memory_equal(k1, k0, cbytes);
+    assert_memory_equal(v1, v0, cbytes);
+    free(kg);
+    free(kw);
+    free(kr);
+    free(vr);
+    free(ref);
+    free(got);
+    free(kb);
+    free(vb);
+    free(op);
+    free(sc);
+    free(out1);
+    free(out0);
+    free(k1);
+    free(v1);
+    free(k0);
+    free(v0);
+    free(perm);
+    free(tables);
+    free(kc);
+    free(vc);
+    free(qkv);
+    free(inv);
+    cudaFree((void *)st.a.pos);
+    cudaFree((void *)st.a.span_row0);
+    cudaFree((void *)st.a.span_n);
+    cudaFree((void *)st.a.span_qb0);
+    cudaFree((void *)st.a.block_tables);
+    cudaFree(st.a.partial);
+    cudaFree((void *)st.inv);
+    cudaFree((void *)st.slot);
+    *sp = s;
+}
+
+static void test_attention_rope_fused(void **state)
+{
+    (void)state;
+    uint64_t s = g_seed ^ 9;
+    static const int64_t hds[4] = {16, 24, 64, 128};
+    static const int64_t groups[3][2] = {{2, 4}, {1, 20}, {4, 1}}; /* kvt, grp (20: 2 tiles) */
+    for (int hi = 0; hi < 4; hi++)
+        for (int gi = 0; gi < 3; gi++)
+            for (int t = 0; t < 2; t++)
+                for (int sm = 0; sm < 3; sm++)
+                    fused_case(&s, hds[hi], groups[gi][0], groups[gi][1],
+                               t ? RLB_DTYPE_BF16 : RLB_DTYPE_F32, sm);
+}
+
 static void test_attention_padding_and_refusals(void **state)
 {
     (void)state;
@@ -671,8 +902,16 @@ static void test_attention_padding_and_refusals(void **state)
     assert_int_equal(rlb__eo_attention(g_stream, &a, &c, 0), RLB_EUNSUPPORTED);
     assert_false(rlb__eo_head_dim_supported(96));
     c.hd = 24;
+    a.splits = 2; /* splits without their workspace */
+    assert_int_equal(rlb__eo_attention(g_stream, &a, &c, 0), RLB_EINVAL);
+    a.partial = dput(NULL, 2 * 26 * 4);
+    assert_int_equal(rlb__eo_attention(g_stream, &a, &c, 0), 0);
+    a.inv_freq = (const float *)a.partial; /* RoPE fused without the slots */
+    assert_int_equal(rlb__eo_attention(g_stream, &a, &c, 0), RLB_EINVAL);
+    a.inv_freq = NULL;
     a.out_dt = RLB_DTYPE_F32;
     assert_int_equal(rlb__eo_attention(g_stream, &a, &c, 0), RLB_EINVAL);
+    cudaFree(a.partial);
     cudaFree((void *)a.qkv);
     cudaFree((void *)a.pos);
     cudaFree((void *)a.span_row0);
@@ -1047,6 +1286,7 @@ int main(void)
         cmocka_unit_test(test_attention_random),
         cmocka_unit_test(test_attention_chunked_prefill),
         cmocka_unit_test(test_attention_long_decode),
+        cmocka_unit_test(test_attention_rope_fused),
         cmocka_unit_test(test_attention_padding_and_refusals),
         cmocka_unit_test(test_sample),
         cmocka_unit_test(test_matmul_wq),
