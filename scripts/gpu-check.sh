@@ -28,6 +28,10 @@
 #             kernels), then rlb-bench-sync --device cuda --lora with the PEFT merge peer
 #             (bench/peft_merge_peer.py), with the merges as RLB_LORA_MERGE says (default
 #             fused)
+#   engine-ab the engine's decode (--main-only, 1B and 8B, two interleaved rounds) of this
+#             tree against the tree in .devtools/base.tar (`git archive REV -o
+#             .devtools/base.tar` here; its rlb-bench-engine is built on the device), the
+#             before and after of a kernel change in one call
 #   multi     (two GPUs or more) rlb generate --tp 2 on two GPUs against HF's greedy tokens,
 #             the peer-copy and NCCL transport tests, and examples/grpo_torch.py with an
 #             FSDP2 world of 2 under torchrun and a TP-2 worker replica over NCCL
@@ -121,6 +125,24 @@ for step in "$@"; do
         grep -c "as VMM fds" "$out/grpo-vmm.log" | sed 's/^/allocations exported as VMM fds: /'
         grep -c "as a CUDA IPC handle" "$out/grpo-vmm.log" | sed 's/^/as CUDA IPC handles: /'
         tail -4 "$out/grpo-vmm.log" ;;
+    engine-ab)
+        base=/tmp/rlb-ab-base
+        rm -rf "$base" && mkdir -p "$base" && tar xf .devtools/base.tar -C "$base" &&
+            cmake -S "$base" -B "$base/b" -DCMAKE_BUILD_TYPE=Release -DRLB_CUDA=ON \
+                > "$out/ab-configure.log" 2>&1 &&
+            cmake --build "$base/b" -j16 --target rlb-bench-engine > "$out/ab-build.log" 2>&1 ||
+            { echo "engine-ab: the base tree did not build"; tail -20 "$out/ab-build.log"; continue; }
+        for round in 1 2; do
+            for shape in 1b 8b; do
+                for tree in this base; do
+                    bin=build-gpu/bench/rlb-bench-engine
+                    [ $tree = base ] && bin=$base/b/bench/rlb-bench-engine
+                    echo "$shape $tree (round $round): $(timeout 120 $bin --device cuda \
+                        --shape $shape --main-only 2>&1 | tee -a "$out/engine-ab.log" |
+                        awk '/decode batch/ {printf "b%s %s  ", $4, $5}')"
+                done
+            done
+        done ;;
     multi)
         ctest --test-dir build-gpu -R 'test_engine_generate|test_cuda_peer|test_xport_nccl' \
             -V --timeout 300 > "$out/multi-tests.log" 2>&1
