@@ -23,14 +23,7 @@
  * manifests of whole staging: per peer, one byte per chunk sent to it, 1 when the chunk's
  * bytes follow, 0 when the peer's staging holds them already (xnode_delta.h).
  *
- * The registration blob (meta) is little-endian: u32 magic, version, tp_size, replicas,
- * weight dtype, n_buffers, n_tensors; u64 bytes of each buffer; per tensor: u16 name
- * length, name, u8 dtype, kind, ndim, pad, u32 fsdp rank, world, unit, buffer, u64 offset,
- * length, i64 shape[ndim]; FSDP1: u32 entries, each u16 name length (0 = padding), name,
- * u8 ndim, i64 shape[2], u64 numel; then u32 adapters, each u16 name length, the adapted
- * weight's name, u32 rank, f32 scale: the LoRA adapters the node's ranks declared (every node
- * plans with all of them, so every node builds the same plans). Decoding checks every length
- * against the blob.
+ * The registration blob (meta) and its checks are in xnode_meta.h.
  */
 #include "bridge/xnode.h"
 
@@ -47,6 +40,7 @@
 
 #include "bridge/bridge_int.h"
 #include "bridge/xnode_delta.h"
+#include "bridge/xnode_meta.h"
 #include "common/clock.h"
 #include "common/env.h"
 #include "common/log.h"
@@ -57,8 +51,6 @@
 #include "bridge/xport/xport.h"
 #endif
 
-#define XN_MAGIC 0x584e4252u       /* "RBNX" */
-#define XN_META_VERSION 2u
 #define XN_BIG (INT64_C(1) << 24)  /* an abort's weight in the gate and entry counters */
 #define XN_LOCAL UINT32_MAX        /* an op that reads no received chunk */
 #define XN_POLL_NS 100000          /* between two store polls of a wait, at first */
@@ -78,25 +70,6 @@ typedef struct xn_chunk {
     int peer;      /* the other node (receiver of a send, sender of a receive) */
     uint64_t tag;  /* low 32 bits: local buffer index << 16 | chunk index */
 } xn_chunk;
-
-/* A LoRA adapter a node's ranks declared. */
-typedef struct xn_adapter {
-    char *target;   /* the adapted weight */
-    uint32_t rank;
-    float scale;
-} xn_adapter;
-
-/* One node's registrations and workers, decoded from its meta. */
-typedef struct xn_meta {
-    uint32_t tp_size, replicas; /* the node's workers */
-    rlb_dtype wdt;              /* their weight dtype */
-    uint32_t n_bufs;            /* its source buffers */
-    uint64_t *buf_bytes;        /* [n_bufs] */
-    uint32_t n_tensors;
-    br_tensor *tensors;         /* seg = local buffer index */
-    uint32_t n_adapters;
-    xn_adapter *adapters;       /* its ranks' LoRA declarations */
-} xn_meta;
 
 struct br_xnode {
     /* configuration (constant once started) */
@@ -206,71 +179,6 @@ static void timed_wait(br_xnode *x, long ms)
 
 /* ---- Meta: encoding ------------------------------------------------------------------ */
 
-typedef struct xbuf {
-    uint8_t *p;
-    size_t len, cap;
-    int oom;
-} xbuf;
-
-static void put(xbuf *w, const void *data, size_t n)
-{
-    if (w->oom || n == 0) /* n == 0: data may be NULL (a padding entry's name) */
-        return;
-    if (w->len + n > w->cap) {
-        size_t cap = (w->len + n) * 2 + 256;
-        uint8_t *p = realloc(w->p, cap);
-        if (!p) {
-            w->oom = 1;
-            return;
-        }
-        w->p = p;
-        w->cap = cap;
-    }
-    memcpy(w->p + w->len, data, n);
-    w->len += n;
-}
-
-static void put_u8(xbuf *w, uint8_t v) { put(w, &v, 1); }
-static void put_u16(xbuf *w, uint16_t v) { put(w, &v, 2); }
-static void put_u32(xbuf *w, uint32_t v) { put(w, &v, 4); }
-static void put_u64(xbuf *w, uint64_t v) { put(w, &v, 8); }
-
-static void put_name(xbuf *w, const char *s)
-{
-    size_t n = s ? strlen(s) : 0;
-    put_u16(w, (uint16_t)n);
-    put(w, s, n);
-}
-
-/* One tensor's record; its bytes are in local buffer k. */
-static void put_tensor(xbuf *w, const br_tensor *t, uint32_t k)
-{
-    put_name(w, t->name);
-    put_u8(w, (uint8_t)t->dtype);
-    put_u8(w, (uint8_t)t->kind);
-    put_u8(w, (uint8_t)t->ndim);
-    put_u8(w, 0);
-    put_u32(w, t->frank);
-    put_u32(w, t->fworld);
-    put_u32(w, t->unit);
-    put_u32(w, k);
-    put_u64(w, t->offset);
-    put_u64(w, t->length);
-    for (uint32_t d = 0; d < t->ndim; d++)
-        put_u64(w, (uint64_t)t->shape[d]);
-    if (t->kind != RLB_LAYOUT_FSDP1)
-        return;
-    put_u32(w, (uint32_t)t->n_entries);
-    for (uint64_t e = 0; e < t->n_entries; e++) {
-        const rlb_flat_entry *fe = &t->entries[e];
-        put_name(w, fe->name);
-        put_u8(w, (uint8_t)fe->ndim);
-        put_u64(w, (uint64_t)fe->shape[0]);
-        put_u64(w, (uint64_t)fe->shape[1]);
-        put_u64(w, fe->numel);
-    }
-}
-
 /* A local source buffer: a segment of a local trainer rank. */
 typedef struct xn_local {
     const br_peer *peer;
@@ -315,176 +223,24 @@ static int meta_encode(const bridge *b, xbuf *w, xn_local **locals, uint32_t *n_
             }
             if (k == n)
                 loc[n++] = (xn_local){.peer = p, .seg = t->seg};
-            put_tensor(&tw, t, k);
+            xn_meta_put_tensor(&tw, t, k);
         }
     }
-    put_u32(w, XN_MAGIC);
-    put_u32(w, XN_META_VERSION);
-    put_u32(w, b->tp_size);
-    put_u32(w, b->n_replicas);
-    put_u32(w, (uint32_t)b->wdt);
-    put_u32(w, n);
-    put_u32(w, n_tensors);
+    xn_meta_put_header(w, b->tp_size, b->n_replicas, b->wdt, n, n_tensors);
     for (uint32_t k = 0; k < n; k++)
-        put_u64(w, br_seg_find((br_peer *)loc[k].peer, loc[k].seg)->bytes);
-    put(w, tw.p, tw.len);
+        xn_meta_put_u64(w, br_seg_find((br_peer *)loc[k].peer, loc[k].seg)->bytes);
+    xn_meta_put(w, tw.p, tw.len);
     w->oom |= tw.oom;
     free(tw.p);
     const rlb_param_list *pl = &b->params;
-    put_u32(w, (uint32_t)pl->n_adapters);
+    xn_meta_put_u32(w, (uint32_t)pl->n_adapters);
     for (int64_t i = 0; i < pl->n_adapters; i++) {
         const rlb_param_adapter *a = &pl->adapters[i];
-        uint32_t bits;
-        memcpy(&bits, &a->scale, 4);
-        put_name(w, pl->params[a->base].name);
-        put_u32(w, (uint32_t)a->rank);
-        put_u32(w, bits);
+        xn_meta_put_adapter(w, pl->params[a->base].name, (uint32_t)a->rank, a->scale);
     }
     *locals = loc;
     *n_locals = n;
     return w->oom ? RLB_ENOMEM : 0;
-}
-
-/* ---- Meta: decoding (pure: bytes in, meta out) --------------------------------------- */
-
-typedef struct xrd {
-    const uint8_t *p;
-    size_t len, at;
-    int bad;
-} xrd;
-
-static void get(xrd *r, void *out, size_t n)
-{
-    if (r->bad || n > r->len - r->at) {
-        r->bad = 1;
-        memset(out, 0, n);
-        return;
-    }
-    memcpy(out, r->p + r->at, n);
-    r->at += n;
-}
-
-static uint8_t get_u8(xrd *r) { uint8_t v; get(r, &v, 1); return v; }
-static uint16_t get_u16(xrd *r) { uint16_t v; get(r, &v, 2); return v; }
-static uint32_t get_u32(xrd *r) { uint32_t v; get(r, &v, 4); return v; }
-static uint64_t get_u64(xrd *r) { uint64_t v; get(r, &v, 8); return v; }
-
-/* A NUL-terminated copy of the next name, or NULL (empty, or malformed: r->bad). */
-static char *get_name(xrd *r)
-{
-    uint16_t n = get_u16(r);
-    if (r->bad || n == 0 || n > r->len - r->at) {
-        r->bad |= n != 0;
-        return NULL;
-    }
-    char *s = malloc((size_t)n + 1);
-    if (!s) {
-        r->bad = 1;
-        return NULL;
-    }
-    memcpy(s, r->p + r->at, n);
-    s[n] = 0;
-    r->at += n;
-    return s;
-}
-
-static void meta_free(xn_meta *m)
-{
-    for (uint32_t i = 0; m->tensors && i < m->n_tensors; i++)
-        br_tensor_free(&m->tensors[i]);
-    for (uint32_t i = 0; m->adapters && i < m->n_adapters; i++)
-        free(m->adapters[i].target);
-    free(m->adapters);
-    free(m->tensors);
-    free(m->buf_bytes);
-    memset(m, 0, sizeof(*m));
-}
-
-/* Decodes a meta blob. Returns 0 or RLB_EPROTO (malformed) / RLB_ENOMEM; m is empty then. */
-static int meta_decode(const void *data, size_t len, xn_meta *m)
-{
-    xrd r = {.p = data, .len = len};
-    memset(m, 0, sizeof(*m));
-    if (get_u32(&r) != XN_MAGIC || get_u32(&r) != XN_META_VERSION)
-        return RLB_EPROTO;
-    m->tp_size = get_u32(&r);
-    m->replicas = get_u32(&r);
-    m->wdt = (rlb_dtype)get_u32(&r);
-    m->n_bufs = get_u32(&r);
-    uint32_t n_tensors = get_u32(&r);
-    if (r.bad || m->n_bufs > len / 8 || n_tensors > len / 16)
-        return RLB_EPROTO;
-    m->buf_bytes = calloc(m->n_bufs + 1, sizeof(*m->buf_bytes));
-    m->tensors = calloc(n_tensors + 1, sizeof(*m->tensors));
-    if (!m->buf_bytes || !m->tensors) {
-        meta_free(m);
-        return RLB_ENOMEM;
-    }
-    for (uint32_t k = 0; k < m->n_bufs; k++)
-        m->buf_bytes[k] = get_u64(&r);
-    for (uint32_t i = 0; i < n_tensors && !r.bad; i++) {
-        br_tensor *t = &m->tensors[m->n_tensors++];
-        t->name = get_name(&r);
-        t->dtype = (rlb_dtype)get_u8(&r);
-        t->kind = (rlb_layout_kind)get_u8(&r);
-        t->ndim = get_u8(&r);
-        get_u8(&r);
-        t->frank = get_u32(&r);
-        t->fworld = get_u32(&r);
-        t->unit = get_u32(&r);
-        t->seg = get_u32(&r);
-        t->offset = get_u64(&r);
-        t->length = get_u64(&r);
-        t->mem = RLB_MEM_HOST_SHM;
-        if (!t->name || t->ndim < 1 || t->ndim > RLB_PROTO_MAX_DIMS || t->seg >= m->n_bufs ||
-            t->offset > m->buf_bytes[t->seg] || t->length > m->buf_bytes[t->seg] - t->offset ||
-            (t->kind != RLB_LAYOUT_FULL && (t->fworld == 0 || t->frank >= t->fworld))) {
-            r.bad = 1;
-            break;
-        }
-        for (uint32_t d = 0; d < t->ndim; d++)
-            t->shape[d] = (int64_t)get_u64(&r);
-        if (t->kind != RLB_LAYOUT_FSDP1)
-            continue;
-        uint32_t n = get_u32(&r);
-        if (r.bad || n > (len - r.at) / 27) {
-            r.bad = 1;
-            break;
-        }
-        t->entries = calloc(n + 1, sizeof(*t->entries));
-        if (!t->entries) {
-            r.bad = 1;
-            break;
-        }
-        t->n_entries = n;
-        for (uint32_t e = 0; e < n; e++) {
-            rlb_flat_entry *fe = &t->entries[e];
-            fe->name = get_name(&r);
-            fe->ndim = get_u8(&r);
-            fe->shape[0] = (int64_t)get_u64(&r);
-            fe->shape[1] = (int64_t)get_u64(&r);
-            fe->numel = get_u64(&r);
-        }
-    }
-    uint32_t n_adapters = get_u32(&r);
-    if (!r.bad && n_adapters > (len - r.at) / 11)
-        r.bad = 1;
-    if (!r.bad && !(m->adapters = calloc(n_adapters + 1, sizeof(*m->adapters))))
-        r.bad = 1;
-    for (uint32_t i = 0; i < n_adapters && !r.bad; i++) {
-        xn_adapter *a = &m->adapters[m->n_adapters++];
-        uint32_t bits;
-        a->target = get_name(&r);
-        a->rank = get_u32(&r);
-        bits = get_u32(&r);
-        memcpy(&a->scale, &bits, 4);
-        r.bad |= !a->target;
-    }
-    if (r.bad || r.at != len) {
-        meta_free(m);
-        return RLB_EPROTO;
-    }
-    return 0;
 }
 
 /* ---- The global plan ------------------------------------------------------------------ */
@@ -1220,13 +976,13 @@ static int fetch_metas(br_xnode *x, const xn_version *xv, char *why, size_t len)
             rc = rlb__store_get(x->store, key, blob, RLB_STORE_VALUE_MAX, &n);
         xn_meta meta;
         if (rc == 0)
-            rc = meta_decode(blob, n, &meta);
+            rc = xn_meta_decode(blob, n, &meta);
         if (rc < 0) {
             free(blob);
             return snprintf(why, len, "node %d's registrations (epoch %" PRIu64 ") cannot be "
                             "read: %s", m, e, rlb_strerror(rc)), rc;
         }
-        meta_free(&x->metas[m]);
+        xn_meta_free(&x->metas[m]);
         x->metas[m] = meta;
         x->epochs[m] = e;
         changed = 1;
@@ -1619,8 +1375,8 @@ static int publish_meta(br_xnode *x, const xn_version *xv, const uint8_t *meta, 
         snprintf(key, sizeof(key), "xreg/%d/%" PRIu64, x->node, x->my_epoch);
         if ((rc = rlb__store_set(x->store, key, meta, len)) < 0)
             return rc;
-        meta_free(&x->metas[x->node]);
-        if ((rc = meta_decode(meta, len, &x->metas[x->node])) < 0)
+        xn_meta_free(&x->metas[x->node]);
+        if ((rc = xn_meta_decode(meta, len, &x->metas[x->node])) < 0)
             return rc;
         x->epochs[x->node] = x->my_epoch;
     }
@@ -2083,7 +1839,7 @@ void br_xnode_stop(bridge *b)
     }
     free_params(&x->gparams);
     for (int m = 0; x->metas && m < x->nnodes; m++)
-        meta_free(&x->metas[m]);
+        xn_meta_free(&x->metas[m]);
     free(x->metas);
     free(x->epochs);
     free(x->beat);
