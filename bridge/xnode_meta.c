@@ -227,7 +227,8 @@ int xn_meta_decode(const void *data, size_t len, xn_meta *m)
     m->wdt = (rlb_dtype)get_u32(&r);
     m->n_bufs = get_u32(&r);
     uint32_t n_tensors = get_u32(&r);
-    if (r.bad || rlb_dtype_size(m->wdt) == 0 || m->n_bufs > len / 8 || n_tensors > len / 16) {
+    /* a buffer's size takes 8 bytes, a tensor 47 at least (a 1-byte name, one dimension) */
+    if (r.bad || rlb_dtype_size(m->wdt) == 0 || m->n_bufs > len / 8 || n_tensors > len / 47) {
         memset(m, 0, sizeof(*m));
         return RLB_EPROTO;
     }
