@@ -491,7 +491,7 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         run_shape(&l, run_opts(1, 1, 0, none), batches, 1, new_tokens, &sr.b1_pdl_off, NULL);
         unsetenv("RLB_CUDA_PDL");
         rlb_cuda_backend_opts unfused = run_opts(1, 1, 0, none);
-        unfused.no_fused_rope = 1;
+        unfused.fused_rope = -1;
         run_shape(&l, unfused, batches, nb, new_tokens, sr.rope_unfused_tok_s, NULL);
         const double floor_s = (double)(sr.weight_bytes + sr.kv_bytes_b1) / (gbs * 1e9);
         sr.fraction = floor_s * sr.tok_s[0];

@@ -26,10 +26,12 @@
  * GEMV with the norm fused (it reads X); a linear into PROJ at TP 1 is remembered and the
  * add(X, PROJ) that follows runs it with the residual add fused (X += y in its epilogue).
  * swiglu is remembered and the down projection's GEMV computes it as it reads GU. In a
- * decode step (every span one token) whose attention runs one key split (large batches)
- * rope_store is remembered too, and the attention kernel of its layer rotates q and k and
- * stores the step's keys and values itself, with the same bits as the two kernels (so
- * batch-invariant mode keeps it). Any other op
+ * decode step (every span one token) whose attention runs one key split (large batches;
+ * opts.fused_rope 1: every decode step, -1: none) rope_store is remembered too, and the
+ * attention kernel of its layer rotates q and k and stores the step's keys and values
+ * itself, with the same bits as the two kernels (so batch-invariant mode keeps it). Where
+ * the keys are split it stays a kernel of its own: fused there, a batch-1 step measured
+ * slower (BENCHMARKS.md). Any other op
  * first issues what is pending in its plain form, so every op keeps the meaning ebackend.h
  * gives it. Per layer that leaves GEMV qkv, attention, GEMV o, GEMV gate_up and GEMV down;
  * the final norm fuses into the LM head likewise.
@@ -906,8 +908,8 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
                     ? 1
                     : rlb__eo_attn_splits(qb * c->kvt, bt->decode_only ? 0 : bt->max_ctx, c->sms,
                                           rows, c->hq, c->ws_vectors);
-    c->fuse_rope = !c->opts.no_fused_rope && bt->decode_only && bt->n_spans == bt->rows &&
-                   c->splits == 1;
+    c->fuse_rope = bt->decode_only && bt->n_spans == bt->rows &&
+                   (c->opts.fused_rope > 0 || (c->opts.fused_rope == 0 && c->splits == 1));
     c->cache = (rlb_eo_cache){kv->k, kv->v, c->dt, c->n_layers, c->kvt,
                               c->hd, kv->block_tokens};
     c->have_step = 1;

@@ -40,9 +40,10 @@ typedef struct rlb_cuda_backend_opts {
                                  * is in the step (see backend_cuda.c) */
     int32_t weight_buffers;     /* 2: a second weight buffer for staged syncs, allocated and
                                  * exportable like the first (<= 1: one) */
-    int32_t no_fused_rope;      /* 1: decode steps of one key split run RoPE and the cache
-                                 * store as a kernel of their own, not inside the attention
-                                 * kernel (benchmarks compare the two) */
+    int32_t fused_rope;         /* RoPE and the cache store inside the attention kernel: 0 in
+                                 * decode steps of one key split (the large batches), 1 in
+                                 * every decode step, -1 never (benchmarks and tests compare
+                                 * them; all give the same bits) */
 } rlb_cuda_backend_opts;
 
 #define RLB_CUDA_BACKEND_OPTS_INIT {.struct_size = sizeof(rlb_cuda_backend_opts), .graphs = 1}

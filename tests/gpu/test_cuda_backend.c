@@ -6,7 +6,8 @@
  *     tokens of the reference) gives logits within 1e-4 of the CPU's (max |d| / max(1,
  *     max |ref|)), and the same greedy tokens;
  *   - decode steps through CUDA graphs (captured, then replayed) give the same bytes as the
- *     same backend with graphs off;
+ *     same backend with graphs off, and as a backend that runs RoPE and the cache store
+ *     inside the attention kernel in every decode step (fused_rope 1);
  *   - sampling on the GPU (greedy, temperature, top-k, top-p) gives what rlb__sample_token
  *     gives on the logits the GPU computed, logprobs within 1e-5;
  *   - int8 post-load copies: within 1e-4 of the CPU backend's int8 (same quantized bytes);
@@ -220,17 +221,24 @@ static rlb_ebackend *cpu_backend(const model *m, rlb_tp_comm *comm, rlb_quant q)
     return b;
 }
 
-static rlb_ebackend *cuda_backend(const rlb_tp_layout *l, const void *w, rlb_quant q, int graphs)
+static rlb_ebackend *cuda_backend_rope(const rlb_tp_layout *l, const void *w, rlb_quant q,
+                                      int graphs, int fused_rope)
 {
     rlb_cuda_backend_opts o = RLB_CUDA_BACKEND_OPTS_INIT;
     o.quant = q;
     o.graphs = graphs;
+    o.fused_rope = fused_rope;
     o.max_batch_tokens = 64;
     o.max_seqs = 8;
     o.max_logit_rows = 64; /* the script asks for every row's logits */
     rlb_ebackend *b = NULL;
     assert_int_equal(rlb__ebackend_cuda_create(l, w, &o, &b), 0);
     return b;
+}
+
+static rlb_ebackend *cuda_backend(const rlb_tp_layout *l, const void *w, rlb_quant q, int graphs)
+{
+    return cuda_backend_rope(l, w, q, graphs, 0);
 }
 
 /* max |a - ref| / max(1, max |ref|) over the rows of the script, each row by itself. */
@@ -278,6 +286,15 @@ static void test_fp32_against_cpu(void **state)
         runner_init(&re, cuda_backend(&m.l32, m.w32, RLB_QUANT_NONE, 0), &m);
         run_script(&re, &sc, 0, eager);
         assert_memory_equal(eager, got, (size_t)(SCRIPT_ROWS * V) * 4);
+        /* RoPE inside the attention kernel at every decode step (here two rows, several
+         * splits, where the default keeps rope_store): the same bytes, graphs or not */
+        for (int graphs = 0; graphs < 2; graphs++) {
+            runner rf;
+            runner_init(&rf, cuda_backend_rope(&m.l32, m.w32, RLB_QUANT_NONE, graphs, 1), &m);
+            run_script(&rf, &sc, 0, eager);
+            assert_memory_equal(eager, got, (size_t)(SCRIPT_ROWS * V) * 4);
+            runner_free(&rf);
+        }
         runner_free(&rc);
         runner_free(&rg);
         runner_free(&re);
