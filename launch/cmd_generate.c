@@ -26,6 +26,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "launch/cli_args.h"
 #include "launch/cmds.h"
 #include "launch/launch.h"
 #include "rlb/rlb.h"
@@ -76,46 +77,17 @@ static void usage(FILE *f)
 
 static int bad_value(const char *opt, const char *val, const char *why)
 {
-    fprintf(stderr, "rlb generate: bad value '%s' for --%s: %s\n", val, opt, why);
-    return 2;
+    return rlb__cli_bad("generate", opt, val, why);
 }
 
-/* Returns 0 when lo <= v <= hi, else 2 (message printed). */
-static int in_range(const char *opt, const char *s, double v, double lo, double hi)
-{
-    if (v >= lo && v <= hi)
-        return 0;
-    char why[96];
-    snprintf(why, sizeof why, "must be in [%.10g, %.10g]", lo, hi);
-    return bad_value(opt, s, why);
-}
-
-/* Parses a whole decimal integer in [lo, hi]. Returns 0 or 2 (message printed). */
 static int parse_long(const char *opt, const char *s, long lo, long hi, long *out)
 {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (end == s || *end || errno)
-        return bad_value(opt, s, "not an integer");
-    int rc = in_range(opt, s, (double)v, (double)lo, (double)hi);
-    if (rc == 0)
-        *out = v;
-    return rc;
+    return rlb__cli_long("generate", opt, s, lo, hi, out);
 }
 
-/* Parses a whole finite number in [lo, hi]. Returns 0 or 2. */
 static int parse_float(const char *opt, const char *s, double lo, double hi, float *out)
 {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (end == s || *end || errno || !isfinite(v))
-        return bad_value(opt, s, "not a finite number");
-    int rc = in_range(opt, s, v, lo, hi);
-    if (rc == 0)
-        *out = (float)v;
-    return rc;
+    return rlb__cli_float("generate", opt, s, lo, hi, out);
 }
 
 /* Parses "1,2,3" into a fresh array of ids in [0, INT32_MAX]. Returns 0 or 2. */

@@ -107,6 +107,7 @@
 #include <unistd.h>
 
 #include "common/shm.h"
+#include "launch/cli_args.h"
 #include "launch/cmds.h"
 #include "launch/stress.h"
 
@@ -1702,6 +1703,16 @@ static void usage(FILE *f)
                "  violated, 1 otherwise (the seed replays the run), 2 on bad usage.\n");
 }
 
+/* A count option in [1, hi]. Returns 0 or 2 (message printed). */
+static int count_opt(const char *opt, const char *s, long hi, uint32_t *out)
+{
+    long v = 0;
+    int rc = rlb__cli_long("stress", opt, s, 1, hi, &v);
+    if (rc == 0)
+        *out = (uint32_t)v;
+    return rc;
+}
+
 static int parse(int argc, char **argv, opts *o)
 {
     static const struct option longopts[] = {
@@ -1714,17 +1725,25 @@ static int parse(int argc, char **argv, opts *o)
     *o = (opts){.duration_s = 60, .seed = 1, .trainers = 2, .replicas = 2, .tp = 1,
                 .clients = 3, .mode = "pause", .faults = RLB_FAULTS_ALL};
     char err[128];
-    int c;
+    int c, rc = 0;
+    long v = 0;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+    while (rc == 0 && (c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (c) {
-        case 'd': o->duration_s = atoi(optarg); break;
-        case 's': o->seed = strtoull(optarg, NULL, 0); break;
-        case 't': o->trainers = (uint32_t)atoi(optarg); break;
-        case 'r': o->replicas = (uint32_t)atoi(optarg); break;
-        case 'k': o->tp = (uint32_t)atoi(optarg); break;
-        case 'c': o->clients = (uint32_t)atoi(optarg); break;
-        case 'm': o->mode = optarg; break;
+        case 'd':
+            if ((rc = rlb__cli_long("stress", "duration", optarg, 1, 7 * 86400, &v)) == 0)
+                o->duration_s = (int)v;
+            break;
+        case 's': rc = rlb__cli_u64("stress", "seed", optarg, &o->seed); break;
+        case 't': rc = count_opt("trainers", optarg, MAX_TRAINERS, &o->trainers); break;
+        case 'r': rc = count_opt("replicas", optarg, MAX_WORKERS, &o->replicas); break;
+        case 'k': rc = count_opt("tp", optarg, MAX_WORKERS, &o->tp); break;
+        case 'c': rc = count_opt("clients", optarg, MAX_CLIENTS, &o->clients); break;
+        case 'm':
+            o->mode = optarg;
+            if (strcmp(o->mode, "pause") && strcmp(o->mode, "staged"))
+                rc = rlb__cli_bad("stress", "mode", optarg, "pause or staged");
+            break;
         case 'f':
             if (rlb__stress_parse_faults(optarg, &o->faults, err, sizeof(err)) < 0) {
                 fprintf(stderr, "rlb stress: --faults: %s\n", err);
@@ -1736,10 +1755,15 @@ static int parse(int argc, char **argv, opts *o)
         default: usage(stderr); return 2;
         }
     }
-    if (optind < argc || o->duration_s < 1 || o->trainers < 1 || o->trainers > MAX_TRAINERS ||
-        o->replicas < 1 || o->tp < 1 || o->replicas * o->tp > MAX_WORKERS || o->clients < 1 ||
-        o->clients > MAX_CLIENTS || (strcmp(o->mode, "pause") && strcmp(o->mode, "staged"))) {
-        usage(stderr);
+    if (rc)
+        return rc;
+    if (optind < argc) {
+        fprintf(stderr, "rlb stress: unexpected argument '%s'\n", argv[optind]);
+        return 2;
+    }
+    if (o->replicas * o->tp > MAX_WORKERS) { /* each at most MAX_WORKERS: no overflow */
+        fprintf(stderr, "rlb stress: --replicas %u x --tp %u is %u workers; at most %d\n",
+                o->replicas, o->tp, o->replicas * o->tp, MAX_WORKERS);
         return 2;
     }
     return -1;
