@@ -19,6 +19,7 @@
 #include "bridge/bridge.h"
 #include "common/conn.h"
 #include "common/log.h"
+#include "common/cli_args.h"
 #include "launch/cmds.h"
 #include "worker/daemon.h"
 
@@ -79,14 +80,14 @@ int rlb__cmd_bridge(int argc, char **argv)
                 rc = 2;
             }
             break;
-        case 'T': rc = rlb__daemon_parse_u64("bridge", "threads", optarg, 0, 256, &threads); break;
+        case 'T': rc = rlb__cli_u64("bridge", "threads", optarg, 0, 256, &threads); break;
         case 'r':
-            rc = rlb__daemon_parse_u64("bridge", "ring-bytes", optarg, 4096, 1ull << 40,
+            rc = rlb__cli_u64("bridge", "ring-bytes", optarg, 4096, 1ull << 40,
                                        &ring_bytes);
             break;
-        case 'N': rc = rlb__daemon_parse_u64("bridge", "nnodes", optarg, 1, 65535, &nnodes); break;
+        case 'N': rc = rlb__cli_u64("bridge", "nnodes", optarg, 1, 65535, &nnodes); break;
         case 'R':
-            rc = rlb__daemon_parse_u64("bridge", "node-rank", optarg, 0, 65534, &node_rank);
+            rc = rlb__cli_u64("bridge", "node-rank", optarg, 0, 65534, &node_rank);
             break;
         case 'k':
             if (sscanf(optarg, "%u:%u", &first, &count) != 2 || count == 0) {

@@ -26,7 +26,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "launch/cli_args.h"
+#include "common/cli_args.h"
 #include "launch/cmds.h"
 #include "launch/launch.h"
 #include "rlb/rlb.h"

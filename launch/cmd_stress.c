@@ -107,7 +107,7 @@
 #include <unistd.h>
 
 #include "common/shm.h"
-#include "launch/cli_args.h"
+#include "common/cli_args.h"
 #include "launch/cmds.h"
 #include "launch/stress.h"
 
@@ -1734,7 +1734,7 @@ static int parse(int argc, char **argv, opts *o)
             if ((rc = rlb__cli_long("stress", "duration", optarg, 1, 7 * 86400, &v)) == 0)
                 o->duration_s = (int)v;
             break;
-        case 's': rc = rlb__cli_u64("stress", "seed", optarg, &o->seed); break;
+        case 's': rc = rlb__cli_u64("stress", "seed", optarg, 0, UINT64_MAX, &o->seed); break;
         case 't': rc = count_opt("trainers", optarg, MAX_TRAINERS, &o->trainers); break;
         case 'r': rc = count_opt("replicas", optarg, MAX_WORKERS, &o->replicas); break;
         case 'k': rc = count_opt("tp", optarg, MAX_WORKERS, &o->tp); break;

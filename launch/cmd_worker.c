@@ -10,6 +10,7 @@
 
 #include "common/conn.h"
 #include "common/log.h"
+#include "common/cli_args.h"
 #include "launch/cmds.h"
 #include "worker/daemon.h"
 
@@ -57,15 +58,15 @@ int rlb__cmd_worker(int argc, char **argv)
         int rc = 0;
         switch (c) {
         case 'b': bridge = optarg; break;
-        case 'd': rc = rlb__daemon_parse_u64("worker", "replica", optarg, 0, 4095, &replica); break;
-        case 'D': rc = rlb__daemon_parse_u64("worker", "replicas", optarg, 1, 4096, &replicas); break;
-        case 't': rc = rlb__daemon_parse_u64("worker", "tp-rank", optarg, 0, 63, &tp_rank); break;
-        case 'T': rc = rlb__daemon_parse_u64("worker", "tp-size", optarg, 1, 64, &tp_size); break;
+        case 'd': rc = rlb__cli_u64("worker", "replica", optarg, 0, 4095, &replica); break;
+        case 'D': rc = rlb__cli_u64("worker", "replicas", optarg, 1, 4096, &replicas); break;
+        case 't': rc = rlb__cli_u64("worker", "tp-rank", optarg, 0, 63, &tp_rank); break;
+        case 'T': rc = rlb__cli_u64("worker", "tp-size", optarg, 1, 64, &tp_size); break;
         case 'm': o.model_dir = optarg; break;
         case 'y': o.model_dir = NULL; break;
         case 'n': no_weights = 1; break;
-        case 'k': rc = rlb__daemon_parse_u64("worker", "kv-mb", optarg, 1, 1u << 20, &kv_mb); break;
-        case 'j': rc = rlb__daemon_parse_u64("worker", "threads", optarg, 0, 256, &threads); break;
+        case 'k': rc = rlb__cli_u64("worker", "kv-mb", optarg, 1, 1u << 20, &kv_mb); break;
+        case 'j': rc = rlb__cli_u64("worker", "threads", optarg, 0, 256, &threads); break;
         case 'h': usage(stdout); return 0;
         default:
             if ((rc = rlb__backend_optarg("worker", c, optarg, &o)) == 1) {

@@ -57,11 +57,6 @@ int rlb__worker_run(const rlb_worker_opts *opts);
 /* Installs SIGTERM / SIGINT handlers that set *flag (without SA_RESTART, so a blocking
  * poll returns at once) and ignores SIGPIPE. */
 void rlb__daemon_stop_on_signals(volatile sig_atomic_t *flag);
-/* Parses a whole decimal number in [lo, hi] given to option --opt of command cmd. Returns
- * 0, or 2 (the usage exit status) after printing why. */
-int rlb__daemon_parse_u64(const char *cmd, const char *opt, const char *text, uint64_t lo,
-                          uint64_t hi, uint64_t *out);
-
 /* The backend options every engine command takes (`rlb worker`, `rlb generate`):
  *   --device auto|cpu|cuda, --gpu N, --dtype bf16|fp16|fp32, --quant
  *   none|int8|fp8|fp8-channel, --gpu-memory-utilization F, --no-graphs, --batch-invariant

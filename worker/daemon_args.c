@@ -1,11 +1,12 @@
 /* daemon_args.c: what the daemon commands (`rlb worker`, `rlb bridge`) share besides their
- * options: stopping on signals, and strict number parsing for their flags. */
+ * options: stopping on signals, and the backend options (numbers through common/cli_args.h). */
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/cli_args.h"
 #include "worker/daemon.h"
 
 static volatile sig_atomic_t *stop_flag;
@@ -28,22 +29,6 @@ void rlb__daemon_stop_on_signals(volatile sig_atomic_t *flag)
     signal(SIGPIPE, SIG_IGN);
 }
 
-int rlb__daemon_parse_u64(const char *cmd, const char *opt, const char *text, uint64_t lo,
-                          uint64_t hi, uint64_t *out)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = text[0] >= '0' && text[0] <= '9' ? strtoull(text, &end, 10) : 0;
-    if (text[0] < '0' || text[0] > '9' || *end || errno || v < lo || v > hi) {
-        fprintf(stderr, "rlb %s: bad value '%s' for --%s: expected a whole number in "
-                "[%llu, %llu]\n", cmd, text, opt, (unsigned long long)lo,
-                (unsigned long long)hi);
-        return 2;
-    }
-    *out = v;
-    return 0;
-}
-
 int rlb__backend_optarg(const char *cmd, int c, const char *arg, rlb_worker_opts *o)
 {
     static const struct {
@@ -59,7 +44,7 @@ int rlb__backend_optarg(const char *cmd, int c, const char *arg, rlb_worker_opts
         fprintf(stderr, "rlb %s: --device is auto, cpu or cuda, not '%s'\n", cmd, arg);
         return 2;
     case 1:
-        if (rlb__daemon_parse_u64(cmd, "gpu", arg, 0, 255, &gpu))
+        if (rlb__cli_u64(cmd, "gpu", arg, 0, 255, &gpu))
             return 2;
         o->cuda_device = (int)gpu;
         return 0;

@@ -1,11 +1,11 @@
-/* test_cli_args.c: option values of the rlb subcommands (launch/cli_args.h) are taken only
+/* test_cli_args.c: option values of the rlb subcommands (common/cli_args.h) are taken only
  * whole and in range:
  *   - integers, unsigned 64-bit seeds and finite numbers: what is accepted, and that
  *     trailing text, a sign where none may be, leading space, overflow and values out of
  *     range are refused with exit status 2 and *out left as it was;
  *   - `rlb stress` with each bad value: exit 2 and one line naming the option and the
  *     value (before this, --trainers -1 became 4294967295 trainers and --replicas 65536
- *     --tp 65536 overflowed past the worker limit).
+ *     --tp 65536 overflowed past the worker limit); `rlb bridge` and `rlb worker` likewise.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -18,7 +18,7 @@
 
 #include <cmocka.h>
 
-#include "launch/cli_args.h"
+#include "common/cli_args.h"
 
 static void test_long(void **state)
 {
@@ -41,14 +41,18 @@ static void test_u64(void **state)
 {
     (void)state;
     uint64_t v = 7;
-    assert_int_equal(rlb__cli_u64("t", "seed", "18446744073709551615", &v), 0);
+    assert_int_equal(rlb__cli_u64("t", "seed", "18446744073709551615", 0, UINT64_MAX, &v), 0);
     assert_true(v == UINT64_MAX);
-    assert_int_equal(rlb__cli_u64("t", "seed", "0x10", &v), 0);
+    assert_int_equal(rlb__cli_u64("t", "seed", "0x10", 0, UINT64_MAX, &v), 0);
     assert_true(v == 16);
-    const char *bad[] = {"", "-1", "+1", " 1", "1x", "18446744073709551616", "0xg"};
+    assert_int_equal(rlb__cli_u64("t", "n", "4096", 4096, 4096, &v), 0);
+    assert_true(v == 4096);
+    const char *bad[] = {"", "-1", "+1", " 1", "1x", "18446744073709551616", "0xg", "4095",
+                         "4097"};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         v = 7;
-        assert_int_equal(rlb__cli_u64("t", "seed", bad[i], &v), 2);
+        assert_int_equal(rlb__cli_u64("t", "n", bad[i], i < 7 ? 0 : 4096,
+                                      i < 7 ? UINT64_MAX : 4096, &v), 2);
         assert_true(v == 7);
     }
 }
@@ -67,32 +71,35 @@ static void test_float(void **state)
     }
 }
 
-/* Runs `rlb stress ARGS`; expects exit 2 and `want` in what it printed. */
-static void stress_refuses(const char *args, const char *want)
+/* Runs `rlb ARGS`; expects exit 2 and `want` in what it printed. */
+static void rlb_refuses(const char *args, const char *want)
 {
     char cmd[512], out[1024] = "";
-    snprintf(cmd, sizeof cmd, "%s stress %s 2>&1", RLB_BIN, args);
+    snprintf(cmd, sizeof cmd, "%s %s 2>&1", RLB_BIN, args);
     FILE *p = popen(cmd, "r");
     assert_non_null(p);
     size_t n = fread(out, 1, sizeof out - 1, p);
     out[n] = 0;
     int st = pclose(p);
     if (!WIFEXITED(st) || WEXITSTATUS(st) != 2 || !strstr(out, want))
-        fail_msg("rlb stress %s: status %d, output '%s' (wanted exit 2 and '%s')", args, st,
+        fail_msg("rlb %s: status %d, output '%s' (wanted exit 2 and '%s')", args, st,
                  out, want);
 }
 
-static void test_stress_options(void **state)
+static void test_commands(void **state)
 {
     (void)state;
-    stress_refuses("--trainers -1", "bad value '-1' for --trainers: must be in [1, 8]");
-    stress_refuses("--duration 10abc", "bad value '10abc' for --duration: not an integer");
-    stress_refuses("--seed -3", "bad value '-3' for --seed");
-    stress_refuses("--replicas 65536 --tp 65536", "bad value '65536' for --replicas");
-    stress_refuses("--replicas 8 --tp 4", "--replicas 8 x --tp 4 is 32 workers; at most 16");
-    stress_refuses("--mode fast", "bad value 'fast' for --mode: pause or staged");
-    stress_refuses("--clients 0", "bad value '0' for --clients");
-    stress_refuses("--duration 5 extra", "unexpected argument 'extra'");
+    rlb_refuses("stress --trainers -1", "bad value '-1' for --trainers: must be in [1, 8]");
+    rlb_refuses("stress --duration 10abc", "bad value '10abc' for --duration: not an integer");
+    rlb_refuses("stress --seed -3", "bad value '-3' for --seed");
+    rlb_refuses("stress --replicas 65536 --tp 65536", "bad value '65536' for --replicas");
+    rlb_refuses("stress --replicas 8 --tp 4", "--replicas 8 x --tp 4 is 32 workers; at most 16");
+    rlb_refuses("stress --mode fast", "bad value 'fast' for --mode: pause or staged");
+    rlb_refuses("stress --clients 0", "bad value '0' for --clients");
+    rlb_refuses("stress --duration 5 extra", "unexpected argument 'extra'");
+    rlb_refuses("bridge --threads 300", "bad value '300' for --threads: must be in [0, 256]");
+    rlb_refuses("bridge --nnodes 2x", "bad value '2x' for --nnodes: not an unsigned integer");
+    rlb_refuses("worker --gpu -1", "bad value '-1' for --gpu");
 }
 
 int main(void)
@@ -101,7 +108,7 @@ int main(void)
         cmocka_unit_test(test_long),
         cmocka_unit_test(test_u64),
         cmocka_unit_test(test_float),
-        cmocka_unit_test(test_stress_options),
+        cmocka_unit_test(test_commands),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

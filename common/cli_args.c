@@ -1,5 +1,5 @@
 /* cli_args.c: whole option values for the rlb subcommands (cli_args.h). */
-#include "launch/cli_args.h"
+#include "common/cli_args.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -38,14 +38,21 @@ int rlb__cli_long(const char *cmd, const char *opt, const char *s, long lo, long
     return rc;
 }
 
-int rlb__cli_u64(const char *cmd, const char *opt, const char *s, uint64_t *out)
+int rlb__cli_u64(const char *cmd, const char *opt, const char *s, uint64_t lo, uint64_t hi,
+                 uint64_t *out)
 {
     char *end;
     errno = 0;
     unsigned long long v = strtoull(s, &end, 0);
     /* strtoull takes a sign and wraps a negative value: refuse anything not a digit first */
     if (!isdigit((unsigned char)*s) || end == s || *end || errno)
-        return rlb__cli_bad(cmd, opt, s, "not an unsigned 64-bit integer");
+        return rlb__cli_bad(cmd, opt, s, "not an unsigned integer");
+    if (v < lo || v > hi) {
+        char why[96];
+        snprintf(why, sizeof why, "must be in [%llu, %llu]", (unsigned long long)lo,
+                 (unsigned long long)hi);
+        return rlb__cli_bad(cmd, opt, s, why);
+    }
     *out = (uint64_t)v;
     return 0;
 }
