@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/cli_args.h"
 #include "common/clock.h"
 #include "launch/cmds.h"
 #include "rlb/rlb.h"
@@ -305,32 +306,39 @@ int rlb__cmd_demo(int argc, char **argv)
                                              {"device", required_argument, NULL, 'd'},
                                              {"help", no_argument, NULL, 'h'},
                                              {NULL, 0, NULL, 0}};
-    const char *steps = "50", *mode = "pause", *seed = "1";
+    const char *mode = "pause";
+    long n_steps = 50;
+    uint64_t seed_v = 1;
     rlb_device device = rlb__backend_device_env();
-    int c;
+    int c, rc = 0;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+    while (rc == 0 && (c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (c) {
-        case 's': steps = optarg; break;
-        case 'm': mode = optarg; break;
-        case 'S': seed = optarg; break;
+        case 's': rc = rlb__cli_long("demo", "steps", optarg, 1, 100000, &n_steps); break;
+        case 'm':
+            mode = optarg;
+            if (strcmp(mode, "pause") && strcmp(mode, "staged"))
+                rc = rlb__cli_bad("demo", "mode", optarg, "pause or staged");
+            break;
+        case 'S': rc = rlb__cli_u64("demo", "seed", optarg, 0, UINT64_MAX, &seed_v); break;
         case 'd':
-            if (rlb__device_parse(optarg, &device) < 0) {
-                usage(stderr);
-                return 2;
-            }
+            if (rlb__device_parse(optarg, &device) < 0)
+                rc = rlb__cli_bad("demo", "device", optarg, "auto, cpu or cuda");
             break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
     }
-    char *end;
-    long n_steps = strtol(steps, &end, 10);
-    if (optind < argc || *end || n_steps < 1 || n_steps > 100000 ||
-        (strcmp(mode, "pause") && strcmp(mode, "staged"))) {
-        usage(stderr);
+    if (rc)
+        return rc;
+    if (optind < argc) {
+        fprintf(stderr, "rlb demo: unexpected argument '%s'\n", argv[optind]);
         return 2;
     }
+    /* the trainer reads them in decimal */
+    char steps[24], seed[24];
+    snprintf(steps, sizeof steps, "%ld", n_steps);
+    snprintf(seed, sizeof seed, "%llu", (unsigned long long)seed_v);
     demo *d = calloc(1, sizeof(*d));
     if (!d || find_programs(d) < 0) {
         free(d);
@@ -357,7 +365,7 @@ int rlb__cmd_demo(int argc, char **argv)
                "the CPU\n", mode);
         gpu = 0;
     }
-    int rc = run(d, steps, mode, seed, gpu);
+    rc = run(d, steps, mode, seed, gpu);
     if (interrupted)
         fprintf(stderr, "\nrlb demo: interrupted; stopping everything\n");
     /* The trainer first (it is a client), then the workers, then the bridge. */

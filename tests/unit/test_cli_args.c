@@ -5,7 +5,8 @@
  *     range are refused with exit status 2 and *out left as it was;
  *   - `rlb stress` with each bad value: exit 2 and one line naming the option and the
  *     value (before this, --trainers -1 became 4294967295 trainers and --replicas 65536
- *     --tp 65536 overflowed past the worker limit); `rlb bridge` and `rlb worker` likewise.
+ *     --tp 65536 overflowed past the worker limit); `rlb bridge`, `rlb worker` and `rlb
+ *     demo` likewise.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -100,6 +101,9 @@ static void test_commands(void **state)
     rlb_refuses("bridge --threads 300", "bad value '300' for --threads: must be in [0, 256]");
     rlb_refuses("bridge --nnodes 2x", "bad value '2x' for --nnodes: not an unsigned integer");
     rlb_refuses("worker --gpu -1", "bad value '-1' for --gpu");
+    /* before: the demo started its daemons and the trainer read seed 0 */
+    rlb_refuses("demo --seed abc", "bad value 'abc' for --seed: not an unsigned integer");
+    rlb_refuses("demo --steps 0", "bad value '0' for --steps: must be in [1, 100000]");
 }
 
 int main(void)
