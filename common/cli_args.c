@@ -13,17 +13,6 @@ int rlb__cli_bad(const char *cmd, const char *opt, const char *val, const char *
     return 2;
 }
 
-/* 0 when lo <= v <= hi, else 2 (message printed). */
-static int in_range(const char *cmd, const char *opt, const char *s, double v, double lo,
-                    double hi)
-{
-    if (v >= lo && v <= hi)
-        return 0;
-    char why[96];
-    snprintf(why, sizeof why, "must be in [%.10g, %.10g]", lo, hi);
-    return rlb__cli_bad(cmd, opt, s, why);
-}
-
 int rlb__cli_long(const char *cmd, const char *opt, const char *s, long lo, long hi,
                   long *out)
 {
@@ -32,10 +21,13 @@ int rlb__cli_long(const char *cmd, const char *opt, const char *s, long lo, long
     long v = strtol(s, &end, 10);
     if (end == s || *end || errno || isspace((unsigned char)*s))
         return rlb__cli_bad(cmd, opt, s, "not an integer");
-    int rc = in_range(cmd, opt, s, (double)v, (double)lo, (double)hi);
-    if (rc == 0)
-        *out = v;
-    return rc;
+    if (v < lo || v > hi) {
+        char why[96];
+        snprintf(why, sizeof why, "must be in [%ld, %ld]", lo, hi);
+        return rlb__cli_bad(cmd, opt, s, why);
+    }
+    *out = v;
+    return 0;
 }
 
 int rlb__cli_u64(const char *cmd, const char *opt, const char *s, uint64_t lo, uint64_t hi,
@@ -65,8 +57,11 @@ int rlb__cli_float(const char *cmd, const char *opt, const char *s, double lo, d
     double v = strtod(s, &end);
     if (end == s || *end || errno || !isfinite(v) || isspace((unsigned char)*s))
         return rlb__cli_bad(cmd, opt, s, "not a finite number");
-    int rc = in_range(cmd, opt, s, v, lo, hi);
-    if (rc == 0)
-        *out = (float)v;
-    return rc;
+    if (!(v >= lo && v <= hi)) {
+        char why[96];
+        snprintf(why, sizeof why, "must be in [%.10g, %.10g]", lo, hi);
+        return rlb__cli_bad(cmd, opt, s, why);
+    }
+    *out = (float)v;
+    return 0;
 }

@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bridge/bridge.h"
 #include "common/cli_args.h"
 #include "common/clock.h"
 #include "launch/cmds.h"
@@ -309,6 +310,7 @@ int rlb__cmd_demo(int argc, char **argv)
     const char *mode = "pause";
     long n_steps = 50;
     uint64_t seed_v = 1;
+    rlb_sync_mode sync;
     rlb_device device = rlb__backend_device_env();
     int c, rc = 0;
     optind = 1;
@@ -317,7 +319,7 @@ int rlb__cmd_demo(int argc, char **argv)
         case 's': rc = rlb__cli_long("demo", "steps", optarg, 1, 100000, &n_steps); break;
         case 'm':
             mode = optarg;
-            if (strcmp(mode, "pause") && strcmp(mode, "staged"))
+            if (rlb__sync_mode_parse(mode, &sync) < 0)
                 rc = rlb__cli_bad("demo", "mode", optarg, "pause or staged");
             break;
         case 'S': rc = rlb__cli_u64("demo", "seed", optarg, 0, UINT64_MAX, &seed_v); break;

@@ -106,8 +106,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "common/shm.h"
+#include "bridge/bridge.h"
 #include "common/cli_args.h"
+#include "common/shm.h"
 #include "launch/cmds.h"
 #include "launch/stress.h"
 
@@ -1727,6 +1728,7 @@ static int parse(int argc, char **argv, opts *o)
     char err[128];
     int c, rc = 0;
     long v = 0;
+    rlb_sync_mode sync;
     optind = 1;
     while (rc == 0 && (c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (c) {
@@ -1741,7 +1743,7 @@ static int parse(int argc, char **argv, opts *o)
         case 'c': rc = count_opt("clients", optarg, MAX_CLIENTS, &o->clients); break;
         case 'm':
             o->mode = optarg;
-            if (strcmp(o->mode, "pause") && strcmp(o->mode, "staged"))
+            if (rlb__sync_mode_parse(o->mode, &sync) < 0)
                 rc = rlb__cli_bad("stress", "mode", optarg, "pause or staged");
             break;
         case 'f':

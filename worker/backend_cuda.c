@@ -31,10 +31,10 @@
  * attention kernel of its layer rotates q and k and stores the step's keys and values
  * itself, with the same bits as the two kernels (so batch-invariant mode keeps it). Where
  * the keys are split it stays a kernel of its own: fused there, a batch-1 step measured
- * slower (BENCHMARKS.md). Any other op
- * first issues what is pending in its plain form, so every op keeps the meaning ebackend.h
- * gives it. Per layer that leaves GEMV qkv, attention, GEMV o, GEMV gate_up and GEMV down;
- * the final norm fuses into the LM head likewise.
+ * slower (BENCHMARKS.md). Any other op first issues what is pending in its plain form, so
+ * every op keeps the meaning ebackend.h gives it. Per layer that leaves GEMV qkv,
+ * (rope_store,) attention, GEMV o, GEMV gate_up and GEMV down; the final norm fuses into
+ * the LM head likewise.
  *
  * The engine's kernels launch with programmatic dependent launch (kernels/cuda/pdl.cuh;
  * RLB_CUDA_PDL=0 turns it off): each may start while the one before it finishes, and the

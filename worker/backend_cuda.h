@@ -52,19 +52,18 @@ typedef struct rlb_cuda_backend_opts {
  * `host_weights`, layout->total_bytes, when not NULL, and keeps it bound: postload uploads
  * it again) and the activation buffers of a step of the opts' maximum size, and runs
  * post-load processing; a rank of T > 1 then joins its group (rlb__cuda_backend_join_tp)
- * before its first step. Logs the memory plan. Returns 0,
- * RLB_EINVAL, RLB_EDTYPE (a layout dtype other than f32 / bf16 / f16), RLB_EUNSUPPORTED
- * (a head_dim without kernels; logged by name), RLB_ENOMEM (not enough
- * device memory: the log says how much is needed and free) or RLB_ECUDA. */
+ * before its first step. Logs the memory plan. Returns 0, RLB_EINVAL, RLB_EDTYPE (a layout
+ * dtype other than f32 / bf16 / f16), RLB_EUNSUPPORTED (a head_dim without kernels; logged
+ * by name), RLB_ENOMEM (not enough device memory: the log says how much is needed and
+ * free) or RLB_ECUDA. */
 int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weights,
                               const rlb_cuda_backend_opts *opts, rlb_ebackend **out);
 
 /* T > 1: makes the NCCL communicator of the TP group (before the rank's first step).
- * Collective over `comm`, the group's own
- * communicator (common/tp_comm.h: this rank, T ranks): rank 0 makes the unique id and every
- * rank gets it through comm, so the group needs nothing but what already joins it; its
- * waits are comm's, bounded, and a rank that died ends them. NCCL then takes one GPU per
- * rank. Returns 0 (also for T == 1 and a rank that joined already), RLB_EINVAL (comm is not
+ * Collective over `comm`, the group's own communicator (common/tp_comm.h: this rank, T
+ * ranks): rank 0 makes the unique id and every rank gets it through comm, so the group
+ * needs nothing but what already joins it; its waits are comm's, bounded, and a rank that
+ * died ends them. NCCL then takes one GPU per rank. Returns 0 (also for T == 1 and a rank that joined already), RLB_EINVAL (comm is not
  * this rank's group), RLB_EPEERDEAD / RLB_ETIMEDOUT (comm's), RLB_EUNSUPPORTED (no NCCL in
  * this build) or RLB_ECUDA (NCCL refused: logged, e.g. two ranks on one GPU). */
 int rlb__cuda_backend_join_tp(rlb_ebackend *b, rlb_tp_comm *comm);

@@ -362,18 +362,19 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp)
      * (rope_store_kernel's bits) before its first tile reads them back: the tile loads
      * go through L2 (__ldcg), where the block's stores are once __syncthreads passed */
     const bool rope = a.inv_freq != nullptr;
-    for (int i = tid; i < nv * HD; i += blockDim.x) {
-        int64_t v = v0 + i / HD, d = i % HD;
-        int64_t row = row0 + v / grp, h = g * grp + v % grp;
+    const int qn = rope ? HD / 2 : HD; /* a thread takes a rotated pair, or one element */
+    for (int i = tid; i < nv * qn; i += blockDim.x) {
+        const int vi = i / qn, j = i % qn;
+        const int64_t v = v0 + vi, row = row0 + v / grp, h = g * grp + v % grp;
         const float *qh = a.qkv + row * qstride + h * HD;
-        float x = qh[d];
-        if (rope) {
-            const int64_t j = d % (HD / 2);
-            float x1 = qh[j], x2 = qh[j + HD / 2];
-            rope_pair(a.inv_freq, j, a.pos[row], x1, x2);
-            x = d < HD / 2 ? x1 : x2;
+        if (!rope) {
+            sq[vi][j] = qh[j];
+            continue;
         }
-        sq[i / HD][d] = x;
+        float x1 = qh[j], x2 = qh[j + HD / 2];
+        rope_pair(a.inv_freq, j, a.pos[row], x1, x2);
+        sq[vi][j] = x1;
+        sq[vi][j + HD / 2] = x2;
     }
     if (rope && a.slot[row0] >= 0 && a.pos[row0] >= k0 && a.pos[row0] < k1) {
         const int32_t newp = a.pos[row0];
