@@ -20,6 +20,9 @@
  *                         gemm_tflops), over the measured step time
  *   decode_b1_no_gemv_tok_s       batch 1 with cuBLASLt for every product instead of the
  *                         decode GEMV (kernels/cuda/gemv.h)
+ *   decode_bB_attn_classic_tok_s  every batch with the classic attention kernel in decode
+ *                         steps instead of the tensor-core decode kernel (--main-only
+ *                         prints it too: the before and after of that kernel in one run)
  *   decode_bB_rope_unfused_tok_s  every batch with RoPE and the cache store as a kernel of
  *                         their own instead of inside the attention kernel (the backend
  *                         fuses them only in decode steps of one key split, the large
@@ -273,6 +276,7 @@ static double gemm_tflops(void)
 typedef struct shape_result {
     double tok_s[MAX_BATCHES], b1_graphs_off, b1_no_gemv, prefill_tok_s, fraction;
     double b1_pdl_off, fp8_tok_s[2], roofline_fraction, rope_unfused_tok_s[MAX_BATCHES];
+    double classic_tok_s[MAX_BATCHES];
     double invariant_tok_s[2], invariant_prefill_tok_s; /* batch-invariant mode */
     uint64_t weight_bytes, kv_bytes_b1;
 } shape_result;
@@ -473,10 +477,13 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         const rlb_quant none = RLB_QUANT_NONE;
         run_shape(&l, run_opts(1, 1, 0, none), batches, nb, new_tokens, sr.tok_s,
                   &sr.prefill_tok_s);
+        rlb_cuda_backend_opts classic = run_opts(1, 1, 0, none);
+        classic.classic_attention = 1;
+        run_shape(&l, classic, batches, nb, new_tokens, sr.classic_tok_s, NULL);
         if (main_only) {
             for (int i = 0; i < nb; i++)
-                printf("%s decode batch %-4lld %10.1f tok/s\n", names[big],
-                       (long long)batches[i], sr.tok_s[i]);
+                printf("%s decode batch %-4lld %10.1f tok/s (classic attention %.1f)\n",
+                       names[big], (long long)batches[i], sr.tok_s[i], sr.classic_tok_s[i]);
             rlb__tp_layout_free(&l);
             continue;
         }
@@ -517,6 +524,9 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         for (int i = 0; i < nb; i++)
             printf("  decode batch %-4lld RoPE unfused %10.1f tok/s\n", (long long)batches[i],
                    sr.rope_unfused_tok_s[i]);
+        for (int i = 0; i < nb; i++)
+            printf("  decode batch %-4lld classic attention %10.1f tok/s\n",
+                   (long long)batches[i], sr.classic_tok_s[i]);
         for (int i = 0; i < ni; i++)
             printf("  decode batch %-4lld fp8 %10.1f tok/s\n", (long long)batches[i],
                    sr.fp8_tok_s[i]);
@@ -545,6 +555,10 @@ int rlb__bench_engine_cuda(int argc, char **argv)
             jn += snprintf(json + jn, sizeof json - (size_t)jn,
                            ",\"decode_b%lld_rope_unfused_tok_s\":%.1f", (long long)batches[i],
                            sr.rope_unfused_tok_s[i]);
+        for (int i = 0; i < nb; i++)
+            jn += snprintf(json + jn, sizeof json - (size_t)jn,
+                           ",\"decode_b%lld_attn_classic_tok_s\":%.1f", (long long)batches[i],
+                           sr.classic_tok_s[i]);
         jn += snprintf(json + jn, sizeof json - (size_t)jn,
                        ",\"decode_b1_pdl_off_tok_s\":%.1f,\"decode_b%lld_fraction_of_roofline\":"
                        "%.3f", sr.b1_pdl_off, (long long)batches[nb - 1], sr.roofline_fraction);

@@ -31,7 +31,7 @@
 #   engine-ab the engine's decode (--main-only, 1B and 8B, two interleaved rounds) of this
 #             tree against the tree in .devtools/base.tar (`git archive REV -o
 #             .devtools/base.tar` here; its rlb-bench-engine is built on the device), the
-#             before and after of a kernel change in one call
+#             before and after of a kernel change in one call (RLB_AB_ROUNDS: rounds, 2)
 #   multi     (two GPUs or more) rlb generate --tp 2 on two GPUs against HF's greedy tokens,
 #             the peer-copy and NCCL transport tests, and examples/grpo_torch.py with an
 #             FSDP2 world of 2 under torchrun and a TP-2 worker replica over NCCL
@@ -132,14 +132,14 @@ for step in "$@"; do
                 > "$out/ab-configure.log" 2>&1 &&
             cmake --build "$base/b" -j16 --target rlb-bench-engine > "$out/ab-build.log" 2>&1 ||
             { echo "engine-ab: the base tree did not build"; tail -20 "$out/ab-build.log"; continue; }
-        for round in 1 2; do
+        for round in $(seq "${RLB_AB_ROUNDS:-2}"); do
             for shape in 1b 8b; do
                 for tree in this base; do
                     bin=build-gpu/bench/rlb-bench-engine
                     [ $tree = base ] && bin=$base/b/bench/rlb-bench-engine
                     echo "$shape $tree (round $round): $(timeout 120 $bin --device cuda \
                         --shape $shape --main-only 2>&1 | tee -a "$out/engine-ab.log" |
-                        awk '/decode batch/ {printf "b%s %s  ", $4, $5}')"
+                        awk '$2 == "decode" && $3 == "batch" {c = $9; sub(/\)/, "", c); printf "b%s %s (classic %s)  ", $4, $5, c}')"
                 done
             done
         done ;;

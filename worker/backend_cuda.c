@@ -31,7 +31,11 @@
  * attention kernel of its layer rotates q and k and stores the step's keys and values
  * itself, with the same bits as the two kernels (so batch-invariant mode keeps it). Where
  * the keys are split it stays a kernel of its own: fused there, a batch-1 step measured
- * slower (BENCHMARKS.md). Any other op first issues what is pending in its plain form, so
+ * slower (BENCHMARKS.md). Outside batch-invariant mode a decode step attends with the
+ * tensor-core decode kernel where it applies (bf16 cache, head_dim 64 or 128, at most 16 q
+ * heads per kv head; rlb_eo_attn.one_row), a sum in another order than the classic
+ * kernel's (opts.classic_attention 1 keeps the classic one). Any other op first issues
+ * what is pending in its plain form, so
  * every op keeps the meaning ebackend.h gives it. Per layer that leaves GEMV qkv,
  * (rope_store,) attention, GEMV o, GEMV gate_up and GEMV down; the final norm fuses into
  * the LM head likewise.
@@ -197,6 +201,7 @@ typedef struct cuda_backend {
     int pending_swiglu;       /* GEMV step: swiglu(GU -> ACT) not yet issued (the down
                                * projection's GEMV computes it as it reads) */
     int fuse_rope;            /* decode step: rope_store is deferred to the attention */
+    int one_row;              /* decode step, every span one row: rlb_eo_attn.one_row */
     int pending_rope;         /* the layer of a deferred rope_store, or -1 */
     int bucket;               /* graph bucket of the step, or -1 */
     int capturing;
@@ -908,6 +913,9 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
                     ? 1
                     : rlb__eo_attn_splits(qb * c->kvt, bt->decode_only ? 0 : bt->max_ctx, c->sms,
                                           rows, c->hq, c->ws_vectors);
+    /* not in batch-invariant mode: the kernel choice would depend on the step's other rows */
+    c->one_row = bt->decode_only && bt->n_spans == bt->rows && !c->opts.batch_invariant &&
+                 c->opts.classic_attention != 1;
     c->fuse_rope = bt->decode_only && bt->n_spans == bt->rows &&
                    (c->opts.fused_rope > 0 || (c->opts.fused_rope == 0 && c->splits == 1));
     c->cache = (rlb_eo_cache){kv->k, kv->v, c->dt, c->n_layers, c->kvt,
@@ -979,16 +987,18 @@ static int be_rmsnorm(rlb_ebackend *b, rlb_ebuf src, rlb_wkind w, int layer, rlb
     if (src != RLB_EBUF_X || !wp || (dst != RLB_EBUF_X && dst != RLB_EBUF_H))
         return step_fail(c, RLB_EINVAL);
     const rlb_dtype ydt = dst == RLB_EBUF_H ? c->dt : RLB_DTYPE_F32;
+    /* the pending add into X is this norm's to absorb: flush_pending would issue it alone
+     * (what else is pending came after it and does not touch X) */
+    const int a = c->pending_add;
+    c->pending_add = -1;
     int rc = flush_pending(c);
     if (rc)
         return step_fail(c, rc);
-    if (dst == RLB_EBUF_H && c->pending_add < 0 && gemv_rows(c, c->rows, NULL)) {
+    if (dst == RLB_EBUF_H && a < 0 && gemv_rows(c, c->rows, NULL)) {
         c->pending_norm = wp; /* the next linear from H reads X with the norm fused */
         return 0;
     }
-    if (c->pending_add >= 0) {
-        int a = c->pending_add;
-        c->pending_add = -1;
+    if (a >= 0) {
         rc = rlb__eo_add_rmsnorm(c->stream, c->buf[RLB_EBUF_X], c->buf[a], wp, c->dt, c->rows,
                                  c->D, c->eps, c->buf[dst], ydt);
     } else {
@@ -1069,6 +1079,7 @@ static int be_attention(rlb_ebackend *b, int layer)
         .slot = rope ? c->dmeta.slot : NULL,
         .out = c->buf[RLB_EBUF_ATTN],
         .out_dt = c->dt,
+        .one_row = c->one_row,
     };
     if (!rc)
         rc = rlb__eo_attention(c->stream, &a, &c->cache, layer);

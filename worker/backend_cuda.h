@@ -44,6 +44,8 @@ typedef struct rlb_cuda_backend_opts {
                                  * decode steps of one key split (the large batches), 1 in
                                  * every decode step, -1 never (benchmarks and tests compare
                                  * them; all give the same bits) */
+    int32_t classic_attention;  /* 1: decode steps attend with the classic kernel, not the
+                                 * tensor-core decode kernel (benchmarks compare them) */
 } rlb_cuda_backend_opts;
 
 #define RLB_CUDA_BACKEND_OPTS_INIT {.struct_size = sizeof(rlb_cuda_backend_opts), .graphs = 1}

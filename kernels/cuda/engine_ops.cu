@@ -8,8 +8,10 @@
  * (the same bits as kernels/cpu/convert.h). Attention differs from the CPU's two-pass
  * softmax only in rounding: it is the online (flash) form, a running max and sum per query
  * vector over tiles of RLB_EO_KTILE keys, and with splits > 1 each split's (acc, max, sum)
- * is combined by attn_combine. Sampling follows sample.c step for step (z = logit / T,
- * p = expf(z - max) as float, score = p / -log(u) in double, the first index of the
+ * is combined by attn_combine; decode steps of a bf16 cache may run attn_decode_tc
+ * instead (tensor cores; its comment says how it keeps f32-like sums). Sampling follows
+ * sample.c step for step (z = logit / T, p = expf(z - max) as float, score = p / -log(u)
+ * in double, the first index of the
  * largest score or logit wins, logsumexp accumulated in double) with the noise of
  * kernels/cpu/noise.h compiled for the device, so a sample differs from the CPU's only
  * where two scores lie within an ulp of expf. Top-k and top-p select by radix over z's
@@ -35,7 +37,10 @@
 
 #include <math.h>
 
+#include <cuda_bf16.h>
 #include <cuda_fp8.h>
+
+#include <type_traits>
 
 #include "kernels/cpu/noise.h"
 #include "kernels/cpu/sample.h"
@@ -160,6 +165,38 @@ unsigned grid_for(int64_t n, int threads)
 
 /* ---- Elementwise ------------------------------------------------------------------------ */
 
+/* A thread's loads in flight at once, in the passes over rows (rmsnorm, sampling) whose
+ * few elements per thread would otherwise wait on memory one after another. */
+constexpr int kLoadBatch = 8;
+
+/* x[b + u * blockDim.x] for u < kLoadBatch, all loads issued before any is used (0 past hi). */
+__device__ __forceinline__ void load_batch(const float *x, int64_t b, int64_t hi,
+                                           float (&xv)[kLoadBatch])
+{
+#pragma unroll
+    for (int u = 0; u < kLoadBatch; u++) {
+        const int64_t i = b + u * (int64_t)blockDim.x;
+        xv[u] = i < hi ? x[i] : 0.0f;
+    }
+}
+
+/* f(i, x[i]) for the thread's i in [lo, hi) (lo + threadIdx.x, then every blockDim.x), in
+ * ascending order, the loads kLoadBatch at a time. */
+template <class F>
+__device__ __forceinline__ void scan_ascending(const float *x, int64_t lo, int64_t hi, F f)
+{
+    for (int64_t b = lo + threadIdx.x; b < hi; b += kLoadBatch * (int64_t)blockDim.x) {
+        float xv[kLoadBatch];
+        load_batch(x, b, hi, xv);
+#pragma unroll
+        for (int u = 0; u < kLoadBatch; u++) {
+            const int64_t i = b + u * (int64_t)blockDim.x;
+            if (i < hi)
+                f(i, xv[u]);
+        }
+    }
+}
+
 template <typename T>
 __global__ void embed_kernel(const T *table, int64_t vocab0, int64_t v_local, int64_t D,
                              const int32_t *tokens, float *x)
@@ -179,20 +216,44 @@ __global__ void rmsnorm_kernel(float *x, const float *a, const int32_t *rows_ind
     RLB_PDL_ENTRY();
     int64_t r = blockIdx.x, src = rows_index ? rows_index[r] : r;
     float *xr = x + src * D;
+    const float *ar = a ? a + src * D : nullptr;
     double ss = 0.0;
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-        float v = xr[d];
-        if (a) {
-            v = v + a[src * D + d];
-            xr[d] = v;
+    for (int64_t d0 = threadIdx.x; d0 < D; d0 += kLoadBatch * (int64_t)blockDim.x) {
+        float xv[kLoadBatch], av[kLoadBatch];
+        load_batch(xr, d0, D, xv);
+        if (ar)
+            load_batch(ar, d0, D, av);
+#pragma unroll
+        for (int u = 0; u < kLoadBatch; u++) { /* a thread's elements in ascending order */
+            const int64_t d = d0 + u * (int64_t)blockDim.x;
+            if (d >= D)
+                continue;
+            float v = xv[u];
+            if (ar) {
+                v = v + av[u];
+                xr[d] = v;
+            }
+            ss += (double)v * (double)v;
         }
-        ss += (double)v * (double)v;
     }
     ss = block_sum_d(ss);
     float var = (float)(ss / (double)D);
     float inv = 1.0f / sqrtf(var + eps);
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
-        st(y, r * D + d, ld(w, d) * (xr[d] * inv));
+    for (int64_t d0 = threadIdx.x; d0 < D; d0 += kLoadBatch * (int64_t)blockDim.x) {
+        float xv[kLoadBatch], wv[kLoadBatch];
+        load_batch(xr, d0, D, xv);
+#pragma unroll
+        for (int u = 0; u < kLoadBatch; u++) {
+            const int64_t d = d0 + u * (int64_t)blockDim.x;
+            wv[u] = d < D ? ld(w, d) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < kLoadBatch; u++) {
+            const int64_t d = d0 + u * (int64_t)blockDim.x;
+            if (d < D)
+                st(y, r * D + d, wv[u] * (xv[u] * inv));
+        }
+    }
 }
 
 __global__ void add_kernel(float *x, const float *a, int64_t n)
@@ -212,15 +273,18 @@ __global__ void bias_kernel(float *y, const B *bias, int64_t rows, int64_t cols)
         y[i] = y[i] + ld(bias, i % cols);
 }
 
+/* Rows over grid.y, columns over grid.x (no 64-bit division per element). */
 template <typename O>
 __global__ void swiglu_kernel(const float *gu, int64_t rows, int64_t inter, O *out)
 {
     RLB_PDL_ENTRY();
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * inter;
-         i += (int64_t)gridDim.x * blockDim.x) {
-        int64_t r = i / inter, c = i % inter;
-        float g = gu[r * 2 * inter + c], u = gu[r * 2 * inter + inter + c];
-        st(out, i, g / (1.0f + expf(-g)) * u);
+    for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+        const float *gr = gu + r * 2 * inter, *ur = gr + inter;
+        for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < inter;
+             c += (int64_t)gridDim.x * blockDim.x) {
+            const float g = gr[c], u = ur[c];
+            st(out, r * inter + c, g / (1.0f + expf(-g)) * u);
+        }
     }
 }
 
@@ -318,6 +382,50 @@ struct unpack16 {
     };
 };
 
+/* Element j of the q head at qh into the shared row dst; with inv_freq, the pair (j, j +
+ * HD / 2) rotated at pos (j < HD / 2). */
+template <int HD>
+__device__ __forceinline__ void q_to_shared(const float *qh, const float *inv_freq, int32_t pos,
+                                            int j, float *dst)
+{
+    if (!inv_freq) {
+        dst[j] = qh[j];
+        return;
+    }
+    float x1 = qh[j], x2 = qh[j + HD / 2];
+    rope_pair(inv_freq, j, pos, x1, x2);
+    dst[j] = x1;
+    dst[j + HD / 2] = x2;
+}
+
+/* With a.inv_freq (a decode step, each span one row): the block of kv head g whose keys
+ * [k0, k1) hold the row's own position rotates the row's k and stores it and v to the
+ * row's slot (rope_store_kernel's bits), before its first tile reads them back through L2
+ * (the caller's __syncthreads comes between). */
+template <int HD, typename T>
+__device__ __forceinline__ void store_row_kv(const rlb_eo_attn &a, const rlb_eo_cache &c,
+                                             int64_t layer, int64_t row, int64_t g, int64_t k0,
+                                             int64_t k1)
+{
+    const int32_t newp = a.pos[row];
+    const int64_t sl = a.slot[row];
+    if (sl < 0 || newp < k0 || newp >= k1)
+        return;
+    const int64_t kvt = c.kvt, qstride = (a.hq + 2 * kvt) * HD;
+    const float *kh = a.qkv + row * qstride + (a.hq + g) * HD, *vh = kh + kvt * HD;
+    const int64_t o = cache_off<T>(c, layer, (int32_t)(sl / c.block_tokens), g,
+                                   sl % c.block_tokens);
+    T *kd = (T *)c.k + o, *vd = (T *)c.v + o;
+    for (int j = threadIdx.x; j < HD / 2; j += blockDim.x) {
+        float x1 = kh[j], x2 = kh[j + HD / 2];
+        rope_pair(a.inv_freq, j, newp, x1, x2);
+        st(kd, j, x1);
+        st(kd, j + HD / 2, x2);
+        st(vd, j, vh[j]);
+        st(vd, j + HD / 2, vh[j + HD / 2]);
+    }
+}
+
 template <int HD, typename T>
 __global__ void __launch_bounds__(kAttnWarps * kWarp)
     attn_kernel(rlb_eo_attn a, rlb_eo_cache c, int64_t layer)
@@ -366,32 +474,10 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp)
     for (int i = tid; i < nv * qn; i += blockDim.x) {
         const int vi = i / qn, j = i % qn;
         const int64_t v = v0 + vi, row = row0 + v / grp, h = g * grp + v % grp;
-        const float *qh = a.qkv + row * qstride + h * HD;
-        if (!rope) {
-            sq[vi][j] = qh[j];
-            continue;
-        }
-        float x1 = qh[j], x2 = qh[j + HD / 2];
-        rope_pair(a.inv_freq, j, a.pos[row], x1, x2);
-        sq[vi][j] = x1;
-        sq[vi][j + HD / 2] = x2;
+        q_to_shared<HD>(a.qkv + row * qstride + h * HD, a.inv_freq, a.pos[row], j, sq[vi]);
     }
-    if (rope && a.slot[row0] >= 0 && a.pos[row0] >= k0 && a.pos[row0] < k1) {
-        const int32_t newp = a.pos[row0];
-        const int64_t sl = a.slot[row0];
-        const float *kh = a.qkv + row0 * qstride + (hq + g) * HD, *vh = kh + kvt * HD;
-        const int64_t o = cache_off<T>(c, layer, (int32_t)(sl / c.block_tokens), g,
-                                       sl % c.block_tokens);
-        T *kd = (T *)c.k + o, *vd = (T *)c.v + o;
-        for (int j = tid; j < HD / 2; j += blockDim.x) {
-            float x1 = kh[j], x2 = kh[j + HD / 2];
-            rope_pair(a.inv_freq, j, newp, x1, x2);
-            st(kd, j, x1);
-            st(kd, j + HD / 2, x2);
-            st(vd, j, vh[j]);
-            st(vd, j + HD / 2, vh[j + HD / 2]);
-        }
-    }
+    if (rope)
+        store_row_kv<HD, T>(a, c, layer, row0, g, k0, k1);
     float m[kSlots], l[kSlots], acc[kSlots][DPL];
     int64_t vpos[kSlots];
 #pragma unroll
@@ -528,12 +614,349 @@ __global__ void attn_combine(const float *partial, int64_t splits, int64_t vecto
             st(out, vec * hd + lane + q * kWarp, o[q] * inv);
 }
 
+/* ---- Decode attention on tensor cores ------------------------------------------------------ */
+
+/* A decode step whose spans are each one row (rlb_eo_attn.one_row), bf16 cache, head_dim 64
+ * or 128, at most 16 q heads per kv head: one block per (row, kv head, split), 4 warps, each
+ * warp taking every fourth step of 16 keys of the block's range with mma.sync m16n8k16 (bf16
+ * in, f32 accumulation), the online softmax in registers (FlashAttention-2's layout: the
+ * score accumulators of two 8-key tiles are the A operand of P.V), and the four warps'
+ * (max, sum, acc) merged through shared memory at the end.
+ *
+ * Layout: S = Q K^T has the group's q heads as its 16 rows (rows past the group are zero).
+ * A dot product does not depend on the order of its terms, so the hd axis is permuted to
+ * make every load a 16-byte one: in k-step kk, mma column 2t + j (t = lane % 4) is hd
+ * t * HD / 4 + 4 kk + j and column 2t + 8 + j is hd t * HD / 4 + 4 kk + 2 + j, so lane t
+ * holds the contiguous quarter [t HD / 4, (t + 1) HD / 4) of its key (lane / 4 of the 8-key
+ * tile). In O = P V the output columns are permuted the same way: n-tile nt's column n is
+ * hd n * HD / 8 + nt, so a lane loads the contiguous eighth [n HD / 8, (n + 1) HD / 8) of
+ * each of its four values (keys 2t, 2t + 1, 2t + 8, 2t + 9) and pairs them with byte
+ * permutes. Every byte of the block's keys and values is loaded once, from L2 (__ldcg: the
+ * row's own k and v may have been stored by this block).
+ *
+ * Precision: q and p are split into bf16 hi + lo parts (x - hi rounds to about 2^-17 x),
+ * two products each, so the scores and the weighted sum keep about 16 bits more than bf16
+ * operands would: the result stays within the classic kernel's tolerance of the CPU's
+ * float arithmetic. The order of the sums is another than the classic kernel's, so the bits
+ * differ from it (not from run to run: the work division is fixed by the step's shape). */
+constexpr int kTcWarps = 4;
+constexpr int kTcKeys = 16; /* keys of a warp's step */
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1)
+{
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* (x, y) as bf16 pairs hi = bf16(x, y) and lo = bf16(x - hi.x, y - hi.y), x in the low
+ * half (the smaller column of an mma fragment). */
+__device__ __forceinline__ void split_bf16(float x, float y, uint32_t &hi, uint32_t &lo)
+{
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    const float2 hf = __bfloat1622float2(h);
+    const __nv_bfloat162 l = __floats2bfloat162_rn(x - hf.x, y - hf.y);
+    hi = *reinterpret_cast<const uint32_t *>(&h);
+    lo = *reinterpret_cast<const uint32_t *>(&l);
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4 &v, int i)
+{
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+/* The 16-bit element e of a lane's run of 16-byte chunks, paired with the same element of
+ * another run: (x[e], y[e]), x in the low half. */
+template <int N>
+__device__ __forceinline__ uint32_t pair_elems(const uint4 (&x)[N], const uint4 (&y)[N], int e)
+{
+    const uint32_t wx = word_of(x[e / 8], (e % 8) / 2), wy = word_of(y[e / 8], (e % 8) / 2);
+    return __byte_perm(wx, wy, e % 2 ? 0x7632 : 0x5410);
+}
+
+/* Where a warp's step of kTcKeys keys from t0 (a multiple of kTcKeys) lies in the cache of
+ * kv head g: with block_tokens a multiple of kTcKeys the step sits in one cache block, and
+ * key t0 + i is element off0 + i * hd (one table lookup a step); otherwise each key is
+ * looked up (32-bit division: positions are int32). */
+struct step_keys {
+    const rlb_eo_cache *c;
+    const int32_t *table;
+    int64_t layer, g, t0, off0;
+    bool one_block;
+    __device__ __forceinline__ step_keys(const rlb_eo_cache &cc, const int32_t *tab, int64_t l,
+                                         int64_t gg, int64_t t)
+        : c(&cc), table(tab), layer(l), g(gg), t0(t), off0(0),
+          one_block(cc.block_tokens % kTcKeys == 0)
+    {
+        if (one_block) {
+            const uint32_t bt = (uint32_t)cc.block_tokens, ut = (uint32_t)t;
+            off0 = cache_off<rlb__bf16_t>(cc, l, table[ut / bt], gg, ut % bt);
+        }
+    }
+    __device__ __forceinline__ int64_t off(int64_t p) const
+    {
+        if (one_block)
+            return off0 + (p - t0) * c->hd;
+        const uint32_t bt = (uint32_t)c->block_tokens, up = (uint32_t)p;
+        return cache_off<rlb__bf16_t>(*c, layer, table[up / bt], g, up % bt);
+    }
+};
+
+/* N 16-byte chunks of key (or value) p from element e0 on, through L2; zeros for p >= k1
+ * (past the range: such keys are masked, and the cache there may hold NaN). */
+template <int N>
+__device__ __forceinline__ void load_key_run(const step_keys &sk, int64_t p, int64_t k1,
+                                             const rlb__bf16_t *base, int e0, uint4 (&r)[N])
+{
+    const uint4 *src =
+        p < k1 ? reinterpret_cast<const uint4 *>(base + sk.off(p) + e0) : nullptr;
+#pragma unroll
+    for (int u = 0; u < N; u++)
+        r[u] = src ? __ldcg(src + u) : make_uint4(0, 0, 0, 0);
+}
+
+template <int HD, bool G16>
+__global__ void __launch_bounds__(kTcWarps * kWarp, 2)
+    attn_decode_tc(rlb_eo_attn a, rlb_eo_cache c, int64_t layer)
+{
+    RLB_PDL_ENTRY();
+    using T = rlb__bf16_t;
+    constexpr int R = G16 ? 16 : 8; /* q heads a block may hold */
+    constexpr int HI = G16 ? 8 : 0; /* a fragment's second row (0: none, never used) */
+    constexpr int KQ = HD / 4;      /* hd elements of a key one lane holds */
+    constexpr int KSTEPS = HD / 16; /* mma k-steps over hd */
+    constexpr int VQ = HD / 8;      /* hd elements of a value one lane holds; O's n-tiles */
+    constexpr int QS = HD + 4;      /* padded q row */
+    constexpr int AS = HD + 8;      /* padded accumulator row */
+    constexpr bool K_AHEAD = HD <= 64; /* the next keys load during this step's P.V (at 128,
+                                        * after it: the registers would spill) */
+    __shared__ __align__(16) float sq[R][QS];
+    __shared__ float sm[kTcWarps][R], sl[kTcWarps][R];
+    __shared__ __align__(16) float sacc[kTcWarps][R][AS];
+
+    const int64_t s = blockIdx.x, g = blockIdx.y, z = blockIdx.z;
+    if (s >= a.n_spans)
+        return;
+    const int64_t kvt = c.kvt, hq = a.hq, grp = hq / kvt, row = a.span_row0[s];
+    const int64_t qstride = (hq + 2 * kvt) * HD;
+    const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+    const int gq = lane / 4, t = lane % 4;
+    const int64_t kv_len = a.pos[row] >= 0 ? (int64_t)a.pos[row] + 1 : 0;
+    const int64_t per = (kv_len + a.splits - 1) / a.splits;
+    const int64_t chunk = (per + RLB_EO_KTILE - 1) / RLB_EO_KTILE * RLB_EO_KTILE;
+    const int64_t k0 = z * chunk, k1 = k0 + chunk < kv_len ? k0 + chunk : kv_len;
+
+    /* the group's q heads into shared memory (rotated with a.inv_freq), zero rows after */
+    const bool rope = a.inv_freq != nullptr;
+    const int qn = rope ? HD / 2 : HD;
+    for (int i = tid; i < R * qn; i += blockDim.x) {
+        const int h = i / qn, j = i % qn;
+        if (h >= grp) {
+            sq[h][j] = 0.0f;
+            if (rope)
+                sq[h][j + HD / 2] = 0.0f;
+            continue;
+        }
+        q_to_shared<HD>(a.qkv + row * qstride + (g * grp + h) * HD, a.inv_freq, a.pos[row], j,
+                        sq[h]);
+    }
+    if (rope)
+        store_row_kv<HD, T>(a, c, layer, row, g, k0, k1);
+    __syncthreads();
+
+    uint32_t qhi[KSTEPS][4], qlo[KSTEPS][4]; /* A fragments of Q, hd permuted as above */
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; kk++) {
+        const float4 q0 = *reinterpret_cast<const float4 *>(&sq[gq][t * KQ + 4 * kk]);
+        split_bf16(q0.x, q0.y, qhi[kk][0], qlo[kk][0]);
+        split_bf16(q0.z, q0.w, qhi[kk][2], qlo[kk][2]);
+        if (G16) {
+            const float4 q1 = *reinterpret_cast<const float4 *>(&sq[gq + HI][t * KQ + 4 * kk]);
+            split_bf16(q1.x, q1.y, qhi[kk][1], qlo[kk][1]);
+            split_bf16(q1.z, q1.w, qhi[kk][3], qlo[kk][3]);
+        } else {
+            qhi[kk][1] = qhi[kk][3] = qlo[kk][1] = qlo[kk][3] = 0u;
+        }
+    }
+
+    float o[VQ][4]; /* O's accumulators: rows gq (0, 1) and gq + 8 (2, 3) */
+#pragma unroll
+    for (int nt = 0; nt < VQ; nt++)
+        o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    const int64_t bt_stride = a.bt_stride_dev ? *a.bt_stride_dev : a.bt_stride;
+    const int32_t *table = a.block_tables + s * bt_stride;
+    const T *kc = (const T *)c.k, *vc = (const T *)c.v;
+    /* a step's keys: lane (gq, t) holds quarter t of keys t0 + gq and t0 + 8 + gq, and
+     * eighth gq of the values of keys t0 + 2t, 2t + 1, 2t + 8 and 2t + 9. The next step's
+     * keys load while this one's softmax and P.V run (K_AHEAD), its values while its own
+     * scores do */
+    uint4 kr[2][KQ / 8], vr[4][VQ / 8];
+    const auto load_k = [&](const step_keys &sk) {
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            load_key_run(sk, sk.t0 + 8 * j + gq, k1, kc, t * KQ, kr[j]);
+    };
+    const auto load_v = [&](const step_keys &sk) {
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            load_key_run(sk, sk.t0 + 2 * t + (i & 1) + 8 * (i >> 1), k1, vc, gq * VQ, vr[i]);
+    };
+    int64_t t0 = k0 + warp * kTcKeys;
+    if (t0 < k1) {
+        const step_keys first(c, table, layer, g, t0);
+        load_k(first);
+        load_v(first);
+    }
+    for (; t0 < k1; t0 += kTcWarps * kTcKeys) {
+        const int64_t tn = t0 + kTcWarps * kTcKeys;
+        const step_keys next(c, table, layer, g, tn < k1 ? tn : t0);
+        float sc[2][4]; /* S of keys t0 + 8 j + 2t (+1): rows gq (0, 1), gq + 8 (2, 3) */
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; kk++) {
+                const uint32_t b0 = word_of(kr[j][kk / 2], (kk % 2) * 2);
+                const uint32_t b1 = word_of(kr[j][kk / 2], (kk % 2) * 2 + 1);
+                mma_bf16(sc[j], qhi[kk], b0, b1);
+                mma_bf16(sc[j], qlo[kk], b0, b1);
+            }
+        }
+        if (K_AHEAD && tn < k1)
+            load_k(next);
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const bool ok = t0 + 8 * j + 2 * t + (e & 1) < k1;
+                sc[j][e] = ok ? sc[j][e] * a.scale : -INFINITY;
+                if (e < 2)
+                    mx0 = fmaxf(mx0, sc[j][e]);
+                else
+                    mx1 = fmaxf(mx1, sc[j][e]);
+            }
+#pragma unroll
+        for (int x = 1; x <= 2; x <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
+        }
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        const float c0 = m0 == -INFINITY ? 0.0f : expf(m0 - n0);
+        const float c1 = m1 == -INFINITY ? 0.0f : expf(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        float p[2][4];
+        l0 *= c0;
+        l1 *= c1;
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                p[j][e] = sc[j][e] == -INFINITY ? 0.0f : expf(sc[j][e] - (e < 2 ? n0 : n1));
+                if (e < 2)
+                    l0 += p[j][e];
+                else
+                    l1 += p[j][e];
+            }
+        uint32_t phi[4], plo[4]; /* A fragments of P: keys 2t (+1) and 2t + 8 (+9) */
+        split_bf16(p[0][0], p[0][1], phi[0], plo[0]);
+        split_bf16(p[0][2], p[0][3], phi[1], plo[1]);
+        split_bf16(p[1][0], p[1][1], phi[2], plo[2]);
+        split_bf16(p[1][2], p[1][3], phi[3], plo[3]);
+#pragma unroll
+        for (int nt = 0; nt < VQ; nt++) {
+            o[nt][0] *= c0;
+            o[nt][1] *= c0;
+            o[nt][2] *= c1;
+            o[nt][3] *= c1;
+            const uint32_t b0 = pair_elems(vr[0], vr[1], nt), b1 = pair_elems(vr[2], vr[3], nt);
+            mma_bf16(o[nt], phi, b0, b1);
+            mma_bf16(o[nt], plo, b0, b1);
+        }
+        if (tn < k1) {
+            if (!K_AHEAD)
+                load_k(next);
+            load_v(next);
+        }
+    }
+#pragma unroll
+    for (int x = 1; x <= 2; x <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    }
+    /* each warp's state to shared memory; accumulator position nt * 8 + n is hd n VQ + nt */
+    if (t == 0) {
+        sm[warp][gq] = m0;
+        sl[warp][gq] = l0;
+        if (G16) {
+            sm[warp][gq + HI] = m1;
+            sl[warp][gq + HI] = l1;
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < VQ; nt++) {
+        *reinterpret_cast<float2 *>(&sacc[warp][gq][nt * 8 + 2 * t]) =
+            make_float2(o[nt][0], o[nt][1]);
+        if (G16)
+            *reinterpret_cast<float2 *>(&sacc[warp][gq + HI][nt * 8 + 2 * t]) =
+                make_float2(o[nt][2], o[nt][3]);
+    }
+    __syncthreads();
+    T *out = (T *)a.out;
+    for (int i = tid; i < grp * HD; i += blockDim.x) {
+        const int h = i / HD, jpos = i % HD, d = (jpos % 8) * VQ + jpos / 8;
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kTcWarps; w++)
+            M = fmaxf(M, sm[w][h]);
+        float acc = 0.0f, L = 0.0f;
+        if (M != -INFINITY)
+#pragma unroll
+            for (int w = 0; w < kTcWarps; w++) {
+                const float wt = sm[w][h] == -INFINITY ? 0.0f : expf(sm[w][h] - M);
+                acc += sacc[w][h][jpos] * wt;
+                L += sl[w][h] * wt;
+            }
+        const int64_t hh = g * grp + h;
+        if (a.splits == 1) {
+            st(out, row * hq * HD + hh * HD + d, acc * (L > 0.0f ? 1.0f / L : 0.0f));
+        } else {
+            float *pp = a.partial + ((z * a.rows + row) * hq + hh) * (HD + 2);
+            pp[d] = acc;
+            if (jpos == 0) {
+                pp[HD] = M;
+                pp[HD + 1] = L;
+            }
+        }
+    }
+}
+
 template <int HD, typename T>
 int attention_hd(cudaStream_t stream, const rlb_eo_attn *a, const rlb_eo_cache *c,
                  int64_t layer)
 {
     dim3 grid((unsigned)a->qblocks, (unsigned)c->kvt, (unsigned)a->splits);
-    rlb__pdl_launch(attn_kernel<HD, T>, grid, kAttnWarps * kWarp, stream, *a, *c, layer);
+    const int64_t grp = a->hq / c->kvt;
+    if constexpr (std::is_same<T, rlb__bf16_t>::value && (HD == 64 || HD == 128)) {
+        if (a->one_row && grp <= 16) {
+            grid.x = (unsigned)a->n_spans;
+            if (grp <= 8)
+                rlb__pdl_launch(attn_decode_tc<HD, false>, grid, kTcWarps * kWarp, stream, *a,
+                                *c, layer);
+            else
+                rlb__pdl_launch(attn_decode_tc<HD, true>, grid, kTcWarps * kWarp, stream, *a,
+                                *c, layer);
+        } else {
+            rlb__pdl_launch(attn_kernel<HD, T>, grid, kAttnWarps * kWarp, stream, *a, *c,
+                            layer);
+        }
+    } else {
+        rlb__pdl_launch(attn_kernel<HD, T>, grid, kAttnWarps * kWarp, stream, *a, *c, layer);
+    }
     int rc = launched("attention");
     if (rc || a->splits == 1)
         return rc;
@@ -665,13 +1088,13 @@ __global__ void __launch_bounds__(kChunkThreads)
     chunk_range(V, blockIdx.x, &lo, &hi);
     float zmax = -INFINITY;
     int64_t imax = V;
-    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-        float z = x[i] / T;
+    scan_ascending(x, lo, hi, [&](int64_t i, float xi) {
+        const float z = xi / T;
         if (z > zmax) { /* a thread scans ascending: it keeps its first maximum */
             zmax = z;
             imax = i;
         }
-    }
+    });
     block_argmax(zmax, imax);
     if (threadIdx.x == 0) {
         part[blockIdx.y * kSampleChunks + blockIdx.x].zmax = zmax;
@@ -683,13 +1106,23 @@ __global__ void __launch_bounds__(kChunkThreads)
 __device__ __forceinline__ void row_max(const sample_part *p, int64_t V, float *zmax,
                                         int64_t *imax)
 {
+    /* each warp by itself, the chunks over its lanes: the largest z, then the smallest
+     * index (order-free, so the scan's result in chunk order) */
     float z = -INFINITY;
     int64_t i = V;
-    for (int c = 0; c < kSampleChunks; c++)
+    for (int c = (int)threadIdx.x % kWarp; c < kSampleChunks; c += kWarp)
         if (p[c].zmax > z || (p[c].zmax == z && p[c].imax < i)) {
             z = p[c].zmax;
             i = p[c].imax;
         }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float oz = __shfl_xor_sync(0xffffffffu, z, o);
+        const int64_t oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (oz > z || (oz == z && oi < i)) {
+            z = oz;
+            i = oi;
+        }
+    }
     *zmax = z;
     *imax = i;
 }
@@ -708,25 +1141,33 @@ __global__ void __launch_bounds__(kChunkThreads)
     row_max(p, V, &zmax, &imax);
     int64_t lo, hi;
     chunk_range(V, blockIdx.x, &lo, &hi);
-    double sum = 0.0;
-    for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x)
-        sum += expf(x[i] / T - zmax);
-    sum = block_sum_d(sum);
-    double best = -1.0;
+    /* one pass: the sum, and for plain sampling the race; a thread takes its tokens in
+     * ascending order, so its sum and its first best are those of two separate scans */
+    const bool race = plain_sampling(job, V) && isfinite(zmax);
+    const uint64_t prefix = race ? rlb__noise_prefix(job.seed, job.sample, job.pos) : 0;
+    double sum = 0.0, best = -1.0;
     int64_t ibest = V;
-    if (plain_sampling(job, V) && isfinite(zmax)) {
-        const uint64_t prefix = rlb__noise_prefix(job.seed, job.sample, job.pos);
-        for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-            const float pr = expf(x[i] / T - zmax);
-            const double e = -log(rlb__bits_to_uniform(rlb__noise_token(prefix, i)));
-            const double score = (double)pr / e;
-            if (score > best) {
-                best = score;
-                ibest = i;
-            }
+    scan_ascending(x, lo, hi, [&](int64_t i, float xi) {
+        const float pr = expf(xi / T - zmax);
+        sum += pr;
+        if (!race)
+            return;
+        /* score = pr / -log(u01) <= pr / (1 - u01), as -log(x) >= 1 - x: where even
+         * that bound (with 2^-40 to spare, far above the roundings) is below the
+         * thread's best, the score is too and the double log is skipped. Exact: the
+         * tokens skipped are those that would not have replaced the best. */
+        const double u01 = rlb__bits_to_uniform(rlb__noise_token(prefix, i));
+        if ((double)pr * (1.0 + 0x1p-40) < best * (1.0 - u01))
+            return;
+        const double score = (double)pr / -log(u01);
+        if (score > best) {
+            best = score;
+            ibest = i;
         }
+    });
+    sum = block_sum_d(sum);
+    if (race)
         block_argmax(best, ibest);
-    }
     if (threadIdx.x == 0) {
         p[blockIdx.x].sum = sum;
         p[blockIdx.x].best = best;
@@ -755,7 +1196,8 @@ __global__ void __launch_bounds__(kSampleThreads)
     int64_t imax;
     row_max(pp, V, &zmax, &imax);
     double sum = 0.0;
-    for (int c = 0; c < kSampleChunks; c++)
+#pragma unroll 16
+    for (int c = 0; c < kSampleChunks; c++) /* in chunk order */
         sum += pp[c].sum;
     const double lse = (double)zmax + log(sum);
     if (!isfinite(zmax) || !isfinite(lse)) { /* the host sampler's non-finite rules apply */
@@ -1027,9 +1469,11 @@ int rlb__eo_swiglu(cudaStream_t stream, const float *gu, int64_t rows, int64_t i
 {
     if (rows <= 0 || inter <= 0)
         return 0;
+    const dim3 grid(grid_for(inter, 256) < 4096 ? grid_for(inter, 256) : 4096,
+                    (unsigned)(rows < 65535 ? rows : 65535));
     RLB_EO_DISPATCH(odt, O,
-                    rlb__pdl_launch(swiglu_kernel<O>, grid_for(rows * inter, 256), 256, stream, 
-                        gu, rows, inter, (O *)out));
+                    rlb__pdl_launch(swiglu_kernel<O>, grid, 256, stream, gu, rows, inter,
+                                    (O *)out));
     return launched("swiglu");
 }
 

@@ -118,6 +118,9 @@ typedef struct rlb_eo_attn {
     const int64_t *slot;      /* with inv_freq: [rows] each row's cache slot (-1: none) */
     void *out;                /* [rows, hq * hd] in out_dt */
     rlb_dtype out_dt;
+    int one_row;              /* every span is one row (a decode step): a bf16 cache of head_dim
+                               * 64 or 128 with at most 16 q heads per kv head goes to the
+                               * tensor-core decode kernel (other bits than the classic one) */
 } rlb_eo_attn;
 
 /* Query tiles (blocks) of a span of n rows with grp q heads per kv head. */

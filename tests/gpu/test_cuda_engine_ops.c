@@ -433,6 +433,7 @@ typedef struct attn_case {
     int64_t n[8], pos0[8];         /* each span's rows and first position */
     int table_of[8];               /* which span's block table each span uses (chunking) */
     int64_t splits;                /* 0: rlb__eo_attn_splits */
+    int one_row;                   /* rlb_eo_attn.one_row (every n[i] must be 1) */
 } attn_case;
 
 /* Runs one case on the GPU (rows' output into got, float) and on the CPU (ref). */
@@ -501,6 +502,7 @@ static void run_attn(const attn_case *ac, uint64_t *s, float **got_out, float **
         .partial = dput(NULL, (size_t)(ws_vectors * (hd + 2)) * 4),
         .out = dput(NULL, (size_t)(rows * hq * hd) * esz(dt)),
         .out_dt = dt,
+        .one_row = ac->one_row,
     };
     rlb_eo_cache c = {dput(kc, (size_t)celems * esz(dt)), dput(vc, (size_t)celems * esz(dt)),
                       dt, L, kvt, hd, bt};
@@ -682,6 +684,54 @@ static void test_attention_long_decode(void **state)
     }
 }
 
+/* The tensor-core decode kernel (one_row: every span one row; bf16 cache, head_dim 64 and
+ * 128, 1 to 16 q heads per kv head): against the CPU, and against the classic kernel on
+ * the same inputs (both within the tolerance of the CPU: their sums differ in order). One
+ * span sits at a long position (several 64-key rounds of the four warps, a partial last
+ * step); splits 1, the count for 132 multiprocessors and RLB_EO_MAX_SPLITS (splits with
+ * no keys). */
+static void test_attention_decode_tc(void **state)
+{
+    (void)state;
+    uint64_t s = g_seed ^ 10;
+    static const int64_t hds[2] = {64, 128};
+    static const int64_t groups[6][2] = {{2, 4}, {1, 8}, {4, 1}, {1, 16}, {2, 7}, {1, 12}};
+    for (int hi = 0; hi < 2; hi++)
+        for (int gi = 0; gi < 6; gi++)
+            for (int sm = 0; sm < 3; sm++) {
+                attn_case ac = {.hd = hds[hi], .kvt = groups[gi][0], .grp = groups[gi][1],
+                                .bt = gc_rng(&s) % 2 ? 16 : 5, .dt = RLB_DTYPE_BF16,
+                                .one_row = 1};
+                ac.n_spans = gc_rnd(&s, 1, 8);
+                for (int64_t i = 0; i < ac.n_spans; i++) {
+                    ac.n[i] = 1;
+                    ac.pos0[i] = i == 0 ? gc_rnd(&s, 300, 1100) : gc_rnd(&s, 0, 200);
+                    ac.table_of[i] = (int)i;
+                }
+                ac.splits = sm == 0 ? 1 : sm == 1 ? 0 : RLB_EO_MAX_SPLITS;
+                float *got, *ref, *cgot, *cref;
+                int64_t rows;
+                uint64_t s1 = s, s2 = s;
+                run_attn(&ac, &s1, &got, &ref, &rows, NULL);
+                attn_case classic = ac;
+                classic.one_row = 0;
+                run_attn(&classic, &s2, &cgot, &cref, &rows, NULL);
+                s = s1;
+                char what[112];
+                const int64_t n = rows * ac.kvt * ac.grp * ac.hd;
+                snprintf(what, sizeof what, "tc decode attention hd %lld kvt %lld grp %lld splits %lld",
+                         (long long)ac.hd, (long long)ac.kvt, (long long)ac.grp,
+                         (long long)ac.splits);
+                expect_close(what, got, ref, n, 2e-5, attn_eps(ac.dt));
+                assert_memory_equal(cref, ref, (size_t)n * 4); /* the same inputs */
+                expect_close("tc against classic", got, cgot, n, 2e-5, attn_eps(ac.dt));
+                free(got);
+                free(ref);
+                free(cgot);
+                free(cref);
+            }
+}
+
 /* One decode step of the fused test: qkv (not rotated) and the cache uploaded fresh, then
  * rope_store and the attention (fused 0) or the attention alone with RoPE and the store in
  * it (fused 1); the output and both caches come back. */
@@ -728,7 +778,8 @@ static void fused_run(const fused_step *st, int fused, uint8_t *out, uint8_t *kc
  * position (several tiles per split), a padding row (position -1, slot -1) and a row whose
  * slot is -1 (it reads its position from the cache as it is). Splits: 1, the count for
  * 132 multiprocessors (sm 1), RLB_EO_MAX_SPLITS (sm 2). */
-static void fused_case(uint64_t *sp, int64_t hd, int64_t kvt, int64_t grp, rlb_dtype dt, int sm)
+static void fused_case(uint64_t *sp, int64_t hd, int64_t kvt, int64_t grp, rlb_dtype dt, int sm,
+                       int one_row)
 {
     uint64_t s = *sp;
     const int64_t half = hd / 2;
@@ -780,7 +831,7 @@ static void fused_case(uint64_t *sp, int64_t hd, int64_t kvt, int64_t grp, rlb_d
                                                         ws_vectors)
                                   : RLB_EO_MAX_SPLITS,
               .partial = dput(NULL, (size_t)(ws_vectors * (hd + 2)) * 4),
-              .out_dt = dt},
+              .out_dt = dt, .one_row = one_row},
         .c = {NULL, NULL, dt, L, kvt, hd, bt},
         .inv = dput(inv, (size_t)half * 4),
         .slot = dput(slot, (size_t)rows * 8),
@@ -873,9 +924,10 @@ static void test_attention_rope_fused(void **state)
     for (int hi = 0; hi < 4; hi++)
         for (int gi = 0; gi < 3; gi++)
             for (int t = 0; t < 2; t++)
-                for (int sm = 0; sm < 3; sm++)
-                    fused_case(&s, hds[hi], groups[gi][0], groups[gi][1],
-                               t ? RLB_DTYPE_BF16 : RLB_DTYPE_F32, sm);
+                for (int sm = 0; sm < 3; sm++) /* tc 1: the tensor-core decode kernel */
+                    for (int tc = 0; tc <= (t && hds[hi] >= 64); tc++)
+                        fused_case(&s, hds[hi], groups[gi][0], groups[gi][1],
+                                   t ? RLB_DTYPE_BF16 : RLB_DTYPE_F32, sm, tc);
 }
 
 static void test_attention_padding_and_refusals(void **state)
@@ -1286,6 +1338,7 @@ int main(void)
         cmocka_unit_test(test_attention_random),
         cmocka_unit_test(test_attention_chunked_prefill),
         cmocka_unit_test(test_attention_long_decode),
+        cmocka_unit_test(test_attention_decode_tc),
         cmocka_unit_test(test_attention_rope_fused),
         cmocka_unit_test(test_attention_padding_and_refusals),
         cmocka_unit_test(test_sample),
