@@ -273,17 +273,26 @@ __global__ void bias_kernel(float *y, const B *bias, int64_t rows, int64_t cols)
         y[i] = y[i] + ld(bias, i % cols);
 }
 
-/* Rows over grid.y, columns over grid.x (no 64-bit division per element). */
+/* Rows over grid.y, columns over grid.x, kLoadBatch columns a thread (no 64-bit division
+ * per element, and few blocks: tiny ones spent the kernel's time being scheduled). */
 template <typename O>
 __global__ void swiglu_kernel(const float *gu, int64_t rows, int64_t inter, O *out)
 {
     RLB_PDL_ENTRY();
+    const int64_t step = (int64_t)gridDim.x * blockDim.x * kLoadBatch;
     for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
         const float *gr = gu + r * 2 * inter, *ur = gr + inter;
-        for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < inter;
-             c += (int64_t)gridDim.x * blockDim.x) {
-            const float g = gr[c], u = ur[c];
-            st(out, r * inter + c, g / (1.0f + expf(-g)) * u);
+        for (int64_t c0 = blockIdx.x * (int64_t)blockDim.x * kLoadBatch + threadIdx.x;
+             c0 < inter; c0 += step) {
+            float gv[kLoadBatch], uv[kLoadBatch];
+            load_batch(gr, c0, inter, gv);
+            load_batch(ur, c0, inter, uv);
+#pragma unroll
+            for (int u = 0; u < kLoadBatch; u++) {
+                const int64_t c = c0 + u * (int64_t)blockDim.x;
+                if (c < inter)
+                    st(out, r * inter + c, gv[u] / (1.0f + expf(-gv[u])) * uv[u]);
+            }
         }
     }
 }
@@ -748,8 +757,35 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, 2)
     const int64_t chunk = (per + RLB_EO_KTILE - 1) / RLB_EO_KTILE * RLB_EO_KTILE;
     const int64_t k0 = z * chunk, k1 = k0 + chunk < kv_len ? k0 + chunk : kv_len;
 
-    /* the group's q heads into shared memory (rotated with a.inv_freq), zero rows after */
+    const int64_t bt_stride = a.bt_stride_dev ? *a.bt_stride_dev : a.bt_stride;
+    const int32_t *table = a.block_tables + s * bt_stride;
+    const T *kc = (const T *)c.k, *vc = (const T *)c.v;
+    /* a step's keys: lane (gq, t) holds quarter t of keys t0 + gq and t0 + 8 + gq, and
+     * eighth gq of the values of keys t0 + 2t, 2t + 1, 2t + 8 and 2t + 9. The next step's
+     * keys load while this one's softmax and P.V run (K_AHEAD), its values while its own
+     * scores do */
+    uint4 kr[2][KQ / 8], vr[4][VQ / 8];
+    const auto load_k = [&](const step_keys &sk) {
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            load_key_run(sk, sk.t0 + 8 * j + gq, k1, kc, t * KQ, kr[j]);
+    };
+    const auto load_v = [&](const step_keys &sk) {
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            load_key_run(sk, sk.t0 + 2 * t + (i & 1) + 8 * (i >> 1), k1, vc, gq * VQ, vr[i]);
+    };
+    /* the first step's keys load before the q prologue, unless they hold the row's own
+     * position, whose key and value this block may be about to store */
+    int64_t t0 = k0 + warp * kTcKeys;
     const bool rope = a.inv_freq != nullptr;
+    const bool early = t0 < k1 && (!rope || a.pos[row] >= t0 + kTcKeys);
+    if (early) {
+        const step_keys first(c, table, layer, g, t0);
+        load_k(first);
+        load_v(first);
+    }
+    /* the group's q heads into shared memory (rotated with a.inv_freq), zero rows after */
     const int qn = rope ? HD / 2 : HD;
     for (int i = tid; i < R * qn; i += blockDim.x) {
         const int h = i / qn, j = i % qn;
@@ -765,6 +801,11 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, 2)
     if (rope)
         store_row_kv<HD, T>(a, c, layer, row, g, k0, k1);
     __syncthreads();
+    if (t0 < k1 && !early) {
+        const step_keys first(c, table, layer, g, t0);
+        load_k(first);
+        load_v(first);
+    }
 
     uint32_t qhi[KSTEPS][4], qlo[KSTEPS][4]; /* A fragments of Q, hd permuted as above */
 #pragma unroll
@@ -786,30 +827,6 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, 2)
     for (int nt = 0; nt < VQ; nt++)
         o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
-    const int64_t bt_stride = a.bt_stride_dev ? *a.bt_stride_dev : a.bt_stride;
-    const int32_t *table = a.block_tables + s * bt_stride;
-    const T *kc = (const T *)c.k, *vc = (const T *)c.v;
-    /* a step's keys: lane (gq, t) holds quarter t of keys t0 + gq and t0 + 8 + gq, and
-     * eighth gq of the values of keys t0 + 2t, 2t + 1, 2t + 8 and 2t + 9. The next step's
-     * keys load while this one's softmax and P.V run (K_AHEAD), its values while its own
-     * scores do */
-    uint4 kr[2][KQ / 8], vr[4][VQ / 8];
-    const auto load_k = [&](const step_keys &sk) {
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-            load_key_run(sk, sk.t0 + 8 * j + gq, k1, kc, t * KQ, kr[j]);
-    };
-    const auto load_v = [&](const step_keys &sk) {
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            load_key_run(sk, sk.t0 + 2 * t + (i & 1) + 8 * (i >> 1), k1, vc, gq * VQ, vr[i]);
-    };
-    int64_t t0 = k0 + warp * kTcKeys;
-    if (t0 < k1) {
-        const step_keys first(c, table, layer, g, t0);
-        load_k(first);
-        load_v(first);
-    }
     for (; t0 < k1; t0 += kTcWarps * kTcKeys) {
         const int64_t tn = t0 + kTcWarps * kTcKeys;
         const step_keys next(c, table, layer, g, tn < k1 ? tn : t0);
@@ -1469,8 +1486,8 @@ int rlb__eo_swiglu(cudaStream_t stream, const float *gu, int64_t rows, int64_t i
 {
     if (rows <= 0 || inter <= 0)
         return 0;
-    const dim3 grid(grid_for(inter, 256) < 4096 ? grid_for(inter, 256) : 4096,
-                    (unsigned)(rows < 65535 ? rows : 65535));
+    const unsigned gx = grid_for(inter, 256 * kLoadBatch);
+    const dim3 grid(gx < 4096 ? gx : 4096, (unsigned)(rows < 65535 ? rows : 65535));
     RLB_EO_DISPATCH(odt, O,
                     rlb__pdl_launch(swiglu_kernel<O>, grid, 256, stream, gu, rows, inter,
                                     (O *)out));
