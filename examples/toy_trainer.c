@@ -21,6 +21,7 @@
  *   rlb-toy-trainer --socket PATH [--steps 50] [--pairs 4] [--sigma 0.3] [--lr 0.3]
  *                   [--target 42] [--seed 1] [--all] [--check] [--quiet]
  */
+#include <errno.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -331,6 +332,36 @@ static int usage(void)
     return 2;
 }
 
+/* The whole of v as a number within [lo, hi], or a line naming the option and 0. */
+static int number(const char *opt, const char *v, double lo, double hi, int integer, double *out)
+{
+    char *end = NULL;
+    errno = 0;
+    const double x = integer ? (double)strtoll(v, &end, 10) : strtod(v, &end);
+    if (end == v || *end || errno || !(x >= lo && x <= hi)) {
+        fprintf(stderr, "rlb-toy-trainer: bad value '%s' for %s: %s in [%g, %g] expected\n",
+                v, opt, integer ? "an integer" : "a number", lo, hi);
+        return 0;
+    }
+    *out = x;
+    return 1;
+}
+
+/* The whole of v as a decimal uint64 (rlb demo passes its seed so), or a line and 0. */
+static int seed_of(const char *v, uint64_t *out)
+{
+    char *end = NULL;
+    errno = 0;
+    const unsigned long long x = strtoull(v, &end, 10);
+    if (end == v || *end || errno || *v < '0' || *v > '9') {
+        fprintf(stderr, "rlb-toy-trainer: bad value '%s' for --seed: a decimal integer in "
+                        "[0, 2^64) expected\n", v);
+        return 0;
+    }
+    *out = x;
+    return 1;
+}
+
 static int parse(int argc, char **argv, options *o)
 {
     *o = (options){.steps = 50, .pairs = 4, .sigma = 0.3, .lr = 0.3, .target = 42, .seed = 1};
@@ -346,24 +377,23 @@ static int parse(int argc, char **argv, options *o)
             return usage();
         else if (!strcmp(a, "--socket"))
             o->socket = v, i++;
-        else if (!strcmp(a, "--steps"))
-            o->steps = atoi(v), i++;
-        else if (!strcmp(a, "--pairs"))
-            o->pairs = atoi(v), i++;
-        else if (!strcmp(a, "--sigma"))
-            o->sigma = atof(v), i++;
-        else if (!strcmp(a, "--lr"))
-            o->lr = atof(v), i++;
-        else if (!strcmp(a, "--target"))
-            o->target = atoi(v), i++;
-        else if (!strcmp(a, "--seed"))
-            o->seed = strtoull(v, NULL, 10), i++;
-        else
-            return usage();
+        else {
+            double x;
+            i++;
+            if (!strcmp(a, "--steps") && number(a, v, 1, 1e6, 1, &x))
+                o->steps = (int)x;
+            else if (!strcmp(a, "--pairs") && number(a, v, 1, 64, 1, &x))
+                o->pairs = (int)x;
+            else if (!strcmp(a, "--sigma") && number(a, v, 1e-9, 1e3, 0, &x))
+                o->sigma = x;
+            else if (!strcmp(a, "--lr") && number(a, v, 1e-9, 1e3, 0, &x))
+                o->lr = x;
+            else if (!strcmp(a, "--target") && number(a, v, 0, V - 1, 1, &x))
+                o->target = (int)x;
+            else if (strcmp(a, "--seed") || !seed_of(v, &o->seed))
+                return usage();
+        }
     }
-    if (o->steps < 1 || o->pairs < 1 || o->pairs > 64 || !(o->sigma > 0) || !(o->lr > 0) ||
-        o->target < 0 || o->target >= V)
-        return usage();
     return 0;
 }
 

@@ -13,8 +13,9 @@ rlb_add_test(NAME test_stress_sched
                      ${PROJECT_SOURCE_DIR}/launch/stress_sched.c
              LIBS m LABELS unit TIMEOUT 30)
 # Whole option values of the rlb subcommands (common/cli_args.c), and `rlb stress`, `rlb
-# bridge`, `rlb worker` and `rlb demo` refusing bad ones.
+# bridge`, `rlb worker`, `rlb demo` and rlb-toy-trainer refusing bad ones.
 rlb_add_test(NAME test_cli_args SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cli_args.c
              LIBS rlb_common LABELS unit TIMEOUT 60)
-target_compile_definitions(test_cli_args PRIVATE RLB_BIN="$<TARGET_FILE:rlb>")
-add_dependencies(test_cli_args rlb)
+target_compile_definitions(test_cli_args PRIVATE RLB_BIN="$<TARGET_FILE:rlb>"
+                           TOY_BIN="$<TARGET_FILE:rlb-toy-trainer>")
+add_dependencies(test_cli_args rlb rlb-toy-trainer)

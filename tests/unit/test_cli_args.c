@@ -5,8 +5,8 @@
  *     range are refused with exit status 2 and *out left as it was;
  *   - `rlb stress` with each bad value: exit 2 and one line naming the option and the
  *     value (before this, --trainers -1 became 4294967295 trainers and --replicas 65536
- *     --tp 65536 overflowed past the worker limit); `rlb bridge`, `rlb worker` and `rlb
- *     demo` likewise.
+ *     --tp 65536 overflowed past the worker limit); `rlb bridge`, `rlb worker`, `rlb
+ *     demo` and the example trainer the demo runs (rlb-toy-trainer) likewise.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -72,19 +72,24 @@ static void test_float(void **state)
     }
 }
 
-/* Runs `rlb ARGS`; expects exit 2 and `want` in what it printed. */
-static void rlb_refuses(const char *args, const char *want)
+/* Runs `BIN ARGS`; expects exit 2 and `want` in what it printed. */
+static void refuses(const char *bin, const char *args, const char *want)
 {
     char cmd[512], out[1024] = "";
-    snprintf(cmd, sizeof cmd, "%s %s 2>&1", RLB_BIN, args);
+    snprintf(cmd, sizeof cmd, "%s %s 2>&1", bin, args);
     FILE *p = popen(cmd, "r");
     assert_non_null(p);
     size_t n = fread(out, 1, sizeof out - 1, p);
     out[n] = 0;
     int st = pclose(p);
     if (!WIFEXITED(st) || WEXITSTATUS(st) != 2 || !strstr(out, want))
-        fail_msg("rlb %s: status %d, output '%s' (wanted exit 2 and '%s')", args, st,
+        fail_msg("%s %s: status %d, output '%s' (wanted exit 2 and '%s')", bin, args, st,
                  out, want);
+}
+
+static void rlb_refuses(const char *args, const char *want)
+{
+    refuses(RLB_BIN, args, want);
 }
 
 static void test_commands(void **state)
@@ -104,6 +109,12 @@ static void test_commands(void **state)
     /* before: the demo started its daemons and the trainer read seed 0 */
     rlb_refuses("demo --seed abc", "bad value 'abc' for --seed: not an unsigned integer");
     rlb_refuses("demo --steps 0", "bad value '0' for --steps: must be in [1, 100000]");
+    /* the example trainer the demo runs: before, atoi and atof took "3x" as 3 and "abc"
+     * as 0 */
+    refuses(TOY_BIN, "--steps 3x", "bad value '3x' for --steps: an integer");
+    refuses(TOY_BIN, "--lr abc", "bad value 'abc' for --lr: a number");
+    refuses(TOY_BIN, "--target 250", "bad value '250' for --target");
+    refuses(TOY_BIN, "--seed -1", "bad value '-1' for --seed");
 }
 
 int main(void)
