@@ -32,6 +32,9 @@
 #             tree against the tree in .devtools/base.tar (`git archive REV -o
 #             .devtools/base.tar` here; its rlb-bench-engine is built on the device), the
 #             before and after of a kernel change in one call (RLB_AB_ROUNDS: rounds, 2)
+#   ncu-attn  ncu's occupancy, warp state, scheduler and instruction sections on one
+#             batch-256 launch of the tensor-core decode attention, 1B and 8B shapes (the
+#             reports land in $OUT/ncu-attn-SHAPE.txt)
 #   multi     (two GPUs or more) rlb generate --tp 2 on two GPUs against HF's greedy tokens,
 #             the peer-copy and NCCL transport tests, and examples/grpo_torch.py with an
 #             FSDP2 world of 2 under torchrun and a TP-2 worker replica over NCCL
@@ -125,6 +128,21 @@ for step in "$@"; do
         grep -c "as VMM fds" "$out/grpo-vmm.log" | sed 's/^/allocations exported as VMM fds: /'
         grep -c "as a CUDA IPC handle" "$out/grpo-vmm.log" | sed 's/^/as CUDA IPC handles: /'
         tail -4 "$out/grpo-vmm.log" ;;
+    ncu-attn)
+        # --new 16, batches 1 and 256: the kernel runs 16 steps x layers at batch 1, then
+        # at batch 256; the skip lands in the latter
+        for sc in "1b 400" "8b 800"; do
+            set -- $sc
+            timeout 200 /usr/local/cuda/bin/ncu -k regex:attn_decode_tc --launch-skip "$2" \
+                --launch-count 1 --section SpeedOfLight --section Occupancy \
+                --section WarpStateStats --section SchedulerStats --section LaunchStats \
+                --section InstructionStats --section SourceCounters \
+                build-gpu/bench/rlb-bench-engine --device cuda --shape "$1" --main-only \
+                --batches 1,256 --new 16 > "$out/ncu-attn-$1.txt" 2>&1
+            echo "== $1"
+            grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Waves Per SM|Eligible Warps|Issued Warp|Executed Instructions  " \
+                "$out/ncu-attn-$1.txt" | head -12
+        done ;;
     engine-ab)
         base=/tmp/rlb-ab-base
         rm -rf "$base" && mkdir -p "$base" && tar xf .devtools/base.tar -C "$base" &&
