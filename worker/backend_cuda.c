@@ -35,10 +35,9 @@
  * tensor-core decode kernel where it applies (bf16 cache, head_dim 64 or 128, at most 16 q
  * heads per kv head; rlb_eo_attn.one_row), a sum in another order than the classic
  * kernel's (opts.classic_attention 1 keeps the classic one). Any other op first issues
- * what is pending in its plain form, so
- * every op keeps the meaning ebackend.h gives it. Per layer that leaves GEMV qkv,
- * (rope_store,) attention, GEMV o, GEMV gate_up and GEMV down; the final norm fuses into
- * the LM head likewise.
+ * what is pending in its plain form, so every op keeps the meaning ebackend.h gives it.
+ * Per layer that leaves GEMV qkv, (rope_store,) attention, GEMV o, GEMV gate_up and GEMV
+ * down; the final norm fuses into the LM head likewise.
  *
  * The engine's kernels launch with programmatic dependent launch (kernels/cuda/pdl.cuh;
  * RLB_CUDA_PDL=0 turns it off): each may start while the one before it finishes, and the
