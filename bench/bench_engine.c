@@ -11,6 +11,10 @@
  *   decode_b1_fraction_of_memcpy_bw   batch-1 weight GB/s over memcpy_gbs (target >= 0.5)
  *   prefill_tok_s       one 512-token prompt, one step
  *   int8_vs_fp32_speedup   batch-1 decode tokens/s with quant int8 over fp32
+ *   sample_ms           one rlb__sample_token at temperature 1 over a 128256-token row
+ *                       of random logits, against its peer in the same run: the race of
+ *                       sample.h with the log of every token (sample_naive_ms); both must
+ *                       draw the same tokens
  * OpenBLAS threads follow the RLB_THREADS knob (0 = every core). Prints a table, then one
  * JSON line. `--device cuda` runs bench_engine_cuda.c's GPU benchmark instead.
  * Build: cmake --build BUILD --target rlb-bench-engine; run BUILD/bench/...
@@ -24,6 +28,8 @@
 
 #include "common/clock.h"
 #include "common/env.h"
+#include "kernels/cpu/noise.h"
+#include "kernels/cpu/sample.h"
 #include "rlb/rlb.h"
 #include "worker/engine.h"
 
@@ -178,6 +184,62 @@ static run_stats prefill(rlb_engine *e)
     return (run_stats){PREFILL / t, t * 1e3};
 }
 
+/* The peer of the sampler: p = expf(z - max z), then the first largest p / -log(u) with
+ * every token's log taken. */
+static int32_t naive_race(const float *x, int64_t V, uint64_t seed, int64_t pos, float *p)
+{
+    float zmax = -INFINITY;
+    for (int64_t i = 0; i < V; i++)
+        zmax = x[i] > zmax ? x[i] : zmax;
+    for (int64_t i = 0; i < V; i++)
+        p[i] = expf(x[i] - zmax);
+    const uint64_t prefix = rlb__noise_prefix(seed, 0, pos);
+    double best = -1.0;
+    int32_t tok = 0;
+    for (int64_t i = 0; i < V; i++) {
+        const double score = (double)p[i] / -log(rlb__bits_to_uniform(rlb__noise_token(prefix, i)));
+        if (score > best) {
+            best = score;
+            tok = (int32_t)i;
+        }
+    }
+    return tok;
+}
+
+/* ms per draw of rlb__sample_token (*ours) and of naive_race (*peer) on one row. */
+static void bench_sample(double *ours, double *peer)
+{
+    enum { V = 128256, DRAWS = 100 };
+    float *x = malloc(V * sizeof *x), *p = malloc(V * sizeof *p);
+    if (!x || !p)
+        die("sample", RLB_ENOMEM);
+    uint64_t s = 12345;
+    for (int64_t i = 0; i < V; i++) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        x[i] = (float)((double)(s >> 11) * 0x1.0p-53 * 8.0 - 4.0);
+    }
+    rlb_sample_ws ws = {0};
+    const rlb_sampling sp = {.temperature = 1.0f, .top_p = 1.0f, .seed = 7};
+    int32_t toks[DRAWS];
+    double t0 = rlb__clock_s();
+    for (int d = 0; d < DRAWS; d++) {
+        float lp;
+        int rc = rlb__sample_token(x, V, &sp, 0, d, &ws, &toks[d], &lp);
+        if (rc)
+            die("sample", rc);
+    }
+    double t1 = rlb__clock_s();
+    for (int d = 0; d < DRAWS; d++)
+        if (naive_race(x, V, sp.seed, d, p) != toks[d])
+            die("sample: the sampler and the naive race drew different tokens", RLB_EINVAL);
+    double t2 = rlb__clock_s();
+    *ours = (t1 - t0) * 1e3 / DRAWS;
+    *peer = (t2 - t1) * 1e3 / DRAWS;
+    rlb__sample_ws_free(&ws);
+    free(x);
+    free(p);
+}
+
 #ifdef RLB_BENCH_CUDA
 int rlb__bench_engine_cuda(int argc, char **argv); /* bench_engine_cuda.c */
 #endif
@@ -227,6 +289,8 @@ int main(int argc, char **argv)
     e = make_engine(&layout, w, comm, RLB_QUANT_INT8);
     run_stats dec8 = decode(e, 1);
     rlb__engine_destroy(e);
+    double sample_ms, naive_ms;
+    bench_sample(&sample_ms, &naive_ms);
 
     printf("rlb-bench-engine: %.1fM parameters (padded vocab), %.1f MB fp32 / %.1f MB int8 "
            "matrix bytes per step, %lld BLAS threads\n",
@@ -245,13 +309,15 @@ int main(int argc, char **argv)
     double b1_gbs = wb32 / (dec[0].step_ms / 1e3) / 1e9;
     printf("decode_b1_fraction_of_memcpy_bw %.3f (target >= 0.5), int8_vs_fp32_speedup %.2f\n",
            b1_gbs / bw, dec8.tok_s / dec[0].tok_s);
+    printf("sample 128256 tokens: %.3f ms per draw, the naive race %.3f ms (%.2fx)\n",
+           sample_ms, naive_ms, naive_ms / sample_ms);
     printf("{\"bench\":\"engine\",\"params_m\":%.1f,\"threads\":%lld,\"memcpy_gbs\":%.2f,"
            "\"decode_b1_tok_s\":%.1f,\"decode_b8_tok_s\":%.1f,\"decode_b32_tok_s\":%.1f,"
            "\"prefill_tok_s\":%.1f,\"decode_b1_weight_gbs\":%.2f,"
            "\"decode_b1_fraction_of_memcpy_bw\":%.3f,\"int8_decode_b1_tok_s\":%.1f,"
-           "\"int8_vs_fp32_speedup\":%.2f}\n",
+           "\"int8_vs_fp32_speedup\":%.2f,\"sample_ms\":%.3f,\"sample_naive_ms\":%.3f}\n",
            params / 1e6, threads, bw, dec[0].tok_s, dec[1].tok_s, dec[2].tok_s, pre.tok_s,
-           b1_gbs, b1_gbs / bw, dec8.tok_s, dec8.tok_s / dec[0].tok_s);
+           b1_gbs, b1_gbs / bw, dec8.tok_s, dec8.tok_s / dec[0].tok_s, sample_ms, naive_ms);
     rlb__tp_comm_destroy(comm);
     rlb__tp_layout_free(&layout);
     free(w);

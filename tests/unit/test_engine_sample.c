@@ -10,6 +10,8 @@
  *     flaky) match softmax of the kept tokens within 0.012 (about 5 standard deviations of
  *     the largest probability's estimate);
  *   - the same (seed, sample, position) draws the same token, other sample indices differ;
+ *   - the race's skipped logs change nothing: the token equals the race with every log
+ *     (small vocabularies with filters, and 32K ones);
  *   - non-finite logits follow sample.h: NaN is never sampled, +inf tokens share the mass
  *     equally (logprob -log(count)), a row with nothing finite gives RLB_ENONFINITE;
  *   - bad parameters are refused.
@@ -24,6 +26,7 @@
 
 #include <cmocka.h>
 
+#include "kernels/cpu/noise.h"
 #include "kernels/cpu/sample.h"
 #include "rlb/rlb.h"
 
@@ -128,6 +131,31 @@ static double ref_logprob(const float *logits, int V, float T, int tok)
     return (double)(logits[tok] / T) - zmax - log(sum);
 }
 
+/* The race from its definition, every token's log taken: the first token with the largest
+ * p / -log(u) among the kept (p = expf(z - max z) as the sampler computes it). */
+static int32_t ref_race(const float *logits, int64_t V, const rlb_sampling *sp,
+                        const uint8_t *keep, uint64_t sample, int64_t pos)
+{
+    float zmax = -INFINITY;
+    for (int64_t i = 0; i < V; i++)
+        zmax = logits[i] / sp->temperature > zmax ? logits[i] / sp->temperature : zmax;
+    const uint64_t prefix = rlb__noise_prefix(sp->seed, sample, pos);
+    double best = -1.0;
+    int32_t tok = -1;
+    for (int64_t i = 0; i < V; i++) {
+        if (keep && !keep[i])
+            continue;
+        const float p = expf(logits[i] / sp->temperature - zmax);
+        const double score =
+            (double)p / -log(rlb__bits_to_uniform(rlb__noise_token(prefix, i)));
+        if (score > best) {
+            best = score;
+            tok = (int32_t)i;
+        }
+    }
+    return tok;
+}
+
 static void test_filter_brute_force(void **state)
 {
     (void)state;
@@ -151,10 +179,36 @@ static void test_filter_brute_force(void **state)
         assert_int_equal(rlb__sample_token(logits, V, &sp, (uint64_t)it % 3, it, &ws, &tok, &lp),
                          0);
         assert_true(tok >= 0 && tok < V && ref[tok]);
+        assert_int_equal(tok, ref_race(logits, V, &sp, ref, (uint64_t)it % 3, it));
         assert_true(fabs(lp - ref_logprob(logits, V, sp.temperature, tok)) <= 1e-5);
         checked++;
     }
     assert_int_equal(checked, 5000);
+    rlb__sample_ws_free(&ws);
+}
+
+/* The sampler skips the log where p / (1 - u) cannot win: the same tokens as the race with
+ * every log on 32K vocabularies of flat and of peaked logits (test_filter_brute_force
+ * checks the small ones, with filters). */
+static void test_race_skips_nothing(void **state)
+{
+    (void)state;
+    rlb_sample_ws ws = {0};
+    enum { BIG = 32768 };
+    float *big = malloc(BIG * sizeof *big);
+    assert_non_null(big);
+    for (int it = 0; it < 60; it++) {
+        const double spread = it % 3 == 0 ? 0.1 : it % 3 == 1 ? 4.0 : 30.0;
+        for (int i = 0; i < BIG; i++)
+            big[i] = (float)((rng_unit() * 2.0 - 1.0) * spread);
+        rlb_sampling sp = {.temperature = 0.5f + (float)rng_unit(), .top_p = 1.0f,
+                           .seed = rng()};
+        int32_t tok;
+        float lp;
+        assert_int_equal(rlb__sample_token(big, BIG, &sp, 0, it, &ws, &tok, &lp), 0);
+        assert_int_equal(tok, ref_race(big, BIG, &sp, NULL, 0, it));
+    }
+    free(big);
     rlb__sample_ws_free(&ws);
 }
 
@@ -357,6 +411,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_filter_brute_force),
         cmocka_unit_test(test_greedy),
+        cmocka_unit_test(test_race_skips_nothing),
         cmocka_unit_test(test_distribution),
         cmocka_unit_test(test_noise_keys),
         cmocka_unit_test(test_refusals),
