@@ -29,8 +29,8 @@
 #             (bench/peft_merge_peer.py), with the merges as RLB_LORA_MERGE says (default
 #             fused)
 #   engine-ab the engine's decode (--main-only, 1B and 8B, two interleaved rounds) of this
-#             tree against the tree in .devtools/base.tar (`git archive REV -o
-#             .devtools/base.tar` here; its rlb-bench-engine is built on the device), the
+#             tree against each tree in .devtools/base*.tar (`git archive REV -o
+#             .devtools/base.tar` here; their rlb-bench-engine is built on the device), the
 #             before and after of a kernel change in one call (RLB_AB_ROUNDS: rounds, 2)
 #   ncu-attn  ncu's occupancy, warp state, scheduler and instruction sections on one
 #             batch-256 launch of the tensor-core decode attention, 1B and 8B shapes (the
@@ -144,20 +144,31 @@ for step in "$@"; do
                 "$out/ncu-attn-$1.txt" | head -12
         done ;;
     engine-ab)
-        base=/tmp/rlb-ab-base
-        rm -rf "$base" && mkdir -p "$base" && tar xf .devtools/base.tar -C "$base" &&
-            cmake -S "$base" -B "$base/b" -DCMAKE_BUILD_TYPE=Release -DRLB_CUDA=ON \
-                > "$out/ab-configure.log" 2>&1 &&
-            cmake --build "$base/b" -j16 --target rlb-bench-engine > "$out/ab-build.log" 2>&1 ||
-            { echo "engine-ab: the base tree did not build"; tail -20 "$out/ab-build.log"; continue; }
+        # every .devtools/base*.tar is a tree to compare (base.tar, base-x.tar, ...)
+        trees=(this)
+        for tarball in .devtools/base*.tar; do
+            [ -e "$tarball" ] || continue
+            name=$(basename "$tarball" .tar)
+            dir=/tmp/rlb-ab-$name
+            rm -rf "$dir" && mkdir -p "$dir" && tar xf "$tarball" -C "$dir" &&
+                cmake -S "$dir" -B "$dir/b" -DCMAKE_BUILD_TYPE=Release -DRLB_CUDA=ON \
+                    > "$out/ab-configure-$name.log" 2>&1 &&
+                cmake --build "$dir/b" -j16 --target rlb-bench-engine \
+                    > "$out/ab-build-$name.log" 2>&1 &&
+                trees+=("$name") ||
+                { echo "engine-ab: $name did not build"; tail -20 "$out/ab-build-$name.log"; }
+        done
         for round in $(seq "${RLB_AB_ROUNDS:-2}"); do
             for shape in 1b 8b; do
-                for tree in this base; do
+                for tree in "${trees[@]}"; do
                     bin=build-gpu/bench/rlb-bench-engine
-                    [ $tree = base ] && bin=$base/b/bench/rlb-bench-engine
-                    echo "$shape $tree (round $round): $(timeout 120 $bin --device cuda \
+                    [ "$tree" != this ] && bin=/tmp/rlb-ab-$tree/b/bench/rlb-bench-engine
+                    echo "$shape $tree (round $round): $(timeout 200 $bin --device cuda \
                         --shape $shape --main-only 2>&1 | tee -a "$out/engine-ab.log" |
-                        awk '$2 == "decode" && $3 == "batch" {c = $9; sub(/\)/, "", c); printf "b%s %s (classic %s)  ", $4, $5, c}')"
+                        awk '$2 == "decode" && $3 == "batch" {c = $9; sub(/\)/, "", c);
+                                 printf "b%s %s (classic %s)  ", $4, $5, c}
+                             $2 == "attention" && $3 == "warps" {
+                                 printf "w%s:b%s %s  ", $4, $6, $7}')"
                 done
             done
         done ;;
