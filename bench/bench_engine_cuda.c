@@ -47,6 +47,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
+#include "common/cli_args.h"
 #include "common/clock.h"
 #include "kernels/cuda/gemv.h"
 #include "rlb/rlb.h"
@@ -423,14 +424,26 @@ int rlb__bench_engine_cuda(int argc, char **argv)
             shapes[0] = strcmp(argv[i], "8b") != 0;
             shapes[1] = strcmp(argv[i], "1b") != 0;
         } else if (!strcmp(argv[i], "--new") && i + 1 < argc) {
-            new_tokens = atoll(argv[++i]);
+            long v;
+            if (rlb__cli_long("bench-engine", "new", argv[++i], 3, 1 << 16, &v))
+                return 2;
+            new_tokens = v;
         } else if (!strcmp(argv[i], "--batches") && i + 1 < argc) {
+            /* a comma-separated list, each a whole number in [1, 256] */
+            char list[256];
+            snprintf(list, sizeof list, "%s", argv[++i]);
             nb = 0;
-            for (char *p = argv[++i]; *p && nb < MAX_BATCHES; p++) {
-                batches[nb++] = strtoll(p, &p, 10);
-                if (!*p)
-                    break;
+            for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok;
+                 tok = strtok_r(NULL, ",", &save)) {
+                long v;
+                if (nb == MAX_BATCHES)
+                    return rlb__cli_bad("bench-engine", "batches", argv[i], "too many batches");
+                if (rlb__cli_long("bench-engine", "batches", tok, 1, 256, &v))
+                    return 2;
+                batches[nb++] = v;
             }
+            if (nb == 0)
+                return rlb__cli_bad("bench-engine", "batches", argv[i], "no batch given");
         } else {
             fprintf(stderr, "usage: rlb-bench-engine --device cuda [--shape 1b|8b|both] "
                             "[--new N] [--batches 1,32,256] [--gemv] [--main-only]\n");

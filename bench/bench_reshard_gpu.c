@@ -50,6 +50,7 @@
 #include <cuda_runtime_api.h>
 
 #include "bench/bench_vmm.h"
+#include "common/cli_args.h"
 #include "common/clock.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/lora_merge.h"
@@ -932,8 +933,12 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--torch-log") && i + 1 < argc)
             torch_log = argv[++i];
-        else if (!strcmp(argv[i], "--iters") && i + 1 < argc)
-            iters = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--iters") && i + 1 < argc) {
+            long v;
+            if (rlb__cli_long("bench-reshard-gpu", "iters", argv[++i], 1, 1000000, &v))
+                return 2;
+            iters = (int)v;
+        }
         else if (!strcmp(argv[i], "--peer"))
             peer = 1;
         else if (!strcmp(argv[i], "--lora"))

@@ -37,6 +37,7 @@
 
 #include "bench/bench_xnode.h"
 #include "bridge/xport/xport.h"
+#include "common/cli_args.h"
 #include "common/clock.h"
 #include "common/store.h"
 #include "rlb/rlb.h"
@@ -258,10 +259,13 @@ int main(int argc, char **argv)
     if (argc > 1 && !strcmp(argv[1], "--commit")) {
         int versions = 10, lora = 0;
         for (int i = 2; i < argc; i++) {
+            long v;
             if (!strcmp(argv[i], "--lora"))
                 lora = 1;
+            else if (rlb__cli_long("bench-xnode", "commit", argv[i], 1, 100000, &v))
+                return 2;
             else
-                versions = atoi(argv[i]);
+                versions = (int)v;
         }
         return rlb__bench_xnode_commit(versions, lora);
     }
@@ -270,13 +274,20 @@ int main(int argc, char **argv)
             nccl = 1;
             continue;
         }
-        if (i + 1 < argc && !strcmp(argv[i], "--mib"))
-            b.bytes = strtoull(argv[++i], NULL, 10) << 20;
-        else if (i + 1 < argc && !strcmp(argv[i], "--chunk-mib"))
-            b.chunk = strtoull(argv[++i], NULL, 10) << 20;
-        else if (i + 1 < argc && !strcmp(argv[i], "--runs"))
-            b.runs = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--peer-errors"))
+        long v;
+        if (i + 1 < argc && !strcmp(argv[i], "--mib")) {
+            if (rlb__cli_long("bench-xnode", "mib", argv[++i], 1, 1 << 20, &v))
+                return 2;
+            b.bytes = (uint64_t)v << 20;
+        } else if (i + 1 < argc && !strcmp(argv[i], "--chunk-mib")) {
+            if (rlb__cli_long("bench-xnode", "chunk-mib", argv[++i], 1, 1 << 12, &v))
+                return 2;
+            b.chunk = (uint64_t)v << 20;
+        } else if (i + 1 < argc && !strcmp(argv[i], "--runs")) {
+            if (rlb__cli_long("bench-xnode", "runs", argv[++i], 1, 1000, &v))
+                return 2;
+            b.runs = (int)v;
+        } else if (!strcmp(argv[i], "--peer-errors"))
             b.peer_errors = 1;
         else {
             fprintf(stderr, "usage: rlb-bench-xnode [--nccl] [--mib N] [--chunk-mib C] "
