@@ -857,8 +857,8 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
     for (int64_t r = 0; r < bt->rows; r++)
         if (bt->tokens[r] < 0 || bt->tokens[r] >= c->V)
             return RLB_EINVAL;
-    const int graphable = c->opts.graphs && bt->decode_only && bt->n_spans == bt->rows &&
-                          bt->out == bt->rows;
+    const int one_token_spans = bt->decode_only && bt->n_spans == bt->rows; /* decode */
+    const int graphable = c->opts.graphs && one_token_spans && bt->out == bt->rows;
     c->bucket = graphable ? bucket_of(c, bt->rows) : -1;
     const int64_t rows = c->bucket >= 0 ? c->bucket_size[c->bucket] : bt->rows;
     const int64_t spans = c->bucket >= 0 ? rows : bt->n_spans;
@@ -913,9 +913,8 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
                     : rlb__eo_attn_splits(qb * c->kvt, bt->decode_only ? 0 : bt->max_ctx, c->sms,
                                           rows, c->hq, c->ws_vectors);
     /* not in batch-invariant mode: the kernel choice would depend on the step's other rows */
-    c->one_row = bt->decode_only && bt->n_spans == bt->rows && !c->opts.batch_invariant &&
-                 c->opts.classic_attention != 1;
-    c->fuse_rope = bt->decode_only && bt->n_spans == bt->rows &&
+    c->one_row = one_token_spans && !c->opts.batch_invariant && c->opts.classic_attention != 1;
+    c->fuse_rope = one_token_spans &&
                    (c->opts.fused_rope > 0 || (c->opts.fused_rope == 0 && c->splits == 1));
     c->cache = (rlb_eo_cache){kv->k, kv->v, c->dt, c->n_layers, c->kvt,
                               c->hd, kv->block_tokens};

@@ -1,11 +1,13 @@
-/* noise.h: the counter-based noise of sampling (kernels/cpu/sample.h), written once for the
- * CPU sampler and the CUDA one (kernels/cuda/engine_ops.cu). Under nvcc every function is
- * compiled for host and device, so a GPU sample draws the same 64 bits, and the same
- * uniform, as the CPU for the same (seed, sample index, position, token).
+/* noise.h: the counter-based noise of sampling (kernels/cpu/sample.h) and the race's score,
+ * written once for the CPU sampler and the CUDA one (kernels/cuda/engine_ops.cu). Under
+ * nvcc every function is compiled for host and device, so a GPU sample draws the same 64
+ * bits, the same uniform and the same score as the CPU for the same (seed, sample index,
+ * position, token).
  */
 #ifndef RLB_KERNELS_CPU_NOISE_H
 #define RLB_KERNELS_CPU_NOISE_H
 
+#include <math.h>
 #include <stdint.h>
 
 #ifndef RLB__HD
@@ -44,6 +46,19 @@ static inline RLB__HD uint64_t rlb__noise_token(uint64_t prefix, int64_t token)
 static inline RLB__HD double rlb__bits_to_uniform(uint64_t bits)
 {
     return ((double)(bits >> 11) + 0.5) * 0x1.0p-53;
+}
+
+/* The race (Gumbel-max): a token of weight p = exp(z - max z) and uniform u scores
+ * p / -log(u), and the first largest score wins. As -log(u) >= 1 - u, p / (1 - u) bounds
+ * the score from above; where even the bound (with 2^-40 to spare, far above the roundings
+ * of the products, the log and the division) is below `best`, the token cannot replace it
+ * and the log is skipped: the score is then given as -1, below any real one (best > 0
+ * there). So a scan keeping the first largest score picks the same token either way. */
+static inline RLB__HD double rlb__race_score(float p, double u, double best)
+{
+    if ((double)p * (1.0 + 0x1p-40) < best * (1.0 - u))
+        return -1.0;
+    return (double)p / -log(u);
 }
 
 #endif /* RLB_KERNELS_CPU_NOISE_H */

@@ -236,15 +236,9 @@ int rlb__sample_token(const float *logits, int64_t V, const rlb_sampling *sp, ui
         for (int64_t i = 0; i < V; i++) {
             if (!ws->keep[i])
                 continue;
-            /* exp(z - max) / E with E = -log(u) ~ Exp(1): argmax = Gumbel-max. As
-             * -log(u) >= 1 - u, p / (1 - u) bounds the score from above: where even the
-             * bound (with 2^-40 to spare, far above the roundings) is below the best, the
-             * score is too, and the log is skipped. The same token either way. */
-            const double u = rlb__bits_to_uniform(rlb__noise_token(prefix, i));
-            if ((double)ws->p[i] * (1.0 + 0x1p-40) < best_score * (1.0 - u))
-                continue;
-            double e = -log(u);
-            double score = (double)ws->p[i] / e;
+            /* exp(z - max) / E with E = -log(u) ~ Exp(1): argmax = Gumbel-max */
+            const double score = rlb__race_score(
+                ws->p[i], rlb__bits_to_uniform(rlb__noise_token(prefix, i)), best_score);
             if (score > best_score) {
                 best_score = score;
                 best = i;

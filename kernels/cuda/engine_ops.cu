@@ -958,22 +958,17 @@ int attention_hd(cudaStream_t stream, const rlb_eo_attn *a, const rlb_eo_cache *
 {
     dim3 grid((unsigned)a->qblocks, (unsigned)c->kvt, (unsigned)a->splits);
     const int64_t grp = a->hq / c->kvt;
+    bool tc = false; /* the tensor-core decode kernel serves the step */
     if constexpr (std::is_same<T, rlb__bf16_t>::value && (HD == 64 || HD == 128)) {
         if (a->one_row && grp <= 16) {
+            tc = true;
             grid.x = (unsigned)a->n_spans;
-            if (grp <= 8)
-                rlb__pdl_launch(attn_decode_tc<HD, false>, grid, kTcWarps * kWarp, stream, *a,
-                                *c, layer);
-            else
-                rlb__pdl_launch(attn_decode_tc<HD, true>, grid, kTcWarps * kWarp, stream, *a,
-                                *c, layer);
-        } else {
-            rlb__pdl_launch(attn_kernel<HD, T>, grid, kAttnWarps * kWarp, stream, *a, *c,
-                            layer);
+            rlb__pdl_launch(grp <= 8 ? attn_decode_tc<HD, false> : attn_decode_tc<HD, true>,
+                            grid, kTcWarps * kWarp, stream, *a, *c, layer);
         }
-    } else {
-        rlb__pdl_launch(attn_kernel<HD, T>, grid, kAttnWarps * kWarp, stream, *a, *c, layer);
     }
+    if (!tc)
+        rlb__pdl_launch(attn_kernel<HD, T>, grid, kAttnWarps * kWarp, stream, *a, *c, layer);
     int rc = launched("attention");
     if (rc || a->splits == 1)
         return rc;
@@ -1158,8 +1153,9 @@ __global__ void __launch_bounds__(kChunkThreads)
     row_max(p, V, &zmax, &imax);
     int64_t lo, hi;
     chunk_range(V, blockIdx.x, &lo, &hi);
-    /* one pass: the sum, and for plain sampling the race; a thread takes its tokens in
-     * ascending order, so its sum and its first best are those of two separate scans */
+    /* one pass: the sum, and for plain sampling the race (rlb__race_score skips the logs
+     * of tokens that cannot win); a thread takes its tokens in ascending order, so its sum
+     * and its first best are those of two separate scans */
     const bool race = plain_sampling(job, V) && isfinite(zmax);
     const uint64_t prefix = race ? rlb__noise_prefix(job.seed, job.sample, job.pos) : 0;
     double sum = 0.0, best = -1.0;
@@ -1169,14 +1165,8 @@ __global__ void __launch_bounds__(kChunkThreads)
         sum += pr;
         if (!race)
             return;
-        /* score = pr / -log(u01) <= pr / (1 - u01), as -log(x) >= 1 - x: where even
-         * that bound (with 2^-40 to spare, far above the roundings) is below the
-         * thread's best, the score is too and the double log is skipped. Exact: the
-         * tokens skipped are those that would not have replaced the best. */
-        const double u01 = rlb__bits_to_uniform(rlb__noise_token(prefix, i));
-        if ((double)pr * (1.0 + 0x1p-40) < best * (1.0 - u01))
-            return;
-        const double score = (double)pr / -log(u01);
+        const double score =
+            rlb__race_score(pr, rlb__bits_to_uniform(rlb__noise_token(prefix, i)), best);
         if (score > best) {
             best = score;
             ibest = i;
@@ -1273,9 +1263,8 @@ __global__ void __launch_bounds__(kSampleThreads)
             if (k < k_key || k < p_key || (top_p && k == p_key && i > p_last))
                 continue;
         }
-        const float p = expf(x[i] / T - zmax);
-        const double e = -log(rlb__bits_to_uniform(rlb__noise_token(prefix, i)));
-        const double score = (double)p / e;
+        const double score = rlb__race_score(
+            expf(x[i] / T - zmax), rlb__bits_to_uniform(rlb__noise_token(prefix, i)), best);
         if (score > best) {
             best = score;
             ibest = i;
