@@ -24,9 +24,9 @@
  *                         steps instead of the tensor-core decode kernel (--main-only
  *                         prints it too: the before and after of that kernel in one run)
  *   decode_bB_rope_unfused_tok_s  every batch with RoPE and the cache store as a kernel of
- *                         their own instead of inside the attention kernel (the backend
- *                         fuses them only in decode steps of one key split, the large
- *                         batches: elsewhere the two figures measure the same thing)
+ *                         their own instead of inside the qkv GEMV (steps of at most 8 rows)
+ *                         or the attention kernel (decode steps of one key split, the large
+ *                         batches)
  *   decode_b{1,32}_batch_invariant_tok_s, prefill_batch_invariant_tok_s   the same in
  *                         batch-invariant mode (the first two batches of the list)
  *   prefill_tok_s         32 prompts of PROMPT tokens, 16 per step
@@ -34,8 +34,9 @@
  * (only the default configuration's decode: for a profiler's trace).
  *
  * --gemv instead times the decode GEMV alone on each matrix of the shapes (qkv, o,
- * gate_up, down, LM head) at 1, 2, 4 and 8 rows: bytes moved (weights + x + y) per second,
- * and that as a fraction of copy_gbs (gemv_<shape>_<matrix>_n<rows>_gbs, _frac).
+ * gate_up, down, LM head) at 1, 2, 4 and 8 rows, plain and with the fusions a decode step
+ * uses: weight bytes read per second as a fraction of copy_gbs
+ * (gemv_<shape>_<matrix>_<plain|fused>_n<rows>_frac).
  * Prints a table, then one JSON line. Exits 77 where no GPU is visible.
  */
 #include <math.h>
@@ -341,11 +342,16 @@ static void run_shape(const rlb_tp_layout *l, rlb_cuda_backend_opts o, const int
     rlb__forward_free(&r.f);
 }
 
-/* --gemv: the decode GEMV alone on every matrix of the chosen shapes. */
+/* --gemv: the decode GEMV alone on every matrix of the chosen shapes, plain (x given in
+ * bf16) and in the fused form the decode step runs (qkv, gate_up and the LM head with the
+ * rmsnorm of the float32 stream, o with the residual add, down with swiglu of the float32
+ * gate_up output and the residual add). The weights are cycled through copies of at least
+ * 1 GiB in all, so no matrix is served from L2 across launches (a step reads each once). */
 static int bench_gemv(const int *shapes, double gbs, char *json, size_t cap, int jn)
 {
     static const char *mat[5] = {"qkv", "o", "gate_up", "down", "head"};
     static const int64_t rows_of[4] = {1, 2, 4, 8};
+    const double cycle_bytes = 1024.0 * 1024 * 1024;
     cudaStream_t st;
     cudaEvent_t e0, e1;
     if (cudaStreamCreate(&st) != cudaSuccess || cudaEventCreate(&e0) != cudaSuccess ||
@@ -362,41 +368,61 @@ static int bench_gemv(const int *shapes, double gbs, char *json, size_t cap, int
                                   {c.vocab, c.hidden}};
         for (int i = 0; i < 5; i++) {
             const int64_t m = mk[i][0], k = mk[i][1];
-            void *w, *x;
-            float *y;
-            if (cudaMalloc(&w, (size_t)(m * k) * 2) != cudaSuccess ||
+            const size_t wbytes = (size_t)(m * k) * 2;
+            const int copies = (int)ceil(cycle_bytes / (double)wbytes);
+            char *w;
+            void *x, *nw;
+            float *y, *xf, *res;
+            if (cudaMalloc((void **)&w, wbytes * (size_t)copies) != cudaSuccess ||
                 cudaMalloc(&x, (size_t)(8 * k) * 2) != cudaSuccess ||
+                cudaMalloc(&nw, (size_t)k * 2) != cudaSuccess ||
+                cudaMalloc((void **)&xf, (size_t)(8 * 2 * k) * 4) != cudaSuccess ||
+                cudaMalloc((void **)&res, (size_t)(8 * m) * 4) != cudaSuccess ||
                 cudaMalloc((void **)&y, (size_t)(8 * m) * 4) != cudaSuccess)
                 die("gemv buffers", RLB_ENOMEM);
-            cudaMemset(w, 0x3c, (size_t)(m * k) * 2);
+            cudaMemset(w, 0x3c, wbytes * (size_t)copies);
             cudaMemset(x, 0x3c, (size_t)(8 * k) * 2);
-            for (int r = 0; r < 4; r++) {
-                const int64_t n = rows_of[r];
-                const int reps = 20;
-                float ms = 0, best = 1e30f;
-                for (int t = 0; t < 3; t++) {
-                    cudaEventRecord(e0, st);
-                    for (int j = 0; j < reps; j++)
-                        if (rlb__eo_gemv(st, w, RLB_DTYPE_BF16, m, k, x, n, NULL, y))
-                            die("gemv", RLB_ECUDA);
-                    cudaEventRecord(e1, st);
-                    cudaEventSynchronize(e1);
-                    cudaEventElapsedTime(&ms, e0, e1);
-                    best = ms < best ? ms : best;
+            cudaMemset(nw, 0x3c, (size_t)k * 2);
+            cudaMemset(xf, 0, (size_t)(8 * 2 * k) * 4);
+            cudaMemset(res, 0, (size_t)(8 * m) * 4);
+            for (int fused = 0; fused < 2; fused++) {
+                const rlb_eo_gemv_fuse norm = {.norm_x = xf, .norm_w = nw, .eps = 1e-5f};
+                const rlb_eo_gemv_fuse add = {.residual = res};
+                const rlb_eo_gemv_fuse down = {.residual = res, .swiglu_gu = xf};
+                const rlb_eo_gemv_fuse *f =
+                    !fused ? NULL : i == 1 ? &add : i == 3 ? &down : &norm;
+                for (int r = 0; r < 4; r++) {
+                    const int64_t n = rows_of[r];
+                    const int reps = copies > 20 ? copies : 20;
+                    float ms = 0, best = 1e30f;
+                    for (int t = 0; t < 3; t++) {
+                        cudaEventRecord(e0, st);
+                        for (int j = 0; j < reps; j++)
+                            if (rlb__eo_gemv(st, w + (size_t)(j % copies) * wbytes,
+                                             RLB_DTYPE_BF16, m, k, x, n, f, y))
+                                die("gemv", RLB_ECUDA);
+                        cudaEventRecord(e1, st);
+                        cudaEventSynchronize(e1);
+                        cudaEventElapsedTime(&ms, e0, e1);
+                        best = ms < best ? ms : best;
+                    }
+                    /* the weights are what a step must read: the fraction is theirs */
+                    const double sec = best * 1e-3 / reps;
+                    const double g = (double)wbytes / sec / 1e9;
+                    const char *form = fused ? "fused" : "plain";
+                    printf("  gemv %s %-7s %s %6lld x %5lld, %lld rows: %8.1f us %7.0f GB/s  "
+                           "%.3f of copy\n", big ? "8b" : "1b", mat[i], form, (long long)m,
+                           (long long)k, (long long)n, sec * 1e6, g, g / gbs);
+                    jn += snprintf(json + jn, cap - (size_t)jn,
+                                   ",\"gemv_%s_%s_%s_n%lld_frac\":%.3f", big ? "8b" : "1b",
+                                   mat[i], form, (long long)n, g / gbs);
                 }
-                const double sec = best * 1e-3 / reps;
-                const double bytes = (double)(m * k) * 2 + (double)(n * k) * 2 + (double)(n * m) * 4;
-                const double g = bytes / sec / 1e9;
-                printf("  gemv %s %-7s %6lld x %5lld, %lld rows: %8.1f us %7.0f GB/s  %.3f of "
-                       "copy\n", big ? "8b" : "1b", mat[i], (long long)m, (long long)k,
-                       (long long)n, sec * 1e6, g, g / gbs);
-                jn += snprintf(json + jn, cap - (size_t)jn,
-                               ",\"gemv_%s_%s_n%lld_gbs\":%.1f,\"gemv_%s_%s_n%lld_frac\":%.3f",
-                               big ? "8b" : "1b", mat[i], (long long)n, g, big ? "8b" : "1b",
-                               mat[i], (long long)n, g / gbs);
             }
             cudaFree(w);
             cudaFree(x);
+            cudaFree(nw);
+            cudaFree(xf);
+            cudaFree(res);
             cudaFree(y);
         }
     }

@@ -7,6 +7,8 @@
 #   suite     the README's test labels (unit, integration, gpu) with ctest -j
 #   engine    rlb-bench-engine --device cuda (1B shape) and the HF generate peer
 #   engine8b  the same on the 8B shape
+#   gemv      rlb-bench-engine --device cuda --gemv: the decode GEMV on every matrix of both
+#             shapes at 1 to 8 rows, plain and fused as a step runs it
 #   sync      rlb-bench-sync --device cuda (1B shape; sync8b: both shapes) and the torch
 #             reshard peer
 #   sync-vmm  rlb-bench-sync --device cuda --vmm: the trainer's memory VMM-mapped (exported
@@ -80,6 +82,10 @@ for step in "$@"; do
         python3 .devtools/hf_generate_baseline.py --shape $shape --batch 1 32 \
             > "$out/hf-$shape.log" 2>&1
         tail -4 "$out/hf-$shape.log" ;;
+    gemv)
+        # the decode GEMV alone, plain and fused, every matrix of both shapes
+        build-gpu/bench/rlb-bench-engine --device cuda --gemv > "$out/bench-gemv.log" 2>&1
+        grep -E " 1 rows| 8 rows" "$out/bench-gemv.log" ;;
     sync|sync8b)
         shape=(--shape 1b); [ "$step" = sync8b ] && shape=()
         timeout 400 build-gpu/rlb-bench-sync --device cuda "${shape[@]}" \
