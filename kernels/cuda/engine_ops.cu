@@ -46,6 +46,7 @@
 #include "kernels/cpu/sample.h"
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/rope.cuh"
 #include "kernels/cuda/cuda_check.h"
 
 namespace {
@@ -323,24 +324,15 @@ template <typename T>
 __device__ __forceinline__ int64_t cache_off(const rlb_eo_cache &c, int64_t layer, int32_t blk,
                                              int64_t head, int64_t slot_in_block)
 {
-    return (((int64_t)blk * c.n_layers + layer) * c.kvt + head) * c.block_tokens * c.hd +
-           slot_in_block * c.hd;
+    return rlb__cache_off(c, layer, blk, head, slot_in_block);
 }
 
-/* The rotation of the pair (x1, x2) = (x[j], x[j + hd / 2]) at position pos: x * cos +
- * rotate_half(x) * sin with the angle float(inv_freq[j] * pos) (sincosf: cosf's and sinf's
- * values, one range reduction), each product and sum rounded on its own as in
- * rlb__rope_apply (no contraction to fma), so rope_store_kernel and the attention kernel's
- * fused form give the same bits. */
+/* The rotation (rope.cuh), one definition for rope_store_kernel, the attention kernels'
+ * fused form and the qkv GEMV's: the same bits. */
 __device__ __forceinline__ void rope_pair(const float *inv_freq, int64_t j, int32_t pos,
                                           float &x1, float &x2)
 {
-    float cs, sn;
-    sincosf(inv_freq[j] * (float)pos, &sn, &cs);
-    const float y1 = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(-x2, sn));
-    const float y2 = __fadd_rn(__fmul_rn(x2, cs), __fmul_rn(x1, sn));
-    x1 = y1;
-    x2 = y2;
+    rlb__rope_pair(inv_freq, j, pos, x1, x2);
 }
 
 /* One block per (row, head) of the qkv row, hd / 2 threads: thread j rotates the pair
@@ -634,20 +626,27 @@ __global__ void attn_combine(const float *partial, int64_t splits, int64_t vecto
  *
  * Layout: S = Q K^T has the group's q heads as its 16 rows (rows past the group are zero).
  * A dot product does not depend on the order of its terms, so the hd axis is permuted to
- * make every load a 16-byte one: in k-step kk, mma column 2t + j (t = lane % 4) is hd
- * t * HD / 4 + 4 kk + j and column 2t + 8 + j is hd t * HD / 4 + 4 kk + 2 + j, so lane t
- * holds the contiguous quarter [t HD / 4, (t + 1) HD / 4) of its key (lane / 4 of the 8-key
- * tile). In O = P V the output columns are permuted the same way: n-tile nt's column n is
- * hd n * HD / 8 + nt, so a lane loads the contiguous eighth [n HD / 8, (n + 1) HD / 8) of
- * each of its four values (keys 2t, 2t + 1, 2t + 8, 2t + 9) and pairs them with byte
- * permutes. Every byte of the block's keys and values is loaded once, from L2 (__ldcg: the
- * row's own k and v may have been stored by this block).
+ * make every load a 16-byte one that, with the other lanes' loads of the same instruction,
+ * covers whole 32-byte sectors: lane t (t = lane % 4) holds the 16-byte chunks t, t + 4,
+ * t + 8, ... of its key (lane / 4 of the 8-key tile), so one load instruction of the four
+ * lanes of a key reads 64 contiguous bytes. In k-step kk, mma column 2t + j is element
+ * 4 (kk % 2) + j and column 2t + 8 + j element 4 (kk % 2) + 2 + j of the lane's chunk kk / 2,
+ * i.e. hd 8 (4 (kk / 2) + t) + 4 (kk % 2) + j (+ 2). In O = P V the output columns are
+ * permuted the same way: lane n (n = lane / 4) loads the chunks n, n + 8, ... of each of its
+ * four values (keys 2t, 2t + 1, 2t + 8, 2t + 9) and pairs them with byte permutes, so
+ * n-tile nt's column n is hd 8 (8 (nt / 8) + n) + nt % 8. Every byte of the block's keys
+ * and values is loaded once, from L2 (__ldcg: the row's own k and v may have been stored by
+ * this block).
  *
  * Precision: q and p are split into bf16 hi + lo parts (x - hi rounds to about 2^-17 x),
  * two products each, so the scores and the weighted sum keep about 16 bits more than bf16
  * operands would: the result stays within the classic kernel's tolerance of the CPU's
  * float arithmetic. The order of the sums is another than the classic kernel's, so the bits
- * differ from it (not from run to run: the work division is fixed by the step's shape). */
+ * differ from it (not from run to run: the work division is fixed by the step's shape).
+ *
+ * Check: tests/gpu/test_cuda_engine_ops (test_attention_decode_tc, against the CPU), and
+ * where no GPU is, tests/unit/test_mma_layout.py (this warp simulated lane by lane with the
+ * PTX ISA's fragment layouts: the index formulas here must stay in step with it). */
 constexpr int kTcWarps = 4;
 constexpr int kTcKeys = 16; /* keys of a warp's step */
 
@@ -713,9 +712,10 @@ struct step_keys {
     }
 };
 
-/* N 16-byte chunks of key (or value) p from element e0 on, through L2; zeros for p >= k1
- * (past the range: such keys are masked, and the cache there may hold NaN). */
-template <int N>
+/* N 16-byte chunks of key (or value) p, every STRIDE-th from element e0 on, through L2;
+ * zeros for p >= k1 (past the range: such keys are masked, and the cache there may hold
+ * NaN). */
+template <int STRIDE, int N>
 __device__ __forceinline__ void load_key_run(const step_keys &sk, int64_t p, int64_t k1,
                                              const rlb__bf16_t *base, int e0, uint4 (&r)[N])
 {
@@ -723,11 +723,11 @@ __device__ __forceinline__ void load_key_run(const step_keys &sk, int64_t p, int
         p < k1 ? reinterpret_cast<const uint4 *>(base + sk.off(p) + e0) : nullptr;
 #pragma unroll
     for (int u = 0; u < N; u++)
-        r[u] = src ? __ldcg(src + u) : make_uint4(0, 0, 0, 0);
+        r[u] = src ? __ldcg(src + u * STRIDE) : make_uint4(0, 0, 0, 0);
 }
 
 template <int HD, bool G16>
-__global__ void __launch_bounds__(kTcWarps * kWarp, 2)
+__global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? 3 : 2)
     attn_decode_tc(rlb_eo_attn a, rlb_eo_cache c, int64_t layer)
 {
     RLB_PDL_ENTRY();
@@ -741,6 +741,7 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, 2)
     constexpr int AS = HD + 8;      /* padded accumulator row */
     constexpr bool K_AHEAD = HD <= 64; /* the next keys load during this step's P.V (at 128,
                                         * after it: the registers would spill) */
+    constexpr bool V_AHEAD = HD <= 64; /* and so do the next values, into a second buffer */
     __shared__ __align__(16) float sq[R][QS];
     __shared__ float sm[kTcWarps][R], sl[kTcWarps][R];
     __shared__ __align__(16) float sacc[kTcWarps][R][AS];
@@ -760,21 +761,22 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, 2)
     const int64_t bt_stride = a.bt_stride_dev ? *a.bt_stride_dev : a.bt_stride;
     const int32_t *table = a.block_tables + s * bt_stride;
     const T *kc = (const T *)c.k, *vc = (const T *)c.v;
-    /* a step's keys: lane (gq, t) holds quarter t of keys t0 + gq and t0 + 8 + gq, and
-     * eighth gq of the values of keys t0 + 2t, 2t + 1, 2t + 8 and 2t + 9. The next step's
+    /* a step's keys: lane (gq, t) holds chunks t, t + 4, ... of keys t0 + gq and t0 + 8 +
+     * gq, and chunks gq, gq + 8, ... of the values of keys t0 + 2t, 2t + 1, 2t + 8, 2t + 9. The next step's
      * keys load while this one's softmax and P.V run (K_AHEAD), its values while its own
      * scores do */
     uint4 kr[2][KQ / 8], vr[4][VQ / 8];
     const auto load_k = [&](const step_keys &sk) {
 #pragma unroll
         for (int j = 0; j < 2; j++)
-            load_key_run(sk, sk.t0 + 8 * j + gq, k1, kc, t * KQ, kr[j]);
+            load_key_run<4>(sk, sk.t0 + 8 * j + gq, k1, kc, 8 * t, kr[j]);
     };
-    const auto load_v = [&](const step_keys &sk) {
+    const auto load_v = [&](const step_keys &sk, uint4 (&dst)[4][VQ / 8]) {
 #pragma unroll
         for (int i = 0; i < 4; i++)
-            load_key_run(sk, sk.t0 + 2 * t + (i & 1) + 8 * (i >> 1), k1, vc, gq * VQ, vr[i]);
+            load_key_run<8>(sk, sk.t0 + 2 * t + (i & 1) + 8 * (i >> 1), k1, vc, 8 * gq, dst[i]);
     };
+    uint4 vn[4][V_AHEAD ? VQ / 8 : 1]; /* the next step's values (V_AHEAD) */
     /* the first step's keys load before the q prologue, unless they hold the row's own
      * position, whose key and value this block may be about to store */
     int64_t t0 = k0 + warp * kTcKeys;
@@ -783,7 +785,7 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, 2)
     if (early) {
         const step_keys first(c, table, layer, g, t0);
         load_k(first);
-        load_v(first);
+        load_v(first, vr);
     }
     /* the group's q heads into shared memory (rotated with a.inv_freq), zero rows after */
     const int qn = rope ? HD / 2 : HD;
@@ -804,17 +806,18 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, 2)
     if (t0 < k1 && !early) {
         const step_keys first(c, table, layer, g, t0);
         load_k(first);
-        load_v(first);
+        load_v(first, vr);
     }
 
     uint32_t qhi[KSTEPS][4], qlo[KSTEPS][4]; /* A fragments of Q, hd permuted as above */
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; kk++) {
-        const float4 q0 = *reinterpret_cast<const float4 *>(&sq[gq][t * KQ + 4 * kk]);
+        const int e = 8 * (4 * (kk / 2) + t) + 4 * (kk % 2);
+        const float4 q0 = *reinterpret_cast<const float4 *>(&sq[gq][e]);
         split_bf16(q0.x, q0.y, qhi[kk][0], qlo[kk][0]);
         split_bf16(q0.z, q0.w, qhi[kk][2], qlo[kk][2]);
         if (G16) {
-            const float4 q1 = *reinterpret_cast<const float4 *>(&sq[gq + HI][t * KQ + 4 * kk]);
+            const float4 q1 = *reinterpret_cast<const float4 *>(&sq[gq + HI][e]);
             split_bf16(q1.x, q1.y, qhi[kk][1], qlo[kk][1]);
             split_bf16(q1.z, q1.w, qhi[kk][3], qlo[kk][3]);
         } else {
@@ -842,8 +845,11 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, 2)
                 mma_bf16(sc[j], qlo[kk], b0, b1);
             }
         }
-        if (K_AHEAD && tn < k1)
+        if (K_AHEAD && tn < k1) {
             load_k(next);
+            if constexpr (V_AHEAD)
+                load_v(next, vn);
+        }
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
         for (int j = 0; j < 2; j++)
@@ -897,7 +903,15 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, 2)
         if (tn < k1) {
             if (!K_AHEAD)
                 load_k(next);
-            load_v(next);
+            if constexpr (V_AHEAD) {
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+#pragma unroll
+                    for (int u = 0; u < VQ / 8; u++)
+                        vr[i][u] = vn[i][u];
+            } else {
+                load_v(next, vr);
+            }
         }
     }
 #pragma unroll
@@ -905,7 +919,8 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, 2)
         l0 += __shfl_xor_sync(0xffffffffu, l0, x);
         l1 += __shfl_xor_sync(0xffffffffu, l1, x);
     }
-    /* each warp's state to shared memory; accumulator position nt * 8 + n is hd n VQ + nt */
+    /* each warp's state to shared memory; accumulator position nt * 8 + n is hd
+     * 8 (8 (nt / 8) + n) + nt % 8 */
     if (t == 0) {
         sm[warp][gq] = m0;
         sl[warp][gq] = l0;
@@ -925,7 +940,8 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, 2)
     __syncthreads();
     T *out = (T *)a.out;
     for (int i = tid; i < grp * HD; i += blockDim.x) {
-        const int h = i / HD, jpos = i % HD, d = (jpos % 8) * VQ + jpos / 8;
+        const int h = i / HD, jpos = i % HD, nt = jpos / 8;
+        const int d = 8 * (8 * (nt / 8) + jpos % 8) + nt % 8;
         float M = -INFINITY;
 #pragma unroll
         for (int w = 0; w < kTcWarps; w++)

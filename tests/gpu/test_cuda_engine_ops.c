@@ -1281,6 +1281,207 @@ static void gemv_swiglu_case(uint64_t *s, rlb_dtype dt, int64_t m, int64_t k, in
     cudaFree(dres);
 }
 
+/* gate_up's GEMV writing the activation too (swiglu_out), against the same GEMV without it
+ * then the swiglu op (each checked on its own against its reference above): y and the
+ * activation the same bits, plain and with the norm fused, batched and each row alone. */
+static void gemv_swiglu_out_case(uint64_t *s, rlb_dtype dt, int64_t half, int64_t k, int64_t n,
+                                 int norm)
+{
+    const size_t e = esz(dt);
+    const int64_t m = 2 * half;
+    uint8_t *w = malloc((size_t)(m * k) * e), *x = malloc((size_t)(n * k) * e);
+    uint8_t *nw = malloc((size_t)k * e);
+    float *nx = malloc((size_t)(n * k) * 4), *plain = malloc((size_t)(n * m) * 4);
+    float *fused = malloc((size_t)(n * m) * 4);
+    uint8_t *act_ref = malloc((size_t)(n * half) * e), *act = malloc((size_t)(n * half) * e);
+    const float a = 2.0f / sqrtf((float)k);
+    for (int64_t i = 0; i < m * k; i++)
+        putv(w, dt, i, frand(s, -a, a));
+    for (int64_t i = 0; i < n * k; i++) {
+        putv(x, dt, i, frand(s, -1, 1));
+        nx[i] = frand(s, -3, 3);
+    }
+    for (int64_t i = 0; i < k; i++)
+        putv(nw, dt, i, frand(s, 0.5f, 1.5f));
+    void *dw = dput(w, (size_t)(m * k) * e), *dx = dput(x, (size_t)(n * k) * e);
+    void *dnw = dput(nw, (size_t)k * e), *dact = dput(NULL, (size_t)(n * half) * e);
+    float *dnx = dput(nx, (size_t)(n * k) * 4), *dy = dput(NULL, (size_t)(n * m) * 4);
+    const void *xin = norm ? NULL : dx;
+    rlb_eo_gemv_fuse f = {.norm_x = norm ? dnx : NULL, .norm_w = dnw, .eps = 1e-5f};
+    assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k, xin, n, norm ? &f : NULL, dy), 0);
+    dget(plain, dy, (size_t)(n * m) * 4);
+    assert_int_equal(rlb__eo_swiglu(g_stream, dy, n, half, dact, dt), 0);
+    dget(act_ref, dact, (size_t)(n * half) * e);
+    assert_int_equal(cudaMemset(dact, 0xff, (size_t)(n * half) * e), 0);
+    assert_int_equal(cudaMemset(dy, 0xff, (size_t)(n * m) * 4), 0);
+    f.swiglu_out = dact;
+    assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k, xin, n, &f, dy), 0);
+    dget(fused, dy, (size_t)(n * m) * 4);
+    dget(act, dact, (size_t)(n * half) * e);
+    if (memcmp(plain, fused, (size_t)(n * m) * 4) || memcmp(act, act_ref, (size_t)(n * half) * e))
+        fprintf(stderr, "gemv swiglu out %s half %lld k %lld n %lld norm %d: differs from the "
+                "GEMV then swiglu (seed %llu)\n", rlb_dtype_name(dt), (long long)half,
+                (long long)k, (long long)n, norm, (unsigned long long)g_seed);
+    assert_memory_equal(plain, fused, (size_t)(n * m) * 4);
+    assert_memory_equal(act, act_ref, (size_t)(n * half) * e);
+    for (int64_t b = 0; n > 1 && b < n; b++) {
+        rlb_eo_gemv_fuse f1 = {.norm_x = norm ? dnx + b * k : NULL, .norm_w = dnw, .eps = 1e-5f,
+                               .swiglu_out = dact};
+        assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k,
+                                      norm ? NULL : (char *)dx + (size_t)(b * k) * e, 1, &f1, dy),
+                         0);
+        dget(act, dact, (size_t)half * e);
+        assert_memory_equal(act, act_ref + (size_t)(b * half) * e, (size_t)half * e);
+    }
+    /* an odd m, or the residual add with it, is refused */
+    rlb_eo_gemv_fuse bad = {.swiglu_out = dact, .residual = dy};
+    assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k, dx, n, &bad, dy), RLB_EINVAL);
+    bad.residual = NULL;
+    assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m - 1, k, dx, n, &bad, dy), RLB_EINVAL);
+    free(w);
+    free(x);
+    free(nw);
+    free(nx);
+    free(plain);
+    free(fused);
+    free(act_ref);
+    free(act);
+    cudaFree(dw);
+    cudaFree(dx);
+    cudaFree(dnw);
+    cudaFree(dact);
+    cudaFree(dnx);
+    cudaFree(dy);
+}
+
+/* The qkv GEMV with RoPE and the cache store fused (rlb_eo_gemv_rope), against the same GEMV
+ * without it, then the bias add and rope_store (each checked on its own against its CPU
+ * reference above): the qkv output and the whole cache the same bits, with the norm fused
+ * and not, with a bias and without, padding rows (slot -1) included. */
+static void gemv_rope_case(uint64_t *s, rlb_dtype dt, int64_t hq, int64_t kvt, int64_t hd,
+                           int64_t k, int64_t n, int norm, int bias)
+{
+    const size_t e = esz(dt);
+    const int64_t m = (hq + 2 * kvt) * hd, L = 2, layer = 1, bt = 16, nblk = 8;
+    const size_t cbytes = (size_t)(nblk * L * kvt * bt * hd) * e;
+    uint8_t *w = malloc((size_t)(m * k) * e), *x = malloc((size_t)(n * k) * e);
+    uint8_t *nw = malloc((size_t)k * e), *bs = malloc((size_t)m * e);
+    uint8_t *kc0 = malloc(cbytes), *vc0 = malloc(cbytes), *kref = malloc(cbytes);
+    uint8_t *vref = malloc(cbytes), *kgot = malloc(cbytes), *vgot = malloc(cbytes);
+    float *nx = malloc((size_t)(n * k) * 4), *ref = malloc((size_t)(n * m) * 4);
+    float *got = malloc((size_t)(n * m) * 4), *inv = test_inv_freq(hd);
+    int32_t pos[RLB_EO_GEMV_MAX_ROWS];
+    int64_t slot[RLB_EO_GEMV_MAX_ROWS];
+    const float a = 2.0f / sqrtf((float)k);
+    for (int64_t i = 0; i < m * k; i++)
+        putv(w, dt, i, frand(s, -a, a));
+    for (int64_t i = 0; i < n * k; i++) {
+        putv(x, dt, i, frand(s, -1, 1));
+        nx[i] = frand(s, -3, 3);
+    }
+    for (int64_t i = 0; i < k; i++)
+        putv(nw, dt, i, frand(s, 0.5f, 1.5f));
+    for (int64_t i = 0; i < m; i++)
+        putv(bs, dt, i, frand(s, -0.5f, 0.5f));
+    for (size_t i = 0; i < cbytes; i++) {
+        kc0[i] = (uint8_t)gc_rnd(s, 0, 255);
+        vc0[i] = (uint8_t)gc_rnd(s, 0, 255);
+    }
+    for (int64_t r = 0; r < n; r++) { /* distinct slots, the third row padding */
+        pos[r] = (int32_t)gc_rnd(s, 0, 100000);
+        slot[r] = r == 2 ? -1 : r * 9 + (int64_t)gc_rnd(s, 0, 8);
+    }
+    void *dw = dput(w, (size_t)(m * k) * e), *dx = dput(x, (size_t)(n * k) * e);
+    void *dnw = dput(nw, (size_t)k * e), *dbs = dput(bs, (size_t)m * e);
+    float *dnx = dput(nx, (size_t)(n * k) * 4), *dy = dput(NULL, (size_t)(n * m) * 4);
+    float *dinv = dput(inv, (size_t)(hd / 2) * 4);
+    int32_t *dpos = dput(pos, sizeof pos);
+    int64_t *dslot = dput(slot, sizeof slot);
+    rlb_eo_cache c = {dput(kc0, cbytes), dput(vc0, cbytes), dt, L, kvt, hd, bt};
+    const void *xin = norm ? NULL : dx;
+    /* unfused: the GEMV, the bias, rope_store */
+    rlb_eo_gemv_fuse f = {.norm_x = norm ? dnx : NULL, .norm_w = dnw, .eps = 1e-5f};
+    assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k, xin, n, norm ? &f : NULL, dy), 0);
+    if (bias)
+        assert_int_equal(rlb__eo_bias_add(g_stream, dy, dbs, dt, n, m), 0);
+    assert_int_equal(rlb__eo_rope_store(g_stream, dy, n, hq, dpos, dinv, dslot, &c, layer), 0);
+    dget(ref, dy, (size_t)(n * m) * 4);
+    dget(kref, c.k, cbytes);
+    dget(vref, c.v, cbytes);
+    /* fused, from the same cache */
+    assert_int_equal(cudaMemcpy(c.k, kc0, cbytes, cudaMemcpyHostToDevice), 0);
+    assert_int_equal(cudaMemcpy(c.v, vc0, cbytes, cudaMemcpyHostToDevice), 0);
+    assert_int_equal(cudaMemset(dy, 0xff, (size_t)(n * m) * 4), 0);
+    const rlb_eo_gemv_rope rp = {.inv_freq = dinv, .pos = dpos, .slot = dslot, .hq = hq,
+                                 .bias = bias ? dbs : NULL, .cache = c, .layer = layer};
+    f.rope = &rp;
+    assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k, xin, n, &f, dy), 0);
+    dget(got, dy, (size_t)(n * m) * 4);
+    dget(kgot, c.k, cbytes);
+    dget(vgot, c.v, cbytes);
+    if (memcmp(got, ref, (size_t)(n * m) * 4) || memcmp(kgot, kref, cbytes) ||
+        memcmp(vgot, vref, cbytes))
+        fprintf(stderr, "gemv rope %s hq %lld kvt %lld hd %lld k %lld n %lld norm %d bias %d: "
+                "differs from the GEMV, bias and rope_store (seed %llu)\n", rlb_dtype_name(dt),
+                (long long)hq, (long long)kvt, (long long)hd, (long long)k, (long long)n, norm,
+                bias, (unsigned long long)g_seed);
+    assert_memory_equal(got, ref, (size_t)(n * m) * 4);
+    assert_memory_equal(kgot, kref, cbytes);
+    assert_memory_equal(vgot, vref, cbytes);
+    /* refused: with the residual add, a cache of another dtype, heads that do not add up */
+    rlb_eo_gemv_fuse bad = {.residual = dy, .rope = &rp};
+    assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k, dx, n, &bad, dy), RLB_EINVAL);
+    rlb_eo_gemv_rope other = rp;
+    other.cache.dt = dt == RLB_DTYPE_F32 ? RLB_DTYPE_BF16 : RLB_DTYPE_F32;
+    bad = (rlb_eo_gemv_fuse){.rope = &other};
+    assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k, dx, n, &bad, dy), RLB_EINVAL);
+    other = rp;
+    other.hq = hq + 1;
+    bad.rope = &other;
+    assert_int_equal(rlb__eo_gemv(g_stream, dw, dt, m, k, dx, n, &bad, dy), RLB_EINVAL);
+    free(w);
+    free(x);
+    free(nw);
+    free(bs);
+    free(kc0);
+    free(vc0);
+    free(kref);
+    free(vref);
+    free(kgot);
+    free(vgot);
+    free(nx);
+    free(ref);
+    free(got);
+    free(inv);
+    cudaFree(dw);
+    cudaFree(dx);
+    cudaFree(dnw);
+    cudaFree(dbs);
+    cudaFree(dnx);
+    cudaFree(dy);
+    cudaFree(dinv);
+    cudaFree(dpos);
+    cudaFree(dslot);
+    cudaFree(c.k);
+    cudaFree(c.v);
+}
+
+static void test_gemv_rope(void **state)
+{
+    (void)state;
+    uint64_t s = g_seed ^ 13;
+    /* head_dim 24 with an odd k (one-element chunks) in every dtype; the 1B, 8B and a
+     * Qwen2-like (bias) shape in bf16 */
+    for (int t = 0; t < 3; t++)
+        for (int64_t n = 1; n <= RLB_EO_GEMV_MAX_ROWS; n++)
+            gemv_rope_case(&s, kFloat3[t], 4, 2, 24, 70, n, (int)(n % 2), (int)(n % 3 == 0));
+    static const int64_t big[][4] = {{32, 8, 64, 2048}, {32, 8, 128, 4096}, {14, 2, 64, 896}};
+    for (int i = 0; i < 3; i++)
+        for (int64_t n = 1; n <= RLB_EO_GEMV_MAX_ROWS; n += 3)
+            gemv_rope_case(&s, RLB_DTYPE_BF16, big[i][0], big[i][1], big[i][2], big[i][3], n,
+                           (int)(n % 2), i == 2);
+}
+
 static void test_gemv_swiglu(void **state)
 {
     (void)state;
@@ -1292,6 +1493,13 @@ static void test_gemv_swiglu(void **state)
         for (int t = 0; t < 3; t++)
             for (int64_t n = 1; n <= RLB_EO_GEMV_MAX_ROWS; n += 3)
                 gemv_swiglu_case(&s, kFloat3[t], shapes[i][0], shapes[i][1], n);
+    /* gate_up writing the activation: odd sizes in every dtype, the 1B and 8B shapes */
+    static const int64_t gu[][2] = {{37, 70}, {300, 512}, {8192, 2048}, {14336, 4096}};
+    for (size_t i = 0; i < sizeof gu / sizeof gu[0]; i++)
+        for (int t = 0; t < (i < 2 ? 3 : 1); t++)
+            for (int64_t n = 1; n <= RLB_EO_GEMV_MAX_ROWS; n += i < 2 ? 1 : 3)
+                gemv_swiglu_out_case(&s, kFloat3[i < 2 ? t : 1], gu[i][0], gu[i][1], n,
+                                     (int)(n % 2));
 }
 
 static void test_gemv(void **state)
@@ -1345,6 +1553,7 @@ int main(void)
         cmocka_unit_test(test_matmul_wq),
         cmocka_unit_test(test_gemv),
         cmocka_unit_test(test_gemv_swiglu),
+        cmocka_unit_test(test_gemv_rope),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

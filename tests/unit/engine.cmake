@@ -28,3 +28,10 @@ rlb_add_test(NAME test_engine_kv SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_k
              LIBS rlb_worker LABELS unit TIMEOUT 60)
 rlb_add_test(NAME test_engine_ops SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_ops.c
              LIBS rlb_kernels_cpu m LABELS unit TIMEOUT 60)
+# The tensor-core decode attention's register layout (kernels/cuda/engine_ops.cu), its warp
+# simulated lane by lane in plain Python: where no GPU is, the index algebra is still checked.
+if(Python3_Interpreter_FOUND)
+  add_test(NAME test_mma_layout
+           COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_LIST_DIR}/test_mma_layout.py)
+  set_tests_properties(test_mma_layout PROPERTIES LABELS unit TIMEOUT 60)
+endif()
