@@ -24,9 +24,9 @@
  *                         steps instead of the tensor-core decode kernel (--main-only
  *                         prints it too: the before and after of that kernel in one run)
  *   decode_bB_rope_unfused_tok_s  every batch with RoPE and the cache store as a kernel of
- *                         their own instead of inside the qkv GEMV (steps of at most 8 rows)
- *                         or the attention kernel (decode steps of one key split, the large
- *                         batches)
+ *                         their own instead of inside the attention kernel (the backend
+ *                         fuses them only in decode steps of one key split, the large
+ *                         batches: elsewhere the two figures measure the same thing)
  *   decode_b{1,32}_batch_invariant_tok_s, prefill_batch_invariant_tok_s   the same in
  *                         batch-invariant mode (the first two batches of the list)
  *   prefill_tok_s         32 prompts of PROMPT tokens, 16 per step

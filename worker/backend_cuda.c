@@ -28,9 +28,7 @@
  * The gate_up GEMV writes swiglu(GU) into ACT as well (one block has both halves of each
  * output), so swiglu has nothing left to do and down reads ACT in the compute dtype; where
  * gate_up did not run on the GEMV, swiglu is remembered and the down projection's GEMV
- * computes it as it reads GU. The qkv GEMV likewise adds the bias, rotates q and k and
- * stores k and v to the cache in its epilogue (rows j and j + hd / 2 in one block), so
- * rope_store has nothing left to do (not with opts.fused_rope -1). In a
+ * computes it as it reads GU. In a
  * decode step (every span one token) whose attention runs one key split (large batches;
  * opts.fused_rope 1: every decode step, -1: none) rope_store is remembered too, and the
  * attention kernel of its layer rotates q and k and stores the step's keys and values
@@ -41,8 +39,8 @@
  * heads per kv head; rlb_eo_attn.one_row), a sum in another order than the classic
  * kernel's (opts.classic_attention 1 keeps the classic one). Any other op first issues
  * what is pending in its plain form, so every op keeps the meaning ebackend.h gives it.
- * Per layer that leaves GEMV qkv, attention (and its combine where the keys are split),
- * GEMV o, GEMV gate_up and GEMV down; the final norm fuses into the LM head likewise.
+ * Per layer that leaves GEMV qkv, (rope_store,) attention, GEMV o, GEMV gate_up and GEMV
+ * down; the final norm fuses into the LM head likewise.
  *
  * The engine's kernels launch with programmatic dependent launch (kernels/cuda/pdl.cuh;
  * RLB_CUDA_PDL=0 turns it off): each may start while the one before it finishes, and the
@@ -206,8 +204,6 @@ typedef struct cuda_backend {
                                * projection's GEMV computes it as it reads) */
     int act_ready;            /* GEMV step: the gate_up GEMV wrote swiglu(GU) into ACT too,
                                * so the swiglu op has nothing left to do */
-    int rope_done;            /* GEMV step: the layer whose qkv GEMV rotated q and k and
-                               * stored k and v (rope_store has nothing left), or -1 */
     int fuse_rope;            /* decode step: rope_store is deferred to the attention */
     int one_row;              /* decode step, every span one row: rlb_eo_attn.one_row */
     int pending_rope;         /* the layer of a deferred rope_store, or -1 */
@@ -760,9 +756,7 @@ static int linear_issue(cuda_backend *c, rlb_wkind w, int layer, rlb_ebuf src, r
                                  c->buf[src], c->rows, fuse, c->buf[dst])
                   : matmul(c, wptr(c, w, layer), wq_of(c, w, layer), c->buf[src], c->rows,
                            t->cols, t->rows, t->rows, c->buf[dst]);
-    /* the GEMV with RoPE fused adds the bias itself, before the rotation */
-    const void *bias = w == RLB_W_QKV && !(fuse && fuse->rope) ? wptr(c, RLB_W_QKV_BIAS, layer)
-                                                                : NULL;
+    const void *bias = w == RLB_W_QKV ? wptr(c, RLB_W_QKV_BIAS, layer) : NULL;
     if (!rc && bias)
         rc = rlb__eo_bias_add(c->stream, c->buf[dst], bias, c->dt, c->rows, t->rows);
     return rc;
@@ -844,7 +838,6 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
     c->pending_proj_kind = -1;
     c->pending_swiglu = 0;
     c->act_ready = 0;
-    c->rope_done = -1;
     c->pending_rope = -1;
     if (!bt || !kv || !kv->k || bt->rows < 1 || bt->n_spans < 1 || bt->out < 0 ||
         bt->out > bt->rows || kv->n_layers != c->n_layers || kv->kvt != c->kvt ||
@@ -1027,26 +1020,13 @@ static int be_linear(rlb_ebackend *b, rlb_wkind w, int layer, rlb_ebuf src, rlb_
         t->rows != buf_width(c, dst))
         return step_fail(c, RLB_EINVAL);
     const int gemv = gemv_rows(c, c->rows, wq_of(c, w, layer));
-    /* gate_up on the GEMV writes the activation down_proj reads as well; qkv on the GEMV
-     * rotates q and k and stores k and v (not with opts.fused_rope -1: RoPE unfused) */
+    /* gate_up on the GEMV writes the activation down_proj reads as well */
     void *act = gemv && w == RLB_W_GATE_UP && dst == RLB_EBUF_GU ? c->buf[RLB_EBUF_ACT] : NULL;
-    const rlb_eo_gemv_rope rope = {.inv_freq = c->inv_freq,
-                                   .pos = c->dmeta.pos,
-                                   .slot = c->dmeta.slot,
-                                   .hq = c->hq,
-                                   .bias = wptr(c, RLB_W_QKV_BIAS, layer),
-                                   .cache = c->cache,
-                                   .layer = layer};
-    const rlb_eo_gemv_rope *rp = gemv && w == RLB_W_QKV && dst == RLB_EBUF_QKV &&
-                                         c->opts.fused_rope >= 0 && c->cache.dt == c->dt
-                                     ? &rope
-                                     : NULL;
     if (gemv && src == RLB_EBUF_H && c->pending_norm) {
         rlb_eo_gemv_fuse f = {.norm_x = c->buf[RLB_EBUF_X], .norm_w = c->pending_norm,
-                              .eps = c->eps, .swiglu_out = act, .rope = rp};
+                              .eps = c->eps, .swiglu_out = act};
         c->pending_norm = NULL;
         c->act_ready = act != NULL;
-        c->rope_done = rp ? layer : -1;
         return step_fail(c, linear_issue(c, w, layer, src, dst, &f));
     }
     /* the swiglu deferred for this GEMV is computed by it, not issued */
@@ -1061,12 +1041,10 @@ static int be_linear(rlb_ebackend *b, rlb_wkind w, int layer, rlb_ebuf src, rlb_
         c->pending_proj_swiglu = swiglu;
         return 0;
     }
-    rlb_eo_gemv_fuse f = {.swiglu_gu = swiglu ? c->buf[RLB_EBUF_GU] : NULL, .swiglu_out = act,
-                          .rope = rp};
+    rlb_eo_gemv_fuse f = {.swiglu_gu = swiglu ? c->buf[RLB_EBUF_GU] : NULL, .swiglu_out = act};
     c->act_ready = act != NULL;
-    c->rope_done = rp ? layer : -1;
     if (!rc)
-        rc = linear_issue(c, w, layer, src, dst, swiglu || act || rp ? &f : NULL);
+        rc = linear_issue(c, w, layer, src, dst, swiglu || act ? &f : NULL);
     return step_fail(c, rc);
 }
 
@@ -1074,10 +1052,6 @@ static int be_rope_store(rlb_ebackend *b, int layer)
 {
     cuda_backend *c = cb(b);
     int rc = flush_pending(c);
-    if (!rc && c->rope_done == layer) {
-        c->rope_done = -1; /* the qkv GEMV did it */
-        return 0;
-    }
     if (!rc && c->fuse_rope)
         c->pending_rope = layer; /* the attention kernel of this layer does it */
     else if (!rc)

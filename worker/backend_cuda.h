@@ -40,12 +40,10 @@ typedef struct rlb_cuda_backend_opts {
                                  * is in the step (see backend_cuda.c) */
     int32_t weight_buffers;     /* 2: a second weight buffer for staged syncs, allocated and
                                  * exportable like the first (<= 1: one) */
-    int32_t fused_rope;         /* RoPE and the cache store inside another kernel: 0 in the
-                                 * qkv GEMV of steps of at most 8 rows and in the attention
-                                 * kernel of decode steps of one key split (the large
-                                 * batches), 1 in every decode step's attention too, -1 never
-                                 * (benchmarks and tests compare them; all give the same
-                                 * bits) */
+    int32_t fused_rope;         /* RoPE and the cache store inside the attention kernel: 0 in
+                                 * decode steps of one key split (the large batches), 1 in
+                                 * every decode step, -1 never (benchmarks and tests compare
+                                 * them; all give the same bits) */
     int32_t classic_attention;  /* 1: decode steps attend with the classic kernel, not the
                                  * tensor-core decode kernel (benchmarks compare them) */
 } rlb_cuda_backend_opts;

@@ -46,7 +46,6 @@
 #include "kernels/cpu/sample.h"
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/pdl.cuh"
-#include "kernels/cuda/rope.cuh"
 #include "kernels/cuda/cuda_check.h"
 
 namespace {
@@ -324,15 +323,24 @@ template <typename T>
 __device__ __forceinline__ int64_t cache_off(const rlb_eo_cache &c, int64_t layer, int32_t blk,
                                              int64_t head, int64_t slot_in_block)
 {
-    return rlb__cache_off(c, layer, blk, head, slot_in_block);
+    return (((int64_t)blk * c.n_layers + layer) * c.kvt + head) * c.block_tokens * c.hd +
+           slot_in_block * c.hd;
 }
 
-/* The rotation (rope.cuh), one definition for rope_store_kernel, the attention kernels'
- * fused form and the qkv GEMV's: the same bits. */
+/* The rotation of the pair (x1, x2) = (x[j], x[j + hd / 2]) at position pos: x * cos +
+ * rotate_half(x) * sin with the angle float(inv_freq[j] * pos) (sincosf: cosf's and sinf's
+ * values, one range reduction), each product and sum rounded on its own as in
+ * rlb__rope_apply (no contraction to fma), so rope_store_kernel and the attention kernel's
+ * fused form give the same bits. */
 __device__ __forceinline__ void rope_pair(const float *inv_freq, int64_t j, int32_t pos,
                                           float &x1, float &x2)
 {
-    rlb__rope_pair(inv_freq, j, pos, x1, x2);
+    float cs, sn;
+    sincosf(inv_freq[j] * (float)pos, &sn, &cs);
+    const float y1 = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(-x2, sn));
+    const float y2 = __fadd_rn(__fmul_rn(x2, cs), __fmul_rn(x1, sn));
+    x1 = y1;
+    x2 = y2;
 }
 
 /* One block per (row, head) of the qkv row, hd / 2 threads: thread j rotates the pair

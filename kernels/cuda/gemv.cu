@@ -15,9 +15,7 @@
  * other rows never change it. The fused norm's sum of squares is reduced the same way.
  *
  * With swiglu_out (gate_up's product), a block's RB rows are RB / 2 gate rows and the up
- * rows of the same outputs, so the block has both halves of each activation it writes; with
- * rope (the qkv product), RB / 2 rows j of a head and their partners j + hd / 2, so the block
- * rotates what it made (rope.cuh, rope_store_kernel's bits) and stores k and v itself.
+ * rows of the same outputs, so the block has both halves of each activation it writes.
  *
  * Where k is not a whole number of 16-byte chunks or a pointer is not 16-byte aligned
  * (the small fixtures: hidden 70), the same kernel runs with one-element chunks.
@@ -30,7 +28,6 @@
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/pdl.cuh"
-#include "kernels/cuda/rope.cuh"
 
 namespace {
 
@@ -148,40 +145,32 @@ __device__ __forceinline__ void load_w(chunk<T, VEC> (&wc)[kUnroll][RB], const T
     }
 }
 
-/* Paired rows (hh > 0: swiglu out, hh = m / 2; rope, hh = hd / 2): pair p is the rows
- * first(p) = (p / hh) 2 hh + p % hh and first(p) + hh, a gate row and its up row, or the
- * rows j and j + hd / 2 of a head. */
-__device__ __forceinline__ int64_t pair_first(int64_t p, int64_t hh)
-{
-    return p / hh * 2 * hh + p % hh;
-}
-
-/* The weight row of a block's row r: row0 + r, or paired (hh > 0) the first row of pair
- * row0 + r for r < RB / 2 and the second of pair row0 + r - RB / 2 after (row0 counts pairs
- * then). Rows past the end read the last one, and store nothing. */
+/* The weight row of a block's row r: row0 + r, or with swiglu out (half = m / 2 > 0) gate
+ * row row0 + r for r < RB / 2 and up row half + row0 + r - RB / 2 after (row0 counts
+ * outputs of the half then). Rows past the end read the last one, and store nothing. */
 template <int RB>
-__device__ __forceinline__ int64_t weight_row(int64_t row0, int r, int64_t m, int64_t hh)
+__device__ __forceinline__ int64_t weight_row(int64_t row0, int r, int64_t m, int64_t half)
 {
-    if (!hh)
+    if (!half)
         return row0 + r < m ? row0 + r : m - 1;
-    const int64_t p = row0 + r % (RB / 2);
-    return pair_first(p < m / 2 ? p : m / 2 - 1, hh) + (r < RB / 2 ? 0 : hh);
+    const int64_t j = row0 + r % (RB / 2);
+    return (r < RB / 2 ? 0 : half) + (j < half ? j : half - 1);
 }
 
 template <typename T, int NB, int RB, bool VEC, int XM>
 __global__ void __launch_bounds__(kThreads)
     gemv_kernel(const T *w, int64_t m, int64_t k, const T *x, int n, const float *nx,
-                const T *nw, float eps, float *y, float *res, T *act, rlb_eo_gemv_rope rp)
+                const T *nw, float eps, float *y, float *res, T *act)
 {
     constexpr int N = chunk<T, VEC>::N;
     __shared__ float part[kWarps][RB * NB + NB];
-    const int64_t hh = act ? m / 2 : rp.inv_freq ? rp.cache.hd / 2 : 0; /* pairs (above) */
-    const int64_t row0 = (int64_t)blockIdx.x * (hh ? RB / 2 : RB), nc = k / N;
+    const int64_t half = act ? m / 2 : 0;
+    const int64_t row0 = (int64_t)blockIdx.x * (act ? RB / 2 : RB), nc = k / N;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const T *wr[RB];
 #pragma unroll
     for (int r = 0; r < RB; r++)
-        wr[r] = w + weight_row<RB>(row0, r, m, hh) * k;
+        wr[r] = w + weight_row<RB>(row0, r, m, half) * k;
     float acc[RB][NB], ss[NB];
 #pragma unroll
     for (int b = 0; b < NB; b++) {
@@ -234,17 +223,17 @@ __global__ void __launch_bounds__(kThreads)
         }
     }
     __syncthreads();
-    if (tid >= (hh ? RB / 2 : RB) * NB)
+    if (tid >= (act ? RB / 2 : RB) * NB)
         return;
     const int r = tid / NB, b = tid % NB;
-    const int64_t p = row0 + r, j = hh ? pair_first(p, hh) : p; /* j: the (first) row */
-    if (b >= n || p >= (hh ? m / 2 : m))
+    const int64_t j = row0 + r;
+    if (b >= n || j >= (act ? half : m))
         return;
-    float v = 0.0f, u = 0.0f; /* u: the second row of a pair */
+    float v = 0.0f, u = 0.0f;
 #pragma unroll
     for (int q = 0; q < kWarps; q++)
         v += part[q][tid];
-    if (hh)
+    if (act)
 #pragma unroll
         for (int q = 0; q < kWarps; q++)
             u += part[q][tid + RB / 2 * NB];
@@ -257,32 +246,12 @@ __global__ void __launch_bounds__(kThreads)
         v = v * inv;
         u = u * inv;
     }
-    if (rp.inv_freq) {
-        /* the bias add, the rotation of a q or k pair, the store of k and v to the slot */
-        if (rp.bias) {
-            v = v + rlb__d_to_f32(((const T *)rp.bias)[j]);
-            u = u + rlb__d_to_f32(((const T *)rp.bias)[j + hh]);
-        }
-        const int64_t head = p / hh, kvt = (m / (2 * hh) - rp.hq) / 2, jj = p % hh;
-        if (head < rp.hq + kvt)
-            rlb__rope_pair(rp.inv_freq, jj, rp.pos[b], v, u);
-        const int64_t s = rp.slot[b];
-        if (head >= rp.hq && s >= 0) {
-            const bool is_k = head < rp.hq + kvt;
-            const int64_t o = rlb__cache_off(rp.cache, rp.layer,
-                                             (int32_t)(s / rp.cache.block_tokens),
-                                             is_k ? head - rp.hq : head - rp.hq - kvt,
-                                             s % rp.cache.block_tokens);
-            T *dst = (T *)(is_k ? rp.cache.k : rp.cache.v) + o;
-            rlb__d_from_f32(v, &dst[jj]);
-            rlb__d_from_f32(u, &dst[jj + hh]);
-        }
-    }
     y[b * m + j] = v;
-    if (hh)
-        y[b * m + j + hh] = u;
-    if (act) /* swiglu as the swiglu op rounds it */
-        rlb__d_from_f32(v / (1.0f + expf(-v)) * u, &act[b * hh + p]);
+    if (act) {
+        /* the up half, and swiglu as the swiglu op rounds it */
+        y[b * m + half + j] = u;
+        rlb__d_from_f32(v / (1.0f + expf(-v)) * u, &act[b * half + j]);
+    }
     if (res)
         res[b * m + j] += v;
 }
@@ -293,17 +262,13 @@ int launch(cudaStream_t stream, const void *w, int64_t m, int64_t k, const void 
 {
     constexpr int RB = NB <= 2 ? 4 : 2;
     T *act = f ? (T *)f->swiglu_out : NULL;
-    rlb_eo_gemv_rope rp = {};
-    if (f && f->rope)
-        rp = *f->rope;
-    const bool paired = act || rp.inv_freq;
-    const int64_t outs = paired ? m / 2 : m, per = paired ? RB / 2 : RB; /* a block's */
+    const int64_t outs = act ? m / 2 : m, per = act ? RB / 2 : RB; /* outputs a block */
     const unsigned grid = (unsigned)((outs + per - 1) / per);
     const float *nx = XM == X_NORM ? f->norm_x : XM == X_SWIGLU ? f->swiglu_gu : NULL;
     const cudaError_t e = rlb__pdl_launch(
         gemv_kernel<T, NB, RB, VEC, XM>, grid, kThreads, stream, (const T *)w, m, k,
         (const T *)x, n, nx, XM == X_NORM ? (const T *)f->norm_w : (const T *)NULL,
-        f ? f->eps : 0.0f, y, f ? f->residual : (float *)NULL, act, rp);
+        f ? f->eps : 0.0f, y, f ? f->residual : (float *)NULL, act);
     return e == cudaSuccess ? 0 : -1;
 }
 
@@ -359,18 +324,10 @@ extern "C" int rlb__eo_gemv(cudaStream_t stream, const void *w, rlb_dtype dt, in
         return 0;
     const int norm = fuse && fuse->norm_x, swiglu = fuse && fuse->swiglu_gu;
     const int act = fuse && fuse->swiglu_out;
-    const rlb_eo_gemv_rope *rp = fuse ? fuse->rope : NULL;
     if (n < 0 || n > RLB_EO_GEMV_MAX_ROWS || m < 0 || m > INT32_MAX || k < 1 ||
         (norm && !fuse->norm_w) || (norm && swiglu) || (!norm && !swiglu && !x) ||
         (act && (m % 2 || fuse->residual)))
         return RLB_EINVAL;
-    if (rp) {
-        const int64_t hd = rp->cache.hd;
-        if (act || swiglu || fuse->residual || !rp->inv_freq || !rp->pos || !rp->slot ||
-            rp->cache.dt != dt || hd < 2 || hd % 2 || rp->hq < 1 || m % hd ||
-            m / hd <= rp->hq || (m / hd - rp->hq) % 2 || (m / hd - rp->hq) / 2 != rp->cache.kvt)
-            return RLB_EINVAL;
-    }
     switch (dt) {
     case RLB_DTYPE_F32:
         launch_t<float>(stream, w, m, k, x, (int)n, fuse, y);

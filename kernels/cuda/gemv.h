@@ -15,12 +15,7 @@
  *             act[b, j] = T(silu(y[b, j]) * y[b, m / 2 + j]) [n, m / 2], rounded as
  *             rlb__eo_swiglu rounds it, so down_proj's GEMV reads it in T, once per block,
  *             instead of both float32 halves with an exponential per element. Not with
- *             residual;
- *   rope      W is the fused qkv [(hq + 2 kvt) hd, k]: y is what the GEMV, the bias add
- *             (rlb__eo_bias_add) and rlb__eo_rope_store make of it, bit for bit: q and k
- *             heads rotated at each row's position, the rotated k and the v heads stored to
- *             the row's cache slot. A block's rows are RB / 2 rotation pairs (j, j + hd / 2),
- *             so the step's RoPE needs no kernel of its own. Not with residual or swiglu.
+ *             residual.
  *
  * Batch invariance: every output is reduced in an order that depends only on k and the
  * dtype (each thread's chunks in ascending order, a fixed warp butterfly, the warps in
@@ -28,8 +23,7 @@
  * among 8 (the test checks it).
  *
  * Returns 0, RLB_EINVAL (n outside 0..8: larger batches are cuBLASLt's; swiglu out with an
- * odd m or with residual; rope with residual or swiglu, a cache of another dtype or head
- * dim, m not (hq + 2 kvt) hd), RLB_EDTYPE or
+ * odd m or with residual), RLB_EDTYPE or
  * RLB_ECUDA. Check: tests/gpu/test_cuda_engine_ops (test_gemv: against a double-precision
  * reference on random data, 1B / 8B layer shapes and odd k; the fusions; alone vs batched
  * bitwise); speed: rlb-bench-engine --device cuda --gemv.
@@ -41,7 +35,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include "kernels/cuda/engine_ops.h"
 #include "rlb/rlb.h"
 
 #ifdef __cplusplus
@@ -49,17 +42,6 @@ extern "C" {
 #endif
 
 #define RLB_EO_GEMV_MAX_ROWS 8 /* the most x rows one GEMV serves */
-
-/* The qkv GEMV's RoPE and cache store (the arguments of rlb__eo_rope_store). */
-typedef struct rlb_eo_gemv_rope {
-    const float *inv_freq; /* [hd / 2] */
-    const int32_t *pos;    /* [n] the rows' positions */
-    const int64_t *slot;   /* [n] the rows' cache slots (-1: not stored) */
-    int64_t hq;            /* q heads (the kv heads are the rest: (m / hd - hq) / 2) */
-    const void *bias;      /* NULL, or the qkv bias [m] in the compute dtype */
-    rlb_eo_cache cache;    /* its dt the compute dtype */
-    int64_t layer;
-} rlb_eo_gemv_rope;
 
 typedef struct rlb_eo_gemv_fuse {
     const float *norm_x; /* not NULL: the input is rmsnorm(norm_x [n, k]) * norm_w */
@@ -71,7 +53,6 @@ typedef struct rlb_eo_gemv_fuse {
                              * rounded to the compute dtype as rlb__eo_swiglu rounds it */
     void *swiglu_out;       /* not NULL: [n, m / 2] in the compute dtype, the activation of
                              * this gate_up product (see above) */
-    const rlb_eo_gemv_rope *rope; /* not NULL: the qkv product's RoPE and store (above) */
 } rlb_eo_gemv_fuse;
 
 /* y[n, m] = x[n, k] . w[m, k]^T (fuse may be NULL; with fuse->norm_x, x is ignored). */
