@@ -44,6 +44,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
 mkdir -p "$out"
+# ../shared/device/prepare fetches no libxxhash, which the build needs: once per checkout,
+# `cd .deps/debs && apt-get download libxxhash-dev libxxhash0` here
+ls .deps/debs/libxxhash-dev_*.deb > /dev/null 2>&1 || {
+    echo "gpu-check: .deps/debs has no libxxhash-dev (cd .deps/debs && apt-get download libxxhash-dev libxxhash0)"
+    exit 1
+}
 source .deps/on-device.sh
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
