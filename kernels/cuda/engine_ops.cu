@@ -770,9 +770,10 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? 3 : 2)
     const int32_t *table = a.block_tables + s * bt_stride;
     const T *kc = (const T *)c.k, *vc = (const T *)c.v;
     /* a step's keys: lane (gq, t) holds chunks t, t + 4, ... of keys t0 + gq and t0 + 8 +
-     * gq, and chunks gq, gq + 8, ... of the values of keys t0 + 2t, 2t + 1, 2t + 8, 2t + 9. The next step's
-     * keys load while this one's softmax and P.V run (K_AHEAD), its values while its own
-     * scores do */
+     * gq, and chunks gq, gq + 8, ... of the values of keys t0 + 2t, 2t + 1, 2t + 8, 2t + 9.
+     * The next step's keys load while this one's softmax and P.V run (K_AHEAD), and so do
+     * its values, into vn (V_AHEAD); at head_dim 128 its values load while its own scores
+     * do */
     uint4 kr[2][KQ / 8], vr[4][VQ / 8];
     const auto load_k = [&](const step_keys &sk) {
 #pragma unroll
