@@ -47,7 +47,8 @@ mkdir -p "$out"
 # ../shared/device/prepare fetches no libxxhash, which the build needs: once per checkout,
 # `cd .deps/debs && apt-get download libxxhash-dev libxxhash0` here
 ls .deps/debs/libxxhash-dev_*.deb > /dev/null 2>&1 || {
-    echo "gpu-check: .deps/debs has no libxxhash-dev (cd .deps/debs && apt-get download libxxhash-dev libxxhash0)"
+    echo "gpu-check: .deps/debs has no libxxhash-dev" \
+        "(cd .deps/debs && apt-get download libxxhash-dev libxxhash0)"
     exit 1
 }
 source .deps/on-device.sh
