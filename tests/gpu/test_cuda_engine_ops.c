@@ -1114,6 +1114,22 @@ static void test_matmul_wq(void **state)
                 }
 }
 
+/* A GEMV's random inputs: W [m, k] in [-scale, scale] / sqrt(k), x [n, k] in [-1, 1] (dt),
+ * the float32 stream nx [n, k] in [-3, 3] and the norm weight nw [k] in [0.5, 1.5] (dt). */
+static void gemv_inputs(uint64_t *s, rlb_dtype dt, int64_t m, int64_t k, int64_t n,
+                        float scale, uint8_t *w, uint8_t *x, float *nx, uint8_t *nw)
+{
+    const float a = scale / sqrtf((float)k);
+    for (int64_t i = 0; i < m * k; i++)
+        putv(w, dt, i, frand(s, -a, a));
+    for (int64_t i = 0; i < n * k; i++) {
+        putv(x, dt, i, frand(s, -1, 1));
+        nx[i] = frand(s, -3, 3);
+    }
+    for (int64_t i = 0; i < k; i++)
+        putv(nw, dt, i, frand(s, 0.5f, 1.5f));
+}
+
 /* One GEMV case: y = x . W^T (or the fused norm's input), against a double-precision
  * reference from the same rounded inputs, each output within 1e-5 of the sum of |terms|;
  * with `residual`, R += y too. Then every row alone must give the same bits as in the
@@ -1128,15 +1144,7 @@ static void gemv_case(uint64_t *s, rlb_dtype dt, int64_t m, int64_t k, int64_t n
     float *ref = malloc((size_t)(n * m) * 4), *got = malloc((size_t)(n * m) * 4);
     float *gres = malloc((size_t)(n * m) * 4), *alone = malloc((size_t)m * 4);
     double *tol = malloc((size_t)(n * m) * sizeof *tol), *h = malloc((size_t)k * sizeof *h);
-    const float a = 1.0f / sqrtf((float)k);
-    for (int64_t i = 0; i < m * k; i++)
-        putv(w, dt, i, frand(s, -a, a));
-    for (int64_t i = 0; i < n * k; i++) {
-        putv(x, dt, i, frand(s, -1, 1));
-        nx[i] = frand(s, -3, 3);
-    }
-    for (int64_t i = 0; i < k; i++)
-        putv(nw, dt, i, frand(s, 0.5f, 1.5f));
+    gemv_inputs(s, dt, m, k, n, 1.0f, w, x, nx, nw);
     for (int64_t i = 0; i < n * m; i++)
         res[i] = frand(s, -1, 1);
     const float eps = 1e-5f;
@@ -1294,15 +1302,7 @@ static void gemv_swiglu_out_case(uint64_t *s, rlb_dtype dt, int64_t half, int64_
     float *nx = malloc((size_t)(n * k) * 4), *plain = malloc((size_t)(n * m) * 4);
     float *fused = malloc((size_t)(n * m) * 4);
     uint8_t *act_ref = malloc((size_t)(n * half) * e), *act = malloc((size_t)(n * half) * e);
-    const float a = 2.0f / sqrtf((float)k);
-    for (int64_t i = 0; i < m * k; i++)
-        putv(w, dt, i, frand(s, -a, a));
-    for (int64_t i = 0; i < n * k; i++) {
-        putv(x, dt, i, frand(s, -1, 1));
-        nx[i] = frand(s, -3, 3);
-    }
-    for (int64_t i = 0; i < k; i++)
-        putv(nw, dt, i, frand(s, 0.5f, 1.5f));
+    gemv_inputs(s, dt, m, k, n, 2.0f, w, x, nx, nw);
     void *dw = dput(w, (size_t)(m * k) * e), *dx = dput(x, (size_t)(n * k) * e);
     void *dnw = dput(nw, (size_t)k * e), *dact = dput(NULL, (size_t)(n * half) * e);
     float *dnx = dput(nx, (size_t)(n * k) * 4), *dy = dput(NULL, (size_t)(n * m) * 4);
