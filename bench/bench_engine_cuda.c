@@ -31,12 +31,15 @@
  *                         batch-invariant mode (the first two batches of the list)
  *   prefill_tok_s         32 prompts of PROMPT tokens, 16 per step
  * Options: --shape 1b|8b|both (both), --new N (256), --batches list (1,32,256), --main-only
- * (only the default configuration's decode: for a profiler's trace).
+ * (only the default configuration's decode: for a profiler's trace). RLB_BENCH_PROFILE=B:D
+ * brackets decode step D of the first run at batch B with cudaProfilerStart/Stop (for
+ * `ncu --profile-from-start off`: the kernels of one step, at context PROMPT + D).
  *
  * --gemv instead times the decode GEMV alone on each matrix of the shapes (qkv, o,
  * gate_up, down, LM head) at 1, 2, 4 and 8 rows, plain and with the fusions a decode step
  * uses: weight bytes read per second as a fraction of copy_gbs
- * (gemv_<shape>_<matrix>_<plain|fused>_n<rows>_frac).
+ * (gemv_<shape>_<matrix>_<plain|fused>_n<rows>_frac). --gemm-sweep instead times every
+ * algorithm cuBLASLt's heuristic offers for each matrix at the largest batch of the list.
  * Prints a table, then one JSON line. Exits 77 where no GPU is visible.
  */
 #include <math.h>
@@ -46,6 +49,7 @@
 #include <time.h>
 
 #include <cublasLt.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
 #include "common/cli_args.h"
@@ -194,9 +198,19 @@ static double decode(bench_run *r)
     rlb_sample_job *jobs = calloc((size_t)B, sizeof *jobs);
     int32_t *tok = calloc((size_t)B, sizeof *tok);
     double t1 = 0;
+    /* RLB_BENCH_PROFILE=B:D: the profiler's range is step D of the first run at batch B */
+    static int profiled;
+    long pb = 0, pd = -1;
+    const char *prof = getenv("RLB_BENCH_PROFILE");
+    if (prof && !profiled && sscanf(prof, "%ld:%ld", &pb, &pd) == 2 && pb == B)
+        profiled = 1;
+    else
+        pd = -1;
     for (int64_t d = 0; d + 1 < r->new_tokens; d++) {
         if (d == 1)
             t1 = rlb__clock_s();
+        if (d == pd)
+            cudaProfilerStart();
         for (int64_t i = 0; i < B; i++) {
             sp[i] = (rlb_fwd_span){.tokens = r->seq + i * len + PROMPT + d, .n = 1,
                                    .pos0 = PROMPT + d, .blocks = &r->tabs[i],
@@ -208,6 +222,8 @@ static double decode(bench_run *r)
             rc = rlb__forward_sample(&r->f, jobs, B, tok, NULL);
         if (rc)
             die("decode", rc);
+        if (d == pd)
+            cudaProfilerStop();
         for (int64_t i = 0; i < B; i++)
             r->seq[i * len + PROMPT + d + 1] = tok[i];
     }
@@ -343,9 +359,9 @@ static void run_shape(const rlb_tp_layout *l, rlb_cuda_backend_opts o, const int
 }
 
 /* --gemv: the decode GEMV alone on every matrix of the chosen shapes, plain (x given in
- * bf16) and in the fused form the decode step runs (qkv, gate_up and the LM head with the
- * rmsnorm of the float32 stream, o with the residual add, down with swiglu of the float32
- * gate_up output and the residual add). The weights are cycled through copies of at least
+ * bf16) and in the fused form the decode step runs (qkv and the LM head with the rmsnorm of
+ * the float32 stream, gate_up with it and writing the swiglu activation, o and down with the
+ * residual add). The weights are cycled through copies of at least
  * 1 GiB in all, so no matrix is served from L2 across launches (a step reads each once). */
 static int bench_gemv(const int *shapes, double gbs, char *json, size_t cap, int jn)
 {
@@ -371,26 +387,30 @@ static int bench_gemv(const int *shapes, double gbs, char *json, size_t cap, int
             const size_t wbytes = (size_t)(m * k) * 2;
             const int copies = (int)ceil(cycle_bytes / (double)wbytes);
             char *w;
-            void *x, *nw;
+            void *x, *nw, *act;
             float *y, *xf, *res;
             if (cudaMalloc((void **)&w, wbytes * (size_t)copies) != cudaSuccess ||
                 cudaMalloc(&x, (size_t)(8 * k) * 2) != cudaSuccess ||
                 cudaMalloc(&nw, (size_t)k * 2) != cudaSuccess ||
-                cudaMalloc((void **)&xf, (size_t)(8 * 2 * k) * 4) != cudaSuccess ||
+                cudaMalloc((void **)&xf, (size_t)(8 * k) * 4) != cudaSuccess ||
+                cudaMalloc(&act, (size_t)(8 * m / 2) * 2) != cudaSuccess ||
                 cudaMalloc((void **)&res, (size_t)(8 * m) * 4) != cudaSuccess ||
                 cudaMalloc((void **)&y, (size_t)(8 * m) * 4) != cudaSuccess)
                 die("gemv buffers", RLB_ENOMEM);
             cudaMemset(w, 0x3c, wbytes * (size_t)copies);
             cudaMemset(x, 0x3c, (size_t)(8 * k) * 2);
             cudaMemset(nw, 0x3c, (size_t)k * 2);
-            cudaMemset(xf, 0, (size_t)(8 * 2 * k) * 4);
+            cudaMemset(xf, 0, (size_t)(8 * k) * 4);
             cudaMemset(res, 0, (size_t)(8 * m) * 4);
             for (int fused = 0; fused < 2; fused++) {
                 const rlb_eo_gemv_fuse norm = {.norm_x = xf, .norm_w = nw, .eps = 1e-5f};
                 const rlb_eo_gemv_fuse add = {.residual = res};
-                const rlb_eo_gemv_fuse down = {.residual = res, .swiglu_gu = xf};
-                const rlb_eo_gemv_fuse *f =
-                    !fused ? NULL : i == 1 ? &add : i == 3 ? &down : &norm;
+                const rlb_eo_gemv_fuse gate_up = {
+                    .norm_x = xf, .norm_w = nw, .eps = 1e-5f, .swiglu_out = act};
+                const rlb_eo_gemv_fuse *f = !fused           ? NULL
+                                            : i == 1 || i == 3 ? &add
+                                            : i == 2           ? &gate_up
+                                                               : &norm;
                 for (int r = 0; r < 4; r++) {
                     const int64_t n = rows_of[r];
                     const int reps = copies > 20 ? copies : 20;
@@ -422,6 +442,7 @@ static int bench_gemv(const int *shapes, double gbs, char *json, size_t cap, int
             cudaFree(x);
             cudaFree(nw);
             cudaFree(xf);
+            cudaFree(act);
             cudaFree(res);
             cudaFree(y);
         }
@@ -433,16 +454,147 @@ static int bench_gemv(const int *shapes, double gbs, char *json, size_t cap, int
     return 0;
 }
 
+/* --gemm-sweep: every algorithm cuBLASLt's heuristic offers (up to 16) for each matrix of
+ * the chosen shapes at the largest batch of the list, laid out as the backend lays its
+ * products out (W^T (k x m) x X (k x n) -> float32 Y, CUBLAS_COMPUTE_32F), weights cycled
+ * through 1 GiB of copies. Prints each algorithm's time and its fraction of the product's
+ * roofline (the larger of weight bytes / copy_gbs and FLOPs / gemm_tflops), the heuristic's
+ * first choice marked: whether choosing by measurement would pay. */
+static int bench_gemm_sweep(const int *shapes, int64_t n, double gbs, double tflops)
+{
+    static const char *mat[5] = {"qkv", "o", "gate_up", "down", "head"};
+    const double cycle_bytes = 1024.0 * 1024 * 1024;
+    const size_t ws_bytes = 32u << 20;
+    cublasLtHandle_t lt;
+    cudaStream_t st;
+    cudaEvent_t e0, e1;
+    void *ws;
+    if (cublasLtCreate(&lt) || cudaStreamCreate(&st) != cudaSuccess ||
+        cudaEventCreate(&e0) != cudaSuccess || cudaEventCreate(&e1) != cudaSuccess ||
+        cudaMalloc(&ws, ws_bytes) != cudaSuccess)
+        die("gemm sweep setup", RLB_ECUDA);
+    for (int big = 0; big < 2; big++) {
+        if (!shapes[big])
+            continue;
+        rlb_model_config c;
+        shape_config(&c, big);
+        const int64_t hd = c.head_dim, q = (c.n_heads + 2 * c.n_kv_heads) * hd;
+        const int64_t mk[5][2] = {{q, c.hidden}, {c.hidden, c.n_heads * hd},
+                                  {2 * c.intermediate, c.hidden}, {c.hidden, c.intermediate},
+                                  {c.vocab, c.hidden}};
+        for (int i = 0; i < 5; i++) {
+            const int64_t m = mk[i][0], k = mk[i][1];
+            const size_t wbytes = (size_t)(m * k) * 2;
+            const int copies = (int)ceil(cycle_bytes / (double)wbytes);
+            char *w;
+            void *x;
+            float *y;
+            if (cudaMalloc((void **)&w, wbytes * (size_t)copies) != cudaSuccess ||
+                cudaMalloc(&x, (size_t)(n * k) * 2) != cudaSuccess ||
+                cudaMalloc((void **)&y, (size_t)(n * m) * 4) != cudaSuccess)
+                die("gemm sweep buffers", RLB_ENOMEM);
+            cudaMemset(w, 0x3c, wbytes * (size_t)copies);
+            cudaMemset(x, 0x3c, (size_t)(n * k) * 2);
+            cublasLtMatmulDesc_t op;
+            cublasLtMatrixLayout_t la, lb, lc;
+            cublasLtMatmulPreference_t pref;
+            const cublasOperation_t tr = CUBLAS_OP_T, nt = CUBLAS_OP_N;
+            cublasLtMatmulHeuristicResult_t heur[16];
+            int found = 0;
+            if (cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F) ||
+                cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &tr,
+                                               sizeof tr) ||
+                cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &nt,
+                                               sizeof nt) ||
+                cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, (uint64_t)k, (uint64_t)m, k) ||
+                cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, (uint64_t)k, (uint64_t)n, k) ||
+                cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, (uint64_t)m, (uint64_t)n, m) ||
+                cublasLtMatmulPreferenceCreate(&pref) ||
+                cublasLtMatmulPreferenceSetAttribute(
+                    pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof ws_bytes) ||
+                cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, 16, heur, &found))
+                die("gemm sweep plan", RLB_ECUDA);
+            const double floor_s = fmax((double)wbytes / (gbs * 1e9),
+                                        2.0 * (double)(m * n * k) / (tflops * 1e12));
+            const float one = 1.0f, zero = 0.0f;
+            double first = 0, fastest = 1e30;
+            int at = -1;
+            for (int a = 0; a < found; a++) {
+                const int reps = copies > 20 ? copies : 20;
+                float ms = 0, best = 1e30f;
+                int bad = 0;
+                for (int t = 0; t < 3 && !bad; t++) {
+                    cudaEventRecord(e0, st);
+                    for (int j = 0; j < reps && !bad; j++)
+                        bad = cublasLtMatmul(lt, op, &one, w + (size_t)(j % copies) * wbytes,
+                                             la, x, lb, &zero, y, lc, y, lc, &heur[a].algo, ws,
+                                             ws_bytes, st) != CUBLAS_STATUS_SUCCESS;
+                    cudaEventRecord(e1, st);
+                    cudaEventSynchronize(e1);
+                    cudaEventElapsedTime(&ms, e0, e1);
+                    best = ms < best ? ms : best;
+                }
+                if (bad) {
+                    printf("  sweep %s %-7s n %lld algo %2d: refused\n", big ? "8b" : "1b",
+                           mat[i], (long long)n, a);
+                    continue;
+                }
+                const double sec = best * 1e-3 / reps;
+                if (a == 0)
+                    first = sec;
+                if (sec < fastest) {
+                    fastest = sec;
+                    at = a;
+                }
+                int tile = 0, stages = 0, splitk = 0;
+                size_t got;
+                cublasLtMatmulAlgoConfigGetAttribute(&heur[a].algo, CUBLASLT_ALGO_CONFIG_TILE_ID,
+                                                     &tile, sizeof tile, &got);
+                cublasLtMatmulAlgoConfigGetAttribute(
+                    &heur[a].algo, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages, sizeof stages, &got);
+                cublasLtMatmulAlgoConfigGetAttribute(&heur[a].algo,
+                                                     CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk,
+                                                     sizeof splitk, &got);
+                printf("  sweep %s %-7s %6lld x %5lld, n %lld algo %2d%s: %8.1f us  %.3f of "
+                       "roofline  (tile %d, stages %d, split-k %d)\n", big ? "8b" : "1b", mat[i],
+                       (long long)m, (long long)k, (long long)n, a, a == 0 ? " (heuristic)" : "",
+                       sec * 1e6, floor_s / sec, tile, stages, splitk);
+            }
+            if (at >= 0)
+                printf("sweep %s %-7s n %lld: heuristic %.1f us (%.3f of roofline), fastest of "
+                       "%d algo %d %.1f us (%.3f)\n", big ? "8b" : "1b", mat[i], (long long)n,
+                       first * 1e6, floor_s / first, found, at, fastest * 1e6,
+                       floor_s / fastest);
+            cublasLtMatmulPreferenceDestroy(pref);
+            cublasLtMatrixLayoutDestroy(la);
+            cublasLtMatrixLayoutDestroy(lb);
+            cublasLtMatrixLayoutDestroy(lc);
+            cublasLtMatmulDescDestroy(op);
+            cudaFree(w);
+            cudaFree(x);
+            cudaFree(y);
+        }
+    }
+    cudaFree(ws);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaStreamDestroy(st);
+    cublasLtDestroy(lt);
+    return 0;
+}
+
 int rlb__bench_engine_cuda(int argc, char **argv)
 {
     int shapes[2] = {1, 1};
     int64_t new_tokens = 256, batches[MAX_BATCHES] = {1, 32, 256};
-    int nb = 3, gemv_only = 0, main_only = 0;
+    int nb = 3, gemv_only = 0, main_only = 0, gemm_sweep = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--device") && i + 1 < argc) {
             i++;
         } else if (!strcmp(argv[i], "--gemv")) {
             gemv_only = 1;
+        } else if (!strcmp(argv[i], "--gemm-sweep")) {
+            gemm_sweep = 1;
         } else if (!strcmp(argv[i], "--main-only")) {
             main_only = 1;
         } else if (!strcmp(argv[i], "--shape") && i + 1 < argc) {
@@ -472,7 +624,8 @@ int rlb__bench_engine_cuda(int argc, char **argv)
                 return rlb__cli_bad("bench-engine", "batches", argv[i], "no batch given");
         } else {
             fprintf(stderr, "usage: rlb-bench-engine --device cuda [--shape 1b|8b|both] "
-                            "[--new N] [--batches 1,32,256] [--gemv] [--main-only]\n");
+                            "[--new N] [--batches 1,32,256] [--gemv] [--gemm-sweep] "
+                            "[--main-only]\n");
             return 2;
         }
     }
@@ -497,6 +650,8 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         jn += snprintf(json + jn, sizeof json - (size_t)jn, ",\"gemm_tflops\":%.1f", tflops);
     if (gemv_only)
         return bench_gemv(shapes, gbs, json, sizeof json, jn);
+    if (gemm_sweep)
+        return bench_gemm_sweep(shapes, batches[nb - 1], gbs, tflops);
     static const char *names[2] = {"1b", "8b"};
     for (int big = 0; big < 2; big++) {
         if (!shapes[big])

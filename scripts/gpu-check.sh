@@ -37,6 +37,11 @@
 #   ncu-attn  ncu's occupancy, warp state, scheduler and instruction sections on one
 #             batch-256 launch of the tensor-core decode attention, 1B and 8B shapes (the
 #             reports land in $OUT/ncu-attn-SHAPE.txt)
+#   ncu-step  every kernel of one batch-256 decode step at context 256 (1B and 8B shapes),
+#             ncu's time and DRAM bytes per kernel, summed by kernel name
+#             (scripts/ncu_step_summary.py; the CSVs land in $OUT/ncu-step-SHAPE.csv)
+#   gemm-sweep  rlb-bench-engine --gemm-sweep: every cuBLASLt algorithm the heuristic offers
+#             for each matrix of both shapes at 256 rows, timed
 #   multi     (two GPUs or more) rlb generate --tp 2 on two GPUs against HF's greedy tokens,
 #             the peer-copy and NCCL transport tests, and examples/grpo_torch.py with an
 #             FSDP2 world of 2 under torchrun and a TP-2 worker replica over NCCL
@@ -156,6 +161,22 @@ for step in "$@"; do
             grep -E "Duration|DRAM Throughput|Registers Per|Achieved Occupancy|Waves Per SM|Eligible Warps|Issued Warp|Executed Instructions  " \
                 "$out/ncu-attn-$1.txt" | head -12
         done ;;
+    ncu-step)
+        # decode step 128 of batch 256: context 256, the bench's mean over its 256 steps
+        for shape in 1b 8b; do
+            RLB_BENCH_PROFILE=256:128 timeout 300 /usr/local/cuda/bin/ncu --csv \
+                --profile-from-start off --metrics \
+                gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+                build-gpu/bench/rlb-bench-engine --device cuda --shape $shape --main-only \
+                --batches 1,256 --new 160 > "$out/ncu-step-$shape.csv" 2> "$out/ncu-step-$shape.err"
+            gbs=$(grep -o 'copy [0-9]* GB/s' "$out/ncu-step-$shape.csv" | head -1 | tr -dc 0-9)
+            echo "== $shape (copy ${gbs:-?} GB/s)"
+            python3 scripts/ncu_step_summary.py "$out/ncu-step-$shape.csv" ${gbs:-} | head -24
+        done ;;
+    gemm-sweep)
+        build-gpu/bench/rlb-bench-engine --device cuda --gemm-sweep --batches 1,256 \
+            > "$out/gemm-sweep.log" 2>&1
+        grep -E "^sweep|copy" "$out/gemm-sweep.log" ;;
     engine-ab)
         # every .devtools/base*.tar is a tree to compare (base.tar, base-x.tar, ...)
         trees=(this)

@@ -26,10 +26,8 @@
  * GEMV with the norm fused (it reads X); a linear into PROJ at TP 1 is remembered and the
  * add(X, PROJ) that follows runs it with the residual add fused (X += y in its epilogue).
  * The gate_up GEMV writes swiglu(GU) into ACT as well (one block has both halves of each
- * output), so swiglu has nothing left to do and down reads ACT in the compute dtype; where
- * gate_up did not run on the GEMV, swiglu is remembered and the down projection's GEMV
- * computes it as it reads GU. In a
- * decode step (every span one token) whose attention runs one key split (large batches;
+ * output), so swiglu has nothing left to do and down reads ACT in the compute dtype (where
+ * gate_up did not run on the GEMV, the swiglu kernel runs). In a decode step (every span one token) whose attention runs one key split (large batches;
  * opts.fused_rope 1: every decode step, -1: none) rope_store is remembered too, and the
  * attention kernel of its layer rotates q and k and stores the step's keys and values
  * itself, with the same bits as the two kernels (so batch-invariant mode keeps it). Where
@@ -199,9 +197,6 @@ typedef struct cuda_backend {
                                * issued (the add into X fuses with it), or -1 */
     int pending_proj_layer;   /* its layer */
     int pending_proj_src;     /* its input buffer */
-    int pending_proj_swiglu;  /* its input is the swiglu of GU, fused into the GEMV */
-    int pending_swiglu;       /* GEMV step: swiglu(GU -> ACT) not yet issued (the down
-                               * projection's GEMV computes it as it reads) */
     int act_ready;            /* GEMV step: the gate_up GEMV wrote swiglu(GU) into ACT too,
                                * so the swiglu op has nothing left to do */
     int fuse_rope;            /* decode step: rope_store is deferred to the attention */
@@ -778,17 +773,11 @@ static int flush_pending(cuda_backend *c)
         rc = rlb__eo_rmsnorm(c->stream, c->buf[RLB_EBUF_X], NULL, w, c->dt, c->rows, c->D,
                              c->eps, c->buf[RLB_EBUF_H], c->dt);
     }
-    if (!rc && c->pending_swiglu) {
-        c->pending_swiglu = 0;
-        rc = rlb__eo_swiglu(c->stream, c->buf[RLB_EBUF_GU], c->rows, c->inter,
-                            c->buf[RLB_EBUF_ACT], c->dt);
-    }
     if (!rc && c->pending_proj_kind >= 0) {
         const rlb_wkind w = (rlb_wkind)c->pending_proj_kind;
-        rlb_eo_gemv_fuse f = {.swiglu_gu = c->buf[RLB_EBUF_GU]};
         c->pending_proj_kind = -1;
         rc = linear_issue(c, w, c->pending_proj_layer, (rlb_ebuf)c->pending_proj_src,
-                          RLB_EBUF_PROJ, c->pending_proj_swiglu ? &f : NULL);
+                          RLB_EBUF_PROJ, NULL);
     }
     if (!rc && c->pending_add >= 0) {
         int src = c->pending_add;
@@ -836,7 +825,6 @@ static int be_begin(rlb_ebackend *b, const rlb_ebatch *bt, struct rlb_kvcache *k
     c->pending_add = -1;
     c->pending_norm = NULL;
     c->pending_proj_kind = -1;
-    c->pending_swiglu = 0;
     c->act_ready = 0;
     c->pending_rope = -1;
     if (!bt || !kv || !kv->k || bt->rows < 1 || bt->n_spans < 1 || bt->out < 0 ||
@@ -1029,22 +1017,17 @@ static int be_linear(rlb_ebackend *b, rlb_wkind w, int layer, rlb_ebuf src, rlb_
         c->act_ready = act != NULL;
         return step_fail(c, linear_issue(c, w, layer, src, dst, &f));
     }
-    /* the swiglu deferred for this GEMV is computed by it, not issued */
-    const int swiglu = gemv && src == RLB_EBUF_ACT && c->pending_swiglu;
-    if (swiglu)
-        c->pending_swiglu = 0;
     int rc = flush_pending(c);
     if (!rc && gemv && dst == RLB_EBUF_PROJ && c->T == 1 && w != RLB_W_QKV) {
         c->pending_proj_kind = (int)w; /* the add(X, PROJ) that follows fuses with it */
         c->pending_proj_layer = layer;
         c->pending_proj_src = (int)src;
-        c->pending_proj_swiglu = swiglu;
         return 0;
     }
-    rlb_eo_gemv_fuse f = {.swiglu_gu = swiglu ? c->buf[RLB_EBUF_GU] : NULL, .swiglu_out = act};
+    rlb_eo_gemv_fuse f = {.swiglu_out = act};
     c->act_ready = act != NULL;
     if (!rc)
-        rc = linear_issue(c, w, layer, src, dst, swiglu || act ? &f : NULL);
+        rc = linear_issue(c, w, layer, src, dst, act ? &f : NULL);
     return step_fail(c, rc);
 }
 
@@ -1102,10 +1085,6 @@ static int be_swiglu(rlb_ebackend *b)
         c->act_ready = 0; /* the gate_up GEMV wrote ACT */
         return 0;
     }
-    if (!rc && gemv_rows(c, c->rows, wq_of(c, RLB_W_DOWN, 0))) {
-        c->pending_swiglu = 1; /* the down projection's GEMV computes it as it reads */
-        return 0;
-    }
     if (!rc)
         rc = rlb__eo_swiglu(c->stream, c->buf[RLB_EBUF_GU], c->rows, c->inter,
                             c->buf[RLB_EBUF_ACT], c->dt);
@@ -1120,8 +1099,7 @@ static int be_add(rlb_ebackend *b, rlb_ebuf dst, rlb_ebuf src)
         return step_fail(c, RLB_EINVAL);
     if (dst == RLB_EBUF_X && src == RLB_EBUF_PROJ && c->pending_proj_kind >= 0 &&
         !c->pending_norm && c->pending_add < 0) {
-        rlb_eo_gemv_fuse f = {.residual = c->buf[RLB_EBUF_X],
-                              .swiglu_gu = c->pending_proj_swiglu ? c->buf[RLB_EBUF_GU] : NULL};
+        rlb_eo_gemv_fuse f = {.residual = c->buf[RLB_EBUF_X]};
         const rlb_wkind w = (rlb_wkind)c->pending_proj_kind;
         c->pending_proj_kind = -1;
         return step_fail(c, linear_issue(c, w, c->pending_proj_layer,

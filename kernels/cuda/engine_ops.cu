@@ -82,21 +82,28 @@ __device__ double block_sum_d(double v)
     return s;
 }
 
-/* (value, index) argmax over the block: larger value wins, equal values the smaller index
- * (the first maximum of a left-to-right scan). Every thread gets the winner. */
+/* (value, index) argmax over the warp: larger value wins, equal values the smaller index.
+ * Every lane gets the winner. */
 template <typename V>
-__device__ void block_argmax(V &v, int64_t &i)
+__device__ __forceinline__ void warp_argmax(V &v, int64_t &i)
 {
-    __shared__ V pv[32];
-    __shared__ int64_t pi[32];
     for (int o = 16; o > 0; o >>= 1) {
-        V ov = __shfl_xor_sync(0xffffffffu, v, o);
-        int64_t oi = __shfl_xor_sync(0xffffffffu, i, o);
+        const V ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int64_t oi = __shfl_xor_sync(0xffffffffu, i, o);
         if (ov > v || (ov == v && oi < i)) {
             v = ov;
             i = oi;
         }
     }
+}
+
+/* The same over the block (the first maximum of a left-to-right scan). */
+template <typename V>
+__device__ void block_argmax(V &v, int64_t &i)
+{
+    __shared__ V pv[32];
+    __shared__ int64_t pi[32];
+    warp_argmax(v, i);
     __syncthreads();
     if (threadIdx.x % kWarp == 0) {
         pv[threadIdx.x / kWarp] = v;
@@ -694,22 +701,18 @@ __device__ __forceinline__ uint32_t pair_elems(const uint4 (&x)[N], const uint4 
 
 /* Where a warp's step of kTcKeys keys from t0 (a multiple of kTcKeys) lies in the cache of
  * kv head g: with block_tokens a multiple of kTcKeys the step sits in one cache block, and
- * key t0 + i is element off0 + i * hd (one table lookup a step); otherwise each key is
- * looked up (32-bit division: positions are int32). */
+ * key t0 + i is element off0 + i * hd (off0 looked up ahead, see step_offsets); otherwise
+ * each key is looked up (32-bit division: positions are int32). */
 struct step_keys {
     const rlb_eo_cache *c;
     const int32_t *table;
     int64_t layer, g, t0, off0;
     bool one_block;
     __device__ __forceinline__ step_keys(const rlb_eo_cache &cc, const int32_t *tab, int64_t l,
-                                         int64_t gg, int64_t t)
-        : c(&cc), table(tab), layer(l), g(gg), t0(t), off0(0),
+                                         int64_t gg, int64_t t, int64_t o0)
+        : c(&cc), table(tab), layer(l), g(gg), t0(t), off0(o0),
           one_block(cc.block_tokens % kTcKeys == 0)
     {
-        if (one_block) {
-            const uint32_t bt = (uint32_t)cc.block_tokens, ut = (uint32_t)t;
-            off0 = cache_off<rlb__bf16_t>(cc, l, table[ut / bt], gg, ut % bt);
-        }
     }
     __device__ __forceinline__ int64_t off(int64_t p) const
     {
@@ -732,6 +735,21 @@ __device__ __forceinline__ void load_key_run(const step_keys &sk, int64_t p, int
 #pragma unroll
     for (int u = 0; u < N; u++)
         r[u] = src ? __ldcg(src + u * STRIDE) : make_uint4(0, 0, 0, 0);
+}
+
+/* With one cache block a step (step_keys.one_block), lane l of a warp holds the cache offset
+ * of the warp's step base + l, its steps being those of keys k0 + kTcKeys (warp + kTcWarps
+ * s): one table lookup for 32 steps, made before they are needed, so a step's key and value
+ * loads do not first wait on a lookup of their own. */
+__device__ __forceinline__ int64_t step_offsets(const rlb_eo_cache &c, const int32_t *table,
+                                                int64_t layer, int64_t g, int64_t k0,
+                                                int64_t k1, int warp, int64_t base)
+{
+    const int64_t t = k0 + kTcKeys * (warp + kTcWarps * (base + threadIdx.x % kWarp));
+    if (c.block_tokens % kTcKeys != 0 || t >= k1)
+        return 0;
+    const uint32_t bt = (uint32_t)c.block_tokens, ut = (uint32_t)t;
+    return cache_off<rlb__bf16_t>(c, layer, table[ut / bt], g, ut % bt);
 }
 
 template <int HD, bool G16>
@@ -789,10 +807,11 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? 3 : 2)
     /* the first step's keys load before the q prologue, unless they hold the row's own
      * position, whose key and value this block may be about to store */
     int64_t t0 = k0 + warp * kTcKeys;
+    int64_t offs = step_offsets(c, table, layer, g, k0, k1, warp, 0); /* steps 0..31 */
     const bool rope = a.inv_freq != nullptr;
     const bool early = t0 < k1 && (!rope || a.pos[row] >= t0 + kTcKeys);
     if (early) {
-        const step_keys first(c, table, layer, g, t0);
+        const step_keys first(c, table, layer, g, t0, __shfl_sync(0xffffffffu, offs, 0));
         load_k(first);
         load_v(first, vr);
     }
@@ -813,7 +832,7 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? 3 : 2)
         store_row_kv<HD, T>(a, c, layer, row, g, k0, k1);
     __syncthreads();
     if (t0 < k1 && !early) {
-        const step_keys first(c, table, layer, g, t0);
+        const step_keys first(c, table, layer, g, t0, __shfl_sync(0xffffffffu, offs, 0));
         load_k(first);
         load_v(first, vr);
     }
@@ -839,9 +858,12 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? 3 : 2)
     for (int nt = 0; nt < VQ; nt++)
         o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
-    for (; t0 < k1; t0 += kTcWarps * kTcKeys) {
+    for (int64_t step = 1; t0 < k1; t0 += kTcWarps * kTcKeys, step++) {
         const int64_t tn = t0 + kTcWarps * kTcKeys;
-        const step_keys next(c, table, layer, g, tn < k1 ? tn : t0);
+        if (step % kWarp == 0 && tn < k1) /* the next 32 steps' offsets */
+            offs = step_offsets(c, table, layer, g, k0, k1, warp, step);
+        const step_keys next(c, table, layer, g, tn,
+                             __shfl_sync(0xffffffffu, offs, (int)(step % kWarp)));
         float sc[2][4]; /* S of keys t0 + 8 j + 2t (+1): rows gq (0, 1), gq + 8 (2, 3) */
 #pragma unroll
         for (int j = 0; j < 2; j++) {
@@ -1078,16 +1100,27 @@ __device__ uint32_t radix_select(int64_t V, In in, Key key, Weight w, double wan
     return prefix;
 }
 
-/* The passes over a row that need no whole-row result are split over kSampleChunks blocks
- * per job (one block per row took ~100 us on a 128K vocabulary, latency-bound):
+/* The passes over a row that need no whole-row result are split into kSampleChunks chunks
+ * per job, one warp each, kChunkWarps (job, chunk) items a block (one block per row took
+ * ~100 us on a 128K vocabulary, latency-bound; one block per chunk, of 8 KB, left the
+ * batch-256 step waiting on 16 waves of short blocks):
  *   sample_max    each chunk's first maximum of z = x / T
  *   sample_chunk  the row's maximum from those, then each chunk's sum of e^(z - zmax) and,
  *                 for a job without top-k / top-p, its race winner (the largest p / e)
  * and sample_kernel combines them in chunk order: the same first maximum and the same race
  * winner as one pass (both are order-free: ties go to the smaller id), and a sum in a fixed
- * order (deterministic, batch-invariant). Top-k / top-p keep their whole-row radix passes. */
+ * order (deterministic, batch-invariant). Top-k / top-p keep their whole-row radix passes.
+ *
+ * A chunk's sum is added in the order of a 256-thread scan (kSumWarps warps of it): thread
+ * t = 32 w + l sums the tokens lo + t + 256 j in ascending j, each warp's 32 sums meet in a
+ * shuffle tree and the 8 trees' results add up in w order, as block_sum_d adds. The warp
+ * that takes the chunk holds thread 32 w + l's sum in lane l's s[w]: lane l reads the
+ * tokens lo + l + 32 m (m = 8 j + w) in ascending m, so every load instruction reads 128
+ * contiguous bytes, and the order, hence the bits, does not depend on the batch. */
 constexpr int kSampleChunks = 64;
-constexpr int kChunkThreads = 256;
+constexpr int kChunkWarps = 8;  /* (job, chunk) items a block, one a warp */
+constexpr int kSumWarps = 8;    /* warps of the scan whose order a chunk's sum keeps */
+constexpr int kChunkLoads = 16; /* a lane's loads in flight (a multiple of kSumWarps) */
 
 struct sample_part {
     float zmax;
@@ -1114,32 +1147,60 @@ __device__ __forceinline__ void chunk_range(int64_t V, int64_t c, int64_t *lo, i
     *hi = V * (c + 1) / kSampleChunks;
 }
 
-__global__ void __launch_bounds__(kChunkThreads)
-    sample_max(const float *logits, int64_t V, const rlb_eo_sample_job *jobs, sample_part *part)
+/* f(i, x[i], w) for the lane's tokens i = lo + lane + 32 m of [lo, hi) in ascending m,
+ * w = m % kSumWarps (a constant after unrolling), the loads kChunkLoads at a time. */
+template <class F>
+__device__ __forceinline__ void warp_scan(const float *x, int64_t lo, int64_t hi, F f)
+{
+    for (int64_t b = lo + threadIdx.x % kWarp; b < hi; b += kChunkLoads * kWarp) {
+        float xv[kChunkLoads];
+#pragma unroll
+        for (int u = 0; u < kChunkLoads; u++)
+            xv[u] = b + u * kWarp < hi ? x[b + u * kWarp] : 0.0f;
+#pragma unroll
+        for (int u = 0; u < kChunkLoads; u++)
+            if (b + u * kWarp < hi)
+                f(b + u * kWarp, xv[u], u % kSumWarps);
+    }
+}
+
+/* The warp's (job, chunk) item: false past the last. */
+__device__ __forceinline__ bool chunk_item(int64_t n, int64_t *item)
+{
+    *item = (int64_t)blockIdx.x * kChunkWarps + threadIdx.x / kWarp;
+    return *item < n * kSampleChunks;
+}
+
+__global__ void __launch_bounds__(kChunkWarps * kWarp)
+    sample_max(const float *logits, int64_t V, const rlb_eo_sample_job *jobs, int64_t n,
+               sample_part *part)
 {
     RLB_PDL_ENTRY();
-    const rlb_eo_sample_job job = jobs[blockIdx.y];
+    int64_t item;
+    if (!chunk_item(n, &item))
+        return;
+    const rlb_eo_sample_job job = jobs[item / kSampleChunks];
     const float *x = logits + job.row * V;
     const float T = job_t(job);
     int64_t lo, hi;
-    chunk_range(V, blockIdx.x, &lo, &hi);
+    chunk_range(V, item % kSampleChunks, &lo, &hi);
     float zmax = -INFINITY;
     int64_t imax = V;
-    scan_ascending(x, lo, hi, [&](int64_t i, float xi) {
+    warp_scan(x, lo, hi, [&](int64_t i, float xi, int) {
         const float z = xi / T;
-        if (z > zmax) { /* a thread scans ascending: it keeps its first maximum */
+        if (z > zmax) { /* a lane scans ascending: it keeps its first maximum */
             zmax = z;
             imax = i;
         }
     });
-    block_argmax(zmax, imax);
-    if (threadIdx.x == 0) {
-        part[blockIdx.y * kSampleChunks + blockIdx.x].zmax = zmax;
-        part[blockIdx.y * kSampleChunks + blockIdx.x].imax = (int32_t)imax;
+    warp_argmax(zmax, imax);
+    if (threadIdx.x % kWarp == 0) {
+        part[item].zmax = zmax;
+        part[item].imax = (int32_t)imax;
     }
 }
 
-/* The row's first maximum from the chunks' (every thread gets it). */
+/* The row's first maximum from the chunks' (every lane gets it). */
 __device__ __forceinline__ void row_max(const sample_part *p, int64_t V, float *zmax,
                                         int64_t *imax)
 {
@@ -1152,42 +1213,36 @@ __device__ __forceinline__ void row_max(const sample_part *p, int64_t V, float *
             z = p[c].zmax;
             i = p[c].imax;
         }
-    for (int o = 16; o > 0; o >>= 1) {
-        const float oz = __shfl_xor_sync(0xffffffffu, z, o);
-        const int64_t oi = __shfl_xor_sync(0xffffffffu, i, o);
-        if (oz > z || (oz == z && oi < i)) {
-            z = oz;
-            i = oi;
-        }
-    }
+    warp_argmax(z, i);
     *zmax = z;
     *imax = i;
 }
 
-__global__ void __launch_bounds__(kChunkThreads)
-    sample_chunk(const float *logits, int64_t V, const rlb_eo_sample_job *jobs,
+__global__ void __launch_bounds__(kChunkWarps * kWarp)
+    sample_chunk(const float *logits, int64_t V, const rlb_eo_sample_job *jobs, int64_t n,
                  sample_part *part)
 {
     RLB_PDL_ENTRY();
-    const rlb_eo_sample_job job = jobs[blockIdx.y];
+    int64_t item;
+    if (!chunk_item(n, &item))
+        return;
+    const rlb_eo_sample_job job = jobs[item / kSampleChunks];
     const float *x = logits + job.row * V;
     const float T = job_t(job);
-    sample_part *p = part + blockIdx.y * kSampleChunks;
     float zmax;
     int64_t imax;
-    row_max(p, V, &zmax, &imax);
+    row_max(part + item / kSampleChunks * kSampleChunks, V, &zmax, &imax);
     int64_t lo, hi;
-    chunk_range(V, blockIdx.x, &lo, &hi);
+    chunk_range(V, item % kSampleChunks, &lo, &hi);
     /* one pass: the sum, and for plain sampling the race (rlb__race_score skips the logs
-     * of tokens that cannot win); a thread takes its tokens in ascending order, so its sum
-     * and its first best are those of two separate scans */
+     * of tokens that cannot win; the first best of any order is the scan's) */
     const bool race = plain_sampling(job, V) && isfinite(zmax);
     const uint64_t prefix = race ? rlb__noise_prefix(job.seed, job.sample, job.pos) : 0;
-    double sum = 0.0, best = -1.0;
+    double s[kSumWarps] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0}, best = -1.0;
     int64_t ibest = V;
-    scan_ascending(x, lo, hi, [&](int64_t i, float xi) {
+    warp_scan(x, lo, hi, [&](int64_t i, float xi, int w) {
         const float pr = expf(xi / T - zmax);
-        sum += pr;
+        s[w] += pr;
         if (!race)
             return;
         const double score =
@@ -1197,13 +1252,20 @@ __global__ void __launch_bounds__(kChunkThreads)
             ibest = i;
         }
     });
-    sum = block_sum_d(sum);
+    double sum = 0.0; /* block_sum_d's order: each warp's tree, then the warps in order */
+#pragma unroll
+    for (int w = 0; w < kSumWarps; w++) {
+        double v = s[w];
+        for (int o = 16; o > 0; o >>= 1)
+            v += __shfl_xor_sync(0xffffffffu, v, o);
+        sum += v;
+    }
     if (race)
-        block_argmax(best, ibest);
-    if (threadIdx.x == 0) {
-        p[blockIdx.x].sum = sum;
-        p[blockIdx.x].best = best;
-        p[blockIdx.x].ibest = ibest;
+        warp_argmax(best, ibest);
+    if (threadIdx.x % kWarp == 0) {
+        part[item].sum = sum;
+        part[item].best = best;
+        part[item].ibest = ibest;
     }
 }
 
@@ -1607,12 +1669,12 @@ int rlb__eo_sample(cudaStream_t stream, const float *logits, int64_t V,
     if (V < 1 || V > INT32_MAX || !work || n > 65535)
         return RLB_EINVAL;
     sample_part *part = (sample_part *)work;
-    const dim3 chunks(kSampleChunks, (unsigned)n);
-    rlb__pdl_launch(sample_max, chunks, kChunkThreads, stream, logits, V, jobs, part);
-    rlb__pdl_launch(sample_chunk, chunks, kChunkThreads, stream, logits, V, jobs, part);
+    const unsigned blocks = (unsigned)((n * kSampleChunks + kChunkWarps - 1) / kChunkWarps);
+    rlb__pdl_launch(sample_max, blocks, kChunkWarps * kWarp, stream, logits, V, jobs, n, part);
+    rlb__pdl_launch(sample_chunk, blocks, kChunkWarps * kWarp, stream, logits, V, jobs, n,
+                    part);
     rlb__pdl_launch(sample_kernel, (unsigned)n, kSampleThreads, stream, logits, V, jobs,
-                    (const sample_part *)part, tokens,
-                                                               logprobs, status);
+                    (const sample_part *)part, tokens, logprobs, status);
     return launched("sample");
 }
 

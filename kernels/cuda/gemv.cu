@@ -63,9 +63,8 @@ struct chunk {
     }
 };
 
-/* Where x comes from: given in T, rmsnorm of the float32 residual stream, or swiglu of the
- * float32 gate_up output. */
-enum { X_PLAIN, X_NORM, X_SWIGLU };
+/* Where x comes from: given in T, or rmsnorm of the float32 residual stream. */
+enum { X_PLAIN, X_NORM };
 
 /* Four consecutive floats (VEC) or one. */
 template <bool VEC, int N>
@@ -85,25 +84,13 @@ __device__ __forceinline__ void load_f32(const float *p, float *out)
     }
 }
 
-/* The x values of one chunk as float: x[b] in T; nw * X[b] (and X[b]^2 into ss); or
- * T(silu(g) * u) of the gate_up row [g | u] (gu [n, 2k]), rounded to T as the swiglu op
- * rounds its output, so the fused product equals swiglu then GEMV bit for bit. */
+/* The x values of one chunk as float: x[b] in T, or nw * X[b] (and X[b]^2 into ss). */
 template <typename T, bool VEC, int XM>
 __device__ __forceinline__ void x_chunk(const T *x, const float *nx, const T *nw, int64_t row,
                                         int64_t k, int64_t off, float *xf, float &ss)
 {
     constexpr int N = chunk<T, VEC>::N;
-    if constexpr (XM == X_SWIGLU) {
-        float g[N], u[N];
-        load_f32<VEC, N>(nx + 2 * row + off, g);
-        load_f32<VEC, N>(nx + 2 * row + k + off, u);
-#pragma unroll
-        for (int e = 0; e < N; e++) {
-            T a;
-            rlb__d_from_f32(g[e] / (1.0f + expf(-g[e])) * u[e], &a);
-            xf[e] = rlb__d_to_f32(a);
-        }
-    } else if constexpr (XM == X_NORM) {
+    if constexpr (XM == X_NORM) {
         chunk<T, VEC> g;
         g.load(nw + off);
         float xs[N];
@@ -264,7 +251,7 @@ int launch(cudaStream_t stream, const void *w, int64_t m, int64_t k, const void 
     T *act = f ? (T *)f->swiglu_out : NULL;
     const int64_t outs = act ? m / 2 : m, per = act ? RB / 2 : RB; /* outputs a block */
     const unsigned grid = (unsigned)((outs + per - 1) / per);
-    const float *nx = XM == X_NORM ? f->norm_x : XM == X_SWIGLU ? f->swiglu_gu : NULL;
+    const float *nx = XM == X_NORM ? f->norm_x : NULL;
     const cudaError_t e = rlb__pdl_launch(
         gemv_kernel<T, NB, RB, VEC, XM>, grid, kThreads, stream, (const T *)w, m, k,
         (const T *)x, n, nx, XM == X_NORM ? (const T *)f->norm_w : (const T *)NULL,
@@ -297,20 +284,14 @@ template <typename T>
 int launch_t(cudaStream_t stream, const void *w, int64_t m, int64_t k, const void *x, int n,
              const rlb_eo_gemv_fuse *f, float *y)
 {
-    const int xm = f && f->norm_x ? X_NORM : f && f->swiglu_gu ? X_SWIGLU : X_PLAIN;
-    /* 16-byte chunks need k a whole number of them and every streamed pointer aligned; the
-     * swiglu input's second half starts k floats in */
-    const void *ptrs[4] = {w, xm == X_NORM ? (const void *)f->norm_x
-                              : xm == X_SWIGLU ? (const void *)f->swiglu_gu : x,
-                           xm == X_NORM ? f->norm_w : w,
-                           xm == X_SWIGLU ? (const void *)(f->swiglu_gu + k) : w};
+    const bool norm = f && f->norm_x;
+    /* 16-byte chunks need k a whole number of them and every streamed pointer aligned */
+    const void *ptrs[3] = {w, norm ? (const void *)f->norm_x : x, norm ? f->norm_w : w};
     bool vec = k % (16 / (int64_t)sizeof(T)) == 0;
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 3; i++)
         vec = vec && (uintptr_t)ptrs[i] % 16 == 0;
-    if (xm == X_NORM)
+    if (norm)
         return launch_x<T, X_NORM>(stream, w, m, k, x, n, f, y, vec);
-    if (xm == X_SWIGLU)
-        return launch_x<T, X_SWIGLU>(stream, w, m, k, x, n, f, y, vec);
     return launch_x<T, X_PLAIN>(stream, w, m, k, x, n, f, y, vec);
 }
 
@@ -322,10 +303,10 @@ extern "C" int rlb__eo_gemv(cudaStream_t stream, const void *w, rlb_dtype dt, in
 {
     if (n == 0 || m == 0)
         return 0;
-    const int norm = fuse && fuse->norm_x, swiglu = fuse && fuse->swiglu_gu;
+    const int norm = fuse && fuse->norm_x;
     const int act = fuse && fuse->swiglu_out;
     if (n < 0 || n > RLB_EO_GEMV_MAX_ROWS || m < 0 || m > INT32_MAX || k < 1 ||
-        (norm && !fuse->norm_w) || (norm && swiglu) || (!norm && !swiglu && !x) ||
+        (norm && !fuse->norm_w) || (!norm && !x) ||
         (act && (m % 2 || fuse->residual)))
         return RLB_EINVAL;
     switch (dt) {

@@ -48,11 +48,9 @@ typedef struct rlb_eo_gemv_fuse {
     const void *norm_w;  /* [k] norm weight in the compute dtype */
     float eps;           /* rmsnorm epsilon */
     float *residual;     /* not NULL: residual [n, m] += y */
-    const float *swiglu_gu; /* not NULL (without norm_x): the input is swiglu of the float32
-                             * gate_up output [n, 2k], x[b, c] = T(silu(gu[b, c]) * gu[b, k + c])
-                             * rounded to the compute dtype as rlb__eo_swiglu rounds it */
-    void *swiglu_out;       /* not NULL: [n, m / 2] in the compute dtype, the activation of
-                             * this gate_up product (see above) */
+    void *swiglu_out;    /* not NULL: [n, m / 2] in the compute dtype, the activation of this
+                          * gate_up product, T(silu(y[b, c]) * y[b, m / 2 + c]) rounded to
+                          * the compute dtype as rlb__eo_swiglu rounds it */
 } rlb_eo_gemv_fuse;
 
 /* y[n, m] = x[n, k] . w[m, k]^T (fuse may be NULL; with fuse->norm_x, x is ignored). */
