@@ -339,15 +339,26 @@ __device__ __forceinline__ int64_t cache_off(const rlb_eo_cache &c, int64_t laye
  * values, one range reduction), each product and sum rounded on its own as in
  * rlb__rope_apply (no contraction to fma), so rope_store_kernel and the attention kernel's
  * fused form give the same bits. */
-__device__ __forceinline__ void rope_pair(const float *inv_freq, int64_t j, int32_t pos,
-                                          float &x1, float &x2)
+__device__ __forceinline__ void rope_angle(const float *inv_freq, int64_t j, int32_t pos,
+                                           float &cs, float &sn)
 {
-    float cs, sn;
     sincosf(inv_freq[j] * (float)pos, &sn, &cs);
+}
+
+__device__ __forceinline__ void rope_rotate(float cs, float sn, float &x1, float &x2)
+{
     const float y1 = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(-x2, sn));
     const float y2 = __fadd_rn(__fmul_rn(x2, cs), __fmul_rn(x1, sn));
     x1 = y1;
     x2 = y2;
+}
+
+__device__ __forceinline__ void rope_pair(const float *inv_freq, int64_t j, int32_t pos,
+                                          float &x1, float &x2)
+{
+    float cs, sn;
+    rope_angle(inv_freq, j, pos, cs, sn);
+    rope_rotate(cs, sn, x1, x2);
 }
 
 /* One block per (row, head) of the qkv row, hd / 2 threads: thread j rotates the pair
@@ -417,11 +428,11 @@ __device__ __forceinline__ void q_to_shared(const float *qh, const float *inv_fr
 /* With a.inv_freq (a decode step, each span one row): the block of kv head g whose keys
  * [k0, k1) hold the row's own position rotates the row's k and stores it and v to the
  * row's slot (rope_store_kernel's bits), before its first tile reads them back through L2
- * (the caller's __syncthreads comes between). */
-template <int HD, typename T>
+ * (the caller's __syncthreads comes between). angle(j, cs, sn) gives pair j's rotation. */
+template <int HD, typename T, class Angle>
 __device__ __forceinline__ void store_row_kv(const rlb_eo_attn &a, const rlb_eo_cache &c,
                                              int64_t layer, int64_t row, int64_t g, int64_t k0,
-                                             int64_t k1)
+                                             int64_t k1, Angle angle)
 {
     const int32_t newp = a.pos[row];
     const int64_t sl = a.slot[row];
@@ -429,12 +440,17 @@ __device__ __forceinline__ void store_row_kv(const rlb_eo_attn &a, const rlb_eo_
         return;
     const int64_t kvt = c.kvt, qstride = (a.hq + 2 * kvt) * HD;
     const float *kh = a.qkv + row * qstride + (a.hq + g) * HD, *vh = kh + kvt * HD;
-    const int64_t o = cache_off<T>(c, layer, (int32_t)(sl / c.block_tokens), g,
-                                   sl % c.block_tokens);
+    /* slots below 2^32 (every cache of today) divide in 32 bits */
+    const uint32_t us = (uint32_t)sl, ubt = (uint32_t)c.block_tokens;
+    const int64_t o =
+        sl <= (int64_t)UINT32_MAX
+            ? cache_off<T>(c, layer, (int32_t)(us / ubt), g, us % ubt)
+            : cache_off<T>(c, layer, (int32_t)(sl / c.block_tokens), g, sl % c.block_tokens);
     T *kd = (T *)c.k + o, *vd = (T *)c.v + o;
     for (int j = threadIdx.x; j < HD / 2; j += blockDim.x) {
-        float x1 = kh[j], x2 = kh[j + HD / 2];
-        rope_pair(a.inv_freq, j, newp, x1, x2);
+        float x1 = kh[j], x2 = kh[j + HD / 2], cs, sn;
+        angle(j, cs, sn);
+        rope_rotate(cs, sn, x1, x2);
         st(kd, j, x1);
         st(kd, j + HD / 2, x2);
         st(vd, j, vh[j]);
@@ -493,7 +509,9 @@ __global__ void __launch_bounds__(kAttnWarps * kWarp)
         q_to_shared<HD>(a.qkv + row * qstride + h * HD, a.inv_freq, a.pos[row], j, sq[vi]);
     }
     if (rope)
-        store_row_kv<HD, T>(a, c, layer, row0, g, k0, k1);
+        store_row_kv<HD, T>(a, c, layer, row0, g, k0, k1, [&](int j, float &cs, float &sn) {
+            rope_angle(a.inv_freq, j, a.pos[row0], cs, sn);
+        });
     float m[kSlots], l[kSlots], acc[kSlots][DPL];
     int64_t vpos[kSlots];
 #pragma unroll
@@ -775,12 +793,14 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? 3 : 2)
     const int64_t s = blockIdx.x, g = blockIdx.y, z = blockIdx.z;
     if (s >= a.n_spans)
         return;
-    const int64_t kvt = c.kvt, hq = a.hq, grp = hq / kvt, row = a.span_row0[s];
-    const int64_t qstride = (hq + 2 * kvt) * HD;
+    /* 32-bit divisions: head counts, positions and split counts are small, and a 64-bit
+     * division is a long subroutine every thread would run */
+    const int64_t kvt = c.kvt, hq = a.hq, grp = (int32_t)hq / (int32_t)kvt;
+    const int64_t row = a.span_row0[s], qstride = (hq + 2 * kvt) * HD;
     const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
     const int gq = lane / 4, t = lane % 4;
     const int64_t kv_len = a.pos[row] >= 0 ? (int64_t)a.pos[row] + 1 : 0;
-    const int64_t per = (kv_len + a.splits - 1) / a.splits;
+    const int64_t per = (uint32_t)(kv_len + a.splits - 1) / (uint32_t)a.splits;
     const int64_t chunk = (per + RLB_EO_KTILE - 1) / RLB_EO_KTILE * RLB_EO_KTILE;
     const int64_t k0 = z * chunk, k1 = k0 + chunk < kv_len ? k0 + chunk : kv_len;
 
@@ -815,21 +835,34 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? 3 : 2)
         load_k(first);
         load_v(first, vr);
     }
-    /* the group's q heads into shared memory (rotated with a.inv_freq), zero rows after */
-    const int qn = rope ? HD / 2 : HD;
-    for (int i = tid; i < R * qn; i += blockDim.x) {
-        const int h = i / qn, j = i % qn;
-        if (h >= grp) {
-            sq[h][j] = 0.0f;
-            if (rope)
-                sq[h][j + HD / 2] = 0.0f;
-            continue;
+    /* the group's q heads into shared memory (rotated with a.inv_freq), zero rows after.
+     * Rotated, thread tid takes pair j = tid % (HD / 2) of every (blockDim / (HD / 2))-th
+     * head: one angle a thread, and the same for the row's k (store_row_kv: j = tid) */
+    static_assert(kTcWarps * kWarp % (HD / 2) == 0, "a thread's pairs share one angle");
+    const float *qg = a.qkv + row * qstride + g * grp * HD;
+    if (rope) {
+        constexpr int H2 = HD / 2;
+        const int j = tid % H2;
+        float cs, sn;
+        rope_angle(a.inv_freq, j, a.pos[row], cs, sn);
+        for (int h = tid / H2; h < R; h += kTcWarps * kWarp / H2) {
+            float x1 = 0.0f, x2 = 0.0f;
+            if (h < grp) {
+                x1 = qg[h * HD + j];
+                x2 = qg[h * HD + j + H2];
+                rope_rotate(cs, sn, x1, x2);
+            }
+            sq[h][j] = x1;
+            sq[h][j + H2] = x2;
         }
-        q_to_shared<HD>(a.qkv + row * qstride + (g * grp + h) * HD, a.inv_freq, a.pos[row], j,
-                        sq[h]);
+        store_row_kv<HD, T>(a, c, layer, row, g, k0, k1, [&](int, float &c_, float &s_) {
+            c_ = cs;
+            s_ = sn;
+        });
+    } else {
+        for (int i = tid; i < R * HD; i += kTcWarps * kWarp)
+            sq[i / HD][i % HD] = i / HD < grp ? qg[i] : 0.0f;
     }
-    if (rope)
-        store_row_kv<HD, T>(a, c, layer, row, g, k0, k1);
     __syncthreads();
     if (t0 < k1 && !early) {
         const step_keys first(c, table, layer, g, t0, __shfl_sync(0xffffffffu, offs, 0));
