@@ -657,7 +657,14 @@ __global__ void attn_combine(const float *partial, int64_t splits, int64_t vecto
  * score accumulators of two 8-key tiles are the A operand of P.V), and the four warps'
  * (max, sum, acc) merged through shared memory at the end.
  *
- * Layout: S = Q K^T has the group's q heads as its 16 rows (rows past the group are zero).
+ * Layout, groups of 9 to 16 q heads (G16): S = Q K^T has the group's q heads as its 16
+ * rows (rows past the group are zero). Groups of up to 8 (Llama-3's 4 among them) run the
+ * transpose, S^T = K Q^T with the step's 16 keys as the rows and the q heads as the 8
+ * columns, and O^T = V^T P^T: half the mma.sync of the G16 form and half its accumulators
+ * (126 registers at head_dim 64: four blocks a multiprocessor). The A and B operands hold
+ * the same words as in the G16 form, swapped; P^T's fragment is the score accumulator
+ * transposed in registers (movmatrix, two 8 x 8 tiles). What follows says it for the G16
+ * form.
  * A dot product does not depend on the order of its terms, so the hd axis is permuted to
  * make every load a 16-byte one that, with the other lanes' loads of the same instruction,
  * covers whole 32-byte sectors: lane t (t = lane % 4) holds the 16-byte chunks t, t + 4,
@@ -690,6 +697,15 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* The 8 x 8 matrix of 16-bit elements whose row lane / 4, columns 2 (lane % 4) and + 1 the
+ * lane holds (low half first), transposed: the lane gets row lane / 4 of the transpose. */
+__device__ __forceinline__ uint32_t movmatrix_t(uint32_t x)
+{
+    uint32_t y;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
 }
 
 /* (x, y) as bf16 pairs hi = bf16(x, y) and lo = bf16(x - hi.x, y - hi.y), x in the low
@@ -771,7 +787,7 @@ __device__ __forceinline__ int64_t step_offsets(const rlb_eo_cache &c, const int
 }
 
 template <int HD, bool G16>
-__global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? 3 : 2)
+__global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? (G16 ? 3 : 4) : 2)
     attn_decode_tc(rlb_eo_attn a, rlb_eo_cache c, int64_t layer)
 {
     RLB_PDL_ENTRY();
@@ -783,9 +799,12 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? 3 : 2)
     constexpr int VQ = HD / 8;      /* hd elements of a value one lane holds; O's n-tiles */
     constexpr int QS = HD + 4;      /* padded q row */
     constexpr int AS = HD + 8;      /* padded accumulator row */
-    constexpr bool K_AHEAD = HD <= 64; /* the next keys load during this step's P.V (at 128,
-                                        * after it: the registers would spill) */
-    constexpr bool V_AHEAD = HD <= 64; /* and so do the next values, into a second buffer */
+    /* the next keys load during this step's softmax and P.V, and so do the next values,
+     * into a second buffer; at head_dim 128 with 16 q heads after P.V (the registers would
+     * spill). Registers (ptxas, sm_90): <64, O^T> 126 (four blocks a multiprocessor),
+     * <64, O> 168, <128, O^T> 238, <128, O> 254 */
+    constexpr bool K_AHEAD = HD <= 64 || !G16;
+    constexpr bool V_AHEAD = HD <= 64 || !G16;
     __shared__ __align__(16) float sq[R][QS];
     __shared__ float sm[kTcWarps][R], sl[kTcWarps][R];
     __shared__ __align__(16) float sacc[kTcWarps][R][AS];
@@ -886,83 +905,148 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? 3 : 2)
         }
     }
 
-    float o[VQ][4]; /* O's accumulators: rows gq (0, 1) and gq + 8 (2, 3) */
+    /* O's accumulators. G16: O (rows gq (0, 1) and gq + 8 (2, 3) of n-tile nt). Otherwise
+     * O^T: m-tile mt's rows gq and gq + 8 are n-tile 2 mt's and 2 mt + 1's column gq, its
+     * columns 2t, 2t + 1 q heads (0, 2: head 2t; 1, 3: head 2t + 1) */
+    constexpr int OT = G16 ? VQ : VQ / 2;
+    float o[OT][4];
 #pragma unroll
-    for (int nt = 0; nt < VQ; nt++)
-        o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    for (int mt = 0; mt < OT; mt++)
+        o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.0f;
+    /* G16: rows gq (m0, l0) and gq + 8 (m1, l1); otherwise heads 2t (m0, l0), 2t + 1 */
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+    /* the online softmax of a step: the maxima mx0, mx1 of its scores (reduced over the
+     * lanes XORed by x0, 2 x0, ...), the corrections of the old state */
+    const auto rescale = [&](float mx0, float mx1, int x0, int xn, float &c0, float &c1) {
+        for (int x = x0; x <= xn; x <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
+        }
+        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        c0 = m0 == -INFINITY ? 0.0f : expf(m0 - n0);
+        c1 = m1 == -INFINITY ? 0.0f : expf(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        l0 *= c0;
+        l1 *= c1;
+    };
     for (int64_t step = 1; t0 < k1; t0 += kTcWarps * kTcKeys, step++) {
         const int64_t tn = t0 + kTcWarps * kTcKeys;
         if (step % kWarp == 0 && tn < k1) /* the next 32 steps' offsets */
             offs = step_offsets(c, table, layer, g, k0, k1, warp, step);
         const step_keys next(c, table, layer, g, tn,
                              __shfl_sync(0xffffffffu, offs, (int)(step % kWarp)));
-        float sc[2][4]; /* S of keys t0 + 8 j + 2t (+1): rows gq (0, 1), gq + 8 (2, 3) */
+        const int rem = (int)(k1 - t0 < kTcKeys ? k1 - t0 : kTcKeys); /* keys in range */
+        if constexpr (G16) {
+            float sc[2][4]; /* S of keys t0 + 8 j + 2t (+1): rows gq (0, 1), gq + 8 (2, 3) */
 #pragma unroll
-        for (int j = 0; j < 2; j++) {
-            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+            for (int j = 0; j < 2; j++) {
+                sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < KSTEPS; kk++) {
+                    const uint32_t b0 = word_of(kr[j][kk / 2], (kk % 2) * 2);
+                    const uint32_t b1 = word_of(kr[j][kk / 2], (kk % 2) * 2 + 1);
+                    mma_bf16(sc[j], qhi[kk], b0, b1);
+                    mma_bf16(sc[j], qlo[kk], b0, b1);
+                }
+            }
+            if (K_AHEAD && tn < k1) {
+                load_k(next);
+                if constexpr (V_AHEAD)
+                    load_v(next, vn);
+            }
+            float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const bool ok = 8 * j + 2 * t + (e & 1) < rem;
+                    sc[j][e] = ok ? sc[j][e] * a.scale : -INFINITY;
+                    if (e < 2)
+                        mx0 = fmaxf(mx0, sc[j][e]);
+                    else
+                        mx1 = fmaxf(mx1, sc[j][e]);
+                }
+            float c0, c1;
+            rescale(mx0, mx1, 1, 2, c0, c1);
+            float p[2][4];
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    p[j][e] = sc[j][e] == -INFINITY ? 0.0f
+                                                    : expf(sc[j][e] - (e < 2 ? m0 : m1));
+                    if (e < 2)
+                        l0 += p[j][e];
+                    else
+                        l1 += p[j][e];
+                }
+            uint32_t phi[4], plo[4]; /* A fragments of P: keys 2t (+1) and 2t + 8 (+9) */
+            split_bf16(p[0][0], p[0][1], phi[0], plo[0]);
+            split_bf16(p[0][2], p[0][3], phi[1], plo[1]);
+            split_bf16(p[1][0], p[1][1], phi[2], plo[2]);
+            split_bf16(p[1][2], p[1][3], phi[3], plo[3]);
+#pragma unroll
+            for (int nt = 0; nt < VQ; nt++) {
+                o[nt][0] *= c0;
+                o[nt][1] *= c0;
+                o[nt][2] *= c1;
+                o[nt][3] *= c1;
+                const uint32_t b0 = pair_elems(vr[0], vr[1], nt);
+                const uint32_t b1 = pair_elems(vr[2], vr[3], nt);
+                mma_bf16(o[nt], phi, b0, b1);
+                mma_bf16(o[nt], plo, b0, b1);
+            }
+        } else {
+            /* S^T = K Q^T: keys are the 16 rows (A: keys gq and gq + 8, the words the G16
+             * form gives its two n-tiles), q heads the 8 columns (B: Q's fragment) */
+            float st[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* keys gq (0, 1), gq + 8 (2, 3) */
 #pragma unroll
             for (int kk = 0; kk < KSTEPS; kk++) {
-                const uint32_t b0 = word_of(kr[j][kk / 2], (kk % 2) * 2);
-                const uint32_t b1 = word_of(kr[j][kk / 2], (kk % 2) * 2 + 1);
-                mma_bf16(sc[j], qhi[kk], b0, b1);
-                mma_bf16(sc[j], qlo[kk], b0, b1);
+                const int w = (kk % 2) * 2;
+                const uint32_t ka[4] = {word_of(kr[0][kk / 2], w), word_of(kr[1][kk / 2], w),
+                                        word_of(kr[0][kk / 2], w + 1),
+                                        word_of(kr[1][kk / 2], w + 1)};
+                mma_bf16(st, ka, qhi[kk][0], qhi[kk][2]);
+                mma_bf16(st, ka, qlo[kk][0], qlo[kk][2]);
             }
-        }
-        if (K_AHEAD && tn < k1) {
-            load_k(next);
-            if constexpr (V_AHEAD)
-                load_v(next, vn);
-        }
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const bool ok = t0 + 8 * j + 2 * t + (e & 1) < k1;
-                sc[j][e] = ok ? sc[j][e] * a.scale : -INFINITY;
-                if (e < 2)
-                    mx0 = fmaxf(mx0, sc[j][e]);
-                else
-                    mx1 = fmaxf(mx1, sc[j][e]);
+            if (K_AHEAD && tn < k1) {
+                load_k(next);
+                if constexpr (V_AHEAD)
+                    load_v(next, vn);
             }
 #pragma unroll
-        for (int x = 1; x <= 2; x <<= 1) {
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
-        }
-        const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-        const float c0 = m0 == -INFINITY ? 0.0f : expf(m0 - n0);
-        const float c1 = m1 == -INFINITY ? 0.0f : expf(m1 - n1);
-        m0 = n0;
-        m1 = n1;
-        float p[2][4];
-        l0 *= c0;
-        l1 *= c1;
+            for (int e = 0; e < 4; e++)
+                st[e] = gq + (e < 2 ? 0 : 8) < rem ? st[e] * a.scale : -INFINITY;
+            float c0, c1;
+            rescale(fmaxf(st[0], st[2]), fmaxf(st[1], st[3]), 4, 16, c0, c1);
+            float p[4];
 #pragma unroll
-        for (int j = 0; j < 2; j++)
+            for (int e = 0; e < 4; e++)
+                p[e] = st[e] == -INFINITY ? 0.0f : expf(st[e] - (e % 2 ? m1 : m0));
+            l0 += p[0] + p[2];
+            l1 += p[1] + p[3];
+            /* P^T's B fragment: the 8 x 8 tiles (keys 0-7 and 8-15) x heads, transposed in
+             * registers, so lane (gq, t) holds head gq's p of keys 2t, 2t + 1 (+ 8) */
+            uint32_t h0, l0w, h1, l1w;
+            split_bf16(p[0], p[1], h0, l0w);
+            split_bf16(p[2], p[3], h1, l1w);
+            const uint32_t bh0 = movmatrix_t(h0), bh1 = movmatrix_t(h1);
+            const uint32_t bl0 = movmatrix_t(l0w), bl1 = movmatrix_t(l1w);
+            /* O^T += V^T P^T: V^T's rows (hd) are the G16 form's B columns of n-tiles 2 mt
+             * (rows gq) and 2 mt + 1 (rows gq + 8) */
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                p[j][e] = sc[j][e] == -INFINITY ? 0.0f : expf(sc[j][e] - (e < 2 ? n0 : n1));
-                if (e < 2)
-                    l0 += p[j][e];
-                else
-                    l1 += p[j][e];
+            for (int mt = 0; mt < OT; mt++) {
+                o[mt][0] *= c0;
+                o[mt][1] *= c1;
+                o[mt][2] *= c0;
+                o[mt][3] *= c1;
+                const uint32_t va[4] = {
+                    pair_elems(vr[0], vr[1], 2 * mt), pair_elems(vr[0], vr[1], 2 * mt + 1),
+                    pair_elems(vr[2], vr[3], 2 * mt), pair_elems(vr[2], vr[3], 2 * mt + 1)};
+                mma_bf16(o[mt], va, bh0, bh1);
+                mma_bf16(o[mt], va, bl0, bl1);
             }
-        uint32_t phi[4], plo[4]; /* A fragments of P: keys 2t (+1) and 2t + 8 (+9) */
-        split_bf16(p[0][0], p[0][1], phi[0], plo[0]);
-        split_bf16(p[0][2], p[0][3], phi[1], plo[1]);
-        split_bf16(p[1][0], p[1][1], phi[2], plo[2]);
-        split_bf16(p[1][2], p[1][3], phi[3], plo[3]);
-#pragma unroll
-        for (int nt = 0; nt < VQ; nt++) {
-            o[nt][0] *= c0;
-            o[nt][1] *= c0;
-            o[nt][2] *= c1;
-            o[nt][3] *= c1;
-            const uint32_t b0 = pair_elems(vr[0], vr[1], nt), b1 = pair_elems(vr[2], vr[3], nt);
-            mma_bf16(o[nt], phi, b0, b1);
-            mma_bf16(o[nt], plo, b0, b1);
         }
         if (tn < k1) {
             if (!K_AHEAD)
@@ -978,28 +1062,46 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? 3 : 2)
             }
         }
     }
-#pragma unroll
-    for (int x = 1; x <= 2; x <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, x);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, x);
-    }
     /* each warp's state to shared memory; accumulator position nt * 8 + n is hd
      * 8 (8 (nt / 8) + n) + nt % 8 */
-    if (t == 0) {
-        sm[warp][gq] = m0;
-        sl[warp][gq] = l0;
-        if (G16) {
+    if constexpr (G16) {
+#pragma unroll
+        for (int x = 1; x <= 2; x <<= 1) {
+            l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+        }
+        if (t == 0) {
+            sm[warp][gq] = m0;
+            sl[warp][gq] = l0;
             sm[warp][gq + HI] = m1;
             sl[warp][gq + HI] = l1;
         }
-    }
 #pragma unroll
-    for (int nt = 0; nt < VQ; nt++) {
-        *reinterpret_cast<float2 *>(&sacc[warp][gq][nt * 8 + 2 * t]) =
-            make_float2(o[nt][0], o[nt][1]);
-        if (G16)
+        for (int nt = 0; nt < VQ; nt++) {
+            *reinterpret_cast<float2 *>(&sacc[warp][gq][nt * 8 + 2 * t]) =
+                make_float2(o[nt][0], o[nt][1]);
             *reinterpret_cast<float2 *>(&sacc[warp][gq + HI][nt * 8 + 2 * t]) =
                 make_float2(o[nt][2], o[nt][3]);
+        }
+    } else {
+#pragma unroll
+        for (int x = 4; x <= 16; x <<= 1) {
+            l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+        }
+        if (gq == 0) {
+            sm[warp][2 * t] = m0;
+            sl[warp][2 * t] = l0;
+            sm[warp][2 * t + 1] = m1;
+            sl[warp][2 * t + 1] = l1;
+        }
+#pragma unroll
+        for (int mt = 0; mt < OT; mt++) {
+            sacc[warp][2 * t][16 * mt + gq] = o[mt][0];
+            sacc[warp][2 * t + 1][16 * mt + gq] = o[mt][1];
+            sacc[warp][2 * t][16 * mt + 8 + gq] = o[mt][2];
+            sacc[warp][2 * t + 1][16 * mt + 8 + gq] = o[mt][3];
+        }
     }
     __syncthreads();
     T *out = (T *)a.out;

@@ -16,9 +16,14 @@ written out here from the manual, not from the kernel:
   C (16 x 8):        c0,c1: (g, 2t..2t+1)  c2,c3: (g+8, 2t..2t+1)
   with g = lane / 4, t = lane % 4.
 
+and movmatrix.m8n8.trans.b16 ("movmatrix"): the lane holding row r, columns 2c and 2c + 1
+of an 8 x 8 matrix gets row r, columns 2c and 2c + 1 of its transpose.
+
 Small integers keep every product and sum exact, so S = Q K^T and O = P V of the simulated
 warp must equal the plain products exactly, for head_dim 64 and 128 and groups of up to 8
-and 16 q heads. Run: python3 tests/unit/test_mma_layout.py
+and 16 q heads: the form with q heads as the mma rows (groups of 9 to 16) and the
+transposed one (S^T = K Q^T, O^T = V^T P^T, groups of up to 8).
+Run: python3 tests/unit/test_mma_layout.py
 """
 import random
 import sys
@@ -55,6 +60,94 @@ def mma(a_regs, b_regs, c_regs):
     return out
 
 
+def movmatrix(regs):
+    """movmatrix.m8n8.trans.b16 over one warp: regs[lane] = the pair (row lane / 4,
+    columns 2 (lane % 4), + 1); returns the same layout of the transpose."""
+    M = [[None] * 8 for _ in range(8)]
+    for lane in range(WARP):
+        r, c = lane // 4, lane % 4
+        M[r][2 * c], M[r][2 * c + 1] = regs[lane]
+    return [(M[2 * (lane % 4)][lane // 4], M[2 * (lane % 4) + 1][lane // 4])
+            for lane in range(WARP)]
+
+
+def key_run(key, first_chunk, stride, n):
+    """load_key_run<STRIDE>: n 16-byte chunks (8 elements) of a key, every STRIDE-th from
+    chunk first_chunk on, as one flat run of 8 n elements."""
+    run = []
+    for u in range(n):
+        c = first_chunk + u * stride
+        run += key[8 * c:8 * c + 8]
+    return run
+
+
+def hd_of(pos):
+    """The epilogue: accumulator position nt * 8 + n is hd 8 (8 (nt / 8) + n) + nt % 8."""
+    return 8 * (8 * (pos // 8 // 8) + pos % 8) + pos // 8 % 8
+
+
+def check_transposed(hd, grp, rnd):
+    """The form of groups of up to 8 q heads: S^T = K Q^T with the keys as the mma rows,
+    P^T through movmatrix, O^T = V^T P^T, accumulators to the positions the kernel writes."""
+    ksteps, kq, vq = hd // 16, hd // 4, hd // 8
+    q = [[rnd.randint(-3, 3) if h < grp else 0 for _ in range(hd)] for h in range(8)]
+    keys = [[rnd.randint(-3, 3) for _ in range(hd)] for _ in range(16)]
+    vals = [[rnd.randint(-3, 3) for _ in range(hd)] for _ in range(16)]
+    acc = [[0] * 4 for _ in range(WARP)]
+    for kk in range(ksteps):
+        a_regs, b_regs = [], []
+        for lane in range(WARP):
+            g, t = lane // 4, lane % 4
+            k0 = key_run(keys[g], t, 4, kq // 8)  # kr[0]: key gq; kr[1]: key gq + 8
+            k8 = key_run(keys[g + 8], t, 4, kq // 8)
+            w = 4 * (kk // 2 * 2 + kk % 2)  # words (kk % 2) * 2, +1 of chunk kk / 2
+            a_regs.append([(k0[w], k0[w + 1]), (k8[w], k8[w + 1]), (k0[w + 2], k0[w + 3]),
+                           (k8[w + 2], k8[w + 3])])
+            e = 8 * (4 * (kk // 2) + t) + 4 * (kk % 2)  # the kernel's q index (qhi[kk][0, 2])
+            b_regs.append([(q[g][e], q[g][e + 1]), (q[g][e + 2], q[g][e + 3])])
+        acc = mma(a_regs, b_regs, acc)
+    for lane in range(WARP):
+        g, t = lane // 4, lane % 4
+        for e in range(4):
+            key, head = g + (8 if e >= 2 else 0), 2 * t + (e & 1)
+            want = sum(q[head][d] * keys[key][d] for d in range(hd))
+            if acc[lane][e] != want:
+                sys.exit(f"transposed hd {hd} grp {grp}: S[{head}][{key}] = {acc[lane][e]}, "
+                         f"want {want}")
+
+    # P in S^T's accumulator layout: lane (g, t) holds heads 2t, 2t + 1 of keys g, g + 8
+    p = [[rnd.randint(-2, 2) for _ in range(16)] for _ in range(8)]
+    x1 = movmatrix([(p[2 * (l % 4)][l // 4], p[2 * (l % 4) + 1][l // 4]) for l in range(WARP)])
+    x2 = movmatrix([(p[2 * (l % 4)][l // 4 + 8], p[2 * (l % 4) + 1][l // 4 + 8])
+                    for l in range(WARP)])
+    o_sim = [[None] * hd for _ in range(8)]
+    for mt in range(vq // 2):
+        a_regs = []
+        for lane in range(WARP):
+            g, t = lane // 4, lane % 4
+            vr = [key_run(vals[k], g, 8, vq // 8) for k in
+                  (2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9)]
+            a_regs.append([(vr[0][2 * mt], vr[1][2 * mt]), (vr[0][2 * mt + 1], vr[1][2 * mt + 1]),
+                           (vr[2][2 * mt], vr[3][2 * mt]),
+                           (vr[2][2 * mt + 1], vr[3][2 * mt + 1])])
+        b_regs = [[x1[lane], x2[lane]] for lane in range(WARP)]
+        acc = mma(a_regs, b_regs, [[0] * 4 for _ in range(WARP)])
+        for lane in range(WARP):  # sacc[warp][head][16 mt + (8) + gq]
+            g, t = lane // 4, lane % 4
+            for e in range(4):
+                head = 2 * t + (e & 1)
+                d = hd_of(16 * mt + (8 if e >= 2 else 0) + g)
+                if o_sim[head][d] is not None:
+                    sys.exit(f"transposed hd {hd}: output column {d} written twice")
+                o_sim[head][d] = acc[lane][e]
+    for h in range(8):
+        for d in range(hd):
+            want = sum(p[h][k] * vals[k][d] for k in range(16))
+            if o_sim[h][d] != want:
+                sys.exit(f"transposed hd {hd} grp {grp}: O[{h}][{d}] = {o_sim[h][d]}, "
+                         f"want {want}")
+
+
 def check(hd, grp, rnd):
     g16 = grp > 8
     rows = 16  # the mma rows; q heads past the group are zero
@@ -62,15 +155,6 @@ def check(hd, grp, rnd):
     q = [[rnd.randint(-3, 3) if h < grp else 0 for _ in range(hd)] for h in range(rows)]
     keys = [[rnd.randint(-3, 3) for _ in range(hd)] for _ in range(16)]
     vals = [[rnd.randint(-3, 3) for _ in range(hd)] for _ in range(16)]
-
-    def key_run(key, first_chunk, stride, n):
-        """load_key_run<STRIDE>: n 16-byte chunks (8 elements) of a key, every STRIDE-th
-        from chunk first_chunk on, as one flat run of 8 n elements."""
-        run = []
-        for u in range(n):
-            c = first_chunk + u * stride
-            run += key[8 * c:8 * c + 8]
-        return run
 
     # S = Q K^T for the step's two 8-key tiles j (keys 8 j + g of the lane's load)
     s_sim = [[0] * 16 for _ in range(rows)]
@@ -121,8 +205,7 @@ def check(hd, grp, rnd):
             g, t = lane // 4, lane % 4
             for e in range(4):
                 row = g + (8 if e >= 2 else 0)
-                jpos = nt * 8 + 2 * t + (e & 1)
-                d = 8 * (8 * (jpos // 8 // 8) + jpos % 8) + jpos // 8 % 8
+                d = hd_of(nt * 8 + 2 * t + (e & 1))
                 if o_sim[row][d] is not None:
                     sys.exit(f"hd {hd}: output column {d} written twice")
                 o_sim[row][d] = acc[lane][e]
@@ -140,6 +223,9 @@ def main():
         for grp in (1, 4, 8, 12, 16):
             check(hd, grp, rnd)
             n += 1
+            if grp <= 8:
+                check_transposed(hd, grp, rnd)
+                n += 1
     print(f"test_mma_layout: {n} cases: S = Q K^T and O = P V exact through the fragments")
 
 
