@@ -220,12 +220,26 @@ template <typename W, typename Y>
 __global__ void rmsnorm_kernel(float *x, const float *a, const int32_t *rows_index,
                                const W *w, int64_t D, float eps, Y *y)
 {
+    /* rows of up to kHeld batches stay in registers between the passes, and their norm
+     * weights (no kernel of the step writes them) load before the wait */
+    constexpr int kHeld = 2;
+    const bool held = D <= kHeld * kLoadBatch * (int64_t)blockDim.x;
+    float xh[kHeld][kLoadBatch], wh[kHeld][kLoadBatch];
+    if (held)
+#pragma unroll
+        for (int b = 0; b < kHeld; b++)
+#pragma unroll
+            for (int u = 0; u < kLoadBatch; u++) {
+                const int64_t d = threadIdx.x + (b * kLoadBatch + u) * (int64_t)blockDim.x;
+                wh[b][u] = d < D ? ld(w, d) : 0.0f;
+            }
     RLB_PDL_ENTRY();
     int64_t r = blockIdx.x, src = rows_index ? rows_index[r] : r;
     float *xr = x + src * D;
     const float *ar = a ? a + src * D : nullptr;
     double ss = 0.0;
-    for (int64_t d0 = threadIdx.x; d0 < D; d0 += kLoadBatch * (int64_t)blockDim.x) {
+    int b = 0;
+    for (int64_t d0 = threadIdx.x; d0 < D; d0 += kLoadBatch * (int64_t)blockDim.x, b++) {
         float xv[kLoadBatch], av[kLoadBatch];
         load_batch(xr, d0, D, xv);
         if (ar)
@@ -241,11 +255,30 @@ __global__ void rmsnorm_kernel(float *x, const float *a, const int32_t *rows_ind
                 xr[d] = v;
             }
             ss += (double)v * (double)v;
+            xv[u] = v;
         }
+        if (held)
+#pragma unroll
+            for (int hb = 0; hb < kHeld; hb++) /* constant indices: xh stays in registers */
+                if (hb == b)
+#pragma unroll
+                    for (int u = 0; u < kLoadBatch; u++)
+                        xh[hb][u] = xv[u];
     }
     ss = block_sum_d(ss);
     float var = (float)(ss / (double)D);
     float inv = 1.0f / sqrtf(var + eps);
+    if (held) {
+#pragma unroll
+        for (int hb = 0; hb < kHeld; hb++)
+#pragma unroll
+            for (int u = 0; u < kLoadBatch; u++) {
+                const int64_t d = threadIdx.x + (hb * kLoadBatch + u) * (int64_t)blockDim.x;
+                if (d < D)
+                    st(y, r * D + d, wh[hb][u] * (xh[hb][u] * inv));
+            }
+        return;
+    }
     for (int64_t d0 = threadIdx.x; d0 < D; d0 += kLoadBatch * (int64_t)blockDim.x) {
         float xv[kLoadBatch], wv[kLoadBatch];
         load_batch(xr, d0, D, xv);
