@@ -1137,22 +1137,34 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? (G16 ? 3 : 4) : 2
         }
     }
     __syncthreads();
+    /* the merge: a head's warp weights e^(m_w - M) (into sm), M and L, once a head */
+    __shared__ float shead[2][R]; /* M, L */
+    if (tid < grp) {
+        float M = -INFINITY, L = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kTcWarps; w++)
+            M = fmaxf(M, sm[w][tid]);
+#pragma unroll
+        for (int w = 0; w < kTcWarps; w++) {
+            const float wt =
+                M == -INFINITY || sm[w][tid] == -INFINITY ? 0.0f : expf(sm[w][tid] - M);
+            L += sl[w][tid] * wt;
+            sm[w][tid] = wt;
+        }
+        shead[0][tid] = M;
+        shead[1][tid] = L;
+    }
+    __syncthreads();
     T *out = (T *)a.out;
     for (int i = tid; i < grp * HD; i += blockDim.x) {
         const int h = i / HD, jpos = i % HD, nt = jpos / 8;
         const int d = 8 * (8 * (nt / 8) + jpos % 8) + nt % 8;
-        float M = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < kTcWarps; w++)
-            M = fmaxf(M, sm[w][h]);
-        float acc = 0.0f, L = 0.0f;
+        const float M = shead[0][h], L = shead[1][h];
+        float acc = 0.0f;
         if (M != -INFINITY)
 #pragma unroll
-            for (int w = 0; w < kTcWarps; w++) {
-                const float wt = sm[w][h] == -INFINITY ? 0.0f : expf(sm[w][h] - M);
-                acc += sacc[w][h][jpos] * wt;
-                L += sl[w][h] * wt;
-            }
+            for (int w = 0; w < kTcWarps; w++)
+                acc += sacc[w][h][jpos] * sm[w][h];
         const int64_t hh = g * grp + h;
         if (a.splits == 1) {
             st(out, row * hq * HD + hh * HD + d, acc * (L > 0.0f ? 1.0f / L : 0.0f));
