@@ -358,6 +358,33 @@ static void run_shape(const rlb_tp_layout *l, rlb_cuda_backend_opts o, const int
     rlb__forward_free(&r.f);
 }
 
+/* The products of a decode step, [m, k] each: qkv, o, gate_up, down, the LM head. */
+static const char *const kMatrix[5] = {"qkv", "o", "gate_up", "down", "head"};
+
+static void step_matrices(int big, int64_t mk[5][2])
+{
+    rlb_model_config c;
+    shape_config(&c, big);
+    const int64_t hd = c.head_dim, q = (c.n_heads + 2 * c.n_kv_heads) * hd;
+    const int64_t v[5][2] = {{q, c.hidden}, {c.hidden, c.n_heads * hd},
+                             {2 * c.intermediate, c.hidden}, {c.hidden, c.intermediate},
+                             {c.vocab, c.hidden}};
+    memcpy(mk, v, sizeof v);
+}
+
+/* *copies bf16 copies of a [m, k] weight, at least 1 GiB in all, so a bench cycling through
+ * them reads each from memory, not from L2 (a step reads each matrix once). */
+static char *cycled_weights(int64_t m, int64_t k, int *copies)
+{
+    const size_t wbytes = (size_t)(m * k) * 2;
+    *copies = (int)ceil(1024.0 * 1024 * 1024 / (double)wbytes);
+    char *w;
+    if (cudaMalloc((void **)&w, wbytes * (size_t)*copies) != cudaSuccess)
+        die("cycled weights", RLB_ENOMEM);
+    cudaMemset(w, 0x3c, wbytes * (size_t)*copies);
+    return w;
+}
+
 /* --gemv: the decode GEMV alone on every matrix of the chosen shapes, plain (x given in
  * bf16) and in the fused form the decode step runs (qkv and the LM head with the rmsnorm of
  * the float32 stream, gate_up with it and writing the swiglu activation, o and down with the
@@ -365,9 +392,7 @@ static void run_shape(const rlb_tp_layout *l, rlb_cuda_backend_opts o, const int
  * 1 GiB in all, so no matrix is served from L2 across launches (a step reads each once). */
 static int bench_gemv(const int *shapes, double gbs, char *json, size_t cap, int jn)
 {
-    static const char *mat[5] = {"qkv", "o", "gate_up", "down", "head"};
     static const int64_t rows_of[4] = {1, 2, 4, 8};
-    const double cycle_bytes = 1024.0 * 1024 * 1024;
     cudaStream_t st;
     cudaEvent_t e0, e1;
     if (cudaStreamCreate(&st) != cudaSuccess || cudaEventCreate(&e0) != cudaSuccess ||
@@ -376,28 +401,22 @@ static int bench_gemv(const int *shapes, double gbs, char *json, size_t cap, int
     for (int big = 0; big < 2; big++) {
         if (!shapes[big])
             continue;
-        rlb_model_config c;
-        shape_config(&c, big);
-        const int64_t hd = c.head_dim, q = (c.n_heads + 2 * c.n_kv_heads) * hd;
-        const int64_t mk[5][2] = {{q, c.hidden}, {c.hidden, c.n_heads * hd},
-                                  {2 * c.intermediate, c.hidden}, {c.hidden, c.intermediate},
-                                  {c.vocab, c.hidden}};
+        int64_t mk[5][2];
+        step_matrices(big, mk);
         for (int i = 0; i < 5; i++) {
             const int64_t m = mk[i][0], k = mk[i][1];
             const size_t wbytes = (size_t)(m * k) * 2;
-            const int copies = (int)ceil(cycle_bytes / (double)wbytes);
-            char *w;
+            int copies;
+            char *w = cycled_weights(m, k, &copies);
             void *x, *nw, *act;
             float *y, *xf, *res;
-            if (cudaMalloc((void **)&w, wbytes * (size_t)copies) != cudaSuccess ||
-                cudaMalloc(&x, (size_t)(8 * k) * 2) != cudaSuccess ||
+            if (cudaMalloc(&x, (size_t)(8 * k) * 2) != cudaSuccess ||
                 cudaMalloc(&nw, (size_t)k * 2) != cudaSuccess ||
                 cudaMalloc((void **)&xf, (size_t)(8 * k) * 4) != cudaSuccess ||
                 cudaMalloc(&act, (size_t)(8 * m / 2) * 2) != cudaSuccess ||
                 cudaMalloc((void **)&res, (size_t)(8 * m) * 4) != cudaSuccess ||
                 cudaMalloc((void **)&y, (size_t)(8 * m) * 4) != cudaSuccess)
                 die("gemv buffers", RLB_ENOMEM);
-            cudaMemset(w, 0x3c, wbytes * (size_t)copies);
             cudaMemset(x, 0x3c, (size_t)(8 * k) * 2);
             cudaMemset(nw, 0x3c, (size_t)k * 2);
             cudaMemset(xf, 0, (size_t)(8 * k) * 4);
@@ -431,11 +450,11 @@ static int bench_gemv(const int *shapes, double gbs, char *json, size_t cap, int
                     const double g = (double)wbytes / sec / 1e9;
                     const char *form = fused ? "fused" : "plain";
                     printf("  gemv %s %-7s %s %6lld x %5lld, %lld rows: %8.1f us %7.0f GB/s  "
-                           "%.3f of copy\n", big ? "8b" : "1b", mat[i], form, (long long)m,
+                           "%.3f of copy\n", big ? "8b" : "1b", kMatrix[i], form, (long long)m,
                            (long long)k, (long long)n, sec * 1e6, g, g / gbs);
                     jn += snprintf(json + jn, cap - (size_t)jn,
                                    ",\"gemv_%s_%s_%s_n%lld_frac\":%.3f", big ? "8b" : "1b",
-                                   mat[i], form, (long long)n, g / gbs);
+                                   kMatrix[i], form, (long long)n, g / gbs);
                 }
             }
             cudaFree(w);
@@ -462,8 +481,6 @@ static int bench_gemv(const int *shapes, double gbs, char *json, size_t cap, int
  * first choice marked: whether choosing by measurement would pay. */
 static int bench_gemm_sweep(const int *shapes, int64_t n, double gbs, double tflops)
 {
-    static const char *mat[5] = {"qkv", "o", "gate_up", "down", "head"};
-    const double cycle_bytes = 1024.0 * 1024 * 1024;
     const size_t ws_bytes = 32u << 20;
     cublasLtHandle_t lt;
     cudaStream_t st;
@@ -476,24 +493,18 @@ static int bench_gemm_sweep(const int *shapes, int64_t n, double gbs, double tfl
     for (int big = 0; big < 2; big++) {
         if (!shapes[big])
             continue;
-        rlb_model_config c;
-        shape_config(&c, big);
-        const int64_t hd = c.head_dim, q = (c.n_heads + 2 * c.n_kv_heads) * hd;
-        const int64_t mk[5][2] = {{q, c.hidden}, {c.hidden, c.n_heads * hd},
-                                  {2 * c.intermediate, c.hidden}, {c.hidden, c.intermediate},
-                                  {c.vocab, c.hidden}};
+        int64_t mk[5][2];
+        step_matrices(big, mk);
         for (int i = 0; i < 5; i++) {
             const int64_t m = mk[i][0], k = mk[i][1];
             const size_t wbytes = (size_t)(m * k) * 2;
-            const int copies = (int)ceil(cycle_bytes / (double)wbytes);
-            char *w;
+            int copies;
+            char *w = cycled_weights(m, k, &copies);
             void *x;
             float *y;
-            if (cudaMalloc((void **)&w, wbytes * (size_t)copies) != cudaSuccess ||
-                cudaMalloc(&x, (size_t)(n * k) * 2) != cudaSuccess ||
+            if (cudaMalloc(&x, (size_t)(n * k) * 2) != cudaSuccess ||
                 cudaMalloc((void **)&y, (size_t)(n * m) * 4) != cudaSuccess)
                 die("gemm sweep buffers", RLB_ENOMEM);
-            cudaMemset(w, 0x3c, wbytes * (size_t)copies);
             cudaMemset(x, 0x3c, (size_t)(n * k) * 2);
             cublasLtMatmulDesc_t op;
             cublasLtMatrixLayout_t la, lb, lc;
@@ -536,7 +547,7 @@ static int bench_gemm_sweep(const int *shapes, int64_t n, double gbs, double tfl
                 }
                 if (bad) {
                     printf("  sweep %s %-7s n %lld algo %2d: refused\n", big ? "8b" : "1b",
-                           mat[i], (long long)n, a);
+                           kMatrix[i], (long long)n, a);
                     continue;
                 }
                 const double sec = best * 1e-3 / reps;
@@ -556,13 +567,14 @@ static int bench_gemm_sweep(const int *shapes, int64_t n, double gbs, double tfl
                                                      CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splitk,
                                                      sizeof splitk, &got);
                 printf("  sweep %s %-7s %6lld x %5lld, n %lld algo %2d%s: %8.1f us  %.3f of "
-                       "roofline  (tile %d, stages %d, split-k %d)\n", big ? "8b" : "1b", mat[i],
-                       (long long)m, (long long)k, (long long)n, a, a == 0 ? " (heuristic)" : "",
-                       sec * 1e6, floor_s / sec, tile, stages, splitk);
+                       "roofline  (tile %d, stages %d, split-k %d)\n", big ? "8b" : "1b",
+                       kMatrix[i], (long long)m, (long long)k, (long long)n, a,
+                       a == 0 ? " (heuristic)" : "", sec * 1e6, floor_s / sec, tile, stages,
+                       splitk);
             }
             if (at >= 0)
                 printf("sweep %s %-7s n %lld: heuristic %.1f us (%.3f of roofline), fastest of "
-                       "%d algo %d %.1f us (%.3f)\n", big ? "8b" : "1b", mat[i], (long long)n,
+                       "%d algo %d %.1f us (%.3f)\n", big ? "8b" : "1b", kMatrix[i], (long long)n,
                        first * 1e6, floor_s / first, found, at, fastest * 1e6,
                        floor_s / fastest);
             cublasLtMatmulPreferenceDestroy(pref);

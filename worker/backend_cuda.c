@@ -27,7 +27,8 @@
  * add(X, PROJ) that follows runs it with the residual add fused (X += y in its epilogue).
  * The gate_up GEMV writes swiglu(GU) into ACT as well (one block has both halves of each
  * output), so swiglu has nothing left to do and down reads ACT in the compute dtype (where
- * gate_up did not run on the GEMV, the swiglu kernel runs). In a decode step (every span one token) whose attention runs one key split (large batches;
+ * gate_up did not run on the GEMV, the swiglu kernel runs). In a decode step (every span
+ * one token) whose attention runs one key split (large batches;
  * opts.fused_rope 1: every decode step, -1: none) rope_store is remembered too, and the
  * attention kernel of its layer rotates q and k and stores the step's keys and values
  * itself, with the same bits as the two kernels (so batch-invariant mode keeps it). Where

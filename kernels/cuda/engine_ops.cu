@@ -172,7 +172,7 @@ unsigned grid_for(int64_t n, int threads)
 
 /* ---- Elementwise ------------------------------------------------------------------------ */
 
-/* A thread's loads in flight at once, in the passes over rows (rmsnorm, sampling) whose
+/* A thread's loads in flight at once, in the passes over rows (rmsnorm, swiglu) whose
  * few elements per thread would otherwise wait on memory one after another. */
 constexpr int kLoadBatch = 8;
 
@@ -184,23 +184,6 @@ __device__ __forceinline__ void load_batch(const float *x, int64_t b, int64_t hi
     for (int u = 0; u < kLoadBatch; u++) {
         const int64_t i = b + u * (int64_t)blockDim.x;
         xv[u] = i < hi ? x[i] : 0.0f;
-    }
-}
-
-/* f(i, x[i]) for the thread's i in [lo, hi) (lo + threadIdx.x, then every blockDim.x), in
- * ascending order, the loads kLoadBatch at a time. */
-template <class F>
-__device__ __forceinline__ void scan_ascending(const float *x, int64_t lo, int64_t hi, F f)
-{
-    for (int64_t b = lo + threadIdx.x; b < hi; b += kLoadBatch * (int64_t)blockDim.x) {
-        float xv[kLoadBatch];
-        load_batch(x, b, hi, xv);
-#pragma unroll
-        for (int u = 0; u < kLoadBatch; u++) {
-            const int64_t i = b + u * (int64_t)blockDim.x;
-            if (i < hi)
-                f(i, xv[u]);
-        }
     }
 }
 
@@ -826,7 +809,7 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? (G16 ? 3 : 4) : 2
     RLB_PDL_ENTRY();
     using T = rlb__bf16_t;
     constexpr int R = G16 ? 16 : 8; /* q heads a block may hold */
-    constexpr int HI = G16 ? 8 : 0; /* a fragment's second row (0: none, never used) */
+    constexpr int HI = 8;           /* a fragment's second row (G16) */
     constexpr int KQ = HD / 4;      /* hd elements of a key one lane holds */
     constexpr int KSTEPS = HD / 16; /* mma k-steps over hd */
     constexpr int VQ = HD / 8;      /* hd elements of a value one lane holds; O's n-tiles */
@@ -922,19 +905,19 @@ __global__ void __launch_bounds__(kTcWarps * kWarp, HD == 64 ? (G16 ? 3 : 4) : 2
         load_v(first, vr);
     }
 
-    uint32_t qhi[KSTEPS][4], qlo[KSTEPS][4]; /* A fragments of Q, hd permuted as above */
+    /* Q's fragments, hd permuted as above: G16, the A operand (all four words); otherwise
+     * words 0 and 2 are the B operand of S^T and 1, 3 are unused */
+    uint32_t qhi[KSTEPS][4], qlo[KSTEPS][4];
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; kk++) {
         const int e = 8 * (4 * (kk / 2) + t) + 4 * (kk % 2);
         const float4 q0 = *reinterpret_cast<const float4 *>(&sq[gq][e]);
         split_bf16(q0.x, q0.y, qhi[kk][0], qlo[kk][0]);
         split_bf16(q0.z, q0.w, qhi[kk][2], qlo[kk][2]);
-        if (G16) {
+        if constexpr (G16) {
             const float4 q1 = *reinterpret_cast<const float4 *>(&sq[gq + HI][e]);
             split_bf16(q1.x, q1.y, qhi[kk][1], qlo[kk][1]);
             split_bf16(q1.z, q1.w, qhi[kk][3], qlo[kk][3]);
-        } else {
-            qhi[kk][1] = qhi[kk][3] = qlo[kk][1] = qlo[kk][3] = 0u;
         }
     }
 
@@ -1418,7 +1401,7 @@ __global__ void __launch_bounds__(kChunkWarps * kWarp)
      * of tokens that cannot win; the first best of any order is the scan's) */
     const bool race = plain_sampling(job, V) && isfinite(zmax);
     const uint64_t prefix = race ? rlb__noise_prefix(job.seed, job.sample, job.pos) : 0;
-    double s[kSumWarps] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0}, best = -1.0;
+    double s[kSumWarps] = {}, best = -1.0;
     int64_t ibest = V;
     warp_scan(x, lo, hi, [&](int64_t i, float xi, int w) {
         const float pr = expf(xi / T - zmax);

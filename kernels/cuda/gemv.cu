@@ -87,7 +87,7 @@ __device__ __forceinline__ void load_f32(const float *p, float *out)
 /* The x values of one chunk as float: x[b] in T, or nw * X[b] (and X[b]^2 into ss). */
 template <typename T, bool VEC, int XM>
 __device__ __forceinline__ void x_chunk(const T *x, const float *nx, const T *nw, int64_t row,
-                                        int64_t k, int64_t off, float *xf, float &ss)
+                                        int64_t off, float *xf, float &ss)
 {
     constexpr int N = chunk<T, VEC>::N;
     if constexpr (XM == X_NORM) {
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kThreads)
                 if (b >= n)
                     break;
                 float xf[N];
-                x_chunk<T, VEC, XM>(x, nx, nw, b * k, k, c * N, xf, ss[b]);
+                x_chunk<T, VEC, XM>(x, nx, nw, b * k, c * N, xf, ss[b]);
 #pragma unroll
                 for (int r = 0; r < RB; r++)
 #pragma unroll

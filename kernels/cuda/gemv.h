@@ -9,8 +9,6 @@
  *             with inv_b = 1 / sqrtf(sum_c X[b, c]^2 / k + eps), the sum of squares taken
  *             by the GEMV's own pass over X (no separate norm kernel, no H buffer);
  *   residual  R[b, j] += y[b, j] as well (the residual add of o_proj / down_proj);
- *   swiglu    x is swiglu(gu) of the float32 gate_up output gu [n, 2k] (down_proj reads
- *             the MLP's activation without a swiglu kernel or an ACT buffer);
  *   swiglu out  W is gate_up's [gate; up] (m even): besides y, write the activation
  *             act[b, j] = T(silu(y[b, j]) * y[b, m / 2 + j]) [n, m / 2], rounded as
  *             rlb__eo_swiglu rounds it, so down_proj's GEMV reads it in T, once per block,
