@@ -27,6 +27,9 @@
  *                         their own instead of inside the attention kernel (the backend
  *                         fuses them only in decode steps of one key split, the large
  *                         batches: elsewhere the two figures measure the same thing)
+ *   decode_bN_gemm_untimed_tok_s  the largest batch N with the cuBLASLt heuristic's first
+ *                         algorithm for every product (opts.gemm_tune -1), not the fastest
+ *                         candidate timed before the bucket's capture
  *   decode_b{1,32}_batch_invariant_tok_s, prefill_batch_invariant_tok_s   the same in
  *                         batch-invariant mode (the first two batches of the list)
  *   prefill_tok_s         32 prompts of PROMPT tokens, 16 per step
@@ -294,7 +297,7 @@ static double gemm_tflops(void)
 typedef struct shape_result {
     double tok_s[MAX_BATCHES], b1_graphs_off, b1_no_gemv, prefill_tok_s, fraction;
     double b1_pdl_off, fp8_tok_s[2], roofline_fraction, rope_unfused_tok_s[MAX_BATCHES];
-    double classic_tok_s[MAX_BATCHES];
+    double classic_tok_s[MAX_BATCHES], untuned_tok_s; /* untuned: the largest batch */
     double invariant_tok_s[2], invariant_prefill_tok_s; /* batch-invariant mode */
     uint64_t weight_bytes, kv_bytes_b1;
 } shape_result;
@@ -706,6 +709,9 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         rlb_cuda_backend_opts unfused = run_opts(1, 1, 0, none);
         unfused.fused_rope = -1;
         run_shape(&l, unfused, batches, nb, new_tokens, sr.rope_unfused_tok_s, NULL);
+        rlb_cuda_backend_opts untuned = run_opts(1, 1, 0, none);
+        untuned.gemm_tune = -1;
+        run_shape(&l, untuned, batches + nb - 1, 1, new_tokens, &sr.untuned_tok_s, NULL);
         const double floor_s = (double)(sr.weight_bytes + sr.kv_bytes_b1) / (gbs * 1e9);
         sr.fraction = floor_s * sr.tok_s[0];
         /* the largest batch against the roofline: each of its B sequences reads its keys
@@ -736,6 +742,8 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         for (int i = 0; i < ni; i++)
             printf("  decode batch %-4lld fp8 %10.1f tok/s\n", (long long)batches[i],
                    sr.fp8_tok_s[i]);
+        printf("  decode batch %-4lld GEMM algorithms untimed %10.1f tok/s\n",
+               (long long)batches[nb - 1], sr.untuned_tok_s);
         printf("  decode batch %lld: %.3f of the roofline (%.0f TFLOP/s GEMM)\n",
                (long long)batches[nb - 1], sr.roofline_fraction, tflops);
         for (int i = 0; i < ni; i++)
@@ -761,6 +769,9 @@ int rlb__bench_engine_cuda(int argc, char **argv)
             jn += snprintf(json + jn, sizeof json - (size_t)jn,
                            ",\"decode_b%lld_rope_unfused_tok_s\":%.1f", (long long)batches[i],
                            sr.rope_unfused_tok_s[i]);
+        jn += snprintf(json + jn, sizeof json - (size_t)jn,
+                       ",\"decode_b%lld_gemm_untimed_tok_s\":%.1f", (long long)batches[nb - 1],
+                       sr.untuned_tok_s);
         for (int i = 0; i < nb; i++)
             jn += snprintf(json + jn, sizeof json - (size_t)jn,
                            ",\"decode_b%lld_attn_classic_tok_s\":%.1f", (long long)batches[i],

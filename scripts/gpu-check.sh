@@ -38,8 +38,9 @@
 #             batch-256 launch of the tensor-core decode attention, 1B and 8B shapes (the
 #             reports land in $OUT/ncu-attn-SHAPE.txt)
 #   ncu-step  every kernel of one batch-256 decode step at context 256 (1B and 8B shapes),
-#             ncu's time and DRAM bytes per kernel, summed by kernel name
-#             (scripts/ncu_step_summary.py; the CSVs land in $OUT/ncu-step-SHAPE.csv)
+#             ncu's time and DRAM bytes per kernel (caches kept and clocks free between
+#             kernels, as in a step), summed by kernel name (scripts/ncu_step_summary.py; the
+#             CSVs land in $OUT/ncu-step.tar)
 #   gemm-sweep  rlb-bench-engine --gemm-sweep: every cuBLASLt algorithm the heuristic offers
 #             for each matrix of both shapes at 256 rows, timed
 #   multi     (two GPUs or more) rlb generate --tp 2 on two GPUs against HF's greedy tokens,
@@ -165,14 +166,17 @@ for step in "$@"; do
         # decode step 128 of batch 256: context 256, the bench's mean over its 256 steps
         for shape in 1b 8b; do
             RLB_BENCH_PROFILE=256:128 timeout 300 /usr/local/cuda/bin/ncu --csv \
-                --profile-from-start off --metrics \
+                --profile-from-start off --cache-control none --clock-control none --metrics \
                 gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
                 build-gpu/bench/rlb-bench-engine --device cuda --shape $shape --main-only \
                 --batches 1,256 --new 160 > "$out/ncu-step-$shape.csv" 2> "$out/ncu-step-$shape.err"
             gbs=$(grep -o 'copy [0-9]* GB/s' "$out/ncu-step-$shape.csv" | head -1 | tr -dc 0-9)
             echo "== $shape (copy ${gbs:-?} GB/s)"
             python3 scripts/ncu_step_summary.py "$out/ncu-step-$shape.csv" ${gbs:-} | head -24
-        done ;;
+        done
+        # one file back instead of four (a call brings back only so many)
+        tar cf "$out/ncu-step.tar" -C "$out" ncu-step-1b.csv ncu-step-1b.err ncu-step-8b.csv \
+            ncu-step-8b.err && rm -f "$out"/ncu-step-*.csv "$out"/ncu-step-*.err ;;
     gemm-sweep)
         build-gpu/bench/rlb-bench-engine --device cuda --gemm-sweep --batches 1,256 \
             > "$out/gemm-sweep.log" 2>&1

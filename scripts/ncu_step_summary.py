@@ -14,8 +14,12 @@ import csv
 import sys
 from collections import defaultdict
 
+# ncu's unit names, older and newer spellings (CUDA 13's ncu writes "ns" and "B"); a metric
+# in any other unit stops the summary rather than be misread
 UNIT = {"nsecond": 1e-9, "usecond": 1e-6, "msecond": 1e-3, "second": 1.0,
-        "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
+        "ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0,
+        "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9,
+        "B": 1.0, "KB": 1e3, "MB": 1e6, "GB": 1e9}
 
 
 def kernel_key(name):
@@ -44,7 +48,11 @@ def main():
             value = float(row["Metric Value"].replace(",", ""))
         except (KeyError, ValueError):
             continue
-        scale = UNIT.get(row.get("Metric Unit", ""), 1.0)
+        unit = row.get("Metric Unit", "")
+        if unit not in UNIT:
+            sys.exit(f"ncu_step_summary: metric {row.get('Metric Name')} in unknown unit "
+                     f"{unit!r}")
+        scale = UNIT[unit]
         launches[row["ID"]]["name"] = kernel_key(row["Kernel Name"])
         launches[row["ID"]][row["Metric Name"]] = value * scale
     if not launches:

@@ -50,6 +50,14 @@
  * accumulation and output (CUBLAS_COMPUTE_32F, no TF32, for fp32 weights); one plan per
  * shape, cached. With post-load copies, rlb__eo_matmul_wq instead.
  *
+ * A decode graph bucket's products (opts.gemm_tune 0) take the fastest of the first
+ * TUNE_ALGOS candidates of the heuristic, each timed once per shape before the bucket's
+ * capture on the step's own buffers, every layer's weight in turn as a step reads them (so
+ * not from L2). The heuristic's first choice was up to 7 % slower at 256 rows
+ * (rlb-bench-engine --gemm-sweep; BENCHMARKS.md). A product made outside a capture of a
+ * bucket (prefill, graphs off) keeps the heuristic's choice: timing every row count of
+ * chunked prefill would cost more than it gains.
+ *
  * Batch-invariant mode (opts.batch_invariant): every product, whatever its row count, runs
  * through cuBLASLt with the algorithm its heuristic picks for (m, max rows, k), found once
  * per (m, k) among those without split-K reduction and with split-K forced to 1, so an
@@ -89,6 +97,9 @@
 #define MAX_BUCKETS 80       /* decode graph buckets */
 #define GEMM_PLANS 256       /* cached cuBLASLt plans */
 #define LT_WORKSPACE (32u << 20)
+#define TUNE_ALGOS 8         /* the heuristic's candidates a decode product times */
+#define TUNE_MARGIN 0.98f    /* another candidate replaces the heuristic's first when it
+                              * takes less than this fraction of its time (not on noise) */
 
 #define LT_CHECK(call, rc, label)                                                        \
     do {                                                                                 \
@@ -122,6 +133,7 @@ typedef struct gemm_plan {
     cublasLtMatmulDesc_t op;
     cublasLtMatrixLayout_t a, b, c;
     cublasLtMatmulAlgo_t algo;
+    int tuned;                     /* 1: algo was chosen by timing (plan_tune) */
 } gemm_plan;
 
 /* The device metadata of one step; the pinned staging has the same layout. */
@@ -682,6 +694,73 @@ err:
     return rc;
 }
 
+/* Times the first TUNE_ALGOS candidates of p's heuristic, y = x . w[i]^T for the nw
+ * weights in turn (one untimed product first: a refused or failing candidate drops out;
+ * then the best of two timed passes), and keeps the fastest in p->algo, the heuristic's
+ * first unless another is faster by more than TUNE_MARGIN. Outside a capture only: it
+ * waits on the stream. */
+static int plan_tune(cuda_backend *c, gemm_plan *p, const void *const *w, int nw,
+                     const void *x, float *y)
+{
+    int rc = 0, found = 0, pick = 0;
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasLtMatmulHeuristicResult_t res[TUNE_ALGOS];
+    cudaEvent_t ev[2] = {NULL, NULL};
+    float t[TUNE_ALGOS];
+    const float one = 1.0f, zero = 0.0f;
+    uint64_t ws = LT_WORKSPACE;
+    LT_CHECK(cublasLtMatmulPreferenceCreate(&pref), rc, out);
+    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                  &ws, sizeof ws),
+             rc, out);
+    LT_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, p->op, p->a, p->b, p->c, p->c, pref,
+                                            TUNE_ALGOS, res, &found),
+             rc, out);
+    RLB_CUDA_CHECK(cudaEventCreate(&ev[0]), rc, out);
+    RLB_CUDA_CHECK(cudaEventCreate(&ev[1]), rc, out);
+    for (int a = 0; a < found; a++) {
+        t[a] = INFINITY;
+        if (cublasLtMatmul(c->lt, p->op, &one, w[0], p->a, x, p->b, &zero, y, p->c, y, p->c,
+                           &res[a].algo, c->lt_ws, LT_WORKSPACE,
+                           c->stream) != CUBLAS_STATUS_SUCCESS)
+            continue;
+        for (int pass = 0; pass < 2; pass++) {
+            float ms = 0.0f;
+            int bad = 0;
+            RLB_CUDA_CHECK(cudaEventRecord(ev[0], c->stream), rc, out);
+            for (int i = 0; i < nw && !bad; i++)
+                bad = cublasLtMatmul(c->lt, p->op, &one, w[i], p->a, x, p->b, &zero, y, p->c, y,
+                                     p->c, &res[a].algo, c->lt_ws, LT_WORKSPACE,
+                                     c->stream) != CUBLAS_STATUS_SUCCESS;
+            RLB_CUDA_CHECK(cudaEventRecord(ev[1], c->stream), rc, out);
+            RLB_CUDA_CHECK(cudaEventSynchronize(ev[1]), rc, out);
+            RLB_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[0], ev[1]), rc, out);
+            if (bad) {
+                t[a] = INFINITY;
+                break;
+            }
+            t[a] = ms < t[a] ? ms : t[a];
+        }
+        if (a > 0 && t[a] < t[pick] && (pick > 0 || t[a] < TUNE_MARGIN * t[0]))
+            pick = a;
+    }
+    if (found > 0 && isfinite(t[pick])) {
+        p->algo = res[pick].algo;
+        RLB_LOG_DEBUG(RLB_SUB_ENGINE,
+                      "GEMM %lld x %lld x %lld: candidate %d of %d, %.1f us (the heuristic's "
+                      "first %.1f us)", (long long)p->m, (long long)p->n, (long long)p->k, pick,
+                      found, 1e3 * t[pick] / nw, 1e3 * t[0] / nw);
+    }
+    p->tuned = 1;
+out:
+    for (int i = 0; i < 2; i++)
+        if (ev[i])
+            cudaEventDestroy(ev[i]);
+    if (pref)
+        cublasLtMatmulPreferenceDestroy(pref);
+    return rc;
+}
+
 /* 1 when a product of n rows runs on the GEMV (kernels/cuda/gemv.h): few rows, weights
  * without a post-load copy (those have their own weight-only kernel). */
 static int gemv_rows(const cuda_backend *c, int64_t n, const wq_copy *q)
@@ -918,6 +997,44 @@ out:
     return rc;
 }
 
+/* Before a bucket's capture: the plans of its cuBLASLt products (those linear_issue and
+ * be_logits issue in a decode step of c->rows rows), each timed once (plan_tune). */
+static int tune_bucket(cuda_backend *c)
+{
+    static const struct {
+        rlb_wkind w;
+        rlb_ebuf src, dst;
+    } lin[4] = {{RLB_W_QKV, RLB_EBUF_H, RLB_EBUF_QKV},
+                {RLB_W_O, RLB_EBUF_ATTN, RLB_EBUF_PROJ},
+                {RLB_W_GATE_UP, RLB_EBUF_H, RLB_EBUF_GU},
+                {RLB_W_DOWN, RLB_EBUF_ACT, RLB_EBUF_PROJ}};
+    if (c->opts.batch_invariant || c->opts.gemm_tune < 0 || gemv_rows(c, c->rows, NULL))
+        return 0;
+    const void **w = malloc((size_t)c->n_layers * sizeof *w);
+    if (!w)
+        return RLB_ENOMEM;
+    int rc = 0;
+    gemm_plan *p;
+    for (int i = 0; i < 4 && !rc; i++) {
+        const rlb_local_tensor *t = rlb__tp_layout_find(c->base.layout, lin[i].w, 0);
+        const wq_copy *q = wq_of(c, lin[i].w, 0);
+        if (!t || (q && q->q) || (rc = plan_get(c, t->rows, c->rows, t->cols, t->rows, &p)) ||
+            p->tuned)
+            continue;
+        for (int l = 0; l < c->n_layers; l++)
+            w[l] = wptr(c, lin[i].w, l);
+        rc = plan_tune(c, p, w, c->n_layers, c->buf[lin[i].src], c->buf[lin[i].dst]);
+    }
+    free(w);
+    const rlb_wkind hk = head_kind(c);
+    const wq_copy *q = wq_of(c, hk, -1);
+    const int64_t m = c->T == 1 ? c->V : c->vl;
+    if (rc || (q && q->q) || (rc = plan_get(c, m, c->out, c->D, m, &p)) || p->tuned)
+        return rc;
+    const void *head = wptr(c, hk, -1);
+    return plan_tune(c, p, &head, 1, c->hsel, c->T == 1 ? c->logits : c->loc);
+}
+
 static int be_graph_begin(rlb_ebackend *b)
 {
     cuda_backend *c = cb(b);
@@ -926,6 +1043,8 @@ static int be_graph_begin(rlb_ebackend *b)
         return 0;
     if (c->graphs[c->bucket])
         return 1;
+    if ((rc = tune_bucket(c)))
+        return rc;
     RLB_CUDA_CHECK(cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal), rc,
                    out);
     c->capturing = 1;

@@ -46,6 +46,10 @@ typedef struct rlb_cuda_backend_opts {
                                  * them; all give the same bits) */
     int32_t classic_attention;  /* 1: decode steps attend with the classic kernel, not the
                                  * tensor-core decode kernel (benchmarks compare them) */
+    int32_t gemm_tune;          /* the cuBLASLt products of a decode graph bucket: 0 the
+                                 * fastest of the heuristic's first candidates, timed once
+                                 * per shape before the bucket's capture; -1 the heuristic's
+                                 * first (batch-invariant mode always) */
 } rlb_cuda_backend_opts;
 
 #define RLB_CUDA_BACKEND_OPTS_INIT {.struct_size = sizeof(rlb_cuda_backend_opts), .graphs = 1}

@@ -1266,13 +1266,15 @@ __device__ uint32_t radix_select(int64_t V, In in, Key key, Weight w, double wan
 /* The passes over a row that need no whole-row result are split into kSampleChunks chunks
  * per job, one warp each, kChunkWarps (job, chunk) items a block (one block per row took
  * ~100 us on a 128K vocabulary, latency-bound; one block per chunk, of 8 KB, left the
- * batch-256 step waiting on 16 waves of short blocks):
- *   sample_max    each chunk's first maximum of z = x / T
- *   sample_chunk  the row's maximum from those, then each chunk's sum of e^(z - zmax) and,
- *                 for a job without top-k / top-p, its race winner (the largest p / e)
- * and sample_kernel combines them in chunk order: the same first maximum and the same race
- * winner as one pass (both are order-free: ties go to the smaller id), and a sum in a fixed
- * order (deterministic, batch-invariant). Top-k / top-p keep their whole-row radix passes.
+ * batch-256 step waiting on 16 waves of short blocks). sample_chunk reads its chunk twice,
+ * the second time from the cache: first the chunk's first maximum zc of z = x / T, then the
+ * sum of e^(z - zc) and, for a job without top-k / top-p, the race winner (the largest p / e
+ * with p = e^(z - zc)). sample_kernel takes the row's maximum zmax from the chunks' and
+ * combines them in chunk order, each scaled by e^(zc - zmax): the same first maximum and the
+ * race's winner up to the rounding of p (both are order-free: ties go to the smaller id),
+ * and a sum in a fixed order (deterministic, batch-invariant). So the logits are read from
+ * memory once (a pass for the maximum alone took 52 us of the 1B batch-256 step under
+ * ncu). Top-k / top-p keep their whole-row radix passes.
  *
  * A chunk's sum is added in the order of a 256-thread scan (kSumWarps warps of it): thread
  * t = 32 w + l sums the tokens lo + t + 256 j in ascending j, each warp's 32 sums meet in a
@@ -1286,11 +1288,11 @@ constexpr int kSumWarps = 8;    /* warps of the scan whose order a chunk's sum k
 constexpr int kChunkLoads = 16; /* a lane's loads in flight (a multiple of kSumWarps) */
 
 struct sample_part {
-    float zmax;
-    int32_t imax;
-    double sum;
-    double best;
-    int64_t ibest;
+    float zmax;    /* the chunk's first maximum of z (-inf: every z is -inf or NaN) */
+    int32_t imax;  /* its token */
+    double sum;    /* the sum of e^(z - zsub), zsub = zmax where finite, else 0 */
+    double best;   /* the race's best p / e, p = e^(z - zmax) (-1: no candidate) */
+    int64_t ibest; /* its token */
 };
 
 __device__ __forceinline__ bool plain_sampling(const rlb_eo_sample_job &job, int64_t V)
@@ -1334,35 +1336,6 @@ __device__ __forceinline__ bool chunk_item(int64_t n, int64_t *item)
     return *item < n * kSampleChunks;
 }
 
-__global__ void __launch_bounds__(kChunkWarps * kWarp)
-    sample_max(const float *logits, int64_t V, const rlb_eo_sample_job *jobs, int64_t n,
-               sample_part *part)
-{
-    RLB_PDL_ENTRY();
-    int64_t item;
-    if (!chunk_item(n, &item))
-        return;
-    const rlb_eo_sample_job job = jobs[item / kSampleChunks];
-    const float *x = logits + job.row * V;
-    const float T = job_t(job);
-    int64_t lo, hi;
-    chunk_range(V, item % kSampleChunks, &lo, &hi);
-    float zmax = -INFINITY;
-    int64_t imax = V;
-    warp_scan(x, lo, hi, [&](int64_t i, float xi, int) {
-        const float z = xi / T;
-        if (z > zmax) { /* a lane scans ascending: it keeps its first maximum */
-            zmax = z;
-            imax = i;
-        }
-    });
-    warp_argmax(zmax, imax);
-    if (threadIdx.x % kWarp == 0) {
-        part[item].zmax = zmax;
-        part[item].imax = (int32_t)imax;
-    }
-}
-
 /* The row's first maximum from the chunks' (every lane gets it). */
 __device__ __forceinline__ void row_max(const sample_part *p, int64_t V, float *zmax,
                                         int64_t *imax)
@@ -1392,19 +1365,29 @@ __global__ void __launch_bounds__(kChunkWarps * kWarp)
     const rlb_eo_sample_job job = jobs[item / kSampleChunks];
     const float *x = logits + job.row * V;
     const float T = job_t(job);
-    float zmax;
-    int64_t imax;
-    row_max(part + item / kSampleChunks * kSampleChunks, V, &zmax, &imax);
     int64_t lo, hi;
     chunk_range(V, item % kSampleChunks, &lo, &hi);
-    /* one pass: the sum, and for plain sampling the race (rlb__race_score skips the logs
-     * of tokens that cannot win; the first best of any order is the scan's) */
-    const bool race = plain_sampling(job, V) && isfinite(zmax);
+    float zc = -INFINITY;
+    int64_t ic = V;
+    warp_scan(x, lo, hi, [&](int64_t i, float xi, int) {
+        const float z = xi / T;
+        if (z > zc) { /* a lane scans ascending: it keeps its first maximum */
+            zc = z;
+            ic = i;
+        }
+    });
+    warp_argmax(zc, ic);
+    /* the second pass: the sum, and for plain sampling the race (rlb__race_score skips the
+     * logs of tokens that cannot win; the first best of any order is the scan's). A chunk
+     * without a finite maximum subtracts 0: its sum is then 0, infinite or NaN, as the
+     * row's must come out (sample_kernel refuses the latter two). */
+    const float zsub = isfinite(zc) ? zc : 0.0f;
+    const bool race = plain_sampling(job, V) && isfinite(zc);
     const uint64_t prefix = race ? rlb__noise_prefix(job.seed, job.sample, job.pos) : 0;
     double s[kSumWarps] = {}, best = -1.0;
     int64_t ibest = V;
     warp_scan(x, lo, hi, [&](int64_t i, float xi, int w) {
-        const float pr = expf(xi / T - zmax);
+        const float pr = expf(xi / T - zsub);
         s[w] += pr;
         if (!race)
             return;
@@ -1426,13 +1409,15 @@ __global__ void __launch_bounds__(kChunkWarps * kWarp)
     if (race)
         warp_argmax(best, ibest);
     if (threadIdx.x % kWarp == 0) {
+        part[item].zmax = zc;
+        part[item].imax = (int32_t)ic;
         part[item].sum = sum;
         part[item].best = best;
         part[item].ibest = ibest;
     }
 }
 
-/* One block per job, after sample_max and sample_chunk. Greedy: the first maximum; plain
+/* One block per job, after sample_chunk. Greedy: the first maximum; plain
  * sampling: the race winner of the chunks. Otherwise the top-k threshold (the k-th
  * largest z, ties kept) and the top-p cut (the first token, z descending then id
  * ascending, at which the kept mass above it reaches top_p of the kept mass) by radix
@@ -1452,10 +1437,13 @@ __global__ void __launch_bounds__(kSampleThreads)
     float zmax;
     int64_t imax;
     row_max(pp, V, &zmax, &imax);
+    /* in chunk order, each chunk's sum scaled from its maximum to the row's (a chunk of no
+     * finite maximum has a sum of 0 or NaN, which stays so) */
     double sum = 0.0;
 #pragma unroll 16
-    for (int c = 0; c < kSampleChunks; c++) /* in chunk order */
-        sum += pp[c].sum;
+    for (int c = 0; c < kSampleChunks; c++)
+        sum += pp[c].zmax == -INFINITY ? pp[c].sum
+                                       : pp[c].sum * exp((double)pp[c].zmax - (double)zmax);
     const double lse = (double)zmax + log(sum);
     if (!isfinite(zmax) || !isfinite(lse)) { /* the host sampler's non-finite rules apply */
         if (threadIdx.x == 0) {
@@ -1501,11 +1489,15 @@ __global__ void __launch_bounds__(kSampleThreads)
     double best = -1.0;
     int64_t ibest = V;
     if (!greedy && !top_k && !top_p) { /* plain sampling: the chunks ran the race */
-        for (int c = 0; c < kSampleChunks; c++)
-            if (pp[c].best > best || (pp[c].best == best && pp[c].ibest < ibest)) {
-                best = pp[c].best;
+        for (int c = 0; c < kSampleChunks; c++) {
+            if (pp[c].best < 0.0)
+                continue;
+            const double b = pp[c].best * exp((double)pp[c].zmax - (double)zmax);
+            if (b > best || (b == best && pp[c].ibest < ibest)) {
+                best = b;
                 ibest = pp[c].ibest;
             }
+        }
     }
     for (int64_t i = threadIdx.x; (top_k || top_p) && i < V; i += blockDim.x) {
         if (top_k || top_p) {
@@ -1833,7 +1825,6 @@ int rlb__eo_sample(cudaStream_t stream, const float *logits, int64_t V,
         return RLB_EINVAL;
     sample_part *part = (sample_part *)work;
     const unsigned blocks = (unsigned)((n * kSampleChunks + kChunkWarps - 1) / kChunkWarps);
-    rlb__pdl_launch(sample_max, blocks, kChunkWarps * kWarp, stream, logits, V, jobs, n, part);
     rlb__pdl_launch(sample_chunk, blocks, kChunkWarps * kWarp, stream, logits, V, jobs, n,
                     part);
     rlb__pdl_launch(sample_kernel, (unsigned)n, kSampleThreads, stream, logits, V, jobs,
