@@ -33,6 +33,9 @@
  *   decode_b{1,32}_batch_invariant_tok_s, prefill_batch_invariant_tok_s   the same in
  *                         batch-invariant mode (the first two batches of the list)
  *   prefill_tok_s         32 prompts of PROMPT tokens, 16 per step
+ *   speedup_vs_hf_b1, speedup_vs_hf_b32   against HF `generate` on the same shape, from
+ *                         --hf-log FILE: the output of ../shared/device/hf_generate_baseline.py
+ *                         run just before in the same call (scripts/gpu-check.sh engine)
  * Options: --shape 1b|8b|both (both), --new N (256), --batches list (1,32,256), --main-only
  * (only the default configuration's decode: for a profiler's trace). RLB_BENCH_PROFILE=B:D
  * brackets decode step D of the first run at batch B with cudaProfilerStart/Stop (for
@@ -598,14 +601,47 @@ static int bench_gemm_sweep(const int *shapes, int64_t n, double gbs, double tfl
     return 0;
 }
 
+/* The peer's result (../shared/device/hf_generate_baseline.py, run just before in the same
+ * call, its output passed with --hf-log): the last line's shape and tokens/s at batches 1
+ * and 32. Returns 0 when all three are found. */
+typedef struct hf_peer {
+    char shape[8];
+    double b1, b32;
+} hf_peer;
+
+static int read_hf_log(const char *path, hf_peer *hf)
+{
+    FILE *f = fopen(path, "r");
+    char line[2048];
+    memset(hf, 0, sizeof *hf);
+    if (!f)
+        return -1;
+    while (fgets(line, sizeof line, f)) {
+        const char *p;
+        if (!strstr(line, "\"bench\": \"hf_generate\""))
+            continue;
+        if ((p = strstr(line, "\"shape\": \"")))
+            sscanf(p + strlen("\"shape\": \""), "%7[^\"]", hf->shape);
+        if ((p = strstr(line, "\"hf_tok_s_b1\": ")))
+            hf->b1 = strtod(p + strlen("\"hf_tok_s_b1\": "), NULL);
+        if ((p = strstr(line, "\"hf_tok_s_b32\": ")))
+            hf->b32 = strtod(p + strlen("\"hf_tok_s_b32\": "), NULL);
+    }
+    fclose(f);
+    return hf->shape[0] && hf->b1 > 0 && hf->b32 > 0 ? 0 : -1;
+}
+
 int rlb__bench_engine_cuda(int argc, char **argv)
 {
     int shapes[2] = {1, 1};
     int64_t new_tokens = 256, batches[MAX_BATCHES] = {1, 32, 256};
     int nb = 3, gemv_only = 0, main_only = 0, gemm_sweep = 0;
+    const char *hf_log = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--device") && i + 1 < argc) {
             i++;
+        } else if (!strcmp(argv[i], "--hf-log") && i + 1 < argc) {
+            hf_log = argv[++i];
         } else if (!strcmp(argv[i], "--gemv")) {
             gemv_only = 1;
         } else if (!strcmp(argv[i], "--gemm-sweep")) {
@@ -640,7 +676,7 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         } else {
             fprintf(stderr, "usage: rlb-bench-engine --device cuda [--shape 1b|8b|both] "
                             "[--new N] [--batches 1,32,256] [--gemv] [--gemm-sweep] "
-                            "[--main-only]\n");
+                            "[--main-only] [--hf-log FILE]\n");
             return 2;
         }
     }
@@ -668,6 +704,13 @@ int rlb__bench_engine_cuda(int argc, char **argv)
     if (gemm_sweep)
         return bench_gemm_sweep(shapes, batches[nb - 1], gbs, tflops);
     static const char *names[2] = {"1b", "8b"};
+    hf_peer hf;
+    const int have_hf = hf_log && read_hf_log(hf_log, &hf) == 0;
+    if (hf_log && !have_hf)
+        printf("HF peer: %s could not be read (no speedup printed)\n", hf_log);
+    int64_t at32 = -1; /* batch 32's place in the list */
+    for (int i = 0; i < nb; i++)
+        at32 = batches[i] == 32 ? i : at32;
     for (int big = 0; big < 2; big++) {
         if (!shapes[big])
             continue;
@@ -781,6 +824,15 @@ int rlb__bench_engine_cuda(int argc, char **argv)
                        "%.3f", sr.b1_pdl_off, (long long)batches[nb - 1], sr.roofline_fraction);
         jn += snprintf(json + jn, sizeof json - (size_t)jn,
                        ",\"prefill_batch_invariant_tok_s\":%.1f", sr.invariant_prefill_tok_s);
+        if (have_hf && !strcmp(hf.shape, names[big]) && at32 >= 0) {
+            printf("  HF generate (same call): batch 1 %.1f, batch 32 %.1f tok/s; "
+                   "speedup_vs_hf_b1 %.1f, speedup_vs_hf_b32 %.1f\n", hf.b1, hf.b32,
+                   sr.tok_s[0] / hf.b1, sr.tok_s[at32] / hf.b32);
+            jn += snprintf(json + jn, sizeof json - (size_t)jn,
+                           ",\"hf_tok_s_b1\":%.1f,\"hf_tok_s_b32\":%.1f,\"speedup_vs_hf_b1\":%.1f,"
+                           "\"speedup_vs_hf_b32\":%.1f", hf.b1, hf.b32, sr.tok_s[0] / hf.b1,
+                           sr.tok_s[at32] / hf.b32);
+        }
         jn += snprintf(json + jn, sizeof json - (size_t)jn,
                        ",\"decode_b1_graphs_off_tok_s\":%.1f,\"decode_b1_no_gemv_tok_s\":%.1f,"
                        "\"prefill_tok_s\":%.1f,\"decode_b1_fraction_of_floor\":%.3f}",

@@ -37,10 +37,10 @@
 #   ncu-attn  ncu's occupancy, warp state, scheduler and instruction sections on one
 #             batch-256 launch of the tensor-core decode attention, 1B and 8B shapes (the
 #             reports land in $OUT/ncu-attn-SHAPE.txt)
-#   ncu-step  every kernel of one batch-256 decode step at context 256 (1B and 8B shapes),
-#             ncu's time and DRAM bytes per kernel (caches kept and clocks free between
-#             kernels, as in a step), summed by kernel name (scripts/ncu_step_summary.py; the
-#             CSVs land in $OUT/ncu-step.tar)
+#   ncu-step  every kernel of one batch-256 decode step at context 256 (1B and 8B shapes;
+#             RLB_NCU_BATCH, RLB_NCU_SHAPES), ncu's time and DRAM bytes per kernel (caches
+#             kept and clocks free between kernels, as in a step), summed by kernel name
+#             (scripts/ncu_step_summary.py; the CSVs land in $OUT/ncu-step-bBATCH.tar)
 #   gemm-sweep  rlb-bench-engine --gemm-sweep: every cuBLASLt algorithm the heuristic offers
 #             for each matrix of both shapes at 256 rows, timed
 #   multi     (two GPUs or more) rlb generate --tp 2 on two GPUs against HF's greedy tokens,
@@ -89,12 +89,13 @@ for step in "$@"; do
         grep -E "tests passed|\*\*\*Failed|Timeout" "$out/suite.log" | tail -12 ;;
     engine|engine8b)
         shape=1b; [ "$step" = engine8b ] && shape=8b
-        build-gpu/bench/rlb-bench-engine --device cuda --shape $shape \
-            > "$out/bench-engine-$shape.log" 2>&1
-        tail -25 "$out/bench-engine-$shape.log"
+        # the peer first: the bench reads its result and prints the speedups
         python3 .devtools/hf_generate_baseline.py --shape $shape --batch 1 32 \
             > "$out/hf-$shape.log" 2>&1
-        tail -4 "$out/hf-$shape.log" ;;
+        tail -1 "$out/hf-$shape.log"
+        build-gpu/bench/rlb-bench-engine --device cuda --shape $shape \
+            --hf-log "$out/hf-$shape.log" > "$out/bench-engine-$shape.log" 2>&1
+        tail -25 "$out/bench-engine-$shape.log" ;;
     gemv)
         # the decode GEMV alone, plain and fused, every matrix of both shapes
         build-gpu/bench/rlb-bench-engine --device cuda --gemv > "$out/bench-gemv.log" 2>&1
@@ -163,20 +164,22 @@ for step in "$@"; do
                 "$out/ncu-attn-$1.txt" | head -12
         done ;;
     ncu-step)
-        # decode step 128 of batch 256: context 256, the bench's mean over its 256 steps
-        for shape in 1b 8b; do
-            RLB_BENCH_PROFILE=256:128 timeout 300 /usr/local/cuda/bin/ncu --csv \
+        # decode step 128 of batch RLB_NCU_BATCH (256): context 256, the bench's mean over
+        # its 256 steps; RLB_NCU_SHAPES: the shapes (1b 8b)
+        nb=${RLB_NCU_BATCH:-256}
+        for shape in ${RLB_NCU_SHAPES:-1b 8b}; do
+            RLB_BENCH_PROFILE=$nb:128 timeout 300 /usr/local/cuda/bin/ncu --csv \
                 --profile-from-start off --cache-control none --clock-control none --metrics \
                 gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
                 build-gpu/bench/rlb-bench-engine --device cuda --shape $shape --main-only \
-                --batches 1,256 --new 160 > "$out/ncu-step-$shape.csv" 2> "$out/ncu-step-$shape.err"
+                --batches 1,$nb --new 160 > "$out/ncu-step-$shape.csv" 2> "$out/ncu-step-$shape.err"
             gbs=$(grep -o 'copy [0-9]* GB/s' "$out/ncu-step-$shape.csv" | head -1 | tr -dc 0-9)
-            echo "== $shape (copy ${gbs:-?} GB/s)"
+            echo "== $shape batch $nb (copy ${gbs:-?} GB/s)"
             python3 scripts/ncu_step_summary.py "$out/ncu-step-$shape.csv" ${gbs:-} | head -24
         done
         # one file back instead of four (a call brings back only so many)
-        tar cf "$out/ncu-step.tar" -C "$out" ncu-step-1b.csv ncu-step-1b.err ncu-step-8b.csv \
-            ncu-step-8b.err && rm -f "$out"/ncu-step-*.csv "$out"/ncu-step-*.err ;;
+        (cd "$out" && tar cf "ncu-step-b$nb.tar" ncu-step-*.csv ncu-step-*.err &&
+            rm -f ncu-step-*.csv ncu-step-*.err) ;;
     gemm-sweep)
         build-gpu/bench/rlb-bench-engine --device cuda --gemm-sweep --batches 1,256 \
             > "$out/gemm-sweep.log" 2>&1
