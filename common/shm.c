@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -182,6 +183,12 @@ int rlb__shm_fallback_pid(const char *name)
         end - at != 16 || pid <= 0)
         return -1;
     return pid;
+}
+
+int rlb__shm_entry_ours(const char *name)
+{
+    int pid = rlb__shm_fallback_pid(name);
+    return pid > 0 && (pid == (int)getpid() || (kill(pid, 0) < 0 && errno == ESRCH));
 }
 
 int rlb__shm_create(size_t size, const char *name, int *fd)

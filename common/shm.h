@@ -36,6 +36,11 @@ int rlb__shm_create_posix(size_t size, int *fd);
  * ("rlb-<pid>-<16 hex digits>", unlinked right after its creation: one still there is in
  * flight in a live process, or left by one that died in between), else -1. */
 int rlb__shm_fallback_pid(const char *name);
+/* 1 when /dev/shm entry `name` may be left by this process or by processes it started that
+ * are gone: a fallback segment whose creator is this process or no longer lives. Any other
+ * entry belongs to another program (or a live process), which a machine shared with other
+ * runs may well have; a check for leftovers counts only these. */
+int rlb__shm_entry_ours(const char *name);
 
 /* Size of the segment behind fd. Returns 0 with *size set, or RLB_EIO. */
 int rlb__shm_size(int fd, size_t *size);

@@ -8,7 +8,8 @@
  * Everything lives in a private temporary directory (socket and daemon logs). Children run
  * in their own process group and die with us (PR_SET_PDEATHSIG), so Ctrl-C reaches only
  * this process, which then stops them in order (trainer, workers, bridge: SIGTERM, SIGKILL
- * after a grace period), removes the directory and checks that /dev/shm holds nothing new.
+ * after a grace period), removes the directory and checks that /dev/shm holds nothing new
+ * of rlbridge's (common/shm.h: rlb__shm_entry_ours).
  * A daemon's log is shown when it fails. Exit status: the trainer's (0 when it ran to the
  * end), 1 when the demo could not run, 2 on bad usage, 130 after Ctrl-C.
  */
@@ -30,6 +31,7 @@
 #include "bridge/bridge.h"
 #include "common/cli_args.h"
 #include "common/clock.h"
+#include "common/shm.h"
 #include "launch/cmds.h"
 #include "rlb/rlb.h"
 #include "worker/backends.h"
@@ -229,7 +231,9 @@ static int shm_new_entries(demo *d)
     struct dirent *e;
     int n = 0;
     while (dir && (e = readdir(dir))) {
-        int seen = e->d_name[0] == '.';
+        /* only rlbridge's own segments: another program's (another run's UCX, say) may
+         * come and go meanwhile on a shared machine */
+        int seen = e->d_name[0] == '.' || !rlb__shm_entry_ours(e->d_name);
         for (int i = 0; !seen && i < d->n_shm_before; i++)
             seen = d->shm_before[i] && !strcmp(d->shm_before[i], e->d_name);
         if (!seen) {

@@ -1446,17 +1446,6 @@ static int first_start(stress *s)
     return -1;
 }
 
-/* 1 when /dev/shm entry `name` may be this run's: rlbridge's shm_open segments
- * (common/shm.c) are named "rlb-<creator's pid>-<16 hex digits>" (memfd segments never
- * appear there), and every process this run started is gone when this is asked, so an
- * entry of a live process other than this one belongs to another program, which a machine
- * shared with other runs may well have. */
-static int own_shm_entry(const char *name)
-{
-    int pid = rlb__shm_fallback_pid(name);
-    return pid > 0 && (pid == (int)getpid() || (kill(pid, 0) < 0 && errno == ESRCH));
-}
-
 /* Waits up to ms for p to exit, turning the loop in `mode` meanwhile; kills it after. */
 static void wait_gone(stress *s, proc *p, int ms, int mode)
 {
@@ -1551,7 +1540,8 @@ static void finish(stress *s)
         closedir(d);
     d = opendir("/dev/shm");
     for (struct dirent *e; d && (e = readdir(d));) {
-        int seen = !own_shm_entry(e->d_name);
+        /* every process this run started is gone when this is asked */
+        int seen = !rlb__shm_entry_ours(e->d_name);
         for (int i = 0; !seen && i < s->n_shm_before; i++)
             seen = !strcmp(s->shm_before[i], e->d_name);
         if (!seen)
