@@ -300,7 +300,8 @@ static double gemm_tflops(void)
 typedef struct shape_result {
     double tok_s[MAX_BATCHES], b1_graphs_off, b1_no_gemv, prefill_tok_s, fraction;
     double b1_pdl_off, fp8_tok_s[2], roofline_fraction, rope_unfused_tok_s[MAX_BATCHES];
-    double classic_tok_s[MAX_BATCHES], untuned_tok_s; /* untuned: the largest batch */
+    double classic_tok_s[MAX_BATCHES];
+    double untimed_tok_s; /* the largest batch, GEMM algorithms not timed */
     double invariant_tok_s[2], invariant_prefill_tok_s; /* batch-invariant mode */
     uint64_t weight_bytes, kv_bytes_b1;
 } shape_result;
@@ -752,9 +753,9 @@ int rlb__bench_engine_cuda(int argc, char **argv)
         rlb_cuda_backend_opts unfused = run_opts(1, 1, 0, none);
         unfused.fused_rope = -1;
         run_shape(&l, unfused, batches, nb, new_tokens, sr.rope_unfused_tok_s, NULL);
-        rlb_cuda_backend_opts untuned = run_opts(1, 1, 0, none);
-        untuned.gemm_tune = -1;
-        run_shape(&l, untuned, batches + nb - 1, 1, new_tokens, &sr.untuned_tok_s, NULL);
+        rlb_cuda_backend_opts untimed = run_opts(1, 1, 0, none);
+        untimed.gemm_tune = -1;
+        run_shape(&l, untimed, batches + nb - 1, 1, new_tokens, &sr.untimed_tok_s, NULL);
         const double floor_s = (double)(sr.weight_bytes + sr.kv_bytes_b1) / (gbs * 1e9);
         sr.fraction = floor_s * sr.tok_s[0];
         /* the largest batch against the roofline: each of its B sequences reads its keys
@@ -786,7 +787,7 @@ int rlb__bench_engine_cuda(int argc, char **argv)
             printf("  decode batch %-4lld fp8 %10.1f tok/s\n", (long long)batches[i],
                    sr.fp8_tok_s[i]);
         printf("  decode batch %-4lld GEMM algorithms untimed %10.1f tok/s\n",
-               (long long)batches[nb - 1], sr.untuned_tok_s);
+               (long long)batches[nb - 1], sr.untimed_tok_s);
         printf("  decode batch %lld: %.3f of the roofline (%.0f TFLOP/s GEMM)\n",
                (long long)batches[nb - 1], sr.roofline_fraction, tflops);
         for (int i = 0; i < ni; i++)
@@ -814,7 +815,7 @@ int rlb__bench_engine_cuda(int argc, char **argv)
                            sr.rope_unfused_tok_s[i]);
         jn += snprintf(json + jn, sizeof json - (size_t)jn,
                        ",\"decode_b%lld_gemm_untimed_tok_s\":%.1f", (long long)batches[nb - 1],
-                       sr.untuned_tok_s);
+                       sr.untimed_tok_s);
         for (int i = 0; i < nb; i++)
             jn += snprintf(json + jn, sizeof json - (size_t)jn,
                            ",\"decode_b%lld_attn_classic_tok_s\":%.1f", (long long)batches[i],
