@@ -62,6 +62,8 @@
                                       buffer's */
 #define XN_TAG_MANIFEST ((uint64_t)XN_TAG_RESERVED << 16 | 0xffffu) /* a manifest's tag */
 
+_Static_assert(RLB_PROTO_HANDLE_BYTES == 64, "a publish event handle is 64 bytes");
+
 /* A byte range of one global source buffer that goes from its owner to node `peer`. */
 typedef struct xn_chunk {
     uint32_t buf;  /* global buffer index */
@@ -92,6 +94,8 @@ struct br_xnode {
     uint8_t *job_meta;         /* its registrations (owned) */
     size_t job_meta_len;
     void **job_ptr;            /* local buffer addresses, in the meta's order */
+    uint8_t (*job_events)[64]; /* the local trainers' publish events (GPU memory) */
+    uint32_t job_n_events;
     int job_rebuild;           /* the loop has no plan: build one */
     int job_prepared;          /* the local sync is loaded */
     int job_abort;             /* the local sync aborted */
@@ -114,8 +118,18 @@ struct br_xnode {
     /* the thread's own */
     rlb_store *store;
 #ifdef RLB_HAVE_UCX
-    rlb_xport *xp;
+    rlb_xport *xp;             /* UCX: host memory */
+    rlb_xport *xg;             /* NCCL: GPU memory; made by the first plan over GPU memory,
+                                  connected by its first exchange (NULL: none) */
+    rlb_xport *xt;             /* the transport of the plan built: xp, or xg (gpu) */
 #endif
+    int xg_ready;              /* xg is connected */
+    int xg_stale;              /* an exchange over xg failed: the next build replaces it and
+                                  its staging (the loop may still read them until then) */
+    uint8_t (*events)[64];     /* the version's local publish events (from job_events) */
+    uint32_t n_events;
+    int gpu;                   /* the plan's sources are GPU memory: whole staging on the GPU
+                                  through xg, every chunk sent in every version */
     xn_meta *metas;            /* [nnodes] last decoded meta of each node */
     uint64_t *epochs;          /* [nnodes] its epoch (0: none yet) */
     uint8_t *my_meta;          /* the last meta this node wrote */
@@ -179,19 +193,23 @@ static void timed_wait(br_xnode *x, long ms)
 
 /* ---- Meta: encoding ------------------------------------------------------------------ */
 
-/* A local source buffer: a segment of a local trainer rank. */
+/* A local source buffer: a segment of a local trainer rank (host or VMM memory), or one
+ * CUDA IPC tensor's mapping (such a tensor has no segment: it is a buffer of its own, at
+ * offset 0, as on one node). */
 typedef struct xn_local {
-    const br_peer *peer;
-    uint32_t seg;
+    void *addr;     /* where the bridge mapped it */
+    uint64_t bytes;
 } xn_local;
 
 /* Serializes the local ranks' tensors and the workers' target into *w and lists the local
- * buffers. Returns 0, or a negative code with why saying what cannot cross nodes. */
+ * buffers. The node's tensors are all in host memory or all in GPU memory (the transport
+ * follows). Returns 0, or a negative code with why saying what cannot cross nodes. */
 static int meta_encode(const bridge *b, xbuf *w, xn_local **locals, uint32_t *n_locals,
                        char *why, size_t len)
 {
     br_xnode *x = b->xnode;
-    uint32_t n_tensors = 0, n = 0, cap = 0;
+    uint32_t n_tensors = 0, n = 0, cap = 0, n_gpu = 0;
+    const char *host_name = NULL, *gpu_name = NULL;
     xn_local *loc = NULL;
     xbuf tw = {0}; /* the tensors, after the buffers in the blob */
     for (uint32_t r = x->first_rank; r < x->first_rank + x->n_ranks; r++) {
@@ -200,16 +218,21 @@ static int meta_encode(const bridge *b, xbuf *w, xn_local **locals, uint32_t *n_
             const br_tensor *t = &p->tensors[i];
             if (t->dropped)
                 continue;
-            if (t->mem != RLB_MEM_HOST_SHM) {
-                free(loc);
-                free(tw.p);
-                return snprintf(why, len, "tensor '%s' of trainer rank %u is in GPU memory: "
-                                "this build moves host memory between nodes only", t->name, r),
-                       RLB_EUNSUPPORTED;
+            if (t->mem == RLB_MEM_HOST_SHM) {
+                host_name = host_name ? host_name : t->name;
+            } else {
+                gpu_name = gpu_name ? gpu_name : t->name;
+                n_gpu++;
             }
             n_tensors++;
+            const br_seg *sg = t->mem == RLB_MEM_CUDA_IPC ? NULL : br_seg_find((br_peer *)p,
+                                                                                 t->seg);
+            xn_local here = sg ? (xn_local){.addr = sg->addr, .bytes = sg->bytes}
+                               : (xn_local){.addr = t->ipc_addr, .bytes = t->length};
+            br_tensor at = *t; /* its place in that buffer */
+            at.offset = sg ? t->offset : 0;
             uint32_t k = 0;
-            while (k < n && !(loc[k].peer == p && loc[k].seg == t->seg))
+            while (k < n && loc[k].addr != here.addr)
                 k++;
             if (k == n && n == cap) {
                 cap = cap ? 2 * cap : 8;
@@ -222,13 +245,21 @@ static int meta_encode(const bridge *b, xbuf *w, xn_local **locals, uint32_t *n_
                 loc = g;
             }
             if (k == n)
-                loc[n++] = (xn_local){.peer = p, .seg = t->seg};
-            xn_meta_put_tensor(&tw, t, k);
+                loc[n++] = here;
+            xn_meta_put_tensor(&tw, &at, k);
         }
     }
-    xn_meta_put_header(w, b->tp_size, b->n_replicas, b->wdt, n, n_tensors);
+    if (host_name && gpu_name) {
+        free(loc);
+        free(tw.p);
+        return snprintf(why, len, "node %d's trainers registered tensor '%s' in host memory "
+                        "and '%s' in GPU memory: one node's tensors cross nodes from one kind "
+                        "of memory", x->node, host_name, gpu_name), RLB_EUNSUPPORTED;
+    }
+    xn_meta_put_header(w, b->tp_size, b->n_replicas, b->wdt, n_gpu ? XN_MEM_GPU : XN_MEM_HOST,
+                       n, n_tensors);
     for (uint32_t k = 0; k < n; k++)
-        xn_meta_put_u64(w, br_seg_find((br_peer *)loc[k].peer, loc[k].seg)->bytes);
+        xn_meta_put_u64(w, loc[k].bytes);
     xn_meta_put(w, tw.p, tw.len);
     w->oom |= tw.oom;
     free(tw.p);
@@ -245,10 +276,30 @@ static int meta_encode(const bridge *b, xbuf *w, xn_local **locals, uint32_t *n_
 
 /* ---- The global plan ------------------------------------------------------------------ */
 
+/* Whole staging's memory, from the plan's transport: host memory, or its GPU's (gpu). */
+static int stage_alloc(br_xnode *x, uint64_t bytes, void **out)
+{
+#ifdef RLB_HAVE_UCX
+    return x->xt->iface->mem_alloc(x->xt->ctx, (size_t)bytes, out);
+#else
+    return (*out = calloc(1, bytes + 1)) ? 0 : RLB_ENOMEM;
+#endif
+}
+
+static void stage_free(br_xnode *x, void *p)
+{
+#ifdef RLB_HAVE_UCX
+    if (p)
+        x->xt->iface->mem_free(x->xt->ctx, p);
+#else
+    free(p);
+#endif
+}
+
 static void free_built(br_xnode *x)
 {
     for (uint32_t g = 0; x->staging && g < x->n_global; g++)
-        free(x->staging[g]);
+        stage_free(x, x->staging[g]);
     free(x->staging);
     free(x->peer_whole);
     free(x->src_ptr);
@@ -607,8 +658,8 @@ static int stage(br_xnode *x, rlb_plan *mine)
         return (x->slots = malloc(x->n_slots * x->chunk + 1)) ? 0 : RLB_ENOMEM;
     for (uint32_t i = 0; i < x->n_recvs; i++) {
         uint32_t g = x->recvs[i].buf;
-        if (!x->staging[g] && !(x->staging[g] = calloc(1, x->src_len[g] + 1)))
-            return RLB_ENOMEM;
+        if (!x->staging[g] && (rc = stage_alloc(x, x->src_len[g], &x->staging[g])) < 0)
+            return rc;
         x->src_ptr[g] = x->staging[g];
     }
     return 0;
@@ -623,6 +674,58 @@ static uint8_t *recv_at(const br_xnode *x, uint32_t i)
                     : x->slots + (uint64_t)(i % x->n_slots) * x->chunk;
 }
 #endif
+
+/* The transport of the plan (x->xt): UCX for host memory; NCCL where any node's buffers are
+ * GPU memory, made here (once) on the GPU of this node's first buffer, or GPU 0 where it has
+ * none. Every node decides alike from the same metas. Returns 0 or a negative code with
+ * err. */
+static int choose_xport(br_xnode *x, void *const *local_ptr, char *err, size_t len)
+{
+    int gpu = -1, host = -1;
+    for (int m = 0; m < x->nnodes; m++) {
+        if (x->metas[m].mem == XN_MEM_GPU)
+            gpu = gpu < 0 ? m : gpu;
+        else if (x->metas[m].n_bufs)
+            host = host < 0 ? m : host;
+    }
+    x->gpu = gpu >= 0;
+    if (gpu >= 0 && host >= 0)
+        return snprintf(err, len, "node %d's trainers publish GPU memory and node %d's host "
+                        "memory: every node's tensors must be in one kind of memory", gpu,
+                        host), RLB_EUNSUPPORTED;
+#ifdef RLB_HAVE_UCX
+    if (x->xg && x->xg_stale) { /* its staging went in free_built, through it */
+        rlb__xport_destroy(x->xg);
+        x->xg = NULL;
+    }
+    x->xg_stale = 0;
+    x->xt = x->xp;
+    if (!x->gpu)
+        return 0;
+#ifdef RLB_HAVE_NCCL_XPORT
+    if (!x->xg) {
+        int dev = x->metas[x->node].n_bufs ? rlb__xport_nccl_device_of(local_ptr[0]) : 0;
+        if (dev < 0)
+            return snprintf(err, len, "node %d: its trainers' first buffer is not device "
+                            "memory of a GPU this bridge sees", x->node), RLB_EINVAL;
+        int rc = rlb__xport_nccl_create(x->node, x->nnodes, dev, &x->xg);
+        if (rc < 0)
+            return snprintf(err, len, "node %d cannot start the NCCL transport on GPU %d: %s",
+                            x->node, dev, rlb_strerror(rc)), rc;
+        x->xg_ready = 0;
+    }
+    x->xt = x->xg;
+    return 0;
+#else
+    (void)local_ptr;
+    return snprintf(err, len, "node %d's trainers publish GPU memory, which crosses nodes "
+                    "through NCCL: this build has no NCCL transport", gpu), RLB_EUNSUPPORTED;
+#endif
+#else
+    (void)local_ptr;
+    return 0;
+#endif
+}
 
 /* Builds the global source, every node's plan, this node's sends and receives and the
  * staging; this node's plan and source go to x->plan / x->src for the loop. */
@@ -648,6 +751,8 @@ static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
     x->peer_whole = calloc((size_t)x->nnodes + 1, 1);
     if (!x->staging || !x->src_ptr || !x->src_len || !x->peer_whole)
         return RLB_ENOMEM;
+    if ((rc = choose_xport(x, local_ptr, err, len)) < 0)
+        return rc;
     rlb_source src = {0};
     if ((rc = build_source(x, &src, err, len)) < 0) {
         rlb__source_free(&src);
@@ -676,6 +781,8 @@ static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
         }
         rlb__plan_free(&plan);
     }
+    if (x->gpu) /* one NCCL group a version: every chunk lands at once, in whole staging */
+        memset(x->peer_whole, 1, (size_t)x->nnodes);
     for (uint32_t g = 0; g < x->n_global && rc == 0; g++) {
         int o = owner(x, g);
         x->src_len[g] = x->metas[o].buf_bytes[g - x->base[o]];
@@ -692,9 +799,10 @@ static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
     x->plan = mine;
     x->have_plan = 1;
     RLB_LOG_INFO(RLB_SUB_BRIDGE, "xnode: node %d: global plan over %u buffers of %d nodes: "
-                 "%u chunks to send, %u to receive into %s staging of %u chunks", x->node,
+                 "%u chunks to send, %u to receive into %s staging of %u chunks%s", x->node,
                  x->n_global, x->nnodes, x->n_sends, x->n_recvs,
-                 x->whole ? "whole" : "bounded", x->n_slots);
+                 x->whole ? "whole" : "bounded", x->n_slots,
+                 x->gpu ? " on the GPU, through NCCL" : "");
     return 0;
 }
 
@@ -1026,7 +1134,7 @@ static int post_recvs(br_xnode *x, uint64_t vt, rlb_xreq **reqs, uint32_t *poste
             break;
         pthread_mutex_unlock(&x->mu);
         const xn_chunk *c = &x->recvs[i];
-        rc = x->xp->iface->irecv(x->xp->ctx, c->peer, vt | c->tag, recv_at(x, i), c->len,
+        rc = x->xt->iface->irecv(x->xt->ctx, c->peer, vt | c->tag, recv_at(x, i), c->len,
                                  &reqs[i]);
         (*posted)++;
         n++;
@@ -1116,7 +1224,7 @@ static int send_changed(br_xnode *x, const xn_version *xv, int peer, uint64_t vt
                                                   c->len);
     }
     xn_delta_close(&x->delta, peer, (xn_attempt){.v = xv->v, .k = (uint32_t)xv->k});
-    rc = x->xp->iface->isend(x->xp->ctx, peer, vt | XN_TAG_MANIFEST, x->man_out + first, n,
+    rc = x->xt->iface->isend(x->xt->ctx, peer, vt | XN_TAG_MANIFEST, x->man_out + first, n,
                              &reqs[req_man_out(x, peer)]);
     (*left)++;
     for (uint32_t i = first; i < first + n && rc == 0; i++) {
@@ -1126,7 +1234,7 @@ static int send_changed(br_xnode *x, const xn_version *xv, int peer, uint64_t vt
             (*left)--;
             continue;
         }
-        rc = x->xp->iface->isend(x->xp->ctx, peer, vt | c->tag,
+        rc = x->xt->iface->isend(x->xt->ctx, peer, vt | c->tag,
                                  (const uint8_t *)x->src_ptr[c->buf] + c->off, c->len,
                                  &reqs[x->n_recvs + i]);
     }
@@ -1144,7 +1252,7 @@ static int send_all(br_xnode *x, int peer, uint64_t vt, rlb_xreq **reqs, char *w
     int rc = 0;
     for (uint32_t i = first; i < first + n && rc == 0; i++) {
         const xn_chunk *c = &x->sends[i];
-        rc = x->xp->iface->isend(x->xp->ctx, peer, vt | c->tag,
+        rc = x->xt->iface->isend(x->xt->ctx, peer, vt | c->tag,
                                  (const uint8_t *)x->src_ptr[c->buf] + c->off, c->len,
                                  &reqs[x->n_recvs + i]);
     }
@@ -1163,7 +1271,7 @@ static int recv_changed(br_xnode *x, int peer, uint64_t vt, rlb_xreq **reqs, uin
     for (uint32_t i = first; i < first + n && rc == 0; i++) {
         const xn_chunk *c = &x->recvs[i];
         if (x->man_in[i]) {
-            rc = x->xp->iface->irecv(x->xp->ctx, peer, vt | c->tag, recv_at(x, i), c->len,
+            rc = x->xt->iface->irecv(x->xt->ctx, peer, vt | c->tag, recv_at(x, i), c->len,
                                      &reqs[i]);
             continue;
         }
@@ -1197,7 +1305,7 @@ static int start_manifests(br_xnode *x, const xn_version *xv, uint64_t vt, rlb_x
         uint32_t first, k = span_of(x->recvs, x->n_recvs, p, &first);
         if (k == 0 || p == x->node)
             continue;
-        rc = x->xp->iface->irecv(x->xp->ctx, p, vt | XN_TAG_MANIFEST, x->man_in + first, k,
+        rc = x->xt->iface->irecv(x->xt->ctx, p, vt | XN_TAG_MANIFEST, x->man_in + first, k,
                                  &reqs[req_man_in(x, p)]);
         (*left)++;
     }
@@ -1229,12 +1337,19 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
     memset(x->arrived, 0, x->n_recvs);
     memset(x->consumed, 0, x->n_recvs);
     pthread_mutex_unlock(&x->mu);
-    if (rc == 0 && x->whole)
+    if (rc == 0 && x->whole && !x->gpu)
         rc = start_manifests(x, xv, vt, reqs, &left, why, len);
+    if (rc == 0 && x->n_sends && x->n_events && x->xt->iface->after_events &&
+        (rc = x->xt->iface->after_events(x->xt->ctx, (const uint8_t(*)[64])x->events,
+                                         x->n_events)) < 0)
+        snprintf(why, len, "node %d cannot order its sends after its trainers' work: %s",
+                 x->node, rlb_strerror(rc));
     for (int p = 0; p < x->nnodes && rc == 0; p++)
-        rc = x->peer_whole[p] ? send_changed(x, xv, p, vt, reqs, &left, &skipped, why, len)
-                              : send_all(x, p, vt, reqs, why, len);
-    int got = rc == 0 && !x->whole ? post_recvs(x, vt, reqs, &posted) : 0;
+        rc = x->peer_whole[p] && !x->gpu
+                 ? send_changed(x, xv, p, vt, reqs, &left, &skipped, why, len)
+                 : send_all(x, p, vt, reqs, why, len);
+    /* bounded staging posts receives as slots free; GPU staging all of them at once */
+    int got = rc == 0 && (!x->whole || x->gpu) ? post_recvs(x, vt, reqs, &posted) : 0;
     if (got < 0) {
         rc = got;
         snprintf(why, len, "node %d cannot start its transfers: %s", x->node, rlb_strerror(rc));
@@ -1254,7 +1369,7 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
         for (uint32_t i = 0; i < n && rc == 0; i++) {
             if (!reqs[i])
                 continue;
-            int r = x->xp->iface->test(x->xp->ctx, reqs[i]);
+            int r = x->xt->iface->test(x->xt->ctx, reqs[i]);
             if (r == RLB_EAGAIN)
                 continue;
             reqs[i] = NULL;
@@ -1277,7 +1392,7 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
                 snprintf(why, len, "node %d cannot receive: %s", x->node, rlb_strerror(rc));
             }
         }
-        got = rc == 0 && !x->whole ? post_recvs(x, vt, reqs, &posted) : 0;
+        got = rc == 0 && (!x->whole || x->gpu) ? post_recvs(x, vt, reqs, &posted) : 0;
         if (got < 0) {
             rc = got;
             snprintf(why, len, "node %d cannot receive: %s", x->node, rlb_strerror(rc));
@@ -1311,10 +1426,10 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
         /* a send (or manifest) a peer may still read */
         *held |= reqs[i] && i >= x->n_recvs && i < req_man_in(x, 0);
         if (reqs[i])
-            x->xp->iface->cancel(x->xp->ctx, reqs[i]);
+            x->xt->iface->cancel(x->xt->ctx, reqs[i]);
     }
     free(reqs);
-    if (x->whole && all_arrived(x))
+    if (x->whole && !x->gpu && all_arrived(x))
         x->delta.have = (xn_attempt){.v = xv->v, .k = (uint32_t)xv->k};
     pthread_mutex_lock(&x->mu);
     x->bytes_sent += sent;
@@ -1326,6 +1441,27 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
                  xv->v, xv->k, sent, skipped, received);
     return rc;
 }
+#endif
+
+#ifdef RLB_HAVE_UCX
+/* The first exchange over GPU memory connects the NCCL transport: every node that passed
+ * the gate built the same plan and comes here, bounded by the no-progress bound (a node that
+ * left before it does not come). Keys under the attempt, so a later try starts afresh. */
+static int connect_gpu(br_xnode *x, const xn_version *xv, char *why, size_t len)
+{
+    char prefix[96];
+    long long ms = x->peer_timeout_ms > 0 ? x->peer_timeout_ms + 1000 : XN_CONNECT_MS;
+    snprintf(prefix, sizeof(prefix), "%s/nccl", xv->base);
+    int rc = rlb__xport_connect_all(x->xg, x->store, prefix, (int)ms);
+    if (rc < 0)
+        return snprintf(why, len, "node %d cannot connect NCCL to the other nodes' bridges: "
+                        "%s", x->node, rlb_strerror(rc)), rc;
+    x->xg_ready = 1;
+    RLB_LOG_INFO(RLB_SUB_BRIDGE, "xnode: node %d: NCCL connected to the other %d nodes for "
+                 "GPU memory", x->node, x->nnodes - 1);
+    return 0;
+}
+
 #endif
 
 /* Reads x/<v.k>/done: 1 once every node ended its exchange of the attempt. */
@@ -1464,6 +1600,11 @@ static void run_version(br_xnode *x)
     int rebuild = x->job_rebuild;
     x->job_meta = NULL;
     x->job_ptr = NULL;
+    free(x->events);
+    x->events = x->job_events;
+    x->n_events = x->job_n_events;
+    x->job_events = NULL;
+    x->job_n_events = 0;
     pthread_mutex_unlock(&x->mu);
     int rc = join_attempt(x, &xv, why, sizeof(why));
     int64_t r = 0;
@@ -1497,14 +1638,19 @@ static void run_version(br_xnode *x)
     /* The gate opened: this attempt ends in node 0's decision, whatever happens here. */
     int held = 0;
     rc = fetch_metas(x, &xv, why, sizeof(why));
-    if (rc >= 0 && (rc > 0 || rebuild || !x->base))
+    if (rc >= 0 && (rc > 0 || rebuild || !x->base || x->xg_stale))
         rc = build(x, local, why, sizeof(why));
     if (rc >= 0) {
         /* the local buffers may have moved (registered again at the same layout) */
         for (uint32_t k = 0; k < x->metas[x->node].n_bufs; k++)
             x->src_ptr[x->base[x->node] + k] = local[k];
 #ifdef RLB_HAVE_UCX
-        rc = exchange(x, &xv, &held, why, sizeof(why));
+        if (x->gpu && !x->xg_ready)
+            rc = connect_gpu(x, &xv, why, sizeof(why));
+        if (rc >= 0)
+            rc = exchange(x, &xv, &held, why, sizeof(why));
+        if (rc < 0 && x->gpu)
+            x->xg_stale = 1; /* out of step with the other nodes', or aborted: see build */
 #endif
     }
     free(meta);
@@ -1828,11 +1974,12 @@ void br_xnode_stop(bridge *b)
         pthread_mutex_unlock(&x->mu);
         pthread_join(x->thread, NULL);
     }
+    free_built(x); /* staging first: it may be the GPU transport's memory */
 #ifdef RLB_HAVE_UCX
+    rlb__xport_destroy(x->xg);
     rlb__xport_destroy(x->xp);
 #endif
     rlb__store_close(x->store);
-    free_built(x);
     if (x->have_plan) {
         rlb__plan_free(&x->plan);
         rlb__source_free(&x->src);
@@ -1848,6 +1995,8 @@ void br_xnode_stop(bridge *b)
     free(x->my_meta);
     free(x->job_meta);
     free(x->job_ptr);
+    free(x->job_events);
+    free(x->events);
     if (x->wake_fd >= 0)
         close(x->wake_fd);
     pthread_mutex_destroy(&x->mu);
@@ -1911,8 +2060,16 @@ int br_xnode_begin(bridge *b, uint64_t v)
     if (rc == 0 && !ptr)
         rc = RLB_ENOMEM;
     for (uint32_t k = 0; rc == 0 && k < n_loc; k++)
-        ptr[k] = br_seg_find((br_peer *)loc[k].peer, loc[k].seg)->addr;
+        ptr[k] = loc[k].addr;
     free(loc);
+    /* the local ranks' publish events: sends of GPU memory wait for the work before them */
+    uint8_t(*ev)[64] = rc == 0 ? calloc(x->n_ranks + 1, sizeof(*ev)) : NULL;
+    uint32_t n_ev = 0;
+    if (rc == 0 && !ev)
+        rc = RLB_ENOMEM;
+    for (uint32_t r = x->first_rank; rc == 0 && r < x->first_rank + x->n_ranks; r++)
+        if (b->trainers[r] && b->trainers[r]->has_event)
+            memcpy(ev[n_ev++], b->trainers[r]->event, sizeof(*ev));
     b->syncing = v;
     b->sync = BR_SYNC_XNODE;
     pthread_mutex_lock(&x->mu);
@@ -1923,6 +2080,10 @@ int br_xnode_begin(bridge *b, uint64_t v)
         x->job_meta = w.p;
         x->job_meta_len = w.len;
         x->job_ptr = ptr;
+        free(x->job_events);
+        x->job_events = ev;
+        x->job_n_events = n_ev;
+        ev = NULL;
         x->job_rebuild = !b->plan_ready;
         x->job_prepared = x->job_abort = 0;
         x->exchanged = x->outcome = 0;
@@ -1933,6 +2094,7 @@ int br_xnode_begin(bridge *b, uint64_t v)
                  "failed earlier; the job must restart");
     }
     pthread_mutex_unlock(&x->mu);
+    free(ev);
     if (rc < 0) {
         free(w.p);
         free(ptr);

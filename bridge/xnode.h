@@ -18,6 +18,9 @@
  *      and there a sender sends a manifest first and then only the chunks whose bytes the
  *      receiver does not hold yet (it says in the store which attempt its staging holds):
  *      after the first version only the adapters cross (DESIGN §10, xnode_delta.h);
+      trainer tensors in GPU memory cross through NCCL instead of UCX, as one group per
+      version into a whole staging on the GPU, sent whole in every version, the sends
+      ordered after the trainers' publish events (xnode.c: choose_xport, connect_gpu);
  *      The exchange's no-progress bound (RLB_PEER_TIMEOUT_MS + 1 s without a completed
  *      transfer) runs only once every node has posted its transfers; a node that cannot
  *      (its plan failed, say) says so in the store and the others stop at once; one whose

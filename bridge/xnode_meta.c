@@ -38,13 +38,14 @@ static void put_name(xbuf *w, const char *s)
 }
 
 void xn_meta_put_header(xbuf *w, uint32_t tp_size, uint32_t replicas, rlb_dtype wdt,
-                        uint32_t n_bufs, uint32_t n_tensors)
+                        uint32_t mem, uint32_t n_bufs, uint32_t n_tensors)
 {
     xn_meta_put_u32(w, XN_MAGIC);
     xn_meta_put_u32(w, XN_META_VERSION);
     xn_meta_put_u32(w, tp_size);
     xn_meta_put_u32(w, replicas);
     xn_meta_put_u32(w, (uint32_t)wdt);
+    xn_meta_put_u32(w, mem);
     xn_meta_put_u32(w, n_bufs);
     xn_meta_put_u32(w, n_tensors);
 }
@@ -88,7 +89,7 @@ void xn_meta_put_adapter(xbuf *w, const char *target, uint32_t rank, float scale
 
 void xn_meta_encode(const xn_meta *m, xbuf *w)
 {
-    xn_meta_put_header(w, m->tp_size, m->replicas, m->wdt, m->n_bufs, m->n_tensors);
+    xn_meta_put_header(w, m->tp_size, m->replicas, m->wdt, m->mem, m->n_bufs, m->n_tensors);
     for (uint32_t k = 0; k < m->n_bufs; k++)
         xn_meta_put_u64(w, m->buf_bytes[k]);
     for (uint32_t i = 0; i < m->n_tensors; i++)
@@ -225,10 +226,12 @@ int xn_meta_decode(const void *data, size_t len, xn_meta *m)
     m->tp_size = get_u32(&r);
     m->replicas = get_u32(&r);
     m->wdt = (rlb_dtype)get_u32(&r);
+    m->mem = get_u32(&r);
     m->n_bufs = get_u32(&r);
     uint32_t n_tensors = get_u32(&r);
     /* a buffer's size takes 8 bytes, a tensor 47 at least (a 1-byte name, one dimension) */
-    if (r.bad || rlb_dtype_size(m->wdt) == 0 || m->n_bufs > len / 8 || n_tensors > len / 47) {
+    if (r.bad || rlb_dtype_size(m->wdt) == 0 || m->mem > XN_MEM_GPU || m->n_bufs > len / 8 ||
+        n_tensors > len / 47) {
         memset(m, 0, sizeof(*m));
         return RLB_EPROTO;
     }

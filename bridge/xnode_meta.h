@@ -1,7 +1,8 @@
 /* xnode_meta.h: the registration blob ("meta") one node's bridge publishes to the others
  * through the store (xnode.c), so every node plans with every node's tensors.
  *
- * The blob is little-endian: u32 magic, version, tp_size, replicas, weight dtype,
+ * The blob is little-endian: u32 magic, version, tp_size, replicas, weight dtype, memory
+ * (XN_MEM_HOST: the buffers are host memory, or there are none; XN_MEM_GPU: device memory),
  * n_buffers, n_tensors; u64 bytes of each buffer; per tensor: u16 name length, name, u8
  * dtype, kind, ndim, pad (0), u32 fsdp rank, world, unit, buffer, u64 offset, length, i64
  * shape[ndim]; FSDP1: u32 entries, each u16 name length (0 = padding), name, u8 ndim, i64
@@ -26,7 +27,11 @@
 #include "bridge/bridge_int.h"
 
 #define XN_MAGIC 0x584e4252u /* "RBNX" */
-#define XN_META_VERSION 2u
+#define XN_META_VERSION 3u
+
+/* Where a node's source buffers are. */
+#define XN_MEM_HOST 0u
+#define XN_MEM_GPU 1u
 
 /* A growing byte buffer; oom is set (and later puts ignored) when it cannot grow. */
 typedef struct xbuf {
@@ -46,6 +51,7 @@ typedef struct xn_adapter {
 typedef struct xn_meta {
     uint32_t tp_size, replicas; /* the node's workers */
     rlb_dtype wdt;              /* their weight dtype */
+    uint32_t mem;               /* XN_MEM_HOST or XN_MEM_GPU: where its buffers are */
     uint32_t n_bufs;            /* its source buffers */
     uint64_t *buf_bytes;        /* [n_bufs] */
     uint32_t n_tensors;
@@ -57,7 +63,7 @@ typedef struct xn_meta {
 /* The blob's parts, in order: the header, the buffers' sizes, the tensors (t's bytes in
  * local buffer `buf`), the adapter count, the adapters. */
 void xn_meta_put_header(xbuf *w, uint32_t tp_size, uint32_t replicas, rlb_dtype wdt,
-                        uint32_t n_bufs, uint32_t n_tensors);
+                        uint32_t mem, uint32_t n_bufs, uint32_t n_tensors);
 void xn_meta_put_u32(xbuf *w, uint32_t v);
 void xn_meta_put_u64(xbuf *w, uint64_t v);
 void xn_meta_put_tensor(xbuf *w, const br_tensor *t, uint32_t buf);

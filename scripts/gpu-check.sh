@@ -43,6 +43,11 @@
 #             (scripts/ncu_step_summary.py; the CSVs land in $OUT/ncu-step-bBATCH.tar)
 #   gemm-sweep  rlb-bench-engine --gemm-sweep: every cuBLASLt algorithm the heuristic offers
 #             for each matrix of both shapes at 256 rows, timed
+#   xnode-gpu the bridges of two nodes on one GPU exchanging GPU memory over NCCL
+#             (NCCL_HOSTID per node): test_xport_nccl and test_xnode_gpu, verbose
+#   lora-gemm rlb-bench-lora-gemm (the LoRA merge as cuBLASLt products with the base as C,
+#             against a memcpy of the same bytes), then rlb-bench-reshard-gpu --lora (the
+#             merge kernel now) beside it
 #   multi     (two GPUs or more) rlb generate --tp 2 on two GPUs against HF's greedy tokens,
 #             the peer-copy and NCCL transport tests, and examples/grpo_torch.py with an
 #             FSDP2 world of 2 under torchrun and a TP-2 worker replica over NCCL
@@ -50,13 +55,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
 mkdir -p "$out"
-# ../shared/device/prepare fetches no libxxhash, which the build needs: once per checkout,
-# `cd .deps/debs && apt-get download libxxhash-dev libxxhash0` here
-ls .deps/debs/libxxhash-dev_*.deb > /dev/null 2>&1 || {
-    echo "gpu-check: .deps/debs has no libxxhash-dev" \
-        "(cd .deps/debs && apt-get download libxxhash-dev libxxhash0)"
-    exit 1
-}
+# ../shared/device/prepare fetches neither libxxhash (the build needs it) nor UCX (the bridges
+# of a multi-node job start it, GPU jobs too): once per checkout, here,
+#   cd .deps/debs && apt-get download libxxhash-dev libxxhash0 libucx-dev libucx0 libnuma1 \
+#       libibverbs1 librdmacm1 libnl-3-200 libnl-route-3-200
+for pkg in libxxhash-dev libucx-dev; do
+    ls .deps/debs/${pkg}_*.deb > /dev/null 2>&1 || {
+        echo "gpu-check: .deps/debs has no $pkg (see the top of scripts/gpu-check.sh)"
+        exit 1
+    }
+done
 source .deps/on-device.sh
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
@@ -117,6 +125,17 @@ for step in "$@"; do
         tail -3 "$out/bench-sync-debug.log" ;;
     lora-kernel)
         lora_kernel 'test_cuda_lora' ;;
+    xnode-gpu)
+        RLB_LOG=info ctest --test-dir build-gpu -R 'test_xport_nccl|test_xnode_gpu' -V \
+            --timeout 300 > "$out/xnode-gpu.log" 2>&1
+        grep -E "tests passed|Failed|FAILED|Skipped|Passed|\[ *(OK|FAILED|RUN) *\]|NCCL|nccl" \
+            "$out/xnode-gpu.log" | tail -40 ;;
+    lora-gemm)
+        build-gpu/bench/rlb-bench-lora-gemm > "$out/bench-lora-gemm.log" 2>&1
+        tail -20 "$out/bench-lora-gemm.log"
+        build-gpu/bench/rlb-bench-reshard-gpu --lora --iters 5 \
+            > "$out/bench-reshard-lora.log" 2>&1
+        tail -11 "$out/bench-reshard-lora.log" ;;
     lora)
         python3 scripts/make_peft_fixture.py > "$out/peft-fixture.log" 2>&1 &&
             tar cf "$out/peft_lora.tar" tests/fixtures/peft_lora

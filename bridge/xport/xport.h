@@ -16,6 +16,11 @@
  *        of requests that were queued with it (xport_nccl.c says what that asks of a
  *        caller).
  *
+ * Memory: a transport allocates what it receives into (mem_alloc: host memory for ucx, device
+ * memory of its GPU for nccl), so the exchange's staging is memory the transport can fill and
+ * the reshard executor can read. A transport moving device memory also orders its sends after
+ * the trainers' publish events (after_events): their kernels wrote what is sent.
+ *
  * Failures: where the implementation can tell, a peer that dies makes its pending and later
  * requests fail with RLB_EPEERDEAD; where it cannot, the wait's no-progress timeout ends
  * it. Either way no waiter is left waiting for bytes that cannot come.
@@ -47,6 +52,14 @@ typedef struct rlb_xport_iface_v1 {
     void (*cancel)(void *ctx, rlb_xreq *req);
     /* Closes every connection and frees the context. */
     void (*destroy)(void *ctx);
+    /* Allocates bytes (zeroed) this transport receives into: 0, RLB_ENOMEM or RLB_ECUDA. */
+    int (*mem_alloc)(void *ctx, size_t bytes, void **out);
+    /* Frees what mem_alloc gave (after every request using it completed). NULL is a no-op. */
+    void (*mem_free)(void *ctx, void *p);
+    /* Sends posted from now on start after the work ordered before these interprocess
+     * events (cudaIpcEventHandle_t, 64 bytes each) completed. NULL where the transport moves
+     * host memory only (nothing to wait for). 0 or RLB_ECUDA. */
+    int (*after_events)(void *ctx, const uint8_t (*events)[64], uint32_t n);
 } rlb_xport_iface_v1;
 
 typedef struct rlb_xport {
@@ -65,6 +78,9 @@ int rlb__xport_ucx_create(int node, int nnodes, int peer_errors, rlb_xport **out
  * last connect (rlb__xport_connect_all), which returns once every node made it. Returns 0,
  * RLB_EINVAL, RLB_EUNSUPPORTED (the GPU is not usable) or RLB_ENOMEM. */
 int rlb__xport_nccl_create(int node, int nnodes, int device, rlb_xport **out);
+/* The CUDA ordinal of the GPU holding device memory at p (mapped in this process), or
+ * RLB_EINVAL when p is not device memory (built with the nccl transport only). */
+int rlb__xport_nccl_device_of(const void *p);
 
 /* Publishes this endpoint's address under "<prefix>/addr/<node>" and connects to every
  * other node's, waiting up to timeout_ms for them. */

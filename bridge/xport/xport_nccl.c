@@ -16,6 +16,10 @@
  * bounded window) must put operations whose peers wait on each other in one group.
  * Buffers are device memory of this endpoint's GPU.
  *
+ * Memory and order: staging is device memory of the endpoint's GPU (mem_alloc); sends read the
+ * trainers' tensors, which their kernels wrote before each publish recorded an interprocess
+ * event, so the stream waits on those events (after_events) before the next group.
+ *
  * Failures: NCCL reports a dead peer or a broken connection as the communicator's async
  * error (ncclCommGetAsyncError), which fails every pending request; a launched operation
  * cannot be cancelled, so cancelling one aborts the communicator (the transport is then
@@ -30,6 +34,8 @@
 #include "bridge/xport/xport.h"
 #include "common/log.h"
 #include "rlb/rlb.h"
+
+_Static_assert(sizeof(cudaIpcEventHandle_t) == 64, "a publish event handle is 64 bytes");
 
 typedef struct nccl_group {
     cudaEvent_t done; /* recorded on the stream after the group */
@@ -274,6 +280,68 @@ static void nccl_destroy(void *ctx)
     free(c);
 }
 
+static int nccl_mem_alloc(void *ctx, size_t bytes, void **out)
+{
+    nccl_ctx *c = ctx;
+    *out = NULL;
+    if (cudaSetDevice(c->device) != cudaSuccess)
+        return RLB_ECUDA;
+    cudaError_t e = cudaMalloc(out, bytes ? bytes : 1);
+    if (e == cudaSuccess)
+        e = cudaMemset(*out, 0, bytes);
+    if (e == cudaSuccess)
+        return 0;
+    RLB_LOG_ERROR(RLB_SUB_BRIDGE, "xport nccl: node %d: %zu bytes of staging on GPU %d: %s",
+                  c->node, bytes, c->device, cudaGetErrorString(e));
+    cudaFree(*out);
+    cudaGetLastError();
+    *out = NULL;
+    return e == cudaErrorMemoryAllocation ? RLB_ENOMEM : RLB_ECUDA;
+}
+
+static void nccl_mem_free(void *ctx, void *p)
+{
+    nccl_ctx *c = ctx;
+    if (!p)
+        return;
+    cudaSetDevice(c->device);
+    cudaFree(p);
+}
+
+static int nccl_after_events(void *ctx, const uint8_t (*events)[64], uint32_t n)
+{
+    nccl_ctx *c = ctx;
+    if (cudaSetDevice(c->device) != cudaSuccess)
+        return RLB_ECUDA;
+    for (uint32_t i = 0; i < n; i++) {
+        cudaIpcEventHandle_t h;
+        cudaEvent_t ev;
+        memcpy(&h, events[i], sizeof(h));
+        cudaError_t e = cudaIpcOpenEventHandle(&ev, h);
+        if (e == cudaSuccess) {
+            e = cudaStreamWaitEvent(c->stream, ev, 0);
+            cudaEventDestroy(ev); /* the wait is enqueued: it holds what it needs */
+        }
+        if (e != cudaSuccess) {
+            RLB_LOG_ERROR(RLB_SUB_BRIDGE, "xport nccl: node %d: a trainer's publish event: %s",
+                          c->node, cudaGetErrorString(e));
+            cudaGetLastError();
+            return RLB_ECUDA;
+        }
+    }
+    return 0;
+}
+
+int rlb__xport_nccl_device_of(const void *p)
+{
+    struct cudaPointerAttributes at;
+    if (!p || cudaPointerGetAttributes(&at, p) != cudaSuccess) {
+        cudaGetLastError();
+        return RLB_EINVAL;
+    }
+    return at.type == cudaMemoryTypeDevice ? at.device : RLB_EINVAL;
+}
+
 static const rlb_xport_iface_v1 nccl_iface = {
     .name = "nccl",
     .address = nccl_address,
@@ -283,6 +351,9 @@ static const rlb_xport_iface_v1 nccl_iface = {
     .test = nccl_test,
     .cancel = nccl_cancel,
     .destroy = nccl_destroy,
+    .mem_alloc = nccl_mem_alloc,
+    .mem_free = nccl_mem_free,
+    .after_events = nccl_after_events,
 };
 
 int rlb__xport_nccl_create(int node, int nnodes, int device, rlb_xport **out)

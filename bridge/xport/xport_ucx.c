@@ -246,6 +246,19 @@ static void ucx_destroy(void *ctx)
     free(c);
 }
 
+static int ucx_mem_alloc(void *ctx, size_t bytes, void **out)
+{
+    (void)ctx;
+    *out = calloc(1, bytes + 1);
+    return *out ? 0 : RLB_ENOMEM;
+}
+
+static void ucx_mem_free(void *ctx, void *p)
+{
+    (void)ctx;
+    free(p);
+}
+
 static const rlb_xport_iface_v1 ucx_iface = {
     .name = "ucx",
     .address = ucx_address,
@@ -255,6 +268,9 @@ static const rlb_xport_iface_v1 ucx_iface = {
     .test = ucx_test,
     .cancel = ucx_cancel,
     .destroy = ucx_destroy,
+    .mem_alloc = ucx_mem_alloc,
+    .mem_free = ucx_mem_free,
+    .after_events = NULL, /* host memory: the trainers wrote it before they published */
 };
 
 int rlb__xport_ucx_create(int node, int nnodes, int peer_errors, rlb_xport **out)

@@ -61,9 +61,27 @@ foreach(t test_client_cuda test_cuda_backend test_cuda_executor test_cuda_ipc)
 endforeach()
 
 # The NCCL transport between bridges (bridge/xport/xport_nccl.c): a buffer moved both ways
-# between endpoints on GPUs 0 and 1, checked byte for byte; exits 77 with fewer than two
-# GPUs. Built where the CUDA build found NCCL.
+# between two endpoints, checked byte for byte: on GPUs 0 and 1, or with one GPU both on GPU
+# 0, each endpoint a host of its own to NCCL (its own NCCL_HOSTID, NCCL_SOCKET_IFNAME=lo) so
+# the bytes go through NCCL's socket transport over loopback; exits 77 without a GPU. Built
+# where the CUDA build found NCCL.
 if(TARGET rlb_xport_nccl)
   rlb_add_test(NAME test_xport_nccl SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_xport_nccl.c
                LIBS rlb_xport_nccl LABELS gpu TIMEOUT 180)
+endif()
+
+# Two bridges of a multi-node job on one GPU (bridge/xnode.h), trainers' tensors in GPU
+# memory (the test's own cudaMalloc) moved between them through NCCL (each bridge its own
+# NCCL_HOSTID, over loopback), GPU workers checked against the CPU engine's greedy tokens
+# (bridge_harness.c), and a bridge killed while the other node's trainer waits in a
+# version; exits 77 without a GPU. Needs UCX too (the bridges of a job start it).
+if(TARGET rlb_engine_cuda AND TARGET rlb_xport_nccl AND TARGET rlb_xport)
+  rlb_add_test(NAME test_xnode_gpu
+               SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_xnode_gpu.c
+                       ${PROJECT_SOURCE_DIR}/tests/integration/bridge_harness.c
+               LIBS rlb_bridge_core rlb_client_static rlb_worker rlb_xport_nccl CUDA::cudart
+                    Threads::Threads
+               LABELS gpu TIMEOUT 300)
+  add_dependencies(test_xnode_gpu rlb)
+  target_compile_definitions(test_xnode_gpu PRIVATE RLB_BIN="$<TARGET_FILE:rlb>")
 endif()

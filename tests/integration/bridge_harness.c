@@ -82,10 +82,18 @@ static int n_spawned;
 static char run_dirs[4][128];
 static int n_run_dirs;
 
+/* Forks a process of the run. The child gets the default action back for the signals of a
+ * crash: cmocka catches them in the test to fail the test at hand, and a forked bridge or
+ * worker that crashed would otherwise jump back into the test runner and run the rest of the
+ * tests itself. */
 static pid_t spawn(void)
 {
+    static const int crash_signals[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS};
     fflush(NULL);
     pid_t pid = fork();
+    if (pid == 0)
+        for (size_t i = 0; i < sizeof(crash_signals) / sizeof(crash_signals[0]); i++)
+            signal(crash_signals[i], SIG_DFL);
     if (pid > 0 && n_spawned < 64)
         spawned[n_spawned++] = pid;
     return pid;
@@ -475,7 +483,19 @@ static uint32_t split_owner(const rlb_param_list *l, int64_t p, uint32_t world)
     return (uint32_t)(p % world);
 }
 
-void h_trainer_fill(h_trainer *t, uint64_t v)
+/* Copies bytes at offset `at` of t's host memory to its device copy, where it has one.
+ * Returns 0, or -1 after printing that the upload failed. */
+static int upload(h_trainer *t, size_t at, size_t bytes)
+{
+    if (!t->dev_mem || t->dev->upload(t->dev_mem + at, t->mem + at, bytes) == 0)
+        return 0;
+    fprintf(stderr, "trainer rank %u: upload of %zu bytes to its device copy failed\n", t->rank,
+            bytes);
+    return -1;
+}
+
+/* Writes version v's weights into t's host memory. */
+static void fill_host(h_trainer *t, uint64_t v)
 {
     const rlb_param_list *l = t->list;
     float *out = (float *)t->mem;
@@ -508,6 +528,12 @@ void h_trainer_fill(h_trainer *t, uint64_t v)
         flat_walk(l, u, t->world, flat_cb, &f);
         out += (chunk + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
     }
+}
+
+int h_trainer_fill(h_trainer *t, uint64_t v)
+{
+    fill_host(t, v);
+    return upload(t, 0, t->bytes);
 }
 
 uint64_t h_shard_bytes(const h_trainer *t, int64_t p, uint32_t f)
@@ -549,7 +575,7 @@ int h_trainer_poison(h_trainer *t, const char *name, uint64_t elem, float value)
             if (elem < first || elem - first >= n)
                 return -1;
             out[elem - first] = value;
-            return 0;
+            return upload(t, (size_t)((uint8_t *)&out[elem - first] - t->mem), sizeof(float));
         }
         out += (n + H_ALIGN - 1) / H_ALIGN * H_ALIGN;
     }
@@ -575,6 +601,8 @@ int h_poison3_named(const char *why)
 }
 
 int (*h_alloc)(rlb_client *c, size_t bytes, void **ptr) = rlb_alloc_host;
+
+const h_dev_ops *h_trainer_dev = NULL;
 
 /* The tiny model's weights of version v (wval). */
 static float tiny_value(uint64_t v, const rlb_param_list *l, int64_t p, uint64_t i)
@@ -683,16 +711,29 @@ int h_trainer_open_list(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h
     }
     t->bytes = floats * sizeof(float);
     rc = h_alloc(t->c, t->bytes + sizeof(float), (void **)&t->mem);
+    if (rc == 0 && h_trainer_dev) {
+        /* The tensors live in a device copy of the host memory, at the same offsets. */
+        if (h_trainer_dev->alloc(t->bytes + sizeof(float), (void **)&t->dev_mem) == 0)
+            t->dev = h_trainer_dev;
+        else
+            rc = RLB_ENOMEM;
+    }
+    uint8_t *base = t->dev_mem ? t->dev_mem : t->mem;
     for (uint32_t k = 0, at = 0; rc == 0 && k < n; k++) {
         uint64_t bytes;
-        d[k].data = t->mem + at;
+        d[k].data = base + at;
+        if (t->dev_mem) {
+            d[k].device = RLB_DEVICE_CUDA;
+            d[k].cuda_device = 0;
+        }
         rlb_tensor_bytes(&d[k], &bytes);
         at += (uint32_t)((bytes / 4 + H_ALIGN - 1) / H_ALIGN * H_ALIGN * 4);
         if (bytes == 0)
-            d[k].data = t->mem; /* an empty shard still names memory */
+            d[k].data = base; /* an empty shard still names memory */
     }
+    if (rc == 0 && h_trainer_fill(t, 1) != 0)
+        rc = RLB_ECUDA;
     if (rc == 0) {
-        h_trainer_fill(t, 1);
         rc = rlb_register(t->c, d, n);
         if (rc)
             fprintf(stderr, "register: %s\n", rlb_last_error(t->c));
@@ -704,8 +745,15 @@ int h_trainer_open_list(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h
 
 void h_trainer_close(h_trainer *t)
 {
+    /* The bridge has closed its mappings of the device copy once the unregister returned
+     * (or it is gone, and with it the mappings). */
+    if (t->dev_mem)
+        rlb_unregister(t->c, NULL, 0);
     rlb_close(t->c);
     t->c = NULL;
+    if (t->dev_mem)
+        t->dev->free(t->dev_mem);
+    t->dev_mem = NULL;
 }
 
 /* ---- Trainer rank in a child process ----------------------------------------------------- */
@@ -725,8 +773,7 @@ int h_child_start(h_run *r, h_child *ch, uint32_t rank, uint32_t world, h_layout
             _exit(1);
         uint64_t v;
         while (read(to[0], &v, sizeof(v)) == sizeof(v) && v) {
-            h_trainer_fill(&t, v);
-            rc = rlb_publish(t.c, v, NULL);
+            rc = h_trainer_fill(&t, v) == 0 ? rlb_publish(t.c, v, NULL) : RLB_ECUDA;
             if (write(from[1], &rc, sizeof(rc)) != sizeof(rc))
                 break;
         }

@@ -28,6 +28,23 @@ struct rlb_param_list;
 /* Element i (row-major) of parameter p of list l in version v, as a trainer writes it. */
 typedef float (*h_value_fn)(uint64_t v, const struct rlb_param_list *l, int64_t p, uint64_t i);
 
+/* Device memory for trainer ranks whose tensors live on a GPU, as a GPU test implements it
+ * (cudaMalloc, cudaMemcpy, cudaFree): the harness calls CUDA only through these hooks, so
+ * CPU-only tests link it without CUDA. alloc and upload return 0 or -1; upload returns once
+ * the bytes are on the device (a synchronous copy), so a plain rlb_publish may follow. */
+typedef struct h_dev_ops {
+    int (*alloc)(size_t bytes, void **ptr);                  /* device memory of GPU 0 */
+    int (*upload)(void *dst, const void *src, size_t bytes); /* host to device */
+    void (*free)(void *ptr);
+} h_dev_ops;
+/* NULL (the default): trainer ranks register their rlb_alloc_host memory. Set: every
+ * trainer opened from then on keeps that memory for filling, registers a device copy of it
+ * instead (each tensor at the same offset, RLB_DEVICE_CUDA, cuda_device 0), and uploads
+ * what it writes there. h_child_start's children inherit it. A process must not fork the
+ * bridge or workers after a hook ran in it (a CUDA context does not survive fork): open
+ * such trainers in children only. */
+extern const h_dev_ops *h_trainer_dev;
+
 /* A trainer rank: a client, its shared memory and what it registered. */
 typedef struct h_trainer {
     rlb_client *c;     /* connection */
@@ -38,6 +55,8 @@ typedef struct h_trainer {
     size_t bytes;      /* bytes of mem in use */
     const struct rlb_param_list *list; /* the parameters it holds shards of */
     h_value_fn value;  /* their values */
+    const h_dev_ops *dev; /* h_trainer_dev when it was opened: the device copy's hooks */
+    uint8_t *dev_mem;  /* the registered device copy of mem (dev set), or NULL */
 } h_trainer;
 
 /* A trainer rank running in its own process, driven through pipes. */
@@ -125,7 +144,9 @@ int h_connect(h_run *r, uint32_t rank, uint32_t world, rlb_client **out);
 /* How h_trainer_open allocates a trainer's shard memory: rlb_alloc_host unless a test
  * swaps in a hostile allocator. */
 extern int (*h_alloc)(rlb_client *c, size_t bytes, void **ptr);
-/* Allocates (h_alloc) and registers rank t's shards. Returns 0 or the client's error. */
+/* Allocates (h_alloc; and a device copy where h_trainer_dev is set) and registers rank t's
+ * shards. Returns 0, the client's error, or RLB_ENOMEM / RLB_ECUDA (the device copy could
+ * not be allocated / written). */
 int h_trainer_open(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h_layout layout);
 /* h_trainer_open for the parameters of `list` (the tiny model's, plus the LoRA adapters
  * added to it with rlb__params_add_adapter), valued by `value`; `list` outlives t. The rank
@@ -136,12 +157,14 @@ int h_trainer_open_list(h_run *r, h_trainer *t, uint32_t rank, uint32_t world, h
 /* Bytes of parameter p of t's list that FSDP rank f of t's world holds (FSDP2 rows; FSDP1
  * the part of the parameter inside f's chunk of its unit), without alignment padding. */
 uint64_t h_shard_bytes(const h_trainer *t, int64_t p, uint32_t f);
-/* Writes version v's weights into t's shards. */
-void h_trainer_fill(h_trainer *t, uint64_t v);
+/* Writes version v's weights into t's shards (and uploads them to its device copy).
+ * Returns 0, or -1 when the upload failed (printed). */
+int h_trainer_fill(h_trainer *t, uint64_t v);
+/* Closes t's client; a device copy is freed after its tensors were unregistered. */
 void h_trainer_close(h_trainer *t);
 /* Overwrites element `elem` (row-major index into the global tensor) of parameter `name`
- * in t's shards with `value`, when t's FSDP2 shard holds it. Returns 0, or -1 when it does
- * not (another rank holds it, or t is FSDP1). */
+ * in t's shards (and its device copy) with `value`, when t's FSDP2 shard holds it. Returns
+ * 0, or -1 when it does not (another rank holds it, or t is FSDP1) or the upload failed. */
 int h_trainer_poison(h_trainer *t, const char *name, uint64_t elem, float value);
 /* The poison tests' three values, in rows every FSDP2 rank 0 holds: NaN and -Inf in
  * lm_head.weight (elements 5 and 6), +Inf in model.norm.weight (element 3). */
@@ -154,11 +177,12 @@ int h_poison3_named(const char *why);
 float h_weight_named(uint64_t v, const char *name, uint64_t elem);
 
 /* Forks trainer rank/world in its own process (connect, register, then publish on
- * command). Returns 0 or -1. */
+ * command; on a device copy where h_trainer_dev is set). Returns 0 or -1. */
 int h_child_start(h_run *r, h_child *ch, uint32_t rank, uint32_t world, h_layout layout);
 /* Tells the child to fill and publish v (returns at once). */
 int h_child_publish(h_child *ch, uint64_t v);
-/* The child's publish result (waits up to 20 s). */
+/* The child's publish result (waits up to 20 s): rlb_publish's, or RLB_ECUDA when the
+ * upload to its device copy failed. */
 int h_child_result(h_child *ch, int *rc);
 void h_child_stop(h_child *ch);
 

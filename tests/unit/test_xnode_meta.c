@@ -70,12 +70,12 @@ static size_t w_tensor(blob *o, const char *name, int dtype, int kind, int ndim,
 
 /* Offsets of the fields the corruption test changes. */
 typedef struct marks {
-    size_t magic, version, wdt, n_bufs, n_tensors, t_name, t_dtype, t_kind, t_ndim, t_pad,
+    size_t magic, version, wdt, mem, n_bufs, n_tensors, t_name, t_dtype, t_kind, t_ndim, t_pad,
         t_world, t_rank, t_buf, t_off, t_len, t_shape, f_count, e_ndim, e_shape, a_count,
         a_rank, a_scale, f2_world;
 } marks;
 
-/* Node blob: Llama-ish, TP 2, one replica, bf16 workers; 2 buffers (4096 and 1024 bytes);
+/* Node blob: Llama-ish, TP 2, one replica, bf16 workers, buffers in GPU memory; 2 buffers (4096 and 1024 bytes);
  * tensors: a FULL [8, 16] bf16 at 0 of buffer 0, an FSDP2 rank 1 of 2 [32, 16] f32 at 256
  * of buffer 0, an FSDP1 unit 3 rank 0 of 4 in buffer 1 with entries (a 2-D weight, a
  * padding entry, a 1-D norm); adapters: q_proj rank 16 scale 2, down_proj rank 8 scale
@@ -84,10 +84,11 @@ static void write_blob(blob *o, marks *k)
 {
     memset(o, 0, sizeof(*o));
     k->magic = w_le(o, 0x584e4252u, 4);
-    k->version = w_le(o, 2, 4);
+    k->version = w_le(o, 3, 4);
     w_le(o, 2, 4);                    /* tp_size */
     w_le(o, 1, 4);                    /* replicas */
     k->wdt = w_le(o, RLB_DTYPE_BF16, 4);
+    k->mem = w_le(o, 1, 4);           /* GPU memory */
     k->n_bufs = w_le(o, 2, 4);
     k->n_tensors = w_le(o, 3, 4);
     w_le(o, 4096, 8);
@@ -182,6 +183,7 @@ static void test_fields(void **state)
     assert_int_equal(m.tp_size, 2);
     assert_int_equal(m.replicas, 1);
     assert_int_equal(m.wdt, RLB_DTYPE_BF16);
+    assert_int_equal(m.mem, XN_MEM_GPU);
     assert_int_equal(m.n_bufs, 2);
     assert_int_equal(m.buf_bytes[0], 4096);
     assert_int_equal(m.buf_bytes[1], 1024);
@@ -254,7 +256,8 @@ static void test_bad_fields(void **state)
         int bytes;
     } cases[] = {
         {"magic", offsetof(marks, magic), 0x584e4253u, 4},
-        {"version", offsetof(marks, version), 3, 4},
+        {"version", offsetof(marks, version), 2, 4},
+        {"memory kind", offsetof(marks, mem), 2, 4},
         {"worker dtype", offsetof(marks, wdt), 99, 4},
         {"buffers past the blob", offsetof(marks, n_bufs), 0xffffffffu, 4},
         {"tensors past the blob", offsetof(marks, n_tensors), 0xffffffffu, 4},

@@ -1,0 +1,246 @@
+/* test_xnode_gpu: the bridges of a multi-node job (bridge/xnode.h) whose trainers hold their
+ * tensors in GPU memory: such bridges move the trainers' shards node to node through NCCL
+ * (bridge/xport/xport_nccl.c) into GPU staging that the CUDA executor reads.
+ *
+ * Two nodes on this machine, each a bridge forked by the test (h_start_node), one rlb-worker
+ * on the CUDA backend (TP 1, float32 weights, so the CPU engine is its reference) and one
+ * trainer rank in a child process whose tensors are a device copy of its shards
+ * (h_trainer_dev, cudaMalloc'ed): rank n of world 2 on node n. The bridges meet through a
+ * rendezvous store this test serves. Both nodes use GPU 0: NCCL refuses two ranks of one
+ * communicator on one GPU of one host, and it tells hosts apart by a hash of NCCL_HOSTID, so
+ * each bridge starts with its own NCCL_HOSTID and NCCL_SOCKET_IFNAME=lo; NCCL then takes
+ * the two nodes for two hosts and moves the bytes through its socket transport over
+ * loopback, as between the bridges of two machines.
+ *
+ * - FSDP2 over both ranks, 4 versions; FSDP1, 3 versions: each version commits on both
+ *   nodes, bytes came from the other node, and the greedy tokens served through each node's
+ *   bridge equal `rlb generate --device cpu` on a checkpoint of that version's weights.
+ * - a dead peer: node 0's trainer waits in version 2 (node 1's has not published it) when
+ *   node 1's bridge is killed with SIGKILL: node 0's publish fails within
+ *   RLB_PEER_TIMEOUT_MS (3 s here) and a few seconds, and node 0's bridge still answers and
+ *   stops cleanly.
+ *
+ * The test process never initializes CUDA (a CUDA context does not survive fork, and it
+ * forks the bridges, workers and trainers): a probe child counts the GPUs, and the device
+ * hooks run in the trainers' processes only. Exits 77 where no GPU is visible.
+ */
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <cuda_runtime_api.h>
+
+#include "common/clock.h"
+#include "common/store.h"
+#include "tests/integration/bridge_harness.h"
+
+#define RUN_ID "xnode-gpu-test"
+#define PEER_TIMEOUT_MS 3000
+#define SLACK_S 5.0 /* seconds past RLB_PEER_TIMEOUT_MS a publish may take to fail */
+#define MAX_TOKENS 8
+#define SKIP 77
+
+static const int32_t prompt[3] = {5, 17, 42};
+
+/* ---- The trainers' device memory (run in the trainer processes only) ----------------- */
+
+static int cuda_alloc(size_t bytes, void **ptr)
+{
+    return cudaMalloc(ptr, bytes) == cudaSuccess ? 0 : -1;
+}
+
+/* Synchronous: the bytes are on the device when it returns (a copy from pageable memory may
+ * return before its DMA ends). */
+static int cuda_upload(void *dst, const void *src, size_t bytes)
+{
+    return cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice) == cudaSuccess &&
+                   cudaDeviceSynchronize() == cudaSuccess
+               ? 0
+               : -1;
+}
+
+static void cuda_free(void *ptr)
+{
+    cudaFree(ptr);
+}
+
+static const h_dev_ops cuda_ops = {.alloc = cuda_alloc, .upload = cuda_upload,
+                                   .free = cuda_free};
+
+/* ---- The job --------------------------------------------------------------------------- */
+
+/* The store and both nodes, each with its worker, trainer rank and an observer client. */
+typedef struct job {
+    rlb_store_server *srv;
+    h_run r[2];
+    h_child t[2];        /* trainer rank n on node n */
+    rlb_client *tool[2]; /* generates and reads counters through node n's bridge */
+} job;
+
+/* Starts node n's bridge as a host of its own to NCCL (the top comment says why): the
+ * forked bridge inherits NCCL_HOSTID and NCCL_SOCKET_IFNAME, which are restored after. */
+static void start_node(job *j, int n, int port)
+{
+    static const char *const names[2] = {"NCCL_HOSTID", "NCCL_SOCKET_IFNAME"};
+    char *saved[2], host[64];
+    for (int i = 0; i < 2; i++)
+        saved[i] = getenv(names[i]) ? strdup(getenv(names[i])) : NULL;
+    snprintf(host, sizeof(host), "rlb-xnode-gpu-test-node-%d", n);
+    setenv("NCCL_HOSTID", host, 1);
+    setenv("NCCL_SOCKET_IFNAME", "lo", 1);
+    h_node node = {.nnodes = 2, .node = n, .first_rank = (uint32_t)n, .n_ranks = 1,
+                   .store_port = port, .run_id = RUN_ID};
+    int rc = h_start_node(&j->r[n], RLB_SYNC_PAUSE, &node);
+    for (int i = 0; i < 2; i++) {
+        if (saved[i])
+            setenv(names[i], saved[i], 1);
+        else
+            unsetenv(names[i]);
+        free(saved[i]);
+    }
+    assert_int_equal(rc, 0);
+}
+
+static void job_start(job *j, h_layout layout)
+{
+    memset(j, 0, sizeof(*j));
+    h_worker_device = RLB_DEVICE_CUDA;
+    h_trainer_dev = &cuda_ops;
+    assert_int_equal(rlb__store_server_start("127.0.0.1", 0, RUN_ID, &j->srv), 0);
+    int port = rlb__store_server_port(j->srv);
+    for (int n = 0; n < 2; n++) {
+        start_node(j, n, port);
+        assert_int_equal(h_workers(&j->r[n], 1, 1), 0);
+    }
+    for (int n = 0; n < 2; n++) {
+        assert_int_equal(h_connect(&j->r[n], 0, 0, &j->tool[n]), 0);
+        assert_int_equal(h_wait_workers(&j->r[n], j->tool[n], 1, 1), 0);
+    }
+    for (int n = 0; n < 2; n++)
+        assert_int_equal(h_child_start(&j->r[n], &j->t[n], (uint32_t)n, 2, layout), 0);
+}
+
+static void job_stop(job *j)
+{
+    for (int n = 0; n < 2; n++) {
+        h_child_stop(&j->t[n]);
+        rlb_close(j->tool[n]);
+    }
+    h_cleanup();
+    rlb__store_server_stop(j->srv);
+}
+
+/* Publishes v on both trainers at once; both must commit it. */
+static void publish(job *j, uint64_t v)
+{
+    for (int n = 0; n < 2; n++)
+        assert_int_equal(h_child_publish(&j->t[n], v), 0);
+    for (int n = 0; n < 2; n++) {
+        int rc = -1;
+        assert_int_equal(h_child_result(&j->t[n], &rc), 0);
+        if (rc)
+            fprintf(stderr, "node %d: publish %llu: %s\n", n, (unsigned long long)v,
+                    rlb_strerror(rc));
+        assert_int_equal(rc, 0);
+    }
+}
+
+/* versions versions in layout: after each commit, bytes came from the other node and each
+ * node's bridge serves that version's reference tokens. */
+static void sync_versions(h_layout layout, uint64_t versions)
+{
+    job j;
+    double received[2] = {0, 0};
+    job_start(&j, layout);
+    for (uint64_t v = 1; v <= versions; v++) {
+        publish(&j, v);
+        for (int n = 0; n < 2; n++) {
+            double now = h_stat(j.tool[n], "xnode_bytes_received");
+            assert_true(now > received[n]);
+            received[n] = now;
+            assert_int_equal(h_check_greedy(&j.r[n], j.tool[n], v, 1, prompt, 3, MAX_TOKENS),
+                             0);
+        }
+    }
+    job_stop(&j);
+}
+
+static void test_fsdp2(void **state)
+{
+    sync_versions(H_FSDP2, 4);
+    (void)state;
+}
+
+static void test_fsdp1(void **state)
+{
+    sync_versions(H_FSDP1, 3);
+    (void)state;
+}
+
+/* Node 1's bridge dies while node 0's trainer waits in version 2: node 0 gives up on the
+ * dead peer within the bound, and its bridge lives on. */
+static void test_peer_killed(void **state)
+{
+    job j;
+    int rc = 0;
+    job_start(&j, H_FSDP2);
+    publish(&j, 1);
+    assert_int_equal(h_child_publish(&j.t[0], 2), 0);
+    usleep(500 * 1000); /* node 0's bridge holds version 2 for node 1 */
+    double t0 = rlb__clock_s();
+    kill(j.r[1].bridge, SIGKILL);
+    assert_int_equal(h_child_result(&j.t[0], &rc), 0);
+    double took = rlb__clock_s() - t0;
+    fprintf(stderr, "node 0's publish of version 2: %s, %.1f s after node 1's bridge died\n",
+            rlb_strerror(rc), took);
+    assert_int_not_equal(rc, 0);
+    assert_true(took < PEER_TIMEOUT_MS / 1000.0 + SLACK_S);
+    assert_true(h_stat(j.tool[0], "workers") == 1);
+    for (int n = 0; n < 2; n++)
+        h_child_stop(&j.t[n]);
+    rlb_close(j.tool[1]);
+    /* SIGTERM: it must exit by itself, its socket and shared memory gone. */
+    assert_int_equal(h_stop(&j.r[0], j.tool[0]), 0);
+    rlb__store_server_stop(j.srv);
+    (void)state;
+}
+
+/* The number of visible GPUs, counted in a child (this process stays without CUDA). */
+static int count_gpus(void)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        int n = 0;
+        _exit(cudaGetDeviceCount(&n) == cudaSuccess ? (n > 9 ? 9 : n) : 0);
+    }
+    int st = 0;
+    if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st))
+        return 0;
+    return WEXITSTATUS(st);
+}
+
+int main(void)
+{
+    if (count_gpus() < 1) {
+        printf("test_xnode_gpu: no GPU visible: skipped\n");
+        return SKIP;
+    }
+    signal(SIGPIPE, SIG_IGN); /* a dead trainer's command pipe */
+    char timeout[16];
+    snprintf(timeout, sizeof(timeout), "%d", PEER_TIMEOUT_MS);
+    setenv("RLB_PEER_TIMEOUT_MS", timeout, 1);
+    setenv("RLB_THREADS", "1", 0);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_fsdp2, h_teardown),
+        cmocka_unit_test_teardown(test_fsdp1, h_teardown),
+        cmocka_unit_test_teardown(test_peer_killed, h_teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
