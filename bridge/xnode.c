@@ -129,7 +129,9 @@ struct br_xnode {
     uint8_t (*events)[64];     /* the version's local publish events (from job_events) */
     uint32_t n_events;
     int gpu;                   /* the plan's sources are GPU memory: whole staging on the GPU
-                                  through xg, every chunk sent in every version */
+                                  through xg (one NCCL group a version, every chunk landing
+                                  at once); manifests through the store, chunks hashed by
+                                  the transport's digest */
     xn_meta *metas;            /* [nnodes] last decoded meta of each node */
     uint64_t *epochs;          /* [nnodes] its epoch (0: none yet) */
     uint8_t *my_meta;          /* the last meta this node wrote */
@@ -147,7 +149,8 @@ struct br_xnode {
     int whole;                 /* whole staging, the plan run once every chunk is in (a plan
                                   with LoRA merges, or one that cannot be cut at chunks) */
     uint8_t *peer_whole;       /* [nnodes] node m's plan runs from whole staging: what it is
-                                  sent goes with manifests (plan_whole) */
+                                  sent goes with manifests (plan_whole; gpu: every plan runs
+                                  from whole staging, manifests only for these) */
     uint32_t n_slots;          /* chunks in staging at once: max_slots, or all (whole) */
     uint8_t *slots;            /* bounded staging: n_slots chunks, chunk i in slot
                                   i % n_slots */
@@ -642,7 +645,7 @@ static int split_ops(const br_xnode *x, rlb_plan *plan)
  * records, and an empty staging). */
 static int stage(br_xnode *x, rlb_plan *mine)
 {
-    x->whole = x->peer_whole[x->node];
+    x->whole = x->peer_whole[x->node] || x->gpu;
     int rc = x->whole ? 0 : split_ops(x, mine);
     if (rc < 0)
         return rc;
@@ -781,8 +784,6 @@ static int build(br_xnode *x, void *const *local_ptr, char *err, size_t len)
         }
         rlb__plan_free(&plan);
     }
-    if (x->gpu) /* one NCCL group a version: every chunk lands at once, in whole staging */
-        memset(x->peer_whole, 1, (size_t)x->nnodes);
     for (uint32_t g = 0; g < x->n_global && rc == 0; g++) {
         int o = owner(x, g);
         x->src_len[g] = x->metas[o].buf_bytes[g - x->base[o]];
@@ -1198,13 +1199,54 @@ static int have_ready(br_xnode *x, void *arg, char *why, size_t len)
     return rc != 0 ? rc : entered(x, h->xv, &in, why, len);
 }
 
+/* GPU memory: the digests of every send chunk to a node whose plan takes manifests
+ * (out[2 i], out[2 i + 1] for send chunk i; the others' stay 0), taken by the transport on
+ * the GPU after the trainers' events. Returns 0 or a negative code with why. */
+static int digest_sends(br_xnode *x, uint64_t **out, char *why, size_t len)
+{
+    const void **ptr = calloc(x->n_sends + 1, sizeof(*ptr));
+    uint64_t *bytes = calloc(x->n_sends + 1, sizeof(*bytes));
+    uint32_t *at = calloc(x->n_sends + 1, sizeof(*at));
+    uint64_t *d = calloc(2 * (size_t)x->n_sends + 2, sizeof(*d));
+    uint64_t *dense = calloc(2 * (size_t)x->n_sends + 2, sizeof(*dense));
+    uint32_t n = 0;
+    int rc = ptr && bytes && at && d && dense ? 0 : RLB_ENOMEM;
+    for (uint32_t i = 0; rc == 0 && i < x->n_sends; i++) {
+        const xn_chunk *c = &x->sends[i];
+        if (!x->peer_whole[c->peer])
+            continue;
+        ptr[n] = (const uint8_t *)x->src_ptr[c->buf] + c->off;
+        bytes[n] = c->len;
+        at[n++] = i;
+    }
+    if (rc == 0 && n && (rc = x->xt->iface->digest(x->xt->ctx, ptr, bytes, n, dense)) < 0)
+        snprintf(why, len, "node %d cannot hash its chunks on the GPU: %s", x->node,
+                 rlb_strerror(rc));
+    for (uint32_t k = 0; rc == 0 && k < n; k++) {
+        d[2 * at[k]] = dense[2 * k];
+        d[2 * at[k] + 1] = dense[2 * k + 1];
+    }
+    free(ptr);
+    free(bytes);
+    free(at);
+    free(dense);
+    if (rc < 0) {
+        free(d);
+        d = NULL;
+    }
+    *out = d;
+    return rc;
+}
+
 /* Whole staging: once `peer` said what its staging holds, sends it the manifest of the
  * chunks it is sent (1: the bytes follow, 0: unchanged since the attempt it holds), then
- * those chunks. *left loses the skipped ones, *skipped counts their bytes. Returns 0 or a
- * negative code with why. */
+ * those chunks. GPU memory: the chunks' digests (digest_sends) decide, and the manifest
+ * goes through the store (x/<v.k>/man/<from>/<to>, '0' or '1' per chunk), so the
+ * receiver posts all of its receives in the version's one NCCL group. *left loses the
+ * skipped ones, *skipped counts their bytes. Returns 0 or a negative code with why. */
 static int send_changed(br_xnode *x, const xn_version *xv, int peer, uint64_t vt,
-                        rlb_xreq **reqs, uint32_t *left, uint64_t *skipped, char *why,
-                        size_t len)
+                        rlb_xreq **reqs, const uint64_t *digests, uint32_t *left,
+                        uint64_t *skipped, char *why, size_t len)
 {
     uint32_t first, n = span_of(x->sends, x->n_sends, peer, &first);
     char key[96], val[64], what[64];
@@ -1219,14 +1261,25 @@ static int send_changed(br_xnode *x, const xn_version *xv, int peer, uint64_t vt
     int held = xn_delta_open(&x->delta, peer, xn_attempt_parse(val));
     for (uint32_t i = first; i < first + n; i++) {
         const xn_chunk *c = &x->sends[i];
-        x->man_out[i] = (uint8_t)xn_delta_changed(&x->delta, i, held,
-                                                  (const uint8_t *)x->src_ptr[c->buf] + c->off,
-                                                  c->len);
+        x->man_out[i] = (uint8_t)(
+            digests ? xn_delta_changed_hash(&x->delta, i, held,
+                                            (xn_hash){digests[2 * i], digests[2 * i + 1]})
+                    : xn_delta_changed(&x->delta, i, held,
+                                       (const uint8_t *)x->src_ptr[c->buf] + c->off, c->len));
     }
     xn_delta_close(&x->delta, peer, (xn_attempt){.v = xv->v, .k = (uint32_t)xv->k});
-    rc = x->xt->iface->isend(x->xt->ctx, peer, vt | XN_TAG_MANIFEST, x->man_out + first, n,
-                             &reqs[req_man_out(x, peer)]);
-    (*left)++;
+    if (digests) {
+        char *man = malloc(n + 1);
+        for (uint32_t i = 0; man && i < n; i++)
+            man[i] = x->man_out[first + i] ? '1' : '0';
+        snprintf(key, sizeof(key), "%s/man/%d/%d", xv->base, x->node, peer);
+        rc = man ? rlb__store_set(x->store, key, man, n) : RLB_ENOMEM;
+        free(man);
+    } else {
+        rc = x->xt->iface->isend(x->xt->ctx, peer, vt | XN_TAG_MANIFEST, x->man_out + first, n,
+                                 &reqs[req_man_out(x, peer)]);
+        (*left)++;
+    }
     for (uint32_t i = first; i < first + n && rc == 0; i++) {
         const xn_chunk *c = &x->sends[i];
         if (!x->man_out[i]) {
@@ -1286,6 +1339,34 @@ static int recv_changed(br_xnode *x, int peer, uint64_t vt, rlb_xreq **reqs, uin
     return rc;
 }
 
+/* GPU memory, whole staging with manifests: waits for peer's manifest in the store
+ * (send_changed wrote it), then posts the receives of the chunks whose bytes follow
+ * (recv_changed). Returns 0 or a negative code with why. */
+static int manifest_from(br_xnode *x, const xn_version *xv, int peer, uint64_t vt,
+                         rlb_xreq **reqs, uint32_t *left, char *why, size_t len)
+{
+    uint32_t first, n = span_of(x->recvs, x->n_recvs, peer, &first);
+    if (n == 0 || peer == x->node)
+        return 0;
+    char key[96], what[64];
+    char *val = malloc((size_t)n + 2);
+    if (!val)
+        return RLB_ENOMEM;
+    snprintf(key, sizeof(key), "%s/man/%d/%d", xv->base, peer, x->node);
+    snprintf(what, sizeof(what), "node %d's manifest", peer);
+    xn_have h = {.xv = xv, .key = {.key = key, .buf = val, .cap = (size_t)n + 2}};
+    int rc = wait_for(x, what, have_ready, &h, NULL, NULL, why, len);
+    if (rc == 0 && strlen(val) != n)
+        rc = (snprintf(why, len, "node %d's manifest names %zu chunks, not %u", peer,
+                       strlen(val), n), RLB_EPROTO);
+    for (uint32_t i = 0; rc == 0 && i < n; i++)
+        x->man_in[first + i] = val[i] == '1';
+    free(val);
+    if (rc == 0 && (rc = recv_changed(x, peer, vt, reqs, left)) < 0)
+        snprintf(why, len, "node %d cannot receive: %s", x->node, rlb_strerror(rc));
+    return rc;
+}
+
 /* Whole staging, before any transfer: publishes what the staging holds
  * (x/<v.k>/have/<node>), which from now on is unknown until every receive of this attempt is
  * in, and posts the receives of the other nodes' manifests. Returns 0 or a negative code
@@ -1301,7 +1382,7 @@ static int start_manifests(br_xnode *x, const xn_version *xv, uint64_t vt, rlb_x
     if (rc < 0)
         return snprintf(why, len, "node %d lost the rendezvous store: %s", x->node,
                         rlb_strerror(rc)), rc;
-    for (int p = 0; p < x->nnodes && rc == 0; p++) {
+    for (int p = 0; p < x->nnodes && rc == 0 && !x->gpu; p++) { /* gpu: manifest_from */
         uint32_t first, k = span_of(x->recvs, x->n_recvs, p, &first);
         if (k == 0 || p == x->node)
             continue;
@@ -1337,19 +1418,28 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
     memset(x->arrived, 0, x->n_recvs);
     memset(x->consumed, 0, x->n_recvs);
     pthread_mutex_unlock(&x->mu);
-    if (rc == 0 && x->whole && !x->gpu)
+    if (rc == 0 && x->peer_whole[x->node])
         rc = start_manifests(x, xv, vt, reqs, &left, why, len);
     if (rc == 0 && x->n_sends && x->n_events && x->xt->iface->after_events &&
         (rc = x->xt->iface->after_events(x->xt->ctx, (const uint8_t(*)[64])x->events,
                                          x->n_events)) < 0)
         snprintf(why, len, "node %d cannot order its sends after its trainers' work: %s",
                  x->node, rlb_strerror(rc));
+    uint64_t *digests = NULL;
+    if (rc == 0 && x->gpu)
+        rc = digest_sends(x, &digests, why, len);
     for (int p = 0; p < x->nnodes && rc == 0; p++)
-        rc = x->peer_whole[p] && !x->gpu
-                 ? send_changed(x, xv, p, vt, reqs, &left, &skipped, why, len)
-                 : send_all(x, p, vt, reqs, why, len);
+        rc = x->peer_whole[p] ? send_changed(x, xv, p, vt, reqs, digests, &left, &skipped, why,
+                                             len)
+                              : send_all(x, p, vt, reqs, why, len);
+    free(digests);
+    /* GPU: the manifests came through the store; the receives of what follows, at once */
+    for (int p = 0; p < x->nnodes && rc == 0 && x->gpu && x->peer_whole[x->node]; p++)
+        rc = manifest_from(x, xv, p, vt, reqs, &left, why, len);
     /* bounded staging posts receives as slots free; GPU staging all of them at once */
-    int got = rc == 0 && (!x->whole || x->gpu) ? post_recvs(x, vt, reqs, &posted) : 0;
+    int got = rc == 0 && (!x->whole || (x->gpu && !x->peer_whole[x->node]))
+                  ? post_recvs(x, vt, reqs, &posted)
+                  : 0;
     if (got < 0) {
         rc = got;
         snprintf(why, len, "node %d cannot start its transfers: %s", x->node, rlb_strerror(rc));
@@ -1392,7 +1482,9 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
                 snprintf(why, len, "node %d cannot receive: %s", x->node, rlb_strerror(rc));
             }
         }
-        got = rc == 0 && (!x->whole || x->gpu) ? post_recvs(x, vt, reqs, &posted) : 0;
+        got = rc == 0 && (!x->whole || (x->gpu && !x->peer_whole[x->node]))
+                  ? post_recvs(x, vt, reqs, &posted)
+                  : 0;
         if (got < 0) {
             rc = got;
             snprintf(why, len, "node %d cannot receive: %s", x->node, rlb_strerror(rc));
@@ -1429,7 +1521,7 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
             x->xt->iface->cancel(x->xt->ctx, reqs[i]);
     }
     free(reqs);
-    if (x->whole && !x->gpu && all_arrived(x))
+    if (x->peer_whole[x->node] && all_arrived(x))
         x->delta.have = (xn_attempt){.v = xv->v, .k = (uint32_t)xv->k};
     pthread_mutex_lock(&x->mu);
     x->bytes_sent += sent;

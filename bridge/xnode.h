@@ -19,8 +19,9 @@
  *      receiver does not hold yet (it says in the store which attempt its staging holds):
  *      after the first version only the adapters cross (DESIGN §10, xnode_delta.h);
       trainer tensors in GPU memory cross through NCCL instead of UCX, as one group per
-      version into a whole staging on the GPU, sent whole in every version, the sends
-      ordered after the trainers' publish events (xnode.c: choose_xport, connect_gpu);
+      version into a whole staging on the GPU, the sends ordered after the trainers'
+      publish events; there the chunks are hashed on the GPU and the manifests go through
+      the store (xnode.c: choose_xport, connect_gpu, digest_sends, manifest_from);
  *      The exchange's no-progress bound (RLB_PEER_TIMEOUT_MS + 1 s without a completed
  *      transfer) runs only once every node has posted its transfers; a node that cannot
  *      (its plan failed, say) says so in the store and the others stop at once; one whose

@@ -67,11 +67,16 @@ int xn_delta_open(xn_delta *d, int peer, xn_attempt peer_have)
 
 int xn_delta_changed(xn_delta *d, uint32_t i, int held, const void *data, uint64_t len)
 {
+    XXH128_hash_t h = XXH3_128bits(data, (size_t)len);
+    return xn_delta_changed_hash(d, i, held, (xn_hash){.lo = h.low64, .hi = h.high64});
+}
+
+int xn_delta_changed_hash(xn_delta *d, uint32_t i, int held, xn_hash h)
+{
     if (!d->hash || i >= d->n_sends)
         return 1;
-    XXH128_hash_t h = XXH3_128bits(data, (size_t)len);
-    int same = held && d->hash[i].lo == h.low64 && d->hash[i].hi == h.high64;
-    d->hash[i] = (xn_hash){.lo = h.low64, .hi = h.high64};
+    int same = held && d->hash[i].lo == h.lo && d->hash[i].hi == h.hi;
+    d->hash[i] = h;
     return !same;
 }
 

@@ -9,7 +9,8 @@
  *     into its staging, or none: none once its staging is new (a rebuilt plan), and none
  *     from the moment an exchange starts writing the staging until it completed every
  *     receive. It writes what it had in the store before it posts its transfers;
- *   - the sender keeps, per peer, a 128-bit hash (XXH3) of each chunk it sends there and the
+ *   - the sender keeps, per peer, a 128-bit hash (XXH3; for GPU memory the transport's digest,
+ *     computed on the GPU) of each chunk it sends there and the
  *     attempt those hashes describe. A chunk is skipped only when the receiver's `have` is
  *     that attempt and the hash of the bytes now is the recorded one: then the receiver's
  *     staging holds these very bytes.
@@ -60,6 +61,9 @@ int xn_delta_open(xn_delta *d, int peer, xn_attempt peer_have);
 /* 1 when send chunk i (its bytes data[len]) must go to its peer: `held` (xn_delta_open's
  * answer) is 0, or its bytes changed since the recorded attempt. Records their hash. */
 int xn_delta_changed(xn_delta *d, uint32_t i, int held, const void *data, uint64_t len);
+/* The same with the chunk's hash given: a digest of its bytes where they are in memory the
+ * host cannot hash (GPU memory: the transport's digest). A job hashes every chunk one way. */
+int xn_delta_changed_hash(xn_delta *d, uint32_t i, int held, xn_hash h);
 /* Every chunk to `peer` decided: the records describe attempt `now`. */
 void xn_delta_close(xn_delta *d, int peer, xn_attempt now);
 

@@ -43,8 +43,9 @@
 #             (scripts/ncu_step_summary.py; the CSVs land in $OUT/ncu-step-bBATCH.tar)
 #   gemm-sweep  rlb-bench-engine --gemm-sweep: every cuBLASLt algorithm the heuristic offers
 #             for each matrix of both shapes at 256 rows, timed
-#   xnode-gpu the bridges of two nodes on one GPU exchanging GPU memory over NCCL
-#             (NCCL_HOSTID per node): test_xport_nccl and test_xnode_gpu, verbose
+#   xnode-gpu the bridges of two nodes on one GPU exchanging GPU memory over NCCL, and the
+#             GPU digest of their chunks (NCCL_HOSTID per node): test_cuda_digest,
+#             test_xport_nccl and test_xnode_gpu, verbose
 #   lora-gemm rlb-bench-lora-gemm (the LoRA merge as cuBLASLt products with the base as C,
 #             against a memcpy of the same bytes), then rlb-bench-reshard-gpu --lora (the
 #             merge kernel now) beside it
@@ -126,10 +127,10 @@ for step in "$@"; do
     lora-kernel)
         lora_kernel 'test_cuda_lora' ;;
     xnode-gpu)
-        RLB_LOG=info ctest --test-dir build-gpu -R 'test_xport_nccl|test_xnode_gpu' -V \
-            --timeout 300 > "$out/xnode-gpu.log" 2>&1
-        grep -E "tests passed|Failed|FAILED|Skipped|Passed|\[ *(OK|FAILED|RUN) *\]|NCCL|nccl" \
-            "$out/xnode-gpu.log" | tail -40 ;;
+        RLB_LOG=info ctest --test-dir build-gpu -V --timeout 300 \
+            -R 'test_cuda_digest|test_xport_nccl|test_xnode_gpu' > "$out/xnode-gpu.log" 2>&1
+        grep -E "tests passed|Failed|FAILED|Skipped|Passed|\[ *(OK|FAILED|RUN) *\]|NCCL|nccl|GB/s|received|ERROR" \
+            "$out/xnode-gpu.log" | tail -50 ;;
     lora-gemm)
         build-gpu/bench/rlb-bench-lora-gemm > "$out/bench-lora-gemm.log" 2>&1
         tail -20 "$out/bench-lora-gemm.log"

@@ -60,6 +60,12 @@ typedef struct rlb_xport_iface_v1 {
      * events (cudaIpcEventHandle_t, 64 bytes each) completed. NULL where the transport moves
      * host memory only (nothing to wait for). 0 or RLB_ECUDA. */
     int (*after_events)(void *ctx, const uint8_t (*events)[64], uint32_t n);
+    /* 128-bit digests (out[2 i], out[2 i + 1]) of n byte ranges (ptr[i], len[i]) of the
+     * memory this transport moves, taken after the events of after_events: whether a chunk
+     * changed since it was last sent (xnode_delta.h). NULL where that memory is the host's
+     * (the exchange hashes it itself). 0 or a negative code. */
+    int (*digest)(void *ctx, const void *const *ptr, const uint64_t *len, uint32_t n,
+                  uint64_t *out);
 } rlb_xport_iface_v1;
 
 typedef struct rlb_xport {

@@ -18,7 +18,8 @@
  *
  * Memory and order: staging is device memory of the endpoint's GPU (mem_alloc); sends read the
  * trainers' tensors, which their kernels wrote before each publish recorded an interprocess
- * event, so the stream waits on those events (after_events) before the next group.
+ * event, so the stream waits on those events (after_events) before the next group, and the
+ * chunks' digests (kernels/cuda/digest.h) are taken on the same stream after them.
  *
  * Failures: NCCL reports a dead peer or a broken connection as the communicator's async
  * error (ncclCommGetAsyncError), which fails every pending request; a launched operation
@@ -33,6 +34,7 @@
 
 #include "bridge/xport/xport.h"
 #include "common/log.h"
+#include "kernels/cuda/digest.h"
 #include "rlb/rlb.h"
 
 _Static_assert(sizeof(cudaIpcEventHandle_t) == 64, "a publish event handle is 64 bytes");
@@ -332,6 +334,15 @@ static int nccl_after_events(void *ctx, const uint8_t (*events)[64], uint32_t n)
     return 0;
 }
 
+static int nccl_digest(void *ctx, const void *const *ptr, const uint64_t *len, uint32_t n,
+                       uint64_t *out)
+{
+    nccl_ctx *c = ctx;
+    if (cudaSetDevice(c->device) != cudaSuccess)
+        return RLB_ECUDA;
+    return rlb__cuda_digest(ptr, len, n, out, c->stream); /* after the trainers' events */
+}
+
 int rlb__xport_nccl_device_of(const void *p)
 {
     struct cudaPointerAttributes at;
@@ -354,6 +365,7 @@ static const rlb_xport_iface_v1 nccl_iface = {
     .mem_alloc = nccl_mem_alloc,
     .mem_free = nccl_mem_free,
     .after_events = nccl_after_events,
+    .digest = nccl_digest,
 };
 
 int rlb__xport_nccl_create(int node, int nnodes, int device, rlb_xport **out)

@@ -14,6 +14,10 @@ if(TARGET rlb_kernels_cuda)
                LIBS rlb_kernels_cuda LABELS unit TIMEOUT 120)
   rlb_add_test(NAME test_cuda_quant SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_quant.c
                LIBS rlb_kernels_cuda m LABELS gpu TIMEOUT 120)
+  # The GPU digest of device byte ranges (kernels/cuda/digest.h) against its plain C
+  # definition: every tail length at aligned and unaligned starts, changed and swapped bytes.
+  rlb_add_test(NAME test_cuda_digest SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_digest.c
+               LIBS rlb_kernels_cuda LABELS gpu TIMEOUT 120)
   rlb_add_test(NAME test_cuda_executor SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_cuda_executor.c
                LIBS rlb_kernels_cuda LABELS gpu TIMEOUT 300)
   # LoRA merges on the GPU against the CPU executor and a double-precision W + s * B * A.

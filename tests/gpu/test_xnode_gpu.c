@@ -15,6 +15,10 @@
  * - FSDP2 over both ranks, 4 versions; FSDP1, 3 versions: each version commits on both
  *   nodes, bytes came from the other node, and the greedy tokens served through each node's
  *   bridge equal `rlb generate --device cpu` on a checkpoint of that version's weights.
+ * - LoRA adapters (rank 4) on every target of every layer, FSDP2 over both ranks, 3 versions:
+ *   the greedy tokens equal `rlb generate` on a checkpoint of W + s * B * A (computed here in
+ *   double), and from version 2 on each node receives exactly the factor bytes the other
+ *   node's rank holds (the base's chunks hashed on the GPU, found unchanged, not sent).
  * - a dead peer: node 0's trainer waits in version 2 (node 1's has not published it) when
  *   node 1's bridge is killed with SIGKILL: node 0's publish fails within
  *   RLB_PEER_TIMEOUT_MS (3 s here) and a few seconds, and node 0's bridge still answers and
@@ -39,6 +43,8 @@
 
 #include "common/clock.h"
 #include "common/store.h"
+#include "model/lora.h"
+#include "model/params.h"
 #include "tests/integration/bridge_harness.h"
 
 #define RUN_ID "xnode-gpu-test"
@@ -46,6 +52,8 @@
 #define SLACK_S 5.0 /* seconds past RLB_PEER_TIMEOUT_MS a publish may take to fail */
 #define MAX_TOKENS 8
 #define SKIP 77
+#define LORA_RANK 4
+#define LORA_ALPHA 8.0f
 
 static const int32_t prompt[3] = {5, 17, 42};
 
@@ -108,7 +116,9 @@ static void start_node(job *j, int n, int port)
     assert_int_equal(rc, 0);
 }
 
-static void job_start(job *j, h_layout layout)
+/* list NULL: the tiny model's parameters (h_child_start); else that list, valued by value. */
+static void job_start_list(job *j, h_layout layout, const rlb_param_list *list,
+                           h_value_fn value)
 {
     memset(j, 0, sizeof(*j));
     h_worker_device = RLB_DEVICE_CUDA;
@@ -124,7 +134,15 @@ static void job_start(job *j, h_layout layout)
         assert_int_equal(h_wait_workers(&j->r[n], j->tool[n], 1, 1), 0);
     }
     for (int n = 0; n < 2; n++)
-        assert_int_equal(h_child_start(&j->r[n], &j->t[n], (uint32_t)n, 2, layout), 0);
+        assert_int_equal(list ? h_child_start_list(&j->r[n], &j->t[n], (uint32_t)n, 2, layout,
+                                                   list, value)
+                              : h_child_start(&j->r[n], &j->t[n], (uint32_t)n, 2, layout),
+                         0);
+}
+
+static void job_start(job *j, h_layout layout)
+{
+    job_start_list(j, layout, NULL, NULL);
 }
 
 static void job_stop(job *j)
@@ -184,6 +202,96 @@ static void test_fsdp1(void **state)
     (void)state;
 }
 
+/* ---- LoRA: only the adapters cross after the first version ------------------------------ */
+
+/* Version v's merged weights W + s * B * A, in double, rounded once to float (every tiny
+ * parameter, for h_reference_weights). */
+static float **merged_weights(const rlb_param_list *l, uint64_t v)
+{
+    const rlb_param_list *tiny = h_params();
+    float **data = calloc((size_t)tiny->n, sizeof(*data));
+    for (int64_t p = 0; p < tiny->n; p++) {
+        uint64_t numel = rlb__param_numel(&tiny->params[p]);
+        data[p] = malloc(numel * sizeof(float));
+        for (uint64_t i = 0; i < numel; i++)
+            data[p][i] = h_weight(1, p, i);
+    }
+    for (int64_t k = 0; k < l->n_adapters; k++) {
+        const rlb_param_adapter *a = &l->adapters[k];
+        const rlb_param *w = &l->params[a->base];
+        const char *an = l->params[a->a].name, *bn = l->params[a->b].name;
+        for (int64_t o = 0; o < w->rows; o++)
+            for (int64_t c = 0; c < w->cols; c++) {
+                double sum = 0;
+                for (int64_t j = 0; j < a->rank; j++)
+                    sum += (double)h_factor_value(v, bn, (uint64_t)(o * a->rank + j)) *
+                           (double)h_factor_value(v, an, (uint64_t)(j * w->cols + c));
+                float *e = &data[a->base][o * w->cols + c];
+                *e = (float)((double)h_weight(1, a->base, (uint64_t)(o * w->cols + c)) +
+                             (double)a->scale * sum);
+            }
+    }
+    return data;
+}
+
+/* LoRA adapters on every target of every layer, FSDP2 over both nodes' ranks, 3 versions:
+ * each node's bridge serves W + s * B * A of the version, and from version 2 on each node
+ * receives exactly the factor bytes the other node's rank holds (the base's chunks are
+ * unchanged on the GPU: their digests say so, and the manifests skip them). */
+static void test_lora(void **state)
+{
+    rlb_param_list list;
+    char err[256] = "", name[96];
+    const rlb_param_list *tiny = h_params();
+    assert_int_equal(rlb__params_init(&list, &tiny->cfg, err, sizeof(err)), 0);
+    for (int layer = 0; layer < (int)list.cfg.n_layers; layer++)
+        for (size_t k = 0; k < H_LORA_TARGETS; k++) {
+            snprintf(name, sizeof(name), "model.layers.%d.%s.weight", layer, h_lora_targets[k]);
+            assert_int_equal(rlb__params_add_adapter(&list, name, LORA_RANK,
+                                                     LORA_ALPHA / LORA_RANK, err, sizeof(err)),
+                             0);
+        }
+    /* the factor bytes FSDP2 rank f holds */
+    h_trainer shape = {.world = 2, .layout = H_FSDP2, .list = &list};
+    uint64_t factors[2] = {0, 0};
+    for (int64_t p = 0; p < list.n; p++)
+        if (list.params[p].role == RLB_ROLE_LORA_A || list.params[p].role == RLB_ROLE_LORA_B)
+            for (uint32_t f = 0; f < 2; f++)
+                factors[f] += h_shard_bytes(&shape, p, f);
+    job j;
+    double received[2] = {0, 0};
+    job_start_list(&j, H_FSDP2, &list, h_lora_value);
+    int32_t got[64], want[64];
+    for (uint64_t v = 1; v <= 3; v++) {
+        publish(&j, v);
+        float **merged = merged_weights(&list, v);
+        char tag[32];
+        snprintf(tag, sizeof(tag), "lora%llu", (unsigned long long)v);
+        int nw = h_reference_weights(&j.r[0], tag, merged, 1, prompt, 3, MAX_TOKENS, want, 64);
+        for (int64_t p = 0; p < tiny->n; p++)
+            free(merged[p]);
+        free(merged);
+        assert_true(nw > 0);
+        for (int n = 0; n < 2; n++) {
+            double now = h_stat(j.tool[n], "xnode_bytes_received");
+            fprintf(stderr, "version %llu: node %d received %.0f bytes (the other rank's "
+                    "factors: %llu)\n", (unsigned long long)v, n, now - received[n],
+                    (unsigned long long)factors[1 - n]);
+            if (v > 1)
+                assert_true(now - received[n] == (double)factors[1 - n]);
+            else
+                assert_true(now - received[n] > (double)factors[1 - n]);
+            received[n] = now;
+            int ng = h_greedy(j.tool[n], v, prompt, 3, MAX_TOKENS, got, 64);
+            assert_int_equal(ng, nw);
+            assert_memory_equal(got, want, sizeof(int32_t) * (size_t)nw);
+        }
+    }
+    job_stop(&j);
+    rlb__params_free(&list);
+    (void)state;
+}
+
 /* Node 1's bridge dies while node 0's trainer waits in version 2: node 0 gives up on the
  * dead peer within the bound, and its bridge lives on. */
 static void test_peer_killed(void **state)
@@ -240,6 +348,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_fsdp2, h_teardown),
         cmocka_unit_test_teardown(test_fsdp1, h_teardown),
+        cmocka_unit_test_teardown(test_lora, h_teardown),
         cmocka_unit_test_teardown(test_peer_killed, h_teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

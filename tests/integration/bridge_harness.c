@@ -760,6 +760,12 @@ void h_trainer_close(h_trainer *t)
 
 int h_child_start(h_run *r, h_child *ch, uint32_t rank, uint32_t world, h_layout layout)
 {
+    return h_child_start_list(r, ch, rank, world, layout, tiny_params(), tiny_value);
+}
+
+int h_child_start_list(h_run *r, h_child *ch, uint32_t rank, uint32_t world, h_layout layout,
+                       const struct rlb_param_list *list, h_value_fn value)
+{
     int to[2], from[2];
     if (pipe(to) || pipe(from))
         return -1;
@@ -768,7 +774,7 @@ int h_child_start(h_run *r, h_child *ch, uint32_t rank, uint32_t world, h_layout
         close(to[1]);
         close(from[0]);
         h_trainer t;
-        int rc = h_trainer_open(r, &t, rank, world, layout);
+        int rc = h_trainer_open_list(r, &t, rank, world, layout, list, value);
         if (write(from[1], &rc, sizeof(rc)) != sizeof(rc) || rc)
             _exit(1);
         uint64_t v;
@@ -1117,4 +1123,26 @@ int h_raw_tool(h_run *r, const rlb_msg *m, int *code)
     rlb__ring_rx_free(&rx);
     rlb__conn_close(c);
     return type;
+}
+
+/* ---- LoRA trainers' values ------------------------------------------------------------- */
+
+float h_factor_value(uint64_t v, const char *name, uint64_t i)
+{
+    uint64_t z = UINT64_C(0xcbf29ce484222325);
+    for (const char *c = name; *c; c++)
+        z = (z ^ (uint8_t)*c) * UINT64_C(0x100000001b3);
+    z ^= v * UINT64_C(0x9E3779B97F4A7C15) + i * UINT64_C(0xD1B54A32D192ED03);
+    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
+    z ^= z >> 31;
+    return ((float)(z >> 40) / (float)(1u << 24) - 0.5f) * 0.5f;
+}
+
+float h_lora_value(uint64_t v, const rlb_param_list *l, int64_t p, uint64_t i)
+{
+    const rlb_param *q = &l->params[p];
+    if (q->role == RLB_ROLE_LORA_A || q->role == RLB_ROLE_LORA_B)
+        return h_factor_value(v, q->name, i);
+    return h_weight(1, p, i);
 }

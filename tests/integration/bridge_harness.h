@@ -179,6 +179,10 @@ float h_weight_named(uint64_t v, const char *name, uint64_t elem);
 /* Forks trainer rank/world in its own process (connect, register, then publish on
  * command; on a device copy where h_trainer_dev is set). Returns 0 or -1. */
 int h_child_start(h_run *r, h_child *ch, uint32_t rank, uint32_t world, h_layout layout);
+/* The same with the parameters of `list`, valued by `value`, as h_trainer_open_list (the
+ * list outlives the child). */
+int h_child_start_list(h_run *r, h_child *ch, uint32_t rank, uint32_t world, h_layout layout,
+                       const struct rlb_param_list *list, h_value_fn value);
 /* Tells the child to fill and publish v (returns at once). */
 int h_child_publish(h_child *ch, uint64_t v);
 /* The child's publish result (waits up to 20 s): rlb_publish's, or RLB_ECUDA when the
@@ -251,5 +255,13 @@ double h_stat(rlb_client *c, const char *name);
 /* Waits up to s seconds for counter `name` to equal `want`. Returns 0, or -1 after
  * printing the value it had. */
 int h_wait_stat(rlb_client *c, const char *name, double want, double s);
+
+/* Element i of LoRA factor `name` in version v: small, so the merged model stays
+ * well-conditioned, and different in every version. */
+float h_factor_value(uint64_t v, const char *name, uint64_t i);
+/* What a LoRA trainer rank writes (an h_value_fn for a list of the tiny model's parameters
+ * with adapters): the frozen base, version 1's weights (the tiny model's parameters come
+ * first in such a list, at their own indices), and the factors of version v. */
+float h_lora_value(uint64_t v, const struct rlb_param_list *l, int64_t p, uint64_t i);
 
 #endif /* RLB_TESTS_BRIDGE_HARNESS_H */

@@ -101,30 +101,6 @@ static pid_t find_worker(const char *sock, int tp, int *tp_size)
     return found;
 }
 
-/* Element i of LoRA factor `name` in version v: small, so the merged model stays
- * well-conditioned, and different in every version. */
-static float factor_value(uint64_t v, const char *name, uint64_t i)
-{
-    uint64_t z = UINT64_C(0xcbf29ce484222325);
-    for (const char *c = name; *c; c++)
-        z = (z ^ (uint8_t)*c) * UINT64_C(0x100000001b3);
-    z ^= v * UINT64_C(0x9E3779B97F4A7C15) + i * UINT64_C(0xD1B54A32D192ED03);
-    z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
-    z ^= z >> 31;
-    return ((float)(z >> 40) / (float)(1u << 24) - 0.5f) * 0.5f;
-}
-
-/* The values a --lora rank writes: the base of version 1 (the tiny model's parameters come
- * first in the list, at their own indices), the factors of version v. */
-static float lora_value(uint64_t v, const rlb_param_list *l, int64_t p, uint64_t i)
-{
-    const rlb_param *q = &l->params[p];
-    if (q->role == RLB_ROLE_LORA_A || q->role == RLB_ROLE_LORA_B)
-        return factor_value(v, q->name, i);
-    return h_weight(1, p, i);
-}
-
 /* The tiny model's parameters with an adapter on every target of every layer. */
 static int lora_list(rlb_param_list *l)
 {
@@ -171,10 +147,10 @@ static void ref_values_fill(ref_values *rv, const ref_param *p, uint64_t v)
     rv->b = malloc((uint64_t)(p->rows * LORA_RANK) * sizeof(double));
     snprintf(name, sizeof(name), "%.*s.lora_A.weight", len, p->name);
     for (uint64_t i = 0; i < (uint64_t)(LORA_RANK * p->cols); i++)
-        rv->a[i] = factor_value(v, name, i);
+        rv->a[i] = h_factor_value(v, name, i);
     snprintf(name, sizeof(name), "%.*s.lora_B.weight", len, p->name);
     for (uint64_t i = 0; i < (uint64_t)(p->rows * LORA_RANK); i++)
-        rv->b[i] = factor_value(v, name, i);
+        rv->b[i] = h_factor_value(v, name, i);
 }
 
 /* Compares the F32 weight buffer of worker pid (TP rank t of T) with version v's merged
@@ -339,7 +315,7 @@ int main(int argc, char **argv)
     int rc = lora ? lora_list(&with_adapters) : 0;
     if (rc == 0)
         rc = lora ? h_trainer_open_list(&r, &t, (uint32_t)rank, (uint32_t)world, layout,
-                                        &with_adapters, lora_value)
+                                        &with_adapters, h_lora_value)
                   : h_trainer_open(&r, &t, (uint32_t)rank, (uint32_t)world, layout);
     if (rc) {
         printf("rank %d: cannot register: %s\n", rank, rlb_strerror(rc));
