@@ -9,6 +9,11 @@
  *   x/<v.k>/go       "on" (the exchange runs on every node) or "off <reason>"
  *   x/<v.k>/have/<n> whole staging: the attempt ("v.k", or "0") whose bytes node n's
  *                    staging holds as the attempt starts (xnode_delta.h)
+ *   x/<v.k>/man/<n>/<m> GPU memory, whole staging: node n's manifest for node m ('0' or
+ *                    '1' per chunk it sends m: its bytes follow), which the exchange over
+ *                    host memory sends through the transport instead
+ *   x/<v.k>/nccl/addr/<n> the NCCL transport's addresses (node 0's: the unique id), at the
+ *                    first exchange over GPU memory (connect_gpu)
  *   x/<v.k>/in       add: +1 per node that posted its transfers, +XN_BIG per node leaving
  *   x/<v.k>/left     the first leaver's reason
  *   x/<v.k>/done     add: +1 per node whose exchange ended (see settle())
