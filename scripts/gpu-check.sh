@@ -50,8 +50,9 @@
 #             against a memcpy of the same bytes), then rlb-bench-reshard-gpu --lora (the
 #             merge kernel now) beside it
 #   multi     (two GPUs or more) rlb generate --tp 2 on two GPUs against HF's greedy tokens,
-#             the peer-copy and NCCL transport tests, and examples/grpo_torch.py with an
-#             FSDP2 world of 2 under torchrun and a TP-2 worker replica over NCCL
+#             the peer-copy and NCCL transport tests, examples/grpo_torch.py with an
+#             FSDP2 world of 2 under torchrun and a TP-2 worker replica over NCCL, and
+#             rlb-bench-xnode --nccl over the 8B model's bytes
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -240,6 +241,11 @@ for step in "$@"; do
         RLBRIDGE_LIB=$PWD/build-gpu/librlb.so.1 timeout 400 torchrun --nproc-per-node 2 \
             examples/grpo_torch.py --rlb build-gpu/rlb --steps 20 --check --rollout-tp 2 \
             > "$out/grpo-tp2.log" 2>&1
-        echo "grpo (FSDP2 world 2, TP 2 workers) exit $?"; tail -8 "$out/grpo-tp2.log" ;;
+        echo "grpo (FSDP2 world 2, TP 2 workers) exit $?"; tail -8 "$out/grpo-tp2.log"
+        # the bridges' NCCL transport over the 8B model's bf16 bytes (16.06 GB), GPU 0 to
+        # GPU 1, against an NCCL all-gather of the same bytes on the same GPUs
+        timeout 300 build-gpu/bench/rlb-bench-xnode --nccl --mib 15316 --runs 3 \
+            > "$out/bench-xnode-nccl.log" 2>&1
+        tail -6 "$out/bench-xnode-nccl.log" ;;
     esac
 done
