@@ -1204,37 +1204,27 @@ static int have_ready(br_xnode *x, void *arg, char *why, size_t len)
     return rc != 0 ? rc : entered(x, h->xv, &in, why, len);
 }
 
-/* GPU memory: the digests of every send chunk to a node whose plan takes manifests
- * (out[2 i], out[2 i + 1] for send chunk i; the others' stay 0), taken by the transport on
- * the GPU after the trainers' events. Returns 0 or a negative code with why. */
+/* GPU memory, some node's plan taking manifests: the digests of every send chunk
+ * (out[2 i], out[2 i + 1] for chunk i), taken by the transport on the GPU after the
+ * trainers' events. With LoRA every node's plan takes manifests, so hashing the chunks of a
+ * node whose plan does not is rare (a misaligned plan beside LoRA-free ones) and only costs
+ * a read. Returns 0 or a negative code with why. */
 static int digest_sends(br_xnode *x, uint64_t **out, char *why, size_t len)
 {
     const void **ptr = calloc(x->n_sends + 1, sizeof(*ptr));
     uint64_t *bytes = calloc(x->n_sends + 1, sizeof(*bytes));
-    uint32_t *at = calloc(x->n_sends + 1, sizeof(*at));
     uint64_t *d = calloc(2 * (size_t)x->n_sends + 2, sizeof(*d));
-    uint64_t *dense = calloc(2 * (size_t)x->n_sends + 2, sizeof(*dense));
-    uint32_t n = 0;
-    int rc = ptr && bytes && at && d && dense ? 0 : RLB_ENOMEM;
+    int rc = ptr && bytes && d ? 0 : RLB_ENOMEM;
     for (uint32_t i = 0; rc == 0 && i < x->n_sends; i++) {
         const xn_chunk *c = &x->sends[i];
-        if (!x->peer_whole[c->peer])
-            continue;
-        ptr[n] = (const uint8_t *)x->src_ptr[c->buf] + c->off;
-        bytes[n] = c->len;
-        at[n++] = i;
+        ptr[i] = (const uint8_t *)x->src_ptr[c->buf] + c->off;
+        bytes[i] = c->len;
     }
-    if (rc == 0 && n && (rc = x->xt->iface->digest(x->xt->ctx, ptr, bytes, n, dense)) < 0)
+    if (rc == 0 && (rc = x->xt->iface->digest(x->xt->ctx, ptr, bytes, x->n_sends, d)) < 0)
         snprintf(why, len, "node %d cannot hash its chunks on the GPU: %s", x->node,
                  rlb_strerror(rc));
-    for (uint32_t k = 0; rc == 0 && k < n; k++) {
-        d[2 * at[k]] = dense[2 * k];
-        d[2 * at[k] + 1] = dense[2 * k + 1];
-    }
     free(ptr);
     free(bytes);
-    free(at);
-    free(dense);
     if (rc < 0) {
         free(d);
         d = NULL;
@@ -1431,7 +1421,10 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
         snprintf(why, len, "node %d cannot order its sends after its trainers' work: %s",
                  x->node, rlb_strerror(rc));
     uint64_t *digests = NULL;
-    if (rc == 0 && x->gpu)
+    int manifests = 0; /* some node's plan takes them */
+    for (int p = 0; p < x->nnodes; p++)
+        manifests |= p != x->node && x->peer_whole[p];
+    if (rc == 0 && x->gpu && manifests)
         rc = digest_sends(x, &digests, why, len);
     for (int p = 0; p < x->nnodes && rc == 0; p++)
         rc = x->peer_whole[p] ? send_changed(x, xv, p, vt, reqs, digests, &left, &skipped, why,
@@ -1441,10 +1434,9 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
     /* GPU: the manifests came through the store; the receives of what follows, at once */
     for (int p = 0; p < x->nnodes && rc == 0 && x->gpu && x->peer_whole[x->node]; p++)
         rc = manifest_from(x, xv, p, vt, reqs, &left, why, len);
-    /* bounded staging posts receives as slots free; GPU staging all of them at once */
-    int got = rc == 0 && (!x->whole || (x->gpu && !x->peer_whole[x->node]))
-                  ? post_recvs(x, vt, reqs, &posted)
-                  : 0;
+    /* without manifests: bounded staging posts receives as slots free, GPU staging all of
+     * them at once (its slots are every chunk) */
+    int got = rc == 0 && !x->peer_whole[x->node] ? post_recvs(x, vt, reqs, &posted) : 0;
     if (got < 0) {
         rc = got;
         snprintf(why, len, "node %d cannot start its transfers: %s", x->node, rlb_strerror(rc));
@@ -1487,9 +1479,7 @@ static int exchange(br_xnode *x, const xn_version *xv, int *held, char *why, siz
                 snprintf(why, len, "node %d cannot receive: %s", x->node, rlb_strerror(rc));
             }
         }
-        got = rc == 0 && (!x->whole || (x->gpu && !x->peer_whole[x->node]))
-                  ? post_recvs(x, vt, reqs, &posted)
-                  : 0;
+        got = rc == 0 && !x->peer_whole[x->node] ? post_recvs(x, vt, reqs, &posted) : 0;
         if (got < 0) {
             rc = got;
             snprintf(why, len, "node %d cannot receive: %s", x->node, rlb_strerror(rc));

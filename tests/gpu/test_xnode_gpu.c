@@ -43,6 +43,7 @@
 
 #include "common/clock.h"
 #include "common/store.h"
+#include "tests/gpu/gpu_probe.h"
 #include "model/lora.h"
 #include "model/params.h"
 #include "tests/integration/bridge_harness.h"
@@ -320,23 +321,9 @@ static void test_peer_killed(void **state)
     (void)state;
 }
 
-/* The number of visible GPUs, counted in a child (this process stays without CUDA). */
-static int count_gpus(void)
-{
-    pid_t pid = fork();
-    if (pid == 0) {
-        int n = 0;
-        _exit(cudaGetDeviceCount(&n) == cudaSuccess ? (n > 9 ? 9 : n) : 0);
-    }
-    int st = 0;
-    if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st))
-        return 0;
-    return WEXITSTATUS(st);
-}
-
 int main(void)
 {
-    if (count_gpus() < 1) {
+    if (gp_count_gpus() < 1) {
         printf("test_xnode_gpu: no GPU visible: skipped\n");
         return SKIP;
     }

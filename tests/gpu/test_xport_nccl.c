@@ -31,6 +31,7 @@
 
 #include "bridge/xport/xport.h"
 #include "common/store.h"
+#include "tests/gpu/gpu_probe.h"
 #include "rlb/rlb.h"
 
 #define RUN_ID "xport-nccl-test"
@@ -39,7 +40,6 @@
 #define N_CHUNKS ((int)((BYTES + CHUNK - 1) / CHUNK))
 #define TIMEOUT_MS 60000
 #define SKIP 77
-#define PROBE 100 /* the probe exits PROBE + the number of GPUs (at most 9) */
 
 static uint8_t pattern(int node, size_t i)
 {
@@ -123,20 +123,6 @@ static int node_main(int node, int device, int port)
     return bad;
 }
 
-/* The number of visible GPUs, counted in a child (the parent stays without CUDA). */
-static int count_gpus(void)
-{
-    pid_t pid = fork();
-    if (pid == 0) {
-        int n = 0;
-        _exit(cudaGetDeviceCount(&n) == cudaSuccess ? PROBE + (n > 9 ? 9 : n) : PROBE);
-    }
-    int st = 0;
-    if (pid < 0 || waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) < PROBE)
-        return 0;
-    return WEXITSTATUS(st) - PROBE;
-}
-
 /* One GPU: makes this node process a host of its own for NCCL, reached over loopback
  * (the top comment says why). Values the environment set stay. */
 static void own_host(int node)
@@ -149,7 +135,7 @@ static void own_host(int node)
 
 int main(void)
 {
-    int gpus = count_gpus();
+    int gpus = gp_count_gpus();
     if (gpus < 1) {
         printf("test_xport_nccl: no GPU visible: skipped\n");
         return SKIP;
