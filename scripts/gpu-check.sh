@@ -30,6 +30,11 @@
 #             kernels), then rlb-bench-sync --device cuda --lora with the PEFT merge peer
 #             (bench/peft_merge_peer.py), with the merges as RLB_LORA_MERGE says (default
 #             fused)
+#   lora-sync the end-to-end part of lora alone: the PEFT peer, then rlb-bench-sync --lora
+#   lora-ab   rlb-bench-sync --lora under each RLB_LORA_MERGE (fused, fused-fma, separate),
+#             with the CUDA executor's line saying how its merges were written
+#   ncu-lora  ncu's throughput, occupancy, warp state and scheduler sections on the first
+#             tensor-core merge launch of rlb-bench-reshard-gpu --lora (rank 16)
 #   engine-ab the engine's decode (--main-only, 1B and 8B, two interleaved rounds) of this
 #             tree against each tree in .devtools/base*.tar (`git archive REV -o
 #             .devtools/base.tar` here; their rlb-bench-engine is built on the device), the
@@ -91,6 +96,15 @@ lora_kernel() {
         > "$out/bench-reshard-lora.log" 2>&1
     tail -11 "$out/bench-reshard-lora.log"
 }
+# The end-to-end LoRA sync against full and the PEFT merge peer (lora, lora-sync).
+lora_sync() {
+    peer=$(timeout 300 python3 bench/peft_merge_peer.py 2> "$out/peft-peer.err" |
+        tee "$out/peft-peer.log" | tail -1)
+    tail -4 "$out/peft-peer.log"
+    timeout 500 build-gpu/rlb-bench-sync \
+        --device cuda --lora $peer > "$out/bench-lora.log" 2>&1
+    tail -8 "$out/bench-lora.log"
+}
 for step in "$@"; do
     case $step in
     suite)
@@ -143,12 +157,28 @@ for step in "$@"; do
             tar cf "$out/peft_lora.tar" tests/fixtures/peft_lora
         tail -12 "$out/peft-fixture.log"
         lora_kernel 'test_peft_fixture|test_cuda_lora'
-        peer=$(timeout 300 python3 bench/peft_merge_peer.py 2> "$out/peft-peer.err" |
-            tee "$out/peft-peer.log" | tail -1)
-        tail -4 "$out/peft-peer.log"
-        timeout 500 build-gpu/rlb-bench-sync \
-            --device cuda --lora $peer > "$out/bench-lora.log" 2>&1
-        tail -8 "$out/bench-lora.log" ;;
+        lora_sync ;;
+    lora-sync)
+        lora_sync ;;
+    lora-ab)
+        # the end-to-end LoRA sync under each way of writing the merges
+        for how in fused fused-fma separate; do
+            RLB_LORA_MERGE=$how RLB_LOG=debug:kernel timeout 200 build-gpu/rlb-bench-sync \
+                --device cuda --lora > "$out/bench-lora-$how.log" 2>&1
+            echo "== RLB_LORA_MERGE=$how"
+            grep -m2 "LoRA merges" "$out/bench-lora-$how.log"
+            grep -E "^adapters|phases" "$out/bench-lora-$how.log"
+        done ;;
+    ncu-lora)
+        # ncu on the first tensor-core merge launch of rlb-bench-reshard-gpu --lora
+        timeout 240 /usr/local/cuda/bin/ncu -k regex:fused_tc_kernel --launch-count 1 \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+            --section Occupancy --section LaunchStats --section SchedulerStats \
+            build-gpu/bench/rlb-bench-reshard-gpu --lora --iters 1 > "$out/ncu-lora.txt" 2>&1
+        grep -E "Duration|DRAM Through|L2 Cache Through|Memory Through|Achieved Occ" \
+            "$out/ncu-lora.txt" | head -12
+        grep -E "Theoretical Occ|Warp Cycles Per Issued|Eligible Warps|No Eligible|Block Limit" \
+            "$out/ncu-lora.txt" | head -12 ;;
     reshard)
         timeout 200 python3 .devtools/torch_reshard_baseline.py > "$out/torch-reshard.log" 2>&1
         build-gpu/bench/rlb-bench-reshard-gpu --torch-log "$out/torch-reshard.log" \

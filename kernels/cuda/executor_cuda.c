@@ -628,8 +628,14 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
     for (uint64_t d = 0; d < p->n_dst; d++)
         dst[d] = (rlb_cuda_buf){sel[d] ? run->dst[d] : NULL, sel[d] ? run->dst_len[d] : 0};
     RLB_CHECK_GOTO(rlb__cuda_plan_bind(s->plan, src, dst, err, errlen), rc, out_nodev);
-    if (s->lora)
+    if (s->lora) {
         RLB_CHECK_GOTO(rlb__cuda_lora_bind(s->lora, src, dst, err, errlen), rc, out_nodev);
+        static const char *const how[] = {"separately", "fused, in multiply-adds",
+                                          "fused, on tensor cores"};
+        RLB_LOG_DEBUG(RLB_SUB_KERNEL, "GPU %d: %llu LoRA merges, written %s", g,
+                      (unsigned long long)rlb__cuda_lora_merges(s->lora),
+                      how[rlb__cuda_lora_fused(s->lora)]);
+    }
     s->bound = 1;
     x->t_bind += rlb__clock_ms_f() - t1;
     rc = launch_bound(x, s, g, st, run);
