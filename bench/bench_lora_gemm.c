@@ -27,6 +27,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
+#include "bench/bench_cuda.h"
 #include "common/clock.h"
 
 #define LAYERS 32
@@ -34,14 +35,6 @@
 #define N_TARGETS 7
 #define MAX_ALGOS 8
 
-#define CK(x)                                                                                  \
-    do {                                                                                       \
-        cudaError_t e_ = (x);                                                                  \
-        if (e_ != cudaSuccess) {                                                               \
-            fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e_));       \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
 #define CL(x)                                                                                  \
     do {                                                                                       \
         cublasStatus_t s_ = (x);                                                               \

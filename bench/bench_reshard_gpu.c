@@ -49,6 +49,7 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include "bench/bench_cuda.h"
 #include "bench/bench_vmm.h"
 #include "common/cli_args.h"
 #include "common/clock.h"
@@ -69,15 +70,6 @@ extern char **environ;
 #define T 2  /* TP ranks */
 #define PLAN_MEM_LIMIT (64ull << 20) /* extra device memory a pause-mode sync may take */
 
-#define CK(call)                                                                           \
-    do {                                                                                   \
-        cudaError_t e_ = (call);                                                           \
-        if (e_ != cudaSuccess) {                                                           \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call,                  \
-                    cudaGetErrorString(e_));                                               \
-            exit(1);                                                                       \
-        }                                                                                  \
-    } while (0)
 #define RC(call)                                                                           \
     do {                                                                                   \
         int rc_ = (call);                                                                  \
