@@ -22,7 +22,8 @@
  * GPU merge (kernels/cuda/lora_merge.h: f32 stage gather, then the fused merge writing base
  * + s*B*A once) against the plain plan's copy, and the merge part alone against its floor
  * (the merged blocks' base read and the blocks written once, at the copy's bandwidth); the
- * separate merge (RLB_LORA_MERGE=separate: base copies, then the merge in place) beside it
+ * separate merge (RLB_LORA_MERGE=separate: base copies, then the merge in place) and the
+ * merges as cuBLASLt products where their base allows (RLB_LORA_MERGE=gemm) beside it
  * -- the kernel-level view of `rlb-bench-sync --device cuda --lora`.
  *
  * --mem: the copy of `rlb-bench-sync --device cuda` (every tensor whole in one buffer ->
@@ -645,7 +646,9 @@ typedef struct lora_result {
     double ms, merge_ms, merge_floor_ms; /* fused (RLB_LORA_MERGE=fused) */
     double fma_ms, fma_merge_ms;         /* fused-fma: the product in f32 multiply-adds */
     double sep_ms, sep_merge_ms;         /* separate: base copies, then the merge in place */
+    double gemm_ms, gemm_merge_ms;       /* gemm: the merges as cuBLASLt products */
     int fused;                           /* rlb__cuda_lora_fused of fused (2: tensor cores) */
+    uint64_t products, n_merges;         /* gemm: merges written as products, of all */
     uint64_t read, written, merged_bytes, dev_bytes;
 } lora_result;
 
@@ -689,10 +692,10 @@ static lora_result lora_case(const rlb_param_list *pl, int rank, double copy_gbs
     rlb_cuda_plan *cp = NULL;
     RC(rlb__cuda_plan_upload(&copies, 0, NULL, &cp, err, sizeof err));
     RC(rlb__cuda_plan_bind(cp, sb, db, err, sizeof err));
-    static const char *const how[3] = {"separate", "fused-fma", "fused"};
-    double *const ms[3][2] = {{&r.sep_ms, &r.sep_merge_ms}, {&r.fma_ms, &r.fma_merge_ms},
-                              {&r.ms, &r.merge_ms}};
-    for (int k = 0; k < 3; k++) {
+    static const char *const how[4] = {"separate", "fused-fma", "fused", "gemm"};
+    double *const ms[4][2] = {{&r.sep_ms, &r.sep_merge_ms}, {&r.fma_ms, &r.fma_merge_ms},
+                              {&r.ms, &r.merge_ms}, {&r.gemm_ms, &r.gemm_merge_ms}};
+    for (int k = 0; k < 4; k++) {
         setenv("RLB_LORA_MERGE", how[k], 1);
         rlb_cuda_lora *cl = NULL;
         RC(rlb__cuda_lora_upload(&plan, 0, NULL, &cl, err, sizeof err));
@@ -704,9 +707,12 @@ static lora_result lora_case(const rlb_param_list *pl, int rank, double copy_gbs
             r.fused = rlb__cuda_lora_fused(cl);
             r.dev_bytes = rlb__cuda_plan_device_bytes(cp) + rlb__cuda_lora_device_bytes(cl);
         }
+        if (k == 3)
+            r.products = rlb__cuda_lora_products(cl);
         rlb__cuda_lora_free(cl);
     }
     unsetenv("RLB_LORA_MERGE");
+    r.n_merges = plan.n_merges;
     for (uint64_t i = 0; i < plan.n_merges; i++)
         r.merged_bytes += plan.merges[i].rows * plan.merges[i].cols * 2;
     r.merge_floor_ms = 2.0 * (double)r.merged_bytes / (copy_gbs * 1e6);
@@ -756,6 +762,12 @@ static int lora_main(const rlb_param_list *pl, const char *dev_name)
         printf("%-28s %8s %11s %9.3f %9s %9s %7s  %.3f x full; merges alone %.3f ms (base "
                "copies, stage, merge in place)\n", label, "", "", lr[i].sep_ms, "", "", "",
                lr[i].sep_ms / full.ms, lr[i].sep_merge_ms);
+        snprintf(label, sizeof label, "  gemm, rank %d", lr[i].rank);
+        printf("%-28s %8s %11s %9.3f %9s %9s %7s  %.3f x full; merges alone %.3f ms, %.1f%% "
+               "of the floor (%llu of %llu merges as cuBLASLt products)\n", label, "", "",
+               lr[i].gemm_ms, "", "", "", lr[i].gemm_ms / full.ms, lr[i].gemm_merge_ms,
+               100 * lr[i].merge_floor_ms / lr[i].gemm_merge_ms,
+               (unsigned long long)lr[i].products, (unsigned long long)lr[i].n_merges);
     }
     printf("{\"bench\":\"reshard_gpu_lora\",\"device\":\"%s\",\"model\":\"llama3-8b\","
            "\"fsdp\":%d,\"tp\":%d,\"copy_gbs\":%.1f,\"full_ms\":%.3f", dev_name, W, T,
@@ -763,10 +775,12 @@ static int lora_main(const rlb_param_list *pl, const char *dev_name)
     for (int i = 0; i < 2; i++)
         printf(",\"r%d\":{\"fused\":%d,\"ms\":%.3f,\"vs_full\":%.3f,\"merges_ms\":%.3f,"
                "\"merge_floor_ms\":%.3f,\"device_bytes\":%llu,\"fma_ms\":%.3f,"
-               "\"fma_merges_ms\":%.3f,\"separate_ms\":%.3f,\"separate_merges_ms\":%.3f}",
+               "\"fma_merges_ms\":%.3f,\"separate_ms\":%.3f,\"separate_merges_ms\":%.3f,"
+               "\"gemm_ms\":%.3f,\"gemm_merges_ms\":%.3f,\"gemm_products\":%llu}",
                lr[i].rank, lr[i].fused, lr[i].ms, lr[i].ms / full.ms, lr[i].merge_ms,
                lr[i].merge_floor_ms, (unsigned long long)lr[i].dev_bytes, lr[i].fma_ms,
-               lr[i].fma_merge_ms, lr[i].sep_ms, lr[i].sep_merge_ms);
+               lr[i].fma_merge_ms, lr[i].sep_ms, lr[i].sep_merge_ms, lr[i].gemm_ms,
+               lr[i].gemm_merge_ms, (unsigned long long)lr[i].products);
     printf("}\n");
     return 0;
 }

@@ -31,8 +31,8 @@
 #             (bench/peft_merge_peer.py), with the merges as RLB_LORA_MERGE says (default
 #             fused)
 #   lora-sync the end-to-end part of lora alone: the PEFT peer, then rlb-bench-sync --lora
-#   lora-ab   rlb-bench-sync --lora under each RLB_LORA_MERGE (fused, fused-fma, separate),
-#             with the CUDA executor's line saying how its merges were written
+#   lora-ab   rlb-bench-sync --lora under each RLB_LORA_MERGE (RLB_AB_MERGES: gemm, fused,
+#             separate), with the CUDA executor's line saying how its merges were written
 #   ncu-lora  ncu's throughput, occupancy, warp state and scheduler sections on the first
 #             tensor-core merge launch of rlb-bench-reshard-gpu --lora (rank 16)
 #   engine-ab the engine's decode (--main-only, 1B and 8B, two interleaved rounds) of this
@@ -94,7 +94,7 @@ lora_kernel() {
         "$out/lora-tests.log" | tail -60
     build-gpu/bench/rlb-bench-reshard-gpu --lora --iters "${RLB_BENCH_ITERS:-10}" \
         > "$out/bench-reshard-lora.log" 2>&1
-    tail -11 "$out/bench-reshard-lora.log"
+    tail -13 "$out/bench-reshard-lora.log"
 }
 # The end-to-end LoRA sync against full and the PEFT merge peer (lora, lora-sync).
 lora_sync() {
@@ -151,7 +151,7 @@ for step in "$@"; do
         tail -20 "$out/bench-lora-gemm.log"
         build-gpu/bench/rlb-bench-reshard-gpu --lora --iters 5 \
             > "$out/bench-reshard-lora.log" 2>&1
-        tail -11 "$out/bench-reshard-lora.log" ;;
+        tail -13 "$out/bench-reshard-lora.log" ;;
     lora)
         python3 scripts/make_peft_fixture.py > "$out/peft-fixture.log" 2>&1 &&
             tar cf "$out/peft_lora.tar" tests/fixtures/peft_lora
@@ -162,7 +162,7 @@ for step in "$@"; do
         lora_sync ;;
     lora-ab)
         # the end-to-end LoRA sync under each way of writing the merges
-        for how in fused fused-fma separate; do
+        for how in ${RLB_AB_MERGES:-gemm fused separate}; do
             RLB_LORA_MERGE=$how RLB_LOG=debug:kernel timeout 200 build-gpu/rlb-bench-sync \
                 --device cuda --lora > "$out/bench-lora-$how.log" 2>&1
             echo "== RLB_LORA_MERGE=$how"

@@ -37,8 +37,10 @@ int rlb__cuda_lora_fused_env(void)
         return 0;
     if (strcmp(v, "fused-fma") == 0)
         return 1;
+    if (strcmp(v, "gemm") == 0)
+        return 3;
     if (strcmp(v, "fused") != 0)
-        RLB_LOG_WARN(RLB_SUB_KERNEL, "RLB_LORA_MERGE=%s: fused, fused-fma or separate "
+        RLB_LOG_WARN(RLB_SUB_KERNEL, "RLB_LORA_MERGE=%s: gemm, fused, fused-fma or separate "
                      "expected; using fused", v);
     return 2;
 }

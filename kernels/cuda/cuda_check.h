@@ -61,9 +61,10 @@ typedef enum rlb_cuda_peer_mode {
 /* The RLB_CUDA_PEER knob ("auto" or "staged"; another value is logged and read as auto). */
 rlb_cuda_peer_mode rlb__cuda_peer_mode_env(void);
 
-/* The RLB_LORA_MERGE knob: 2 for "fused" (tensor cores where every factor is bf16; also for
- * another value, which is logged), 1 for "fused-fma" (fused, the product always in
- * rank-order f32 fused multiply-adds), 0 for "separate". */
+/* The RLB_LORA_MERGE knob: 3 for "gemm" (as "fused", but the merges whose base is one bf16
+ * source in whole rows as cuBLASLt products), 2 for "fused" (tensor cores where every
+ * factor is bf16; also for another value, which is logged), 1 for "fused-fma" (fused, the
+ * product always in rank-order f32 fused multiply-adds), 0 for "separate". */
 int rlb__cuda_lora_fused_env(void);
 
 /* The driver API function `name` with CUDA 12.0's signature, looked up through the runtime

@@ -631,10 +631,12 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
     if (s->lora) {
         RLB_CHECK_GOTO(rlb__cuda_lora_bind(s->lora, src, dst, err, errlen), rc, out_nodev);
         static const char *const how[] = {"separately", "fused, in multiply-adds",
-                                          "fused, on tensor cores"};
-        RLB_LOG_DEBUG(RLB_SUB_KERNEL, "GPU %d: %llu LoRA merges, written %s", g,
+                                          "fused, on tensor cores",
+                                          "fused, on tensor cores, or as cuBLASLt products"};
+        RLB_LOG_DEBUG(RLB_SUB_KERNEL, "GPU %d: %llu LoRA merges, written %s (%llu products)", g,
                       (unsigned long long)rlb__cuda_lora_merges(s->lora),
-                      how[rlb__cuda_lora_fused(s->lora)]);
+                      how[rlb__cuda_lora_fused(s->lora)],
+                      (unsigned long long)rlb__cuda_lora_products(s->lora));
     }
     s->bound = 1;
     x->t_bind += rlb__clock_ms_f() - t1;

@@ -48,6 +48,7 @@
 
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/lora_gemm.h"
 #include "model/merge_pieces.h"
 
 namespace {
@@ -510,32 +511,53 @@ union tc_smem {
  * rows past its rank). Exact: the stage holds bf16 values. So a tile stages its factors
  * with plain 16-byte copies, no bounds and no transposition. Blocks (x, y): merge x, every
  * gridDim.y-th element of its packed factors from y. */
+
+/* The largest of the lanes' x. */
+__device__ __forceinline__ uint32_t warp_max(uint32_t x)
+{
+    for (int o = 16; o > 0; o /= 2)
+        x = max(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
 /* out[a][b] (n_a x n_b, row-major) = X(a, b) in bf16 for a < va and b < vb, else zero,
  * where X(a, b) is x[a * ld + b] or, transposed, x[b * ld + a]; this block's share (every
- * gridDim.y-th element from blockIdx.y). */
-__device__ __forceinline__ void pack_matrix(const float *x, uint64_t ld, bool trans,
-                                            uint32_t va, uint32_t vb, uint16_t *out,
-                                            uint64_t n_a, uint32_t n_b)
+ * gridDim.y-th element from blockIdx.y). Returns the largest |X(a, b)| it read as f32 bits
+ * (NaN above infinity). */
+__device__ __forceinline__ uint32_t pack_matrix(const float *x, uint64_t ld, bool trans,
+                                                uint32_t va, uint32_t vb, uint16_t *out,
+                                                uint64_t n_a, uint32_t n_b)
 {
     const uint64_t stride = (uint64_t)gridDim.y * kThreads;
+    uint32_t most = 0;
     for (uint64_t e = (uint64_t)blockIdx.y * kThreads + threadIdx.x; e < n_a * n_b; e += stride) {
         const uint32_t i = (uint32_t)(e / n_b), k = (uint32_t)(e % n_b);
         float v = 0.0f;
         if (i < va && k < vb)
             v = trans ? x[(uint64_t)k * ld + i] : x[(uint64_t)i * ld + k];
+        most = max(most, __float_as_uint(v) & 0x7fffffffu);
         out[e] = __bfloat16_as_ushort(__float2bfloat16_rn(v));
     }
+    return most;
 }
 
+/* Packs every merge's factors; where fmax is not NULL, also raises fmax[2 k] and
+ * fmax[2 k + 1] to the largest |L| and |R| of merge k (f32 bits, atomicMax). */
 __global__ void __launch_bounds__(kThreads)
-pack_kernel(const merge_desc *md)
+pack_kernel(const merge_desc *md, uint32_t *fmax)
 {
     const merge_desc m = md[blockIdx.x];
     const uint64_t band_rows = (uint64_t)(m.rows + kTileRows - 1) / kTileRows * kTileRows;
-    pack_matrix(m.l, m.l_ld, (m.flags & RLB_MERGE_L_TRANS) != 0, m.rows, m.rank,
-                const_cast<uint16_t *>(m.pl), band_rows, m.kp);
-    pack_matrix(m.r, m.r_ld, (m.flags & RLB_MERGE_R_TRANS) != 0, m.rank, m.cols,
-                const_cast<uint16_t *>(m.pr), m.kp, m.pr_ld);
+    const uint32_t ml = warp_max(pack_matrix(m.l, m.l_ld, (m.flags & RLB_MERGE_L_TRANS) != 0,
+                                             m.rows, m.rank, const_cast<uint16_t *>(m.pl),
+                                             band_rows, m.kp));
+    const uint32_t mr = warp_max(pack_matrix(m.r, m.r_ld, (m.flags & RLB_MERGE_R_TRANS) != 0,
+                                             m.rank, m.cols, const_cast<uint16_t *>(m.pr),
+                                             m.kp, m.pr_ld));
+    if (fmax && threadIdx.x % 32 == 0) {
+        atomicMax(&fmax[2 * blockIdx.x], ml);
+        atomicMax(&fmax[2 * blockIdx.x + 1], mr);
+    }
 }
 
 /* C = base + scale * acc over the thread's part of tile t, acc the product in shared
@@ -665,6 +687,77 @@ fused_tc_kernel(const merge_desc *md, uint32_t first, uint32_t last, uint64_t ti
     }
 }
 
+/* ---- The merges written as cuBLASLt products (RLB_LORA_MERGE=gemm, lora_gemm.h) -------- */
+
+/* A rectangle of a product merge's base, as the scan reads it. */
+struct scan_piece {
+    piece_desc p;
+    uint32_t merge; /* its merge's index */
+    uint32_t reserved;
+};
+static_assert(sizeof(scan_piece) == 48, "scan_piece is uploaded as is");
+
+/* Raises bmax[merge] of each piece to the largest |base| in it (bf16 bits without the sign:
+ * infinity 0x7f80, NaN above). Blocks (x, y): piece x, its rows y, y + gridDim.y, ... */
+__global__ void __launch_bounds__(kThreads)
+scan_kernel(const scan_piece *sp, char *const *src, uint32_t *bmax)
+{
+    const scan_piece s = sp[blockIdx.x];
+    const uint32_t w = s.p.j1 - s.p.j0;
+    const char *base = src[s.p.src_ref] + s.p.src_off;
+    const bool vec = w % 8 == 0 && ((reinterpret_cast<uintptr_t>(base) | s.p.src_stride) & 15u) == 0;
+    uint32_t most = 0;
+    for (uint32_t i = blockIdx.y; i < s.p.i1 - s.p.i0; i += gridDim.y) {
+        const uint16_t *row = reinterpret_cast<const uint16_t *>(base + (uint64_t)i * s.p.src_stride);
+        if (vec) {
+            for (uint32_t j = kVec * threadIdx.x; j < w; j += kVec * kThreads) {
+                const uint4 x = *reinterpret_cast<const uint4 *>(row + j);
+                const uint32_t q[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+                for (int c = 0; c < 4; c++)
+                    most = max(most, max(q[c] & 0x7fffu, (q[c] >> 16) & 0x7fffu));
+            }
+        } else {
+            for (uint32_t j = threadIdx.x; j < w; j += kThreads)
+                most = max(most, (uint32_t)row[j] & 0x7fffu);
+        }
+    }
+    most = warp_max(most);
+    if (threadIdx.x % 32 == 0 && most)
+        atomicMax(&bmax[s.merge], most);
+}
+
+/* Below the largest finite bf16 and f32 values (3.39e38), with room for the f32 sums'
+ * rounding. */
+constexpr double kSafe = 3.0e38;
+
+/* The non-finite values each product merge wrote (bf16), counted where its inputs allow
+ * one: a non-finite factor or base value, or a bound on its f32 sums (kp max|L| max|R|) or
+ * on its results (max|base| + |scale| times that) reaching kSafe. Otherwise every value it
+ * wrote is finite and its count stays 0, without reading what it wrote. Blocks (x, y):
+ * merge list[x], its rows y, y + gridDim.y, ... */
+__global__ void __launch_bounds__(kThreads)
+count_kernel(const merge_desc *md, const uint32_t *list, const uint32_t *fmax,
+             const uint32_t *bmax, unsigned long long *counts)
+{
+    const uint32_t k = list[blockIdx.x];
+    const merge_desc &m = md[k];
+    const uint32_t l = fmax[2 * k], r = fmax[2 * k + 1], b = bmax[k];
+    if (l < 0x7f800000u && r < 0x7f800000u && b < 0x7f80u) {
+        const double sum = (double)m.kp * (double)__uint_as_float(l) *
+                           (double)__uint_as_float(r) * 1.001;
+        const double base = (double)__uint_as_float(b << 16);
+        if (sum < kSafe && base + fabs((double)m.scale) * sum < kSafe)
+            return;
+    }
+    const rlb__bf16_t *c = reinterpret_cast<const rlb__bf16_t *>(m.c);
+    int bad = 0;
+    for (uint32_t i = blockIdx.y; i < m.rows; i += gridDim.y)
+        for (uint32_t j = threadIdx.x; j < m.cols; j += kThreads)
+            bad += nonfinite(c[(uint64_t)i * m.cols + j]);
+    add_count(bad, counts, k);
+}
+
 } /* namespace */
 
 struct rlb_cuda_lora {
@@ -696,6 +789,21 @@ struct rlb_cuda_lora {
     uint64_t pack_bytes;       /* its size */
     unsigned grid[kDtypes];    /* fused: blocks of dtype range k's launch, as many as the GPU
                                   holds at once (fused_locate), fewer for fewer tiles */
+    int per_sm[kDtypes], sms;  /* fused: blocks of range k's kernel a multiprocessor holds,
+                                  multiprocessors */
+    /* RLB_LORA_MERGE=gemm: the merges whose base is one bf16 source in whole rows, written
+     * as cuBLASLt products (they then have no tiles); their non-finite values counted from
+     * their inputs (count_kernel), the base's once a bind (scan_kernel) */
+    uint8_t *is_gemm;          /* [n] merge k is one */
+    uint32_t n_gemm;           /* how many */
+    int gemm_now;              /* the last bind writes them so (no source staged) */
+    rlb_lora_gemm *gemm;       /* the products of the last bind */
+    scan_piece *h_scan;        /* [n_scan] their pieces */
+    uint64_t n_scan;
+    scan_piece *d_scan;        /* the device's copy */
+    uint32_t *d_gemm_list;     /* [n_gemm] their indices */
+    uint32_t *d_stat;          /* [3 n]: max |L|, |R| per merge (f32 bits), then max |base| */
+    int scan_due;              /* the base was bound and not scanned since */
 };
 
 extern "C" void rlb__cuda_lora_free(rlb_cuda_lora *cl)
@@ -714,11 +822,17 @@ extern "C" void rlb__cuda_lora_free(rlb_cuda_lora *cl)
     cudaFree(cl->d_bands);
     cudaFree(cl->d_band_pieces);
     cudaFree(cl->d_pack);
+    cudaFree(cl->d_scan);
+    cudaFree(cl->d_gemm_list);
+    cudaFree(cl->d_stat);
+    rlb__lora_gemm_free(cl->gemm);
     if (entered)
         rlb__cuda_leave(prev);
     free(cl->merges);
     free(cl->index);
     free(cl->desc);
+    free(cl->is_gemm);
+    free(cl->h_scan);
     free(cl);
 }
 
@@ -952,23 +1066,117 @@ static fused_fn fused_kern(const rlb_cuda_lora *cl, int k)
                                                : fused_kernel<rlb__f16_t>;
 }
 
-/* cl->grid: each dtype range's fused launch as large as `device` holds at once, or its
- * tiles where fewer (current device: `device`). */
-static int size_grids(rlb_cuda_lora *cl, int device)
+/* cl->per_sm, cl->sms: how many blocks of each dtype range's fused kernel `device` holds at
+ * once (current device: `device`). */
+static int query_occupancy(rlb_cuda_lora *cl, int device)
 {
-    int rc = 0, sms = 1;
-    RLB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), rc,
+    int rc = 0;
+    cl->sms = 1;
+    RLB_CUDA_CHECK(cudaDeviceGetAttribute(&cl->sms, cudaDevAttrMultiProcessorCount, device), rc,
                    out);
     for (int k = 0; k < kDtypes; k++) {
-        const uint64_t tiles = cl->desc[cl->range[k + 1]].first_tile -
-                               cl->desc[cl->range[k]].first_tile;
-        int per_sm = 1;
-        RLB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_kern(cl, k),
+        cl->per_sm[k] = 1;
+        RLB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&cl->per_sm[k],
+                                                                     fused_kern(cl, k),
                                                                      kThreads, 0), rc, out);
-        const uint64_t most = (uint64_t)(per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
-        cl->grid[k] = (unsigned)(tiles < most ? tiles : most);
     }
 out:
+    return rc;
+}
+
+/* Numbers the merges' tiles (first_tile, a prefix sum; the product merges none when skip)
+ * and sizes each dtype range's fused launch as large as the GPU holds at once, or its tiles
+ * where fewer. Marks the device's descriptors stale. */
+static void assign_tiles(rlb_cuda_lora *cl, bool skip)
+{
+    uint64_t tiles = 0;
+    for (uint32_t k = 0; k < cl->n; k++) {
+        merge_desc *d = &cl->desc[k];
+        d->first_tile = tiles;
+        if (!(skip && cl->is_gemm && cl->is_gemm[k]))
+            tiles += (uint64_t)(d->rows + kTileRows - 1) / kTileRows * d->col_tiles;
+    }
+    cl->desc[cl->n].first_tile = tiles;
+    for (int k = 0; k < kDtypes; k++) {
+        const uint64_t n = cl->desc[cl->range[k + 1]].first_tile -
+                           cl->desc[cl->range[k]].first_tile;
+        const uint64_t most = (uint64_t)(cl->per_sm[k] > 0 ? cl->per_sm[k] : 1) *
+                              (cl->sms > 0 ? cl->sms : 1);
+        cl->grid[k] = (unsigned)(n < most ? n : most);
+    }
+    cl->desc_stale = 1;
+}
+
+/* Marks the merges of cl whose base is one bf16 source read in whole rows, in at most
+ * kMaxProductPieces pieces, as products (cl->is_gemm), and uploads their pieces, their
+ * list and room for the statistics the count reads; makes the cuBLASLt handle (current
+ * device: cl's). Run after build_pack. */
+constexpr uint64_t kMaxProductPieces = 64;
+
+static int build_gemm(rlb_cuda_lora *cl, const rlb_plan *plan, char *err, size_t errlen)
+{
+    rlb_piece_list l = {};
+    int rc = 0;
+    uint32_t *list = nullptr;
+    cl->is_gemm = (uint8_t *)calloc(cl->n + 1, 1);
+    if (!cl->is_gemm)
+        return RLB_ENOMEM;
+    for (uint32_t k = 0; k < cl->n; k++) { /* which; l holds one merge's pieces at a time */
+        const rlb_merge_op *m = &cl->merges[k];
+        if (m->dst_dtype != RLB_DTYPE_BF16)
+            continue;
+        l.n = 0;
+        const int r = rlb__merge_pieces(plan, m, &l);
+        if (r < 0) {
+            rc = r;
+            goto out;
+        }
+        bool ok = r == 0 && l.n <= kMaxProductPieces;
+        for (uint64_t i = 0; ok && i < l.n; i++) {
+            const rlb_merge_piece &p = l.p[i];
+            ok = p.src_ref != RLB_PLAN_ZERO_SRC && p.src_dtype == RLB_DTYPE_BF16 &&
+                 p.j0 == 0 && p.j1 == m->cols && p.src_off % 2 == 0 && p.src_stride % 2 == 0;
+        }
+        if (ok) {
+            cl->is_gemm[k] = 1;
+            cl->n_gemm++;
+            cl->n_scan += l.n;
+        }
+    }
+    if (cl->n_gemm == 0)
+        goto out;
+    cl->h_scan = (scan_piece *)calloc(cl->n_scan, sizeof(scan_piece));
+    list = (uint32_t *)malloc(cl->n_gemm * sizeof(uint32_t));
+    if (!cl->h_scan || !list) {
+        rc = RLB_ENOMEM;
+        goto out;
+    }
+    for (uint32_t k = 0, g = 0, at = 0; k < cl->n; k++) { /* their pieces */
+        if (!cl->is_gemm[k])
+            continue;
+        list[g++] = k;
+        l.n = 0;
+        rc = rlb__merge_pieces(plan, &cl->merges[k], &l);
+        if (rc || at + l.n > cl->n_scan) { /* the same pieces as above */
+            rc = rc < 0 ? rc : RLB_EINVAL;
+            goto out;
+        }
+        for (uint64_t i = 0; i < l.n; i++, at++) {
+            cl->h_scan[at].p = l.p[i];
+            cl->h_scan[at].merge = k;
+        }
+    }
+    RLB_CUDA_CHECK(cudaMalloc(&cl->d_scan, cl->n_scan * sizeof(scan_piece)), rc, out);
+    RLB_CUDA_CHECK(cudaMalloc(&cl->d_gemm_list, cl->n_gemm * sizeof(uint32_t)), rc, out);
+    RLB_CUDA_CHECK(cudaMalloc(&cl->d_stat, 3 * (uint64_t)cl->n * sizeof(uint32_t)), rc, out);
+    RLB_CUDA_CHECK(cudaMemcpy(cl->d_scan, cl->h_scan, cl->n_scan * sizeof(scan_piece),
+                              cudaMemcpyHostToDevice), rc, out);
+    RLB_CUDA_CHECK(cudaMemcpy(cl->d_gemm_list, list, cl->n_gemm * sizeof(uint32_t),
+                              cudaMemcpyHostToDevice), rc, out);
+    rc = rlb__lora_gemm_create(&cl->gemm, err, errlen);
+out:
+    rlb__piece_list_free(&l);
+    free(list);
     return rc;
 }
 
@@ -1016,15 +1224,19 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
     how = rlb__cuda_lora_fused_env();
     if (!rc && how)
         rc = build_fused(cl, plan);
-    if (!rc && cl->fused && how == 2) {
+    if (!rc && cl->fused && how >= 2) {
         cl->tensor = 1; /* the stage holds bf16 values exactly when every factor was bf16 */
         for (uint64_t i = 0; i < plan->n_stage_ops; i++)
             cl->tensor &= plan->stage_ops[i].src_dtype == RLB_DTYPE_BF16;
         if (cl->tensor)
             rc = build_pack(cl);
+        if (!rc && cl->tensor && how == 3)
+            rc = build_gemm(cl, plan, err, errlen);
     }
     if (!rc && cl->fused)
-        rc = size_grids(cl, device);
+        rc = query_occupancy(cl, device);
+    if (!rc && cl->fused)
+        assign_tiles(cl, false);
 out:
     rlb__cuda_leave(prev);
     if (rc)
@@ -1033,6 +1245,34 @@ out:
     return 0;
 err:
     rlb__cuda_lora_free(cl);
+    return rc;
+}
+
+/* The products of the bound buffers, one per piece of each product merge (current device:
+ * cl's); the base is scanned again at the next run. */
+static int set_products(rlb_cuda_lora *cl, const rlb_cuda_buf *src, char *err, size_t errlen)
+{
+    rlb_lora_product *p = (rlb_lora_product *)calloc(cl->n_scan + 1, sizeof(*p));
+    if (!p)
+        return RLB_ENOMEM;
+    for (uint64_t i = 0; i < cl->n_scan; i++) {
+        const piece_desc &q = cl->h_scan[i].p;
+        const merge_desc &d = cl->desc[cl->h_scan[i].merge];
+        p[i].l = d.pl + (uint64_t)q.i0 * d.kp;
+        p[i].r = d.pr + q.j0;
+        p[i].c = (const char *)src[q.src_ref].ptr + q.src_off;
+        p[i].d = d.c + ((uint64_t)q.i0 * d.cols + q.j0) * 2;
+        p[i].rows = q.i1 - q.i0;
+        p[i].cols = q.j1 - q.j0;
+        p[i].kp = d.kp;
+        p[i].ldr = d.pr_ld;
+        p[i].ldc = q.src_stride / 2;
+        p[i].ldd = d.cols;
+        p[i].scale = d.scale;
+    }
+    int rc = rlb__lora_gemm_set(cl->gemm, p, cl->n_scan, err, errlen);
+    free(p);
+    cl->scan_due = 1;
     return rc;
 }
 
@@ -1065,14 +1305,22 @@ extern "C" int rlb__cuda_lora_bind(rlb_cuda_lora *cl, const rlb_cuda_buf *src,
         cl->desc_stale |= cl->desc[k].c != c;
         cl->desc[k].c = c;
     }
+    /* The products read their base where the fused kernel would: not from a staged source */
+    const int gemm_now = cl->n_gemm && !rlb__cuda_plan_staging(cl->base);
+    if (cl->fused && gemm_now != cl->gemm_now) {
+        cl->gemm_now = gemm_now;
+        assign_tiles(cl, gemm_now);
+    }
+    RLB_CHECK(rlb__cuda_enter(cl->device, &prev));
     if (cl->desc_stale) {
-        RLB_CHECK(rlb__cuda_enter(cl->device, &prev));
         RLB_CUDA_CHECK(cudaMemcpy(cl->d_desc, cl->desc, (cl->n + 1) * sizeof(merge_desc),
                                   cudaMemcpyHostToDevice), rc, out);
         cl->desc_stale = 0;
-    out:
-        rlb__cuda_leave(prev);
     }
+    if (cl->gemm_now)
+        rc = set_products(cl, src, err, errlen);
+out:
+    rlb__cuda_leave(prev);
     cl->bound = rc == 0;
     return rc;
 }
@@ -1087,6 +1335,8 @@ static int launch_range(const rlb_cuda_lora *cl, int k, bool fused, cudaStream_t
         return 0;
     const uint64_t tile0 = cl->desc[first].first_tile, tile1 = cl->desc[last].first_tile;
     const unsigned blocks = (unsigned)(tile1 - tile0);
+    if (blocks == 0) /* every merge of the range a product */
+        return 0;
     if (fused) {
         /* the sources' addresses: those the base plan's bind checked and tabled */
         const fused_args a = {cl->d_pieces, cl->d_bands, cl->d_band_pieces,
@@ -1129,12 +1379,33 @@ extern "C" int rlb__cuda_lora_run(rlb_cuda_lora *cl, cudaStream_t stream)
     RLB_CHECK(rlb__cuda_enter(cl->device, &prev));
     RLB_CUDA_CHECK(cudaMemsetAsync(cl->d_counts, 0, cl->n * sizeof(*cl->d_counts), stream), rc,
                    out);
+    if (fused && cl->gemm_now)
+        RLB_CUDA_CHECK(cudaMemsetAsync(cl->d_stat, 0, 2 * (uint64_t)cl->n * sizeof(uint32_t),
+                                       stream), rc, out);
     if (fused && cl->tensor) {
-        pack_kernel<<<dim3(cl->n, 8), kThreads, 0, stream>>>(cl->d_desc);
+        pack_kernel<<<dim3(cl->n, 8), kThreads, 0, stream>>>(cl->d_desc,
+                                                              cl->gemm_now ? cl->d_stat : nullptr);
         RLB_CUDA_CHECK(cudaGetLastError(), rc, out);
+    }
+    if (fused && cl->gemm_now && cl->scan_due) {
+        uint32_t *bmax = cl->d_stat + 2 * (uint64_t)cl->n;
+        RLB_CUDA_CHECK(cudaMemsetAsync(bmax, 0, cl->n * sizeof(uint32_t), stream), rc, out);
+        scan_kernel<<<dim3((unsigned)cl->n_scan, 32), kThreads, 0, stream>>>(
+            cl->d_scan, rlb__cuda_plan_bound_ptrs(cl->base), bmax);
+        RLB_CUDA_CHECK(cudaGetLastError(), rc, out);
+        cl->scan_due = 0;
     }
     for (int k = 0; k < kDtypes && !rc; k++)
         rc = launch_range(cl, k, fused, stream);
+    if (!rc && fused && cl->gemm_now) {
+        rc = rlb__lora_gemm_run(cl->gemm, stream);
+        if (!rc) {
+            count_kernel<<<dim3(cl->n_gemm, 16), kThreads, 0, stream>>>(
+                cl->d_desc, cl->d_gemm_list, cl->d_stat, cl->d_stat + 2 * (uint64_t)cl->n,
+                cl->d_counts);
+            RLB_CUDA_CHECK(cudaGetLastError(), rc, out);
+        }
+    }
     if (!rc)
         RLB_CUDA_CHECK(cudaMemcpyAsync(cl->h_counts, cl->d_counts,
                                        cl->n * sizeof(*cl->h_counts), cudaMemcpyDeviceToHost,
@@ -1161,12 +1432,21 @@ extern "C" uint64_t rlb__cuda_lora_device_bytes(const rlb_cuda_lora *cl)
         return 0;
     return rlb__cuda_plan_device_bytes(cl->base) + rlb__cuda_plan_device_bytes(cl->gather) +
            cl->stage_bytes + (cl->n + 1) * sizeof(merge_desc) + cl->n * sizeof(*cl->d_counts) +
-           cl->fused_bytes + cl->pack_bytes;
+           cl->fused_bytes + cl->pack_bytes + cl->n_scan * sizeof(scan_piece) +
+           (cl->n_gemm + 3 * (uint64_t)cl->n) * sizeof(uint32_t) +
+           rlb__lora_gemm_device_bytes(cl->gemm);
 }
 
 extern "C" int rlb__cuda_lora_fused(const rlb_cuda_lora *cl)
 {
     if (!cl || !cl->fused || (cl->bound && rlb__cuda_plan_staging(cl->base)))
         return 0;
+    if (cl->n_gemm && (!cl->bound || cl->gemm_now))
+        return 3;
     return cl->tensor ? 2 : 1;
+}
+
+extern "C" uint64_t rlb__cuda_lora_products(const rlb_cuda_lora *cl)
+{
+    return cl && rlb__cuda_lora_fused(cl) == 3 ? cl->n_gemm : 0;
 }

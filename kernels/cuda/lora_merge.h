@@ -17,6 +17,16 @@
  *      cores instead: exact bf16 products summed in f32 in the tensor core's order, then
  *      C = base + scale * (L * R), one rounding (the same error bound, not the same bits;
  *      RLB_LORA_MERGE=fused-fma keeps the multiply-adds).
+ *   2'. RLB_LORA_MERGE=gemm: as fused, but each merge whose base is one bf16 source read in
+ *      whole rows (a full or FSDP2 trainer's bf16 weights into bf16 workers), with bf16
+ *      factors, is written as cuBLASLt products instead (kernels/cuda/lora_gemm.h: one
+ *      per piece of its base, C the base in its source, D the block, the same f32 sums on
+ *      tensor cores and one rounding). cuBLASLt cannot count what it writes, so such a
+ *      merge's non-finite values are counted from its inputs: the largest |L| and |R| of
+ *      each run (taken while the factors are packed) and the largest |base| (scanned once
+ *      a bind: the base beside adapters is frozen, DESIGN §10) bound every value it
+ *      writes; where a factor or the base is non-finite, or the bound reaches 3e38, what
+ *      it wrote is read back and counted. A base changed between binds is not rescanned.
  * Separate (RLB_LORA_MERGE=separate, and always where a base source is staged from a GPU
  * without a peer path, which leaves no address a kernel may read): the base copies first
  * (as a plan of their own: local, peer, IPC-mapped, mapped host and staged sources alike),
@@ -73,9 +83,13 @@ int rlb__cuda_lora_run(rlb_cuda_lora *cl, cudaStream_t stream);
 void rlb__cuda_lora_counts(const rlb_cuda_lora *cl, uint64_t *nonfinite);
 void rlb__cuda_lora_free(rlb_cuda_lora *cl);
 
-/* 1 when the runs write the merges fused (RLB_LORA_MERGE=fused, every merge's base copies
- * are pieces of its block the kernel reads, and the bound sources are not staged). */
+/* How the runs write the merges: 0 separately, 1 fused in multiply-adds, 2 fused on tensor
+ * cores, 3 as 2 but some as cuBLASLt products (fused: RLB_LORA_MERGE is not separate, every
+ * merge's base copies are pieces of its block the kernel reads, and the bound sources are
+ * not staged). */
 int rlb__cuda_lora_fused(const rlb_cuda_lora *cl);
+/* The merges the runs write as cuBLASLt products (0 unless rlb__cuda_lora_fused is 3). */
+uint64_t rlb__cuda_lora_products(const rlb_cuda_lora *cl);
 /* Merges uploaded, and bytes of device memory held (stage, plans, tables). */
 uint64_t rlb__cuda_lora_merges(const rlb_cuda_lora *cl);
 uint64_t rlb__cuda_lora_device_bytes(const rlb_cuda_lora *cl);

@@ -30,6 +30,9 @@
 /* Exit code of a test that cannot run here. */
 #define GC_SKIP 77
 
+/* A CUDA runtime call that must succeed, in a cmocka test. */
+#define CHECK_CUDA(call) assert_int_equal((int)(call), (int)cudaSuccess)
+
 /* 1 when a GPU is visible. Initializes CUDA in the calling process. */
 static inline int gc_have_gpu(void)
 {

@@ -23,7 +23,6 @@
 #include "kernels/cuda/digest.h"
 #include "tests/gpu/gpu_case.h"
 
-#define CHECK_CUDA(call) assert_int_equal((int)(call), (int)cudaSuccess)
 #define N_LENS 11
 #define N_OFFS 4
 #define N_RANGES (N_LENS * N_OFFS)

@@ -44,8 +44,6 @@
 #include "kernels/cuda/gemv.h"
 #include "tests/gpu/gpu_case.h"
 
-#define CHECK_CUDA(call) assert_int_equal((int)(call), (int)cudaSuccess)
-
 static uint64_t g_seed;
 static cudaStream_t g_stream;
 

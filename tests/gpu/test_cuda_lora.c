@@ -26,7 +26,10 @@
  * case passes by falling back. test_fused_fma and test_separate run a share of the cases
  * with RLB_LORA_MERGE=fused-fma (bf16 factors too in multiply-adds) and =separate (base
  * copies, then the merge in place; also what a base staged from a GPU without a peer path
- * gets). Exits 77 where no GPU is visible.
+ * gets); test_gemm runs it with RLB_LORA_MERGE=gemm (the merges whose base is one bf16
+ * source in whole rows as cuBLASLt products, each case checking how many), a NaN planted in
+ * a base (counted from the scan a bind makes) and in a factor at rank 64. Exits 77 where no
+ * GPU is visible.
  */
 #include <poll.h>
 #include <setjmp.h>
@@ -45,7 +48,6 @@
 #include "tests/gpu/gpu_case.h"
 #include "tests/unit/lora_case.h"
 
-#define CHECK_CUDA(call) assert_int_equal((int)(call), (int)cudaSuccess)
 #define MAX_T 4
 
 /* Where the GPU executor reads a case's sources and writes its workers' buffers. */
@@ -126,18 +128,19 @@ static uint64_t check_merged(const lc_case *c, const rlb_plan *plan, int T, rlb_
     return differ;
 }
 
-/* A NaN in B(0, 0) of the first adapted linear weight: the GPU counts, merge by merge,
- * what the CPU counts, and what lands in the buffers. */
+/* A NaN in the base of the first adapted linear weight (base 1: W(0, 0)) or in its
+ * B(0, 0) (base 0), then a run: the GPU counts, merge by merge, what the CPU counts, and
+ * what lands in the buffers (one merged value, or a row of B * A's). */
 static void check_poisoned(rlb_executor *x, const rlb_plan *plan, lc_case *c, gpu_side *g,
-                           rlb_dtype ddt)
+                           rlb_dtype ddt, int base)
 {
     int pi = 0;
     while (c->ad[pi] < 0 || c->m.p[pi].which == P_EMBED)
         pi++;
-    int bi = c->ad[pi] + 1;
+    int at = base ? pi : c->ad[pi] + 1;
     uint32_t nan_bits = c->sdt == RLB_DTYPE_F32 ? 0x7fc00000u : c->sdt == RLB_DTYPE_BF16 ? 0x7fc0u
                                                                                          : 0x7e00u;
-    memcpy(c->buf[0] + c->where[bi] * rlb_dtype_size(c->sdt), &nan_bits, rlb_dtype_size(c->sdt));
+    memcpy(c->buf[0] + c->where[at] * rlb_dtype_size(c->sdt), &nan_bits, rlb_dtype_size(c->sdt));
     put_sources(c, g);
     run_both(x, plan, c, g);
     uint64_t merged = 0, in_dst = 0;
@@ -149,7 +152,7 @@ static void check_poisoned(rlb_executor *x, const rlb_plan *plan, lc_case *c, gp
     }
     for (uint32_t t = 0; t < plan->n_dst; t++)
         in_dst += rlb__row_nonfinite(g->got[t], plan->dst_bytes[t] / rlb_dtype_size(ddt), ddt);
-    assert_int_equal(merged, (uint64_t)c->t[pi].cols);
+    assert_int_equal(merged, base ? 1 : (uint64_t)c->t[pi].cols);
     assert_int_equal(merged, in_dst);
 }
 
@@ -161,7 +164,7 @@ static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int 
              qwen_tied ? "qwen" : "llama",
              mode == LC_FULL ? "full" : mode == LC_FSDP2 ? "fsdp2" : "fsdp1", rlb_dtype_name(sdt),
              rlb_dtype_name(ddt), T, (long long)rank, on_host ? "host" : "device",
-             poison ? ", a NaN planted" : "");
+             poison == 1 ? ", a NaN planted" : poison ? ", a NaN in the base" : "");
     /* before anything runs: a failure below names its case */
     fprintf(stderr, "case: %s\n", what);
     lc_case c;
@@ -180,11 +183,25 @@ static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int 
         assert_non_null(cl);
         int want = sdt == RLB_DTYPE_BF16 ? 2 : 1; /* fused, the default: tensor cores for bf16
                                                      factors */
+        uint64_t products = 0;
         if (how && !strcmp(how, "separate"))
             want = 0;
         else if (how && !strcmp(how, "fused-fma"))
             want = 1;
+        else if (how && !strcmp(how, "gemm") && sdt == RLB_DTYPE_BF16 &&
+                 ddt == RLB_DTYPE_BF16 && mode != LC_FSDP1) {
+            want = 3; /* every base one bf16 source in whole rows: every merge a product */
+            products = plan->n_merges;
+        } else if (how && !strcmp(how, "gemm") && rlb__cuda_lora_fused(cl) == 3) {
+            want = 3; /* FSDP1: the merges whose runs are whole rows */
+            products = rlb__cuda_lora_products(cl);
+            assert_true(products > 0 && products <= plan->n_merges);
+        }
         assert_int_equal(rlb__cuda_lora_fused(cl), want);
+        assert_int_equal(rlb__cuda_lora_products(cl), products);
+        if (how && !strcmp(how, "gemm"))
+            printf("%s: %llu of %llu merges as cuBLASLt products\n", what,
+                   (unsigned long long)products, (unsigned long long)plan->n_merges);
         rlb__cuda_lora_free(cl);
     }
     uint64_t n_counts = plan->n_ops + plan->n_merges; /* the base plan has more ops */
@@ -228,8 +245,14 @@ static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int 
     /* And back: merged from the base, not from what the buffers held. */
     run_both(x, plan, &c, &g);
     differ += check_merged(&c, plan, T, ddt, &g);
-    if (poison)
-        check_poisoned(x, plan, &c, &g, ddt);
+    if (poison == 1)
+        check_poisoned(x, plan, &c, &g, ddt, 0);
+    if (poison == 2) { /* a new executor binds again, and scans the poisoned base */
+        x->iface->destroy(x);
+        if (rlb__executor_cuda_create(&x, err, sizeof err))
+            fail_msg("CUDA executor: %s", err);
+        check_poisoned(x, plan, &c, &g, ddt, 1);
+    }
     printf("%s: %llu of %llu merged elements differ in their bits from the CPU executor's\n",
            what, (unsigned long long)differ, (unsigned long long)(3 * merged));
 
@@ -290,6 +313,19 @@ static void test_separate(void **state)
     run_share("separate");
 }
 
+/* RLB_LORA_MERGE=gemm: the share, then a NaN in the base (its count comes from the scan at
+ * bind) and in a factor at rank 64, TP 4. */
+static void test_gemm(void **state)
+{
+    (void)state;
+    run_share("gemm");
+    assert_int_equal(setenv("RLB_LORA_MERGE", "gemm", 1), 0);
+    run_case(0, LC_FULL, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 2, 8, 0, 2);
+    run_case(1, LC_FSDP2, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 4, 64, 1, 0);
+    run_case(0, LC_FULL, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 4, 64, 0, 1);
+    unsetenv("RLB_LORA_MERGE");
+}
+
 static void test_poisoned_factor(void **state)
 {
     (void)state;
@@ -308,6 +344,7 @@ int main(void)
         cmocka_unit_test(test_poisoned_factor),
         cmocka_unit_test(test_fused_fma),
         cmocka_unit_test(test_separate),
+        cmocka_unit_test(test_gemm),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

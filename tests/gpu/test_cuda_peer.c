@@ -25,7 +25,6 @@
 #include "kernels/cuda/plan_exec.h"
 #include "tests/gpu/gpu_case.h"
 
-#define CHECK_CUDA(call) assert_int_equal((int)(call), (int)cudaSuccess)
 #define N_GPU 2
 
 static int peer_path; /* GPU 0 and GPU 1 can reach each other peer to peer */

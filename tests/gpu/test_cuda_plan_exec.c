@@ -28,8 +28,6 @@
 #include "kernels/cuda/plan_exec.h"
 #include "tests/gpu/gpu_case.h"
 
-#define CHECK_CUDA(call) assert_int_equal((int)(call), (int)cudaSuccess)
-
 /* Runs `plan` on GPU 0 from host sources src[i] (src_len[i] bytes) into poisoned
  * destinations and copies them back into out[d] (plan->dst_bytes[d] each); counts (or
  * NULL: counting off) gets each op's non-finite count. Returns the executor's first

@@ -26,7 +26,6 @@
 #include "kernels/cuda/quant.h"
 #include "tests/gpu/gpu_case.h"
 
-#define CHECK_CUDA(call) assert_int_equal((int)(call), (int)cudaSuccess)
 #define N_TENSORS 60
 
 /* One tensor of the test set: host input and where it sits in the device arena. */
