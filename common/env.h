@@ -46,10 +46,15 @@
       "dependent launch (each starts while the one before it finishes); 0: plain launches") \
     X(CUDA_STAGE_BYTES, "RLB_CUDA_STAGE_BYTES", "16777216", "bytes of each of the two "   \
       "device staging buffers of a staged read from another GPU")                         \
-    X(LORA_MERGE, "RLB_LORA_MERGE", "fused", "how the CUDA executor writes LoRA-merged "  \
-      "weights: fused (one pass: base read from its source plus s*B*A, written once; B*A " \
-      "on tensor cores where the factors are bf16), fused-fma (B*A always in f32 "         \
-      "multiply-adds) or separate (the base copied, then the product added in place)")    \
+    X(LORA_MERGE, "RLB_LORA_MERGE", "gemm", "how the CUDA executor writes LoRA-merged "   \
+      "weights: gemm (as fused, but merges whose base is one bf16 source in whole rows, "  \
+      "in pieces of RLB_LORA_GEMM_MIN_BYTES or more, as cuBLASLt products), fused (one "   \
+      "pass: base read from its source plus s*B*A, written once; B*A on tensor cores "     \
+      "where the factors are bf16), fused-fma (B*A always in f32 multiply-adds) or "       \
+      "separate (the base copied, then the product added in place)")                      \
+    X(LORA_GEMM_MIN_BYTES, "RLB_LORA_GEMM_MIN_BYTES", "8388608", "RLB_LORA_MERGE=gemm: "   \
+      "the smallest piece of base (bytes) a merge written as cuBLASLt products may have; "  \
+      "smaller ones run in the fused kernel")                                              \
     X(NONFINITE, "RLB_NONFINITE", "abort", "what a sync does when the weights it copies "  \
       "hold NaN or Inf: abort (the version, naming the tensors and counts) or allow "     \
       "(commit it and log the counts)")                                                 \

@@ -9,6 +9,7 @@
 #include "kernels/cuda/cuda_check.h"
 
 #define WORKSPACE_BYTES (32u << 20)
+#define CANDIDATES 4 /* algorithms of the heuristic timed per shape */
 
 #define LT_CHECK(call, rc, label)                                                        \
     do {                                                                                 \
@@ -25,7 +26,9 @@ typedef struct lt_shape {
     uint64_t rows, cols, kp, ldr, ldc, ldd;
     uint32_t align[4]; /* bytes: R, L, C, D */
     cublasLtMatrixLayout_t a, b, c, d;
-    cublasLtMatmulAlgo_t algo;
+    cublasLtMatmulAlgo_t algo[CANDIDATES]; /* the heuristic's, best first; [0] is used */
+    int n_algo;
+    uint64_t first;                        /* its first product */
 } lt_shape;
 
 struct rlb_lora_gemm {
@@ -37,6 +40,9 @@ struct rlb_lora_gemm {
     uint64_t n;
     lt_shape *shapes;
     uint64_t n_shapes;
+    int ready;              /* tuned, and the graph made if one could be */
+    cudaStream_t cap;       /* where the products are captured */
+    cudaGraphExec_t graph;  /* every product, in order (NULL: launched one by one) */
 };
 
 /* The largest power of two up to 256 dividing address x. */
@@ -60,6 +66,10 @@ static void shapes_free(rlb_lora_gemm *g)
     free(g->shapes);
     free(g->p);
     free(g->shape_of);
+    if (g->graph)
+        cudaGraphExecDestroy(g->graph);
+    g->graph = NULL;
+    g->ready = 0;
     g->shapes = NULL;
     g->p = NULL;
     g->shape_of = NULL;
@@ -78,6 +88,7 @@ int rlb__lora_gemm_create(rlb_lora_gemm **out, char *err, size_t errlen)
     LT_CHECK(cublasLtCreate(&g->lt), rc, err);
     LT_CHECK(cublasLtMatmulDescCreate(&g->op, CUBLAS_COMPUTE_32F, CUDA_R_32F), rc, err);
     RLB_CUDA_CHECK(cudaMalloc(&g->workspace, WORKSPACE_BYTES), rc, err);
+    RLB_CUDA_CHECK(cudaStreamCreateWithFlags(&g->cap, cudaStreamNonBlocking), rc, err);
     *out = g;
     return 0;
 err:
@@ -90,7 +101,7 @@ static int shape_init(rlb_lora_gemm *g, lt_shape *s, char *err, size_t errlen)
 {
     int rc = 0, found = 0;
     cublasLtMatmulPreference_t pref = NULL;
-    cublasLtMatmulHeuristicResult_t res;
+    cublasLtMatmulHeuristicResult_t res[CANDIDATES];
     uint64_t ws = WORKSPACE_BYTES;
     static const cublasLtMatmulPreferenceAttributes_t aligns[4] = {
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
@@ -109,8 +120,8 @@ static int shape_init(rlb_lora_gemm *g, lt_shape *s, char *err, size_t errlen)
     for (int k = 0; k < 4; k++)
         LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, aligns[k], &s->align[k],
                                                       sizeof s->align[k]), rc, out);
-    LT_CHECK(cublasLtMatmulAlgoGetHeuristic(g->lt, g->op, s->a, s->b, s->c, s->d, pref, 1, &res,
-                                            &found), rc, out);
+    LT_CHECK(cublasLtMatmulAlgoGetHeuristic(g->lt, g->op, s->a, s->b, s->c, s->d, pref,
+                                            CANDIDATES, res, &found), rc, out);
     if (!found) {
         rlb__cuda_err(err, errlen, "cuBLASLt has no algorithm for a LoRA merge of %llu x %llu "
                       "at rank %llu", (unsigned long long)s->rows,
@@ -118,7 +129,9 @@ static int shape_init(rlb_lora_gemm *g, lt_shape *s, char *err, size_t errlen)
         rc = RLB_ECUDA;
         goto out;
     }
-    s->algo = res.algo;
+    for (int k = 0; k < found && k < CANDIDATES; k++)
+        s->algo[k] = res[k].algo;
+    s->n_algo = found < CANDIDATES ? found : CANDIDATES;
 out:
     if (pref)
         cublasLtMatmulPreferenceDestroy(pref);
@@ -156,6 +169,7 @@ int rlb__lora_gemm_set(rlb_lora_gemm *g, const rlb_lora_product *p, uint64_t n, 
             s++;
         if (s == g->n_shapes) {
             g->shapes[s] = want;
+            g->shapes[s].first = i;
             g->n_shapes++;
             rc = shape_init(g, &g->shapes[s], err, errlen);
         }
@@ -166,6 +180,78 @@ int rlb__lora_gemm_set(rlb_lora_gemm *g, const rlb_lora_product *p, uint64_t n, 
     return rc;
 }
 
+/* Launches product i with the algorithm at its shape's algo[k]. */
+static cublasStatus_t launch(rlb_lora_gemm *g, uint64_t i, int k, cudaStream_t stream)
+{
+    static const float one = 1.0f;
+    const rlb_lora_product *q = &g->p[i];
+    const lt_shape *s = &g->shapes[g->shape_of[i]];
+    return cublasLtMatmul(g->lt, g->op, &q->scale, q->r, s->a, q->l, s->b, &one, q->c, s->c,
+                          q->d, s->d, &s->algo[k], g->workspace, WORKSPACE_BYTES, stream);
+}
+
+/* Each shape's candidates timed on its first product (warmed once, then twice timed), the
+ * fastest moved to algo[0]. The products write their destinations, which the run then
+ * writes again. Synchronizes `stream`. */
+static int tune(rlb_lora_gemm *g, cudaStream_t stream, char *err, size_t errlen)
+{
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    int rc = 0;
+    RLB_CUDA_CHECK(cudaEventCreate(&e0), rc, out);
+    RLB_CUDA_CHECK(cudaEventCreate(&e1), rc, out);
+    for (uint64_t s = 0; s < g->n_shapes; s++) {
+        lt_shape *sh = &g->shapes[s];
+        float best = -1.0f;
+        int pick = 0;
+        for (int k = 0; k < sh->n_algo && sh->n_algo > 1; k++) {
+            float ms = 0.0f;
+            /* an algorithm cuBLASLt refuses to run here is passed over */
+            if (launch(g, sh->first, k, stream) != CUBLAS_STATUS_SUCCESS)
+                continue;
+            RLB_CUDA_CHECK(cudaEventRecord(e0, stream), rc, out);
+            for (int r = 0; r < 2; r++)
+                LT_CHECK(launch(g, sh->first, k, stream), rc, out);
+            RLB_CUDA_CHECK(cudaEventRecord(e1, stream), rc, out);
+            RLB_CUDA_CHECK(cudaEventSynchronize(e1), rc, out);
+            RLB_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1), rc, out);
+            if (best < 0.0f || ms < best)
+                best = ms, pick = k;
+        }
+        const cublasLtMatmulAlgo_t a = sh->algo[0];
+        sh->algo[0] = sh->algo[pick];
+        sh->algo[pick] = a;
+    }
+out:
+    if (e0)
+        cudaEventDestroy(e0);
+    if (e1)
+        cudaEventDestroy(e1);
+    return rc;
+}
+
+/* Every product captured in order into g->graph; where capture fails, none (the run then
+ * launches them one by one). */
+static void capture(rlb_lora_gemm *g)
+{
+    cudaGraph_t graph = NULL;
+    if (cudaStreamBeginCapture(g->cap, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+        cudaGetLastError();
+        return;
+    }
+    int ok = 1;
+    for (uint64_t i = 0; i < g->n && ok; i++)
+        ok = launch(g, i, 0, g->cap) == CUBLAS_STATUS_SUCCESS;
+    if (cudaStreamEndCapture(g->cap, &graph) != cudaSuccess || !ok ||
+        cudaGraphInstantiate(&g->graph, graph, 0) != cudaSuccess) {
+        cudaGetLastError();
+        RLB_LOG_WARN(RLB_SUB_KERNEL, "the LoRA products could not be captured in a graph; "
+                     "launched one by one");
+        g->graph = NULL;
+    }
+    if (graph)
+        cudaGraphDestroy(graph);
+}
+
 int rlb__lora_gemm_run(rlb_lora_gemm *g, cudaStream_t stream)
 {
     if (!g)
@@ -173,14 +259,17 @@ int rlb__lora_gemm_run(rlb_lora_gemm *g, cudaStream_t stream)
     char *err = NULL;
     size_t errlen = 0;
     int rc = 0;
-    const float one = 1.0f;
-    for (uint64_t i = 0; i < g->n; i++) {
-        const rlb_lora_product *q = &g->p[i];
-        const lt_shape *s = &g->shapes[g->shape_of[i]];
-        LT_CHECK(cublasLtMatmul(g->lt, g->op, &q->scale, q->r, s->a, q->l, s->b, &one, q->c,
-                                s->c, q->d, s->d, &s->algo, g->workspace, WORKSPACE_BYTES,
-                                stream), rc, out);
+    if (!g->ready && g->n) {
+        RLB_CHECK(tune(g, stream, err, errlen));
+        capture(g);
+        g->ready = 1;
     }
+    if (g->graph) {
+        RLB_CUDA_CHECK(cudaGraphLaunch(g->graph, stream), rc, out);
+        return 0;
+    }
+    for (uint64_t i = 0; i < g->n; i++)
+        LT_CHECK(launch(g, i, 0, stream), rc, out);
 out:
     return rc;
 }
@@ -199,6 +288,8 @@ void rlb__lora_gemm_free(rlb_lora_gemm *g)
         cublasLtMatmulDescDestroy(g->op);
     if (g->lt)
         cublasLtDestroy(g->lt);
+    if (g->cap)
+        cudaStreamDestroy(g->cap);
     cudaFree(g->workspace);
     free(g);
 }

@@ -7,9 +7,10 @@
  * (rows ldc elements apart: a TP shard of a trainer's whole rows), D the rectangle in its
  * destination (rows ldd apart), f32 accumulation and one rounding to bf16. In cuBLASLt's
  * column-major terms: D^T (cols x rows) = scale * R^T (cols x kp, ld ldr) L^T (kp x rows,
- * ld kp) + C^T. Each product takes the first algorithm cuBLASLt's heuristic offers for its
- * shape and the alignment of its four addresses (products of one shape and alignment share
- * it).
+ * ld kp) + C^T. Each shape (with the alignment of its four addresses) takes the fastest of
+ * the first 4 algorithms cuBLASLt's heuristic offers, timed on its first product at the
+ * first run after a set; that run also captures every product into a CUDA graph, which each
+ * run then launches (one call instead of one per product: the bridge thread's time).
  *
  * Check: tests/gpu/test_cuda_lora (test_gemm, through the executor, against the CPU executor
  * and a double-precision reference); speed: rlb-bench-reshard-gpu --lora,
@@ -47,7 +48,9 @@ int rlb__lora_gemm_create(rlb_lora_gemm **out, char *err, size_t errlen);
  * here, replacing the last set's). */
 int rlb__lora_gemm_set(rlb_lora_gemm *g, const rlb_lora_product *p, uint64_t n, char *err,
                        size_t errlen);
-/* Launches every product on `stream` (current device: g's). */
+/* Launches every product on `stream` (current device: g's). The first run after a set
+ * times the algorithms (writing the destinations, which it then writes again) and waits for
+ * `stream`. */
 int rlb__lora_gemm_run(rlb_lora_gemm *g, cudaStream_t stream);
 /* Bytes of device memory held (the workspace). */
 uint64_t rlb__lora_gemm_device_bytes(const rlb_lora_gemm *g);

@@ -5,7 +5,7 @@
  *   1. the adapter stage: the plan's stage ops gather every factor, whole and as f32, into
  *      a stage buffer on this GPU (a plan of its own, kernels/cuda/plan_exec.h, whose one
  *      destination is the stage);
- *   2. the merge, fused (RLB_LORA_MERGE=fused, the default): one pass over each block,
+ *   2. the merge, fused (RLB_LORA_MERGE=fused): one pass over each block,
  *      C = base + scale * L * R, the base read from the merge's sources where its base
  *      copies (the plan's merge_copies) would read it, widened to f32, the rank-r product
  *      summed in f32 (L scaled first, as the CPU does: l_k = scale * L(i, k), then
@@ -17,16 +17,18 @@
  *      cores instead: exact bf16 products summed in f32 in the tensor core's order, then
  *      C = base + scale * (L * R), one rounding (the same error bound, not the same bits;
  *      RLB_LORA_MERGE=fused-fma keeps the multiply-adds).
- *   2'. RLB_LORA_MERGE=gemm: as fused, but each merge whose base is one bf16 source read in
- *      whole rows (a full or FSDP2 trainer's bf16 weights into bf16 workers), with bf16
- *      factors, is written as cuBLASLt products instead (kernels/cuda/lora_gemm.h: one
- *      per piece of its base, C the base in its source, D the block, the same f32 sums on
- *      tensor cores and one rounding). cuBLASLt cannot count what it writes, so such a
- *      merge's non-finite values are counted from its inputs: the largest |L| and |R| of
- *      each run (taken while the factors are packed) and the largest |base| (scanned once
- *      a bind: the base beside adapters is frozen, DESIGN §10) bound every value it
- *      writes; where a factor or the base is non-finite, or the bound reaches 3e38, what
- *      it wrote is read back and counted. A base changed between binds is not rescanned.
+ *   2'. RLB_LORA_MERGE=gemm (the default): as fused, but each merge whose base is one bf16
+ *      source read in whole rows, in pieces of RLB_LORA_GEMM_MIN_BYTES or more (a full or
+ *      FSDP2 trainer's large bf16 weights into bf16 workers), with bf16 factors, is
+ *      written as cuBLASLt products instead (kernels/cuda/lora_gemm.h: one per piece of
+ *      its base, C the base in its source, D the block, the same f32 sums on tensor cores
+ *      and one rounding), after the fused launch of the rest. cuBLASLt cannot count what
+ *      it writes, so such a merge's non-finite values are counted from its inputs: the
+ *      largest |L| and |R| of each run (taken while the factors are packed) and the
+ *      largest |base| (scanned once a bind: the base beside adapters is frozen, DESIGN
+ *      §10) bound every value it writes; where a factor or the base is non-finite, or the
+ *      bound reaches 3e38, what it wrote is read back and counted. A base changed between
+ *      binds is not rescanned.
  * Separate (RLB_LORA_MERGE=separate, and always where a base source is staged from a GPU
  * without a peer path, which leaves no address a kernel may read): the base copies first
  * (as a plan of their own: local, peer, IPC-mapped, mapped host and staged sources alike),
@@ -41,7 +43,8 @@
  * rank 16 on all seven targets, 168 MiB; rank 64, 671 MiB), the two plans' tables, 96 bytes
  * per merge, a count per merge, and for the fused merge each block's base as pieces
  * (40 bytes per rectangle of a base copy) with an index per 64-row band; on tensor cores
- * also the factors packed in bf16 (half the stage, plus padding to whole tiles). Kept from
+ * also the factors packed in bf16 (half the stage, plus padding to whole tiles); for the
+ * products 48 bytes per piece, 12 per merge and cuBLASLt's 32 MiB workspace. Kept from
  * run to run with the upload.
  *
  * Every function returns 0 or a negative RLB_E* code; a refused plan or buffer is described

@@ -41,6 +41,7 @@
 
 #include <cmocka.h>
 
+#include "common/env.h"
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/plan_exec.h"
 #include "kernels/cuda/lora_merge.h"
@@ -181,21 +182,26 @@ static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int 
         if (rlb__cuda_lora_upload(plan, 0, NULL, &cl, e, sizeof e))
             fail_msg("upload: %s", e);
         assert_non_null(cl);
-        int want = sdt == RLB_DTYPE_BF16 ? 2 : 1; /* fused, the default: tensor cores for bf16
-                                                     factors */
+        assert_non_null(how); /* every test names the way */
+        int want = sdt == RLB_DTYPE_BF16 ? 2 : 1; /* fused: tensor cores for bf16 factors */
         uint64_t products = 0;
-        if (how && !strcmp(how, "separate"))
+        if (!strcmp(how, "separate"))
             want = 0;
-        else if (how && !strcmp(how, "fused-fma"))
+        else if (!strcmp(how, "fused-fma"))
             want = 1;
-        else if (how && !strcmp(how, "gemm") && sdt == RLB_DTYPE_BF16 &&
-                 ddt == RLB_DTYPE_BF16 && mode != LC_FSDP1) {
-            want = 3; /* every base one bf16 source in whole rows: every merge a product */
-            products = plan->n_merges;
-        } else if (how && !strcmp(how, "gemm") && rlb__cuda_lora_fused(cl) == 3) {
-            want = 3; /* FSDP1: the merges whose runs are whole rows */
-            products = rlb__cuda_lora_products(cl);
-            assert_true(products > 0 && products <= plan->n_merges);
+        else if (!strcmp(how, "gemm") && sdt == RLB_DTYPE_BF16 && ddt == RLB_DTYPE_BF16) {
+            const long long least = rlb__env_int(RLB_KNOB_LORA_GEMM_MIN_BYTES);
+            if (mode == LC_FULL || least == 0) { /* FSDP1: its runs across rows aside */
+                /* full: each block's base is one piece, of the block's bytes */
+                for (uint64_t i = 0; i < plan->n_merges; i++)
+                    products += (long long)(plan->merges[i].rows * plan->merges[i].cols * 2) >=
+                                least;
+            }
+            if (mode == LC_FSDP1) { /* the merges whose runs are whole rows */
+                products = rlb__cuda_lora_products(cl);
+                assert_true(products > 0 && products <= plan->n_merges);
+            }
+            want = products ? 3 : 2;
         }
         assert_int_equal(rlb__cuda_lora_fused(cl), want);
         assert_int_equal(rlb__cuda_lora_products(cl), products);
@@ -313,16 +319,24 @@ static void test_separate(void **state)
     run_share("separate");
 }
 
-/* RLB_LORA_MERGE=gemm: the share, then a NaN in the base (its count comes from the scan at
- * bind) and in a factor at rank 64, TP 4. */
+/* RLB_LORA_MERGE=gemm with products of any size: the share, then a NaN in the base (its
+ * count comes from the scan at bind) and in a factor at rank 64, TP 4; then with the
+ * smallest product at 100000 bytes (this model's 64 KiB blocks fused, its 128 KiB and larger
+ * ones products, in one run), and at the default (no block of this model a product). */
 static void test_gemm(void **state)
 {
     (void)state;
+    assert_int_equal(setenv("RLB_LORA_GEMM_MIN_BYTES", "0", 1), 0);
     run_share("gemm");
     assert_int_equal(setenv("RLB_LORA_MERGE", "gemm", 1), 0);
     run_case(0, LC_FULL, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 2, 8, 0, 2);
     run_case(1, LC_FSDP2, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 4, 64, 1, 0);
     run_case(0, LC_FULL, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 4, 64, 0, 1);
+    assert_int_equal(setenv("RLB_LORA_GEMM_MIN_BYTES", "100000", 1), 0);
+    run_case(0, LC_FULL, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 2, 8, 0, 1);
+    run_case(1, LC_FULL, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 1, 64, 1, 0);
+    unsetenv("RLB_LORA_GEMM_MIN_BYTES");
+    run_case(0, LC_FULL, RLB_DTYPE_BF16, RLB_DTYPE_BF16, 2, 8, 0, 0);
     unsetenv("RLB_LORA_MERGE");
 }
 
