@@ -580,12 +580,13 @@ static int launch_bound(cuda_exec *x, dev_state *s, int g, cudaStream_t st,
         RLB_CHECK_GOTO(event_of(x, run->events[e], &ev), rc, out);
         RLB_CUDA_CHECK(cudaStreamWaitEvent(st, ev, 0), rc, out);
     }
+    s->used = 1; /* from here on, a failure waits for what was launched (the copies, when
+                  * the merges fail to launch) before the caller sees it */
     RLB_CUDA_CHECK(cudaEventRecord(s->t0, st), rc, out);
     RLB_CHECK_GOTO(rlb__cuda_plan_run(s->plan, st), rc, out);
     if (s->lora)
         RLB_CHECK_GOTO(rlb__cuda_lora_run(s->lora, st), rc, out);
     RLB_CUDA_CHECK(cudaEventRecord(s->t1, st), rc, out);
-    s->used = 1;
 out:
     rlb__cuda_leave(prev);
     return rc;
