@@ -203,7 +203,9 @@ static int tune(rlb_lora_gemm *g, cudaStream_t stream, char *err, size_t errlen)
         lt_shape *sh = &g->shapes[s];
         float best = -1.0f;
         int pick = 0;
-        for (int k = 0; k < sh->n_algo && sh->n_algo > 1; k++) {
+        if (sh->n_algo < 2)
+            continue;
+        for (int k = 0; k < sh->n_algo; k++) {
             float ms = 0.0f;
             /* an algorithm cuBLASLt refuses to run here is passed over */
             if (launch(g, sh->first, k, stream) != CUBLAS_STATUS_SUCCESS)

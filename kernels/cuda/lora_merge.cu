@@ -949,16 +949,16 @@ static int upload_plans(rlb_cuda_lora *cl, const rlb_plan *plan, char *err, size
 
 /* ---- The fused merge's tables ---------------------------------------------------------- */
 
-/* Builds and uploads the fused kernel's tables of cl's merges (current device: cl's).
- * Leaves cl->fused 0 when some merge's copies are not pieces the kernel reads, or do not
- * tile its block exactly (the merges then run separately). Returns 0 or RLB_ENOMEM /
- * RLB_ECUDA. */
-static int build_fused(rlb_cuda_lora *cl, const rlb_plan *plan)
+/* Builds and uploads the fused kernel's tables of cl's merges (current device: cl's), their
+ * pieces left in the caller's `all` (empty), merge k's from first_piece[k] (the caller's,
+ * [cl->n + 1]) to first_piece[k + 1]. Leaves cl->fused 0 when some merge's copies are not
+ * pieces the kernel reads, or do not tile its block exactly (the merges then run
+ * separately). Returns 0 or RLB_ENOMEM / RLB_ECUDA. */
+static int build_fused(rlb_cuda_lora *cl, const rlb_plan *plan, rlb_piece_list &all,
+                       uint64_t *first_piece)
 {
-    rlb_piece_list all = {};
     uint64_t n_bands = 0, n_entries = 0;
-    uint64_t *first_piece = (uint64_t *)malloc((cl->n + 1) * sizeof(uint64_t));
-    int rc = first_piece ? 0 : RLB_ENOMEM, fusable = 1;
+    int rc = 0, fusable = 1;
     uint2 *bands = nullptr;
     uint32_t *entries = nullptr;
     for (uint32_t k = 0; k < cl->n && !rc && fusable; k++) {
@@ -977,11 +977,8 @@ static int build_fused(rlb_cuda_lora *cl, const rlb_plan *plan)
             n_entries += (all.p[i].i1 - 1) / kTileRows - all.p[i].i0 / kTileRows + 1;
     }
     if (rc || !fusable || n_bands > UINT32_MAX || n_entries > UINT32_MAX ||
-        all.n > UINT32_MAX) {
-        rlb__piece_list_free(&all);
-        free(first_piece);
+        all.n > UINT32_MAX)
         return rc;
-    }
     first_piece[cl->n] = all.n;
     bands = (uint2 *)calloc(n_bands + 1, sizeof(uint2));
     entries = (uint32_t *)malloc((n_entries + 1) * sizeof(uint32_t));
@@ -1021,8 +1018,6 @@ static int build_fused(rlb_cuda_lora *cl, const rlb_plan *plan)
                       (n_entries + 1) * sizeof(uint32_t);
     cl->fused = 1;
 out:
-    rlb__piece_list_free(&all);
-    free(first_piece);
     free(bands);
     free(entries);
     return rc;
@@ -1113,33 +1108,26 @@ static void assign_tiles(rlb_cuda_lora *cl, bool skip)
 /* Marks the merges of cl whose base is one bf16 source read in whole rows, in at most
  * kMaxProductPieces pieces of RLB_LORA_GEMM_MIN_BYTES or more (cuBLASLt writes small
  * products well below the fused kernel's rate: on an H100, 1050 GB/s for 4 MiB of base,
- * 2030 for 16), as products (cl->is_gemm), and uploads their pieces, their list and room
- * for the statistics the count reads; makes the cuBLASLt handle (current device: cl's).
- * Run after build_pack. */
+ * 2030 for 16), as products (cl->is_gemm), and uploads their pieces (build_fused's `all`
+ * and first_piece), their list and room for the statistics the count reads; makes the
+ * cuBLASLt handle (current device: cl's). Run after build_pack. */
 constexpr uint64_t kMaxProductPieces = 64;
 
-static int build_gemm(rlb_cuda_lora *cl, const rlb_plan *plan, char *err, size_t errlen)
+static int build_gemm(rlb_cuda_lora *cl, const rlb_piece_list &all,
+                      const uint64_t *first_piece, char *err, size_t errlen)
 {
-    rlb_piece_list l = {};
     int rc = 0;
     uint32_t *list = nullptr;
     const long long least = rlb__env_int(RLB_KNOB_LORA_GEMM_MIN_BYTES);
     cl->is_gemm = (uint8_t *)calloc(cl->n + 1, 1);
     if (!cl->is_gemm)
         return RLB_ENOMEM;
-    for (uint32_t k = 0; k < cl->n; k++) { /* which; l holds one merge's pieces at a time */
+    for (uint32_t k = 0; k < cl->n; k++) {
         const rlb_merge_op *m = &cl->merges[k];
-        if (m->dst_dtype != RLB_DTYPE_BF16)
-            continue;
-        l.n = 0;
-        const int r = rlb__merge_pieces(plan, m, &l);
-        if (r < 0) {
-            rc = r;
-            goto out;
-        }
-        bool ok = r == 0 && l.n <= kMaxProductPieces;
-        for (uint64_t i = 0; ok && i < l.n; i++) {
-            const rlb_merge_piece &p = l.p[i];
+        bool ok = m->dst_dtype == RLB_DTYPE_BF16 &&
+                  first_piece[k + 1] - first_piece[k] <= kMaxProductPieces;
+        for (uint64_t i = first_piece[k]; ok && i < first_piece[k + 1]; i++) {
+            const rlb_merge_piece &p = all.p[i];
             ok = p.src_ref != RLB_PLAN_ZERO_SRC && p.src_dtype == RLB_DTYPE_BF16 &&
                  p.j0 == 0 && p.j1 == m->cols && p.src_off % 2 == 0 && p.src_stride % 2 == 0 &&
                  (long long)((uint64_t)(p.i1 - p.i0) * m->cols * 2) >= least;
@@ -1147,11 +1135,11 @@ static int build_gemm(rlb_cuda_lora *cl, const rlb_plan *plan, char *err, size_t
         if (ok) {
             cl->is_gemm[k] = 1;
             cl->n_gemm++;
-            cl->n_scan += l.n;
+            cl->n_scan += first_piece[k + 1] - first_piece[k];
         }
     }
     if (cl->n_gemm == 0)
-        goto out;
+        return 0;
     cl->h_scan = (scan_piece *)calloc(cl->n_scan, sizeof(scan_piece));
     list = (uint32_t *)malloc(cl->n_gemm * sizeof(uint32_t));
     if (!cl->h_scan || !list) {
@@ -1162,14 +1150,8 @@ static int build_gemm(rlb_cuda_lora *cl, const rlb_plan *plan, char *err, size_t
         if (!cl->is_gemm[k])
             continue;
         list[g++] = k;
-        l.n = 0;
-        rc = rlb__merge_pieces(plan, &cl->merges[k], &l);
-        if (rc || at + l.n > cl->n_scan) { /* the same pieces as above */
-            rc = rc < 0 ? rc : RLB_EINVAL;
-            goto out;
-        }
-        for (uint64_t i = 0; i < l.n; i++, at++) {
-            cl->h_scan[at].p = l.p[i];
+        for (uint64_t i = first_piece[k]; i < first_piece[k + 1]; i++, at++) {
+            cl->h_scan[at].p = all.p[i];
             cl->h_scan[at].merge = k;
         }
     }
@@ -1182,7 +1164,6 @@ static int build_gemm(rlb_cuda_lora *cl, const rlb_plan *plan, char *err, size_t
                               cudaMemcpyHostToDevice), rc, out);
     rc = rlb__lora_gemm_create(&cl->gemm, err, errlen);
 out:
-    rlb__piece_list_free(&l);
     free(list);
     return rc;
 }
@@ -1203,6 +1184,8 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
     int rc = check_stage_ops(plan, err, errlen), prev = -1, how;
     if (rc)
         return rc;
+    rlb_piece_list pieces = {}; /* every merge's base as pieces (build_fused) */
+    uint64_t *first_piece = nullptr;
     rlb_cuda_lora *cl = (rlb_cuda_lora *)calloc(1, sizeof(*cl));
     if (!cl)
         return RLB_ENOMEM;
@@ -1229,8 +1212,10 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
         rc = RLB_ETOOBIG;
     }
     how = rlb__cuda_lora_fused_env();
-    if (!rc && how)
-        rc = build_fused(cl, plan);
+    if (!rc && how) {
+        first_piece = (uint64_t *)malloc((n + 1) * sizeof(uint64_t));
+        rc = first_piece ? build_fused(cl, plan, pieces, first_piece) : RLB_ENOMEM;
+    }
     if (!rc && cl->fused && how >= 2) {
         cl->tensor = 1; /* the stage holds bf16 values exactly when every factor was bf16 */
         for (uint64_t i = 0; i < plan->n_stage_ops; i++)
@@ -1238,7 +1223,7 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
         if (cl->tensor)
             rc = build_pack(cl);
         if (!rc && cl->tensor && how == 3)
-            rc = build_gemm(cl, plan, err, errlen);
+            rc = build_gemm(cl, pieces, first_piece, err, errlen);
     }
     if (!rc && cl->fused)
         rc = query_occupancy(cl, device);
@@ -1246,6 +1231,8 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
         assign_tiles(cl, false);
 out:
     rlb__cuda_leave(prev);
+    rlb__piece_list_free(&pieces);
+    free(first_piece);
     if (rc)
         goto err;
     *out = cl;
@@ -1314,7 +1301,7 @@ extern "C" int rlb__cuda_lora_bind(rlb_cuda_lora *cl, const rlb_cuda_buf *src,
     }
     /* The products read their base where the fused kernel would: not from a staged source */
     const int gemm_now = cl->n_gemm && !rlb__cuda_plan_staging(cl->base);
-    if (cl->fused && gemm_now != cl->gemm_now) {
+    if (gemm_now != cl->gemm_now) { /* product merges exist only where fused ones do */
         cl->gemm_now = gemm_now;
         assign_tiles(cl, gemm_now);
     }
