@@ -647,7 +647,7 @@ typedef struct lora_result {
     double fma_ms, fma_merge_ms;         /* fused-fma: the product in f32 multiply-adds */
     double sep_ms, sep_merge_ms;         /* separate: base copies, then the merge in place */
     double gemm_ms, gemm_merge_ms;       /* gemm: the merges as cuBLASLt products */
-    int fused;                           /* rlb__cuda_lora_fused of fused (2: tensor cores) */
+    rlb_lora_merge_mode mode;            /* rlb__cuda_lora_mode of the merges */
     uint64_t products, n_merges;         /* gemm: merges written as products, of all */
     uint64_t read, written, merged_bytes, dev_bytes;
 } lora_result;
@@ -704,7 +704,7 @@ static lora_result lora_case(const rlb_param_list *pl, int rank, double copy_gbs
         *ms[k][0] = time_median(&all);
         *ms[k][1] = time_median(&merges);
         if (k == 2) {
-            r.fused = rlb__cuda_lora_fused(cl);
+            r.mode = rlb__cuda_lora_mode(cl);
             r.dev_bytes = rlb__cuda_plan_device_bytes(cp) + rlb__cuda_lora_device_bytes(cl);
         }
         if (k == 3)
@@ -745,8 +745,8 @@ static int lora_main(const rlb_param_list *pl, const char *dev_name)
         printf("%-28s %8.2f GB %8.2f GB %9.3f %9.0f %9s %7s  %.3f x full%s\n", label,
                lr[i].read / 1e9, lr[i].written / 1e9, lr[i].ms,
                (lr[i].read + lr[i].written) / lr[i].ms / 1e6, "", "", lr[i].ms / full.ms,
-               lr[i].fused == 2 ? " (tensor cores)"
-               : lr[i].fused   ? " (multiply-adds)"
+               lr[i].mode >= RLB_LORA_FUSED_TC    ? " (tensor cores)"
+               : lr[i].mode == RLB_LORA_FUSED_FMA ? " (multiply-adds)"
                                : " (NOT fused: the merges ran separately)");
         snprintf(label, sizeof label, "  merges alone, rank %d", lr[i].rank);
         printf("%-28s %8.2f GB %8.2f GB %9.3f %9s %9.3f %6.1f%%  (fused: base from the "
@@ -777,7 +777,7 @@ static int lora_main(const rlb_param_list *pl, const char *dev_name)
                "\"merge_floor_ms\":%.3f,\"device_bytes\":%llu,\"fma_ms\":%.3f,"
                "\"fma_merges_ms\":%.3f,\"separate_ms\":%.3f,\"separate_merges_ms\":%.3f,"
                "\"gemm_ms\":%.3f,\"gemm_merges_ms\":%.3f,\"gemm_products\":%llu}",
-               lr[i].rank, lr[i].fused, lr[i].ms, lr[i].ms / full.ms, lr[i].merge_ms,
+               lr[i].rank, (int)lr[i].mode, lr[i].ms, lr[i].ms / full.ms, lr[i].merge_ms,
                lr[i].merge_floor_ms, (unsigned long long)lr[i].dev_bytes, lr[i].fma_ms,
                lr[i].fma_merge_ms, lr[i].sep_ms, lr[i].sep_merge_ms, lr[i].gemm_ms,
                lr[i].gemm_merge_ms, (unsigned long long)lr[i].products);

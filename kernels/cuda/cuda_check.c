@@ -30,19 +30,19 @@ rlb_cuda_peer_mode rlb__cuda_peer_mode_env(void)
     return RLB_CUDA_PEER_AUTO;
 }
 
-int rlb__cuda_lora_fused_env(void)
+rlb_lora_merge_mode rlb__cuda_lora_merge_env(void)
 {
     const char *v = rlb__env_str(RLB_KNOB_LORA_MERGE);
     if (strcmp(v, "separate") == 0)
-        return 0;
+        return RLB_LORA_SEPARATE;
     if (strcmp(v, "fused-fma") == 0)
-        return 1;
+        return RLB_LORA_FUSED_FMA;
     if (strcmp(v, "gemm") == 0)
-        return 3;
+        return RLB_LORA_GEMM;
     if (strcmp(v, "fused") != 0)
         RLB_LOG_WARN(RLB_SUB_KERNEL, "RLB_LORA_MERGE=%s: gemm, fused, fused-fma or separate "
                      "expected; using fused", v);
-    return 2;
+    return RLB_LORA_FUSED_TC;
 }
 
 int rlb__cuda_driver_fn(const char *name, void **fn)

@@ -61,11 +61,19 @@ typedef enum rlb_cuda_peer_mode {
 /* The RLB_CUDA_PEER knob ("auto" or "staged"; another value is logged and read as auto). */
 rlb_cuda_peer_mode rlb__cuda_peer_mode_env(void);
 
-/* The RLB_LORA_MERGE knob: 3 for "gemm" (as "fused", but the merges whose base is one bf16
- * source in whole rows as cuBLASLt products), 2 for "fused" (tensor cores where every
- * factor is bf16; also for another value, which is logged), 1 for "fused-fma" (fused, the
- * product always in rank-order f32 fused multiply-adds), 0 for "separate". */
-int rlb__cuda_lora_fused_env(void);
+/* How the LoRA merges of a GPU are written (kernels/cuda/lora_merge.h), each way one value
+ * of the RLB_LORA_MERGE knob; a later way falls back to an earlier one where its
+ * conditions fail (see rlb__cuda_lora_mode). */
+typedef enum rlb_lora_merge_mode {
+    RLB_LORA_SEPARATE = 0, /* "separate": the base copies, then the product over each block */
+    RLB_LORA_FUSED_FMA = 1, /* "fused-fma": one pass, the product in f32 multiply-adds */
+    RLB_LORA_FUSED_TC = 2, /* "fused": one pass, the product on tensor cores (bf16 factors) */
+    RLB_LORA_GEMM = 3,     /* "gemm": as fused, the large whole-row bf16 merges as cuBLASLt
+                            * products */
+} rlb_lora_merge_mode;
+
+/* The RLB_LORA_MERGE knob (another value is logged and read as "fused"). */
+rlb_lora_merge_mode rlb__cuda_lora_merge_env(void);
 
 /* The driver API function `name` with CUDA 12.0's signature, looked up through the runtime
  * rather than linked, so programs load (and skip) on machines without a driver. Returns 0

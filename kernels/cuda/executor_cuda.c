@@ -636,7 +636,7 @@ static int launch_on(cuda_exec *x, int g, const rlb_exec_run *run, const uint8_t
                                           "fused, on tensor cores, or as cuBLASLt products"};
         RLB_LOG_DEBUG(RLB_SUB_KERNEL, "GPU %d: %llu LoRA merges, written %s (%llu products)", g,
                       (unsigned long long)rlb__cuda_lora_merges(s->lora),
-                      how[rlb__cuda_lora_fused(s->lora)],
+                      how[rlb__cuda_lora_mode(s->lora)],
                       (unsigned long long)rlb__cuda_lora_products(s->lora));
     }
     s->bound = 1;

@@ -1181,7 +1181,8 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
         return 0;
     if (n >= UINT32_MAX)
         return RLB_ETOOBIG;
-    int rc = check_stage_ops(plan, err, errlen), prev = -1, how;
+    int rc = check_stage_ops(plan, err, errlen), prev = -1;
+    rlb_lora_merge_mode how;
     if (rc)
         return rc;
     rlb_piece_list pieces = {}; /* every merge's base as pieces (build_fused) */
@@ -1211,18 +1212,18 @@ extern "C" int rlb__cuda_lora_upload(const rlb_plan *plan, int device, const uin
         rlb__cuda_err(err, errlen, "plan: the merges' tiles exceed one launch");
         rc = RLB_ETOOBIG;
     }
-    how = rlb__cuda_lora_fused_env();
-    if (!rc && how) {
+    how = rlb__cuda_lora_merge_env();
+    if (!rc && how != RLB_LORA_SEPARATE) {
         first_piece = (uint64_t *)malloc((n + 1) * sizeof(uint64_t));
         rc = first_piece ? build_fused(cl, plan, pieces, first_piece) : RLB_ENOMEM;
     }
-    if (!rc && cl->fused && how >= 2) {
+    if (!rc && cl->fused && how >= RLB_LORA_FUSED_TC) {
         cl->tensor = 1; /* the stage holds bf16 values exactly when every factor was bf16 */
         for (uint64_t i = 0; i < plan->n_stage_ops; i++)
             cl->tensor &= plan->stage_ops[i].src_dtype == RLB_DTYPE_BF16;
         if (cl->tensor)
             rc = build_pack(cl);
-        if (!rc && cl->tensor && how == 3)
+        if (!rc && cl->tensor && how == RLB_LORA_GEMM)
             rc = build_gemm(cl, pieces, first_piece, err, errlen);
     }
     if (!rc && cl->fused)
@@ -1431,16 +1432,16 @@ extern "C" uint64_t rlb__cuda_lora_device_bytes(const rlb_cuda_lora *cl)
            rlb__lora_gemm_device_bytes(cl->gemm);
 }
 
-extern "C" int rlb__cuda_lora_fused(const rlb_cuda_lora *cl)
+extern "C" rlb_lora_merge_mode rlb__cuda_lora_mode(const rlb_cuda_lora *cl)
 {
     if (!cl || !cl->fused || (cl->bound && rlb__cuda_plan_staging(cl->base)))
-        return 0;
+        return RLB_LORA_SEPARATE;
     if (cl->n_gemm && (!cl->bound || cl->gemm_now))
-        return 3;
-    return cl->tensor ? 2 : 1;
+        return RLB_LORA_GEMM;
+    return cl->tensor ? RLB_LORA_FUSED_TC : RLB_LORA_FUSED_FMA;
 }
 
 extern "C" uint64_t rlb__cuda_lora_products(const rlb_cuda_lora *cl)
 {
-    return cl && rlb__cuda_lora_fused(cl) == 3 ? cl->n_gemm : 0;
+    return cl && rlb__cuda_lora_mode(cl) == RLB_LORA_GEMM ? cl->n_gemm : 0;
 }

@@ -86,12 +86,12 @@ int rlb__cuda_lora_run(rlb_cuda_lora *cl, cudaStream_t stream);
 void rlb__cuda_lora_counts(const rlb_cuda_lora *cl, uint64_t *nonfinite);
 void rlb__cuda_lora_free(rlb_cuda_lora *cl);
 
-/* How the runs write the merges: 0 separately, 1 fused in multiply-adds, 2 fused on tensor
- * cores, 3 as 2 but some as cuBLASLt products (fused: RLB_LORA_MERGE is not separate, every
- * merge's base copies are pieces of its block the kernel reads, and the bound sources are
- * not staged). */
-int rlb__cuda_lora_fused(const rlb_cuda_lora *cl);
-/* The merges the runs write as cuBLASLt products (0 unless rlb__cuda_lora_fused is 3). */
+/* How the runs write the merges (kernels/cuda/cuda_check.h): fused (RLB_LORA_FUSED_FMA or
+ * later) where RLB_LORA_MERGE is not separate, every merge's base copies are pieces of its
+ * block the kernel reads, and the bound sources are not staged; on tensor cores where every
+ * factor is bf16; RLB_LORA_GEMM where some merge is written as cuBLASLt products. */
+rlb_lora_merge_mode rlb__cuda_lora_mode(const rlb_cuda_lora *cl);
+/* The merges the runs write as cuBLASLt products (0 unless the mode is RLB_LORA_GEMM). */
 uint64_t rlb__cuda_lora_products(const rlb_cuda_lora *cl);
 /* Merges uploaded, and bytes of device memory held (stage, plans, tables). */
 uint64_t rlb__cuda_lora_merges(const rlb_cuda_lora *cl);

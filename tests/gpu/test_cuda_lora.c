@@ -22,7 +22,7 @@
  * The whole matrix runs with RLB_LORA_MERGE=fused (each merged element's base read from its
  * source, the product added, written once; the product on tensor cores where the factors
  * are bf16, in f32 fused multiply-adds where they are f32); every case also checks which
- * kernel its plan's merges get (kernels/cuda/lora_merge.h: rlb__cuda_lora_fused), so no
+ * kernel its plan's merges get (kernels/cuda/lora_merge.h: rlb__cuda_lora_mode), so no
  * case passes by falling back. test_fused_fma and test_separate run a share of the cases
  * with RLB_LORA_MERGE=fused-fma (bf16 factors too in multiply-adds) and =separate (base
  * copies, then the merge in place; also what a base staged from a GPU without a peer path
@@ -183,12 +183,13 @@ static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int 
             fail_msg("upload: %s", e);
         assert_non_null(cl);
         assert_non_null(how); /* every test names the way */
-        int want = sdt == RLB_DTYPE_BF16 ? 2 : 1; /* fused: tensor cores for bf16 factors */
+        /* fused: tensor cores for bf16 factors */
+        rlb_lora_merge_mode want = sdt == RLB_DTYPE_BF16 ? RLB_LORA_FUSED_TC : RLB_LORA_FUSED_FMA;
         uint64_t products = 0;
         if (!strcmp(how, "separate"))
-            want = 0;
+            want = RLB_LORA_SEPARATE;
         else if (!strcmp(how, "fused-fma"))
-            want = 1;
+            want = RLB_LORA_FUSED_FMA;
         else if (!strcmp(how, "gemm") && sdt == RLB_DTYPE_BF16 && ddt == RLB_DTYPE_BF16) {
             const long long least = rlb__env_int(RLB_KNOB_LORA_GEMM_MIN_BYTES);
             if (mode == LC_FULL || least == 0) { /* FSDP1: its runs across rows aside */
@@ -201,9 +202,9 @@ static void run_case(int qwen_tied, int mode, rlb_dtype sdt, rlb_dtype ddt, int 
                 products = rlb__cuda_lora_products(cl);
                 assert_true(products > 0 && products <= plan->n_merges);
             }
-            want = products ? 3 : 2;
+            want = products ? RLB_LORA_GEMM : RLB_LORA_FUSED_TC;
         }
-        assert_int_equal(rlb__cuda_lora_fused(cl), want);
+        assert_int_equal(rlb__cuda_lora_mode(cl), want);
         assert_int_equal(rlb__cuda_lora_products(cl), products);
         if (how && !strcmp(how, "gemm"))
             printf("%s: %llu of %llu merges as cuBLASLt products\n", what,
