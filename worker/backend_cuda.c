@@ -90,6 +90,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/engine_ops.h"
 #include "kernels/cuda/gemv.h"
+#include "kernels/cuda/lt_check.h"
 #include "kernels/cuda/quant.h"
 #include "worker/kvcache.h"
 
@@ -100,16 +101,6 @@
 #define TUNE_ALGOS 8         /* the heuristic's candidates a decode product times */
 #define TUNE_MARGIN 0.98f    /* another candidate replaces the heuristic's first when it
                               * takes less than this fraction of its time (not on noise) */
-
-#define LT_CHECK(call, rc, label)                                                        \
-    do {                                                                                 \
-        cublasStatus_t rlb__lt_st = (call);                                              \
-        if (rlb__lt_st != CUBLAS_STATUS_SUCCESS) {                                       \
-            RLB_LOG_ERROR(RLB_SUB_ENGINE, "%s: cublas status %d", #call, (int)rlb__lt_st); \
-            (rc) = RLB_ECUDA;                                                            \
-            goto label;                                                                  \
-        }                                                                                \
-    } while (0)
 
 /* One VMM allocation: a reserved address range and, while mapped, its physical memory. */
 typedef struct vmm_region {
@@ -591,18 +582,19 @@ static int invariant_algo(cuda_backend *c, gemm_plan *p, int64_t m,
     const uint32_t none = CUBLASLT_REDUCTION_SCHEME_NONE;
     const int32_t one = 1;
     *found = 0;
-    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-                                                  &none, sizeof none),
-             rc, out);
-    LT_CHECK(cublasLtMatrixLayoutCreate(&b, in, (uint64_t)p->k, (uint64_t)c->R, p->k), rc, out);
-    LT_CHECK(cublasLtMatrixLayoutCreate(&y, CUDA_R_32F, (uint64_t)m, (uint64_t)c->R, m), rc, out);
-    LT_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, p->op, p->a, b, y, y, pref, 1, res, found),
-             rc, out);
+    RLB_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(
+                     pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &none, sizeof none),
+                 rc, out);
+    RLB_LT_CHECK(cublasLtMatrixLayoutCreate(&b, in, (uint64_t)p->k, (uint64_t)c->R, p->k), rc, out);
+    RLB_LT_CHECK(cublasLtMatrixLayoutCreate(&y, CUDA_R_32F, (uint64_t)m, (uint64_t)c->R, m), rc,
+                 out);
+    RLB_LT_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, p->op, p->a, b, y, y, pref, 1, res, found),
+                 rc, out);
     if (!*found)
         goto out;
-    LT_CHECK(cublasLtMatmulAlgoConfigSetAttribute(&res->algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
-                                                  &one, sizeof one),
-             rc, out);
+    RLB_LT_CHECK(cublasLtMatmulAlgoConfigSetAttribute(&res->algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+                                                      &one, sizeof one),
+                 rc, out);
     if (cublasLtMatmulAlgoCheck(c->lt, p->op, p->a, p->b, p->c, p->c, &res->algo, res) !=
         CUBLAS_STATUS_SUCCESS) {
         RLB_LOG_ERROR(RLB_SUB_ENGINE, "batch-invariant GEMM: the algorithm of %lld x %lld x "
@@ -644,29 +636,29 @@ static int plan_get(cuda_backend *c, int64_t m, int64_t n, int64_t k, int64_t ld
     const cudaDataType_t in = cuda_type(c->dt);
     const cublasOperation_t tr = CUBLAS_OP_T, nt = CUBLAS_OP_N;
     p->n = n, p->k = k; /* p->m stays 0 (an unused entry) until the plan is complete */
-    LT_CHECK(cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F), rc, err);
-    LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &tr, sizeof tr),
-             rc, err_op);
-    LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &nt, sizeof nt),
-             rc, err_op);
-    LT_CHECK(cublasLtMatrixLayoutCreate(&p->a, in, (uint64_t)k, (uint64_t)m, k), rc, err_op);
-    LT_CHECK(cublasLtMatrixLayoutCreate(&p->b, in, (uint64_t)k, (uint64_t)n, k), rc, err_a);
-    LT_CHECK(cublasLtMatrixLayoutCreate(&p->c, CUDA_R_32F, (uint64_t)m, (uint64_t)n, ldc), rc,
-             err_b);
-    LT_CHECK(cublasLtMatmulPreferenceCreate(&pref), rc, err_c);
+    RLB_LT_CHECK(cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F), rc, err);
+    RLB_LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &tr, sizeof tr),
+                 rc, err_op);
+    RLB_LT_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &nt, sizeof nt),
+                 rc, err_op);
+    RLB_LT_CHECK(cublasLtMatrixLayoutCreate(&p->a, in, (uint64_t)k, (uint64_t)m, k), rc, err_op);
+    RLB_LT_CHECK(cublasLtMatrixLayoutCreate(&p->b, in, (uint64_t)k, (uint64_t)n, k), rc, err_a);
+    RLB_LT_CHECK(cublasLtMatrixLayoutCreate(&p->c, CUDA_R_32F, (uint64_t)m, (uint64_t)n, ldc), rc,
+                 err_b);
+    RLB_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref), rc, err_c);
     uint64_t ws = LT_WORKSPACE;
-    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                  &ws, sizeof ws),
-             rc, err_pref);
+    RLB_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(
+                     pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws),
+                 rc, err_pref);
     cublasLtMatmulHeuristicResult_t res;
     int found = 0;
     if (c->opts.batch_invariant) {
         if ((rc = invariant_algo(c, p, m, pref, &res, &found)))
             goto err_pref;
     } else {
-        LT_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, p->op, p->a, p->b, p->c, p->c, pref, 1,
-                                                &res, &found),
-                 rc, err_pref);
+        RLB_LT_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, p->op, p->a, p->b, p->c, p->c, pref, 1,
+                                                    &res, &found),
+                     rc, err_pref);
     }
     if (!found) {
         RLB_LOG_ERROR(RLB_SUB_ENGINE, "cuBLASLt has no algorithm for %lld x %lld x %lld",
@@ -709,13 +701,13 @@ static int plan_tune(cuda_backend *c, gemm_plan *p, const void *const *w, int nw
     float t[TUNE_ALGOS];
     const float one = 1.0f, zero = 0.0f;
     uint64_t ws = LT_WORKSPACE;
-    LT_CHECK(cublasLtMatmulPreferenceCreate(&pref), rc, out);
-    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                  &ws, sizeof ws),
-             rc, out);
-    LT_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, p->op, p->a, p->b, p->c, p->c, pref,
-                                            TUNE_ALGOS, res, &found),
-             rc, out);
+    RLB_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref), rc, out);
+    RLB_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(
+                     pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws),
+                 rc, out);
+    RLB_LT_CHECK(cublasLtMatmulAlgoGetHeuristic(c->lt, p->op, p->a, p->b, p->c, p->c, pref,
+                                                TUNE_ALGOS, res, &found),
+                 rc, out);
     RLB_CUDA_CHECK(cudaEventCreate(&ev[0]), rc, out);
     RLB_CUDA_CHECK(cudaEventCreate(&ev[1]), rc, out);
     for (int a = 0; a < found; a++) {
@@ -790,9 +782,9 @@ static int matmul(cuda_backend *c, const void *w, const wq_copy *q, const void *
     if (rc)
         return rc;
     const float one = 1.0f, zero = 0.0f;
-    LT_CHECK(cublasLtMatmul(c->lt, p->op, &one, w, p->a, x, p->b, &zero, y, p->c, y, p->c,
-                            &p->algo, c->lt_ws, LT_WORKSPACE, c->stream),
-             rc, out);
+    RLB_LT_CHECK(cublasLtMatmul(c->lt, p->op, &one, w, p->a, x, p->b, &zero, y, p->c, y, p->c,
+                                &p->algo, c->lt_ws, LT_WORKSPACE, c->stream),
+                 rc, out);
 out:
     return rc;
 }
@@ -1801,7 +1793,7 @@ int rlb__ebackend_cuda_create(const rlb_tp_layout *layout, const void *host_weig
         goto err_inv;
     RLB_CUDA_CHECK(cudaMemcpy(c->inv_freq, inv, (size_t)(c->hd / 2) * 4, cudaMemcpyHostToDevice),
                    rc, err_inv);
-    LT_CHECK(cublasLtCreate(&c->lt), rc, err_inv);
+    RLB_LT_CHECK(cublasLtCreate(&c->lt), rc, err_inv);
     RLB_CUDA_CHECK(cudaMalloc(&c->lt_ws, LT_WORKSPACE), rc, err_inv);
     c->host_weights = host_weights;
     if ((rc = do_postload(c)))

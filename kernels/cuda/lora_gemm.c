@@ -7,19 +7,10 @@
 #include <cublasLt.h>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/lt_check.h"
 
 #define WORKSPACE_BYTES (32u << 20)
 #define CANDIDATES 4 /* algorithms of the heuristic timed per shape */
-
-#define LT_CHECK(call, rc, label)                                                        \
-    do {                                                                                 \
-        cublasStatus_t rlb__lt_st = (call);                                              \
-        if (rlb__lt_st != CUBLAS_STATUS_SUCCESS) {                                       \
-            rlb__cuda_err(err, errlen, "%s: cuBLASLt status %d", #call, (int)rlb__lt_st); \
-            (rc) = RLB_ECUDA;                                                            \
-            goto label;                                                                  \
-        }                                                                                \
-    } while (0)
 
 /* A shape and the alignment of its four addresses, with its layouts and algorithm. */
 typedef struct lt_shape {
@@ -85,8 +76,8 @@ int rlb__lora_gemm_create(rlb_lora_gemm **out, char *err, size_t errlen)
         return out ? RLB_ENOMEM : RLB_EINVAL;
     }
     *out = NULL;
-    LT_CHECK(cublasLtCreate(&g->lt), rc, err);
-    LT_CHECK(cublasLtMatmulDescCreate(&g->op, CUBLAS_COMPUTE_32F, CUDA_R_32F), rc, err);
+    RLB_LT_CHECK_ERR(cublasLtCreate(&g->lt), rc, err);
+    RLB_LT_CHECK_ERR(cublasLtMatmulDescCreate(&g->op, CUBLAS_COMPUTE_32F, CUDA_R_32F), rc, err);
     RLB_CUDA_CHECK(cudaMalloc(&g->workspace, WORKSPACE_BYTES), rc, err);
     RLB_CUDA_CHECK(cudaStreamCreateWithFlags(&g->cap, cudaStreamNonBlocking), rc, err);
     *out = g;
@@ -106,26 +97,31 @@ static int shape_init(rlb_lora_gemm *g, lt_shape *s, char *err, size_t errlen)
     static const cublasLtMatmulPreferenceAttributes_t aligns[4] = {
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
-    LT_CHECK(cublasLtMatrixLayoutCreate(&s->a, CUDA_R_16BF, s->cols, s->kp, (int64_t)s->ldr),
-             rc, out);
-    LT_CHECK(cublasLtMatrixLayoutCreate(&s->b, CUDA_R_16BF, s->kp, s->rows, (int64_t)s->kp),
-             rc, out);
-    LT_CHECK(cublasLtMatrixLayoutCreate(&s->c, CUDA_R_16BF, s->cols, s->rows, (int64_t)s->ldc),
-             rc, out);
-    LT_CHECK(cublasLtMatrixLayoutCreate(&s->d, CUDA_R_16BF, s->cols, s->rows, (int64_t)s->ldd),
-             rc, out);
-    LT_CHECK(cublasLtMatmulPreferenceCreate(&pref), rc, out);
-    LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                  &ws, sizeof ws), rc, out);
+    RLB_LT_CHECK_ERR(
+        cublasLtMatrixLayoutCreate(&s->a, CUDA_R_16BF, s->cols, s->kp, (int64_t)s->ldr), rc, out);
+    RLB_LT_CHECK_ERR(cublasLtMatrixLayoutCreate(&s->b, CUDA_R_16BF, s->kp, s->rows, (int64_t)s->kp),
+                     rc, out);
+    RLB_LT_CHECK_ERR(
+        cublasLtMatrixLayoutCreate(&s->c, CUDA_R_16BF, s->cols, s->rows, (int64_t)s->ldc), rc, out);
+    RLB_LT_CHECK_ERR(
+        cublasLtMatrixLayoutCreate(&s->d, CUDA_R_16BF, s->cols, s->rows, (int64_t)s->ldd), rc, out);
+    RLB_LT_CHECK_ERR(cublasLtMatmulPreferenceCreate(&pref), rc, out);
+    RLB_LT_CHECK_ERR(cublasLtMatmulPreferenceSetAttribute(
+                         pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws),
+                     rc, out);
     for (int k = 0; k < 4; k++)
-        LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, aligns[k], &s->align[k],
-                                                      sizeof s->align[k]), rc, out);
-    LT_CHECK(cublasLtMatmulAlgoGetHeuristic(g->lt, g->op, s->a, s->b, s->c, s->d, pref,
-                                            CANDIDATES, res, &found), rc, out);
+        RLB_LT_CHECK_ERR(
+            cublasLtMatmulPreferenceSetAttribute(pref, aligns[k], &s->align[k], sizeof s->align[k]),
+            rc, out);
+    RLB_LT_CHECK_ERR(cublasLtMatmulAlgoGetHeuristic(g->lt, g->op, s->a, s->b, s->c, s->d, pref,
+                                                    CANDIDATES, res, &found),
+                     rc, out);
     if (!found) {
-        rlb__cuda_err(err, errlen, "cuBLASLt has no algorithm for a LoRA merge of %llu x %llu "
-                      "at rank %llu", (unsigned long long)s->rows,
-                      (unsigned long long)s->cols, (unsigned long long)s->kp);
+        rlb__cuda_err(err, errlen,
+                      "cuBLASLt has no algorithm for a LoRA merge of %llu x %llu "
+                      "at rank %llu",
+                      (unsigned long long)s->rows, (unsigned long long)s->cols,
+                      (unsigned long long)s->kp);
         rc = RLB_ECUDA;
         goto out;
     }
@@ -212,7 +208,7 @@ static int tune(rlb_lora_gemm *g, cudaStream_t stream, char *err, size_t errlen)
                 continue;
             RLB_CUDA_CHECK(cudaEventRecord(e0, stream), rc, out);
             for (int r = 0; r < 2; r++)
-                LT_CHECK(launch(g, sh->first, k, stream), rc, out);
+                RLB_LT_CHECK_ERR(launch(g, sh->first, k, stream), rc, out);
             RLB_CUDA_CHECK(cudaEventRecord(e1, stream), rc, out);
             RLB_CUDA_CHECK(cudaEventSynchronize(e1), rc, out);
             RLB_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1), rc, out);
@@ -271,7 +267,7 @@ int rlb__lora_gemm_run(rlb_lora_gemm *g, cudaStream_t stream)
         return 0;
     }
     for (uint64_t i = 0; i < g->n; i++)
-        LT_CHECK(launch(g, i, 0, stream), rc, out);
+        RLB_LT_CHECK_ERR(launch(g, i, 0, stream), rc, out);
 out:
     return rc;
 }
