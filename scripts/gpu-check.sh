@@ -29,10 +29,12 @@
 #             in $OUT/peft_lora.tar) and its test, rlb-bench-reshard-gpu --lora (the merge
 #             kernels), then rlb-bench-sync --device cuda --lora with the PEFT merge peer
 #             (bench/peft_merge_peer.py), with the merges as RLB_LORA_MERGE says (default
-#             fused)
+#             gemm)
 #   lora-sync the end-to-end part of lora alone: the PEFT peer, then rlb-bench-sync --lora
 #   lora-ab   rlb-bench-sync --lora under each RLB_LORA_MERGE (RLB_AB_MERGES: gemm, fused,
 #             separate), with the CUDA executor's line saying how its merges were written
+#   lora-sync-ab  rlb-bench-sync --lora of this tree against each tree in .devtools/base*.tar
+#             (as engine-ab), RLB_AB_ROUNDS interleaved rounds
 #   ncu-lora  ncu's throughput, occupancy, warp state and scheduler sections on the first
 #             tensor-core merge launch of rlb-bench-reshard-gpu --lora (rank 16)
 #   engine-ab the engine's decode (--main-only, 1B and 8B, two interleaved rounds) of this
@@ -87,6 +89,28 @@ if [ "${RLB_GPU_TESTS:-1}" != 0 ]; then # RLB_GPU_TESTS=0: the steps alone
         > "$out/gpu-tests.log" 2>&1
     grep -E "tests passed|Failed|\*\*\*|Passed|Skipped" "$out/gpu-tests.log" | tail -20
 fi
+# ab_trees STEP TARGET...: the trees an A/B step (engine-ab, lora-sync-ab) compares, into
+# trees: "this" and each .devtools/base*.tar (`git archive REV -o .devtools/base.tar` here:
+# base.tar, base-x.tar, ...) unpacked under /tmp/rlb-ab-NAME with its TARGETs built there;
+# a tree that does not build is left out, STEP naming it.
+ab_trees() {
+    local step=$1 tarball name dir t
+    shift
+    local targets=()
+    for t in "$@"; do targets+=(--target "$t"); done
+    trees=(this)
+    for tarball in .devtools/base*.tar; do
+        [ -e "$tarball" ] || continue
+        name=$(basename "$tarball" .tar)
+        dir=/tmp/rlb-ab-$name
+        rm -rf "$dir" && mkdir -p "$dir" && tar xf "$tarball" -C "$dir" &&
+            cmake -S "$dir" -B "$dir/b" -DCMAKE_BUILD_TYPE=Release -DRLB_CUDA=ON \
+                > "$out/ab-configure-$name.log" 2>&1 &&
+            cmake --build "$dir/b" -j16 "${targets[@]}" > "$out/ab-build-$name.log" 2>&1 &&
+            trees+=("$name") ||
+            { echo "$step: $name did not build"; tail -20 "$out/ab-build-$name.log"; }
+    done
+}
 # The LoRA tests named by the regex $1, then the merge kernels' bench (lora-kernel, lora).
 lora_kernel() {
     ctest --test-dir build-gpu -R "$1" -V --timeout 600 > "$out/lora-tests.log" 2>&1
@@ -169,6 +193,17 @@ for step in "$@"; do
             grep -m2 "LoRA merges" "$out/bench-lora-$how.log"
             grep -E "^adapters|phases" "$out/bench-lora-$how.log"
         done ;;
+    lora-sync-ab)
+        ab_trees lora-sync-ab rlb rlb-bench-sync
+        for round in $(seq "${RLB_AB_ROUNDS:-2}"); do
+            for tree in "${trees[@]}"; do
+                bin=build-gpu/rlb-bench-sync
+                [ "$tree" != this ] && bin=/tmp/rlb-ab-$tree/b/rlb-bench-sync
+                echo "== $tree (round $round)"
+                timeout 200 $bin --device cuda --lora 2>&1 | tee -a "$out/lora-sync-ab.log" |
+                    grep -E "^adapters|phases" | tail -3
+            done
+        done ;;
     ncu-lora)
         # ncu on the first tensor-core merge launch of rlb-bench-reshard-gpu --lora
         timeout 240 /usr/local/cuda/bin/ncu -k regex:fused_tc_kernel --launch-count 1 \
@@ -236,20 +271,7 @@ for step in "$@"; do
             > "$out/gemm-sweep.log" 2>&1
         grep -E "^sweep|copy" "$out/gemm-sweep.log" ;;
     engine-ab)
-        # every .devtools/base*.tar is a tree to compare (base.tar, base-x.tar, ...)
-        trees=(this)
-        for tarball in .devtools/base*.tar; do
-            [ -e "$tarball" ] || continue
-            name=$(basename "$tarball" .tar)
-            dir=/tmp/rlb-ab-$name
-            rm -rf "$dir" && mkdir -p "$dir" && tar xf "$tarball" -C "$dir" &&
-                cmake -S "$dir" -B "$dir/b" -DCMAKE_BUILD_TYPE=Release -DRLB_CUDA=ON \
-                    > "$out/ab-configure-$name.log" 2>&1 &&
-                cmake --build "$dir/b" -j16 --target rlb-bench-engine \
-                    > "$out/ab-build-$name.log" 2>&1 &&
-                trees+=("$name") ||
-                { echo "engine-ab: $name did not build"; tail -20 "$out/ab-build-$name.log"; }
-        done
+        ab_trees engine-ab rlb-bench-engine
         for round in $(seq "${RLB_AB_ROUNDS:-2}"); do
             for shape in 1b 8b; do
                 for tree in "${trees[@]}"; do
